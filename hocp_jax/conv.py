@@ -1,0 +1,354 @@
+r"""Factorized convolutions as pure functions on parameter dicts (channels-last).
+
+All convolutions take ``x`` of shape ``(B, *S, C_in)`` where ``S`` has one entry per
+spatial/temporal *mode*, and return ``(B, *S_out, C_out)``. Padding semantics are those
+of :mod:`hocp_jax.padding` (``"SAME"`` = lax, ``"SYMMETRIC"``/int = PyTorch style).
+
+CP (Kruskal) convolution, paper Eq. 6-7 and supplementary Algorithm 1. For modes
+``m_0..m_{N-1}`` the kernel is
+
+.. math:: W_{k_0..k_{N-1}, c, t} = \sum_r \lambda_r U^{(C)}_{c r} U^{(T)}_{t r}
+          \prod_n U^{(m_n)}_{k_n r}
+
+and the factorized path computes, without ever building ``W``:
+
+1. ``H = X x_C U^(C)``                       (1x1 contraction to the rank, ``(B, *S, R)``)
+2. ``H = H *_{m} U^(m)`` for every mode m     (depthwise 1-D conv along that mode)
+3. ``Y = H x_R (diag(lambda) U^(T))^T``       (1x1 contraction to the output channels)
+4. optional ``Y += X x_C U^(S)`` (skip factor, "HO-CP conv-S"), optional bias.
+
+An optional non-linearity ``psi(h, stage)`` (paper's Psi, e.g. BN + ReLU) is called after
+step 1 with ``stage="in"`` and after each mode's 1-D conv with ``stage=<mode name>``; it
+makes the layer non-linear, so it is only allowed with ``implementation="factorized"``.
+
+Parameter dict (see README "Parameter names"):
+``lambda (R,)``, ``factor_in (C_in, R)``, ``factor_out (C_out, R)``, ``factor_<m> (K_m, R)``
+for every mode ``m``, optional ``factor_skip (C_in, C_out)`` and ``bias (C_out,)``.
+Tucker: ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``.
+Depthwise separable (MobileNet v1/v2 form): optional ``factor_in (C_in, R)``,
+``depthwise (*K, R)``, ``factor_out (C_out, R)``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hocp_jax.padding import PaddingLike, as_tuple, resolve_padding
+
+Params = Mapping[str, jax.Array]
+Psi = Callable[[jax.Array, str], jax.Array]
+
+IMPLEMENTATIONS = ("factorized", "reconstructed")
+RESERVED = ("in", "out", "skip")
+
+
+def mode_key(mode: str) -> str:
+    """Name of the factor leaf for ``mode`` (e.g. ``"t"`` -> ``"factor_t"``)."""
+    return f"factor_{mode}"
+
+
+def default_modes(n: int) -> tuple[str, ...]:
+    """Default mode names: 1-D ``("w",)``, 2-D ``("h","w")``, 3-D ``("d","h","w")``, else ``m0..``."""
+    return {1: ("w",), 2: ("h", "w"), 3: ("d", "h", "w")}.get(n, tuple(f"m{i}" for i in range(n)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_x(x: jax.Array, n_modes: int, modes) -> None:
+    if x.ndim != n_modes + 2:
+        raise ValueError(
+            f"x: got shape {tuple(x.shape)} ({x.ndim}-D) but modes={tuple(modes)} expects "
+            f"(batch, {', '.join(modes)}, channels), i.e. a {n_modes + 2}-D array"
+        )
+
+
+def _check_modes(modes) -> tuple[str, ...]:
+    modes = tuple(modes)
+    if not modes or len(set(modes)) != len(modes) or any(not isinstance(m, str) or m in RESERVED for m in modes):
+        raise ValueError(f"modes={modes!r}: expected a non-empty sequence of distinct names, none of {RESERVED}")
+    return modes
+
+
+def cp_rank(params: Params, modes: Sequence[str]) -> int:
+    """Validates a CP parameter dict against ``modes`` and returns its rank R."""
+    modes = _check_modes(modes)
+    required = ["lambda", "factor_in", "factor_out"] + [mode_key(m) for m in modes]
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ValueError(f"params: missing CP leaves {missing}; expected keys {required} (+ optional factor_skip, bias)")
+    rank = params["lambda"].shape[0] if params["lambda"].ndim == 1 else -1
+    if rank < 1:
+        raise ValueError(f"params['lambda']: got shape {tuple(params['lambda'].shape)}, expected (R,) with R >= 1")
+    for k in required[1:]:
+        shape = tuple(params[k].shape)
+        if len(shape) != 2 or shape[1] != rank:
+            raise ValueError(f"params['{k}']: got shape {shape}, expected (size, R={rank})")
+    return rank
+
+
+# ----------------------------------------------------------------------------- dense conv
+
+
+def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
+    """Channels-last input/output, kernel ``(*K, C_in, C_out)``."""
+    spatial = tuple(range(1, n + 1))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, n + 1) + spatial, rhs_spec=(n + 1, n) + tuple(range(n)), out_spec=(0, n + 1) + spatial
+    )
+
+
+def dense_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+    feature_group_count: int = 1,
+) -> jax.Array:
+    """Plain N-D convolution (cross-correlation). ``x (B, *S, C_in)``, ``kernel (*K, C_in/groups, C_out)``."""
+    n = kernel.ndim - 2
+    if n < 1 or x.ndim != n + 2:
+        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected {n + 2}-D x")
+    if x.shape[-1] != kernel.shape[-2] * feature_group_count:
+        raise ValueError(
+            f"x: has {x.shape[-1]} channels but kernel {tuple(kernel.shape)} with feature_group_count="
+            f"{feature_group_count} expects {kernel.shape[-2] * feature_group_count}"
+        )
+    strides = as_tuple(stride, n, "stride")
+    dilations = as_tuple(dilation, n, "dilation")
+    pads = resolve_padding(padding, x.shape[1:-1], kernel.shape[:n], strides, dilations)
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dilations,
+        dimension_numbers=_dimension_numbers(n),
+        feature_group_count=feature_group_count,
+    )
+
+
+def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int, pad, dilation: int) -> jax.Array:
+    """Depthwise 1-D conv of ``h (B, *S, R)`` along spatial ``axis`` (1-based) with ``factor (K, R)``."""
+    n = h.ndim - 2
+    k = factor.shape[0]
+    kshape = [1] * n
+    kshape[axis - 1] = k
+    kernel = factor.reshape(*kshape, 1, factor.shape[1])
+    strides = [1] * n
+    strides[axis - 1] = stride
+    dil = [1] * n
+    dil[axis - 1] = dilation
+    pads = [(0, 0)] * n
+    pads[axis - 1] = pad
+    return lax.conv_general_dilated(
+        h,
+        kernel,
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dil,
+        dimension_numbers=_dimension_numbers(n),
+        feature_group_count=h.shape[-1],
+    )
+
+
+# ----------------------------------------------------------------------------- CP conv
+
+
+def cp_to_kernel(params: Params, modes: Sequence[str]) -> jax.Array:
+    """Reconstructs the dense kernel ``(*K, C_in, C_out)`` from CP params (lambda folded in)."""
+    modes = _check_modes(modes)
+    cp_rank(params, modes)
+    letters = string.ascii_lowercase[: len(modes)]
+    operands = [params[mode_key(m)] for m in modes] + [params["factor_in"], params["factor_out"], params["lambda"]]
+    spec = ",".join(f"{l}R" for l in letters) + ",YR,ZR,R->" + letters + "YZ"
+    return jnp.einsum(spec, *operands)
+
+
+def _skip(x: jax.Array, params: Params, strides) -> jax.Array:
+    """Skip branch ``x x_C U^(S)`` as a strided 1x1 conv: ``(B, *S_out, C_out)``."""
+    xs = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    return jnp.einsum("...c,ct->...t", xs, params["factor_skip"])
+
+
+def cp_conv(
+    x: jax.Array,
+    params: Params,
+    *,
+    modes: Sequence[str] | None = None,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+    implementation: str = "factorized",
+    psi: Psi | None = None,
+    mode_order: Sequence[str] | None = None,
+) -> jax.Array:
+    """CP (Kruskal) convolution of any order.
+
+    Args:
+      x: ``(B, *S, C_in)`` with ``len(S) == len(modes)``.
+      params: CP dict (module docstring); ``factor_in.shape[0] == C_in``.
+      modes: names of the spatial axes of ``x`` in order; default :func:`default_modes`.
+      stride, dilation: int or one int per mode.
+      padding: see :mod:`hocp_jax.padding`.
+      implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1) or
+        ``"reconstructed"`` (build the kernel, one dense conv).
+      psi: optional ``psi(h, stage)`` between factors (factorized only).
+      mode_order: order in which the 1-D convs are applied (default ``modes``); the result is
+        the same, only the cost changes.
+
+    Returns:
+      ``(B, *S_out, C_out)``.
+    """
+    modes = _check_modes(modes if modes is not None else default_modes(x.ndim - 2))
+    _check_x(x, len(modes), modes)
+    cp_rank(params, modes)
+    if params["factor_in"].shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"params['factor_in']: shape {tuple(params['factor_in'].shape)} expects {params['factor_in'].shape[0]} "
+            f"input channels but x has {x.shape[-1]} (x.shape={tuple(x.shape)})"
+        )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    n = len(modes)
+    strides = as_tuple(stride, n, "stride")
+    dilations = as_tuple(dilation, n, "dilation")
+    ksizes = [params[mode_key(m)].shape[0] for m in modes]
+    pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
+
+    if implementation == "reconstructed":
+        if psi is not None:
+            raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
+        kernel = cp_to_kernel(params, modes)
+        y = lax.conv_general_dilated(
+            x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n)
+        )
+    else:
+        order = tuple(mode_order) if mode_order is not None else modes
+        if sorted(order) != sorted(modes):
+            raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
+        h = jnp.einsum("...c,cr->...r", x, params["factor_in"])
+        if psi is not None:
+            h = psi(h, "in")
+        for m in order:
+            i = modes.index(m)
+            h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
+            if psi is not None:
+                h = psi(h, m)
+        y = jnp.einsum("...r,tr->...t", h, params["factor_out"] * params["lambda"][None, :])
+    if "factor_skip" in params:
+        skip = _skip(x, params, strides)
+        if skip.shape != y.shape:
+            raise ValueError(
+                f"params['factor_skip']: skip branch has shape {tuple(skip.shape)} but the conv output is "
+                f"{tuple(y.shape)}; use a size-preserving padding ('SAME'/'SYMMETRIC') with a skip factor"
+            )
+        y = y + skip
+    if "bias" in params:
+        y = y + params["bias"]
+    return y
+
+
+# ----------------------------------------------------------------------------- Tucker conv
+
+
+def tucker_to_kernel(params: Params) -> jax.Array:
+    """Reconstructs ``(*K, C_in, C_out)`` from Tucker params ``factor_in, core, factor_out``."""
+    return jnp.einsum("...ab,ca,tb->...ct", params["core"], params["factor_in"], params["factor_out"])
+
+
+def tucker_conv(
+    x: jax.Array,
+    params: Params,
+    *,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+    implementation: str = "factorized",
+) -> jax.Array:
+    """Tucker convolution (paper Eq. 4): ``((X x_C U^(C)) * G) x U^(T)``.
+
+    ``x (B, *S, C_in)``; params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``,
+    ``factor_out (C_out, R_out)``, optional ``bias (C_out,)``. Returns ``(B, *S_out, C_out)``.
+    """
+    for k in ("factor_in", "core", "factor_out"):
+        if k not in params:
+            raise ValueError(f"params: missing Tucker leaf {k!r}; expected factor_in, core, factor_out")
+    core, u_in, u_out = params["core"], params["factor_in"], params["factor_out"]
+    if core.ndim != x.ndim or core.shape[-2] != u_in.shape[1] or core.shape[-1] != u_out.shape[1]:
+        raise ValueError(
+            f"params['core']: shape {tuple(core.shape)} inconsistent with x {tuple(x.shape)}, factor_in "
+            f"{tuple(u_in.shape)}, factor_out {tuple(u_out.shape)}; expected (*K, R_in, R_out) with one K per mode"
+        )
+    if u_in.shape[0] != x.shape[-1]:
+        raise ValueError(f"params['factor_in']: shape {tuple(u_in.shape)} but x has {x.shape[-1]} channels")
+    if implementation == "reconstructed":
+        y = dense_conv(x, tucker_to_kernel(params), stride=stride, padding=padding, dilation=dilation)
+    elif implementation == "factorized":
+        h = jnp.einsum("...c,cr->...r", x, u_in)
+        h = dense_conv(h, core, stride=stride, padding=padding, dilation=dilation)
+        y = jnp.einsum("...r,tr->...t", h, u_out)
+    else:
+        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    return y + params["bias"] if "bias" in params else y
+
+
+# ----------------------------------------------------------------------------- MobileNet forms
+
+
+def merge_mode_factors(params: Params, modes: Sequence[str]) -> jax.Array:
+    """Merges the per-mode CP factors into one depthwise kernel ``(*K, R)`` (paper Sec. 3.4).
+
+    ``U^(S)_{k_0..k_{N-1}, r} = prod_n U^(m_n)_{k_n, r}`` — MobileNet's depthwise filter.
+    """
+    modes = _check_modes(modes)
+    letters = string.ascii_lowercase[: len(modes)]
+    return jnp.einsum(",".join(f"{l}R" for l in letters) + "->" + letters + "R", *[params[mode_key(m)] for m in modes])
+
+
+def cp_to_separable(params: Params, modes: Sequence[str]) -> dict[str, jax.Array]:
+    """Rewrites CP params as a MobileNet-v2 style separable conv (lambda folded into factor_out)."""
+    cp_rank(params, modes)
+    out = {
+        "factor_in": params["factor_in"],
+        "depthwise": merge_mode_factors(params, modes),
+        "factor_out": params["factor_out"] * params["lambda"][None, :],
+    }
+    return out | {k: params[k] for k in ("factor_skip", "bias") if k in params}
+
+
+def separable_conv(
+    x: jax.Array,
+    params: Params,
+    *,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+) -> jax.Array:
+    """Depthwise-separable conv (MobileNet v1 without ``factor_in``, v2 with it).
+
+    ``x (B, *S, C_in)``; params: optional ``factor_in (C_in, R)`` (expansion 1x1; without it
+    R = C_in), ``depthwise (*K, R)``, ``factor_out (C_out, R)`` (projection 1x1), optional
+    ``factor_skip``/``bias``. Returns ``(B, *S_out, C_out)``.
+    """
+    if "depthwise" not in params or "factor_out" not in params:
+        raise ValueError("params: expected leaves 'depthwise' (*K, R) and 'factor_out' (C_out, R)")
+    dw = params["depthwise"]
+    n = dw.ndim - 1
+    if x.ndim != n + 2:
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected {n + 2}-D input for a depthwise kernel {tuple(dw.shape)}")
+    h = jnp.einsum("...c,cr->...r", x, params["factor_in"]) if "factor_in" in params else x
+    if h.shape[-1] != dw.shape[-1]:
+        raise ValueError(f"params['depthwise']: shape {tuple(dw.shape)} expects {dw.shape[-1]} channels, got {h.shape[-1]}")
+    h = dense_conv(h, dw[..., None, :], stride=stride, padding=padding, dilation=dilation, feature_group_count=dw.shape[-1])
+    y = jnp.einsum("...r,tr->...t", h, params["factor_out"])
+    if "factor_skip" in params:
+        y = y + _skip(x, params, as_tuple(stride, n, "stride"))
+    return y + params["bias"] if "bias" in params else y

@@ -1,0 +1,111 @@
+"""Padding, stride and dilation arguments: validation and resolution to explicit pads.
+
+Every convolution in hocp-jax resolves its padding to explicit ``(lo, hi)`` pairs per
+spatial mode *before* calling XLA, so that the factorized path (one 1-D conv per mode)
+and the dense path (one N-D conv) pad identically.
+
+Accepted ``padding`` values (``N`` = number of spatial modes, ``k`` kernel size,
+``d`` dilation, ``s`` stride, ``D`` input size):
+
+* ``"VALID"``: no padding.
+* ``"SAME"``: lax/TensorFlow semantics. Output size ``ceil(D / s)``; the total pad
+  ``max((ceil(D/s) - 1) * s + d*(k-1) + 1 - D, 0)`` is split with the extra element at
+  the end. At stride 2 on an even size with k=3 this is ``(0, 1)``.
+* ``"SYMMETRIC"``: PyTorch's conventional ``padding=d*(k-1)//2`` on both sides. At stride 2
+  on an even size with k=3 this is ``(1, 1)`` (one more output row than lax when D is odd,
+  same count when D is even but shifted by one input pixel).
+* an ``int`` ``p``: PyTorch-style symmetric ``(p, p)`` on every mode.
+* a sequence of length N whose entries are any of the above per mode, or ``(lo, hi)``
+  pairs (lax-style explicit padding), e.g. ``((0, 1), (1, 1))`` or ``(1, "VALID")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+Pad = tuple[int, int]
+PaddingLike = Union[str, int, Sequence[Union[str, int, Sequence[int]]]]
+
+_NAMED = ("VALID", "SAME", "SYMMETRIC")
+
+
+def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
+    """Broadcasts an int (or a length-``n`` sequence of ints) to a tuple of ``n`` ints >= 1."""
+    if isinstance(value, int):
+        out = (value,) * n
+    elif isinstance(value, Sequence) and len(value) == n and all(isinstance(v, int) for v in value):
+        out = tuple(value)
+    else:
+        raise ValueError(f"{name}={value!r}: expected an int or a sequence of {n} ints (one per spatial mode)")
+    if any(v < 1 for v in out):
+        raise ValueError(f"{name}={value!r}: every entry must be >= 1")
+    return out
+
+
+def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str) -> Pad:
+    if isinstance(spec, str):
+        name = spec.upper()
+        if name == "VALID":
+            return (0, 0)
+        if name == "SAME":
+            out = -(-size // s)
+            total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+            return (total // 2, total - total // 2)
+        if name == "SYMMETRIC":
+            p = d * (k - 1) // 2
+            return (p, p)
+        raise ValueError(f"padding{where}={spec!r}: unknown padding, expected one of {_NAMED}, an int or (lo, hi)")
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 0:
+            raise ValueError(f"padding{where}={spec!r}: must be >= 0")
+        return (spec, spec)
+    if isinstance(spec, Sequence) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
+        if min(spec) < 0:
+            raise ValueError(f"padding{where}={tuple(spec)!r}: pads must be >= 0")
+        return (int(spec[0]), int(spec[1]))
+    raise ValueError(f"padding{where}={spec!r}: expected one of {_NAMED}, an int or a (lo, hi) pair")
+
+
+def resolve_padding(
+    padding: PaddingLike,
+    in_sizes: Sequence[int],
+    kernel_sizes: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> tuple[Pad, ...]:
+    """Resolves ``padding`` to one explicit ``(lo, hi)`` pair per spatial mode.
+
+    Args:
+      padding: see the module docstring.
+      in_sizes, kernel_sizes, strides, dilations: length-N sequences (N spatial modes).
+
+    Returns:
+      A tuple of N ``(lo, hi)`` int pairs.
+    """
+    n = len(in_sizes)
+    if isinstance(padding, (str, int)):
+        specs = [padding] * n
+    elif isinstance(padding, Sequence) and len(padding) == n:
+        specs = list(padding)
+    else:
+        raise ValueError(
+            f"padding={padding!r}: expected one of {_NAMED}, an int, or a sequence of {n} per-mode "
+            "entries (str, int or (lo, hi))"
+        )
+    pads = tuple(
+        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not isinstance(padding, (str, int)) else "")
+        for i, (spec, D, k, s, d) in enumerate(zip(specs, in_sizes, kernel_sizes, strides, dilations))
+    )
+    for i, ((lo, hi), D, k, d) in enumerate(zip(pads, in_sizes, kernel_sizes, dilations)):
+        if D + lo + hi < d * (k - 1) + 1:
+            raise ValueError(
+                f"padding: spatial mode {i} has size {D} + pads {(lo, hi)} smaller than the dilated kernel "
+                f"extent {d * (k - 1) + 1}; expected a larger input or more padding"
+            )
+    return pads
+
+
+def output_size(size: int, k: int, s: int, d: int, pad: Pad) -> int:
+    """Output length of a 1-D conv: ``floor((size + lo + hi - d*(k-1) - 1) / s) + 1``."""
+    return (size + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1

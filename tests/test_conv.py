@@ -1,0 +1,260 @@
+"""CP / Tucker / separable convs against independent dense computations."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from hocp_jax import conv, init
+from hocp_jax.padding import resolve_padding
+
+RTOL = 1e-4
+
+
+def np_kernel(p, modes):
+    """Independent numpy reconstruction of the CP kernel (*K, C_in, C_out)."""
+    k = np.einsum("cr,tr,r->ctr", np.asarray(p["factor_in"]), np.asarray(p["factor_out"]), np.asarray(p["lambda"]))
+    for m in modes:
+        k = k[None] * np.asarray(p[f"factor_{m}"]).reshape((-1,) + (1,) * (k.ndim - 1) + (k.shape[-1],))
+    # k now has modes in reverse order in front: (K_{N-1}, ..., K_0, C, T, R)
+    k = k.sum(-1)
+    n = len(modes)
+    return np.transpose(k, tuple(range(n - 1, -1, -1)) + (n, n + 1))
+
+
+def np_conv(x, w, strides, pads, dil):
+    """Direct numpy cross-correlation, channels-last, kernel (*K, C_in, C_out)."""
+    n = w.ndim - 2
+    xp = np.pad(x, [(0, 0)] + list(pads) + [(0, 0)])
+    ks = w.shape[:n]
+    outs = [(xp.shape[i + 1] - dil[i] * (ks[i] - 1) - 1) // strides[i] + 1 for i in range(n)]
+    y = np.zeros((x.shape[0], *outs, w.shape[-1]))
+    for taps in itertools.product(*[range(k) for k in ks]):
+        sl = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(taps, dil, outs, strides))
+        y += np.einsum("b...c,ct->b...t", xp[(slice(None),) + sl], w[taps])
+    return y
+
+
+def lax_pads(padding, in_sizes, ks, strides, dil):
+    """Expected pads from lax's own helper (SAME) or PyTorch's rule, computed independently."""
+    if padding == "SAME":
+        eff = [d * (k - 1) + 1 for k, d in zip(ks, dil)]
+        return lax.padtype_to_pads(in_sizes, eff, strides, "SAME")
+    if padding == "VALID":
+        return [(0, 0)] * len(ks)
+    if padding == "SYMMETRIC":
+        return [(d * (k - 1) // 2,) * 2 for k, d in zip(ks, dil)]
+    if isinstance(padding, int):
+        return [(padding, padding)] * len(ks)
+    return [tuple(p) for p in padding]
+
+
+CASES = [
+    # (spatial sizes, kernel sizes, stride, dilation, padding)
+    ((9,), (3,), 1, 1, "SAME"),
+    ((8,), (4,), 2, 1, "SAME"),
+    ((8,), (3,), 2, 2, "SYMMETRIC"),
+    ((7, 8), (3, 3), 1, 1, "SAME"),
+    ((8, 8), (3, 3), 2, 1, "SAME"),
+    ((8, 8), (3, 3), 2, 1, "SYMMETRIC"),
+    ((8, 7), (3, 2), (2, 1), 1, 1),
+    ((9, 8), (3, 3), 1, 2, "VALID"),
+    ((7, 6), (3, 3), 2, (1, 2), ((0, 1), (2, 0))),
+    ((4, 6, 5), (3, 3, 3), 1, 1, "SAME"),
+    ((4, 6, 6), (3, 3, 3), 2, 1, "SYMMETRIC"),
+    ((5, 6, 7), (3, 1, 3), (1, 2, 2), (2, 1, 1), "SAME"),
+    ((3, 4, 4, 5), (3, 3, 2, 3), 1, 1, "SAME"),
+    ((4, 4, 3, 4), (3, 3, 3, 3), 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("sizes,ks,stride,dil,padding", CASES)
+def test_cp_conv_matches_dense(sizes, ks, stride, dil, padding):
+    n = len(sizes)
+    modes = conv.default_modes(n)
+    kx, kp = jax.random.split(jax.random.key(n + len(str(padding))))
+    c_in, c_out, rank = 3, 5, 4
+    x = jax.random.normal(kx, (2, *sizes, c_in))
+    p = init.init_cp_params(kp, c_in, c_out, ks, rank, modes=modes, gain=10.0)
+    p["lambda"] = jnp.linspace(0.5, 2.0, rank)
+    strides = (stride,) * n if isinstance(stride, int) else stride
+    dils = (dil,) * n if isinstance(dil, int) else dil
+    pads = lax_pads(padding, sizes, ks, strides, dils)
+    w = np_kernel(p, modes)
+    expected = np_conv(np.asarray(x, np.float64), w, strides, pads, dils)
+    # the lax oracle with lax's own padding string where there is one
+    lax_padding = padding if padding in ("SAME", "VALID") else pads
+    np.testing.assert_allclose(resolve_padding(padding, sizes, ks, strides, dils), pads)
+    for impl in ("factorized", "reconstructed"):
+        y = conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dil, implementation=impl)
+        assert y.shape == expected.shape
+        np.testing.assert_allclose(y, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+    np.testing.assert_allclose(conv.cp_to_kernel(p, modes), w, rtol=1e-5, atol=1e-6)
+    y_lax = conv.dense_conv(x, jnp.asarray(w, jnp.float32), stride=stride, padding=lax_padding, dilation=dil)
+    np.testing.assert_allclose(y_lax, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+def test_same_vs_symmetric_stride2_even():
+    """lax SAME pads (0, 1), PyTorch-style pads (1, 1) at stride 2, k=3, even size."""
+    assert resolve_padding("SAME", (8,), (3,), (2,), (1,)) == ((0, 1),)
+    assert resolve_padding("SYMMETRIC", (8,), (3,), (2,), (1,)) == ((1, 1),)
+    assert resolve_padding(1, (8,), (3,), (2,), (1,)) == ((1, 1),)
+    x = jnp.arange(8.0).reshape(1, 8, 1)
+    p = {"lambda": jnp.ones(1), "factor_in": jnp.ones((1, 1)), "factor_out": jnp.ones((1, 1)), "factor_w": jnp.ones((3, 1))}
+    # SAME: windows [0..2], [2..4], [4..6], [6,7,pad]
+    np.testing.assert_allclose(conv.cp_conv(x, p, modes=("w",), stride=2, padding="SAME")[0, :, 0], [3, 9, 15, 13])
+    # PyTorch: windows [pad,0,1], [1..3], [3..5], [5..7]
+    np.testing.assert_allclose(conv.cp_conv(x, p, modes=("w",), stride=2, padding=1)[0, :, 0], [1, 6, 12, 18])
+
+
+def test_mode_order_and_skip_and_bias():
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (2, 6, 7, 4))
+    p = init.init_cp_params(key, 4, 4, (3, 3), 6, skip=True, bias=True)
+    p["bias"] = jnp.arange(4.0)
+    y1 = conv.cp_conv(x, p, modes=("h", "w"), stride=2)
+    y2 = conv.cp_conv(x, p, modes=("h", "w"), stride=2, mode_order=("w", "h"))
+    y3 = conv.cp_conv(x, p, modes=("h", "w"), stride=2, implementation="reconstructed")
+    w = np_kernel(p, ("h", "w"))
+    pads = lax_pads("SAME", (6, 7), (3, 3), (2, 2), (1, 1))
+    expected = np_conv(np.asarray(x), w, (2, 2), pads, (1, 1))
+    expected += np.einsum("bhwc,ct->bhwt", np.asarray(x)[:, ::2, ::2], np.asarray(p["factor_skip"])) + np.arange(4.0)
+    for y in (y1, y2, y3):
+        np.testing.assert_allclose(y, expected, rtol=RTOL, atol=1e-5)
+
+
+def test_psi_is_applied_between_factors():
+    key = jax.random.key(2)
+    x = jax.random.normal(key, (1, 5, 5, 2))
+    p = init.init_cp_params(key, 2, 3, (3, 3), 4)
+    stages = []
+
+    def psi(h, stage):
+        stages.append(stage)
+        return jax.nn.relu(h)
+
+    y = conv.cp_conv(x, p, modes=("h", "w"), psi=psi)
+    assert stages == ["in", "h", "w"]
+    h = jax.nn.relu(np.einsum("bhwc,cr->bhwr", x, p["factor_in"]))
+    h = jax.nn.relu(np_conv_depthwise(np.asarray(h), np.asarray(p["factor_h"]), 1))
+    h = jax.nn.relu(np_conv_depthwise(np.asarray(h), np.asarray(p["factor_w"]), 2))
+    expected = np.einsum("bhwr,tr,r->bhwt", h, p["factor_out"], p["lambda"])
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=1e-5)
+    with pytest.raises(ValueError, match="psi"):
+        conv.cp_conv(x, p, modes=("h", "w"), psi=psi, implementation="reconstructed")
+
+
+def np_conv_depthwise(h, f, axis):
+    """'SAME' (k=3 -> pad 1) depthwise 1-D conv along axis, numpy."""
+    k = f.shape[0]
+    pad = [(0, 0)] * h.ndim
+    pad[axis] = ((k - 1) // 2, k // 2)
+    hp = np.pad(h, pad)
+    out = np.zeros_like(h)
+    for t in range(k):
+        sl = [slice(None)] * h.ndim
+        sl[axis] = slice(t, t + h.shape[axis])
+        out += hp[tuple(sl)] * f[t]
+    return out
+
+
+def test_gradients_finite_differences():
+    key = jax.random.key(3)
+    with jax.enable_x64(True):
+        x = jax.random.normal(key, (1, 5, 4, 2), jnp.float64)
+        p = jax.tree.map(lambda a: a.astype(jnp.float64), init.init_cp_params(key, 2, 3, (3, 2), 3, skip=True))
+
+        def f(x, p):
+            return conv.cp_conv(x, p, modes=("h", "w"), stride=(2, 1), padding="SAME")
+
+        check_grads(f, (x, p), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+        check_grads(lambda x, p: conv.cp_conv(x, p, modes=("h", "w"), implementation="reconstructed"), (x, p), order=1, modes=("rev",))
+
+
+def test_jit_and_vmap():
+    key = jax.random.key(4)
+    x = jax.random.normal(key, (3, 2, 6, 6, 2))
+    p = init.init_cp_params(key, 2, 3, (3, 3), 4)
+    f = jax.jit(lambda x, p: conv.cp_conv(x, p, modes=("h", "w"), stride=2))
+    y = jax.vmap(f, in_axes=(0, None))(x, p)
+    expected = np.stack([np.asarray(conv.cp_conv(xi, p, modes=("h", "w"), stride=2)) for xi in x])
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=1e-6)
+    # vmap over params (an ensemble of layers)
+    ps = jax.vmap(lambda k: init.init_cp_params(k, 2, 3, (3, 3), 4))(jax.random.split(key, 3))
+    ye = jax.vmap(f, in_axes=(None, 0))(x[0], ps)
+    assert ye.shape == (3, 2, 3, 3, 3)
+
+
+def test_tucker_conv_matches_dense():
+    key = jax.random.key(5)
+    x = jax.random.normal(key, (2, 6, 5, 4))
+    p = init.init_tucker_params(key, 4, 6, (3, 3), (3, 2))
+    w = np.einsum("hwab,ca,tb->hwct", p["core"], p["factor_in"], p["factor_out"])
+    pads = lax_pads("SAME", (6, 5), (3, 3), (2, 2), (1, 1))
+    expected = np_conv(np.asarray(x), w, (2, 2), pads, (1, 1))
+    for impl in ("factorized", "reconstructed"):
+        y = conv.tucker_conv(x, p, stride=2, implementation=impl)
+        np.testing.assert_allclose(y, expected, rtol=RTOL, atol=1e-5)
+
+
+def test_mobilenet_is_cp_special_case():
+    """MobileNet-v2 (1x1 expand, depthwise KxK, 1x1 project) == CP conv with merged spatial factor."""
+    key = jax.random.key(6)
+    x = jax.random.normal(key, (2, 7, 7, 3))
+    p = init.init_cp_params(key, 3, 5, (3, 3), 6, gain=5.0)
+    sep = conv.cp_to_separable(p, ("h", "w"))
+    assert sep["depthwise"].shape == (3, 3, 6)
+    y_cp = conv.cp_conv(x, p, modes=("h", "w"), stride=2, padding=1)
+    y_sep = conv.separable_conv(x, sep, stride=2, padding=1)
+    np.testing.assert_allclose(y_sep, y_cp, rtol=RTOL, atol=1e-5)
+    # MobileNet v1: no expansion (R = C_in); equals a dense conv with kernel dw[..., c] * U_out[t, c]
+    v1 = {"depthwise": sep["depthwise"][..., :3], "factor_out": sep["factor_out"][:, :3]}
+    w = np.einsum("hwc,tc->hwct", v1["depthwise"], v1["factor_out"])
+    expected = np_conv(np.asarray(x), w, (1, 1), [(1, 1), (1, 1)], (1, 1))
+    np.testing.assert_allclose(conv.separable_conv(x, v1, padding="SAME"), expected, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(x_shape=(2, 6, 6, 3), modes=("t", "h", "w")), "x: got shape"),
+        (dict(x_shape=(2, 6, 6, 4)), "factor_in"),
+        (dict(padding="FULL"), "padding"),
+        (dict(stride=0), "stride"),
+        (dict(implementation="fft"), "implementation"),
+        (dict(modes=("h", "h")), "modes"),
+        (dict(mode_order=("h",)), "mode_order"),
+        (dict(drop="factor_w"), "missing CP leaves"),
+        (dict(bad_rank=True), "factor_h"),
+        (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    key = jax.random.key(7)
+    p = dict(init.init_cp_params(key, 3, 4, (3, 3), 5))
+    if "drop" in kwargs:
+        del p[kwargs.pop("drop")]
+    if kwargs.pop("bad_rank", False):
+        p["factor_h"] = jnp.ones((3, 4))
+    x = jnp.ones(kwargs.pop("x_shape", (2, 6, 6, 3)))
+    kwargs.setdefault("modes", ("h", "w"))
+    with pytest.raises(ValueError, match=match):
+        conv.cp_conv(x, p, **kwargs)
+
+
+def test_bad_init_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 0)
+    with pytest.raises(ValueError, match="modes"):
+        init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 2, modes=("t", "h", "w"))
+
+
+def test_init_variance_matches_target():
+    """Reconstructed-kernel variance of the CP init ~ He variance (statistical, wide tolerance)."""
+    ks = jax.random.split(jax.random.key(8), 64)
+    kernels = jax.vmap(lambda k: conv.cp_to_kernel(init.init_cp_params(k, 16, 16, (3, 3, 3), 32), ("d", "h", "w")))(ks)
+    target = 2.0 / (16 * 27)
+    assert 0.8 * target < float(jnp.var(kernels)) < 1.25 * target

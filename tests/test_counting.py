@@ -1,0 +1,55 @@
+"""Parameter/FLOP counts against the paper's figures and against the actual trees/XLA."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hocp_jax import conv, counting, init
+
+JESTER = [(3, 64), (64, 128), (128, 256), (256, 256)]
+
+
+def test_jester_paper_counts():
+    k = (3, 3, 3)
+    dense = sum(counting.dense_params(c, t, k) for c, t in JESTER)
+    cp = sum(counting.cp_params(c, t, k, 6 * c) for c, t in JESTER)
+    assert dense == 2_880_576
+    assert cp == 1_183_338
+    # and the count equals the real number of leaves in an initialised tree
+    trees = [init.init_cp_params(jax.random.key(0), c, t, k, 6 * c) for c, t in JESTER]
+    assert sum(x.size for tree in trees for x in jax.tree.leaves(tree)) == cp
+
+
+def test_rank_for_budget():
+    r = counting.cp_rank_for_budget(64, 64, (3, 3))
+    assert counting.cp_params(64, 64, (3, 3), r) <= counting.dense_params(64, 64, (3, 3))
+    assert counting.cp_params(64, 64, (3, 3), r + 1) > counting.dense_params(64, 64, (3, 3))
+    with pytest.raises(ValueError, match="budget"):
+        counting.cp_rank_for_budget(64, 64, (3, 3), budget=10)
+
+
+def test_tucker_params_match_tree():
+    p = init.init_tucker_params(jax.random.key(0), 8, 12, (3, 3), (4, 5))
+    assert counting.tucker_params(8, 12, (3, 3), (4, 5)) == sum(x.size for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_flops_match_xla_cost_analysis(stride):
+    """Analytic FLOPs vs XLA's cost analysis of the compiled dense conv and factorized CP conv."""
+    x = jnp.ones((1, 8, 16, 16, 16))
+    p = init.init_cp_params(jax.random.key(0), 16, 32, (3, 3, 3), 48)
+    modes = ("d", "h", "w")
+    kern = conv.cp_to_kernel(p, modes)
+
+    def flops(f, *args):
+        cost = jax.jit(f).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cost["flops"]
+
+    dense = flops(lambda x, k: conv.dense_conv(x, k, stride=stride), x, kern)
+    fact = flops(lambda x, p: conv.cp_conv(x, p, modes=modes, stride=stride), x, p)
+    a_dense = counting.dense_flops((8, 16, 16), 16, 32, (3, 3, 3), stride=stride)
+    a_cp = counting.cp_flops((8, 16, 16), 16, 32, (3, 3, 3), 48, stride=stride)
+    assert 0.8 < dense / a_dense < 1.2
+    assert 0.8 < fact / a_cp < 1.2
+    assert a_cp < a_dense

@@ -1,0 +1,60 @@
+"""Tensor regression (Kossaifi et al., "Tensor regression networks"), pure functions.
+
+A TRL maps an activation tensor ``X (*batch, d_1, ..., d_k)`` to ``Y (*batch, O)`` with a
+low-rank weight ``W (d_1, ..., d_k, O)``: ``Y = <X, W>_{1..k} + b``. The contraction order is
+chosen by ``opt_einsum`` (greedy), which contracts ``X`` with one factor at a time and only
+builds the full weight when that is cheaper:
+
+* CP: ``W = sum_r lambda_r U_1[:, r] o ... o U_k[:, r] o U_out[:, r]``; params
+  ``factor_<i> (d_i, R)`` for ``i = 0..k-1``, ``factor_out (O, R)``, ``lambda (R,)``, ``bias (O,)``.
+  Cost ``O(prod d * R)`` instead of ``O(prod d * O)``.
+* Tucker: ``W = G x_1 U_1 ... x_k U_k x_{k+1} U_out``; params ``factor_<i> (d_i, R_i)``,
+  ``core (R_1, ..., R_k, R_out)``, ``factor_out (O, R_out)``, ``bias (O,)``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> list[jax.Array]:
+    dims = x.shape[x.ndim - n_modes:]
+    factors = []
+    for i, d in enumerate(dims):
+        f = params.get(f"factor_{i}")
+        if f is None or f.ndim != 2 or f.shape[0] != d:
+            got = None if f is None else tuple(f.shape)
+            raise ValueError(f"params['factor_{i}']: got {got}, expected ({d}, rank) for x of shape {tuple(x.shape)}")
+        factors.append(f)
+    return factors
+
+
+def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.Array:
+    """Applies a CP (``lambda`` in params) or Tucker (``core`` in params) TRL to ``x``."""
+    factors = _factors(params, x, n_modes)
+    letters = string.ascii_lowercase[:n_modes]
+    if "core" in params:
+        ranks = letters.upper()
+        spec = f"...{letters}," + ",".join(f"{l}{r}" for l, r in zip(letters, ranks)) + f",{ranks}z,oz->...o"
+        y = jnp.einsum(spec, x, *factors, params["core"], params["factor_out"], optimize="greedy")
+    elif "lambda" in params:
+        spec = f"...{letters}," + ",".join(f"{l}r" for l in letters) + ",or,r->...o"
+        y = jnp.einsum(spec, x, *factors, params["factor_out"], params["lambda"], optimize="greedy")
+    else:
+        raise ValueError("params: expected 'lambda' (CP TRL) or 'core' (Tucker TRL)")
+    return y + params["bias"] if "bias" in params else y
+
+
+def trl_weight(params: Mapping[str, jax.Array], n_modes: int) -> jax.Array:
+    """The full weight ``(d_1, ..., d_k, O)`` (for tests and inspection only)."""
+    letters = string.ascii_lowercase[:n_modes]
+    fs = [params[f"factor_{i}"] for i in range(n_modes)]
+    if "core" in params:
+        spec = f"{letters}z," + ",".join(f"{l.upper()}{l}" for l in letters) + ",oz->" + letters.upper() + "o"
+        return jnp.einsum(spec, params["core"], *fs, params["factor_out"])
+    spec = ",".join(f"{l}r" for l in letters) + ",or,r->" + letters + "o"
+    return jnp.einsum(spec, *fs, params["factor_out"], params["lambda"])

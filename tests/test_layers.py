@@ -1,0 +1,88 @@
+"""Flax layers vs the functional core and independent oracles."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hocp_jax import conv, counting, layers, regression
+
+
+def test_cpconv_equals_functional_and_dense():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    m = layers.CPConv(5, kernel_size=3, rank=7, stride=2, padding=1, skip=True, use_bias=True)
+    v = m.init(jax.random.key(1), x)
+    p = v["params"]
+    assert set(p) == {"lambda", "factor_in", "factor_out", "factor_h", "factor_w", "factor_skip", "bias"}
+    y = m.apply(v, x)
+    np.testing.assert_allclose(y, conv.cp_conv(x, p, modes=("h", "w"), stride=2, padding=1), rtol=1e-5, atol=1e-6)
+    # independent: lax on the reconstructed kernel + skip
+    w = np.einsum("hr,wr,cr,tr,r->hwct", p["factor_h"], p["factor_w"], p["factor_in"], p["factor_out"], p["lambda"])
+    dense = jax.lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dense = dense + np.einsum("bhwc,ct->bhwt", x[:, ::2, ::2], p["factor_skip"]) + p["bias"]
+    np.testing.assert_allclose(y, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_cpconv_rank_rules():
+    x = jnp.ones((1, 6, 6, 16))
+    p = layers.CPConv(32, 3).init(jax.random.key(0), x)["params"]
+    assert p["lambda"].shape == (counting.cp_rank_for_budget(16, 32, (3, 3)),)
+    p = layers.CPConv(32, 3, rank_multiple=6).init(jax.random.key(0), x)["params"]
+    assert p["lambda"].shape == (96,)
+    with pytest.raises(ValueError, match="rank"):
+        layers.CPConv(32, 3, rank=0).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("psi", ["relu", "prelu", "bn_relu", "bn_prelu"])
+def test_cpconv_psi_train_eval(psi):
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    m = layers.CPConv(4, 3, rank=5, psi=psi, psi_stages="all")
+    v = m.init(jax.random.key(1), x)
+    if psi.startswith("bn"):
+        assert set(v["batch_stats"]) == {"bn_in", "bn_h", "bn_w"}
+        y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+        assert not np.allclose(upd["batch_stats"]["bn_in"]["mean"], 0)
+    if psi.endswith("prelu"):
+        assert "prelu_in" in v["params"]
+    assert m.apply(v, x).shape == (4, 6, 6, 4)
+    with pytest.raises(ValueError, match="psi"):
+        layers.CPConv(4, 3, rank=5, psi="tanh").init(jax.random.key(1), x)
+
+
+def test_cpconv_video_needs_temporal_factor():
+    img = jnp.ones((2, 6, 6, 3))
+    vid = jnp.ones((2, 4, 6, 6, 3))
+    m = layers.CPConv(4, 3, rank=5)
+    v2d = m.init(jax.random.key(0), img)
+    with pytest.raises(ValueError, match="transduce"):
+        m.apply(v2d, vid)
+    v3d = m.init(jax.random.key(0), vid)  # from-scratch 3-D: creates factor_t
+    assert v3d["params"]["factor_t"].shape == (3, 5)
+    assert m.apply(v3d, vid).shape == (2, 4, 6, 6, 4)
+    with pytest.raises(ValueError, match="x: got shape"):
+        m.apply(v3d, jnp.ones((2, 1, 4, 6, 6, 3)))
+
+
+def test_tucker_and_separable_layers_match_functional():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
+    m = layers.TuckerConv(8, (3, 3), ranks=(3, 4), stride=2)
+    v = m.init(jax.random.key(1), x)
+    np.testing.assert_allclose(m.apply(v, x), conv.dense_conv(x, conv.tucker_to_kernel(v["params"]), stride=2), rtol=1e-4, atol=1e-5)
+    s = layers.SeparableConv(8, (3, 3), rank=12)
+    vs = s.init(jax.random.key(1), x)
+    p = vs["params"]
+    w = np.einsum("hwr,cr,tr->hwct", p["depthwise"], p["factor_in"], p["factor_out"])
+    np.testing.assert_allclose(s.apply(vs, x), conv.dense_conv(x, jnp.asarray(w)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("decomposition,rank", [("cp", 6), ("tucker", (2, 3, 4, 5))])
+def test_trl_matches_full_weight(decomposition, rank):
+    x = jax.random.normal(jax.random.key(0), (3, 2, 4, 5, 6))  # (B, T, H, W, C): per-frame outputs
+    m = layers.TRL(7, rank=rank, decomposition=decomposition)
+    v = m.init(jax.random.key(1), x)
+    y = m.apply(v, x)
+    w = regression.trl_weight(v["params"], 3)
+    assert w.shape == (4, 5, 6, 7)
+    np.testing.assert_allclose(y, np.einsum("bthwc,hwco->bto", x, w) + np.asarray(v["params"]["bias"]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="factor_0"):
+        m.apply(v, jnp.ones((3, 2, 5, 5, 6)))

@@ -1,0 +1,178 @@
+"""Input pipeline: dataset name -> deterministic, host-sharded numpy batches.
+
+Storage and reading use TFDS without TensorFlow: builders write array_record
+files (``file_format="array_record"``; images/videos are uint8 tensors,
+zlib-compressed) and are read back with ``as_data_source`` (random access);
+grain shuffles, batches and tracks the position. No TensorFlow is needed to
+build the project's datasets or to train (catalog datasets such as cifar10
+are prepared once with ``tfds build cifar10 --file_format=array_record``,
+which may need TensorFlow on that machine).
+
+Datasets (``name`` or ``name/config``):
+  digits_affect, moving_digits   embedded, built offline on first use
+  afew_va, affectnet, fer2013    from manual_dir (see each module)
+  anything else                  the TFDS catalog, e.g. "cifar10"
+Batches are dicts of numpy arrays: uint8 images/videos become float32 in
+[0, 1] ("image" (B, H, W, C) or "video" (B, T, H, W, C)), "va" float32
+(B, 2) or (B, T, 2) where the dataset has valence/arousal, "label" int32 (B,)
+where it has classes, other integer fields int32; text fields are dropped.
+
+Sharding: ``batch_size`` is GLOBAL; host ``shard_index`` of ``shard_count``
+(default jax.process_index() / jax.process_count()) reads examples
+shard_index::shard_count and yields batch_size // shard_count of them.
+"""
+import jax
+import numpy as np
+import grain
+import tensorflow_datasets as tfds
+
+from hocp_jax.data.afew_va import AfewVa
+from hocp_jax.data.affectnet import Affectnet
+from hocp_jax.data.embedded import DigitsAffect, MovingDigits
+from hocp_jax.data.fer2013 import Fer2013
+
+BUILDERS = {"digits_affect": DigitsAffect, "moving_digits": MovingDigits,
+            "afew_va": AfewVa, "affectnet": Affectnet, "fer2013": Fer2013}
+EMBEDDED = ("digits_affect", "moving_digits")
+
+
+def get_builder(name: str, data_dir, *, config=None) -> tfds.core.DatasetBuilder:
+    """Builder of a project dataset ("afew_va" or "afew_va/t8_s64").
+
+    config: optional BuilderConfig instance (e.g. AfewVaConfig(name="t16_s96",
+    num_frames=16, image_size=96)) instead of a named one.
+    """
+    base, _, config_name = name.partition("/")
+    if base not in BUILDERS:
+        raise ValueError(f"name={name!r}: not a project dataset, expected one of "
+                         f"{sorted(BUILDERS)}")
+    return BUILDERS[base](data_dir=str(data_dir), file_format="array_record",
+                          config=config or config_name or None)
+
+
+def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.DatasetBuilder:
+    """Prepares a project dataset under data_dir (no-op if already there).
+
+    manual_dir: folder with the downloaded files of afew_va/affectnet/fer2013
+    (default <data_dir>/downloads/manual); FileNotFoundError naming the
+    expected path when they are missing.
+    """
+    builder = get_builder(name, data_dir, config=config)
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=None if manual_dir is None else str(manual_dir))
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None):
+    """Random-access source of one split (``len``, ``[i]`` -> dict of numpy).
+
+    Embedded datasets are built if missing; manual ones too when manual_dir
+    is given; catalog datasets must already be prepared (array_record).
+    """
+    base = name.partition("/")[0]
+    if base not in BUILDERS:
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as err:  # tfds raises several types for "not prepared"
+            raise FileNotFoundError(
+                f"name={name!r}: catalog dataset not prepared in data_dir={data_dir} "
+                f"({type(err).__name__}: {err}). Prepare it once with `tfds build "
+                f"{name} --data_dir={data_dir} --file_format=array_record`.") from err
+    builder = get_builder(name, data_dir, config=config)
+    if not builder.is_prepared():
+        if base in EMBEDDED or manual_dir is not None:
+            builder = build(name, data_dir, manual_dir=manual_dir, config=config)
+        else:
+            raise FileNotFoundError(
+                f"name={name!r} is not prepared in {builder.data_dir}; pass "
+                f"manual_dir=<downloaded files> to build it.\n"
+                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    if split not in builder.info.splits:
+        raise ValueError(f"split={split!r}: {name} has splits "
+                         f"{sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def to_numpy(example: dict) -> dict:
+    """One decoded example -> model inputs (uint8 -> float32 in [0, 1])."""
+    out = {}
+    for key, value in example.items():
+        value = np.asarray(value)
+        if value.dtype == np.uint8:
+            out[key] = value.astype(np.float32) / 255.0
+        elif np.issubdtype(value.dtype, np.integer):
+            out[key] = value.astype(np.int32)
+        elif np.issubdtype(value.dtype, np.floating):
+            out[key] = value.astype(np.float32)
+    return out
+
+
+def _shard(shard_index, shard_count, batch_size):
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index}: expected 0 <= index < "
+                         f"shard_count={shard_count}")
+    if batch_size <= 0 or batch_size % shard_count:
+        raise ValueError(f"batch_size={batch_size}: expected a positive multiple "
+                         f"of shard_count={shard_count}")
+    return shard_index, shard_count, batch_size // shard_count
+
+
+def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
+                  shard_count=None) -> grain.MapDataset:
+    """Infinite random-access MapDataset of training batches of one host.
+
+    Each epoch is a fresh permutation (from seed and epoch) of this host's
+    examples, cut into full local batches (the remainder of an epoch is
+    dropped), so batch k is a pure function of (seed, k).
+    """
+    shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if len(ds) < local:
+        raise ValueError(f"batch_size={batch_size}: larger than the {len(ds)} "
+                         f"examples of shard {shard_index}/{shard_count}")
+    ds = ds.shuffle(seed=seed)[: len(ds) // local * local]
+    return ds.map(to_numpy).batch(local, drop_remainder=True).repeat()
+
+
+def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
+    """Number of training batches per epoch (equal on all hosts)."""
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    return (len(source) // shard_count) // (batch_size // shard_count)
+
+
+def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: int,
+                   shard_index=None, shard_count=None, manual_dir=None,
+                   config=None) -> grain.DatasetIterator:
+    """Deterministic, checkpointable iterator over infinite training batches.
+
+    ``it.get_state()`` is a small dict ({"next_index": k}); a new iterator
+    with ``it.set_state(state)`` continues with exactly the same batches.
+    """
+    source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
+    ds = train_batches(source, batch_size=batch_size, seed=seed,
+                       shard_index=shard_index, shard_count=shard_count)
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    return iter(ds.to_iter_dataset(read_options=options))
+
+
+def eval_batches(name: str, split: str, data_dir, *, batch_size: int,
+                 shard_index=None, shard_count=None, manual_dir=None, config=None):
+    """One ordered pass over a split, in fixed-size local batches.
+
+    Every host yields the same number of batches; the last ones are padded
+    (copies of the shard's first example) and carry "mask" float32 (B,), 1 for
+    real examples and 0 for padding, so metrics must weight by mask.
+    """
+    shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
+    source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
+    ds = grain.MapDataset.source(source)[shard_index::shard_count].map(to_numpy)
+    per_host = -(-len(source) // shard_count)
+    for start in range(0, per_host, local):
+        idx = [i for i in range(start, start + local) if i < len(ds)]
+        examples = [ds[i] for i in idx] + [ds[0]] * (local - len(idx))
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        batch["mask"] = (np.arange(local) < len(idx)).astype(np.float32)
+        yield batch

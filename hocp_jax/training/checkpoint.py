@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the full :class:`TrainState` plus a small JSON "extra" item.
+
+A step directory ``<directory>/<step>/`` holds two items: ``state`` (the TrainState pytree,
+restored with its sharding) and ``extra`` (JSON: data-iterator position, stage name,
+config, ...). A state with a non-finite float leaf (or non-finite loss metric) is never
+written: :meth:`Checkpointer.save` raises :class:`NonFiniteError` first, so the last good
+checkpoint always survives a diverged run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from hocp_jax.training.sharding import host_value
+from hocp_jax.training.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN/Inf (loss, gradients or parameters)."""
+
+
+@jax.jit
+def _finite_leaves(tree):
+    return jax.tree.map(
+        lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True, tree
+    )
+
+
+def check_finite(state: TrainState, metrics: dict | None = None) -> None:
+    """Raises :class:`NonFiniteError` naming every non-finite leaf of ``state``/``metrics``.
+
+    Args:
+        state: a TrainState (float leaves of params, batch_stats, opt_state are checked).
+        metrics: optional dict of scalar metrics (e.g. the last step's loss).
+    """
+    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    flags = jax.tree_util.tree_flatten_with_path(_finite_leaves(tree))[0]
+    bad = [jax.tree_util.keystr(path) for path, ok in flags if not host_value(ok)]
+    bad += [f"metrics[{k!r}]={v}" for k, v in (metrics or {}).items()
+            if not math.isfinite(host_value(v))]
+    if bad:
+        raise NonFiniteError(
+            f"non-finite values at step {host_value(state.step)} in: {', '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''}. Not checkpointing; the last good checkpoint is "
+            "kept. Lower the learning rate, check the data, or add optax.apply_if_finite."
+        )
+
+
+class Checkpointer:
+    """Periodic, keep-N checkpointing of ``(TrainState, extra JSON)``.
+
+    Args:
+        directory: absolute or relative path; created if missing.
+        save_every: save when ``step % save_every == 0`` (``force=True`` saves any step).
+        keep: number of most recent checkpoints kept on disk.
+        async_save: write in a background thread (after a blocking device->host copy).
+    """
+
+    def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
+        for name, value in (("save_every", save_every), ("keep", keep)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
+
+    def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def is_due(self, step: int) -> bool:
+        """Whether the periodic schedule saves at ``step`` (``step % save_every == 0``)."""
+        return step % self.save_every == 0
+
+    def save(self, state: TrainState, extra: dict, *, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        """Saves ``state`` at step ``state.step`` if due (or ``force``); returns whether it did.
+
+        Raises:
+            NonFiniteError: ``state`` or ``metrics`` has NaN/Inf; nothing is written.
+        """
+        step = int(host_value(state.step))
+        if not (force or self.is_due(step)) or step in self.manager.all_steps():
+            return False
+        check_finite(state, metrics)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+            force=True,
+        )
+
+    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
+        """Restores ``(state, extra)`` from ``step`` (default: latest); None if no checkpoint.
+
+        Args:
+            target: a TrainState of the right structure/shapes/shardings (e.g. a freshly
+                initialized one); arrays are restored with ``target``'s shardings.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()),
+        )
+        return restored.state, restored.extra
+
+    def restore_extra(self, step: int | None = None) -> dict | None:
+        """Only the JSON "extra" item of ``step`` (default: latest); None if no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+    def wait(self) -> None:
+        """Blocks until background saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,53 @@
+"""Config validation: unknown, missing or ill-typed keys -> one clear ``ValueError``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def validate_config(
+    cfg: Mapping[str, Any],
+    required_keys: Iterable[str],
+    optional_keys: Iterable[str] = (),
+    *,
+    checks: Mapping[str, Check] | None = None,
+    name: str = "config",
+) -> None:
+    """Checks the top-level keys of ``cfg`` (a dict or ``ml_collections.ConfigDict``).
+
+    Args:
+        cfg: the config (validate a sub-config with its own call, e.g. ``name="config.optimizer"``).
+        required_keys: keys that must be present.
+        optional_keys: keys that may be present; any other key is an error (typo guard).
+        checks: ``{key: (predicate, "what is expected")}`` applied to present keys.
+        name: how ``cfg`` is called in error messages.
+
+    Raises:
+        ValueError: listing every missing key, unknown key (with a close-match suggestion)
+            and value failing its check.
+    """
+    required, optional = list(required_keys), list(optional_keys)
+    allowed = set(required) | set(optional)
+    keys = list(cfg.keys())
+    errors = [f"missing required key {name}.{k}" for k in required if k not in keys]
+    for k in keys:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, sorted(allowed), n=1)
+            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+            errors.append(f"unknown key {name}.{k}{hint}")
+    for k, (ok, expected) in (checks or {}).items():
+        if k in keys and not ok(cfg[k]):
+            errors.append(f"bad value {name}.{k}={cfg[k]!r}: expected {expected}")
+    if errors:
+        raise ValueError(
+            f"invalid {name}: " + "; ".join(errors) + f". Allowed keys: {sorted(allowed)}"
+        )
+
+
+def positive_int(x: Any) -> bool:
+    """Predicate for :func:`validate_config` checks: an int (not bool) > 0."""
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0

@@ -1,0 +1,104 @@
+"""Metric logs: JSONL always, TensorBoard events when ``tensorboardX`` is installed.
+
+The JSONL file ``<workdir>/metrics.jsonl`` has one object per line,
+``{"step": int, "split": "train"|"eval"|..., "<metric>": float, ...}``. TensorFlow is not
+a dependency, so TensorBoard logs are written only if the optional ``tensorboardX``
+package is importable (``pip install tensorboardX``; then ``tensorboard --logdir
+<workdir>``). Without it, render the curves with :func:`plot_metrics`::
+
+    python -c "from hocp_jax.training.logging import plot_metrics; \\
+               plot_metrics('<workdir>/metrics.jsonl', 'curves.png')"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+class MetricLogger:
+    """Appends scalar metrics to ``<workdir>/metrics.jsonl`` (and TensorBoard if possible).
+
+    Only process 0 writes. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, workdir: str, *, filename: str = "metrics.jsonl"):
+        self.path = os.path.join(workdir, filename)
+        self.active = jax.process_index() == 0
+        self._tb = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict, split: str = "train") -> None:
+        """Logs scalars (Python/numpy/0-d jax values) under ``split`` at ``step``."""
+        if not self.active:
+            return
+        values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """All records of a metrics JSONL file, in file order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(path: str, out_png: str, keys: Sequence[str] | None = None) -> str:
+    """Renders the JSONL curves, one panel per metric, one line per split; returns ``out_png``.
+
+    Args:
+        path: a ``metrics.jsonl`` written by :class:`MetricLogger`.
+        out_png: output image path.
+        keys: metrics to plot (default: every metric in the file).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    available = sorted({k for r in records for k in r} - {"step", "split"})
+    keys = available if keys is None else list(keys)
+    missing = sorted(set(keys) - set(available))
+    if missing or not keys:
+        raise ValueError(f"keys {missing or keys} not in {path}; available: {available}")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for split in sorted({r["split"] for r in records if key in r}):
+            pts = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=split)
+        ax.set(title=key, xlabel="step")
+        ax.legend()
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

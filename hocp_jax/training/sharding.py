@@ -1,0 +1,115 @@
+"""Data parallelism over every device of every process: one mesh axis ``"data"``.
+
+Params, batch stats, optimizer state and RNG are *replicated* (``P()``); every batch leaf
+is *sharded* on its leading (batch) axis (``P("data")``). Under ``jax.jit`` XLA then
+computes means, batch-norm statistics and gradients over the GLOBAL batch (inserting the
+all-reduces itself), so a run on 8 devices gives the same numbers as on 1 device, up to
+float summation order.
+
+Multi-host: start the same program on every host, call :func:`maybe_initialize_distributed`
+first, let each host load only ITS part of the batch (``global_batch / process_count``
+examples; see ``jax.process_index()``), and :func:`put_batch` assembles the global array
+with ``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Initializes multi-process JAX if asked to; a no-op on a single host.
+
+    Multi-host runs either pass the arguments or export, on every host, before start:
+    ``JAX_COORDINATOR_ADDRESS=host0:1234`` plus ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+    (read here and passed to ``jax.distributed.initialize``; on Cloud TPU, SLURM and Open
+    MPI jax detects the last two by itself). Must run before any other JAX call.
+
+    Returns:
+        True if ``jax.distributed`` is initialized after the call.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator_address is None:
+        return False
+    env = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
+        process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"),
+    )
+    return True
+
+
+def make_data_mesh(devices: list | None = None) -> Mesh:
+    """1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes).
+
+    The axis is ``AxisType.Auto`` (GSPMD propagation): models may reshape a sharded batch
+    axis (e.g. video ``(B, T, ...) -> (B*T, ...)``) without sharding annotations.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device (params, opt state, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over ``"data"``."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree (e.g. the TrainState) on every device of ``mesh``.
+
+    Every process must pass the same values (true for a state built from the same seed
+    or restored from the same checkpoint).
+    """
+    return jax.device_put(tree, replicated(mesh))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> global batch-sharded arrays.
+
+    Args:
+        batch: this process's examples, every leaf ``(B_local, ...)``; on one host
+            ``B_local`` is the global batch size.
+        mesh: from :func:`make_data_mesh`.
+
+    Returns:
+        Leaves of global shape ``(B_local * process_count, ...)``, sharded on axis 0.
+
+    Raises:
+        ValueError: leaves disagree on ``B_local``, or it is not divisible by the
+            number of this process's devices in the mesh.
+    """
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"batch leaves must share a leading batch axis, got sizes {sizes}")
+    b = next(iter(sizes.values()))
+    if b % local_devices:
+        raise ValueError(
+            f"per-process batch size {b} must be divisible by the {local_devices} local "
+            "devices of the mesh (pad it, or change batch_size)"
+        )
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+
+
+def host_value(x: Any) -> Any:
+    """A replicated (possibly multi-host) 0-d array, or a Python/numpy scalar -> Python scalar."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x).item()

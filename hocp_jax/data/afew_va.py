@@ -70,7 +70,8 @@ manual_dir/**/001/00000.png ... exist (one folder per video)."""
 
     def _split_generators(self, dl_manager):
         root = manual.manual_root(dl_manager, self)
-        annotations = sorted(p for p in root.glob("**/*.json") if p.stem == p.parent.name)
+        annotations = sorted(p for pattern in ("*/*.json", "*/*/*.json")
+                             for p in root.glob(pattern) if p.stem == p.parent.name)
         if not annotations:
             manual.require(root / "001" / "001.json", self)
         by_split = {"train": [], "validation": [], "test": []}

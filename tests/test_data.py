@@ -1,0 +1,294 @@
+"""Datasets and input pipeline: embedded builders, manual builders on fixtures
+written here in the real on-disk formats, determinism, resume, sharding."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hocp_jax.data import embedded, pipeline
+from hocp_jax.data.afew_va import AfewVaConfig, split_of
+from hocp_jax.data.affectnet import AffectNetConfig, split_of_training_row
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Both embedded datasets built once, offline, into a temp dir."""
+    path = tmp_path_factory.mktemp("tfds")
+    for name in pipeline.EMBEDDED:
+        pipeline.build(name, path)
+    return path
+
+
+def _all(source):
+    return [source[i] for i in range(len(source))]
+
+
+def _com_x(frames):
+    """Horizontal centre of mass (pixels) of (..., H, W, 1) images."""
+    w = frames[..., 0].astype(float).sum(-2)
+    return (w * np.arange(w.shape[-1])).sum(-1) / w.sum(-1)
+
+
+# ---------------------------------------------------------------- embedded
+
+
+@pytest.mark.parametrize("name,key,shape", [
+    ("digits_affect", "image", (32, 32, 1)), ("moving_digits", "video", (8, 32, 32, 1))])
+def test_embedded_shapes_sizes_ranges(data_dir, name, key, shape):
+    for split, size in embedded.SIZES[name].items():
+        examples = _all(pipeline.data_source(name, split, data_dir))
+        assert len(examples) == size
+        x = np.stack([e[key] for e in examples])
+        va = np.stack([e["va"] for e in examples])
+        labels = np.array([e["label"] for e in examples])
+        assert x.shape[1:] == shape and x.dtype == np.uint8 and x.max() > 200
+        assert va.shape[1:] == shape[:-3] + (2,) and va.dtype == np.float32
+        assert np.abs(va).max() <= 1.0 and va.std(axis=tuple(range(va.ndim - 1))).min() > 0.2
+        assert set(labels) == set(range(10))
+
+
+def test_embedded_builder_stores_the_numpy_construction(data_dir):
+    made = embedded.make_moving_digits("validation")
+    stored = _all(pipeline.data_source("moving_digits", "validation", data_dir))
+    key = lambda v, va: (v.tobytes(), va.tobytes())  # noqa: E731  (order-free compare)
+    assert sorted(key(e["video"], e["va"]) for e in stored) == sorted(
+        key(v, va) for v, va in zip(made["video"], made["va"]))
+
+
+def test_splits_use_disjoint_source_digits():
+    pools = [embedded.digit_pool(s)[0].reshape(-1, 64) for s in embedded.SPLITS]
+    seen = [{row.tobytes() for row in p} for p in pools]
+    assert sum(len(p) for p in pools) == 1797
+    assert not (seen[0] & seen[2]) and not (seen[0] & seen[1])
+
+
+def test_static_targets_readable_from_one_image(data_dir):
+    examples = _all(pipeline.data_source("digits_affect", "train", data_dir))
+    img = np.stack([e["image"] for e in examples])
+    va = np.stack([e["va"] for e in examples])
+    labels = np.array([e["label"] for e in examples])
+    np.testing.assert_allclose(va[:, 0], np.linspace(-1, 1, 10)[labels], atol=1e-6)
+    assert np.corrcoef(_com_x(img), va[:, 1])[0, 1] > 0.95
+
+
+def test_video_arousal_needs_time_valence_does_not(data_dir):
+    examples = _all(pipeline.data_source("moving_digits", "train", data_dir))
+    video = np.stack([e["video"] for e in examples])
+    va = np.stack([e["va"] for e in examples])
+    labels = np.array([e["label"] for e in examples])
+    # valence: constant over time, a function of the digit (one frame suffices)
+    np.testing.assert_allclose(va[..., 0], np.linspace(-1, 1, 10)[labels][:, None] * np.ones(8),
+                               atol=1e-6)
+    # arousal: unrelated to what one frame shows (position), but equal to the
+    # motion between frames (central difference of the centre of mass)
+    com = _com_x(video)
+    assert abs(np.corrcoef(com.ravel(), va[..., 1].ravel())[0, 1]) < 0.2
+    speed = (com[:, 2:] - com[:, :-2]) / 2
+    assert np.corrcoef(speed.ravel(), va[:, 1:-1, 1].ravel())[0, 1] > 0.98
+    # the very same frame occurs with different arousal
+    digit = embedded.digit_pool("train")[0][0]
+    (xa, va_), (xb, vb_) = embedded.trajectory(3.0, -1.5, 1.0), embedded.trajectory(3.0, 2.0, 0.0)
+    fa, fb = embedded.render(digit, xa, 5.0), embedded.render(digit, xb, 5.0)
+    np.testing.assert_array_equal(fa[0], fb[0])
+    assert abs(va_[0] - vb_[0]) / embedded.VMAX > 1.5
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_train_batches_types_and_determinism(data_dir):
+    kw = dict(batch_size=16, shard_index=0, shard_count=1)
+    a = _take(pipeline.train_iterator("moving_digits", "train", data_dir, seed=3, **kw), 3)
+    b = _take(pipeline.train_iterator("moving_digits", "train", data_dir, seed=3, **kw), 3)
+    c = _take(pipeline.train_iterator("moving_digits", "train", data_dir, seed=4, **kw), 1)
+    _assert_same(a, b)
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+    v = a[0]["video"]
+    assert v.shape == (16, 8, 32, 32, 1) and v.dtype == np.float32 and 0 <= v.min() < v.max() <= 1
+    assert a[0]["va"].shape == (16, 8, 2) and a[0]["label"].dtype == np.int32
+
+
+def test_resume_from_saved_state_gives_same_batches(data_dir):
+    kw = dict(batch_size=64, seed=0, shard_index=0, shard_count=1)
+    it = pipeline.train_iterator("digits_affect", "test", data_dir, **kw)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # must survive serialisation
+    expected = _take(it, 4)                          # crosses the epoch boundary (4 steps)
+    fresh = pipeline.train_iterator("digits_affect", "test", data_dir, **kw)
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 4), expected)
+
+
+def test_epochs_are_permutations_and_reshuffled(data_dir):
+    source = pipeline.data_source("digits_affect", "test", data_dir)
+    steps = pipeline.steps_per_epoch(source, batch_size=64, shard_count=1)
+    assert steps == 300 // 64
+    ds = pipeline.train_batches(source, batch_size=64, seed=0, shard_index=0, shard_count=1)
+    ids = [np.concatenate([ds[e * steps + k]["image"].reshape(64, -1) @ np.arange(1024.0)
+                           for k in range(steps)]) for e in range(2)]
+    for epoch in ids:  # no example twice within an epoch
+        assert len(np.unique(epoch)) == steps * 64
+    assert not np.array_equal(ids[0], ids[1])
+
+
+def test_host_sharding_partitions_the_data(data_dir):
+    n = len(pipeline.data_source("moving_digits", "test", data_dir))
+    seen = []
+    for host in range(2):
+        batches = list(pipeline.eval_batches("moving_digits", "test", data_dir,
+                                             batch_size=32, shard_index=host, shard_count=2))
+        assert all(b["video"].shape[0] == 16 for b in batches)
+        seen += [v.tobytes() for b in batches for v, m in zip(b["video"], b["mask"]) if m]
+        train = next(pipeline.train_iterator("moving_digits", "test", data_dir, batch_size=32,
+                                             seed=0, shard_index=host, shard_count=2))
+        assert train["video"].shape[0] == 16
+    assert len(seen) == n == len(set(seen))
+
+
+def test_bad_arguments_raise_clear_errors(data_dir):
+    with pytest.raises(ValueError, match="name='nope'"):
+        pipeline.get_builder("nope", data_dir)
+    with pytest.raises(ValueError, match="split='dev'"):
+        pipeline.data_source("digits_affect", "dev", data_dir)
+    with pytest.raises(ValueError, match="batch_size=3"):
+        pipeline.train_iterator("digits_affect", "test", data_dir, batch_size=3, seed=0,
+                                shard_index=0, shard_count=2)
+    with pytest.raises(FileNotFoundError, match="cifar10"):
+        pipeline.data_source("cifar10", "train", data_dir / "empty")
+
+
+# ---------------------------------------------------------------- manual datasets
+
+
+def _write_afew_clip(root, number, num_frames, rng):
+    """One AFEW-VA video folder: PNG frames with a white face square where
+    the landmarks are, and <id>.json in the official layout."""
+    vid = f"{number:03d}"
+    folder = root / vid
+    folder.mkdir(parents=True)
+    frames = {}
+    for t in range(num_frames):
+        x0, y0 = rng.integers(2, 20, 2)
+        img = np.zeros((48, 64, 3), np.uint8)
+        img[y0:y0 + 20, x0:x0 + 20] = 255
+        Image.fromarray(img).save(folder / f"{t:05d}.png")
+        pts = rng.uniform(0, 19, (68, 2)) + [x0, y0]
+        pts[:2] = [[x0, y0], [x0 + 19, y0 + 19]]  # the box is exactly the square
+        frames[f"{t:05d}"] = {"valence": int(rng.integers(-10, 11)),
+                              "arousal": int(rng.integers(-10, 11)),
+                              "landmarks": pts.tolist()}
+    (folder / f"{vid}.json").write_text(json.dumps({"video_id": vid, "frames": frames}))
+    return frames
+
+
+def test_afew_va_builder_on_fixture(tmp_path):
+    rng = np.random.default_rng(0)
+    manual_dir = tmp_path / "manual" / "01"  # like the official archive parts
+    clips = {n: _write_afew_clip(manual_dir, n, 10, rng) for n in (1, 7, 8)}
+    config = AfewVaConfig(name="t4_s16", num_frames=4, stride=4, image_size=16, margin=0.0)
+    builder = pipeline.build("afew_va", tmp_path / "tfds", manual_dir=tmp_path / "manual",
+                             config=config)
+    for number, frames in clips.items():
+        examples = _all(builder.as_data_source(split=split_of(number)))
+        assert sorted(e["start_frame"] for e in examples) == [0, 4]  # 10 frames -> 2 clips
+        for e in examples:
+            keys = [f"{t:05d}" for t in range(e["start_frame"], e["start_frame"] + 4)]
+            want = [[frames[k]["valence"] / 10, frames[k]["arousal"] / 10] for k in keys]
+            np.testing.assert_allclose(e["va"], want, atol=1e-6)
+            assert e["clip_id"] == number
+            assert e["video"].shape == (4, 16, 16, 3) and e["video"].dtype == np.uint8
+            assert e["video"][:, 2:-2, 2:-2].min() == 255  # the crop is the face square
+
+
+def _write_affectnet(root, rng):
+    (root / "Manually_Annotated_Images" / "12").mkdir(parents=True)
+    header = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+              "facial_landmarks", "expression", "valence", "arousal"]
+    rows = {}
+    for csv_name, n in (("training.csv", 60), ("validation.csv", 5)):
+        with open(root / csv_name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i in range(n):
+                rel = f"12/{csv_name[:3]}{i:03d}.jpg"
+                colour = rng.integers(0, 256, 3)
+                img = np.zeros((40, 50, 3), np.uint8)
+                img[5:35, 10:40] = colour
+                Image.fromarray(img).save(root / "Manually_Annotated_Images" / rel, quality=95,
+                                          subsampling=0)
+                expression = int(rng.integers(0, 11))
+                va = rng.uniform(-1, 1, 2).round(6) if expression < 8 else [-2, -2]
+                lms = ";".join(f"{v:.2f}" for v in rng.uniform(0, 40, 136))
+                writer.writerow([rel, 10, 5, 30, 30, lms, expression, *va])
+                rows[rel] = (csv_name, expression, np.asarray(va, np.float32), colour)
+    return rows
+
+
+def test_affectnet_builder_on_fixture(tmp_path):
+    rows = _write_affectnet(tmp_path / "manual", np.random.default_rng(1))
+    builder = pipeline.build("affectnet", tmp_path / "tfds", manual_dir=tmp_path / "manual",
+                             config=AffectNetConfig(name="s8", image_size=8))
+    kept = {rel: r for rel, r in rows.items() if r[1] < 8}
+    want_split = {rel: "test" if r[0] == "validation.csv" else split_of_training_row(rel)
+                  for rel, r in kept.items()}
+    got = {s: _all(builder.as_data_source(split=s)) for s in ("train", "validation", "test")}
+    assert {s: len(v) for s, v in got.items()} == {
+        s: sum(w == s for w in want_split.values()) for s in got}
+    by_colour = {tuple(r[3]): r for r in kept.values()}
+    for examples in got.values():
+        for e in examples:
+            assert e["image"].shape == (8, 8, 3)
+            colour = tuple(np.round(e["image"].reshape(-1, 3).mean(0)).astype(int))
+            match = min(by_colour, key=lambda c: np.abs(np.subtract(c, colour)).max())
+            assert np.abs(np.subtract(match, colour)).max() <= 6  # jpeg of a flat face box
+            _, expression, va, _ = by_colour[match]
+            assert e["label"] == expression
+            np.testing.assert_allclose(e["va"], va, atol=1e-6)
+
+
+def test_fer2013_builder_on_fixture(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "manual").mkdir()
+    usage = ["Training"] * 4 + ["PublicTest"] * 2 + ["PrivateTest"] * 3
+    pixels = rng.integers(0, 256, (len(usage), 48 * 48))
+    with open(tmp_path / "manual" / "fer2013.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["emotion", "pixels", "Usage"])
+        for i, u in enumerate(usage):
+            writer.writerow([i % 7, " ".join(map(str, pixels[i])), u])
+    builder = pipeline.build("fer2013", tmp_path / "tfds", manual_dir=tmp_path / "manual")
+    test = _all(builder.as_data_source(split="test"))
+    assert len(test) == 3 and len(builder.as_data_source(split="validation")) == 2
+    want = {i % 7: pixels[i].reshape(48, 48, 1) for i in range(6, 9)}
+    for e in test:
+        np.testing.assert_array_equal(e["image"], want[e["label"]])
+    batch = next(pipeline.eval_batches("fer2013", "train", tmp_path / "tfds", batch_size=4,
+                                       shard_index=0, shard_count=1))
+    assert batch["image"].shape == (4, 48, 48, 1) and "va" not in batch
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("affectnet", "validation.csv"), ("fer2013", "fer2013.csv"), ("afew_va", "001.json")])
+def test_missing_manual_files_name_the_expected_path(tmp_path, name, expected):
+    manual_dir = tmp_path / "manual"
+    manual_dir.mkdir()
+    (manual_dir / "training.csv").write_text("x\n")  # not empty, but incomplete
+    with pytest.raises(FileNotFoundError, match=str(manual_dir / "") + ".*" + expected):
+        pipeline.build(name, tmp_path / "tfds", manual_dir=manual_dir)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+        pipeline.build(name, tmp_path / "tfds", manual_dir=tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="manual_dir"):
+        pipeline.data_source(name, "train", tmp_path / "tfds")

@@ -1,0 +1,73 @@
+"""Helpers shared by the models: input validation, BatchNorm settings, parameter counts."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+class DenseConv(nn.Module):
+    """Bias-free ``nn.Conv`` with symmetric ``k // 2`` padding, called as ``m(x, train)``
+    (``train`` unused) so dense and factorized convs are interchangeable.
+
+    A kernel with fewer axes than ``x`` has spatial axes treats the extra leading axes as batch."""
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        pad = tuple((k // 2, k // 2) for k in self.kernel_size)
+        return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, name="conv")(x)
+
+
+def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:
+    """Raises a ValueError naming ``model`` unless ``x.ndim`` is one of ``layouts``' keys.
+
+    ``layouts`` maps an accepted rank to its description, e.g. ``{4: "(batch, H, W, C) images"}``.
+    """
+    if getattr(x, "ndim", None) not in layouts:
+        shape = tuple(getattr(x, "shape", ()))
+        expected = " or ".join(layouts.values())
+        raise ValueError(f"{model}: x has shape {shape} ({len(shape)}-D); expected {expected}")
+
+
+def max_pool_spatial(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """Max-pool over the ``len(window)`` axes before the channels with explicit ``(lo, hi)``
+    pads; leading axes (batch and, for videos, time) are left alone, so one call serves
+    images and videos."""
+    lead = x.ndim - 1 - len(window)
+    dims = (1,) * lead + tuple(window) + (1,)
+    strides = (1,) * lead + tuple(stride) + (1,)
+    pads = ((0, 0),) * lead + tuple(tuple(p) for p in padding) + ((0, 0),)
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a params tree, or in ``tree["params"]`` if given full variables.
+
+    Works on arrays and on the ``jax.ShapeDtypeStruct`` leaves of ``jax.eval_shape(model.init, ...)``
+    (so full-size models are counted without allocating them). Batch statistics are not counted.
+    """
+    if isinstance(tree, Mapping) and "params" in tree:
+        tree = tree["params"]
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def abstract_variables(model: nn.Module, shape: Sequence[int], dtype=jnp.float32):
+    """``jax.eval_shape`` of ``model.init`` on an input of ``shape``: shapes only, no allocation."""
+    x = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)

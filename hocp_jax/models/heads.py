@@ -1,0 +1,99 @@
+"""Output heads: valence/arousal regression and optional class logits.
+
+Every model ends with :class:`Head`, configured by a :class:`HeadConfig`:
+
+* ``n_outputs`` regression outputs under ``"va"`` (2 = valence, arousal; 0 = none).
+  ``bounded=True`` applies ``tanh`` so predictions lie in ``(-1, 1)`` — use it when the
+  targets are normalised to ``[-1, 1]`` (AFEW-VA's ``[-10, 10]`` divided by 10, AffectNet's
+  native range). ``bounded=False`` (default) is a plain linear output.
+* ``n_classes`` logits under ``"logits"`` (0 = none), e.g. AffectNet's emotion classes,
+  1000 ImageNet classes, 27 Jester gestures, 10 CIFAR-10 classes.
+* ``trl``: ``False`` = global average pool over the spatial axes + fully-connected layer;
+  ``True``/``"cp"`` or ``"tucker"`` = tensor regression layer on the un-pooled
+  ``(H, W, C)`` activation (paper Sec. 5, "Implementation details"), rank ``trl_rank``.
+
+The head keeps any leading axes: ``(B, H, W, C) -> (B, k)`` for images and
+``(B, T, H, W, C) -> (B, T, k)`` for videos (per-frame predictions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hocp_jax.layers import TRL
+
+TRL_CHOICES = (False, True, "cp", "tucker")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """What a model predicts (see module docstring)."""
+
+    n_outputs: int = 2
+    n_classes: int = 0
+    bounded: bool = False
+    trl: bool | str = False
+    trl_rank: int | tuple[int, ...] = 16
+
+    def __post_init__(self):
+        for name in ("n_outputs", "n_classes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"head.{name}={v!r}: expected an int >= 0")
+        if self.n_outputs == 0 and self.n_classes == 0:
+            raise ValueError("head: n_outputs=0 and n_classes=0; expected at least one output")
+        if self.trl not in TRL_CHOICES:
+            raise ValueError(f"head.trl={self.trl!r}: expected one of {TRL_CHOICES}")
+
+    @classmethod
+    def of(cls, value: "HeadConfig | Mapping[str, Any] | None") -> "HeadConfig":
+        """Accepts a HeadConfig, a dict of its fields, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"head: unknown keys {sorted(unknown)}; expected {[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**value)
+        raise ValueError(f"head={value!r}: expected a HeadConfig or a dict of its fields")
+
+
+class Head(nn.Module):
+    """``x (*lead, *spatial, C)`` -> ``{"va": (*lead, n_outputs), "logits": (*lead, n_classes)}``.
+
+    ``n_spatial`` trailing axes before the channels are pooled (or contracted by the TRL);
+    ``n_spatial=0`` for an input that is already a feature vector.
+    """
+
+    config: HeadConfig = HeadConfig()
+    n_spatial: int = 2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        cfg = HeadConfig.of(self.config)
+        trl = {True: "cp"}.get(cfg.trl, cfg.trl)
+        if x.ndim < self.n_spatial + 2:
+            raise ValueError(f"Head: x has shape {tuple(x.shape)}; expected (batch, ..., {self.n_spatial} spatial axes, C)")
+        if not trl and self.n_spatial:
+            x = jnp.mean(x, axis=tuple(range(x.ndim - 1 - self.n_spatial, x.ndim - 1)))
+
+        def layer(features: int, name: str):
+            if trl:
+                return TRL(features, rank=cfg.trl_rank, decomposition=trl, n_modes=self.n_spatial + 1, name=name)
+            return nn.Dense(features, name=name)
+
+        out = {}
+        if cfg.n_outputs:
+            va = layer(cfg.n_outputs, "va")(x)
+            out["va"] = jnp.tanh(va) if cfg.bounded else va
+        if cfg.n_classes:
+            out["logits"] = layer(cfg.n_classes, "logits")(x)
+        return out

@@ -1,0 +1,425 @@
+"""Affect metrics: continuous (valence/arousal) and categorical (emotion classes).
+
+Continuous metrics (Kossaifi et al. 2020, Sec. 5; BReG-Net Sec. IV-B), jittable, over
+``y_true, y_pred`` of shape ``(n,)`` (one target -> scalar results) or ``(n, k)`` (k targets,
+e.g. valence/arousal -> ``(k,)`` results), with an optional ``mask`` -- bool or non-negative
+float weights of shape ``(n,)`` or ``(n, k)`` (padded batches: padding gets 0):
+
+* :func:`rmse`, :func:`sagr`, :func:`pcc`, :func:`ccc` -- one metric;
+  :func:`regression_metrics` -- all four as a dict from one pass over the data.
+* Streaming: :class:`AffectStats` (sufficient statistics, a pytree whose leaves simply add),
+  :func:`affect_stats` (stats of a batch), :func:`merge` (sum of stats; ``jax.lax.psum(stats,
+  axis)`` does the same across devices), :func:`finalize` (metrics of the whole set).
+* :func:`per_sequence_metrics` -- metrics per video ``(B, T, k)`` and their mean over videos.
+
+Conventions (all results are finite, never NaN):
+
+* SAGR compares ``sign`` with ``sign(0) = 0`` (the Kronecker delta of the papers, as
+  ``np.sign``): a 0 agrees only with an exact 0.
+* Moments are population moments (divide by n). A variance counts as 0 when it is at most
+  ``16 * eps(dtype)`` times the mean square of the values (i.e. the values are constant up to
+  rounding); then the covariance counts as 0 too.
+* PCC = 0 when either variance is 0 (constant inputs, n = 1).
+* CCC = 2 cov / (var_t + var_p + (mu_t - mu_p)^2); when the denominator is 0 (both inputs
+  constant and equal, e.g. n = 1 with y_pred == y_true) CCC = 1 (perfect agreement).
+* With no valid sample (n = 0) every metric is 0.
+* Gradients are finite everywhere (safe sqrt/division via double ``where``); where the metric is
+  not differentiable (RMSE at 0 error, PCC at constant inputs) the gradient is 0.
+
+Accuracy: batch functions use a shifted two-pass algorithm (exact 0 variance for constant
+inputs). Streaming stats are raw sums (so they add); in float32 they are accurate to ~1e-6 for
+values of order 1 such as valence/arousal in [-1, 1]; enable ``jax_enable_x64`` for data with
+a mean far larger than its spread.
+
+Categorical metrics (BReG-Net Tables III/IV) from a confusion matrix ``cm (C, C)`` (rows = true
+class, columns = predicted, as scikit-learn; confusion matrices of batches simply add):
+
+* :func:`confusion_matrix` -- jittable builder from integer labels (optional mask).
+* :func:`accuracy`, :func:`f1` (per class or macro), :func:`ppv` (precision, per class or
+  macro), :func:`cohen_kappa`, :func:`krippendorff_alpha` (nominal, two coders: truth and
+  prediction), :func:`mcc` (multiclass, Gorodkin); :func:`classification_metrics` -- all as a
+  dict.
+* :func:`skew_normalized_metrics` -- the same averaged over random class-balanced under-samples
+  of the test set (numpy, seedable).
+
+Categorical conventions: a ratio with a zero denominator is 0 (precision of a never-predicted
+class, kappa/alpha/MCC without variability) -- as scikit-learn's ``zero_division=0`` and MCC;
+macro averages run over the classes that occur in the truth or the predictions (scikit-learn's
+default ``labels=None``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_REL_TOL = 16  # a variance <= _REL_TOL * eps * mean square counts as 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
+    """``num / den`` where ``den != 0`` else ``default``; finite gradients everywhere."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), default)
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(max(x, 0))`` with gradient 0 (not inf) at 0."""
+    ok = x > 0
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
+
+
+def _as_float(x) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _prepare(y_true, y_pred, mask):
+    """Validates; returns ``(t, p, w)`` of shape ``(n, k)`` (invalid rows zeroed) and 1-D-ness."""
+    t, p = _as_float(y_true), _as_float(y_pred)
+    if t.ndim not in (1, 2):
+        raise ValueError(f"y_true: got shape {t.shape}, expected (n,) or (n, k)")
+    if p.shape != t.shape:
+        raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    if mask is None:
+        w = jnp.ones_like(t)
+    else:
+        w = jnp.asarray(mask)
+        if w.shape not in (t.shape[:1], t.shape):
+            raise ValueError(f"mask: got shape {w.shape}, expected {t.shape[:1]} or the shape of y_true {t.shape}")
+        w = w.astype(t.dtype)
+        if w.ndim < t.ndim:
+            w = jnp.broadcast_to(w[:, None], t.shape)
+    vector = t.ndim == 1
+    if vector:
+        t, p, w = t[:, None], p[:, None], w[:, None]
+    valid = w > 0  # padding may hold anything (even NaN): zero it
+    return jnp.where(valid, t, 0), jnp.where(valid, p, 0), w, vector
+
+
+def _unvector(tree, vector: bool):
+    return jax.tree.map(lambda a: a[..., 0], tree) if vector else tree
+
+
+class _Moments(NamedTuple):
+    """Population moments per target, each ``(k,)``."""
+
+    n: jax.Array
+    mu_t: jax.Array
+    mu_p: jax.Array
+    var_t: jax.Array
+    var_p: jax.Array
+    cov: jax.Array
+    mse: jax.Array
+    sagr: jax.Array
+    msq_t: jax.Array  # mean square about the reference point of the sums (scale for _REL_TOL)
+    msq_p: jax.Array
+
+
+def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
+    """The one place where RMSE, SAGR, PCC and CCC are computed from moments."""
+    tol = _REL_TOL * jnp.finfo(m.var_t.dtype).eps
+    var_t = jnp.where(m.var_t > tol * m.msq_t, m.var_t, 0)
+    var_p = jnp.where(m.var_p > tol * m.msq_p, m.var_p, 0)
+    both = (var_t > 0) & (var_p > 0)
+    cov = jnp.where(both, m.cov, 0)
+    pcc = _safe_div(cov, _safe_sqrt(var_t * var_p))
+    ccc = _safe_div(2 * cov, var_t + var_p + (m.mu_t - m.mu_p) ** 2, default=1.0)
+    has = m.n > 0
+    return {
+        "rmse": _safe_sqrt(m.mse),
+        "sagr": m.sagr,
+        "pcc": pcc,
+        "ccc": jnp.where(has, ccc, 0),
+    }
+
+
+def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
+    """Shifted two-pass moments of ``(n, k)`` arrays with weights ``w``."""
+    first = jnp.argmax(w > 0, axis=0)[None]  # first valid row per target: shift
+    dt = t - jax.lax.stop_gradient(jnp.take_along_axis(t, first, 0))
+    dp = p - jax.lax.stop_gradient(jnp.take_along_axis(p, first, 0))
+    n = w.sum(0)
+    mean = lambda x: _safe_div((w * x).sum(0), n)  # noqa: E731
+    mdt, mdp = mean(dt), mean(dp)
+    ct, cp = dt - mdt, dp - mdp
+    return _Moments(
+        n=n,
+        mu_t=jnp.take_along_axis(t, first, 0)[0] + mdt,
+        mu_p=jnp.take_along_axis(p, first, 0)[0] + mdp,
+        var_t=mean(ct * ct),
+        var_p=mean(cp * cp),
+        cov=mean(ct * cp),
+        mse=mean((t - p) ** 2),
+        sagr=mean((jnp.sign(t) == jnp.sign(p)).astype(t.dtype)),
+        msq_t=mean(dt * dt),
+        msq_p=mean(dp * dp),
+    )
+
+
+# --------------------------------------------------------------------------- batch metrics
+
+
+def regression_metrics(y_true, y_pred, mask=None) -> dict[str, jax.Array]:
+    """RMSE, SAGR, PCC and CCC of one batch (see the module conventions).
+
+    Args:
+        y_true, y_pred: ``(n,)`` or ``(n, k)`` float arrays.
+        mask: optional bool / non-negative weights, ``(n,)`` or the shape of ``y_true``.
+
+    Returns:
+        ``{"rmse", "sagr", "pcc", "ccc"}``, each a scalar for ``(n,)`` inputs or ``(k,)``.
+    """
+    t, p, w, vector = _prepare(y_true, y_pred, mask)
+    return _unvector(_finalize_moments(_batch_moments(t, p, w)), vector)
+
+
+def rmse(y_true, y_pred, mask=None) -> jax.Array:
+    """Root mean square error ``sqrt(E[(y - y_hat)^2])``; ``()`` or ``(k,)``."""
+    return regression_metrics(y_true, y_pred, mask)["rmse"]
+
+
+def sagr(y_true, y_pred, mask=None) -> jax.Array:
+    """Sign agreement ``E[sign(y) == sign(y_hat)]`` with ``sign(0) = 0``; ``()`` or ``(k,)``."""
+    return regression_metrics(y_true, y_pred, mask)["sagr"]
+
+
+def pcc(y_true, y_pred, mask=None) -> jax.Array:
+    """Pearson correlation (0 if a variance is 0); ``()`` or ``(k,)``."""
+    return regression_metrics(y_true, y_pred, mask)["pcc"]
+
+
+def ccc(y_true, y_pred, mask=None) -> jax.Array:
+    """Lin's concordance correlation, population moments; ``()`` or ``(k,)``."""
+    return regression_metrics(y_true, y_pred, mask)["ccc"]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class AffectStats(NamedTuple):
+    """Sufficient statistics of (y_true, y_pred) pairs per target; every leaf ``()`` or ``(k,)``.
+
+    All fields are (weighted) sums, so stats of disjoint sets add leaf by leaf
+    (:func:`merge`, ``jax.lax.psum``). Field names: ``t`` = truth, ``p`` = prediction.
+    """
+
+    n: jax.Array  # number (total weight) of samples
+    sum_t: jax.Array
+    sum_p: jax.Array
+    sum_tt: jax.Array
+    sum_pp: jax.Array
+    sum_tp: jax.Array
+    sum_sq_err: jax.Array  # sum (t - p)^2, kept apart for an accurate RMSE
+    sum_sign_agree: jax.Array  # sum [sign(t) == sign(p)]
+
+    @classmethod
+    def zeros(cls, k: int | None = None, dtype=jnp.float32) -> "AffectStats":
+        """Empty stats for ``(n,)`` (``k=None``) or ``(n, k)`` inputs."""
+        shape = () if k is None else (k,)
+        return cls(*(jnp.zeros(shape, dtype) for _ in cls._fields))
+
+
+def affect_stats(y_true, y_pred, mask=None) -> AffectStats:
+    """Sufficient statistics of one batch; arguments as :func:`regression_metrics`."""
+    t, p, w, vector = _prepare(y_true, y_pred, mask)
+    s = lambda x: (w * x).sum(0)  # noqa: E731
+    stats = AffectStats(
+        n=w.sum(0), sum_t=s(t), sum_p=s(p), sum_tt=s(t * t), sum_pp=s(p * p), sum_tp=s(t * p),
+        sum_sq_err=s((t - p) ** 2), sum_sign_agree=s((jnp.sign(t) == jnp.sign(p)).astype(t.dtype)),
+    )
+    return _unvector(stats, vector)
+
+
+def merge(*stats: AffectStats) -> AffectStats:
+    """Sum of stats of disjoint sets (e.g. batches): the stats of their union."""
+    if not stats:
+        raise ValueError("merge: expected at least one AffectStats")
+    return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *stats)
+
+
+def finalize(stats: AffectStats) -> dict[str, jax.Array]:
+    """RMSE, SAGR, PCC, CCC of the whole set summarised by ``stats`` (module conventions)."""
+    n = stats.n
+    mean = lambda x: _safe_div(x, n)  # noqa: E731
+    mu_t, mu_p = mean(stats.sum_t), mean(stats.sum_p)
+    msq_t, msq_p = mean(stats.sum_tt), mean(stats.sum_pp)
+    return _finalize_moments(_Moments(
+        n=n, mu_t=mu_t, mu_p=mu_p,
+        var_t=jnp.maximum(msq_t - mu_t**2, 0), var_p=jnp.maximum(msq_p - mu_p**2, 0),
+        cov=mean(stats.sum_tp) - mu_t * mu_p, mse=mean(stats.sum_sq_err),
+        sagr=mean(stats.sum_sign_agree), msq_t=msq_t, msq_p=msq_p,
+    ))
+
+
+# --------------------------------------------------------------------------- per sequence
+
+
+def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
+    """Metrics per sequence (video) and their mean over the sequences.
+
+    Args:
+        y_true, y_pred: ``(B, T)`` or ``(B, T, k)``.
+        mask: optional ``(B, T)`` bool/weights of valid frames (padded sequences).
+
+    Returns:
+        ``(per_seq, mean)``: dicts like :func:`regression_metrics`; ``per_seq`` leaves are
+        ``(B,)`` or ``(B, k)``, ``mean`` leaves ``()`` or ``(k,)`` -- the unweighted mean over
+        the sequences with at least one valid frame (0 if there is none).
+    """
+    t, p = jnp.asarray(y_true), jnp.asarray(y_pred)
+    if t.ndim not in (2, 3):
+        raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
+    if p.shape != t.shape:
+        raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    m = jnp.ones(t.shape[:2], bool) if mask is None else jnp.asarray(mask)
+    if m.shape != t.shape[:2]:
+        raise ValueError(f"mask: got shape {m.shape}, expected {t.shape[:2]}")
+    per_seq = jax.vmap(regression_metrics)(t, p, m)
+    valid = (m > 0).any(axis=1).astype(per_seq["rmse"].dtype)
+    valid = valid.reshape(valid.shape + (1,) * (t.ndim - 2))
+    mean = jax.tree.map(lambda v: _safe_div((v * valid).sum(0), valid.sum(0)), per_seq)
+    return per_seq, mean
+
+
+# --------------------------------------------------------------------------- categorical
+
+
+def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
+    """Confusion matrix ``(C, C)`` float32: ``cm[i, j]`` = (weighted) count of true i, predicted j.
+
+    Args:
+        labels, preds: ``(n,)`` integer classes; values outside ``[0, C)`` are not counted.
+        num_classes: C.
+        mask: optional ``(n,)`` bool / non-negative weights.
+    """
+    labels, preds = jnp.asarray(labels), jnp.asarray(preds)
+    if labels.ndim != 1 or preds.shape != labels.shape:
+        raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,)")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: got {num_classes!r}, expected a positive int")
+    w = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    if w.shape != labels.shape:
+        raise ValueError(f"mask: got shape {w.shape}, expected {labels.shape}")
+    oh_t = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * w[:, None]
+    return oh_t.T @ jax.nn.one_hot(preds, num_classes, dtype=jnp.float32)
+
+
+def _check_cm(cm) -> jax.Array:
+    cm = jnp.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm: got shape {cm.shape}, expected a square (C, C) confusion matrix")
+    return cm.astype(jnp.promote_types(cm.dtype, jnp.float32))
+
+
+def _average(per_class: jax.Array, cm: jax.Array, average: str | None) -> jax.Array:
+    if average is None:
+        return per_class
+    if average != "macro":
+        raise ValueError(f"average: got {average!r}, expected 'macro' or None")
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return _safe_div(jnp.where(present, per_class, 0).sum(), present.sum())
+
+
+def accuracy(cm) -> jax.Array:
+    """Fraction of correct predictions, ``trace(cm) / sum(cm)``."""
+    cm = _check_cm(cm)
+    return _safe_div(jnp.trace(cm), cm.sum())
+
+
+def ppv(cm, average: str | None = "macro") -> jax.Array:
+    """Positive predictive value (precision) ``TP / predicted``: ``(C,)`` or macro scalar."""
+    cm = _check_cm(cm)
+    return _average(_safe_div(jnp.diag(cm), cm.sum(0)), cm, average)
+
+
+def f1(cm, average: str | None = "macro") -> jax.Array:
+    """F1 ``2 TP / (2 TP + FP + FN)``: ``(C,)`` per class or macro scalar."""
+    cm = _check_cm(cm)
+    return _average(_safe_div(2 * jnp.diag(cm), cm.sum(0) + cm.sum(1)), cm, average)
+
+
+def cohen_kappa(cm) -> jax.Array:
+    """Cohen's kappa ``(p_o - p_e) / (1 - p_e)``; 0 when ``p_e = 1``."""
+    cm = _check_cm(cm)
+    n = cm.sum()
+    p_o = _safe_div(jnp.trace(cm), n)
+    p_e = _safe_div(cm.sum(1) @ cm.sum(0), n * n)
+    return _safe_div(p_o - p_e, 1 - p_e)
+
+
+def krippendorff_alpha(cm) -> jax.Array:
+    """Krippendorff's alpha, nominal data, two coders (truth, prediction), no missing values.
+
+    Coincidence matrix ``o = cm + cm^T`` (n = 2 N pairable values, marginals n_c):
+    ``alpha = 1 - (n - 1) sum_{c != k} o_ck / sum_{c != k} n_c n_k``; 0 if only one value occurs.
+    """
+    cm = _check_cm(cm)
+    o = cm + cm.T
+    n_c = o.sum(1)
+    n = n_c.sum()
+    disagree = n - jnp.trace(o)
+    expected = n * n - n_c @ n_c
+    return _safe_div(expected - (n - 1) * disagree, expected)
+
+
+def mcc(cm) -> jax.Array:
+    """Multiclass Matthews correlation (Gorodkin's R_K, as scikit-learn); 0 if undefined."""
+    cm = _check_cm(cm)
+    t, p = cm.sum(1), cm.sum(0)
+    n = cm.sum()
+    cov_tp = jnp.trace(cm) * n - t @ p
+    cov_tt = n * n - t @ t
+    cov_pp = n * n - p @ p
+    return _safe_div(cov_tp, _safe_sqrt(cov_tt * cov_pp))
+
+
+def classification_metrics(cm) -> dict[str, jax.Array]:
+    """All categorical metrics of ``cm (C, C)``: scalars ``accuracy, f1, ppv, kappa, alpha,
+    mcc`` (f1/ppv macro) and ``(C,)`` arrays ``f1_per_class, ppv_per_class``."""
+    return {
+        "accuracy": accuracy(cm), "f1": f1(cm), "ppv": ppv(cm),
+        "kappa": cohen_kappa(cm), "alpha": krippendorff_alpha(cm), "mcc": mcc(cm),
+        "f1_per_class": f1(cm, None), "ppv_per_class": ppv(cm, None),
+    }
+
+
+def skew_normalized_metrics(labels, preds, num_classes: int, *, n_repeats: int = 200,
+                            seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`classification_metrics` averaged over class-balanced random under-samples.
+
+    Each repeat draws, without replacement, ``m`` samples of every class present in ``labels``
+    (``m`` = size of the smallest present class) -- BReG-Net's skew normalisation.
+
+    Args:
+        labels, preds: ``(n,)`` integer classes in ``[0, num_classes)``.
+        num_classes: C.
+        n_repeats: number of under-samples averaged (BReG-Net: 200).
+        seed: seed of the numpy generator (same seed -> same result).
+
+    Returns:
+        The keys of :func:`classification_metrics`, each the mean over the repeats (numpy).
+    """
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if labels.ndim != 1 or preds.shape != labels.shape or labels.size == 0:
+        raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,), n > 0")
+    for name, a in (("labels", labels), ("preds", preds)):
+        if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= num_classes:
+            raise ValueError(f"{name}: expected integers in [0, {num_classes}), got dtype {a.dtype}, "
+                             f"range [{a.min()}, {a.max()}]")
+    if not isinstance(n_repeats, int) or n_repeats < 1:
+        raise ValueError(f"n_repeats: got {n_repeats!r}, expected a positive int")
+    rng = np.random.default_rng(seed)
+    groups = [idx for idx in (np.flatnonzero(labels == c) for c in range(num_classes)) if idx.size]
+    m = min(idx.size for idx in groups)
+    cms = np.zeros((n_repeats, num_classes, num_classes), np.float32)
+    for r in range(n_repeats):
+        sel = np.concatenate([rng.choice(idx, m, replace=False) for idx in groups])
+        np.add.at(cms[r], (labels[sel], preds[sel]), 1)
+    values = jax.jit(jax.vmap(classification_metrics))(cms)
+    return {k: np.asarray(v).mean(0) for k, v in values.items()}

@@ -1,0 +1,255 @@
+"""Tests of hocp_jax.transforms against independent oracles (per-frame static convs, numpy
+neighbour sums, numpy einsum reconstructions, counting formulas)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import freeze
+
+from hocp_jax import conv, counting
+from hocp_jax import transforms as T
+from hocp_jax.layers import CPConv
+
+B, H, W, C = 2, 6, 6, 3
+
+
+class Stack(nn.Module):
+    """CPConv(psi) + BN + ReLU, CPConv(skip, bias) + BN, plus a dense 1x1 projection added on."""
+
+    psi: str | None = "bn_prelu"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = CPConv(4, 3, rank=5, psi=self.psi, psi_stages="all", name="conv1")(x, train)
+        y = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(y))
+        y = CPConv(3, 3, rank=4, skip=True, use_bias=True, name="conv2")(y, train)
+        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn2")(y)
+        return y + nn.Conv(3, (1, 1), use_bias=False, name="proj")(x)
+
+
+def _image(seed=0, shape=(B, H, W, C)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _init(model, x):
+    variables = model.init(jax.random.key(1), x)
+    # non-trivial BN statistics and lambdas, so the tests see them
+    stats = jax.tree.map(lambda v: v + 0.1 * jnp.arange(v.size, dtype=v.dtype).reshape(v.shape), variables["batch_stats"])
+    return T.to_dict(variables["params"]), T.to_dict(stats)
+
+
+# ----------------------------------------------------------------------------- transduce
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_delta_transduced_stack_on_constant_video_equals_static_per_frame(train):
+    model = Stack()
+    x = _image()
+    params, stats = _init(model, x)
+    video = jnp.broadcast_to(x[:, None], (B, 5, H, W, C))
+    tparams = T.transduce(params, {"t": 3}, "delta", dense="keep")
+    static, s_upd = model.apply({"params": params, "batch_stats": stats}, x, train, mutable=["batch_stats"])
+    moving, v_upd = model.apply({"params": tparams, "batch_stats": stats}, video, train, mutable=["batch_stats"])
+    assert moving.shape == (B, 5, H, W, 3)
+    for t in range(5):
+        np.testing.assert_allclose(moving[:, t], static, rtol=1e-5, atol=1e-5)
+    # identical frames => identical batch statistics (train=True updates them identically)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s_upd, v_upd)
+
+
+def test_ones_init_single_cp_conv_sums_neighbouring_frames():
+    layer = CPConv(4, 3, rank=6, psi="bn_relu")  # psi acts before the temporal conv: still linear in time
+    T_ = 5
+    video = _image(2, (B, T_, H, W, C))
+    variables = layer.init(jax.random.key(3), video[:, 0])
+    params, stats = T.to_dict(variables["params"]), T.to_dict(variables["batch_stats"])
+    stats = jax.tree.map(lambda v: v + 0.3, stats)
+    # oracle: static conv of every frame, then a numpy sum over frames t-1, t, t+1 (zero padding)
+    frames = layer.apply({"params": params, "batch_stats": stats}, video.reshape(B * T_, H, W, C))
+    frames = np.asarray(frames).reshape(B, T_, H, W, 4)
+    padded = np.pad(frames, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    expected = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
+    for init, scale in (("ones", 1.0), ("mean", 1.0 / 3.0)):
+        tparams = T.transduce(params, {"t": 3}, init)
+        got = layer.apply({"params": tparams, "batch_stats": stats}, video)
+        np.testing.assert_allclose(got, scale * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transduce_adds_factors_and_carries_everything_else():
+    params, _ = _init(Stack(), _image())
+    frozen = freeze(params)
+    out = T.transduce(frozen, {"t": 5}, "ones", dense="keep")
+    assert type(out) is dict and type(out["conv1"]) is dict
+    for name, rank in (("conv1", 5), ("conv2", 4)):
+        np.testing.assert_array_equal(out[name]["factor_t"], np.ones((5, rank)))
+    flat_in = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    flat_out = dict(jax.tree_util.tree_flatten_with_path(out)[0])
+    added = {k for k in flat_out if k not in flat_in}
+    assert {jax.tree_util.keystr(k) for k in added} == {"['conv1']['factor_t']", "['conv2']['factor_t']"}
+    for k, v in flat_in.items():
+        np.testing.assert_array_equal(flat_out[k], v)
+    delta = T.transduce(params, {"t": 3}, "delta", dense="keep")["conv1"]["factor_t"]
+    np.testing.assert_array_equal(delta, np.array([[0.0] * 5, [1.0] * 5, [0.0] * 5]))
+
+
+def test_transduce_inflation_rules():
+    kernel = np.asarray(_image(4, (3, 3, C, 2)))
+    tree = {"cp": {"lambda": jnp.ones(2), "factor_in": jnp.ones((C, 2)), "factor_out": jnp.ones((2, 2)),
+                   "factor_h": jnp.ones((3, 2)), "factor_w": jnp.ones((3, 2))},
+            "dense": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(2)}}
+    with pytest.raises(ValueError, match="dense/kernel.*dense='keep'"):
+        T.transduce(tree, {"t": 3})
+    kept = T.transduce(tree, {"t": 3}, dense="keep")["dense"]["kernel"]
+    np.testing.assert_array_equal(kept, kernel)
+    centre = T.transduce(tree, {"t": 3}, dense="inflate_center")["dense"]["kernel"]
+    mean = T.transduce(tree, {"t": 3}, dense="inflate_mean")["dense"]["kernel"]
+    assert centre.shape == mean.shape == (3, 3, 3, C, 2)
+    # centre inflation: a 3-D conv of ANY video equals the 2-D conv of each frame
+    video = np.asarray(_image(5, (1, 4, H, W, C)))
+    y3 = jax.lax.conv_general_dilated(video, centre, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    y2 = jax.lax.conv_general_dilated(video[0], kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(y3[0], y2, rtol=1e-5, atol=1e-5)
+    # mean inflation (I3D): a constant video's interior frames equal the 2-D conv of the image
+    const = np.broadcast_to(video[:, :1], video.shape)
+    y3m = jax.lax.conv_general_dilated(const, mean, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    np.testing.assert_allclose(y3m[0, 1:3], np.broadcast_to(y2[:1], (2, H, W, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_transduce_errors():
+    params, _ = _init(Stack(psi=None), _image())
+    with pytest.raises(ValueError, match="already has mode"):
+        T.transduce(params, {"h": 3}, dense="keep")
+    for bad in ({"in": 3}, {"skip": 3}, {"": 3}, {"t-1": 3}, {}):
+        with pytest.raises(ValueError, match="modes"):
+            T.transduce(params, bad, dense="keep")
+    for k in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="kernel size"):
+            T.transduce(params, {"t": k}, dense="keep")
+    with pytest.raises(ValueError, match="odd"):
+        T.transduce(params, {"t": 4}, "delta", dense="keep")
+    with pytest.raises(ValueError, match="init="):
+        T.transduce(params, {"t": 3}, "zeros", dense="keep")
+    with pytest.raises(ValueError, match="dense="):
+        T.transduce(params, {"t": 3}, dense="inflate")
+    with pytest.raises(ValueError, match="no CP layer"):
+        T.transduce({"bn": {"scale": jnp.ones(3)}, "head": {"kernel": jnp.ones((3, 2))}}, {"t": 3})
+    broken = T.to_dict(params)
+    broken["conv2"]["factor_w"] = jnp.ones((3, 7))
+    with pytest.raises(ValueError, match="conv2.*factor_w.*rank mismatch"):
+        T.transduce(broken, {"t": 3}, dense="keep")
+
+
+# ----------------------------------------------------------------------------- prune_rank
+
+
+def _zero_lambdas(params, zeros):
+    out = T.to_dict(params)
+    for name, idx in zeros.items():
+        out[name]["lambda"] = out[name]["lambda"].at[np.array(idx)].set(0.0)
+    return out
+
+
+@pytest.mark.parametrize("psi", [None, "bn_prelu"])
+def test_prune_rank_equals_masked_model(psi):
+    model = Stack(psi=psi)
+    x = _image(6)
+    params, stats = _init(model, x)
+    masked = _zero_lambdas(params, {"conv1": [0, 3], "conv2": [1]})
+    pruned, pstats, report = T.prune_rank(masked, 0.0, batch_stats=stats)
+    assert pruned["conv1"]["factor_in"].shape == (C, 3) and pruned["conv2"]["factor_h"].shape == (3, 3)
+    np.testing.assert_array_equal(pruned["conv1"]["factor_out"], np.asarray(masked["conv1"]["factor_out"])[:, [1, 2, 4]])
+    if psi:
+        for stage in ("in", "h", "w"):
+            assert pruned["conv1"][f"bn_{stage}"]["scale"].shape == (3,)
+            assert pruned["conv1"][f"prelu_{stage}"]["alpha"].shape == (3,)
+            np.testing.assert_array_equal(pstats["conv1"][f"bn_{stage}"]["mean"],
+                                          np.asarray(stats["conv1"][f"bn_{stage}"]["mean"])[[1, 2, 4]])
+    np.testing.assert_array_equal(pruned["conv2"]["factor_skip"], masked["conv2"]["factor_skip"])
+    for train in (False, True):
+        want = model.apply({"params": masked, "batch_stats": stats}, x, train, mutable=["batch_stats"])[0]
+        got = model.apply({"params": pruned, "batch_stats": pstats}, x, train, mutable=["batch_stats"])[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # report vs counting.cp_params (+ Psi params: BN 2R and PReLU R per stage, 3 stages)
+    psi_per_rank = 9 if psi else 0
+    l1, l2 = report.layers
+    assert (l1.path, l1.rank_before, l1.rank_after) == ("conv1", 5, 3)
+    assert (l2.path, l2.rank_before, l2.rank_after) == ("conv2", 4, 3)
+    assert l1.params_before == counting.cp_params(C, 4, (3, 3), 5) + psi_per_rank * 5
+    assert l1.params_after == counting.cp_params(C, 4, (3, 3), 3) + psi_per_rank * 3
+    assert l2.params_after == counting.cp_params(4, 3, (3, 3), 3, skip=True, bias=True)
+    n = lambda tree: sum(np.size(v) for v in jax.tree.leaves(tree))  # noqa: E731
+    assert (report.params_before, report.params_after) == (n(masked), n(pruned))
+    assert report.params_removed == sum(l.params_before - l.params_after for l in report.layers)
+
+
+def test_prune_rank_threshold_keeps_one_and_errors():
+    params, _ = _init(Stack(psi=None), _image())
+    params = T.to_dict(params)
+    params["conv1"]["lambda"] = jnp.array([0.1, -0.5, 0.2, 0.05, 0.3])
+    params["conv2"]["lambda"] = jnp.zeros(4)
+    pruned, stats, report = T.prune_rank(params, 0.2)
+    assert stats is None
+    np.testing.assert_array_equal(pruned["conv1"]["lambda"], np.array([-0.5, 0.3], np.float32))
+    assert pruned["conv2"]["lambda"].shape == (1,)  # at least one component is kept
+    assert [l.rank_after for l in report.layers] == [2, 1]
+    with pytest.raises(ValueError, match="threshold"):
+        T.prune_rank(params, -0.1)
+    with pytest.raises(ValueError, match="no CP layer"):
+        T.prune_rank({"dense": {"kernel": jnp.ones((3, 3, 2, 2))}})
+    broken = dict(params, conv1=dict(params["conv1"], factor_in=jnp.ones((C, 4))))
+    with pytest.raises(ValueError, match="rank mismatch"):
+        T.prune_rank(broken)
+
+
+# ----------------------------------------------------------------------------- decompose
+
+
+def _np_cp(cp, modes):
+    ops = [np.asarray(cp[conv.mode_key(m)]) for m in modes] + [np.asarray(cp["factor_in"]), np.asarray(cp["factor_out"])]
+    letters = "abcdef"[: len(ops)]
+    spec = ",".join(f"{l}r" for l in letters) + ",r->" + letters
+    return np.einsum(spec, *ops, np.asarray(cp["lambda"]))
+
+
+def test_decompose_recovers_known_rank_factors():
+    rank = 4
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        true = {"lambda": np.ones(rank), "factor_h": rng.normal(size=(3, rank)), "factor_w": rng.normal(size=(3, rank)),
+                "factor_in": rng.normal(size=(5, rank)), "factor_out": rng.normal(size=(6, rank))}
+        kernel = _np_cp(true, ("h", "w"))
+        errors = []
+        for seed in range(3):  # a few restarts allowed; the SVD init usually needs one
+            cp, err = T.decompose(jnp.asarray(kernel), rank, n_iter=3000, tol=0.0, key=jax.random.key(seed))
+            oracle = np.linalg.norm(_np_cp(cp, ("h", "w")) - kernel) / np.linalg.norm(kernel)
+            np.testing.assert_allclose(err, oracle, rtol=1e-6, atol=1e-12)
+            errors.append(oracle)
+            if oracle < 1e-4:
+                break
+        assert min(errors) < 1e-4, errors
+    assert cp["factor_in"].shape == (5, rank) and cp["factor_h"].shape == (3, rank) and cp["lambda"].shape == (rank,)
+
+
+def test_decompose_tree_replaces_kernels_by_cp_leaves():
+    rng = np.random.default_rng(1)
+    r2 = {"lambda": np.ones(2), "factor_h": rng.normal(size=(3, 2)), "factor_w": rng.normal(size=(3, 2)),
+          "factor_in": rng.normal(size=(C, 2)), "factor_out": rng.normal(size=(4, 2))}
+    tree = {"block": {"conv": {"kernel": jnp.asarray(_np_cp(r2, ("h", "w")), jnp.float32), "bias": jnp.arange(4.0)}},
+            "keep": {"conv": {"kernel": jnp.ones((1, 1, 4, 4))}}, "head": {"kernel": jnp.ones((4, 2))}}
+    out, errors = T.decompose_tree(freeze(tree), lambda path, shape: 2 if path[0] == "block" else None, n_iter=500)
+    assert set(out["block"]["conv"]) == {"lambda", "factor_in", "factor_out", "factor_h", "factor_w", "bias"}
+    assert set(errors) == {"block/conv"} and errors["block/conv"] < 1e-3
+    np.testing.assert_array_equal(out["keep"]["conv"]["kernel"], tree["keep"]["conv"]["kernel"])
+    x = _image(7)
+    want = jax.lax.conv_general_dilated(x, tree["block"]["conv"]["kernel"], (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + jnp.arange(4.0)
+    got = conv.cp_conv(x, out["block"]["conv"], modes=("h", "w"))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    budget, _ = T.decompose_tree(tree, "budget", n_iter=5)
+    assert budget["keep"]["conv"]["lambda"].shape == (counting.cp_rank_for_budget(4, 4, (1, 1)),)
+    with pytest.raises(ValueError, match="rank"):
+        T.decompose(tree["block"]["conv"]["kernel"], 0)
+    with pytest.raises(ValueError, match="no dense conv kernel"):
+        T.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)

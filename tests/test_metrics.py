@@ -1,0 +1,323 @@
+"""hocp_jax.metrics against independent numpy / scipy / scikit-learn / krippendorff oracles."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import krippendorff
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+from sklearn import metrics as skm
+
+from hocp_jax import metrics as M
+
+ATOL = 2e-5  # float32 vs float64 oracles
+
+
+# ---------------------------------------------------------------- oracles (float64 numpy)
+
+def np_rmse(t, p):
+    return np.sqrt(np.mean((t - p) ** 2))
+
+
+def np_sagr(t, p):
+    return np.mean(np.sign(t) == np.sign(p))  # sign(0) = 0
+
+
+def np_pcc(t, p):
+    if np.ptp(t) == 0 or np.ptp(p) == 0:
+        return 0.0  # convention: PCC = 0 when a variance is 0
+    return pearsonr(t, p).statistic
+
+
+def np_ccc(t, p):
+    mt, mp = t.mean(), p.mean()
+    den = t.var() + p.var() + (mt - mp) ** 2
+    if den == 0:
+        return 1.0  # convention: identical constant signals
+    return 2 * np.mean((t - mt) * (p - mp)) / den
+
+
+ORACLES = {"rmse": np_rmse, "sagr": np_sagr, "pcc": np_pcc, "ccc": np_ccc}
+
+
+def oracle(t, p):
+    """Dict of oracle values, columns of (n, k) -> (k,)."""
+    t, p = np.asarray(t, np.float64), np.asarray(p, np.float64)
+    if t.ndim == 1:
+        return {k: f(t, p) for k, f in ORACLES.items()}
+    return {k: np.array([f(t[:, j], p[:, j]) for j in range(t.shape[1])]) for k, f in ORACLES.items()}
+
+
+def _cases():
+    r = np.random.default_rng(0)
+    t = r.uniform(-1, 1, 64).astype(np.float32)
+    noisy = (0.6 * t + 0.3 * r.normal(size=64)).astype(np.float32)
+    zeros_t = np.round(t * 2) / 2  # values in {-1, -0.5, 0, 0.5, 1}, many zeros
+    zeros_p = np.round(noisy * 2) / 2
+    t2 = r.normal(size=2).astype(np.float32)
+    return {
+        "random": (t, noisy),
+        "shifted": (t, t + 0.4),
+        "scaled": (t, 2.5 * t),
+        "negated": (t, -t),
+        "shifted_scaled": (t, 0.3 * noisy - 0.2),
+        "zeros": (zeros_t, zeros_p),
+        "zeros_vs_continuous": (zeros_t, noisy),
+        "all_zero_pred": (t, np.zeros_like(t)),
+        "constant_pred": (t, np.full_like(t, 0.2)),
+        "constant_truth": (np.full_like(t, -0.3), noisy),
+        "constant_equal": (np.full_like(t, 0.1), np.full_like(t, 0.1)),
+        "constant_different": (np.full_like(t, 0.1), np.full_like(t, 0.5)),
+        "n1": (t[:1], noisy[:1]),
+        "n1_equal": (t[:1], t[:1]),
+        "n2": (t2, np.float32([0.1, -0.4])),
+        "n2_anti": (t2, -t2),
+        "n2_equal_values": (np.float32([0.5, 0.5]), np.float32([0.5, 0.5])),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_batch_metrics_vs_oracle(name):
+    t, p = CASES[name]
+    want = oracle(t, p)
+    got = M.regression_metrics(t, p)
+    for k in ORACLES:
+        assert np.isfinite(got[k]), (name, k)
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=f"{name}/{k}")
+    # single-metric functions, and jit
+    for k, fn in (("rmse", M.rmse), ("sagr", M.sagr), ("pcc", M.pcc), ("ccc", M.ccc)):
+        np.testing.assert_allclose(jax.jit(fn)(t, p), want[k], atol=ATOL, err_msg=f"{name}/{k}")
+
+
+def test_sign_of_zero_agrees_only_with_zero():
+    t = np.float32([0.0, 0.0, 0.0, 1.0, -1.0])
+    p = np.float32([0.0, 0.1, -0.1, 0.0, -2.0])
+    np.testing.assert_allclose(M.sagr(t, p), 2 / 5)
+
+
+@pytest.mark.parametrize("name", ["random", "zeros", "constant_pred", "n2"])
+def test_multi_target_columns(name):
+    t1, p1 = CASES[name]
+    t = np.stack([t1, -t1 * 0.5 + 0.1], 1)
+    p = np.stack([p1, p1[::-1]], 1)
+    got = M.regression_metrics(t, p)
+    want = oracle(t, p)
+    for k in ORACLES:
+        assert got[k].shape == (2,)
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=k)
+
+
+def test_mask_drops_padding_even_nan():
+    t, p = CASES["random"]
+    mask = np.arange(64) < 40
+    t_pad, p_pad = t.copy(), p.copy()
+    t_pad[40:], p_pad[40:] = np.nan, 1e6
+    got = jax.jit(M.regression_metrics)(t_pad, p_pad, mask)
+    want = oracle(t[:40], p[:40])
+    for k in ORACLES:
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=k)
+    # a per-target (n, k) mask
+    tk, pk = np.stack([t, t], 1), np.stack([p, p], 1)
+    mk = np.stack([mask, np.arange(64) < 10], 1)
+    got = M.regression_metrics(tk, pk, mk)
+    for k in ORACLES:
+        np.testing.assert_allclose(got[k], [want[k], oracle(t[:10], p[:10])[k]], atol=ATOL, err_msg=k)
+
+
+def test_integer_weights_equal_repeated_samples():
+    t, p = CASES["random"]
+    w = np.random.default_rng(1).integers(0, 4, size=t.shape)
+    got = M.regression_metrics(t, p, w.astype(np.float32))
+    want = oracle(np.repeat(t, w), np.repeat(p, w))
+    for k in ORACLES:
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=k)
+
+
+def test_all_masked_is_zero_not_nan():
+    t, p = CASES["random"]
+    got = M.regression_metrics(t, p, np.zeros(64, bool))
+    assert all(float(v) == 0 for v in got.values())
+    assert all(float(v) == 0 for v in M.finalize(M.affect_stats(t, p, np.zeros(64, bool))).values())
+
+
+def test_invalid_shapes_raise():
+    with pytest.raises(ValueError, match="y_pred"):
+        M.rmse(np.zeros(4), np.zeros(5))
+    with pytest.raises(ValueError, match="y_true"):
+        M.rmse(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="mask"):
+        M.rmse(np.zeros((4, 2)), np.zeros((4, 2)), np.ones(3))
+
+
+# ---------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("name", ["random", "shifted_scaled", "zeros", "constant_pred", "constant_equal"])
+def test_streaming_uneven_batches_equal_one_shot(name):
+    t1, p1 = CASES[name]
+    t = np.stack([t1, 0.5 * t1[::-1]], 1)
+    p = np.stack([p1, p1[::-1]], 1)
+    bounds = [0, 7, 8, 28, 41, 64]  # batches of 7, 1, 20, 13, 23
+    stats = M.AffectStats.zeros(k=2)
+    step = jax.jit(lambda s, tb, pb: M.merge(s, M.affect_stats(tb, pb)))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        stats = step(stats, t[a:b], p[a:b])
+    got = jax.jit(M.finalize)(stats)
+    one_shot = M.regression_metrics(t, p)
+    want = oracle(t, p)
+    for k in ORACLES:
+        np.testing.assert_allclose(got[k], one_shot[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=k)
+
+
+def test_streaming_padded_batches_and_psum_over_devices():
+    t, p = CASES["random"]
+    # 4 "devices", each with a padded shard of 16 rows of which a variable number is valid
+    valid = np.array([16, 3, 11, 9])
+    mask = np.arange(16)[None] < valid[:, None]
+    tt, pp = t.reshape(4, 16), p.reshape(4, 16)
+    summed = jax.vmap(lambda a, b, m: jax.lax.psum(M.affect_stats(a, b, m), "d"), axis_name="d")(tt, pp, mask)
+    got = M.finalize(jax.tree.map(lambda x: x[0], summed))
+    want = oracle(tt[mask], pp[mask])
+    for k in ORACLES:
+        np.testing.assert_allclose(got[k], M.regression_metrics(tt[mask], pp[mask])[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], atol=ATOL, err_msg=k)
+    # merge of several at once equals the psum
+    merged = M.merge(*[M.affect_stats(tt[i], pp[i], mask[i]) for i in range(4)])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-6), merged, summed)
+
+
+# ---------------------------------------------------------------- per sequence
+
+def test_per_sequence_metrics_vs_loop():
+    r = np.random.default_rng(2)
+    B, T = 4, 9
+    t = r.uniform(-1, 1, (B, T, 2)).astype(np.float32)
+    p = (0.5 * t + 0.3 * r.normal(size=(B, T, 2))).astype(np.float32)
+    lengths = np.array([9, 5, 0, 1])
+    mask = np.arange(T)[None] < lengths[:, None]
+    per_seq, mean = jax.jit(M.per_sequence_metrics)(t, p, mask)
+    for k in ORACLES:
+        want = np.zeros((B, 2))
+        for b in range(B):
+            if lengths[b]:
+                want[b] = oracle(t[b, :lengths[b]], p[b, :lengths[b]])[k]
+        np.testing.assert_allclose(per_seq[k], want, atol=ATOL, err_msg=k)
+        np.testing.assert_allclose(mean[k], want[lengths > 0].mean(0), atol=ATOL, err_msg=k)
+    _, mean1 = M.per_sequence_metrics(t[..., 0], p[..., 0])
+    assert mean1["ccc"].shape == ()
+
+
+# ---------------------------------------------------------------- categorical
+
+def _sk(t, p, C):
+    """scikit-learn / krippendorff oracles with the module's conventions (undefined -> 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kappa = skm.cohen_kappa_score(t, p, labels=range(C))
+        if len(set(t) | set(p)) > 1:
+            alpha = krippendorff.alpha(reliability_data=np.stack([t, p]).astype(float),
+                                       level_of_measurement="nominal")
+        else:
+            alpha = 0.0  # a single value: undefined
+        return {
+            "accuracy": skm.accuracy_score(t, p),
+            "f1": skm.f1_score(t, p, average="macro", zero_division=0),
+            "ppv": skm.precision_score(t, p, average="macro", zero_division=0),
+            "kappa": 0.0 if np.isnan(kappa) else kappa,
+            "alpha": alpha,
+            "mcc": skm.matthews_corrcoef(t, p),
+            "f1_per_class": skm.f1_score(t, p, average=None, labels=range(C), zero_division=0),
+            "ppv_per_class": skm.precision_score(t, p, average=None, labels=range(C), zero_division=0),
+        }
+
+
+def _cat_cases():
+    r = np.random.default_rng(3)
+    t = r.integers(0, 5, 80)
+    imbalanced = r.choice(5, 120, p=[0.6, 0.2, 0.1, 0.07, 0.03])
+    noisy = np.where(r.random(120) < 0.7, imbalanced, r.integers(0, 5, 120))
+    return {
+        "random": (t, r.integers(0, 5, 80)),
+        "good": (t, np.where(r.random(80) < 0.8, t, r.integers(0, 5, 80))),
+        "imbalanced": (imbalanced, noisy),
+        "perfect": (t, t),
+        "constant_pred": (t, np.zeros_like(t)),
+        "absent_class": (t % 3, (t + 1) % 3),  # classes 3, 4 never occur
+        "single_class_equal": (np.full(6, 2), np.full(6, 2)),
+        "n1": (t[:1], t[1:2]),
+        "n1_equal": (t[:1], t[:1]),
+        "n2": (np.array([1, 3]), np.array([1, 0])),
+    }
+
+
+CAT_CASES = _cat_cases()
+
+
+@pytest.mark.parametrize("name", list(CAT_CASES))
+def test_categorical_metrics_vs_sklearn(name):
+    t, p = CAT_CASES[name]
+    cm = jax.jit(M.confusion_matrix, static_argnums=2)(t, p, 5)
+    np.testing.assert_array_equal(cm, skm.confusion_matrix(t, p, labels=range(5)))
+    got = jax.jit(M.classification_metrics)(cm)
+    want = _sk(t, p, 5)
+    for k, v in want.items():
+        assert np.all(np.isfinite(got[k])), (name, k)
+        np.testing.assert_allclose(got[k], v, atol=1e-5, err_msg=f"{name}/{k}")
+    np.testing.assert_allclose(M.f1(cm, average=None), want["f1_per_class"], atol=1e-6)
+    np.testing.assert_allclose(M.ppv(cm), want["ppv"], atol=1e-6)
+
+
+def test_confusion_matrix_mask_and_out_of_range():
+    t, p = CAT_CASES["random"]
+    mask = np.arange(80) % 3 != 0
+    t_pad = np.where(mask, t, -1)  # ignore-label in padding
+    cm = M.confusion_matrix(t_pad, p, 5, mask=mask)
+    np.testing.assert_array_equal(cm, skm.confusion_matrix(t[mask], p[mask], labels=range(5)))
+    with pytest.raises(ValueError, match="num_classes"):
+        M.confusion_matrix(t, p, 0)
+    with pytest.raises(ValueError, match="cm"):
+        M.accuracy(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="average"):
+        M.f1(np.eye(3), average="micro")
+
+
+def test_confusion_matrices_add_over_batches():
+    t, p = CAT_CASES["imbalanced"]
+    cm = sum(M.confusion_matrix(t[a:a + 50], p[a:a + 50], 5) for a in (0, 50, 100))
+    got = M.classification_metrics(cm)
+    for k, v in _sk(t, p, 5).items():
+        np.testing.assert_allclose(got[k], v, atol=1e-5, err_msg=k)
+
+
+def test_skew_normalized_equals_original_on_balanced_data():
+    r = np.random.default_rng(4)
+    t = np.repeat(np.arange(4), 15)
+    p = np.where(r.random(60) < 0.6, t, r.integers(0, 4, 60))
+    got = M.skew_normalized_metrics(t, p, 4, n_repeats=5, seed=1)
+    for k, v in _sk(t, p, 4).items():
+        np.testing.assert_allclose(got[k], v, atol=1e-5, err_msg=k)
+
+
+def test_skew_normalized_accuracy_is_balanced_accuracy():
+    r = np.random.default_rng(5)
+    t = r.choice(5, 150, p=[0.6, 0.2, 0.1, 0.07, 0.03])
+    p = np.where((t == 0) | (r.random(150) < 0.4), t, r.integers(0, 5, 150))  # majority always right
+    got = M.skew_normalized_metrics(t, p, 5)  # 200 repeats
+    # E[accuracy of a class-balanced sample] = mean per-class recall
+    np.testing.assert_allclose(got["accuracy"], skm.balanced_accuracy_score(t, p), atol=0.02)
+    assert abs(got["accuracy"] - skm.accuracy_score(t, p)) > 0.05  # the skew matters here
+    again = M.skew_normalized_metrics(t, p, 5, seed=0)
+    other = M.skew_normalized_metrics(t, p, 5, seed=1)
+    assert all(np.array_equal(got[k], again[k]) for k in got)
+    assert got["f1"] != other["f1"]
+
+
+def test_skew_normalized_validates():
+    with pytest.raises(ValueError, match="labels"):
+        M.skew_normalized_metrics(np.array([0, 5]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="n_repeats"):
+        M.skew_normalized_metrics(np.array([0, 1]), np.array([0, 1]), 3, n_repeats=0)

@@ -20,7 +20,6 @@ Paths are tuples of keys, printed as ``"layer1_0/conv1"``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -367,8 +366,8 @@ def _mttkrp(x: jax.Array, factors: Sequence[jax.Array], n: int) -> jax.Array:
     return jnp.einsum(spec, x, *ops)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _cp_als(x: jax.Array, factors: list[jax.Array], n_iter: int, tol: float, ridge: float):
+@jax.jit
+def _cp_als(x: jax.Array, factors: list[jax.Array], n_iter, tol, ridge):
     """Jitted CP-ALS. Returns normalised factors, lambda and the number of sweeps run."""
     norm_x2 = jnp.sum(x * x)
     eye = jnp.eye(factors[0].shape[1], dtype=x.dtype)

@@ -1,0 +1,297 @@
+r"""Optimisation pieces for transduction and automatic rank selection (paper Sec. 4-5).
+
+* Name-based masks: :func:`leaf_category` / :func:`label_params` classify every leaf of a
+  parameter tree as ``"temporal"`` (``factor_<m>`` of a CP layer, ``m`` in
+  ``temporal_modes``), ``"spatial"`` (any other ``factor_<m>`` mode factor of a CP layer),
+  ``"lambda"`` (a CP layer's ``lambda``) or ``"other"`` (everything else: ``factor_in``,
+  ``factor_out``, skip, bias, BatchNorm, heads, TRL — the TRL's ``lambda`` included).
+  CP layers are found by name as in :mod:`hocp_jax.transforms`.
+* :func:`masked_optimizer` freezes leaves with ``optax.partition`` + ``optax.set_to_zero``
+  (frozen leaves get no optimizer state and zero updates, so they stay bitwise unchanged,
+  weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
+* Lasso on the CP conv layers' lambdas (the paper's automatic rank selection):
+  :func:`l1_lambda` (penalty), :func:`prox_l1` / :func:`l1_prox` (soft-threshold, exact
+  zeros), :func:`sparsity_report` / :func:`plot_sparsity` (supplementary Fig. 3, Table 1).
+  Only CP *conv* lambdas are regularised — the paper penalises "the rank of each of the
+  factorized higher-order convolutions"; the TRL's lambda is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hocp_jax.conv import RESERVED
+from hocp_jax.transforms import Path, cp_layer_paths, layer_modes, path_str, require_cp_layers
+
+CATEGORIES = ("temporal", "spatial", "lambda", "other")
+TRAINABLE_PRESETS = ("temporal", "spatial", "lambda", "all")
+
+Trainable = str | Sequence[str] | Callable[[Path], bool]
+
+
+# ----------------------------------------------------------------------------- name-based masks
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def leaf_category(path: Path, cp_paths: set[Path], temporal_modes: Sequence[str] = ("t",)) -> str:
+    """Category (one of ``CATEGORIES``) of the leaf at ``path`` given the CP layer paths."""
+    if len(path) < 1 or path[:-1] not in cp_paths:
+        return "other"
+    name = path[-1]
+    if name == "lambda":
+        return "lambda"
+    if name.startswith("factor_"):
+        mode = name[len("factor_"):]
+        if mode in temporal_modes:
+            return "temporal"
+        if mode not in RESERVED:
+            return "spatial"
+    return "other"
+
+
+def _selector(trainable: Trainable) -> Callable[[Path, str], bool]:
+    if callable(trainable):
+        return lambda path, cat: bool(trainable(path))
+    names = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    bad = [n for n in names if n not in TRAINABLE_PRESETS]
+    if bad or not names:
+        raise ValueError(
+            f"trainable={trainable!r}: expected one of {TRAINABLE_PRESETS}, a tuple of them, or a callable(path) -> bool"
+        )
+    if "all" in names:
+        return lambda path, cat: True
+    return lambda path, cat: cat in names
+
+
+def label_params(params: Any, trainable: Trainable = "all", temporal_modes: Sequence[str] = ("t",)) -> Any:
+    """Pytree (same structure as ``params``) of ``"trainable"`` / ``"frozen"`` labels.
+
+    Args:
+      params: parameter tree (dict or FrozenDict).
+      trainable: ``"temporal"`` | ``"spatial"`` | ``"lambda"`` | ``"all"``, a tuple of these
+        (union), or ``callable(path: tuple[str, ...]) -> bool``.
+      temporal_modes: mode names counted as temporal (default ``("t",)``).
+    """
+    select = _selector(trainable)
+    temporal_modes = tuple(temporal_modes)
+    cp = cp_layer_paths(params)
+
+    def label(kpath, _):
+        path = tuple(_key_name(k) for k in kpath)
+        return "trainable" if select(path, leaf_category(path, cp, temporal_modes)) else "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def masked_optimizer(
+    tx: optax.GradientTransformation,
+    params: Any,
+    trainable: Trainable = "temporal",
+    temporal_modes: Sequence[str] = ("t",),
+) -> optax.GradientTransformation:
+    """``optax.partition({"trainable": tx, "frozen": set_to_zero()}, labels)``.
+
+    Frozen leaves get no state from ``tx`` (``optax.partition`` masks them out, and
+    ``set_to_zero`` has an empty state) and zero updates, so ``optax.apply_updates`` leaves
+    them bitwise unchanged — decoupled weight decay (AdamW) included, since ``tx`` never sees
+    them. Labels are recomputed from the tree given to ``init``/``update`` (same names, so
+    dict and FrozenDict trees both work); ``params`` is used to check the selection here.
+
+    Raises:
+      ValueError: when ``trainable`` selects no leaf of ``params``.
+    """
+    labels = jax.tree_util.tree_leaves(label_params(params, trainable, temporal_modes))
+    if "trainable" not in labels:
+        raise ValueError(
+            f"trainable={trainable!r}: selects no leaf of params (temporal_modes={tuple(temporal_modes)}); "
+            "e.g. 'temporal' needs a transduced tree (hocp_jax.transforms.transduce)"
+        )
+    return optax.partition(
+        {"trainable": tx, "frozen": optax.set_to_zero()},
+        lambda p: label_params(p, trainable, temporal_modes),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TransductionStages:
+    """The paper's two-stage transduction schedule (Sec. 5, supplementary Sec. 4).
+
+    ``stage1`` trains only the new temporal factors (everything else frozen, no state);
+    ``stage2`` fine-tunes every parameter. Their states differ: call ``stage2.init(params)``
+    on the stage-1 result when switching.
+    """
+
+    stage1: optax.GradientTransformation
+    stage2: optax.GradientTransformation
+
+
+def transduction_stages(
+    tx_stage1: optax.GradientTransformation,
+    tx_stage2: optax.GradientTransformation,
+    params: Any,
+    temporal_modes: Sequence[str] = ("t",),
+) -> TransductionStages:
+    """Stage 1 = ``masked_optimizer(tx_stage1, params, "temporal")``, stage 2 = ``tx_stage2`` on all leaves."""
+    return TransductionStages(masked_optimizer(tx_stage1, params, "temporal", temporal_modes), tx_stage2)
+
+
+# ----------------------------------------------------------------------------- lasso on lambdas
+
+
+def _map_lambdas(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``tree_map`` applying ``fn(leaf, *rest_leaves)`` to CP-layer lambdas, identity elsewhere."""
+    cp = cp_layer_paths(tree)
+
+    def f(kpath, leaf, *others):
+        path = tuple(_key_name(k) for k in kpath)
+        return fn(leaf, *others) if path[-1:] == ("lambda",) and path[:-1] in cp else leaf
+
+    return jax.tree_util.tree_map_with_path(f, tree, *rest)
+
+
+@jax.jit
+def l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
+    """``gamma * sum_l ||lambda_l||_1`` over every CP conv layer (paper's Lasso term).
+
+    Its gradient w.r.t. a nonzero lambda is ``gamma * sign(lambda)``; plain (sub)gradient
+    steps only oscillate around 0 — use :func:`l1_prox` to reach exact zeros.
+    """
+    lams = [layer["lambda"] for _, layer in require_cp_layers(params, "l1_lambda")]
+    return gamma * sum(jnp.sum(jnp.abs(lam)) for lam in lams)
+
+
+def _soft_threshold(x: jax.Array, t) -> jax.Array:
+    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0.0)
+
+
+def prox_l1(params: Any, threshold: float | jax.Array) -> Any:
+    """Proximal operator of ``threshold * ||lambda||_1``: soft-thresholds every CP conv lambda.
+
+    ``lambda <- sign(lambda) * max(|lambda| - threshold, 0)``; with plain SGD of step size
+    ``eta`` use ``threshold = eta * gamma`` (proximal gradient / ISTA). Other leaves unchanged.
+    """
+    require_cp_layers(params, "prox_l1")
+    return _map_lambdas(lambda lam: _soft_threshold(lam, threshold), params)
+
+
+def l1_prox(threshold: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Optax transform applying :func:`prox_l1` after the preceding update.
+
+    Chain it last, e.g. ``optax.chain(optax.sgd(lr), l1_prox(lr * gamma))``: the returned
+    updates ``u'`` satisfy ``params + u' = prox(params + u)``, so pruned lambdas become exact
+    zeros after ``optax.apply_updates`` (``p + (0 - p) == 0`` in floating point).
+    ``threshold`` may be a schedule of the step count. Inside ``masked_optimizer`` it only
+    sees (and thresholds) the trainable lambdas.
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("l1_prox: params are required (call tx.update(grads, state, params))")
+        t = threshold(state.count) if callable(threshold) else threshold
+        new = _map_lambdas(lambda u, p: _soft_threshold(p + u, t) - p, updates, params)
+        return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------- sparsity report
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSparsity:
+    """One CP layer: ``zeroed`` lambdas of ``rank``; each frees ``C_in + C_out + sum K + 1`` params."""
+
+    path: str
+    rank: int
+    zeroed: int
+    params_per_component: int
+
+    @property
+    def fraction(self) -> float:
+        return self.zeroed / self.rank
+
+    @property
+    def params_freed(self) -> int:
+        return self.zeroed * self.params_per_component
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer sparsity and totals (``cp_params``: factors + lambdas of all CP layers)."""
+
+    layers: tuple[LayerSparsity, ...]
+    cp_params: int
+    total_params: int
+
+    @property
+    def params_freed(self) -> int:
+        return sum(l.params_freed for l in self.layers)
+
+    @property
+    def zeroed(self) -> int:
+        return sum(l.zeroed for l in self.layers)
+
+    @property
+    def rank(self) -> int:
+        return sum(l.rank for l in self.layers)
+
+    def table(self) -> str:
+        """Plain-text table, one row per layer plus the total (Table 1 style)."""
+        rows = [f"{'layer':<32} {'rank':>6} {'zeroed':>7} {'frac':>6} {'freed':>9}"]
+        for l in self.layers:
+            rows.append(f"{l.path:<32} {l.rank:>6} {l.zeroed:>7} {l.fraction:>6.1%} {l.params_freed:>9}")
+        rows.append(
+            f"{'total':<32} {self.rank:>6} {self.zeroed:>7} {self.zeroed / max(self.rank, 1):>6.1%} "
+            f"{self.params_freed:>9}  (of {self.total_params} params)"
+        )
+        return "\n".join(rows)
+
+
+def sparsity_report(params: Any, tol: float = 0.0) -> SparsityReport:
+    """Counts, per CP layer, the lambdas with ``|lambda| <= tol`` and the parameters they free."""
+    if not tol >= 0:
+        raise ValueError(f"tol={tol!r}: expected a number >= 0")
+    rows, cp_total = [], 0
+    for path, layer in require_cp_layers(params, "sparsity_report"):
+        lam = np.abs(np.asarray(layer["lambda"]))
+        per = np.shape(layer["factor_in"])[0] + np.shape(layer["factor_out"])[0] + 1
+        per += sum(np.shape(layer[f"factor_{m}"])[0] for m in layer_modes(layer))
+        rows.append(LayerSparsity(path_str(path), int(lam.size), int(np.sum(lam <= tol)), int(per)))
+        cp_total += int(lam.size) * int(per)
+    total = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+    return SparsityReport(tuple(rows), cp_total, total)
+
+
+def plot_sparsity(report: SparsityReport, path: str | None = None, *, ax=None):
+    """Bar chart of the fraction of zeroed lambdas per layer (supplementary Fig. 3).
+
+    Saves to ``path`` when given; returns the matplotlib Figure.
+    """
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        ax = Figure(figsize=(max(4.0, 0.35 * len(report.layers) + 2), 3.5)).subplots()
+    fig = ax.figure
+    x = np.arange(len(report.layers))
+    ax.bar(x, [100 * l.fraction for l in report.layers])
+    ax.set_xticks(x, [l.path for l in report.layers], rotation=90, fontsize=7)
+    ax.set_ylabel("zeroed rank components (%)")
+    ax.set_title(f"{report.params_freed} of {report.total_params} parameters freed by the Lasso on lambda")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig

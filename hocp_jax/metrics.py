@@ -127,8 +127,10 @@ def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
     var_t = jnp.where(m.var_t > tol * m.msq_t, m.var_t, 0)
     var_p = jnp.where(m.var_p > tol * m.msq_p, m.var_p, 0)
     both = (var_t > 0) & (var_p > 0)
-    cov = jnp.where(both, m.cov, 0)
-    pcc = _safe_div(cov, _safe_sqrt(var_t * var_p))
+    pcc = _safe_div(jnp.where(both, m.cov, 0), _safe_sqrt(var_t * var_p))
+    # a constant input has cov 0; the value is zeroed but the gradient of cov is kept, so that
+    # CCC still pulls constant predictions (its true gradient there is finite)
+    cov = jnp.where(both, m.cov, m.cov - jax.lax.stop_gradient(m.cov))
     ccc = _safe_div(2 * cov, var_t + var_p + (m.mu_t - m.mu_p) ** 2, default=1.0)
     has = m.n > 0
     return {
@@ -141,17 +143,18 @@ def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
 
 def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
     """Shifted two-pass moments of ``(n, k)`` arrays with weights ``w``."""
-    first = jnp.argmax(w > 0, axis=0)[None]  # first valid row per target: shift
-    dt = t - jax.lax.stop_gradient(jnp.take_along_axis(t, first, 0))
-    dp = p - jax.lax.stop_gradient(jnp.take_along_axis(p, first, 0))
+    first = jnp.argmax(w > 0, axis=0)[None]  # first valid row per target: the shift
+    shift_t = jax.lax.stop_gradient(jnp.take_along_axis(t, first, 0)[0])  # results are shift-
+    shift_p = jax.lax.stop_gradient(jnp.take_along_axis(p, first, 0)[0])  # invariant: no grad
+    dt, dp = t - shift_t, p - shift_p
     n = w.sum(0)
     mean = lambda x: _safe_div((w * x).sum(0), n)  # noqa: E731
     mdt, mdp = mean(dt), mean(dp)
     ct, cp = dt - mdt, dp - mdp
     return _Moments(
         n=n,
-        mu_t=jnp.take_along_axis(t, first, 0)[0] + mdt,
-        mu_p=jnp.take_along_axis(p, first, 0)[0] + mdp,
+        mu_t=shift_t + mdt,
+        mu_p=shift_p + mdp,
         var_t=mean(ct * ct),
         var_p=mean(cp * cp),
         cov=mean(ct * cp),

@@ -2,7 +2,6 @@
 import warnings
 
 import jax
-import jax.numpy as jnp
 import krippendorff
 import numpy as np
 import pytest

@@ -1,0 +1,248 @@
+r"""Feature views and contrastive objectives of AVCE (Kim & Song, ECCV 2022).
+
+Pure functions on arrays; the networks live in :mod:`hocp_jax.models.avce`.
+
+Feature views of a latent ``z`` (supplementary, Eqs. (1)-(2)), both exact and in
+closed form (the paper solved them with CVXPY's iterative conic solver):
+
+* :func:`sparsemax` ``Sp(z) = argmin_{p in simplex} ||p - z||^2``, the Euclidean
+  projection onto the probability simplex (``optax.projections.projection_simplex``:
+  sort-based forward, closed-form JVP ``J = diag(s) - s s^T / |S|`` with ``s`` the
+  support indicator). Its outputs are sparse.
+* :func:`softmax_view` ``Sm(z) = argmax_{p in simplex} <z, p> + H(p) = softmax(z)``,
+  the entropy-regularised projection (with an optional temperature).
+
+The critic ``f(x, y)`` scores a pair of projections; :func:`critic_matrix` returns
+``F[i, j] = f(x_i, y_j)`` for a batch, whose diagonal samples the joint ``P_XY``
+(two views of the same image) and whose off-diagonal samples ``P_X P_Y``.
+
+:func:`avce_objective` is the bound maximised by AVCE (section 7 of the
+supplementary); :func:`infonce_objective` is InfoNCE (its Eq. (6)) for comparison.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from optax.projections import projection_simplex
+
+CRITICS = ("cosine", "dot")
+
+
+def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
+    """SparseMax view: Euclidean projection of each vector along ``axis`` onto the simplex.
+
+    Args:
+        z: ``(..., d)`` real array (``axis`` selects the simplex dimension).
+        axis: the axis that is projected.
+
+    Returns:
+        Array of ``z``'s shape, non-negative, summing to 1 along ``axis``, with exact
+        zeros outside the support. Differentiable almost everywhere (closed-form JVP).
+    """
+    z = jnp.asarray(z)
+    if z.ndim == 0:
+        raise ValueError(f"sparsemax: z must have at least 1 dimension, got shape {z.shape}")
+    moved = jnp.moveaxis(z, axis, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    out = jax.vmap(projection_simplex)(flat).reshape(moved.shape)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def softmax_view(z: jax.Array, temperature: float = 1.0, axis: int = -1) -> jax.Array:
+    """SoftMax view: ``argmax_{p in simplex} <z, p> / T + H(p) = softmax(z / T)``.
+
+    Args:
+        z: ``(..., d)`` real array.
+        temperature: ``T > 0``; the paper's Eq. (2) is ``T = 1``.
+        axis: the simplex axis.
+    """
+    if not temperature > 0:
+        raise ValueError(f"softmax_view: temperature must be > 0, got {temperature}")
+    return jax.nn.softmax(jnp.asarray(z) / temperature, axis=axis)
+
+
+def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
+                  temperature: float = 1.0) -> jax.Array:
+    r"""Critic scores of all pairs: ``F[i, j] = f(x_i, y_j)``.
+
+    ``"cosine"``: ``f(x, y) = <x, y> / (||x|| ||y|| T)``; ``"dot"``: ``<x, y> / T``.
+
+    Args:
+        x: ``(N, P)`` projections of the first view.
+        y: ``(N, P)`` projections of the second view (row ``i`` pairs with ``x[i]``).
+        critic: one of ``CRITICS``.
+        temperature: ``T > 0``.
+
+    Returns:
+        ``(N, N)`` scores; the diagonal holds the positive (joint) pairs.
+    """
+    if critic not in CRITICS:
+        raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+    if not temperature > 0:
+        raise ValueError(f"critic_matrix: temperature must be > 0, got {temperature}")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(f"x and y must both be (N, P) with equal shapes, got {x.shape} "
+                         f"and {y.shape}")
+    if critic == "cosine":
+        eps = jnp.finfo(x.dtype).eps
+        x = x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + eps)
+        y = y / jnp.sqrt(jnp.sum(y * y, -1, keepdims=True) + eps)
+    return x @ y.T / temperature
+
+
+def _pair_weights(scores: jax.Array, weights: jax.Array | None):
+    """Positive (diagonal) and negative (off-diagonal) pair weights, each summing to 1."""
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1] or scores.shape[0] < 2:
+        raise ValueError(f"scores must be a square (N, N) matrix with N >= 2, got "
+                         f"shape {scores.shape}")
+    n = scores.shape[0]
+    w = jnp.ones((n,), scores.dtype) if weights is None else jnp.asarray(weights, scores.dtype)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    pos = w / jnp.maximum(jnp.sum(w), 1e-12)
+    neg = jnp.outer(w, w) * (1.0 - jnp.eye(n, dtype=scores.dtype))
+    return pos, neg / jnp.maximum(jnp.sum(neg), 1e-12)
+
+
+def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005,
+                   gamma: float = 0.5, weights: jax.Array | None = None) -> jax.Array:
+    r"""The AVCE bound (to MAXIMISE) from a critic matrix.
+
+    Supplementary section 7: InfoNCE, ``sup_f E_{P_XY} f - log E_{P_X P_Y} e^f`` (Eq. 6),
+    loses its log/exp (Eq. 7) and gains a regulariser built from the second moment of
+    ``f`` ("to prevent excessive increase of f"), which gives
+
+    .. math::
+
+        J(f) = E_{P_{XY}}[f] - \alpha\, E_{P_X P_Y}[f]
+               - \tfrac{\beta}{2} E_{P_{XY}}[f^2] - \tfrac{\gamma}{2} E_{P_X P_Y}[f^2].
+
+    This is the relative-predictive-coding form the authors' public code computes
+    (``pos - ALPHA * mean(neg) - 0.5 BETA pos^2 - 0.5 GAMMA mean(neg^2)``, defaults
+    ``alpha=0.5, beta=0.005, gamma=0.5``). ``alpha=1, beta=gamma=0`` is Eq. (7) without
+    the regulariser. Per pair the integrand is a concave quadratic in ``f``, maximised at
+    ``f = 1/beta`` for positives and ``f = -alpha/gamma`` for negatives, so ``J`` is
+    bounded and its gradients stay bounded without any exponential.
+
+    Expectations: ``E_{P_XY}`` is the mean of the diagonal ``scores[i, i]`` (the two
+    views of image ``i``); ``E_{P_X P_Y}`` the mean over the ``N(N-1)`` off-diagonal
+    pairs (views of different images).
+
+    Args:
+        scores: ``(N, N)`` critic matrix from :func:`critic_matrix`, ``N >= 2``.
+        alpha, beta, gamma: the weights above (non-negative).
+        weights: optional ``(N,)`` sample weights (e.g. the pipeline's padding ``mask``);
+            pair ``(i, j)`` gets ``w_i w_j``.
+
+    Returns:
+        Scalar ``J``.
+    """
+    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if v < 0:
+            raise ValueError(f"avce_objective: {name} must be >= 0, got {v}")
+    pos_w, neg_w = _pair_weights(scores, weights)
+    pos = jnp.diagonal(scores)
+    e_pos, e_pos2 = jnp.sum(pos_w * pos), jnp.sum(pos_w * pos**2)
+    e_neg, e_neg2 = jnp.sum(neg_w * scores), jnp.sum(neg_w * scores**2)
+    return e_pos - alpha * e_neg - 0.5 * beta * e_pos2 - 0.5 * gamma * e_neg2
+
+
+def infonce_objective(scores: jax.Array, *, weights: jax.Array | None = None) -> jax.Array:
+    r"""InfoNCE bound (to MAXIMISE), Eq. (6) with the batch estimate of ``E_{P_Y}``:
+
+    .. math:: J = \tfrac1N \sum_i \Big[ F_{ii} - \log \tfrac1N \sum_j e^{F_{ij}} \Big]
+
+    Args:
+        scores: ``(N, N)`` critic matrix, positives on the diagonal.
+        weights: optional ``(N,)`` sample weights (anchors and candidates).
+    """
+    pos_w, _ = _pair_weights(scores, weights)
+    w = pos_w > 0
+    log_mean_exp = (jax.nn.logsumexp(jnp.where(w[None, :], scores, -jnp.inf), axis=1)
+                    - jnp.log(jnp.sum(w)))
+    return jnp.sum(pos_w * (jnp.diagonal(scores) - log_mean_exp))
+
+
+OBJECTIVES = {"avce": avce_objective, "infonce": infonce_objective}
+
+
+def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float = 0.01,
+                        weights: jax.Array | None = None) -> jax.Array:
+    r"""Metric regulariser on the additional head's embeddings ``d_latent, d_sparse, d_soft``
+    (each ``(N, D)``), as in the authors' code ("triplet-based regularization")::
+
+        mean_i relu(margin - ||d_sparse_i - d_soft_i||^2)                 # push views apart
+        + hold_weight * mean_i (||n(d_sparse_i) - n(d_latent_i)||
+                                + ||n(d_soft_i) - n(d_latent_i)||)       # keep directions
+
+    with ``n(v) = v / ||v||``. To MINIMISE.
+    """
+    eps = 1e-12
+    norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps)  # noqa: E731
+    unit = lambda v: v / norm(v)[..., None]  # noqa: E731
+    d_lat, d_sp, d_sm = disc["latent"], disc["sparse"], disc["soft"]
+    push = jax.nn.relu(margin - jnp.sum((d_sp - d_sm) ** 2, -1))
+    hold = norm(unit(d_sp) - unit(d_lat)) + norm(unit(d_sm) - unit(d_lat))
+    per_sample = push + hold_weight * hold
+    w = jnp.ones_like(per_sample) if weights is None else jnp.asarray(weights, per_sample.dtype)
+    return jnp.sum(w * per_sample) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025,
+                   alpha: float = 0.5, beta: float = 0.005, gamma: float = 0.5,
+                   critic: str = "cosine", critic_temperature: float = 1.0,
+                   disc_weight: float = 0.1, margin: float = 1.0, hold_weight: float = 0.01,
+                   target_key: str = "va", mask_key: str = "mask"):
+    r"""Trainer loss ``loss_fn(outputs, batch, key) -> (scalar, metrics)`` for :class:`AVCE`.
+
+    .. math::
+
+        L = \sum_k \mathrm{MSE}(\hat{va}_k, va_k) - \lambda_c J(f) + \lambda_d L_{disc}
+
+    * ``J``: ``objective="avce"`` -> :func:`avce_objective` (``alpha, beta, gamma``) or
+      ``"infonce"`` -> :func:`infonce_objective`, on ``F = critic_matrix(z_sparse, z_soft)``:
+      the critic compares the projections of the SparseMax and SoftMax views; image ``i``'s
+      two views are the positive pair, views of different images the negatives.
+    * ``lambda_c = contrastive_weight``: the authors' code uses ``1e-4`` times a SUM over a
+      batch of 256, i.e. ~0.025 times the batch mean used here.
+    * ``L_disc``: :func:`discriminative_loss` on ``outputs["disc"]``, weight ``disc_weight``
+      (0 disables it).
+
+    ``outputs`` is the :class:`hocp_jax.models.avce.AVCE` dict; ``batch[target_key]`` is
+    ``(N, n_outputs)``; ``batch[mask_key]`` (optional, ``(N,)``) down-weights padding.
+    ``key`` is unused (the loss is deterministic). Metrics: ``mse``, ``rmse_<k>`` per
+    output (``rmse_valence``, ``rmse_arousal`` for 2 outputs), ``bound`` (``J``), ``pos_score``/``neg_score`` (mean critic on positive /
+    negative pairs), ``disc``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+    if critic not in CRITICS:
+        raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+    bound_kwargs = dict(alpha=alpha, beta=beta, gamma=gamma) if objective == "avce" else {}
+
+    def loss_fn(outputs: dict, batch: dict, key=None):
+        del key
+        pred, target = outputs["va"], jnp.asarray(batch[target_key], outputs["va"].dtype)
+        if pred.shape != target.shape:
+            raise ValueError(f"outputs['va'] has shape {pred.shape} but batch[{target_key!r}] "
+                             f"has shape {target.shape}")
+        n = pred.shape[0]
+        w = jnp.asarray(batch.get(mask_key, jnp.ones((n,))), pred.dtype)
+        mse_k = jnp.sum(w[:, None] * (pred - target) ** 2, 0) / jnp.maximum(jnp.sum(w), 1e-12)
+        scores = critic_matrix(outputs["z"]["sparse"], outputs["z"]["soft"], critic=critic,
+                               temperature=critic_temperature)
+        bound = OBJECTIVES[objective](scores, weights=w, **bound_kwargs)
+        disc = (discriminative_loss(outputs["disc"], margin=margin, hold_weight=hold_weight,
+                                    weights=w) if disc_weight else jnp.zeros((), pred.dtype))
+        loss = jnp.sum(mse_k) - contrastive_weight * bound + disc_weight * disc
+        pos_w, neg_w = _pair_weights(scores, w)
+        metrics = {"mse": jnp.sum(mse_k), "bound": bound, "disc": disc,
+                   "pos_score": jnp.sum(pos_w * jnp.diagonal(scores)),
+                   "neg_score": jnp.sum(neg_w * scores)}
+        names = ("valence", "arousal") if mse_k.shape[0] == 2 else range(mse_k.shape[0])
+        metrics.update({f"rmse_{k}": jnp.sqrt(m) for k, m in zip(names, mse_k)})
+        return loss, metrics
+
+    return loss_fn

@@ -1,0 +1,185 @@
+"""AVCE networks (Kim & Song, ECCV 2022, supplementary section 1): encoder, compressor,
+regressor, projection head and the additional head for discriminative learning.
+
+Data flow for images ``x (B, H, W, C)``::
+
+    feat   = encoder(x)                      (B, h, w, C_enc)   AlexNet conv stack / ResNet-18
+    latent = compressor(feat)                (B, L)             L = 32 (paper's CVXPY listing)
+    views  = Sp(latent), Sm(latent)          (B, L) each        hocp_jax.contrastive
+    va     = regressor(latent)               (B, n_outputs)     valence, arousal
+    z      = projection(Sp), projection(Sm)  (B, P) each        shared head, P = 2
+    disc   = additional(latent|Sp|Sm)        (B, D) each        shared head, D = 8
+
+Sizes (paper: compressor AL ~294k, R18 ~545k, heads <= 10k parameters), reproduced
+exactly with the authors' layer widths:
+
+* compressor (AlexNet): adaptive avg-pool to 6x6, flatten, FC 9216 -> 32: 294,944.
+* compressor (ResNet-18): global avg-pool, flatten, FC 512 -> 1000 (the ImageNet FC
+  kept as a bottleneck, linear), FC 1000 -> 32: 545,032.
+* regressor and projection head: FC 32 -> 256, BN, ReLU, FC 256 -> 2: 9,474 each.
+* additional head: FC 32 -> 64, BN, ReLU, FC 64 -> 8: 2,760.
+
+"AlexNet (tuned)" is AlexNet's five convolutions (2,469,696 params) with its 4096-wide
+classifier replaced by the compressor: with the heads ~2.78M parameters, matching the
+paper's "2.7M" for AVCE (AL). Adaptive pooling makes it input-size agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hocp_jax.contrastive import softmax_view, sparsemax
+
+ALEXNET_WIDTHS = (64, 192, 384, 256, 256)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
+    """PyTorch ``AdaptiveAvgPool2d`` on ``(B, H, W, C)``: output bin ``i`` of an axis of
+    length ``n`` averages ``[floor(i n / s), ceil((i + 1) n / s))`` (bins may overlap or
+    repeat, so any ``H, W >= 1`` works). Returns ``(B, s_h, s_w, C)``."""
+    s_h, s_w = (size, size) if isinstance(size, int) else tuple(size)
+    if x.ndim != 4:
+        raise ValueError(f"adaptive_avg_pool: x must be (B, H, W, C), got shape {x.shape}")
+
+    def pool_axis(x, axis, s):
+        n = x.shape[axis]
+        bins = [jnp.mean(jax.lax.slice_in_dim(x, (i * n) // s, -(-((i + 1) * n) // s), axis=axis),
+                         axis=axis, keepdims=True) for i in range(s)]
+        return jnp.concatenate(bins, axis=axis)
+
+    return pool_axis(pool_axis(x, 1, s_h), 2, s_w)
+
+
+class AlexNetEncoder(nn.Module):
+    """AlexNet's convolutional feature extractor (torchvision layout), channels-last.
+
+    conv11/4 -> pool3/2 -> conv5 -> pool3/2 -> conv3 -> conv3 -> conv3 -> pool3/2, ReLU after
+    every conv; ``widths`` are the five conv widths (tiny variants for tests). Pools use
+    ``ceil``-free VALID windows like PyTorch; an input whose map becomes smaller than a
+    pool window skips that pool (so tiny inputs still work).
+    """
+
+    widths: Sequence[int] = ALEXNET_WIDTHS
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no batch norm / dropout in the conv stack
+        if len(self.widths) != 5:
+            raise ValueError(f"AlexNetEncoder: widths must have 5 entries, got {self.widths}")
+
+        def pool(x):
+            if min(x.shape[1:3]) < 3:
+                return x
+            return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+        specs = [(11, 4, 2), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
+        for i, (width, (k, s, p)) in enumerate(zip(self.widths, specs)):
+            x = nn.Conv(width, (k, k), strides=(s, s), padding=((p, p), (p, p)),
+                        name=f"conv{i + 1}")(x)
+            x = nn.relu(x)
+            if i in (0, 1, 4):
+                x = pool(x)
+        return x
+
+
+class Compressor(nn.Module):
+    """Feature map ``(B, h, w, C)`` -> latent ``(B, latent_dim)``.
+
+    Adaptive avg-pool to ``pool_size``, flatten, linear FCs of widths ``hidden``, dropout,
+    FC to ``latent_dim``, ReLU (the authors' ``relu(lin0(dropout(x)))``).
+    """
+
+    pool_size: int = 6
+    hidden: Sequence[int] = ()
+    latent_dim: int = 32
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = adaptive_avg_pool(x, self.pool_size).reshape(x.shape[0], -1)
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, name=f"fc{i}")(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.relu(nn.Dense(self.latent_dim, name="fc_latent")(x))
+
+
+class MLPHead(nn.Module):
+    """``(B, d) -> (B, features)``: FC ``hidden``, BatchNorm, ReLU, FC, optional tanh."""
+
+    hidden: int
+    features: int
+    bounded: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Dense(self.hidden, name="fc0")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         name="bn")(x)
+        x = nn.Dense(self.features, name="fc1")(nn.relu(x))
+        return jnp.tanh(x) if self.bounded else x
+
+
+class AVCE(nn.Module):
+    """The five AVCE networks; ``__call__(x, train)`` returns (shapes for ``x (B, H, W, C)``)::
+
+        {"va": (B, n_outputs), "latent": (B, L),
+         "views": {"sparse": (B, L), "soft": (B, L)},     # Sp(latent), Sm(latent)
+         "z": {"sparse": (B, P), "soft": (B, P)},         # projections of the views
+         "disc": {"latent": (B, D), "sparse": (B, D), "soft": (B, D)}}
+
+    Attributes:
+        encoder: module ``(x, train=...) -> (B, h, w, C)`` feature map.
+        pool_size, compressor_hidden, latent_dim, dropout_rate: the :class:`Compressor`.
+        head_hidden: hidden width of the regressor and projection head (256).
+        n_outputs: regressor outputs (2 = valence, arousal).
+        bounded: ``tanh`` on the regressor output (targets in ``[-1, 1]``).
+        proj_dim: projection-head output ``P`` (2 in the paper).
+        disc_hidden, disc_dim: the additional head (64, 8).
+        softmax_temperature: temperature of the SoftMax view (1 = paper's Eq. (2)).
+    """
+
+    encoder: nn.Module
+    pool_size: int = 6
+    compressor_hidden: Sequence[int] = ()
+    latent_dim: int = 32
+    dropout_rate: float = 0.5
+    head_hidden: int = 256
+    n_outputs: int = 2
+    bounded: bool = False
+    proj_dim: int = 2
+    disc_hidden: int = 64
+    disc_dim: int = 8
+    softmax_temperature: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict:
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"AVCE: x has shape {tuple(getattr(x, 'shape', ()))}; expected "
+                             "(batch, H, W, C) images")
+        feat = self.encoder(x, train=train)
+        latent = Compressor(self.pool_size, tuple(self.compressor_hidden), self.latent_dim,
+                            self.dropout_rate, name="compressor")(feat, train)
+        views = {"sparse": sparsemax(latent),
+                 "soft": softmax_view(latent, self.softmax_temperature)}
+        va = MLPHead(self.head_hidden, self.n_outputs, self.bounded, name="regressor")(
+            latent, train)
+        proj = MLPHead(self.head_hidden, self.proj_dim, True, name="projection")
+        disc = MLPHead(self.disc_hidden, self.disc_dim, False, name="additional")
+        return {
+            "va": va,
+            "latent": latent,
+            "views": views,
+            "z": {k: proj(v, train) for k, v in views.items()},
+            "disc": {k: disc(v, train) for k, v in dict(latent=latent, **views).items()},
+        }
+
+
+def avce_alexnet(widths: Sequence[int] = ALEXNET_WIDTHS, **kwargs) -> AVCE:
+    """AVCE (AL): AlexNet conv stack + compressor avg-pool 6x6 -> FC(32) (``kwargs`` go to
+    :class:`AVCE`)."""
+    kwargs = {"pool_size": 6, "compressor_hidden": (), **kwargs}
+    return AVCE(encoder=AlexNetEncoder(tuple(widths)), **kwargs)

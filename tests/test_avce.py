@@ -1,0 +1,228 @@
+"""AVCE: feature views vs independent oracles, objectives, network sizes, a tiny training run."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.optimize
+from jax.test_util import check_grads
+
+from hocp_jax.contrastive import (
+    avce_objective, critic_matrix, infonce_objective, make_avce_loss, softmax_view, sparsemax,
+)
+from hocp_jax.data.embedded import make_digits_affect
+from hocp_jax.models.avce import (
+    AlexNetEncoder, Compressor, MLPHead, adaptive_avg_pool, avce_alexnet,
+)
+from hocp_jax.training import TrainState, make_train_step
+
+
+def simplex_projection_sort(v):
+    """Held et al. / Duchi et al. sorting algorithm, numpy float64, one vector."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u)
+    k = np.arange(1, len(v) + 1)
+    rho = np.nonzero(u * k > css - 1)[0][-1]
+    theta = (css[rho] - 1) / (rho + 1)
+    return np.maximum(v - theta, 0)
+
+
+def simplex_projection_scipy(v):
+    res = scipy.optimize.minimize(
+        lambda p: np.sum((p - v) ** 2), np.full_like(v, 1 / len(v)),
+        jac=lambda p: 2 * (p - v), method="SLSQP", bounds=[(0, None)] * len(v),
+        constraints=[{"type": "eq", "fun": lambda p: np.sum(p) - 1}],
+        options={"ftol": 1e-14, "maxiter": 500})
+    assert res.success
+    return res.x
+
+
+def count(tree):
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------- feature views
+
+def test_sparsemax_matches_sorting_oracle():
+    z = np.random.default_rng(0).normal(size=(3, 5, 9)).astype(np.float32) * 2
+    for axis in (-1, 1):
+        got = np.asarray(sparsemax(z, axis=axis))
+        moved = np.moveaxis(z.astype(np.float64), axis, -1)
+        want = np.apply_along_axis(simplex_projection_sort, -1, moved)
+        np.testing.assert_allclose(got, np.moveaxis(want, -1, axis), atol=1e-6)
+
+
+def test_sparsemax_matches_scipy_minimize():
+    for v in (np.array([0.3, -1.2, 0.9, 0.85, 0.1]), np.array([2.0, 1.9, -0.5, 1.5])):
+        np.testing.assert_allclose(np.asarray(sparsemax(v.astype(np.float32))),
+                                   simplex_projection_scipy(v), atol=1e-5)
+
+
+def test_sparsemax_jacobian_matches_finite_differences():
+    with jax.enable_x64(True):
+        z = jnp.asarray(np.random.default_rng(1).normal(size=(4, 7)), jnp.float64)
+        check_grads(sparsemax, (z,), order=1, modes=("fwd", "rev"), eps=1e-6)
+        # manual central differences of the full Jacobian of one row
+        f = lambda v: sparsemax(v)  # noqa: E731
+        jac = np.asarray(jax.jacobian(f)(z[0]))
+        eps = 1e-6
+        fd = np.stack([(np.asarray(f(z[0] + eps * e)) - np.asarray(f(z[0] - eps * e))) / (2 * eps)
+                       for e in np.eye(7)], axis=1)
+        np.testing.assert_allclose(jac, fd, atol=1e-7)
+
+
+def test_sparsemax_is_sparse_and_on_simplex():
+    z = jnp.asarray([[5.0, 0.1, -1.0, 0.2, 4.5, 0.0], [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]])
+    p = np.asarray(sparsemax(z))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+    assert (p >= 0).all()
+    assert (p == 0).sum(-1).min() >= 4  # exact zeros for peaked inputs
+    np.testing.assert_allclose(p[1], np.eye(6)[2])
+
+
+def test_softmax_view_is_entropy_regularised_projection():
+    z = np.array([0.5, -1.0, 2.0, 0.0])
+    p = np.asarray(softmax_view(jnp.asarray(z, jnp.float32), temperature=0.5))
+    np.testing.assert_allclose(p.sum(), 1.0, atol=1e-6)
+    # independent: argmax <z, p>/T + H(p) over the simplex with scipy
+    res = scipy.optimize.minimize(
+        lambda q: -(q @ z / 0.5 - np.sum(q * np.log(q))), np.full(4, 0.25), method="SLSQP",
+        bounds=[(1e-12, 1)] * 4, constraints=[{"type": "eq", "fun": lambda q: q.sum() - 1}],
+        options={"ftol": 1e-14})
+    np.testing.assert_allclose(p, res.x, atol=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_view(z, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- objectives
+
+def test_avce_objective_matches_loop_oracle():
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(5, 5))
+    a, b, g = 0.7, 0.01, 0.3
+    pos = [scores[i, i] for i in range(5)]
+    neg = [scores[i, j] for i in range(5) for j in range(5) if i != j]
+    want = (np.mean(pos) - a * np.mean(neg) - b / 2 * np.mean(np.square(pos))
+            - g / 2 * np.mean(np.square(neg)))
+    got = avce_objective(jnp.asarray(scores, jnp.float32), alpha=a, beta=b, gamma=g)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    lme = [np.log(np.mean(np.exp(scores[i]))) for i in range(5)]
+    np.testing.assert_allclose(infonce_objective(jnp.asarray(scores, jnp.float32)),
+                               np.mean(np.array(pos) - lme), rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["avce", "infonce"])
+def test_loss_lower_for_aligned_pairs(objective):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+    shuffled = y[rng.permutation(16)]
+    loss_fn = make_avce_loss(objective=objective, contrastive_weight=1.0, disc_weight=0.0)
+    batch = {"va": np.zeros((16, 2), np.float32)}
+
+    def loss(y_view):
+        outputs = {"va": jnp.zeros((16, 2)), "z": {"sparse": x, "soft": y_view}}
+        return loss_fn(outputs, batch, jax.random.key(0))
+
+    (aligned, m_al), (mixed, m_sh) = loss(y), loss(shuffled)
+    assert aligned < mixed - 0.3
+    assert m_al["pos_score"] > 0.9 > m_sh["pos_score"]
+    # the critic is the cosine similarity of the projections
+    np.testing.assert_allclose(
+        critic_matrix(x, y),
+        (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (y / np.linalg.norm(y, axis=1, keepdims=True)).T,
+        atol=1e-5)
+
+
+def test_objective_input_validation():
+    with pytest.raises(ValueError, match="objective"):
+        make_avce_loss(objective="nce")
+    with pytest.raises(ValueError, match="square"):
+        avce_objective(jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="critic"):
+        critic_matrix(jnp.ones((3, 2)), jnp.ones((3, 2)), critic="l2")
+
+
+# --------------------------------------------------------------------------- networks
+
+def test_adaptive_avg_pool_matches_torch_bins():
+    x = np.random.default_rng(4).normal(size=(2, 7, 1, 3)).astype(np.float32)
+    got = np.asarray(adaptive_avg_pool(x, (3, 6)))
+    bins = [(0, 3), (2, 5), (4, 7)]  # floor(i*7/3), ceil((i+1)*7/3)
+    want = np.stack([x[:, s:e].mean(1) for s, e in bins], 1)
+    want = np.repeat(want, 6, axis=2)  # a width of 1 is repeated into every bin
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def abstract_params(module, shape, **kwargs):
+    init = functools.partial(module.init, **kwargs)
+    return jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))["params"]
+
+
+def test_parameter_counts_match_paper():
+    # AlexNet conv stack: 3*64*121+64 + 64*192*25+192 + 192*384*9+384 + 384*256*9+256 + 256*256*9+256
+    assert count(abstract_params(AlexNetEncoder(), (1, 224, 224, 3))) == 2_469_696
+    assert count(abstract_params(Compressor(6, ()), (1, 6, 6, 256))) == 9216 * 32 + 32  # 294,944
+    r18 = Compressor(1, (1000,))
+    assert count(abstract_params(r18, (1, 7, 7, 512))) == 512 * 1000 + 1000 + 1000 * 32 + 32
+    head = abstract_params(MLPHead(256, 2), (1, 32))
+    assert count(head) == 32 * 256 + 256 + 2 * 256 + 256 * 2 + 2 == 9474 <= 10_000
+    assert count(abstract_params(MLPHead(64, 8), (1, 32))) == 2760
+    full = abstract_params(avce_alexnet(), (1, 224, 224, 3), train=False)
+    assert set(full) == {"encoder", "compressor", "regressor", "projection", "additional"}
+    assert count(full) == 2_469_696 + 294_944 + 2 * 9474 + 2760  # ~2.79M ("2.7M" in the paper)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny AVCE (AL) and its variables for 32x32x1 digits (one jitted init)."""
+    model = avce_alexnet(widths=(8, 16, 16, 16, 16), head_hidden=32, dropout_rate=0.1)
+    init = jax.jit(functools.partial(model.init, train=False))
+    return model, init(jax.random.key(0), jnp.zeros((2, 32, 32, 1)))
+
+
+def test_outputs_and_gradients_finite(tiny):
+    model, variables = tiny
+    x = jnp.asarray(np.random.default_rng(5).uniform(size=(6, 32, 32, 1)), jnp.float32)
+    batch = {"image": x, "va": jnp.zeros((6, 2))}
+    loss_fn = make_avce_loss()
+
+    @jax.jit
+    def objective_and_grads(params):
+        def objective(params):
+            out, upd = model.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+            return loss_fn(out, batch, jax.random.key(2))[0], (out, upd)
+        return jax.grad(objective, has_aux=True)(params)
+
+    grads, (out, upd) = objective_and_grads(variables["params"])
+    assert out["va"].shape == (6, 2) and out["z"]["sparse"].shape == (6, 2)
+    np.testing.assert_allclose(out["views"]["sparse"].sum(-1), 1, atol=1e-5)
+    np.testing.assert_allclose(out["views"]["soft"].sum(-1), 1, atol=1e-5)
+    assert set(upd) == {"batch_stats"}
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert float(optax.tree.norm(grads["projection"])) > 0
+    assert float(optax.tree.norm(grads["encoder"])) > 0
+    with pytest.raises(ValueError, match="AVCE: x has shape"):
+        model.apply(variables, x[0], train=False)
+
+
+def test_tiny_avce_trains_on_embedded_digits(tiny):
+    model, variables = tiny
+    data = make_digits_affect("train", 64)
+    batch = {"image": data["image"].astype(np.float32) / 255.0, "va": data["va"]}
+    tx = optax.adam(3e-3)
+    state = TrainState.create(variables, tx, jax.random.key(1))
+    step = jax.jit(make_train_step(model, make_avce_loss(), tx))
+    losses, mses = [], []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        mses.append(float(metrics["mse"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert np.mean(mses[-3:]) < np.mean(mses[:3])

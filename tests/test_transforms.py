@@ -253,3 +253,26 @@ def test_decompose_tree_replaces_kernels_by_cp_leaves():
         T.decompose(tree["block"]["conv"]["kernel"], 0)
     with pytest.raises(ValueError, match="no dense conv kernel"):
         T.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
+
+
+@pytest.mark.parametrize("train", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_delta_transduced_hocp_resnet_tiny_equals_static_per_frame(train):
+    from hocp_jax.models import get_model
+
+    model = get_model("resnet18_hocp", tiny=True, psi="bn_relu", head=dict(trl="cp", trl_rank=4))
+    x = _image(8, (2, 16, 16, 3))
+    params, stats = _init(model, x)
+    with pytest.raises(ValueError, match="shortcut"):  # the dense 1x1 shortcuts need a rule
+        T.transduce(params, {"t": 3}, "delta")
+    tparams = T.transduce(params, {"t": 3}, "delta", dense="keep")
+    assert {p for p, _ in T.cp_layers(tparams)} == {p for p, _ in T.cp_layers(params)}
+    apply = jax.jit(lambda p, v: model.apply({"params": p, "batch_stats": stats}, v, train, mutable=["batch_stats"]))
+    static, s_upd = apply(params, x)
+    video, v_upd = apply(tparams, jnp.broadcast_to(x[:, None], (2, 3, 16, 16, 3)))
+    assert video["va"].shape == (2, 3, 2)
+    # train=True: same batch statistics, but the last stages normalise over 2 x 1 x 1 values,
+    # where BN's E[x^2] - E[x]^2 amplifies last-bit differences of means over 2 vs 6 copies
+    tol = 1e-3 if train else 1e-5
+    for t in range(3):
+        np.testing.assert_allclose(video["va"][:, t], static["va"], rtol=tol, atol=tol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), s_upd, v_upd)

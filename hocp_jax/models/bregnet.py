@@ -19,15 +19,23 @@ Architecture (CIFAR-style, 3 stages; Fig. 4 is not in the text, widths are our c
     stem conv3x3(widths[0]) - BN - relu
     stage k = 1..3: stage_sizes[k] residual units of width widths[k] (first unit of
                     stages 2, 3 down-samples)
-    global average pool - [dense(head_hidden) - relu] - heads
+    global average pool - [dense(head_hidden) - relu] - Head
 
 Depth counts the weighted layers of the main path (stem + 2 per unit + hidden dense +
-output dense, projections excluded, as in ResNet-110 = 6n + 2): :func:`bregnet39` is
-(6, 6, 6) units + one hidden dense layer = 1 + 36 + 1 + 1 = 39; :func:`resnet110` is
-(18, 18, 18) units with identity shortcuts = 1 + 108 + 1 = 110.
+output dense, projections excluded, as in ResNet-110 = 6n + 2): ``"bregnet39"`` in
+:data:`REGISTRY` is (6, 6, 6) units + one hidden dense layer = 1 + 36 + 1 + 1 = 39 (the
+text does not name the 39th layer, and stem + 2 per unit + output is always even);
+``"resnet110"`` is (18, 18, 18) units with identity shortcuts = 1 + 108 + 1 = 110.
+Widths (32, 64, 128) give ResNet-110 6.9 M parameters (paper: 7.2 M); BReG-Net-39 then has
+2.3 M (paper: 4.9 M, its widths are not given).
 
-Heads: ``{"logits": (B, num_classes)}`` (categorical model) and/or ``{"va": (B, 2)}``
-(valence, arousal; linear, trained with MSE as in §IV-C).
+Heads (:class:`hocp_jax.models.heads.Head`): ``"logits" (B, n_classes)`` (categorical model)
+and/or ``"va" (B, 2)`` (valence, arousal, trained with MSE as in §IV-C).
+
+Objective: :func:`bregnet_loss` (class-weighted CE, §III-B, + MSE for valence/arousal).
+
+Convs have no bias and TensorFlow "SAME" padding (the authors used TensorFlow/TFLearn); BN
+as in :func:`hocp_jax.models.common.batch_norm`.
 
 ``conv="hocp"`` builds the 3x3 convs of every residual unit as :class:`hocp_jax.layers.CPConv`
 (bounded shortcuts inside HO-CP blocks); the stem and 1x1 projections stay dense.
@@ -36,12 +44,15 @@ Heads: ``{"logits": (B, num_classes)}`` (categorical model) and/or ``{"va": (B, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
+from hocp_jax.models.common import batch_norm, check_input
+from hocp_jax.models.heads import Head, HeadConfig
 
 # --------------------------------------------------------------------------- shortcuts
 
@@ -97,10 +108,6 @@ def pad_projection(x: jax.Array, features: int, stride: int) -> jax.Array:
 # --------------------------------------------------------------------------- modules
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
-
-
 class BReGUnit(nn.Module):
     """One BReG-Net residual unit (regular, or down-sampling when ``stride > 1``).
 
@@ -139,9 +146,9 @@ class BReGUnit(nn.Module):
         if self.conv not in CONVS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONVS}")
         f = self._conv3x3(x, self.stride, "conv1", train)
-        f = nn.relu(_bn(train, "bn1")(f))
+        f = nn.relu(batch_norm(train, name="bn1")(f))
         f = self._conv3x3(f, 1, "conv2", train)
-        f = _bn(train, "bn2")(f)
+        f = batch_norm(train, name="bn2")(f)
         s = x
         if self.stride != 1 or x.shape[-1] != self.features:
             if self.projection == "pad":
@@ -149,7 +156,7 @@ class BReGUnit(nn.Module):
             else:
                 s = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False,
                             kernel_init=nn.initializers.he_normal(), name="proj_conv")(x)
-                s = _bn(train, "proj_bn")(s)
+                s = batch_norm(train, name="proj_bn")(s)
         return nn.relu(h_fn(s) + f)
 
 
@@ -157,19 +164,17 @@ class BReGNet(nn.Module):
     """CIFAR-style BReG-Net / ResNet (see module docstring); channels-last images.
 
     Attributes:
-      num_classes: size of the ``"logits"`` head; ``None`` for no categorical head.
-      va: add the ``"va"`` (valence, arousal) regression head.
       stage_sizes: residual units per stage.
       widths: channels per stage (same length as ``stage_sizes``).
       shortcut, projection, conv, rank, rank_multiple, psi, skip: see :class:`BReGUnit`.
-      head_hidden: width of an optional hidden dense layer (+ relu) before the heads.
+      head_hidden: width of an optional hidden dense layer (+ relu) after the global pool.
+      head: a :class:`~hocp_jax.models.heads.HeadConfig` (or dict of its fields): ``n_classes``
+        logits and/or ``n_outputs`` valence/arousal outputs.
 
-    ``apply(variables, x (B, H, W, C), train=bool, mutable=["batch_stats"])`` returns a dict
-    with ``"logits" (B, num_classes)`` and/or ``"va" (B, 2)``.
+    ``apply(variables, x (B, H, W, C), train=bool, mutable=["batch_stats"])`` returns
+    ``{"logits": (B, n_classes)}`` and/or ``{"va": (B, n_outputs)}``.
     """
 
-    num_classes: int | None = 7
-    va: bool = False
     stage_sizes: Sequence[int] = (6, 6, 6)
     widths: Sequence[int] = (32, 64, 128)
     shortcut: str = "h3"
@@ -180,20 +185,16 @@ class BReGNet(nn.Module):
     psi: str | None = None
     skip: bool = False
     head_hidden: int | None = None
+    head: HeadConfig = HeadConfig()
 
     def _validate(self, x) -> None:
         shortcut_fn(self.shortcut)
-        if x.ndim != 4:
-            raise ValueError(f"x: got shape {tuple(x.shape)}; BReGNet expects images (batch, height, width, channels)")
+        check_input(x, f"BReGNet(shortcut={self.shortcut!r})", {4: "(batch, H, W, C) images"})
         sizes, widths = tuple(self.stage_sizes), tuple(self.widths)
         if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
             raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a non-empty sequence of ints >= 1")
         if len(widths) != len(sizes) or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths={self.widths!r}: expected {len(sizes)} ints >= 1 (one per stage)")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise ValueError(f"num_classes={self.num_classes!r}: expected an int >= 1 or None")
-        if self.num_classes is None and not self.va:
-            raise ValueError("num_classes=None and va=False: the model needs at least one head")
         if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
             raise ValueError(f"head_hidden={self.head_hidden!r}: expected an int >= 1 or None")
 
@@ -202,22 +203,67 @@ class BReGNet(nn.Module):
         self._validate(x)
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
                     kernel_init=nn.initializers.he_normal(), name="stem_conv")(x)
-        h = nn.relu(_bn(train, "stem_bn")(h))
+        h = nn.relu(batch_norm(train, name="stem_bn")(h))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n):
                 h = BReGUnit(w, stride=2 if (i > 0 and j == 0) else 1, shortcut=self.shortcut,
                              projection=self.projection, conv=self.conv, rank=self.rank,
                              rank_multiple=self.rank_multiple, psi=self.psi, skip=self.skip,
                              name=f"layer{i + 1}_{j}")(h, train=train)
-        h = jnp.mean(h, axis=(1, 2))
-        if self.head_hidden is not None:
-            h = nn.relu(nn.Dense(self.head_hidden, name="fc_hidden")(h))
-        out = {}
-        if self.num_classes is not None:
-            out["logits"] = nn.Dense(self.num_classes, name="logits")(h)
-        if self.va:
-            out["va"] = nn.Dense(2, name="va")(h)
-        return out
+        if self.head_hidden is None:
+            return Head(HeadConfig.of(self.head), name="head")(h)
+        h = nn.relu(nn.Dense(self.head_hidden, name="fc_hidden")(h.mean(axis=(1, 2))))
+        return Head(HeadConfig.of(self.head), n_spatial=0, name="head")(h)
+
+
+def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, class_weights=None,
+                 va_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """BReG-Net objective for a generic trainer: ``loss_fn(outputs, batch, key) -> (loss, metrics)``.
+
+    ``loss = CE_H(logits, label) + va_weight * MSE(va_pred, va)`` with the terms present in both
+    ``outputs`` and ``batch``: the class-weighted cross-entropy of §III-B, Eq. 5-7
+    (:func:`hocp_jax.losses.cross_entropy`; ``class_weights`` = ``H_ii`` from
+    :func:`hocp_jax.losses.class_weights`, None = plain CE) and the mean square error the paper
+    uses for valence/arousal (§IV-C). A ``batch["mask"]`` ``(B,)`` (padded eval batches)
+    weights the examples. Bind the options with ``functools.partial``.
+
+    Args:
+        outputs: model outputs, ``"logits" (B, C)`` and/or ``"va" (B, k)``.
+        batch: ``"label" (B,)`` int and/or ``"va" (B, k)``; optional ``"mask" (B,)``.
+        key: unused (the loss is deterministic).
+        class_weights: optional ``(C,)`` weights ``H_ii``.
+        va_weight: weight of the regression term.
+
+    Returns:
+        ``(loss, metrics)``; metrics has ``"ce"``, ``"accuracy"`` and/or ``"va_mse"``.
+    """
+    from hocp_jax import losses  # noqa: PLC0415  (lazy: hocp_jax.losses lands in parallel)
+
+    del key
+    mask = batch.get("mask")
+    loss, metrics = jnp.zeros(()), {}
+    if "logits" in outputs and "label" in batch:
+        logits, labels = outputs["logits"], batch["label"]
+        ce = losses.cross_entropy(logits, labels, mask=mask, class_weights=class_weights)
+        m = jnp.ones(labels.shape) if mask is None else jnp.asarray(mask, jnp.float32)
+        hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        metrics |= {"ce": ce, "accuracy": (m * hit).sum() / jnp.maximum(m.sum(), 1.0)}
+        loss = loss + ce
+    if "va" in outputs and "va" in batch:
+        pred, target = outputs["va"], jnp.asarray(batch["va"], jnp.float32)
+        if pred.shape != target.shape:
+            raise ValueError(f"batch['va']: got shape {target.shape}, expected the model's {pred.shape}")
+        m = jnp.ones(pred.shape[:1]) if mask is None else jnp.asarray(mask, jnp.float32)
+        m = jnp.broadcast_to(m.reshape(m.shape + (1,) * (pred.ndim - 1)), pred.shape)
+        mse = (m * (pred - target) ** 2).sum() / jnp.maximum(m.sum(), 1.0)
+        metrics["va_mse"] = mse
+        loss = loss + va_weight * mse
+    if not metrics:
+        raise ValueError(
+            f"bregnet_loss: no term to compute; outputs have {sorted(outputs)}, batch has {sorted(batch)};"
+            " expected 'logits' with batch 'label' and/or 'va' with batch 'va'"
+        )
+    return loss, metrics
 
 
 def depth(stage_sizes: Sequence[int], head_hidden: int | None = None) -> int:
@@ -225,21 +271,15 @@ def depth(stage_sizes: Sequence[int], head_hidden: int | None = None) -> int:
     return 1 + 2 * sum(stage_sizes) + (head_hidden is not None) + 1
 
 
-def bregnet39(num_classes: int | None = 7, *, va: bool = False, shortcut: str = "h3",
-              widths: Sequence[int] = (32, 64, 128), head_hidden: int = 256, **kwargs) -> BReGNet:
-    """BReG-Net-39: (6, 6, 6) units + a hidden dense layer, ``H3`` shortcut (§IV-C)."""
-    return BReGNet(num_classes=num_classes, va=va, stage_sizes=(6, 6, 6), widths=tuple(widths),
-                   shortcut=shortcut, head_hidden=head_hidden, **kwargs)
+_TINY = dict(stage_sizes=(1, 1, 1), widths=(8, 16, 32))
 
-
-def resnet110(num_classes: int | None = 7, *, va: bool = False, shortcut: str = "identity",
-              widths: Sequence[int] = (32, 64, 128), **kwargs) -> BReGNet:
-    """ResNet-110 baseline of the paper: (18, 18, 18) units, identity shortcuts."""
-    return BReGNet(num_classes=num_classes, va=va, stage_sizes=(18, 18, 18), widths=tuple(widths),
-                   shortcut=shortcut, **kwargs)
-
-
-def bregnet_tiny(num_classes: int | None = 10, *, va: bool = False, shortcut: str = "h3", **kwargs) -> BReGNet:
-    """Tiny (1, 1, 1)-unit, widths (8, 16, 32) variant for tests and smoke runs."""
-    kwargs.setdefault("widths", (8, 16, 32))
-    return BReGNet(num_classes=num_classes, va=va, stage_sizes=(1, 1, 1), shortcut=shortcut, **kwargs)
+# name -> (module class, its fields, tiny overrides), the format of hocp_jax.models' registry.
+REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], dict[str, Any]]] = {
+    # BReG-Net-39 (§III-A, §IV-C): (6, 6, 6) units + hidden dense = 39 layers, H3 shortcut.
+    "bregnet39": (BReGNet, dict(stage_sizes=(6, 6, 6), head_hidden=256, shortcut="h3"), _TINY | dict(head_hidden=16)),
+    # the same with HO-CP 3x3 convs inside the bounded-shortcut units.
+    "bregnet39_hocp": (BReGNet, dict(stage_sizes=(6, 6, 6), head_hidden=256, shortcut="h3", conv="hocp"),
+                       _TINY | dict(head_hidden=16)),
+    # the paper's baseline: ResNet-110 = (18, 18, 18) units, identity shortcuts (6n + 2, n = 18).
+    "resnet110": (BReGNet, dict(stage_sizes=(18, 18, 18), shortcut="identity"), _TINY),
+}

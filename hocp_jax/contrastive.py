@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from optax.projections import projection_simplex
 
+from hocp_jax.losses import ccc_loss, pcc_loss
+
 CRITICS = ("cosine", "dot")
 
 
@@ -191,6 +193,7 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
 
 
 def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025,
+                   pcc_weight: float = 0.5, ccc_weight: float = 0.5,
                    alpha: float = 0.5, beta: float = 0.005, gamma: float = 0.5,
                    critic: str = "cosine", critic_temperature: float = 1.0,
                    disc_weight: float = 0.1, margin: float = 1.0, hold_weight: float = 0.01,
@@ -199,8 +202,12 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
 
     .. math::
 
-        L = \sum_k \mathrm{MSE}(\hat{va}_k, va_k) - \lambda_c J(f) + \lambda_d L_{disc}
+        L = \sum_k \mathrm{MSE}(\hat{va}_k, va_k) + \lambda_p L_{PCC} + \lambda_{ccc} L_{CCC}
+            - \lambda_c J(f) + \lambda_d L_{disc}
 
+    * Regression: the authors' ``MSE_v + MSE_a + 0.5 L_PCC + 0.5 L_CCC``
+      (:func:`hocp_jax.losses.pcc_loss`, :func:`hocp_jax.losses.ccc_loss`; weights
+      ``pcc_weight``, ``ccc_weight``).
     * ``J``: ``objective="avce"`` -> :func:`avce_objective` (``alpha, beta, gamma``) or
       ``"infonce"`` -> :func:`infonce_objective`, on ``F = critic_matrix(z_sparse, z_soft)``:
       the critic compares the projections of the SparseMax and SoftMax views; image ``i``'s
@@ -212,9 +219,10 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
 
     ``outputs`` is the :class:`hocp_jax.models.avce.AVCE` dict; ``batch[target_key]`` is
     ``(N, n_outputs)``; ``batch[mask_key]`` (optional, ``(N,)``) down-weights padding.
-    ``key`` is unused (the loss is deterministic). Metrics: ``mse``, ``rmse_<k>`` per
-    output (``rmse_valence``, ``rmse_arousal`` for 2 outputs), ``bound`` (``J``), ``pos_score``/``neg_score`` (mean critic on positive /
-    negative pairs), ``disc``.
+    ``key`` is unused (the loss is deterministic). Metrics: ``mse``, ``l_pcc``, ``l_ccc``,
+    ``rmse_<k>`` per output (``rmse_valence``, ``rmse_arousal`` for 2 outputs), ``bound``
+    (``J``), ``pos_score`` / ``neg_score`` (mean critic on positive / negative pairs),
+    ``disc``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
@@ -236,9 +244,13 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
         bound = OBJECTIVES[objective](scores, weights=w, **bound_kwargs)
         disc = (discriminative_loss(outputs["disc"], margin=margin, hold_weight=hold_weight,
                                     weights=w) if disc_weight else jnp.zeros((), pred.dtype))
-        loss = jnp.sum(mse_k) - contrastive_weight * bound + disc_weight * disc
+        l_pcc = pcc_loss(target, pred, w) if pcc_weight else jnp.zeros((), pred.dtype)
+        l_ccc = ccc_loss(target, pred, w) if ccc_weight else jnp.zeros((), pred.dtype)
+        loss = (jnp.sum(mse_k) + pcc_weight * l_pcc + ccc_weight * l_ccc
+                - contrastive_weight * bound + disc_weight * disc)
         pos_w, neg_w = _pair_weights(scores, w)
-        metrics = {"mse": jnp.sum(mse_k), "bound": bound, "disc": disc,
+        metrics = {"mse": jnp.sum(mse_k), "l_pcc": l_pcc, "l_ccc": l_ccc, "bound": bound,
+                   "disc": disc,
                    "pos_score": jnp.sum(pos_w * jnp.diagonal(scores)),
                    "neg_score": jnp.sum(neg_w * scores)}
         names = ("valence", "arousal") if mse_k.shape[0] == 2 else range(mse_k.shape[0])

@@ -16,7 +16,7 @@ from hocp_jax.contrastive import (
 )
 from hocp_jax.data.embedded import make_digits_affect
 from hocp_jax.models.avce import (
-    AlexNetEncoder, Compressor, MLPHead, adaptive_avg_pool, avce_alexnet,
+    AlexNetEncoder, Compressor, MLPHead, adaptive_avg_pool, avce_alexnet, avce_resnet18,
 )
 from hocp_jax.training import TrainState, make_train_step
 
@@ -175,6 +175,27 @@ def test_parameter_counts_match_paper():
     full = abstract_params(avce_alexnet(), (1, 224, 224, 3), train=False)
     assert set(full) == {"encoder", "compressor", "regressor", "projection", "additional"}
     assert count(full) == 2_469_696 + 294_944 + 2 * 9474 + 2760  # ~2.79M ("2.7M" in the paper)
+
+
+@pytest.mark.parametrize("conv", ["dense2d", "hocp"])
+def test_resnet18_backbones(conv):
+    """The ResNet-18 / HO-CP ResNet-18 trunk of hocp_jax.models, without its head."""
+    full = abstract_params(avce_resnet18(conv), (1, 224, 224, 3), train=False)
+    assert count(full["compressor"]) == 545_032
+    trunk = full["encoder"]["backbone"]
+    assert "head" not in trunk and {"stem", "layer4_1"} <= set(trunk)
+    if conv == "dense2d":  # torchvision resnet18 without its fc: 11,689,512 - 513,000
+        assert count(trunk) == 11_176_512
+    else:
+        assert "factor_h" in trunk["layer1_0"]["conv1"]
+    tiny = avce_resnet18(conv, backbone=dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16)),
+                         head_hidden=16)
+    x = jax.ShapeDtypeStruct((3, 32, 32, 1), jnp.float32)
+    variables = jax.eval_shape(functools.partial(tiny.init, train=False), jax.random.key(0), x)
+    out = jax.eval_shape(functools.partial(tiny.apply, train=False), variables, x)
+    assert out["va"].shape == (3, 2) and out["views"]["sparse"].shape == (3, 32)
+    with pytest.raises(ValueError, match="conv"):
+        avce_resnet18("dense3d")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.contrastive import softmax_view, sparsemax
+from hocp_jax.models.heads import Head
+from hocp_jax.models.resnet import ResNet
 
 ALEXNET_WIDTHS = (64, 192, 384, 256, 256)
 
@@ -84,6 +86,27 @@ class AlexNetEncoder(nn.Module):
             if i in (0, 1, 4):
                 x = pool(x)
         return x
+
+
+def _skip_head(next_fun, args, kwargs, context):
+    """Method interceptor: a :class:`Head` call returns its input (the feature map)."""
+    if isinstance(context.module, Head) and context.method_name == "__call__":
+        return args[0]
+    return next_fun(*args, **kwargs)
+
+
+class HeadlessEncoder(nn.Module):
+    """Runs ``backbone(x, train)`` (e.g. :class:`~hocp_jax.models.resnet.ResNet`) up to its
+    :class:`~hocp_jax.models.heads.Head` and returns the head's input, the ``(B, h, w, C)``
+    feature map; the head is never built, so it has no parameters. Parameter names below
+    ``backbone`` are the backbone's own (``stem``, ``layer1_0``, ...)."""
+
+    backbone: nn.Module
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        with nn.intercept_methods(_skip_head):
+            return self.backbone(x, train=train)
 
 
 class Compressor(nn.Module):
@@ -183,3 +206,14 @@ def avce_alexnet(widths: Sequence[int] = ALEXNET_WIDTHS, **kwargs) -> AVCE:
     :class:`AVCE`)."""
     kwargs = {"pool_size": 6, "compressor_hidden": (), **kwargs}
     return AVCE(encoder=AlexNetEncoder(tuple(widths)), **kwargs)
+
+
+def avce_resnet18(conv: str = "dense2d", backbone: dict | None = None, **kwargs) -> AVCE:
+    """AVCE (R18): ResNet-18 trunk from :mod:`hocp_jax.models.resnet` (``conv="dense2d"``,
+    or ``"hocp"`` for the HO-CP ResNet-18) + compressor global avg-pool -> FC(1000) ->
+    FC(32). ``backbone``: extra :class:`~hocp_jax.models.resnet.ResNet` fields (e.g. tiny
+    ``stage_sizes``/``widths``, ``psi``); ``kwargs`` go to :class:`AVCE`."""
+    if conv not in ("dense2d", "hocp"):
+        raise ValueError(f"avce_resnet18: conv={conv!r}; expected 'dense2d' or 'hocp' (images)")
+    kwargs = {"pool_size": 1, "compressor_hidden": (1000,), **kwargs}
+    return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(backbone or {}))), **kwargs)

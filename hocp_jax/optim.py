@@ -19,7 +19,7 @@ r"""Optimisation pieces for transduction and automatic rank selection (paper Sec
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax

@@ -453,6 +453,8 @@ def decompose(
         raise ValueError(f"init={init!r}: expected 'svd' or 'random'")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         kernel = kernel.astype(jnp.float32)
+    if not float(jnp.linalg.norm(kernel)) > 0:
+        raise ValueError(f"kernel: its Frobenius norm is {float(jnp.linalg.norm(kernel))}; expected a finite nonzero kernel")
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, kernel.ndim)
     factors = []

@@ -251,6 +251,8 @@ def test_decompose_tree_replaces_kernels_by_cp_leaves():
     assert budget["keep"]["conv"]["lambda"].shape == (counting.cp_rank_for_budget(4, 4, (1, 1)),)
     with pytest.raises(ValueError, match="rank"):
         T.decompose(tree["block"]["conv"]["kernel"], 0)
+    with pytest.raises(ValueError, match="norm"):
+        T.decompose(jnp.zeros((3, 3, 2, 2)), 2)
     with pytest.raises(ValueError, match="no dense conv kernel"):
         T.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
 

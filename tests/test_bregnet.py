@@ -200,7 +200,7 @@ def test_input_rank_and_pad_projection_errors():
 
 @pytest.fixture
 def losses():
-    return pytest.importorskip("hocp_jax.losses", reason="hocp_jax.losses (weighted CE, class weights) is not there yet")
+    return pytest.importorskip("hocp_jax.losses", reason="hocp_jax.losses (weighted CE, class weights) not there yet")
 
 
 def _np_ce(logits, labels):

@@ -50,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hocp_jax import losses
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import batch_norm, check_input
 from hocp_jax.models.heads import Head, HeadConfig
@@ -237,8 +238,6 @@ def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, cl
     Returns:
         ``(loss, metrics)``; metrics has ``"ce"``, ``"accuracy"`` and/or ``"va_mse"``.
     """
-    from hocp_jax import losses  # noqa: PLC0415  (lazy: hocp_jax.losses lands in parallel)
-
     del key
     mask = batch.get("mask")
     loss, metrics = jnp.zeros(()), {}

@@ -132,10 +132,8 @@ def test_loss_lower_for_aligned_pairs(objective):
     assert aligned < mixed - 0.3
     assert m_al["pos_score"] > 0.9 > m_sh["pos_score"]
     # the critic is the cosine similarity of the projections
-    np.testing.assert_allclose(
-        critic_matrix(x, y),
-        (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (y / np.linalg.norm(y, axis=1, keepdims=True)).T,
-        atol=1e-5)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(critic_matrix(x, y), unit(x) @ unit(y).T, atol=1e-5)
 
 
 def test_objective_input_validation():
@@ -160,11 +158,12 @@ def test_adaptive_avg_pool_matches_torch_bins():
 
 def abstract_params(module, shape, **kwargs):
     init = functools.partial(module.init, **kwargs)
-    return jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))["params"]
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.eval_shape(init, jax.random.key(0), x)["params"]
 
 
 def test_parameter_counts_match_paper():
-    # AlexNet conv stack: 3*64*121+64 + 64*192*25+192 + 192*384*9+384 + 384*256*9+256 + 256*256*9+256
+    # AlexNet convs: 3*64*121+64 + 64*192*25+192 + 192*384*9+384 + 384*256*9+256 + 256*256*9+256
     assert count(abstract_params(AlexNetEncoder(), (1, 224, 224, 3))) == 2_469_696
     assert count(abstract_params(Compressor(6, ()), (1, 6, 6, 256))) == 9216 * 32 + 32  # 294,944
     r18 = Compressor(1, (1000,))

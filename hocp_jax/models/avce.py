@@ -60,9 +60,9 @@ class AlexNetEncoder(nn.Module):
     """AlexNet's convolutional feature extractor (torchvision layout), channels-last.
 
     conv11/4 -> pool3/2 -> conv5 -> pool3/2 -> conv3 -> conv3 -> conv3 -> pool3/2, ReLU after
-    every conv; ``widths`` are the five conv widths (tiny variants for tests). Pools use
-    ``ceil``-free VALID windows like PyTorch; an input whose map becomes smaller than a
-    pool window skips that pool (so tiny inputs still work).
+    every conv; ``widths`` are the five conv widths (tiny variants for tests). Pools are
+    VALID (floor) windows like PyTorch's; a pool whose input map is smaller than its 3x3
+    window is skipped (PyTorch would raise), so small inputs such as 32x32 digits work.
     """
 
     widths: Sequence[int] = ALEXNET_WIDTHS

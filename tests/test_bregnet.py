@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from hocp_jax import losses
 from hocp_jax.models import bregnet as B
 
 # Inputs come from numpy; model keys use the "rbg" PRNG, whose initialisers compile several
@@ -198,11 +199,6 @@ def test_input_rank_and_pad_projection_errors():
 
 # --------------------------------------------------------------------------- loss (§III-B) and training
 
-@pytest.fixture
-def losses():
-    return pytest.importorskip("hocp_jax.losses", reason="hocp_jax.losses (weighted CE, class weights) not there yet")
-
-
 def _np_ce(logits, labels):
     logits = np.asarray(logits, np.float64)
     logp = logits - logits.max(-1, keepdims=True)
@@ -210,13 +206,13 @@ def _np_ce(logits, labels):
     return -logp[np.arange(len(labels)), labels]
 
 
-def test_class_weights_follow_fmin_over_f(losses):
+def test_class_weights_follow_fmin_over_f():
     counts = np.array([10, 40, 20, 5])
     np.testing.assert_allclose(losses.class_weights(counts), 5 / counts, rtol=1e-6)  # f_min / f_i
     np.testing.assert_array_equal(losses.class_weights(np.array([7, 7, 7])), 1.0)
 
 
-def test_weighted_ce_equals_plain_ce_when_balanced(losses):
+def test_weighted_ce_equals_plain_ce_when_balanced():
     logits = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32) * 3
     labels = np.arange(12) % 3  # balanced: 4 per class
     batch = {"label": jnp.asarray(labels)}
@@ -228,7 +224,7 @@ def test_weighted_ce_equals_plain_ce_when_balanced(losses):
     np.testing.assert_allclose(m["accuracy"], np.mean(np.argmax(logits, -1) == labels))
 
 
-def test_weighted_loss_with_skewed_classes_mask_and_va(losses):
+def test_weighted_loss_with_skewed_classes_mask_and_va():
     rng = np.random.default_rng(0)
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 0])
     logits, va_pred = rng.normal(size=(10, 3)).astype(np.float32), rng.normal(size=(10, 2)).astype(np.float32)
@@ -249,7 +245,7 @@ def test_weighted_loss_with_skewed_classes_mask_and_va(losses):
         B.bregnet_loss({"va": va_pred}, {"label": labels}, None)
 
 
-def test_tiny_bregnet_trains_on_embedded_digits(losses):
+def test_tiny_bregnet_trains_on_embedded_digits():
     from hocp_jax.data.embedded import make_digits_affect
     from hocp_jax.training.state import TrainState
     from hocp_jax.training.step import make_train_step

@@ -31,7 +31,8 @@ class DenseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pad = tuple((k // 2, k // 2) for k in self.kernel_size)
-        return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, name="conv")(x)
+        he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He, like torchvision's kaiming_normal_
+        return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he, name="conv")(x)
 
 
 def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:

@@ -51,7 +51,8 @@ class InvertedResidual(nn.Module):
         rank = self.expansion * c_in
         if self.conv == "dense":
             y = nn.relu(batch_norm(train, name="bn_expand")(DenseConv(rank, (1, 1), (1, 1), name="expand")(x)))
-            dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False, name="depthwise")
+            dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False,
+                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"), name="depthwise")
             y = nn.relu(batch_norm(train, name="bn_depthwise")(dw(y)))
             y = DenseConv(self.features, (1, 1), (1, 1), name="project")(y)
         else:

@@ -1,0 +1,261 @@
+"""Models: parameter counts vs published figures and independent formulas, forward passes,
+per-frame video semantics, input validation. Full-size models are only shape-evaluated."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hocp_jax import counting
+from hocp_jax.models import MODELS, HeadConfig, abstract_variables, count_params, get_model
+from hocp_jax.models.resnet import midplanes
+
+IMAGENET = HeadConfig(n_outputs=0, n_classes=1000)
+KINETICS = HeadConfig(n_outputs=0, n_classes=400)
+AFFECT = HeadConfig()  # valence/arousal, 2 outputs
+IMG, VID = (1, 32, 32, 3), (1, 2, 32, 32, 3)
+CP_LEAVES = ("lambda", "factor_in", "factor_out", "factor_t", "factor_h", "factor_w")
+
+# ---------------------------------------------------------------------------- parameter counts
+
+
+def _count(name, shape, **kw):
+    return count_params(abstract_variables(get_model(name, **kw), shape))
+
+
+def _resnet18_convs():
+    """(C_in, C_out, k) of every conv of ResNet-18 except the 1x1 shortcuts, and the shortcuts."""
+    convs, shortcuts, c = [(3, 64, 7)], [], 64
+    for width, stride in zip((64, 128, 256, 512), (1, 2, 2, 2)):
+        convs += [(c, width, 3), (width, width, 3), (width, width, 3), (width, width, 3)]
+        if stride != 1:
+            shortcuts.append((c, width))
+        c = width
+    return convs, shortcuts
+
+
+@pytest.mark.parametrize(
+    "name,shape,head,expected,paper",
+    [
+        ("resnet18", IMG, IMAGENET, 11_689_512, None),  # torchvision resnet18
+        ("resnet18", IMG, AFFECT, 11_177_538, None),
+        ("resnet18_hocp", IMG, IMAGENET, 11_686_770, None),
+        ("resnet18_hocp", IMG, AFFECT, 11_174_796, 11e6),  # paper: 11M
+        ("resnet18_3d", VID, KINETICS, 33_371_472, None),  # torchvision r3d_18
+        ("resnet18_3d", VID, IMAGENET, 33_679_272, None),
+        ("resnet18_3d", VID, AFFECT, 33_167_298, 33e6),  # paper: 33M
+        ("resnet18_2plus1d", VID, KINETICS, 31_505_325, None),  # torchvision r2plus1d_18
+        ("resnet18_2plus1d", VID, IMAGENET, 31_813_125, None),
+        ("resnet18_2plus1d", VID, AFFECT, 31_301_151, 31e6),  # paper: 31M
+    ],
+)
+def test_resnet_param_counts(name, shape, head, expected, paper):
+    n = _count(name, shape, head=head)
+    assert n == expected
+    if paper:
+        assert abs(n / paper - 1) < 0.03
+
+
+def test_resnet_counts_match_independent_formulas():
+    convs, shortcuts = _resnet18_convs()
+    bn = 2 * (64 + sum(4 * w for w in (64, 128, 256, 512)) + sum(w for _, w in shortcuts))
+    fc = 512 * 1000 + 1000
+    short = sum(ci * co for ci, co in shortcuts)
+    dense = sum(counting.dense_params(ci, co, (k, k)) for ci, co, k in convs)
+    assert dense + short + bn + fc == 11_689_512
+    cp = sum(counting.cp_params(ci, co, (k, k), counting.cp_rank_for_budget(ci, co, (k, k))) for ci, co, k in convs)
+    assert cp + short + bn + fc == _count("resnet18_hocp", IMG, head=IMAGENET)
+    dense3d = sum(counting.dense_params(ci, co, (3, k, k)) for ci, co, k in convs)
+    assert dense3d + short + bn + fc == _count("resnet18_3d", VID, head=IMAGENET)
+    # from-scratch 3-D HO-CP: every CPConv gets a (3, R) temporal factor, nothing else changes
+    ranks = [counting.cp_rank_for_budget(ci, co, (k, k)) for ci, co, k in convs]
+    assert _count("resnet18_hocp", VID, head=IMAGENET) == cp + short + bn + fc + 3 * sum(ranks)
+
+
+def test_r2plus1d_midplanes():
+    assert midplanes(64, 64) == 144 and midplanes(64, 128) == 230 and midplanes(128, 128) == 288
+    p = abstract_variables(get_model("resnet18_2plus1d"), VID)["params"]
+    assert p["stem"]["spatial"]["conv"]["kernel"].shape == (1, 7, 7, 3, 45)
+    assert p["layer2_0"]["conv2"]["spatial"]["conv"]["kernel"].shape == (1, 3, 3, 128, 230)  # block rule
+    assert p["layer2_0"]["conv2"]["temporal"]["conv"]["kernel"].shape == (3, 1, 1, 230, 128)
+    p = abstract_variables(get_model("resnet18_2plus1d", midplanes="conv"), VID)["params"]
+    assert p["layer2_0"]["conv2"]["spatial"]["conv"]["kernel"].shape == (1, 3, 3, 128, 288)
+    assert _count("resnet18_2plus1d", VID, midplanes="conv") == 33_166_665
+
+
+def _conv_leaf_count(params, keys):
+    return sum(
+        leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if path[0].key.startswith("conv") and path[-1].key in keys
+    )
+
+
+def test_jester_conv_param_counts():
+    channels = [(3, 64), (64, 128), (128, 256), (256, 256)]
+    dense = abstract_variables(get_model("jester"), (1, 18, 84, 84, 3))["params"]
+    assert _conv_leaf_count(dense, ("kernel",)) == 2_880_576 == sum(counting.dense_params(a, b, (3, 3, 3)) for a, b in channels)
+    cp_formula = sum(counting.cp_params(a, b, (3, 3, 3), 6 * a) for a, b in channels)
+    for name in ("jester_hocp", "jester_hocp_s"):
+        p = abstract_variables(get_model(name), (1, 18, 84, 84, 3))["params"]
+        assert _conv_leaf_count(p, CP_LEAVES) == 1_183_338 == cp_formula
+        assert p["conv4"]["factor_t"].shape == (3, 6 * 256)
+    # -S: skip factors and PReLU slopes (psi after the contraction, h and w) come on top
+    assert _conv_leaf_count(p, ("factor_skip",)) == sum(a * b for a, b in channels) == 106_688
+    assert _conv_leaf_count(p, ("alpha",)) == 3 * sum(6 * a for a, _ in channels) == 8_118
+
+
+def test_mobilenet_param_counts():
+    dense = _count("mobilenet_v2", (1, 32, 32, 3))
+    hocp = _count("mobilenet_v2_hocp", (1, 32, 32, 3))
+    assert dense == 2_296_922  # kuangliu/pytorch-cifar MobileNetV2
+    assert hocp == 2_296_922
+    assert abs(dense / 2.30e6 - 1) < 0.01 and abs(hocp / 2.29e6 - 1) < 0.01
+    p = abstract_variables(get_model("mobilenet_v2_hocp"), (1, 32, 32, 3))["params"]["block2_0"]["cpconv"]
+    assert p["factor_h"].shape == (3, 96) and p["factor_w"].shape == (3, 96) and p["factor_in"].shape == (16, 96)
+    # without lambda the HO-CP block is sum(R) smaller: the paper's 2.29M
+    ranks = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(
+        abstract_variables(get_model("mobilenet_v2_hocp"), (1, 32, 32, 3))["params"]) if path[-1].key == "lambda")
+    assert hocp - ranks == 2_289_786
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+def _variables(model, x, seed=0):
+    """Variables with the shapes ``model.init`` gives (traced by eval_shape) filled with cheap
+    numpy noise: the real initialisers would compile dozens of XLA programs on CPU."""
+    abstract = abstract_variables(model, x.shape)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if path[0].key == "batch_stats":
+            return jnp.full(leaf.shape, 1.0 if path[-1].key == "var" else 0.0)
+        return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+INPUTS = {
+    "resnet18": (2, 32, 32, 3), "resnet18_3d": (2, 2, 32, 32, 3), "resnet18_2plus1d": (2, 2, 32, 32, 3),
+    "resnet18_hocp": (2, 32, 32, 3), "jester": (2, 16, 16, 16, 3), "jester_hocp": (2, 16, 16, 16, 3),
+    "jester_hocp_s": (2, 16, 16, 16, 3), "mobilenet_v2": (2, 16, 16, 3), "mobilenet_v2_hocp": (2, 16, 16, 3),
+}
+
+
+def test_every_model_has_inputs():
+    assert set(INPUTS) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_train_eval_jit(name):
+    shape = INPUTS[name]
+    model = get_model(name, tiny=True, head=dict(n_outputs=2, n_classes=3))
+    x = jax.random.normal(jax.random.key(1), shape)
+    v = _variables(model, x)
+    lead = shape[:2] if len(shape) == 5 and not name.startswith("jester") else shape[:1]
+
+    @jax.jit
+    def eval_and_train(v, x):
+        return model.apply(v, x), model.apply(v, x, train=True, mutable=["batch_stats"])
+
+    y, (yt, upd) = eval_and_train(v, x)
+    assert y["va"].shape == lead + (2,) and y["logits"].shape == lead + (3,)
+    assert yt["logits"].shape == y["logits"].shape
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], upd["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    assert not np.allclose(yt["va"], y["va"])  # batch statistics vs running averages
+
+
+# ---------------------------------------------------------------------------- video semantics
+
+
+def _add_delta_time(tree, k=3):
+    """Adds a delta temporal factor to every CP conv dict (identity along time)."""
+    if isinstance(tree, dict):
+        out = {key: _add_delta_time(val, k) for key, val in tree.items()}
+        if "factor_h" in tree:
+            r = tree["lambda"].shape[0]
+            out["factor_t"] = jnp.zeros((k, r)).at[k // 2].set(1.0)
+        return out
+    return tree
+
+
+@pytest.mark.parametrize("trl", [False, True])
+def test_hocp_resnet_images_and_per_frame_video(trl):
+    model = get_model("resnet18_hocp", tiny=True, head=dict(trl=trl))
+    imgs = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
+    v = _variables(model, imgs)
+    y_img = jax.jit(model.apply)(v, imgs)["va"]
+    assert y_img.shape == (6, 2)
+    # a delta temporal factor makes the video model a frame-by-frame static model: the stem
+    # pool, strides and head must not mix or pool time
+    v3 = {"params": _add_delta_time(v["params"]), "batch_stats": v["batch_stats"]}
+    y_vid = jax.jit(model.apply)(v3, imgs.reshape(2, 3, 32, 32, 3))["va"]
+    assert y_vid.shape == (2, 3, 2)
+    np.testing.assert_allclose(y_vid.reshape(6, 2), y_img, rtol=1e-4, atol=1e-5)
+
+
+def test_hocp_resnet_from_scratch_video():
+    model = get_model("resnet18_hocp", tiny=True, psi="bn_relu")
+    vid = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3))
+    v = _variables(model, vid)  # init traced on video
+    assert v["params"]["layer1_0"]["conv1"]["factor_t"].shape[0] == 3
+    assert "factor_t" not in v["params"]["layer2_0"]["shortcut"]  # dense 1x1, applied per frame
+
+    @jax.jit
+    def run(v, x):
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[0], model.apply(v, x), model.apply(v, x.at[:, 0].set(0.0))
+
+    yt, y, y0 = run(v, vid)
+    assert yt["va"].shape == y["va"].shape == (2, 4, 2)
+    # frames interact now (the temporal factor is not a delta): changing frame 0 moves frame 1
+    assert not np.allclose(y0["va"][:, 1], y["va"][:, 1])
+
+
+def test_static_tree_on_video_raises():
+    model = get_model("resnet18_hocp", tiny=True)
+    v = _variables(model, jnp.ones((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match=r"layer 'stem' has no 'factor_t'.*transduce"):
+        model.apply(v, jnp.ones((1, 2, 16, 16, 3)))
+
+
+@pytest.mark.parametrize(
+    "name,shape,match",
+    [
+        ("resnet18", (1, 2, 16, 16, 3), r"ResNet\(conv='dense2d'\): x has shape \(1, 2, 16, 16, 3\).*\(batch, H, W, C\)"),
+        ("resnet18_3d", (1, 16, 16, 3), r"ResNet\(conv='dense3d'\).*\(batch, T, H, W, C\)"),
+        ("resnet18_2plus1d", (1, 16, 16, 3), r"ResNet\(conv='2plus1d'\).*\(batch, T, H, W, C\)"),
+        ("resnet18_hocp", (16, 16, 3), r"ResNet\(conv='hocp'\).*images or \(batch, T, H, W, C\) videos"),
+        ("jester", (1, 16, 16, 3), r"JesterNet\(conv='dense'\).*\(batch, T, H, W, C\)"),
+        ("jester_hocp", (1, 8, 16, 16, 3), r"JesterNet\(conv='hocp'\).*must be >= 16"),
+        ("mobilenet_v2", (1, 2, 16, 16, 3), r"MobileNetV2\(conv='dense'\).*\(batch, H, W, C\)"),
+    ],
+)
+def test_wrong_input_rank_raises(name, shape, match):
+    with pytest.raises(ValueError, match=match):
+        abstract_variables(get_model(name, tiny=True), shape)
+
+
+# ---------------------------------------------------------------------------- heads, registry
+
+
+def test_bounded_head_is_tanh_of_unbounded():
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3)) * 10
+    free, bounded = (get_model("mobilenet_v2", tiny=True, head=dict(n_outputs=2, n_classes=10, bounded=b)) for b in (False, True))
+    v = _variables(free, x)
+    y, yb = free.apply(v, x), bounded.apply(v, x)
+    assert set(y) == {"va", "logits"} and y["logits"].shape == (2, 10)
+    np.testing.assert_allclose(yb["va"], np.tanh(y["va"]), rtol=1e-5, atol=1e-6)
+
+
+def test_head_and_registry_validation():
+    with pytest.raises(ValueError, match="n_outputs=0 and n_classes=0"):
+        HeadConfig(n_outputs=0)
+    with pytest.raises(ValueError, match="head.trl"):
+        HeadConfig(trl="svd")
+    with pytest.raises(ValueError, match="unknown keys"):
+        get_model("resnet18", head=dict(classes=3))
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("resnet50")
+    with pytest.raises(ValueError, match="conv="):
+        abstract_variables(get_model("resnet18", conv="sparse"), (1, 16, 16, 3))
+    model = get_model("resnet18", tiny=True, head=dict(n_outputs=0, n_classes=4))
+    assert set(abstract_variables(model, (1, 16, 16, 3))["params"]["head"]) == {"logits"}

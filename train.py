@@ -1,0 +1,36 @@
+"""hocp-jax training program.
+
+    python train.py --config configs/default.py --workdir /tmp/hocp [--config.key=value ...]
+
+``--config`` is an ml_collections config file (``configs/*.py``); dotted overrides are
+checked against it (an unknown key is an error). ``--workdir`` receives checkpoints, logs,
+``results.json``/``results.md`` and plots; re-running the same command resumes. Multi-host:
+set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host
+(see README); single host needs nothing.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from hocp_jax.training import jobs
+from hocp_jax.training.sharding import maybe_initialize_distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    maybe_initialize_distributed()
+    config = _CONFIG.value
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    if not config.data.data_dir:
+        config.data.data_dir = os.path.join(workdir, "data")
+    jobs.run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -178,9 +178,9 @@ def _add_delta_time(tree, k=3):
     return tree
 
 
-@pytest.mark.parametrize("trl", [False, True])
-def test_hocp_resnet_images_and_per_frame_video(trl):
-    model = get_model("resnet18_hocp", tiny=True, head=dict(trl=trl))
+@pytest.mark.parametrize("name,trl", [("resnet18_hocp", False), ("resnet18_hocp", True), ("mobilenet_v2_hocp", False)])
+def test_hocp_images_and_per_frame_video(name, trl):
+    model = get_model(name, tiny=True, head=dict(trl=trl))
     imgs = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
     v = _variables(model, imgs)
     y_img = jax.jit(model.apply)(v, imgs)["va"]

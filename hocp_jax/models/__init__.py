@@ -40,12 +40,17 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], dict[str, Any]]] = {
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def _tuples(value):
+    """Lists (e.g. from a ConfigDict) to tuples, so module fields stay hashable."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def get_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
     """Builds model ``name`` (one of ``MODELS``); ``tiny`` for tests; ``kwargs`` override fields."""
     if name not in _REGISTRY:
         raise ValueError(f"name={name!r}: unknown model; expected one of {MODELS}")
     cls, fields, tiny_fields = _REGISTRY[name]
-    fields = fields | (tiny_fields if tiny else {}) | kwargs
+    fields = fields | (tiny_fields if tiny else {}) | {k: _tuples(v) for k, v in kwargs.items()}
     if "head" in fields:
         fields["head"] = HeadConfig.of(fields["head"])
     return cls(**fields)

@@ -42,6 +42,8 @@ class HeadConfig:
     trl_rank: int | tuple[int, ...] = 16
 
     def __post_init__(self):
+        if isinstance(self.trl_rank, list):  # e.g. from a ConfigDict; keep the config hashable
+            object.__setattr__(self, "trl_rank", tuple(self.trl_rank))
         for name in ("n_outputs", "n_classes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

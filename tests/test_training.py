@@ -308,3 +308,37 @@ if __name__ == "__main__":
                        ("--workdir", str), ("--out", str)):
         parser.add_argument(flag, type=kind)
     script(parser.parse_args())
+
+
+def test_fit_does_not_consume_init_variables(tmp_path):
+    """fit donates its state; the caller's init_variables (jax arrays) must survive."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from hocp_jax.training import fit
+
+    class Lin(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return {"va": nn.Dense(2)(x)}
+
+    class It:
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            self.i += 1
+            return {"image": np.ones((4, 3), np.float32), "va": np.zeros((4, 2), np.float32)}
+
+        def get_state(self):
+            return {"i": self.i}
+
+        def set_state(self, s):
+            self.i = s["i"]
+
+    model = Lin()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    loss = lambda out, batch, key: (jnp.mean((out["va"] - batch["va"]) ** 2), {})  # noqa: E731
+    fit(model, loss, optax.sgd(0.1), It, dict(num_steps=2, seed=0, checkpoint_every=2), str(tmp_path),
+        init_variables=variables)
+    assert all(not x.is_deleted() for x in jax.tree.leaves(variables))

@@ -119,7 +119,9 @@ def fit(
     if init_variables is None:
         x = model_input(next(make_train_iter()))
         init_variables = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))(init_key, x)
-    state = put_replicated(TrainState.create(dict(init_variables), tx, base_key), mesh)
+    # Host copies: the step donates its state, which must never delete the caller's arrays.
+    init_variables = jax.tree.map(np.array, dict(init_variables))
+    state = put_replicated(TrainState.create(init_variables, tx, base_key), mesh)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c["checkpoint_every"],
                         keep=c["keep_checkpoints"], async_save=c["async_checkpointing"])

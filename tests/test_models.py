@@ -137,14 +137,22 @@ INPUTS = {
     "resnet18": (2, 32, 32, 3), "resnet18_3d": (2, 2, 32, 32, 3), "resnet18_2plus1d": (2, 2, 32, 32, 3),
     "resnet18_hocp": (2, 32, 32, 3), "jester": (2, 16, 16, 16, 3), "jester_hocp": (2, 16, 16, 16, 3),
     "jester_hocp_s": (2, 16, 16, 16, 3), "mobilenet_v2": (2, 16, 16, 3), "mobilenet_v2_hocp": (2, 16, 16, 3),
+    "bregnet39": (2, 16, 16, 1), "bregnet39_hocp": (2, 16, 16, 1), "resnet110": (2, 16, 16, 1),
 }
+AVCE = ("avce_alexnet", "avce_resnet18", "avce_resnet18_hocp")  # no Head: tested in tests/test_avce.py
 
 
 def test_every_model_has_inputs():
-    assert set(INPUTS) == set(MODELS)
+    assert set(INPUTS) | set(AVCE) == set(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
+def test_avce_models_build_from_registry():
+    for name in AVCE:
+        v = abstract_variables(get_model(name, tiny=True), (2, 32, 32, 3))
+        assert count_params(v["params"]) > 0
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
 def test_forward_train_eval_jit(name):
     shape = INPUTS[name]
     model = get_model(name, tiny=True, head=dict(n_outputs=2, n_classes=3))

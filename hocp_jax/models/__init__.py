@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from hocp_jax.models import avce, bregnet
 from hocp_jax.models.common import abstract_variables, count_params
 from hocp_jax.models.heads import Head, HeadConfig
 from hocp_jax.models.jester import JesterNet
@@ -37,6 +38,13 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], dict[str, Any]]] = {
     "mobilenet_v2": (MobileNetV2, dict(conv="dense"), _TINY_MOBILENET),
     "mobilenet_v2_hocp": (MobileNetV2, dict(conv="hocp"), _TINY_MOBILENET),
 }
+_REGISTRY.update(bregnet.REGISTRY)
+_TINY_AVCE = dict(head_hidden=32)
+_REGISTRY.update({
+    "avce_alexnet": (avce.avce_alexnet, {}, _TINY_AVCE | dict(widths=(8, 16, 16, 16, 16))),
+    "avce_resnet18": (avce.avce_resnet18, dict(conv="dense2d"), _TINY_AVCE | dict(backbone=_TINY_RESNET)),
+    "avce_resnet18_hocp": (avce.avce_resnet18, dict(conv="hocp"), _TINY_AVCE | dict(backbone=_TINY_RESNET)),
+})
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
 
 

@@ -11,6 +11,7 @@ which may need TensorFlow on that machine).
 Datasets (``name`` or ``name/config``):
   digits_affect, moving_digits   embedded, built offline on first use
   afew_va, affectnet, fer2013    from manual_dir (see each module)
+  jester                         from manual_dir (see hocp_jax/data/jester.py)
   anything else                  the TFDS catalog, e.g. "cifar10"
 Batches are dicts of numpy arrays: uint8 images/videos become float32 in
 [0, 1] ("image" (B, H, W, C) or "video" (B, T, H, W, C)), "va" float32
@@ -30,9 +31,11 @@ from hocp_jax.data.afew_va import AfewVa
 from hocp_jax.data.affectnet import Affectnet
 from hocp_jax.data.embedded import DigitsAffect, MovingDigits
 from hocp_jax.data.fer2013 import Fer2013
+from hocp_jax.data.jester import Jester
 
 BUILDERS = {"digits_affect": DigitsAffect, "moving_digits": MovingDigits,
-            "afew_va": AfewVa, "affectnet": Affectnet, "fer2013": Fer2013}
+            "afew_va": AfewVa, "affectnet": Affectnet, "fer2013": Fer2013,
+            "jester": Jester}
 EMBEDDED = ("digits_affect", "moving_digits")
 
 
@@ -53,7 +56,7 @@ def get_builder(name: str, data_dir, *, config=None) -> tfds.core.DatasetBuilder
 def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.DatasetBuilder:
     """Prepares a project dataset under data_dir (no-op if already there).
 
-    manual_dir: folder with the downloaded files of afew_va/affectnet/fer2013
+    manual_dir: folder with the downloaded files of afew_va/affectnet/fer2013/jester
     (default <data_dir>/downloads/manual); FileNotFoundError naming the
     expected path when they are missing.
     """

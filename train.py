@@ -11,7 +11,8 @@ set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on
 
 import os
 
-from absl import app, flags
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hocp_jax.training import jobs
@@ -24,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines drown the progress bars
+    tfds.display_progress_bar(False)
     maybe_initialize_distributed()
     config = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hocp_jax import losses, metrics, optim, transforms
+from hocp_jax import contrastive, losses, metrics, optim, transforms
 from hocp_jax.data import pipeline
-from hocp_jax.models import count_params, get_model
+from hocp_jax.models import bregnet, count_params, get_model
 from hocp_jax.training import plots
 from hocp_jax.training.loop import evaluate, fit
 from hocp_jax.training.schedules import make_optimizer, make_schedule
@@ -70,8 +70,33 @@ def loss_fn(outputs: dict, batch: dict, key: jax.Array, *, cfg) -> tuple[jax.Arr
     return total, terms
 
 
-def metric_fn(outputs: dict, batch: dict) -> dict:
-    """RMSE/SAGR/PCC/CCC per target over the whole set (frames of all clips), + accuracy."""
+LOSSES = ("affect", "bregnet", "avce")
+
+
+def make_loss(config, data: "Data"):
+    """``loss_fn(outputs, batch, key)`` for ``config.loss.kind`` (one of ``LOSSES``).
+
+    ``affect``: :func:`loss_fn`; ``bregnet``: class-weighted CE (H_ii = f_min / f_i from the
+    training split's label counts, or ``loss.class_counts``) + MSE on valence/arousal;
+    ``avce``: :func:`hocp_jax.contrastive.make_avce_loss` with ``loss.avce`` options.
+    """
+    kind = config.loss.get("kind", "affect")
+    if kind == "affect":
+        return functools.partial(loss_fn, cfg=config.loss)
+    if kind == "bregnet":
+        weights = None
+        if config.loss.class_weighted:
+            counts = list(config.loss.get("class_counts", [])) or data.label_counts()
+            weights = losses.class_weights(np.asarray(counts))
+        return functools.partial(bregnet.bregnet_loss, class_weights=weights, va_weight=config.loss.va_weight)
+    if kind == "avce":
+        return contrastive.make_avce_loss(**dict(config.loss.avce))
+    raise ValueError(f"config.loss.kind={kind!r}: expected one of {LOSSES}")
+
+
+def metric_fn(outputs: dict, batch: dict, *, skew_repeats: int = 0) -> dict:
+    """RMSE/SAGR/PCC/CCC per target over the whole set (frames of all clips), + categorical
+    metrics (and their skew-normalised versions over ``skew_repeats`` balanced subsamples)."""
     out = {}
     mask = batch.get("mask")
     if "va" in outputs and "va" in batch:
@@ -83,12 +108,26 @@ def metric_fn(outputs: dict, batch: dict) -> dict:
         logits = _flat(outputs["logits"])
         labels = np.repeat(batch["label"], logits.shape[0] // batch["label"].shape[0])
         m = None if mask is None else np.repeat(mask, logits.shape[0] // mask.shape[0]) > 0
-        cm = metrics.confusion_matrix(labels, np.argmax(logits, -1), logits.shape[-1], mask=m)
+        preds = np.argmax(logits, -1)
+        cm = metrics.confusion_matrix(labels, preds, logits.shape[-1], mask=m)
         out |= {f"class_{k}": float(v) for k, v in metrics.classification_metrics(cm).items() if np.ndim(v) == 0}
+        if skew_repeats:
+            keep = np.ones_like(labels, bool) if m is None else np.asarray(m)
+            skew = metrics.skew_normalized_metrics(labels[keep], preds[keep], logits.shape[-1], n_repeats=skew_repeats)
+            out |= {f"skew_{k}": float(v) for k, v in skew.items() if np.ndim(v) == 0}
     return out
 
 
 # ----------------------------------------------------------------------------- stages
+
+
+def _manual_dir(root: str | None, name: str) -> str | None:
+    """``<root>/<dataset name>`` when that folder exists (jobs with two real datasets, e.g.
+    AffectNet -> AFEW-VA), else ``root`` itself; ``None`` for an empty root."""
+    if not root:
+        return None
+    sub = os.path.join(root, name.split("/")[0])
+    return sub if os.path.isdir(sub) else root
 
 
 class Data:
@@ -97,7 +136,7 @@ class Data:
     def __init__(self, cfg, name: str):
         self.name, self.cfg = name, cfg
         self.data_dir = cfg.data_dir
-        self.manual_dir = cfg.get("manual_dir")
+        self.manual_dir = _manual_dir(cfg.get("manual_dir"), name)
 
     def source(self, split: str):
         return pipeline.data_source(self.name, split, self.data_dir, manual_dir=self.manual_dir)
@@ -110,6 +149,12 @@ class Data:
         return pipeline.eval_batches(self.name, split, self.data_dir, batch_size=self.cfg.eval_batch_size,
                                      manual_dir=self.manual_dir)
 
+    def label_counts(self) -> list[int]:
+        """Examples per class in the training split (for BReG-Net's class weights)."""
+        source = self.source("train")
+        labels = np.asarray([int(source[i]["label"]) for i in range(len(source))])
+        return np.bincount(labels).tolist()
+
     def steps_per_epoch(self) -> int:
         return pipeline.steps_per_epoch(self.source("train"), batch_size=self.cfg.batch_size)
 
@@ -121,7 +166,7 @@ def _fit_cfg(config, stage_cfg, stage: str) -> dict:
 
 
 def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
-                l1_gamma: float = 0.0) -> TrainState:
+                l1_gamma: float = 0.0, loss=None) -> TrainState:
     """One :func:`fit` run. ``tx_fn(tx) -> tx`` wraps the optimizer (e.g. freezing)."""
     stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
     opt_cfg = dict(config.optimizer) | dict(stage_cfg.get("optimizer", {})) | {"steps_per_epoch": data.steps_per_epoch()}
@@ -132,19 +177,20 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     if tx_fn is not None:
         tx = tx_fn(tx)
     reg = functools.partial(optim.l1_lambda, gamma=l1_gamma) if l1_gamma > 0 else None
-    return fit(model, functools.partial(loss_fn, cfg=config.loss), tx, lambda: data.train_iter(config.seed),
+    loss = functools.partial(loss_fn, cfg=config.loss) if loss is None else loss
+    return fit(model, loss, tx, lambda: data.train_iter(config.seed),
                _fit_cfg(config, stage_cfg, stage), os.path.join(workdir, stage), reg_fn=reg,
                init_variables=init_variables)
 
 
-def evaluate_variables(model, variables: dict, data: Data, split: str) -> tuple[dict, dict]:
+def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
     """Metrics on ``split`` and the first eval batch's outputs (for plots)."""
     mesh = make_data_mesh()
     state = put_replicated(TrainState.create(variables, optax.identity(), jax.random.key(0)), mesh)
     step = jax.jit(make_eval_step(model))
     batches = list(data.eval_batches(split))
     first = jax.device_get(step(state, batches[0]))
-    return evaluate(step, state, batches, metric_fn, mesh), first
+    return evaluate(step, state, batches, functools.partial(metric_fn, skew_repeats=skew_repeats), mesh), first
 
 
 def _variables(state: TrainState) -> dict:
@@ -215,11 +261,13 @@ def run_supervised(config, workdir: str) -> dict:
     """Train ``config.model`` on ``config.data.static`` with ``config.static``; evaluate."""
     data = Data(config.data, config.data.static)
     model = _model(config.model)
-    state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma)
+    state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma,
+                        loss=make_loss(config, data))
     variables = _variables(state)
-    m, _ = evaluate_variables(model, variables, data, config.data.eval_split)
+    m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
-    report = optim.sparsity_report(variables["params"], tol=config.sparsity_tol) if transforms.cp_layers(variables["params"]) else None
+    has_cp = bool(transforms.cp_layers(variables["params"]))
+    report = optim.sparsity_report(variables["params"], tol=config.sparsity_tol) if has_cp else None
     _write(workdir, rows, report, config)
     return rows
 
@@ -239,7 +287,8 @@ def format_table(rows: dict) -> str:
     """Markdown table of the rows (regression metrics per target, then class accuracy)."""
     cols = [c for c in ("params", "video_trained_params") if any(c in r for r in rows.values())]
     cols += [f"{t}_{m}" for t in TARGETS for m in ("rmse", "sagr", "pcc", "ccc") if any(f"{t}_{m}" in r for r in rows.values())]
-    cols += [c for c in ("class_accuracy", "class_f1") if any(c in r for r in rows.values())]
+    cols += [c for c in ("class_accuracy", "class_f1", "class_kappa", "skew_accuracy", "skew_f1", "skew_kappa")
+             if any(c in r for r in rows.values())]
     fmt = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.3f}"  # noqa: E731
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(r[c]) if c in r else "" for c in cols) + " |" for name, r in rows.items()]

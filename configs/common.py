@@ -1,0 +1,52 @@
+"""Pieces shared by the experiment configs (``configs/*.py`` import it; ``train.py`` runs from
+the repository root, so ``configs`` is importable).
+
+Every paper config takes an optional argument after a colon; ``:smoke`` swaps in the embedded
+``digits_affect`` / ``moving_digits`` data, the tiny model and a few steps, so each config
+can be checked on a fresh machine with no download, e.g.
+
+    python train.py --config configs/affectnet.py:smoke --workdir /tmp/smoke
+"""
+
+from ml_collections import ConfigDict
+
+TINY_RESNET = dict(stage_sizes=[1, 1, 1, 1], widths=[8, 8, 16, 16], stem_kernel=3)
+
+
+def base(job: str = "supervised") -> ConfigDict:
+    """Keys every job reads (see hocp_jax/training/jobs.py)."""
+    c = ConfigDict()
+    c.job = job
+    c.seed = 0
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.log_every = 50
+    c.sparsity_tol = 1e-6
+    c.skew_repeats = 0
+    c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
+                             batch_size=32, eval_batch_size=64, eval_split="test"))
+    c.model = ConfigDict(dict(name="resnet18_hocp", kwargs=dict(head=dict(n_outputs=2, n_classes=0, bounded=True))))
+    c.loss = ConfigDict(dict(kind="affect", va_weight=1.0, shake_shake=True, weights=[1.0, 1.0, 1.0],
+                             ce_weight=0.0, class_weights=[], l1_gamma=0.0, l1_prox=True))
+    c.optimizer = ConfigDict(dict(name="adam", learning_rate=1e-3, schedule="step", decay_every_epochs=15,
+                                  decay_factor=0.1, weight_decay=0.0))
+    c.static = ConfigDict(dict(num_steps=1000))
+    return c
+
+
+def smoke(c: ConfigDict, *, video: bool = False, model_kwargs: dict | None = None) -> ConfigDict:
+    """The same job on the embedded data with a tiny model and a handful of steps."""
+    c.data.static = "digits_affect"
+    c.data.video = "moving_digits"
+    c.data.manual_dir = ""
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 64
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.static.num_steps = 10
+    if model_kwargs is not None:
+        c.model.kwargs = ConfigDict(model_kwargs)
+    if video:
+        c.stage1.num_steps = c.stage2.num_steps = 5
+        c.baseline.num_steps = 5
+    return c

@@ -134,3 +134,73 @@ def tucker_flops(
 def cp_reconstruct_flops(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank: int) -> int:
     """FLOPs to build the dense kernel from CP factors (paid once per call, not per example)."""
     return 2 * rank * in_channels * out_channels * int(np.prod(kernel_size))
+
+
+# ----------------------------------------------------------------------------- cost model
+
+BYTES_TO_FLOPS = 24.0
+"""FLOP-equivalents of one byte moved by a memory-bound op (elementwise/depthwise/1x1 I/O).
+
+Calibrated on the 2-core AMD EPYC of benchmarks/RESULTS.md: the fused depthwise 1-D convs of
+the (64,128)@9x42x42 Jester layer take as long as a dense conv doing ~24x their bytes in FLOPs.
+"""
+
+CONV_FULL_SPEED_CHANNELS = 32
+"""A dense conv with fewer than this many input or output channels runs proportionally below
+peak on CPU (measured: the (3, 64) Jester conv reaches ~1/10 of the FLOP rate of the (64, 128)
+one), so its FLOPs are scaled by ``CONV_FULL_SPEED_CHANNELS / min(C_in, C_out)``."""
+
+
+def cp_path_costs(
+    batch: int,
+    in_sizes: Sequence[int],
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    rank: int,
+    *,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+    order: Sequence[int] | None = None,
+) -> dict[str, dict[str, float] | float]:
+    """Forward cost of the two CP paths for a batch: ``{"factorized": c, "reconstructed": c, "detail": ...}``.
+
+    ``cost = flops_eff + BYTES_TO_FLOPS * bytes`` (float32 bytes of every activation read and
+    written by each op; weights ignored except the reconstructed kernel).
+
+    * factorized: ``batch * cp_flops``; bytes: 1x1 in (x read, h written), each 1-D conv
+      (input and output, at the sizes after the earlier modes' strides), 1x1 out.
+    * reconstructed: ``batch * dense_flops`` scaled for channel-starved convs (see
+      :data:`CONV_FULL_SPEED_CHANNELS`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
+
+    ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
+    twice the forward for both paths, so the forward comparison decides.
+    """
+    n = len(kernel_size)
+    outs = _geometry(in_sizes, kernel_size, stride, padding, dilation)
+    order = tuple(range(n)) if order is None else tuple(order)
+    p_in, p_out = int(np.prod(in_sizes)), int(np.prod(outs))
+    f_flops = batch * cp_flops(in_sizes, in_channels, out_channels, kernel_size, rank, stride=stride, padding=padding,
+                               dilation=dilation, order=order)
+    sizes = list(in_sizes)
+    elems = p_in * (in_channels + rank)
+    for i in order:
+        before = int(np.prod(sizes))
+        sizes[i] = outs[i]
+        elems += (before + int(np.prod(sizes))) * rank
+    elems += p_out * (rank + out_channels)
+    f_bytes = 4.0 * batch * elems
+    r_flops = batch * dense_flops(in_sizes, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                  dilation=dilation)
+    r_flops_eff = r_flops * max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels))
+    r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
+    r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)
+    return {
+        "factorized": f_flops + BYTES_TO_FLOPS * f_bytes,
+        "reconstructed": r_flops_eff + BYTES_TO_FLOPS * r_bytes,
+        "detail": {
+            "factorized": {"flops": float(f_flops), "bytes": f_bytes},
+            "reconstructed": {"flops": float(r_flops), "bytes": r_bytes},
+        },
+    }

@@ -88,7 +88,7 @@ def test_cp_conv_matches_dense(sizes, ks, stride, dil, padding):
     # the lax oracle with lax's own padding string where there is one
     lax_padding = padding if padding in ("SAME", "VALID") else pads
     np.testing.assert_allclose(resolve_padding(padding, sizes, ks, strides, dils), pads)
-    for impl in ("factorized", "reconstructed"):
+    for impl in conv.IMPLEMENTATIONS:
         y = conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dil, implementation=impl)
         assert y.shape == expected.shape
         np.testing.assert_allclose(y, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())

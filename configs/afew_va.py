@@ -24,9 +24,9 @@ def get_config(arg: str = ""):
     c.transduction = ConfigDict(dict(modes={"t": 3}, init="ones", dense="keep"))
     c.stage1 = ConfigDict(dict(num_steps=5000, optimizer=dict(learning_rate=1e-3)))
     c.stage2 = ConfigDict(dict(num_steps=5000, optimizer=dict(learning_rate=1e-4)))
-    c.baseline = ConfigDict(dict(models=["resnet18_3d", "resnet18_2plus1d"], num_steps=10000, kwargs=dict(head=head)))
+    c.baseline = ConfigDict(dict(models=("resnet18_3d", "resnet18_2plus1d"), num_steps=10000, kwargs=dict(head=head)))
     if arg == "smoke":
         common.smoke(c, video=True, model_kwargs=dict(common.TINY_RESNET, head=head))
         c.baseline.kwargs = ConfigDict(dict(common.TINY_RESNET, head=head))
-        c.baseline.models = ["resnet18_3d"]
+        c.baseline.models = ("resnet18_3d",)
     return c

@@ -28,6 +28,6 @@ def get_config(arg: str = "resnet18"):
     c.optimizer.learning_rate = 1e-4
     c.static.num_steps = 50_000
     if "smoke" in args:
-        tiny = dict(widths=[8, 16, 16, 16, 16]) if backbone == "alexnet" else dict(backbone=common.TINY_RESNET)
+        tiny = dict(widths=(8, 16, 16, 16, 16)) if backbone == "alexnet" else dict(backbone=common.TINY_RESNET)
         common.smoke(c, model_kwargs=dict(tiny, head_hidden=32, bounded=True))
     return c

@@ -39,6 +39,6 @@ def get_config(arg: str = "fer2013"):
     c.skew_repeats = 200 if head["n_classes"] else 0
     if "smoke" in args:
         tiny_head = dict(head, n_classes=10) if head["n_classes"] else head
-        common.smoke(c, model_kwargs=dict(stage_sizes=[1, 1, 1], widths=[8, 16, 32], head_hidden=16, shortcut="h3", head=tiny_head))
+        common.smoke(c, model_kwargs=dict(stage_sizes=(1, 1, 1), widths=(8, 16, 32), head_hidden=16, shortcut="h3", head=tiny_head))
         c.skew_repeats = 5 if head["n_classes"] else 0
     return c

@@ -23,7 +23,7 @@ def get_config(arg: str = "hocp"):
     c.model.kwargs = dict(head=dict(n_outputs=0, n_classes=10))
     c.loss.va_weight, c.loss.ce_weight = 0.0, 1.0
     c.optimizer = dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=4e-5 if variant == "dense" else 1e-4,
-                       schedule="piecewise", boundaries_epochs=[150, 250], decay_factor=0.1)
+                       schedule="piecewise", boundaries_epochs=(150, 250), decay_factor=0.1)
     c.static.num_steps = 400 * 390
     if "smoke" in args:
         tiny = dict(cfg=[[1, 8, 1, 1], [2, 8, 2, 1], [2, 16, 1, 2]], stem_features=8, last_features=32)

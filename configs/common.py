@@ -10,7 +10,7 @@ can be checked on a fresh machine with no download, e.g.
 
 from ml_collections import ConfigDict
 
-TINY_RESNET = dict(stage_sizes=[1, 1, 1, 1], widths=[8, 8, 16, 16], stem_kernel=3)
+TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_kernel=3)
 
 
 def base(job: str = "supervised") -> ConfigDict:
@@ -26,8 +26,8 @@ def base(job: str = "supervised") -> ConfigDict:
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
                              batch_size=32, eval_batch_size=64, eval_split="test"))
     c.model = ConfigDict(dict(name="resnet18_hocp", kwargs=dict(head=dict(n_outputs=2, n_classes=0, bounded=True))))
-    c.loss = ConfigDict(dict(kind="affect", va_weight=1.0, shake_shake=True, weights=[1.0, 1.0, 1.0],
-                             ce_weight=0.0, class_weights=[], l1_gamma=0.0, l1_prox=True))
+    c.loss = ConfigDict(dict(kind="affect", va_weight=1.0, shake_shake=True, weights=(1.0, 1.0, 1.0),
+                             ce_weight=0.0, class_weights=(), l1_gamma=0.0, l1_prox=True))
     c.optimizer = ConfigDict(dict(name="adam", learning_rate=1e-3, schedule="step", decay_every_epochs=15,
                                   decay_factor=0.1, weight_decay=0.0))
     c.static = ConfigDict(dict(num_steps=1000))

@@ -24,12 +24,12 @@ def get_config() -> ConfigDict:
     ))
     # A narrow ResNet-18-style HO-CP network (one block per stage) for 32x32 inputs.
     c.model = ConfigDict(dict(name="resnet18_hocp", kwargs=dict(
-        stage_sizes=[1, 1, 1, 1], widths=[16, 32, 32, 64], stem_kernel=3,
+        stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), stem_kernel=3,
         head=dict(n_outputs=2, n_classes=10, bounded=True),
     )))
     c.loss = ConfigDict(dict(
-        va_weight=1.0, shake_shake=True, weights=[1.0, 1.0, 1.0],
-        ce_weight=0.1, class_weights=[],
+        va_weight=1.0, shake_shake=True, weights=(1.0, 1.0, 1.0),
+        ce_weight=0.1, class_weights=(),
         l1_gamma=1e-3, l1_prox=True,
     ))
     c.optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, schedule="step", decay_every_epochs=15,
@@ -38,8 +38,8 @@ def get_config() -> ConfigDict:
     c.transduction = ConfigDict(dict(modes={"t": 3}, init="ones", dense="keep"))
     c.stage1 = ConfigDict(dict(num_steps=200, optimizer=dict(learning_rate=1e-2)))
     c.stage2 = ConfigDict(dict(num_steps=200, optimizer=dict(learning_rate=1e-3)))
-    c.baseline = ConfigDict(dict(models=["resnet18_3d"], num_steps=400, kwargs=dict(
-        stage_sizes=[1, 1, 1, 1], widths=[16, 32, 32, 64], stem_kernel=3,
+    c.baseline = ConfigDict(dict(models=("resnet18_3d",), num_steps=400, kwargs=dict(
+        stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), stem_kernel=3,
         head=dict(n_outputs=2, n_classes=10, bounded=True),
     )))
     return c

@@ -29,7 +29,7 @@ def get_config(arg: str = "hocp_s"):
                        decay_every_epochs=10, decay_factor=0.1)
     c.static.num_steps = 30 * 3700  # ~30 epochs of 118,562 clips at batch 32
     if "smoke" in args:
-        common.smoke(c, model_kwargs=dict(widths=[4, 8, 8], fc_features=16, head=dict(n_outputs=0, n_classes=10)))
+        common.smoke(c, model_kwargs=dict(widths=(4, 8, 8), fc_features=16, head=dict(n_outputs=0, n_classes=10)))
         c.data.static = "moving_digits"
         c.data.eval_split = "test"
     return c

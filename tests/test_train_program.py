@@ -1,0 +1,90 @@
+"""train.py end to end: the default job (shrunk), every paper config's smoke variant, bad input."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hocp_jax.training import jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHRINK = [
+    "--config.static.num_steps=6", "--config.stage1.num_steps=3", "--config.stage2.num_steps=3",
+    "--config.baseline.num_steps=3", "--config.log_every=3", "--config.checkpoint_every=3",
+    "--config.data.batch_size=8", "--config.model.kwargs.widths=(4,4,8,8)",
+    "--config.baseline.kwargs.widths=(4,4,8,8)",
+]
+
+
+def _train(workdir, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(workdir), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_default_job_end_to_end(tmp_path):
+    r = _train(tmp_path, *SHRINK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.load(open(tmp_path / "results.json"))["rows"]
+    assert list(rows) == ["static (per frame)", "transduced, stage 1 (temporal only)",
+                          "transduced, stage 2 (fine-tuned)", "from scratch: resnet18_3d"]
+    for row in rows.values():
+        for t in ("valence", "arousal"):
+            assert all(math.isfinite(row[f"{t}_{m}"]) for m in ("rmse", "sagr", "pcc", "ccc"))
+    # only the temporal factors were trained in stage 1
+    assert 0 < rows["transduced, stage 1 (temporal only)"]["video_trained_params"] < rows["static (per frame)"]["params"]
+    for name in ("va_over_time.png", "lambda_sparsity.png", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| static (per frame) |" in r.stdout
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    r = _train(tmp_path, "--config.static.num_stepz=3")
+    assert r.returncode != 0 and "num_stepz" in r.stderr
+
+
+def _config(module, arg=""):
+    sys.path.insert(0, ROOT)
+    try:
+        return importlib.import_module(f"configs.{module}").get_config(*([arg] if arg else []))
+    finally:
+        sys.path.remove(ROOT)
+
+
+def test_bad_values_give_clear_errors(tmp_path):
+    c = _config("affectnet", "smoke")
+    c.data.data_dir = str(tmp_path / "data")
+    c.model.name = "resnet19"
+    with pytest.raises(ValueError, match="resnet19"):
+        jobs.run(c, str(tmp_path / "a"))
+    c = _config("affectnet")  # real AffectNet, but its files are not there
+    c.data.data_dir, c.data.manual_dir = str(tmp_path / "data"), str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        jobs.run(c, str(tmp_path / "b"))
+    c = _config("affectnet", "smoke")
+    c.job = "pretrain"
+    with pytest.raises(ValueError, match="config.job"):
+        jobs.run(c, str(tmp_path / "c"))
+    c = _config("affectnet", "smoke")
+    c.loss.kind = "hinge"
+    c.data.data_dir = str(tmp_path / "data")
+    with pytest.raises(ValueError, match="config.loss.kind"):
+        jobs.run(c, str(tmp_path / "d"))
+
+
+SMOKE = [("affectnet", "smoke"), ("jester", "hocp_s,smoke"), ("cifar10", "hocp,smoke"),
+         ("bregnet", "fer2013,smoke"), ("avce", "alexnet,smoke"),
+         pytest.param("afew_va", "smoke", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("module,arg", SMOKE)
+def test_paper_config_smoke(module, arg, tmp_path):
+    c = _config(module, arg)
+    c.data.data_dir = str(tmp_path / "data")
+    c.static.num_steps = 3
+    c.log_every = c.checkpoint_every = 3
+    rows = jobs.run(c, str(tmp_path / "run"))
+    assert rows and all(math.isfinite(v) for row in rows.values() for v in row.values())

@@ -1,0 +1,200 @@
+"""The performance paths of the CP conv: FLOP accounting, the 'auto' choice, and numerical agreement.
+
+No timings are asserted here (see benchmarks/bench.py). Values are compared with an oracle
+independent of hocp_jax.conv: ``lax.conv_general_dilated`` on a kernel built with numpy einsum,
+with the padding written out in the test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from hocp_jax import conv, counting
+
+
+def _cp_numpy(rng, c_in, c_out, ks, rank, modes):
+    p = {"lambda": rng.uniform(0.5, 1.5, rank), "factor_in": rng.normal(size=(c_in, rank)),
+         "factor_out": rng.normal(size=(c_out, rank)) / np.sqrt(rank)}
+    for m, k in zip(modes, ks):
+        p[f"factor_{m}"] = rng.normal(size=(k, rank))
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def _kernel_numpy(p, modes):
+    """``W[*k, c, t] = sum_r lambda_r U_in[c, r] U_out[t, r] prod_m U_m[k_m, r]`` (numpy)."""
+    letters = "xyzw"[: len(modes)]
+    spec = ",".join(f"{l}r" for l in letters) + ",cr,tr,r->" + letters + "ct"
+    return np.einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"])
+
+
+def _oracle(x, kernel, strides, pads, dilations):
+    n = kernel.ndim - 2
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("N" + "DHW"[3 - n:] + "C", "DHW"[3 - n:] + "IO",
+                                                            "N" + "DHW"[3 - n:] + "C"))
+    return lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), strides, pads, rhs_dilation=dilations,
+                                    dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+
+
+# (in_sizes, kernel, stride, padding passed to cp_conv, explicit lax padding of the oracle, dilation)
+NUMERIC_CASES = [
+    ((8, 8), (3, 3), (2, 2), "SAME", ((0, 1), (0, 1)), (1, 1)),  # shift kernel, stride 2, even size, lax SAME
+    ((8, 8), (3, 3), (2, 2), "SYMMETRIC", ((1, 1), (1, 1)), (1, 1)),  # PyTorch-style on an even size
+    ((8, 6), (3, 3), (2, 2), 1, ((1, 1), (1, 1)), (1, 1)),
+    ((7, 9), (3, 3), (2, 2), "SAME", "SAME", (1, 1)),  # odd sizes
+    ((10, 10), (3, 5), (1, 2), ((2, 0), (1, 3)), ((2, 0), (1, 3)), (1, 1)),  # asymmetric pads, mixed kernel
+    ((12, 11), (3, 3), (2, 3), "VALID", "VALID", (1, 1)),
+    ((11, 11), (3, 3), (2, 1), 2, ((2, 2), (2, 2)), (2, 2)),  # dilation with stride
+    ((16,), (3,), (2,), "SAME", ((0, 1),), (1,)),  # 1-D
+    ((4, 8, 6), (3, 3, 3), (1, 2, 2), 1, ((1, 1), (1, 1), (1, 1)), (1, 1, 1)),  # video, temporal stride 1
+    ((6, 6, 6), (3, 3, 3), (2, 1, 2), "SAME", ((0, 1), (1, 1), (0, 1)), (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("in_sizes,ks,stride,padding,oracle_pad,dilation", NUMERIC_CASES)
+def test_paths_agree_with_independent_dense_conv(in_sizes, ks, stride, padding, oracle_pad, dilation):
+    n = len(in_sizes)
+    modes = conv.default_modes(n)
+    rng = np.random.default_rng(sum(in_sizes) + 7 * sum(stride))
+    c_in, c_out, rank = 3, 5, 7
+    p = _cp_numpy(rng, c_in, c_out, ks, rank, modes)
+    x = rng.normal(size=(2, *in_sizes, c_in)).astype(np.float32)
+    kernel = _kernel_numpy(p, modes)
+    want = np.asarray(_oracle(x, kernel, stride, oracle_pad, dilation))
+    tol = 1e-4 * np.abs(want).max()
+    outs = {}
+    for impl in ("factorized", "reconstructed", "auto"):
+        outs[impl] = np.asarray(conv.cp_conv(jnp.asarray(x), {k: jnp.asarray(v) for k, v in p.items()}, modes=modes,
+                                             stride=stride, padding=padding, dilation=dilation, implementation=impl))
+        assert outs[impl].shape == want.shape, impl
+        np.testing.assert_allclose(outs[impl], want, atol=tol, rtol=0, err_msg=impl)
+    # the dense path on the library's own reconstruction agrees too
+    dense = conv.dense_conv(jnp.asarray(x), conv.cp_to_kernel(p, modes), stride=stride, padding=padding,
+                            dilation=dilation)
+    np.testing.assert_allclose(np.asarray(dense), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("case", [0, 2, 6, 8, 9])
+def test_factorized_gradients_match_oracle(case):
+    """The backward of the shift-and-multiply kernel (transposed strided slices) vs the oracle's."""
+    in_sizes, ks, stride, padding, oracle_pad, dilation = NUMERIC_CASES[case]
+    modes = conv.default_modes(len(in_sizes))
+    rng = np.random.default_rng(case)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
+    letters = "xyzw"[: len(modes)]
+    spec = ",".join(f"{l}r" for l in letters) + ",cr,tr,r->" + letters + "ct"
+
+    def oracle_loss(x, p):
+        k = jnp.einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"],
+                       precision=lax.Precision.HIGHEST)
+        return jnp.sum(jnp.sin(_oracle(x, k, stride, oracle_pad, dilation)))
+
+    def loss(x, p):
+        y = conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation,
+                         implementation="factorized")
+        return jnp.sum(jnp.sin(y))
+
+    want = jax.grad(oracle_loss, argnums=(0, 1))(x, p)
+    got = jax.grad(loss, argnums=(0, 1))(x, p)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4 * float(jnp.abs(w).max()) + 1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- FLOP accounting
+
+
+def _xla_flops(fn, *shapes):
+    ca = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca["flops"])
+
+
+def _valid_taps(size, k, stride, pad):
+    """Number of (output position, tap) pairs of a 1-D conv whose input index is inside [0, size)."""
+    lo, hi = pad
+    n_out = (size + lo + hi - k) // stride + 1
+    return sum(0 <= o * stride - lo + t < size for o in range(n_out) for t in range(k))
+
+
+# (batch, in_sizes, c_in, c_out, rank, stride, padding, explicit pads)
+FLOP_CASES = [
+    (2, (16, 16), 8, 16, 24, (1, 1), "SAME", ((1, 1), (1, 1))),
+    (2, (16, 16), 8, 8, 16, (2, 2), "SAME", ((0, 1), (0, 1))),
+    (2, (15, 15), 8, 8, 16, (2, 2), 1, ((1, 1), (1, 1))),
+    (2, (12, 12), 8, 8, 16, (1, 1), "VALID", ((0, 0), (0, 0))),
+    (2, (32,), 8, 8, 16, (2,), "SAME", ((0, 1),)),
+    (2, (8, 16, 16), 8, 16, 48, (1, 1, 1), 1, ((1, 1),) * 3),
+    (2, (8, 16, 16), 4, 8, 12, (1, 2, 2), "SAME", ((1, 1), (0, 1), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("batch,in_sizes,c_in,c_out,rank,stride,padding,pads", FLOP_CASES)
+def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, padding, pads):
+    n = len(in_sizes)
+    modes, ks = conv.default_modes(n), (3,) * n
+
+    def cp(x, lam, u_in, u_out, *mode_factors):
+        p = {"lambda": lam, "factor_in": u_in, "factor_out": u_out}
+        p |= {f"factor_{m}": u for m, u in zip(modes, mode_factors)}
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, implementation="factorized")
+
+    x_shape = (batch, *in_sizes, c_in)
+    xla_cp = _xla_flops(cp, x_shape, (rank,), (c_in, rank), (c_out, rank), *[(3, rank)] * n)
+    order = conv.best_mode_order(in_sizes, ks, stride, pads, (1,) * n)
+    ana_cp = batch * counting.cp_flops(in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, order=order)
+
+    xla_dense = _xla_flops(lambda x, k: conv.dense_conv(x, k, stride=stride, padding=padding), x_shape, (*ks, c_in, c_out))
+    ana_dense = batch * counting.dense_flops(in_sizes, c_in, c_out, ks, stride=stride, padding=padding)
+    # XLA charges a dense conv only for the taps inside the input (padded taps are free):
+    valid = np.prod([_valid_taps(d, 3, s, p) for d, s, p in zip(in_sizes, stride, pads)])
+    print(f"{in_sizes} stride={stride} padding={padding}: XLA/analytic factorized {xla_cp / ana_cp:.3f}, "
+          f"dense {xla_dense / ana_dense:.3f}")
+    assert xla_dense == 2 * batch * valid * c_in * c_out
+    assert 1 / 1.2 <= xla_dense / ana_dense <= 1.0
+    assert 1 / 1.2 <= xla_cp / ana_cp <= 1.2
+
+
+# ----------------------------------------------------------------------------- 'auto'
+
+
+def _uses_dense_conv(jaxpr) -> bool:
+    return any(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
+
+
+AUTO_CASES = [  # the four Jester layers (batch 8, rank 6 C_in, padding 1), ResNet-18 layers, tiny layers
+    (8, (18, 84, 84), 3, 64, 18, 1), (8, (9, 42, 42), 64, 128, 384, 1), (8, (4, 21, 21), 128, 256, 768, 1),
+    (8, (2, 10, 10), 256, 256, 1536, 1), (8, (56, 56), 64, 64, 273, 1), (8, (56, 56), 64, 128, 193, 2),
+    (8, (7, 7), 512, 512, 2299, 1), (2, (8, 8), 4, 4, 8, 1), (1, (4, 4), 64, 64, 4, 2),
+]
+
+
+@pytest.mark.parametrize("batch,in_sizes,c_in,c_out,rank,stride", AUTO_CASES)
+def test_auto_picks_analytically_cheaper_path(batch, in_sizes, c_in, c_out, rank, stride):
+    n = len(in_sizes)
+    modes, ks = conv.default_modes(n), (3,) * n
+    costs = counting.cp_path_costs(batch, in_sizes, c_in, c_out, ks, rank, stride=stride, padding=1)
+    cheaper = "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
+    shapes = {"lambda": (rank,), "factor_in": (c_in, rank), "factor_out": (c_out, rank)}
+    shapes |= {f"factor_{m}": (3, rank) for m in modes}
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    x = jax.ShapeDtypeStruct((batch, *in_sizes, c_in), jnp.float32)
+    assert conv.choose_cp_implementation(x.shape, params, modes, stride=stride, padding=1) == cheaper
+
+    def run(impl, psi=None):
+        return jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, modes=modes, stride=stride, padding=1,
+                                                        implementation=impl, psi=psi))(x, params)
+
+    assert _uses_dense_conv(run("auto")) == (cheaper == "reconstructed")
+    assert not _uses_dense_conv(run("factorized")) and _uses_dense_conv(run("reconstructed"))
+    assert not _uses_dense_conv(run("auto", psi=lambda h, stage: h))  # psi forces the factorized path
+
+
+def test_auto_cases_cover_both_paths():
+    picks = set()
+    for batch, in_sizes, c_in, c_out, rank, stride in AUTO_CASES:
+        ks = (3,) * len(in_sizes)
+        c = counting.cp_path_costs(batch, in_sizes, c_in, c_out, ks, rank, stride=stride, padding=1)
+        picks.add(c["factorized"] <= c["reconstructed"])
+    assert picks == {True, False}

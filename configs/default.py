@@ -34,11 +34,14 @@ def get_config() -> ConfigDict:
     ))
     c.optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, schedule="step", decay_every_epochs=15,
                                   decay_factor=0.1, weight_decay=0.0))
-    c.static = ConfigDict(dict(num_steps=600))
-    c.transduction = ConfigDict(dict(modes={"t": 3}, init="ones", dense="keep"))
-    c.stage1 = ConfigDict(dict(num_steps=200, optimizer=dict(learning_rate=1e-2)))
-    c.stage2 = ConfigDict(dict(num_steps=200, optimizer=dict(learning_rate=1e-3)))
-    c.baseline = ConfigDict(dict(models=("resnet18_3d",), num_steps=400, kwargs=dict(
+    c.static = ConfigDict(dict(num_steps=1500))
+    # "mean" (1/K per tap) keeps activation scales, so the static batch-norm statistics still
+    # fit; the paper's "ones" multiplies them by up to K per layer, which saturates the bounded
+    # head at the start of stage 1 on this small network (configs/afew_va.py keeps "ones").
+    c.transduction = ConfigDict(dict(modes={"t": 3}, init="mean", dense="keep"))
+    c.stage1 = ConfigDict(dict(num_steps=150, optimizer=dict(learning_rate=1e-2)))
+    c.stage2 = ConfigDict(dict(num_steps=150, optimizer=dict(learning_rate=1e-3)))
+    c.baseline = ConfigDict(dict(models=("resnet18_3d",), num_steps=300, kwargs=dict(
         stage_sizes=(1, 1, 1, 1), widths=(16, 32, 32, 64), stem_kernel=3,
         head=dict(n_outputs=2, n_classes=10, bounded=True),
     )))

@@ -1,0 +1,20 @@
+"""The README's code: the layer-library example runs; the two set-up commands are the ones CI uses."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def test_layer_library_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks, "README has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = re.findall(r"```bash\n(python3 -m venv .*?)\n```", README)
+    assert len(commands) == 2 and "train.py --config configs/default.py" in commands[0]
+    test_cmd = commands[1].split("&& ")[-1]
+    assert test_cmd in open(os.path.join(ROOT, ".ci", "run")).read()

@@ -31,6 +31,7 @@ Depthwise separable (MobileNet v1/v2 form): optional ``factor_in (C_in, R)``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import string
 from collections.abc import Callable, Mapping, Sequence
@@ -138,17 +139,8 @@ def dense_conv(
     )
 
 
-def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int, pad, dilation: int) -> jax.Array:
-    """Depthwise 1-D conv of ``h (B, *S, R)`` along spatial ``axis`` (1-based) with ``factor (K, R)``.
-
-    "Shift and multiply": pad once, then ``sum_k factor[k] * h_pad[k*dilation :: stride]``
-    (K strided slices). XLA fuses pad, slices, products and sum into one loop, forward and
-    backward (the transpose of a slice is a pad), and the stride is applied inside the slice,
-    so only the output positions are computed. On a 2-core CPU this is 3-20x faster fwd+bwd
-    than ``lax.conv_general_dilated`` with ``feature_group_count=R``, whose backward XLA
-    lowers poorly (benchmarks/RESULTS.md); the grouped conv won on no benchmarked layer and
-    was removed.
-    """
+def _shift_conv_1d(h: jax.Array, factor: jax.Array, axis: int, stride: int, pad: tuple[int, int], dilation: int):
+    """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own)."""
     k = factor.shape[0]
     cfg = [(0, 0)] * h.ndim
     cfg[axis] = tuple(pad)
@@ -160,6 +152,54 @@ def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int
         tap = lax.slice_in_dim(hp, start, start + (out - 1) * stride + 1, stride, axis) * factor[t]
         acc = tap if acc is None else acc + tap
     return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise(h, factor, axis, stride, pad, dilation):
+    return _shift_conv_1d(h, factor, axis, stride, pad, dilation)
+
+
+def _depthwise_fwd(h, factor, axis, stride, pad, dilation):
+    return _shift_conv_1d(h, factor, axis, stride, pad, dilation), (h, factor)
+
+
+def _depthwise_bwd(axis, stride, pad, dilation, res, g):
+    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
+    the flipped factor; factor gradient = per tap, sum of the tap's input slice times ``g``."""
+    h, factor = res
+    k, n_in, n_out = factor.shape[0], h.shape[axis], g.shape[axis]
+    span = (n_out - 1) * stride + 1
+    cfg = [(0, 0, 0)] * g.ndim
+    cfg[axis] = ((k - 1) * dilation - pad[0], n_in + pad[0] - span, stride - 1)
+    dh = _shift_conv_1d(lax.pad(g, jnp.zeros((), g.dtype), cfg), factor[::-1], axis, 1, (0, 0), dilation)
+    hcfg = [(0, 0)] * h.ndim
+    hcfg[axis] = tuple(pad)
+    hp = jnp.pad(h, hcfg) if any(pad) else h
+    sum_axes = tuple(range(h.ndim - 1))
+    dfactor = jnp.stack([
+        jnp.sum(lax.slice_in_dim(hp, t * dilation, t * dilation + span, stride, axis) * g, axis=sum_axes)
+        for t in range(k)
+    ])
+    return dh, dfactor.astype(factor.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int, pad, dilation: int) -> jax.Array:
+    """Depthwise 1-D conv of ``h (B, *S, R)`` along spatial ``axis`` (1-based) with ``factor (K, R)``.
+
+    "Shift and multiply": pad once, then ``sum_k factor[k] * h_pad[k*dilation :: stride]``
+    (K strided slices), which XLA fuses into one loop; the stride is applied inside the slice,
+    so only the output positions are computed. The backward pass is a custom VJP made of the
+    same fused kernel (input gradient: the flipped factor over the stride-dilated cotangent;
+    factor gradient: one reduction per tap), because XLA's automatic transpose of the slices
+    materialises full-size padded copies (~2x slower fwd+bwd on the Jester stack). Reverse
+    mode only (no ``jax.jvp`` through this function). On a 2-core CPU this beats
+    ``lax.conv_general_dilated`` with ``feature_group_count=R`` on every benchmarked layer
+    (benchmarks/RESULTS.md), so the grouped conv is not used.
+    """
+    return _depthwise(h, factor, axis, int(stride), tuple(int(p) for p in pad), int(dilation))
 
 
 def best_mode_order(

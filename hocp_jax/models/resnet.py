@@ -101,11 +101,12 @@ def r2plus1d_factory(features, kernel, stride, *, name, in_features, block_in, r
     return Conv2Plus1D(features, mid, kernel, stride, name=name)
 
 
-def hocp_factory(features, kernel, stride, *, name, in_features, block_in, psi=None, shortcut="dense"):
+def hocp_factory(features, kernel, stride, *, name, in_features, block_in, psi=None, shortcut="dense",
+                 implementation="auto"):
     del in_features, block_in
     if kernel == 1 and shortcut == "dense":
         return DenseConv(features, (1, 1), (stride, stride), name=name)
-    return CPConv(features, kernel, stride=stride, padding=kernel // 2, psi=psi, name=name)
+    return CPConv(features, kernel, stride=stride, padding=kernel // 2, psi=psi, implementation=implementation, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -137,6 +138,8 @@ class ResNet(nn.Module):
       stem_kernel: stem conv size (7).
       head: :class:`HeadConfig` or a dict of its fields (default: valence/arousal, 2 outputs).
       psi, shortcut: HO-CP options (``psi`` passed to every CPConv; ``shortcut`` "dense"/"cp").
+      implementation: every CPConv's path (:func:`hocp_jax.conv.cp_conv`); ``"auto"`` picks
+        factorized or reconstructed per layer and input shape (factorized whenever ``psi`` is set).
       midplanes, stem_mid: R(2+1)D options ("block"/"conv" rule; stem intermediate width,
         ``None`` = the M rule).
     """
@@ -148,6 +151,7 @@ class ResNet(nn.Module):
     head: Any = HeadConfig()
     psi: str | None = None
     shortcut: str = "dense"
+    implementation: str = "auto"
     midplanes: str = "block"
     stem_mid: int | None = 45
 
@@ -164,7 +168,8 @@ class ResNet(nn.Module):
             "dense2d": dense2d_factory,
             "dense3d": dense3d_factory,
             "2plus1d": functools.partial(r2plus1d_factory, rule=self.midplanes, stem_mid=self.stem_mid),
-            "hocp": functools.partial(hocp_factory, psi=self.psi, shortcut=self.shortcut),
+            "hocp": functools.partial(hocp_factory, psi=self.psi, shortcut=self.shortcut,
+                                      implementation=self.implementation),
         }[self.conv]
 
     @nn.compact

@@ -8,7 +8,8 @@ Conventions:
   1,183,338 for the four layers at rank 6 x C_in).
 * FLOPs = 2 x multiply-accumulates (the convention of XLA's ``cost_analysis``), for ONE
   example, counting only the contractions/convolutions (no bias adds, no padding savings:
-  a padded tap is counted like a real one, as XLA does).
+  a padded tap is counted like a real one; XLA's ``cost_analysis`` of a dense conv counts
+  only the taps inside the input, so it reads lower on small padded inputs).
 * The factorized CP cost depends on the order of the 1-D convs: each is charged at the size
   of its input after the earlier modes' strides.
 """
@@ -151,6 +152,13 @@ peak on CPU (measured: the (3, 64) Jester conv reaches ~1/10 of the FLOP rate of
 one), so its FLOPs are scaled by ``CONV_FULL_SPEED_CHANNELS / min(C_in, C_out)``."""
 
 
+CONV_3D_SLOWDOWN = 3.0
+"""A dense conv over 3 or more modes runs at about 1/3 of the FLOP rate of a 2-D one under
+XLA on CPU (benchmarks/RESULTS.md, fwd+bwd: ~39 GFLOP/s for the 2-D (64,64)@56x56 conv,
+7-23 GFLOP/s for the 3-D ResNet and Jester layers), so reconstructed-path FLOPs are scaled by
+this factor when ``len(kernel_size) >= 3``."""
+
+
 def cp_path_costs(
     batch: int,
     in_sizes: Sequence[int],
@@ -172,7 +180,7 @@ def cp_path_costs(
     * factorized: ``batch * cp_flops``; bytes: 1x1 in (x read, h written), each 1-D conv
       (input and output, at the sizes after the earlier modes' strides), 1x1 out.
     * reconstructed: ``batch * dense_flops`` scaled for channel-starved convs (see
-      :data:`CONV_FULL_SPEED_CHANNELS`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
+      :data:`CONV_FULL_SPEED_CHANNELS`) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
 
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.
@@ -194,6 +202,7 @@ def cp_path_costs(
     r_flops = batch * dense_flops(in_sizes, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                   dilation=dilation)
     r_flops_eff = r_flops * max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels))
+    r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)
     return {

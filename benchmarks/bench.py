@@ -477,8 +477,9 @@ def markdown(results: dict) -> str:
                 "Reduced sizes: ResNet-18 family at 112x112 (static: 8 images; video: one clip of 8 frames, "
                 "the same number of frames), Jester nets at 18x84x84 with batch 2. The transduced model is the "
                 "static HO-CP ResNet-18's parameters with a delta-initialised temporal factor (dense 1x1 shortcuts "
-                "kept, applied per frame). HO-CP models run the factorized path (CPConv's default; the Jester "
-                "HO-CP net has psi between factors, which requires it).", ""]
+                "kept, applied per frame). The HO-CP ResNet-18 runs `implementation='auto'` "
+                "(its default: reconstructed or factorized per layer and input shape); the Jester HO-CP net has psi "
+                "between factors, which requires the factorized path.", ""]
         out += model_table(results["models"])
         out.append("")
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "

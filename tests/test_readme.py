@@ -18,3 +18,12 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2 and "train.py --config configs/default.py" in commands[0]
     test_cmd = commands[1].split("&& ")[-1]
     assert test_cmd in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_benchmark_table_is_quoted_from_the_results_file():
+    results = open(os.path.join(ROOT, "benchmarks", "RESULTS.md")).read()
+    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    quoted = [line for line in section.splitlines() if line.startswith(("| ", "- "))]
+    assert len(quoted) > 10
+    for line in quoted:
+        assert line in results, line

@@ -194,10 +194,10 @@ def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int
     so only the output positions are computed. The backward pass is a custom VJP made of the
     same fused kernel (input gradient: the flipped factor over the stride-dilated cotangent;
     factor gradient: one reduction per tap), because XLA's automatic transpose of the slices
-    materialises full-size padded copies (~2x slower fwd+bwd on the Jester stack). Reverse
-    mode only (no ``jax.jvp`` through this function). On a 2-core CPU this beats
-    ``lax.conv_general_dilated`` with ``feature_group_count=R`` on every benchmarked layer
-    (benchmarks/RESULTS.md), so the grouped conv is not used.
+    materialises full-size padded copies (1.3-1.6x slower fwd+bwd on the Jester layers).
+    Reverse mode only (no ``jax.jvp`` through this function). On a 2-core CPU the shift kernel
+    was 3-20x faster fwd+bwd than ``lax.conv_general_dilated`` with ``feature_group_count=R``
+    on the Jester and ResNet layers when it replaced it, so the grouped conv is not used.
     """
     return _depthwise(h, factor, axis, int(stride), tuple(int(p) for p in pad), int(dilation))
 

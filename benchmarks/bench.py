@@ -169,7 +169,7 @@ def xla_flops(fn: Callable, *args) -> float | None:
 
 
 def time_interleaved(fns: dict[str, tuple[Callable, tuple]], repeats: int, budget_s: float) -> dict[str, dict]:
-    """Compiles and warms up every ``fn(*args)``, then times them in interleaved rounds.
+    """Compiles and warms up every ``fn(*args)``, then times them in interleaved, rotated rounds.
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
     (at least 3 rounds unless ``repeats`` < 3). Returns ``{name: {"median_ms", "times_ms", "compile_s"}}``.
@@ -181,9 +181,12 @@ def time_interleaved(fns: dict[str, tuple[Callable, tuple]], repeats: int, budge
         compile_s = time.perf_counter() - t0
         jax.block_until_ready(compiled(*args))  # warm-up
         out[name] = {"compiled": compiled, "args": args, "times_ms": [], "compile_s": round(compile_s, 3)}
-    spent = 0.0
+    spent, names = 0.0, list(out)
     for rnd in range(repeats):
-        for name, entry in out.items():
+        # rotate the order each round, so no path always runs right after the same other one
+        # (a path timed after one with large buffers reads systematically slower)
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            entry = out[name]
             t0 = time.perf_counter()
             jax.block_until_ready(entry["compiled"](*entry["args"]))
             dt = time.perf_counter() - t0
@@ -529,7 +532,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="max timed rounds per case")
     ap.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="benchmark groups to run")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 7)
+    repeats = args.repeats or (2 if args.quick else 15)
     budget = 1.0 if args.quick else 12.0  # seconds of timed calls per case before stopping early
     t_start = time.perf_counter()
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "conv": {}, "totals": {}, "models": []}

@@ -139,12 +139,19 @@ def dense_conv(
     )
 
 
+def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
+    """Zero-pads ``h`` by ``pad = (lo, hi)`` along ``axis`` only."""
+    if not any(pad):
+        return h
+    cfg = [(0, 0)] * h.ndim
+    cfg[axis] = tuple(pad)
+    return jnp.pad(h, cfg)
+
+
 def _shift_conv_1d(h: jax.Array, factor: jax.Array, axis: int, stride: int, pad: tuple[int, int], dilation: int):
     """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own)."""
     k = factor.shape[0]
-    cfg = [(0, 0)] * h.ndim
-    cfg[axis] = tuple(pad)
-    hp = jnp.pad(h, cfg) if any(pad) else h
+    hp = _pad_axis(h, axis, pad)
     out = (hp.shape[axis] - dilation * (k - 1) - 1) // stride + 1
     acc = None
     for t in range(k):
@@ -172,9 +179,7 @@ def _depthwise_bwd(axis, stride, pad, dilation, res, g):
     cfg = [(0, 0, 0)] * g.ndim
     cfg[axis] = ((k - 1) * dilation - pad[0], n_in + pad[0] - span, stride - 1)
     dh = _shift_conv_1d(lax.pad(g, jnp.zeros((), g.dtype), cfg), factor[::-1], axis, 1, (0, 0), dilation)
-    hcfg = [(0, 0)] * h.ndim
-    hcfg[axis] = tuple(pad)
-    hp = jnp.pad(h, hcfg) if any(pad) else h
+    hp = _pad_axis(h, axis, pad)
     sum_axes = tuple(range(h.ndim - 1))
     dfactor = jnp.stack([
         jnp.sum(lax.slice_in_dim(hp, t * dilation, t * dilation + span, stride, axis) * g, axis=sum_axes)

@@ -77,7 +77,7 @@ def test_paths_agree_with_independent_dense_conv(in_sizes, ks, stride, padding, 
 
 @pytest.mark.parametrize("case", [0, 2, 6, 8, 9])
 def test_factorized_gradients_match_oracle(case):
-    """The backward of the shift-and-multiply kernel (transposed strided slices) vs the oracle's."""
+    """The custom VJP of the shift-and-multiply kernel (input and every factor) vs the oracle's autodiff."""
     in_sizes, ks, stride, padding, oracle_pad, dilation = NUMERIC_CASES[case]
     modes = conv.default_modes(len(in_sizes))
     rng = np.random.default_rng(case)

@@ -25,7 +25,7 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
 
 * **models**: one jitted ``hocp_jax.training.make_train_step`` step (SGD + momentum) of
   ``get_model(...)`` at reduced input size (see ``MODEL_CASES``): the HO-CP ResNet-18 on
-  8 images (static) vs the same parameters transduced (``transforms.transduce``, delta
+  8 images (static) vs the same parameters transduced (``transduction.transduce``, delta
   temporal factor, dense shortcuts kept) on one 8-frame clip, the dense 2-D and 3-D ResNet-18
   for reference, and the Jester HO-CP net vs the dense Jester net.
 
@@ -364,7 +364,7 @@ def _loss_fn(target: str):
 def run_model_case(case: ModelCase, repeats: int, budget_s: float) -> dict[str, Any]:
     import optax
 
-    from hocp_jax import transforms
+    from hocp_jax import transduction
     from hocp_jax.models import count_params, get_model
     from hocp_jax.training import TrainState, make_train_step
 
@@ -375,7 +375,7 @@ def run_model_case(case: ModelCase, repeats: int, budget_s: float) -> dict[str, 
     variables = jax.jit(lambda k: model.init(k, jnp.zeros(init_shape), train=False))(key)
     variables = dict(variables)
     if case.transduce_from is not None:
-        variables["params"] = transforms.transduce(variables["params"], {"t": 3}, init="delta", dense="keep")
+        variables["params"] = transduction.transduce(variables["params"], {"t": 3}, init="delta", dense="keep")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=case.input_shape), jnp.float32)
     b = case.input_shape[0]

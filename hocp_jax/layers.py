@@ -4,7 +4,7 @@
   spatial modes, optional Psi between factors, optional skip factor (HO-CP conv-S), and
   *transduction-ready*: the same module accepts ``(B, *S, C)`` images and, once its
   parameter tree holds temporal factors (``factor_t``, added by
-  :func:`hocp_jax.transforms.transduce` or created when the module is initialised on video),
+  :func:`hocp_jax.transduction.transduce` or created when the module is initialised on video),
   ``(B, T, *S, C)`` videos.
 * :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form).
 * :class:`TRL` — tensor regression layer (CP or Tucker weight, never materialised).
@@ -148,7 +148,7 @@ class CPConv(nn.Module):
                 raise ValueError(
                     f"x: got {x.ndim - 2}-D input {tuple(x.shape)} but layer '{self.name}' has no '{conv.mode_key(m)}' "
                     "factor: it was built for static input. Transduce its parameters first "
-                    "(hocp_jax.transforms.transduce) or initialise the model on video."
+                    "(hocp_jax.transduction.transduce) or initialise the model on video."
                 )
         c_in = x.shape[-1]
         stored = _existing_shape(self, "lambda")  # a pruned tree keeps its (smaller) rank

@@ -5,13 +5,14 @@ r"""Optimisation pieces for transduction and automatic rank selection (paper Sec
   ``temporal_modes``), ``"spatial"`` (any other ``factor_<m>`` mode factor of a CP layer),
   ``"lambda"`` (a CP layer's ``lambda``) or ``"other"`` (everything else: ``factor_in``,
   ``factor_out``, skip, bias, BatchNorm, heads, TRL — the TRL's ``lambda`` included).
-  CP layers are found by name as in :mod:`hocp_jax.transforms`.
+  CP layers are found by name as in :mod:`hocp_jax.tree`.
 * :func:`masked_optimizer` freezes leaves with ``optax.partition`` + ``optax.set_to_zero``
   (frozen leaves get no optimizer state and zero updates, so they stay bitwise unchanged,
   weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
 * Lasso on the CP conv layers' lambdas (the paper's automatic rank selection):
-  :func:`l1_lambda` (penalty), :func:`prox_l1` / :func:`l1_prox` (soft-threshold, exact
-  zeros), :func:`sparsity_report` / :func:`plot_sparsity` (supplementary Fig. 3, Table 1).
+  :func:`l1_lambda` (penalty), :func:`soft_threshold_lambdas` (the proximal step as a
+  function of a params tree) / :func:`prox_l1_lambdas` (the same as an optax transform to
+  chain after the optimizer: exact zeros), :func:`sparsity_report` / :func:`plot_sparsity` (supplementary Fig. 3, Table 1).
   Only CP *conv* lambdas are regularised — the paper penalises "the rank of each of the
   factorized higher-order convolutions"; the TRL's lambda is left alone.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 
 from hocp_jax.conv import RESERVED
-from hocp_jax.transforms import Path, cp_layer_paths, layer_modes, path_str, require_cp_layers
+from hocp_jax.tree import Path, cp_layer_paths, layer_modes, path_str, require_cp_layers
 
 CATEGORIES = ("temporal", "spatial", "lambda", "other")
 TRAINABLE_PRESETS = ("temporal", "spatial", "lambda", "all")
@@ -114,7 +115,7 @@ def masked_optimizer(
     if "trainable" not in labels:
         raise ValueError(
             f"trainable={trainable!r}: selects no leaf of params (temporal_modes={tuple(temporal_modes)}); "
-            "e.g. 'temporal' needs a transduced tree (hocp_jax.transforms.transduce)"
+            "e.g. 'temporal' needs a transduced tree (hocp_jax.transduction.transduce)"
         )
     return optax.partition(
         {"trainable": tx, "frozen": optax.set_to_zero()},
@@ -164,7 +165,7 @@ def l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
     """``gamma * sum_l ||lambda_l||_1`` over every CP conv layer (paper's Lasso term).
 
     Its gradient w.r.t. a nonzero lambda is ``gamma * sign(lambda)``; plain (sub)gradient
-    steps only oscillate around 0 — use :func:`l1_prox` to reach exact zeros.
+    steps only oscillate around 0 — use :func:`prox_l1_lambdas` to reach exact zeros.
     """
     lams = [layer["lambda"] for _, layer in require_cp_layers(params, "l1_lambda")]
     return gamma * sum(jnp.sum(jnp.abs(lam)) for lam in lams)
@@ -174,20 +175,21 @@ def _soft_threshold(x: jax.Array, t) -> jax.Array:
     return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0.0)
 
 
-def prox_l1(params: Any, threshold: float | jax.Array) -> Any:
+def soft_threshold_lambdas(params: Any, threshold: float | jax.Array) -> Any:
     """Proximal operator of ``threshold * ||lambda||_1``: soft-thresholds every CP conv lambda.
 
     ``lambda <- sign(lambda) * max(|lambda| - threshold, 0)``; with plain SGD of step size
     ``eta`` use ``threshold = eta * gamma`` (proximal gradient / ISTA). Other leaves unchanged.
+    Inside an optax chain use the transform :func:`prox_l1_lambdas` instead.
     """
-    require_cp_layers(params, "prox_l1")
+    require_cp_layers(params, "soft_threshold_lambdas")
     return _map_lambdas(lambda lam: _soft_threshold(lam, threshold), params)
 
 
-def l1_prox(threshold: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """Optax transform applying :func:`prox_l1` after the preceding update.
+def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Optax transform applying :func:`soft_threshold_lambdas` after the preceding update.
 
-    Chain it last, e.g. ``optax.chain(optax.sgd(lr), l1_prox(lr * gamma))``: the returned
+    Chain it last, e.g. ``optax.chain(optax.sgd(lr), prox_l1_lambdas(lr * gamma))``: the returned
     updates ``u'`` satisfy ``params + u' = prox(params + u)``, so pruned lambdas become exact
     zeros after ``optax.apply_updates`` (``p + (0 - p) == 0`` in floating point).
     ``threshold`` may be a schedule of the step count. Inside ``masked_optimizer`` it only
@@ -200,7 +202,7 @@ def l1_prox(threshold: optax.ScalarOrSchedule) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("l1_prox: params are required (call tx.update(grads, state, params))")
+            raise ValueError("prox_l1_lambdas: params are required (call tx.update(grads, state, params))")
         t = threshold(state.count) if callable(threshold) else threshold
         new = _map_lambdas(lambda u, p: _soft_threshold(p + u, t) - p, updates, params)
         return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))

@@ -9,8 +9,7 @@ import optax
 import pytest
 from flax.core import freeze
 
-from hocp_jax import counting, optim
-from hocp_jax import transforms as T
+from hocp_jax import counting, optim, transduction, tree
 from hocp_jax.layers import TRL, CPConv
 
 B, H, W, C = 2, 5, 5, 3
@@ -32,10 +31,10 @@ def setup():
     model = Net()
     x = jax.random.normal(jax.random.key(0), (B, H, W, C))
     variables = model.init(jax.random.key(1), x)
-    params = T.transduce(variables["params"], {"t": 3}, "ones")
+    params = transduction.transduce(variables["params"], {"t": 3}, "ones")
     video = jax.random.normal(jax.random.key(2), (B, 4, H, W, C))
     target = jax.random.normal(jax.random.key(3), (B, 4, 2))
-    return model, params, T.to_dict(variables["batch_stats"]), video, target
+    return model, params, tree.to_dict(variables["batch_stats"]), video, target
 
 
 def _flat(tree):
@@ -92,12 +91,12 @@ def test_two_stage_transduction_freezing(setup):
     for k, v in _flat(p1).items():
         assert not np.array_equal(_flat(p2)[k], v), k
     with pytest.raises(ValueError, match="selects no leaf"):
-        optim.masked_optimizer(optax.sgd(0.1), T.to_dict(model.init(jax.random.key(0), video[:, 0])["params"]))
+        optim.masked_optimizer(optax.sgd(0.1), tree.to_dict(model.init(jax.random.key(0), video[:, 0])["params"]))
 
 
 def test_l1_value_and_gradient(setup):
     _, params, *_ = setup
-    params = T.to_dict(params)
+    params = tree.to_dict(params)
     params["conv1"]["lambda"] = jnp.array([0.5, -1.5, 2.0, -0.1, 0.3])
     params["trl"]["lambda"] = jnp.array([-3.0, 1.0, 2.0])
     gamma = 0.01
@@ -117,11 +116,11 @@ def _np_soft(x, t):
     return np.where(np.abs(x) > t, x - t * np.sign(x), 0.0)
 
 
-def test_prox_l1_soft_threshold_and_optax_transform(setup):
+def test_soft_threshold_lambdas_and_prox_l1_lambdas_transform(setup):
     model, params, stats, video, target = setup
-    params = T.to_dict(params)
+    params = tree.to_dict(params)
     params["conv1"]["lambda"] = jnp.array([0.5, -1.5, 0.05, -0.1, 0.3])
-    out = optim.prox_l1(params, 0.2)
+    out = optim.soft_threshold_lambdas(params, 0.2)
     np.testing.assert_allclose(out["conv1"]["lambda"], _np_soft(np.asarray(params["conv1"]["lambda"]), 0.2), atol=1e-7)
     for k, v in _flat(params).items():
         if not k.endswith("['lambda']") or k.startswith("['trl']"):
@@ -129,7 +128,7 @@ def test_prox_l1_soft_threshold_and_optax_transform(setup):
     # proximal SGD step: p <- prox(p - lr * grad), lambdas reach exact zeros
     lr, gamma = 0.1, 2.0
     grads = jax.tree.map(lambda v: jnp.full_like(v, 0.5), params)
-    tx = optax.chain(optax.sgd(lr), optim.l1_prox(lr * gamma))
+    tx = optax.chain(optax.sgd(lr), optim.prox_l1_lambdas(lr * gamma))
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     lam = np.asarray(params["conv1"]["lambda"])
@@ -145,7 +144,7 @@ def test_prox_l1_soft_threshold_and_optax_transform(setup):
 
 def test_sparsity_report_and_plot(setup, tmp_path):
     _, params, *_ = setup
-    params = T.to_dict(params)
+    params = tree.to_dict(params)
     params["conv1"]["lambda"] = jnp.array([0.0, 1.0, 0.0, 1e-4, 2.0])
     report = optim.sparsity_report(params, tol=1e-3)
     l1, l2 = report.layers

@@ -2,7 +2,7 @@
 
 * ``"transduction"`` (the main job, paper Fig. 1 / supplementary Fig. 4): train a static
   HO-CP model on images (with the L1 penalty on every lambda), transduce its parameters to
-  video (:func:`hocp_jax.transforms.transduce`), train the temporal factors only (stage 1,
+  video (:func:`hocp_jax.transduction.transduce`), train the temporal factors only (stage 1,
   everything else frozen by :func:`hocp_jax.optim.masked_optimizer`), fine-tune everything
   (stage 2), train from-scratch 3-D baselines for as many video steps, and evaluate all of
   them per frame on the video test split. The "static" row is the static model applied frame
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hocp_jax import contrastive, losses, metrics, optim, transforms
+from hocp_jax import contrastive, losses, metrics, optim, transduction, tree
 from hocp_jax.data import pipeline
 from hocp_jax.models import bregnet, count_params, get_model
 from hocp_jax.training import plots
@@ -173,7 +173,7 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     tx = make_optimizer(opt_cfg)
     if l1_gamma > 0 and config.loss.l1_prox:  # soft-threshold lambdas after each step: exact zeros
         schedule = make_schedule(opt_cfg)
-        tx = optax.chain(tx, optim.l1_prox(lambda count: schedule(count) * l1_gamma))
+        tx = optax.chain(tx, optim.prox_l1_lambdas(lambda count: schedule(count) * l1_gamma))
     if tx_fn is not None:
         tx = tx_fn(tx)
     reg = functools.partial(optim.l1_lambda, gamma=l1_gamma) if l1_gamma > 0 else None
@@ -232,10 +232,10 @@ def run_transduction(config, workdir: str) -> dict:
         first[name] = out
 
     modes = dict(config.transduction.modes)
-    delta = transforms.transduce(static_vars["params"], modes, "delta", dense=config.transduction.dense)
+    delta = transduction.transduce(static_vars["params"], modes, "delta", dense=config.transduction.dense)
     row("static (per frame)", model, static_vars | {"params": delta}, 0)
 
-    transduced = transforms.transduce(static_vars["params"], modes, config.transduction.init,
+    transduced = transduction.transduce(static_vars["params"], modes, config.transduction.init,
                                       dense=config.transduction.dense)
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},
                      tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"))
@@ -266,7 +266,7 @@ def run_supervised(config, workdir: str) -> dict:
     variables = _variables(state)
     m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
-    has_cp = bool(transforms.cp_layers(variables["params"]))
+    has_cp = bool(tree.cp_layers(variables["params"]))
     report = optim.sparsity_report(variables["params"], tol=config.sparsity_tol) if has_cp else None
     _write(workdir, rows, report, config)
     return rows

@@ -1,5 +1,5 @@
-"""Tests of hocp_jax.transforms against independent oracles (per-frame static convs, numpy
-neighbour sums, numpy einsum reconstructions, counting formulas)."""
+"""Tests of hocp_jax.transduction and hocp_jax.pruning against independent oracles (per-frame static convs, numpy
+neighbour sums, counting formulas)."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,7 @@ import pytest
 from flax.core import freeze
 
 from hocp_jax import conv, counting
-from hocp_jax import transforms as T
+from hocp_jax import pruning, transduction, tree
 from hocp_jax.layers import CPConv
 
 B, H, W, C = 2, 6, 6, 3
@@ -37,7 +37,7 @@ def _init(model, x):
     variables = model.init(jax.random.key(1), x)
     # non-trivial BN statistics and lambdas, so the tests see them
     stats = jax.tree.map(lambda v: v + 0.1 * jnp.arange(v.size, dtype=v.dtype).reshape(v.shape), variables["batch_stats"])
-    return T.to_dict(variables["params"]), T.to_dict(stats)
+    return tree.to_dict(variables["params"]), tree.to_dict(stats)
 
 
 # ----------------------------------------------------------------------------- transduce
@@ -49,7 +49,7 @@ def test_delta_transduced_stack_on_constant_video_equals_static_per_frame(train)
     x = _image()
     params, stats = _init(model, x)
     video = jnp.broadcast_to(x[:, None], (B, 5, H, W, C))
-    tparams = T.transduce(params, {"t": 3}, "delta", dense="keep")
+    tparams = transduction.transduce(params, {"t": 3}, "delta", dense="keep")
     static, s_upd = model.apply({"params": params, "batch_stats": stats}, x, train, mutable=["batch_stats"])
     moving, v_upd = model.apply({"params": tparams, "batch_stats": stats}, video, train, mutable=["batch_stats"])
     assert moving.shape == (B, 5, H, W, 3)
@@ -64,7 +64,7 @@ def test_ones_init_single_cp_conv_sums_neighbouring_frames():
     T_ = 5
     video = _image(2, (B, T_, H, W, C))
     variables = layer.init(jax.random.key(3), video[:, 0])
-    params, stats = T.to_dict(variables["params"]), T.to_dict(variables["batch_stats"])
+    params, stats = tree.to_dict(variables["params"]), tree.to_dict(variables["batch_stats"])
     stats = jax.tree.map(lambda v: v + 0.3, stats)
     # oracle: static conv of every frame, then a numpy sum over frames t-1, t, t+1 (zero padding)
     frames = layer.apply({"params": params, "batch_stats": stats}, video.reshape(B * T_, H, W, C))
@@ -72,7 +72,7 @@ def test_ones_init_single_cp_conv_sums_neighbouring_frames():
     padded = np.pad(frames, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     expected = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
     for init, scale in (("ones", 1.0), ("mean", 1.0 / 3.0)):
-        tparams = T.transduce(params, {"t": 3}, init)
+        tparams = transduction.transduce(params, {"t": 3}, init)
         got = layer.apply({"params": tparams, "batch_stats": stats}, video)
         np.testing.assert_allclose(got, scale * expected, rtol=1e-5, atol=1e-5)
 
@@ -80,7 +80,7 @@ def test_ones_init_single_cp_conv_sums_neighbouring_frames():
 def test_transduce_adds_factors_and_carries_everything_else():
     params, _ = _init(Stack(), _image())
     frozen = freeze(params)
-    out = T.transduce(frozen, {"t": 5}, "ones", dense="keep")
+    out = transduction.transduce(frozen, {"t": 5}, "ones", dense="keep")
     assert type(out) is dict and type(out["conv1"]) is dict
     for name, rank in (("conv1", 5), ("conv2", 4)):
         np.testing.assert_array_equal(out[name]["factor_t"], np.ones((5, rank)))
@@ -90,7 +90,7 @@ def test_transduce_adds_factors_and_carries_everything_else():
     assert {jax.tree_util.keystr(k) for k in added} == {"['conv1']['factor_t']", "['conv2']['factor_t']"}
     for k, v in flat_in.items():
         np.testing.assert_array_equal(flat_out[k], v)
-    delta = T.transduce(params, {"t": 3}, "delta", dense="keep")["conv1"]["factor_t"]
+    delta = transduction.transduce(params, {"t": 3}, "delta", dense="keep")["conv1"]["factor_t"]
     np.testing.assert_array_equal(delta, np.array([[0.0] * 5, [1.0] * 5, [0.0] * 5]))
 
 
@@ -100,11 +100,11 @@ def test_transduce_inflation_rules():
                    "factor_h": jnp.ones((3, 2)), "factor_w": jnp.ones((3, 2))},
             "dense": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(2)}}
     with pytest.raises(ValueError, match="dense/kernel.*dense='keep'"):
-        T.transduce(tree, {"t": 3})
-    kept = T.transduce(tree, {"t": 3}, dense="keep")["dense"]["kernel"]
+        transduction.transduce(tree, {"t": 3})
+    kept = transduction.transduce(tree, {"t": 3}, dense="keep")["dense"]["kernel"]
     np.testing.assert_array_equal(kept, kernel)
-    centre = T.transduce(tree, {"t": 3}, dense="inflate_center")["dense"]["kernel"]
-    mean = T.transduce(tree, {"t": 3}, dense="inflate_mean")["dense"]["kernel"]
+    centre = transduction.transduce(tree, {"t": 3}, dense="inflate_center")["dense"]["kernel"]
+    mean = transduction.transduce(tree, {"t": 3}, dense="inflate_mean")["dense"]["kernel"]
     assert centre.shape == mean.shape == (3, 3, 3, C, 2)
     # centre inflation: a 3-D conv of ANY video equals the 2-D conv of each frame
     video = np.asarray(_image(5, (1, 4, H, W, C)))
@@ -120,32 +120,32 @@ def test_transduce_inflation_rules():
 def test_transduce_errors():
     params, _ = _init(Stack(psi=None), _image())
     with pytest.raises(ValueError, match="already has mode"):
-        T.transduce(params, {"h": 3}, dense="keep")
+        transduction.transduce(params, {"h": 3}, dense="keep")
     for bad in ({"in": 3}, {"skip": 3}, {"": 3}, {"t-1": 3}, {}):
         with pytest.raises(ValueError, match="modes"):
-            T.transduce(params, bad, dense="keep")
+            transduction.transduce(params, bad, dense="keep")
     for k in (0, -1, 2.0):
         with pytest.raises(ValueError, match="kernel size"):
-            T.transduce(params, {"t": k}, dense="keep")
+            transduction.transduce(params, {"t": k}, dense="keep")
     with pytest.raises(ValueError, match="odd"):
-        T.transduce(params, {"t": 4}, "delta", dense="keep")
+        transduction.transduce(params, {"t": 4}, "delta", dense="keep")
     with pytest.raises(ValueError, match="init="):
-        T.transduce(params, {"t": 3}, "zeros", dense="keep")
+        transduction.transduce(params, {"t": 3}, "zeros", dense="keep")
     with pytest.raises(ValueError, match="dense="):
-        T.transduce(params, {"t": 3}, dense="inflate")
+        transduction.transduce(params, {"t": 3}, dense="inflate")
     with pytest.raises(ValueError, match="no CP layer"):
-        T.transduce({"bn": {"scale": jnp.ones(3)}, "head": {"kernel": jnp.ones((3, 2))}}, {"t": 3})
-    broken = T.to_dict(params)
+        transduction.transduce({"bn": {"scale": jnp.ones(3)}, "head": {"kernel": jnp.ones((3, 2))}}, {"t": 3})
+    broken = tree.to_dict(params)
     broken["conv2"]["factor_w"] = jnp.ones((3, 7))
     with pytest.raises(ValueError, match="conv2.*factor_w.*rank mismatch"):
-        T.transduce(broken, {"t": 3}, dense="keep")
+        transduction.transduce(broken, {"t": 3}, dense="keep")
 
 
 # ----------------------------------------------------------------------------- prune_rank
 
 
 def _zero_lambdas(params, zeros):
-    out = T.to_dict(params)
+    out = tree.to_dict(params)
     for name, idx in zeros.items():
         out[name]["lambda"] = out[name]["lambda"].at[np.array(idx)].set(0.0)
     return out
@@ -157,7 +157,7 @@ def test_prune_rank_equals_masked_model(psi):
     x = _image(6)
     params, stats = _init(model, x)
     masked = _zero_lambdas(params, {"conv1": [0, 3], "conv2": [1]})
-    pruned, pstats, report = T.prune_rank(masked, 0.0, batch_stats=stats)
+    pruned, pstats, report = pruning.prune_rank(masked, 0.0, batch_stats=stats)
     assert pruned["conv1"]["factor_in"].shape == (C, 3) and pruned["conv2"]["factor_h"].shape == (3, 3)
     np.testing.assert_array_equal(pruned["conv1"]["factor_out"], np.asarray(masked["conv1"]["factor_out"])[:, [1, 2, 4]])
     if psi:
@@ -186,75 +186,21 @@ def test_prune_rank_equals_masked_model(psi):
 
 def test_prune_rank_threshold_keeps_one_and_errors():
     params, _ = _init(Stack(psi=None), _image())
-    params = T.to_dict(params)
+    params = tree.to_dict(params)
     params["conv1"]["lambda"] = jnp.array([0.1, -0.5, 0.2, 0.05, 0.3])
     params["conv2"]["lambda"] = jnp.zeros(4)
-    pruned, stats, report = T.prune_rank(params, 0.2)
+    pruned, stats, report = pruning.prune_rank(params, 0.2)
     assert stats is None
     np.testing.assert_array_equal(pruned["conv1"]["lambda"], np.array([-0.5, 0.3], np.float32))
     assert pruned["conv2"]["lambda"].shape == (1,)  # at least one component is kept
     assert [l.rank_after for l in report.layers] == [2, 1]
     with pytest.raises(ValueError, match="threshold"):
-        T.prune_rank(params, -0.1)
+        pruning.prune_rank(params, -0.1)
     with pytest.raises(ValueError, match="no CP layer"):
-        T.prune_rank({"dense": {"kernel": jnp.ones((3, 3, 2, 2))}})
+        pruning.prune_rank({"dense": {"kernel": jnp.ones((3, 3, 2, 2))}})
     broken = dict(params, conv1=dict(params["conv1"], factor_in=jnp.ones((C, 4))))
     with pytest.raises(ValueError, match="rank mismatch"):
-        T.prune_rank(broken)
-
-
-# ----------------------------------------------------------------------------- decompose
-
-
-def _np_cp(cp, modes):
-    ops = [np.asarray(cp[conv.mode_key(m)]) for m in modes] + [np.asarray(cp["factor_in"]), np.asarray(cp["factor_out"])]
-    letters = "abcdef"[: len(ops)]
-    spec = ",".join(f"{l}r" for l in letters) + ",r->" + letters
-    return np.einsum(spec, *ops, np.asarray(cp["lambda"]))
-
-
-def test_decompose_recovers_known_rank_factors():
-    rank = 4
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        true = {"lambda": np.ones(rank), "factor_h": rng.normal(size=(3, rank)), "factor_w": rng.normal(size=(3, rank)),
-                "factor_in": rng.normal(size=(5, rank)), "factor_out": rng.normal(size=(6, rank))}
-        kernel = _np_cp(true, ("h", "w"))
-        errors = []
-        for seed in range(3):  # a few restarts allowed; the SVD init usually needs one
-            cp, err = T.decompose(jnp.asarray(kernel), rank, n_iter=3000, tol=0.0, key=jax.random.key(seed))
-            oracle = np.linalg.norm(_np_cp(cp, ("h", "w")) - kernel) / np.linalg.norm(kernel)
-            np.testing.assert_allclose(err, oracle, rtol=1e-6, atol=1e-12)
-            errors.append(oracle)
-            if oracle < 1e-4:
-                break
-        assert min(errors) < 1e-4, errors
-    assert cp["factor_in"].shape == (5, rank) and cp["factor_h"].shape == (3, rank) and cp["lambda"].shape == (rank,)
-
-
-def test_decompose_tree_replaces_kernels_by_cp_leaves():
-    rng = np.random.default_rng(1)
-    r2 = {"lambda": np.ones(2), "factor_h": rng.normal(size=(3, 2)), "factor_w": rng.normal(size=(3, 2)),
-          "factor_in": rng.normal(size=(C, 2)), "factor_out": rng.normal(size=(4, 2))}
-    tree = {"block": {"conv": {"kernel": jnp.asarray(_np_cp(r2, ("h", "w")), jnp.float32), "bias": jnp.arange(4.0)}},
-            "keep": {"conv": {"kernel": jnp.ones((1, 1, 4, 4))}}, "head": {"kernel": jnp.ones((4, 2))}}
-    out, errors = T.decompose_tree(freeze(tree), lambda path, shape: 2 if path[0] == "block" else None, n_iter=500)
-    assert set(out["block"]["conv"]) == {"lambda", "factor_in", "factor_out", "factor_h", "factor_w", "bias"}
-    assert set(errors) == {"block/conv"} and errors["block/conv"] < 1e-3
-    np.testing.assert_array_equal(out["keep"]["conv"]["kernel"], tree["keep"]["conv"]["kernel"])
-    x = _image(7)
-    want = jax.lax.conv_general_dilated(x, tree["block"]["conv"]["kernel"], (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + jnp.arange(4.0)
-    got = conv.cp_conv(x, out["block"]["conv"], modes=("h", "w"))
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
-    budget, _ = T.decompose_tree(tree, "budget", n_iter=5)
-    assert budget["keep"]["conv"]["lambda"].shape == (counting.cp_rank_for_budget(4, 4, (1, 1)),)
-    with pytest.raises(ValueError, match="rank"):
-        T.decompose(tree["block"]["conv"]["kernel"], 0)
-    with pytest.raises(ValueError, match="norm"):
-        T.decompose(jnp.zeros((3, 3, 2, 2)), 2)
-    with pytest.raises(ValueError, match="no dense conv kernel"):
-        T.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
+        pruning.prune_rank(broken)
 
 
 @pytest.mark.parametrize("train", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -265,9 +211,9 @@ def test_delta_transduced_hocp_resnet_tiny_equals_static_per_frame(train):
     x = _image(8, (2, 16, 16, 3))
     params, stats = _init(model, x)
     with pytest.raises(ValueError, match="shortcut"):  # the dense 1x1 shortcuts need a rule
-        T.transduce(params, {"t": 3}, "delta")
-    tparams = T.transduce(params, {"t": 3}, "delta", dense="keep")
-    assert {p for p, _ in T.cp_layers(tparams)} == {p for p, _ in T.cp_layers(params)}
+        transduction.transduce(params, {"t": 3}, "delta")
+    tparams = transduction.transduce(params, {"t": 3}, "delta", dense="keep")
+    assert {p for p, _ in tree.cp_layers(tparams)} == {p for p, _ in tree.cp_layers(params)}
     apply = jax.jit(lambda p, v: model.apply({"params": p, "batch_stats": stats}, v, train, mutable=["batch_stats"]))
     static, s_upd = apply(params, x)
     video, v_upd = apply(tparams, jnp.broadcast_to(x[:, None], (2, 3, 16, 16, 3)))

@@ -1,0 +1,133 @@
+"""Tests of hocp_jax.decomposition: CP-ALS and Tucker-2 of dense kernels against numpy
+reconstructions, tensorly (numpy backend) as an independent oracle, and dense convs."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorly as tl
+from flax.core import freeze
+from tensorly.decomposition import parafac, partial_tucker
+
+from hocp_jax import conv, counting
+from hocp_jax import decomposition as D
+
+
+def _np_cp(cp, modes):
+    ops = [np.asarray(cp[conv.mode_key(m)]) for m in modes] + [np.asarray(cp["factor_in"]), np.asarray(cp["factor_out"])]
+    letters = "abcdef"[: len(ops)]
+    spec = ",".join(f"{l}r" for l in letters) + ",r->" + letters
+    return np.einsum(spec, *ops, np.asarray(cp["lambda"]))
+
+
+def _low_rank(shape, rank, seed):
+    rng = np.random.default_rng(seed)
+    factors = [rng.normal(size=(s, rank)) for s in shape]
+    return np.einsum("ar,br,cr,dr->abcd", *factors).astype(np.float32)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def _dense_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,rank,seed", [((3, 3, 6, 5), 3, 0), ((3, 3, 6, 5), 3, 2),
+                                              pytest.param((3, 3, 16, 16), 8, 0, marks=pytest.mark.slow)])
+def test_cp_als_float32_exact_low_rank_reaches_1e5_stops_early_and_beats_tensorly(shape, rank, seed):
+    kernel = _low_rank(shape, rank, seed)
+    progress = []
+    cp, err = D.decompose(kernel, rank, n_iter=1000, callback=lambda i, e: progress.append((i, e)), report_every=1000)
+    chex.assert_shape([cp["factor_h"], cp["factor_w"], cp["factor_in"], cp["factor_out"], cp["lambda"]],
+                      [(3, rank), (3, rank), (shape[2], rank), (shape[3], rank), (rank,)])
+    chex.assert_type(cp["lambda"], jnp.float32)
+    oracle = _rel(_np_cp(cp, ("h", "w")), kernel)
+    np.testing.assert_allclose(err, oracle, rtol=1e-3, atol=1e-7)
+    assert oracle <= 1e-5, oracle
+    assert len(progress) == 1 and progress[0][0] < 1000, progress  # the float32 stopping rule fired
+    # tensorly's parafac (numpy backend, SVD init, line search, same sweep budget) on the same tensor
+    weights, factors = parafac(kernel, rank, n_iter_max=1000, init="svd", tol=1e-12, linesearch=True)
+    assert oracle <= max(_rel(tl.cp_to_tensor((weights, factors)), kernel), 1e-5)
+
+
+def test_cp_als_full_rank_kernel_close_to_tensorly_and_reports_progress():
+    kernel = np.random.default_rng(3).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    progress = []
+    cp, err = D.decompose(kernel, 6, n_iter=400, tol=-np.inf, callback=lambda i, e: progress.append((i, e)), report_every=100)
+    assert [i for i, _ in progress] == [100, 200, 300, 400]
+    errs = [e for _, e in progress]
+    assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
+    np.testing.assert_allclose(err, _rel(_np_cp(cp, ("h", "w")), kernel), rtol=1e-4)
+    weights, factors = parafac(kernel.astype(np.float64), 6, n_iter_max=400, init="svd", tol=1e-12, linesearch=True)
+    assert err <= 1.05 * _rel(tl.cp_to_tensor((weights, factors)), kernel)  # local minima may differ a little
+
+
+@pytest.mark.slow
+def test_decompose_recovers_known_rank_factors_float64():
+    rank = 4
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        true = {"lambda": np.ones(rank), "factor_h": rng.normal(size=(3, rank)), "factor_w": rng.normal(size=(3, rank)),
+                "factor_in": rng.normal(size=(5, rank)), "factor_out": rng.normal(size=(6, rank))}
+        kernel = _np_cp(true, ("h", "w"))
+        cp, err = D.decompose(jnp.asarray(kernel), rank, n_iter=3000)
+        oracle = _rel(_np_cp(cp, ("h", "w")), kernel)
+        np.testing.assert_allclose(err, oracle, rtol=1e-6, atol=1e-12)
+        assert oracle < 1e-10
+
+
+def test_decompose_tree_replaces_kernels_by_cp_leaves():
+    C = 3
+    rng = np.random.default_rng(1)
+    r2 = {"lambda": np.ones(2), "factor_h": rng.normal(size=(3, 2)), "factor_w": rng.normal(size=(3, 2)),
+          "factor_in": rng.normal(size=(C, 2)), "factor_out": rng.normal(size=(4, 2))}
+    tree = {"block": {"conv": {"kernel": jnp.asarray(_np_cp(r2, ("h", "w")), jnp.float32), "bias": jnp.arange(4.0)}},
+            "keep": {"conv": {"kernel": jnp.ones((1, 1, 4, 4))}}, "head": {"kernel": jnp.ones((4, 2))}}
+    out, errors = D.decompose_tree(freeze(tree), lambda path, shape: 2 if path[0] == "block" else None)
+    assert set(out["block"]["conv"]) == {"lambda", "factor_in", "factor_out", "factor_h", "factor_w", "bias"}
+    assert set(errors) == {"block/conv"} and errors["block/conv"] < 1e-5
+    np.testing.assert_array_equal(out["keep"]["conv"]["kernel"], tree["keep"]["conv"]["kernel"])
+    x = jax.random.normal(jax.random.key(7), (2, 6, 6, C))
+    want = _dense_conv(x, tree["block"]["conv"]["kernel"]) + jnp.arange(4.0)
+    got = conv.cp_conv(x, out["block"]["conv"], modes=("h", "w"))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert D.rank_for("budget", ("keep", "conv"), (1, 1, 4, 4)) == counting.cp_rank_for_budget(4, 4, (1, 1))
+
+
+def test_decompose_rejects_bad_inputs():
+    kernel = jnp.ones((3, 3, 2, 2))
+    for kwargs, match in (({"rank": 0}, "rank=0"), ({"rank": 2, "init": "hosvd"}, "init="), ({"rank": 2, "n_iter": -1}, "n_iter"),
+                          ({"rank": 2, "report_every": 0}, "report_every"), ({"rank": 2, "modes": ("h",)}, "modes")):
+        with pytest.raises(ValueError, match=match):
+            D.decompose(kernel, **kwargs)
+    with pytest.raises(ValueError, match="norm"):
+        D.decompose(jnp.zeros((3, 3, 2, 2)), 2)
+    with pytest.raises(ValueError, match="kernel"):
+        D.decompose(jnp.ones((3, 2)), 2)
+    with pytest.raises(ValueError, match="no dense conv kernel"):
+        D.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
+    with pytest.raises(ValueError, match="ranks"):
+        D.tucker_decompose(kernel, (3, 1))
+
+
+def test_tucker_decompose_matches_tensorly_and_dense_conv():
+    rng = np.random.default_rng(4)
+    # exactly Tucker-rank (2, 3) kernel: recovered to float32 precision, same conv output
+    exact = np.einsum("hwab,ca,tb->hwct", rng.normal(size=(3, 3, 2, 3)), rng.normal(size=(6, 2)), rng.normal(size=(5, 3)))
+    exact = exact.astype(np.float32)
+    params, err = D.tucker_decompose(exact, (2, 3))
+    chex.assert_shape([params["factor_in"], params["core"], params["factor_out"]], [(6, 2), (3, 3, 2, 3), (5, 3)])
+    assert err < 1e-5 and _rel(conv.tucker_to_kernel(params), exact) < 1e-5
+    x = jax.random.normal(jax.random.key(5), (2, 7, 7, 6))
+    np.testing.assert_allclose(conv.tucker_conv(x, params, padding="SAME"), _dense_conv(x, exact), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(params["factor_in"].T @ params["factor_in"], np.eye(2), atol=1e-5)
+    # a full-rank kernel: the same error as tensorly's partial_tucker on the channel modes (HOOI optimum)
+    kernel = rng.normal(size=(3, 3, 8, 6)).astype(np.float32)
+    params, err = D.tucker_decompose(kernel, (4, 3))
+    (core, factors), _ = partial_tucker(kernel.astype(np.float64), rank=[4, 3], modes=[2, 3], n_iter_max=200, tol=1e-12)
+    oracle = _rel(tl.tenalg.multi_mode_dot(core, factors, modes=[2, 3]), kernel)
+    np.testing.assert_allclose(err, oracle, rtol=1e-3)
+    np.testing.assert_allclose(err, _rel(conv.tucker_to_kernel(params), kernel), rtol=1e-5)

@@ -126,7 +126,7 @@ def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, 
         raise ValueError(f"modes={modes!r}: expected {n_sp} distinct names (none of {RESERVED}) for kernel {tuple(kernel.shape)}")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         kernel = kernel.astype(jnp.float32)
-    norm = float(jnp.linalg.norm(kernel))
+    norm = float(np.linalg.norm(np.asarray(kernel, np.float64)))
     if not (np.isfinite(norm) and norm > 0):
         raise ValueError(f"kernel: its Frobenius norm is {norm}; expected a finite nonzero kernel")
     return kernel, modes
@@ -200,39 +200,48 @@ def decompose(
         raise ValueError(f"n_iter={n_iter!r}: expected an int >= 0")
     if report_every is not None and (not isinstance(report_every, (int, np.integer)) or report_every < 1):
         raise ValueError(f"report_every={report_every!r}: expected an int >= 1 or None")
-    dtype = kernel.dtype
-    eps = float(jnp.finfo(dtype).eps)
-    tol = _default_tol(dtype) if tol is None else float(tol)
+    eps = float(jnp.finfo(kernel.dtype).eps)
+    tol = _default_tol(kernel.dtype) if tol is None else float(tol)
     ridge = 10 * eps if ridge is None else float(ridge)
     key = jax.random.key(0) if key is None else key
-    factors = []
-    for n, k in enumerate(jax.random.split(key, kernel.ndim)):
-        f = jax.random.normal(k, (kernel.shape[n], rank), dtype)
-        if init == "svd":
-            u = jnp.linalg.svd(_unfold(kernel, n), full_matrices=False)[0][:, :rank]
-            f = f.at[:, : u.shape[1]].set(u)
-        factors.append(f)
-    norm_x = jnp.linalg.norm(kernel)
-    # scale the last factor by least squares so the first error (and line search) is meaningful
-    factors = _normalise(factors)
-    err0 = _rel_error(kernel, factors, norm_x)
-    state = _ALSState(jnp.asarray(0), tuple(factors), tuple(factors), err0, jnp.asarray(jnp.inf, dtype),
-                      jnp.asarray(2.0, dtype), jnp.asarray(0))
+    # the random parts of the init are drawn on the host: compiling threefry costs more than the fit
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    noise = tuple(rng.standard_normal((size, int(rank))).astype(kernel.dtype) for size in kernel.shape)
+    state = _init_state(kernel, noise, init == "svd")
     chunk = report_every or (50 if callback is not None else max(int(n_iter), 1))
-    floor = 10 * eps
     while int(state.sweep) < n_iter:
-        done = int(state.sweep)
-        state = _als_chunk(kernel, state, min(done + chunk, int(n_iter)), tol, ridge, floor, line_search)
+        stop = min(int(state.sweep) + chunk, int(n_iter))
+        state = _als_chunk(kernel, state, stop, tol, ridge, 10 * eps, line_search)
         if callback is not None:
             callback(int(state.sweep), float(state.error))
-        if int(state.sweep) < min(done + chunk, int(n_iter)):  # converged inside the chunk
+        if int(state.sweep) < stop:  # converged inside the chunk
             break
-    factors = list(state.factors)
+    cp, rel = _to_params(kernel, state.factors, modes)
+    return cp, float(rel)
+
+
+@functools.partial(jax.jit, static_argnames=("svd_init",))
+def _init_state(kernel: jax.Array, noise: Sequence[jax.Array], svd_init: bool) -> _ALSState:
+    """HOSVD (leading left singular vectors of each unfolding; ``noise`` columns beyond the
+    mode size) or the ``noise`` factors themselves, normalised, and their error."""
+    factors = list(noise)
+    for n, f in enumerate(factors):
+        if svd_init:
+            u = jnp.linalg.svd(_unfold(kernel, n), full_matrices=False)[0][:, : f.shape[1]]
+            factors[n] = f.at[:, : u.shape[1]].set(u)
+    factors = tuple(_normalise(factors))
+    err = _rel_error(kernel, factors, jnp.linalg.norm(kernel))
+    return _ALSState(jnp.asarray(0), factors, factors, err, jnp.asarray(jnp.inf, kernel.dtype),
+                     jnp.asarray(2.0, kernel.dtype), jnp.asarray(0))
+
+
+@functools.partial(jax.jit, static_argnames=("modes",))
+def _to_params(kernel: jax.Array, factors: Sequence[jax.Array], modes: tuple[str, ...]):
+    """CP params (unit factor_out columns, scale in lambda) and the error of their reconstruction."""
     lam = jnp.linalg.norm(factors[-1], axis=0)
     cp = {"lambda": lam, "factor_in": factors[-2], "factor_out": factors[-1] / jnp.where(lam > 0, lam, 1.0)}
     cp |= {mode_key(m): f for m, f in zip(modes, factors[:-2])}
-    rel = float(jnp.linalg.norm(cp_to_kernel(cp, modes) - kernel) / norm_x)
-    return cp, rel
+    return cp, jnp.linalg.norm(cp_to_kernel(cp, modes) - kernel) / jnp.linalg.norm(kernel)
 
 
 # ----------------------------------------------------------------------------- Tucker-2
@@ -266,21 +275,31 @@ def tucker_decompose(
             or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in ranks)
             or not (1 <= ranks[0] <= c_in and 1 <= ranks[1] <= c_out)):
         raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in} and 1 <= R_out <= {c_out}")
-    r_in, r_out = int(ranks[0]), int(ranks[1])
     tol = _default_tol(kernel.dtype) if tol is None else float(tol)
-    n_sp = kernel.ndim - 2
-    u_in, u_out = _leading(_unfold(kernel, n_sp), r_in), _leading(_unfold(kernel, n_sp + 1), r_out)
-    captured = 0.0
-    for _ in range(int(n_iter)):
-        u_in = _leading(_unfold(jnp.einsum("...ab,bs->...as", kernel, u_out), n_sp), r_in)
-        u_out = _leading(_unfold(jnp.einsum("...ab,ar->...rb", kernel, u_in), n_sp + 1), r_out)
-        new = float(jnp.linalg.norm(jnp.einsum("...ab,ar,bs->...rs", kernel, u_in, u_out)))
-        if new - captured <= tol * new:
-            break
-        captured = new
-    params = {"factor_in": u_in, "core": jnp.einsum("...ab,ar,bs->...rs", kernel, u_in, u_out), "factor_out": u_out}
-    rel = float(jnp.linalg.norm(tucker_to_kernel(params) - kernel) / jnp.linalg.norm(kernel))
-    return params, rel
+    params, rel = _hooi(kernel, int(ranks[0]), int(ranks[1]), int(n_iter), tol)
+    return params, float(rel)
+
+
+@functools.partial(jax.jit, static_argnames=("r_in", "r_out"))
+def _hooi(kernel: jax.Array, r_in: int, r_out: int, n_iter, tol):
+    n = kernel.ndim - 2
+    core = lambda u_in, u_out: jnp.einsum("...ab,ar,bs->...rs", kernel, u_in, u_out)  # noqa: E731
+
+    def body(s):
+        i, u_in, u_out, _, captured = s
+        u_in = _leading(_unfold(jnp.einsum("...ab,bs->...as", kernel, u_out), n), r_in)
+        u_out = _leading(_unfold(jnp.einsum("...ab,ar->...rb", kernel, u_in), n + 1), r_out)
+        return i + 1, u_in, u_out, captured, jnp.linalg.norm(core(u_in, u_out))
+
+    def cond(s):
+        i, _, _, before, captured = s
+        return (i < n_iter) & (captured - before > tol * captured)
+
+    u_in, u_out = _leading(_unfold(kernel, n), r_in), _leading(_unfold(kernel, n + 1), r_out)
+    start = (jnp.asarray(0), u_in, u_out, jnp.asarray(-1.0, kernel.dtype), jnp.linalg.norm(core(u_in, u_out)))
+    _, u_in, u_out, _, _ = jax.lax.while_loop(cond, body, start)
+    params = {"factor_in": u_in, "core": core(u_in, u_out), "factor_out": u_out}
+    return params, jnp.linalg.norm(tucker_to_kernel(params) - kernel) / jnp.linalg.norm(kernel)
 
 
 # ----------------------------------------------------------------------------- whole trees

@@ -1,0 +1,93 @@
+r"""Dense -> HO-CP conversion of a trained model (the paper's "decompose a pre-trained network").
+
+:func:`dense_to_hocp` turns the variables of a dense model built from
+:class:`hocp_jax.models.common.DenseConv` convs (e.g. ``get_model("resnet18")``) into the
+variables of its HO-CP twin (``get_model("resnet18_hocp")``, same ``tiny``/width settings):
+
+* every DenseConv with a spatial kernel larger than 1 — its params ``<name>/conv/kernel``
+  ``(*K, C_in, C_out)`` — becomes the CPConv params ``<name>/{lambda, factor_in,
+  factor_out, factor_h, factor_w}`` (CP-ALS, :func:`hocp_jax.decomposition.decompose`);
+  the HO-CP model's CPConv sits at ``<name>``, one level above the dense ``nn.Conv``;
+* 1x1 DenseConvs (the ResNet's projection shortcuts) are kept dense, as the HO-CP model
+  does by default (``shortcut="dense"``); ``shortcut="cp"`` decomposes them too;
+* every other leaf (BatchNorm scales/biases, the head) and the whole ``batch_stats``
+  collection are carried over unchanged: the converted convs compute (approximately) the
+  same per-channel activations, so their statistics still apply.
+
+The HO-CP model reads each layer's rank from the stored ``lambda``, so any rank applies; at
+``rank="budget"`` the tree has exactly the shapes of ``get_model("resnet18_hocp")``'s
+default init (the paper's equal-parameter rule, :func:`hocp_jax.counting.cp_rank_for_budget`).
+The models' convs are linear (``psi=None``); a converted model with Psi would not be exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from hocp_jax.decomposition import RankRule, decompose, rank_for
+from hocp_jax.tree import Path, get_at, path_str, set_at, to_dict, walk
+
+SHORTCUT_RULES = ("dense", "cp")
+
+
+def _dense_convs(params: Any) -> list[Path]:
+    """Paths of DenseConv modules: dicts holding only ``{"conv": {"kernel": (*K, C_in, C_out)}}``."""
+    return [p for p, node in walk(params)
+            if set(node) == {"conv"} and isinstance(node["conv"], Mapping) and set(node["conv"]) == {"kernel"}
+            and np.ndim(node["conv"]["kernel"]) >= 3]
+
+
+def dense_to_hocp(
+    variables: Mapping,
+    rank: RankRule = "budget",
+    *,
+    shortcut: str = "dense",
+    key: jax.Array | None = None,
+    **decompose_kwargs,
+) -> tuple[dict, dict[str, float]]:
+    """Converts a dense model's variables into its HO-CP twin's variables (see module docstring).
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` of the dense model (other
+        collections are carried over too).
+      rank: an int (every converted conv), ``"budget"`` (equal parameter count, the HO-CP
+        model's default), or ``callable(path, kernel_shape) -> int | None`` (None keeps that
+        conv dense — the HO-CP model then cannot apply the tree).
+      shortcut: ``"dense"`` keeps 1x1 convs dense (the HO-CP model's default), ``"cp"``
+        decomposes them too (for ``get_model(..., shortcut="cp")``).
+      key: PRNG key for the CP-ALS inits, split per layer.
+      **decompose_kwargs: passed to :func:`hocp_jax.decomposition.decompose` (``n_iter``,
+        ``callback``...).
+
+    Returns:
+      ``(new_variables, rel_errors)``: plain nested dicts, and per converted conv (path
+      ``"layer1_0/conv1"``) the relative reconstruction error ``||W - W_hat|| / ||W||``.
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(f"variables: expected a dict with a 'params' collection, got "
+                         f"{sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__}")
+    if shortcut not in SHORTCUT_RULES:
+        raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUT_RULES}")
+    params = to_dict(variables["params"])
+    targets = []
+    for path in _dense_convs(params):
+        kernel = get_at(params, path + ("conv", "kernel"))
+        if shortcut == "dense" and all(k == 1 for k in np.shape(kernel)[:-2]):
+            continue
+        targets.append((path, kernel))
+    if not targets:
+        raise ValueError("variables: no dense conv (a '<name>/conv/kernel' leaf with a spatial kernel > 1) to convert; "
+                         "expected the variables of a dense model such as get_model('resnet18')")
+    key = jax.random.key(0) if key is None else key
+    errors = {}
+    for (path, kernel), k in zip(targets, jax.random.split(key, len(targets))):
+        r = rank_for(rank, path, tuple(np.shape(kernel)))
+        if r is None:
+            continue
+        cp, errors[path_str(path)] = decompose(kernel, r, key=k, **decompose_kwargs)
+        params = set_at(params, path, cp)
+    return {**to_dict(variables), "params": params}, errors

@@ -17,15 +17,24 @@
 # parameter/FLOP counts and the paper's Figure 6.
 
 # %%
-# On Colab: install the library (a CPU runtime is enough). Point HOCP_JAX_SOURCE at the
-# repository you cloned/forked (a git URL, or a local path after uploading the checkout).
+# On Colab: install the library from YOUR copy of the repository (the project has no public
+# package or address). Set HOCP_JAX_SOURCE below, or as an environment variable, to a source pip
+# can install: a local path such as "/content/hocp-jax" (upload or mount your checkout first), or
+# the pip git URL of the repository you cloned or forked ("git+https://..."). Nothing is installed
+# when hocp_jax is already importable (e.g. running from a checkout).
 import importlib.util
 import os
 import subprocess
 import sys
 
-HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "git+https://github.com/hocp-jax/hocp-jax")
+HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "")  # e.g. "/content/hocp-jax"
 if importlib.util.find_spec("hocp_jax") is None:
+    if not HOCP_JAX_SOURCE:
+        raise RuntimeError(
+            "hocp_jax is not installed and HOCP_JAX_SOURCE is empty: set it in this cell to your copy of the "
+            "repository (a local path such as '/content/hocp-jax', or a pip 'git+https://...' URL of your "
+            "clone/fork) and run the cell again"
+        )
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", HOCP_JAX_SOURCE], check=True)
 
 # %%

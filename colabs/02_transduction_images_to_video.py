@@ -18,13 +18,24 @@
 #    (it needs time), valence its identity (readable from one frame).
 
 # %%
+# On Colab: install the library from YOUR copy of the repository (the project has no public
+# package or address). Set HOCP_JAX_SOURCE below, or as an environment variable, to a source pip
+# can install: a local path such as "/content/hocp-jax" (upload or mount your checkout first), or
+# the pip git URL of the repository you cloned or forked ("git+https://..."). Nothing is installed
+# when hocp_jax is already importable (e.g. running from a checkout).
 import importlib.util
 import os
 import subprocess
 import sys
 
-HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "git+https://github.com/hocp-jax/hocp-jax")
+HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "")  # e.g. "/content/hocp-jax"
 if importlib.util.find_spec("hocp_jax") is None:
+    if not HOCP_JAX_SOURCE:
+        raise RuntimeError(
+            "hocp_jax is not installed and HOCP_JAX_SOURCE is empty: set it in this cell to your copy of the "
+            "repository (a local path such as '/content/hocp-jax', or a pip 'git+https://...' URL of your "
+            "clone/fork) and run the cell again"
+        )
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", HOCP_JAX_SOURCE], check=True)
 
 # %%
@@ -36,7 +47,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from hocp_jax import losses, optim, transforms
+from hocp_jax import losses, optim, transduction
 from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
@@ -74,7 +85,7 @@ print("static model parameters:", count_params(static["params"]))
 # ## 2. Transduction: a parameter-tree transform
 
 # %%
-video_params = transforms.transduce(static["params"], {"t": 3}, init="delta", dense="keep")
+video_params = transduction.transduce(static["params"], {"t": 3}, init="delta", dense="keep")
 conv = video_params["layer1_0"]["conv1"]
 print({k: v.shape for k, v in conv.items() if k.startswith("factor")})
 n_temporal = sum(v.size for p, v in jax.tree_util.tree_leaves_with_path(video_params) if "factor_t" in str(p))

@@ -16,13 +16,24 @@
 # factor of the layer is sliced, giving a genuinely smaller model with the same outputs.
 
 # %%
+# On Colab: install the library from YOUR copy of the repository (the project has no public
+# package or address). Set HOCP_JAX_SOURCE below, or as an environment variable, to a source pip
+# can install: a local path such as "/content/hocp-jax" (upload or mount your checkout first), or
+# the pip git URL of the repository you cloned or forked ("git+https://..."). Nothing is installed
+# when hocp_jax is already importable (e.g. running from a checkout).
 import importlib.util
 import os
 import subprocess
 import sys
 
-HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "git+https://github.com/hocp-jax/hocp-jax")
+HOCP_JAX_SOURCE = os.environ.get("HOCP_JAX_SOURCE", "")  # e.g. "/content/hocp-jax"
 if importlib.util.find_spec("hocp_jax") is None:
+    if not HOCP_JAX_SOURCE:
+        raise RuntimeError(
+            "hocp_jax is not installed and HOCP_JAX_SOURCE is empty: set it in this cell to your copy of the "
+            "repository (a local path such as '/content/hocp-jax', or a pip 'git+https://...' URL of your "
+            "clone/fork) and run the cell again"
+        )
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", HOCP_JAX_SOURCE], check=True)
 
 # %%
@@ -34,7 +45,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from hocp_jax import losses, optim, transforms
+from hocp_jax import losses, optim, pruning
 from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
@@ -57,7 +68,7 @@ def loss_fn(outputs, batch, key):
 
 
 # Adam on the data loss + L1 penalty, then the proximal soft-threshold on every CP lambda.
-tx = optax.chain(optax.adam(LR), optim.l1_prox(LR * GAMMA))
+tx = optax.chain(optax.adam(LR), optim.prox_l1_lambdas(LR * GAMMA))
 it = lambda: pipeline.train_iterator("digits_affect", "train", data_dir, batch_size=32, seed=0)
 state = fit(model, loss_fn, tx, it, dict(num_steps=STEPS, seed=0, log_every=20, checkpoint_every=STEPS),
             os.path.join(workdir, "l1"), reg_fn=functools.partial(optim.l1_lambda, gamma=GAMMA))
@@ -76,7 +87,7 @@ fig
 # ## Prune the zeroed components: a smaller model with the same predictions
 
 # %%
-pruned, pruned_stats, prune_report = transforms.prune_rank(variables["params"], 0.0, variables["batch_stats"])
+pruned, pruned_stats, prune_report = pruning.prune_rank(variables["params"], 0.0, variables["batch_stats"])
 small = {"params": pruned, "batch_stats": pruned_stats}
 batch = next(pipeline.eval_batches("digits_affect", "test", data_dir, batch_size=300))
 before = model.apply(variables, batch["image"])

@@ -55,22 +55,6 @@ def _inflate(w: jax.Array, sizes: Sequence[int], rule: str) -> jax.Array:
     return jnp.zeros(sizes + w.shape, w.dtype).at[tuple(k // 2 for k in sizes)].set(w)
 
 
-def dense_leaves(params: Any) -> list[tuple[Path, str]]:
-    """``(layer_path, leaf_name)`` of every non-CP conv weight: dense kernels, Tucker cores, depthwise."""
-    out = []
-    for p, node in walk(params):
-        if is_cp_layer(node):
-            continue
-        if is_tucker_layer(node):
-            out.append((p, "core"))
-            continue
-        if np.ndim(node.get("kernel")) >= 3:
-            out.append((p, "kernel"))
-        if np.ndim(node.get("depthwise")) >= 2:
-            out.append((p, "depthwise"))
-    return out
-
-
 def transduce(params: Any, modes: Mapping[str, int] | None = None, init: str = "ones", *, dense: str = "error") -> dict:
     """Higher-order transduction N-D -> (N+K)-D (paper Sec. 4, Eq. 8).
 
@@ -111,12 +95,12 @@ def transduce(params: Any, modes: Mapping[str, int] | None = None, init: str = "
         raise ValueError(f"dense={dense!r}: expected one of {DENSE_RULES}")
     out = to_dict(params)
     layers = require_cp_layers(out, "transduce")
-    dense_leaves = dense_leaves(out)
-    if dense_leaves and dense == "error":
-        listed = ", ".join(f"'{path_str(p)}/{n}'" for p, n in dense_leaves[:5])
+    dense_weights = dense_leaves(out)
+    if dense_weights and dense == "error":
+        listed = ", ".join(f"'{path_str(p)}/{n}'" for p, n in dense_weights[:5])
         raise ValueError(
-            f"params: {len(dense_leaves)} non-CP conv weight(s) cannot gain a temporal factor ({listed}"
-            f"{', ...' if len(dense_leaves) > 5 else ''}); pass dense='keep' if the model applies them per frame, "
+            f"params: {len(dense_weights)} non-CP conv weight(s) cannot gain a temporal factor ({listed}"
+            f"{', ...' if len(dense_weights) > 5 else ''}); pass dense='keep' if the model applies them per frame, "
             "or dense='inflate_center'/'inflate_mean' to inflate them"
         )
     for path, layer in layers:
@@ -131,7 +115,7 @@ def transduce(params: Any, modes: Mapping[str, int] | None = None, init: str = "
             new[mode_key(m)] = _new_factor(k, rank, init, dtype)
         out = set_at(out, path, new)
     if dense.startswith("inflate"):
-        for path, name in dense_leaves:
+        for path, name in dense_weights:
             node = dict(get_at(out, path))
             node[name] = _inflate(jnp.asarray(node[name]), list(modes.values()), dense)
             out = set_at(out, path, node)

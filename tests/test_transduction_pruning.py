@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax.core import freeze
 
-from hocp_jax import conv, counting
-from hocp_jax import pruning, transduction, tree
+from hocp_jax import counting, pruning, transduction, tree
 from hocp_jax.layers import CPConv
 
 B, H, W, C = 2, 6, 6, 3

@@ -22,7 +22,8 @@ The models' convs are linear (``psi=None``); a converted model with Psi would no
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ def dense_to_hocp(
     *,
     shortcut: str = "dense",
     key: jax.Array | None = None,
+    callback: Callable[[str, int, float], None] | None = None,
     **decompose_kwargs,
 ) -> tuple[dict, dict[str, float]]:
     """Converts a dense model's variables into its HO-CP twin's variables (see module docstring).
@@ -60,8 +62,11 @@ def dense_to_hocp(
       shortcut: ``"dense"`` keeps 1x1 convs dense (the HO-CP model's default), ``"cp"``
         decomposes them too (for ``get_model(..., shortcut="cp")``).
       key: PRNG key for the CP-ALS inits, split per layer.
+      callback: progress on big models, ``callback(layer_path, sweeps_done, rel_error)``
+        every ``report_every`` sweeps (default 50) of each layer's CP-ALS, e.g.
+        ``lambda p, i, e: print(p, i, f"{e:.3f}")``.
       **decompose_kwargs: passed to :func:`hocp_jax.decomposition.decompose` (``n_iter``,
-        ``callback``...).
+        ``report_every``...).
 
     Returns:
       ``(new_variables, rel_errors)``: plain nested dicts, and per converted conv (path
@@ -88,6 +93,7 @@ def dense_to_hocp(
         r = rank_for(rank, path, tuple(np.shape(kernel)))
         if r is None:
             continue
-        cp, errors[path_str(path)] = decompose(kernel, r, key=k, **decompose_kwargs)
+        report = None if callback is None else functools.partial(callback, path_str(path))
+        cp, errors[path_str(path)] = decompose(kernel, r, key=k, callback=report, **decompose_kwargs)
         params = set_at(params, path, cp)
     return {**to_dict(variables), "params": params}, errors

@@ -22,7 +22,10 @@ def converted():
     variables = to_dict(dense.init(jax.random.key(1), X))
     # non-trivial BN statistics, so carrying them over is checked
     variables["batch_stats"] = jax.tree.map(lambda v: v + 0.05, variables["batch_stats"])
-    new, errors = dense_to_hocp(variables, "budget", n_iter=50)
+    progress = []
+    new, errors = dense_to_hocp(variables, "budget", n_iter=50, report_every=25,
+                                callback=lambda path, i, e: progress.append((path, i, e)))
+    assert {p for p, _, _ in progress} == set(errors) and all(i <= 50 for _, i, _ in progress)
     return dense, variables, new, errors
 
 

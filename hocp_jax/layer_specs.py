@@ -197,3 +197,62 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
     else:
         raise ValueError(f"decomposition={decomposition!r}: expected 'cp' or 'tucker'")
     return specs | {"bias": ((features,), init.zeros)}
+
+
+# ----------------------------------------------------------------------------- tensorized layers
+
+
+def _shape_arg(v, name: str) -> tuple[int, ...]:
+    v = tuple(v) if isinstance(v, Sequence) else (v,)
+    if not v or any(not isinstance(d, (int, np.integer)) or d < 1 for d in v):
+        raise ValueError(f"{name}={v!r}: expected a non-empty sequence of ints >= 1")
+    return tuple(int(d) for d in v)
+
+
+def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_bias: bool = True) -> Specs:
+    """Leaves of a factorized linear layer (:mod:`hocp_jax.tensorized`) whose dense weight has
+    LeCun variance ``1 / prod(in_shape)``. ``rank``: CP an int; Tucker an int or one per
+    input and output mode; TT an int or the ``len(in_shape) - 1`` inner ranks."""
+    ins, outs = _shape_arg(in_shape, "in_shape"), _shape_arg(out_shape, "out_shape")
+    var = 1.0 / int(np.prod(ins))
+    if factorization == "cp":
+        r = _positive("rank", rank)
+        normal = init.normal(product_std(var, len(ins) + len(outs), r))
+        specs: Specs = {"lambda": ((r,), init.ones)}
+        specs |= {f"factor_in_{i}": ((d, r), normal) for i, d in enumerate(ins)}
+        specs |= {f"factor_out_{j}": ((d, r), normal) for j, d in enumerate(outs)}
+    elif factorization == "tucker":
+        ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins) + len(outs), "rank"))
+        normal = init.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
+        specs = {"core": (ranks, normal)}
+        specs |= {f"factor_in_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(ins, ranks))}
+        specs |= {f"factor_out_{j}": ((d, r), normal) for j, (d, r) in enumerate(zip(outs, ranks[len(ins):]))}
+    elif factorization == "tt":
+        if len(ins) != len(outs):
+            raise ValueError(f"in_shape={ins}, out_shape={outs}: a TT-matrix weight needs as many input as output modes")
+        bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
+        normal = init.normal(product_std(var, len(ins), int(np.prod(bonds))))
+        specs = {f"core_{n}": ((bonds[n], i, o, bonds[n + 1]), normal) for n, (i, o) in enumerate(zip(ins, outs))}
+    else:
+        raise ValueError(f"factorization={factorization!r}: expected one of {FACTORIZATIONS}")
+    return specs | ({"bias": ((int(np.prod(outs)),), init.zeros)} if use_bias else {})
+
+
+def tcl_specs(in_shape, rank, use_bias: bool = False) -> Specs:
+    """TCL leaves ``factor_<i> (d_i, r_i)`` (LeCun: each mode keeps the input variance), optional ``bias (*r)``."""
+    ins = _shape_arg(in_shape, "in_shape")
+    ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins), "rank"))
+    specs: Specs = {f"factor_{i}": ((d, r), init.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
+    return specs | ({"bias": (ranks, init.zeros)} if use_bias else {})
+
+
+def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank, gain: float = 2.0,
+                  use_bias: bool = False) -> Specs:
+    """TT conv leaves (:func:`hocp_jax.conv.tt_conv`) ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})``,
+    ``core_{N+1} (R_{N+1}, C_out, 1)``; ``rank`` an int or the ``N + 1`` inner ranks."""
+    ks = _shape_arg(kernel_size, "kernel_size")
+    dims = (_positive("in_features", in_channels),) + ks + (_positive("out_features", out_channels),)
+    bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
+    normal = init.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
+    specs: Specs = {f"core_{n}": ((bonds[n], d, bonds[n + 1]), normal) for n, d in enumerate(dims)}
+    return specs | ({"bias": ((out_channels,), init.zeros)} if use_bias else {})

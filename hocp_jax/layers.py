@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax import conv, layer_specs, regression
+from hocp_jax import conv, layer_specs, regression, tensorized
 from hocp_jax.padding import PaddingLike
 
 
@@ -200,3 +200,68 @@ class TRL(nn.Module):
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
         params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
         return regression.trl(x, params, n_modes=self.n_modes)
+
+
+# ----------------------------------------------------------------------------- tensorized layers
+
+
+class FactorizedLinear(nn.Module):
+    """Linear layer with a CP / Tucker / TT-matrix weight (:mod:`hocp_jax.tensorized`).
+
+    ``x (*batch, prod(in_shape))`` -> ``(*batch, prod(out_shape))``. ``rank``: see
+    :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of CP /
+    Tucker tensor dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
+    """
+
+    in_shape: Sequence[int]
+    out_shape: Sequence[int]
+    factorization: str = "cp"
+    rank: int | Sequence[int] = 8
+    use_bias: bool = True
+    implementation: str = "factorized"
+    tensor_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        tensorized.check_linear_dropout(self.factorization, self.tensor_dropout)
+        params = _params(self, layer_specs.factorized_linear_specs(
+            self.in_shape, self.out_shape, self.factorization, self.rank, self.use_bias))
+        if train and self.tensor_dropout:
+            params = tensorized.linear_dropout(params, self.make_rng("dropout"), self.tensor_dropout)
+        return tensorized.factorized_linear(x, params, implementation=self.implementation)
+
+
+class TCL(nn.Module):
+    """Tensor contraction layer on the trailing ``n_modes`` modes (:func:`hocp_jax.tensorized.tcl`):
+    ``x (*batch, d_1..d_k)`` -> ``(*batch, r_1..r_k)`` with ``rank`` an int or one ``r_i`` per mode."""
+
+    rank: int | Sequence[int]
+    n_modes: int = 3
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < self.n_modes + 1:
+            raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
+        return tensorized.tcl(x, _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias)))
+
+
+class TTConv(nn.Module):
+    """Tensor-train convolution (:func:`hocp_jax.conv.tt_conv`); ``rank`` an int or the N + 1 inner TT ranks."""
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    rank: int | Sequence[int] = 8
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = False
+    implementation: str = "factorized"
+    gain: float = 2.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = _params(self, layer_specs.tt_conv_specs(
+            x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
+        return conv.tt_conv(x, params, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                            implementation=self.implementation)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from hocp_jax import conv, layer_specs, regression
+from hocp_jax import conv, layer_specs, regression, tensorized
 from hocp_jax.padding import PaddingLike
 
 
@@ -216,3 +216,82 @@ class TRL(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, params = _values(self, _leaf_names(self), x, self.dtype)
         return regression.trl(x, params, n_modes=len(self.in_shape))
+
+
+class FactorizedLinear(nnx.Module):
+    """Linear layer with a CP / Tucker / TT-matrix weight (NNX version of
+    :class:`hocp_jax.layers.FactorizedLinear`): ``x (*batch, prod(in_shape))`` ->
+    ``(*batch, prod(out_shape))``. With ``tensor_dropout > 0`` it drops rank components unless
+    ``deterministic`` (``eval()`` sets it), drawing keys from ``rngs``' ``dropout`` stream."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        factorization: str = "cp",
+        rank: int | Sequence[int] = 8,
+        use_bias: bool = True,
+        implementation: str = "factorized",
+        tensor_dropout: float = 0.0,
+        deterministic: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        tensorized.check_linear_dropout(factorization, tensor_dropout)
+        _create(self, layer_specs.factorized_linear_specs(in_shape, out_shape, factorization, rank, use_bias), rngs, param_dtype)
+        self.implementation, self.tensor_dropout, self.deterministic, self.dtype = implementation, tensor_dropout, deterministic, dtype
+        self.rngs = rngs["dropout"].fork() if tensor_dropout else nnx.data(None)
+
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        x, params = _values(self, _leaf_names(self), x, self.dtype)
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if self.tensor_dropout and not deterministic:
+            params = tensorized.linear_dropout(params, self.rngs(), self.tensor_dropout)
+        return tensorized.factorized_linear(x, params, implementation=self.implementation)
+
+
+class TCL(nnx.Module):
+    """Tensor contraction layer (NNX version of :class:`hocp_jax.layers.TCL`):
+    ``x (*batch, *in_shape)`` -> ``(*batch, r_1..r_k)``."""
+
+    def __init__(self, in_shape: Sequence[int], rank: int | Sequence[int], *, use_bias: bool = False, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        _create(self, layer_specs.tcl_specs(in_shape, rank, use_bias), rngs, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, params = _values(self, _leaf_names(self), x, self.dtype)
+        return tensorized.tcl(x, params)
+
+
+class TTConv(nnx.Module):
+    """Tensor-train convolution (NNX version of :class:`hocp_jax.layers.TTConv`): leaves
+    ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})``, ``core_{N+1} (R_{N+1}, C_out, 1)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int] = (3, 3),
+        *,
+        rank: int | Sequence[int] = 8,
+        stride: int | Sequence[int] = 1,
+        padding: PaddingLike = "SAME",
+        dilation: int | Sequence[int] = 1,
+        use_bias: bool = False,
+        implementation: str = "factorized",
+        gain: float = 2.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _create(self, layer_specs.tt_conv_specs(in_features, out_features, kernel_size, rank, gain, use_bias), rngs, param_dtype)
+        self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x (B, *S, C_in)`` -> ``(B, *S_out, out_features)``."""
+        x, params = _values(self, _leaf_names(self), x, self.dtype)
+        return conv.tt_conv(x, params, **self.conv_args)

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 
 from hocp_jax import conv, layer_specs, regression, tensorized
@@ -205,12 +206,20 @@ class TRL(nn.Module):
 # ----------------------------------------------------------------------------- tensorized layers
 
 
+def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
+    """``x`` and ``params`` cast to the module's computation dtype (``flax.linen.dtypes.promote_dtype``)."""
+    x, *values = promote_dtype(x, *params.values(), dtype=module.dtype)
+    return x, dict(zip(params, values))
+
+
 class FactorizedLinear(nn.Module):
     """Linear layer with a CP / Tucker / TT-matrix weight (:mod:`hocp_jax.tensorized`).
 
     ``x (*batch, prod(in_shape))`` -> ``(*batch, prod(out_shape))``. ``rank``: see
     :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of CP /
     Tucker tensor dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
+    ``dtype``/``param_dtype``: computation / parameter dtypes, as in Flax (the tensorized
+    layers below too; ``param_dtype`` is what ``_param`` creates leaves in).
     """
 
     in_shape: Sequence[int]
@@ -220,6 +229,8 @@ class FactorizedLinear(nn.Module):
     use_bias: bool = True
     implementation: str = "factorized"
     tensor_dropout: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -228,6 +239,7 @@ class FactorizedLinear(nn.Module):
             self.in_shape, self.out_shape, self.factorization, self.rank, self.use_bias))
         if train and self.tensor_dropout:
             params = tensorized.linear_dropout(params, self.make_rng("dropout"), self.tensor_dropout)
+        x, params = _promote(self, x, params)
         return tensorized.factorized_linear(x, params, implementation=self.implementation)
 
 
@@ -238,12 +250,15 @@ class TCL(nn.Module):
     rank: int | Sequence[int]
     n_modes: int = 3
     use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
-        return tensorized.tcl(x, _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias)))
+        params = _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias))
+        return tensorized.tcl(*_promote(self, x, params))
 
 
 class TTConv(nn.Module):
@@ -258,10 +273,13 @@ class TTConv(nn.Module):
     use_bias: bool = False
     implementation: str = "factorized"
     gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         params = _params(self, layer_specs.tt_conv_specs(
             x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
+        x, params = _promote(self, x, params)
         return conv.tt_conv(x, params, stride=self.stride, padding=self.padding, dilation=self.dilation,
                             implementation=self.implementation)

@@ -218,8 +218,7 @@ class FactorizedLinear(nn.Module):
     ``x (*batch, prod(in_shape))`` -> ``(*batch, prod(out_shape))``. ``rank``: see
     :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of CP /
     Tucker tensor dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
-    ``dtype``/``param_dtype``: computation / parameter dtypes, as in Flax (the tensorized
-    layers below too; ``param_dtype`` is what ``_param`` creates leaves in).
+    ``dtype``/``param_dtype``: computation / parameter dtypes, as in Flax (also on ``TCL``, ``TTConv``).
     """
 
     in_shape: Sequence[int]

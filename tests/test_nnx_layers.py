@@ -77,7 +77,6 @@ def test_tucker_separable_trl_equal_linen():
     cases = [
         (layers.TuckerConv(8, (3, 3), ranks=(3, 4), stride=2), nnx_layers.TuckerConv(6, 8, (3, 3), ranks=(3, 4), stride=2, rngs=nnx.Rngs(0)), x),
         (layers.SeparableConv(8, (3, 3), rank=12), nnx_layers.SeparableConv(6, 8, (3, 3), rank=12, rngs=nnx.Rngs(0)), x),
-        (layers.TRL(5, rank=4), nnx_layers.TRL((7, 7, 6), 5, rank=4, rngs=nnx.Rngs(0)), x),
         (layers.TRL(5, rank=(3, 4, 2), decomposition="tucker", n_modes=2),
          nnx_layers.TRL((7, 6), 5, rank=(3, 4, 2), decomposition="tucker", rngs=nnx.Rngs(0)), x),
     ]

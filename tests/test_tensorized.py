@@ -96,8 +96,8 @@ def test_tcl_matches_tensorly_multi_mode_dot():
 
 
 @pytest.mark.parametrize("ks,stride,padding,dilation", [
-    ((3, 2), 1, "SAME", 1),
     ((3, 3), (2, 1), ((1, 1), (0, 2)), (1, 2)),
+    ((3, 2), 1, "SAME", 1),
     ((3,), 2, 1, 1),
 ])
 def test_tt_conv_matches_dense_conv_of_tensorly_kernel(ks, stride, padding, dilation):
@@ -115,6 +115,8 @@ def test_tt_conv_matches_dense_conv_of_tensorly_kernel(ks, stride, padding, dila
     for impl in ("factorized", "reconstructed"):
         y = conv.tt_conv(x, params, stride=stride, padding=padding, dilation=dilation, implementation=impl)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-3)
+    if padding == "SAME" or n == 1:
+        return  # the layers once, on the strided, dilated 2-D case
     lin = layers.TTConv(6, ks, rank=bonds[1:-1], stride=stride, padding=padding, dilation=dilation)
     assert jax.tree.map(jnp.shape, lin.init(jax.random.key(0), x)["params"]) == jax.tree.map(jnp.shape, params)
     m = nnx_layers.TTConv(3, 6, ks, rank=bonds[1:-1], stride=stride, padding=padding, dilation=dilation, rngs=nnx.Rngs(0))

@@ -216,8 +216,8 @@ class FactorizedLinear(nn.Module):
     """Linear layer with a CP / Tucker / TT-matrix weight (:mod:`hocp_jax.tensorized`).
 
     ``x (*batch, prod(in_shape))`` -> ``(*batch, prod(out_shape))``. ``rank``: see
-    :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of CP /
-    Tucker tensor dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
+    :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of tensor
+    dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
     ``dtype``/``param_dtype``: computation / parameter dtypes, as in Flax (also on ``TCL``, ``TTConv``).
     """
 
@@ -233,7 +233,7 @@ class FactorizedLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        tensorized.check_linear_dropout(self.factorization, self.tensor_dropout)
+        tensorized.check_rate(self.tensor_dropout, "tensor_dropout")
         params = _params(self, layer_specs.factorized_linear_specs(
             self.in_shape, self.out_shape, self.factorization, self.rank, self.use_bias))
         if train and self.tensor_dropout:

@@ -239,7 +239,7 @@ class FactorizedLinear(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        tensorized.check_linear_dropout(factorization, tensor_dropout)
+        tensorized.check_rate(tensor_dropout, "tensor_dropout")
         _create(self, layer_specs.factorized_linear_specs(in_shape, out_shape, factorization, rank, use_bias), rngs, param_dtype)
         self.implementation, self.tensor_dropout, self.deterministic, self.dtype = implementation, tensor_dropout, deterministic, dtype
         self.rngs = rngs["dropout"].fork() if tensor_dropout else nnx.data(None)

@@ -26,7 +26,7 @@ The CP linear layer is not a CP *conv* layer (no ``factor_in`` leaf): the lasso 
 ``(*batch, r_1..r_k)``, ``y = x x_1 U_1^T ... x_k U_k^T (+ bias)``; leaves
 ``factor_<i> (d_i, r_i)``, optional ``bias (r_1, ..., r_k)``.
 
-**Tensor dropout** (Kossaifi et al. 2019): drops whole rank components while training. With
+**Tensor dropout** (Kossaifi et al. 2019; CP, Tucker, TT): drops whole rank components while training. With
 rate ``p`` each component is kept with probability ``1 - p`` and the kept ones are scaled by
 ``1 / (1 - p)`` per masked mode, so the expected weight is the weight. JAX needs static
 shapes, so dropped components are zeroed, not sliced out (the same function of the input);
@@ -178,9 +178,10 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
 # ----------------------------------------------------------------------------- tensor dropout
 
 
-def _check_rate(rate: float) -> None:
+def check_rate(rate: float, name: str = "rate") -> None:
+    """ValueError (naming ``name``) unless ``0 <= rate < 1``."""
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate={rate!r}: tensor dropout needs 0 <= rate < 1")
+        raise ValueError(f"{name}={rate!r}: tensor dropout needs 0 <= rate < 1")
 
 
 def _keep_mask(key: jax.Array, size: int, rate: float, dtype) -> jax.Array:
@@ -192,7 +193,7 @@ def cp_dropout(params: Params, key: jax.Array, rate: float) -> dict[str, jax.Arr
 
     Works on any dict with a ``lambda (R,)`` leaf (CP conv, CP TRL, CP linear); other leaves unchanged.
     """
-    _check_rate(rate)
+    check_rate(rate)
     if "lambda" not in params:
         raise ValueError(f"params: keys {sorted(params)}; CP tensor dropout needs a 'lambda' leaf")
     lam = params["lambda"]
@@ -205,7 +206,7 @@ def tucker_dropout(params: Params, key: jax.Array, rate: float, axes: Sequence[i
     ``axes``: the core's rank axes (default all: Tucker linear / TRL cores); a Tucker conv core
     ``(*K, R_in, R_out)`` takes ``axes=(-2, -1)``.
     """
-    _check_rate(rate)
+    check_rate(rate)
     if "core" not in params:
         raise ValueError(f"params: keys {sorted(params)}; Tucker tensor dropout needs a 'core' leaf")
     core = params["core"]
@@ -215,15 +216,22 @@ def tucker_dropout(params: Params, key: jax.Array, rate: float, axes: Sequence[i
     return dict(params) | {"core": core}
 
 
-def check_linear_dropout(factorization: str, rate: float) -> None:
-    """ValueError unless ``0 <= rate < 1`` and, for ``rate > 0``, a CP or Tucker factorization."""
-    _check_rate(rate)
-    if rate and factorization not in ("cp", "tucker"):
-        raise ValueError(f"tensor_dropout={rate!r}: implemented for 'cp' and 'tucker' factorizations, got {factorization!r}")
+def tt_dropout(params: Params, key: jax.Array, rate: float) -> dict[str, jax.Array]:
+    """TT tensor dropout: one Bernoulli keep-mask per inner rank ``R_1 .. R_{d-1}`` of the cores
+    ``core_0 .. core_{d-1}`` (TT conv or TT-matrix), applied to the last axis of ``core_{n-1}``
+    and scaled by ``1 / (1 - rate)``; other leaves unchanged."""
+    check_rate(rate)
+    cores = _indexed(params, "core_")
+    if len(cores) < 2:
+        raise ValueError(f"params: keys {sorted(params)}; TT tensor dropout needs cores core_0, core_1, ...")
+    keys = jax.random.split(key, len(cores) - 1)
+    return dict(params) | {
+        f"core_{n}": c * _keep_mask(k, c.shape[-1], rate, c.dtype) for n, (c, k) in enumerate(zip(cores[:-1], keys))
+    }
 
 
 def linear_dropout(params: Params, key: jax.Array, rate: float) -> dict[str, jax.Array]:
-    """Tensor dropout of a factorized linear layer: CP on ``lambda``, Tucker on every core axis."""
+    """Tensor dropout of a factorized linear layer: CP on ``lambda``, Tucker on every core axis,
+    TT on every inner rank."""
     kind = linear_factorization(params)
-    check_linear_dropout(kind, rate)
-    return cp_dropout(params, key, rate) if kind == "cp" else tucker_dropout(params, key, rate)
+    return {"cp": cp_dropout, "tucker": tucker_dropout, "tt": tt_dropout}[kind](params, key, rate)

@@ -71,8 +71,8 @@ def test_factorized_linear_layers_linen_equals_nnx_and_validate():
         nnx_layers.FactorizedLinear((2, 3), (6,), factorization="tt", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="factorization='svd'"):
         nnx_layers.FactorizedLinear((2, 3), (6,), factorization="svd", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="tensor_dropout"):
-        nnx_layers.FactorizedLinear((2, 3), (3, 2), factorization="tt", tensor_dropout=0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tensor_dropout=1.0"):
+        nnx_layers.FactorizedLinear((2, 3), (3, 2), factorization="tt", tensor_dropout=1.0, rngs=nnx.Rngs(0))
     bad = dict(_linear_case("tt", (2, 3), (3, 2))[0])
     bad["core_1"] = bad["core_1"][:1]
     with pytest.raises(ValueError, match=r"params\['core_1'\]"):
@@ -190,3 +190,16 @@ def test_tensor_dropout_in_layers_is_identity_when_deterministic():
     m.eval()
     w = tensorized.factorized_linear_weight(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
     np.testing.assert_allclose(m(x), x @ w + m.bias[...], rtol=1e-5, atol=1e-6)
+
+
+def test_tt_tensor_dropout_masks_inner_ranks_and_keeps_expectation():
+    params, w = _linear_case("tt", (2, 3, 4), (3, 1, 2))  # inner ranks (3, 2)
+    keys = jax.random.split(jax.random.key(2), 4000)
+    ws = np.asarray(jax.vmap(lambda k: tensorized.factorized_linear_weight(tensorized.tt_dropout(params, k, 0.25)))(keys))
+    np.testing.assert_allclose(ws.mean(0), w, rtol=0.1, atol=0.1 * np.abs(w).max())  # E[dropped] = weight
+    one = tensorized.tt_dropout(params, keys[0], 0.25)
+    for n, r in ((0, 3), (1, 2)):  # each inner rank is dropped whole or kept, scaled by 1 / (1 - p)
+        ratio = np.asarray(one[f"core_{n}"]) / np.asarray(params[f"core_{n}"])
+        assert ratio.shape[-1] == r and np.all(np.isclose(ratio, ratio[..., :1, :1, :1, :]) | (ratio == 0))
+        assert np.all(np.isclose(ratio, 0) | np.isclose(ratio, 1 / 0.75))
+    np.testing.assert_array_equal(one["core_2"], params["core_2"])

@@ -448,3 +448,76 @@ def separable_conv(
     if "factor_skip" in params:
         y = y + _skip(x, params, as_tuple(stride, n, "stride"))
     return y + params["bias"] if "bias" in params else y
+
+
+# ----------------------------------------------------------------------------- TT conv
+
+
+def _tt_cores(params: Params, n_modes: int | None = None) -> list[jax.Array]:
+    """Validated TT conv cores ``core_0 .. core_{N+1}`` (see :func:`tt_conv`)."""
+    cores = []
+    while f"core_{len(cores)}" in params:
+        cores.append(params[f"core_{len(cores)}"])
+    if len(cores) < 3 or (n_modes is not None and len(cores) != n_modes + 2):
+        want = "N + 2 >= 3" if n_modes is None else f"{n_modes + 2} (x has {n_modes} spatial modes)"
+        raise ValueError(f"params: found {len(cores)} TT cores core_0, core_1, ...; expected {want}")
+    for n, c in enumerate(cores):
+        left = 1 if n == 0 else cores[n - 1].shape[-1]
+        if c.ndim != 3 or c.shape[0] != left or (n == len(cores) - 1 and c.shape[2] != 1):
+            raise ValueError(
+                f"params['core_{n}']: got shape {tuple(c.shape)}, expected (R_{n}={left}, size, R_{n + 1})"
+                + (f" with R_{n + 1} = 1 (last core)" if n == len(cores) - 1 else "")
+            )
+    return cores
+
+
+def tt_to_kernel(params: Params) -> jax.Array:
+    """Reconstructs the dense kernel ``(*K, C_in, C_out)`` from TT conv cores (see :func:`tt_conv`)."""
+    cores = _tt_cores(params)
+    w = cores[0][0]  # (C_in, R_1)
+    for c in cores[1:]:
+        w = jnp.tensordot(w, c, axes=1)  # (C_in, K_1, ..., R_{n+1})
+    w = w[..., 0]  # (C_in, *K, C_out)
+    return jnp.moveaxis(w, 0, -2)
+
+
+def tt_conv(
+    x: jax.Array,
+    params: Params,
+    *,
+    stride=1,
+    padding: PaddingLike = "SAME",
+    dilation=1,
+    implementation: str = "factorized",
+) -> jax.Array:
+    """Tensor-train (TT) convolution: the kernel, ordered ``(C_in, K_1, ..., K_N, C_out)``, is a
+    tensor train (TensorLy's TT format, TensorLy-Torch's TT conv).
+
+    ``x (B, *S, C_in)``; params ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})`` for the
+    spatial modes ``n = 1..N``, ``core_{N+1} (R_{N+1}, C_out, 1)``, optional ``bias (C_out,)``.
+    ``"factorized"``: a 1x1 contraction to ``R_1``, one full (not depthwise) 1-D conv per mode
+    ``R_n -> R_{n+1}`` with that mode's stride/padding/dilation, a 1x1 contraction to ``C_out``;
+    ``"reconstructed"``: one dense conv with :func:`tt_to_kernel`. Returns ``(B, *S_out, C_out)``.
+    """
+    n = x.ndim - 2
+    cores = _tt_cores(params, n)
+    if cores[0].shape[1] != x.shape[-1]:
+        raise ValueError(f"params['core_0']: shape {tuple(cores[0].shape)} expects {cores[0].shape[1]} channels, x has {x.shape[-1]}")
+    if implementation == "reconstructed":
+        y = dense_conv(x, tt_to_kernel(params), stride=stride, padding=padding, dilation=dilation)
+    elif implementation == "factorized":
+        strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
+        pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
+
+        def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
+            return tuple(value if j == i else rest for j in range(n))
+
+        h = jnp.einsum("...c,cr->...r", x, cores[0][0])
+        for i, c in enumerate(cores[1:-1]):  # (R_i, K_i, R_{i+1}) -> kernel (1.., K_i, ..1, R_i, R_{i+1})
+            kernel = jnp.moveaxis(c, 1, 0).reshape(only(i, c.shape[1], 1) + (c.shape[0], c.shape[2]))
+            h = dense_conv(h, kernel, stride=only(i, strides[i], 1), padding=only(i, pads[i], (0, 0)),
+                           dilation=only(i, dilations[i], 1))
+        y = jnp.einsum("...r,rt->...t", h, cores[-1][..., 0])
+    else:
+        raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
+    return y + params["bias"] if "bias" in params else y

@@ -21,23 +21,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
-import numpy as np
 
-from hocp_jax import conv, counting, regression
-from hocp_jax.init import cp_factor_std, target_variance
+from hocp_jax import conv, layer_specs, regression, tensorized
 from hocp_jax.padding import PaddingLike
-
-PSI_CHOICES = (None, "relu", "prelu", "bn_relu", "bn_prelu")
-
-
-def _tuple(v, n: int, name: str) -> tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(v)
-    if len(v) != n:
-        raise ValueError(f"{name}={v!r}: expected an int or {n} values (one per spatial mode)")
-    return v
 
 
 def _existing_shape(module: nn.Module, name: str):
@@ -45,6 +33,11 @@ def _existing_shape(module: nn.Module, name: str):
     if module.is_initializing() or not module.has_variable("params", name):
         return None
     return tuple(module.get_variable("params", name).shape)
+
+
+def _params(module: nn.Module, specs: layer_specs.Specs) -> dict[str, jax.Array]:
+    """Creates (or reads) every leaf of ``specs`` (see :mod:`hocp_jax.layer_specs`)."""
+    return {name: _param(module, name, init, shape) for name, (shape, init) in specs.items()}
 
 
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...]) -> jax.Array:
@@ -109,40 +102,18 @@ class CPConv(nn.Module):
     gain: float = 2.0
 
     def _spatial(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        if self.spatial_modes is not None:
-            modes = tuple(self.spatial_modes)
-        else:
-            modes = conv.default_modes(2 if isinstance(self.kernel_size, int) else len(tuple(self.kernel_size)))
-        return modes, _tuple(self.kernel_size, len(modes), "kernel_size")
+        return layer_specs.spatial_layout(self.kernel_size, self.spatial_modes)
 
     def resolve_rank(self, in_channels: int) -> int:
         """The rank this layer uses for ``in_channels`` inputs (see class docstring)."""
-        _, ks = self._spatial()
-        if self.rank is not None:
-            rank = self.rank
-        elif self.rank_multiple is not None:
-            rank = int(round(self.rank_multiple * in_channels))
-        else:
-            rank = counting.cp_rank_for_budget(in_channels, self.features, ks)
-        if not isinstance(rank, (int, np.integer)) or rank < 1:
-            raise ValueError(f"rank={rank!r}: expected an int >= 1 (rank={self.rank}, rank_multiple={self.rank_multiple})")
-        return int(rank)
+        return layer_specs.cp_layer_rank(in_channels, self.features, self._spatial()[1], self.rank, self.rank_multiple)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x (B, *S, C_in)`` or ``(B, *T, *S, C_in)`` -> ``(B, [*T,] *S_out, features)``."""
-        if self.psi not in PSI_CHOICES:
-            raise ValueError(f"psi={self.psi!r}: expected one of {PSI_CHOICES}")
-        if self.psi_stages not in ("in", "all"):
-            raise ValueError(f"psi_stages={self.psi_stages!r}: expected 'in' or 'all'")
+        layer_specs.check_psi(self.psi, self.psi_stages)
         spatial, ks = self._spatial()
-        n_extra = x.ndim - 2 - len(spatial)
-        if not 0 <= n_extra <= len(self.temporal_modes):
-            raise ValueError(
-                f"x: got shape {tuple(x.shape)}; {self.name or 'CPConv'} expects (batch, {', '.join(spatial)}, channels)"
-                f" or with up to {len(self.temporal_modes)} leading temporal modes {tuple(self.temporal_modes)}"
-            )
-        temporal = tuple(self.temporal_modes)[len(self.temporal_modes) - n_extra:]
+        temporal = layer_specs.temporal_in_use(x.shape, spatial, self.temporal_modes, self.name or "CPConv")
         for m in temporal:
             if not self.is_initializing() and not self.has_variable("params", conv.mode_key(m)):
                 raise ValueError(
@@ -154,21 +125,10 @@ class CPConv(nn.Module):
         stored = _existing_shape(self, "lambda")  # a pruned tree keeps its (smaller) rank
         rank = stored[0] if stored else self.resolve_rank(c_in)
         tks = tuple((_existing_shape(self, conv.mode_key(m)) or (self.temporal_kernel_size,))[0] for m in temporal)
-        std = cp_factor_std(rank, len(temporal) + len(spatial), target_variance(c_in, tks + ks, self.gain))
-        normal = nn.initializers.normal(std)
-        params = {
-            "lambda": _param(self, "lambda", nn.initializers.ones, (rank,)),
-            "factor_in": _param(self, "factor_in", normal, (c_in, rank)),
-            "factor_out": _param(self, "factor_out", normal, (self.features, rank)),
-        }
-        for m, k in zip(temporal + spatial, tks + ks):
-            params[conv.mode_key(m)] = _param(self, conv.mode_key(m), normal, (k, rank))
-        if self.skip:
-            params["factor_skip"] = _param(self, "factor_skip", nn.initializers.lecun_normal(), (c_in, self.features))
-        if self.use_bias:
-            params["bias"] = _param(self, "bias", nn.initializers.zeros, (self.features,))
-
-        psi_at = ("in",) + (spatial if self.psi_stages == "all" else ())
+        params = _params(self, layer_specs.cp_specs(
+            c_in, self.features, tuple(zip(temporal + spatial, tks + ks)), rank,
+            gain=self.gain, skip=self.skip, use_bias=self.use_bias))
+        psi_at = layer_specs.psi_at(self.psi, self.psi_stages, spatial)
 
         def psi(h, stage):
             if stage not in psi_at:
@@ -177,16 +137,10 @@ class CPConv(nn.Module):
                 h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{stage}")(h)
             return PReLU(name=f"prelu_{stage}")(h) if self.psi.endswith("prelu") else nn.relu(h)
 
-        strides = (self.temporal_stride,) * len(temporal) + _tuple(self.stride, len(spatial), "stride")
-        dilation = (1,) * len(temporal) + _tuple(self.dilation, len(spatial), "dilation")
-        sp_pad = self.padding if isinstance(self.padding, (str, int)) else tuple(self.padding)
-        padding = (self.temporal_padding,) * len(temporal) + (
-            (sp_pad,) * len(spatial) if isinstance(sp_pad, (str, int)) else sp_pad)
-        return conv.cp_conv(
-            x, params, modes=temporal + spatial, stride=strides, padding=padding, dilation=dilation,
-            implementation=self.implementation, psi=psi if self.psi else None,
-            mode_order=(spatial + temporal) if self.psi else None,
-        )
+        return conv.cp_conv(x, params, psi=psi if self.psi else None, **layer_specs.cp_conv_kwargs(
+            spatial, temporal, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            temporal_stride=self.temporal_stride, temporal_padding=self.temporal_padding,
+            implementation=self.implementation, psi=self.psi))
 
 
 class TuckerConv(nn.Module):
@@ -206,15 +160,8 @@ class TuckerConv(nn.Module):
         ks = tuple(self.kernel_size)
         if x.ndim != len(ks) + 2:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(ks) + 2}-D (batch, *spatial, channels)")
-        c_in = x.shape[-1]
-        r_in, r_out = self.ranks or (max(1, round(self.rank_ratio * c_in)), max(1, round(self.rank_ratio * self.features)))
-        std = float((target_variance(c_in, ks, self.gain) / (r_in * r_out)) ** (1 / 6))
-        normal = nn.initializers.normal(std)
-        params = {
-            "factor_in": _param(self, "factor_in", normal, (c_in, r_in)),
-            "core": _param(self, "core", normal, ks + (r_in, r_out)),
-            "factor_out": _param(self, "factor_out", normal, (self.features, r_out)),
-        }
+        ranks = layer_specs.tucker_layer_ranks(x.shape[-1], self.features, self.ranks, self.rank_ratio)
+        params = _params(self, layer_specs.tucker_specs(x.shape[-1], self.features, ks, ranks, self.gain))
         return conv.tucker_conv(x, params, stride=self.stride, padding=self.padding, implementation=self.implementation)
 
 
@@ -230,15 +177,7 @@ class SeparableConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ks = tuple(self.kernel_size)
-        c_in = x.shape[-1]
-        rank = self.rank or c_in
-        params = {
-            "depthwise": self.param("depthwise", nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1), ks + (rank,), jnp.float32),
-            "factor_out": self.param("factor_out", nn.initializers.lecun_normal(in_axis=1, out_axis=0), (self.features, rank), jnp.float32),
-        }
-        if self.rank is not None:
-            params["factor_in"] = self.param("factor_in", nn.initializers.lecun_normal(), (c_in, rank), jnp.float32)
+        params = _params(self, layer_specs.separable_specs(x.shape[-1], self.features, self.kernel_size, self.rank))
         return conv.separable_conv(x, params, stride=self.stride, padding=self.padding)
 
 
@@ -260,23 +199,86 @@ class TRL(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
-        dims = x.shape[-self.n_modes:]
-        fan_in = int(np.prod(dims))
-        if self.decomposition == "cp":
-            r = int(self.rank)
-            std = float((1.0 / (fan_in * r)) ** (1 / (2 * (self.n_modes + 1))))
-            init = nn.initializers.normal(std)
-            params = {f"factor_{i}": _param(self, f"factor_{i}", init, (d, r)) for i, d in enumerate(dims)}
-            params["factor_out"] = _param(self, "factor_out", init, (self.features, r))
-            params["lambda"] = _param(self, "lambda", nn.initializers.ones, (r,))
-        elif self.decomposition == "tucker":
-            ranks = _tuple(self.rank, self.n_modes + 1, "rank")
-            std = float((1.0 / fan_in / int(np.prod(ranks))) ** (1 / (2 * (self.n_modes + 2))))
-            init = nn.initializers.normal(std)
-            params = {f"factor_{i}": _param(self, f"factor_{i}", init, (d, r)) for i, (d, r) in enumerate(zip(dims, ranks))}
-            params["factor_out"] = _param(self, "factor_out", init, (self.features, ranks[-1]))
-            params["core"] = _param(self, "core", init, ranks)
-        else:
-            raise ValueError(f"decomposition={self.decomposition!r}: expected 'cp' or 'tucker'")
-        params["bias"] = _param(self, "bias", nn.initializers.zeros, (self.features,))
+        params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
         return regression.trl(x, params, n_modes=self.n_modes)
+
+
+# ----------------------------------------------------------------------------- tensorized layers
+
+
+def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
+    """``x`` and ``params`` cast to the module's computation dtype (``flax.linen.dtypes.promote_dtype``)."""
+    x, *values = promote_dtype(x, *params.values(), dtype=module.dtype)
+    return x, dict(zip(params, values))
+
+
+class FactorizedLinear(nn.Module):
+    """Linear layer with a CP / Tucker / TT-matrix weight (:mod:`hocp_jax.tensorized`).
+
+    ``x (*batch, prod(in_shape))`` -> ``(*batch, prod(out_shape))``. ``rank``: see
+    :func:`hocp_jax.layer_specs.factorized_linear_specs`. ``tensor_dropout``: rate of tensor
+    dropout applied when called with ``train=True`` (rng stream ``"dropout"``).
+    ``dtype``/``param_dtype``: computation / parameter dtypes, as in Flax (also on ``TCL``, ``TTConv``).
+    """
+
+    in_shape: Sequence[int]
+    out_shape: Sequence[int]
+    factorization: str = "cp"
+    rank: int | Sequence[int] = 8
+    use_bias: bool = True
+    implementation: str = "factorized"
+    tensor_dropout: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        tensorized.check_rate(self.tensor_dropout, "tensor_dropout")
+        params = _params(self, layer_specs.factorized_linear_specs(
+            self.in_shape, self.out_shape, self.factorization, self.rank, self.use_bias))
+        if train and self.tensor_dropout:
+            params = tensorized.linear_dropout(params, self.make_rng("dropout"), self.tensor_dropout)
+        x, params = _promote(self, x, params)
+        return tensorized.factorized_linear(x, params, implementation=self.implementation)
+
+
+class TCL(nn.Module):
+    """Tensor contraction layer on the trailing ``n_modes`` modes (:func:`hocp_jax.tensorized.tcl`):
+    ``x (*batch, d_1..d_k)`` -> ``(*batch, r_1..r_k)`` with ``rank`` an int or one ``r_i`` per mode."""
+
+    rank: int | Sequence[int]
+    n_modes: int = 3
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < self.n_modes + 1:
+            raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
+        params = _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias))
+        return tensorized.tcl(*_promote(self, x, params))
+
+
+class TTConv(nn.Module):
+    """Tensor-train convolution (:func:`hocp_jax.conv.tt_conv`); ``rank`` an int or the N + 1 inner TT ranks."""
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    rank: int | Sequence[int] = 8
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = False
+    implementation: str = "factorized"
+    gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = _params(self, layer_specs.tt_conv_specs(
+            x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
+        x, params = _promote(self, x, params)
+        return conv.tt_conv(x, params, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                            implementation=self.implementation)

@@ -1,0 +1,258 @@
+"""What each factorized layer's parameters are, shared by the Flax Linen wrappers
+(:mod:`hocp_jax.layers`) and the Flax NNX ones (:mod:`hocp_jax.nnx_layers`).
+
+Every ``*_specs`` function returns ``{leaf name: (shape, initializer)}`` with
+``initializer(key, shape, dtype)`` (a ``jax.nn.initializers`` function), so both APIs create
+the same leaves, with the same names, shapes and initial distributions; the arithmetic lives
+in the pure core (:mod:`hocp_jax.conv`, :mod:`hocp_jax.regression`,
+:mod:`hocp_jax.tensorized`). Factor stds follow :mod:`hocp_jax.init`: the entries of a
+product of ``n`` i.i.d. ``N(0, s^2)`` terms summed over ``m`` index combinations have variance
+``m s^(2n)``, so ``s = (variance / m) ** (1 / (2 n))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hocp_jax import conv, counting
+from hocp_jax.init import cp_factor_std, target_variance
+
+Initializer = Callable[..., jax.Array]
+Specs = dict[str, tuple[tuple[int, ...], Initializer]]
+init = jax.nn.initializers
+
+PSI_CHOICES = (None, "relu", "prelu", "bn_relu", "bn_prelu")
+PSI_STAGES = ("in", "all")
+FACTORIZATIONS = ("cp", "tucker", "tt")
+
+
+def as_ints(v, n: int, name: str) -> tuple[int, ...]:
+    """``v`` (an int or ``n`` values) as a tuple of ``n`` values, else a ValueError naming ``name``."""
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * n
+    v = tuple(v)
+    if len(v) != n:
+        raise ValueError(f"{name}={v!r}: expected an int or {n} values")
+    return v
+
+
+def _positive(name: str, v) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r}: expected an int >= 1")
+    return int(v)
+
+
+def product_std(variance: float, n_terms: int, n_sums: int) -> float:
+    """Std of i.i.d. entries whose ``n_terms``-fold products summed ``n_sums`` times have ``variance``."""
+    return float((variance / n_sums) ** (1.0 / (2 * n_terms)))
+
+
+# ----------------------------------------------------------------------------- CP conv
+
+
+def spatial_layout(kernel_size, spatial_modes) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Spatial mode names (default :func:`hocp_jax.conv.default_modes`) and one kernel size per mode."""
+    if spatial_modes is not None:
+        modes = tuple(spatial_modes)
+    else:
+        modes = conv.default_modes(2 if isinstance(kernel_size, int) else len(tuple(kernel_size)))
+    return modes, as_ints(kernel_size, len(modes), "kernel_size")
+
+
+def cp_layer_rank(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank=None, rank_multiple=None) -> int:
+    """``rank`` if given, else ``round(rank_multiple * in_channels)``, else the largest rank whose
+    parameter count does not exceed the dense conv's (the paper's rule)."""
+    if rank is not None:
+        r = rank
+    elif rank_multiple is not None:
+        r = int(round(rank_multiple * in_channels))
+    else:
+        r = counting.cp_rank_for_budget(in_channels, out_channels, kernel_size)
+    if not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"rank={r!r}: expected an int >= 1 (rank={rank}, rank_multiple={rank_multiple})")
+    return int(r)
+
+
+def cp_specs(
+    in_channels: int, out_channels: int, mode_sizes: Sequence[tuple[str, int]], rank: int, *,
+    gain: float = 2.0, skip: bool = False, use_bias: bool = False,
+) -> Specs:
+    """CP conv leaves: ``lambda (R,)`` ones, ``factor_in (C_in, R)``, ``factor_out (C_out, R)``,
+    ``factor_<m> (K_m, R)`` per ``(m, K_m)`` in ``mode_sizes`` (normal, see
+    :func:`hocp_jax.init.cp_factor_std`), optional ``factor_skip (C_in, C_out)`` LeCun and ``bias`` zeros."""
+    sizes = tuple(k for _, k in mode_sizes)
+    normal = init.normal(cp_factor_std(rank, len(sizes), target_variance(in_channels, sizes, gain)))
+    specs: Specs = {
+        "lambda": ((rank,), init.ones),
+        "factor_in": ((in_channels, rank), normal),
+        "factor_out": ((out_channels, rank), normal),
+    }
+    specs |= {conv.mode_key(m): ((k, rank), normal) for m, k in mode_sizes}
+    if skip:
+        specs["factor_skip"] = ((in_channels, out_channels), init.lecun_normal())
+    if use_bias:
+        specs["bias"] = ((out_channels,), init.zeros)
+    return specs
+
+
+def check_psi(psi, psi_stages) -> None:
+    if psi not in PSI_CHOICES:
+        raise ValueError(f"psi={psi!r}: expected one of {PSI_CHOICES}")
+    if psi_stages not in PSI_STAGES:
+        raise ValueError(f"psi_stages={psi_stages!r}: expected one of {PSI_STAGES}")
+
+
+def psi_at(psi, psi_stages, spatial: Sequence[str]) -> tuple[str, ...]:
+    """Stages after which Psi runs: ``in`` (and every spatial mode with ``psi_stages="all"``)."""
+    if psi is None:
+        return ()
+    return ("in",) + (tuple(spatial) if psi_stages == "all" else ())
+
+
+def temporal_in_use(x_shape, spatial: Sequence[str], temporal_modes: Sequence[str], layer: str) -> tuple[str, ...]:
+    """The trailing temporal modes an input of ``x_shape`` carries (0 up to all of ``temporal_modes``)."""
+    n_extra = len(x_shape) - 2 - len(spatial)
+    if not 0 <= n_extra <= len(temporal_modes):
+        raise ValueError(
+            f"x: got shape {tuple(x_shape)}; {layer} expects (batch, {', '.join(spatial)}, channels)"
+            f" or with up to {len(temporal_modes)} leading temporal modes {tuple(temporal_modes)}"
+        )
+    return tuple(temporal_modes)[len(temporal_modes) - n_extra:]
+
+
+def cp_conv_kwargs(
+    spatial, temporal, *, stride, padding, dilation, temporal_stride, temporal_padding, implementation, psi
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`hocp_jax.conv.cp_conv` for a layer over ``temporal + spatial``
+    modes (temporal modes: ``temporal_stride``/``temporal_padding``, dilation 1; with Psi, the
+    spatial 1-D convs run first so that no Psi follows a temporal conv)."""
+    sp_pad = padding if isinstance(padding, (str, int)) else tuple(padding)
+    return dict(
+        modes=tuple(temporal) + tuple(spatial),
+        stride=(temporal_stride,) * len(temporal) + as_ints(stride, len(spatial), "stride"),
+        padding=(temporal_padding,) * len(temporal) + ((sp_pad,) * len(spatial) if isinstance(sp_pad, (str, int)) else sp_pad),
+        dilation=(1,) * len(temporal) + as_ints(dilation, len(spatial), "dilation"),
+        implementation=implementation,
+        mode_order=(tuple(spatial) + tuple(temporal)) if psi else None,
+    )
+
+
+# ----------------------------------------------------------------------------- Tucker / separable conv
+
+
+def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_ratio: float = 0.5) -> tuple[int, int]:
+    """``ranks`` if given, else ``rank_ratio`` times the input and output channels (at least 1)."""
+    r = ranks or (max(1, round(rank_ratio * in_channels)), max(1, round(rank_ratio * out_channels)))
+    return _positive("ranks[0]", r[0]), _positive("ranks[1]", r[1])
+
+
+def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int], gain=2.0) -> Specs:
+    """Tucker conv leaves ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``."""
+    ks = tuple(kernel_size)
+    r_in, r_out = ranks
+    normal = init.normal(product_std(target_variance(in_channels, ks, gain), 3, r_in * r_out))
+    return {
+        "factor_in": ((in_channels, r_in), normal),
+        "core": (ks + (r_in, r_out), normal),
+        "factor_out": ((out_channels, r_out), normal),
+    }
+
+
+def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank=None) -> Specs:
+    """Separable conv leaves ``depthwise (*K, R)`` (He), ``factor_out (C_out, R)`` (LeCun) and, with
+    an expansion ``rank``, ``factor_in (C_in, R)``; without it ``R = C_in``."""
+    ks = tuple(kernel_size)
+    r = rank or in_channels
+    specs: Specs = {
+        "depthwise": (ks + (r,), init.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1)),
+        "factor_out": ((out_channels, r), init.lecun_normal(in_axis=1, out_axis=0)),
+    }
+    if rank is not None:
+        specs["factor_in"] = ((in_channels, r), init.lecun_normal())
+    return specs
+
+
+# ----------------------------------------------------------------------------- tensor regression
+
+
+def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> Specs:
+    """TRL leaves on input modes ``dims``: ``factor_<i> (d_i, R_i)``, ``factor_out (O, R_out)``,
+    ``lambda (R,)`` (CP) or ``core (R_1..R_k, R_out)`` (Tucker), ``bias (O,)``; LeCun variance overall."""
+    n = len(dims)
+    var = 1.0 / int(np.prod(dims))
+    if decomposition == "cp":
+        r = _positive("rank", rank)
+        normal = init.normal(product_std(var, n + 1, r))
+        specs: Specs = {f"factor_{i}": ((d, r), normal) for i, d in enumerate(dims)}
+        specs |= {"factor_out": ((features, r), normal), "lambda": ((r,), init.ones)}
+    elif decomposition == "tucker":
+        ranks = as_ints(rank, n + 1, "rank")
+        normal = init.normal(product_std(var, n + 2, int(np.prod(ranks))))
+        specs = {f"factor_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(dims, ranks))}
+        specs |= {"factor_out": ((features, ranks[-1]), normal), "core": (ranks, normal)}
+    else:
+        raise ValueError(f"decomposition={decomposition!r}: expected 'cp' or 'tucker'")
+    return specs | {"bias": ((features,), init.zeros)}
+
+
+# ----------------------------------------------------------------------------- tensorized layers
+
+
+def _shape_arg(v, name: str) -> tuple[int, ...]:
+    v = tuple(v) if isinstance(v, Sequence) else (v,)
+    if not v or any(not isinstance(d, (int, np.integer)) or d < 1 for d in v):
+        raise ValueError(f"{name}={v!r}: expected a non-empty sequence of ints >= 1")
+    return tuple(int(d) for d in v)
+
+
+def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_bias: bool = True) -> Specs:
+    """Leaves of a factorized linear layer (:mod:`hocp_jax.tensorized`) whose dense weight has
+    LeCun variance ``1 / prod(in_shape)``. ``rank``: CP an int; Tucker an int or one per
+    input and output mode; TT an int or the ``len(in_shape) - 1`` inner ranks."""
+    ins, outs = _shape_arg(in_shape, "in_shape"), _shape_arg(out_shape, "out_shape")
+    var = 1.0 / int(np.prod(ins))
+    if factorization == "cp":
+        r = _positive("rank", rank)
+        normal = init.normal(product_std(var, len(ins) + len(outs), r))
+        specs: Specs = {"lambda": ((r,), init.ones)}
+        specs |= {f"factor_in_{i}": ((d, r), normal) for i, d in enumerate(ins)}
+        specs |= {f"factor_out_{j}": ((d, r), normal) for j, d in enumerate(outs)}
+    elif factorization == "tucker":
+        ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins) + len(outs), "rank"))
+        normal = init.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
+        specs = {"core": (ranks, normal)}
+        specs |= {f"factor_in_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(ins, ranks))}
+        specs |= {f"factor_out_{j}": ((d, r), normal) for j, (d, r) in enumerate(zip(outs, ranks[len(ins):]))}
+    elif factorization == "tt":
+        if len(ins) != len(outs):
+            raise ValueError(f"in_shape={ins}, out_shape={outs}: a TT-matrix weight needs as many input as output modes")
+        bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
+        normal = init.normal(product_std(var, len(ins), int(np.prod(bonds))))
+        specs = {f"core_{n}": ((bonds[n], i, o, bonds[n + 1]), normal) for n, (i, o) in enumerate(zip(ins, outs))}
+    else:
+        raise ValueError(f"factorization={factorization!r}: expected one of {FACTORIZATIONS}")
+    return specs | ({"bias": ((int(np.prod(outs)),), init.zeros)} if use_bias else {})
+
+
+def tcl_specs(in_shape, rank, use_bias: bool = False) -> Specs:
+    """TCL leaves ``factor_<i> (d_i, r_i)`` (LeCun: each mode keeps the input variance), optional ``bias (*r)``."""
+    ins = _shape_arg(in_shape, "in_shape")
+    ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins), "rank"))
+    specs: Specs = {f"factor_{i}": ((d, r), init.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
+    return specs | ({"bias": (ranks, init.zeros)} if use_bias else {})
+
+
+def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank, gain: float = 2.0,
+                  use_bias: bool = False) -> Specs:
+    """TT conv leaves (:func:`hocp_jax.conv.tt_conv`) ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})``,
+    ``core_{N+1} (R_{N+1}, C_out, 1)``; ``rank`` an int or the ``N + 1`` inner ranks."""
+    ks = _shape_arg(kernel_size, "kernel_size")
+    dims = (_positive("in_features", in_channels),) + ks + (_positive("out_features", out_channels),)
+    bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
+    normal = init.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
+    specs: Specs = {f"core_{n}": ((bonds[n], d, bonds[n + 1]), normal) for n, d in enumerate(dims)}
+    return specs | ({"bias": ((out_channels,), init.zeros)} if use_bias else {})

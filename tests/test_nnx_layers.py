@@ -1,0 +1,102 @@
+"""Flax NNX layers: equal to the Linen layers on the same parameters, and the library's
+parameter-tree functions (transduce, masks, lasso) work on their ``nnx.state``."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from hocp_jax import layers, nnx_layers, optim, transduction
+
+
+def _load(module, params):
+    """Loads a Linen-style pure dict into an NNX module (the README's recipe)."""
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(module, state)
+
+
+def _params(module):
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def _same_shapes(a, b):
+    assert jax.tree.map(jnp.shape, a) == jax.tree.map(jnp.shape, b)
+
+
+def test_cpconv_equals_linen_with_bn_psi_in_train_and_eval():
+    x = jax.random.normal(jax.random.key(0), (4, 7, 7, 3))
+    kw = dict(rank=5, stride=2, padding=1, psi="bn_prelu", psi_stages="all", skip=False, use_bias=True)
+    lin = layers.CPConv(6, 3, **kw)
+    v = lin.init(jax.random.key(1), x)
+    m = nnx_layers.CPConv(3, 6, 3, **kw, rngs=nnx.Rngs(0))
+    _same_shapes(_params(m), v["params"])  # same names, shapes (and psi sub-modules bn_*/prelu_*)
+    _load(m, v["params"])
+    y_train, upd = lin.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(m(x), y_train, rtol=1e-5, atol=1e-6)
+    stats = nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), stats, upd["batch_stats"])
+    m.eval()
+    y_eval = lin.apply({"params": v["params"], "batch_stats": upd["batch_stats"]}, x)
+    np.testing.assert_allclose(m(x), y_eval, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y_eval, y_train)
+
+
+def test_transduce_masks_and_lasso_on_nnx_state():
+    img = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    vid = jax.random.normal(jax.random.key(1), (2, 4, 6, 6, 3))
+    static = nnx_layers.CPConv(3, 4, 3, rank=5, skip=True, rngs=nnx.Rngs(0))
+    p = _params(static)
+    np.testing.assert_allclose(optim.l1_lambda(p, 0.5), 0.5 * np.abs(p["lambda"]).sum(), rtol=1e-6)
+    video_params = transduction.transduce(p, {"t": 3}, init="delta")
+    video = nnx_layers.CPConv(3, 4, 3, rank=5, skip=True, temporal_modes=("t",), rngs=nnx.Rngs(1))
+    _load(video, video_params)
+    lin = layers.CPConv(4, 3, rank=5, skip=True)
+    np.testing.assert_allclose(video(vid), lin.apply({"params": video_params}, vid), rtol=1e-5, atol=1e-6)
+    # delta init: the video layer reproduces the static layer frame by frame; static input still works
+    np.testing.assert_allclose(video(vid)[:, 1], static(vid[:, 1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(video(img), static(img), rtol=1e-6)
+    labels = optim.label_params(_params(video), "temporal")
+    assert [k for k, v in labels.items() if v == "trainable"] == ["factor_t"]
+    # one masked SGD step on the NNX state moves only the temporal factor
+    params = _params(video)
+    tx = optim.masked_optimizer(optax.sgd(0.1), params, trainable="temporal")
+    grads = nnx.to_pure_dict(nnx.grad(lambda mod: jnp.sum(mod(vid) ** 2))(video))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    _load(video, optax.apply_updates(params, updates))
+    new = _params(video)
+    for k in params:
+        assert np.array_equal(new[k], params[k]) == (k != "factor_t"), k
+    with pytest.raises(ValueError, match="temporal"):
+        static(vid)
+
+
+def test_tucker_separable_trl_equal_linen():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
+    cases = [
+        (layers.TuckerConv(8, (3, 3), ranks=(3, 4), stride=2), nnx_layers.TuckerConv(6, 8, (3, 3), ranks=(3, 4), stride=2, rngs=nnx.Rngs(0)), x),
+        (layers.SeparableConv(8, (3, 3), rank=12), nnx_layers.SeparableConv(6, 8, (3, 3), rank=12, rngs=nnx.Rngs(0)), x),
+        (layers.TRL(5, rank=(3, 4, 2), decomposition="tucker", n_modes=2),
+         nnx_layers.TRL((7, 6), 5, rank=(3, 4, 2), decomposition="tucker", rngs=nnx.Rngs(0)), x),
+    ]
+    for lin, m, inp in cases:
+        v = lin.init(jax.random.key(1), inp)
+        _same_shapes(_params(m), v["params"])
+        _load(m, v["params"])
+        np.testing.assert_allclose(m(inp), lin.apply(v, inp), rtol=1e-5, atol=1e-6)
+
+
+def test_dtype_and_param_dtype_and_validation():
+    x = jnp.ones((1, 5, 5, 3), jnp.bfloat16)
+    m = nnx_layers.CPConv(3, 4, 3, rank=4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert {a.dtype for a in jax.tree.leaves(_params(m))} == {jnp.dtype(jnp.bfloat16)}
+    assert m(x).dtype == jnp.bfloat16
+    m32 = nnx_layers.TuckerConv(3, 4, ranks=(2, 2), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert m32(x).dtype == jnp.float32
+    with pytest.raises(ValueError, match="psi='tanh'"):
+        nnx_layers.CPConv(3, 4, psi="tanh", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank=0"):
+        nnx_layers.CPConv(3, 4, rank=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="decomposition"):
+        nnx_layers.TRL((2, 2), 3, decomposition="tt", rngs=nnx.Rngs(0))

@@ -179,7 +179,8 @@ def decompose(
       key: PRNG key for the random parts of the init (default ``jax.random.key(0)``).
       init: ``"svd"`` (HOSVD: leading left singular vectors of each unfolding, padded with
         random columns when R exceeds the mode size) or ``"random"`` (standard normal).
-      ridge: relative Tikhonov term of the normal equations; default ``10 eps`` of the dtype.
+      ridge: relative Tikhonov term of the normal equations; default ``eps`` of the dtype (keeps the
+        Cholesky factorisation defined; 10 eps already biases exact fits to ~2e-6 in float32).
       line_search: extrapolate as above (default True).
       report_every: run the sweeps in jitted chunks of this many and call ``callback`` after
         each chunk (progress on big layers); default: one chunk when no callback is given,
@@ -202,7 +203,7 @@ def decompose(
         raise ValueError(f"report_every={report_every!r}: expected an int >= 1 or None")
     eps = float(jnp.finfo(kernel.dtype).eps)
     tol = _default_tol(kernel.dtype) if tol is None else float(tol)
-    ridge = 10 * eps if ridge is None else float(ridge)
+    ridge = eps if ridge is None else float(ridge)
     key = jax.random.key(0) if key is None else key
     # the random parts of the init are drawn on the host: compiling threefry costs more than the fit
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())

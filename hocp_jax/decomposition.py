@@ -63,7 +63,6 @@ def _normalise(factors: Sequence[jax.Array]) -> list[jax.Array]:
 class _ALSState(NamedTuple):
     sweep: jax.Array  # sweeps done
     factors: tuple[jax.Array, ...]  # normalised (_normalise): the last one carries lambda
-    previous: tuple[jax.Array, ...]  # the factors one sweep earlier (for the line search)
     error: jax.Array  # relative error of ``factors``
     change: jax.Array  # relative decrease of the error in the last sweep
     acc_pow: jax.Array  # line-search step = sweep ** (1 / acc_pow)
@@ -108,7 +107,7 @@ def _als_chunk(x: jax.Array, state: _ALSState, max_sweep, tol, ridge, floor, lin
             acc_pow = jnp.where(fail >= 4, s.acc_pow + 1.0, s.acc_pow)
             fail = jnp.where(fail >= 4, 0, fail)
         change = (s.error - err) / jnp.maximum(s.error, floor)
-        return _ALSState(s.sweep + 1, tuple(new), s.factors, err, change, acc_pow, fail)
+        return _ALSState(s.sweep + 1, tuple(new), err, change, acc_pow, fail)
 
     def cond(s: _ALSState):
         return (s.sweep < max_sweep) & (s.error > floor) & ((s.sweep < 2) | (s.change > tol))
@@ -232,7 +231,7 @@ def _init_state(kernel: jax.Array, noise: Sequence[jax.Array], svd_init: bool) -
             factors[n] = f.at[:, : u.shape[1]].set(u)
     factors = tuple(_normalise(factors))
     err = _rel_error(kernel, factors, jnp.linalg.norm(kernel))
-    return _ALSState(jnp.asarray(0), factors, factors, err, jnp.asarray(jnp.inf, kernel.dtype),
+    return _ALSState(jnp.asarray(0), factors, err, jnp.asarray(jnp.inf, kernel.dtype),
                      jnp.asarray(2.0, kernel.dtype), jnp.asarray(0))
 
 

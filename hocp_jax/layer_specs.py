@@ -23,7 +23,7 @@ from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
 Specs = dict[str, tuple[tuple[int, ...], Initializer]]
-init = jax.nn.initializers
+initializers = jax.nn.initializers
 
 PSI_CHOICES = (None, "relu", "prelu", "bn_relu", "bn_prelu")
 PSI_STAGES = ("in", "all")
@@ -85,17 +85,17 @@ def cp_specs(
     ``factor_<m> (K_m, R)`` per ``(m, K_m)`` in ``mode_sizes`` (normal, see
     :func:`hocp_jax.init.cp_factor_std`), optional ``factor_skip (C_in, C_out)`` LeCun and ``bias`` zeros."""
     sizes = tuple(k for _, k in mode_sizes)
-    normal = init.normal(cp_factor_std(rank, len(sizes), target_variance(in_channels, sizes, gain)))
+    normal = initializers.normal(cp_factor_std(rank, len(sizes), target_variance(in_channels, sizes, gain)))
     specs: Specs = {
-        "lambda": ((rank,), init.ones),
+        "lambda": ((rank,), initializers.ones),
         "factor_in": ((in_channels, rank), normal),
         "factor_out": ((out_channels, rank), normal),
     }
     specs |= {conv.mode_key(m): ((k, rank), normal) for m, k in mode_sizes}
     if skip:
-        specs["factor_skip"] = ((in_channels, out_channels), init.lecun_normal())
+        specs["factor_skip"] = ((in_channels, out_channels), initializers.lecun_normal())
     if use_bias:
-        specs["bias"] = ((out_channels,), init.zeros)
+        specs["bias"] = ((out_channels,), initializers.zeros)
     return specs
 
 
@@ -154,7 +154,7 @@ def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int]
     """Tucker conv leaves ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``."""
     ks = tuple(kernel_size)
     r_in, r_out = ranks
-    normal = init.normal(product_std(target_variance(in_channels, ks, gain), 3, r_in * r_out))
+    normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), 3, r_in * r_out))
     return {
         "factor_in": ((in_channels, r_in), normal),
         "core": (ks + (r_in, r_out), normal),
@@ -168,11 +168,11 @@ def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[i
     ks = tuple(kernel_size)
     r = rank or in_channels
     specs: Specs = {
-        "depthwise": (ks + (r,), init.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1)),
-        "factor_out": ((out_channels, r), init.lecun_normal(in_axis=1, out_axis=0)),
+        "depthwise": (ks + (r,), initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1)),
+        "factor_out": ((out_channels, r), initializers.lecun_normal(in_axis=1, out_axis=0)),
     }
     if rank is not None:
-        specs["factor_in"] = ((in_channels, r), init.lecun_normal())
+        specs["factor_in"] = ((in_channels, r), initializers.lecun_normal())
     return specs
 
 
@@ -186,17 +186,17 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
     var = 1.0 / int(np.prod(dims))
     if decomposition == "cp":
         r = _positive("rank", rank)
-        normal = init.normal(product_std(var, n + 1, r))
+        normal = initializers.normal(product_std(var, n + 1, r))
         specs: Specs = {f"factor_{i}": ((d, r), normal) for i, d in enumerate(dims)}
-        specs |= {"factor_out": ((features, r), normal), "lambda": ((r,), init.ones)}
+        specs |= {"factor_out": ((features, r), normal), "lambda": ((r,), initializers.ones)}
     elif decomposition == "tucker":
         ranks = as_ints(rank, n + 1, "rank")
-        normal = init.normal(product_std(var, n + 2, int(np.prod(ranks))))
+        normal = initializers.normal(product_std(var, n + 2, int(np.prod(ranks))))
         specs = {f"factor_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(dims, ranks))}
         specs |= {"factor_out": ((features, ranks[-1]), normal), "core": (ranks, normal)}
     else:
         raise ValueError(f"decomposition={decomposition!r}: expected 'cp' or 'tucker'")
-    return specs | {"bias": ((features,), init.zeros)}
+    return specs | {"bias": ((features,), initializers.zeros)}
 
 
 # ----------------------------------------------------------------------------- tensorized layers
@@ -217,13 +217,13 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
     var = 1.0 / int(np.prod(ins))
     if factorization == "cp":
         r = _positive("rank", rank)
-        normal = init.normal(product_std(var, len(ins) + len(outs), r))
-        specs: Specs = {"lambda": ((r,), init.ones)}
+        normal = initializers.normal(product_std(var, len(ins) + len(outs), r))
+        specs: Specs = {"lambda": ((r,), initializers.ones)}
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, d in enumerate(ins)}
         specs |= {f"factor_out_{j}": ((d, r), normal) for j, d in enumerate(outs)}
     elif factorization == "tucker":
         ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins) + len(outs), "rank"))
-        normal = init.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
+        normal = initializers.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
         specs = {"core": (ranks, normal)}
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(ins, ranks))}
         specs |= {f"factor_out_{j}": ((d, r), normal) for j, (d, r) in enumerate(zip(outs, ranks[len(ins):]))}
@@ -231,19 +231,19 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
         if len(ins) != len(outs):
             raise ValueError(f"in_shape={ins}, out_shape={outs}: a TT-matrix weight needs as many input as output modes")
         bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
-        normal = init.normal(product_std(var, len(ins), int(np.prod(bonds))))
+        normal = initializers.normal(product_std(var, len(ins), int(np.prod(bonds))))
         specs = {f"core_{n}": ((bonds[n], i, o, bonds[n + 1]), normal) for n, (i, o) in enumerate(zip(ins, outs))}
     else:
         raise ValueError(f"factorization={factorization!r}: expected one of {FACTORIZATIONS}")
-    return specs | ({"bias": ((int(np.prod(outs)),), init.zeros)} if use_bias else {})
+    return specs | ({"bias": ((int(np.prod(outs)),), initializers.zeros)} if use_bias else {})
 
 
 def tcl_specs(in_shape, rank, use_bias: bool = False) -> Specs:
     """TCL leaves ``factor_<i> (d_i, r_i)`` (LeCun: each mode keeps the input variance), optional ``bias (*r)``."""
     ins = _shape_arg(in_shape, "in_shape")
     ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins), "rank"))
-    specs: Specs = {f"factor_{i}": ((d, r), init.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
-    return specs | ({"bias": (ranks, init.zeros)} if use_bias else {})
+    specs: Specs = {f"factor_{i}": ((d, r), initializers.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
+    return specs | ({"bias": (ranks, initializers.zeros)} if use_bias else {})
 
 
 def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank, gain: float = 2.0,
@@ -253,6 +253,6 @@ def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int
     ks = _shape_arg(kernel_size, "kernel_size")
     dims = (_positive("in_features", in_channels),) + ks + (_positive("out_features", out_channels),)
     bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
-    normal = init.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
+    normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
     specs: Specs = {f"core_{n}": ((bonds[n], d, bonds[n + 1]), normal) for n, d in enumerate(dims)}
-    return specs | ({"bias": ((out_channels,), init.zeros)} if use_bias else {})
+    return specs | ({"bias": ((out_channels,), initializers.zeros)} if use_bias else {})

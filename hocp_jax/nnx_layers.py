@@ -67,7 +67,7 @@ class CPConv(nnx.Module):
         psi_stages, skip, use_bias, implementation, gain: as in the Linen layer.
       temporal_modes: temporal modes this layer has factors for (default none: a static
         layer). It accepts inputs with 0 up to ``len(temporal_modes)`` leading temporal axes
-        (``(B, [*T,] *S, C_in)``), the last ones of ``temporal_modes`` first dropped.
+        (``(B, [*T,] *S, C_in)``); with k of them it uses the last k modes, as the Linen layer.
       temporal_kernel_size / temporal_stride / temporal_padding: of those temporal modes.
       use_running_average: initial mode of the Psi batch norms (``eval()`` sets it True).
       dtype, param_dtype: computation and parameter dtypes (Flax convention).

@@ -117,7 +117,7 @@ def test_train_batches_types_and_determinism(data_dir):
     _assert_same(a, b)
     assert not np.array_equal(a[0]["label"], c[0]["label"])
     v = a[0]["video"]
-    assert v.shape == (16, 8, 32, 32, 1) and v.dtype == np.float32 and 0 <= v.min() < v.max() <= 1
+    assert v.shape == (16, 8, 32, 32, 1) and v.dtype == np.uint8 and 0 <= v.min() < v.max() <= 255
     assert a[0]["va"].shape == (16, 8, 2) and a[0]["label"].dtype == np.int32
 
 

@@ -48,9 +48,20 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (e.g. the TrainState) on every device of ``mesh``.
 
     Every process must pass the same values (true for a state built from the same seed
-    or restored from the same checkpoint).
+    or restored from the same checkpoint). With several processes each one fills its own
+    devices (``jax.device_put`` cannot address the others').
     """
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

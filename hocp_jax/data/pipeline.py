@@ -75,8 +75,8 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
 
     Embedded datasets are built if missing; manual ones too when manual_dir
     is given; catalog datasets must already be prepared (array_record).
-    decoders: e.g. ``tfds.decode.PartialDecoding({"label": True})`` to read
-    only some features (see :func:`label_counts`).
+    decoders: ``{feature: tfds.decode.SkipDecoding()}`` leaves those features
+    undecoded (see :func:`label_counts`).
     """
     base = name.partition("/")[0]
     if base not in BUILDERS:
@@ -104,9 +104,12 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
 
 
 def label_counts(name: str, split: str, data_dir, *, manual_dir=None, config=None) -> list[int]:
-    """Examples per class of a split, reading only the "label" feature (no image decoding)."""
-    source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config,
-                         decoders=tfds.decode.PartialDecoding({"label": True}))
+    """Examples per class of a split. Every feature but "label" is left undecoded
+    (SkipDecoding: zlib-compressed images/videos are not decompressed, encoded images not
+    decoded); the records themselves are still read."""
+    features = data_source(name, split, data_dir, manual_dir=manual_dir, config=config).dataset_info.features
+    skip = {key: tfds.decode.SkipDecoding() for key in features if key != "label"}
+    source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config, decoders=skip)
     labels = np.fromiter((int(source[i]["label"]) for i in range(len(source))), np.int64, len(source))
     return np.bincount(labels).tolist()
 

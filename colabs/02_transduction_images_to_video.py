@@ -51,7 +51,7 @@ from hocp_jax import losses, optim, transduction
 from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
-from hocp_jax.training.jobs import metric_fn
+from hocp_jax.training.objectives import metric_fn
 
 SMALL = os.environ.get("HOCP_COLAB_SMALL") == "1"  # the test suite runs this notebook with tiny settings
 STEPS = dict(static=20, stage1=10, stage2=10) if SMALL else dict(static=600, stage1=200, stage2=200)

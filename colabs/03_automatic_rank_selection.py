@@ -49,7 +49,7 @@ from hocp_jax import losses, optim, pruning
 from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
-from hocp_jax.training.jobs import metric_fn
+from hocp_jax.training.objectives import metric_fn
 
 SMALL = os.environ.get("HOCP_COLAB_SMALL") == "1"
 STEPS = 20 if SMALL else 800

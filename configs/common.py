@@ -21,10 +21,13 @@ def base(job: str = "supervised") -> ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
     c.log_every = 50
+    c.eval_every = 0  # > 0: evaluate on data.val_split every that many steps (and at the end)
+    c.best_metric = ""  # e.g. "valence_ccc": keep <stage>/best, the best state by that metric
     c.sparsity_tol = 1e-6
     c.skew_repeats = 0
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
-                             batch_size=32, eval_batch_size=64, eval_split="test"))
+                             batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
+                             read_threads=1, prefetch=2, workers=0))
     c.model = ConfigDict(dict(name="resnet18_hocp", kwargs=dict(head=dict(n_outputs=2, n_classes=0, bounded=True))))
     c.loss = ConfigDict(dict(kind="affect", va_weight=1.0, shake_shake=True, weights=(1.0, 1.0, 1.0),
                              ce_weight=0.0, class_weights=(), l1_gamma=0.0, l1_prox=True))

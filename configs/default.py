@@ -16,11 +16,14 @@ def get_config() -> ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.log_every = 20
+    c.eval_every = 0  # > 0: evaluate on data.val_split every that many steps (and at the end)
+    c.best_metric = ""  # e.g. "arousal_ccc": keep <stage>/best, the best state by that metric
     c.sparsity_tol = 1e-6
 
     c.data = ConfigDict(dict(
         static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
-        batch_size=32, eval_batch_size=64, eval_split="test",
+        batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
+        read_threads=1, prefetch=2, workers=0,  # grain: record-reading threads, batches ahead, processes
     ))
     # A narrow ResNet-18-style HO-CP network (one block per stage) for 32x32 inputs.
     c.model = ConfigDict(dict(name="resnet18_hocp", kwargs=dict(

@@ -7,9 +7,9 @@ float weights of shape ``(n,)`` or ``(n, k)`` (padded batches: padding gets 0):
 
 * :func:`rmse`, :func:`sagr`, :func:`pcc`, :func:`ccc` -- one metric;
   :func:`regression_metrics` -- all four as a dict from one pass over the data.
-* Streaming: :class:`AffectStats` (sufficient statistics, a pytree whose leaves simply add),
-  :func:`affect_stats` (stats of a batch), :func:`merge` (sum of stats; ``jax.lax.psum(stats,
-  axis)`` does the same across devices), :func:`finalize` (metrics of the whole set).
+* Streaming: :class:`AffectStats` (count, means and centred sums), :func:`affect_stats`
+  (stats of a batch), :func:`merge` (Chan et al.'s stable pairwise merge), :func:`psum` (the
+  same across a named device axis), :func:`finalize` (metrics of the whole set).
 * :func:`per_sequence_metrics` -- metrics per video ``(B, T, k)`` and their mean over videos.
 
 Conventions (all results are finite, never NaN):
@@ -27,9 +27,8 @@ Conventions (all results are finite, never NaN):
   not differentiable (RMSE at 0 error, PCC at constant inputs) the gradient is 0.
 
 Accuracy: batch functions use a shifted two-pass algorithm (exact 0 variance for constant
-inputs). Streaming stats are raw sums (so they add); in float32 they are accurate to ~1e-6 for
-values of order 1 such as valence/arousal in [-1, 1]; enable ``jax_enable_x64`` for data with
-a mean far larger than its spread.
+inputs). Streaming stats keep means and centred sums merged by Chan et al.'s update, so they
+stay accurate in float32 when the mean is far larger than the spread (no E[x^2] - E[x]^2).
 
 Categorical metrics (BReG-Net Tables III/IV) from a confusion matrix ``cm (C, C)`` (rows = true
 class, columns = predicted, as scikit-learn; confusion matrices of batches simply add):
@@ -206,20 +205,25 @@ def ccc(y_true, y_pred, mask=None) -> jax.Array:
 
 
 class AffectStats(NamedTuple):
-    """Sufficient statistics of (y_true, y_pred) pairs per target; every leaf ``()`` or ``(k,)``.
+    """Streaming statistics of (y_true, y_pred) pairs per target; every leaf ``()`` or ``(k,)``.
 
-    All fields are (weighted) sums, so stats of disjoint sets add leaf by leaf
-    (:func:`merge`, ``jax.lax.psum``). Field names: ``t`` = truth, ``p`` = prediction.
+    Means and *centred* sums (Chan et al.'s parallel algorithm), not raw power sums: merging
+    never subtracts two large, nearly equal numbers, so float32 stays accurate for data whose
+    mean is far larger than its spread (mean 5, sd 0.05). Stats of disjoint sets combine with
+    :func:`merge` (pairwise) or :func:`psum` (across a named device axis). Field names:
+    ``t`` = truth, ``p`` = prediction.
     """
 
     n: jax.Array  # number (total weight) of samples
-    sum_t: jax.Array
-    sum_p: jax.Array
-    sum_tt: jax.Array
-    sum_pp: jax.Array
-    sum_tp: jax.Array
-    sum_sq_err: jax.Array  # sum (t - p)^2, kept apart for an accurate RMSE
-    sum_sign_agree: jax.Array  # sum [sign(t) == sign(p)]
+    mean_t: jax.Array
+    mean_p: jax.Array
+    m2_t: jax.Array  # sum w (t - mean_t)^2
+    m2_p: jax.Array
+    c_tp: jax.Array  # sum w (t - mean_t)(p - mean_p)
+    mse: jax.Array  # mean (t - p)^2, kept apart for an accurate RMSE
+    sagr: jax.Array  # mean [sign(t) == sign(p)]
+    msq_t: jax.Array  # mean square of t (only the scale of the zero-variance test)
+    msq_p: jax.Array
 
     @classmethod
     def zeros(cls, k: int | None = None, dtype=jnp.float32) -> "AffectStats":
@@ -228,35 +232,63 @@ class AffectStats(NamedTuple):
         return cls(*(jnp.zeros(shape, dtype) for _ in cls._fields))
 
 
+_MEANS = ("mean_t", "mean_p", "mse", "sagr", "msq_t", "msq_p")  # weighted means: merge by weight
+
+
 def affect_stats(y_true, y_pred, mask=None) -> AffectStats:
-    """Sufficient statistics of one batch; arguments as :func:`regression_metrics`."""
+    """Statistics of one batch (shifted two-pass); arguments as :func:`regression_metrics`."""
     t, p, w, vector = _prepare(y_true, y_pred, mask)
-    s = lambda x: (w * x).sum(0)  # noqa: E731
+    m = _batch_moments(t, p, w)
+    mean = lambda x: _safe_div((w * x).sum(0), m.n)  # noqa: E731
     stats = AffectStats(
-        n=w.sum(0), sum_t=s(t), sum_p=s(p), sum_tt=s(t * t), sum_pp=s(p * p), sum_tp=s(t * p),
-        sum_sq_err=s((t - p) ** 2), sum_sign_agree=s((jnp.sign(t) == jnp.sign(p)).astype(t.dtype)),
+        n=m.n, mean_t=m.mu_t, mean_p=m.mu_p, m2_t=m.n * m.var_t, m2_p=m.n * m.var_p,
+        c_tp=m.n * m.cov, mse=m.mse, sagr=m.sagr, msq_t=mean(t * t), msq_p=mean(p * p),
     )
     return _unvector(stats, vector)
 
 
 def merge(*stats: AffectStats) -> AffectStats:
-    """Sum of stats of disjoint sets (e.g. batches): the stats of their union."""
+    """Stats of the union of disjoint sets (e.g. batches), by Chan et al.'s pairwise update::
+
+        n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,
+        M2 = M2_a + M2_b + d^2 n_a n_b / n,  C = C_a + C_b + d_t d_p n_a n_b / n.
+    """
     if not stats:
         raise ValueError("merge: expected at least one AffectStats")
-    return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *stats)
+    out = stats[0]
+    for b in stats[1:]:
+        a, n = out, out.n + b.n
+        frac = _safe_div(b.n, n)  # weight of b in the merged means
+        d_t, d_p = b.mean_t - a.mean_t, b.mean_p - a.mean_p
+        cross = a.n * frac  # n_a n_b / n
+        means = {f: getattr(a, f) + (getattr(b, f) - getattr(a, f)) * frac for f in _MEANS}
+        out = AffectStats(n=n, m2_t=a.m2_t + b.m2_t + d_t * d_t * cross,
+                          m2_p=a.m2_p + b.m2_p + d_p * d_p * cross,
+                          c_tp=a.c_tp + b.c_tp + d_t * d_p * cross, **means)
+    return out
+
+
+def psum(stats: AffectStats, axis_name) -> AffectStats:
+    """:func:`merge` across the named axis (``shard_map``/``vmap``/``pmap``), in two psums.
+
+    First the count-weighted means (``mean = psum(n mean) / psum(n)``), then the centred sums
+    about those global means (``M2 = psum(M2_i + n_i (mean_i - mean)^2)``, same for ``C``).
+    """
+    n = jax.lax.psum(stats.n, axis_name)
+    means = {f: _safe_div(jax.lax.psum(stats.n * getattr(stats, f), axis_name), n) for f in _MEANS}
+    d_t, d_p = stats.mean_t - means["mean_t"], stats.mean_p - means["mean_p"]
+    centred = jax.lax.psum((stats.m2_t + stats.n * d_t * d_t, stats.m2_p + stats.n * d_p * d_p,
+                            stats.c_tp + stats.n * d_t * d_p), axis_name)
+    return AffectStats(n=n, m2_t=centred[0], m2_p=centred[1], c_tp=centred[2], **means)
 
 
 def finalize(stats: AffectStats) -> dict[str, jax.Array]:
     """RMSE, SAGR, PCC, CCC of the whole set summarised by ``stats`` (module conventions)."""
     n = stats.n
-    mean = lambda x: _safe_div(x, n)  # noqa: E731
-    mu_t, mu_p = mean(stats.sum_t), mean(stats.sum_p)
-    msq_t, msq_p = mean(stats.sum_tt), mean(stats.sum_pp)
     return _finalize_moments(_Moments(
-        n=n, mu_t=mu_t, mu_p=mu_p,
-        var_t=jnp.maximum(msq_t - mu_t**2, 0), var_p=jnp.maximum(msq_p - mu_p**2, 0),
-        cov=mean(stats.sum_tp) - mu_t * mu_p, mse=mean(stats.sum_sq_err),
-        sagr=mean(stats.sum_sign_agree), msq_t=msq_t, msq_p=msq_p,
+        n=n, mu_t=stats.mean_t, mu_p=stats.mean_p, var_t=_safe_div(stats.m2_t, n),
+        var_p=_safe_div(stats.m2_p, n), cov=_safe_div(stats.c_tp, n), mse=stats.mse,
+        sagr=stats.sagr, msq_t=stats.msq_t, msq_p=stats.msq_p,
     ))
 
 
@@ -415,14 +447,31 @@ def skew_normalized_metrics(labels, preds, num_classes: int, *, n_repeats: int =
         if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= num_classes:
             raise ValueError(f"{name}: expected integers in [0, {num_classes}), got dtype {a.dtype}, "
                              f"range [{a.min()}, {a.max()}]")
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return skew_normalized_from_cm(cm, n_repeats=n_repeats, seed=seed)
+
+
+def skew_normalized_from_cm(cm, *, n_repeats: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`skew_normalized_metrics` from a confusion matrix of integer counts ``(C, C)``.
+
+    Drawing ``m`` examples of class ``c`` without replacement draws their predictions from row
+    ``cm[c]`` (a multivariate hypergeometric draw), so the confusion matrix is all a streaming
+    evaluation has to keep.
+    """
+    counts = np.asarray(cm)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or np.any(counts < 0) or not counts.sum():
+        raise ValueError(f"cm: expected a square matrix of non-negative counts with a positive total, "
+                         f"got shape {counts.shape}")
+    counts = np.rint(counts).astype(np.int64)
     if not isinstance(n_repeats, int) or n_repeats < 1:
         raise ValueError(f"n_repeats: got {n_repeats!r}, expected a positive int")
     rng = np.random.default_rng(seed)
-    groups = [idx for idx in (np.flatnonzero(labels == c) for c in range(num_classes)) if idx.size]
-    m = min(idx.size for idx in groups)
-    cms = np.zeros((n_repeats, num_classes, num_classes), np.float32)
+    present = np.flatnonzero(counts.sum(1))
+    m = counts[present].sum(1).min()
+    cms = np.zeros((n_repeats,) + counts.shape, np.float32)
     for r in range(n_repeats):
-        sel = np.concatenate([rng.choice(idx, m, replace=False) for idx in groups])
-        np.add.at(cms[r], (labels[sel], preds[sel]), 1)
+        for c in present:
+            cms[r, c] = rng.multivariate_hypergeometric(counts[c], m)
     values = jax.jit(jax.vmap(classification_metrics))(cms)
     return {k: np.asarray(v).mean(0) for k, v in values.items()}

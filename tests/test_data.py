@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from hocp_jax.data import embedded, pipeline
@@ -117,7 +118,7 @@ def test_train_batches_types_and_determinism(data_dir):
     _assert_same(a, b)
     assert not np.array_equal(a[0]["label"], c[0]["label"])
     v = a[0]["video"]
-    assert v.shape == (16, 8, 32, 32, 1) and v.dtype == np.float32 and 0 <= v.min() < v.max() <= 1
+    assert v.shape == (16, 8, 32, 32, 1) and v.dtype == np.uint8 and 0 <= v.min() < v.max() <= 255
     assert a[0]["va"].shape == (16, 8, 2) and a[0]["label"].dtype == np.int32
 
 
@@ -156,6 +157,17 @@ def test_host_sharding_partitions_the_data(data_dir):
                                              seed=0, shard_index=host, shard_count=2))
         assert train["video"].shape[0] == 16
     assert len(seen) == n == len(set(seen))
+
+
+def test_read_options_change_nothing_but_speed(data_dir):
+    kw = dict(batch_size=16, seed=1, shard_index=0, shard_count=1)
+    a = _take(pipeline.train_iterator("digits_affect", "test", data_dir, **kw), 2)
+    b = _take(pipeline.train_iterator("digits_affect", "test", data_dir, read_threads=4, prefetch=0, **kw), 2)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(ValueError, match="read_threads=0"):
+        pipeline.train_iterator("digits_affect", "test", data_dir, read_threads=0, **kw)
 
 
 def test_bad_arguments_raise_clear_errors(data_dir):
@@ -257,6 +269,13 @@ def test_affectnet_builder_on_fixture(tmp_path):
             _, expression, va, _ = by_colour[match]
             assert e["label"] == expression
             np.testing.assert_allclose(e["va"], va, atol=1e-6)
+    # class counts for the weighted loss: the labels only; the zlib images stay compressed
+    labels = [int(e["label"]) for e in got["train"]]
+    counts = pipeline.label_counts("affectnet", "train", tmp_path / "tfds", config=AffectNetConfig(name="s8", image_size=8))
+    assert counts == np.bincount(labels).tolist()
+    skip = {"image": tfds.decode.SkipDecoding(), "va": tfds.decode.SkipDecoding()}
+    raw = builder.as_data_source(split="train", decoders=skip)[0]["image"]
+    assert isinstance(raw, bytes) and len(raw) != 8 * 8 * 3  # what label_counts leaves undecoded
 
 
 def test_fer2013_builder_on_fixture(tmp_path):

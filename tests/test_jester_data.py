@@ -106,7 +106,7 @@ def test_pipeline_batches_and_determinism(built):
     data_dir = tmp / "tfds"
     batch = next(pipeline.eval_batches("jester", "validation", data_dir, batch_size=2,
                                        shard_index=0, shard_count=1))
-    assert batch["video"].shape == (2, 18, 84, 84, 3) and batch["video"].dtype == np.float32
+    assert batch["video"].shape == (2, 18, 84, 84, 3) and batch["video"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["video_id"].tolist() == [30, 30]
     np.testing.assert_array_equal(batch["mask"], [1, 0])
     kw = dict(batch_size=2, seed=5, shard_index=0, shard_count=1)

@@ -46,6 +46,14 @@ def test_unknown_config_key_is_refused(tmp_path):
     assert r.returncode != 0 and "num_stepz" in r.stderr
 
 
+def test_bad_config_value_is_one_line_not_a_traceback(tmp_path):
+    r = _train(tmp_path, "--config.data.batch_size=0")
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "config.data.batch_size=0" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 def _config(module, arg=""):
     sys.path.insert(0, ROOT)
     try:

@@ -1,15 +1,19 @@
-"""Tests of hocp_jax.training: resume, multi-device, NaN guard, frozen leaves, config.
+"""Tests of hocp_jax.training: resume, multi-device, multi-process, NaN guard, frozen leaves,
+config, streaming evaluation, no host sync per step.
 
 The multi-process parts run this file as a script (``python tests/test_training.py ...``)
-in subprocesses with their own ``XLA_FLAGS`` device count.
+in subprocesses with their own ``XLA_FLAGS`` device count (and, for the 2-process test, their
+own ``jax.distributed`` process id, coordinator on 127.0.0.1).
 """
 
 import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 
@@ -25,7 +29,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from hocp_jax import training  # noqa: E402
-from hocp_jax.training import checkpoint, config as config_lib, logging as tlog, schedules  # noqa: E402
+from hocp_jax.training import checkpoint, config as config_lib, metric_log as tlog, objectives, schedules  # noqa: E402
 from hocp_jax.training.step import make_train_step  # noqa: E402
 
 N_EXAMPLES, BATCH = 40, 8
@@ -46,9 +50,9 @@ class TinyNet(nn.Module):
 class ArrayIterator:
     """Endless, per-epoch shuffled batches of in-memory arrays; position = batches served."""
 
-    def __init__(self, data, batch_size=BATCH, seed=0, kill_at=None, nan_at=None):
+    def __init__(self, data, batch_size=BATCH, seed=0, kill_at=None, nan_at=None, on_pos=None):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.kill_at, self.nan_at, self.pos = kill_at, nan_at, 0
+        self.kill_at, self.nan_at, self.pos, self.on_pos = kill_at, nan_at, 0, on_pos or {}
 
     def get_state(self):
         return {"pos": self.pos}
@@ -62,10 +66,15 @@ class ArrayIterator:
     def __next__(self):
         if self.pos == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.pos in self.on_pos:
+            self.on_pos[self.pos]()
         per_epoch = N_EXAMPLES // self.batch_size
         epoch, i = divmod(self.pos, per_epoch)
         idx = np.random.default_rng(self.seed + epoch).permutation(N_EXAMPLES)
         idx = idx[i * self.batch_size:(i + 1) * self.batch_size]
+        # this process's rows of the global batch (jax.distributed: process p holds the p-th part)
+        local = self.batch_size // jax.process_count()
+        idx = idx[jax.process_index() * local:(jax.process_index() + 1) * local]
         batch = {k: v[idx] for k, v in self.data.items()}
         if self.pos == self.nan_at:
             batch["va"] = np.full_like(batch["va"], np.nan)
@@ -91,14 +100,15 @@ def l1_head(params):
 
 
 def run_fit(workdir, steps, kill_at=None, nan_at=None, checkpoint_every=4, log_every=3,
-            async_checkpointing=False):
+            async_checkpointing=False, on_pos=None, tx=None):
     data = make_data()
     cfg = ml_collections.ConfigDict(dict(
         num_steps=steps, seed=3, checkpoint_every=checkpoint_every, keep_checkpoints=2,
         log_every=log_every, stage="static", async_checkpointing=async_checkpointing))
     return training.fit(
-        TinyNet(), mse_loss, optax.sgd(0.1, momentum=0.9),
-        lambda: ArrayIterator(data, kill_at=kill_at, nan_at=nan_at), cfg, workdir, reg_fn=l1_head)
+        TinyNet(), mse_loss, optax.sgd(0.1, momentum=0.9) if tx is None else tx,
+        lambda: ArrayIterator(data, kill_at=kill_at, nan_at=nan_at, on_pos=on_pos), cfg, workdir,
+        reg_fn=l1_head)
 
 
 def flat_params(state):
@@ -107,30 +117,67 @@ def flat_params(state):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
+EVAL_BOUNDS = (0, 6, 10)  # two eval batches, of 6 and 4 examples (padded on 8 devices)
+
+
 def script(args):
-    """Subprocess entry point: fit, then save the final params (and eval check) to --out."""
+    """Subprocess entry point: fit, then save the final params and eval metrics to --out."""
+    if args.num_processes > 1:
+        training.maybe_initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
     # async saves, except in the run to be killed: there the step-4 save must be complete
     state = run_fit(args.workdir, args.steps, kill_at=args.kill_at,
                     async_checkpointing=args.kill_at is None)
     result = flat_params(state)
-    data, mesh = make_data(), training.make_data_mesh()
-    eval_step = jax.jit(training.make_eval_step(TinyNet()))
-    uneven = [{k: v[:5] for k, v in data.items()}, {k: v[5:8] for k, v in data.items()}]
-    got = training.evaluate(eval_step, state, uneven,
-                            lambda o, b: {"va": o["va"], "label": b["label"]}, mesh)
-    want = TinyNet().apply(jax.device_get(state.variables), data["image"][:8], train=False)
-    result["eval_va"], result["want_va"], result["eval_label"] = got["va"], want["va"], got["label"]
-    np.savez(args.out, n_devices=len(jax.devices()), **result)
+    data, p, n = make_data(), jax.process_index(), jax.process_count()
+    batches = []
+    for lo, hi in zip(EVAL_BOUNDS[:-1], EVAL_BOUNDS[1:]):
+        local = (hi - lo) // n
+        batches.append({k: v[lo + p * local:lo + (p + 1) * local] for k, v in data.items() if k != "label"})
+    evaluator = training.make_evaluator(TinyNet(), objectives.eval_stats, objectives.merge_stats)
+    got = objectives.finalize_stats(evaluator(state, batches))
+    result |= {f"eval_{k}": v for k, v in got.items()}
+    if p == 0:
+        np.savez(args.out, n_devices=len(jax.devices()), **result)
 
 
-def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None):
+def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None, num_processes=1):
     out = tmp_path / f"{name}.npz"
     cmd = [sys.executable, __file__, "--devices", str(devices), "--steps", str(steps),
            "--workdir", str(workdir or tmp_path / name), "--out", str(out)]
     if kill_at is not None:
         cmd += ["--kill-at", str(kill_at)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return proc, out
+    if num_processes == 1:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300), out
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(cmd + ["--num-processes", str(num_processes), "--process-id", str(i),
+                                     "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(num_processes)]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, o, e) for proc, (o, e) in zip(procs, results)], out
+
+
+def oracle_eval(state_npz):
+    """float64 numpy metrics of the final TinyNet on the eval examples (independent of the
+    streaming evaluator)."""
+    data = make_data()
+    params = {}
+    for k, v in state_npz.items():
+        if k.startswith("['"):
+            keys = [part.strip("'[]") for part in k.split("][")]
+            node = params
+            for part in keys[:-1]:
+                node = node.setdefault(part, {})
+            node[keys[-1]] = v
+    rows = slice(EVAL_BOUNDS[0], EVAL_BOUNDS[-1])
+    pred = np.asarray(TinyNet().apply(params, data["image"][rows], train=False)["va"], np.float64)
+    true = data["va"][rows].astype(np.float64)
+    mt, mp = true.mean(0), pred.mean(0)
+    cov = ((true - mt) * (pred - mp)).mean(0)
+    ccc = 2 * cov / (true.var(0) + pred.var(0) + (mt - mp) ** 2)
+    rmse = np.sqrt(((true - pred) ** 2).mean(0))
+    return {f"eval_{t}_{m}": v[i] for m, v in (("ccc", ccc), ("rmse", rmse)) for i, t in enumerate(objectives.TARGETS)}
 
 
 def load(out):
@@ -153,8 +200,11 @@ def test_kill_and_resume_gives_identical_params(tmp_path):
     assert full.keys() == resumed.keys()
     for k in full:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+    # the killed run logged step 6; the resumed one redid steps 5..10 and logged 6 again:
+    # the file must hold it once (the old line dropped), like the uninterrupted run's file
     logged = [r["step"] for r in tlog.read_metrics(workdir / "metrics.jsonl")]
-    assert logged[-1] == 10 and 6 in logged  # log_every=3: resumed run logged again from 5
+    assert logged == [r["step"] for r in tlog.read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    assert logged == [3, 4, 6, 8, 9, 10]
 
 
 def test_eight_devices_match_one_device(tmp_path):
@@ -166,9 +216,26 @@ def test_eight_devices_match_one_device(tmp_path):
     assert one.pop("n_devices") == 1 and eight.pop("n_devices") == 8
     for k in one:
         np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    # evaluate() on batches of 5 and 3 examples (padded to 8 devices) == dense apply
-    np.testing.assert_allclose(eight["eval_va"], eight["want_va"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(eight["eval_label"], make_data()["label"][:8])
+    # streamed eval over batches of 6 and 4 examples (padded to 8 devices) == float64 oracle
+    for k, want in oracle_eval(eight).items():
+        np.testing.assert_allclose(eight[k], want, atol=1e-5, err_msg=k)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """A real 2-process jax.distributed run on localhost (CPU, gloo collectives), each
+    process reading its half of every batch, ends with the 1-process params and metrics."""
+    one_proc, one_out = run_script(tmp_path, "one", 1, 6)
+    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
+    procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load(one_out), load(two_out)
+    assert one.pop("n_devices") == 1 and two.pop("n_devices") == 2
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    logged = [r["step"] for r in tlog.read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert logged == [3, 4, 6]  # process 0 alone writes the log
 
 
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
@@ -188,12 +255,12 @@ def test_checkpointer_refuses_non_finite_state(tmp_path):
     variables = {"params": {"w": jnp.ones(3)}}
     state = training.TrainState.create(variables, optax.adam(1e-3), jax.random.key(0))
     with checkpoint.Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
-        assert ckpt.save(state.replace(step=jnp.int32(1)), {"pos": 1})
+        assert ckpt.save(state.replace(step=jnp.int32(1)), {"pos": 1}, step=1)
         bad = state.replace(step=jnp.int32(2), params={"w": jnp.array([1.0, jnp.inf, 0.0])})
         with pytest.raises(training.NonFiniteError, match=r"\['params'\]\['w'\]"):
-            ckpt.save(bad, {"pos": 2})
+            ckpt.save(bad, {"pos": 2}, step=2)
         with pytest.raises(training.NonFiniteError, match="loss"):
-            ckpt.save(state.replace(step=jnp.int32(3)), {}, metrics={"loss": np.nan})
+            ckpt.save(state.replace(step=jnp.int32(3)), {}, step=3, metrics={"loss": np.nan})
         assert ckpt.all_steps() == [1]
 
 
@@ -305,8 +372,10 @@ def test_metric_logger_and_plot(tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for flag, kind in (("--devices", int), ("--steps", int), ("--kill-at", int),
-                       ("--workdir", str), ("--out", str)):
+                       ("--workdir", str), ("--out", str), ("--port", int)):
         parser.add_argument(flag, type=kind)
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
     script(parser.parse_args())
 
 
@@ -342,3 +411,177 @@ def test_fit_does_not_consume_init_variables(tmp_path):
     fit(model, loss, optax.sgd(0.1), It, dict(num_steps=2, seed=0, checkpoint_every=2), str(tmp_path),
         init_variables=variables)
     assert all(not x.is_deleted() for x in jax.tree.leaves(variables))
+
+
+def test_l1_is_applied_once():
+    """l1_prox: soft-threshold in the optimizer and no loss term; else the loss term only."""
+    from hocp_jax.training import jobs
+
+    params = {"conv": {"lambda": jnp.array([0.5, -0.002, 0.0005]), "factor_in": jnp.ones((2, 3)),
+                       "factor_out": jnp.ones((2, 3)), "factor_0": jnp.ones((3, 3))}}
+    opt = dict(name="sgd", learning_rate=0.1, steps_per_epoch=10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    cfg = ml_collections.ConfigDict(dict(loss=dict(l1_prox=True)))
+    tx, reg = jobs.stage_optimizer(cfg, opt, 0.01)
+    assert reg is None
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    lam = optax.apply_updates(params, updates)["conv"]["lambda"]
+    np.testing.assert_allclose(lam, [0.5 - 0.001, -0.001, 0.0], atol=1e-7)  # prox(lr * gamma) only
+    cfg.loss.l1_prox = False
+    tx, reg = jobs.stage_optimizer(cfg, opt, 0.01)
+    np.testing.assert_allclose(reg(params), 0.01 * (0.5 + 0.002 + 0.0005), rtol=1e-6)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))  # no prox in tx
+    assert jobs.stage_optimizer(cfg, opt, 0.0)[1] is None
+
+
+def test_steady_state_steps_do_not_read_the_device(tmp_path, monkeypatch):
+    """Between log/checkpoint steps, fit makes no device->host transfer.
+
+    Steps 3..9 run under jax's transfer guard (what catches it on GPU/TPU; on CPU reads are
+    zero-copy and pass the guard) and with jax.Array's host-read methods patched to raise
+    (what catches it on CPU: item/int/float/addressable_data/device_get, e.g. reading the step).
+    """
+    from jax._src import array
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("device->host read during a steady-state step")
+
+    patched = {name: getattr(array.ArrayImpl, name)
+               for name in ("addressable_data", "item", "tolist", "__int__", "__float__", "__index__", "__bool__")}
+    value = array.ArrayImpl._value
+    guard = jax.transfer_guard_device_to_host("disallow")
+
+    def start():
+        guard.__enter__()
+        for name in patched:
+            monkeypatch.setattr(array.ArrayImpl, name, forbidden)
+        monkeypatch.setattr(array.ArrayImpl, "_value", property(forbidden))
+
+    def stop():
+        guard.__exit__(None, None, None)
+        for name, fn in patched.items():
+            monkeypatch.setattr(array.ArrayImpl, name, fn)
+        monkeypatch.setattr(array.ArrayImpl, "_value", value)
+
+    # batch 2 is fetched for step 3, batch 9 for step 10 (the last: logged and checkpointed)
+    state = run_fit(str(tmp_path), 10, checkpoint_every=100, log_every=100, on_pos={2: start, 9: stop})
+    assert int(state.step) == 10
+    start()  # the patch itself must catch what the old loop did per step
+    try:
+        with pytest.raises(AssertionError, match="steady-state"):
+            training.sharding.host_value(state.step)
+    finally:
+        stop()
+
+
+class _LiveBatches:
+    """Generator-backed eval split of ``n`` batches that counts how many are alive at once."""
+
+    def __init__(self, n, batch=16):
+        self.n, self.batch, self.live, self.peak = n, batch, 0, 0
+
+    def _gone(self):
+        self.live -= 1
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        for _ in range(self.n):
+            image = rng.integers(0, 256, (self.batch, 6, 6, 3), dtype=np.uint8)
+            va = rng.uniform(-1, 1, (self.batch, 2)).astype(np.float32)
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(image, self._gone)
+            yield {"image": image, "va": va}
+
+
+def test_streaming_eval_is_bounded_and_exact():
+    """200 batches (a split we would not hold in memory) stream through: at most a couple of
+    batches are alive at once, and the metrics equal a float64 oracle on the whole split."""
+    model = TinyNet()
+    variables = model.init(jax.random.key(0), np.zeros((1, 6, 6, 3), np.float32), train=False)
+    mesh = training.make_data_mesh()
+    state = training.put_replicated(training.TrainState.create(variables, optax.identity(), jax.random.key(0)), mesh)
+    split = _LiveBatches(200)
+    got = objectives.finalize_stats(training.make_evaluator(model, objectives.eval_stats, objectives.merge_stats)(
+        state, split))
+    assert split.peak <= 3, split.peak
+    apply = jax.jit(lambda x: model.apply(variables, x.astype(jnp.float32) / 255, train=False)["va"])
+    true = np.concatenate([b["va"] for b in _LiveBatches(200)]).astype(np.float64)
+    pred = np.concatenate([np.asarray(apply(b["image"])) for b in _LiveBatches(200)]).astype(np.float64)
+    for j, t in enumerate(objectives.TARGETS):
+        r = np.corrcoef(true[:, j], pred[:, j])[0, 1]
+        np.testing.assert_allclose(got[f"{t}_pcc"], r, atol=1e-4)
+        np.testing.assert_allclose(got[f"{t}_rmse"], np.sqrt(((true[:, j] - pred[:, j]) ** 2).mean()), rtol=1e-5)
+
+
+def test_resume_of_a_masked_stage(tmp_path):
+    """optax.partition (frozen conv): 4 steps, then resumed to 8 == 8 uninterrupted steps."""
+    labels = {"conv": {"kernel": "frozen", "bias": "frozen"}, "bn": {"scale": "train", "bias": "train"},
+              "head": {"kernel": "train", "bias": "train"}}
+    tx = lambda: optax.partition({"train": optax.adam(0.05), "frozen": optax.set_to_zero()}, labels)  # noqa: E731
+    full = run_fit(str(tmp_path / "full"), 8, tx=tx())
+    run_fit(str(tmp_path / "resumed"), 4, tx=tx())
+    resumed = run_fit(str(tmp_path / "resumed"), 8, tx=tx())
+    want, got = flat_params(full), flat_params(resumed)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    init_key = jax.random.split(jax.random.key(3))[0]  # fit's init key for seed 3
+    init = TinyNet().init({"params": init_key}, make_data()["image"][:BATCH], train=False)
+    assert np.asarray(init["params"]["conv"]["kernel"]).tobytes() == got["['params']['conv']['kernel']"].tobytes()
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path):
+    """Truncating a file of the newest checkpoint (step 8): warning, resume from step 4,
+    and the redone steps end with the params the undamaged run had."""
+    want = flat_params(run_fit(str(tmp_path), 8))
+    step8 = tmp_path / "checkpoints" / "8"
+    files = sorted((p for p in step8.rglob("*") if p.is_file() and "state" in p.parts and p.stat().st_size > 64),
+                   key=lambda p: -p.stat().st_size)
+    with open(files[0], "r+b") as f:
+        f.truncate(files[0].stat().st_size // 2)
+    with pytest.warns(RuntimeWarning, match="cannot be restored"):
+        resumed = run_fit(str(tmp_path), 8)
+    for k, v in flat_params(resumed).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    assert (tmp_path / "checkpoints.damaged" / "8").is_dir()
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=4) as ckpt:
+        assert ckpt.all_steps() == [4, 8]  # step 8 written again
+
+
+def test_workdir_lock_refuses_a_second_run(tmp_path):
+    lock = tmp_path / "run.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        with pytest.raises(training.WorkdirInUseError, match="in use"):
+            run_fit(str(tmp_path), 2)  # fit holds the lock
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with training.WorkdirLock(str(tmp_path)):  # its owner is dead (e.g. kill -9): taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(training.WorkdirInUseError):  # a second run in this process
+            training.WorkdirLock(str(tmp_path)).__enter__()
+    assert not lock.exists()  # released at the end
+    lock.write_text(json.dumps({"host": "another-host", "pid": 1}))  # fresh, other host
+    with pytest.raises(training.WorkdirInUseError):
+        training.WorkdirLock(str(tmp_path)).__enter__()
+    os.utime(lock, (0, 0))  # no heartbeat for long: a dead run
+    with training.WorkdirLock(str(tmp_path)):
+        pass
+
+
+def test_eval_every_keeps_the_best_checkpoint(tmp_path):
+    data = make_data()
+    values = iter([0.3, 0.9, 0.5])
+    cfg = dict(num_steps=6, seed=3, checkpoint_every=6, keep_checkpoints=2, log_every=2, eval_every=2,
+               best_metric="score", async_checkpointing=False)
+    training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(data), cfg, str(tmp_path),
+                 eval_fn=lambda state: {"score": next(values)})
+    evals = [r for r in tlog.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    assert [(r["step"], r["score"]) for r in evals] == [(2, 0.3), (4, 0.9), (6, 0.5)]
+    train = [r for r in tlog.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert all(r["steps_per_s"] > 0 and r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0
+    with checkpoint.Checkpointer(tmp_path / "best", save_every=1) as best:
+        assert best.all_steps() == [4] and best.restore_extra()["value"] == 0.9

@@ -13,8 +13,10 @@ Datasets (``name`` or ``name/config``):
   afew_va, affectnet, fer2013    from manual_dir (see each module)
   jester                         from manual_dir (see hocp_jax/data/jester.py)
   anything else                  the TFDS catalog, e.g. "cifar10"
-Batches are dicts of numpy arrays: uint8 images/videos become float32 in
-[0, 1] ("image" (B, H, W, C) or "video" (B, T, H, W, C)), "va" float32
+Batches are dicts of numpy arrays: images/videos stay uint8 ("image"
+(B, H, W, C) or "video" (B, T, H, W, C); 4x fewer bytes to the device than
+float32; the jitted step scales them to [0, 1], see
+hocp_jax.training.step.model_input), "va" float32
 (B, 2) or (B, T, 2) where the dataset has valence/arousal, "label" int32 (B,)
 where it has classes, other integer fields int32; text fields are dropped.
 
@@ -67,16 +69,20 @@ def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.Dat
     return builder
 
 
-def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None):
+def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None,
+                decoders=None):
     """Random-access source of one split (``len``, ``[i]`` -> dict of numpy).
 
     Embedded datasets are built if missing; manual ones too when manual_dir
     is given; catalog datasets must already be prepared (array_record).
+    decoders: ``{feature: tfds.decode.SkipDecoding()}`` leaves those features
+    undecoded (see :func:`label_counts`).
     """
     base = name.partition("/")[0]
     if base not in BUILDERS:
         try:
-            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                    decoders=decoders)
         except Exception as err:  # tfds raises several types for "not prepared"
             raise FileNotFoundError(
                 f"name={name!r}: catalog dataset not prepared in data_dir={data_dir} "
@@ -94,16 +100,27 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
     if split not in builder.info.splits:
         raise ValueError(f"split={split!r}: {name} has splits "
                          f"{sorted(builder.info.splits)}")
-    return builder.as_data_source(split=split)
+    return builder.as_data_source(split=split, decoders=decoders)
+
+
+def label_counts(name: str, split: str, data_dir, *, manual_dir=None, config=None) -> list[int]:
+    """Examples per class of a split. Every feature but "label" is left undecoded
+    (SkipDecoding: zlib-compressed images/videos are not decompressed, encoded images not
+    decoded); the records themselves are still read."""
+    features = data_source(name, split, data_dir, manual_dir=manual_dir, config=config).dataset_info.features
+    skip = {key: tfds.decode.SkipDecoding() for key in features if key != "label"}
+    source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config, decoders=skip)
+    labels = np.fromiter((int(source[i]["label"]) for i in range(len(source))), np.int64, len(source))
+    return np.bincount(labels).tolist()
 
 
 def to_numpy(example: dict) -> dict:
-    """One decoded example -> model inputs (uint8 -> float32 in [0, 1])."""
+    """One decoded example -> model inputs (uint8 kept, other ints int32, floats float32)."""
     out = {}
     for key, value in example.items():
         value = np.asarray(value)
         if value.dtype == np.uint8:
-            out[key] = value.astype(np.float32) / 255.0
+            out[key] = value
         elif np.issubdtype(value.dtype, np.integer):
             out[key] = value.astype(np.int32)
         elif np.issubdtype(value.dtype, np.floating):
@@ -148,17 +165,28 @@ def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
 
 def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: int,
                    shard_index=None, shard_count=None, manual_dir=None,
-                   config=None) -> grain.DatasetIterator:
+                   config=None, read_threads: int = 1, prefetch: int = 2,
+                   workers: int = 0) -> grain.DatasetIterator:
     """Deterministic, checkpointable iterator over infinite training batches.
 
-    ``it.get_state()`` is a small dict ({"next_index": k}); a new iterator
-    with ``it.set_state(state)`` continues with exactly the same batches.
+    ``it.get_state()`` is small (JSON or bytes); a new iterator with
+    ``it.set_state(state)`` continues with exactly the same batches.
+    read_threads / prefetch: grain's ReadOptions (threads reading records,
+    batches read ahead); workers > 0: that many processes decode and batch
+    (grain's mp_prefetch) -- the batches do not change.
     """
+    for arg, value, low in (("read_threads", read_threads, 1), ("prefetch", prefetch, 0),
+                            ("workers", workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{arg}={value!r}: expected an int >= {low}")
     source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
     ds = train_batches(source, batch_size=batch_size, seed=seed,
                        shard_index=shard_index, shard_count=shard_count)
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    return iter(ds.to_iter_dataset(read_options=options))
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    ds = ds.to_iter_dataset(read_options=options)
+    if workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(ds)
 
 
 def eval_batches(name: str, split: str, data_dir, *, batch_size: int,

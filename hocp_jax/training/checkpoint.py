@@ -4,16 +4,23 @@ A step directory ``<directory>/<step>/`` holds two items: ``state`` (the TrainSt
 restored with its sharding) and ``extra`` (JSON: data-iterator position, stage name,
 config, ...). A state with a non-finite float leaf (or non-finite loss metric) is never
 written: :meth:`Checkpointer.save` raises :class:`NonFiniteError` first, so the last good
-checkpoint always survives a diverged run.
+checkpoint always survives a diverged run. A checkpoint that cannot be read back (damaged
+file) is moved to ``<directory>.damaged/<step>`` with a warning by
+:meth:`Checkpointer.restore_latest`, which falls back to the previous one -- keep at least
+2 checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import warnings
+
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
@@ -83,14 +90,18 @@ class Checkpointer:
         """Whether the periodic schedule saves at ``step`` (``step % save_every == 0``)."""
         return step % self.save_every == 0
 
-    def save(self, state: TrainState, extra: dict, *, metrics: dict | None = None,
-             force: bool = False) -> bool:
-        """Saves ``state`` at step ``state.step`` if due (or ``force``); returns whether it did.
+    def save(self, state: TrainState, extra: dict, *, step: int | None = None,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        """Saves ``state`` at ``step`` if due (or ``force``); returns whether it did.
+
+        Args:
+            step: ``state.step`` as a Python int, tracked by the caller; None reads it from
+                the device (a device->host sync).
 
         Raises:
             NonFiniteError: ``state`` or ``metrics`` has NaN/Inf; nothing is written.
         """
-        step = int(host_value(state.step))
+        step = int(host_value(state.step)) if step is None else step
         if not (force or self.is_due(step)) or step in self.manager.all_steps():
             return False
         check_finite(state, metrics)
@@ -123,6 +134,44 @@ class Checkpointer:
         if step is None:
             return None
         return self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
+        """``(state, extra)`` of the newest checkpoint that can be read; None if there is none.
+
+        Checkpoints that fail to restore (truncated or corrupt files) while an older one
+        restores are moved to ``<directory>.damaged/<step>`` with a warning, so a damaged
+        latest checkpoint costs the steps since the one before, not the run.
+
+        Raises:
+            ValueError: no checkpoint restores into ``target`` (most likely another model or
+                optimizer than the one that wrote them); nothing is moved.
+        """
+        failed = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                restored = self.restore(target, step)
+            except Exception as err:  # orbax/tensorstore raise many types for bad files
+                failed.append((step, f"{type(err).__name__}: {str(err)[:300]}"))
+                continue
+            for bad, why in failed:
+                self._quarantine(bad, why)
+            return restored
+        if failed:
+            raise ValueError(f"no checkpoint in {self.manager.directory} restores into this state "
+                             f"(another model or optimizer?); newest error: step {failed[0][0]}: {failed[0][1]}")
+        return None
+
+    def _quarantine(self, step: int, why: str) -> None:
+        damaged = os.path.join(os.fspath(self.manager.directory) + ".damaged", str(step))
+        warnings.warn(f"checkpoint {self.manager.directory}/{step} cannot be restored ({why}); moved "
+                      f"to {damaged}; resuming from the previous checkpoint", RuntimeWarning, stacklevel=3)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(damaged), exist_ok=True)
+            shutil.rmtree(damaged, ignore_errors=True)
+            shutil.move(os.path.join(os.fspath(self.manager.directory), str(step)), damaged)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"hocp_quarantine_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Blocks until background saves are on disk."""

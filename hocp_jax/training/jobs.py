@@ -1,4 +1,4 @@
-"""The jobs ``train.py`` runs, assembled from the library's pieces.
+"""The jobs ``train.py`` runs: stage orchestration, assembled from the library's pieces.
 
 * ``"transduction"`` (the main job, paper Fig. 1 / supplementary Fig. 4): train a static
   HO-CP model on images (with the L1 penalty on every lambda), transduce its parameters to
@@ -11,158 +11,72 @@
 
 Every stage trains with :func:`hocp_jax.training.fit` in its own sub-directory of
 ``workdir`` (``static/``, ``stage1/``, ``stage2/``, ``baseline_<name>/``), so a killed job
-resumes where it stopped. Results go to ``workdir/results.json`` and ``results.md``, plots
-to ``workdir/*.png``.
+resumes where it stopped. Data access: :mod:`hocp_jax.training.data`; losses and metrics:
+:mod:`hocp_jax.training.objectives`; results files: :mod:`hocp_jax.training.report`
+(``workdir/results.json`` and ``results.md``); plots go to ``workdir/*.png``.
+
+The L1 penalty on the lambdas (``loss.l1_gamma``) is applied exactly once: as a proximal
+soft-threshold after each optimizer update when ``loss.l1_prox`` is set, else as a
+``gamma * ||lambda||_1`` term of the loss (:func:`stage_optimizer`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from hocp_jax import contrastive, losses, metrics, optim, transduction, tree
-from hocp_jax.data import pipeline
-from hocp_jax.models import bregnet, count_params, get_model
-from hocp_jax.training import plots
-from hocp_jax.training.loop import evaluate, fit
+from hocp_jax import optim, transduction, tree
+from hocp_jax.models import count_params, get_model
+from hocp_jax.training import objectives, plots
+from hocp_jax.training.data import Data
+from hocp_jax.training.loop import fit, make_evaluator
+from hocp_jax.training.report import write_results
 from hocp_jax.training.schedules import make_optimizer, make_schedule
-from hocp_jax.training.sharding import make_data_mesh, put_replicated
+from hocp_jax.training.sharding import make_data_mesh, put_batch, put_replicated
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step
 
-TARGETS = ("valence", "arousal")
 JOBS = ("transduction", "supervised")
-
-
-# ----------------------------------------------------------------------------- loss / metrics
-
-
-def _flat(x: jax.Array) -> jax.Array:
-    """``(B, [T,] k) -> (B*T, k)``."""
-    return x.reshape(-1, x.shape[-1])
-
-
-def loss_fn(outputs: dict, batch: dict, key: jax.Array, *, cfg) -> tuple[jax.Array, dict]:
-    """Shake-shake affect loss on ``va`` (+ ``ce_weight`` x class-weighted CE on ``logits``).
-
-    Video outputs ``(B, T, k)`` are flattened to frames; a clip label ``(B,)`` is repeated
-    over its frames.
-    """
-    total, terms = jnp.zeros(()), {}
-    if "va" in outputs and cfg.va_weight > 0:
-        kw = {"key": key} if cfg.shake_shake else {"weights": tuple(cfg.weights)}
-        total, terms = losses.affect_loss(_flat(batch["va"]), _flat(outputs["va"]), **kw)
-        total = cfg.va_weight * total
-    if "logits" in outputs and cfg.ce_weight > 0:
-        logits = _flat(outputs["logits"])
-        labels = jnp.repeat(batch["label"], logits.shape[0] // batch["label"].shape[0])
-        weights = jnp.asarray(cfg.class_weights) if cfg.get("class_weights") else None
-        ce = losses.cross_entropy(logits, labels, class_weights=weights)
-        terms["ce"] = ce
-        total = total + cfg.ce_weight * ce
-    return total, terms
-
-
-LOSSES = ("affect", "bregnet", "avce")
-
-
-def make_loss(config, data: "Data"):
-    """``loss_fn(outputs, batch, key)`` for ``config.loss.kind`` (one of ``LOSSES``).
-
-    ``affect``: :func:`loss_fn`; ``bregnet``: class-weighted CE (H_ii = f_min / f_i from the
-    training split's label counts, or ``loss.class_counts``) + MSE on valence/arousal;
-    ``avce``: :func:`hocp_jax.contrastive.make_avce_loss` with ``loss.avce`` options.
-    """
-    kind = config.loss.get("kind", "affect")
-    if kind == "affect":
-        return functools.partial(loss_fn, cfg=config.loss)
-    if kind == "bregnet":
-        weights = None
-        if config.loss.class_weighted:
-            counts = list(config.loss.get("class_counts", [])) or data.label_counts()
-            weights = losses.class_weights(np.asarray(counts))
-        return functools.partial(bregnet.bregnet_loss, class_weights=weights, va_weight=config.loss.va_weight)
-    if kind == "avce":
-        return contrastive.make_avce_loss(**dict(config.loss.avce))
-    raise ValueError(f"config.loss.kind={kind!r}: expected one of {LOSSES}")
-
-
-def metric_fn(outputs: dict, batch: dict, *, skew_repeats: int = 0) -> dict:
-    """RMSE/SAGR/PCC/CCC per target over the whole set (frames of all clips), + categorical
-    metrics (and their skew-normalised versions over ``skew_repeats`` balanced subsamples)."""
-    out = {}
-    mask = batch.get("mask")
-    if "va" in outputs and "va" in batch:
-        y, p = _flat(batch["va"]), _flat(outputs["va"])
-        m = None if mask is None else np.repeat(mask, y.shape[0] // mask.shape[0])
-        for name, values in metrics.regression_metrics(y, p, m).items():
-            out |= {f"{t}_{name}": float(v) for t, v in zip(TARGETS, np.atleast_1d(values))}
-    if "logits" in outputs and "label" in batch:
-        logits = _flat(outputs["logits"])
-        labels = np.repeat(batch["label"], logits.shape[0] // batch["label"].shape[0])
-        m = None if mask is None else np.repeat(mask, logits.shape[0] // mask.shape[0]) > 0
-        preds = np.argmax(logits, -1)
-        cm = metrics.confusion_matrix(labels, preds, logits.shape[-1], mask=m)
-        out |= {f"class_{k}": float(v) for k, v in metrics.classification_metrics(cm).items() if np.ndim(v) == 0}
-        if skew_repeats:
-            keep = np.ones_like(labels, bool) if m is None else np.asarray(m)
-            skew = metrics.skew_normalized_metrics(labels[keep], preds[keep], logits.shape[-1], n_repeats=skew_repeats)
-            out |= {f"skew_{k}": float(v) for k, v in skew.items() if np.ndim(v) == 0}
-    return out
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def _manual_dir(root: str | None, name: str) -> str | None:
-    """``<root>/<dataset name>`` when that folder exists (jobs with two real datasets, e.g.
-    AffectNet -> AFEW-VA), else ``root`` itself; ``None`` for an empty root."""
-    if not root:
-        return None
-    sub = os.path.join(root, name.split("/")[0])
-    return sub if os.path.isdir(sub) else root
-
-
-class Data:
-    """Where a dataset lives and how to batch it (one per stage)."""
-
-    def __init__(self, cfg, name: str):
-        self.name, self.cfg = name, cfg
-        self.data_dir = cfg.data_dir
-        self.manual_dir = _manual_dir(cfg.get("manual_dir"), name)
-
-    def source(self, split: str):
-        return pipeline.data_source(self.name, split, self.data_dir, manual_dir=self.manual_dir)
-
-    def train_iter(self, seed: int):
-        return pipeline.train_iterator(self.name, "train", self.data_dir, batch_size=self.cfg.batch_size,
-                                       seed=seed, manual_dir=self.manual_dir)
-
-    def eval_batches(self, split: str):
-        return pipeline.eval_batches(self.name, split, self.data_dir, batch_size=self.cfg.eval_batch_size,
-                                     manual_dir=self.manual_dir)
-
-    def label_counts(self) -> list[int]:
-        """Examples per class in the training split (for BReG-Net's class weights)."""
-        source = self.source("train")
-        labels = np.asarray([int(source[i]["label"]) for i in range(len(source))])
-        return np.bincount(labels).tolist()
-
-    def steps_per_epoch(self) -> int:
-        return pipeline.steps_per_epoch(self.source("train"), batch_size=self.cfg.batch_size)
 
 
 def _fit_cfg(config, stage_cfg, stage: str) -> dict:
     return dict(num_steps=stage_cfg.num_steps, seed=config.seed, stage=stage,
                 checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                keep_checkpoints=config.keep_checkpoints)
+                keep_checkpoints=config.keep_checkpoints, eval_every=config.get("eval_every", 0),
+                best_metric=config.get("best_metric", ""))
+
+
+def stage_optimizer(config, opt_cfg: dict, l1_gamma: float) -> tuple[optax.GradientTransformation, Any]:
+    """``(tx, reg_fn)`` of a stage; the L1 on the lambdas goes into exactly one of them.
+
+    ``l1_gamma > 0`` with ``config.loss.l1_prox``: ``tx`` ends with the proximal
+    soft-threshold (threshold ``learning_rate(step) * l1_gamma``) and ``reg_fn`` is None;
+    without ``l1_prox``: plain ``tx`` and ``reg_fn = l1_gamma * sum |lambda|``.
+    """
+    tx = make_optimizer(opt_cfg)
+    if l1_gamma <= 0:
+        return tx, None
+    if config.loss.l1_prox:  # soft-threshold lambdas after each step: exact zeros
+        schedule = make_schedule(opt_cfg)
+        return optax.chain(tx, optim.prox_l1_lambdas(lambda count: schedule(count) * l1_gamma)), None
+    return tx, functools.partial(optim.l1_lambda, gamma=l1_gamma)
+
+
+def _eval_fn(config, model, data: Data):
+    """``state -> metrics`` on ``config.data.val_split`` for evaluation during training, or
+    None (``eval_every`` 0 or no validation split named: the test split is never used to
+    pick a checkpoint)."""
+    split = config.data.get("val_split", "")
+    if not (config.get("eval_every", 0) and split):
+        return None
+    evaluator = make_evaluator(model, objectives.eval_stats, objectives.merge_stats)
+    return lambda state: objectives.finalize_stats(evaluator(state, data.eval_batches(split)))
 
 
 def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
@@ -170,27 +84,22 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     """One :func:`fit` run. ``tx_fn(tx) -> tx`` wraps the optimizer (e.g. freezing)."""
     stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
     opt_cfg = dict(config.optimizer) | dict(stage_cfg.get("optimizer", {})) | {"steps_per_epoch": data.steps_per_epoch()}
-    tx = make_optimizer(opt_cfg)
-    if l1_gamma > 0 and config.loss.l1_prox:  # soft-threshold lambdas after each step: exact zeros
-        schedule = make_schedule(opt_cfg)
-        tx = optax.chain(tx, optim.prox_l1_lambdas(lambda count: schedule(count) * l1_gamma))
+    tx, reg = stage_optimizer(config, opt_cfg, l1_gamma)
     if tx_fn is not None:
         tx = tx_fn(tx)
-    reg = functools.partial(optim.l1_lambda, gamma=l1_gamma) if l1_gamma > 0 else None
-    loss = functools.partial(loss_fn, cfg=config.loss) if loss is None else loss
+    loss = functools.partial(objectives.loss_fn, cfg=config.loss) if loss is None else loss
     return fit(model, loss, tx, lambda: data.train_iter(config.seed),
                _fit_cfg(config, stage_cfg, stage), os.path.join(workdir, stage), reg_fn=reg,
-               init_variables=init_variables)
+               init_variables=init_variables, eval_fn=_eval_fn(config, model, data))
 
 
 def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
-    """Metrics on ``split`` and the first eval batch's outputs (for plots)."""
+    """Metrics on ``split`` (streamed) and the first eval batch's outputs (for plots)."""
     mesh = make_data_mesh()
     state = put_replicated(TrainState.create(variables, optax.identity(), jax.random.key(0)), mesh)
-    step = jax.jit(make_eval_step(model))
-    batches = list(data.eval_batches(split))
-    first = jax.device_get(step(state, batches[0]))
-    return evaluate(step, state, batches, functools.partial(metric_fn, skew_repeats=skew_repeats), mesh), first
+    stats = make_evaluator(model, objectives.eval_stats, objectives.merge_stats, mesh)(state, data.eval_batches(split))
+    first = jax.jit(make_eval_step(model))(state, put_batch(next(iter(data.eval_batches(split))), mesh))
+    return objectives.finalize_stats(stats, skew_repeats), multihost_utils.process_allgather(first, tiled=True)
 
 
 def _variables(state: TrainState) -> dict:
@@ -250,10 +159,11 @@ def run_transduction(config, workdir: str) -> dict:
         row(f"from scratch: {name}", mdl, _variables(b), count_params(b.params))
 
     report = optim.sparsity_report(final["params"], tol=config.sparsity_tol)
-    _write(workdir, rows, report, config)
-    plots.plot_va_over_time(first, next(iter(videos.eval_batches(config.data.eval_split))), TARGETS,
-                            os.path.join(workdir, "va_over_time.png"))
-    optim.plot_sparsity(report, os.path.join(workdir, "lambda_sparsity.png"))
+    if jax.process_index() == 0:
+        write_results(workdir, rows, report, config)
+        plots.plot_va_over_time(first, next(iter(videos.eval_batches(config.data.eval_split))),
+                                objectives.TARGETS, os.path.join(workdir, "va_over_time.png"))
+        optim.plot_sparsity(report, os.path.join(workdir, "lambda_sparsity.png"))
     return rows
 
 
@@ -262,13 +172,14 @@ def run_supervised(config, workdir: str) -> dict:
     data = Data(config.data, config.data.static)
     model = _model(config.model)
     state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma,
-                        loss=make_loss(config, data))
+                        loss=objectives.make_loss(config, data.label_counts))
     variables = _variables(state)
     m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
     has_cp = bool(tree.cp_layers(variables["params"]))
     report = optim.sparsity_report(variables["params"], tol=config.sparsity_tol) if has_cp else None
-    _write(workdir, rows, report, config)
+    if jax.process_index() == 0:
+        write_results(workdir, rows, report, config)
     return rows
 
 
@@ -278,30 +189,3 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"config.job={config.job!r}: expected one of {JOBS}")
     os.makedirs(workdir, exist_ok=True)
     return {"transduction": run_transduction, "supervised": run_supervised}[config.job](config, workdir)
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def format_table(rows: dict) -> str:
-    """Markdown table of the rows (regression metrics per target, then class accuracy)."""
-    cols = [c for c in ("params", "video_trained_params") if any(c in r for r in rows.values())]
-    cols += [f"{t}_{m}" for t in TARGETS for m in ("rmse", "sagr", "pcc", "ccc") if any(f"{t}_{m}" in r for r in rows.values())]
-    cols += [c for c in ("class_accuracy", "class_f1", "class_kappa", "skew_accuracy", "skew_f1", "skew_kappa")
-             if any(c in r for r in rows.values())]
-    fmt = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.3f}"  # noqa: E731
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(fmt(r[c]) if c in r else "" for c in cols) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
-
-
-def _write(workdir: str, rows: dict, report, config) -> None:
-    table = format_table(rows)
-    sparsity = report.table() if report is not None else ""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"rows": rows, "config": json.loads(config.to_json_best_effort())}, f, indent=1)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n\n" + sparsity + "\n")
-    print(table)
-    if sparsity:
-        print(sparsity)

@@ -3,7 +3,11 @@
 Resume contract: a checkpoint at step ``s`` holds the state after ``s`` updates and the
 data-iterator state after ``s`` batches; step ``s+1`` uses ``fold_in(rng, s)``. So a run
 killed at any point and restarted with the same arguments ends with exactly the params of
-an uninterrupted run (it redoes the steps after the last complete checkpoint).
+an uninterrupted run (it redoes the steps after the last complete checkpoint, and drops
+their lines from ``metrics.jsonl`` so that no step is logged twice).
+
+No device->host transfer happens between log intervals: the step is counted on the host
+(restored once from the checkpoint), and metrics are fetched only when they are logged.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -18,27 +23,29 @@ import jax
 import numpy as np
 import optax
 import tqdm
-from jax.experimental import multihost_utils
 
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError
 from hocp_jax.training.config import positive_int, validate_config
-from hocp_jax.training.logging import MetricLogger
+from hocp_jax.training.distributed import WorkdirLock
+from hocp_jax.training.metric_log import MetricLogger
 from hocp_jax.training.sharding import (
     batch_sharding, host_value, make_data_mesh, put_batch, put_replicated, replicated,
 )
 from hocp_jax.training.state import TrainState
-from hocp_jax.training.step import INPUT_KEYS, make_eval_step, make_train_step, model_input
+from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
 FIT_REQUIRED = ("num_steps", "seed")
 FIT_OPTIONAL = dict(checkpoint_every=100, keep_checkpoints=3, log_every=10, eval_every=0,
-                    stage="train", async_checkpointing=True)
+                    best_metric="", stage="train", async_checkpointing=True)
 FIT_CHECKS = {
     "num_steps": (positive_int, "an int > 0"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
     "checkpoint_every": (positive_int, "an int > 0"),
-    "keep_checkpoints": (positive_int, "an int > 0"),
+    "keep_checkpoints": (lambda v: positive_int(v) and v >= 2,
+                         "an int >= 2 (a damaged latest checkpoint falls back to the previous one)"),
     "log_every": (positive_int, "an int > 0"),
     "eval_every": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0: only at the end)"),
+    "best_metric": (lambda v: isinstance(v, str), "a metric name of eval_fn's results, or '' (none)"),
     "stage": (lambda v: isinstance(v, str) and v != "", "a non-empty str"),
     "async_checkpointing": (lambda v: isinstance(v, bool), "a bool"),
 }
@@ -54,8 +61,9 @@ def _decode_iter_state(state: Any) -> Any:
 
 
 def _mean_metrics(pending: list[dict], step: int) -> dict:
-    """Host means of per-step metric dicts; raises NonFiniteError on NaN/Inf."""
-    means = {k: float(np.mean([host_value(m[k]) for m in pending])) for k in pending[0]}
+    """Host means of per-step metric dicts (one transfer); raises NonFiniteError on NaN/Inf."""
+    fetched = jax.device_get([{k: v.addressable_data(0) for k, v in m.items()} for m in pending])
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     bad = sorted(k for k, v in means.items() if not np.isfinite(v))
     if bad:
         raise NonFiniteError(
@@ -63,6 +71,29 @@ def _mean_metrics(pending: list[dict], step: int) -> dict:
             "without checkpointing; the last good checkpoint is kept."
         )
     return means
+
+
+class _Best:
+    """Keeps ``<workdir>/best`` = the checkpoint with the best ``metric`` seen by eval_fn
+    (minimised if its name contains "rmse" or "loss", else maximised)."""
+
+    def __init__(self, workdir: str, metric: str):
+        self.metric = metric
+        self.sign = -1.0 if ("rmse" in metric or "loss" in metric) else 1.0
+        self.ckpt = Checkpointer(os.path.join(workdir, "best"), save_every=1, keep=1, async_save=False)
+        extra = self.ckpt.restore_extra()
+        self.value = None if extra is None else extra["value"]
+
+    def update(self, state: TrainState, step: int, results: dict) -> None:
+        if self.metric not in results:
+            raise ValueError(f"best_metric={self.metric!r} is not among the eval metrics {sorted(results)}")
+        value = float(results[self.metric])
+        if self.value is None or self.sign * value > self.sign * self.value:
+            self.value = value
+            self.ckpt.save(state, {"metric": self.metric, "value": value, "step": step}, step=step, force=True)
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def fit(
@@ -89,14 +120,18 @@ def fit(
             epochs), deterministic, with grain-style ``get_state()`` / ``set_state(s)``
             (JSON-able or bytes) so the position is checkpointed.
         config: dict/ConfigDict with ``num_steps``, ``seed`` and optionally
-            ``checkpoint_every`` (100), ``keep_checkpoints`` (3), ``log_every`` (10),
-            ``eval_every`` (0 = only at the end), ``stage`` ("train"; a checkpoint of another
-            stage in ``workdir`` is an error), ``async_checkpointing`` (True).
-        workdir: checkpoints go to ``<workdir>/checkpoints``, logs to ``<workdir>/metrics.jsonl``.
+            ``checkpoint_every`` (100), ``keep_checkpoints`` (3, at least 2),
+            ``log_every`` (10), ``eval_every`` (0 = only at the end), ``best_metric`` (""; a
+            key of ``eval_fn``'s results: the best state so far is kept in
+            ``<workdir>/best``), ``stage`` ("train"; a checkpoint of another stage in
+            ``workdir`` is an error), ``async_checkpointing`` (True).
+        workdir: checkpoints go to ``<workdir>/checkpoints``, logs to ``<workdir>/metrics.jsonl``
+            (train lines also carry ``steps_per_s`` and ``eta_s``); held with a
+            :class:`~hocp_jax.training.distributed.WorkdirLock`.
         reg_fn: optional ``params -> scalar`` regulariser added to the loss.
         init_variables: start from these ``{"params", ["batch_stats"]}`` (e.g. a transduced
             model) instead of ``model.init`` with ``fold_in(key(seed), 0)``.
-        eval_fn: optional ``state -> dict of scalars`` (e.g. wrapping :func:`evaluate`),
+        eval_fn: optional ``state -> dict of scalars`` (e.g. wrapping :func:`make_evaluator`),
             logged under split "eval" every ``eval_every`` steps and at the end.
         mesh: default :func:`make_data_mesh` (all devices).
 
@@ -107,6 +142,7 @@ def fit(
         NonFiniteError: NaN/Inf in the logged metrics or in a state due for checkpointing.
         ValueError: bad config, an iterator without get_state/set_state, one that ends
             early, or a checkpoint of another stage in ``workdir``.
+        WorkdirInUseError: another live run holds ``workdir``.
     """
     validate_config(config, FIT_REQUIRED, FIT_OPTIONAL, checks=FIT_CHECKS)
     c = {**FIT_OPTIONAL, **dict(config)}
@@ -123,100 +159,117 @@ def fit(
     init_variables = jax.tree.map(np.array, dict(init_variables))
     state = put_replicated(TrainState.create(init_variables, tx, base_key), mesh)
 
+    lock = WorkdirLock(workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c["checkpoint_every"],
                         keep=c["keep_checkpoints"], async_save=c["async_checkpointing"])
-    extra = ckpt.restore_extra()
-    if extra is not None:
-        if extra["stage"] != c["stage"]:
-            raise ValueError(f"{workdir} holds checkpoints of stage {extra['stage']!r}, not "
+    with lock, ckpt:
+        try:
+            latest_extra = ckpt.restore_extra()
+        except Exception:  # unreadable: restore_latest below deals with it
+            latest_extra = None
+        if latest_extra is not None and latest_extra.get("stage") != c["stage"]:
+            raise ValueError(f"{workdir} holds checkpoints of stage {latest_extra.get('stage')!r}, not "
                              f"{c['stage']!r}: use a separate workdir per stage")
-        state, extra = ckpt.restore(state, ckpt.latest_step())
-        it.set_state(_decode_iter_state(extra["data_state"]))
-    extra_of = lambda: {  # noqa: E731
-        "stage": c["stage"],
-        "data_state": _encode_iter_state(it.get_state()),
-        "config": json.loads(json.dumps(c, default=str)),
-    }
+        start = 0
+        restored = ckpt.restore_latest(state)
+        if restored is not None:
+            state, extra = restored
+            it.set_state(_decode_iter_state(extra["data_state"]))
+            start = int(host_value(state.step))  # the one read of the device step
+        return _train(model, loss_fn, tx, reg_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh)
 
+
+def _train(model, loss_fn, tx, reg_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainState:
+    """The loop of :func:`fit` from step ``start`` (a host int) to ``c["num_steps"]``."""
     step_fn = jax.jit(
         make_train_step(model, loss_fn, tx, reg_fn),
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
-    start, num_steps, pending = host_value(state.step), c["num_steps"], []
-    with ckpt, MetricLogger(workdir) as logger, tqdm.tqdm(
-        total=num_steps, initial=start, desc=c["stage"], disable=jax.process_index() != 0
-    ) as bar:
-        for step in range(start + 1, num_steps + 1):
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise ValueError(f"the training iterator ended before step {step}; it must "
-                                 "repeat over epochs") from None
-            state, metrics = step_fn(state, put_batch(batch, mesh))
-            pending.append(metrics)
-            last = step == num_steps
-            if step % c["log_every"] == 0 or ckpt.is_due(step) or last:
-                means = _mean_metrics(pending, step)
-                pending = []
-                logger.write(step, means)
-                bar.set_postfix(loss=f"{means['loss']:.4g}")
-            ckpt.save(state, extra_of(), force=last)
-            if eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last):
-                logger.write(step, eval_fn(state), split="eval")
-            bar.update()
-        ckpt.wait()
+    extra_of = lambda: {  # noqa: E731
+        "stage": c["stage"],
+        "data_state": _encode_iter_state(it.get_state()),
+        "config": json.loads(json.dumps(c, default=str)),
+    }
+    best = _Best(workdir, c["best_metric"]) if c["best_metric"] else None
+    num_steps, pending = c["num_steps"], []
+    clock, clock_step = time.perf_counter(), start
+    try:
+        with MetricLogger(workdir, drop_after=start) as logger, tqdm.tqdm(
+            total=num_steps, initial=start, desc=c["stage"], disable=jax.process_index() != 0
+        ) as bar:
+            for step in range(start + 1, num_steps + 1):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise ValueError(f"the training iterator ended before step {step}; it must "
+                                     "repeat over epochs") from None
+                state, metrics = step_fn(state, put_batch(batch, mesh))
+                pending.append(metrics)
+                last = step == num_steps
+                due = ckpt.is_due(step) or last
+                if step % c["log_every"] == 0 or due:
+                    means = _mean_metrics(pending, step)
+                    pending = []
+                    now = time.perf_counter()
+                    rate = (step - clock_step) / max(now - clock, 1e-9)
+                    clock, clock_step = now, step
+                    logger.write(step, means | {"steps_per_s": rate, "eta_s": (num_steps - step) / rate})
+                    bar.set_postfix(loss=f"{means['loss']:.4g}")
+                if due:
+                    ckpt.save(state, extra_of(), step=step, force=last)
+                if eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last):
+                    results = eval_fn(state)
+                    logger.write(step, results, split="eval")
+                    if best is not None:
+                        best.update(state, step, results)
+                bar.update()
+            ckpt.wait()
+    finally:
+        if best is not None:
+            best.close()
     return state
 
 
-def evaluate(
-    eval_step: Callable,
-    state: TrainState,
-    batches: Iterable[dict],
-    metric_fn: Callable[[dict, dict], dict],
-    mesh: jax.sharding.Mesh,
-) -> dict:
-    """Runs ``eval_step`` over all ``batches`` and computes ``metric_fn`` on the full set.
+def make_evaluator(
+    model,
+    stats_fn: Callable[[dict, dict], Any],
+    merge_fn: Callable[[Any, Any], Any],
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable[[TrainState, Iterable[dict]], Any]:
+    """``evaluator(state, batches) -> stats``: streams ``batches`` through the model.
 
-    Batches of any size are padded to a multiple of the local device count and the padding
-    is dropped again, so metrics that do not decompose over batches (PCC, CCC) are exact.
-    Every process must pass the same number of batches.
-
-    Args:
-        eval_step: ``jax.jit(make_eval_step(model))``
-            (:func:`hocp_jax.training.step.make_eval_step`).
-        state: replicated TrainState.
-        batches: host batches (dicts of ``(B_local, ...)`` numpy arrays).
-        metric_fn: ``(outputs, batch) -> dict of scalars``; ``outputs`` are the model's
-            outputs and ``batch`` the batch leaves, all concatenated over the dataset
-            (global, ``(N, ...)`` numpy arrays). Model-input leaves are not included.
-        mesh: the mesh ``state`` lives on.
+    Each batch is padded to a multiple of the local device count, put on the mesh, and
+    reduced on the device to ``stats_fn(outputs, batch)`` (jittable, e.g.
+    :func:`hocp_jax.training.objectives.eval_stats`); ``merge_fn(a, b)`` (jittable) combines
+    them. Only the final stats come back to the host (numpy pytree), so a split of any size
+    needs the memory of a couple of batches. ``batch["mask"]`` (B,) is set to 0 on the padding
+    (multiplying a "mask" the batch already has); ``stats_fn`` must weight by it. Every
+    process must pass the same number of batches; stats are over the global batches.
     """
-    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    outs, targets = [], []
-    for batch in batches:
-        b = len(next(iter(batch.values())))
-        pad = -b % n_local
-        batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
-        batch["_valid"] = np.arange(b + pad) < b
-        gbatch = put_batch(batch, mesh)
-        out, kept = multihost_utils.process_allgather(
-            (eval_step(state, gbatch), {k: v for k, v in gbatch.items() if k not in INPUT_KEYS}),
-            tiled=True,
-        )
-        valid = kept.pop("_valid")
-        outs.append(jax.tree.map(lambda v: v[valid], out))
-        targets.append(jax.tree.map(lambda v: v[valid], kept))
-    if not outs:
-        raise ValueError("evaluate() got no batches")
-    concat = lambda trees: jax.tree.map(lambda *v: np.concatenate(v), *trees)  # noqa: E731
-    return metric_fn(concat(outs), concat(targets))
-
-
-def make_evaluate_fn(model, batches_fn: Callable[[], Iterable[dict]], metric_fn: Callable,
-                     mesh: jax.sharding.Mesh | None = None) -> Callable[[TrainState], dict]:
-    """``state -> metrics`` for :func:`fit`'s ``eval_fn``: :func:`evaluate` on ``batches_fn()``."""
     mesh = make_data_mesh() if mesh is None else mesh
-    eval_step = jax.jit(make_eval_step(model))
-    return lambda state: evaluate(eval_step, state, batches_fn(), metric_fn, mesh)
+    eval_step = make_eval_step(model)
+    stats_step = jax.jit(lambda state, batch: stats_fn(eval_step(state, batch), batch),
+                         out_shardings=replicated(mesh))
+    merge = jax.jit(merge_fn, out_shardings=replicated(mesh))
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+    def evaluator(state: TrainState, batches: Iterable[dict]) -> Any:
+        acc, previous = None, None
+        for batch in batches:
+            b = len(next(iter(batch.values())))
+            pad = -b % n_local
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
+            valid = (np.arange(b + pad) < b).astype(np.float32)
+            batch["mask"] = valid * batch["mask"] if "mask" in batch else valid
+            stats = stats_step(state, put_batch(batch, mesh))
+            acc = stats if acc is None else merge(acc, stats)
+            if previous is not None:  # at most two batches in flight: bounded device memory
+                jax.block_until_ready(previous)
+            previous = acc
+        if acc is None:
+            raise ValueError("the evaluator got no batches")
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), acc)
+
+    return evaluator

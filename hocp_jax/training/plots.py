@@ -2,7 +2,7 @@
 
 * :func:`plot_va_over_time` — predicted vs ground-truth valence/arousal along one test
   video, one panel per target (supplementary Fig. 2).
-* Loss curves: :func:`hocp_jax.training.logging.plot_metrics`; lambda sparsity per layer:
+* Loss curves: :func:`hocp_jax.training.metric_log.plot_metrics`; lambda sparsity per layer:
   :func:`hocp_jax.optim.plot_sparsity` (supplementary Fig. 3).
 """
 

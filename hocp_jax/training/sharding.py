@@ -6,15 +6,15 @@ computes means, batch-norm statistics and gradients over the GLOBAL batch (inser
 all-reduces itself), so a run on 8 devices gives the same numbers as on 1 device, up to
 float summation order.
 
-Multi-host: start the same program on every host, call :func:`maybe_initialize_distributed`
-first, let each host load only ITS part of the batch (``global_batch / process_count``
-examples; see ``jax.process_index()``), and :func:`put_batch` assembles the global array
-with ``jax.make_array_from_process_local_data``.
+Multi-host: start the same program on every host, call
+:func:`hocp_jax.training.distributed.maybe_initialize_distributed` first, let each host load
+only ITS part of the batch (``global_batch / process_count`` examples; see
+``jax.process_index()``), and :func:`put_batch` assembles the global array with
+``jax.make_array_from_process_local_data``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -22,35 +22,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-    """Initializes multi-process JAX if asked to; a no-op on a single host.
-
-    Multi-host runs either pass the arguments or export, on every host, before start:
-    ``JAX_COORDINATOR_ADDRESS=host0:1234`` plus ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
-    (read here and passed to ``jax.distributed.initialize``; on Cloud TPU, SLURM and Open
-    MPI jax detects the last two by itself). Must run before any other JAX call.
-
-    Returns:
-        True if ``jax.distributed`` is initialized after the call.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if coordinator_address is None:
-        return False
-    env = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
-        process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"),
-    )
-    return True
 
 
 def make_data_mesh(devices: list | None = None) -> Mesh:
@@ -77,9 +48,20 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (e.g. the TrainState) on every device of ``mesh``.
 
     Every process must pass the same values (true for a state built from the same seed
-    or restored from the same checkpoint).
+    or restored from the same checkpoint). With several processes each one fills its own
+    devices (``jax.device_put`` cannot address the others').
     """
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

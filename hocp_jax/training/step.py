@@ -19,14 +19,17 @@ INPUT_KEYS = ("video", "image")
 def model_input(batch: Batch, input_key: str | None = None) -> jax.Array:
     """The model input of ``batch``: ``batch[input_key]``, else "video" or "image".
 
-    Shapes: "image" ``(B, H, W, C)``, "video" ``(B, T, H, W, C)``.
+    Shapes: "image" ``(B, H, W, C)``, "video" ``(B, T, H, W, C)``. uint8 pixels (as the
+    input pipeline sends them, 4x fewer bytes than float32) are scaled to float32 in
+    ``[0, 1]`` here, inside the jitted step; float inputs pass unchanged.
     """
     key = input_key or next((k for k in INPUT_KEYS if k in batch), None)
     if key is None or key not in batch:
         raise ValueError(
             f"batch has no model input {input_key or INPUT_KEYS!r}; its keys are {sorted(batch)}"
         )
-    return batch[key]
+    x = batch[key]
+    return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
 
 
 def make_train_step(

@@ -6,7 +6,7 @@ a dependency, so TensorBoard logs are written only if the optional ``tensorboard
 package is importable (``pip install tensorboardX``; then ``tensorboard --logdir
 <workdir>``). Without it, render the curves with :func:`plot_metrics`::
 
-    python -c "from hocp_jax.training.logging import plot_metrics; \\
+    python -c "from hocp_jax.training.metric_log import plot_metrics; \\
                plot_metrics('<workdir>/metrics.jsonl', 'curves.png')"
 """
 
@@ -25,14 +25,29 @@ class MetricLogger:
     """Appends scalar metrics to ``<workdir>/metrics.jsonl`` (and TensorBoard if possible).
 
     Only process 0 writes. Use as a context manager or call :meth:`close`.
+
+    Args:
+        workdir: the folder of the file.
+        drop_after: a resumed run restarting after step ``drop_after`` first removes the
+            file's records of later steps (logged by the killed run, about to be redone), so
+            no step appears twice.
     """
 
-    def __init__(self, workdir: str, *, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", drop_after: int | None = None):
         self.path = os.path.join(workdir, filename)
         self.active = jax.process_index() == 0
         self._tb = None
         if self.active:
             os.makedirs(workdir, exist_ok=True)
+            if drop_after is not None and os.path.exists(self.path):
+                with open(self.path) as f:
+                    lines = [line for line in f if line.strip()]
+                kept = [line for line in lines if json.loads(line)["step"] <= drop_after]
+                if len(kept) < len(lines):
+                    tmp = self.path + ".tmp"
+                    with open(tmp, "w") as f:
+                        f.writelines(kept)
+                    os.replace(tmp, self.path)
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:

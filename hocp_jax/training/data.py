@@ -1,0 +1,66 @@
+"""Data access of one training stage: where a dataset lives and how it is batched."""
+
+from __future__ import annotations
+
+import os
+
+from hocp_jax.data import pipeline
+from hocp_jax.training.config import positive_int, validate_config
+
+DATA_REQUIRED = ("static", "data_dir", "batch_size", "eval_batch_size", "eval_split")
+DATA_OPTIONAL = dict(video="", manual_dir="", val_split="", read_threads=1, prefetch=2, workers=0)
+_non_negative = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
+DATA_CHECKS = {
+    "batch_size": (positive_int, "an int > 0"),
+    "eval_batch_size": (positive_int, "an int > 0"),
+    "read_threads": (positive_int, "an int > 0"),
+    "prefetch": _non_negative,
+    "workers": _non_negative,
+}
+
+
+def _manual_dir(root: str | None, name: str) -> str | None:
+    """``<root>/<dataset name>`` when that folder exists (jobs with two real datasets, e.g.
+    AffectNet -> AFEW-VA), else ``root`` itself; ``None`` for an empty root."""
+    if not root:
+        return None
+    sub = os.path.join(root, name.split("/")[0])
+    return sub if os.path.isdir(sub) else root
+
+
+class Data:
+    """Dataset ``name`` read as ``cfg`` (``config.data``) says; one per stage.
+
+    Raises:
+        ValueError: a bad ``config.data`` value (e.g. ``batch_size=0``), naming it.
+    """
+
+    def __init__(self, cfg, name: str):
+        validate_config(cfg, DATA_REQUIRED, DATA_OPTIONAL, checks=DATA_CHECKS, name="config.data")
+        self.name, self.cfg = name, cfg
+        self.data_dir = cfg.data_dir
+        self.manual_dir = _manual_dir(cfg.get("manual_dir"), name)
+
+    def _opt(self, key: str):
+        return self.cfg.get(key, DATA_OPTIONAL[key])
+
+    def source(self, split: str):
+        return pipeline.data_source(self.name, split, self.data_dir, manual_dir=self.manual_dir)
+
+    def train_iter(self, seed: int):
+        return pipeline.train_iterator(
+            self.name, "train", self.data_dir, batch_size=self.cfg.batch_size, seed=seed,
+            manual_dir=self.manual_dir, read_threads=self._opt("read_threads"),
+            prefetch=self._opt("prefetch"), workers=self._opt("workers"))
+
+    def eval_batches(self, split: str):
+        """One pass over ``split`` in padded batches with a "mask" (a generator: streams)."""
+        return pipeline.eval_batches(self.name, split, self.data_dir, batch_size=self.cfg.eval_batch_size,
+                                     manual_dir=self.manual_dir)
+
+    def label_counts(self) -> list[int]:
+        """Examples per class in the training split (labels only, no image is decoded)."""
+        return pipeline.label_counts(self.name, "train", self.data_dir, manual_dir=self.manual_dir)
+
+    def steps_per_epoch(self) -> int:
+        return pipeline.steps_per_epoch(self.source("train"), batch_size=self.cfg.batch_size)

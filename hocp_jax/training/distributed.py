@@ -1,0 +1,145 @@
+"""Several processes: starting ``jax.distributed``, and one run per workdir.
+
+* :func:`maybe_initialize_distributed` -- call first: initializes ``jax.distributed`` when
+  the environment says there are several processes (explicit ``JAX_COORDINATOR_ADDRESS``,
+  or a SLURM / Open MPI / MPICH job of several tasks, or a multi-host Cloud TPU), else does
+  nothing.
+* :class:`WorkdirLock` -- refuses a second, independent run writing the same workdir (e.g.
+  the same command started on N hosts without ``jax.distributed``: N processes that each
+  believe they are process 0 of 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import jax
+
+# environment variable -> (cluster, number of processes) when several processes run
+CLUSTER_SIZE_VARS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI", "PMI_SIZE": "MPICH"}
+
+
+def detected_cluster() -> str | None:
+    """Name of the multi-process launcher in the environment, or None (one process)."""
+    for var, name in CLUSTER_SIZE_VARS.items():
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return name
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return "Cloud TPU"
+    return None
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Initializes multi-process JAX when there are several processes; a no-op otherwise.
+
+    Explicit: pass the arguments, or export ``JAX_COORDINATOR_ADDRESS=host0:1234`` (plus
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` where no launcher sets them) on every host.
+    Automatic: under SLURM (``srun``, several tasks), Open MPI / MPICH (``mpirun -n N``) and
+    on multi-host Cloud TPU, ``jax.distributed.initialize()`` detects everything itself. On
+    CPU the cross-process collectives are gloo (jax's default). Must run before any other
+    JAX call.
+
+    Returns:
+        True if ``jax.distributed`` is initialized after the call.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    env = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
+    if coordinator_address is not None:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
+            process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"),
+        )
+        return True
+    if detected_cluster() is not None:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another run is writing the workdir."""
+
+
+class WorkdirLock:
+    """``<workdir>/run.lock``: JSON ``{host, pid, process_count, started}`` held by process 0.
+
+    While held, a daemon thread touches the file every ``heartbeat_s`` seconds. Entering
+    raises :class:`WorkdirInUseError` when the lock belongs to another run that is alive: a
+    live process on this host, or (on another host, where liveness cannot be checked) a file
+    touched less than ``stale_s`` seconds ago. A lock of a killed run (dead pid on this host,
+    or stale) is taken over, so resuming after ``kill -9`` just works. Processes other than
+    0 of a ``jax.distributed`` run do nothing (process 0 speaks for the run).
+    """
+
+    def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 120.0):
+        self.path = os.path.join(workdir, "run.lock")
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _owner_alive(self, owner: dict) -> bool:
+        if owner.get("host") == socket.gethostname():
+            if owner.get("pid") == os.getpid():
+                return True  # a second run in this very process
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except (ProcessLookupError, KeyError, ValueError, TypeError):
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - os.path.getmtime(self.path) < self.stale_s
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "process_count": jax.process_count(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(self.path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = {}
+            if owner and self._owner_alive(owner):
+                raise WorkdirInUseError(
+                    f"{os.path.dirname(self.path)} is in use by another run ({owner}); start each "
+                    "host's process under one jax.distributed run (see README, several hosts), or "
+                    f"use another workdir. If no such run is alive, delete {self.path}.") from None
+            fd = os.open(self.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)  # a dead run's lock
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass

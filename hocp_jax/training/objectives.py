@@ -1,0 +1,126 @@
+"""What the jobs optimise and measure: training losses and streaming evaluation statistics.
+
+* :func:`loss_fn` / :func:`make_loss`: ``(outputs, batch, key) -> (loss, metrics)`` for
+  ``config.loss.kind``.
+* :func:`eval_stats` (jittable, one batch) -> :func:`merge_stats` (jittable, two partial
+  results) -> :func:`finalize_stats` (host, the whole split): RMSE/SAGR/PCC/CCC per target
+  from :class:`hocp_jax.metrics.AffectStats`, categorical metrics from a confusion matrix.
+  Nothing per example is kept, so a split of any size streams through.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hocp_jax import contrastive, losses, metrics
+from hocp_jax.models import bregnet
+
+TARGETS = ("valence", "arousal")
+LOSSES = ("affect", "bregnet", "avce")
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """``(B, [T,] k) -> (B*T, k)``."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _per_frame(per_clip: jax.Array, n_frames: int) -> jax.Array:
+    """``(B,)`` clip values repeated over the ``n_frames // B`` frames of each clip."""
+    return jnp.repeat(per_clip, n_frames // per_clip.shape[0])
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def loss_fn(outputs: dict, batch: dict, key: jax.Array, *, cfg) -> tuple[jax.Array, dict]:
+    """Shake-shake affect loss on ``va`` (+ ``ce_weight`` x class-weighted CE on ``logits``).
+
+    Video outputs ``(B, T, k)`` are flattened to frames; a clip label ``(B,)`` is repeated
+    over its frames.
+    """
+    total, terms = jnp.zeros(()), {}
+    if "va" in outputs and cfg.va_weight > 0:
+        kw = {"key": key} if cfg.shake_shake else {"weights": tuple(cfg.weights)}
+        total, terms = losses.affect_loss(_flat(batch["va"]), _flat(outputs["va"]), **kw)
+        total = cfg.va_weight * total
+    if "logits" in outputs and cfg.ce_weight > 0:
+        logits = _flat(outputs["logits"])
+        weights = jnp.asarray(cfg.class_weights) if cfg.get("class_weights") else None
+        ce = losses.cross_entropy(logits, _per_frame(batch["label"], logits.shape[0]), class_weights=weights)
+        terms["ce"] = ce
+        total = total + cfg.ce_weight * ce
+    return total, terms
+
+
+def make_loss(config, label_counts: Callable[[], list[int]]) -> Callable:
+    """``loss_fn(outputs, batch, key)`` for ``config.loss.kind`` (one of ``LOSSES``).
+
+    ``affect``: :func:`loss_fn`; ``bregnet``: class-weighted CE (H_ii = f_min / f_i from
+    ``loss.class_counts``, else ``label_counts()``, the training split's counts) + MSE on
+    valence/arousal; ``avce``: :func:`hocp_jax.contrastive.make_avce_loss` with ``loss.avce``.
+    """
+    kind = config.loss.get("kind", "affect")
+    if kind == "affect":
+        return functools.partial(loss_fn, cfg=config.loss)
+    if kind == "bregnet":
+        weights = None
+        if config.loss.class_weighted:
+            counts = list(config.loss.get("class_counts", [])) or label_counts()
+            weights = losses.class_weights(np.asarray(counts))
+        return functools.partial(bregnet.bregnet_loss, class_weights=weights, va_weight=config.loss.va_weight)
+    if kind == "avce":
+        return contrastive.make_avce_loss(**dict(config.loss.avce))
+    raise ValueError(f"config.loss.kind={kind!r}: expected one of {LOSSES}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_stats(outputs: dict, batch: dict) -> dict:
+    """Statistics of one batch (jittable): ``{"va": AffectStats (2,), "cm": (C, C)}``.
+
+    ``batch["mask"]`` ``(B,)`` (optional) weights the clips/images; padding has 0.
+    """
+    out, mask = {}, batch.get("mask")
+    if "va" in outputs and "va" in batch:
+        y, p = _flat(batch["va"]), _flat(outputs["va"])
+        out["va"] = metrics.affect_stats(y, p, None if mask is None else _per_frame(mask, y.shape[0]))
+    if "logits" in outputs and "label" in batch:
+        logits = _flat(outputs["logits"])
+        labels = _per_frame(batch["label"], logits.shape[0])
+        m = None if mask is None else _per_frame(mask, logits.shape[0])
+        out["cm"] = metrics.confusion_matrix(labels, jnp.argmax(logits, -1), logits.shape[-1], mask=m)
+    return out
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    """Statistics of the union of two disjoint sets (jittable)."""
+    out = {"va": metrics.merge(a["va"], b["va"])} if "va" in a else {}
+    return out | ({"cm": a["cm"] + b["cm"]} if "cm" in a else {})
+
+
+def finalize_stats(stats: dict, skew_repeats: int = 0) -> dict[str, float]:
+    """RMSE/SAGR/PCC/CCC per target (``valence_ccc``, ...), categorical metrics
+    (``class_accuracy``, ...) and, with ``skew_repeats``, their skew-normalised versions
+    (``skew_...``, over that many class-balanced under-samples)."""
+    out = {}
+    if "va" in stats:
+        for name, values in metrics.finalize(stats["va"]).items():
+            out |= {f"{t}_{name}": float(v) for t, v in zip(TARGETS, np.atleast_1d(values))}
+    if "cm" in stats:
+        cm = np.asarray(stats["cm"])
+        out |= {f"class_{k}": float(v) for k, v in metrics.classification_metrics(cm).items() if np.ndim(v) == 0}
+        if skew_repeats:
+            skew = metrics.skew_normalized_from_cm(cm, n_repeats=skew_repeats)
+            out |= {f"skew_{k}": float(v) for k, v in skew.items() if np.ndim(v) == 0}
+    return out
+
+
+def metric_fn(outputs: dict, batch: dict, *, skew_repeats: int = 0) -> dict[str, float]:
+    """:func:`finalize_stats` of one batch's :func:`eval_stats` (e.g. in a notebook)."""
+    return finalize_stats(jax.device_get(eval_stats(outputs, batch)), skew_repeats)

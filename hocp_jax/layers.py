@@ -9,6 +9,10 @@
 * :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form).
 * :class:`TRL` — tensor regression layer (CP or Tucker weight, never materialised).
 
+Mixed precision as in Flax: every layer takes ``dtype`` (computation; ``None`` = promote the
+input and parameter dtypes) and ``param_dtype`` (storage, default float32); e.g.
+``dtype=jnp.bfloat16`` computes in bfloat16 from float32 parameters.
+
 Parameter names follow the convention of :mod:`hocp_jax.conv` (``lambda``, ``factor_in``,
 ``factor_out``, ``factor_<mode>``, ``factor_skip``, ``bias``); Psi sub-modules are named
 ``bn_<stage>`` / ``prelu_<stage>`` with stage ``in`` or a spatial mode name.
@@ -21,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,15 +59,25 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...]) -> jax.Ar
         raise ValueError(
             f"params['{name}'] of layer '{module.name}': stored shape {got} does not fit the input; expected {tuple(shape)}"
         )
-    return module.param(name, init, shape, jnp.float32)
+    return module.param(name, init, shape, module.param_dtype)
+
+
+def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
+    """``x`` and ``params`` cast to the module's computation dtype (``flax.linen.dtypes.promote_dtype``)."""
+    x, *values = promote_dtype(x, *params.values(), dtype=module.dtype)
+    return x, dict(zip(params, values))
 
 
 class PReLU(nn.Module):
     """Channel-wise PReLU ``max(0, x) + alpha * min(0, x)`` with ``alpha`` init 0.25."""
 
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x):
-        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), x.dtype)
+        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), self.param_dtype)
+        x, alpha = promote_dtype(x, alpha, dtype=self.dtype)
         return jnp.where(x >= 0, x, alpha * x)
 
 
@@ -86,7 +101,10 @@ class CPConv(nn.Module):
       skip: add the skip factor ``U^(S)`` (HO-CP conv-S).
       use_bias: add a bias.
       implementation: passed to :func:`hocp_jax.conv.cp_conv` (reconstructed needs psi=None).
+      input_grad: False for a network's first layer (its input is the data, never
+        differentiated); informs ``implementation="auto"`` (:func:`hocp_jax.conv.cp_conv`).
       gain: variance gain of the equivalent dense kernel (2 = He).
+      dtype, param_dtype: computation and parameter dtypes (module docstring).
     """
 
     features: int
@@ -106,7 +124,10 @@ class CPConv(nn.Module):
     skip: bool = False
     use_bias: bool = False
     implementation: str = "factorized"
+    input_grad: bool = True
     gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def _spatial(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         if self.spatial_modes is not None:
@@ -174,18 +195,22 @@ class CPConv(nn.Module):
             if stage not in psi_at:
                 return h
             if self.psi.startswith("bn_"):
-                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{stage}")(h)
-            return PReLU(name=f"prelu_{stage}")(h) if self.psi.endswith("prelu") else nn.relu(h)
+                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f"bn_{stage}")(h)
+            if self.psi.endswith("prelu"):
+                return PReLU(dtype=self.dtype, param_dtype=self.param_dtype, name=f"prelu_{stage}")(h)
+            return nn.relu(h)
 
         strides = (self.temporal_stride,) * len(temporal) + _tuple(self.stride, len(spatial), "stride")
         dilation = (1,) * len(temporal) + _tuple(self.dilation, len(spatial), "dilation")
         sp_pad = self.padding if isinstance(self.padding, (str, int)) else tuple(self.padding)
         padding = (self.temporal_padding,) * len(temporal) + (
             (sp_pad,) * len(spatial) if isinstance(sp_pad, (str, int)) else sp_pad)
+        x, params = _promote(self, x, params)
         return conv.cp_conv(
             x, params, modes=temporal + spatial, stride=strides, padding=padding, dilation=dilation,
             implementation=self.implementation, psi=psi if self.psi else None,
-            mode_order=(spatial + temporal) if self.psi else None,
+            mode_order=(spatial + temporal) if self.psi else None, input_grad=self.input_grad,
         )
 
 
@@ -200,6 +225,8 @@ class TuckerConv(nn.Module):
     padding: PaddingLike = "SAME"
     implementation: str = "factorized"
     gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -215,6 +242,7 @@ class TuckerConv(nn.Module):
             "core": _param(self, "core", normal, ks + (r_in, r_out)),
             "factor_out": _param(self, "factor_out", normal, (self.features, r_out)),
         }
+        x, params = _promote(self, x, params)
         return conv.tucker_conv(x, params, stride=self.stride, padding=self.padding, implementation=self.implementation)
 
 
@@ -227,6 +255,8 @@ class SeparableConv(nn.Module):
     rank: int | None = None
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -234,11 +264,12 @@ class SeparableConv(nn.Module):
         c_in = x.shape[-1]
         rank = self.rank or c_in
         params = {
-            "depthwise": self.param("depthwise", nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1), ks + (rank,), jnp.float32),
-            "factor_out": self.param("factor_out", nn.initializers.lecun_normal(in_axis=1, out_axis=0), (self.features, rank), jnp.float32),
+            "depthwise": self.param("depthwise", nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1), ks + (rank,), self.param_dtype),
+            "factor_out": self.param("factor_out", nn.initializers.lecun_normal(in_axis=1, out_axis=0), (self.features, rank), self.param_dtype),
         }
         if self.rank is not None:
-            params["factor_in"] = self.param("factor_in", nn.initializers.lecun_normal(), (c_in, rank), jnp.float32)
+            params["factor_in"] = self.param("factor_in", nn.initializers.lecun_normal(), (c_in, rank), self.param_dtype)
+        x, params = _promote(self, x, params)
         return conv.separable_conv(x, params, stride=self.stride, padding=self.padding)
 
 
@@ -255,6 +286,8 @@ class TRL(nn.Module):
     rank: int | Sequence[int] = 16
     decomposition: str = "cp"
     n_modes: int = 3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -279,4 +312,5 @@ class TRL(nn.Module):
         else:
             raise ValueError(f"decomposition={self.decomposition!r}: expected 'cp' or 'tucker'")
         params["bias"] = _param(self, "bias", nn.initializers.zeros, (self.features,))
+        x, params = _promote(self, x, params)
         return regression.trl(x, params, n_modes=self.n_modes)

@@ -8,7 +8,6 @@ ResNet-18, interleaved in one process. Prints medians and ratios as JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -19,26 +18,22 @@ import numpy as np
 import optax
 
 from benchmarks.bench import _loss_fn, compile_jax, time_interleaved
-from hocp_jax.layers import CPConv
 from hocp_jax.models import get_model
-from hocp_jax.models.common import DenseConv
-from hocp_jax.models.resnet import ResNet
+from hocp_jax.models.resnet import ResNet, hocp_factory
 from hocp_jax.training import TrainState, make_train_step
 
 
-def _stem_with_input_grad(features, kernel, stride, *, name, in_features, block_in, psi=None, shortcut="dense",
-                          implementation="auto", **dt):
-    del in_features, block_in
-    if kernel == 1 and shortcut == "dense":
-        return DenseConv(features, (1, 1), (stride, stride), name=name, **dt)
-    return CPConv(features, kernel, stride=stride, padding=kernel // 2, psi=psi, implementation=implementation,
-                  input_grad=True, name=name, **dt)
-
-
 class ResNetStemWithInputGrad(ResNet):
+    """The HO-CP ResNet with its stem treated like an inner layer (``input_grad=True``, the
+    previous behaviour): :func:`hocp_factory` sets ``input_grad=False`` for a conv named
+    ``"stem"`` only, so the stem is built under another name (parameter names do not matter here)."""
+
     def factory(self):
-        return functools.partial(_stem_with_input_grad, psi=self.psi, shortcut=self.shortcut,
-                                 implementation=self.implementation)
+        def make(*args, name, **kwargs):
+            return hocp_factory(*args, name="stem_with_input_grad" if name == "stem" else name, psi=self.psi,
+                                shortcut=self.shortcut, implementation=self.implementation, **kwargs)
+
+        return make
 
 
 def step_call(model, shape):

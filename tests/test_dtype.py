@@ -51,6 +51,10 @@ def test_layer_bf16_close_to_float32_and_params_stay_float32(i):
 
 @pytest.mark.parametrize("name,shape,out", [("resnet18_hocp", (2, 32, 32, 3), "va"),
                                             pytest.param("jester_hocp", (2, 16, 16, 16, 3), "logits",
+                                                         marks=pytest.mark.slow),
+                                            pytest.param("mobilenet_v2_hocp", (2, 32, 32, 3), "logits",
+                                                         marks=pytest.mark.slow),
+                                            pytest.param("bregnet39_hocp", (2, 32, 32, 3), "logits",
                                                          marks=pytest.mark.slow)])
 def test_model_bf16_train_update_keeps_float32_params(name, shape, out):
     kwargs = {"head": {"n_outputs": 0, "n_classes": 5}} if out == "logits" else {}

@@ -57,7 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax import conv, counting
+from benchmarks import peers
+from hocp_jax import autotune, conv, counting
 from hocp_jax.padding import as_tuple, resolve_padding
 
 PATHS = ("dense", "factorized", "reconstructed", "auto")
@@ -82,6 +83,7 @@ class ConvCase:
     rank: int
     stride: tuple[int, ...] | int = 1
     padding: Any = 1
+    input_grad: bool = True  # False for a network's first layer: a train step never needs d loss / d images
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -102,7 +104,7 @@ def jester_cases(quick: bool) -> list[ConvCase]:
         if quick:
             ci, co, s = max(ci // 8, 3), co // 8, (max(s[0] // 2, 2),) + tuple(max(v // 4, 4) for v in s[1:])
         out.append(ConvCase("jester", f"conv{i + 1} ({ci}->{co})@{'x'.join(map(str, s))}", 2 if quick else 8,
-                            s, ci, co, (3, 3, 3), 6 * ci))
+                            s, ci, co, (3, 3, 3), 6 * ci, input_grad=i > 0))
     return out
 
 
@@ -168,37 +170,35 @@ def xla_flops(fn: Callable, *args) -> float | None:
     return float(ca["flops"]) if ca and "flops" in ca else None
 
 
-def time_interleaved(fns: dict[str, tuple[Callable, tuple]], repeats: int, budget_s: float) -> dict[str, dict]:
-    """Compiles and warms up every ``fn(*args)``, then times them in interleaved, rotated rounds.
+def compile_jax(fn: Callable, *args) -> tuple[Callable[[], Any], float]:
+    """``(call, compile_s)``: ``call()`` runs the compiled ``jax.jit(fn)(*args)`` to completion."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return (lambda: jax.block_until_ready(compiled(*args))), time.perf_counter() - t0
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, dict]:
+    """Warms up every zero-argument ``call`` once, then times them in interleaved, rotated rounds.
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
-    (at least 3 rounds unless ``repeats`` < 3). Returns ``{name: {"median_ms", "times_ms", "compile_s"}}``.
+    (at least 3 rounds unless ``repeats`` < 3). Returns ``{name: {"median_ms", "times_ms"}}``.
     """
-    out = {}
-    for name, (fn, args) in fns.items():
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        jax.block_until_ready(compiled(*args))  # warm-up
-        out[name] = {"compiled": compiled, "args": args, "times_ms": [], "compile_s": round(compile_s, 3)}
-    spent, names = 0.0, list(out)
+    for call in calls.values():
+        call()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    spent, names = 0.0, list(calls)
     for rnd in range(repeats):
         # rotate the order each round, so no path always runs right after the same other one
         # (a path timed after one with large buffers reads systematically slower)
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            entry = out[name]
             t0 = time.perf_counter()
-            jax.block_until_ready(entry["compiled"](*entry["args"]))
+            calls[name]()
             dt = time.perf_counter() - t0
-            entry["times_ms"].append(1e3 * dt)
+            times[name].append(1e3 * dt)
             spent += dt
         if rnd + 1 >= min(3, repeats) and spent > budget_s:
             break
-    return {
-        name: {"median_ms": statistics.median(e["times_ms"]), "times_ms": [round(t, 2) for t in e["times_ms"]],
-               "compile_s": e["compile_s"]}
-        for name, e in out.items()
-    }
+    return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t]} for name, t in times.items()}
 
 
 def _normal(rng: np.random.Generator, shape, std: float) -> jax.Array:
@@ -229,13 +229,15 @@ def conv_fns(case: ConvCase) -> dict[str, Callable]:
         return conv.dense_conv(x, k, stride=st, padding=pad)
 
     def cp(impl):
-        return lambda x, p: conv.cp_conv(x, p, modes=modes, stride=st, padding=pad, implementation=impl)
+        return lambda x, p: conv.cp_conv(x, p, modes=modes, stride=st, padding=pad, implementation=impl,
+                                         input_grad=case.input_grad)
 
     return {"dense": dense} | {impl: cp(impl) for impl in CP_PATHS}
 
 
-def fwd_bwd(fn: Callable) -> Callable:
-    return jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w)), argnums=(0, 1))
+def fwd_bwd(fn: Callable, input_grad: bool) -> Callable:
+    """``value_and_grad`` of ``sum(fn(x, w))`` w.r.t. ``w`` and, if ``input_grad``, ``x``."""
+    return jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w)), argnums=(0, 1) if input_grad else 1)
 
 
 def analytic(case: ConvCase) -> dict[str, Any]:
@@ -255,16 +257,22 @@ def analytic(case: ConvCase) -> dict[str, Any]:
     }
 
 
-def run_conv_case(case: ConvCase, repeats: int, budget_s: float) -> dict[str, Any]:
+def run_conv_case(case: ConvCase, repeats: int, budget_s: float, with_peers: bool) -> dict[str, Any]:
     x, kernel, params = make_inputs(case)
     fns = conv_fns(case)
     weights = {p: (kernel if p == "dense" else params) for p in PATHS}
-    timing = time_interleaved({p: (fwd_bwd(fns[p]), (x, weights[p])) for p in PATHS}, repeats, budget_s)
+    calls, compile_s = {}, {}
+    for p in PATHS:
+        calls[p], compile_s[p] = compile_jax(fwd_bwd(fns[p], case.input_grad), x, weights[p])
+    if with_peers:
+        calls |= peers.conv_peers(case)
+    timing = time_interleaved(calls, repeats, budget_s)
     ana = analytic(case)
     strides, pads = case.geometry()
-    choice = conv.choose_cp_implementation(x.shape, params, case.modes, stride=strides, padding=pads)
+    choice = autotune.choose_cp(x.shape, x.dtype, params, case.modes, strides, pads, (1,) * len(strides),
+                                case.input_grad)
     xla = {p: xla_flops(fns[p], x, weights[p]) for p in ("dense", "factorized", "reconstructed")}
-    ms = {p: timing[p]["median_ms"] for p in PATHS}
+    ms = {p: timing[p]["median_ms"] for p in calls}
     best = min(ms["factorized"], ms["reconstructed"])
     return {
         "group": case.group,
@@ -273,8 +281,9 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float) -> dict[str, An
                   "kernel": list(case.kernel), "rank": case.rank, "stride": list(strides),
                   "padding": [list(p) for p in pads], "modes": list(case.modes)},
         "ms": ms,
-        "times_ms": {p: timing[p]["times_ms"] for p in PATHS},
-        "compile_s": {p: timing[p]["compile_s"] for p in PATHS},
+        "input_grad": case.input_grad,
+        "times_ms": {p: timing[p]["times_ms"] for p in calls},
+        "compile_s": {p: round(v, 3) for p, v in compile_s.items()},
         "auto_choice": choice,
         "measured_best": "factorized" if ms["factorized"] <= ms["reconstructed"] else "reconstructed",
         "ratios": {
@@ -282,7 +291,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float) -> dict[str, An
             "reconstructed/dense": ms["reconstructed"] / ms["dense"],
             "auto/dense": ms["auto"] / ms["dense"],
             "auto/best": ms["auto"] / best,
-        },
+        } | (peer_ratios(ms) if with_peers else {}),
         "xla_flops_fwd": xla,
         "analytic_flops_fwd": ana["flops"],
         "xla/analytic": {p: (xla[p] / ana["flops"][p] if xla[p] else None) for p in xla},
@@ -292,8 +301,16 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float) -> dict[str, An
     }
 
 
+def peer_ratios(ms: dict[str, float]) -> dict[str, float]:
+    """hocp-jax auto vs the peers (same shapes, same protocol)."""
+    tl_best = min(ms["tltorch cp reconstructed"], ms["tltorch cp factorized"])
+    return {"auto/torch dense": ms["auto"] / ms["torch dense"], "auto/tltorch best": ms["auto"] / tl_best,
+            "dense/torch dense": ms["dense"] / ms["torch dense"]}
+
+
 def stack_total(rows: list[dict]) -> dict[str, Any]:
-    ms = {p: sum(r["ms"][p] for r in rows) for p in PATHS}
+    names = [p for p in rows[0]["ms"] if all(p in r["ms"] for r in rows)]
+    ms = {p: sum(r["ms"][p] for r in rows) for p in names}
     oracle = sum(min(r["ms"]["factorized"], r["ms"]["reconstructed"]) for r in rows)
     flops = {p: sum(r["analytic_flops_fwd"][p] for r in rows) for p in ("dense", "factorized", "reconstructed")}
     xla = {p: sum(r["xla_flops_fwd"][p] or 0.0 for r in rows) for p in flops}
@@ -306,7 +323,7 @@ def stack_total(rows: list[dict]) -> dict[str, Any]:
             "auto/dense": ms["auto"] / ms["dense"],
             "auto/best": ms["auto"] / min(ms["factorized"], ms["reconstructed"]),
             "auto/per_layer_best": ms["auto"] / oracle,
-        },
+        } | (peer_ratios(ms) if "torch dense" in ms else {}),
         "analytic_flops_fwd": flops,
         "xla_flops_fwd": xla,
         "xla/analytic": {p: xla[p] / flops[p] for p in flops},
@@ -361,7 +378,8 @@ def _loss_fn(target: str):
     return loss_fn
 
 
-def run_model_case(case: ModelCase, repeats: int, budget_s: float) -> dict[str, Any]:
+def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """``(call, row)``: a compiled train step of ``case`` and its result row without timings."""
     import optax
 
     from hocp_jax import transduction
@@ -388,8 +406,8 @@ def run_model_case(case: ModelCase, repeats: int, budget_s: float) -> dict[str, 
     tx = optax.sgd(1e-3, momentum=0.9)
     state = TrainState.create(variables, tx, key)
     step = make_train_step(model, _loss_fn(case.target), tx)
-    timing = time_interleaved({"step": (step, (state, batch))}, repeats, budget_s)["step"]
-    return {
+    call, compile_s = compile_jax(step, state, batch)
+    return call, {
         "name": case.name,
         "model": case.model,
         "input_shape": list(case.input_shape),
@@ -397,11 +415,17 @@ def run_model_case(case: ModelCase, repeats: int, budget_s: float) -> dict[str, 
         "transduced": case.transduce_from is not None,
         "reference": case.reference,
         "params": count_params(variables["params"]),
-        "ms": timing["median_ms"],
-        "times_ms": timing["times_ms"],
-        "compile_s": timing["compile_s"],
+        "compile_s": round(compile_s, 3),
         "xla_flops_step": xla_flops(step, state, batch),
     }
+
+
+def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float) -> list[dict[str, Any]]:
+    """Train steps of ``cases`` (a model and its reference) timed interleaved in the same rounds."""
+    prepared = {c.name: prepare_model_case(c) for c in cases}
+    timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s)
+    return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"]}
+            for name, (_, row) in prepared.items()]
 
 
 # ----------------------------------------------------------------------------- report
@@ -449,23 +473,57 @@ def model_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def peer_table(rows: list[dict], total: dict | None) -> list[str]:
+    cols = ["dense"] + list(PATHS[1:]) + list(peers.PEERS)
+    lines = ["| layer | dx | JAX dense | hocp fact | hocp recon | hocp auto | torch dense | tltorch CP recon "
+             "| tltorch CP fact | auto/JAX dense | auto/torch dense | auto/tltorch best |",
+             "|---|---|" + "---:|" * (len(cols) + 3)]
+    for r, bold in [(r, False) for r in rows] + ([(total, True)] if total else []):
+        ms, ra = r["ms"], r["ratios"]
+        cells = [f"{ms[c]:.1f}" for c in cols] + [f"{ra['auto/dense']:.2f}", f"{ra['auto/torch dense']:.2f}",
+                                                 f"{ra['auto/tltorch best']:.2f}"]
+        if bold:
+            lines.append("| **stack total** | | " + " | ".join(f"**{c}**" for c in cells) + " |")
+        else:
+            lines.append(f"| {r['name']} | {'yes' if r['input_grad'] else 'no'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+PROTOCOL = (
+    "Protocol: one jitted call = forward + `sum()` + gradients w.r.t. every weight and, for every layer but a "
+    "network's first (column `dx`), w.r.t. its input, as in a training step: nobody differentiates w.r.t. "
+    "the network's input images, so the first Jester layer (3->64) gets parameter gradients only. Times are "
+    "medians of rounds in which all paths of a layer (and the peers) run interleaved, in a rotated order, in one "
+    "process; ratios between paths of a row are the meaningful figures on a shared machine. `auto (pick)`: the "
+    "path `implementation='auto'` chose, ✗ if the other path measured faster. `auto/best` = auto / "
+    "min(factorized, reconstructed). FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
+    "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
+    "below 1 there."
+)
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
+    load = ", ".join(f"{v:.1f}" for v in m["loadavg_at_start"] or ())
+    load_end = ", ".join(f"{v:.1f}" for v in m.get("loadavg_at_end") or ())
     out = [
         "# hocp-jax benchmarks",
         "",
         f"Generated by `python -m benchmarks.bench{' --quick' if results['quick'] else ''}` on {m['date']}: "
-        f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, load average at start "
-        f"{', '.join(f'{v:.1f}' for v in m['loadavg_at_start'] or ())}), {m['platform']} / {m['device_kind']}, "
-        f"jax {m['jax']}, float32. Total run time {results['wall_s']:.0f} s.",
+        f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, load average {load} at start, "
+        f"{load_end} at end), {m['platform']} / {m['device_kind']}, jax {m['jax']}, float32, `auto` policy "
+        f"`{results['autotune']}`. Total run time {results['wall_s']:.0f} s.",
         "",
-        "Times are medians of interleaved repeats of one jitted fwd+bwd call (value and gradients w.r.t. "
-        "input and weights), in ms. `auto (pick)`: the path `implementation='auto'` chose, ✗ if the other path "
-        "measured faster. `auto/best` = auto / min(factorized, reconstructed). FLOP columns: XLA "
-        "`cost_analysis()` forward FLOPs / analytic forward count (`hocp_jax.counting`); XLA does not count "
-        "padded taps of a dense conv, so small padded sizes read below 1 there.",
+        PROTOCOL,
         "",
     ]
+    if results.get("peers"):
+        out += [f"Peers in the same run: PyTorch {m['torch']} (CPU, `torch.set_num_threads({m['torch_threads']})`, "
+                f"channels-first) dense `Conv2d`/`Conv3d`, and TensorLy-Torch {m['tltorch']} "
+                "`FactorizedConv(factorization='cp', implementation='reconstructed'|'factorized')` at the same rank, "
+                "same shapes and the same gradient protocol.", ""]
+    else:
+        out += ["Peers (PyTorch, TensorLy-Torch) skipped: the optional `bench` extra is not installed.", ""]
     titles = {"jester": "Jester 3-D ConvNet layers (batch 8, 3x3x3, padding 1, rank 6 x C_in)",
               "resnet2d": "ResNet-18 3x3 layers, 2-D (batch 8, padding 1, rank at the dense parameter budget)",
               "resnet3d": "ResNet-18 3x3 layers transduced to 3-D (3x3x3, 8 frames, batch 2, same rank)"}
@@ -475,53 +533,80 @@ def markdown(results: dict) -> str:
         out += [f"## {titles.get(group, group)}", ""]
         out += conv_table(rows, results["totals"].get(group))
         out.append("")
+        if results.get("peers"):
+            out += ["Side by side with the peers (ms):", ""]
+            out += peer_table(rows, results["totals"].get(group))
+            out.append("")
     if results["models"]:
         out += ["## Whole-model train steps (fwd + bwd + SGD-momentum update)", "",
+                "The primary figures. Each model is timed interleaved with its reference in the same rounds. "
                 "Reduced sizes: ResNet-18 family at 112x112 (static: 8 images; video: one clip of 8 frames, "
                 "the same number of frames), Jester nets at 18x84x84 with batch 2. The transduced model is the "
                 "static HO-CP ResNet-18's parameters with a delta-initialised temporal factor (dense 1x1 shortcuts "
                 "kept, applied per frame). The HO-CP ResNet-18 runs `implementation='auto'` "
-                "(its default: reconstructed or factorized per layer and input shape); the Jester HO-CP net has psi "
-                "between factors, which requires the factorized path.", ""]
+                "(its default: reconstructed or factorized per layer and input shape; its stem is told it gets no "
+                "input gradient); the Jester HO-CP net has psi between factors, which requires the factorized path.", ""]
         out += model_table(results["models"])
         out.append("")
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
             "[figure6.png](figure6.png).", ""]
-    t = results["targets"]
-    out += [] if not t else [
-        "## Targets of issue 7",
-        "",
-        f"- HO-CP Jester stack / JAX dense (goal <= 0.5): factorized {_f(t['jester_factorized/dense'])}, "
-        f"auto {_f(t['jester_auto/dense'])}.",
-        f"- auto <= 1.1 x best path on every layer: worst auto/best = {t['worst_auto/best']:.2f} "
-        f"({t['worst_auto/best_layer']}); auto picked the measured-faster path on "
-        f"{t['auto_correct']}/{t['n_layers']} layers.",
-        f"- XLA forward FLOPs of the factorized path within 1.2x of the analytic count: "
-        f"{t['fact_flops_within_1.2']}/{t['n_layers']} layers (range {t['fact_xla/analytic_min']:.3f}"
-        f"-{t['fact_xla/analytic_max']:.3f}).",
-        "",
-    ]
+    out += target_lines(results["targets"])
     return "\n".join(out)
 
 
+def _met(v, goal):
+    return "n/a" if v is None else f"{v:.2f} ({'met' if v <= goal else 'MISSED'})"
+
+
+def target_lines(t: dict) -> list[str]:
+    if not t:
+        return []
+    out = ["## Targets of issue 13", ""]
+    if "jester_auto/dense" in t:
+        out.append(f"- Jester stack, HO-CP auto / JAX dense (goal <= 0.5): {_met(t['jester_auto/dense'], 0.5)}.")
+    if "jester_auto/torch dense" in t:
+        out.append(f"- Jester stack, HO-CP auto / PyTorch dense Conv3d (goal <= 1.0): "
+                   f"{_met(t['jester_auto/torch dense'], 1.0)}.")
+        out.append(f"- Jester stack, HO-CP auto / TensorLy-Torch best CP path (goal <= 0.5): "
+                   f"{_met(t['jester_auto/tltorch best'], 0.5)}.")
+    for key, goal, label in [("resnet18_hocp static", 1.0, "HO-CP ResNet-18 2-D train step / dense 2-D"),
+                             ("jester_hocp", 0.6, "Jester HO-CP net train step / dense"),
+                             ("resnet18_hocp transduced", 0.35, "transduced HO-CP ResNet-18 / dense 3-D")]:
+        if key in t:
+            out.append(f"- {label} (goal <= {goal}): {_met(t[key], goal)}.")
+    if "worst_auto/best" in t:
+        out.append(f"- auto <= 1.1 x best path on every layer: worst auto/best = {t['worst_auto/best']:.2f} "
+                   f"({t['worst_auto/best_layer']}); auto picked the measured-faster path on "
+                   f"{t['auto_correct']}/{t['n_layers']} layers.")
+        out.append(f"- XLA forward FLOPs of the factorized path within 1.2x of the analytic count: "
+                   f"{t['fact_flops_within_1.2']}/{t['n_layers']} layers (range {t['fact_xla/analytic_min']:.3f}"
+                   f"-{t['fact_xla/analytic_max']:.3f}).")
+    return out + [""]
+
+
 def targets(results: dict) -> dict[str, Any]:
-    rows = [r for g in results["conv"].values() for r in g]
-    if not rows:
-        return {}
-    worst = max(rows, key=lambda r: r["ratios"]["auto/best"])
-    fx = [r["xla/analytic"]["factorized"] for r in rows if r["xla/analytic"]["factorized"]]
+    out: dict[str, Any] = {}
     jt = results["totals"].get("jester")
-    return {
-        "jester_factorized/dense": jt["ratios"]["factorized/dense"] if jt else None,
-        "jester_auto/dense": jt["ratios"]["auto/dense"] if jt else None,
-        "worst_auto/best": worst["ratios"]["auto/best"],
-        "worst_auto/best_layer": f"{worst['group']} {worst['name']}",
-        "auto_correct": sum(r["auto_choice"] == r["measured_best"] for r in rows),
-        "n_layers": len(rows),
-        "fact_flops_within_1.2": sum(1 / 1.2 <= v <= 1.2 for v in fx),
-        "fact_xla/analytic_min": min(fx),
-        "fact_xla/analytic_max": max(fx),
-    }
+    if jt:
+        out |= {f"jester_{k}": v for k, v in jt["ratios"].items()}
+    by_name = {r["name"]: r for r in results["models"]}
+    for r in results["models"]:
+        if r["reference"] in by_name:
+            out[r["name"]] = r["ms"] / by_name[r["reference"]]["ms"]
+    rows = [r for g in results["conv"].values() for r in g]
+    if rows:
+        worst = max(rows, key=lambda r: r["ratios"]["auto/best"])
+        fx = [r["xla/analytic"]["factorized"] for r in rows if r["xla/analytic"]["factorized"]]
+        out |= {
+            "worst_auto/best": worst["ratios"]["auto/best"],
+            "worst_auto/best_layer": f"{worst['group']} {worst['name']}",
+            "auto_correct": sum(r["auto_choice"] == r["measured_best"] for r in rows),
+            "n_layers": len(rows),
+            "fact_flops_within_1.2": sum(1 / 1.2 <= v <= 1.2 for v in fx),
+            "fact_xla/analytic_min": min(fx),
+            "fact_xla/analytic_max": max(fx),
+        }
+    return out
 
 
 def main(argv=None) -> dict:
@@ -531,27 +616,41 @@ def main(argv=None) -> dict:
     ap.add_argument("--md", default=None, help="markdown table (default: RESULTS.md next to --out)")
     ap.add_argument("--repeats", type=int, default=None, help="max timed rounds per case")
     ap.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="benchmark groups to run")
+    ap.add_argument("--no-peers", action="store_true", help="skip PyTorch / TensorLy-Torch")
+    ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
+                    help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else analytic)")
     args = ap.parse_args(argv)
+    autotune.configure(policy=args.autotune)
     repeats = args.repeats or (2 if args.quick else 15)
     budget = 1.0 if args.quick else 12.0  # seconds of timed calls per case before stopping early
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "conv": {}, "totals": {}, "models": []}
+    results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "conv": {}, "totals": {}, "models": [],
+                               "autotune": autotune.policy()}
+    missing = "--no-peers given" if args.no_peers else peers.available()
+    if missing:
+        print(f"peers skipped (PyTorch / TensorLy-Torch): {missing}", flush=True)
+    else:
+        results["machine"]["torch_threads"] = peers.set_threads()
+        results["machine"] |= peers.versions()
+    results["peers"] = None if missing else list(peers.PEERS)
     print(json.dumps(results["machine"]), flush=True)
     for case in jester_cases(args.quick) + resnet_cases(args.quick):
         if case.group not in args.only:
             continue
-        row = run_conv_case(case, repeats, budget)
+        row = run_conv_case(case, repeats, budget, with_peers=not missing)
         results["conv"].setdefault(case.group, []).append(row)
         print(f"[{time.perf_counter() - t_start:6.0f}s] {case.group} {case.name}: "
-              + ", ".join(f"{p} {row['ms'][p]:.1f} ms" for p in PATHS) + f"; auto={row['auto_choice']}", flush=True)
+              + ", ".join(f"{p} {v:.1f} ms" for p, v in row["ms"].items()) + f"; auto={row['auto_choice']}", flush=True)
     if "jester" in results["conv"]:
         results["totals"]["jester"] = stack_total(results["conv"]["jester"])
     if "models" in args.only:
-        for case in model_cases(args.quick):
-            row = run_model_case(case, repeats, budget)
-            results["models"].append(row)
-            print(f"[{time.perf_counter() - t_start:6.0f}s] model {case.name}: {row['ms']:.1f} ms/step", flush=True)
+        cases = model_cases(args.quick)
+        for ref in [c for c in cases if c.reference is None]:
+            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, budget):
+                results["models"].append(row)
+                print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step", flush=True)
     results["wall_s"] = time.perf_counter() - t_start
+    results["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["targets"] = targets(results)
     md = markdown(results)
     print(md)

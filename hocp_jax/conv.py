@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import counting
+from hocp_jax import autotune, counting
 from hocp_jax.padding import PaddingLike, as_tuple, resolve_padding
 
 Params = Mapping[str, jax.Array]
@@ -227,9 +227,11 @@ def best_mode_order(
 
 
 def choose_cp_implementation(
-    x_shape: Sequence[int], params: Params, modes: Sequence[str], *, stride=1, padding: PaddingLike = "SAME", dilation=1
+    x_shape: Sequence[int], params: Params, modes: Sequence[str], *, stride=1, padding: PaddingLike = "SAME", dilation=1,
+    input_grad: bool = True,
 ) -> str:
-    """``"factorized"`` or ``"reconstructed"``, whichever :func:`counting.cp_path_costs` says is cheaper."""
+    """``"factorized"`` or ``"reconstructed"``, whichever :func:`counting.cp_path_costs` says is cheaper
+    (the CPU cost model; ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`)."""
     modes = _check_modes(modes)
     costs = counting.cp_path_costs(
         x_shape[0],
@@ -241,6 +243,7 @@ def choose_cp_implementation(
         stride=stride,
         padding=padding,
         dilation=dilation,
+        input_grad=input_grad,
     )
     return "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
 
@@ -275,6 +278,7 @@ def cp_conv(
     implementation: str = "factorized",
     psi: Psi | None = None,
     mode_order: Sequence[str] | None = None,
+    input_grad: bool = True,
 ) -> jax.Array:
     """CP (Kruskal) convolution of any order.
 
@@ -286,12 +290,16 @@ def cp_conv(
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
         :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv) or
-        ``"auto"`` (per call shape, the cheaper of the two by :func:`counting.cp_path_costs`;
+        ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
+        analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
         always factorized when ``psi`` is given). The choice is made at trace time from static
         shapes, so it costs nothing under ``jit``.
       psi: optional ``psi(h, stage)`` between factors (factorized/auto only).
       mode_order: order in which the 1-D convs are applied; the result is the same, only the
         cost changes. Default: :func:`best_mode_order` (most-reducing stride first).
+      input_grad: whether the caller differentiates w.r.t. ``x`` (False for a network's first
+        layer, whose input is the data). Only informs ``"auto"``: without the input gradient a
+        channel-starved dense conv is cheap, so ``reconstructed`` can win.
 
     Returns:
       ``(B, *S_out, C_out)``.
@@ -313,8 +321,8 @@ def cp_conv(
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
 
     if implementation == "auto":
-        implementation = "factorized" if psi is not None else choose_cp_implementation(
-            x.shape, params, modes, stride=strides, padding=pads, dilation=dilations
+        implementation = "factorized" if psi is not None else autotune.choose_cp(
+            x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad
         )
     if implementation == "reconstructed":
         if psi is not None:

@@ -148,8 +148,10 @@ the (64,128)@9x42x42 Jester layer take as long as a dense conv doing ~24x their 
 
 CONV_FULL_SPEED_CHANNELS = 32
 """A dense conv with fewer than this many input or output channels runs proportionally below
-peak on CPU (measured: the (3, 64) Jester conv reaches ~1/10 of the FLOP rate of the (64, 128)
-one), so its FLOPs are scaled by ``CONV_FULL_SPEED_CHANNELS / min(C_in, C_out)``."""
+peak on CPU when its input gradient is computed (measured: the (3, 64) Jester conv reaches
+~1/10 of the FLOP rate of the (64, 128) one), so its FLOPs are scaled by
+``CONV_FULL_SPEED_CHANNELS / min(C_in, C_out)``. Without the input gradient (a network's first
+layer) the same conv's fwd+bwd takes ~1/7 of the time (issue 13), so no scaling then."""
 
 
 CONV_3D_SLOWDOWN = 3.0
@@ -171,6 +173,7 @@ def cp_path_costs(
     padding: PaddingLike = "SAME",
     dilation=1,
     order: Sequence[int] | None = None,
+    input_grad: bool = True,
 ) -> dict[str, dict[str, float] | float]:
     """Forward cost of the two CP paths for a batch: ``{"factorized": c, "reconstructed": c, "detail": ...}``.
 
@@ -180,7 +183,8 @@ def cp_path_costs(
     * factorized: ``batch * cp_flops``; bytes: 1x1 in (x read, h written), each 1-D conv
       (input and output, at the sizes after the earlier modes' strides), 1x1 out.
     * reconstructed: ``batch * dense_flops`` scaled for channel-starved convs (see
-      :data:`CONV_FULL_SPEED_CHANNELS`) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
+      :data:`CONV_FULL_SPEED_CHANNELS`, only if ``input_grad``: it is the input gradient of a
+      channel-starved conv that is slow) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
 
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.
@@ -201,7 +205,8 @@ def cp_path_costs(
     f_bytes = 4.0 * batch * elems
     r_flops = batch * dense_flops(in_sizes, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                   dilation=dilation)
-    r_flops_eff = r_flops * max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels))
+    starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
+    r_flops_eff = r_flops * starved
     r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)

@@ -9,6 +9,10 @@
 * :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form).
 * :class:`TRL` — tensor regression layer (CP or Tucker weight, never materialised).
 
+Mixed precision as in Flax: every layer takes ``dtype`` (computation; ``None`` = promote the
+input and parameter dtypes) and ``param_dtype`` (storage, default float32); e.g.
+``dtype=jnp.bfloat16`` computes in bfloat16 from float32 parameters.
+
 Parameter names follow the convention of :mod:`hocp_jax.conv` (``lambda``, ``factor_in``,
 ``factor_out``, ``factor_<mode>``, ``factor_skip``, ``bias``); Psi sub-modules are named
 ``bn_<stage>`` / ``prelu_<stage>`` with stage ``in`` or a spatial mode name.
@@ -21,8 +25,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from hocp_jax import conv, layer_specs, regression, tensorized
 from hocp_jax.padding import PaddingLike
@@ -47,15 +51,25 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...]) -> jax.Ar
         raise ValueError(
             f"params['{name}'] of layer '{module.name}': stored shape {got} does not fit the input; expected {tuple(shape)}"
         )
-    return module.param(name, init, shape, jnp.float32)
+    return module.param(name, init, shape, module.param_dtype)
+
+
+def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
+    """``x`` and ``params`` cast to the module's computation dtype (``flax.linen.dtypes.promote_dtype``)."""
+    x, *values = promote_dtype(x, *params.values(), dtype=module.dtype)
+    return x, dict(zip(params, values))
 
 
 class PReLU(nn.Module):
     """Channel-wise PReLU ``max(0, x) + alpha * min(0, x)`` with ``alpha`` init 0.25."""
 
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x):
-        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), x.dtype)
+        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), self.param_dtype)
+        x, alpha = promote_dtype(x, alpha, dtype=self.dtype)
         return jnp.where(x >= 0, x, alpha * x)
 
 
@@ -79,7 +93,10 @@ class CPConv(nn.Module):
       skip: add the skip factor ``U^(S)`` (HO-CP conv-S).
       use_bias: add a bias.
       implementation: passed to :func:`hocp_jax.conv.cp_conv` (reconstructed needs psi=None).
+      input_grad: False for a network's first layer (its input is the data, never
+        differentiated); informs ``implementation="auto"`` (:func:`hocp_jax.conv.cp_conv`).
       gain: variance gain of the equivalent dense kernel (2 = He).
+      dtype, param_dtype: computation and parameter dtypes (module docstring).
     """
 
     features: int
@@ -99,7 +116,10 @@ class CPConv(nn.Module):
     skip: bool = False
     use_bias: bool = False
     implementation: str = "factorized"
+    input_grad: bool = True
     gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def _spatial(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         return layer_specs.spatial_layout(self.kernel_size, self.spatial_modes)
@@ -134,10 +154,14 @@ class CPConv(nn.Module):
             if stage not in psi_at:
                 return h
             if self.psi.startswith("bn_"):
-                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{stage}")(h)
-            return PReLU(name=f"prelu_{stage}")(h) if self.psi.endswith("prelu") else nn.relu(h)
+                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f"bn_{stage}")(h)
+            if self.psi.endswith("prelu"):
+                return PReLU(dtype=self.dtype, param_dtype=self.param_dtype, name=f"prelu_{stage}")(h)
+            return nn.relu(h)
 
-        return conv.cp_conv(x, params, psi=psi if self.psi else None, **layer_specs.cp_conv_kwargs(
+        x, params = _promote(self, x, params)
+        return conv.cp_conv(x, params, psi=psi if self.psi else None, input_grad=self.input_grad, **layer_specs.cp_conv_kwargs(
             spatial, temporal, stride=self.stride, padding=self.padding, dilation=self.dilation,
             temporal_stride=self.temporal_stride, temporal_padding=self.temporal_padding,
             implementation=self.implementation, psi=self.psi))
@@ -154,6 +178,8 @@ class TuckerConv(nn.Module):
     padding: PaddingLike = "SAME"
     implementation: str = "factorized"
     gain: float = 2.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,6 +188,7 @@ class TuckerConv(nn.Module):
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(ks) + 2}-D (batch, *spatial, channels)")
         ranks = layer_specs.tucker_layer_ranks(x.shape[-1], self.features, self.ranks, self.rank_ratio)
         params = _params(self, layer_specs.tucker_specs(x.shape[-1], self.features, ks, ranks, self.gain))
+        x, params = _promote(self, x, params)
         return conv.tucker_conv(x, params, stride=self.stride, padding=self.padding, implementation=self.implementation)
 
 
@@ -174,10 +201,13 @@ class SeparableConv(nn.Module):
     rank: int | None = None
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         params = _params(self, layer_specs.separable_specs(x.shape[-1], self.features, self.kernel_size, self.rank))
+        x, params = _promote(self, x, params)
         return conv.separable_conv(x, params, stride=self.stride, padding=self.padding)
 
 
@@ -194,22 +224,19 @@ class TRL(nn.Module):
     rank: int | Sequence[int] = 16
     decomposition: str = "cp"
     n_modes: int = 3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
         params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
+        x, params = _promote(self, x, params)
         return regression.trl(x, params, n_modes=self.n_modes)
 
 
 # ----------------------------------------------------------------------------- tensorized layers
-
-
-def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
-    """``x`` and ``params`` cast to the module's computation dtype (``flax.linen.dtypes.promote_dtype``)."""
-    x, *values = promote_dtype(x, *params.values(), dtype=module.dtype)
-    return x, dict(zip(params, values))
 
 
 class FactorizedLinear(nn.Module):

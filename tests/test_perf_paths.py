@@ -5,6 +5,8 @@ independent of hocp_jax.conv: ``lax.conv_general_dilated`` on a kernel built wit
 with the padding written out in the test.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +202,92 @@ def test_auto_cases_cover_both_paths():
         c = counting.cp_path_costs(batch, in_sizes, c_in, c_out, ks, rank, stride=stride, padding=1)
         picks.add(c["factorized"] <= c["reconstructed"])
     assert picks == {True, False}
+
+
+# ----------------------------------------------------------------------------- autotune
+
+
+def _tiny_cp(rank=4, c_in=3, c_out=5):
+    shapes = {"lambda": (rank,), "factor_in": (c_in, rank), "factor_out": (c_out, rank), "factor_h": (3, rank),
+              "factor_w": (3, rank)}
+    rng = np.random.default_rng(0)
+    return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """The "measure" policy with a fake timer (no timings in tests): reconstructed is 'faster'
+    when the input gradient is off, factorized otherwise; counts the measurements."""
+    from hocp_jax import autotune
+
+    calls = []
+
+    def fake_measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, rounds=5):
+        calls.append((tuple(x_shape), jnp.dtype(dtype).name, input_grad))
+        return {"factorized": 2.0, "reconstructed": 1.0} if not input_grad else {"factorized": 1.0, "reconstructed": 2.0}
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    autotune.clear_cache()
+    autotune.configure("measure", cache_path=str(tmp_path / "autotune.json"))
+    yield autotune, calls, tmp_path / "autotune.json"
+    autotune.configure(None)
+    autotune.clear_cache()
+
+
+def test_autotune_measures_once_per_key_and_auto_lowers_to_the_pick(measured):
+    autotune, calls, path = measured
+    p = _tiny_cp()
+    x = jnp.ones((2, 6, 6, 3))
+
+    def jaxpr(impl, input_grad, x=x, p=p):
+        return str(jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation=impl,
+                                                            input_grad=input_grad))(x, p))
+
+    assert jaxpr("auto", False) == jaxpr("reconstructed", False)
+    assert jaxpr("auto", True) == jaxpr("factorized", True)
+    jaxpr("auto", False)
+    jaxpr("auto", False, x.astype(jnp.bfloat16), jax.tree.map(lambda v: v.astype(jnp.bfloat16), p))
+    jaxpr("auto", False, jnp.ones((4, 6, 6, 3)))
+    # one measurement per (shape, dtype, input_grad) key, repeats come from the cache
+    assert calls == [((2, 6, 6, 3), "float32", False), ((2, 6, 6, 3), "float32", True),
+                     ((2, 6, 6, 3), "bfloat16", False), ((4, 6, 6, 3), "float32", False)]
+    stored = json.loads(path.read_text())
+    assert len(stored) == 4 and {json.loads(k)[0] for k in stored} == {jax.default_backend()}
+    # a new process (empty memory cache) reuses the file and measures nothing
+    autotune.clear_cache()
+    assert jaxpr("auto", False) == jaxpr("reconstructed", False) and len(calls) == 4
+
+
+def test_autotune_multi_process_never_measures(measured, monkeypatch):
+    autotune, calls, _ = measured
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
+    pick = autotune.choose_cp(x.shape, x.dtype, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
+    assert calls == [] and pick == autotune.analytic_pick(x.shape, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
+
+
+def test_autotune_real_measurement_runs_inside_jit():
+    """The measured policy times concrete dummy inputs while an outer jit is tracing."""
+    from hocp_jax import autotune
+
+    autotune.clear_cache()
+    autotune.configure("measure")
+    try:
+        p, x = _tiny_cp(), jnp.ones((1, 5, 5, 3))
+        y = jax.jit(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
+        ref = conv.cp_conv(x, p, padding=1, implementation="factorized")
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+        assert len(autotune._cache) == 1 and set(autotune._cache.values()) <= {"factorized", "reconstructed"}
+    finally:
+        autotune.configure(None)
+        autotune.clear_cache()
+
+
+def test_autotune_rejects_unknown_policy(monkeypatch):
+    from hocp_jax import autotune
+
+    with pytest.raises(ValueError, match="policy='fast'"):
+        autotune.configure("fast")
+    monkeypatch.setenv(autotune.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="HOCP_JAX_AUTOTUNE='fast'"):
+        autotune.policy()

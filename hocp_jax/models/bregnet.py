@@ -119,6 +119,7 @@ class BReGUnit(nn.Module):
       projection: ``"pad"`` or ``"conv"``, used where the shape changes.
       conv: ``"dense"`` (``nn.Conv``) or ``"hocp"`` (:class:`CPConv`) for the two 3x3 convs.
       rank, rank_multiple, psi, skip: passed to :class:`CPConv` when ``conv="hocp"``.
+      dtype, param_dtype: computation and parameter dtypes (Flax semantics).
     """
 
     features: int
@@ -130,13 +131,18 @@ class BReGUnit(nn.Module):
     rank_multiple: float | None = None
     psi: str | None = None
     skip: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def _dt(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _conv3x3(self, x, stride: int, name: str, train: bool):
         if self.conv == "hocp":
             return CPConv(self.features, 3, rank=self.rank, rank_multiple=self.rank_multiple, stride=stride,
-                          psi=self.psi, skip=self.skip, name=name)(x, train=train)
+                          psi=self.psi, skip=self.skip, name=name, **self._dt())(x, train=train)
         return nn.Conv(self.features, (3, 3), strides=stride, padding="SAME", use_bias=False,
-                       kernel_init=nn.initializers.he_normal(), name=name)(x)
+                       kernel_init=nn.initializers.he_normal(), name=name, **self._dt())(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -147,17 +153,17 @@ class BReGUnit(nn.Module):
         if self.conv not in CONVS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONVS}")
         f = self._conv3x3(x, self.stride, "conv1", train)
-        f = nn.relu(batch_norm(train, name="bn1")(f))
+        f = nn.relu(batch_norm(train, name="bn1", **self._dt())(f))
         f = self._conv3x3(f, 1, "conv2", train)
-        f = batch_norm(train, name="bn2")(f)
+        f = batch_norm(train, name="bn2", **self._dt())(f)
         s = x
         if self.stride != 1 or x.shape[-1] != self.features:
             if self.projection == "pad":
                 s = pad_projection(x, self.features, self.stride)
             else:
                 s = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False,
-                            kernel_init=nn.initializers.he_normal(), name="proj_conv")(x)
-                s = batch_norm(train, name="proj_bn")(s)
+                            kernel_init=nn.initializers.he_normal(), name="proj_conv", **self._dt())(x)
+                s = batch_norm(train, name="proj_bn", **self._dt())(s)
         return nn.relu(h_fn(s) + f)
 
 
@@ -171,6 +177,7 @@ class BReGNet(nn.Module):
       head_hidden: width of an optional hidden dense layer (+ relu) after the global pool.
       head: a :class:`~hocp_jax.models.heads.HeadConfig` (or dict of its fields): ``n_classes``
         logits and/or ``n_outputs`` valence/arousal outputs.
+      dtype, param_dtype: computation and parameter dtypes of every layer (Flax semantics).
 
     ``apply(variables, x (B, H, W, C), train=bool, mutable=["batch_stats"])`` returns
     ``{"logits": (B, n_classes)}`` and/or ``{"va": (B, n_outputs)}``.
@@ -187,6 +194,8 @@ class BReGNet(nn.Module):
     skip: bool = False
     head_hidden: int | None = None
     head: HeadConfig = HeadConfig()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def _validate(self, x) -> None:
         shortcut_fn(self.shortcut)
@@ -202,19 +211,20 @@ class BReGNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         self._validate(x)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
-                    kernel_init=nn.initializers.he_normal(), name="stem_conv")(x)
-        h = nn.relu(batch_norm(train, name="stem_bn")(h))
+                    kernel_init=nn.initializers.he_normal(), name="stem_conv", **dt)(x)
+        h = nn.relu(batch_norm(train, name="stem_bn", **dt)(h))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n):
                 h = BReGUnit(w, stride=2 if (i > 0 and j == 0) else 1, shortcut=self.shortcut,
                              projection=self.projection, conv=self.conv, rank=self.rank,
                              rank_multiple=self.rank_multiple, psi=self.psi, skip=self.skip,
-                             name=f"layer{i + 1}_{j}")(h, train=train)
+                             name=f"layer{i + 1}_{j}", **dt)(h, train=train)
         if self.head_hidden is None:
-            return Head(HeadConfig.of(self.head), name="head")(h)
-        h = nn.relu(nn.Dense(self.head_hidden, name="fc_hidden")(h.mean(axis=(1, 2))))
-        return Head(HeadConfig.of(self.head), n_spatial=0, name="head")(h)
+            return Head(HeadConfig.of(self.head), name="head", **dt)(h)
+        h = nn.relu(nn.Dense(self.head_hidden, name="fc_hidden", **dt)(h.mean(axis=(1, 2))))
+        return Head(HeadConfig.of(self.head), n_spatial=0, name="head", **dt)(h)
 
 
 def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, class_weights=None,

@@ -27,12 +27,15 @@ class DenseConv(nn.Module):
     features: int
     kernel_size: tuple[int, ...]
     strides: tuple[int, ...]
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pad = tuple((k // 2, k // 2) for k in self.kernel_size)
         he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He, like torchvision's kaiming_normal_
-        return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he, name="conv")(x)
+        return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:

@@ -77,6 +77,8 @@ class Head(nn.Module):
 
     config: HeadConfig = HeadConfig()
     n_spatial: int = 2
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -89,8 +91,9 @@ class Head(nn.Module):
 
         def layer(features: int, name: str):
             if trl:
-                return TRL(features, rank=cfg.trl_rank, decomposition=trl, n_modes=self.n_spatial + 1, name=name)
-            return nn.Dense(features, name=name)
+                return TRL(features, rank=cfg.trl_rank, decomposition=trl, n_modes=self.n_spatial + 1, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name)
+            return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
         out = {}
         if cfg.n_outputs:

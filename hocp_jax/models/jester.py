@@ -29,6 +29,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
@@ -46,13 +47,17 @@ class JesterNet(nn.Module):
     rank_multiple: float = 6.0
     psi_stages: str = "all"
     head: Any = HeadConfig(n_outputs=0, n_classes=27)
+    dtype: Any = None  # computation dtype of every layer (Flax semantics), e.g. jnp.bfloat16
+    param_dtype: Any = jnp.float32
 
     def _conv(self, features: int, name: str) -> nn.Module:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.conv == "dense":
-            return DenseConv(features, (3, 3, 3), (1, 1, 1), name=name)
+            return DenseConv(features, (3, 3, 3), (1, 1, 1), name=name, **dt)
         skip = self.conv == "hocp_s"
         return CPConv(features, 3, rank_multiple=self.rank_multiple, padding=1, temporal_padding=1,
-                      psi="prelu" if skip else "relu", psi_stages=self.psi_stages, skip=skip, name=name)
+                      psi="prelu" if skip else "relu", psi_stages=self.psi_stages, skip=skip,
+                      input_grad=name != "conv1", name=name, **dt)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -66,8 +71,8 @@ class JesterNet(nn.Module):
             raise ValueError(f"{name}: x has shape {tuple(x.shape)}; T, H and W must be >= {n_pool} ({len(self.widths)} 2x2x2 pools)")
         for i, width in enumerate(self.widths):
             x = self._conv(width, f"conv{i + 1}")(x, train)
-            x = nn.elu(batch_norm(train, name=f"bn{i + 1}")(x))
+            x = nn.elu(batch_norm(train, name=f"bn{i + 1}", dtype=self.dtype, param_dtype=self.param_dtype)(x))
             x = max_pool_spatial(x, (2, 2, 2), (2, 2, 2), ((0, 0),) * 3)
         x = x.reshape(x.shape[0], -1)
-        x = nn.elu(nn.Dense(self.fc_features, name="fc")(x))
-        return Head(HeadConfig.of(self.head), n_spatial=0, name="head")(x)
+        x = nn.elu(nn.Dense(self.fc_features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x))
+        return Head(HeadConfig.of(self.head), n_spatial=0, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)

@@ -28,6 +28,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, batch_norm, check_input
@@ -44,25 +45,27 @@ class InvertedResidual(nn.Module):
     expansion: int
     stride: int
     conv: str = "dense"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        c_in = x.shape[-1]
+        c_in, dt = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rank = self.expansion * c_in
         if self.conv == "dense":
-            y = nn.relu(batch_norm(train, name="bn_expand")(DenseConv(rank, (1, 1), (1, 1), name="expand")(x)))
+            y = nn.relu(batch_norm(train, name="bn_expand", **dt)(DenseConv(rank, (1, 1), (1, 1), name="expand", **dt)(x)))
             dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False,
-                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"), name="depthwise")
-            y = nn.relu(batch_norm(train, name="bn_depthwise")(dw(y)))
-            y = DenseConv(self.features, (1, 1), (1, 1), name="project")(y)
+                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"), name="depthwise", **dt)
+            y = nn.relu(batch_norm(train, name="bn_depthwise", **dt)(dw(y)))
+            y = DenseConv(self.features, (1, 1), (1, 1), name="project", **dt)(y)
         else:
             y = CPConv(self.features, 3, rank=rank, stride=self.stride, padding=1, psi="bn_relu", psi_stages="all",
-                       name="cpconv")(x, train)
-        y = batch_norm(train, name="bn_project")(y)
+                       name="cpconv", **dt)(x, train)
+        y = batch_norm(train, name="bn_project", **dt)(y)
         if self.stride != 1:
             return y
         if c_in != self.features:
-            x = batch_norm(train, name="shortcut_bn")(DenseConv(self.features, (1, 1), (1, 1), name="shortcut")(x))
+            x = batch_norm(train, name="shortcut_bn", **dt)(DenseConv(self.features, (1, 1), (1, 1), name="shortcut", **dt)(x))
         return x + y
 
 
@@ -78,6 +81,8 @@ class MobileNetV2(nn.Module):
     stem_features: int = 32
     last_features: int = 1280
     head: Any = HeadConfig(n_outputs=0, n_classes=10)
+    dtype: Any = None  # computation dtype of every layer (Flax semantics), e.g. jnp.bfloat16
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -85,9 +90,10 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
         layouts = {4: "(batch, H, W, C) images"} | ({5: "(batch, T, H, W, C) videos"} if self.conv == "hocp" else {})
         check_input(x, f"MobileNetV2(conv={self.conv!r})", layouts)
-        x = nn.relu(batch_norm(train, name="stem_bn")(DenseConv(self.stem_features, (3, 3), (1, 1), name="stem")(x)))
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.relu(batch_norm(train, name="stem_bn", **dt)(DenseConv(self.stem_features, (3, 3), (1, 1), name="stem", **dt)(x)))
         for i, (t, c, n, s) in enumerate(self.cfg):
             for j in range(n):
-                x = InvertedResidual(c, t, s if j == 0 else 1, self.conv, name=f"block{i + 1}_{j}")(x, train)
-        x = nn.relu(batch_norm(train, name="last_bn")(DenseConv(self.last_features, (1, 1), (1, 1), name="last")(x)))
-        return Head(HeadConfig.of(self.head), n_spatial=2, name="head")(x)
+                x = InvertedResidual(c, t, s if j == 0 else 1, self.conv, name=f"block{i + 1}_{j}", **dt)(x, train)
+        x = nn.relu(batch_norm(train, name="last_bn", **dt)(DenseConv(self.last_features, (1, 1), (1, 1), name="last", **dt)(x)))
+        return Head(HeadConfig.of(self.head), n_spatial=2, name="head", **dt)(x)

@@ -41,6 +41,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
@@ -51,8 +52,8 @@ IMAGE = "(batch, H, W, C) images"
 VIDEO = "(batch, T, H, W, C) videos"
 LAYOUTS = {"dense2d": {4: IMAGE}, "dense3d": {5: VIDEO}, "2plus1d": {5: VIDEO}, "hocp": {4: IMAGE, 5: VIDEO}}
 
-# A conv factory: factory(features, kernel, stride, *, name, in_features, block_in) -> module
-# called as m(x, train). ``kernel``/``stride`` are the spatial size/stride; ``in_features`` is the
+# A conv factory: factory(features, kernel, stride, *, name, in_features, block_in, dtype, param_dtype)
+# -> module called as m(x, train). ``kernel``/``stride`` are the spatial size/stride; ``in_features`` is the
 # conv's input width, ``block_in`` the enclosing block's (only the R(2+1)D rules use them).
 ConvFactory = Callable[..., nn.Module]
 
@@ -65,13 +66,15 @@ class Conv2Plus1D(nn.Module):
     kernel_size: int = 3
     stride: int = 1
     temporal_kernel_size: int = 3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        k, s = self.kernel_size, self.stride
-        y = DenseConv(self.mid_features, (1, k, k), (1, s, s), name="spatial")(x)
-        y = nn.relu(batch_norm(train, name="bn_mid")(y))
-        return DenseConv(self.features, (self.temporal_kernel_size, 1, 1), (1, 1, 1), name="temporal")(y)
+        k, s, dt = self.kernel_size, self.stride, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = DenseConv(self.mid_features, (1, k, k), (1, s, s), name="spatial", **dt)(x)
+        y = nn.relu(batch_norm(train, name="bn_mid", **dt)(y))
+        return DenseConv(self.features, (self.temporal_kernel_size, 1, 1), (1, 1, 1), name="temporal", **dt)(y)
 
 
 def midplanes(in_features: int, out_features: int, kernel: int = 3, temporal_kernel: int = 3) -> int:
@@ -80,33 +83,36 @@ def midplanes(in_features: int, out_features: int, kernel: int = 3, temporal_ker
     return (t * d2 * in_features * out_features) // (d2 * in_features + t * out_features)
 
 
-def dense2d_factory(features, kernel, stride, *, name, in_features, block_in):
+def dense2d_factory(features, kernel, stride, *, name, in_features, block_in, **dt):
     del in_features, block_in
-    return DenseConv(features, (kernel, kernel), (stride, stride), name=name)
+    return DenseConv(features, (kernel, kernel), (stride, stride), name=name, **dt)
 
 
-def dense3d_factory(features, kernel, stride, *, name, in_features, block_in):
+def dense3d_factory(features, kernel, stride, *, name, in_features, block_in, **dt):
     del in_features, block_in
-    return DenseConv(features, (3 if kernel > 1 else 1, kernel, kernel), (1, stride, stride), name=name)
+    return DenseConv(features, (3 if kernel > 1 else 1, kernel, kernel), (1, stride, stride), name=name, **dt)
 
 
-def r2plus1d_factory(features, kernel, stride, *, name, in_features, block_in, rule: str = "block", stem_mid: int | None = 45):
+def r2plus1d_factory(features, kernel, stride, *, name, in_features, block_in, rule: str = "block", stem_mid: int | None = 45,
+                     **dt):
     if kernel == 1:
-        return DenseConv(features, (1, 1, 1), (1, stride, stride), name=name)
+        return DenseConv(features, (1, 1, 1), (1, stride, stride), name=name, **dt)
     if name == "stem" and stem_mid is not None:
         mid = stem_mid
     else:
         # the "block" rule uses the block's (N_in, N_out) for both of its convs (torchvision)
         mid = midplanes(block_in if rule == "block" else in_features, features, kernel)
-    return Conv2Plus1D(features, mid, kernel, stride, name=name)
+    return Conv2Plus1D(features, mid, kernel, stride, name=name, **dt)
 
 
 def hocp_factory(features, kernel, stride, *, name, in_features, block_in, psi=None, shortcut="dense",
-                 implementation="auto"):
+                 implementation="auto", **dt):
+    """The stem is told that it gets no input gradient (its input is the data), which ``auto`` uses."""
     del in_features, block_in
     if kernel == 1 and shortcut == "dense":
-        return DenseConv(features, (1, 1), (stride, stride), name=name)
-    return CPConv(features, kernel, stride=stride, padding=kernel // 2, psi=psi, implementation=implementation, name=name)
+        return DenseConv(features, (1, 1), (stride, stride), name=name, **dt)
+    return CPConv(features, kernel, stride=stride, padding=kernel // 2, psi=psi, implementation=implementation,
+                  input_grad=name != "stem", name=name, **dt)
 
 
 class BasicBlock(nn.Module):
@@ -115,17 +121,19 @@ class BasicBlock(nn.Module):
     features: int
     stride: int
     conv: ConvFactory
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        c_in = x.shape[-1]
-        y = self.conv(self.features, 3, self.stride, name="conv1", in_features=c_in, block_in=c_in)(x, train)
-        y = nn.relu(batch_norm(train, name="bn1")(y))
-        y = self.conv(self.features, 3, 1, name="conv2", in_features=self.features, block_in=c_in)(y, train)
-        y = batch_norm(train, name="bn2")(y)
+        c_in, dt = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = self.conv(self.features, 3, self.stride, name="conv1", in_features=c_in, block_in=c_in, **dt)(x, train)
+        y = nn.relu(batch_norm(train, name="bn1", **dt)(y))
+        y = self.conv(self.features, 3, 1, name="conv2", in_features=self.features, block_in=c_in, **dt)(y, train)
+        y = batch_norm(train, name="bn2", **dt)(y)
         if self.stride != 1 or c_in != self.features:
-            x = self.conv(self.features, 1, self.stride, name="shortcut", in_features=c_in, block_in=c_in)(x, train)
-            x = batch_norm(train, name="shortcut_bn")(x)
+            x = self.conv(self.features, 1, self.stride, name="shortcut", in_features=c_in, block_in=c_in, **dt)(x, train)
+            x = batch_norm(train, name="shortcut_bn", **dt)(x)
         return nn.relu(x + y)
 
 
@@ -142,6 +150,8 @@ class ResNet(nn.Module):
         factorized or reconstructed per layer and input shape (factorized whenever ``psi`` is set).
       midplanes, stem_mid: R(2+1)D options ("block"/"conv" rule; stem intermediate width,
         ``None`` = the M rule).
+      dtype, param_dtype: computation and parameter dtypes of every layer (Flax semantics;
+        e.g. ``dtype=jnp.bfloat16`` with float32 parameters).
     """
 
     conv: str = "dense2d"
@@ -154,6 +164,8 @@ class ResNet(nn.Module):
     implementation: str = "auto"
     midplanes: str = "block"
     stem_mid: int | None = 45
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def factory(self) -> ConvFactory:
         if self.conv not in CONV_KINDS:
@@ -175,13 +187,14 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         """``(B, H, W, C)`` -> ``{"va": (B, n), ...}``; ``(B, T, H, W, C)`` -> ``{"va": (B, T, n), ...}``."""
-        conv = self.factory()
+        conv, dt = self.factory(), dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_input(x, f"ResNet(conv={self.conv!r})", LAYOUTS[self.conv])
-        x = conv(self.widths[0], self.stem_kernel, 2, name="stem", in_features=x.shape[-1], block_in=x.shape[-1])(x, train)
-        x = nn.relu(batch_norm(train, name="stem_bn")(x))
+        x = conv(self.widths[0], self.stem_kernel, 2, name="stem", in_features=x.shape[-1], block_in=x.shape[-1],
+                 **dt)(x, train)
+        x = nn.relu(batch_norm(train, name="stem_bn", **dt)(x))
         x = max_pool_spatial(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(width, stride, conv, name=f"layer{i + 1}_{j}")(x, train)
-        return Head(HeadConfig.of(self.head), n_spatial=2, name="head")(x)
+                x = BasicBlock(width, stride, conv, name=f"layer{i + 1}_{j}", **dt)(x, train)
+        return Head(HeadConfig.of(self.head), n_spatial=2, name="head", **dt)(x)

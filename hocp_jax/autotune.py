@@ -1,0 +1,160 @@
+"""How ``implementation="auto"`` picks a CP conv path: analytic model or measured autotune.
+
+:func:`choose_cp` is called by :func:`hocp_jax.conv.cp_conv` at trace time with static shapes.
+Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
+
+* ``"analytic"`` (default): no timing. On CPU, :func:`hocp_jax.conv.choose_cp_implementation`
+  (the cost model of :func:`hocp_jax.counting.cp_path_costs`, calibrated on a 2-core CPU). On
+  GPU/TPU, whose dense convs run near peak, the safe default is ``"reconstructed"`` unless
+  rebuilding the kernel costs more FLOPs than the conv itself (small batch x spatial size and
+  a large rank), then ``"factorized"``.
+* ``"measure"``: the first trace of each new key times both paths once (fwd + grads w.r.t. the
+  parameters, and w.r.t. ``x`` if ``input_grad``) on concrete dummy inputs of the static shapes,
+  on the default backend, in interleaved rounds, and keeps the faster. Results are cached in
+  memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
+  dilation, input_grad)`` and, with ``cache_path``, in a JSON file that later processes reuse.
+
+Multi-host: every process must trace the same program. With ``jax.process_count() > 1`` the
+``"measure"`` policy never times (timings differ between hosts): it uses the on-disk cache
+entry when one exists (a file shared by all processes, e.g. written by a single-process run on
+the same hardware beforehand) and the analytic pick otherwise, which is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POLICIES = ("analytic", "measure")
+ENV_VAR = "HOCP_JAX_AUTOTUNE"
+ROUNDS = 5
+
+_config: dict[str, Any] = {"policy": None, "cache_path": None}
+_cache: dict[str, str] = {}
+_disk_loaded: set[str] = set()
+
+
+def configure(policy: str | None = None, cache_path: str | None = None) -> None:
+    """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else analytic) and
+    an optional JSON cache file for measured picks."""
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
+    _config.update(policy=policy, cache_path=cache_path)
+
+
+def policy() -> str:
+    """The policy in force (:func:`configure`, else ``$HOCP_JAX_AUTOTUNE``, else ``"analytic"``)."""
+    value = _config["policy"] or os.environ.get(ENV_VAR) or "analytic"
+    if value not in POLICIES:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {POLICIES}")
+    return value
+
+
+def clear_cache() -> None:
+    """Forgets the in-memory picks (the disk file is left alone)."""
+    _cache.clear()
+    _disk_loaded.clear()
+
+
+def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, strides, pads, dilations,
+              input_grad: bool) -> str:
+    """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``."""
+    dev = jax.devices()[0]
+    return json.dumps([dev.platform, dev.device_kind, list(x_shape), jnp.dtype(dtype).name,
+                       sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
+                       [list(p) for p in pads], list(dilations), bool(input_grad)])
+
+
+def _load_disk(path: str) -> None:
+    if path in _disk_loaded:
+        return
+    _disk_loaded.add(path)
+    if os.path.exists(path):
+        with open(path) as f:
+            _cache.update(json.load(f))
+
+
+def _save_disk(path: str, key: str, pick: str) -> None:
+    entries = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            entries = json.load(f)
+    entries[key] = pick
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=0)
+    os.replace(tmp, path)
+
+
+def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: bool) -> str:
+    """The analytic pick (see module docstring) for the default backend."""
+    from hocp_jax import conv, counting
+
+    if jax.default_backend() == "cpu":
+        return conv.choose_cp_implementation(x_shape, params, modes, stride=strides, padding=pads, dilation=dilations,
+                                             input_grad=input_grad)
+    ks = tuple(params[conv.mode_key(m)].shape[0] for m in modes)
+    c_in, c_out, rank = params["factor_in"].shape[0], params["factor_out"].shape[0], params["lambda"].shape[0]
+    conv_flops = x_shape[0] * counting.dense_flops(tuple(x_shape[1:-1]), c_in, c_out, ks, stride=strides, padding=pads,
+                                                   dilation=dilations)
+    return "reconstructed" if counting.cp_reconstruct_flops(c_in, c_out, ks, rank) <= conv_flops else "factorized"
+
+
+def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool,
+            rounds: int = ROUNDS) -> dict[str, float]:
+    """Median fwd+bwd seconds of both paths on dummy inputs of these shapes (see module docstring)."""
+    from hocp_jax import conv
+
+    rng = np.random.default_rng(0)
+    with jax.ensure_compile_time_eval():
+        x = jnp.asarray(rng.normal(size=x_shape), dtype)
+        p = {k: jnp.asarray(rng.normal(size=v.shape) / np.sqrt(max(v.shape[0], 1)), v.dtype) for k, v in params.items()}
+        calls = {}
+        for impl in ("factorized", "reconstructed"):
+            def loss(x, p, impl=impl):
+                return jnp.sum(conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
+                                            implementation=impl))
+
+            fn = jax.jit(jax.grad(loss, argnums=(0, 1) if input_grad else 1))
+            jax.block_until_ready(fn(x, p))  # compile + warm-up
+            calls[impl] = fn
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for r in range(rounds):
+            for impl in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                t0 = time.perf_counter()
+                jax.block_until_ready(calls[impl](x, p))
+                times[impl].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True) -> str:
+    """``"factorized"`` or ``"reconstructed"`` for one CP conv call under the current :func:`policy`.
+
+    ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``; only shapes and dtypes are read.
+    """
+    if policy() == "analytic":
+        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad)
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    key = cache_key(x_shape, dtype, shapes, modes, strides, pads, dilations, input_grad)
+    path = _config["cache_path"]
+    if path:
+        _load_disk(path)
+    if key in _cache:
+        return _cache[key]
+    if jax.process_count() > 1:  # never time on one host only: all processes must pick alike
+        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+    times = measure(x_shape, dtype, specs, modes, strides, pads, dilations, input_grad)
+    pick = min(times, key=times.get)
+    _cache[key] = pick
+    if path:
+        _save_disk(path, key, pick)
+    return pick

@@ -69,8 +69,15 @@ class _ALSState(NamedTuple):
     acc_fail: jax.Array  # consecutive rejected extrapolations
 
 
+def _solve_gram(v: jax.Array, m: jax.Array) -> jax.Array:
+    """``A`` with ``A V = M`` for the symmetric PSD ``V``: Cholesky, or least squares (SVD) when
+    ``V`` is numerically singular (e.g. R above the product of the other modes' sizes)."""
+    a = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(v, lower=True), m.T).T
+    return jax.lax.cond(jnp.all(jnp.isfinite(a)), lambda: a, lambda: jnp.linalg.lstsq(v, m.T)[0].T)
+
+
 def _als_sweep(x: jax.Array, factors: Sequence[jax.Array], ridge) -> list[jax.Array]:
-    """One ALS sweep: for every mode n, ``A_n V = X_(n) KR(others)`` solved by Cholesky, where
+    """One ALS sweep: for every mode n, ``A_n V = X_(n) KR(others)`` (:func:`_solve_gram`), where
     ``V`` is the Hadamard product of the other factors' Gram matrices ``+ ridge * mean(diag V) I``."""
     factors = list(factors)
     eye = jnp.eye(factors[0].shape[1], dtype=x.dtype)
@@ -78,7 +85,7 @@ def _als_sweep(x: jax.Array, factors: Sequence[jax.Array], ridge) -> list[jax.Ar
     for n in range(x.ndim):
         v = functools.reduce(jnp.multiply, [g for i, g in enumerate(grams) if i != n])
         v = v + ridge * jnp.mean(jnp.diag(v)) * eye
-        a = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(v, lower=True), _mttkrp(x, factors, n).T).T
+        a = _solve_gram(v, _mttkrp(x, factors, n))
         if n < x.ndim - 1:  # ALS is invariant to column scaling of the fixed factors: keep them unit
             norm = jnp.linalg.norm(a, axis=0)
             a = a / jnp.where(norm > 0, norm, 1.0)
@@ -217,6 +224,9 @@ def decompose(
         if int(state.sweep) < stop:  # converged inside the chunk
             break
     cp, rel = _to_params(kernel, state.factors, modes)
+    if not np.isfinite(float(rel)):
+        raise FloatingPointError(f"decompose: CP-ALS of kernel {tuple(kernel.shape)} at rank={rank} gave non-finite "
+                                 "factors; try init='random' or a smaller rank")
     return cp, float(rel)
 
 

@@ -97,6 +97,14 @@ def test_decompose_tree_replaces_kernels_by_cp_leaves():
     assert D.rank_for("budget", ("keep", "conv"), (1, 1, 4, 4)) == counting.cp_rank_for_budget(4, 4, (1, 1))
 
 
+def test_decompose_rank_above_the_other_modes_product_stays_finite():
+    # (3, 3, 1, 2) at R=8: every Gram Hadamard product has rank <= 6 < R (singular: lstsq fallback)
+    kernel = np.random.default_rng(5).normal(size=(3, 3, 1, 2)).astype(np.float32)
+    cp, err = D.decompose(kernel, 8)
+    chex.assert_tree_all_finite(cp)
+    assert err < 1e-4 and _rel(_np_cp(cp, ("h", "w")), kernel) < 1e-4
+
+
 def test_decompose_rejects_bad_inputs():
     kernel = jnp.ones((3, 3, 2, 2))
     for kwargs, match in (({"rank": 0}, "rank=0"), ({"rank": 2, "init": "hosvd"}, "init="), ({"rank": 2, "n_iter": -1}, "n_iter"),

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -52,6 +57,7 @@ from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
 from hocp_jax.training.objectives import metric_fn
+from hocp_jax.training.step import model_input  # uint8 batch -> float32 in [0, 1]
 
 SMALL = os.environ.get("HOCP_COLAB_SMALL") == "1"  # the test suite runs this notebook with tiny settings
 STEPS = dict(static=20, stage1=10, stage2=10) if SMALL else dict(static=600, stage1=200, stage2=200)
@@ -110,7 +116,7 @@ stage2 = train("stage2", "moving_digits", optax.adam(1e-3), STEPS["stage2"], sta
 batch = next(pipeline.eval_batches("moving_digits", "test", data_dir, batch_size=64))
 results = {}
 for name, variables in {"static (per frame)": static | {"params": video_params}, "stage 1": stage1, "stage 2": stage2}.items():
-    out = model.apply(variables, batch["video"], train=False)
+    out = model.apply(variables, model_input(batch), train=False)
     results[name] = out
     m = metric_fn(jax.device_get(out), batch)
     print(f"{name:20s} valence CCC {m['valence_ccc']:.3f}   arousal CCC {m['arousal_ccc']:.3f}")

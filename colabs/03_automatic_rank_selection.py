@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -50,6 +55,7 @@ from hocp_jax.data import pipeline
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import fit
 from hocp_jax.training.objectives import metric_fn
+from hocp_jax.training.step import model_input  # uint8 batch -> float32 in [0, 1]
 
 SMALL = os.environ.get("HOCP_COLAB_SMALL") == "1"
 STEPS = 20 if SMALL else 800
@@ -90,8 +96,8 @@ fig
 pruned, pruned_stats, prune_report = pruning.prune_rank(variables["params"], 0.0, variables["batch_stats"])
 small = {"params": pruned, "batch_stats": pruned_stats}
 batch = next(pipeline.eval_batches("digits_affect", "test", data_dir, batch_size=300))
-before = model.apply(variables, batch["image"])
-after = model.apply(small, batch["image"])  # the same module: ranks are read from the tree
+before = model.apply(variables, model_input(batch))
+after = model.apply(small, model_input(batch))  # the same module: ranks are read from the tree
 print(f"parameters: {count_params(variables['params']):,} -> {count_params(pruned):,}")
 print("max |difference| of the predictions:", float(np.max(np.abs(np.asarray(before["va"]) - np.asarray(after["va"])))))
 m_before, m_after = metric_fn(jax.device_get(before), batch), metric_fn(jax.device_get(after), batch)

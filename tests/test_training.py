@@ -207,33 +207,24 @@ def test_kill_and_resume_gives_identical_params(tmp_path):
     assert logged == [3, 4, 6, 8, 9, 10]
 
 
-def test_eight_devices_match_one_device(tmp_path):
+def test_eight_devices_and_two_processes_match_one_device(tmp_path):
+    """8 simulated devices, and a real 2-process jax.distributed run on localhost (CPU, gloo
+    collectives; each process reads its half of every batch), end with the 1-device params;
+    their streamed eval metrics match a float64 oracle."""
     one_proc, one_out = run_script(tmp_path, "one", 1, 6)
     eight_proc, eight_out = run_script(tmp_path, "eight", 8, 6)
-    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
-    assert eight_proc.returncode == 0, eight_proc.stderr[-3000:]
-    one, eight = load(one_out), load(eight_out)
-    assert one.pop("n_devices") == 1 and eight.pop("n_devices") == 8
-    for k in one:
-        np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2)
+    for proc in [one_proc, eight_proc, *procs]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, eight, two = load(one_out), load(eight_out), load(two_out)
+    assert one.pop("n_devices") == 1 and eight.pop("n_devices") == 8 and two.pop("n_devices") == 2
+    assert one.keys() == eight.keys() == two.keys()
+    for other in (eight, two):
+        for k in one:
+            np.testing.assert_allclose(other[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
     # streamed eval over batches of 6 and 4 examples (padded to 8 devices) == float64 oracle
     for k, want in oracle_eval(eight).items():
         np.testing.assert_allclose(eight[k], want, atol=1e-5, err_msg=k)
-
-
-def test_two_processes_match_one_process(tmp_path):
-    """A real 2-process jax.distributed run on localhost (CPU, gloo collectives), each
-    process reading its half of every batch, ends with the 1-process params and metrics."""
-    one_proc, one_out = run_script(tmp_path, "one", 1, 6)
-    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
-    procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2)
-    for proc in procs:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = load(one_out), load(two_out)
-    assert one.pop("n_devices") == 1 and two.pop("n_devices") == 2
-    assert one.keys() == two.keys()
-    for k in one:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
     logged = [r["step"] for r in tlog.read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert logged == [3, 4, 6]  # process 0 alone writes the log
 

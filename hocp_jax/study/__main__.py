@@ -1,0 +1,32 @@
+"""``python -m hocp_jax.study <name> [--quick | --tiny] [--out DIR]`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from hocp_jax.study import STUDIES
+from hocp_jax.study import runner as R
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m hocp_jax.study", description=__doc__)
+    p.add_argument("name", choices=sorted(STUDIES))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", const="quick", dest="size", help="few-minutes variant")
+    size.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="seconds (test suite)")
+    p.add_argument("--out", default=None, help="output folder (default studies/<name>[_<size>])")
+    args = p.parse_args(argv)
+    size = args.size or "full"
+    out = args.out or f"studies/{args.name}" + ("" if size == "full" else f"_{size}")
+    module = STUDIES[args.name]
+    settings = module.SETTINGS[size]
+    import os
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    results, report = module.run(settings, out)
+    return R.write(out, args.name, size, settings, results, report, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

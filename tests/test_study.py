@@ -1,0 +1,82 @@
+"""The studies (hocp_jax.study): every one runs end to end in its ``--tiny`` variant (the test-suite
+size of ``--quick``), writes its files, and its numbers are consistent with independent
+recomputations; the README's "## Studies" section quotes the committed results verbatim."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hocp_jax import transforms
+from hocp_jax.study import STUDIES
+from hocp_jax.study.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """All four studies, --tiny, in one process (they share compiled steps)."""
+    out = tmp_path_factory.mktemp("studies")
+    return {name: (main([name, "--tiny", "--out", str(out / name)]), out / name) for name in STUDIES}
+
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_tiny_study_writes_results_report_and_plots(tiny, name):
+    doc, out = tiny[name]
+    assert json.load(open(out / "results.json"))["results"].keys() == doc["results"].keys()
+    assert doc["size"] == "tiny" and doc["wall_time_s"] > 0
+    assert "--tiny" in open(out / "report.md").read()
+    pngs = glob.glob(str(out / "*.png"))
+    assert pngs and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_data_budget_summary_is_the_mean_of_its_runs(tiny):
+    res = tiny["data_budget"][0]["results"]
+    s = tiny["data_budget"][0]["settings"]
+    assert {r["n_clips"] for r in res["runs"]} == set(s["sizes"])
+    for model, per_size in res["summary"].items():
+        for n, metrics in per_size.items():
+            vals = [r["arousal_ccc"] for r in res["runs"] if r["model"] == model and r["n_clips"] == int(n)]
+            assert metrics["arousal_ccc"][0] == pytest.approx(np.mean(vals))
+    # the static model per frame does not see the video budget
+    static = [r["valence_ccc"] for r in res["runs"] if r["model"] == "static (per frame)"]
+    assert np.ptp(static) == 0
+    # stage 1 trains only the 3-tap temporal factors: 3 x (total CP rank) parameters
+    assert res["params"]["transduced, stage 1"]["video_trained"] % 3 == 0
+
+
+def test_rank_selection_pruning_drops_only_exact_zeros(tiny):
+    runs = tiny["rank_selection"][0]["results"]["runs"]
+    for r in runs:
+        # prune_rank drops the zeroed components (keeping >= 1 per layer), no others
+        assert r["rank_before"] - r["zeroed_lambdas"] <= r["rank_after"] <= r["rank_before"]
+        assert 0 <= r["params_before"] - r["params_after"] <= r["params_freed"]
+        assert (r["params_after"] < r["params_before"]) == (r["rank_after"] < r["rank_before"])
+        for k in ("valence_ccc", "arousal_ccc"):
+            assert r[f"{k}_after"] == pytest.approx(r[f"{k}_before"], abs=1e-4)
+    assert max(r["zeroed_lambdas"] for r in runs) > 0  # the largest gamma zeroes lambdas
+
+
+def test_transduction_init_delta_is_the_static_model_per_frame(tiny):
+    res = tiny["transduction_init"][0]["results"]
+    first = {r["init"]: r for r in res["runs"] if r["point"] == "transduced (no video step)"}
+    assert set(first) == set(transforms.INITS)
+    assert first["delta"]["arousal_ccc"] != first["ones"]["arousal_ccc"]
+
+
+def test_classification_compares_the_three_convs(tiny):
+    summary = tiny["classification"][0]["results"]["summary"]
+    assert {m["conv"] for m in summary.values()} == {"dense", "hocp", "hocp_s"}
+
+
+def test_readme_studies_section_is_quoted_from_the_committed_reports():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Studies", 1)[1].split("\n## ", 1)[0]
+    reports = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "studies", "*", "report.md")))
+    quoted = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(quoted) >= 8
+    for line in quoted:
+        assert line in reports, line

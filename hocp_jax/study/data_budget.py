@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from hocp_jax import optim
 from hocp_jax.study import runner as R
 
 SETTINGS = {

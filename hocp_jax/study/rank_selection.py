@@ -1,9 +1,9 @@
 """Study 2, automatic rank selection: sweep the lasso strength gamma on the CP lambdas.
 
 For every gamma a static HO-CP ResNet is trained on ``digits_affect`` with Adam followed by the
-proximal lasso step :func:`hocp_jax.optim.l1_prox` (threshold ``lr * gamma`` per step, which
+proximal lasso step :func:`hocp_jax.optim.prox_l1_lambdas` (threshold ``lr * gamma`` per step, which
 gives exact zeros; no separate penalty term, so the lasso is applied once). Then
-:func:`hocp_jax.transforms.prune_rank` (threshold 0) drops the zeroed rank components
+:func:`hocp_jax.pruning.prune_rank` (threshold 0) drops the zeroed rank components
 (factors, lambda and Psi/BN slices). Reported per gamma: parameters before/after pruning, the
 zeroed fraction (:func:`hocp_jax.optim.sparsity_report`), test CCC and class accuracy before
 and after pruning (equal up to float summation order: only exact zeros are dropped), and the
@@ -12,9 +12,8 @@ measured median time of one jitted train step (batch of 32 images) of the pruned
 
 from __future__ import annotations
 
-import numpy as np
 
-from hocp_jax import optim, transforms
+from hocp_jax import optim, pruning
 from hocp_jax.study import runner as R
 
 SETTINGS = {
@@ -36,7 +35,7 @@ def run(s: dict, out: str) -> tuple[dict, str]:
         for seed in s["seeds"]:
             model, v = R.static_model(s["widths"], steps=s["static_steps"], seed=seed, gamma=gamma, lr=LR)
             sparsity = optim.sparsity_report(v["params"])
-            params, stats, rep = transforms.prune_rank(v["params"], 0.0, v.get("batch_stats"))
+            params, stats, rep = pruning.prune_rank(v["params"], 0.0, v.get("batch_stats"))
             pruned = {"params": params, "batch_stats": stats}
             before, after = R.evaluator(model)(v, test), R.evaluator(model)(pruned, test)
             tr = R.trainer(model, f"adam {LR} lasso 0.0", lambda: R.adam(LR))

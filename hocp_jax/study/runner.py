@@ -6,7 +6,7 @@ checkpoints, grain iterators and logging would dominate their cost. Here the emb
 (:mod:`hocp_jax.data.embedded`, a few MB) is generated once into memory and every run is the
 library's own jitted :func:`~hocp_jax.training.step.make_train_step` /
 :func:`~hocp_jax.training.step.make_eval_step` driven by a plain Python loop, with the main job's
-loss and metrics (:func:`hocp_jax.training.jobs.loss_fn` / ``metric_fn``). Runs are not
+loss and metrics (:func:`hocp_jax.training.objectives.loss_fn` / ``metric_fn``). Runs are not
 checkpointed: a killed study is re-run from the start.
 
 Shapes: images ``(N, 32, 32, 1)``, videos ``(N, 8, 32, 32, 1)`` float32 in [0, 1]; ``va``
@@ -28,13 +28,13 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from hocp_jax import optim, transforms
-from hocp_jax.data.embedded import SIZES, make_digits_affect, make_moving_digits
+from hocp_jax import optim, transduction
+from hocp_jax.data.embedded import make_digits_affect, make_moving_digits
 from hocp_jax.data.pipeline import to_numpy
 from hocp_jax.models import count_params, get_model
-from hocp_jax.training.jobs import loss_fn, metric_fn
+from hocp_jax.training.objectives import loss_fn, metric_fn
 from hocp_jax.training.state import TrainState
-from hocp_jax.training.step import make_eval_step, make_train_step
+from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
 SIZES_ = ("tiny", "quick", "full")
 Data = dict[str, np.ndarray]
@@ -90,10 +90,11 @@ def loss_config(ce_weight: float = 0.1, va_weight: float = 1.0) -> ConfigDict:
 
 
 def init_variables(model, example: np.ndarray, seed: int) -> dict:
-    """``model.init`` on one example batch ``example`` (``(B, ...)``), compiled once per model."""
-    key = ("init", repr(model), example.shape)
+    """``model.init`` on one example batch ``example`` (``(B, ...)``, uint8 pixels scaled as in the
+    train step by :func:`hocp_jax.training.step.model_input`), compiled once per model."""
+    key = ("init", repr(model), example.shape, example.dtype)
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(functools.partial(model.init, train=False))
+        _CACHE[key] = jax.jit(lambda rng, x: model.init(rng, model_input({"x": x}, "x"), train=False))
     return jax.device_get(_CACHE[key](jax.random.key(seed), example))
 
 
@@ -120,11 +121,11 @@ def evaluator(model) -> "Evaluator":
 
 
 def adam(learning_rate: float, gamma: float = 0.0) -> optax.GradientTransformation:
-    """Adam; with ``gamma > 0`` followed by :func:`hocp_jax.optim.l1_prox` (threshold
+    """Adam; with ``gamma > 0`` followed by :func:`hocp_jax.optim.prox_l1_lambdas` (threshold
     ``learning_rate * gamma``), i.e. the lasso on every CP conv lambda as a proximal step
     (applied once: there is no separate penalty term in the loss)."""
     tx = optax.adam(learning_rate)
-    return optax.chain(tx, optim.l1_prox(learning_rate * gamma)) if gamma > 0 else tx
+    return optax.chain(tx, optim.prox_l1_lambdas(learning_rate * gamma)) if gamma > 0 else tx
 
 
 class Trainer:
@@ -268,4 +269,4 @@ def stage_trainers(model, transduced_vars: dict, lr1: float, lr2: float) -> tupl
 def transduced(static: dict, init: str) -> dict:
     """The static variables with every CP conv given a 3-tap temporal factor (``transduce``;
     the dense 1x1 shortcuts are applied per frame, ``dense="keep"``); batch stats unchanged."""
-    return static | {"params": transforms.transduce(static["params"], {"t": 3}, init, dense="keep")}
+    return static | {"params": transduction.transduce(static["params"], {"t": 3}, init, dense="keep")}

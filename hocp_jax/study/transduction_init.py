@@ -1,7 +1,7 @@
 """Study 4, transduction init: ``ones`` (the paper's) vs ``delta`` vs ``mean``, from the SAME static model.
 
 Per seed one static HO-CP ResNet is trained on ``digits_affect``; its parameters are transduced
-three times (:func:`hocp_jax.transforms.transduce` with each init; batch statistics unchanged) and
+three times (:func:`hocp_jax.transduction.transduce` with each init; batch statistics unchanged) and
 each copy gets the same two stages on the same ``moving_digits`` clips: stage 1 trains only the
 temporal factors, stage 2 fine-tunes everything. Test CCC per frame right after transduction
 (before any video step), after stage 1 and after stage 2.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hocp_jax import transforms
+from hocp_jax import transduction
 from hocp_jax.study import runner as R
 from hocp_jax.study.data_budget import LR
 
@@ -35,7 +35,7 @@ def run(s: dict, out: str) -> tuple[dict, str]:
         model, static = R.static_model(s["widths"], steps=s["static_steps"], seed=seed, lr=LR["static"])
         stage1, stage2 = R.stage_trainers(model, R.transduced(static, "mean"), LR["stage1"], LR["stage2"])
         evaluate = R.evaluator(model)
-        for init in transforms.INITS:
+        for init in transduction.INITS:
             v0 = R.transduced(static, init)
             v1 = stage1.train(v0, train, seed=seed, **kw)
             v2 = stage2.train(v1, train, seed=seed, **kw)
@@ -45,7 +45,7 @@ def run(s: dict, out: str) -> tuple[dict, str]:
             print(f"[transduction_init] seed {seed} {init}: arousal " + " -> ".join(
                 f"{r['arousal_ccc']:.2f}" for r in runs[-3:]), flush=True)
     summary = {init: {p: {k: R.mean_spread([r[k] for r in runs if r["init"] == init and r["point"] == p])
-                          for k in METRICS} for p in POINTS} for init in transforms.INITS}
+                          for k in METRICS} for p in POINTS} for init in transduction.INITS}
     _plot(summary, f"{out}/ccc_by_init.png")
     return dict(runs=runs, summary=summary), report(summary, s)
 
@@ -54,10 +54,10 @@ def report(summary: dict, s: dict) -> str:
     lines = [__doc__.split("\n\n", 1)[1].strip(), "", f"Settings: {s}.", ""]
     for target in METRICS:
         rows = [[init] + [f"{summary[init][p][target][0]:.3f} ± {summary[init][p][target][1]:.3f}" for p in POINTS]
-                for init in transforms.INITS]
+                for init in transduction.INITS]
         lines += [f"### Test {target.replace('_', ' ')} (mean ± half-range over {len(s['seeds'])} seeds)", "",
                   R.table(["init"] + list(POINTS), rows), ""]
-    best = {p: max(transforms.INITS, key=lambda i: summary[i][p]["arousal_ccc"][0]) for p in POINTS}
+    best = {p: max(transduction.INITS, key=lambda i: summary[i][p]["arousal_ccc"][0]) for p in POINTS}
     lines += ["Best init for arousal CCC: " + "; ".join(f"{p}: **{i}**" for p, i in best.items()) + ".", "",
               "`delta` reproduces the static per-frame predictions exactly before any video step; `ones` multiplies "
               "each CP layer's response by up to 3 (the static batch-norm statistics no longer fit), `mean` keeps the "
@@ -69,7 +69,7 @@ def _plot(summary: dict, path: str) -> None:
     def draw(axes):
         for ax, target in zip(axes, ("valence_ccc", "arousal_ccc")):
             x = np.arange(len(POINTS))
-            for init in transforms.INITS:
+            for init in transduction.INITS:
                 mean, spread = np.array([summary[init][p][target] for p in POINTS]).T
                 ax.errorbar(x, mean, yerr=spread, marker="o", capsize=3, label=init)
             ax.set_xticks(x, POINTS, fontsize=8)

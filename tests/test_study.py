@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from hocp_jax import transforms
+from hocp_jax import transduction
 from hocp_jax.study import STUDIES
 from hocp_jax.study.__main__ import main
 
@@ -63,7 +63,7 @@ def test_rank_selection_pruning_drops_only_exact_zeros(tiny):
 def test_transduction_init_delta_is_the_static_model_per_frame(tiny):
     res = tiny["transduction_init"][0]["results"]
     first = {r["init"]: r for r in res["runs"] if r["point"] == "transduced (no video step)"}
-    assert set(first) == set(transforms.INITS)
+    assert set(first) == set(transduction.INITS)
     assert first["delta"]["arousal_ccc"] != first["ones"]["arousal_ccc"]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,13 +26,13 @@ LOSSES = ("affect", "bregnet", "avce")
 
 
 def _flat(x: jax.Array) -> jax.Array:
-    """``(B, [T,] k) -> (B*T, k)``."""
-    return x.reshape(-1, x.shape[-1])
+    """``(B, [T,] k) -> (B*T, k)``: images and video frames alike."""
+    return einops.rearrange(x, "... k -> (...) k")
 
 
 def _per_frame(per_clip: jax.Array, n_frames: int) -> jax.Array:
     """``(B,)`` clip values repeated over the ``n_frames // B`` frames of each clip."""
-    return jnp.repeat(per_clip, n_frames // per_clip.shape[0])
+    return einops.repeat(per_clip, "b -> (b t)", t=n_frames // per_clip.shape[0])
 
 
 # ----------------------------------------------------------------------------- losses

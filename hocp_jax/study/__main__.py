@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from hocp_jax.study import STUDIES
@@ -21,11 +22,11 @@ def main(argv=None) -> dict:
     out = args.out or f"studies/{args.name}" + ("" if size == "full" else f"_{size}")
     module = STUDIES[args.name]
     settings = module.SETTINGS[size]
-    import os
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     results, report = module.run(settings, out)
-    return R.write(out, args.name, size, settings, results, report, time.time() - t0)
+    load = (round(load0, 2), round(os.getloadavg()[0], 2))
+    return R.write(out, args.name, size, settings, results, report, time.time() - t0, load)
 
 
 if __name__ == "__main__":

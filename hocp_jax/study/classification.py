@@ -19,13 +19,13 @@ from hocp_jax.study import runner as R
 SETTINGS = {
     "tiny": dict(variants=(("dense", (2, 4, 4), 0), ("hocp", (4, 8, 8), 1), ("hocp_s", (4, 8, 8), 1)),
                  fc=8, n_clips=16, seeds=(0,), steps=2, batch_size=4, n_test=20),
-    "quick": dict(variants=(("dense", (4, 8, 8), 0), ("dense", (8, 16, 16), 0), ("hocp", (8, 16, 16), 1),
-                            ("hocp", (8, 16, 16), 4), ("hocp_s", (8, 16, 16), 1), ("hocp_s", (8, 16, 16), 4)),
-                  fc=32, n_clips=512, seeds=(0, 1), steps=60, batch_size=16, n_test=150),
+    "quick": dict(variants=(("dense", (4, 8, 8), 0), ("dense", (8, 16, 16), 0), ("hocp", (8, 16, 16), 2),
+                            ("hocp_s", (8, 16, 16), 2)),
+                  fc=32, n_clips=512, seeds=(0,), steps=250, batch_size=16, n_test=150),
     "full": dict(variants=(("dense", (4, 8, 8), 0), ("dense", (8, 16, 16), 0), ("hocp", (8, 16, 16), 1),
                            ("hocp", (8, 16, 16), 2), ("hocp", (8, 16, 16), 6), ("hocp_s", (8, 16, 16), 1),
                            ("hocp_s", (8, 16, 16), 2), ("hocp_s", (8, 16, 16), 6)),
-                 fc=32, n_clips=2048, seeds=(0, 1, 2), steps=300, batch_size=16, n_test=150),
+                 fc=32, n_clips=2048, seeds=(0, 1, 2), steps=900, batch_size=16, n_test=150),
 }
 LR = 3e-3
 

@@ -20,8 +20,8 @@ SETTINGS = {
     "tiny": dict(widths=(4, 4, 8, 8), gammas=(0.0, 100.0), seeds=(0,), static_steps=4, n_test=20, repeats=2),
     "quick": dict(widths=(8, 8, 16, 16), gammas=(0.0, 0.3, 1.0, 3.0), seeds=(0,), static_steps=300, n_test=300,
                   repeats=10),
-    "full": dict(widths=(8, 8, 16, 16), gammas=(0.0, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=(0, 1), static_steps=800,
-                 n_test=300, repeats=20),
+    "full": dict(widths=(8, 8, 16, 16), gammas=(0.0, 0.1, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 3.0, 10.0),
+                 seeds=(0, 1), static_steps=800, n_test=300, repeats=20),
 }
 METRICS = ("valence_ccc", "arousal_ccc", "class_accuracy")
 LR, BATCH = 3e-3, 32
@@ -65,8 +65,8 @@ def report(summary: dict, s: dict) -> str:
     first = next(iter(summary.values()))
     lines = [__doc__.split("\n\n", 1)[1].strip(), "", f"Settings: {s}; Adam lr {LR}. Unpruned model: "
              f"{int(first['params_before'][0]):,} parameters, total CP rank {int(first['rank_before'][0])}. "
-             f"Means over {len(s['seeds'])} seed(s). Step times were measured on a machine shared with other jobs: "
-             "compare them only within this table.", "",
+             f"Means over {len(s['seeds'])} seed(s). Step times: compare them only within this table "
+             "(see the load average above).", "",
              R.table(["gamma", "params kept", "total rank kept", "valence CCC before", "valence CCC after",
                       "arousal CCC before", "arousal CCC after", "class acc. after", "train step (pruned)"], rows),
              "", "![trade-off](tradeoff.png)"]

@@ -196,17 +196,22 @@ def environment() -> dict:
             "machine": platform.machine(), "python": platform.python_version()}
 
 
-def write(out: str, name: str, size: str, settings: dict, results: dict, report: str, wall_s: float) -> dict:
-    """Writes ``out/results.json`` and ``out/report.md``; returns the json document."""
+def write(out: str, name: str, size: str, settings: dict, results: dict, report: str, wall_s: float,
+          load: tuple[float, float]) -> dict:
+    """Writes ``out/results.json`` and ``out/report.md``; returns the json document. ``load`` is the
+    machine's 1-minute load average at the start and at the end of the run (``os.getloadavg``): a
+    study on 2 cores uses about 2, more means other jobs shared the machine."""
     os.makedirs(out, exist_ok=True)
     doc = {"study": name, "size": size, "command": f"python -m hocp_jax.study {name}"
            + ("" if size == "full" else f" --{size}") + f" --out {out}",
-           "wall_time_s": round(wall_s, 1), "environment": environment(), "settings": settings, "results": results}
+           "wall_time_s": round(wall_s, 1), "load_average": load, "environment": environment(),
+           "settings": settings, "results": results}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)
     header = (f"# Study `{name}` ({size})\n\nCommand: `{doc['command']}`  \n"
-              f"Wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores"
-              " (shared with other jobs while it ran; timings are indicative).\n\n")
+              f"Wall time: {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores (1-minute load average"
+              f" {load[0]:g} at the start, {load[1]:g} at the end; above {os.cpu_count()} means other jobs"
+              " shared the machine and timings are indicative).\n\n")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(header + report.rstrip() + "\n")
     return doc

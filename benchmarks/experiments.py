@@ -4,13 +4,22 @@
 stem told it gets no input gradient (``auto`` -> reconstructed stem, the default now) vs the stem
 treated like an inner layer (``auto`` -> factorized stem, the previous behaviour), and the dense
 ResNet-18, interleaved in one process. Prints medians and ratios as JSON.
+
+``python -m benchmarks.experiments xla_flags [rounds]``: the Jester stack (the four 3x3x3 layers,
+fwd+bwd, ``bench`` protocol) with the dense conv and the HO-CP ``auto`` path, under several
+``XLA_FLAGS`` settings of the CPU backend. Flags are per process, so every setting runs in its
+own worker process; the parent times the workers' calls in interleaved, rotated rounds (one call
+runs at a time), so load from elsewhere hits all settings alike. Prints medians and ratios to the
+default-flags dense stack as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,5 +66,67 @@ def stem(rounds: int = 7) -> dict:
     return {"ms": ms, "ratio_to_dense": {k: v / ms["dense"] for k, v in ms.items()}, "loadavg": os.getloadavg()}
 
 
+XLA_FLAG_SETS = {
+    "default": "",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "xnn graph fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "ynn without reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
+    "fast math": "--xla_cpu_enable_fast_math=true",
+}
+
+
+def _flags_worker() -> None:
+    """Compiles the Jester stack (dense, auto) under this process's XLA_FLAGS, then runs the call
+    named on each stdin line and answers its wall time in ms."""
+    from benchmarks import bench
+
+    calls = {}
+    for case in bench.jester_cases(False):
+        x, kernel, params = bench.make_inputs(case)
+        fns = bench.conv_fns(case)
+        for path, w in (("dense", kernel), ("auto", params)):
+            calls[f"{case.name} {path}"] = bench.compile_jax(bench.fwd_bwd(fns[path], case.input_grad), x, w)[0]
+    for call in calls.values():
+        call()  # warm-up
+    print(json.dumps(sorted(calls)), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        calls[line.strip()]()
+        print(1e3 * (time.perf_counter() - t0), flush=True)
+
+
+def xla_flags(rounds: int = 3) -> dict:
+    workers, names = {}, None
+    for label, flags in XLA_FLAG_SETS.items():
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_flags_worker"], env=env,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for w in workers.values():
+        names = json.loads(w.stdout.readline())
+    jobs = [(label, name) for label in workers for name in names]
+    times: dict = {job: [] for job in jobs}
+    for rnd in range(rounds):
+        for label, name in jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]:
+            workers[label].stdin.write(name + "\n")
+            workers[label].stdin.flush()
+            times[(label, name)].append(float(workers[label].stdout.readline()))
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    med = {job: sorted(t)[len(t) // 2] for job, t in times.items()}
+    stack = {label: {path: sum(med[(label, n)] for n in names if n.endswith(" " + path)) for path in ("dense", "auto")}
+             for label in workers}
+    base = stack["default"]["dense"]
+    return {"flags": XLA_FLAG_SETS, "rounds": rounds, "stack_ms": stack,
+            "stack_ratio_to_default_dense": {k: {p: v / base for p, v in d.items()} for k, d in stack.items()},
+            "auto/dense per setting": {k: d["auto"] / d["dense"] for k, d in stack.items()},
+            "layer_ms": {f"{label} | {name}": med[(label, name)] for label, name in jobs},
+            "loadavg": os.getloadavg()}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"stem": stem}[sys.argv[1]](), indent=1))
+    if sys.argv[1] == "_flags_worker":
+        _flags_worker()
+    else:
+        rounds = [int(a) for a in sys.argv[2:3]]
+        print(json.dumps({"stem": stem, "xla_flags": xla_flags}[sys.argv[1]](*rounds), indent=1))

@@ -51,6 +51,8 @@ NUMERIC_CASES = [
     ((16,), (3,), (2,), "SAME", ((0, 1),), (1,)),  # 1-D
     ((4, 8, 6), (3, 3, 3), (1, 2, 2), 1, ((1, 1), (1, 1), (1, 1)), (1, 1, 1)),  # video, temporal stride 1
     ((6, 6, 6), (3, 3, 3), (2, 1, 2), "SAME", ((0, 1), (1, 1), (0, 1)), (1, 1, 1)),
+    # pads wider than the input: taps that read only padding (the shift kernel skips them)
+    ((2, 3), (5, 3), (3, 2), ((3, 3), (2, 1)), ((3, 3), (2, 1)), (1, 1)),
 ]
 
 
@@ -77,7 +79,7 @@ def test_paths_agree_with_independent_dense_conv(in_sizes, ks, stride, padding, 
     np.testing.assert_allclose(np.asarray(dense), want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("case", [0, 2, 6, 8, 9])
+@pytest.mark.parametrize("case", [0, 2, 4, 6, 8, 9, 10])
 def test_factorized_gradients_match_oracle(case):
     """The custom VJP of the shift-and-multiply kernel (input and every factor) vs the oracle's autodiff."""
     in_sizes, ks, stride, padding, oracle_pad, dilation = NUMERIC_CASES[case]

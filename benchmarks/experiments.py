@@ -11,6 +11,16 @@ fwd+bwd, ``bench`` protocol) with the dense conv and the HO-CP ``auto`` path, un
 own worker process; the parent times the workers' calls in interleaved, rotated rounds (one call
 runs at a time), so load from elsewhere hits all settings alike. Prints medians and ratios to the
 default-flags dense stack as JSON.
+
+``python -m benchmarks.experiments shift_kernel [rounds] [revision]``: the depthwise shift kernel
+of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel, measured and
+not kept) against the current one: the Jester stack layers (factorized, fwd+bwd, ``bench``
+protocol) and the ResNet-18 2-D and Jester train steps with their dense references, interleaved
+in one process. Needs a git checkout.
+
+``python -m benchmarks.experiments remat [rounds]``: the Jester stack layers (factorized,
+fwd+bwd, ``bench`` protocol) with and without ``jax.checkpoint`` around each conv (the backward
+pass recomputes the (B, *S, R) intermediates instead of keeping them), interleaved.
 """
 
 from __future__ import annotations
@@ -64,6 +74,65 @@ def stem(rounds: int = 7) -> dict:
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: v["median_ms"] for k, v in t.items()}
     return {"ms": ms, "ratio_to_dense": {k: v / ms["dense"] for k, v in ms.items()}, "loadavg": os.getloadavg()}
+
+
+def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
+    import importlib.util
+    import tempfile
+
+    from benchmarks import bench
+    from hocp_jax import conv
+
+    source = subprocess.run(["git", "show", f"{revision}:hocp_jax/conv.py"], capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location("conv_at_revision", f.name)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    kernels = {"current": conv._depthwise, revision: other._depthwise}
+
+    def compiled(kernel, build):
+        conv._depthwise = kernels[kernel]  # read by depthwise_conv_1d at trace time
+        try:
+            return build()
+        finally:
+            conv._depthwise = kernels["current"]
+
+    out: dict = {"revision": revision, "rounds": rounds}
+    layers = {}
+    for case in bench.jester_cases(False):
+        x, _, params = bench.make_inputs(case)
+        fn = bench.fwd_bwd(bench.conv_fns(case)["factorized"], case.input_grad)
+        for k in kernels:
+            layers[f"{case.name} {k}"] = compiled(k, lambda: bench.compile_jax(fn, x, params)[0])
+    t = bench.time_interleaved(layers, rounds, budget_s=1e9)
+    out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
+    out["jester_stack_ms"] = {k: sum(v for n, v in out["jester_layers_ms"].items() if n.endswith(" " + k)) for k in kernels}
+    cases = {c.name: c for c in bench.model_cases(False)}
+    for dense, hocp, n in (("resnet18 dense 2-D", "resnet18_hocp static", 5 * rounds), ("jester dense", "jester_hocp", rounds)):
+        calls = {dense: bench.prepare_model_case(cases[dense])[0]}
+        for k in kernels:
+            calls[f"{hocp} {k}"] = compiled(k, lambda: bench.prepare_model_case(cases[hocp])[0])
+        t = bench.time_interleaved(calls, n, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out[f"{hocp} step"] = {"rounds": n, "ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def remat(rounds: int = 3) -> dict:
+    from benchmarks import bench
+
+    calls = {}
+    for case in bench.jester_cases(False):
+        x, _, params = bench.make_inputs(case)
+        fn = bench.conv_fns(case)["factorized"]
+        for label, f in (("plain", fn), ("remat", jax.checkpoint(fn))):
+            calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, params)[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = {k: sum(v for n, v in ms.items() if n.endswith(" " + k)) for k in ("plain", "remat")}
+    return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
 
 
 XLA_FLAG_SETS = {
@@ -129,4 +198,6 @@ if __name__ == "__main__":
         _flags_worker()
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
-        print(json.dumps({"stem": stem, "xla_flags": xla_flags}[sys.argv[1]](*rounds), indent=1))
+        extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
+        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat}
+        print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

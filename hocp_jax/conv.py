@@ -148,38 +148,16 @@ def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
     return jnp.pad(h, cfg)
 
 
-def _tap_window(n: int, out: int, tap: int, stride: int, pad_lo: int, dilation: int) -> tuple[int, int, int] | None:
-    """Output ``o`` of a 1-D conv reads input ``i = o*stride + tap*dilation - pad_lo``. Returns
-    ``(lo, hi, start)``: the outputs ``lo..hi`` whose input lies inside ``0..n-1`` (the others
-    read padding) and the input ``start`` of output ``lo``; None if every output reads padding."""
-    shift = tap * dilation - pad_lo
-    lo = -(shift // stride) if shift < 0 else 0
-    hi = min(out - 1, (n - 1 - shift) // stride)
-    return (lo, hi, lo * stride + shift) if lo <= hi else None
-
-
 def _shift_conv_1d(h: jax.Array, factor: jax.Array, axis: int, stride: int, pad: tuple[int, int], dilation: int):
-    """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own).
-
-    The padded input is never built: tap ``k`` takes the strided slice of ``h`` that lands inside
-    the output and zero-pads only that slice, so every tap has one use and XLA fuses all of them
-    into one loop over the output. (With a padded copy of ``h`` shared by the taps, XLA writes
-    that copy out: one more full-size write and read per mode.)"""
-    k, n = factor.shape[0], h.shape[axis]
-    out = (n + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+    """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own)."""
+    k = factor.shape[0]
+    hp = _pad_axis(h, axis, pad)
+    out = (hp.shape[axis] - dilation * (k - 1) - 1) // stride + 1
     acc = None
     for t in range(k):
-        window = _tap_window(n, out, t, stride, pad[0], dilation)
-        if window is None:
-            continue
-        lo, hi, start = window
-        tap = lax.slice_in_dim(h, start, start + (hi - lo) * stride + 1, stride, axis) * factor[t]
-        tap = _pad_axis(tap, axis, (lo, out - 1 - hi))
+        start = t * dilation
+        tap = lax.slice_in_dim(hp, start, start + (out - 1) * stride + 1, stride, axis) * factor[t]
         acc = tap if acc is None else acc + tap
-    if acc is None:
-        shape = list(h.shape)
-        shape[axis] = out
-        acc = jnp.zeros(shape, jnp.result_type(h, factor))
     return acc
 
 
@@ -193,21 +171,14 @@ def _depthwise_fwd(h, factor, axis, stride, pad, dilation):
 
 
 def _depthwise_bwd(axis, stride, pad, dilation, res, g):
-    """Input gradient = the same shift kernel with the flipped factor over the cotangent
-    (stride-dilated first if ``stride > 1``); factor gradient = per tap, sum of the tap's
-    slice of the padded input times ``g``. (Reducing slices of the unpadded ``h`` and of ``g``
-    instead, or reducing over the conv axis first, measured no better: README, "Ideas measured".)"""
+    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
+    the flipped factor; factor gradient = per tap, sum of the tap's input slice times ``g``."""
     h, factor = res
     k, n_in, n_out = factor.shape[0], h.shape[axis], g.shape[axis]
     span = (n_out - 1) * stride + 1
-    back_pad = ((k - 1) * dilation - pad[0], n_in + pad[0] - span)
-    if stride > 1:
-        cfg = [(0, 0, 0)] * g.ndim
-        cfg[axis] = (0, 0, stride - 1)
-        g_in = lax.pad(g, jnp.zeros((), g.dtype), cfg)
-    else:
-        g_in = g
-    dh = _shift_conv_1d(g_in, factor[::-1], axis, 1, back_pad, dilation)
+    cfg = [(0, 0, 0)] * g.ndim
+    cfg[axis] = ((k - 1) * dilation - pad[0], n_in + pad[0] - span, stride - 1)
+    dh = _shift_conv_1d(lax.pad(g, jnp.zeros((), g.dtype), cfg), factor[::-1], axis, 1, (0, 0), dilation)
     hp = _pad_axis(h, axis, pad)
     sum_axes = tuple(range(h.ndim - 1))
     dfactor = jnp.stack([

@@ -51,7 +51,7 @@ NUMERIC_CASES = [
     ((16,), (3,), (2,), "SAME", ((0, 1),), (1,)),  # 1-D
     ((4, 8, 6), (3, 3, 3), (1, 2, 2), 1, ((1, 1), (1, 1), (1, 1)), (1, 1, 1)),  # video, temporal stride 1
     ((6, 6, 6), (3, 3, 3), (2, 1, 2), "SAME", ((0, 1), (1, 1), (0, 1)), (1, 1, 1)),
-    # pads wider than the input: taps that read only padding (the shift kernel skips them)
+    # pads wider than the input, stride 3: a tap that reads only padding
     ((2, 3), (5, 3), (3, 2), ((3, 3), (2, 1)), ((3, 3), (2, 1)), (1, 1)),
 ]
 

@@ -80,3 +80,12 @@ def test_readme_studies_section_is_quoted_from_the_committed_reports():
     assert len(quoted) >= 8
     for line in quoted:
         assert line in reports, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_quick_study_runs_end_to_end(name, tmp_path):
+    """The documented ``--quick`` variant (a few minutes each on 2 quiet cores), end to end."""
+    doc = main([name, "--quick", "--out", str(tmp_path)])
+    assert doc["size"] == "quick" and "--quick" in open(tmp_path / "report.md").read()
+    assert json.load(open(tmp_path / "results.json"))["results"].keys() == doc["results"].keys()

@@ -76,6 +76,11 @@ def stem(rounds: int = 7) -> dict:
     return {"ms": ms, "ratio_to_dense": {k: v / ms["dense"] for k, v in ms.items()}, "loadavg": os.getloadavg()}
 
 
+def _stack(layer_ms: dict, labels) -> dict:
+    """Per label, the sum over the layers of ``layer_ms`` (keys ``"<layer> <label>"``)."""
+    return {k: sum(v for n, v in layer_ms.items() if n.endswith(" " + k)) for k in labels}
+
+
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     import importlib.util
     import tempfile
@@ -107,7 +112,7 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
             layers[f"{case.name} {k}"] = compiled(k, lambda: bench.compile_jax(fn, x, params)[0])
     t = bench.time_interleaved(layers, rounds, budget_s=1e9)
     out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
-    out["jester_stack_ms"] = {k: sum(v for n, v in out["jester_layers_ms"].items() if n.endswith(" " + k)) for k in kernels}
+    out["jester_stack_ms"] = _stack(out["jester_layers_ms"], kernels)
     cases = {c.name: c for c in bench.model_cases(False)}
     for dense, hocp, n in (("resnet18 dense 2-D", "resnet18_hocp static", 5 * rounds), ("jester dense", "jester_hocp", rounds)):
         calls = {dense: bench.prepare_model_case(cases[dense])[0]}
@@ -131,7 +136,7 @@ def remat(rounds: int = 3) -> dict:
             calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, params)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
-    stack = {k: sum(v for n, v in ms.items() if n.endswith(" " + k)) for k in ("plain", "remat")}
+    stack = _stack(ms, ("plain", "remat"))
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
 
 

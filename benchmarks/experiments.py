@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -89,11 +90,12 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     from hocp_jax import conv
 
     source = subprocess.run(["git", "show", f"{revision}:hocp_jax/conv.py"], capture_output=True, text=True, check=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
         f.write(source.stdout)
-    spec = importlib.util.spec_from_file_location("conv_at_revision", f.name)
-    other = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(other)
+        f.flush()
+        spec = importlib.util.spec_from_file_location("conv_at_revision", f.name)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
     kernels = {"current": conv._depthwise, revision: other._depthwise}
 
     def compiled(kernel, build):
@@ -187,9 +189,8 @@ def xla_flags(rounds: int = 3) -> dict:
     for w in workers.values():
         w.stdin.close()
         w.wait()
-    med = {job: sorted(t)[len(t) // 2] for job, t in times.items()}
-    stack = {label: {path: sum(med[(label, n)] for n in names if n.endswith(" " + path)) for path in ("dense", "auto")}
-             for label in workers}
+    med = {job: statistics.median(t) for job, t in times.items()}
+    stack = {label: _stack({n: med[(label, n)] for n in names}, ("dense", "auto")) for label in workers}
     base = stack["default"]["dense"]
     return {"flags": XLA_FLAG_SETS, "rounds": rounds, "stack_ms": stack,
             "stack_ratio_to_default_dense": {k: {p: v / base for p, v in d.items()} for k, d in stack.items()},

@@ -21,10 +21,19 @@ in one process. Needs a git checkout.
 ``python -m benchmarks.experiments remat [rounds]``: the Jester stack layers (factorized,
 fwd+bwd, ``bench`` protocol) with and without ``jax.checkpoint`` around each conv (the backward
 pass recomputes the (B, *S, R) intermediates instead of keeping them), interleaved.
+``python -m benchmarks.experiments layout [rounds]``: the Jester stack layers (factorized,
+fwd+bwd, ``bench`` protocol, JAX dense conv as reference) with the (B, *S, R) intermediates
+channels-last over the whole batch, channels-first (B, R, *S: the taps then shift along
+contiguous spatial axes and the contractions become batched matmuls over positions), and
+channels-last run on chunks of 2 samples or one sample at a time under ``lax.map`` (the
+``per_sample`` option of ``cp_conv``: a sample's intermediates are 1/B of the working set, closer
+to the 32 MiB L3 cache); plus, on the smallest layer, the dense conv under ``lax.map``, which
+shows why the reconstructed path is never chunked. Interleaved.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -34,10 +43,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
 from benchmarks.bench import _loss_fn, compile_jax, time_interleaved
+from hocp_jax import conv
 from hocp_jax.models import get_model
 from hocp_jax.models.resnet import ResNet, hocp_factory
 from hocp_jax.training import TrainState, make_train_step
@@ -87,7 +98,6 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     import tempfile
 
     from benchmarks import bench
-    from hocp_jax import conv
 
     source = subprocess.run(["git", "show", f"{revision}:hocp_jax/conv.py"], capture_output=True, text=True, check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
@@ -140,6 +150,90 @@ def remat(rounds: int = 3) -> dict:
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, ("plain", "remat"))
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_channels_first(h, factor, axis, pad):
+    """Stride-1 depthwise 1-D conv of ``h (B, R, *S)`` along ``axis`` with ``factor (K, R)``."""
+    return conv._shift_conv_1d(h, _rank_first(factor, h.ndim), axis, 1, pad, 1)
+
+
+def _rank_first(factor, ndim):
+    """``factor (K, R)`` -> ``(K, R, 1, ..., 1)``, broadcasting against a (R, *S) slice."""
+    return factor.reshape(factor.shape + (1,) * (ndim - 2))
+
+
+def _depthwise_channels_first_fwd(h, factor, axis, pad):
+    return _depthwise_channels_first(h, factor, axis, pad), (h, factor)
+
+
+def _depthwise_channels_first_bwd(axis, pad, res, g):
+    h, factor = res
+    k = factor.shape[0]
+    cfg = [(0, 0)] * g.ndim
+    cfg[axis] = (k - 1 - pad[0], k - 1 - pad[1])
+    dh = conv._shift_conv_1d(jnp.pad(g, cfg), _rank_first(factor[::-1], h.ndim), axis, 1, (0, 0), 1)
+    hp = conv._pad_axis(h, axis, pad)
+    sum_axes = (0,) + tuple(range(2, h.ndim))
+    dfactor = jnp.stack([jnp.sum(lax.slice_in_dim(hp, t, t + g.shape[axis], 1, axis) * g, axis=sum_axes)
+                         for t in range(k)])
+    return dh, dfactor
+
+
+_depthwise_channels_first.defvjp(_depthwise_channels_first_fwd, _depthwise_channels_first_bwd)
+
+
+def _cp_channels_first(x, p, modes):
+    """Factorized stride-1 'SAME' CP conv of ``x (B, *S, C)`` with (B, R, *S) intermediates."""
+    n = x.ndim - 2
+    h = jnp.moveaxis(jnp.einsum("...c,cr->...r", x, p["factor_in"]), -1, 1)
+    for i, m in enumerate(modes):
+        f = p[conv.mode_key(m)]
+        h = _depthwise_channels_first(h, f, i + 2, ((f.shape[0] - 1) // 2, f.shape[0] // 2))
+    letters = "defgh"[:n]
+    return jnp.einsum(f"br{letters},tr->b{letters}t", h, p["factor_out"] * p["lambda"][None, :])
+
+
+def _chunked(fn, k):
+    """``fn(x, p)`` applied to batch chunks of ``k`` samples one after another (``lax.map``)."""
+    def f(x, p):
+        y = lax.map(lambda xi: fn(xi, p), x.reshape((x.shape[0] // k, k) + x.shape[1:]))
+        return y.reshape((x.shape[0],) + y.shape[2:])
+    return f
+
+
+def layout(rounds: int = 3) -> dict:
+    from benchmarks import bench
+
+    def cp(case, **kw):
+        return lambda x, p: conv.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
+                                         implementation="factorized", **kw)
+
+    labels = ("dense", "whole batch", "channels-first", "chunks of 2", "per sample")
+    calls = {}
+    for case in bench.jester_cases(False):
+        x, kernel, params = bench.make_inputs(case)
+        variants = {
+            "whole batch": cp(case, per_sample=False),
+            "channels-first": lambda x, p, modes=case.modes: _cp_channels_first(x, p, modes),
+            "chunks of 2": _chunked(cp(case, per_sample=False), 2),
+            "per sample": cp(case, per_sample=True),
+        }
+        dense = bench.conv_fns(case)["dense"]
+        calls[f"{case.name} dense"] = bench.compile_jax(bench.fwd_bwd(dense, case.input_grad), x, kernel)[0]
+        if case.c_in == 256:  # the smallest layer: XLA CPU's dense conv inside a loop body
+            for label, f in (("dense, per sample (lax.map)", _chunked(dense, 1)),
+                             ("dense, whole batch in one lax.map step", _chunked(dense, case.batch))):
+                calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, kernel)[0]
+        for label, f in variants.items():
+            calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, params)[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = _stack(ms, labels)
+    return {"rounds": rounds, "layers_ms": ms, "stack_ms": stack,
+            "ratio_to_whole_batch": {k: v / stack["whole batch"] for k, v in stack.items()},
+            "ratio_to_dense": {k: v / stack["dense"] for k, v in stack.items()},
+            "loadavg": os.getloadavg()}
 
 
 XLA_FLAG_SETS = {
@@ -205,5 +299,5 @@ if __name__ == "__main__":
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
-        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat}
+        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

@@ -135,6 +135,18 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def per_sample_default(batch: int) -> bool:
+    """Whether the factorized CP path runs one sample at a time when the caller does not say
+    (:func:`hocp_jax.conv.cp_conv` ``per_sample=None``): on the CPU backend with one device and
+    ``batch > 1``. Measured on the 2-core CPU (``python -m benchmarks.experiments layout``): the
+    Jester stack fwd+bwd takes 0.6-0.7x the time of the whole-batch program, because a
+    sample's ``(1, *S, R)`` intermediates are 1/B of the memory traffic's working set. On
+    GPU/TPU a sequential loop would idle the device, and with several devices the batch is
+    sharded, so the default is off there.
+    """
+    return batch > 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True) -> str:
     """``"factorized"`` or ``"reconstructed"`` for one CP conv call under the current :func:`policy`.
 

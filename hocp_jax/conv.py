@@ -279,6 +279,7 @@ def cp_conv(
     psi: Psi | None = None,
     mode_order: Sequence[str] | None = None,
     input_grad: bool = True,
+    per_sample: bool | None = None,
 ) -> jax.Array:
     """CP (Kruskal) convolution of any order.
 
@@ -300,6 +301,12 @@ def cp_conv(
       input_grad: whether the caller differentiates w.r.t. ``x`` (False for a network's first
         layer, whose input is the data). Only informs ``"auto"``: without the input gradient a
         channel-starved dense conv is cheap, so ``reconstructed`` can win.
+      per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
+        its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
+        through memory; the result is the same. ``None`` (default): :func:`hocp_jax.autotune.per_sample_default`
+        (on a single CPU device, when ``psi`` is None). Not allowed with ``psi``, which may use
+        batch statistics. Ignored by the reconstructed path (XLA CPU's dense conv inside a loop
+        is many times slower).
 
     Returns:
       ``(B, *S_out, C_out)``.
@@ -338,15 +345,25 @@ def cp_conv(
             order = tuple(mode_order)
             if sorted(order) != sorted(modes):
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
-        h = jnp.einsum("...c,cr->...r", x, params["factor_in"])
-        if psi is not None:
-            h = psi(h, "in")
-        for m in order:
-            i = modes.index(m)
-            h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
+        if per_sample is None:
+            per_sample = psi is None and autotune.per_sample_default(x.shape[0])
+        elif per_sample and psi is not None:
+            raise ValueError("per_sample=True: psi between factors sees the whole batch (e.g. BatchNorm); "
+                             "use per_sample=False or None with psi")
+        out_factor = params["factor_out"] * params["lambda"][None, :]
+
+        def factorized(x):
+            h = jnp.einsum("...c,cr->...r", x, params["factor_in"])
             if psi is not None:
-                h = psi(h, m)
-        y = jnp.einsum("...r,tr->...t", h, params["factor_out"] * params["lambda"][None, :])
+                h = psi(h, "in")
+            for m in order:
+                i = modes.index(m)
+                h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
+                if psi is not None:
+                    h = psi(h, m)
+            return jnp.einsum("...r,tr->...t", h, out_factor)
+
+        y = lax.map(lambda xi: factorized(xi[None])[0], x) if per_sample else factorized(x)
     if "factor_skip" in params:
         skip = _skip(x, params, strides)
         if skip.shape != y.shape:

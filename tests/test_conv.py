@@ -88,8 +88,9 @@ def test_cp_conv_matches_dense(sizes, ks, stride, dil, padding):
     # the lax oracle with lax's own padding string where there is one
     lax_padding = padding if padding in ("SAME", "VALID") else pads
     np.testing.assert_allclose(resolve_padding(padding, sizes, ks, strides, dils), pads)
-    for impl in conv.IMPLEMENTATIONS:
-        y = conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dil, implementation=impl)
+    for impl, per_sample in [(i, None) for i in conv.IMPLEMENTATIONS] + [("factorized", True), ("factorized", False)]:
+        y = conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dil, implementation=impl,
+                         per_sample=per_sample)
         assert y.shape == expected.shape
         np.testing.assert_allclose(y, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
     np.testing.assert_allclose(conv.cp_to_kernel(p, modes), w, rtol=1e-5, atol=1e-6)
@@ -164,13 +165,13 @@ def np_conv_depthwise(h, f, axis):
 def test_gradients_finite_differences():
     key = jax.random.key(3)
     with jax.enable_x64(True):
-        x = jax.random.normal(key, (1, 5, 4, 2), jnp.float64)
+        x = jax.random.normal(key, (2, 5, 4, 2), jnp.float64)
         p = jax.tree.map(lambda a: a.astype(jnp.float64), init.init_cp_params(key, 2, 3, (3, 2), 3, skip=True))
+        for per_sample in (False, True):
+            def f(x, p, per_sample=per_sample):
+                return conv.cp_conv(x, p, modes=("h", "w"), stride=(2, 1), padding="SAME", per_sample=per_sample)
 
-        def f(x, p):
-            return conv.cp_conv(x, p, modes=("h", "w"), stride=(2, 1), padding="SAME")
-
-        check_grads(f, (x, p), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+            check_grads(f, (x, p), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
         check_grads(lambda x, p: conv.cp_conv(x, p, modes=("h", "w"), implementation="reconstructed"), (x, p), order=1, modes=("rev",))
 
 
@@ -230,6 +231,7 @@ def test_mobilenet_is_cp_special_case():
         (dict(drop="factor_w"), "missing CP leaves"),
         (dict(bad_rank=True), "factor_h"),
         (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
+        (dict(per_sample=True, psi=lambda h, stage: h), "per_sample=True"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -36,7 +36,9 @@ FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
 ``dense_flops``; factorized: ``cp_flops`` in :func:`hocp_jax.conv.best_mode_order`;
 reconstructed: ``dense_flops + cp_reconstruct_flops``). Note that XLA counts only the taps
 of a dense conv that fall inside the input (padded taps are free), while the shift-and-
-multiply kernel really multiplies the padded zeros.
+multiply kernel really multiplies the padded zeros. FLOPs are counted on the whole-batch
+program (``per_sample`` off, see :func:`xla_flops`); the timed one is the default (per sample on a
+single CPU device).
 """
 
 from __future__ import annotations
@@ -163,8 +165,11 @@ def _jaxlib_version() -> str | None:
 
 
 def xla_flops(fn: Callable, *args) -> float | None:
-    """``cost_analysis()["flops"]`` of ``jax.jit(fn)`` compiled for ``args`` (None if unavailable)."""
-    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """``cost_analysis()["flops"]`` of ``jax.jit(fn)`` compiled for ``args`` (None if unavailable).
+
+    Traced with ``per_sample`` off: XLA counts a ``lax.map`` loop body once, not once per sample."""
+    with autotune.per_sample_mode(False):
+        ca = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None
     return float(ca["flops"]) if ca and "flops" in ca else None

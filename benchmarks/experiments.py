@@ -29,6 +29,11 @@ channels-last run on chunks of 2 samples or one sample at a time under ``lax.map
 ``per_sample`` option of ``cp_conv``: a sample's intermediates are 1/B of the working set, closer
 to the 32 MiB L3 cache); plus, on the smallest layer, the dense conv under ``lax.map``, which
 shows why the reconstructed path is never chunked. Interleaved.
+
+``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
+static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
+every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
+dense reference.
 """
 
 from __future__ import annotations
@@ -236,6 +241,24 @@ def layout(rounds: int = 3) -> dict:
             "loadavg": os.getloadavg()}
 
 
+def per_sample(rounds: int = 15) -> dict:
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds}
+    for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced")):
+        calls = {dense: bench.prepare_model_case(cases[dense])[0]}
+        for label, value in (("whole batch", False), ("automatic", None), ("per sample", True)):
+            with autotune.per_sample_mode(value):
+                calls[f"{hocp}, {label}"] = bench.prepare_model_case(cases[hocp])[0]
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 XLA_FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
@@ -299,5 +322,5 @@ if __name__ == "__main__":
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
-        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout}
+        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

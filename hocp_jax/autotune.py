@@ -22,6 +22,7 @@ the same hardware beforehand) and the analytic pick otherwise, which is determin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
 
-_config: dict[str, Any] = {"policy": None, "cache_path": None}
+_config: dict[str, Any] = {"policy": None, "cache_path": None, "per_sample": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -135,16 +136,46 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def per_sample_default(batch: int) -> bool:
-    """Whether the factorized CP path runs one sample at a time when the caller does not say
-    (:func:`hocp_jax.conv.cp_conv` ``per_sample=None``): on the CPU backend with one device and
-    ``batch > 1``. Measured on the 2-core CPU (``python -m benchmarks.experiments layout``): the
-    Jester stack fwd+bwd takes 0.6-0.7x the time of the whole-batch program, because a
-    sample's ``(1, *S, R)`` intermediates are 1/B of the memory traffic's working set. On
-    GPU/TPU a sequential loop would idle the device, and with several devices the batch is
-    sharded, so the default is off there.
+PER_SAMPLE_MIN_BYTES = 256 * 1024
+"""Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`per_sample_default` turns
+the per-sample loop on: below it (test-size shapes, the last stages of a network) the loop's
+fixed cost outweighs the smaller working set. A rough bound, not a fine calibration."""
+
+
+@contextlib.contextmanager
+def per_sample_mode(value: bool | None):
+    """Within the block, :func:`per_sample_default` answers ``value and batch > 1`` (``None``:
+    the automatic rule). Read at trace time, so it applies to functions traced in the block
+    (e.g. a model whose layers do not expose ``per_sample``)."""
+    previous = _config["per_sample"]
+    _config["per_sample"] = value
+    try:
+        yield
+    finally:
+        _config["per_sample"] = previous
+
+
+def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
+    """Whether the factorized CP path on ``x (B, *S, C)`` runs one sample at a time when the caller
+    does not say (:func:`hocp_jax.conv.cp_conv` ``per_sample=None``): as set by
+    :func:`per_sample_mode`, else on the CPU backend with one device, ``B > 1``, three or more
+    modes (spatio-temporal convs) and a per-sample intermediate ``prod(S) * rank`` of at least
+    :data:`PER_SAMPLE_MIN_BYTES`.
+
+    Measured on the 2-core CPU (README "Benchmarks"): per sample, the Jester stack fwd+bwd takes
+    0.6-0.8x the time of the whole-batch program (``python -m benchmarks.experiments layout``),
+    because a sample's intermediates are 1/B of the working set of the memory-bound depthwise
+    passes. The 2-D layers gain in isolation too, but the HO-CP ResNet-18 2-D train step is
+    slower with it (``python -m benchmarks.experiments per_sample``: 0.91x dense whole batch,
+    1.09x per sample), so 2-D convs keep the whole-batch program. On GPU/TPU a sequential loop
+    would idle the device, and with several devices the batch is sharded, so it is off there.
     """
-    return batch > 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
+    batch = x_shape[0]
+    if _config["per_sample"] is not None:
+        return bool(_config["per_sample"]) and batch > 1
+    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+    return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
+            and jax.default_backend() == "cpu" and jax.device_count() == 1)
 
 
 def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True) -> str:

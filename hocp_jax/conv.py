@@ -304,7 +304,7 @@ def cp_conv(
       per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
         through memory; the result is the same. ``None`` (default): :func:`hocp_jax.autotune.per_sample_default`
-        (on a single CPU device, when ``psi`` is None). Not allowed with ``psi``, which may use
+        (on a single CPU device, for large enough intermediates, when ``psi`` is None). Not allowed with ``psi``, which may use
         batch statistics. Ignored by the reconstructed path (XLA CPU's dense conv inside a loop
         is many times slower).
 
@@ -346,7 +346,7 @@ def cp_conv(
             if sorted(order) != sorted(modes):
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
         if per_sample is None:
-            per_sample = psi is None and autotune.per_sample_default(x.shape[0])
+            per_sample = psi is None and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
         elif per_sample and psi is not None:
             raise ValueError("per_sample=True: psi between factors sees the whole batch (e.g. BatchNorm); "
                              "use per_sample=False or None with psi")

@@ -142,7 +142,9 @@ def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, paddi
     def cp(x, lam, u_in, u_out, *mode_factors):
         p = {"lambda": lam, "factor_in": u_in, "factor_out": u_out}
         p |= {f"factor_{m}": u for m, u in zip(modes, mode_factors)}
-        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, implementation="factorized")
+        # whole batch: XLA's cost analysis counts a lax.map body once, not once per sample
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, implementation="factorized",
+                            per_sample=False)
 
     x_shape = (batch, *in_sizes, c_in)
     xla_cp = _xla_flops(cp, x_shape, (rank,), (c_in, rank), (c_out, rank), *[(3, rank)] * n)
@@ -293,3 +295,35 @@ def test_autotune_rejects_unknown_policy(monkeypatch):
     monkeypatch.setenv(autotune.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="HOCP_JAX_AUTOTUNE='fast'"):
         autotune.policy()
+
+
+def test_per_sample_rule_and_wiring(monkeypatch):
+    """The default: per sample only for B > 1, 3+ modes, a big enough per-sample intermediate, one
+    CPU device; ``per_sample_mode`` overrides it; ``cp_conv`` traces a scan (lax.map) exactly then."""
+    from hocp_jax import autotune
+
+    big = (2, 4, 16, 16, 8)  # 4*16*16 positions x rank 64 x 4 bytes = 256 KiB per sample
+    assert autotune.per_sample_default(big, 64, jnp.float32)
+    assert not autotune.per_sample_default(big, 63, jnp.float32)  # just below PER_SAMPLE_MIN_BYTES
+    assert not autotune.per_sample_default(big, 64, jnp.bfloat16)  # half the bytes
+    assert not autotune.per_sample_default((1,) + big[1:], 64, jnp.float32)
+    assert not autotune.per_sample_default((2, 64, 16, 8), 64, jnp.float32)  # 2-D
+    with autotune.per_sample_mode(True):
+        assert autotune.per_sample_default((2, 4, 4, 3), 2, jnp.float32)
+        assert not autotune.per_sample_default((1, 4, 4, 3), 2, jnp.float32)
+    with autotune.per_sample_mode(False):
+        assert not autotune.per_sample_default(big, 64, jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not autotune.per_sample_default(big, 64, jnp.float32)
+    monkeypatch.undo()
+
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _cp_numpy(np.random.default_rng(0), 8, 8, (3, 3, 3), 64, ("t", "h", "w")).items()}
+    x = jnp.zeros(big)
+
+    def lowered(**kw):
+        return str(jax.make_jaxpr(lambda x: conv.cp_conv(x, p, modes=("t", "h", "w"), **kw))(x))
+
+    assert "scan" in lowered() and "scan" in lowered(per_sample=True)
+    assert "scan" not in lowered(per_sample=False) and "scan" not in lowered(implementation="reconstructed")
+    with autotune.per_sample_mode(False):
+        assert "scan" not in lowered()

@@ -503,7 +503,9 @@ PROTOCOL = (
     "path `implementation='auto'` chose, ✗ if the other path measured faster. `auto/best` = auto / "
     "min(factorized, reconstructed). FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
     "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
-    "below 1 there."
+    "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
+    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), 2-D "
+    "convs run the whole batch; FLOPs are counted on the whole-batch program."
 )
 
 

@@ -167,8 +167,8 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     because a sample's intermediates are 1/B of the working set of the memory-bound depthwise
     passes. The 2-D layers gain in isolation too, but the HO-CP ResNet-18 2-D train step is
     slower with it (``python -m benchmarks.experiments per_sample 30``: 0.98x dense whole
-    batch, 1.06x per sample), so 2-D convs keep the whole-batch program. On GPU/TPU a sequential loop
-    would idle the device, and with several devices the batch is sharded, so it is off there.
+    batch, 1.06x per sample), so 2-D convs keep the whole-batch program. On GPU/TPU a sequential
+    loop would idle the device, and with several devices the batch is sharded, so it is off there.
     """
     batch = x_shape[0]
     if _config["per_sample"] is not None:

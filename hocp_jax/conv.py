@@ -303,10 +303,11 @@ def cp_conv(
         channel-starved dense conv is cheap, so ``reconstructed`` can win.
       per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
-        through memory; the result is the same. ``None`` (default): :func:`hocp_jax.autotune.per_sample_default`
-        (on a single CPU device, for large enough intermediates, when ``psi`` is None). Not allowed with ``psi``, which may use
-        batch statistics. Ignored by the reconstructed path (XLA CPU's dense conv inside a loop
-        is many times slower).
+        through memory; the result is the same. ``None`` (default):
+        :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large enough intermediates
+        on a single CPU device) when ``psi`` is None, else off. ``True`` is not allowed with
+        ``psi``, which may use batch statistics. Ignored by the reconstructed path (XLA CPU's
+        dense conv inside a loop is many times slower).
 
     Returns:
       ``(B, *S_out, C_out)``.

@@ -334,11 +334,11 @@ def test_per_sample_inside_a_linen_layer_matches_the_whole_batch():
     with the whole-batch program, which the oracle tests above check against a dense conv."""
     from hocp_jax import autotune, layers
 
-    x = jax.random.normal(jax.random.key(0), (3, 4, 6, 6, 5))
-    m = layers.CPConv(features=7, kernel_size=(3, 3), spatial_modes=("h", "w"), temporal_modes=("t",))
-    v = m.init(jax.random.key(1), x)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 3))
+    m = layers.CPConv(features=4, kernel_size=(3, 3), spatial_modes=("h", "w"), temporal_modes=("t",))
+    v = jax.jit(m.init)(jax.random.key(1), x)
     out = []
     for mode in (False, True):
         with autotune.per_sample_mode(mode):
-            out.append(jax.value_and_grad(lambda v: jnp.sum(m.apply(v, x) ** 2))(v))
+            out.append(jax.jit(jax.value_and_grad(lambda v: jnp.sum(m.apply(v, x) ** 2)))(v))  # traced here
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())), *out)

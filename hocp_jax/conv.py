@@ -346,6 +346,8 @@ def cp_conv(
             order = tuple(mode_order)
             if sorted(order) != sorted(modes):
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
+        if per_sample not in (None, True, False):
+            raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
         if per_sample is None:
             per_sample = psi is None and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
         elif per_sample and psi is not None:

@@ -261,10 +261,18 @@ def cp_to_kernel(params: Params, modes: Sequence[str]) -> jax.Array:
     return jnp.einsum(spec, *operands)
 
 
+def channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """1x1 contraction ``(B, *S, C) x (C, R) -> (B, *S, R)`` as one 2-D matmul over the flattened
+    positions. Same values as ``einsum("...c,cr->...r")``, but its weight gradient is a plain
+    ``(C, N) x (N, R)`` dot: XLA CPU's dot canonicalisation otherwise transposes the (N, R)
+    cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
+
+
 def _skip(x: jax.Array, params: Params, strides) -> jax.Array:
     """Skip branch ``x x_C U^(S)`` as a strided 1x1 conv: ``(B, *S_out, C_out)``."""
     xs = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
-    return jnp.einsum("...c,ct->...t", xs, params["factor_skip"])
+    return channel_matmul(xs, params["factor_skip"])
 
 
 def cp_conv(
@@ -305,9 +313,11 @@ def cp_conv(
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
         through memory; the result is the same. ``None`` (default):
         :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large enough intermediates
-        on a single CPU device) when ``psi`` is None, else off. ``True`` is not allowed with
-        ``psi``, which may use batch statistics. Ignored by the reconstructed path (XLA CPU's
-        dense conv inside a loop is many times slower).
+        on a single CPU device) when ``psi`` is None, else off, since ``psi`` may use batch
+        statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
+        on each sample alone (ReLU, PReLU; :class:`hocp_jax.layers.CPConv` decides this from
+        its ``psi`` name). Ignored by the reconstructed path (XLA CPU's dense conv inside a
+        loop is many times slower).
 
     Returns:
       ``(B, *S_out, C_out)``.
@@ -350,13 +360,10 @@ def cp_conv(
             raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
         if per_sample is None:
             per_sample = psi is None and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
-        elif per_sample and psi is not None:
-            raise ValueError("per_sample=True: psi between factors sees the whole batch (e.g. BatchNorm); "
-                             "use per_sample=False or None with psi")
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
         def factorized(x):
-            h = jnp.einsum("...c,cr->...r", x, params["factor_in"])
+            h = channel_matmul(x, params["factor_in"])
             if psi is not None:
                 h = psi(h, "in")
             for m in order:
@@ -364,7 +371,7 @@ def cp_conv(
                 h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
                 if psi is not None:
                     h = psi(h, m)
-            return jnp.einsum("...r,tr->...t", h, out_factor)
+            return channel_matmul(h, out_factor.T)
 
         y = lax.map(lambda xi: factorized(xi[None])[0], x) if per_sample else factorized(x)
     if "factor_skip" in params:
@@ -416,9 +423,9 @@ def tucker_conv(
     if implementation == "reconstructed":
         y = dense_conv(x, tucker_to_kernel(params), stride=stride, padding=padding, dilation=dilation)
     elif implementation == "factorized":
-        h = jnp.einsum("...c,cr->...r", x, u_in)
+        h = channel_matmul(x, u_in)
         h = dense_conv(h, core, stride=stride, padding=padding, dilation=dilation)
-        y = jnp.einsum("...r,tr->...t", h, u_out)
+        y = channel_matmul(h, u_out.T)
     else:
         raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
     return y + params["bias"] if "bias" in params else y
@@ -468,11 +475,11 @@ def separable_conv(
     n = dw.ndim - 1
     if x.ndim != n + 2:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected {n + 2}-D input for a depthwise kernel {tuple(dw.shape)}")
-    h = jnp.einsum("...c,cr->...r", x, params["factor_in"]) if "factor_in" in params else x
+    h = channel_matmul(x, params["factor_in"]) if "factor_in" in params else x
     if h.shape[-1] != dw.shape[-1]:
         raise ValueError(f"params['depthwise']: shape {tuple(dw.shape)} expects {dw.shape[-1]} channels, got {h.shape[-1]}")
     h = dense_conv(h, dw[..., None, :], stride=stride, padding=padding, dilation=dilation, feature_group_count=dw.shape[-1])
-    y = jnp.einsum("...r,tr->...t", h, params["factor_out"])
+    y = channel_matmul(h, params["factor_out"].T)
     if "factor_skip" in params:
         y = y + _skip(x, params, as_tuple(stride, n, "stride"))
     return y + params["bias"] if "bias" in params else y
@@ -540,12 +547,12 @@ def tt_conv(
         def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
             return tuple(value if j == i else rest for j in range(n))
 
-        h = jnp.einsum("...c,cr->...r", x, cores[0][0])
+        h = channel_matmul(x, cores[0][0])
         for i, c in enumerate(cores[1:-1]):  # (R_i, K_i, R_{i+1}) -> kernel (1.., K_i, ..1, R_i, R_{i+1})
             kernel = jnp.moveaxis(c, 1, 0).reshape(only(i, c.shape[1], 1) + (c.shape[0], c.shape[2]))
             h = dense_conv(h, kernel, stride=only(i, strides[i], 1), padding=only(i, pads[i], (0, 0)),
                            dilation=only(i, dilations[i], 1))
-        y = jnp.einsum("...r,rt->...t", h, cores[-1][..., 0])
+        y = channel_matmul(h, cores[-1][..., 0])
     else:
         raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
     return y + params["bias"] if "bias" in params else y

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.contrastive import softmax_view, sparsemax
+from hocp_jax.models.common import max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -76,7 +77,7 @@ class AlexNetEncoder(nn.Module):
         def pool(x):
             if min(x.shape[1:3]) < 3:
                 return x
-            return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+            return max_pool_spatial(x, (3, 3), (2, 2), ((0, 0), (0, 0)))
 
         specs = [(11, 4, 2), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
         for i, (width, (k, s, p)) in enumerate(zip(self.widths, specs)):

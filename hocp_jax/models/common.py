@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+from hocp_jax.pooling import max_pool
 
 
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
@@ -52,12 +52,8 @@ def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:
 def max_pool_spatial(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
     """Max-pool over the ``len(window)`` axes before the channels with explicit ``(lo, hi)``
     pads; leading axes (batch and, for videos, time) are left alone, so one call serves
-    images and videos."""
-    lead = x.ndim - 1 - len(window)
-    dims = (1,) * lead + tuple(window) + (1,)
-    strides = (1,) * lead + tuple(stride) + (1,)
-    pads = ((0, 0),) * lead + tuple(tuple(p) for p in padding) + ((0, 0),)
-    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
+    images and videos. Values and gradient of ``lax.reduce_window`` max (see :mod:`hocp_jax.pooling`)."""
+    return max_pool(x, window, stride, padding)
 
 
 def count_params(tree: Any) -> int:

@@ -1,0 +1,103 @@
+r"""Max-pooling over trailing spatial axes with a gather-free gradient.
+
+``max_pool(x, window, stride, padding)`` has the values and the gradient of
+``lax.reduce_window(x, -inf, lax.max, ...)`` (the gradient goes to the *first* maximum of each
+window in row-major window order, as XLA's ``select_and_scatter`` does). Its backward pass is
+written as K masked shifts of the stride-dilated cotangent, the same "shift and add" scheme as
+the depthwise passes of :mod:`hocp_jax.conv`: XLA CPU expands ``select_and_scatter`` into a
+variadic ``reduce_window`` over one full-size int32 ``iota`` per axis plus a scatter, which made
+the pool's backward one of the largest costs of a Jester or ResNet train step.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _config(x_shape, window, stride, padding):
+    """Per-axis ``(lo, hi)`` pads of all axes, the output shape and the pooled axes' offset."""
+    lead = len(x_shape) - 1 - len(window)
+    pads = ((0, 0),) * lead + tuple(tuple(p) for p in padding) + ((0, 0),)
+    out = [(x_shape[lead + i] + sum(padding[i]) - window[i]) // stride[i] + 1 for i in range(len(window))]
+    return lead, pads, tuple(x_shape[:lead]) + tuple(out) + (x_shape[-1],)
+
+
+def _tap(xp, offsets, lead, stride, out_shape):
+    """The strided slice of padded ``xp`` that window tap ``offsets`` sees, output-shaped."""
+    starts = [0] * lead + list(offsets) + [0]
+    limits = [s + (n - 1) * st + 1 for s, n, st in zip(starts, out_shape, (1,) * lead + tuple(stride) + (1,))]
+    return lax.slice(xp, starts, limits, (1,) * lead + tuple(stride) + (1,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
+    lead, pads, out_shape = _config(x.shape, window, stride, padding)
+    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    taps = [_tap(xp, t, lead, stride, out_shape) for t in itertools.product(*map(range, window))]
+    return functools.reduce(jnp.maximum, taps)
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    y = _max_pool(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, res, g):
+    x, y = res
+    lead, pads, out_shape = _config(x.shape, window, stride, padding)
+    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    taps = list(itertools.product(*map(range, window)))
+    first = jnp.full(out_shape, -1, jnp.int32)  # index of the first tap holding the window's max
+    for j in reversed(range(len(taps))):
+        first = jnp.where(_tap(xp, taps[j], lead, stride, out_shape) == y, j, first)
+    # Stride-dilate the cotangent and the tap index, pad by (k - 1) before: position q - t of the
+    # result then holds output o with o * stride == q - t, so tap t's share of input q is a slice.
+    cfg = [(0, 0, 0)] * lead + [
+        (k - 1, x.shape[lead + i] + sum(padding[i]) - ((n - 1) * s + 1), s - 1)
+        for i, (k, s, n) in enumerate(zip(window, stride, out_shape[lead:-1]))
+    ] + [(0, 0, 0)]
+    gd = lax.pad(g, jnp.zeros((), g.dtype), cfg)
+    fd = lax.pad(first, jnp.array(-1, jnp.int32), cfg)
+    dx = jnp.zeros(x.shape, g.dtype)
+    for j, t in enumerate(taps):
+        starts = [0] * lead + [k - 1 - ti + padding[i][0] for i, (k, ti) in enumerate(zip(window, t))] + [0]
+        limits = [s + n for s, n in zip(starts, x.shape)]
+        dx = dx + jnp.where(lax.slice(fd, starts, limits) == j, lax.slice(gd, starts, limits), 0)
+    return (dx,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """Max-pool ``x`` ``(..., *S, C)`` over the ``len(window)`` axes before the channels.
+
+    Args:
+      x: ``(*lead, S_1, ..., S_n, C)``, floating point; leading axes (batch, time) are left alone.
+      window, stride: ``n`` ints each.
+      padding: ``n`` explicit ``(lo, hi)`` pairs, padded with ``-inf`` (each smaller than its window).
+
+    Returns:
+      ``(*lead, O_1, ..., O_n, C)`` with ``O_i = (S_i + lo_i + hi_i - window_i) // stride_i + 1``.
+    """
+    window, stride = tuple(int(k) for k in window), tuple(int(s) for s in stride)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    n = len(window)
+    if len(stride) != n or len(padding) != n:
+        raise ValueError(f"window={window}, stride={stride}, padding={padding}: expected one entry per pooled axis")
+    if x.ndim < n + 1:
+        raise ValueError(f"x: shape {tuple(x.shape)} has fewer than {n} spatial axes plus channels")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x: dtype {x.dtype} is not floating point")
+    for i, (k, s, (lo, hi)) in enumerate(zip(window, stride, padding)):
+        size = x.shape[x.ndim - 1 - n + i]
+        if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or size + lo + hi < k:
+            raise ValueError(f"pooled axis {i}: window {k}, stride {s}, padding {(lo, hi)} do not fit size {size} "
+                             "(expected window, stride >= 1, 0 <= pads < window, padded size >= window)")
+    return _max_pool(x, window, stride, padding)

@@ -1,0 +1,89 @@
+"""hocp_jax.pooling.max_pool against XLA's reduce_window max (values and select_and_scatter
+gradients) and a numpy loop, including tied maxima and every padding/stride case the models use."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hocp_jax.pooling import max_pool
+
+CASES = [  # (x shape, window, stride, padding)
+    ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem pool, odd size
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # stride 2 on an even size
+    ((1, 3, 7, 7, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),  # a video through the 2-D pool (time is a lead axis)
+    ((1, 4, 8, 10, 2), (2, 2, 2), (2, 2, 2), ((0, 0),) * 3),  # Jester 2x2x2 pool
+    ((2, 13, 13, 2), (3, 3), (2, 2), ((0, 0), (0, 0))),  # AVCE's VALID pool
+    ((2, 10, 4), (3,), (1,), ((2, 0),)),  # 1-D, overlapping, one-sided pad
+    ((2, 7, 7, 2), (2, 3), (3, 1), ((0, 1), (2, 0))),  # mixed windows, stride > window
+]
+
+
+def _reference(x, window, stride, padding):
+    lead = x.ndim - 1 - len(window)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + window + (1,), (1,) * lead + stride + (1,),
+                             ((0, 0),) * lead + padding + ((0, 0),))
+
+
+def _numpy_pool_1d_grad(x, g, k, s, lo, hi):
+    """Loop oracle for one pooled axis (axis 1 of (B, S, C)): the gradient goes to the first max."""
+    xp = np.pad(x, ((0, 0), (lo, hi), (0, 0)), constant_values=-np.inf)
+    dx = np.zeros_like(xp)
+    for b in range(x.shape[0]):
+        for o in range(g.shape[1]):
+            for c in range(x.shape[2]):
+                win = xp[b, o * s:o * s + k, c]
+                dx[b, o * s + int(np.argmax(win)), c] += g[b, o, c]
+    return dx[:, lo:lo + x.shape[1]]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,window,stride,padding", CASES)
+def test_max_pool_matches_reduce_window(shape, window, stride, padding, ties):
+    rng = np.random.default_rng(len(shape) + sum(window))
+    x = rng.normal(size=shape)
+    if ties:  # many exact ties (ReLU zeros, a coarse grid): the first maximum must get the gradient
+        x = np.round(np.maximum(x, 0) * 2) / 2
+    x = jnp.asarray(x, jnp.float32)
+    y_ref, vjp_ref = jax.vjp(lambda v: _reference(v, window, stride, padding), x)
+    y, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_matches_a_numpy_loop_with_ties():
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(2, 11, 3)))  # integer values: ties everywhere
+    g = rng.normal(size=(2, 6, 3))
+    dx = jax.grad(lambda v: jnp.sum(max_pool(v, (3,), (2,), ((1, 1),)) * g))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(dx), _numpy_pool_1d_grad(x, g, 3, 2, 1, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_bfloat16_and_jit():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+    f = jax.jit(lambda v: max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))))
+    y = f(x)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(_reference(x, (3, 3), (2, 2), ((1, 1), (1, 1))), np.float32))
+    assert jax.grad(lambda v: jnp.sum(f(v).astype(jnp.float32)))(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=(3, 3), stride=(2,), padding=((1, 1), (1, 1))), "one entry per pooled axis"),
+    (dict(window=(3, 3), stride=(2, 2), padding=((3, 0), (1, 1))), "pooled axis 0"),
+    (dict(window=(0, 3), stride=(2, 2), padding=((0, 0), (1, 1))), "pooled axis 0"),
+    (dict(window=(3, 9), stride=(1, 1), padding=((0, 0), (0, 0))), "pooled axis 1"),
+    (dict(window=(3, 3, 3, 3), stride=(1,) * 4, padding=((0, 0),) * 4), "fewer than 4 spatial axes"),
+])
+def test_max_pool_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        max_pool(jnp.zeros((2, 8, 8, 3)), **kwargs)
+
+
+def test_max_pool_rejects_integer_input():
+    with pytest.raises(ValueError, match="not floating point"):
+        max_pool(jnp.zeros((2, 8, 8, 3), jnp.int32), (2, 2), (2, 2), ((0, 0), (0, 0)))

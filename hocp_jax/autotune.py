@@ -146,7 +146,9 @@ fixed cost outweighs the smaller working set. A rough bound, not a fine calibrat
 def per_sample_mode(value: bool | None):
     """Within the block, :func:`per_sample_default` answers ``value and batch > 1`` (``None``:
     the automatic rule). Read at trace time, so it applies to functions traced in the block
-    (e.g. a model whose layers do not expose ``per_sample``)."""
+    (e.g. a model whose layers do not expose ``per_sample``); ``jax.jit`` keys its cache on the
+    function and argument shapes, not on this setting, so a function traced before the block
+    keeps its earlier program."""
     previous = _config["per_sample"]
     _config["per_sample"] = value
     try:

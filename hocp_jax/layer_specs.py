@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hocp_jax import conv, counting
+from hocp_jax import autotune, conv, counting
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
@@ -111,6 +111,16 @@ def psi_at(psi, psi_stages, spatial: Sequence[str]) -> tuple[str, ...]:
     if psi is None:
         return ()
     return ("in",) + (tuple(spatial) if psi_stages == "all" else ())
+
+
+def cp_per_sample(psi, x_shape, rank: int, dtype) -> bool | None:
+    """``per_sample`` for :func:`hocp_jax.conv.cp_conv` from a CP layer: ``None`` (cp_conv's own
+    rule) without Psi or with BatchNorm in Psi (batch statistics need the whole batch);
+    :func:`hocp_jax.autotune.per_sample_default` with a sample-wise Psi (``"relu"``, ``"prelu"``),
+    which cp_conv cannot tell apart from a batch-coupled callable."""
+    if psi in ("relu", "prelu"):
+        return autotune.per_sample_default(x_shape, rank, dtype)
+    return None
 
 
 def temporal_in_use(x_shape, spatial: Sequence[str], temporal_modes: Sequence[str], layer: str) -> tuple[str, ...]:

@@ -60,6 +60,12 @@ def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
     return x, dict(zip(params, values))
 
 
+def prelu(x: jax.Array, alpha: jax.Array, dtype: Any = None) -> jax.Array:
+    """``max(0, x) + alpha * min(0, x)`` with ``alpha (C,)`` over the last axis, both promoted (Flax rules)."""
+    x, alpha = promote_dtype(x, alpha, dtype=dtype)
+    return jnp.where(x >= 0, x, alpha * x)
+
+
 class PReLU(nn.Module):
     """Channel-wise PReLU ``max(0, x) + alpha * min(0, x)`` with ``alpha`` init 0.25."""
 
@@ -67,10 +73,12 @@ class PReLU(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
+    def slopes(self, n: int) -> jax.Array:
+        """The ``alpha (n,)`` leaf, created on first use."""
+        return self.param("alpha", nn.initializers.constant(0.25), (n,), self.param_dtype)
+
     def __call__(self, x):
-        alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],), self.param_dtype)
-        x, alpha = promote_dtype(x, alpha, dtype=self.dtype)
-        return jnp.where(x >= 0, x, alpha * x)
+        return prelu(x, self.slopes(x.shape[-1]), self.dtype)
 
 
 class CPConv(nn.Module):
@@ -149,6 +157,10 @@ class CPConv(nn.Module):
             c_in, self.features, tuple(zip(temporal + spatial, tks + ks)), rank,
             gain=self.gain, skip=self.skip, use_bias=self.use_bias))
         psi_at = layer_specs.psi_at(self.psi, self.psi_stages, spatial)
+        # PReLU slopes are read here, so that psi below is a pure function of h (cp_conv may call it
+        # inside lax.map, one sample at a time); BatchNorm psi is never run per sample.
+        slopes = {stage: PReLU(dtype=self.dtype, param_dtype=self.param_dtype, name=f"prelu_{stage}").slopes(rank)
+                  for stage in psi_at} if self.psi and self.psi.endswith("prelu") else {}
 
         def psi(h, stage):
             if stage not in psi_at:
@@ -156,12 +168,12 @@ class CPConv(nn.Module):
             if self.psi.startswith("bn_"):
                 h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name=f"bn_{stage}")(h)
-            if self.psi.endswith("prelu"):
-                return PReLU(dtype=self.dtype, param_dtype=self.param_dtype, name=f"prelu_{stage}")(h)
-            return nn.relu(h)
+            return prelu(h, slopes[stage], self.dtype) if slopes else nn.relu(h)
 
         x, params = _promote(self, x, params)
-        return conv.cp_conv(x, params, psi=psi if self.psi else None, input_grad=self.input_grad, **layer_specs.cp_conv_kwargs(
+        return conv.cp_conv(x, params, psi=psi if self.psi else None, input_grad=self.input_grad,
+                            per_sample=layer_specs.cp_per_sample(self.psi, x.shape, rank, x.dtype),
+                            **layer_specs.cp_conv_kwargs(
             spatial, temporal, stride=self.stride, padding=self.padding, dilation=self.dilation,
             temporal_stride=self.temporal_stride, temporal_padding=self.temporal_padding,
             implementation=self.implementation, psi=self.psi))

@@ -231,7 +231,6 @@ def test_mobilenet_is_cp_special_case():
         (dict(drop="factor_w"), "missing CP leaves"),
         (dict(bad_rank=True), "factor_h"),
         (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
-        (dict(per_sample=True, psi=lambda h, stage: h), "per_sample=True"),
         (dict(per_sample="yes"), "per_sample='yes'"),
     ],
 )

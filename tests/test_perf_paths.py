@@ -5,6 +5,7 @@ independent of hocp_jax.conv: ``lax.conv_general_dilated`` on a kernel built wit
 with the padding written out in the test.
 """
 
+import functools
 import json
 
 import jax
@@ -329,16 +330,48 @@ def test_per_sample_rule_and_wiring(monkeypatch):
         assert "scan" not in lowered()
 
 
-def test_per_sample_inside_a_linen_layer_matches_the_whole_batch():
-    """The loop runs inside a Flax module (no Flax transform needed); values and gradients agree
-    with the whole-batch program, which the oracle tests above check against a dense conv."""
+@pytest.mark.parametrize("psi", [None, "relu", "prelu", "bn_relu"])
+def test_per_sample_inside_a_linen_layer_matches_the_whole_batch(psi):
+    """The loop runs inside a Flax module (no Flax transform needed), with a sample-wise psi too
+    (ReLU, PReLU slopes read before the loop); values and gradients agree with the whole-batch
+    program, which the oracle tests above check against a dense conv. BatchNorm psi never loops."""
     from hocp_jax import autotune, layers
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 3))
-    m = layers.CPConv(features=4, kernel_size=(3, 3), spatial_modes=("h", "w"), temporal_modes=("t",))
-    v = jax.jit(m.init)(jax.random.key(1), x)
+    m = layers.CPConv(features=4, kernel_size=(3, 3), spatial_modes=("h", "w"), temporal_modes=("t",),
+                      psi=psi, psi_stages="all")
+    v = jax.jit(functools.partial(m.init, train=False))(jax.random.key(1), x)
+    if psi == "prelu":  # slopes away from their 0.25 init, per stage and rank component
+        v = jax.tree_util.tree_map_with_path(
+            lambda path, a: a + 0.1 * jnp.arange(a.size).reshape(a.shape) if "alpha" in str(path) else a, v)
+
+    out = []
+    for mode in (False, True):
+        def loss(v):  # a new function per mode: jit caches traces by function, not by per_sample_mode
+            y, _ = m.apply(v, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(y ** 2)
+
+        with autotune.per_sample_mode(mode):
+            assert ("scan" in str(jax.make_jaxpr(loss)(v))) == (mode and psi != "bn_relu")
+            out.append(jax.jit(jax.value_and_grad(loss))(v))  # traced here
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())), *out)
+
+
+@pytest.mark.parametrize("psi", [None, "prelu"])
+def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
+    from flax import nnx
+
+    from hocp_jax import autotune, nnx_layers
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 3))
+    m = nnx_layers.CPConv(3, 4, (3, 3), spatial_modes=("h", "w"), temporal_modes=("t",), psi=psi, psi_stages="all", rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(m)
     out = []
     for mode in (False, True):
         with autotune.per_sample_mode(mode):
-            out.append(jax.jit(jax.value_and_grad(lambda v: jnp.sum(m.apply(v, x) ** 2)))(v))  # traced here
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())), *out)
+            f = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))
+            assert ("scan" in str(jax.make_jaxpr(lambda s: f(nnx.merge(graphdef, s)))(state))) == mode
+            out.append(nnx.jit(f)(m))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())),
+                 nnx.state(out[0][1]), nnx.state(out[1][1]))

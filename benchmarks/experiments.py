@@ -34,6 +34,13 @@ shows why the reconstructed path is never chunked. Interleaved.
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
 dense reference.
+``python -m benchmarks.experiments step_changes [rounds]``: the three whole-model train-step pairs
+(HO-CP ResNet-18 2-D and transduced, Jester HO-CP net, each with its dense reference) with the
+changes of the last round undone, then re-applied one at a time: the 1x1 contractions as 2-D
+matmuls (:func:`hocp_jax.conv.channel_matmul`, was a multi-axis einsum), the max-pool of
+:mod:`hocp_jax.pooling` (was ``lax.reduce_window``, in the dense references too) and the
+per-sample loop for layers with a sample-wise psi (was whole batch). Patched at trace time,
+interleaved; ratios use the dense step with the same pool.
 """
 
 from __future__ import annotations
@@ -259,6 +266,63 @@ def per_sample(rounds: int = 15) -> dict:
     return out
 
 
+def _einsum_contraction(x, w):
+    """The 1x1 contraction as it was before :func:`hocp_jax.conv.channel_matmul`."""
+    return jnp.einsum("...c,cr->...r", x, w)
+
+
+def _reduce_window_pool(x, window, stride, padding):
+    """The max-pool as it was before :mod:`hocp_jax.pooling`: ``lax.reduce_window`` and its
+    XLA ``select_and_scatter`` gradient."""
+    lead = x.ndim - 1 - len(window)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
+                             (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+STEP_CHANGES = ("2-D matmul contractions", "max_pool", "per-sample psi")
+
+
+def step_changes(rounds: int = 5) -> dict:
+    """Each model pair's train steps with this session's three changes undone and re-applied one
+    at a time (cumulative, in ``STEP_CHANGES`` order), patched at trace time; the dense reference
+    with both pools. All calls of a pair interleaved."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import layer_specs
+    from hocp_jax.models import common
+
+    undo = {"2-D matmul contractions": (conv, "channel_matmul", _einsum_contraction),
+            "max_pool": (common, "max_pool", _reduce_window_pool),
+            "per-sample psi": (layer_specs, "cp_per_sample", lambda *a: None)}
+
+    def prepared(case, applied):
+        with ExitStack() as stack:
+            for change in STEP_CHANGES:
+                if change not in applied:
+                    stack.enter_context(mock.patch.object(*undo[change]))
+            return bench.prepare_model_case(case)[0]
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds, "changes": STEP_CHANGES}
+    for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced"),
+                        ("jester dense", "jester_hocp")):
+        calls = {f"{dense}, before": prepared(cases[dense], ()),
+                 f"{dense}, + max_pool": prepared(cases[dense], ("max_pool",))}
+        for i in range(len(STEP_CHANGES) + 1):
+            label = "before" if i == 0 else "+ " + STEP_CHANGES[i - 1]
+            calls[f"{hocp}, {label}"] = prepared(cases[hocp], STEP_CHANGES[:i])
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        before, after = ms[f"{dense}, before"], ms[f"{dense}, + max_pool"]
+        out[hocp] = {"ms": ms, "ratio_to_dense_same_pool": {
+            name: v / (before if name.endswith(("before", "contractions")) else after)
+            for name, v in ms.items() if name.startswith(hocp)}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 XLA_FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
@@ -322,5 +386,6 @@ if __name__ == "__main__":
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
-        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample}
+        experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
+                       "step_changes": step_changes}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

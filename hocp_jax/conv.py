@@ -275,6 +275,36 @@ def _skip(x: jax.Array, params: Params, strides) -> jax.Array:
     return channel_matmul(xs, params["factor_skip"])
 
 
+def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``f`` (``(1, *S, C) -> (1, *S', C')``, may close over parameters) on each sample of ``x`` in
+    turn (``lax.map``). Its VJP is a second loop that recomputes one sample's forward and pulls its
+    cotangent back at once, while that sample's intermediates are still in cache; the parameter
+    gradients are summed over the samples. Differentiating the ``lax.map`` itself would store every
+    sample's intermediates between the passes (zero-filled (B, ...) buffers written and read back
+    by dynamic slices), which cost more than the recomputed forward (README "Benchmarks")."""
+    fc, consts = jax.closure_convert(f, x[:1])  # closed-over float arrays become explicit arguments
+
+    @jax.custom_vjp
+    def run(x, *consts):
+        return lax.map(lambda xi: fc(xi[None], *consts)[0], x)
+
+    def run_fwd(x, *consts):
+        return run(x, *consts), (x, consts)
+
+    def run_bwd(res, g):
+        x, consts = res
+
+        def body(acc, xg):
+            dxi, *dc = jax.vjp(fc, xg[0][None], *consts)[1](xg[1][None])
+            return [a + d for a, d in zip(acc, dc)], dxi[0]
+
+        dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (x, g))
+        return (dx, *dc)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(x, *consts)
+
+
 def cp_conv(
     x: jax.Array,
     params: Params,
@@ -311,7 +341,8 @@ def cp_conv(
         channel-starved dense conv is cheap, so ``reconstructed`` can win.
       per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
-        through memory; the result is the same. ``None`` (default):
+        through memory; the backward pass recomputes each sample's forward just before its
+        gradient, so nothing per sample is stored between the passes. The result is the same. ``None`` (default):
         :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large enough intermediates
         on a single CPU device) when ``psi`` is None, else off, since ``psi`` may use batch
         statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
@@ -373,7 +404,7 @@ def cp_conv(
                     h = psi(h, m)
             return channel_matmul(h, out_factor.T)
 
-        y = lax.map(lambda xi: factorized(xi[None])[0], x) if per_sample else factorized(x)
+        y = _per_sample(factorized, x) if per_sample else factorized(x)
     if "factor_skip" in params:
         skip = _skip(x, params, strides)
         if skip.shape != y.shape:

@@ -25,9 +25,10 @@ pass recomputes the (B, *S, R) intermediates instead of keeping them), interleav
 fwd+bwd, ``bench`` protocol, JAX dense conv as reference) with the (B, *S, R) intermediates
 channels-last over the whole batch, channels-first (B, R, *S: the taps then shift along
 contiguous spatial axes and the contractions become batched matmuls over positions), and
-channels-last run on chunks of 2 samples or one sample at a time under ``lax.map`` (the
-``per_sample`` option of ``cp_conv``: a sample's intermediates are 1/B of the working set, closer
-to the 32 MiB L3 cache); plus, on the smallest layer, the dense conv under ``lax.map``, which
+channels-last run on chunks of 2 samples or one sample at a time under a differentiated
+``lax.map``, and one sample at a time as the ``per_sample`` option of ``cp_conv`` does it (its
+backward loop recomputes each sample's forward instead of storing it): a sample's intermediates
+are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest layer, the dense conv under ``lax.map``, which
 shows why the reconstructed path is never chunked. Interleaved.
 
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
@@ -221,7 +222,8 @@ def layout(rounds: int = 3) -> dict:
         return lambda x, p: conv.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
                                          implementation="factorized", **kw)
 
-    labels = ("dense", "whole batch", "channels-first", "chunks of 2", "per sample")
+    labels = ("dense", "whole batch", "channels-first", "chunks of 2", "per sample, lax.map differentiated",
+              "per sample")
     calls = {}
     for case in bench.jester_cases(False):
         x, kernel, params = bench.make_inputs(case)
@@ -229,6 +231,7 @@ def layout(rounds: int = 3) -> dict:
             "whole batch": cp(case, per_sample=False),
             "channels-first": lambda x, p, modes=case.modes: _cp_channels_first(x, p, modes),
             "chunks of 2": _chunked(cp(case, per_sample=False), 2),
+            "per sample, lax.map differentiated": _chunked(cp(case, per_sample=False), 1),
             "per sample": cp(case, per_sample=True),
         }
         dense = bench.conv_fns(case)["dense"]

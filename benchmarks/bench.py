@@ -168,9 +168,10 @@ def _jaxlib_version() -> str | None:
 def xla_flops(fn: Callable, *args) -> float | None:
     """``cost_analysis()["flops"]`` of ``jax.jit(fn)`` compiled for ``args`` (None if unavailable).
 
-    Traced with ``per_sample`` off: XLA counts a ``lax.map`` loop body once, not once per sample."""
+    Traced with ``per_sample`` off: XLA counts a ``lax.map`` loop body once, not once per sample
+    (through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the mode)."""
     with autotune.per_sample_mode(False):
-        ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+        ca = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None
     return float(ca["flops"]) if ca and "flops" in ca else None

@@ -165,11 +165,11 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     :data:`PER_SAMPLE_MIN_BYTES`.
 
     Measured on the 2-core CPU (README "Benchmarks"): per sample, the Jester stack fwd+bwd takes
-    0.6-0.8x the time of the whole-batch program (``python -m benchmarks.experiments layout``),
+    0.78x the time of the whole-batch program (``python -m benchmarks.experiments layout 3``),
     because a sample's intermediates are 1/B of the working set of the memory-bound depthwise
-    passes. The 2-D layers gain in isolation too, but the HO-CP ResNet-18 2-D train step is
-    slower with it (``python -m benchmarks.experiments per_sample 30``: 0.98x dense whole
-    batch, 1.06x per sample), so 2-D convs keep the whole-batch program. On GPU/TPU a sequential
+    passes. The HO-CP ResNet-18 2-D train step is slower with it (``python -m
+    benchmarks.experiments per_sample 15``: 0.94x dense whole batch, 1.20x per sample), so 2-D
+    convs keep the whole-batch program. On GPU/TPU a sequential
     loop would idle the device, and with several devices the batch is sharded, so it is off there.
     """
     batch = x_shape[0]

@@ -342,10 +342,10 @@ def cp_conv(
       per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
         through memory; the backward pass recomputes each sample's forward just before its
-        gradient, so nothing per sample is stored between the passes. The result is the same. ``None`` (default):
-        :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large enough intermediates
-        on a single CPU device) when ``psi`` is None, else off, since ``psi`` may use batch
-        statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
+        gradient, so nothing per sample is stored between the passes. The result is the same.
+        ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
+        enough intermediates on a single CPU device) when ``psi`` is None, else off, since
+        ``psi`` may use batch statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
         on each sample alone (ReLU, PReLU; :class:`hocp_jax.layers.CPConv` decides this from
         its ``psi`` name). Ignored by the reconstructed path (XLA CPU's dense conv inside a
         loop is many times slower).

@@ -190,7 +190,8 @@ def program_text(fn: Callable, *args) -> str:
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, dict]:
-    """Warms up every zero-argument ``call`` once, then times them in interleaved rounds, in a new random order each round.
+    """Warms up every zero-argument ``call`` once, then times them in interleaved rounds, in a new
+    random order each round.
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
     (at least 3 rounds unless ``repeats`` < 3). Returns ``{name: {"median_ms", "times_ms"}}``.

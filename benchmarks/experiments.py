@@ -28,13 +28,15 @@ contiguous spatial axes and the contractions become batched matmuls over positio
 channels-last run on chunks of 2 samples or one sample at a time under a differentiated
 ``lax.map``, and one sample at a time as the ``per_sample`` option of ``cp_conv`` does it (its
 backward loop recomputes each sample's forward instead of storing it): a sample's intermediates
-are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest layer, the dense conv under ``lax.map``, which
-shows why the reconstructed path is never chunked. Interleaved.
+are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest layer, the
+dense conv under ``lax.map``, which shows why the reconstructed path is never chunked.
+Interleaved.
 
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
 dense reference.
+
 ``python -m benchmarks.experiments step_changes [rounds]``: the three whole-model train-step pairs
 (HO-CP ResNet-18 2-D and transduced, Jester HO-CP net, each with its dense reference) with the
 changes of the last round undone, then re-applied one at a time: the 1x1 contractions as 2-D
@@ -311,17 +313,16 @@ def step_changes(rounds: int = 5) -> dict:
     out: dict = {"rounds": rounds, "changes": STEP_CHANGES}
     for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced"),
                         ("jester dense", "jester_hocp")):
-        calls = {f"{dense}, before": prepared(cases[dense], ()),
-                 f"{dense}, + max_pool": prepared(cases[dense], ("max_pool",))}
+        dense_names = {False: f"{dense}, before", True: f"{dense}, + max_pool"}  # keyed by "new pool?"
+        calls = {name: prepared(cases[dense], ("max_pool",) if new_pool else ()) for new_pool, name in dense_names.items()}
+        hocp_pool = {}  # HO-CP call name -> whether it uses the new pool
         for i in range(len(STEP_CHANGES) + 1):
-            label = "before" if i == 0 else "+ " + STEP_CHANGES[i - 1]
-            calls[f"{hocp}, {label}"] = prepared(cases[hocp], STEP_CHANGES[:i])
+            name = f"{hocp}, " + ("before" if i == 0 else "+ " + STEP_CHANGES[i - 1])
+            calls[name], hocp_pool[name] = prepared(cases[hocp], STEP_CHANGES[:i]), "max_pool" in STEP_CHANGES[:i]
         t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         ms = {name: v["median_ms"] for name, v in t.items()}
-        before, after = ms[f"{dense}, before"], ms[f"{dense}, + max_pool"]
         out[hocp] = {"ms": ms, "ratio_to_dense_same_pool": {
-            name: v / (before if name.endswith(("before", "contractions")) else after)
-            for name, v in ms.items() if name.startswith(hocp)}}
+            name: ms[name] / ms[dense_names[new_pool]] for name, new_pool in hocp_pool.items()}}
     out["loadavg"] = os.getloadavg()
     return out
 

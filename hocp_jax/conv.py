@@ -148,50 +148,17 @@ def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
     return jnp.pad(h, cfg)
 
 
-def _tap_window(n_in: int, n_out: int, t: int, stride: int, pad_lo: int, dilation: int):
-    """``(lo, hi, start)``: outputs ``[lo, hi)`` whose tap ``t`` reads inside the input, output ``lo``
-    reading input ``start`` (then every ``stride``-th); ``None`` when the tap reads only padding."""
-    offset = t * dilation - pad_lo
-    lo = max(0, (stride - 1 - offset) // stride)
-    hi = min(n_out, (n_in - 1 - offset) // stride + 1)
-    return (lo, hi, lo * stride + offset) if hi > lo else None
-
-
-def _tap_input(h: jax.Array, axis: int, window, stride: int, n_out: int) -> jax.Array:
-    """What tap ``window`` reads for every output position: ``(..., n_out, ...)``, zero over the padding."""
-    lo, hi, start = window
-    taken = lax.slice_in_dim(h, start, start + (hi - lo - 1) * stride + 1, stride, axis)
-    return _pad_axis(taken, axis, (lo, n_out - hi))
-
-
-def _tap_scatter(g: jax.Array, axis: int, window, stride: int, n_in: int) -> jax.Array:
-    """Transpose of :func:`_tap_input`: ``g``'s in-range outputs placed at the input positions they read."""
-    lo, hi, start = window
-    cfg = [(0, 0, 0)] * g.ndim
-    cfg[axis] = (start, n_in - start - (hi - lo - 1) * stride - 1, stride - 1)
-    return lax.pad(lax.slice_in_dim(g, lo, hi, 1, axis), jnp.zeros((), g.dtype), cfg)
-
-
-def _windows(factor: jax.Array, n_in: int, n_out: int, stride: int, pad, dilation: int):
-    return [_tap_window(n_in, n_out, t, stride, pad[0], dilation) for t in range(factor.shape[0])]
-
-
-def _sum_or_zeros(terms, shape, dtype) -> jax.Array:
-    terms = list(terms)
-    return functools.reduce(jnp.add, terms) if terms else jnp.zeros(shape, dtype)
-
-
 def _shift_conv_1d(h: jax.Array, factor: jax.Array, axis: int, stride: int, pad: tuple[int, int], dilation: int):
-    """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own).
-
-    No padded copy of ``h`` is built: each tap zero-pads its own in-range slice of ``h``
-    (:func:`_tap_input`), so XLA fuses the taps into one loop over the output."""
-    n_in = h.shape[axis]
-    n_out = (n_in + pad[0] + pad[1] - dilation * (factor.shape[0] - 1) - 1) // stride + 1
-    shape = h.shape[:axis] + (n_out,) + h.shape[axis + 1:]
-    windows = _windows(factor, n_in, n_out, stride, pad, dilation)
-    return _sum_or_zeros((_tap_input(h, axis, w, stride, n_out) * factor[t] for t, w in enumerate(windows) if w),
-                         shape, jnp.result_type(h, factor))
+    """``sum_k factor[k] * pad(h)[k*dilation :: stride]`` along ``axis`` (no autodiff rule of its own)."""
+    k = factor.shape[0]
+    hp = _pad_axis(h, axis, pad)
+    out = (hp.shape[axis] - dilation * (k - 1) - 1) // stride + 1
+    acc = None
+    for t in range(k):
+        start = t * dilation
+        tap = lax.slice_in_dim(hp, start, start + (out - 1) * stride + 1, stride, axis) * factor[t]
+        acc = tap if acc is None else acc + tap
+    return acc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -204,20 +171,21 @@ def _depthwise_fwd(h, factor, axis, stride, pad, dilation):
 
 
 def _depthwise_bwd(axis, stride, pad, dilation, res, g):
-    """Input gradient = per tap, ``g`` scattered back to the input positions the tap read, times the
-    tap's weight; factor gradient = per tap, the sum of the tap's input (:func:`_tap_input`, the
-    same expression as in the forward pass, so XLA computes it once for both) times ``g``."""
+    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
+    the flipped factor; factor gradient = per tap, sum of the tap's input slice times ``g``."""
     h, factor = res
-    n_in, n_out = h.shape[axis], g.shape[axis]
-    windows = _windows(factor, n_in, n_out, stride, pad, dilation)
-    dh = _sum_or_zeros((_tap_scatter(g, axis, w, stride, n_in) * factor[t] for t, w in enumerate(windows) if w),
-                       h.shape, g.dtype)
+    k, n_in, n_out = factor.shape[0], h.shape[axis], g.shape[axis]
+    span = (n_out - 1) * stride + 1
+    cfg = [(0, 0, 0)] * g.ndim
+    cfg[axis] = ((k - 1) * dilation - pad[0], n_in + pad[0] - span, stride - 1)
+    dh = _shift_conv_1d(lax.pad(g, jnp.zeros((), g.dtype), cfg), factor[::-1], axis, 1, (0, 0), dilation)
+    hp = _pad_axis(h, axis, pad)
     sum_axes = tuple(range(h.ndim - 1))
     dfactor = jnp.stack([
-        jnp.sum(_tap_input(h, axis, w, stride, n_out) * g, axis=sum_axes) if w else jnp.zeros(factor.shape[1:], g.dtype)
-        for w in windows
+        jnp.sum(lax.slice_in_dim(hp, t * dilation, t * dilation + span, stride, axis) * g, axis=sum_axes)
+        for t in range(k)
     ])
-    return dh.astype(h.dtype), dfactor.astype(factor.dtype)
+    return dh, dfactor.astype(factor.dtype)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)

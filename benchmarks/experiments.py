@@ -13,10 +13,10 @@ runs at a time), so load from elsewhere hits all settings alike. Prints medians 
 default-flags dense stack as JSON.
 
 ``python -m benchmarks.experiments shift_kernel [rounds] [revision]``: the depthwise shift kernel
-of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel, measured and
-not kept) against the current one: the Jester stack layers (factorized, fwd+bwd, ``bench``
-protocol) and the ResNet-18 2-D and Jester train steps with their dense references, interleaved
-in one process. Needs a git checkout.
+of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel; 48d5593: the
+"tap-input" kernel; both measured and not kept) against the current one: the Jester stack layers
+(factorized, fwd+bwd, ``bench`` protocol) and the ResNet-18 2-D, Jester and transduced ResNet-18
+train steps with their dense references, interleaved in one process. Needs a git checkout.
 
 ``python -m benchmarks.experiments remat [rounds]``: the Jester stack layers (factorized,
 fwd+bwd, ``bench`` protocol) with and without ``jax.checkpoint`` around each conv (the backward
@@ -141,7 +141,8 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
     out["jester_stack_ms"] = _stack(out["jester_layers_ms"], kernels)
     cases = {c.name: c for c in bench.model_cases(False)}
-    for dense, hocp, n in (("resnet18 dense 2-D", "resnet18_hocp static", 5 * rounds), ("jester dense", "jester_hocp", rounds)):
+    for dense, hocp, n in (("resnet18 dense 2-D", "resnet18_hocp static", 5 * rounds), ("jester dense", "jester_hocp", rounds),
+                           ("resnet18_3d dense", "resnet18_hocp transduced", 3 * rounds)):
         calls = {dense: bench.prepare_model_case(cases[dense])[0]}
         for k in kernels:
             calls[f"{hocp} {k}"] = compiled(k, lambda: bench.prepare_model_case(cases[hocp])[0])

@@ -31,7 +31,10 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
 
 Timing: every function is compiled, called once (warm-up), then the paths of a case are
 called in interleaved rounds (so that load from other processes hits all paths alike) and
-the median per path is reported. FLOPs: XLA's ``compiled.cost_analysis()["flops"]`` of the
+the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
+time budget: 12 s of timed calls per conv case, 48 s per train-step pair). Train steps also
+report the ratio to their reference in each round, as median (min-max): the spread of a ratio
+between two programs timed side by side on a shared machine. FLOPs: XLA's ``compiled.cost_analysis()["flops"]`` of the
 FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
 ``dense_flops``; factorized: ``cp_flops`` in :func:`hocp_jax.conv.best_mode_order`;
 reconstructed: ``dense_flops + cp_reconstruct_flops``). Note that XLA counts only the taps
@@ -484,15 +487,25 @@ def conv_table(rows: list[dict], total: dict | None) -> list[str]:
 
 def model_table(rows: list[dict]) -> list[str]:
     by_name = {r["name"]: r for r in rows}
-    lines = ["| train step | input | params | ms / step | vs | time ratio | XLA GFLOPs / step |",
-             "|---|---|---:|---:|---|---:|---:|"]
+    lines = ["| train step | input | params | ms / step | vs | time ratio | per-round ratios: median (min-max), rounds "
+             "| XLA GFLOPs / step |",
+             "|---|---|---:|---:|---|---:|---|---:|"]
     for r in rows:
         gf = r["xla_flops_step"] / 1e9 if r["xla_flops_step"] else None
         ref = by_name.get(r["reference"])
         ratio = f"{r['ms'] / ref['ms']:.2f}" if ref else ""
+        spread = ""
+        if ref:
+            q = round_ratios(r, ref)
+            spread = f"{np.median(q):.2f} ({min(q):.2f}-{max(q):.2f}), {len(q)}"
         lines.append(f"| {r['name']} | {'x'.join(map(str, r['input_shape']))} | {r['params']:,} | {r['ms']:.1f} "
-                     f"| {r['reference'] or ''} | {ratio} | {_f(gf, 1)} |")
+                     f"| {r['reference'] or ''} | {ratio} | {spread} | {_f(gf, 1)} |")
     return lines
+
+
+def round_ratios(row: dict, ref: dict) -> list[float]:
+    """``row``'s time over ``ref``'s in each round they were timed together (same round index)."""
+    return [a / b for a, b in zip(row["times_ms"], ref["times_ms"])]
 
 
 def peer_table(rows: list[dict], total: dict | None) -> list[str]:
@@ -565,7 +578,9 @@ def markdown(results: dict) -> str:
             out.append("")
     if results["models"]:
         out += ["## Whole-model train steps (fwd + bwd + SGD-momentum update)", "",
-                "The primary figures. Each model is timed interleaved with its reference in the same rounds. "
+                "The primary figures. Each model is timed interleaved with its reference in the same rounds; "
+                "`time ratio` is the ratio of the medians (the figure the targets use), the next column the "
+                "ratio within each round, median (min-max), and the number of rounds. "
                 "Reduced sizes: ResNet-18 family at 112x112 (static: 8 images; video: one clip of 8 frames, "
                 "the same number of frames), Jester nets at 18x84x84 with batch 2. The transduced model is the "
                 "static HO-CP ResNet-18's parameters with a delta-initialised temporal factor (dense 1x1 shortcuts "
@@ -672,7 +687,8 @@ def main(argv=None) -> dict:
     if "models" in args.only:
         cases = model_cases(args.quick)
         for ref in [c for c in cases if c.reference is None]:
-            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, budget):
+            # whole steps take seconds: a 4x budget gives the video pairs the same rounds as the rest
+            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, 4 * budget):
                 results["models"].append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step", flush=True)
     results["wall_s"] = time.perf_counter() - t_start

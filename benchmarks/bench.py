@@ -34,8 +34,8 @@ called in interleaved rounds (so that load from other processes hits all paths a
 the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
 time budget: 12 s of timed calls per conv case, 48 s per train-step pair). Train steps also
 report the ratio to their reference in each round, as median (min-max): the spread of a ratio
-between two programs timed side by side on a shared machine. FLOPs: XLA's ``compiled.cost_analysis()["flops"]`` of the
-FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
+between two programs timed side by side on a shared machine. FLOPs: XLA's
+``compiled.cost_analysis()["flops"]`` of the FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
 ``dense_flops``; factorized: ``cp_flops`` in :func:`hocp_jax.conv.best_mode_order`;
 reconstructed: ``dense_flops + cp_reconstruct_flops``). Note that XLA counts only the taps
 of a dense conv that fall inside the input (padded taps are free), while the shift-and-

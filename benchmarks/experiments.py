@@ -37,6 +37,13 @@ static, and transduced to 3-D) with ``per_sample`` off, automatic (the default r
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
 dense reference.
 
+``python -m benchmarks.experiments matmul [rounds]``: the six matrix products of the two 1x1
+contractions of the factorized Jester conv2 (64->128 @ 9x42x42, R = 384) in a train step
+(forward: X U^(C), H W_out; backward: the input and weight gradient of each), on one sample's
+positions as the per-sample loop runs them, each jitted alone and timed interleaved; prints
+ms and GFLOP/s per product and their total over the batch of 8: a floor for the layer's time
+that no change to the depthwise passes can go below.
+
 ``python -m benchmarks.experiments step_changes [rounds]``: the three whole-model train-step pairs
 (HO-CP ResNet-18 2-D and transduced, Jester HO-CP net, each with its dense reference) with the
 changes of the last round undone, then re-applied one at a time: the 1x1 contractions as 2-D
@@ -385,6 +392,32 @@ def xla_flags(rounds: int = 3) -> dict:
             "loadavg": os.getloadavg()}
 
 
+def matmul(rounds: int = 20) -> dict:
+    n, c_in, rank, c_out, batch = 9 * 42 * 42, 64, 384, 128, 8
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    x, h, dy, dh = arr(n, c_in), arr(n, rank), arr(n, c_out), arr(n, rank)
+    u_in, w_out = arr(c_in, rank), arr(rank, c_out)
+    products = {  # name: (function, operands, multiply-adds)
+        "forward X @ U_in": (lambda a, b: a @ b, (x, u_in), n * c_in * rank),
+        "forward H @ W_out": (lambda a, b: a @ b, (h, w_out), n * rank * c_out),
+        "backward dY @ W_out^T": (lambda a, b: a @ b.T, (dy, w_out), n * c_out * rank),
+        "backward H^T dY (weight)": (lambda a, b: a.T @ b, (h, dy), n * rank * c_out),
+        "backward dH @ U_in^T": (lambda a, b: a @ b.T, (dh, u_in), n * rank * c_in),
+        "backward X^T dH (weight)": (lambda a, b: a.T @ b, (x, dh), n * c_in * rank),
+    }
+    calls = {k: compile_jax(f, *ops)[0] for k, (f, ops, _) in products.items()}
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    gflops = {k: 2 * products[k][2] / (ms[k] * 1e6) for k in ms}
+    return {"rounds": rounds, "positions_per_sample": n, "ms_per_sample": ms, "GFLOP/s": gflops,
+            "batch": batch, "total_GFLOP": 2 * batch * sum(p[2] for p in products.values()) / 1e9,
+            "total_ms_for_the_batch": batch * sum(ms.values()), "loadavg": os.getloadavg()}
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "_flags_worker":
         _flags_worker()
@@ -392,5 +425,5 @@ if __name__ == "__main__":
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
-                       "step_changes": step_changes}
+                       "step_changes": step_changes, "matmul": matmul}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

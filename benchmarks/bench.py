@@ -4,8 +4,9 @@ Run ``python -m benchmarks.bench [--quick] [--out benchmarks/results.json] [--md
 
 What is timed (all float32, channels-last, ``jax.jit`` on the default device):
 
-* **conv layers**: ``jax.jit(jax.value_and_grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1)))``,
-  i.e. forward + gradients w.r.t. the input and every weight, for
+* **conv layers**: ``jax.jit(jax.value_and_grad(lambda x, w, cot: (conv(x, w) * cot).sum(),
+  argnums=(0, 1)))`` with a fixed random cotangent ``cot`` (:func:`cotangent`), i.e. forward +
+  gradients w.r.t. the input (not for a network's first layer) and every weight, for
 
   - ``dense``: :func:`hocp_jax.conv.dense_conv` with a dense kernel of the same shape;
   - ``factorized`` / ``reconstructed`` / ``auto``: :func:`hocp_jax.conv.cp_conv` with that
@@ -253,8 +254,25 @@ def conv_fns(case: ConvCase) -> dict[str, Callable]:
 
 
 def fwd_bwd(fn: Callable, input_grad: bool) -> Callable:
-    """``value_and_grad`` of ``sum(fn(x, w))`` w.r.t. ``w`` and, if ``input_grad``, ``x``."""
-    return jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w)), argnums=(0, 1) if input_grad else 1)
+    """``(x, w, cot) ->`` ``value_and_grad`` of ``sum(fn(x, w) * cot)`` w.r.t. ``w`` and, if
+    ``input_grad``, ``x``: the backward pass starts from the cotangent ``cot``, as a layer's does
+    from the next layer's gradient in a train step."""
+    return jax.value_and_grad(lambda x, w, cot: jnp.sum(fn(x, w) * cot), argnums=(0, 1) if input_grad else 1)
+
+
+def cotangent(fn: Callable, x: jax.Array, w: Any) -> jax.Array:
+    """A fixed random (seeded, float32) array of ``fn(x, w)``'s shape, the ``cot`` of :func:`fwd_bwd`.
+
+    Not the all-ones cotangent of a ``sum()`` loss: XLA exploits that one (it hoisted the
+    input-gradient matmul of the factorized path out of the per-sample loop, and the weight
+    gradient becomes a column sum), which no train step gets."""
+    shape = jax.eval_shape(fn, x, w).shape
+    return jnp.asarray(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+
+
+def compile_fwd_bwd(fn: Callable, x: jax.Array, w: Any, input_grad: bool, cot: jax.Array | None = None):
+    """``compile_jax`` of :func:`fwd_bwd` on ``(x, w, cot)`` (``cot``: default :func:`cotangent`)."""
+    return compile_jax(fwd_bwd(fn, input_grad), x, w, cotangent(fn, x, w) if cot is None else cot)
 
 
 def analytic(case: ConvCase) -> dict[str, Any]:
@@ -283,12 +301,13 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, with_peers: boo
                                 case.input_grad)
     # ``auto`` traces to the program of the path it picks; that program is timed once, under its
     # path's name (timing it twice would only measure the spread between identical calls).
-    same = program_text(fwd_bwd(fns["auto"], case.input_grad), x, params) == program_text(
-        fwd_bwd(fns[choice], case.input_grad), x, params)
+    cot = cotangent(fns["dense"], x, kernel)  # every path has the dense conv's output shape
+    same = program_text(fwd_bwd(fns["auto"], case.input_grad), x, params, cot) == program_text(
+        fwd_bwd(fns[choice], case.input_grad), x, params, cot)
     calls, compile_s = {}, {}
     for p in PATHS:
         if not (p == "auto" and same):
-            calls[p], compile_s[p] = compile_jax(fwd_bwd(fns[p], case.input_grad), x, weights[p])
+            calls[p], compile_s[p] = compile_fwd_bwd(fns[p], x, weights[p], case.input_grad, cot)
     if with_peers:
         calls |= peers.conv_peers(case)
     timing = time_interleaved(calls, repeats, budget_s)
@@ -525,7 +544,9 @@ def peer_table(rows: list[dict], total: dict | None) -> list[str]:
 
 
 PROTOCOL = (
-    "Protocol: one jitted call = forward + `sum()` + gradients w.r.t. every weight and, for every layer but a "
+    "Protocol: one jitted call = forward, then the backward pass from a fixed random cotangent (the loss "
+    "`sum(y * r)`; a `sum()` loss gives an all-ones cotangent that XLA exploits and no train step has), with "
+    "gradients w.r.t. every weight and, for every layer but a "
     "network's first (column `dx`), w.r.t. its input, as in a training step: nobody differentiates w.r.t. "
     "the network's input images, so the first Jester layer (3->64) gets parameter gradients only. Times are "
     "medians of rounds in which all paths of a layer (and the peers) run interleaved, in a new random order each "

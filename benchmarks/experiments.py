@@ -141,9 +141,10 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     layers = {}
     for case in bench.jester_cases(False):
         x, _, params = bench.make_inputs(case)
-        fn = bench.fwd_bwd(bench.conv_fns(case)["factorized"], case.input_grad)
+        fn = bench.conv_fns(case)["factorized"]
+        cot = bench.cotangent(fn, x, params)
         for k in kernels:
-            layers[f"{case.name} {k}"] = compiled(k, lambda: bench.compile_jax(fn, x, params)[0])
+            layers[f"{case.name} {k}"] = compiled(k, lambda: bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0])
     t = bench.time_interleaved(layers, rounds, budget_s=1e9)
     out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
     out["jester_stack_ms"] = _stack(out["jester_layers_ms"], kernels)
@@ -167,8 +168,9 @@ def remat(rounds: int = 3) -> dict:
     for case in bench.jester_cases(False):
         x, _, params = bench.make_inputs(case)
         fn = bench.conv_fns(case)["factorized"]
+        cot = bench.cotangent(fn, x, params)
         for label, f in (("plain", fn), ("remat", jax.checkpoint(fn))):
-            calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, params)[0]
+            calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, params, case.input_grad, cot)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, ("plain", "remat"))
@@ -245,13 +247,14 @@ def layout(rounds: int = 3) -> dict:
             "per sample": cp(case, per_sample=True),
         }
         dense = bench.conv_fns(case)["dense"]
-        calls[f"{case.name} dense"] = bench.compile_jax(bench.fwd_bwd(dense, case.input_grad), x, kernel)[0]
+        cot = bench.cotangent(dense, x, kernel)
+        calls[f"{case.name} dense"] = bench.compile_fwd_bwd(dense, x, kernel, case.input_grad, cot)[0]
         if case.c_in == 256:  # the smallest layer: XLA CPU's dense conv inside a loop body
             for label, f in (("dense, per sample (lax.map)", _chunked(dense, 1)),
                              ("dense, whole batch in one lax.map step", _chunked(dense, case.batch))):
-                calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, kernel)[0]
+                calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, kernel, case.input_grad, cot)[0]
         for label, f in variants.items():
-            calls[f"{case.name} {label}"] = bench.compile_jax(bench.fwd_bwd(f, case.input_grad), x, params)[0]
+            calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, params, case.input_grad, cot)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, labels)
@@ -353,8 +356,9 @@ def _flags_worker() -> None:
     for case in bench.jester_cases(False):
         x, kernel, params = bench.make_inputs(case)
         fns = bench.conv_fns(case)
+        cot = bench.cotangent(fns["dense"], x, kernel)
         for path, w in (("dense", kernel), ("auto", params)):
-            calls[f"{case.name} {path}"] = bench.compile_jax(bench.fwd_bwd(fns[path], case.input_grad), x, w)[0]
+            calls[f"{case.name} {path}"] = bench.compile_fwd_bwd(fns[path], x, w, case.input_grad, cot)[0]
     for call in calls.values():
         call()  # warm-up
     print(json.dumps(sorted(calls)), flush=True)

@@ -4,8 +4,10 @@ Optional: needs the ``bench`` extra (``pip install -e '.[bench]'``: CPU ``torch`
 ``tensorly-torch``). :func:`available` says whether they import; the benchmark skips the
 peers with a message otherwise.
 
-Each peer is a zero-argument callable doing one training-style fwd+bwd: forward, ``sum()``,
-``backward()``; gradients w.r.t. every parameter and, only if ``input_grad``, w.r.t. the input
+Each peer is a zero-argument callable doing one training-style fwd+bwd: forward, then
+``backward(cot)`` from a fixed random cotangent of the output's shape (as the JAX paths do,
+:func:`benchmarks.bench.cotangent`); gradients w.r.t. every parameter and, only if
+``input_grad``, w.r.t. the input
 (the network's first layer gets none, as in a train step). PyTorch runs in its native
 channels-first layout (``(B, C, *S)``) on ``torch.set_num_threads(n)`` threads with ``n`` the
 number of cores JAX's CPU client uses.
@@ -67,11 +69,14 @@ def conv_peers(case, seed: int = 0) -> dict[str, Callable[[], None]]:
         layer.reset_parameters(std=(case.c_in * float(torch.tensor(case.kernel).prod())) ** -0.5)
         layers[f"tltorch cp {impl}"] = layer
 
+    with torch.no_grad():
+        cot = torch.randn(layers["torch dense"](x).shape, generator=torch.Generator().manual_seed(1))
+
     def step(layer):
         def run():
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            layer(x).sum().backward()
+            layer(x).backward(cot)
 
         return run
 

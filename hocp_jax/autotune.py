@@ -9,7 +9,8 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   rebuilding the kernel costs more FLOPs than the conv itself (small batch x spatial size and
   a large rank), then ``"factorized"``.
 * ``"measure"``: the first trace of each new key times both paths once (fwd + grads w.r.t. the
-  parameters, and w.r.t. ``x`` if ``input_grad``) on concrete dummy inputs of the static shapes,
+  parameters, and w.r.t. ``x`` if ``input_grad``, from a random output cotangent) on concrete
+  dummy inputs of the static shapes,
   on the default backend, in interleaved rounds, and keeps the faster. Results are cached in
   memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
   dilation, input_grad)`` and, with ``cache_path``, in a JSON file that later processes reuse.
@@ -118,20 +119,23 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
     with jax.ensure_compile_time_eval():
         x = jnp.asarray(rng.normal(size=x_shape), dtype)
         p = {k: jnp.asarray(rng.normal(size=v.shape) / np.sqrt(max(v.shape[0], 1)), v.dtype) for k, v in params.items()}
+        def forward(x, p, impl):
+            return conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
+                                implementation=impl)
+
+        # a random cotangent, as from the next layer: XLA exploits the all-ones one of a sum() loss
+        cot = jnp.asarray(rng.normal(size=jax.eval_shape(lambda x, p: forward(x, p, "factorized"), x, p).shape), dtype)
         calls = {}
         for impl in ("factorized", "reconstructed"):
-            def loss(x, p, impl=impl):
-                return jnp.sum(conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
-                                            implementation=impl))
-
-            fn = jax.jit(jax.grad(loss, argnums=(0, 1) if input_grad else 1))
-            jax.block_until_ready(fn(x, p))  # compile + warm-up
+            fn = jax.jit(jax.grad(lambda x, p, cot, impl=impl: jnp.sum(forward(x, p, impl) * cot),
+                                  argnums=(0, 1) if input_grad else 1))
+            jax.block_until_ready(fn(x, p, cot))  # compile + warm-up
             calls[impl] = fn
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(rounds):
             for impl in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
                 t0 = time.perf_counter()
-                jax.block_until_ready(calls[impl](x, p))
+                jax.block_until_ready(calls[impl](x, p, cot))
                 times[impl].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -263,9 +263,9 @@ def fwd_bwd(fn: Callable, input_grad: bool) -> Callable:
 def cotangent(fn: Callable, x: jax.Array, w: Any) -> jax.Array:
     """A fixed random (seeded, float32) array of ``fn(x, w)``'s shape, the ``cot`` of :func:`fwd_bwd`.
 
-    Not the all-ones cotangent of a ``sum()`` loss: XLA exploits that one (it hoisted the
-    input-gradient matmul of the factorized path out of the per-sample loop, and the weight
-    gradient becomes a column sum), which no train step gets."""
+    Not the all-ones cotangent of a ``sum()`` loss, which no train step gets: XLA exploits it (it
+    hoisted the product of the cotangent with the factorized path's output factor out of the
+    per-sample loop)."""
     shape = jax.eval_shape(fn, x, w).shape
     return jnp.asarray(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
 

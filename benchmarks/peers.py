@@ -7,10 +7,9 @@ peers with a message otherwise.
 Each peer is a zero-argument callable doing one training-style fwd+bwd: forward, then
 ``backward(cot)`` from a fixed random cotangent of the output's shape (as the JAX paths do,
 :func:`benchmarks.bench.cotangent`); gradients w.r.t. every parameter and, only if
-``input_grad``, w.r.t. the input
-(the network's first layer gets none, as in a train step). PyTorch runs in its native
-channels-first layout (``(B, C, *S)``) on ``torch.set_num_threads(n)`` threads with ``n`` the
-number of cores JAX's CPU client uses.
+``input_grad``, w.r.t. the input (the network's first layer gets none, as in a train step).
+PyTorch runs in its native channels-first layout (``(B, C, *S)``) on ``torch.set_num_threads(n)``
+threads with ``n`` the number of cores JAX's CPU client uses.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   a large rank), then ``"factorized"``.
 * ``"measure"``: the first trace of each new key times both paths once (fwd + grads w.r.t. the
   parameters, and w.r.t. ``x`` if ``input_grad``, from a random output cotangent) on concrete
-  dummy inputs of the static shapes,
-  on the default backend, in interleaved rounds, and keeps the faster. Results are cached in
+  dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
+  the faster. Results are cached in
   memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
   dilation, input_grad)`` and, with ``cache_path``, in a JSON file that later processes reuse.
 
@@ -119,6 +119,7 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
     with jax.ensure_compile_time_eval():
         x = jnp.asarray(rng.normal(size=x_shape), dtype)
         p = {k: jnp.asarray(rng.normal(size=v.shape) / np.sqrt(max(v.shape[0], 1)), v.dtype) for k, v in params.items()}
+
         def forward(x, p, impl):
             return conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
                                 implementation=impl)

@@ -270,9 +270,10 @@ def cotangent(fn: Callable, x: jax.Array, w: Any) -> jax.Array:
     return jnp.asarray(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
 
 
-def compile_fwd_bwd(fn: Callable, x: jax.Array, w: Any, input_grad: bool, cot: jax.Array | None = None):
-    """``compile_jax`` of :func:`fwd_bwd` on ``(x, w, cot)`` (``cot``: default :func:`cotangent`)."""
-    return compile_jax(fwd_bwd(fn, input_grad), x, w, cotangent(fn, x, w) if cot is None else cot)
+def compile_fwd_bwd(fn: Callable, x: jax.Array, w: Any, input_grad: bool, cot: jax.Array):
+    """``compile_jax`` of :func:`fwd_bwd` on ``(x, w, cot)``; ``cot`` from :func:`cotangent`, made
+    once per layer and shared by its paths (they all have the same output shape)."""
+    return compile_jax(fwd_bwd(fn, input_grad), x, w, cot)
 
 
 def analytic(case: ConvCase) -> dict[str, Any]:

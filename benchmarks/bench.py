@@ -156,7 +156,7 @@ def machine_info() -> dict[str, Any]:
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "XLA_", "JAX_", "LD_PRELOAD"))},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XLA_", "JAX_", "LD_PRELOAD"))},
     }
 
 

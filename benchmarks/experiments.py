@@ -12,6 +12,12 @@ own worker process; the parent times the workers' calls in interleaved, rotated 
 runs at a time), so load from elsewhere hits all settings alike. Prints medians and ratios to the
 default-flags dense stack as JSON.
 
+``python -m benchmarks.experiments malloc [rounds]``: the same worker scheme under the glibc
+allocator settings of :data:`MALLOC_SETTINGS` (XLA's CPU runtime and PyTorch both allocate with
+glibc's malloc): the Jester stack (JAX dense, ``auto`` and, with the ``bench`` extra, the
+PyTorch/TensorLy-Torch peers), then the three train-step pairs. Shows how much of each ratio is
+the allocator's doing rather than the conv's.
+
 ``python -m benchmarks.experiments shift_kernel [rounds] [revision]``: the depthwise shift kernel
 of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel; 48d5593: the
 "tap-input" kernel; both measured and not kept) against the current one: the Jester stack layers
@@ -111,8 +117,12 @@ def stem(rounds: int = 7) -> dict:
 
 
 def _stack(layer_ms: dict, labels) -> dict:
-    """Per label, the sum over the layers of ``layer_ms`` (keys ``"<layer> <label>"``)."""
-    return {k: sum(v for n, v in layer_ms.items() if n.endswith(" " + k)) for k in labels}
+    """Per label, the sum over the layers of ``layer_ms`` (keys ``"<layer> <label>"``; a key counts
+    for the longest label it ends with, so ``"conv1 torch dense"`` is not a ``"dense"`` one)."""
+    def label(name):
+        return max((k for k in labels if name.endswith(" " + k)), key=len, default=None)
+
+    return {k: sum(v for n, v in layer_ms.items() if label(n) == k) for k in labels}
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
@@ -347,18 +357,35 @@ XLA_FLAG_SETS = {
 }
 
 
-def _flags_worker() -> None:
-    """Compiles the Jester stack (dense, auto) under this process's XLA_FLAGS, then runs the call
-    named on each stdin line and answers its wall time in ms."""
-    from benchmarks import bench
+def _worker_calls(suite: str) -> dict:
+    """The zero-argument calls of ``suite``, compiled in this process: ``"stack"``, the Jester stack
+    layers (dense, auto); ``"stack+peers"``, those plus the PyTorch/TensorLy-Torch peers (``bench``
+    extra); ``"steps"``, the three train-step pairs of :func:`benchmarks.bench.model_cases`."""
+    from benchmarks import bench, peers
 
     calls = {}
-    for case in bench.jester_cases(False):
-        x, kernel, params = bench.make_inputs(case)
-        fns = bench.conv_fns(case)
-        cot = bench.cotangent(fns["dense"], x, kernel)
-        for path, w in (("dense", kernel), ("auto", params)):
-            calls[f"{case.name} {path}"] = bench.compile_fwd_bwd(fns[path], x, w, case.input_grad, cot)[0]
+    if suite.startswith("stack"):
+        if suite == "stack+peers":
+            peers.set_threads()
+        for case in bench.jester_cases(False):
+            x, kernel, params = bench.make_inputs(case)
+            fns = bench.conv_fns(case)
+            cot = bench.cotangent(fns["dense"], x, kernel)
+            for path, w in (("dense", kernel), ("auto", params)):
+                calls[f"{case.name} {path}"] = bench.compile_fwd_bwd(fns[path], x, w, case.input_grad, cot)[0]
+            if suite == "stack+peers":
+                calls |= {f"{case.name} {k}": v for k, v in peers.conv_peers(case).items()}
+    elif suite == "steps":
+        calls = {case.name: bench.prepare_model_case(case)[0] for case in bench.model_cases(False)}
+    else:
+        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers' or 'steps'")
+    return calls
+
+
+def _worker(suite: str) -> None:
+    """Compiles ``suite``'s calls under this process's environment, then runs the call named on
+    each stdin line and answers its wall time in ms."""
+    calls = _worker_calls(suite)
     for call in calls.values():
         call()  # warm-up
     print(json.dumps(sorted(calls)), flush=True)
@@ -368,11 +395,17 @@ def _flags_worker() -> None:
         print(1e3 * (time.perf_counter() - t0), flush=True)
 
 
-def xla_flags(rounds: int = 3) -> dict:
+def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float = 0.0) -> tuple[dict, list]:
+    """Times ``suite`` in one worker process per environment in ``envs`` (``{label: env}``).
+
+    Environment settings (XLA flags, allocator variables) are per process, so each runs in its own
+    worker; the parent times the workers' calls in interleaved, rotated rounds, one call at a time
+    with ``gap_s`` seconds between calls, so load from elsewhere hits all settings alike.
+    Returns the medians ``{(label, name): ms}`` and the call names.
+    """
     workers, names = {}, None
-    for label, flags in XLA_FLAG_SETS.items():
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_flags_worker"], env=env,
+    for label, env in envs.items():
+        workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_worker", suite], env=env,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for w in workers.values():
         names = json.loads(w.stdout.readline())
@@ -380,20 +413,80 @@ def xla_flags(rounds: int = 3) -> dict:
     times: dict = {job: [] for job in jobs}
     for rnd in range(rounds):
         for label, name in jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]:
+            time.sleep(gap_s)
             workers[label].stdin.write(name + "\n")
             workers[label].stdin.flush()
             times[(label, name)].append(float(workers[label].stdout.readline()))
     for w in workers.values():
         w.stdin.close()
         w.wait()
-    med = {job: statistics.median(t) for job, t in times.items()}
-    stack = {label: _stack({n: med[(label, n)] for n in names}, ("dense", "auto")) for label in workers}
+    return {job: statistics.median(t) for job, t in times.items()}, names
+
+
+def xla_flags(rounds: int = 3) -> dict:
+    envs = {label: dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+            for label, flags in XLA_FLAG_SETS.items()}
+    med, names = _run_in_workers(envs, "stack", rounds)
+    stack = {label: _stack({n: med[(label, n)] for n in names}, ("dense", "auto")) for label in envs}
     base = stack["default"]["dense"]
     return {"flags": XLA_FLAG_SETS, "rounds": rounds, "stack_ms": stack,
             "stack_ratio_to_default_dense": {k: {p: v / base for p, v in d.items()} for k, d in stack.items()},
             "auto/dense per setting": {k: d["auto"] / d["dense"] for k, d in stack.items()},
-            "layer_ms": {f"{label} | {name}": med[(label, name)] for label, name in jobs},
+            "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()},
             "loadavg": os.getloadavg()}
+
+
+# Allocator settings of glibc's malloc, which both XLA's CPU runtime and PyTorch allocate their
+# buffers with. By default a buffer over the (dynamic) mmap threshold, or any buffer allocated
+# from a thread other than the main one (XLA's runtime threads allocate from their own arenas,
+# which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
+# call then page-faults its whole working set in again (Jester conv1, XLA: ~94k minor faults and
+# ~0.2 s system time per call). Plus jemalloc and tcmalloc in place of glibc's malloc
+# (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
+# libtcmalloc-minimal4).
+MALLOC_SETTINGS = {
+    "default": {},
+    "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "one arena, no mmap": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+}
+
+
+def _malloc_settings() -> dict[str, dict]:
+    """:data:`MALLOC_SETTINGS` less the preloads that the dynamic linker cannot load."""
+    def found(lib):
+        run = subprocess.run([sys.executable, "-c", ""], env=dict(os.environ, LD_PRELOAD=lib), capture_output=True, text=True)
+        return "cannot be preloaded" not in run.stderr
+
+    return {k: v for k, v in MALLOC_SETTINGS.items() if "LD_PRELOAD" not in v or found(v["LD_PRELOAD"])}
+
+
+def malloc(rounds: int = 5) -> dict:
+    """The Jester stack (JAX dense and ``auto``, and the peers if the ``bench`` extra is installed)
+    and the three train-step pairs under each of :data:`MALLOC_SETTINGS` (those installed), one worker process per
+    setting (glibc reads them at process start), interleaved."""
+    from benchmarks import bench, peers
+
+    settings = _malloc_settings()
+    envs = {label: {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
+            | extra for label, extra in settings.items()}
+    skipped = peers.available()
+    med, names = _run_in_workers(envs, "stack" if skipped else "stack+peers", rounds, gap_s=0.1)
+    labels = ("dense", "auto") + (() if skipped else peers.PEERS)
+    stack = {label: _stack({n: med[(label, n)] for n in names}, labels) for label in envs}
+    out = {"settings": settings, "rounds": rounds, "gap_s": 0.1, "peers": skipped or peers.versions(),
+           "stack_ms": stack,
+           "stack_ratios": {k: {f"auto/{p}": d["auto"] / d[p] for p in labels if p != "auto"} for k, d in stack.items()},
+           "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
+    med, names = _run_in_workers(envs, "steps", rounds + 2, gap_s=0.1)
+    refs = {c.name: c.reference for c in bench.model_cases(False) if c.reference}
+    out["step_ms"] = {label: {n: med[(label, n)] for n in names} for label in envs}
+    out["step_ratios"] = {label: {f"{n} / {ref}": med[(label, n)] / med[(label, ref)] for n, ref in refs.items()}
+                          for label in envs}
+    out["loadavg"] = os.getloadavg()
+    out["machine"] = bench.machine_info()
+    return out
 
 
 def matmul(rounds: int = 20) -> dict:
@@ -423,11 +516,11 @@ def matmul(rounds: int = 20) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "_flags_worker":
-        _flags_worker()
+    if sys.argv[1] == "_worker":
+        _worker(sys.argv[2])
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
-                       "step_changes": step_changes, "matmul": matmul}
+                       "step_changes": step_changes, "matmul": matmul, "malloc": malloc}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

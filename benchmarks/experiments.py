@@ -38,6 +38,11 @@ are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest
 dense conv under ``lax.map``, which shows why the reconstructed path is never chunked.
 Interleaved.
 
+``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
+``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
+rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 3, 6 and 14 output rows wherever a
+layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved.
+
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
@@ -185,6 +190,26 @@ def remat(rounds: int = 3) -> dict:
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, ("plain", "remat"))
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
+
+
+def tiles(rounds: int = 5) -> dict:
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    settings = {"whole samples": 0, "auto": None, "rows 3": 3, "rows 6": 6, "rows 14": 14}
+    calls = {}
+    for case in bench.jester_cases(False):
+        x, _, params = bench.make_inputs(case)
+        fn = bench.conv_fns(case)["factorized"]
+        cot = bench.cotangent(fn, x, params)
+        for label, rows in settings.items():
+            with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
+                calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = _stack(ms, tuple(settings))
+    return {"layers_ms": ms, "stack_ms": stack, "stack_ratio_to_whole_samples": {k: v / stack["whole samples"] for k, v in stack.items()},
+            "loadavg": os.getloadavg()}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -522,5 +547,5 @@ if __name__ == "__main__":
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
-                       "step_changes": step_changes, "matmul": matmul, "malloc": malloc}
+                       "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

@@ -39,7 +39,7 @@ POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
 
-_config: dict[str, Any] = {"policy": None, "cache_path": None, "per_sample": None}
+_config: dict[str, Any] = {"policy": None, "cache_path": None, "per_sample": None, "tile_rows": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -183,6 +183,57 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
             and jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+TILE_MIN_BYTES = 16 * 1024 * 1024
+"""Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
+into tiles. Measured on the 2-core CPU (32 MiB L3; README "Benchmarks"): Jester conv2 (24 MB per
+sample) ran fwd+bwd 0.81x as long in tiles of 6 of its 42 rows, conv1 (9 MB) and conv3 (5 MB)
+showed no gain above the noise with any tile size."""
+TILE_TARGET_BYTES = 3 * 1024 * 1024
+"""Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows)."""
+
+
+@contextlib.contextmanager
+def tile_rows_mode(value: int | None):
+    """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
+    tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
+    :func:`per_sample_mode`."""
+    if value is not None and (not isinstance(value, int) or value < 0):
+        raise ValueError(f"value={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
+    previous = _config["tile_rows"]
+    _config["tile_rows"] = value
+    try:
+        yield
+    finally:
+        _config["tile_rows"] = previous
+
+
+def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int], halos: Sequence[int],
+              tileable: Sequence[bool]) -> tuple[int, int] | None:
+    """How the per-sample loop of the factorized CP path splits each sample, or ``None`` (whole samples).
+
+    Returns ``(i, rows)``: tile spatial mode ``i`` (0-based; of the ``tileable`` modes, those with
+    stride 1 and no negative padding, the one with the most output positions) into pieces of ``rows`` output rows, each computed from its input rows plus a halo
+    of ``halos[i]`` rows (``dilation * (K - 1)``), so the per-tile intermediates stay in cache.
+    Automatic rule (:func:`tile_rows_mode` overrides the size): only when the ``(1, *S, R)``
+    per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
+    :data:`TILE_TARGET_BYTES`. Called only where :func:`per_sample_default` (or the caller) has
+    turned the per-sample loop on, i.e. on a single CPU device.
+    """
+    candidates = [i for i, ok in enumerate(tileable) if ok]
+    if not candidates or _config["tile_rows"] == 0:
+        return None
+    i = max(candidates, key=lambda j: out_sizes[j])
+    rows = _config["tile_rows"]
+    if rows is None:
+        per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+        if per_sample_bytes < TILE_MIN_BYTES:
+            return None
+        n_tiles = -(-per_sample_bytes // TILE_TARGET_BYTES)
+        rows = -(-out_sizes[i] // n_tiles)
+    rows = max(rows, halos[i], 1)  # a tile's halo comes from the next tile's rows
+    return (i, rows) if rows < out_sizes[i] else None
 
 
 def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True) -> str:

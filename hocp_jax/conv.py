@@ -305,6 +305,34 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     return run(x, *consts)
 
 
+def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows: int, halo: int,
+              pad: tuple[int, int]) -> jax.Array:
+    """``f`` over tiles of ``rows`` output rows along spatial ``axis`` of every sample, in one
+    :func:`_per_sample` loop over the ``B * n`` tiles.
+
+    ``f`` maps ``(1, ..., rows + halo, ..., C)`` input rows to ``(1, ..., rows, ..., C')`` (its conv
+    along ``axis`` unpadded, stride 1). ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)``
+    and, behind, as far as the last tile needs; every tile reads its own rows plus the first
+    ``halo`` rows of the next (``halo <= rows``). Exact for an ``f`` that is linear up to its conv
+    along ``axis`` (the zero rows are that conv's padding). Returns ``(B, ..., S_out, ..., C')``.
+    """
+    b, out_size = x.shape[0], x.shape[axis] + pad[0] + pad[1] - halo
+    n = -(-out_size // rows)
+    xp = _pad_axis(x, axis, (pad[0], (n + 1) * rows - x.shape[axis] - pad[0]))
+
+    def split(a):  # (B, .., n * rows, ..) -> (B * n, .., rows, ..)
+        a = jnp.moveaxis(a.reshape(a.shape[:axis] + (n, rows) + a.shape[axis + 1:]), axis, 1)
+        return a.reshape((b * n,) + a.shape[2:])
+
+    tiles = split(lax.slice_in_dim(xp, 0, n * rows, axis=axis))
+    if halo:
+        ahead = split(lax.slice_in_dim(xp, rows, (n + 1) * rows, axis=axis))
+        tiles = jnp.concatenate([tiles, lax.slice_in_dim(ahead, 0, halo, axis=axis)], axis=axis)
+    y = _per_sample(f, tiles)
+    y = jnp.moveaxis(y.reshape((b, n) + y.shape[1:]), 1, axis)
+    return lax.slice_in_dim(y.reshape(y.shape[:axis] + (n * rows,) + y.shape[axis + 2:]), 0, out_size, axis=axis)
+
+
 def cp_conv(
     x: jax.Array,
     params: Params,
@@ -343,6 +371,9 @@ def cp_conv(
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
         through memory; the backward pass recomputes each sample's forward just before its
         gradient, so nothing per sample is stored between the passes. The result is the same.
+        Without ``psi``, a sample whose intermediate is still large is further cut into tiles of
+        output rows along one stride-1 mode, each computed with a halo of input rows from the
+        next (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`).
         ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
         enough intermediates on a single CPU device) when ``psi`` is None, else off, since
         ``psi`` may use batch statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
@@ -393,7 +424,7 @@ def cp_conv(
             per_sample = psi is None and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
-        def factorized(x):
+        def factorized(x, pads=pads, order=order):
             h = channel_matmul(x, params["factor_in"])
             if psi is not None:
                 h = psi(h, "in")
@@ -404,7 +435,23 @@ def cp_conv(
                     h = psi(h, m)
             return channel_matmul(h, out_factor.T)
 
-        y = _per_sample(factorized, x) if per_sample else factorized(x)
+        # psi(0) need not be 0, so tiles (zero rows where the conv pads) are only cut without psi
+        halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
+        out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
+        plan = per_sample and psi is None and autotune.tile_plan(
+            x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos,
+            [st == 1 and min(p) >= 0 for st, p in zip(strides, pads)])
+        if plan:
+            i, rows = plan
+            if mode_order is None:  # the tiled mode first of the stride-1 ones: fewer passes see the halo rows
+                strided = tuple(m for m in order if strides[modes.index(m)] > 1)
+                order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
+            tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]
+            y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order), x, i + 1, rows, halos[i], pads[i])
+        elif per_sample:
+            y = _per_sample(factorized, x)
+        else:
+            y = factorized(x)
     if "factor_skip" in params:
         skip = _skip(x, params, strides)
         if skip.shape != y.shape:

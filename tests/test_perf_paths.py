@@ -330,6 +330,81 @@ def test_per_sample_rule_and_wiring(monkeypatch):
         assert "scan" not in lowered()
 
 
+# (in_sizes, kernel, stride, padding passed to cp_conv, explicit lax padding of the oracle, dilation)
+TILE_CASES = [
+    ((5, 9, 7), (3, 3, 3), (1, 1, 1), "SAME", ((1, 1),) * 3, (1, 1, 1)),  # tiles the 9 rows of h
+    # h (stride 1, out 10) is tiled with a halo of 8 rows (dilation 2, K = 5): tiles of at least 8 rows
+    ((5, 10, 7), (3, 5, 3), (1, 1, 2), "SYMMETRIC", ((1, 1), (4, 4), (1, 1)), (1, 2, 1)),
+    ((4, 11, 6), (3, 3, 3), (2, 1, 1), "VALID", "VALID", (1, 1, 1)),  # strided t is never tiled
+    ((6, 8, 9), (1, 3, 3), (1, 1, 1), ((0, 0), (2, 0), (1, 3)), ((0, 0), (2, 0), (1, 3)), (1, 1, 1)),  # w, uneven pads
+]
+
+
+@pytest.mark.parametrize("case", range(len(TILE_CASES)))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_tiled_per_sample_matches_oracle(case, rows):
+    """Each sample cut into tiles of ``rows`` output rows with a halo (``autotune.tile_rows_mode``):
+    values and gradients (input and every factor) agree with the independent dense conv; the last
+    tile is partial and padded where ``rows`` does not divide the output size."""
+    from hocp_jax import autotune
+
+    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[case]
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(case)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
+    letters = "xyz"
+    spec = ",".join(f"{l}r" for l in letters) + ",cr,tr,r->" + letters + "ct"
+
+    def oracle(x, p):
+        k = jnp.einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"],
+                       precision=lax.Precision.HIGHEST)
+        return _oracle(x, k, stride, oracle_pad, dilation)
+
+    def tiled(x, p):
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
+
+    with autotune.tile_rows_mode(rows):
+        assert "concatenate" in str(jax.make_jaxpr(tiled)(x, p))  # the halos: the tiled program runs
+        y = tiled(x, p)
+        got = jax.grad(lambda x, p: jnp.sum(jnp.sin(tiled(x, p))), argnums=(0, 1))(x, p)
+    want_y = oracle(x, p)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), atol=1e-4 * float(jnp.abs(want_y).max()), rtol=0)
+    want = jax.grad(lambda x, p: jnp.sum(jnp.sin(oracle(x, p))), argnums=(0, 1))(x, p)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4 * float(jnp.abs(w).max()) + 1e-6, rtol=0)
+
+
+def test_tile_plan_rule():
+    """Automatic tiles only for big per-sample intermediates, along the longest stride-1 mode, about
+    TILE_TARGET_BYTES each; never with psi (psi(0) need not be 0 on the padding rows)."""
+    from hocp_jax import autotune
+
+    shape = (8, 9, 42, 42, 64)  # Jester conv2: 9*42*42 positions x rank 384 x 4 bytes = 24.4 MB per sample
+    plan = autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (True,) * 3)
+    assert plan == (1, 6)  # h (the first of the longest), 7 tiles of 6 rows, 3.5 MB each
+    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (True, False, True)) == (2, 3)
+    assert autotune.tile_plan(shape, 384, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (True,) * 3) is None  # 12.2 MB
+    assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (True,) * 3) == (1, 6)
+    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (False,) * 3) is None
+    with autotune.tile_rows_mode(0):
+        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (True,) * 3) is None
+    with autotune.tile_rows_mode(1):
+        # at least a halo's rows per tile, and at least two tiles
+        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 2, 4), (True,) * 3) == (1, 2)
+        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 4, 4), (True,) * 3) is None
+    with pytest.raises(ValueError, match="value=-1"):
+        with autotune.tile_rows_mode(-1):
+            pass
+
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _cp_numpy(np.random.default_rng(0), 3, 4, (3, 3, 3), 5, ("t", "h", "w")).items()}
+    x = jnp.zeros((2, 4, 6, 6, 3))
+    with autotune.tile_rows_mode(2):
+        def jaxpr(**kw):
+            return str(jax.make_jaxpr(lambda x: conv.cp_conv(x, p, modes=("t", "h", "w"), per_sample=True, **kw))(x))
+        assert "concatenate" in jaxpr() and "concatenate" not in jaxpr(psi=lambda h, stage: h)
+
+
 @pytest.mark.parametrize("psi", [None, "relu", "prelu", "bn_relu"])
 def test_per_sample_inside_a_linen_layer_matches_the_whole_batch(psi):
     """The loop runs inside a Flax module (no Flax transform needed), with a sample-wise psi too

@@ -293,7 +293,9 @@ def analytic(case: ConvCase) -> dict[str, Any]:
     }
 
 
-def run_conv_case(case: ConvCase, repeats: int, budget_s: float, with_peers: bool) -> dict[str, Any]:
+def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peers.PeerProcess | None) -> dict[str, Any]:
+    """Times every path of ``case`` and, with ``peer_proc``, the peers (in their own process), interleaved."""
+    with_peers = peer_proc is not None
     x, kernel, params = make_inputs(case)
     fns = conv_fns(case)
     weights = {p: (kernel if p == "dense" else params) for p in PATHS}
@@ -310,7 +312,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, with_peers: boo
         if not (p == "auto" and same):
             calls[p], compile_s[p] = compile_fwd_bwd(fns[p], x, weights[p], case.input_grad, cot)
     if with_peers:
-        calls |= peers.conv_peers(case)
+        calls |= peer_proc.conv_peers(case)
     timing = time_interleaved(calls, repeats, budget_s)
     if same:
         timing["auto"] = timing[choice]
@@ -558,7 +560,8 @@ PROTOCOL = (
     "the pick is the faster path. FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
     "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
     "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
-    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), 2-D "
+    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), a "
+    "sample with an intermediate of 16 MiB or more in tiles of output rows (`hocp_jax.autotune.tile_plan`), 2-D "
     "convs run the whole batch; FLOPs are counted on the whole-batch program."
 )
 
@@ -582,7 +585,9 @@ def markdown(results: dict) -> str:
         out += [f"Peers in the same run: PyTorch {m['torch']} (CPU, `torch.set_num_threads({m['torch_threads']})`, "
                 f"channels-first) dense `Conv2d`/`Conv3d`, and TensorLy-Torch {m['tltorch']} "
                 "`FactorizedConv(factorization='cp', implementation='reconstructed'|'factorized')` at the same rank, "
-                "same shapes and the same gradient protocol.", ""]
+                "same shapes and the same gradient protocol, run in a process of their own (`benchmarks.peers.PeerProcess`: "
+                "in one process with PyTorch, a JAX call right after a PyTorch call ran up to 1.6x slower) and timed "
+                "interleaved with the JAX paths, one call at a time.", ""]
     else:
         out += ["Peers (PyTorch, TensorLy-Torch) skipped: the optional `bench` extra is not installed.", ""]
     titles = {"jester": "Jester 3-D ConvNet layers (batch 8, 3x3x3, padding 1, rank 6 x C_in)",
@@ -690,20 +695,23 @@ def main(argv=None) -> dict:
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "conv": {}, "totals": {}, "models": [],
                                "autotune": autotune.policy(), "argv": list(sys.argv[1:] if argv is None else argv)}
     missing = "--no-peers given" if args.no_peers else peers.available()
+    conv_cases = [c for c in jester_cases(args.quick) + resnet_cases(args.quick) if c.group in args.only]
     if missing:
         print(f"peers skipped (PyTorch / TensorLy-Torch): {missing}", flush=True)
-    else:
-        results["machine"]["torch_threads"] = peers.set_threads()
-        results["machine"] |= peers.versions()
+    peer_proc = peers.PeerProcess() if conv_cases and not missing else None
+    if peer_proc:
+        results["machine"] |= peer_proc.info
     results["peers"] = None if missing else list(peers.PEERS)
     print(json.dumps(results["machine"]), flush=True)
-    for case in jester_cases(args.quick) + resnet_cases(args.quick):
-        if case.group not in args.only:
-            continue
-        row = run_conv_case(case, repeats, budget, with_peers=not missing)
-        results["conv"].setdefault(case.group, []).append(row)
-        print(f"[{time.perf_counter() - t_start:6.0f}s] {case.group} {case.name}: "
-              + ", ".join(f"{p} {v:.1f} ms" for p, v in row["ms"].items()) + f"; auto={row['auto_choice']}", flush=True)
+    try:
+        for case in conv_cases:
+            row = run_conv_case(case, repeats, budget, peer_proc)
+            results["conv"].setdefault(case.group, []).append(row)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {case.group} {case.name}: "
+                  + ", ".join(f"{p} {v:.1f} ms" for p, v in row["ms"].items()) + f"; auto={row['auto_choice']}", flush=True)
+    finally:
+        if peer_proc:
+            peer_proc.close()
     if "jester" in results["conv"]:
         results["totals"]["jester"] = stack_total(results["conv"]["jester"])
     if "models" in args.only:

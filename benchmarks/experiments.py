@@ -390,16 +390,16 @@ def _worker_calls(suite: str) -> dict:
 
     calls = {}
     if suite.startswith("stack"):
-        if suite == "stack+peers":
-            peers.set_threads()
+        # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
+        peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
         for case in bench.jester_cases(False):
             x, kernel, params = bench.make_inputs(case)
             fns = bench.conv_fns(case)
             cot = bench.cotangent(fns["dense"], x, kernel)
             for path, w in (("dense", kernel), ("auto", params)):
                 calls[f"{case.name} {path}"] = bench.compile_fwd_bwd(fns[path], x, w, case.input_grad, cot)[0]
-            if suite == "stack+peers":
-                calls |= {f"{case.name} {k}": v for k, v in peers.conv_peers(case).items()}
+            if peer_proc:  # every layer's peers stay alive: the rounds interleave all layers
+                calls |= {f"{case.name} {k}": v for k, v in peer_proc.conv_peers(case, keep_others=True).items()}
     elif suite == "steps":
         calls = {case.name: bench.prepare_model_case(case)[0] for case in bench.model_cases(False)}
     else:

@@ -10,23 +10,38 @@ Each peer is a zero-argument callable doing one training-style fwd+bwd: forward,
 ``input_grad``, w.r.t. the input (the network's first layer gets none, as in a train step).
 PyTorch runs in its native channels-first layout (``(B, C, *S)``) on ``torch.set_num_threads(n)``
 threads with ``n`` the number of cores JAX's CPU client uses.
+
+The benchmark runs the peers in a process of their own (:class:`PeerProcess`, this module run as
+``python -m benchmarks.peers``), driven over pipes one call at a time, so their calls still
+interleave with the JAX paths' in the same rounds. Measured on the 2-core CPU: with PyTorch in the
+same process, a JAX call that follows a PyTorch call ran up to 1.6x slower (Jester conv2 fwd+bwd:
+about 700 ms alone, 940-1180 ms right after a PyTorch call, also 0.5 s after it), while PyTorch's
+times did not move; with PyTorch in another process, JAX's calls stayed at about 700 ms and
+PyTorch's at 820-840 ms. Users run one of the two libraries per process, so the benchmark does too.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import functools
+import importlib.util
+import json
 import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 
 PEERS = ("torch dense", "tltorch cp reconstructed", "tltorch cp factorized")
 
 
 def available() -> str | None:
-    """``None`` if torch and tltorch import, else the reason (for the skip message)."""
-    try:
-        import tltorch  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:  # the optional extra is not installed
-        return f"{e} (install the optional extra: pip install -e '.[bench]')"
+    """``None`` if torch and tltorch are installed, else the reason (for the skip message). Does not
+    import them: the calling process stays free of PyTorch (module docstring)."""
+    missing = [m for m in ("torch", "tltorch") if importlib.util.find_spec(m) is None]
+    if missing:  # the optional extra is not installed
+        return f"no module named {', '.join(missing)} (install the optional extra: pip install -e '.[bench]')"
     return None
 
 
@@ -80,3 +95,79 @@ def conv_peers(case, seed: int = 0) -> dict[str, Callable[[], None]]:
         return run
 
     return {name: step(layer) for name, layer in layers.items()}
+
+
+class PeerProcess:
+    """The peers in a worker process of their own, driven over pipes (module docstring).
+
+    ``info`` holds the worker's versions and thread count; :meth:`conv_peers` has the worker build
+    a case's peers and returns zero-argument callables that each run one peer call there and wait
+    for it (a pipe round trip adds well under a millisecond to a call of tens of milliseconds or
+    more). Use as a context manager, or :meth:`close`.
+    """
+
+    def __init__(self):
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        self.info = self._ask({"op": "info"})
+
+    def _ask(self, msg: dict) -> dict:
+        self._proc.stdin.write(json.dumps(msg) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the peer process ended (exit code {self._proc.wait()}); its stderr is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"peer process: {reply['error']}")
+        return reply
+
+    def conv_peers(self, case, keep_others: bool = False) -> dict[str, Callable[[], None]]:
+        """Like :func:`conv_peers`, the calls running in the worker process. The worker frees the
+        peers of earlier cases first unless ``keep_others``."""
+        fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}  # the class may live in __main__
+        blob = base64.b64encode(pickle.dumps(fields)).decode()
+        names = self._ask({"op": "case", "case": blob, "keep_others": keep_others})["names"]
+        return {name: functools.partial(self._ask, {"op": "run", "case": case.name, "name": name}) for name in names}
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve() -> None:
+    """The worker of :class:`PeerProcess`: one JSON request per stdin line, one JSON reply per line
+    on the original stdout (anything else the libraries print goes to stderr)."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    threads, cases = set_threads(), {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["op"] == "info":
+                reply = versions() | {"torch_threads": threads}
+            elif msg["op"] == "case":
+                from benchmarks.bench import ConvCase
+
+                if not msg["keep_others"]:
+                    cases.clear()  # frees their tensors before the new ones are made
+                case = ConvCase(**pickle.loads(base64.b64decode(msg["case"])))
+                cases[case.name] = conv_peers(case)
+                reply = {"names": list(cases[case.name])}
+            else:
+                cases[msg["case"]][msg["name"]]()
+                reply = {}
+        except Exception as e:  # reported to the parent, which raises it
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+
+
+if __name__ == "__main__":
+    _serve()

@@ -38,6 +38,11 @@ are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest
 dense conv under ``lax.map``, which shows why the reconstructed path is never chunked.
 Interleaved.
 
+``python -m benchmarks.experiments coresidence [rounds]``: why the benchmark runs the peers in a
+process of their own. Jester conv2 (fwd+bwd, ``bench`` protocol): JAX's ``auto`` alone; each round
+PyTorch's dense conv then JAX's, PyTorch in a :class:`benchmarks.peers.PeerProcess`; the same with
+PyTorch in this process; then JAX alone again, PyTorch idle in this process.
+
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
 rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 3, 6 and 14 output rows wherever a
@@ -190,6 +195,39 @@ def remat(rounds: int = 3) -> dict:
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, ("plain", "remat"))
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
+
+
+def coresidence(rounds: int = 8) -> dict:
+    from benchmarks import bench, peers
+
+    case = bench.jester_cases(False)[1]  # conv2
+    x, kernel, params = bench.make_inputs(case)
+    fns = bench.conv_fns(case)
+    cot = bench.cotangent(fns["dense"], x, kernel)
+    jax_call = bench.compile_fwd_bwd(fns["auto"], x, params, case.input_grad, cot)[0]
+
+    def ms(call):
+        t0 = time.perf_counter()
+        call()
+        return 1e3 * (time.perf_counter() - t0)
+
+    jax_call()
+    out = {"layer": case.name, "rounds": rounds, "JAX alone": [ms(jax_call) for _ in range(rounds)]}
+    with peers.PeerProcess() as proc:
+        torch_call = proc.conv_peers(case)["torch dense"]
+        torch_call()
+        pairs = [(ms(torch_call), ms(jax_call)) for _ in range(rounds)]
+    out["torch in its own process, then JAX"] = {"torch": [p[0] for p in pairs], "JAX": [p[1] for p in pairs]}
+    peers.set_threads()
+    torch_call = peers.conv_peers(case)["torch dense"]  # from here on, PyTorch runs in this process
+    torch_call()
+    pairs = [(ms(torch_call), ms(jax_call)) for _ in range(rounds)]
+    out["torch in this process, then JAX"] = {"torch": [p[0] for p in pairs], "JAX": [p[1] for p in pairs]}
+    out["JAX alone again (torch idle in this process)"] = [ms(jax_call) for _ in range(rounds)]
+    out["medians"] = {k: (statistics.median(v) if isinstance(v, list) else {n: statistics.median(t) for n, t in v.items()})
+                      for k, v in out.items() if isinstance(v, (list, dict))}
+    out["loadavg"] = os.getloadavg()
+    return out
 
 
 def tiles(rounds: int = 5) -> dict:
@@ -547,5 +585,6 @@ if __name__ == "__main__":
         rounds = [int(a) for a in sys.argv[2:3]]
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
-                       "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles}
+                       "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles,
+                       "coresidence": coresidence}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

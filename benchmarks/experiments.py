@@ -39,9 +39,9 @@ dense conv under ``lax.map``, which shows why the reconstructed path is never ch
 Interleaved.
 
 ``python -m benchmarks.experiments coresidence [rounds]``: why the benchmark runs the peers in a
-process of their own. Jester conv2 (fwd+bwd, ``bench`` protocol): JAX's ``auto`` alone; each round
-PyTorch's dense conv then JAX's, PyTorch in a :class:`benchmarks.peers.PeerProcess`; the same with
-PyTorch in this process; then JAX alone again, PyTorch idle in this process.
+process of their own. Jester conv2 (fwd+bwd, ``bench`` protocol), JAX's ``auto`` timed right after
+a call of JAX itself, of PyTorch's dense conv in a :class:`benchmarks.peers.PeerProcess`, and of
+PyTorch's dense conv in this process: the three pairs in a new random order each round.
 
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
@@ -197,7 +197,7 @@ def remat(rounds: int = 3) -> dict:
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
 
 
-def coresidence(rounds: int = 8) -> dict:
+def coresidence(rounds: int = 10) -> dict:
     from benchmarks import bench, peers
 
     case = bench.jester_cases(False)[1]  # conv2
@@ -211,23 +211,25 @@ def coresidence(rounds: int = 8) -> dict:
         call()
         return 1e3 * (time.perf_counter() - t0)
 
-    jax_call()
-    out = {"layer": case.name, "rounds": rounds, "JAX alone": [ms(jax_call) for _ in range(rounds)]}
+    labels = ("JAX after JAX", "JAX after torch in its own process", "JAX after torch in this process")
+    times: dict = {k: [] for k in labels} | {"torch in its own process": [], "torch in this process": []}
+    order = np.random.default_rng(0)
     with peers.PeerProcess() as proc:
-        torch_call = proc.conv_peers(case)["torch dense"]
-        torch_call()
-        pairs = [(ms(torch_call), ms(jax_call)) for _ in range(rounds)]
-    out["torch in its own process, then JAX"] = {"torch": [p[0] for p in pairs], "JAX": [p[1] for p in pairs]}
-    peers.set_threads()
-    torch_call = peers.conv_peers(case)["torch dense"]  # from here on, PyTorch runs in this process
-    torch_call()
-    pairs = [(ms(torch_call), ms(jax_call)) for _ in range(rounds)]
-    out["torch in this process, then JAX"] = {"torch": [p[0] for p in pairs], "JAX": [p[1] for p in pairs]}
-    out["JAX alone again (torch idle in this process)"] = [ms(jax_call) for _ in range(rounds)]
-    out["medians"] = {k: (statistics.median(v) if isinstance(v, list) else {n: statistics.median(t) for n, t in v.items()})
-                      for k, v in out.items() if isinstance(v, (list, dict))}
-    out["loadavg"] = os.getloadavg()
-    return out
+        calls = {"torch in its own process": proc.conv_peers(case)["torch dense"]}
+        peers.set_threads()
+        calls["torch in this process"] = peers.conv_peers(case)["torch dense"]
+        calls["JAX"] = jax_call
+        for call in calls.values():
+            call()  # warm-up
+        for _ in range(rounds):  # the three pairs in a new random order each round
+            for i in order.permutation(3):
+                first = ("JAX", "torch in its own process", "torch in this process")[i]
+                t_first = ms(calls[first])
+                if first != "JAX":
+                    times[first].append(t_first)
+                times[labels[i]].append(ms(jax_call))
+    return {"layer": case.name, "rounds": rounds, "times_ms": times,
+            "medians_ms": {k: statistics.median(v) for k, v in times.items()}, "loadavg": os.getloadavg()}
 
 
 def tiles(rounds: int = 5) -> dict:

@@ -13,11 +13,11 @@ threads with ``n`` the number of cores JAX's CPU client uses.
 
 The benchmark runs the peers in a process of their own (:class:`PeerProcess`, this module run as
 ``python -m benchmarks.peers``), driven over pipes one call at a time, so their calls still
-interleave with the JAX paths' in the same rounds. Measured on the 2-core CPU: with PyTorch in the
-same process, a JAX call that follows a PyTorch call ran up to 1.6x slower (Jester conv2 fwd+bwd:
-about 700 ms alone, 940-1180 ms right after a PyTorch call, also 0.5 s after it), while PyTorch's
-times did not move; with PyTorch in another process, JAX's calls stayed at about 700 ms and
-PyTorch's at 820-840 ms. Users run one of the two libraries per process, so the benchmark does too.
+interleave with the JAX paths' in the same rounds, and neither library shares a process, an
+allocator or thread pools with the other, as in a user's program. (Scratch runs had shown JAX
+calls up to 1.6x slower right after a PyTorch call in the same process; ``python -m
+benchmarks.experiments coresidence 10``, which interleaves the cases, did not reproduce it: the
+slow calls were bursts of load that hit calls in any order.)
 """
 
 from __future__ import annotations

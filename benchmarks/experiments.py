@@ -43,6 +43,11 @@ process of their own. Jester conv2 (fwd+bwd, ``bench`` protocol), JAX's ``auto``
 a call of JAX itself, of PyTorch's dense conv in a :class:`benchmarks.peers.PeerProcess`, and of
 PyTorch's dense conv in this process: the three pairs in a new random order each round.
 
+``python -m benchmarks.experiments phases [rounds]``: Jester conv2 (fwd+bwd, ``bench`` protocol),
+JAX's ``auto`` (factorized, per sample, in tiles) and dense conv alternating, each call's time and
+the hypervisor's steal time during it (``/proc/stat``): whether slow calls come in phases, and
+whether they hit both programs.
+
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
 rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 3, 6 and 14 output rows wherever a
@@ -230,6 +235,30 @@ def coresidence(rounds: int = 10) -> dict:
                 times[labels[i]].append(ms(jax_call))
     return {"layer": case.name, "rounds": rounds, "times_ms": times,
             "medians_ms": {k: statistics.median(v) for k, v in times.items()}, "loadavg": os.getloadavg()}
+
+
+def phases(rounds: int = 16) -> dict:
+    from benchmarks import bench
+
+    def steal() -> int:  # hypervisor steal time of all CPUs, in clock ticks (/proc/stat)
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8])
+
+    case = bench.jester_cases(False)[1]  # conv2
+    x, kernel, params = bench.make_inputs(case)
+    fns = bench.conv_fns(case)
+    cot = bench.cotangent(fns["dense"], x, kernel)
+    calls = {p: bench.compile_fwd_bwd(fns[p], x, w, case.input_grad, cot)[0] for p, w in (("auto", params), ("dense", kernel))}
+    out: dict = {p: {"ms": [], "steal_ticks": []} for p in calls}
+    for call in calls.values():
+        call()
+    for _ in range(rounds):
+        for p, call in calls.items():
+            s0, t0 = steal(), time.perf_counter()
+            call()
+            out[p]["ms"].append(1e3 * (time.perf_counter() - t0))
+            out[p]["steal_ticks"].append(steal() - s0)
+    return {"layer": case.name, "rounds": rounds, "calls": out, "loadavg": os.getloadavg()}
 
 
 def tiles(rounds: int = 5) -> dict:
@@ -588,5 +617,5 @@ if __name__ == "__main__":
         extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
                        "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles,
-                       "coresidence": coresidence}
+                       "coresidence": coresidence, "phases": phases}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

@@ -34,7 +34,7 @@ Timing: every function is compiled, called once (warm-up), then the paths of a c
 called in interleaved rounds (so that load from other processes hits all paths alike) and
 the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
 time budget: 40 s of timed calls per conv case, 48 s per train-step pair; the biggest Jester
-layers take 7-10 s a round, so they get 5-6 rounds). Train steps also
+layers take 5-10 s a round, so they get 4-8 rounds). Train steps also
 report the ratio to their reference in each round, as median (min-max): the spread of a ratio
 between two programs timed side by side on a shared machine. FLOPs: XLA's
 ``compiled.cost_analysis()["flops"]`` of the FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:

@@ -187,9 +187,9 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
 
 TILE_MIN_BYTES = 16 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
-into tiles. Measured on the 2-core CPU (32 MiB L3; README "Benchmarks"): Jester conv2 (24 MB per
-sample) ran fwd+bwd 0.81x as long in tiles of 6 of its 42 rows, conv1 (9 MB) and conv3 (5 MB)
-showed no gain above the noise with any tile size."""
+into tiles. Measured on the 2-core CPU (32 MiB L3; ``python -m benchmarks.experiments tiles 5``,
+README "Benchmarks"): Jester conv2 (24 MB per sample) ran fwd+bwd 0.79x as long in tiles of 6 of
+its 42 rows; conv1 (9 MB) and conv3 (5 MB) ran slower with every tile size tried (3, 6, 14 rows)."""
 TILE_TARGET_BYTES = 3 * 1024 * 1024
 """Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows)."""
 
@@ -214,8 +214,9 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     """How the per-sample loop of the factorized CP path splits each sample, or ``None`` (whole samples).
 
     Returns ``(i, rows)``: tile spatial mode ``i`` (0-based; of the ``tileable`` modes, those with
-    stride 1 and no negative padding, the one with the most output positions) into pieces of ``rows`` output rows, each computed from its input rows plus a halo
-    of ``halos[i]`` rows (``dilation * (K - 1)``), so the per-tile intermediates stay in cache.
+    stride 1 and no negative padding, the one with the most output positions) into pieces of
+    ``rows`` output rows, each computed from its input rows plus a halo of ``halos[i]`` rows
+    (``dilation * (K - 1)``), so the per-tile intermediates stay in cache.
     Automatic rule (:func:`tile_rows_mode` overrides the size): only when the ``(1, *S, R)``
     per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
     :data:`TILE_TARGET_BYTES`. Called only where :func:`per_sample_default` (or the caller) has

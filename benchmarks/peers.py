@@ -1,7 +1,7 @@
 """Peer implementations timed in the same run as hocp-jax: PyTorch dense conv and TensorLy-Torch's CP conv.
 
 Optional: needs the ``bench`` extra (``pip install -e '.[bench]'``: CPU ``torch`` and
-``tensorly-torch``). :func:`available` says whether they import; the benchmark skips the
+``tensorly-torch``). :func:`available` says whether they are installed; the benchmark skips the
 peers with a message otherwise.
 
 Each peer is a zero-argument callable doing one training-style fwd+bwd: forward, then
@@ -16,8 +16,8 @@ The benchmark runs the peers in a process of their own (:class:`PeerProcess`, th
 interleave with the JAX paths' in the same rounds, and neither library shares a process, an
 allocator or thread pools with the other, as in a user's program. (Scratch runs had shown JAX
 calls up to 1.6x slower right after a PyTorch call in the same process; ``python -m
-benchmarks.experiments coresidence 10``, which interleaves the cases, did not reproduce it: the
-slow calls were bursts of load that hit calls in any order.)
+benchmarks.experiments coresidence 10``, which interleaves the cases, did not reproduce it; the
+JAX path timed there also has slow phases of its own, README "Two speeds".)
 """
 
 from __future__ import annotations

@@ -534,8 +534,8 @@ def xla_flags(rounds: int = 3) -> dict:
 # buffers with. By default a buffer over the (dynamic) mmap threshold, or any buffer allocated
 # from a thread other than the main one (XLA's runtime threads allocate from their own arenas,
 # which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
-# call then page-faults its whole working set in again (Jester conv1, XLA: ~94k minor faults and
-# ~0.2 s system time per call). Plus jemalloc and tcmalloc in place of glibc's malloc
+# call then page-faults its whole working set in again (seen from the minor-fault count per call
+# in a scratch session). Plus jemalloc and tcmalloc in place of glibc's malloc
 # (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
 # libtcmalloc-minimal4).
 MALLOC_SETTINGS = {

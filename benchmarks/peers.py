@@ -15,7 +15,7 @@ The benchmark runs the peers in a process of their own (:class:`PeerProcess`, th
 ``python -m benchmarks.peers``), driven over pipes one call at a time, so their calls still
 interleave with the JAX paths' in the same rounds, and neither library shares a process, an
 allocator or thread pools with the other, as in a user's program. (Scratch runs had shown JAX
-calls up to 1.6x slower right after a PyTorch call in the same process; ``python -m
+calls slower right after a PyTorch call in the same process; ``python -m
 benchmarks.experiments coresidence 10``, which interleaves the cases, did not reproduce it; the
 JAX path timed there also has slow phases of its own, README "Two speeds".)
 """

@@ -202,19 +202,30 @@ def remat(rounds: int = 3) -> dict:
     return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
 
 
-def coresidence(rounds: int = 10) -> dict:
-    from benchmarks import bench, peers
+def _conv2_calls(paths) -> tuple:
+    """Jester conv2 (the ``bench`` case) and its compiled fwd+bwd calls ``{path: call}`` for ``paths``
+    of :func:`benchmarks.bench.conv_fns`."""
+    from benchmarks import bench
 
-    case = bench.jester_cases(False)[1]  # conv2
+    case = bench.jester_cases(False)[1]
     x, kernel, params = bench.make_inputs(case)
     fns = bench.conv_fns(case)
     cot = bench.cotangent(fns["dense"], x, kernel)
-    jax_call = bench.compile_fwd_bwd(fns["auto"], x, params, case.input_grad, cot)[0]
+    return case, {p: bench.compile_fwd_bwd(fns[p], x, kernel if p == "dense" else params, case.input_grad, cot)[0]
+                  for p in paths}
 
-    def ms(call):
-        t0 = time.perf_counter()
-        call()
-        return 1e3 * (time.perf_counter() - t0)
+
+def _ms(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def coresidence(rounds: int = 10) -> dict:
+    from benchmarks import peers
+
+    case, calls = _conv2_calls(("auto",))
+    jax_call = calls["auto"]
 
     labels = ("JAX after JAX", "JAX after torch in its own process", "JAX after torch in this process")
     times: dict = {k: [] for k in labels} | {"torch in its own process": [], "torch in this process": []}
@@ -229,34 +240,27 @@ def coresidence(rounds: int = 10) -> dict:
         for _ in range(rounds):  # the three pairs in a new random order each round
             for i in order.permutation(3):
                 first = ("JAX", "torch in its own process", "torch in this process")[i]
-                t_first = ms(calls[first])
+                t_first = _ms(calls[first])
                 if first != "JAX":
                     times[first].append(t_first)
-                times[labels[i]].append(ms(jax_call))
+                times[labels[i]].append(_ms(jax_call))
     return {"layer": case.name, "rounds": rounds, "times_ms": times,
             "medians_ms": {k: statistics.median(v) for k, v in times.items()}, "loadavg": os.getloadavg()}
 
 
 def phases(rounds: int = 16) -> dict:
-    from benchmarks import bench
-
     def steal() -> int:  # hypervisor steal time of all CPUs, in clock ticks (/proc/stat)
         with open("/proc/stat") as f:
             return int(f.readline().split()[8])
 
-    case = bench.jester_cases(False)[1]  # conv2
-    x, kernel, params = bench.make_inputs(case)
-    fns = bench.conv_fns(case)
-    cot = bench.cotangent(fns["dense"], x, kernel)
-    calls = {p: bench.compile_fwd_bwd(fns[p], x, w, case.input_grad, cot)[0] for p, w in (("auto", params), ("dense", kernel))}
+    case, calls = _conv2_calls(("auto", "dense"))
     out: dict = {p: {"ms": [], "steal_ticks": []} for p in calls}
     for call in calls.values():
         call()
     for _ in range(rounds):
         for p, call in calls.items():
-            s0, t0 = steal(), time.perf_counter()
-            call()
-            out[p]["ms"].append(1e3 * (time.perf_counter() - t0))
+            s0 = steal()
+            out[p]["ms"].append(_ms(call))
             out[p]["steal_ticks"].append(steal() - s0)
     return {"layer": case.name, "rounds": rounds, "calls": out, "loadavg": os.getloadavg()}
 

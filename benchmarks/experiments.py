@@ -269,7 +269,7 @@ def tiles(rounds: int = 5) -> dict:
     from benchmarks import bench
     from hocp_jax import autotune
 
-    settings = {"whole samples": 0, "auto": None, "rows 3": 3, "rows 6": 6, "rows 14": 14}
+    settings = {"whole samples": 0, "auto": None, "rows 2": 2, "rows 3": 3, "rows 6": 6, "rows 14": 14}
     calls = {}
     for case in bench.jester_cases(False):
         x, _, params = bench.make_inputs(case)

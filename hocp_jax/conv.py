@@ -307,30 +307,59 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
 
 def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows: int, halo: int,
               pad: tuple[int, int]) -> jax.Array:
-    """``f`` over tiles of ``rows`` output rows along spatial ``axis`` of every sample, in one
-    :func:`_per_sample` loop over the ``B * n`` tiles.
+    """``f`` over tiles of ``rows`` output rows along spatial ``axis`` of every sample, one tile at
+    a time in a loop over the ``B * n`` tiles, with the VJP scheme of :func:`_per_sample`.
 
     ``f`` maps ``(1, ..., rows + halo, ..., C)`` input rows to ``(1, ..., rows, ..., C')`` (its conv
-    along ``axis`` unpadded, stride 1). ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)``
-    and, behind, as far as the last tile needs; every tile reads its own rows plus the first
-    ``halo`` rows of the next (``halo <= rows``). Exact for an ``f`` that is linear up to its conv
-    along ``axis`` (the zero rows are that conv's padding). Returns ``(B, ..., S_out, ..., C')``.
+    along ``axis`` unpadded, stride 1); ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)``,
+    so ``f`` must be linear up to that conv (the zero rows are its padding). Tiles are read from
+    and written to ``x``'s and the output's own layout (dynamic slices; the gradient w.r.t. ``x``
+    is accumulated in place, the halos overlapping): no tile-major copy of any array. When ``rows``
+    does not divide the output size, the last tile is moved back to end at the last row; the rows
+    it shares with the tile before get a zero cotangent. Returns ``(B, ..., S_out, ..., C')``.
     """
-    b, out_size = x.shape[0], x.shape[axis] + pad[0] + pad[1] - halo
+    xp = _pad_axis(x, axis, pad)
+    b, out_size = x.shape[0], xp.shape[axis] - halo
     n = -(-out_size // rows)
-    xp = _pad_axis(x, axis, (pad[0], (n + 1) * rows - x.shape[axis] - pad[0]))
 
-    def split(a):  # (B, .., n * rows, ..) -> (B * n, .., rows, ..)
-        a = jnp.moveaxis(a.reshape(a.shape[:axis] + (n, rows) + a.shape[axis + 1:]), axis, 1)
-        return a.reshape((b * n,) + a.shape[2:])
+    def window(a, t, size):  # tile t's (1, .., size, ..) block of a, and its first row
+        first = jnp.minimum((t % n) * rows, out_size - rows)
+        start = [0] * a.ndim
+        start[0], start[axis] = t // n, first
+        return lax.dynamic_slice(a, start, (1,) + a.shape[1:axis] + (size,) + a.shape[axis + 1:]), start
 
-    tiles = split(lax.slice_in_dim(xp, 0, n * rows, axis=axis))
-    if halo:
-        ahead = split(lax.slice_in_dim(xp, rows, (n + 1) * rows, axis=axis))
-        tiles = jnp.concatenate([tiles, lax.slice_in_dim(ahead, 0, halo, axis=axis)], axis=axis)
-    y = _per_sample(f, tiles)
-    y = jnp.moveaxis(y.reshape((b, n) + y.shape[1:]), 1, axis)
-    return lax.slice_in_dim(y.reshape(y.shape[:axis] + (n * rows,) + y.shape[axis + 2:]), 0, out_size, axis=axis)
+    fc, consts = jax.closure_convert(f, window(xp, 0, rows + halo)[0])
+    y_tile = jax.eval_shape(fc, window(xp, 0, rows + halo)[0], *consts)
+    y_shape = (b,) + y_tile.shape[1:axis] + (out_size,) + y_tile.shape[axis + 1:]
+
+    @jax.custom_vjp
+    def run(xp, *consts):
+        def body(t, y):
+            xt, start = window(xp, t, rows + halo)
+            return lax.dynamic_update_slice(y, fc(xt, *consts), start)
+        return lax.fori_loop(0, b * n, body, jnp.zeros(y_shape, y_tile.dtype))
+
+    def run_fwd(xp, *consts):
+        return run(xp, *consts), (xp, consts)
+
+    def run_bwd(res, g):
+        xp, consts = res
+        row = lax.broadcasted_iota(jnp.int32, (1,) * axis + (rows,) + (1,) * (g.ndim - axis - 1), axis)
+
+        def body(t, carry):
+            dxp, dc = carry
+            xt, start = window(xp, t, rows + halo)
+            gt, _ = window(g, t, rows)
+            gt = jnp.where(start[axis] + row >= (t % n) * rows, gt, 0)  # rows the tile before covered
+            dxt, *dct = jax.vjp(fc, xt, *consts)[1](gt)
+            dxp = lax.dynamic_update_slice(dxp, window(dxp, t, rows + halo)[0] + dxt, start)
+            return dxp, [a + d for a, d in zip(dc, dct)]
+
+        dxp, dc = lax.fori_loop(0, b * n, body, (jnp.zeros_like(xp), [jnp.zeros_like(c) for c in consts]))
+        return (dxp, *dc)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(xp, *consts)
 
 
 def cp_conv(

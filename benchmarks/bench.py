@@ -173,9 +173,9 @@ def _jaxlib_version() -> str | None:
 def xla_flops(fn: Callable, *args) -> float | None:
     """``cost_analysis()["flops"]`` of ``jax.jit(fn)`` compiled for ``args`` (None if unavailable).
 
-    Traced with ``per_sample`` off: XLA counts a ``lax.map`` loop body once, not once per sample
-    (through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the mode)."""
-    with autotune.per_sample_mode(False):
+    Traced with ``per_sample`` and tiles off: XLA counts a loop body once, not once per sample or
+    tile (through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the modes)."""
+    with autotune.per_sample_mode(False), autotune.tile_rows_mode(0):
         ca = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None
@@ -561,9 +561,10 @@ PROTOCOL = (
     "the pick is the faster path. FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
     "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
     "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
-    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), a "
-    "sample with an intermediate of 16 MiB or more in tiles of output rows (`hocp_jax.autotune.tile_plan`), 2-D "
-    "convs run the whole batch; FLOPs are counted on the whole-batch program."
+    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), and "
+    "without a strided mode a sample with an intermediate of 8 MiB or more in tiles of output rows, whatever "
+    "the batch (`hocp_jax.autotune.tile_plan`); 2-D convs run the whole batch; FLOPs are counted on the "
+    "whole-batch program."
 )
 
 

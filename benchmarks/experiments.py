@@ -45,13 +45,16 @@ PyTorch's dense conv in this process: the three pairs in a new random order each
 
 ``python -m benchmarks.experiments phases [rounds]``: Jester conv2 (fwd+bwd, ``bench`` protocol),
 JAX's ``auto`` (factorized, per sample, in tiles) and dense conv alternating, each call's time and
-the hypervisor's steal time during it (``/proc/stat``): whether slow calls come in phases, and
-whether they hit both programs.
+what the process did during it: the hypervisor's steal time (``/proc/stat``), user and system CPU
+time, minor page faults and context switches (``getrusage``): whether slow calls come in phases,
+whether they hit both programs, and what grows in a slow call.
 
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
-rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 3, 6 and 14 output rows wherever a
-layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved.
+rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 2, 3, 6 and 14 output rows wherever a
+layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved; also the transduced
+ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole samples" is then the
+whole-batch program).
 
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
@@ -76,9 +79,11 @@ interleaved; ratios use the dense step with the same pool.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -249,19 +254,23 @@ def coresidence(rounds: int = 10) -> dict:
 
 
 def phases(rounds: int = 16) -> dict:
-    def steal() -> int:  # hypervisor steal time of all CPUs, in clock ticks (/proc/stat)
+    def counters() -> dict:  # steal time of all CPUs (clock ticks, /proc/stat) and this process's rusage
         with open("/proc/stat") as f:
-            return int(f.readline().split()[8])
+            steal = int(f.readline().split()[8])
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return {"steal_ticks": steal, "user_ms": 1e3 * r.ru_utime, "sys_ms": 1e3 * r.ru_stime,
+                "minor_faults": r.ru_minflt, "voluntary_switches": r.ru_nvcsw, "involuntary_switches": r.ru_nivcsw}
 
     case, calls = _conv2_calls(("auto", "dense"))
-    out: dict = {p: {"ms": [], "steal_ticks": []} for p in calls}
+    out: dict = {p: {"ms": []} for p in calls}
     for call in calls.values():
         call()
     for _ in range(rounds):
         for p, call in calls.items():
-            s0 = steal()
+            c0 = counters()
             out[p]["ms"].append(_ms(call))
-            out[p]["steal_ticks"].append(steal() - s0)
+            for k, v in counters().items():
+                out[p].setdefault(k, []).append(round(v - c0[k], 1))
     return {"layer": case.name, "rounds": rounds, "calls": out, "loadavg": os.getloadavg()}
 
 
@@ -271,16 +280,18 @@ def tiles(rounds: int = 5) -> dict:
 
     settings = {"whole samples": 0, "auto": None, "rows 2": 2, "rows 3": 3, "rows 6": 6, "rows 14": 14}
     calls = {}
-    for case in bench.jester_cases(False):
+    transduced = [dataclasses.replace(c, batch=1) for c in bench.resnet_cases(False) if c.group == "resnet3d"]
+    for case in bench.jester_cases(False) + transduced:
         x, _, params = bench.make_inputs(case)
         fn = bench.conv_fns(case)["factorized"]
         cot = bench.cotangent(fn, x, params)
         for label, rows in settings.items():
             with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
-                calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0]
+                name = f"{case.name} {label}" if case.group == "jester" else f"transduced B=1 {case.name} {label}"
+                calls[name] = bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
-    stack = _stack(ms, tuple(settings))
+    stack = _stack({n: v for n, v in ms.items() if n.startswith("conv")}, tuple(settings))
     return {"layers_ms": ms, "stack_ms": stack, "stack_ratio_to_whole_samples": {k: v / stack["whole samples"] for k, v in stack.items()},
             "loadavg": os.getloadavg()}
 
@@ -419,7 +430,7 @@ def step_changes(rounds: int = 5) -> dict:
 
     undo = {"2-D matmul contractions": (conv, "channel_matmul", _einsum_contraction),
             "max_pool": (common, "max_pool", _reduce_window_pool),
-            "per-sample psi": (layer_specs, "cp_per_sample", lambda *a: None)}
+            "per-sample psi": (layer_specs, "psi_pointwise", lambda *a: False)}
 
     def prepared(case, applied):
         with ExitStack() as stack:

@@ -185,13 +185,14 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
             and jax.default_backend() == "cpu" and jax.device_count() == 1)
 
 
-TILE_MIN_BYTES = 16 * 1024 * 1024
+TILE_MIN_BYTES = 8 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
-into tiles. Measured on the 2-core CPU (32 MiB L3; ``python -m benchmarks.experiments tiles 5``,
-README "Benchmarks"): Jester conv2 (24 MB per sample) ran fwd+bwd 0.79x as long in tiles of 6 of
-its 42 rows; conv1 (9 MB) and conv3 (5 MB) ran slower with every tile size tried (3, 6, 14 rows)."""
-TILE_TARGET_BYTES = 3 * 1024 * 1024
-"""Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows)."""
+into tiles. Measured on the 2-core CPU (1 MiB L2 per core, 32 MiB shared L3; ``python -m
+benchmarks.experiments tiles 5``, README "Benchmarks"): Jester conv2 (24 MB per sample) and conv1
+(9 MB) ran fwd+bwd faster in tiles of any size tried (2 to 14 rows); conv3 (5 MB) no faster."""
+TILE_TARGET_BYTES = 2 * 1024 * 1024
+"""Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
+about the L2 of a core, the middle of the range that measured alike (0.6 to 3.5 MB per tile)."""
 
 
 @contextlib.contextmanager
@@ -210,30 +211,32 @@ def tile_rows_mode(value: int | None):
 
 
 def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int], halos: Sequence[int],
-              tileable: Sequence[bool]) -> tuple[int, int] | None:
-    """How the per-sample loop of the factorized CP path splits each sample, or ``None`` (whole samples).
+              strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """How the factorized CP path splits each sample into tiles, or ``None`` (whole samples).
 
-    Returns ``(i, rows)``: tile spatial mode ``i`` (0-based; of the ``tileable`` modes, those with
-    stride 1 and no negative padding, the one with the most output positions) into pieces of
-    ``rows`` output rows, each computed from its input rows plus a halo of ``halos[i]`` rows
-    (``dilation * (K - 1)``), so the per-tile intermediates stay in cache.
-    Automatic rule (:func:`tile_rows_mode` overrides the size): only when the ``(1, *S, R)``
-    per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
-    :data:`TILE_TARGET_BYTES`. Called only where :func:`per_sample_default` (or the caller) has
-    turned the per-sample loop on, i.e. on a single CPU device.
+    Returns ``(i, rows)``: tile spatial mode ``i`` (0-based; of the modes with stride 1 and no
+    negative padding, the one with the most output positions) into pieces of ``rows`` output rows,
+    each computed from its input rows plus a halo of ``halos[i]`` rows (``dilation * (K - 1)``),
+    so the per-tile intermediates stay in cache.
+    Automatic rule (:func:`tile_rows_mode` sets the rows instead): on the CPU backend with one
+    device, three or more modes (whatever the batch size, since a tile is part of one sample) and
+    no strided mode (the strided passes run first, on the halo rows too: the strided transduced
+    ResNet-18 layer ran 1.5x slower in tiles), when the ``(1, *S, R)`` per-sample intermediate is
+    at least :data:`TILE_MIN_BYTES`, in tiles of about :data:`TILE_TARGET_BYTES`.
     """
-    candidates = [i for i, ok in enumerate(tileable) if ok]
+    candidates = [i for i, (st, p) in enumerate(zip(strides, pads)) if st == 1 and min(p) >= 0]
     if not candidates or _config["tile_rows"] == 0:
         return None
     i = max(candidates, key=lambda j: out_sizes[j])
     rows = _config["tile_rows"]
     if rows is None:
         per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
-        if per_sample_bytes < TILE_MIN_BYTES:
+        if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
+                or jax.default_backend() != "cpu" or jax.device_count() > 1):
             return None
         n_tiles = -(-per_sample_bytes // TILE_TARGET_BYTES)
         rows = -(-out_sizes[i] // n_tiles)
-    rows = max(rows, halos[i], 1)  # a tile's halo comes from the next tile's rows
+    rows = max(rows, halos[i], 1)  # a tile no shorter than its halo
     return (i, rows) if rows < out_sizes[i] else None
 
 

@@ -375,6 +375,7 @@ def cp_conv(
     mode_order: Sequence[str] | None = None,
     input_grad: bool = True,
     per_sample: bool | None = None,
+    psi_pointwise: bool = False,
 ) -> jax.Array:
     """CP (Kruskal) convolution of any order.
 
@@ -400,15 +401,20 @@ def cp_conv(
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones
         through memory; the backward pass recomputes each sample's forward just before its
         gradient, so nothing per sample is stored between the passes. The result is the same.
-        Without ``psi``, a sample whose intermediate is still large is further cut into tiles of
-        output rows along one stride-1 mode, each computed with a halo of input rows from the
-        next (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`).
+        A sample whose intermediate is still large is further cut into tiles of output rows
+        along one mode, each computed with a halo of input rows
+        (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`); tiles
+        are cut whatever the batch size unless ``per_sample`` is False.
         ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
-        enough intermediates on a single CPU device) when ``psi`` is None, else off, since
-        ``psi`` may use batch statistics (BatchNorm). ``True`` with ``psi`` is the caller's promise that ``psi`` acts
-        on each sample alone (ReLU, PReLU; :class:`hocp_jax.layers.CPConv` decides this from
-        its ``psi`` name). Ignored by the reconstructed path (XLA CPU's dense conv inside a
-        loop is many times slower).
+        enough intermediates on a single CPU device) when ``psi`` is None or pointwise, else off,
+        since ``psi`` may use batch statistics (BatchNorm). ``True`` with a ``psi`` that is not
+        pointwise is the caller's promise that ``psi`` acts on each sample alone; it is never
+        tiled. Ignored by the reconstructed path (XLA CPU's dense conv inside a loop is many
+        times slower).
+      psi_pointwise: the caller's promise that ``psi`` acts on each value alone and maps 0 to 0
+        (ReLU, PReLU; :class:`hocp_jax.layers.CPConv` decides this from its ``psi`` name): such
+        a ``psi`` keeps the zero rows that stand for a tile's padding zero, so ``per_sample`` and
+        the tiles apply as without ``psi``.
 
     Returns:
       ``(B, *S_out, C_out)``.
@@ -449,8 +455,10 @@ def cp_conv(
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
         if per_sample not in (None, True, False):
             raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
+        local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
+        tiles_ok = local and per_sample is not False
         if per_sample is None:
-            per_sample = psi is None and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
+            per_sample = local and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
         def factorized(x, pads=pads, order=order):
@@ -464,15 +472,13 @@ def cp_conv(
                     h = psi(h, m)
             return channel_matmul(h, out_factor.T)
 
-        # psi(0) need not be 0, so tiles (zero rows where the conv pads) are only cut without psi
         halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
         out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
-        plan = per_sample and psi is None and autotune.tile_plan(
-            x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos,
-            [st == 1 and min(p) >= 0 for st, p in zip(strides, pads)])
+        plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan
-            if mode_order is None:  # the tiled mode first of the stride-1 ones: fewer passes see the halo rows
+            if mode_order is None and psi is None:  # the tiled mode first of the stride-1 ones: fewer passes
+                # see the halo rows (with psi between the passes, their order is part of the function)
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)
                 order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
             tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]

@@ -113,14 +113,11 @@ def psi_at(psi, psi_stages, spatial: Sequence[str]) -> tuple[str, ...]:
     return ("in",) + (tuple(spatial) if psi_stages == "all" else ())
 
 
-def cp_per_sample(psi, x_shape, rank: int, dtype) -> bool | None:
-    """``per_sample`` for :func:`hocp_jax.conv.cp_conv` from a CP layer: ``None`` (cp_conv's own
-    rule) without Psi or with BatchNorm in Psi (batch statistics need the whole batch);
-    :func:`hocp_jax.autotune.per_sample_default` with a sample-wise Psi (``"relu"``, ``"prelu"``),
-    which cp_conv cannot tell apart from a batch-coupled callable."""
-    if psi in ("relu", "prelu"):
-        return autotune.per_sample_default(x_shape, rank, dtype)
-    return None
+def psi_pointwise(psi) -> bool:
+    """``psi_pointwise`` for :func:`hocp_jax.conv.cp_conv` from a CP layer's ``psi`` name: ReLU and
+    PReLU act on each value alone and keep 0 at 0 (so cp_conv may run them one sample at a time
+    and in tiles); BatchNorm uses batch statistics and a shift."""
+    return psi in ("relu", "prelu")
 
 
 def temporal_in_use(x_shape, spatial: Sequence[str], temporal_modes: Sequence[str], layer: str) -> tuple[str, ...]:

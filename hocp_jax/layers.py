@@ -172,7 +172,7 @@ class CPConv(nn.Module):
 
         x, params = _promote(self, x, params)
         return conv.cp_conv(x, params, psi=psi if self.psi else None, input_grad=self.input_grad,
-                            per_sample=layer_specs.cp_per_sample(self.psi, x.shape, rank, x.dtype),
+                            psi_pointwise=layer_specs.psi_pointwise(self.psi),
                             **layer_specs.cp_conv_kwargs(
             spatial, temporal, stride=self.stride, padding=self.padding, dilation=self.dilation,
             temporal_stride=self.temporal_stride, temporal_padding=self.temporal_padding,

@@ -133,8 +133,7 @@ class CPConv(nnx.Module):
         unused = {conv.mode_key(m) for m in self.temporal_modes if m not in temporal}
         x, params = _values(self, [n for n in _leaf_names(self) if n not in unused], x, self.dtype)
         psi = (lambda h, stage: self._psi(h, stage, use_running_average)) if self.psi else None
-        per_sample = layer_specs.cp_per_sample(self.psi, x.shape, params["lambda"].shape[0], x.dtype)
-        return conv.cp_conv(x, params, psi=psi, per_sample=per_sample,
+        return conv.cp_conv(x, params, psi=psi, psi_pointwise=layer_specs.psi_pointwise(self.psi),
                             **layer_specs.cp_conv_kwargs(self.spatial, temporal, **self.conv_args))
 
 

@@ -376,24 +376,70 @@ def test_tiled_per_sample_matches_oracle(case, rows):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4 * float(jnp.abs(w).max()) + 1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("order", [("h", "t", "w"), ("w", "t", "h")])
+def test_tiled_with_pointwise_psi_matches_oracle(order):
+    """ReLU between the factors (``psi_pointwise``): tiles of 3 rows along h, whether h's pass runs
+    first or last (with psi the mode order is part of the function and is kept), agree in values and
+    gradients with an independent chain of grouped lax convs; a psi that maps 0 to 1 (not pointwise)
+    is never tiled."""
+    from hocp_jax import autotune
+
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(7)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, (3, 3, 3), 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, 4, 11, 6, 3)).astype(np.float32))
+
+    def oracle(x, p):
+        h = jax.nn.relu(jnp.einsum("bthwc,cr->bthwr", x, p["factor_in"], precision=lax.Precision.HIGHEST))
+        for m in order:
+            i = modes.index(m)
+            k = p[f"factor_{m}"].reshape((1,) * i + (3,) + (1,) * (2 - i) + (1, 5))
+            h = jax.nn.relu(lax.conv_general_dilated(
+                h, k, (1, 1, 1), tuple((1, 1) if j == i else (0, 0) for j in range(3)), feature_group_count=5, precision=lax.Precision.HIGHEST,
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
+        return jnp.einsum("bthwr,or->bthwo", h, p["factor_out"] * p["lambda"], precision=lax.Precision.HIGHEST)
+
+    def tiled(x, p, psi=lambda h, stage: jax.nn.relu(h)):
+        return conv.cp_conv(x, p, modes=modes, padding="SAME", psi=psi, psi_pointwise=True, mode_order=order)
+
+    with autotune.tile_rows_mode(3):
+        assert "dynamic_update_slice" in str(jax.make_jaxpr(tiled)(x, p))
+        assert "dynamic_update_slice" not in str(jax.make_jaxpr(lambda x, p: conv.cp_conv(
+            x, p, modes=modes, psi=lambda h, stage: h + 1, mode_order=order))(x, p))
+        got_y = tiled(x, p)
+        got = jax.grad(lambda x, p: jnp.sum(jnp.sin(tiled(x, p))), argnums=(0, 1))(x, p)
+    want_y = oracle(x, p)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), atol=1e-4 * float(jnp.abs(want_y).max()), rtol=0)
+    want = jax.grad(lambda x, p: jnp.sum(jnp.sin(oracle(x, p))), argnums=(0, 1))(x, p)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4 * float(jnp.abs(w).max()) + 1e-6, rtol=0)
+
+
 def test_tile_plan_rule():
-    """Automatic tiles only for big per-sample intermediates, along the longest stride-1 mode, about
-    TILE_TARGET_BYTES each; never with psi (psi(0) need not be 0 on the padding rows)."""
+    """Automatic tiles only for big per-sample intermediates of unstrided 3-D+ convs (any batch),
+    along the longest mode, about TILE_TARGET_BYTES each; never with psi (psi(0) need not be 0 on
+    the padding rows) or ``per_sample=False``."""
     from hocp_jax import autotune
 
     shape = (8, 9, 42, 42, 64)  # Jester conv2: 9*42*42 positions x rank 384 x 4 bytes = 24.4 MB per sample
-    plan = autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (True,) * 3)
-    assert plan == (1, 6)  # h (the first of the longest), 7 tiles of 6 rows, 3.5 MB each
-    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (True, False, True)) == (2, 3)
-    assert autotune.tile_plan(shape, 384, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (True,) * 3) is None  # 12.2 MB
-    assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (True,) * 3) == (1, 6)
-    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (False,) * 3) is None
+    plan = autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
+    assert plan == (1, 4)  # h (the first of the longest), 11 tiles of 4 rows, 2.3 MB each
+    assert autotune.tile_plan((1,) + shape[1:], 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 4)
+    # Jester conv1: 18*84*84 x rank 18 x 4 bytes = 9.1 MB per sample: 5 tiles of 17 rows
+    assert autotune.tile_plan((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 17)
+    assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
+    assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 4)
+    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) is None  # strided
+    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((-1, 1),) * 3) is None
+    assert autotune.tile_plan((8, 42, 42, 64), 2000, jnp.float32, (42, 42), (2, 2), (1, 1), ((1, 1),) * 2) is None  # 2-D
+    with autotune.tile_rows_mode(3):  # explicit rows: strided convs too, along the longest stride-1 mode
+        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) == (2, 3)
     with autotune.tile_rows_mode(0):
-        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (True,) * 3) is None
+        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
     with autotune.tile_rows_mode(1):
         # at least a halo's rows per tile, and at least two tiles
-        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 2, 4), (True,) * 3) == (1, 2)
-        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 4, 4), (True,) * 3) is None
+        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 2, 4), (1, 1, 1), ((1, 1),) * 3) == (1, 2)
+        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 4, 4), (1, 1, 1), ((1, 1),) * 3) is None
     with pytest.raises(ValueError, match="value=-1"):
         with autotune.tile_rows_mode(-1):
             pass
@@ -402,8 +448,10 @@ def test_tile_plan_rule():
     x = jnp.zeros((2, 4, 6, 6, 3))
     with autotune.tile_rows_mode(2):
         def jaxpr(**kw):
-            return str(jax.make_jaxpr(lambda x: conv.cp_conv(x, p, modes=("t", "h", "w"), per_sample=True, **kw))(x))
-        assert "dynamic_update_slice" in jaxpr() and "dynamic_update_slice" not in jaxpr(psi=lambda h, stage: h)
+            return str(jax.make_jaxpr(lambda x: conv.cp_conv(x, p, modes=("t", "h", "w"), **kw))(x))
+        assert "dynamic_update_slice" in jaxpr() and "dynamic_update_slice" in jaxpr(per_sample=True)
+        assert "dynamic_update_slice" not in jaxpr(per_sample=True, psi=lambda h, stage: h)
+        assert "dynamic_update_slice" not in jaxpr(per_sample=False)
 
 
 @pytest.mark.parametrize("psi", [None, "relu", "prelu", "bn_relu"])

@@ -54,7 +54,8 @@ whether they hit both programs, and what grows in a slow call.
 rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 2, 3, 6 and 14 output rows wherever a
 layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved; also the transduced
 ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole samples" is then the
-whole-batch program).
+whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
+through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
 
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
@@ -289,10 +290,18 @@ def tiles(rounds: int = 5) -> dict:
             with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
                 name = f"{case.name} {label}" if case.group == "jester" else f"transduced B=1 {case.name} {label}"
                 calls[name] = bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0]
+    models = {c.name: c for c in bench.model_cases(False)}
+    steps = {"jester dense": ("jester dense", None), "jester_hocp whole samples": ("jester_hocp", 0),
+             "jester_hocp auto": ("jester_hocp", None)}
+    for label, (model, rows) in steps.items():
+        with autotune.tile_rows_mode(rows):
+            calls[f"step {label}"] = bench.prepare_model_case(models[model])[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack({n: v for n, v in ms.items() if n.startswith("conv")}, tuple(settings))
+    step_ms = {k: ms.pop(f"step {k}") for k in steps}
     return {"layers_ms": ms, "stack_ms": stack, "stack_ratio_to_whole_samples": {k: v / stack["whole samples"] for k, v in stack.items()},
+            "train_step_ms": step_ms, "train_step_ratio_to_dense": {k: v / step_ms["jester dense"] for k, v in step_ms.items()},
             "loadavg": os.getloadavg()}
 
 

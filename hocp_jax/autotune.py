@@ -188,8 +188,10 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
 TILE_MIN_BYTES = 8 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
 into tiles. Measured on the 2-core CPU (1 MiB L2 per core, 32 MiB shared L3; ``python -m
-benchmarks.experiments tiles 5``, README "Benchmarks"): Jester conv2 (24 MB per sample) and conv1
-(9 MB) ran fwd+bwd faster in tiles of any size tried (2 to 14 rows); conv3 (5 MB) no faster."""
+benchmarks.experiments tiles 5``, README "Benchmarks"): Jester conv2 (24 MB per sample) ran
+fwd+bwd faster in tiles of every size tried (2 to 14 rows), conv1 (9 MB) in tiles of 3 to 14 rows
+(0.83-0.95x; 2 rows: 1.16x), the transduced ResNet-18's first layer at B = 1 (27 MB) in every
+size; Jester conv3 (5 MB) was no faster in any."""
 TILE_TARGET_BYTES = 2 * 1024 * 1024
 """Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
 about the L2 of a core, the middle of the range that measured alike (0.6 to 3.5 MB per tile)."""
@@ -221,8 +223,9 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     Automatic rule (:func:`tile_rows_mode` sets the rows instead): on the CPU backend with one
     device, three or more modes (whatever the batch size, since a tile is part of one sample) and
     no strided mode (the strided passes run first, on the halo rows too: the strided transduced
-    ResNet-18 layer ran 1.5x slower in tiles), when the ``(1, *S, R)`` per-sample intermediate is
-    at least :data:`TILE_MIN_BYTES`, in tiles of about :data:`TILE_TARGET_BYTES`.
+    ResNet-18 layer took 1.7-2.1x as long in tiles of 2-6 frames), when the ``(1, *S, R)``
+    per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
+    :data:`TILE_TARGET_BYTES`.
     """
     candidates = [i for i, (st, p) in enumerate(zip(strides, pads)) if st == 1 and min(p) >= 0]
     if not candidates or _config["tile_rows"] == 0:

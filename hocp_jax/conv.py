@@ -455,6 +455,8 @@ def cp_conv(
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
         if per_sample not in (None, True, False):
             raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
+        if psi_pointwise not in (True, False):
+            raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
         local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
         if per_sample is None:

@@ -232,6 +232,7 @@ def test_mobilenet_is_cp_special_case():
         (dict(bad_rank=True), "factor_h"),
         (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
         (dict(per_sample="yes"), "per_sample='yes'"),
+        (dict(psi_pointwise=None), "psi_pointwise=None"),
     ],
 )
 def test_bad_arguments(kwargs, match):

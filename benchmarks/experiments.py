@@ -171,11 +171,10 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     out: dict = {"revision": revision, "rounds": rounds}
     layers = {}
     for case in bench.jester_cases(False):
-        x, _, params = bench.make_inputs(case)
+        _, _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
-        cot = bench.cotangent(fn, x, params)
         for k in kernels:
-            layers[f"{case.name} {k}"] = compiled(k, lambda: bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0])
+            layers[f"{case.name} {k}"] = compiled(k, lambda: compile_call(fn, params)[0])
     t = bench.time_interleaved(layers, rounds, budget_s=1e9)
     out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
     out["jester_stack_ms"] = _stack(out["jester_layers_ms"], kernels)
@@ -197,11 +196,10 @@ def remat(rounds: int = 3) -> dict:
 
     calls = {}
     for case in bench.jester_cases(False):
-        x, _, params = bench.make_inputs(case)
+        _, _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
-        cot = bench.cotangent(fn, x, params)
         for label, f in (("plain", fn), ("remat", jax.checkpoint(fn))):
-            calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, params, case.input_grad, cot)[0]
+            calls[f"{case.name} {label}"] = compile_call(f, params)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, ("plain", "remat"))
@@ -214,11 +212,9 @@ def _conv2_calls(paths) -> tuple:
     from benchmarks import bench
 
     case = bench.jester_cases(False)[1]
-    x, kernel, params = bench.make_inputs(case)
+    _, kernel, params, compile_call = bench.case_compiler(case)
     fns = bench.conv_fns(case)
-    cot = bench.cotangent(fns["dense"], x, kernel)
-    return case, {p: bench.compile_fwd_bwd(fns[p], x, kernel if p == "dense" else params, case.input_grad, cot)[0]
-                  for p in paths}
+    return case, {p: compile_call(fns[p], kernel if p == "dense" else params)[0] for p in paths}
 
 
 def _ms(call) -> float:
@@ -283,13 +279,12 @@ def tiles(rounds: int = 5) -> dict:
     calls = {}
     transduced = [dataclasses.replace(c, batch=1) for c in bench.resnet_cases(False) if c.group == "resnet3d"]
     for case in bench.jester_cases(False) + transduced:
-        x, _, params = bench.make_inputs(case)
+        _, _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
-        cot = bench.cotangent(fn, x, params)
         for label, rows in settings.items():
             with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
                 name = f"{case.name} {label}" if case.group == "jester" else f"transduced B=1 {case.name} {label}"
-                calls[name] = bench.compile_fwd_bwd(fn, x, params, case.input_grad, cot)[0]
+                calls[name] = compile_call(fn, params)[0]
     models = {c.name: c for c in bench.model_cases(False)}
     steps = {"jester dense": ("jester dense", None), "jester_hocp whole samples": ("jester_hocp", 0),
              "jester_hocp auto": ("jester_hocp", None)}
@@ -366,7 +361,7 @@ def layout(rounds: int = 3) -> dict:
               "per sample")
     calls = {}
     for case in bench.jester_cases(False):
-        x, kernel, params = bench.make_inputs(case)
+        _, kernel, params, compile_call = bench.case_compiler(case)
         variants = {
             "whole batch": cp(case, per_sample=False),
             "channels-first": lambda x, p, modes=case.modes: _cp_channels_first(x, p, modes),
@@ -375,14 +370,13 @@ def layout(rounds: int = 3) -> dict:
             "per sample": cp(case, per_sample=True),
         }
         dense = bench.conv_fns(case)["dense"]
-        cot = bench.cotangent(dense, x, kernel)
-        calls[f"{case.name} dense"] = bench.compile_fwd_bwd(dense, x, kernel, case.input_grad, cot)[0]
+        calls[f"{case.name} dense"] = compile_call(dense, kernel)[0]
         if case.c_in == 256:  # the smallest layer: XLA CPU's dense conv inside a loop body
             for label, f in (("dense, per sample (lax.map)", _chunked(dense, 1)),
                              ("dense, whole batch in one lax.map step", _chunked(dense, case.batch))):
-                calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, kernel, case.input_grad, cot)[0]
+                calls[f"{case.name} {label}"] = compile_call(f, kernel)[0]
         for label, f in variants.items():
-            calls[f"{case.name} {label}"] = bench.compile_fwd_bwd(f, x, params, case.input_grad, cot)[0]
+            calls[f"{case.name} {label}"] = compile_call(f, params)[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
     stack = _stack(ms, labels)
@@ -486,11 +480,10 @@ def _worker_calls(suite: str) -> dict:
         # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
         peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
         for case in bench.jester_cases(False):
-            x, kernel, params = bench.make_inputs(case)
+            _, kernel, params, compile_call = bench.case_compiler(case)
             fns = bench.conv_fns(case)
-            cot = bench.cotangent(fns["dense"], x, kernel)
             for path, w in (("dense", kernel), ("auto", params)):
-                calls[f"{case.name} {path}"] = bench.compile_fwd_bwd(fns[path], x, w, case.input_grad, cot)[0]
+                calls[f"{case.name} {path}"] = compile_call(fns[path], w)[0]
             if peer_proc:  # every layer's peers stay alive: the rounds interleave all layers
                 calls |= {f"{case.name} {k}": v for k, v in peer_proc.conv_peers(case, keep_others=True).items()}
     elif suite == "steps":

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hocp_jax import autotune, conv, counting
+from hocp_jax import conv, counting
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]

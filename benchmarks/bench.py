@@ -277,13 +277,14 @@ def compile_fwd_bwd(fn: Callable, x: jax.Array, w: Any, input_grad: bool, cot: j
     return compile_jax(fwd_bwd(fn, input_grad), x, w, cot)
 
 
-def case_compiler(case: ConvCase) -> tuple[jax.Array, jax.Array, dict, Callable]:
-    """``(x, kernel, params, compile)``: ``case``'s fixed inputs (:func:`make_inputs`) and
-    ``compile(fn, w) -> (call, compile_s)``, :func:`compile_fwd_bwd` of ``fn(x, w)`` on them with
-    the cotangent every path of the case shares (:func:`cotangent`), for the experiments."""
+def case_compiler(case: ConvCase) -> tuple[jax.Array, dict, Callable]:
+    """``(kernel, params, compile)``: ``case``'s fixed weights (:func:`make_inputs`) and
+    ``compile(fn, w) -> (call, compile_s)``, :func:`compile_fwd_bwd` of ``fn(x, w)`` on the case's
+    fixed input ``x`` with the cotangent every path of the case shares (:func:`cotangent`), for
+    the experiments."""
     x, kernel, params = make_inputs(case)
     cot = cotangent(conv_fns(case)["dense"], x, kernel)
-    return x, kernel, params, lambda fn, w: compile_fwd_bwd(fn, x, w, case.input_grad, cot)
+    return kernel, params, lambda fn, w: compile_fwd_bwd(fn, x, w, case.input_grad, cot)
 
 
 def analytic(case: ConvCase) -> dict[str, Any]:

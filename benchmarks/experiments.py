@@ -171,7 +171,7 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     out: dict = {"revision": revision, "rounds": rounds}
     layers = {}
     for case in bench.jester_cases(False):
-        _, _, params, compile_call = bench.case_compiler(case)
+        _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
         for k in kernels:
             layers[f"{case.name} {k}"] = compiled(k, lambda: compile_call(fn, params)[0])
@@ -196,7 +196,7 @@ def remat(rounds: int = 3) -> dict:
 
     calls = {}
     for case in bench.jester_cases(False):
-        _, _, params, compile_call = bench.case_compiler(case)
+        _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
         for label, f in (("plain", fn), ("remat", jax.checkpoint(fn))):
             calls[f"{case.name} {label}"] = compile_call(f, params)[0]
@@ -212,7 +212,7 @@ def _conv2_calls(paths) -> tuple:
     from benchmarks import bench
 
     case = bench.jester_cases(False)[1]
-    _, kernel, params, compile_call = bench.case_compiler(case)
+    kernel, params, compile_call = bench.case_compiler(case)
     fns = bench.conv_fns(case)
     return case, {p: compile_call(fns[p], kernel if p == "dense" else params)[0] for p in paths}
 
@@ -279,7 +279,7 @@ def tiles(rounds: int = 5) -> dict:
     calls = {}
     transduced = [dataclasses.replace(c, batch=1) for c in bench.resnet_cases(False) if c.group == "resnet3d"]
     for case in bench.jester_cases(False) + transduced:
-        _, _, params, compile_call = bench.case_compiler(case)
+        _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
         for label, rows in settings.items():
             with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
@@ -361,7 +361,7 @@ def layout(rounds: int = 3) -> dict:
               "per sample")
     calls = {}
     for case in bench.jester_cases(False):
-        _, kernel, params, compile_call = bench.case_compiler(case)
+        kernel, params, compile_call = bench.case_compiler(case)
         variants = {
             "whole batch": cp(case, per_sample=False),
             "channels-first": lambda x, p, modes=case.modes: _cp_channels_first(x, p, modes),
@@ -480,7 +480,7 @@ def _worker_calls(suite: str) -> dict:
         # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
         peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
         for case in bench.jester_cases(False):
-            _, kernel, params, compile_call = bench.case_compiler(case)
+            kernel, params, compile_call = bench.case_compiler(case)
             fns = bench.conv_fns(case)
             for path, w in (("dense", kernel), ("auto", params)):
                 calls[f"{case.name} {path}"] = compile_call(fns[path], w)[0]

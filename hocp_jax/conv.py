@@ -328,8 +328,9 @@ def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
         start[0], start[axis] = t // n, first
         return lax.dynamic_slice(a, start, (1,) + a.shape[1:axis] + (size,) + a.shape[axis + 1:]), start
 
-    fc, consts = jax.closure_convert(f, window(xp, 0, rows + halo)[0])
-    y_tile = jax.eval_shape(fc, window(xp, 0, rows + halo)[0], *consts)
+    first_tile = window(xp, 0, rows + halo)[0]
+    fc, consts = jax.closure_convert(f, first_tile)
+    y_tile = jax.eval_shape(fc, first_tile, *consts)
     y_shape = (b,) + y_tile.shape[1:axis] + (out_size,) + y_tile.shape[axis + 1:]
 
     @jax.custom_vjp

@@ -305,104 +305,62 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     return run(x, *consts)
 
 
-def _per_tile(f_in: Callable[[jax.Array], jax.Array], f_rest: Callable[[jax.Array], jax.Array], x: jax.Array,
-              axis: int, rows: int, halo: int, pad: tuple[int, int]) -> jax.Array:
-    """``f_rest(f_in(x))`` over tiles of ``rows`` output rows along spatial ``axis`` of every
-    sample, one tile at a time in a loop over the ``B * n`` tiles, with the VJP scheme of
-    :func:`_per_sample`; ``f_in`` runs once per input row (a line buffer).
+def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows: int, halo: int,
+              pad: tuple[int, int]) -> jax.Array:
+    """``f`` over tiles of ``rows`` output rows along spatial ``axis`` of every sample, one tile at
+    a time in a loop over the ``B * n`` tiles, with the VJP scheme of :func:`_per_sample`.
 
-    ``f_in`` is row-local (the first 1x1 contraction, and a pointwise psi), ``(1, ..., r, ..., C)
-    -> (1, ..., r, ..., R)`` for any ``r``; ``f_rest`` maps the ``rows + halo`` rows of ``f_in``'s
-    output that a tile needs to its ``(1, ..., rows, ..., C')`` output (its conv along ``axis``
-    unpadded, stride 1). ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)`` (and by the rows
-    that make the last tile whole when ``rows`` does not divide the output size; their output is
-    dropped), so ``f_in`` must map zero rows to zero rows (they are the conv's padding). Each tile
-    takes the last ``halo`` rows of the tile before's ``f_in`` output from the loop's carry and
-    computes only its ``rows`` new ones; the backward loop carries the partial gradient of those
-    shared rows forward the same way, so ``f_in``'s VJP also runs once per row and the gradient
-    w.r.t. ``x`` is written, not accumulated. Needs ``rows >= halo``. Tiles are read from and
-    written to the arrays' own layout (dynamic slices). Returns ``(B, ..., S_out, ..., C')``.
+    ``f`` maps ``(1, ..., rows + halo, ..., C)`` input rows to ``(1, ..., rows, ..., C')`` (its conv
+    along ``axis`` unpadded, stride 1); ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)``,
+    so ``f`` must be linear up to that conv (the zero rows are its padding). Tiles are read from
+    and written to ``x``'s and the output's own layout (dynamic slices; the gradient w.r.t. ``x``
+    is accumulated in place, the halos overlapping): no tile-major copy of any array. When ``rows``
+    does not divide the output size, the last tile is moved back to end at the last row; the rows
+    it shares with the tile before get a zero cotangent. Returns ``(B, ..., S_out, ..., C')``.
     """
-    b, out_size = x.shape[0], x.shape[axis] + pad[0] + pad[1] - halo
+    xp = _pad_axis(x, axis, pad)
+    b, out_size = x.shape[0], xp.shape[axis] - halo
     n = -(-out_size // rows)
-    extra = n * rows - out_size
-    xp = _pad_axis(x, axis, (pad[0], pad[1] + extra))  # n * rows + halo rows
 
-    def block(a, s, first, size):  # rows [first, first + size) of sample s of a, and the start index
+    def window(a, t, size):  # tile t's (1, .., size, ..) block of a, and its first row
+        first = jnp.minimum((t % n) * rows, out_size - rows)
         start = [0] * a.ndim
-        start[0], start[axis] = s, first
+        start[0], start[axis] = t // n, first
         return lax.dynamic_slice(a, start, (1,) + a.shape[1:axis] + (size,) + a.shape[axis + 1:]), start
 
-    def cut(a, lo, hi):
-        return lax.slice_in_dim(a, lo, hi, axis=axis)
-
-    fi, in_consts = jax.closure_convert(f_in, block(xp, 0, 0, rows)[0])
-    h_new = jax.eval_shape(fi, block(xp, 0, 0, rows)[0], *in_consts)
-    h_tile = jnp.zeros(h_new.shape[:axis] + (rows + halo,) + h_new.shape[axis + 1:], h_new.dtype)
-    fr, rest_consts = jax.closure_convert(f_rest, h_tile)
-    y_tile = jax.eval_shape(fr, h_tile, *rest_consts)
-    y_shape = (b,) + y_tile.shape[1:axis] + (n * rows,) + y_tile.shape[axis + 1:]
-    k = len(in_consts)
-
-    def tile_input(xp, s, j, carried, ic):
-        """The tile's ``rows + halo`` rows of ``f_in(xp)``: the carried ones (a sample's first tile
-        computes them), then ``rows`` new ones."""
-        new = fi(block(xp, s, j * rows + halo, rows)[0], *ic)
-        if not halo:
-            return new
-        first = lax.cond(j == 0, lambda: cut(fi(block(xp, s, 0, rows)[0], *ic), 0, halo), lambda: carried)
-        return jnp.concatenate([first, new], axis)
+    first_tile = window(xp, 0, rows + halo)[0]
+    fc, consts = jax.closure_convert(f, first_tile)
+    y_tile = jax.eval_shape(fc, first_tile, *consts)
+    y_shape = (b,) + y_tile.shape[1:axis] + (out_size,) + y_tile.shape[axis + 1:]
 
     @jax.custom_vjp
     def run(xp, *consts):
-        ic, rc = consts[:k], consts[k:]
-
-        def body(t, carry):
-            y, carried = carry
-            s, j = t // n, t % n
-            h = tile_input(xp, s, j, carried, ic)
-            y = lax.dynamic_update_slice(y, fr(h, *rc), block(y, s, j * rows, rows)[1])
-            return y, cut(h, rows, rows + halo)
-
-        y, _ = lax.fori_loop(0, b * n, body, (jnp.zeros(y_shape, y_tile.dtype), cut(h_tile, 0, halo)))
-        return cut(y, 0, out_size) if extra else y
+        def body(t, y):
+            xt, start = window(xp, t, rows + halo)
+            return lax.dynamic_update_slice(y, fc(xt, *consts), start)
+        return lax.fori_loop(0, b * n, body, jnp.zeros(y_shape, y_tile.dtype))
 
     def run_fwd(xp, *consts):
         return run(xp, *consts), (xp, consts)
 
     def run_bwd(res, g):
         xp, consts = res
-        ic, rc = consts[:k], consts[k:]
-        g = _pad_axis(g, axis, (0, extra))  # no cotangent for the dropped rows
+        row = lax.broadcasted_iota(jnp.int32, (1,) * axis + (rows,) + (1,) * (g.ndim - axis - 1), axis)
 
         def body(t, carry):
-            dxp, carried, dcarried, dtail, dc = carry
-            s, j = t // n, t % n
-            h = tile_input(xp, s, j, carried, ic)
-            dh, *drc = jax.vjp(fr, h, *rc)[1](block(g, s, j * rows, rows)[0])
-            if halo:  # the first rows also got gradient from the tile before
-                dh = jnp.concatenate([cut(dh, 0, halo) + jnp.where(j == 0, 0, dcarried), cut(dh, halo, rows + halo)], axis)
-            xr, start = block(xp, s, j * rows, rows)
-            dxr, *dic = jax.vjp(fi, xr, *ic)[1](cut(dh, 0, rows))  # these rows are complete
-            dxp = lax.dynamic_update_slice(dxp, dxr, start)
-            dcarried = cut(dh, rows, rows + halo)
-            dtail = lax.dynamic_update_slice(dtail, dcarried, block(dtail, s, 0, halo)[1]) if halo else dtail
-            return dxp, cut(h, rows, rows + halo), dcarried, dtail, [a + d for a, d in zip(dc, dic + drc)]
+            dxp, dc = carry
+            xt, start = window(xp, t, rows + halo)
+            gt, _ = window(g, t, rows)
+            gt = jnp.where(start[axis] + row >= (t % n) * rows, gt, 0)  # rows the tile before covered
+            dxt, *dct = jax.vjp(fc, xt, *consts)[1](gt)
+            dxp = lax.dynamic_update_slice(dxp, window(dxp, t, rows + halo)[0] + dxt, start)
+            return dxp, [a + d for a, d in zip(dc, dct)]
 
-        zero_h = cut(h_tile, 0, halo)
-        dtail = jnp.zeros((b,) + zero_h.shape[1:], zero_h.dtype)
-        init = (jnp.zeros_like(xp), zero_h, zero_h, dtail, [jnp.zeros_like(c) for c in consts])
-        dxp, _, _, dtail, dc = lax.fori_loop(0, b * n, body, init)
-        if halo:  # each sample's last `halo` rows, complete after its last tile (fi's shape: `rows` rows)
-            x_tail = cut(xp, n * rows + halo - rows, n * rows + halo)
-            d_tail = _pad_axis(dtail, axis, (rows - halo, 0))
-            dx_tail, *dic = jax.vjp(lambda xt, *c: jax.vmap(lambda r: fi(r[None], *c)[0])(xt), x_tail, *ic)[1](d_tail)
-            dxp = lax.dynamic_update_slice_in_dim(dxp, cut(dx_tail, rows - halo, rows), n * rows, axis)
-            dc = [a + d for a, d in zip(dc, dic + [jnp.zeros_like(c) for c in rc])]
+        dxp, dc = lax.fori_loop(0, b * n, body, (jnp.zeros_like(xp), [jnp.zeros_like(c) for c in consts]))
         return (dxp, *dc)
 
     run.defvjp(run_fwd, run_bwd)
-    return run(xp, *(in_consts + rest_consts))
+    return run(xp, *consts)
 
 
 def cp_conv(
@@ -506,20 +464,16 @@ def cp_conv(
             per_sample = local and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
-        def contract_in(x):  # row-local: one output row per input row
+        def factorized(x, pads=pads, order=order):
             h = channel_matmul(x, params["factor_in"])
-            return h if psi is None else psi(h, "in")
-
-        def rest(h, pads=pads, order=order):
+            if psi is not None:
+                h = psi(h, "in")
             for m in order:
                 i = modes.index(m)
                 h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
                 if psi is not None:
                     h = psi(h, m)
             return channel_matmul(h, out_factor.T)
-
-        def factorized(x):
-            return rest(contract_in(x))
 
         halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
         out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
@@ -531,8 +485,7 @@ def cp_conv(
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)
                 order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
             tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]
-            y = _per_tile(contract_in, functools.partial(rest, pads=tile_pads, order=order), x, i + 1, rows, halos[i],
-                          pads[i])
+            y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order), x, i + 1, rows, halos[i], pads[i])
         elif per_sample:
             y = _per_sample(factorized, x)
         else:

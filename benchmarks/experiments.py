@@ -57,6 +57,16 @@ ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole sample
 whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
 through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
 
+``python -m benchmarks.experiments line_buffer [rounds] [revision]``: Jester conv1 and conv2
+(factorized, fwd+bwd, ``bench`` protocol, tiled) with the current tiles and with the line-buffer
+tiles of git ``revision`` (default 54703b2: measured and not kept), in the automatic tiles and
+in tiles of 3 and 6 rows, interleaved. Needs a git checkout.
+
+``python -m benchmarks.experiments resnet2d_step_layers [rounds]``: the seven 3x3 conv shapes of
+the ResNet-18 2-D train step (8 x 112 x 112) with the dense conv and both CP paths, interleaved
+per layer, with ``auto``'s pick and the cost model's factorized/reconstructed ratio beside the
+measured one.
+
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
@@ -146,11 +156,11 @@ def _stack(layer_ms: dict, labels) -> dict:
     return {k: sum(v for n, v in layer_ms.items() if label(n) == k) for k in labels}
 
 
-def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
+def _conv_at(revision: str):
+    """``hocp_jax/conv.py`` as it was at git ``revision``, loaded as a module of its own (it imports
+    the current rest of ``hocp_jax``). Needs a git checkout."""
     import importlib.util
     import tempfile
-
-    from benchmarks import bench
 
     source = subprocess.run(["git", "show", f"{revision}:hocp_jax/conv.py"], capture_output=True, text=True, check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
@@ -159,7 +169,13 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
         spec = importlib.util.spec_from_file_location("conv_at_revision", f.name)
         other = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(other)
-    kernels = {"current": conv._depthwise, revision: other._depthwise}
+    return other
+
+
+def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
+    from benchmarks import bench
+
+    kernels = {"current": conv._depthwise, revision: _conv_at(revision)._depthwise}
 
     def compiled(kernel, build):
         conv._depthwise = kernels[kernel]  # read by depthwise_conv_1d at trace time
@@ -187,6 +203,66 @@ def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
         t = bench.time_interleaved(calls, n, budget_s=1e9)
         ms = {name: v["median_ms"] for name, v in t.items()}
         out[f"{hocp} step"] = {"rounds": n, "ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
+    """The tiled Jester layers (conv1, conv2: factorized, fwd+bwd, ``bench`` protocol) with the
+    current tiles and with the line-buffer tiles of ``revision`` (each input row's 1x1 contraction
+    computed once, the halo rows and their gradient carried from tile to tile), in the automatic
+    tiles and in tiles of 3 and 6 rows (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    versions = {"current": conv, revision: _conv_at(revision)}
+    out: dict = {"revision": revision, "rounds": rounds, "layers_ms": {}}
+    for case in bench.jester_cases(False)[:2]:
+        _, params, compile_call = bench.case_compiler(case)
+        calls = {}
+        for label, mod in versions.items():
+            def fn(x, p, mod=mod):
+                return mod.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
+                                   implementation="factorized", input_grad=case.input_grad)
+            for rows in (None, 3, 6):
+                with autotune.tile_rows_mode(rows):
+                    calls[f"{label}, rows {rows or 'auto'}"] = compile_call(fn, params)[0]
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        out["layers_ms"][case.name] = {name: v["median_ms"] for name, v in t.items()}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def resnet2d_step_layers(rounds: int = 9) -> dict:
+    """The 3x3 convs of the ResNet-18 2-D train step of ``bench`` (8 images of 112x112: 28x28 to
+    4x4 maps, the strided ones too, rank at the dense parameter budget) with the dense conv and
+    both CP paths (fwd+bwd, ``bench`` protocol), interleaved per layer: which path ``auto`` (the
+    analytic cost model) picks, the measured factorized/reconstructed ratio beside the model's,
+    and how many convs of each shape the network has."""
+    from benchmarks import bench
+    from hocp_jax import counting
+
+    layers = [(64, 64, 28, 1, 4), (64, 128, 28, 2, 1), (128, 128, 14, 1, 3), (128, 256, 14, 2, 1),
+              (256, 256, 7, 1, 3), (256, 512, 7, 2, 1), (512, 512, 4, 1, 3)]
+    out: dict = {"rounds": rounds, "layers": []}
+    for ci, co, s, st, count in layers:
+        rank = counting.cp_rank_for_budget(ci, co, (3, 3))
+        case = bench.ConvCase("resnet2d", f"({ci}->{co})@{s}x{s}" + (f"/s{st}" if st > 1 else ""), 8, (s, s), ci, co,
+                              (3, 3), rank, (st, st))
+        kernel, params, compile_call = bench.case_compiler(case)
+        fns = bench.conv_fns(case)
+        t = bench.time_interleaved({k: compile_call(fns[k], kernel if k == "dense" else params)[0]
+                                    for k in ("dense", "factorized", "reconstructed")}, rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        costs = counting.cp_path_costs(8, (s, s), ci, co, (3, 3), rank, stride=st, padding=1)
+        pick = conv.choose_cp_implementation((8, s, s, ci), params, ("h", "w"), stride=st, padding=1)
+        best = min(("factorized", "reconstructed"), key=ms.get)
+        out["layers"].append({
+            "layer": case.name, "rank": rank, "convs_in_net": count, "ms": ms, "auto_pick": pick,
+            "auto_over_best": ms[pick] / ms[best],
+            "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
+            "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],
+        })
     out["loadavg"] = os.getloadavg()
     return out
 
@@ -631,8 +707,9 @@ if __name__ == "__main__":
         _worker(sys.argv[2])
     else:
         rounds = [int(a) for a in sys.argv[2:3]]
-        extra = sys.argv[3:4] if sys.argv[1] == "shift_kernel" else []
+        extra = sys.argv[3:4] if sys.argv[1] in ("shift_kernel", "line_buffer") else []
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
                        "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles,
-                       "coresidence": coresidence, "phases": phases}
+                       "coresidence": coresidence, "phases": phases, "line_buffer": line_buffer,
+                       "resnet2d_step_layers": resnet2d_step_layers}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

@@ -154,6 +154,13 @@ peak on CPU when its input gradient is computed (measured: the (3, 64) Jester co
 layer) the same conv's fwd+bwd takes ~1/7 of the time (issue 13), so no scaling then."""
 
 
+STRIDED_CONV_SLOWDOWN = 1.5
+"""A strided dense conv whose input gradient is computed runs at about 1/1.5 of the FLOP rate of
+an unstrided one under XLA on CPU (fwd+bwd, ResNet-18 shapes of ``python -m benchmarks.experiments
+resnet2d_step_layers`` and ``python -m benchmarks.bench``: 1.05-2.1x, median about 1.45), so
+reconstructed-path FLOPs are scaled by this factor then."""
+
+
 CONV_3D_SLOWDOWN = 3.0
 """A dense conv over 3 or more modes runs at about 1/3 of the FLOP rate of a 2-D one under
 XLA on CPU (benchmarks/RESULTS.md, fwd+bwd: ~39 GFLOP/s for the 2-D (64,64)@56x56 conv,
@@ -180,11 +187,18 @@ def cp_path_costs(
     ``cost = flops_eff + BYTES_TO_FLOPS * bytes`` (float32 bytes of every activation read and
     written by each op; weights ignored except the reconstructed kernel).
 
-    * factorized: ``batch * cp_flops``; bytes: 1x1 in (x read, h written), each 1-D conv
-      (input and output, at the sizes after the earlier modes' strides), 1x1 out.
+    * factorized: ``batch * cp_flops``; bytes: 1x1 in (x read, h written), each 1-D conv, 1x1
+      out. A 1-D conv with K taps counts ``(n_in + (1 + 3K) n_out) * 2 / 11`` elements per rank
+      (sizes after the earlier modes' strides): the input once, and per output element its write
+      and, in the backward pass, K tap slices of the input and K reads of the cotangent with K
+      products for the factor gradient; the ``2 / 11`` keeps a 3-tap stride-1 conv at its
+      input plus output, on which :data:`BYTES_TO_FLOPS` is calibrated. So a strided conv moves
+      fewer bytes than its input and output suggest.
     * reconstructed: ``batch * dense_flops`` scaled for channel-starved convs (see
       :data:`CONV_FULL_SPEED_CHANNELS`, only if ``input_grad``: it is the input gradient of a
-      channel-starved conv that is slow) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
+      channel-starved conv that is slow), strided convs (:data:`STRIDED_CONV_SLOWDOWN`, only if
+      ``input_grad``) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops`
+      once; bytes: x, y, kernel.
 
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.
@@ -200,7 +214,7 @@ def cp_path_costs(
     for i in order:
         before = int(np.prod(sizes))
         sizes[i] = outs[i]
-        elems += (before + int(np.prod(sizes))) * rank
+        elems += (before + (1 + 3 * kernel_size[i]) * int(np.prod(sizes))) * rank * 2 / 11
     elems += p_out * (rank + out_channels)
     f_bytes = 4.0 * batch * elems
     r_flops = batch * dense_flops(in_sizes, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
@@ -208,6 +222,7 @@ def cp_path_costs(
     starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
     r_flops_eff = r_flops * starved
     r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
+    r_flops_eff *= STRIDED_CONV_SLOWDOWN if input_grad and max(as_tuple(stride, n, "stride")) > 1 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)
     return {

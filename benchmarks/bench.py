@@ -118,7 +118,8 @@ def jester_cases(quick: bool) -> list[ConvCase]:
 
 def resnet_cases(quick: bool) -> list[ConvCase]:
     """ResNet-18 3x3 layers in 2-D (batch 8) and transduced to 3-D (t=3 over 8 frames, batch 2)."""
-    layers = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (256, 256, 14, 1), (512, 512, 7, 1)]
+    layers = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2), (256, 256, 14, 1), (256, 512, 14, 2),
+              (512, 512, 7, 1)]
     out = []
     for ci, co, s, st in layers:
         if quick:

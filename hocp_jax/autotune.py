@@ -192,9 +192,12 @@ benchmarks.experiments tiles 5``, README "Benchmarks"): Jester conv2 (24 MB per 
 fwd+bwd faster in tiles of every size tried (2 to 14 rows), conv1 (9 MB) in tiles of 3 to 14 rows
 (0.83-0.95x; 2 rows: 1.16x), the transduced ResNet-18's first layer at B = 1 (27 MB) in every
 size; Jester conv3 (5 MB) was no faster in any."""
-TILE_TARGET_BYTES = 2 * 1024 * 1024
+TILE_TARGET_BYTES = 3 * 512 * 1024
 """Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
-about the L2 of a core, the middle of the range that measured alike (0.6 to 3.5 MB per tile)."""
+a little under the L2 of a core. 2 MiB until the tiles of 3 rows (1.7 MB) measured faster than the
+4 rows (2.3 MB) that 2 MiB gives Jester conv2, in both runs that had them (``python -m
+benchmarks.experiments tiles`` and ``line_buffer``); conv1 then runs in 6 tiles of 14 rows (was 5
+of 17; those measured alike), the transduced ResNet-18 layers as before (tiles of 4 rows)."""
 
 
 @contextlib.contextmanager

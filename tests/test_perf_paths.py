@@ -501,3 +501,45 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())),
                  nnx.state(out[0][1]), nnx.state(out[1][1]))
+
+
+def _recorded_layers():
+    """``(shape kwargs, fact ms, recon ms)`` of the layers timed in the repository's recorded CPU runs
+    (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers.json``)."""
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    out = []
+    results = json.loads((root / "results.json").read_text())
+    if results["machine"].get("platform") == "cpu" and not results.get("quick"):
+        for rows in results["conv"].values():
+            for row in rows:
+                s = row["shape"]
+                out.append((dict(batch=s["batch"], in_sizes=tuple(s["in_sizes"]), c_in=s["c_in"], c_out=s["c_out"],
+                                 ks=tuple(s["kernel"]), rank=s["rank"], stride=tuple(s["stride"]), input_grad=row["input_grad"]),
+                            row["ms"]["factorized"], row["ms"]["reconstructed"]))
+    for row in json.loads((root / "experiments_resnet2d_step_layers.json").read_text())["layers"]:
+        ci, co = (int(v) for v in row["layer"][1:].split(")")[0].split("->"))
+        s = int(row["layer"].split("@")[1].split("x")[0])
+        st = 2 if "/s2" in row["layer"] else 1
+        out.append((dict(batch=8, in_sizes=(s, s), c_in=ci, c_out=co, ks=(3, 3), rank=row["rank"], stride=(st, st),
+                         input_grad=True), row["ms"]["factorized"], row["ms"]["reconstructed"]))
+    return out
+
+
+def test_cost_model_agrees_with_recorded_timings():
+    """The analytic cost model (calibrated on the 2-core CPU) picks the path that measured faster
+    on every layer of the recorded runs where the two paths differ by more than 20 %: an
+    independent check of its constants against timings, not against itself."""
+    layers = _recorded_layers()
+    assert len(layers) >= 20
+    clear = 0
+    for kw, fact_ms, recon_ms in layers:
+        if max(fact_ms, recon_ms) < 1.2 * min(fact_ms, recon_ms):
+            continue
+        clear += 1
+        c = counting.cp_path_costs(kw["batch"], kw["in_sizes"], kw["c_in"], kw["c_out"], kw["ks"], kw["rank"],
+                                   stride=kw["stride"], padding=1, input_grad=kw["input_grad"])
+        assert (c["factorized"] <= c["reconstructed"]) == (fact_ms <= recon_ms), (kw, fact_ms, recon_ms)
+    assert clear >= 20

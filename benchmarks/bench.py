@@ -288,6 +288,14 @@ def case_compiler(case: ConvCase) -> tuple[jax.Array, dict, Callable]:
     return kernel, params, lambda fn, w: compile_fwd_bwd(fn, x, w, case.input_grad, cot)
 
 
+def case_shape(case: ConvCase) -> dict[str, Any]:
+    """The JSON record of ``case``'s geometry (resolved strides and paddings)."""
+    strides, pads = case.geometry()
+    return {"batch": case.batch, "in_sizes": list(case.in_sizes), "c_in": case.c_in, "c_out": case.c_out,
+            "kernel": list(case.kernel), "rank": case.rank, "stride": list(strides),
+            "padding": [list(p) for p in pads], "modes": list(case.modes)}
+
+
 def analytic(case: ConvCase) -> dict[str, Any]:
     strides, pads = case.geometry()
     order = conv.best_mode_order(case.in_sizes, case.kernel, strides, pads, (1,) * len(case.kernel))
@@ -335,9 +343,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
     return {
         "group": case.group,
         "name": case.name,
-        "shape": {"batch": case.batch, "in_sizes": list(case.in_sizes), "c_in": case.c_in, "c_out": case.c_out,
-                  "kernel": list(case.kernel), "rank": case.rank, "stride": list(strides),
-                  "padding": [list(p) for p in pads], "modes": list(case.modes)},
+        "shape": case_shape(case),
         "ms": ms,
         "input_grad": case.input_grad,
         "times_ms": {p: timing[p]["times_ms"] for p in calls},

@@ -258,7 +258,8 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
         pick = conv.choose_cp_implementation((8, s, s, ci), params, ("h", "w"), stride=st, padding=1)
         best = min(("factorized", "reconstructed"), key=ms.get)
         out["layers"].append({
-            "layer": case.name, "rank": rank, "convs_in_net": count, "ms": ms, "auto_pick": pick,
+            "layer": case.name, "shape": bench.case_shape(case), "input_grad": case.input_grad, "convs_in_net": count,
+            "ms": ms, "auto_pick": pick,
             "auto_over_best": ms[pick] / ms[best],
             "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
             "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],

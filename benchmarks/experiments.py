@@ -67,6 +67,13 @@ the ResNet-18 2-D train step (8 x 112 x 112) with the dense conv and both CP pat
 per layer, with ``auto``'s pick and the cost model's factorized/reconstructed ratio beside the
 measured one.
 
+``python -m benchmarks.experiments step_profile [rounds]``: the ResNet-18 2-D train steps of
+``bench`` (dense and HO-CP) traced with the JAX profiler, alternating, ``rounds`` rounds of 5
+steps each; every HLO instruction is attributed to the layer that made it
+(:mod:`benchmarks.xla_profile`), and the wall and CPU ms per step are summed per layer and per
+stage, with the HO-CP minus dense difference per conv: where the HO-CP step wins and loses
+inside the network.
+
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
@@ -94,6 +101,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -126,7 +134,8 @@ class ResNetStemWithInputGrad(ResNet):
         return make
 
 
-def step_call(model, shape):
+def _image_step(model, shape):
+    """``(train_step, state, batch)``: the ``bench`` train step of ``model`` on images of ``shape``."""
     key = jax.random.key(0)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros(shape), train=False))(key)
     rng = np.random.default_rng(0)
@@ -134,7 +143,11 @@ def step_call(model, shape):
              "va": jnp.asarray(rng.uniform(-1, 1, size=(shape[0], 2)), jnp.float32)}
     tx = optax.sgd(1e-3, momentum=0.9)
     state = TrainState.create(dict(variables), tx, key)
-    return compile_jax(make_train_step(model, _loss_fn("va"), tx), state, batch)[0]
+    return make_train_step(model, _loss_fn("va"), tx), state, batch
+
+
+def step_call(model, shape):
+    return compile_jax(*_image_step(model, shape))[0]
 
 
 def stem(rounds: int = 7) -> dict:
@@ -264,6 +277,79 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
             "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
             "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],
         })
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+_RESNET_MODULE = re.compile(r"/(stem|layer\d+_\d+|head)(?:_bn)?(?:/(conv\d|shortcut|bn\d|shortcut_bn)\b)?")
+
+
+def _resnet_label(op_name: str) -> str | None:
+    """The ResNet layer of an ``op_name``: ``"stem"``, ``"layer3_1/conv1"``, ``"layer3_1/bn"``
+    (its BatchNorms), ``"layer3_1/add"`` (residual sum and ReLU), ``"head"``; ``"update"`` for
+    the step's work outside the model (loss, gradient norm, optimizer); ``None`` otherwise."""
+    m = _RESNET_MODULE.search(op_name)
+    if m:
+        part = m.group(2)
+        if m.group(1) in ("stem", "head") or part is None:
+            return m.group(1) if m.group(1) in ("stem", "head") else f"{m.group(1)}/add"
+        return f"{m.group(1)}/" + ("bn" if part.startswith(("bn", "shortcut_bn")) else part)
+    if op_name.startswith("jit(") and "jvp(" not in op_name:
+        return "update"
+    return None
+
+
+def step_profile(rounds: int = 3, calls: int = 5) -> dict:
+    """The ResNet-18 2-D train steps of ``bench`` (dense and HO-CP), traced with the JAX profiler
+    in alternating rounds of ``calls`` steps each: ms per step of every layer, as wall time and
+    CPU time (:func:`benchmarks.xla_profile.by_label`), summed per stage, and the HO-CP minus
+    dense difference per stage and per conv. Shows where the HO-CP step wins and loses inside the
+    network, which timing the convs one by one (``resnet2d_step_layers``) cannot: there each
+    conv's operands stay in cache between calls and its buffers are reused."""
+    from benchmarks import xla_profile
+
+    shape = (8, 112, 112, 3)
+    programs = {}
+    for name, model in (("dense", "resnet18"), ("hocp", "resnet18_hocp")):
+        step, state, batch = _image_step(get_model(model), shape)
+        compiled = jax.jit(step).lower(state, batch).compile()
+        call = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, (state, batch))
+        call()
+        programs[name] = (call, xla_profile.instruction_labels(compiled.as_text(), _resnet_label))
+    per_layer: dict = {name: {} for name in programs}
+    step_ms: dict = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, (call, labels) in programs.items():
+            t0 = time.perf_counter()
+            events = xla_profile.trace(call, calls)
+            step_ms[name].append((time.perf_counter() - t0) * 1e3 / calls)
+            for layer, ms in xla_profile.by_label(events, labels, calls).items():
+                acc = per_layer[name].setdefault(layer, {"wall": 0.0, "cpu": 0.0})
+                for k in acc:
+                    acc[k] += ms[k] / rounds
+
+    def total(layers, kind, keep=lambda layer: True):
+        return sum(ms[kind] for layer, ms in layers.items() if keep(layer))
+
+    def stage(layer):
+        return layer.split("_")[0] if layer.startswith("layer") else layer
+
+    out: dict = {"rounds": rounds, "calls_per_round": calls, "input_shape": list(shape),
+                 "traced_step_ms": step_ms, "models": {}}
+    for name, layers in per_layer.items():
+        stages = sorted({stage(layer) for layer in layers})
+        out["models"][name] = {
+            "sum_ms": {k: total(layers, k) for k in ("wall", "cpu")},
+            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in ("wall", "cpu")}
+                         for st in stages},
+            "by_layer": dict(sorted(layers.items())),
+        }
+    d, h = out["models"]["dense"], out["models"]["hocp"]
+    zero = {"wall": 0.0, "cpu": 0.0}
+    for part in ("by_stage", "by_layer"):
+        keys = sorted(set(d[part]) | set(h[part]))
+        out[f"hocp_minus_dense_{part}"] = {key: {k: h[part].get(key, zero)[k] - d[part].get(key, zero)[k] for k in zero}
+                                          for key in keys if part == "by_stage" or "/conv" in key}
     out["loadavg"] = os.getloadavg()
     return out
 
@@ -712,5 +798,5 @@ if __name__ == "__main__":
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
                        "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles,
                        "coresidence": coresidence, "phases": phases, "line_buffer": line_buffer,
-                       "resnet2d_step_layers": resnet2d_step_layers}
+                       "resnet2d_step_layers": resnet2d_step_layers, "step_profile": step_profile}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

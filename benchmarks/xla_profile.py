@@ -1,0 +1,135 @@
+"""Where a compiled XLA CPU program spends its time, per model layer, from the JAX profiler.
+
+:func:`trace` traces calls of a compiled program with :mod:`jax.profiler` and reads the trace
+back with :class:`jax.profiler.ProfileData` (no TensorBoard needed); :func:`by_label` sums the
+time of the HLO instructions per label, as CPU time (over all threads) and as wall time. :func:`instruction_labels` names
+each instruction of the program's HLO text after the model layer that made it, from the
+``op_name`` metadata JAX writes (e.g. ``jit(train_step)/transpose(jvp(ResNet))/layer3_1/conv1/
+dot_general``). XLA emits some instructions without metadata (the dense convs' weight-gradient
+convolutions, layout transposes); these take the label of the nearest instruction that uses
+their result, else of the nearest one they read, that has a label.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import re
+import tempfile
+from collections.abc import Callable
+
+import jax
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = [^(]*?[\w\-]+\((.*?)\)(?:, |$)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_PYTREE_KEY = re.compile(r"\[\\?'([^'\\]*)\\?'\]")
+
+
+def trace(call: Callable[[], object], calls: int) -> list[tuple[str, int, int]]:
+    """``(name, start_ns, end_ns)`` of every event on the host's threads (Python's excepted) in
+    ``calls`` traced runs of ``call()``, which must block until its result is ready. An
+    instruction that XLA splits across threads has an event on each; the runtime's own events
+    (executor, waits) have names that are no instruction's, and :func:`by_label` drops them."""
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            for _ in range(calls):
+                call()
+        finally:
+            jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    return [(event.name, event.start_ns, event.start_ns + event.duration_ns)
+            for plane in data.planes if plane.name.startswith("/host:")
+            for line in plane.lines if line.name != "python" for event in line.events]
+
+
+def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
+                       through: frozenset[str] = frozenset({"update"})) -> dict[str, str]:
+    """``{instruction name: label}`` for the instructions of ``hlo_text`` (``Compiled.as_text()``).
+
+    ``label(op_name)`` names the layer of one ``op_name`` (``None``: none), with pytree paths
+    written as ``/`` paths (``state.params['layer1_0']['conv1']`` -> ``state.params/layer1_0/
+    conv1``), so parameters get the label of their layer. A fusion takes the first label found
+    in the instructions it calls. An unlabelled instruction takes the label of its nearest
+    labelled user (breadth first); users labelled in ``through`` (work outside the model, such as
+    the optimizer's update) are searched past, and lend the label of the parameters they read;
+    failing that, the label of its nearest labelled operand."""
+    own: dict[str, str | None] = {}
+    operands: dict[str, list[str]] = {}
+    calls: dict[str, str] = {}
+    computation_label: dict[str, str] = {}
+    computation = None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" "):
+            head = re.match(r"^(?:ENTRY )?%?([\w.\-]+)", line)
+            computation = head.group(1) if head else None
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        op = _OP_NAME.search(line)
+        own[name] = label(_PYTREE_KEY.sub(r"/\1", op.group(1))) if op else None
+        operands[name] = _OPERAND.findall(m.group(2))
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[name] = called.group(1)
+        if computation and own[name] and own[name] not in through and computation not in computation_label:
+            computation_label[computation] = own[name]
+    labels = {n: v or computation_label.get(calls.get(n, "")) for n, v in own.items()}
+    users: dict[str, list[str]] = collections.defaultdict(list)
+    for n, ops in operands.items():
+        for o in ops:
+            users[o].append(n)
+
+    def model_label(n: str) -> str | None:
+        v = labels.get(n)
+        return v if v and v not in through else None
+
+    def from_users(start: str) -> str | None:
+        seen, frontier = {start}, [start]
+        for _ in range(8):
+            frontier = [m for n in frontier for m in users.get(n, []) if m not in seen]
+            seen.update(frontier)
+            found = [model_label(m) for m in frontier if model_label(m)]
+            found += [model_label(o) for m in frontier if labels.get(m) in through
+                      for o in operands.get(m, []) if not operands.get(o) and model_label(o)]
+            if found:
+                return found[0]
+        return None
+
+    def from_operands(start: str) -> str | None:
+        seen, frontier = {start}, [start]
+        for _ in range(8):
+            frontier = [m for n in frontier for m in operands.get(n, []) if m not in seen]
+            seen.update(frontier)
+            found = [model_label(m) for m in frontier if model_label(m)]
+            if found:
+                return found[0]
+        return None
+
+    return {n: v or from_users(n) or from_operands(n) or "unlabelled" for n, v in labels.items()}
+
+
+def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: int) -> dict[str, dict[str, float]]:
+    """Per label, ms per call of the :func:`trace` ``events`` of its instructions: ``cpu`` (summed
+    over threads) and ``wall`` (the union of their intervals: time during which at least one of
+    them ran; labels that ran concurrently both count it). Events that are no instruction are
+    dropped."""
+    spans: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    for name, start, end in events:
+        if name in labels:
+            spans[labels[name]].append((start, end))
+    out = {}
+    for label, intervals in spans.items():
+        intervals.sort()
+        wall, (lo, hi) = 0, intervals[0]
+        for start, end in intervals[1:]:
+            if start > hi:
+                wall, lo = wall + hi - lo, start
+            hi = max(hi, end)
+        wall += hi - lo
+        out[label] = {"cpu": sum(e - s for s, e in intervals) / 1e6 / calls, "wall": wall / 1e6 / calls}
+    return out

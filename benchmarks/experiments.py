@@ -305,7 +305,12 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
     CPU time (:func:`benchmarks.xla_profile.by_label`), summed per stage, and the HO-CP minus
     dense difference per stage and per conv. Shows where the HO-CP step wins and loses inside the
     network, which timing the convs one by one (``resnet2d_step_layers``) cannot: there each
-    conv's operands stay in cache between calls and its buffers are reused."""
+    conv's operands stay in cache between calls and its buffers are reused. Each round also
+    times ``calls`` untraced steps beside the traced ones (``step_ms``): the trace records an
+    event per instruction run (``events``; the HO-CP step runs about twice the dense step's),
+    and this shows what recording them costs. Labels whose instructions run concurrently (XLA
+    runs independent ones on both threads) both count the overlap, so the sum of the layers'
+    wall times exceeds the step's."""
     from benchmarks import xla_profile
 
     shape = (8, 112, 112, 3)
@@ -317,14 +322,17 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
         call()
         programs[name] = (call, xla_profile.instruction_labels(compiled.as_text(), _resnet_label))
     per_layer: dict = {name: {} for name in programs}
-    step_ms: dict = {name: [] for name in programs}
+    step_ms: dict = {"untraced": {name: [] for name in programs}, "traced": {name: [] for name in programs}}
     for _ in range(rounds):
         for name, (call, labels) in programs.items():
             t0 = time.perf_counter()
-            events = xla_profile.trace(call, calls)
-            step_ms[name].append((time.perf_counter() - t0) * 1e3 / calls)
+            for _ in range(calls):
+                call()
+            step_ms["untraced"][name].append((time.perf_counter() - t0) * 1e3 / calls)
+            events, traced_ms = xla_profile.trace(call, calls)
+            step_ms["traced"][name].append(traced_ms)
             for layer, ms in xla_profile.by_label(events, labels, calls).items():
-                acc = per_layer[name].setdefault(layer, {"wall": 0.0, "cpu": 0.0})
+                acc = per_layer[name].setdefault(layer, dict.fromkeys(ms, 0.0))
                 for k in acc:
                     acc[k] += ms[k] / rounds
 
@@ -335,17 +343,17 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
         return layer.split("_")[0] if layer.startswith("layer") else layer
 
     out: dict = {"rounds": rounds, "calls_per_round": calls, "input_shape": list(shape),
-                 "traced_step_ms": step_ms, "models": {}}
+                 "step_ms": step_ms, "models": {}}
     for name, layers in per_layer.items():
         stages = sorted({stage(layer) for layer in layers})
         out["models"][name] = {
-            "sum_ms": {k: total(layers, k) for k in ("wall", "cpu")},
-            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in ("wall", "cpu")}
+            "sum": {k: total(layers, k) for k in ("wall", "cpu", "events")},
+            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in ("wall", "cpu", "events")}
                          for st in stages},
             "by_layer": dict(sorted(layers.items())),
         }
     d, h = out["models"]["dense"], out["models"]["hocp"]
-    zero = {"wall": 0.0, "cpu": 0.0}
+    zero = {"wall": 0.0, "cpu": 0.0, "events": 0.0}
     for part in ("by_stage", "by_layer"):
         keys = sorted(set(d[part]) | set(h[part]))
         out[f"hocp_minus_dense_{part}"] = {key: {k: h[part].get(key, zero)[k] - d[part].get(key, zero)[k] for k in zero}

@@ -16,6 +16,7 @@ import collections
 import glob
 import re
 import tempfile
+import time
 from collections.abc import Callable
 
 import jax
@@ -26,23 +27,27 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _PYTREE_KEY = re.compile(r"\[\\?'([^'\\]*)\\?'\]")
 
 
-def trace(call: Callable[[], object], calls: int) -> list[tuple[str, int, int]]:
-    """``(name, start_ns, end_ns)`` of every event on the host's threads (Python's excepted) in
-    ``calls`` traced runs of ``call()``, which must block until its result is ready. An
-    instruction that XLA splits across threads has an event on each; the runtime's own events
-    (executor, waits) have names that are no instruction's, and :func:`by_label` drops them."""
+def trace(call: Callable[[], object], calls: int) -> tuple[list[tuple[str, int, int]], float]:
+    """``(events, ms)``: ``(name, start_ns, end_ns)`` of every event on the host's threads
+    (Python's excepted) in ``calls`` traced runs of ``call()``, which must block until its result
+    is ready, and the mean wall ms of one traced run. An instruction that XLA splits across
+    threads has an event on each; the runtime's own events (executor, waits) have names that are
+    no instruction's, and :func:`by_label` drops them."""
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         try:
+            t0 = time.perf_counter()
             for _ in range(calls):
                 call()
+            ms = (time.perf_counter() - t0) * 1e3 / calls
         finally:
             jax.profiler.stop_trace()
         (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
         data = jax.profiler.ProfileData.from_file(path)
-    return [(event.name, event.start_ns, event.start_ns + event.duration_ns)
-            for plane in data.planes if plane.name.startswith("/host:")
-            for line in plane.lines if line.name != "python" for event in line.events]
+    events = [(event.name, event.start_ns, event.start_ns + event.duration_ns)
+              for plane in data.planes if plane.name.startswith("/host:")
+              for line in plane.lines if line.name != "python" for event in line.events]
+    return events, ms
 
 
 def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
@@ -114,10 +119,11 @@ def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
 
 
 def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: int) -> dict[str, dict[str, float]]:
-    """Per label, ms per call of the :func:`trace` ``events`` of its instructions: ``cpu`` (summed
-    over threads) and ``wall`` (the union of their intervals: time during which at least one of
-    them ran; labels that ran concurrently both count it). Events that are no instruction are
-    dropped."""
+    """Per label, per call, from the :func:`trace` ``events`` of its instructions: ms of ``cpu``
+    (summed over threads) and of ``wall`` (the union of their intervals: time during which at
+    least one of them ran; labels that ran concurrently both count it), and the number of
+    ``events`` (each costs the trace some overhead, which the times include). Events that are no
+    instruction are dropped."""
     spans: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for name, start, end in events:
         if name in labels:
@@ -131,5 +137,6 @@ def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: 
                 wall, lo = wall + hi - lo, start
             hi = max(hi, end)
         wall += hi - lo
-        out[label] = {"cpu": sum(e - s for s, e in intervals) / 1e6 / calls, "wall": wall / 1e6 / calls}
+        out[label] = {"cpu": sum(e - s for s, e in intervals) / 1e6 / calls, "wall": wall / 1e6 / calls,
+                      "events": len(intervals) / calls}
     return out

@@ -99,14 +99,16 @@ def test_by_label_unions_and_sums():
     out = xla_profile.by_label(events, {"x": "L", "y": "M"}, calls=2)
     assert out["L"]["cpu"] == pytest.approx((10 + 7 + 5) / 1e6 / 2)
     assert out["L"]["wall"] == pytest.approx((12 + 5) / 1e6 / 2)  # [0, 12] and [20, 25]
-    assert out["M"] == {"cpu": pytest.approx(4 / 1e6 / 2), "wall": pytest.approx(4 / 1e6 / 2)}
+    assert out["L"]["events"] == 1.5
+    assert out["M"] == {"cpu": pytest.approx(4 / 1e6 / 2), "wall": pytest.approx(4 / 1e6 / 2), "events": 0.5}
     assert set(out) == {"L", "M"}
 
 
 def test_trace_sees_the_instructions_of_a_call():
     compiled, params, x = _compiled_step()
-    events = xla_profile.trace(lambda: jax.block_until_ready(compiled(params, x)), 2)
+    events, ms = xla_profile.trace(lambda: jax.block_until_ready(compiled(params, x)), 2)
+    assert ms > 0
     labels = xla_profile.instruction_labels(compiled.as_text(), _label)
     per = xla_profile.by_label(events, labels, 2)
     assert {"a", "b"} <= set(per)
-    assert all(v["cpu"] >= v["wall"] > 0 for v in per.values())
+    assert all(v["cpu"] >= v["wall"] > 0 and v["events"] >= 1 for v in per.values())

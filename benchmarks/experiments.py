@@ -74,6 +74,10 @@ steps each; every HLO instruction is attributed to the layer that made it
 stage, with the HO-CP minus dense difference per conv: where the HO-CP step wins and loses
 inside the network.
 
+``python -m benchmarks.experiments processes [rounds]``: the ResNet-18 2-D train-step pair of
+``bench`` in six worker processes with the same environment, interleaved: the HO-CP/dense ratio
+of each process, i.e. how much of a single run's ratio is the process it ran in.
+
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
@@ -643,7 +647,8 @@ XLA_FLAG_SETS = {
 def _worker_calls(suite: str) -> dict:
     """The zero-argument calls of ``suite``, compiled in this process: ``"stack"``, the Jester stack
     layers (dense, auto); ``"stack+peers"``, those plus the PyTorch/TensorLy-Torch peers (``bench``
-    extra); ``"steps"``, the three train-step pairs of :func:`benchmarks.bench.model_cases`."""
+    extra); ``"steps"``, the three train-step pairs of :func:`benchmarks.bench.model_cases`;
+    ``"steps2d"``, its ResNet-18 2-D pair."""
     from benchmarks import bench, peers
 
     calls = {}
@@ -657,10 +662,13 @@ def _worker_calls(suite: str) -> dict:
                 calls[f"{case.name} {path}"] = compile_call(fns[path], w)[0]
             if peer_proc:  # every layer's peers stay alive: the rounds interleave all layers
                 calls |= {f"{case.name} {k}": v for k, v in peer_proc.conv_peers(case, keep_others=True).items()}
-    elif suite == "steps":
-        calls = {case.name: bench.prepare_model_case(case)[0] for case in bench.model_cases(False)}
+    elif suite in ("steps", "steps2d"):
+        cases = bench.model_cases(False)
+        if suite == "steps2d":
+            cases = [c for c in cases if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+        calls = {case.name: bench.prepare_model_case(case)[0] for case in cases}
     else:
-        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers' or 'steps'")
+        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'steps' or 'steps2d'")
     return calls
 
 
@@ -771,6 +779,22 @@ def malloc(rounds: int = 5) -> dict:
     return out
 
 
+def processes(rounds: int = 25, n: int = 6) -> dict:
+    """The ResNet-18 2-D train-step pair of ``bench`` in ``n`` worker processes with the same
+    environment, timed in interleaved rounds (:func:`_run_in_workers`): how far the HO-CP/dense
+    ratio moves from one process to the next, beyond what interleaving within a process evens out."""
+    from benchmarks import bench
+
+    envs = {f"process {i}": dict(os.environ) for i in range(n)}
+    med, names = _run_in_workers(envs, "steps2d", rounds, gap_s=0.05)
+    (case,) = [c for c in bench.model_cases(False) if c.name in names and c.reference]
+    ratios = {label: med[(label, case.name)] / med[(label, case.reference)] for label in envs}
+    return {"rounds": rounds, "pair": [case.name, case.reference],
+            "ms": {label: {name: med[(label, name)] for name in names} for label in envs},
+            "ratio": ratios, "ratio_range": [min(ratios.values()), max(ratios.values())],
+            "ratio_median": statistics.median(ratios.values()), "loadavg": os.getloadavg()}
+
+
 def matmul(rounds: int = 20) -> dict:
     n, c_in, rank, c_out, batch = 9 * 42 * 42, 64, 384, 128, 8
     rng = np.random.default_rng(0)
@@ -806,5 +830,6 @@ if __name__ == "__main__":
         experiments = {"stem": stem, "xla_flags": xla_flags, "shift_kernel": shift_kernel, "remat": remat, "layout": layout, "per_sample": per_sample,
                        "step_changes": step_changes, "matmul": matmul, "malloc": malloc, "tiles": tiles,
                        "coresidence": coresidence, "phases": phases, "line_buffer": line_buffer,
-                       "resnet2d_step_layers": resnet2d_step_layers, "step_profile": step_profile}
+                       "resnet2d_step_layers": resnet2d_step_layers, "step_profile": step_profile,
+                       "processes": processes}
         print(json.dumps(experiments[sys.argv[1]](*rounds, *extra), indent=1))

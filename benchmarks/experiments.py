@@ -293,14 +293,14 @@ def _resnet_label(op_name: str) -> str | None:
     (its BatchNorms), ``"layer3_1/add"`` (residual sum and ReLU), ``"head"``; ``"update"`` for
     the step's work outside the model (loss, gradient norm, optimizer); ``None`` otherwise."""
     m = _RESNET_MODULE.search(op_name)
-    if m:
-        part = m.group(2)
-        if m.group(1) in ("stem", "head") or part is None:
-            return m.group(1) if m.group(1) in ("stem", "head") else f"{m.group(1)}/add"
-        return f"{m.group(1)}/" + ("bn" if part.startswith(("bn", "shortcut_bn")) else part)
-    if op_name.startswith("jit(") and "jvp(" not in op_name:
-        return "update"
-    return None
+    if m is None:
+        return "update" if op_name.startswith("jit(") and "jvp(" not in op_name else None
+    block, part = m.groups()
+    if block in ("stem", "head"):
+        return block
+    if part is None:
+        return f"{block}/add"
+    return f"{block}/" + ("bn" if "bn" in part else part)
 
 
 def step_profile(rounds: int = 3, calls: int = 5) -> dict:

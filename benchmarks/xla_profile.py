@@ -93,29 +93,23 @@ def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
         v = labels.get(n)
         return v if v and v not in through else None
 
-    def from_users(start: str) -> str | None:
+    def nearest(start: str, edges: dict[str, list[str]], lend_parameters: bool) -> str | None:
+        """Breadth first along ``edges``: the first model label found; with ``lend_parameters``,
+        a node labelled in ``through`` lends the label of the parameters it reads."""
         seen, frontier = {start}, [start]
         for _ in range(8):
-            frontier = [m for n in frontier for m in users.get(n, []) if m not in seen]
+            frontier = [m for n in frontier for m in edges.get(n, []) if m not in seen]
             seen.update(frontier)
             found = [model_label(m) for m in frontier if model_label(m)]
-            found += [model_label(o) for m in frontier if labels.get(m) in through
-                      for o in operands.get(m, []) if not operands.get(o) and model_label(o)]
+            if lend_parameters:
+                found += [model_label(o) for m in frontier if labels.get(m) in through
+                          for o in operands.get(m, []) if not operands.get(o) and model_label(o)]
             if found:
                 return found[0]
         return None
 
-    def from_operands(start: str) -> str | None:
-        seen, frontier = {start}, [start]
-        for _ in range(8):
-            frontier = [m for n in frontier for m in operands.get(n, []) if m not in seen]
-            seen.update(frontier)
-            found = [model_label(m) for m in frontier if model_label(m)]
-            if found:
-                return found[0]
-        return None
-
-    return {n: v or from_users(n) or from_operands(n) or "unlabelled" for n, v in labels.items()}
+    return {n: v or nearest(n, users, True) or nearest(n, operands, False) or "unlabelled"
+            for n, v in labels.items()}
 
 
 def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: int) -> dict[str, dict[str, float]]:

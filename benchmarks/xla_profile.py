@@ -27,12 +27,18 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _PYTREE_KEY = re.compile(r"\[\\?'([^'\\]*)\\?'\]")
 
 
+def _check_calls(calls: int) -> None:
+    if not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls={calls!r}: expected an int >= 1 (the number of traced calls)")
+
+
 def trace(call: Callable[[], object], calls: int) -> tuple[list[tuple[str, int, int]], float]:
     """``(events, ms)``: ``(name, start_ns, end_ns)`` of every event on the host's threads
     (Python's excepted) in ``calls`` traced runs of ``call()``, which must block until its result
     is ready, and the mean wall ms of one traced run. An instruction that XLA splits across
     threads has an event on each; the runtime's own events (executor, waits) have names that are
     no instruction's, and :func:`by_label` drops them."""
+    _check_calls(calls)
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         try:
@@ -118,6 +124,7 @@ def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: 
     least one of them ran; labels that ran concurrently both count it), and the number of
     ``events`` (each costs the trace some overhead, which the times include). Events that are no
     instruction are dropped."""
+    _check_calls(calls)
     spans: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for name, start, end in events:
         if name in labels:

@@ -112,3 +112,11 @@ def test_trace_sees_the_instructions_of_a_call():
     per = xla_profile.by_label(events, labels, 2)
     assert {"a", "b"} <= set(per)
     assert all(v["cpu"] >= v["wall"] > 0 and v["events"] >= 1 for v in per.values())
+
+
+@pytest.mark.parametrize("calls", [0, -1, 1.5])
+def test_calls_must_be_a_positive_int(calls):
+    with pytest.raises(ValueError, match="calls="):
+        xla_profile.by_label([], {}, calls)
+    with pytest.raises(ValueError, match="calls="):
+        xla_profile.trace(lambda: None, calls)

@@ -123,7 +123,10 @@ def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: 
     (summed over threads) and of ``wall`` (the union of their intervals: time during which at
     least one of them ran; labels that ran concurrently both count it), and the number of
     ``events`` (each costs the trace some overhead, which the times include). Events that are no
-    instruction are dropped."""
+    instruction are dropped. ``cpu`` is a lower bound: an instruction whose work a library
+    spreads over threads that record no event of their own (some of XLA CPU's matrix products:
+    their ``cpu`` time can imply more FLOP/s than the machine has) counts only its issuing
+    thread's interval; that interval lasts until the work is done, so ``wall`` is unaffected."""
     _check_calls(calls)
     spans: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for name, start, end in events:

@@ -2,12 +2,13 @@
 
 :func:`trace` traces calls of a compiled program with :mod:`jax.profiler` and reads the trace
 back with :class:`jax.profiler.ProfileData` (no TensorBoard needed); :func:`by_label` sums the
-time of the HLO instructions per label, as CPU time (over all threads) and as wall time. :func:`instruction_labels` names
-each instruction of the program's HLO text after the model layer that made it, from the
-``op_name`` metadata JAX writes (e.g. ``jit(train_step)/transpose(jvp(ResNet))/layer3_1/conv1/
-dot_general``). XLA emits some instructions without metadata (the dense convs' weight-gradient
-convolutions, layout transposes); these take the label of the nearest instruction that uses
-their result, else of the nearest one they read, that has a label.
+time of the HLO instructions per label, as CPU time (over all threads) and as wall time.
+:func:`instruction_labels` names each instruction of the program's HLO text after the model
+layer that made it, from the ``op_name`` metadata JAX writes (e.g. ``jit(train_step)/
+transpose(jvp(ResNet))/layer3_1/conv1/dot_general``). XLA emits some instructions without
+metadata (the dense convs' weight-gradient convolutions, layout transposes); these take the
+label of the nearest instruction that uses their result, else of the nearest one they read,
+that has a label.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = [^(]*?[\w\-]+\((.*?)\)(?
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _PYTREE_KEY = re.compile(r"\[\\?'([^'\\]*)\\?'\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+)")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
 
 
 def _check_calls(calls: int) -> None:
@@ -74,7 +77,7 @@ def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
     computation = None
     for line in hlo_text.splitlines():
         if line and not line.startswith(" "):
-            head = re.match(r"^(?:ENTRY )?%?([\w.\-]+)", line)
+            head = _COMPUTATION.match(line)
             computation = head.group(1) if head else None
             continue
         m = _INSTRUCTION.match(line)
@@ -84,7 +87,7 @@ def instruction_labels(hlo_text: str, label: Callable[[str], str | None],
         op = _OP_NAME.search(line)
         own[name] = label(_PYTREE_KEY.sub(r"/\1", op.group(1))) if op else None
         operands[name] = _OPERAND.findall(m.group(2))
-        called = re.search(r"calls=%([\w.\-]+)", line)
+        called = _CALLS.search(line)
         if called:
             calls[name] = called.group(1)
         if computation and own[name] and own[name] not in through and computation not in computation_label:

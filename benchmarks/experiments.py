@@ -340,6 +340,8 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
                 for k in acc:
                     acc[k] += ms[k] / rounds
 
+    kinds = ("wall", "cpu", "events")  # the fields of xla_profile.by_label
+
     def total(layers, kind, keep=lambda layer: True):
         return sum(ms[kind] for layer, ms in layers.items() if keep(layer))
 
@@ -351,13 +353,13 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
     for name, layers in per_layer.items():
         stages = sorted({stage(layer) for layer in layers})
         out["models"][name] = {
-            "sum": {k: total(layers, k) for k in ("wall", "cpu", "events")},
-            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in ("wall", "cpu", "events")}
+            "sum": {k: total(layers, k) for k in kinds},
+            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in kinds}
                          for st in stages},
             "by_layer": dict(sorted(layers.items())),
         }
     d, h = out["models"]["dense"], out["models"]["hocp"]
-    zero = {"wall": 0.0, "cpu": 0.0, "events": 0.0}
+    zero = dict.fromkeys(kinds, 0.0)
     for part in ("by_stage", "by_layer"):
         keys = sorted(set(d[part]) | set(h[part]))
         out[f"hocp_minus_dense_{part}"] = {key: {k: h[part].get(key, zero)[k] - d[part].get(key, zero)[k] for k in zero}

@@ -65,7 +65,8 @@ in tiles of 3 and 6 rows, interleaved. Needs a git checkout.
 ``python -m benchmarks.experiments resnet2d_step_layers [rounds]``: the seven 3x3 conv shapes of
 the ResNet-18 2-D train step (8 x 112 x 112) with the dense conv and both CP paths, interleaved
 per layer, with ``auto``'s pick and the cost model's factorized/reconstructed ratio beside the
-measured one.
+measured one; and two variants measured and not kept: the factorized path with one merged 9-tap
+depthwise pass, the reconstructed one with the kernel rebuilt C_in-first.
 
 ``python -m benchmarks.experiments step_profile [rounds]``: the ResNet-18 2-D train steps of
 ``bench`` (dense and HO-CP) traced with the JAX profiler, alternating, ``rounds`` rounds of 5
@@ -103,6 +104,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import re
@@ -250,12 +252,94 @@ def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
     return out
 
 
+def _slice_taps(hp, tap, strides, outs):
+    """The slice of the padded ``hp (B, *S_pad, R)`` that kernel tap ``tap`` (one index per
+    spatial axis) reads for the ``outs`` output positions at ``strides``."""
+    for ax, (t, st, o) in enumerate(zip(tap, strides, outs)):
+        hp = lax.slice_in_dim(hp, t, t + (o - 1) * st + 1, st, ax + 1)
+    return hp
+
+
+def _merged_taps(hp, kernel, strides, outs):
+    """``sum over taps of kernel[tap] * slice``: the depthwise conv of the padded ``hp`` with the
+    merged per-rank kernel ``(*K, R)`` in one fused pass."""
+    taps = itertools.product(*map(range, kernel.shape[:-1]))
+    return functools.reduce(jnp.add, (_slice_taps(hp, t, strides, outs) * kernel[t] for t in taps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _merged_depthwise(h, kernel, strides, pads):
+    """Depthwise conv of ``h (B, *S, R)`` with ``kernel (*K, R)`` (all modes at once)."""
+    return _merged_depthwise_fwd(h, kernel, strides, pads)[0]
+
+
+def _merged_depthwise_fwd(h, kernel, strides, pads):
+    outs = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(h.shape[1:-1], pads, kernel.shape, strides)]
+    return _merged_taps(jnp.pad(h, ((0, 0),) + pads + ((0, 0),)), kernel, strides, outs), (h, kernel)
+
+
+def _merged_depthwise_bwd(strides, pads, res, g):
+    """As :func:`hocp_jax.conv._depthwise_bwd`, over all modes at once: the flipped kernel over
+    the stride-dilated, re-padded cotangent; one reduction per tap for the kernel gradient."""
+    h, kernel = res
+    ks, outs = kernel.shape[:-1], g.shape[1:-1]
+    cfg = [(k - 1 - lo, n + lo - (o - 1) * s - 1, s - 1)
+           for n, k, (lo, _), s, o in zip(h.shape[1:-1], ks, pads, strides, outs)]
+    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0)] + cfg + [(0, 0, 0)])
+    dh = _merged_taps(gp, kernel[(slice(None, None, -1),) * len(ks)], (1,) * len(ks), h.shape[1:-1])
+    hp = jnp.pad(h, ((0, 0),) + pads + ((0, 0),))
+    dk = jnp.stack([jnp.sum(_slice_taps(hp, t, strides, outs) * g, axis=tuple(range(h.ndim - 1)))
+                    for t in itertools.product(*map(range, ks))])
+    return dh, dk.reshape(kernel.shape)
+
+
+_merged_depthwise.defvjp(_merged_depthwise_fwd, _merged_depthwise_bwd)
+
+
+def _cp_conv_merged(x, p, strides, pads):
+    """Factorized 2-D CP conv whose two depthwise passes are one pass of the merged 3x3 per-rank
+    kernel (9 taps; the per-mode passes do 3 + 3 over an intermediate)."""
+    kernel = p["factor_h"][:, None, :] * p["factor_w"][None, :, :]
+    h = _merged_depthwise(conv.channel_matmul(x, p["factor_in"]), kernel, strides, pads)
+    return conv.channel_matmul(h, (p["factor_out"] * p["lambda"]).T)
+
+
+def _cp_conv_rebuild_in_first(x, p, strides, pads):
+    """Reconstructed 2-D CP conv with the kernel rebuilt as ``(C_in K_h, R) x (R, K_w C_out)`` into
+    ``(C_in, K_h, K_w, C_out)``, the layout of XLA's weight gradient here (so that gradient
+    reshapes into the rebuild's backward products without a transpose); the conv reads the kernel
+    in that order (``rhs_spec``)."""
+    c_in, k_h, k_w, c_out = (p[k].shape[0] for k in ("factor_in", "factor_h", "factor_w", "factor_out"))
+    left = (p["factor_in"][:, None] * p["factor_h"][None] * p["lambda"]).reshape(c_in * k_h, -1)
+    right = (p["factor_w"][:, None] * p["factor_out"][None]).reshape(k_w * c_out, -1)
+    kernel = (left @ right.T).reshape(c_in, k_h, k_w, c_out)
+    numbers = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(0, 3, 1, 2))
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=numbers)
+
+
+def _check_variants(case, fns, params) -> None:
+    """Raises unless each variant's value and gradients match its library path's (float32 noise)."""
+    from benchmarks import bench
+
+    x, _, _ = bench.make_inputs(case)
+    cot = bench.cotangent(fns["factorized"], x, params)
+    run = {k: jax.jit(bench.fwd_bwd(fns[k], case.input_grad))(x, params, cot) for k in fns if k != "dense"}
+    for variant in [k for k in run if ", " in k]:
+        ref = run[variant.split(",")[0]]
+        for got, want in zip(jax.tree.leaves(run[variant]), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))),
+                                       err_msg=f"{case.name}: {variant}")
+
+
 def resnet2d_step_layers(rounds: int = 9) -> dict:
     """The 3x3 convs of the ResNet-18 2-D train step of ``bench`` (8 images of 112x112: 28x28 to
     4x4 maps, the strided ones too, rank at the dense parameter budget) with the dense conv and
     both CP paths (fwd+bwd, ``bench`` protocol), interleaved per layer: which path ``auto`` (the
     analytic cost model) picks, the measured factorized/reconstructed ratio beside the model's,
-    and how many convs of each shape the network has."""
+    and how many convs of each shape the network has. Also two variants, each checked against
+    its library path first: the factorized path with one merged 9-tap depthwise pass
+    (:func:`_cp_conv_merged`) and the reconstructed path with the C_in-first rebuild
+    (:func:`_cp_conv_rebuild_in_first`); ``net_ms`` sums each path over the network's convs."""
     from benchmarks import bench
     from hocp_jax import counting
 
@@ -267,9 +351,14 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
         case = bench.ConvCase("resnet2d", f"({ci}->{co})@{s}x{s}" + (f"/s{st}" if st > 1 else ""), 8, (s, s), ci, co,
                               (3, 3), rank, (st, st))
         kernel, params, compile_call = bench.case_compiler(case)
-        fns = bench.conv_fns(case)
-        t = bench.time_interleaved({k: compile_call(fns[k], kernel if k == "dense" else params)[0]
-                                    for k in ("dense", "factorized", "reconstructed")}, rounds, budget_s=1e9)
+        strides, pads = case.geometry()
+        fns = bench.conv_fns(case) | {
+            "factorized, merged taps": lambda x, p: _cp_conv_merged(x, p, strides, pads),
+            "reconstructed, C_in-first rebuild": lambda x, p: _cp_conv_rebuild_in_first(x, p, strides, pads)}
+        fns.pop("auto")
+        _check_variants(case, fns, params)
+        t = bench.time_interleaved({k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()},
+                                   rounds, budget_s=1e9)
         ms = {k: v["median_ms"] for k, v in t.items()}
         costs = counting.cp_path_costs(8, (s, s), ci, co, (3, 3), rank, stride=st, padding=1)
         pick = conv.choose_cp_implementation((8, s, s, ci), params, ("h", "w"), stride=st, padding=1)
@@ -281,6 +370,8 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
             "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
             "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],
         })
+    out["net_ms"] = {k: sum(row["ms"][k] * row["convs_in_net"] for row in out["layers"]) for k in fns}
+    out["net_ms"]["auto's picks"] = sum(row["ms"][row["auto_pick"]] * row["convs_in_net"] for row in out["layers"])
     out["loadavg"] = os.getloadavg()
     return out
 

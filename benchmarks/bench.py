@@ -443,20 +443,21 @@ def _loss_fn(target: str):
     return loss_fn
 
 
-def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, Any]]:
-    """``(call, row)``: a compiled train step of ``case`` and its result row without timings."""
+def model_step(case: ModelCase, model: Any = None) -> tuple[Callable, Any, dict[str, jax.Array]]:
+    """``(train_step, state, batch)``: the SGD-momentum train step of ``case`` (of ``model``, a
+    Flax module to use instead of ``case.model``'s), its step-0 state and a fixed random batch."""
     import optax
 
     from hocp_jax import transduction
-    from hocp_jax.models import count_params, get_model
+    from hocp_jax.models import get_model
     from hocp_jax.training import TrainState, make_train_step
 
-    kwargs = {"head": {"n_outputs": 0, "n_classes": 27}} if case.target == "logits" else {}
-    model = get_model(case.model, tiny=case.tiny, **kwargs)
+    if model is None:
+        kwargs = {"head": {"n_outputs": 0, "n_classes": 27}} if case.target == "logits" else {}
+        model = get_model(case.model, tiny=case.tiny, **kwargs)
     key = jax.random.key(0)
     init_shape = case.transduce_from or case.input_shape
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros(init_shape), train=False))(key)
-    variables = dict(variables)
+    variables = dict(jax.jit(lambda k: model.init(k, jnp.zeros(init_shape), train=False))(key))
     if case.transduce_from is not None:
         variables["params"] = transduction.transduce(variables["params"], {"t": 3}, init="delta", dense="keep")
     rng = np.random.default_rng(0)
@@ -469,8 +470,14 @@ def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, An
         batch = {("video" if len(case.input_shape) == 5 else "image"): x,
                  "va": jnp.asarray(rng.uniform(-1, 1, size=out_shape), jnp.float32)}
     tx = optax.sgd(1e-3, momentum=0.9)
-    state = TrainState.create(variables, tx, key)
-    step = make_train_step(model, _loss_fn(case.target), tx)
+    return make_train_step(model, _loss_fn(case.target), tx), TrainState.create(variables, tx, key), batch
+
+
+def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """``(call, row)``: a compiled train step of ``case`` and its result row without timings."""
+    from hocp_jax.models import count_params
+
+    step, state, batch = model_step(case)
     call, compile_s = compile_jax(step, state, batch)
     return call, {
         "name": case.name,
@@ -479,7 +486,7 @@ def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, An
         "tiny": case.tiny,
         "transduced": case.transduce_from is not None,
         "reference": case.reference,
-        "params": count_params(variables["params"]),
+        "params": count_params(state.params),
         "compile_s": round(compile_s, 3),
         "xla_flops_step": xla_flops(step, state, batch),
     }

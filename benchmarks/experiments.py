@@ -118,13 +118,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
-import optax
 
-from benchmarks.bench import _loss_fn, compile_jax, time_interleaved
+from benchmarks.bench import compile_jax, time_interleaved
 from hocp_jax import conv
 from hocp_jax.models import get_model
 from hocp_jax.models.resnet import ResNet, hocp_factory
-from hocp_jax.training import TrainState, make_train_step
 
 
 class ResNetStemWithInputGrad(ResNet):
@@ -141,15 +139,10 @@ class ResNetStemWithInputGrad(ResNet):
 
 
 def _image_step(model, shape):
-    """``(train_step, state, batch)``: the ``bench`` train step of ``model`` on images of ``shape``."""
-    key = jax.random.key(0)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros(shape), train=False))(key)
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=shape), jnp.float32),
-             "va": jnp.asarray(rng.uniform(-1, 1, size=(shape[0], 2)), jnp.float32)}
-    tx = optax.sgd(1e-3, momentum=0.9)
-    state = TrainState.create(dict(variables), tx, key)
-    return make_train_step(model, _loss_fn("va"), tx), state, batch
+    """``(train_step, state, batch)``: ``bench``'s train step of the module ``model`` on images of ``shape``."""
+    from benchmarks import bench
+
+    return bench.model_step(bench.ModelCase(name="image step", model="(given)", input_shape=tuple(shape)), model)
 
 
 def step_call(model, shape):

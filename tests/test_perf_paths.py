@@ -505,7 +505,7 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
 
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
-    CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers.json``)."""
+    CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``)."""
     import json
     import pathlib
 
@@ -514,7 +514,8 @@ def _recorded_layers():
     rows = [row for rows in results["conv"].values() for row in rows]
     if results["machine"].get("platform") != "cpu" or results.get("quick"):
         rows = []
-    rows += json.loads((root / "experiments_resnet2d_step_layers.json").read_text())["layers"]
+    for name in ("experiments_resnet2d_step_layers.json", "experiments_resnet2d_step_layers_variants.json"):
+        rows += json.loads((root / name).read_text())["layers"]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
 
 

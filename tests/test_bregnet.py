@@ -1,7 +1,6 @@
 """BReG-Net: shortcut functions vs the paper's closed forms, units, model, loss, a short training run."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,4 @@
 """The notebooks in colabs/ run top to bottom (small settings) and match their .py sources."""
-import os
 import pathlib
 
 import jupytext

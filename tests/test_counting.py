@@ -1,7 +1,6 @@
 """Parameter/FLOP counts against the paper's figures and against the actual trees/XLA."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from hocp_jax import conv, counting, init

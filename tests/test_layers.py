@@ -1,5 +1,4 @@
 """Flax layers vs the functional core and independent oracles."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

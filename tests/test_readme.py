@@ -27,3 +27,14 @@ def test_benchmark_table_is_quoted_from_the_results_file():
     assert len(quoted) > 10
     for line in quoted:
         assert line in results, line
+
+
+def test_quoted_experiment_commands_exist():
+    """Every ``python -m benchmarks.experiments <name>`` the README quotes is one the command runs
+    (but those quoted "at commit ...", which ran the code of that commit)."""
+    from benchmarks.experiments.__main__ import EXPERIMENTS
+
+    found = re.findall(r"python\s+-m\s+benchmarks\.experiments\s+(\w+)([^`]*`\s+at\s+commit)?", README)
+    quoted = {name for name, at_commit in found if not at_commit}
+    assert len(quoted) > 10
+    assert quoted <= set(EXPERIMENTS), quoted - set(EXPERIMENTS)

@@ -1,0 +1,106 @@
+"""Side-by-side experiments behind the choices in hocp_jax (README.md, "Ideas measured" in its Benchmarks section).
+
+Run one with ``python -m benchmarks.experiments <name> [rounds]`` (:mod:`.__main__`); the code is in
+:mod:`.layers` (one conv layer at a time), :mod:`.steps` (whole train steps), :mod:`.workers`
+(one process per setting), :mod:`.variants` (the code variants measured and not kept) and
+:mod:`.common` (shared helpers).
+
+``python -m benchmarks.experiments stem``: HO-CP ResNet-18 2-D train step (8 x 112 x 112) with the
+stem told it gets no input gradient (``auto`` -> reconstructed stem, the default now) vs the stem
+treated like an inner layer (``auto`` -> factorized stem, the previous behaviour), and the dense
+ResNet-18, interleaved in one process. Prints medians and ratios as JSON.
+
+``python -m benchmarks.experiments xla_flags [rounds]``: the Jester stack (the four 3x3x3 layers,
+fwd+bwd, ``bench`` protocol) with the dense conv and the HO-CP ``auto`` path, under several
+``XLA_FLAGS`` settings of the CPU backend. Flags are per process, so every setting runs in its
+own worker process; the parent times the workers' calls in interleaved, rotated rounds (one call
+runs at a time), so load from elsewhere hits all settings alike. Prints medians and ratios to the
+default-flags dense stack as JSON.
+
+``python -m benchmarks.experiments malloc [rounds]``: the same worker scheme under the glibc
+allocator settings of :data:`benchmarks.experiments.workers.MALLOC_SETTINGS` (XLA's CPU
+runtime and PyTorch both allocate with glibc's malloc): the Jester stack (JAX dense, ``auto`` and, with the ``bench`` extra, the
+PyTorch/TensorLy-Torch peers), then the three train-step pairs. Shows how much of each ratio is
+the allocator's doing rather than the conv's.
+
+``python -m benchmarks.experiments shift_kernel [rounds] [revision]``: the depthwise shift kernel
+of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel; 48d5593: the
+"tap-input" kernel; both measured and not kept) against the current one: the Jester stack layers
+(factorized, fwd+bwd, ``bench`` protocol) and the ResNet-18 2-D, Jester and transduced ResNet-18
+train steps with their dense references, interleaved in one process. Needs a git checkout.
+
+``python -m benchmarks.experiments remat [rounds]``: the Jester stack layers (factorized,
+fwd+bwd, ``bench`` protocol) with and without ``jax.checkpoint`` around each conv (the backward
+pass recomputes the (B, *S, R) intermediates instead of keeping them), interleaved.
+``python -m benchmarks.experiments layout [rounds]``: the Jester stack layers (factorized,
+fwd+bwd, ``bench`` protocol, JAX dense conv as reference) with the (B, *S, R) intermediates
+channels-last over the whole batch, channels-first (B, R, *S: the taps then shift along
+contiguous spatial axes and the contractions become batched matmuls over positions), and
+channels-last run on chunks of 2 samples or one sample at a time under a differentiated
+``lax.map``, and one sample at a time as the ``per_sample`` option of ``cp_conv`` does it (its
+backward loop recomputes each sample's forward instead of storing it): a sample's intermediates
+are 1/B of the working set, closer to the 32 MiB L3 cache; plus, on the smallest layer, the
+dense conv under ``lax.map``, which shows why the reconstructed path is never chunked.
+Interleaved.
+
+``python -m benchmarks.experiments coresidence [rounds]``: why the benchmark runs the peers in a
+process of their own. Jester conv2 (fwd+bwd, ``bench`` protocol), JAX's ``auto`` timed right after
+a call of JAX itself, of PyTorch's dense conv in a :class:`benchmarks.peers.PeerProcess`, and of
+PyTorch's dense conv in this process: the three pairs in a new random order each round.
+
+``python -m benchmarks.experiments phases [rounds]``: Jester conv2 (fwd+bwd, ``bench`` protocol),
+JAX's ``auto`` (factorized, per sample, in tiles) and dense conv alternating, each call's time and
+what the process did during it: the hypervisor's steal time (``/proc/stat``), user and system CPU
+time, minor page faults and context switches (``getrusage``): whether slow calls come in phases,
+whether they hit both programs, and what grows in a slow call.
+
+``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
+``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
+rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 2, 3, 6 and 14 output rows wherever a
+layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved; also the transduced
+ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole samples" is then the
+whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
+through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
+
+``python -m benchmarks.experiments line_buffer [rounds] [revision]``: Jester conv1 and conv2
+(factorized, fwd+bwd, ``bench`` protocol, tiled) with the current tiles and with the line-buffer
+tiles of git ``revision`` (default 54703b2: measured and not kept), in the automatic tiles and
+in tiles of 3 and 6 rows, interleaved. Needs a git checkout.
+
+``python -m benchmarks.experiments resnet2d_step_layers [rounds]``: the seven 3x3 conv shapes of
+the ResNet-18 2-D train step (8 x 112 x 112) with the dense conv and both CP paths, interleaved
+per layer, with ``auto``'s pick and the cost model's factorized/reconstructed ratio beside the
+measured one; and two variants measured and not kept: the factorized path with one merged 9-tap
+depthwise pass, the reconstructed one with the kernel rebuilt C_in-first.
+
+``python -m benchmarks.experiments step_profile [rounds]``: the ResNet-18 2-D train steps of
+``bench`` (dense and HO-CP) traced with the JAX profiler, alternating, ``rounds`` rounds of 5
+steps each; every HLO instruction is attributed to the layer that made it
+(:mod:`benchmarks.xla_profile`), and the wall and CPU ms per step are summed per layer and per
+stage, with the HO-CP minus dense difference per conv: where the HO-CP step wins and loses
+inside the network.
+
+``python -m benchmarks.experiments processes [rounds]``: the ResNet-18 2-D train-step pair of
+``bench`` in six worker processes with the same environment, interleaved: the HO-CP/dense ratio
+of each process, i.e. how much of a single run's ratio is the process it ran in.
+
+``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
+static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
+every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
+dense reference.
+
+``python -m benchmarks.experiments matmul [rounds]``: the six matrix products of the two 1x1
+contractions of the factorized Jester conv2 (64->128 @ 9x42x42, R = 384) in a train step
+(forward: X U^(C), H W_out; backward: the input and weight gradient of each), on one sample's
+positions as the per-sample loop runs them, each jitted alone and timed interleaved; prints
+ms and GFLOP/s per product and their total over the batch of 8: a floor for the layer's time
+that no change to the depthwise passes can go below.
+
+``python -m benchmarks.experiments step_changes [rounds]``: the three whole-model train-step pairs
+(HO-CP ResNet-18 2-D and transduced, Jester HO-CP net, each with its dense reference) with the
+changes of the last round undone, then re-applied one at a time: the 1x1 contractions as 2-D
+matmuls (:func:`hocp_jax.conv.channel_matmul`, was a multi-axis einsum), the max-pool of
+:mod:`hocp_jax.pooling` (was ``lax.reduce_window``, in the dense references too) and the
+per-sample loop for layers with a sample-wise psi (was whole batch). Patched at trace time,
+interleaved; ratios use the dense step with the same pool.
+"""

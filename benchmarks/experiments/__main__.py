@@ -1,0 +1,39 @@
+"""``python -m benchmarks.experiments <name> [rounds] [revision]``: runs one experiment and prints
+its result as JSON (the package docstring describes each); ``_worker <suite>`` is the worker
+process of :mod:`benchmarks.experiments.workers`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks import experiments
+from benchmarks.experiments import layers, steps, workers
+
+EXPERIMENTS = {
+    "stem": steps.stem, "step_profile": steps.step_profile, "per_sample": steps.per_sample,
+    "step_changes": steps.step_changes,
+    "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
+    "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
+    "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers,
+    "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
+}
+WITH_REVISION = ("shift_kernel", "line_buffer")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["_worker"] and len(argv) == 2:
+        workers.worker(argv[1])
+        return
+    name = argv[0] if argv else None
+    most = 3 if name in WITH_REVISION else 2
+    if name not in EXPERIMENTS or len(argv) > most or (len(argv) > 1 and not argv[1].isdigit()):
+        usage = (f"usage: python -m benchmarks.experiments <name> [rounds]{' [revision]' if name in WITH_REVISION else ''}; "
+                 f"got {' '.join(argv) or 'no arguments'}; names: {', '.join(sorted(EXPERIMENTS))}")
+        sys.exit(usage if argv else f"{experiments.__doc__}\n{usage}")
+    rounds = [int(argv[1])] if len(argv) > 1 else []
+    print(json.dumps(EXPERIMENTS[name](*rounds, *argv[2:]), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Helpers shared by the experiments: the train step of a given model, a layer's compiled calls, sums and timings."""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.bench import compile_jax
+
+
+def image_step(model, shape):
+    """``(train_step, state, batch)``: ``bench``'s train step of the module ``model`` on images of ``shape``."""
+    from benchmarks import bench
+
+    return bench.model_step(bench.ModelCase(name="image step", model="(given)", input_shape=tuple(shape)), model)
+
+
+def step_call(model, shape):
+    return compile_jax(*image_step(model, shape))[0]
+
+
+def stack_sums(layer_ms: dict, labels) -> dict:
+    """Per label, the sum over the layers of ``layer_ms`` (keys ``"<layer> <label>"``; a key counts
+    for the longest label it ends with, so ``"conv1 torch dense"`` is not a ``"dense"`` one)."""
+    def label(name):
+        return max((k for k in labels if name.endswith(" " + k)), key=len, default=None)
+
+    return {k: sum(v for n, v in layer_ms.items() if label(n) == k) for k in labels}
+
+
+def conv2_calls(paths) -> tuple:
+    """Jester conv2 (the ``bench`` case) and its compiled fwd+bwd calls ``{path: call}`` for ``paths``
+    of :func:`benchmarks.bench.conv_fns`."""
+    from benchmarks import bench
+
+    case = bench.jester_cases(False)[1]
+    kernel, params, compile_call = bench.case_compiler(case)
+    fns = bench.conv_fns(case)
+    return case, {p: compile_call(fns[p], kernel if p == "dense" else params)[0] for p in paths}
+
+
+def timed_ms(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return 1e3 * (time.perf_counter() - t0)

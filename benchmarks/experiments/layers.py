@@ -1,0 +1,293 @@
+"""Experiments on single layers: the Jester 3x3x3 stack and the ResNet-18 2-D conv shapes, one call
+per layer and path, timed interleaved (see the package docstring for each command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench import compile_jax, time_interleaved
+from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
+from benchmarks.experiments.variants import chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first
+from hocp_jax import conv
+
+
+def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
+    from benchmarks import bench
+
+    kernels = {"current": conv._depthwise, revision: conv_at(revision)._depthwise}
+
+    def compiled(kernel, build):
+        conv._depthwise = kernels[kernel]  # read by depthwise_conv_1d at trace time
+        try:
+            return build()
+        finally:
+            conv._depthwise = kernels["current"]
+
+    out: dict = {"revision": revision, "rounds": rounds}
+    layers = {}
+    for case in bench.jester_cases(False):
+        _, params, compile_call = bench.case_compiler(case)
+        fn = bench.conv_fns(case)["factorized"]
+        for k in kernels:
+            layers[f"{case.name} {k}"] = compiled(k, lambda: compile_call(fn, params)[0])
+    t = bench.time_interleaved(layers, rounds, budget_s=1e9)
+    out["jester_layers_ms"] = {n: v["median_ms"] for n, v in t.items()}
+    out["jester_stack_ms"] = stack_sums(out["jester_layers_ms"], kernels)
+    cases = {c.name: c for c in bench.model_cases(False)}
+    for dense, hocp, n in (("resnet18 dense 2-D", "resnet18_hocp static", 5 * rounds), ("jester dense", "jester_hocp", rounds),
+                           ("resnet18_3d dense", "resnet18_hocp transduced", 3 * rounds)):
+        calls = {dense: bench.prepare_model_case(cases[dense])[0]}
+        for k in kernels:
+            calls[f"{hocp} {k}"] = compiled(k, lambda: bench.prepare_model_case(cases[hocp])[0])
+        t = bench.time_interleaved(calls, n, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out[f"{hocp} step"] = {"rounds": n, "ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
+    """The tiled Jester layers (conv1, conv2: factorized, fwd+bwd, ``bench`` protocol) with the
+    current tiles and with the line-buffer tiles of ``revision`` (each input row's 1x1 contraction
+    computed once, the halo rows and their gradient carried from tile to tile), in the automatic
+    tiles and in tiles of 3 and 6 rows (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    versions = {"current": conv, revision: conv_at(revision)}
+    out: dict = {"revision": revision, "rounds": rounds, "layers_ms": {}}
+    for case in bench.jester_cases(False)[:2]:
+        _, params, compile_call = bench.case_compiler(case)
+        calls = {}
+        for label, mod in versions.items():
+            def fn(x, p, mod=mod):
+                return mod.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
+                                   implementation="factorized", input_grad=case.input_grad)
+            for rows in (None, 3, 6):
+                with autotune.tile_rows_mode(rows):
+                    calls[f"{label}, rows {rows or 'auto'}"] = compile_call(fn, params)[0]
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        out["layers_ms"][case.name] = {name: v["median_ms"] for name, v in t.items()}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def _check_variants(case, fns, params) -> None:
+    """Raises unless each variant's value and gradients match its library path's (float32 noise)."""
+    from benchmarks import bench
+
+    x, _, _ = bench.make_inputs(case)
+    cot = bench.cotangent(fns["factorized"], x, params)
+    run = {k: jax.jit(bench.fwd_bwd(fns[k], case.input_grad))(x, params, cot) for k in fns if k != "dense"}
+    for variant in [k for k in run if ", " in k]:
+        ref = run[variant.split(",")[0]]
+        for got, want in zip(jax.tree.leaves(run[variant]), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))),
+                                       err_msg=f"{case.name}: {variant}")
+
+
+def resnet2d_step_layers(rounds: int = 9) -> dict:
+    """The 3x3 convs of the ResNet-18 2-D train step of ``bench`` (8 images of 112x112: 28x28 to
+    4x4 maps, the strided ones too, rank at the dense parameter budget) with the dense conv and
+    both CP paths (fwd+bwd, ``bench`` protocol), interleaved per layer: which path ``auto`` (the
+    analytic cost model) picks, the measured factorized/reconstructed ratio beside the model's,
+    and how many convs of each shape the network has. Also two variants, each checked against
+    its library path first: the factorized path with one merged 9-tap depthwise pass
+    (:func:`~benchmarks.experiments.variants.cp_conv_merged`) and the reconstructed path with the
+    C_in-first rebuild (:func:`~benchmarks.experiments.variants.cp_conv_rebuild_in_first`);
+    ``net_ms`` sums each path over the network's convs."""
+    from benchmarks import bench
+    from hocp_jax import counting
+
+    layers = [(64, 64, 28, 1, 4), (64, 128, 28, 2, 1), (128, 128, 14, 1, 3), (128, 256, 14, 2, 1),
+              (256, 256, 7, 1, 3), (256, 512, 7, 2, 1), (512, 512, 4, 1, 3)]
+    out: dict = {"rounds": rounds, "layers": []}
+    for ci, co, s, st, count in layers:
+        rank = counting.cp_rank_for_budget(ci, co, (3, 3))
+        case = bench.ConvCase("resnet2d", f"({ci}->{co})@{s}x{s}" + (f"/s{st}" if st > 1 else ""), 8, (s, s), ci, co,
+                              (3, 3), rank, (st, st))
+        kernel, params, compile_call = bench.case_compiler(case)
+        strides, pads = case.geometry()
+        fns = bench.conv_fns(case) | {
+            "factorized, merged taps": lambda x, p: cp_conv_merged(x, p, strides, pads),
+            "reconstructed, C_in-first rebuild": lambda x, p: cp_conv_rebuild_in_first(x, p, strides, pads)}
+        fns.pop("auto")
+        _check_variants(case, fns, params)
+        t = bench.time_interleaved({k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()},
+                                   rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        costs = counting.cp_path_costs(8, (s, s), ci, co, (3, 3), rank, stride=st, padding=1)
+        pick = conv.choose_cp_implementation((8, s, s, ci), params, ("h", "w"), stride=st, padding=1)
+        best = min(("factorized", "reconstructed"), key=ms.get)
+        out["layers"].append({
+            "layer": case.name, "shape": bench.case_shape(case), "input_grad": case.input_grad, "convs_in_net": count,
+            "ms": ms, "auto_pick": pick,
+            "auto_over_best": ms[pick] / ms[best],
+            "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
+            "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],
+        })
+    out["net_ms"] = {k: sum(row["ms"][k] * row["convs_in_net"] for row in out["layers"]) for k in fns}
+    out["net_ms"]["auto's picks"] = sum(row["ms"][row["auto_pick"]] * row["convs_in_net"] for row in out["layers"])
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def remat(rounds: int = 3) -> dict:
+    from benchmarks import bench
+
+    calls = {}
+    for case in bench.jester_cases(False):
+        _, params, compile_call = bench.case_compiler(case)
+        fn = bench.conv_fns(case)["factorized"]
+        for label, f in (("plain", fn), ("remat", jax.checkpoint(fn))):
+            calls[f"{case.name} {label}"] = compile_call(f, params)[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = stack_sums(ms, ("plain", "remat"))
+    return {"layers_ms": ms, "stack_ms": stack, "remat/plain": stack["remat"] / stack["plain"], "loadavg": os.getloadavg()}
+
+
+def coresidence(rounds: int = 10) -> dict:
+    from benchmarks import peers
+
+    case, calls = conv2_calls(("auto",))
+    jax_call = calls["auto"]
+
+    labels = ("JAX after JAX", "JAX after torch in its own process", "JAX after torch in this process")
+    times: dict = {k: [] for k in labels} | {"torch in its own process": [], "torch in this process": []}
+    order = np.random.default_rng(0)
+    with peers.PeerProcess() as proc:
+        calls = {"torch in its own process": proc.conv_peers(case)["torch dense"]}
+        peers.set_threads()
+        calls["torch in this process"] = peers.conv_peers(case)["torch dense"]
+        calls["JAX"] = jax_call
+        for call in calls.values():
+            call()  # warm-up
+        for _ in range(rounds):  # the three pairs in a new random order each round
+            for i in order.permutation(3):
+                first = ("JAX", "torch in its own process", "torch in this process")[i]
+                t_first = timed_ms(calls[first])
+                if first != "JAX":
+                    times[first].append(t_first)
+                times[labels[i]].append(timed_ms(jax_call))
+    return {"layer": case.name, "rounds": rounds, "times_ms": times,
+            "medians_ms": {k: statistics.median(v) for k, v in times.items()}, "loadavg": os.getloadavg()}
+
+
+def phases(rounds: int = 16) -> dict:
+    def counters() -> dict:  # steal time of all CPUs (clock ticks, /proc/stat) and this process's rusage
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8])
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return {"steal_ticks": steal, "user_ms": 1e3 * r.ru_utime, "sys_ms": 1e3 * r.ru_stime,
+                "minor_faults": r.ru_minflt, "voluntary_switches": r.ru_nvcsw, "involuntary_switches": r.ru_nivcsw}
+
+    case, calls = conv2_calls(("auto", "dense"))
+    out: dict = {p: {"ms": []} for p in calls}
+    for call in calls.values():
+        call()
+    for _ in range(rounds):
+        for p, call in calls.items():
+            c0 = counters()
+            out[p]["ms"].append(timed_ms(call))
+            for k, v in counters().items():
+                out[p].setdefault(k, []).append(round(v - c0[k], 1))
+    return {"layer": case.name, "rounds": rounds, "calls": out, "loadavg": os.getloadavg()}
+
+
+def tiles(rounds: int = 5) -> dict:
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    settings = {"whole samples": 0, "auto": None, "rows 2": 2, "rows 3": 3, "rows 6": 6, "rows 14": 14}
+    calls = {}
+    transduced = [dataclasses.replace(c, batch=1) for c in bench.resnet_cases(False) if c.group == "resnet3d"]
+    for case in bench.jester_cases(False) + transduced:
+        _, params, compile_call = bench.case_compiler(case)
+        fn = bench.conv_fns(case)["factorized"]
+        for label, rows in settings.items():
+            with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
+                name = f"{case.name} {label}" if case.group == "jester" else f"transduced B=1 {case.name} {label}"
+                calls[name] = compile_call(fn, params)[0]
+    models = {c.name: c for c in bench.model_cases(False)}
+    steps = {"jester dense": ("jester dense", None), "jester_hocp whole samples": ("jester_hocp", 0),
+             "jester_hocp auto": ("jester_hocp", None)}
+    for label, (model, rows) in steps.items():
+        with autotune.tile_rows_mode(rows):
+            calls[f"step {label}"] = bench.prepare_model_case(models[model])[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = stack_sums({n: v for n, v in ms.items() if n.startswith("conv")}, tuple(settings))
+    step_ms = {k: ms.pop(f"step {k}") for k in steps}
+    return {"layers_ms": ms, "stack_ms": stack, "stack_ratio_to_whole_samples": {k: v / stack["whole samples"] for k, v in stack.items()},
+            "train_step_ms": step_ms, "train_step_ratio_to_dense": {k: v / step_ms["jester dense"] for k, v in step_ms.items()},
+            "loadavg": os.getloadavg()}
+
+
+def layout(rounds: int = 3) -> dict:
+    from benchmarks import bench
+
+    def cp(case, **kw):
+        return lambda x, p: conv.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
+                                         implementation="factorized", **kw)
+
+    labels = ("dense", "whole batch", "channels-first", "chunks of 2", "per sample, lax.map differentiated",
+              "per sample")
+    calls = {}
+    for case in bench.jester_cases(False):
+        kernel, params, compile_call = bench.case_compiler(case)
+        variants = {
+            "whole batch": cp(case, per_sample=False),
+            "channels-first": lambda x, p, modes=case.modes: cp_channels_first(x, p, modes),
+            "chunks of 2": chunked(cp(case, per_sample=False), 2),
+            "per sample, lax.map differentiated": chunked(cp(case, per_sample=False), 1),
+            "per sample": cp(case, per_sample=True),
+        }
+        dense = bench.conv_fns(case)["dense"]
+        calls[f"{case.name} dense"] = compile_call(dense, kernel)[0]
+        if case.c_in == 256:  # the smallest layer: XLA CPU's dense conv inside a loop body
+            for label, f in (("dense, per sample (lax.map)", chunked(dense, 1)),
+                             ("dense, whole batch in one lax.map step", chunked(dense, case.batch))):
+                calls[f"{case.name} {label}"] = compile_call(f, kernel)[0]
+        for label, f in variants.items():
+            calls[f"{case.name} {label}"] = compile_call(f, params)[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    stack = stack_sums(ms, labels)
+    return {"rounds": rounds, "layers_ms": ms, "stack_ms": stack,
+            "ratio_to_whole_batch": {k: v / stack["whole batch"] for k, v in stack.items()},
+            "ratio_to_dense": {k: v / stack["dense"] for k, v in stack.items()},
+            "loadavg": os.getloadavg()}
+
+
+def matmul(rounds: int = 20) -> dict:
+    n, c_in, rank, c_out, batch = 9 * 42 * 42, 64, 384, 128, 8
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    x, h, dy, dh = arr(n, c_in), arr(n, rank), arr(n, c_out), arr(n, rank)
+    u_in, w_out = arr(c_in, rank), arr(rank, c_out)
+    products = {  # name: (function, operands, multiply-adds)
+        "forward X @ U_in": (lambda a, b: a @ b, (x, u_in), n * c_in * rank),
+        "forward H @ W_out": (lambda a, b: a @ b, (h, w_out), n * rank * c_out),
+        "backward dY @ W_out^T": (lambda a, b: a @ b.T, (dy, w_out), n * c_out * rank),
+        "backward H^T dY (weight)": (lambda a, b: a.T @ b, (h, dy), n * rank * c_out),
+        "backward dH @ U_in^T": (lambda a, b: a @ b.T, (dh, u_in), n * rank * c_in),
+        "backward X^T dH (weight)": (lambda a, b: a.T @ b, (x, dh), n * c_in * rank),
+    }
+    calls = {k: compile_jax(f, *ops)[0] for k, (f, ops, _) in products.items()}
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    gflops = {k: 2 * products[k][2] / (ms[k] * 1e6) for k in ms}
+    return {"rounds": rounds, "positions_per_sample": n, "ms_per_sample": ms, "GFLOP/s": gflops,
+            "batch": batch, "total_GFLOP": 2 * batch * sum(p[2] for p in products.values()) / 1e9,
+            "total_ms_for_the_batch": batch * sum(ms.values()), "loadavg": os.getloadavg()}

@@ -1,0 +1,171 @@
+"""Experiments on whole-model train steps: the HO-CP ResNet-18 stem, the profiled 2-D step, the
+per-sample loop and the undone changes of one round (see the package docstring for each command)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+
+import jax
+
+from benchmarks.bench import time_interleaved
+from benchmarks.experiments.common import image_step, step_call
+from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
+from hocp_jax import conv
+from hocp_jax.models import get_model
+
+
+def stem(rounds: int = 7) -> dict:
+    shape = (8, 112, 112, 3)
+    calls = {"dense": step_call(get_model("resnet18"), shape),
+             "hocp (stem: no input grad)": step_call(get_model("resnet18_hocp"), shape),
+             "hocp (stem: input grad)": step_call(ResNetStemWithInputGrad(conv="hocp"), shape)}
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    return {"ms": ms, "ratio_to_dense": {k: v / ms["dense"] for k, v in ms.items()}, "loadavg": os.getloadavg()}
+
+
+_RESNET_MODULE = re.compile(r"/(stem|layer\d+_\d+|head)(?:_bn)?(?:/(conv\d|shortcut|bn\d|shortcut_bn)\b)?")
+
+
+def _resnet_label(op_name: str) -> str | None:
+    """The ResNet layer of an ``op_name``: ``"stem"``, ``"layer3_1/conv1"``, ``"layer3_1/bn"``
+    (its BatchNorms), ``"layer3_1/add"`` (residual sum and ReLU), ``"head"``; ``"update"`` for
+    the step's work outside the model (loss, gradient norm, optimizer); ``None`` otherwise."""
+    m = _RESNET_MODULE.search(op_name)
+    if m is None:
+        return "update" if op_name.startswith("jit(") and "jvp(" not in op_name else None
+    block, part = m.groups()
+    if block in ("stem", "head"):
+        return block
+    if part is None:
+        return f"{block}/add"
+    return f"{block}/" + ("bn" if "bn" in part else part)
+
+
+def step_profile(rounds: int = 3, calls: int = 5) -> dict:
+    """The ResNet-18 2-D train steps of ``bench`` (dense and HO-CP), traced with the JAX profiler
+    in alternating rounds of ``calls`` steps each: ms per step of every layer, as wall time and
+    CPU time (:func:`benchmarks.xla_profile.by_label`), summed per stage, and the HO-CP minus
+    dense difference per stage and per conv. Shows where the HO-CP step wins and loses inside the
+    network, which timing the convs one by one (``resnet2d_step_layers``) cannot: there each
+    conv's operands stay in cache between calls and its buffers are reused. Each round also
+    times ``calls`` untraced steps beside the traced ones (``step_ms``): the trace records an
+    event per instruction run (``events``; the HO-CP step runs about twice the dense step's),
+    and this shows what recording them costs. Labels whose instructions run concurrently (XLA
+    runs independent ones on both threads) both count the overlap, so the sum of the layers'
+    wall times exceeds the step's."""
+    from benchmarks import xla_profile
+
+    shape = (8, 112, 112, 3)
+    programs = {}
+    for name, model in (("dense", "resnet18"), ("hocp", "resnet18_hocp")):
+        step, state, batch = image_step(get_model(model), shape)
+        compiled = jax.jit(step).lower(state, batch).compile()
+        call = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, (state, batch))
+        call()
+        programs[name] = (call, xla_profile.instruction_labels(compiled.as_text(), _resnet_label))
+    per_layer: dict = {name: {} for name in programs}
+    step_ms: dict = {"untraced": {name: [] for name in programs}, "traced": {name: [] for name in programs}}
+    for _ in range(rounds):
+        for name, (call, labels) in programs.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            step_ms["untraced"][name].append((time.perf_counter() - t0) * 1e3 / calls)
+            events, traced_ms = xla_profile.trace(call, calls)
+            step_ms["traced"][name].append(traced_ms)
+            for layer, ms in xla_profile.by_label(events, labels, calls).items():
+                acc = per_layer[name].setdefault(layer, dict.fromkeys(ms, 0.0))
+                for k in acc:
+                    acc[k] += ms[k] / rounds
+
+    kinds = ("wall", "cpu", "events")  # the fields of xla_profile.by_label
+
+    def total(layers, kind, keep=lambda layer: True):
+        return sum(ms[kind] for layer, ms in layers.items() if keep(layer))
+
+    def stage(layer):
+        return layer.split("_")[0] if layer.startswith("layer") else layer
+
+    out: dict = {"rounds": rounds, "calls_per_round": calls, "input_shape": list(shape),
+                 "step_ms": step_ms, "models": {}}
+    for name, layers in per_layer.items():
+        stages = sorted({stage(layer) for layer in layers})
+        out["models"][name] = {
+            "sum": {k: total(layers, k) for k in kinds},
+            "by_stage": {st: {k: total(layers, k, lambda layer: stage(layer) == st) for k in kinds}
+                         for st in stages},
+            "by_layer": dict(sorted(layers.items())),
+        }
+    d, h = out["models"]["dense"], out["models"]["hocp"]
+    zero = dict.fromkeys(kinds, 0.0)
+    for part in ("by_stage", "by_layer"):
+        keys = sorted(set(d[part]) | set(h[part]))
+        out[f"hocp_minus_dense_{part}"] = {key: {k: h[part].get(key, zero)[k] - d[part].get(key, zero)[k] for k in zero}
+                                          for key in keys if part == "by_stage" or "/conv" in key}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def per_sample(rounds: int = 15) -> dict:
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds}
+    for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced")):
+        calls = {dense: bench.prepare_model_case(cases[dense])[0]}
+        for label, value in (("whole batch", False), ("automatic", None), ("per sample", True)):
+            with autotune.per_sample_mode(value):
+                calls[f"{hocp}, {label}"] = bench.prepare_model_case(cases[hocp])[0]
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+STEP_CHANGES = ("2-D matmul contractions", "max_pool", "per-sample psi")
+
+
+def step_changes(rounds: int = 5) -> dict:
+    """Each model pair's train steps with this session's three changes undone and re-applied one
+    at a time (cumulative, in ``STEP_CHANGES`` order), patched at trace time; the dense reference
+    with both pools. All calls of a pair interleaved."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import layer_specs
+    from hocp_jax.models import common
+
+    undo = {"2-D matmul contractions": (conv, "channel_matmul", einsum_contraction),
+            "max_pool": (common, "max_pool", reduce_window_pool),
+            "per-sample psi": (layer_specs, "psi_pointwise", lambda *a: False)}
+
+    def prepared(case, applied):
+        with ExitStack() as stack:
+            for change in STEP_CHANGES:
+                if change not in applied:
+                    stack.enter_context(mock.patch.object(*undo[change]))
+            return bench.prepare_model_case(case)[0]
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds, "changes": STEP_CHANGES}
+    for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced"),
+                        ("jester dense", "jester_hocp")):
+        dense_names = {False: f"{dense}, before", True: f"{dense}, + max_pool"}  # keyed by "new pool?"
+        calls = {name: prepared(cases[dense], ("max_pool",) if new_pool else ()) for new_pool, name in dense_names.items()}
+        hocp_pool = {}  # HO-CP call name -> whether it uses the new pool
+        for i in range(len(STEP_CHANGES) + 1):
+            name = f"{hocp}, " + ("before" if i == 0 else "+ " + STEP_CHANGES[i - 1])
+            calls[name], hocp_pool[name] = prepared(cases[hocp], STEP_CHANGES[:i]), "max_pool" in STEP_CHANGES[:i]
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out[hocp] = {"ms": ms, "ratio_to_dense_same_pool": {
+            name: ms[name] / ms[dense_names[new_pool]] for name, new_pool in hocp_pool.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out

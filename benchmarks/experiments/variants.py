@@ -1,0 +1,175 @@
+"""Code variants that were measured against the library and not kept, kept here so that the
+experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
+the merged 2-D depthwise pass and the C_in-first kernel rebuild (stop 28), channels-first
+intermediates, batch chunks, and the 1x1 contraction and max-pool as they were before their
+current versions. Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hocp_jax import conv
+from hocp_jax.models.resnet import ResNet, hocp_factory
+
+
+class ResNetStemWithInputGrad(ResNet):
+    """The HO-CP ResNet with its stem treated like an inner layer (``input_grad=True``, the
+    previous behaviour): :func:`hocp_factory` sets ``input_grad=False`` for a conv named
+    ``"stem"`` only, so the stem is built under another name (parameter names do not matter here)."""
+
+    def factory(self):
+        def make(*args, name, **kwargs):
+            return hocp_factory(*args, name="stem_with_input_grad" if name == "stem" else name, psi=self.psi,
+                                shortcut=self.shortcut, implementation=self.implementation, **kwargs)
+
+        return make
+
+
+def conv_at(revision: str):
+    """``hocp_jax/conv.py`` as it was at git ``revision``, loaded as a module of its own (it imports
+    the current rest of ``hocp_jax``). Needs a git checkout."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{revision}:hocp_jax/conv.py"], capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+        f.write(source.stdout)
+        f.flush()
+        spec = importlib.util.spec_from_file_location("conv_at_revision", f.name)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+    return other
+
+
+def _slice_taps(hp, tap, strides, outs):
+    """The slice of the padded ``hp (B, *S_pad, R)`` that kernel tap ``tap`` (one index per
+    spatial axis) reads for the ``outs`` output positions at ``strides``."""
+    for ax, (t, st, o) in enumerate(zip(tap, strides, outs)):
+        hp = lax.slice_in_dim(hp, t, t + (o - 1) * st + 1, st, ax + 1)
+    return hp
+
+
+def _merged_taps(hp, kernel, strides, outs):
+    """``sum over taps of kernel[tap] * slice``: the depthwise conv of the padded ``hp`` with the
+    merged per-rank kernel ``(*K, R)`` in one fused pass."""
+    taps = itertools.product(*map(range, kernel.shape[:-1]))
+    return functools.reduce(jnp.add, (_slice_taps(hp, t, strides, outs) * kernel[t] for t in taps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _merged_depthwise(h, kernel, strides, pads):
+    """Depthwise conv of ``h (B, *S, R)`` with ``kernel (*K, R)`` (all modes at once)."""
+    return _merged_depthwise_fwd(h, kernel, strides, pads)[0]
+
+
+def _merged_depthwise_fwd(h, kernel, strides, pads):
+    outs = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(h.shape[1:-1], pads, kernel.shape, strides)]
+    return _merged_taps(jnp.pad(h, ((0, 0),) + pads + ((0, 0),)), kernel, strides, outs), (h, kernel)
+
+
+def _merged_depthwise_bwd(strides, pads, res, g):
+    """As :func:`hocp_jax.conv._depthwise_bwd`, over all modes at once: the flipped kernel over
+    the stride-dilated, re-padded cotangent; one reduction per tap for the kernel gradient."""
+    h, kernel = res
+    ks, outs = kernel.shape[:-1], g.shape[1:-1]
+    cfg = [(k - 1 - lo, n + lo - (o - 1) * s - 1, s - 1)
+           for n, k, (lo, _), s, o in zip(h.shape[1:-1], ks, pads, strides, outs)]
+    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0)] + cfg + [(0, 0, 0)])
+    dh = _merged_taps(gp, kernel[(slice(None, None, -1),) * len(ks)], (1,) * len(ks), h.shape[1:-1])
+    hp = jnp.pad(h, ((0, 0),) + pads + ((0, 0),))
+    dk = jnp.stack([jnp.sum(_slice_taps(hp, t, strides, outs) * g, axis=tuple(range(h.ndim - 1)))
+                    for t in itertools.product(*map(range, ks))])
+    return dh, dk.reshape(kernel.shape)
+
+
+_merged_depthwise.defvjp(_merged_depthwise_fwd, _merged_depthwise_bwd)
+
+
+def cp_conv_merged(x, p, strides, pads):
+    """Factorized 2-D CP conv whose two depthwise passes are one pass of the merged 3x3 per-rank
+    kernel (9 taps; the per-mode passes do 3 + 3 over an intermediate)."""
+    kernel = p["factor_h"][:, None, :] * p["factor_w"][None, :, :]
+    h = _merged_depthwise(conv.channel_matmul(x, p["factor_in"]), kernel, strides, pads)
+    return conv.channel_matmul(h, (p["factor_out"] * p["lambda"]).T)
+
+
+def cp_conv_rebuild_in_first(x, p, strides, pads):
+    """Reconstructed 2-D CP conv with the kernel rebuilt as ``(C_in K_h, R) x (R, K_w C_out)`` into
+    ``(C_in, K_h, K_w, C_out)``, the layout of XLA's weight gradient here (so that gradient
+    reshapes into the rebuild's backward products without a transpose); the conv reads the kernel
+    in that order (``rhs_spec``)."""
+    c_in, k_h, k_w, c_out = (p[k].shape[0] for k in ("factor_in", "factor_h", "factor_w", "factor_out"))
+    left = (p["factor_in"][:, None] * p["factor_h"][None] * p["lambda"]).reshape(c_in * k_h, -1)
+    right = (p["factor_w"][:, None] * p["factor_out"][None]).reshape(k_w * c_out, -1)
+    kernel = (left @ right.T).reshape(c_in, k_h, k_w, c_out)
+    numbers = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(0, 3, 1, 2))
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=numbers)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_channels_first(h, factor, axis, pad):
+    """Stride-1 depthwise 1-D conv of ``h (B, R, *S)`` along ``axis`` with ``factor (K, R)``."""
+    return conv._shift_conv_1d(h, _rank_first(factor, h.ndim), axis, 1, pad, 1)
+
+
+def _rank_first(factor, ndim):
+    """``factor (K, R)`` -> ``(K, R, 1, ..., 1)``, broadcasting against a (R, *S) slice."""
+    return factor.reshape(factor.shape + (1,) * (ndim - 2))
+
+
+def _depthwise_channels_first_fwd(h, factor, axis, pad):
+    return _depthwise_channels_first(h, factor, axis, pad), (h, factor)
+
+
+def _depthwise_channels_first_bwd(axis, pad, res, g):
+    h, factor = res
+    k = factor.shape[0]
+    cfg = [(0, 0)] * g.ndim
+    cfg[axis] = (k - 1 - pad[0], k - 1 - pad[1])
+    dh = conv._shift_conv_1d(jnp.pad(g, cfg), _rank_first(factor[::-1], h.ndim), axis, 1, (0, 0), 1)
+    hp = conv._pad_axis(h, axis, pad)
+    sum_axes = (0,) + tuple(range(2, h.ndim))
+    dfactor = jnp.stack([jnp.sum(lax.slice_in_dim(hp, t, t + g.shape[axis], 1, axis) * g, axis=sum_axes)
+                         for t in range(k)])
+    return dh, dfactor
+
+
+_depthwise_channels_first.defvjp(_depthwise_channels_first_fwd, _depthwise_channels_first_bwd)
+
+
+def cp_channels_first(x, p, modes):
+    """Factorized stride-1 'SAME' CP conv of ``x (B, *S, C)`` with (B, R, *S) intermediates."""
+    n = x.ndim - 2
+    h = jnp.moveaxis(jnp.einsum("...c,cr->...r", x, p["factor_in"]), -1, 1)
+    for i, m in enumerate(modes):
+        f = p[conv.mode_key(m)]
+        h = _depthwise_channels_first(h, f, i + 2, ((f.shape[0] - 1) // 2, f.shape[0] // 2))
+    letters = "defgh"[:n]
+    return jnp.einsum(f"br{letters},tr->b{letters}t", h, p["factor_out"] * p["lambda"][None, :])
+
+
+def chunked(fn, k):
+    """``fn(x, p)`` applied to batch chunks of ``k`` samples one after another (``lax.map``)."""
+    def f(x, p):
+        y = lax.map(lambda xi: fn(xi, p), x.reshape((x.shape[0] // k, k) + x.shape[1:]))
+        return y.reshape((x.shape[0],) + y.shape[2:])
+    return f
+
+
+def einsum_contraction(x, w):
+    """The 1x1 contraction as it was before :func:`hocp_jax.conv.channel_matmul`."""
+    return jnp.einsum("...c,cr->...r", x, w)
+
+
+def reduce_window_pool(x, window, stride, padding):
+    """The max-pool as it was before :mod:`hocp_jax.pooling`: ``lax.reduce_window`` and its
+    XLA ``select_and_scatter`` gradient."""
+    lead = x.ndim - 1 - len(window)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
+                             (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))

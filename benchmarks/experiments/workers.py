@@ -1,0 +1,174 @@
+"""Experiments that need one process per setting (XLA flags, allocator variables) or several
+processes alike: worker processes that compile a suite of calls and run them on request, timed
+by the parent in interleaved rounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks.experiments.common import stack_sums
+
+
+XLA_FLAG_SETS = {
+    "default": "",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "xnn graph fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "ynn without reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
+    "fast math": "--xla_cpu_enable_fast_math=true",
+}
+
+
+def _worker_calls(suite: str) -> dict:
+    """The zero-argument calls of ``suite``, compiled in this process: ``"stack"``, the Jester stack
+    layers (dense, auto); ``"stack+peers"``, those plus the PyTorch/TensorLy-Torch peers (``bench``
+    extra); ``"steps"``, the three train-step pairs of :func:`benchmarks.bench.model_cases`;
+    ``"steps2d"``, its ResNet-18 2-D pair."""
+    from benchmarks import bench, peers
+
+    calls = {}
+    if suite.startswith("stack"):
+        # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
+        peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
+        for case in bench.jester_cases(False):
+            kernel, params, compile_call = bench.case_compiler(case)
+            fns = bench.conv_fns(case)
+            for path, w in (("dense", kernel), ("auto", params)):
+                calls[f"{case.name} {path}"] = compile_call(fns[path], w)[0]
+            if peer_proc:  # every layer's peers stay alive: the rounds interleave all layers
+                calls |= {f"{case.name} {k}": v for k, v in peer_proc.conv_peers(case, keep_others=True).items()}
+    elif suite in ("steps", "steps2d"):
+        cases = bench.model_cases(False)
+        if suite == "steps2d":
+            cases = [c for c in cases if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+        calls = {case.name: bench.prepare_model_case(case)[0] for case in cases}
+    else:
+        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'steps' or 'steps2d'")
+    return calls
+
+
+def worker(suite: str) -> None:
+    """Compiles ``suite``'s calls under this process's environment, then runs the call named on
+    each stdin line and answers its wall time in ms."""
+    calls = _worker_calls(suite)
+    for call in calls.values():
+        call()  # warm-up
+    print(json.dumps(sorted(calls)), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        calls[line.strip()]()
+        print(1e3 * (time.perf_counter() - t0), flush=True)
+
+
+def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float = 0.0) -> tuple[dict, list]:
+    """Times ``suite`` in one worker process per environment in ``envs`` (``{label: env}``).
+
+    Environment settings (XLA flags, allocator variables) are per process, so each runs in its own
+    worker; the parent times the workers' calls in interleaved, rotated rounds, one call at a time
+    with ``gap_s`` seconds between calls, so load from elsewhere hits all settings alike.
+    Returns the medians ``{(label, name): ms}`` and the call names.
+    """
+    workers, names = {}, None
+    for label, env in envs.items():
+        workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_worker", suite], env=env,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for w in workers.values():
+        names = json.loads(w.stdout.readline())
+    jobs = [(label, name) for label in workers for name in names]
+    times: dict = {job: [] for job in jobs}
+    for rnd in range(rounds):
+        for label, name in jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]:
+            time.sleep(gap_s)
+            workers[label].stdin.write(name + "\n")
+            workers[label].stdin.flush()
+            times[(label, name)].append(float(workers[label].stdout.readline()))
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    return {job: statistics.median(t) for job, t in times.items()}, names
+
+
+def xla_flags(rounds: int = 3) -> dict:
+    envs = {label: dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+            for label, flags in XLA_FLAG_SETS.items()}
+    med, names = _run_in_workers(envs, "stack", rounds)
+    stack = {label: stack_sums({n: med[(label, n)] for n in names}, ("dense", "auto")) for label in envs}
+    base = stack["default"]["dense"]
+    return {"flags": XLA_FLAG_SETS, "rounds": rounds, "stack_ms": stack,
+            "stack_ratio_to_default_dense": {k: {p: v / base for p, v in d.items()} for k, d in stack.items()},
+            "auto/dense per setting": {k: d["auto"] / d["dense"] for k, d in stack.items()},
+            "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()},
+            "loadavg": os.getloadavg()}
+
+
+# Allocator settings of glibc's malloc, which both XLA's CPU runtime and PyTorch allocate their
+# buffers with. By default a buffer over the (dynamic) mmap threshold, or any buffer allocated
+# from a thread other than the main one (XLA's runtime threads allocate from their own arenas,
+# which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
+# call then page-faults its whole working set in again (seen from the minor-fault count per call
+# in a scratch session). Plus jemalloc and tcmalloc in place of glibc's malloc
+# (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
+# libtcmalloc-minimal4).
+MALLOC_SETTINGS = {
+    "default": {},
+    "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "one arena, no mmap": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+}
+
+
+def _malloc_settings() -> dict[str, dict]:
+    """:data:`MALLOC_SETTINGS` less the preloads that the dynamic linker cannot load."""
+    def found(lib):
+        run = subprocess.run([sys.executable, "-c", ""], env=dict(os.environ, LD_PRELOAD=lib), capture_output=True, text=True)
+        return "cannot be preloaded" not in run.stderr
+
+    return {k: v for k, v in MALLOC_SETTINGS.items() if "LD_PRELOAD" not in v or found(v["LD_PRELOAD"])}
+
+
+def malloc(rounds: int = 5) -> dict:
+    """The Jester stack (JAX dense and ``auto``, and the peers if the ``bench`` extra is installed)
+    and the three train-step pairs under each of :data:`MALLOC_SETTINGS` (those installed), one worker process per
+    setting (glibc reads them at process start), interleaved."""
+    from benchmarks import bench, peers
+
+    settings = _malloc_settings()
+    envs = {label: {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
+            | extra for label, extra in settings.items()}
+    skipped = peers.available()
+    med, names = _run_in_workers(envs, "stack" if skipped else "stack+peers", rounds, gap_s=0.1)
+    labels = ("dense", "auto") + (() if skipped else peers.PEERS)
+    stack = {label: stack_sums({n: med[(label, n)] for n in names}, labels) for label in envs}
+    out = {"settings": settings, "rounds": rounds, "gap_s": 0.1, "peers": skipped or peers.versions(),
+           "stack_ms": stack,
+           "stack_ratios": {k: {f"auto/{p}": d["auto"] / d[p] for p in labels if p != "auto"} for k, d in stack.items()},
+           "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
+    med, names = _run_in_workers(envs, "steps", rounds + 2, gap_s=0.1)
+    refs = {c.name: c.reference for c in bench.model_cases(False) if c.reference}
+    out["step_ms"] = {label: {n: med[(label, n)] for n in names} for label in envs}
+    out["step_ratios"] = {label: {f"{n} / {ref}": med[(label, n)] / med[(label, ref)] for n, ref in refs.items()}
+                          for label in envs}
+    out["loadavg"] = os.getloadavg()
+    out["machine"] = bench.machine_info()
+    return out
+
+
+def processes(rounds: int = 25, n: int = 6) -> dict:
+    """The ResNet-18 2-D train-step pair of ``bench`` in ``n`` worker processes with the same
+    environment, timed in interleaved rounds (:func:`_run_in_workers`): how far the HO-CP/dense
+    ratio moves from one process to the next, beyond what interleaving within a process evens out."""
+    from benchmarks import bench
+
+    envs = {f"process {i}": dict(os.environ) for i in range(n)}
+    med, names = _run_in_workers(envs, "steps2d", rounds, gap_s=0.05)
+    (case,) = [c for c in bench.model_cases(False) if c.name in names and c.reference]
+    ratios = {label: med[(label, case.name)] / med[(label, case.reference)] for label in envs}
+    return {"rounds": rounds, "pair": [case.name, case.reference],
+            "ms": {label: {name: med[(label, name)] for name in names} for label in envs},
+            "ratio": ratios, "ratio_range": [min(ratios.values()), max(ratios.values())],
+            "ratio_median": statistics.median(ratios.values()), "loadavg": os.getloadavg()}

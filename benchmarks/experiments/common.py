@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.bench import compile_jax
+from benchmarks import bench
 
 
 def image_step(model, shape):
     """``(train_step, state, batch)``: ``bench``'s train step of the module ``model`` on images of ``shape``."""
-    from benchmarks import bench
-
     return bench.model_step(bench.ModelCase(name="image step", model="(given)", input_shape=tuple(shape)), model)
 
 
 def step_call(model, shape):
-    return compile_jax(*image_step(model, shape))[0]
+    return bench.compile_jax(*image_step(model, shape))[0]
 
 
 def stack_sums(layer_ms: dict, labels) -> dict:
@@ -30,8 +28,6 @@ def stack_sums(layer_ms: dict, labels) -> dict:
 def conv2_calls(paths) -> tuple:
     """Jester conv2 (the ``bench`` case) and its compiled fwd+bwd calls ``{path: call}`` for ``paths``
     of :func:`benchmarks.bench.conv_fns`."""
-    from benchmarks import bench
-
     case = bench.jester_cases(False)[1]
     kernel, params, compile_call = bench.case_compiler(case)
     fns = bench.conv_fns(case)
@@ -39,6 +35,7 @@ def conv2_calls(paths) -> tuple:
 
 
 def timed_ms(call) -> float:
+    """Wall ms of one ``call()``."""
     t0 = time.perf_counter()
     call()
     return 1e3 * (time.perf_counter() - t0)

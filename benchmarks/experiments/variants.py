@@ -1,6 +1,6 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
-the merged 2-D depthwise pass and the C_in-first kernel rebuild (stop 28), channels-first
+the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
 intermediates, batch chunks, and the 1x1 contraction and max-pool as they were before their
 current versions. Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 

@@ -1,0 +1,14 @@
+"""``python -m benchmarks.experiments``: a wrong name or rounds value is refused with a usage line."""
+import pytest
+
+from benchmarks.experiments.__main__ import EXPERIMENTS, main
+
+
+@pytest.mark.parametrize("argv", [[], ["no_such_experiment"], ["stem", "x"], ["stem", "3", "extra"]])
+def test_bad_arguments_give_the_usage_line(argv):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = str(err.value)
+    assert "usage: python -m benchmarks.experiments <name> [rounds]" in message
+    assert all(name in message for name in EXPERIMENTS)
+    assert f"got {' '.join(argv) or 'no arguments'}" in message

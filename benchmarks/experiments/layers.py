@@ -79,18 +79,14 @@ def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
     return out
 
 
-def _check_variants(case, fns, params) -> None:
-    """Raises unless each variant's value and gradients match its library path's (float32 noise)."""
-    from benchmarks import bench
-
-    x, _, _ = bench.make_inputs(case)
-    cot = bench.cotangent(fns["factorized"], x, params)
-    run = {k: jax.jit(bench.fwd_bwd(fns[k], case.input_grad))(x, params, cot) for k in fns if k != "dense"}
-    for variant in [k for k in run if ", " in k]:
-        ref = run[variant.split(",")[0]]
-        for got, want in zip(jax.tree.leaves(run[variant]), jax.tree.leaves(ref)):
+def _check_variants(layer: str, calls: dict, bases: dict[str, str]) -> None:
+    """Raises unless each variant's value and gradients (``calls[variant]()``, compiled fwd+bwd
+    calls that return their results) match those of its library path ``bases[variant]`` (float32
+    noise)."""
+    for variant, base in bases.items():
+        for got, want in zip(jax.tree.leaves(calls[variant]()), jax.tree.leaves(calls[base]())):
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))),
-                                       err_msg=f"{case.name}: {variant}")
+                                       err_msg=f"{layer}: {variant}")
 
 
 def resnet2d_step_layers(rounds: int = 9) -> dict:
@@ -115,13 +111,14 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
                               (3, 3), rank, (st, st))
         kernel, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
-        fns = bench.conv_fns(case) | {
-            "factorized, merged taps": lambda x, p: cp_conv_merged(x, p, strides, pads),
-            "reconstructed, C_in-first rebuild": lambda x, p: cp_conv_rebuild_in_first(x, p, strides, pads)}
-        fns.pop("auto")
-        _check_variants(case, fns, params)
-        t = bench.time_interleaved({k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()},
-                                   rounds, budget_s=1e9)
+        variants = {  # name: (the library path it replaces, fn)
+            "factorized, merged taps": ("factorized", lambda x, p: cp_conv_merged(x, p, strides, pads)),
+            "reconstructed, C_in-first rebuild": ("reconstructed",
+                                                  lambda x, p: cp_conv_rebuild_in_first(x, p, strides, pads))}
+        fns = {k: f for k, f in bench.conv_fns(case).items() if k != "auto"} | {k: f for k, (_, f) in variants.items()}
+        calls = {k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()}
+        _check_variants(case.name, calls, {k: base for k, (base, _) in variants.items()})
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         ms = {k: v["median_ms"] for k, v in t.items()}
         costs = counting.cp_path_costs(8, (s, s), ci, co, (3, 3), rank, stride=st, padding=1)
         pick = conv.choose_cp_implementation((8, s, s, ci), params, ("h", "w"), stride=st, padding=1)

@@ -84,6 +84,12 @@ inside the network.
 ``bench`` in six worker processes with the same environment, interleaved: the HO-CP/dense ratio
 of each process, i.e. how much of a single run's ratio is the process it ran in.
 
+``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
+of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
+optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program
+with ``jax.jit(..., compiler_options=...)``, so all run in one process) and once more with the
+default options as a noise reference, all interleaved: the HO-CP/dense ratio per setting.
+
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
 every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its

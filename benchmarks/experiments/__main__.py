@@ -12,7 +12,7 @@ from benchmarks.experiments import layers, steps, workers
 
 EXPERIMENTS = {
     "stem": steps.stem, "step_profile": steps.step_profile, "per_sample": steps.per_sample,
-    "step_changes": steps.step_changes,
+    "step_changes": steps.step_changes, "compiler_options": steps.compiler_options,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers,

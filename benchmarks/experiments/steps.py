@@ -169,3 +169,40 @@ def step_changes(rounds: int = 5) -> dict:
             name: ms[name] / ms[dense_names[new_pool]] for name, new_pool in hocp_pool.items()}}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+# XLA CPU compiler options (jaxlib 0.10.2's ``XLA_FLAGS=--help`` lists them), passed per program
+# through ``jax.jit(..., compiler_options=...)``; "default, second copy" compiles the default
+# program again: the two default copies differ only by noise.
+STEP_COMPILER_OPTIONS = {
+    "default": None,
+    "default, second copy": None,
+    "memory-optimized scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+    "oneDNN": {"xla_cpu_use_onednn": True},
+    "XNNPACK graph fusion": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "fast-runtime preset": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"},
+    "fast math": {"xla_cpu_enable_fast_math": True},
+    "XNNPACK off": {"xla_cpu_use_xnnpack": False},
+}
+
+
+def compiler_options(rounds: int = 20) -> dict:
+    """The ResNet-18 2-D train-step pair of ``bench``, each step compiled under every setting of
+    :data:`STEP_COMPILER_OPTIONS`, all in this process and timed interleaved: per setting, the
+    HO-CP/dense ratio and each step's time over its default program's."""
+    from benchmarks import bench
+
+    cases = [c for c in bench.model_cases(False) if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+    (hocp,) = [c for c in cases if c.reference]
+    calls = {}
+    for case in cases:
+        step, state, batch = bench.model_step(case)
+        for label, options in STEP_COMPILER_OPTIONS.items():
+            compiled = jax.jit(step, compiler_options=options).lower(state, batch).compile()
+            calls[(case.name, label)] = functools.partial(lambda c, *a: jax.block_until_ready(c(*a)), compiled, state, batch)
+    t = time_interleaved({f"{name} | {label}": call for (name, label), call in calls.items()}, rounds, budget_s=1e9)
+    ms = {label: {c.name: t[f"{c.name} | {label}"]["median_ms"] for c in cases} for label in STEP_COMPILER_OPTIONS}
+    return {"options": STEP_COMPILER_OPTIONS, "rounds": rounds, "pair": [hocp.name, hocp.reference], "ms": ms,
+            "ratio": {label: d[hocp.name] / d[hocp.reference] for label, d in ms.items()},
+            "ms_over_default": {label: {n: v / ms["default"][n] for n, v in d.items()} for label, d in ms.items()},
+            "loadavg": os.getloadavg()}

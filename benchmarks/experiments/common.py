@@ -16,6 +16,11 @@ def step_call(model, shape):
     return bench.compile_jax(*image_step(model, shape))[0]
 
 
+def resnet2d_cases() -> list:
+    """The ResNet-18 2-D train-step pair of :func:`benchmarks.bench.model_cases` (dense, HO-CP)."""
+    return [c for c in bench.model_cases(False) if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+
+
 def stack_sums(layer_ms: dict, labels) -> dict:
     """Per label, the sum over the layers of ``layer_ms`` (keys ``"<layer> <label>"``; a key counts
     for the longest label it ends with, so ``"conv1 torch dense"`` is not a ``"dense"`` one)."""

@@ -11,7 +11,7 @@ import time
 import jax
 
 from benchmarks.bench import time_interleaved
-from benchmarks.experiments.common import image_step, step_call
+from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
 from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
 from hocp_jax import conv
 from hocp_jax.models import get_model
@@ -192,7 +192,7 @@ def compiler_options(rounds: int = 20) -> dict:
     HO-CP/dense ratio and each step's time over its default program's."""
     from benchmarks import bench
 
-    cases = [c for c in bench.model_cases(False) if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+    cases = resnet2d_cases()
     (hocp,) = [c for c in cases if c.reference]
     calls = {}
     for case in cases:

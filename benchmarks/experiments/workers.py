@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.experiments.common import stack_sums
+from benchmarks.experiments.common import resnet2d_cases, stack_sums
 
 
 XLA_FLAG_SETS = {
@@ -42,9 +42,7 @@ def _worker_calls(suite: str) -> dict:
             if peer_proc:  # every layer's peers stay alive: the rounds interleave all layers
                 calls |= {f"{case.name} {k}": v for k, v in peer_proc.conv_peers(case, keep_others=True).items()}
     elif suite in ("steps", "steps2d"):
-        cases = bench.model_cases(False)
-        if suite == "steps2d":
-            cases = [c for c in cases if c.model in ("resnet18", "resnet18_hocp") and c.transduce_from is None]
+        cases = resnet2d_cases() if suite == "steps2d" else bench.model_cases(False)
         calls = {case.name: bench.prepare_model_case(case)[0] for case in cases}
     else:
         raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'steps' or 'steps2d'")

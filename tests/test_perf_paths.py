@@ -505,7 +505,8 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
 
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
-    CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``)."""
+    CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``,
+    ``benchmarks/experiments_resnet2d_scales.json``)."""
     import json
     import pathlib
 
@@ -516,21 +517,34 @@ def _recorded_layers():
         rows = []
     for name in ("experiments_resnet2d_step_layers.json", "experiments_resnet2d_step_layers_variants.json"):
         rows += json.loads((root / name).read_text())["layers"]
+    for scale in json.loads((root / "experiments_resnet2d_scales.json").read_text())["scales"].values():
+        rows += scale["layers"]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
 
 
 def test_cost_model_agrees_with_recorded_timings():
     """The analytic cost model (calibrated on the 2-core CPU) picks the path that measured faster
-    on every layer of the recorded runs where the two paths differ by more than 20 %: an
-    independent check of its constants against timings, not against itself."""
-    layers = _recorded_layers()
-    assert len(layers) >= 20
-    clear = 0
-    for s, input_grad, fact_ms, recon_ms in layers:
-        if max(fact_ms, recon_ms) < 1.2 * min(fact_ms, recon_ms):
+    on every layer shape of the recorded runs where the two paths differ by more than 20 %: an
+    independent check of its constants against timings, not against itself. A shape whose
+    recorded runs disagree by that margin on which path is faster tells nothing about the model
+    and is left out; there is one (README "Benchmarks", stop 29: ResNet-18's (128->128)@14x14
+    conv at batch 8, factorized slower in the fresh processes of ``resnet2d_step_layers`` and
+    faster after the train steps of ``resnet2d_scales``), and the test fails if there are more."""
+    import json
+
+    faster: dict[str, tuple] = {}  # shape -> (shape, input_grad, {whether factorized was faster})
+    for s, input_grad, fact_ms, recon_ms in _recorded_layers():
+        if max(fact_ms, recon_ms) >= 1.2 * min(fact_ms, recon_ms):
+            key = json.dumps([s, input_grad], sort_keys=True)
+            faster.setdefault(key, (s, input_grad, set()))[2].add(fact_ms <= recon_ms)
+    ambiguous = [s for s, _, wins in faster.values() if len(wins) > 1]
+    assert len(ambiguous) <= 1, ambiguous
+    checked = 0
+    for s, input_grad, wins in faster.values():
+        if len(wins) > 1:
             continue
-        clear += 1
+        checked += 1
         c = counting.cp_path_costs(s["batch"], tuple(s["in_sizes"]), s["c_in"], s["c_out"], tuple(s["kernel"]), s["rank"],
                                    stride=tuple(s["stride"]), padding=tuple(map(tuple, s["padding"])), input_grad=input_grad)
-        assert (c["factorized"] <= c["reconstructed"]) == (fact_ms <= recon_ms), (s, fact_ms, recon_ms)
-    assert clear >= 20
+        assert (c["factorized"] <= c["reconstructed"]) == wins.pop(), s
+    assert checked >= 30

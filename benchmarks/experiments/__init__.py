@@ -84,6 +84,19 @@ inside the network.
 ``bench`` in six worker processes with the same environment, interleaved: the HO-CP/dense ratio
 of each process, i.e. how much of a single run's ratio is the process it ran in.
 
+``python -m benchmarks.experiments resnet2d_scales [rounds]``: the ResNet-18 2-D train-step pair of
+``bench`` (8 images of 112 x 112) and the same pair on 32 images of 112 x 112, 8 of 224 x 224 and
+16 of 224 x 224, each pair interleaved, with ``auto``'s path for every CP conv of the HO-CP step;
+then, per scale, the step's seven 3x3 conv shapes one by one with the dense conv and both CP
+paths (fwd+bwd, ``bench`` protocol) and their sums over the network: whether the 2-D step's
+parity at the benchmark's size holds at the sizes a user trains at.
+
+``python -m benchmarks.experiments resnet2d_step_picks [rounds]``: the HO-CP ResNet-18 2-D train
+step of ``bench`` with ``auto``'s path for every CP conv, and once per CP conv shape of the step
+(the stem too) with the convs of that shape on the other path, interleaved with the dense step:
+whether each of ``auto``'s picks is the faster one inside the step, where the convs' operands
+are not in cache as they are when a layer is timed alone.
+
 ``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
 of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
 optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program

@@ -89,6 +89,49 @@ def _check_variants(layer: str, calls: dict, bases: dict[str, str]) -> None:
                                        err_msg=f"{layer}: {variant}")
 
 
+def resnet2d_conv_cases(batch: int = 8, image: int = 112) -> list:
+    """``[(case, count)]``: the seven 3x3 conv shapes of the ResNet-18 2-D train step on ``batch``
+    images of ``image`` x ``image`` (maps of image/4 down to image/32, rounded up; the strided ones
+    too; rank at the dense parameter budget) as ``bench`` conv cases, each with how many convs of
+    that shape the network has."""
+    from benchmarks import bench
+    from hocp_jax import counting
+
+    s = image // 4
+    shapes = [(64, 64, s, 1, 4), (64, 128, s, 2, 1), (128, 128, s // 2, 1, 3), (128, 256, s // 2, 2, 1),
+              (256, 256, s // 4, 1, 3), (256, 512, s // 4, 2, 1), (512, 512, -(-s // 8), 1, 3)]
+    return [(bench.ConvCase("resnet2d", f"({ci}->{co})@{m}x{m}" + (f"/s{st}" if st > 1 else ""), batch, (m, m), ci, co,
+                            (3, 3), counting.cp_rank_for_budget(ci, co, (3, 3)), (st, st)), count)
+            for ci, co, m, st, count in shapes]
+
+
+def resnet2d_layer_sums(batch: int, image: int, rounds: int) -> dict:
+    """The convs of :func:`resnet2d_conv_cases` with the dense conv and both CP paths (fwd+bwd,
+    ``bench`` protocol), interleaved per layer: ms per layer and path, ``auto``'s pick, and each
+    path (and ``auto``'s picks) summed over the network's convs."""
+    from benchmarks import bench
+
+    rows = []
+    for case, count in resnet2d_conv_cases(batch, image):
+        kernel, params, compile_call = bench.case_compiler(case)
+        strides, pads = case.geometry()
+        fns = {k: f for k, f in bench.conv_fns(case).items() if k != "auto"}
+        t = time_interleaved({k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()},
+                             rounds, budget_s=1e9)
+        pick = conv.choose_cp_implementation((batch, *case.in_sizes, case.c_in), params, case.modes, stride=strides, padding=pads)
+        rows.append({"layer": case.name, "shape": bench.case_shape(case), "input_grad": case.input_grad,
+                     "convs_in_net": count, "ms": {k: v["median_ms"] for k, v in t.items()}, "auto_pick": pick})
+    return {"layers": rows, "net_ms": _net_ms(rows)}
+
+
+def _net_ms(rows: list[dict]) -> dict:
+    """Each path of ``rows`` (layers with ``ms``, ``convs_in_net`` and ``auto_pick``), and ``auto``'s
+    picks, summed over the network's convs."""
+    net = {k: sum(r["ms"][k] * r["convs_in_net"] for r in rows) for k in rows[0]["ms"]}
+    net["auto's picks"] = sum(r["ms"][r["auto_pick"]] * r["convs_in_net"] for r in rows)
+    return net
+
+
 def resnet2d_step_layers(rounds: int = 9) -> dict:
     """The 3x3 convs of the ResNet-18 2-D train step of ``bench`` (8 images of 112x112: 28x28 to
     4x4 maps, the strided ones too, rank at the dense parameter budget) with the dense conv and
@@ -102,13 +145,9 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
     from benchmarks import bench
     from hocp_jax import counting
 
-    layers = [(64, 64, 28, 1, 4), (64, 128, 28, 2, 1), (128, 128, 14, 1, 3), (128, 256, 14, 2, 1),
-              (256, 256, 7, 1, 3), (256, 512, 7, 2, 1), (512, 512, 4, 1, 3)]
     out: dict = {"rounds": rounds, "layers": []}
-    for ci, co, s, st, count in layers:
-        rank = counting.cp_rank_for_budget(ci, co, (3, 3))
-        case = bench.ConvCase("resnet2d", f"({ci}->{co})@{s}x{s}" + (f"/s{st}" if st > 1 else ""), 8, (s, s), ci, co,
-                              (3, 3), rank, (st, st))
+    for case, count in resnet2d_conv_cases():
+        ci, co, (s, _), (st, _), rank = case.c_in, case.c_out, case.in_sizes, case.stride, case.rank
         kernel, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
         variants = {  # name: (the library path it replaces, fn)
@@ -130,8 +169,7 @@ def resnet2d_step_layers(rounds: int = 9) -> dict:
             "fact_over_recon_measured": ms["factorized"] / ms["reconstructed"],
             "fact_over_recon_model": costs["factorized"] / costs["reconstructed"],
         })
-    out["net_ms"] = {k: sum(row["ms"][k] * row["convs_in_net"] for row in out["layers"]) for k in fns}
-    out["net_ms"]["auto's picks"] = sum(row["ms"][row["auto_pick"]] * row["convs_in_net"] for row in out["layers"])
+    out["net_ms"] = _net_ms(out["layers"])
     out["loadavg"] = os.getloadavg()
     return out
 

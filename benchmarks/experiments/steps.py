@@ -3,15 +3,19 @@ per-sample loop and the undone changes of one round (see the package docstring f
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import re
 import time
+from unittest import mock
 
 import jax
 
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
+from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
 from hocp_jax import conv
 from hocp_jax.models import get_model
@@ -136,7 +140,6 @@ def step_changes(rounds: int = 5) -> dict:
     at a time (cumulative, in ``STEP_CHANGES`` order), patched at trace time; the dense reference
     with both pools. All calls of a pair interleaved."""
     from contextlib import ExitStack
-    from unittest import mock
 
     from benchmarks import bench
     from hocp_jax import layer_specs
@@ -206,3 +209,71 @@ def compiler_options(rounds: int = 20) -> dict:
             "ratio": {label: d[hocp.name] / d[hocp.reference] for label, d in ms.items()},
             "ms_over_default": {label: {n: v / ms["default"][n] for n, v in d.items()} for label, d in ms.items()},
             "loadavg": os.getloadavg()}
+
+
+@contextlib.contextmanager
+def _cp_paths(picks: dict[str, str], force: dict[str, str] | None = None):
+    """Within the block, each CP conv traced with ``implementation="auto"`` runs on the path
+    ``force`` gives its shape (keys ``"(B, H, W, C_in) -> C_out, stride (s, s)"``), else on
+    ``auto``'s; ``picks`` records the path of every shape."""
+    from hocp_jax import autotune
+
+    choose, force = autotune.choose_cp, force or {}
+
+    def patched(x_shape, dtype, params, modes, strides, *args, **kwargs):
+        key = f"{tuple(x_shape)} -> {params['factor_out'].shape[0]}, stride {tuple(strides)}"
+        picks[key] = force.get(key) or choose(x_shape, dtype, params, modes, strides, *args, **kwargs)
+        return picks[key]
+
+    with mock.patch.object(autotune, "choose_cp", patched):
+        yield
+
+
+def resnet2d_step_picks(rounds: int = 25) -> dict:
+    """The HO-CP ResNet-18 2-D train step of ``bench`` with ``auto``'s paths, and once per CP conv
+    shape of the step (the stem too) with the convs of that shape on the other path, interleaved
+    with the dense step: whether each of ``auto``'s picks is the faster one inside the step."""
+    from benchmarks import bench
+
+    dense, hocp = resnet2d_cases()
+    picks: dict[str, str] = {}
+    calls = {"dense": bench.compile_jax(*bench.model_step(dense))[0]}
+    with _cp_paths(picks):
+        calls["auto"] = bench.compile_jax(*bench.model_step(hocp))[0]
+    other = {"factorized": "reconstructed", "reconstructed": "factorized"}
+    for key, pick in dict(picks).items():
+        with _cp_paths({}, {key: other[pick]}):
+            calls[f"{key}: {other[pick]}"] = bench.compile_jax(*bench.model_step(hocp))[0]
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {name: v["median_ms"] for name, v in t.items()}
+    return {"rounds": rounds, "auto_picks": picks, "ms": ms,
+            "over_auto": {name: v / ms["auto"] for name, v in ms.items()}, "loadavg": os.getloadavg()}
+
+
+RESNET2D_SCALES = ((8, 112), (32, 112), (8, 224), (16, 224))
+
+
+def resnet2d_scales(rounds: int = 7) -> dict:
+    """The ResNet-18 2-D train-step pair of ``bench`` (8 images of 112 x 112) and the same pair at
+    the (batch, image size) of :data:`RESNET2D_SCALES`, each pair interleaved: the HO-CP/dense
+    ratio per scale and ``auto``'s path for each CP conv of the HO-CP step there (the stem too);
+    then, per scale, the step's 3x3 conv shapes one by one with each path
+    (:func:`~benchmarks.experiments.layers.resnet2d_layer_sums`)."""
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "scales": {}}
+    for batch, image in RESNET2D_SCALES:
+        picks: dict[str, str] = {}
+        calls = {}
+        for case in resnet2d_cases():
+            with _cp_paths(picks):
+                step = bench.model_step(dataclasses.replace(case, input_shape=(batch, image, image, 3)))
+                calls[case.model] = bench.compile_jax(*step)[0]
+        t = time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        out["scales"][f"{batch}x{image}x{image}"] = {
+            "step_ms": ms, "step_ratio": ms["resnet18_hocp"] / ms["resnet18"],
+            "per_round_ratios": [h / d for h, d in zip(t["resnet18_hocp"]["times_ms"], t["resnet18"]["times_ms"])],
+            "auto_picks": picks} | resnet2d_layer_sums(batch, image, rounds)
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -174,7 +174,7 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     because a sample's intermediates are 1/B of the working set of the memory-bound depthwise
     passes. The HO-CP ResNet-18 2-D train step is slower with it (``python -m
     benchmarks.experiments per_sample 15``: 0.94x dense whole batch, 1.20x per sample), so 2-D
-    convs keep the whole-batch program. On GPU/TPU a sequential
+    convs run per sample only in the chunks of :func:`batch_chunk_default`. On GPU/TPU a sequential
     loop would idle the device, and with several devices the batch is sharded, so it is off there.
     """
     batch = x_shape[0]
@@ -183,6 +183,41 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
             and jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+CHUNK_MIN_BYTES = 6 * 1024 * 1024
+"""Smallest whole-batch ``(B, H, W, R)`` intermediate of a 2-D factorized CP conv for which
+:func:`batch_chunk_default` runs the batch in chunks of samples."""
+CHUNK_TARGET_BYTES = 2 * 1024 * 1024
+"""Largest ``(k, H, W, R)`` intermediate of a chunk of ``k`` samples (:func:`batch_chunk_default`;
+one sample when a single sample's is larger)."""
+
+
+def batch_chunk_default(x_shape: Sequence[int], rank: int, dtype) -> int | None:
+    """Samples per step of the loop over the batch in which the factorized path of a 2-D CP conv
+    on ``x (B, H, W, C)`` runs when the caller does not say, or ``None`` (the whole batch at once).
+
+    On the CPU backend with one device and no :func:`per_sample_mode` set: when the whole-batch
+    intermediate ``B * H * W * rank`` is at least :data:`CHUNK_MIN_BYTES`, the largest divisor
+    ``k`` of ``B`` whose chunk's intermediate fits :data:`CHUNK_TARGET_BYTES` (at least 1).
+    Measured on the 2-core CPU (README "Benchmarks", stop 29: ``python -m benchmarks.experiments
+    resnet2d_scales``, ResNet-18's 3x3 convs at batch 8 to 32 on 112 and 224 images, before and
+    after): the factorized path fwd+bwd of e.g. the (64->64) conv on 16 x 56 x 56 took 260.6 ms
+    on the whole batch and 153.9 in chunks, the (128->128) conv on 8 x 28 x 28 86.9 and 45.7, the
+    (256->256) conv on 32 x 7 x 7 61.2 and 42.4; in a scratch run (not kept), whole-batch
+    intermediates of 3.6-4.7 MB (the benchmark's strided (128->256) conv on 8 x 14 x 14, the
+    (512->512) one on 8 x 7 x 7) ran slower in chunks, hence the threshold. 3-D convs follow
+    :func:`per_sample_default` and :func:`tile_plan` instead.
+    """
+    batch = x_shape[0]
+    if _config["per_sample"] is not None or len(x_shape) != 4 or batch < 2:
+        return None
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return None
+    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+    if batch * per_sample_bytes < CHUNK_MIN_BYTES:
+        return None
+    return max(k for k in range(1, batch + 1) if batch % k == 0 and (k == 1 or k * per_sample_bytes <= CHUNK_TARGET_BYTES))
 
 
 TILE_MIN_BYTES = 8 * 1024 * 1024

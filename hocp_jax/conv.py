@@ -275,34 +275,40 @@ def _skip(x: jax.Array, params: Params, strides) -> jax.Array:
     return channel_matmul(xs, params["factor_skip"])
 
 
-def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """``f`` (``(1, *S, C) -> (1, *S', C')``, may close over parameters) on each sample of ``x`` in
-    turn (``lax.map``). Its VJP is a second loop that recomputes one sample's forward and pulls its
-    cotangent back at once, while that sample's intermediates are still in cache; the parameter
-    gradients are summed over the samples. Differentiating the ``lax.map`` itself would store every
-    sample's intermediates between the passes (zero-filled (B, ...) buffers written and read back
-    by dynamic slices), which cost more than the recomputed forward (README "Benchmarks")."""
-    fc, consts = jax.closure_convert(f, x[:1])  # closed-over float arrays become explicit arguments
+def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1) -> jax.Array:
+    """``f`` (``(k, *S, C) -> (k, *S', C')``, may close over parameters) on each chunk of ``chunk``
+    samples of ``x`` in turn (``lax.map``; ``chunk`` divides the batch). Its VJP is a second loop
+    that recomputes one chunk's forward and pulls its cotangent back at once, while that chunk's
+    intermediates are still in cache; the parameter gradients are summed over the chunks.
+    Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
+    passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
+    more than the recomputed forward (README "Benchmarks")."""
+    fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
+    # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
+    # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
+    one = chunk == 1
+    lift, drop = ((lambda a: a[None]), (lambda a: a[0])) if one else ((lambda a: a), (lambda a: a))
 
     @jax.custom_vjp
-    def run(x, *consts):
-        return lax.map(lambda xi: fc(xi[None], *consts)[0], x)
+    def run(xs, *consts):
+        return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
 
-    def run_fwd(x, *consts):
-        return run(x, *consts), (x, consts)
+    def run_fwd(xs, *consts):
+        return run(xs, *consts), (xs, consts)
 
     def run_bwd(res, g):
-        x, consts = res
+        xs, consts = res
 
         def body(acc, xg):
-            dxi, *dc = jax.vjp(fc, xg[0][None], *consts)[1](xg[1][None])
-            return [a + d for a, d in zip(acc, dc)], dxi[0]
+            dxi, *dc = jax.vjp(fc, lift(xg[0]), *consts)[1](lift(xg[1]))
+            return [a + d for a, d in zip(acc, dc)], drop(dxi)
 
-        dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (x, g))
+        dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
         return (dx, *dc)
 
     run.defvjp(run_fwd, run_bwd)
-    return run(x, *consts)
+    y = run(x if one else x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:]), *consts)
+    return y if one else y.reshape(x.shape[:1] + y.shape[2:])
 
 
 def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows: int, halo: int,
@@ -407,7 +413,9 @@ def cp_conv(
         (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`); tiles
         are cut whatever the batch size unless ``per_sample`` is False.
         ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
-        enough intermediates on a single CPU device) when ``psi`` is None or pointwise, else off,
+        enough intermediates on a single CPU device), and for 2-D convs with large whole-batch
+        intermediates chunks of several samples (:func:`hocp_jax.autotune.batch_chunk_default`),
+        when ``psi`` is None or pointwise, else off,
         since ``psi`` may use batch statistics (BatchNorm). ``True`` with a ``psi`` that is not
         pointwise is the caller's promise that ``psi`` acts on each sample alone; it is never
         tiled. Ignored by the reconstructed path (XLA CPU's dense conv inside a loop is many
@@ -460,8 +468,12 @@ def cp_conv(
             raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
         local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
-        if per_sample is None:
-            per_sample = local and autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
+        chunk = None  # samples per step of a loop over the batch; None: the whole batch at once
+        if per_sample is None and local:
+            per_sample = autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
+            chunk = autotune.batch_chunk_default(x.shape, params["lambda"].shape[0], x.dtype)
+        if per_sample:
+            chunk = 1
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
         def factorized(x, pads=pads, order=order):
@@ -486,8 +498,8 @@ def cp_conv(
                 order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
             tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]
             y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order), x, i + 1, rows, halos[i], pads[i])
-        elif per_sample:
-            y = _per_sample(factorized, x)
+        elif chunk:
+            y = _per_sample(factorized, x, chunk)
         else:
             y = factorized(x)
     if "factor_skip" in params:

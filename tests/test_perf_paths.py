@@ -330,6 +330,59 @@ def test_per_sample_rule_and_wiring(monkeypatch):
         assert "scan" not in lowered()
 
 
+def test_batch_chunk_rule(monkeypatch):
+    """2-D convs only, on one CPU device, from CHUNK_MIN_BYTES of whole-batch intermediate: the
+    largest divisor of the batch whose chunk fits CHUNK_TARGET_BYTES, at least one sample;
+    ``per_sample_mode`` turns the chunks off (it decides alone)."""
+    from hocp_jax import autotune
+
+    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) == 8  # 7.1 MB, 0.22 MB a sample
+    assert autotune.batch_chunk_default((8, 14, 14, 256), 1136, jnp.float32) == 2  # 0.89 MB a sample
+    assert autotune.batch_chunk_default((6, 64, 64, 16), 128, jnp.float32) == 1  # 2.1 MB a sample: one at a time
+    assert autotune.batch_chunk_default((30, 7, 7, 256), 1136, jnp.float32) == 6  # a divisor: not 8 or 9
+    assert autotune.batch_chunk_default((8, 14, 14, 128), 754, jnp.float32) is None  # 4.7 MB whole batch
+    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
+    assert autotune.batch_chunk_default((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
+    assert autotune.batch_chunk_default((1, 64, 64, 16), 4096, jnp.float32) is None
+    assert autotune.batch_chunk_default((32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
+    for mode in (True, False):
+        with autotune.per_sample_mode(mode):
+            assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) is None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_chunks_match_oracle(monkeypatch, stride):
+    """The factorized 2-D path in chunks of 2 samples (thresholds lowered so the rule chunks a
+    test-size batch of 6): value and gradients w.r.t. x and every factor equal those of a dense
+    conv of the numpy-reconstructed kernel (float32 noise), and the program loops (a scan)."""
+    from hocp_jax import autotune
+
+    rng = np.random.default_rng(3)
+    b, (h, w), c_in, c_out, rank = 6, (9, 8), 5, 7, 11
+    monkeypatch.setattr(autotune, "CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(autotune, "CHUNK_TARGET_BYTES", 2 * h * w * rank * 4)
+    assert autotune.batch_chunk_default((b, h, w, c_in), rank, jnp.float32) == 2
+    p = _cp_numpy(rng, c_in, c_out, (3, 3), rank, ("h", "w"))
+    x = rng.normal(size=(b, h, w, c_in)).astype(np.float32)
+    r = rng.normal(size=(b, -(-h // stride), -(-w // stride), c_out)).astype(np.float32)
+
+    def loss(x, p):
+        y = conv.cp_conv(x, p, modes=("h", "w"), stride=stride, padding="SAME", implementation="factorized")
+        return jnp.sum(y * r)
+
+    def oracle_loss(x, p):
+        kernel = jnp.einsum("hr,wr,cr,tr,r->hwct", p["factor_h"], p["factor_w"], p["factor_in"], p["factor_out"],
+                            p["lambda"], precision=lax.Precision.HIGHEST)
+        return jnp.sum(_oracle(x, kernel, (stride, stride), "SAME", (1, 1)) * r)
+
+    assert "scan" in str(jax.make_jaxpr(jax.grad(loss))(x, p))
+    got, want = jax.value_and_grad(loss, (0, 1))(x, p), jax.value_and_grad(oracle_loss, (0, 1))(x, p)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(e))))
+
+
 # (in_sizes, kernel, stride, padding passed to cp_conv, explicit lax padding of the oracle, dilation)
 TILE_CASES = [
     ((5, 9, 7), (3, 3, 3), (1, 1, 1), "SAME", ((1, 1),) * 3, (1, 1, 1)),  # tiles the 9 rows of h
@@ -506,19 +559,32 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
     CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``,
-    ``benchmarks/experiments_resnet2d_scales.json``)."""
+    ``benchmarks/experiments_resnet2d_scales*.json``). Of the runs made before the factorized 2-D
+    convs ran in chunks (stop 29), only the shapes whose program the chunks leave as it was."""
     import json
     import pathlib
 
+    from hocp_jax import autotune
+
     root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-    results = json.loads((root / "results.json").read_text())
-    rows = [row for rows in results["conv"].values() for row in rows]
+
+    def read(name):
+        return json.loads((root / name).read_text())
+
+    def scale_rows(name):
+        return [row for scale in read(name)["scales"].values() for row in scale["layers"]]
+
+    def chunked(s):
+        return autotune.batch_chunk_default((s["batch"], *s["in_sizes"], s["c_in"]), s["rank"], jnp.float32) is not None
+
+    results = read("results.json")
+    before = [row for rows in results["conv"].values() for row in rows]
     if results["machine"].get("platform") != "cpu" or results.get("quick"):
-        rows = []
+        before = []
     for name in ("experiments_resnet2d_step_layers.json", "experiments_resnet2d_step_layers_variants.json"):
-        rows += json.loads((root / name).read_text())["layers"]
-    for scale in json.loads((root / "experiments_resnet2d_scales.json").read_text())["scales"].values():
-        rows += scale["layers"]
+        before += read(name)["layers"]
+    before += scale_rows("experiments_resnet2d_scales.json")
+    rows = [row for row in before if not chunked(row["shape"])] + scale_rows("experiments_resnet2d_scales_chunks.json")
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
 
 

@@ -217,7 +217,8 @@ def batch_chunk_default(x_shape: Sequence[int], rank: int, dtype) -> int | None:
     per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
         return None
-    return max(k for k in range(1, batch + 1) if batch % k == 0 and (k == 1 or k * per_sample_bytes <= CHUNK_TARGET_BYTES))
+    fits = [k for k in range(2, batch + 1) if batch % k == 0 and k * per_sample_bytes <= CHUNK_TARGET_BYTES]
+    return max(fits, default=1)
 
 
 TILE_MIN_BYTES = 8 * 1024 * 1024

@@ -96,13 +96,15 @@ def _save_disk(path: str, key: str, pick: str) -> None:
     os.replace(tmp, path)
 
 
-def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: bool) -> str:
-    """The analytic pick (see module docstring) for the default backend."""
+def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: bool, dtype=jnp.float32,
+                  per_sample: bool | None = None) -> str:
+    """The analytic pick (see module docstring) for the default backend; ``dtype`` of ``x`` and
+    ``per_sample`` as given to :func:`hocp_jax.conv.cp_conv` (they set :func:`batch_plan`)."""
     from hocp_jax import conv, counting
 
     if jax.default_backend() == "cpu":
         return conv.choose_cp_implementation(x_shape, params, modes, stride=strides, padding=pads, dilation=dilations,
-                                             input_grad=input_grad)
+                                             input_grad=input_grad, dtype=dtype, per_sample=per_sample)
     ks = tuple(params[conv.mode_key(m)].shape[0] for m in modes)
     c_in, c_out, rank = params["factor_in"].shape[0], params["factor_out"].shape[0], params["lambda"].shape[0]
     conv_flops = x_shape[0] * counting.dense_flops(tuple(x_shape[1:-1]), c_in, c_out, ks, stride=strides, padding=pads,
@@ -221,6 +223,17 @@ def batch_chunk_default(x_shape: Sequence[int], rank: int, dtype) -> int | None:
     return max(fits, default=1)
 
 
+def batch_plan(x_shape: Sequence[int], rank: int, dtype, per_sample: bool | None, local: bool = True) -> int | None:
+    """Samples per step of the loop over the batch in which :func:`hocp_jax.conv.cp_conv` runs a
+    factorized CP conv on ``x (B, *S, C)``, given its ``per_sample`` argument, or ``None`` (the
+    whole batch at once). ``local``: whether its ``psi`` (if any) acts on each value alone; if not,
+    the automatic rule is off. ``True``: one sample; ``None``: :func:`per_sample_default`, else
+    :func:`batch_chunk_default`; ``False``: the whole batch."""
+    if per_sample is None and local:
+        return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, rank, dtype)
+    return 1 if per_sample else None
+
+
 TILE_MIN_BYTES = 8 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
 into tiles. Measured on the 2-core CPU (1 MiB L2 per core, 32 MiB shared L3; ``python -m
@@ -282,13 +295,16 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     return (i, rows) if rows < out_sizes[i] else None
 
 
-def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True) -> str:
+def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True,
+              per_sample: bool | None = None) -> str:
     """``"factorized"`` or ``"reconstructed"`` for one CP conv call under the current :func:`policy`.
 
     ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``; only shapes and dtypes are read.
+    ``per_sample``: :func:`hocp_jax.conv.cp_conv`'s argument; the analytic policy counts the
+    :func:`batch_plan` it gives, the measured one times ``cp_conv``'s default plan.
     """
     if policy() == "analytic":
-        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad)
+        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     key = cache_key(x_shape, dtype, shapes, modes, strides, pads, dilations, input_grad)
     path = _config["cache_path"]
@@ -297,7 +313,7 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     if key in _cache:
         return _cache[key]
     if jax.process_count() > 1:  # never time on one host only: all processes must pick alike
-        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad)
+        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
     times = measure(x_shape, dtype, specs, modes, strides, pads, dilations, input_grad)
     pick = min(times, key=times.get)

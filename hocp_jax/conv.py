@@ -228,10 +228,13 @@ def best_mode_order(
 
 def choose_cp_implementation(
     x_shape: Sequence[int], params: Params, modes: Sequence[str], *, stride=1, padding: PaddingLike = "SAME", dilation=1,
-    input_grad: bool = True,
+    input_grad: bool = True, dtype=jnp.float32, per_sample: bool | None = None,
 ) -> str:
     """``"factorized"`` or ``"reconstructed"``, whichever :func:`counting.cp_path_costs` says is cheaper
-    (the CPU cost model; ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`)."""
+    for a :func:`cp_conv` call with these arguments (``dtype``: of ``x``; ``per_sample``: as
+    :func:`cp_conv`'s, which with the default ``None`` may run a 2-D conv's factorized path in
+    chunks of samples, :func:`hocp_jax.autotune.batch_plan`). The CPU cost model;
+    ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`."""
     modes = _check_modes(modes)
     costs = counting.cp_path_costs(
         x_shape[0],
@@ -244,6 +247,7 @@ def choose_cp_implementation(
         padding=padding,
         dilation=dilation,
         input_grad=input_grad,
+        chunk=autotune.batch_plan(x_shape, params["lambda"].shape[0], dtype, per_sample),
     )
     return "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
 
@@ -444,9 +448,13 @@ def cp_conv(
     ksizes = [params[mode_key(m)].shape[0] for m in modes]
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
 
+    if per_sample not in (None, True, False):
+        raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
+    if psi_pointwise not in (True, False):
+        raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "auto":
         implementation = "factorized" if psi is not None else autotune.choose_cp(
-            x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad
+            x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample
         )
     if implementation == "reconstructed":
         if psi is not None:
@@ -462,18 +470,9 @@ def cp_conv(
             order = tuple(mode_order)
             if sorted(order) != sorted(modes):
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
-        if per_sample not in (None, True, False):
-            raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
-        if psi_pointwise not in (True, False):
-            raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
         local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
-        chunk = None  # samples per step of a loop over the batch; None: the whole batch at once
-        if per_sample is None and local:
-            per_sample = autotune.per_sample_default(x.shape, params["lambda"].shape[0], x.dtype)
-            chunk = autotune.batch_chunk_default(x.shape, params["lambda"].shape[0], x.dtype)
-        if per_sample:
-            chunk = 1
+        chunk = autotune.batch_plan(x.shape, params["lambda"].shape[0], x.dtype, per_sample, local)
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
         def factorized(x, pads=pads, order=order):

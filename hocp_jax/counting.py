@@ -168,6 +168,21 @@ XLA on CPU (benchmarks/RESULTS.md, fwd+bwd: ~39 GFLOP/s for the 2-D (64,64)@56x5
 this factor when ``len(kernel_size) >= 3``."""
 
 
+CHUNKED_BYTES_SCALE = 0.5
+"""Scale on the factorized path's bytes when an unstrided 2-D conv's batch runs in chunks of
+samples (``cp_path_costs(chunk=...)``, :func:`hocp_jax.autotune.batch_chunk_default`): a chunk's
+intermediates stay in cache, so they cost less per byte than whole-batch ones streamed through
+memory. Calibrated on the chunked ResNet-18 conv shapes of ``python -m benchmarks.experiments
+resnet2d_scales`` (stop 29, ``experiments_resnet2d_scales_chunks.json``) and checked with ``python
+-m benchmarks.experiments chunk_picks``, which times every ResNet-18 2-D conv shape (batch 2-64,
+112-224 pixel images) whose pick the scale changes (README "Benchmarks", stop 30). The ratios
+alone fit best at 0.35, which picked the factorized path of two shapes measured 1.03x and 1.10x
+slower than the reconstructed one; at 0.5 the three changed picks measured faster. Strided convs
+gained less from the chunks and are not scaled (scaled, their factorized path was picked on two
+shapes where it measured 1.2x slower); nor are 3-D convs, on whose per-sample runs
+:data:`BYTES_TO_FLOPS` was calibrated."""
+
+
 def cp_path_costs(
     batch: int,
     in_sizes: Sequence[int],
@@ -181,6 +196,7 @@ def cp_path_costs(
     dilation=1,
     order: Sequence[int] | None = None,
     input_grad: bool = True,
+    chunk: int | None = None,
 ) -> dict[str, dict[str, float] | float]:
     """Forward cost of the two CP paths for a batch: ``{"factorized": c, "reconstructed": c, "detail": ...}``.
 
@@ -200,6 +216,10 @@ def cp_path_costs(
       ``input_grad``) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops`
       once; bytes: x, y, kernel.
 
+    ``chunk``: samples per step of the loop over the batch in which the factorized path runs
+    (:func:`hocp_jax.autotune.batch_plan`; ``None``: the whole batch at once); for an unstrided
+    2-D conv its bytes then count at :data:`CHUNKED_BYTES_SCALE`.
+
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.
     """
@@ -217,6 +237,8 @@ def cp_path_costs(
         elems += (before + (1 + 3 * kernel_size[i]) * int(np.prod(sizes))) * rank * 2 / 11
     elems += p_out * (rank + out_channels)
     f_bytes = 4.0 * batch * elems
+    unstrided = max(as_tuple(stride, n, "stride")) == 1
+    f_scale = CHUNKED_BYTES_SCALE if chunk is not None and n == 2 and unstrided else 1.0
     r_flops = batch * dense_flops(in_sizes, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                   dilation=dilation)
     starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
@@ -226,7 +248,7 @@ def cp_path_costs(
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)
     return {
-        "factorized": f_flops + BYTES_TO_FLOPS * f_bytes,
+        "factorized": f_flops + BYTES_TO_FLOPS * f_scale * f_bytes,
         "reconstructed": r_flops_eff + BYTES_TO_FLOPS * r_bytes,
         "detail": {
             "factorized": {"flops": float(f_flops), "bytes": f_bytes},

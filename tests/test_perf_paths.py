@@ -352,6 +352,29 @@ def test_batch_chunk_rule(monkeypatch):
     assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) is None
 
 
+def test_auto_counts_the_chunks_it_runs():
+    """``auto`` asks the cost model about the factorized path as ``cp_conv`` would run it: on
+    ResNet-18's (256->256) conv at 16 x 14 x 14 (measured: 87.6-88.9 ms chunked factorized against
+    99.7-102.0 reconstructed, README "Benchmarks", stop 30) in chunks by default, so factorized,
+    and whole-batch with ``per_sample=False``, so reconstructed; the chunked program is what runs."""
+    from hocp_jax import autotune
+
+    x = jax.ShapeDtypeStruct((16, 14, 14, 256), jnp.float32)
+    shapes = {"factor_in": (256, 1136), "factor_out": (256, 1136), "lambda": (1136,), "factor_h": (3, 1136),
+              "factor_w": (3, 1136)}
+    p = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
+    assert autotune.batch_plan(x.shape, 1136, x.dtype, None) == 2
+    assert autotune.choose_cp(x.shape, x.dtype, p, *geometry) == "factorized"
+    assert autotune.choose_cp(x.shape, x.dtype, p, *geometry, per_sample=False) == "reconstructed"
+    assert conv.choose_cp_implementation(x.shape, p, ("h", "w"), padding=1, per_sample=False) == "reconstructed"
+
+    def lowered(**kw):
+        return str(jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto", **kw))(x, p))
+
+    assert "scan" in lowered() and "scan" not in lowered(per_sample=False)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_batch_chunks_match_oracle(monkeypatch, stride):
     """The factorized 2-D path in chunks of 2 samples (thresholds lowered so the rule chunks a
@@ -559,8 +582,9 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
     CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``,
-    ``benchmarks/experiments_resnet2d_scales*.json``). Of the runs made before the factorized 2-D
-    convs ran in chunks (stop 29), only the shapes whose program the chunks leave as it was."""
+    ``benchmarks/experiments_resnet2d_scales*.json``, ``benchmarks/experiments_chunk_picks*.json``).
+    Of the runs made before the factorized 2-D convs ran in chunks (stop 29), only the shapes whose
+    program the chunks leave as it was."""
     import json
     import pathlib
 
@@ -585,32 +609,38 @@ def _recorded_layers():
         before += read(name)["layers"]
     before += scale_rows("experiments_resnet2d_scales.json")
     rows = [row for row in before if not chunked(row["shape"])] + scale_rows("experiments_resnet2d_scales_chunks.json")
+    rows += read("experiments_chunk_picks.json")["layers"]
+    rows += [row for run in read("experiments_chunk_picks_calibration.json")["runs"].values() for row in run["layers"]]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
 
 
 def test_cost_model_agrees_with_recorded_timings():
-    """The analytic cost model (calibrated on the 2-core CPU) picks the path that measured faster
-    on every layer shape of the recorded runs where the two paths differ by more than 20 %: an
-    independent check of its constants against timings, not against itself. A shape whose
-    recorded runs disagree by that margin on which path is faster tells nothing about the model
-    and is left out; there is one (README "Benchmarks", stop 29: ResNet-18's (128->128)@14x14
-    conv at batch 8, factorized slower in the fresh processes of ``resnet2d_step_layers`` and
-    faster after the train steps of ``resnet2d_scales``), and the test fails if there are more."""
+    """On every layer shape of the recorded CPU runs, the path the analytic cost model (calibrated
+    on the 2-core CPU) picks takes at most 1.1x the faster path's time (issue 13's bound on
+    ``auto``), in the median over the runs that timed the shape: an independent check of its
+    constants against timings, not against itself. The model is asked as ``cp_conv``'s ``auto``
+    asks it, with the factorized path in the chunks of samples ``cp_conv`` runs it in. A median,
+    because one shape is measured both ways (README "Benchmarks", stop 29: ResNet-18's
+    (128->128)@14x14 conv at batch 8, factorized slower in the fresh processes of
+    ``resnet2d_step_layers`` and faster after the train steps of ``resnet2d_scales``)."""
     import json
+    import statistics
 
-    faster: dict[str, tuple] = {}  # shape -> (shape, input_grad, {whether factorized was faster})
+    from hocp_jax import autotune
+
+    ratios: dict[str, tuple] = {}  # shape -> (shape, input_grad, [fact ms / recon ms per run])
     for s, input_grad, fact_ms, recon_ms in _recorded_layers():
-        if max(fact_ms, recon_ms) >= 1.2 * min(fact_ms, recon_ms):
-            key = json.dumps([s, input_grad], sort_keys=True)
-            faster.setdefault(key, (s, input_grad, set()))[2].add(fact_ms <= recon_ms)
-    ambiguous = [s for s, _, wins in faster.values() if len(wins) > 1]
-    assert len(ambiguous) <= 1, ambiguous
-    checked = 0
-    for s, input_grad, wins in faster.values():
-        if len(wins) > 1:
-            continue
-        checked += 1
+        key = json.dumps([s, input_grad], sort_keys=True)
+        ratios.setdefault(key, (s, input_grad, []))[2].append(fact_ms / recon_ms)
+    over = []
+    for s, input_grad, runs in ratios.values():
+        chunk = autotune.batch_plan((s["batch"], *s["in_sizes"], s["c_in"]), s["rank"], jnp.float32, None)
         c = counting.cp_path_costs(s["batch"], tuple(s["in_sizes"]), s["c_in"], s["c_out"], tuple(s["kernel"]), s["rank"],
-                                   stride=tuple(s["stride"]), padding=tuple(map(tuple, s["padding"])), input_grad=input_grad)
-        assert (c["factorized"] <= c["reconstructed"]) == wins.pop(), s
-    assert checked >= 30
+                                   stride=tuple(s["stride"]), padding=tuple(map(tuple, s["padding"])),
+                                   input_grad=input_grad, chunk=chunk)
+        measured = statistics.median(runs)
+        over_best = max(measured, 1.0) if c["factorized"] <= c["reconstructed"] else max(1 / measured, 1.0)
+        if over_best > 1.1:
+            over.append((s, round(over_best, 2)))
+    assert not over, over
+    assert len(ratios) >= 40

@@ -97,6 +97,12 @@ step of ``bench`` with ``auto``'s path for every CP conv, and once per CP conv s
 whether each of ``auto``'s picks is the faster one inside the step, where the convs' operands
 are not in cache as they are when a layer is timed alone.
 
+``python -m benchmarks.experiments chunk_picks [rounds]``: the ResNet-18 2-D 3x3 conv shapes on
+batches of 2 to 64 images of 112 to 224 pixels whose ``auto`` pick the cost model's
+``CHUNKED_BYTES_SCALE`` changes (the factorized path in chunks of samples counted as cheaper per
+byte), each with the dense conv and both CP paths (fwd+bwd, ``bench`` protocol), interleaved:
+whether the changed picks are the faster paths.
+
 ``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
 of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
 optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program

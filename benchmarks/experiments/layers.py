@@ -124,6 +124,49 @@ def resnet2d_layer_sums(batch: int, image: int, rounds: int) -> dict:
     return {"layers": rows, "net_ms": _net_ms(rows)}
 
 
+CHUNK_PICK_GRID = ((2, 4, 8, 16, 32, 64), (112, 160, 224))
+"""Batches and image sizes of the ResNet-18 2-D conv shapes :func:`chunk_picks` screens."""
+
+
+def chunk_picks(rounds: int = 9) -> dict:
+    """The ResNet-18 2-D 3x3 conv shapes (:func:`resnet2d_conv_cases` on the batches and images of
+    :data:`CHUNK_PICK_GRID`) on which the cost model picks differently with and without
+    :data:`hocp_jax.counting.CHUNKED_BYTES_SCALE` (the factorized path in chunks of samples
+    counted as cheaper per byte), each timed with the dense conv and both CP paths (fwd+bwd,
+    ``bench`` protocol), interleaved: whether the changed picks are the faster paths."""
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import counting
+
+    def pick(case):
+        strides, pads = case.geometry()
+        shapes = {"factor_in": (case.c_in, case.rank), "factor_out": (case.c_out, case.rank), "lambda": (case.rank,)}
+        shapes |= {conv.mode_key(m): (k, case.rank) for m, k in zip(case.modes, case.kernel)}
+        params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+        return conv.choose_cp_implementation((case.batch, *case.in_sizes, case.c_in), params, case.modes,
+                                             stride=strides, padding=pads)
+
+    cases = [case for batch in CHUNK_PICK_GRID[0] for image in CHUNK_PICK_GRID[1]
+             for case, _ in resnet2d_conv_cases(batch, image)]
+    with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", 1.0):
+        unscaled = [pick(case) for case in cases]
+    out: dict = {"rounds": rounds, "screened": len(cases), "layers": []}
+    for case, before in zip(cases, unscaled):
+        if pick(case) == before:
+            continue
+        kernel, params, compile_call = bench.case_compiler(case)
+        fns = {k: f for k, f in bench.conv_fns(case).items() if k != "auto"}
+        t = time_interleaved({k: compile_call(f, kernel if k == "dense" else params)[0] for k, f in fns.items()},
+                             rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        out["layers"].append({"layer": f"{case.name} (B={case.batch})", "shape": bench.case_shape(case),
+                              "input_grad": case.input_grad, "ms": ms, "auto_pick": pick(case),
+                              "pick_unscaled": before})
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 def _net_ms(rows: list[dict]) -> dict:
     """Each path of ``rows`` (layers with ``ms``, ``convs_in_net`` and ``auto_pick``), and ``auto``'s
     picks, summed over the network's convs."""

@@ -587,8 +587,9 @@ PROTOCOL = (
     "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
     "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), and "
     "without a strided mode a sample with an intermediate of 8 MiB or more in tiles of output rows, whatever "
-    "the batch (`hocp_jax.autotune.tile_plan`); 2-D convs run the whole batch; FLOPs are counted on the "
-    "whole-batch program."
+    "the batch (`hocp_jax.autotune.tile_plan`); that of a 2-D conv whose whole-batch intermediate is 6 MiB or "
+    "more in chunks of samples (`hocp_jax.autotune.batch_chunk_default`; here the ResNet-18 2-D "
+    "layers but (512->512)); FLOPs are counted on the whole-batch program."
 )
 
 

@@ -195,13 +195,29 @@ CHUNK_TARGET_BYTES = 2 * 1024 * 1024
 one sample when a single sample's is larger)."""
 
 
-def batch_chunk_default(x_shape: Sequence[int], rank: int, dtype) -> int | None:
+CHUNK_MAX_GRAD_RATIO = 4
+"""Most input plus output channels per output position of a chunk for which
+:func:`batch_chunk_default` runs the batch in chunks: each step of the loop computes and adds up
+the factor gradients, ``(C_in + C_out) * rank`` values, from its chunk's ``k * H' * W'`` output
+positions, so with too few positions per chunk that overhead outweighs the cache gain. Measured
+on the 2-core CPU (README "Benchmarks", stop 30: fwd+bwd, chunks against the whole batch,
+interleaved), channels per chunk position in brackets: ResNet-18's (256->512)/s2 conv took 1.38x
+as long in chunks on 8 x 14 x 14 and 1.04x on 16 x 14 x 14 (one sample, 15.7), 1.13x on
+32 x 7 x 7 (4 samples, 3.9 per 4 positions: 15.7) and 1.07x on 64 x 7 x 7 (4 samples: 15.7), the
+(512->512) conv 1.11x on 64 x 4 x 4 (8 samples: 8.0) and 0.96x on 16 x 7 x 7 (4 samples: 5.2);
+the other chunked shapes (1.3 to 3.9) 0.58-0.96x."""
+
+
+def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype) -> int | None:
     """Samples per step of the loop over the batch in which the factorized path of a 2-D CP conv
-    on ``x (B, H, W, C)`` runs when the caller does not say, or ``None`` (the whole batch at once).
+    from ``x (B, H, W, C_in)`` to ``y (B, H', W', C_out)`` runs when the caller does not say, or
+    ``None`` (the whole batch at once).
 
     On the CPU backend with one device and no :func:`per_sample_mode` set: when the whole-batch
     intermediate ``B * H * W * rank`` is at least :data:`CHUNK_MIN_BYTES`, the largest divisor
-    ``k`` of ``B`` whose chunk's intermediate fits :data:`CHUNK_TARGET_BYTES` (at least 1).
+    ``k`` of ``B`` whose chunk's intermediate fits :data:`CHUNK_TARGET_BYTES` (at least 1), unless
+    ``C_in + C_out`` exceeds :data:`CHUNK_MAX_GRAD_RATIO` times the chunk's ``k * H' * W'``
+    output positions.
     Measured on the 2-core CPU (README "Benchmarks", stop 29: ``python -m benchmarks.experiments
     resnet2d_scales``, ResNet-18's 3x3 convs at batch 8 to 32 on 112 and 224 images, before and
     after): the factorized path fwd+bwd of e.g. the (64->64) conv on 16 x 56 x 56 took 260.6 ms
@@ -220,17 +236,21 @@ def batch_chunk_default(x_shape: Sequence[int], rank: int, dtype) -> int | None:
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
         return None
     fits = [k for k in range(2, batch + 1) if batch % k == 0 and k * per_sample_bytes <= CHUNK_TARGET_BYTES]
-    return max(fits, default=1)
+    k = max(fits, default=1)
+    if x_shape[-1] + y_shape[-1] > CHUNK_MAX_GRAD_RATIO * k * int(np.prod(y_shape[1:-1])):
+        return None
+    return k
 
 
-def batch_plan(x_shape: Sequence[int], rank: int, dtype, per_sample: bool | None, local: bool = True) -> int | None:
+def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype, per_sample: bool | None,
+               local: bool = True) -> int | None:
     """Samples per step of the loop over the batch in which :func:`hocp_jax.conv.cp_conv` runs a
-    factorized CP conv on ``x (B, *S, C)``, given its ``per_sample`` argument, or ``None`` (the
+    factorized CP conv from ``x (B, *S, C_in)`` to ``y (B, *S', C_out)``, given its ``per_sample`` argument, or ``None`` (the
     whole batch at once). ``local``: whether its ``psi`` (if any) acts on each value alone; if not,
     the automatic rule is off. ``True``: one sample; ``None``: :func:`per_sample_default`, else
     :func:`batch_chunk_default`; ``False``: the whole batch."""
     if per_sample is None and local:
-        return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, rank, dtype)
+        return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, y_shape, rank, dtype)
     return 1 if per_sample else None
 
 

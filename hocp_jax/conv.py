@@ -236,18 +236,12 @@ def choose_cp_implementation(
     chunks of samples, :func:`hocp_jax.autotune.batch_plan`). The CPU cost model;
     ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`."""
     modes = _check_modes(modes)
+    in_sizes, ks = tuple(x_shape[1:-1]), tuple(params[mode_key(m)].shape[0] for m in modes)
+    c_in, c_out, rank = params["factor_in"].shape[0], params["factor_out"].shape[0], params["lambda"].shape[0]
+    y_shape = (x_shape[0], *counting.output_sizes(in_sizes, ks, stride, padding, dilation), c_out)
     costs = counting.cp_path_costs(
-        x_shape[0],
-        tuple(x_shape[1:-1]),
-        params["factor_in"].shape[0],
-        params["factor_out"].shape[0],
-        tuple(params[mode_key(m)].shape[0] for m in modes),
-        params["lambda"].shape[0],
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        input_grad=input_grad,
-        chunk=autotune.batch_plan(x_shape, params["lambda"].shape[0], dtype, per_sample),
+        x_shape[0], in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, dilation=dilation,
+        input_grad=input_grad, chunk=autotune.batch_plan(x_shape, y_shape, rank, dtype, per_sample),
     )
     return "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
 
@@ -472,7 +466,10 @@ def cp_conv(
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
         local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
-        chunk = autotune.batch_plan(x.shape, params["lambda"].shape[0], x.dtype, per_sample, local)
+        halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
+        out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
+        y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
+        chunk = autotune.batch_plan(x.shape, y_shape, params["lambda"].shape[0], x.dtype, per_sample, local)
         out_factor = params["factor_out"] * params["lambda"][None, :]
 
         def factorized(x, pads=pads, order=order):
@@ -486,8 +483,6 @@ def cp_conv(
                     h = psi(h, m)
             return channel_matmul(h, out_factor.T)
 
-        halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
-        out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
         plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan

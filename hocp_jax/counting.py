@@ -59,7 +59,9 @@ def cp_rank_for_budget(
     return int(rank)
 
 
-def _geometry(in_sizes, kernel_size, stride, padding, dilation):
+def output_sizes(in_sizes: Sequence[int], kernel_size: Sequence[int], stride=1, padding: PaddingLike = "SAME",
+                 dilation=1) -> list[int]:
+    """Output spatial sizes of a conv with this geometry (see :mod:`hocp_jax.padding`)."""
     n = len(kernel_size)
     if len(in_sizes) != n:
         raise ValueError(f"in_sizes={tuple(in_sizes)!r}: expected {n} sizes, one per kernel mode")
@@ -81,7 +83,7 @@ def dense_flops(
     dilation=1,
 ) -> int:
     """FLOPs of one dense conv on one example of spatial size ``in_sizes``."""
-    outs = _geometry(in_sizes, kernel_size, stride, padding, dilation)
+    outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     return 2 * int(np.prod(outs)) * in_channels * out_channels * int(np.prod(kernel_size))
 
 
@@ -99,7 +101,7 @@ def cp_flops(
     skip: bool = False,
 ) -> int:
     """FLOPs of the factorized CP conv (1x1 in, one 1-D conv per mode in ``order``, 1x1 out)."""
-    outs = _geometry(in_sizes, kernel_size, stride, padding, dilation)
+    outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     order = tuple(range(len(kernel_size))) if order is None else tuple(order)
     sizes = list(in_sizes)
     macs = int(np.prod(sizes)) * in_channels * rank
@@ -124,7 +126,7 @@ def tucker_flops(
     dilation=1,
 ) -> int:
     """FLOPs of the factorized Tucker conv (1x1 in, dense core conv on the ranks, 1x1 out)."""
-    outs = _geometry(in_sizes, kernel_size, stride, padding, dilation)
+    outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     r_in, r_out = ranks
     macs = int(np.prod(in_sizes)) * in_channels * r_in
     macs += int(np.prod(outs)) * r_in * r_out * int(np.prod(kernel_size))
@@ -224,7 +226,7 @@ def cp_path_costs(
     twice the forward for both paths, so the forward comparison decides.
     """
     n = len(kernel_size)
-    outs = _geometry(in_sizes, kernel_size, stride, padding, dilation)
+    outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     order = tuple(range(n)) if order is None else tuple(order)
     p_in, p_out = int(np.prod(in_sizes)), int(np.prod(outs))
     f_flops = batch * cp_flops(in_sizes, in_channels, out_channels, kernel_size, rank, stride=stride, padding=padding,

@@ -332,24 +332,34 @@ def test_per_sample_rule_and_wiring(monkeypatch):
 
 def test_batch_chunk_rule(monkeypatch):
     """2-D convs only, on one CPU device, from CHUNK_MIN_BYTES of whole-batch intermediate: the
-    largest divisor of the batch whose chunk fits CHUNK_TARGET_BYTES, at least one sample;
+    largest divisor of the batch whose chunk fits CHUNK_TARGET_BYTES, at least one sample, unless
+    the chunk has more than CHUNK_MAX_GRAD_RATIO input plus output channels per output position;
     ``per_sample_mode`` turns the chunks off (it decides alone)."""
     from hocp_jax import autotune
 
-    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) == 8  # 7.1 MB, 0.22 MB a sample
-    assert autotune.batch_chunk_default((8, 14, 14, 256), 1136, jnp.float32) == 2  # 0.89 MB a sample
-    assert autotune.batch_chunk_default((6, 64, 64, 16), 128, jnp.float32) == 1  # 2.1 MB a sample: one at a time
-    assert autotune.batch_chunk_default((30, 7, 7, 256), 1136, jnp.float32) == 6  # a divisor: not 8 or 9
-    assert autotune.batch_chunk_default((8, 14, 14, 128), 754, jnp.float32) is None  # 4.7 MB whole batch
-    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
-    assert autotune.batch_chunk_default((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
-    assert autotune.batch_chunk_default((1, 64, 64, 16), 4096, jnp.float32) is None
-    assert autotune.batch_chunk_default((32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
+    def chunk(x_shape, rank, dtype=jnp.float32, stride=1, c_out=None):
+        b, *sizes, c_in = x_shape
+        y_shape = (b, *[-(-n // stride) for n in sizes], c_in if c_out is None else c_out)
+        return autotune.batch_chunk_default(x_shape, y_shape, rank, dtype)
+
+    assert chunk((32, 7, 7, 256), 1136) == 8  # 7.1 MB, 0.22 MB a sample
+    assert chunk((8, 14, 14, 256), 1136) == 2  # 0.89 MB a sample
+    assert chunk((6, 64, 64, 16), 128) == 1  # 2.1 MB a sample: one at a time
+    assert chunk((30, 7, 7, 256), 1136) == 6  # a divisor: not 8 or 9
+    assert chunk((8, 14, 14, 128), 754) is None  # 4.7 MB whole batch
+    assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
+    assert chunk((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
+    assert chunk((1, 64, 64, 16), 4096) is None
+    assert autotune.batch_chunk_default((32, 4, 7, 7, 256), (32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
+    # channels per chunk output position: 768 / 49 = 15.7 and 1024 / (8 * 16) = 8.0 over 4; 384 / 98 = 3.9 not
+    assert chunk((8, 14, 14, 256), 1522, stride=2, c_out=512) is None
+    assert chunk((64, 4, 4, 512), 2288) is None
+    assert chunk((32, 14, 14, 128), 754, stride=2, c_out=256) == 2
     for mode in (True, False):
         with autotune.per_sample_mode(mode):
-            assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) is None
+            assert chunk((32, 7, 7, 256), 1136) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert autotune.batch_chunk_default((32, 7, 7, 256), 1136, jnp.float32) is None
+    assert chunk((32, 7, 7, 256), 1136) is None
 
 
 def test_auto_counts_the_chunks_it_runs():
@@ -364,7 +374,7 @@ def test_auto_counts_the_chunks_it_runs():
               "factor_w": (3, 1136)}
     p = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
     geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
-    assert autotune.batch_plan(x.shape, 1136, x.dtype, None) == 2
+    assert autotune.batch_plan(x.shape, x.shape, 1136, x.dtype, None) == 2
     assert autotune.choose_cp(x.shape, x.dtype, p, *geometry) == "factorized"
     assert autotune.choose_cp(x.shape, x.dtype, p, *geometry, per_sample=False) == "reconstructed"
     assert conv.choose_cp_implementation(x.shape, p, ("h", "w"), padding=1, per_sample=False) == "reconstructed"
@@ -386,7 +396,8 @@ def test_batch_chunks_match_oracle(monkeypatch, stride):
     b, (h, w), c_in, c_out, rank = 6, (9, 8), 5, 7, 11
     monkeypatch.setattr(autotune, "CHUNK_MIN_BYTES", 0)
     monkeypatch.setattr(autotune, "CHUNK_TARGET_BYTES", 2 * h * w * rank * 4)
-    assert autotune.batch_chunk_default((b, h, w, c_in), rank, jnp.float32) == 2
+    y_shape = (b, -(-h // stride), -(-w // stride), c_out)
+    assert autotune.batch_chunk_default((b, h, w, c_in), y_shape, rank, jnp.float32) == 2
     p = _cp_numpy(rng, c_in, c_out, (3, 3), rank, ("h", "w"))
     x = rng.normal(size=(b, h, w, c_in)).astype(np.float32)
     r = rng.normal(size=(b, -(-h // stride), -(-w // stride), c_out)).astype(np.float32)
@@ -579,14 +590,24 @@ def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
                  nnx.state(out[0][1]), nnx.state(out[1][1]))
 
 
+def _io_shapes(s):
+    """``(x_shape, y_shape)`` of a recorded layer's ``shape`` dict."""
+    outs = counting.output_sizes(tuple(s["in_sizes"]), tuple(s["kernel"]), tuple(s["stride"]),
+                                 tuple(map(tuple, s["padding"])))
+    return (s["batch"], *s["in_sizes"], s["c_in"]), (s["batch"], *outs, s["c_out"])
+
+
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
     CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``,
     ``benchmarks/experiments_resnet2d_scales*.json``, ``benchmarks/experiments_chunk_picks*.json``).
-    Of the runs made before the factorized 2-D convs ran in chunks (stop 29), only the shapes whose
-    program the chunks leave as it was."""
+    Of each run, only the layers whose factorized program is the one the library runs now: the
+    runs made before the factorized 2-D convs ran in chunks (stop 29) for the shapes not chunked
+    now, those made with the chunks' byte thresholds alone (stops 29-30, before
+    ``CHUNK_MAX_GRAD_RATIO``) for the shapes that threshold leaves as they were."""
     import json
     import pathlib
+    from unittest import mock
 
     from hocp_jax import autotune
 
@@ -598,19 +619,24 @@ def _recorded_layers():
     def scale_rows(name):
         return [row for scale in read(name)["scales"].values() for row in scale["layers"]]
 
-    def chunked(s):
-        return autotune.batch_chunk_default((s["batch"], *s["in_sizes"], s["c_in"]), s["rank"], jnp.float32) is not None
+    def chunk(s):
+        return autotune.batch_plan(*_io_shapes(s), s["rank"], jnp.float32, None)
 
-    results = read("results.json")
-    before = [row for rows in results["conv"].values() for row in rows]
-    if results["machine"].get("platform") != "cpu" or results.get("quick"):
-        before = []
+    def byte_rule_chunk(s):
+        with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
+            return chunk(s)
+
+    unchunked = []
     for name in ("experiments_resnet2d_step_layers.json", "experiments_resnet2d_step_layers_variants.json"):
-        before += read(name)["layers"]
-    before += scale_rows("experiments_resnet2d_scales.json")
-    rows = [row for row in before if not chunked(row["shape"])] + scale_rows("experiments_resnet2d_scales_chunks.json")
-    rows += read("experiments_chunk_picks.json")["layers"]
-    rows += [row for run in read("experiments_chunk_picks_calibration.json")["runs"].values() for row in run["layers"]]
+        unchunked += read(name)["layers"]
+    unchunked += scale_rows("experiments_resnet2d_scales.json")
+    byte_rule = scale_rows("experiments_resnet2d_scales_chunks.json") + read("experiments_chunk_picks.json")["layers"]
+    byte_rule += [row for run in read("experiments_chunk_picks_calibration.json")["runs"].values() for row in run["layers"]]
+    rows = [row for row in unchunked if chunk(row["shape"]) is None]
+    rows += [row for row in byte_rule if chunk(row["shape"]) == byte_rule_chunk(row["shape"])]
+    results = read("results.json")  # stop 30, the current rule
+    if results["machine"].get("platform") == "cpu" and not results.get("quick"):
+        rows += [row for group in results["conv"].values() for row in group]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
 
 
@@ -634,7 +660,7 @@ def test_cost_model_agrees_with_recorded_timings():
         ratios.setdefault(key, (s, input_grad, []))[2].append(fact_ms / recon_ms)
     over = []
     for s, input_grad, runs in ratios.values():
-        chunk = autotune.batch_plan((s["batch"], *s["in_sizes"], s["c_in"]), s["rank"], jnp.float32, None)
+        chunk = autotune.batch_plan(*_io_shapes(s), s["rank"], jnp.float32, None)
         c = counting.cp_path_costs(s["batch"], tuple(s["in_sizes"]), s["c_in"], s["c_out"], tuple(s["kernel"]), s["rank"],
                                    stride=tuple(s["stride"]), padding=tuple(map(tuple, s["padding"])),
                                    input_grad=input_grad, chunk=chunk)

@@ -103,6 +103,12 @@ batches of 2 to 64 images of 112 to 224 pixels whose ``auto`` pick the cost mode
 byte), each with the dense conv and both CP paths (fwd+bwd, ``bench`` protocol), interleaved:
 whether the changed picks are the faster paths.
 
+``python -m benchmarks.experiments chunk_rule [rounds]``: the ResNet-18 2-D 3x3 conv shapes on 8
+or 16 images of 224 pixels and 32 or 64 of 112 that the chunk rule's byte thresholds would run in
+chunks of samples: the factorized path in those chunks against the whole batch, and the dense
+conv, interleaved, with each shape's channels per chunk output position (what
+``CHUNK_MAX_GRAD_RATIO`` bounds).
+
 ``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
 of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
 optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program

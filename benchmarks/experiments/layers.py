@@ -167,6 +167,53 @@ def chunk_picks(rounds: int = 9) -> dict:
     return out
 
 
+CHUNK_RULE_SCALES = ((8, 224), (16, 224), (32, 112), (64, 112))
+"""(batch, image) of the ResNet-18 2-D conv shapes :func:`chunk_rule` times."""
+
+
+def chunk_rule(rounds: int = 11) -> dict:
+    """ResNet-18's 2-D 3x3 conv shapes (:func:`resnet2d_conv_cases` at :data:`CHUNK_RULE_SCALES`)
+    that :func:`hocp_jax.autotune.batch_chunk_default` would run in chunks by its byte thresholds
+    alone: the factorized path (fwd+bwd, ``bench`` protocol) in those chunks, on the whole batch
+    (``per_sample=False``) and the dense conv, interleaved; with each shape's input plus output
+    channels per output position of a chunk and whether the rule, with
+    :data:`hocp_jax.autotune.CHUNK_MAX_GRAD_RATIO`, chunks it."""
+    import functools
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import autotune, counting
+
+    out: dict = {"rounds": rounds, "layers": []}
+    for batch, image in CHUNK_RULE_SCALES:
+        for case, _ in resnet2d_conv_cases(batch, image):
+            strides, pads = case.geometry()
+            x_shape = (batch, *case.in_sizes, case.c_in)
+            y_shape = (batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
+            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
+                chunk = autotune.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32)
+            if chunk is None:
+                continue
+            kernel, params, compile_call = bench.case_compiler(case)
+
+            def factorized(x, p, per_sample):
+                return conv.cp_conv(x, p, modes=case.modes, stride=strides, padding=pads, implementation="factorized",
+                                    per_sample=per_sample)
+
+            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
+                calls = {"chunks": compile_call(functools.partial(factorized, per_sample=None), params)[0]}
+            calls["whole batch"] = compile_call(functools.partial(factorized, per_sample=False), params)[0]
+            calls["dense"] = compile_call(bench.conv_fns(case)["dense"], kernel)[0]
+            ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+            out["layers"].append({
+                "layer": f"{case.name} (B={batch})", "shape": bench.case_shape(case), "chunk": chunk,
+                "channels_per_chunk_position": (case.c_in + case.c_out) / (chunk * int(np.prod(y_shape[1:-1]))),
+                "ms": ms, "chunks_over_whole": ms["chunks"] / ms["whole batch"],
+                "chunked_by_rule": autotune.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32) is not None})
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 def _net_ms(rows: list[dict]) -> dict:
     """Each path of ``rows`` (layers with ``ms``, ``convs_in_net`` and ``auto_pick``), and ``auto``'s
     picks, summed over the network's convs."""

@@ -199,13 +199,13 @@ CHUNK_MAX_GRAD_RATIO = 4
 """Most input plus output channels per output position of a chunk for which
 :func:`batch_chunk_default` runs the batch in chunks: each step of the loop computes and adds up
 the factor gradients, ``(C_in + C_out) * rank`` values, from its chunk's ``k * H' * W'`` output
-positions, so with too few positions per chunk that overhead outweighs the cache gain. Measured
-on the 2-core CPU (README "Benchmarks", stop 30: fwd+bwd, chunks against the whole batch,
-interleaved), channels per chunk position in brackets: ResNet-18's (256->512)/s2 conv took 1.38x
-as long in chunks on 8 x 14 x 14 and 1.04x on 16 x 14 x 14 (one sample, 15.7), 1.13x on
-32 x 7 x 7 (4 samples, 3.9 per 4 positions: 15.7) and 1.07x on 64 x 7 x 7 (4 samples: 15.7), the
-(512->512) conv 1.11x on 64 x 4 x 4 (8 samples: 8.0) and 0.96x on 16 x 7 x 7 (4 samples: 5.2);
-the other chunked shapes (1.3 to 3.9) 0.58-0.96x."""
+positions, so with few positions per chunk that work outweighs the cache gain. Measured on the
+2-core CPU (README "Benchmarks", stop 30: two runs of ``python -m benchmarks.experiments
+chunk_rule``, ResNet-18's 3x3 convs on 8-16 images of 224 and 32-64 of 112 pixels, fwd+bwd,
+chunks against the whole batch, interleaved): 0.49-0.95x at 0.04-3.9 channels per chunk position
+(20 shapes), 0.89-1.08x at 5.2-15.7 (the (256->512)/s2 and (512->512) convs, 6 shapes), which
+also ran slower in chunks in the benchmark's runs of that stop; those now run on the whole
+batch."""
 
 
 def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype) -> int | None:

@@ -13,7 +13,8 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
   the faster. Results are cached in
   memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
-  dilation, input_grad)`` and, with ``cache_path``, in a JSON file that later processes reuse.
+  dilation, input_grad, per_sample)`` and, with ``cache_path``, in a JSON file that later
+  processes reuse.
 
 Multi-host: every process must trace the same program. With ``jax.process_count() > 1`` the
 ``"measure"`` policy never times (timings differ between hosts): it uses the on-disk cache
@@ -67,12 +68,13 @@ def clear_cache() -> None:
 
 
 def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, strides, pads, dilations,
-              input_grad: bool) -> str:
-    """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``."""
+              input_grad: bool, per_sample: bool | None = None) -> str:
+    """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``,
+    ``per_sample``."""
     dev = jax.devices()[0]
     return json.dumps([dev.platform, dev.device_kind, list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
-                       [list(p) for p in pads], list(dilations), bool(input_grad)])
+                       [list(p) for p in pads], list(dilations), bool(input_grad), per_sample])
 
 
 def _load_disk(path: str) -> None:
@@ -113,8 +115,9 @@ def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: 
 
 
 def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool,
-            rounds: int = ROUNDS) -> dict[str, float]:
-    """Median fwd+bwd seconds of both paths on dummy inputs of these shapes (see module docstring)."""
+            rounds: int = ROUNDS, per_sample: bool | None = None) -> dict[str, float]:
+    """Median fwd+bwd seconds of both paths on dummy inputs of these shapes (see module docstring),
+    the factorized one with :func:`hocp_jax.conv.cp_conv`'s ``per_sample``."""
     from hocp_jax import conv
 
     rng = np.random.default_rng(0)
@@ -124,7 +127,7 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
 
         def forward(x, p, impl):
             return conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
-                                implementation=impl)
+                                implementation=impl, per_sample=per_sample)
 
         # a random cotangent, as from the next layer: XLA exploits the all-ones one of a sum() loss
         cot = jnp.asarray(rng.normal(size=jax.eval_shape(lambda x, p: forward(x, p, "factorized"), x, p).shape), dtype)
@@ -321,12 +324,13 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
 
     ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``; only shapes and dtypes are read.
     ``per_sample``: :func:`hocp_jax.conv.cp_conv`'s argument; the analytic policy counts the
-    :func:`batch_plan` it gives, the measured one times ``cp_conv``'s default plan.
+    :func:`batch_plan` it gives, the measured one times the factorized path with it (it is part
+    of the cache key).
     """
     if policy() == "analytic":
         return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
-    key = cache_key(x_shape, dtype, shapes, modes, strides, pads, dilations, input_grad)
+    key = cache_key(x_shape, dtype, shapes, modes, strides, pads, dilations, input_grad, per_sample)
     path = _config["cache_path"]
     if path:
         _load_disk(path)
@@ -335,7 +339,7 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     if jax.process_count() > 1:  # never time on one host only: all processes must pick alike
         return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
-    times = measure(x_shape, dtype, specs, modes, strides, pads, dilations, input_grad)
+    times = measure(x_shape, dtype, specs, modes, strides, pads, dilations, input_grad, per_sample=per_sample)
     pick = min(times, key=times.get)
     _cache[key] = pick
     if path:

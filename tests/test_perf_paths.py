@@ -227,8 +227,8 @@ def measured(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, rounds=5):
-        calls.append((tuple(x_shape), jnp.dtype(dtype).name, input_grad))
+    def fake_measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, rounds=5, per_sample=None):
+        calls.append((tuple(x_shape), jnp.dtype(dtype).name, input_grad) + ((per_sample,) if per_sample is not None else ()))
         return {"factorized": 2.0, "reconstructed": 1.0} if not input_grad else {"factorized": 1.0, "reconstructed": 2.0}
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
@@ -261,6 +261,9 @@ def test_autotune_measures_once_per_key_and_auto_lowers_to_the_pick(measured):
     # a new process (empty memory cache) reuses the file and measures nothing
     autotune.clear_cache()
     assert jaxpr("auto", False) == jaxpr("reconstructed", False) and len(calls) == 4
+    # the call's per_sample is measured (and cached) apart: it changes the factorized program
+    jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto", per_sample=False))(x, p)
+    assert calls[4:] == [((2, 6, 6, 3), "float32", True, False)]
 
 
 def test_autotune_multi_process_never_measures(measured, monkeypatch):

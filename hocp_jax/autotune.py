@@ -13,8 +13,8 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
   the faster. Results are cached in
   memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
-  dilation, input_grad, per_sample)`` and, with ``cache_path``, in a JSON file that later
-  processes reuse.
+  dilation, input_grad, per_sample, and the per-sample and tile modes in force)`` and, with
+  ``cache_path``, in a JSON file that later processes reuse.
 
 Multi-host: every process must trace the same program. With ``jax.process_count() > 1`` the
 ``"measure"`` policy never times (timings differ between hosts): it uses the on-disk cache
@@ -70,11 +70,13 @@ def clear_cache() -> None:
 def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, strides, pads, dilations,
               input_grad: bool, per_sample: bool | None = None) -> str:
     """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``,
-    ``per_sample``."""
+    ``per_sample``, and the :func:`per_sample_mode` and :func:`tile_rows_mode` in force (they
+    change the factorized program too)."""
     dev = jax.devices()[0]
     return json.dumps([dev.platform, dev.device_kind, list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
-                       [list(p) for p in pads], list(dilations), bool(input_grad), per_sample])
+                       [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
+                       _config["per_sample"], _config["tile_rows"]])
 
 
 def _load_disk(path: str) -> None:

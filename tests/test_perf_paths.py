@@ -264,6 +264,9 @@ def test_autotune_measures_once_per_key_and_auto_lowers_to_the_pick(measured):
     # the call's per_sample is measured (and cached) apart: it changes the factorized program
     jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto", per_sample=False))(x, p)
     assert calls[4:] == [((2, 6, 6, 3), "float32", True, False)]
+    with autotune.per_sample_mode(True):  # so is a mode in force
+        jaxpr("auto", True)
+    assert calls[5:] == [((2, 6, 6, 3), "float32", True)]
 
 
 def test_autotune_multi_process_never_measures(measured, monkeypatch):

@@ -250,10 +250,11 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
 def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype, per_sample: bool | None,
                local: bool = True) -> int | None:
     """Samples per step of the loop over the batch in which :func:`hocp_jax.conv.cp_conv` runs a
-    factorized CP conv from ``x (B, *S, C_in)`` to ``y (B, *S', C_out)``, given its ``per_sample`` argument, or ``None`` (the
-    whole batch at once). ``local``: whether its ``psi`` (if any) acts on each value alone; if not,
-    the automatic rule is off. ``True``: one sample; ``None``: :func:`per_sample_default`, else
-    :func:`batch_chunk_default`; ``False``: the whole batch."""
+    factorized CP conv from ``x (B, *S, C_in)`` to ``y (B, *S', C_out)``, given its
+    ``per_sample`` argument, or ``None`` (the whole batch at once). ``local``: whether its
+    ``psi`` (if any) acts on each value alone; if not, the automatic rule is off. ``True``: one
+    sample; ``None``: :func:`per_sample_default`, else :func:`batch_chunk_default`; ``False``:
+    the whole batch."""
     if per_sample is None and local:
         return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, y_shape, rank, dtype)
     return 1 if per_sample else None

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hocp_jax import autotune, counting
-from hocp_jax.padding import PaddingLike, as_tuple, resolve_padding
+from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 Params = Mapping[str, jax.Array]
 Psi = Callable[[jax.Array, str], jax.Array]
@@ -467,7 +467,7 @@ def cp_conv(
         local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
         halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
-        out_sizes = [(s + lo + hi - h - 1) // st + 1 for s, (lo, hi), h, st in zip(x.shape[1:-1], pads, halos, strides)]
+        out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]
         y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
         chunk = autotune.batch_plan(x.shape, y_shape, params["lambda"].shape[0], x.dtype, per_sample, local)
         out_factor = params["factor_out"] * params["lambda"][None, :]

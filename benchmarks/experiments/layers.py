@@ -190,17 +190,13 @@ def chunk_rule(rounds: int = 11) -> dict:
             strides, pads = case.geometry()
             x_shape = (batch, *case.in_sizes, case.c_in)
             y_shape = (batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
-            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
+            factorized = functools.partial(conv.cp_conv, modes=case.modes, stride=strides, padding=pads,
+                                           implementation="factorized")
+            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):  # the byte thresholds alone
                 chunk = autotune.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32)
-            if chunk is None:
-                continue
-            kernel, params, compile_call = bench.case_compiler(case)
-
-            def factorized(x, p, per_sample):
-                return conv.cp_conv(x, p, modes=case.modes, stride=strides, padding=pads, implementation="factorized",
-                                    per_sample=per_sample)
-
-            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
+                if chunk is None:
+                    continue
+                kernel, params, compile_call = bench.case_compiler(case)
                 calls = {"chunks": compile_call(functools.partial(factorized, per_sample=None), params)[0]}
             calls["whole batch"] = compile_call(functools.partial(factorized, per_sample=False), params)[0]
             calls["dense"] = compile_call(bench.conv_fns(case)["dense"], kernel)[0]

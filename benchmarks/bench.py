@@ -33,8 +33,10 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
 Timing: every function is compiled, called once (warm-up), then the paths of a case are
 called in interleaved rounds (so that load from other processes hits all paths alike) and
 the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
-time budget: 40 s of timed calls per conv case, 48 s per train-step pair; the biggest Jester
-layers take 5-10 s a round, so they get 4-8 rounds). Train steps also
+time budget: 40 s of timed calls per conv case, 48 s per train-step pair, but at least
+``MIN_ROUNDS`` = 9; the biggest Jester layers take 5-12 s a round, so they get 9 rounds, where
+before stop 31 they got 4-7 and conv2's median was decided by one or two calls of a path that
+runs at two speeds, README "Two speeds"). Train steps also
 report the ratio to their reference in each round, as median (min-max): the spread of a ratio
 between two programs timed side by side on a shared machine. FLOPs: XLA's
 ``compiled.cost_analysis()["flops"]`` of the FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
@@ -195,12 +197,16 @@ def program_text(fn: Callable, *args) -> str:
     return re.sub(r"^module @\S+", "module", jax.jit(fn).lower(*args).as_text(), count=1)
 
 
+MIN_ROUNDS = 9  # rounds every case gets (fewer only if --repeats asks for fewer), whatever its budget
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, dict]:
     """Warms up every zero-argument ``call`` once, then times them in interleaved rounds, in a new
     random order each round.
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
-    (at least 3 rounds unless ``repeats`` < 3). Returns ``{name: {"median_ms", "times_ms"}}``.
+    (at least ``MIN_ROUNDS`` rounds unless ``repeats`` is smaller). Returns
+    ``{name: {"median_ms", "times_ms"}}``.
     """
     for call in calls.values():
         call()  # warm-up
@@ -216,7 +222,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s
             dt = time.perf_counter() - t0
             times[name].append(1e3 * dt)
             spent += dt
-        if rnd + 1 >= min(3, repeats) and spent > budget_s:
+        if rnd + 1 >= min(MIN_ROUNDS, repeats) and spent > budget_s:
             break
     return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t]} for name, t in times.items()}
 
@@ -578,7 +584,8 @@ PROTOCOL = (
     "network's first (column `dx`), w.r.t. its input, as in a training step: nobody differentiates w.r.t. "
     "the network's input images, so the first Jester layer (3->64) gets parameter gradients only. Times are "
     "medians of rounds in which all paths of a layer (and the peers) run interleaved, in a new random order each "
-    "round, in one process; ratios between paths of a row are the meaningful figures on a shared machine. "
+    "round, in one process (at least 9 rounds per layer, up to 15 or until 40 s of timed calls); ratios "
+    "between paths of a row are the meaningful figures on a shared machine. "
     "`auto (pick)`: the path `implementation='auto'` chose, ✗ if the other path measured faster; `auto` "
     "traces to the same program as the path it picks (checked on the lowered StableHLO), so that program is "
     "timed once and `auto` reports its time. `auto/best` = auto / min(factorized, reconstructed): 1.00 when "

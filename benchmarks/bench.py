@@ -34,9 +34,9 @@ Timing: every function is compiled, called once (warm-up), then the paths of a c
 called in interleaved rounds (so that load from other processes hits all paths alike) and
 the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
 time budget: 40 s of timed calls per conv case, 48 s per train-step pair, but at least
-``MIN_ROUNDS`` = 9; the biggest Jester layers take 5-12 s a round, so they get 9 rounds, where
-before stop 31 they got 4-7 and conv2's median was decided by one or two calls of a path that
-runs at two speeds, README "Two speeds"). Train steps also
+``MIN_ROUNDS`` = 9, so that a few slow calls of a path that runs at two speeds (README "Two
+speeds") do not decide its median; the biggest Jester layers take 5-12 s a round, so they get
+9 rounds). Train steps also
 report the ratio to their reference in each round, as median (min-max): the spread of a ratio
 between two programs timed side by side on a shared machine. FLOPs: XLA's
 ``compiled.cost_analysis()["flops"]`` of the FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:
@@ -584,7 +584,7 @@ PROTOCOL = (
     "network's first (column `dx`), w.r.t. its input, as in a training step: nobody differentiates w.r.t. "
     "the network's input images, so the first Jester layer (3->64) gets parameter gradients only. Times are "
     "medians of rounds in which all paths of a layer (and the peers) run interleaved, in a new random order each "
-    "round, in one process (at least 9 rounds per layer, up to 15 or until 40 s of timed calls); ratios "
+    f"round, in one process (at least {MIN_ROUNDS} rounds per layer, up to 15 or until 40 s of timed calls); ratios "
     "between paths of a row are the meaningful figures on a shared machine. "
     "`auto (pick)`: the path `implementation='auto'` chose, ✗ if the other path measured faster; `auto` "
     "traces to the same program as the path it picks (checked on the lowered StableHLO), so that program is "

@@ -640,7 +640,7 @@ def _recorded_layers():
     byte_rule += [row for run in read("experiments_chunk_picks_calibration.json")["runs"].values() for row in run["layers"]]
     rows = [row for row in unchunked if chunk(row["shape"]) is None]
     rows += [row for row in byte_rule if chunk(row["shape"]) == byte_rule_chunk(row["shape"])]
-    results = read("results.json")  # stop 30, the current rule
+    results = read("results.json")  # the run of record (stop 31), the current rule
     if results["machine"].get("platform") == "cpu" and not results.get("quick"):
         rows += [row for group in results["conv"].values() for row in group]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]

@@ -198,6 +198,8 @@ def program_text(fn: Callable, *args) -> str:
 
 
 MIN_ROUNDS = 9  # rounds every case gets (fewer only if --repeats asks for fewer), whatever its budget
+MAX_ROUNDS = 15  # the default --repeats
+CONV_BUDGET_S, STEP_BUDGET_S = 40.0, 48.0  # seconds of timed calls per conv case / train-step pair
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, dict]:
@@ -584,8 +586,8 @@ PROTOCOL = (
     "network's first (column `dx`), w.r.t. its input, as in a training step: nobody differentiates w.r.t. "
     "the network's input images, so the first Jester layer (3->64) gets parameter gradients only. Times are "
     "medians of rounds in which all paths of a layer (and the peers) run interleaved, in a new random order each "
-    f"round, in one process (at least {MIN_ROUNDS} rounds per layer, up to 15 or until 40 s of timed calls); ratios "
-    "between paths of a row are the meaningful figures on a shared machine. "
+    f"round, in one process (at least {MIN_ROUNDS} rounds per layer, up to {MAX_ROUNDS} or until {CONV_BUDGET_S:.0f} s "
+    "of timed calls); ratios between paths of a row are the meaningful figures on a shared machine. "
     "`auto (pick)`: the path `implementation='auto'` chose, ✗ if the other path measured faster; `auto` "
     "traces to the same program as the path it picks (checked on the lowered StableHLO), so that program is "
     "timed once and `auto` reports its time. `auto/best` = auto / min(factorized, reconstructed): 1.00 when "
@@ -722,9 +724,9 @@ def main(argv=None) -> dict:
                     help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else analytic)")
     args = ap.parse_args(argv)
     autotune.configure(policy=args.autotune)
-    repeats = args.repeats or (2 if args.quick else 15)
+    repeats = args.repeats or (2 if args.quick else MAX_ROUNDS)
     # seconds of timed calls per conv case / train-step pair before stopping early
-    budget, step_budget = (1.0, 4.0) if args.quick else (40.0, 48.0)
+    budget, step_budget = (1.0, 4.0) if args.quick else (CONV_BUDGET_S, STEP_BUDGET_S)
     t_start = time.perf_counter()
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "conv": {}, "totals": {}, "models": [],
                                "autotune": autotune.policy(), "argv": list(sys.argv[1:] if argv is None else argv)}

@@ -34,9 +34,9 @@ Timing: every function is compiled, called once (warm-up), then the paths of a c
 called in interleaved rounds (so that load from other processes hits all paths alike) and
 the median per path is reported (up to ``--repeats`` rounds, fewer once a case has spent its
 time budget: 40 s of timed calls per conv case, 48 s per train-step pair, but at least
-``MIN_ROUNDS`` = 9, so that a few slow calls of a path that runs at two speeds (README "Two
-speeds") do not decide its median; the biggest Jester layers take 5-12 s a round, so they get
-9 rounds). Train steps also
+``MIN_ROUNDS`` = 9, so that a few slow calls of a path that runs at two speeds
+(benchmarks/EXPERIMENTS.md, "Two speeds") do not decide its median; the biggest Jester layers
+take 5-12 s a round, so they get 9 rounds). Train steps also
 report the ratio to their reference in each round, as median (min-max): the spread of a ratio
 between two programs timed side by side on a shared machine. FLOPs: XLA's
 ``compiled.cost_analysis()["flops"]`` of the FORWARD function vs the analytic count of :mod:`hocp_jax.counting` (dense:

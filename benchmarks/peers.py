@@ -17,7 +17,7 @@ interleave with the JAX paths' in the same rounds, and neither library shares a 
 allocator or thread pools with the other, as in a user's program. (Scratch runs had shown JAX
 calls slower right after a PyTorch call in the same process; ``python -m
 benchmarks.experiments coresidence 10``, which interleaves the cases, did not reproduce it; the
-JAX path timed there also has slow phases of its own, README "Two speeds".)
+JAX path timed there also has slow phases of its own, benchmarks/EXPERIMENTS.md, "Two speeds".)
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     modes (spatio-temporal convs) and a per-sample intermediate ``prod(S) * rank`` of at least
     :data:`PER_SAMPLE_MIN_BYTES`.
 
-    Measured on the 2-core CPU (README "Benchmarks"): per sample, the Jester stack fwd+bwd takes
+    Measured on the 2-core CPU (benchmarks/EXPERIMENTS.md): per sample, the Jester stack fwd+bwd takes
     0.78x the time of the whole-batch program (``python -m benchmarks.experiments layout 3``),
     because a sample's intermediates are 1/B of the working set of the memory-bound depthwise
     passes. The HO-CP ResNet-18 2-D train step is slower with it (``python -m
@@ -205,7 +205,7 @@ CHUNK_MAX_GRAD_RATIO = 4
 :func:`batch_chunk_default` runs the batch in chunks: each step of the loop computes and adds up
 the factor gradients, ``(C_in + C_out) * rank`` values, from its chunk's ``k * H' * W'`` output
 positions, so with few positions per chunk that work outweighs the cache gain. Measured on the
-2-core CPU (README "Benchmarks", stop 30: two runs of ``python -m benchmarks.experiments
+2-core CPU (benchmarks/EXPERIMENTS.md, stop 30: two runs of ``python -m benchmarks.experiments
 chunk_rule``, ResNet-18's 3x3 convs on 8-16 images of 224 and 32-64 of 112 pixels, fwd+bwd,
 chunks against the whole batch, interleaved): 0.49-0.95x at 0.04-3.9 channels per chunk position
 (20 shapes), 0.89-1.08x at 5.2-15.7 (the (256->512)/s2 and (512->512) convs, 6 shapes), which
@@ -223,7 +223,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
     ``k`` of ``B`` whose chunk's intermediate fits :data:`CHUNK_TARGET_BYTES` (at least 1), unless
     ``C_in + C_out`` exceeds :data:`CHUNK_MAX_GRAD_RATIO` times the chunk's ``k * H' * W'``
     output positions.
-    Measured on the 2-core CPU (README "Benchmarks", stop 29: ``python -m benchmarks.experiments
+    Measured on the 2-core CPU (benchmarks/EXPERIMENTS.md, stop 29: ``python -m benchmarks.experiments
     resnet2d_scales``, ResNet-18's 3x3 convs at batch 8 to 32 on 112 and 224 images, before and
     after): the factorized path fwd+bwd of e.g. the (64->64) conv on 16 x 56 x 56 took 260.6 ms
     on the whole batch and 153.9 in chunks, the (128->128) conv on 8 x 28 x 28 86.9 and 45.7, the
@@ -263,7 +263,7 @@ def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype,
 TILE_MIN_BYTES = 8 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
 into tiles. Measured on the 2-core CPU (1 MiB L2 per core, 32 MiB shared L3; ``python -m
-benchmarks.experiments tiles 5``, README "Benchmarks"): Jester conv2 (24 MB per sample) ran
+benchmarks.experiments tiles 5``, benchmarks/EXPERIMENTS.md): Jester conv2 (24 MB per sample) ran
 fwd+bwd faster in tiles of every size tried (2 to 14 rows), conv1 (9 MB) in tiles of 3 to 14 rows
 (0.83-0.95x; 2 rows: 1.16x), the transduced ResNet-18's first layer at B = 1 (27 MB) in every
 size; Jester conv3 (5 MB) was no faster in any."""

@@ -280,7 +280,7 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 
     intermediates are still in cache; the parameter gradients are summed over the chunks.
     Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
     passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
-    more than the recomputed forward (README "Benchmarks")."""
+    more than the recomputed forward (benchmarks/EXPERIMENTS.md)."""
     fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
     # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
     # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).

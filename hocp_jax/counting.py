@@ -177,7 +177,7 @@ intermediates stay in cache, so they cost less per byte than whole-batch ones st
 memory. Calibrated on the chunked ResNet-18 conv shapes of ``python -m benchmarks.experiments
 resnet2d_scales`` (stop 29, ``experiments_resnet2d_scales_chunks.json``) and checked with ``python
 -m benchmarks.experiments chunk_picks``, which times every ResNet-18 2-D conv shape (batch 2-64,
-112-224 pixel images) whose pick the scale changes (README "Benchmarks", stop 30). The ratios
+112-224 pixel images) whose pick the scale changes (benchmarks/EXPERIMENTS.md, stop 30). The ratios
 alone fit best at 0.35, which picked the factorized path of two shapes measured 1.03x and 1.10x
 slower than the reconstructed one; at 0.5 the three changed picks measured faster. Strided convs
 gained less from the chunks and are not scaled (scaled, their factorized path was picked on two

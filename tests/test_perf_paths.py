@@ -371,7 +371,7 @@ def test_batch_chunk_rule(monkeypatch):
 def test_auto_counts_the_chunks_it_runs():
     """``auto`` asks the cost model about the factorized path as ``cp_conv`` would run it: on
     ResNet-18's (256->256) conv at 16 x 14 x 14 (measured: 87.6-88.9 ms chunked factorized against
-    99.7-102.0 reconstructed, README "Benchmarks", stop 30) in chunks by default, so factorized,
+    99.7-102.0 reconstructed, benchmarks/EXPERIMENTS.md, stop 30) in chunks by default, so factorized,
     and whole-batch with ``per_sample=False``, so reconstructed; the chunked program is what runs."""
     from hocp_jax import autotune
 
@@ -652,7 +652,7 @@ def test_cost_model_agrees_with_recorded_timings():
     ``auto``), in the median over the runs that timed the shape: an independent check of its
     constants against timings, not against itself. The model is asked as ``cp_conv``'s ``auto``
     asks it, with the factorized path in the chunks of samples ``cp_conv`` runs it in. A median,
-    because one shape is measured both ways (README "Benchmarks", stop 29: ResNet-18's
+    because one shape is measured both ways (benchmarks/EXPERIMENTS.md, stop 29: ResNet-18's
     (128->128)@14x14 conv at batch 8, factorized slower in the fresh processes of
     ``resnet2d_step_layers`` and faster after the train steps of ``resnet2d_scales``)."""
     import json

@@ -1,9 +1,12 @@
-"""The README's code: the layer-library example runs; the two set-up commands are the ones CI uses."""
+"""The README's code: the layer-library example runs; the two set-up commands are the ones CI uses;
+its benchmark figures and the experiment log's (``benchmarks/EXPERIMENTS.md``) come from files and
+commands that exist."""
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
+LOG = open(os.path.join(ROOT, "benchmarks", "EXPERIMENTS.md")).read()
 
 
 def test_layer_library_example_runs():
@@ -30,11 +33,21 @@ def test_benchmark_table_is_quoted_from_the_results_file():
 
 
 def test_quoted_experiment_commands_exist():
-    """Every ``python -m benchmarks.experiments <name>`` the README quotes is one the command runs
-    (but those quoted "at commit ...", which ran the code of that commit)."""
+    """Every ``python -m benchmarks.experiments <name>`` the README or the experiment log quotes is
+    one the command runs (but those quoted "at commit ...", which ran the code of that commit)."""
     from benchmarks.experiments.__main__ import EXPERIMENTS
 
-    found = re.findall(r"python\s+-m\s+benchmarks\.experiments\s+(\w+)([^`]*`\s+at\s+commit)?", README)
-    quoted = {name for name, at_commit in found if not at_commit}
+    pattern = r"python\s+-m\s+benchmarks\.experiments\s+(\w+)([^`]*`\s+at\s+commit)?"
+    quoted = {name for text in (README, LOG) for name, at_commit in re.findall(pattern, text) if not at_commit}
     assert len(quoted) > 10
     assert quoted <= set(EXPERIMENTS), quoted - set(EXPERIMENTS)
+
+
+def test_relative_links_point_to_files():
+    """Every relative Markdown link of the README and of the experiment log names a file of the
+    repository (the log lives in ``benchmarks/``, so its links are relative to that folder)."""
+    for text, folder in ((README, ROOT), (LOG, os.path.join(ROOT, "benchmarks"))):
+        links = [t for t in re.findall(r"\]\(([^)#\s]+)\)", text) if "://" not in t]
+        assert len(links) > 10
+        missing = [t for t in links if not os.path.exists(os.path.join(folder, t))]
+        assert not missing, missing

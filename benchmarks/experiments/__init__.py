@@ -1,4 +1,5 @@
-"""Side-by-side experiments behind the choices in hocp_jax (README.md, "Ideas measured" in its Benchmarks section).
+"""Side-by-side experiments behind the choices in hocp_jax (benchmarks/EXPERIMENTS.md, "Ideas
+measured"; a summary in README.md, "Benchmarks").
 
 Run one with ``python -m benchmarks.experiments <name> [rounds]`` (:mod:`.__main__`); the code is in
 :mod:`.layers` (one conv layer at a time), :mod:`.steps` (whole train steps), :mod:`.workers`

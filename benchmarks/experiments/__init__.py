@@ -110,6 +110,12 @@ chunks of samples: the factorized path in those chunks against the whole batch, 
 conv, interleaved, with each shape's channels per chunk output position (what
 ``CHUNK_MAX_GRAD_RATIO`` bounds).
 
+``python -m benchmarks.experiments dense_baseline [rounds]``: the Jester stack layers and the
+seven 3x3 conv shapes of the ResNet-18 2-D train step (fwd+bwd, ``bench`` protocol) with the JAX
+dense conv as ``lax``'s convolution (the benchmark's reference) and as a patches matrix product
+(im2col), beside the HO-CP ``auto`` path, interleaved per layer: whether the ratios to JAX dense
+hold against the faster dense program of each layer.
+
 ``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
 of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
 optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program

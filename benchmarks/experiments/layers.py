@@ -14,7 +14,8 @@ import numpy as np
 
 from benchmarks.bench import compile_jax, time_interleaved
 from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
-from benchmarks.experiments.variants import chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first
+from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first,
+                                             dense_patches)
 from hocp_jax import conv
 
 
@@ -412,3 +413,38 @@ def matmul(rounds: int = 20) -> dict:
     return {"rounds": rounds, "positions_per_sample": n, "ms_per_sample": ms, "GFLOP/s": gflops,
             "batch": batch, "total_GFLOP": 2 * batch * sum(p[2] for p in products.values()) / 1e9,
             "total_ms_for_the_batch": batch * sum(ms.values()), "loadavg": os.getloadavg()}
+
+
+def dense_baseline(rounds: int = 9) -> dict:
+    """The JAX dense reference as ``lax``'s convolution (the benchmark's) and as a patches matrix
+    product (:func:`~benchmarks.experiments.variants.dense_patches`), beside the HO-CP ``auto``
+    path, fwd+bwd (``bench`` protocol), interleaved per layer, on the Jester stack and on the seven
+    3x3 conv shapes of the ResNet-18 2-D train step (:func:`resnet2d_conv_cases`, summed over the
+    network's convs): whether the HO-CP ratios to JAX dense hold against the faster of the two
+    dense programs of each layer."""
+    from benchmarks import bench
+
+    def layer(case):
+        kernel, params, compile_call = bench.case_compiler(case)
+        strides, pads = case.geometry()
+        calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0],
+                 "patches": compile_call(lambda x, k: dense_patches(x, k, strides, pads), kernel)[0],
+                 "auto": compile_call(bench.conv_fns(case)["auto"], params)[0]}
+        _check_variants(case.name, calls, {"patches": "dense"})
+        t = time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {path: v["median_ms"] for path, v in t.items()}
+        ms["faster dense"] = min(ms["dense"], ms["patches"])
+        return {"layer": case.name, "input_grad": case.input_grad, "ms": ms,
+                "times_ms": {path: v["times_ms"] for path, v in t.items()}}
+
+    def ratios(total):
+        return {"auto/lax dense": total["auto"] / total["dense"], "auto/faster dense": total["auto"] / total["faster dense"]}
+
+    jester = [layer(case) for case in bench.jester_cases(False)]
+    stack = {k: sum(r["ms"][k] for r in jester) for k in jester[0]["ms"]}
+    resnet = []
+    for case, count in resnet2d_conv_cases():
+        resnet.append(layer(case) | {"convs_in_net": count})
+    net = {k: sum(r["ms"][k] * r["convs_in_net"] for r in resnet) for k in resnet[0]["ms"]}
+    return {"rounds": rounds, "jester": {"layers": jester, "stack_ms": stack} | ratios(stack),
+            "resnet2d_step_convs": {"layers": resnet, "net_ms": net} | ratios(net), "loadavg": os.getloadavg()}

@@ -2,7 +2,8 @@
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
 intermediates, batch chunks, and the 1x1 contraction and max-pool as they were before their
-current versions. Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
+current versions; and a dense conv written as a patches matrix product, a JAX dense baseline
+beside ``lax``'s. Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
 from __future__ import annotations
 
@@ -173,3 +174,19 @@ def reduce_window_pool(x, window, stride, padding):
     lead = x.ndim - 1 - len(window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+def dense_patches(x, kernel, strides, pads):
+    """A dense conv ``x (B, *S, C_in)`` * ``kernel (*K, C_in, C_out)`` written as one matrix product
+    of the explicit patches (im2col: the ``prod(K)`` shifted, strided slices of the padded input
+    side by side, ``(B * prod(S_out), prod(K) * C_in)``) with the flattened kernel; ``strides``,
+    ``pads``: one int and one ``(lo, hi)`` pair per spatial axis. A JAX dense baseline beside
+    ``lax``'s convolution."""
+    n = kernel.ndim - 2
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    outs = [(xp.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(n)]
+    taps = [xp[(slice(None),) + tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, outs, strides))]
+            for offset in itertools.product(*(range(k) for k in kernel.shape[:n]))]
+    patches = jnp.concatenate(taps, axis=-1)
+    y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, kernel.shape[-1])
+    return y.reshape((x.shape[0], *outs, kernel.shape[-1]))

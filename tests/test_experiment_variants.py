@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from benchmarks.experiments.variants import dense_patches
+from benchmarks.experiments.variants import dense_patches, patches_convs
 
 
 @pytest.mark.parametrize("spatial, kernel, strides, pads", [((5, 7, 6), (3, 3, 3), (1, 1, 1), ((1, 1),) * 3),
@@ -28,3 +28,23 @@ def test_dense_patches_matches_lax_conv_values_and_gradients(spatial, kernel, st
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cot), argnums=(0, 1))(x, k)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_patches_convs_replaces_the_models_dense_convs_and_restores_lax():
+    import flax.linen as nn
+
+    from hocp_jax.models.common import DenseConv
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)), jnp.float32)
+    conv = DenseConv(5, (3, 3), (2, 2))
+    params = conv.init(jax.random.PRNGKey(0), x)
+    want = conv.apply(params, x)
+    original = lax.conv_general_dilated
+    with patches_convs() as replaced:
+        got = jax.jit(conv.apply)(params, x)
+        dilated = nn.Conv(5, (3, 3), kernel_dilation=2, use_bias=False).init_with_output(jax.random.PRNGKey(0), x)[0]
+    assert lax.conv_general_dilated is original
+    assert replaced == [(x.shape, (3, 3, 3, 5))]  # the dilated conv ran as before
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert dilated.shape == (2, 9, 8, 5)

@@ -116,6 +116,12 @@ dense conv as ``lax``'s convolution (the benchmark's reference) and as a patches
 (im2col), beside the HO-CP ``auto`` path, interleaved per layer: whether the ratios to JAX dense
 hold against the faster dense program of each layer.
 
+``python -m benchmarks.experiments dense_baseline_steps [rounds]``: the three train-step pairs of
+``bench`` (HO-CP model and dense reference), each step compiled as usual and with every dense conv
+(the dense models', and the HO-CP models' reconstructed convs and dense shortcuts) run as a
+patches matrix product, the four steps of a pair interleaved: the HO-CP/dense ratios with
+``lax``'s convs and with the patches program on both sides.
+
 ``python -m benchmarks.experiments compiler_options [rounds]``: the ResNet-18 2-D train-step pair
 of ``bench``, each step compiled under several XLA CPU compiler options (scheduler type,
 optimisation preset, oneDNN, XNNPACK graph fusion, fast math, XNNPACK off; passed per program

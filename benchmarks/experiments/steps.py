@@ -16,7 +16,7 @@ import jax
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
-from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
+from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, patches_convs, reduce_window_pool
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -275,5 +275,44 @@ def resnet2d_scales(rounds: int = 7) -> dict:
             "step_ms": ms, "step_ratio": ms["resnet18_hocp"] / ms["resnet18"],
             "per_round_ratios": [h / d for h, d in zip(t["resnet18_hocp"]["times_ms"], t["resnet18"]["times_ms"])],
             "auto_picks": picks} | resnet2d_layer_sums(batch, image, rounds)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def dense_baseline_steps(rounds: int = 9) -> dict:
+    """The three train-step pairs of ``bench`` (HO-CP model and its dense reference) as compiled
+    normally and with every dense conv run as a patches matrix product
+    (:func:`~benchmarks.experiments.variants.patches_convs`: the dense models' convs, and the HO-CP
+    models' reconstructed convs and dense shortcuts), the four steps of a pair interleaved: the
+    HO-CP/dense ratio with ``lax``'s convs and with the patches program on both sides. Each
+    patches program's loss and gradient norm are checked against its ``lax`` program's first."""
+    from benchmarks import bench
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds, "pairs": []}
+    for case in cases.values():
+        if case.reference is None:
+            continue
+        calls, replaced = {}, {}
+        for c in (cases[case.reference], case):
+            calls[f"{c.name} lax"] = bench.prepare_model_case(c)[0]
+            with patches_convs() as convs:
+                calls[f"{c.name} patches"] = bench.prepare_model_case(c)[0]
+            replaced[c.name] = len(convs)
+            got, want = calls[f"{c.name} patches"]()[1], calls[f"{c.name} lax"]()[1]  # the step's metrics
+            for k in want:  # the loss agrees to float32, the gradient norm to float32 noise through the backward
+                if abs(float(got[k]) - float(want[k])) > (1e-3 if k == "grad_norm" else 1e-5) * abs(float(want[k])) + 1e-6:
+                    raise AssertionError(f"{c.name}: the patches program's {k} {float(got[k])} differs from lax's {float(want[k])}")
+        t = time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        ref, name = case.reference, case.name
+        out["pairs"].append({
+            "pair": f"{name} / {ref}", "convs_replaced": replaced, "ms": ms,
+            "times_ms": {k: v["times_ms"] for k, v in t.items()},
+            "ratio lax": ms[f"{name} lax"] / ms[f"{ref} lax"],
+            "ratio patches": ms[f"{name} patches"] / ms[f"{ref} patches"],
+            "ratio, faster program each side": min(ms[f"{name} lax"], ms[f"{name} patches"])
+            / min(ms[f"{ref} lax"], ms[f"{ref} patches"]),
+        })
     out["loadavg"] = os.getloadavg()
     return out

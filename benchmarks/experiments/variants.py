@@ -7,6 +7,7 @@ beside ``lax``'s. Loading ``hocp_jax/conv.py`` at an older git revision is here 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import subprocess
@@ -190,3 +191,32 @@ def dense_patches(x, kernel, strides, pads):
     patches = jnp.concatenate(taps, axis=-1)
     y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, kernel.shape[-1])
     return y.reshape((x.shape[0], *outs, kernel.shape[-1]))
+
+
+@contextlib.contextmanager
+def patches_convs():
+    """Within the block, ``jax.lax.conv_general_dilated`` (which ``flax.linen.Conv``, the library's
+    dense conv and its reconstructed CP path call) runs channels-last, undilated, ungrouped convs
+    with explicit padding as :func:`dense_patches`, and any other conv as before; functions traced
+    in the block keep that program. Yields a list that gets one entry per conv replaced."""
+    lax_conv = lax.conv_general_dilated
+    replaced = []
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, **kwargs):
+        n = rhs.ndim - 2
+        letters = "DHW"[-n:] if n <= 3 else None
+        last = letters and lax.conv_dimension_numbers(lhs.shape, rhs.shape, (f"N{letters}C", f"{letters}IO", f"N{letters}C"))
+        if (last and not isinstance(padding, str) and feature_group_count == 1
+                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == last):
+            replaced.append((tuple(lhs.shape), tuple(rhs.shape)))
+            return dense_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+        return lax_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, **kwargs)
+
+    lax.conv_general_dilated = conv_general_dilated
+    try:
+        yield replaced
+    finally:
+        lax.conv_general_dilated = lax_conv

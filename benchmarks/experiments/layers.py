@@ -427,9 +427,10 @@ def dense_baseline(rounds: int = 9) -> dict:
     def layer(case):
         kernel, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
-        calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0],
+        fns = bench.conv_fns(case)
+        calls = {"dense": compile_call(fns["dense"], kernel)[0],
                  "patches": compile_call(lambda x, k: dense_patches(x, k, strides, pads), kernel)[0],
-                 "auto": compile_call(bench.conv_fns(case)["auto"], params)[0]}
+                 "auto": compile_call(fns["auto"], params)[0]}
         _check_variants(case.name, calls, {"patches": "dense"})
         t = time_interleaved(calls, rounds, budget_s=1e9)
         ms = {path: v["median_ms"] for path, v in t.items()}
@@ -442,9 +443,7 @@ def dense_baseline(rounds: int = 9) -> dict:
 
     jester = [layer(case) for case in bench.jester_cases(False)]
     stack = {k: sum(r["ms"][k] for r in jester) for k in jester[0]["ms"]}
-    resnet = []
-    for case, count in resnet2d_conv_cases():
-        resnet.append(layer(case) | {"convs_in_net": count})
+    resnet = [layer(case) | {"convs_in_net": count} for case, count in resnet2d_conv_cases()]
     net = {k: sum(r["ms"][k] * r["convs_in_net"] for r in resnet) for k in resnet[0]["ms"]}
     return {"rounds": rounds, "jester": {"layers": jester, "stack_ms": stack} | ratios(stack),
             "resnet2d_step_convs": {"layers": resnet, "net_ms": net} | ratios(net), "loadavg": os.getloadavg()}

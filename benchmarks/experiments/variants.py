@@ -198,7 +198,8 @@ def patches_convs():
     """Within the block, ``jax.lax.conv_general_dilated`` (which ``flax.linen.Conv``, the library's
     dense conv and its reconstructed CP path call) runs channels-last, undilated, ungrouped convs
     with explicit padding as :func:`dense_patches`, and any other conv as before; functions traced
-    in the block keep that program. Yields a list that gets one entry per conv replaced."""
+    in the block keep that program. Yields a list that gets one entry per conv call traced as
+    patches."""
     lax_conv = lax.conv_general_dilated
     replaced = []
 

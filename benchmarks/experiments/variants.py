@@ -205,12 +205,10 @@ def patches_convs():
 
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, **kwargs):
-        n = rhs.ndim - 2
-        letters = "DHW"[-n:] if n <= 3 else None
-        last = letters and lax.conv_dimension_numbers(lhs.shape, rhs.shape, (f"N{letters}C", f"{letters}IO", f"N{letters}C"))
-        if (last and not isinstance(padding, str) and feature_group_count == 1
+        channels_last = conv._dimension_numbers(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
+        if (not isinstance(padding, str) and feature_group_count == 1
                 and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == last):
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == channels_last):
             replaced.append((tuple(lhs.shape), tuple(rhs.shape)))
             return dense_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
         return lax_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

@@ -14,8 +14,8 @@ import numpy as np
 
 from benchmarks.bench import compile_jax, time_interleaved
 from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
-from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first,
-                                             dense_patches)
+from benchmarks.experiments.variants import chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first
+from benchmarks.patches import dense_patches
 from hocp_jax import conv
 
 
@@ -417,7 +417,7 @@ def matmul(rounds: int = 20) -> dict:
 
 def dense_baseline(rounds: int = 9) -> dict:
     """The JAX dense reference as ``lax``'s convolution (the benchmark's) and as a patches matrix
-    product (:func:`~benchmarks.experiments.variants.dense_patches`), beside the HO-CP ``auto``
+    product (:func:`~benchmarks.patches.dense_patches`), beside the HO-CP ``auto``
     path, fwd+bwd (``bench`` protocol), interleaved per layer, on the Jester stack and on the seven
     3x3 conv shapes of the ResNet-18 2-D train step (:func:`resnet2d_conv_cases`, summed over the
     network's convs): whether the HO-CP ratios to JAX dense hold against the faster of the two

@@ -16,7 +16,8 @@ import jax
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
-from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, patches_convs, reduce_window_pool
+from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
+from benchmarks.patches import patches_convs
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -282,7 +283,7 @@ def resnet2d_scales(rounds: int = 7) -> dict:
 def dense_baseline_steps(rounds: int = 9) -> dict:
     """The three train-step pairs of ``bench`` (HO-CP model and its dense reference) as compiled
     normally and with every dense conv run as a patches matrix product
-    (:func:`~benchmarks.experiments.variants.patches_convs`: the dense models' convs, and the HO-CP
+    (:func:`~benchmarks.patches.patches_convs`: the dense models' convs, and the HO-CP
     models' reconstructed convs and dense shortcuts), the four steps of a pair interleaved: the
     HO-CP/dense ratio with ``lax``'s convs and with the patches program on both sides. Each
     patches program's loss and gradient norm are checked against its ``lax`` program's first."""

@@ -2,12 +2,11 @@
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
 intermediates, batch chunks, and the 1x1 contraction and max-pool as they were before their
-current versions; and a dense conv written as a patches matrix product, a JAX dense baseline
-beside ``lax``'s. Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
+current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
+dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import subprocess
@@ -175,47 +174,3 @@ def reduce_window_pool(x, window, stride, padding):
     lead = x.ndim - 1 - len(window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
-
-
-def dense_patches(x, kernel, strides, pads):
-    """A dense conv ``x (B, *S, C_in)`` * ``kernel (*K, C_in, C_out)`` written as one matrix product
-    of the explicit patches (im2col: the ``prod(K)`` shifted, strided slices of the padded input
-    side by side, ``(B * prod(S_out), prod(K) * C_in)``) with the flattened kernel; ``strides``,
-    ``pads``: one int and one ``(lo, hi)`` pair per spatial axis. A JAX dense baseline beside
-    ``lax``'s convolution."""
-    n = kernel.ndim - 2
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    outs = [(xp.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(n)]
-    taps = [xp[(slice(None),) + tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, outs, strides))]
-            for offset in itertools.product(*(range(k) for k in kernel.shape[:n]))]
-    patches = jnp.concatenate(taps, axis=-1)
-    y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, kernel.shape[-1])
-    return y.reshape((x.shape[0], *outs, kernel.shape[-1]))
-
-
-@contextlib.contextmanager
-def patches_convs():
-    """Within the block, ``jax.lax.conv_general_dilated`` (which ``flax.linen.Conv``, the library's
-    dense conv and its reconstructed CP path call) runs channels-last, undilated, ungrouped convs
-    with explicit padding as :func:`dense_patches`, and any other conv as before; functions traced
-    in the block keep that program. Yields a list that gets one entry per conv call traced as
-    patches."""
-    lax_conv = lax.conv_general_dilated
-    replaced = []
-
-    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                             dimension_numbers=None, feature_group_count=1, **kwargs):
-        channels_last = conv._dimension_numbers(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
-        if (not isinstance(padding, str) and feature_group_count == 1
-                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == channels_last):
-            replaced.append((tuple(lhs.shape), tuple(rhs.shape)))
-            return dense_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
-        return lax_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                        feature_group_count, **kwargs)
-
-    lax.conv_general_dilated = conv_general_dilated
-    try:
-        yield replaced
-    finally:
-        lax.conv_general_dilated = lax_conv

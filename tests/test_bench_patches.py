@@ -1,11 +1,11 @@
-"""The experiments' patches-matmul dense conv (a JAX dense baseline) against lax's convolution."""
+"""The benchmark's patches-matmul dense conv (a second JAX dense program) against lax's convolution."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from benchmarks.experiments.variants import dense_patches, patches_convs
+from benchmarks.patches import dense_patches, patches_convs
 
 
 @pytest.mark.parametrize("spatial, kernel, strides, pads", [((5, 7, 6), (3, 3, 3), (1, 1, 1), ((1, 1),) * 3),

@@ -1,0 +1,60 @@
+"""A second JAX dense program: a dense conv written as one matrix product of its explicit patches
+(im2col), beside ``lax``'s convolution (``hocp_jax.conv.dense_conv``, what ``flax.linen.Conv``
+runs). On the development CPU it runs faster than ``lax``'s conv on most benchmarked layers, so
+``benchmarks.bench`` times both and reports the HO-CP paths against each (and against the faster
+of the two). A benchmark baseline, not a library path: the library's dense conv stays ``lax``'s,
+the conv XLA runs on every backend."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import jax.numpy as jnp
+from jax import lax
+
+from hocp_jax import conv
+
+
+def dense_patches(x, kernel, strides, pads):
+    """A dense conv ``x (B, *S, C_in)`` * ``kernel (*K, C_in, C_out)`` written as one matrix product
+    of the explicit patches (im2col: the ``prod(K)`` shifted, strided slices of the padded input
+    side by side, ``(B * prod(S_out), prod(K) * C_in)``) with the flattened kernel; ``strides``,
+    ``pads``: one int and one ``(lo, hi)`` pair per spatial axis. A JAX dense baseline beside
+    ``lax``'s convolution."""
+    n = kernel.ndim - 2
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    outs = [(xp.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(n)]
+    taps = [xp[(slice(None),) + tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, outs, strides))]
+            for offset in itertools.product(*(range(k) for k in kernel.shape[:n]))]
+    patches = jnp.concatenate(taps, axis=-1)
+    y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, kernel.shape[-1])
+    return y.reshape((x.shape[0], *outs, kernel.shape[-1]))
+
+
+@contextlib.contextmanager
+def patches_convs():
+    """Within the block, ``jax.lax.conv_general_dilated`` (which ``flax.linen.Conv``, the library's
+    dense conv and its reconstructed CP path call) runs channels-last, undilated, ungrouped convs
+    with explicit padding as :func:`dense_patches`, and any other conv as before; functions traced
+    in the block keep that program. Yields a list that gets one entry per conv call traced as
+    patches."""
+    lax_conv = lax.conv_general_dilated
+    replaced = []
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, **kwargs):
+        channels_last = conv._dimension_numbers(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
+        if (not isinstance(padding, str) and feature_group_count == 1
+                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == channels_last):
+            replaced.append((tuple(lhs.shape), tuple(rhs.shape)))
+            return dense_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+        return lax_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, **kwargs)
+
+    lax.conv_general_dilated = conv_general_dilated
+    try:
+        yield replaced
+    finally:
+        lax.conv_general_dilated = lax_conv

@@ -48,3 +48,24 @@ def test_patches_convs_replaces_the_models_dense_convs_and_restores_lax():
     assert replaced == [(x.shape, (3, 3, 3, 5))]  # the dilated conv ran as before
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert dilated.shape == (2, 9, 8, 5)
+
+
+def test_targets_compare_the_faster_dense_program_of_each_side():
+    """``bench.targets`` against hand-computed ratios: the faster of each model's two programs (the
+    HO-CP model without dense convs has one), and for the layers the per-layer faster dense program."""
+    from benchmarks import bench
+
+    def row(name, ms, reference=None):
+        return {"name": name, "ms": ms, "reference": reference}
+
+    models = [row("d", 100.0), row("d (patches)", 80.0), row("h", 90.0, "d"), row("h (patches)", 95.0, "d (patches)"),
+              row("jd", 50.0), row("jd (patches)", 30.0), row("jh", 24.0, "jd")]
+    layers = [{"dense": 10.0, "dense patches": 6.0, "factorized": 4.0, "reconstructed": 9.0, "auto": 4.0},
+              {"dense": 2.0, "dense patches": 3.0, "factorized": 2.5, "reconstructed": 1.5, "auto": 1.5}]
+    rows = [{"ms": ms, "analytic_flops_fwd": dict.fromkeys(("dense", "factorized", "reconstructed"), 1.0),
+             "xla_flops_fwd": dict.fromkeys(("dense", "factorized", "reconstructed"), 1.0),
+             "params": {"dense": 1, "cp": 1}} for ms in layers]
+    t = bench.targets({"totals": {"jester": bench.stack_total(rows)}, "models": models, "conv": {}})
+    assert t["h"] == pytest.approx(0.9) and t["h vs faster dense"] == pytest.approx(90 / 80)
+    assert t["jh"] == pytest.approx(24 / 50) and t["jh vs faster dense"] == pytest.approx(24 / 30)
+    assert t["jester_auto/dense"] == pytest.approx(5.5 / 12) and t["jester_auto/faster dense"] == pytest.approx(5.5 / 8)

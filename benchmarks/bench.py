@@ -546,12 +546,18 @@ def prepare_patches_case(case: ModelCase, lax_call: Callable[[], Any]) -> tuple[
         call, row = prepare_model_case(case)
     if not replaced:
         return None
-    got, want = call()[1], lax_call()[1]  # the step's metrics
-    for k in want:  # the loss agrees to float32, the gradient norm to float32 noise through the backward
-        if abs(float(got[k]) - float(want[k])) > (1e-3 if k == "grad_norm" else 1e-5) * abs(float(want[k])) + 1e-6:
-            raise AssertionError(f"{case.name}: the patches program's {k} {float(got[k])} differs from lax's {float(want[k])}")
+    check_same_step(case.name, call()[1], lax_call()[1])
     ref = case.reference and patches_name(case.reference)
     return call, row | {"name": patches_name(case.name), "reference": ref, "convs_as_patches": len(replaced)}
+
+
+def check_same_step(name: str, got: dict, want: dict) -> None:
+    """Raises ``AssertionError`` unless the metrics ``got`` of a train step's patches program match
+    ``want``, its ``lax`` program's: the loss to float32, the gradient norm to float32 noise
+    through the backward pass."""
+    for k in want:
+        if abs(float(got[k]) - float(want[k])) > (1e-3 if k == "grad_norm" else 1e-5) * abs(float(want[k])) + 1e-6:
+            raise AssertionError(f"{name}: the patches program's {k} {float(got[k])} differs from lax's {float(want[k])}")
 
 
 def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float) -> list[dict[str, Any]]:

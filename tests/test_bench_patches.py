@@ -69,3 +69,21 @@ def test_targets_compare_the_faster_dense_program_of_each_side():
     assert t["h"] == pytest.approx(0.9) and t["h vs faster dense"] == pytest.approx(90 / 80)
     assert t["jh"] == pytest.approx(24 / 50) and t["jh vs faster dense"] == pytest.approx(24 / 30)
     assert t["jester_auto/dense"] == pytest.approx(5.5 / 12) and t["jester_auto/faster dense"] == pytest.approx(5.5 / 8)
+
+
+def test_the_benchmark_rejects_a_dense_program_or_step_that_computes_something_else():
+    from benchmarks import bench
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 6, 2)), jnp.float32)
+    k = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, 2, 3)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def ref(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    bench.check_same_conv("ok", ref, lambda x, k: dense_patches(x, k, (1, 1), pads), x, k)
+    with pytest.raises(AssertionError, match="flipped"):  # a flipped kernel is another conv
+        bench.check_same_conv("flipped", ref, lambda x, k: dense_patches(x, k[::-1, ::-1], (1, 1), pads), x, k)
+    bench.check_same_step("ok", {"loss": 2.0, "grad_norm": 3.002}, {"loss": 2.0, "grad_norm": 3.0})
+    with pytest.raises(AssertionError, match="loss"):
+        bench.check_same_step("bad", {"loss": 2.001, "grad_norm": 3.0}, {"loss": 2.0, "grad_norm": 3.0})

@@ -260,13 +260,17 @@ def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype,
     return 1 if per_sample else None
 
 
-TILE_MIN_BYTES = 8 * 1024 * 1024
+TILE_MIN_BYTES = 6 * 1024 * 1024
 """Smallest per-sample ``(1, *S, R)`` intermediate for which :func:`tile_plan` splits each sample
 into tiles. Measured on the 2-core CPU (1 MiB L2 per core, 32 MiB shared L3; ``python -m
 benchmarks.experiments tiles 5``, benchmarks/EXPERIMENTS.md): Jester conv2 (24 MB per sample) ran
 fwd+bwd faster in tiles of every size tried (2 to 14 rows), conv1 (9 MB) in tiles of 3 to 14 rows
 (0.83-0.95x; 2 rows: 1.16x), the transduced ResNet-18's first layer at B = 1 (27 MB) in every
-size; Jester conv3 (5 MB) was no faster in any."""
+size; Jester conv3 (5 MB) was no faster in any. 8 MiB until stop 34: in whole train steps
+(``python -m benchmarks.experiments tile_threshold``) 6 MiB also tiles the first stage of the
+transduced ResNet-18 on 112-pixel frames (6.9 MB per sample), and that step ran 0.86x as long;
+on the other steps, and with lower thresholds, the times moved by less than two runs of one
+program differ there."""
 TILE_TARGET_BYTES = 3 * 512 * 1024
 """Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
 a little under the L2 of a core. 2 MiB until the tiles of 3 rows (1.7 MB) measured faster than the

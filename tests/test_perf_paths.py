@@ -523,6 +523,10 @@ def test_tile_plan_rule():
     # Jester conv1: 18*84*84 x rank 18 x 4 bytes = 9.1 MB per sample: 6 tiles of 14 rows
     assert autotune.tile_plan((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 14)
     assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
+    # the transduced ResNet-18's first stage on 112-pixel frames: 8*28*28 x 273 x 4 bytes = 6.9 MB, 5 tiles
+    assert autotune.tile_plan((1, 8, 28, 28, 64), 273, jnp.float32, (8, 28, 28), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)
+    # Jester conv3: 4*21*21 x 768 x 4 bytes = 5.4 MB, whole samples
+    assert autotune.tile_plan((8, 4, 21, 21, 128), 768, jnp.float32, (4, 21, 21), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
     assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
     assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) is None  # strided
     assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((-1, 1),) * 3) is None

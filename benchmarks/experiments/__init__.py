@@ -63,6 +63,13 @@ ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole sample
 whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
 through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
 
+``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s
+transduced ResNet-18 on one 8 x 112 x 112 clip and Jester HO-CP net, beside their dense
+references, and the transduced ResNet-18 on one 8 x 224 x 224 clip) with the tile rule's byte
+threshold (:data:`hocp_jax.autotune.TILE_MIN_BYTES`) at 8, 6, 4 and 3 MiB, interleaved, with the
+convs each threshold runs in tiles: whether the threshold calibrated on single layers holds
+inside a whole step.
+
 ``python -m benchmarks.experiments line_buffer [rounds] [revision]``: Jester conv1 and conv2
 (factorized, fwd+bwd, ``bench`` protocol, tiled) with the current tiles and with the line-buffer
 tiles of git ``revision`` (default 54703b2: measured and not kept), in the automatic tiles and

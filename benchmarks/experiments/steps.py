@@ -313,3 +313,45 @@ def dense_baseline_steps(rounds: int = 9) -> dict:
         })
     out["loadavg"] = os.getloadavg()
     return out
+
+
+TILE_THRESHOLDS_MIB = (8, 6, 4, 3)
+
+
+def tile_threshold(rounds: int = 7) -> dict:
+    """The HO-CP video train steps with :data:`hocp_jax.autotune.TILE_MIN_BYTES` (the smallest
+    per-sample intermediate that the factorized path cuts into tiles) at each of
+    :data:`TILE_THRESHOLDS_MIB`, patched at trace time: ``bench``'s transduced ResNet-18 (one clip
+    of 8 x 112 x 112) and Jester HO-CP net (2 x 18 x 84 x 84) beside their dense references, and
+    the transduced ResNet-18 on one 8 x 224 x 224 clip, all interleaved. Also lists, per
+    threshold, the convs that run in tiles (per-sample input shape, rank, tiled mode and rows)."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    trans224 = dataclasses.replace(cases["resnet18_hocp transduced"], name="resnet18_hocp transduced 224",
+                                   input_shape=(1, 8, 224, 224, 3), transduce_from=(8, 224, 224, 3))
+    hocp = [cases["resnet18_hocp transduced"], cases["jester_hocp"], trans224]
+    calls, tiled = {}, {}
+    plan = autotune.tile_plan
+    for mib in TILE_THRESHOLDS_MIB:
+        seen: dict = {}
+
+        def spy(x_shape, rank, *args, **kwargs):
+            out = plan(x_shape, rank, *args, **kwargs)
+            if out:
+                seen[f"{tuple(x_shape[1:])} R={rank}"] = {"mode": out[0], "rows": out[1]}
+            return out
+
+        with mock.patch.object(autotune, "TILE_MIN_BYTES", mib * 2**20), mock.patch.object(autotune, "tile_plan", spy):
+            for case in hocp:
+                calls[f"{case.name}, {mib} MiB"] = bench.prepare_model_case(case)[0]
+        tiled[f"{mib} MiB"] = seen
+    for name in ("resnet18_3d dense", "jester dense"):
+        calls[name] = bench.prepare_model_case(cases[name])[0]
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {name: v["median_ms"] for name, v in t.items()}
+    ratios = {f"{case.name}, {mib} MiB": ms[f"{case.name}, {mib} MiB"] / ms[case.reference]
+              for case in hocp[:2] for mib in TILE_THRESHOLDS_MIB}
+    return {"rounds": rounds, "step_ms": ms, "ratio_to_dense": ratios, "tiled_convs": tiled,
+            "loadavg": os.getloadavg()}

@@ -697,7 +697,8 @@ def markdown(results: dict) -> str:
                 "same shapes and the same gradient protocol, run in a process of their own (`benchmarks.peers.PeerProcess`, "
                 "as in a user's program) and timed interleaved with the JAX paths, one call at a time.", ""]
     else:
-        out += ["Peers (PyTorch, TensorLy-Torch) skipped: the optional `bench` extra is not installed.", ""]
+        why = results.get("peers_skipped") or "the optional `bench` extra is not installed"
+        out += [f"Peers (PyTorch, TensorLy-Torch) skipped: {why}.", ""]
     titles = {"jester": "Jester 3-D ConvNet layers (batch 8, 3x3x3, padding 1, rank 6 x C_in)",
               "resnet2d": "ResNet-18 3x3 layers, 2-D (batch 8, padding 1, rank at the dense parameter budget)",
               "resnet3d": "ResNet-18 3x3 layers transduced to 3-D (3x3x3, 8 frames, batch 2, same rank)"}
@@ -824,7 +825,8 @@ def main(argv=None) -> dict:
     peer_proc = peers.PeerProcess() if conv_cases and not missing else None
     if peer_proc:
         results["machine"] |= peer_proc.info
-    results["peers"] = None if missing else list(peers.PEERS)
+    results["peers"] = list(peers.PEERS) if peer_proc else None
+    results["peers_skipped"] = None if peer_proc else missing or "no layer benchmarks in this run (--only)"
     print(json.dumps(results["machine"]), flush=True)
     try:
         for case in conv_cases:
@@ -846,10 +848,10 @@ def main(argv=None) -> dict:
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["targets"] = targets(results)
+    with open(args.out, "w") as f:  # before the report, which must never cost a run its results
+        json.dump(results, f, indent=1)
     md = markdown(results)
     print(md)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
     md_path = args.md or os.path.join(os.path.dirname(args.out) or ".", "RESULTS.md")
     with open(md_path, "w") as f:
         f.write(md)

@@ -670,8 +670,9 @@ PROTOCOL = (
     "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), and "
     f"without a strided mode a sample with an intermediate of {autotune.TILE_MIN_BYTES / 2**20:g} MiB or more in "
     "tiles of output rows, whatever the batch (`hocp_jax.autotune.tile_plan`); that of a 2-D conv whose "
-    f"whole-batch intermediate is {autotune.CHUNK_MIN_BYTES / 2**20:g} MiB or more in chunks of samples (`hocp_jax.autotune.batch_chunk_default`; here the ResNet-18 2-D "
-    "layers but (512->512)); FLOPs are counted on the whole-batch program."
+    f"whole-batch intermediate is {autotune.CHUNK_MIN_BYTES / 2**20:g} MiB or more in chunks of samples "
+    "(`hocp_jax.autotune.batch_chunk_default`; here the ResNet-18 2-D layers but (512->512)); FLOPs are "
+    "counted on the whole-batch program."
 )
 
 

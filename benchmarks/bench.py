@@ -149,10 +149,12 @@ def resnet_cases(quick: bool) -> list[ConvCase]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = ""
+    cpu_model, flags = "", []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            lines = f.read().splitlines()
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
     except OSError:
         pass
     dev = jax.devices()[0]
@@ -161,6 +163,8 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
+        # the vector extensions set how fast XLA's dense convs run against the memory-bound CP ops
+        "cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx"))),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
@@ -344,6 +348,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
     strides, pads = case.geometry()
     choice = autotune.choose_cp(x.shape, x.dtype, params, case.modes, strides, pads, (1,) * len(strides),
                                 case.input_grad)
+    measured = measured_pick(case, x, params) if autotune.policy() == "analytic" else {"pick": choice, "ms": None}
     # ``auto`` traces to the program of the path it picks; that program is timed once, under its
     # path's name (timing it twice would only measure the spread between identical calls).
     cot = cotangent(fns["dense"], x, kernel)  # every path has the dense conv's output shape
@@ -362,6 +367,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
     xla = {p: xla_flops(fns[p], x, weights[p]) for p in ("dense", "factorized", "reconstructed")}
     ms = {p: timing[p]["median_ms"] for p in PATHS} | {p: timing[p]["median_ms"] for p in calls}
     best = min(ms["factorized"], ms["reconstructed"])
+    measured["ratio to best"] = ms[measured["pick"]] / best
     return {
         "group": case.group,
         "name": case.name,
@@ -373,6 +379,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
         "auto_choice": choice,
         "auto_same_program_as_choice": same,
         "measured_best": "factorized" if ms["factorized"] <= ms["reconstructed"] else "reconstructed",
+        "measured_autotune": measured,
         "ratios": {
             "factorized/dense": ms["factorized"] / ms["dense"],
             "reconstructed/dense": ms["reconstructed"] / ms["dense"],
@@ -386,6 +393,15 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
         "mode_order": ana["mode_order"],
         "params": ana["params"],
     }
+
+
+def measured_pick(case: ConvCase, x: jax.Array, params: dict) -> dict[str, Any]:
+    """What ``implementation="auto"`` would pick on this machine under the measured policy
+    (``HOCP_JAX_AUTOTUNE=measure``): :func:`hocp_jax.autotune.measure`'s own timing of both paths
+    (its rounds, before and apart from this benchmark's), ``{"pick": path, "ms": {path: median}}``."""
+    strides, pads = case.geometry()
+    times = autotune.measure(x.shape, x.dtype, params, case.modes, strides, pads, (1,) * len(strides), case.input_grad)
+    return {"pick": min(times, key=times.get), "ms": {k: v * 1e3 for k, v in times.items()}}
 
 
 def check_same_conv(name: str, dense: Callable, other: Callable, x: jax.Array, kernel: jax.Array) -> None:
@@ -660,7 +676,9 @@ PROTOCOL = (
     "`auto (pick)`: the path `implementation='auto'` chose, ✗ if the other path measured faster; `auto` "
     "traces to the same program as the path it picks (checked on the lowered StableHLO), so that program is "
     "timed once and `auto` reports its time. `auto/best` = auto / min(factorized, reconstructed): 1.00 when "
-    "the pick is the faster path. Two JAX dense programs: `dense` is `lax`'s convolution "
+    "the pick is the faster path. Before a layer is timed, `hocp_jax.autotune.measure` times both CP paths "
+    "as the measured policy (`HOCP_JAX_AUTOTUNE=measure`) does, in its own rounds; its pick is scored with "
+    "this benchmark's times (target lines). Two JAX dense programs: `dense` is `lax`'s convolution "
     "(`hocp_jax.conv.dense_conv`, what `flax.linen.Conv` runs), `dense patches` the same conv as one matrix "
     "product of its explicit patches (`benchmarks.patches.dense_patches`, checked against `lax`'s forward "
     "first), which runs faster on most of these layers on this CPU; `auto/faster dense` = auto / min(dense, "
@@ -684,7 +702,8 @@ def markdown(results: dict) -> str:
         "# hocp-jax benchmarks",
         "",
         f"Generated by `{' '.join(['python -m benchmarks.bench'] + results['argv'])}` on {m['date']}: "
-        f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, load average {load} at start, "
+        f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, vector extensions "
+        f"{' '.join(m.get('cpu_vector_flags') or ['unknown'])}, load average {load} at start, "
         f"{load_end} at end), {m['platform']} / {m['device_kind']}, jax {m['jax']}, float32, `auto` policy "
         f"`{results['autotune']}`. Total run time {results['wall_s']:.0f} s.",
         "",
@@ -767,6 +786,11 @@ def target_lines(t: dict) -> list[str]:
         out.append(f"- auto <= 1.1 x best path on every layer: worst auto/best = {t['worst_auto/best']:.2f} "
                    f"({t['worst_auto/best_layer']}); auto picked the measured-faster path on "
                    f"{t['auto_correct']}/{t['n_layers']} layers.")
+        if "worst_measured_autotune/best" in t:
+            out.append(f"- The same bound for the measured autotune (`HOCP_JAX_AUTOTUNE=measure`, picking from its own "
+                       f"timing of both paths): worst = {t['worst_measured_autotune/best']:.2f} "
+                       f"({t['worst_measured_autotune/best_layer']}); the measured-faster path on "
+                       f"{t['measured_autotune_correct']}/{t['n_layers']} layers.")
         out.append(f"- XLA forward FLOPs of the factorized path within 1.2x of the analytic count: "
                    f"{t['fact_flops_within_1.2']}/{t['n_layers']} layers (range {t['fact_xla/analytic_min']:.3f}"
                    f"-{t['fact_xla/analytic_max']:.3f}).")
@@ -797,6 +821,13 @@ def targets(results: dict) -> dict[str, Any]:
             "fact_flops_within_1.2": sum(1 / 1.2 <= v <= 1.2 for v in fx),
             "fact_xla/analytic_min": min(fx),
             "fact_xla/analytic_max": max(fx),
+        }
+    if rows and all("measured_autotune" in r for r in rows):
+        mworst = max(rows, key=lambda r: r["measured_autotune"]["ratio to best"])
+        out |= {
+            "worst_measured_autotune/best": mworst["measured_autotune"]["ratio to best"],
+            "worst_measured_autotune/best_layer": f"{mworst['group']} {mworst['name']}",
+            "measured_autotune_correct": sum(r["measured_autotune"]["pick"] == r["measured_best"] for r in rows),
         }
     return out
 

@@ -71,6 +71,28 @@ def test_targets_compare_the_faster_dense_program_of_each_side():
     assert t["jester_auto/dense"] == pytest.approx(5.5 / 12) and t["jester_auto/faster dense"] == pytest.approx(5.5 / 8)
 
 
+def test_targets_score_both_autotune_policies_with_the_benchmarks_own_times():
+    """The analytic pick and the measured autotune's pick, each against the faster CP path as the
+    benchmark timed it (hand-computed: layer a picks recon at 1.2x, layer b's measured pick 1.5x)."""
+    from benchmarks import bench
+
+    def layer(name, fact, recon, choice, measured):
+        best = min(fact, recon)
+        ms = {"factorized": fact, "reconstructed": recon}
+        return {"group": "g", "name": name, "ms": ms, "auto_choice": choice,
+                "measured_best": min(ms, key=ms.get), "ratios": {"auto/best": ms[choice] / best},
+                "measured_autotune": {"pick": measured, "ratio to best": ms[measured] / best},
+                "xla/analytic": {"factorized": 1.0}}
+
+    rows = [layer("a", 10.0, 12.0, "reconstructed", "factorized"), layer("b", 4.0, 6.0, "factorized", "reconstructed")]
+    t = bench.targets({"totals": {}, "models": [], "conv": {"g": rows}})
+    assert t["worst_auto/best"] == pytest.approx(1.2) and t["worst_auto/best_layer"] == "g a"
+    assert t["worst_measured_autotune/best"] == pytest.approx(1.5) and t["worst_measured_autotune/best_layer"] == "g b"
+    assert (t["auto_correct"], t["measured_autotune_correct"], t["n_layers"]) == (1, 1, 2)
+    lines = "\n".join(bench.target_lines(t))
+    assert "worst auto/best = 1.20 (g a)" in lines and "worst = 1.50 (g b); the measured-faster path on 1/2" in lines
+
+
 def test_the_benchmark_rejects_a_dense_program_or_step_that_computes_something_else():
     from benchmarks import bench
 

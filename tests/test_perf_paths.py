@@ -7,6 +7,7 @@ with the padding written out in the test.
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,28 @@ def test_autotune_multi_process_never_measures(measured, monkeypatch):
     p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
     pick = autotune.choose_cp(x.shape, x.dtype, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
     assert calls == [] and pick == autotune.analytic_pick(x.shape, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
+
+
+def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(measured, tmp_path):
+    """``config.autotune`` (train.py): "measure" caches its picks in ``workdir/autotune.json``; ""
+    leaves the environment's policy; anything else is a ValueError naming the key."""
+    from ml_collections import ConfigDict
+
+    from hocp_jax.training import jobs
+
+    autotune, calls, _ = measured
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    jobs.configure_autotune(ConfigDict({"autotune": "measure"}), str(workdir))
+    p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
+    jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
+    assert len(calls) == 1 and len(json.loads((workdir / "autotune.json").read_text())) == 1
+    jobs.configure_autotune(ConfigDict({"autotune": "analytic"}), str(workdir))
+    assert autotune.policy() == "analytic"
+    jobs.configure_autotune(ConfigDict({"autotune": ""}), str(workdir))
+    assert autotune.policy() == (os.environ.get(autotune.ENV_VAR) or "analytic")
+    with pytest.raises(ValueError, match=r"config.autotune='fast'.*'measure'"):
+        jobs.configure_autotune(ConfigDict({"autotune": "fast"}), str(workdir))
 
 
 def test_autotune_real_measurement_runs_inside_jit():

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from hocp_jax import optim, transduction, tree
+from hocp_jax import autotune, optim, transduction, tree
 from hocp_jax.models import count_params, get_model
 from hocp_jax.training import objectives, plots
 from hocp_jax.training.data import Data
@@ -183,9 +183,24 @@ def run_supervised(config, workdir: str) -> dict:
     return rows
 
 
+def configure_autotune(config, workdir: str) -> None:
+    """``config.autotune``: how ``implementation="auto"`` picks each CP conv's path
+    (:mod:`hocp_jax.autotune`): ``""`` (default: ``$HOCP_JAX_AUTOTUNE``, else ``"analytic"``),
+    ``"analytic"`` or ``"measure"``. Measured picks are cached in ``workdir/autotune.json``, so a
+    resumed job traces the same programs without timing again, and a multi-process job (which
+    never times) reads the picks a single-process run on the same hardware wrote there; without
+    that file it uses the analytic picks. The measurement times a conv on the shapes it is traced
+    with (the global batch) on one device."""
+    value = config.get("autotune", "")
+    if value not in ("", *autotune.POLICIES):
+        raise ValueError(f"config.autotune={value!r}: expected '' (the environment's policy) or one of {autotune.POLICIES}")
+    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"))
+
+
 def run(config, workdir: str) -> dict:
-    """Dispatches on ``config.job`` (one of ``JOBS``)."""
+    """Dispatches on ``config.job`` (one of ``JOBS``) after :func:`configure_autotune`."""
     if config.job not in JOBS:
         raise ValueError(f"config.job={config.job!r}: expected one of {JOBS}")
     os.makedirs(workdir, exist_ok=True)
+    configure_autotune(config, workdir)
     return {"transduction": run_transduction, "supervised": run_supervised}[config.job](config, workdir)

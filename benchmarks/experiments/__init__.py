@@ -154,4 +154,9 @@ matmuls (:func:`hocp_jax.conv.channel_matmul`, was a multi-axis einsum), the max
 :mod:`hocp_jax.pooling` (was ``lax.reduce_window``, in the dense references too) and the
 per-sample loop for layers with a sample-wise psi (was whole batch). Patched at trace time,
 interleaved; ratios use the dense step with the same pool.
+
+``python -m benchmarks.experiments rank_multiple [rounds]``: every ``bench`` conv layer's factorized
+path (fwd+bwd, ``bench`` protocol) at its rank ``r`` and at the ranks ``8k``, ``8k + 1`` and
+``8(k + 1)`` around it, interleaved per layer: whether a rank component's cost steps at
+multiples of 8, the float32 lanes of an AVX2 vector.
 """

@@ -447,3 +447,25 @@ def dense_baseline(rounds: int = 9) -> dict:
     net = {k: sum(r["ms"][k] * r["convs_in_net"] for r in resnet) for k in resnet[0]["ms"]}
     return {"rounds": rounds, "jester": {"layers": jester, "stack_ms": stack} | ratios(stack),
             "resnet2d_step_convs": {"layers": resnet, "net_ms": net} | ratios(net), "loadavg": os.getloadavg()}
+
+
+def rank_multiple(rounds: int = 5) -> dict:
+    """Every ``bench`` conv layer's factorized path (fwd+bwd, ``bench`` protocol) at its rank ``r``
+    and at the neighbouring ranks ``8k``, ``8k + 1`` and ``8(k + 1)`` (``8k <= r < 8(k + 1)``),
+    interleaved per layer: whether the cost of a rank component steps at multiples of 8 (the
+    float32 lanes of an AVX2 vector)."""
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "layers": {}}
+    for case in bench.jester_cases(False) + bench.resnet_cases(False):
+        low = 8 * (case.rank // 8)
+        ranks = sorted({low, low + 1, case.rank, low + 8})
+        calls = {}
+        for r in ranks:
+            c = dataclasses.replace(case, rank=r)
+            _, params, compile_call = bench.case_compiler(c)
+            calls[str(r)] = compile_call(bench.conv_fns(c)["factorized"], params)[0]
+        t = time_interleaved(calls, rounds, budget_s=1e9)
+        out["layers"][f"{case.group} {case.name}"] = {"rank": case.rank, "ms": {r: v["median_ms"] for r, v in t.items()}}
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -16,10 +16,16 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   dilation, input_grad, per_sample, and the per-sample and tile modes in force)`` and, with
   ``cache_path``, in a JSON file that later processes reuse.
 
-Multi-host: every process must trace the same program. With ``jax.process_count() > 1`` the
-``"measure"`` policy never times (timings differ between hosts): it uses the on-disk cache
-entry when one exists (a file shared by all processes, e.g. written by a single-process run on
-the same hardware beforehand) and the analytic pick otherwise, which is deterministic.
+Data parallelism: with ``configure(batch_shards=n)`` (``train.py``: its mesh of all devices)
+both policies consider a conv on the batch one device runs, ``ceil(B / n)`` of the traced
+``B``, so the measured policy times (and keys its cache on) the per-device shape, not the
+global batch on one device.
+
+Multi-host: every process must trace the same program, so processes never time on their own
+(timings differ between hosts). :func:`agree_across_processes` lets process 0 trace the program
+to come first, timing its convs and writing the cache file, after which every process reads that
+file; a conv traced with ``jax.process_count() > 1`` that is not in the cache gets the analytic
+pick, which is deterministic.
 """
 
 from __future__ import annotations
@@ -29,28 +35,40 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
 
-_config: dict[str, Any] = {"policy": None, "cache_path": None, "per_sample": None, "tile_rows": None}
+_config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
+                           "tile_rows": None, "leader": False}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
 
-def configure(policy: str | None = None, cache_path: str | None = None) -> None:
-    """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else analytic) and
-    an optional JSON cache file for measured picks."""
+def configure(policy: str | None = None, cache_path: str | None = None, batch_shards: int | None = None) -> None:
+    """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else analytic), an
+    optional JSON cache file for measured picks, and ``batch_shards``: how many devices the batch
+    axis of the traced programs is split over (``None``: 1; see the module docstring)."""
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
-    _config.update(policy=policy, cache_path=cache_path)
+    if batch_shards is not None and (isinstance(batch_shards, bool) or not isinstance(batch_shards, int)
+                                     or batch_shards < 1):
+        raise ValueError(f"batch_shards={batch_shards!r}: expected None or a positive number of devices")
+    _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards)
+
+
+def device_shape(x_shape: Sequence[int]) -> tuple[int, ...]:
+    """``x_shape`` with the batch one device runs, ``ceil(B / batch_shards)`` (:func:`configure`)."""
+    n = _config["batch_shards"] or 1
+    return (-(-x_shape[0] // n), *x_shape[1:])
 
 
 def policy() -> str:
@@ -329,11 +347,13 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
               per_sample: bool | None = None) -> str:
     """``"factorized"`` or ``"reconstructed"`` for one CP conv call under the current :func:`policy`.
 
+    ``x_shape``: as traced (the batch per device follows from :func:`configure`'s ``batch_shards``).
     ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``; only shapes and dtypes are read.
     ``per_sample``: :func:`hocp_jax.conv.cp_conv`'s argument; the analytic policy counts the
     :func:`batch_plan` it gives, the measured one times the factorized path with it (it is part
     of the cache key).
     """
+    x_shape = device_shape(x_shape)
     if policy() == "analytic":
         return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -343,7 +363,7 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
         _load_disk(path)
     if key in _cache:
         return _cache[key]
-    if jax.process_count() > 1:  # never time on one host only: all processes must pick alike
+    if jax.process_count() > 1 and not _config["leader"]:  # all processes must pick alike
         return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
     times = measure(x_shape, dtype, specs, modes, strides, pads, dilations, input_grad, per_sample=per_sample)
@@ -352,3 +372,25 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     if path:
         _save_disk(path, key, pick)
     return pick
+
+
+def agree_across_processes(trace: Callable[[], Any]) -> None:
+    """Measured picks for a multi-process run: process 0 calls ``trace()`` (a trace of the program
+    to come, e.g. ``jax.eval_shape`` of the train step on the global batch's shapes), which times
+    each conv not yet in the cache and writes the picks to the cache file; then every process
+    waits for the others (``multihost_utils.sync_global_devices``) and reads the file, so that all
+    trace the same picks. Convs traced later under other shapes (e.g. an eval step's) get the
+    analytic pick. A no-op with one process, under the analytic policy or without a cache file.
+    Every process must call it, at the same point of the program."""
+    path = _config["cache_path"]
+    if jax.process_count() == 1 or policy() != "measure" or not path:
+        return
+    if jax.process_index() == 0:
+        _config["leader"] = True
+        try:
+            trace()
+        finally:
+            _config["leader"] = False
+    multihost_utils.sync_global_devices("hocp_jax.autotune.agree_across_processes")
+    _disk_loaded.discard(path)
+    _load_disk(path)

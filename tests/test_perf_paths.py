@@ -278,6 +278,21 @@ def test_autotune_multi_process_never_measures(measured, monkeypatch):
     assert calls == [] and pick == autotune.analytic_pick(x.shape, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
 
 
+def test_autotune_times_the_batch_one_device_gets(measured):
+    """``configure(batch_shards=n)``: a conv traced on the global batch ``B`` is timed, and cached,
+    on ``ceil(B / n)`` examples, what one device of the data-parallel mesh runs."""
+    autotune, calls, path = measured
+    autotune.configure("measure", cache_path=str(path), batch_shards=4)
+    p = _tiny_cp()
+    for batch in (8, 6, 4):
+        jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(jnp.ones((batch, 6, 6, 3)), p)
+    assert [c[0] for c in calls] == [(2, 6, 6, 3), (1, 6, 6, 3)]  # 8 / 4 and ceil(6 / 4) are one key
+    assert autotune.device_shape((6, 6, 6, 3)) == (2, 6, 6, 3)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"batch_shards={bad!r}: expected None or a positive"):
+            autotune.configure("measure", batch_shards=bad)
+
+
 def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(measured, tmp_path):
     """``config.autotune`` (train.py): "measure" caches its picks in ``workdir/autotune.json``; ""
     leaves the environment's policy; anything else is a ValueError naming the key."""

@@ -186,15 +186,16 @@ def run_supervised(config, workdir: str) -> dict:
 def configure_autotune(config, workdir: str) -> None:
     """``config.autotune``: how ``implementation="auto"`` picks each CP conv's path
     (:mod:`hocp_jax.autotune`): ``""`` (default: ``$HOCP_JAX_AUTOTUNE``, else ``"analytic"``),
-    ``"analytic"`` or ``"measure"``. Measured picks are cached in ``workdir/autotune.json``, so a
-    resumed job traces the same programs without timing again, and a multi-process job (which
-    never times) reads the picks a single-process run on the same hardware wrote there; without
-    that file it uses the analytic picks. The measurement times a conv on the shapes it is traced
-    with (the global batch) on one device."""
+    ``"analytic"`` or ``"measure"``. Both consider each conv on the batch one device of the run's
+    data-parallel mesh (all devices) gets. Measured picks are cached in ``workdir/autotune.json``,
+    so a resumed job traces the same programs without timing again; with several processes,
+    process 0 times the train step's convs before training and the others read its picks from
+    that file (:func:`hocp_jax.autotune.agree_across_processes`, called by
+    :func:`hocp_jax.training.fit`)."""
     value = config.get("autotune", "")
     if value not in ("", *autotune.POLICIES):
         raise ValueError(f"config.autotune={value!r}: expected '' (the environment's policy) or one of {autotune.POLICIES}")
-    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"))
+    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count())
 
 
 def run(config, workdir: str) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import tqdm
 
+from hocp_jax import autotune
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError
 from hocp_jax.training.config import positive_int, validate_config
 from hocp_jax.training.distributed import WorkdirLock
@@ -176,17 +177,31 @@ def fit(
             state, extra = restored
             it.set_state(_decode_iter_state(extra["data_state"]))
             start = int(host_value(state.step))  # the one read of the device step
-        return _train(model, loss_fn, tx, reg_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh)
+        step_fn = jax.jit(
+            make_train_step(model, loss_fn, tx, reg_fn),
+            in_shardings=(replicated(mesh), batch_sharding(mesh)),
+            out_shardings=(replicated(mesh), replicated(mesh)),
+            donate_argnums=0,
+        )
+        _agree_on_conv_paths(step_fn, state, make_train_iter, mesh)
+        return _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh)
 
 
-def _train(model, loss_fn, tx, reg_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainState:
+def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[], Iterator[dict]], mesh) -> None:
+    """With several processes and the measured autotune: process 0 traces ``step_fn`` on the
+    global batch's shapes (those of a fresh iterator's first batch, times the process count)
+    before any process traces it for real (:func:`hocp_jax.autotune.agree_across_processes`)."""
+    def trace():
+        n = jax.process_count()
+        spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * n, *a.shape[1:]), a.dtype,
+                                                           sharding=batch_sharding(mesh)), next(make_train_iter()))
+        jax.eval_shape(step_fn, state, spec)
+
+    autotune.agree_across_processes(trace)
+
+
+def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainState:
     """The loop of :func:`fit` from step ``start`` (a host int) to ``c["num_steps"]``."""
-    step_fn = jax.jit(
-        make_train_step(model, loss_fn, tx, reg_fn),
-        in_shardings=(replicated(mesh), batch_sharding(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
-        donate_argnums=0,
-    )
     extra_of = lambda: {  # noqa: E731
         "stage": c["stage"],
         "data_state": _encode_iter_state(it.get_state()),

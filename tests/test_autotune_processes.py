@@ -1,0 +1,126 @@
+"""The measured autotune in a real 2-process ``jax.distributed`` run (CPU, gloo, coordinator on
+127.0.0.1, two simulated devices per process): process 0 times the train step's conv on the
+batch one device gets, and both processes train with its pick.
+
+The processes run this file as a script (``python tests/test_autotune_processes.py ...``). The
+timer runs, but its result is replaced by one that rates the path the analytic model would pick
+as the slower one, so a process that fell back to the analytic pick instead of reading process
+0's would show.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+if __name__ == "__main__":  # subprocess mode: device count must be set before jax starts
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from hocp_jax import autotune  # noqa: E402
+from hocp_jax.layers import CPConv  # noqa: E402
+
+GLOBAL_BATCH, IMAGE = 8, (6, 6, 3)
+
+
+class Net(nn.Module):
+    """One CP conv (``implementation="auto"``) -> mean -> Dense(1)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = CPConv(4, 3, rank=5, padding=1, implementation="auto", name="conv")(x)
+        return {"y": nn.Dense(1, name="head")(x.mean(axis=(1, 2)))}
+
+
+class Batches:
+    """Endless batches of this process's rows of a fixed random global batch."""
+
+    def __init__(self):
+        self.pos = 0
+
+    def get_state(self):
+        return {"pos": self.pos}
+
+    def set_state(self, state):
+        self.pos = state["pos"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.default_rng(self.pos)
+        self.pos += 1
+        image = rng.normal(size=(GLOBAL_BATCH, *IMAGE)).astype(np.float32)
+        local = GLOBAL_BATCH // jax.process_count()
+        rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        return {"image": image[rows], "y": image[rows, 0, 0, :1]}
+
+
+def script(workdir: str, port: int, process_id: int) -> None:
+    from hocp_jax import training
+
+    training.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    autotune.configure("measure", cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count())
+    measured, picks = [], []
+    timer = autotune.measure
+
+    def fake_measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, rounds=5, per_sample=None):
+        measured.append(list(x_shape))
+        # the real timing runs too (on process 0's first device, inside the trace), its result unused
+        timer(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, rounds=1, per_sample=per_sample)
+        analytic = autotune.analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
+        return {analytic: 2.0, ({"factorized", "reconstructed"} - {analytic}).pop(): 1.0}
+
+    choose = autotune.choose_cp
+
+    def recording_choose(x_shape, *args, **kwargs):
+        pick = choose(x_shape, *args, **kwargs)
+        picks.append([list(x_shape), pick])
+        return pick
+
+    autotune.measure, autotune.choose_cp = fake_measure, recording_choose
+
+    def loss_fn(outputs, batch, key):
+        del key
+        loss = jnp.mean((outputs["y"] - batch["y"]) ** 2)
+        return loss, {"mse": loss}
+
+    config = dict(num_steps=2, seed=0, checkpoint_every=2, log_every=1, async_checkpointing=False)
+    training.fit(Net(), loss_fn, optax.sgd(0.1), Batches, config, os.path.join(workdir, "fit"))
+    with open(os.path.join(workdir, f"process{process_id}.json"), "w") as f:
+        json.dump({"measured": measured, "picks": picks, "devices": jax.device_count()}, f)
+
+
+def test_process_zero_times_the_per_device_batch_and_both_processes_use_its_pick(tmp_path):
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    zero, one = (json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2))
+    assert zero["devices"] == one["devices"] == 4
+    per_device = [GLOBAL_BATCH // 4, *IMAGE]
+    # process 0 timed the train step's conv once, on the 2 examples one device gets; process 1 never timed
+    assert zero["measured"] == [per_device] and one["measured"] == []
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    assert len(stored) == 1 and json.loads(next(iter(stored)))[2] == per_device
+    measured_pick = next(iter(stored.values()))
+    # the train step, traced on the global batch, runs the measured pick in both processes (the fake
+    # timer rated the analytic pick slower, so this is not the analytic fallback)
+    for out in (zero, one):
+        step_picks = {pick for shape, pick in out["picks"] if shape == [GLOBAL_BATCH, *IMAGE]}
+        assert step_picks == {measured_pick}, out["picks"]
+
+
+if __name__ == "__main__":
+    script(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -136,6 +136,11 @@ def fit(
             logged under split "eval" every ``eval_every`` steps and at the end.
         mesh: default :func:`make_data_mesh` (all devices).
 
+    Under the measured autotune (:mod:`hocp_jax.autotune`) with several processes, process 0
+    times the train step's CP convs before the first step, for all processes
+    (:func:`hocp_jax.autotune.agree_across_processes`); ``autotune.configure(batch_shards=n)``
+    with the mesh's size has them timed on the batch one device runs (``train.py`` does both).
+
     Returns:
         The final (replicated) TrainState at step ``num_steps``.
 

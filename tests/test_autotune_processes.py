@@ -26,6 +26,7 @@ import optax  # noqa: E402
 
 from hocp_jax import autotune  # noqa: E402
 from hocp_jax.layers import CPConv  # noqa: E402
+from test_training import N_EXAMPLES, ArrayIterator  # noqa: E402  (this process's rows of each global batch)
 
 GLOBAL_BATCH, IMAGE = 8, (6, 6, 3)
 
@@ -39,28 +40,10 @@ class Net(nn.Module):
         return {"y": nn.Dense(1, name="head")(x.mean(axis=(1, 2)))}
 
 
-class Batches:
-    """Endless batches of this process's rows of a fixed random global batch."""
-
-    def __init__(self):
-        self.pos = 0
-
-    def get_state(self):
-        return {"pos": self.pos}
-
-    def set_state(self, state):
-        self.pos = state["pos"]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        rng = np.random.default_rng(self.pos)
-        self.pos += 1
-        image = rng.normal(size=(GLOBAL_BATCH, *IMAGE)).astype(np.float32)
-        local = GLOBAL_BATCH // jax.process_count()
-        rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-        return {"image": image[rows], "y": image[rows, 0, 0, :1]}
+def make_data() -> dict[str, np.ndarray]:
+    """Fixed random examples for :class:`test_training.ArrayIterator` (its ``N_EXAMPLES`` rows)."""
+    image = np.random.default_rng(0).normal(size=(N_EXAMPLES, *IMAGE)).astype(np.float32)
+    return {"image": image, "y": image[:, 0, 0, :1]}
 
 
 def script(workdir: str, port: int, process_id: int) -> None:
@@ -93,7 +76,9 @@ def script(workdir: str, port: int, process_id: int) -> None:
         return loss, {"mse": loss}
 
     config = dict(num_steps=2, seed=0, checkpoint_every=2, log_every=1, async_checkpointing=False)
-    training.fit(Net(), loss_fn, optax.sgd(0.1), Batches, config, os.path.join(workdir, "fit"))
+    data = make_data()
+    training.fit(Net(), loss_fn, optax.sgd(0.1), lambda: ArrayIterator(data, batch_size=GLOBAL_BATCH), config,
+                 os.path.join(workdir, "fit"))
     with open(os.path.join(workdir, f"process{process_id}.json"), "w") as f:
         json.dump({"measured": measured, "picks": picks, "devices": jax.device_count()}, f)
 

@@ -159,4 +159,9 @@ interleaved; ratios use the dense step with the same pool.
 path (fwd+bwd, ``bench`` protocol) at its rank ``r`` and at the ranks ``8k``, ``8k + 1`` and
 ``8(k + 1)`` around it, interleaved per layer: whether a rank component's cost steps at
 multiples of 8, the float32 lanes of an AVX2 vector.
+
+``python -m benchmarks.experiments autotune_steps [rounds]``: the three HO-CP train steps of
+``bench`` compiled with the analytic picks and with the measured autotune's (every conv shape
+timed while the step is traced, no cache file), each pair interleaved with its dense step: the
+picks that differ, the tracing and compile time with the timing, and the step times.
 """

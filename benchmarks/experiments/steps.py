@@ -3,9 +3,11 @@ per-sample loop and the undone changes of one round (see the package docstring f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import re
 import time
@@ -356,3 +358,53 @@ def tile_threshold(rounds: int = 7) -> dict:
               for case in hocp if case.reference for mib in TILE_THRESHOLDS_MIB}
     return {"rounds": rounds, "step_ms": ms, "ratio_to_dense": ratios, "tiled_convs": tiled,
             "loadavg": os.getloadavg()}
+
+
+STEP_PAIRS = (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced"),
+              ("jester dense", "jester_hocp"))
+
+
+def autotune_steps(rounds: int = 9) -> dict:
+    """The three HO-CP train steps of ``bench`` compiled with the analytic picks and with the
+    measured autotune's (``autotune.configure("measure")``, no cache file, so every conv shape is
+    timed while the step is traced), each pair interleaved with its dense step: which picks the
+    two policies make (counted over every trace of preparing a step: the model's init, the
+    transduced model's 2-D source, the step; the Jester net's convs, with a ReLU between their
+    factors, always run factorized and make none), how long preparing took with the timing, and
+    the step times."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds}
+    choose = autotune.choose_cp
+    for dense, hocp in STEP_PAIRS:
+        calls, picks, prepare_s = {dense: bench.prepare_model_case(cases[dense])[0]}, {}, {}
+        for policy in ("analytic", "measure"):
+            made = picks[policy] = []
+
+            def recording(x_shape, *args, made=made, **kwargs):
+                pick = choose(x_shape, *args, **kwargs)
+                made.append([list(x_shape), pick])
+                return pick
+
+            autotune.clear_cache()
+            autotune.configure(policy)
+            t0 = time.perf_counter()
+            try:
+                with mock.patch.object(autotune, "choose_cp", recording):
+                    calls[f"{hocp}, {policy}"] = bench.prepare_model_case(cases[hocp])[0]
+            finally:
+                autotune.configure(None)
+                autotune.clear_cache()
+            prepare_s[policy] = time.perf_counter() - t0
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {name: v["median_ms"] for name, v in t.items()}
+        differ = collections.Counter(json.dumps([a[0], a[1], m[1]]) for a, m in zip(picks["analytic"], picks["measure"])
+                                     if a[1] != m[1])
+        out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()},
+                     "measure/analytic": ms[f"{hocp}, measure"] / ms[f"{hocp}, analytic"],
+                     "prepare_s": prepare_s, "auto_convs_traced": len(picks["analytic"]),
+                     "picks_that_differ: [x shape, analytic, measure] -> traced convs": dict(differ)}
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -72,7 +72,8 @@ def _check_x(x: jax.Array, n_modes: int, modes) -> None:
         )
 
 
-def _check_modes(modes) -> tuple[str, ...]:
+def check_modes(modes) -> tuple[str, ...]:
+    """``modes`` as a tuple of distinct mode names, none of :data:`RESERVED`, else a ValueError."""
     modes = tuple(modes)
     if not modes or len(set(modes)) != len(modes) or any(not isinstance(m, str) or m in RESERVED for m in modes):
         raise ValueError(f"modes={modes!r}: expected a non-empty sequence of distinct names, none of {RESERVED}")
@@ -81,11 +82,15 @@ def _check_modes(modes) -> tuple[str, ...]:
 
 def cp_rank(params: Params, modes: Sequence[str]) -> int:
     """Validates a CP parameter dict against ``modes`` and returns its rank R."""
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     required = ["lambda", "factor_in", "factor_out"] + [mode_key(m) for m in modes]
     missing = [k for k in required if k not in params]
     if missing:
         raise ValueError(f"params: missing CP leaves {missing}; expected keys {required} (+ optional factor_skip, bias)")
+    extra = sorted(k for k in params if k.startswith("factor_") and k not in required and k != "factor_skip")
+    if extra:
+        raise ValueError(f"params: has factor leaves {extra} that modes={modes!r} does not use; expected the "
+                         f"factors {required[1:]} (pass the modes of every factor, e.g. modes=('t', 'h', 'w'))")
     rank = params["lambda"].shape[0] if params["lambda"].ndim == 1 else -1
     if rank < 1:
         raise ValueError(f"params['lambda']: got shape {tuple(params['lambda'].shape)}, expected (R,) with R >= 1")
@@ -96,7 +101,23 @@ def cp_rank(params: Params, modes: Sequence[str]) -> int:
     return rank
 
 
+def _add_bias(y: jax.Array, params: Params) -> jax.Array:
+    """``y + params["bias"]`` if the dict has a bias, which must be ``(C_out,)``."""
+    if "bias" not in params:
+        return y
+    if tuple(params["bias"].shape) != (y.shape[-1],):
+        raise ValueError(f"params['bias']: got shape {tuple(params['bias'].shape)}, expected ({y.shape[-1]},) (C_out)")
+    return y + params["bias"]
+
+
 # ----------------------------------------------------------------------------- dense conv
+
+
+def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``kernel`` in their common dtype (``lax``'s conv needs equal dtypes; the
+    factorized paths' matmuls promote the same way)."""
+    dtype = jnp.result_type(x, kernel)
+    return x.astype(dtype), kernel.astype(dtype)
 
 
 def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
@@ -128,6 +149,7 @@ def dense_conv(
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, x.shape[1:-1], kernel.shape[:n], strides, dilations)
+    x, kernel = _promote(x, kernel)
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -235,7 +257,7 @@ def choose_cp_implementation(
     :func:`cp_conv`'s, which with the default ``None`` may run a 2-D conv's factorized path in
     chunks of samples, :func:`hocp_jax.autotune.batch_plan`). The CPU cost model;
     ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`."""
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     in_sizes, ks = tuple(x_shape[1:-1]), tuple(params[mode_key(m)].shape[0] for m in modes)
     c_in, c_out, rank = params["factor_in"].shape[0], params["factor_out"].shape[0], params["lambda"].shape[0]
     y_shape = (x_shape[0], *counting.output_sizes(in_sizes, ks, stride, padding, dilation), c_out)
@@ -251,7 +273,7 @@ def choose_cp_implementation(
 
 def cp_to_kernel(params: Params, modes: Sequence[str]) -> jax.Array:
     """Reconstructs the dense kernel ``(*K, C_in, C_out)`` from CP params (lambda folded in)."""
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     cp_rank(params, modes)
     letters = string.ascii_lowercase[: len(modes)]
     operands = [params[mode_key(m)] for m in modes] + [params["factor_in"], params["factor_out"], params["lambda"]]
@@ -267,10 +289,21 @@ def channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
 
 
-def _skip(x: jax.Array, params: Params, strides) -> jax.Array:
-    """Skip branch ``x x_C U^(S)`` as a strided 1x1 conv: ``(B, *S_out, C_out)``."""
+def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
+    """``y`` plus, if the dict has ``factor_skip (C_in, C_out)``, the skip branch ``x x_C U^(S)``
+    as a strided 1x1 conv, which must have ``y``'s shape ``(B, *S_out, C_out)``."""
+    if "factor_skip" not in params:
+        return y
+    u = params["factor_skip"]
     xs = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
-    return channel_matmul(xs, params["factor_skip"])
+    skip_shape = (*xs.shape[:-1], u.shape[-1])
+    if u.ndim != 2 or u.shape[0] != x.shape[-1] or skip_shape != y.shape:
+        raise ValueError(
+            f"params['factor_skip']: shape {tuple(u.shape)} on x {tuple(x.shape)} gives a skip branch of shape "
+            f"{skip_shape} but the conv output is {tuple(y.shape)}; expected ({x.shape[-1]}, {y.shape[-1]}) "
+            "and a size-preserving padding ('SAME'/'SYMMETRIC')"
+        )
+    return y + channel_matmul(xs, u)
 
 
 def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1) -> jax.Array:
@@ -426,7 +459,7 @@ def cp_conv(
     Returns:
       ``(B, *S_out, C_out)``.
     """
-    modes = _check_modes(modes if modes is not None else default_modes(x.ndim - 2))
+    modes = check_modes(modes if modes is not None else default_modes(x.ndim - 2))
     _check_x(x, len(modes), modes)
     cp_rank(params, modes)
     if params["factor_in"].shape[0] != x.shape[-1]:
@@ -453,9 +486,9 @@ def cp_conv(
     if implementation == "reconstructed":
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
-        kernel = cp_to_kernel(params, modes)
+        x_, kernel = _promote(x, cp_to_kernel(params, modes))
         y = lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n)
+            x_, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n)
         )
     else:
         if mode_order is None:
@@ -496,17 +529,7 @@ def cp_conv(
             y = _per_sample(factorized, x, chunk)
         else:
             y = factorized(x)
-    if "factor_skip" in params:
-        skip = _skip(x, params, strides)
-        if skip.shape != y.shape:
-            raise ValueError(
-                f"params['factor_skip']: skip branch has shape {tuple(skip.shape)} but the conv output is "
-                f"{tuple(y.shape)}; use a size-preserving padding ('SAME'/'SYMMETRIC') with a skip factor"
-            )
-        y = y + skip
-    if "bias" in params:
-        y = y + params["bias"]
-    return y
+    return _add_bias(_add_skip(y, x, params, strides), params)
 
 
 # ----------------------------------------------------------------------------- Tucker conv
@@ -550,7 +573,7 @@ def tucker_conv(
         y = channel_matmul(h, u_out.T)
     else:
         raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(y, params)
 
 
 # ----------------------------------------------------------------------------- MobileNet forms
@@ -561,7 +584,7 @@ def merge_mode_factors(params: Params, modes: Sequence[str]) -> jax.Array:
 
     ``U^(S)_{k_0..k_{N-1}, r} = prod_n U^(m_n)_{k_n, r}`` — MobileNet's depthwise filter.
     """
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     letters = string.ascii_lowercase[: len(modes)]
     return jnp.einsum(",".join(f"{l}R" for l in letters) + "->" + letters + "R", *[params[mode_key(m)] for m in modes])
 
@@ -597,14 +620,17 @@ def separable_conv(
     n = dw.ndim - 1
     if x.ndim != n + 2:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected {n + 2}-D input for a depthwise kernel {tuple(dw.shape)}")
+    if "factor_in" in params and params["factor_in"].shape[0] != x.shape[-1]:
+        raise ValueError(f"params['factor_in']: shape {tuple(params['factor_in'].shape)} expects "
+                         f"{params['factor_in'].shape[0]} input channels but x has {x.shape[-1]}")
     h = channel_matmul(x, params["factor_in"]) if "factor_in" in params else x
     if h.shape[-1] != dw.shape[-1]:
         raise ValueError(f"params['depthwise']: shape {tuple(dw.shape)} expects {dw.shape[-1]} channels, got {h.shape[-1]}")
+    if params["factor_out"].ndim != 2 or params["factor_out"].shape[1] != dw.shape[-1]:
+        raise ValueError(f"params['factor_out']: got shape {tuple(params['factor_out'].shape)}, expected (C_out, {dw.shape[-1]})")
     h = dense_conv(h, dw[..., None, :], stride=stride, padding=padding, dilation=dilation, feature_group_count=dw.shape[-1])
     y = channel_matmul(h, params["factor_out"].T)
-    if "factor_skip" in params:
-        y = y + _skip(x, params, as_tuple(stride, n, "stride"))
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(_add_skip(y, x, params, as_tuple(stride, n, "stride")), params)
 
 
 # ----------------------------------------------------------------------------- TT conv
@@ -677,4 +703,4 @@ def tt_conv(
         y = channel_matmul(h, cores[-1][..., 0])
     else:
         raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(y, params)

@@ -6,7 +6,9 @@ variables of its HO-CP twin (``get_model("resnet18_hocp")``, same ``tiny``/width
 
 * every DenseConv with a spatial kernel larger than 1 — its params ``<name>/conv/kernel``
   ``(*K, C_in, C_out)`` — becomes the CPConv params ``<name>/{lambda, factor_in,
-  factor_out, factor_h, factor_w}`` (CP-ALS, :func:`hocp_jax.decomposition.decompose`);
+  factor_out, factor_h, factor_w}`` (CP-ALS, :func:`hocp_jax.decomposition.decompose`),
+  with ``factor_t`` in front for a 3-D (video) kernel, as :class:`~hocp_jax.layers.CPConv`
+  names its temporal mode (e.g. ``get_model("jester")`` -> ``get_model("jester_hocp")``);
   the HO-CP model's CPConv sits at ``<name>``, one level above the dense ``nn.Conv``;
 * 1x1 DenseConvs (the ResNet's projection shortcuts) are kept dense, as the HO-CP model
   does by default (``shortcut="dense"``); ``shortcut="cp"`` decomposes them too;
@@ -29,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from hocp_jax.conv import default_modes
 from hocp_jax.decomposition import RankRule, decompose, rank_for
 from hocp_jax.tree import Path, get_at, path_str, set_at, to_dict, walk
 
@@ -40,6 +43,12 @@ def _dense_convs(params: Any) -> list[Path]:
     return [p for p, node in walk(params)
             if set(node) == {"conv"} and isinstance(node["conv"], Mapping) and set(node["conv"]) == {"kernel"}
             and np.ndim(node["conv"]["kernel"]) >= 3]
+
+
+def cpconv_modes(n: int) -> tuple[str, ...]:
+    """The modes of an n-D :class:`~hocp_jax.layers.CPConv` of the HO-CP models: ``("t", "h", "w")``
+    for 3-D (its temporal mode ``t`` and 2-D spatial modes), else :func:`hocp_jax.conv.default_modes`."""
+    return ("t", "h", "w") if n == 3 else default_modes(n)
 
 
 def dense_to_hocp(
@@ -94,6 +103,7 @@ def dense_to_hocp(
         if r is None:
             continue
         report = None if callback is None else functools.partial(callback, path_str(path))
-        cp, errors[path_str(path)] = decompose(kernel, r, key=k, callback=report, **decompose_kwargs)
+        cp, errors[path_str(path)] = decompose(kernel, r, modes=cpconv_modes(np.ndim(kernel) - 2), key=k,
+                                               callback=report, **decompose_kwargs)
         params = set_at(params, path, cp)
     return {**to_dict(variables), "params": params}, errors

@@ -55,7 +55,9 @@ def cp_rank_for_budget(
     budget = dense_params(in_channels, out_channels, kernel_size) if budget is None else budget
     rank = budget // (in_channels + out_channels + int(sum(kernel_size)) + 1)
     if rank < 1:
-        raise ValueError(f"budget={budget!r}: too small for even a rank-1 CP conv of this shape")
+        raise ValueError(f"budget={budget!r}: too small for even a rank-1 CP conv of in_channels={in_channels}, "
+                         f"out_channels={out_channels}, kernel_size={tuple(kernel_size)} "
+                         f"({in_channels + out_channels + int(sum(kernel_size)) + 1} parameters)")
     return int(rank)
 
 

@@ -122,20 +122,31 @@ def _als_chunk(x: jax.Array, state: _ALSState, max_sweep, tol, ridge, floor, lin
     return jax.lax.while_loop(cond, body, state)
 
 
-def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, tuple[str, ...]]:
+def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, tuple[str, ...], Any]:
+    """The kernel in the dtype of the fit (float32 for ints and floats narrower than 32 bits,
+    whose linear algebra XLA does not run), its validated modes and the dtype of the result."""
     kernel = jnp.asarray(kernel)
+    out_dtype = kernel.dtype if jnp.issubdtype(kernel.dtype, jnp.floating) else jnp.dtype(jnp.float32)
     if kernel.ndim < 3:
         raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) with >= 1 spatial axis")
     n_sp = kernel.ndim - 2
     modes = tuple(modes) if modes is not None else default_modes(n_sp)
     if len(modes) != n_sp or len(set(modes)) != n_sp or any(m in RESERVED for m in modes):
         raise ValueError(f"modes={modes!r}: expected {n_sp} distinct names (none of {RESERVED}) for kernel {tuple(kernel.shape)}")
-    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+    if not jnp.issubdtype(kernel.dtype, jnp.floating) or jnp.finfo(kernel.dtype).bits < 32:
         kernel = kernel.astype(jnp.float32)
     norm = float(np.linalg.norm(np.asarray(kernel, np.float64)))
     if not (np.isfinite(norm) and norm > 0):
         raise ValueError(f"kernel: its Frobenius norm is {norm}; expected a finite nonzero kernel")
-    return kernel, modes
+    return kernel, modes, out_dtype
+
+
+def _in_dtype(params: dict, kernel: jax.Array, rebuild, dtype) -> tuple[dict, jax.Array]:
+    """``params`` cast to ``dtype`` (a no-op unless the fit ran in float32 for a narrower
+    kernel) and the relative error of their reconstruction ``rebuild(params)``."""
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    rel = jnp.linalg.norm(rebuild({k: v.astype(kernel.dtype) for k, v in params.items()}) - kernel)
+    return params, rel / jnp.linalg.norm(kernel)
 
 
 def _default_tol(dtype) -> float:
@@ -176,7 +187,8 @@ def decompose(
     exactly low-rank kernels) the error only fluctuates, and the fit stops there.
 
     Args:
-      kernel: ``(*K, C_in, C_out)`` with at least one spatial axis (float; ints -> float32).
+      kernel: ``(*K, C_in, C_out)`` with at least one spatial axis (float; ints -> float32;
+        bfloat16/float16 are fitted in float32 and the factors returned in the kernel's dtype).
       rank: R >= 1.
       modes: names of the kernel's spatial axes (default :func:`hocp_jax.conv.default_modes`).
       n_iter: maximum number of sweeps.
@@ -198,7 +210,7 @@ def decompose(
       ``(cp_params, rel_error)``: ``{"lambda", "factor_in", "factor_out", "factor_<m>"...}``
       and ``||W - W_hat||_F / ||W||_F`` computed from the reconstructed kernel.
     """
-    kernel, modes = _check_kernel(kernel, modes)
+    kernel, modes, out_dtype = _check_kernel(kernel, modes)
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank={rank!r}: expected an int >= 1")
     if init not in ("svd", "random"):
@@ -224,6 +236,8 @@ def decompose(
         if int(state.sweep) < stop:  # converged inside the chunk
             break
     cp, rel = _to_params(kernel, state.factors, modes)
+    if out_dtype != kernel.dtype:
+        cp, rel = _in_dtype(cp, kernel, lambda p: cp_to_kernel(p, modes), out_dtype)
     if not np.isfinite(float(rel)):
         raise FloatingPointError(f"decompose: CP-ALS of kernel {tuple(kernel.shape)} at rank={rank} gave non-finite "
                                  "factors; try init='random' or a smaller rank")
@@ -279,7 +293,7 @@ def tucker_decompose(
       ``({"factor_in", "core", "factor_out"}, rel_error)`` with the relative Frobenius error
       of the reconstruction.
     """
-    kernel, _ = _check_kernel(kernel, None)
+    kernel, _, out_dtype = _check_kernel(kernel, None)
     c_in, c_out = kernel.shape[-2:]
     if (not isinstance(ranks, (tuple, list)) or len(ranks) != 2
             or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in ranks)
@@ -287,6 +301,8 @@ def tucker_decompose(
         raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in} and 1 <= R_out <= {c_out}")
     tol = _default_tol(kernel.dtype) if tol is None else float(tol)
     params, rel = _hooi(kernel, int(ranks[0]), int(ranks[1]), int(n_iter), tol)
+    if out_dtype != kernel.dtype:
+        params, rel = _in_dtype(params, kernel, tucker_to_kernel, out_dtype)
     return params, float(rel)
 
 
@@ -321,7 +337,10 @@ RankRule = int | str | Callable[[Path, tuple[int, ...]], int | None]
 def rank_for(rule: RankRule, path: Path, shape: tuple[int, ...]) -> int | None:
     """The CP rank ``rule`` gives the kernel of ``shape`` at ``path`` (None: keep it dense)."""
     if rule == "budget":
-        return counting.cp_rank_for_budget(shape[-2], shape[-1], shape[:-2])
+        try:
+            return counting.cp_rank_for_budget(shape[-2], shape[-1], shape[:-2])
+        except ValueError as e:
+            raise ValueError(f"rank_rule='budget' at {path_str(path)!r} (kernel {shape}): {e}") from None
     if isinstance(rule, (int, np.integer)) and not isinstance(rule, bool):
         return int(rule)
     if callable(rule):

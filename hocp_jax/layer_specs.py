@@ -59,7 +59,7 @@ def spatial_layout(kernel_size, spatial_modes) -> tuple[tuple[str, ...], tuple[i
     if spatial_modes is not None:
         modes = tuple(spatial_modes)
     else:
-        modes = conv.default_modes(2 if isinstance(kernel_size, int) else len(tuple(kernel_size)))
+        modes = conv.default_modes(2 if isinstance(kernel_size, (int, np.integer)) else len(tuple(kernel_size)))
     return modes, as_ints(kernel_size, len(modes), "kernel_size")
 
 
@@ -148,7 +148,14 @@ def cp_conv_kwargs(
     )
 
 
-# ----------------------------------------------------------------------------- Tucker / separable conv
+# ----------------------------------------------------------------------------- Tucker / separable / TT conv
+
+
+def kernel_dims(kernel_size) -> tuple[int, ...]:
+    """A Tucker, separable or TT conv's ``kernel_size``: one int per spatial mode, or one int
+    for both modes of a 2-D conv (as :class:`hocp_jax.layers.CPConv` reads it)."""
+    return _shape_arg((kernel_size, kernel_size) if isinstance(kernel_size, (int, np.integer)) else kernel_size,
+                      "kernel_size")
 
 
 def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_ratio: float = 0.5) -> tuple[int, int]:
@@ -159,7 +166,7 @@ def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_rat
 
 def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int], gain=2.0) -> Specs:
     """Tucker conv leaves ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``."""
-    ks = tuple(kernel_size)
+    ks = kernel_dims(kernel_size)
     r_in, r_out = ranks
     normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), 3, r_in * r_out))
     return {
@@ -172,7 +179,7 @@ def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int]
 def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank=None) -> Specs:
     """Separable conv leaves ``depthwise (*K, R)`` (He), ``factor_out (C_out, R)`` (LeCun) and, with
     an expansion ``rank``, ``factor_in (C_in, R)``; without it ``R = C_in``."""
-    ks = tuple(kernel_size)
+    ks = kernel_dims(kernel_size)
     r = rank or in_channels
     specs: Specs = {
         "depthwise": (ks + (r,), initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1)),
@@ -257,7 +264,7 @@ def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int
                   use_bias: bool = False) -> Specs:
     """TT conv leaves (:func:`hocp_jax.conv.tt_conv`) ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})``,
     ``core_{N+1} (R_{N+1}, C_out, 1)``; ``rank`` an int or the ``N + 1`` inner ranks."""
-    ks = _shape_arg(kernel_size, "kernel_size")
+    ks = kernel_dims(kernel_size)
     dims = (_positive("in_features", in_channels),) + ks + (_positive("out_features", out_channels),)
     bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
     normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))

@@ -6,7 +6,9 @@
   parameter tree holds temporal factors (``factor_t``, added by
   :func:`hocp_jax.transduction.transduce` or created when the module is initialised on video),
   ``(B, T, *S, C)`` videos.
-* :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form).
+* :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form), :class:`TTConv`.
+
+A conv layer's ``kernel_size`` is one int per spatial mode, or one int for both modes of a 2-D conv.
 * :class:`TRL` — tensor regression layer (CP or Tucker weight, never materialised).
 
 Mixed precision as in Flax: every layer takes ``dtype`` (computation; ``None`` = promote the
@@ -183,7 +185,7 @@ class TuckerConv(nn.Module):
     """Tucker convolution (paper Eq. 4): 1x1 to ``ranks[0]``, core conv, 1x1 from ``ranks[1]``."""
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
+    kernel_size: int | Sequence[int] = (3, 3)
     ranks: tuple[int, int] | None = None
     rank_ratio: float = 0.5
     stride: int | Sequence[int] = 1
@@ -195,7 +197,7 @@ class TuckerConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ks = tuple(self.kernel_size)
+        ks = layer_specs.kernel_dims(self.kernel_size)
         if x.ndim != len(ks) + 2:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(ks) + 2}-D (batch, *spatial, channels)")
         ranks = layer_specs.tucker_layer_ranks(x.shape[-1], self.features, self.ranks, self.rank_ratio)
@@ -209,7 +211,7 @@ class SeparableConv(nn.Module):
     depthwise ``kernel_size`` conv, 1x1 projection. ``rank=None`` means no expansion (v1)."""
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
+    kernel_size: int | Sequence[int] = (3, 3)
     rank: int | None = None
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
@@ -303,7 +305,7 @@ class TTConv(nn.Module):
     """Tensor-train convolution (:func:`hocp_jax.conv.tt_conv`); ``rank`` an int or the N + 1 inner TT ranks."""
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
+    kernel_size: int | Sequence[int] = (3, 3)
     rank: int | Sequence[int] = 8
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"

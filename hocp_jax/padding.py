@@ -12,8 +12,8 @@ Accepted ``padding`` values (``N`` = number of spatial modes, ``k`` kernel size,
   ``max((ceil(D/s) - 1) * s + d*(k-1) + 1 - D, 0)`` is split with the extra element at
   the end. At stride 2 on an even size with k=3 this is ``(0, 1)``.
 * ``"SYMMETRIC"``: PyTorch's conventional ``padding=d*(k-1)//2`` on both sides. At stride 2
-  on an even size with k=3 this is ``(1, 1)`` (one more output row than lax when D is odd,
-  same count when D is even but shifted by one input pixel).
+  on an even size with k=3 this is ``(1, 1)``: as many output rows as lax's ``(0, 1)``, shifted
+  by one input pixel. On an odd size both give ``(1, 1)``.
 * an ``int`` ``p``: PyTorch-style symmetric ``(p, p)`` on every mode.
 * a sequence of length N whose entries are any of the above per mode, or ``(lo, hi)``
   pairs (lax-style explicit padding), e.g. ``((0, 1), (1, 1))`` or ``(1, "VALID")``.
@@ -21,6 +21,7 @@ Accepted ``padding`` values (``N`` = number of spatial modes, ``k`` kernel size,
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Union
 
@@ -30,12 +31,17 @@ PaddingLike = Union[str, int, Sequence[Union[str, int, Sequence[int]]]]
 _NAMED = ("VALID", "SAME", "SYMMETRIC")
 
 
+def _is_int(v) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
     """Broadcasts an int (or a length-``n`` sequence of ints) to a tuple of ``n`` ints >= 1."""
-    if isinstance(value, int):
-        out = (value,) * n
-    elif isinstance(value, Sequence) and len(value) == n and all(isinstance(v, int) for v in value):
-        out = tuple(value)
+    if _is_int(value):
+        out = (int(value),) * n
+    elif isinstance(value, Sequence) and len(value) == n and all(_is_int(v) for v in value):
+        out = tuple(int(v) for v in value)
     else:
         raise ValueError(f"{name}={value!r}: expected an int or a sequence of {n} ints (one per spatial mode)")
     if any(v < 1 for v in out):
@@ -56,11 +62,11 @@ def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str) -> Pad:
             p = d * (k - 1) // 2
             return (p, p)
         raise ValueError(f"padding{where}={spec!r}: unknown padding, expected one of {_NAMED}, an int or (lo, hi)")
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if _is_int(spec):
         if spec < 0:
             raise ValueError(f"padding{where}={spec!r}: must be >= 0")
-        return (spec, spec)
-    if isinstance(spec, Sequence) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
+        return (int(spec), int(spec))
+    if isinstance(spec, Sequence) and len(spec) == 2 and all(_is_int(v) for v in spec):
         if min(spec) < 0:
             raise ValueError(f"padding{where}={tuple(spec)!r}: pads must be >= 0")
         return (int(spec[0]), int(spec[1]))
@@ -84,7 +90,7 @@ def resolve_padding(
       A tuple of N ``(lo, hi)`` int pairs.
     """
     n = len(in_sizes)
-    if isinstance(padding, (str, int)):
+    if isinstance(padding, str) or _is_int(padding):
         specs = [padding] * n
     elif isinstance(padding, Sequence) and len(padding) == n:
         specs = list(padding)
@@ -94,7 +100,7 @@ def resolve_padding(
             "entries (str, int or (lo, hi))"
         )
     pads = tuple(
-        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not isinstance(padding, (str, int)) else "")
+        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not (isinstance(padding, str) or _is_int(padding)) else "")
         for i, (spec, D, k, s, d) in enumerate(zip(specs, in_sizes, kernel_sizes, strides, dilations))
     )
     for i, ((lo, hi), D, k, d) in enumerate(zip(pads, in_sizes, kernel_sizes, dilations)):

@@ -233,6 +233,10 @@ def test_mobilenet_is_cp_special_case():
         (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
         (dict(per_sample="yes"), "per_sample='yes'"),
         (dict(psi_pointwise=None), "psi_pointwise=None"),
+        # a 1-D x with 2-D params: without modes, factor_h would be silently ignored
+        (dict(x_shape=(2, 6, 3), modes=None), r"factor leaves \['factor_h'\]"),
+        (dict(bias=jnp.ones((1,))), r"params\['bias'\]: got shape \(1,\), expected \(4,\)"),
+        (dict(stride=True), "stride=True"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -242,6 +246,8 @@ def test_bad_arguments(kwargs, match):
         del p[kwargs.pop("drop")]
     if kwargs.pop("bad_rank", False):
         p["factor_h"] = jnp.ones((3, 4))
+    if "bias" in kwargs:
+        p["bias"] = kwargs.pop("bias")
     x = jnp.ones(kwargs.pop("x_shape", (2, 6, 6, 3)))
     kwargs.setdefault("modes", ("h", "w"))
     with pytest.raises(ValueError, match=match):
@@ -253,6 +259,54 @@ def test_bad_init_arguments():
         init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 0)
     with pytest.raises(ValueError, match="modes"):
         init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 2, modes=("t", "h", "w"))
+    for modes in (("in", "w"), ("h", "h")):  # would overwrite factor_in / drop a factor
+        with pytest.raises(ValueError, match="modes="):
+            init.init_cp_params(jax.random.key(0), 3, 4, (3, 5), 2, modes=modes)
+    with pytest.raises(ValueError, match="kernel_size=3"):
+        init.init_cp_params(jax.random.key(0), 3, 4, 3, 2)
+    with pytest.raises(ValueError, match="ranks=2"):
+        init.init_tucker_params(jax.random.key(0), 3, 4, (3, 3), 2)
+
+
+def test_numpy_ints_are_accepted_for_stride_padding_dilation():
+    key = jax.random.key(9)
+    x = jax.random.normal(key, (2, 8, 8, 3))
+    p = init.init_cp_params(key, 3, 4, (3, 3), 5)
+    want = conv.cp_conv(x, p, stride=2, padding=1, dilation=1)
+    got = conv.cp_conv(x, p, stride=np.int64(2), padding=np.int32(1), dilation=(np.int64(1), 1))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+def test_mixed_dtypes_promote_on_every_path(implementation):
+    """bf16 x with f32 params: every path computes in the promoted dtype (as jnp does), close to
+    the f32 dense conv of the reconstructed kernel; the reconstructed path used to hand lax's
+    conv two dtypes (a TypeError that "auto" raised or not depending on the shape)."""
+    key = jax.random.key(10)
+    x = jax.random.normal(key, (2, 8, 8, 16)).astype(jnp.bfloat16)
+    p = init.init_cp_params(key, 16, 8, (3, 3), 32)
+    y = conv.cp_conv(x, p, implementation=implementation)
+    assert y.dtype == jnp.float32
+    w = np_kernel(p, ("h", "w"))
+    expected = np_conv(np.asarray(x, np.float32), w, (1, 1), [(1, 1), (1, 1)], (1, 1))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    tucker = init.init_tucker_params(key, 16, 8, (3, 3), (4, 4), dtype=jnp.bfloat16)
+    for impl in ("factorized", "reconstructed"):
+        assert conv.tucker_conv(x.astype(jnp.float32), tucker, implementation=impl).dtype == jnp.float32
+
+
+def test_separable_conv_checks_its_leaves():
+    key = jax.random.key(11)
+    x = jnp.ones((1, 8, 8, 3))
+    sep = conv.cp_to_separable(init.init_cp_params(key, 3, 5, (3, 3), 6), ("h", "w"))
+    with pytest.raises(ValueError, match=r"factor_in'\]: shape \(3, 6\) expects 3 input channels but x has 4"):
+        conv.separable_conv(jnp.ones((1, 8, 8, 4)), sep)
+    with pytest.raises(ValueError, match="factor_skip"):
+        conv.separable_conv(x, sep | {"factor_skip": jnp.ones((3, 5))}, padding="VALID")
+    with pytest.raises(ValueError, match="factor_out"):
+        conv.separable_conv(x, sep | {"factor_out": jnp.ones((5, 4))})
+    with pytest.raises(ValueError, match="bias"):
+        conv.separable_conv(x, sep | {"bias": jnp.ones((2,))})
 
 
 def test_init_variance_matches_target():

@@ -81,3 +81,17 @@ def test_dense_to_hocp_rejects_bad_inputs():
         dense_to_hocp({"params": {}}, shortcut="none")
     with pytest.raises(ValueError, match="no dense conv"):
         dense_to_hocp({"params": {"head": {"kernel": jnp.ones((4, 2))}}})
+
+
+def test_video_kernels_become_the_temporal_and_spatial_factors_of_the_hocp_twin():
+    """A 3-D kernel's modes are named (t, h, w), as CPConv names them on video, so the Jester
+    net's dense variables convert into a tree its HO-CP twin applies."""
+    dense, hocp = get_model("jester", tiny=True), get_model("jester_hocp", tiny=True)
+    x = jax.random.normal(jax.random.key(4), (1, 16, 16, 16, 3))
+    variables = to_dict(dense.init(jax.random.key(5), x))
+    new, errors = dense_to_hocp(variables, lambda path, shape: 6 * shape[-2], n_iter=5)  # the twin's rank rule
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, to_dict(hocp.init(jax.random.key(6), x)))
+    kernel = get_at(variables["params"], ("conv2", "conv", "kernel"))
+    w_hat = conv.cp_to_kernel(new["params"]["conv2"], ("t", "h", "w"))
+    np.testing.assert_allclose(float(jnp.linalg.norm(kernel - w_hat) / jnp.linalg.norm(kernel)), errors["conv2"], rtol=1e-3)
+    assert hocp.apply(new, x)["logits"].shape == (1, 27)

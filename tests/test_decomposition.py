@@ -139,3 +139,19 @@ def test_tucker_decompose_matches_tensorly_and_dense_conv():
     oracle = _rel(tl.tenalg.multi_mode_dot(core, factors, modes=[2, 3]), kernel)
     np.testing.assert_allclose(err, oracle, rtol=1e-3)
     np.testing.assert_allclose(err, _rel(conv.tucker_to_kernel(params), kernel), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_float_kernels_are_fitted_in_float32_and_returned_in_their_dtype(dtype):
+    """XLA runs no linear algebra in bf16/f16: the fit runs in float32, the factors come back in
+    the kernel's dtype, and the reported error is that of the returned (rounded) factors."""
+    rng = np.random.default_rng(6)
+    exact = np.einsum("hr,wr,cr,tr->hwct", *(rng.normal(size=(n, 3)) for n in (3, 3, 4, 5))).astype(np.float32)
+    kernel = jnp.asarray(exact, dtype)
+    cp, err = D.decompose(kernel, 3)
+    assert {v.dtype for v in cp.values()} == {jnp.dtype(dtype)}
+    oracle = _rel(_np_cp({k: np.asarray(v, np.float64) for k, v in cp.items()}, ("h", "w")), np.asarray(kernel, np.float64))
+    np.testing.assert_allclose(err, oracle, rtol=1e-3)
+    assert err < 2e-2  # the rounding of the factors to 8 (bf16) or 11 (f16) bits
+    params, err = D.tucker_decompose(kernel, (4, 5))  # full channel ranks: exact up to rounding
+    assert {v.dtype for v in params.values()} == {jnp.dtype(dtype)} and err < 2e-2

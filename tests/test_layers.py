@@ -74,6 +74,19 @@ def test_tucker_and_separable_layers_match_functional():
     np.testing.assert_allclose(s.apply(vs, x), conv.dense_conv(x, jnp.asarray(w)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda k: layers.TuckerConv(8, k, ranks=(3, 4)),
+                                  lambda k: layers.SeparableConv(8, k, rank=12),
+                                  lambda k: layers.TTConv(8, k, rank=3)])
+def test_int_kernel_size_means_both_modes_of_a_2d_conv(make):
+    """As for CPConv, ``kernel_size=3`` is ``(3, 3)``: the same leaves and outputs."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
+    v = make((3, 3)).init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, make(3).init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
+    np.testing.assert_array_equal(make(3).apply(v, x), make((3, 3)).apply(v, x))
+    with pytest.raises(ValueError, match="kernel_size"):
+        make((3, 0)).init(jax.random.key(1), x)
+
+
 @pytest.mark.parametrize("decomposition,rank", [("cp", 6), ("tucker", (2, 3, 4, 5))])
 def test_trl_matches_full_weight(decomposition, rank):
     x = jax.random.normal(jax.random.key(0), (3, 2, 4, 5, 6))  # (B, T, H, W, C): per-frame outputs

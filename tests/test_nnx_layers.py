@@ -100,3 +100,5 @@ def test_dtype_and_param_dtype_and_validation():
         nnx_layers.CPConv(3, 4, rank=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="decomposition"):
         nnx_layers.TRL((2, 2), 3, decomposition="tt", rngs=nnx.Rngs(0))
+    for cls in (nnx_layers.TuckerConv, nnx_layers.SeparableConv, nnx_layers.TTConv):  # int: (k, k), as CPConv
+        assert cls(3, 4, 3, rngs=nnx.Rngs(0))(x.astype(jnp.float32)).shape == (1, 5, 5, 4)

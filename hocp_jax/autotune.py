@@ -41,7 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+
+from hocp_jax.processes import on_process_zero
 
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
@@ -378,19 +379,21 @@ def agree_across_processes(trace: Callable[[], Any]) -> None:
     """Measured picks for a multi-process run: process 0 calls ``trace()`` (a trace of the program
     to come, e.g. ``jax.eval_shape`` of the train step on the global batch's shapes), which times
     each conv not yet in the cache and writes the picks to the cache file; then every process
-    waits for the others (``multihost_utils.sync_global_devices``) and reads the file, so that all
-    trace the same picks. Convs traced later under other shapes (e.g. an eval step's) get the
+    waits for the others (:func:`hocp_jax.processes.on_process_zero`: if the trace raised, it
+    raises on every process) and reads the file, so that all trace the same picks. Convs traced later under other shapes (e.g. an eval step's) get the
     analytic pick. A no-op with one process, under the analytic policy or without a cache file.
     Every process must call it, at the same point of the program."""
     path = _config["cache_path"]
     if jax.process_count() == 1 or policy() != "measure" or not path:
         return
-    if jax.process_index() == 0:
+
+    def lead():
         _config["leader"] = True
         try:
             trace()
         finally:
             _config["leader"] = False
-    multihost_utils.sync_global_devices("hocp_jax.autotune.agree_across_processes")
+
+    on_process_zero(lead, "hocp_jax.autotune.agree_across_processes")  # a failure raises everywhere
     _disk_loaded.discard(path)
     _load_disk(path)

@@ -133,6 +133,27 @@ def test_resume_from_saved_state_gives_same_batches(data_dir):
     _assert_same(_take(fresh, 4), expected)
 
 
+def test_training_data_resumes_with_its_workers_value_only(data_dir):
+    """grain's positions differ with and without worker processes: the stage's iterator state
+    records config.data.workers and a resume with another value is refused, naming it."""
+    from ml_collections import ConfigDict
+
+    from hocp_jax.training.data import Data
+    cfg = ConfigDict(dict(static="digits_affect", data_dir=str(data_dir), batch_size=64, eval_batch_size=64,
+                          eval_split="test"))
+    it = Data(cfg, "digits_affect").train_iter(seed=0)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["workers"] == 0
+    expected = _take(it, 2)
+    fresh = Data(cfg, "digits_affect").train_iter(seed=0)
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 2), expected)
+    cfg.workers = 2
+    with pytest.raises(ValueError, match=r"config.data.workers=2: .* saved with workers=0.*--config.data.workers=0"):
+        Data(cfg, "digits_affect").train_iter(seed=0).set_state(state)
+
+
 def test_epochs_are_permutations_and_reshuffled(data_dir):
     source = pipeline.data_source("digits_affect", "test", data_dir)
     steps = pipeline.steps_per_epoch(source, batch_size=64, shard_count=1)

@@ -69,6 +69,24 @@ def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.Dat
     return builder
 
 
+def prepare(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.DatasetBuilder | None:
+    """The builder of project dataset ``name``, built first if it is not prepared: embedded
+    datasets always, manual ones when manual_dir is given (else FileNotFoundError with the
+    download instructions). None for a catalog dataset (prepared with ``tfds build``)."""
+    base = name.partition("/")[0]
+    if base not in BUILDERS:
+        return None
+    builder = get_builder(name, data_dir, config=config)
+    if builder.is_prepared():
+        return builder
+    if base in EMBEDDED or manual_dir is not None:
+        return build(name, data_dir, manual_dir=manual_dir, config=config)
+    raise FileNotFoundError(
+        f"name={name!r} is not prepared in {builder.data_dir}; pass "
+        f"manual_dir=<downloaded files> to build it.\n"
+        f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+
 def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None,
                 decoders=None):
     """Random-access source of one split (``len``, ``[i]`` -> dict of numpy).
@@ -78,8 +96,8 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
     decoders: ``{feature: tfds.decode.SkipDecoding()}`` leaves those features
     undecoded (see :func:`label_counts`).
     """
-    base = name.partition("/")[0]
-    if base not in BUILDERS:
+    builder = prepare(name, data_dir, manual_dir=manual_dir, config=config)
+    if builder is None:
         try:
             return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                     decoders=decoders)
@@ -88,15 +106,6 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
                 f"name={name!r}: catalog dataset not prepared in data_dir={data_dir} "
                 f"({type(err).__name__}: {err}). Prepare it once with `tfds build "
                 f"{name} --data_dir={data_dir} --file_format=array_record`.") from err
-    builder = get_builder(name, data_dir, config=config)
-    if not builder.is_prepared():
-        if base in EMBEDDED or manual_dir is not None:
-            builder = build(name, data_dir, manual_dir=manual_dir, config=config)
-        else:
-            raise FileNotFoundError(
-                f"name={name!r} is not prepared in {builder.data_dir}; pass "
-                f"manual_dir=<downloaded files> to build it.\n"
-                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     if split not in builder.info.splits:
         raise ValueError(f"split={split!r}: {name} has splits "
                          f"{sorted(builder.info.splits)}")

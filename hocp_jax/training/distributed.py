@@ -7,6 +7,8 @@
 * :class:`WorkdirLock` -- refuses a second, independent run writing the same workdir (e.g.
   the same command started on N hosts without ``jax.distributed``: N processes that each
   believe they are process 0 of 1).
+
+Process 0 takes the lock for a ``jax.distributed`` run (:func:`hocp_jax.processes.on_process_zero`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 import time
 
 import jax
+
+from hocp_jax.processes import on_process_zero
 
 # environment variable -> (cluster, number of processes) when several processes run
 CLUSTER_SIZE_VARS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI", "PMI_SIZE": "MPICH"}
@@ -78,8 +82,9 @@ class WorkdirLock:
     raises :class:`WorkdirInUseError` when the lock belongs to another run that is alive: a
     live process on this host, or (on another host, where liveness cannot be checked) a file
     touched less than ``stale_s`` seconds ago. A lock of a killed run (dead pid on this host,
-    or stale) is taken over, so resuming after ``kill -9`` just works. Processes other than
-    0 of a ``jax.distributed`` run do nothing (process 0 speaks for the run).
+    or stale) is taken over, so resuming after ``kill -9`` just works. In a ``jax.distributed``
+    run process 0 takes the lock for the run and every process raises if it could not
+    (:func:`hocp_jax.processes.on_process_zero`).
     """
 
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 120.0):
@@ -102,8 +107,10 @@ class WorkdirLock:
         return time.time() - os.path.getmtime(self.path) < self.stale_s
 
     def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0:
-            return self
+        on_process_zero(self._acquire, f"lock {self.path}", errors=(WorkdirInUseError,))
+        return self
+
+    def _acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "process_count": jax.process_count(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -125,7 +132,6 @@ class WorkdirLock:
             json.dump(me, f)
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
-        return self
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -1,0 +1,98 @@
+"""Work process 0 does for all, in a real 2-process ``jax.distributed`` run (CPU, gloo,
+coordinator on 127.0.0.1): building a missing dataset, taking the workdir lock, timing the convs.
+A failure on process 0 must raise on both processes (before, the other process went on and
+waited in the next collective until killed), and a dataset must be built once (before, every
+process built it into the shared data_dir at once, and all but one crashed).
+
+The processes run this file as a script (``python tests/test_processes.py ...``).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+if __name__ == "__main__":  # subprocess mode
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import ml_collections  # noqa: E402
+
+
+def _outcome(fn) -> str:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 -- the test compares the classes and messages
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def script(tmp: str, port: int, process_id: int, live_pid: int) -> None:
+    from hocp_jax import autotune, processes
+    from hocp_jax.data import pipeline
+    from hocp_jax.training import data as training_data
+    from hocp_jax.training.distributed import WorkdirLock, maybe_initialize_distributed
+
+    maybe_initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    builds, build = [], pipeline.build
+
+    def counting_build(*args, **kwargs):
+        builds.append(args[0])
+        return build(*args, **kwargs)
+
+    pipeline.build = counting_build
+    cfg = ml_collections.ConfigDict(dict(static="digits_affect", data_dir=os.path.join(tmp, "data"), batch_size=8,
+                                         eval_batch_size=8, eval_split="test"))
+    out = {"data": _outcome(lambda: training_data.Data(cfg, "digits_affect")), "builds": builds}
+    out["examples"] = len(training_data.Data(cfg, "digits_affect").source("train"))
+
+    def fail():
+        raise ValueError("bad value")
+
+    out["value_error"] = _outcome(lambda: processes.on_process_zero(fail, "test"))
+    out["other_error"] = _outcome(lambda: processes.on_process_zero(lambda: {}["key"], "test"))
+    lock_dir = os.path.join(tmp, "locked")
+    if process_id == 0:  # a lock held by a live process of this host: the workdir is in use
+        os.makedirs(lock_dir)
+        with open(os.path.join(lock_dir, "run.lock"), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": live_pid}, f)
+    with WorkdirLock(os.path.join(tmp, "free")):
+        out["free_lock"] = os.path.exists(os.path.join(tmp, "free", "run.lock"))
+    out["lock"] = _outcome(lambda: WorkdirLock(lock_dir).__enter__())
+    autotune.configure("measure", cache_path=os.path.join(tmp, "autotune.json"))
+    out["trace"] = _outcome(lambda: autotune.agree_across_processes(fail))
+    with open(os.path.join(tmp, f"process{process_id}.json"), "w") as f:
+        json.dump(out, f)
+
+
+def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path):
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i), str(sleeper.pid)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        sleeper.kill()
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    zero, one = (json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2))
+    # the dataset was built once, by process 0, and both processes read it
+    assert zero["data"] == one["data"] == "ok"
+    assert zero["builds"] == ["digits_affect"] and one["builds"] == []
+    assert zero["examples"] == one["examples"] > 0
+    # process 0's failures raise on both, as the same class for user errors
+    assert zero["value_error"] == "ValueError: bad value"
+    assert one["value_error"] == "ValueError: on process 0 (test): bad value"
+    assert zero["other_error"] == "KeyError: 'key'"
+    assert one["other_error"] == "RuntimeError: on process 0 (test): 'key' [KeyError]"
+    assert zero["free_lock"] is True  # process 0 took the free lock for the run
+    for out in (zero, one):
+        assert out["lock"].startswith("WorkdirInUseError: ") and "in use by another run" in out["lock"]
+        assert out["trace"].startswith("ValueError: ") and "bad value" in out["trace"]
+
+
+if __name__ == "__main__":
+    script(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -63,8 +63,8 @@ def affect_loss(y_true, y_pred, *, key: jax.Array | None = None, weights=None,
     Args:
         y_true, y_pred: ``(n,)`` or ``(n, k)``.
         key: PRNG key; draws shake-shake ``(alpha, beta, gamma)`` (:func:`shake_shake_weights`).
-        weights: instead of ``key``, fixed ``(alpha, beta, gamma)`` (non-negative, not all 0);
-            with neither, equal weights.
+        weights: instead of ``key``, fixed ``(alpha, beta, gamma)`` (non-negative, not all 0;
+            checked unless traced); with neither, equal weights.
         mask: optional ``(n,)`` or ``(n, k)`` bool / weights of valid samples.
 
     Returns:
@@ -78,6 +78,11 @@ def affect_loss(y_true, y_pred, *, key: jax.Array | None = None, weights=None,
         w = jnp.ones(3) if weights is None else jnp.asarray(weights, jnp.float32)
         if w.shape != (3,):
             raise ValueError(f"weights: got shape {w.shape}, expected (3,) = (alpha, beta, gamma)")
+        if not isinstance(w, jax.core.Tracer):
+            wn = np.asarray(w)
+            if not (np.all(wn >= 0) and 0 < wn.sum() < np.inf):
+                raise ValueError(f"weights: got {wn.tolist()}, expected finite (alpha, beta, gamma) >= 0, "
+                                 "not all 0")
         w = w / w.sum()
     m = regression_metrics(y_true, y_pred, mask)
     terms = {"l_rmse": m["rmse"].sum(), "l_pcc": 1 - m["pcc"].mean(), "l_ccc": 1 - m["ccc"].mean()}
@@ -114,7 +119,9 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
 
     Args:
         logits: ``(..., C)``.
-        labels: ``(...)`` integer classes in ``[0, C)``.
+        labels: ``(...)`` integer classes in ``[0, C)`` (any value where masked). Checked when
+            labels and mask are concrete; inside ``jit`` an unmasked label outside ``[0, C)``
+            gives NaN, so labels must be valid or masked.
         mask: optional ``(...)`` bool / weights; masked examples (any label) count 0.
         class_weights: optional ``(C,)`` ``H_ii`` (:func:`class_weights`); None = plain CE.
 
@@ -130,6 +137,12 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
     m = jnp.ones(labels.shape, logits.dtype) if mask is None else jnp.asarray(mask).astype(logits.dtype)
     if m.shape != labels.shape:
         raise ValueError(f"mask: got shape {m.shape}, expected the shape of labels {labels.shape}")
+    if not any(isinstance(a, jax.core.Tracer) for a in (labels, m)):
+        used = np.asarray(labels)[np.asarray(m) > 0]
+        bad = used[(used < 0) | (used >= logits.shape[-1])]
+        if bad.size:
+            raise ValueError(f"labels: got {np.unique(bad).tolist()} (unmasked), expected classes in "
+                             f"[0, {logits.shape[-1]}) or a mask of 0 there")
     safe_labels = jnp.where(m > 0, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
     weight = m

@@ -17,8 +17,8 @@ Conventions (all results are finite, never NaN):
 * SAGR compares ``sign`` with ``sign(0) = 0`` (the Kronecker delta of the papers, as
   ``np.sign``): a 0 agrees only with an exact 0.
 * Moments are population moments (divide by n). A variance counts as 0 when it is at most
-  ``16 * eps(dtype)`` times the mean square of the values (i.e. the values are constant up to
-  rounding); then the covariance counts as 0 too.
+  ``(8 eps(dtype))^2`` times the mean square of the values (a spread within a few ulps of the
+  values: constant up to rounding); then the covariance counts as 0 too.
 * PCC = 0 when either variance is 0 (constant inputs, n = 1).
 * CCC = 2 cov / (var_t + var_p + (mu_t - mu_p)^2); when the denominator is 0 (both inputs
   constant and equal, e.g. n = 1 with y_pred == y_true) CCC = 1 (perfect agreement).
@@ -49,13 +49,23 @@ default ``labels=None``).
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_REL_TOL = 16  # a variance <= _REL_TOL * eps * mean square counts as 0
+# Zero-variance test. Variances come from centred sums (shifted two-pass per batch, Chan's merge
+# or psum across batches), never from E[x^2] - E[x]^2 (whose rounding error is ~eps * E[x^2]).
+# A centred sum is off by ~eps relative to itself plus n * (error of the mean it is centred on)^2;
+# a mean is off by a few roundings of the values, <= k eps |mean| with k ~ 1 + log2(shards) / 2
+# (product, pairwise sum, division; measured <= 2.5 for psums over up to 16384 shards, float32
+# and bfloat16). So a constant input has a computed variance <= (k eps)^2 * mean square (exactly 0
+# in one batch and in merges of equal means), and a variance <= (_ULPS eps)^2 * mean square of
+# the values -- a spread of at most ~_ULPS ulps -- is rounding and counts as 0. A real spread
+# above that keeps its ~eps relative accuracy.
+_ULPS = 8
 
 
 # --------------------------------------------------------------------------- helpers
@@ -73,6 +83,24 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int (Python or numpy integer) >= 1, else a ValueError naming ``name``."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        index = 0
+    if index < 1:
+        raise ValueError(f"{name}: got {value!r}, expected a positive int")
+    return index
+
+
+def _check_weights(mask) -> None:
+    """A ValueError if a concrete (not traced) ``mask`` holds negative weights."""
+    if mask is not None and not isinstance(mask, jax.core.Tracer) and np.any(np.asarray(mask) < 0):
+        raise ValueError(f"mask: got a negative weight ({np.min(np.asarray(mask))}), expected bool or "
+                         "weights >= 0")
+
+
 def _as_float(x) -> jax.Array:
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
@@ -85,6 +113,7 @@ def _prepare(y_true, y_pred, mask):
         raise ValueError(f"y_true: got shape {t.shape}, expected (n,) or (n, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    _check_weights(mask)
     if mask is None:
         w = jnp.ones_like(t)
     else:
@@ -116,13 +145,13 @@ class _Moments(NamedTuple):
     cov: jax.Array
     mse: jax.Array
     sagr: jax.Array
-    msq_t: jax.Array  # mean square about the reference point of the sums (scale for _REL_TOL)
+    msq_t: jax.Array  # mean square of the values (scale of the zero-variance test, see _ULPS)
     msq_p: jax.Array
 
 
 def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
     """The one place where RMSE, SAGR, PCC and CCC are computed from moments."""
-    tol = _REL_TOL * jnp.finfo(m.var_t.dtype).eps
+    tol = (_ULPS * jnp.finfo(m.var_t.dtype).eps) ** 2
     var_t = jnp.where(m.var_t > tol * m.msq_t, m.var_t, 0)
     var_p = jnp.where(m.var_p > tol * m.msq_p, m.var_p, 0)
     both = (var_t > 0) & (var_p > 0)
@@ -159,8 +188,8 @@ def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
         cov=mean(ct * cp),
         mse=mean((t - p) ** 2),
         sagr=mean((jnp.sign(t) == jnp.sign(p)).astype(t.dtype)),
-        msq_t=mean(dt * dt),
-        msq_p=mean(dp * dp),
+        msq_t=mean(t * t),
+        msq_p=mean(p * p),
     )
 
 
@@ -239,10 +268,9 @@ def affect_stats(y_true, y_pred, mask=None) -> AffectStats:
     """Statistics of one batch (shifted two-pass); arguments as :func:`regression_metrics`."""
     t, p, w, vector = _prepare(y_true, y_pred, mask)
     m = _batch_moments(t, p, w)
-    mean = lambda x: _safe_div((w * x).sum(0), m.n)  # noqa: E731
     stats = AffectStats(
         n=m.n, mean_t=m.mu_t, mean_p=m.mu_p, m2_t=m.n * m.var_t, m2_p=m.n * m.var_p,
-        c_tp=m.n * m.cov, mse=m.mse, sagr=m.sagr, msq_t=mean(t * t), msq_p=mean(p * p),
+        c_tp=m.n * m.cov, mse=m.mse, sagr=m.sagr, msq_t=m.msq_t, msq_p=m.msq_p,
     )
     return _unvector(stats, vector)
 
@@ -312,6 +340,7 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
         raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    _check_weights(mask)
     m = jnp.ones(t.shape[:2], bool) if mask is None else jnp.asarray(mask)
     if m.shape != t.shape[:2]:
         raise ValueError(f"mask: got shape {m.shape}, expected {t.shape[:2]}")
@@ -336,8 +365,8 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
     labels, preds = jnp.asarray(labels), jnp.asarray(preds)
     if labels.ndim != 1 or preds.shape != labels.shape:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,)")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: got {num_classes!r}, expected a positive int")
+    num_classes = _positive_int("num_classes", num_classes)
+    _check_weights(mask)
     w = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     if w.shape != labels.shape:
         raise ValueError(f"mask: got shape {w.shape}, expected {labels.shape}")
@@ -441,6 +470,7 @@ def skew_normalized_metrics(labels, preds, num_classes: int, *, n_repeats: int =
         The keys of :func:`classification_metrics`, each the mean over the repeats (numpy).
     """
     labels, preds = np.asarray(labels), np.asarray(preds)
+    num_classes = _positive_int("num_classes", num_classes)
     if labels.ndim != 1 or preds.shape != labels.shape or labels.size == 0:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,), n > 0")
     for name, a in (("labels", labels), ("preds", preds)):
@@ -464,8 +494,7 @@ def skew_normalized_from_cm(cm, *, n_repeats: int = 200, seed: int = 0) -> dict[
         raise ValueError(f"cm: expected a square matrix of non-negative counts with a positive total, "
                          f"got shape {counts.shape}")
     counts = np.rint(counts).astype(np.int64)
-    if not isinstance(n_repeats, int) or n_repeats < 1:
-        raise ValueError(f"n_repeats: got {n_repeats!r}, expected a positive int")
+    n_repeats = _positive_int("n_repeats", n_repeats)
     rng = np.random.default_rng(seed)
     present = np.flatnonzero(counts.sum(1))
     m = counts[present].sum(1).min()

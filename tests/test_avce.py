@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +196,17 @@ def test_resnet18_backbones(conv):
     assert out["va"].shape == (3, 2) and out["views"]["sparse"].shape == (3, 32)
     with pytest.raises(ValueError, match="conv"):
         avce_resnet18("dense3d")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dropout_rate", 1.0), ("dropout_rate", -0.1), ("dropout_rate", "0.5"), ("latent_dim", 0),
+    ("latent_dim", 8.0), ("proj_dim", 0), ("pool_size", 0), ("pool_size", -2), ("head_hidden", -1),
+    ("n_outputs", 0), ("disc_dim", 0), ("compressor_hidden", (16, 0)),
+])
+def test_invalid_fields_raise(field, value):
+    model = avce_alexnet(widths=(8, 16, 16, 16, 16), **{field: value})
+    with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):
+        abstract_params(model, (1, 32, 32, 1), train=False)
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,22 @@ def test_shake_shake_weights_change_and_sum_to_one(key):
         L.affect_loss(t, p, weights=(1, 1))
 
 
+@pytest.mark.parametrize("weights", [(0, 0, 0), (1, -1, 0), (-1, -2, -3), (1, np.nan, 1), (1, np.inf, 0)])
+def test_affect_loss_rejects_bad_weights(weights):
+    t, p = _va()
+    with pytest.raises(ValueError, match=r"weights: got \["):
+        L.affect_loss(t, p, weights=weights)
+
+
+def test_affect_loss_weights_traced_and_zero_entries():
+    t, p = _va()
+    want = np_terms(t, p)
+    # a zero entry drops its term; traced weights (not checked) give the same value
+    for fn in (L.affect_loss, jax.jit(L.affect_loss)):
+        loss, _ = fn(t, p, weights=jnp.array([0.0, 1.0, 3.0]))
+        np.testing.assert_allclose(loss, 0.25 * want["l_pcc"] + 0.75 * want["l_ccc"], rtol=1e-5)
+
+
 def np_ce(logits, labels, h=None):
     ls = log_softmax(logits.astype(np.float64), axis=-1)
     ce = -ls[np.arange(len(labels)), labels]
@@ -138,6 +154,22 @@ def test_cross_entropy_vs_numpy():
         L.cross_entropy(logits, labels[:5])
     with pytest.raises(ValueError, match="class_weights"):
         L.cross_entropy(logits, labels, class_weights=np.ones(3))
+
+
+@pytest.mark.parametrize("bad", [7, -1, 100])
+def test_cross_entropy_rejects_unmasked_out_of_range_labels(bad):
+    r = np.random.default_rng(3)
+    logits = r.normal(size=(10, 7)).astype(np.float32)
+    labels = r.integers(0, 7, 10)
+    labels[4] = bad
+    with pytest.raises(ValueError, match=rf"labels: got \[{bad}\] \(unmasked\), expected classes in \[0, 7\)"):
+        L.cross_entropy(logits, labels)
+    with pytest.raises(ValueError, match="labels"):
+        L.cross_entropy(logits, labels, mask=np.arange(10) != 3)  # masks another row
+    # masked there: fine, and equal to numpy CE over the other rows
+    keep = np.arange(10) != 4
+    np.testing.assert_allclose(L.cross_entropy(logits, labels, mask=keep), np_ce(logits[keep], labels[keep]),
+                               rtol=1e-5)
 
 
 def test_class_weights_follow_fmin_over_f():

@@ -2,6 +2,7 @@
 import warnings
 
 import jax
+import jax.numpy as jnp
 import krippendorff
 import numpy as np
 import pytest
@@ -215,6 +216,58 @@ def test_streaming_float32_does_not_drift_on_a_large_mean():
     np.testing.assert_allclose(M.finalize(jax.tree.map(lambda x: x[0], psummed))["ccc"], want, atol=2e-5)
 
 
+def _psum_over(t, p, w):
+    """Stats of ``(D, n)`` shards psummed over a vmapped axis of D "devices"."""
+    summed = jax.vmap(lambda a, b, m: M.psum(M.affect_stats(a, b, m), "d"), axis_name="d")(t, p, w)
+    return jax.tree.map(lambda x: x[0], summed)
+
+
+def test_small_spread_against_the_mean_is_not_zeroed():
+    """Predictions 0.2 + 1e-4 noise (sd/mean ~ 7e-4) in float32: PCC/CCC as float64 numpy, in
+    one batch, merged and psummed (the zero-variance test once zeroed the streamed ones)."""
+    r = np.random.default_rng(8)
+    t = r.uniform(-1, 1, 1000).astype(np.float32)
+    p = (0.2 + 1e-4 * (t + r.normal(size=1000))).astype(np.float32)
+    want = oracle(t, p)
+    assert want["pcc"] > 0.4
+    merged = M.finalize(M.merge(M.affect_stats(t[:500], p[:500]), M.affect_stats(t[500:], p[500:])))
+    psummed = M.finalize(_psum_over(t.reshape(8, 125), p.reshape(8, 125), np.ones((8, 125))))
+    for got in (M.regression_metrics(t, p), merged, psummed):
+        np.testing.assert_allclose(got["pcc"], want["pcc"], atol=1e-5)
+        np.testing.assert_allclose(got["ccc"], want["ccc"], atol=1e-6)
+
+
+def test_bfloat16_batch_with_an_outlying_first_row():
+    """bfloat16, the first row (the batch's shift) 4 sd from the mean: PCC/CCC as numpy on the
+    same bfloat16 values (the zero-variance test once zeroed both)."""
+    r = np.random.default_rng(0)
+    t = r.normal(size=256)
+    p = 0.8 * t + 0.6 * r.normal(size=256)
+    t[0], p[0] = 4.0, 3.5
+    tb, pb = jnp.asarray(t, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
+    want = oracle(np.asarray(tb, np.float64), np.asarray(pb, np.float64))
+    streamed = M.finalize(M.merge(M.affect_stats(tb[:100], pb[:100]), M.affect_stats(tb[100:], pb[100:])))
+    for got in (M.regression_metrics(tb, pb), streamed):
+        np.testing.assert_allclose(np.float32(got["pcc"]), want["pcc"], atol=2e-2)
+        np.testing.assert_allclose(np.float32(got["ccc"]), want["ccc"], atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("c", [0.1, -0.3, 5.0, 123.456])
+def test_constant_predictions_give_exactly_zero(dtype, c):
+    """A constant prediction has PCC = CCC = 0 exactly: in one batch, merged over uneven
+    batches and psummed over 1000 weighted shards (whose means are off by a few ulps)."""
+    r = np.random.default_rng(9)
+    t = jnp.asarray(r.uniform(-1, 1, (1000, 8)), dtype)
+    p = jnp.full((1000, 8), c, dtype)
+    w = jnp.asarray(r.uniform(0, 3, (1000, 8)) * (r.random((1000, 8)) < 0.8), dtype)
+    flat_t, flat_p, flat_w = t.reshape(-1), p.reshape(-1), w.reshape(-1)
+    merged = M.merge(*[M.affect_stats(flat_t[a:b], flat_p[a:b], flat_w[a:b])
+                       for a, b in ((0, 7), (7, 8), (8, 3000), (3000, 8000))])
+    for got in (M.regression_metrics(flat_t, flat_p, flat_w), M.finalize(merged), M.finalize(_psum_over(t, p, w))):
+        assert float(got["pcc"]) == 0.0 and float(got["ccc"]) == 0.0
+
+
 # ---------------------------------------------------------------- per sequence
 
 def test_per_sequence_metrics_vs_loop():
@@ -346,3 +399,37 @@ def test_skew_normalized_validates():
         M.skew_normalized_metrics(np.array([0, 5]), np.array([0, 1]), 3)
     with pytest.raises(ValueError, match="n_repeats"):
         M.skew_normalized_metrics(np.array([0, 1]), np.array([0, 1]), 3, n_repeats=0)
+
+
+def test_numpy_integers_accepted_as_counts():
+    t, p = CAT_CASES["random"]
+    C = np.int64(t.max() + 1)  # e.g. computed from the labels
+    np.testing.assert_array_equal(M.confusion_matrix(t, p, C), skm.confusion_matrix(t, p, labels=range(5)))
+    got = M.skew_normalized_metrics(t, p, C, n_repeats=np.int32(3), seed=2)
+    want = M.skew_normalized_metrics(t, p, 5, n_repeats=3, seed=2)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    for bad in (2.0, np.float32(5), None):
+        with pytest.raises(ValueError, match="num_classes"):
+            M.confusion_matrix(t, p, bad)
+        with pytest.raises(ValueError, match="n_repeats"):
+            M.skew_normalized_metrics(t, p, 5, n_repeats=bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        M.skew_normalized_metrics(t, p, np.int64(0))
+
+
+def test_negative_mask_weights_raise():
+    t, p = CASES["random"]
+    w = np.ones(64, np.float32)
+    w[3] = -1
+    for fn in (M.regression_metrics, M.affect_stats, M.pcc):
+        with pytest.raises(ValueError, match=r"mask: got a negative weight \(-1\.0\)"):
+            fn(t, p, w)
+    with pytest.raises(ValueError, match="mask"):
+        M.per_sequence_metrics(t.reshape(4, 16), p.reshape(4, 16), w.reshape(4, 16))
+    labels, preds = CAT_CASES["random"]
+    with pytest.raises(ValueError, match="mask"):
+        M.confusion_matrix(labels, preds, 5, mask=np.where(np.arange(80) == 0, -0.5, 1.0))
+    # zero weights (padding) stay valid, also traced under jit
+    w[3] = 0
+    np.testing.assert_allclose(jax.jit(M.pcc)(t, p, w), np_pcc(np.delete(t, 3).astype(float), np.delete(p, 3).astype(float)),
+                               atol=ATOL)

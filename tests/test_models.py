@@ -1,5 +1,7 @@
 """Models: parameter counts vs published figures and independent formulas, forward passes,
 per-frame video semantics, input validation. Full-size models are only shape-evaluated."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,6 +254,35 @@ def test_bounded_head_is_tanh_of_unbounded():
     y, yb = free.apply(v, x), bounded.apply(v, x)
     assert set(y) == {"va", "logits"} and y["logits"].shape == (2, 10)
     np.testing.assert_allclose(yb["va"], np.tanh(y["va"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,field,value", [
+    ("resnet18", "widths", (0, 8, 16, 16)), ("resnet18_hocp", "widths", (8, 8, 16, -1)), ("resnet18", "widths", ()),
+    ("resnet18", "widths", (8.0, 8, 16, 16)), ("resnet18", "stem_kernel", 0), ("resnet18", "stem_kernel", 2.5),
+    ("jester", "fc_features", 0), ("jester", "fc_features", -3), ("jester_hocp", "widths", (4, 0, 8, 8)),
+])
+def test_invalid_fields_raise(name, field, value):
+    with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):
+        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+
+
+def test_numpy_integer_fields_accepted():
+    numpy_ints = dict(widths=tuple(np.array([8, 8, 16, 16])), stem_kernel=np.int64(3))
+    got = count_params(abstract_variables(get_model("resnet18", tiny=True, **numpy_ints), (1, 32, 32, 3)))
+    assert got == count_params(abstract_variables(get_model("resnet18", tiny=True, stem_kernel=3), (1, 32, 32, 3)))
+
+
+def test_get_model_rejects_unknown_keywords():
+    with pytest.raises(ValueError, match=r"get_model\('resnet18'\): unknown keyword\(s\) \['widht'\]; "
+                                         r"expected fields of ResNet: \[.*'stem_kernel', 'stem_mid', 'widths'\]"):
+        get_model("resnet18", widht=(8, 8, 16, 16))
+    # AVCE has no Head: head= is unknown; its regressor is set by n_outputs / bounded
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['head'\].*'n_outputs'"):
+        get_model("avce_alexnet", head=dict(n_outputs=2))
+    with pytest.raises(ValueError, match=r"\['encoder'\]"):
+        get_model("avce_resnet18", encoder=None)
+    model = get_model("avce_resnet18", tiny=True, backbone=dict(psi="relu"), n_outputs=3, bounded=True)
+    assert model.n_outputs == 3 and model.encoder.backbone.psi == "relu"
 
 
 def test_head_and_registry_validation():

@@ -12,6 +12,8 @@ README and asserted in ``tests/test_models.py``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -53,11 +55,25 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _field_names(cls) -> tuple[str, ...]:
+    """The keywords ``cls`` takes: a Module's fields, or an AVCE builder's own parameters plus
+    the :class:`~hocp_jax.models.avce.AVCE` fields its ``**kwargs`` go to (not the encoder it builds)."""
+    if isinstance(cls, type):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
+    own = tuple(n for n, p in inspect.signature(cls).parameters.items() if p.kind is not p.VAR_KEYWORD)
+    return own + tuple(n for n in _field_names(avce.AVCE) if n != "encoder")
+
+
 def get_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
     """Builds model ``name`` (one of ``MODELS``); ``tiny`` for tests; ``kwargs`` override fields."""
     if name not in _REGISTRY:
         raise ValueError(f"name={name!r}: unknown model; expected one of {MODELS}")
     cls, fields, tiny_fields = _REGISTRY[name]
+    valid = _field_names(cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"get_model({name!r}): unknown keyword(s) {unknown}; expected fields of "
+                         f"{cls.__name__}: {sorted(valid)}")
     fields = fields | (tiny_fields if tiny else {}) | {k: _tuples(v) for k, v in kwargs.items()}
     if "head" in fields:
         fields["head"] = HeadConfig.of(fields["head"])

@@ -31,9 +31,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hocp_jax.contrastive import softmax_view, sparsemax
-from hocp_jax.models.common import max_pool_spatial
+from hocp_jax.models.common import is_positive_int, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -179,11 +180,22 @@ class AVCE(nn.Module):
     disc_dim: int = 8
     softmax_temperature: float = 1.0
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict:
+    def _validate(self, x) -> None:
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"AVCE: x has shape {tuple(getattr(x, 'shape', ()))}; expected "
                              "(batch, H, W, C) images")
+        for field in ("pool_size", "latent_dim", "head_hidden", "n_outputs", "proj_dim", "disc_hidden", "disc_dim"):
+            if not is_positive_int(getattr(self, field)):
+                raise ValueError(f"{field}={getattr(self, field)!r}: expected an int >= 1")
+        if not all(map(is_positive_int, self.compressor_hidden)):
+            raise ValueError(f"compressor_hidden={self.compressor_hidden!r}: expected a sequence of ints >= 1")
+        rate = self.dropout_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= rate < 1:
+            raise ValueError(f"dropout_rate={rate!r}: expected a number in [0, 1)")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict:
+        self._validate(x)
         feat = self.encoder(x, train=train)
         latent = Compressor(self.pool_size, tuple(self.compressor_hidden), self.latent_dim,
                             self.dropout_rate, name="compressor")(feat, train)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
+from hocp_jax.models.common import DenseConv, batch_norm, check_input, is_positive_int, max_pool_spatial
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp", "hocp_s")
@@ -64,6 +64,10 @@ class JesterNet(nn.Module):
         """``(B, T, H, W, C)`` -> ``{"logits": (B, n_classes)}`` (plus ``"va"`` if configured)."""
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
+        if not all(map(is_positive_int, self.widths)):
+            raise ValueError(f"widths={self.widths!r}: expected a sequence of ints >= 1")
+        if not is_positive_int(self.fc_features):
+            raise ValueError(f"fc_features={self.fc_features!r}: expected an int >= 1")
         name = f"JesterNet(conv={self.conv!r})"
         check_input(x, name, {5: "(batch, T, H, W, C) videos"})
         n_pool = 2 ** len(self.widths)

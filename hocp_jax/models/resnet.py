@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
+from hocp_jax.models.common import DenseConv, batch_norm, check_input, is_positive_int, max_pool_spatial
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense2d", "dense3d", "2plus1d", "hocp")
@@ -174,6 +174,10 @@ class ResNet(nn.Module):
             raise ValueError(f"shortcut={self.shortcut!r}: expected 'dense' or 'cp'")
         if self.midplanes not in ("block", "conv"):
             raise ValueError(f"midplanes={self.midplanes!r}: expected 'block' or 'conv'")
+        if not self.widths or not all(map(is_positive_int, self.widths)):
+            raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
+        if not is_positive_int(self.stem_kernel):
+            raise ValueError(f"stem_kernel={self.stem_kernel!r}: expected an int >= 1")
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"stage_sizes={tuple(self.stage_sizes)} and widths={tuple(self.widths)}: expected equal lengths")
         return {

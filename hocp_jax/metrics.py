@@ -16,6 +16,8 @@ Conventions (all results are finite, never NaN):
 
 * SAGR compares ``sign`` with ``sign(0) = 0`` (the Kronecker delta of the papers, as
   ``np.sign``): a 0 agrees only with an exact 0.
+* Computed in float32 at least: bfloat16/float16 inputs (e.g. a bf16 model's outputs) are
+  upcast, so counts and sums over a large split stay exact to float32 precision.
 * Moments are population moments (divide by n). A variance counts as 0 when it is at most
   ``(8 eps(dtype))^2`` times the mean square of the values (a spread within a few ulps of the
   values: constant up to rounding); then the covariance counts as 0 too.
@@ -102,8 +104,11 @@ def _check_weights(mask) -> None:
 
 
 def _as_float(x) -> jax.Array:
+    """``x`` in float32 or wider: ints and narrower floats are upcast (in bfloat16 the count
+    of a streamed split would be exact only up to 256, its sums to 8 bits)."""
     x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating) \
+        else x.astype(jnp.float32)
 
 
 def _prepare(y_true, y_pred, mask):

@@ -433,3 +433,15 @@ def test_negative_mask_weights_raise():
     w[3] = 0
     np.testing.assert_allclose(jax.jit(M.pcc)(t, p, w), np_pcc(np.delete(t, 3).astype(float), np.delete(p, 3).astype(float)),
                                atol=ATOL)
+
+
+def test_bfloat16_inputs_are_counted_and_summed_in_float32():
+    """1,000 bf16 samples: in bf16 the count would stop at 256 (1 + 256 rounds back to 256) and
+    the RMSE's sums at 8 bits; upcast, count and RMSE are numpy's on the same bf16 values."""
+    rng = np.random.default_rng(3)
+    t = jnp.asarray(rng.uniform(-1, 1, (1000, 2)), jnp.bfloat16)
+    p = jnp.asarray(rng.uniform(-1, 1, (1000, 2)), jnp.bfloat16)
+    stats = M.affect_stats(t, p)
+    assert stats.n.dtype == jnp.float32 and np.all(np.asarray(stats.n) == 1000)
+    want = np.sqrt(np.mean((np.asarray(t, np.float64) - np.asarray(p, np.float64)) ** 2, axis=0))
+    np.testing.assert_allclose(M.finalize(stats)["rmse"], want, rtol=1e-5)

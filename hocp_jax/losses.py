@@ -138,6 +138,8 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
     if m.shape != labels.shape:
         raise ValueError(f"mask: got shape {m.shape}, expected the shape of labels {labels.shape}")
     if not any(isinstance(a, jax.core.Tracer) for a in (labels, m)):
+        if np.any(np.asarray(m) < 0):
+            raise ValueError(f"mask: got a negative weight ({np.min(np.asarray(m))}), expected bool or weights >= 0")
         used = np.asarray(labels)[np.asarray(m) > 0]
         bad = used[(used < 0) | (used >= logits.shape[-1])]
         if bad.size:

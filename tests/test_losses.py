@@ -195,3 +195,9 @@ def test_weighted_ce_equals_plain_ce_on_balanced_classes():
     h = L.class_weights(np.array([90, 10, 10, 10]))
     np.testing.assert_allclose(L.cross_entropy(logits, labels, class_weights=h),
                                np_ce(logits, labels, np.asarray(h)), rtol=1e-5)
+
+
+def test_cross_entropy_rejects_negative_mask_weights():
+    logits, labels = np.zeros((3, 4), np.float32), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"mask: got a negative weight \(-1.0\)"):
+        L.cross_entropy(logits, labels, mask=np.array([1.0, -1.0, 1.0]))

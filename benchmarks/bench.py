@@ -421,9 +421,11 @@ def dense_ratios(ms: dict[str, float], faster_dense: float | None = None) -> dic
             f"{DENSE_PATCHES}/dense": ms[DENSE_PATCHES] / ms["dense"]}
 
 
-def peer_ratios(ms: dict[str, float]) -> dict[str, float]:
-    """hocp-jax auto vs the peers (same shapes, same protocol)."""
-    tl_best = min(ms["tltorch cp reconstructed"], ms["tltorch cp factorized"])
+def peer_ratios(ms: dict[str, float], tl_best: float | None = None) -> dict[str, float]:
+    """hocp-jax auto vs the peers (same shapes, same protocol). ``tl_best``: TensorLy-Torch's best
+    CP path (by default the faster of ``ms``'s two; a stack passes the sum of each layer's
+    faster one, as a user picks TensorLy-Torch's ``implementation`` per layer and ``auto`` picks per layer)."""
+    tl_best = tl_best or min(ms["tltorch cp reconstructed"], ms["tltorch cp factorized"])
     return {"auto/torch dense": ms["auto"] / ms["torch dense"], "auto/tltorch best": ms["auto"] / tl_best,
             "dense/torch dense": ms["dense"] / ms["torch dense"]}
 
@@ -433,19 +435,23 @@ def stack_total(rows: list[dict]) -> dict[str, Any]:
     ms = {p: sum(r["ms"][p] for r in rows) for p in names}
     oracle = sum(min(r["ms"]["factorized"], r["ms"]["reconstructed"]) for r in rows)
     faster_dense = sum(min(r["ms"]["dense"], r["ms"][DENSE_PATCHES]) for r in rows)
+    peers_in = "torch dense" in ms
+    tl_best = sum(min(r["ms"]["tltorch cp reconstructed"], r["ms"]["tltorch cp factorized"]) for r in rows) \
+        if peers_in else None
     flops = {p: sum(r["analytic_flops_fwd"][p] for r in rows) for p in ("dense", "factorized", "reconstructed")}
     xla = {p: sum(r["xla_flops_fwd"][p] or 0.0 for r in rows) for p in flops}
     return {
         "ms": ms,
         "per_layer_best_ms": oracle,
         "per_layer_faster_dense_ms": faster_dense,
+        "per_layer_tltorch_best_ms": tl_best,
         "ratios": {
             "factorized/dense": ms["factorized"] / ms["dense"],
             "reconstructed/dense": ms["reconstructed"] / ms["dense"],
             "auto/dense": ms["auto"] / ms["dense"],
             "auto/best": ms["auto"] / min(ms["factorized"], ms["reconstructed"]),
             "auto/per_layer_best": ms["auto"] / oracle,
-        } | dense_ratios(ms, faster_dense) | (peer_ratios(ms) if "torch dense" in ms else {}),
+        } | dense_ratios(ms, faster_dense) | (peer_ratios(ms, tl_best) if peers_in else {}),
         "analytic_flops_fwd": flops,
         "xla_flops_fwd": xla,
         "xla/analytic": {p: xla[p] / flops[p] for p in flops},
@@ -682,14 +688,15 @@ PROTOCOL = (
     "(`hocp_jax.conv.dense_conv`, what `flax.linen.Conv` runs), `dense patches` the same conv as one matrix "
     "product of its explicit patches (`benchmarks.patches.dense_patches`, checked against `lax`'s forward "
     "first), which runs faster on most of these layers on this CPU; `auto/faster dense` = auto / min(dense, "
-    "dense patches) per layer (the stack: over the per-layer minima). FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
+    "dense patches) per layer (the stack: over the per-layer minima; likewise TensorLy-Torch's best CP path, the "
+    "faster of its two per layer). FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
     "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
     "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
     "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), and "
     f"without a strided mode a sample with an intermediate of {autotune.TILE_MIN_BYTES / 2**20:g} MiB or more in "
     "tiles of output rows, whatever the batch (`hocp_jax.autotune.tile_plan`); that of a 2-D conv whose "
     f"whole-batch intermediate is {autotune.CHUNK_MIN_BYTES / 2**20:g} MiB or more in chunks of samples "
-    "(`hocp_jax.autotune.batch_chunk_default`; here the ResNet-18 2-D layers but (512->512)); FLOPs are "
+    "(`hocp_jax.autotune.batch_chunk_default`); FLOPs are "
     "counted on the whole-batch program."
 )
 
@@ -705,7 +712,9 @@ def markdown(results: dict) -> str:
         f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, vector extensions "
         f"{' '.join(m.get('cpu_vector_flags') or ['unknown'])}, load average {load} at start, "
         f"{load_end} at end), {m['platform']} / {m['device_kind']}, jax {m['jax']}, float32, `auto` policy "
-        f"`{results['autotune']}`. Total run time {results['wall_s']:.0f} s.",
+        f"`{results['autotune']}`. Total run time {results['wall_s']:.0f} s."
+        + (f" Ratios, totals and targets re-scored from the stored times by `{results['rescored']}`."
+           if results.get("rescored") else ""),
         "",
         PROTOCOL,
         "",
@@ -832,6 +841,29 @@ def targets(results: dict) -> dict[str, Any]:
     return out
 
 
+def write(results: dict, out: str, md: str | None) -> None:
+    """``results`` to ``out`` (JSON), then its markdown to ``md`` (default RESULTS.md next to ``out``)."""
+    with open(out, "w") as f:  # before the report, which must never cost a run its results
+        json.dump(results, f, indent=1)
+    text = markdown(results)
+    print(text)
+    with open(md or os.path.join(os.path.dirname(out) or ".", "RESULTS.md"), "w") as f:
+        f.write(text)
+
+
+def rescore(out: str, md: str | None) -> dict:
+    """Recomputes a results file's stack totals and targets from its stored per-layer and per-step
+    times (after a change in how they are derived) and rewrites it and its markdown; times nothing."""
+    with open(out) as f:
+        results = json.load(f)
+    if "jester" in results["conv"]:
+        results["totals"]["jester"] = stack_total(results["conv"]["jester"])
+    results["targets"] = targets(results)
+    results["rescored"] = f"python -m benchmarks.bench --rescore --out {out}"
+    write(results, out, md)
+    return results
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats: a smoke test")
@@ -842,7 +874,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-peers", action="store_true", help="skip PyTorch / TensorLy-Torch")
     ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
                     help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else analytic)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="time nothing: recompute the totals, targets and markdown of --out from its stored times")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(args.out, args.md)
     autotune.configure(policy=args.autotune)
     repeats = args.repeats or (2 if args.quick else MAX_ROUNDS)
     # seconds of timed calls per conv case / train-step pair before stopping early
@@ -880,13 +916,7 @@ def main(argv=None) -> dict:
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["targets"] = targets(results)
-    with open(args.out, "w") as f:  # before the report, which must never cost a run its results
-        json.dump(results, f, indent=1)
-    md = markdown(results)
-    print(md)
-    md_path = args.md or os.path.join(os.path.dirname(args.out) or ".", "RESULTS.md")
-    with open(md_path, "w") as f:
-        f.write(md)
+    write(results, args.out, args.md)
     return results
 
 

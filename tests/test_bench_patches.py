@@ -71,6 +71,23 @@ def test_targets_compare_the_faster_dense_program_of_each_side():
     assert t["jester_auto/dense"] == pytest.approx(5.5 / 12) and t["jester_auto/faster dense"] == pytest.approx(5.5 / 8)
 
 
+def test_the_stack_is_compared_with_tensorly_torchs_faster_path_of_each_layer():
+    """As ``auto`` picks per layer, TensorLy-Torch's best CP path of the stack is the sum of each
+    layer's faster path (here 5 + 2 = 7 ms), not the faster of its two stack totals (8 ms)."""
+    from benchmarks import bench
+
+    peers = [{"torch dense": 4.0, "tltorch cp reconstructed": 5.0, "tltorch cp factorized": 9.0},
+             {"torch dense": 1.0, "tltorch cp reconstructed": 4.0, "tltorch cp factorized": 2.0}]
+    rows = [{"ms": {"dense": 10.0, "dense patches": 6.0, "factorized": 4.0, "reconstructed": 9.0, "auto": 4.0} | p,
+             "analytic_flops_fwd": dict.fromkeys(("dense", "factorized", "reconstructed"), 1.0),
+             "xla_flops_fwd": dict.fromkeys(("dense", "factorized", "reconstructed"), 1.0),
+             "params": {"dense": 1, "cp": 1}} for p in peers]
+    total = bench.stack_total(rows)
+    assert total["per_layer_tltorch_best_ms"] == 7.0
+    assert total["ratios"]["auto/tltorch best"] == pytest.approx(8 / 7)
+    assert total["ratios"]["auto/torch dense"] == pytest.approx(8 / 5)
+
+
 def test_targets_score_both_autotune_policies_with_the_benchmarks_own_times():
     """The analytic pick and the measured autotune's pick, each against the faster CP path as the
     benchmark timed it (hand-computed: layer a picks recon at 1.2x, layer b's measured pick 1.5x)."""

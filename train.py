@@ -8,10 +8,12 @@ checked against it (an unknown key is an error). ``--workdir`` receives checkpoi
 hosts: start the same command on every host under SLURM / Open MPI / Cloud TPU (detected),
 or export ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (see
 README); one host needs nothing. A bad config value or missing data ends the program with
-one ``error: ...`` line on stderr and exit status 2.
+one ``error: ...`` line on stderr and exit status 2, as does a bad flag or override (e.g. an
+unknown config key).
 """
 
 import os
+import re
 import sys
 
 import tensorflow_datasets as tfds
@@ -21,8 +23,49 @@ from ml_collections import config_flags
 from hocp_jax.training import jobs
 from hocp_jax.training.distributed import WorkdirInUseError, maybe_initialize_distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.")
+DEFAULT_CONFIG = "configs/default.py"
+# No default here: ml_collections would load it, with the overrides, at import, outside _parse_flags.
+_CONFIG = config_flags.DEFINE_config_file("config", None, f"Training configuration file (default {DEFAULT_CONFIG}).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", required=True)
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_key(argv: list[str], err: Exception) -> str:
+    """The override of ``argv`` naming the key ml_collections' error ``err`` says is missing."""
+    inner = err
+    while inner.__context__ is not None:  # the first KeyError holds the bare key
+        inner = inner.__context__
+    key = str(inner.args[0]) if inner.args else ""
+    overrides = [m[1] for m in map(re.compile(r"--config\.([^=\s]+)").match, argv[1:]) if m]
+    parts = next((o for o in overrides if key in o.split(".")), key).split(".")
+    close = re.search(r'Did you mean "([^"]+)"', str(err))
+    hint = f" (did you mean config.{'.'.join(close[1] if p == key else p for p in parts)}?)" if close else ""
+    return f"config.{'.'.join(parts)}{hint}"
+
+
+def _one_line(message: str) -> str:
+    """The first and last lines of a message that embeds a traceback (a config file's error)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with errors as one ``error:`` line and exit status 2 (ml_collections
+    raises a KeyError/AttributeError, a traceback, for an override of a key the config lacks)."""
+    if not any(re.match(r"--?config(=|$)", arg) for arg in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        args = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # a config file that failed to load raises OSError here
+        return args
+    except (flags.Error, OSError) as err:
+        _fail(_one_line(str(err)))
+    except (AttributeError, KeyError) as err:
+        _fail(f"unknown config key {_unknown_key(argv, err)}")
 
 
 def main(argv):
@@ -38,9 +81,8 @@ def main(argv):
     try:
         jobs.run(config, workdir)
     except (ValueError, FileNotFoundError, WorkdirInUseError) as err:  # user errors: no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

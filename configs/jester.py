@@ -22,6 +22,10 @@ def get_config(arg: str = "hocp_s"):
     c = common.base("supervised")
     c.data.static = "jester"
     c.data.eval_split = "validation"
+    # Jester's test labels are not public: the reported split is its only held-out one, and the
+    # data pipeline cannot carve another from train, so none is left to evaluate on during
+    # training or to pick a checkpoint with (config.best_metric stays "").
+    c.data.val_split = ""
     c.model.name = VARIANTS[variant]
     c.model.kwargs = dict(head=dict(n_outputs=0, n_classes=27))
     c.loss.va_weight, c.loss.ce_weight = 0.0, 1.0

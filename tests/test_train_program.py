@@ -3,6 +3,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -19,10 +20,18 @@ SHRINK = [
 ]
 
 
-def _train(workdir, *args):
+def _train(workdir, *args, config="configs/default.py"):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(workdir), *args],
+    config_args = ["--config", config] if config else []  # None: train.py's default
+    return subprocess.run([sys.executable, "train.py", *config_args, "--workdir", str(workdir), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def _one_error_line(r) -> str:
+    """The ``error:`` line of a run that ended with one, exit status 2 and no traceback."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return errors[0]
 
 
 def test_default_job_end_to_end(tmp_path):
@@ -41,17 +50,20 @@ def test_default_job_end_to_end(tmp_path):
     assert "| static (per frame) |" in r.stdout
 
 
-def test_unknown_config_key_is_refused(tmp_path):
-    r = _train(tmp_path, "--config.static.num_stepz=3")
-    assert r.returncode != 0 and "num_stepz" in r.stderr
+@pytest.mark.parametrize("config,override,words", [
+    ("configs/default.py", "--config.static.num_stepz=3",
+     "unknown config key config.static.num_stepz (did you mean config.static.num_steps?)"),
+    (None, "--config.eval_split=x", "unknown config key config.eval_split"),  # default config: loaded otherwise
+], ids=["typo", "default-config"])
+def test_unknown_config_key_is_one_error_line(tmp_path, config, override, words):
+    r = _train(tmp_path / "run", override, config=config)
+    assert words in _one_error_line(r)
+    assert not (tmp_path / "run").exists()  # refused while parsing the flags
 
 
 def test_bad_config_value_is_one_line_not_a_traceback(tmp_path):
     r = _train(tmp_path, "--config.data.batch_size=0")
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "config.data.batch_size=0" in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    assert "config.data.batch_size=0" in _one_error_line(r)
 
 
 def _config(module, arg=""):
@@ -81,6 +93,52 @@ def test_bad_values_give_clear_errors(tmp_path):
     c.data.data_dir = str(tmp_path / "data")
     with pytest.raises(ValueError, match="config.loss.kind"):
         jobs.run(c, str(tmp_path / "d"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+# (overrides of the shrunk default job, words of the error): each a ValueError before any stage trains
+BAD = [
+    ({"data.eval_split": "foo"}, "config.data.eval_split='foo'"),
+    ({"eval_every": 2, "data.val_split": "foo"}, "config.data.val_split='foo'"),
+    ({"sparsity_tol": -1.0}, "config.sparsity_tol=-1.0"),
+    ({"baseline.models": ("foo",)}, "config.baseline.models=('foo',)"),
+    ({"stage1.num_steps": 0}, "config.stage1.num_steps=0"),
+    ({"stage2.optimizer.learning_rate": -1.0}, "config.stage2.optimizer.learning_rate=-1.0"),
+    ({"eval_every": 2, "best_metric": "valence_cc"}, "config.best_metric='valence_cc'"),
+    ({"best_metric": "valence_ccc"}, "config.eval_every=0"),
+    ({"eval_every": 2, "best_metric": "valence_ccc", "data.val_split": ""}, "config.data.val_split=''"),
+    ({"eval_every": 2, "best_metric": "valence_ccc", "data.val_split": "test"}, "config.data.eval_split='test'"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[words for _, words in BAD])
+def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, words):
+    c = _config("default")
+    c.data.data_dir = data_dir
+    c.static.num_steps, c.stage1.num_steps, c.stage2.num_steps, c.baseline.num_steps = 2, 1, 1, 1
+    c.model.kwargs.widths = c.baseline.kwargs.widths = (4, 4, 8, 8)
+    for key, value in overrides.items():
+        *parents, name = key.split(".")
+        node = c
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    with pytest.raises(ValueError, match=re.escape(words)):
+        jobs.run(c, str(tmp_path))
+    assert not (tmp_path / "static").exists()
+
+
+def test_best_metric_is_never_picked_on_the_reported_split(tmp_path):
+    """Jester's reported split is its only held-out one: no val_split to pick checkpoints on."""
+    c = _config("jester")
+    assert c.data.val_split != c.data.eval_split
+    c.eval_every, c.best_metric = 100, "class_accuracy"
+    with pytest.raises(ValueError, match="config.data.val_split=''"):
+        jobs.run(c, str(tmp_path))  # before looking for Jester's files
 
 
 # The default run keeps one supervised smoke (jester, which also covers the HO-CP-S net); the other

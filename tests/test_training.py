@@ -9,10 +9,12 @@ own ``jax.distributed`` process id, coordinator on 127.0.0.1).
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import types
 import weakref
 
 import numpy as np
@@ -29,7 +31,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from hocp_jax import training  # noqa: E402
-from hocp_jax.training import checkpoint, config as config_lib, metric_log as tlog, objectives, schedules  # noqa: E402
+from hocp_jax.training import checkpoint, config as config_lib, jobs, metric_log as tlog, objectives, schedules  # noqa: E402
 from hocp_jax.training.step import make_train_step  # noqa: E402
 
 N_EXAMPLES, BATCH = 40, 8
@@ -121,7 +123,8 @@ EVAL_BOUNDS = (0, 6, 10)  # two eval batches, of 6 and 4 examples (padded on 8 d
 
 
 def script(args):
-    """Subprocess entry point: fit, then save the final params and eval metrics to --out."""
+    """Subprocess entry point: fit, then save the final params, the eval metrics and the first
+    eval batch's outputs (:func:`jobs.evaluate_variables`) to --out."""
     if args.num_processes > 1:
         training.maybe_initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
     # async saves, except in the run to be killed: there the step-4 save must be complete
@@ -133,9 +136,9 @@ def script(args):
     for lo, hi in zip(EVAL_BOUNDS[:-1], EVAL_BOUNDS[1:]):
         local = (hi - lo) // n
         batches.append({k: v[lo + p * local:lo + (p + 1) * local] for k, v in data.items() if k != "label"})
-    evaluator = training.make_evaluator(TinyNet(), objectives.eval_stats, objectives.merge_stats)
-    got = objectives.finalize_stats(evaluator(state, batches))
-    result |= {f"eval_{k}": v for k, v in got.items()}
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    got, first = jobs.evaluate_variables(TinyNet(), variables, types.SimpleNamespace(eval_batches=lambda _: batches), "x")
+    result |= {f"eval_{k}": v for k, v in got.items()} | {"eval_first_va": first["va"]}
     if p == 0:
         np.savez(args.out, n_devices=len(jax.devices()), **result)
 
@@ -177,7 +180,8 @@ def oracle_eval(state_npz):
     cov = ((true - mt) * (pred - mp)).mean(0)
     ccc = 2 * cov / (true.var(0) + pred.var(0) + (mt - mp) ** 2)
     rmse = np.sqrt(((true - pred) ** 2).mean(0))
-    return {f"eval_{t}_{m}": v[i] for m, v in (("ccc", ccc), ("rmse", rmse)) for i, t in enumerate(objectives.TARGETS)}
+    return {f"eval_{t}_{m}": v[i] for m, v in (("ccc", ccc), ("rmse", rmse)) for i, t in enumerate(objectives.TARGETS)} | {
+        "eval_first_va": pred[:EVAL_BOUNDS[1] - EVAL_BOUNDS[0]]}
 
 
 def load(out):
@@ -210,7 +214,8 @@ def test_kill_and_resume_gives_identical_params(tmp_path):
 def test_eight_devices_and_two_processes_match_one_device(tmp_path):
     """8 simulated devices, and a real 2-process jax.distributed run on localhost (CPU, gloo
     collectives; each process reads its half of every batch), end with the 1-device params;
-    their streamed eval metrics match a float64 oracle."""
+    their streamed eval metrics and first eval batch's outputs (jobs.evaluate_variables)
+    match a float64 oracle."""
     one_proc, one_out = run_script(tmp_path, "one", 1, 6)
     eight_proc, eight_out = run_script(tmp_path, "eight", 8, 6)
     procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2)
@@ -222,7 +227,8 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
     for other in (eight, two):
         for k in one:
             np.testing.assert_allclose(other[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    # streamed eval over batches of 6 and 4 examples (padded to 8 devices) == float64 oracle
+    # streamed eval over batches of 6 and 4 examples (padded to 8 devices, the outputs of the
+    # first cut back to its 6) == float64 oracle
     for k, want in oracle_eval(eight).items():
         np.testing.assert_allclose(eight[k], want, atol=1e-5, err_msg=k)
     logged = [r["step"] for r in tlog.read_metrics(tmp_path / "two" / "metrics.jsonl")]
@@ -253,6 +259,16 @@ def test_checkpointer_refuses_non_finite_state(tmp_path):
         with pytest.raises(training.NonFiniteError, match="loss"):
             ckpt.save(state.replace(step=jnp.int32(3)), {}, step=3, metrics={"loss": np.nan})
         assert ckpt.all_steps() == [1]
+
+
+def test_resume_past_num_steps_is_an_error(tmp_path):
+    """A finished 8-step workdir re-run with num_steps=4 is refused (not reported as the 4-step
+    model) and keeps its checkpoints; raising num_steps continues a run (test_resume_of_a_masked_stage)."""
+    run_fit(str(tmp_path), 8)
+    with pytest.raises(ValueError, match=rf"num_steps=4 .*{re.escape(str(tmp_path))} is at step 8"):
+        run_fit(str(tmp_path), 4)
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=4) as ckpt:
+        assert ckpt.all_steps() == [4, 8]
 
 
 def test_resume_with_other_stage_is_an_error(tmp_path):

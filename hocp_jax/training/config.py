@@ -16,6 +16,7 @@ def validate_config(
     *,
     checks: Mapping[str, Check] | None = None,
     name: str = "config",
+    open_keys: bool = False,
 ) -> None:
     """Checks the top-level keys of ``cfg`` (a dict or ``ml_collections.ConfigDict``).
 
@@ -25,27 +26,27 @@ def validate_config(
         optional_keys: keys that may be present; any other key is an error (typo guard).
         checks: ``{key: (predicate, "what is expected")}`` applied to present keys.
         name: how ``cfg`` is called in error messages.
+        open_keys: other keys pass unchecked (``cfg`` is validated in parts, e.g. the
+            top-level config whose sub-configs have their own calls).
 
     Raises:
         ValueError: listing every missing key, unknown key (with a close-match suggestion)
-            and value failing its check.
+            and value failing its check (no unknown keys with ``open_keys``).
     """
     required, optional = list(required_keys), list(optional_keys)
     allowed = set(required) | set(optional)
     keys = list(cfg.keys())
     errors = [f"missing required key {name}.{k}" for k in required if k not in keys]
-    for k in keys:
-        if k not in allowed:
-            close = difflib.get_close_matches(k, sorted(allowed), n=1)
-            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
-            errors.append(f"unknown key {name}.{k}{hint}")
+    for k in [] if open_keys else [k for k in keys if k not in allowed]:
+        close = difflib.get_close_matches(k, sorted(allowed), n=1)
+        hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+        errors.append(f"unknown key {name}.{k}{hint}")
     for k, (ok, expected) in (checks or {}).items():
         if k in keys and not ok(cfg[k]):
             errors.append(f"bad value {name}.{k}={cfg[k]!r}: expected {expected}")
     if errors:
-        raise ValueError(
-            f"invalid {name}: " + "; ".join(errors) + f". Allowed keys: {sorted(allowed)}"
-        )
+        listing = "" if open_keys else f". Allowed keys: {sorted(allowed)}"
+        raise ValueError(f"invalid {name}: " + "; ".join(errors) + listing)
 
 
 def positive_int(x: Any) -> bool:

@@ -32,17 +32,25 @@ import optax
 from jax.experimental import multihost_utils
 
 from hocp_jax import autotune, optim, transduction, tree
-from hocp_jax.models import count_params, get_model
-from hocp_jax.training import objectives, plots
+from hocp_jax.models import MODELS, count_params, get_model
+from hocp_jax.training import objectives, plots, schedules
+from hocp_jax.training.config import validate_config
 from hocp_jax.training.data import Data
-from hocp_jax.training.loop import fit, make_evaluator
+from hocp_jax.training.loop import FIT_CHECKS, fit, make_evaluator, pad_batch
 from hocp_jax.training.report import write_results
 from hocp_jax.training.schedules import make_optimizer, make_schedule
 from hocp_jax.training.sharding import make_data_mesh, put_batch, put_replicated
 from hocp_jax.training.state import TrainState
-from hocp_jax.training.step import make_eval_step
+from hocp_jax.training.step import make_eval_step, model_input
 
 JOBS = ("transduction", "supervised")
+STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
+OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
+TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
+                                         "eval_every", "best_metric")} | {
+    "job": (lambda v: v in JOBS, f"one of {JOBS}"),
+    "sparsity_tol": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+}
 
 
 def _fit_cfg(config, stage_cfg, stage: str) -> dict:
@@ -94,12 +102,17 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
 
 
 def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
-    """Metrics on ``split`` (streamed) and the first eval batch's outputs (for plots)."""
+    """Metrics on ``split`` (streamed) and the first eval batch's outputs (for plots; every
+    process's examples of it, in process order)."""
     mesh = make_data_mesh()
     state = put_replicated(TrainState.create(variables, optax.identity(), jax.random.key(0)), mesh)
     stats = make_evaluator(model, objectives.eval_stats, objectives.merge_stats, mesh)(state, data.eval_batches(split))
-    first = jax.jit(make_eval_step(model))(state, put_batch(next(iter(data.eval_batches(split))), mesh))
-    return objectives.finalize_stats(stats, skew_repeats), multihost_utils.process_allgather(first, tiled=True)
+    batch = next(iter(data.eval_batches(split)))
+    b = len(next(iter(batch.values())))
+    first = jax.jit(make_eval_step(model))(state, put_batch(pad_batch(batch, mesh), mesh))
+    first = multihost_utils.process_allgather(first, tiled=True)  # (processes * (b + padding), ...)
+    unpad = lambda x: x.reshape(jax.process_count(), -1, *x.shape[1:])[:, :b].reshape(-1, *x.shape[1:])  # noqa: E731
+    return objectives.finalize_stats(stats, skew_repeats), jax.tree.map(unpad, first)
 
 
 def _variables(state: TrainState) -> dict:
@@ -125,10 +138,94 @@ def _model(cfg) -> Any:
     return get_model(cfg.name, **_kwargs(cfg.kwargs))
 
 
+def check_config(config) -> None:
+    """Checks every value the config alone decides (before any data is read or stage trains):
+    the keys of ``fit`` each stage gets, each stage's ``num_steps`` and optimizer (the stage's
+    ``optimizer`` entries override ``config.optimizer``), model names, ``sparsity_tol``, and
+    that ``best_metric`` has evaluations on a held-out split to pick from.
+
+    Raises:
+        ValueError: naming the full key (e.g. ``config.stage1.num_steps``), its value and
+            what was expected.
+    """
+    validate_config(config, ("job",), checks={"job": TOP_CHECKS["job"]}, open_keys=True)
+    stages = STAGES[config.job]
+    validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
+                             "data", "model", "optimizer", *stages), ("eval_every", "best_metric"),
+                    checks=TOP_CHECKS, open_keys=True)
+    in_models = (lambda v: v in MODELS, f"one of {MODELS}")
+    validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
+    validate_config(config.optimizer, ("name", "learning_rate"), OPTIMIZER_KEYS, checks=schedules.CHECKS,
+                    name="config.optimizer")
+    stage_checks = {"num_steps": FIT_CHECKS["num_steps"],
+                    "models": (lambda v: isinstance(v, (tuple, list)) and all(m in MODELS for m in v),
+                               f"a tuple of names from {MODELS}")}
+    for stage in stages:
+        extra = ("models", "kwargs") if stage == "baseline" else ()
+        validate_config(config[stage], ("num_steps", *extra), ("optimizer",), checks=stage_checks,
+                        name=f"config.{stage}")
+        validate_config(config[stage].get("optimizer", {}), (), OPTIMIZER_KEYS, checks=schedules.CHECKS,
+                        name=f"config.{stage}.optimizer")
+    best, every = config.get("best_metric", ""), config.get("eval_every", 0)
+    val_split, eval_split = config.data.get("val_split", ""), config.data.get("eval_split")
+    if best and not (every and val_split):
+        raise ValueError(f"config.best_metric={best!r} keeps the best state of the evaluations during training, "
+                         f"but config.eval_every={every} and config.data.val_split={val_split!r}: set "
+                         "config.eval_every > 0 and config.data.val_split to a held-out split, or config.best_metric=''")
+    if best and val_split == eval_split:
+        raise ValueError(f"config.best_metric={best!r} would pick checkpoints on config.data.val_split={val_split!r}, "
+                         f"the split config.data.eval_split={eval_split!r} reports: set config.data.val_split to "
+                         "another held-out split, or config.best_metric=''")
+
+
+def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> None:
+    """Checks the values that need the datasets, before the first stage trains:
+    ``config.data.eval_split`` is a split of ``report`` (the evaluated dataset); with
+    evaluations during training, ``config.data.val_split`` is a split of every stage's dataset
+    and ``config.best_metric`` one of the metrics of every stage's evaluation.
+
+    Args:
+        stages: ``{stage: (model, data)}``.
+
+    Raises:
+        ValueError: naming the key, its value and the splits or metrics there are.
+    """
+    _check_split(report, "eval_split", config.data.eval_split)
+    split, best = config.data.get("val_split", ""), config.get("best_metric", "")
+    if not (config.get("eval_every", 0) and split):
+        return
+    for stage, (model, data) in stages.items():
+        _check_split(data, "val_split", split)
+        if best and best not in (names := _eval_metric_names(model, data, split)):
+            raise ValueError(f"config.best_metric={best!r}: expected one of the metrics stage {stage!r} evaluates "
+                             f"on config.data.val_split={split!r}: {names}")
+
+
+def _check_split(data: Data, key: str, split: str) -> None:
+    splits = sorted(data.source("train").dataset_info.splits)
+    if split not in splits:
+        raise ValueError(f"config.data.{key}={split!r}: expected one of the splits of {data.name}, {splits}")
+
+
+def _eval_metric_names(model, data: Data, split: str) -> list[str]:
+    """The metrics :func:`_eval_fn` reports for ``model`` on ``split``, from shapes alone
+    (``jax.eval_shape`` of the model and the eval statistics on the split's first batch)."""
+    def stats(batch):
+        x = model_input(batch)
+        variables = model.init(jax.random.key(0), x, train=False)
+        return objectives.eval_stats(model.apply(variables, x, train=False), batch)
+
+    shapes = jax.eval_shape(stats, next(iter(data.eval_batches(split))))
+    return sorted(objectives.finalize_stats(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)))
+
+
 def run_transduction(config, workdir: str) -> dict:
     """The main job (module docstring). Returns ``{row: {metric: value}}``."""
     images, videos = Data(config.data, config.data.static), Data(config.data, config.data.video)
     model = _model(config.model)
+    baselines = {name: get_model(name, **_kwargs(config.baseline.kwargs)) for name in config.baseline.models}
+    check_data(config, videos, {"static": (model, images), "stage1": (model, videos), "stage2": (model, videos)}
+               | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
     gamma = config.loss.l1_gamma
 
     static = train_stage(config, "static", model, images, workdir, l1_gamma=gamma)
@@ -153,8 +250,7 @@ def run_transduction(config, workdir: str) -> dict:
     final = _variables(s2)
     row("transduced, stage 2 (fine-tuned)", model, final, count_params(final["params"]))
 
-    for name in config.baseline.models:
-        mdl = get_model(name, **_kwargs(config.baseline.kwargs))
+    for name, mdl in baselines.items():
         b = train_stage(config, f"baseline_{name}", mdl, videos, workdir)
         row(f"from scratch: {name}", mdl, _variables(b), count_params(b.params))
 
@@ -171,6 +267,7 @@ def run_supervised(config, workdir: str) -> dict:
     """Train ``config.model`` on ``config.data.static`` with ``config.static``; evaluate."""
     data = Data(config.data, config.data.static)
     model = _model(config.model)
+    check_data(config, data, {"static": (model, data)})
     state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma,
                         loss=objectives.make_loss(config, data.label_counts))
     variables = _variables(state)
@@ -199,9 +296,9 @@ def configure_autotune(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    """Dispatches on ``config.job`` (one of ``JOBS``) after :func:`configure_autotune`."""
-    if config.job not in JOBS:
-        raise ValueError(f"config.job={config.job!r}: expected one of {JOBS}")
+    """Dispatches on ``config.job`` (one of ``JOBS``) after :func:`check_config` and
+    :func:`configure_autotune`; each job calls :func:`check_data` before its first stage."""
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     configure_autotune(config, workdir)
     return {"transduction": run_transduction, "supervised": run_supervised}[config.job](config, workdir)

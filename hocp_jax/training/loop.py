@@ -147,7 +147,7 @@ def fit(
     Raises:
         NonFiniteError: NaN/Inf in the logged metrics or in a state due for checkpointing.
         ValueError: bad config, an iterator without get_state/set_state, one that ends
-            early, or a checkpoint of another stage in ``workdir``.
+            early, a checkpoint of another stage in ``workdir``, or one past ``num_steps``.
         WorkdirInUseError: another live run holds ``workdir``.
     """
     validate_config(config, FIT_REQUIRED, FIT_OPTIONAL, checks=FIT_CHECKS)
@@ -182,6 +182,11 @@ def fit(
             state, extra = restored
             it.set_state(_decode_iter_state(extra["data_state"]))
             start = int(host_value(state.step))  # the one read of the device step
+            if start > c["num_steps"]:
+                raise ValueError(
+                    f"num_steps={c['num_steps']} (stage {c['stage']!r}), but the checkpoint restored from "
+                    f"{workdir} is at step {start}: set num_steps >= {start} to report or continue that run, "
+                    "or use another workdir")
         step_fn = jax.jit(
             make_train_step(model, loss_fn, tx, reg_fn),
             in_shardings=(replicated(mesh), batch_sharding(mesh)),
@@ -260,30 +265,23 @@ def make_evaluator(
 ) -> Callable[[TrainState, Iterable[dict]], Any]:
     """``evaluator(state, batches) -> stats``: streams ``batches`` through the model.
 
-    Each batch is padded to a multiple of the local device count, put on the mesh, and
-    reduced on the device to ``stats_fn(outputs, batch)`` (jittable, e.g.
-    :func:`hocp_jax.training.objectives.eval_stats`); ``merge_fn(a, b)`` (jittable) combines
-    them. Only the final stats come back to the host (numpy pytree), so a split of any size
-    needs the memory of a couple of batches. ``batch["mask"]`` (B,) is set to 0 on the padding
-    (multiplying a "mask" the batch already has); ``stats_fn`` must weight by it. Every
-    process must pass the same number of batches; stats are over the global batches.
+    Each batch is padded (:func:`pad_batch`), put on the mesh, and reduced on the device to
+    ``stats_fn(outputs, batch)`` (jittable, e.g. :func:`hocp_jax.training.objectives.eval_stats`);
+    ``merge_fn(a, b)`` (jittable) combines them. Only the final stats come back to the host
+    (numpy pytree), so a split of any size needs the memory of a couple of batches. ``stats_fn``
+    must weight by ``batch["mask"]``. Every process must pass the same number of batches; stats
+    are over the global batches.
     """
     mesh = make_data_mesh() if mesh is None else mesh
     eval_step = make_eval_step(model)
     stats_step = jax.jit(lambda state, batch: stats_fn(eval_step(state, batch), batch),
                          out_shardings=replicated(mesh))
     merge = jax.jit(merge_fn, out_shardings=replicated(mesh))
-    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
     def evaluator(state: TrainState, batches: Iterable[dict]) -> Any:
         acc, previous = None, None
         for batch in batches:
-            b = len(next(iter(batch.values())))
-            pad = -b % n_local
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
-            valid = (np.arange(b + pad) < b).astype(np.float32)
-            batch["mask"] = valid * batch["mask"] if "mask" in batch else valid
-            stats = stats_step(state, put_batch(batch, mesh))
+            stats = stats_step(state, put_batch(pad_batch(batch, mesh), mesh))
             acc = stats if acc is None else merge(acc, stats)
             if previous is not None:  # at most two batches in flight: bounded device memory
                 jax.block_until_ready(previous)
@@ -293,3 +291,16 @@ def make_evaluator(
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), acc)
 
     return evaluator
+
+
+def pad_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """``batch`` (``B`` examples) padded to a multiple of this process's devices in ``mesh`` by
+    repeating its last example, so :func:`put_batch` takes it; ``"mask"`` (B + pad,) is 0 on
+    the padding (times the batch's own "mask")."""
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    b = len(next(iter(batch.values())))
+    pad = -b % n_local
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
+    valid = (np.arange(b + pad) < b).astype(np.float32)
+    padded["mask"] = valid * padded["mask"] if "mask" in padded else valid
+    return padded

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax.projections import projection_simplex
 
 from hocp_jax.losses import ccc_loss, pcc_loss
@@ -35,7 +36,7 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     """SparseMax view: Euclidean projection of each vector along ``axis`` onto the simplex.
 
     Args:
-        z: ``(..., d)`` real array (``axis`` selects the simplex dimension).
+        z: ``(..., d)`` real array, ``d >= 1`` (``axis`` selects the simplex dimension).
         axis: the axis that is projected.
 
     Returns:
@@ -46,6 +47,8 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     if z.ndim == 0:
         raise ValueError(f"sparsemax: z must have at least 1 dimension, got shape {z.shape}")
     moved = jnp.moveaxis(z, axis, -1)
+    if moved.shape[-1] == 0:
+        raise ValueError(f"sparsemax: axis={axis} of z (shape {z.shape}) is empty; the simplex needs >= 1 entry")
     flat = moved.reshape(-1, moved.shape[-1])
     out = jax.vmap(projection_simplex)(flat).reshape(moved.shape)
     return jnp.moveaxis(out, -1, axis)
@@ -134,7 +137,7 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
 
     Args:
         scores: ``(N, N)`` critic matrix from :func:`critic_matrix`, ``N >= 2``.
-        alpha, beta, gamma: the weights above (non-negative).
+        alpha, beta, gamma: the weights above, real numbers >= 0 (checked unless traced).
         weights: optional ``(N,)`` sample weights (e.g. the pipeline's padding ``mask``);
             pair ``(i, j)`` gets ``w_i w_j``.
 
@@ -142,8 +145,12 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
         Scalar ``J``.
     """
     for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if v < 0:
-            raise ValueError(f"avce_objective: {name} must be >= 0, got {v}")
+        if isinstance(v, jax.core.Tracer):
+            continue
+        a = np.asarray(v)
+        real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
+        if not (real and a >= 0):
+            raise ValueError(f"avce_objective: {name} must be a real number >= 0, got {v!r}")
     pos_w, neg_w = _pair_weights(scores, weights)
     pos = jnp.diagonal(scores)
     e_pos, e_pos2 = jnp.sum(pos_w * pos), jnp.sum(pos_w * pos**2)

@@ -5,7 +5,9 @@ r"""Optimisation pieces for transduction and automatic rank selection (paper Sec
   ``temporal_modes``), ``"spatial"`` (any other ``factor_<m>`` mode factor of a CP layer),
   ``"lambda"`` (a CP layer's ``lambda``) or ``"other"`` (everything else: ``factor_in``,
   ``factor_out``, skip, bias, BatchNorm, heads, TRL — the TRL's ``lambda`` included).
-  CP layers are found by name as in :mod:`hocp_jax.tree`.
+  CP layers are found by name as in :mod:`hocp_jax.tree`. Trees of ``nnx.Variable`` (an
+  ``nnx.State``, what ``nnx.Optimizer`` gives ``tx.init``) are named like their pure dicts:
+  the variable's trailing ``.value`` key is dropped.
 * :func:`masked_optimizer` freezes leaves with ``optax.partition`` + ``optax.set_to_zero``
   (frozen leaves get no optimizer state and zero updates, so they stay bitwise unchanged,
   weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
@@ -29,6 +31,7 @@ import numpy as np
 import optax
 
 from hocp_jax.conv import RESERVED
+from hocp_jax.pruning import psi_params_per_component
 from hocp_jax.tree import Path, cp_layer_paths, layer_modes, path_str, require_cp_layers
 
 CATEGORIES = ("temporal", "spatial", "lambda", "other")
@@ -44,8 +47,36 @@ def _key_name(k) -> str:
     return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
+def _leaf_path(kpath) -> Path:
+    """Names of a ``tree_flatten_with_path`` key path, without an ``nnx.Variable``'s trailing ``.value``."""
+    if kpath and isinstance(kpath[-1], jax.tree_util.GetAttrKey) and kpath[-1].name == "value":
+        kpath = kpath[:-1]
+    return tuple(_key_name(k) for k in kpath)
+
+
+def _check_temporal_modes(temporal_modes: Sequence[str]) -> tuple[str, ...]:
+    """``temporal_modes`` as a tuple of mode names (none of ``RESERVED``), else a ValueError."""
+    modes = None if isinstance(temporal_modes, str) else tuple(temporal_modes)
+    if modes is None or any(not isinstance(m, str) or m in RESERVED for m in modes):
+        raise ValueError(
+            f"temporal_modes={temporal_modes!r}: expected a tuple of mode names (e.g. ('t',)), none of {RESERVED}"
+        )
+    return modes
+
+
+def _check_nonneg(value: Any, name: str) -> None:
+    """ValueError unless ``value`` is a real scalar >= 0 (NaN refused); traced values pass unchecked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    a = np.asarray(value)
+    real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
+    if not (real and a >= 0):
+        raise ValueError(f"{name}={value!r}: expected a real number >= 0")
+
+
 def leaf_category(path: Path, cp_paths: set[Path], temporal_modes: Sequence[str] = ("t",)) -> str:
     """Category (one of ``CATEGORIES``) of the leaf at ``path`` given the CP layer paths."""
+    temporal_modes = _check_temporal_modes(temporal_modes)
     if len(path) < 1 or path[:-1] not in cp_paths:
         return "other"
     name = path[-1]
@@ -78,17 +109,18 @@ def label_params(params: Any, trainable: Trainable = "all", temporal_modes: Sequ
     """Pytree (same structure as ``params``) of ``"trainable"`` / ``"frozen"`` labels.
 
     Args:
-      params: parameter tree (dict or FrozenDict).
+      params: parameter tree (dict, FrozenDict or ``nnx.State``).
       trainable: ``"temporal"`` | ``"spatial"`` | ``"lambda"`` | ``"all"``, a tuple of these
         (union), or ``callable(path: tuple[str, ...]) -> bool``.
-      temporal_modes: mode names counted as temporal (default ``("t",)``).
+      temporal_modes: mode names counted as temporal (default ``("t",)``); a tuple, none of
+        ``"in"``, ``"out"``, ``"skip"``.
     """
     select = _selector(trainable)
-    temporal_modes = tuple(temporal_modes)
+    temporal_modes = _check_temporal_modes(temporal_modes)
     cp = cp_layer_paths(params)
 
     def label(kpath, _):
-        path = tuple(_key_name(k) for k in kpath)
+        path = _leaf_path(kpath)
         return "trainable" if select(path, leaf_category(path, cp, temporal_modes)) else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -106,10 +138,13 @@ def masked_optimizer(
     ``set_to_zero`` has an empty state) and zero updates, so ``optax.apply_updates`` leaves
     them bitwise unchanged — decoupled weight decay (AdamW) included, since ``tx`` never sees
     them. Labels are recomputed from the tree given to ``init``/``update`` (same names, so
-    dict and FrozenDict trees both work); ``params`` is used to check the selection here.
+    dict, FrozenDict and ``nnx.State`` trees all work, e.g. in
+    ``nnx.Optimizer(model, masked_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param)``);
+    ``params`` is used to check the selection here.
 
     Raises:
-      ValueError: when ``trainable`` selects no leaf of ``params``.
+      ValueError: when ``trainable`` selects no leaf of ``params``, or for a bad ``trainable`` /
+        ``temporal_modes``.
     """
     labels = jax.tree_util.tree_leaves(label_params(params, trainable, temporal_modes))
     if "trainable" not in labels:
@@ -154,19 +189,25 @@ def _map_lambdas(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     cp = cp_layer_paths(tree)
 
     def f(kpath, leaf, *others):
-        path = tuple(_key_name(k) for k in kpath)
+        path = _leaf_path(kpath)
         return fn(leaf, *others) if path[-1:] == ("lambda",) and path[:-1] in cp else leaf
 
     return jax.tree_util.tree_map_with_path(f, tree, *rest)
 
 
-@jax.jit
 def l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
-    """``gamma * sum_l ||lambda_l||_1`` over every CP conv layer (paper's Lasso term).
+    """``gamma * sum_l ||lambda_l||_1`` over every CP conv layer (paper's Lasso term); a scalar.
 
     Its gradient w.r.t. a nonzero lambda is ``gamma * sign(lambda)``; plain (sub)gradient
     steps only oscillate around 0 — use :func:`prox_l1_lambdas` to reach exact zeros.
+    ``gamma``: a real number >= 0 (checked unless traced).
     """
+    _check_nonneg(gamma, "gamma")
+    return _l1_lambda(params, gamma)
+
+
+@jax.jit
+def _l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
     lams = [layer["lambda"] for _, layer in require_cp_layers(params, "l1_lambda")]
     return gamma * sum(jnp.sum(jnp.abs(lam)) for lam in lams)
 
@@ -180,8 +221,10 @@ def soft_threshold_lambdas(params: Any, threshold: float | jax.Array) -> Any:
 
     ``lambda <- sign(lambda) * max(|lambda| - threshold, 0)``; with plain SGD of step size
     ``eta`` use ``threshold = eta * gamma`` (proximal gradient / ISTA). Other leaves unchanged.
-    Inside an optax chain use the transform :func:`prox_l1_lambdas` instead.
+    ``threshold``: a real number >= 0 (checked unless traced). Inside an optax chain use the
+    transform :func:`prox_l1_lambdas` instead.
     """
+    _check_nonneg(threshold, "threshold")
     require_cp_layers(params, "soft_threshold_lambdas")
     return _map_lambdas(lambda lam: _soft_threshold(lam, threshold), params)
 
@@ -192,9 +235,12 @@ def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransfor
     Chain it last, e.g. ``optax.chain(optax.sgd(lr), prox_l1_lambdas(lr * gamma))``: the returned
     updates ``u'`` satisfy ``params + u' = prox(params + u)``, so pruned lambdas become exact
     zeros after ``optax.apply_updates`` (``p + (0 - p) == 0`` in floating point).
-    ``threshold`` may be a schedule of the step count. Inside ``masked_optimizer`` it only
-    sees (and thresholds) the trainable lambdas.
+    ``threshold``: a real number >= 0, or a schedule of the step count whose values are
+    clamped at 0 (``max(threshold(count), 0)``: a negative value would grow the lambdas).
+    Inside ``masked_optimizer`` it only sees (and thresholds) the trainable lambdas.
     """
+    if not callable(threshold):
+        _check_nonneg(threshold, "threshold")
 
     def init(params):
         del params
@@ -203,7 +249,7 @@ def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransfor
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("prox_l1_lambdas: params are required (call tx.update(grads, state, params))")
-        t = threshold(state.count) if callable(threshold) else threshold
+        t = jnp.maximum(threshold(state.count), 0.0) if callable(threshold) else threshold
         new = _map_lambdas(lambda u, p: _soft_threshold(p + u, t) - p, updates, params)
         return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
@@ -215,7 +261,12 @@ def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransfor
 
 @dataclasses.dataclass(frozen=True)
 class LayerSparsity:
-    """One CP layer: ``zeroed`` lambdas of ``rank``; each frees ``C_in + C_out + sum K + 1`` params."""
+    """One CP layer: ``zeroed`` lambdas of ``rank``, and what :func:`hocp_jax.pruning.prune_rank` frees.
+
+    ``params_per_component``: ``C_in + C_out + sum K + 1`` plus the Psi entries of one rank
+    channel (``bn_*`` scale/bias, ``prelu_*`` alpha). ``params_freed``: that many per zeroed
+    component, with at most ``rank - 1`` components freed (``prune_rank`` keeps one per layer).
+    """
 
     path: str
     rank: int
@@ -228,7 +279,7 @@ class LayerSparsity:
 
     @property
     def params_freed(self) -> int:
-        return self.zeroed * self.params_per_component
+        return min(self.zeroed, self.rank - 1) * self.params_per_component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,16 +315,21 @@ class SparsityReport:
 
 
 def sparsity_report(params: Any, tol: float = 0.0) -> SparsityReport:
-    """Counts, per CP layer, the lambdas with ``|lambda| <= tol`` and the parameters they free."""
-    if not tol >= 0:
-        raise ValueError(f"tol={tol!r}: expected a number >= 0")
+    """Counts, per CP layer, the lambdas with ``|lambda| <= tol`` and the parameters they free.
+
+    ``params_freed`` is exactly what ``pruning.prune_rank(params, tol)`` removes: the zeroed
+    components' factor columns, lambdas and Psi entries, one component kept per layer (a NaN
+    lambda counts as zeroed, as ``prune_rank`` drops it). ``tol``: a real number >= 0.
+    """
+    _check_nonneg(tol, "tol")
     rows, cp_total = [], 0
     for path, layer in require_cp_layers(params, "sparsity_report"):
         lam = np.abs(np.asarray(layer["lambda"]))
-        per = np.shape(layer["factor_in"])[0] + np.shape(layer["factor_out"])[0] + 1
-        per += sum(np.shape(layer[f"factor_{m}"])[0] for m in layer_modes(layer))
-        rows.append(LayerSparsity(path_str(path), int(lam.size), int(np.sum(lam <= tol)), int(per)))
-        cp_total += int(lam.size) * int(per)
+        factors = np.shape(layer["factor_in"])[0] + np.shape(layer["factor_out"])[0] + 1
+        factors += sum(np.shape(layer[f"factor_{m}"])[0] for m in layer_modes(layer))
+        per = factors + psi_params_per_component(layer, path)
+        rows.append(LayerSparsity(path_str(path), int(lam.size), int(lam.size - np.sum(lam > tol)), int(per)))
+        cp_total += int(lam.size) * int(factors)
     total = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
     return SparsityReport(tuple(rows), cp_total, total)
 

@@ -7,13 +7,14 @@ genuinely smaller tree; CP layers are found by name (:mod:`hocp_jax.tree`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from hocp_jax.conv import mode_key
-from hocp_jax.tree import check_cp_layer, get_at, layer_modes, n_params, path_str, require_cp_layers, set_at, to_dict
+from hocp_jax.tree import (Path, check_cp_layer, get_at, layer_modes, n_params, path_str, require_cp_layers, set_at,
+                           to_dict)
 
 PSI_PREFIXES = ("bn_", "prelu_")
 
@@ -42,22 +43,32 @@ class PruneReport:
         return self.params_before - self.params_after
 
 
-def _slice_psi(node: Mapping, keep: np.ndarray, rank: int, where: str) -> dict:
-    """Slices the per-rank Psi sub-modules (bn_*/prelu_*) of a CP layer's dict along their last axis."""
-    out = dict(node)
+def _psi_subs(node: Mapping, rank: int, where: str) -> Iterator[tuple[str, Mapping]]:
+    """``(name, sub_dict)`` of the Psi sub-modules (bn_*/prelu_*) of a CP layer's dict, every leaf
+    checked to have the rank R as last axis."""
     for name, sub in node.items():
         if not (isinstance(sub, Mapping) and name.startswith(PSI_PREFIXES)):
             continue
-        new_sub = {}
         for leaf_name, leaf in sub.items():
             if np.ndim(leaf) < 1 or np.shape(leaf)[-1] != rank:
                 raise ValueError(
                     f"{where}/{name}/{leaf_name}: shape {tuple(np.shape(leaf))} does not have the layer's rank R={rank} "
                     "as last axis; Psi sub-modules are expected to act on the R rank channels"
                 )
-            new_sub[leaf_name] = leaf[..., keep]
-        out[name] = new_sub
-    return out
+        yield name, sub
+
+
+def _slice_psi(node: Mapping, keep: np.ndarray, rank: int, where: str) -> dict:
+    """Slices the per-rank Psi sub-modules (bn_*/prelu_*) of a CP layer's dict along their last axis."""
+    return dict(node) | {name: {k: v[..., keep] for k, v in sub.items()} for name, sub in _psi_subs(node, rank, where)}
+
+
+def psi_params_per_component(layer: Mapping, path: Path = ()) -> int:
+    """Psi parameters (``bn_*``/``prelu_*`` leaves ``(..., R)``) of one rank channel of a CP layer:
+    what :func:`prune_rank` removes from them per dropped component."""
+    rank = check_cp_layer(layer, path)
+    subs = _psi_subs(layer, rank, f"params at '{path_str(path)}'")
+    return int(sum(np.size(leaf) // rank for _, sub in subs for leaf in sub.values()))
 
 
 def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> tuple[dict, dict | None, PruneReport]:
@@ -83,8 +94,9 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
     Returns:
       ``(params, batch_stats, report)``; ``batch_stats`` is None when none was given.
     """
-    if not isinstance(threshold, (int, float, np.floating, np.integer)) or not threshold >= 0:
-        raise ValueError(f"threshold={threshold!r}: expected a number >= 0")
+    number = isinstance(threshold, (int, float, np.floating, np.integer)) and not isinstance(threshold, bool)
+    if not (number and threshold >= 0):
+        raise ValueError(f"threshold={threshold!r}: expected a number >= 0 (not a bool)")
     out = to_dict(params)
     stats = to_dict(batch_stats) if batch_stats is not None else None
     rows = []

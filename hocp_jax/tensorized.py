@@ -179,9 +179,13 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
 
 
 def check_rate(rate: float, name: str = "rate") -> None:
-    """ValueError (naming ``name``) unless ``0 <= rate < 1``."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name}={rate!r}: tensor dropout needs 0 <= rate < 1")
+    """ValueError (naming ``name``) unless ``rate`` is a real number with ``0 <= rate < 1``; traced values pass."""
+    if isinstance(rate, jax.core.Tracer):
+        return
+    a = np.asarray(rate)
+    real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
+    if not (real and 0.0 <= a < 1.0):
+        raise ValueError(f"{name}={rate!r}: tensor dropout needs a real number with 0 <= rate < 1")
 
 
 def _keep_mask(key: jax.Array, size: int, rate: float, dtype) -> jax.Array:
@@ -203,13 +207,18 @@ def cp_dropout(params: Params, key: jax.Array, rate: float) -> dict[str, jax.Arr
 def tucker_dropout(params: Params, key: jax.Array, rate: float, axes: Sequence[int] | None = None) -> dict[str, jax.Array]:
     """Tucker tensor dropout: one Bernoulli keep-mask per rank axis of ``core``, each scaled by ``1 / (1 - rate)``.
 
-    ``axes``: the core's rank axes (default all: Tucker linear / TRL cores); a Tucker conv core
-    ``(*K, R_in, R_out)`` takes ``axes=(-2, -1)``.
+    ``axes``: the core's rank axes, distinct ints in ``[-core.ndim, core.ndim)`` (default all:
+    Tucker linear / TRL cores); a Tucker conv core ``(*K, R_in, R_out)`` takes ``axes=(-2, -1)``.
     """
     check_rate(rate)
     if "core" not in params:
         raise ValueError(f"params: keys {sorted(params)}; Tucker tensor dropout needs a 'core' leaf")
     core = params["core"]
+    if axes is not None:
+        n = core.ndim
+        ints = isinstance(axes, Sequence) and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes)
+        if not (ints and all(-n <= a < n for a in axes) and len({a % n for a in axes}) == len(axes)):
+            raise ValueError(f"axes={axes!r}: expected distinct ints in [{-n}, {n}) for the core of shape {_shape(core)}")
     axes = tuple(range(core.ndim)) if axes is None else tuple(a % core.ndim for a in axes)
     for k, a in zip(jax.random.split(key, len(axes)), axes):
         core = core * jnp.expand_dims(_keep_mask(k, core.shape[a], rate, core.dtype), [i for i in range(core.ndim) if i != a])

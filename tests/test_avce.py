@@ -258,3 +258,18 @@ def test_tiny_avce_trains_on_embedded_digits(tiny):
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     assert np.mean(mses[-3:]) < np.mean(mses[:3])
+
+
+def test_sparsemax_empty_axis_and_bad_avce_alpha_beta_gamma_raise():
+    with pytest.raises(ValueError, match="axis=-1.*empty"):
+        sparsemax(jnp.ones((2, 0)))
+    with pytest.raises(ValueError, match="axis=0.*empty"):
+        sparsemax(jnp.ones((0, 3)), axis=0)
+    scores = jnp.eye(3)
+    for name in ("alpha", "beta", "gamma"):
+        for bad in (float("nan"), -0.5, "0.5", None):
+            with pytest.raises(ValueError, match=name):
+                avce_objective(scores, **{name: bad})
+    # traced weights are not checked (jit-friendly): J = 1 - 0.005 / 2 for the identity critic
+    got = jax.jit(lambda a: avce_objective(scores, alpha=a))(0.5)
+    np.testing.assert_allclose(got, 1.0 - 0.0025, rtol=1e-6)

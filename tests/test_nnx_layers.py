@@ -72,6 +72,42 @@ def test_transduce_masks_and_lasso_on_nnx_state():
         static(vid)
 
 
+@pytest.mark.parametrize("trainable, names", [
+    ("temporal", {"factor_t"}),
+    (("lambda", "spatial"), {"lambda", "factor_h", "factor_w"}),
+])
+def test_nnx_optimizer_with_masked_optimizer_on_nnx_state(trainable, names):
+    vid = jax.random.normal(jax.random.key(1), (2, 4, 6, 6, 3))
+    model = nnx_layers.CPConv(3, 4, 3, rank=5, psi="bn_prelu", psi_stages="all", temporal_modes=("t",),
+                              rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.array, _params(model))
+    grads = nnx.grad(lambda mod: jnp.sum(mod(vid) ** 2))(model)
+    g = nnx.to_pure_dict(grads)
+    # nnx.Optimizer hands tx.init an nnx.State (leaf paths end in '.value'); update gets plain arrays
+    tx = optim.masked_optimizer(optax.adam(1e-2), nnx.state(model, nnx.Param), trainable)
+    nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)
+    after = _params(model)
+    # independent reference: optax.adam on the trainable leaves alone, the others untouched
+    adam = optax.adam(1e-2)
+    sub = {k: before[k] for k in names}
+    updates, _ = adam.update({k: g[k] for k in names}, adam.init(sub), sub)
+    want = dict(before) | optax.apply_updates(sub, updates)
+    flat_before, flat_after, flat_want = ({"/".join(p.key for p in k): v for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+                                          for t in (before, after, want))
+    assert {"bn_in/scale", "prelu_w/alpha"} <= set(flat_before)
+    for k, v in flat_before.items():
+        if k in names:
+            assert not np.array_equal(flat_after[k], v), k
+            np.testing.assert_allclose(flat_after[k], flat_want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        else:  # frozen: bitwise unchanged (Psi BN scale/bias and PReLU alpha included)
+            assert np.asarray(flat_after[k]).tobytes() == v.tobytes(), k
+    # the same step on the pure dict (the Linen path) gives the same parameters
+    tx = optim.masked_optimizer(optax.adam(1e-2), before, trainable)
+    updates, _ = tx.update(g, tx.init(before), before)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after,
+                 optax.apply_updates(before, updates))
+
+
 def test_tucker_separable_trl_equal_linen():
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
     cases = [

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax.core import freeze
 
-from hocp_jax import counting, optim, transduction, tree
+from hocp_jax import counting, optim, pruning, transduction, tree
 from hocp_jax.layers import TRL, CPConv
 
 B, H, W, C = 2, 5, 5, 3
@@ -150,8 +150,8 @@ def test_sparsity_report_and_plot(setup, tmp_path):
     l1, l2 = report.layers
     assert (l1.path, l1.rank, l1.zeroed, l2.zeroed) == ("conv1", 5, 3, 0)
     assert l1.fraction == pytest.approx(0.6)
-    # a zeroed component frees C_in + C_out + sum K + 1 (K = 3, 3, 3 after transduction)
-    assert l1.params_freed == counting.cp_params(C, 4, (3, 3, 3), 5) - counting.cp_params(C, 4, (3, 3, 3), 2)
+    # a zeroed component frees C_in + C_out + sum K + 1 (K = 3, 3, 3 after transduction) + its bn_in scale and bias
+    assert l1.params_freed == counting.cp_params(C, 4, (3, 3, 3), 5) - counting.cp_params(C, 4, (3, 3, 3), 2) + 3 * 2
     assert report.params_freed == l1.params_freed
     assert report.cp_params == counting.cp_params(C, 4, (3, 3, 3), 5) + counting.cp_params(4, 3, (3, 3, 3), 4)
     assert report.total_params == sum(np.size(v) for v in jax.tree.leaves(params))
@@ -161,3 +161,56 @@ def test_sparsity_report_and_plot(setup, tmp_path):
     assert (tmp_path / "sparsity.png").stat().st_size > 0
     with pytest.raises(ValueError, match="tol"):
         optim.sparsity_report(params, tol=-1.0)
+
+
+def _n(tree_):
+    return sum(np.size(v) for v in jax.tree.leaves(tree_))
+
+
+@pytest.mark.parametrize("lam, tol, zeroed, freed", [
+    ([0.0, 0.0, 0.0, 1.0, -2.0, 0.5], 0.0, 3, 3 * 28),
+    ([0.05, -0.08, 0.3, 1.0, -2.0, 0.0], 0.1, 3, 3 * 28),
+    ([0.0] * 6, 0.0, 6, 5 * 28),  # fully zeroed: prune_rank keeps one component
+])
+def test_sparsity_report_frees_what_prune_rank_removes(lam, tol, zeroed, freed):
+    # C_in 4 -> C_out 8, 3x3, rank 6, Psi BN + PReLU at the 3 stages: one component holds
+    # 4 + 8 + 3 + 3 + 1 factor/lambda entries + 3 * (2 + 1) Psi entries = 28
+    v = CPConv(8, 3, rank=6, psi="bn_prelu", psi_stages="all").init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+    params = dict(tree.to_dict(v["params"]), **{"lambda": jnp.array(lam)})
+    report = optim.sparsity_report(params, tol=tol)
+    pruned, _, _ = pruning.prune_rank(params, tol, v["batch_stats"])
+    assert report.layers[0].zeroed == zeroed
+    assert report.params_freed == _n(params) - _n(pruned) == freed
+
+
+def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
+    _, params, *_ = setup
+    params = tree.to_dict(params)
+    params["conv1"]["lambda"] = jnp.array([0.5, -1.5, 0.05, -0.1, 0.3])
+    lam = np.asarray(params["conv1"]["lambda"])
+    for bad in (-1.0, float("nan"), "0.1", None, True):
+        with pytest.raises(ValueError, match="threshold="):
+            optim.soft_threshold_lambdas(params, bad)
+        with pytest.raises(ValueError, match="threshold="):
+            optim.prox_l1_lambdas(bad)
+        with pytest.raises(ValueError, match="gamma="):
+            optim.l1_lambda(params, bad)
+        with pytest.raises(ValueError, match="tol="):
+            optim.sparsity_report(params, tol=bad)
+    # traced values are not checked (jit-friendly) and give the numpy values
+    np.testing.assert_allclose(jax.jit(optim.soft_threshold_lambdas)(params, 0.2)["conv1"]["lambda"],
+                               _np_soft(lam, 0.2), atol=1e-7)
+    conv_lams = np.concatenate([lam, np.asarray(params["conv2"]["lambda"])])
+    np.testing.assert_allclose(jax.jit(optim.l1_lambda)(params, 0.5), 0.5 * np.abs(conv_lams).sum(), rtol=1e-6)
+    # a schedule going negative is clamped at 0: the lambdas do not grow
+    tx = optax.chain(optax.sgd(0.1), optim.prox_l1_lambdas(lambda count: -1.0))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_array_equal(optax.apply_updates(params, updates)["conv1"]["lambda"], lam)
+    for bad in ("t", ("in",), ("t", "skip"), (3,)):
+        with pytest.raises(ValueError, match="temporal_modes="):
+            optim.label_params(params, "temporal", temporal_modes=bad)
+        with pytest.raises(ValueError, match="temporal_modes="):
+            optim.masked_optimizer(optax.sgd(0.1), params, "spatial", temporal_modes=bad)
+        with pytest.raises(ValueError, match="temporal_modes="):
+            optim.leaf_category(("conv1", "factor_in"), {("conv1",)}, bad)

@@ -175,6 +175,23 @@ def test_tucker_tensor_dropout_masks_core_slices_and_keeps_expectation():
     assert np.all(c == c[:1, :1])  # kernel taps are never dropped, only rank components
 
 
+def test_tensor_dropout_validates_rate_and_axes():
+    params, _ = _linear_case("cp", (2, 3), (4,))
+    key = jax.random.key(0)
+    for bad in ("0.3", None, float("nan"), -0.1, True, 1.0):
+        with pytest.raises(ValueError, match="rate="):
+            tensorized.cp_dropout(params, key, bad)
+    # a traced rate is not checked (jit-friendly) and draws the same mask
+    np.testing.assert_array_equal(jax.jit(tensorized.cp_dropout)(params, key, 0.25)["lambda"],
+                                  tensorized.cp_dropout(params, key, 0.25)["lambda"])
+    core2d = {"core": jnp.ones((2, 3))}
+    for bad in ((5,), (2,), (-3,), (0, -2), (1, 1), (1.0,), (True,)):
+        with pytest.raises(ValueError, match="axes="):
+            tensorized.tucker_dropout(core2d, key, 0.5, axes=bad)
+    c = np.asarray(tensorized.tucker_dropout(core2d, key, 0.5, axes=(-1,))["core"])
+    assert np.all(c == c[:1]) and set(np.unique(c)) <= {0.0, 2.0}  # only the columns (axis 1) are masked
+
+
 def test_tensor_dropout_in_layers_is_identity_when_deterministic():
     x = jnp.asarray(RNG.normal(size=(3, 12)), jnp.float32)
     lin = layers.FactorizedLinear((3, 4), (2, 2), rank=6, tensor_dropout=0.5)

@@ -193,8 +193,9 @@ def test_prune_rank_threshold_keeps_one_and_errors():
     np.testing.assert_array_equal(pruned["conv1"]["lambda"], np.array([-0.5, 0.3], np.float32))
     assert pruned["conv2"]["lambda"].shape == (1,)  # at least one component is kept
     assert [l.rank_after for l in report.layers] == [2, 1]
-    with pytest.raises(ValueError, match="threshold"):
-        pruning.prune_rank(params, -0.1)
+    for bad in (-0.1, float("nan"), "0.1", None, True, np.True_):  # a bool is not threshold 1
+        with pytest.raises(ValueError, match="threshold="):
+            pruning.prune_rank(params, bad)
     with pytest.raises(ValueError, match="no CP layer"):
         pruning.prune_rank({"dense": {"kernel": jnp.ones((3, 3, 2, 2))}})
     broken = dict(params, conv1=dict(params["conv1"], factor_in=jnp.ones((C, 4))))

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from optax.projections import projection_simplex
 
+from hocp_jax.checks import check_real
 from hocp_jax.losses import ccc_loss, pcc_loss
 
 CRITICS = ("cosine", "dot")
@@ -145,12 +145,7 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
         Scalar ``J``.
     """
     for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if isinstance(v, jax.core.Tracer):
-            continue
-        a = np.asarray(v)
-        real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
-        if not (real and a >= 0):
-            raise ValueError(f"avce_objective: {name} must be a real number >= 0, got {v!r}")
+        check_real(v, name)
     pos_w, neg_w = _pair_weights(scores, weights)
     pos = jnp.diagonal(scores)
     e_pos, e_pos2 = jnp.sum(pos_w * pos), jnp.sum(pos_w * pos**2)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hocp_jax.checks import check_real
 from hocp_jax.conv import RESERVED
 from hocp_jax.pruning import psi_params_per_component
 from hocp_jax.tree import Path, cp_layer_paths, layer_modes, path_str, require_cp_layers
@@ -62,16 +63,6 @@ def _check_temporal_modes(temporal_modes: Sequence[str]) -> tuple[str, ...]:
             f"temporal_modes={temporal_modes!r}: expected a tuple of mode names (e.g. ('t',)), none of {RESERVED}"
         )
     return modes
-
-
-def _check_nonneg(value: Any, name: str) -> None:
-    """ValueError unless ``value`` is a real scalar >= 0 (NaN refused); traced values pass unchecked."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    a = np.asarray(value)
-    real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
-    if not (real and a >= 0):
-        raise ValueError(f"{name}={value!r}: expected a real number >= 0")
 
 
 def leaf_category(path: Path, cp_paths: set[Path], temporal_modes: Sequence[str] = ("t",)) -> str:
@@ -202,7 +193,7 @@ def l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
     steps only oscillate around 0 — use :func:`prox_l1_lambdas` to reach exact zeros.
     ``gamma``: a real number >= 0 (checked unless traced).
     """
-    _check_nonneg(gamma, "gamma")
+    check_real(gamma, "gamma")
     return _l1_lambda(params, gamma)
 
 
@@ -224,7 +215,7 @@ def soft_threshold_lambdas(params: Any, threshold: float | jax.Array) -> Any:
     ``threshold``: a real number >= 0 (checked unless traced). Inside an optax chain use the
     transform :func:`prox_l1_lambdas` instead.
     """
-    _check_nonneg(threshold, "threshold")
+    check_real(threshold, "threshold")
     require_cp_layers(params, "soft_threshold_lambdas")
     return _map_lambdas(lambda lam: _soft_threshold(lam, threshold), params)
 
@@ -240,7 +231,7 @@ def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransfor
     Inside ``masked_optimizer`` it only sees (and thresholds) the trainable lambdas.
     """
     if not callable(threshold):
-        _check_nonneg(threshold, "threshold")
+        check_real(threshold, "threshold")
 
     def init(params):
         del params
@@ -321,7 +312,7 @@ def sparsity_report(params: Any, tol: float = 0.0) -> SparsityReport:
     components' factor columns, lambdas and Psi entries, one component kept per layer (a NaN
     lambda counts as zeroed, as ``prune_rank`` drops it). ``tol``: a real number >= 0.
     """
-    _check_nonneg(tol, "tol")
+    check_real(tol, "tol")
     rows, cp_total = [], 0
     for path, layer in require_cp_layers(params, "sparsity_report"):
         lam = np.abs(np.asarray(layer["lambda"]))

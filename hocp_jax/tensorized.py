@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax.checks import check_real
+
 Params = Mapping[str, jax.Array]
 LINEAR_IMPLEMENTATIONS = ("factorized", "reconstructed")
 
@@ -180,12 +182,7 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
 
 def check_rate(rate: float, name: str = "rate") -> None:
     """ValueError (naming ``name``) unless ``rate`` is a real number with ``0 <= rate < 1``; traced values pass."""
-    if isinstance(rate, jax.core.Tracer):
-        return
-    a = np.asarray(rate)
-    real = a.ndim == 0 and (jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating))
-    if not (real and 0.0 <= a < 1.0):
-        raise ValueError(f"{name}={rate!r}: tensor dropout needs a real number with 0 <= rate < 1")
+    check_real(rate, name, lambda v: 0.0 <= v < 1.0, "a real number with 0 <= rate < 1 (tensor dropout)")
 
 
 def _keep_mask(key: jax.Array, size: int, rate: float, dtype) -> jax.Array:

@@ -44,7 +44,6 @@ if importlib.util.find_spec("hocp_jax") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", HOCP_JAX_SOURCE], check=True)
 
 # %%
-import functools
 import tempfile
 
 import jax

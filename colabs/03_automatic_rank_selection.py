@@ -46,7 +46,6 @@ if importlib.util.find_spec("hocp_jax") is None:
 import tempfile
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 import optax
 

@@ -1,15 +1,34 @@
-"""Checks of the numeric arguments of the pure functions (thresholds, weights, rates).
+"""Checks of numeric arguments (counts, sizes, thresholds, weights, rates).
 
-A concrete value is checked and a bad one is a ValueError naming the argument; a traced value
-(under ``jit``) has no value to check and passes.
+A bad value is a ValueError naming the argument. :func:`check_real` checks a concrete value; a
+traced one (under ``jit``) has no value to check and passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numbers
+
 import jax
 import numpy as np
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_positive_int(value) -> bool:
+    """Whether ``value`` is an integer (:func:`is_int`) >= 1, e.g. a width or a count."""
+    return is_int(value) and value >= 1
+
+
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` if :func:`is_positive_int`, else ``ValueError("{name}={value!r}: expected an int >= 1")``."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+    return int(value)
 
 
 def check_real(value, name: str, ok: Callable[[float], bool] = lambda v: v >= 0,

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from hocp_jax import conv, counting
+from hocp_jax.checks import check_positive_int
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
@@ -38,12 +39,6 @@ def as_ints(v, n: int, name: str) -> tuple[int, ...]:
     if len(v) != n:
         raise ValueError(f"{name}={v!r}: expected an int or {n} values")
     return v
-
-
-def _positive(name: str, v) -> int:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}={v!r}: expected an int >= 1")
-    return int(v)
 
 
 def product_std(variance: float, n_terms: int, n_sums: int) -> float:
@@ -161,7 +156,7 @@ def kernel_dims(kernel_size) -> tuple[int, ...]:
 def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_ratio: float = 0.5) -> tuple[int, int]:
     """``ranks`` if given, else ``rank_ratio`` times the input and output channels (at least 1)."""
     r = ranks or (max(1, round(rank_ratio * in_channels)), max(1, round(rank_ratio * out_channels)))
-    return _positive("ranks[0]", r[0]), _positive("ranks[1]", r[1])
+    return check_positive_int(r[0], "ranks[0]"), check_positive_int(r[1], "ranks[1]")
 
 
 def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int], gain=2.0) -> Specs:
@@ -199,7 +194,7 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
     n = len(dims)
     var = 1.0 / int(np.prod(dims))
     if decomposition == "cp":
-        r = _positive("rank", rank)
+        r = check_positive_int(rank, "rank")
         normal = initializers.normal(product_std(var, n + 1, r))
         specs: Specs = {f"factor_{i}": ((d, r), normal) for i, d in enumerate(dims)}
         specs |= {"factor_out": ((features, r), normal), "lambda": ((r,), initializers.ones)}
@@ -230,13 +225,13 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
     ins, outs = _shape_arg(in_shape, "in_shape"), _shape_arg(out_shape, "out_shape")
     var = 1.0 / int(np.prod(ins))
     if factorization == "cp":
-        r = _positive("rank", rank)
+        r = check_positive_int(rank, "rank")
         normal = initializers.normal(product_std(var, len(ins) + len(outs), r))
         specs: Specs = {"lambda": ((r,), initializers.ones)}
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, d in enumerate(ins)}
         specs |= {f"factor_out_{j}": ((d, r), normal) for j, d in enumerate(outs)}
     elif factorization == "tucker":
-        ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins) + len(outs), "rank"))
+        ranks = tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins) + len(outs), "rank"))
         normal = initializers.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
         specs = {"core": (ranks, normal)}
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(ins, ranks))}
@@ -244,7 +239,7 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
     elif factorization == "tt":
         if len(ins) != len(outs):
             raise ValueError(f"in_shape={ins}, out_shape={outs}: a TT-matrix weight needs as many input as output modes")
-        bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
+        bonds = (1,) + tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
         normal = initializers.normal(product_std(var, len(ins), int(np.prod(bonds))))
         specs = {f"core_{n}": ((bonds[n], i, o, bonds[n + 1]), normal) for n, (i, o) in enumerate(zip(ins, outs))}
     else:
@@ -255,7 +250,7 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
 def tcl_specs(in_shape, rank, use_bias: bool = False) -> Specs:
     """TCL leaves ``factor_<i> (d_i, r_i)`` (LeCun: each mode keeps the input variance), optional ``bias (*r)``."""
     ins = _shape_arg(in_shape, "in_shape")
-    ranks = tuple(_positive("rank", r) for r in as_ints(rank, len(ins), "rank"))
+    ranks = tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins), "rank"))
     specs: Specs = {f"factor_{i}": ((d, r), initializers.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
     return specs | ({"bias": (ranks, initializers.zeros)} if use_bias else {})
 
@@ -265,8 +260,8 @@ def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int
     """TT conv leaves (:func:`hocp_jax.conv.tt_conv`) ``core_0 (1, C_in, R_1)``, ``core_n (R_n, K_n, R_{n+1})``,
     ``core_{N+1} (R_{N+1}, C_out, 1)``; ``rank`` an int or the ``N + 1`` inner ranks."""
     ks = kernel_dims(kernel_size)
-    dims = (_positive("in_features", in_channels),) + ks + (_positive("out_features", out_channels),)
-    bonds = (1,) + tuple(_positive("rank", r) for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
+    dims = (check_positive_int(in_channels, "in_features"),) + ks + (check_positive_int(out_channels, "out_features"),)
+    bonds = (1,) + tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
     normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
     specs: Specs = {f"core_{n}": ((bonds[n], d, bonds[n + 1]), normal) for n, d in enumerate(dims)}
     return specs | ({"bias": ((out_channels,), initializers.zeros)} if use_bias else {})

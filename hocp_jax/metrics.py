@@ -51,12 +51,13 @@ default ``labels=None``).
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hocp_jax.checks import check_positive_int
 
 # Zero-variance test. Variances come from centred sums (shifted two-pass per batch, Chan's merge
 # or psum across batches), never from E[x^2] - E[x]^2 (whose rounding error is ~eps * E[x^2]).
@@ -83,17 +84,6 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(max(x, 0))`` with gradient 0 (not inf) at 0."""
     ok = x > 0
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int (Python or numpy integer) >= 1, else a ValueError naming ``name``."""
-    try:
-        index = operator.index(value)
-    except TypeError:
-        index = 0
-    if index < 1:
-        raise ValueError(f"{name}: got {value!r}, expected a positive int")
-    return index
 
 
 def _check_weights(mask) -> None:
@@ -370,7 +360,7 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
     labels, preds = jnp.asarray(labels), jnp.asarray(preds)
     if labels.ndim != 1 or preds.shape != labels.shape:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,)")
-    num_classes = _positive_int("num_classes", num_classes)
+    num_classes = check_positive_int(num_classes, "num_classes")
     _check_weights(mask)
     w = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     if w.shape != labels.shape:
@@ -475,7 +465,7 @@ def skew_normalized_metrics(labels, preds, num_classes: int, *, n_repeats: int =
         The keys of :func:`classification_metrics`, each the mean over the repeats (numpy).
     """
     labels, preds = np.asarray(labels), np.asarray(preds)
-    num_classes = _positive_int("num_classes", num_classes)
+    num_classes = check_positive_int(num_classes, "num_classes")
     if labels.ndim != 1 or preds.shape != labels.shape or labels.size == 0:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,), n > 0")
     for name, a in (("labels", labels), ("preds", preds)):
@@ -499,7 +489,7 @@ def skew_normalized_from_cm(cm, *, n_repeats: int = 200, seed: int = 0) -> dict[
         raise ValueError(f"cm: expected a square matrix of non-negative counts with a positive total, "
                          f"got shape {counts.shape}")
     counts = np.rint(counts).astype(np.int64)
-    n_repeats = _positive_int("n_repeats", n_repeats)
+    n_repeats = check_positive_int(n_repeats, "n_repeats")
     rng = np.random.default_rng(seed)
     present = np.flatnonzero(counts.sum(1))
     m = counts[present].sum(1).min()

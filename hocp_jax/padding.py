@@ -21,9 +21,10 @@ Accepted ``padding`` values (``N`` = number of spatial modes, ``k`` kernel size,
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Union
+
+from hocp_jax.checks import is_int
 
 Pad = tuple[int, int]
 PaddingLike = Union[str, int, Sequence[Union[str, int, Sequence[int]]]]
@@ -31,16 +32,11 @@ PaddingLike = Union[str, int, Sequence[Union[str, int, Sequence[int]]]]
 _NAMED = ("VALID", "SAME", "SYMMETRIC")
 
 
-def _is_int(v) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
     """Broadcasts an int (or a length-``n`` sequence of ints) to a tuple of ``n`` ints >= 1."""
-    if _is_int(value):
+    if is_int(value):
         out = (int(value),) * n
-    elif isinstance(value, Sequence) and len(value) == n and all(_is_int(v) for v in value):
+    elif isinstance(value, Sequence) and len(value) == n and all(is_int(v) for v in value):
         out = tuple(int(v) for v in value)
     else:
         raise ValueError(f"{name}={value!r}: expected an int or a sequence of {n} ints (one per spatial mode)")
@@ -62,11 +58,11 @@ def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str) -> Pad:
             p = d * (k - 1) // 2
             return (p, p)
         raise ValueError(f"padding{where}={spec!r}: unknown padding, expected one of {_NAMED}, an int or (lo, hi)")
-    if _is_int(spec):
+    if is_int(spec):
         if spec < 0:
             raise ValueError(f"padding{where}={spec!r}: must be >= 0")
         return (int(spec), int(spec))
-    if isinstance(spec, Sequence) and len(spec) == 2 and all(_is_int(v) for v in spec):
+    if isinstance(spec, Sequence) and len(spec) == 2 and all(is_int(v) for v in spec):
         if min(spec) < 0:
             raise ValueError(f"padding{where}={tuple(spec)!r}: pads must be >= 0")
         return (int(spec[0]), int(spec[1]))
@@ -90,7 +86,7 @@ def resolve_padding(
       A tuple of N ``(lo, hi)`` int pairs.
     """
     n = len(in_sizes)
-    if isinstance(padding, str) or _is_int(padding):
+    if isinstance(padding, str) or is_int(padding):
         specs = [padding] * n
     elif isinstance(padding, Sequence) and len(padding) == n:
         specs = list(padding)
@@ -100,7 +96,7 @@ def resolve_padding(
             "entries (str, int or (lo, hi))"
         )
     pads = tuple(
-        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not (isinstance(padding, str) or _is_int(padding)) else "")
+        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not (isinstance(padding, str) or is_int(padding)) else "")
         for i, (spec, D, k, s, d) in enumerate(zip(specs, in_sizes, kernel_sizes, strides, dilations))
     )
     for i, ((lo, hi), D, k, d) in enumerate(zip(pads, in_sizes, kernel_sizes, dilations)):

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax.checks import is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
-from hocp_jax.models.common import is_positive_int, max_pool_spatial
+from hocp_jax.models.common import max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 

@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hocp_jax.pooling import max_pool
 
@@ -38,11 +37,6 @@ class DenseConv(nn.Module):
         he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He, like torchvision's kaiming_normal_
         return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-
-
-def is_positive_int(value) -> bool:
-    """Whether ``value`` is a Python or numpy integer (not a bool) >= 1, e.g. a layer width."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:

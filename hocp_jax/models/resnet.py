@@ -43,8 +43,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input, is_positive_int, max_pool_spatial
+from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense2d", "dense3d", "2plus1d", "hocp")

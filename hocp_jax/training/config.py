@@ -47,8 +47,3 @@ def validate_config(
     if errors:
         listing = "" if open_keys else f". Allowed keys: {sorted(allowed)}"
         raise ValueError(f"invalid {name}: " + "; ".join(errors) + listing)
-
-
-def positive_int(x: Any) -> bool:
-    """Predicate for :func:`validate_config` checks: an int (not bool) > 0."""
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0

@@ -23,7 +23,8 @@ from typing import Any
 
 import optax
 
-from hocp_jax.training.config import positive_int, validate_config
+from hocp_jax.checks import is_positive_int
+from hocp_jax.training.config import validate_config
 
 NAMES = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "piecewise", "constant")
@@ -40,12 +41,12 @@ def _number(x: Any) -> bool:
 CHECKS = {
     "name": (lambda v: v in NAMES, f"one of {NAMES}"),
     "learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "steps_per_epoch": (positive_int, "an int > 0"),
+    "steps_per_epoch": (is_positive_int, "an int > 0"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
-    "decay_every_epochs": (positive_int, "an int > 0"),
+    "decay_every_epochs": (is_positive_int, "an int > 0"),
     "decay_factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "boundaries_epochs": (
-        lambda v: all(positive_int(e) for e in v) and list(v) == sorted(set(v)),
+        lambda v: all(is_positive_int(e) for e in v) and list(v) == sorted(set(v)),
         "increasing positive ints",
     ),
     "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),

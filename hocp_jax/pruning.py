@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from hocp_jax.checks import check_real
 from hocp_jax.conv import mode_key
 from hocp_jax.tree import (Path, check_cp_layer, get_at, layer_modes, n_params, path_str, require_cp_layers, set_at,
                            to_dict)
@@ -94,9 +95,7 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
     Returns:
       ``(params, batch_stats, report)``; ``batch_stats`` is None when none was given.
     """
-    number = isinstance(threshold, (int, float, np.floating, np.integer)) and not isinstance(threshold, bool)
-    if not (number and threshold >= 0):
-        raise ValueError(f"threshold={threshold!r}: expected a number >= 0 (not a bool)")
+    check_real(threshold, "threshold")
     out = to_dict(params)
     stats = to_dict(batch_stats) if batch_stats is not None else None
     rows = []

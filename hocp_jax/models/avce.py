@@ -31,9 +31,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_real, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.models.common import max_pool_spatial
 from hocp_jax.models.heads import Head
@@ -190,9 +189,7 @@ class AVCE(nn.Module):
                 raise ValueError(f"{field}={getattr(self, field)!r}: expected an int >= 1")
         if not all(map(is_positive_int, self.compressor_hidden)):
             raise ValueError(f"compressor_hidden={self.compressor_hidden!r}: expected a sequence of ints >= 1")
-        rate = self.dropout_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= rate < 1:
-            raise ValueError(f"dropout_rate={rate!r}: expected a number in [0, 1)")
+        check_real(self.dropout_rate, "dropout_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:

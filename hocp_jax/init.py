@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax.checks import check_positive_int, is_positive_int
 from hocp_jax.conv import check_modes, default_modes, mode_key
 
 
@@ -39,10 +40,8 @@ def cp_factor_std(rank: int, n_modes: int, variance: float) -> float:
 def _check(in_channels, out_channels, kernel_size, rank) -> tuple[int, ...]:
     """Validates the arguments; returns ``kernel_size`` as a tuple."""
     for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("rank", rank)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}={v!r}: expected an int >= 1")
-    if (not isinstance(kernel_size, Sequence) or not kernel_size
-            or any((not isinstance(k, (int, np.integer))) or k < 1 for k in kernel_size)):
+        check_positive_int(v, name)
+    if not isinstance(kernel_size, Sequence) or not kernel_size or not all(map(is_positive_int, kernel_size)):
         raise ValueError(f"kernel_size={kernel_size!r}: expected a non-empty sequence of ints >= 1, one per spatial mode")
     return tuple(kernel_size)
 
@@ -97,9 +96,8 @@ def init_tucker_params(
     if not isinstance(ranks, Sequence) or len(ranks) != 2:
         raise ValueError(f"ranks={ranks!r}: expected a pair (R_in, R_out)")
     r_in, r_out = ranks
-    for name, r in (("ranks[0]", r_in), ("ranks[1]", r_out)):
-        if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"{name}={r!r}: expected an int >= 1")
+    check_positive_int(r_in, "ranks[0]")
+    check_positive_int(r_out, "ranks[1]")
     kernel_size = _check(in_channels, out_channels, kernel_size, min(r_in, r_out))
     var = target_variance(in_channels, kernel_size, gain)
     std = float((var / (r_in * r_out)) ** (1.0 / 6.0))

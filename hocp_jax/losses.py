@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hocp_jax.metrics import regression_metrics
+from hocp_jax.metrics import check_weights, regression_metrics
 
 
 def rmse_loss(y_true, y_pred, mask=None) -> jax.Array:
@@ -138,8 +138,7 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
     if m.shape != labels.shape:
         raise ValueError(f"mask: got shape {m.shape}, expected the shape of labels {labels.shape}")
     if not any(isinstance(a, jax.core.Tracer) for a in (labels, m)):
-        if np.any(np.asarray(m) < 0):
-            raise ValueError(f"mask: got a negative weight ({np.min(np.asarray(m))}), expected bool or weights >= 0")
+        check_weights(m)
         used = np.asarray(labels)[np.asarray(m) > 0]
         bad = used[(used < 0) | (used >= logits.shape[-1])]
         if bad.size:

@@ -86,7 +86,7 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
 
 
-def _check_weights(mask) -> None:
+def check_weights(mask) -> None:
     """A ValueError if a concrete (not traced) ``mask`` holds negative weights."""
     if mask is not None and not isinstance(mask, jax.core.Tracer) and np.any(np.asarray(mask) < 0):
         raise ValueError(f"mask: got a negative weight ({np.min(np.asarray(mask))}), expected bool or "
@@ -108,7 +108,7 @@ def _prepare(y_true, y_pred, mask):
         raise ValueError(f"y_true: got shape {t.shape}, expected (n,) or (n, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
-    _check_weights(mask)
+    check_weights(mask)
     if mask is None:
         w = jnp.ones_like(t)
     else:
@@ -335,7 +335,7 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
         raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
-    _check_weights(mask)
+    check_weights(mask)
     m = jnp.ones(t.shape[:2], bool) if mask is None else jnp.asarray(mask)
     if m.shape != t.shape[:2]:
         raise ValueError(f"mask: got shape {m.shape}, expected {t.shape[:2]}")
@@ -361,7 +361,7 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
     if labels.ndim != 1 or preds.shape != labels.shape:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,)")
     num_classes = check_positive_int(num_classes, "num_classes")
-    _check_weights(mask)
+    check_weights(mask)
     w = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     if w.shape != labels.shape:
         raise ValueError(f"mask: got shape {w.shape}, expected {labels.shape}")

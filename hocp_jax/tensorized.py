@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_real
+from hocp_jax.checks import check_real, is_int
 
 Params = Mapping[str, jax.Array]
 LINEAR_IMPLEMENTATIONS = ("factorized", "reconstructed")
@@ -213,7 +213,7 @@ def tucker_dropout(params: Params, key: jax.Array, rate: float, axes: Sequence[i
     core = params["core"]
     if axes is not None:
         n = core.ndim
-        ints = isinstance(axes, Sequence) and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes)
+        ints = isinstance(axes, Sequence) and all(map(is_int, axes))
         if not (ints and all(-n <= a < n for a in axes) and len({a % n for a in axes}) == len(axes)):
             raise ValueError(f"axes={axes!r}: expected distinct ints in [{-n}, {n}) for the core of shape {_shape(core)}")
     axes = tuple(range(core.ndim)) if axes is None else tuple(a % core.ndim for a in axes)

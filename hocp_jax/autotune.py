@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.processes import on_process_zero
 
 POLICIES = ("analytic", "measure")
@@ -60,8 +61,7 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
     axis of the traced programs is split over (``None``: 1; see the module docstring)."""
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
-    if batch_shards is not None and (isinstance(batch_shards, bool) or not isinstance(batch_shards, int)
-                                     or batch_shards < 1):
+    if batch_shards is not None and not is_positive_int(batch_shards):
         raise ValueError(f"batch_shards={batch_shards!r}: expected None or a positive number of devices")
     _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards)
 
@@ -303,7 +303,7 @@ def tile_rows_mode(value: int | None):
     """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
     tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
-    if value is not None and (not isinstance(value, int) or value < 0):
+    if value is not None and not (is_int(value) and value >= 0):
         raise ValueError(f"value={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
     previous = _config["tile_rows"]
     _config["tile_rows"] = value

@@ -24,11 +24,17 @@ def is_positive_int(value) -> bool:
     return is_int(value) and value >= 1
 
 
-def check_positive_int(value, name: str) -> int:
-    """``value`` as an ``int`` if :func:`is_positive_int`, else ``ValueError("{name}={value!r}: expected an int >= 1")``."""
-    if not is_positive_int(value):
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+def check_int(value, name: str, low: int) -> int:
+    """``value`` as an ``int`` if it is an integer (:func:`is_int`) >= ``low``, else
+    ``ValueError("{name}={value!r}: expected an int >= {low}")``."""
+    if not (is_int(value) and value >= low):
+        raise ValueError(f"{name}={value!r}: expected an int >= {low}")
     return int(value)
+
+
+def check_positive_int(value, name: str) -> int:
+    """:func:`check_int` with ``low=1``: a width, a count, a rank."""
+    return check_int(value, name, 1)
 
 
 def check_real(value, name: str, ok: Callable[[float], bool] = lambda v: v >= 0,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import counting
+from hocp_jax.checks import check_int, check_positive_int, is_int
 from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
@@ -211,14 +212,12 @@ def decompose(
       and ``||W - W_hat||_F / ||W||_F`` computed from the reconstructed kernel.
     """
     kernel, modes, out_dtype = _check_kernel(kernel, modes)
-    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank={rank!r}: expected an int >= 1")
+    check_positive_int(rank, "rank")
     if init not in ("svd", "random"):
         raise ValueError(f"init={init!r}: expected 'svd' or 'random'")
-    if not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
-        raise ValueError(f"n_iter={n_iter!r}: expected an int >= 0")
-    if report_every is not None and (not isinstance(report_every, (int, np.integer)) or report_every < 1):
-        raise ValueError(f"report_every={report_every!r}: expected an int >= 1 or None")
+    check_int(n_iter, "n_iter", 0)
+    if report_every is not None:
+        check_positive_int(report_every, "report_every")
     eps = float(jnp.finfo(kernel.dtype).eps)
     tol = _default_tol(kernel.dtype) if tol is None else float(tol)
     ridge = eps if ridge is None else float(ridge)
@@ -296,7 +295,7 @@ def tucker_decompose(
     kernel, _, out_dtype = _check_kernel(kernel, None)
     c_in, c_out = kernel.shape[-2:]
     if (not isinstance(ranks, (tuple, list)) or len(ranks) != 2
-            or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in ranks)
+            or not all(is_int(r) for r in ranks)
             or not (1 <= ranks[0] <= c_in and 1 <= ranks[1] <= c_out)):
         raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in} and 1 <= R_out <= {c_out}")
     tol = _default_tol(kernel.dtype) if tol is None else float(tol)
@@ -341,7 +340,7 @@ def rank_for(rule: RankRule, path: Path, shape: tuple[int, ...]) -> int | None:
             return counting.cp_rank_for_budget(shape[-2], shape[-1], shape[:-2])
         except ValueError as e:
             raise ValueError(f"rank_rule='budget' at {path_str(path)!r} (kernel {shape}): {e}") from None
-    if isinstance(rule, (int, np.integer)) and not isinstance(rule, bool):
+    if is_int(rule):
         return int(rule)
     if callable(rule):
         return rule(path, shape)

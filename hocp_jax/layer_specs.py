@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from hocp_jax import conv, counting
-from hocp_jax.checks import check_positive_int
+from hocp_jax.checks import check_positive_int, is_int, is_positive_int
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
@@ -32,13 +32,12 @@ FACTORIZATIONS = ("cp", "tucker", "tt")
 
 
 def as_ints(v, n: int, name: str) -> tuple[int, ...]:
-    """``v`` (an int or ``n`` values) as a tuple of ``n`` values, else a ValueError naming ``name``."""
-    if isinstance(v, (int, np.integer)):
+    """``v`` (an int or ``n`` ints) as a tuple of ``n`` ints, else a ValueError naming ``name``."""
+    if is_int(v):
         return (int(v),) * n
-    v = tuple(v)
-    if len(v) != n:
-        raise ValueError(f"{name}={v!r}: expected an int or {n} values")
-    return v
+    if not isinstance(v, Sequence) or len(v) != n or not all(is_int(e) for e in v):
+        raise ValueError(f"{name}={v!r}: expected an int or {n} ints")
+    return tuple(int(e) for e in v)
 
 
 def product_std(variance: float, n_terms: int, n_sums: int) -> float:
@@ -54,7 +53,7 @@ def spatial_layout(kernel_size, spatial_modes) -> tuple[tuple[str, ...], tuple[i
     if spatial_modes is not None:
         modes = tuple(spatial_modes)
     else:
-        modes = conv.default_modes(2 if isinstance(kernel_size, (int, np.integer)) else len(tuple(kernel_size)))
+        modes = conv.default_modes(2 if is_int(kernel_size) else len(tuple(kernel_size)))
     return modes, as_ints(kernel_size, len(modes), "kernel_size")
 
 
@@ -67,7 +66,7 @@ def cp_layer_rank(in_channels: int, out_channels: int, kernel_size: Sequence[int
         r = int(round(rank_multiple * in_channels))
     else:
         r = counting.cp_rank_for_budget(in_channels, out_channels, kernel_size)
-    if not isinstance(r, (int, np.integer)) or r < 1:
+    if not is_positive_int(r):
         raise ValueError(f"rank={r!r}: expected an int >= 1 (rank={rank}, rank_multiple={rank_multiple})")
     return int(r)
 
@@ -149,7 +148,7 @@ def cp_conv_kwargs(
 def kernel_dims(kernel_size) -> tuple[int, ...]:
     """A Tucker, separable or TT conv's ``kernel_size``: one int per spatial mode, or one int
     for both modes of a 2-D conv (as :class:`hocp_jax.layers.CPConv` reads it)."""
-    return _shape_arg((kernel_size, kernel_size) if isinstance(kernel_size, (int, np.integer)) else kernel_size,
+    return _shape_arg((kernel_size, kernel_size) if is_int(kernel_size) else kernel_size,
                       "kernel_size")
 
 
@@ -213,7 +212,7 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
 
 def _shape_arg(v, name: str) -> tuple[int, ...]:
     v = tuple(v) if isinstance(v, Sequence) else (v,)
-    if not v or any(not isinstance(d, (int, np.integer)) or d < 1 for d in v):
+    if not v or not all(is_positive_int(d) for d in v):
         raise ValueError(f"{name}={v!r}: expected a non-empty sequence of ints >= 1")
     return tuple(int(d) for d in v)
 

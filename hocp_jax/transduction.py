@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax.checks import is_positive_int
 from hocp_jax.conv import RESERVED, mode_key
 from hocp_jax.tree import dense_leaves, get_at, path_str, require_cp_layers, set_at, to_dict
 
@@ -30,7 +31,7 @@ def _check_new_modes(modes: Mapping[str, int], init: str) -> dict[str, int]:
             raise ValueError(
                 f"modes: invalid mode name {m!r}; expected an identifier such as 't', none of the reserved names {RESERVED}"
             )
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        if not is_positive_int(k):
             raise ValueError(f"modes[{m!r}]={k!r}: expected a kernel size int >= 1")
         if init == "delta" and k % 2 == 0:
             raise ValueError(f"modes[{m!r}]={k}: init='delta' needs an odd kernel size (a centre tap)")

@@ -29,6 +29,7 @@ import numpy as np
 import grain
 import tensorflow_datasets as tfds
 
+from hocp_jax.checks import check_int
 from hocp_jax.data.afew_va import AfewVa
 from hocp_jax.data.affectnet import Affectnet
 from hocp_jax.data.embedded import DigitsAffect, MovingDigits
@@ -186,8 +187,7 @@ def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: in
     """
     for arg, value, low in (("read_threads", read_threads, 1), ("prefetch", prefetch, 0),
                             ("workers", workers, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{arg}={value!r}: expected an int >= {low}")
+        check_int(value, arg, low)
     source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
     ds = train_batches(source, batch_size=batch_size, seed=seed,
                        shard_index=shard_index, shard_count=shard_count)

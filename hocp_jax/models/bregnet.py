@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax import losses
+from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import batch_norm, check_input
 from hocp_jax.models.heads import Head, HeadConfig
@@ -201,11 +202,11 @@ class BReGNet(nn.Module):
         shortcut_fn(self.shortcut)
         check_input(x, f"BReGNet(shortcut={self.shortcut!r})", {4: "(batch, H, W, C) images"})
         sizes, widths = tuple(self.stage_sizes), tuple(self.widths)
-        if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        if not sizes or not all(is_positive_int(n) for n in sizes):
             raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a non-empty sequence of ints >= 1")
-        if len(widths) != len(sizes) or any(not isinstance(w, int) or w < 1 for w in widths):
+        if len(widths) != len(sizes) or not all(is_positive_int(w) for w in widths):
             raise ValueError(f"widths={self.widths!r}: expected {len(sizes)} ints >= 1 (one per stage)")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
+        if self.head_hidden is not None and not is_positive_int(self.head_hidden):
             raise ValueError(f"head_hidden={self.head_hidden!r}: expected an int >= 1 or None")
 
     @nn.compact

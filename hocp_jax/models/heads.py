@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hocp_jax.checks import is_int
 from hocp_jax.layers import TRL
 
 TRL_CHOICES = (False, True, "cp", "tucker")
@@ -46,7 +47,7 @@ class HeadConfig:
             object.__setattr__(self, "trl_rank", tuple(self.trl_rank))
         for name in ("n_outputs", "n_classes"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if not (is_int(v) and v >= 0):
                 raise ValueError(f"head.{name}={v!r}: expected an int >= 0")
         if self.n_outputs == 0 and self.n_classes == 0:
             raise ValueError("head: n_outputs=0 and n_classes=0; expected at least one output")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from hocp_jax.checks import is_positive_int
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
 
@@ -69,7 +70,7 @@ class Checkpointer:
 
     def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
         for name, value in (("save_every", save_every), ("keep", keep)):
-            if not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(

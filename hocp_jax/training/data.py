@@ -9,12 +9,12 @@ import jax
 
 from hocp_jax.data import pipeline
 from hocp_jax.processes import on_process_zero
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
 
 DATA_REQUIRED = ("static", "data_dir", "batch_size", "eval_batch_size", "eval_split")
 DATA_OPTIONAL = dict(video="", manual_dir="", val_split="", read_threads=1, prefetch=2, workers=0)
-_non_negative = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
+_non_negative = (lambda v: is_int(v) and v >= 0, "an int >= 0")
 DATA_CHECKS = {
     "batch_size": (is_positive_int, "an int > 0"),
     "eval_batch_size": (is_positive_int, "an int > 0"),

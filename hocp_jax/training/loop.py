@@ -26,7 +26,7 @@ import tqdm
 
 from hocp_jax import autotune
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
 from hocp_jax.training.distributed import WorkdirLock
 from hocp_jax.training.metric_log import MetricLogger
@@ -41,12 +41,12 @@ FIT_OPTIONAL = dict(checkpoint_every=100, keep_checkpoints=3, log_every=10, eval
                     best_metric="", stage="train", async_checkpointing=True)
 FIT_CHECKS = {
     "num_steps": (is_positive_int, "an int > 0"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "seed": (is_int, "an int"),
     "checkpoint_every": (is_positive_int, "an int > 0"),
     "keep_checkpoints": (lambda v: is_positive_int(v) and v >= 2,
                          "an int >= 2 (a damaged latest checkpoint falls back to the previous one)"),
     "log_every": (is_positive_int, "an int > 0"),
-    "eval_every": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0: only at the end)"),
+    "eval_every": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
     "best_metric": (lambda v: isinstance(v, str), "a metric name of eval_fn's results, or '' (none)"),
     "stage": (lambda v: isinstance(v, str) and v != "", "a non-empty str"),
     "async_checkpointing": (lambda v: isinstance(v, bool), "a bool"),

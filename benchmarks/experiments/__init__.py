@@ -164,4 +164,9 @@ multiples of 8, the float32 lanes of an AVX2 vector.
 ``bench`` compiled with the analytic picks and with the measured autotune's (every conv shape
 timed while the step is traced, no cache file), each pair interleaved with its dense step: the
 picks that differ, the tracing and compile time with the timing, and the step times.
+
+``python -m benchmarks.experiments path_ties [rounds]``: each ResNet-18 2-D layer of ``bench``, its
+two CP paths timed three times under three protocols in one process (the measured autotune's own
+rounds, the two paths interleaved alone, and with the dense conv): whether a layer's faster path
+is a tie within the spread of a reading.
 """

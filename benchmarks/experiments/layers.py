@@ -469,3 +469,41 @@ def rank_multiple(rounds: int = 5) -> dict:
         out["layers"][f"{case.group} {case.name}"] = {"rank": case.rank, "ms": {r: v["median_ms"] for r, v in t.items()}}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def path_ties(rounds: int = 15, repeats: int = 3) -> dict:
+    """Each ResNet-18 2-D layer of ``bench``: its two CP paths timed ``repeats`` times under three
+    protocols in one process: :func:`hocp_jax.autotune.measure` (the measured policy's own
+    rounds), the two paths interleaved alone, and interleaved with the dense conv (``bench``
+    protocol, ``rounds`` rounds each). How far apart the paths are against the spread of a
+    reading: a layer whose factorized / reconstructed ratio changes side between readings is a
+    tie on this machine, which no pick can be sure to win by the 1.1 bound."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    out: dict = {"rounds": rounds, "repeats": repeats, "layers": {}}
+    for case in bench.resnet_cases(False):
+        if case.group != "resnet2d":
+            continue
+        x, kernel, params = bench.make_inputs(case)
+        fns = bench.conv_fns(case)
+        cot = bench.cotangent(fns["dense"], x, kernel)
+        calls = {p: bench.compile_fwd_bwd(fns[p], x, kernel if p == "dense" else params, case.input_grad, cot)[0]
+                 for p in ("factorized", "reconstructed", "dense")}
+        strides, pads = case.geometry()
+        readings = []
+        for _ in range(repeats):
+            measured = autotune.measure(x.shape, x.dtype, params, case.modes, strides, pads, (1,) * len(strides),
+                                        case.input_grad)
+            pair = time_interleaved({p: calls[p] for p in ("factorized", "reconstructed")}, rounds, budget_s=1e9)
+            three = time_interleaved(calls, rounds, budget_s=1e9)
+            for protocol, ms in (("autotune.measure", {p: 1e3 * v for p, v in measured.items()}),
+                                 ("pair", {p: v["median_ms"] for p, v in pair.items()}),
+                                 ("with dense", {p: v["median_ms"] for p, v in three.items()})):
+                readings.append({"protocol": protocol, "ms": {p: round(v, 1) for p, v in ms.items()},
+                                 "factorized/reconstructed": round(ms["factorized"] / ms["reconstructed"], 3)})
+        ratios = [r["factorized/reconstructed"] for r in readings]
+        out["layers"][case.name] = {"readings": readings, "ratio_range": [min(ratios), max(ratios)],
+                                    "ratio_median": statistics.median(ratios)}
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -126,3 +126,30 @@ def test_the_benchmark_rejects_a_dense_program_or_step_that_computes_something_e
     bench.check_same_step("ok", {"loss": 2.0, "grad_norm": 3.002}, {"loss": 2.0, "grad_norm": 3.0})
     with pytest.raises(AssertionError, match="loss"):
         bench.check_same_step("bad", {"loss": 2.001, "grad_norm": 3.0}, {"loss": 2.0, "grad_norm": 3.0})
+
+
+def test_the_stack_ratios_round_by_round_add_up_each_layers_reading_of_that_round():
+    """Round i of the stack = the sum of each layer's i-th reading of the path it uses (auto's
+    pick, the faster dense program and TensorLy-Torch path by the medians), over the rounds every
+    layer has; hand-computed on two layers with 3 and 2 rounds."""
+    from benchmarks import bench
+
+    def layer(times, choice):
+        ms = {p: float(np.median(t)) for p, t in times.items()}
+        return {"ms": ms, "times_ms": times, "auto_choice": choice}
+
+    a = layer({"dense": [10, 20, 30], "dense patches": [8, 8, 8], "factorized": [2, 4, 6], "reconstructed": [9, 9, 9],
+               "torch dense": [4, 4, 4], "tltorch cp reconstructed": [5, 5, 5], "tltorch cp factorized": [7, 7, 7]},
+              "factorized")
+    b = layer({"dense": [5, 5], "dense patches": [6, 6], "factorized": [3, 3], "reconstructed": [1, 3],
+               "torch dense": [2, 2], "tltorch cp reconstructed": [4, 4], "tltorch cp factorized": [1, 3]},
+              "reconstructed")
+    q = bench.stack_rounds([a, b])
+    # round 0: auto 2 + 1 = 3, dense 15, faster dense 8 + 5 = 13, torch 6, tltorch best 5 + 1 = 6
+    # round 1: auto 4 + 3 = 7, dense 25, faster dense 13, torch 6, tltorch best 5 + 3 = 8
+    assert q["auto/dense"] == pytest.approx({"median": (3 / 15 + 7 / 25) / 2, "min": 3 / 15, "max": 7 / 25, "rounds": 2})
+    assert q["auto/faster dense"]["min"] == pytest.approx(3 / 13) and q["auto/faster dense"]["max"] == pytest.approx(7 / 13)
+    assert q["auto/torch dense"]["max"] == pytest.approx(7 / 6)
+    assert q["auto/tltorch best"]["min"] == pytest.approx(3 / 6) and q["auto/tltorch best"]["max"] == pytest.approx(7 / 8)
+    lines = bench.target_lines({"jester_auto/dense": 0.24, "jester_auto/dense per round": q["auto/dense"]})
+    assert "- Jester stack, HO-CP auto / JAX dense (goal <= 0.5): 0.24 (met; per round 0.20-0.28, median 0.24, 2 rounds)." in lines

@@ -8,12 +8,14 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   GPU/TPU, whose dense convs run near peak, the safe default is ``"reconstructed"`` unless
   rebuilding the kernel costs more FLOPs than the conv itself (small batch x spatial size and
   a large rank), then ``"factorized"``.
-* ``"measure"``: the first trace of each new key times both paths once (fwd + grads w.r.t. the
-  parameters, and w.r.t. ``x`` if ``input_grad``, from a random output cotangent) on concrete
+* ``"measure"``: the first trace of each new key times both paths once (the output, computed as
+  for a next layer, and the grads w.r.t. the parameters, and w.r.t. ``x`` if ``input_grad``, from
+  a random output cotangent: :func:`timed_programs`) on concrete
   dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
   the faster. Results are cached in
   memory per key ``(backend, device kind, x shape, dtype, parameter shapes, stride, padding,
-  dilation, input_grad, per_sample, and the per-sample and tile modes in force)`` and, with
+  dilation, input_grad, per_sample, the per-sample and tile modes in force, and
+  :data:`MEASURE_VERSION`)`` and, with
   ``cache_path``, in a JSON file that later processes reuse.
 
 Data parallelism: with ``configure(batch_shards=n)`` (``train.py``: its mesh of all devices)
@@ -48,6 +50,10 @@ from hocp_jax.processes import on_process_zero
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
+MEASURE_VERSION = 2
+"""Part of every cache key: picks timed by an earlier :func:`measure` are not reused. Version 2
+(stop 38) times the conv's output too (:func:`timed_programs`); version 1 timed gradients alone,
+which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
                            "tile_rows": None, "leader": False}
@@ -89,13 +95,13 @@ def clear_cache() -> None:
 def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, strides, pads, dilations,
               input_grad: bool, per_sample: bool | None = None) -> str:
     """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``,
-    ``per_sample``, and the :func:`per_sample_mode` and :func:`tile_rows_mode` in force (they
-    change the factorized program too)."""
+    ``per_sample``, the :func:`per_sample_mode` and :func:`tile_rows_mode` in force (they
+    change the factorized program too) and :data:`MEASURE_VERSION`."""
     dev = jax.devices()[0]
     return json.dumps([dev.platform, dev.device_kind, list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
-                       _config["per_sample"], _config["tile_rows"]])
+                       _config["per_sample"], _config["tile_rows"], MEASURE_VERSION])
 
 
 def _load_disk(path: str) -> None:
@@ -135,10 +141,14 @@ def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: 
     return "reconstructed" if counting.cp_reconstruct_flops(c_in, c_out, ks, rank) <= conv_flops else "factorized"
 
 
-def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool,
-            rounds: int = ROUNDS, per_sample: bool | None = None) -> dict[str, float]:
-    """Median fwd+bwd seconds of both paths on dummy inputs of these shapes (see module docstring),
-    the factorized one with :func:`hocp_jax.conv.cp_conv`'s ``per_sample``."""
+def timed_programs(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool,
+                   per_sample: bool | None = None) -> tuple[dict[str, Callable], tuple]:
+    """What :func:`measure` times: ``({path: jitted fn}, args)``, ``fn(*args)`` = the value and the
+    gradients (w.r.t. the parameters, and ``x`` if ``input_grad``) of ``sum(conv(x) * cot)`` on
+    dummy inputs of these shapes, from a random output cotangent ``cot`` (XLA exploits the all-ones
+    one of a ``sum()`` loss). The value makes the program compute the conv's output, as a layer of
+    a network does for the next layer: gradients alone need none of the reconstructed path's
+    forward conv, which XLA then drops (its time was missing from that path's reading)."""
     from hocp_jax import conv
 
     rng = np.random.default_rng(0)
@@ -150,19 +160,26 @@ def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad:
             return conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, dilation=dilations,
                                 implementation=impl, per_sample=per_sample)
 
-        # a random cotangent, as from the next layer: XLA exploits the all-ones one of a sum() loss
         cot = jnp.asarray(rng.normal(size=jax.eval_shape(lambda x, p: forward(x, p, "factorized"), x, p).shape), dtype)
-        calls = {}
-        for impl in ("factorized", "reconstructed"):
-            fn = jax.jit(jax.grad(lambda x, p, cot, impl=impl: jnp.sum(forward(x, p, impl) * cot),
-                                  argnums=(0, 1) if input_grad else 1))
-            jax.block_until_ready(fn(x, p, cot))  # compile + warm-up
-            calls[impl] = fn
+    calls = {impl: jax.jit(jax.value_and_grad(lambda x, p, cot, impl=impl: jnp.sum(forward(x, p, impl) * cot),
+                                              argnums=(0, 1) if input_grad else 1))
+             for impl in ("factorized", "reconstructed")}
+    return calls, (x, p, cot)
+
+
+def measure(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool,
+            rounds: int = ROUNDS, per_sample: bool | None = None) -> dict[str, float]:
+    """Median seconds of both paths' :func:`timed_programs` (fwd + bwd), interleaved over
+    ``rounds``, the factorized one with :func:`hocp_jax.conv.cp_conv`'s ``per_sample``."""
+    with jax.ensure_compile_time_eval():
+        calls, args = timed_programs(x_shape, dtype, params, modes, strides, pads, dilations, input_grad, per_sample)
+        for fn in calls.values():
+            jax.block_until_ready(fn(*args))  # compile + warm-up
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(rounds):
             for impl in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
                 t0 = time.perf_counter()
-                jax.block_until_ready(calls[impl](x, p, cot))
+                jax.block_until_ready(calls[impl](*args))
                 times[impl].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -430,6 +430,14 @@ def peer_ratios(ms: dict[str, float], tl_best: float | None = None) -> dict[str,
             "dense/torch dense": ms["dense"] / ms["torch dense"]}
 
 
+TLTORCH_PATHS = ("tltorch cp reconstructed", "tltorch cp factorized")
+
+
+def _faster(row: dict, a: str, b: str) -> str:
+    """Which of a layer's programs ``a`` and ``b`` has the lower median (``a`` on a tie)."""
+    return a if row["ms"][a] <= row["ms"][b] else b
+
+
 def stack_rounds(rows: list[dict]) -> dict[str, dict[str, float]]:
     """The stack's ratios round by round: round ``i`` adds up each layer's ``i``-th reading (its
     rounds interleave all its paths and peers, so a ratio within a layer's round compares calls
@@ -438,15 +446,11 @@ def stack_rounds(rows: list[dict]) -> dict[str, dict[str, float]]:
     :func:`stack_total`. ``{ratio: {"median", "min", "max", "rounds"}}``; empty without times."""
     if not all("times_ms" in r for r in rows):
         return {}
-
-    def pick(r, a, b):
-        return a if r["ms"][a] <= r["ms"][b] else b
-
     sel = {"auto": lambda r: "auto" if "auto" in r["times_ms"] else r["auto_choice"], "dense": lambda r: "dense",
-           "faster dense": lambda r: pick(r, "dense", DENSE_PATCHES)}
+           "faster dense": lambda r: _faster(r, "dense", DENSE_PATCHES)}
     if all("torch dense" in r["times_ms"] for r in rows):
         sel |= {"torch dense": lambda r: "torch dense",
-                "tltorch best": lambda r: pick(r, "tltorch cp reconstructed", "tltorch cp factorized")}
+                "tltorch best": lambda r: _faster(r, *TLTORCH_PATHS)}
     n = min(len(r["times_ms"][sel["auto"](r)]) for r in rows)
     totals = {k: np.sum([r["times_ms"][f(r)][:n] for r in rows], axis=0) for k, f in sel.items()}
     out = {}
@@ -461,10 +465,9 @@ def stack_total(rows: list[dict]) -> dict[str, Any]:
     names = [p for p in rows[0]["ms"] if all(p in r["ms"] for r in rows)]
     ms = {p: sum(r["ms"][p] for r in rows) for p in names}
     oracle = sum(min(r["ms"]["factorized"], r["ms"]["reconstructed"]) for r in rows)
-    faster_dense = sum(min(r["ms"]["dense"], r["ms"][DENSE_PATCHES]) for r in rows)
+    faster_dense = sum(r["ms"][_faster(r, "dense", DENSE_PATCHES)] for r in rows)
     peers_in = "torch dense" in ms
-    tl_best = sum(min(r["ms"]["tltorch cp reconstructed"], r["ms"]["tltorch cp factorized"]) for r in rows) \
-        if peers_in else None
+    tl_best = sum(r["ms"][_faster(r, *TLTORCH_PATHS)] for r in rows) if peers_in else None
     flops = {p: sum(r["analytic_flops_fwd"][p] for r in rows) for p in ("dense", "factorized", "reconstructed")}
     xla = {p: sum(r["xla_flops_fwd"][p] or 0.0 for r in rows) for p in flops}
     return {

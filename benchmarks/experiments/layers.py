@@ -485,15 +485,14 @@ def path_ties(rounds: int = 15, repeats: int = 3) -> dict:
     for case in bench.resnet_cases(False):
         if case.group != "resnet2d":
             continue
-        x, kernel, params = bench.make_inputs(case)
+        kernel, params, compile_call = bench.case_compiler(case)
         fns = bench.conv_fns(case)
-        cot = bench.cotangent(fns["dense"], x, kernel)
-        calls = {p: bench.compile_fwd_bwd(fns[p], x, kernel if p == "dense" else params, case.input_grad, cot)[0]
+        calls = {p: compile_call(fns[p], kernel if p == "dense" else params)[0]
                  for p in ("factorized", "reconstructed", "dense")}
-        strides, pads = case.geometry()
+        x_shape, (strides, pads) = (case.batch, *case.in_sizes, case.c_in), case.geometry()
         readings = []
         for _ in range(repeats):
-            measured = autotune.measure(x.shape, x.dtype, params, case.modes, strides, pads, (1,) * len(strides),
+            measured = autotune.measure(x_shape, jnp.float32, params, case.modes, strides, pads, (1,) * len(strides),
                                         case.input_grad)
             pair = time_interleaved({p: calls[p] for p in ("factorized", "reconstructed")}, rounds, budget_s=1e9)
             three = time_interleaved(calls, rounds, budget_s=1e9)

@@ -50,10 +50,12 @@ from hocp_jax.processes import on_process_zero
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
-MEASURE_VERSION = 2
-"""Part of every cache key: picks timed by an earlier :func:`measure` are not reused. Version 2
-(stop 38) times the conv's output too (:func:`timed_programs`); version 1 timed gradients alone,
-which left out the reconstructed path's forward conv and favoured that path."""
+MEASURE_VERSION = 3
+"""Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
+has since changed, are not reused. Version 3 (stop 39): the reconstructed path of a 2-D conv
+computes its kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_grad`).
+Version 2 (stop 38) times the conv's output too (:func:`timed_programs`); version 1 timed
+gradients alone, which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
                            "tile_rows": None, "leader": False}

@@ -161,6 +161,63 @@ def dense_conv(
     )
 
 
+def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
+    """``(tap, x_tap)`` for every tap of a kernel: ``x_tap (B, *S_out, C_in)`` is the zero-padded
+    ``x`` read at the positions that tap multiplies (one strided slice)."""
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    for tap in itertools.product(*map(range, kernel_size)):
+        start = tuple(t * d for t, d in zip(tap, dilations))
+        limit = tuple(a + (o - 1) * s + 1 for a, o, s in zip(start, out_sizes, strides))
+        yield tap, lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+
+
+def _lax_conv(x, kernel, strides, pads, dilations):
+    return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations,
+                                    dimension_numbers=_dimension_numbers(kernel.ndim - 2))
+
+
+_conv_tap_grad = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
+
+
+def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations):
+    return _lax_conv(x, kernel, strides, pads, dilations), (x, kernel)
+
+
+def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
+    """Input gradient: XLA's own (the transposed conv); kernel gradient: one ``(C_in, N) x (N, C_out)``
+    matrix product per tap, ``N`` = the batch's output positions, accumulated in float32."""
+    x, kernel = res
+    dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
+    g2 = g.reshape(-1, g.shape[-1])
+    dk = jnp.stack([
+        jnp.matmul(xt.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.float32)
+        for _, xt in _tap_inputs(x, kernel.shape[:-2], strides, pads, dilations, g.shape[1:-1])
+    ])
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+def _lax_conv_kw(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
+    return _lax_conv(x, kernel, tuple(strides), tuple(pads), tuple(dilations))
+
+
+def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
+    """``lax``'s channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` (``strides``,
+    ``dilations``: one int per mode; ``pads``: one ``(lo, hi)`` pair per mode, as resolved by
+    :func:`hocp_jax.padding.resolve_padding`), equal dtypes, whose kernel gradient is one matrix
+    product per tap (the tap's strided slice of the padded input against the cotangent) instead of
+    XLA's kernel-gradient convolution, which XLA's CPU backend runs far below its matrix-product
+    speed. Forward pass and input gradient are XLA's. :func:`cp_conv`'s reconstructed path runs
+    it on 2-D convs: their fwd+bwd took 0.63-0.91x the time with XLA's kernel gradient on five of
+    ResNet-18's seven 3x3 conv shapes at batch 8 (1.17x on (256->512)@14x14/s2, 392 output
+    positions), while on 3-D convs the products gained or lost (0.81-1.21x; the Jester conv1,
+    3 input channels, lost most), so these keep XLA's (``python -m benchmarks.experiments
+    kernel_grad``, benchmarks/EXPERIMENTS.md, stop 39)."""
+    return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
+
+
 def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
     """Zero-pads ``h`` by ``pad = (lo, hi)`` along ``axis`` only."""
     if not any(pad):
@@ -487,9 +544,8 @@ def cp_conv(
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
         x_, kernel = _promote(x, cp_to_kernel(params, modes))
-        y = lax.conv_general_dilated(
-            x_, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n)
-        )
+        conv_fn = conv_matmul_kernel_grad if n == 2 else _lax_conv_kw  # see conv_matmul_kernel_grad
+        y = conv_fn(x_, kernel, strides=strides, pads=pads, dilations=dilations)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))

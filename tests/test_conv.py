@@ -1,4 +1,5 @@
 """CP / Tucker / separable convs against independent dense computations."""
+import functools
 import itertools
 
 import jax
@@ -96,6 +97,52 @@ def test_cp_conv_matches_dense(sizes, ks, stride, dil, padding):
     np.testing.assert_allclose(conv.cp_to_kernel(p, modes), w, rtol=1e-5, atol=1e-6)
     y_lax = conv.dense_conv(x, jnp.asarray(w, jnp.float32), stride=stride, padding=lax_padding, dilation=dil)
     np.testing.assert_allclose(y_lax, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("sizes,ks,stride,dil,padding", CASES)
+def test_matmul_kernel_gradient_matches_lax_autodiff(sizes, ks, stride, dil, padding):
+    """``conv_matmul_kernel_grad`` (the reconstructed CP path's conv): value, kernel gradient (its own
+    per-tap matrix products) and input gradient equal those of ``lax``'s conv differentiated by JAX
+    (XLA's kernel-gradient convolution), on every stride/dilation/padding case, 1-D to 4-D."""
+    n = len(sizes)
+    rng = np.random.default_rng(7 * n + len(str(padding)))  # NumPy: jax.random compiles per shape (seconds)
+    x = rng.standard_normal((2, *sizes, 3), np.float32)
+    kernel = rng.standard_normal((*ks, 3, 5), np.float32)
+    strides = (stride,) * n if isinstance(stride, int) else stride
+    dils = (dil,) * n if isinstance(dil, int) else dil
+    pads = resolve_padding(padding, sizes, ks, strides, dils)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dils,
+                                            dimension_numbers=("N" + "HWDT"[:n] + "C", "HWDT"[:n] + "IO", "N" + "HWDT"[:n] + "C"))
+
+    def value_and_vjp(f):  # jitted: eagerly, each tap's slice and product would compile on its own
+        return jax.jit(lambda x, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, k)))
+
+    ours = value_and_vjp(lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dils))
+    g = rng.standard_normal(jax.eval_shape(lax_conv, x, kernel).shape, np.float32)
+    (y, grads), (y_ref, grads_ref) = ours(x, kernel, g), value_and_vjp(lax_conv)(x, kernel, g)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
+    """bfloat16 operands: the kernel gradient comes back bfloat16 and within bfloat16 rounding of
+    the float32 one (its products over the 2 x 32 x 32 positions summed in float32)."""
+    rng = np.random.default_rng(0)
+    x, kernel = rng.standard_normal((2, 32, 32, 4), np.float32), rng.standard_normal((3, 3, 4, 8), np.float32)
+    pads = ((1, 1), (1, 1))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def kernel_grad(dtype):
+        f = lambda k: conv.conv_matmul_kernel_grad(x.astype(dtype), k, strides=(1, 1), pads=pads, dilations=(1, 1))
+        y, vjp = jax.vjp(f, kernel.astype(dtype))
+        return vjp(jnp.ones_like(y))[0]
+
+    got, want = kernel_grad(jnp.bfloat16), kernel_grad(jnp.float32)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
 
 
 def test_same_vs_symmetric_stride2_even():

@@ -168,6 +168,92 @@ def chunk_picks(rounds: int = 9) -> dict:
     return out
 
 
+def kernel_grad(rounds: int = 7) -> dict:
+    """Every conv layer of ``bench`` (Jester, ResNet-18 2-D and transduced 3-D; fwd+bwd, ``bench``
+    protocol) with the reconstructed CP path as the library runs it (its kernel gradient one matrix
+    product per tap, :func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as before stop 39 (``lax``'s
+    conv of the rebuilt kernel differentiated by JAX: XLA's kernel-gradient convolution),
+    interleaved, with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
+    from benchmarks import bench
+
+    def xla_kernel_grad(case):
+        def f(x, p):
+            return conv.dense_conv(x, conv.cp_to_kernel(p, case.modes), stride=case.stride, padding=case.padding)
+        return f
+
+    out: dict = {"rounds": rounds, "layers": []}
+    for case in bench.jester_cases(False) + bench.resnet_cases(False):
+        kernel, params, compile_call = bench.case_compiler(case)
+        fns = bench.conv_fns(case)
+        calls = {"dense": compile_call(fns["dense"], kernel)[0],
+                 "reconstructed": compile_call(fns["reconstructed"], params)[0],
+                 "reconstructed, XLA kernel gradient": compile_call(xla_kernel_grad(case), params)[0]}
+        ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out["layers"].append({"layer": f"{case.group} {case.name} (B={case.batch})", "ms": ms,
+                              "per-tap / XLA": round(ms["reconstructed"] / ms["reconstructed, XLA kernel gradient"], 3)})
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+CHUNK_SCALES = (0.5, 0.35, 0.25, 0.2, 0.15, 0.1, 0.05)
+"""Values of :data:`hocp_jax.counting.CHUNKED_BYTES_SCALE` :func:`chunk_scale` scores."""
+
+
+def chunk_scale(rounds: int = 9) -> dict:
+    """A fit of :data:`hocp_jax.counting.CHUNKED_BYTES_SCALE` on the machine at hand. Timed with both
+    CP paths (fwd+bwd, ``bench`` protocol, interleaved): the unstrided ResNet-18 2-D 3x3 conv shapes
+    of :data:`CHUNK_PICK_GRID` that the factorized path runs in chunks of samples and whose pick
+    changes between the values of :data:`CHUNK_SCALES` (group ``"unstrided"``), and, as a check of
+    the unscaled strided convs at the batches where the dense conv slows down, every strided shape
+    of the grid with a batch of 16 or more (group ``"strided"``). Per value of the scale, how many
+    shapes of each group the cost model picks right and its worst pick / faster path."""
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import autotune, counting
+
+    def pick(case, scale):
+        strides, pads = case.geometry()
+        shapes = {"factor_in": (case.c_in, case.rank), "factor_out": (case.c_out, case.rank), "lambda": (case.rank,)}
+        shapes |= {conv.mode_key(m): (k, case.rank) for m, k in zip(case.modes, case.kernel)}
+        params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+        with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", scale):
+            return conv.choose_cp_implementation((case.batch, *case.in_sizes, case.c_in), params, case.modes,
+                                                 stride=strides, padding=pads)
+
+    def group(case):
+        strides, pads = case.geometry()
+        y_shape = (case.batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
+        if max(strides) > 1:
+            return "strided" if case.batch >= 16 else None
+        chunk = autotune.batch_plan((case.batch, *case.in_sizes, case.c_in), y_shape, case.rank, jnp.float32, None)
+        changes = len({pick(case, s) for s in CHUNK_SCALES}) > 1
+        return "unstrided" if chunk is not None and changes else None
+
+    out: dict = {"rounds": rounds, "scales": list(CHUNK_SCALES), "layers": []}
+    for batch in CHUNK_PICK_GRID[0]:
+        for image in CHUNK_PICK_GRID[1]:
+            for case, _ in resnet2d_conv_cases(batch, image):
+                if (kind := group(case)) is None:
+                    continue
+                _, params, compile_call = bench.case_compiler(case)
+                fns = bench.conv_fns(case)
+                t = time_interleaved({p: compile_call(fns[p], params)[0] for p in ("factorized", "reconstructed")},
+                                     rounds, budget_s=1e9)
+                ms = {p: round(v["median_ms"], 1) for p, v in t.items()}
+                out["layers"].append({"layer": f"{case.name} (B={case.batch})", "group": kind,
+                                      "shape": bench.case_shape(case), "input_grad": case.input_grad, "ms": ms,
+                                      "picks": {str(s): pick(case, s) for s in CHUNK_SCALES},
+                                      "factorized/reconstructed": round(ms["factorized"] / ms["reconstructed"], 3)})
+    for s in map(str, CHUNK_SCALES):
+        for kind in ("unstrided", "strided"):
+            scores = [row["ms"][row["picks"][s]] / min(row["ms"].values()) for row in out["layers"] if row["group"] == kind]
+            out[f"scale {s}, {kind}"] = {"right": sum(v == 1.0 for v in scores), "of": len(scores),
+                                         "worst": round(max(scores, default=1.0), 3)}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 CHUNK_RULE_SCALES = ((8, 224), (16, 224), (32, 112), (64, 112))
 """(batch, image) of the ResNet-18 2-D conv shapes :func:`chunk_rule` times."""
 

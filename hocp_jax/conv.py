@@ -211,10 +211,11 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     XLA's kernel-gradient convolution, which XLA's CPU backend runs far below its matrix-product
     speed. Forward pass and input gradient are XLA's. :func:`cp_conv`'s reconstructed path runs
     it on 2-D convs: their fwd+bwd took 0.63-0.91x the time with XLA's kernel gradient on five of
-    ResNet-18's seven 3x3 conv shapes at batch 8 (1.17x on (256->512)@14x14/s2, 392 output
-    positions), while on 3-D convs the products gained or lost (0.81-1.21x; the Jester conv1,
-    3 input channels, lost most), so these keep XLA's (``python -m benchmarks.experiments
-    kernel_grad``, benchmarks/EXPERIMENTS.md, stop 39)."""
+    ResNet-18's seven 3x3 conv shapes at batch 8 (0.97x on (512->512)@7x7, 1.17x on
+    (256->512)@14x14/s2: 392 output positions), and 0.2-0.6x at batch 32-64, where XLA's slows
+    down most (the ``chunk_scale`` runs before and after). On 3-D convs the products gained or
+    lost (0.81-1.21x; most lost on the Jester conv1, 3 input channels), so those keep XLA's
+    (``python -m benchmarks.experiments kernel_grad``; benchmarks/EXPERIMENTS.md, stop 39)."""
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
 
 
@@ -481,7 +482,8 @@ def cp_conv(
       stride, dilation: int or one int per mode.
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
-        :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv) or
+        :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; for a
+        2-D conv with :func:`conv_matmul_kernel_grad`'s kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
         always factorized when ``psi`` is given). The choice is made at trace time from static

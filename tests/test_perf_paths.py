@@ -332,6 +332,22 @@ def test_autotune_real_measurement_runs_inside_jit():
         autotune.clear_cache()
 
 
+@pytest.mark.parametrize("n_modes, convs", [(2, 2), (3, 3)])
+def test_reconstructed_2d_kernel_gradient_is_matrix_products_not_a_conv(n_modes, convs):
+    """Differentiated w.r.t. input and parameters, the reconstructed path of a 2-D conv has two
+    convolutions (forward, input gradient: its kernel gradient is matrix products,
+    ``conv.conv_matmul_kernel_grad``); a 3-D conv keeps XLA's kernel-gradient convolution, three."""
+    modes = conv.default_modes(n_modes)
+    x = jnp.ones((2, *(6,) * n_modes, 4))
+    p = init.init_cp_params(jax.random.key(0), 4, 5, (3,) * n_modes, 6, modes=modes)
+
+    def loss(x, p):
+        return jnp.sum(conv.cp_conv(x, p, modes=modes, stride=2, padding=1, implementation="reconstructed") ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, p).as_text(dialect="hlo")  # dead code removed
+    assert hlo.count(" convolution(") == convs
+
+
 def test_autotune_times_the_output_too_not_gradients_alone():
     """A layer's output feeds the next layer, so the measured policy's program must compute it.
     Gradients alone need none of the reconstructed path's forward conv, which XLA drops: timing
@@ -673,42 +689,22 @@ def _io_shapes(s):
 
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
-    CPU runs (``benchmarks/results.json``, ``benchmarks/experiments_resnet2d_step_layers*.json``,
-    ``benchmarks/experiments_resnet2d_scales*.json``, ``benchmarks/experiments_chunk_picks*.json``).
-    Of each run, only the layers whose factorized program is the one the library runs now: the
-    runs made before the factorized 2-D convs ran in chunks (stop 29) for the shapes not chunked
-    now, those made with the chunks' byte thresholds alone (stops 29-30, before
-    ``CHUNK_MAX_GRAD_RATIO``) for the shapes that threshold leaves as they were."""
+    CPU runs of the programs the library runs now: the run of record (``benchmarks/results.json``)
+    and the run of ``python -m benchmarks.experiments chunk_scale`` made after the reconstructed
+    path of a 2-D conv got its per-tap kernel gradient (stop 39, ``benchmarks/experiments_chunk_scale.json``).
+    The older 2-D runs (``experiments_resnet2d_*``, ``experiments_chunk_picks*``) timed the
+    reconstructed path with XLA's kernel-gradient convolution, up to 5x slower at batch 32-64, and
+    are not used."""
     import json
     import pathlib
-    from unittest import mock
-
-    from hocp_jax import autotune
 
     root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
     def read(name):
         return json.loads((root / name).read_text())
 
-    def scale_rows(name):
-        return [row for scale in read(name)["scales"].values() for row in scale["layers"]]
-
-    def chunk(s):
-        return autotune.batch_plan(*_io_shapes(s), s["rank"], jnp.float32, None)
-
-    def byte_rule_chunk(s):
-        with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):
-            return chunk(s)
-
-    unchunked = []
-    for name in ("experiments_resnet2d_step_layers.json", "experiments_resnet2d_step_layers_variants.json"):
-        unchunked += read(name)["layers"]
-    unchunked += scale_rows("experiments_resnet2d_scales.json")
-    byte_rule = scale_rows("experiments_resnet2d_scales_chunks.json") + read("experiments_chunk_picks.json")["layers"]
-    byte_rule += [row for run in read("experiments_chunk_picks_calibration.json")["runs"].values() for row in run["layers"]]
-    rows = [row for row in unchunked if chunk(row["shape"]) is None]
-    rows += [row for row in byte_rule if chunk(row["shape"]) == byte_rule_chunk(row["shape"])]
-    results = read("results.json")  # the run of record (stop 31), the current rule
+    rows = read("experiments_chunk_scale.json")["runs"]["third (per-tap kernel gradient, the current programs)"]["layers"]
+    results = read("results.json")  # the run of record
     if results["machine"].get("platform") == "cpu" and not results.get("quick"):
         rows += [row for group in results["conv"].values() for row in group]
     return [(row["shape"], row["input_grad"], row["ms"]["factorized"], row["ms"]["reconstructed"]) for row in rows]
@@ -720,9 +716,7 @@ def test_cost_model_agrees_with_recorded_timings():
     ``auto``), in the median over the runs that timed the shape: an independent check of its
     constants against timings, not against itself. The model is asked as ``cp_conv``'s ``auto``
     asks it, with the factorized path in the chunks of samples ``cp_conv`` runs it in. A median,
-    because one shape is measured both ways (benchmarks/EXPERIMENTS.md, stop 29: ResNet-18's
-    (128->128)@14x14 conv at batch 8, factorized slower in the fresh processes of
-    ``resnet2d_step_layers`` and faster after the train steps of ``resnet2d_scales``)."""
+    because a shape timed by two runs can read either side of a tie."""
     import json
     import statistics
 

@@ -162,13 +162,13 @@ def dense_conv(
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
-    """``(tap, x_tap)`` for every tap of a kernel: ``x_tap (B, *S_out, C_in)`` is the zero-padded
-    ``x`` read at the positions that tap multiplies (one strided slice)."""
+    """For every tap of a kernel, in the kernel's row-major order, ``(B, *S_out, C_in)``: the
+    zero-padded ``x`` read at the positions that tap multiplies (one strided slice)."""
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     for tap in itertools.product(*map(range, kernel_size)):
         start = tuple(t * d for t, d in zip(tap, dilations))
         limit = tuple(a + (o - 1) * s + 1 for a, o, s in zip(start, out_sizes, strides))
-        yield tap, lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+        yield lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
 
 
 def _lax_conv(x, kernel, strides, pads, dilations):
@@ -191,7 +191,7 @@ def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
     g2 = g.reshape(-1, g.shape[-1])
     dk = jnp.stack([
         jnp.matmul(xt.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.float32)
-        for _, xt in _tap_inputs(x, kernel.shape[:-2], strides, pads, dilations, g.shape[1:-1])
+        for xt in _tap_inputs(x, kernel.shape[:-2], strides, pads, dilations, g.shape[1:-1])
     ])
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -210,7 +210,8 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     product per tap (the tap's strided slice of the padded input against the cotangent) instead of
     XLA's kernel-gradient convolution, which XLA's CPU backend runs far below its matrix-product
     speed. Forward pass and input gradient are XLA's. :func:`cp_conv`'s reconstructed path runs
-    it on 2-D convs: their fwd+bwd took 0.63-0.91x the time with XLA's kernel gradient on five of
+    it on 2-D convs on the CPU backend (GPU/TPU keep XLA's kernel gradient: not measured there).
+    On a 2-core CPU their fwd+bwd took 0.63-0.91x the time with XLA's kernel gradient on five of
     ResNet-18's seven 3x3 conv shapes at batch 8 (0.97x on (512->512)@7x7, 1.17x on
     (256->512)@14x14/s2: 392 output positions), and 0.2-0.6x at batch 32-64, where XLA's slows
     down most (the ``chunk_scale`` runs before and after). On 3-D convs the products gained or
@@ -483,7 +484,7 @@ def cp_conv(
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
         :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; for a
-        2-D conv with :func:`conv_matmul_kernel_grad`'s kernel gradient) or
+        2-D conv on CPU with :func:`conv_matmul_kernel_grad`'s kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
         always factorized when ``psi`` is given). The choice is made at trace time from static
@@ -546,8 +547,9 @@ def cp_conv(
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
         x_, kernel = _promote(x, cp_to_kernel(params, modes))
-        conv_fn = conv_matmul_kernel_grad if n == 2 else _lax_conv_kw  # see conv_matmul_kernel_grad
-        y = conv_fn(x_, kernel, strides=strides, pads=pads, dilations=dilations)
+        per_tap = n == 2 and jax.default_backend() == "cpu"  # see conv_matmul_kernel_grad
+        y = (conv_matmul_kernel_grad if per_tap else _lax_conv_kw)(x_, kernel, strides=strides, pads=pads,
+                                                                    dilations=dilations)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))

@@ -168,7 +168,9 @@ def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, paddi
 
 
 def _uses_dense_conv(jaxpr) -> bool:
-    return any(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
+    """Whether the program has a convolution, also inside nested calls (the 2-D reconstructed
+    path's conv sits in a ``custom_vjp`` call)."""
+    return "conv_general_dilated" in str(jaxpr)
 
 
 AUTO_CASES = [  # the four Jester layers (batch 8, rank 6 C_in, padding 1), ResNet-18 layers, tiny layers
@@ -334,7 +336,7 @@ def test_autotune_real_measurement_runs_inside_jit():
 
 @pytest.mark.parametrize("n_modes, convs", [(2, 2), (3, 3)])
 def test_reconstructed_2d_kernel_gradient_is_matrix_products_not_a_conv(n_modes, convs):
-    """Differentiated w.r.t. input and parameters, the reconstructed path of a 2-D conv has two
+    """Differentiated w.r.t. input and parameters on CPU, the reconstructed path of a 2-D conv has two
     convolutions (forward, input gradient: its kernel gradient is matrix products,
     ``conv.conv_matmul_kernel_grad``); a 3-D conv keeps XLA's kernel-gradient convolution, three."""
     modes = conv.default_modes(n_modes)

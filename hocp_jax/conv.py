@@ -199,10 +199,6 @@ def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
 _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
-def _lax_conv_kw(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
-    return _lax_conv(x, kernel, tuple(strides), tuple(pads), tuple(dilations))
-
-
 def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
     """``lax``'s channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` (``strides``,
     ``dilations``: one int per mode; ``pads``: one ``(lo, hi)`` pair per mode, as resolved by
@@ -547,9 +543,10 @@ def cp_conv(
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
         x_, kernel = _promote(x, cp_to_kernel(params, modes))
-        per_tap = n == 2 and jax.default_backend() == "cpu"  # see conv_matmul_kernel_grad
-        y = (conv_matmul_kernel_grad if per_tap else _lax_conv_kw)(x_, kernel, strides=strides, pads=pads,
-                                                                    dilations=dilations)
+        if n == 2 and jax.default_backend() == "cpu":  # see conv_matmul_kernel_grad
+            y = conv_matmul_kernel_grad(x_, kernel, strides=strides, pads=pads, dilations=dilations)
+        else:
+            y = _lax_conv(x_, kernel, strides, pads, dilations)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))

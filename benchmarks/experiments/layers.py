@@ -125,6 +125,17 @@ def resnet2d_layer_sums(batch: int, image: int, rounds: int) -> dict:
     return {"layers": rows, "net_ms": _net_ms(rows)}
 
 
+def analytic_pick(case) -> str:
+    """The analytic cost model's path for the ``bench`` conv case ``case``, asked as ``cp_conv``'s
+    ``auto`` asks it (:func:`hocp_jax.conv.choose_cp_implementation`)."""
+    strides, pads = case.geometry()
+    shapes = {"factor_in": (case.c_in, case.rank), "factor_out": (case.c_out, case.rank), "lambda": (case.rank,)}
+    shapes |= {conv.mode_key(m): (k, case.rank) for m, k in zip(case.modes, case.kernel)}
+    params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    return conv.choose_cp_implementation((case.batch, *case.in_sizes, case.c_in), params, case.modes,
+                                         stride=strides, padding=pads)
+
+
 CHUNK_PICK_GRID = ((2, 4, 8, 16, 32, 64), (112, 160, 224))
 """Batches and image sizes of the ResNet-18 2-D conv shapes :func:`chunk_picks` screens."""
 
@@ -140,21 +151,13 @@ def chunk_picks(rounds: int = 9) -> dict:
     from benchmarks import bench
     from hocp_jax import counting
 
-    def pick(case):
-        strides, pads = case.geometry()
-        shapes = {"factor_in": (case.c_in, case.rank), "factor_out": (case.c_out, case.rank), "lambda": (case.rank,)}
-        shapes |= {conv.mode_key(m): (k, case.rank) for m, k in zip(case.modes, case.kernel)}
-        params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-        return conv.choose_cp_implementation((case.batch, *case.in_sizes, case.c_in), params, case.modes,
-                                             stride=strides, padding=pads)
-
     cases = [case for batch in CHUNK_PICK_GRID[0] for image in CHUNK_PICK_GRID[1]
              for case, _ in resnet2d_conv_cases(batch, image)]
     with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", 1.0):
-        unscaled = [pick(case) for case in cases]
+        unscaled = [analytic_pick(case) for case in cases]
     out: dict = {"rounds": rounds, "screened": len(cases), "layers": []}
     for case, before in zip(cases, unscaled):
-        if pick(case) == before:
+        if analytic_pick(case) == before:
             continue
         kernel, params, compile_call = bench.case_compiler(case)
         fns = {k: f for k, f in bench.conv_fns(case).items() if k != "auto"}
@@ -162,7 +165,7 @@ def chunk_picks(rounds: int = 9) -> dict:
                              rounds, budget_s=1e9)
         ms = {k: v["median_ms"] for k, v in t.items()}
         out["layers"].append({"layer": f"{case.name} (B={case.batch})", "shape": bench.case_shape(case),
-                              "input_grad": case.input_grad, "ms": ms, "auto_pick": pick(case),
+                              "input_grad": case.input_grad, "ms": ms, "auto_pick": analytic_pick(case),
                               "pick_unscaled": before})
     out["loadavg"] = os.getloadavg()
     return out
@@ -213,13 +216,8 @@ def chunk_scale(rounds: int = 9) -> dict:
     from hocp_jax import autotune, counting
 
     def pick(case, scale):
-        strides, pads = case.geometry()
-        shapes = {"factor_in": (case.c_in, case.rank), "factor_out": (case.c_out, case.rank), "lambda": (case.rank,)}
-        shapes |= {conv.mode_key(m): (k, case.rank) for m, k in zip(case.modes, case.kernel)}
-        params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
         with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", scale):
-            return conv.choose_cp_implementation((case.batch, *case.in_sizes, case.c_in), params, case.modes,
-                                                 stride=strides, padding=pads)
+            return analytic_pick(case)
 
     def group(case):
         strides, pads = case.geometry()

@@ -169,4 +169,14 @@ picks that differ, the tracing and compile time with the timing, and the step ti
 two CP paths timed three times under three protocols in one process (the measured autotune's own
 rounds, the two paths interleaved alone, and with the dense conv): whether a layer's faster path
 is a tie within the spread of a reading.
+
+``python -m benchmarks.experiments chunk_scale [rounds]``: both CP paths on the ResNet-18 2-D conv
+shapes of ``chunk_picks``'s grid whose pick the cost model's scale for chunked convs
+(``hocp_jax.counting.CHUNKED_BYTES_SCALE``) decides, and on its strided shapes at batch 16-64,
+interleaved per shape: how many shapes each candidate scale picks right, and its worst pick.
+
+``python -m benchmarks.experiments kernel_grad [rounds]``: every conv layer of ``bench`` with the
+reconstructed CP path as the library runs it (a 2-D conv's kernel gradient as one matrix product
+per tap, ``hocp_jax.conv.conv_matmul_kernel_grad``) and with XLA's kernel-gradient convolution,
+and the dense conv, interleaved per layer.
 """

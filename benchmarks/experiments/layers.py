@@ -219,20 +219,20 @@ def chunk_scale(rounds: int = 9) -> dict:
         with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", scale):
             return analytic_pick(case)
 
-    def group(case):
+    def group(case, picks):
         strides, pads = case.geometry()
         y_shape = (case.batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
         if max(strides) > 1:
             return "strided" if case.batch >= 16 else None
         chunk = autotune.batch_plan((case.batch, *case.in_sizes, case.c_in), y_shape, case.rank, jnp.float32, None)
-        changes = len({pick(case, s) for s in CHUNK_SCALES}) > 1
-        return "unstrided" if chunk is not None and changes else None
+        return "unstrided" if chunk is not None and len(set(picks.values())) > 1 else None
 
     out: dict = {"rounds": rounds, "scales": list(CHUNK_SCALES), "layers": []}
     for batch in CHUNK_PICK_GRID[0]:
         for image in CHUNK_PICK_GRID[1]:
             for case, _ in resnet2d_conv_cases(batch, image):
-                if (kind := group(case)) is None:
+                picks = {str(s): pick(case, s) for s in CHUNK_SCALES}
+                if (kind := group(case, picks)) is None:
                     continue
                 _, params, compile_call = bench.case_compiler(case)
                 fns = bench.conv_fns(case)
@@ -241,7 +241,7 @@ def chunk_scale(rounds: int = 9) -> dict:
                 ms = {p: round(v["median_ms"], 1) for p, v in t.items()}
                 out["layers"].append({"layer": f"{case.name} (B={case.batch})", "group": kind,
                                       "shape": bench.case_shape(case), "input_grad": case.input_grad, "ms": ms,
-                                      "picks": {str(s): pick(case, s) for s in CHUNK_SCALES},
+                                      "picks": picks,
                                       "factorized/reconstructed": round(ms["factorized"] / ms["reconstructed"], 3)})
     for s in map(str, CHUNK_SCALES):
         for kind in ("unstrided", "strided"):

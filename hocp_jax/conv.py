@@ -213,6 +213,15 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     down most (the ``chunk_scale`` runs before and after). On 3-D convs the products gained or
     lost (0.81-1.21x; most lost on the Jester conv1, 3 input channels), so those keep XLA's
     (``python -m benchmarks.experiments kernel_grad``; benchmarks/EXPERIMENTS.md, stop 39)."""
+    n = kernel.ndim - 2
+    if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
+        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected "
+                         f"(B, {n} spatial sizes, {kernel.shape[-2]} channels)")
+    for name, value in (("strides", strides), ("pads", pads), ("dilations", dilations)):
+        if len(value) != n:
+            raise ValueError(f"{name}={value!r}: expected one entry per spatial mode ({n})")
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"x: dtype {x.dtype} differs from the kernel's {kernel.dtype}; expected equal dtypes")
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
 
 

@@ -145,6 +145,19 @@ def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("x_shape, kernel_dtype, kwargs, match", [
+    ((2, 6, 6), jnp.float32, {}, "x: got shape"),
+    ((2, 6, 6, 4), jnp.float32, {}, "x: got shape"),
+    ((2, 6, 6, 3), jnp.float32, {"strides": (1,)}, "strides="),
+    ((2, 6, 6, 3), jnp.float32, {"pads": ((1, 1),)}, "pads="),
+    ((2, 6, 6, 3), jnp.bfloat16, {}, "dtype"),
+])
+def test_matmul_kernel_gradient_conv_rejects_bad_arguments(x_shape, kernel_dtype, kwargs, match):
+    args = {"strides": (1, 1), "pads": ((1, 1), (1, 1)), "dilations": (1, 1)} | kwargs
+    with pytest.raises(ValueError, match=match):
+        conv.conv_matmul_kernel_grad(jnp.ones(x_shape), jnp.ones((3, 3, 3, 5), kernel_dtype), **args)
+
+
 def test_same_vs_symmetric_stride2_even():
     """lax SAME pads (0, 1), PyTorch-style pads (1, 1) at stride 2, k=3, even size."""
     assert resolve_padding("SAME", (8,), (3,), (2,), (1,)) == ((0, 1),)

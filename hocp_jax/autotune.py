@@ -33,8 +33,10 @@ pick, which is deterministic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,9 +52,10 @@ from hocp_jax.processes import on_process_zero
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
-MEASURE_VERSION = 3
+MEASURE_VERSION = 4
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 3 (stop 39): the reconstructed path of a 2-D conv
+has since changed, are not reused. Version 4 (stop 40): the key holds :func:`matmul_kernel_grad`,
+which since stop 40 depends on the host's CPU. Version 3 (stop 39): the reconstructed path of a 2-D conv
 computes its kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_grad`).
 Version 2 (stop 38) times the conv's output too (:func:`timed_programs`); version 1 timed
 gradients alone, which left out the reconstructed path's forward conv and favoured that path."""
@@ -98,12 +101,13 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
               input_grad: bool, per_sample: bool | None = None) -> str:
     """The cache key of one call: backend, device kind, shapes, dtype, geometry, ``input_grad``,
     ``per_sample``, the :func:`per_sample_mode` and :func:`tile_rows_mode` in force (they
-    change the factorized program too) and :data:`MEASURE_VERSION`."""
+    change the factorized program too), :func:`matmul_kernel_grad` (it changes the
+    reconstructed program) and :data:`MEASURE_VERSION`."""
     dev = jax.devices()[0]
     return json.dumps([dev.platform, dev.device_kind, list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
-                       _config["per_sample"], _config["tile_rows"], MEASURE_VERSION])
+                       _config["per_sample"], _config["tile_rows"], matmul_kernel_grad(), MEASURE_VERSION])
 
 
 def _load_disk(path: str) -> None:
@@ -205,6 +209,40 @@ def per_sample_mode(value: bool | None):
         yield
     finally:
         _config["per_sample"] = previous
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags as Linux lists them (``/proc/cpuinfo``); empty where that
+    file cannot be read (other systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def matmul_kernel_grad() -> bool:
+    """Whether the 2-D convs of a computed or trained kernel (the CP, Tucker and TT reconstructed
+    paths, the Tucker core, the TT mode kernels) take their kernel gradient as one matrix product
+    per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) instead of XLA's kernel-gradient
+    convolution: on the CPU backend of an x86-64 host whose CPU lists AVX2 but not AVX-512.
+
+    Measured on two 2-core AMD EPYC hosts (benchmarks/EXPERIMENTS.md, stops 39 and 40; ``python -m
+    benchmarks.experiments kernel_grad`` and ``tucker_tt_kernel_grad``). With AVX2 only, XLA's
+    kernel-gradient convolution ran far below matrix-product speed: the products took 0.63-0.91x
+    the reconstructed CP path's time on five of ResNet-18's seven 3x3 conv shapes at batch 8
+    (0.97x, 1.17x on the other two) and 0.2-0.6x at batch 32-64. With AVX-512, XLA's ran at batch
+    32 in proportion to batch 8, and the products took 0.88-1.16x the CP path's time at batch 8
+    and 0.88-1.54x the Tucker paths' at batch 8 and 32, so XLA's is kept there. Other hosts (and
+    GPU/TPU) keep XLA's: not measured."""
+    if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags()
+    return "avx2" in flags and "avx512f" not in flags
 
 
 def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:

@@ -204,15 +204,12 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     ``dilations``: one int per mode; ``pads``: one ``(lo, hi)`` pair per mode, as resolved by
     :func:`hocp_jax.padding.resolve_padding`), equal dtypes, whose kernel gradient is one matrix
     product per tap (the tap's strided slice of the padded input against the cotangent) instead of
-    XLA's kernel-gradient convolution, which XLA's CPU backend runs far below its matrix-product
-    speed. Forward pass and input gradient are XLA's. :func:`cp_conv`'s reconstructed path runs
-    it on 2-D convs on the CPU backend (GPU/TPU keep XLA's kernel gradient: not measured there).
-    On a 2-core CPU their fwd+bwd took 0.63-0.91x the time with XLA's kernel gradient on five of
-    ResNet-18's seven 3x3 conv shapes at batch 8 (0.97x on (512->512)@7x7, 1.17x on
-    (256->512)@14x14/s2: 392 output positions), and 0.2-0.6x at batch 32-64, where XLA's slows
-    down most (the ``chunk_scale`` runs before and after). On 3-D convs the products gained or
-    lost (0.81-1.21x; most lost on the Jester conv1, 3 input channels), so those keep XLA's
-    (``python -m benchmarks.experiments kernel_grad``; benchmarks/EXPERIMENTS.md, stop 39)."""
+    XLA's kernel-gradient convolution, which XLA ran far below its matrix-product speed on an AVX2
+    CPU host. Forward pass and input gradient are XLA's. The library's 2-D convs of a computed or
+    trained kernel run it where :func:`hocp_jax.autotune.matmul_kernel_grad` says so (with the
+    figures); on 3-D convs the products gained or lost (0.81-1.21x; most lost on the Jester conv1,
+    3 input channels), so those keep XLA's (``python -m benchmarks.experiments kernel_grad``;
+    benchmarks/EXPERIMENTS.md, stop 39)."""
     n = kernel.ndim - 2
     if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
         raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected "
@@ -223,6 +220,18 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     if x.dtype != kernel.dtype:
         raise ValueError(f"x: dtype {x.dtype} differs from the kernel's {kernel.dtype}; expected equal dtypes")
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
+
+
+def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations) -> jax.Array:
+    """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
+    reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
+    their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
+    :func:`hocp_jax.autotune.matmul_kernel_grad` says so (CPU hosts with AVX2 but not AVX-512),
+    else ``lax``'s conv with XLA's own gradients."""
+    x, kernel = _promote(x, kernel)
+    if kernel.ndim == 4 and autotune.matmul_kernel_grad():
+        return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
+    return _lax_conv(x, kernel, strides, pads, dilations)
 
 
 def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
@@ -488,8 +497,8 @@ def cp_conv(
       stride, dilation: int or one int per mode.
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
-        :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; for a
-        2-D conv on CPU with :func:`conv_matmul_kernel_grad`'s kernel gradient) or
+        :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; see
+        :func:`hocp_jax.autotune.matmul_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
         always factorized when ``psi`` is given). The choice is made at trace time from static
@@ -551,11 +560,7 @@ def cp_conv(
     if implementation == "reconstructed":
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
-        x_, kernel = _promote(x, cp_to_kernel(params, modes))
-        if n == 2 and jax.default_backend() == "cpu":  # see conv_matmul_kernel_grad
-            y = conv_matmul_kernel_grad(x_, kernel, strides=strides, pads=pads, dilations=dilations)
-        else:
-            y = _lax_conv(x_, kernel, strides, pads, dilations)
+        y = _weight_conv(x, cp_to_kernel(params, modes), strides, pads, dilations)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))
@@ -631,11 +636,14 @@ def tucker_conv(
         )
     if u_in.shape[0] != x.shape[-1]:
         raise ValueError(f"params['factor_in']: shape {tuple(u_in.shape)} but x has {x.shape[-1]} channels")
+    n = x.ndim - 2
+    strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
+    pads = resolve_padding(padding, x.shape[1:-1], core.shape[:n], strides, dilations)
     if implementation == "reconstructed":
-        y = dense_conv(x, tucker_to_kernel(params), stride=stride, padding=padding, dilation=dilation)
+        y = _weight_conv(x, tucker_to_kernel(params), strides, pads, dilations)
     elif implementation == "factorized":
         h = channel_matmul(x, u_in)
-        h = dense_conv(h, core, stride=stride, padding=padding, dilation=dilation)
+        h = _weight_conv(h, core, strides, pads, dilations)
         y = channel_matmul(h, u_out.T)
     else:
         raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
@@ -752,20 +760,18 @@ def tt_conv(
     cores = _tt_cores(params, n)
     if cores[0].shape[1] != x.shape[-1]:
         raise ValueError(f"params['core_0']: shape {tuple(cores[0].shape)} expects {cores[0].shape[1]} channels, x has {x.shape[-1]}")
+    strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
+    pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
     if implementation == "reconstructed":
-        y = dense_conv(x, tt_to_kernel(params), stride=stride, padding=padding, dilation=dilation)
+        y = _weight_conv(x, tt_to_kernel(params), strides, pads, dilations)
     elif implementation == "factorized":
-        strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
-        pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
-
         def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
             return tuple(value if j == i else rest for j in range(n))
 
         h = channel_matmul(x, cores[0][0])
         for i, c in enumerate(cores[1:-1]):  # (R_i, K_i, R_{i+1}) -> kernel (1.., K_i, ..1, R_i, R_{i+1})
             kernel = jnp.moveaxis(c, 1, 0).reshape(only(i, c.shape[1], 1) + (c.shape[0], c.shape[2]))
-            h = dense_conv(h, kernel, stride=only(i, strides[i], 1), padding=only(i, pads[i], (0, 0)),
-                           dilation=only(i, dilations[i], 1))
+            h = _weight_conv(h, kernel, only(i, strides[i], 1), only(i, pads[i], (0, 0)), only(i, dilations[i], 1))
         y = channel_matmul(h, cores[-1][..., 0])
     else:
         raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")

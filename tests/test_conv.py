@@ -158,6 +158,42 @@ def test_matmul_kernel_gradient_conv_rejects_bad_arguments(x_shape, kernel_dtype
         conv.conv_matmul_kernel_grad(jnp.ones(x_shape), jnp.ones((3, 3, 3, 5), kernel_dtype), **args)
 
 
+@pytest.mark.parametrize("by_taps", [True, False])
+@pytest.mark.parametrize("form", ["tucker", "tt"])
+def test_tucker_and_tt_gradients_match_autodiff_of_the_dense_conv(monkeypatch, by_taps, form):
+    """Both paths of the Tucker and TT convs, with the kernel gradient as matrix products per tap or
+    as XLA's (``autotune.matmul_kernel_grad``): value and gradients w.r.t. input and every
+    parameter equal JAX's autodiff of ``lax``'s conv of the kernel rebuilt by an einsum written
+    here (stride 2 on an even size, symmetric padding)."""
+    from hocp_jax import autotune, layer_specs
+
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda: by_taps)
+    rng = np.random.default_rng(3)
+    specs = (layer_specs.tucker_specs(4, 5, (3, 3), (3, 2)) if form == "tucker"
+             else layer_specs.tt_conv_specs(4, 5, (3, 3), (2, 3, 2)))
+    p = {k: jnp.asarray(rng.standard_normal(shape), jnp.float32) for k, (shape, _) in specs.items()}
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    f = conv.tucker_conv if form == "tucker" else conv.tt_conv
+
+    def kernel(p):
+        if form == "tucker":
+            return jnp.einsum("hwab,ca,tb->hwct", p["core"], p["factor_in"], p["factor_out"])
+        return jnp.einsum("xca,ahb,bwd,dty->hwct", p["core_0"], p["core_1"], p["core_2"], p["core_3"])
+
+    def oracle(x, p):
+        return jax.lax.conv_general_dilated(x, kernel(p), (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    g = jnp.asarray(rng.standard_normal((2, 4, 4, 5)), jnp.float32)
+    want_y, want_vjp = jax.vjp(oracle, x, p)
+    want = want_vjp(g)
+    for impl in ("factorized", "reconstructed"):
+        y, vjp = jax.vjp(jax.jit(lambda x, p: f(x, p, stride=2, padding=1, implementation=impl)), x, p)
+        np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4 * float(jnp.abs(want_y).max()))
+        for got, ref in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
 def test_same_vs_symmetric_stride2_even():
     """lax SAME pads (0, 1), PyTorch-style pads (1, 1) at stride 2, k=3, even size."""
     assert resolve_padding("SAME", (8,), (3,), (2,), (1,)) == ((0, 1),)

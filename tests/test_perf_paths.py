@@ -334,20 +334,56 @@ def test_autotune_real_measurement_runs_inside_jit():
         autotune.clear_cache()
 
 
-@pytest.mark.parametrize("n_modes, convs", [(2, 2), (3, 3)])
-def test_reconstructed_2d_kernel_gradient_is_matrix_products_not_a_conv(n_modes, convs):
-    """Differentiated w.r.t. input and parameters on CPU, the reconstructed path of a 2-D conv has two
-    convolutions (forward, input gradient: its kernel gradient is matrix products,
-    ``conv.conv_matmul_kernel_grad``); a 3-D conv keeps XLA's kernel-gradient convolution, three."""
-    modes = conv.default_modes(n_modes)
+@pytest.mark.parametrize("by_taps", [True, False])
+@pytest.mark.parametrize("form, n_modes, convs", [("cp reconstructed", 2, (2, 3)), ("cp reconstructed", 3, (3, 3)),
+                                                  ("tucker reconstructed", 2, (2, 3)), ("tucker factorized", 2, (2, 3)),
+                                                  ("tt reconstructed", 2, (2, 3)), ("tt factorized", 2, (4, 6))])
+def test_weight_convs_take_the_kernel_gradient_the_cpu_rule_says(monkeypatch, by_taps, form, n_modes, convs):
+    """Differentiated w.r.t. input and parameters, a conv of a computed or trained kernel (the CP,
+    Tucker, TT reconstructed paths, the Tucker core, the TT mode kernels) has one forward and one
+    input-gradient convolution per conv, and XLA's kernel-gradient convolution only where
+    ``autotune.matmul_kernel_grad`` says no or the conv is 3-D (the kernel gradient is otherwise
+    matrix products, ``conv.conv_matmul_kernel_grad``). ``convs``: with and without the products."""
+    from hocp_jax import autotune, layer_specs
+
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda: by_taps)
+    name, impl = form.split()
     x = jnp.ones((2, *(6,) * n_modes, 4))
-    p = init.init_cp_params(jax.random.key(0), 4, 5, (3,) * n_modes, 6, modes=modes)
+    if name == "cp":
+        modes = conv.default_modes(n_modes)
+        p = init.init_cp_params(jax.random.key(0), 4, 5, (3,) * n_modes, 6, modes=modes)
+        f = functools.partial(conv.cp_conv, modes=modes)
+    else:
+        specs = (layer_specs.tucker_specs(4, 5, (3, 3), (3, 2)) if name == "tucker"
+                 else layer_specs.tt_conv_specs(4, 5, (3, 3), 3))
+        p = {k: jnp.ones(shape) for k, (shape, _) in specs.items()}
+        f = conv.tucker_conv if name == "tucker" else conv.tt_conv
 
     def loss(x, p):
-        return jnp.sum(conv.cp_conv(x, p, modes=modes, stride=2, padding=1, implementation="reconstructed") ** 2)
+        return jnp.sum(f(x, p, stride=2, padding=1, implementation=impl) ** 2)
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, p).as_text(dialect="hlo")  # dead code removed
-    assert hlo.count(" convolution(") == convs
+    assert hlo.count(" convolution(") == convs[0 if by_taps else 1]
+
+
+@pytest.mark.parametrize("machine, flags, backend, expected", [
+    ("x86_64", {"avx", "avx2", "fma"}, "cpu", True),
+    ("x86_64", {"avx", "avx2", "fma", "avx512f", "avx512bw"}, "cpu", False),
+    ("x86_64", {"avx", "avx2"}, "gpu", False),
+    ("aarch64", {"asimd"}, "cpu", False),
+    ("x86_64", set(), "cpu", False),  # flags unknown (no /proc/cpuinfo)
+])
+def test_matmul_kernel_grad_rule(monkeypatch, machine, flags, backend, expected):
+    """Matrix-product kernel gradients on the CPU backend of x86-64 hosts with AVX2 and without
+    AVX-512 (where they were measured faster), XLA's everywhere else."""
+    import platform
+
+    from hocp_jax import autotune
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert autotune.matmul_kernel_grad() is expected
 
 
 def test_autotune_times_the_output_too_not_gradients_alone():

@@ -176,7 +176,11 @@ shapes of ``chunk_picks``'s grid whose pick the cost model's scale for chunked c
 interleaved per shape: how many shapes each candidate scale picks right, and its worst pick.
 
 ``python -m benchmarks.experiments kernel_grad [rounds]``: every conv layer of ``bench`` with the
-reconstructed CP path as the library runs it (a 2-D conv's kernel gradient as one matrix product
-per tap, ``hocp_jax.conv.conv_matmul_kernel_grad``) and with XLA's kernel-gradient convolution,
-and the dense conv, interleaved per layer.
+reconstructed CP path's kernel gradient as one matrix product per tap
+(``hocp_jax.conv.conv_matmul_kernel_grad``) and as XLA's kernel-gradient convolution, and the
+dense conv, interleaved per layer (the data behind ``hocp_jax.autotune.matmul_kernel_grad``).
+
+``python -m benchmarks.experiments tucker_tt_kernel_grad [rounds]``: the same two kernel gradients
+in both paths of the Tucker and TT convs, on ResNet-18's seven 2-D 3x3 conv shapes at batch 8
+and 32, with the dense conv, interleaved per layer.
 """

@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,
     "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad,
+    "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,

@@ -4,6 +4,8 @@ per layer and path, timed interleaved (see the package docstring for each comman
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
 import resource
 import statistics
@@ -173,27 +175,77 @@ def chunk_picks(rounds: int = 9) -> dict:
 
 def kernel_grad(rounds: int = 7) -> dict:
     """Every conv layer of ``bench`` (Jester, ResNet-18 2-D and transduced 3-D; fwd+bwd, ``bench``
-    protocol) with the reconstructed CP path as the library runs it (its kernel gradient one matrix
-    product per tap, :func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as before stop 39 (``lax``'s
-    conv of the rebuilt kernel differentiated by JAX: XLA's kernel-gradient convolution),
-    interleaved, with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
+    protocol) with the reconstructed CP path's conv taking its kernel gradient as one matrix product
+    per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as XLA's kernel-gradient
+    convolution (``lax``'s conv of the rebuilt kernel differentiated by JAX), whichever of the two
+    :func:`hocp_jax.autotune.matmul_kernel_grad` picks on this host, interleaved, with the dense
+    conv (``lax``, XLA's kernel gradient) as the reference."""
     from benchmarks import bench
 
-    def xla_kernel_grad(case):
+    def reconstructed(case, by_taps):
+        strides, pads = case.geometry()
+
         def f(x, p):
-            return conv.dense_conv(x, conv.cp_to_kernel(p, case.modes), stride=case.stride, padding=case.padding)
+            kernel = conv.cp_to_kernel(p, case.modes)
+            if by_taps:
+                return conv.conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=(1,) * len(strides))
+            return conv.dense_conv(x, kernel, stride=strides, padding=pads)
         return f
 
-    out: dict = {"rounds": rounds, "layers": []}
+    out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
     for case in bench.jester_cases(False) + bench.resnet_cases(False):
         kernel, params, compile_call = bench.case_compiler(case)
-        fns = bench.conv_fns(case)
-        calls = {"dense": compile_call(fns["dense"], kernel)[0],
-                 "reconstructed": compile_call(fns["reconstructed"], params)[0],
-                 "reconstructed, XLA kernel gradient": compile_call(xla_kernel_grad(case), params)[0]}
+        calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0],
+                 "reconstructed, per-tap kernel gradient": compile_call(reconstructed(case, True), params)[0],
+                 "reconstructed, XLA kernel gradient": compile_call(reconstructed(case, False), params)[0]}
         ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
-        out["layers"].append({"layer": f"{case.group} {case.name} (B={case.batch})", "ms": ms,
-                              "per-tap / XLA": round(ms["reconstructed"] / ms["reconstructed, XLA kernel gradient"], 3)})
+        out["layers"].append({"layer": f"{case.group} {case.name} (B={case.batch})", "ms": ms, "per-tap / XLA": round(
+            ms["reconstructed, per-tap kernel gradient"] / ms["reconstructed, XLA kernel gradient"], 3)})
+        print(json.dumps(out["layers"][-1]), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -> dict:
+    """The seven 3x3 conv shapes of ResNet-18 2-D (224 x 224 images, maps 56 down to 7; batch 8
+    and 32; fwd+bwd, ``bench`` protocol) with the Tucker conv (ranks at ``rank_ratio`` 0.5, the
+    ``TuckerConv`` default) and the TT conv (rank 8, the ``TTConv`` default), both paths each, with
+    their convs' kernel gradient as one matrix product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`)
+    and as XLA's kernel-gradient convolution (``lax``'s conv differentiated by JAX), whichever
+    :func:`hocp_jax.autotune.matmul_kernel_grad` picks on this host, interleaved per layer, with
+    the dense conv as the reference."""
+    from unittest import mock
+
+    from benchmarks import bench
+    from hocp_jax import autotune, layer_specs
+
+    def init(specs, seed):
+        keys = jax.random.split(jax.random.key(seed), len(specs))
+        return {k: initializer(key, shape, jnp.float32) for key, (k, (shape, initializer)) in zip(keys, specs.items())}
+
+    out: dict = {"rounds": rounds, "batches": list(batches), "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"],
+                 "layers": []}
+    for batch in batches:
+        for case, _ in resnet2d_conv_cases(batch, 224):
+            kernel, _, compile_call = bench.case_compiler(case)
+            ranks = layer_specs.tucker_layer_ranks(case.c_in, case.c_out)
+            weights = {"tucker": init(layer_specs.tucker_specs(case.c_in, case.c_out, (3, 3), ranks), 0),
+                       "tt": init(layer_specs.tt_conv_specs(case.c_in, case.c_out, (3, 3), 8), 1)}
+            fns = {"tucker": conv.tucker_conv, "tt": conv.tt_conv}
+            calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0]}
+            for form, impl in itertools.product(fns, ("factorized", "reconstructed")):
+                def fn(x, p, f=fns[form], impl=impl):
+                    return f(x, p, stride=case.stride, padding=case.padding, implementation=impl)
+                with mock.patch.object(autotune, "matmul_kernel_grad", lambda: True):
+                    calls[f"{form} {impl}"] = compile_call(fn, weights[form])[0]
+                with mock.patch.object(autotune, "matmul_kernel_grad", lambda: False):
+                    calls[f"{form} {impl}, XLA kernel gradient"] = compile_call(fn, weights[form])[0]
+            ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+            out["layers"].append({
+                "layer": f"{case.name} (B={batch})", "tucker ranks": list(ranks), "ms": ms,
+                "per-tap / XLA": {k: round(ms[k] / ms[f"{k}, XLA kernel gradient"], 3) for k in ms
+                                  if f"{k}, XLA kernel gradient" in ms}})
+            print(json.dumps(out["layers"][-1]), flush=True)
     out["loadavg"] = os.getloadavg()
     return out
 

@@ -236,9 +236,10 @@ def matmul_kernel_grad() -> bool:
     kernel-gradient convolution ran far below matrix-product speed: the products took 0.63-0.91x
     the reconstructed CP path's time on five of ResNet-18's seven 3x3 conv shapes at batch 8
     (0.97x, 1.17x on the other two) and 0.2-0.6x at batch 32-64. With AVX-512, XLA's ran at batch
-    32 in proportion to batch 8, and the products took 0.88-1.16x the CP path's time at batch 8
-    and 0.88-1.54x the Tucker paths' at batch 8 and 32, so XLA's is kept there. Other hosts (and
-    GPU/TPU) keep XLA's: not measured."""
+    32 in proportion to batch 8, and the products gained or lost (0.89-1.28x the CP path's time
+    on those shapes at batch 8, 0.87-1.60x the Tucker paths' at batch 8 and 32) and took 1.09x the
+    time in the HO-CP ResNet-18 2-D train step, so XLA's is kept there. Other hosts (and GPU/TPU)
+    keep XLA's: not measured."""
     if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     flags = cpu_flags()

@@ -185,7 +185,7 @@ slower than the reconstructed one; at 0.5 the three changed picks measured faste
 gained less from the chunks and are not scaled (scaled, their factorized path was picked on two
 shapes where it measured 1.2x slower); nor are 3-D convs, on whose per-sample runs
 :data:`BYTES_TO_FLOPS` was calibrated. Re-checked in stop 39 with ``python -m benchmarks.experiments
-chunk_scale`` after the reconstructed 2-D path got its per-tap kernel gradient: on the 30
+chunk_scale`` (on the AVX2 host) after the reconstructed 2-D path got its per-tap kernel gradient: on the 30
 unstrided shapes of that grid whose pick any scale from 0.5 to 0.05 changes, 0.5 picks the faster
 path on 25 (worst 1.07x), 0.35 and 0.25 on 27 (worst 1.07x), 0.05 on 5 (worst 1.54x)."""
 

@@ -177,9 +177,9 @@ def kernel_grad(rounds: int = 7) -> dict:
     """Every conv layer of ``bench`` (Jester, ResNet-18 2-D and transduced 3-D; fwd+bwd, ``bench``
     protocol) with the reconstructed CP path's conv taking its kernel gradient as one matrix product
     per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as XLA's kernel-gradient
-    convolution (``lax``'s conv of the rebuilt kernel differentiated by JAX), whichever of the two
-    :func:`hocp_jax.autotune.matmul_kernel_grad` picks on this host, interleaved, with the dense
-    conv (``lax``, XLA's kernel gradient) as the reference."""
+    convolution (``lax``'s conv of the rebuilt kernel differentiated by JAX), both whatever
+    :func:`hocp_jax.autotune.matmul_kernel_grad` says on this host (this is its data), interleaved,
+    with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
     from benchmarks import bench
 
     def reconstructed(case, by_taps):
@@ -211,9 +211,9 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
     and 32; fwd+bwd, ``bench`` protocol) with the Tucker conv (ranks at ``rank_ratio`` 0.5, the
     ``TuckerConv`` default) and the TT conv (rank 8, the ``TTConv`` default), both paths each, with
     their convs' kernel gradient as one matrix product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`)
-    and as XLA's kernel-gradient convolution (``lax``'s conv differentiated by JAX), whichever
-    :func:`hocp_jax.autotune.matmul_kernel_grad` picks on this host, interleaved per layer, with
-    the dense conv as the reference."""
+    and as XLA's kernel-gradient convolution (``lax``'s conv differentiated by JAX), both whatever
+    :func:`hocp_jax.autotune.matmul_kernel_grad` says on this host, interleaved per layer, with the
+    dense conv as the reference."""
     from unittest import mock
 
     from benchmarks import bench
@@ -223,6 +223,7 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
         keys = jax.random.split(jax.random.key(seed), len(specs))
         return {k: initializer(key, shape, jnp.float32) for key, (k, (shape, initializer)) in zip(keys, specs.items())}
 
+    fns = {"tucker": conv.tucker_conv, "tt": conv.tt_conv}
     out: dict = {"rounds": rounds, "batches": list(batches), "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"],
                  "layers": []}
     for batch in batches:
@@ -231,7 +232,6 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
             ranks = layer_specs.tucker_layer_ranks(case.c_in, case.c_out)
             weights = {"tucker": init(layer_specs.tucker_specs(case.c_in, case.c_out, (3, 3), ranks), 0),
                        "tt": init(layer_specs.tt_conv_specs(case.c_in, case.c_out, (3, 3), 8), 1)}
-            fns = {"tucker": conv.tucker_conv, "tt": conv.tt_conv}
             calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0]}
             for form, impl in itertools.product(fns, ("factorized", "reconstructed")):
                 def fn(x, p, f=fns[form], impl=impl):

@@ -149,12 +149,10 @@ def resnet_cases(quick: bool) -> list[ConvCase]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model, flags = "", []
+    cpu_model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu_model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
         pass
     dev = jax.devices()[0]
@@ -164,7 +162,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         # the vector extensions set how fast XLA's dense convs run against the memory-bound CP ops
-        "cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx"))),
+        "cpu_vector_flags": sorted(f for f in autotune.cpu_flags() if f.startswith(("avx", "fma", "amx"))),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],

@@ -206,7 +206,7 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     product per tap (the tap's strided slice of the padded input against the cotangent) instead of
     XLA's kernel-gradient convolution, which XLA ran far below its matrix-product speed on an AVX2
     CPU host. Forward pass and input gradient are XLA's. The library's 2-D convs of a computed or
-    trained kernel run it where :func:`hocp_jax.autotune.matmul_kernel_grad` says so (with the
+    trained kernel run it where :func:`hocp_jax.autotune.choose_kernel_grad` says so (with the
     figures); on 3-D convs the products gained or lost (0.81-1.21x; most lost on the Jester conv1,
     3 input channels), so those keep XLA's (``python -m benchmarks.experiments kernel_grad``;
     benchmarks/EXPERIMENTS.md, stop 39)."""
@@ -222,14 +222,16 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
 
 
-def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations) -> jax.Array:
+def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input_grad: bool = True) -> jax.Array:
     """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
-    :func:`hocp_jax.autotune.matmul_kernel_grad` says so (CPU hosts with AVX2 but not AVX-512),
-    else ``lax``'s conv with XLA's own gradients."""
+    :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
+    not AVX-512, and AVX-512 ones on large inputs), else ``lax``'s conv with XLA's own gradients.
+    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
-    if kernel.ndim == 4 and autotune.matmul_kernel_grad():
+    if kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads, dilations,
+                                                        input_grad):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 
@@ -498,7 +500,7 @@ def cp_conv(
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
         :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; see
-        :func:`hocp_jax.autotune.matmul_kernel_grad` for its kernel gradient) or
+        :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
         always factorized when ``psi`` is given). The choice is made at trace time from static
@@ -560,7 +562,7 @@ def cp_conv(
     if implementation == "reconstructed":
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
-        y = _weight_conv(x, cp_to_kernel(params, modes), strides, pads, dilations)
+        y = _weight_conv(x, cp_to_kernel(params, modes), strides, pads, dilations, input_grad)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))

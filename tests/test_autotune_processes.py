@@ -98,8 +98,12 @@ def test_process_zero_times_the_per_device_batch_and_both_processes_use_its_pick
     # process 0 timed the train step's conv once, on the 2 examples one device gets; process 1 never timed
     assert zero["measured"] == [per_device] and one["measured"] == []
     stored = json.loads((tmp_path / "autotune.json").read_text())
-    assert len(stored) == 1 and json.loads(next(iter(stored)))[2] == per_device
-    measured_pick = next(iter(stored.values()))
+    kernel_grad = {k: v for k, v in stored.items() if json.loads(k)[2] == "kernel_grad"}
+    cp = {k: v for k, v in stored.items() if k not in kernel_grad}
+    assert len(cp) == 1 and json.loads(next(iter(cp)))[3] == per_device
+    # timing the reconstructed path picked its conv's kernel gradient on the same per-device batch
+    assert [json.loads(k)[4] for k in kernel_grad] == [per_device]
+    measured_pick = next(iter(cp.values()))
     # the train step, traced on the global batch, runs the measured pick in both processes (the fake
     # timer rated the analytic pick slower, so this is not the analytic fallback)
     for out in (zero, one):

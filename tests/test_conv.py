@@ -167,7 +167,7 @@ def test_tucker_and_tt_gradients_match_autodiff_of_the_dense_conv(monkeypatch, b
     here (stride 2 on an even size, symmetric padding)."""
     from hocp_jax import autotune, layer_specs
 
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda: by_taps)
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: by_taps)
     rng = np.random.default_rng(3)
     specs = (layer_specs.tucker_specs(4, 5, (3, 3), (3, 2)) if form == "tucker"
              else layer_specs.tt_conv_specs(4, 5, (3, 3), (2, 3, 2)))

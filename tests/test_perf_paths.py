@@ -235,6 +235,8 @@ def measured(monkeypatch, tmp_path):
         return {"factorized": 2.0, "reconstructed": 1.0} if not input_grad else {"factorized": 1.0, "reconstructed": 2.0}
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
+    # the reconstructed path's conv picks its kernel gradient too: XLA's, always, in these tests
+    monkeypatch.setattr(autotune, "measure_kernel_grad", lambda *a, **k: {"matmul": 2.0, "xla": 1.0})
     autotune.clear_cache()
     autotune.configure("measure", cache_path=str(tmp_path / "autotune.json"))
     yield autotune, calls, tmp_path / "autotune.json"
@@ -259,7 +261,7 @@ def test_autotune_measures_once_per_key_and_auto_lowers_to_the_pick(measured):
     # one measurement per (shape, dtype, input_grad) key, repeats come from the cache
     assert calls == [((2, 6, 6, 3), "float32", False), ((2, 6, 6, 3), "float32", True),
                      ((2, 6, 6, 3), "bfloat16", False), ((4, 6, 6, 3), "float32", False)]
-    stored = json.loads(path.read_text())
+    stored = {k: v for k, v in json.loads(path.read_text()).items() if json.loads(k)[2] != "kernel_grad"}
     assert len(stored) == 4 and {json.loads(k)[0] for k in stored} == {jax.default_backend()}
     # a new process (empty memory cache) reuses the file and measures nothing
     autotune.clear_cache()
@@ -308,7 +310,7 @@ def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(me
     jobs.configure_autotune(ConfigDict({"autotune": "measure"}), str(workdir))
     p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
     jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
-    assert len(calls) == 1 and len(json.loads((workdir / "autotune.json").read_text())) == 1
+    assert len(calls) == 1 and len(json.loads((workdir / "autotune.json").read_text())) == 1  # factorized: no kernel pick
     jobs.configure_autotune(ConfigDict({"autotune": "analytic"}), str(workdir))
     assert autotune.policy() == "analytic"
     jobs.configure_autotune(ConfigDict({"autotune": ""}), str(workdir))
@@ -318,7 +320,8 @@ def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(me
 
 
 def test_autotune_real_measurement_runs_inside_jit():
-    """The measured policy times concrete dummy inputs while an outer jit is tracing."""
+    """The measured policy times concrete dummy inputs while an outer jit is tracing (the kernel
+    gradient's timing nested in the CP paths' too)."""
     from hocp_jax import autotune
 
     autotune.clear_cache()
@@ -328,7 +331,10 @@ def test_autotune_real_measurement_runs_inside_jit():
         y = jax.jit(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
         ref = conv.cp_conv(x, p, padding=1, implementation="factorized")
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
-        assert len(autotune._cache) == 1 and set(autotune._cache.values()) <= {"factorized", "reconstructed"}
+        cp = {k: v for k, v in autotune._cache.items() if json.loads(k)[2] != "kernel_grad"}
+        assert len(cp) == 1 and set(cp.values()) <= {"factorized", "reconstructed"}
+        # timing the reconstructed path picked its conv's kernel gradient (timed too) on the way
+        assert set(autotune._cache.values()) - set(cp.values()) <= {"matmul", "xla"} and len(autotune._cache) == 2
     finally:
         autotune.configure(None)
         autotune.clear_cache()
@@ -346,7 +352,7 @@ def test_weight_convs_take_the_kernel_gradient_the_cpu_rule_says(monkeypatch, by
     matrix products, ``conv.conv_matmul_kernel_grad``). ``convs``: with and without the products."""
     from hocp_jax import autotune, layer_specs
 
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda: by_taps)
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: by_taps)
     name, impl = form.split()
     x = jnp.ones((2, *(6,) * n_modes, 4))
     if name == "cp":
@@ -366,16 +372,21 @@ def test_weight_convs_take_the_kernel_gradient_the_cpu_rule_says(monkeypatch, by
     assert hlo.count(" convolution(") == convs[0 if by_taps else 1]
 
 
-@pytest.mark.parametrize("machine, flags, backend, expected", [
-    ("x86_64", {"avx", "avx2", "fma"}, "cpu", True),
-    ("x86_64", {"avx", "avx2", "fma", "avx512f", "avx512bw"}, "cpu", False),
-    ("x86_64", {"avx", "avx2"}, "gpu", False),
-    ("aarch64", {"asimd"}, "cpu", False),
-    ("x86_64", set(), "cpu", False),  # flags unknown (no /proc/cpuinfo)
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("machine, flags, backend, x_bytes, expected", [
+    ("x86_64", {"avx", "avx2", "fma"}, "cpu", MIB, True),
+    ("x86_64", {"avx", "avx2", "fma", "avx512f", "avx512bw"}, "cpu", 31 * MIB, False),
+    ("x86_64", {"avx", "avx2", "fma", "avx512f", "avx512bw"}, "cpu", 32 * MIB, True),
+    ("x86_64", {"avx", "avx2"}, "gpu", 64 * MIB, False),
+    ("aarch64", {"asimd"}, "cpu", 64 * MIB, False),
+    ("x86_64", set(), "cpu", 64 * MIB, False),  # flags unknown (no /proc/cpuinfo)
 ])
-def test_matmul_kernel_grad_rule(monkeypatch, machine, flags, backend, expected):
+def test_matmul_kernel_grad_rule(monkeypatch, machine, flags, backend, x_bytes, expected):
     """Matrix-product kernel gradients on the CPU backend of x86-64 hosts with AVX2 and without
-    AVX-512 (where they were measured faster), XLA's everywhere else."""
+    AVX-512 (where they were measured faster), on AVX-512 ones from an input of 32 MiB, XLA's
+    everywhere else; float32 ``x`` of ``x_bytes`` per device."""
     import platform
 
     from hocp_jax import autotune
@@ -383,7 +394,86 @@ def test_matmul_kernel_grad_rule(monkeypatch, machine, flags, backend, expected)
     monkeypatch.setattr(platform, "machine", lambda: machine)
     monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert autotune.matmul_kernel_grad() is expected
+    shape = (x_bytes // (4 * 64), 8, 8, 1)
+    assert autotune.matmul_kernel_grad(shape, jnp.float32) is expected
+    if "avx512f" in flags:  # the dtype's width counts, and the batch one device runs
+        assert not autotune.matmul_kernel_grad(shape, jnp.bfloat16)
+        autotune.configure(batch_shards=2)
+        try:
+            assert not autotune.matmul_kernel_grad(shape, jnp.float32)
+        finally:
+            autotune.configure(None)
+
+
+def _convs_of_grad(f, x, p):
+    return jax.jit(jax.grad(lambda x, p: jnp.sum(f(x, p) ** 2), argnums=(0, 1))).lower(x, p).as_text(
+        dialect="hlo").count(" convolution(")
+
+
+def test_measured_policy_picks_the_kernel_gradient_once_per_key(monkeypatch, tmp_path):
+    """Under the measured policy a 2-D conv of a computed kernel takes the kernel gradient its own
+    timing found faster (a fake timer here), timed once per key on the per-device batch, cached in
+    the file under a ``kernel_grad`` key; other processes read it; 3-D convs are never timed."""
+    from hocp_jax import autotune
+
+    timed, winner = [], {"name": "matmul"}
+
+    def fake(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad, rounds=5):
+        timed.append((tuple(x_shape), tuple(kernel_shape), input_grad))
+        return {"matmul": 1.0, "xla": 2.0} if winner["name"] == "matmul" else {"matmul": 2.0, "xla": 1.0}
+
+    monkeypatch.setattr(autotune, "measure_kernel_grad", fake)
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: False)  # the analytic answer
+    path = tmp_path / "autotune.json"
+    autotune.clear_cache()
+    autotune.configure("measure", cache_path=str(path), batch_shards=2)
+    try:
+        p = _tiny_cp()
+        f = functools.partial(conv.cp_conv, padding=1, implementation="reconstructed")
+        x = jnp.ones((4, 6, 6, 3))
+        assert _convs_of_grad(f, x, p) == 2  # products: forward and input-gradient convs only
+        assert _convs_of_grad(f, x, p) == 2 and timed == [((2, 6, 6, 3), (3, 3, 3, 5), True)]
+        stored = json.loads(path.read_text())
+        assert list(stored.values()) == ["matmul"] and json.loads(next(iter(stored)))[2] == "kernel_grad"
+        winner["name"] = "xla"
+        jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="reconstructed",
+                                                 input_grad=False))(x, p)
+        assert timed[1:] == [((2, 6, 6, 3), (3, 3, 3, 5), False)]  # input_grad is part of the key
+        assert _convs_of_grad(f, jnp.ones((4, 8, 8, 3)), p) == 3 and len(timed) == 3
+        autotune.clear_cache()  # a new process: the file's picks, no timing
+        assert _convs_of_grad(f, x, p) == 2 and len(timed) == 3
+        monkeypatch.setattr(jax, "process_count", lambda: 2)  # a process that may not time: analytic
+        assert _convs_of_grad(f, jnp.ones((4, 10, 10, 3)), p) == 3 and len(timed) == 3
+        p3 = init.init_cp_params(jax.random.key(0), 3, 4, (3, 3, 3), 6, modes=("t", "h", "w"))
+        jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, modes=("t", "h", "w"), padding=1,
+                                                 implementation="reconstructed"))(jnp.ones((2, 4, 6, 6, 3)), p3)
+        assert len(timed) == 3
+    finally:
+        autotune.configure(None)
+        autotune.clear_cache()
+
+
+def test_measured_cp_pick_times_the_kernel_gradient_on_the_per_device_batch(monkeypatch):
+    """The CP path timing (real, tiny shapes) traces the reconstructed path on the per-device batch;
+    the kernel-gradient pick made inside it must see that batch, not divide it again."""
+    from hocp_jax import autotune
+
+    timed = []
+
+    def fake(x_shape, *args, **kwargs):
+        timed.append(tuple(x_shape))
+        return {"matmul": 2.0, "xla": 1.0}
+
+    monkeypatch.setattr(autotune, "measure_kernel_grad", fake)
+    autotune.clear_cache()
+    autotune.configure("measure", batch_shards=2)
+    try:
+        jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(jnp.ones((4, 5, 5, 3)),
+                                                                                          _tiny_cp())
+        assert timed == [(2, 5, 5, 3)]
+    finally:
+        autotune.configure(None)
+        autotune.clear_cache()
 
 
 def test_autotune_times_the_output_too_not_gradients_alone():

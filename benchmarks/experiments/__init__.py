@@ -180,6 +180,11 @@ reconstructed CP path's kernel gradient as one matrix product per tap
 (``hocp_jax.conv.conv_matmul_kernel_grad``) and as XLA's kernel-gradient convolution, and the
 dense conv, interleaved per layer (the data behind ``hocp_jax.autotune.matmul_kernel_grad``).
 
+``python -m benchmarks.experiments kernel_grad_batches [rounds]``: the same two kernel gradients of
+the reconstructed CP path on ResNet-18's seven 2-D 3x3 conv shapes at batch 16-96 of 224-pixel
+and 64-128 of 112-pixel images, with the size of each conv's input (the data behind
+``hocp_jax.autotune.KERNEL_GRAD_MATMUL_MIN_BYTES``) and what the host's rule loses.
+
 ``python -m benchmarks.experiments tucker_tt_kernel_grad [rounds]``: the same two kernel gradients
 in both paths of the Tucker and TT convs, on ResNet-18's seven 2-D 3x3 conv shapes at batch 8
 and 32, with the dense conv, interleaved per layer.

@@ -18,7 +18,7 @@ EXPERIMENTS = {
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,
-    "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad,
+    "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad, "kernel_grad_batches": layers.kernel_grad_batches,
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties,

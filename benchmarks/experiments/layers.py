@@ -173,6 +173,58 @@ def chunk_picks(rounds: int = 9) -> dict:
     return out
 
 
+def _reconstructed(case, by_taps: bool):
+    """``f(x, p)``: the reconstructed CP path of ``case`` with its kernel gradient as matrix
+    products per tap (``by_taps``) or XLA's, whatever the host's rule says."""
+    strides, pads = case.geometry()
+
+    def f(x, p):
+        kernel = conv.cp_to_kernel(p, case.modes)
+        if by_taps:
+            return conv.conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=(1,) * len(strides))
+        return conv.dense_conv(x, kernel, stride=strides, padding=pads)
+    return f
+
+
+KERNEL_GRAD_BATCHES = {224: (16, 32, 48, 64, 96), 112: (64, 128)}
+"""``{image size: batches}`` of :func:`kernel_grad_batches`."""
+
+
+def kernel_grad_batches(rounds: int = 7) -> dict:
+    """The data behind :data:`hocp_jax.autotune.KERNEL_GRAD_MATMUL_MIN_BYTES`: ResNet-18's seven
+    3x3 conv shapes (:func:`resnet2d_conv_cases`) at the image sizes and batches of
+    :data:`KERNEL_GRAD_BATCHES`, the reconstructed CP path with both kernel gradients (fwd+bwd,
+    ``bench`` protocol; interleaved per shape), with the size of the conv's input, grouped by it:
+    whether the products win from some input size on, and what the host's rule
+    (:func:`hocp_jax.autotune.matmul_kernel_grad`) loses against the faster of the two."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
+    for image, batches in KERNEL_GRAD_BATCHES.items():
+        for batch in batches:
+            for case, _ in resnet2d_conv_cases(batch, image):
+                _, params, compile_call = bench.case_compiler(case)
+                calls = {"products": compile_call(_reconstructed(case, True), params)[0],
+                         "xla": compile_call(_reconstructed(case, False), params)[0]}
+                ms = {p: v["median_ms"] for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+                x_shape = (batch, *case.in_sizes, case.c_in)
+                rule = "products" if autotune.matmul_kernel_grad(x_shape, jnp.float32) else "xla"
+                out["layers"].append({"layer": f"{image}px B={batch} {case.name}", "x_mib": round(np.prod(x_shape) * 4 / 2**20, 1),
+                                      "ms": {k: round(v, 1) for k, v in ms.items()},
+                                      "products / xla": round(ms["products"] / ms["xla"], 3),
+                                      "rule": rule, "rule / best": round(ms[rule] / min(ms.values()), 3)})
+                print(json.dumps(out["layers"][-1]), flush=True)
+    bands = {"under 16 MiB": (0, 16), "16 to 32 MiB": (16, 32), "32 MiB and more": (32, float("inf"))}
+    out["products / xla by input size"] = {
+        band: [min(r), max(r), statistics.median(r), len(r)] if (r := [row["products / xla"] for row in out["layers"]
+                                                                       if lo <= row["x_mib"] < hi]) else None
+        for band, (lo, hi) in bands.items()}
+    out["rule / best, worst"] = max(row["rule / best"] for row in out["layers"])
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 def kernel_grad(rounds: int = 7) -> dict:
     """Every conv layer of ``bench`` (Jester, ResNet-18 2-D and transduced 3-D; fwd+bwd, ``bench``
     protocol) with the reconstructed CP path's conv taking its kernel gradient as one matrix product
@@ -182,22 +234,12 @@ def kernel_grad(rounds: int = 7) -> dict:
     with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
     from benchmarks import bench
 
-    def reconstructed(case, by_taps):
-        strides, pads = case.geometry()
-
-        def f(x, p):
-            kernel = conv.cp_to_kernel(p, case.modes)
-            if by_taps:
-                return conv.conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=(1,) * len(strides))
-            return conv.dense_conv(x, kernel, stride=strides, padding=pads)
-        return f
-
     out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
     for case in bench.jester_cases(False) + bench.resnet_cases(False):
         kernel, params, compile_call = bench.case_compiler(case)
         calls = {"dense": compile_call(bench.conv_fns(case)["dense"], kernel)[0],
-                 "reconstructed, per-tap kernel gradient": compile_call(reconstructed(case, True), params)[0],
-                 "reconstructed, XLA kernel gradient": compile_call(reconstructed(case, False), params)[0]}
+                 "reconstructed, per-tap kernel gradient": compile_call(_reconstructed(case, True), params)[0],
+                 "reconstructed, XLA kernel gradient": compile_call(_reconstructed(case, False), params)[0]}
         ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         out["layers"].append({"layer": f"{case.group} {case.name} (B={case.batch})", "ms": ms, "per-tap / XLA": round(
             ms["reconstructed, per-tap kernel gradient"] / ms["reconstructed, XLA kernel gradient"], 3)})
@@ -236,9 +278,9 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
             for form, impl in itertools.product(fns, ("factorized", "reconstructed")):
                 def fn(x, p, f=fns[form], impl=impl):
                     return f(x, p, stride=case.stride, padding=case.padding, implementation=impl)
-                with mock.patch.object(autotune, "matmul_kernel_grad", lambda: True):
+                with mock.patch.object(autotune, "matmul_kernel_grad", lambda *_: True):
                     calls[f"{form} {impl}"] = compile_call(fn, weights[form])[0]
-                with mock.patch.object(autotune, "matmul_kernel_grad", lambda: False):
+                with mock.patch.object(autotune, "matmul_kernel_grad", lambda *_: False):
                     calls[f"{form} {impl}, XLA kernel gradient"] = compile_call(fn, weights[form])[0]
             ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
             out["layers"].append({

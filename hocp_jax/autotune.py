@@ -240,10 +240,11 @@ def host_kind() -> str:
 KERNEL_GRAD_MATMUL_MIN_BYTES = 32 * 1024 * 1024
 """On AVX-512 hosts, the smallest (per-device) conv input for which :func:`matmul_kernel_grad`
 takes matrix-product kernel gradients. Measured on a 2-core AMD EPYC with AVX-512 (32 MiB L3;
-benchmarks/EXPERIMENTS.md, stop 41, ``python -m benchmarks.experiments kernel_grad_batches``):
-ResNet-18's 3x3 convs (CP reconstructed path) with inputs of 36.8-73.5 MiB ran in 0.57-0.80x
-XLA's time with the products (7 of 7 shapes and batches), with 18.4-24.5 MiB in 0.66-1.02x, with
-up to 12.3 MiB in 0.85-1.26x."""
+benchmarks/EXPERIMENTS.md, stop 41, ``python -m benchmarks.experiments kernel_grad_batches 7``:
+ResNet-18's seven 3x3 convs, CP reconstructed path, batch 16-96 of 224-pixel and 64-128 of
+112-pixel images): products / XLA's kernel gradient 0.74-0.88x on the 8 convs with inputs of
+32 MiB or more, 0.85-1.11x (median 0.98) on the 10 with 16-32 MiB, 0.86-1.24x (median 1.03) on
+the 31 smaller ones; a scratch run before it read 0.57-0.80x on 7 of 7 convs from 36.8 MiB."""
 
 
 def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
@@ -261,10 +262,11 @@ def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
     With AVX2 only, XLA's kernel-gradient convolution ran far below matrix-product speed: the
     products took 0.63-0.91x the reconstructed CP path's time on five of ResNet-18's seven 3x3 conv
     shapes at batch 8 (0.97x, 1.17x on the other two) and 0.2-0.6x at batch 32-64. With AVX-512,
-    the products gained or lost on inputs of up to 24.5 MiB (0.85-1.28x the CP path's time on those
+    the products gained or lost on inputs under 32 MiB (0.85-1.28x the CP path's time on those
     shapes at batch 8-128, 0.87-1.60x the Tucker paths' at batch 8 and 32; 1.09x the time in the
-    HO-CP ResNet-18 2-D train step) and won on larger ones (see
-    :data:`KERNEL_GRAD_MATMUL_MIN_BYTES`). Other hosts (and GPU/TPU) keep XLA's: not measured."""
+    HO-CP ResNet-18 2-D train step) and won on larger ones (:data:`KERNEL_GRAD_MATMUL_MIN_BYTES`;
+    the Tucker and TT reconstructed paths at batch 64 too: 0.70-0.77x on the two 49 MiB inputs).
+    Other hosts (and GPU/TPU) keep XLA's: not measured; the measured policy times both."""
     if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     flags = cpu_flags()

@@ -244,7 +244,7 @@ benchmarks/EXPERIMENTS.md, stop 41, ``python -m benchmarks.experiments kernel_gr
 ResNet-18's seven 3x3 convs, CP reconstructed path, batch 16-96 of 224-pixel and 64-128 of
 112-pixel images): products / XLA's kernel gradient 0.74-0.88x on the 8 convs with inputs of
 32 MiB or more, 0.85-1.11x (median 0.98) on the 10 with 16-32 MiB, 0.86-1.24x (median 1.03) on
-the 31 smaller ones; a scratch run before it read 0.57-0.80x on 7 of 7 convs from 36.8 MiB."""
+the 31 smaller ones; a scratch run before it read 0.57-0.80x on 8 of 8 convs from 36.8 MiB."""
 
 
 def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
@@ -305,24 +305,19 @@ def _median_times(calls: Mapping[str, Callable], args: tuple, rounds: int) -> di
     order reversed every other round). ``args`` are per-device shapes already: the calls are traced
     with ``batch_shards`` unset, so picks made inside them (the kernel gradient of the reconstructed
     path's conv) see the same shapes."""
-    shards = _config["batch_shards"]
-    _config["batch_shards"] = None
+    shards, _config["batch_shards"] = _config["batch_shards"], None
     try:
-        return _interleaved_medians(calls, args, rounds)
+        with jax.ensure_compile_time_eval():
+            for fn in calls.values():
+                jax.block_until_ready(fn(*args))  # compile + warm-up
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for r in range(rounds):
+                for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(calls[name](*args))
+                    times[name].append(time.perf_counter() - t0)
     finally:
         _config["batch_shards"] = shards
-
-
-def _interleaved_medians(calls: Mapping[str, Callable], args: tuple, rounds: int) -> dict[str, float]:
-    with jax.ensure_compile_time_eval():
-        for fn in calls.values():
-            jax.block_until_ready(fn(*args))  # compile + warm-up
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for r in range(rounds):
-            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                t0 = time.perf_counter()
-                jax.block_until_ready(calls[name](*args))
-                times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -509,7 +509,8 @@ def cp_conv(
       mode_order: order in which the 1-D convs are applied; the result is the same, only the
         cost changes. Default: :func:`best_mode_order` (most-reducing stride first).
       input_grad: whether the caller differentiates w.r.t. ``x`` (False for a network's first
-        layer, whose input is the data). Only informs ``"auto"``: without the input gradient a
+        layer, whose input is the data). Only informs ``"auto"`` (and, under the measured policy,
+        the timing of the reconstructed path's kernel gradient): without the input gradient a
         channel-starved dense conv is cheap, so ``reconstructed`` can win.
       per_sample: run the factorized path one sample at a time (``lax.map`` over the batch), so
         its ``(1, *S, R)`` intermediates stay in cache instead of streaming ``(B, *S, R)`` ones

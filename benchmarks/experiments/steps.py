@@ -371,15 +371,18 @@ def autotune_steps(rounds: int = 9) -> dict:
     two policies make (counted over every trace of preparing a step: the model's init, the
     transduced model's 2-D source, the step; the Jester net's convs, with a ReLU between their
     factors, always run factorized and make none), how long preparing took with the timing, and
-    the step times."""
+    the step times. Also the kernel-gradient picks of the reconstructed 2-D convs
+    (:func:`hocp_jax.autotune.choose_kernel_grad`) under the measured policy, beside the host's
+    rule for the same shape."""
     from benchmarks import bench
     from hocp_jax import autotune
 
     cases = {c.name: c for c in bench.model_cases(False)}
     out: dict = {"rounds": rounds}
-    choose = autotune.choose_cp
+    choose, choose_grad = autotune.choose_cp, autotune.choose_kernel_grad
     for dense, hocp in STEP_PAIRS:
         calls, picks, prepare_s = {dense: bench.prepare_model_case(cases[dense])[0]}, {}, {}
+        grad_picks: collections.Counter = collections.Counter()
         for policy in ("analytic", "measure"):
             made = picks[policy] = []
 
@@ -388,11 +391,20 @@ def autotune_steps(rounds: int = 9) -> dict:
                 made.append([list(x_shape), pick])
                 return pick
 
+            def recording_grad(x_shape, dtype, kernel_shape, *args, policy=policy):
+                pick = choose_grad(x_shape, dtype, kernel_shape, *args)
+                if policy == "measure":
+                    rule = autotune.matmul_kernel_grad(x_shape, dtype)
+                    grad_picks[json.dumps([list(x_shape), list(kernel_shape), "products" if pick else "xla",
+                                           "products" if rule else "xla"])] += 1
+                return pick
+
             autotune.clear_cache()
             autotune.configure(policy)
             t0 = time.perf_counter()
             try:
-                with mock.patch.object(autotune, "choose_cp", recording):
+                with mock.patch.object(autotune, "choose_cp", recording), \
+                        mock.patch.object(autotune, "choose_kernel_grad", recording_grad):
                     calls[f"{hocp}, {policy}"] = bench.prepare_model_case(cases[hocp])[0]
             finally:
                 autotune.configure(None)
@@ -405,6 +417,7 @@ def autotune_steps(rounds: int = 9) -> dict:
         out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()},
                      "measure/analytic": ms[f"{hocp}, measure"] / ms[f"{hocp}, analytic"],
                      "prepare_s": prepare_s, "auto_convs_traced": len(picks["analytic"]),
-                     "picks_that_differ: [x shape, analytic, measure] -> traced convs": dict(differ)}
+                     "picks_that_differ: [x shape, analytic, measure] -> traced convs": dict(differ),
+                     "measured kernel gradients: [x shape, kernel shape, measure, rule] -> traced convs": dict(grad_picks)}
     out["loadavg"] = os.getloadavg()
     return out

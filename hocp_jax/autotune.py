@@ -16,7 +16,8 @@ Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
   a random output cotangent: :func:`timed_programs`; the two kernel gradients likewise,
   :func:`timed_kernel_grad_programs`) on concrete
   dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
-  the faster. Results are cached in
+  the faster (a kernel gradient: the rule's unless the other wins clearly,
+  :data:`KERNEL_GRAD_OVERRIDE`). Results are cached in
   memory per key ``(backend, device kind, host kind, x shape, dtype, parameter shapes, stride,
   padding, dilation, input_grad, per_sample, the per-sample and tile modes in force, and
   :data:`MEASURE_VERSION`)`` (:func:`cache_key`, :func:`kernel_grad_key`) and, with

@@ -163,7 +163,8 @@ multiples of 8, the float32 lanes of an AVX2 vector.
 ``python -m benchmarks.experiments autotune_steps [rounds]``: the three HO-CP train steps of
 ``bench`` compiled with the analytic picks and with the measured autotune's (every conv shape
 timed while the step is traced, no cache file), each pair interleaved with its dense step: the
-picks that differ, the tracing and compile time with the timing, and the step times.
+picks that differ, the measured kernel-gradient picks beside the host's rule, the tracing and
+compile time with the timing, and the step times.
 
 ``python -m benchmarks.experiments path_ties [rounds]``: each ResNet-18 2-D layer of ``bench``, its
 two CP paths timed three times under three protocols in one process (the measured autotune's own

@@ -287,10 +287,9 @@ def timed_kernel_grad_programs(x_shape, dtype, kernel_shape, strides, pads, dila
     from hocp_jax import conv
 
     rng = np.random.default_rng(0)
-    geometry = dict(strides=tuple(strides), pads=tuple(map(tuple, pads)), dilations=tuple(dilations))
-    convs = {"matmul": lambda x, k: conv.conv_matmul_kernel_grad(x, k, **geometry),
-             "xla": lambda x, k: conv.dense_conv(x, k, stride=geometry["strides"], padding=geometry["pads"],
-                                                 dilation=geometry["dilations"])}
+    strides, pads, dilations = tuple(strides), tuple(map(tuple, pads)), tuple(dilations)
+    convs = {"matmul": lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dilations),
+             "xla": lambda x, k: conv.dense_conv(x, k, stride=strides, padding=pads, dilation=dilations)}
     with jax.ensure_compile_time_eval():
         x = jnp.asarray(rng.normal(size=x_shape), dtype)
         k = jnp.asarray(rng.normal(size=kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), dtype)
@@ -532,8 +531,9 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     key = None
     if policy() == "measure":
         key = cache_key(x_shape, dtype, {k: tuple(v.shape) for k, v in params.items()}, *geometry, input_grad, per_sample)
-    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+
     def timed() -> str:
+        specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
         times = measure(x_shape, dtype, specs, *geometry, input_grad, per_sample=per_sample)
         return min(times, key=times.get)
 

@@ -57,9 +57,10 @@ from hocp_jax.processes import on_process_zero
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
-MEASURE_VERSION = 5
+MEASURE_VERSION = 6
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 5 (stop 41): the kernel gradient of a conv of a computed
+has since changed, are not reused. Version 6 (stop 42): the factorized path computes bfloat16 and
+float16 in float32 on CPU (:func:`compute_dtype`). Version 5 (stop 41): the kernel gradient of a conv of a computed
 kernel is a pick of its own (:func:`choose_kernel_grad`, measured under the measured policy), and
 the keys hold :func:`host_kind`. Version 4 (stop 40): the key held the host's
 kernel-gradient rule. Version 3 (stop 39): the reconstructed path of a 2-D conv computes its
@@ -68,7 +69,7 @@ kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_gr
 which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
-                           "tile_rows": None, "leader": False}
+                           "tile_rows": None, "upcast": None, "leader": False}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -107,13 +108,13 @@ def clear_cache() -> None:
 def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, strides, pads, dilations,
               input_grad: bool, per_sample: bool | None = None) -> str:
     """The cache key of one call: backend, device kind, :func:`host_kind`, shapes, dtype, geometry,
-    ``input_grad``, ``per_sample``, the :func:`per_sample_mode` and :func:`tile_rows_mode` in force
-    (they change the factorized program too) and :data:`MEASURE_VERSION`."""
+    ``input_grad``, ``per_sample``, the :func:`per_sample_mode`, :func:`tile_rows_mode` and
+    :func:`upcast_mode` in force (they change the factorized program too) and :data:`MEASURE_VERSION`."""
     dev = jax.devices()[0]
     return json.dumps([dev.platform, dev.device_kind, host_kind(), list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
-                       _config["per_sample"], _config["tile_rows"], MEASURE_VERSION])
+                       _config["per_sample"], _config["tile_rows"], _config["upcast"], MEASURE_VERSION])
 
 
 def kernel_grad_key(x_shape, dtype, kernel_shape: Sequence[int], strides, pads, dilations, input_grad: bool) -> str:
@@ -215,6 +216,44 @@ def per_sample_mode(value: bool | None):
         yield
     finally:
         _config["per_sample"] = previous
+
+
+@contextlib.contextmanager
+def upcast_mode(value: bool | None):
+    """Within the block, :func:`compute_dtype` computes in float32 for floating dtypes narrower
+    than 32 bits (``True``), never (``False``), or by its automatic rule (``None``). Read at trace
+    time, like :func:`per_sample_mode`."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"value={value!r}: expected None (automatic), True or False")
+    previous = _config["upcast"]
+    _config["upcast"] = value
+    try:
+        yield
+    finally:
+        _config["upcast"] = previous
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype in which :func:`hocp_jax.conv.cp_conv`'s factorized path computes its
+    intermediates when its input and factors promote to ``dtype`` (its output keeps ``dtype``):
+    float32 for a floating ``dtype`` narrower than 32 bits (bfloat16, float16) on the CPU
+    backend, else ``dtype`` (GPU/TPU compute in it; :func:`upcast_mode` overrides the rule).
+
+    XLA CPU has no faster low-precision arithmetic: it runs the depthwise passes and matrix
+    products of bfloat16 arrays slower than float32 ones. Measured on the 2-core CPU
+    (benchmarks/EXPERIMENTS.md, stop 42, ``python -m benchmarks.experiments low_precision``):
+    the factorized path fwd+bwd in bfloat16 took 1.1-1.6x its float32 time on the benchmark's
+    layers, and computing in float32 from bfloat16 inputs ran at its float32 speed. The
+    intermediates live one sample (or tile, or chunk) at a time on one CPU device
+    (:func:`batch_plan`), so their float32 width costs little memory; the result is at least as
+    precise as bfloat16 arithmetic. The dense and reconstructed paths' convolutions ran as fast
+    in bfloat16 as in float32 and keep ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+    upcast = _config["upcast"]
+    if upcast is None:
+        upcast = jax.default_backend() == "cpu"
+    return jnp.dtype(jnp.float32) if narrow and upcast else dtype
 
 
 @functools.cache
@@ -364,8 +403,8 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     """Whether the factorized CP path on ``x (B, *S, C)`` runs one sample at a time when the caller
     does not say (:func:`hocp_jax.conv.cp_conv` ``per_sample=None``): as set by
     :func:`per_sample_mode`, else on the CPU backend with one device, ``B > 1``, three or more
-    modes (spatio-temporal convs) and a per-sample intermediate ``prod(S) * rank`` of at least
-    :data:`PER_SAMPLE_MIN_BYTES`.
+    modes (spatio-temporal convs) and a per-sample intermediate ``prod(S) * rank`` (in
+    :func:`compute_dtype`, as for every plan here) of at least :data:`PER_SAMPLE_MIN_BYTES`.
 
     Measured on the 2-core CPU (benchmarks/EXPERIMENTS.md): per sample, the Jester stack fwd+bwd takes
     0.78x the time of the whole-batch program (``python -m benchmarks.experiments layout 3``),
@@ -378,7 +417,7 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     batch = x_shape[0]
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
-    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
             and jax.default_backend() == "cpu" and jax.device_count() == 1)
 
@@ -428,7 +467,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
         return None
     if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return None
-    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
         return None
     fits = [k for k in range(2, batch + 1) if batch % k == 0 and k * per_sample_bytes <= CHUNK_TARGET_BYTES]
@@ -506,7 +545,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     i = max(candidates, key=lambda j: out_sizes[j])
     rows = _config["tile_rows"]
     if rows is None:
-        per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * jnp.dtype(dtype).itemsize
+        per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
         if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
                 or jax.default_backend() != "cpu" or jax.device_count() > 1):
             return None

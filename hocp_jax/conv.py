@@ -499,7 +499,8 @@ def cp_conv(
       stride, dilation: int or one int per mode.
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
-        :func:`depthwise_conv_1d`), ``"reconstructed"`` (build the kernel, one dense conv; see
+        :func:`depthwise_conv_1d`; on CPU it computes bfloat16/float16 in float32,
+        :func:`hocp_jax.autotune.compute_dtype`), ``"reconstructed"`` (build the kernel, one dense conv; see
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
@@ -577,18 +578,21 @@ def cp_conv(
         out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]
         y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
         chunk = autotune.batch_plan(x.shape, y_shape, params["lambda"].shape[0], x.dtype, per_sample, local)
-        out_factor = params["factor_out"] * params["lambda"][None, :]
+        dtype = jnp.result_type(x, *(params[k] for k in ("factor_in", "factor_out", "lambda", *map(mode_key, modes))))
+        cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
+        factors = {k: params[k].astype(cdt) for k in ("factor_in", *map(mode_key, modes))}
+        out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)
 
         def factorized(x, pads=pads, order=order):
-            h = channel_matmul(x, params["factor_in"])
+            h = channel_matmul(x.astype(cdt), factors["factor_in"])
             if psi is not None:
                 h = psi(h, "in")
             for m in order:
                 i = modes.index(m)
-                h = depthwise_conv_1d(h, params[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
+                h = depthwise_conv_1d(h, factors[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
                 if psi is not None:
                     h = psi(h, m)
-            return channel_matmul(h, out_factor.T)
+            return channel_matmul(h, out_factor.T).astype(dtype)
 
         plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
         if plan:

@@ -523,7 +523,9 @@ def test_per_sample_rule_and_wiring(monkeypatch):
     big = (2, 4, 16, 16, 8)  # 4*16*16 positions x rank 64 x 4 bytes = 256 KiB per sample
     assert autotune.per_sample_default(big, 64, jnp.float32)
     assert not autotune.per_sample_default(big, 63, jnp.float32)  # just below PER_SAMPLE_MIN_BYTES
-    assert not autotune.per_sample_default(big, 64, jnp.bfloat16)  # half the bytes
+    assert autotune.per_sample_default(big, 64, jnp.bfloat16)  # computed in float32 on CPU (compute_dtype)
+    with autotune.upcast_mode(False):
+        assert not autotune.per_sample_default(big, 64, jnp.bfloat16)  # half the bytes
     assert not autotune.per_sample_default((1,) + big[1:], 64, jnp.float32)
     assert not autotune.per_sample_default((2, 64, 16, 8), 64, jnp.float32)  # 2-D
     with autotune.per_sample_mode(True):
@@ -547,6 +549,58 @@ def test_per_sample_rule_and_wiring(monkeypatch):
         assert "scan" not in lowered()
 
 
+def test_compute_dtype_rule(monkeypatch):
+    """Floating dtypes narrower than 32 bits compute in float32 on CPU, in themselves elsewhere;
+    ``upcast_mode`` overrides the rule and is validated."""
+    from hocp_jax import autotune
+
+    f32 = jnp.dtype(jnp.float32)
+    assert autotune.compute_dtype(jnp.bfloat16) == f32 and autotune.compute_dtype(jnp.float16) == f32
+    assert autotune.compute_dtype(jnp.float32) == f32 and autotune.compute_dtype(jnp.int32) == jnp.dtype(jnp.int32)
+    with autotune.upcast_mode(False):
+        assert autotune.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert autotune.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
+    with autotune.upcast_mode(True):
+        assert autotune.compute_dtype(jnp.bfloat16) == f32
+    with pytest.raises(ValueError, match="value=1"):
+        with autotune.upcast_mode(1):
+            pass
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_bfloat16_factorized_path_computes_in_float32_on_cpu(per_sample):
+    """bfloat16 input and factors: the factorized path's intermediates are float32 (its output,
+    and the gradients, keep bfloat16), so its output is the float32 conv of the same bfloat16
+    values rounded once to bfloat16: within half a bfloat16 ulp of a float32 dense-conv oracle,
+    a bound bfloat16 arithmetic misses (``upcast_mode(False)``)."""
+    from hocp_jax import autotune
+
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(3)
+    p = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _cp_numpy(rng, 8, 6, (3, 3, 3), 24, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, 4, 9, 9, 8)), jnp.bfloat16)
+    kernel = _kernel_numpy({k: np.asarray(v, np.float32) for k, v in p.items()}, modes)
+    want = np.asarray(_oracle(np.asarray(x, np.float32), kernel, (1, 1, 1), ((1, 1),) * 3, (1, 1, 1)))
+
+    def run(upcast):
+        with autotune.upcast_mode(upcast):
+            f = jax.jit(lambda x, p: conv.cp_conv(x, p, modes=modes, padding=1, per_sample=per_sample))
+            jaxpr = str(jax.make_jaxpr(f)(x, p))
+            y = f(x, p)
+            grads = jax.grad(lambda x, p: jnp.sum(f(x, p).astype(jnp.float32) ** 2), argnums=(0, 1))(x, p)
+        return y, jaxpr, grads
+
+    y, jaxpr, grads = run(None)
+    assert y.dtype == jnp.bfloat16 and "f32[" in jaxpr
+    assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"bfloat16"}
+    err = np.abs(np.asarray(y, np.float32) - want)
+    assert np.all(err <= 2.0 ** -8 * np.abs(want) + 1e-4 * np.abs(want).max())
+    y16, jaxpr16, _ = run(False)
+    assert "f32[" not in jaxpr16
+    assert not np.all(np.abs(np.asarray(y16, np.float32) - want) <= 2.0 ** -8 * np.abs(want) + 1e-4 * np.abs(want).max())
+
+
 def test_batch_chunk_rule(monkeypatch):
     """2-D convs only, on one CPU device, from CHUNK_MIN_BYTES of whole-batch intermediate: the
     largest divisor of the batch whose chunk fits CHUNK_TARGET_BYTES, at least one sample, unless
@@ -564,8 +618,10 @@ def test_batch_chunk_rule(monkeypatch):
     assert chunk((6, 64, 64, 16), 128) == 1  # 2.1 MB a sample: one at a time
     assert chunk((30, 7, 7, 256), 1136) == 6  # a divisor: not 8 or 9
     assert chunk((8, 14, 14, 128), 754) is None  # 4.7 MB whole batch
-    assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
-    assert chunk((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
+    assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) == 8  # computed in float32 on CPU (compute_dtype)
+    with autotune.upcast_mode(False):
+        assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
+        assert chunk((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
     assert chunk((1, 64, 64, 16), 4096) is None
     assert autotune.batch_chunk_default((32, 4, 7, 7, 256), (32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
     # channels per chunk output position: 768 / 49 = 15.7 and 1024 / (8 * 16) = 8.0 over 4; 384 / 98 = 3.9 not
@@ -733,12 +789,14 @@ def test_tile_plan_rule():
     assert autotune.tile_plan((1,) + shape[1:], 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
     # Jester conv1: 18*84*84 x rank 18 x 4 bytes = 9.1 MB per sample: 6 tiles of 14 rows
     assert autotune.tile_plan((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 14)
-    assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
+    with autotune.upcast_mode(False):  # bfloat16 intermediates (on CPU they are float32 by default: compute_dtype)
+        assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
+        assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
+    assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)  # 12.2 MB
     # the transduced ResNet-18's first stage on 112-pixel frames: 8*28*28 x 273 x 4 bytes = 6.9 MB, 5 tiles
     assert autotune.tile_plan((1, 8, 28, 28, 64), 273, jnp.float32, (8, 28, 28), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)
     # Jester conv3: 4*21*21 x 768 x 4 bytes = 5.4 MB, whole samples
     assert autotune.tile_plan((8, 4, 21, 21, 128), 768, jnp.float32, (4, 21, 21), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
-    assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
     assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) is None  # strided
     assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((-1, 1),) * 3) is None
     assert autotune.tile_plan((8, 42, 42, 64), 2000, jnp.float32, (42, 42), (2, 2), (1, 1), ((1, 1),) * 2) is None  # 2-D

@@ -189,4 +189,10 @@ and 64-128 of 112-pixel images, with the size of each conv's input (the data beh
 ``python -m benchmarks.experiments tucker_tt_kernel_grad [rounds]``: the same two kernel gradients
 in both paths of the Tucker and TT convs, on ResNet-18's seven 2-D 3x3 conv shapes at batch 8
 and 32, with the dense conv, interleaved per layer.
+
+``python -m benchmarks.experiments low_precision [rounds]``: every conv layer of ``bench`` in
+float32 and in bfloat16 computation from float32 weights: the dense conv, the reconstructed path,
+and the factorized path as the library runs it on CPU (float32 intermediates,
+``hocp_jax.autotune.compute_dtype``) and in bfloat16 arithmetic, interleaved per layer, with the
+analytic pick in each dtype.
 """

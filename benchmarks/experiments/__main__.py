@@ -21,7 +21,7 @@ EXPERIMENTS = {
     "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad, "kernel_grad_batches": layers.kernel_grad_batches,
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
-    "path_ties": layers.path_ties,
+    "path_ties": layers.path_ties, "low_precision": layers.low_precision,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")

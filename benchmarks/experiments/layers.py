@@ -684,3 +684,50 @@ def path_ties(rounds: int = 15, repeats: int = 3) -> dict:
                                     "ratio_median": statistics.median(ratios)}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def low_precision(rounds: int = 5) -> dict:
+    """Every ``bench`` conv layer in float32 and in bfloat16 computation from float32 weights (the
+    weights cast inside the differentiated function, as a Flax layer with ``dtype=bfloat16`` does;
+    ``x`` and the cotangent in the computation dtype), fwd+bwd, ``bench`` protocol, interleaved per
+    layer: the dense conv, the reconstructed path, and the factorized path as the library runs it
+    (float32 intermediates on CPU, :func:`hocp_jax.autotune.compute_dtype`) and in bfloat16
+    arithmetic (``upcast_mode(False)``). Whether XLA CPU runs anything faster in bfloat16, and
+    whether ``auto``'s picks (``analytic_pick`` in each dtype) stay the faster path."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
+    for case in bench.jester_cases(False) + bench.resnet_cases(False):
+        x, kernel, params = bench.make_inputs(case)
+        fns = bench.conv_fns(case)
+        cot = bench.cotangent(fns["dense"], x, kernel)
+        calls = {}
+        for dtype, path, upcast in [(jnp.float32, p, None) for p in ("dense", "factorized", "reconstructed")] + [
+                (jnp.bfloat16, "dense", None), (jnp.bfloat16, "factorized", None), (jnp.bfloat16, "factorized", False),
+                (jnp.bfloat16, "reconstructed", None)]:
+            def fn(x, w, f=fns[path], dtype=dtype):
+                return f(x, jax.tree.map(lambda a: a.astype(dtype), w))
+
+            name = f"{path} {jnp.dtype(dtype).name}" + (" arithmetic" if upcast is False else "")
+            with autotune.upcast_mode(upcast):
+                calls[name] = compile_jax(bench.fwd_bwd(fn, case.input_grad), x.astype(dtype),
+                                          kernel if path == "dense" else params, cot.astype(dtype))[0]
+        ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        row = {"layer": f"{case.group} {case.name}", "ms": ms}
+        for dtype in ("float32", "bfloat16"):
+            pick = autotune.analytic_pick((case.batch, *case.in_sizes, case.c_in), params, case.modes, *case.geometry(),
+                                          (1,) * len(case.in_sizes), case.input_grad, jnp.dtype(dtype))
+            row[f"pick {dtype}"] = pick
+            row[f"pick / best {dtype}"] = round(ms[f"{pick} {dtype}"] / min(ms[f"{p} {dtype}"] for p in bench.CP_PATHS[:2]), 3)
+        for path in ("dense", "factorized", "reconstructed"):
+            row[f"{path} bfloat16 / float32"] = round(ms[f"{path} bfloat16"] / ms[f"{path} float32"], 3)
+        row["factorized bfloat16 arithmetic / float32"] = round(ms["factorized bfloat16 arithmetic"] / ms["factorized float32"], 3)
+        out["layers"].append(row)
+        print(json.dumps(row), flush=True)
+    for key in ("dense bfloat16 / float32", "factorized bfloat16 / float32", "reconstructed bfloat16 / float32",
+                "factorized bfloat16 arithmetic / float32", "pick / best bfloat16", "pick / best float32"):
+        v = [row[key] for row in out["layers"]]
+        out[f"{key}: min, median, max"] = [min(v), statistics.median(v), max(v)]
+    out["loadavg"] = os.getloadavg()
+    return out

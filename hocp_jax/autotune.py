@@ -240,10 +240,11 @@ def compute_dtype(dtype) -> jnp.dtype:
     backend, else ``dtype`` (GPU/TPU compute in it; :func:`upcast_mode` overrides the rule).
 
     XLA CPU has no faster low-precision arithmetic: it runs the depthwise passes and matrix
-    products of bfloat16 arrays slower than float32 ones. Measured on the 2-core CPU
-    (benchmarks/EXPERIMENTS.md, stop 42, ``python -m benchmarks.experiments low_precision``):
-    the factorized path fwd+bwd in bfloat16 took 1.1-1.6x its float32 time on the benchmark's
-    layers, and computing in float32 from bfloat16 inputs ran at its float32 speed. The
+    products of bfloat16 arrays slower than float32 ones. Measured on the 2-core CPU with AVX-512
+    (benchmarks/EXPERIMENTS.md, stop 42, ``python -m benchmarks.experiments low_precision 5``, the
+    benchmark's 18 layers fwd+bwd from bfloat16 inputs and weights): float32 intermediates took
+    0.61-1.09x (median 0.87) the time of bfloat16 arithmetic, which took 0.80-1.61x (median 1.22)
+    the float32 layer's; what remains is the casts at the layer's boundary. The
     intermediates live one sample (or tile, or chunk) at a time on one CPU device
     (:func:`batch_plan`), so their float32 width costs little memory; the result is at least as
     precise as bfloat16 arithmetic. The dense and reconstructed paths' convolutions ran as fast

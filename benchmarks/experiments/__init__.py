@@ -195,4 +195,8 @@ float32 and in bfloat16 computation from float32 weights: the dense conv, the re
 and the factorized path as the library runs it on CPU (float32 intermediates,
 ``hocp_jax.autotune.compute_dtype``) and in bfloat16 arithmetic, interleaved per layer, with the
 analytic pick in each dtype.
+
+``python -m benchmarks.experiments low_precision_steps [rounds]``: the three train-step pairs of
+``bench`` in float32 and with ``dtype=bfloat16`` (float32 parameters), the HO-CP steps also in
+bfloat16 arithmetic, interleaved per pair.
 """

@@ -421,3 +421,40 @@ def autotune_steps(rounds: int = 9) -> dict:
                      "measured kernel gradients: [x shape, kernel shape, measure, rule] -> traced convs": dict(grad_picks)}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def low_precision_steps(rounds: int = 7) -> dict:
+    """The three train-step pairs of ``bench`` (each HO-CP model and its dense one) in float32 and
+    with ``dtype=bfloat16`` (float32 parameters), the HO-CP models' bfloat16 steps both as the
+    library runs them (float32 intermediates in the factorized convs on CPU,
+    :func:`hocp_jax.autotune.compute_dtype`) and in bfloat16 arithmetic (``upcast_mode(False)``),
+    interleaved per pair: what bfloat16 does to a whole train step on CPU."""
+    import jax.numpy as jnp
+
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    out: dict = {"rounds": rounds}
+    for pair in STEP_PAIRS:
+        calls = {}
+        for name in pair:
+            case = cases[name]
+            head = {"head": {"n_outputs": 0, "n_classes": 27}} if case.target == "logits" else {}
+            variants = [("float32", None, None), ("bfloat16", jnp.bfloat16, None)]
+            if name != pair[0]:
+                variants.append(("bfloat16 arithmetic", jnp.bfloat16, False))
+            for label, dtype, upcast in variants:
+                model = get_model(case.model, tiny=case.tiny, dtype=dtype, **head)
+                with autotune.upcast_mode(upcast):
+                    calls[f"{name} {label}"] = bench.compile_jax(*bench.model_step(case, model))[0]
+        ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        dense, hocp = pair
+        out[hocp] = {"ms": ms,
+                     "bfloat16 / float32": {n: round(ms[f"{n} bfloat16"] / ms[f"{n} float32"], 3) for n in pair},
+                     "bfloat16 arithmetic / float32": round(ms[f"{hocp} bfloat16 arithmetic"] / ms[f"{hocp} float32"], 3),
+                     "hocp / dense": {label: round(ms[f"{hocp} {label}"] / ms[f"{dense} {label}"], 3)
+                                      for label in ("float32", "bfloat16")}}
+        print(json.dumps(out[hocp]), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -578,9 +578,10 @@ def cp_conv(
         out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]
         y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
         chunk = autotune.batch_plan(x.shape, y_shape, params["lambda"].shape[0], x.dtype, per_sample, local)
-        dtype = jnp.result_type(x, *(params[k] for k in ("factor_in", "factor_out", "lambda", *map(mode_key, modes))))
+        keys = ("factor_in", *map(mode_key, modes))
+        dtype = jnp.result_type(x, params["factor_out"], params["lambda"], *(params[k] for k in keys))
         cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
-        factors = {k: params[k].astype(cdt) for k in ("factor_in", *map(mode_key, modes))}
+        factors = {k: params[k].astype(cdt) for k in keys}
         out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)
 
         def factorized(x, pads=pads, order=order):

@@ -257,6 +257,12 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if narrow and upcast else dtype
 
 
+def _sample_bytes(x_shape: Sequence[int], rank: int, dtype) -> int:
+    """Bytes of one sample's ``(1, *S, R)`` intermediate of the factorized path, in
+    :func:`compute_dtype` (what the per-sample, chunk and tile plans size)."""
+    return int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The host CPU's feature flags as Linux lists them (``/proc/cpuinfo``); empty where that
@@ -418,7 +424,7 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     batch = x_shape[0]
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
-    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
+    per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
             and jax.default_backend() == "cpu" and jax.device_count() == 1)
 
@@ -468,7 +474,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
         return None
     if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return None
-    per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
+    per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
         return None
     fits = [k for k in range(2, batch + 1) if batch % k == 0 and k * per_sample_bytes <= CHUNK_TARGET_BYTES]
@@ -546,7 +552,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     i = max(candidates, key=lambda j: out_sizes[j])
     rows = _config["tile_rows"]
     if rows is None:
-        per_sample_bytes = int(np.prod(x_shape[1:-1])) * rank * compute_dtype(dtype).itemsize
+        per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
         if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
                 or jax.default_backend() != "cpu" or jax.device_count() > 1):
             return None

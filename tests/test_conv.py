@@ -127,6 +127,47 @@ def test_matmul_kernel_gradient_matches_lax_autodiff(sizes, ks, stride, dil, pad
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("sizes,ks,stride,dil,padding", CASES + [((6, 5), (3, 2), 1, (1, 2), ((3, 2), (0, 4)))])
+def test_depthwise_conv_matches_lax_grouped_conv(sizes, ks, stride, dil, padding):
+    """``depthwise_conv`` (the shift kernel and its custom VJP): value, input and kernel gradients
+    equal those of ``lax``'s grouped conv (``feature_group_count=R``) differentiated by JAX, on every
+    stride/dilation/padding case, 1-D to 4-D, and pads wider than the kernel reaches."""
+    n = len(sizes)
+    rng = np.random.default_rng(11 * n + len(str(padding)))
+    h = rng.standard_normal((2, *sizes, 4), np.float32)
+    kernel = rng.standard_normal((*ks, 4), np.float32)
+    strides = (stride,) * n if isinstance(stride, int) else stride
+    dils = (dil,) * n if isinstance(dil, int) else dil
+    pads = lax_pads(padding, sizes, ks, strides, dils)
+
+    def grouped(h, k):
+        spec = "HWDT"[:n]
+        return jax.lax.conv_general_dilated(h, k[..., None, :], strides, pads, rhs_dilation=dils, feature_group_count=4,
+                                            dimension_numbers=("N" + spec + "C", spec + "IO", "N" + spec + "C"))
+
+    def value_and_vjp(f):
+        return jax.jit(lambda h, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, h, k)))
+
+    ours = value_and_vjp(lambda h, k: conv.depthwise_conv(h, k, stride=stride, padding=padding, dilation=dil))
+    g = rng.standard_normal(jax.eval_shape(grouped, h, kernel).shape, np.float32)
+    (y, grads), (y_ref, grads_ref) = ours(h, kernel, g), value_and_vjp(grouped)(h, kernel, g)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("h_shape, kernel_shape, kwargs, match", [
+    ((2, 8, 8, 4), (3, 3, 5), {}, r"h: got shape \(2, 8, 8, 4\) for a depthwise kernel of shape \(3, 3, 5\)"),
+    ((2, 8, 4), (3, 3, 4), {}, r"expected \(B, 2 spatial sizes, 4 channels\)"),
+    ((2, 8, 8, 4), (3, 3, 4), {"stride": (1, 2, 1)}, "stride"),
+    ((2, 8, 8, 4), (3, 3, 4), {"padding": "FULL"}, "padding"),
+])
+def test_depthwise_conv_rejects_bad_arguments(h_shape, kernel_shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        conv.depthwise_conv(jnp.ones(h_shape), jnp.ones(kernel_shape), **kwargs)
+
+
 def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
     """bfloat16 operands: the kernel gradient comes back bfloat16 and within bfloat16 rounding of
     the float32 one (its products over the 2 x 32 x 32 positions summed in float32)."""

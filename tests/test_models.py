@@ -119,6 +119,32 @@ def test_mobilenet_param_counts():
     assert hocp - ranks == 2_289_786
 
 
+@pytest.mark.parametrize("stride,dtype", [(1, None), (2, None), (2, jnp.bfloat16)])
+def test_depthwise_conv_is_flax_grouped_conv(stride, dtype):
+    """The dense MobileNet-v2's depthwise step (a shift kernel) has ``nn.Conv(feature_group_count=C)``'s
+    parameters (same init from the same key) and its values and gradients, also in bfloat16."""
+    import flax.linen as nn
+
+    from hocp_jax.models.common import DepthwiseConv
+
+    x = jnp.asarray(np.random.default_rng(stride).standard_normal((2, 8, 8, 6)), jnp.float32)
+    ours = DepthwiseConv((3, 3), (stride, stride), dtype=dtype)
+    ref = nn.Conv(6, (3, 3), stride, padding=1, feature_group_count=6, use_bias=False, dtype=dtype,
+                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"))
+    params = ours.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(params["params"]["kernel"], ref.init(jax.random.key(0), x)["params"]["kernel"])
+
+    def value_and_grads(m):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2), argnums=(0, 1)))
+
+    (v, grads), (v_ref, grads_ref) = value_and_grads(ours)(params, x), value_and_grads(ref)(params, x)
+    tol = 1e-5 if dtype is None else 2e-2
+    np.testing.assert_allclose(v, v_ref, rtol=tol)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()))
+
+
 # ---------------------------------------------------------------------------- forward passes
 
 

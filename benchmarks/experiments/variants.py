@@ -1,21 +1,25 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
-intermediates, batch chunks, and the 1x1 contraction and max-pool as they were before their
-current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
+intermediates, batch chunks, and the 1x1 contraction, max-pool and MobileNet-v2's depthwise
+step (XLA's grouped conv) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
 import subprocess
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from hocp_jax import conv
+from hocp_jax.models import common
 from hocp_jax.models.resnet import ResNet, hocp_factory
 
 
@@ -48,55 +52,11 @@ def conv_at(revision: str):
     return other
 
 
-def _slice_taps(hp, tap, strides, outs):
-    """The slice of the padded ``hp (B, *S_pad, R)`` that kernel tap ``tap`` (one index per
-    spatial axis) reads for the ``outs`` output positions at ``strides``."""
-    for ax, (t, st, o) in enumerate(zip(tap, strides, outs)):
-        hp = lax.slice_in_dim(hp, t, t + (o - 1) * st + 1, st, ax + 1)
-    return hp
-
-
-def _merged_taps(hp, kernel, strides, outs):
-    """``sum over taps of kernel[tap] * slice``: the depthwise conv of the padded ``hp`` with the
-    merged per-rank kernel ``(*K, R)`` in one fused pass."""
-    taps = itertools.product(*map(range, kernel.shape[:-1]))
-    return functools.reduce(jnp.add, (_slice_taps(hp, t, strides, outs) * kernel[t] for t in taps))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _merged_depthwise(h, kernel, strides, pads):
-    """Depthwise conv of ``h (B, *S, R)`` with ``kernel (*K, R)`` (all modes at once)."""
-    return _merged_depthwise_fwd(h, kernel, strides, pads)[0]
-
-
-def _merged_depthwise_fwd(h, kernel, strides, pads):
-    outs = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(h.shape[1:-1], pads, kernel.shape, strides)]
-    return _merged_taps(jnp.pad(h, ((0, 0),) + pads + ((0, 0),)), kernel, strides, outs), (h, kernel)
-
-
-def _merged_depthwise_bwd(strides, pads, res, g):
-    """As :func:`hocp_jax.conv._depthwise_bwd`, over all modes at once: the flipped kernel over
-    the stride-dilated, re-padded cotangent; one reduction per tap for the kernel gradient."""
-    h, kernel = res
-    ks, outs = kernel.shape[:-1], g.shape[1:-1]
-    cfg = [(k - 1 - lo, n + lo - (o - 1) * s - 1, s - 1)
-           for n, k, (lo, _), s, o in zip(h.shape[1:-1], ks, pads, strides, outs)]
-    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0)] + cfg + [(0, 0, 0)])
-    dh = _merged_taps(gp, kernel[(slice(None, None, -1),) * len(ks)], (1,) * len(ks), h.shape[1:-1])
-    hp = jnp.pad(h, ((0, 0),) + pads + ((0, 0),))
-    dk = jnp.stack([jnp.sum(_slice_taps(hp, t, strides, outs) * g, axis=tuple(range(h.ndim - 1)))
-                    for t in itertools.product(*map(range, ks))])
-    return dh, dk.reshape(kernel.shape)
-
-
-_merged_depthwise.defvjp(_merged_depthwise_fwd, _merged_depthwise_bwd)
-
-
 def cp_conv_merged(x, p, strides, pads):
     """Factorized 2-D CP conv whose two depthwise passes are one pass of the merged 3x3 per-rank
     kernel (9 taps; the per-mode passes do 3 + 3 over an intermediate)."""
     kernel = p["factor_h"][:, None, :] * p["factor_w"][None, :, :]
-    h = _merged_depthwise(conv.channel_matmul(x, p["factor_in"]), kernel, strides, pads)
+    h = conv.depthwise_conv(conv.channel_matmul(x, p["factor_in"]), kernel, stride=strides, padding=pads)
     return conv.channel_matmul(h, (p["factor_out"] * p["lambda"]).T)
 
 
@@ -116,7 +76,12 @@ def cp_conv_rebuild_in_first(x, p, strides, pads):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_channels_first(h, factor, axis, pad):
     """Stride-1 depthwise 1-D conv of ``h (B, R, *S)`` along ``axis`` with ``factor (K, R)``."""
-    return conv._shift_conv_1d(h, _rank_first(factor, h.ndim), axis, 1, pad, 1)
+    return _shift_sum(conv._pad_axis(h, axis, pad), _rank_first(factor, h.ndim), axis, h.shape[axis])
+
+
+def _shift_sum(hp, factor, axis, size):
+    """``sum_k factor[k] * hp[k : k + size]`` along ``axis``."""
+    return functools.reduce(jnp.add, (lax.slice_in_dim(hp, t, t + size, 1, axis) * factor[t] for t in range(factor.shape[0])))
 
 
 def _rank_first(factor, ndim):
@@ -133,7 +98,7 @@ def _depthwise_channels_first_bwd(axis, pad, res, g):
     k = factor.shape[0]
     cfg = [(0, 0)] * g.ndim
     cfg[axis] = (k - 1 - pad[0], k - 1 - pad[1])
-    dh = conv._shift_conv_1d(jnp.pad(g, cfg), _rank_first(factor[::-1], h.ndim), axis, 1, (0, 0), 1)
+    dh = _shift_sum(jnp.pad(g, cfg), _rank_first(factor[::-1], h.ndim), axis, h.shape[axis])
     hp = conv._pad_axis(h, axis, pad)
     sum_axes = (0,) + tuple(range(2, h.ndim))
     dfactor = jnp.stack([jnp.sum(lax.slice_in_dim(hp, t, t + g.shape[axis], 1, axis) * g, axis=sum_axes)
@@ -174,3 +139,34 @@ def reduce_window_pool(x, window, stride, padding):
     lead = x.ndim - 1 - len(window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+
+class GroupedDepthwiseConv(nn.Module):
+    """:class:`hocp_jax.models.common.DepthwiseConv` as it was before the shift kernel: the same
+    parameters, computed as Flax's ``nn.Conv(feature_group_count=C)`` does (XLA's grouped conv)."""
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+        kernel = self.param("kernel", he, (*self.kernel_size, 1, x.shape[-1]), self.param_dtype)
+        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+        pad = tuple((k // 2, k // 2) for k in self.kernel_size)
+        return conv.dense_conv(x, kernel, stride=self.strides, padding=pad, feature_group_count=x.shape[-1])
+
+
+@contextlib.contextmanager
+def grouped_depthwise():
+    """MobileNet-v2 models traced inside build their depthwise steps with :class:`GroupedDepthwiseConv`."""
+    from hocp_jax.models import mobilenet
+
+    mobilenet.DepthwiseConv = GroupedDepthwiseConv
+    try:
+        yield
+    finally:
+        mobilenet.DepthwiseConv = common.DepthwiseConv

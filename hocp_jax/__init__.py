@@ -15,8 +15,8 @@ The names below are the public API; every one is also reachable through its modu
 
 from hocp_jax import (conv, conversion, counting, decomposition, init, layers, losses, metrics, models, nnx_layers, optim,
                       pruning, regression, tensorized, transduction, tree)
-from hocp_jax.conv import (cp_conv, cp_to_kernel, cp_to_separable, dense_conv, separable_conv, tt_conv, tt_to_kernel,
-                           tucker_conv, tucker_to_kernel)
+from hocp_jax.conv import (cp_conv, cp_to_kernel, cp_to_separable, dense_conv, depthwise_conv, separable_conv, tt_conv,
+                           tt_to_kernel, tucker_conv, tucker_to_kernel)
 from hocp_jax.conversion import dense_to_hocp
 from hocp_jax.decomposition import decompose, decompose_tree, tucker_decompose
 from hocp_jax.init import init_cp_params, init_tucker_params
@@ -37,7 +37,7 @@ __all__ = [
     "conv", "conversion", "counting", "decomposition", "init", "layers", "losses", "metrics", "models", "nnx_layers",
     "optim", "pruning", "regression", "tensorized", "transduction", "tree",
     # convolutions as functions
-    "cp_conv", "cp_to_kernel", "cp_to_separable", "dense_conv", "separable_conv", "tt_conv", "tt_to_kernel",
+    "cp_conv", "cp_to_kernel", "cp_to_separable", "dense_conv", "depthwise_conv", "separable_conv", "tt_conv", "tt_to_kernel",
     "tucker_conv", "tucker_to_kernel", "init_cp_params", "init_tucker_params", "trl", "factorized_linear", "tcl",
     # Flax layers and models
     "CPConv", "TuckerConv", "SeparableConv", "TRL", "FactorizedLinear", "TCL", "TTConv", "MODELS", "get_model",

@@ -157,6 +157,50 @@ def test_depthwise_conv_matches_lax_grouped_conv(sizes, ks, stride, dil, padding
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("x_shape, k_shape, kwargs, route", [
+    ((2, 7, 6, 5), (1, 1, 5, 3), dict(window_strides=(1, 1), padding="SAME"), "pointwise"),
+    ((2, 7, 6, 5), (1, 1, 5, 3), dict(window_strides=(2, 2), padding=((1, 1), (0, 2))), "pointwise"),
+    ((2, 8, 8, 5), (1, 1, 5, 3), dict(window_strides=(2, 1), padding="VALID"), "pointwise"),
+    ((2, 3, 6, 6, 4), (1, 1, 1, 4, 6), dict(window_strides=(1, 2, 2), padding=((0, 0),) * 3,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "pointwise"),
+    ((2, 8, 8, 6), (3, 3, 1, 6), dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=6), "depthwise"),
+    ((2, 8, 7, 6), (3, 2, 1, 6), dict(window_strides=(1, 2), padding="SAME", rhs_dilation=(2, 1), feature_group_count=6),
+     "depthwise"),
+    ((2, 4, 6, 6, 4), (3, 3, 3, 1, 4), dict(window_strides=(1, 2, 2), padding="SAME", feature_group_count=4,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "depthwise"),
+    ((2, 7, 6, 4), (3, 3, 4, 3), dict(window_strides=(1, 1), padding="SAME"), "lax"),
+    ((2, 7, 6, 4), (3, 3, 2, 6), dict(window_strides=(1, 1), padding="SAME", feature_group_count=2), "lax"),
+    ((2, 7, 6, 4), (3, 3, 1, 8), dict(window_strides=(1, 1), padding="SAME", feature_group_count=4), "lax"),
+    ((2, 7, 6, 4), (1, 1, 4, 3), dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(2, 2)), "lax"),
+    ((2, 4, 7, 6), (3, 4, 1, 1), dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
+     "lax"),
+])
+def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
+    """The drop-in for ``lax.conv_general_dilated``: values, input and kernel gradients equal lax's,
+    pointwise and depthwise channels-last kernels leave no convolution in the program, and every
+    other case is lax's own conv."""
+    kwargs = {"dimension_numbers": NHWC} | kwargs
+    rng = np.random.default_rng(len(str(kwargs)))
+    x = rng.standard_normal(x_shape, np.float32)
+    k = rng.standard_normal(k_shape, np.float32)
+
+    def value_and_vjp(f):
+        return jax.jit(lambda x, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, k)))
+
+    ours = functools.partial(conv.conv_general_dilated, **kwargs)
+    ref = functools.partial(jax.lax.conv_general_dilated, **kwargs)
+    g = rng.standard_normal(jax.eval_shape(ref, x, k).shape, np.float32)
+    (y, grads), (y_ref, grads_ref) = value_and_vjp(ours)(x, k, g), value_and_vjp(ref)(x, k, g)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    has_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, k))
+    assert has_conv == (route == "lax")
+
+
 @pytest.mark.parametrize("h_shape, kernel_shape, kwargs, match", [
     ((2, 8, 8, 4), (3, 3, 5), {}, r"h: got shape \(2, 8, 8, 4\) for a depthwise kernel of shape \(3, 3, 5\)"),
     ((2, 8, 4), (3, 3, 4), {}, r"expected \(B, 2 spatial sizes, 4 channels\)"),

@@ -119,30 +119,40 @@ def test_mobilenet_param_counts():
     assert hocp - ranks == 2_289_786
 
 
-@pytest.mark.parametrize("stride,dtype", [(1, None), (2, None), (2, jnp.bfloat16)])
-def test_depthwise_conv_is_flax_grouped_conv(stride, dtype):
-    """The dense MobileNet-v2's depthwise step (a shift kernel) has ``nn.Conv(feature_group_count=C)``'s
-    parameters (same init from the same key) and its values and gradients, also in bfloat16."""
-    import flax.linen as nn
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_dense_models_run_1x1_and_depthwise_convs_without_xla_convolutions(monkeypatch, name):
+    """The dense models' 1x1 and depthwise convs go through ``conv.conv_general_dilated`` (matrix
+    products, the shift kernel): only the other convs stay XLA convolutions (MobileNet-v2: the 3x3
+    stem; ResNet-18: the 7x7 stem and the 3x3 convs), and the train-mode outputs and parameter
+    gradients equal those of the same model on ``lax.conv_general_dilated`` throughout (in float64:
+    train-mode BatchNorm on 2 images of 1x1 maps amplifies float32 rounding to 1e-3)."""
+    from hocp_jax import conv
 
-    from hocp_jax.models.common import DepthwiseConv
+    model = get_model(name, tiny=True)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)))
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), x, train=False))
 
-    x = jnp.asarray(np.random.default_rng(stride).standard_normal((2, 8, 8, 6)), jnp.float32)
-    ours = DepthwiseConv((3, 3), (stride, stride), dtype=dtype)
-    ref = nn.Conv(6, (3, 3), stride, padding=1, feature_group_count=6, use_bias=False, dtype=dtype,
-                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"))
-    params = ours.init(jax.random.key(0), x)
-    np.testing.assert_array_equal(params["params"]["kernel"], ref.init(jax.random.key(0), x)["params"]["kernel"])
+        def loss(params, x):
+            out, _ = model.apply(variables | {"params": params}, x, train=True, mutable=["batch_stats"])
+            return sum(jnp.sum(v ** 2) for v in jax.tree.leaves(out))
 
-    def value_and_grads(m):
-        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2), argnums=(0, 1)))
+        def traced():  # a new function each time: jit and make_jaxpr cache by function
+            grad = jax.value_and_grad(lambda p, x: loss(p, x))
+            jaxpr = str(jax.make_jaxpr(grad)(variables["params"], x))
+            return jaxpr.count("conv_general_dilated["), jax.jit(grad)(variables["params"], x)
 
-    (v, grads), (v_ref, grads_ref) = value_and_grads(ours)(params, x), value_and_grads(ref)(params, x)
-    tol = 1e-5 if dtype is None else 2e-2
-    np.testing.assert_allclose(v, v_ref, rtol=tol)
+        kernels = [k for k in jax.tree.leaves(variables["params"]) if k.ndim == 4]
+        others = [k for k in kernels if k.shape[:2] != (1, 1) and k.shape[2] != 1]  # neither 1x1 nor depthwise
+        n_convs, (value, grads) = traced()
+        monkeypatch.setattr(conv, "conv_general_dilated", jax.lax.conv_general_dilated)
+        n_lax, (value_ref, grads_ref) = traced()
+    # forward, kernel and input gradient of each conv; the stem (a 3x3 or 7x7 conv) has no input gradient
+    assert (n_convs, n_lax) == (3 * len(others) - 1, 3 * len(kernels) - 1)
+    assert len(kernels) > len(others) > 0
+    np.testing.assert_allclose(value, value_ref, rtol=1e-10)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------- forward passes

@@ -199,4 +199,14 @@ analytic pick in each dtype.
 ``python -m benchmarks.experiments low_precision_steps [rounds]``: the three train-step pairs of
 ``bench`` in float32 and with ``dtype=bfloat16`` (float32 parameters), the HO-CP steps also in
 bfloat16 arithmetic, interleaved per pair.
+
+``python -m benchmarks.experiments depthwise [rounds]``: the 3x3 depthwise convs of the CIFAR-10
+MobileNet-v2 (batch 32, fwd+bwd) as XLA's grouped conv and as the shift kernel
+(``hocp_jax.conv.depthwise_conv``), in float32, bfloat16, and bfloat16 computed in float32,
+interleaved per layer; then the separable conv with either depthwise step beside the CP conv.
+
+``python -m benchmarks.experiments conv_routes [rounds]``: train steps with the models' 1x1 and
+depthwise convs as ``hocp_jax.conv.conv_general_dilated`` runs them (matrix products, the shift
+kernel) and as XLA's convolution: CIFAR-10 MobileNet-v2 dense and HO-CP at batch 32 and 128, and
+``bench``'s ResNet-18 steps (their 1x1 convs are the shortcuts), interleaved per group.
 """

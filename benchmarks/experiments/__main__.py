@@ -15,14 +15,14 @@ EXPERIMENTS = {
     "step_changes": steps.step_changes, "compiler_options": steps.compiler_options,
     "resnet2d_scales": steps.resnet2d_scales, "resnet2d_step_picks": steps.resnet2d_step_picks,
     "dense_baseline_steps": steps.dense_baseline_steps, "tile_threshold": steps.tile_threshold, "autotune_steps": steps.autotune_steps,
-    "low_precision_steps": steps.low_precision_steps,
+    "low_precision_steps": steps.low_precision_steps, "conv_routes": steps.conv_routes,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,
     "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad, "kernel_grad_batches": layers.kernel_grad_batches,
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
-    "path_ties": layers.path_ties, "low_precision": layers.low_precision,
+    "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")

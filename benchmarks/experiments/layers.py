@@ -731,3 +731,91 @@ def low_precision(rounds: int = 5) -> dict:
         out[f"{key}: min, median, max"] = [min(v), statistics.median(v), max(v)]
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def mobilenet_depthwise_cases() -> list[tuple[int, int, int, int]]:
+    """``(size, R, stride, count)`` of the 3x3 depthwise convs of the CIFAR-10 MobileNet-v2
+    (:mod:`hocp_jax.models.mobilenet`, 32x32 inputs): each distinct shape and how many the net has."""
+    from hocp_jax.models.mobilenet import CIFAR_CFG
+
+    counts: dict = {}
+    c_in, size = 32, 32
+    for t, c, n, s in CIFAR_CFG:
+        for j in range(n):
+            stride = s if j == 0 else 1
+            key = (size, t * c_in, stride)
+            counts[key] = counts.get(key, 0) + 1
+            c_in, size = c, size // stride
+    return [(*k, v) for k, v in counts.items()]
+
+
+def depthwise(rounds: int = 7, batch: int = 32) -> dict:
+    """The depthwise 3x3 convs of the CIFAR-10 MobileNet-v2 at ``batch`` images (fwd+bwd: input and
+    kernel gradients, a random cotangent), interleaved per layer: XLA's grouped conv
+    (``feature_group_count=R``, what ``nn.Conv`` and ``separable_conv`` ran before) against the
+    shift kernel :func:`hocp_jax.conv.depthwise_conv`, in float32, in bfloat16 arithmetic and in
+    bfloat16 computed in float32 (cast in and out, as the factorized CP path does on CPU). Then the
+    separable conv (128->128 @ 28x28, rank 512, batch 8) with either depthwise step, beside the CP
+    conv of the same rank (factorized). ``net_ms`` sums each variant over the network's convs."""
+    from jax import lax
+
+    from benchmarks import bench
+    from hocp_jax import init
+
+    def grouped(h, k, stride):
+        return conv.dense_conv(h, k[..., None, :], stride=stride, padding=1, feature_group_count=k.shape[-1])
+
+    def shift(h, k, stride):
+        return conv.depthwise_conv(h, k, stride=stride, padding=1)
+
+    def upcast(h, k, stride):
+        return shift(h.astype(jnp.float32), k.astype(jnp.float32), stride).astype(h.dtype)
+
+    variants = {"grouped float32": (grouped, jnp.float32), "shift float32": (shift, jnp.float32),
+                "grouped bfloat16": (grouped, jnp.bfloat16), "shift bfloat16": (shift, jnp.bfloat16),
+                "shift bfloat16 in float32": (upcast, jnp.bfloat16)}
+    rng = np.random.default_rng(0)
+    out: dict = {"rounds": rounds, "batch": batch, "layers": []}
+    for size, r, stride, count in mobilenet_depthwise_cases():
+        h = jnp.asarray(rng.standard_normal((batch, size, size, r)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 3, r)) / 3, jnp.float32)
+        cot = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda h: shift(h, k, stride), h).shape), jnp.float32)
+        calls = {}
+        for name, (f, dtype) in variants.items():
+            def fn(h, k, f=f, dtype=dtype):
+                return f(h, k.astype(dtype), stride)
+
+            calls[name] = compile_jax(jax.value_and_grad(lambda h, k, c, fn=fn: jnp.sum(fn(h, k) * c), argnums=(0, 1)),
+                                      h.astype(dtype), k, cot.astype(dtype))[0]
+        ms = {n: round(v["median_ms"], 2) for n, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        row = {"layer": f"{size}x{size} R{r} s{stride}", "convs_in_net": count, "ms": ms,
+               "shift / grouped float32": round(ms["shift float32"] / ms["grouped float32"], 3),
+               "shift / grouped bfloat16": round(ms["shift bfloat16"] / ms["grouped bfloat16"], 3),
+               "shift bfloat16 in float32 / shift bfloat16": round(ms["shift bfloat16 in float32"] / ms["shift bfloat16"], 3)}
+        out["layers"].append(row)
+        print(json.dumps(row), flush=True)
+    out["net_ms"] = {n: round(sum(r["ms"][n] * r["convs_in_net"] for r in out["layers"]), 1) for n in variants}
+
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (8, 28, 28, 128))
+    p = init.init_cp_params(key, 128, 128, (3, 3), 512)
+    sep = conv.cp_to_separable(p, ("h", "w"))
+    pads = ((1, 1), (1, 1))
+
+    def sep_grouped(x, s):  # separable_conv with the grouped depthwise step, as it was
+        h = conv.channel_matmul(x, s["factor_in"])
+        h = lax.conv_general_dilated(h, s["depthwise"][..., None, :], (1, 1), pads, feature_group_count=512,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv.channel_matmul(h, s["factor_out"].T)
+
+    fns = {"separable grouped": (sep_grouped, sep),
+           "separable shift": (lambda x, s: conv.separable_conv(x, s, padding=1), sep),
+           "cp factorized": (lambda x, q: conv.cp_conv(x, q, padding=1, implementation="factorized"), p)}
+    cot = jnp.asarray(rng.standard_normal((8, 28, 28, 128)), jnp.float32)
+    ys = {n: f(x, w) for n, (f, w) in fns.items()}
+    assert all(jnp.allclose(y, ys["separable grouped"], rtol=1e-3, atol=1e-3 * float(jnp.abs(y).max())) for y in ys.values())
+    calls = {n: compile_jax(bench.fwd_bwd(f, True), x, w, cot)[0] for n, (f, w) in fns.items()}
+    out["separable"] = {n: round(v["median_ms"], 1) for n, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    out["loadavg"] = os.getloadavg()
+    return out
+

@@ -18,7 +18,7 @@ import jax
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
-from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, reduce_window_pool
+from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, lax_convs, reduce_window_pool
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -456,5 +456,44 @@ def low_precision_steps(rounds: int = 7) -> dict:
                      "hocp / dense": {label: round(ms[f"{hocp} {label}"] / ms[f"{dense} {label}"], 3)
                                       for label in ("float32", "bfloat16")}}
         print(json.dumps(out[hocp]), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def conv_routes(rounds: int = 5) -> dict:
+    """Train steps with the models' 1x1 and depthwise convs as :func:`hocp_jax.conv.conv_general_dilated`
+    runs them (matrix products, the shift kernel) and as XLA's convolution
+    (:func:`~benchmarks.experiments.variants.lax_convs`), interleaved per group: the CIFAR-10
+    MobileNet-v2, dense (also with only one kind routed) and HO-CP, on 32 and 128 images of 32x32
+    (``bench``'s SGD step, a 2-output regression head); then ``bench``'s ResNet-18 train-step cases
+    (2-D dense and HO-CP, 3-D dense and transduced HO-CP), whose 1x1 convs are the shortcuts."""
+    from benchmarks import bench
+
+    head = {"head": {"n_outputs": 2, "n_classes": 0}}
+    out: dict = {"rounds": rounds}
+
+    def timed(group, calls):
+        ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out[group] = {"ms": ms} | {f"{k} / {k}, lax convs": round(ms[k] / ms[f"{k}, lax convs"], 3)
+                                   for k in ms if f"{k}, lax convs" in ms}
+        print(json.dumps({group: out[group]}), flush=True)
+
+    for b in (32, 128):
+        shape, calls = (b, 32, 32, 3), {}
+        for name in ("mobilenet_v2", "mobilenet_v2_hocp"):
+            for label, routes in (("", None), (", lax convs", {}), (", lax depthwise", {"pointwise": False}),
+                                  (", lax 1x1", {"depthwise": False})):
+                if label in (", lax depthwise", ", lax 1x1") and name != "mobilenet_v2":
+                    continue
+                with lax_convs(**routes) if routes is not None else contextlib.nullcontext():
+                    calls[name + label] = step_call(get_model(name, **head), shape)
+        timed(f"mobilenet batch {b}", calls)
+    calls = {}
+    for case in bench.model_cases(False):
+        if case.model.startswith("resnet18"):
+            calls[case.name] = bench.compile_jax(*bench.model_step(case))[0]
+            with lax_convs():
+                calls[f"{case.name}, lax convs"] = bench.compile_jax(*bench.model_step(case))[0]
+    timed("resnet18", calls)
     out["loadavg"] = os.getloadavg()
     return out

@@ -1,8 +1,8 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
-intermediates, batch chunks, and the 1x1 contraction, max-pool and MobileNet-v2's depthwise
-step (XLA's grouped conv) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
+intermediates, batch chunks, and the 1x1 contraction, max-pool and the models' 1x1 and
+depthwise convs (XLA's convolution) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import subprocess
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from hocp_jax import conv
-from hocp_jax.models import common
 from hocp_jax.models.resnet import ResNet, hocp_factory
 
 
@@ -142,31 +138,24 @@ def reduce_window_pool(x, window, stride, padding):
 
 
 
-class GroupedDepthwiseConv(nn.Module):
-    """:class:`hocp_jax.models.common.DepthwiseConv` as it was before the shift kernel: the same
-    parameters, computed as Flax's ``nn.Conv(feature_group_count=C)`` does (XLA's grouped conv)."""
-
-    kernel_size: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-        kernel = self.param("kernel", he, (*self.kernel_size, 1, x.shape[-1]), self.param_dtype)
-        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-        pad = tuple((k // 2, k // 2) for k in self.kernel_size)
-        return conv.dense_conv(x, kernel, stride=self.strides, padding=pad, feature_group_count=x.shape[-1])
-
 
 @contextlib.contextmanager
-def grouped_depthwise():
-    """MobileNet-v2 models traced inside build their depthwise steps with :class:`GroupedDepthwiseConv`."""
-    from hocp_jax.models import mobilenet
+def lax_convs(pointwise: bool = True, depthwise: bool = True):
+    """Models traced inside run their 1x1 (``pointwise``) and/or depthwise convs as XLA's
+    convolution, as before :func:`hocp_jax.conv.conv_general_dilated` routed them to a matrix
+    product and the shift kernel (the models read ``conv.conv_general_dilated`` when traced)."""
+    fast = conv.conv_general_dilated
 
-    mobilenet.DepthwiseConv = GroupedDepthwiseConv
+    def patched(lhs, rhs, *args, **kwargs):
+        n = rhs.ndim - 2
+        is_pointwise = all(k == 1 for k in rhs.shape[:n]) and kwargs.get("feature_group_count", 1) == 1
+        is_depthwise = kwargs.get("feature_group_count", 1) > 1
+        if (pointwise and is_pointwise) or (depthwise and is_depthwise):
+            return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+        return fast(lhs, rhs, *args, **kwargs)
+
+    conv.conv_general_dilated = patched
     try:
         yield
     finally:
-        mobilenet.DepthwiseConv = common.DepthwiseConv
+        conv.conv_general_dilated = fast

@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax import losses
+from hocp_jax import conv, losses
 from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import batch_norm, check_input
@@ -162,8 +162,8 @@ class BReGUnit(nn.Module):
             if self.projection == "pad":
                 s = pad_projection(x, self.features, self.stride)
             else:
-                s = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False,
-                            kernel_init=nn.initializers.he_normal(), name="proj_conv", **self._dt())(x)
+                s = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False, kernel_init=nn.initializers.he_normal(),
+                            conv_general_dilated=conv.conv_general_dilated, name="proj_conv", **self._dt())(x)
                 s = batch_norm(train, name="proj_bn", **self._dt())(s)
         return nn.relu(h_fn(s) + f)
 

@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
 from hocp_jax import conv
 from hocp_jax.pooling import max_pool
@@ -23,7 +22,8 @@ def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
 
 class DenseConv(nn.Module):
     """Bias-free ``nn.Conv`` with symmetric ``k // 2`` padding, called as ``m(x, train)``
-    (``train`` unused) so dense and factorized convs are interchangeable.
+    (``train`` unused) so dense and factorized convs are interchangeable. Computed by
+    :func:`hocp_jax.conv.conv_general_dilated` (1x1 kernels as matrix products).
 
     A kernel with fewer axes than ``x`` has spatial axes treats the extra leading axes as batch."""
 
@@ -38,27 +38,8 @@ class DenseConv(nn.Module):
         pad = tuple((k // 2, k // 2) for k in self.kernel_size)
         he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He, like torchvision's kaiming_normal_
         return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-
-
-class DepthwiseConv(nn.Module):
-    """Bias-free depthwise conv with symmetric ``k // 2`` padding: the parameters of
-    ``nn.Conv(C, kernel_size, strides, feature_group_count=C)`` (``kernel (*K, 1, C)``, He init),
-    computed by :func:`hocp_jax.conv.depthwise_conv` (a shift kernel; XLA CPU's grouped conv was
-    5-30x slower fwd+bwd on MobileNet-v2's layers). ``x (B, *S, C)`` -> ``(B, *S_out, C)``."""
-
-    kernel_size: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-        kernel = self.param("kernel", he, (*self.kernel_size, 1, x.shape[-1]), self.param_dtype)
-        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-        pad = tuple((k // 2, k // 2) for k in self.kernel_size)
-        return conv.depthwise_conv(x, kernel[..., 0, :], stride=self.strides, padding=pad)
+                       dtype=self.dtype, param_dtype=self.param_dtype, conv_general_dilated=conv.conv_general_dilated,
+                       name="conv")(x)
 
 
 def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:

@@ -30,8 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hocp_jax import conv
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, DepthwiseConv, batch_norm, check_input
+from hocp_jax.models.common import DenseConv, batch_norm, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp")
@@ -54,7 +55,9 @@ class InvertedResidual(nn.Module):
         rank = self.expansion * c_in
         if self.conv == "dense":
             y = nn.relu(batch_norm(train, name="bn_expand", **dt)(DenseConv(rank, (1, 1), (1, 1), name="expand", **dt)(x)))
-            dw = DepthwiseConv((3, 3), (self.stride,) * 2, name="depthwise", **dt)
+            dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False,
+                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                         conv_general_dilated=conv.conv_general_dilated, name="depthwise", **dt)  # the shift kernel
             y = nn.relu(batch_norm(train, name="bn_depthwise", **dt)(dw(y)))
             y = DenseConv(self.features, (1, 1), (1, 1), name="project", **dt)(y)
         else:

@@ -159,7 +159,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          preferred_element_type=None) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated``: same signature, same result, faster on XLA CPU for
     two channels-last kinds (e.g. ``nn.Conv(..., conv_general_dilated=hocp_jax.conv.conv_general_dilated)``;
-    :func:`dense_conv` and the models' convs use it):
+    :func:`dense_conv` and the models' convs use it). On the CPU backend it runs
 
     * a pointwise kernel (every spatial size 1, one group): one matrix product over the padded,
       strided positions (:func:`channel_matmul`); XLA CPU ran the 1x1 conv 1.7-5.5x slower fwd+bwd
@@ -168,10 +168,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       kernel of :func:`depthwise_conv`.
 
     Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
-    dtypes, ``preferred_element_type``) is passed to ``lax.conv_general_dilated`` unchanged."""
+    dtypes, ``preferred_element_type``), and every conv on GPU/TPU, whose vendor-tuned convolutions
+    were not measured against these, is passed to ``lax.conv_general_dilated`` unchanged."""
     n = rhs.ndim - 2
-    fast = (n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype and batch_group_count == 1
-            and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
+    fast = (jax.default_backend() == "cpu" and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
+            and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
             and dimension_numbers is not None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n))
     ks, c_in, c_out = rhs.shape[:n], lhs.shape[-1], rhs.shape[-1]

@@ -201,6 +201,16 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     assert has_conv == (route == "lax")
 
 
+def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
+    """Off the CPU backend the drop-in routes nothing: the pointwise and depthwise convs stay lax's."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = jnp.ones((2, 8, 8, 4))
+    for k, groups in ((jnp.ones((1, 1, 4, 6)), 1), (jnp.ones((3, 3, 1, 4)), 4)):
+        f = functools.partial(conv.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                              dimension_numbers=NHWC, feature_group_count=groups)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, k))
+
+
 @pytest.mark.parametrize("h_shape, kernel_shape, kwargs, match", [
     ((2, 8, 8, 4), (3, 3, 5), {}, r"h: got shape \(2, 8, 8, 4\) for a depthwise kernel of shape \(3, 3, 5\)"),
     ((2, 8, 4), (3, 3, 4), {}, r"expected \(B, 2 spatial sizes, 4 channels\)"),

@@ -352,7 +352,7 @@ def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: Paddin
     The shift kernel of :func:`depthwise_conv_1d` over all modes at once (``prod K`` strided
     slices, one fused pass; custom VJP of the same form; reverse mode only). It equals
     ``lax.conv_general_dilated`` with ``feature_group_count=R`` and replaces it, which XLA CPU
-    ran 5-30x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
+    ran 2.7-31x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
     """
     n = kernel.ndim - 1
     if n < 1 or h.ndim != n + 2 or h.shape[-1] != kernel.shape[-1]:

@@ -23,7 +23,7 @@ def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
 class DenseConv(nn.Module):
     """Bias-free ``nn.Conv`` with symmetric ``k // 2`` padding, called as ``m(x, train)``
     (``train`` unused) so dense and factorized convs are interchangeable. Computed by
-    :func:`hocp_jax.conv.conv_general_dilated` (1x1 kernels as matrix products).
+    :func:`hocp_jax.conv.conv_general_dilated` (on CPU, 1x1 kernels as matrix products).
 
     A kernel with fewer axes than ``x`` has spatial axes treats the extra leading axes as batch."""
 

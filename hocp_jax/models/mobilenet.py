@@ -57,7 +57,7 @@ class InvertedResidual(nn.Module):
             y = nn.relu(batch_norm(train, name="bn_expand", **dt)(DenseConv(rank, (1, 1), (1, 1), name="expand", **dt)(x)))
             dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False,
                          kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
-                         conv_general_dilated=conv.conv_general_dilated, name="depthwise", **dt)  # the shift kernel
+                         conv_general_dilated=conv.conv_general_dilated, name="depthwise", **dt)  # on CPU the shift kernel
             y = nn.relu(batch_norm(train, name="bn_depthwise", **dt)(dw(y)))
             y = DenseConv(self.features, (1, 1), (1, 1), name="project", **dt)(y)
         else:

@@ -209,4 +209,9 @@ interleaved per layer; then the separable conv with either depthwise step beside
 depthwise convs as ``hocp_jax.conv.conv_general_dilated`` runs them (matrix products, the shift
 kernel) and as XLA's convolution: CIFAR-10 MobileNet-v2 dense and HO-CP at batch 32 and 128, and
 ``bench``'s ResNet-18 steps (their 1x1 convs are the shortcuts), interleaved per group.
+
+``python -m benchmarks.experiments patches_memory [rounds]``: ``bench``'s dense 3-D train steps
+(ResNet-18 3-D, the Jester net) with ``lax``'s convs, with their dense convs as a patches matrix
+product, and with that product under ``jax.checkpoint``, interleaved: ms per step and XLA's
+temporary buffers per compiled step.
 """

@@ -497,3 +497,33 @@ def conv_routes(rounds: int = 5) -> dict:
     timed("resnet18", calls)
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def patches_memory(rounds: int = 9) -> dict:
+    """``bench``'s dense 3-D train steps (ResNet-18 3-D, the Jester net) compiled with ``lax``'s
+    convs, with every dense conv as a patches matrix product (:func:`benchmarks.patches.patches_convs`)
+    and with the patches product under ``jax.checkpoint`` (the patches recomputed in the backward
+    pass instead of kept): ms per step, interleaved, and the temporary buffers of each compiled
+    step from XLA's ``memory_analysis()``, in MiB."""
+    from benchmarks import bench, patches
+
+    @contextlib.contextmanager
+    def remat_patches():
+        with mock.patch.object(patches, "dense_patches", jax.checkpoint(patches.dense_patches, static_argnums=(2, 3))):
+            with patches.patches_convs() as replaced:
+                yield replaced
+
+    calls, temp_mib = {}, {}
+    for case in bench.model_cases(False):
+        if case.name not in ("resnet18_3d dense", "jester dense"):
+            continue
+        for label, program in (("lax", contextlib.nullcontext), ("patches", patches.patches_convs),
+                               ("patches remat", remat_patches)):
+            with program():
+                fn, *args = bench.model_step(case)
+                compiled = jax.jit(fn).lower(*args).compile()
+            temp_mib[f"{case.name}, {label}"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
+            calls[f"{case.name}, {label}"] = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+    print(json.dumps({"temp MiB": temp_mib}), flush=True)
+    ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    return {"rounds": rounds, "ms": ms, "temp MiB": temp_mib, "loadavg": os.getloadavg()}

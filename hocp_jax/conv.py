@@ -165,7 +165,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       strided positions (:func:`channel_matmul`); XLA CPU ran the 1x1 conv 1.7-5.5x slower fwd+bwd
       on MobileNet-v2's and ResNet's 1x1 shapes;
     * a depthwise kernel (``feature_group_count`` = input channels = output channels): the shift
-      kernel of :func:`depthwise_conv`.
+      kernel of :func:`depthwise_conv`, which is reverse mode only like the CP path's depthwise
+      passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
+      works).
 
     Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
     dtypes, ``preferred_element_type``), and every conv on GPU/TPU, whose vendor-tuned convolutions

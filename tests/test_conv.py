@@ -201,6 +201,24 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     assert has_conv == (route == "lax")
 
 
+def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_products():
+    """The depthwise route has a custom VJP: ``jax.jvp`` through it raises, and forward-over-reverse
+    (a Hessian-vector product of a loss w.r.t. the input and the kernel) equals lax's."""
+    rng = np.random.default_rng(3)
+    x, k = rng.standard_normal((2, 7, 6, 4), np.float32), rng.standard_normal((3, 3, 1, 4), np.float32)
+    vx, vk = rng.standard_normal(x.shape, np.float32), rng.standard_normal(k.shape, np.float32)
+    kwargs = dict(window_strides=(2, 1), padding=((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=4)
+
+    def hvp(conv_fn):
+        loss = lambda x, k: jnp.sum(jnp.tanh(conv_fn(x, k, **kwargs)) ** 2)
+        return jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (vx, vk))[1]
+
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: conv.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
+    for got, want in zip(hvp(conv.conv_general_dilated), hvp(jax.lax.conv_general_dilated)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
 def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
     """Off the CPU backend the drop-in routes nothing: the pointwise and depthwise convs stay lax's."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

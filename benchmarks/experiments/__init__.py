@@ -205,10 +205,16 @@ MobileNet-v2 (batch 32, fwd+bwd) as XLA's grouped conv and as the shift kernel
 (``hocp_jax.conv.depthwise_conv``), in float32, bfloat16, and bfloat16 computed in float32,
 interleaved per layer; then the separable conv with either depthwise step beside the CP conv.
 
+``python -m benchmarks.experiments pointwise [rounds]``: every distinct 1x1 conv of the CIFAR-10
+MobileNet-v2 (batch 32 and 128) and of ``bench``'s dense ResNet-18 2-D and 3-D steps, found by
+tracing the models, fwd+bwd as XLA's convolution and as ``hocp_jax.conv.conv_general_dilated``
+runs it on CPU (one matrix product), interleaved per conv.
+
 ``python -m benchmarks.experiments conv_routes [rounds]``: train steps with the models' 1x1 and
 depthwise convs as ``hocp_jax.conv.conv_general_dilated`` runs them (matrix products, the shift
 kernel) and as XLA's convolution: CIFAR-10 MobileNet-v2 dense and HO-CP at batch 32 and 128, and
-``bench``'s ResNet-18 steps (their 1x1 convs are the shortcuts), interleaved per group.
+``bench``'s ResNet-18 steps (their 1x1 convs are the shortcuts), interleaved per group;
+``conv_routes_resnet18 [rounds]`` runs the ResNet-18 group alone (15 rounds by default).
 
 ``python -m benchmarks.experiments patches_memory [rounds]``: ``bench``'s dense 3-D train steps
 (ResNet-18 3-D, the Jester net) with ``lax``'s convs, with their dense convs as a patches matrix

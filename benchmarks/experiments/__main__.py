@@ -16,7 +16,7 @@ EXPERIMENTS = {
     "resnet2d_scales": steps.resnet2d_scales, "resnet2d_step_picks": steps.resnet2d_step_picks,
     "dense_baseline_steps": steps.dense_baseline_steps, "tile_threshold": steps.tile_threshold, "autotune_steps": steps.autotune_steps,
     "low_precision_steps": steps.low_precision_steps, "conv_routes": steps.conv_routes,
-    "patches_memory": steps.patches_memory,
+    "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,
@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
+    "pointwise": layers.pointwise,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")

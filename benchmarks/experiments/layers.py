@@ -819,3 +819,55 @@ def depthwise(rounds: int = 7, batch: int = 32) -> dict:
     out["loadavg"] = os.getloadavg()
     return out
 
+
+
+def pointwise(rounds: int = 7) -> dict:
+    """Every distinct 1x1 conv of the CIFAR-10 MobileNet-v2 (batch 32 and 128) and of ``bench``'s
+    dense ResNet-18 2-D and 3-D steps (the strided shortcuts), found by tracing the models, timed
+    fwd+bwd (input and kernel gradients, a random cotangent) as XLA's convolution and as
+    :func:`hocp_jax.conv.conv_general_dilated` runs it on CPU (one matrix product), interleaved per
+    conv; ``count`` is how many convs of the model have the shape."""
+    from unittest import mock
+
+    from jax import lax
+
+    from benchmarks import bench
+    from hocp_jax.models import get_model
+
+    routed, found = conv.conv_general_dilated, {}
+
+    def recording(lhs, rhs, window_strides, padding, **kwargs):
+        if all(k == 1 for k in rhs.shape[:-2]) and kwargs.get("feature_group_count", 1) == 1:
+            key = (tuple(lhs.shape), tuple(rhs.shape), tuple(window_strides), str(padding))
+            found.setdefault(key, [lhs.shape, rhs.shape, window_strides, padding, kwargs, 0])[-1] += 1
+        return routed(lhs, rhs, window_strides, padding, **kwargs)
+
+    steps = {c.name: (c.model, c.input_shape, c.tiny) for c in bench.model_cases(False)
+             if c.name in ("resnet18 dense 2-D", "resnet18_3d dense")}
+    steps |= {f"mobilenet_v2 batch {b}": ("mobilenet_v2", (b, 32, 32, 3), False) for b in (32, 128)}
+    rng = np.random.default_rng(0)
+    out: dict = {"rounds": rounds, "convs": []}
+    for step, (model, shape, tiny) in steps.items():
+        found.clear()
+        with mock.patch.object(conv, "conv_general_dilated", recording):
+            jax.eval_shape(get_model(model, tiny=tiny).init, jax.random.key(0), jnp.zeros(shape))
+        for lhs_shape, rhs_shape, strides, padding, kwargs, count in found.values():
+            x = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
+            k = jnp.asarray(rng.standard_normal(rhs_shape) / np.sqrt(rhs_shape[-2]), jnp.float32)
+            calls = {}
+            for name, f in (("lax", lax.conv_general_dilated), ("routed", routed)):
+                def fn(x, k, c, f=f):
+                    return jnp.sum(f(x, k, strides, padding, **kwargs) * c)
+
+                cot = jnp.asarray(rng.standard_normal(jax.eval_shape(
+                    lambda x, k: routed(x, k, strides, padding, **kwargs), x, k).shape), jnp.float32)
+                calls[name] = compile_jax(jax.value_and_grad(fn, argnums=(0, 1)), x, k, cot)[0]
+            ms = {n: round(v["median_ms"], 2) for n, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+            row = {"step": step, "x": list(lhs_shape), "kernel": list(rhs_shape), "strides": list(strides), "count": count,
+                   "ms": ms, "routed / lax": round(ms["routed"] / ms["lax"], 3)}
+            out["convs"].append(row)
+            print(json.dumps(row), flush=True)
+    ratios = [r["routed / lax"] for r in out["convs"]]
+    out["routed / lax range"] = [min(ratios), max(ratios)]
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -467,17 +467,8 @@ def conv_routes(rounds: int = 5) -> dict:
     MobileNet-v2, dense (also with only one kind routed) and HO-CP, on 32 and 128 images of 32x32
     (``bench``'s SGD step, a 2-output regression head); then ``bench``'s ResNet-18 train-step cases
     (2-D dense and HO-CP, 3-D dense and transduced HO-CP), whose 1x1 convs are the shortcuts."""
-    from benchmarks import bench
-
     head = {"head": {"n_outputs": 2, "n_classes": 0}}
     out: dict = {"rounds": rounds}
-
-    def timed(group, calls):
-        ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
-        out[group] = {"ms": ms} | {f"{k} / {k}, lax convs": round(ms[k] / ms[f"{k}, lax convs"], 3)
-                                   for k in ms if f"{k}, lax convs" in ms}
-        print(json.dumps({group: out[group]}), flush=True)
-
     for b in (32, 128):
         shape, calls = (b, 32, 32, 3), {}
         for name in ("mobilenet_v2", "mobilenet_v2_hocp"):
@@ -487,16 +478,40 @@ def conv_routes(rounds: int = 5) -> dict:
                     continue
                 with lax_convs(**routes) if routes is not None else contextlib.nullcontext():
                     calls[name + label] = step_call(get_model(name, **head), shape)
-        timed(f"mobilenet batch {b}", calls)
+        _time_routes(out, f"mobilenet batch {b}", calls, rounds)
+    _time_routes(out, "resnet18", _resnet18_route_calls(), rounds)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def conv_routes_resnet18(rounds: int = 15) -> dict:
+    """The ResNet-18 group of :func:`conv_routes` alone (its train steps as the library runs them
+    and with ``lax``'s convs, interleaved), for more rounds."""
+    out: dict = {"rounds": rounds}
+    _time_routes(out, "resnet18", _resnet18_route_calls(), rounds)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def _resnet18_route_calls() -> dict:
+    """``bench``'s ResNet-18 train steps, each compiled as the library runs it and with ``lax``'s convs."""
+    from benchmarks import bench
+
     calls = {}
     for case in bench.model_cases(False):
         if case.model.startswith("resnet18"):
             calls[case.name] = bench.compile_jax(*bench.model_step(case))[0]
             with lax_convs():
                 calls[f"{case.name}, lax convs"] = bench.compile_jax(*bench.model_step(case))[0]
-    timed("resnet18", calls)
-    out["loadavg"] = os.getloadavg()
-    return out
+    return calls
+
+
+def _time_routes(out: dict, group: str, calls: dict, rounds: int) -> None:
+    """Times ``calls`` interleaved into ``out[group]``: ms per call and each ``<name> / <name>, lax convs`` ratio."""
+    ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    out[group] = {"ms": ms} | {f"{k} / {k}, lax convs": round(ms[k] / ms[f"{k}, lax convs"], 3)
+                               for k in ms if f"{k}, lax convs" in ms}
+    print(json.dumps({group: out[group]}), flush=True)
 
 
 def patches_memory(rounds: int = 9) -> dict:

@@ -172,15 +172,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
     dtypes, ``preferred_element_type``), and every conv on GPU/TPU, whose vendor-tuned convolutions
     were not measured against these, is passed to ``lax.conv_general_dilated`` unchanged."""
+    route = conv_route(lhs, rhs, lhs_dilation=lhs_dilation, dimension_numbers=dimension_numbers,
+                       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                       preferred_element_type=preferred_element_type)
     n = rhs.ndim - 2
-    fast = (jax.default_backend() == "cpu" and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
-            and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
-            and dimension_numbers is not None
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n))
     ks, c_in, c_out = rhs.shape[:n], lhs.shape[-1], rhs.shape[-1]
-    pointwise = fast and feature_group_count == 1 and all(k == 1 for k in ks)
-    depthwise = fast and feature_group_count == c_in == c_out and rhs.shape[-2] == 1
-    if not (pointwise or depthwise):
+    if route is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                         feature_group_count, batch_group_count=batch_group_count, precision=precision,
                                         preferred_element_type=preferred_element_type)
@@ -191,11 +188,29 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                          padding))
     else:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if depthwise:
+    if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
     outs = [output_size(*a) for a in zip(lhs.shape[1:-1], ks, strides, dilations, pads)]
     (x,) = _tap_inputs(lhs, ks, strides, pads, dilations, outs)
     return channel_matmul(x, rhs.reshape(c_in, c_out), precision)
+
+
+def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+               preferred_element_type=None, **_) -> str | None:
+    """How :func:`conv_general_dilated` runs a conv of these arguments (the other keyword arguments
+    of ``lax.conv_general_dilated`` are accepted and do not matter): ``"pointwise"`` (one matrix
+    product), ``"depthwise"`` (the shift kernel) or ``None`` (``lax``'s convolution)."""
+    n = rhs.ndim - 2
+    if not (jax.default_backend() == "cpu" and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
+            and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
+            and dimension_numbers is not None
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)):
+        return None
+    if feature_group_count == 1 and all(k == 1 for k in rhs.shape[:n]):
+        return "pointwise"
+    if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1:
+        return "depthwise"
+    return None
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):

@@ -199,6 +199,7 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     has_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, k))
     assert has_conv == (route == "lax")
+    assert conv.conv_route(x, k, **kwargs) == (None if route == "lax" else route)
 
 
 def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_products():

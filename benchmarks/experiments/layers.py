@@ -820,7 +820,6 @@ def depthwise(rounds: int = 7, batch: int = 32) -> dict:
     return out
 
 
-
 def pointwise(rounds: int = 7) -> dict:
     """Every distinct 1x1 conv of the CIFAR-10 MobileNet-v2 (batch 32 and 128) and of ``bench``'s
     dense ResNet-18 2-D and 3-D steps (the strided shortcuts), found by tracing the models, timed
@@ -837,7 +836,7 @@ def pointwise(rounds: int = 7) -> dict:
     routed, found = conv.conv_general_dilated, {}
 
     def recording(lhs, rhs, window_strides, padding, **kwargs):
-        if all(k == 1 for k in rhs.shape[:-2]) and kwargs.get("feature_group_count", 1) == 1:
+        if conv.conv_route(lhs, rhs, **kwargs) == "pointwise":
             key = (tuple(lhs.shape), tuple(rhs.shape), tuple(window_strides), str(padding))
             found.setdefault(key, [lhs.shape, rhs.shape, window_strides, padding, kwargs, 0])[-1] += 1
         return routed(lhs, rhs, window_strides, padding, **kwargs)

@@ -137,8 +137,6 @@ def reduce_window_pool(x, window, stride, padding):
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
 
 
-
-
 @contextlib.contextmanager
 def lax_convs(pointwise: bool = True, depthwise: bool = True):
     """Models traced inside run their 1x1 (``pointwise``) and/or depthwise convs as XLA's
@@ -146,13 +144,11 @@ def lax_convs(pointwise: bool = True, depthwise: bool = True):
     product and the shift kernel (the models read ``conv.conv_general_dilated`` when traced)."""
     fast = conv.conv_general_dilated
 
-    def patched(lhs, rhs, *args, **kwargs):
-        n = rhs.ndim - 2
-        is_pointwise = all(k == 1 for k in rhs.shape[:n]) and kwargs.get("feature_group_count", 1) == 1
-        is_depthwise = kwargs.get("feature_group_count", 1) > 1
-        if (pointwise and is_pointwise) or (depthwise and is_depthwise):
-            return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
-        return fast(lhs, rhs, *args, **kwargs)
+    to_lax = {"pointwise": pointwise, "depthwise": depthwise, None: True}
+
+    def patched(lhs, rhs, window_strides, padding, **kwargs):
+        convolution = lax.conv_general_dilated if to_lax[conv.conv_route(lhs, rhs, **kwargs)] else fast
+        return convolution(lhs, rhs, window_strides, padding, **kwargs)
 
     conv.conv_general_dilated = patched
     try:

@@ -50,6 +50,7 @@ def test_layer_bf16_close_to_float32_and_params_stay_float32(i):
 
 
 @pytest.mark.parametrize("name,shape,out", [("resnet18_hocp", (2, 32, 32, 3), "va"),
+                                            ("mobilenet_v2", (2, 32, 32, 3), "logits"),  # routed 1x1 + depthwise
                                             pytest.param("jester_hocp", (2, 16, 16, 16, 3), "logits",
                                                          marks=pytest.mark.slow),
                                             pytest.param("mobilenet_v2_hocp", (2, 32, 32, 3), "logits",

@@ -105,6 +105,10 @@ step of ``bench`` with ``auto``'s path for every CP conv, and once per CP conv s
 whether each of ``auto``'s picks is the faster one inside the step, where the convs' operands
 are not in cache as they are when a layer is timed alone.
 
+``python -m benchmarks.experiments transduced_step_picks [rounds]``: the same for ``bench``'s
+transduced HO-CP ResNet-18 train step (one clip of 8 frames of 112 x 112; the 3-D stem, which gets
+no input gradient, too), interleaved with the dense 3-D step.
+
 ``python -m benchmarks.experiments chunk_picks [rounds]``: the ResNet-18 2-D 3x3 conv shapes on
 batches of 2 to 64 images of 112 to 224 pixels whose ``auto`` pick the cost model's
 ``CHUNKED_BYTES_SCALE`` changes (the factorized path in chunks of samples counted as cheaper per

@@ -14,6 +14,7 @@ EXPERIMENTS = {
     "stem": steps.stem, "step_profile": steps.step_profile, "per_sample": steps.per_sample,
     "step_changes": steps.step_changes, "compiler_options": steps.compiler_options,
     "resnet2d_scales": steps.resnet2d_scales, "resnet2d_step_picks": steps.resnet2d_step_picks,
+    "transduced_step_picks": steps.transduced_step_picks,
     "dense_baseline_steps": steps.dense_baseline_steps, "tile_threshold": steps.tile_threshold, "autotune_steps": steps.autotune_steps,
     "low_precision_steps": steps.low_precision_steps, "conv_routes": steps.conv_routes,
     "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory,

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from unittest import mock
 
 import jax
@@ -231,6 +232,24 @@ def _cp_paths(picks: dict[str, str], force: dict[str, str] | None = None):
         yield
 
 
+def _step_picks(dense_call, build_hocp: Callable[[], Callable], rounds: int) -> dict:
+    """A HO-CP train step (``build_hocp()`` compiles it) with ``auto``'s paths, and once per CP conv
+    shape of the step with the convs of that shape on the other path, interleaved with
+    ``dense_call``, the dense step."""
+    picks: dict[str, str] = {}
+    calls = {"dense": dense_call}
+    with _cp_paths(picks):
+        calls["auto"] = build_hocp()
+    other = {"factorized": "reconstructed", "reconstructed": "factorized"}
+    for key, pick in dict(picks).items():
+        with _cp_paths({}, {key: other[pick]}):
+            calls[f"{key}: {other[pick]}"] = build_hocp()
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {name: v["median_ms"] for name, v in t.items()}
+    return {"rounds": rounds, "auto_picks": picks, "ms": ms,
+            "over_auto": {name: v / ms["auto"] for name, v in ms.items()}, "loadavg": os.getloadavg()}
+
+
 def resnet2d_step_picks(rounds: int = 25) -> dict:
     """The HO-CP ResNet-18 2-D train step of ``bench`` with ``auto``'s paths, and once per CP conv
     shape of the step (the stem too) with the convs of that shape on the other path, interleaved
@@ -238,18 +257,20 @@ def resnet2d_step_picks(rounds: int = 25) -> dict:
     from benchmarks import bench
 
     dense, hocp = resnet2d_cases()
-    picks: dict[str, str] = {}
-    calls = {"dense": bench.compile_jax(*bench.model_step(dense))[0]}
-    with _cp_paths(picks):
-        calls["auto"] = bench.compile_jax(*bench.model_step(hocp))[0]
-    other = {"factorized": "reconstructed", "reconstructed": "factorized"}
-    for key, pick in dict(picks).items():
-        with _cp_paths({}, {key: other[pick]}):
-            calls[f"{key}: {other[pick]}"] = bench.compile_jax(*bench.model_step(hocp))[0]
-    t = time_interleaved(calls, rounds, budget_s=1e9)
-    ms = {name: v["median_ms"] for name, v in t.items()}
-    return {"rounds": rounds, "auto_picks": picks, "ms": ms,
-            "over_auto": {name: v / ms["auto"] for name, v in ms.items()}, "loadavg": os.getloadavg()}
+    return _step_picks(bench.compile_jax(*bench.model_step(dense))[0],
+                       lambda: bench.compile_jax(*bench.model_step(hocp))[0], rounds)
+
+
+def transduced_step_picks(rounds: int = 15) -> dict:
+    """:func:`resnet2d_step_picks` for ``bench``'s transduced HO-CP ResNet-18 train step (one clip of
+    8 frames of 112 x 112, the 3-D stem too), against the dense 3-D step. Shapes that only the
+    transduction's 2-D source model traces are flipped too; their rows time the same program as
+    ``auto``'s."""
+    from benchmarks import bench
+
+    cases = {c.name: c for c in bench.model_cases(False)}
+    return _step_picks(bench.prepare_model_case(cases["resnet18_3d dense"])[0],
+                       lambda: bench.prepare_model_case(cases["resnet18_hocp transduced"])[0], rounds)
 
 
 RESNET2D_SCALES = ((8, 112), (32, 112), (8, 224), (16, 224))

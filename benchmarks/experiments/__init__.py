@@ -24,6 +24,11 @@ runtime and PyTorch both allocate with glibc's malloc): the Jester stack (JAX de
 PyTorch/TensorLy-Torch peers), then the three train-step pairs. Shows how much of each ratio is
 the allocator's doing rather than the conv's.
 
+``python -m benchmarks.experiments main_job_malloc [rounds]``: ``train.py``'s default job (the
+README's first command) end to end under glibc's defaults and each other installed allocator
+setting but ``hugetlb``, in turn: wall-clock seconds and each stage's median train steps per
+second. Whether the allocator tip for CPU training holds for a whole job, small models included.
+
 ``python -m benchmarks.experiments shift_kernel [rounds] [revision]``: the depthwise shift kernel
 of ``hocp_jax/conv.py`` at git ``revision`` (default 35aced0: the "pad-free" kernel; 48d5593: the
 "tap-input" kernel; both measured and not kept) against the current one: the Jester stack layers

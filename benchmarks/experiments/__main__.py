@@ -27,6 +27,7 @@ EXPERIMENTS = {
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
     "pointwise": layers.pointwise,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
+    "main_job_malloc": workers.main_job_malloc,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")
 

@@ -156,6 +156,36 @@ def malloc(rounds: int = 5) -> dict:
     return out
 
 
+MAIN_JOB_STAGES = ("static", "stage1", "stage2", "baseline_resnet18_3d")
+
+
+def main_job_malloc(rounds: int = 1) -> dict:
+    """``train.py``'s default job (the README's first command, in a fresh workdir each time) under
+    glibc's defaults and each other installed setting of :data:`MALLOC_SETTINGS` but
+    ``hugetlb``, the settings in turn, ``rounds`` times: wall-clock seconds and, per stage, the
+    median train steps per second of its metric log (``steps_per_s``, the first record left out)."""
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    settings = {k: v for k, v in _malloc_settings().items() if k != "hugetlb"}
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
+    runs: dict[str, list] = {label: [] for label in settings}
+    for _ in range(rounds):
+        for label, extra in settings.items():
+            with tempfile.TemporaryDirectory() as workdir:
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "train.py", "--workdir", workdir], cwd=root, env=base | extra,
+                               check=True, capture_output=True)
+                run = {"wall_s": time.perf_counter() - t0, "steps_per_s": {}}
+                for stage in MAIN_JOB_STAGES:
+                    with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+                        rows = [json.loads(line) for line in f]
+                    rates = [r["steps_per_s"] for r in rows if r.get("split") == "train" and "steps_per_s" in r][1:]
+                    run["steps_per_s"][stage] = statistics.median(rates)
+                runs[label].append(run)
+    return {"settings": settings, "rounds": rounds, "runs": runs, "loadavg": os.getloadavg()}
+
+
 def processes(rounds: int = 25, n: int = 6) -> dict:
     """The ResNet-18 2-D train-step pair of ``bench`` in ``n`` worker processes with the same
     environment, timed in interleaved rounds (:func:`_run_in_workers`): how far the HO-CP/dense

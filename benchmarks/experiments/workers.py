@@ -108,13 +108,15 @@ def xla_flags(rounds: int = 3) -> dict:
 # from a thread other than the main one (XLA's runtime threads allocate from their own arenas,
 # which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
 # call then page-faults its whole working set in again (seen from the minor-fault count per call
-# in a scratch session). Plus jemalloc and tcmalloc in place of glibc's malloc
+# in a scratch session). "mmap from 1 GiB" (stop 45) keeps the arenas but raises the mmap
+# threshold, so buffers under 1 GiB come from the arenas' heaps. Plus jemalloc and tcmalloc in place of glibc's malloc
 # (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
 # libtcmalloc-minimal4).
 MALLOC_SETTINGS = {
     "default": {},
     "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "one arena, no mmap": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
+    "mmap from 1 GiB": {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
     "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
 }

@@ -9,7 +9,11 @@ Each peer is a zero-argument callable doing one training-style fwd+bwd: forward,
 :func:`benchmarks.bench.cotangent`); gradients w.r.t. every parameter and, only if
 ``input_grad``, w.r.t. the input (the network's first layer gets none, as in a train step).
 PyTorch runs in its native channels-first layout (``(B, C, *S)``) on ``torch.set_num_threads(n)``
-threads with ``n`` the number of cores JAX's CPU client uses.
+threads with ``n`` the number of cores JAX's CPU client uses; or, with ``device="cuda"`` (what
+:mod:`benchmarks.bench` asks for when JAX runs on a GPU), on the GPU, each call ending in
+``torch.cuda.synchronize()`` as a JAX call ends in ``block_until_ready``, with TensorFloat-32
+allowed in PyTorch's float32 matrix products and convs (:func:`set_precision`) to match JAX's
+default float32 precision on NVIDIA GPUs.
 
 The benchmark runs the peers in a process of their own (:class:`PeerProcess`, this module run as
 ``python -m benchmarks.peers``), driven over pipes one call at a time, so their calls still
@@ -32,8 +36,10 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 PEERS = ("torch dense", "tltorch cp reconstructed", "tltorch cp factorized")
+DEVICES = ("cpu", "cuda")
 
 
 def available() -> str | None:
@@ -54,6 +60,18 @@ def versions() -> dict[str, str]:
             "torch_threads": torch.get_num_threads()}
 
 
+def set_precision(device: str) -> dict[str, Any]:
+    """On ``"cuda"``, allows TensorFloat-32 in PyTorch's float32 matrix products (its convs allow it
+    by default), as JAX does by default on NVIDIA GPUs; returns the settings in force."""
+    import torch
+
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return {"torch_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "torch_cudnn_tf32": torch.backends.cudnn.allow_tf32}
+
+
 def set_threads() -> int:
     import torch
 
@@ -62,8 +80,9 @@ def set_threads() -> int:
     return n
 
 
-def conv_peers(case, seed: int = 0) -> dict[str, Callable[[], None]]:
-    """fwd+bwd callables of the three peers on ``case`` (a :class:`benchmarks.bench.ConvCase`)."""
+def conv_peers(case, seed: int = 0, device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """fwd+bwd callables of the three peers on ``case`` (a :class:`benchmarks.bench.ConvCase`), on
+    ``device`` (``"cpu"`` or ``"cuda"``)."""
     import tltorch
     import torch
 
@@ -73,7 +92,7 @@ def conv_peers(case, seed: int = 0) -> dict[str, Callable[[], None]]:
     if any(lo != hi for lo, hi in pads):
         raise ValueError(f"case {case.name}: torch peers need symmetric padding, got {pads}")
     padding = tuple(lo for lo, _ in pads)
-    x = torch.randn(case.batch, case.c_in, *case.in_sizes)
+    x = torch.randn(case.batch, case.c_in, *case.in_sizes).to(device)
     x.requires_grad_(case.input_grad)
     dense_cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[n]
     layers = {"torch dense": dense_cls(case.c_in, case.c_out, case.kernel, stride=strides, padding=padding, bias=False)}
@@ -82,15 +101,18 @@ def conv_peers(case, seed: int = 0) -> dict[str, Callable[[], None]]:
                                        factorization="cp", rank=case.rank, implementation=impl)
         layer.reset_parameters(std=(case.c_in * float(torch.tensor(case.kernel).prod())) ** -0.5)
         layers[f"tltorch cp {impl}"] = layer
+    layers = {name: layer.to(device) for name, layer in layers.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     with torch.no_grad():
-        cot = torch.randn(layers["torch dense"](x).shape, generator=torch.Generator().manual_seed(1))
+        cot = torch.randn(layers["torch dense"](x).shape, generator=torch.Generator().manual_seed(1)).to(device)
 
     def step(layer):
         def run():
             layer.zero_grad(set_to_none=True)
             x.grad = None
             layer(x).backward(cot)
+            sync()
 
         return run
 
@@ -106,8 +128,10 @@ class PeerProcess:
     more). Use as a context manager, or :meth:`close`.
     """
 
-    def __init__(self):
-        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers"], stdin=subprocess.PIPE,
+    def __init__(self, device: str = "cpu"):
+        if device not in DEVICES:
+            raise ValueError(f"device={device!r}: expected one of {DEVICES}")
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", device], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True)
         self.info = self._ask({"op": "info"})
 
@@ -141,24 +165,25 @@ class PeerProcess:
         self.close()
 
 
-def _serve() -> None:
+def _serve(device: str) -> None:
     """The worker of :class:`PeerProcess`: one JSON request per stdin line, one JSON reply per line
-    on the original stdout (anything else the libraries print goes to stderr)."""
+    on the original stdout (anything else the libraries print goes to stderr); peers on ``device``."""
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     threads, cases = set_threads(), {}
+    settings = {"torch_device": device} | set_precision(device)
     for line in sys.stdin:
         msg = json.loads(line)
         try:
             if msg["op"] == "info":
-                reply = versions() | {"torch_threads": threads}
+                reply = versions() | {"torch_threads": threads} | settings
             elif msg["op"] == "case":
                 from benchmarks.bench import ConvCase
 
                 if not msg["keep_others"]:
                     cases.clear()  # frees their tensors before the new ones are made
                 case = ConvCase(**pickle.loads(base64.b64decode(msg["case"])))
-                cases[case.name] = conv_peers(case)
+                cases[case.name] = conv_peers(case, device=device)
                 reply = {"names": list(cases[case.name])}
             else:
                 cases[msg["case"]][msg["name"]]()
@@ -170,4 +195,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.argv[1] if len(sys.argv) > 1 else "cpu")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The checks to run on a lent NVIDIA GPU machine, in one call, from the repository root:
+#   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S]
+# That machine has its own jax (CUDA), flax, optax, torch; nothing can be installed from a registry
+# there, so TensorLy-Torch and TensorLy travel as wheels in .whl/ (see README, "Benchmarks"). Stages,
+# each under its own time limit, everything logged to OUTDIR/log.txt:
+#   1. a smoke check: versions, devices, a CP conv against the dense conv of its kernel;
+#   2. benchmarks.bench's layers with the peers on the GPU (results_gpu_layers.json);
+#   3. the conv, dtype and layer tests on the GPU, float32 at full precision (tests.txt);
+#   4. benchmarks.bench's train steps (results_gpu_models.json).
+# The markdown of each results file is made afterwards: python -m benchmarks.bench --rescore --out FILE.
+set -u
+out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S]}
+layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140}
+mkdir -p "$out"
+log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/log.txt"; }
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # the rest of the card is the peers'
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || { log "wheels did not install"; exit 1; }
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+log "stage 1: smoke"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$out/log.txt"
+python3 - <<'EOF' 2>&1 | tee -a "$out/log.txt"
+import jax, jax.numpy as jnp, numpy as np, flax, optax
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())
+from hocp_jax import conv, init
+key = jax.random.key(0)
+x = jax.random.normal(key, (2, 6, 10, 10, 8))
+p = init.init_cp_params(key, 8, 16, (3, 3, 3), 12)
+with jax.default_matmul_precision("highest"):
+    want = conv.dense_conv(x, conv.cp_to_kernel(p, ("d", "h", "w")), padding=1)
+    for impl in ("factorized", "reconstructed", "auto"):
+        got = conv.cp_conv(x, p, padding=1, implementation=impl)
+        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        print(impl, "relative max error", err)
+        assert err < 1e-5, impl
+try:
+    import torch, tltorch
+    print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "tltorch", tltorch.__version__)
+except ImportError as e:
+    print("peers missing:", e)
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || { log "smoke check failed"; exit 1; }
+
+log "stage 2: layers (limit ${layer_s} s)"
+timeout "$layer_s" python3 -m benchmarks.bench --only jester resnet2d resnet3d --out "$out/results_gpu_layers.json" \
+  --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
+log "stage 2 exit ${PIPESTATUS[0]}"
+
+log "stage 3: tests (limit ${test_s} s)"
+JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$test_s" \
+  python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_conv.py tests/test_dtype.py tests/test_layers.py \
+  >"$out/tests.txt" 2>&1
+log "stage 3 exit $?"; tail -n 25 "$out/tests.txt" | tee -a "$out/log.txt"
+
+log "stage 4: train steps (limit ${model_s} s)"
+timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --out "$out/results_gpu_models.json" \
+  --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
+log "stage 4 exit ${PIPESTATUS[0]}"

@@ -350,18 +350,24 @@ def _median_times(calls: Mapping[str, Callable], args: tuple, rounds: int) -> di
     """Median seconds of each ``call(*args)`` after one warm-up, interleaved over ``rounds`` (the
     order reversed every other round). ``args`` are per-device shapes already: the calls are traced
     with ``batch_shards`` unset, so picks made inside them (the kernel gradient of the reconstructed
-    path's conv) see the same shapes."""
+    path's conv) see the same shapes.
+
+    Each call is compiled ahead of time for ``args`` (``jax.jit(call).lower(*args).compile()``), so
+    that ``args`` are the program's parameters, as a layer's inputs are in a train step, also when
+    this runs while a caller's function is being traced. (Until stop 46 the calls ran under
+    ``jax.ensure_compile_time_eval()``, which made XLA embed the cotangent and the weights as
+    constants: 4.16 GB of them for the Jester conv1 at batch 128 on a GPU.)"""
     shards, _config["batch_shards"] = _config["batch_shards"], None
     try:
-        with jax.ensure_compile_time_eval():
-            for fn in calls.values():
-                jax.block_until_ready(fn(*args))  # compile + warm-up
-            times: dict[str, list[float]] = {k: [] for k in calls}
-            for r in range(rounds):
-                for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(calls[name](*args))
-                    times[name].append(time.perf_counter() - t0)
+        compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in calls.items()}
+        for fn in compiled.values():
+            jax.block_until_ready(fn(*args))  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for r in range(rounds):
+            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[name](*args))
+                times[name].append(time.perf_counter() - t0)
     finally:
         _config["batch_shards"] = shards
     return {k: statistics.median(v) for k, v in times.items()}

@@ -169,9 +169,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
       works).
 
+    On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
+    modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
+    the shift kernel if depthwise (see :data:`GPU_CONV_MAX_MODES` for why).
+
     Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
-    dtypes, ``preferred_element_type``), and every conv on GPU/TPU, whose vendor-tuned convolutions
-    were not measured against these, is passed to ``lax.conv_general_dilated`` unchanged."""
+    dtypes, ``preferred_element_type``), and every other conv on GPU/TPU, whose vendor-tuned
+    convolutions were not measured against these, is passed to ``lax.conv_general_dilated``
+    unchanged."""
     route = conv_route(lhs, rhs, lhs_dilation=lhs_dilation, dimension_numbers=dimension_numbers,
                        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                        preferred_element_type=preferred_element_type)
@@ -190,6 +195,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
+    if route == "taps":
+        return _taps_conv(lhs, rhs, strides, pads, dilations, precision)
     outs = [output_size(*a) for a in zip(lhs.shape[1:-1], ks, strides, dilations, pads)]
     (x,) = _tap_inputs(lhs, ks, strides, pads, dilations, outs)
     return channel_matmul(x, rhs.reshape(c_in, c_out), precision)
@@ -199,9 +206,12 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
                preferred_element_type=None, **_) -> str | None:
     """How :func:`conv_general_dilated` runs a conv of these arguments (the other keyword arguments
     of ``lax.conv_general_dilated`` are accepted and do not matter): ``"pointwise"`` (one matrix
-    product), ``"depthwise"`` (the shift kernel) or ``None`` (``lax``'s convolution)."""
+    product), ``"depthwise"`` (the shift kernel), ``"taps"`` (:func:`_taps_conv`) or ``None``
+    (``lax``'s convolution)."""
     n = rhs.ndim - 2
-    if not (jax.default_backend() == "cpu" and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
+    backend = jax.default_backend()
+    gpu_taps = backend == "gpu" and n > GPU_CONV_MAX_MODES
+    if not ((backend == "cpu" or gpu_taps) and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
             and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
             and dimension_numbers is not None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)):
@@ -210,7 +220,33 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
         return "pointwise"
     if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1:
         return "depthwise"
+    if gpu_taps and feature_group_count == 1:
+        return "taps"
     return None
+
+
+GPU_CONV_MAX_MODES = 3
+"""Most spatial modes of a convolution left to XLA on the GPU backend. XLA's GPU compiler hands
+convolutions to cuDNN, which takes at most three spatial modes; on an NVIDIA H200 with jax 0.11.2
+(stop 46, ``benchmarks/device_check.sh`` and benchmarks/EXPERIMENTS.md), compiling the gradient of
+a ``lax`` conv with four spatial modes aborted the process ("Check failed: num_dimensions <= 3"
+in ``gpu_conv_runner.cc``) or gave a wrong kernel gradient, while the forward pass was right. So
+:func:`conv_general_dilated` and the convs of computed kernels (:func:`_weight_conv`) run such
+convs as :func:`_taps_conv` (slices and matrix products, no convolution) on GPU."""
+
+
+def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
+    """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as a sum over
+    the ``prod(K)`` taps of one matrix product each (the tap's strided slice of the padded input
+    against the tap's ``(C_in, C_out)`` kernel), accumulated in float32; its gradients are slices,
+    pads and matrix products, so no backend needs a convolution for it (see
+    :data:`GPU_CONV_MAX_MODES`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
+    n = kernel.ndim - 2
+    ks, c_in, c_out = kernel.shape[:n], kernel.shape[-2], kernel.shape[-1]
+    outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
+    taps = zip(_tap_inputs(x, ks, strides, pads, dilations, outs), kernel.reshape(-1, c_in, c_out))
+    y = sum(channel_matmul(xt, w, precision).astype(jnp.float32) for xt, w in taps)
+    return y.astype(jnp.result_type(x, kernel))
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
@@ -279,12 +315,15 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
-    not AVX-512, and AVX-512 ones on large inputs), else ``lax``'s conv with XLA's own gradients.
+    not AVX-512, and AVX-512 ones on large inputs), :func:`_taps_conv` on GPU for more than
+    :data:`GPU_CONV_MAX_MODES` spatial modes, else ``lax``'s conv with XLA's own gradients.
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
     if kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads, dilations,
                                                         input_grad):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
+    if jax.default_backend() == "gpu" and kernel.ndim - 2 > GPU_CONV_MAX_MODES:
+        return _taps_conv(x, kernel, strides, pads, dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 
 

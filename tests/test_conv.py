@@ -197,6 +197,7 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, grads_ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    route = route if jax.default_backend() == "cpu" else "lax"  # GPU/TPU: every conv is lax's (next test)
     has_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, k))
     assert has_conv == (route == "lax")
     assert conv.conv_route(x, k, **kwargs) == (None if route == "lax" else route)
@@ -214,8 +215,9 @@ def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_produ
         loss = lambda x, k: jnp.sum(jnp.tanh(conv_fn(x, k, **kwargs)) ** 2)
         return jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (vx, vk))[1]
 
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(lambda x: conv.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
+    if jax.default_backend() == "cpu":  # elsewhere the conv is lax's, which has forward mode
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(lambda x: conv.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
     for got, want in zip(hvp(conv.conv_general_dilated), hvp(jax.lax.conv_general_dilated)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
@@ -525,3 +527,37 @@ def test_init_variance_matches_target():
     kernels = jax.vmap(lambda k: conv.cp_to_kernel(init.init_cp_params(k, 16, 16, (3, 3, 3), 32), ("d", "h", "w")))(ks)
     target = 2.0 / (16 * 27)
     assert 0.8 * target < float(jnp.var(kernels)) < 1.25 * target
+
+
+def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
+    """On GPU, XLA's convs of more than three spatial modes abort or mis-compute their gradients
+    (``conv.GPU_CONV_MAX_MODES``): there the drop-in conv, the reconstructed CP path and the Tucker
+    conv run them as slices and matrix products. Checked here on the CPU by reporting the GPU
+    backend: no convolution in the gradient programs, and values, input and parameter gradients
+    equal those of ``lax``'s convs (on the CPU, where they are right); three modes stay ``lax``'s."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 5, 3, 4, 3), np.float32)
+    kernel = rng.standard_normal((3, 2, 3, 2, 3, 4), np.float32)
+    modes = conv.default_modes(4)
+    cp = init.init_cp_params(jax.random.key(1), 3, 4, (3, 1, 2, 2), 5, modes=modes)
+    tucker = init.init_tucker_params(jax.random.key(2), 3, 4, (3, 2, 3, 2), (2, 3))
+    cases = {
+        "dense": (lambda x, k: conv.dense_conv(x, k, stride=(1, 2, 1, 1), padding="SAME", dilation=(1, 1, 1, 2)), kernel),
+        "cp reconstructed": (lambda x, p: conv.cp_conv(x, p, modes=modes, stride=2, padding=1,
+                                                       implementation="reconstructed"), cp),
+        "tucker": (lambda x, p: conv.tucker_conv(x, p, padding="SAME"), tucker),
+    }
+
+    def value_and_grads(f, w):
+        y, vjp = jax.vjp(f, x, w)
+        return y, vjp(jnp.asarray(np.random.default_rng(6).standard_normal(y.shape, np.float32)))
+
+    want = {name: value_and_grads(f, w) for name, (f, w) in cases.items()}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for name, (f, w) in cases.items():
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](f(x, w)))(x, w)), name
+        got = value_and_grads(f, w)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[name])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=name)
+    x3, k3 = jnp.ones((2, 4, 5, 6, 3)), jnp.ones((3, 3, 3, 3, 4))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.dense_conv(x, k))(x3, k3))

@@ -321,14 +321,21 @@ def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(me
 
 def test_autotune_real_measurement_runs_inside_jit():
     """The measured policy times concrete dummy inputs while an outer jit is tracing (the kernel
-    gradient's timing nested in the CP paths' too)."""
+    gradient's timing nested in the CP paths' too), as programs whose inputs, weights and
+    cotangent are parameters: XLA is warned of no captured constants (at real sizes they were GBs)."""
+    import warnings
+
     from hocp_jax import autotune
 
     autotune.clear_cache()
     autotune.configure("measure")
+    warn_bytes = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", 64)
     try:
         p, x = _tiny_cp(), jnp.ones((1, 5, 5, 3))
-        y = jax.jit(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured")
+            y = jax.jit(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(x, p)
         ref = conv.cp_conv(x, p, padding=1, implementation="factorized")
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
         cp = {k: v for k, v in autotune._cache.items() if json.loads(k)[2] != "kernel_grad"}
@@ -336,6 +343,7 @@ def test_autotune_real_measurement_runs_inside_jit():
         # timing the reconstructed path picked its conv's kernel gradient (timed too) on the way
         assert set(autotune._cache.values()) - set(cp.values()) <= {"matmul", "xla"} and len(autotune._cache) == 2
     finally:
+        jax.config.update("jax_captured_constants_warn_bytes", warn_bytes)
         autotune.configure(None)
         autotune.clear_cache()
 

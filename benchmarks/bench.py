@@ -622,16 +622,16 @@ def check_same_step(name: str, got: dict, want: dict) -> None:
             raise AssertionError(f"{name}: the patches program's {k} {float(got[k])} differs from lax's {float(want[k])}")
 
 
-def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float) -> list[dict[str, Any]]:
-    """Train steps of ``cases`` (a model and its reference), each also with its dense convs as
-    patches matrix products where it has any (:func:`prepare_patches_case`), timed interleaved in
-    the same rounds."""
+def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_patches: bool = True) -> list[dict[str, Any]]:
+    """Train steps of ``cases`` (a model and its reference), each also (if ``with_patches``) with
+    its dense convs as patches matrix products where it has any (:func:`prepare_patches_case`),
+    timed interleaved in the same rounds."""
     prepared = {}
     for c in cases:
         prepared[c.name] = prepare_model_case(c)
-        with_patches = prepare_patches_case(c, prepared[c.name][0])
-        if with_patches:
-            prepared[patches_name(c.name)] = with_patches
+        patched = prepare_patches_case(c, prepared[c.name][0]) if with_patches else None
+        if patched:
+            prepared[patches_name(c.name)] = patched
     timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s)
     return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"]}
             for name, (_, row) in prepared.items()]
@@ -752,7 +752,9 @@ def markdown(results: dict) -> str:
         f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} cores visible, vector extensions "
         f"{' '.join(m.get('cpu_vector_flags') or ['unknown'])}, load average {load} at start, "
         f"{load_end} at end), {m['platform']} / {m['device_kind']}, jax {m['jax']}, float32, `auto` policy "
-        f"`{results['autotune']}`. Total run time {results['wall_s']:.0f} s."
+        f"`{results['autotune']}`. "
+        + (f"Total run time {results['wall_s']:.0f} s." if "wall_s" in results else
+           "**Partial:** the run was stopped before its end; below are the rows it had timed.")
         + (f" Every batch size is {results['batch_scale']} times the one the titles and rows below give "
            f"(`--batch-scale {results['batch_scale']}`)." if results.get("batch_scale", 1) != 1 else "")
         + (f" Ratios, totals and targets re-scored from the stored times by `{results['rescored']}`."
@@ -941,6 +943,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="max timed rounds per case")
     ap.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="benchmark groups to run")
     ap.add_argument("--no-peers", action="store_true", help="skip PyTorch / TensorLy-Torch")
+    ap.add_argument("--no-patches-steps", action="store_true",
+                    help="time the train steps without their patches programs (XLA's GPU compiler aborted on one, "
+                         "jax 0.11.2: benchmarks/EXPERIMENTS.md, stop 46)")
     ap.add_argument("--batch-scale", type=int, default=1,
                     help="multiply every layer's and train step's batch size by this (e.g. GPU-sized batches)")
     ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
@@ -987,7 +992,8 @@ def main(argv=None) -> dict:
     if "models" in args.only:
         cases = [scaled(c, args.batch_scale) for c in model_cases(args.quick)]
         for ref in [c for c in cases if c.reference is None]:
-            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, step_budget):
+            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, step_budget,
+                                      with_patches=not args.no_patches_steps):
                 results["models"].append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step", flush=True)
             partial(results, args.out)

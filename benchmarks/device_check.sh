@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The checks to run on a lent NVIDIA GPU machine, in one call, from the repository root:
-#   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S]
+#   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]
 # That machine has its own jax (CUDA), flax, optax, torch; nothing can be installed from a registry
 # there, so TensorLy-Torch and TensorLy travel as wheels in .whl/ (see README, "Benchmarks"). Stages,
 # each under its own time limit, everything logged to OUTDIR/log.txt:
 #   1. a smoke check: versions, devices, a CP conv against the dense conv of its kernel;
 #   2. benchmarks.bench's layers with the peers on the GPU (results_gpu_layers.json);
 #   3. the conv, dtype and layer tests on the GPU, float32 at full precision (tests.txt);
-#   4. benchmarks.bench's train steps (results_gpu_models.json).
-# The markdown of each results file is made afterwards: python -m benchmarks.bench --rescore --out FILE.
+#   4. benchmarks.bench's train steps (results_gpu_models.json), without the patches programs, one of
+#      which XLA's GPU compiler aborted on (jax 0.11.2; benchmarks/EXPERIMENTS.md, stop 46).
+# BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
+# bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
+# is made afterwards: python -m benchmarks.bench --rescore --out FILE --md FILE.md.
 set -u
-out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S]}
-layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140}
+out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]}
+layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140} scale=${5:-1}
 mkdir -p "$out"
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/log.txt"; }
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # the rest of the card is the peers'
@@ -46,17 +49,17 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "smoke check failed"; exit 1; }
 
 log "stage 2: layers (limit ${layer_s} s)"
-timeout "$layer_s" python3 -m benchmarks.bench --only jester resnet2d resnet3d --out "$out/results_gpu_layers.json" \
-  --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
+timeout "$layer_s" python3 -m benchmarks.bench --only jester resnet2d resnet3d --batch-scale "$scale" \
+  --out "$out/results_gpu_layers.json" --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
 log "stage 2 exit ${PIPESTATUS[0]}"
 
 log "stage 3: tests (limit ${test_s} s)"
 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$test_s" \
-  python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_conv.py tests/test_dtype.py tests/test_layers.py \
+  python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_conv.py tests/test_dtype.py tests/test_layers.py \
   >"$out/tests.txt" 2>&1
 log "stage 3 exit $?"; tail -n 25 "$out/tests.txt" | tee -a "$out/log.txt"
 
 log "stage 4: train steps (limit ${model_s} s)"
-timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --out "$out/results_gpu_models.json" \
-  --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
+timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --no-patches-steps --batch-scale "$scale" \
+  --out "$out/results_gpu_models.json" --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
 log "stage 4 exit ${PIPESTATUS[0]}"

@@ -2,6 +2,8 @@
 without layer benchmarks."""
 import json
 
+import pytest
+
 from benchmarks import bench, peers
 
 
@@ -26,3 +28,50 @@ def test_a_run_without_layers_writes_its_results_and_says_why_the_peers_were_ski
     report = open(tmp_path / "r.md").read()
     why = peers.available() or "no layer benchmarks in this run (--only)"
     assert f"Peers (PyTorch, TensorLy-Torch) skipped: {why}." in report
+
+
+def test_batch_scale_multiplies_every_batch():
+    conv_case = bench.jester_cases(True)[0]
+    assert bench.scaled(conv_case, 4).batch == 4 * conv_case.batch
+    model = next(c for c in bench.model_cases(True) if c.transduce_from is not None)
+    grown = bench.scaled(model, 3)
+    assert grown.input_shape == (3 * model.input_shape[0], *model.input_shape[1:])
+    assert grown.transduce_from == (3 * model.transduce_from[0], *model.transduce_from[1:])
+    assert bench.scaled(bench.model_cases(True)[0], 2).transduce_from is None
+
+
+def test_a_stopped_run_keeps_its_rows_and_rescores(tmp_path, monkeypatch):
+    """``bench`` writes the rows timed so far after each one (``"partial": true``); ``--rescore``
+    makes the markdown of such a file, saying it is partial."""
+    monkeypatch.setattr(bench, "model_cases", lambda quick: [])
+    out = tmp_path / "r.json"
+    results = bench.main(["--only", "models", "--out", str(out), "--md", str(tmp_path / "r.md")])
+    del results["wall_s"]
+    bench.partial(results, str(out))
+    assert json.load(open(out))["partial"] is True
+    bench.main(["--rescore", "--out", str(out), "--md", str(tmp_path / "p.md")])
+    assert "**Partial:** the run was stopped before its end" in open(tmp_path / "p.md").read()
+
+
+def test_program_checks_allow_reduced_precision_only_where_jax_may_round(monkeypatch):
+    """On CPU the patches program must match lax's conv to 1e-4 of the output's range; where JAX's
+    default precision may round float32 operands (GPU: TensorFloat-32) to 1 %."""
+    import jax
+    import numpy as np
+
+    want = np.full((2, 3), 10.0, np.float32)
+    off = lambda err: (lambda x, k: want + err)  # noqa: E731 - a 'program' off by err
+    ref = lambda x, k: want  # noqa: E731
+    bench.check_same_conv("cpu", ref, off(5e-4), None, None)
+    with pytest.raises(AssertionError, match="patches program differs"):
+        bench.check_same_conv("cpu", ref, off(5e-2), None, None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert bench.reduced_precision()
+    bench.check_same_conv("gpu", ref, off(5e-2), None, None)
+    with jax.default_matmul_precision("highest"):
+        assert not bench.reduced_precision()
+
+
+def test_peer_process_refuses_an_unknown_device():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        peers.PeerProcess("tpu")

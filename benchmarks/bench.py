@@ -883,7 +883,7 @@ def targets(results: dict) -> dict[str, Any]:
             "fact_flops_within_1.2": sum(1 / 1.2 <= v <= 1.2 for v in fx),
             "fact_xla/analytic_min": min(fx),
             "fact_xla/analytic_max": max(fx),
-            "platform": results["machine"].get("platform"),
+            "platform": results.get("machine", {}).get("platform"),
         }
     if rows and all("measured_autotune" in r for r in rows):
         mworst = max(rows, key=lambda r: r["measured_autotune"]["ratio to best"])

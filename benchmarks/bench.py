@@ -938,7 +938,8 @@ def peer_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats: a smoke test")
     ap.add_argument("--out", default="benchmarks/results.json", help="results file (JSON)")
@@ -955,7 +956,11 @@ def main(argv=None) -> dict:
                     help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else analytic)")
     ap.add_argument("--rescore", action="store_true",
                     help="time nothing: recompute the totals, targets and markdown of --out from its stored times")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     if args.rescore:
         return rescore(args.out, args.md)
     if args.batch_scale < 1:

@@ -57,9 +57,11 @@ from hocp_jax.processes import on_process_zero
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
 ROUNDS = 5
-MEASURE_VERSION = 6
+MEASURE_VERSION = 7
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 6 (stop 42): the factorized path computes bfloat16 and
+has since changed, are not reused. Version 7 (stop 46): the timed programs take their inputs as
+parameters, not constants, and short calls are repeated within a sample (:func:`_median_times`).
+Version 6 (stop 42): the factorized path computes bfloat16 and
 float16 in float32 on CPU (:func:`compute_dtype`). Version 5 (stop 41): the kernel gradient of a conv of a computed
 kernel is a pick of its own (:func:`choose_kernel_grad`, measured under the measured policy), and
 the keys hold :func:`host_kind`. Version 4 (stop 40): the key held the host's
@@ -356,21 +358,46 @@ def _median_times(calls: Mapping[str, Callable], args: tuple, rounds: int) -> di
     that ``args`` are the program's parameters, as a layer's inputs are in a train step, also when
     this runs while a caller's function is being traced. (Until stop 46 the calls ran under
     ``jax.ensure_compile_time_eval()``, which made XLA embed the cotangent and the weights as
-    constants: 4.16 GB of them for the Jester conv1 at batch 128 on a GPU.)"""
+    constants: 4.16 GB of them for the Jester conv1 at batch 128 on a GPU.)
+
+    A call shorter than :data:`MIN_SAMPLE_S` is timed ``repeats_per_sample`` times back to back per
+    sample (dispatched without waiting, as a train loop's steps are) and its mean taken, so that
+    host-side jitter does not decide between sub-millisecond GPU programs."""
     shards, _config["batch_shards"] = _config["batch_shards"], None
     try:
         compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in calls.items()}
-        for fn in compiled.values():
+        reps = {}
+        for name, fn in compiled.items():
             jax.block_until_ready(fn(*args))  # warm-up
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            reps[name] = repeats_per_sample(time.perf_counter() - t0)
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(rounds):
             for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
                 t0 = time.perf_counter()
+                for _ in range(reps[name] - 1):
+                    compiled[name](*args)
                 jax.block_until_ready(compiled[name](*args))
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / reps[name])
     finally:
         _config["batch_shards"] = shards
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+MIN_SAMPLE_S = 0.01
+"""Shortest timed sample of :func:`_median_times`; shorter calls are repeated within a sample
+(:func:`repeats_per_sample`). On an H200 (stop 46) the benchmark's layers at batch 8 ran 0.6-4.1 ms,
+and the measured policy, timing single calls (of programs that then held their inputs as
+constants), picked the faster path on 13 of 18; at 16 times the batch, 0.8-53 ms, on 6 of 6. Not
+re-timed on a GPU since. On the 2-core CPU the benchmark's layers take tens of ms or more: one
+call per sample, as before."""
+
+
+def repeats_per_sample(call_s: float, max_repeats: int = 100) -> int:
+    """How many back-to-back calls of ``call_s`` seconds one timed sample of :func:`_median_times`
+    holds: enough for :data:`MIN_SAMPLE_S`, at most ``max_repeats``."""
+    return max(1, min(max_repeats, int(np.ceil(MIN_SAMPLE_S / max(call_s, 1e-9)))))
 
 
 def measure_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad: bool,

@@ -348,6 +348,18 @@ def test_autotune_real_measurement_runs_inside_jit():
         autotune.clear_cache()
 
 
+def test_short_calls_are_repeated_within_a_timed_sample():
+    """The measured policy times a sub-millisecond call (a GPU's, at small batches) over enough
+    back-to-back calls to last ``MIN_SAMPLE_S``; long calls once; never more than the cap."""
+    from hocp_jax import autotune
+
+    assert autotune.repeats_per_sample(0.5) == 1
+    assert autotune.repeats_per_sample(autotune.MIN_SAMPLE_S) == 1
+    assert autotune.repeats_per_sample(autotune.MIN_SAMPLE_S / 4) == 4
+    assert autotune.repeats_per_sample(1e-6) == 100
+    assert autotune.repeats_per_sample(0.0, max_repeats=7) == 7
+
+
 @pytest.mark.parametrize("by_taps", [True, False])
 @pytest.mark.parametrize("form, n_modes, convs", [("cp reconstructed", 2, (2, 3)), ("cp reconstructed", 3, (3, 3)),
                                                   ("tucker reconstructed", 2, (2, 3)), ("tucker factorized", 2, (2, 3)),

@@ -2,7 +2,9 @@
 # The checks to run on a lent NVIDIA GPU machine, in one call, from the repository root:
 #   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]
 # That machine has its own jax (CUDA), flax, optax, torch; nothing can be installed from a registry
-# there, so TensorLy-Torch and TensorLy travel as wheels in .whl/ (see README, "Benchmarks"). Stages,
+# there, so TensorLy-Torch and TensorLy travel as wheels in .whl/ (git-ignored), fetched beforehand:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl tensorly==0.10.0 tensorly-torch==0.5.0
+# Stages,
 # each under its own time limit, everything logged to OUTDIR/log.txt:
 #   1. a smoke check: versions, devices, a CP conv against the dense conv of its kernel;
 #   2. benchmarks.bench's layers with the peers on the GPU (results_gpu_layers.json);

@@ -181,7 +181,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                        preferred_element_type=preferred_element_type)
     n = rhs.ndim - 2
-    ks, c_in, c_out = rhs.shape[:n], lhs.shape[-1], rhs.shape[-1]
+    ks, c_out = rhs.shape[:n], rhs.shape[-1]
     if route is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                         feature_group_count, batch_group_count=batch_group_count, precision=precision,
@@ -195,11 +195,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
-    if route == "taps":
-        return _taps_conv(lhs, rhs, strides, pads, dilations, precision)
-    outs = [output_size(*a) for a in zip(lhs.shape[1:-1], ks, strides, dilations, pads)]
-    (x,) = _tap_inputs(lhs, ks, strides, pads, dilations, outs)
-    return channel_matmul(x, rhs.reshape(c_in, c_out), precision)
+    return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
 def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -209,9 +205,8 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
     product), ``"depthwise"`` (the shift kernel), ``"taps"`` (:func:`_taps_conv`) or ``None``
     (``lax``'s convolution)."""
     n = rhs.ndim - 2
-    backend = jax.default_backend()
-    gpu_taps = backend == "gpu" and n > GPU_CONV_MAX_MODES
-    if not ((backend == "cpu" or gpu_taps) and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
+    gpu_taps = _gpu_needs_taps(n)
+    if not ((jax.default_backend() == "cpu" or gpu_taps) and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
             and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
             and dimension_numbers is not None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)):
@@ -235,18 +230,26 @@ in ``gpu_conv_runner.cc``) or gave a wrong kernel gradient, while the forward pa
 convs as :func:`_taps_conv` (slices and matrix products, no convolution) on GPU."""
 
 
+def _gpu_needs_taps(n_modes: int) -> bool:
+    """Whether a conv of ``n_modes`` spatial modes runs as :func:`_taps_conv` (see
+    :data:`GPU_CONV_MAX_MODES`)."""
+    return jax.default_backend() == "gpu" and n_modes > GPU_CONV_MAX_MODES
+
+
 def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
     """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as a sum over
     the ``prod(K)`` taps of one matrix product each (the tap's strided slice of the padded input
-    against the tap's ``(C_in, C_out)`` kernel), accumulated in float32; its gradients are slices,
-    pads and matrix products, so no backend needs a convolution for it (see
-    :data:`GPU_CONV_MAX_MODES`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
+    against the tap's ``(C_in, C_out)`` kernel; several taps accumulated in float32); its gradients
+    are slices, pads and matrix products, so no backend needs a convolution for it (the pointwise
+    route, and :data:`GPU_CONV_MAX_MODES`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
     n = kernel.ndim - 2
     ks, c_in, c_out = kernel.shape[:n], kernel.shape[-2], kernel.shape[-1]
     outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    taps = zip(_tap_inputs(x, ks, strides, pads, dilations, outs), kernel.reshape(-1, c_in, c_out))
-    y = sum(channel_matmul(xt, w, precision).astype(jnp.float32) for xt, w in taps)
-    return y.astype(jnp.result_type(x, kernel))
+    xs = list(_tap_inputs(x, ks, strides, pads, dilations, outs))
+    if len(xs) == 1:
+        return channel_matmul(xs[0], kernel.reshape(c_in, c_out), precision)
+    ws = kernel.reshape(len(xs), c_in, c_out)
+    return sum(channel_matmul(xt, ws[i], precision).astype(jnp.float32) for i, xt in enumerate(xs)).astype(x.dtype)
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
@@ -322,7 +325,7 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     if kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads, dilations,
                                                         input_grad):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
-    if jax.default_backend() == "gpu" and kernel.ndim - 2 > GPU_CONV_MAX_MODES:
+    if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 

@@ -122,6 +122,12 @@ MALLOC_SETTINGS = {
 }
 
 
+def _env_without_allocator_settings() -> dict[str, str]:
+    """This process's environment without any allocator setting (``MALLOC_*``, ``GLIBC_TUNABLES``,
+    ``LD_PRELOAD``), the base each of :data:`MALLOC_SETTINGS` is added to."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
+
+
 def _malloc_settings() -> dict[str, dict]:
     """:data:`MALLOC_SETTINGS` less the preloads that the dynamic linker cannot load."""
     def found(lib):
@@ -138,8 +144,7 @@ def malloc(rounds: int = 5) -> dict:
     from benchmarks import bench, peers
 
     settings = _malloc_settings()
-    envs = {label: {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
-            | extra for label, extra in settings.items()}
+    envs = {label: _env_without_allocator_settings() | extra for label, extra in settings.items()}
     skipped = peers.available()
     med, names = _run_in_workers(envs, "stack" if skipped else "stack+peers", rounds, gap_s=0.1)
     labels = ("dense", "auto") + (() if skipped else peers.PEERS)
@@ -170,7 +175,7 @@ def main_job_malloc(rounds: int = 1) -> dict:
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     settings = {k: v for k, v in _malloc_settings().items() if k != "hugetlb"}
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
+    base = _env_without_allocator_settings()
     runs: dict[str, list] = {label: [] for label in settings}
     for _ in range(rounds):
         for label, extra in settings.items():

@@ -953,7 +953,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-scale", type=int, default=1,
                     help="multiply every layer's and train step's batch size by this (e.g. GPU-sized batches)")
     ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
-                    help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else analytic)")
+                    help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere)")
     ap.add_argument("--rescore", action="store_true",
                     help="time nothing: recompute the totals, targets and markdown of --out from its stored times")
     return ap

@@ -7,10 +7,14 @@
 # Stages,
 # each under its own time limit, everything logged to OUTDIR/log.txt:
 #   1. a smoke check: versions, devices, a CP conv against the dense conv of its kernel;
-#   2. benchmarks.bench's layers with the peers on the GPU (results_gpu_layers.json);
-#   3. the conv, dtype and layer tests on the GPU, float32 at full precision (tests.txt);
-#   4. benchmarks.bench's train steps (results_gpu_models.json), without the patches programs, one of
-#      which XLA's GPU compiler aborted on (jax 0.11.2; benchmarks/EXPERIMENTS.md, stop 46).
+#   2. benchmarks.bench's layers with the peers on the GPU (results_gpu_layers.json), `auto` under
+#      the analytic policy so that both its GPU rule and the measured policy (the GPU's default
+#      since stop 47, which bench scores beside it) are scored;
+#   3. the conv, dtype and layer tests on the GPU, float32 at full precision, analytic picks (no
+#      timing inside the tests) (tests.txt);
+#   4. benchmarks.bench's train steps (results_gpu_models.json), under the default (measured) policy,
+#      without the patches programs, one of which XLA's GPU compiler aborted on (jax 0.11.2;
+#      benchmarks/EXPERIMENTS.md, stop 46).
 # BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
 # bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
 # is made afterwards: python -m benchmarks.bench --rescore --out FILE --md FILE.md.
@@ -51,12 +55,13 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "smoke check failed"; exit 1; }
 
 log "stage 2: layers (limit ${layer_s} s)"
-timeout "$layer_s" python3 -m benchmarks.bench --only jester resnet2d resnet3d --batch-scale "$scale" \
+timeout "$layer_s" python3 -m benchmarks.bench --only jester resnet2d resnet3d --autotune analytic --batch-scale "$scale" \
   --out "$out/results_gpu_layers.json" --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
 log "stage 2 exit ${PIPESTATUS[0]}"
 
 log "stage 3: tests (limit ${test_s} s)"
-JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$test_s" \
+JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest HOCP_JAX_AUTOTUNE=analytic \
+  timeout "$test_s" \
   python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_conv.py tests/test_dtype.py tests/test_layers.py \
   >"$out/tests.txt" 2>&1
 log "stage 3 exit $?"; tail -n 25 "$out/tests.txt" | tee -a "$out/log.txt"

@@ -25,7 +25,8 @@ def base(job: str = "supervised") -> ConfigDict:
     c.best_metric = ""  # e.g. "valence_ccc": keep <stage>/best, the best state by that metric
     c.sparsity_tol = 1e-6
     c.skew_repeats = 0
-    c.autotune = ""  # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else analytic), "analytic" or "measure"
+    # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"
+    c.autotune = ""
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
                              batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
                              read_threads=1, prefetch=2, workers=0))

@@ -19,7 +19,8 @@ def get_config() -> ConfigDict:
     c.eval_every = 0  # > 0: evaluate on data.val_split every that many steps (and at the end)
     c.best_metric = ""  # e.g. "arousal_ccc": keep <stage>/best, the best state by that metric
     c.sparsity_tol = 1e-6
-    c.autotune = ""  # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else analytic), "analytic" or "measure"
+    # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"
+    c.autotune = ""
 
     c.data = ConfigDict(dict(
         static="digits_affect", video="moving_digits", data_dir="", manual_dir="",

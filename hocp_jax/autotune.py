@@ -4,24 +4,27 @@ its kernel gradient: analytic model or measured autotune.
 :func:`choose_cp` is called by :func:`hocp_jax.conv.cp_conv` at trace time with static shapes;
 :func:`choose_kernel_grad` likewise for the 2-D convs of a computed or trained kernel (XLA's
 kernel-gradient convolution or matrix products per tap; analytic: :func:`matmul_kernel_grad`).
-Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``):
+Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``; unset, the
+backend's default, :data:`DEFAULT_POLICIES`: measured on GPU, analytic elsewhere):
 
-* ``"analytic"`` (default): no timing. On CPU, :func:`hocp_jax.conv.choose_cp_implementation`
-  (the cost model of :func:`hocp_jax.counting.cp_path_costs`, calibrated on a 2-core CPU). On
-  GPU/TPU, whose dense convs run near peak, the safe default is ``"reconstructed"`` unless
-  rebuilding the kernel costs more FLOPs than the conv itself (small batch x spatial size and
-  a large rank), then ``"factorized"``.
-* ``"measure"``: the first trace of each new key times both paths once (the output, computed as
-  for a next layer, and the grads w.r.t. the parameters, and w.r.t. ``x`` if ``input_grad``, from
-  a random output cotangent: :func:`timed_programs`; the two kernel gradients likewise,
-  :func:`timed_kernel_grad_programs`) on concrete
-  dummy inputs of the static shapes, on the default backend, in interleaved rounds, and keeps
-  the faster (a kernel gradient: the rule's unless the other wins clearly,
-  :data:`KERNEL_GRAD_OVERRIDE`). Results are cached in
+* ``"analytic"`` (the default on CPU and TPU): no timing. On CPU,
+  :func:`hocp_jax.conv.choose_cp_implementation` (the cost model of
+  :func:`hocp_jax.counting.cp_path_costs`, calibrated on a 2-core CPU). On GPU/TPU, whose dense
+  convs run near peak, the safe default is ``"reconstructed"`` unless rebuilding the kernel costs
+  more FLOPs than the conv itself (small batch x spatial size and a large rank), then
+  ``"factorized"``.
+* ``"measure"`` (the default on GPU): the first trace of each new key times both paths once
+  (the output, computed as for a next layer, and the grads w.r.t. the parameters, and w.r.t.
+  ``x`` if ``input_grad``, from a random output cotangent: :func:`timed_programs`; the two kernel
+  gradients likewise, :func:`timed_kernel_grad_programs`) on concrete dummy inputs of the static
+  shapes, on the default backend, in interleaved rounds, and keeps the faster (a kernel gradient:
+  the rule's unless the other wins clearly, :data:`KERNEL_GRAD_OVERRIDE`). Results are cached in
   memory per key ``(backend, device kind, host kind, x shape, dtype, parameter shapes, stride,
   padding, dilation, input_grad, per_sample, the per-sample and tile modes in force, and
   :data:`MEASURE_VERSION`)`` (:func:`cache_key`, :func:`kernel_grad_key`) and, with
-  ``cache_path``, in a JSON file that later processes reuse.
+  ``cache_path``, in a JSON file that later processes reuse. A timing that raises (e.g. the
+  device runs out of memory for the dummy inputs) warns and takes the analytic pick for that
+  key, kept in memory only, so the trace goes on.
 
 Data parallelism: with ``configure(batch_shards=n)`` (``train.py``: its mesh of all devices)
 both policies consider a conv on the batch one device runs, ``ceil(B / n)`` of the traced
@@ -44,6 +47,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +60,16 @@ from hocp_jax.processes import on_process_zero
 
 POLICIES = ("analytic", "measure")
 ENV_VAR = "HOCP_JAX_AUTOTUNE"
+DEFAULT_POLICIES = {"gpu": "measure"}
+"""The policy when neither :func:`configure` nor :data:`ENV_VAR` sets one, per
+``jax.default_backend()``; ``"analytic"`` on the others. GPU since stop 47: on one H200 (stop 46)
+at 16 times the benchmark's batch (128 Jester clips, 128 ResNet-18 images) the analytic GPU rule
+took 1.24x and 1.74x the faster path's time on two of six layers (Jester conv1 and conv4), where
+the measured policy picked the faster path on all six; at the benchmark's batch of 8, layers of
+0.6-4.1 ms, the rule picked it on 16 of 18 (worst 1.12x) and the measured policy, then timing
+single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAMPLE_S`). TPU keeps
+the analytic rule: not measured there, and its dense convs run on the matrix unit while the
+factorized path's depthwise passes do not."""
 ROUNDS = 5
 MEASURE_VERSION = 7
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
@@ -77,7 +91,8 @@ _disk_loaded: set[str] = set()
 
 
 def configure(policy: str | None = None, cache_path: str | None = None, batch_shards: int | None = None) -> None:
-    """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else analytic), an
+    """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else the backend's
+    default, :func:`policy`), an
     optional JSON cache file for measured picks, and ``batch_shards``: how many devices the batch
     axis of the traced programs is split over (``None``: 1; see the module docstring)."""
     if policy is not None and policy not in POLICIES:
@@ -94,8 +109,9 @@ def device_shape(x_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def policy() -> str:
-    """The policy in force (:func:`configure`, else ``$HOCP_JAX_AUTOTUNE``, else ``"analytic"``)."""
-    value = _config["policy"] or os.environ.get(ENV_VAR) or "analytic"
+    """The policy in force (:func:`configure`, else ``$HOCP_JAX_AUTOTUNE``, else the backend's
+    :data:`DEFAULT_POLICIES` entry, else ``"analytic"``)."""
+    value = _config["policy"] or os.environ.get(ENV_VAR) or DEFAULT_POLICIES.get(jax.default_backend(), "analytic")
     if value not in POLICIES:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of {POLICIES}")
     return value
@@ -623,7 +639,9 @@ def _cached_pick(key: str | None, analytic: Callable[[], str], timed: Callable[[
     """A pick under the current policy: ``analytic()`` without a ``key`` (the analytic policy);
     else the cached pick of ``key`` (memory, then the cache file), or, when this process may time
     (one process, or the leader of :func:`agree_across_processes`; the others take ``analytic()``),
-    ``timed()``'s pick, cached and written to the file."""
+    ``timed()``'s pick, cached and written to the file. If ``timed()`` raises, a warning and
+    ``analytic()``, cached in memory only (a multi-process leader's other processes, not finding
+    the key in the file, take ``analytic()`` too)."""
     if key is None:
         return analytic()
     path = _config["cache_path"]
@@ -633,7 +651,13 @@ def _cached_pick(key: str | None, analytic: Callable[[], str], timed: Callable[[
         return _cache[key]
     if jax.process_count() > 1 and not _config["leader"]:  # all processes must pick alike
         return analytic()
-    pick = timed()
+    try:
+        pick = timed()
+    except Exception as err:  # noqa: BLE001 -- a failed timing must not fail the caller's trace
+        pick = _cache[key] = analytic()
+        warnings.warn(f"hocp_jax.autotune: timing a conv failed ({type(err).__name__}: {err}); took the analytic "
+                      f"pick {pick!r} for it", RuntimeWarning, stacklevel=2)
+        return pick
     _cache[key] = pick
     if path:
         _save_disk(path, key, pick)

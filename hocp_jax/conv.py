@@ -623,9 +623,10 @@ def cp_conv(
         :func:`hocp_jax.autotune.compute_dtype`), ``"reconstructed"`` (build the kernel, one dense conv; see
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
-        analytic cost model or, with the ``"measure"`` policy, a cached timing of both paths;
-        always factorized when ``psi`` is given). The choice is made at trace time from static
-        shapes, so it costs nothing under ``jit``.
+        analytic cost model or, under the ``"measure"`` policy, the default on GPU, a cached
+        timing of both paths; always factorized when ``psi`` is given). The choice is made at
+        trace time from static shapes: nothing at run time under ``jit``; under the measured
+        policy the first trace of each new shape times both paths.
       psi: optional ``psi(h, stage)`` between factors (factorized/auto only).
       mode_order: order in which the 1-D convs are applied; the result is the same, only the
         cost changes. Default: :func:`best_mode_order` (most-reducing stride first).

@@ -314,7 +314,8 @@ def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(me
     jobs.configure_autotune(ConfigDict({"autotune": "analytic"}), str(workdir))
     assert autotune.policy() == "analytic"
     jobs.configure_autotune(ConfigDict({"autotune": ""}), str(workdir))
-    assert autotune.policy() == (os.environ.get(autotune.ENV_VAR) or "analytic")
+    assert autotune.policy() == (os.environ.get(autotune.ENV_VAR)
+                                 or autotune.DEFAULT_POLICIES.get(jax.default_backend(), "analytic"))
     with pytest.raises(ValueError, match=r"config.autotune='fast'.*'measure'"):
         jobs.configure_autotune(ConfigDict({"autotune": "fast"}), str(workdir))
 
@@ -533,6 +534,52 @@ def test_autotune_rejects_unknown_policy(monkeypatch):
     monkeypatch.setenv(autotune.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="HOCP_JAX_AUTOTUNE='fast'"):
         autotune.policy()
+
+
+def test_default_policy_is_measured_on_gpu_only(monkeypatch):
+    """Unset (no :func:`configure` policy, no environment variable), the policy is the backend's:
+    measured on GPU, analytic on CPU and TPU; the environment and ``configure`` override it."""
+    from hocp_jax import autotune
+
+    monkeypatch.delenv(autotune.ENV_VAR, raising=False)
+    autotune.configure(None)
+    for backend, want in (("cpu", "analytic"), ("gpu", "measure"), ("tpu", "analytic")):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert autotune.policy() == want, backend
+    monkeypatch.setenv(autotune.ENV_VAR, "analytic")
+    assert autotune.policy() == "analytic"
+    try:
+        autotune.configure("measure")
+        assert autotune.policy() == "measure"
+    finally:
+        autotune.configure(None)
+
+
+def test_a_failed_timing_warns_and_takes_the_analytic_pick(measured, monkeypatch):
+    """A timing that raises (e.g. out of device memory for the dummy inputs) must not fail the
+    caller's trace: a warning, the analytic pick, kept in memory (no second timing) but not
+    written to the cache file, which other processes and later runs read."""
+    autotune, calls, path = measured
+    failures = []
+
+    def failing(*args, **kwargs):
+        failures.append(args[0])
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(autotune, "measure", failing)
+    monkeypatch.setattr(autotune, "measure_kernel_grad", failing)
+    p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
+    geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1))
+    for input_grad in (False, True):
+        want = autotune.analytic_pick(x.shape, p, *geometry, input_grad)
+        with pytest.warns(RuntimeWarning, match=r"timing a conv failed \(RuntimeError: RESOURCE_EXHAUSTED"):
+            assert autotune.choose_cp(x.shape, x.dtype, p, *geometry, input_grad) == want
+        assert autotune.choose_cp(x.shape, x.dtype, p, *geometry, input_grad) == want  # cached: no second timing
+    kernel = (3, 3, 3, 4)
+    with pytest.warns(RuntimeWarning, match="took the analytic pick 'xla'|took the analytic pick 'matmul'"):
+        got = autotune.choose_kernel_grad(x.shape, x.dtype, kernel, *geometry[1:])
+    assert got == autotune.matmul_kernel_grad(x.shape, x.dtype)
+    assert len(failures) == 3 and not path.exists()
 
 
 def test_per_sample_rule_and_wiring(monkeypatch):

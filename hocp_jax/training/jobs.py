@@ -282,7 +282,8 @@ def run_supervised(config, workdir: str) -> dict:
 
 def configure_autotune(config, workdir: str) -> None:
     """``config.autotune``: how ``implementation="auto"`` picks each CP conv's path
-    (:mod:`hocp_jax.autotune`): ``""`` (default: ``$HOCP_JAX_AUTOTUNE``, else ``"analytic"``),
+    (:mod:`hocp_jax.autotune`): ``""`` (default: ``$HOCP_JAX_AUTOTUNE``, else the backend's default,
+    ``"measure"`` on GPU and ``"analytic"`` elsewhere: :data:`hocp_jax.autotune.DEFAULT_POLICIES`),
     ``"analytic"`` or ``"measure"``. Both consider each conv on the batch one device of the run's
     data-parallel mesh (all devices) gets. Measured picks are cached in ``workdir/autotune.json``,
     so a resumed job traces the same programs without timing again; with several processes,
@@ -291,7 +292,8 @@ def configure_autotune(config, workdir: str) -> None:
     :func:`hocp_jax.training.fit`)."""
     value = config.get("autotune", "")
     if value not in ("", *autotune.POLICIES):
-        raise ValueError(f"config.autotune={value!r}: expected '' (the environment's policy) or one of {autotune.POLICIES}")
+        raise ValueError(f"config.autotune={value!r}: expected '' (the environment's or backend's policy) "
+                         f"or one of {autotune.POLICIES}")
     autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count())
 
 

@@ -323,7 +323,7 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
     if kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads, dilations,
-                                                        input_grad):
+                                                        input_grad, autotune.explicit_batch_shards(x)):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
@@ -480,8 +480,20 @@ def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """1x1 contraction ``(B, *S, C) x (C, R) -> (B, *S, R)`` as one 2-D matmul over the flattened
     positions. Same values as ``einsum("...c,cr->...r")``, but its weight gradient is a plain
     ``(C, N) x (N, R)`` dot: XLA CPU's dot canonicalisation otherwise transposes the (N, R)
-    cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer."""
+    cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer.
+    Under explicit sharding of an axis between the first and the last (a spatially split input),
+    which the flattening cannot carry, the unflattened product."""
+    if _splits_inner_axes(x):
+        return jnp.matmul(x, w, precision=precision)
     return jnp.matmul(x.reshape(-1, x.shape[-1]), w, precision=precision).reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+def _splits_inner_axes(x: jax.Array) -> bool:
+    """Whether ``x``'s type (explicit sharding, ``jax.make_mesh``'s default axis type) splits an
+    axis other than its first and last over devices: then a reshape that merges it with others
+    raises JAX's ``ShardingTypeError``."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+    return any(s is not None for s in tuple(spec)[1:-1])
 
 
 def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
@@ -624,7 +636,9 @@ def cp_conv(
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, under the ``"measure"`` policy, the default on GPU, a cached
-        timing of both paths; always factorized when ``psi`` is given). The choice is made at
+        timing of both paths; always factorized when ``psi`` is given, and under explicit
+        sharding of a spatial axis of ``x``, where JAX cannot shard the reconstructed path's
+        kernel-gradient conv but the factorized path runs). The choice is made at
         trace time from static shapes: nothing at run time under ``jit``; under the measured
         policy the first trace of each new shape times both paths.
       psi: optional ``psi(h, stage)`` between factors (factorized/auto only).
@@ -679,9 +693,11 @@ def cp_conv(
     if psi_pointwise not in (True, False):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "auto":
-        implementation = "factorized" if psi is not None else autotune.choose_cp(
-            x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample
-        )
+        # an explicitly split spatial axis: the reconstructed path's kernel gradient is a lax conv
+        # whose output sharding JAX cannot infer (ShardingTypeError, jax 0.10); the factorized runs
+        implementation = "factorized" if psi is not None or _splits_inner_axes(x) else autotune.choose_cp(
+            x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample,
+            batch_shards=autotune.explicit_batch_shards(x))
     if implementation == "reconstructed":
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")

@@ -8,6 +8,8 @@ with the padding written out in the test.
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -295,6 +297,45 @@ def test_autotune_times_the_batch_one_device_gets(measured):
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=rf"batch_shards={bad!r}: expected None or a positive"):
             autotune.configure("measure", batch_shards=bad)
+
+
+EXPLICIT_SHARDING_SCRIPT = """
+import json, jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from hocp_jax import autotune, conv, init
+
+timed = []
+autotune.measure = lambda x_shape, *a, **k: timed.append(list(x_shape)) or {"factorized": 1.0, "reconstructed": 2.0}
+autotune.configure("measure")
+p = init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 5)
+loss = lambda p, x: jnp.sum(conv.cp_conv(x, p, padding=1, implementation="auto") ** 2)
+splits = {}
+for name, types, spec in (("explicit", (AxisType.Explicit,) * 2, P(("a", "b"))),
+                          ("explicit, replicated", (AxisType.Explicit,) * 2, P()),
+                          ("auto", (AxisType.Auto,) * 2, P(("a", "b")))):
+    mesh = jax.make_mesh((2, 2), ("a", "b"), types)
+    x = jax.device_put(jnp.ones((8, 6, 6, 3)), NamedSharding(mesh, spec))
+    with jax.set_mesh(mesh):
+        jax.jit(jax.grad(loss))(p, x)
+        splits[name] = jax.jit(lambda x: jnp.zeros(autotune.explicit_batch_shards(x) or 0)).eval_shape(x).shape[0]
+print(json.dumps({"timed": timed, "splits": splits}))
+"""
+
+
+def test_autotune_times_the_batch_one_device_gets_under_explicit_sharding():
+    """Under explicit sharding (``jax.make_mesh``'s default axis type) a traced array's type says
+    how its batch is split, so a conv traced inside ``jit`` on a batch split over 4 devices is
+    timed on a quarter of it without ``configure(batch_shards=...)``; replicated, or on
+    auto axes (whose tracers carry no sharding), on the whole traced batch. Four CPU devices, in
+    a process of their own (fake timer)."""
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+                        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", EXPLICIT_SHARDING_SCRIPT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["splits"] == {"explicit": 4, "explicit, replicated": 0, "auto": 0}
+    # one timing per key: 8 / 4 = 2 examples, then the whole batch of 8 (the same key twice)
+    assert got["timed"] == [[2, 6, 6, 3], [8, 6, 6, 3]]
 
 
 def test_train_program_config_sets_the_policy_and_caches_picks_in_the_workdir(measured, tmp_path):

@@ -29,7 +29,7 @@ backend's default, :data:`DEFAULT_POLICIES`: measured on GPU, analytic elsewhere
 Data parallelism: both policies consider a conv on the batch one device runs, ``ceil(B / n)``
 of the traced ``B``, so the measured policy times (and keys its cache on) the per-device shape,
 not the global batch on one device. ``n`` is read from the traced array's type under explicit
-sharding (``jax.make_mesh``'s default axis type; :func:`explicit_batch_shards`), else set by
+sharding (``jax.make_mesh``'s default axis type; :func:`hocp_jax.explicit_sharding.shards`), else set by
 ``configure(batch_shards=n)`` (``train.py``: its auto-axis mesh of all devices, whose tracers
 carry no sharding).
 
@@ -106,24 +106,10 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
 
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
     """``x_shape`` with the batch one device runs, ``ceil(B / n)``: ``n`` = ``batch_shards`` (the
-    split of the traced array's batch axis, :func:`explicit_batch_shards`) if given, else
-    :func:`configure`'s ``batch_shards``, else 1."""
+    split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,
+    else :func:`configure`'s ``batch_shards``, else 1."""
     n = batch_shards or _config["batch_shards"] or 1
     return (-(-x_shape[0] // n), *x_shape[1:])
-
-
-def explicit_batch_shards(x) -> int | None:
-    """Over how many devices ``x``'s batch axis (0) is split, read from its type under explicit
-    sharding (``jax.sharding.AxisType.Explicit``, ``jax.make_mesh``'s default: inside ``jit`` a
-    tracer's type holds its sharding); ``None`` when the type says nothing about that axis (auto
-    axes, as ``train.py``'s mesh has, an unsplit batch, no mesh), where :func:`configure`'s
-    ``batch_shards`` applies."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None:
-        return None
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    return int(np.prod([sharding.mesh.shape[a] for a in axes]))
 
 
 def policy() -> str:
@@ -330,10 +316,10 @@ ResNet-18's seven 3x3 convs, CP reconstructed path, batch 16-96 of 224-pixel and
 the 31 smaller ones; a scratch run before it read 0.57-0.80x on 8 of 8 convs from 36.8 MiB."""
 
 
-def matmul_kernel_grad(x_shape: Sequence[int], dtype, batch_shards: int | None = None) -> bool:
+def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
     """Whether a 2-D conv of a computed or trained kernel (the CP, Tucker and TT reconstructed
     paths, the Tucker core, the TT mode kernels) on ``x`` of ``x_shape`` (as traced; the batch one
-    device runs counts, :func:`device_shape` with ``batch_shards``) and ``dtype`` takes its kernel gradient as one matrix
+    device runs counts, :func:`device_shape`) and ``dtype`` takes its kernel gradient as one matrix
     product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) instead of XLA's
     kernel-gradient convolution, without timing: on the CPU backend of an x86-64 host whose CPU
     lists AVX2 but not AVX-512, and of one with AVX-512 when ``x`` holds at least
@@ -357,7 +343,7 @@ def matmul_kernel_grad(x_shape: Sequence[int], dtype, batch_shards: int | None =
         return False
     if "avx512f" not in flags:
         return True
-    return int(np.prod(device_shape(x_shape, batch_shards))) * jnp.dtype(dtype).itemsize >= KERNEL_GRAD_MATMUL_MIN_BYTES
+    return int(np.prod(device_shape(x_shape))) * jnp.dtype(dtype).itemsize >= KERNEL_GRAD_MATMUL_MIN_BYTES
 
 
 def timed_kernel_grad_programs(x_shape, dtype, kernel_shape, strides, pads, dilations,
@@ -451,21 +437,20 @@ interleaved rounds; benchmarks/EXPERIMENTS.md, "Kept (stop 41)"), while the wins
 misses run to 0.57-0.76x."""
 
 
-def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad: bool = True,
-                       batch_shards: int | None = None) -> bool:
-    """Whether the 2-D conv of a computed kernel on ``x`` (traced shape ``x_shape``, its batch split
-    ``batch_shards`` ways if known: :func:`device_shape`) takes
+def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad: bool = True) -> bool:
+    """Whether the 2-D conv of a computed kernel on ``x`` (traced shape ``x_shape``; not
+    explicitly sharded, :func:`hocp_jax.conv._weight_conv`) takes
     matrix-product kernel gradients (:func:`hocp_jax.conv.conv_matmul_kernel_grad`), under the
     current :func:`policy`: analytic, :func:`matmul_kernel_grad`; measured, that rule's answer
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks
     (:func:`kernel_grad_key`)."""
-    shape = device_shape(x_shape, batch_shards)
+    shape = device_shape(x_shape)
     geometry = (strides, pads, dilations)
     key = kernel_grad_key(shape, dtype, kernel_shape, *geometry, input_grad) if policy() == "measure" else None
 
     def rule() -> str:
-        return "matmul" if matmul_kernel_grad(x_shape, dtype, batch_shards) else "xla"
+        return "matmul" if matmul_kernel_grad(x_shape, dtype) else "xla"
 
     def timed() -> str:
         times, ruled = measure_kernel_grad(shape, dtype, kernel_shape, *geometry, input_grad), rule()
@@ -636,7 +621,7 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     """``"factorized"`` or ``"reconstructed"`` for one CP conv call under the current :func:`policy`.
 
     ``x_shape``: as traced; the batch per device follows from ``batch_shards`` (the traced array's
-    split, :func:`explicit_batch_shards`) if given, else from :func:`configure`'s.
+    split, :func:`hocp_jax.explicit_sharding.shards`) if given, else from :func:`configure`'s.
     ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``; only shapes and dtypes are read.
     ``per_sample``: :func:`hocp_jax.conv.cp_conv`'s argument; the analytic policy counts the
     :func:`batch_plan` it gives, the measured one times the factorized path with it (it is part

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from optax.projections import projection_simplex
 
+from hocp_jax import explicit_sharding
 from hocp_jax.checks import check_real
 from hocp_jax.losses import ccc_loss, pcc_loss
 
@@ -41,7 +43,12 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
 
     Returns:
         Array of ``z``'s shape, non-negative, summing to 1 along ``axis``, with exact
-        zeros outside the support. Differentiable almost everywhere (closed-form JVP).
+        zeros outside the support, in ``z``'s floating dtype (float32 for integers).
+        Differentiable almost everywhere (closed-form JVP). Inputs narrower than float32 are
+        projected in float32: optax's ``projection_simplex`` (0.2.8) returns float32 for a
+        bfloat16 input, which its custom JVP then rejects. Under explicit sharding it runs in
+        ``jax.sharding.auto_axes`` (the projection's selects have no sharding rule for a split
+        batch, :mod:`hocp_jax.explicit_sharding`).
     """
     z = jnp.asarray(z)
     if z.ndim == 0:
@@ -49,8 +56,13 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     moved = jnp.moveaxis(z, axis, -1)
     if moved.shape[-1] == 0:
         raise ValueError(f"sparsemax: axis={axis} of z (shape {z.shape}) is empty; the simplex needs >= 1 entry")
-    flat = moved.reshape(-1, moved.shape[-1])
-    out = jax.vmap(projection_simplex)(flat).reshape(moved.shape)
+    dtype = z.dtype if jnp.issubdtype(z.dtype, jnp.floating) else jnp.float32
+
+    def project(moved):
+        flat = moved.reshape(-1, moved.shape[-1]).astype(jnp.promote_types(dtype, jnp.float32))
+        return jax.vmap(projection_simplex)(flat).astype(dtype).reshape(moved.shape)
+
+    out = explicit_sharding.run_auto(project, moved, out_spec=P(*explicit_sharding.spec_of(moved)))
     return jnp.moveaxis(out, -1, axis)
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import autotune, counting
+from hocp_jax import autotune, counting, explicit_sharding
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 Params = Mapping[str, jax.Array]
@@ -176,16 +176,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
     dtypes, ``preferred_element_type``), and every other conv on GPU/TPU, whose vendor-tuned
     convolutions were not measured against these, is passed to ``lax.conv_general_dilated``
-    unchanged."""
+    unchanged; a channels-last one on an explicitly sharded input under
+    ``jax.sharding.auto_axes`` (:func:`_with_auto_axes`), so that it trains."""
     route = conv_route(lhs, rhs, lhs_dilation=lhs_dilation, dimension_numbers=dimension_numbers,
                        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                        preferred_element_type=preferred_element_type)
     n = rhs.ndim - 2
     ks, c_out = rhs.shape[:n], rhs.shape[-1]
     if route is None:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                                        feature_group_count, batch_group_count=batch_group_count, precision=precision,
-                                        preferred_element_type=preferred_element_type)
+        def xla(lhs, rhs):
+            return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, batch_group_count=batch_group_count,
+                                            precision=precision, preferred_element_type=preferred_element_type)
+
+        channels_last = dimension_numbers is not None and lhs.ndim == n + 2 and lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)
+        return _with_auto_axes(xla, lhs, rhs) if channels_last else xla(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
     dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n
     if isinstance(padding, str):
@@ -263,8 +269,22 @@ def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
 
 
 def _lax_conv(x, kernel, strides, pads, dilations):
-    return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations,
-                                    dimension_numbers=_dimension_numbers(kernel.ndim - 2))
+    def xla(x, kernel):
+        return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations,
+                                        dimension_numbers=_dimension_numbers(kernel.ndim - 2))
+
+    return _with_auto_axes(xla, x, kernel)
+
+
+def _with_auto_axes(conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv(x, kernel)``, a channels-last ``lax`` conv, under ``jax.sharding.auto_axes`` when
+    ``x``'s type is explicitly split (:mod:`hocp_jax.explicit_sharding`): there the kernel
+    gradient of ``lax``'s conv has no sharding rule. The output keeps ``x``'s batch split, and
+    each spatial one its output size divides."""
+    if not explicit_sharding.is_split(x):
+        return conv(x, kernel)
+    out = jax.eval_shape(conv, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+    return explicit_sharding.run_auto(conv, x, kernel, out_spec=explicit_sharding.kept_splits(x, out.shape))
 
 
 _conv_tap_grad = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
@@ -318,12 +338,14 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
-    not AVX-512, and AVX-512 ones on large inputs), :func:`_taps_conv` on GPU for more than
-    :data:`GPU_CONV_MAX_MODES` spatial modes, else ``lax``'s conv with XLA's own gradients.
+    not AVX-512, and AVX-512 ones on large inputs) and ``x`` is not explicitly sharded,
+    :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial modes, else
+    ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
+    :func:`_with_auto_axes`).
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
-    if kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads, dilations,
-                                                        input_grad, autotune.explicit_batch_shards(x)):
+    if kernel.ndim == 4 and not explicit_sharding.is_split(x) and autotune.choose_kernel_grad(
+            x.shape, x.dtype, kernel.shape, strides, pads, dilations, input_grad):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
@@ -483,17 +505,9 @@ def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer.
     Under explicit sharding of an axis between the first and the last (a spatially split input),
     which the flattening cannot carry, the unflattened product."""
-    if _splits_inner_axes(x):
+    if explicit_sharding.splits_inner_axes(x):
         return jnp.matmul(x, w, precision=precision)
     return jnp.matmul(x.reshape(-1, x.shape[-1]), w, precision=precision).reshape(x.shape[:-1] + (w.shape[-1],))
-
-
-def _splits_inner_axes(x: jax.Array) -> bool:
-    """Whether ``x``'s type (explicit sharding, ``jax.make_mesh``'s default axis type) splits an
-    axis other than its first and last over devices: then a reshape that merges it with others
-    raises JAX's ``ShardingTypeError``."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
-    return any(s is not None for s in tuple(spec)[1:-1])
 
 
 def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
@@ -636,9 +650,7 @@ def cp_conv(
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, under the ``"measure"`` policy, the default on GPU, a cached
-        timing of both paths; always factorized when ``psi`` is given, and under explicit
-        sharding of a spatial axis of ``x``, where JAX cannot shard the reconstructed path's
-        kernel-gradient conv but the factorized path runs). The choice is made at
+        timing of both paths; always factorized when ``psi`` is given). The choice is made at
         trace time from static shapes: nothing at run time under ``jit``; under the measured
         policy the first trace of each new shape times both paths.
       psi: optional ``psi(h, stage)`` between factors (factorized/auto only).
@@ -693,11 +705,9 @@ def cp_conv(
     if psi_pointwise not in (True, False):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "auto":
-        # an explicitly split spatial axis: the reconstructed path's kernel gradient is a lax conv
-        # whose output sharding JAX cannot infer (ShardingTypeError, jax 0.10); the factorized runs
-        implementation = "factorized" if psi is not None or _splits_inner_axes(x) else autotune.choose_cp(
+        implementation = "factorized" if psi is not None else autotune.choose_cp(
             x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample,
-            batch_shards=autotune.explicit_batch_shards(x))
+            batch_shards=explicit_sharding.shards(x, 0))
     if implementation == "reconstructed":
         if psi is not None:
             raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")

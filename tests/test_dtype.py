@@ -80,3 +80,27 @@ def test_model_bf16_train_update_keeps_float32_params(name, shape, out):
     new = optax.apply_updates(params, updates)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("name", ["avce_alexnet", "avce_resnet18_hocp"])
+def test_avce_bf16_outputs_and_float32_params(name):
+    """The AVCE networks take ``dtype``/``param_dtype`` like the others (encoder, compressor and
+    heads): bfloat16 outputs within the bf16 tolerance of float32 with the same parameters,
+    float32 parameters and gradients, and ``param_dtype=bfloat16`` stores every leaf so."""
+    f32, bf16 = get_model(name, tiny=True), get_model(name, tiny=True, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = jax.jit(lambda k, x: bf16.init(k, x, train=False))(jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    y16, y32 = (jax.jit(lambda v, x, m=m: m.apply(v, x))(variables, x) for m in (bf16, f32))
+    for key in ("va", "latent"):
+        assert y16[key].dtype == jnp.bfloat16 and _rel(y16[key], y32[key]) < BF16_RTOL, key
+
+    def loss(p):
+        y, _ = bf16.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(2)})
+        return jnp.mean(jnp.square(y["va"].astype(jnp.float32)))
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    p16 = jax.eval_shape(get_model(name, tiny=True, param_dtype=jnp.bfloat16).init, jax.random.key(0), x)["params"]
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(p16))

@@ -334,3 +334,83 @@ def test_head_and_registry_validation():
         abstract_variables(get_model("resnet18", conv="sparse"), (1, 16, 16, 3))
     model = get_model("resnet18", tiny=True, head=dict(n_outputs=0, n_classes=4))
     assert set(abstract_variables(model, (1, 16, 16, 3))["params"]["head"]) == {"logits"}
+
+
+# ---------------------------------------------------------------------------- explicit sharding
+
+EXPLICIT_SCRIPT = """
+import json, sys, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from hocp_jax.models import get_model
+
+mesh = jax.make_mesh((2,), ("data",))  # explicit axes, jax.make_mesh's default
+errors = {}
+for name, shape in json.loads(sys.argv[1]).items():
+    model = get_model(name, tiny=True)
+    x = jax.random.normal(jax.random.key(0), shape)
+    v = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params, x):
+        out, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.key(2)})
+        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    want = step(v["params"], x)
+    with jax.set_mesh(mesh):
+        got = step(v["params"], jax.device_put(x, NamedSharding(mesh, P("data"))))
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
+    errors[name] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))) / scale
+print(json.dumps(errors))
+"""
+EXPLICIT_MODELS = {"resnet18": (4, 32, 32, 3), "avce_alexnet": (4, 64, 64, 3)}
+EXPLICIT_MODELS_SLOW = {"mobilenet_v2_hocp": (4, 16, 16, 3),
+    "resnet18_hocp": (4, 32, 32, 3), "resnet18_3d": (4, 2, 32, 32, 3), "resnet18_2plus1d": (4, 2, 32, 32, 3),
+    "jester": (4, 16, 16, 16, 3), "jester_hocp": (4, 16, 16, 16, 3), "mobilenet_v2": (4, 16, 16, 3),
+    "bregnet39_hocp": (4, 16, 16, 1), "avce_resnet18_hocp": (4, 32, 32, 3),
+}
+
+
+@pytest.mark.parametrize("models", [EXPLICIT_MODELS, pytest.param(EXPLICIT_MODELS_SLOW, marks=pytest.mark.slow)],
+                         ids=["some", "the others"])
+def test_models_train_on_a_batch_split_under_explicit_sharding(models):
+    """A user's own ``jit`` step on a batch split with ``jax.make_mesh``'s default (explicit)
+    axes: loss and every gradient equal the unsplit batch's (two examples per device; BatchNorm
+    statistics over the global batch). With jax 0.10.2 ``flax.linen.Conv``'s kernel gradient,
+    ``flax.linen.Dropout``'s mask and optax's simplex projection raise there
+    (``ShardingTypeError``); the library routes them (:mod:`hocp_jax.explicit_sharding`). Two
+    CPU devices, in a process of their own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+                        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT, json.dumps(models)], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(errors) == set(models) and all(e < 1e-4 for e in errors.values()), errors
+
+
+def test_dropout_draws_flax_dropouts_masks():
+    """``models.common.Dropout`` (sharding-aware) gives ``flax.linen.Dropout``'s output for the
+    same key and scope, so models that switched to it keep their masks."""
+    import flax.linen as nn
+
+    from hocp_jax.models.common import Dropout
+
+    class Net(nn.Module):
+        cls: type
+
+        @nn.compact
+        def __call__(self, x, train):
+            return self.cls(0.3, deterministic=not train)(x)
+
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    rngs = {"dropout": jax.random.key(7)}
+    ours, flax_ = (Net(c).apply({}, x, True, rngs=rngs) for c in (Dropout, nn.Dropout))
+    np.testing.assert_array_equal(ours, flax_)
+    assert 0 < int(jnp.sum(ours == 0)) < x.size
+    np.testing.assert_array_equal(Net(Dropout).apply({}, x, False), x)

@@ -302,7 +302,7 @@ def test_autotune_times_the_batch_one_device_gets(measured):
 EXPLICIT_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, init
+from hocp_jax import autotune, conv, explicit_sharding, init
 
 timed = []
 autotune.measure = lambda x_shape, *a, **k: timed.append(list(x_shape)) or {"factorized": 1.0, "reconstructed": 2.0}
@@ -317,7 +317,7 @@ for name, types, spec in (("explicit", (AxisType.Explicit,) * 2, P(("a", "b"))),
     x = jax.device_put(jnp.ones((8, 6, 6, 3)), NamedSharding(mesh, spec))
     with jax.set_mesh(mesh):
         jax.jit(jax.grad(loss))(p, x)
-        splits[name] = jax.jit(lambda x: jnp.zeros(autotune.explicit_batch_shards(x) or 0)).eval_shape(x).shape[0]
+        splits[name] = jax.jit(lambda x: jnp.zeros(explicit_sharding.shards(x, 0) or 0)).eval_shape(x).shape[0]
 print(json.dumps({"timed": timed, "splits": splits}))
 """
 

@@ -27,6 +27,7 @@ paper's "2.7M" for AVCE (AL). Adaptive pooling makes it input-size agnostic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 
 from hocp_jax.checks import check_real, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
-from hocp_jax.models.common import max_pool_spatial
+from hocp_jax.conv import conv_general_dilated
+from hocp_jax.models.common import Dropout, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -68,6 +70,8 @@ class AlexNetEncoder(nn.Module):
     """
 
     widths: Sequence[int] = ALEXNET_WIDTHS
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -82,7 +86,8 @@ class AlexNetEncoder(nn.Module):
 
         specs = [(11, 4, 2), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
         for i, (width, (k, s, p)) in enumerate(zip(self.widths, specs)):
-            x = nn.Conv(width, (k, k), strides=(s, s), padding=((p, p), (p, p)),
+            x = nn.Conv(width, (k, k), strides=(s, s), padding=((p, p), (p, p)), dtype=self.dtype,
+                        param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated,
                         name=f"conv{i + 1}")(x)
             x = nn.relu(x)
             if i in (0, 1, 4):
@@ -122,14 +127,17 @@ class Compressor(nn.Module):
     hidden: Sequence[int] = ()
     latent_dim: int = 32
     dropout_rate: float = 0.5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = adaptive_avg_pool(x, self.pool_size).reshape(x.shape[0], -1)
         for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, name=f"fc{i}")(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.relu(nn.Dense(self.latent_dim, name="fc_latent")(x))
+            x = nn.Dense(width, name=f"fc{i}", **dt)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.relu(nn.Dense(self.latent_dim, name="fc_latent", **dt)(x))
 
 
 class MLPHead(nn.Module):
@@ -138,13 +146,16 @@ class MLPHead(nn.Module):
     hidden: int
     features: int
     bounded: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Dense(self.hidden, name="fc0")(x)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.hidden, name="fc0", **dt)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         name="bn")(x)
-        x = nn.Dense(self.features, name="fc1")(nn.relu(x))
+                         name="bn", **dt)(x)
+        x = nn.Dense(self.features, name="fc1", **dt)(nn.relu(x))
         return jnp.tanh(x) if self.bounded else x
 
 
@@ -165,6 +176,8 @@ class AVCE(nn.Module):
         proj_dim: projection-head output ``P`` (2 in the paper).
         disc_hidden, disc_dim: the additional head (64, 8).
         softmax_temperature: temperature of the SoftMax view (1 = paper's Eq. (2)).
+        dtype, param_dtype: computation and parameter dtypes of the compressor and the heads
+            (Flax semantics; the builders below give the encoder the same).
     """
 
     encoder: nn.Module
@@ -179,6 +192,8 @@ class AVCE(nn.Module):
     disc_hidden: int = 64
     disc_dim: int = 8
     softmax_temperature: float = 1.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def _validate(self, x) -> None:
         if getattr(x, "ndim", None) != 4:
@@ -195,14 +210,15 @@ class AVCE(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
         self._validate(x)
         feat = self.encoder(x, train=train)
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         latent = Compressor(self.pool_size, tuple(self.compressor_hidden), self.latent_dim,
-                            self.dropout_rate, name="compressor")(feat, train)
+                            self.dropout_rate, name="compressor", **dt)(feat, train)
         views = {"sparse": sparsemax(latent),
                  "soft": softmax_view(latent, self.softmax_temperature)}
-        va = MLPHead(self.head_hidden, self.n_outputs, self.bounded, name="regressor")(
+        va = MLPHead(self.head_hidden, self.n_outputs, self.bounded, name="regressor", **dt)(
             latent, train)
-        proj = MLPHead(self.head_hidden, self.proj_dim, True, name="projection")
-        disc = MLPHead(self.disc_hidden, self.disc_dim, False, name="additional")
+        proj = MLPHead(self.head_hidden, self.proj_dim, True, name="projection", **dt)
+        disc = MLPHead(self.disc_hidden, self.disc_dim, False, name="additional", **dt)
         return {
             "va": va,
             "latent": latent,
@@ -214,17 +230,20 @@ class AVCE(nn.Module):
 
 def avce_alexnet(widths: Sequence[int] = ALEXNET_WIDTHS, **kwargs) -> AVCE:
     """AVCE (AL): AlexNet conv stack + compressor avg-pool 6x6 -> FC(32) (``kwargs`` go to
-    :class:`AVCE`)."""
+    :class:`AVCE`; its ``dtype``/``param_dtype`` to the encoder too)."""
     kwargs = {"pool_size": 6, "compressor_hidden": (), **kwargs}
-    return AVCE(encoder=AlexNetEncoder(tuple(widths)), **kwargs)
+    dt = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
+    return AVCE(encoder=AlexNetEncoder(tuple(widths), **dt), **kwargs)
 
 
 def avce_resnet18(conv: str = "dense2d", backbone: dict | None = None, **kwargs) -> AVCE:
     """AVCE (R18): ResNet-18 trunk from :mod:`hocp_jax.models.resnet` (``conv="dense2d"``,
     or ``"hocp"`` for the HO-CP ResNet-18) + compressor global avg-pool -> FC(1000) ->
     FC(32). ``backbone``: extra :class:`~hocp_jax.models.resnet.ResNet` fields (e.g. tiny
-    ``stage_sizes``/``widths``, ``psi``); ``kwargs`` go to :class:`AVCE`."""
+    ``stage_sizes``/``widths``, ``psi``); ``kwargs`` go to :class:`AVCE` (its ``dtype``/``param_dtype``
+    to the backbone too, unless ``backbone`` sets them)."""
     if conv not in ("dense2d", "hocp"):
         raise ValueError(f"avce_resnet18: conv={conv!r}; expected 'dense2d' or 'hocp' (images)")
     kwargs = {"pool_size": 1, "compressor_hidden": (1000,), **kwargs}
-    return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(backbone or {}))), **kwargs)
+    dt = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
+    return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(dt | (backbone or {})))), **kwargs)

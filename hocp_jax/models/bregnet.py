@@ -143,7 +143,8 @@ class BReGUnit(nn.Module):
             return CPConv(self.features, 3, rank=self.rank, rank_multiple=self.rank_multiple, stride=stride,
                           psi=self.psi, skip=self.skip, name=name, **self._dt())(x, train=train)
         return nn.Conv(self.features, (3, 3), strides=stride, padding="SAME", use_bias=False,
-                       kernel_init=nn.initializers.he_normal(), name=name, **self._dt())(x)
+                       kernel_init=nn.initializers.he_normal(), conv_general_dilated=conv.conv_general_dilated,
+                       name=name, **self._dt())(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -213,8 +214,8 @@ class BReGNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         self._validate(x)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
-                    kernel_init=nn.initializers.he_normal(), name="stem_conv", **dt)(x)
+        h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.he_normal(),
+                    conv_general_dilated=conv.conv_general_dilated, name="stem_conv", **dt)(x)
         h = nn.relu(batch_norm(train, name="stem_bn", **dt)(h))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n):

@@ -1,4 +1,4 @@
-"""Helpers shared by the models: input validation, BatchNorm settings, parameter counts."""
+"""Helpers shared by the models: input validation, BatchNorm settings, dropout, parameter counts."""
 
 from __future__ import annotations
 
@@ -10,14 +10,37 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
 
-from hocp_jax import conv
+from hocp_jax import conv, explicit_sharding
 from hocp_jax.pooling import max_pool
 
 
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+class Dropout(nn.Module):
+    """``flax.linen.Dropout`` (the same ``"dropout"`` stream and masks for the same key and
+    scope) whose mask is drawn with the input's sharding under explicit axes, where Flax's
+    unsharded mask meets a split input in a select that has no sharding rule
+    (:mod:`hocp_jax.explicit_sharding`)."""
+
+    rate: float
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        if nn.merge_param("deterministic", self.deterministic, deterministic) or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        split = PartitionSpec(*explicit_sharding.spec_of(x)) if explicit_sharding.is_split(x) else None
+        mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep, shape=x.shape, out_sharding=split)
+        return lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
 class DenseConv(nn.Module):

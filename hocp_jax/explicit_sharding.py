@@ -53,13 +53,12 @@ def run_auto(fn: Callable[..., jax.Array], x, *args, out_spec: PartitionSpec) ->
     return jax.sharding.auto_axes(fn, out_sharding=out_spec)(x, *args)
 
 
-def kept_splits(x, out_shape, last: int = 1) -> PartitionSpec:
-    """The output spec of a map from ``x`` to ``out_shape`` that keeps each of ``x``'s leading
-    axes' splits where the output size still divides over its devices, and leaves the ``last``
-    axes (channels) unsplit."""
-    spec = spec_of(x)
-    kept = []
-    for axis, size in enumerate(out_shape[:len(out_shape) - last]):
+def kept_splits(x, out_shape) -> PartitionSpec:
+    """The output spec of a channels-last map from ``x`` to ``out_shape`` (a conv): each of
+    ``x``'s batch and spatial splits kept where the output size still divides over its devices,
+    the channel axis unsplit."""
+    spec, kept = spec_of(x), []
+    for axis, size in enumerate(out_shape[:-1]):
         n = shards(x, axis)
         kept.append(spec[axis] if n and size % n == 0 else None)
-    return PartitionSpec(*kept, *(None,) * last)
+    return PartitionSpec(*kept, None)

@@ -1,5 +1,8 @@
-"""Shared pytest setup: float32 CPU JAX, deterministic keys."""
+"""Shared pytest setup: float32 CPU JAX, deterministic keys, scripts on simulated devices."""
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,3 +13,20 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture
+def run_on_devices():
+    """``run(script, n_devices, *args)``: runs the Python source ``script`` with ``args`` in a
+    process of its own on ``n_devices`` simulated CPU devices (XLA fixes the device count at
+    start-up) and returns the JSON its last output line prints; its stderr on failure."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(script: str, n_devices: int, *args: str):
+        env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+                            "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return run

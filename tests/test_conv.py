@@ -598,20 +598,11 @@ print(json.dumps(errors))
 """
 
 
-def test_convs_run_with_an_explicitly_split_spatial_axis():
+def test_convs_run_with_an_explicitly_split_spatial_axis(run_on_devices):
     """Under explicit sharding (``jax.make_mesh``'s default) of a spatial axis, the CP paths (the
     factorized one's 1x1 contractions unflattened there, the reconstructed one's conv under
     ``auto_axes``, whose kernel gradient ``lax`` cannot shard), ``auto``, the separable and the
     dense conv give the values and gradients of the unsplit input, which the tests above check
     against dense convs. Two CPU devices, in a process of their own."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-                        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    out = subprocess.run([sys.executable, "-c", SPATIAL_SHARDING_SCRIPT], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    errors = run_on_devices(SPATIAL_SHARDING_SCRIPT, 2)
     assert len(errors) == 6 and all(err < 1e-4 for err in errors.values()), errors  # float32 sums split in two

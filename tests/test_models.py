@@ -1,5 +1,6 @@
 """Models: parameter counts vs published figures and independent formulas, forward passes,
 per-frame video semantics, input validation. Full-size models are only shape-evaluated."""
+import json
 import re
 
 import jax
@@ -373,24 +374,14 @@ EXPLICIT_MODELS_SLOW = {"mobilenet_v2_hocp": (4, 16, 16, 3),
 
 @pytest.mark.parametrize("models", [EXPLICIT_MODELS, pytest.param(EXPLICIT_MODELS_SLOW, marks=pytest.mark.slow)],
                          ids=["some", "the others"])
-def test_models_train_on_a_batch_split_under_explicit_sharding(models):
+def test_models_train_on_a_batch_split_under_explicit_sharding(models, run_on_devices):
     """A user's own ``jit`` step on a batch split with ``jax.make_mesh``'s default (explicit)
     axes: loss and every gradient equal the unsplit batch's (two examples per device; BatchNorm
     statistics over the global batch). With jax 0.10.2 ``flax.linen.Conv``'s kernel gradient,
     ``flax.linen.Dropout``'s mask and optax's simplex projection raise there
     (``ShardingTypeError``); the library routes them (:mod:`hocp_jax.explicit_sharding`). Two
     CPU devices, in a process of their own."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-                        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    out = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT, json.dumps(models)], env=env, capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    errors = run_on_devices(EXPLICIT_SCRIPT, 2, json.dumps(models))
     assert set(errors) == set(models) and all(e < 1e-4 for e in errors.values()), errors
 
 

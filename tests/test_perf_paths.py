@@ -8,8 +8,6 @@ with the padding written out in the test.
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -322,17 +320,13 @@ print(json.dumps({"timed": timed, "splits": splits}))
 """
 
 
-def test_autotune_times_the_batch_one_device_gets_under_explicit_sharding():
+def test_autotune_times_the_batch_one_device_gets_under_explicit_sharding(run_on_devices):
     """Under explicit sharding (``jax.make_mesh``'s default axis type) a traced array's type says
     how its batch is split, so a conv traced inside ``jit`` on a batch split over 4 devices is
     timed on a quarter of it without ``configure(batch_shards=...)``; replicated, or on
     auto axes (whose tracers carry no sharding), on the whole traced batch. Four CPU devices, in
     a process of their own (fake timer)."""
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-                        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    out = subprocess.run([sys.executable, "-c", EXPLICIT_SHARDING_SCRIPT], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_on_devices(EXPLICIT_SHARDING_SCRIPT, 4)
     assert got["splits"] == {"explicit": 4, "explicit, replicated": 0, "auto": 0}
     # one timing per key: 8 / 4 = 2 examples, then the whole batch of 8 (the same key twice)
     assert got["timed"] == [[2, 6, 6, 3], [8, 6, 6, 3]]

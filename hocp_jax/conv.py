@@ -189,9 +189,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                             dimension_numbers, feature_group_count, batch_group_count=batch_group_count,
                                             precision=precision, preferred_element_type=preferred_element_type)
 
-        channels_last = dimension_numbers is not None and lhs.ndim == n + 2 and lax.conv_dimension_numbers(
-            lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)
-        return _with_auto_axes(xla, lhs, rhs) if channels_last else xla(lhs, rhs)
+        return _with_auto_axes(xla, lhs, rhs) if _channels_last(lhs, rhs, dimension_numbers) else xla(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
     dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n
     if isinstance(padding, str):
@@ -212,10 +210,9 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
     (``lax``'s convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
-    if not ((jax.default_backend() == "cpu" or gpu_taps) and n >= 1 and lhs.ndim == n + 2 and lhs.dtype == rhs.dtype
+    if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
             and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
-            and dimension_numbers is not None
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n)):
+            and _channels_last(lhs, rhs, dimension_numbers)):
         return None
     if feature_group_count == 1 and all(k == 1 for k in rhs.shape[:n]):
         return "pointwise"
@@ -224,6 +221,14 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
     if gpu_taps and feature_group_count == 1:
         return "taps"
     return None
+
+
+def _channels_last(lhs, rhs, dimension_numbers) -> bool:
+    """Whether ``dimension_numbers`` lay out ``lhs`` and the output as ``(B, *S, C)`` and ``rhs``
+    as ``(*K, C_in, C_out)`` (:func:`_dimension_numbers`)."""
+    n = rhs.ndim - 2
+    return (dimension_numbers is not None and n >= 1 and lhs.ndim == n + 2
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n))
 
 
 GPU_CONV_MAX_MODES = 3

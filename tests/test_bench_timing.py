@@ -75,3 +75,27 @@ def test_program_checks_allow_reduced_precision_only_where_jax_may_round(monkeyp
 def test_peer_process_refuses_an_unknown_device():
     with pytest.raises(ValueError, match="device='tpu'"):
         peers.PeerProcess("tpu")
+
+
+def test_a_run_records_the_commit_it_ran_at(tmp_path):
+    """The figures name their checkout: its commit (as ``git log`` reads it) and whether tracked
+    files differ from it; untracked files do not count, and outside a checkout both are None."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert bench.source_revision(str(tmp_path)) == {"commit": None, "uncommitted_changes": None}
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    sha = git("log", "-1", "--format=%H")
+    (tmp_path / "scratch.json").write_text("{}")
+    assert bench.source_revision(str(tmp_path)) == {"commit": sha, "uncommitted_changes": False}
+    (tmp_path / "a.txt").write_text("2")
+    assert bench.source_revision(str(tmp_path)) == {"commit": sha, "uncommitted_changes": True}
+    header = bench._revision_text({"commit": sha, "uncommitted_changes": True})
+    assert header == f" at commit {sha[:7]} with uncommitted changes"
+    assert bench._revision_text({}) == ""

@@ -627,31 +627,59 @@ def prepare_patches_case(case: ModelCase, lax_call: Callable[[], Any]) -> tuple[
         call, row = prepare_model_case(case)
     if not replaced:
         return None
-    check_same_step(case.name, call()[1], lax_call()[1])
+    check_same_step(case.name, call()[1], lax_call()[1], "the patches program", "lax's")
     ref = case.reference and patches_name(case.reference)
     return call, row | {"name": patches_name(case.name), "reference": ref, "convs_as_patches": len(replaced)}
 
 
-def check_same_step(name: str, got: dict, want: dict) -> None:
-    """Raises ``AssertionError`` unless the metrics ``got`` of a train step's patches program match
-    ``want``, its ``lax`` program's: the loss to float32, the gradient norm to float32 noise
-    through the backward pass (both to 2 % where :func:`reduced_precision`)."""
+def check_same_step(name: str, got: dict, want: dict, got_what: str, want_what: str) -> None:
+    """Raises ``AssertionError`` unless the metrics ``got`` of one program of a train step (e.g.
+    its patches program) match ``want``, another program's of the same step (e.g. its ``lax``
+    program's): the loss to float32, the gradient norm to float32 noise through the backward pass
+    (both to 2 % where :func:`reduced_precision`)."""
     for k in want:
         rel = 2e-2 if reduced_precision() else (1e-3 if k == "grad_norm" else 1e-5)
         if abs(float(got[k]) - float(want[k])) > rel * abs(float(want[k])) + 1e-6:
-            raise AssertionError(f"{name}: the patches program's {k} {float(got[k])} differs from lax's {float(want[k])}")
+            raise AssertionError(f"{name}: {got_what}'s {k} {float(got[k])} differs from {want_what} {float(want[k])}")
 
 
-def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_patches: bool = True) -> list[dict[str, Any]]:
+def other_policy() -> str:
+    """The ``auto`` policy not in force (:func:`hocp_jax.autotune.policy`)."""
+    return "analytic" if autotune.policy() == "measure" else "measure"
+
+
+def policy_name(name: str, policy: str) -> str:
+    """The row name of model ``name``'s train step compiled under the ``auto`` policy ``policy``."""
+    return f"{name} ({policy} picks)"
+
+
+def prepare_policy_case(case: ModelCase, call: Callable[[], Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """``prepare_model_case`` of ``case`` (a model with CP convs) compiled under the other ``auto``
+    policy (:func:`other_policy`; measured picks are timed while it is traced, as in a user's
+    first step), its loss and gradient norm checked against ``call``'s, the same step under the
+    policy in force."""
+    policy = other_policy()
+    with autotune.policy_mode(policy):
+        other, row = prepare_model_case(case)
+    check_same_step(case.name, other()[1], call()[1], f"the {policy} picks' program", "the other's")
+    return other, row | {"name": policy_name(case.name, policy), "policy": policy}
+
+
+def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_patches: bool = True,
+                   with_policies: bool = False) -> list[dict[str, Any]]:
     """Train steps of ``cases`` (a model and its reference), each also (if ``with_patches``) with
     its dense convs as patches matrix products where it has any (:func:`prepare_patches_case`),
-    timed interleaved in the same rounds."""
+    and each model with a reference also (if ``with_policies``) under the other ``auto`` policy
+    (:func:`prepare_policy_case`), timed interleaved in the same rounds."""
     prepared = {}
     for c in cases:
         prepared[c.name] = prepare_model_case(c)
         patched = prepare_patches_case(c, prepared[c.name][0]) if with_patches else None
         if patched:
             prepared[patches_name(c.name)] = patched
+        if with_policies and c.reference is not None:
+            row = prepare_policy_case(c, prepared[c.name][0])
+            prepared[row[1]["name"]] = row
     timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s)
     return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"]}
             for name, (_, row) in prepared.items()]
@@ -831,7 +859,11 @@ def markdown(results: dict) -> str:
                 "reconstructed convs and dense shortcuts) as a patches matrix product "
                 "(`benchmarks.patches.patches_convs`; its loss and gradient norm checked against the first "
                 "program's), timed in the same rounds, compared with its reference's patches program; the "
-                "Jester HO-CP net has no such conv, so it has one program.", ""]
+                "Jester HO-CP net has no such conv, so it has one program."
+                + (" `<name> (<policy> picks)` (`--policy-steps`): the same HO-CP step compiled under the other "
+                   "policy of `implementation='auto'` (the measured one times each new conv shape while the step is "
+                   "traced), its loss and gradient norm checked against the first program's, timed in the same "
+                   "rounds." if any(r.get("policy") for r in results["models"]) else ""), ""]
         out += model_table(results["models"])
         out.append("")
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
@@ -977,6 +1009,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-patches-steps", action="store_true",
                     help="time the train steps without their patches programs (XLA's GPU compiler aborted on one, "
                          "jax 0.11.2: benchmarks/EXPERIMENTS.md, stop 46)")
+    ap.add_argument("--policy-steps", action="store_true",
+                    help="also time each HO-CP train step compiled under the other policy of implementation='auto' "
+                         "(analytic <-> measure), in the same rounds")
     ap.add_argument("--batch-scale", type=int, default=1,
                     help="multiply every layer's and train step's batch size by this (e.g. GPU-sized batches)")
     ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
@@ -1028,7 +1063,7 @@ def main(argv=None) -> dict:
         cases = [scaled(c, args.batch_scale) for c in model_cases(args.quick)]
         for ref in [c for c in cases if c.reference is None]:
             for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, step_budget,
-                                      with_patches=not args.no_patches_steps):
+                                      with_patches=not args.no_patches_steps, with_policies=args.policy_steps):
                 results["models"].append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step", flush=True)
             partial(results, args.out)

@@ -12,8 +12,9 @@
 #      since stop 47, which bench scores beside it) are scored;
 #   3. the conv, dtype and layer tests on the GPU, float32 at full precision, analytic picks (no
 #      timing inside the tests) (tests.txt);
-#   4. benchmarks.bench's train steps (results_gpu_models.json), under the default (measured) policy,
-#      without the patches programs, one of which XLA's GPU compiler aborted on (jax 0.11.2;
+#   4. benchmarks.bench's train steps (results_gpu_models.json), under the default (measured) policy
+#      and, in the same rounds, each HO-CP step under the analytic one (--policy-steps), without the
+#      patches programs, one of which XLA's GPU compiler aborted on (jax 0.11.2;
 #      benchmarks/EXPERIMENTS.md, stop 46).
 # BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
 # bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
@@ -67,6 +68,6 @@ JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECIS
 log "stage 3 exit $?"; tail -n 25 "$out/tests.txt" | tee -a "$out/log.txt"
 
 log "stage 4: train steps (limit ${model_s} s)"
-timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --no-patches-steps --batch-scale "$scale" \
+timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --no-patches-steps --policy-steps --batch-scale "$scale" \
   --out "$out/results_gpu_models.json" --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
 log "stage 4 exit ${PIPESTATUS[0]}"

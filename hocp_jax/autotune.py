@@ -104,6 +104,22 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
     _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards)
 
 
+@contextlib.contextmanager
+def policy_mode(value: str):
+    """Within the block, :func:`policy` answers ``value`` (``"analytic"``/``"measure"``), whatever
+    :func:`configure` or ``$HOCP_JAX_AUTOTUNE`` say; the cache file and ``batch_shards`` stay as
+    configured. Read at trace time, like :func:`per_sample_mode` (e.g. to compile one train step
+    with the measured picks beside one with the analytic picks)."""
+    if value not in POLICIES:
+        raise ValueError(f"value={value!r}: expected one of {POLICIES}")
+    previous = _config["policy"]
+    _config["policy"] = value
+    try:
+        yield
+    finally:
+        _config["policy"] = previous
+
+
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
     """``x_shape`` with the batch one device runs, ``ceil(B / n)``: ``n`` = ``batch_shards`` (the
     split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,

@@ -123,9 +123,9 @@ def test_the_benchmark_rejects_a_dense_program_or_step_that_computes_something_e
     bench.check_same_conv("ok", ref, lambda x, k: dense_patches(x, k, (1, 1), pads), x, k)
     with pytest.raises(AssertionError, match="flipped"):  # a flipped kernel is another conv
         bench.check_same_conv("flipped", ref, lambda x, k: dense_patches(x, k[::-1, ::-1], (1, 1), pads), x, k)
-    bench.check_same_step("ok", {"loss": 2.0, "grad_norm": 3.002}, {"loss": 2.0, "grad_norm": 3.0})
-    with pytest.raises(AssertionError, match="loss"):
-        bench.check_same_step("bad", {"loss": 2.001, "grad_norm": 3.0}, {"loss": 2.0, "grad_norm": 3.0})
+    bench.check_same_step("ok", {"loss": 2.0, "grad_norm": 3.002}, {"loss": 2.0, "grad_norm": 3.0}, "a", "b's")
+    with pytest.raises(AssertionError, match="bad: a's loss 2.001 differs from b's 2.0"):
+        bench.check_same_step("bad", {"loss": 2.001, "grad_norm": 3.0}, {"loss": 2.0, "grad_norm": 3.0}, "a", "b's")
 
 
 def test_the_stack_ratios_round_by_round_add_up_each_layers_reading_of_that_round():

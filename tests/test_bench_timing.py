@@ -1,6 +1,7 @@
 """``benchmarks.bench``: how many rounds a case gets (no timings asserted), and the files of a run
 without layer benchmarks."""
 import json
+import time
 
 import pytest
 
@@ -99,3 +100,36 @@ def test_a_run_records_the_commit_it_ran_at(tmp_path):
     header = bench._revision_text({"commit": sha, "uncommitted_changes": True})
     assert header == f" at commit {sha[:7]} with uncommitted changes"
     assert bench._revision_text({}) == ""
+
+
+def test_policy_steps_time_the_hocp_step_under_the_other_policy(tmp_path, monkeypatch):
+    """``--policy-steps`` adds, for each HO-CP train step, the same step compiled (here: prepared
+    by a stand-in that records the policy in force) under the other ``auto`` policy, timed in the
+    same rounds with a ratio to the dense reference; the dense step gets no such row."""
+    from hocp_jax import autotune
+
+    prepared = []
+
+    def fake_prepare(case):
+        prepared.append((case.name, autotune.policy()))
+        row = {"name": case.name, "model": case.model, "input_shape": list(case.input_shape), "tiny": True,
+               "transduced": False, "reference": case.reference, "params": 1, "compile_s": 0.0, "xla_flops_step": None}
+        return (lambda: time.sleep(1e-3) or (None, {"loss": 1.0, "grad_norm": 2.0})), row
+
+    monkeypatch.setattr(bench, "prepare_model_case", fake_prepare)
+    monkeypatch.setattr(bench, "model_cases", lambda quick: [
+        bench.ModelCase("dense", "resnet18", (2, 16, 16, 3), True),
+        bench.ModelCase("hocp", "resnet18_hocp", (2, 16, 16, 3), True, reference="dense"),
+    ])
+    try:
+        results = bench.main(["--only", "models", "--no-patches-steps", "--policy-steps", "--autotune", "analytic",
+                              "--repeats", "2", "--out", str(tmp_path / "r.json")])
+    finally:
+        autotune.configure(None)
+    assert prepared == [("dense", "analytic"), ("hocp", "analytic"), ("hocp", "measure")]
+    rows = {r["name"]: r for r in results["models"]}
+    assert set(rows) == {"dense", "hocp", "hocp (measure picks)"}
+    assert rows["hocp (measure picks)"]["reference"] == "dense" and rows["hocp (measure picks)"]["policy"] == "measure"
+    assert len(rows["hocp (measure picks)"]["times_ms"]) == len(rows["dense"]["times_ms"]) == 2
+    assert "| hocp (measure picks) |" in open(tmp_path / "RESULTS.md").read()
+    assert autotune.policy() == "analytic"  # the block's policy did not leak out of it

@@ -590,6 +590,23 @@ def test_default_policy_is_measured_on_gpu_only(monkeypatch):
         autotune.configure(None)
 
 
+def test_policy_mode_overrides_the_policy_within_its_block_only(monkeypatch):
+    from hocp_jax import autotune
+
+    monkeypatch.setenv(autotune.ENV_VAR, "analytic")
+    autotune.configure("analytic", batch_shards=2)
+    try:
+        with autotune.policy_mode("measure"):
+            assert autotune.policy() == "measure"
+            assert autotune.device_shape((8, 4)) == (4, 4)  # the rest of the configuration stays
+        assert autotune.policy() == "analytic"
+        with pytest.raises(ValueError, match="value='fast'"):
+            with autotune.policy_mode("fast"):
+                pass
+    finally:
+        autotune.configure(None)
+
+
 def test_a_failed_timing_warns_and_takes_the_analytic_pick(measured, monkeypatch):
     """A timing that raises (e.g. out of device memory for the dummy inputs) must not fail the
     caller's trace: a warning, the analytic pick, kept in memory (no second timing) but not

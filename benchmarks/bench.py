@@ -60,6 +60,7 @@ single CPU device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -653,16 +654,53 @@ def policy_name(name: str, policy: str) -> str:
     return f"{name} ({policy} picks)"
 
 
-def prepare_policy_case(case: ModelCase, call: Callable[[], Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
-    """``prepare_model_case`` of ``case`` (a model with CP convs) compiled under the other ``auto``
-    policy (:func:`other_policy`; measured picks are timed while it is traced, as in a user's
-    first step), its loss and gradient norm checked against ``call``'s, the same step under the
-    policy in force."""
+@contextlib.contextmanager
+def recording_picks():
+    """Within the block, every ``implementation="auto"`` pick traced (``[x shape, path]``) and
+    every kernel-gradient pick of a conv of a rebuilt kernel (``[x shape, kernel shape, "products"
+    or "xla"]``) is appended to the yielded ``{"cp": [...], "kernel_grad": [...]}``."""
+    made: dict[str, list] = {"cp": [], "kernel_grad": []}
+    choose, choose_grad = autotune.choose_cp, autotune.choose_kernel_grad
+
+    def cp(x_shape, *args, **kwargs):
+        pick = choose(x_shape, *args, **kwargs)
+        made["cp"].append([list(x_shape), pick])
+        return pick
+
+    def kernel_grad(x_shape, dtype, kernel_shape, *args, **kwargs):
+        pick = choose_grad(x_shape, dtype, kernel_shape, *args, **kwargs)
+        made["kernel_grad"].append([list(x_shape), list(kernel_shape), "products" if pick else "xla"])
+        return pick
+
+    autotune.choose_cp, autotune.choose_kernel_grad = cp, kernel_grad
+    try:
+        yield made
+    finally:
+        autotune.choose_cp, autotune.choose_kernel_grad = choose, choose_grad
+
+
+def picks_that_differ(a: dict[str, list], b: dict[str, list]) -> list[list]:
+    """The picks of :func:`recording_picks` that differ between two traces of one step, in trace
+    order: ``[x shape, pick in a, pick in b]`` (kernel gradients: ``[x shape, kernel shape, ...]``)."""
+    return [x[:-1] + [x[-1], y[-1]] for kind in ("cp", "kernel_grad") for x, y in zip(a[kind], b[kind]) if x != y]
+
+
+def prepare_policy_case(case: ModelCase) -> dict[str, tuple[Callable[[], Any], dict[str, Any]]]:
+    """``prepare_model_case`` of ``case`` (a model with CP convs) under the policy in force and
+    under the other ``auto`` policy (:func:`other_policy`; measured picks are timed while a step is
+    traced, as in a user's first step), keyed by row name; the second's loss and gradient norm
+    checked against the first's, and its row lists the picks that differ between the two
+    (:func:`picks_that_differ`; every pick of each trace of preparing the step: the model's init,
+    a transduced model's 2-D source, the step)."""
     policy = other_policy()
-    with autotune.policy_mode(policy):
-        other, row = prepare_model_case(case)
+    with recording_picks() as mine:
+        call, row = prepare_model_case(case)
+    with autotune.policy_mode(policy), recording_picks() as theirs:
+        other, other_row = prepare_model_case(case)
     check_same_step(case.name, other()[1], call()[1], f"the {policy} picks' program", "the other's")
-    return other, row | {"name": policy_name(case.name, policy), "policy": policy}
+    other_row |= {"name": policy_name(case.name, policy), "policy": policy, "picks_traced": len(theirs["cp"]),
+                  "picks_that_differ": picks_that_differ(mine, theirs)}
+    return {case.name: (call, row), other_row["name"]: (other, other_row)}
 
 
 def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_patches: bool = True,
@@ -673,13 +711,13 @@ def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_p
     (:func:`prepare_policy_case`), timed interleaved in the same rounds."""
     prepared = {}
     for c in cases:
-        prepared[c.name] = prepare_model_case(c)
+        if with_policies and c.reference is not None:
+            prepared |= prepare_policy_case(c)
+        else:
+            prepared[c.name] = prepare_model_case(c)
         patched = prepare_patches_case(c, prepared[c.name][0]) if with_patches else None
         if patched:
             prepared[patches_name(c.name)] = patched
-        if with_policies and c.reference is not None:
-            row = prepare_policy_case(c, prepared[c.name][0])
-            prepared[row[1]["name"]] = row
     timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s)
     return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"]}
             for name, (_, row) in prepared.items()]
@@ -866,6 +904,10 @@ def markdown(results: dict) -> str:
                    "rounds." if any(r.get("policy") for r in results["models"]) else ""), ""]
         out += model_table(results["models"])
         out.append("")
+        out += [f"`{r['name']}`: {len(r['picks_that_differ'])} of its picks differ from the first program's "
+                f"({r['picks_traced']} `auto` picks traced; x shape[, kernel shape], first program's, this one's: "
+                + ("; ".join(", ".join(map(str, d)) for d in r["picks_that_differ"]) or "none") + ").\n"
+                for r in results["models"] if "picks_that_differ" in r]
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
             "[figure6.png](figure6.png).", ""]
     out += target_lines(results["targets"])

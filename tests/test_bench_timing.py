@@ -2,6 +2,10 @@
 without layer benchmarks."""
 import json
 import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
 
 import pytest
 
@@ -132,4 +136,27 @@ def test_policy_steps_time_the_hocp_step_under_the_other_policy(tmp_path, monkey
     assert rows["hocp (measure picks)"]["reference"] == "dense" and rows["hocp (measure picks)"]["policy"] == "measure"
     assert len(rows["hocp (measure picks)"]["times_ms"]) == len(rows["dense"]["times_ms"]) == 2
     assert "| hocp (measure picks) |" in open(tmp_path / "RESULTS.md").read()
+    assert rows["hocp (measure picks)"]["picks_that_differ"] == []  # the stand-in traced no conv
     assert autotune.policy() == "analytic"  # the block's policy did not leak out of it
+
+
+def test_recorded_picks_name_the_convs_whose_path_differs_between_two_traces():
+    """Two traces of one CP conv under the measured policy, whose stand-in timings favour the
+    factorized then the reconstructed path: the recorded picks say so, and only that conv differs."""
+    from hocp_jax import autotune, conv, init
+
+    p = init.init_cp_params(jax.random.key(0), 4, 6, (3, 3), 5)
+    x = jnp.ones((2, 8, 8, 4))
+    original = autotune.choose_cp
+    made = []
+    for times in ({"factorized": 1.0, "reconstructed": 3.0}, {"factorized": 3.0, "reconstructed": 1.0}):
+        autotune.clear_cache()
+        with autotune.policy_mode("measure"), bench.recording_picks() as picks, \
+                mock.patch.object(autotune, "measure", lambda *a, times=times, **k: times):
+            conv.cp_conv(x, p, padding=1, implementation="auto")
+        made.append(picks)
+    autotune.clear_cache()
+    assert autotune.choose_cp is original  # restored after the block
+    assert [m["cp"] for m in made] == [[[[2, 8, 8, 4], "factorized"]], [[[2, 8, 8, 4], "reconstructed"]]]
+    assert bench.picks_that_differ(*made) == [[[2, 8, 8, 4], "factorized", "reconstructed"]]
+    assert bench.picks_that_differ(made[0], made[0]) == []

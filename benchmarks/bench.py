@@ -656,23 +656,33 @@ def policy_name(name: str, policy: str) -> str:
 
 @contextlib.contextmanager
 def recording_picks():
-    """Within the block, every ``implementation="auto"`` pick traced (``[x shape, path]``) and
-    every kernel-gradient pick of a conv of a rebuilt kernel (``[x shape, kernel shape, "products"
-    or "xla"]``) is appended to the yielded ``{"cp": [...], "kernel_grad": [...]}``."""
+    """Within the block, every ``implementation="auto"`` pick traced (``[x shape, output channels,
+    strides, path]``) and every kernel-gradient pick of a 2-D conv of a rebuilt kernel (``[x shape,
+    kernel shape, "products" or "xla"]``) is appended to the yielded ``{"cp": [...],
+    "kernel_grad": [...]}``; not the picks made inside another pick (the measured policy's timed
+    programs)."""
     made: dict[str, list] = {"cp": [], "kernel_grad": []}
     choose, choose_grad = autotune.choose_cp, autotune.choose_kernel_grad
+    depth = [0]
 
-    def cp(x_shape, *args, **kwargs):
-        pick = choose(x_shape, *args, **kwargs)
-        made["cp"].append([list(x_shape), pick])
+    def recorded(kind, pick_fn, describe):
+        def pick(*args, **kwargs):
+            depth[0] += 1
+            try:
+                value = pick_fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if not depth[0]:
+                made[kind].append(describe(*args, **kwargs) + [value])
+            return value
+
         return pick
 
-    def kernel_grad(x_shape, dtype, kernel_shape, *args, **kwargs):
-        pick = choose_grad(x_shape, dtype, kernel_shape, *args, **kwargs)
-        made["kernel_grad"].append([list(x_shape), list(kernel_shape), "products" if pick else "xla"])
-        return pick
-
-    autotune.choose_cp, autotune.choose_kernel_grad = cp, kernel_grad
+    autotune.choose_cp = recorded("cp", choose, lambda x_shape, dtype, params, modes, strides, *a, **k: [
+        list(x_shape), int(params["factor_out"].shape[0]), list(strides)])
+    autotune.choose_kernel_grad = recorded(
+        "kernel_grad", lambda *a, **k: "products" if choose_grad(*a, **k) else "xla",
+        lambda x_shape, dtype, kernel_shape, *a, **k: [list(x_shape), list(kernel_shape)])
     try:
         yield made
     finally:
@@ -680,9 +690,24 @@ def recording_picks():
 
 
 def picks_that_differ(a: dict[str, list], b: dict[str, list]) -> list[list]:
-    """The picks of :func:`recording_picks` that differ between two traces of one step, in trace
-    order: ``[x shape, pick in a, pick in b]`` (kernel gradients: ``[x shape, kernel shape, ...]``)."""
-    return [x[:-1] + [x[-1], y[-1]] for kind in ("cp", "kernel_grad") for x, y in zip(a[kind], b[kind]) if x != y]
+    """The convs of two :func:`recording_picks` records of one step whose picks differ, in order of
+    first appearance: their description, then the picks each record made for them (``"a/b"`` if
+    its traces of that conv picked both, ``"-"`` if it traced none, e.g. the kernel gradient of
+    a conv the other record ran factorized)."""
+    out = []
+    for kind in ("cp", "kernel_grad"):
+        seen: dict[str, list] = {}
+        picks: list[dict[str, set]] = [{}, {}]
+        for i, record in enumerate((a, b)):
+            for entry in record[kind]:
+                key = json.dumps(entry[:-1])
+                seen.setdefault(key, entry[:-1])
+                picks[i].setdefault(key, set()).add(entry[-1])
+        for key, what in seen.items():
+            mine, theirs = ("/".join(sorted(p.get(key, ()))) or "-" for p in picks)
+            if mine != theirs:
+                out.append(what + [mine, theirs])
+    return out
 
 
 def prepare_policy_case(case: ModelCase) -> dict[str, tuple[Callable[[], Any], dict[str, Any]]]:
@@ -905,7 +930,8 @@ def markdown(results: dict) -> str:
         out += model_table(results["models"])
         out.append("")
         out += [f"`{r['name']}`: {len(r['picks_that_differ'])} of its picks differ from the first program's "
-                f"({r['picks_traced']} `auto` picks traced; x shape[, kernel shape], first program's, this one's: "
+                f"({r['picks_traced']} `auto` picks traced; `auto`: x shape, output channels, strides; kernel "
+                f"gradient: x shape, kernel shape; then the first program's pick, this one's: "
                 + ("; ".join(", ".join(map(str, d)) for d in r["picks_that_differ"]) or "none") + ").\n"
                 for r in results["models"] if "picks_that_differ" in r]
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "

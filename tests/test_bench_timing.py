@@ -142,21 +142,35 @@ def test_policy_steps_time_the_hocp_step_under_the_other_policy(tmp_path, monkey
 
 def test_recorded_picks_name_the_convs_whose_path_differs_between_two_traces():
     """Two traces of one CP conv under the measured policy, whose stand-in timings favour the
-    factorized then the reconstructed path: the recorded picks say so, and only that conv differs."""
+    factorized then the reconstructed path: the recorded picks say so (and leave out the picks of
+    the timing's own programs), and only that conv and its kernel gradient differ."""
     from hocp_jax import autotune, conv, init
 
     p = init.init_cp_params(jax.random.key(0), 4, 6, (3, 3), 5)
     x = jnp.ones((2, 8, 8, 4))
     original = autotune.choose_cp
     made = []
+    def timing(times):  # a stand-in that, like the real timing, traces a conv of a rebuilt kernel
+        def measure(*args, **kwargs):
+            conv.cp_conv(jnp.ones((1, 5, 5, 4)), p, padding=1, implementation="reconstructed")
+            return times
+
+        return measure
+
     for times in ({"factorized": 1.0, "reconstructed": 3.0}, {"factorized": 3.0, "reconstructed": 1.0}):
         autotune.clear_cache()
         with autotune.policy_mode("measure"), bench.recording_picks() as picks, \
-                mock.patch.object(autotune, "measure", lambda *a, times=times, **k: times):
+                mock.patch.object(autotune, "measure", timing(times)):
             conv.cp_conv(x, p, padding=1, implementation="auto")
         made.append(picks)
     autotune.clear_cache()
     assert autotune.choose_cp is original  # restored after the block
-    assert [m["cp"] for m in made] == [[[[2, 8, 8, 4], "factorized"]], [[[2, 8, 8, 4], "reconstructed"]]]
-    assert bench.picks_that_differ(*made) == [[[2, 8, 8, 4], "factorized", "reconstructed"]]
+    assert [m["cp"] for m in made] == [[[[2, 8, 8, 4], 6, [1, 1], "factorized"]],
+                                       [[[2, 8, 8, 4], 6, [1, 1], "reconstructed"]]]
+    assert not made[0]["kernel_grad"]  # the factorized path rebuilds no kernel
+    # the reconstructed one's kernel gradient, picked once (the timed programs' picks not recorded)
+    assert made[1]["kernel_grad"] == [[[2, 8, 8, 4], [3, 3, 4, 6], made[1]["kernel_grad"][0][-1]]]
+    grad = made[1]["kernel_grad"][0][-1]
+    assert bench.picks_that_differ(*made) == [[[2, 8, 8, 4], 6, [1, 1], "factorized", "reconstructed"],
+                                              [[2, 8, 8, 4], [3, 3, 4, 6], "-", grad]]
     assert bench.picks_that_differ(made[0], made[0]) == []

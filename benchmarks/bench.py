@@ -665,15 +665,15 @@ def recording_picks():
     choose, choose_grad = autotune.choose_cp, autotune.choose_kernel_grad
     depth = [0]
 
-    def recorded(kind, pick_fn, describe):
-        def pick(*args, **kwargs):
+    def recorded(kind, pick_fn, describe, label=lambda value: value):
+        def pick(*args, **kwargs):  # returns what pick_fn returns: the program must not change
             depth[0] += 1
             try:
                 value = pick_fn(*args, **kwargs)
             finally:
                 depth[0] -= 1
             if not depth[0]:
-                made[kind].append(describe(*args, **kwargs) + [value])
+                made[kind].append(describe(*args, **kwargs) + [label(value)])
             return value
 
         return pick
@@ -681,8 +681,8 @@ def recording_picks():
     autotune.choose_cp = recorded("cp", choose, lambda x_shape, dtype, params, modes, strides, *a, **k: [
         list(x_shape), int(params["factor_out"].shape[0]), list(strides)])
     autotune.choose_kernel_grad = recorded(
-        "kernel_grad", lambda *a, **k: "products" if choose_grad(*a, **k) else "xla",
-        lambda x_shape, dtype, kernel_shape, *a, **k: [list(x_shape), list(kernel_shape)])
+        "kernel_grad", choose_grad, lambda x_shape, dtype, kernel_shape, *a, **k: [list(x_shape), list(kernel_shape)],
+        label=lambda products: "products" if products else "xla")
     try:
         yield made
     finally:

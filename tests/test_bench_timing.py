@@ -165,6 +165,13 @@ def test_recorded_picks_name_the_convs_whose_path_differs_between_two_traces():
         made.append(picks)
     autotune.clear_cache()
     assert autotune.choose_cp is original  # restored after the block
+    # recording changes no pick: the wrapped functions return what the library's return
+    args = ((4, 40, 40, 64), jnp.float32, (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1))
+    for big in (False, True):  # the host rule's answer for a small and a 40 MiB input
+        args = ((64 if big else 2, 40, 40, 64), *args[1:])
+        want = autotune.choose_kernel_grad(*args)
+        with bench.recording_picks():
+            assert autotune.choose_kernel_grad(*args) is want
     assert [m["cp"] for m in made] == [[[[2, 8, 8, 4], 6, [1, 1], "factorized"]],
                                        [[[2, 8, 8, 4], 6, [1, 1], "reconstructed"]]]
     assert not made[0]["kernel_grad"]  # the factorized path rebuilds no kernel

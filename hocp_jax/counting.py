@@ -172,6 +172,18 @@ XLA on CPU (benchmarks/RESULTS.md, fwd+bwd: ~39 GFLOP/s for the 2-D (64,64)@56x5
 this factor when ``len(kernel_size) >= 3``."""
 
 
+CONV_3D_STARVED_SLOWDOWN = 2.0
+"""A dense conv over 3 or more modes with fewer than :data:`CONV_FULL_SPEED_CHANNELS` input or
+output channels runs at about half the FLOP rate of :data:`CONV_3D_SLOWDOWN` under XLA on CPU
+even without its input gradient (a video network's first layer), so reconstructed-path FLOPs are
+scaled by this factor too then. Measured on the two such convs of the library's models, fwd+bwd
+without input gradient: the Jester net's (3->64) 3x3x3 conv, factorized / reconstructed 0.30-0.33
+in the runs of record of stops 44 and 48 where the model without this factor read 0.61, and the
+HO-CP ResNet-18's 3-D stem (3->64, 3x7x7, stride (1, 2, 2), rank 116) 0.66-0.80 at five clip
+sizes (``python -m benchmarks.experiments stem_3d``, stop 48) where it read 1.83 and picked the
+slower, reconstructed path (0.93 with the factor)."""
+
+
 CHUNKED_BYTES_SCALE = 0.5
 """Scale on the factorized path's bytes when an unstrided 2-D conv's batch runs in chunks of
 samples (``cp_path_costs(chunk=...)``, :func:`hocp_jax.autotune.batch_chunk_default`): a chunk's
@@ -220,7 +232,8 @@ def cp_path_costs(
     * reconstructed: ``batch * dense_flops`` scaled for channel-starved convs (see
       :data:`CONV_FULL_SPEED_CHANNELS`, only if ``input_grad``: it is the input gradient of a
       channel-starved conv that is slow), strided convs (:data:`STRIDED_CONV_SLOWDOWN`, only if
-      ``input_grad``) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`) plus :func:`cp_reconstruct_flops`
+      ``input_grad``) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`; channel-starved ones without
+      input gradient :data:`CONV_3D_STARVED_SLOWDOWN` on top) plus :func:`cp_reconstruct_flops`
       once; bytes: x, y, kernel.
 
     ``chunk``: samples per step of the loop over the batch in which the factorized path runs
@@ -251,6 +264,8 @@ def cp_path_costs(
     starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
     r_flops_eff = r_flops * starved
     r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
+    r_flops_eff *= CONV_3D_STARVED_SLOWDOWN if n >= 3 and starved == 1.0 and min(in_channels, out_channels) < \
+        CONV_FULL_SPEED_CHANNELS else 1.0
     r_flops_eff *= STRIDED_CONV_SLOWDOWN if input_grad and max(as_tuple(stride, n, "stride")) > 1 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)

@@ -997,9 +997,10 @@ def _io_shapes(s):
 
 def _recorded_layers():
     """``(shape, input_grad, fact ms, recon ms)`` of the layers timed in the repository's recorded
-    CPU runs of the programs the library runs now: the run of record (``benchmarks/results.json``)
-    and the run of ``python -m benchmarks.experiments chunk_scale`` made after the reconstructed
-    path of a 2-D conv got its per-tap kernel gradient (stop 39, ``benchmarks/experiments_chunk_scale.json``).
+    CPU runs of the programs the library runs now: the run of record (``benchmarks/results.json``),
+    the run of ``python -m benchmarks.experiments chunk_scale`` made after the reconstructed
+    path of a 2-D conv got its per-tap kernel gradient (stop 39, ``benchmarks/experiments_chunk_scale.json``)
+    and that of ``stem_3d`` (stop 48, ``benchmarks/experiments_stem_3d.json``).
     The older 2-D runs (``experiments_resnet2d_*``, ``experiments_chunk_picks*``) timed the
     reconstructed path with XLA's kernel-gradient convolution, up to 5x slower at batch 32-64, and
     are not used."""
@@ -1012,6 +1013,7 @@ def _recorded_layers():
         return json.loads((root / name).read_text())
 
     rows = read("experiments_chunk_scale.json")["runs"]["third (per-tap kernel gradient, the current programs)"]["layers"]
+    rows += read("experiments_stem_3d.json")["layers"]  # the 3-D stem of the HO-CP ResNet-18 on clips (stop 48)
     results = read("results.json")  # the run of record
     if results["machine"].get("platform") == "cpu" and not results.get("quick"):
         rows += [row for group in results["conv"].values() for row in group]

@@ -229,4 +229,9 @@ kernel) and as XLA's convolution: CIFAR-10 MobileNet-v2 dense and HO-CP at batch
 (ResNet-18 3-D, the Jester net) with ``lax``'s convs, with their dense convs as a patches matrix
 product, and with that product under ``jax.checkpoint``, interleaved: ms per step and XLA's
 temporary buffers per compiled step.
+
+``python -m benchmarks.experiments stem_3d [rounds]``: the 3-D stem of the HO-CP ResNet-18 on
+clips (3->64, 3x7x7, stride (1, 2, 2), rank 116, no input gradient) with both CP paths at five
+clip sizes, fwd+bwd, interleaved: measured and modelled factorized/reconstructed ratios and the
+analytic pick.
 """

@@ -870,3 +870,37 @@ def pointwise(rounds: int = 7) -> dict:
     out["routed / lax range"] = [min(ratios), max(ratios)]
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def stem_3d(rounds: int = 9) -> dict:
+    """The 3-D stem of the HO-CP ResNet-18 on clips (3->64, 3x7x7, stride (1, 2, 2), padding (1, 3, 3),
+    rank 116 as in the transduced model, no input gradient: a network's first layer) with both CP
+    paths, fwd+bwd (``bench`` protocol), interleaved, at the transduced step's clip (1 x 8 x 112 x
+    112) and four larger ones: the measured factorized/reconstructed ratio beside the analytic
+    model's and its pick. Rows in ``bench``'s format, which
+    ``tests/test_perf_paths.py::test_cost_model_agrees_with_recorded_timings`` reads."""
+    from benchmarks import bench
+    from hocp_jax import counting
+
+    out: dict = {"rounds": rounds, "layers": []}
+    for batch, frames, size in ((1, 8, 112), (2, 8, 112), (1, 16, 112), (4, 8, 112), (1, 8, 224)):
+        case = bench.ConvCase("stem3d", f"stem (3->64)@{frames}x{size}x{size}/s(1,2,2)", batch, (frames, size, size),
+                              3, 64, (3, 7, 7), 116, stride=(1, 2, 2), padding=((1, 1), (3, 3), (3, 3)), input_grad=False)
+        kernel, params, compile_call = bench.case_compiler(case)
+        fns = bench.conv_fns(case)
+        calls = {p: compile_call(fns[p], params)[0] for p in ("factorized", "reconstructed")}
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        strides, pads = case.geometry()
+        costs = counting.cp_path_costs(batch, case.in_sizes, 3, 64, case.kernel, case.rank, stride=strides, padding=pads,
+                                       input_grad=False)
+        pick = conv.choose_cp_implementation((batch, *case.in_sizes, 3), params, case.modes, stride=strides,
+                                             padding=pads, input_grad=False)
+        row = {"name": case.name, "shape": bench.case_shape(case), "input_grad": False, "ms": ms,
+               "times_ms": {k: v["times_ms"] for k, v in t.items()},
+               "measured fact/recon": round(ms["factorized"] / ms["reconstructed"], 3),
+               "model fact/recon": round(costs["factorized"] / costs["reconstructed"], 3), "analytic pick": pick}
+        out["layers"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out

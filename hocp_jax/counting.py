@@ -264,8 +264,8 @@ def cp_path_costs(
     starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
     r_flops_eff = r_flops * starved
     r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
-    r_flops_eff *= CONV_3D_STARVED_SLOWDOWN if n >= 3 and starved == 1.0 and min(in_channels, out_channels) < \
-        CONV_FULL_SPEED_CHANNELS else 1.0
+    starved_3d = n >= 3 and not input_grad and min(in_channels, out_channels) < CONV_FULL_SPEED_CHANNELS
+    r_flops_eff *= CONV_3D_STARVED_SLOWDOWN if starved_3d else 1.0
     r_flops_eff *= STRIDED_CONV_SLOWDOWN if input_grad and max(as_tuple(stride, n, "stride")) > 1 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)
     r_bytes = 4.0 * (batch * (p_in * in_channels + p_out * out_channels) + int(np.prod(kernel_size)) * in_channels * out_channels)

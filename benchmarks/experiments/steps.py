@@ -387,58 +387,42 @@ STEP_PAIRS = (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dens
 
 def autotune_steps(rounds: int = 9) -> dict:
     """The three HO-CP train steps of ``bench`` compiled with the analytic picks and with the
-    measured autotune's (``autotune.configure("measure")``, no cache file, so every conv shape is
-    timed while the step is traced), each pair interleaved with its dense step: which picks the
-    two policies make (counted over every trace of preparing a step: the model's init, the
-    transduced model's 2-D source, the step; the Jester net's convs, with a ReLU between their
-    factors, always run factorized and make none), how long preparing took with the timing, and
-    the step times. Also the kernel-gradient picks of the reconstructed 2-D convs
+    measured autotune's (:func:`hocp_jax.autotune.policy_mode`, no cache file, so every conv shape
+    is timed while the step is traced), each pair interleaved with its dense step: which picks the
+    two policies make (:func:`benchmarks.bench.recording_picks` over every trace of preparing a
+    step: the model's init, the transduced model's 2-D source, the step; the Jester net's convs,
+    with a ReLU between their factors, always run factorized and make none; the convs whose picks
+    differ, :func:`benchmarks.bench.picks_that_differ`), how long preparing took with the timing,
+    and the step times. Also the kernel-gradient picks of the reconstructed 2-D convs
     (:func:`hocp_jax.autotune.choose_kernel_grad`) under the measured policy, beside the host's
-    rule for the same shape."""
+    rule for the same shape. ``bench --policy-steps`` makes the same comparison within its own
+    train-step rounds."""
     from benchmarks import bench
     from hocp_jax import autotune
 
     cases = {c.name: c for c in bench.model_cases(False)}
     out: dict = {"rounds": rounds}
-    choose, choose_grad = autotune.choose_cp, autotune.choose_kernel_grad
     for dense, hocp in STEP_PAIRS:
         calls, picks, prepare_s = {dense: bench.prepare_model_case(cases[dense])[0]}, {}, {}
-        grad_picks: collections.Counter = collections.Counter()
         for policy in ("analytic", "measure"):
-            made = picks[policy] = []
-
-            def recording(x_shape, *args, made=made, **kwargs):
-                pick = choose(x_shape, *args, **kwargs)
-                made.append([list(x_shape), pick])
-                return pick
-
-            def recording_grad(x_shape, dtype, kernel_shape, *args, policy=policy):
-                pick = choose_grad(x_shape, dtype, kernel_shape, *args)
-                if policy == "measure":
-                    rule = autotune.matmul_kernel_grad(x_shape, dtype)
-                    grad_picks[json.dumps([list(x_shape), list(kernel_shape), "products" if pick else "xla",
-                                           "products" if rule else "xla"])] += 1
-                return pick
-
             autotune.clear_cache()
-            autotune.configure(policy)
             t0 = time.perf_counter()
             try:
-                with mock.patch.object(autotune, "choose_cp", recording), \
-                        mock.patch.object(autotune, "choose_kernel_grad", recording_grad):
+                with autotune.policy_mode(policy), bench.recording_picks() as picks[policy]:
                     calls[f"{hocp}, {policy}"] = bench.prepare_model_case(cases[hocp])[0]
             finally:
-                autotune.configure(None)
                 autotune.clear_cache()
             prepare_s[policy] = time.perf_counter() - t0
         t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         ms = {name: v["median_ms"] for name, v in t.items()}
-        differ = collections.Counter(json.dumps([a[0], a[1], m[1]]) for a, m in zip(picks["analytic"], picks["measure"])
-                                     if a[1] != m[1])
+        grad_picks = collections.Counter(
+            json.dumps([x, k, pick, "products" if autotune.matmul_kernel_grad(x, jax.numpy.float32) else "xla"])
+            for x, k, pick in picks["measure"]["kernel_grad"])
         out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()},
                      "measure/analytic": ms[f"{hocp}, measure"] / ms[f"{hocp}, analytic"],
-                     "prepare_s": prepare_s, "auto_convs_traced": len(picks["analytic"]),
-                     "picks_that_differ: [x shape, analytic, measure] -> traced convs": dict(differ),
+                     "prepare_s": prepare_s, "auto_convs_traced": len(picks["analytic"]["cp"]),
+                     "picks_that_differ: [conv, analytic, measure]": bench.picks_that_differ(picks["analytic"],
+                                                                                             picks["measure"]),
                      "measured kernel gradients: [x shape, kernel shape, measure, rule] -> traced convs": dict(grad_picks)}
     out["loadavg"] = os.getloadavg()
     return out

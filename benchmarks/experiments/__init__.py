@@ -234,4 +234,9 @@ temporary buffers per compiled step.
 clips (3->64, 3x7x7, stride (1, 2, 2), rank 116, no input gradient) with both CP paths at five
 clip sizes, fwd+bwd, interleaved: measured and modelled factorized/reconstructed ratios and the
 analytic pick.
+
+``python -m benchmarks.experiments fold_taps [rounds]``: the Jester layers factorized as the
+library runs them and with the depthwise passes of the leading modes folded into the input
+contraction (one matrix product of the input's shifted copies with the partly rebuilt kernel,
+:func:`.variants.cp_conv_folded`), fwd+bwd, interleaved per layer.
 """

@@ -25,7 +25,7 @@ EXPERIMENTS = {
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
-    "pointwise": layers.pointwise, "stem_3d": layers.stem_3d,
+    "pointwise": layers.pointwise, "stem_3d": layers.stem_3d, "fold_taps": layers.fold_taps,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
     "main_job_malloc": workers.main_job_malloc,
 }

@@ -4,6 +4,7 @@ per layer and path, timed interleaved (see the package docstring for each comman
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -16,7 +17,8 @@ import numpy as np
 
 from benchmarks.bench import compile_jax, time_interleaved
 from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
-from benchmarks.experiments.variants import chunked, conv_at, cp_channels_first, cp_conv_merged, cp_conv_rebuild_in_first
+from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
+                                             cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
 from hocp_jax import conv
 
@@ -900,6 +902,33 @@ def stem_3d(rounds: int = 9) -> dict:
                "times_ms": {k: v["times_ms"] for k, v in t.items()},
                "measured fact/recon": round(ms["factorized"] / ms["reconstructed"], 3),
                "model fact/recon": round(costs["factorized"] / costs["reconstructed"], 3), "analytic pick": pick}
+        out["layers"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def fold_taps(rounds: int = 7) -> dict:
+    """The Jester layers (fwd+bwd, ``bench`` protocol) factorized as the library runs them and
+    with the depthwise passes of the leading modes folded into the input contraction
+    (:func:`benchmarks.experiments.variants.cp_conv_folded`: t, t and h, and on conv1, whose
+    input has 3 channels, all three), interleaved per layer; each variant is checked against the
+    library's path first."""
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "layers": []}
+    for case in bench.jester_cases(False):
+        _, params, compile_call = bench.case_compiler(case)
+        fns = {"library": bench.conv_fns(case)["factorized"]}
+        for n in ((1, 2, 3) if case.c_in <= 3 else (1, 2)):
+            folded = case.modes[:n]
+            fns["fold " + "".join(folded)] = functools.partial(cp_conv_folded, modes=case.modes, folded=folded)
+        calls = {k: compile_call(f, params)[0] for k, f in fns.items()}
+        _check_variants(case.name, calls, {k: "library" for k in calls if k != "library"})
+        t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+        ms = {k: v["median_ms"] for k, v in t.items()}
+        row = {"name": case.name, "ms": ms, "ratio to library": {k: round(v / ms["library"], 3) for k, v in ms.items()},
+               "times_ms": {k: v["times_ms"] for k, v in t.items()}}
         out["layers"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
     out["loadavg"] = os.getloadavg()

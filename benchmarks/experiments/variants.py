@@ -1,6 +1,6 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
-the merged 2-D depthwise pass and the C_in-first kernel rebuild, channels-first
+the merged 2-D depthwise pass and the C_in-first kernel rebuild, the depthwise passes folded into the input contraction, channels-first
 intermediates, batch chunks, and the 1x1 contraction, max-pool and the models' 1x1 and
 depthwise convs (XLA's convolution) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import subprocess
 
 import jax
@@ -114,6 +115,41 @@ def cp_channels_first(x, p, modes):
         h = _depthwise_channels_first(h, f, i + 2, ((f.shape[0] - 1) // 2, f.shape[0] // 2))
     letters = "defgh"[:n]
     return jnp.einsum(f"br{letters},tr->b{letters}t", h, p["factor_out"] * p["lambda"][None, :])
+
+
+def cp_conv_folded(x, p, modes, folded):
+    """Factorized stride-1 CP conv of ``x (B, *S, C_in)`` (odd kernels, 'SAME' padding) whose
+    depthwise passes along ``folded`` (a leading run of ``modes``) are folded into the input
+    contraction: one matrix product of the ``prod K`` shifted copies of the input, ``(B, *S,
+    C_in prod K)``, with the partly rebuilt kernel ``(prod K C_in, R)``; then the passes along the
+    other modes and the output contraction, one sample at a time (``per_sample``'s loop, no tiles).
+    The folded contraction does ``prod K`` times the input contraction's FLOPs and saves
+    ``len(folded)`` passes over the ``(*S, R)`` intermediate."""
+    axes = [1 + modes.index(m) for m in folded]
+    rest = [(1 + modes.index(m), p[conv.mode_key(m)]) for m in modes if m not in folded]
+    sizes = [p[conv.mode_key(m)].shape[0] for m in folded]
+    letters = "xyz"[:len(folded)]
+    w = jnp.einsum(",".join(f"{a}r" for a in letters) + ",cr->" + letters + "cr",
+                   *(p[conv.mode_key(m)] for m in folded), p["factor_in"]).reshape(-1, p["factor_in"].shape[1])
+    w_out = (p["factor_out"] * p["lambda"]).T
+
+    def one(xs):
+        cfg = [(0, 0)] * xs.ndim
+        for a, k in zip(axes, sizes):
+            cfg[a] = ((k - 1) // 2, k // 2)
+        xp = jnp.pad(xs, cfg)
+        copies = []
+        for offsets in itertools.product(*(range(k) for k in sizes)):
+            start = [0] * xs.ndim
+            for a, o in zip(axes, offsets):
+                start[a] = o
+            copies.append(lax.slice(xp, start, [s + o for s, o in zip(xs.shape, start)]))
+        h = conv.channel_matmul(jnp.concatenate(copies, axis=-1), w)
+        for axis, f in rest:
+            h = conv.depthwise_conv_1d(h, f, axis, stride=1, pad=((f.shape[0] - 1) // 2, f.shape[0] // 2), dilation=1)
+        return conv.channel_matmul(h, w_out)
+
+    return conv._per_sample(one, x)
 
 
 def chunked(fn, k):

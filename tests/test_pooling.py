@@ -1,5 +1,6 @@
 """hocp_jax.pooling.max_pool against XLA's reduce_window max (values and select_and_scatter
-gradients) and a numpy loop, including tied maxima and every padding/stride case the models use."""
+gradients) and a numpy loop, including tied maxima and every padding/stride case the models use
+(overlapping windows and windows that tile the input, which take the block path)."""
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ CASES = [  # (x shape, window, stride, padding)
     ((2, 13, 13, 2), (3, 3), (2, 2), ((0, 0), (0, 0))),  # AVCE's VALID pool
     ((2, 10, 4), (3,), (1,), ((2, 0),)),  # 1-D, overlapping, one-sided pad
     ((2, 7, 7, 2), (2, 3), (3, 1), ((0, 1), (2, 0))),  # mixed windows, stride > window
+    ((2, 9, 7, 5, 3), (2, 2, 2), (2, 2, 2), ((0, 0),) * 3),  # windows that tile the input, odd sizes (floor)
+    ((3, 11, 2), (3,), (3,), ((0, 0),)),  # 1-D tiling windows of 3, two elements left over
+    ((2, 6, 9, 2), (3, 2), (3, 2), ((0, 0), (0, 0))),  # tiling windows of two sizes
 ]
 
 
@@ -62,13 +66,13 @@ def test_max_pool_gradient_matches_a_numpy_loop_with_ties():
     np.testing.assert_allclose(np.asarray(dx), _numpy_pool_1d_grad(x, g, 3, 2, 1, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_max_pool_bfloat16_and_jit():
+@pytest.mark.parametrize("window,stride,padding", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0)))])
+def test_max_pool_bfloat16_and_jit(window, stride, padding):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 4)), jnp.bfloat16)
-    f = jax.jit(lambda v: max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))))
+    f = jax.jit(lambda v: max_pool(v, window, stride, padding))
     y = f(x)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 4, 4, 4)
-    np.testing.assert_array_equal(np.asarray(y, np.float32),
-                                  np.asarray(_reference(x, (3, 3), (2, 2), ((1, 1), (1, 1))), np.float32))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(_reference(x, window, stride, padding), np.float32))
     assert jax.grad(lambda v: jnp.sum(f(v).astype(jnp.float32)))(x).dtype == jnp.bfloat16
 
 

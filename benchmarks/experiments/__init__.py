@@ -239,4 +239,8 @@ analytic pick.
 library runs them and with the depthwise passes of the leading modes folded into the input
 contraction (one matrix product of the input's shifted copies with the partly rebuilt kernel,
 :func:`.variants.cp_conv_folded`), fwd+bwd, interleaved per layer.
+
+``python -m benchmarks.experiments pool_blocks [rounds]``: the Jester net's 2x2x2 max-pools pooled
+as blocks (the library's path for windows that tile the input) and by the general shift path,
+each pool alone and in ``bench``'s Jester dense and HO-CP train steps, interleaved.
 """

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import time
 from collections.abc import Callable
 from unittest import mock
@@ -19,7 +20,8 @@ import jax
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
-from benchmarks.experiments.variants import ResNetStemWithInputGrad, einsum_contraction, lax_convs, reduce_window_pool
+from benchmarks.experiments.variants import (ResNetStemWithInputGrad, einsum_contraction, lax_convs, reduce_window_pool,
+                                             shift_pool)
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -547,3 +549,52 @@ def patches_memory(rounds: int = 9) -> dict:
     print(json.dumps({"temp MiB": temp_mib}), flush=True)
     ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
     return {"rounds": rounds, "ms": ms, "temp MiB": temp_mib, "loadavg": os.getloadavg()}
+
+
+def pool_blocks(rounds: int = 13) -> dict:
+    """The Jester net's 2x2x2 max-pools (windows that tile the input) pooled as blocks
+    (:mod:`hocp_jax.pooling`, since stop 49) and by the general shift path
+    (:func:`~benchmarks.experiments.variants.shift_pool`): each block's pool alone (fwd+bwd,
+    ``bench`` protocol, on the activations of ``bench``'s Jester step, batch 2), then ``bench``'s
+    Jester dense and HO-CP train steps with either pool, interleaved."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bench
+    from hocp_jax.models import common
+    from hocp_jax.pooling import max_pool
+
+    out: dict = {"rounds": rounds}
+    calls = {}
+    for shape in ((2, 18, 84, 84, 64), (2, 9, 42, 42, 128), (2, 4, 21, 21, 256), (2, 2, 10, 10, 256)):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+        for label, pool in (("blocks", max_pool), ("shift", shift_pool)):
+            f = functools.partial(lambda p, x, w: p(x * w, (2, 2, 2), (2, 2, 2), ((0, 0),) * 3), pool)
+            w = jnp.ones((shape[-1],), jnp.float32)
+            calls[f"pool {'x'.join(map(str, shape))}, {label}"] = bench.compile_fwd_bwd(f, x, w, True, bench.cotangent(f, x, w))[0]
+    got = {k: jax.tree.leaves(c()) for k, c in calls.items()}
+    for k in got:
+        if k.endswith("blocks"):
+            for a, b in zip(got[k], got[k.replace("blocks", "shift")]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=k)
+    out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
+    calls = {}
+    for case in bench.model_cases(False):
+        if case.model.startswith("jester"):
+            calls[f"{case.name}, blocks"] = bench.prepare_model_case(case)[0]
+            with mock.patch.object(common, "max_pool", shift_pool):
+                calls[f"{case.name}, shift"] = bench.prepare_model_case(case)[0]
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
+    out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
+    out["blocks/shift"] = {k[:-len(", blocks")]: round(ms[k] / ms[k.replace("blocks", "shift")], 3) for k in ms if k.endswith("blocks")}
+    # per round too: slow phases hit both programs of a round (EXPERIMENTS.md, "Two speeds") and can
+    # fall on more rounds of one of them, which moves the ratio of the medians
+    per_round = {k[:-len(", blocks")]: [a / b for a, b in zip(t[k]["times_ms"], t[k.replace("blocks", "shift")]["times_ms"])]
+                 for k in ms if k.endswith("blocks")}
+    out["blocks/shift per round"] = {k: {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
+                                         "max": round(max(r), 3)} for k, r in per_round.items()}
+    out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in ("blocks", "shift")}
+    out["loadavg"] = os.getloadavg()
+    return out

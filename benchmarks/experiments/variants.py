@@ -1,7 +1,7 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, the depthwise passes folded into the input contraction, channels-first
-intermediates, batch chunks, and the 1x1 contraction, max-pool and the models' 1x1 and
+intermediates, batch chunks, and the 1x1 contraction, max-pool (with and without the tiling-window block path) and the models' 1x1 and
 depthwise convs (XLA's convolution) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import conv
+from hocp_jax import conv, pooling
 from hocp_jax.models.resnet import ResNet, hocp_factory
 
 
@@ -171,6 +171,13 @@ def reduce_window_pool(x, window, stride, padding):
     lead = x.ndim - 1 - len(window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+def shift_pool(x, window, stride, padding):
+    """The max-pool of windows that tile the input (window == stride, no padding) as it was before
+    :mod:`hocp_jax.pooling` pooled them as blocks: its general path, K masked shifts of the
+    stride-dilated cotangent in the backward pass."""
+    return pooling._max_pool(x, tuple(window), tuple(stride), tuple(map(tuple, padding)))
 
 
 @contextlib.contextmanager

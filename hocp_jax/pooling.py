@@ -80,18 +80,19 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _blocks(x, window):
-    """``x`` cut to the part the windows cover and reshaped to ``(*lead, O_1, k_1, ..., O_n, k_n, C)``
-    (window == stride, no padding), and the window axes of that shape."""
-    n, lead = len(window), x.ndim - 1 - len(window)
+    """``(blocks, axes, covered)``: ``x`` cut to the part the windows cover (shape ``covered``;
+    window == stride, no padding) and reshaped to ``(*lead, O_1, k_1, ..., O_n, k_n, C)``, whose
+    window axes are ``axes``."""
+    lead = x.ndim - 1 - len(window)
     out = [x.shape[lead + i] // k for i, k in enumerate(window)]
     covered = x[(slice(None),) * lead + tuple(slice(0, o * k) for o, k in zip(out, window))]
     blocks = covered.reshape(x.shape[:lead] + tuple(v for o, k in zip(out, window) for v in (o, k)) + x.shape[-1:])
-    return blocks, tuple(lead + 2 * i + 1 for i in range(n))
+    return blocks, tuple(lead + 2 * i + 1 for i in range(len(window))), covered.shape
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_blocks(x, window):
-    blocks, axes = _blocks(x, window)
+    blocks, axes, _ = _blocks(x, window)
     return jnp.max(blocks, axis=axes)
 
 
@@ -102,14 +103,12 @@ def _max_pool_blocks_fwd(x, window):
 
 def _max_pool_blocks_bwd(window, res, g):
     x, y = res
-    blocks, axes = _blocks(x, window)
+    blocks, axes, covered = _blocks(x, window)
     # each element's row-major index within its window; the gradient goes to the first maximum
     tap = sum(lax.broadcasted_iota(jnp.int32, blocks.shape, a) * math.prod(window[i + 1:]) for i, a in enumerate(axes))
     first = jnp.min(jnp.where(blocks == jnp.expand_dims(y, axes), tap, math.prod(window)), axis=axes, keepdims=True)
-    dx = jnp.where(tap == first, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype)).reshape(
-        x.shape[:-1 - len(window)] + tuple(blocks.shape[a - 1] * k for a, k in zip(axes, window)) + x.shape[-1:])
-    lead = x.ndim - 1 - len(window)
-    return (jnp.pad(dx, [(0, 0)] * lead + [(0, x.shape[lead + i] - dx.shape[lead + i]) for i in range(len(window))] + [(0, 0)]),)
+    dx = jnp.where(tap == first, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype)).reshape(covered)
+    return (jnp.pad(dx, [(0, n - c) for n, c in zip(x.shape, covered)]),)  # rows left over get no gradient
 
 
 _max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)

@@ -33,12 +33,13 @@ def dense_patches(x, kernel, strides, pads):
 
 
 @contextlib.contextmanager
-def patches_convs():
+def patches_convs(max_in_channels: int | None = None):
     """Within the block, ``jax.lax.conv_general_dilated`` (which ``flax.linen.Conv``, the library's
     dense conv and its reconstructed CP path call) runs channels-last, undilated, ungrouped convs
-    with explicit padding as :func:`dense_patches`, and any other conv as before; functions traced
-    in the block keep that program. Yields a list that gets one entry per conv call traced as
-    patches."""
+    with explicit padding (and, if ``max_in_channels`` is given, at most that many input channels:
+    a network's first conv) as :func:`dense_patches`, and any other conv as before; functions
+    traced in the block keep that program. Yields a list that gets one entry per conv call traced
+    as patches."""
     lax_conv = lax.conv_general_dilated
     replaced = []
 
@@ -46,6 +47,7 @@ def patches_convs():
                              dimension_numbers=None, feature_group_count=1, **kwargs):
         channels_last = conv._dimension_numbers(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
         if (not isinstance(padding, str) and feature_group_count == 1
+                and (max_in_channels is None or lhs.shape[-1] <= max_in_channels)
                 and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
                 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == channels_last):
             replaced.append((tuple(lhs.shape), tuple(rhs.shape)))

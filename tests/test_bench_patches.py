@@ -50,6 +50,20 @@ def test_patches_convs_replaces_the_models_dense_convs_and_restores_lax():
     assert dilated.shape == (2, 9, 8, 5)
 
 
+def test_patches_convs_can_be_limited_to_a_networks_first_convs():
+    from hocp_jax.models.common import DenseConv
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    first, second = DenseConv(8, (3, 3), (1, 1)), DenseConv(4, (3, 3), (1, 1))
+    p1, p2 = first.init(jax.random.PRNGKey(0), x), second.init(jax.random.PRNGKey(1), jnp.zeros((2, 6, 6, 8)))
+    want = second.apply(p2, first.apply(p1, x))
+    with patches_convs(max_in_channels=4) as replaced:
+        got = jax.jit(lambda a: second.apply(p2, first.apply(p1, a)))(x)
+    assert replaced == [(x.shape, (3, 3, 3, 8))]  # the 8-channel conv ran as before
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_targets_compare_the_faster_dense_program_of_each_side():
     """``bench.targets`` against hand-computed ratios: the faster of each model's two programs (the
     HO-CP model without dense convs has one), and for the layers the per-layer faster dense program."""

@@ -243,4 +243,8 @@ contraction (one matrix product of the input's shifted copies with the partly re
 ``python -m benchmarks.experiments pool_blocks [rounds]``: the Jester net's 2x2x2 max-pools pooled
 as blocks (the library's path for windows that tile the input) and by the general shift path,
 each pool alone and in ``bench``'s Jester dense and HO-CP train steps, interleaved.
+
+``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
+library runs them and with the networks' first convs (3 input channels) as a patches matrix
+product, the HO-CP models' stems on their reconstructed path, interleaved.
 """

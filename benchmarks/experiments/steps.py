@@ -598,3 +598,40 @@ def pool_blocks(rounds: int = 13) -> dict:
     out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in ("blocks", "shift")}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def input_patches(rounds: int = 11) -> dict:
+    """``bench``'s train steps with the networks' first convs (3 input channels, no input
+    gradient) as a patches matrix product (:func:`benchmarks.patches.patches_convs` limited to
+    convs of at most 4 input channels; every other conv as the library runs it), against the
+    library's programs, interleaved: the dense models' first conv, and the HO-CP models' stem on
+    its reconstructed path (a dense conv of the rebuilt kernel, as patches) instead of ``auto``'s
+    pick. The lead of stop 44 for the 3-D convs of a rebuilt kernel, narrowed to the convs where
+    the patches are cheap to build (3 input channels)."""
+    from benchmarks import bench, patches
+    from hocp_jax import autotune
+
+    choose = autotune.choose_cp
+
+    def reconstructed_stems(x_shape, *args, **kwargs):
+        return "reconstructed" if x_shape[-1] <= 4 else choose(x_shape, *args, **kwargs)
+
+    calls, convs = {}, {}
+    for case in bench.model_cases(False):
+        calls[case.name] = bench.prepare_model_case(case)[0]
+        with patches.patches_convs(max_in_channels=4) as replaced, mock.patch.object(autotune, "choose_cp", reconstructed_stems):
+            calls[f"{case.name}, first conv as patches"] = bench.prepare_model_case(case)[0]
+        convs[case.name] = [list(r) for r in replaced]
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
+    per_round = {case.name: [a / b for a, b in zip(t[f"{case.name}, first conv as patches"]["times_ms"], t[case.name]["times_ms"])]
+                 for case in bench.model_cases(False)}
+    out = {"rounds": rounds, "steps_ms": ms, "patches/library": {k: round(ms[f"{k}, first conv as patches"] / ms[k], 3) for k in per_round},
+           "patches/library per round": {k: {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
+                                              "max": round(max(r), 3)} for k, r in per_round.items()},
+           "convs_as_patches": convs, "steps_times_ms": {k: v["times_ms"] for k, v in t.items()}}
+    hocp = [c for c in bench.model_cases(False) if c.reference]
+    out["hocp/dense"] = {c.name: {label: round(ms[c.name + label] / ms[c.reference + label], 3)
+                                  for label in ("", ", first conv as patches")} for c in hocp}
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from benchmarks import bench
@@ -44,3 +45,12 @@ def timed_ms(call) -> float:
     t0 = time.perf_counter()
     call()
     return 1e3 * (time.perf_counter() - t0)
+
+
+def per_round_ratio(times: dict, name: str, ref: str) -> dict:
+    """Median, min and max over the rounds of ``name``'s time over ``ref``'s in the same round
+    (``times``: :func:`benchmarks.bench.time_interleaved`'s result). Slow phases hit both programs
+    of a round (EXPERIMENTS.md, "Two speeds") but can fall on more rounds of one of them, which
+    moves the ratio of the medians and not this one."""
+    r = bench.round_ratios(times[name], times[ref])
+    return {"median": round(statistics.median(r), 3), "min": round(min(r), 3), "max": round(max(r), 3)}

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable
 from unittest import mock
@@ -18,7 +17,7 @@ from unittest import mock
 import jax
 
 from benchmarks.bench import time_interleaved
-from benchmarks.experiments.common import image_step, resnet2d_cases, step_call
+from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, einsum_contraction, lax_convs, reduce_window_pool,
                                              shift_pool)
@@ -589,12 +588,8 @@ def pool_blocks(rounds: int = 13) -> dict:
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
     out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
     out["blocks/shift"] = {k[:-len(", blocks")]: round(ms[k] / ms[k.replace("blocks", "shift")], 3) for k in ms if k.endswith("blocks")}
-    # per round too: slow phases hit both programs of a round (EXPERIMENTS.md, "Two speeds") and can
-    # fall on more rounds of one of them, which moves the ratio of the medians
-    per_round = {k[:-len(", blocks")]: [a / b for a, b in zip(t[k]["times_ms"], t[k.replace("blocks", "shift")]["times_ms"])]
-                 for k in ms if k.endswith("blocks")}
-    out["blocks/shift per round"] = {k: {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
-                                         "max": round(max(r), 3)} for k, r in per_round.items()}
+    out["blocks/shift per round"] = {k[:-len(", blocks")]: per_round_ratio(t, k, k.replace("blocks", "shift"))
+                                     for k in ms if k.endswith("blocks")}
     out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in ("blocks", "shift")}
     out["loadavg"] = os.getloadavg()
     return out
@@ -624,11 +619,9 @@ def input_patches(rounds: int = 11) -> dict:
         convs[case.name] = [list(r) for r in replaced]
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
-    per_round = {case.name: [a / b for a, b in zip(t[f"{case.name}, first conv as patches"]["times_ms"], t[case.name]["times_ms"])]
-                 for case in bench.model_cases(False)}
-    out = {"rounds": rounds, "steps_ms": ms, "patches/library": {k: round(ms[f"{k}, first conv as patches"] / ms[k], 3) for k in per_round},
-           "patches/library per round": {k: {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
-                                              "max": round(max(r), 3)} for k, r in per_round.items()},
+    out = {"rounds": rounds, "steps_ms": ms,
+           "patches/library": {k: round(ms[f"{k}, first conv as patches"] / ms[k], 3) for k in convs},
+           "patches/library per round": {k: per_round_ratio(t, f"{k}, first conv as patches", k) for k in convs},
            "convs_as_patches": convs, "steps_times_ms": {k: v["times_ms"] for k, v in t.items()}}
     hocp = [c for c in bench.model_cases(False) if c.reference]
     out["hocp/dense"] = {c.name: {label: round(ms[c.name + label] / ms[c.reference + label], 3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import subprocess
 
 import jax
@@ -125,26 +124,17 @@ def cp_conv_folded(x, p, modes, folded):
     other modes and the output contraction, one sample at a time (``per_sample``'s loop, no tiles).
     The folded contraction does ``prod K`` times the input contraction's FLOPs and saves
     ``len(folded)`` passes over the ``(*S, R)`` intermediate."""
-    axes = [1 + modes.index(m) for m in folded]
     rest = [(1 + modes.index(m), p[conv.mode_key(m)]) for m in modes if m not in folded]
-    sizes = [p[conv.mode_key(m)].shape[0] for m in folded]
     letters = "xyz"[:len(folded)]
     w = jnp.einsum(",".join(f"{a}r" for a in letters) + ",cr->" + letters + "cr",
                    *(p[conv.mode_key(m)] for m in folded), p["factor_in"]).reshape(-1, p["factor_in"].shape[1])
     w_out = (p["factor_out"] * p["lambda"]).T
+    kernel = [p[conv.mode_key(m)].shape[0] if m in folded else 1 for m in modes]
+    pads = [((k - 1) // 2, k // 2) for k in kernel]
 
     def one(xs):
-        cfg = [(0, 0)] * xs.ndim
-        for a, k in zip(axes, sizes):
-            cfg[a] = ((k - 1) // 2, k // 2)
-        xp = jnp.pad(xs, cfg)
-        copies = []
-        for offsets in itertools.product(*(range(k) for k in sizes)):
-            start = [0] * xs.ndim
-            for a, o in zip(axes, offsets):
-                start[a] = o
-            copies.append(lax.slice(xp, start, [s + o for s, o in zip(xs.shape, start)]))
-        h = conv.channel_matmul(jnp.concatenate(copies, axis=-1), w)
+        copies = conv._tap_inputs(xs, kernel, (1,) * len(modes), pads, (1,) * len(modes), xs.shape[1:-1])
+        h = conv.channel_matmul(jnp.concatenate(list(copies), axis=-1), w)
         for axis, f in rest:
             h = conv.depthwise_conv_1d(h, f, axis, stride=1, pad=((f.shape[0] - 1) // 2, f.shape[0] // 2), dilation=1)
         return conv.channel_matmul(h, w_out)

@@ -8,8 +8,10 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
   argnums=(0, 1)))`` with a fixed random cotangent ``cot`` (:func:`cotangent`), i.e. forward +
   gradients w.r.t. the input (not for a network's first layer) and every weight, for
 
-  - ``dense``: :func:`hocp_jax.conv.dense_conv` (``lax``'s convolution, what ``flax.linen.Conv``
-    runs) with a dense kernel of the same shape;
+  - ``dense``: ``lax.conv_general_dilated`` (what ``flax.linen.Conv`` runs) with a dense kernel
+    of the same shape; the library's :func:`hocp_jax.conv.dense_conv` runs the same program but
+    for the Jester conv1, whose 3 input channels it runs as patches on CPU
+    (:func:`hocp_jax.autotune.patches_conv`), like ``dense patches``;
   - ``dense patches``: the same dense conv as one matrix product of its explicit patches
     (:func:`benchmarks.patches.dense_patches`), a second JAX dense program, faster than ``lax``'s
     on most of these layers on the development CPU; the HO-CP paths are reported against both and
@@ -34,7 +36,8 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
   8 images (static) vs the same parameters transduced (``transduction.transduce``, delta
   temporal factor, dense shortcuts kept) on one 8-frame clip, the dense 2-D and 3-D ResNet-18
   for reference, and the Jester HO-CP net vs the dense Jester net. Each model with dense convs
-  (lax's convolution) is compiled a second time with every such conv run as a patches matrix
+  (lax's convolution; on CPU the video models' first convs, of 3 input channels, run as patches
+  in the library itself, :func:`hocp_jax.autotune.patches_conv`) is compiled a second time with every such conv run as a patches matrix
   product (:func:`benchmarks.patches.patches_convs`; row ``<name> (patches)``, its loss and
   gradient norm checked against the first program's), and the programs of a pair are timed
   interleaved; the targets compare the faster program of each side too.
@@ -77,6 +80,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from benchmarks import patches, peers
 from hocp_jax import autotune, conv, counting
@@ -291,7 +295,7 @@ def conv_fns(case: ConvCase) -> dict[str, Callable]:
     strides, pads = case.geometry()
 
     def dense(x, k):
-        return conv.dense_conv(x, k, stride=st, padding=pad)
+        return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv._dimension_numbers(len(strides)))
 
     def cp(impl):
         return lambda x, p: conv.cp_conv(x, p, modes=modes, stride=st, padding=pad, implementation=impl,
@@ -836,7 +840,7 @@ PROTOCOL = (
     "the pick is the faster path. Before a layer is timed, `hocp_jax.autotune.measure` times both CP paths "
     "as the measured policy (`HOCP_JAX_AUTOTUNE=measure`) does, in its own rounds; its pick is scored with "
     "this benchmark's times (target lines). Two JAX dense programs: `dense` is `lax`'s convolution "
-    "(`hocp_jax.conv.dense_conv`, what `flax.linen.Conv` runs), `dense patches` the same conv as one matrix "
+    "(`lax.conv_general_dilated`, what `flax.linen.Conv` runs), `dense patches` the same conv as one matrix "
     "product of its explicit patches (`benchmarks.patches.dense_patches`, checked against `lax`'s forward "
     "first), which runs faster on most of these layers on this CPU; `auto/faster dense` = auto / min(dense, "
     "dense patches) per layer (the stack: over the per-layer minima; likewise TensorLy-Torch's best CP path, the "
@@ -922,7 +926,9 @@ def markdown(results: dict) -> str:
                 "reconstructed convs and dense shortcuts) as a patches matrix product "
                 "(`benchmarks.patches.patches_convs`; its loss and gradient norm checked against the first "
                 "program's), timed in the same rounds, compared with its reference's patches program; the "
-                "Jester HO-CP net has no such conv, so it has one program."
+                "Jester HO-CP net has no such conv, so it has one program. The library's own dense convs (and "
+                "reconstructed CP convs) of 3 input channels over 3 modes, the video models' first convs, run as "
+                "patches products in both programs (`hocp_jax.autotune.patches_conv`)."
                 + (" `<name> (<policy> picks)` (`--policy-steps`): the same HO-CP step compiled under the other "
                    "policy of `implementation='auto'` (the measured one times each new conv shape while the step is "
                    "traced), its loss and gradient norm checked against the first program's, timed in the same "

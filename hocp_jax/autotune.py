@@ -73,9 +73,10 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 7
+MEASURE_VERSION = 8
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 7 (stop 46): the timed programs take their inputs as
+has since changed, are not reused. Version 8 (stop 50): on CPU, the reconstructed path of a 3-D+
+conv with few input channels runs as a patches matrix product (:func:`patches_conv`). Version 7 (stop 46): the timed programs take their inputs as
 parameters, not constants, and short calls are repeated within a sample (:func:`_median_times`).
 Version 6 (stop 42): the factorized path computes bfloat16 and
 float16 in float32 on CPU (:func:`compute_dtype`). Version 5 (stop 41): the kernel gradient of a conv of a computed
@@ -118,6 +119,52 @@ def policy_mode(value: str):
         yield
     finally:
         _config["policy"] = previous
+
+
+PATCHES_MAX_IN_CHANNELS = 4
+"""Most input channels of a conv over 3 or more spatial modes that the CPU backend runs as one
+matrix product of its patches (:func:`patches_conv`): a video network's first conv, on RGB or
+grey frames. XLA CPU's 3-D convolution runs such channel-starved convs far below its rate on
+wider ones (:data:`hocp_jax.counting.CONV_3D_SLOWDOWN`). Measured in ``bench``'s train steps
+with the first conv as patches (``python -m benchmarks.experiments input_patches 11``, stop 49,
+benchmarks/EXPERIMENTS.md): the dense 3-D ResNet-18 step took 0.92-0.94x the time, the Jester
+dense net's 0.84-0.85x, the transduced HO-CP ResNet-18's (stem on its reconstructed path)
+0.80-0.81x; the 2-D ResNet-18 steps took 0.98-1.04x, so 2-D convs keep ``lax``'s."""
+PATCHES_MAX_BYTES = 1024**3
+"""Largest patches matrix (per device, estimated as ``B * prod(ceil(S / stride)) * prod(K) * C_in``
+elements) :func:`patches_conv` builds; a larger conv keeps ``lax``'s convolution. The patches hold
+``prod(K) * C_in`` values per output position (81 for the Jester net's 3x3x3 conv of RGB clips,
+441 for the ResNet-18 3-D stem's 3x7x7 one, whose output is strided), kept for the kernel
+gradient, against ``C_in`` of the input ``lax``'s conv keeps: for ``bench``'s steps XLA's
+temporary buffers went from 79.9 to 121.0 MiB (dense 3-D ResNet-18, one clip) and from 276.8 to
+352.4 MiB (Jester dense, two clips), and down from 559.1 to 328.9 MiB for the transduced step,
+whose factorized stem's intermediates are gone (stop 49, scratch, ``memory_analysis()``)."""
+
+
+def patches_fit(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], strides: Sequence[int],
+                batch_shards: int | None = None) -> bool:
+    """Whether a channels-last, ungrouped conv of ``x (B, *S, C_in)`` (as traced; the batch one
+    device runs counts, :func:`device_shape`) with ``kernel (*K, C_in, C_out)`` is of the kind the
+    CPU backend runs as one matrix product of its patches (:func:`patches_conv`), whatever the
+    backend: 3 or more spatial modes, a kernel that is not pointwise, at most
+    :data:`PATCHES_MAX_IN_CHANNELS` input channels, patches of at most :data:`PATCHES_MAX_BYTES`.
+    The CPU cost model (:func:`hocp_jax.counting.cp_path_costs`) reads it."""
+    n = len(kernel_shape) - 2
+    if n < 3 or all(k == 1 for k in kernel_shape[:n]) or kernel_shape[-2] > PATCHES_MAX_IN_CHANNELS:
+        return False
+    b, *sizes = device_shape(x_shape, batch_shards)[:-1]
+    positions = b * int(np.prod([-(-s // st) for s, st in zip(sizes, strides)]))
+    return positions * int(np.prod(kernel_shape[:-1])) * jnp.dtype(dtype).itemsize <= PATCHES_MAX_BYTES
+
+
+def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], strides: Sequence[int],
+                 batch_shards: int | None = None) -> bool:
+    """Whether :func:`hocp_jax.conv.conv_general_dilated` and the convs of computed kernels (the
+    CP reconstructed path, :func:`hocp_jax.conv._weight_conv`) run a channels-last, ungrouped
+    conv as one matrix product of its explicit patches (:func:`hocp_jax.conv._patches_conv`):
+    on the CPU backend, where :func:`patches_fit` says so. GPU/TPU keep their vendor-tuned
+    convolutions (not measured against it)."""
+    return jax.default_backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
 
 
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:

@@ -168,6 +168,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       kernel of :func:`depthwise_conv`, which is reverse mode only like the CP path's depthwise
       passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
       works).
+    * an ungrouped kernel over 3 or more spatial modes with at most
+      :data:`hocp_jax.autotune.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
+      conv): one matrix product of its explicit patches (:func:`_patches_conv`;
+      :func:`hocp_jax.autotune.patches_conv`, which has the figures and the memory bound).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
@@ -178,9 +182,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     convolutions were not measured against these, is passed to ``lax.conv_general_dilated``
     unchanged; a channels-last one on an explicitly sharded input under
     ``jax.sharding.auto_axes`` (:func:`_with_auto_axes`), so that it trains."""
-    route = conv_route(lhs, rhs, lhs_dilation=lhs_dilation, dimension_numbers=dimension_numbers,
-                       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                       preferred_element_type=preferred_element_type)
+    route = conv_route(lhs, rhs, window_strides=window_strides, lhs_dilation=lhs_dilation,
+                       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                       batch_group_count=batch_group_count, preferred_element_type=preferred_element_type)
     n = rhs.ndim - 2
     ks, c_out = rhs.shape[:n], rhs.shape[-1]
     if route is None:
@@ -199,15 +203,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
+    if route == "patches":
+        return _patches_conv(lhs, rhs, strides, pads, dilations, precision)
     return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
-def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-               preferred_element_type=None, **_) -> str | None:
+def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+               batch_group_count=1, preferred_element_type=None, **_) -> str | None:
     """How :func:`conv_general_dilated` runs a conv of these arguments (the other keyword arguments
-    of ``lax.conv_general_dilated`` are accepted and do not matter): ``"pointwise"`` (one matrix
-    product), ``"depthwise"`` (the shift kernel), ``"taps"`` (:func:`_taps_conv`) or ``None``
-    (``lax``'s convolution)."""
+    of ``lax.conv_general_dilated`` are accepted and do not matter; ``window_strides`` default to
+    1): ``"pointwise"`` (one matrix product), ``"depthwise"`` (the shift kernel), ``"patches"``
+    (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`) or ``None`` (``lax``'s convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
     if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
@@ -218,6 +224,10 @@ def conv_route(lhs, rhs, *, lhs_dilation=None, dimension_numbers=None, feature_g
         return "pointwise"
     if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1:
         return "depthwise"
+    strides = tuple(window_strides) if window_strides is not None else (1,) * n
+    if feature_group_count == 1 and autotune.patches_conv(lhs.shape, lhs.dtype, rhs.shape, strides,
+                                                          explicit_sharding.shards(lhs, 0)):
+        return "patches"
     if gpu_taps and feature_group_count == 1:
         return "taps"
     return None
@@ -261,6 +271,19 @@ def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precis
         return channel_matmul(xs[0], kernel.reshape(c_in, c_out), precision)
     ws = kernel.reshape(len(xs), c_in, c_out)
     return sum(channel_matmul(xt, ws[i], precision).astype(jnp.float32) for i, xt in enumerate(xs)).astype(x.dtype)
+
+
+def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
+    """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as one matrix
+    product of its explicit patches (im2col): the ``prod(K)`` tap inputs (:func:`_tap_inputs`) side
+    by side, ``(B, *S_out, prod(K) * C_in)``, against the kernel flattened to ``(prod(K) * C_in,
+    C_out)`` (:func:`channel_matmul`). The kernel gradient is one matrix product too; the input
+    gradient (not needed for a network's first conv) sums the taps' slices back. For few input
+    channels (:func:`hocp_jax.autotune.patches_conv`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
+    n = kernel.ndim - 2
+    outs = [output_size(*a) for a in zip(x.shape[1:-1], kernel.shape[:n], strides, dilations, pads)]
+    patches = jnp.concatenate(list(_tap_inputs(x, kernel.shape[:n], strides, pads, dilations, outs)), axis=-1)
+    return channel_matmul(patches, kernel.reshape(-1, kernel.shape[-1]), precision)
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
@@ -344,7 +367,9 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) and ``x`` is not explicitly sharded,
-    :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial modes, else
+    :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial modes,
+    :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+ modes, few
+    input channels), else
     ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
     :func:`_with_auto_axes`).
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
@@ -354,6 +379,8 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
+    if autotune.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
+        return _patches_conv(x, kernel, strides, pads, dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 
 
@@ -486,6 +513,7 @@ def choose_cp_implementation(
     costs = counting.cp_path_costs(
         x_shape[0], in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, dilation=dilation,
         input_grad=input_grad, chunk=autotune.batch_plan(x_shape, y_shape, rank, dtype, per_sample),
+        patches=autotune.patches_fit(x_shape, dtype, (*ks, c_in, c_out), as_tuple(stride, len(ks), "stride")),
     )
     return "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
 

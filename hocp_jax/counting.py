@@ -181,7 +181,10 @@ without input gradient: the Jester net's (3->64) 3x3x3 conv, factorized / recons
 in the runs of record of stops 44 and 48 where the model without this factor read 0.61, and the
 HO-CP ResNet-18's 3-D stem (3->64, 3x7x7, stride (1, 2, 2), rank 116) 0.66-0.80 at five clip
 sizes (``python -m benchmarks.experiments stem_3d``, stop 48) where it read 1.83 and picked the
-slower, reconstructed path (0.93 with the factor)."""
+slower, reconstructed path (0.93 with the factor). Since stop 50 the CPU backend runs such convs
+as a patches matrix product (:func:`hocp_jax.autotune.patches_conv`), which this factor does not
+apply to (``cp_path_costs(patches=True)``): the stem's reconstructed path then took 0.51-0.64x the
+factorized path's time (model without the factor: 0.55), the Jester conv's 1.35x (model: 1.6)."""
 
 
 CHUNKED_BYTES_SCALE = 0.5
@@ -216,6 +219,7 @@ def cp_path_costs(
     order: Sequence[int] | None = None,
     input_grad: bool = True,
     chunk: int | None = None,
+    patches: bool = False,
 ) -> dict[str, dict[str, float] | float]:
     """Forward cost of the two CP paths for a batch: ``{"factorized": c, "reconstructed": c, "detail": ...}``.
 
@@ -233,12 +237,15 @@ def cp_path_costs(
       :data:`CONV_FULL_SPEED_CHANNELS`, only if ``input_grad``: it is the input gradient of a
       channel-starved conv that is slow), strided convs (:data:`STRIDED_CONV_SLOWDOWN`, only if
       ``input_grad``) and 3-D+ convs (:data:`CONV_3D_SLOWDOWN`; channel-starved ones without
-      input gradient :data:`CONV_3D_STARVED_SLOWDOWN` on top) plus :func:`cp_reconstruct_flops`
-      once; bytes: x, y, kernel.
+      input gradient :data:`CONV_3D_STARVED_SLOWDOWN` on top, unless ``patches``) plus
+      :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
 
     ``chunk``: samples per step of the loop over the batch in which the factorized path runs
     (:func:`hocp_jax.autotune.batch_plan`; ``None``: the whole batch at once); for an unstrided
     2-D conv its bytes then count at :data:`CHUNKED_BYTES_SCALE`.
+
+    ``patches``: the reconstructed conv runs as a patches matrix product
+    (:func:`hocp_jax.autotune.patches_fit`; the CPU backend, :func:`hocp_jax.autotune.patches_conv`).
 
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.
@@ -264,7 +271,8 @@ def cp_path_costs(
     starved = max(1.0, CONV_FULL_SPEED_CHANNELS / min(in_channels, out_channels)) if input_grad else 1.0
     r_flops_eff = r_flops * starved
     r_flops_eff *= CONV_3D_SLOWDOWN if n >= 3 else 1.0
-    starved_3d = n >= 3 and not input_grad and min(in_channels, out_channels) < CONV_FULL_SPEED_CHANNELS
+    starved_3d = (n >= 3 and not input_grad and not patches
+                  and min(in_channels, out_channels) < CONV_FULL_SPEED_CHANNELS)
     r_flops_eff *= CONV_3D_STARVED_SLOWDOWN if starved_3d else 1.0
     r_flops_eff *= STRIDED_CONV_SLOWDOWN if input_grad and max(as_tuple(stride, n, "stride")) > 1 else 1.0
     r_flops_eff += cp_reconstruct_flops(in_channels, out_channels, kernel_size, rank)

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from hocp_jax import conv, init
+from hocp_jax import autotune, conv, init
 from hocp_jax.padding import resolve_padding
 
 RTOL = 1e-4
@@ -171,6 +171,17 @@ NHWC = ("NHWC", "HWIO", "NHWC")
      "depthwise"),
     ((2, 4, 6, 6, 4), (3, 3, 3, 1, 4), dict(window_strides=(1, 2, 2), padding="SAME", feature_group_count=4,
                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "depthwise"),
+    ((2, 4, 7, 6, 3), (3, 3, 3, 3, 5), dict(window_strides=(1, 2, 2), padding="SAME",
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "patches"),
+    ((1, 5, 9, 8, 2), (3, 5, 4, 2, 4), dict(window_strides=(2, 1, 3), padding=((1, 1), (2, 2), (0, 3)),
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "patches"),
+    ((2, 6, 6, 5, 1), (2, 3, 3, 1, 3), dict(window_strides=(1, 1, 1), padding="VALID", rhs_dilation=(2, 1, 2),
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "patches"),
+    ((1, 3, 4, 5, 4, 4), (2, 3, 3, 2, 4, 3), dict(window_strides=(1, 1, 2, 1), padding="SAME",
+                                                  dimension_numbers=("NTDHWC", "TDHWIO", "NTDHWC")), "patches"),
+    ((2, 4, 6, 6, 5), (3, 3, 3, 5, 4), dict(window_strides=(1, 1, 1), padding="SAME",
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "lax"),
+    ((2, 7, 6, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME"), "lax"),
     ((2, 7, 6, 4), (3, 3, 4, 3), dict(window_strides=(1, 1), padding="SAME"), "lax"),
     ((2, 7, 6, 4), (3, 3, 2, 6), dict(window_strides=(1, 1), padding="SAME", feature_group_count=2), "lax"),
     ((2, 7, 6, 4), (3, 3, 1, 8), dict(window_strides=(1, 1), padding="SAME", feature_group_count=4), "lax"),
@@ -222,6 +233,44 @@ def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_produ
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+def test_patches_route_keeps_lax_conv_above_its_byte_bound(monkeypatch):
+    """A conv whose patches would exceed ``autotune.PATCHES_MAX_BYTES`` (estimated per device as
+    ``B * prod(ceil(S / stride)) * prod(K) * C_in`` elements) stays ``lax``'s, in the drop-in and in
+    the reconstructed CP path; at the bound it is routed."""
+    x, k = jnp.ones((2, 4, 6, 6, 3)), jnp.ones((3, 3, 3, 3, 8))
+    kwargs = dict(window_strides=(1, 2, 2), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    patches_bytes = 2 * 4 * 3 * 3 * 27 * 3 * 4
+    cp = init.init_cp_params(jax.random.PRNGKey(0), 3, 8, (3, 3, 3), 5)
+
+    def programs():
+        recon = lambda x: conv.cp_conv(x, cp, stride=(1, 2, 2), implementation="reconstructed")
+        return str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k)), str(jax.make_jaxpr(recon)(x))
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the patches route is CPU-only")
+    for bound, route in ((patches_bytes, "patches"), (patches_bytes - 1, None)):
+        monkeypatch.setattr(autotune, "PATCHES_MAX_BYTES", bound)
+        assert conv.conv_route(x, k, **kwargs) == route
+        assert all(("conv_general_dilated" in p) == (route is None) for p in programs())
+
+
+def test_patches_route_in_bfloat16_stays_near_float32():
+    """bfloat16 operands on the patches route: a bfloat16 output within bfloat16 rounding of the
+    float32 ``lax`` conv of the same values, and a bfloat16 kernel gradient near the float32 one."""
+    rng = np.random.default_rng(5)
+    x, k = rng.standard_normal((2, 4, 8, 8, 3), np.float32), rng.standard_normal((3, 3, 3, 3, 6), np.float32)
+    kwargs = dict(window_strides=(1, 2, 2), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda k: conv.conv_general_dilated(x16, k, **kwargs), k16)
+    y_ref, vjp_ref = jax.vjp(lambda k: jax.lax.conv_general_dilated(x16.astype(np.float32), k, **kwargs),
+                             k16.astype(np.float32))
+    g = rng.standard_normal(y.shape, np.float32)
+    dk, dk_ref = vjp(g.astype(jnp.bfloat16))[0], vjp_ref(g)[0]
+    assert y.dtype == dk.dtype == jnp.bfloat16
+    for got, want in ((y, y_ref), (dk, dk_ref)):
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
+
+
 def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
     """Off the CPU backend the drop-in routes nothing: the pointwise and depthwise convs stay lax's."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -230,6 +279,9 @@ def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
         f = functools.partial(conv.conv_general_dilated, window_strides=(1, 1), padding="SAME",
                               dimension_numbers=NHWC, feature_group_count=groups)
         assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, k))
+    f = functools.partial(conv.conv_general_dilated, window_strides=(1, 1, 1), padding="SAME",
+                          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(f)(jnp.ones((2, 4, 6, 6, 3)), jnp.ones((3, 3, 3, 3, 5))))
 
 
 @pytest.mark.parametrize("h_shape, kernel_shape, kwargs, match", [
@@ -566,7 +618,7 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
 SPATIAL_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import conv, init
+from hocp_jax import autotune, conv, init
 
 mesh = jax.make_mesh((2,), ("a",))  # explicit axes, jax.make_mesh's default
 x2, x3 = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 3))

@@ -20,7 +20,7 @@ from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
 from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
                                              cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
-from hocp_jax import conv
+from hocp_jax import autotune, conv
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
@@ -64,7 +64,6 @@ def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
     computed once, the halo rows and their gradient carried from tile to tile), in the automatic
     tiles and in tiles of 3 and 6 rows (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved."""
     from benchmarks import bench
-    from hocp_jax import autotune
 
     versions = {"current": conv, revision: conv_at(revision)}
     out: dict = {"revision": revision, "rounds": rounds, "layers_ms": {}}
@@ -200,7 +199,6 @@ def kernel_grad_batches(rounds: int = 7) -> dict:
     whether the products win from some input size on, and what the host's rule
     (:func:`hocp_jax.autotune.matmul_kernel_grad`) loses against the faster of the two."""
     from benchmarks import bench
-    from hocp_jax import autotune
 
     out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
     for image, batches in KERNEL_GRAD_BATCHES.items():
@@ -261,7 +259,7 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
     from unittest import mock
 
     from benchmarks import bench
-    from hocp_jax import autotune, layer_specs
+    from hocp_jax import layer_specs
 
     def init(specs, seed):
         keys = jax.random.split(jax.random.key(seed), len(specs))
@@ -309,7 +307,7 @@ def chunk_scale(rounds: int = 9) -> dict:
     from unittest import mock
 
     from benchmarks import bench
-    from hocp_jax import autotune, counting
+    from hocp_jax import counting
 
     def pick(case, scale):
         with mock.patch.object(counting, "CHUNKED_BYTES_SCALE", scale):
@@ -363,7 +361,7 @@ def chunk_rule(rounds: int = 11) -> dict:
     from unittest import mock
 
     from benchmarks import bench
-    from hocp_jax import autotune, counting
+    from hocp_jax import counting
 
     out: dict = {"rounds": rounds, "layers": []}
     for batch, image in CHUNK_RULE_SCALES:
@@ -506,7 +504,6 @@ def phases(rounds: int = 16) -> dict:
 
 def tiles(rounds: int = 5) -> dict:
     from benchmarks import bench
-    from hocp_jax import autotune
 
     settings = {"whole samples": 0, "auto": None, "rows 2": 2, "rows 3": 3, "rows 6": 6, "rows 14": 14}
     calls = {}
@@ -659,7 +656,6 @@ def path_ties(rounds: int = 15, repeats: int = 3) -> dict:
     reading: a layer whose factorized / reconstructed ratio changes side between readings is a
     tie on this machine, which no pick can be sure to win by the 1.1 bound."""
     from benchmarks import bench
-    from hocp_jax import autotune
 
     out: dict = {"rounds": rounds, "repeats": repeats, "layers": {}}
     for case in bench.resnet_cases(False):
@@ -697,7 +693,6 @@ def low_precision(rounds: int = 5) -> dict:
     arithmetic (``upcast_mode(False)``). Whether XLA CPU runs anything faster in bfloat16, and
     whether ``auto``'s picks (``analytic_pick`` in each dtype) stay the faster path."""
     from benchmarks import bench
-    from hocp_jax import autotune
 
     out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
     for case in bench.jester_cases(False) + bench.resnet_cases(False):
@@ -895,7 +890,8 @@ def stem_3d(rounds: int = 9) -> dict:
         ms = {k: v["median_ms"] for k, v in t.items()}
         strides, pads = case.geometry()
         costs = counting.cp_path_costs(batch, case.in_sizes, 3, 64, case.kernel, case.rank, stride=strides, padding=pads,
-                                       input_grad=False)
+                                       input_grad=False, patches=autotune.patches_fit((batch, *case.in_sizes, 3), jnp.float32,
+                                                                                      (*case.kernel, 3, 64), strides))
         pick = conv.choose_cp_implementation((batch, *case.in_sizes, 3), params, case.modes, stride=strides,
                                              padding=pads, input_grad=False)
         row = {"name": case.name, "shape": bench.case_shape(case), "input_grad": False, "ms": ms,

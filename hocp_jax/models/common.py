@@ -46,7 +46,8 @@ class Dropout(nn.Module):
 class DenseConv(nn.Module):
     """Bias-free ``nn.Conv`` with symmetric ``k // 2`` padding, called as ``m(x, train)``
     (``train`` unused) so dense and factorized convs are interchangeable. Computed by
-    :func:`hocp_jax.conv.conv_general_dilated` (on CPU, 1x1 kernels as matrix products).
+    :func:`hocp_jax.conv.conv_general_dilated` (on CPU, 1x1 kernels as matrix products and
+    3-D+ kernels over few input channels, a video network's first conv, as patches matrix products).
 
     A kernel with fewer axes than ``x`` has spatial axes treats the extra leading axes as batch."""
 

@@ -6,17 +6,15 @@ window in row-major window order, as XLA's ``select_and_scatter`` does). Its bac
 written as K masked shifts of the stride-dilated cotangent, the same "shift and add" scheme as
 the depthwise passes of :mod:`hocp_jax.conv`: XLA CPU expands ``select_and_scatter`` into a
 variadic ``reduce_window`` over one full-size int32 ``iota`` per axis plus a scatter, which made
-the pool's backward one of the largest costs of a Jester or ResNet train step. Windows that tile
-the input (window == stride, no padding: the Jester net's 2x2x2 pools) are pooled as a reshape
-into blocks instead, whose backward is one masked broadcast of the cotangent (no stride-dilated
-copies; the Jester train steps took about 0.96x the time, benchmarks/EXPERIMENTS.md, stop 49).
+the pool's backward one of the largest costs of a Jester or ResNet train step. (Windows that tile
+the input were pooled as a reshape into blocks in stop 49; dropped in stop 50: inside the Jester
+nets' train steps XLA CPU gave that backward pass wrong gradients, benchmarks/EXPERIMENTS.md.)
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -79,41 +77,6 @@ def _max_pool_bwd(window, stride, padding, res, g):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def _blocks(x, window):
-    """``(blocks, axes, covered)``: ``x`` cut to the part the windows cover (shape ``covered``;
-    window == stride, no padding) and reshaped to ``(*lead, O_1, k_1, ..., O_n, k_n, C)``, whose
-    window axes are ``axes``."""
-    lead = x.ndim - 1 - len(window)
-    out = [x.shape[lead + i] // k for i, k in enumerate(window)]
-    covered = x[(slice(None),) * lead + tuple(slice(0, o * k) for o, k in zip(out, window))]
-    blocks = covered.reshape(x.shape[:lead] + tuple(v for o, k in zip(out, window) for v in (o, k)) + x.shape[-1:])
-    return blocks, tuple(lead + 2 * i + 1 for i in range(len(window))), covered.shape
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_blocks(x, window):
-    blocks, axes, _ = _blocks(x, window)
-    return jnp.max(blocks, axis=axes)
-
-
-def _max_pool_blocks_fwd(x, window):
-    y = _max_pool_blocks(x, window)
-    return y, (x, y)
-
-
-def _max_pool_blocks_bwd(window, res, g):
-    x, y = res
-    blocks, axes, covered = _blocks(x, window)
-    # each element's row-major index within its window; the gradient goes to the first maximum
-    tap = sum(lax.broadcasted_iota(jnp.int32, blocks.shape, a) * math.prod(window[i + 1:]) for i, a in enumerate(axes))
-    first = jnp.min(jnp.where(blocks == jnp.expand_dims(y, axes), tap, math.prod(window)), axis=axes, keepdims=True)
-    dx = jnp.where(tap == first, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype)).reshape(covered)
-    return (jnp.pad(dx, [(0, n - c) for n, c in zip(x.shape, covered)]),)  # rows left over get no gradient
-
-
-_max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
-
-
 def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
     """Max-pool ``x`` ``(..., *S, C)`` over the ``len(window)`` axes before the channels.
 
@@ -139,6 +102,4 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
         if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or size + lo + hi < k:
             raise ValueError(f"pooled axis {i}: window {k}, stride {s}, padding {(lo, hi)} do not fit size {size} "
                              "(expected window, stride >= 1, 0 <= pads < window, padded size >= window)")
-    if window == stride and not any(lo or hi for lo, hi in padding):
-        return _max_pool_blocks(x, window)
     return _max_pool(x, window, stride, padding)

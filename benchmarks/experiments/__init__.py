@@ -241,8 +241,9 @@ contraction (one matrix product of the input's shifted copies with the partly re
 :func:`.variants.cp_conv_folded`), fwd+bwd, interleaved per layer.
 
 ``python -m benchmarks.experiments pool_blocks [rounds]``: the Jester net's 2x2x2 max-pools pooled
-as blocks (the library's path for windows that tile the input) and by the general shift path,
-each pool alone and in ``bench``'s Jester dense and HO-CP train steps, interleaved.
+as blocks (the library's path for windows that tile the input in stop 49, dropped in stop 50) and
+by the library's shift path, each pool alone and in ``bench``'s Jester dense and HO-CP train
+steps, interleaved, with each step's gradient error against ``lax.reduce_window``'s pool.
 
 ``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
 library runs them and with the networks' first convs (3 input channels) as a patches matrix

@@ -19,8 +19,8 @@ import jax
 from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
-from benchmarks.experiments.variants import (ResNetStemWithInputGrad, einsum_contraction, lax_convs, reduce_window_pool,
-                                             shift_pool)
+from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
+                                             reduce_window_pool)
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -552,10 +552,13 @@ def patches_memory(rounds: int = 9) -> dict:
 
 def pool_blocks(rounds: int = 13) -> dict:
     """The Jester net's 2x2x2 max-pools (windows that tile the input) pooled as blocks
-    (:mod:`hocp_jax.pooling`, since stop 49) and by the general shift path
-    (:func:`~benchmarks.experiments.variants.shift_pool`): each block's pool alone (fwd+bwd,
-    ``bench`` protocol, on the activations of ``bench``'s Jester step, batch 2), then ``bench``'s
-    Jester dense and HO-CP train steps with either pool, interleaved."""
+    (:func:`~benchmarks.experiments.variants.block_pool`, the library's path in stop 49, dropped
+    in stop 50) and by the library's shift path (:mod:`hocp_jax.pooling`): each block's pool alone
+    (fwd+bwd, ``bench`` protocol, on the activations of ``bench``'s Jester step, batch 2, checked
+    against each other), then ``bench``'s Jester dense and HO-CP train steps with either pool,
+    interleaved, and each step's gradient error against the same step with ``lax.reduce_window``'s
+    pool (``grad relerr``: the norm of the difference of the parameter updates over the norm of
+    the reference's update)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -563,11 +566,12 @@ def pool_blocks(rounds: int = 13) -> dict:
     from hocp_jax.models import common
     from hocp_jax.pooling import max_pool
 
+    pools = {"blocks": block_pool, "shift": max_pool}
     out: dict = {"rounds": rounds}
     calls = {}
     for shape in ((2, 18, 84, 84, 64), (2, 9, 42, 42, 128), (2, 4, 21, 21, 256), (2, 2, 10, 10, 256)):
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
-        for label, pool in (("blocks", max_pool), ("shift", shift_pool)):
+        for label, pool in pools.items():
             f = functools.partial(lambda p, x, w: p(x * w, (2, 2, 2), (2, 2, 2), ((0, 0),) * 3), pool)
             w = jnp.ones((shape[-1],), jnp.float32)
             calls[f"pool {'x'.join(map(str, shape))}, {label}"] = bench.compile_fwd_bwd(f, x, w, True, bench.cotangent(f, x, w))[0]
@@ -578,19 +582,29 @@ def pool_blocks(rounds: int = 13) -> dict:
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=k)
     out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
     print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
-    calls = {}
+    calls, out["grad relerr"] = {}, {}
     for case in bench.model_cases(False):
         if case.model.startswith("jester"):
-            calls[f"{case.name}, blocks"] = bench.prepare_model_case(case)[0]
-            with mock.patch.object(common, "max_pool", shift_pool):
-                calls[f"{case.name}, shift"] = bench.prepare_model_case(case)[0]
+            updates = {}
+            for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
+                with mock.patch.object(common, "max_pool", pool):
+                    step, state, batch = bench.model_step(case)
+                    updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params,
+                                                  jax.jit(step)(state, batch)[0].params)
+                    if label in pools:
+                        calls[f"{case.name}, {label}"] = bench.prepare_model_case(case)[0]
+            norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
+            ref = updates["reduce_window"]
+            out["grad relerr"][case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
+                                             for label in pools}
+    print(json.dumps({"grad relerr": out["grad relerr"]}), flush=True)
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
     out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
     out["blocks/shift"] = {k[:-len(", blocks")]: round(ms[k] / ms[k.replace("blocks", "shift")], 3) for k in ms if k.endswith("blocks")}
     out["blocks/shift per round"] = {k[:-len(", blocks")]: per_round_ratio(t, k, k.replace("blocks", "shift"))
                                      for k in ms if k.endswith("blocks")}
-    out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in ("blocks", "shift")}
+    out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in pools}
     out["loadavg"] = os.getloadavg()
     return out
 

@@ -183,8 +183,9 @@ HO-CP ResNet-18's 3-D stem (3->64, 3x7x7, stride (1, 2, 2), rank 116) 0.66-0.80 
 sizes (``python -m benchmarks.experiments stem_3d``, stop 48) where it read 1.83 and picked the
 slower, reconstructed path (0.93 with the factor). Since stop 50 the CPU backend runs such convs
 as a patches matrix product (:func:`hocp_jax.autotune.patches_conv`), which this factor does not
-apply to (``cp_path_costs(patches=True)``): the stem's reconstructed path then took 0.51-0.64x the
-factorized path's time (model without the factor: 0.55), the Jester conv's 1.35x (model: 1.6)."""
+apply to (``cp_path_costs(patches=True)``): the stem's reconstructed path then took 0.49-0.69x the
+factorized path's time at the five clip sizes (``stem_3d``, stop 50; model without the factor:
+0.55), the Jester conv's 1.41x (``python -m benchmarks.bench``, stop 50's first run; model: 1.63)."""
 
 
 CHUNKED_BYTES_SCALE = 0.5

@@ -2,15 +2,13 @@
 (im2col), beside ``lax``'s convolution (``hocp_jax.conv.dense_conv``, what ``flax.linen.Conv``
 runs). On the development CPU it runs faster than ``lax``'s conv on most benchmarked layers, so
 ``benchmarks.bench`` times both and reports the HO-CP paths against each (and against the faster
-of the two). A benchmark baseline, not a library path: the library's dense conv stays ``lax``'s,
-the conv XLA runs on every backend."""
+of the two). A benchmark baseline: the library's dense conv stays ``lax``'s, the conv XLA runs on
+every backend, but for the CPU route of convs of few input channels over 3+ modes (stop 50)."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 
-import jax.numpy as jnp
 from jax import lax
 
 from hocp_jax import conv
@@ -21,15 +19,9 @@ def dense_patches(x, kernel, strides, pads):
     of the explicit patches (im2col: the ``prod(K)`` shifted, strided slices of the padded input
     side by side, ``(B * prod(S_out), prod(K) * C_in)``) with the flattened kernel; ``strides``,
     ``pads``: one int and one ``(lo, hi)`` pair per spatial axis. A JAX dense baseline beside
-    ``lax``'s convolution."""
-    n = kernel.ndim - 2
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    outs = [(xp.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(n)]
-    taps = [xp[(slice(None),) + tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, outs, strides))]
-            for offset in itertools.product(*(range(k) for k in kernel.shape[:n]))]
-    patches = jnp.concatenate(taps, axis=-1)
-    y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, kernel.shape[-1])
-    return y.reshape((x.shape[0], *outs, kernel.shape[-1]))
+    ``lax``'s convolution; the library's own patches product (:func:`hocp_jax.conv._patches_conv`,
+    its CPU route for convs of few input channels since stop 50), applied to every conv."""
+    return conv._patches_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)), (1,) * (kernel.ndim - 2))
 
 
 @contextlib.contextmanager

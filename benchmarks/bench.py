@@ -82,7 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks import patches, peers
+from benchmarks import patches, peers, placement
 from hocp_jax import autotune, conv, counting
 from hocp_jax.padding import as_tuple, resolve_padding
 
@@ -241,20 +241,24 @@ MAX_ROUNDS = 15  # the default --repeats
 CONV_BUDGET_S, STEP_BUDGET_S = 40.0, 64.0  # seconds of timed calls per conv case / train-step pair
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, dict]:
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float,
+                     probe: Callable[[], float | None] | None = None) -> dict[str, dict]:
     """Warms up every zero-argument ``call`` once, then times them in interleaved rounds, in a new
     random order each round.
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
     (at least ``MIN_ROUNDS`` rounds unless ``repeats`` is smaller). Returns
-    ``{name: {"median_ms", "times_ms"}}``.
+    ``{name: {"median_ms", "times_ms"}}``, with ``"roundtrip_ns"`` (``probe()`` at the start of
+    each round, :class:`benchmarks.placement.CrossCoreProbe`) if ``probe`` is given.
     """
     for call in calls.values():
         call()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in calls}
-    spent, names = 0.0, list(calls)
+    spent, names, roundtrip = 0.0, list(calls), []
     order = np.random.default_rng(0)
     for rnd in range(repeats):
+        if probe is not None:
+            roundtrip.append(probe())
         # a new random order each round, so no path always runs right after the same other one
         # (a path timed after one with large buffers reads systematically slower)
         for name in map(str, order.permutation(names)):
@@ -265,7 +269,9 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s
             spent += dt
         if rnd + 1 >= min(MIN_ROUNDS, repeats) and spent > budget_s:
             break
-    return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t]} for name, t in times.items()}
+    extra = {"roundtrip_ns": [v if v is None else round(v, 1) for v in roundtrip]} if probe is not None else {}
+    return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t]} | extra
+            for name, t in times.items()}
 
 
 def _normal(rng: np.random.Generator, shape, std: float) -> jax.Array:
@@ -363,8 +369,10 @@ def analytic(case: ConvCase) -> dict[str, Any]:
     }
 
 
-def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peers.PeerProcess | None) -> dict[str, Any]:
-    """Times every path of ``case`` and, with ``peer_proc``, the peers (in their own process), interleaved."""
+def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peers.PeerProcess | None,
+                  probe: Callable[[], float | None] | None = None) -> dict[str, Any]:
+    """Times every path of ``case`` and, with ``peer_proc``, the peers (in their own process), interleaved
+    (with ``probe``, the cross-core round trip before each round: :func:`time_interleaved`)."""
     with_peers = peer_proc is not None
     x, kernel, params = make_inputs(case)
     fns = conv_fns(case)
@@ -385,7 +393,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
             calls[p], compile_s[p] = compile_fwd_bwd(fns[p], x, weights[p], case.input_grad, cot)
     if with_peers:
         calls |= peer_proc.conv_peers(case)
-    timing = time_interleaved(calls, repeats, budget_s)
+    timing = time_interleaved(calls, repeats, budget_s, probe)
     if same:
         timing["auto"] = timing[choice]
     ana = analytic(case)
@@ -400,6 +408,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
         "ms": ms,
         "input_grad": case.input_grad,
         "times_ms": {p: timing[p]["times_ms"] for p in calls},
+        "roundtrip_ns": timing[next(iter(calls))].get("roundtrip_ns"),
         "compile_s": {p: round(v, 3) for p, v in compile_s.items()},
         "auto_choice": choice,
         "auto_same_program_as_choice": same,
@@ -733,7 +742,7 @@ def prepare_policy_case(case: ModelCase) -> dict[str, tuple[Callable[[], Any], d
 
 
 def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_patches: bool = True,
-                   with_policies: bool = False) -> list[dict[str, Any]]:
+                   with_policies: bool = False, probe: Callable[[], float | None] | None = None) -> list[dict[str, Any]]:
     """Train steps of ``cases`` (a model and its reference), each also (if ``with_patches``) with
     its dense convs as patches matrix products where it has any (:func:`prepare_patches_case`),
     and each model with a reference also (if ``with_policies``) under the other ``auto`` policy
@@ -747,9 +756,9 @@ def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_p
         patched = prepare_patches_case(c, prepared[c.name][0]) if with_patches else None
         if patched:
             prepared[patches_name(c.name)] = patched
-    timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s)
-    return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"]}
-            for name, (_, row) in prepared.items()]
+    timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s, probe)
+    return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"],
+                   "roundtrip_ns": timing[name].get("roundtrip_ns")} for name, (_, row) in prepared.items()]
 
 
 # ----------------------------------------------------------------------------- report
@@ -943,7 +952,63 @@ def markdown(results: dict) -> str:
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
             "[figure6.png](figure6.png).", ""]
     out += target_lines(results["targets"])
+    out += placement_lines(results)
     return "\n".join(out)
+
+
+def _auto_path(row: dict) -> str:
+    return "auto" if "auto" in row["times_ms"] else row["auto_choice"]
+
+
+def placement_lines(results: dict) -> list[str]:
+    """The Jester layers', their stack's and the train steps' ratios over the rounds run with the two
+    probed CPUs close and far apart (:mod:`benchmarks.placement`); empty if no round trip was recorded."""
+    rows = [r for r in results["conv"].get("jester", []) if r.get("roundtrip_ns")]
+    steps = {r["name"]: r for r in results["models"] if r.get("roundtrip_ns")}
+    values = [v for r in rows + list(steps.values()) for v in r["roundtrip_ns"] if v]
+    cut = placement.split_cut(values)
+    if cut is None:
+        return []
+    out = ["## Cross-core placement of the rounds", "",
+           f"Before each round `benchmarks.placement.CrossCoreProbe` timed a cache line's round trip between CPUs "
+           f"{results['machine'].get('roundtrip_probe_cpus')} (pure Python; the fastest of "
+           f"{placement.BATCHES} x {placement.TRIPS} trips): {min(values):.0f}-{max(values):.0f} ns in this run. A round "
+           f"counts as split (the two CPUs in different last-level-cache domains of the host: EXPERIMENTS.md, \"Two "
+           f"speeds\") when it read over {placement.SPLIT_FACTOR} x the run's smallest, {cut:.0f} ns. The targets above use "
+           "every round; here each layer's and step's rounds are split by placement: medians of the ratios within "
+           "a round, and for the stack the sum of the layers' medians over their shared (split) rounds.", "",
+           "| layer or step | ratio | rounds shared / split | shared rounds | split rounds |", "|---|---|---|---:|---:|"]
+
+    def cell(m):
+        return _f(m["median"])
+
+    refs = [("dense", "JAX dense")] + ([("torch dense", "PyTorch dense")] if all("torch dense" in r["times_ms"] for r in rows) else [])
+    sums: dict = {}
+    for r in rows:
+        a = r["times_ms"][_auto_path(r)]
+        for ref, label in refs:
+            q = [x / y for x, y in zip(a, r["times_ms"][ref])]
+            m = placement.medians_by_placement(q, r["roundtrip_ns"], cut)
+            out.append(f"| {r['name']} | auto / {label} | {m['shared']['n']} / {m['split']['n']} | {cell(m['shared'])} | "
+                       f"{cell(m['split'])} |")
+        for path in ["auto"] + [ref for ref, _ in refs]:
+            m = placement.medians_by_placement(a if path == "auto" else r["times_ms"][path], r["roundtrip_ns"], cut)
+            for k in m:
+                sums.setdefault((path, k), []).append(m[k]["median"])
+    if rows:
+        for ref, label in refs:
+            cells = []
+            for k in ("shared", "split"):
+                num, den = sums[("auto", k)], sums[(ref, k)]
+                cells.append(_f(sum(num) / sum(den)) if None not in num + den else "n/a")
+            out.append(f"| **stack** | auto / {label} | | {cells[0]} | {cells[1]} |")
+    for name, r in steps.items():
+        if r.get("reference") in steps:
+            q = round_ratios(r, steps[r["reference"]])
+            m = placement.medians_by_placement(q, r["roundtrip_ns"], cut)
+            out.append(f"| {name} | / {r['reference']} | {m['shared']['n']} / {m['split']['n']} | {cell(m['shared'])} | "
+                       f"{cell(m['split'])} |")
+    return out + [""]
 
 
 def _met(v, goal, extra: str = ""):
@@ -1120,27 +1185,33 @@ def main(argv=None) -> dict:
         results["machine"] |= peer_proc.info
     results["peers"] = list(peers.PEERS) if peer_proc else None
     results["peers_skipped"] = None if peer_proc else missing or "no layer benchmarks in this run (--only)"
+    probe = placement.CrossCoreProbe()  # the round trip between two CPUs before each round (placement.py)
+    results["machine"]["roundtrip_probe_cpus"] = list(probe.cpus) if probe.available else None
     print(json.dumps(results["machine"]), flush=True)
-    try:
-        for case in conv_cases:
-            row = run_conv_case(case, repeats, budget, peer_proc)
-            results["conv"].setdefault(case.group, []).append(row)
-            partial(results, args.out)
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {case.group} {case.name}: "
-                  + ", ".join(f"{p} {v:.1f} ms" for p, v in row["ms"].items()) + f"; auto={row['auto_choice']}", flush=True)
-    finally:
-        if peer_proc:
-            peer_proc.close()
-    if "jester" in results["conv"]:
-        results["totals"]["jester"] = stack_total(results["conv"]["jester"])
-    if "models" in args.only:
-        cases = [scaled(c, args.batch_scale) for c in model_cases(args.quick)]
-        for ref in [c for c in cases if c.reference is None]:
-            for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, step_budget,
-                                      with_patches=not args.no_patches_steps, with_policies=args.policy_steps):
-                results["models"].append(row)
-                print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step", flush=True)
-            partial(results, args.out)
+    with probe:
+        try:
+            for case in conv_cases:
+                row = run_conv_case(case, repeats, budget, peer_proc, probe.roundtrip_ns)
+                results["conv"].setdefault(case.group, []).append(row)
+                partial(results, args.out)
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {case.group} {case.name}: "
+                      + ", ".join(f"{p} {v:.1f} ms" for p, v in row["ms"].items()) + f"; auto={row['auto_choice']}",
+                      flush=True)
+        finally:
+            if peer_proc:
+                peer_proc.close()
+        if "jester" in results["conv"]:
+            results["totals"]["jester"] = stack_total(results["conv"]["jester"])
+        if "models" in args.only:
+            cases = [scaled(c, args.batch_scale) for c in model_cases(args.quick)]
+            for ref in [c for c in cases if c.reference is None]:
+                for row in run_model_pair([ref] + [c for c in cases if c.reference == ref.name], repeats, step_budget,
+                                          with_patches=not args.no_patches_steps, with_policies=args.policy_steps,
+                                          probe=probe.roundtrip_ns):
+                    results["models"].append(row)
+                    print(f"[{time.perf_counter() - t_start:6.0f}s] model {row['name']}: {row['ms']:.1f} ms/step",
+                          flush=True)
+                partial(results, args.out)
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["targets"] = targets(results)

@@ -55,10 +55,14 @@ a call of JAX itself, of PyTorch's dense conv in a :class:`benchmarks.peers.Peer
 PyTorch's dense conv in this process: the three pairs in a new random order each round.
 
 ``python -m benchmarks.experiments phases [rounds]``: Jester conv2 (fwd+bwd, ``bench`` protocol),
-JAX's ``auto`` (factorized, per sample, in tiles) and dense conv alternating, each call's time and
-what the process did during it: the hypervisor's steal time (``/proc/stat``), user and system CPU
-time, minor page faults and context switches (``getrusage``): whether slow calls come in phases,
-whether they hit both programs, and what grows in a slow call.
+JAX's ``auto`` (factorized, per sample, in tiles) and dense conv and, with the ``bench`` extra,
+PyTorch's dense conv (in its own process) alternating, each call's time and what the process did
+during it: the hypervisor's steal time (``/proc/stat``), user and system CPU time, minor page
+faults and context switches (``getrusage``), and right before it the round trip of a cache line
+between the first two CPUs (:class:`benchmarks.placement.CrossCoreProbe`): whether slow calls come
+in phases, whether they hit every program, what grows in a slow call, and whether slow calls are
+those made with the two CPUs far apart (``by_placement``: each program's median over the calls
+with the CPUs close and far apart).
 
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic

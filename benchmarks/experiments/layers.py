@@ -3,6 +3,7 @@ per layer and path, timed interleaved (see the package docstring for each comman
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import placement
 from benchmarks.bench import compile_jax, time_interleaved
 from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
 from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
@@ -482,6 +484,8 @@ def coresidence(rounds: int = 10) -> dict:
 
 
 def phases(rounds: int = 16) -> dict:
+    from benchmarks import peers
+
     def counters() -> dict:  # steal time of all CPUs (clock ticks, /proc/stat) and this process's rusage
         with open("/proc/stat") as f:
             steal = int(f.readline().split()[8])
@@ -490,16 +494,33 @@ def phases(rounds: int = 16) -> dict:
                 "minor_faults": r.ru_minflt, "voluntary_switches": r.ru_nvcsw, "involuntary_switches": r.ru_nivcsw}
 
     case, calls = conv2_calls(("auto", "dense"))
-    out: dict = {p: {"ms": []} for p in calls}
-    for call in calls.values():
-        call()
-    for _ in range(rounds):
-        for p, call in calls.items():
-            c0 = counters()
-            out[p]["ms"].append(timed_ms(call))
-            for k, v in counters().items():
-                out[p].setdefault(k, []).append(round(v - c0[k], 1))
-    return {"layer": case.name, "rounds": rounds, "calls": out, "loadavg": os.getloadavg()}
+    with contextlib.ExitStack() as stack:
+        probe = stack.enter_context(placement.CrossCoreProbe())
+        skipped = peers.available()
+        if not skipped:  # PyTorch's dense conv in its own process, as in bench (its rusage is not this process's)
+            calls["torch dense"] = stack.enter_context(peers.PeerProcess()).conv_peers(case)["torch dense"]
+        out: dict = {p: {"ms": [], "roundtrip_ns": []} for p in calls}
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for p, call in calls.items():
+                out[p]["roundtrip_ns"].append(round(probe.roundtrip_ns() or 0.0, 1))
+                c0 = counters()
+                out[p]["ms"].append(timed_ms(call))
+                for k, v in counters().items():
+                    out[p].setdefault(k, []).append(round(v - c0[k], 1))
+    return {"layer": case.name, "rounds": rounds, "probe_cpus": list(probe.cpus), "peers_skipped": skipped,
+            "calls": out, "by_placement": by_placement(out), "loadavg": os.getloadavg()}
+
+
+def by_placement(calls: dict) -> dict:
+    """Each program's median time over the calls made with the two CPUs close and far apart
+    (:func:`benchmarks.placement.split_cut` of all the calls' round trips), and how many."""
+    cut = placement.split_cut(v for c in calls.values() for v in c["roundtrip_ns"])
+    if cut is None:
+        return {}
+    return {"split_above_ns": round(cut, 1)} | {p: placement.medians_by_placement(c["ms"], c["roundtrip_ns"], cut)
+                                                 for p, c in calls.items()}
 
 
 def tiles(rounds: int = 5) -> dict:

@@ -982,24 +982,26 @@ def placement_lines(results: dict) -> list[str]:
     def cell(m):
         return _f(m["median"])
 
-    refs = [("dense", "JAX dense")] + ([("torch dense", "PyTorch dense")] if all("torch dense" in r["times_ms"] for r in rows) else [])
+    # per layer, the program each ratio divides by, chosen as in stack_total
+    refs = {"JAX dense": lambda r: "dense", "faster JAX dense": lambda r: _faster(r, "dense", DENSE_PATCHES)}
+    if all("torch dense" in r["times_ms"] for r in rows):
+        refs |= {"PyTorch dense": lambda r: "torch dense", "TensorLy-Torch best": lambda r: _faster(r, *TLTORCH_PATHS)}
     sums: dict = {}
     for r in rows:
         a = r["times_ms"][_auto_path(r)]
-        for ref, label in refs:
-            q = [x / y for x, y in zip(a, r["times_ms"][ref])]
-            m = placement.medians_by_placement(q, r["roundtrip_ns"], cut)
+        for label, ref in refs.items():
+            b = r["times_ms"][ref(r)]
+            m = placement.medians_by_placement([x / y for x, y in zip(a, b)], r["roundtrip_ns"], cut)
             out.append(f"| {r['name']} | auto / {label} | {m['shared']['n']} / {m['split']['n']} | {cell(m['shared'])} | "
                        f"{cell(m['split'])} |")
-        for path in ["auto"] + [ref for ref, _ in refs]:
-            m = placement.medians_by_placement(a if path == "auto" else r["times_ms"][path], r["roundtrip_ns"], cut)
-            for k in m:
-                sums.setdefault((path, k), []).append(m[k]["median"])
+            for k, times in (("auto", a), (label, b)):
+                for where, v in placement.medians_by_placement(times, r["roundtrip_ns"], cut).items():
+                    sums.setdefault((k, where), {})[r["name"]] = v["median"]
     if rows:
-        for ref, label in refs:
+        for label in refs:
             cells = []
             for k in ("shared", "split"):
-                num, den = sums[("auto", k)], sums[(ref, k)]
+                num, den = list(sums[("auto", k)].values()), list(sums[(label, k)].values())
                 cells.append(_f(sum(num) / sum(den)) if None not in num + den else "n/a")
             out.append(f"| **stack** | auto / {label} | | {cells[0]} | {cells[1]} |")
     for name, r in steps.items():

@@ -39,15 +39,21 @@ def test_probe_is_unavailable_on_one_cpu():
 
 
 def test_report_splits_each_layers_and_steps_rounds_by_the_probe():
-    layer = {"name": "conv2", "auto_choice": "factorized", "roundtrip_ns": [100.0, 200.0, 110.0],
-             "times_ms": {"factorized": [1.0, 4.0, 1.0], "dense": [2.0, 2.0, 2.0], "torch dense": [1.0, 1.0, 1.0]}}
+    times = {"factorized": [1.0, 4.0, 1.0], "dense": [2.0, 2.0, 2.0], "dense patches": [4.0, 4.0, 4.0],
+             "torch dense": [1.0, 1.0, 1.0], "tltorch cp reconstructed": [8.0, 8.0, 8.0],
+             "tltorch cp factorized": [0.5, 4.0, 0.5]}
+    layer = {"name": "conv2", "auto_choice": "factorized", "roundtrip_ns": [100.0, 200.0, 110.0], "times_ms": times,
+             "ms": {k: sorted(v)[1] for k, v in times.items()}}
     steps = [{"name": "ref", "reference": None, "times_ms": [10.0, 10.0, 10.0], "roundtrip_ns": [100.0, 100.0, 300.0]},
              {"name": "hocp", "reference": "ref", "times_ms": [5.0, 6.0, 20.0], "roundtrip_ns": [100.0, 100.0, 300.0]}]
     results = {"conv": {"jester": [layer]}, "models": steps, "machine": {"roundtrip_probe_cpus": [0, 1]}}
     lines = bench.placement_lines(results)
     # cut = 1.4 x 100 ns: rounds 1 and 3 of the layer are shared, round 2 split
     assert "| conv2 | auto / JAX dense | 2 / 1 | 0.50 | 2.00 |" in lines
+    assert "| conv2 | auto / faster JAX dense | 2 / 1 | 0.50 | 2.00 |" in lines  # lax's conv, faster than patches
     assert "| conv2 | auto / PyTorch dense | 2 / 1 | 1.00 | 4.00 |" in lines
+    assert "| conv2 | auto / TensorLy-Torch best | 2 / 1 | 2.00 | 1.00 |" in lines  # its factorized path, median 0.5 ms
     assert "| **stack** | auto / JAX dense | | 0.50 | 2.00 |" in lines
+    assert "| **stack** | auto / TensorLy-Torch best | | 2.00 | 1.00 |" in lines
     assert "| hocp | / ref | 2 / 1 | 0.55 | 2.00 |" in lines
     assert bench.placement_lines({"conv": {}, "models": [], "machine": {}}) == []

@@ -973,8 +973,8 @@ def placement_lines(results: dict) -> list[str]:
            f"Before each round `benchmarks.placement.CrossCoreProbe` timed a cache line's round trip between CPUs "
            f"{results['machine'].get('roundtrip_probe_cpus')} (pure Python; the fastest of "
            f"{placement.BATCHES} x {placement.TRIPS} trips): {min(values):.0f}-{max(values):.0f} ns in this run. A round "
-           f"counts as split (the two CPUs in different last-level-cache domains of the host: EXPERIMENTS.md, \"Two "
-           f"speeds\") when it read over {placement.SPLIT_FACTOR} x the run's smallest, {cut:.0f} ns. The targets above use "
+           f"counts as split (the two CPUs far apart, most likely in different last-level-cache domains of the host: "
+           f"EXPERIMENTS.md, \"Two speeds\") when it read over {placement.SPLIT_FACTOR} x the run's smallest, {cut:.0f} ns. The targets above use "
            "every round; here each layer's and step's rounds are split by placement: medians of the ratios within "
            "a round, and for the stack the sum of the layers' medians over their shared (split) rounds.", "",
            "| layer or step | ratio | rounds shared / split | shared rounds | split rounds |", "|---|---|---|---:|---:|"]
@@ -1187,7 +1187,8 @@ def main(argv=None) -> dict:
         results["machine"] |= peer_proc.info
     results["peers"] = list(peers.PEERS) if peer_proc else None
     results["peers_skipped"] = None if peer_proc else missing or "no layer benchmarks in this run (--only)"
-    probe = placement.CrossCoreProbe()  # the round trip between two CPUs before each round (placement.py)
+    # the round trip between two CPUs before each round (placement.py): where the programs run on them
+    probe = placement.CrossCoreProbe(enabled=jax.default_backend() == "cpu")
     results["machine"]["roundtrip_probe_cpus"] = list(probe.cpus) if probe.available else None
     print(json.dumps(results["machine"]), flush=True)
     with probe:

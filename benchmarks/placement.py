@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 TRIPS, BATCHES = 2000, 5  # round trips per batch; the probe reports the fastest batch
+SPINS_BEFORE_CHECK = 1 << 20  # waits longer than this (about 0.1 s) check that the partner still runs
 SPLIT_FACTOR = 1.4  # a round trip over this many times a run's smallest counts as the two CPUs far apart
 
 
@@ -60,14 +61,15 @@ def medians_by_placement(values, roundtrip, cut: float) -> dict[str, dict]:
 class CrossCoreProbe:
     """Round trips between the first two CPUs of this process's affinity set, in a partner process.
 
-    ``available`` is False (and :meth:`roundtrip_ns` returns None) with fewer than two CPUs.
-    Use as a context manager, or :meth:`close`.
+    ``available`` is False (and :meth:`roundtrip_ns` returns None) with fewer than two CPUs or
+    if not ``enabled`` (``bench`` probes only when JAX runs on the CPU). Use as a context manager,
+    or :meth:`close`.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         cpus = sorted(os.sched_getaffinity(0))
         self.cpus = tuple(cpus[:2])
-        self.available = len(self.cpus) == 2
+        self.available = enabled and len(self.cpus) == 2
         self._proc = None
         if not self.available:
             return
@@ -96,8 +98,12 @@ class CrossCoreProbe:
                 t0 = time.perf_counter()
                 for _ in range(TRIPS):
                     word[0] = v + 1
+                    spins = 0
                     while word[0] != v + 2:
-                        pass
+                        spins += 1
+                        if spins > SPINS_BEFORE_CHECK and self._proc.poll() is not None:
+                            raise RuntimeError(f"the probe's partner process ended (exit code {self._proc.returncode}); "
+                                               "its stderr is above")
                     v += 2
                 best = min(best, (time.perf_counter() - t0) / TRIPS)
                 self._count = v

@@ -2,6 +2,8 @@
 report splits rounds by its readings as a hand count does (no timings asserted)."""
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +30,9 @@ def test_probe_reads_a_round_trip_between_two_cpus_and_cleans_up():
     assert not os.path.exists(path)
 
 
-def test_probe_is_unavailable_on_one_cpu():
+def test_probe_is_unavailable_on_one_cpu_or_when_disabled():
+    with placement.CrossCoreProbe(enabled=False) as probe:
+        assert not probe.available and probe.roundtrip_ns() is None
     mask = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(mask)})
     try:
@@ -57,3 +61,15 @@ def test_report_splits_each_layers_and_steps_rounds_by_the_probe():
     assert "| **stack** | auto / TensorLy-Torch best | | 2.00 | 1.00 |" in lines
     assert "| hocp | / ref | 2 / 1 | 0.55 | 2.00 |" in lines
     assert bench.placement_lines({"conv": {}, "models": [], "machine": {}}) == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_probe_fails_instead_of_waiting_forever_when_its_partner_is_gone():
+    with placement.CrossCoreProbe() as probe:
+        partner = probe._proc
+        # a partner that takes the command, then ends without a single trip
+        probe._proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"],
+                                       stdin=subprocess.PIPE, text=True)
+        with pytest.raises(RuntimeError, match="partner process ended"):
+            probe.roundtrip_ns()
+        probe._proc = partner

@@ -12,9 +12,11 @@ The probe is pure Python: a partner process pinned to the second CPU and the cal
 pinned for the measurement to the first, flip one shared 8-byte word back and forth. The
 interpreter adds some 150 ns to each trip, the same in both placements, so the figures read higher
 than the C probe's but keep the jump (about 220-260 ns close, 370-420 ns far apart on the
-development VM in stop 51). A round is read as "split" by comparison with the smallest round trip
-of the same run (:func:`split_cut`), so a run that never met the close placement reads all shared:
-the report gives the range of the readings too. ``python -m benchmarks.placement <file> <cpu>``
+development VM in stop 51). It is noisier than the C probe: in idle scratch checks (stop 51, 103
+readings next to C probe readings of 50-85 ns) it read 214-303 ns but for 5 readings of 335-372
+ns, so a round near the cut can be misclassed. A round is read as "split" by comparison with the smallest
+round trip of the same run (:func:`split_cut`), so a run that never met the close placement reads
+all shared: the report gives the range of the readings too. ``python -m benchmarks.placement <file> <cpu>``
 is the partner.
 """
 

@@ -480,6 +480,11 @@ def _faster(row: dict, a: str, b: str) -> str:
     return a if row["ms"][a] <= row["ms"][b] else b
 
 
+def _auto_path(row: dict) -> str:
+    """The layer's timed program that ``auto`` ran (timed once under its path's name when it is the same program)."""
+    return "auto" if "auto" in row["times_ms"] else row["auto_choice"]
+
+
 def stack_rounds(rows: list[dict]) -> dict[str, dict[str, float]]:
     """The stack's ratios round by round: round ``i`` adds up each layer's ``i``-th reading (its
     rounds interleave all its paths and peers, so a ratio within a layer's round compares calls
@@ -488,7 +493,7 @@ def stack_rounds(rows: list[dict]) -> dict[str, dict[str, float]]:
     :func:`stack_total`. ``{ratio: {"median", "min", "max", "rounds"}}``; empty without times."""
     if not all("times_ms" in r for r in rows):
         return {}
-    sel = {"auto": lambda r: "auto" if "auto" in r["times_ms"] else r["auto_choice"], "dense": lambda r: "dense",
+    sel = {"auto": _auto_path, "dense": lambda r: "dense",
            "faster dense": lambda r: _faster(r, "dense", DENSE_PATCHES)}
     if all("torch dense" in r["times_ms"] for r in rows):
         sel |= {"torch dense": lambda r: "torch dense",
@@ -954,10 +959,6 @@ def markdown(results: dict) -> str:
     out += target_lines(results["targets"])
     out += placement_lines(results)
     return "\n".join(out)
-
-
-def _auto_path(row: dict) -> str:
-    return "auto" if "auto" in row["times_ms"] else row["auto_choice"]
 
 
 def placement_lines(results: dict) -> list[str]:

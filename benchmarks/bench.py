@@ -990,19 +990,19 @@ def placement_lines(results: dict) -> list[str]:
     sums: dict = {}
     for r in rows:
         a = r["times_ms"][_auto_path(r)]
-        for label, ref in refs.items():
-            b = r["times_ms"][ref(r)]
+        programs = {"auto": a} | {label: r["times_ms"][ref(r)] for label, ref in refs.items()}
+        for label, b in list(programs.items())[1:]:
             m = placement.medians_by_placement([x / y for x, y in zip(a, b)], r["roundtrip_ns"], cut)
             out.append(f"| {r['name']} | auto / {label} | {m['shared']['n']} / {m['split']['n']} | {cell(m['shared'])} | "
                        f"{cell(m['split'])} |")
-            for k, times in (("auto", a), (label, b)):
-                for where, v in placement.medians_by_placement(times, r["roundtrip_ns"], cut).items():
-                    sums.setdefault((k, where), {})[r["name"]] = v["median"]
+        for k, times in programs.items():  # each program's medians per placement, for the stack
+            for where, v in placement.medians_by_placement(times, r["roundtrip_ns"], cut).items():
+                sums.setdefault((k, where), []).append(v["median"])
     if rows:
         for label in refs:
             cells = []
             for k in ("shared", "split"):
-                num, den = list(sums[("auto", k)].values()), list(sums[(label, k)].values())
+                num, den = sums[("auto", k)], sums[(label, k)]
                 cells.append(_f(sum(num) / sum(den)) if None not in num + den else "n/a")
             out.append(f"| **stack** | auto / {label} | | {cells[0]} | {cells[1]} |")
     for name, r in steps.items():

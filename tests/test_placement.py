@@ -72,4 +72,5 @@ def test_probe_fails_instead_of_waiting_forever_when_its_partner_is_gone():
                                        stdin=subprocess.PIPE, text=True)
         with pytest.raises(RuntimeError, match="partner process ended"):
             probe.roundtrip_ns()
+        probe._proc.stdin.close()
         probe._proc = partner

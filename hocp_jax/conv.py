@@ -120,6 +120,17 @@ def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x.astype(dtype), kernel.astype(dtype)
 
 
+def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` cast (``lax.pcast(..., to="varying")``) to vary over every manual mesh axis
+    that any of them varies over; unchanged outside ``shard_map``. Applied to a custom VJP's
+    inputs: its backward pass must return cotangents of its inputs' types, and the cotangent of a
+    weight every shard shares, computed from one shard's data, varies over the data's axes (JAX
+    then sums it over them, the transpose of the cast), as XLA's own VJPs do."""
+    varying = [jax.typeof(a).manual_axis_type.varying for a in arrays]
+    axes = frozenset().union(*varying)
+    return tuple(lax.pcast(a, tuple(axes - v), to="varying") if axes - v else a for a, v in zip(arrays, varying))
+
+
 def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
     """Channels-last input/output, kernel ``(*K, C_in, C_out)``."""
     spatial = tuple(range(1, n + 1))
@@ -315,7 +326,11 @@ def _with_auto_axes(conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Ar
     return explicit_sharding.run_auto(conv, x, kernel, out_spec=explicit_sharding.kept_splits(x, out.shape))
 
 
-_conv_tap_grad = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
+_conv_tap_grad_vjp = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
+
+
+def _conv_tap_grad(x, kernel, strides, pads, dilations):
+    return _conv_tap_grad_vjp(*_vary_alike(x, kernel), strides, pads, dilations)
 
 
 def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations):
@@ -335,7 +350,7 @@ def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+_conv_tap_grad_vjp.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
 def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
@@ -404,8 +419,13 @@ def _shift_conv(h: jax.Array, kernel: jax.Array, strides, pads, dilations) -> ja
                                       zip(_tap_inputs(h, ks, strides, pads, dilations, outs), taps)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _shift_depthwise(h, kernel, strides, pads, dilations):
+    """The depthwise shift kernel with its custom VJP (:func:`depthwise_conv_1d`)."""
+    return _shift_depthwise_vjp(*_vary_alike(h, kernel), strides, pads, dilations)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shift_depthwise_vjp(h, kernel, strides, pads, dilations):
     return _shift_conv(h, kernel, strides, pads, dilations)
 
 
@@ -428,7 +448,7 @@ def _shift_depthwise_bwd(strides, pads, dilations, res, g):
     return dh, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-_shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+_shift_depthwise_vjp.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
 
 
 def _depthwise(h, factor, axis, stride, pad, dilation):
@@ -629,7 +649,7 @@ def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
         def body(t, y):
             xt, start = window(xp, t, rows + halo)
             return lax.dynamic_update_slice(y, fc(xt, *consts), start)
-        return lax.fori_loop(0, b * n, body, jnp.zeros(y_shape, y_tile.dtype))
+        return lax.fori_loop(0, b * n, body, _vary_alike(jnp.zeros(y_shape, y_tile.dtype), xp, *consts)[0])
 
     def run_fwd(xp, *consts):
         return run(xp, *consts), (xp, consts)
@@ -763,6 +783,10 @@ def cp_conv(
         cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
         factors = {k: params[k].astype(cdt) for k in keys}
         out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)
+        # Under shard_map the factors vary like x: the per-sample and tile loops accumulate the
+        # shard's factor gradients, summed over the shards once (the cast's transpose), not per sample.
+        x, out_factor, *cast = _vary_alike(x, out_factor, *factors.values())
+        factors = dict(zip(keys, cast))
 
         def factorized(x, pads=pads, order=order):
             h = channel_matmul(x.astype(cdt), factors["factor_in"])

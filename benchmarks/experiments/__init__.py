@@ -24,6 +24,14 @@ runtime and PyTorch both allocate with glibc's malloc): the Jester stack (JAX de
 PyTorch/TensorLy-Torch peers), then the three train-step pairs. Shows how much of each ratio is
 the allocator's doing rather than the conv's.
 
+``python -m benchmarks.experiments host_devices [rounds]``: the same worker scheme with the Jester
+stack (JAX dense and ``auto``, ``bench`` protocol) in a worker on one host device and in one on two
+(``--xla_force_host_platform_device_count=2``, the batch split over them under ``jax.shard_map``,
+``auto`` also with each device's share one sample at a time), the cross-core round trip taken before
+each call: whether a device per vCPU, each with its own samples, makes the factorized path
+insensitive to where the host puts the two vCPUs (``by_placement``, ``stack_by_placement``), and at
+what cost.
+
 ``python -m benchmarks.experiments main_job_malloc [rounds]``: ``train.py``'s default job (the
 README's first command) end to end under glibc's defaults and each other installed allocator
 setting but ``hugetlb``, in turn: wall-clock seconds and each stage's median train steps per

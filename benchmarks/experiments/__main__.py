@@ -27,7 +27,7 @@ EXPERIMENTS = {
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
     "pointwise": layers.pointwise, "stem_3d": layers.stem_3d, "fold_taps": layers.fold_taps,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
-    "main_job_malloc": workers.main_job_malloc,
+    "main_job_malloc": workers.main_job_malloc, "host_devices": workers.host_devices,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")
 

@@ -5,6 +5,7 @@ by the parent in interleaved rounds."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,7 +32,9 @@ def _worker_calls(suite: str) -> dict:
     from benchmarks import bench, peers
 
     calls = {}
-    if suite.startswith("stack"):
+    if suite == "stack sharded":
+        calls = _sharded_stack_calls()
+    elif suite.startswith("stack"):
         # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
         peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
         for case in bench.jester_cases(False):
@@ -45,7 +48,45 @@ def _worker_calls(suite: str) -> dict:
         cases = resnet2d_cases() if suite == "steps2d" else bench.model_cases(False)
         calls = {case.name: bench.prepare_model_case(case)[0] for case in cases}
     else:
-        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'steps' or 'steps2d'")
+        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'stack sharded', 'steps' or 'steps2d'")
+    return calls
+
+
+def _sharded_stack_calls() -> dict:
+    """The Jester stack layers (``bench`` protocol, dense and ``auto``) with the batch split over
+    this process's devices under ``jax.shard_map`` (weights replicated; their gradients summed
+    over the shards) and, with several devices, ``auto`` again with each device's share of the
+    batch one sample at a time (``per_sample_mode(True)``; the automatic rule runs it whole
+    there); with one device, the programs of the ``"stack"`` suite."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("batch",))
+    split = NamedSharding(mesh, P("batch"))
+    variants = {"dense": None, "auto": None} | ({"auto per sample": True} if n > 1 else {})
+    calls = {}
+    for case in bench.jester_cases(False):
+        x, kernel, params = bench.make_inputs(case)
+        fns = bench.conv_fns(case)
+        cot = bench.cotangent(fns["dense"], x, kernel)
+        for label, per_sample in variants.items():
+            path, w = ("dense", kernel) if label == "dense" else ("auto", params)
+            grads = bench.fwd_bwd(fns[path], case.input_grad)
+            if n == 1:
+                calls[f"{case.name} {label}"] = bench.compile_jax(grads, x, w, cot)[0]
+                continue
+            def local(x, w, cot, grads=grads):  # the loss summed over the shards; JAX sums w's gradient
+                value, g = grads(x, w, cot)
+                return jax.lax.psum(value, "batch"), g
+
+            out_specs = (P(), (P("batch"), P())) if case.input_grad else (P(), P())
+            fn = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P(), P("batch")), out_specs=out_specs)
+            with autotune.per_sample_mode(per_sample):
+                calls[f"{case.name} {label}"] = bench.compile_jax(fn, jax.device_put(x, split), w, jax.device_put(cot, split))[0]
     return calls
 
 
@@ -62,32 +103,39 @@ def worker(suite: str) -> None:
         print(1e3 * (time.perf_counter() - t0), flush=True)
 
 
-def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float = 0.0) -> tuple[dict, list]:
+def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float = 0.0,
+                    record: dict | None = None, probe=None) -> tuple[dict, list]:
     """Times ``suite`` in one worker process per environment in ``envs`` (``{label: env}``).
 
     Environment settings (XLA flags, allocator variables) are per process, so each runs in its own
     worker; the parent times the workers' calls in interleaved, rotated rounds, one call at a time
     with ``gap_s`` seconds between calls, so load from elsewhere hits all settings alike.
-    Returns the medians ``{(label, name): ms}`` and the call names.
+    Returns the medians ``{(label, name): ms}`` and the call names (of all workers); with ``record``, it also gets
+    each call's times ``{(label, name): {"ms": [...], "roundtrip_ns": [...]}}``, the round trips
+    read by ``probe()`` (:class:`benchmarks.placement.CrossCoreProbe`) right before each call.
     """
     workers, names = {}, None
     for label, env in envs.items():
         workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_worker", suite], env=env,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    for w in workers.values():
-        names = json.loads(w.stdout.readline())
-    jobs = [(label, name) for label in workers for name in names]
+    names = {label: json.loads(w.stdout.readline()) for label, w in workers.items()}
+    jobs = [(label, name) for label in workers for name in names[label]]
     times: dict = {job: [] for job in jobs}
     for rnd in range(rounds):
         for label, name in jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]:
             time.sleep(gap_s)
+            roundtrip = probe() if probe else None
             workers[label].stdin.write(name + "\n")
             workers[label].stdin.flush()
             times[(label, name)].append(float(workers[label].stdout.readline()))
+            if record is not None:
+                job = record.setdefault((label, name), {"ms": [], "roundtrip_ns": []})
+                job["ms"].append(round(times[(label, name)][-1], 1))
+                job["roundtrip_ns"].append(round(roundtrip or 0.0, 1))
     for w in workers.values():
         w.stdin.close()
         w.wait()
-    return {job: statistics.median(t) for job, t in times.items()}, names
+    return {job: statistics.median(t) for job, t in times.items()}, sorted(set().union(*names.values()))
 
 
 def xla_flags(rounds: int = 3) -> dict:
@@ -101,6 +149,42 @@ def xla_flags(rounds: int = 3) -> dict:
             "auto/dense per setting": {k: d["auto"] / d["dense"] for k, d in stack.items()},
             "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()},
             "loadavg": os.getloadavg()}
+
+
+def host_devices(rounds: int = 12) -> dict:
+    """The Jester stack (``"stack sharded"`` suite) in a worker on one host device (the default)
+    and in one on two (``--xla_force_host_platform_device_count=2``, the batch split over them
+    under ``shard_map``), interleaved, with the cross-core round trip before each call: whether
+    giving each vCPU its own share of the batch removes the factorized path's placement
+    sensitivity (EXPERIMENTS.md, "Two speeds"), and at what cost. Per setting: the stack's and
+    each layer's medians, and each call's medians over the calls with the CPUs close and far apart."""
+    from benchmarks import placement
+
+    base = os.environ.get("XLA_FLAGS", "")
+    envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
+            for n in (1, 2)}
+    record: dict = {}
+    with placement.CrossCoreProbe() as probe:
+        med, _ = _run_in_workers(envs, "stack sharded", rounds, record=record, probe=probe.roundtrip_ns)
+    labels = ("dense", "auto", "auto per sample")
+    out = {"rounds": rounds, "stack_ms": {}, "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
+    for label in envs:
+        stack = stack_sums({n: ms for (lab, n), ms in med.items() if lab == label}, labels)
+        out["stack_ms"][label] = {k: v for k, v in stack.items() if v}
+    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
+    if cut is not None:
+        by = {job: placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut) for job, r in record.items()}
+        out["split_above_ns"] = round(cut, 1)
+        out["by_placement"] = {f"{label} | {name}": v for (label, name), v in by.items()}
+        # a layer with no call in a placement leaves its stack undefined there (None)
+        out["stack_by_placement"] = {label: {where: {
+            k: None if math.isnan(v) else v
+            for k, v in stack_sums({n: b[where]["median"] or math.nan for (lab, n), b in by.items() if lab == label},
+                                   labels).items() if v}
+            for where in ("shared", "split")} for label in envs}
+    out["calls"] = {f"{label} | {name}": r for (label, name), r in record.items()}
+    out["loadavg"] = os.getloadavg()
+    return out
 
 
 # Allocator settings of glibc's malloc, which both XLA's CPU runtime and PyTorch allocate their

@@ -526,7 +526,8 @@ def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, i
 def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     """Whether the factorized CP path on ``x (B, *S, C)`` runs one sample at a time when the caller
     does not say (:func:`hocp_jax.conv.cp_conv` ``per_sample=None``): as set by
-    :func:`per_sample_mode`, else on the CPU backend with one device, ``B > 1``, three or more
+    :func:`per_sample_mode`, else on the CPU backend with one program per device
+    (:func:`program_per_device`), ``B > 1``, three or more
     modes (spatio-temporal convs) and a per-sample intermediate ``prod(S) * rank`` (in
     :func:`compute_dtype`, as for every plan here) of at least :data:`PER_SAMPLE_MIN_BYTES`.
 
@@ -536,14 +537,27 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     passes. The HO-CP ResNet-18 2-D train step is slower with it (``python -m
     benchmarks.experiments per_sample 15``: 0.94x dense whole batch, 1.20x per sample), so 2-D
     convs run per sample only in the chunks of :func:`batch_chunk_default`. On GPU/TPU a sequential
-    loop would idle the device, and with several devices the batch is sharded, so it is off there.
+    loop would idle the device, and under ``jit`` with the batch split across devices the loop would
+    run them one after another, so it is off there.
     """
     batch = x_shape[0]
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
-            and jax.default_backend() == "cpu" and jax.device_count() == 1)
+            and jax.default_backend() == "cpu" and program_per_device())
+
+
+def program_per_device() -> bool:
+    """Whether the conv being traced runs as a program of its own on each device's samples: with
+    one device, or inside ``jax.shard_map`` over every axis of its mesh (then ``x`` is the device's
+    share). The automatic per-sample, chunk and tile loops need it: under ``jit`` with the batch
+    split across devices, a loop over the batch would run the devices one after another. Two host
+    devices, the Jester stack under ``shard_map`` (``python -m benchmarks.experiments host_devices
+    15``, benchmarks/EXPERIMENTS.md, stop 52): conv2's ``auto`` path took 4923 ms on each device's
+    whole share and 1009 ms one sample at a time, the stack 5894 and 1804 ms."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() == 1 or (not mesh.empty and mesh.are_all_axes_manual)
 
 
 CHUNK_MIN_BYTES = 6 * 1024 * 1024
@@ -572,7 +586,8 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
     from ``x (B, H, W, C_in)`` to ``y (B, H', W', C_out)`` runs when the caller does not say, or
     ``None`` (the whole batch at once).
 
-    On the CPU backend with one device and no :func:`per_sample_mode` set: when the whole-batch
+    On the CPU backend with one program per device (:func:`program_per_device`) and no
+    :func:`per_sample_mode` set: when the whole-batch
     intermediate ``B * H * W * rank`` is at least :data:`CHUNK_MIN_BYTES`, the largest divisor
     ``k`` of ``B`` whose chunk's intermediate fits :data:`CHUNK_TARGET_BYTES` (at least 1), unless
     ``C_in + C_out`` exceeds :data:`CHUNK_MAX_GRAD_RATIO` times the chunk's ``k * H' * W'``
@@ -589,7 +604,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
     batch = x_shape[0]
     if _config["per_sample"] is not None or len(x_shape) != 4 or batch < 2:
         return None
-    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    if jax.default_backend() != "cpu" or not program_per_device():
         return None
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
@@ -657,7 +672,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     each computed from its input rows plus a halo of ``halos[i]`` rows (``dilation * (K - 1)``),
     so the per-tile intermediates stay in cache.
     Automatic rule (:func:`tile_rows_mode` sets the rows instead): on the CPU backend with one
-    device, three or more modes (whatever the batch size, since a tile is part of one sample) and
+    program per device (:func:`program_per_device`), three or more modes (whatever the batch size, since a tile is part of one sample) and
     no strided mode (the strided passes run first, on the halo rows too: the strided transduced
     ResNet-18 layer took 1.7-2.1x as long in tiles of 2-6 frames), when the ``(1, *S, R)``
     per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
@@ -671,7 +686,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     if rows is None:
         per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
         if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
-                or jax.default_backend() != "cpu" or jax.device_count() > 1):
+                or jax.default_backend() != "cpu" or not program_per_device()):
             return None
         n_tiles = -(-per_sample_bytes // TILE_TARGET_BYTES)
         rows = -(-out_sizes[i] // n_tiles)

@@ -722,7 +722,8 @@ def cp_conv(
         (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`); tiles
         are cut whatever the batch size unless ``per_sample`` is False.
         ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
-        enough intermediates on a single CPU device), and for 2-D convs with large whole-batch
+        enough intermediates on a CPU device running its own program:
+        one device, or inside ``shard_map``), and for 2-D convs with large whole-batch
         intermediates chunks of several samples (:func:`hocp_jax.autotune.batch_chunk_default`),
         when ``psi`` is None or pointwise, else off,
         since ``psi`` may use batch statistics (BatchNorm). ``True`` with a ``psi`` that is not

@@ -92,3 +92,38 @@ def test_hocp_models_under_shard_map_match_per_shard_gradients(run_on_devices):
     errors = run_on_devices(MODELS, 2)
     assert set(errors) == {"resnet18_hocp", "jester_hocp", "mobilenet_v2_hocp"}
     assert all(e < 1e-4 for e in errors.values()), errors
+
+
+PLANS = r"""
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from hocp_jax import autotune
+
+seen = {}
+shape = (2, 8, 32, 32, 8)  # a shard's (1, 8, 32, 32, 64) intermediate: 2 MiB, per sample on one device
+
+def probe(label):
+    def f(x):
+        seen[label] = [autotune.program_per_device(), autotune.per_sample_default(x.shape, 64, jnp.float32)]
+        return x
+    return f
+
+x = jnp.zeros((4,) + shape[1:])
+mesh = jax.make_mesh((2,), ("b",))
+jax.jit(probe("jit, batch split"))(jax.device_put(x, NamedSharding(mesh, P("b"))))
+jax.shard_map(probe("shard_map"), mesh=mesh, in_specs=P("b"), out_specs=P("b"))(jax.device_put(x, NamedSharding(mesh, P("b"))))
+mesh2 = jax.make_mesh((2, 1), ("b", "m"))
+jax.jit(jax.shard_map(probe("shard_map, one axis of two"), mesh=mesh2, in_specs=P("b"), out_specs=P("b"), axis_names={"b"}))(
+    jax.device_put(x, NamedSharding(mesh2, P("b"))))
+print(json.dumps(seen))
+"""
+
+
+def test_per_sample_loops_run_inside_shard_map_only_over_every_mesh_axis(run_on_devices):
+    """Each device runs its own program inside ``shard_map`` over all of its mesh's axes, so the
+    automatic per-sample loop applies to the shard there; under ``jit`` with the batch split (or
+    an axis left to the compiler) a loop over the batch would serialise the devices, so it is off."""
+    seen = run_on_devices(PLANS, 2)
+    assert seen == {"jit, batch split": [False, False], "shard_map": [True, True],
+                    "shard_map, one axis of two": [False, False]}

@@ -56,8 +56,9 @@ def _sharded_stack_calls() -> dict:
     """The Jester stack layers (``bench`` protocol, dense and ``auto``) with the batch split over
     this process's devices under ``jax.shard_map`` (weights replicated; their gradients summed
     over the shards) and, with several devices, ``auto`` again with each device's share of the
-    batch one sample at a time (``per_sample_mode(True)``; the automatic rule runs it whole
-    there); with one device, the programs of the ``"stack"`` suite."""
+    batch forced one sample at a time (``per_sample_mode(True)``; the automatic rule has done so
+    inside ``shard_map`` since stop 52, and ran each share whole before); with one device, the
+    programs of the ``"stack"`` suite."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -79,6 +80,7 @@ def _sharded_stack_calls() -> dict:
             if n == 1:
                 calls[f"{case.name} {label}"] = bench.compile_jax(grads, x, w, cot)[0]
                 continue
+
             def local(x, w, cot, grads=grads):  # the loss summed over the shards; JAX sums w's gradient
                 value, g = grads(x, w, cot)
                 return jax.lax.psum(value, "batch"), g
@@ -114,7 +116,7 @@ def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float
     each call's times ``{(label, name): {"ms": [...], "roundtrip_ns": [...]}}``, the round trips
     read by ``probe()`` (:class:`benchmarks.placement.CrossCoreProbe`) right before each call.
     """
-    workers, names = {}, None
+    workers = {}
     for label, env in envs.items():
         workers[label] = subprocess.Popen([sys.executable, "-m", "benchmarks.experiments", "_worker", suite], env=env,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

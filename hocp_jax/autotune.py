@@ -674,8 +674,9 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     so the per-tile intermediates stay in cache.
     Automatic rule (:func:`tile_rows_mode` sets the rows instead): on the CPU backend with one
     program per device (:func:`program_per_device`), three or more modes (whatever the batch
-    size, since a tile is part of one sample) and no strided mode (the strided passes run first, on the halo rows too: the strided transduced
-    ResNet-18 layer took 1.7-2.1x as long in tiles of 2-6 frames), when the ``(1, *S, R)``
+    size, since a tile is part of one sample) and no strided mode (the strided passes run first,
+    on the halo rows too: the strided transduced ResNet-18 layer took 1.7-2.1x as long in tiles of
+    2-6 frames), when the ``(1, *S, R)``
     per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
     :data:`TILE_TARGET_BYTES`.
     """

@@ -66,9 +66,11 @@ def _sharded_stack_calls() -> dict:
     from hocp_jax import autotune
 
     n = jax.device_count()
+    if n == 1:
+        return _worker_calls("stack")
     mesh = jax.make_mesh((n,), ("batch",))
     split = NamedSharding(mesh, P("batch"))
-    variants = {"dense": None, "auto": None} | ({"auto per sample": True} if n > 1 else {})
+    variants = {"dense": None, "auto": None, "auto per sample": True}
     calls = {}
     for case in bench.jester_cases(False):
         x, kernel, params = bench.make_inputs(case)
@@ -77,9 +79,6 @@ def _sharded_stack_calls() -> dict:
         for label, per_sample in variants.items():
             path, w = ("dense", kernel) if label == "dense" else ("auto", params)
             grads = bench.fwd_bwd(fns[path], case.input_grad)
-            if n == 1:
-                calls[f"{case.name} {label}"] = bench.compile_jax(grads, x, w, cot)[0]
-                continue
 
             def local(x, w, cot, grads=grads):  # the loss summed over the shards; JAX sums w's gradient
                 value, g = grads(x, w, cot)

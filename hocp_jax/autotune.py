@@ -170,8 +170,11 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
     """``x_shape`` with the batch one device runs, ``ceil(B / n)``: ``n`` = ``batch_shards`` (the
     split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,
-    else :func:`configure`'s ``batch_shards``, else 1."""
-    n = batch_shards or _config["batch_shards"] or 1
+    else :func:`configure`'s ``batch_shards`` (not inside a ``shard_map`` over every axis, where
+    the traced batch is one device's), else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    inside = not mesh.empty and mesh.are_all_axes_manual  # x is already one device's share
+    n = batch_shards or (None if inside else _config["batch_shards"]) or 1
     return (-(-x_shape[0] // n), *x_shape[1:])
 
 
@@ -559,6 +562,38 @@ def program_per_device() -> bool:
     and 1804 ms; with it (per sample and in tiles), conv2 735 ms and the stack 1415 ms."""
     mesh = jax.sharding.get_abstract_mesh()
     return jax.device_count() == 1 or (not mesh.empty and mesh.are_all_axes_manual)
+
+
+def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | None:
+    """``(mesh, axes)`` when :func:`hocp_jax.conv.cp_conv` should run as a program of its own on
+    each device's samples, inside ``jax.shard_map`` with ``x``'s batch split over ``axes`` of
+    ``mesh`` and ``params`` on every device, so that its per-sample, chunk and tile loops
+    (:func:`program_per_device`) apply under ``jit`` with a split batch; else ``None``.
+
+    On the CPU backend, outside a ``shard_map`` over every axis, with the mesh in context
+    (``jax.set_mesh``; abstract, as at trace time) and a batch that divides over the split, either
+    * explicit axes: ``x``'s type splits its batch axis and nothing else, ``params`` split nothing;
+    * auto axes (``train.py``'s mesh): ``x``'s type splits nothing, every axis is auto and
+      :func:`configure`'s ``batch_shards`` is the mesh's size: the batch is split over all of it.
+    The conv is the same function on any split of the batch, so the wrong guess of a layout
+    costs a reshard, never a wrong value. Measured: ``python -m benchmarks.experiments
+    jit_devices`` (benchmarks/EXPERIMENTS.md, stop 53)."""
+    from hocp_jax import explicit_sharding
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.default_backend() != "cpu" or mesh.empty or program_per_device() or mesh.manual_axes:
+        return None
+    spec = explicit_sharding.spec_of(x)
+    if spec[0] is not None:
+        if any(a is not None for a in spec[1:]) or any(explicit_sharding.is_split(p) for p in params.values()):
+            return None
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    elif mesh.are_all_axes_auto and _config["batch_shards"] == mesh.size and not explicit_sharding.is_split(x):
+        axes = tuple(mesh.axis_names)
+    else:
+        return None
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    return (mesh, axes) if n > 1 and x.shape[0] % n == 0 else None
 
 
 CHUNK_MIN_BYTES = 6 * 1024 * 1024

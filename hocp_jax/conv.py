@@ -674,6 +674,15 @@ def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
     return run(xp, *consts)
 
 
+def _on_each_device(f: Callable, x: jax.Array, params: Params, mesh, axes: tuple[str, ...]) -> jax.Array:
+    """``f(x, params)`` (``(B, ...) -> (B, ...)``, each sample on its own) under ``jax.shard_map``
+    over every axis of ``mesh``: ``x``'s batch split over ``axes``, ``params`` and the arrays ``f``
+    closes over (a PReLU ``psi``'s slopes) on every device. Their gradients come out summed over
+    the shards (the transpose of the replicated inputs)."""
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec)(x, params)
+
+
 def cp_conv(
     x: jax.Array,
     params: Params,
@@ -758,13 +767,26 @@ def cp_conv(
         raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
     if psi_pointwise not in (True, False):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
+    if implementation == "reconstructed" and psi is not None:
+        raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
+    local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
+    run = functools.partial(_cp_conv, modes=modes, strides=strides, pads=pads, dilations=dilations, ksizes=ksizes,
+                            implementation=implementation, psi=psi, mode_order=mode_order, input_grad=input_grad,
+                            per_sample=per_sample, local=local)
+    split = autotune.batch_split(x, params) if local else None
+    if split is not None:  # a CPU device's share per program, with the loops below: see batch_split
+        return _on_each_device(run, x, params, *split)
+    return run(x, params)
+
+
+def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, ksizes, implementation: str, psi,
+             mode_order, input_grad: bool, per_sample: bool | None, local: bool) -> jax.Array:
+    """:func:`cp_conv` on checked arguments, with the padding resolved per mode."""
     if implementation == "auto":
         implementation = "factorized" if psi is not None else autotune.choose_cp(
             x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample,
             batch_shards=explicit_sharding.shards(x, 0))
     if implementation == "reconstructed":
-        if psi is not None:
-            raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
         y = _weight_conv(x, cp_to_kernel(params, modes), strides, pads, dilations, input_grad)
     else:
         if mode_order is None:
@@ -773,7 +795,6 @@ def cp_conv(
             order = tuple(mode_order)
             if sorted(order) != sorted(modes):
                 raise ValueError(f"mode_order={order!r}: expected a permutation of modes={modes!r}")
-        local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0
         tiles_ok = local and per_sample is not False
         halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
         out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]

@@ -127,3 +127,125 @@ def test_per_sample_loops_run_inside_shard_map_only_over_every_mesh_axis(run_on_
     seen = run_on_devices(PLANS, 2)
     assert seen == {"jit, batch split": [False, False], "shard_map": [True, True],
                     "shard_map, one axis of two": [False, False]}
+
+
+JIT_SPLIT = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from hocp_jax import autotune, conv, init
+
+rng = np.random.default_rng(0)
+normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+x3, x2 = normal(4, 8, 32, 32, 8), normal(4, 16, 16, 8)  # a sample's 3-D intermediate: 2 MiB, per sample
+cp3, cp2 = init.init_cp_params(jax.random.key(0), 8, 6, (3, 3, 3), 64), init.init_cp_params(jax.random.key(1), 8, 6, (3, 3), 64)
+slope = normal(64) * 0.1
+prelu = lambda h, stage: jnp.where(h > 0, h, h * slope)
+batch_mean = lambda h, stage: h - jnp.mean(h, axis=0)  # couples the samples: must see the whole batch
+
+def dense(x, p):  # the oracle: lax's conv of the rebuilt kernel
+    n = x.ndim - 2
+    return lax.conv_general_dilated(x, conv.cp_to_kernel(p, conv.default_modes(n)), (1,) * n, "SAME",
+                                    dimension_numbers=conv._dimension_numbers(n), precision="highest")
+
+cases = {
+    "3-D": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x3, cp3),
+    "3-D in tiles": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x3, cp3),
+    "2-D in chunks": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x2, cp2),
+    "3-D auto": (lambda x, p: conv.cp_conv(x, p, implementation="auto"), dense, x3, cp3),
+    "3-D, PReLU psi": (lambda x, p: conv.cp_conv(x, p, implementation="factorized", psi=prelu, psi_pointwise=True),
+                       None, x3, cp3),
+    "3-D, psi over the batch": (lambda x, p: conv.cp_conv(x, p, implementation="factorized", psi=batch_mean), None, x3, cp3),
+}
+out = {}
+for axis_type in ("auto", "explicit"):
+    mesh = jax.make_mesh((2,), ("data",), (AxisType.Auto if axis_type == "auto" else AxisType.Explicit,))
+    for name, (fn, oracle, x, p) in cases.items():
+        r = normal(*jax.eval_shape(fn, x, p).shape)
+        grad = jax.value_and_grad(lambda x, p, r: jnp.sum(fn(x, p) * r), argnums=(0, 1))
+        with autotune.per_sample_mode(None), autotune.tile_rows_mode(4 if "tiles" in name else 0):
+            want = jax.jit(grad)(x, p, r) if oracle is None else jax.value_and_grad(
+                lambda x, p, r: jnp.sum(oracle(x, p) * r), argnums=(0, 1))(x, p, r)
+            if "2-D" in name:  # chunks only past a whole-batch size; force per sample instead
+                fn = lambda x, p, f=fn: conv.cp_conv(x, p, implementation="factorized", per_sample=True)
+                grad = jax.value_and_grad(lambda x, p, r: jnp.sum(fn(x, p) * r), argnums=(0, 1))
+            autotune.configure(batch_shards=2 if axis_type == "auto" else None)
+            with jax.set_mesh(mesh):
+                args = (jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(p, NamedSharding(mesh, P())),
+                        jax.device_put(r, NamedSharding(mesh, P("data"))))
+                text = str(jax.make_jaxpr(grad)(*args))
+                got = jax.jit(grad)(*args)
+            autotune.configure()
+        err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+                  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        out[f"{axis_type}: {name}"] = [err, "shard_map" in text, bool(re.search(r"\bscan\[", text))]
+mesh = jax.make_mesh((2,), ("data",), (AxisType.Auto,))
+with jax.set_mesh(mesh):
+    out["auto mesh, batch_shards unset"] = autotune.batch_split(x3, cp3) is not None
+    autotune.configure(batch_shards=2)
+    out["auto mesh, odd batch"] = autotune.batch_split(x3[:3], cp3) is not None
+    autotune.configure()
+print(json.dumps(out))
+"""
+
+
+def test_cp_conv_under_jit_with_a_split_batch_runs_each_share_with_its_loops(run_on_devices):
+    """Under ``jit`` with the batch split over two CPU devices (``jax.set_mesh``; auto axes with
+    ``configure(batch_shards=2)``, as ``train.py`` runs, or explicit axes), ``cp_conv`` runs each
+    device's share inside ``shard_map`` with its per-sample, chunk and tile loops: values and both
+    gradients equal lax's dense conv of the rebuilt kernel (with a PReLU ``psi``, the program on
+    one device without a mesh). A ``psi`` over the batch keeps the whole-batch program (its
+    statistics stay global), and nothing is wrapped when the split is unknown."""
+    out = run_on_devices(JIT_SPLIT, 2)
+    for axis_type in ("auto", "explicit"):
+        for name in ("3-D", "3-D in tiles", "2-D in chunks", "3-D auto", "3-D, PReLU psi"):
+            err, wrapped, loops = out[f"{axis_type}: {name}"]
+            assert err < 1e-4 and wrapped and (loops or name == "3-D auto"), (axis_type, name, out)
+        err, wrapped, loops = out[f"{axis_type}: 3-D, psi over the batch"]
+        assert err < 1e-5 and not wrapped and not loops, (axis_type, out)
+    assert out["auto mesh, batch_shards unset"] is False and out["auto mesh, odd batch"] is False
+
+
+TRAIN_STEP = r"""
+import json
+import jax, jax.numpy as jnp, optax
+from hocp_jax import autotune, training
+from hocp_jax.models import get_model
+from hocp_jax.training.state import TrainState
+from hocp_jax.training.step import make_train_step
+
+model = get_model("jester_hocp", tiny=True)
+batch = {"video": jax.random.uniform(jax.random.key(1), (4, 16, 16, 16, 3)),
+         "label": jnp.array([0, 1, 2, 3])}
+tx = optax.sgd(0.1, momentum=0.9)
+state = TrainState.create(model.init(jax.random.key(0), batch["video"][:1]), tx, jax.random.key(2))
+def loss_fn(out, batch, key):
+    loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]).mean()
+    return loss, {}
+step = make_train_step(model, loss_fn, tx)
+with autotune.per_sample_mode(True):
+    want_state, want = jax.jit(step)(state, batch)
+    mesh = training.make_data_mesh()
+    autotune.configure(batch_shards=2)
+    sharded = training.sharding.on_mesh(jax.jit(step, in_shardings=(training.sharding.replicated(mesh),
+                                                                    training.sharding.batch_sharding(mesh))), mesh)
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(step)(state, batch))
+    got_state, got = sharded(training.put_replicated(state, mesh), training.put_batch(batch, mesh))
+    autotune.configure()
+leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))
+print(json.dumps({"shard_maps": text.count("shard_map["), "loss": [float(got["loss"]), float(want["loss"])],
+                  "err": max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+                             for a, b in zip(leaves(got_state), leaves(want_state)))}))
+"""
+
+
+def test_train_step_on_two_devices_runs_the_cp_convs_per_device_with_one_device_numbers(run_on_devices):
+    """``fit``'s step on a two-device mesh (``on_mesh``, ``configure(batch_shards=2)``): the tiny
+    Jester HO-CP net's CP convs run per device (``shard_map`` in its program), and the step's
+    loss and new parameters and batch statistics (global batch norm) are one device's."""
+    out = run_on_devices(TRAIN_STEP, 2)
+    assert out["shard_maps"] >= 4, out
+    assert abs(out["loss"][0] - out["loss"][1]) < 1e-5 * abs(out["loss"][1]), out
+    assert out["err"] < 1e-4, out

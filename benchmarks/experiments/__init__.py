@@ -32,6 +32,13 @@ each call: whether a device per vCPU, each with its own samples, makes the facto
 insensitive to where the host puts the two vCPUs (``by_placement``, ``stack_by_placement``), and at
 what cost.
 
+``python -m benchmarks.experiments jit_devices [rounds]``: the same worker scheme with ``bench``'s
+Jester train steps (dense and HO-CP, two clips) under ``jit`` as ``train.py`` runs them, in a worker
+on one host device and in one on two (the batch split over them, an auto-axis mesh); the HO-CP step
+on two devices traced with the mesh in context (its CP convs then run each device's share with
+their loops, :func:`hocp_jax.autotune.batch_split`) and without (each share whole), the
+cross-core round trip before each call (``by_placement``).
+
 ``python -m benchmarks.experiments main_job_malloc [rounds]``: ``train.py``'s default job (the
 README's first command) end to end under glibc's defaults and each other installed allocator
 setting but ``hugetlb``, in turn: wall-clock seconds and each stage's median train steps per

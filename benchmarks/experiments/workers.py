@@ -4,6 +4,7 @@ by the parent in interleaved rounds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,8 @@ def _worker_calls(suite: str) -> dict:
     calls = {}
     if suite == "stack sharded":
         calls = _sharded_stack_calls()
+    elif suite == "jester steps sharded":
+        calls = _sharded_jester_steps()
     elif suite.startswith("stack"):
         # the peers in a process of their own, a child of this worker with its environment (peers.PeerProcess)
         peer_proc = peers.PeerProcess() if suite == "stack+peers" else None
@@ -48,7 +51,8 @@ def _worker_calls(suite: str) -> dict:
         cases = resnet2d_cases() if suite == "steps2d" else bench.model_cases(False)
         calls = {case.name: bench.prepare_model_case(case)[0] for case in cases}
     else:
-        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'stack sharded', 'steps' or 'steps2d'")
+        raise ValueError(f"suite={suite!r}: expected 'stack', 'stack+peers', 'stack sharded', 'jester steps sharded', "
+                         "'steps' or 'steps2d'")
     return calls
 
 
@@ -88,6 +92,35 @@ def _sharded_stack_calls() -> dict:
             fn = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P(), P("batch")), out_specs=out_specs)
             with autotune.per_sample_mode(per_sample):
                 calls[f"{case.name} {label}"] = bench.compile_jax(fn, jax.device_put(x, split), w, jax.device_put(cot, split))[0]
+    return calls
+
+
+def _sharded_jester_steps() -> dict:
+    """``bench``'s Jester train-step pair (dense, HO-CP; 2 clips) under ``jit`` as ``train.py``
+    runs it: state replicated, batch split over this process's devices (an auto-axis mesh,
+    ``autotune.configure(batch_shards=n)``); with several devices the HO-CP step twice, traced
+    with the mesh in context (``training.sharding.on_mesh``, since stop 53: the CP convs run each
+    device's share with their loops) and without (each share whole, as before)."""
+    import jax
+
+    from benchmarks import bench
+    from hocp_jax import autotune
+    from hocp_jax.training import sharding
+
+    n = jax.device_count()
+    mesh = sharding.make_data_mesh()
+    autotune.configure(batch_shards=n)
+    calls = {}
+    for case in bench.model_cases(False):
+        if not case.name.startswith("jester"):
+            continue
+        step, state, batch = bench.model_step(case)
+        args = sharding.put_replicated(state, mesh), sharding.put_batch(jax.device_get(batch), mesh)
+        variants = {"": True} if n == 1 or case.name == "jester dense" else {" on mesh": True, " off mesh": False}
+        for suffix, traced_on_mesh in variants.items():
+            with jax.set_mesh(mesh) if traced_on_mesh else contextlib.nullcontext():
+                calls[case.name + suffix] = bench.compile_jax(step, *args)[0]
+    autotune.configure()
     return calls
 
 
@@ -183,6 +216,32 @@ def host_devices(rounds: int = 12) -> dict:
             for k, v in stack_sums({n: b[where]["median"] or math.nan for (lab, n), b in by.items() if lab == label},
                                    labels).items() if v}
             for where in ("shared", "split")} for label in envs}
+    out["calls"] = {f"{label} | {name}": r for (label, name), r in record.items()}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def jit_devices(rounds: int = 11) -> dict:
+    """``bench``'s Jester train steps (``"jester steps sharded"`` suite) as ``train.py`` runs them
+    under ``jit``, in a worker on one host device and in one on two
+    (``--xla_force_host_platform_device_count=2``, the batch split over them), interleaved, with
+    the cross-core round trip before each call: what the CP convs' per-device programs
+    (:func:`hocp_jax.autotune.batch_split`, stop 53) buy a train step on a device per vCPU. Per
+    call: the median, and the medians over the calls with the CPUs close and far apart."""
+    from benchmarks import placement
+
+    base = os.environ.get("XLA_FLAGS", "")
+    envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
+            for n in (1, 2)}
+    record: dict = {}
+    with placement.CrossCoreProbe() as probe:
+        med, _ = _run_in_workers(envs, "jester steps sharded", rounds, record=record, probe=probe.roundtrip_ns)
+    out = {"rounds": rounds, "step_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
+    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
+    if cut is not None:
+        out["split_above_ns"] = round(cut, 1)
+        out["by_placement"] = {f"{label} | {name}": placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut)
+                               for (label, name), r in record.items()}
     out["calls"] = {f"{label} | {name}": r for (label, name), r in record.items()}
     out["loadavg"] = os.getloadavg()
     return out

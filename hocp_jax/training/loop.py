@@ -31,7 +31,7 @@ from hocp_jax.training.config import validate_config
 from hocp_jax.training.distributed import WorkdirLock
 from hocp_jax.training.metric_log import MetricLogger
 from hocp_jax.training.sharding import (
-    batch_sharding, host_value, make_data_mesh, put_batch, put_replicated, replicated,
+    batch_sharding, host_value, make_data_mesh, on_mesh, put_batch, put_replicated, replicated,
 )
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, make_train_step, model_input
@@ -140,7 +140,9 @@ def fit(
     Under the measured autotune (:mod:`hocp_jax.autotune`) with several processes, process 0
     times the train step's CP convs before the first step, for all processes
     (:func:`hocp_jax.autotune.agree_across_processes`); ``autotune.configure(batch_shards=n)``
-    with the mesh's size has them timed on the batch one device runs (``train.py`` does both).
+    with the mesh's size has them timed on the batch one device runs (``train.py`` does both) and,
+    on the CPU backend, run on each device's share in a program of its own, with their loops
+    (the step is traced on the mesh: :func:`~hocp_jax.training.sharding.on_mesh`).
 
     Returns:
         The final (replicated) TrainState at step ``num_steps``.
@@ -188,12 +190,12 @@ def fit(
                     f"num_steps={c['num_steps']} (stage {c['stage']!r}), but the checkpoint restored from "
                     f"{workdir} is at step {start}: set num_steps >= {start} to report or continue that run, "
                     "or use another workdir")
-        step_fn = jax.jit(
+        step_fn = on_mesh(jax.jit(
             make_train_step(model, loss_fn, tx, reg_fn),
             in_shardings=(replicated(mesh), batch_sharding(mesh)),
             out_shardings=(replicated(mesh), replicated(mesh)),
             donate_argnums=0,
-        )
+        ), mesh)
         _agree_on_conv_paths(step_fn, state, make_train_iter, mesh)
         return _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh)
 
@@ -275,8 +277,8 @@ def make_evaluator(
     """
     mesh = make_data_mesh() if mesh is None else mesh
     eval_step = make_eval_step(model)
-    stats_step = jax.jit(lambda state, batch: stats_fn(eval_step(state, batch), batch),
-                         out_shardings=replicated(mesh))
+    stats_step = on_mesh(jax.jit(lambda state, batch: stats_fn(eval_step(state, batch), batch),
+                                 out_shardings=replicated(mesh)), mesh)
     merge = jax.jit(merge_fn, out_shardings=replicated(mesh))
 
     def evaluator(state: TrainState, batches: Iterable[dict]) -> Any:

@@ -15,6 +15,8 @@ only ITS part of the batch (``global_batch / process_count`` examples; see
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -90,6 +92,21 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
             "devices of the mesh (pad it, or change batch_size)"
         )
     return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` (a jitted step) called, and so traced, with ``mesh`` as the context mesh
+    (``jax.set_mesh``). The CP convs then see the batch split over it
+    (:func:`hocp_jax.autotune.batch_split`, with ``autotune.configure(batch_shards=mesh.size)``) and on
+    the CPU backend run each device's share in a program of its own, with their per-sample and
+    tile loops; the step's numbers stay those of one device (the convs treat each sample alone)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def host_value(x: Any) -> Any:

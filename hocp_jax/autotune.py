@@ -541,7 +541,8 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     benchmarks.experiments per_sample 15``: 0.94x dense whole batch, 1.20x per sample), so 2-D
     convs run per sample only in the chunks of :func:`batch_chunk_default`. On GPU/TPU a sequential
     loop would idle the device, and under ``jit`` with the batch split across devices the loop would
-    run them one after another, so it is off there.
+    run them one after another, so it is off there (where :func:`batch_split` can tell the split,
+    :func:`hocp_jax.conv.cp_conv` runs each device's share in a program of its own instead).
     """
     batch = x_shape[0]
     if _config["per_sample"] is not None:
@@ -555,7 +556,8 @@ def program_per_device() -> bool:
     """Whether the conv being traced runs as a program of its own on each device's samples: with
     one device, or inside ``jax.shard_map`` over every axis of its mesh (then ``x`` is the device's
     share). The automatic per-sample, chunk and tile loops need it: under ``jit`` with the batch
-    split across devices, a loop over the batch would run the devices one after another. Two host
+    split across devices, a loop over the batch would run the devices one after another (there
+    :func:`batch_split` moves a CP conv into ``shard_map`` where it can tell the split). Two host
     devices, the Jester stack under ``shard_map`` (``python -m benchmarks.experiments host_devices
     15``, benchmarks/EXPERIMENTS.md, stop 52): before this rule, conv2's ``auto`` path took 4923 ms
     on each device's whole share and 1009 ms forced one sample at a time (no tiles), the stack 5894
@@ -576,8 +578,9 @@ def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | N
     * auto axes (``train.py``'s mesh): ``x``'s type splits nothing, every axis is auto and
       :func:`configure`'s ``batch_shards`` is the mesh's size: the batch is split over all of it.
     The conv is the same function on any split of the batch, so the wrong guess of a layout
-    costs a reshard, never a wrong value. Measured: ``python -m benchmarks.experiments
-    jit_devices`` (benchmarks/EXPERIMENTS.md, stop 53)."""
+    costs a reshard, never a wrong value. Measured on two host devices (``python -m
+    benchmarks.experiments jit_devices 25``, benchmarks/EXPERIMENTS.md, stop 53): ``bench``'s
+    Jester HO-CP train step (2 clips) under ``jit`` took 638 ms with this and 812 ms without."""
     from hocp_jax import explicit_sharding
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -31,7 +31,8 @@ of the traced ``B``, so the measured policy times (and keys its cache on) the pe
 not the global batch on one device. ``n`` is read from the traced array's type under explicit
 sharding (``jax.make_mesh``'s default axis type; :func:`hocp_jax.explicit_sharding.shards`), else set by
 ``configure(batch_shards=n)`` (``train.py``: its auto-axis mesh of all devices, whose tracers
-carry no sharding).
+carry no sharding). On CPU such a conv is traced inside ``shard_map`` on the device's share
+(:func:`batch_split`), and its timed programs are compiled outside that mesh, on one device.
 
 Multi-host: every process must trace the same program, so processes never time on their own
 (timings differ between hosts). :func:`agree_across_processes` lets process 0 trace the program
@@ -88,7 +89,7 @@ kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_gr
 which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
-                           "tile_rows": None, "upcast": None, "leader": False}
+                           "tile_rows": None, "upcast": None, "leader": False, "per_device": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -562,6 +563,8 @@ def program_per_device() -> bool:
     15``, benchmarks/EXPERIMENTS.md, stop 52): before this rule, conv2's ``auto`` path took 4923 ms
     on each device's whole share and 1009 ms forced one sample at a time (no tiles), the stack 5894
     and 1804 ms; with it (per sample and in tiles), conv2 735 ms and the stack 1415 ms."""
+    if _config["per_device"] is not None:  # while the measured policy times a conv (_cached_pick)
+        return _config["per_device"]
     mesh = jax.sharding.get_abstract_mesh()
     return jax.device_count() == 1 or (not mesh.empty and mesh.are_all_axes_manual)
 
@@ -775,13 +778,19 @@ def _cached_pick(key: str | None, analytic: Callable[[], str], timed: Callable[[
         return _cache[key]
     if jax.process_count() > 1 and not _config["leader"]:  # all processes must pick alike
         return analytic()
+    # The timed programs run on one device outside any mesh (also when the conv is traced inside
+    # shard_map, whose manual mesh they must not inherit), with the loops of the program being traced.
+    per_device, _config["per_device"] = _config["per_device"], program_per_device()
     try:
-        pick = timed()
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            pick = timed()
     except Exception as err:  # noqa: BLE001 -- a failed timing must not fail the caller's trace
         pick = _cache[key] = analytic()
         warnings.warn(f"hocp_jax.autotune: timing a conv failed ({type(err).__name__}: {err}); took the analytic "
                       f"pick {pick!r} for it", RuntimeWarning, stacklevel=2)
         return pick
+    finally:
+        _config["per_device"] = per_device
     _cache[key] = pick
     if path:
         _save_disk(path, key, pick)

@@ -256,3 +256,34 @@ def test_train_step_on_two_devices_runs_the_cp_convs_per_device_with_one_device_
     assert out["shard_maps"] >= 4, out
     assert abs(out["loss"][0] - out["loss"][1]) < 1e-5 * abs(out["loss"][1]), out
     assert out["err"] < 1e-4, out
+
+
+MEASURED = r"""
+import json, warnings
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType
+from hocp_jax import autotune, conv, init
+
+warnings.simplefilter("error")  # a timing that fails warns: make it fail the script
+seen = []
+timer = autotune.measure
+
+def recording(x_shape, *args, **kwargs):
+    seen.append([list(x_shape), autotune.program_per_device(), jax.sharding.get_abstract_mesh().empty])
+    return timer(x_shape, *args, **kwargs)
+
+autotune.measure = recording
+autotune.configure("measure", batch_shards=2)
+mesh = jax.make_mesh((2,), ("data",), (AxisType.Auto,))
+p = init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 5)
+with jax.set_mesh(mesh):
+    jax.jit(jax.grad(lambda p, x: jnp.sum(conv.cp_conv(x, p, implementation="auto") ** 2)))(p, jnp.ones((8, 6, 6, 3)))
+print(json.dumps(seen))
+"""
+
+
+def test_measured_autotune_times_a_device_share_under_jit_with_a_split_batch(run_on_devices):
+    """The measured policy times a conv that ``cp_conv`` traces inside its ``shard_map`` (a split
+    batch under ``jit``) on one device's share, outside the mesh (inside it, compiling the timed
+    programs failed), as a program of its own like the one being traced, without a warning."""
+    assert run_on_devices(MEASURED, 2) == [[[4, 6, 6, 3], True, True]]

@@ -203,12 +203,14 @@ def fit(
 def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[], Iterator[dict]], mesh) -> None:
     """With several processes and the measured autotune: process 0 traces ``step_fn`` on the
     global batch's shapes (those of a fresh iterator's first batch, times the process count)
-    before any process traces it for real (:func:`hocp_jax.autotune.agree_across_processes`)."""
+    before any process traces it for real (:func:`hocp_jax.autotune.agree_across_processes`), on
+    ``mesh`` as ``step_fn`` (:func:`~hocp_jax.training.sharding.on_mesh`) is."""
     def trace():
         n = jax.process_count()
         spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * n, *a.shape[1:]), a.dtype,
                                                            sharding=batch_sharding(mesh)), next(make_train_iter()))
-        jax.eval_shape(step_fn, state, spec)
+        with jax.set_mesh(mesh):  # not inside eval_shape's trace, where set_mesh is refused
+            jax.eval_shape(step_fn.__wrapped__, state, spec)
 
     autotune.agree_across_processes(trace)
 

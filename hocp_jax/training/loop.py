@@ -209,8 +209,8 @@ def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[
         n = jax.process_count()
         spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * n, *a.shape[1:]), a.dtype,
                                                            sharding=batch_sharding(mesh)), next(make_train_iter()))
-        with jax.set_mesh(mesh):  # not inside eval_shape's trace, where set_mesh is refused
-            jax.eval_shape(step_fn.__wrapped__, state, spec)
+        with jax.set_mesh(mesh):  # here: inside eval_shape's trace, set_mesh is refused
+            jax.eval_shape(step_fn, state, spec)
 
     autotune.agree_across_processes(trace)
 

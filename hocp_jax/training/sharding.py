@@ -99,10 +99,17 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     (``jax.set_mesh``). The CP convs then see the batch split over it
     (:func:`hocp_jax.autotune.batch_split`, with ``autotune.configure(batch_shards=mesh.size)``) and on
     the CPU backend run each device's share in a program of its own, with their per-sample and
-    tile loops; the step's numbers stay those of one device (the convs treat each sample alone)."""
+    tile loops; the step's numbers stay those of one device (the convs treat each sample alone).
+    ``fn`` itself on one device or another backend, where nothing depends on it; called where
+    ``mesh`` is already the context mesh (e.g. inside ``jax.eval_shape`` under ``jax.set_mesh``,
+    which refuses a ``set_mesh`` of its own), ``fn`` is called as it is."""
+    if jax.default_backend() != "cpu" or mesh.size == 1:
+        return fn
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+            return fn(*args, **kwargs)
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
 

@@ -185,6 +185,23 @@ def xla_flags(rounds: int = 3) -> dict:
             "loadavg": os.getloadavg()}
 
 
+def _on_one_and_two_devices(suite: str, rounds: int) -> tuple[dict, dict, dict, float | None]:
+    """``suite`` in a worker on one host device and in one on two
+    (``--xla_force_host_platform_device_count``), interleaved, the cross-core round trip before each
+    call: ``(envs, medians, record, cut)`` (:func:`_run_in_workers`; ``cut``: the round trip above
+    which the CPUs count as far apart, :func:`benchmarks.placement.split_cut`)."""
+    from benchmarks import placement
+
+    base = os.environ.get("XLA_FLAGS", "")
+    envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
+            for n in (1, 2)}
+    record: dict = {}
+    with placement.CrossCoreProbe() as probe:
+        med, _ = _run_in_workers(envs, suite, rounds, record=record, probe=probe.roundtrip_ns)
+    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
+    return envs, med, record, cut
+
+
 def host_devices(rounds: int = 12) -> dict:
     """The Jester stack (``"stack sharded"`` suite) in a worker on one host device (the default)
     and in one on two (``--xla_force_host_platform_device_count=2``, the batch split over them
@@ -194,18 +211,12 @@ def host_devices(rounds: int = 12) -> dict:
     each layer's medians, and each call's medians over the calls with the CPUs close and far apart."""
     from benchmarks import placement
 
-    base = os.environ.get("XLA_FLAGS", "")
-    envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
-            for n in (1, 2)}
-    record: dict = {}
-    with placement.CrossCoreProbe() as probe:
-        med, _ = _run_in_workers(envs, "stack sharded", rounds, record=record, probe=probe.roundtrip_ns)
+    envs, med, record, cut = _on_one_and_two_devices("stack sharded", rounds)
     labels = ("dense", "auto", "auto per sample")
     out = {"rounds": rounds, "stack_ms": {}, "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
     for label in envs:
         stack = stack_sums({n: ms for (lab, n), ms in med.items() if lab == label}, labels)
         out["stack_ms"][label] = {k: v for k, v in stack.items() if v}
-    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
     if cut is not None:
         by = {job: placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut) for job, r in record.items()}
         out["split_above_ns"] = round(cut, 1)
@@ -230,14 +241,8 @@ def jit_devices(rounds: int = 11) -> dict:
     call: the median, and the medians over the calls with the CPUs close and far apart."""
     from benchmarks import placement
 
-    base = os.environ.get("XLA_FLAGS", "")
-    envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
-            for n in (1, 2)}
-    record: dict = {}
-    with placement.CrossCoreProbe() as probe:
-        med, _ = _run_in_workers(envs, "jester steps sharded", rounds, record=record, probe=probe.roundtrip_ns)
+    _, med, record, cut = _on_one_and_two_devices("jester steps sharded", rounds)
     out = {"rounds": rounds, "step_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
-    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
     if cut is not None:
         out["split_above_ns"] = round(cut, 1)
         out["by_placement"] = {f"{label} | {name}": placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut)

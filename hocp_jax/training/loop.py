@@ -209,7 +209,7 @@ def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[
         n = jax.process_count()
         spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * n, *a.shape[1:]), a.dtype,
                                                            sharding=batch_sharding(mesh)), next(make_train_iter()))
-        with jax.set_mesh(mesh):  # here: inside eval_shape's trace, set_mesh is refused
+        with jax.set_mesh(mesh):  # around eval_shape: inside its trace set_mesh is refused (on_mesh calls through)
             jax.eval_shape(step_fn, state, spec)
 
     autotune.agree_across_processes(trace)

@@ -4,7 +4,8 @@ Params, batch stats, optimizer state and RNG are *replicated* (``P()``); every b
 is *sharded* on its leading (batch) axis (``P("data")``). Under ``jax.jit`` XLA then
 computes means, batch-norm statistics and gradients over the GLOBAL batch (inserting the
 all-reduces itself), so a run on 8 devices gives the same numbers as on 1 device, up to
-float summation order.
+float summation order. On CPU devices the steps are traced on their mesh (:func:`on_mesh`), so
+that the CP convs run each device's share with their per-sample and tile loops.
 
 Multi-host: start the same program on every host, call
 :func:`hocp_jax.training.distributed.maybe_initialize_distributed` first, let each host load

@@ -107,6 +107,21 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
 
 
 @contextlib.contextmanager
+def batch_shards_mode(value: int | None):
+    """Within the block, :func:`configure`'s ``batch_shards`` reads ``value`` (read at trace time,
+    like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh` traces a step in
+    such a block with its mesh's size."""
+    if value is not None and not is_positive_int(value):
+        raise ValueError(f"value={value!r}: expected None or a positive number of devices")
+    previous = _config["batch_shards"]
+    _config["batch_shards"] = value
+    try:
+        yield
+    finally:
+        _config["batch_shards"] = previous
+
+
+@contextlib.contextmanager
 def policy_mode(value: str):
     """Within the block, :func:`policy` answers ``value`` (``"analytic"``/``"measure"``), whatever
     :func:`configure` or ``$HOCP_JAX_AUTOTUNE`` say; the cache file and ``batch_shards`` stay as
@@ -579,7 +594,8 @@ def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | N
     (``jax.set_mesh``; abstract, as at trace time) and a batch that divides over the split, either
     * explicit axes: ``x``'s type splits its batch axis and nothing else, ``params`` split nothing;
     * auto axes (``train.py``'s mesh): ``x``'s type splits nothing, every axis is auto and
-      :func:`configure`'s ``batch_shards`` is the mesh's size: the batch is split over all of it.
+      ``batch_shards`` (:func:`configure`, :func:`batch_shards_mode`) is the mesh's size: the batch
+      is split over all of it.
     The conv is the same function on any split of the batch, so the wrong guess of a layout
     costs a reshard, never a wrong value. Measured on two host devices (``python -m
     benchmarks.experiments jit_devices 25``, benchmarks/EXPERIMENTS.md, stop 53): ``bench``'s

@@ -233,14 +233,11 @@ def loss_fn(out, batch, key):
 step = make_train_step(model, loss_fn, tx)
 with autotune.per_sample_mode(True):
     want_state, want = jax.jit(step)(state, batch)
-    mesh = training.make_data_mesh()
-    autotune.configure(batch_shards=2)
+    mesh = training.make_data_mesh()  # no configure(batch_shards=2): on_mesh says it
     sharded = training.sharding.on_mesh(jax.jit(step, in_shardings=(training.sharding.replicated(mesh),
                                                                     training.sharding.batch_sharding(mesh))), mesh)
-    with jax.set_mesh(mesh):
-        text = str(jax.make_jaxpr(step)(state, batch))
+    text = str(training.sharding.on_mesh(jax.make_jaxpr(step), mesh)(state, batch))
     got_state, got = sharded(training.put_replicated(state, mesh), training.put_batch(batch, mesh))
-    autotune.configure()
 leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))
 print(json.dumps({"shard_maps": text.count("shard_map["), "loss": [float(got["loss"]), float(want["loss"])],
                   "err": max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
@@ -249,7 +246,7 @@ print(json.dumps({"shard_maps": text.count("shard_map["), "loss": [float(got["lo
 
 
 def test_train_step_on_two_devices_runs_the_cp_convs_per_device_with_one_device_numbers(run_on_devices):
-    """``fit``'s step on a two-device mesh (``on_mesh``, ``configure(batch_shards=2)``): the tiny
+    """``fit``'s step on a two-device mesh (``on_mesh``, nothing configured): the tiny
     Jester HO-CP net's CP convs run per device (``shard_map`` in its program), and the step's
     loss and new parameters and batch statistics (global batch norm) are one device's."""
     out = run_on_devices(TRAIN_STEP, 2)

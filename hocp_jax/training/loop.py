@@ -209,8 +209,7 @@ def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[
         n = jax.process_count()
         spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] * n, *a.shape[1:]), a.dtype,
                                                            sharding=batch_sharding(mesh)), next(make_train_iter()))
-        with jax.set_mesh(mesh):  # around eval_shape: inside its trace set_mesh is refused (on_mesh calls through)
-            jax.eval_shape(step_fn, state, spec)
+        on_mesh(jax.eval_shape, mesh)(step_fn, state, spec)  # as step_fn is traced (a no-op where it is one)
 
     autotune.agree_across_processes(trace)
 

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hocp_jax import autotune
+
 DATA_AXIS = "data"
 
 
@@ -96,14 +98,14 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` (a jitted step) called, and so traced, with ``mesh`` as the context mesh
-    (``jax.set_mesh``). The CP convs then see the batch split over it
-    (:func:`hocp_jax.autotune.batch_split`, with ``autotune.configure(batch_shards=mesh.size)``) and on
-    the CPU backend run each device's share in a program of its own, with their per-sample and
-    tile loops; the step's numbers stay those of one device (the convs treat each sample alone).
-    ``fn`` itself on one device or another backend, where nothing depends on it; called where
-    ``mesh`` is already the context mesh (e.g. inside ``jax.eval_shape`` under ``jax.set_mesh``,
-    which refuses a ``set_mesh`` of its own), ``fn`` is called as it is."""
+    """``fn`` (a jitted step, whose batch is split over all of ``mesh``) called, and so traced, with
+    ``mesh`` as the context mesh (``jax.set_mesh``) and ``autotune.batch_shards_mode(mesh.size)``.
+    The CP convs then see the batch split (:func:`hocp_jax.autotune.batch_split`) and on the CPU
+    backend run each device's share in a program of its own, with their per-sample and tile loops;
+    the step's numbers stay those of one device (the convs treat each sample alone). ``fn`` itself
+    on one device or another backend, where nothing depends on it; called where ``mesh`` is
+    already the context mesh (inside a function that ``on_mesh`` wraps, e.g. ``jax.eval_shape``,
+    whose trace refuses a ``set_mesh`` of its own), ``fn`` is called as it is."""
     if jax.default_backend() != "cpu" or mesh.size == 1:
         return fn
 
@@ -111,7 +113,7 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     def call(*args, **kwargs):
         if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
             return fn(*args, **kwargs)
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), autotune.batch_shards_mode(mesh.size):
             return fn(*args, **kwargs)
 
     return call

@@ -4,7 +4,6 @@ by the parent in interleaved rounds."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -99,8 +98,8 @@ def _sharded_jester_steps() -> dict:
     """``bench``'s Jester train-step pair (dense, HO-CP; 2 clips) under ``jit`` as ``train.py``
     runs it: state replicated, batch split over this process's devices (an auto-axis mesh,
     ``autotune.configure(batch_shards=n)``); with several devices the HO-CP step twice, traced
-    with the mesh in context (``training.sharding.on_mesh``, since stop 53: the CP convs run each
-    device's share with their loops) and without (each share whole, as before)."""
+    on its mesh as ``fit`` does (``training.sharding.on_mesh``, since stop 53: the CP convs run
+    each device's share with their loops) and without (each share whole, as before)."""
     import jax
 
     from benchmarks import bench
@@ -118,8 +117,8 @@ def _sharded_jester_steps() -> dict:
         args = sharding.put_replicated(state, mesh), sharding.put_batch(jax.device_get(batch), mesh)
         variants = {"": True} if n == 1 or case.name == "jester dense" else {" on mesh": True, " off mesh": False}
         for suffix, traced_on_mesh in variants.items():
-            with jax.set_mesh(mesh) if traced_on_mesh else contextlib.nullcontext():
-                calls[case.name + suffix] = bench.compile_jax(step, *args)[0]
+            compile_jax = sharding.on_mesh(bench.compile_jax, mesh) if traced_on_mesh else bench.compile_jax
+            calls[case.name + suffix] = compile_jax(step, *args)[0]
     autotune.configure()
     return calls
 

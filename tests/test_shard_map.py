@@ -159,7 +159,7 @@ def dense(x, p):  # the oracle: lax's conv of the rebuilt kernel
 cases = {
     "3-D": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x3, cp3),
     "3-D in tiles": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x3, cp3),
-    "2-D in chunks": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x2, cp2),
+    "2-D per sample": (lambda x, p: conv.cp_conv(x, p, implementation="factorized", per_sample=True), dense, x2, cp2),
     "3-D auto": (lambda x, p: conv.cp_conv(x, p, implementation="auto"), dense, x3, cp3),
     "3-D, PReLU psi": (lambda x, p: conv.cp_conv(x, p, implementation="factorized", psi=prelu, psi_pointwise=True),
                        None, x3, cp3),
@@ -171,12 +171,9 @@ for axis_type in ("auto", "explicit"):
     for name, (fn, oracle, x, p) in cases.items():
         r = normal(*jax.eval_shape(fn, x, p).shape)
         grad = jax.value_and_grad(lambda x, p, r: jnp.sum(fn(x, p) * r), argnums=(0, 1))
-        with autotune.per_sample_mode(None), autotune.tile_rows_mode(4 if "tiles" in name else 0):
+        with autotune.tile_rows_mode(4 if "tiles" in name else 0):
             want = jax.jit(grad)(x, p, r) if oracle is None else jax.value_and_grad(
                 lambda x, p, r: jnp.sum(oracle(x, p) * r), argnums=(0, 1))(x, p, r)
-            if "2-D" in name:  # chunks only past a whole-batch size; force per sample instead
-                fn = lambda x, p, f=fn: conv.cp_conv(x, p, implementation="factorized", per_sample=True)
-                grad = jax.value_and_grad(lambda x, p, r: jnp.sum(fn(x, p) * r), argnums=(0, 1))
             autotune.configure(batch_shards=2 if axis_type == "auto" else None)
             with jax.set_mesh(mesh):
                 args = (jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(p, NamedSharding(mesh, P())),
@@ -200,13 +197,13 @@ print(json.dumps(out))
 def test_cp_conv_under_jit_with_a_split_batch_runs_each_share_with_its_loops(run_on_devices):
     """Under ``jit`` with the batch split over two CPU devices (``jax.set_mesh``; auto axes with
     ``configure(batch_shards=2)``, as ``train.py`` runs, or explicit axes), ``cp_conv`` runs each
-    device's share inside ``shard_map`` with its per-sample, chunk and tile loops: values and both
+    device's share inside ``shard_map`` with its per-sample and tile loops: values and both
     gradients equal lax's dense conv of the rebuilt kernel (with a PReLU ``psi``, the program on
     one device without a mesh). A ``psi`` over the batch keeps the whole-batch program (its
     statistics stay global), and nothing is wrapped when the split is unknown."""
     out = run_on_devices(JIT_SPLIT, 2)
     for axis_type in ("auto", "explicit"):
-        for name in ("3-D", "3-D in tiles", "2-D in chunks", "3-D auto", "3-D, PReLU psi"):
+        for name in ("3-D", "3-D in tiles", "2-D per sample", "3-D auto", "3-D, PReLU psi"):
             err, wrapped, loops = out[f"{axis_type}: {name}"]
             assert err < 1e-4 and wrapped and (loops or name == "3-D auto"), (axis_type, name, out)
         err, wrapped, loops = out[f"{axis_type}: 3-D, psi over the batch"]

@@ -188,9 +188,7 @@ def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tup
     split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,
     else :func:`configure`'s ``batch_shards`` (not inside a ``shard_map`` over every axis, where
     the traced batch is one device's), else 1."""
-    mesh = jax.sharding.get_abstract_mesh()
-    inside = not mesh.empty and mesh.are_all_axes_manual  # x is already one device's share
-    n = batch_shards or (None if inside else _config["batch_shards"]) or 1
+    n = batch_shards or (None if _in_shard_map() else _config["batch_shards"]) or 1
     return (-(-x_shape[0] // n), *x_shape[1:])
 
 
@@ -580,8 +578,14 @@ def program_per_device() -> bool:
     and 1804 ms; with it (per sample and in tiles), conv2 735 ms and the stack 1415 ms."""
     if _config["per_device"] is not None:  # while the measured policy times a conv (_cached_pick)
         return _config["per_device"]
+    return jax.device_count() == 1 or _in_shard_map()
+
+
+def _in_shard_map() -> bool:
+    """Whether the trace is inside ``jax.shard_map`` over every axis of its mesh, where an array is
+    one device's share."""
     mesh = jax.sharding.get_abstract_mesh()
-    return jax.device_count() == 1 or (not mesh.empty and mesh.are_all_axes_manual)
+    return not mesh.empty and mesh.are_all_axes_manual
 
 
 def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | None:

@@ -270,8 +270,10 @@ autotune.measure = recording
 autotune.configure("measure", batch_shards=2)
 mesh = jax.make_mesh((2,), ("data",), (AxisType.Auto,))
 p = init.init_cp_params(jax.random.key(0), 3, 4, (3, 3), 5)
+step = lambda p, x: jnp.sum(conv.cp_conv(x, p, implementation="auto") ** 2)
 with jax.set_mesh(mesh):
-    jax.jit(jax.grad(lambda p, x: jnp.sum(conv.cp_conv(x, p, implementation="auto") ** 2)))(p, jnp.ones((8, 6, 6, 3)))
+    jax.jit(jax.grad(step))(p, jnp.ones((8, 6, 6, 3)))
+jax.jit(jax.grad(step))(p, jnp.ones((8, 6, 6, 3)))  # no mesh in context: one program for both devices, no loops
 print(json.dumps(seen))
 """
 
@@ -279,5 +281,7 @@ print(json.dumps(seen))
 def test_measured_autotune_times_a_device_share_under_jit_with_a_split_batch(run_on_devices):
     """The measured policy times a conv that ``cp_conv`` traces inside its ``shard_map`` (a split
     batch under ``jit``) on one device's share, outside the mesh (inside it, compiling the timed
-    programs failed), as a program of its own like the one being traced, without a warning."""
-    assert run_on_devices(MEASURED, 2) == [[[4, 6, 6, 3], True, True]]
+    programs failed), as a program of its own like the one being traced, without a warning; the
+    same per-device shape traced in one program for both devices (no loops) is timed again, not
+    given the pick timed with the loops (the cache key's ``"no loops"``)."""
+    assert run_on_devices(MEASURED, 2) == [[[4, 6, 6, 3], True, True], [[4, 6, 6, 3], False, True]]

@@ -24,6 +24,9 @@ runtime and PyTorch both allocate with glibc's malloc): the Jester stack (JAX de
 PyTorch/TensorLy-Torch peers), then the three train-step pairs. Shows how much of each ratio is
 the allocator's doing rather than the conv's.
 
+``python -m benchmarks.experiments malloc_no_mmap [rounds]``: ``malloc`` with glibc's defaults,
+"one arena, no mmap" and "no mmap" (stop 54: ``mmap`` off, the per-thread arenas kept) only.
+
 ``python -m benchmarks.experiments host_devices [rounds]``: the same worker scheme with the Jester
 stack (JAX dense and ``auto``, ``bench`` protocol) in a worker on one host device and in one on two
 (``--xla_force_host_platform_device_count=2``, the batch split over them under ``jax.shard_map``,

@@ -28,7 +28,7 @@ EXPERIMENTS = {
     "pointwise": layers.pointwise, "stem_3d": layers.stem_3d, "fold_taps": layers.fold_taps,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
     "main_job_malloc": workers.main_job_malloc, "host_devices": workers.host_devices,
-    "jit_devices": workers.jit_devices,
+    "jit_devices": workers.jit_devices, "malloc_no_mmap": workers.malloc_no_mmap,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")
 

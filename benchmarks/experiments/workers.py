@@ -257,7 +257,11 @@ def jit_devices(rounds: int = 11) -> dict:
 # which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
 # call then page-faults its whole working set in again (seen from the minor-fault count per call
 # in a scratch session). "mmap from 1 GiB" (stop 45) keeps the arenas but raises the mmap
-# threshold, so buffers under 1 GiB come from the arenas' heaps. Plus jemalloc and tcmalloc in place of glibc's malloc
+# threshold, so buffers under 1 GiB come from the arenas' heaps. "no mmap" (stop 54) keeps the
+# arenas and never maps a buffer of its own: a request that a thread arena's heaps (64 MiB each)
+# cannot serve falls back to the main arena, which grows by sbrk; freed memory is not trimmed, so
+# that the next call may reuse pages already faulted in (PyTorch's did; XLA's did not:
+# benchmarks/EXPERIMENTS.md). Plus jemalloc and tcmalloc in place of glibc's malloc
 # (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
 # libtcmalloc-minimal4).
 MALLOC_SETTINGS = {
@@ -265,6 +269,7 @@ MALLOC_SETTINGS = {
     "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "one arena, no mmap": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
     "mmap from 1 GiB": {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
+    "no mmap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "8589934592"},
     "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
 }
@@ -285,13 +290,13 @@ def _malloc_settings() -> dict[str, dict]:
     return {k: v for k, v in MALLOC_SETTINGS.items() if "LD_PRELOAD" not in v or found(v["LD_PRELOAD"])}
 
 
-def malloc(rounds: int = 5) -> dict:
+def malloc(rounds: int = 5, only: tuple[str, ...] | None = None) -> dict:
     """The Jester stack (JAX dense and ``auto``, and the peers if the ``bench`` extra is installed)
-    and the three train-step pairs under each of :data:`MALLOC_SETTINGS` (those installed), one worker process per
-    setting (glibc reads them at process start), interleaved."""
+    and the three train-step pairs under each of :data:`MALLOC_SETTINGS` (those installed; ``only``:
+    these of them), one worker process per setting (glibc reads them at process start), interleaved."""
     from benchmarks import bench, peers
 
-    settings = _malloc_settings()
+    settings = {k: v for k, v in _malloc_settings().items() if only is None or k in only}
     envs = {label: _env_without_allocator_settings() | extra for label, extra in settings.items()}
     skipped = peers.available()
     med, names = _run_in_workers(envs, "stack" if skipped else "stack+peers", rounds, gap_s=0.1)
@@ -339,6 +344,12 @@ def main_job_malloc(rounds: int = 1) -> dict:
                     run["steps_per_s"][stage] = statistics.median(rates)
                 runs[label].append(run)
     return {"settings": settings, "rounds": rounds, "runs": runs, "loadavg": os.getloadavg()}
+
+
+def malloc_no_mmap(rounds: int = 5) -> dict:
+    """:func:`malloc` with glibc's defaults, stop 45's "one arena, no mmap" and stop 54's "no mmap"
+    (:data:`MALLOC_SETTINGS`)."""
+    return malloc(rounds, ("default", "one arena, no mmap", "no mmap"))
 
 
 def processes(rounds: int = 25, n: int = 6) -> dict:

@@ -5,6 +5,13 @@ import subprocess
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile far more than they run, and LLVM's optimisation of XLA's CPU code is most of
+# a compile. Level 0 changes only the machine code made from the same optimised HLO (the compiled
+# HLO of a CP conv's and a dense conv's fwd+bwd programs hash the same at both levels), not what
+# is computed; the suite ran 1.5x faster (README, "Tests"). The benchmarks and train.py keep XLA's
+# default. Test subprocesses inherit it (those that set a device count append to XLA_FLAGS).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -23,7 +30,7 @@ def run_on_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def run(script: str, n_devices: int, *args: str):
-        env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+        env = os.environ | {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n_devices}",
                             "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
         out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]

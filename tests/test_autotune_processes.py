@@ -16,7 +16,7 @@ import sys
 
 if __name__ == "__main__":  # subprocess mode: device count must be set before jax starts
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

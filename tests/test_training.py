@@ -21,7 +21,8 @@ import numpy as np
 
 if __name__ == "__main__":  # subprocess mode: device count must be set before jax starts
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[sys.argv.index('--devices') + 1]}"
+    devices = sys.argv[sys.argv.index("--devices") + 1]
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -1,0 +1,40 @@
+"""``tests/conftest.py`` runs the suite with XLA's CPU backend at optimisation level 0: that must
+change only the machine code, not the optimised HLO the tests check. Compiled in two processes,
+at level 0 and at XLA's default, the HLO text of a CP conv's (3-D, per sample, in tiles) and a
+dense conv's fwd+bwd programs must be the same."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import hashlib, json, re
+import jax, jax.numpy as jnp
+from hocp_jax import autotune, conv, init
+
+x = jnp.ones((2, 5, 8, 8, 4))
+p = init.init_cp_params(jax.random.key(0), 4, 6, (3, 3, 3), 10)
+k = jnp.ones((3, 3, 3, 4, 6))
+with autotune.tile_rows_mode(2):
+    programs = {
+        "cp": jax.jit(jax.grad(lambda x, p: jnp.sum(conv.cp_conv(x, p, per_sample=True) ** 2), argnums=(0, 1))).lower(x, p),
+        "dense": jax.jit(jax.grad(lambda x, k: jnp.sum(conv.dense_conv(x, k) ** 2), argnums=(0, 1))).lower(x, k),
+    }
+    texts = {name: lowered.compile().as_text() for name, lowered in programs.items()}
+# metadata (source lines, op names) aside
+print(json.dumps({name: hashlib.sha256(re.sub(r"metadata=\{[^}]*\}", "", t).encode()).hexdigest() for name, t in texts.items()}))
+"""
+
+
+def _hashes(xla_flags: str) -> dict:
+    env = os.environ | {"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_optimisation_level_0_compiles_the_same_hlo():
+    assert _hashes("--xla_backend_optimization_level=0") == _hashes("")

@@ -24,13 +24,15 @@ def key():
 
 @pytest.fixture
 def run_on_devices():
-    """``run(script, n_devices, *args)``: runs the Python source ``script`` with ``args`` in a
-    process of its own on ``n_devices`` simulated CPU devices (XLA fixes the device count at
-    start-up) and returns the JSON its last output line prints; its stderr on failure."""
+    """``run(script, n_devices, *args, xla_flags=None)``: runs the Python source ``script`` with
+    ``args`` in a process of its own on ``n_devices`` simulated CPU devices (XLA fixes the device
+    count at start-up) and returns the JSON its last output line prints; its stderr on failure.
+    ``xla_flags``: the process's other ``XLA_FLAGS`` (default: this process's)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def run(script: str, n_devices: int, *args: str):
-        env = os.environ | {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n_devices}",
+    def run(script: str, n_devices: int, *args: str, xla_flags: str | None = None):
+        flags = os.environ["XLA_FLAGS"] if xla_flags is None else xla_flags
+        env = os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n_devices}",
                             "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
         out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -3,13 +3,6 @@ change only the machine code, not the optimised HLO the tests check. Compiled in
 at level 0 and at XLA's default, the HLO text of a CP conv's (3-D, per sample, in tiles) and a
 dense conv's fwd+bwd programs must be the same."""
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 SCRIPT = r"""
 import hashlib, json, re
 import jax, jax.numpy as jnp
@@ -29,12 +22,6 @@ print(json.dumps({name: hashlib.sha256(re.sub(r"metadata=\{[^}]*\}", "", t).enco
 """
 
 
-def _hashes(xla_flags: str) -> dict:
-    env = os.environ | {"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_optimisation_level_0_compiles_the_same_hlo():
-    assert _hashes("--xla_backend_optimization_level=0") == _hashes("")
+def test_optimisation_level_0_compiles_the_same_hlo(run_on_devices):
+    assert (run_on_devices(SCRIPT, 1, xla_flags="--xla_backend_optimization_level=0")
+            == run_on_devices(SCRIPT, 1, xla_flags=""))

@@ -380,8 +380,11 @@ def test_models_train_on_a_batch_split_under_explicit_sharding(models, run_on_de
     statistics over the global batch). With jax 0.10.2 ``flax.linen.Conv``'s kernel gradient,
     ``flax.linen.Dropout``'s mask and optax's simplex projection raise there
     (``ShardingTypeError``); the library routes them (:mod:`hocp_jax.explicit_sharding`). Two
-    CPU devices, in a process of their own."""
-    errors = run_on_devices(EXPLICIT_SCRIPT, 2, json.dumps(models))
+    CPU devices, in a process of their own, at XLA's default optimisation level: the suite's level
+    0 (``tests/conftest.py``) rounds differently, and there the difference of the AVCE HO-CP
+    ResNet-18's split and whole-batch gradients was 1.0e-4 against 3.9e-5 at the default, over
+    this test's bound."""
+    errors = run_on_devices(EXPLICIT_SCRIPT, 2, json.dumps(models), xla_flags="")
     assert set(errors) == set(models) and all(e < 1e-4 for e in errors.values()), errors
 
 

@@ -1,5 +1,5 @@
 """``tests/conftest.py`` runs the suite with XLA's CPU backend at optimisation level 0: that must
-change only the machine code, not the optimised HLO the tests check. Compiled in two processes,
+change only the machine code (whose rounding can differ), not the optimised HLO the tests check. Compiled in two processes,
 at level 0 and at XLA's default, the HLO text of a CP conv's (3-D, per sample, in tiles) and a
 dense conv's fwd+bwd programs must be the same."""
 

@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # a compile. Level 0 changes only the machine code made from the same optimised HLO
 # (tests/test_xla_level.py compares the compiled HLO at both levels), though that code can round
 # differently (one slow test runs at the default level for it: test_models.py, explicit sharding);
-# the suite ran 1.7x faster (README, "Two commands"). The benchmarks and train.py keep XLA's
+# the suite ran 1.6x faster (README, "Two commands"). The benchmarks and train.py keep XLA's
 # default. Test subprocesses inherit it (those that set a device count append to XLA_FLAGS).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()

@@ -213,11 +213,11 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
     ``input_grad``, ``per_sample``, the :func:`per_sample_mode`, :func:`tile_rows_mode` and
     :func:`upcast_mode` in force (they change the factorized program too) and :data:`MEASURE_VERSION`;
     on the CPU backend, for a conv traced without a program of its own per device
-    (:func:`program_per_device` false: no per-sample, chunk or tile loops), also the marker
+    (:func:`loops_apply` false: no per-sample, chunk or tile loops), also the marker
     ``"no loops"``, so that a per-device shape timed with its loops and without them are two picks
     (the key of the usual case, with loops, is as before: cache files stay valid)."""
     dev = jax.devices()[0]
-    no_loops = ["no loops"] if dev.platform == "cpu" and not program_per_device() else []
+    no_loops = ["no loops"] if dev.platform == "cpu" and not loops_apply() else []
     return json.dumps([dev.platform, dev.device_kind, host_kind(), list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
@@ -568,7 +568,7 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
         return bool(_config["per_sample"]) and batch > 1
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     return (batch > 1 and len(x_shape) >= 5 and per_sample_bytes >= PER_SAMPLE_MIN_BYTES
-            and jax.default_backend() == "cpu" and program_per_device())
+            and loops_apply())
 
 
 def program_per_device() -> bool:
@@ -584,6 +584,13 @@ def program_per_device() -> bool:
     if _config["per_device"] is not None:  # while the measured policy times a conv (_cached_pick)
         return _config["per_device"]
     return jax.device_count() == 1 or _in_shard_map()
+
+
+def loops_apply() -> bool:
+    """Whether the automatic per-sample, chunk and tile loops (:func:`per_sample_default`,
+    :func:`batch_chunk_default`, :func:`tile_plan`) may run in the conv being traced: on the CPU
+    backend, in a program of its own per device (:func:`program_per_device`)."""
+    return jax.default_backend() == "cpu" and program_per_device()
 
 
 def _in_shard_map() -> bool:
@@ -671,7 +678,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
     batch = x_shape[0]
     if _config["per_sample"] is not None or len(x_shape) != 4 or batch < 2:
         return None
-    if jax.default_backend() != "cpu" or not program_per_device():
+    if not loops_apply():
         return None
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
     if batch * per_sample_bytes < CHUNK_MIN_BYTES:
@@ -754,7 +761,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     if rows is None:
         per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
         if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
-                or jax.default_backend() != "cpu" or not program_per_device()):
+                or not loops_apply()):
             return None
         n_tiles = -(-per_sample_bytes // TILE_TARGET_BYTES)
         rows = -(-out_sizes[i] // n_tiles)

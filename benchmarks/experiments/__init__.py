@@ -27,6 +27,12 @@ the allocator's doing rather than the conv's.
 ``python -m benchmarks.experiments malloc_no_mmap [rounds]``: ``malloc`` with glibc's defaults,
 "one arena, no mmap" and "no mmap" (stop 54: ``mmap`` off, the per-thread arenas kept) only.
 
+``python -m benchmarks.experiments page_faults [rounds]``: minor page faults and ms of one call of
+a jitted elementwise op whose output is a fresh 16 to 400 MB buffer, in one process per installed
+allocator setting: which buffer sizes each setting maps afresh on every call (glibc's per-thread
+arenas grow in 64 MiB heaps and map anything larger with ``mmap`` whatever ``MALLOC_MMAP_MAX_``
+says).
+
 ``python -m benchmarks.experiments host_devices [rounds]``: the same worker scheme with the Jester
 stack (JAX dense and ``auto``, ``bench`` protocol) in a worker on one host device and in one on two
 (``--xla_force_host_platform_device_count=2``, the batch split over them under ``jax.shard_map``,

@@ -352,6 +352,41 @@ def malloc_no_mmap(rounds: int = 5) -> dict:
     return malloc(rounds, ("default", "one arena, no mmap", "no mmap"))
 
 
+PAGE_FAULT_MBS = (16, 40, 60, 70, 100, 400)
+_PAGE_FAULTS = """
+import json, resource, sys, time
+import jax, jax.numpy as jnp
+rounds, out = int(sys.argv[1]), {}
+for mb in json.loads(sys.argv[2]):
+    x = jnp.ones((mb * 2**20 // 256, 64), jnp.float32)
+    f = jax.jit(lambda x: x * 2.0 + 1.0)
+    f(x).block_until_ready(); f(x).block_until_ready()
+    faults, times = [], []
+    for _ in range(rounds):
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        f(x).block_until_ready()
+        times.append((time.perf_counter() - t0) * 1e3)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    out[mb] = {"pages": mb * 256, "minor_faults": sorted(faults)[rounds // 2], "ms": sorted(times)[rounds // 2]}
+print(json.dumps(out))
+"""
+
+
+def page_faults(rounds: int = 9) -> dict:
+    """Minor page faults and ms of one call of a jitted elementwise op (``x * 2 + 1``, float32)
+    whose output is a fresh buffer of each size in :data:`PAGE_FAULT_MBS` MB, medians of ``rounds``
+    calls after two warm-up calls, in one process per installed setting of :data:`MALLOC_SETTINGS`
+    (in turn, not interleaved: the fault counts, not the times, are the figures). XLA's CPU runtime
+    allocates the output on a runtime thread; a buffer whose every page faults on each call was
+    mapped afresh for it."""
+    out = {}
+    for label, extra in _malloc_settings().items():
+        run = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, str(rounds), json.dumps(PAGE_FAULT_MBS)],
+                             env=_env_without_allocator_settings() | extra, capture_output=True, text=True, check=True)
+        out[label] = {"env": extra, "by_mb": json.loads(run.stdout.splitlines()[-1])}
+    return {"rounds": rounds, "settings": out, "loadavg": os.getloadavg()}
+
+
 def processes(rounds: int = 25, n: int = 6) -> dict:
     """The ResNet-18 2-D train-step pair of ``bench`` in ``n`` worker processes with the same
     environment, timed in interleaved rounds (:func:`_run_in_workers`): how far the HO-CP/dense

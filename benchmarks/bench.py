@@ -241,6 +241,20 @@ MAX_ROUNDS = 15  # the default --repeats
 CONV_BUDGET_S, STEP_BUDGET_S = 40.0, 64.0  # seconds of timed calls per conv case / train-step pair
 
 
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of process ``pid`` so far (all its threads; ``/proc/<pid>/stat``'s 10th
+    field), or ``None`` where there is no ``/proc``. A fault is a first touch of a page the process
+    mapped: each call of a program whose large buffers the allocator maps afresh faults them in
+    again (glibc: every buffer above its mmap threshold, 32 MiB at most, and, allocated on a thread
+    other than the main one, every buffer of 64 MiB or more; ``python -m benchmarks.experiments
+    page_faults``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float,
                      probe: Callable[[], float | None] | None = None) -> dict[str, dict]:
     """Warms up every zero-argument ``call`` once, then times them in interleaved rounds, in a new
@@ -248,12 +262,18 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s
 
     Rounds stop after ``repeats`` or once ``budget_s`` seconds of timed calls are spent
     (at least ``MIN_ROUNDS`` rounds unless ``repeats`` is smaller). Returns
-    ``{name: {"median_ms", "times_ms"}}``, with ``"roundtrip_ns"`` (``probe()`` at the start of
-    each round, :class:`benchmarks.placement.CrossCoreProbe`) if ``probe`` is given.
+    ``{name: {"median_ms", "times_ms", "minor_faults"}}``, with ``"roundtrip_ns"`` (``probe()`` at
+    the start of each round, :class:`benchmarks.placement.CrossCoreProbe`) if ``probe`` is given.
+    ``minor_faults``: the median over the rounds of the minor page faults during one call
+    (:func:`minor_faults`, read outside the timed interval) of the process that runs it, this one
+    or, for a call with a ``pid`` attribute (the peers' :class:`benchmarks.peers.PeerProcess`), that
+    process; ``None`` without ``/proc``.
     """
     for call in calls.values():
         call()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in calls}
+    faults: dict[str, list[int | None]] = {name: [] for name in calls}
+    pids = {name: getattr(call, "pid", os.getpid()) for name, call in calls.items()}
     spent, names, roundtrip = 0.0, list(calls), []
     order = np.random.default_rng(0)
     for rnd in range(repeats):
@@ -262,15 +282,19 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, budget_s
         # a new random order each round, so no path always runs right after the same other one
         # (a path timed after one with large buffers reads systematically slower)
         for name in map(str, order.permutation(names)):
+            f0 = minor_faults(pids[name])
             t0 = time.perf_counter()
             calls[name]()
             dt = time.perf_counter() - t0
+            f1 = minor_faults(pids[name])
             times[name].append(1e3 * dt)
+            faults[name].append(None if f0 is None or f1 is None else f1 - f0)
             spent += dt
         if rnd + 1 >= min(MIN_ROUNDS, repeats) and spent > budget_s:
             break
     extra = {"roundtrip_ns": [v if v is None else round(v, 1) for v in roundtrip]} if probe is not None else {}
-    return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t]} | extra
+    return {name: {"median_ms": statistics.median(t), "times_ms": [round(v, 2) for v in t],
+                   "minor_faults": None if None in faults[name] else int(statistics.median(faults[name]))} | extra
             for name, t in times.items()}
 
 
@@ -408,6 +432,7 @@ def run_conv_case(case: ConvCase, repeats: int, budget_s: float, peer_proc: peer
         "ms": ms,
         "input_grad": case.input_grad,
         "times_ms": {p: timing[p]["times_ms"] for p in calls},
+        "minor_faults": {p: timing[p]["minor_faults"] for p in (*PATHS, *calls)},
         "roundtrip_ns": timing[next(iter(calls))].get("roundtrip_ns"),
         "compile_s": {p: round(v, 3) for p, v in compile_s.items()},
         "auto_choice": choice,
@@ -763,6 +788,7 @@ def run_model_pair(cases: list[ModelCase], repeats: int, budget_s: float, with_p
             prepared[patches_name(c.name)] = patched
     timing = time_interleaved({name: call for name, (call, _) in prepared.items()}, repeats, budget_s, probe)
     return [row | {"ms": timing[name]["median_ms"], "times_ms": timing[name]["times_ms"],
+                   "minor_faults": timing[name]["minor_faults"],
                    "roundtrip_ns": timing[name].get("roundtrip_ns")} for name, (_, row) in prepared.items()]
 
 
@@ -837,6 +863,33 @@ def peer_table(rows: list[dict], total: dict | None) -> list[str]:
         else:
             lines.append(f"| {r['name']} | {'yes' if r['input_grad'] else 'no'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def fault_lines(results: dict) -> list[str]:
+    """The minor page faults per call (thousands, medians over the rounds; ``time_interleaved``)
+    of every layer's programs and peers and of every train step, where the run counted them."""
+    rows = [r for rows in results["conv"].values() for r in rows if r.get("minor_faults")]
+    steps = [r for r in results["models"] if r.get("minor_faults") is not None]
+    if not rows and not steps:
+        return []
+    k = lambda v: "" if v is None else f"{v / 1e3:.1f}"
+    cols = [c for c in ["dense", DENSE_PATCHES, *CP_PATHS, *peers.PEERS] if any(c in r["times_ms"] for r in rows)]
+    out = ["## Page faults per call", "",
+           "Minor page faults during one call, thousands (a fault maps one 4 KiB page: a first touch of memory the "
+           "process's allocator mapped afresh), medians over the rounds, counted from `/proc/<pid>/stat` of the "
+           "process that ran the call (`benchmarks.bench.minor_faults`). With glibc's defaults each call faults in "
+           "again every buffer of 32 MiB or more, and every buffer of 64 MiB or more that a thread other than the "
+           "main one allocates (XLA CPU's runtime threads) whatever the malloc settings: time that the FLOPs do not "
+           "explain (`python -m benchmarks.experiments page_faults`; the log's \"memory allocator\" items).", ""]
+    if rows:
+        out += ["| layer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        out += [f"| {r['name']} | " + " | ".join(k(r["minor_faults"].get(c)) for c in cols) + " |" for r in rows]
+        out.append("")
+    if steps:
+        out += ["| train step | faults per step (thousands) |", "|---|---:|"]
+        out += [f"| {r['name']} | {k(r['minor_faults'])} |" for r in steps]
+        out.append("")
+    return out
 
 
 PROTOCOL = (
@@ -956,6 +1009,7 @@ def markdown(results: dict) -> str:
                 for r in results["models"] if "picks_that_differ" in r]
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
             "[figure6.png](figure6.png).", ""]
+    out += fault_lines(results)
     out += target_lines(results["targets"])
     out += placement_lines(results)
     return "\n".join(out)

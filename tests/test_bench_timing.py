@@ -1,6 +1,11 @@
 """``benchmarks.bench``: how many rounds a case gets (no timings asserted), and the files of a run
 without layer benchmarks."""
+import functools
 import json
+import mmap
+import os
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -21,6 +26,29 @@ def test_every_case_gets_the_minimum_rounds_whatever_its_budget():
     assert [len(v["times_ms"]) for v in few.values()] == [2, 2]
     unlimited = bench.time_interleaved(calls, repeats=12, budget_s=1e9)
     assert [len(v["times_ms"]) for v in unlimited.values()] == [12, 12]
+
+
+@pytest.mark.skipif(bench.minor_faults(os.getpid()) is None, reason="no /proc on this system")
+def test_page_faults_are_counted_for_the_process_that_runs_each_call():
+    pages = 2048  # 8 MiB of fresh anonymous memory, one first touch per page
+
+    def touch():
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        elsewhere = functools.partial(touch)  # runs here, but is said to run in the idle process
+        elsewhere.pid = idle.pid
+        out = bench.time_interleaved({"here": touch, "elsewhere": elsewhere, "nothing": lambda: None}, repeats=3, budget_s=0.0)
+    finally:
+        idle.kill()
+        idle.wait()
+    assert out["here"]["minor_faults"] >= pages
+    assert out["elsewhere"]["minor_faults"] < pages // 10  # the idle process touched nothing
+    assert out["nothing"]["minor_faults"] < pages // 10
 
 
 def test_a_run_without_layers_writes_its_results_and_says_why_the_peers_were_skipped(tmp_path, monkeypatch):

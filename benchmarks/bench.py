@@ -245,9 +245,9 @@ def minor_faults(pid: int) -> int | None:
     """Minor page faults of process ``pid`` so far (all its threads; ``/proc/<pid>/stat``'s 10th
     field), or ``None`` where there is no ``/proc``. A fault is a first touch of a page the process
     mapped: each call of a program whose large buffers the allocator maps afresh faults them in
-    again (glibc: every buffer above its mmap threshold, 32 MiB at most, and, allocated on a thread
-    other than the main one, every buffer of 64 MiB or more; ``python -m benchmarks.experiments
-    page_faults``)."""
+    again (glibc's defaults: every buffer from 16 MB up in ``python -m benchmarks.experiments
+    page_faults``; with ``MALLOC_MMAP_MAX_=0`` still every buffer of 64 MiB or more that a thread
+    other than the main one allocates)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[7])
@@ -877,10 +877,11 @@ def fault_lines(results: dict) -> list[str]:
     out = ["## Page faults per call", "",
            "Minor page faults during one call, thousands (a fault maps one 4 KiB page: a first touch of memory the "
            "process's allocator mapped afresh), medians over the rounds, counted from `/proc/<pid>/stat` of the "
-           "process that ran the call (`benchmarks.bench.minor_faults`). With glibc's defaults each call faults in "
-           "again every buffer of 32 MiB or more, and every buffer of 64 MiB or more that a thread other than the "
-           "main one allocates (XLA CPU's runtime threads) whatever the malloc settings: time that the FLOPs do not "
-           "explain (`python -m benchmarks.experiments page_faults`; the log's \"memory allocator\" items).", ""]
+           "process that ran the call (`benchmarks.bench.minor_faults`). With glibc's defaults a call's large buffers "
+           "are mapped afresh and faulted in again on every call (every size from 16 MB up in `python -m "
+           "benchmarks.experiments page_faults`), and with `MALLOC_MMAP_MAX_=0` still every buffer of 64 MiB or more "
+           "that a thread other than the main one allocates (XLA CPU's runtime threads): time that the FLOPs do not "
+           "explain (the log's \"memory allocator\" items).", ""]
     if rows:
         out += ["| layer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         out += [f"| {r['name']} | " + " | ".join(k(r["minor_faults"].get(c)) for c in cols) + " |" for r in rows]

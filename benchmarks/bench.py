@@ -868,11 +868,15 @@ def peer_table(rows: list[dict], total: dict | None) -> list[str]:
 def fault_lines(results: dict) -> list[str]:
     """The minor page faults per call (thousands, medians over the rounds; ``time_interleaved``)
     of every layer's programs and peers and of every train step, where the run counted them."""
-    rows = [r for rows in results["conv"].values() for r in rows if r.get("minor_faults")]
+    rows = [r for rows in results["conv"].values() for r in rows
+            if any(v is not None for v in r.get("minor_faults", {}).values())]
     steps = [r for r in results["models"] if r.get("minor_faults") is not None]
     if not rows and not steps:
         return []
-    k = lambda v: "" if v is None else f"{v / 1e3:.1f}"
+
+    def k(v: int | None) -> str:
+        return "" if v is None else f"{v / 1e3:.1f}"
+
     cols = [c for c in ["dense", DENSE_PATCHES, *CP_PATHS, *peers.PEERS] if any(c in r["times_ms"] for r in rows)]
     out = ["## Page faults per call", "",
            "Minor page faults during one call, thousands (a fault maps one 4 KiB page: a first touch of memory the "

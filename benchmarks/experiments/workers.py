@@ -379,6 +379,8 @@ def page_faults(rounds: int = 9) -> dict:
     (in turn, not interleaved: the fault counts, not the times, are the figures). XLA's CPU runtime
     allocates the output on a runtime thread; a buffer whose every page faults on each call was
     mapped afresh for it."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds!r}: expected an int >= 1 (calls timed per buffer size)")
     out = {}
     for label, extra in _malloc_settings().items():
         run = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, str(rounds), json.dumps(PAGE_FAULT_MBS)],

@@ -212,23 +212,49 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def xla_flops(fn: Callable, *args) -> float | None:
-    """``cost_analysis()["flops"]`` of ``jax.jit(fn)`` compiled for ``args`` (None if unavailable).
-
-    Traced with ``per_sample`` and tiles off: XLA counts a loop body once, not once per sample or
-    tile (through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the modes)."""
+def compile_without_loops(fn: Callable, *args) -> Any:
+    """``jax.jit(fn)`` compiled for ``args`` with the CP convs' per-sample, chunk and tile loops off
+    (as on GPU/TPU, where the automatic rules leave them off), through a new function, since
+    ``jax.jit`` reuses a trace of ``fn`` made outside the modes."""
     with autotune.per_sample_mode(False), autotune.tile_rows_mode(0):
-        ca = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+
+
+def flops_of(compiled: Any) -> float | None:
+    """``cost_analysis()["flops"]`` of a compiled program (None if unavailable)."""
+    ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None
     return float(ca["flops"]) if ca and "flops" in ca else None
 
 
-def compile_jax(fn: Callable, *args) -> tuple[Callable[[], Any], float]:
-    """``(call, compile_s)``: ``call()`` runs the compiled ``jax.jit(fn)(*args)`` to completion."""
+def xla_flops(fn: Callable, *args) -> float | None:
+    """:func:`flops_of` ``jax.jit(fn)`` on ``args``, compiled without the loops
+    (:func:`compile_without_loops`): XLA counts a loop body once, not once per sample or tile."""
+    return flops_of(compile_without_loops(fn, *args))
+
+
+def memory_mib(compiled: Any) -> dict[str, float] | None:
+    """``memory_analysis()`` of a compiled program in MiB: ``temp`` (its temporary buffers: the
+    activations and intermediates of a train step; on CPU one block allocated per call),
+    ``arguments`` and ``outputs``; None where the backend gives none."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return {k: round(getattr(m, f"{k}_size_in_bytes") / 2**20, 1) for k in ("temp", "argument", "output")}
+
+
+def compile_program(fn: Callable, *args) -> tuple[Any, float]:
+    """``(compiled, compile_s)``: ``jax.jit(fn)`` compiled for ``args``."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    return (lambda: jax.block_until_ready(compiled(*args))), time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
+
+
+def compile_jax(fn: Callable, *args) -> tuple[Callable[[], Any], float]:
+    """``(call, compile_s)``: ``call()`` runs the compiled ``jax.jit(fn)(*args)`` to completion."""
+    compiled, compile_s = compile_program(fn, *args)
+    return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
 def program_text(fn: Callable, *args) -> str:
@@ -644,8 +670,9 @@ def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, An
     from hocp_jax.models import count_params
 
     step, state, batch = model_step(case)
-    call, compile_s = compile_jax(step, state, batch)
-    return call, {
+    compiled, compile_s = compile_program(step, state, batch)
+    without_loops = compile_without_loops(step, state, batch)
+    return (lambda: jax.block_until_ready(compiled(state, batch))), {
         "name": case.name,
         "model": case.model,
         "input_shape": list(case.input_shape),
@@ -654,7 +681,9 @@ def prepare_model_case(case: ModelCase) -> tuple[Callable[[], Any], dict[str, An
         "reference": case.reference,
         "params": count_params(state.params),
         "compile_s": round(compile_s, 3),
-        "xla_flops_step": xla_flops(step, state, batch),
+        "xla_flops_step": flops_of(without_loops),
+        "memory_mib": memory_mib(compiled),
+        "memory_mib_without_loops": memory_mib(without_loops),
     }
 
 
@@ -897,6 +926,38 @@ def fault_lines(results: dict) -> list[str]:
     return out
 
 
+def memory_lines(results: dict) -> list[str]:
+    """Each train step's memory (``memory_mib`` of its program as timed and of the same step
+    compiled without the CP convs' loops, :func:`compile_without_loops`), where the run has it."""
+    rows = [r for r in results["models"] if r.get("memory_mib")]
+    if not rows:
+        return []
+    by_name = {r["name"]: r for r in rows}
+
+    def temp(r: dict, key: str) -> float | None:
+        return (r.get(key) or {}).get("temp")
+
+    def ratio(r: dict, key: str) -> str:
+        ref = by_name.get(r["reference"] or "")
+        a, b = temp(r, key), ref and temp(ref, key)
+        return f"{a / b:.2f}" if a and b else ""
+
+    out = ["## Train-step memory", "",
+           "XLA's `memory_analysis()` of each compiled train step, MiB: `temp`, its temporary buffers (the activations "
+           "and intermediates kept for the backward pass and its working set; on CPU one block allocated per call), "
+           "and `arguments` (parameters, optimizer state, batch); as timed above, and compiled with the CP convs' "
+           "per-sample, chunk and tile loops off (`benchmarks.bench.compile_without_loops`), the program the automatic "
+           "rules give on GPU/TPU, here from this backend's compiler (a GPU's buffer assignment differs). "
+           "`/ reference`: temp over the reference step's.", "",
+           "| train step | temp MiB | temp MiB, loops off | arguments MiB | temp / reference | loops off: temp / reference |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        off = temp(r, "memory_mib_without_loops")
+        out.append(f"| {r['name']} | {temp(r, 'memory_mib'):.1f} | {'' if off is None else f'{off:.1f}'} "
+                   f"| {r['memory_mib']['argument']:.1f} | {ratio(r, 'memory_mib')} | {ratio(r, 'memory_mib_without_loops')} |")
+    return out + [""]
+
+
 PROTOCOL = (
     "Protocol: one jitted call = forward, then the backward pass from a fixed random cotangent (the loss "
     "`sum(y * r)`; a `sum()` loss gives an all-ones cotangent that XLA exploits and no train step has), with "
@@ -1015,6 +1076,7 @@ def markdown(results: dict) -> str:
     out += ["Paper Figure 6 (analytic GFLOPs, cross-checked with XLA): `python -m benchmarks.figure6` -> "
             "[figure6.png](figure6.png).", ""]
     out += fault_lines(results)
+    out += memory_lines(results)
     out += target_lines(results["targets"])
     out += placement_lines(results)
     return "\n".join(out)

@@ -51,6 +51,26 @@ def test_page_faults_are_counted_for_the_process_that_runs_each_call():
     assert out["nothing"]["minor_faults"] < pages // 10
 
 
+def test_the_program_without_loops_keeps_the_whole_batch_intermediates():
+    from hocp_jax import conv, init
+
+    params = init.init_cp_params(jax.random.key(0), 16, 16, (3, 3, 3), 64)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 16, 16, 16))  # (1, 8, 16, 16, 64) float32 per sample: 512 KiB
+
+    def loss(x, params):
+        return jnp.sum(conv.cp_conv(x, params, padding=1) ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    with_loops, _ = bench.compile_program(grad, x, params)
+    without = bench.compile_without_loops(grad, x, params)
+    assert " while(" in with_loops.as_text() and " while(" not in without.as_text()
+    whole_batch_intermediate = 4 * 8 * 16 * 16 * 64 * 4 / 2**20  # MiB
+    mem, mem_off = bench.memory_mib(with_loops), bench.memory_mib(without)
+    assert mem_off["temp"] >= whole_batch_intermediate  # at least one (B, *S, R) buffer
+    assert mem_off["temp"] > 1.5 * mem["temp"]  # one sample's at a time with the loops
+    assert mem["argument"] == mem_off["argument"] == pytest.approx((x.size + sum(p.size for p in params.values())) * 4 / 2**20, abs=0.1)
+
+
 def test_a_run_without_layers_writes_its_results_and_says_why_the_peers_were_skipped(tmp_path, monkeypatch):
     """``--only models`` starts no peer process (the peers time layers only): the report must say
     so instead of failing on the peers' missing versions, and the JSON is written before it."""

@@ -16,12 +16,14 @@
 #      and, in the same rounds, each HO-CP step under the analytic one (--policy-steps), without the
 #      patches programs, one of which XLA's GPU compiler aborted on (jax 0.11.2;
 #      benchmarks/EXPERIMENTS.md, stop 46).
+#   5. the train steps' temporary memory on the GPU's compiler, compiled only (step_memory.json:
+#      python -m benchmarks.experiments step_memory, as built, loops off, one sample at a time).
 # BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
 # bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
 # is made afterwards: python -m benchmarks.bench --rescore --out FILE --md FILE.md.
 set -u
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]}
-layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140} scale=${5:-1}
+layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140} scale=${5:-1} memory_s=60
 mkdir -p "$out"
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/log.txt"; }
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # the rest of the card is the peers'
@@ -71,3 +73,7 @@ log "stage 4: train steps (limit ${model_s} s)"
 timeout "$model_s" python3 -m benchmarks.bench --only models --no-peers --no-patches-steps --policy-steps --batch-scale "$scale" \
   --out "$out/results_gpu_models.json" --md /dev/null 2>&1 | grep -v "^|" | tee -a "$out/log.txt"
 log "stage 4 exit ${PIPESTATUS[0]}"
+
+log "stage 5: train-step memory (limit ${memory_s} s)"
+timeout "$memory_s" python3 -m benchmarks.experiments step_memory "$scale" >"$out/step_memory.json" 2>>"$out/log.txt"
+log "stage 5 exit $?"; tail -n 3 "$out/step_memory.json" | tee -a "$out/log.txt"

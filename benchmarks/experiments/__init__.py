@@ -27,6 +27,12 @@ the allocator's doing rather than the conv's.
 ``python -m benchmarks.experiments malloc_no_mmap [rounds]``: ``malloc`` with glibc's defaults,
 "one arena, no mmap" and "no mmap" (stop 54: ``mmap`` off, the per-thread arenas kept) only.
 
+``python -m benchmarks.experiments step_memory [batch_scale]``: ``bench``'s train steps compiled
+only (the number is a batch multiple, not rounds): each step's temporary memory from XLA's
+``memory_analysis()`` as this backend builds it, with the CP convs' loops off (the GPU/TPU
+program) and with the factorized convs one sample at a time (``autotune.per_sample_mode(True)``,
+a memory option on any backend), and each HO-CP step's over its dense reference's.
+
 ``python -m benchmarks.experiments page_faults [rounds]``: minor page faults and ms of one call of
 a jitted elementwise op whose output is a fresh 16 to 400 MB buffer, in one process per installed
 allocator setting: which buffer sizes each setting maps afresh on every call (glibc's per-thread

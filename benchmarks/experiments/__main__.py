@@ -17,7 +17,7 @@ EXPERIMENTS = {
     "transduced_step_picks": steps.transduced_step_picks,
     "dense_baseline_steps": steps.dense_baseline_steps, "tile_threshold": steps.tile_threshold, "autotune_steps": steps.autotune_steps,
     "low_precision_steps": steps.low_precision_steps, "pool_blocks": steps.pool_blocks, "input_patches": steps.input_patches, "conv_routes": steps.conv_routes,
-    "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory,
+    "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory, "step_memory": steps.step_memory,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,

@@ -550,6 +550,42 @@ def patches_memory(rounds: int = 9) -> dict:
     return {"rounds": rounds, "ms": ms, "temp MiB": temp_mib, "loadavg": os.getloadavg()}
 
 
+def step_memory(batch_scale: int = 1) -> dict:
+    """``bench``'s train steps (``lax`` convs) at ``batch_scale`` times their batch (the command
+    line's number), compiled only, never run: XLA's ``memory_analysis()`` temporary MiB of each
+    as this backend's automatic rules build it, with the CP convs' per-sample, chunk and tile loops
+    off (what GPU/TPU get) and with the factorized convs one sample at a time without tiles
+    (``autotune.per_sample_mode(True)``, which a GPU/TPU user can set at trace time to bound the
+    intermediates), each HO-CP step's temp also over its dense reference's as built here."""
+    from benchmarks import bench
+    from hocp_jax import autotune
+
+    if not (isinstance(batch_scale, int) and batch_scale >= 1):
+        raise ValueError(f"batch_scale={batch_scale!r}: expected an int >= 1")
+    programs = {"as on this backend": bench.compile_program,
+                "loops off": lambda *a: (bench.compile_without_loops(*a), None),
+                "one sample at a time": lambda *a: _compile_per_sample(autotune, *a)}
+    temp, refs = {}, {}
+    for case in bench.model_cases(False):
+        case = bench.scaled(case, batch_scale)
+        refs[case.name] = case.reference
+        step, state, batch = bench.model_step(case)
+        temp[case.name] = {label: bench.memory_mib(build(step, state, batch)[0])["temp"]
+                           for label, build in programs.items()
+                           if case.reference or label == "as on this backend"}
+        print(json.dumps({case.name: temp[case.name]}), flush=True)
+    ratios = {name: {label: mib / temp[ref]["as on this backend"] for label, mib in temp[name].items()}
+              for name, ref in refs.items() if ref}
+    return {"batch_scale": batch_scale, "backend": jax.default_backend(), "temp_mib": temp,
+            "over_dense_reference": ratios}
+
+
+def _compile_per_sample(autotune, fn, *args):
+    """``(compiled, None)``: ``jax.jit(fn)`` with the factorized convs one sample at a time, no tiles."""
+    with autotune.per_sample_mode(True), autotune.tile_rows_mode(0):
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile(), None
+
+
 def pool_blocks(rounds: int = 13) -> dict:
     """The Jester net's 2x2x2 max-pools (windows that tile the input) pooled as blocks
     (:func:`~benchmarks.experiments.variants.block_pool`, the library's path in stop 49, dropped

@@ -8,7 +8,7 @@ can be checked on a fresh machine with no download, e.g.
     python train.py --config configs/affectnet.py:smoke --workdir /tmp/smoke
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_kernel=3)
 
@@ -27,6 +27,10 @@ def base(job: str = "supervised") -> ConfigDict:
     c.skew_repeats = 0
     # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"
     c.autotune = ""
+    # the factorized CP convs one sample (cp_per_sample=True) / one tile of cp_tile_rows rows at a time: the memory
+    # option on GPU/TPU, where the automatic rules (None) leave these loops off (README, "Memory")
+    c.cp_per_sample = config_dict.placeholder(bool)
+    c.cp_tile_rows = config_dict.placeholder(int)
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
                              batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
                              read_threads=1, prefetch=2, workers=0))

@@ -6,7 +6,7 @@ videos, compared with a from-scratch 3-D ResNet. Finishes in a few minutes on 2 
     python train.py --config configs/default.py --workdir /tmp/hocp --config.static.num_steps=50
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -21,6 +21,10 @@ def get_config() -> ConfigDict:
     c.sparsity_tol = 1e-6
     # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"
     c.autotune = ""
+    # the factorized CP convs one sample (cp_per_sample=True) / one tile of cp_tile_rows rows at a time: the memory
+    # option on GPU/TPU, where the automatic rules (None) leave these loops off (README, "Memory")
+    c.cp_per_sample = config_dict.placeholder(bool)
+    c.cp_tile_rows = config_dict.placeholder(int)
 
     c.data = ConfigDict(dict(
         static="digits_affect", video="moving_digits", data_dir="", manual_dir="",

@@ -94,16 +94,26 @@ _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
 
-def configure(policy: str | None = None, cache_path: str | None = None, batch_shards: int | None = None) -> None:
+def configure(policy: str | None = None, cache_path: str | None = None, batch_shards: int | None = None,
+              per_sample: bool | None = None, tile_rows: int | None = None) -> None:
     """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else the backend's
     default, :func:`policy`), an
-    optional JSON cache file for measured picks, and ``batch_shards``: how many devices the batch
-    axis of the traced programs is split over (``None``: 1; see the module docstring)."""
+    optional JSON cache file for measured picks, ``batch_shards``: how many devices the batch
+    axis of the traced programs is split over (``None``: 1; see the module docstring), and what
+    :func:`per_sample_mode` and :func:`tile_rows_mode` set for a block, for every trace from now
+    on (``None``: the automatic rules). ``per_sample=True`` (with ``tile_rows`` rows, the bound at
+    one sample per device) is the memory option on GPU/TPU, where the rules leave the loops off:
+    the factorized convs then keep one sample's (one tile's) intermediates instead of the whole
+    batch's (README, "Memory")."""
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
     if batch_shards is not None and not is_positive_int(batch_shards):
         raise ValueError(f"batch_shards={batch_shards!r}: expected None or a positive number of devices")
-    _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards)
+    if per_sample is not None and not isinstance(per_sample, bool):
+        raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
+    _check_tile_rows(tile_rows)
+    _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards, per_sample=per_sample,
+                   tile_rows=tile_rows)
 
 
 @contextlib.contextmanager
@@ -722,13 +732,17 @@ benchmarks.experiments tiles`` and ``line_buffer``); conv1 then runs in 6 tiles 
 of 17; those measured alike), the transduced ResNet-18 layers as before (tiles of 4 rows)."""
 
 
+def _check_tile_rows(value, name: str = "tile_rows") -> None:
+    if value is not None and not (is_int(value) and value >= 0):
+        raise ValueError(f"{name}={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
+
+
 @contextlib.contextmanager
 def tile_rows_mode(value: int | None):
     """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
     tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
-    if value is not None and not (is_int(value) and value >= 0):
-        raise ValueError(f"value={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
+    _check_tile_rows(value, "value")
     previous = _config["tile_rows"]
     _config["tile_rows"] = value
     try:

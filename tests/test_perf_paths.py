@@ -677,6 +677,57 @@ def test_per_sample_rule_and_wiring(monkeypatch):
         assert "scan" not in lowered()
 
 
+def test_configured_loops_bound_the_memory_where_the_rules_leave_them_off(monkeypatch, tmp_path):
+    """``autotune.configure(per_sample=True, tile_rows=k)`` (train.py: ``config.cp_per_sample`` /
+    ``config.cp_tile_rows``) runs the factorized convs one sample / one tile at a time on a backend
+    whose rules leave the loops off (a GPU, mocked): fewer temporary bytes, the same values and
+    gradients as the dense conv of the rebuilt kernel; ``configure()`` goes back to the rules;
+    bad values are ValueErrors naming the key."""
+    from ml_collections import ConfigDict
+
+    from hocp_jax.training import jobs
+
+    modes = ("t", "h", "w")
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(np.random.default_rng(0), 8, 8, (3, 3, 3), 64, modes).items()}
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 12, 10, 8)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 12, 10, 8)), jnp.float32)
+    want = _oracle(x, _kernel_numpy({k: np.asarray(v) for k, v in p.items()}, modes), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1))
+    want_dx = jax.vjp(lambda x: _oracle(x, _kernel_numpy({k: np.asarray(v) for k, v in p.items()}, modes),
+                                        (1, 1, 1), ((1, 1),) * 3, (1, 1, 1)), x)[1](cot)[0]
+
+    def step(x, p):
+        y, vjp = jax.vjp(lambda x: conv.cp_conv(x, p, modes=modes, padding=1), x)
+        return y, vjp(cot)[0]
+
+    def run():  # a new function per trace: the configuration is read at trace time
+        compiled = jax.jit(lambda x, p: step(x, p)).lower(x, p).compile()
+        y, dx = compiled(x, p)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+        return compiled.memory_analysis().temp_size_in_bytes, " while(" in compiled.as_text()
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rules: no loops
+    try:
+        whole, loops = run()
+        assert not loops
+        jobs.configure_autotune(ConfigDict({"autotune": "analytic", "cp_per_sample": True}), str(tmp_path))
+        per_sample, loops = run()
+        assert loops and per_sample < 0.6 * whole  # one of three samples' intermediates
+        jobs.configure_autotune(ConfigDict({"autotune": "analytic", "cp_per_sample": True, "cp_tile_rows": 3}), str(tmp_path))
+        tiles, loops = run()
+        assert loops and tiles < 0.8 * per_sample  # 3 of 12 rows (and their halo) at a time
+        autotune.configure()
+        assert run() == (whole, False)
+    finally:
+        autotune.configure()
+    for key, value in (("cp_per_sample", "yes"), ("cp_tile_rows", -1), ("cp_tile_rows", 2.5)):
+        with pytest.raises(ValueError, match=rf"config.{key}={value!r}"):
+            jobs.configure_autotune(ConfigDict({"autotune": "", key: value}), str(tmp_path))
+    for kwargs in ({"per_sample": 1}, {"tile_rows": -2}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))}="):
+            autotune.configure(**kwargs)
+
+
 def test_compute_dtype_rule(monkeypatch):
     """Floating dtypes narrower than 32 bits compute in float32 on CPU, in themselves elsewhere;
     ``upcast_mode`` overrides the rule and is validated."""

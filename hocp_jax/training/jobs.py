@@ -32,6 +32,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from hocp_jax import autotune, optim, transduction, tree
+from hocp_jax.checks import is_int
 from hocp_jax.models import MODELS, count_params, get_model
 from hocp_jax.training import objectives, plots, schedules
 from hocp_jax.training.config import validate_config
@@ -289,12 +290,21 @@ def configure_autotune(config, workdir: str) -> None:
     so a resumed job traces the same programs without timing again; with several processes,
     process 0 times the train step's convs before training and the others read its picks from
     that file (:func:`hocp_jax.autotune.agree_across_processes`, called by
-    :func:`hocp_jax.training.fit`)."""
+    :func:`hocp_jax.training.fit`). ``config.cp_per_sample`` and ``config.cp_tile_rows`` (optional;
+    ``None``: the automatic rules) set :func:`hocp_jax.autotune.configure`'s ``per_sample`` and
+    ``tile_rows``: the factorized convs one sample (one tile) at a time, the memory option on
+    GPU/TPU (README, "Memory")."""
     value = config.get("autotune", "")
     if value not in ("", *autotune.POLICIES):
         raise ValueError(f"config.autotune={value!r}: expected '' (the environment's or backend's policy) "
                          f"or one of {autotune.POLICIES}")
-    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count())
+    per_sample, tile_rows = config.get("cp_per_sample", None), config.get("cp_tile_rows", None)
+    if per_sample is not None and not isinstance(per_sample, bool):
+        raise ValueError(f"config.cp_per_sample={per_sample!r}: expected None (automatic), True or False")
+    if tile_rows is not None and not (is_int(tile_rows) and tile_rows >= 0):
+        raise ValueError(f"config.cp_tile_rows={tile_rows!r}: expected None (automatic), 0 (no tiles) or a number of rows")
+    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count(),
+                       per_sample=per_sample, tile_rows=tile_rows)
 
 
 def run(config, workdir: str) -> dict:

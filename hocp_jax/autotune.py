@@ -109,9 +109,8 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
     if batch_shards is not None and not is_positive_int(batch_shards):
         raise ValueError(f"batch_shards={batch_shards!r}: expected None or a positive number of devices")
-    if per_sample is not None and not isinstance(per_sample, bool):
-        raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
-    _check_tile_rows(tile_rows)
+    check_automatic_flag(per_sample, "per_sample")
+    check_tile_rows(tile_rows, "tile_rows")
     _config.update(policy=policy, cache_path=cache_path, batch_shards=batch_shards, per_sample=per_sample,
                    tile_rows=tile_rows)
 
@@ -320,6 +319,12 @@ the per-sample loop on: below it (test-size shapes, the last stages of a network
 fixed cost outweighs the smaller working set. A rough bound, not a fine calibration."""
 
 
+def check_automatic_flag(value, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is ``None`` (the automatic rule) or a bool."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: expected None (automatic), True or False")
+
+
 @contextlib.contextmanager
 def per_sample_mode(value: bool | None):
     """Within the block, :func:`per_sample_default` answers ``value and batch > 1`` (``None``:
@@ -327,6 +332,7 @@ def per_sample_mode(value: bool | None):
     (e.g. a model whose layers do not expose ``per_sample``); ``jax.jit`` keys its cache on the
     function and argument shapes, not on this setting, so a function traced before the block
     keeps its earlier program."""
+    check_automatic_flag(value, "value")
     previous = _config["per_sample"]
     _config["per_sample"] = value
     try:
@@ -340,8 +346,7 @@ def upcast_mode(value: bool | None):
     """Within the block, :func:`compute_dtype` computes in float32 for floating dtypes narrower
     than 32 bits (``True``), never (``False``), or by its automatic rule (``None``). Read at trace
     time, like :func:`per_sample_mode`."""
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"value={value!r}: expected None (automatic), True or False")
+    check_automatic_flag(value, "value")
     previous = _config["upcast"]
     _config["upcast"] = value
     try:
@@ -732,7 +737,8 @@ benchmarks.experiments tiles`` and ``line_buffer``); conv1 then runs in 6 tiles 
 of 17; those measured alike), the transduced ResNet-18 layers as before (tiles of 4 rows)."""
 
 
-def _check_tile_rows(value, name: str = "tile_rows") -> None:
+def check_tile_rows(value, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a :func:`tile_rows_mode` value."""
     if value is not None and not (is_int(value) and value >= 0):
         raise ValueError(f"{name}={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
 
@@ -742,7 +748,7 @@ def tile_rows_mode(value: int | None):
     """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
     tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
-    _check_tile_rows(value, "value")
+    check_tile_rows(value, "value")
     previous = _config["tile_rows"]
     _config["tile_rows"] = value
     try:

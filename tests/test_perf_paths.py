@@ -726,6 +726,8 @@ def test_configured_loops_bound_the_memory_where_the_rules_leave_them_off(monkey
     for kwargs in ({"per_sample": 1}, {"tile_rows": -2}):
         with pytest.raises(ValueError, match=f"{next(iter(kwargs))}="):
             autotune.configure(**kwargs)
+    with pytest.raises(ValueError, match="value='yes'"), autotune.per_sample_mode("yes"):
+        pass
 
 
 def test_compute_dtype_rule(monkeypatch):

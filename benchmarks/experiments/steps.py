@@ -21,7 +21,7 @@ from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
                                              reduce_window_pool)
-from hocp_jax import conv
+from hocp_jax import autotune, conv
 from hocp_jax.models import get_model
 
 
@@ -558,19 +558,17 @@ def step_memory(batch_scale: int = 1) -> dict:
     (``autotune.per_sample_mode(True)``, which a GPU/TPU user can set at trace time to bound the
     intermediates), each HO-CP step's temp also over its dense reference's as built here."""
     from benchmarks import bench
-    from hocp_jax import autotune
 
     if not (isinstance(batch_scale, int) and batch_scale >= 1):
         raise ValueError(f"batch_scale={batch_scale!r}: expected an int >= 1")
-    programs = {"as on this backend": bench.compile_program,
-                "loops off": lambda *a: (bench.compile_without_loops(*a), None),
-                "one sample at a time": lambda *a: _compile_per_sample(autotune, *a)}
+    programs = {"as on this backend": lambda *a: bench.compile_program(*a)[0],
+                "loops off": bench.compile_without_loops, "one sample at a time": _compile_per_sample}
     temp, refs = {}, {}
     for case in bench.model_cases(False):
         case = bench.scaled(case, batch_scale)
         refs[case.name] = case.reference
         step, state, batch = bench.model_step(case)
-        temp[case.name] = {label: bench.memory_mib(build(step, state, batch)[0])["temp"]
+        temp[case.name] = {label: bench.memory_mib(build(step, state, batch))["temp"]
                            for label, build in programs.items()
                            if case.reference or label == "as on this backend"}
         print(json.dumps({case.name: temp[case.name]}), flush=True)
@@ -580,10 +578,11 @@ def step_memory(batch_scale: int = 1) -> dict:
             "over_dense_reference": ratios}
 
 
-def _compile_per_sample(autotune, fn, *args):
-    """``(compiled, None)``: ``jax.jit(fn)`` with the factorized convs one sample at a time, no tiles."""
+def _compile_per_sample(fn, *args):
+    """``jax.jit(fn)`` compiled with the factorized convs one sample at a time, no tiles (through
+    a new function, as :func:`benchmarks.bench.compile_without_loops`)."""
     with autotune.per_sample_mode(True), autotune.tile_rows_mode(0):
-        return jax.jit(lambda *a: fn(*a)).lower(*args).compile(), None
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
 def pool_blocks(rounds: int = 13) -> dict:

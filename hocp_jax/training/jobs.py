@@ -32,7 +32,6 @@ import optax
 from jax.experimental import multihost_utils
 
 from hocp_jax import autotune, optim, transduction, tree
-from hocp_jax.checks import is_int
 from hocp_jax.models import MODELS, count_params, get_model
 from hocp_jax.training import objectives, plots, schedules
 from hocp_jax.training.config import validate_config
@@ -299,10 +298,8 @@ def configure_autotune(config, workdir: str) -> None:
         raise ValueError(f"config.autotune={value!r}: expected '' (the environment's or backend's policy) "
                          f"or one of {autotune.POLICIES}")
     per_sample, tile_rows = config.get("cp_per_sample", None), config.get("cp_tile_rows", None)
-    if per_sample is not None and not isinstance(per_sample, bool):
-        raise ValueError(f"config.cp_per_sample={per_sample!r}: expected None (automatic), True or False")
-    if tile_rows is not None and not (is_int(tile_rows) and tile_rows >= 0):
-        raise ValueError(f"config.cp_tile_rows={tile_rows!r}: expected None (automatic), 0 (no tiles) or a number of rows")
+    autotune.check_automatic_flag(per_sample, "config.cp_per_sample")
+    autotune.check_tile_rows(tile_rows, "config.cp_tile_rows")
     autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count(),
                        per_sample=per_sample, tile_rows=tile_rows)
 

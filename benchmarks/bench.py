@@ -212,12 +212,18 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def compile_without_loops(fn: Callable, *args) -> Any:
-    """``jax.jit(fn)`` compiled for ``args`` with the CP convs' per-sample, chunk and tile loops off
-    (as on GPU/TPU, where the automatic rules leave them off), through a new function, since
-    ``jax.jit`` reuses a trace of ``fn`` made outside the modes."""
-    with autotune.per_sample_mode(False), autotune.tile_rows_mode(0):
+def compile_in_modes(fn: Callable, *args, per_sample: bool | None, tile_rows: int | None) -> Any:
+    """``jax.jit(fn)`` compiled for ``args`` under ``autotune.per_sample_mode(per_sample)`` and
+    ``autotune.tile_rows_mode(tile_rows)``, through a new function, since ``jax.jit`` reuses a
+    trace of ``fn`` made outside the modes."""
+    with autotune.per_sample_mode(per_sample), autotune.tile_rows_mode(tile_rows):
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+
+
+def compile_without_loops(fn: Callable, *args) -> Any:
+    """:func:`compile_in_modes` with the CP convs' per-sample, chunk and tile loops off (as on
+    GPU/TPU, where the automatic rules leave them off)."""
+    return compile_in_modes(fn, *args, per_sample=False, tile_rows=0)
 
 
 def flops_of(compiled: Any) -> float | None:
@@ -237,7 +243,7 @@ def xla_flops(fn: Callable, *args) -> float | None:
 def memory_mib(compiled: Any) -> dict[str, float] | None:
     """``memory_analysis()`` of a compiled program in MiB: ``temp`` (its temporary buffers: the
     activations and intermediates of a train step; on CPU one block allocated per call),
-    ``arguments`` and ``outputs``; None where the backend gives none."""
+    ``argument`` and ``output``; None where the backend gives none."""
     m = compiled.memory_analysis()
     if m is None:
         return None

@@ -21,7 +21,7 @@ from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
                                              reduce_window_pool)
-from hocp_jax import autotune, conv
+from hocp_jax import conv
 from hocp_jax.models import get_model
 
 
@@ -562,7 +562,8 @@ def step_memory(batch_scale: int = 1) -> dict:
     if not (isinstance(batch_scale, int) and batch_scale >= 1):
         raise ValueError(f"batch_scale={batch_scale!r}: expected an int >= 1")
     programs = {"as on this backend": lambda *a: bench.compile_program(*a)[0],
-                "loops off": bench.compile_without_loops, "one sample at a time": _compile_per_sample}
+                "loops off": bench.compile_without_loops,
+                "one sample at a time": functools.partial(bench.compile_in_modes, per_sample=True, tile_rows=0)}
     temp, refs = {}, {}
     for case in bench.model_cases(False):
         case = bench.scaled(case, batch_scale)
@@ -576,13 +577,6 @@ def step_memory(batch_scale: int = 1) -> dict:
               for name, ref in refs.items() if ref}
     return {"batch_scale": batch_scale, "backend": jax.default_backend(), "temp_mib": temp,
             "over_dense_reference": ratios}
-
-
-def _compile_per_sample(fn, *args):
-    """``jax.jit(fn)`` compiled with the factorized convs one sample at a time, no tiles (through
-    a new function, as :func:`benchmarks.bench.compile_without_loops`)."""
-    with autotune.per_sample_mode(True), autotune.tile_rows_mode(0):
-        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
 def pool_blocks(rounds: int = 13) -> dict:

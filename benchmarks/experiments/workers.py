@@ -257,10 +257,11 @@ def jit_devices(rounds: int = 11) -> dict:
 # which serve large requests by mmap), is mapped fresh on every call and freed with munmap: each
 # call then page-faults its whole working set in again (seen from the minor-fault count per call
 # in a scratch session). "mmap from 1 GiB" (stop 45) keeps the arenas but raises the mmap
-# threshold, so buffers under 1 GiB come from the arenas' heaps. "no mmap" (stop 54) keeps the
-# arenas and never maps a buffer of its own: a request that a thread arena's heaps (64 MiB each)
-# cannot serve falls back to the main arena, which grows by sbrk; freed memory is not trimmed, so
-# that the next call may reuse pages already faulted in (PyTorch's did; XLA's did not:
+# threshold, and "no mmap" (stop 54) keeps them and turns mmap off, freed memory never trimmed:
+# buffers that an arena's heap can hold are then reused. A thread arena's heaps hold at most
+# 64 MiB each, and glibc serves a larger request of such a thread with a fresh mmap whatever the
+# settings say, so XLA's large buffers, allocated on its runtime threads, still fault in on every
+# call under both (PyTorch's, from the main thread, do not; stop 55, ``page_faults`` below, and
 # benchmarks/EXPERIMENTS.md). Plus jemalloc and tcmalloc in place of glibc's malloc
 # (``LD_PRELOAD``), where their libraries are installed (Debian: libjemalloc2,
 # libtcmalloc-minimal4).

@@ -763,9 +763,8 @@ def cp_conv(
     ksizes = [params[mode_key(m)].shape[0] for m in modes]
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
 
-    if per_sample not in (None, True, False):
-        raise ValueError(f"per_sample={per_sample!r}: expected None (automatic), True or False")
-    if psi_pointwise not in (True, False):
+    autotune.check_automatic_flag(per_sample, "per_sample")
+    if not isinstance(psi_pointwise, bool):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "reconstructed" and psi is not None:
         raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")

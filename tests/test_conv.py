@@ -496,7 +496,9 @@ def test_mobilenet_is_cp_special_case():
         (dict(bad_rank=True), "factor_h"),
         (dict(x_shape=(1, 2, 2, 3), padding="VALID"), "kernel extent"),
         (dict(per_sample="yes"), "per_sample='yes'"),
+        (dict(per_sample=1), "per_sample=1: expected None"),  # a flag, not a count (1 == True)
         (dict(psi_pointwise=None), "psi_pointwise=None"),
+        (dict(psi_pointwise=0), "psi_pointwise=0: expected True or False"),
         # a 1-D x with 2-D params: without modes, factor_h would be silently ignored
         (dict(x_shape=(2, 6, 3), modes=None), r"factor leaves \['factor_h'\]"),
         (dict(bias=jnp.ones((1,))), r"params\['bias'\]: got shape \(1,\), expected \(4,\)"),

@@ -23,7 +23,10 @@ DENSE_RULES = ("error", "keep", "inflate_center", "inflate_mean")
 _MODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-def _check_new_modes(modes: Mapping[str, int], init: str) -> dict[str, int]:
+def check_new_modes(modes: Mapping[str, int], init: str) -> dict[str, int]:
+    """``{mode name: kernel size}`` as plain ints if :func:`transduce` can add these modes with
+    ``init``, else a ``ValueError`` naming ``modes`` (non-empty, identifier names that are not
+    reserved, sizes >= 1, odd for ``init='delta'``)."""
     if not isinstance(modes, Mapping) or not modes:
         raise ValueError(f"modes={modes!r}: expected a non-empty dict {{mode_name: kernel_size}}, e.g. {{'t': 3}}")
     for m, k in modes.items():
@@ -91,7 +94,7 @@ def transduce(params: Any, modes: Mapping[str, int] | None = None, init: str = "
     """
     if init not in INITS:
         raise ValueError(f"init={init!r}: expected one of {INITS}")
-    modes = _check_new_modes({"t": 3} if modes is None else modes, init)
+    modes = check_new_modes({"t": 3} if modes is None else modes, init)
     if dense not in DENSE_RULES:
         raise ValueError(f"dense={dense!r}: expected one of {DENSE_RULES}")
     out = to_dict(params)

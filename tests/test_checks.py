@@ -39,7 +39,7 @@ def test_as_ints_reads_one_int_or_n_ints_and_names_the_argument():
     (lambda: decomposition.decompose(jnp.ones((3, 3, 2, 2)), 2, n_iter=True), "n_iter=True"),
     (lambda: decomposition.decompose(jnp.ones((3, 3, 2, 2)), True), "rank=True"),
     (lambda: decomposition.decompose(jnp.ones((3, 3, 2, 2)), 2, n_iter=2, report_every=True), "report_every=True"),
-    (lambda: transduction._check_new_modes({"t": True}, "ones"), r"modes\['t'\]=True"),
+    (lambda: transduction.check_new_modes({"t": True}, "ones"), r"modes\['t'\]=True"),
     (lambda: autotune.configure(batch_shards=True), "batch_shards=True"),
     (lambda: autotune.batch_shards_mode(True).__enter__(), "value=True"),
     (lambda: HeadConfig(n_outputs=True), "n_outputs=True"),
@@ -55,5 +55,5 @@ def test_a_bool_is_not_a_count(make, match):
 def test_numpy_ints_are_counts():
     _, rel = decomposition.decompose(jnp.ones((3, 3, 2, 2)), np.int64(1), n_iter=np.int64(3))
     assert rel < 1e-4  # an all-ones kernel is rank 1
-    assert transduction._check_new_modes({"t": np.int64(3)}, "ones") == {"t": 3}
+    assert transduction.check_new_modes({"t": np.int64(3)}, "ones") == {"t": 3}
     assert HeadConfig(n_outputs=np.int64(2)).n_outputs == 2

@@ -112,6 +112,15 @@ BAD = [
     ({"best_metric": "valence_ccc"}, "config.eval_every=0"),
     ({"eval_every": 2, "best_metric": "valence_ccc", "data.val_split": ""}, "config.data.val_split=''"),
     ({"eval_every": 2, "best_metric": "valence_ccc", "data.val_split": "test"}, "config.data.eval_split='test'"),
+    ({"loss.shake_shake": False, "loss.weights": (1.0, 1.0)}, "config.loss.weights=(1.0, 1.0): expected 3 numbers"),
+    ({"loss.ce_weight": -1.0}, "config.loss.ce_weight=-1.0"),
+    ({"loss.l1_gama": 0.1}, "unknown key config.loss.l1_gama (did you mean config.loss.l1_gamma?)"),
+    ({"transduction.modes": {"t": 0}}, "config.transduction.modes['t']=0: expected a kernel size int >= 1"),
+    ({"transduction.modes": {"t": 2}}, "config.transduction.modes['t']=2: init='delta' needs an odd kernel size"),
+    ({"transduction.init": "zeros"}, "config.transduction.init='zeros'"),
+    # found from the model's parameter shapes, before the static stage trains
+    ({"transduction.dense": "error"}, "cannot transduce config.model.name='resnet18_hocp': params: 3 non-CP conv"),
+    ({"model.name": "resnet18"}, "cannot transduce config.model.name='resnet18': params: transduce found no CP layer"),
 ]
 
 
@@ -130,6 +139,21 @@ def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, w
     with pytest.raises(ValueError, match=re.escape(words)):
         jobs.run(c, str(tmp_path))
     assert not (tmp_path / "static").exists()
+
+
+@pytest.mark.parametrize("loss,words", [
+    (dict(kind="avce", avce=dict(alpah=0.5), l1_gamma=0.0), "unknown key config.loss.avce.alpah (did you mean config.loss.avce.alpha?)"),
+    (dict(kind="bregnet", va_weight=1.0, l1_gamma=0.0), "missing required key config.loss.class_weighted"),
+    (dict(kind="bregnet", class_weighted=True, class_counts=[3, 0], va_weight=1.0, l1_gamma=0.0), "config.loss.class_counts=[3, 0]"),
+    (dict(kind="affect", va_weight=1.0, shake_shake=True, ce_weight=0.1, l1_gamma=0.01), "missing required key config.loss.l1_prox"),
+    (dict(kind="affect", va_weight=1.0, shake_shake=1, ce_weight=0.1, l1_gamma=0.0), "config.loss.shake_shake=1: expected True or False"),
+])
+def test_loss_config_is_checked_per_kind(loss, words):
+    from ml_collections import ConfigDict
+
+    from hocp_jax.training import objectives
+    with pytest.raises(ValueError, match=re.escape(words)):
+        objectives.check_loss_config(ConfigDict(loss))
 
 
 def test_best_metric_is_never_picked_on_the_reported_split(tmp_path):

@@ -141,8 +141,10 @@ def _model(cfg) -> Any:
 def check_config(config) -> None:
     """Checks every value the config alone decides (before any data is read or stage trains):
     the keys of ``fit`` each stage gets, each stage's ``num_steps`` and optimizer (the stage's
-    ``optimizer`` entries override ``config.optimizer``), model names, ``sparsity_tol``, and
-    that ``best_metric`` has evaluations on a held-out split to pick from.
+    ``optimizer`` entries override ``config.optimizer``), model names, ``sparsity_tol``,
+    ``config.loss`` (:func:`hocp_jax.training.objectives.check_loss_config`), the transduction
+    job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), and that
+    ``best_metric`` has evaluations on a held-out split to pick from.
 
     Raises:
         ValueError: naming the full key (e.g. ``config.stage1.num_steps``), its value and
@@ -150,8 +152,9 @@ def check_config(config) -> None:
     """
     validate_config(config, ("job",), checks={"job": TOP_CHECKS["job"]}, open_keys=True)
     stages = STAGES[config.job]
+    job_keys = ("transduction",) if config.job == "transduction" else ()
     validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
-                             "data", "model", "optimizer", *stages), ("eval_every", "best_metric"),
+                             "data", "model", "optimizer", "loss", *stages, *job_keys), ("eval_every", "best_metric"),
                     checks=TOP_CHECKS, open_keys=True)
     in_models = (lambda v: v in MODELS, f"one of {MODELS}")
     validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
@@ -166,6 +169,9 @@ def check_config(config) -> None:
                         name=f"config.{stage}")
         validate_config(config[stage].get("optimizer", {}), (), OPTIMIZER_KEYS, checks=schedules.CHECKS,
                         name=f"config.{stage}.optimizer")
+    objectives.check_loss_config(config.loss)
+    if config.job == "transduction":
+        _check_transduction_config(config.transduction)
     best, every = config.get("best_metric", ""), config.get("eval_every", 0)
     val_split, eval_split = config.data.get("val_split", ""), config.data.get("eval_split")
     if best and not (every and val_split):
@@ -176,6 +182,42 @@ def check_config(config) -> None:
         raise ValueError(f"config.best_metric={best!r} would pick checkpoints on config.data.val_split={val_split!r}, "
                          f"the split config.data.eval_split={eval_split!r} reports: set config.data.val_split to "
                          "another held-out split, or config.best_metric=''")
+
+
+def _check_transduction_config(cfg) -> None:
+    """``config.transduction``: ``modes`` (:func:`hocp_jax.transduction.check_new_modes`; odd
+    sizes, since the job also rates the static model transduced with ``init='delta'``), ``init``
+    and ``dense`` (:data:`hocp_jax.transduction.INITS`, :data:`~hocp_jax.transduction.DENSE_RULES`)."""
+    validate_config(cfg, ("modes", "init"), ("dense",), name="config.transduction", checks={
+        "init": (lambda v: v in transduction.INITS, f"one of {transduction.INITS}"),
+        "dense": (lambda v: v in transduction.DENSE_RULES, f"one of {transduction.DENSE_RULES}")})
+    modes = cfg.modes.to_dict() if hasattr(cfg.modes, "to_dict") else cfg.modes
+    try:
+        transduction.check_new_modes(modes, "delta")
+    except ValueError as e:
+        why = " (the job also rates the static model transduced with init='delta')" if "delta" in str(e) else ""
+        raise ValueError(f"config.transduction.{e}{why}") from None
+
+
+def check_transducible(config, model, images: Data) -> None:
+    """Before the static stage trains: ``config.transduction`` transforms the parameters of
+    ``config.model`` with both of the job's inits (shapes only, ``jax.eval_shape`` on one batch of
+    ``images``): a model without CP convs, or ``dense='error'`` with dense convs, fails here.
+
+    Raises:
+        ValueError: naming ``config.transduction`` and ``config.model.name``, with
+            :func:`hocp_jax.transduction.transduce`'s reason.
+    """
+    cfg = config.transduction
+    x = model_input(next(iter(images.eval_batches("train"))))
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], x)
+    modes, dense = (cfg.modes.to_dict() if hasattr(cfg.modes, "to_dict") else dict(cfg.modes)), cfg.get("dense", "error")
+    for init in dict.fromkeys(("delta", cfg.init)):
+        try:
+            jax.eval_shape(lambda p, init=init: transduction.transduce(p, modes, init, dense=dense), params)
+        except ValueError as e:
+            raise ValueError(f"config.transduction (modes={modes}, init={init!r}, dense={dense!r}) cannot transduce "
+                             f"config.model.name={config.model.name!r}: {e}") from None
 
 
 def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> None:
@@ -226,6 +268,7 @@ def run_transduction(config, workdir: str) -> dict:
     baselines = {name: get_model(name, **_kwargs(config.baseline.kwargs)) for name in config.baseline.models}
     check_data(config, videos, {"static": (model, images), "stage1": (model, videos), "stage2": (model, videos)}
                | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
+    check_transducible(config, model, images)
     gamma = config.loss.l1_gamma
 
     static = train_stage(config, "static", model, images, workdir, l1_gamma=gamma)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 from collections.abc import Callable
 
 import einops
@@ -19,10 +21,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import contrastive, losses, metrics
+from hocp_jax.checks import is_int
 from hocp_jax.models import bregnet
+from hocp_jax.training.config import validate_config
 
 TARGETS = ("valence", "arousal")
 LOSSES = ("affect", "bregnet", "avce")
+
+
+def _is_real(v, low: float = 0.0) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+
+
+def _is_reals(v, n: int | None = None) -> bool:
+    return isinstance(v, (tuple, list)) and (n is None or len(v) == n) and all(_is_real(x) for x in v)
+
+
+# config.loss: the keys each kind reads (make_loss, loss_fn; l1_* by every job), with their checks.
+LOSS_REQUIRED = {"affect": ("va_weight", "shake_shake", "ce_weight"), "bregnet": ("class_weighted", "va_weight"),
+                 "avce": ("avce",)}
+LOSS_CHECKS = {
+    "kind": (lambda v: v in LOSSES, f"one of {LOSSES}"),
+    "va_weight": (_is_real, "a number >= 0"),
+    "ce_weight": (_is_real, "a number >= 0"),
+    "shake_shake": (lambda v: isinstance(v, bool), "True or False"),
+    "weights": (lambda v: _is_reals(v, 3) and sum(v) > 0, "3 numbers >= 0, not all 0: (alpha, beta, gamma)"),
+    "class_weights": (lambda v: _is_reals(v) and all(x > 0 for x in v), "a tuple of numbers > 0 (or () for none)"),
+    "class_weighted": (lambda v: isinstance(v, bool), "True or False"),
+    "class_counts": (lambda v: isinstance(v, (tuple, list)) and all(is_int(x) and x >= 1 for x in v),
+                     "a list of ints >= 1 (or [] for the training split's counts)"),
+    "l1_gamma": (_is_real, "a number >= 0"),
+    "l1_prox": (lambda v: isinstance(v, bool), "True or False"),
+    "avce": (lambda v: hasattr(v, "keys"), "a dict of make_avce_loss's keyword arguments"),
+}
+
+
+def check_loss_config(cfg) -> None:
+    """Checks ``config.loss`` before any data is read or stage trains: known keys, the keys its
+    ``kind`` (default ``"affect"``) reads present, each value's type and range (``weights`` only
+    where ``shake_shake`` is off, as :func:`loss_fn` reads it then; ``l1_prox`` where
+    ``l1_gamma > 0``), and ``avce``'s keys those of :func:`hocp_jax.contrastive.make_avce_loss`.
+
+    Raises:
+        ValueError: naming the full key (e.g. ``config.loss.weights``), its value and what was expected.
+    """
+    kind = cfg.get("kind", "affect")
+    validate_config(cfg, (), ("kind",), checks={"kind": LOSS_CHECKS["kind"]}, name="config.loss", open_keys=True)
+    required = list(LOSS_REQUIRED[kind]) + ["l1_gamma"]
+    if kind == "affect" and cfg.get("shake_shake") is False:
+        required.append("weights")
+    if _is_real(cfg.get("l1_gamma")) and cfg.get("l1_gamma") > 0:
+        required.append("l1_prox")
+    validate_config(cfg, required, LOSS_CHECKS, checks=LOSS_CHECKS, name="config.loss")
+    if kind == "avce":
+        allowed = [p for p in inspect.signature(contrastive.make_avce_loss).parameters]
+        validate_config(cfg.avce, (), allowed, name="config.loss.avce")
 
 
 def _flat(x: jax.Array) -> jax.Array:

@@ -12,7 +12,8 @@ float weights of shape ``(n,)`` or ``(n, k)`` (padded batches: padding gets 0):
   same across a named device axis), :func:`finalize` (metrics of the whole set).
 * :func:`per_sequence_metrics` -- metrics per video ``(B, T, k)`` and their mean over videos.
 
-Conventions (all results are finite, never NaN):
+Conventions (all results are finite, never NaN, for finite inputs; a NaN or infinite value among
+the valid samples makes every metric NaN, so that a diverged model never scores as a good one):
 
 * SAGR compares ``sign`` with ``sign(0) = 0`` (the Kronecker delta of the papers, as
   ``np.sign``): a 0 agrees only with an exact 0.
@@ -108,6 +109,9 @@ def _prepare(y_true, y_pred, mask):
         raise ValueError(f"y_true: got shape {t.shape}, expected (n,) or (n, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    if t.shape[0] == 0:
+        raise ValueError(f"y_true: got shape {t.shape}, expected n >= 1 rows (a batch without a valid sample: "
+                         "n rows with a mask of 0s)")
     check_weights(mask)
     if mask is None:
         w = jnp.ones_like(t)
@@ -156,12 +160,11 @@ def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
     cov = jnp.where(both, m.cov, m.cov - jax.lax.stop_gradient(m.cov))
     ccc = _safe_div(2 * cov, var_t + var_p + (m.mu_t - m.mu_p) ** 2, default=1.0)
     has = m.n > 0
-    return {
-        "rmse": _safe_sqrt(m.mse),
-        "sagr": m.sagr,
-        "pcc": pcc,
-        "ccc": jnp.where(has, ccc, 0),
-    }
+    out = {"rmse": _safe_sqrt(m.mse), "sagr": m.sagr, "pcc": pcc, "ccc": jnp.where(has, ccc, 0)}
+    # a NaN or inf among the valid samples: every metric NaN (the safe ops above would read a NaN
+    # error as RMSE 0 and a NaN variance as PCC 0: a diverged model must not score as a good one)
+    bad = ~jnp.isfinite(m.mu_t + m.mu_p + m.var_t + m.var_p + m.cov + m.mse)
+    return {k: jnp.where(bad, jnp.nan, v) for k, v in out.items()}
 
 
 def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
@@ -335,6 +338,9 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
         raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
+    if t.shape[0] == 0:
+        raise ValueError(f"y_true: got shape {t.shape}, expected n >= 1 rows (a batch without a valid sample: "
+                         "n rows with a mask of 0s)")
     check_weights(mask)
     m = jnp.ones(t.shape[:2], bool) if mask is None else jnp.asarray(mask)
     if m.shape != t.shape[:2]:

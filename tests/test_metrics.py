@@ -144,6 +144,27 @@ def test_all_masked_is_zero_not_nan():
     assert all(float(v) == 0 for v in M.finalize(M.affect_stats(t, p, np.zeros(64, bool))).values())
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["y_pred", "y_true"])
+def test_a_non_finite_valid_sample_makes_every_metric_nan(bad, where):
+    """A diverged model's NaN outputs must not read as RMSE 0 / PCC 0 (the safe sqrt and
+    division would give those); batch, jitted and streamed (merged with a clean batch) alike,
+    the losses too. The same value in a masked-out row changes nothing (test above)."""
+    from hocp_jax import losses
+
+    t, p = (np.array(a, np.float32) for a in CASES["random"])
+    (p if where == "y_pred" else t)[5] = bad
+    for got in (M.regression_metrics(t, p), jax.jit(M.regression_metrics)(t, p),
+                M.finalize(M.merge(M.affect_stats(*CASES["random"]), M.affect_stats(t, p)))):
+        assert all(np.isnan(float(v)) for v in got.values()), got
+    assert np.isnan(float(losses.rmse_loss(t, p))) and np.isnan(float(losses.pcc_loss(t, p)))
+
+
+def test_empty_input_raises():
+    with pytest.raises(ValueError, match=r"y_true: got shape \(0,\), expected n >= 1"):
+        M.ccc(np.zeros(0), np.zeros(0))
+
+
 def test_invalid_shapes_raise():
     with pytest.raises(ValueError, match="y_pred"):
         M.rmse(np.zeros(4), np.zeros(5))

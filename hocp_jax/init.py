@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_positive_int, is_positive_int
+from hocp_jax.checks import check_positive_int, check_real, is_positive_int
 from hocp_jax.conv import check_modes, default_modes, mode_key
 
 
 def target_variance(in_channels: int, kernel_size: Sequence[int], gain: float = 2.0) -> float:
     """``gain / fan_in`` with ``fan_in = C_in * prod(kernel_size)`` (gain 2 = He, 1 = LeCun)."""
+    check_real(gain, "gain", lambda v: 0 < v < float("inf"), "a real number > 0 (2 = He, 1 = LeCun)")
     return gain / (in_channels * int(np.prod(kernel_size)))
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from hocp_jax import conv, counting
-from hocp_jax.checks import check_positive_int, is_int, is_positive_int
+from hocp_jax.checks import check_positive_int, check_real, is_int, is_positive_int
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
@@ -40,6 +40,21 @@ def as_ints(v, n: int, name: str) -> tuple[int, ...]:
     return tuple(int(e) for e in v)
 
 
+def check_sizes(**sizes) -> None:
+    """A ValueError naming the first of a layer's size arguments (``features=0``,
+    ``temporal_kernel_size=True``, ...) that is not an int >= 1."""
+    for name, v in sizes.items():
+        check_positive_int(v, name)
+
+
+def check_temporal_modes(temporal_modes) -> tuple[str, ...]:
+    """A layer's ``temporal_modes`` as a tuple of names (empty allowed), else a ValueError (a
+    string such as ``"t"`` is refused: it would read as one mode per character)."""
+    if isinstance(temporal_modes, str) or not isinstance(temporal_modes, Sequence):
+        raise ValueError(f"temporal_modes={temporal_modes!r}: expected a sequence of mode names, e.g. ('t',)")
+    return conv.check_modes(temporal_modes) if temporal_modes else ()
+
+
 def product_std(variance: float, n_terms: int, n_sums: int) -> float:
     """Std of i.i.d. entries whose ``n_terms``-fold products summed ``n_sums`` times have ``variance``."""
     return float((variance / n_sums) ** (1.0 / (2 * n_terms)))
@@ -50,11 +65,16 @@ def product_std(variance: float, n_terms: int, n_sums: int) -> float:
 
 def spatial_layout(kernel_size, spatial_modes) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Spatial mode names (default :func:`hocp_jax.conv.default_modes`) and one kernel size per mode."""
+    if not is_int(kernel_size) and (isinstance(kernel_size, str) or not isinstance(kernel_size, Sequence)):
+        raise ValueError(f"kernel_size={kernel_size!r}: expected an int or one int >= 1 per spatial mode")
     if spatial_modes is not None:
         modes = tuple(spatial_modes)
     else:
-        modes = conv.default_modes(2 if is_int(kernel_size) else len(tuple(kernel_size)))
-    return modes, as_ints(kernel_size, len(modes), "kernel_size")
+        modes = conv.default_modes(2 if is_int(kernel_size) else len(kernel_size))
+    ks = as_ints(kernel_size, len(modes), "kernel_size")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"kernel_size={kernel_size!r}: expected an int or one int >= 1 per spatial mode")
+    return modes, ks
 
 
 def cp_layer_rank(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank=None, rank_multiple=None) -> int:
@@ -131,6 +151,9 @@ def cp_conv_kwargs(
     """Keyword arguments of :func:`hocp_jax.conv.cp_conv` for a layer over ``temporal + spatial``
     modes (temporal modes: ``temporal_stride``/``temporal_padding``, dilation 1; with Psi, the
     spatial 1-D convs run first so that no Psi follows a temporal conv)."""
+    if not isinstance(padding, (str, int, Sequence)):
+        raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
+                         "per spatial mode")
     sp_pad = padding if isinstance(padding, (str, int)) else tuple(padding)
     return dict(
         modes=tuple(temporal) + tuple(spatial),
@@ -153,9 +176,13 @@ def kernel_dims(kernel_size) -> tuple[int, ...]:
 
 
 def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_ratio: float = 0.5) -> tuple[int, int]:
-    """``ranks`` if given, else ``rank_ratio`` times the input and output channels (at least 1)."""
-    r = ranks or (max(1, round(rank_ratio * in_channels)), max(1, round(rank_ratio * out_channels)))
-    return check_positive_int(r[0], "ranks[0]"), check_positive_int(r[1], "ranks[1]")
+    """``ranks`` if given (``(R_in, R_out)``, or one int for both), else ``rank_ratio`` (> 0)
+    times the input and output channels (at least 1)."""
+    if ranks is not None:
+        r = as_ints(ranks, 2, "ranks")
+        return check_positive_int(r[0], "ranks[0]"), check_positive_int(r[1], "ranks[1]")
+    check_real(rank_ratio, "rank_ratio", lambda v: 0 < v < float("inf"), "a number > 0 (or ranks=(R_in, R_out))")
+    return max(1, round(rank_ratio * in_channels)), max(1, round(rank_ratio * out_channels))
 
 
 def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int], gain=2.0) -> Specs:
@@ -174,7 +201,7 @@ def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[i
     """Separable conv leaves ``depthwise (*K, R)`` (He), ``factor_out (C_out, R)`` (LeCun) and, with
     an expansion ``rank``, ``factor_in (C_in, R)``; without it ``R = C_in``."""
     ks = kernel_dims(kernel_size)
-    r = rank or in_channels
+    r = in_channels if rank is None else check_positive_int(rank, "rank")
     specs: Specs = {
         "depthwise": (ks + (r,), initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=tuple(range(len(ks))), out_axis=-1)),
         "factor_out": ((out_channels, r), initializers.lecun_normal(in_axis=1, out_axis=0)),

@@ -144,8 +144,10 @@ class CPConv(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x (B, *S, C_in)`` or ``(B, *T, *S, C_in)`` -> ``(B, [*T,] *S_out, features)``."""
         layer_specs.check_psi(self.psi, self.psi_stages)
+        layer_specs.check_sizes(features=self.features, temporal_kernel_size=self.temporal_kernel_size)
         spatial, ks = self._spatial()
-        temporal = layer_specs.temporal_in_use(x.shape, spatial, self.temporal_modes, self.name or "CPConv")
+        temporal_modes = layer_specs.check_temporal_modes(self.temporal_modes)
+        temporal = layer_specs.temporal_in_use(x.shape, spatial, temporal_modes, self.name or "CPConv")
         for m in temporal:
             if not self.is_initializing() and not self.has_variable("params", conv.mode_key(m)):
                 raise ValueError(
@@ -199,6 +201,7 @@ class TuckerConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        layer_specs.check_sizes(features=self.features)
         ks = layer_specs.kernel_dims(self.kernel_size)
         if x.ndim != len(ks) + 2:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(ks) + 2}-D (batch, *spatial, channels)")
@@ -222,6 +225,7 @@ class SeparableConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        layer_specs.check_sizes(features=self.features)
         params = _params(self, layer_specs.separable_specs(x.shape[-1], self.features, self.kernel_size, self.rank))
         x, params = _promote(self, x, params)
         return conv.separable_conv(x, params, stride=self.stride, padding=self.padding)
@@ -245,6 +249,7 @@ class TRL(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        layer_specs.check_sizes(features=self.features, n_modes=self.n_modes)
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
         params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
@@ -297,6 +302,7 @@ class TCL(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        layer_specs.check_sizes(n_modes=self.n_modes)
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
         params = _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias))
@@ -320,6 +326,7 @@ class TTConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        layer_specs.check_sizes(features=self.features)
         params = _params(self, layer_specs.tt_conv_specs(
             x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
         x, params = _promote(self, x, params)

@@ -102,8 +102,10 @@ class CPConv(nnx.Module):
         rngs: nnx.Rngs,
     ):
         layer_specs.check_psi(psi, psi_stages)
+        layer_specs.check_sizes(in_features=in_features, out_features=out_features,
+                                temporal_kernel_size=temporal_kernel_size)
         self.spatial, ks = layer_specs.spatial_layout(kernel_size, spatial_modes)
-        self.temporal_modes = tuple(temporal_modes)
+        self.temporal_modes = layer_specs.check_temporal_modes(temporal_modes)
         rank = layer_specs.cp_layer_rank(in_features, out_features, ks, rank, rank_multiple)
         mode_sizes = tuple((m, temporal_kernel_size) for m in self.temporal_modes) + tuple(zip(self.spatial, ks))
         _create(self, layer_specs.cp_specs(in_features, out_features, mode_sizes, rank, gain=gain, skip=skip,
@@ -157,6 +159,7 @@ class TuckerConv(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        layer_specs.check_sizes(in_features=in_features, out_features=out_features)
         ranks = layer_specs.tucker_layer_ranks(in_features, out_features, ranks, rank_ratio)
         _create(self, layer_specs.tucker_specs(in_features, out_features, kernel_size, ranks, gain), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding, implementation=implementation)
@@ -185,6 +188,7 @@ class SeparableConv(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        layer_specs.check_sizes(in_features=in_features, out_features=out_features)
         _create(self, layer_specs.separable_specs(in_features, out_features, kernel_size, rank), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding)
         self.dtype = dtype
@@ -210,6 +214,7 @@ class TRL(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        layer_specs.check_sizes(features=features)
         self.in_shape = tuple(in_shape)
         _create(self, layer_specs.trl_specs(self.in_shape, features, rank, decomposition), rngs, param_dtype)
         self.dtype = dtype
@@ -288,6 +293,7 @@ class TTConv(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        layer_specs.check_sizes(in_features=in_features, out_features=out_features)
         _create(self, layer_specs.tt_conv_specs(in_features, out_features, kernel_size, rank, gain, use_bias), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
         self.dtype = dtype

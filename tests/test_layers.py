@@ -1,10 +1,13 @@
 """Flax layers vs the functional core and independent oracles."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hocp_jax import conv, counting, layers, regression
+from hocp_jax.layers import TCL, TRL, CPConv, SeparableConv, TTConv, TuckerConv
 
 
 def test_cpconv_equals_functional_and_dense():
@@ -98,3 +101,39 @@ def test_trl_matches_full_weight(decomposition, rank):
     np.testing.assert_allclose(y, np.einsum("bthwc,hwco->bto", x, w) + np.asarray(v["params"]["bias"]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="factor_0"):
         m.apply(v, jnp.ones((3, 2, 5, 5, 6)))
+
+
+# Constructor arguments a user gets wrong: each a ValueError naming it (before: a silent
+# 0-channel output, ZeroDivisionError, TypeError or MLIR errors from deep inside, or a string
+# temporal_modes read as one mode per character).
+_X = jnp.ones((1, 5, 5, 4))
+BAD_LAYERS = [
+    (lambda: CPConv(0, rank=2), "features=0: expected an int >= 1"),
+    (lambda: CPConv(True, rank=2), "features=True"),
+    (lambda: CPConv(3, kernel_size=True, rank=2), "kernel_size=True"),
+    (lambda: CPConv(3, kernel_size=3.0, rank=2), "kernel_size=3.0"),
+    (lambda: CPConv(3, kernel_size=0, rank=2), "kernel_size=0"),
+    (lambda: CPConv(3, temporal_modes="time", rank=2), "temporal_modes='time'"),
+    (lambda: CPConv(3, gain=-1.0, rank=2), "gain=-1.0: expected a real number > 0"),
+    (lambda: CPConv(3, gain=float("nan"), rank=2), "gain=nan"),
+    (lambda: CPConv(3, padding=None, rank=2), "padding=None"),
+    (lambda: TuckerConv(3, ranks=(2, 2, 2)), "ranks=(2, 2, 2)"),
+    (lambda: TuckerConv(3, rank_ratio=0), "rank_ratio=0"),
+    (lambda: SeparableConv(0), "features=0"),
+    (lambda: SeparableConv(3, rank=0), "rank=0: expected an int >= 1"),
+    (lambda: TRL(3, rank=2, n_modes=True), "n_modes=True"),
+    (lambda: TCL(2, n_modes=-2), "n_modes=-2"),
+    (lambda: TTConv(0), "features=0"),
+]
+
+
+@pytest.mark.parametrize("make,words", BAD_LAYERS, ids=[w for _, w in BAD_LAYERS])
+def test_bad_constructor_arguments_name_themselves(make, words):
+    m = make()
+    with pytest.raises(ValueError, match=re.escape(words)):
+        m.init(jax.random.key(0), _X)
+
+
+def test_temporal_kernel_size_is_checked_on_video():
+    with pytest.raises(ValueError, match="temporal_kernel_size=0"):
+        CPConv(3, rank=2, temporal_kernel_size=0).init(jax.random.key(0), jnp.ones((1, 3, 5, 5, 4)))

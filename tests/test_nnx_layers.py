@@ -136,5 +136,16 @@ def test_dtype_and_param_dtype_and_validation():
         nnx_layers.CPConv(3, 4, rank=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="decomposition"):
         nnx_layers.TRL((2, 2), 3, decomposition="tt", rngs=nnx.Rngs(0))
+    # sizes and temporal modes, named as the NNX constructors call them (Linen: tests/test_layers.py)
+    for make, words in [(lambda: nnx_layers.CPConv(3, 0, rank=2, rngs=nnx.Rngs(0)), "out_features=0"),
+                        (lambda: nnx_layers.CPConv(3, 4, rank=2, temporal_modes="t", rngs=nnx.Rngs(0)), "temporal_modes='t'"),
+                        (lambda: nnx_layers.CPConv(3, 4, rank=2, temporal_modes=("t",), temporal_kernel_size=0,
+                                                   rngs=nnx.Rngs(0)), "temporal_kernel_size=0"),
+                        (lambda: nnx_layers.TuckerConv(0, 4, rngs=nnx.Rngs(0)), "in_features=0"),
+                        (lambda: nnx_layers.SeparableConv(3, 4, rank=0, rngs=nnx.Rngs(0)), "rank=0"),
+                        (lambda: nnx_layers.TTConv(3, True, rngs=nnx.Rngs(0)), "out_features=True"),
+                        (lambda: nnx_layers.TRL((2, 2), 0, rngs=nnx.Rngs(0)), "features=0")]:
+        with pytest.raises(ValueError, match=words):
+            make()
     for cls in (nnx_layers.TuckerConv, nnx_layers.SeparableConv, nnx_layers.TTConv):  # int: (k, k), as CPConv
         assert cls(3, 4, 3, rngs=nnx.Rngs(0))(x.astype(jnp.float32)).shape == (1, 5, 5, 4)

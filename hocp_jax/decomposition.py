@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import counting
-from hocp_jax.checks import check_int, check_positive_int, is_int
+from hocp_jax.checks import check_int, check_positive_int, check_real, is_int
 from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
@@ -156,6 +156,11 @@ def _default_tol(dtype) -> float:
     return 10 * float(jnp.finfo(dtype).eps)
 
 
+def _check_tol(tol) -> float:
+    check_real(tol, "tol", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (or None: 10 eps of the dtype)")
+    return float(tol)
+
+
 def decompose(
     kernel: jax.Array,
     rank: int,
@@ -219,7 +224,9 @@ def decompose(
     if report_every is not None:
         check_positive_int(report_every, "report_every")
     eps = float(jnp.finfo(kernel.dtype).eps)
-    tol = _default_tol(kernel.dtype) if tol is None else float(tol)
+    tol = _default_tol(kernel.dtype) if tol is None else _check_tol(tol)
+    if ridge is not None:
+        check_real(ridge, "ridge", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (or None: eps of the dtype)")
     ridge = eps if ridge is None else float(ridge)
     key = jax.random.key(0) if key is None else key
     # the random parts of the init are drawn on the host: compiling threefry costs more than the fit
@@ -298,7 +305,8 @@ def tucker_decompose(
             or not all(is_int(r) for r in ranks)
             or not (1 <= ranks[0] <= c_in and 1 <= ranks[1] <= c_out)):
         raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in} and 1 <= R_out <= {c_out}")
-    tol = _default_tol(kernel.dtype) if tol is None else float(tol)
+    check_int(n_iter, "n_iter", 0)
+    tol = _default_tol(kernel.dtype) if tol is None else _check_tol(tol)
     params, rel = _hooi(kernel, int(ranks[0]), int(ranks[1]), int(n_iter), tol)
     if out_dtype != kernel.dtype:
         params, rel = _in_dtype(params, kernel, tucker_to_kernel, out_dtype)

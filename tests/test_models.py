@@ -297,6 +297,9 @@ def test_bounded_head_is_tanh_of_unbounded():
     ("resnet18", "widths", (0, 8, 16, 16)), ("resnet18_hocp", "widths", (8, 8, 16, -1)), ("resnet18", "widths", ()),
     ("resnet18", "widths", (8.0, 8, 16, 16)), ("resnet18", "stem_kernel", 0), ("resnet18", "stem_kernel", 2.5),
     ("jester", "fc_features", 0), ("jester", "fc_features", -3), ("jester_hocp", "widths", (4, 0, 8, 8)),
+    # a 0 or True stage size silently dropped or resized a stage; a 0 stem_mid divided by zero
+    ("resnet18", "stage_sizes", (0, 1, 1, 1)), ("resnet18_hocp", "stage_sizes", (1, True, 1, 1)),
+    ("resnet18", "widths", 8), ("resnet18_2plus1d", "stem_mid", 0),
 ])
 def test_invalid_fields_raise(name, field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):

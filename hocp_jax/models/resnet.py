@@ -175,8 +175,12 @@ class ResNet(nn.Module):
             raise ValueError(f"shortcut={self.shortcut!r}: expected 'dense' or 'cp'")
         if self.midplanes not in ("block", "conv"):
             raise ValueError(f"midplanes={self.midplanes!r}: expected 'block' or 'conv'")
-        if not self.widths or not all(map(is_positive_int, self.widths)):
+        if not isinstance(self.stage_sizes, Sequence) or not all(map(is_positive_int, self.stage_sizes)):
+            raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a sequence of ints >= 1 (blocks per stage)")
+        if not isinstance(self.widths, Sequence) or not self.widths or not all(map(is_positive_int, self.widths)):
             raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
+        if self.stem_mid is not None and not is_positive_int(self.stem_mid):
+            raise ValueError(f"stem_mid={self.stem_mid!r}: expected an int >= 1 or None (the rule's width)")
         if not is_positive_int(self.stem_kernel):
             raise ValueError(f"stem_kernel={self.stem_kernel!r}: expected an int >= 1")
         if len(self.stage_sizes) != len(self.widths):

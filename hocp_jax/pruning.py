@@ -90,7 +90,8 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
     Args:
       params: parameter tree with at least one CP layer.
       threshold: >= 0.
-      batch_stats: optional matching ``batch_stats`` tree (Psi BatchNorm statistics).
+      batch_stats: the matching ``batch_stats`` tree (Psi BatchNorm statistics), needed when a
+        layer with Psi batch norms loses components (else a ``ValueError``).
 
     Returns:
       ``(params, batch_stats, report)``; ``batch_stats`` is None when none was given.
@@ -112,6 +113,14 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
             new[k] = layer[k][:, keep]
         out = set_at(out, path, new)
         layer_stats = get_at(stats, path) if stats is not None else None
+        norms = [n for n, sub in layer.items() if n.startswith("bn_") and isinstance(sub, Mapping)]
+        lacking = [n for n in norms if not (isinstance(layer_stats, Mapping) and n in layer_stats)]
+        if lacking and keep.size < rank:  # its running statistics would keep R entries: a stale model
+            raise ValueError(
+                f"batch_stats: the Psi batch norms {lacking} of the CP layer at '{path_str(path)}' lose rank channels, "
+                f"but batch_stats has no statistics for them at that path (got "
+                f"{'none' if stats is None else 'top-level keys ' + str(sorted(stats))}); pass "
+                "batch_stats=variables['batch_stats']")
         if isinstance(layer_stats, Mapping):
             stats = set_at(stats, path, _slice_psi(layer_stats, keep, rank, f"batch_stats at '{path_str(path)}'"))
         rows.append(LayerPrune(path_str(path), rank, int(keep.size), n_params(layer), n_params(new)))

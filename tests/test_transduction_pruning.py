@@ -181,6 +181,11 @@ def test_prune_rank_equals_masked_model(psi):
     n = lambda tree: sum(np.size(v) for v in jax.tree.leaves(tree))  # noqa: E731
     assert (report.params_before, report.params_after) == (n(masked), n(pruned))
     assert report.params_removed == sum(l.params_before - l.params_after for l in report.layers)
+    if psi:  # without (or with the wrong level of) the statistics, the pruned BN stats would stay stale
+        for bad in (None, {"params": masked, "batch_stats": stats}):
+            with pytest.raises(ValueError, match=r"batch_stats: the Psi batch norms \['bn_in', 'bn_h', 'bn_w'\] of the CP "
+                                                 r"layer at 'conv1'"):
+                pruning.prune_rank(masked, 0.0, batch_stats=bad)
 
 
 def test_prune_rank_threshold_keeps_one_and_errors():

@@ -1,4 +1,6 @@
 """Parameter/FLOP counts against the paper's figures and against the actual trees/XLA."""
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -52,3 +54,18 @@ def test_flops_match_xla_cost_analysis(stride):
     assert 0.8 < dense / a_dense < 1.2
     assert 0.8 < fact / a_cp < 1.2
     assert a_cp < a_dense
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: counting.cp_params(4, 6, 3, 2), "kernel_size=3: expected a non-empty sequence"),  # was: int not iterable
+    (lambda: counting.dense_params(-4, 6, (3, 3)), "in_channels=-4"),  # was: -216
+    (lambda: counting.cp_params(4, 6, (3, 3), 2.5), "rank=2.5"),  # was: 42.5
+    (lambda: counting.cp_params(4, 6, (3, 3), True), "rank=True"),
+    (lambda: counting.tucker_params(4, 6, (3, 3), 2), "ranks=2"),
+    (lambda: counting.cp_flops((5, 5), 4, 6, (3, 3), 2, order=(0, 0)), "order=(0, 0)"),  # was: accepted
+    (lambda: counting.output_sizes((5, 5), 3), "kernel_size=3"),
+    (lambda: counting.cp_path_costs(-1, (5, 5), 4, 6, (3, 3), 2), "batch=-1"),  # was: negative costs
+], ids=["kernel-int", "channels", "rank-float", "rank-bool", "ranks-int", "order", "output-sizes", "batch"])
+def test_bad_geometry_raises_naming_the_argument(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call()

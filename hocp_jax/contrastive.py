@@ -242,6 +242,11 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
     if critic not in CRITICS:
         raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+    for name, value in (("contrastive_weight", contrastive_weight), ("pcc_weight", pcc_weight),
+                        ("ccc_weight", ccc_weight), ("alpha", alpha), ("beta", beta), ("gamma", gamma),
+                        ("disc_weight", disc_weight), ("margin", margin), ("hold_weight", hold_weight)):
+        check_real(value, name)  # here, not at the first traced step
+    check_real(critic_temperature, "critic_temperature", lambda v: v > 0, "a real number > 0")
     bound_kwargs = dict(alpha=alpha, beta=beta, gamma=gamma) if objective == "avce" else {}
 
     def loss_fn(outputs: dict, batch: dict, key=None):

@@ -31,6 +31,7 @@ Depthwise separable (MobileNet v1/v2 form): optional ``factor_in (C_in, R)``,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import itertools
 import string
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hocp_jax import autotune, counting, explicit_sharding
@@ -91,13 +93,19 @@ def cp_rank(params: Params, modes: Sequence[str]) -> int:
     if extra:
         raise ValueError(f"params: has factor leaves {extra} that modes={modes!r} does not use; expected the "
                          f"factors {required[1:]} (pass the modes of every factor, e.g. modes=('t', 'h', 'w'))")
-    rank = params["lambda"].shape[0] if params["lambda"].ndim == 1 else -1
+    known = set(required) | {"factor_skip", "bias"}
+    unknown = sorted(k for k, v in params.items() if k not in known and not isinstance(v, Mapping))
+    if unknown:  # e.g. a misspelt 'bias', which would be silently left out (sub-dicts: Psi modules, passed over)
+        close = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+        hints = "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise ValueError(f"params: unknown CP leaves {unknown}; expected {required} (+ optional factor_skip, bias){hints}")
+    rank = np.shape(params["lambda"])[0] if np.ndim(params["lambda"]) == 1 else -1
     if rank < 1:
-        raise ValueError(f"params['lambda']: got shape {tuple(params['lambda'].shape)}, expected (R,) with R >= 1")
+        raise ValueError(f"params['lambda']: got shape {tuple(np.shape(params['lambda']))}, expected (R,) with R >= 1")
     for k in required[1:]:
-        shape = tuple(params[k].shape)
-        if len(shape) != 2 or shape[1] != rank:
-            raise ValueError(f"params['{k}']: got shape {shape}, expected (size, R={rank})")
+        shape = tuple(np.shape(params[k]))
+        if len(shape) != 2 or shape[1] != rank or shape[0] < 1:
+            raise ValueError(f"params['{k}']: got shape {shape}, expected (size >= 1, R={rank})")
     return rank
 
 

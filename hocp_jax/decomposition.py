@@ -157,7 +157,8 @@ def _default_tol(dtype) -> float:
 
 
 def _check_tol(tol) -> float:
-    check_real(tol, "tol", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (or None: 10 eps of the dtype)")
+    check_real(tol, "tol", lambda v: v < float("inf"), "a number < inf (or None: 10 eps of the dtype; "
+               "a negative tol, e.g. -inf, runs every sweep)")
     return float(tol)
 
 
@@ -199,7 +200,8 @@ def decompose(
       modes: names of the kernel's spatial axes (default :func:`hocp_jax.conv.default_modes`).
       n_iter: maximum number of sweeps.
       tol: relative decrease of the error per sweep below which ALS stops; default ``10 eps``
-        of the kernel's dtype (1.2e-6 in float32).
+        of the kernel's dtype (1.2e-6 in float32); a negative one (e.g. ``-inf``) runs all
+        ``n_iter`` sweeps.
       key: PRNG key for the random parts of the init (default ``jax.random.key(0)``).
       init: ``"svd"`` (HOSVD: leading left singular vectors of each unfolding, padded with
         random columns when R exceeds the mode size) or ``"random"`` (standard normal).

@@ -106,8 +106,8 @@ def class_weights(counts) -> jax.Array:
     c = jnp.asarray(counts, jnp.float32)
     if c.ndim != 1 or c.shape[0] < 1:
         raise ValueError(f"counts: got shape {c.shape}, expected (C,) label counts")
-    if not isinstance(counts, jax.core.Tracer) and (np.asarray(counts) < 0).any():
-        raise ValueError(f"counts: got negative values {np.asarray(counts)}, expected counts >= 0")
+    if not isinstance(counts, jax.core.Tracer) and not (np.asarray(counts) >= 0).all():  # NaN fails too
+        raise ValueError(f"counts: got {np.asarray(counts)}, expected counts >= 0")
     f = c / jnp.maximum(c.sum(), 1e-30)
     present = f > 0
     f_min = jnp.where(present, f, jnp.inf).min()
@@ -151,6 +151,8 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
         h = jnp.asarray(class_weights, logits.dtype)
         if h.shape != logits.shape[-1:]:
             raise ValueError(f"class_weights: got shape {h.shape}, expected ({logits.shape[-1]},)")
+        if not isinstance(class_weights, jax.core.Tracer) and not (np.asarray(class_weights) >= 0).all():
+            raise ValueError(f"class_weights: got {np.asarray(class_weights)}, expected weights >= 0")
         weight = m * h[safe_labels]
     total = m.sum()
     return jnp.where(m > 0, weight * ce, 0).sum() / jnp.where(total > 0, total, 1)

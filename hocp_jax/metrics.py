@@ -366,6 +366,9 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
     labels, preds = jnp.asarray(labels), jnp.asarray(preds)
     if labels.ndim != 1 or preds.shape != labels.shape:
         raise ValueError(f"labels/preds: got shapes {labels.shape} and {preds.shape}, expected equal (n,)")
+    for name, a in (("labels", labels), ("preds", preds)):
+        if not jnp.issubdtype(a.dtype, jnp.integer):  # one_hot would count only the exact-integer floats
+            raise ValueError(f"{name}: got dtype {a.dtype}, expected integer classes (argmax the logits first)")
     num_classes = check_positive_int(num_classes, "num_classes")
     check_weights(mask)
     w = jnp.ones(labels.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)

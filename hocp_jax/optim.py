@@ -134,9 +134,12 @@ def masked_optimizer(
     ``params`` is used to check the selection here.
 
     Raises:
-      ValueError: when ``trainable`` selects no leaf of ``params``, or for a bad ``trainable`` /
-        ``temporal_modes``.
+      ValueError: when ``trainable`` selects no leaf of ``params``, or for a bad ``tx``,
+        ``trainable`` or ``temporal_modes``.
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        hint = " (an optimizer factory: call it, e.g. optax.adam(1e-3))" if callable(tx) else ""
+        raise ValueError(f"tx={tx!r}: expected an optax.GradientTransformation{hint}")
     labels = jax.tree_util.tree_leaves(label_params(params, trainable, temporal_modes))
     if "trainable" not in labels:
         raise ValueError(

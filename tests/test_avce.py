@@ -140,6 +140,11 @@ def test_loss_lower_for_aligned_pairs(objective):
 def test_objective_input_validation():
     with pytest.raises(ValueError, match="objective"):
         make_avce_loss(objective="nce")
+    # the loss's numbers are checked when it is made, not at the first traced step
+    for kwargs, words in ((dict(contrastive_weight="0.1"), "contrastive_weight='0.1'"), (dict(alpha=-1.0), "alpha=-1.0"),
+                          (dict(critic_temperature=0.0), "critic_temperature=0.0: expected a real number > 0")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            make_avce_loss(**kwargs)
     with pytest.raises(ValueError, match="square"):
         avce_objective(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="critic"):

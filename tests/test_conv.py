@@ -503,6 +503,8 @@ def test_mobilenet_is_cp_special_case():
         (dict(x_shape=(2, 6, 3), modes=None), r"factor leaves \['factor_h'\]"),
         (dict(bias=jnp.ones((1,))), r"params\['bias'\]: got shape \(1,\), expected \(4,\)"),
         (dict(stride=True), "stride=True"),
+        (dict(rename=("bias", "bais"), bias=jnp.ones((4,))), r"unknown CP leaves \['bais'\]"),  # was: silently no bias
+        (dict(zero_mode=True), r"params\['factor_h'\]: got shape \(0, 5\), expected \(size >= 1"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -514,6 +516,11 @@ def test_bad_arguments(kwargs, match):
         p["factor_h"] = jnp.ones((3, 4))
     if "bias" in kwargs:
         p["bias"] = kwargs.pop("bias")
+    if "rename" in kwargs:
+        old, new = kwargs.pop("rename")
+        p[new] = p.pop(old)
+    if kwargs.pop("zero_mode", False):
+        p["factor_h"] = jnp.ones((0, 5))
     x = jnp.ones(kwargs.pop("x_shape", (2, 6, 6, 3)))
     kwargs.setdefault("modes", ("h", "w"))
     with pytest.raises(ValueError, match=match):

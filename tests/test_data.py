@@ -201,6 +201,13 @@ def test_bad_arguments_raise_clear_errors(data_dir):
                                 shard_index=0, shard_count=2)
     with pytest.raises(FileNotFoundError, match="cifar10"):
         pipeline.data_source("cifar10", "train", data_dir / "empty")
+    source = pipeline.data_source("digits_affect", "test", data_dir)
+    for bad in (0, 3, -2):  # was: ZeroDivisionError, or a negative count of steps
+        with pytest.raises(ValueError, match=f"batch_size={bad}: expected a positive multiple of the 2 processes"):
+            pipeline.steps_per_epoch(source, batch_size=bad, shard_count=2)
+    from hocp_jax.data.afew_va import AfewVaConfig
+    with pytest.raises(ValueError, match="AfewVaConfig num_frames=0"):
+        AfewVaConfig(name="bad", num_frames=0)
 
 
 # ---------------------------------------------------------------- manual datasets

@@ -109,7 +109,7 @@ def test_decompose_rejects_bad_inputs():
     kernel = jnp.ones((3, 3, 2, 2))
     for kwargs, match in (({"rank": 0}, "rank=0"), ({"rank": 2, "init": "hosvd"}, "init="), ({"rank": 2, "n_iter": -1}, "n_iter"),
                           ({"rank": 2, "report_every": 0}, "report_every"), ({"rank": 2, "modes": ("h",)}, "modes"),
-                          ({"rank": 2, "ridge": -1.0}, "ridge=-1.0"), ({"rank": 2, "tol": -1}, "tol=-1"),
+                          ({"rank": 2, "ridge": -1.0}, "ridge=-1.0"), ({"rank": 2, "tol": np.inf}, "tol=inf"),
                           ({"rank": 2, "tol": float("nan")}, "tol=nan"), ({"rank": 2, "tol": "small"}, "tol='small'")):
         with pytest.raises(ValueError, match=match):
             D.decompose(kernel, **kwargs)
@@ -121,7 +121,7 @@ def test_decompose_rejects_bad_inputs():
         D.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
     with pytest.raises(ValueError, match="ranks"):
         D.tucker_decompose(kernel, (3, 1))
-    for kwargs, match in (({"n_iter": True}, "n_iter=True"), ({"n_iter": 2.5}, "n_iter=2.5"), ({"tol": -1.0}, "tol=-1.0")):
+    for kwargs, match in (({"n_iter": True}, "n_iter=True"), ({"n_iter": 2.5}, "n_iter=2.5"), ({"tol": float("nan")}, "tol=nan")):
         with pytest.raises(ValueError, match=match):
             D.tucker_decompose(kernel, (2, 2), **kwargs)
 

@@ -62,6 +62,8 @@ def test_frame_indices_rule():
     np.testing.assert_array_equal(jester.frame_indices(3, 6), [0, 1, 2, 2, 2, 2])
     with pytest.raises(ValueError, match="num_available=0"):
         jester.frame_indices(0, 18)
+    with pytest.raises(ValueError, match="num_frames=0"):  # was: silently no frame
+        jester.frame_indices(5, 0)
 
 
 def test_config_validation():

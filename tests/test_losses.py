@@ -181,6 +181,10 @@ def test_class_weights_follow_fmin_over_f():
         L.class_weights(np.array([3, -1]))
     with pytest.raises(ValueError, match="counts"):
         L.class_weights(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"counts: got \[ 1. nan\]"):  # was: weights [1, 1]
+        L.class_weights(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="class_weights: got"):  # a negative weight rewards the error
+        L.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]), class_weights=np.array([1.0, -1.0, 1.0]))
 
 
 def test_weighted_ce_equals_plain_ce_on_balanced_classes():

@@ -172,6 +172,9 @@ def test_invalid_shapes_raise():
         M.rmse(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="mask"):
         M.rmse(np.zeros((4, 2)), np.zeros((4, 2)), np.ones(3))
+    # float predictions: one_hot counted only the exact-integer ones (was: a silently short matrix)
+    with pytest.raises(ValueError, match="preds: got dtype float32, expected integer classes"):
+        M.confusion_matrix(np.array([0, 1, 2]), np.array([0.2, 1.7, 2.0], np.float32), 3)
 
 
 # ---------------------------------------------------------------- streaming

@@ -214,3 +214,6 @@ def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
             optim.masked_optimizer(optax.sgd(0.1), params, "spatial", temporal_modes=bad)
         with pytest.raises(ValueError, match="temporal_modes="):
             optim.leaf_category(("conv1", "factor_in"), {("conv1",)}, bad)
+    # the optimizer factory instead of an optimizer (was: AttributeError at init)
+    with pytest.raises(ValueError, match=r"tx=.*expected an optax.GradientTransformation \(an optimizer factory"):
+        optim.masked_optimizer(optax.adam, params, "spatial")

@@ -23,6 +23,7 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hocp_jax.checks import check_real, is_positive_int
 from hocp_jax.data import manual
 
 
@@ -34,6 +35,13 @@ class AfewVaConfig(tfds.core.BuilderConfig):
     stride: int = 8
     image_size: int = 64
     margin: float = 0.25
+
+    def __post_init__(self):
+        for field in ("num_frames", "stride", "image_size"):
+            value = getattr(self, field)
+            if not is_positive_int(value):
+                raise ValueError(f"AfewVaConfig {field}={value!r}: expected a positive int")
+        check_real(self.margin, "AfewVaConfig margin")
 
 
 def split_of(video_number: int) -> str:

@@ -31,7 +31,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_positive_int, is_positive_int
 from hocp_jax.data import manual
 
 LABELS = (
@@ -70,6 +70,7 @@ def frame_indices(num_available: int, num_frames: int) -> np.ndarray:
     """Indices (num_frames,) of the frames kept from a video of num_available."""
     if num_available < 1:
         raise ValueError(f"num_available={num_available}: expected >= 1 frame")
+    check_positive_int(num_frames, "num_frames")
     i = np.arange(num_frames)
     if num_available >= num_frames:
         return (2 * i + 1) * num_available // (2 * num_frames)

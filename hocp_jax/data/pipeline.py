@@ -29,7 +29,7 @@ import numpy as np
 import grain
 import tensorflow_datasets as tfds
 
-from hocp_jax.checks import check_int
+from hocp_jax.checks import check_int, is_positive_int
 from hocp_jax.data.afew_va import AfewVa
 from hocp_jax.data.affectnet import Affectnet
 from hocp_jax.data.embedded import DigitsAffect, MovingDigits
@@ -170,6 +170,9 @@ def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
 def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
     """Number of training batches per epoch (equal on all hosts)."""
     shard_count = jax.process_count() if shard_count is None else shard_count
+    if not (is_positive_int(batch_size) and batch_size % shard_count == 0):
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive multiple of the {shard_count} processes "
+                         "(each loads batch_size / processes examples)")
     return (len(source) // shard_count) // (batch_size // shard_count)
 
 

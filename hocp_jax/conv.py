@@ -847,8 +847,25 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
 # ----------------------------------------------------------------------------- Tucker conv
 
 
+def check_tucker(params: Params) -> tuple[int, int]:
+    """Validates Tucker params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)`` (K >= 1 per
+    mode, at least one mode), ``factor_out (C_out, R_out)``; returns ``(R_in, R_out)``."""
+    for k in ("factor_in", "core", "factor_out"):
+        if k not in params:
+            raise ValueError(f"params: missing Tucker leaf {k!r}; expected factor_in, core, factor_out")
+    core, u_in, u_out = (tuple(np.shape(params[k])) for k in ("core", "factor_in", "factor_out"))
+    for name, shape in (("factor_in", u_in), ("factor_out", u_out)):
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"params['{name}']: got shape {shape}, expected a 2-D (channels, rank) matrix")
+    if len(core) < 3 or min(core) < 1 or core[-2:] != (u_in[1], u_out[1]):
+        raise ValueError(f"params['core']: got shape {core}, expected (*K, R_in={u_in[1]}, R_out={u_out[1]}) with "
+                         "one K >= 1 per mode (factor_in, factor_out: (C, R))")
+    return u_in[1], u_out[1]
+
+
 def tucker_to_kernel(params: Params) -> jax.Array:
     """Reconstructs ``(*K, C_in, C_out)`` from Tucker params ``factor_in, core, factor_out``."""
+    check_tucker(params)
     return jnp.einsum("...ab,ca,tb->...ct", params["core"], params["factor_in"], params["factor_out"])
 
 
@@ -866,15 +883,11 @@ def tucker_conv(
     ``x (B, *S, C_in)``; params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``,
     ``factor_out (C_out, R_out)``, optional ``bias (C_out,)``. Returns ``(B, *S_out, C_out)``.
     """
-    for k in ("factor_in", "core", "factor_out"):
-        if k not in params:
-            raise ValueError(f"params: missing Tucker leaf {k!r}; expected factor_in, core, factor_out")
+    check_tucker(params)
     core, u_in, u_out = params["core"], params["factor_in"], params["factor_out"]
-    if core.ndim != x.ndim or core.shape[-2] != u_in.shape[1] or core.shape[-1] != u_out.shape[1]:
-        raise ValueError(
-            f"params['core']: shape {tuple(core.shape)} inconsistent with x {tuple(x.shape)}, factor_in "
-            f"{tuple(u_in.shape)}, factor_out {tuple(u_out.shape)}; expected (*K, R_in, R_out) with one K per mode"
-        )
+    if core.ndim != x.ndim:
+        raise ValueError(f"params['core']: shape {tuple(core.shape)} has {core.ndim - 2} kernel modes but x "
+                         f"{tuple(x.shape)} has {x.ndim - 2} spatial modes; expected (*K, R_in, R_out), one K per mode")
     if u_in.shape[0] != x.shape[-1]:
         raise ValueError(f"params['factor_in']: shape {tuple(u_in.shape)} but x has {x.shape[-1]} channels")
     n = x.ndim - 2

@@ -667,3 +667,20 @@ def test_convs_run_with_an_explicitly_split_spatial_axis(run_on_devices):
     against dense convs. Two CPU devices, in a process of their own."""
     errors = run_on_devices(SPATIAL_SHARDING_SCRIPT, 2)
     assert len(errors) == 6 and all(err < 1e-4 for err in errors.values()), errors  # float32 sums split in two
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(factor_out=jnp.ones((6,))), r"params\['factor_out'\]: got shape \(6,\), expected a 2-D"),  # was: IndexError
+    (dict(factor_out=None), "missing Tucker leaf 'factor_out'"),  # tucker_to_kernel: was KeyError
+    (dict(core=jnp.ones((3, 3, 2, 2))), r"params\['core'\]: got shape \(3, 3, 2, 2\), expected \(\*K, R_in=2, R_out=3\)"),
+    (dict(core=jnp.ones((0, 3, 2, 3))), r"params\['core'\]: got shape \(0, 3, 2, 3\)"),
+    (dict(core=jnp.ones((3, 2, 3))), "has 1 kernel modes but x"),
+])
+def test_tucker_params_are_checked_by_name(change, words):
+    x = jnp.ones((1, 6, 6, 4))
+    p = dict(factor_in=jnp.ones((4, 2)), core=jnp.ones((3, 3, 2, 3)), factor_out=jnp.ones((6, 3)))
+    p = {k: v for k, v in (p | change).items() if v is not None}
+    calls = [lambda: conv.tucker_conv(x, p)] + ([] if "kernel modes" in words else [lambda: conv.tucker_to_kernel(p)])
+    for call in calls:
+        with pytest.raises(ValueError, match=words):
+            call()

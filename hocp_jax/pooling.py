@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hocp_jax.checks import is_int
+
 
 def _config(x_shape, window, stride, padding):
     """Per-axis ``(lo, hi)`` pads of all axes, the output shape and the pooled axes' offset."""
@@ -88,7 +90,15 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
     Returns:
       ``(*lead, O_1, ..., O_n, C)`` with ``O_i = (S_i + lo_i + hi_i - window_i) // stride_i + 1``.
     """
-    window, stride = tuple(int(k) for k in window), tuple(int(s) for s in stride)
+    def ints(v, name):  # not int(): a 2.7 window would silently pool 2
+        if isinstance(v, str) or not isinstance(v, Sequence) or not all(map(is_int, v)):
+            raise ValueError(f"{name}={v!r}: expected a sequence of ints, one per pooled axis")
+        return tuple(int(e) for e in v)
+
+    window, stride = ints(window, "window"), ints(stride, "stride")
+    if isinstance(padding, str) or not isinstance(padding, Sequence) or not all(
+            isinstance(p, Sequence) and len(p) == 2 and all(map(is_int, p)) for p in padding):
+        raise ValueError(f"padding={padding!r}: expected explicit (low, high) int pairs, one per pooled axis")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     n = len(window)
     if len(stride) != n or len(padding) != n:

@@ -82,6 +82,9 @@ def test_max_pool_bfloat16_and_jit(window, stride, padding):
     (dict(window=(0, 3), stride=(2, 2), padding=((0, 0), (1, 1))), "pooled axis 0"),
     (dict(window=(3, 9), stride=(1, 1), padding=((0, 0), (0, 0))), "pooled axis 1"),
     (dict(window=(3, 3, 3, 3), stride=(1,) * 4, padding=((0, 0),) * 4), "fewer than 4 spatial axes"),
+    (dict(window=(2.7, 2), stride=(2, 2), padding=((0, 0), (0, 0))), r"window=\(2.7, 2\)"),  # was: pooled 2 silently
+    (dict(window=2, stride=(2, 2), padding=((0, 0), (0, 0))), "window=2: expected a sequence of ints"),
+    (dict(window=(2, 2), stride=(2, 2), padding="SAME"), "padding='SAME': expected explicit"),
 ])
 def test_max_pool_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

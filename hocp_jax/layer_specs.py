@@ -47,6 +47,14 @@ def check_sizes(**sizes) -> None:
         check_positive_int(v, name)
 
 
+def check_flags(**flags) -> None:
+    """A ValueError naming the first of a layer's on/off arguments (``skip``, ``use_bias``, ...)
+    that is not a bool (a string such as ``"no"`` would read as on)."""
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}={v!r}: expected True or False")
+
+
 def check_temporal_modes(temporal_modes) -> tuple[str, ...]:
     """A layer's ``temporal_modes`` as a tuple of names (empty allowed), else a ValueError (a
     string such as ``"t"`` is refused: it would read as one mode per character)."""

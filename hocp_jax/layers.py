@@ -145,6 +145,7 @@ class CPConv(nn.Module):
         """``x (B, *S, C_in)`` or ``(B, *T, *S, C_in)`` -> ``(B, [*T,] *S_out, features)``."""
         layer_specs.check_psi(self.psi, self.psi_stages)
         layer_specs.check_sizes(features=self.features, temporal_kernel_size=self.temporal_kernel_size)
+        layer_specs.check_flags(skip=self.skip, use_bias=self.use_bias, input_grad=self.input_grad)
         spatial, ks = self._spatial()
         temporal_modes = layer_specs.check_temporal_modes(self.temporal_modes)
         temporal = layer_specs.temporal_in_use(x.shape, spatial, temporal_modes, self.name or "CPConv")
@@ -327,6 +328,7 @@ class TTConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_specs.check_sizes(features=self.features)
+        layer_specs.check_flags(use_bias=self.use_bias)
         params = _params(self, layer_specs.tt_conv_specs(
             x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
         x, params = _promote(self, x, params)

@@ -124,6 +124,8 @@ BAD_LAYERS = [
     (lambda: TRL(3, rank=2, n_modes=True), "n_modes=True"),
     (lambda: TCL(2, n_modes=-2), "n_modes=-2"),
     (lambda: TTConv(0), "features=0"),
+    (lambda: CPConv(3, rank=2, skip="no"), "skip='no': expected True or False"),  # was: a skip factor
+    (lambda: CPConv(3, rank=2, use_bias="no"), "use_bias='no'"),
 ]
 
 

@@ -325,6 +325,15 @@ def test_get_model_rejects_unknown_keywords():
     assert model.n_outputs == 3 and model.encoder.backbone.psi == "relu"
 
 
+def test_flags_are_bools_not_truthy_strings():
+    with pytest.raises(ValueError, match="tiny='no': expected True or False"):
+        get_model("resnet18", tiny="no")
+    with pytest.raises(ValueError, match="head.bounded='yes': expected True or False"):
+        get_model("resnet18", head=dict(bounded="yes"))
+    with pytest.raises(ValueError, match=r"name=\['resnet18'\]: unknown model"):
+        get_model(["resnet18"])
+
+
 def test_head_and_registry_validation():
     with pytest.raises(ValueError, match="n_outputs=0 and n_classes=0"):
         HeadConfig(n_outputs=0)

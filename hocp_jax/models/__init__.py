@@ -66,8 +66,10 @@ def _field_names(cls) -> tuple[str, ...]:
 
 def get_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
     """Builds model ``name`` (one of ``MODELS``); ``tiny`` for tests; ``kwargs`` override fields."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"name={name!r}: unknown model; expected one of {MODELS}")
+    if not isinstance(tiny, bool):
+        raise ValueError(f"tiny={tiny!r}: expected True or False")
     cls, fields, tiny_fields = _REGISTRY[name]
     valid = _field_names(cls)
     unknown = sorted(set(kwargs) - set(valid))

@@ -51,6 +51,8 @@ class HeadConfig:
                 raise ValueError(f"head.{name}={v!r}: expected an int >= 0")
         if self.n_outputs == 0 and self.n_classes == 0:
             raise ValueError("head: n_outputs=0 and n_classes=0; expected at least one output")
+        if not isinstance(self.bounded, bool):
+            raise ValueError(f"head.bounded={self.bounded!r}: expected True or False")
         if self.trl not in TRL_CHOICES:
             raise ValueError(f"head.trl={self.trl!r}: expected one of {TRL_CHOICES}")
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from hocp_jax.checks import check_positive_int
+
 
 def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> list[jax.Array]:
     dims = x.shape[x.ndim - n_modes:]
@@ -33,9 +35,32 @@ def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> lis
     return factors
 
 
+def _check_ranks(params: Mapping[str, jax.Array], factors: list[jax.Array]) -> None:
+    """The rank axes of a TRL's leaves agree (CP: one R; Tucker: the core's), and ``bias`` is ``(O,)``."""
+    out = params.get("factor_out")
+    if out is None or out.ndim != 2:
+        raise ValueError(f"params['factor_out']: got {None if out is None else tuple(out.shape)}, expected (O, rank)")
+    if "core" in params:
+        want = tuple(f.shape[1] for f in factors) + (out.shape[1],)
+        if tuple(params["core"].shape) != want:
+            raise ValueError(f"params['core']: got shape {tuple(params['core'].shape)}, expected {want} "
+                             "(the factors' ranks, then factor_out's)")
+    elif "lambda" in params:
+        ranks = {f.shape[1] for f in factors} | {out.shape[1]}
+        if len(ranks) != 1 or tuple(params["lambda"].shape) != (out.shape[1],):
+            raise ValueError(f"params: the CP TRL's factors have ranks {sorted(ranks)} and lambda shape "
+                             f"{tuple(params['lambda'].shape)}; expected one rank R and lambda (R,)")
+    if "bias" in params and tuple(params["bias"].shape) != (out.shape[0],):
+        raise ValueError(f"params['bias']: got shape {tuple(params['bias'].shape)}, expected ({out.shape[0]},) (O)")
+
+
 def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.Array:
     """Applies a CP (``lambda`` in params) or Tucker (``core`` in params) TRL to ``x``."""
+    check_positive_int(n_modes, "n_modes")
+    if x.ndim < n_modes + 1:
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{n_modes})")
     factors = _factors(params, x, n_modes)
+    _check_ranks(params, factors)
     letters = string.ascii_lowercase[:n_modes]
     if "core" in params:
         ranks = letters.upper()

@@ -137,6 +137,15 @@ def factorized_linear_weight(params: Params) -> jax.Array:
     return w.reshape(int(np.prod(in_shape)), int(np.prod(out_shape)))
 
 
+def _add_bias(y: jax.Array, params: Params, shape: tuple[int, ...]) -> jax.Array:
+    """``y + params["bias"]`` if there is one, which must have ``shape`` (no silent broadcast)."""
+    if "bias" not in params:
+        return y
+    if _shape(params["bias"]) != tuple(shape):
+        raise ValueError(f"params['bias']: got shape {_shape(params['bias'])}, expected {tuple(shape)}")
+    return y + params["bias"]
+
+
 def factorized_linear(x: jax.Array, params: Params, *, implementation: str = "factorized") -> jax.Array:
     """``x (*batch, I)`` -> ``(*batch, O)`` with a CP / Tucker / TT-matrix weight (module docstring)."""
     if implementation not in LINEAR_IMPLEMENTATIONS:
@@ -153,7 +162,7 @@ def factorized_linear(x: jax.Array, params: Params, *, implementation: str = "fa
         xs = x.reshape(x.shape[:-1] + in_shape)
         spec = f"...{used[:d_in]}," + ",".join(specs) + f"->...{used[d_in:]}"
         y = jnp.einsum(spec, xs, *operands, optimize="greedy").reshape(x.shape[:-1] + (int(np.prod(out_shape)),))
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(y, params, y.shape[-1:])
 
 
 # ----------------------------------------------------------------------------- tensor contraction layer
@@ -174,7 +183,7 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
     outs = _letters(k, skip=ins)
     y = jnp.einsum(f"...{ins}," + ",".join(a + b for a, b in zip(ins, outs)) + f"->...{outs}", x, *factors,
                    optimize="greedy")
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(y, params, y.shape[-k:])
 
 
 # ----------------------------------------------------------------------------- tensor dropout

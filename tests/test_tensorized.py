@@ -220,3 +220,25 @@ def test_tt_tensor_dropout_masks_inner_ranks_and_keeps_expectation():
         assert ratio.shape[-1] == r and np.all(np.isclose(ratio, ratio[..., :1, :1, :1, :]) | (ratio == 0))
         assert np.all(np.isclose(ratio, 0) | np.isclose(ratio, 1 / 0.75))
     np.testing.assert_array_equal(one["core_2"], params["core_2"])
+
+
+def test_bias_and_rank_shapes_are_checked_not_broadcast():
+    """A (1,) bias broadcast silently and a wrong-length one failed in XLA; a TRL's mismatched ranks
+    failed inside einsum (before: the raw 'Size of label' / broadcasting messages)."""
+    from hocp_jax import regression
+
+    x = jnp.ones((2, 3, 4))
+    cp = {"factor_0": jnp.ones((3, 2)), "factor_1": jnp.ones((4, 2)), "factor_out": jnp.ones((5, 2)),
+          "lambda": jnp.ones((2,))}
+    assert regression.trl(x, cp | {"bias": jnp.zeros((5,))}, n_modes=2).shape == (2, 5)
+    for bad, words in ((cp | {"bias": jnp.ones((1,))}, r"params\['bias'\]: got shape \(1,\), expected \(5,\)"),
+                       (cp | {"factor_out": jnp.ones((5, 3))}, "have ranks \\[2, 3\\]"),
+                       ({k: v for k, v in cp.items() if k != "lambda"} | {"core": jnp.ones((2, 2, 3))},
+                        r"params\['core'\]: got shape \(2, 2, 3\), expected \(2, 2, 2\)")):
+        with pytest.raises(ValueError, match=words):
+            regression.trl(x, bad, n_modes=2)
+    with pytest.raises(ValueError, match="n_modes=0"):
+        regression.trl(x, cp, n_modes=0)
+    t = {"factor_0": jnp.ones((3, 2)), "factor_1": jnp.ones((4, 5))}
+    with pytest.raises(ValueError, match=r"params\['bias'\]: got shape \(1,\), expected \(2, 5\)"):
+        tensorized.tcl(x, t | {"bias": jnp.ones((1,))})

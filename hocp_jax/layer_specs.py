@@ -91,6 +91,7 @@ def cp_layer_rank(in_channels: int, out_channels: int, kernel_size: Sequence[int
     if rank is not None:
         r = rank
     elif rank_multiple is not None:
+        check_real(rank_multiple, "rank_multiple", lambda v: 0 < v < float("inf"), "a real number > 0")
         r = int(round(rank_multiple * in_channels))
     else:
         r = counting.cp_rank_for_budget(in_channels, out_channels, kernel_size)

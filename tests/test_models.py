@@ -300,6 +300,8 @@ def test_bounded_head_is_tanh_of_unbounded():
     # a 0 or True stage size silently dropped or resized a stage; a 0 stem_mid divided by zero
     ("resnet18", "stage_sizes", (0, 1, 1, 1)), ("resnet18_hocp", "stage_sizes", (1, True, 1, 1)),
     ("resnet18", "widths", 8), ("resnet18_2plus1d", "stem_mid", 0),
+    ("mobilenet_v2", "stem_features", 0), ("mobilenet_v2", "cfg", ((1, 8, 1, 0),)), ("mobilenet_v2", "cfg", ((1, 8, 1),)),
+    ("jester_hocp", "rank_multiple", "6"),
 ])
 def test_invalid_fields_raise(name, field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):

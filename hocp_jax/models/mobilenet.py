@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax import conv
+from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, batch_norm, check_input
 from hocp_jax.models.heads import Head, HeadConfig
@@ -90,6 +91,13 @@ class MobileNetV2(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
+        for name in ("stem_features", "last_features"):
+            if not is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
+        if not isinstance(self.cfg, Sequence) or not self.cfg or not all(
+                isinstance(row, Sequence) and len(row) == 4 and all(map(is_positive_int, row)) for row in self.cfg):
+            raise ValueError(f"cfg={self.cfg!r}: expected rows (expansion t, channels c, blocks n, stride s) of "
+                             "ints >= 1")
         layouts = {4: "(batch, H, W, C) images"} | ({5: "(batch, T, H, W, C) videos"} if self.conv == "hocp" else {})
         check_input(x, f"MobileNetV2(conv={self.conv!r})", layouts)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -99,7 +99,7 @@ def dense_to_hocp(
     key = jax.random.key(0) if key is None else key
     errors = {}
     for (path, kernel), k in zip(targets, jax.random.split(key, len(targets))):
-        r = rank_for(rank, path, tuple(np.shape(kernel)))
+        r = rank_for(rank, path, tuple(np.shape(kernel)), name="rank")
         if r is None:
             continue
         report = None if callback is None else functools.partial(callback, path_str(path))

@@ -343,18 +343,19 @@ def _hooi(kernel: jax.Array, r_in: int, r_out: int, n_iter, tol):
 RankRule = int | str | Callable[[Path, tuple[int, ...]], int | None]
 
 
-def rank_for(rule: RankRule, path: Path, shape: tuple[int, ...]) -> int | None:
-    """The CP rank ``rule`` gives the kernel of ``shape`` at ``path`` (None: keep it dense)."""
+def rank_for(rule: RankRule, path: Path, shape: tuple[int, ...], name: str = "rank_rule") -> int | None:
+    """The CP rank ``rule`` gives the kernel of ``shape`` at ``path`` (None: keep it dense);
+    ``name``: the caller's argument, for error messages."""
     if rule == "budget":
         try:
             return counting.cp_rank_for_budget(shape[-2], shape[-1], shape[:-2])
         except ValueError as e:
-            raise ValueError(f"rank_rule='budget' at {path_str(path)!r} (kernel {shape}): {e}") from None
+            raise ValueError(f"{name}='budget' at {path_str(path)!r} (kernel {shape}): {e}") from None
     if is_int(rule):
         return int(rule)
     if callable(rule):
         return rule(path, shape)
-    raise ValueError(f"rank_rule={rule!r}: expected an int, 'budget' or a callable(path, kernel_shape) -> int | None")
+    raise ValueError(f"{name}={rule!r}: expected an int, 'budget' or a callable(path, kernel_shape) -> int | None")
 
 
 def decompose_tree(

@@ -81,6 +81,8 @@ def test_dense_to_hocp_rejects_bad_inputs():
         dense_to_hocp({"params": {}}, shortcut="none")
     with pytest.raises(ValueError, match="no dense conv"):
         dense_to_hocp({"params": {"head": {"kernel": jnp.ones((4, 2))}}})
+    with pytest.raises(ValueError, match="^rank='max': expected an int"):  # its own argument's name, not rank_rule
+        dense_to_hocp({"params": {"b": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}}}}, "max")
 
 
 def test_video_kernels_become_the_temporal_and_spatial_factors_of_the_hocp_twin():

@@ -593,3 +593,16 @@ def test_eval_every_keeps_the_best_checkpoint(tmp_path):
     assert all(r["steps_per_s"] > 0 and r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0
     with checkpoint.Checkpointer(tmp_path / "best", save_every=1) as best:
         assert best.all_steps() == [4] and best.restore_extra()["value"] == 0.9
+
+
+def test_a_nan_evaluation_is_never_the_best_checkpoint(tmp_path):
+    """Before: a first evaluation of NaN was kept as the best, and no later (finite) one could beat
+    it (every comparison with NaN is False), so <workdir>/best stayed a diverged state."""
+    data = make_data()
+    values = iter([float("nan"), 0.4, 0.2])
+    cfg = dict(num_steps=6, seed=3, checkpoint_every=6, keep_checkpoints=2, log_every=2, eval_every=2,
+               best_metric="rmse", async_checkpointing=False)
+    training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(data), cfg, str(tmp_path),
+                 eval_fn=lambda state: {"rmse": next(values)})
+    with checkpoint.Checkpointer(tmp_path / "best", save_every=1) as best:
+        assert best.all_steps() == [6] and best.restore_extra()["value"] == 0.2

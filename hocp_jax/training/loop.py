@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -90,6 +91,8 @@ class _Best:
         if self.metric not in results:
             raise ValueError(f"best_metric={self.metric!r} is not among the eval metrics {sorted(results)}")
         value = float(results[self.metric])
+        if math.isnan(value):  # a diverged evaluation (NaN metrics) is never the best, nor blocks a later one
+            return
         if self.value is None or self.sign * value > self.sign * self.value:
             self.value = value
             self.ckpt.save(state, {"metric": self.metric, "value": value, "step": step}, step=step, force=True)

@@ -74,8 +74,7 @@ def softmax_view(z: jax.Array, temperature: float = 1.0, axis: int = -1) -> jax.
         temperature: ``T > 0``; the paper's Eq. (2) is ``T = 1``.
         axis: the simplex axis.
     """
-    if not temperature > 0:
-        raise ValueError(f"softmax_view: temperature must be > 0, got {temperature}")
+    check_real(temperature, "temperature", lambda v: v > 0, "a real number > 0")
     return jax.nn.softmax(jnp.asarray(z) / temperature, axis=axis)
 
 
@@ -96,8 +95,7 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
     """
     if critic not in CRITICS:
         raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
-    if not temperature > 0:
-        raise ValueError(f"critic_matrix: temperature must be > 0, got {temperature}")
+    check_real(temperature, "temperature", lambda v: v > 0, "a real number > 0")
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must both be (N, P) with equal shapes, got {x.shape} "
@@ -195,10 +193,18 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
 
     with ``n(v) = v / ||v||``. To MINIMISE.
     """
+    missing = [k for k in ("latent", "sparse", "soft") if k not in disc]
+    if missing:
+        raise ValueError(f"disc: missing embeddings {missing}; expected 'latent', 'sparse', 'soft' (each (N, D))")
+    d_lat, d_sp, d_sm = (jnp.asarray(disc[k]) for k in ("latent", "sparse", "soft"))
+    if d_lat.ndim != 2 or d_sp.shape != d_lat.shape or d_sm.shape != d_lat.shape:
+        raise ValueError(f"disc: got shapes latent {d_lat.shape}, sparse {d_sp.shape}, soft {d_sm.shape}; "
+                         "expected three equal (N, D)")
+    if weights is not None and tuple(jnp.shape(weights)) != d_lat.shape[:1]:
+        raise ValueError(f"weights: got shape {tuple(jnp.shape(weights))}, expected ({d_lat.shape[0]},)")
     eps = 1e-12
     norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps)  # noqa: E731
     unit = lambda v: v / norm(v)[..., None]  # noqa: E731
-    d_lat, d_sp, d_sm = disc["latent"], disc["sparse"], disc["soft"]
     push = jax.nn.relu(margin - jnp.sum((d_sp - d_sm) ** 2, -1))
     hold = norm(unit(d_sp) - unit(d_lat)) + norm(unit(d_sm) - unit(d_lat))
     per_sample = push + hold_weight * hold
@@ -251,12 +257,17 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
 
     def loss_fn(outputs: dict, batch: dict, key=None):
         del key
+        if "va" not in outputs or target_key not in batch:
+            raise ValueError(f"avce loss: needs outputs['va'] (got keys {sorted(outputs)}) and batch[{target_key!r}] "
+                             f"(got keys {sorted(batch)})")
         pred, target = outputs["va"], jnp.asarray(batch[target_key], outputs["va"].dtype)
         if pred.shape != target.shape:
             raise ValueError(f"outputs['va'] has shape {pred.shape} but batch[{target_key!r}] "
                              f"has shape {target.shape}")
         n = pred.shape[0]
         w = jnp.asarray(batch.get(mask_key, jnp.ones((n,))), pred.dtype)
+        if w.shape != (n,):
+            raise ValueError(f"batch[{mask_key!r}]: got shape {w.shape}, expected ({n},)")
         mse_k = jnp.sum(w[:, None] * (pred - target) ** 2, 0) / jnp.maximum(jnp.sum(w), 1e-12)
         scores = critic_matrix(outputs["z"]["sparse"], outputs["z"]["soft"], critic=critic,
                                temperature=critic_temperature)

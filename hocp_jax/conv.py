@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from hocp_jax import autotune, counting, explicit_sharding
+from hocp_jax.checks import is_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 Params = Mapping[str, jax.Array]
@@ -160,6 +161,11 @@ def dense_conv(
     n = kernel.ndim - 2
     if n < 1 or x.ndim != n + 2:
         raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected {n + 2}-D x")
+    if min(kernel.shape) < 1:
+        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) of sizes >= 1")
+    if not is_positive_int(feature_group_count) or kernel.shape[-1] % feature_group_count:
+        raise ValueError(f"feature_group_count={feature_group_count!r}: expected an int >= 1 that divides "
+                         f"C_out={kernel.shape[-1]}")
     if x.shape[-1] != kernel.shape[-2] * feature_group_count:
         raise ValueError(
             f"x: has {x.shape[-1]} channels but kernel {tuple(kernel.shape)} with feature_group_count="
@@ -496,6 +502,8 @@ def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: Paddin
     ran 2.7-31x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
     """
     n = kernel.ndim - 1
+    if min(kernel.shape, default=0) < 1:
+        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected a depthwise (*K, R) kernel of sizes >= 1")
     if n < 1 or h.ndim != n + 2 or h.shape[-1] != kernel.shape[-1]:
         raise ValueError(f"h: got shape {tuple(h.shape)} for a depthwise kernel of shape {tuple(kernel.shape)}; "
                          f"expected (B, {n} spatial sizes, {kernel.shape[-1]} channels)")
@@ -974,9 +982,9 @@ def _tt_cores(params: Params, n_modes: int | None = None) -> list[jax.Array]:
         raise ValueError(f"params: found {len(cores)} TT cores core_0, core_1, ...; expected {want}")
     for n, c in enumerate(cores):
         left = 1 if n == 0 else cores[n - 1].shape[-1]
-        if c.ndim != 3 or c.shape[0] != left or (n == len(cores) - 1 and c.shape[2] != 1):
+        if c.ndim != 3 or c.shape[0] != left or min(c.shape) < 1 or (n == len(cores) - 1 and c.shape[2] != 1):
             raise ValueError(
-                f"params['core_{n}']: got shape {tuple(c.shape)}, expected (R_{n}={left}, size, R_{n + 1})"
+                f"params['core_{n}']: got shape {tuple(c.shape)}, expected (R_{n}={left}, size >= 1, R_{n + 1} >= 1)"
                 + (f" with R_{n + 1} = 1 (last core)" if n == len(cores) - 1 else "")
             )
     return cores

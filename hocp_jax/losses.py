@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hocp_jax.checks import check_positive_int
 from hocp_jax.metrics import check_weights, regression_metrics
 
 
@@ -52,6 +53,7 @@ def ccc_loss(y_true, y_pred, mask=None) -> jax.Array:
 
 def shake_shake_weights(key: jax.Array, n: int = 3) -> jax.Array:
     """``(n,)`` weights ``u / sum(u)`` with ``u ~ U[0, 1)`` i.i.d.; a new ``key`` per step."""
+    check_positive_int(n, "n")
     u = jax.random.uniform(key, (n,))
     return u / jnp.maximum(u.sum(), jnp.finfo(u.dtype).tiny)
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_positive_int
+from hocp_jax.checks import check_int, check_positive_int
 
 # Zero-variance test. Variances come from centred sums (shifted two-pass per batch, Chan's merge
 # or psum across batches), never from E[x^2] - E[x]^2 (whose rounding error is ~eps * E[x^2]).
@@ -273,6 +273,11 @@ def affect_stats(y_true, y_pred, mask=None) -> AffectStats:
     return _unvector(stats, vector)
 
 
+def _check_stats(stats, name: str) -> None:
+    if not isinstance(stats, AffectStats):
+        raise ValueError(f"{name}: got {type(stats).__name__}, expected an AffectStats (from affect_stats or merge)")
+
+
 def merge(*stats: AffectStats) -> AffectStats:
     """Stats of the union of disjoint sets (e.g. batches), by Chan et al.'s pairwise update::
 
@@ -281,6 +286,8 @@ def merge(*stats: AffectStats) -> AffectStats:
     """
     if not stats:
         raise ValueError("merge: expected at least one AffectStats")
+    for i, st in enumerate(stats):
+        _check_stats(st, f"stats[{i}]")
     out = stats[0]
     for b in stats[1:]:
         a, n = out, out.n + b.n
@@ -310,6 +317,7 @@ def psum(stats: AffectStats, axis_name) -> AffectStats:
 
 def finalize(stats: AffectStats) -> dict[str, jax.Array]:
     """RMSE, SAGR, PCC, CCC of the whole set summarised by ``stats`` (module conventions)."""
+    _check_stats(stats, "stats")
     n = stats.n
     return _finalize_moments(_Moments(
         n=n, mu_t=stats.mean_t, mu_p=stats.mean_p, var_t=_safe_div(stats.m2_t, n),
@@ -379,6 +387,8 @@ def confusion_matrix(labels, preds, num_classes: int, mask=None) -> jax.Array:
 
 
 def _check_cm(cm) -> jax.Array:
+    if not isinstance(cm, jax.core.Tracer) and not np.all(np.asarray(cm) >= 0):
+        raise ValueError(f"cm: got {np.asarray(cm).tolist()}, expected a confusion matrix of counts >= 0")
     cm = jnp.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"cm: got shape {cm.shape}, expected a square (C, C) confusion matrix")
@@ -494,12 +504,12 @@ def skew_normalized_from_cm(cm, *, n_repeats: int = 200, seed: int = 0) -> dict[
     evaluation has to keep.
     """
     counts = np.asarray(cm)
-    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or np.any(counts < 0) or not counts.sum():
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or not np.all(counts >= 0) or not counts.sum():
         raise ValueError(f"cm: expected a square matrix of non-negative counts with a positive total, "
                          f"got shape {counts.shape}")
     counts = np.rint(counts).astype(np.int64)
     n_repeats = check_positive_int(n_repeats, "n_repeats")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     present = np.flatnonzero(counts.sum(1))
     m = counts[present].sum(1).min()
     cms = np.zeros((n_repeats,) + counts.shape, np.float32)

@@ -13,7 +13,7 @@ import scipy.optimize
 from jax.test_util import check_grads
 
 from hocp_jax.contrastive import (
-    avce_objective, critic_matrix, infonce_objective, make_avce_loss, softmax_view, sparsemax,
+    avce_objective, critic_matrix, discriminative_loss, infonce_objective, make_avce_loss, softmax_view, sparsemax,
 )
 from hocp_jax.data.embedded import make_digits_affect
 from hocp_jax.models.avce import (
@@ -145,6 +145,15 @@ def test_objective_input_validation():
                           (dict(critic_temperature=0.0), "critic_temperature=0.0: expected a real number > 0")):
         with pytest.raises(ValueError, match=re.escape(words)):
             make_avce_loss(**kwargs)
+    with pytest.raises(ValueError, match="temperature='1'"):  # was: TypeError from '>'
+        softmax_view(jnp.ones((2, 3)), temperature="1")
+    with pytest.raises(ValueError, match=r"disc: missing embeddings \['soft'\]"):  # was: KeyError
+        discriminative_loss({"latent": jnp.ones((2, 3)), "sparse": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"weights: got shape \(3,\), expected \(2,\)"):
+        discriminative_loss({k: jnp.ones((2, 3)) for k in ("latent", "sparse", "soft")}, weights=jnp.ones(3))
+    loss_fn = make_avce_loss()
+    with pytest.raises(ValueError, match=r"needs outputs\['va'\].*batch\['va'\]"):  # was: KeyError
+        loss_fn({"va": jnp.zeros((2, 2))}, {"label": jnp.zeros(2)})
     with pytest.raises(ValueError, match="square"):
         avce_objective(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="critic"):

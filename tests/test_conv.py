@@ -684,3 +684,17 @@ def test_tucker_params_are_checked_by_name(change, words):
     for call in calls:
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_zero_size_kernels_and_group_counts_are_named():
+    """Before: 'reduce() of empty iterable' or MLIR verifier errors, and a bool group count accepted."""
+    x = jnp.ones((1, 5, 5, 4))
+    with pytest.raises(ValueError, match=r"kernel: got shape \(0, 3, 4, 6\)"):
+        conv.dense_conv(x, jnp.ones((0, 3, 4, 6)))
+    with pytest.raises(ValueError, match="feature_group_count=True"):
+        conv.dense_conv(x, jnp.ones((3, 3, 4, 6)), feature_group_count=True)
+    with pytest.raises(ValueError, match=r"kernel: got shape \(0, 3, 4\), expected a depthwise"):
+        conv.depthwise_conv(x, jnp.ones((0, 3, 4)))
+    with pytest.raises(ValueError, match=r"params\['core_1'\]: got shape \(2, 0, 2\)"):
+        conv.tt_conv(x, {"core_0": jnp.ones((1, 4, 2)), "core_1": jnp.ones((2, 0, 2)), "core_2": jnp.ones((2, 3, 2)),
+                         "core_3": jnp.ones((2, 6, 1))})

@@ -205,6 +205,15 @@ def test_bad_arguments_raise_clear_errors(data_dir):
     for bad in (0, 3, -2):  # was: ZeroDivisionError, or a negative count of steps
         with pytest.raises(ValueError, match=f"batch_size={bad}: expected a positive multiple of the 2 processes"):
             pipeline.steps_per_epoch(source, batch_size=bad, shard_count=2)
+    for kwargs, words in ((dict(batch_size=True, seed=0), "batch_size=True"), (dict(batch_size=2, seed=1.5), "seed=1.5"),
+                          (dict(batch_size=2, seed=0, shard_index=0.0, shard_count=1), "shard_index=0.0")):
+        with pytest.raises(ValueError, match=words):  # were accepted or TypeErrors
+            pipeline.train_batches(source, **kwargs)
+    from hocp_jax.data import embedded
+    with pytest.raises(ValueError, match="num_examples=-1"):
+        embedded.make_digits_affect("test", -1)
+    with pytest.raises(ValueError, match="num_frames=1: expected an int >= 2"):  # was: NaN positions
+        embedded.trajectory(0.0, 1.0, 2.0, 1)
     from hocp_jax.data.afew_va import AfewVaConfig
     with pytest.raises(ValueError, match="AfewVaConfig num_frames=0"):
         AfewVaConfig(name="bad", num_frames=0)

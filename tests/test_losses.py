@@ -181,6 +181,8 @@ def test_class_weights_follow_fmin_over_f():
         L.class_weights(np.array([3, -1]))
     with pytest.raises(ValueError, match="counts"):
         L.class_weights(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="n=0"):  # was: an empty weight vector
+        L.shake_shake_weights(jax.random.key(0), 0)
     with pytest.raises(ValueError, match=r"counts: got \[ 1. nan\]"):  # was: weights [1, 1]
         L.class_weights(np.array([1.0, np.nan]))
     with pytest.raises(ValueError, match="class_weights: got"):  # a negative weight rewards the error

@@ -175,6 +175,12 @@ def test_invalid_shapes_raise():
     # float predictions: one_hot counted only the exact-integer ones (was: a silently short matrix)
     with pytest.raises(ValueError, match="preds: got dtype float32, expected integer classes"):
         M.confusion_matrix(np.array([0, 1, 2]), np.array([0.2, 1.7, 2.0], np.float32), 3)
+    with pytest.raises(ValueError, match="cm: got .*expected a confusion matrix of counts >= 0"):  # was: accuracy 1.5
+        M.accuracy(np.array([[1, -1], [0, 2]]))
+    with pytest.raises(ValueError, match=r"stats\[1\]: got dict, expected an AffectStats"):  # was: AttributeError
+        M.merge(M.affect_stats(np.zeros(3), np.ones(3)), {})
+    with pytest.raises(ValueError, match="seed=-1"):
+        M.skew_normalized_metrics(np.array([0, 1]), np.array([0, 1]), 2, seed=-1)
 
 
 # ---------------------------------------------------------------- streaming

@@ -42,6 +42,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from hocp_jax.checks import check_int, is_int
+
 CANVAS = 32       # output height = width
 SCALE = 2         # digit upsampling factor: 8x8 -> 16x16
 MAX_OFFSET = CANVAS - 8 * SCALE   # top-left corner range [0, MAX_OFFSET]
@@ -88,6 +90,8 @@ def render(digit: np.ndarray, x, y) -> np.ndarray:
 
 def trajectory(x0: float, v0: float, v1: float, num_frames: int = NUM_FRAMES):
     """Positions x(t) and velocities v(t), t = 0..num_frames-1 (see module doc)."""
+    if not (is_int(num_frames) and num_frames >= 2):  # the speed changes over num_frames - 1 steps
+        raise ValueError(f"num_frames={num_frames!r}: expected an int >= 2")
     t = np.arange(num_frames, dtype=float)
     x = x0 + v0 * t + (v1 - v0) * t**2 / (2 * (num_frames - 1))
     v = v0 + (v1 - v0) * t / (num_frames - 1)
@@ -101,7 +105,7 @@ def make_digits_affect(split: str, num_examples: int | None = None) -> dict:
     "label": (N,) int64}; deterministic.
     """
     digits, labels = digit_pool(split)
-    n = SIZES["digits_affect"][split] if num_examples is None else num_examples
+    n = SIZES["digits_affect"][split] if num_examples is None else check_int(num_examples, "num_examples", 0)
     rng = np.random.default_rng([_SEEDS["digits_affect"], SPLITS.index(split)])
     pick = rng.integers(0, len(labels), n)
     x, y = rng.uniform(0, MAX_OFFSET, (2, n))
@@ -119,7 +123,7 @@ def make_moving_digits(split: str, num_examples: int | None = None) -> dict:
     "label": (N,) int64}; deterministic.
     """
     digits, labels = digit_pool(split)
-    n = SIZES["moving_digits"][split] if num_examples is None else num_examples
+    n = SIZES["moving_digits"][split] if num_examples is None else check_int(num_examples, "num_examples", 0)
     rng = np.random.default_rng([_SEEDS["moving_digits"], SPLITS.index(split)])
     pick = rng.integers(0, len(labels), n)
     videos, arousal = [], []

@@ -29,7 +29,7 @@ import numpy as np
 import grain
 import tensorflow_datasets as tfds
 
-from hocp_jax.checks import check_int, is_positive_int
+from hocp_jax.checks import check_int, check_positive_int, is_int, is_positive_int
 from hocp_jax.data.afew_va import AfewVa
 from hocp_jax.data.affectnet import Affectnet
 from hocp_jax.data.embedded import DigitsAffect, MovingDigits
@@ -141,10 +141,11 @@ def to_numpy(example: dict) -> dict:
 def _shard(shard_index, shard_count, batch_size):
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    if not 0 <= shard_index < shard_count:
+    check_positive_int(shard_count, "shard_count")
+    if not (is_int(shard_index) and 0 <= shard_index < shard_count):
         raise ValueError(f"shard_index={shard_index}: expected 0 <= index < "
                          f"shard_count={shard_count}")
-    if batch_size <= 0 or batch_size % shard_count:
+    if not is_positive_int(batch_size) or batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size}: expected a positive multiple "
                          f"of shard_count={shard_count}")
     return shard_index, shard_count, batch_size // shard_count
@@ -159,6 +160,7 @@ def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
     dropped), so batch k is a pure function of (seed, k).
     """
     shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
+    check_int(seed, "seed", 0)
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) < local:
         raise ValueError(f"batch_size={batch_size}: larger than the {len(ds)} "

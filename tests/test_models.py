@@ -325,6 +325,12 @@ def test_get_model_rejects_unknown_keywords():
         get_model("avce_resnet18", encoder=None)
     model = get_model("avce_resnet18", tiny=True, backbone=dict(psi="relu"), n_outputs=3, bounded=True)
     assert model.n_outputs == 3 and model.encoder.backbone.psi == "relu"
+    with pytest.raises(ValueError, match=r"backbone: unknown ResNet field\(s\) \['width'\]"):  # was: TypeError
+        get_model("avce_resnet18", tiny=True, backbone=dict(width=3))
+    for kwargs, words in ((dict(widths=(0, 8, 8, 8, 8)), "widths=(0, 8, 8, 8, 8): expected 5 ints >= 1"),
+                          (dict(softmax_temperature="1"), "softmax_temperature='1'")):  # were ZeroDivision/TypeError
+        with pytest.raises(ValueError, match=re.escape(words)):
+            abstract_variables(get_model("avce_alexnet", tiny=True, **kwargs), (1, 32, 32, 1))
 
 
 def test_flags_are_bools_not_truthy_strings():

@@ -26,6 +26,7 @@ paper's "2.7M" for AVCE (AL). Adaptive pooling makes it input-size agnostic.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,8 +77,8 @@ class AlexNetEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no batch norm / dropout in the conv stack
-        if len(self.widths) != 5:
-            raise ValueError(f"AlexNetEncoder: widths must have 5 entries, got {self.widths}")
+        if len(self.widths) != 5 or not all(map(is_positive_int, self.widths)):
+            raise ValueError(f"widths={tuple(self.widths)!r}: expected 5 ints >= 1 (AlexNetEncoder's conv widths)")
 
         def pool(x):
             if min(x.shape[1:3]) < 3:
@@ -205,6 +206,7 @@ class AVCE(nn.Module):
         if not all(map(is_positive_int, self.compressor_hidden)):
             raise ValueError(f"compressor_hidden={self.compressor_hidden!r}: expected a sequence of ints >= 1")
         check_real(self.dropout_rate, "dropout_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        check_real(self.softmax_temperature, "softmax_temperature", lambda v: v > 0, "a real number > 0")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
@@ -246,4 +248,8 @@ def avce_resnet18(conv: str = "dense2d", backbone: dict | None = None, **kwargs)
         raise ValueError(f"avce_resnet18: conv={conv!r}; expected 'dense2d' or 'hocp' (images)")
     kwargs = {"pool_size": 1, "compressor_hidden": (1000,), **kwargs}
     dt = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
+    fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
+    unknown = sorted(set(backbone or {}) - fields)
+    if unknown:
+        raise ValueError(f"backbone: unknown ResNet field(s) {unknown}; expected some of {sorted(fields)}")
     return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(dt | (backbone or {})))), **kwargs)

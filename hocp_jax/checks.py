@@ -19,6 +19,11 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a real scalar number (a Python or NumPy int or float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_positive_int(value) -> bool:
     """Whether ``value`` is an integer (:func:`is_int`) >= 1, e.g. a width or a count."""
     return is_int(value) and value >= 1

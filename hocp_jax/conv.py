@@ -110,12 +110,14 @@ def cp_rank(params: Params, modes: Sequence[str]) -> int:
     return rank
 
 
-def _add_bias(y: jax.Array, params: Params) -> jax.Array:
-    """``y + params["bias"]`` if the dict has a bias, which must be ``(C_out,)``."""
+def add_bias(y: jax.Array, params: Params, n_axes: int = 1) -> jax.Array:
+    """``y + params["bias"]`` if the dict has a bias, which must have the shape of ``y``'s last
+    ``n_axes`` axes (``(C_out,)`` for a conv; no silent broadcast of a ``(1,)`` bias)."""
     if "bias" not in params:
         return y
-    if tuple(params["bias"].shape) != (y.shape[-1],):
-        raise ValueError(f"params['bias']: got shape {tuple(params['bias'].shape)}, expected ({y.shape[-1]},) (C_out)")
+    want = tuple(y.shape[y.ndim - n_axes:])
+    if tuple(np.shape(params["bias"])) != want:
+        raise ValueError(f"params['bias']: got shape {tuple(np.shape(params['bias']))}, expected {want}")
     return y + params["bias"]
 
 
@@ -849,7 +851,7 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
             y = _per_sample(factorized, x, chunk)
         else:
             y = factorized(x)
-    return _add_bias(_add_skip(y, x, params, strides), params)
+    return add_bias(_add_skip(y, x, params, strides), params)
 
 
 # ----------------------------------------------------------------------------- Tucker conv
@@ -909,7 +911,7 @@ def tucker_conv(
         y = channel_matmul(h, u_out.T)
     else:
         raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
-    return _add_bias(y, params)
+    return add_bias(y, params)
 
 
 # ----------------------------------------------------------------------------- MobileNet forms
@@ -966,7 +968,7 @@ def separable_conv(
         raise ValueError(f"params['factor_out']: got shape {tuple(params['factor_out'].shape)}, expected (C_out, {dw.shape[-1]})")
     h = depthwise_conv(h, dw, stride=stride, padding=padding, dilation=dilation)
     y = channel_matmul(h, params["factor_out"].T)
-    return _add_bias(_add_skip(y, x, params, as_tuple(stride, n, "stride")), params)
+    return add_bias(_add_skip(y, x, params, as_tuple(stride, n, "stride")), params)
 
 
 # ----------------------------------------------------------------------------- TT conv
@@ -1037,4 +1039,4 @@ def tt_conv(
         y = channel_matmul(h, cores[-1][..., 0])
     else:
         raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
-    return _add_bias(y, params)
+    return add_bias(y, params)

@@ -24,7 +24,7 @@ from hocp_jax.checks import check_positive_int, is_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 
-def _geometry(in_channels, out_channels, kernel_size, rank=None, ranks=None) -> tuple[int, ...]:
+def check_geometry(in_channels, out_channels, kernel_size, rank=None, ranks=None) -> tuple[int, ...]:
     """Validates a conv's channels, ``kernel_size`` (one int >= 1 per mode) and ``rank`` (an int
     >= 1) or ``ranks`` (two); returns ``kernel_size`` as a tuple."""
     check_positive_int(in_channels, "in_channels")
@@ -42,7 +42,7 @@ def _geometry(in_channels, out_channels, kernel_size, rank=None, ranks=None) -> 
 
 def dense_params(in_channels: int, out_channels: int, kernel_size: Sequence[int], *, bias: bool = False) -> int:
     """``C_in * C_out * prod K`` (+ ``C_out``)."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size)
     return in_channels * out_channels * int(np.prod(kernel_size)) + (out_channels if bias else 0)
 
 
@@ -50,14 +50,14 @@ def cp_params(
     in_channels: int, out_channels: int, kernel_size: Sequence[int], rank: int, *, skip: bool = False, bias: bool = False
 ) -> int:
     """``R (C_in + C_out + sum K + 1)`` (+ ``C_in C_out`` skip factor, + ``C_out`` bias)."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, rank)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     n = rank * (in_channels + out_channels + int(sum(kernel_size)) + 1)
     return n + (in_channels * out_channels if skip else 0) + (out_channels if bias else 0)
 
 
 def tucker_params(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int]) -> int:
     """``C_in R_in + prod K R_in R_out + C_out R_out``."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, ranks=ranks)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, ranks=ranks)
     r_in, r_out = ranks
     return in_channels * r_in + int(np.prod(kernel_size)) * r_in * r_out + out_channels * r_out
 
@@ -70,7 +70,7 @@ def cp_rank_for_budget(
     This is the paper's rule "rank so that the number of parameters would be the same as the
     original convolution".
     """
-    kernel_size = _geometry(in_channels, out_channels, kernel_size)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size)
     budget = dense_params(in_channels, out_channels, kernel_size) if budget is None else budget
     rank = budget // (in_channels + out_channels + int(sum(kernel_size)) + 1)
     if rank < 1:
@@ -83,7 +83,7 @@ def cp_rank_for_budget(
 def output_sizes(in_sizes: Sequence[int], kernel_size: Sequence[int], stride=1, padding: PaddingLike = "SAME",
                  dilation=1) -> list[int]:
     """Output spatial sizes of a conv with this geometry (see :mod:`hocp_jax.padding`)."""
-    kernel_size = _geometry(1, 1, kernel_size)
+    kernel_size = check_geometry(1, 1, kernel_size)
     n = len(kernel_size)
     if len(in_sizes) != n:
         raise ValueError(f"in_sizes={tuple(in_sizes)!r}: expected {n} sizes, one per kernel mode")
@@ -105,7 +105,7 @@ def dense_flops(
     dilation=1,
 ) -> int:
     """FLOPs of one dense conv on one example of spatial size ``in_sizes``."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size)
     outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     return 2 * int(np.prod(outs)) * in_channels * out_channels * int(np.prod(kernel_size))
 
@@ -124,7 +124,7 @@ def cp_flops(
     skip: bool = False,
 ) -> int:
     """FLOPs of the factorized CP conv (1x1 in, one 1-D conv per mode in ``order``, 1x1 out)."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, rank)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     order = tuple(range(len(kernel_size))) if order is None else tuple(order)
     if sorted(order) != list(range(len(kernel_size))):
@@ -152,7 +152,7 @@ def tucker_flops(
     dilation=1,
 ) -> int:
     """FLOPs of the factorized Tucker conv (1x1 in, dense core conv on the ranks, 1x1 out)."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, ranks=ranks)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, ranks=ranks)
     outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     r_in, r_out = ranks
     macs = int(np.prod(in_sizes)) * in_channels * r_in
@@ -163,7 +163,7 @@ def tucker_flops(
 
 def cp_reconstruct_flops(in_channels: int, out_channels: int, kernel_size: Sequence[int], rank: int) -> int:
     """FLOPs to build the dense kernel from CP factors (paid once per call, not per example)."""
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, rank)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     return 2 * rank * in_channels * out_channels * int(np.prod(kernel_size))
 
 
@@ -278,7 +278,7 @@ def cp_path_costs(
     twice the forward for both paths, so the forward comparison decides.
     """
     check_positive_int(batch, "batch")
-    kernel_size = _geometry(in_channels, out_channels, kernel_size, rank)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     n = len(kernel_size)
     outs = output_sizes(in_sizes, kernel_size, stride, padding, dilation)
     order = tuple(range(n)) if order is None else tuple(order)

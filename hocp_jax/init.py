@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_positive_int, check_real, is_positive_int
+from hocp_jax.checks import check_real
 from hocp_jax.conv import check_modes, default_modes, mode_key
+from hocp_jax.counting import check_geometry
 
 
 def target_variance(in_channels: int, kernel_size: Sequence[int], gain: float = 2.0) -> float:
@@ -36,15 +37,6 @@ def cp_factor_std(rank: int, n_modes: int, variance: float) -> float:
     if rank < 1:
         raise ValueError(f"rank={rank!r}: expected an int >= 1")
     return float((variance / rank) ** (1.0 / (2 * (n_modes + 2))))
-
-
-def _check(in_channels, out_channels, kernel_size, rank) -> tuple[int, ...]:
-    """Validates the arguments; returns ``kernel_size`` as a tuple."""
-    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("rank", rank)):
-        check_positive_int(v, name)
-    if not isinstance(kernel_size, Sequence) or not kernel_size or not all(map(is_positive_int, kernel_size)):
-        raise ValueError(f"kernel_size={kernel_size!r}: expected a non-empty sequence of ints >= 1, one per spatial mode")
-    return tuple(kernel_size)
 
 
 def init_cp_params(
@@ -65,7 +57,7 @@ def init_cp_params(
     Returns the dict ``lambda (R,)``, ``factor_in (C_in, R)``, ``factor_out (C_out, R)``,
     ``factor_<m> (K_m, R)`` (+ ``factor_skip (C_in, C_out)`` LeCun-normal, ``bias`` zeros).
     """
-    kernel_size = _check(in_channels, out_channels, kernel_size, rank)
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     modes = check_modes(modes) if modes is not None else default_modes(len(kernel_size))
     if len(modes) != len(kernel_size):
         raise ValueError(f"modes={modes!r}: expected {len(kernel_size)} names, one per kernel_size entry {kernel_size}")
@@ -94,12 +86,8 @@ def init_tucker_params(
 ) -> dict[str, jax.Array]:
     """Random Tucker conv params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``,
     ``factor_out (C_out, R_out)`` with reconstructed-kernel variance ``gain / fan_in``."""
-    if not isinstance(ranks, Sequence) or len(ranks) != 2:
-        raise ValueError(f"ranks={ranks!r}: expected a pair (R_in, R_out)")
-    r_in, r_out = ranks
-    check_positive_int(r_in, "ranks[0]")
-    check_positive_int(r_out, "ranks[1]")
-    kernel_size = _check(in_channels, out_channels, kernel_size, min(r_in, r_out))
+    kernel_size = check_geometry(in_channels, out_channels, kernel_size, ranks=ranks)
+    r_in, r_out = (int(r) for r in ranks)
     var = target_variance(in_channels, kernel_size, gain)
     std = float((var / (r_in * r_out)) ** (1.0 / 6.0))
     k1, k2, k3 = jax.random.split(key, 3)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.checks import check_positive_int
+from hocp_jax.conv import add_bias
 
 
 def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> list[jax.Array]:
@@ -36,7 +37,7 @@ def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> lis
 
 
 def _check_ranks(params: Mapping[str, jax.Array], factors: list[jax.Array]) -> None:
-    """The rank axes of a TRL's leaves agree (CP: one R; Tucker: the core's), and ``bias`` is ``(O,)``."""
+    """The rank axes of a TRL's leaves agree (CP: one R; Tucker: the core's)."""
     out = params.get("factor_out")
     if out is None or out.ndim != 2:
         raise ValueError(f"params['factor_out']: got {None if out is None else tuple(out.shape)}, expected (O, rank)")
@@ -50,8 +51,6 @@ def _check_ranks(params: Mapping[str, jax.Array], factors: list[jax.Array]) -> N
         if len(ranks) != 1 or tuple(params["lambda"].shape) != (out.shape[1],):
             raise ValueError(f"params: the CP TRL's factors have ranks {sorted(ranks)} and lambda shape "
                              f"{tuple(params['lambda'].shape)}; expected one rank R and lambda (R,)")
-    if "bias" in params and tuple(params["bias"].shape) != (out.shape[0],):
-        raise ValueError(f"params['bias']: got shape {tuple(params['bias'].shape)}, expected ({out.shape[0]},) (O)")
 
 
 def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.Array:
@@ -71,7 +70,7 @@ def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.A
         y = jnp.einsum(spec, x, *factors, params["factor_out"], params["lambda"], optimize="greedy")
     else:
         raise ValueError("params: expected 'lambda' (CP TRL) or 'core' (Tucker TRL)")
-    return y + params["bias"] if "bias" in params else y
+    return add_bias(y, params)
 
 
 def trl_weight(params: Mapping[str, jax.Array], n_modes: int) -> jax.Array:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax.checks import check_real, is_int
+from hocp_jax.conv import add_bias
 
 Params = Mapping[str, jax.Array]
 LINEAR_IMPLEMENTATIONS = ("factorized", "reconstructed")
@@ -137,15 +138,6 @@ def factorized_linear_weight(params: Params) -> jax.Array:
     return w.reshape(int(np.prod(in_shape)), int(np.prod(out_shape)))
 
 
-def _add_bias(y: jax.Array, params: Params, shape: tuple[int, ...]) -> jax.Array:
-    """``y + params["bias"]`` if there is one, which must have ``shape`` (no silent broadcast)."""
-    if "bias" not in params:
-        return y
-    if _shape(params["bias"]) != tuple(shape):
-        raise ValueError(f"params['bias']: got shape {_shape(params['bias'])}, expected {tuple(shape)}")
-    return y + params["bias"]
-
-
 def factorized_linear(x: jax.Array, params: Params, *, implementation: str = "factorized") -> jax.Array:
     """``x (*batch, I)`` -> ``(*batch, O)`` with a CP / Tucker / TT-matrix weight (module docstring)."""
     if implementation not in LINEAR_IMPLEMENTATIONS:
@@ -162,7 +154,7 @@ def factorized_linear(x: jax.Array, params: Params, *, implementation: str = "fa
         xs = x.reshape(x.shape[:-1] + in_shape)
         spec = f"...{used[:d_in]}," + ",".join(specs) + f"->...{used[d_in:]}"
         y = jnp.einsum(spec, xs, *operands, optimize="greedy").reshape(x.shape[:-1] + (int(np.prod(out_shape)),))
-    return _add_bias(y, params, y.shape[-1:])
+    return add_bias(y, params)
 
 
 # ----------------------------------------------------------------------------- tensor contraction layer
@@ -183,7 +175,7 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
     outs = _letters(k, skip=ins)
     y = jnp.einsum(f"...{ins}," + ",".join(a + b for a, b in zip(ins, outs)) + f"->...{outs}", x, *factors,
                    optimize="greedy")
-    return _add_bias(y, params, y.shape[-k:])
+    return add_bias(y, params, k)
 
 
 # ----------------------------------------------------------------------------- tensor dropout

@@ -32,6 +32,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from hocp_jax import autotune, optim, transduction, tree
+from hocp_jax.checks import is_number
 from hocp_jax.models import MODELS, count_params, get_model
 from hocp_jax.training import objectives, plots, schedules
 from hocp_jax.training.config import validate_config
@@ -49,7 +50,7 @@ OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
 TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
                                          "eval_every", "best_metric")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
-    "sparsity_tol": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+    "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
 }
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import contrastive, losses, metrics
-from hocp_jax.checks import is_int
+from hocp_jax.checks import is_int, is_number
 from hocp_jax.models import bregnet
 from hocp_jax.training.config import validate_config
 
@@ -30,7 +30,7 @@ LOSSES = ("affect", "bregnet", "avce")
 
 
 def _is_real(v, low: float = 0.0) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+    return is_number(v) and math.isfinite(v) and v >= low
 
 
 def _is_reals(v, n: int | None = None) -> bool:

@@ -19,11 +19,9 @@ Config keys (``config.optimizer``)::
 
 from __future__ import annotations
 
-from typing import Any
-
 import optax
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import is_number, is_positive_int
 from hocp_jax.training.config import validate_config
 
 NAMES = ("adam", "adamw", "sgd")
@@ -34,23 +32,19 @@ DEFAULTS = dict(
 )
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 CHECKS = {
     "name": (lambda v: v in NAMES, f"one of {NAMES}"),
-    "learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "learning_rate": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "steps_per_epoch": (is_positive_int, "an int > 0"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
     "decay_every_epochs": (is_positive_int, "an int > 0"),
-    "decay_factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "decay_factor": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "boundaries_epochs": (
         lambda v: all(is_positive_int(e) for e in v) and list(v) == sorted(set(v)),
         "increasing positive ints",
     ),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "nesterov": (lambda v: isinstance(v, bool), "a bool"),
 }
 

@@ -53,7 +53,8 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...]) -> jax.Ar
     got = _existing_shape(module, name)
     if got is not None and got != tuple(shape):
         raise ValueError(
-            f"params['{name}'] of layer '{module.name}': stored shape {got} does not fit the input; expected {tuple(shape)}"
+            f"params['{name}'] of layer '{module.name or type(module).__name__}': stored shape {got} does not fit "
+            f"the input; expected {tuple(shape)}"
         )
     return module.param(name, init, shape, module.param_dtype)
 
@@ -152,7 +153,8 @@ class CPConv(nn.Module):
         for m in temporal:
             if not self.is_initializing() and not self.has_variable("params", conv.mode_key(m)):
                 raise ValueError(
-                    f"x: got {x.ndim - 2}-D input {tuple(x.shape)} but layer '{self.name}' has no '{conv.mode_key(m)}' "
+                    f"x: got {x.ndim - 2}-D input {tuple(x.shape)} but layer '{self.name or 'CPConv'}' has no "
+                    f"'{conv.mode_key(m)}' "
                     "factor: it was built for static input. Transduce its parameters first "
                     "(hocp_jax.transduction.transduce) or initialise the model on video."
                 )

@@ -139,3 +139,13 @@ def test_bad_constructor_arguments_name_themselves(make, words):
 def test_temporal_kernel_size_is_checked_on_video():
     with pytest.raises(ValueError, match="temporal_kernel_size=0"):
         CPConv(3, rank=2, temporal_kernel_size=0).init(jax.random.key(0), jnp.ones((1, 3, 5, 5, 4)))
+
+
+def test_a_standalone_layer_is_named_by_its_class_in_errors():
+    """Outside a parent module a Linen layer has no name: messages said layer 'None'."""
+    m = CPConv(3, rank=2)
+    v = m.init(jax.random.key(0), _X)
+    with pytest.raises(ValueError, match="layer 'CPConv' has no 'factor_t'"):
+        m.apply(v, jnp.ones((1, 3, 5, 5, 4)))
+    with pytest.raises(ValueError, match=r"params\['factor_in'\] of layer 'CPConv': stored shape \(4, 2\)"):
+        m.apply(v, jnp.ones((1, 5, 5, 6)))

@@ -346,9 +346,6 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
         raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
-    if t.shape[0] == 0:
-        raise ValueError(f"y_true: got shape {t.shape}, expected n >= 1 rows (a batch without a valid sample: "
-                         "n rows with a mask of 0s)")
     check_weights(mask)
     m = jnp.ones(t.shape[:2], bool) if mask is None else jnp.asarray(mask)
     if m.shape != t.shape[:2]:

@@ -203,7 +203,7 @@ def test_bad_arguments_raise_clear_errors(data_dir):
         pipeline.data_source("cifar10", "train", data_dir / "empty")
     source = pipeline.data_source("digits_affect", "test", data_dir)
     for bad in (0, 3, -2):  # was: ZeroDivisionError, or a negative count of steps
-        with pytest.raises(ValueError, match=f"batch_size={bad}: expected a positive multiple of the 2 processes"):
+        with pytest.raises(ValueError, match=f"batch_size={bad}: expected a positive multiple of shard_count=2"):
             pipeline.steps_per_epoch(source, batch_size=bad, shard_count=2)
     for kwargs, words in ((dict(batch_size=True, seed=0), "batch_size=True"), (dict(batch_size=2, seed=1.5), "seed=1.5"),
                           (dict(batch_size=2, seed=0, shard_index=0.0, shard_count=1), "shard_index=0.0")):

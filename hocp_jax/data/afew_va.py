@@ -23,7 +23,7 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hocp_jax.checks import check_real, is_positive_int
+from hocp_jax.checks import check_positive_int, check_real
 from hocp_jax.data import manual
 
 
@@ -38,9 +38,7 @@ class AfewVaConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         for field in ("num_frames", "stride", "image_size"):
-            value = getattr(self, field)
-            if not is_positive_int(value):
-                raise ValueError(f"AfewVaConfig {field}={value!r}: expected a positive int")
+            check_positive_int(getattr(self, field), f"AfewVaConfig {field}")
         check_real(self.margin, "AfewVaConfig margin")
 
 

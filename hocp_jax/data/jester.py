@@ -31,7 +31,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hocp_jax.checks import check_positive_int, is_positive_int
+from hocp_jax.checks import check_positive_int
 from hocp_jax.data import manual
 
 LABELS = (
@@ -61,9 +61,7 @@ class JesterConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         for field in ("num_frames", "image_size"):
-            value = getattr(self, field)
-            if not is_positive_int(value):
-                raise ValueError(f"JesterConfig {field}={value!r}: expected a positive int")
+            check_positive_int(getattr(self, field), f"JesterConfig {field}")
 
 
 def frame_indices(num_available: int, num_frames: int) -> np.ndarray:

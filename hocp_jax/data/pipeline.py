@@ -171,11 +171,8 @@ def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
 
 def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
     """Number of training batches per epoch (equal on all hosts)."""
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    if not (is_positive_int(batch_size) and batch_size % shard_count == 0):
-        raise ValueError(f"batch_size={batch_size!r}: expected a positive multiple of the {shard_count} processes "
-                         "(each loads batch_size / processes examples)")
-    return (len(source) // shard_count) // (batch_size // shard_count)
+    _, shard_count, local = _shard(0, shard_count, batch_size)
+    return (len(source) // shard_count) // local
 
 
 def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: int,

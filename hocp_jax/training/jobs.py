@@ -200,6 +200,13 @@ def _check_transduction_config(cfg) -> None:
         raise ValueError(f"config.transduction.{e}{why}") from None
 
 
+def _transduction_args(config) -> tuple[dict, str, str]:
+    """``(modes, init, dense)`` of ``config.transduction`` (``dense`` optional: ``"error"``, as
+    :func:`hocp_jax.transduction.transduce`)."""
+    cfg = config.transduction
+    return dict(cfg.modes), cfg.init, cfg.get("dense", "error")
+
+
 def check_transducible(config, model, images: Data) -> None:
     """Before the static stage trains: ``config.transduction`` transforms the parameters of
     ``config.model`` with both of the job's inits (shapes only, ``jax.eval_shape`` on one batch of
@@ -209,11 +216,10 @@ def check_transducible(config, model, images: Data) -> None:
         ValueError: naming ``config.transduction`` and ``config.model.name``, with
             :func:`hocp_jax.transduction.transduce`'s reason.
     """
-    cfg = config.transduction
+    modes, job_init, dense = _transduction_args(config)
     x = model_input(next(iter(images.eval_batches("train"))))
     params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], x)
-    modes, dense = (cfg.modes.to_dict() if hasattr(cfg.modes, "to_dict") else dict(cfg.modes)), cfg.get("dense", "error")
-    for init in dict.fromkeys(("delta", cfg.init)):
+    for init in dict.fromkeys(("delta", job_init)):
         try:
             jax.eval_shape(lambda p, init=init: transduction.transduce(p, modes, init, dense=dense), params)
         except ValueError as e:
@@ -281,12 +287,11 @@ def run_transduction(config, workdir: str) -> dict:
         rows[name] = {"params": count_params(variables["params"]), "video_trained_params": video_params} | m
         first[name] = out
 
-    modes = dict(config.transduction.modes)
-    delta = transduction.transduce(static_vars["params"], modes, "delta", dense=config.transduction.dense)
+    modes, init, dense = _transduction_args(config)
+    delta = transduction.transduce(static_vars["params"], modes, "delta", dense=dense)
     row("static (per frame)", model, static_vars | {"params": delta}, 0)
 
-    transduced = transduction.transduce(static_vars["params"], modes, config.transduction.init,
-                                      dense=config.transduction.dense)
+    transduced = transduction.transduce(static_vars["params"], modes, init, dense=dense)
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},
                      tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"))
     row("transduced, stage 1 (temporal only)", model, _variables(s1), _n_trainable(transduced, "temporal"))

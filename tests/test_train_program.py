@@ -181,3 +181,15 @@ def test_paper_config_smoke(module, arg, tmp_path):
     c.log_every = c.checkpoint_every = 3
     rows = jobs.run(c, str(tmp_path / "run"))
     assert rows and all(math.isfinite(v) for row in rows.values() for v in row.values())
+
+
+@pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])
+def test_batch_sizes_are_checked_against_the_process_count(monkeypatch, key):
+    # with 3 processes a global batch of 64 cannot be shared: refused before training, naming the key
+    import jax
+    from ml_collections import ConfigDict
+    config = ConfigDict(dict(data=dict(batch_size=48, eval_batch_size=48)))
+    config.data[key] = 64
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match=rf"config.data.{key}=64: expected a multiple of the number of processes, 3"):
+        jobs.check_data(config, None, {})

@@ -280,6 +280,60 @@ def test_resume_with_other_stage_is_an_error(tmp_path):
                      cfg, str(tmp_path))
 
 
+def test_resume_with_another_config_is_an_error(tmp_path):
+    """A resumed run must be the run of its checkpoints: another seed or ``run`` entry (model, loss,
+    optimizer, data) is refused, naming the keys; num_steps, checkpoint_every, ... may change."""
+    def fit(seed=3, run=None, **kw):
+        cfg = dict(num_steps=4, seed=seed, stage="static", checkpoint_every=2, async_checkpointing=False,
+                   run=run or {"optimizer": {"learning_rate": 0.1}, "data": {"batch_size": 4}}) | kw
+        return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
+                            str(tmp_path))
+
+    fit(num_steps=2)
+    with pytest.raises(ValueError, match=r"another config \(seed: 3 -> 7\)"):
+        fit(seed=7)
+    with pytest.raises(ValueError, match=r"run.data.batch_size: 4 -> 2; run.optimizer.learning_rate: 0.1 -> 5.0"):
+        fit(run={"optimizer": {"learning_rate": 5.0}, "data": {"batch_size": 2}})
+    with pytest.raises(ValueError, match=r"run.optimizer.learning_rate: 0.1 -> \(absent\)"):
+        fit(run={"data": {"batch_size": 4}})
+    assert int(fit(num_steps=4, checkpoint_every=1, log_every=1).step) == 4  # allowed changes
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=1) as ckpt:
+        assert ckpt.all_steps() == [2, 3, 4]
+
+
+def test_a_torn_last_log_line_does_not_block_the_resume(tmp_path):
+    run_fit(str(tmp_path), 4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "split": "tr')  # a write cut short by a crash
+    with pytest.warns(UserWarning, match="line 3 is not a JSON record"):
+        run_fit(str(tmp_path), 6)
+    logged = [(r["step"], r["split"]) for r in tlog.read_metrics(tmp_path / "metrics.jsonl")]
+    assert logged == [(3, "train"), (4, "train"), (6, "train")]
+
+
+def test_evaluation_of_a_checkpoint_step_survives_a_kill(tmp_path):
+    """A run killed while evaluating the state of a checkpoint step evaluates it again when
+    resumed (evaluation comes before the save), so best/ still gets the best state."""
+    def fit(kill_at=None):
+        def eval_fn(state):
+            step = int(jax.device_get(state.step))
+            if step == kill_at:
+                raise KeyboardInterrupt("killed during the evaluation")
+            return {"score": 10.0 if step == 4 else 1.0}
+        cfg = dict(num_steps=8, seed=3, stage="static", checkpoint_every=4, keep_checkpoints=2, log_every=4,
+                   eval_every=4, best_metric="score", async_checkpointing=False)
+        training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg, str(tmp_path),
+                     eval_fn=eval_fn)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(kill_at=4)
+    fit()
+    evals = [r["step"] for r in tlog.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals == [4, 8]
+    with checkpoint.Checkpointer(tmp_path / "best", save_every=1, keep=1) as best:
+        assert best.restore_extra() == {"metric": "score", "value": 10.0, "step": 4}
+
+
 def test_train_step_matches_numpy_sgd_with_l1():
     """Linear model + MSE + L1: one SGD step against the analytic numpy gradient."""
     rng = np.random.default_rng(1)
@@ -578,6 +632,28 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
     os.utime(lock, (0, 0))  # no heartbeat for long: a dead run
     with training.WorkdirLock(str(tmp_path)):
         pass
+
+
+def test_workdir_lock_of_a_reused_pid_is_taken_over(tmp_path):
+    # a restarted container: the dead run had this process's pid (it holds no lock here)
+    lock, host = tmp_path / "run.lock", socket.gethostname()
+    lock.write_text(json.dumps({"host": host, "pid": os.getpid(), "pid_started": "old-boot/1"}))
+    with training.WorkdirLock(str(tmp_path)):
+        assert json.loads(lock.read_text())["pid_started"] != "old-boot/1"
+    # a live process whose pid the dead run had (another start time): taken over; itself: refused
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": host, "pid": sleeper.pid, "pid_started": "old-boot/1"}))
+        with training.WorkdirLock(str(tmp_path)):
+            pass
+        started = open("/proc/sys/kernel/random/boot_id").read().strip() + "/" + \
+            open(f"/proc/{sleeper.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        lock.write_text(json.dumps({"host": host, "pid": sleeper.pid, "pid_started": started}))
+        with pytest.raises(training.WorkdirInUseError, match="in use"):
+            training.WorkdirLock(str(tmp_path)).__enter__()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_eval_every_keeps_the_best_checkpoint(tmp_path):

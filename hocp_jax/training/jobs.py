@@ -23,6 +23,7 @@ soft-threshold after each optimizer update when ``loss.l1_prox`` is set, else as
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from ml_collections import config_dict
 
 from hocp_jax import autotune, optim, transduction, tree
 from hocp_jax.checks import is_number
@@ -97,8 +99,12 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     if tx_fn is not None:
         tx = tx_fn(tx)
     loss = functools.partial(objectives.loss_fn, cfg=config.loss) if loss is None else loss
+    run = dict(model=config.model, loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
+               data=dict(name=data.name, batch_size=config.data.batch_size),
+               transduction=config.get("transduction") if stage.startswith("stage") else None)
+    run = json.loads(config_dict.ConfigDict(run).to_json())  # the JSON a checkpoint stores
     return fit(model, loss, tx, lambda: data.train_iter(config.seed),
-               _fit_cfg(config, stage_cfg, stage), os.path.join(workdir, stage), reg_fn=reg,
+               _fit_cfg(config, stage_cfg, stage) | {"run": run}, os.path.join(workdir, stage), reg_fn=reg,
                init_variables=init_variables, eval_fn=_eval_fn(config, model, data))
 
 
@@ -236,9 +242,16 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
     Args:
         stages: ``{stage: (model, data)}``.
 
+    Also: ``config.data.batch_size`` and ``eval_batch_size`` (global) are multiples of the
+    process count (each process reads its share; an evaluation after training would fail).
+
     Raises:
         ValueError: naming the key, its value and the splits or metrics there are.
     """
+    for key in ("batch_size", "eval_batch_size"):
+        if config.data[key] % jax.process_count():
+            raise ValueError(f"config.data.{key}={config.data[key]}: expected a multiple of the number of "
+                             f"processes, {jax.process_count()} (each reads an equal share of a batch)")
     _check_split(report, "eval_split", config.data.eval_split)
     split, best = config.data.get("val_split", ""), config.get("best_metric", "")
     if not (config.get("eval_every", 0) and split):

@@ -39,7 +39,10 @@ from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
 FIT_REQUIRED = ("num_steps", "seed")
 FIT_OPTIONAL = dict(checkpoint_every=100, keep_checkpoints=3, log_every=10, eval_every=0,
-                    best_metric="", stage="train", async_checkpointing=True)
+                    best_metric="", stage="train", async_checkpointing=True, run={})
+# config keys a resumed run may change; any other difference from the checkpoint's is an error
+RESUME_MAY_CHANGE = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
+                     "async_checkpointing")
 FIT_CHECKS = {
     "num_steps": (is_positive_int, "an int > 0"),
     "seed": (is_int, "an int"),
@@ -51,7 +54,36 @@ FIT_CHECKS = {
     "best_metric": (lambda v: isinstance(v, str), "a metric name of eval_fn's results, or '' (none)"),
     "stage": (lambda v: isinstance(v, str) and v != "", "a non-empty str"),
     "async_checkpointing": (lambda v: isinstance(v, bool), "a bool"),
+    "run": (lambda v: isinstance(v, dict), "a dict"),
 }
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (JSON values: tuples read as lists)."""
+    out = {}
+    for k, v in json.loads(json.dumps(d, default=str)).items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(stored: dict, config: dict, workdir: str) -> None:
+    """A ValueError naming every key of ``config`` (the fit config, ``run`` included) that
+    differs from ``stored``, the config saved with the checkpoint being resumed, except
+    :data:`RESUME_MAY_CHANGE`: a resumed run must be the run that wrote its checkpoints (a new
+    seed, batch size or learning rate would silently mix two runs). Keys a checkpoint of an
+    older version did not store are not compared."""
+    old, new = _flat(stored), _flat(config)
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" if k in new else f"{k}: {old[k]!r} -> (absent)" for k in sorted(old)
+             if k.split(".")[0] not in RESUME_MAY_CHANGE and old[k] != new.get(k)]
+    diffs += [f"{k}: (absent) -> {new[k]!r}" for k in sorted(new) if k.startswith("run.") and k not in old
+              and any(o.startswith("run.") for o in old)]
+    if diffs:
+        raise ValueError(f"{workdir} holds checkpoints of a run with another config ({'; '.join(diffs)}): resume "
+                         "with the same values, or use another workdir (only " + ", ".join(RESUME_MAY_CHANGE)
+                         + " may change on resume)")
 
 
 def _encode_iter_state(state: Any) -> Any:
@@ -129,7 +161,10 @@ def fit(
             ``log_every`` (10), ``eval_every`` (0 = only at the end), ``best_metric`` (""; a
             key of ``eval_fn``'s results: the best state so far is kept in
             ``<workdir>/best``), ``stage`` ("train"; a checkpoint of another stage in
-            ``workdir`` is an error), ``async_checkpointing`` (True).
+            ``workdir`` is an error), ``async_checkpointing`` (True), ``run`` ({}: a JSON-able
+            description of what else defines the run, e.g. model, loss, optimizer, data; saved
+            with each checkpoint, and resuming with a different one, or a different ``seed``,
+            is an error: :func:`check_same_run`).
         workdir: checkpoints go to ``<workdir>/checkpoints``, logs to ``<workdir>/metrics.jsonl``
             (train lines also carry ``steps_per_s`` and ``eta_s``); held with a
             :class:`~hocp_jax.training.distributed.WorkdirLock`.
@@ -153,7 +188,7 @@ def fit(
     Raises:
         NonFiniteError: NaN/Inf in the logged metrics or in a state due for checkpointing.
         ValueError: bad config, an iterator without get_state/set_state, one that ends
-            early, a checkpoint of another stage in ``workdir``, or one past ``num_steps``.
+            early, a checkpoint of another stage or run in ``workdir``, or one past ``num_steps``.
         WorkdirInUseError: another live run holds ``workdir``.
     """
     validate_config(config, FIT_REQUIRED, FIT_OPTIONAL, checks=FIT_CHECKS)
@@ -182,6 +217,8 @@ def fit(
         if latest_extra is not None and latest_extra.get("stage") != c["stage"]:
             raise ValueError(f"{workdir} holds checkpoints of stage {latest_extra.get('stage')!r}, not "
                              f"{c['stage']!r}: use a separate workdir per stage")
+        if latest_extra is not None:
+            check_same_run(latest_extra.get("config", {}), c, workdir)
         start = 0
         restored = ckpt.restore_latest(state)
         if restored is not None:
@@ -249,13 +286,15 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainS
                     clock, clock_step = now, step
                     logger.write(step, means | {"steps_per_s": rate, "eta_s": (num_steps - step) / rate})
                     bar.set_postfix(loss=f"{means['loss']:.4g}")
-                if due:
-                    ckpt.save(state, extra_of(), step=step, force=last)
+                # evaluate before saving: a run killed during the evaluation of a checkpoint step
+                # resumes from the checkpoint before it and evaluates that step again
                 if eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last):
                     results = eval_fn(state)
                     logger.write(step, results, split="eval")
                     if best is not None:
                         best.update(state, step, results)
+                if due:
+                    ckpt.save(state, extra_of(), step=step, force=last)
                 bar.update()
             ckpt.wait()
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -42,7 +43,8 @@ class MetricLogger:
             if drop_after is not None and os.path.exists(self.path):
                 with open(self.path) as f:
                     lines = [line for line in f if line.strip()]
-                kept = [line for line in lines if json.loads(line)["step"] <= drop_after]
+                records = _parse(lines, self.path)
+                kept = [line for line, r in zip(lines, records) if r is not None and r["step"] <= drop_after]
                 if len(kept) < len(lines):
                     tmp = self.path + ".tmp"
                     with open(tmp, "w") as f:
@@ -77,10 +79,24 @@ class MetricLogger:
         self.close()
 
 
+def _parse(lines: list[str], path: str) -> list[dict | None]:
+    """Each line's record, None (with a warning) for a line that is not one: the torn last
+    write of a run killed while logging (a crash, a power loss)."""
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            warnings.warn(f"{path}: line {i + 1} is not a JSON record (a write cut short?); skipped")
+            records.append(None)
+    return records
+
+
 def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics JSONL file, in file order."""
+    """All records of a metrics JSONL file, in file order (a torn line is skipped with a warning)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    return [r for r in _parse(lines, path) if r is not None]
 
 
 def plot_metrics(path: str, out_png: str, keys: Sequence[str] | None = None) -> str:

@@ -61,8 +61,41 @@ def script(tmp: str, port: int, process_id: int, live_pid: int) -> None:
     out["lock"] = _outcome(lambda: WorkdirLock(lock_dir).__enter__())
     autotune.configure("measure", cache_path=os.path.join(tmp, "autotune.json"))
     out["trace"] = _outcome(lambda: autotune.agree_across_processes(fail))
+    out["resumed_at"] = _resume_with_a_read_failing_on_one_process(tmp, process_id)
     with open(os.path.join(tmp, f"process{process_id}.json"), "w") as f:
         json.dump(out, f)
+
+
+def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int:
+    """8 steps (checkpoints 4, 8), then a resume to 12 in which process 1 finds step 8 unreadable
+    (a damaged file of its own): both must resume from step 4 (before, process 0 trained on from 8
+    while process 1 waited for it, forever). Returns the final step."""
+    import jax
+    import optax
+    from test_training import ArrayIterator, TinyNet, make_data, mse_loss
+
+    from hocp_jax import training
+    from hocp_jax.training import checkpoint
+
+    def fit(num_steps):
+        cfg = dict(num_steps=num_steps, seed=3, checkpoint_every=4, keep_checkpoints=2, log_every=4,
+                   stage="static", async_checkpointing=False)
+        return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
+                            os.path.join(tmp, "run"))
+
+    fit(8)
+    restore = checkpoint.Checkpointer.restore
+    if process_id == 1:
+        def flaky(self, target, step=None):  # fails after orbax's own collectives, as a bad file would
+            restored = restore(self, target, step)
+            if step == 8:
+                raise OSError("simulated read error")
+            return restored
+        checkpoint.Checkpointer.restore = flaky
+    try:
+        return int(jax.device_get(fit(12).step))
+    finally:
+        checkpoint.Checkpointer.restore = restore
 
 
 def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path):
@@ -92,6 +125,8 @@ def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_ever
     for out in (zero, one):
         assert out["lock"].startswith("WorkdirInUseError: ") and "in use by another run" in out["lock"]
         assert out["trace"].startswith("ValueError: ") and "bad value" in out["trace"]
+        assert out["resumed_at"] == 12
+    assert (tmp_path / "run" / "checkpoints.damaged" / "8").is_dir()  # moved aside, not lost
 
 
 if __name__ == "__main__":

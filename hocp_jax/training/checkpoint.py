@@ -19,6 +19,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -56,6 +57,13 @@ def check_finite(state: TrainState, metrics: dict | None = None) -> None:
             f"{' ...' if len(bad) > 10 else ''}. Not checkpointing; the last good checkpoint is "
             "kept. Lower the learning rate, check the data, or add optax.apply_if_finite."
         )
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
 class Checkpointer:
@@ -141,7 +149,9 @@ class Checkpointer:
 
         Checkpoints that fail to restore (truncated or corrupt files) while an older one
         restores are moved to ``<directory>.damaged/<step>`` with a warning, so a damaged
-        latest checkpoint costs the steps since the one before, not the run.
+        latest checkpoint costs the steps since the one before, not the run. With several
+        processes they agree on each step: one that fails to restore on any process counts
+        as failed on all (else the others would train on while it waited).
 
         Raises:
             ValueError: no checkpoint restores into ``target`` (most likely another model or
@@ -150,9 +160,11 @@ class Checkpointer:
         failed = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                restored = self.restore(target, step)
+                restored, why = self.restore(target, step), None
             except Exception as err:  # orbax/tensorstore raise many types for bad files
-                failed.append((step, f"{type(err).__name__}: {str(err)[:300]}"))
+                restored, why = None, f"{type(err).__name__}: {str(err)[:300]}"
+            if not _on_every_process(why is None):
+                failed.append((step, why or "it failed to restore on another process"))
                 continue
             for bad, why in failed:
                 self._quarantine(bad, why)
@@ -162,7 +174,7 @@ class Checkpointer:
                              f"(another model or optimizer?); newest error: step {failed[0][0]}: {failed[0][1]}")
         return None
 
-    def _quarantine(self, step: int, why: str) -> None:
+    def _quarantine(self, step: int, why: str) -> None:  # every process calls it (a collective)
         damaged = os.path.join(os.fspath(self.manager.directory) + ".damaged", str(step))
         warnings.warn(f"checkpoint {self.manager.directory}/{step} cannot be restored ({why}); moved "
                       f"to {damaged}; resuming from the previous checkpoint", RuntimeWarning, stacklevel=3)

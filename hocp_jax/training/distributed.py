@@ -75,14 +75,34 @@ class WorkdirInUseError(RuntimeError):
     """Another run is writing the workdir."""
 
 
+_HELD: set[str] = set()  # the lock files this process holds now
+
+
+def _pid_started(pid: int) -> str | None:
+    """When process ``pid`` started (boot id and start time in clock ticks from
+    ``/proc``), so that a pid reused by another process, or this same pid in a restarted
+    container, is not mistaken for the run that wrote a lock; None where ``/proc`` is absent."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = f.read().rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+        return f"{boot}/{ticks}"
+    except (OSError, IndexError):
+        return None
+
+
 class WorkdirLock:
-    """``<workdir>/run.lock``: JSON ``{host, pid, process_count, started}`` held by process 0.
+    """``<workdir>/run.lock``: JSON ``{host, pid, pid_started, process_count, started}`` held by
+    process 0.
 
     While held, a daemon thread touches the file every ``heartbeat_s`` seconds. Entering
     raises :class:`WorkdirInUseError` when the lock belongs to another run that is alive: a
-    live process on this host, or (on another host, where liveness cannot be checked) a file
-    touched less than ``stale_s`` seconds ago. A lock of a killed run (dead pid on this host,
-    or stale) is taken over, so resuming after ``kill -9`` just works. In a ``jax.distributed``
+    live process on this host that is the one that wrote the lock (same pid and, on Linux,
+    same start time, so a reused pid or a restarted container with the same pid is not), a
+    lock this very process holds, or (on another host, where liveness cannot be checked) a
+    file touched less than ``stale_s`` seconds ago. A lock of a killed run (dead pid on this
+    host, or stale) is taken over, so resuming after ``kill -9`` just works. In a ``jax.distributed``
     run process 0 takes the lock for the run and every process raises if it could not
     (:func:`hocp_jax.processes.on_process_zero`).
     """
@@ -96,14 +116,15 @@ class WorkdirLock:
     def _owner_alive(self, owner: dict) -> bool:
         if owner.get("host") == socket.gethostname():
             if owner.get("pid") == os.getpid():
-                return True  # a second run in this very process
+                return os.path.realpath(self.path) in _HELD  # else a former process with our pid
             try:
                 os.kill(int(owner["pid"]), 0)
             except (ProcessLookupError, KeyError, ValueError, TypeError):
                 return False
             except PermissionError:
-                return True
-            return True
+                pass
+            started = owner.get("pid_started")
+            return started is None or started == _pid_started(int(owner["pid"]))
         return time.time() - os.path.getmtime(self.path) < self.stale_s
 
     def __enter__(self) -> WorkdirLock:
@@ -112,8 +133,8 @@ class WorkdirLock:
 
     def _acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "process_count": jax.process_count(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _pid_started(os.getpid()),
+              "process_count": jax.process_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -130,6 +151,7 @@ class WorkdirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)  # a dead run's lock
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
+        _HELD.add(os.path.realpath(self.path))
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
 
@@ -145,6 +167,7 @@ class WorkdirLock:
             return
         self._stop.set()
         self._thread.join()
+        _HELD.discard(os.path.realpath(self.path))
         try:
             os.remove(self.path)
         except FileNotFoundError:

@@ -166,6 +166,20 @@ def test_epochs_are_permutations_and_reshuffled(data_dir):
     assert not np.array_equal(ids[0], ids[1])
 
 
+def test_every_host_has_the_same_epoch_length():
+    # 11 examples over 2 hosts (6 and 5), 3 per host per batch: each host's epoch is ONE batch, so
+    # hosts stay on the same epoch (the 6-example shard used to run 2 batches per epoch)
+    source = [{"x": np.int32(i)} for i in range(11)]
+    assert pipeline.steps_per_epoch(source, batch_size=6, shard_count=2) == 1
+    for host in range(2):
+        epoch = pipeline.epoch_batches(source, batch_size=6, seed=0, shard_index=host, shard_count=2)
+        assert len(epoch) == 1 and set(epoch[0]["x"]) <= set(range(host, 11, 2))
+        ds = pipeline.train_batches(source, batch_size=6, seed=0, shard_index=host, shard_count=2)
+        np.testing.assert_array_equal(ds[0]["x"], epoch[0]["x"])
+    with pytest.raises(ValueError, match="batch_size=12: larger than the 5 examples every one of the 2 shards holds"):
+        pipeline.train_batches(source, batch_size=12, seed=0, shard_index=0, shard_count=2)
+
+
 def test_host_sharding_partitions_the_data(data_dir):
     n = len(pipeline.data_source("moving_digits", "test", data_dir))
     seen = []
@@ -315,16 +329,27 @@ def test_affectnet_builder_on_fixture(tmp_path):
     assert isinstance(raw, bytes) and len(raw) != 8 * 8 * 3  # what label_counts leaves undecoded
 
 
-def test_fer2013_builder_on_fixture(tmp_path):
-    rng = np.random.default_rng(2)
-    (tmp_path / "manual").mkdir()
+def _write_fer2013(folder, rng):
+    """fer2013.csv with 4 train, 2 validation and 3 test faces; returns their pixels."""
+    folder.mkdir(parents=True)
     usage = ["Training"] * 4 + ["PublicTest"] * 2 + ["PrivateTest"] * 3
     pixels = rng.integers(0, 256, (len(usage), 48 * 48))
-    with open(tmp_path / "manual" / "fer2013.csv", "w", newline="") as f:
+    with open(folder / "fer2013.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["emotion", "pixels", "Usage"])
         for i, u in enumerate(usage):
             writer.writerow([i % 7, " ".join(map(str, pixels[i])), u])
+    return pixels
+
+
+def test_files_in_the_default_manual_folder_are_found(tmp_path):
+    # TFDS's default manual_dir, <data_dir>/downloads/manual, is used when none is given
+    _write_fer2013(tmp_path / "tfds" / "downloads" / "manual", np.random.default_rng(2))
+    assert len(pipeline.data_source("fer2013", "test", tmp_path / "tfds")) == 3
+
+
+def test_fer2013_builder_on_fixture(tmp_path):
+    pixels = _write_fer2013(tmp_path / "manual", np.random.default_rng(2))
     builder = pipeline.build("fer2013", tmp_path / "tfds", manual_dir=tmp_path / "manual")
     test = _all(builder.as_data_source(split="test"))
     assert len(test) == 3 and len(builder.as_data_source(split="validation")) == 2

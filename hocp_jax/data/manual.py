@@ -11,8 +11,9 @@ def manual_root(dl_manager, builder) -> epath.Path:
         return dl_manager.manual_dir
     except AssertionError as err:
         raise FileNotFoundError(
-            f"{builder.name}: manually downloaded files not found ({err}). Pass "
-            "manual_dir=<folder> (default <data_dir>/downloads/manual)."
+            f"{builder.name}: manually downloaded files not found ({err}). Give their folder "
+            "(train.py: --config.data.manual_dir=<folder>; pipeline.build: manual_dir=<folder>; "
+            "default <data_dir>/downloads/manual)."
         ) from None
 
 

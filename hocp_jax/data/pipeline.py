@@ -24,6 +24,8 @@ Sharding: ``batch_size`` is GLOBAL; host ``shard_index`` of ``shard_count``
 (default jax.process_index() / jax.process_count()) reads examples
 shard_index::shard_count and yields batch_size // shard_count of them.
 """
+import os
+
 import jax
 import numpy as np
 import grain
@@ -72,19 +74,22 @@ def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.Dat
 
 def prepare(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.DatasetBuilder | None:
     """The builder of project dataset ``name``, built first if it is not prepared: embedded
-    datasets always, manual ones when manual_dir is given (else FileNotFoundError with the
-    download instructions). None for a catalog dataset (prepared with ``tfds build``)."""
+    datasets always, manual ones when manual_dir is given or TFDS's default manual folder
+    ``<data_dir>/downloads/manual`` exists (else FileNotFoundError with the download
+    instructions). None for a catalog dataset (prepared with ``tfds build``)."""
     base = name.partition("/")[0]
     if base not in BUILDERS:
         return None
     builder = get_builder(name, data_dir, config=config)
     if builder.is_prepared():
         return builder
-    if base in EMBEDDED or manual_dir is not None:
+    default_manual = os.path.join(str(data_dir), "downloads", "manual")
+    if base in EMBEDDED or manual_dir is not None or os.path.isdir(default_manual):
         return build(name, data_dir, manual_dir=manual_dir, config=config)
     raise FileNotFoundError(
-        f"name={name!r} is not prepared in {builder.data_dir}; pass "
-        f"manual_dir=<downloaded files> to build it.\n"
+        f"name={name!r} is not prepared in {builder.data_dir}; give the folder of its downloaded "
+        f"files (train.py: --config.data.manual_dir=<folder>; here: manual_dir=<folder>; or put them "
+        f"in {default_manual}) to build it.\n"
         f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
 
@@ -105,7 +110,7 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
         except Exception as err:  # tfds raises several types for "not prepared"
             raise FileNotFoundError(
                 f"name={name!r}: catalog dataset not prepared in data_dir={data_dir} "
-                f"({type(err).__name__}: {err}). Prepare it once with `tfds build "
+                f"({type(err).__name__} from TFDS). Prepare it once with `tfds build "
                 f"{name} --data_dir={data_dir} --file_format=array_record`.") from err
     if split not in builder.info.splits:
         raise ValueError(f"split={split!r}: {name} has splits "
@@ -156,21 +161,30 @@ def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
     """Infinite random-access MapDataset of training batches of one host.
 
     Each epoch is a fresh permutation (from seed and epoch) of this host's
-    examples, cut into full local batches (the remainder of an epoch is
-    dropped), so batch k is a pure function of (seed, k).
+    examples, cut into :func:`steps_per_epoch` full local batches, the same number
+    on every host (the rest of an epoch is dropped: a host whose shard holds one
+    example more than another's does not run ahead), so batch k is a pure
+    function of (seed, k).
     """
+    return epoch_batches(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                         shard_count=shard_count).repeat()
+
+
+def epoch_batches(source, *, batch_size: int, seed: int, shard_index=None,
+                  shard_count=None) -> grain.MapDataset:
+    """One epoch of :func:`train_batches` (of length :func:`steps_per_epoch`)."""
     shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
     check_int(seed, "seed", 0)
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(ds) < local:
-        raise ValueError(f"batch_size={batch_size}: larger than the {len(ds)} "
-                         f"examples of shard {shard_index}/{shard_count}")
-    ds = ds.shuffle(seed=seed)[: len(ds) // local * local]
-    return ds.map(to_numpy).batch(local, drop_remainder=True).repeat()
+    if len(source) // shard_count < local:
+        raise ValueError(f"batch_size={batch_size}: larger than the {len(source) // shard_count} "
+                         f"examples every one of the {shard_count} shards holds")
+    n = steps_per_epoch(source, batch_size=batch_size, shard_count=shard_count) * local
+    return ds.shuffle(seed=seed)[:n].map(to_numpy).batch(local, drop_remainder=True)
 
 
 def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
-    """Number of training batches per epoch (equal on all hosts)."""
+    """Number of training batches per epoch (equal on all hosts: that of the smallest shard)."""
     _, shard_count, local = _shard(0, shard_count, batch_size)
     return (len(source) // shard_count) // local
 

@@ -17,11 +17,16 @@ and the factorized path computes, without ever building ``W``:
 3. ``Y = H x_R (diag(lambda) U^(T))^T``       (1x1 contraction to the output channels)
 4. optional ``Y += X x_C U^(S)`` (skip factor, "HO-CP conv-S"), optional bias.
 
+The factor order follows the paper's explicit sum above (``U^(C)`` first, ``diag(lambda) U^(T)``
+last); the printed Eq. 6-7 swap ``U^(C)`` and ``U^(T)``, which contradicts that sum. The skip
+factor follows supplementary Algorithm 1 (``H + X x_0 U^(S)``, ``U^(S)`` of shape ``(C, T)``),
+not the main text's ``F' = X + (F x_0 U^(S))`` (after Eq. 7), which applies ``U^(S)`` to the output.
+
 An optional non-linearity ``psi(h, stage)`` (paper's Psi, e.g. BN + ReLU) is called after
 step 1 with ``stage="in"`` and after each mode's 1-D conv with ``stage=<mode name>``; it
 makes the layer non-linear, so it is only allowed with ``implementation="factorized"``.
 
-Parameter dict (see README "Parameter names"):
+Parameter dict (see README, "Use it as a layer library"):
 ``lambda (R,)``, ``factor_in (C_in, R)``, ``factor_out (C_out, R)``, ``factor_<m> (K_m, R)``
 for every mode ``m``, optional ``factor_skip (C_in, C_out)`` and ``bias (C_out,)``.
 Tucker: ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``.
@@ -734,8 +739,10 @@ def cp_conv(
         trace time from static shapes: nothing at run time under ``jit``; under the measured
         policy the first trace of each new shape times both paths.
       psi: optional ``psi(h, stage)`` between factors (factorized/auto only).
-      mode_order: order in which the 1-D convs are applied; the result is the same, only the
-        cost changes. Default: :func:`best_mode_order` (most-reducing stride first).
+      mode_order: order in which the 1-D convs are applied; without ``psi`` the result is the
+        same, only the cost changes; with ``psi`` (applied after each mode's conv) the order is
+        part of the function, so pass it explicitly (:class:`hocp_jax.layers.CPConv` does).
+        Default: :func:`best_mode_order` (most-reducing stride first).
       input_grad: whether the caller differentiates w.r.t. ``x`` (False for a network's first
         layer, whose input is the data). Only informs ``"auto"`` (and, under the measured policy,
         the timing of the reconstructed path's kernel gradient): without the input gradient a

@@ -103,6 +103,8 @@ class CPConv(nn.Module):
       psi: ``None | "relu" | "prelu" | "bn_relu" | "bn_prelu"`` applied after the input
         contraction and, with ``psi_stages="all"``, after every spatial 1-D conv. Never after
         a temporal conv, so a delta-initialised temporal factor reproduces the static layer.
+        ``bn_*`` runs BatchNorm, then the activation (supplementary Algorithm 1 lists the
+        activation first; Eq. 7's "batch normalisation combined with RELU" fixes no order).
       skip: add the skip factor ``U^(S)`` (HO-CP conv-S).
       use_bias: add a bias.
       implementation: passed to :func:`hocp_jax.conv.cp_conv` (reconstructed needs psi=None).
@@ -235,7 +237,7 @@ class SeparableConv(nn.Module):
 
 
 class TRL(nn.Module):
-    """Tensor regression layer on the trailing ``len(ranks)`` modes of ``x``.
+    """Tensor regression layer on the trailing ``n_modes`` modes of ``x``.
 
     ``x (*batch, d_1, ..., d_k)`` (e.g. ``(B, H, W, C)``, or ``(B, T, H, W, C)`` for per-frame
     outputs) -> ``(*batch, features)``. ``decomposition="cp"``: weight

@@ -64,7 +64,7 @@ class CPConv(nnx.Module):
     Args:
       in_features, out_features: ``C_in``, ``C_out``.
       kernel_size, rank, rank_multiple, spatial_modes, stride, padding, dilation, psi,
-        psi_stages, skip, use_bias, implementation, gain: as in the Linen layer.
+        psi_stages, skip, use_bias, implementation, input_grad, gain: as in the Linen layer.
       temporal_modes: temporal modes this layer has factors for (default none: a static
         layer). It accepts inputs with 0 up to ``len(temporal_modes)`` leading temporal axes
         (``(B, [*T,] *S, C_in)``); with k of them it uses the last k modes, as the Linen layer.
@@ -95,6 +95,7 @@ class CPConv(nnx.Module):
         skip: bool = False,
         use_bias: bool = False,
         implementation: str = "factorized",
+        input_grad: bool = True,
         gain: float = 2.0,
         use_running_average: bool = False,
         dtype: Any = None,
@@ -104,7 +105,7 @@ class CPConv(nnx.Module):
         layer_specs.check_psi(psi, psi_stages)
         layer_specs.check_sizes(in_features=in_features, out_features=out_features,
                                 temporal_kernel_size=temporal_kernel_size)
-        layer_specs.check_flags(skip=skip, use_bias=use_bias)
+        layer_specs.check_flags(skip=skip, use_bias=use_bias, input_grad=input_grad)
         self.spatial, ks = layer_specs.spatial_layout(kernel_size, spatial_modes)
         self.temporal_modes = layer_specs.check_temporal_modes(temporal_modes)
         rank = layer_specs.cp_layer_rank(in_features, out_features, ks, rank, rank_multiple)
@@ -113,7 +114,7 @@ class CPConv(nnx.Module):
                                            use_bias=use_bias), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, temporal_stride=temporal_stride,
                               temporal_padding=temporal_padding, implementation=implementation, psi=psi)
-        self.psi, self.dtype = psi, dtype
+        self.psi, self.dtype, self.input_grad = psi, dtype, input_grad
         self.psi_at = layer_specs.psi_at(psi, psi_stages, self.spatial)
         for stage in self.psi_at:
             if psi.startswith("bn_"):
@@ -137,6 +138,7 @@ class CPConv(nnx.Module):
         x, params = _values(self, [n for n in _leaf_names(self) if n not in unused], x, self.dtype)
         psi = (lambda h, stage: self._psi(h, stage, use_running_average)) if self.psi else None
         return conv.cp_conv(x, params, psi=psi, psi_pointwise=layer_specs.psi_pointwise(self.psi),
+                            input_grad=self.input_grad,
                             **layer_specs.cp_conv_kwargs(self.spatial, temporal, **self.conv_args))
 
 

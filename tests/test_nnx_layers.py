@@ -144,8 +144,21 @@ def test_dtype_and_param_dtype_and_validation():
                         (lambda: nnx_layers.TuckerConv(0, 4, rngs=nnx.Rngs(0)), "in_features=0"),
                         (lambda: nnx_layers.SeparableConv(3, 4, rank=0, rngs=nnx.Rngs(0)), "rank=0"),
                         (lambda: nnx_layers.TTConv(3, True, rngs=nnx.Rngs(0)), "out_features=True"),
-                        (lambda: nnx_layers.TRL((2, 2), 0, rngs=nnx.Rngs(0)), "features=0")]:
+                        (lambda: nnx_layers.TRL((2, 2), 0, rngs=nnx.Rngs(0)), "features=0"),
+                        (lambda: nnx_layers.CPConv(3, 4, rank=2, input_grad="no", rngs=nnx.Rngs(0)),
+                         "input_grad='no'")]:
         with pytest.raises(ValueError, match=words):
             make()
     for cls in (nnx_layers.TuckerConv, nnx_layers.SeparableConv, nnx_layers.TTConv):  # int: (k, k), as CPConv
         assert cls(3, 4, 3, rngs=nnx.Rngs(0))(x.astype(jnp.float32)).shape == (1, 5, 5, 4)
+
+
+def test_cpconv_passes_input_grad_to_the_conv(monkeypatch):
+    # a network's first layer tells implementation="auto" that no input gradient is needed
+    seen = []
+    real = nnx_layers.conv.cp_conv
+    monkeypatch.setattr(nnx_layers.conv, "cp_conv", lambda *a, **kw: seen.append(kw["input_grad"]) or real(*a, **kw))
+    x = jnp.ones((1, 5, 5, 3))
+    for flag in (False, True):
+        nnx_layers.CPConv(3, 4, rank=2, implementation="auto", input_grad=flag, rngs=nnx.Rngs(0))(x)
+    assert seen == [False, True]

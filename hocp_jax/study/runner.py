@@ -101,14 +101,17 @@ def init_variables(model, example: np.ndarray, seed: int) -> dict:
 _CACHE: dict = {}
 
 
-def trainer(model, name: str, make_tx: Callable[[], optax.GradientTransformation], loss: ConfigDict | None = None):
+def trainer(model, name: str, make_tx: Callable[[], optax.GradientTransformation], loss: ConfigDict | None = None,
+            l1_gamma: float = 0.0):
     """The :class:`Trainer` of ``model`` with the optimizer ``make_tx()`` described by ``name``,
     built (and compiled) once per process: studies run one after the other (e.g. in the tests)
-    share their compiled steps."""
+    share their compiled steps. ``l1_gamma > 0`` adds the lasso ``l1_gamma * sum |lambda|`` to
+    the loss (:func:`hocp_jax.optim.l1_lambda`, the paper's form)."""
     loss = loss_config() if loss is None else loss
-    key = ("train", repr(model), name, loss.to_json())
+    key = ("train", repr(model), name, loss.to_json(), l1_gamma)
     if key not in _CACHE:
-        _CACHE[key] = Trainer(model, make_tx(), loss)
+        reg = functools.partial(optim.l1_lambda, gamma=l1_gamma) if l1_gamma > 0 else None
+        _CACHE[key] = Trainer(model, make_tx(), loss, reg)
     return _CACHE[key]
 
 
@@ -133,9 +136,9 @@ class Trainer:
     training-set sizes, inits): compiling dominates tiny runs on CPU. ``tx`` must suit every
     params tree it is used with (a :func:`~hocp_jax.optim.masked_optimizer` relabels by name)."""
 
-    def __init__(self, model, tx: optax.GradientTransformation, loss: ConfigDict):
+    def __init__(self, model, tx: optax.GradientTransformation, loss: ConfigDict, reg_fn: Callable | None = None):
         self.model, self.tx = model, tx
-        self.step = jax.jit(make_train_step(model, functools.partial(loss_fn, cfg=loss), tx))
+        self.step = jax.jit(make_train_step(model, functools.partial(loss_fn, cfg=loss), tx, reg_fn))
 
     def train(self, variables: dict, data: Data, *, steps: int, batch_size: int, seed: int) -> dict:
         """``steps`` updates from ``variables`` on shuffled batches of ``data``; new variables."""
@@ -254,12 +257,18 @@ def resnet(name: str, widths: Sequence[int], n_classes: int = 10):
 
 
 def static_model(widths: Sequence[int], *, steps: int, seed: int, gamma: float = 0.0, lr: float = 3e-3,
-                 batch_size: int = 32) -> tuple[Any, dict]:
+                 batch_size: int = 32, lasso: str = "proximal") -> tuple[Any, dict]:
     """Trains the static HO-CP ResNet on ``digits_affect`` with Adam(``lr``) and the lasso
-    ``gamma`` on its lambdas (:func:`adam`); returns ``(model, variables)``."""
+    ``gamma`` on its lambdas, as Adam's proximal step (``lasso="proximal"``, :func:`adam`) or as a
+    loss term (``lasso="loss"``, the paper's form); returns ``(model, variables)``."""
     model = resnet("resnet18_hocp", widths)
     images = dataset("digits_affect", "train")
-    tx = trainer(model, f"adam {lr} lasso {gamma}", lambda: adam(lr, gamma))
+    if lasso == "proximal":
+        tx = trainer(model, f"adam {lr} lasso {gamma}", lambda: adam(lr, gamma))
+    elif lasso == "loss":
+        tx = trainer(model, f"adam {lr}", lambda: adam(lr), l1_gamma=gamma)
+    else:
+        raise ValueError(f"lasso: got {lasso!r}, expected 'proximal' or 'loss'")
     variables = init_variables(model, images["image"][:2], seed)
     return model, tx.train(variables, images, steps=steps, batch_size=batch_size, seed=seed)
 

@@ -20,6 +20,11 @@
 # soft-thresholded by `learning_rate * gamma`, so entries reach exact zeros), lets the network choose each
 # layer's rank. Zeroed components are then **pruned**: every factor of the layer is sliced, giving a
 # genuinely smaller model with the same outputs.
+#
+# The paper adds the penalty to the loss instead (`fit(..., reg_fn=functools.partial(optim.l1_lambda,
+# gamma=...))`, what `configs/affectnet.py` does). Under Adam that form selected more rank at smaller gamma
+# and less cost in the project's study (README, "Studies", `rank_selection`), but its lambdas only
+# approach 0: prune them at a tolerance, `pruning.prune_rank(params, tol)`, and the outputs move slightly.
 
 # %%
 # On Colab: install the library from YOUR copy of the repository (the project has no public

@@ -7,9 +7,11 @@ independent products of ``N + 2`` independent zero-mean terms, so
     Var(W) = R * s^(2 (N + 2))   =>   s = (Var_target / R) ** (1 / (2 (N + 2))).
 
 ``Var_target`` defaults to He (``2 / fan_in``, ``fan_in = C_in * prod K``), the variance a dense
-conv followed by ReLU is initialised with; ``gain=1`` gives LeCun. Lambda starts at one (the
-magnitude is carried by the factors, as the paper suggests absorbing it into lambda later
-through training and the L1 penalty). A Tucker kernel ``core x U^(C) x U^(T)`` with i.i.d.
+conv followed by ReLU is initialised with; ``gain=1`` gives LeCun. Lambda starts at one and the
+factors carry the magnitude (the paper suggests the opposite, absorbing the factors' magnitude
+into lambda; a rank component computes the same function with its lambda scaled down and a
+factor column scaled up, so the L1 on lambda relies on training not doing that: README,
+"Studies", ``rank_selection``). A Tucker kernel ``core x U^(C) x U^(T)`` with i.i.d.
 entries has ``Var(W) = R_in R_out s_core^2 s_in^2 s_out^2``; the three stds are taken equal.
 """
 

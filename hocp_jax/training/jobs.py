@@ -295,14 +295,16 @@ def run_transduction(config, workdir: str) -> dict:
     static_vars = _variables(static)
     rows, first = {}, {}
 
-    def row(name, mdl, variables, video_params):
+    def row(name, mdl, variables, video_params, params=None):
         m, out = evaluate_variables(mdl, variables, videos, config.data.eval_split)
-        rows[name] = {"params": count_params(variables["params"]), "video_trained_params": video_params} | m
+        params = count_params(variables["params"]) if params is None else params
+        rows[name] = {"params": params, "video_trained_params": video_params} | m
         first[name] = out
 
     modes, init, dense = _transduction_args(config)
     delta = transduction.transduce(static_vars["params"], modes, "delta", dense=dense)
-    row("static (per frame)", model, static_vars | {"params": delta}, 0)
+    # the static model run per frame (its delta temporal factors are identities, not counted)
+    row("static (per frame)", model, static_vars | {"params": delta}, 0, count_params(static_vars["params"]))
 
     transduced = transduction.transduce(static_vars["params"], modes, init, dense=dense)
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},

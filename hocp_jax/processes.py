@@ -1,8 +1,10 @@
-"""Work that process 0 of a ``jax.distributed`` run does for all processes.
+"""Work that process 0 of a ``jax.distributed`` run does for all processes, or each for itself.
 
 :func:`on_process_zero` runs a function on process 0 (take the workdir lock, build a dataset,
 time the CP convs) and tells every process whether it failed, so that a failure raises on
 every process instead of leaving the others waiting in the next collective.
+:func:`on_every_process` runs it on every process (check a host-local copy of a dataset) and
+raises on all of them if it failed on any.
 """
 
 from __future__ import annotations
@@ -26,19 +28,45 @@ def on_process_zero(fn: Callable[[], None], name: str, errors: Sequence[type[Exc
     if jax.process_count() == 1:
         fn()
         return
-    error, status = None, np.zeros(MESSAGE_BYTES + 1, np.uint8)
-    if jax.process_index() == 0:
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 -- raised below, on every process
-            error = err
-            text = f"{type(err).__name__}\n{err}".encode()[:MESSAGE_BYTES]
-            status[0], status[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+    error, status = _run(fn) if jax.process_index() == 0 else (None, np.zeros(MESSAGE_BYTES + 1, np.uint8))
     status = np.asarray(multihost_utils.broadcast_one_to_all(status))
     if error is not None:
         raise error
     if status[0]:
-        cls_name, _, message = bytes(status[1:]).rstrip(b"\0").decode(errors="replace").partition("\n")
-        shared = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, *errors)}
-        cls = shared.get(cls_name, RuntimeError)
-        raise cls(f"on process 0 ({name}): {message}" + ("" if cls_name in shared else f" [{cls_name}]"))
+        _raise(status, 0, name, errors)
+
+
+def on_every_process(fn: Callable[[], None], name: str, errors: Sequence[type[Exception]] = ()) -> None:
+    """Runs ``fn()`` on every process, then tells all of them whether it raised anywhere: a
+    process where it raised re-raises, the others raise an error of the same class as the first
+    failed process's (as :func:`on_process_zero`) naming that process. A collective: every
+    process must call it at the same point. With one process, just ``fn()``."""
+    if jax.process_count() == 1:
+        fn()
+        return
+    error, status = _run(fn)
+    statuses = np.asarray(multihost_utils.process_allgather(status)).reshape(jax.process_count(), -1)
+    if error is not None:
+        raise error
+    failed = np.flatnonzero(statuses[:, 0])
+    if failed.size:
+        _raise(statuses[failed[0]], int(failed[0]), name, errors)
+
+
+def _run(fn: Callable[[], None]) -> tuple[Exception | None, np.ndarray]:
+    """``(error or None, status)``: status[0] = 1 if ``fn()`` raised, then its class name and message."""
+    status = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 -- raised by the caller, on every process
+        text = f"{type(err).__name__}\n{err}".encode()[:MESSAGE_BYTES]
+        status[0], status[1:1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+        return err, status
+    return None, status
+
+
+def _raise(status: np.ndarray, process: int, name: str, errors: Sequence[type[Exception]]) -> None:
+    cls_name, _, message = bytes(status[1:]).rstrip(b"\0").decode(errors="replace").partition("\n")
+    shared = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, *errors)}
+    cls = shared.get(cls_name, RuntimeError)
+    raise cls(f"on process {process} ({name}): {message}" + ("" if cls_name in shared else f" [{cls_name}]"))

@@ -1,4 +1,4 @@
-"""Work process 0 does for all, in a real 2-process ``jax.distributed`` run (CPU, gloo,
+"""Work process 0 does for all (or each process for itself), in a real 2-process ``jax.distributed`` run (CPU, gloo,
 coordinator on 127.0.0.1): building a missing dataset, taking the workdir lock, timing the convs.
 A failure on process 0 must raise on both processes (before, the other process went on and
 waited in the next collective until killed), and a dataset must be built once (before, every
@@ -51,6 +51,13 @@ def script(tmp: str, port: int, process_id: int, live_pid: int) -> None:
 
     out["value_error"] = _outcome(lambda: processes.on_process_zero(fail, "test"))
     out["other_error"] = _outcome(lambda: processes.on_process_zero(lambda: {}["key"], "test"))
+
+    def fail_on_one():  # e.g. a host-local data_dir without the files
+        if process_id == 1:
+            raise FileNotFoundError("no files here")
+
+    out["every"] = _outcome(lambda: processes.on_every_process(fail_on_one, "test"))
+    out["every_ok"] = _outcome(lambda: processes.on_every_process(lambda: None, "test"))
     lock_dir = os.path.join(tmp, "locked")
     if process_id == 0:  # a lock held by a live process of this host: the workdir is in use
         os.makedirs(lock_dir)
@@ -121,6 +128,10 @@ def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_ever
     assert one["value_error"] == "ValueError: on process 0 (test): bad value"
     assert zero["other_error"] == "KeyError: 'key'"
     assert one["other_error"] == "RuntimeError: on process 0 (test): 'key' [KeyError]"
+    # a failure on any process raises on every one (process 1's own, and naming it on process 0)
+    assert one["every"] == "FileNotFoundError: no files here"
+    assert zero["every"] == "FileNotFoundError: on process 1 (test): no files here"
+    assert zero["every_ok"] == one["every_ok"] == "ok"
     assert zero["free_lock"] is True  # process 0 took the free lock for the run
     for out in (zero, one):
         assert out["lock"].startswith("WorkdirInUseError: ") and "in use by another run" in out["lock"]

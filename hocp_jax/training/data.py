@@ -8,7 +8,7 @@ import os
 import jax
 
 from hocp_jax.data import pipeline
-from hocp_jax.processes import on_process_zero
+from hocp_jax.processes import on_every_process, on_process_zero
 from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
 
@@ -79,11 +79,12 @@ class Data:
         """Builds the dataset if it is missing (:func:`hocp_jax.data.pipeline.prepare`). With
         several processes, process 0 builds it while the others wait (processes building into
         one shared ``data_dir`` at once collide), then each process checks its own view: a no-op
-        on a shared ``data_dir``, a build of its own copy on a host-local one."""
+        on a shared ``data_dir``, a build of its own copy on a host-local one; a failure there
+        raises on every process (:func:`hocp_jax.processes.on_every_process`)."""
         prepare = functools.partial(pipeline.prepare, self.name, self.data_dir, manual_dir=self.manual_dir)
         on_process_zero(prepare, f"preparing {self.name} in {self.data_dir}")
         if jax.process_count() > 1:
-            prepare()
+            on_every_process(prepare, f"preparing {self.name} in {self.data_dir}")
 
     def _opt(self, key: str):
         return self.cfg.get(key, DATA_OPTIONAL[key])

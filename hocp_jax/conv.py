@@ -136,6 +136,13 @@ def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x.astype(dtype), kernel.astype(dtype)
 
 
+def _promoted(x: jax.Array, params: Params, keys: Sequence[str]) -> dict:
+    """``params`` with the leaves ``keys`` in their common dtype with ``x``, so that a kernel is
+    rebuilt in the dtype the conv computes in (bfloat16 factors with a float32 ``x``: float32)."""
+    dtype = jnp.result_type(x, *(params[k] for k in keys))
+    return {**params, **{k: params[k].astype(dtype) for k in keys}}
+
+
 def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     """``arrays`` cast (``lax.pcast(..., to="varying")``) to vary over every manual mesh axis
     that any of them varies over; unchanged outside ``shard_map``. Applied to a custom VJP's
@@ -811,7 +818,8 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
             x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample,
             batch_shards=explicit_sharding.shards(x, 0))
     if implementation == "reconstructed":
-        y = _weight_conv(x, cp_to_kernel(params, modes), strides, pads, dilations, input_grad)
+        keys = ("lambda", "factor_in", "factor_out", *map(mode_key, modes))
+        y = _weight_conv(x, cp_to_kernel(_promoted(x, params, keys), modes), strides, pads, dilations, input_grad)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))
@@ -911,7 +919,8 @@ def tucker_conv(
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, x.shape[1:-1], core.shape[:n], strides, dilations)
     if implementation == "reconstructed":
-        y = _weight_conv(x, tucker_to_kernel(params), strides, pads, dilations)
+        y = _weight_conv(x, tucker_to_kernel(_promoted(x, params, ("core", "factor_in", "factor_out"))), strides,
+                         pads, dilations)
     elif implementation == "factorized":
         h = channel_matmul(x, u_in)
         h = _weight_conv(h, core, strides, pads, dilations)
@@ -1034,7 +1043,8 @@ def tt_conv(
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
     if implementation == "reconstructed":
-        y = _weight_conv(x, tt_to_kernel(params), strides, pads, dilations)
+        y = _weight_conv(x, tt_to_kernel(_promoted(x, params, [f"core_{i}" for i in range(len(cores))])), strides,
+                         pads, dilations)
     elif implementation == "factorized":
         def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
             return tuple(value if j == i else rest for j in range(n))

@@ -451,6 +451,10 @@ def test_jit_and_vmap():
     ps = jax.vmap(lambda k: init.init_cp_params(k, 2, 3, (3, 3), 4))(jax.random.split(key, 3))
     ye = jax.vmap(f, in_axes=(None, 0))(x[0], ps)
     assert ye.shape == (3, 2, 3, 3, 3)
+    pads = lax_pads("SAME", (6, 6), (3, 3), (2, 2), (1, 1))
+    for i in range(3):  # each member is its own layer (the batched factors reach the custom VJP's kernel)
+        w = np_kernel(jax.tree.map(lambda a: a[i], ps), ("h", "w"))
+        np.testing.assert_allclose(ye[i], np_conv(np.asarray(x[0]), w, (2, 2), pads, (1, 1)), rtol=RTOL, atol=1e-5)
 
 
 def test_tucker_conv_matches_dense():
@@ -563,9 +567,21 @@ def test_mixed_dtypes_promote_on_every_path(implementation):
     w = np_kernel(p, ("h", "w"))
     expected = np_conv(np.asarray(x, np.float32), w, (1, 1), [(1, 1), (1, 1)], (1, 1))
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    # and bf16 params with an f32 x: the kernel is rebuilt in float32 (it was rebuilt in bf16)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+    expected = np_conv(np.asarray(x, np.float32), np_kernel(jax.tree.map(lambda a: np.asarray(a, np.float32), p16),
+                                                            ("h", "w")), (1, 1), [(1, 1), (1, 1)], (1, 1))
+    y = conv.cp_conv(x.astype(jnp.float32), p16, implementation=implementation)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
     tucker = init.init_tucker_params(key, 16, 8, (3, 3), (4, 4), dtype=jnp.bfloat16)
+    t32 = jax.tree.map(lambda a: np.asarray(a, np.float32), tucker)
+    w = np.einsum("hwab,ca,tb->hwct", t32["core"], t32["factor_in"], t32["factor_out"])
+    expected = np_conv(np.asarray(x, np.float32), w, (1, 1), [(1, 1), (1, 1)], (1, 1))
     for impl in ("factorized", "reconstructed"):
-        assert conv.tucker_conv(x.astype(jnp.float32), tucker, implementation=impl).dtype == jnp.float32
+        y = conv.tucker_conv(x.astype(jnp.float32), tucker, implementation=impl)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()), err_msg=impl)
 
 
 def test_separable_conv_checks_its_leaves():
@@ -595,7 +611,8 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
     (``conv.GPU_CONV_MAX_MODES``): there the drop-in conv, the reconstructed CP path and the Tucker
     conv run them as slices and matrix products. Checked here on the CPU by reporting the GPU
     backend: no convolution in the gradient programs, and values, input and parameter gradients
-    equal those of ``lax``'s convs (on the CPU, where they are right); three modes stay ``lax``'s."""
+    equal those of ``lax``'s convs of einsum-rebuilt kernels (on the CPU, where they are right);
+    three modes stay ``lax``'s."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 4, 5, 3, 4, 3), np.float32)
     kernel = rng.standard_normal((3, 2, 3, 2, 3, 4), np.float32)
@@ -609,11 +626,29 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
         "tucker": (lambda x, p: conv.tucker_conv(x, p, padding="SAME"), tucker),
     }
 
+    # the oracles: lax's conv of a kernel rebuilt with einsum (independent of the library's routes)
+    dn = lax.ConvDimensionNumbers(lhs_spec=(0, 5, 1, 2, 3, 4), rhs_spec=(5, 4, 0, 1, 2, 3), out_spec=(0, 5, 1, 2, 3, 4))
+
+    def lax_conv(x, k, stride, padding, dilation=(1, 1, 1, 1)):
+        return lax.conv_general_dilated(x, k, stride, padding, rhs_dilation=dilation, dimension_numbers=dn,
+                                        precision=lax.Precision.HIGHEST)
+
+    def cp_kernel(p):
+        return jnp.einsum("r,ar,br,cr,dr,ir,or->abcdio", p["lambda"], *(p[f"factor_{m}"] for m in modes),
+                          p["factor_in"], p["factor_out"])
+
+    oracles = {
+        "dense": lambda x, k: lax_conv(x, k, (1, 2, 1, 1), "SAME", (1, 1, 1, 2)),
+        "cp reconstructed": lambda x, p: lax_conv(x, cp_kernel(p), (2, 2, 2, 2), [(1, 1)] * 4),
+        "tucker": lambda x, p: lax_conv(x, jnp.einsum("abcdxy,ix,oy->abcdio", p["core"], p["factor_in"],
+                                                      p["factor_out"]), (1, 1, 1, 1), "SAME"),
+    }
+
     def value_and_grads(f, w):
         y, vjp = jax.vjp(f, x, w)
         return y, vjp(jnp.asarray(np.random.default_rng(6).standard_normal(y.shape, np.float32)))
 
-    want = {name: value_and_grads(f, w) for name, (f, w) in cases.items()}
+    want = {name: value_and_grads(oracles[name], w) for name, (_, w) in cases.items()}
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for name, (f, w) in cases.items():
         assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](f(x, w)))(x, w)), name

@@ -160,3 +160,6 @@ def test_narrow_float_kernels_are_fitted_in_float32_and_returned_in_their_dtype(
     assert err < 2e-2  # the rounding of the factors to 8 (bf16) or 11 (f16) bits
     params, err = D.tucker_decompose(kernel, (4, 5))  # full channel ranks: exact up to rounding
     assert {v.dtype for v in params.values()} == {jnp.dtype(dtype)} and err < 2e-2
+    p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    rebuilt = np.einsum("hwab,ca,tb->hwct", p64["core"], p64["factor_in"], p64["factor_out"])
+    np.testing.assert_allclose(err, _rel(rebuilt, np.asarray(kernel, np.float64)), rtol=1e-3)

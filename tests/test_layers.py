@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorly as tl
 
 from hocp_jax import conv, counting, layers, regression
 from hocp_jax.layers import TCL, TRL, CPConv, SeparableConv, TTConv, TuckerConv
@@ -35,18 +36,49 @@ def test_cpconv_rank_rules():
         layers.CPConv(32, 3, rank=0).init(jax.random.key(0), x)
 
 
+def _np_psi_cpconv(x, params, stats, psi, train):
+    """numpy CPConv with psi after the input contraction and each spatial 1-D conv ('SAME', 3 taps):
+    BatchNorm (batch statistics when training, ``stats`` in eval; eps 1e-5), then ReLU or PReLU."""
+    def stage(h, name):
+        if psi.startswith("bn_"):
+            bn = params[f"bn_{name}"]
+            mean, var = (h.mean((0, 1, 2)), h.var((0, 1, 2))) if train else (stats[f"bn_{name}"]["mean"],
+                                                                              stats[f"bn_{name}"]["var"])
+            h = (h - mean) / np.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]
+        return np.where(h >= 0, h, params[f"prelu_{name}"]["alpha"] * h) if psi.endswith("prelu") else np.maximum(h, 0)
+
+    def depthwise(h, f, axis):
+        hp = np.pad(h, [(1, 1) if a == axis else (0, 0) for a in range(h.ndim)])
+        return sum(np.take(hp, range(t, t + h.shape[axis]), axis=axis) * f[t] for t in range(3))
+
+    params = jax.tree.map(np.asarray, params)
+    h = stage(np.einsum("bhwc,cr->bhwr", np.asarray(x), params["factor_in"]), "in")
+    h = stage(depthwise(h, params["factor_h"], 1), "h")
+    h = stage(depthwise(h, params["factor_w"], 2), "w")
+    return np.einsum("bhwr,tr,r->bhwt", h, params["factor_out"], params["lambda"])
+
+
 @pytest.mark.parametrize("psi", ["relu", "prelu", "bn_relu", "bn_prelu"])
 def test_cpconv_psi_train_eval(psi):
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
     m = layers.CPConv(4, 3, rank=5, psi=psi, psi_stages="all")
     v = m.init(jax.random.key(1), x)
+    # random BN scales/biases and PReLU slopes (their inits, 1/0/0.25, would hide a swapped leaf)
+    keys = iter(jax.random.split(jax.random.key(2), 16))
+    v = {**v, "params": {k: jax.tree.map(lambda a: jax.random.uniform(next(keys), a.shape, minval=-1.0, maxval=1.0), leaf)
+                         if k.startswith(("bn_", "prelu_")) else leaf for k, leaf in v["params"].items()}}
     if psi.startswith("bn"):
         assert set(v["batch_stats"]) == {"bn_in", "bn_h", "bn_w"}
         y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
         assert not np.allclose(upd["batch_stats"]["bn_in"]["mean"], 0)
+        np.testing.assert_allclose(y, _np_psi_cpconv(x, v["params"], None, psi, True), rtol=1e-4, atol=1e-4)
+        v = {**v, **upd}  # eval with the updated running statistics
     if psi.endswith("prelu"):
         assert "prelu_in" in v["params"]
-    assert m.apply(v, x).shape == (4, 6, 6, 4)
+    y = m.apply(v, x)
+    np.testing.assert_allclose(y, _np_psi_cpconv(x, v["params"], v.get("batch_stats"), psi, False), rtol=1e-4, atol=1e-4)
+    linear = {k: a for k, a in v["params"].items() if not k.startswith(("bn_", "prelu_"))}
+    assert not np.allclose(y, layers.CPConv(4, 3, rank=5).apply({"params": linear}, x), atol=1e-3)  # psi acts
     with pytest.raises(ValueError, match="psi"):
         layers.CPConv(4, 3, rank=5, psi="tanh").init(jax.random.key(1), x)
 
@@ -96,9 +128,13 @@ def test_trl_matches_full_weight(decomposition, rank):
     m = layers.TRL(7, rank=rank, decomposition=decomposition)
     v = m.init(jax.random.key(1), x)
     y = m.apply(v, x)
-    w = regression.trl_weight(v["params"], 3)
+    p = jax.tree.map(np.asarray, v["params"])
+    factors = [p["factor_0"], p["factor_1"], p["factor_2"], p["factor_out"]]
+    # the full weight (H, W, C, outputs) rebuilt by TensorLy (an independent oracle), and the library's own
+    w = (tl.cp_to_tensor((p["lambda"], factors)) if decomposition == "cp" else tl.tucker_to_tensor((p["core"], factors)))
+    np.testing.assert_allclose(regression.trl_weight(v["params"], 3), w, rtol=1e-4, atol=1e-6)
     assert w.shape == (4, 5, 6, 7)
-    np.testing.assert_allclose(y, np.einsum("bthwc,hwco->bto", x, w) + np.asarray(v["params"]["bias"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, np.einsum("bthwc,hwco->bto", x, w) + p["bias"], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="factor_0"):
         m.apply(v, jnp.ones((3, 2, 5, 5, 6)))
 

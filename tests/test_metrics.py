@@ -1,4 +1,5 @@
 """hocp_jax.metrics against independent numpy / scipy / scikit-learn / krippendorff oracles."""
+import itertools
 import warnings
 
 import jax
@@ -422,6 +423,27 @@ def test_skew_normalized_accuracy_is_balanced_accuracy():
     other = M.skew_normalized_metrics(t, p, 5, seed=1)
     assert all(np.array_equal(got[k], again[k]) for k in got)
     assert got["f1"] != other["f1"]
+
+
+def test_skew_normalized_is_the_mean_of_the_balanced_draws_metrics():
+    """Every metric is the expectation, over the class-balanced under-samples, of that sample's
+    metric (not, e.g., the metric of the mean confusion matrix): here the draws can be enumerated
+    (m = 2; class 0's 4 examples give 6 equally likely pairs) and scored with sklearn."""
+    t = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p = np.array([0, 0, 1, 2, 1, 0, 2, 2])
+    draws = [_sk(t[list(pair) + [4, 5, 6, 7]], p[list(pair) + [4, 5, 6, 7]], 3)
+             for pair in itertools.combinations(range(4), 2)]
+    n = 20000
+    got = M.skew_normalized_metrics(t, p, 3, n_repeats=n, seed=0)
+    for k in ("accuracy", "f1", "ppv", "kappa", "alpha", "mcc", "f1_per_class"):
+        values = np.array([d[k] for d in draws], np.float64)
+        se = values.std(0) / np.sqrt(n)  # Monte-Carlo standard error of the mean of n draws
+        np.testing.assert_allclose(got[k], values.mean(0), atol=float(np.max(4 * se)) + 1e-6, err_msg=k)
+    # the metrics of the mean confusion matrix differ by more than those tolerances (about 0.004) here
+    pooled = M.classification_metrics(sum(M.confusion_matrix(t[list(pair) + [4, 5, 6, 7]], p[list(pair) + [4, 5, 6, 7]], 3)
+                                          for pair in itertools.combinations(range(4), 2)))
+    for k in ("ppv", "alpha"):
+        assert abs(float(pooled[k]) - np.mean([d[k] for d in draws])) > 0.015, k
 
 
 def test_skew_normalized_validates():

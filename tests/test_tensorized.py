@@ -115,6 +115,15 @@ def test_tt_conv_matches_dense_conv_of_tensorly_kernel(ks, stride, padding, dila
     for impl in ("factorized", "reconstructed"):
         y = conv.tt_conv(x, params, stride=stride, padding=padding, dilation=dilation, implementation=impl)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-3)
+    # bf16 cores with an f32 x compute in float32 (the kernel is not rebuilt in bf16)
+    p16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    k16 = np.moveaxis(tl.tt_to_tensor([np.asarray(p16[f"core_{i}"], np.float32) for i in range(len(cores))]), 0, -2)
+    want16 = jax.lax.conv_general_dilated(x, k16, s, pads, rhs_dilation=d, dimension_numbers=spec,
+                                          precision=jax.lax.Precision.HIGHEST)
+    for impl in ("factorized", "reconstructed"):
+        y = conv.tt_conv(x, p16, stride=stride, padding=padding, dilation=dilation, implementation=impl)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(y, want16, rtol=1e-4, atol=1e-3, err_msg=impl)
     if padding == "SAME" or n == 1:
         return  # the layers once, on the strided, dilated 2-D case
     lin = layers.TTConv(6, ks, rank=bonds[1:-1], stride=stride, padding=padding, dilation=dilation)

@@ -5,7 +5,8 @@ every lambda (gamma = 0.01), Adam with the learning rate divided by 10 every 15 
 The lasso is the paper's: ``gamma * sum |lambda|`` added to the loss, Adam on the sum
 (``loss.l1_prox=False``). Its lambdas reach small values, never exact zeros, so the sparsity
 report counts ``|lambda| <= sparsity_tol = 0.01`` as zeroed (the paper gives no threshold; on the
-embedded proxy this tolerance pruned at no loss: README, "Studies", ``rank_selection``). The
+embedded proxy this tolerance pruned 53 % of the parameters with CCCs within the seeds' spread:
+README, "Studies", ``rank_selection``). The
 proximal step (``l1_prox=True``, exact zeros) with the same gamma would be about 100 times
 weaker under Adam: its threshold is ``lr * gamma`` per step.
 

@@ -53,6 +53,13 @@ def on_every_process(fn: Callable[[], None], name: str, errors: Sequence[type[Ex
         _raise(statuses[failed[0]], int(failed[0]), name, errors)
 
 
+def all_agree(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+
+
 def _run(fn: Callable[[], None]) -> tuple[Exception | None, np.ndarray]:
     """``(error or None, status)``: status[0] = 1 if ``fn()`` raised, then its class name and message."""
     status = np.zeros(MESSAGE_BYTES + 1, np.uint8)

@@ -74,15 +74,14 @@ def script(tmp: str, port: int, process_id: int, live_pid: int) -> None:
 
 
 def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int:
-    """8 steps (checkpoints 4, 8), then a resume to 12 in which process 1 finds step 8 unreadable
-    (a damaged file of its own): both must resume from step 4 (before, process 0 trained on from 8
+    """8 steps (checkpoints 4, 8), then a resume to 12 in which process 1 fails to read step 8
+    inside orbax's restore (a damaged file it alone sees): both must resume from step 4 (before, process 0 trained on from 8
     while process 1 waited for it, forever). Returns the final step."""
     import jax
     import optax
     from test_training import ArrayIterator, TinyNet, make_data, mse_loss
 
     from hocp_jax import training
-    from hocp_jax.training import checkpoint
 
     def fit(num_steps):
         cfg = dict(num_steps=num_steps, seed=3, checkpoint_every=4, keep_checkpoints=2, log_every=4,
@@ -90,19 +89,20 @@ def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int
         return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
                             os.path.join(tmp, "run"))
 
+    from orbax.checkpoint._src.checkpointers import checkpointer as orbax_checkpointer
+
     fit(8)
-    restore = checkpoint.Checkpointer.restore
+    read = orbax_checkpointer.Checkpointer._restore  # inside orbax's restore, before its barriers
     if process_id == 1:
-        def flaky(self, target, step=None):  # fails after orbax's own collectives, as a bad file would
-            restored = restore(self, target, step)
-            if step == 8:
+        def flaky(self, directory, *args, **kwargs):
+            if os.path.basename(os.fspath(directory).rstrip("/")) == "8":
                 raise OSError("simulated read error")
-            return restored
-        checkpoint.Checkpointer.restore = flaky
+            return read(self, directory, *args, **kwargs)
+        orbax_checkpointer.Checkpointer._restore = flaky
     try:
         return int(jax.device_get(fit(12).step))
     finally:
-        checkpoint.Checkpointer.restore = restore
+        orbax_checkpointer.Checkpointer._restore = read
 
 
 def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path):

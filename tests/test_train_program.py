@@ -191,5 +191,5 @@ def test_batch_sizes_are_checked_against_the_process_count(monkeypatch, key):
     config = ConfigDict(dict(data=dict(batch_size=48, eval_batch_size=48)))
     config.data[key] = 64
     monkeypatch.setattr(jax, "process_count", lambda: 3)
-    with pytest.raises(ValueError, match=rf"config.data.{key}=64: expected a multiple of the number of processes, 3"):
+    with pytest.raises(ValueError, match=rf"config.data.{key}: batch_size=64: expected a positive multiple of shard_count=3 \(the number of processes"):
         jobs.check_data(config, None, {})

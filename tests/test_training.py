@@ -309,29 +309,67 @@ def test_a_torn_last_log_line_does_not_block_the_resume(tmp_path):
         run_fit(str(tmp_path), 6)
     logged = [(r["step"], r["split"]) for r in tlog.read_metrics(tmp_path / "metrics.jsonl")]
     assert logged == [(3, "train"), (4, "train"), (6, "train")]
+    # a last record cut short after its JSON, before its newline: the next one must not join it
+    text = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(text.rstrip("\n"))
+    run_fit(str(tmp_path), 9)
+    assert [r["step"] for r in tlog.read_metrics(tmp_path / "metrics.jsonl")] == [3, 4, 6, 8, 9]
+
+
+def test_check_same_run_ignores_keys_a_version_added_unset():
+    stored = {"seed": 1, "run": {"model": {"name": "a"}, "transduction": None}}
+    from hocp_jax.training.loop import check_same_run as loop_check
+    loop_check(stored, {"seed": 1, "run": {"model": {"name": "a"}}}, "w")  # None -> absent: no change
+    loop_check(stored, {"seed": 1, "run": {"model": {"name": "a"}, "transduction": None, "extra": {}}}, "w")
+    with pytest.raises(ValueError, match=r"run.model.kwargs: \(absent\) -> 3"):
+        loop_check(stored, {"seed": 1, "run": {"model": {"name": "a", "kwargs": 3}, "transduction": None}}, "w")
+    loop_check({"seed": 1}, {"seed": 1, "run": {"model": {"name": "b"}}}, "w")  # a checkpoint without run
+
+
+EVAL_KILL_SCRIPT = """
+import os, signal, sys
+import jax, optax
+sys.path.insert(0, sys.argv[3])
+from test_training import ArrayIterator, TinyNet, make_data, mse_loss
+from hocp_jax import training
+
+def eval_fn(state):
+    step = int(jax.device_get(state.step))
+    if step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # killed during the evaluation of a checkpoint step
+    return {"score": 10.0 if step == 4 else 1.0}
+
+cfg = dict(num_steps=8, seed=3, stage="static", checkpoint_every=4, keep_checkpoints=2, log_every=4,
+           eval_every=4, best_metric="score", async_checkpointing=False)
+training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg, sys.argv[1], eval_fn=eval_fn)
+"""
 
 
 def test_evaluation_of_a_checkpoint_step_survives_a_kill(tmp_path):
     """A run killed while evaluating the state of a checkpoint step evaluates it again when
-    resumed (evaluation comes before the save), so best/ still gets the best state."""
-    def fit(kill_at=None):
-        def eval_fn(state):
-            step = int(jax.device_get(state.step))
-            if step == kill_at:
-                raise KeyboardInterrupt("killed during the evaluation")
-            return {"score": 10.0 if step == 4 else 1.0}
-        cfg = dict(num_steps=8, seed=3, stage="static", checkpoint_every=4, keep_checkpoints=2, log_every=4,
-                   eval_every=4, best_metric="score", async_checkpointing=False)
-        training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg, str(tmp_path),
-                     eval_fn=eval_fn)
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(kill_at=4)
-    fit()
-    evals = [r["step"] for r in tlog.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    resumed (evaluation comes before the save), so best/ still gets the best state; an
+    evaluation that raises does not cost its step's checkpoint."""
+    run = lambda kill_at: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", EVAL_KILL_SCRIPT, str(tmp_path / "run"), str(kill_at), os.path.dirname(__file__)],
+        capture_output=True, text=True, timeout=600)
+    assert run(4).returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "checkpoints" / "4").exists()
+    proc = run(0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r["step"] for r in tlog.read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "eval"]
     assert evals == [4, 8]
-    with checkpoint.Checkpointer(tmp_path / "best", save_every=1, keep=1) as best:
+    with checkpoint.Checkpointer(tmp_path / "run" / "best", save_every=1, keep=1) as best:
         assert best.restore_extra() == {"metric": "score", "value": 10.0, "step": 4}
+
+    def failing_eval(state):
+        raise MemoryError("out of memory in the evaluation")
+
+    cfg = dict(num_steps=4, seed=3, stage="static", checkpoint_every=2, eval_every=2, async_checkpointing=False)
+    with pytest.raises(MemoryError):
+        training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
+                     str(tmp_path / "failing"), eval_fn=failing_eval)
+    with checkpoint.Checkpointer(tmp_path / "failing" / "checkpoints", save_every=2) as ckpt:
+        assert ckpt.all_steps() == [2]  # written although its evaluation raised
 
 
 def test_train_step_matches_numpy_sgd_with_l1():

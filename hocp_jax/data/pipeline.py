@@ -143,7 +143,9 @@ def to_numpy(example: dict) -> dict:
     return out
 
 
-def _shard(shard_index, shard_count, batch_size):
+def shard_of(shard_index, shard_count, batch_size):
+    """``(shard_index, shard_count, local batch size)`` of this host (None: ``jax.process_index()``
+    / ``jax.process_count()``); a ValueError unless ``batch_size`` divides into the shards."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     check_positive_int(shard_count, "shard_count")
@@ -173,7 +175,7 @@ def train_batches(source, *, batch_size: int, seed: int, shard_index=None,
 def epoch_batches(source, *, batch_size: int, seed: int, shard_index=None,
                   shard_count=None) -> grain.MapDataset:
     """One epoch of :func:`train_batches` (of length :func:`steps_per_epoch`)."""
-    shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
+    shard_index, shard_count, local = shard_of(shard_index, shard_count, batch_size)
     check_int(seed, "seed", 0)
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(source) // shard_count < local:
@@ -185,7 +187,7 @@ def epoch_batches(source, *, batch_size: int, seed: int, shard_index=None,
 
 def steps_per_epoch(source, *, batch_size: int, shard_count=None) -> int:
     """Number of training batches per epoch (equal on all hosts: that of the smallest shard)."""
-    _, shard_count, local = _shard(0, shard_count, batch_size)
+    _, shard_count, local = shard_of(0, shard_count, batch_size)
     return (len(source) // shard_count) // local
 
 
@@ -222,7 +224,7 @@ def eval_batches(name: str, split: str, data_dir, *, batch_size: int,
     (copies of the shard's first example) and carry "mask" float32 (B,), 1 for
     real examples and 0 for padding, so metrics must weight by mask.
     """
-    shard_index, shard_count, local = _shard(shard_index, shard_count, batch_size)
+    shard_index, shard_count, local = shard_of(shard_index, shard_count, batch_size)
     source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
     ds = grain.MapDataset.source(source)[shard_index::shard_count].map(to_numpy)
     per_host = -(-len(source) // shard_count)

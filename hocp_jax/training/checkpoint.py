@@ -19,11 +19,11 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from hocp_jax.checks import is_positive_int
+from hocp_jax.processes import all_agree
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
 
@@ -57,13 +57,6 @@ def check_finite(state: TrainState, metrics: dict | None = None) -> None:
             f"{' ...' if len(bad) > 10 else ''}. Not checkpointing; the last good checkpoint is "
             "kept. Lower the learning rate, check the data, or add optax.apply_if_finite."
         )
-
-
-def _on_every_process(ok: bool) -> bool:
-    """Whether ``ok`` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
 class Checkpointer:
@@ -138,11 +131,21 @@ class Checkpointer:
         return restored.state, restored.extra
 
     def restore_extra(self, step: int | None = None) -> dict | None:
-        """Only the JSON "extra" item of ``step`` (default: latest); None if no checkpoint."""
+        """Only the JSON "extra" item of ``step`` (default: latest); None if no checkpoint. Each
+        process reads it alone (no collectives: a read failing on one process raises there only)."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        return self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+        with self._alone() as alone:
+            return alone.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+    def _alone(self) -> ocp.CheckpointManager:
+        """A read-only manager of this directory for this process alone (its barriers involve no
+        other process)."""
+        me = jax.process_index()
+        return ocp.CheckpointManager(self.manager.directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"hocp_alone_{me}")))
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
         """``(state, extra)`` of the newest checkpoint that can be read; None if there is none.
@@ -150,8 +153,9 @@ class Checkpointer:
         Checkpoints that fail to restore (truncated or corrupt files) while an older one
         restores are moved to ``<directory>.damaged/<step>`` with a warning, so a damaged
         latest checkpoint costs the steps since the one before, not the run. With several
-        processes they agree on each step: one that fails to restore on any process counts
-        as failed on all (else the others would train on while it waited).
+        processes they agree on each step: each first reads it alone, without collectives, and
+        one that fails on any process counts as failed on all (else a process failing inside
+        orbax's restore would skip its barriers and the others would wait, or train on, alone).
 
         Raises:
             ValueError: no checkpoint restores into ``target`` (most likely another model or
@@ -159,11 +163,16 @@ class Checkpointer:
         """
         failed = []
         for step in sorted(self.all_steps(), reverse=True):
-            try:
-                restored, why = self.restore(target, step), None
-            except Exception as err:  # orbax/tensorstore raise many types for bad files
-                restored, why = None, f"{type(err).__name__}: {str(err)[:300]}"
-            if not _on_every_process(why is None):
+            # several processes: each first reads the step alone (orbax's restore has barriers a
+            # process that fails inside it would skip), then they restore it together only if all could
+            why = self._unreadable_here(target, step) if jax.process_count() > 1 else None
+            restored = None
+            if all_agree(why is None):
+                try:
+                    restored, why = self.restore(target, step), None
+                except Exception as err:  # orbax/tensorstore raise many types for bad files
+                    why = f"{type(err).__name__}: {str(err)[:300]}"
+            if not all_agree(why is None):
                 failed.append((step, why or "it failed to restore on another process"))
                 continue
             for bad, why in failed:
@@ -172,6 +181,19 @@ class Checkpointer:
         if failed:
             raise ValueError(f"no checkpoint in {self.manager.directory} restores into this state "
                              f"(another model or optimizer?); newest error: step {failed[0][0]}: {failed[0][1]}")
+        return None
+
+    def _unreadable_here(self, target: TrainState, step: int) -> str | None:
+        """Why this process alone cannot read ``step`` into ``target``'s shapes (on one local
+        device, with an orbax manager of this process only: no collectives), or None."""
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), target)
+        try:
+            with self._alone() as alone:
+                alone.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            extra=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax/tensorstore raise many types for bad files
+            return f"{type(err).__name__}: {str(err)[:300]}"
         return None
 
     def _quarantine(self, step: int, why: str) -> None:  # every process calls it (a collective)

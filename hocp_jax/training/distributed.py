@@ -123,8 +123,8 @@ class WorkdirLock:
                 return False
             except PermissionError:
                 pass
-            started = owner.get("pid_started")
-            return started is None or started == _pid_started(int(owner["pid"]))
+            started, now = owner.get("pid_started"), _pid_started(int(owner["pid"]))
+            return started is None or now is None or started == now  # unreadable /proc (hidepid): alive
         return time.time() - os.path.getmtime(self.path) < self.stale_s
 
     def __enter__(self) -> WorkdirLock:

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from hocp_jax import autotune, optim, transduction, tree
+from hocp_jax.data import pipeline
 from hocp_jax.checks import is_number
 from hocp_jax.models import MODELS, count_params, get_model
 from hocp_jax.training import objectives, plots, schedules
@@ -99,7 +100,9 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     if tx_fn is not None:
         tx = tx_fn(tx)
     loss = functools.partial(objectives.loss_fn, cfg=config.loss) if loss is None else loss
-    run = dict(model=config.model, loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
+    model_cfg = (dict(name=stage.removeprefix("baseline_"), kwargs=config.baseline.kwargs)
+                 if stage.startswith("baseline") else config.model)
+    run = dict(model=model_cfg, loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
                data=dict(name=data.name, batch_size=config.data.batch_size),
                transduction=config.get("transduction") if stage.startswith("stage") else None)
     run = json.loads(config_dict.ConfigDict(run).to_json())  # the JSON a checkpoint stores
@@ -248,10 +251,12 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
     Raises:
         ValueError: naming the key, its value and the splits or metrics there are.
     """
-    for key in ("batch_size", "eval_batch_size"):
-        if config.data[key] % jax.process_count():
-            raise ValueError(f"config.data.{key}={config.data[key]}: expected a multiple of the number of "
-                             f"processes, {jax.process_count()} (each reads an equal share of a batch)")
+    for key in ("batch_size", "eval_batch_size"):  # the pipeline's rule, named by the config key
+        try:
+            pipeline.shard_of(0, jax.process_count(), config.data[key])
+        except ValueError as err:
+            raise ValueError(f"config.data.{key}: {err} (the number of processes: each reads an equal share "
+                             "of a batch)") from None
     _check_split(report, "eval_split", config.data.eval_split)
     split, best = config.data.get("val_split", ""), config.get("best_metric", "")
     if not (config.get("eval_every", 0) and split):

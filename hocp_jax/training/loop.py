@@ -58,6 +58,10 @@ FIT_CHECKS = {
 }
 
 
+_ABSENT = object()
+_UNSET = (None, {}, [])  # a key absent on one side and unset on the other: no change (e.g. a newer default)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (JSON values: tuples read as lists)."""
     out = {}
@@ -69,17 +73,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_checkpoint(extra: dict, c: dict, workdir: str) -> None:
+    """A checkpoint's ``extra`` was written by this stage and this run (:func:`check_same_run`)."""
+    if extra.get("stage") != c["stage"]:
+        raise ValueError(f"{workdir} holds checkpoints of stage {extra.get('stage')!r}, not "
+                         f"{c['stage']!r}: use a separate workdir per stage")
+    check_same_run(extra.get("config", {}), c, workdir)
+
+
 def check_same_run(stored: dict, config: dict, workdir: str) -> None:
     """A ValueError naming every key of ``config`` (the fit config, ``run`` included) that
     differs from ``stored``, the config saved with the checkpoint being resumed, except
     :data:`RESUME_MAY_CHANGE`: a resumed run must be the run that wrote its checkpoints (a new
     seed, batch size or learning rate would silently mix two runs). Keys a checkpoint of an
-    older version did not store are not compared."""
+    older version did not store are not compared, except under ``run`` once it stored one (a
+    key absent on one side and None or empty on the other is no change)."""
     old, new = _flat(stored), _flat(config)
-    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" if k in new else f"{k}: {old[k]!r} -> (absent)" for k in sorted(old)
-             if k.split(".")[0] not in RESUME_MAY_CHANGE and old[k] != new.get(k)]
-    diffs += [f"{k}: (absent) -> {new[k]!r}" for k in sorted(new) if k.startswith("run.") and k not in old
-              and any(o.startswith("run.") for o in old)]
+    has_run = any(k == "run" or k.startswith("run.") for k in old)
+    diffs = []
+    for k in sorted(old.keys() | new.keys()):
+        if k.split(".")[0] in RESUME_MAY_CHANGE or (k not in old and not (has_run and k.startswith("run."))):
+            continue
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if a == b or (a is _ABSENT and b in _UNSET) or (b is _ABSENT and a in _UNSET):
+            continue
+        diffs.append(f"{k}: {'(absent)' if a is _ABSENT else repr(a)} -> {'(absent)' if b is _ABSENT else repr(b)}")
     if diffs:
         raise ValueError(f"{workdir} holds checkpoints of a run with another config ({'; '.join(diffs)}): resume "
                          "with the same values, or use another workdir (only " + ", ".join(RESUME_MAY_CHANGE)
@@ -214,15 +232,13 @@ def fit(
             latest_extra = ckpt.restore_extra()
         except Exception:  # unreadable: restore_latest below deals with it
             latest_extra = None
-        if latest_extra is not None and latest_extra.get("stage") != c["stage"]:
-            raise ValueError(f"{workdir} holds checkpoints of stage {latest_extra.get('stage')!r}, not "
-                             f"{c['stage']!r}: use a separate workdir per stage")
-        if latest_extra is not None:
-            check_same_run(latest_extra.get("config", {}), c, workdir)
+        if latest_extra is not None:  # before the restore, whose error would not say why
+            _check_checkpoint(latest_extra, c, workdir)
         start = 0
         restored = ckpt.restore_latest(state)
         if restored is not None:
             state, extra = restored
+            _check_checkpoint(extra, c, workdir)  # the one restored (the newest may be unreadable)
             it.set_state(_decode_iter_state(extra["data_state"]))
             start = int(host_value(state.step))  # the one read of the device step
             if start > c["num_steps"]:
@@ -287,9 +303,16 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainS
                     logger.write(step, means | {"steps_per_s": rate, "eta_s": (num_steps - step) / rate})
                     bar.set_postfix(loss=f"{means['loss']:.4g}")
                 # evaluate before saving: a run killed during the evaluation of a checkpoint step
-                # resumes from the checkpoint before it and evaluates that step again
+                # resumes from the checkpoint before it and evaluates that step again; an evaluation
+                # that raises still lets the step's checkpoint be written
                 if eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last):
-                    results = eval_fn(state)
+                    try:
+                        results = eval_fn(state)
+                    except BaseException:
+                        if due:
+                            ckpt.save(state, extra_of(), step=step, force=last)
+                            ckpt.wait()
+                        raise
                     logger.write(step, results, split="eval")
                     if best is not None:
                         best.update(state, step, results)

@@ -44,8 +44,9 @@ class MetricLogger:
                 with open(self.path) as f:
                     lines = [line for line in f if line.strip()]
                 records = _parse(lines, self.path)
-                kept = [line for line, r in zip(lines, records) if r is not None and r["step"] <= drop_after]
-                if len(kept) < len(lines):
+                kept = [line.rstrip("\n") + "\n" for line, r in zip(lines, records)
+                        if r is not None and r["step"] <= drop_after]
+                if len(kept) < len(lines) or (lines and not lines[-1].endswith("\n")):  # a cut-short last write
                     tmp = self.path + ".tmp"
                     with open(tmp, "w") as f:
                         f.writelines(kept)

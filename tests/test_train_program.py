@@ -48,6 +48,12 @@ def test_default_job_end_to_end(tmp_path):
     for name in ("va_over_time.png", "lambda_sparsity.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| static (per frame) |" in r.stdout
+    # the same command again resumes every finished stage (the checkpoints' run configs match) ...
+    again = _train(tmp_path, *SHRINK)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.load(open(tmp_path / "results.json"))["rows"] == rows
+    # ... and another seed is refused, naming it, before anything trains
+    assert "seed: 0 -> 1" in _one_error_line(_train(tmp_path, *SHRINK, "--config.seed=1"))
 
 
 @pytest.mark.parametrize("config,override,words", [

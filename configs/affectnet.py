@@ -8,7 +8,9 @@ report counts ``|lambda| <= sparsity_tol = 0.01`` as zeroed (the paper gives no 
 embedded proxy this tolerance pruned 53 % of the parameters with CCCs within the seeds' spread:
 README, "Studies", ``rank_selection``). The
 proximal step (``l1_prox=True``, exact zeros) with the same gamma would be about 100 times
-weaker under Adam: its threshold is ``lr * gamma`` per step.
+weaker under Adam: its threshold is ``lr * gamma`` per step. No Psi between the CP factors
+(the linear Eq. 6 form; README, "How the code reads the paper"). The splits are the official
+ones (AffectNet's validation set is the builder's ``test``).
 
     python train.py --config configs/affectnet.py --workdir runs/affectnet \
         --config.data.manual_dir /data/affectnet     # training.csv, validation.csv, Manually_Annotated_Images/

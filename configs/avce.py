@@ -1,6 +1,9 @@
 """AVCE (contrastive affect learning with SparseMax/SoftMax feature views): backbone
 ``alexnet`` / ``resnet18`` / ``resnet18_hocp``; the AVCE bound (``objective="avce"``) or
-InfoNCE (``"infonce"``) + valence/arousal regression, on AffectNet.
+InfoNCE (``"infonce"``) + valence/arousal regression, on AffectNet. The supplementary uses
+224x224 images; the AffectNet builder here makes 64x64 face crops, on which AlexNet's conv stack
+ends at 1x1 (its 6x6 adaptive pool repeats that vector), so the AlexNet variant is not the paper's
+at this size. The supplementary gives no learning rate, batch size, steps or loss weights: ours.
 
     python train.py --config configs/avce.py:resnet18_hocp --workdir runs/avce --config.data.manual_dir /data/affectnet
     python train.py --config configs/avce.py:alexnet,smoke --workdir /tmp/smoke

@@ -2,7 +2,8 @@
 with dense 3x3x3 convs (``:dense``), HO-CP convs of rank 6 x C_in with ReLU (``:hocp``) or
 HO-CP-S (skip factor + PReLU, ``:hocp_s``); 18 frames of 84x84, batch 32, SGD lr 1e-3,
 momentum 0.9, weight decay 1e-5 (the paper divides the rate by 10 on plateau; here every
-``decay_every_epochs``).
+``decay_every_epochs``). Reported on the validation split: top-1 (``class_accuracy``) and top-5
+(``class_top5_accuracy``) accuracy, as the paper's Table 4.
 
     python train.py --config configs/jester.py:hocp_s --workdir runs/jester \
         --config.data.manual_dir /data/jester    # 20bn-jester-v1/<id>/*.jpg + jester-v1-*.csv

@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
 
 from hocp_jax import training  # noqa: E402
 from hocp_jax.training import checkpoint, config as config_lib, jobs, metric_log as tlog, objectives, schedules  # noqa: E402
@@ -613,6 +614,23 @@ def test_streaming_eval_is_bounded_and_exact():
         r = np.corrcoef(true[:, j], pred[:, j])[0, 1]
         np.testing.assert_allclose(got[f"{t}_pcc"], r, atol=1e-4)
         np.testing.assert_allclose(got[f"{t}_rmse"], np.sqrt(((true[:, j] - pred[:, j]) ** 2).mean()), rtol=1e-5)
+
+
+def test_top5_accuracy_streams_and_matches_sklearn():
+    """Top-5 accuracy (the Jester paper's Table 4) over masked batches equals sklearn's on the
+    valid examples; with 5 classes or fewer it is not reported (always 1)."""
+    rng = np.random.default_rng(3)
+    logits, labels = rng.normal(size=(3, 16, 27)).astype(np.float32), rng.integers(0, 27, (3, 16))
+    masks = [np.ones(16, np.float32), np.ones(16, np.float32), (np.arange(16) < 9).astype(np.float32)]
+    stats = [objectives.eval_stats({"logits": jnp.asarray(lg)}, {"label": lb, "mask": m})
+             for lg, lb, m in zip(logits, labels, masks)]
+    got = objectives.finalize_stats(objectives.merge_stats(objectives.merge_stats(stats[0], stats[1]), stats[2]))
+    valid = np.concatenate(masks) > 0
+    want = skm.top_k_accuracy_score(labels.reshape(-1)[valid], logits.reshape(-1, 27)[valid], k=5, labels=range(27))
+    np.testing.assert_allclose(got["class_top5_accuracy"], want, rtol=1e-6)
+    assert 0 < want < 1
+    few = objectives.finalize_stats(objectives.eval_stats({"logits": jnp.asarray(logits[0, :, :5])}, {"label": labels[0] % 5}))
+    assert "class_top5_accuracy" not in few and "class_accuracy" in few
 
 
 def test_resume_of_a_masked_stage(tmp_path):

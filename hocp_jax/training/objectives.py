@@ -135,8 +135,12 @@ def make_loss(config, label_counts: Callable[[], list[int]]) -> Callable:
 # ----------------------------------------------------------------------------- evaluation
 
 
+TOP_K = 5  # top-5 accuracy where there are more than 5 classes (the Jester paper's Table 4)
+
+
 def eval_stats(outputs: dict, batch: dict) -> dict:
-    """Statistics of one batch (jittable): ``{"va": AffectStats (2,), "cm": (C, C)}``.
+    """Statistics of one batch (jittable): ``{"va": AffectStats (2,), "cm": (C, C)}`` and, with
+    more than :data:`TOP_K` classes, ``"top_k": (hits, count)`` (weighted sums).
 
     ``batch["mask"]`` ``(B,)`` (optional) weights the clips/images; padding has 0.
     """
@@ -149,13 +153,17 @@ def eval_stats(outputs: dict, batch: dict) -> dict:
         labels = _per_frame(batch["label"], logits.shape[0])
         m = None if mask is None else _per_frame(mask, logits.shape[0])
         out["cm"] = metrics.confusion_matrix(labels, jnp.argmax(logits, -1), logits.shape[-1], mask=m)
+        if logits.shape[-1] > TOP_K:
+            hit = jnp.any(jax.lax.top_k(logits, TOP_K)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+            w = jnp.ones_like(hit) if m is None else m.astype(jnp.float32)
+            out["top_k"] = jnp.stack([jnp.sum(w * hit), jnp.sum(w)])
     return out
 
 
 def merge_stats(a: dict, b: dict) -> dict:
     """Statistics of the union of two disjoint sets (jittable)."""
     out = {"va": metrics.merge(a["va"], b["va"])} if "va" in a else {}
-    return out | ({"cm": a["cm"] + b["cm"]} if "cm" in a else {})
+    return out | {k: a[k] + b[k] for k in ("cm", "top_k") if k in a}
 
 
 def finalize_stats(stats: dict, skew_repeats: int = 0) -> dict[str, float]:
@@ -169,6 +177,9 @@ def finalize_stats(stats: dict, skew_repeats: int = 0) -> dict[str, float]:
     if "cm" in stats:
         cm = np.asarray(stats["cm"])
         out |= {f"class_{k}": float(v) for k, v in metrics.classification_metrics(cm).items() if np.ndim(v) == 0}
+        if "top_k" in stats:
+            hits, count = np.asarray(stats["top_k"], np.float64)
+            out[f"class_top{TOP_K}_accuracy"] = float(hits / count) if count else float("nan")
         if skew_repeats:
             skew = metrics.skew_normalized_from_cm(cm, n_repeats=skew_repeats)
             out |= {f"skew_{k}": float(v) for k, v in skew.items() if np.ndim(v) == 0}

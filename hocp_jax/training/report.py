@@ -12,7 +12,8 @@ def format_table(rows: dict) -> str:
     """Markdown table of the rows (regression metrics per target, then class accuracy)."""
     cols = [c for c in ("params", "video_trained_params") if any(c in r for r in rows.values())]
     cols += [f"{t}_{m}" for t in TARGETS for m in ("rmse", "sagr", "pcc", "ccc") if any(f"{t}_{m}" in r for r in rows.values())]
-    cols += [c for c in ("class_accuracy", "class_f1", "class_kappa", "skew_accuracy", "skew_f1", "skew_kappa")
+    cols += [c for c in ("class_accuracy", "class_top5_accuracy", "class_f1", "class_kappa", "skew_accuracy", "skew_f1",
+                         "skew_kappa")
              if any(c in r for r in rows.values())]
     fmt = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.3f}"  # noqa: E731
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

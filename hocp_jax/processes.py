@@ -60,6 +60,21 @@ def all_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
+def common_values(values) -> list[int]:
+    """The ints in ``values`` on every process (e.g. the checkpoint steps each one lists; a
+    listing that lags on one host must not make the processes restore different steps). A
+    collective when there are several processes."""
+    values = sorted({int(v) for v in values})
+    if jax.process_count() == 1:
+        return values
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray([len(values)]))))
+    padded = np.full(longest, -1, np.int64)
+    padded[:len(values)] = values
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), longest)
+    shared = set.intersection(*(set(row[row >= 0].tolist()) for row in everyone))
+    return sorted(int(v) for v in shared)
+
+
 def _run(fn: Callable[[], None]) -> tuple[Exception | None, np.ndarray]:
     """``(error or None, status)``: status[0] = 1 if ``fn()`` raised, then its class name and message."""
     status = np.zeros(MESSAGE_BYTES + 1, np.uint8)

@@ -665,6 +665,31 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path):
     assert (tmp_path / "checkpoints.damaged" / "8").is_dir()
     with checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=4) as ckpt:
         assert ckpt.all_steps() == [4, 8]  # step 8 written again
+    # damaged again: moved beside the first damaged copy, which is kept (nothing is deleted)
+    files = sorted((p for p in step8.rglob("*") if p.is_file() and "state" in p.parts and p.stat().st_size > 64),
+                   key=lambda p: -p.stat().st_size)
+    with open(files[0], "r+b") as f:
+        f.truncate(files[0].stat().st_size // 2)
+    with pytest.warns(RuntimeWarning, match="cannot be restored"):
+        run_fit(str(tmp_path), 8)
+    assert sorted(p.name for p in (tmp_path / "checkpoints.damaged").iterdir()) == ["8", "8.1"]
+
+
+def test_an_unreadable_best_checkpoint_does_not_block_the_resume(tmp_path):
+    data = make_data()
+    cfg = dict(num_steps=4, seed=3, checkpoint_every=2, log_every=2, eval_every=2, best_metric="score",
+               async_checkpointing=False)
+    values = iter([0.5, 0.9, 0.7, 0.8])
+    fit = lambda n: training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(data),  # noqa: E731
+                                 cfg | {"num_steps": n}, str(tmp_path), eval_fn=lambda state: {"score": next(values)})
+    fit(4)
+    for extra in (tmp_path / "best").rglob("*"):
+        if extra.is_file() and "extra" in extra.parts:
+            extra.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="best cannot be read"):
+        fit(6)  # evaluations at 6 (0.7): the best again
+    with checkpoint.Checkpointer(tmp_path / "best", save_every=1, keep=1) as best:
+        assert best.restore_extra() == {"metric": "score", "value": 0.7, "step": 6}
 
 
 def test_workdir_lock_refuses_a_second_run(tmp_path):

@@ -12,6 +12,8 @@ file) is moved to ``<directory>.damaged/<step>`` with a warning by
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import os
 import shutil
@@ -20,10 +22,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from hocp_jax.checks import is_positive_int
-from hocp_jax.processes import all_agree
+from hocp_jax.processes import all_agree, common_values, on_process_zero
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
 
@@ -133,6 +134,7 @@ class Checkpointer:
     def restore_extra(self, step: int | None = None) -> dict | None:
         """Only the JSON "extra" item of ``step`` (default: latest); None if no checkpoint. Each
         process reads it alone (no collectives: a read failing on one process raises there only)."""
+        self.manager.wait_until_finished()  # a step being written counts in latest_step()
         step = self.latest_step() if step is None else step
         if step is None:
             return None
@@ -141,11 +143,19 @@ class Checkpointer:
 
     def _alone(self) -> ocp.CheckpointManager:
         """A read-only manager of this directory for this process alone (its barriers involve no
-        other process)."""
+        other process); orbax's "directory is read only" warning, which would read as a problem
+        with the checkpoints on every resume, is filtered out while it is made."""
         me = jax.process_index()
-        return ocp.CheckpointManager(self.manager.directory, options=ocp.CheckpointManagerOptions(
+        options = ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"hocp_alone_{me}")))
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"hocp_alone_{me}"))
+        quiet = lambda record: "is read only" not in record.getMessage()  # noqa: E731
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(quiet)
+        try:
+            return ocp.CheckpointManager(self.manager.directory, options=options)
+        finally:
+            absl_logger.removeFilter(quiet)
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
         """``(state, extra)`` of the newest checkpoint that can be read; None if there is none.
@@ -161,8 +171,9 @@ class Checkpointer:
             ValueError: no checkpoint restores into ``target`` (most likely another model or
                 optimizer than the one that wrote them); nothing is moved.
         """
+        self.manager.wait_until_finished()
         failed = []
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in sorted(common_values(self.all_steps()), reverse=True):  # listings may lag on some hosts
             # several processes: each first reads the step alone (orbax's restore has barriers a
             # process that fails inside it would skip), then they restore it together only if all could
             why = self._unreadable_here(target, step) if jax.process_count() > 1 else None
@@ -197,15 +208,22 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int, why: str) -> None:  # every process calls it (a collective)
-        damaged = os.path.join(os.fspath(self.manager.directory) + ".damaged", str(step))
+        """Moves ``step`` to ``<directory>.damaged/<step>`` (``<step>.1``, ... if a damaged copy of
+        that step is already there: nothing is deleted), process 0 moving for all."""
+        root = os.fspath(self.manager.directory) + ".damaged"
+        damaged = os.path.join(root, str(step))
+        for n in itertools.count(1):
+            if not os.path.exists(damaged):
+                break
+            damaged = os.path.join(root, f"{step}.{n}")
         warnings.warn(f"checkpoint {self.manager.directory}/{step} cannot be restored ({why}); moved "
                       f"to {damaged}; resuming from the previous checkpoint", RuntimeWarning, stacklevel=3)
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(damaged), exist_ok=True)
-            shutil.rmtree(damaged, ignore_errors=True)
+
+        def move():
+            os.makedirs(root, exist_ok=True)
             shutil.move(os.path.join(os.fspath(self.manager.directory), str(step)), damaged)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"hocp_quarantine_{step}")
+
+        on_process_zero(move, f"moving the damaged checkpoint {step} to {damaged}")
         self.manager.reload()
 
     def wait(self) -> None:

@@ -195,9 +195,14 @@ class Checkpointer:
         return None
 
     def _unreadable_here(self, target: TrainState, step: int) -> str | None:
-        """Why this process alone cannot read ``step`` into ``target``'s shapes (on one local
-        device, with an orbax manager of this process only: no collectives), or None."""
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        """Why this process alone cannot read ``step`` into ``target``'s shapes (into host memory,
+        the CPU backend, where there is one, else one local device; with an orbax manager of this
+        process only: no collectives), or None."""
+        try:
+            device = jax.local_devices(backend="cpu")[0]  # not an accelerator's memory, which the state may outgrow
+        except (RuntimeError, ValueError):  # JAX_PLATFORMS without cpu
+            device = jax.local_devices()[0]
+        local = jax.sharding.SingleDeviceSharding(device)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), target)
         try:
             with self._alone() as alone:

@@ -141,6 +141,20 @@ class Checkpointer:
         with self._alone() as alone:
             return alone.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
 
+    def restore_extra_agreed(self) -> tuple[dict | None, str | None]:
+        """``(extra, None)`` of the newest checkpoint when every process read it (each alone,
+        :meth:`restore_extra`), ``(None, None)`` when no process lists one, else ``(None, why)``
+        on every process: all of them act on the same answer. A collective."""
+        try:
+            extra, why = self.restore_extra(), None
+        except Exception as err:  # orbax/tensorstore raise many types for bad files
+            extra, why = None, f"{type(err).__name__}: {err}"
+        if all_agree(extra is None and why is None):
+            return None, None
+        if all_agree(extra is not None):
+            return extra, None
+        return None, why or "unreadable or not listed on another process"
+
     def _alone(self) -> ocp.CheckpointManager:
         """A read-only manager of this directory for this process alone (its barriers involve no
         other process); orbax's "directory is read only" warning, which would read as a problem

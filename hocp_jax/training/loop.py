@@ -27,7 +27,6 @@ import optax
 import tqdm
 
 from hocp_jax import autotune
-from hocp_jax.processes import all_agree
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError
 from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
@@ -136,14 +135,10 @@ class _Best:
         self.metric = metric
         self.sign = -1.0 if ("rmse" in metric or "loss" in metric) else 1.0
         self.ckpt = Checkpointer(os.path.join(workdir, "best"), save_every=1, keep=1, async_save=False)
-        try:
-            extra, why = self.ckpt.restore_extra(), None
-        except Exception as err:  # a damaged best/: the next evaluation replaces it, on every process
-            extra, why = None, f"{type(err).__name__}: {err}"
-        if not all_agree(why is None):
-            warnings.warn(f"{workdir}/best cannot be read ({why or 'on another process'}): the next evaluation "
-                          "replaces it", RuntimeWarning, stacklevel=2)
-            extra = None
+        extra, why = self.ckpt.restore_extra_agreed()
+        if why is not None:  # a damaged best/: the next evaluation replaces it, on every process
+            warnings.warn(f"{workdir}/best cannot be read ({why}): the next evaluation replaces it",
+                          RuntimeWarning, stacklevel=2)
         self.value = None if extra is None else extra["value"]
 
     def update(self, state: TrainState, step: int, results: dict) -> None:
@@ -237,12 +232,7 @@ def fit(
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c["checkpoint_every"],
                         keep=c["keep_checkpoints"], async_save=c["async_checkpointing"])
     with lock, ckpt:
-        try:
-            latest_extra = ckpt.restore_extra()
-        except Exception:  # unreadable: restore_latest below deals with it
-            latest_extra = None
-        if not all_agree(latest_extra is not None):  # every process checks it, or none does
-            latest_extra = None
+        latest_extra, _ = ckpt.restore_extra_agreed()  # unreadable: restore_latest below deals with it
         if latest_extra is not None:  # before the restore, whose error would not say why
             _check_checkpoint(latest_extra, c, workdir)
         start = 0

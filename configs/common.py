@@ -31,6 +31,9 @@ def base(job: str = "supervised") -> ConfigDict:
     # option on GPU/TPU, where the automatic rules (None) leave these loops off (README, "Memory")
     c.cp_per_sample = config_dict.placeholder(bool)
     c.cp_tile_rows = config_dict.placeholder(int)
+    # computation dtype of every model's layers: "float32" or "bfloat16" (mixed precision: parameters, optimizer
+    # state, batch statistics, losses and metrics stay float32; README, "Mixed precision")
+    c.dtype = "float32"
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
                              batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
                              read_threads=1, prefetch=2, workers=0))

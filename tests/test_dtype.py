@@ -104,3 +104,43 @@ def test_avce_bf16_outputs_and_float32_params(name):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     p16 = jax.eval_shape(get_model(name, tiny=True, param_dtype=jnp.bfloat16).init, jax.random.key(0), x)["params"]
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(p16))
+
+
+def test_training_program_dtype_computes_in_bfloat16_and_keeps_float32_state():
+    """``config.dtype="bfloat16"`` (train.py): the job's models compute in bfloat16, while the
+    loss, the metrics, the updated parameters and batch statistics stay float32; the step's loss
+    is within a bf16 tolerance of the float32 program's with the same parameters and batch (and
+    not equal to it: the bfloat16 arithmetic did run)."""
+    import importlib
+    import os
+    import sys
+
+    from hocp_jax.training import jobs, objectives
+    from hocp_jax.training.state import TrainState
+    from hocp_jax.training.step import make_eval_step, make_train_step
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    try:
+        config = importlib.import_module("configs.affectnet").get_config("smoke")
+    finally:
+        sys.path.remove(root)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8),
+             "va": rng.uniform(-1, 1, (4, 2)).astype(np.float32), "label": rng.integers(0, 8, 4).astype(np.int32)}
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        config.dtype = dtype
+        model = jobs._model(config, config.model.name, config.model.kwargs)
+        variables = model.init(jax.random.key(0), batch["image"].astype(np.float32) / 255, train=False)
+        state = TrainState.create(variables, optax.sgd(0.1), jax.random.key(1))
+        step = make_train_step(model, objectives.make_loss(config, lambda: [1] * 8), optax.sgd(0.1))
+        steps[dtype] = jax.jit(step)(state, batch), jax.jit(make_eval_step(model))(state, batch)
+    (s16, m16), out16 = steps["bfloat16"]
+    (s32, m32), _ = steps["float32"]
+    for tree in (s16.params, s16.batch_stats, m16, out16):
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(tree))
+    assert m16["loss"] != m32["loss"] and abs(m16["loss"] - m32["loss"]) < BF16_RTOL * abs(m32["loss"])
+    with pytest.raises(ValueError, match=r"config.dtype='float16'.*one of \('float32', 'bfloat16'\)"):
+        config.dtype = "float16"
+        jobs.check_config(config)

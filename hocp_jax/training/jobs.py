@@ -28,6 +28,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -48,12 +49,14 @@ from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, model_input
 
 JOBS = ("transduction", "supervised")
+DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the step does not do
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
 TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
                                          "eval_every", "best_metric")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "dtype": (lambda v: v in DTYPES, f"one of {DTYPES} (the layers' computation dtype; parameters stay float32)"),
 }
 
 
@@ -102,7 +105,9 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
     loss = functools.partial(objectives.loss_fn, cfg=config.loss) if loss is None else loss
     model_cfg = (dict(name=stage.removeprefix("baseline_"), kwargs=config.baseline.kwargs)
                  if stage.startswith("baseline") else config.model)
-    run = dict(model=model_cfg, loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
+    dtype = config.get("dtype", "float32")
+    run = dict(model=model_cfg, dtype=None if dtype == "float32" else dtype,  # None: runs before config.dtype
+               loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
                data=dict(name=data.name, batch_size=config.data.batch_size),
                transduction=config.get("transduction") if stage.startswith("stage") else None)
     run = json.loads(config_dict.ConfigDict(run).to_json())  # the JSON a checkpoint stores
@@ -144,8 +149,11 @@ def _kwargs(cfg) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else (v.to_dict() if hasattr(v, "to_dict") else v)) for k, v in cfg.items()}
 
 
-def _model(cfg) -> Any:
-    return get_model(cfg.name, **_kwargs(cfg.kwargs))
+def _model(config, name: str, kwargs) -> Any:
+    """Model ``name`` with ``kwargs`` (a config node) computing in ``config.dtype`` (parameters
+    stay float32, Flax's ``param_dtype`` default)."""
+    dtype = config.get("dtype", "float32")
+    return get_model(name, **_kwargs(kwargs) | ({} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}))
 
 
 def check_config(config) -> None:
@@ -164,7 +172,8 @@ def check_config(config) -> None:
     stages = STAGES[config.job]
     job_keys = ("transduction",) if config.job == "transduction" else ()
     validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
-                             "data", "model", "optimizer", "loss", *stages, *job_keys), ("eval_every", "best_metric"),
+                             "data", "model", "optimizer", "loss", *stages, *job_keys),
+                    ("eval_every", "best_metric", "dtype"),
                     checks=TOP_CHECKS, open_keys=True)
     in_models = (lambda v: v in MODELS, f"one of {MODELS}")
     validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
@@ -289,8 +298,8 @@ def _eval_metric_names(model, data: Data, split: str) -> list[str]:
 def run_transduction(config, workdir: str) -> dict:
     """The main job (module docstring). Returns ``{row: {metric: value}}``."""
     images, videos = Data(config.data, config.data.static), Data(config.data, config.data.video)
-    model = _model(config.model)
-    baselines = {name: get_model(name, **_kwargs(config.baseline.kwargs)) for name in config.baseline.models}
+    model = _model(config, config.model.name, config.model.kwargs)
+    baselines = {name: _model(config, name, config.baseline.kwargs) for name in config.baseline.models}
     check_data(config, videos, {"static": (model, images), "stage1": (model, videos), "stage2": (model, videos)}
                | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
     check_transducible(config, model, images)
@@ -335,7 +344,7 @@ def run_transduction(config, workdir: str) -> dict:
 def run_supervised(config, workdir: str) -> dict:
     """Train ``config.model`` on ``config.data.static`` with ``config.static``; evaluate."""
     data = Data(config.data, config.data.static)
-    model = _model(config.model)
+    model = _model(config, config.model.name, config.model.kwargs)
     check_data(config, data, {"static": (model, data)})
     state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma,
                         loss=objectives.make_loss(config, data.label_counts))

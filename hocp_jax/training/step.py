@@ -32,6 +32,15 @@ def model_input(batch: Batch, input_key: str | None = None) -> jax.Array:
     return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
 
 
+def float32_outputs(outputs: dict) -> dict:
+    """``outputs`` with every floating array at least float32: a model computing in bfloat16
+    (``dtype=jnp.bfloat16``) has its losses and metrics computed in float32."""
+    def widen(o):
+        return o.astype(jnp.promote_types(o.dtype, jnp.float32)) if jnp.issubdtype(o.dtype, jnp.floating) else o
+
+    return jax.tree.map(widen, outputs)
+
+
 def make_train_step(
     model,
     loss_fn: LossFn,
@@ -44,7 +53,8 @@ def make_train_step(
 
     One step: ``key = fold_in(state.rng, state.step)`` split into a ``"dropout"`` key for
     the model and a key for ``loss_fn``; forward in train mode (batch stats updated);
-    objective ``loss_fn(outputs, batch, key)[0] + reg_fn(params)``; ``tx`` update.
+    objective ``loss_fn(outputs, batch, key)[0] + reg_fn(params)`` (floating outputs widened to
+    float32 first: :func:`float32_outputs`); ``tx`` update.
     ``tx`` may be an ``optax.partition`` with frozen (``set_to_zero``) leaves: those get
     zero updates, so ``params + 0`` leaves them bitwise unchanged.
 
@@ -71,7 +81,7 @@ def make_train_step(
             outputs, updated = model.apply(
                 variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": model_key}
             )
-            loss, metrics = loss_fn(outputs, batch, loss_key)
+            loss, metrics = loss_fn(float32_outputs(outputs), batch, loss_key)
             reg = reg_fn(params) if reg_fn is not None else jnp.zeros((), loss.dtype)
             return loss + reg, (loss, reg, metrics, updated.get("batch_stats", {}))
 
@@ -94,12 +104,13 @@ def make_train_step(
 def make_eval_step(model, *, input_key: str | None = None) -> Callable[[TrainState, Batch], dict]:
     """Builds the pure ``eval_step(state, batch) -> outputs`` (inference mode).
 
-    Returns the model's output dict, e.g. ``{"va": (B, [T,] 2), "logits": ...}``; metrics
+    Returns the model's output dict (floating outputs at least float32), e.g.
+    ``{"va": (B, [T,] 2), "logits": ...}``; metrics
     that do not decompose over batches (PCC, CCC) are computed on the concatenated outputs,
     see :func:`hocp_jax.training.loop.evaluate`.
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        return model.apply(state.variables, model_input(batch, input_key), train=False)
+        return float32_outputs(model.apply(state.variables, model_input(batch, input_key), train=False))
 
     return eval_step

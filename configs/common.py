@@ -34,6 +34,9 @@ def base(job: str = "supervised") -> ConfigDict:
     # computation dtype of every model's layers: "float32" or "bfloat16" (mixed precision: parameters, optimizer
     # state, batch statistics, losses and metrics stay float32; README, "Mixed precision")
     c.dtype = "float32"
+    # a checkpoint (step, checkpoints/ or best/ directory, or a stage directory) whose params and batch statistics
+    # start the static stage instead of a random init; with static.num_steps=0 they are the static model as they are
+    c.init_from = ""
     c.data = ConfigDict(dict(static="digits_affect", video="moving_digits", data_dir="", manual_dir="",
                              batch_size=32, eval_batch_size=64, eval_split="test", val_split="validation",
                              read_threads=1, prefetch=2, workers=0))

@@ -7,24 +7,29 @@ written: :meth:`Checkpointer.save` raises :class:`NonFiniteError` first, so the 
 checkpoint always survives a diverged run. A checkpoint that cannot be read back (damaged
 file) is moved to ``<directory>.damaged/<step>`` with a warning by
 :meth:`Checkpointer.restore_latest`, which falls back to the previous one -- keep at least
-2 checkpoints.
+2 checkpoints. :func:`restore_variables` reads only the model variables of a checkpoint (to
+start a run from another run's weights, whatever its optimizer).
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import logging
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from hocp_jax.checks import is_positive_int
-from hocp_jax.processes import all_agree, common_values, on_process_zero
+from hocp_jax.processes import all_agree, common_values, on_every_process, on_process_zero
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
 
@@ -138,7 +143,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        with self._alone() as alone:
+        with _alone(self.manager.directory) as alone:
             return alone.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
 
     def restore_extra_agreed(self) -> tuple[dict | None, str | None]:
@@ -154,22 +159,6 @@ class Checkpointer:
         if all_agree(extra is not None):
             return extra, None
         return None, why or "unreadable or not listed on another process"
-
-    def _alone(self) -> ocp.CheckpointManager:
-        """A read-only manager of this directory for this process alone (its barriers involve no
-        other process); orbax's "directory is read only" warning, which would read as a problem
-        with the checkpoints on every resume, is filtered out while it is made."""
-        me = jax.process_index()
-        options = ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"hocp_alone_{me}"))
-        quiet = lambda record: "is read only" not in record.getMessage()  # noqa: E731
-        absl_logger = logging.getLogger("absl")
-        absl_logger.addFilter(quiet)
-        try:
-            return ocp.CheckpointManager(self.manager.directory, options=options)
-        finally:
-            absl_logger.removeFilter(quiet)
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
         """``(state, extra)`` of the newest checkpoint that can be read; None if there is none.
@@ -219,7 +208,7 @@ class Checkpointer:
         local = jax.sharding.SingleDeviceSharding(device)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), target)
         try:
-            with self._alone() as alone:
+            with _alone(self.manager.directory) as alone:
                 alone.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                             extra=ocp.args.JsonRestore()))
         except Exception as err:  # orbax/tensorstore raise many types for bad files
@@ -257,3 +246,129 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _alone(directory, item_handlers: dict | None = None) -> ocp.CheckpointManager:
+    """A read-only manager of ``directory`` for this process alone (its barriers involve no other
+    process); orbax's "directory is read only" warning, which would read as a problem with the
+    checkpoints on every resume, is filtered out while it is made. ``item_handlers``: as
+    ``ocp.CheckpointManager``'s (then only those items can be read)."""
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"hocp_alone_{me}"))
+    quiet = lambda record: "is read only" not in record.getMessage()  # noqa: E731
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(directory, item_handlers=item_handlers, options=options)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+def restore_variables(path, like: dict | None = None, *, name: str = "path") -> tuple[dict, str]:
+    """``(variables, step_dir)``: the model variables ``{"params": ..., ["batch_stats": ...]}`` of
+    a checkpoint written by :class:`Checkpointer`, as host numpy arrays (the caller places them),
+    and the absolute step directory they were read from. Only these two collections are read,
+    not the optimizer state nor the RNG key: the run that wrote it may have used another optimizer.
+
+    With several processes, a collective: each process reads alone (no orbax barriers), all read
+    the newest step that every one of them lists, and a failure on any raises on every process.
+
+    Args:
+        path: a step directory (``<stage>/checkpoints/1200``, ``<stage>/best/800``); a Checkpointer
+            directory (``<stage>/checkpoints`` or ``<stage>/best``: its newest step); or a stage
+            directory (``<workdir>/stage1``: the newest step of its ``checkpoints/``, not of its
+            ``best/``: pass ``<stage>/best`` for the best evaluated state).
+        like: optional ``{"params", ["batch_stats"]}`` tree of the variables the model expects,
+            leaves with ``.shape`` and ``.dtype`` (e.g. ``jax.eval_shape`` of ``model.init``): the
+            checkpoint must hold the same leaves (key paths) with the same shapes; they are cast
+            to ``like``'s dtypes.
+        name: what ``path`` is called in error messages (e.g. ``"config.init_from"``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` holds no checkpoint (a job workdir: the message lists its stages), or
+            it cannot be read, does not match ``like`` or holds NaN/Inf.
+    """
+    what = f"{name}={path!r}"
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{what}: expected the path of a checkpoint directory")
+    if like is not None and (not isinstance(like, Mapping) or "params" not in like
+                             or set(like) - {"params", "batch_stats"}):
+        raise ValueError(f"like must be a dict of 'params' and optionally 'batch_stats', got {like!r:.200}")
+    found = {}
+    on_every_process(lambda: found.update(_find_checkpoints(os.path.abspath(os.fspath(path)), what)),
+                     "restore_variables")
+    steps = common_values(found["steps"])  # listings may lag on some hosts
+    if not steps:  # only with several processes: _find_checkpoints raised on an empty listing
+        raise ValueError(f"{what}: no checkpoint of {found['directory']} that every process lists")
+    step_dir = os.path.join(found["directory"], str(steps[-1]))
+    read = {}
+    on_every_process(lambda: read.update(variables=_read_variables(step_dir, like, what)), "restore_variables")
+    return read["variables"], step_dir
+
+
+def _find_checkpoints(path: str, what: str) -> dict:
+    """``{"directory": <Checkpointer directory>, "steps": [<step>, ...]}`` that the absolute
+    ``path`` names (see :func:`restore_variables`; a step directory: only its step)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: no such directory")
+    parent, base = os.path.split(path)
+    if base.isdigit():
+        with _alone(parent) as manager:
+            if base in map(str, manager.all_steps()):
+                return {"directory": parent, "steps": [int(base)]}
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    with _alone(path) as manager:
+        steps = list(manager.all_steps())
+    if steps:
+        return {"directory": path, "steps": steps}
+    stages = [d for d in sorted(glob.glob(os.path.join(glob.escape(path), "*")))
+              if os.path.isdir(os.path.join(d, "checkpoints"))]
+    if stages:
+        raise ValueError(f"{what}: a job workdir; expected one of its stages: {', '.join(stages)}")
+    raise ValueError(f"{what}: no complete checkpoint in {path}; expected a step directory (<stage>/checkpoints/"
+                     "<step>), a <stage>/checkpoints or <stage>/best directory, or a stage directory")
+
+
+def _read_variables(step_dir: str, like: dict | None, what: str) -> dict:
+    """The "params" and "batch_stats" (omitted if empty) of the checkpoint ``step_dir`` as numpy
+    arrays, checked against ``like`` (and cast to its dtypes) and for NaN/Inf."""
+    directory, step = os.path.split(step_dir)
+    try:  # the state item without a target: its metadata gives the tree, then only these subtrees are read
+        # "extra" too, unread: else item_metadata warns that it found an item it cannot read
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()}
+        with _alone(directory, item_handlers=handlers) as manager:
+            tree = manager.item_metadata(int(step)).state.tree
+            item = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k])
+                    for k in ("params", "batch_stats")}
+            to_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            variables = manager.restore(int(step), args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item, restore_args=to_numpy, partial_restore=True))).state
+    except Exception as err:  # orbax/tensorstore raise many types for bad files
+        raise ValueError(f"{what}: cannot read the model variables of {step_dir} "
+                         f"({type(err).__name__}: {str(err)[:300]})") from err
+    flat = traverse_util.flatten_dict(variables)
+    bad = ["/".join(k) for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.inexact) and not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{what}: the checkpoint {step_dir} holds NaN/Inf in {_some(bad)}")
+    if like is not None:
+        want = traverse_util.flatten_dict(like)
+        keys = lambda ks: ["/".join(k) for k in ks]  # noqa: E731
+        wrong = [f"{label}: {_some(items)}" for label, items in (
+            ("missing", keys(k for k in want if k not in flat)),
+            ("unexpected", keys(k for k in flat if k not in want)),
+            ("other shapes", [f"{'/'.join(k)}: {flat[k].shape} in the checkpoint, {tuple(want[k].shape)} expected"
+                              for k in want if k in flat and flat[k].shape != tuple(want[k].shape)])) if items]
+        if wrong:
+            raise ValueError(f"{what}: the checkpoint {step_dir} does not hold this model's variables (another model "
+                             f"or model.kwargs?); {'; '.join(wrong)}")
+        flat = {k: np.asarray(v, dtype=want[k].dtype) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def _some(items: list[str], n: int = 8) -> str:
+    """The first ``n`` of ``items``, comma-separated, and how many there are if more."""
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")

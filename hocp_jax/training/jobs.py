@@ -11,7 +11,8 @@
 
 Every stage trains with :func:`hocp_jax.training.fit` in its own sub-directory of
 ``workdir`` (``static/``, ``stage1/``, ``stage2/``, ``baseline_<name>/``), so a killed job
-resumes where it stopped. Data access: :mod:`hocp_jax.training.data`; losses and metrics:
+resumes where it stopped. ``config.init_from`` starts the static stage from another run's
+checkpoint (:func:`static_variables`). Data access: :mod:`hocp_jax.training.data`; losses and metrics:
 :mod:`hocp_jax.training.objectives`; results files: :mod:`hocp_jax.training.report`
 (``workdir/results.json`` and ``results.md``); plots go to ``workdir/*.png``.
 
@@ -36,9 +37,10 @@ from ml_collections import config_dict
 
 from hocp_jax import autotune, optim, transduction, tree
 from hocp_jax.data import pipeline
-from hocp_jax.checks import is_number
+from hocp_jax.checks import is_int, is_number
 from hocp_jax.models import MODELS, count_params, get_model
-from hocp_jax.training import objectives, plots, schedules
+from hocp_jax.processes import all_agree
+from hocp_jax.training import checkpoint, objectives, plots, schedules
 from hocp_jax.training.config import validate_config
 from hocp_jax.training.data import Data
 from hocp_jax.training.loop import FIT_CHECKS, fit, make_evaluator, pad_batch
@@ -56,6 +58,7 @@ TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_check
                                          "eval_every", "best_metric")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "init_from": (lambda v: isinstance(v, str), "a path (str) to a checkpoint, or '' (none)"),
     "dtype": (lambda v: v in DTYPES, f"one of {DTYPES} (the layers' computation dtype; parameters stay float32)"),
 }
 
@@ -110,10 +113,50 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
                loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
                data=dict(name=data.name, batch_size=config.data.batch_size),
                transduction=config.get("transduction") if stage.startswith("stage") else None)
+    if stage == "static" and config.get("init_from"):  # (not stored when unset: runs before config.init_from)
+        run["init_from"] = _init_path(config)
     run = json.loads(config_dict.ConfigDict(run).to_json())  # the JSON a checkpoint stores
     return fit(model, loss, tx, lambda: data.train_iter(config.seed),
                _fit_cfg(config, stage_cfg, stage) | {"run": run}, os.path.join(workdir, stage), reg_fn=reg,
                init_variables=init_variables, eval_fn=_eval_fn(config, model, data))
+
+
+def _init_path(config) -> str:
+    return os.path.abspath(os.path.expanduser(config.init_from))
+
+
+def _abstract_variables(model, data: Data) -> dict:
+    """Shapes and dtypes of ``model.init``'s variables on a batch of ``data`` (``jax.eval_shape``)."""
+    x = model_input(next(iter(data.eval_batches("train"))))
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def static_variables(config, model, data: Data, workdir: str, **stage_kwargs) -> dict:
+    """The static stage's variables (``{"params", ["batch_stats"]}``, host arrays): trained by
+    :func:`train_stage` from ``model.init``, or, with ``config.init_from``, from the variables of
+    that checkpoint (a warm start: a fresh optimizer and step 0; with ``static.num_steps=0``, its
+    variables as they are, untrained). ``init_from`` is a step directory, a ``checkpoints/`` or
+    ``best/`` directory (its newest step) or a stage directory (its newest checkpoint):
+    :func:`hocp_jax.training.checkpoint.restore_variables`; its parameter and batch-statistics
+    shapes must be the model's. It is read only when the stage has no checkpoint of its own to
+    resume from (a resume does not need the source run any more).
+
+    Raises:
+        ValueError: naming ``config.init_from``: no checkpoint there, or one of another model.
+    """
+    if not config.get("init_from"):
+        return _variables(train_stage(config, "static", model, data, workdir, **stage_kwargs))
+    own = os.path.join(workdir, "static", "checkpoints")
+    resumes = os.path.isdir(own) and any(name.isdigit() for name in os.listdir(own))  # orbax's finished steps
+    init = None
+    if config.static.num_steps == 0 or not all_agree(resumes):
+        init, step_dir = checkpoint.restore_variables(_init_path(config), _abstract_variables(model, data),
+                                                      name="config.init_from")
+        if jax.process_index() == 0:
+            print(f"static: starting from the variables of {step_dir}", flush=True)
+    if config.static.num_steps == 0:
+        return init
+    return _variables(train_stage(config, "static", model, data, workdir, init_variables=init, **stage_kwargs))
 
 
 def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
@@ -156,6 +199,10 @@ def _model(config, name: str, kwargs) -> Any:
     return get_model(name, **_kwargs(kwargs) | ({} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}))
 
 
+_STATIC_STEPS_FROM_INIT = (lambda v: is_int(v) and v >= 0,
+                           "an int >= 0 (with config.init_from, 0 takes its variables as the static model)")
+
+
 def check_config(config) -> None:
     """Checks every value the config alone decides (before any data is read or stage trains):
     the keys of ``fit`` each stage gets, each stage's ``num_steps`` and optimizer (the stage's
@@ -173,7 +220,7 @@ def check_config(config) -> None:
     job_keys = ("transduction",) if config.job == "transduction" else ()
     validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
                              "data", "model", "optimizer", "loss", *stages, *job_keys),
-                    ("eval_every", "best_metric", "dtype"),
+                    ("eval_every", "best_metric", "dtype", "init_from"),
                     checks=TOP_CHECKS, open_keys=True)
     in_models = (lambda v: v in MODELS, f"one of {MODELS}")
     validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
@@ -184,8 +231,9 @@ def check_config(config) -> None:
                                f"a tuple of names from {MODELS}")}
     for stage in stages:
         extra = ("models", "kwargs") if stage == "baseline" else ()
-        validate_config(config[stage], ("num_steps", *extra), ("optimizer",), checks=stage_checks,
-                        name=f"config.{stage}")
+        checks = stage_checks | ({"num_steps": _STATIC_STEPS_FROM_INIT} if stage == "static" and config.get("init_from")
+                                 else {})
+        validate_config(config[stage], ("num_steps", *extra), ("optimizer",), checks=checks, name=f"config.{stage}")
         validate_config(config[stage].get("optimizer", {}), (), OPTIMIZER_KEYS, checks=schedules.CHECKS,
                         name=f"config.{stage}.optimizer")
     objectives.check_loss_config(config.loss)
@@ -235,8 +283,7 @@ def check_transducible(config, model, images: Data) -> None:
             :func:`hocp_jax.transduction.transduce`'s reason.
     """
     modes, job_init, dense = _transduction_args(config)
-    x = model_input(next(iter(images.eval_batches("train"))))
-    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], x)
+    params = _abstract_variables(model, images)["params"]
     for init in dict.fromkeys(("delta", job_init)):
         try:
             jax.eval_shape(lambda p, init=init: transduction.transduce(p, modes, init, dense=dense), params)
@@ -305,8 +352,7 @@ def run_transduction(config, workdir: str) -> dict:
     check_transducible(config, model, images)
     gamma = config.loss.l1_gamma
 
-    static = train_stage(config, "static", model, images, workdir, l1_gamma=gamma)
-    static_vars = _variables(static)
+    static_vars = static_variables(config, model, images, workdir, l1_gamma=gamma)
     rows, first = {}, {}
 
     def row(name, mdl, variables, video_params, params=None):
@@ -346,9 +392,8 @@ def run_supervised(config, workdir: str) -> dict:
     data = Data(config.data, config.data.static)
     model = _model(config, config.model.name, config.model.kwargs)
     check_data(config, data, {"static": (model, data)})
-    state = train_stage(config, "static", model, data, workdir, l1_gamma=config.loss.l1_gamma,
-                        loss=objectives.make_loss(config, data.label_counts))
-    variables = _variables(state)
+    variables = static_variables(config, model, data, workdir, l1_gamma=config.loss.l1_gamma,
+                                 loss=objectives.make_loss(config, data.label_counts))
     m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
     has_cp = bool(tree.cp_layers(variables["params"]))

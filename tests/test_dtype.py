@@ -134,7 +134,7 @@ def test_training_program_dtype_computes_in_bfloat16_and_keeps_float32_state():
         model = jobs._model(config, config.model.name, config.model.kwargs)
         variables = model.init(jax.random.key(0), batch["image"].astype(np.float32) / 255, train=False)
         state = TrainState.create(variables, optax.sgd(0.1), jax.random.key(1))
-        step = make_train_step(model, objectives.make_loss(config, lambda: [1] * 8), optax.sgd(0.1))
+        step = make_train_step(model, objectives.make_loss(config.loss, lambda: [1] * 8), optax.sgd(0.1))
         steps[dtype] = jax.jit(step)(state, batch), jax.jit(make_eval_step(model))(state, batch)
     (s16, m16), out16 = steps["bfloat16"]
     (s32, m32), _ = steps["float32"]

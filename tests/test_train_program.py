@@ -121,6 +121,9 @@ BAD = [
     ({"loss.shake_shake": False, "loss.weights": (1.0, 1.0)}, "config.loss.weights=(1.0, 1.0): expected 3 numbers"),
     ({"loss.ce_weight": -1.0}, "config.loss.ce_weight=-1.0"),
     ({"loss.l1_gama": 0.1}, "unknown key config.loss.l1_gama (did you mean config.loss.l1_gamma?)"),
+    ({"stage1.loss": {"l1_gamma": 0.1}}, "unknown key config.stage1.loss.l1_gamma"),  # no lasso in stage 1
+    ({"stage2.loss": {"ce_weight": -1.0}}, "config.stage2.loss.ce_weight=-1.0"),
+    ({"stage2.loss": {"kind": "bregnet"}}, "unknown key config.stage2.loss.kind"),
     ({"transduction.modes": {"t": 0}}, "config.transduction.modes['t']=0: expected a kernel size int >= 1"),
     ({"transduction.modes": {"t": 2}}, "config.transduction.modes['t']=2: init='delta' needs an odd kernel size"),
     ({"transduction.init": "zeros"}, "config.transduction.init='zeros'"),
@@ -187,6 +190,36 @@ def test_paper_config_smoke(module, arg, tmp_path):
     c.log_every = c.checkpoint_every = 3
     rows = jobs.run(c, str(tmp_path / "run"))
     assert rows and all(math.isfinite(v) for row in rows.values() for v in row.values())
+
+
+def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entropy():
+    """configs/afew_va.py: the static stage (AffectNet) trains the class head with cross-entropy,
+    the video stages (clips without expression labels) turn it off with ``stage<k>.loss``; a video
+    stage left with the cross-entropy on is refused before training, naming its key."""
+    import types
+
+    import jax
+    import numpy as np
+
+    from hocp_jax.training import objectives
+    c = _config("afew_va", "smoke")
+    model = jobs._model(c, c.model.name, c.model.kwargs)
+    rng = np.random.default_rng(0)
+    clips = {"video": rng.integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8),
+             "va": rng.uniform(-1, 1, (2, 3, 2)).astype(np.float32)}
+    afew = types.SimpleNamespace(name="afew_va", eval_batches=lambda split: iter([clips]))
+    x = clips["video"].astype(np.float32) / 255
+    outputs = model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
+    assert "logits" in outputs
+    loss, terms = objectives.make_loss(jobs.stage_loss(c, "stage1"), None)(outputs, clips, jax.random.key(1))
+    assert np.isfinite(loss) and "ce" not in terms  # stage 1: no cross-entropy, no label read
+    assert jobs.stage_loss(c, "static").ce_weight == 1.0 and jobs.stage_loss(c, "stage2").ce_weight == 0.0
+    jobs._check_labels(c, "stage1", model, afew)
+    del c.stage1["loss"]
+    with pytest.raises(ValueError, match=re.escape("config.stage1.loss.ce_weight=1.0 (config.loss's unless overridden): "
+                                                   "stage 'stage1' trains a model with class logits on afew_va, whose "
+                                                   "examples have no 'label': set config.stage1.loss.ce_weight=0")):
+        jobs._check_labels(c, "stage1", model, afew)
 
 
 @pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])

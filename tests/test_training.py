@@ -522,13 +522,13 @@ def test_l1_is_applied_once():
                        "factor_out": jnp.ones((2, 3)), "factor_0": jnp.ones((3, 3))}}
     opt = dict(name="sgd", learning_rate=0.1, steps_per_epoch=10)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    cfg = ml_collections.ConfigDict(dict(loss=dict(l1_prox=True)))
+    cfg = ml_collections.ConfigDict(dict(l1_prox=True))  # the stage's loss config
     tx, reg = jobs.stage_optimizer(cfg, opt, 0.01)
     assert reg is None
     updates, _ = tx.update(zeros, tx.init(params), params)
     lam = optax.apply_updates(params, updates)["conv"]["lambda"]
     np.testing.assert_allclose(lam, [0.5 - 0.001, -0.001, 0.0], atol=1e-7)  # prox(lr * gamma) only
-    cfg.loss.l1_prox = False
+    cfg.l1_prox = False
     tx, reg = jobs.stage_optimizer(cfg, opt, 0.01)
     np.testing.assert_allclose(reg(params), 0.01 * (0.5 + 0.002 + 0.0005), rtol=1e-6)
     updates, _ = tx.update(zeros, tx.init(params), params)

@@ -51,6 +51,7 @@ from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, model_input
 
 JOBS = ("transduction", "supervised")
+LASSO_STAGES = ("static", "stage2")  # the stages trained with the L1 penalty on the lambdas (train_stage's lasso)
 DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the step does not do
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
@@ -70,17 +71,17 @@ def _fit_cfg(config, stage_cfg, stage: str) -> dict:
                 best_metric=config.get("best_metric", ""))
 
 
-def stage_optimizer(config, opt_cfg: dict, l1_gamma: float) -> tuple[optax.GradientTransformation, Any]:
+def stage_optimizer(loss_cfg, opt_cfg: dict, l1_gamma: float) -> tuple[optax.GradientTransformation, Any]:
     """``(tx, reg_fn)`` of a stage; the L1 on the lambdas goes into exactly one of them.
 
-    ``l1_gamma > 0`` with ``config.loss.l1_prox``: ``tx`` ends with the proximal
+    ``l1_gamma > 0`` with ``loss_cfg.l1_prox`` (the stage's :func:`stage_loss`): ``tx`` ends with the proximal
     soft-threshold (threshold ``learning_rate(step) * l1_gamma``) and ``reg_fn`` is None;
     without ``l1_prox``: plain ``tx`` and ``reg_fn = l1_gamma * sum |lambda|``.
     """
     tx = make_optimizer(opt_cfg)
     if l1_gamma <= 0:
         return tx, None
-    if config.loss.l1_prox:  # soft-threshold lambdas after each step: exact zeros
+    if loss_cfg.l1_prox:  # soft-threshold lambdas after each step: exact zeros
         schedule = make_schedule(opt_cfg)
         return optax.chain(tx, optim.prox_l1_lambdas(lambda count: schedule(count) * l1_gamma)), None
     return tx, functools.partial(optim.l1_lambda, gamma=l1_gamma)
@@ -97,20 +98,31 @@ def _eval_fn(config, model, data: Data):
     return lambda state: objectives.finalize_stats(evaluator(state, data.eval_batches(split)))
 
 
-def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
-                l1_gamma: float = 0.0, loss=None) -> TrainState:
-    """One :func:`fit` run. ``tx_fn(tx) -> tx`` wraps the optimizer (e.g. freezing)."""
+def stage_loss(config, stage: str) -> config_dict.ConfigDict:
+    """``config.loss`` with the stage's ``loss`` overrides (``config.<stage>.loss``, e.g. the
+    AFEW-VA job's ``stage1.loss.ce_weight = 0``: its clips have no expression labels)."""
     stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
+    return config_dict.ConfigDict(dict(config.loss) | dict(stage_cfg.get("loss", {})))
+
+
+def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
+                lasso: bool = False) -> TrainState:
+    """One :func:`fit` run with the stage's loss (:func:`stage_loss`) and optimizer; ``lasso``:
+    with the L1 penalty ``loss.l1_gamma`` on every lambda; ``tx_fn(tx) -> tx`` wraps the
+    optimizer (e.g. freezing)."""
+    stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
+    loss_cfg = stage_loss(config, stage)
+    l1_gamma = loss_cfg.l1_gamma if lasso else 0.0
     opt_cfg = dict(config.optimizer) | dict(stage_cfg.get("optimizer", {})) | {"steps_per_epoch": data.steps_per_epoch()}
-    tx, reg = stage_optimizer(config, opt_cfg, l1_gamma)
+    tx, reg = stage_optimizer(loss_cfg, opt_cfg, l1_gamma)
     if tx_fn is not None:
         tx = tx_fn(tx)
-    loss = functools.partial(objectives.loss_fn, cfg=config.loss) if loss is None else loss
+    loss = objectives.make_loss(loss_cfg, data.label_counts)
     model_cfg = (dict(name=stage.removeprefix("baseline_"), kwargs=config.baseline.kwargs)
                  if stage.startswith("baseline") else config.model)
     dtype = config.get("dtype", "float32")
     run = dict(model=model_cfg, dtype=None if dtype == "float32" else dtype,  # None: runs before config.dtype
-               loss=config.loss, optimizer=opt_cfg, l1_gamma=l1_gamma,
+               loss=loss_cfg, optimizer=opt_cfg, l1_gamma=l1_gamma,
                data=dict(name=data.name, batch_size=config.data.batch_size),
                transduction=config.get("transduction") if stage.startswith("stage") else None)
     if stage == "static" and config.get("init_from"):  # (not stored when unset: runs before config.init_from)
@@ -205,8 +217,9 @@ _STATIC_STEPS_FROM_INIT = (lambda v: is_int(v) and v >= 0,
 
 def check_config(config) -> None:
     """Checks every value the config alone decides (before any data is read or stage trains):
-    the keys of ``fit`` each stage gets, each stage's ``num_steps`` and optimizer (the stage's
-    ``optimizer`` entries override ``config.optimizer``), model names, ``sparsity_tol``,
+    the keys of ``fit`` each stage gets, each stage's ``num_steps``, optimizer and loss (the
+    stage's ``optimizer`` and ``loss`` entries override ``config.optimizer`` and ``config.loss``;
+    ``l1_*`` only in :data:`LASSO_STAGES`), model names, ``sparsity_tol``,
     ``config.loss`` (:func:`hocp_jax.training.objectives.check_loss_config`), the transduction
     job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), and that
     ``best_metric`` has evaluations on a held-out split to pick from.
@@ -233,10 +246,15 @@ def check_config(config) -> None:
         extra = ("models", "kwargs") if stage == "baseline" else ()
         checks = stage_checks | ({"num_steps": _STATIC_STEPS_FROM_INIT} if stage == "static" and config.get("init_from")
                                  else {})
-        validate_config(config[stage], ("num_steps", *extra), ("optimizer",), checks=checks, name=f"config.{stage}")
+        validate_config(config[stage], ("num_steps", *extra), ("optimizer", "loss"), checks=checks, name=f"config.{stage}")
         validate_config(config[stage].get("optimizer", {}), (), OPTIMIZER_KEYS, checks=schedules.CHECKS,
                         name=f"config.{stage}.optimizer")
     objectives.check_loss_config(config.loss)
+    for stage in stages:  # a stage's loss overrides: values of config.loss's kind; the lasso's only where it applies
+        keys = [k for k in objectives.LOSS_CHECKS if k != "kind" and (stage in LASSO_STAGES or not k.startswith("l1_"))]
+        validate_config(config[stage].get("loss", {}), (), keys, checks=objectives.LOSS_CHECKS,
+                        name=f"config.{stage}.loss")
+        objectives.check_loss_config(stage_loss(config, stage))
     if config.job == "transduction":
         _check_transduction_config(config.transduction)
     best, every = config.get("best_metric", ""), config.get("eval_every", 0)
@@ -302,7 +320,8 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
         stages: ``{stage: (model, data)}``.
 
     Also: ``config.data.batch_size`` and ``eval_batch_size`` (global) are multiples of the
-    process count (each process reads its share; an evaluation after training would fail).
+    process count (each process reads its share; an evaluation after training would fail), and a
+    stage with the cross-entropy on trains on labelled examples (:func:`_check_labels`).
 
     Raises:
         ValueError: naming the key, its value and the splits or metrics there are.
@@ -313,6 +332,8 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
         except ValueError as err:
             raise ValueError(f"config.data.{key}: {err} (the number of processes: each reads an equal share "
                              "of a batch)") from None
+    for stage, (model, data) in stages.items():
+        _check_labels(config, stage, model, data)
     _check_split(report, "eval_split", config.data.eval_split)
     split, best = config.data.get("val_split", ""), config.get("best_metric", "")
     if not (config.get("eval_every", 0) and split):
@@ -322,6 +343,24 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
         if best and best not in (names := _eval_metric_names(model, data, split)):
             raise ValueError(f"config.best_metric={best!r}: expected one of the metrics stage {stage!r} evaluates "
                              f"on config.data.val_split={split!r}: {names}")
+
+
+def _check_labels(config, stage: str, model, data: Data) -> None:
+    """A stage with the cross-entropy on (kind "affect", ``ce_weight > 0``) whose model has class
+    logits trains on examples with a "label" (shapes only: ``jax.eval_shape`` of the model)."""
+    cfg = stage_loss(config, stage)
+    if cfg.get("kind", "affect") != "affect" or not cfg.ce_weight > 0:
+        return
+    batch = next(iter(data.eval_batches("train")))
+    if "label" in batch:
+        return
+    outputs = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x, train=False), x, train=False),
+                             model_input(batch))
+    if "logits" in outputs:
+        key = "baseline" if stage.startswith("baseline") else stage
+        raise ValueError(f"config.{key}.loss.ce_weight={cfg.ce_weight} (config.loss's unless overridden): stage "
+                         f"{stage!r} trains a model with class logits on {data.name}, whose examples have no "
+                         f"'label': set config.{key}.loss.ce_weight=0")
 
 
 def _check_split(data: Data, key: str, split: str) -> None:
@@ -350,9 +389,8 @@ def run_transduction(config, workdir: str) -> dict:
     check_data(config, videos, {"static": (model, images), "stage1": (model, videos), "stage2": (model, videos)}
                | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
     check_transducible(config, model, images)
-    gamma = config.loss.l1_gamma
 
-    static_vars = static_variables(config, model, images, workdir, l1_gamma=gamma)
+    static_vars = static_variables(config, model, images, workdir, lasso=True)
     rows, first = {}, {}
 
     def row(name, mdl, variables, video_params, params=None):
@@ -370,7 +408,7 @@ def run_transduction(config, workdir: str) -> dict:
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},
                      tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"))
     row("transduced, stage 1 (temporal only)", model, _variables(s1), _n_trainable(transduced, "temporal"))
-    s2 = train_stage(config, "stage2", model, videos, workdir, init_variables=_variables(s1), l1_gamma=gamma)
+    s2 = train_stage(config, "stage2", model, videos, workdir, init_variables=_variables(s1), lasso=True)
     final = _variables(s2)
     row("transduced, stage 2 (fine-tuned)", model, final, count_params(final["params"]))
 
@@ -392,8 +430,7 @@ def run_supervised(config, workdir: str) -> dict:
     data = Data(config.data, config.data.static)
     model = _model(config, config.model.name, config.model.kwargs)
     check_data(config, data, {"static": (model, data)})
-    variables = static_variables(config, model, data, workdir, l1_gamma=config.loss.l1_gamma,
-                                 loss=objectives.make_loss(config, data.label_counts))
+    variables = static_variables(config, model, data, workdir, lasso=True)
     m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
     has_cp = bool(tree.cp_layers(variables["params"]))

@@ -111,24 +111,25 @@ def loss_fn(outputs: dict, batch: dict, key: jax.Array, *, cfg) -> tuple[jax.Arr
     return total, terms
 
 
-def make_loss(config, label_counts: Callable[[], list[int]]) -> Callable:
-    """``loss_fn(outputs, batch, key)`` for ``config.loss.kind`` (one of ``LOSSES``).
+def make_loss(cfg, label_counts: Callable[[], list[int]]) -> Callable:
+    """``loss_fn(outputs, batch, key)`` for ``cfg.kind`` (one of ``LOSSES``), ``cfg`` a stage's
+    ``config.loss`` (with the stage's ``loss`` overrides).
 
     ``affect``: :func:`loss_fn`; ``bregnet``: class-weighted CE (H_ii = f_min / f_i from
     ``loss.class_counts``, else ``label_counts()``, the training split's counts) + MSE on
     valence/arousal; ``avce``: :func:`hocp_jax.contrastive.make_avce_loss` with ``loss.avce``.
     """
-    kind = config.loss.get("kind", "affect")
+    kind = cfg.get("kind", "affect")
     if kind == "affect":
-        return functools.partial(loss_fn, cfg=config.loss)
+        return functools.partial(loss_fn, cfg=cfg)
     if kind == "bregnet":
         weights = None
-        if config.loss.class_weighted:
-            counts = list(config.loss.get("class_counts", [])) or label_counts()
+        if cfg.class_weighted:
+            counts = list(cfg.get("class_counts", [])) or label_counts()
             weights = losses.class_weights(np.asarray(counts))
-        return functools.partial(bregnet.bregnet_loss, class_weights=weights, va_weight=config.loss.va_weight)
+        return functools.partial(bregnet.bregnet_loss, class_weights=weights, va_weight=cfg.va_weight)
     if kind == "avce":
-        return contrastive.make_avce_loss(**dict(config.loss.avce))
+        return contrastive.make_avce_loss(**dict(cfg.avce))
     raise ValueError(f"config.loss.kind={kind!r}: expected one of {LOSSES}")
 
 

@@ -222,6 +222,15 @@ def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entro
         jobs._check_labels(c, "stage1", model, afew)
 
 
+@pytest.mark.parametrize("arg", ["", "smoke"])
+def test_afew_va_static_stage_is_the_affectnet_config(arg):
+    """configs/afew_va.py's docstring: its static model, loss and optimizer are configs/affectnet.py's,
+    so a finished AffectNet run can be its static stage (``init_from``, ``static.num_steps=0``)."""
+    affectnet, afew_va = _config("affectnet", arg), _config("afew_va", arg)
+    for key in ("model", "loss", "optimizer"):
+        assert afew_va[key].to_dict() == affectnet[key].to_dict(), key
+
+
 @pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])
 def test_batch_sizes_are_checked_against_the_process_count(monkeypatch, key):
     # with 3 processes a global batch of 64 cannot be shared: refused before training, naming the key

@@ -9,7 +9,8 @@ hosts: start the same command on every host under SLURM / Open MPI / Cloud TPU (
 or export ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (see
 README); one host needs nothing. A bad config value or missing data ends the program with
 one ``error: ...`` line on stderr and exit status 2, as does a bad flag or override (e.g. an
-unknown config key).
+unknown config key). A SIGTERM (a scheduler's preemption notice) checkpoints the stage at the
+step it is seen and ends the program with status 143; the same command resumes.
 """
 
 import os
@@ -21,9 +22,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hocp_jax.training import jobs
-from hocp_jax.training.distributed import WorkdirInUseError, maybe_initialize_distributed
+from hocp_jax.training.distributed import Preempted, WorkdirInUseError, maybe_initialize_distributed
 
 DEFAULT_CONFIG = "configs/default.py"
+PREEMPTED_STATUS = 128 + 15  # a shell's status for a process ended by SIGTERM
 # No default here: ml_collections would load it, with the overrides, at import, outside _parse_flags.
 _CONFIG = config_flags.DEFINE_config_file("config", None, f"Training configuration file (default {DEFAULT_CONFIG}).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", required=True)
@@ -82,6 +84,9 @@ def main(argv):
         jobs.run(config, workdir)
     except (ValueError, FileNotFoundError, WorkdirInUseError) as err:  # user errors: no traceback
         _fail(str(err))
+    except Preempted as notice:  # checkpointed at the step the SIGTERM was seen; exit as a SIGTERM would
+        print(notice, file=sys.stderr)
+        sys.exit(PREEMPTED_STATUS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ own ``jax.distributed`` process id, coordinator on 127.0.0.1).
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 import weakref
 
@@ -130,8 +132,17 @@ def script(args):
     if args.num_processes > 1:
         training.maybe_initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
     # async saves, except in the run to be killed: there the step-4 save must be complete
-    state = run_fit(args.workdir, args.steps, kill_at=args.kill_at,
-                    async_checkpointing=args.kill_at is None)
+    term = {}
+    if args.term_at is not None:  # steps slowed down after the notice, so that the sync point comes before the end
+        term = {pos: functools.partial(time.sleep, 0.1) for pos in range(args.term_at + 1, args.steps + 1)}
+        if args.term_process == args.process_id:
+            term[args.term_at] = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        state = run_fit(args.workdir, args.steps, kill_at=args.kill_at, async_checkpointing=args.kill_at is None,
+                        on_pos=term)
+    except training.Preempted as notice:
+        print(f"preempted at step {notice.step}", file=sys.stderr)
+        sys.exit(143)
     result = flat_params(state)
     data, p, n = make_data(), jax.process_index(), jax.process_count()
     batches = []
@@ -145,12 +156,15 @@ def script(args):
         np.savez(args.out, n_devices=len(jax.devices()), **result)
 
 
-def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None, num_processes=1):
+def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None, num_processes=1, term=None):
+    """``term=(process, pos)``: that process sends itself SIGTERM while fetching batch ``pos``."""
     out = tmp_path / f"{name}.npz"
     cmd = [sys.executable, __file__, "--devices", str(devices), "--steps", str(steps),
            "--workdir", str(workdir or tmp_path / name), "--out", str(out)]
     if kill_at is not None:
         cmd += ["--kill-at", str(kill_at)]
+    if term is not None:
+        cmd += ["--term-process", str(term[0]), "--term-at", str(term[1])]
     if num_processes == 1:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300), out
     with socket.socket() as sock:  # a free port for the coordinator
@@ -235,6 +249,90 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
         np.testing.assert_allclose(eight[k], want, atol=1e-5, err_msg=k)
     logged = [r["step"] for r in tlog.read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert logged == [3, 4, 6]  # process 0 alone writes the log
+
+
+def test_a_sigterm_on_one_of_two_processes_checkpoints_both_at_one_step(tmp_path):
+    """A preemption notice (SIGTERM) to process 1 alone: JAX's preemption sync point stops both
+    processes at the same step, each saving it (one collective checkpoint, off the every-4-steps
+    schedule), exit status 143; resumed, they end with the uninterrupted run's params."""
+    one_proc, one_out = run_script(tmp_path, "one", 1, 40)
+    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
+    procs, _ = run_script(tmp_path, "two", 1, 40, num_processes=2, term=(1, 5))
+    steps = set()
+    for proc in procs:
+        assert proc.returncode == 143, proc.stderr[-3000:]
+        steps |= set(map(int, re.findall(r"preempted at step (\d+)", proc.stderr)))
+    assert len(steps) == 1 and 5 < (step := steps.pop()) < 40, steps
+    with checkpoint.Checkpointer(tmp_path / "two" / "checkpoints", save_every=4) as ckpt:
+        assert ckpt.latest_step() == step
+    procs, two_out = run_script(tmp_path, "two", 1, 40, num_processes=2)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load(one_out), load(two_out)
+    assert one.pop("n_devices") == 1 and two.pop("n_devices") == 2
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+PREEMPT_SCRIPT = """
+import os, signal, sys
+import jax, numpy as np, optax
+sys.path.insert(0, sys.argv[4])
+from test_training import ArrayIterator, TinyNet, flat_params, make_data, mse_loss
+from hocp_jax import training
+
+term_at, term_in_eval = int(sys.argv[2]), int(sys.argv[3])
+term = lambda: os.kill(os.getpid(), signal.SIGTERM)
+
+def eval_fn(state):
+    step = int(jax.device_get(state.step))
+    if step == term_in_eval:
+        term()
+    return {"score": float(step)}
+
+cfg = dict(num_steps=10, seed=3, stage="static", checkpoint_every=4, keep_checkpoints=2, log_every=3,
+           eval_every=3, best_metric="score")
+try:
+    state = training.fit(TinyNet(), mse_loss, optax.sgd(0.1, momentum=0.9),
+                         lambda: ArrayIterator(make_data(), on_pos={term_at: term}), cfg, sys.argv[1], eval_fn=eval_fn)
+except training.Preempted as notice:
+    print(notice, file=sys.stderr)
+    sys.exit(143)
+np.savez(os.path.join(sys.argv[1], "params.npz"), **flat_params(state))
+"""
+
+
+def test_a_sigterm_checkpoints_the_step_it_is_seen_at_and_the_resume_is_exact(tmp_path):
+    """One process: a SIGTERM while fetching the batch of step 6 (an evaluation step, not a
+    checkpoint step) saves step 6 and exits with status 143; its evaluation is left to the resume,
+    which evaluates step 6 first and ends with the uninterrupted run's params, logs and best/. A
+    SIGTERM no step sees (during the last evaluation) still ends the process, by the signal, after
+    the final checkpoint."""
+    def run(workdir, term_at=-1, term_in_eval=-1):
+        return subprocess.run([sys.executable, "-c", PREEMPT_SCRIPT, str(workdir), str(term_at), str(term_in_eval),
+                               os.path.dirname(__file__)], capture_output=True, text=True, timeout=600)
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = run(tmp_path / "run", term_at=5)
+    assert stopped.returncode == 143 and "checkpointed at step 6" in stopped.stderr, stopped.stderr[-3000:]
+    with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", save_every=4) as ckpt:
+        assert ckpt.all_steps() == [4, 6] and ckpt.restore_extra()["eval_due"] is True
+    resumed = run(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = load(tmp_path / "full" / "params.npz"), load(tmp_path / "run" / "params.npz")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    records = lambda d: [(r["split"], r["step"]) for r in tlog.read_metrics(d / "metrics.jsonl")]  # noqa: E731
+    assert records(tmp_path / "run") == records(tmp_path / "full")
+    assert ("eval", 6) in records(tmp_path / "run")
+    with checkpoint.Checkpointer(tmp_path / "run" / "best", save_every=1, keep=1) as best:
+        assert best.restore_extra()["step"] == 10
+
+    late = run(tmp_path / "late", term_in_eval=10)
+    assert late.returncode == -signal.SIGTERM, late.stderr[-3000:]
+    with checkpoint.Checkpointer(tmp_path / "late" / "checkpoints", save_every=4) as ckpt:
+        assert ckpt.latest_step() == 10
 
 
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
@@ -473,8 +571,9 @@ def test_metric_logger_and_plot(tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for flag, kind in (("--devices", int), ("--steps", int), ("--kill-at", int),
-                       ("--workdir", str), ("--out", str), ("--port", int)):
+                       ("--workdir", str), ("--out", str), ("--port", int), ("--term-at", int)):
         parser.add_argument(flag, type=kind)
+    parser.add_argument("--term-process", type=int, default=-1)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     script(parser.parse_args())

@@ -5,7 +5,7 @@ streaming :func:`make_evaluator`. The jobs of ``train.py`` live in :mod:`.jobs` 
 
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError, check_finite
 from hocp_jax.training.config import validate_config
-from hocp_jax.training.distributed import WorkdirInUseError, WorkdirLock, maybe_initialize_distributed
+from hocp_jax.training.distributed import Preempted, WorkdirInUseError, WorkdirLock, maybe_initialize_distributed
 from hocp_jax.training.loop import fit, make_evaluator
 from hocp_jax.training.schedules import make_optimizer, make_schedule
 from hocp_jax.training.sharding import make_data_mesh, put_batch, put_replicated
@@ -13,7 +13,7 @@ from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, make_train_step
 
 __all__ = [
-    "Checkpointer", "NonFiniteError", "TrainState", "WorkdirInUseError", "WorkdirLock", "check_finite",
+    "Checkpointer", "NonFiniteError", "Preempted", "TrainState", "WorkdirInUseError", "WorkdirLock", "check_finite",
     "fit", "make_data_mesh", "make_eval_step", "make_evaluator", "make_optimizer", "make_schedule",
     "make_train_step", "maybe_initialize_distributed", "put_batch", "put_replicated", "validate_config",
 ]

@@ -7,19 +7,25 @@
 * :class:`WorkdirLock` -- refuses a second, independent run writing the same workdir (e.g.
   the same command started on N hosts without ``jax.distributed``: N processes that each
   believe they are process 0 of 1).
+* :class:`PreemptionNotice` -- a SIGTERM (a scheduler's preemption notice) seen by the training
+  loop at a step boundary, the same step on every process, so that it checkpoints and stops
+  (:class:`Preempted`) instead of losing the steps since the last checkpoint.
 
 Process 0 takes the lock for a ``jax.distributed`` run (:func:`hocp_jax.processes.on_process_zero`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import signal
 import socket
 import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from hocp_jax.processes import on_process_zero
 
@@ -69,6 +75,64 @@ def maybe_initialize_distributed(
         jax.distributed.initialize()
         return True
     return False
+
+
+class Preempted(Exception):
+    """The run got a preemption notice (SIGTERM) and saved a checkpoint of ``stage`` at ``step``
+    in ``workdir``; the same command resumes it."""
+
+    def __init__(self, workdir: str, step: int):
+        super().__init__(f"preempted (SIGTERM): {workdir} checkpointed at step {step}; run the same command "
+                         "again to resume")
+        self.workdir, self.step = workdir, step
+
+
+_SYNC_IDS = itertools.count(1)  # step ids of the preemption sync points: increasing over all fit calls of a process
+
+
+class PreemptionNotice:
+    """Whether the run got a SIGTERM, asked once per training step (:meth:`noticed`), True at the
+    same step on every process.
+
+    With ``jax.distributed`` (several processes, or one under a cluster launcher), JAX's preemption
+    sync manager handles SIGTERM (it is installed by ``jax.distributed.initialize``):
+    ``multihost_utils.reached_preemption_sync_point`` is True on every process at the first step
+    all of them reach after the notice (a local check per step, no collective). Otherwise, while
+    the context is open, a SIGTERM handler sets a flag that :meth:`noticed` returns; a SIGTERM that
+    no step saw (e.g. during the last step's evaluation) is raised again on exit, with the previous
+    handler back (the default one ends the process), so it is never swallowed. Outside the main
+    thread no handler can be installed: SIGTERM keeps its previous action.
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionNotice:
+        if not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+
+    def noticed(self, step: int) -> bool:
+        """Call at every training step (same calls on every process): whether to save and stop now."""
+        del step  # the sync point's ids increase over all fit calls of the process (stages restart at 1)
+        if jax.distributed.is_initialized():
+            try:
+                return multihost_utils.reached_preemption_sync_point(next(_SYNC_IDS))
+            except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+                return False
+        return self._flag
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+            if self._flag and exc[0] is None:  # not seen by any step: deliver it as if no handler had been here
+                self._flag = False
+                signal.raise_signal(signal.SIGTERM)
 
 
 class WorkdirInUseError(RuntimeError):

@@ -4,7 +4,8 @@ Resume contract: a checkpoint at step ``s`` holds the state after ``s`` updates 
 data-iterator state after ``s`` batches; step ``s+1`` uses ``fold_in(rng, s)``. So a run
 killed at any point and restarted with the same arguments ends with exactly the params of
 an uninterrupted run (it redoes the steps after the last complete checkpoint, and drops
-their lines from ``metrics.jsonl`` so that no step is logged twice).
+their lines from ``metrics.jsonl`` so that no step is logged twice). A SIGTERM stops the
+run at the next step, checkpointed (:class:`~hocp_jax.training.distributed.Preempted`).
 
 No device->host transfer happens between log intervals: the step is counted on the host
 (restored once from the checkpoint), and metrics are fetched only when they are logged.
@@ -30,7 +31,7 @@ from hocp_jax import autotune
 from hocp_jax.training.checkpoint import Checkpointer, NonFiniteError
 from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
-from hocp_jax.training.distributed import WorkdirLock
+from hocp_jax.training.distributed import Preempted, PreemptionNotice, WorkdirLock
 from hocp_jax.training.metric_log import MetricLogger
 from hocp_jax.training.sharding import (
     batch_sharding, host_value, make_data_mesh, on_mesh, put_batch, put_replicated, replicated,
@@ -209,6 +210,9 @@ def fit(
 
     Raises:
         NonFiniteError: NaN/Inf in the logged metrics or in a state due for checkpointing.
+        Preempted: a SIGTERM (a scheduler's preemption notice) was seen at a step
+            (:class:`~hocp_jax.training.distributed.PreemptionNotice`; the same step on every
+            process): that step was checkpointed, its due evaluation left to the resume.
         ValueError: bad config, an iterator without get_state/set_state, one that ends
             early, a checkpoint of another stage or run in ``workdir``, or one past ``num_steps``.
         WorkdirInUseError: another live run holds ``workdir``.
@@ -231,14 +235,15 @@ def fit(
     lock = WorkdirLock(workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c["checkpoint_every"],
                         keep=c["keep_checkpoints"], async_save=c["async_checkpointing"])
-    with lock, ckpt:
+    with PreemptionNotice() as notice, lock, ckpt:
         latest_extra, _ = ckpt.restore_extra_agreed()  # unreadable: restore_latest below deals with it
         if latest_extra is not None:  # before the restore, whose error would not say why
             _check_checkpoint(latest_extra, c, workdir)
-        start = 0
+        start, eval_due = 0, False
         restored = ckpt.restore_latest(state)
         if restored is not None:
             state, extra = restored
+            eval_due = extra.get("eval_due", False)  # saved on a preemption notice before its evaluation
             _check_checkpoint(extra, c, workdir)  # the one restored (the newest may be unreadable)
             it.set_state(_decode_iter_state(extra["data_state"]))
             start = int(host_value(state.step))  # the one read of the device step
@@ -254,7 +259,7 @@ def fit(
             donate_argnums=0,
         ), mesh)
         _agree_on_conv_paths(step_fn, state, make_train_iter, mesh)
-        return _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh)
+        return _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, eval_due)
 
 
 def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[], Iterator[dict]], mesh) -> None:
@@ -271,12 +276,14 @@ def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[
     autotune.agree_across_processes(trace)
 
 
-def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainState:
-    """The loop of :func:`fit` from step ``start`` (a host int) to ``c["num_steps"]``."""
-    extra_of = lambda: {  # noqa: E731
+def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, eval_due) -> TrainState:
+    """The loop of :func:`fit` from step ``start`` (a host int) to ``c["num_steps"]``; ``eval_due``:
+    the checkpoint of ``start`` was saved on a preemption notice before its due evaluation."""
+    extra_of = lambda eval_due=False: {  # noqa: E731
         "stage": c["stage"],
         "data_state": _encode_iter_state(it.get_state()),
         "config": json.loads(json.dumps(c, default=str)),
+        "eval_due": eval_due,
     }
     best = _Best(workdir, c["best_metric"]) if c["best_metric"] else None
     num_steps, pending = c["num_steps"], []
@@ -285,6 +292,11 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainS
         with MetricLogger(workdir, drop_after=start) as logger, tqdm.tqdm(
             total=num_steps, initial=start, desc=c["stage"], disable=jax.process_index() != 0
         ) as bar:
+            if eval_due and eval_fn is not None:  # the evaluation a preempted run left to its resume
+                results = eval_fn(state)
+                logger.write(start, results, split="eval")
+                if best is not None:
+                    best.update(state, start, results)
             for step in range(start + 1, num_steps + 1):
                 try:
                     batch = next(it)
@@ -294,7 +306,9 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainS
                 state, metrics = step_fn(state, put_batch(batch, mesh))
                 pending.append(metrics)
                 last = step == num_steps
-                due = ckpt.is_due(step) or last
+                stop = notice.noticed(step) and not last  # a preemption notice: save this step and stop
+                due = ckpt.is_due(step) or last or stop
+                evaluate = eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last)
                 if step % c["log_every"] == 0 or due:
                     means = _mean_metrics(pending, step)
                     pending = []
@@ -306,7 +320,11 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh) -> TrainS
                 # evaluate before saving: a run killed during the evaluation of a checkpoint step
                 # resumes from the checkpoint before it and evaluates that step again; an evaluation
                 # that raises still lets the step's checkpoint be written
-                if eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last):
+                if stop:  # the evaluation (if due) is left to the resume: the notice leaves little time
+                    ckpt.save(state, extra_of(eval_due=evaluate), step=step, force=True)
+                    ckpt.wait()
+                    raise Preempted(workdir, step)
+                if evaluate:
                     try:
                         results = eval_fn(state)
                     except BaseException:

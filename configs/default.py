@@ -25,6 +25,12 @@ def get_config() -> ConfigDict:
     # option on GPU/TPU, where the automatic rules (None) leave these loops off (README, "Memory")
     c.cp_per_sample = config_dict.placeholder(bool)
     c.cp_tile_rows = config_dict.placeholder(int)
+    # computation dtype of the models' layers: "float32" or "bfloat16" (parameters, optimizer state, batch statistics,
+    # losses and metrics stay float32; README, "Mixed precision")
+    c.dtype = "float32"
+    # a checkpoint whose params and batch statistics start the static stage (README, "Starting from another run");
+    # with static.num_steps=0 they are the static model as they are
+    c.init_from = ""
 
     c.data = ConfigDict(dict(
         static="digits_affect", video="moving_digits", data_dir="", manual_dir="",

@@ -207,11 +207,15 @@ def test_two_processes_read_the_same_step_and_fail_together(tmp_path):
 
 
 def _affectnet_smoke(data_dir, **overrides):
+    return _smoke("affectnet", data_dir, **overrides)
+
+
+def _smoke(module, data_dir, **overrides):
     import importlib
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     try:
-        c = importlib.import_module("configs.affectnet").get_config("smoke")
+        c = importlib.import_module(f"configs.{module}").get_config("smoke")
     finally:
         sys.path.remove(root)
     c.data.data_dir = str(data_dir)
@@ -227,8 +231,9 @@ def _affectnet_smoke(data_dir, **overrides):
 
 def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tmp_path, capsys):
     """``config.init_from`` (train.py): ``static.num_steps=0`` evaluates the source run's variables
-    as they are (its own evaluation, exactly); with steps it fine-tunes from them; the source is
-    stored with the run (a resume with another is refused) and not read again on resume."""
+    as they are (its own evaluation, exactly) or transduces them; with steps it fine-tunes from
+    them; the source is stored with the run (a resume with another is refused) and not read again
+    on resume; ``static.num_steps=0`` where the static stage trained is refused."""
     import shutil
 
     from hocp_jax.training import jobs
@@ -250,8 +255,19 @@ def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tm
                 checkpoint.restore_variables(source / "static")[0]["params"])
     with pytest.raises(ValueError, match=r"run.init_from: .*source/static/checkpoints/3' -> .*source/static'"):
         jobs.run(_affectnet_smoke(data, init_from=str(source / "static"), **tiny), str(tuned))
+    # the transduction job (configs/afew_va.py: the same static model) transduces the variables as they are;
+    # its stage 1 stores their step directory: a rerun from another source is refused
+    video = tmp_path / "video"
+    afew = lambda init: _smoke("afew_va", data, init_from=init, **{  # noqa: E731
+        "static.num_steps": 0, "stage1.num_steps": 1, "stage2.num_steps": 1, "baseline.models": ()})
+    assert jobs.run(afew(str(source / "static")), str(video))["static (per frame)"]["params"] == rows["resnet18_hocp"]["params"]
+    with pytest.raises(ValueError, match=r"run.static_from: .*source/static/checkpoints/3' -> .*tuned/static/checkpoints/3'"):
+        jobs.run(afew(str(tuned / "static")), str(video))
+
     shutil.rmtree(source)  # a resume reads its own checkpoints only
     assert jobs.run(_affectnet_smoke(data, init_from=from_step, **tiny), str(tuned))
+    with pytest.raises(ValueError, match=r"holds the checkpoints of a static stage that trained \(newest step 3\)"):
+        jobs.run(_affectnet_smoke(data, init_from=from_step, **tiny, **{"static.num_steps": 0}), str(tuned))
     with pytest.raises(FileNotFoundError, match="config.init_from="):
         jobs.run(_affectnet_smoke(data, init_from=str(source / "static")), str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"config.static.num_steps=0: expected an int > 0"):

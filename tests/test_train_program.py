@@ -70,6 +70,20 @@ def test_unknown_config_key_is_one_error_line(tmp_path, config, override, words)
 def test_bad_config_value_is_one_line_not_a_traceback(tmp_path):
     r = _train(tmp_path, "--config.data.batch_size=0")
     assert "config.data.batch_size=0" in _one_error_line(r)
+    r = _train(tmp_path, "--config.dtype=float16", "--config.init_from=/nonexistent")  # the main job has both keys
+    assert "config.dtype='float16'" in _one_error_line(r)
+
+
+CONFIGS = [("default", ""), ("affectnet", ""), ("afew_va", ""), ("jester", "hocp_s"), ("cifar10", "hocp"),
+           ("bregnet", "fer2013"), ("avce", "alexnet")]
+
+
+@pytest.mark.parametrize("module,arg", CONFIGS)
+def test_every_config_has_the_programs_options(module, arg):
+    """train.py's options are keys of every config (an override of a key a config lacks is refused)."""
+    c = _config(module, arg)
+    for key in ("dtype", "init_from", "autotune", "cp_per_sample", "cp_tile_rows", "eval_every", "best_metric"):
+        assert key in c, key
 
 
 def _config(module, arg=""):

@@ -106,10 +106,11 @@ def stage_loss(config, stage: str) -> config_dict.ConfigDict:
 
 
 def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
-                lasso: bool = False) -> TrainState:
+                lasso: bool = False, run_extra: dict | None = None) -> TrainState:
     """One :func:`fit` run with the stage's loss (:func:`stage_loss`) and optimizer; ``lasso``:
     with the L1 penalty ``loss.l1_gamma`` on every lambda; ``tx_fn(tx) -> tx`` wraps the
-    optimizer (e.g. freezing)."""
+    optimizer (e.g. freezing); ``run_extra``: more of what defines the run (stored with its
+    checkpoints and compared on resume)."""
     stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
     loss_cfg = stage_loss(config, stage)
     l1_gamma = loss_cfg.l1_gamma if lasso else 0.0
@@ -127,6 +128,7 @@ def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=No
                transduction=config.get("transduction") if stage.startswith("stage") else None)
     if stage == "static" and config.get("init_from"):  # (not stored when unset: runs before config.init_from)
         run["init_from"] = _init_path(config)
+    run |= run_extra or {}
     run = json.loads(config_dict.ConfigDict(run).to_json())  # the JSON a checkpoint stores
     return fit(model, loss, tx, lambda: data.train_iter(config.seed),
                _fit_cfg(config, stage_cfg, stage) | {"run": run}, os.path.join(workdir, stage), reg_fn=reg,
@@ -143,32 +145,41 @@ def _abstract_variables(model, data: Data) -> dict:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
 
-def static_variables(config, model, data: Data, workdir: str, **stage_kwargs) -> dict:
-    """The static stage's variables (``{"params", ["batch_stats"]}``, host arrays): trained by
-    :func:`train_stage` from ``model.init``, or, with ``config.init_from``, from the variables of
-    that checkpoint (a warm start: a fresh optimizer and step 0; with ``static.num_steps=0``, its
-    variables as they are, untrained). ``init_from`` is a step directory, a ``checkpoints/`` or
-    ``best/`` directory (its newest step) or a stage directory (its newest checkpoint):
-    :func:`hocp_jax.training.checkpoint.restore_variables`; its parameter and batch-statistics
-    shapes must be the model's. It is read only when the stage has no checkpoint of its own to
-    resume from (a resume does not need the source run any more).
+def static_variables(config, model, data: Data, workdir: str, **stage_kwargs) -> tuple[dict, str | None]:
+    """``(variables, source)``: the static stage's variables (``{"params", ["batch_stats"]}``, host
+    arrays), trained by :func:`train_stage` from ``model.init``, or, with ``config.init_from``,
+    from the variables of that checkpoint (a warm start: a fresh optimizer and step 0); with
+    ``static.num_steps=0``, those variables as they are, untrained, and ``source`` the step
+    directory they were read from (else None), which the stages built on them store in their run
+    config (a rerun from another source is refused). ``init_from`` is a step directory, a
+    ``checkpoints/`` or ``best/`` directory (its newest step) or a stage directory (its newest
+    checkpoint): :func:`hocp_jax.training.checkpoint.restore_variables`; its parameter and
+    batch-statistics shapes must be the model's. A stage that trains reads it only when it has no
+    checkpoint of its own to resume from (a resume does not need the source run any more).
 
     Raises:
-        ValueError: naming ``config.init_from``: no checkpoint there, or one of another model.
+        ValueError: naming ``config.init_from``: no checkpoint there, or one of another model; or
+            ``static.num_steps=0`` where the static stage has checkpoints (it trained: its model is
+            not the source's).
     """
     if not config.get("init_from"):
-        return _variables(train_stage(config, "static", model, data, workdir, **stage_kwargs))
+        return _variables(train_stage(config, "static", model, data, workdir, **stage_kwargs)), None
     own = os.path.join(workdir, "static", "checkpoints")
-    resumes = os.path.isdir(own) and any(name.isdigit() for name in os.listdir(own))  # orbax's finished steps
-    init = None
-    if config.static.num_steps == 0 or not all_agree(resumes):
+    steps = [int(name) for name in os.listdir(own) if name.isdigit()] if os.path.isdir(own) else []  # orbax's finished
+    resumes = all_agree(bool(steps))
+    if config.static.num_steps == 0 and resumes:
+        raise ValueError(f"config.static.num_steps=0 takes the variables of config.init_from as the static model, but "
+                         f"{own} holds the checkpoints of a static stage that trained (newest step {max(steps)}): set "
+                         f"config.static.num_steps >= {max(steps)} to use it, or use another workdir")
+    init = step_dir = None
+    if config.static.num_steps == 0 or not resumes:
         init, step_dir = checkpoint.restore_variables(_init_path(config), _abstract_variables(model, data),
                                                       name="config.init_from")
         if jax.process_index() == 0:
             print(f"static: starting from the variables of {step_dir}", flush=True)
     if config.static.num_steps == 0:
-        return init
-    return _variables(train_stage(config, "static", model, data, workdir, init_variables=init, **stage_kwargs))
+        return init, step_dir
+    return _variables(train_stage(config, "static", model, data, workdir, init_variables=init, **stage_kwargs)), None
 
 
 def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
@@ -390,7 +401,7 @@ def run_transduction(config, workdir: str) -> dict:
                | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
     check_transducible(config, model, images)
 
-    static_vars = static_variables(config, model, images, workdir, lasso=True)
+    static_vars, source = static_variables(config, model, images, workdir, lasso=True)
     rows, first = {}, {}
 
     def row(name, mdl, variables, video_params, params=None):
@@ -406,7 +417,8 @@ def run_transduction(config, workdir: str) -> dict:
 
     transduced = transduction.transduce(static_vars["params"], modes, init, dense=dense)
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},
-                     tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"))
+                     tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"),
+                     run_extra={"static_from": source} if source else None)  # an untrained static stage's source
     row("transduced, stage 1 (temporal only)", model, _variables(s1), _n_trainable(transduced, "temporal"))
     s2 = train_stage(config, "stage2", model, videos, workdir, init_variables=_variables(s1), lasso=True)
     final = _variables(s2)
@@ -430,7 +442,7 @@ def run_supervised(config, workdir: str) -> dict:
     data = Data(config.data, config.data.static)
     model = _model(config, config.model.name, config.model.kwargs)
     check_data(config, data, {"static": (model, data)})
-    variables = static_variables(config, model, data, workdir, lasso=True)
+    variables, _ = static_variables(config, model, data, workdir, lasso=True)
     m, _ = evaluate_variables(model, variables, data, config.data.eval_split, config.get("skew_repeats", 0))
     rows = {config.model.name: {"params": count_params(variables["params"])} | m}
     has_cp = bool(tree.cp_layers(variables["params"]))

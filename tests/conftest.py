@@ -1,6 +1,7 @@
 """Shared pytest setup: float32 CPU JAX, deterministic keys, scripts on simulated devices."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -38,5 +39,23 @@ def run_on_devices():
         out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return run
+
+
+@pytest.fixture
+def run_processes():
+    """``run(argv_of, n=2, timeout=300)``: starts ``n`` processes at once, process ``i`` running
+    ``[python, *argv_of(port, i)]`` with ``port`` a free local port (for a ``jax.distributed``
+    coordinator on 127.0.0.1), and returns their ``CompletedProcess`` (text output) once all ended."""
+    def run(argv_of, n: int = 2, timeout: float = 300):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, *argv_of(port, i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for i in range(n)]
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+                for proc, (out, err) in zip(procs, outputs)]
 
     return run

@@ -10,8 +10,6 @@ as the slower one, so a process that fell back to the analytic pick instead of r
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 if __name__ == "__main__":  # subprocess mode: device count must be set before jax starts
@@ -83,15 +81,9 @@ def script(workdir: str, port: int, process_id: int) -> None:
         json.dump({"measured": measured, "picks": picks, "devices": jax.device_count()}, f)
 
 
-def test_process_zero_times_the_per_device_batch_and_both_processes_use_its_pick(tmp_path):
-    with socket.socket() as sock:  # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
+def test_process_zero_times_the_per_device_batch_and_both_processes_use_its_pick(tmp_path, run_processes):
+    for proc in run_processes(lambda port, i: [__file__, str(tmp_path), str(port), str(i)]):
+        assert proc.returncode == 0, proc.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2))
     assert zero["devices"] == one["devices"] == 4
     per_device = [GLOBAL_BATCH // 4, *IMAGE]

@@ -6,8 +6,6 @@ coordinator on 127.0.0.1; they run this file as a script: ``python tests/test_in
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 if __name__ == "__main__":  # subprocess mode
@@ -186,17 +184,11 @@ def script(tmp: str, port: int, process_id: int) -> None:
         json.dump(out, f)
 
 
-def test_two_processes_read_the_same_step_and_fail_together(tmp_path):
+def test_two_processes_read_the_same_step_and_fail_together(tmp_path, run_processes):
     for step in (1, 2, 3):
         save(tmp_path / "checkpoints", {"params": {"w": jnp.full(2, float(step))}}, step, keep=3)
-    with socket.socket() as sock:  # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [proc.communicate(timeout=120) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
+    for proc in run_processes(lambda port, i: [__file__, str(tmp_path), str(port), str(i)], timeout=120):
+        assert proc.returncode == 0, proc.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2))
     directory = tmp_path / "checkpoints"
     assert zero[""] == one[""] == [str(directory / "2"), [2.0, 2.0]]  # the newest step both list, not 3

@@ -105,19 +105,14 @@ def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int
         orbax_checkpointer.Checkpointer._restore = read
 
 
-def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path):
-    with socket.socket() as sock:  # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path, run_processes):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i), str(sleeper.pid)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-        outputs = [proc.communicate(timeout=300) for proc in procs]
+        procs = run_processes(lambda port, i: [__file__, str(tmp_path), str(port), str(i), str(sleeper.pid)])
     finally:
         sleeper.kill()
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2))
     # the dataset was built once, by process 0, and both processes read it
     assert zero["data"] == one["data"] == "ok"

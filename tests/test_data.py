@@ -154,6 +154,29 @@ def test_training_data_resumes_with_its_workers_value_only(data_dir):
         Data(cfg, "digits_affect").train_iter(seed=0).set_state(state)
 
 
+def test_worker_processes_ignore_a_sigterm_left_to_the_training_process(data_dir):
+    """A preemption notice sent to the whole process group (SLURM, a VM's shutdown) must not end
+    grain's worker processes before the training process checkpoints: they ignore SIGTERM, and the
+    batches go on, the same as without workers."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()  # grain's workers read its flags (train.py parses them)
+    kw = dict(batch_size=64, seed=0)
+    it = pipeline.train_iterator("digits_affect", "test", data_dir, workers=1, **kw)
+    _take(it, 1)
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1)
+    assert all(worker.is_alive() for worker in workers)
+    _assert_same(_take(it, 3), _take(pipeline.train_iterator("digits_affect", "test", data_dir, **kw), 4)[1:])
+
+
 def test_epochs_are_permutations_and_reshuffled(data_dir):
     source = pipeline.data_source("digits_affect", "test", data_dir)
     steps = pipeline.steps_per_epoch(source, batch_size=64, shard_count=1)

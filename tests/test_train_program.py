@@ -229,11 +229,19 @@ def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entro
     assert np.isfinite(loss) and "ce" not in terms  # stage 1: no cross-entropy, no label read
     assert jobs.stage_loss(c, "static").ce_weight == 1.0 and jobs.stage_loss(c, "stage2").ce_weight == 0.0
     jobs._check_labels(c, "stage1", model, afew)
-    del c.stage1["loss"]
-    with pytest.raises(ValueError, match=re.escape("config.stage1.loss.ce_weight=1.0 (config.loss's unless overridden): "
+    c.stage1.loss.ce_weight = 0.5
+    with pytest.raises(ValueError, match=re.escape("config.stage1.loss.ce_weight=0.5 (config.loss's unless overridden): "
                                                    "stage 'stage1' trains a model with class logits on afew_va, whose "
                                                    "examples have no 'label': set config.stage1.loss.ce_weight=0")):
         jobs._check_labels(c, "stage1", model, afew)
+    del c.stage1["loss"]  # then the command line cannot add the key: the message says where to
+    with pytest.raises(ValueError, match=re.escape("'label': add loss=dict(ce_weight=0.0) to config.stage1 in the "
+                                                   "config file, or set config.loss.ce_weight=0")):
+        jobs._check_labels(c, "stage1", model, afew)
+    # a nested dict of config.loss is overridden key by key
+    avce = _config("avce", "alexnet")
+    avce.static.loss = {"avce": {"contrastive_weight": 0.05}}
+    assert jobs.stage_loss(avce, "static").avce.to_dict() == avce.loss.avce.to_dict() | {"contrastive_weight": 0.05}
 
 
 @pytest.mark.parametrize("arg", ["", "smoke"])

@@ -134,7 +134,7 @@ def script(args):
     # async saves, except in the run to be killed: there the step-4 save must be complete
     term = {}
     if args.term_at is not None:  # steps slowed down after the notice, so that the sync point comes before the end
-        term = {pos: functools.partial(time.sleep, 0.1) for pos in range(args.term_at + 1, args.steps + 1)}
+        term = {pos: functools.partial(time.sleep, 0.2) for pos in range(args.term_at + 1, args.steps + 1)}
         if args.term_process == args.process_id:
             term[args.term_at] = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
@@ -281,7 +281,7 @@ sys.path.insert(0, sys.argv[4])
 from test_training import ArrayIterator, TinyNet, flat_params, make_data, mse_loss
 from hocp_jax import training
 
-term_at, term_in_eval = int(sys.argv[2]), int(sys.argv[3])
+term_at, term_in_eval, kill_at = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
 term = lambda: os.kill(os.getpid(), signal.SIGTERM)
 
 def eval_fn(state):
@@ -294,7 +294,8 @@ cfg = dict(num_steps=10, seed=3, stage="static", checkpoint_every=4, keep_checkp
            eval_every=3, best_metric="score")
 try:
     state = training.fit(TinyNet(), mse_loss, optax.sgd(0.1, momentum=0.9),
-                         lambda: ArrayIterator(make_data(), on_pos={term_at: term}), cfg, sys.argv[1], eval_fn=eval_fn)
+                         lambda: ArrayIterator(make_data(), on_pos={term_at: term}, kill_at=kill_at), cfg, sys.argv[1],
+                         eval_fn=eval_fn)
 except training.Preempted as notice:
     print(notice, file=sys.stderr)
     sys.exit(143)
@@ -305,12 +306,13 @@ np.savez(os.path.join(sys.argv[1], "params.npz"), **flat_params(state))
 def test_a_sigterm_checkpoints_the_step_it_is_seen_at_and_the_resume_is_exact(tmp_path):
     """One process: a SIGTERM while fetching the batch of step 6 (an evaluation step, not a
     checkpoint step) saves step 6 and exits with status 143; its evaluation is left to the resume,
-    which evaluates step 6 first and ends with the uninterrupted run's params, logs and best/. A
-    SIGTERM no step sees (during the last evaluation) still ends the process, by the signal, after
-    the final checkpoint."""
-    def run(workdir, term_at=-1, term_in_eval=-1):
+    which evaluates step 6 first (a resume killed after that evaluation and resumed again logs it
+    once) and ends with the uninterrupted run's params, logs and best/. A SIGTERM seen at the last
+    step stops after its evaluation and checkpoint; one no step sees (during the last evaluation)
+    still ends the process, by the signal, after the final checkpoint."""
+    def run(workdir, term_at=-1, term_in_eval=-1, kill_at=-1):
         return subprocess.run([sys.executable, "-c", PREEMPT_SCRIPT, str(workdir), str(term_at), str(term_in_eval),
-                               os.path.dirname(__file__)], capture_output=True, text=True, timeout=600)
+                               os.path.dirname(__file__), str(kill_at)], capture_output=True, text=True, timeout=600)
 
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -318,6 +320,7 @@ def test_a_sigterm_checkpoints_the_step_it_is_seen_at_and_the_resume_is_exact(tm
     assert stopped.returncode == 143 and "checkpointed at step 6" in stopped.stderr, stopped.stderr[-3000:]
     with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", save_every=4) as ckpt:
         assert ckpt.all_steps() == [4, 6] and ckpt.restore_extra()["eval_due"] is True
+    assert run(tmp_path / "run", kill_at=6).returncode == -signal.SIGKILL  # after the left-over evaluation
     resumed = run(tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = load(tmp_path / "full" / "params.npz"), load(tmp_path / "run" / "params.npz")
@@ -329,6 +332,9 @@ def test_a_sigterm_checkpoints_the_step_it_is_seen_at_and_the_resume_is_exact(tm
     with checkpoint.Checkpointer(tmp_path / "run" / "best", save_every=1, keep=1) as best:
         assert best.restore_extra()["step"] == 10
 
+    last = run(tmp_path / "last", term_at=9)  # while fetching the batch of the last step
+    assert last.returncode == 143 and "checkpointed at step 10" in last.stderr, last.stderr[-3000:]
+    assert ("eval", 10) in records(tmp_path / "last")
     late = run(tmp_path / "late", term_in_eval=10)
     assert late.returncode == -signal.SIGTERM, late.stderr[-3000:]
     with checkpoint.Checkpointer(tmp_path / "late" / "checkpoints", save_every=4) as ckpt:

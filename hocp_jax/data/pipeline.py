@@ -25,6 +25,7 @@ Sharding: ``batch_size`` is GLOBAL; host ``shard_index`` of ``shard_count``
 shard_index::shard_count and yields batch_size // shard_count of them.
 """
 import os
+import signal
 
 import jax
 import numpy as np
@@ -201,7 +202,8 @@ def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: in
     ``it.set_state(state)`` continues with exactly the same batches.
     read_threads / prefetch: grain's ReadOptions (threads reading records,
     batches read ahead); workers > 0: that many processes decode and batch
-    (grain's mp_prefetch) -- the batches do not change.
+    (grain's mp_prefetch; they ignore SIGTERM, left to the training process) -- the batches do
+    not change.
     """
     for arg, value, low in (("read_threads", read_threads, 1), ("prefetch", prefetch, 0),
                             ("workers", workers, 0)):
@@ -212,8 +214,14 @@ def train_iterator(name: str, split: str, data_dir, *, batch_size: int, seed: in
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     ds = ds.to_iter_dataset(read_options=options)
     if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_sigterm)
     return iter(ds)
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """grain worker processes ignore SIGTERM: a scheduler's preemption notice sent to the whole
+    process group must not end them before the training process checkpoints (it ends them)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_batches(name: str, split: str, data_dir, *, batch_size: int,

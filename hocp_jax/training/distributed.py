@@ -101,7 +101,8 @@ class PreemptionNotice:
     the context is open, a SIGTERM handler sets a flag that :meth:`noticed` returns; a SIGTERM that
     no step saw (e.g. during the last step's evaluation) is raised again on exit, with the previous
     handler back (the default one ends the process), so it is never swallowed. Outside the main
-    thread no handler can be installed: SIGTERM keeps its previous action.
+    thread no handler can be installed, nor over one installed outside Python: SIGTERM keeps its
+    previous action there.
     """
 
     def __init__(self):
@@ -109,7 +110,9 @@ class PreemptionNotice:
         self._previous = None
 
     def __enter__(self) -> PreemptionNotice:
-        if not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+        # a handler not installed from Python (getsignal gives None) could not be put back: left alone
+        if (not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is not None):
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

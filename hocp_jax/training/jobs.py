@@ -100,9 +100,14 @@ def _eval_fn(config, model, data: Data):
 
 def stage_loss(config, stage: str) -> config_dict.ConfigDict:
     """``config.loss`` with the stage's ``loss`` overrides (``config.<stage>.loss``, e.g. the
-    AFEW-VA job's ``stage1.loss.ce_weight = 0``: its clips have no expression labels)."""
+    AFEW-VA job's ``stage1.loss.ce_weight = 0``: its clips have no expression labels; a nested
+    dict such as ``loss.avce`` is overridden key by key)."""
     stage_cfg = config.baseline if stage.startswith("baseline") else config[stage]
-    return config_dict.ConfigDict(dict(config.loss) | dict(stage_cfg.get("loss", {})))
+    merged = dict(config.loss)
+    for key, value in dict(stage_cfg.get("loss", {})).items():
+        nested = hasattr(value, "keys") and hasattr(merged.get(key), "keys")
+        merged[key] = dict(merged[key]) | dict(value) if nested else value  # loss.avce: key by key
+    return config_dict.ConfigDict(merged)
 
 
 def train_stage(config, stage: str, model, data: Data, workdir: str, *, tx_fn=None, init_variables=None,
@@ -369,9 +374,11 @@ def _check_labels(config, stage: str, model, data: Data) -> None:
                              model_input(batch))
     if "logits" in outputs:
         key = "baseline" if stage.startswith("baseline") else stage
+        how = (f"set config.{key}.loss.ce_weight=0" if "loss" in config[key] else  # a key the command line cannot add
+               f"add loss=dict(ce_weight=0.0) to config.{key} in the config file, or set config.loss.ce_weight=0")
         raise ValueError(f"config.{key}.loss.ce_weight={cfg.ce_weight} (config.loss's unless overridden): stage "
                          f"{stage!r} trains a model with class logits on {data.name}, whose examples have no "
-                         f"'label': set config.{key}.loss.ce_weight=0")
+                         f"'label': {how}")
 
 
 def _check_split(data: Data, key: str, split: str) -> None:

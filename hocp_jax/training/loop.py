@@ -289,7 +289,8 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
     num_steps, pending = c["num_steps"], []
     clock, clock_step = time.perf_counter(), start
     try:
-        with MetricLogger(workdir, drop_after=start) as logger, tqdm.tqdm(
+        redone_eval = start if eval_due else None
+        with MetricLogger(workdir, drop_after=start, drop_eval_at=redone_eval) as logger, tqdm.tqdm(
             total=num_steps, initial=start, desc=c["stage"], disable=jax.process_index() != 0
         ) as bar:
             if eval_due and eval_fn is not None:  # the evaluation a preempted run left to its resume
@@ -306,7 +307,8 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                 state, metrics = step_fn(state, put_batch(batch, mesh))
                 pending.append(metrics)
                 last = step == num_steps
-                stop = notice.noticed(step) and not last  # a preemption notice: save this step and stop
+                preempted = notice.noticed(step)  # a preemption notice: save this step and stop
+                stop = preempted and not last
                 due = ckpt.is_due(step) or last or stop
                 evaluate = eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last)
                 if step % c["log_every"] == 0 or due:
@@ -338,6 +340,9 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                 if due:
                     ckpt.save(state, extra_of(), step=step, force=last)
                 bar.update()
+                if preempted:  # at the last step: evaluated and saved as usual, then stop (no later step sees it)
+                    ckpt.wait()
+                    raise Preempted(workdir, step)
             ckpt.wait()
     finally:
         if best is not None:

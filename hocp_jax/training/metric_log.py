@@ -32,9 +32,12 @@ class MetricLogger:
         drop_after: a resumed run restarting after step ``drop_after`` first removes the
             file's records of later steps (logged by the killed run, about to be redone), so
             no step appears twice.
+        drop_eval_at: also removes the "eval" records of this step (an evaluation about to be
+            run again: one a preempted run left to its resume, which another crash may repeat).
     """
 
-    def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", drop_after: int | None = None):
+    def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", drop_after: int | None = None,
+                 drop_eval_at: int | None = None):
         self.path = os.path.join(workdir, filename)
         self.active = jax.process_index() == 0
         self._tb = None
@@ -45,7 +48,8 @@ class MetricLogger:
                     lines = [line for line in f if line.strip()]
                 records = _parse(lines, self.path)
                 kept = [line.rstrip("\n") + "\n" for line, r in zip(lines, records)
-                        if r is not None and r["step"] <= drop_after]
+                        if r is not None and r["step"] <= drop_after
+                        and not (r["step"] == drop_eval_at and r.get("split") == "eval")]
                 if len(kept) < len(lines) or (lines and not lines[-1].endswith("\n")):  # a cut-short last write
                     tmp = self.path + ".tmp"
                     with open(tmp, "w") as f:

@@ -319,13 +319,13 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                     clock, clock_step = now, step
                     logger.write(step, means | {"steps_per_s": rate, "eta_s": (num_steps - step) / rate})
                     bar.set_postfix(loss=f"{means['loss']:.4g}")
-                # evaluate before saving: a run killed during the evaluation of a checkpoint step
-                # resumes from the checkpoint before it and evaluates that step again; an evaluation
-                # that raises still lets the step's checkpoint be written
                 if stop:  # the evaluation (if due) is left to the resume: the notice leaves little time
                     ckpt.save(state, extra_of(eval_due=evaluate), step=step, force=True)
                     ckpt.wait()
                     raise Preempted(workdir, step)
+                # evaluate before saving: a run killed during the evaluation of a checkpoint step
+                # resumes from the checkpoint before it and evaluates that step again; an evaluation
+                # that raises still lets the step's checkpoint be written
                 if evaluate:
                     try:
                         results = eval_fn(state)

@@ -309,20 +309,26 @@ def restore_variables(path, like: dict | None = None, *, name: str = "path") -> 
     return read["variables"], step_dir
 
 
+def finished_steps(directory) -> list[int]:
+    """The complete checkpoints of a :class:`Checkpointer` directory, as this process lists them
+    (read-only: nothing created; ``[]`` where the directory does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    with _alone(directory) as manager:
+        return list(manager.all_steps())
+
+
 def _find_checkpoints(path: str, what: str) -> dict:
     """``{"directory": <Checkpointer directory>, "steps": [<step>, ...]}`` that the absolute
     ``path`` names (see :func:`restore_variables`; a step directory: only its step)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: no such directory")
     parent, base = os.path.split(path)
-    if base.isdigit():
-        with _alone(parent) as manager:
-            if base in map(str, manager.all_steps()):
-                return {"directory": parent, "steps": [int(base)]}
+    if base.isdigit() and int(base) in finished_steps(parent):
+        return {"directory": parent, "steps": [int(base)]}
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    with _alone(path) as manager:
-        steps = list(manager.all_steps())
+    steps = finished_steps(path)
     if steps:
         return {"directory": path, "steps": steps}
     stages = [d for d in sorted(glob.glob(os.path.join(glob.escape(path), "*")))

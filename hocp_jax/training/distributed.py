@@ -119,9 +119,10 @@ class PreemptionNotice:
     def _handle(self, signum, frame) -> None:
         self._flag = True
 
-    def noticed(self, step: int) -> bool:
-        """Call at every training step (same calls on every process): whether to save and stop now."""
-        del step  # the sync point's ids increase over all fit calls of the process (stages restart at 1)
+    def noticed(self) -> bool:
+        """Call once at every training step (the same calls on every process): whether to save and
+        stop now. (The sync point's step ids count these calls over all ``fit`` calls of the
+        process: a stage's steps restart at 1.)"""
         if jax.distributed.is_initialized():
             try:
                 return multihost_utils.reached_preemption_sync_point(next(_SYNC_IDS))

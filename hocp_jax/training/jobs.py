@@ -170,7 +170,7 @@ def static_variables(config, model, data: Data, workdir: str, **stage_kwargs) ->
     if not config.get("init_from"):
         return _variables(train_stage(config, "static", model, data, workdir, **stage_kwargs)), None
     own = os.path.join(workdir, "static", "checkpoints")
-    steps = [int(name) for name in os.listdir(own) if name.isdigit()] if os.path.isdir(own) else []  # orbax's finished
+    steps = checkpoint.finished_steps(own)
     resumes = all_agree(bool(steps))
     if config.static.num_steps == 0 and resumes:
         raise ValueError(f"config.static.num_steps=0 takes the variables of config.init_from as the static model, but "
@@ -370,9 +370,7 @@ def _check_labels(config, stage: str, model, data: Data) -> None:
     batch = next(iter(data.eval_batches("train")))
     if "label" in batch:
         return
-    outputs = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x, train=False), x, train=False),
-                             model_input(batch))
-    if "logits" in outputs:
+    if "logits" in _output_shapes(model, batch):
         key = "baseline" if stage.startswith("baseline") else stage
         how = (f"set config.{key}.loss.ce_weight=0" if "loss" in config[key] else  # a key the command line cannot add
                f"add loss=dict(ce_weight=0.0) to config.{key} in the config file, or set config.loss.ce_weight=0")
@@ -387,15 +385,19 @@ def _check_split(data: Data, key: str, split: str) -> None:
         raise ValueError(f"config.data.{key}={split!r}: expected one of the splits of {data.name}, {splits}")
 
 
+def _output_shapes(model, batch: dict) -> dict:
+    """Shapes and dtypes of ``model``'s outputs (inference mode) on ``batch`` (``jax.eval_shape``)."""
+    def outputs(x):
+        return model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
+
+    return jax.eval_shape(outputs, model_input(batch))
+
+
 def _eval_metric_names(model, data: Data, split: str) -> list[str]:
     """The metrics :func:`_eval_fn` reports for ``model`` on ``split``, from shapes alone
     (``jax.eval_shape`` of the model and the eval statistics on the split's first batch)."""
-    def stats(batch):
-        x = model_input(batch)
-        variables = model.init(jax.random.key(0), x, train=False)
-        return objectives.eval_stats(model.apply(variables, x, train=False), batch)
-
-    shapes = jax.eval_shape(stats, next(iter(data.eval_batches(split))))
+    batch = next(iter(data.eval_batches(split)))
+    shapes = jax.eval_shape(objectives.eval_stats, _output_shapes(model, batch), batch)
     return sorted(objectives.finalize_stats(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)))
 
 

@@ -307,7 +307,7 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                 state, metrics = step_fn(state, put_batch(batch, mesh))
                 pending.append(metrics)
                 last = step == num_steps
-                preempted = notice.noticed(step)  # a preemption notice: save this step and stop
+                preempted = notice.noticed()  # a preemption notice: save this step and stop
                 stop = preempted and not last
                 due = ckpt.is_due(step) or last or stop
                 evaluate = eval_fn is not None and ((c["eval_every"] and step % c["eval_every"] == 0) or last)

@@ -78,8 +78,8 @@ def maybe_initialize_distributed(
 
 
 class Preempted(Exception):
-    """The run got a preemption notice (SIGTERM) and saved a checkpoint of ``stage`` at ``step``
-    in ``workdir``; the same command resumes it."""
+    """The run got a preemption notice (SIGTERM) and saved a checkpoint at ``step`` in ``workdir``
+    (the stage's directory); the same command resumes it."""
 
     def __init__(self, workdir: str, step: int):
         super().__init__(f"preempted (SIGTERM): {workdir} checkpointed at step {step}; run the same command "

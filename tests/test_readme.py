@@ -13,6 +13,8 @@ def test_layer_library_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert blocks, "README has no python example"
     for code in blocks:
+        if "load_trained(" in code:  # needs a trained run: tests/test_trained.py runs it on one
+            continue
         exec(compile(code, "README.md", "exec"), {})
 
 

@@ -143,8 +143,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        with _alone(self.manager.directory) as alone:
-            return alone.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+        return restore_extra(os.path.join(os.fspath(self.manager.directory), str(step)))
 
     def restore_extra_agreed(self) -> tuple[dict | None, str | None]:
         """``(extra, None)`` of the newest checkpoint when every process read it (each alone,
@@ -307,6 +306,14 @@ def restore_variables(path, like: dict | None = None, *, name: str = "path") -> 
     read = {}
     on_every_process(lambda: read.update(variables=_read_variables(step_dir, like, what)), "restore_variables")
     return read["variables"], step_dir
+
+
+def restore_extra(step_dir) -> dict:
+    """The JSON "extra" item of the checkpoint ``step_dir`` (``<directory>/<step>``: its stage,
+    data position and run config, or ``best/``'s metric), read by this process alone."""
+    directory, step = os.path.split(os.path.abspath(os.fspath(step_dir)))
+    with _alone(directory, item_handlers={"extra": ocp.JsonCheckpointHandler()}) as manager:
+        return manager.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
 
 
 def finished_steps(directory) -> list[int]:

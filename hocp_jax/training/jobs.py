@@ -29,7 +29,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -38,7 +37,7 @@ from ml_collections import config_dict
 from hocp_jax import autotune, optim, transduction, tree
 from hocp_jax.data import pipeline
 from hocp_jax.checks import is_int, is_number
-from hocp_jax.models import MODELS, count_params, get_model
+from hocp_jax.models import MODELS, count_params
 from hocp_jax.processes import all_agree
 from hocp_jax.training import checkpoint, objectives, plots, schedules
 from hocp_jax.training.config import validate_config
@@ -49,10 +48,10 @@ from hocp_jax.training.schedules import make_optimizer, make_schedule
 from hocp_jax.training.sharding import make_data_mesh, put_batch, put_replicated
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, model_input
+from hocp_jax.training.trained import DTYPES, build_model
 
 JOBS = ("transduction", "supervised")
 LASSO_STAGES = ("static", "stage2")  # the stages trained with the L1 penalty on the lambdas (train_stage's lasso)
-DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling, which the step does not do
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
 TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -216,15 +215,9 @@ def _n_trainable(params, trainable: str) -> int:
 # ----------------------------------------------------------------------------- jobs
 
 
-def _kwargs(cfg) -> dict:
-    return {k: (tuple(v) if isinstance(v, list) else (v.to_dict() if hasattr(v, "to_dict") else v)) for k, v in cfg.items()}
-
-
 def _model(config, name: str, kwargs) -> Any:
-    """Model ``name`` with ``kwargs`` (a config node) computing in ``config.dtype`` (parameters
-    stay float32, Flax's ``param_dtype`` default)."""
-    dtype = config.get("dtype", "float32")
-    return get_model(name, **_kwargs(kwargs) | ({} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}))
+    """:func:`hocp_jax.training.trained.build_model` in ``config.dtype``."""
+    return build_model(name, kwargs, config.get("dtype", "float32"))
 
 
 _STATIC_STEPS_FROM_INIT = (lambda v: is_int(v) and v >= 0,

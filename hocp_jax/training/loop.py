@@ -130,10 +130,11 @@ def _mean_metrics(pending: list[dict], step: int) -> dict:
 
 class _Best:
     """Keeps ``<workdir>/best`` = the checkpoint with the best ``metric`` seen by eval_fn
-    (minimised if its name contains "rmse" or "loss", else maximised)."""
+    (minimised if its name contains "rmse" or "loss", else maximised); its extra also holds the
+    run's ``config`` (:func:`hocp_jax.training.trained.load_trained` rebuilds the model from it)."""
 
-    def __init__(self, workdir: str, metric: str):
-        self.metric = metric
+    def __init__(self, workdir: str, metric: str, config: dict):
+        self.metric, self.config = metric, config
         self.sign = -1.0 if ("rmse" in metric or "loss" in metric) else 1.0
         self.ckpt = Checkpointer(os.path.join(workdir, "best"), save_every=1, keep=1, async_save=False)
         extra, why = self.ckpt.restore_extra_agreed()
@@ -150,7 +151,8 @@ class _Best:
             return
         if self.value is None or self.sign * value > self.sign * self.value:
             self.value = value
-            self.ckpt.save(state, {"metric": self.metric, "value": value, "step": step}, step=step, force=True)
+            extra = {"metric": self.metric, "value": value, "step": step, "config": self.config}
+            self.ckpt.save(state, extra, step=step, force=True)
 
     def close(self) -> None:
         self.ckpt.close()
@@ -279,13 +281,14 @@ def _agree_on_conv_paths(step_fn, state: TrainState, make_train_iter: Callable[[
 def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, eval_due) -> TrainState:
     """The loop of :func:`fit` from step ``start`` (a host int) to ``c["num_steps"]``; ``eval_due``:
     the checkpoint of ``start`` was saved on a preemption notice before its due evaluation."""
+    config = json.loads(json.dumps(c, default=str))
     extra_of = lambda eval_due=False: {  # noqa: E731
         "stage": c["stage"],
         "data_state": _encode_iter_state(it.get_state()),
-        "config": json.loads(json.dumps(c, default=str)),
+        "config": config,
         "eval_due": eval_due,
     }
-    best = _Best(workdir, c["best_metric"]) if c["best_metric"] else None
+    best = _Best(workdir, c["best_metric"], config) if c["best_metric"] else None
     num_steps, pending = c["num_steps"], []
     clock, clock_step = time.perf_counter(), start
     try:

@@ -23,6 +23,7 @@ def base(job: str = "supervised") -> ConfigDict:
     c.log_every = 50
     c.eval_every = 0  # > 0: evaluate on data.val_split every that many steps (and at the end)
     c.best_metric = ""  # e.g. "valence_ccc": keep <stage>/best, the best state by that metric
+    c.profile_steps = 0  # > 0: the JAX profiler traces that many steps of each stage into <stage>/profile
     c.sparsity_tol = 1e-6
     c.skew_repeats = 0
     # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"

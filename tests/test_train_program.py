@@ -82,7 +82,8 @@ CONFIGS = [("default", ""), ("affectnet", ""), ("afew_va", ""), ("jester", "hocp
 def test_every_config_has_the_programs_options(module, arg):
     """train.py's options are keys of every config (an override of a key a config lacks is refused)."""
     c = _config(module, arg)
-    for key in ("dtype", "init_from", "autotune", "cp_per_sample", "cp_tile_rows", "eval_every", "best_metric"):
+    for key in ("dtype", "init_from", "autotune", "cp_per_sample", "cp_tile_rows", "eval_every", "best_metric",
+                "profile_steps"):
         assert key in c, key
 
 
@@ -125,6 +126,7 @@ BAD = [
     ({"data.eval_split": "foo"}, "config.data.eval_split='foo'"),
     ({"eval_every": 2, "data.val_split": "foo"}, "config.data.val_split='foo'"),
     ({"sparsity_tol": -1.0}, "config.sparsity_tol=-1.0"),
+    ({"profile_steps": -1}, "config.profile_steps=-1: expected an int >= 0"),
     ({"baseline.models": ("foo",)}, "config.baseline.models=('foo',)"),
     ({"stage1.num_steps": 0}, "config.stage1.num_steps=0"),
     ({"stage2.optimizer.learning_rate": -1.0}, "config.stage2.optimizer.learning_rate=-1.0"),

@@ -8,6 +8,7 @@ own ``jax.distributed`` process id, coordinator on 127.0.0.1).
 
 import argparse
 import functools
+import glob
 import json
 import os
 import re
@@ -870,3 +871,40 @@ def test_a_nan_evaluation_is_never_the_best_checkpoint(tmp_path):
                  eval_fn=lambda state: {"rmse": next(values)})
     with checkpoint.Checkpointer(tmp_path / "best", save_every=1) as best:
         assert best.all_steps() == [6] and best.restore_extra()["value"] == 0.2
+
+
+def _traced_train_steps(directory) -> list[int]:
+    """The traces under ``directory`` (one per fit call), each with its number of calls of the
+    train step (the profiler nests a jit call's events: those inside another are not counted);
+    a trace must hold no compilation (the first step of a fit call compiles: it is not traced)."""
+    counts = []
+    for path in sorted(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)):
+        events = [e for p in jax.profiler.ProfileData.from_file(path).planes for line in p.lines for e in line.events]
+        assert not [e.name for e in events if "Compiler::" in e.name]  # XLA's, e.g. FusionCompiler::Compile
+        spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for e in events if e.name == "PjitFunction(train_step)")
+        outer = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
+        assert len([e for e in events if e.name == "train"]) == len(outer)  # a step mark per traced step
+        counts.append(len(outer))
+    return counts
+
+
+def test_profile_steps_traces_that_many_steps_after_the_first(tmp_path, capsys):
+    """``profile_steps=3`` of 6: steps 2..4 traced into ``<workdir>/profile``; a resume to 8 with
+    another value (it may change) traces step 8 only, the one step there is after its first. (No
+    checkpoint or log among the traced steps: their checks compile, and the traces are checked
+    for no compilation.)"""
+    def fit(steps, profile_steps):
+        cfg = ml_collections.ConfigDict(dict(num_steps=steps, seed=3, checkpoint_every=100, keep_checkpoints=2,
+                                             log_every=100, stage="static", profile_steps=profile_steps))
+        return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
+                             str(tmp_path))
+
+    fit(6, 3)
+    assert f"profile: steps 2..4 traced to {tmp_path / 'profile'}" in capsys.readouterr().out
+    assert _traced_train_steps(tmp_path / "profile") == [3]
+    os.rename(tmp_path / "profile", tmp_path / "profile_1")  # (a trace's folder is named by the second it starts)
+    fit(8, 5)
+    assert "profile: steps 8..8 traced" in capsys.readouterr().out
+    assert _traced_train_steps(tmp_path / "profile") == [1]
+    with pytest.raises(ValueError, match="profile_steps"):
+        fit(8, -1)

@@ -55,7 +55,7 @@ LASSO_STAGES = ("static", "stage2")  # the stages trained with the L1 penalty on
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
 TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
-                                         "eval_every", "best_metric")} | {
+                                         "eval_every", "best_metric", "profile_steps")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "init_from": (lambda v: isinstance(v, str), "a path (str) to a checkpoint, or '' (none)"),
@@ -67,7 +67,7 @@ def _fit_cfg(config, stage_cfg, stage: str) -> dict:
     return dict(num_steps=stage_cfg.num_steps, seed=config.seed, stage=stage,
                 checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                 keep_checkpoints=config.keep_checkpoints, eval_every=config.get("eval_every", 0),
-                best_metric=config.get("best_metric", ""))
+                best_metric=config.get("best_metric", ""), profile_steps=config.get("profile_steps", 0))
 
 
 def stage_optimizer(loss_cfg, opt_cfg: dict, l1_gamma: float) -> tuple[optax.GradientTransformation, Any]:

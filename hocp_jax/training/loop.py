@@ -14,6 +14,7 @@ No device->host transfer happens between log intervals: the step is counted on t
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -41,10 +42,10 @@ from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
 FIT_REQUIRED = ("num_steps", "seed")
 FIT_OPTIONAL = dict(checkpoint_every=100, keep_checkpoints=3, log_every=10, eval_every=0,
-                    best_metric="", stage="train", async_checkpointing=True, run={})
+                    best_metric="", stage="train", async_checkpointing=True, run={}, profile_steps=0)
 # config keys a resumed run may change; any other difference from the checkpoint's is an error
 RESUME_MAY_CHANGE = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
-                     "async_checkpointing")
+                     "async_checkpointing", "profile_steps")
 FIT_CHECKS = {
     "num_steps": (is_positive_int, "an int > 0"),
     "seed": (is_int, "an int"),
@@ -57,6 +58,7 @@ FIT_CHECKS = {
     "stage": (lambda v: isinstance(v, str) and v != "", "a non-empty str"),
     "async_checkpointing": (lambda v: isinstance(v, bool), "a bool"),
     "run": (lambda v: isinstance(v, dict), "a dict"),
+    "profile_steps": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0: no profile)"),
 }
 
 
@@ -158,6 +160,39 @@ class _Best:
         self.ckpt.close()
 
 
+class _Profile:
+    """The JAX profiler over ``n`` steps of a stage, from the second step this run of it trains
+    (the first compiles), into ``<workdir>/profile`` (``profile/process<i>`` with several
+    processes): TensorBoard's profile plugin reads it, as does :class:`jax.profiler.ProfileData`."""
+
+    def __init__(self, workdir: str, start: int, num_steps: int, n: int):
+        self.first = min(start + 2, num_steps)
+        self.last = min(self.first + n - 1, num_steps) if n else -1
+        multi = jax.process_count() > 1
+        self.directory = os.path.join(workdir, "profile", *([f"process{jax.process_index()}"] if multi else []))
+        self.active = False
+
+    def step(self, step: int):
+        """A context for step ``step``'s input and dispatch: the trace starts at the first traced
+        step, and each traced step is marked (the profiler's step-time views read the marks)."""
+        if step == self.first and step <= self.last:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+
+    def after(self, step: int, state: TrainState) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(state)  # the traced steps' device work ends inside the trace: the one host sync
+            self.stop()
+            if jax.process_index() == 0:
+                print(f"profile: steps {self.first}..{self.last} traced to {self.directory}", flush=True)
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def fit(
     model,
     loss_fn: Callable,
@@ -186,7 +221,9 @@ def fit(
             ``log_every`` (10), ``eval_every`` (0 = only at the end), ``best_metric`` (""; a
             key of ``eval_fn``'s results: the best state so far is kept in
             ``<workdir>/best``), ``stage`` ("train"; a checkpoint of another stage in
-            ``workdir`` is an error), ``async_checkpointing`` (True), ``run`` ({}: a JSON-able
+            ``workdir`` is an error), ``async_checkpointing`` (True), ``profile_steps`` (0; N > 0:
+            the JAX profiler traces N steps from the second this call trains, the first compiling,
+            into ``<workdir>/profile``: one host sync, after them), ``run`` ({}: a JSON-able
             description of what else defines the run, e.g. model, loss, optimizer, data; saved
             with each checkpoint, and resuming with a different one, or a different ``seed``,
             is an error: :func:`check_same_run`).
@@ -290,6 +327,7 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
     }
     best = _Best(workdir, c["best_metric"], config) if c["best_metric"] else None
     num_steps, pending = c["num_steps"], []
+    profile = _Profile(workdir, start, num_steps, c["profile_steps"])
     clock, clock_step = time.perf_counter(), start
     try:
         redone_eval = start if eval_due else None
@@ -302,13 +340,15 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                 if best is not None:
                     best.update(state, start, results)
             for step in range(start + 1, num_steps + 1):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    raise ValueError(f"the training iterator ended before step {step}; it must "
-                                     "repeat over epochs") from None
-                state, metrics = step_fn(state, put_batch(batch, mesh))
+                with profile.step(step):  # (the input pipeline's work in the trace too)
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        raise ValueError(f"the training iterator ended before step {step}; it must "
+                                         "repeat over epochs") from None
+                    state, metrics = step_fn(state, put_batch(batch, mesh))
                 pending.append(metrics)
+                profile.after(step, state)
                 last = step == num_steps
                 preempted = notice.noticed()  # a preemption notice: save this step and stop
                 stop = preempted and not last
@@ -348,6 +388,7 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                     raise Preempted(workdir, step)
             ckpt.wait()
     finally:
+        profile.stop()
         if best is not None:
             best.close()
     return state

@@ -24,6 +24,10 @@ def base(job: str = "supervised") -> ConfigDict:
     c.eval_every = 0  # > 0: evaluate on data.val_split every that many steps (and at the end)
     c.best_metric = ""  # e.g. "valence_ccc": keep <stage>/best, the best state by that metric
     c.profile_steps = 0  # > 0: the JAX profiler traces that many steps of each stage into <stage>/profile
+    # k > 1: each batch runs through the model in k micro-batches, one after another (about 1/k of the activation
+    # memory, two forward passes; the loss and gradient the whole batch's, batch norm per micro-batch); for GPU/TPU:
+    # slow on CPU with XLA convolutions (README, "Micro-batches")
+    c.microbatches = 1
     c.sparsity_tol = 1e-6
     c.skew_repeats = 0
     # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"

@@ -83,7 +83,7 @@ def test_every_config_has_the_programs_options(module, arg):
     """train.py's options are keys of every config (an override of a key a config lacks is refused)."""
     c = _config(module, arg)
     for key in ("dtype", "init_from", "autotune", "cp_per_sample", "cp_tile_rows", "eval_every", "best_metric",
-                "profile_steps"):
+                "profile_steps", "microbatches"):
         assert key in c, key
 
 
@@ -127,6 +127,8 @@ BAD = [
     ({"eval_every": 2, "data.val_split": "foo"}, "config.data.val_split='foo'"),
     ({"sparsity_tol": -1.0}, "config.sparsity_tol=-1.0"),
     ({"profile_steps": -1}, "config.profile_steps=-1: expected an int >= 0"),
+    ({"microbatches": 0}, "config.microbatches=0: expected an int > 0"),
+    ({"microbatches": 3}, "config.microbatches=3: config.data.batch_size=32 must be a multiple of 3 x the 1 devices"),
     ({"baseline.models": ("foo",)}, "config.baseline.models=('foo',)"),
     ({"stage1.num_steps": 0}, "config.stage1.num_steps=0"),
     ({"stage2.optimizer.learning_rate": -1.0}, "config.stage2.optimizer.learning_rate=-1.0"),

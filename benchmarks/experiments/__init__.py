@@ -33,6 +33,12 @@ only (the number is a batch multiple, not rounds): each step's temporary memory 
 program) and with the factorized convs one sample at a time (``autotune.per_sample_mode(True)``,
 a memory option on any backend), and each HO-CP step's over its dense reference's.
 
+``python -m benchmarks.experiments microbatches [rounds]``: the train steps of ``configs/affectnet.py``
+and ``configs/jester.py:hocp_s`` at their batch sizes, the batch through the model whole and in
+2, 4 and 8 micro-batches (``make_train_step(microbatches=k)``): each compiled step's temporary
+memory (``memory_analysis()``, as built here and with the CP convs' loops off, the GPU/TPU
+program) and ms per step, interleaved.
+
 ``python -m benchmarks.experiments page_faults [rounds]``: minor page faults and ms of one call of
 a jitted elementwise op whose output is a fresh 16 to 400 MB buffer, in one process per installed
 allocator setting: which buffer sizes each setting maps afresh on every call (glibc's per-thread

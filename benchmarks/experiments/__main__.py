@@ -29,7 +29,7 @@ EXPERIMENTS = {
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
     "main_job_malloc": workers.main_job_malloc, "host_devices": workers.host_devices,
     "jit_devices": workers.jit_devices, "malloc_no_mmap": workers.malloc_no_mmap,
-    "page_faults": workers.page_faults,
+    "page_faults": workers.page_faults, "microbatches": steps.microbatches,
 }
 WITH_REVISION = ("shift_kernel", "line_buffer")
 

@@ -673,3 +673,57 @@ def input_patches(rounds: int = 11) -> dict:
                                   for label in ("", ", first conv as patches")} for c in hocp}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+MICROBATCH_CONFIGS = (("affectnet", ""), ("jester", "hocp_s"))
+
+
+def microbatches(rounds: int = 5) -> dict:
+    """The train steps of ``configs/affectnet.py`` (HO-CP ResNet-18, batch 64 of 64 x 64 faces,
+    Adam, the shake-shake affect loss + cross-entropy + lasso) and ``configs/jester.py:hocp_s``
+    (its batch and clip shape), with the batch through the model whole and in k = 2, 4, 8
+    micro-batches (``make_train_step(microbatches=k)``): XLA's ``memory_analysis()`` temporary
+    MiB of each compiled step, as this backend's automatic rules build it and with the CP convs'
+    loops off (what GPU/TPU get), and ms per step, interleaved (``rounds`` rounds)."""
+    import importlib
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bench
+    from hocp_jax.training import TrainState, jobs, make_train_step, objectives
+    from hocp_jax.training.trained import build_model
+
+    out: dict = {"rounds": rounds, "backend": jax.default_backend()}
+    for module, arg in MICROBATCH_CONFIGS:
+        config = importlib.import_module(f"configs.{module}").get_config(*([arg] if arg else []))
+        model = build_model(config.model.name, config.model.kwargs)
+        shape = {"affectnet": (64, 64, 3), "jester": (18, 84, 84, 3)}[module]  # the builders' default examples
+        b = config.data.batch_size
+        rng = np.random.default_rng(0)
+        batch = {"video" if module == "jester" else "image": rng.integers(0, 256, (b, *shape), np.uint8)}
+        outputs = jobs._output_shapes(model, {k: v[:1] for k, v in batch.items()})
+        if "va" in outputs:
+            batch["va"] = rng.uniform(-1, 1, (b, 2)).astype(np.float32)
+        if "logits" in outputs:
+            batch["label"] = rng.integers(0, outputs["logits"].shape[-1], b).astype(np.int32)
+        loss_cfg = jobs.stage_loss(config, "static")
+        tx, reg = jobs.stage_optimizer(loss_cfg, dict(config.optimizer) | {"steps_per_epoch": 100}, loss_cfg.l1_gamma)
+        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), train=False))(jax.random.key(0))
+        state = TrainState.create(dict(variables), tx, jax.random.key(1))
+        loss = objectives.make_loss(loss_cfg, lambda: [1] * 8)  # (the affect kind reads no class counts)
+        calls, temp = {}, {}
+        for k in (1, 2, 4, 8):
+            step = make_train_step(model, loss, tx, reg, microbatches=k)
+            name = f"{module} k={k}"
+            compiled = bench.compile_program(step, state, batch)[0]
+            temp[name] = {"as on this backend": bench.memory_mib(compiled)["temp"],
+                          "loops off": bench.memory_mib(bench.compile_without_loops(step, state, batch))["temp"]}
+            calls[name] = functools.partial(lambda c: jax.block_until_ready(c(state, batch)), compiled)
+            print(json.dumps({name: temp[name]}), flush=True)
+        ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out[module] = {"batch": b, "input": list(shape), "temp MiB": temp, "ms": ms,
+                       "ms / k=1": {k: round(v / ms[f"{module} k=1"], 3) for k, v in ms.items()}}
+        print(json.dumps({module: out[module]}), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out

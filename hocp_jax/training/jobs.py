@@ -36,7 +36,7 @@ from ml_collections import config_dict
 
 from hocp_jax import autotune, optim, transduction, tree
 from hocp_jax.data import pipeline
-from hocp_jax.checks import is_int, is_number
+from hocp_jax.checks import is_int, is_number, is_positive_int
 from hocp_jax.models import MODELS, count_params
 from hocp_jax.processes import all_agree
 from hocp_jax.training import checkpoint, objectives, plots, schedules
@@ -55,7 +55,7 @@ LASSO_STAGES = ("static", "stage2")  # the stages trained with the L1 penalty on
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
 TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
-                                         "eval_every", "best_metric", "profile_steps")} | {
+                                         "eval_every", "best_metric", "profile_steps", "microbatches")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "init_from": (lambda v: isinstance(v, str), "a path (str) to a checkpoint, or '' (none)"),
@@ -67,7 +67,8 @@ def _fit_cfg(config, stage_cfg, stage: str) -> dict:
     return dict(num_steps=stage_cfg.num_steps, seed=config.seed, stage=stage,
                 checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                 keep_checkpoints=config.keep_checkpoints, eval_every=config.get("eval_every", 0),
-                best_metric=config.get("best_metric", ""), profile_steps=config.get("profile_steps", 0))
+                best_metric=config.get("best_metric", ""), profile_steps=config.get("profile_steps", 0),
+                microbatches=config.get("microbatches", 1))
 
 
 def stage_optimizer(loss_cfg, opt_cfg: dict, l1_gamma: float) -> tuple[optax.GradientTransformation, Any]:
@@ -231,7 +232,8 @@ def check_config(config) -> None:
     ``l1_*`` only in :data:`LASSO_STAGES`), model names, ``sparsity_tol``,
     ``config.loss`` (:func:`hocp_jax.training.objectives.check_loss_config`), the transduction
     job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), and that
-    ``best_metric`` has evaluations on a held-out split to pick from.
+    ``best_metric`` has evaluations on a held-out split to pick from, and that
+    ``config.microbatches`` splits ``config.data.batch_size`` evenly over micro-batches and devices.
 
     Raises:
         ValueError: naming the full key (e.g. ``config.stage1.num_steps``), its value and
@@ -242,7 +244,7 @@ def check_config(config) -> None:
     job_keys = ("transduction",) if config.job == "transduction" else ()
     validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
                              "data", "model", "optimizer", "loss", *stages, *job_keys),
-                    ("eval_every", "best_metric", "dtype", "init_from"),
+                    ("eval_every", "best_metric", "dtype", "init_from", "profile_steps", "microbatches"),
                     checks=TOP_CHECKS, open_keys=True)
     in_models = (lambda v: v in MODELS, f"one of {MODELS}")
     validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
@@ -276,6 +278,10 @@ def check_config(config) -> None:
         raise ValueError(f"config.best_metric={best!r} would pick checkpoints on config.data.val_split={val_split!r}, "
                          f"the split config.data.eval_split={eval_split!r} reports: set config.data.val_split to "
                          "another held-out split, or config.best_metric=''")
+    k, batch = config.get("microbatches", 1), config.data.get("batch_size")
+    if k > 1 and is_positive_int(batch) and batch % (k * jax.device_count()):
+        raise ValueError(f"config.microbatches={k}: config.data.batch_size={batch} must be a multiple of {k} x the "
+                         f"{jax.device_count()} devices (each micro-batch is split over every device)")
 
 
 def _check_transduction_config(cfg) -> None:

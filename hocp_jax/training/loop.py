@@ -42,7 +42,8 @@ from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
 FIT_REQUIRED = ("num_steps", "seed")
 FIT_OPTIONAL = dict(checkpoint_every=100, keep_checkpoints=3, log_every=10, eval_every=0,
-                    best_metric="", stage="train", async_checkpointing=True, run={}, profile_steps=0)
+                    best_metric="", stage="train", async_checkpointing=True, run={}, profile_steps=0,
+                    microbatches=1)
 # config keys a resumed run may change; any other difference from the checkpoint's is an error
 RESUME_MAY_CHANGE = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
                      "async_checkpointing", "profile_steps")
@@ -59,6 +60,7 @@ FIT_CHECKS = {
     "async_checkpointing": (lambda v: isinstance(v, bool), "a bool"),
     "run": (lambda v: isinstance(v, dict), "a dict"),
     "profile_steps": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0: no profile)"),
+    "microbatches": (is_positive_int, "an int > 0 (1: the whole batch at once)"),
 }
 
 
@@ -223,7 +225,9 @@ def fit(
             ``<workdir>/best``), ``stage`` ("train"; a checkpoint of another stage in
             ``workdir`` is an error), ``async_checkpointing`` (True), ``profile_steps`` (0; N > 0:
             the JAX profiler traces N steps from the second this call trains, the first compiling,
-            into ``<workdir>/profile``: one host sync, after them), ``run`` ({}: a JSON-able
+            into ``<workdir>/profile``: one host sync, after them), ``microbatches`` (1; k > 1: the
+            model runs on k micro-batches of each batch in turn, the loss and gradient the whole
+            batch's: :func:`~hocp_jax.training.step.make_train_step`), ``run`` ({}: a JSON-able
             description of what else defines the run, e.g. model, loss, optimizer, data; saved
             with each checkpoint, and resuming with a different one, or a different ``seed``,
             is an error: :func:`check_same_run`).
@@ -292,7 +296,7 @@ def fit(
                     f"{workdir} is at step {start}: set num_steps >= {start} to report or continue that run, "
                     "or use another workdir")
         step_fn = on_mesh(jax.jit(
-            make_train_step(model, loss_fn, tx, reg_fn),
+            make_train_step(model, loss_fn, tx, reg_fn, microbatches=c["microbatches"]),
             in_shardings=(replicated(mesh), batch_sharding(mesh)),
             out_shardings=(replicated(mesh), replicated(mesh)),
             donate_argnums=0,

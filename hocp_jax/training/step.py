@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hocp_jax.checks import is_positive_int
 from hocp_jax.training.state import TrainState
 
 Batch = dict[str, Any]
@@ -48,6 +49,7 @@ def make_train_step(
     reg_fn: Callable[[Any], jax.Array] | None = None,
     *,
     input_key: str | None = None,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -66,11 +68,23 @@ def make_train_step(
         tx: the optimizer the state was created with.
         reg_fn: optional ``params -> scalar`` added to the loss (e.g. L1 on lambdas).
         input_key: batch key of the model input; default "video" if present else "image".
+        microbatches: k > 1 runs the model on k micro-batches of the batch, one after another
+            (examples ``j, j + k, ...`` in micro-batch ``j``; the batch size a multiple of k),
+            for about 1/k of the activation memory: :func:`_microbatched_grads`. The loss and
+            the gradient are the whole batch's exactly, whatever the loss (also one of batch
+            statistics such as CCC, or a contrastive one), but batch norm normalises each
+            micro-batch with its own statistics (its running averages updated once per
+            micro-batch), and the model's forward pass runs twice. A memory option for GPU/TPU:
+            on the CPU backend XLA runs convolution kernel gradients far slower inside the loop
+            (README, "Micro-batches").
 
     Returns:
         ``train_step``; metrics holds the ``loss_fn`` metrics plus scalars ``loss`` (data
         term), ``reg``, ``total_loss`` and ``grad_norm`` (global L2 norm of the gradient).
     """
+
+    if not (is_positive_int(microbatches)):
+        raise ValueError(f"microbatches={microbatches!r}: expected an int > 0")
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         model_key, loss_key = jax.random.split(state.step_key())
@@ -85,7 +99,11 @@ def make_train_step(
             reg = reg_fn(params) if reg_fn is not None else jnp.zeros((), loss.dtype)
             return loss + reg, (loss, reg, metrics, updated.get("batch_stats", {}))
 
-        grads, (loss, reg, metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+        if microbatches == 1:
+            grads, (loss, reg, metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+        else:
+            grads, (loss, reg, metrics, batch_stats) = _microbatched_grads(
+                model, loss_fn, reg_fn, state, batch, x, microbatches, model_key, loss_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,
@@ -99,6 +117,51 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch, x: jax.Array, k: int,
+                        model_key: jax.Array, loss_key: jax.Array) -> tuple[Any, tuple]:
+    """``(grads, (loss, reg, metrics, batch_stats))`` of the whole batch, the model run on ``k``
+    micro-batches ``x[j::k]`` (``lax.scan``: one micro-batch's activations live at a time).
+
+    Pass 1 runs the forward pass of each micro-batch (its dropout key ``fold_in(model_key, j)``),
+    keeping only its outputs and chaining the batch-norm running averages; the loss of all the
+    outputs, reassembled in batch order, gives the loss and its gradient w.r.t. the outputs
+    (``(B, ...)``, small); pass 2 runs each micro-batch's forward pass again and pulls its slice
+    of that gradient back to the parameters (``jax.vjp``), summing over micro-batches. In train
+    mode the outputs do not depend on the running averages, so pass 2 recomputes pass 1's.
+    """
+    b = x.shape[0]
+    if b % k:
+        raise ValueError(f"microbatches={k}: the batch of {b} examples is not a multiple of it")
+    split = lambda a: jnp.swapaxes(a.reshape(b // k, k, *a.shape[1:]), 0, 1)  # noqa: E731  (k, B/k, ...): x[j::k]
+    merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(b, *a.shape[2:])  # noqa: E731
+    steps = (split(x), jnp.arange(k))
+
+    def forward(params, stats, x_j, j):
+        outputs, updated = model.apply({"params": params, "batch_stats": stats}, x_j, train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(model_key, j)})
+        return float32_outputs(outputs), updated.get("batch_stats", {})
+
+    def first(stats, step):
+        outputs, stats = forward(state.params, stats, *step)
+        return stats, outputs
+
+    batch_stats, outputs = jax.lax.scan(first, state.batch_stats, steps)
+    (loss, metrics), out_grads = jax.value_and_grad(lambda o: loss_fn(o, batch, loss_key), has_aux=True)(
+        jax.tree.map(merge, outputs))
+
+    def second(grads, step):
+        x_j, j, g_j = step
+        _, pull = jax.vjp(lambda p: forward(p, state.batch_stats, x_j, j)[0], state.params)
+        return jax.tree.map(jnp.add, grads, pull(g_j)[0]), None
+
+    grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params), (*steps, jax.tree.map(split, out_grads)))[0]
+    reg = jnp.zeros((), loss.dtype)
+    if reg_fn is not None:
+        reg, reg_grads = jax.value_and_grad(reg_fn)(state.params)
+        grads = jax.tree.map(jnp.add, grads, reg_grads)
+    return grads, (loss, reg, metrics, batch_stats)
 
 
 def make_eval_step(model, *, input_key: str | None = None) -> Callable[[TrainState, Batch], dict]:

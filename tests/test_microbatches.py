@@ -125,3 +125,31 @@ def test_eight_devices_give_the_one_device_result(run_on_devices, tmp_path):
     for a, b in zip(one, eight, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 3
+
+
+class ExtraOutputs(nn.Module):
+    """Batch norm, plus an integer output (a prediction) and one without a batch axis."""
+
+    scalar: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x.mean(axis=(1, 2)))
+        va = nn.Dense(2, name="head")(x)
+        return {"va": va, "pred": jnp.argmax(va, -1)} | ({"aux": jnp.mean(va)} if self.scalar else {})
+
+
+def test_integer_outputs_are_constants_and_frozen_variables_work():
+    """An integer output is no obstacle (the whole-batch step passes it through too), nor are
+    variables in a ``FrozenDict``; an output without a batch axis is a ValueError naming it."""
+    from flax.core import freeze
+
+    batch, tx = _batch(), optax.sgd(0.1)
+    model = ExtraOutputs()
+    state = TrainState.create(freeze(model.init(jax.random.key(0), batch["image"], train=False)), tx, jax.random.key(1))
+    micro, _ = jax.jit(make_train_step(model, mse_loss, tx, microbatches=2))(state, batch)
+    whole, _ = jax.jit(make_train_step(model, mse_loss, tx))(state, batch)
+    assert not np.allclose(micro.params["head"]["kernel"], state.params["head"]["kernel"])
+    assert micro.params["head"]["kernel"].shape == whole.params["head"]["kernel"].shape
+    with pytest.raises(ValueError, match=r"microbatches=2: output \['aux'\] has shape \(\); every output must have"):
+        jax.jit(make_train_step(ExtraOutputs(scalar=True), mse_loss, tx, microbatches=2))(state, batch)

@@ -171,6 +171,8 @@ def test_bad_input_is_a_value_error_naming_it(stage, tmp_path):
     for x in (np.zeros((16, 16, 3)), np.zeros((0, 16, 16, 3)), np.zeros((1, 16, 16, 3), np.int32)):
         with pytest.raises(ValueError, match=r"^x: an array of shape"):
             trained.predict(x)
+    with pytest.raises(ValueError, match=r"^x: not an array"):
+        trained.predict([np.zeros((16, 16, 3)), np.zeros((8, 16, 3))])
     with pytest.raises(ValueError, match=r"batch_size=0: expected an int > 0"):
         trained.predict(np.zeros((1, 16, 16, 3)), batch_size=0)
     with pytest.raises(ValueError, match=r"dtype='float16': expected None \(the run's\) or one of"):

@@ -430,6 +430,10 @@ def test_check_same_run_ignores_keys_a_version_added_unset():
     with pytest.raises(ValueError, match=r"run.model.kwargs: \(absent\) -> 3"):
         loop_check(stored, {"seed": 1, "run": {"model": {"name": "a", "kwargs": 3}, "transduction": None}}, "w")
     loop_check({"seed": 1}, {"seed": 1, "run": {"model": {"name": "b"}}}, "w")  # a checkpoint without run
+    # a fit option added later counts as its default in a checkpoint that did not store it
+    loop_check({"seed": 1}, {"seed": 1, "microbatches": 1, "profile_steps": 3}, "w")
+    with pytest.raises(ValueError, match=r"microbatches: 1 -> 2"):
+        loop_check({"seed": 1}, {"seed": 1, "microbatches": 2}, "w")
 
 
 EVAL_KILL_SCRIPT = """
@@ -890,7 +894,8 @@ def _traced_train_steps(directory) -> list[int]:
 
 def test_profile_steps_traces_that_many_steps_after_the_first(tmp_path, capsys):
     """``profile_steps=3`` of 6: steps 2..4 traced into ``<workdir>/profile``; a resume to 8 with
-    another value (it may change) traces step 8 only, the one step there is after its first. (No
+    another value (it may change) traces step 8 only, the one step there is after its first; a
+    resume to 9 traces none (its one step compiles). (No
     checkpoint or log among the traced steps: their checks compile, and the traces are checked
     for no compilation.)"""
     def fit(steps, profile_steps):
@@ -906,5 +911,8 @@ def test_profile_steps_traces_that_many_steps_after_the_first(tmp_path, capsys):
     fit(8, 5)
     assert "profile: steps 8..8 traced" in capsys.readouterr().out
     assert _traced_train_steps(tmp_path / "profile") == [1]
+    os.rename(tmp_path / "profile", tmp_path / "profile_2")
+    fit(9, 2)  # one step to train, which compiles: nothing traced
+    assert "profile:" not in capsys.readouterr().out and not (tmp_path / "profile").exists()
     with pytest.raises(ValueError, match="profile_steps"):
         fit(8, -1)

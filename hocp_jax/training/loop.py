@@ -92,15 +92,17 @@ def check_same_run(stored: dict, config: dict, workdir: str) -> None:
     differs from ``stored``, the config saved with the checkpoint being resumed, except
     :data:`RESUME_MAY_CHANGE`: a resumed run must be the run that wrote its checkpoints (a new
     seed, batch size or learning rate would silently mix two runs). Keys a checkpoint of an
-    older version did not store are not compared, except under ``run`` once it stored one (a
+    older version did not store are not compared, except :data:`FIT_OPTIONAL` ones, which count
+    as their default (e.g. ``microbatches`` as 1), and those under ``run`` once it stored one (a
     key absent on one side and None or empty on the other is no change)."""
     old, new = _flat(stored), _flat(config)
     has_run = any(k == "run" or k.startswith("run.") for k in old)
     diffs = []
     for k in sorted(old.keys() | new.keys()):
-        if k.split(".")[0] in RESUME_MAY_CHANGE or (k not in old and not (has_run and k.startswith("run."))):
+        added = k not in old and k in FIT_OPTIONAL and k != "run"  # e.g. microbatches: stored as its default
+        if k.split(".")[0] in RESUME_MAY_CHANGE or (k not in old and not added and not (has_run and k.startswith("run."))):
             continue
-        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        a, b = FIT_OPTIONAL[k] if added else old.get(k, _ABSENT), new.get(k, _ABSENT)
         if a == b or (a is _ABSENT and b in _UNSET) or (b is _ABSENT and a in _UNSET):
             continue
         diffs.append(f"{k}: {'(absent)' if a is _ABSENT else repr(a)} -> {'(absent)' if b is _ABSENT else repr(b)}")
@@ -164,12 +166,12 @@ class _Best:
 
 class _Profile:
     """The JAX profiler over ``n`` steps of a stage, from the second step this run of it trains
-    (the first compiles), into ``<workdir>/profile`` (``profile/process<i>`` with several
+    (the first compiles; a run of one step traces none), into ``<workdir>/profile`` (``profile/process<i>`` with several
     processes): TensorBoard's profile plugin reads it, as does :class:`jax.profiler.ProfileData`."""
 
     def __init__(self, workdir: str, start: int, num_steps: int, n: int):
-        self.first = min(start + 2, num_steps)
-        self.last = min(self.first + n - 1, num_steps) if n else -1
+        self.first = start + 2  # (a run of one step traces nothing: its step compiles)
+        self.last = min(self.first + n - 1, num_steps)
         multi = jax.process_count() > 1
         self.directory = os.path.join(workdir, "profile", *([f"process{jax.process_index()}"] if multi else []))
         self.active = False

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax.core import unfreeze
 
 from hocp_jax.checks import is_positive_int
 from hocp_jax.training.state import TrainState
@@ -126,10 +127,14 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
 
     Pass 1 runs the forward pass of each micro-batch (its dropout key ``fold_in(model_key, j)``),
     keeping only its outputs and chaining the batch-norm running averages; the loss of all the
-    outputs, reassembled in batch order, gives the loss and its gradient w.r.t. the outputs
-    (``(B, ...)``, small); pass 2 runs each micro-batch's forward pass again and pulls its slice
-    of that gradient back to the parameters (``jax.vjp``), summing over micro-batches. In train
-    mode the outputs do not depend on the running averages, so pass 2 recomputes pass 1's.
+    outputs, reassembled in batch order, gives the loss and its gradient w.r.t. the floating
+    outputs (``(B, ...)``, small; other outputs, e.g. integer predictions, are constants); pass 2
+    runs each micro-batch's forward pass again and pulls its slice of that gradient back to the
+    parameters (``jax.vjp``), summing over micro-batches. In train mode the outputs do not depend
+    on the running averages, so pass 2 recomputes pass 1's.
+
+    Raises:
+        ValueError: the batch is not a multiple of ``k``, or an output has no leading batch axis.
     """
     b = x.shape[0]
     if b % k:
@@ -141,22 +146,35 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
     def forward(params, stats, x_j, j):
         outputs, updated = model.apply({"params": params, "batch_stats": stats}, x_j, train=True,
                                        mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(model_key, j)})
-        return float32_outputs(outputs), updated.get("batch_stats", {})
+        for path, o in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+            if o.shape[:1] != (b // k,):
+                raise ValueError(f"microbatches={k}: output {jax.tree_util.keystr(path)} has shape {o.shape}; every "
+                                 f"output must have the micro-batch ({b // k} examples) as its leading axis")
+        return float32_outputs(outputs), unfreeze(updated.get("batch_stats", {}))
 
     def first(stats, step):
         outputs, stats = forward(state.params, stats, *step)
         return stats, outputs
 
-    batch_stats, outputs = jax.lax.scan(first, state.batch_stats, steps)
-    (loss, metrics), out_grads = jax.value_and_grad(lambda o: loss_fn(o, batch, loss_key), has_aux=True)(
-        jax.tree.map(merge, outputs))
+    batch_stats, outputs = jax.lax.scan(first, unfreeze(state.batch_stats), steps)  # (a FrozenDict's too)
+    leaves, treedef = jax.tree.flatten(jax.tree.map(merge, outputs))
+    floating = [jnp.issubdtype(o.dtype, jnp.inexact) for o in leaves]
+
+    def loss_of(floats):
+        rest = iter(floats)
+        return loss_fn(jax.tree.unflatten(treedef, [next(rest) if f else o for o, f in zip(leaves, floating)]),
+                       batch, loss_key)
+
+    (loss, metrics), out_grads = jax.value_and_grad(loss_of, has_aux=True)(
+        [o for o, f in zip(leaves, floating) if f])
 
     def second(grads, step):
         x_j, j, g_j = step
-        _, pull = jax.vjp(lambda p: forward(p, state.batch_stats, x_j, j)[0], state.params)
+        floats = lambda p: [o for o, f in zip(jax.tree.leaves(forward(p, state.batch_stats, x_j, j)[0]), floating) if f]  # noqa: E731
+        _, pull = jax.vjp(floats, state.params)
         return jax.tree.map(jnp.add, grads, pull(g_j)[0]), None
 
-    grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params), (*steps, jax.tree.map(split, out_grads)))[0]
+    grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params), (*steps, [split(g) for g in out_grads]))[0]
     reg = jnp.zeros((), loss.dtype)
     if reg_fn is not None:
         reg, reg_grads = jax.value_and_grad(reg_fn)(state.params)

@@ -58,8 +58,9 @@ class Trained:
 
     def predict(self, x, *, batch_size: int = PREDICT_BATCH) -> dict[str, np.ndarray]:
         """The model's outputs in inference mode, ``{name: (N, ...)}`` numpy arrays (float32 for a
-        bfloat16 model too), e.g. ``{"va": (N, 2), "logits": (N, n_classes)}``; video models give
-        per-frame ``(N, T, ...)`` outputs.
+        bfloat16 model too), e.g. ``{"va": (N, 2), "logits": (N, n_classes)}``; a video model's
+        outputs are per clip or per frame as it makes them (the transduced ResNets' per frame,
+        ``(N, T, ...)``; the Jester nets' per clip).
 
         Args:
             x: ``(N, H, W, C)`` images or ``(N, T, H, W, C)`` videos, as the run's training
@@ -73,7 +74,11 @@ class Trained:
             ValueError: ``x`` is not an array of images or videos with at least one example, or
                 ``batch_size`` is not an int > 0.
         """
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as err:  # e.g. clips of several lengths
+            raise ValueError(f"x: not an array ({err}); expected uint8 or float images (N, H, W, C) or videos "
+                             "(N, T, H, W, C) of one shape") from None
         if x.ndim not in (4, 5) or x.shape[0] == 0 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
             raise ValueError(f"x: an array of shape {x.shape} and dtype {x.dtype}; expected uint8 or float images "
                              "(N, H, W, C) or videos (N, T, H, W, C), N >= 1")
@@ -115,7 +120,7 @@ def load_trained(path, *, dtype: str | None = None) -> Trained:
         dtype: the computation dtype (``"float32"`` or ``"bfloat16"``); default the run's
             (``config.dtype``). Parameters stay float32.
 
-    The model is :func:`hocp_jax.training.build_model` of the stored ``model`` (name and
+    The model is :func:`build_model` (this module) of the stored ``model`` (name and
     keyword arguments): the transduction job's stages (``stage1``, ``stage2``) store the 2-D
     model and hold its transduced, 3-D parameters, which it runs on videos; ``baseline_<name>``
     stages store the baseline. A ``best/`` checkpoint of a version that did not store the run

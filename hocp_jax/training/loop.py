@@ -166,8 +166,9 @@ class _Best:
 
 class _Profile:
     """The JAX profiler over ``n`` steps of a stage, from the second step this run of it trains
-    (the first compiles; a run of one step traces none), into ``<workdir>/profile`` (``profile/process<i>`` with several
-    processes): TensorBoard's profile plugin reads it, as does :class:`jax.profiler.ProfileData`."""
+    (the first compiles; a run of one step traces none), into ``<workdir>/profile``
+    (``profile/process<i>`` with several processes): TensorBoard's profile plugin reads it, as
+    does :class:`jax.profiler.ProfileData`."""
 
     def __init__(self, workdir: str, start: int, num_steps: int, n: int):
         self.first = start + 2  # (a run of one step traces nothing: its step compiles)

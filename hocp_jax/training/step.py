@@ -83,8 +83,7 @@ def make_train_step(
         ``train_step``; metrics holds the ``loss_fn`` metrics plus scalars ``loss`` (data
         term), ``reg``, ``total_loss`` and ``grad_norm`` (global L2 norm of the gradient).
     """
-
-    if not (is_positive_int(microbatches)):
+    if not is_positive_int(microbatches):
         raise ValueError(f"microbatches={microbatches!r}: expected an int > 0")
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:

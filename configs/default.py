@@ -21,7 +21,7 @@ def get_config() -> ConfigDict:
     c.profile_steps = 0  # > 0: the JAX profiler traces that many steps of each stage into <stage>/profile
     # k > 1: each batch runs through the model in k micro-batches, one after another (about 1/k of the activation
     # memory, two forward passes; the loss and gradient the whole batch's, batch norm per micro-batch); for GPU/TPU:
-    # slow on CPU with XLA convolutions (README, "Micro-batches")
+    # slow on CPU for dense nets (README, "Micro-batches")
     c.microbatches = 1
     c.sparsity_tol = 1e-6
     # CP conv path picks: "" ($HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere), "analytic" or "measure"

@@ -89,7 +89,7 @@ kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_gr
 which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
-                           "tile_rows": None, "upcast": None, "leader": False, "per_device": None}
+                           "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -342,6 +342,22 @@ def per_sample_mode(value: bool | None):
 
 
 @contextlib.contextmanager
+def loop_mode():
+    """Within the block, the convs traced are in a loop's body (``lax.scan``: the micro-batches of
+    :func:`hocp_jax.training.step.make_train_step`); on the CPU backend :func:`choose_kernel_grad`
+    then takes the matrix-product kernel gradient, untimed: XLA's CPU backend runs its
+    kernel-gradient convolution far slower inside a loop (stop 59: a 3x3 conv, 64 -> 64 channels,
+    on 32x32x32x64 inputs, 6.42 s in a scan of two against 0.10 s unrolled). Read at trace time,
+    like :func:`per_sample_mode`."""
+    previous = _config["in_loop"]
+    _config["in_loop"] = True
+    try:
+        yield
+    finally:
+        _config["in_loop"] = previous
+
+
+@contextlib.contextmanager
 def upcast_mode(value: bool | None):
     """Within the block, :func:`compute_dtype` computes in float32 for floating dtypes narrower
     than 32 bits (``True``), never (``False``), or by its automatic rule (``None``). Read at trace
@@ -544,7 +560,9 @@ def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, i
     current :func:`policy`: analytic, :func:`matmul_kernel_grad`; measured, that rule's answer
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks
-    (:func:`kernel_grad_key`)."""
+    (:func:`kernel_grad_key`). Inside a :func:`loop_mode` block on the CPU backend: always."""
+    if _config["in_loop"] and jax.default_backend() == "cpu":
+        return True
     shape = device_shape(x_shape)
     geometry = (strides, pads, dilations)
     key = kernel_grad_key(shape, dtype, kernel_shape, *geometry, input_grad) if policy() == "measure" else None

@@ -153,3 +153,34 @@ def test_integer_outputs_are_constants_and_frozen_variables_work():
     assert micro.params["head"]["kernel"].shape == whole.params["head"]["kernel"].shape
     with pytest.raises(ValueError, match=r"microbatches=2: output \['aux'\] has shape \(\); every output must have"):
         jax.jit(make_train_step(ExtraOutputs(scalar=True), mse_loss, tx, microbatches=2))(state, batch)
+
+
+class ReconNet(nn.Module):
+    """One CP conv on its reconstructed path (a dense conv of the computed kernel), no batch norm."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = CPConv(8, (3, 3), rank=6, implementation="reconstructed", name="conv")(x)
+        return {"va": jnp.tanh(nn.Dense(2, name="head")(nn.relu(x).mean(axis=(1, 2))))}
+
+
+def _convs(step, state, batch) -> int:
+    """The convolutions of ``step``'s lowered program (StableHLO, loop bodies included)."""
+    return jax.jit(step).lower(state, batch).as_text().count("stablehlo.convolution")
+
+
+def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
+    """XLA's CPU backend runs a convolution's kernel gradient far slower in a loop body, so the
+    micro-batches' library convs take theirs as matrix products (``autotune.loop_mode``),
+    whatever the host's rule outside loops says: the scan bodies hold the forward convs only,
+    and the update is still the whole batch's."""
+    from hocp_jax import autotune
+
+    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *a, **k: False)  # the rule outside loops: XLA's
+    batch, tx, model = _batch(), optax.sgd(0.1), ReconNet()
+    state = _state(model, batch, tx)
+    whole = make_train_step(model, mse_loss, tx)
+    micro = make_train_step(model, mse_loss, tx, microbatches=2)
+    assert _convs(whole, state, batch) == 2  # forward and XLA's kernel gradient
+    assert _convs(micro, state, batch) == 2  # a forward conv in each scan
+    _close(jax.jit(micro)(state, batch)[0].params, jax.jit(whole)(state, batch)[0].params, atol=1e-6)

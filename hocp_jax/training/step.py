@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import unfreeze
 
+from hocp_jax import autotune
 from hocp_jax.checks import is_positive_int
 from hocp_jax.training.state import TrainState
 
@@ -76,8 +77,10 @@ def make_train_step(
             statistics such as CCC, or a contrastive one), but batch norm normalises each
             micro-batch with its own statistics (its running averages updated once per
             micro-batch), and the model's forward pass runs twice. A memory option for GPU/TPU:
-            on the CPU backend XLA runs convolution kernel gradients far slower inside the loop
-            (README, "Micro-batches").
+            on the CPU backend XLA runs its kernel-gradient convolutions far slower inside a
+            loop; the library's convs of a computed kernel take matrix products there instead
+            (:func:`hocp_jax.autotune.loop_mode`), Flax's convs of a dense model cannot (README,
+            "Micro-batches").
 
     Returns:
         ``train_step``; metrics holds the ``loss_fn`` metrics plus scalars ``loss`` (data
@@ -155,7 +158,8 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
         outputs, stats = forward(state.params, stats, *step)
         return stats, outputs
 
-    batch_stats, outputs = jax.lax.scan(first, unfreeze(state.batch_stats), steps)  # (a FrozenDict's too)
+    with autotune.loop_mode():  # (the CPU backend: the library's convs then avoid XLA's slow in-loop kernel gradient)
+        batch_stats, outputs = jax.lax.scan(first, unfreeze(state.batch_stats), steps)  # (a FrozenDict's too)
     leaves, treedef = jax.tree.flatten(jax.tree.map(merge, outputs))
     floating = [jnp.issubdtype(o.dtype, jnp.inexact) for o in leaves]
 
@@ -173,7 +177,9 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
         _, pull = jax.vjp(floats, state.params)
         return jax.tree.map(jnp.add, grads, pull(g_j)[0]), None
 
-    grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params), (*steps, [split(g) for g in out_grads]))[0]
+    with autotune.loop_mode():
+        grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params),
+                             (*steps, [split(g) for g in out_grads]))[0]
     reg = jnp.zeros((), loss.dtype)
     if reg_fn is not None:
         reg, reg_grads = jax.value_and_grad(reg_fn)(state.params)

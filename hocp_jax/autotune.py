@@ -224,13 +224,16 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
     on the CPU backend, for a conv traced without a program of its own per device
     (:func:`loops_apply` false: no per-sample, chunk or tile loops), also the marker
     ``"no loops"``, so that a per-device shape timed with its loops and without them are two picks
-    (the key of the usual case, with loops, is as before: cache files stay valid)."""
+    (the key of the usual case, with loops, is as before: cache files stay valid), and for a conv
+    traced in a :func:`loop_mode` block the marker ``"in loop"`` (its reconstructed program
+    differs there)."""
     dev = jax.devices()[0]
-    no_loops = ["no loops"] if dev.platform == "cpu" and not loops_apply() else []
+    markers = (["no loops"] if dev.platform == "cpu" and not loops_apply() else []) + (
+        ["in loop"] if dev.platform == "cpu" and _config["in_loop"] else [])
     return json.dumps([dev.platform, dev.device_kind, host_kind(), list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
-                       _config["per_sample"], _config["tile_rows"], _config["upcast"], MEASURE_VERSION, *no_loops])
+                       _config["per_sample"], _config["tile_rows"], _config["upcast"], MEASURE_VERSION, *markers])
 
 
 def kernel_grad_key(x_shape, dtype, kernel_shape: Sequence[int], strides, pads, dilations, input_grad: bool) -> str:
@@ -345,10 +348,12 @@ def per_sample_mode(value: bool | None):
 def loop_mode():
     """Within the block, the convs traced are in a loop's body (``lax.scan``: the micro-batches of
     :func:`hocp_jax.training.step.make_train_step`); on the CPU backend :func:`choose_kernel_grad`
-    then takes the matrix-product kernel gradient, untimed: XLA's CPU backend runs its
-    kernel-gradient convolution far slower inside a loop (stop 59: a 3x3 conv, 64 -> 64 channels,
-    on 32x32x32x64 inputs, 6.42 s in a scan of two against 0.10 s unrolled). Read at trace time,
-    like :func:`per_sample_mode`."""
+    then takes the matrix-product kernel gradient of a 2-D conv, untimed: XLA's CPU backend runs
+    its kernel-gradient convolution far slower inside a loop (stop 59: a 3x3 conv, 64 -> 64
+    channels, on 32x32x32x64 inputs, 6.42 s in a scan of two against 0.10 s unrolled; the input
+    gradient, which stays XLA's, 0.20 s against 0.08 s), and measured picks are cached apart
+    (:func:`cache_key`). Read at trace time, like :func:`per_sample_mode`: a function that
+    ``jax.jit`` traced before (or inside) the block keeps that program outside (or inside) it."""
     previous = _config["in_loop"]
     _config["in_loop"] = True
     try:

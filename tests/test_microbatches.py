@@ -172,8 +172,9 @@ def _convs(step, state, batch) -> int:
 def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
     """XLA's CPU backend runs a convolution's kernel gradient far slower in a loop body, so the
     micro-batches' library convs take theirs as matrix products (``autotune.loop_mode``),
-    whatever the host's rule outside loops says: the scan bodies hold the forward convs only,
-    and the update is still the whole batch's."""
+    whatever the host's rule outside loops says: the scan bodies of this one layer (the first:
+    no input gradient) hold its forward convs only, and the update is still the whole batch's.
+    The measured policy keys its picks made in the loop apart."""
     from hocp_jax import autotune
 
     monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *a, **k: False)  # the rule outside loops: XLA's
@@ -184,3 +185,7 @@ def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
     assert _convs(whole, state, batch) == 2  # forward and XLA's kernel gradient
     assert _convs(micro, state, batch) == 2  # a forward conv in each scan
     _close(jax.jit(micro)(state, batch)[0].params, jax.jit(whole)(state, batch)[0].params, atol=1e-6)
+    args = ((8, 8, 8, 3), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
+    with autotune.loop_mode():
+        inside = autotune.cache_key(*args)
+    assert inside != autotune.cache_key(*args) and autotune.cache_key(*args) == autotune.cache_key(*args)

@@ -77,9 +77,10 @@ def make_train_step(
             statistics such as CCC, or a contrastive one), but batch norm normalises each
             micro-batch with its own statistics (its running averages updated once per
             micro-batch), and the model's forward pass runs twice. A memory option for GPU/TPU:
-            on the CPU backend XLA runs its kernel-gradient convolutions far slower inside a
-            loop; the library's convs of a computed kernel take matrix products there instead
-            (:func:`hocp_jax.autotune.loop_mode`), Flax's convs of a dense model cannot (README,
+            on the CPU backend XLA runs its convolutions' gradients far slower inside a loop
+            (the kernel gradient most); the library's 2-D convs of a computed kernel take their
+            kernel gradient as matrix products there instead (:func:`hocp_jax.autotune.loop_mode`;
+            their input gradient stays XLA's), Flax's convs of a dense model cannot (README,
             "Micro-batches").
 
     Returns:

@@ -192,6 +192,26 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
     return jax.default_backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
 
 
+def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:
+    """Whether :func:`hocp_jax.conv.conv_general_dilated` and the convs of computed kernels
+    (:func:`hocp_jax.conv._weight_conv`) run a channels-last, ungrouped conv of ``x (B, *S, C_in)``
+    with ``kernel (*K, C_in, C_out)`` as one matrix product per tap that reads ``x``
+    (:func:`hocp_jax.conv._taps_conv`): on the CPU backend, when a spatial mode of ``x`` is
+    shorter than the kernel's extent ``d (k - 1) + 1`` (``dilations`` default 1).
+
+    XLA's CPU convolution is pathologically slow there. Stop 60, ``python -m benchmarks.experiments
+    small_maps`` (benchmarks/EXPERIMENTS.md), fwd+bwd on the 2-core AMD EPYC host: the taps took
+    0.01-0.28x XLA's time on every 2-D map smaller than its 3x3, 5x5 or 7x7 kernel (a 2x2 map of
+    64 x 512 channels under a 3x3 kernel, the last stage of a ResNet-18 on 64x64 images: 22 ms
+    against 1065 ms), and 0.94-1.68x on maps as large as the kernel or larger, where XLA's stays.
+    GPU/TPU keep their vendor-tuned convolutions (not measured)."""
+    if jax.default_backend() != "cpu":
+        return False
+    n = len(kernel_shape) - 2
+    ds = tuple(dilations) if dilations is not None else (1,) * n
+    return any(size < d * (k - 1) + 1 for size, k, d in zip(x_shape[1:1 + n], kernel_shape[:n], ds))
+
+
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
     """``x_shape`` with the batch one device runs, ``ceil(B / n)``: ``n`` = ``batch_shards`` (the
     split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,
@@ -347,19 +367,29 @@ def per_sample_mode(value: bool | None):
 @contextlib.contextmanager
 def loop_mode():
     """Within the block, the convs traced are in a loop's body (``lax.scan``: the micro-batches of
-    :func:`hocp_jax.training.step.make_train_step`); on the CPU backend :func:`choose_kernel_grad`
-    then takes the matrix-product kernel gradient of a 2-D conv, untimed: XLA's CPU backend runs
-    its kernel-gradient convolution far slower inside a loop (stop 59: a 3x3 conv, 64 -> 64
-    channels, on 32x32x32x64 inputs, 6.42 s in a scan of two against 0.10 s unrolled; the input
-    gradient, which stays XLA's, 0.20 s against 0.08 s), and measured picks are cached apart
-    (:func:`cache_key`). Read at trace time, like :func:`per_sample_mode`: a function that
-    ``jax.jit`` traced before (or inside) the block keeps that program outside (or inside) it."""
+    :func:`hocp_jax.training.step.make_train_step`); on the CPU backend (:func:`cpu_loop_mode`)
+    the library's ungrouped convs, of computed kernels and dense ones alike, then run XLA's
+    forward convolution with gradients that need none of XLA's gradient convolutions
+    (:func:`hocp_jax.conv.conv_matmul_kernel_grad`: the kernel gradient as one matrix product per
+    tap, the input gradient as a forward conv of the flipped kernel, or per tap if strided),
+    untimed. XLA's CPU backend runs its gradient convolutions far slower inside a loop (stop 59: a
+    3x3 conv, 64 -> 64 channels, on 32x32x32x64 inputs, kernel gradient 6.42 s in a scan of two
+    against 0.10 s unrolled, input gradient 0.20 s against 0.08 s; stop 60: a 3x3x3 conv, 64 -> 128
+    channels, on 4x9x42x42x64 inputs, kernel gradient 20.8 s against 0.38 s), and measured picks
+    are cached apart (:func:`cache_key`). Read at trace time, like :func:`per_sample_mode`: a
+    function that ``jax.jit`` traced before (or inside) the block keeps that program outside (or
+    inside) it."""
     previous = _config["in_loop"]
     _config["in_loop"] = True
     try:
         yield
     finally:
         _config["in_loop"] = previous
+
+
+def cpu_loop_mode() -> bool:
+    """Whether the conv being traced is in a :func:`loop_mode` block on the CPU backend."""
+    return _config["in_loop"] and jax.default_backend() == "cpu"
 
 
 @contextlib.contextmanager
@@ -566,7 +596,7 @@ def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, i
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks
     (:func:`kernel_grad_key`). Inside a :func:`loop_mode` block on the CPU backend: always."""
-    if _config["in_loop"] and jax.default_backend() == "cpu":
+    if cpu_loop_mode():
         return True
     shape = device_shape(x_shape)
     geometry = (strides, pads, dilations)

@@ -210,22 +210,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     * an ungrouped kernel over 3 or more spatial modes with at most
       :data:`hocp_jax.autotune.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
       conv): one matrix product of its explicit patches (:func:`_patches_conv`;
-      :func:`hocp_jax.autotune.patches_conv`, which has the figures and the memory bound).
+      :func:`hocp_jax.autotune.patches_conv`, which has the figures and the memory bound);
+    * an ungrouped kernel on a map with a spatial mode shorter than the kernel (the last stage of a
+      ResNet on small images): one matrix product per tap that reads the input
+      (:func:`_taps_conv`; :func:`hocp_jax.autotune.small_map_taps` has the figures);
+    * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.autotune.loop_mode`, the
+      micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
+      that need no gradient convolution (:func:`conv_matmul_kernel_grad`).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
     the shift kernel if depthwise (see :data:`GPU_CONV_MAX_MODES` for why).
 
-    Anything else (other layouts, ``lhs_dilation``, batch groups, channel multipliers, unequal
-    dtypes, ``preferred_element_type``), and every other conv on GPU/TPU, whose vendor-tuned
+    Anything else (other layouts, ``lhs_dilation``, negative padding, batch groups, channel
+    multipliers, unequal dtypes, ``preferred_element_type``), and every other conv on GPU/TPU, whose vendor-tuned
     convolutions were not measured against these, is passed to ``lax.conv_general_dilated``
     unchanged; a channels-last one on an explicitly sharded input under
     ``jax.sharding.auto_axes`` (:func:`_with_auto_axes`), so that it trains."""
-    route = conv_route(lhs, rhs, window_strides=window_strides, lhs_dilation=lhs_dilation,
+    route = conv_route(lhs, rhs, window_strides=window_strides, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                        batch_group_count=batch_group_count, preferred_element_type=preferred_element_type)
+    if route == "loop" and precision is not None:
+        route = None
     n = rhs.ndim - 2
     ks, c_out = rhs.shape[:n], rhs.shape[-1]
+    if route is not None:
+        strides = tuple(int(s) for s in window_strides)
+        dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n
+        if isinstance(padding, str):
+            pads = tuple(lax.padtype_to_pads(lhs.shape[1:-1], [d * (k - 1) + 1 for k, d in zip(ks, dilations)],
+                                             strides, padding))
+        else:
+            pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if any(lo < 0 or hi < 0 for lo, hi in pads):  # (a crop: lax's own)
+            route = None
     if route is None:
         def xla(lhs, rhs):
             return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -233,26 +251,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                             precision=precision, preferred_element_type=preferred_element_type)
 
         return _with_auto_axes(xla, lhs, rhs) if _channels_last(lhs, rhs, dimension_numbers) else xla(lhs, rhs)
-    strides = tuple(int(s) for s in window_strides)
-    dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n
-    if isinstance(padding, str):
-        pads = tuple(lax.padtype_to_pads(lhs.shape[1:-1], [d * (k - 1) + 1 for k, d in zip(ks, dilations)], strides,
-                                         padding))
-    else:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
     if route == "patches":
         return _patches_conv(lhs, rhs, strides, pads, dilations, precision)
+    if route == "loop":
+        return conv_matmul_kernel_grad(lhs, rhs, strides=strides, pads=pads, dilations=dilations)
     return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
-def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-               batch_group_count=1, preferred_element_type=None, **_) -> str | None:
+def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+               feature_group_count=1, batch_group_count=1, preferred_element_type=None, **_) -> str | None:
     """How :func:`conv_general_dilated` runs a conv of these arguments (the other keyword arguments
     of ``lax.conv_general_dilated`` are accepted and do not matter; ``window_strides`` default to
     1): ``"pointwise"`` (one matrix product), ``"depthwise"`` (the shift kernel), ``"patches"``
-    (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`) or ``None`` (``lax``'s convolution)."""
+    (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`: on GPU past :data:`GPU_CONV_MAX_MODES`,
+    on CPU on a map smaller than the kernel, :func:`hocp_jax.autotune.small_map_taps`), ``"loop"``
+    (in a loop's body on CPU:
+    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.autotune.loop_mode`) or ``None`` (``lax``'s
+    convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
     if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
@@ -267,8 +284,11 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, dimension_nu
     if feature_group_count == 1 and autotune.patches_conv(lhs.shape, lhs.dtype, rhs.shape, strides,
                                                           explicit_sharding.shards(lhs, 0)):
         return "patches"
-    if gpu_taps and feature_group_count == 1:
+    if feature_group_count == 1 and (gpu_taps or autotune.small_map_taps(lhs.shape, rhs.shape, rhs_dilation)
+                                     and not explicit_sharding.is_split(lhs)):
         return "taps"
+    if feature_group_count == 1 and autotune.cpu_loop_mode() and not explicit_sharding.is_split(lhs):
+        return "loop"
     return None
 
 
@@ -299,17 +319,36 @@ def _gpu_needs_taps(n_modes: int) -> bool:
 def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
     """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as a sum over
     the ``prod(K)`` taps of one matrix product each (the tap's strided slice of the padded input
-    against the tap's ``(C_in, C_out)`` kernel; several taps accumulated in float32); its gradients
+    against the tap's ``(C_in, C_out)`` kernel; several taps accumulated in float32 or wider; taps that read
+    padding only left out, :func:`_taps_read_input`); its gradients
     are slices, pads and matrix products, so no backend needs a convolution for it (the pointwise
     route, and :data:`GPU_CONV_MAX_MODES`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
     n = kernel.ndim - 2
     ks, c_in, c_out = kernel.shape[:n], kernel.shape[-2], kernel.shape[-1]
     outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    xs = list(_tap_inputs(x, ks, strides, pads, dilations, outs))
-    if len(xs) == 1:
-        return channel_matmul(xs[0], kernel.reshape(c_in, c_out), precision)
-    ws = kernel.reshape(len(xs), c_in, c_out)
-    return sum(channel_matmul(xt, ws[i], precision).astype(jnp.float32) for i, xt in enumerate(xs)).astype(x.dtype)
+    ws = kernel.reshape(-1, c_in, c_out)
+    live = [(xt, ws[i]) for i, (xt, reads) in enumerate(zip(_tap_inputs(x, ks, strides, pads, dilations, outs),
+                                                           _taps_read_input(x.shape[1:-1], ks, strides, pads, dilations,
+                                                                            outs))) if reads]
+    if not live:  # every output position reads padding only
+        return jnp.zeros((x.shape[0], *outs, c_out), x.dtype)
+    if len(live) == 1:
+        return channel_matmul(*live[0], precision)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return sum(channel_matmul(xt, w, precision).astype(acc) for xt, w in live).astype(x.dtype)
+
+
+def _taps_read_input(sizes, kernel_size, strides, pads, dilations, out_sizes):
+    """For every tap, in :func:`_tap_inputs`' order: whether it reads any of ``x`` (not only its
+    zero padding). A tap that reads none adds zeros, so :func:`_taps_conv` leaves it out (on a map
+    smaller than the kernel most taps do: a 1x1 map under a 3x3 kernel with padding 1 has one)."""
+    def reads(a, size, lo, out, s):  # some position a + j s, 0 <= j < out, in [lo, lo + size)
+        j = max(0, -(-(lo - a) // s))
+        return j < out and a + j * s < lo + size
+
+    for tap in itertools.product(*map(range, kernel_size)):
+        yield all(reads(t * d, size, lo, out, s)
+                  for t, d, size, (lo, _), out, s in zip(tap, dilations, sizes, pads, out_sizes, strides))
 
 
 def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
@@ -366,13 +405,17 @@ def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations):
 
 
 def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
-    """Input gradient: XLA's own (the transposed conv); kernel gradient: one ``(C_in, N) x (N, C_out)``
-    matrix product per tap, ``N`` = the batch's output positions, accumulated in float32."""
+    """Input gradient: XLA's own (the transposed conv), or in a loop on CPU :func:`_loop_input_grad`;
+    kernel gradient: one ``(C_in, N) x (N, C_out)`` matrix product per tap, ``N`` = the batch's
+    output positions, accumulated in float32 (or wider)."""
     x, kernel = res
-    dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
+    if autotune.cpu_loop_mode() and all(lo >= 0 and hi >= 0 for lo, hi in pads):
+        dx = _loop_input_grad(g, kernel, x.shape, strides, pads, dilations)
+    else:
+        dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
     g2 = g.reshape(-1, g.shape[-1])
     dk = jnp.stack([
-        jnp.matmul(xt.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.float32)
+        jnp.matmul(xt.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
         for xt in _tap_inputs(x, kernel.shape[:-2], strides, pads, dilations, g.shape[1:-1])
     ])
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
@@ -381,16 +424,42 @@ def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
 _conv_tap_grad_vjp.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
+def _loop_input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides, pads, dilations) -> jax.Array:
+    """The input gradient ``(B, *S, C_in)`` of the channels-last conv of ``kernel (*K, C_in, C_out)``
+    (``pads`` >= 0) for the cotangent ``g (B, *S_out, C_out)``, without XLA's transposed conv, which
+    XLA's CPU backend runs slower in a loop's body (:func:`hocp_jax.autotune.loop_mode`): unstrided,
+    XLA's forward conv of ``g`` with the flipped kernel, its channel axes swapped; strided, one
+    ``(N, C_out) x (C_out, C_in)`` matrix product per tap, each spread to the tap's strided
+    positions (``lax.pad`` with interior padding) and summed in float32 (or wider)."""
+    n = kernel.ndim - 2
+    ks, sizes = kernel.shape[:n], x_shape[1:-1]
+    if all(s == 1 for s in strides):
+        reach = [d * (k - 1) for k, d in zip(ks, dilations)]
+        flipped = jnp.flip(kernel, tuple(range(n))).swapaxes(-1, -2)
+        return lax.conv_general_dilated(g, flipped, (1,) * n, [(r - lo, r - hi) for r, (lo, hi) in zip(reach, pads)],
+                                        rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n))
+    ws = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
+    total = 0.0
+    for i, tap in enumerate(itertools.product(*map(range, ks))):
+        t = channel_matmul(g, ws[i].T).astype(jnp.promote_types(g.dtype, jnp.float32))
+        spread = [(lo_pad, size + lo + hi - lo_pad - (o - 1) * s - 1, s - 1) for lo_pad, size, (lo, hi), o, s in
+                  zip((a * d for a, d in zip(tap, dilations)), sizes, pads, g.shape[1:-1], strides)]
+        total = total + lax.pad(t, jnp.zeros((), t.dtype), [(0, 0, 0), *spread, (0, 0, 0)])
+    return lax.slice(total, (0, *(lo for lo, _ in pads), 0),
+                     (x_shape[0], *(lo + size for (lo, _), size in zip(pads, sizes)), x_shape[-1])).astype(g.dtype)
+
+
 def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
     """``lax``'s channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` (``strides``,
     ``dilations``: one int per mode; ``pads``: one ``(lo, hi)`` pair per mode, as resolved by
     :func:`hocp_jax.padding.resolve_padding`), equal dtypes, whose kernel gradient is one matrix
     product per tap (the tap's strided slice of the padded input against the cotangent) instead of
     XLA's kernel-gradient convolution, which XLA ran far below its matrix-product speed on an AVX2
-    CPU host. Forward pass and input gradient are XLA's. The library's 2-D convs of a computed or
+    CPU host. Forward pass and input gradient are XLA's (in a loop's body on CPU, the input gradient
+    is :func:`_loop_input_grad`'s). The library's 2-D convs of a computed or
     trained kernel run it where :func:`hocp_jax.autotune.choose_kernel_grad` says so (with the
     figures); on 3-D convs the products gained or lost (0.81-1.21x; most lost on the Jester conv1,
-    3 input channels), so those keep XLA's (``python -m benchmarks.experiments kernel_grad``;
+    3 input channels), so those keep XLA's outside loops (``python -m benchmarks.experiments kernel_grad``;
     benchmarks/EXPERIMENTS.md, stop 39)."""
     n = kernel.ndim - 2
     if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
@@ -407,23 +476,28 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
 def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input_grad: bool = True) -> jax.Array:
     """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
-    their common dtype: :func:`conv_matmul_kernel_grad` for a 2-D kernel where
+    their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
+    modes; :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+
+    modes, few input channels); where ``x`` is not explicitly sharded, :func:`_taps_conv` on a map
+    smaller than the kernel (CPU, :func:`hocp_jax.autotune.small_map_taps`), and
+    :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
-    not AVX-512, and AVX-512 ones on large inputs) and ``x`` is not explicitly sharded,
-    :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial modes,
-    :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+ modes, few
-    input channels), else
-    ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
+    not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
+    :func:`hocp_jax.autotune.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
     :func:`_with_auto_axes`).
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
-    if kernel.ndim == 4 and not explicit_sharding.is_split(x) and autotune.choose_kernel_grad(
-            x.shape, x.dtype, kernel.shape, strides, pads, dilations, input_grad):
-        return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
+    split = explicit_sharding.is_split(x)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
     if autotune.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
         return _patches_conv(x, kernel, strides, pads, dilations)
+    if not split and autotune.small_map_taps(x.shape, kernel.shape, dilations):
+        return _taps_conv(x, kernel, strides, pads, dilations)
+    if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
+                                                                      dilations, input_grad)
+                      or autotune.cpu_loop_mode()):
+        return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 
 

@@ -179,6 +179,12 @@ NHWC = ("NHWC", "HWIO", "NHWC")
                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "patches"),
     ((1, 3, 4, 5, 4, 4), (2, 3, 3, 2, 4, 3), dict(window_strides=(1, 1, 2, 1), padding="SAME",
                                                   dimension_numbers=("NTDHWC", "TDHWIO", "NTDHWC")), "patches"),
+    ((2, 2, 2, 6), (3, 3, 6, 5), dict(window_strides=(1, 1), padding="SAME"), "taps"),  # a map smaller than the kernel
+    ((2, 1, 3, 4), (5, 5, 4, 3), dict(window_strides=(1, 2), padding=((2, 2), (2, 2))), "taps"),
+    ((2, 4, 4, 4), (3, 3, 4, 3), dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 1)), "taps"),
+    ((2, 2, 5, 5, 6), (3, 3, 3, 6, 4), dict(window_strides=(1, 1, 1), padding=((1, 1), (0, 2), (1, 1)),
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "taps"),
+    ((2, 3, 3, 6), (3, 3, 6, 5), dict(window_strides=(1, 1), padding="SAME"), "lax"),  # as large as the kernel
     ((2, 4, 6, 6, 5), (3, 3, 3, 5, 4), dict(window_strides=(1, 1, 1), padding="SAME",
                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), "lax"),
     ((2, 7, 6, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME"), "lax"),
@@ -191,8 +197,8 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 ])
 def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     """The drop-in for ``lax.conv_general_dilated``: values, input and kernel gradients equal lax's,
-    pointwise and depthwise channels-last kernels leave no convolution in the program, and every
-    other case is lax's own conv."""
+    pointwise and depthwise channels-last kernels, and ungrouped ones on maps smaller than the
+    kernel, leave no convolution in the program, and every other case is lax's own conv."""
     kwargs = {"dimension_numbers": NHWC} | kwargs
     rng = np.random.default_rng(len(str(kwargs)))
     x = rng.standard_normal(x_shape, np.float32)
@@ -212,6 +218,56 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     has_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, k))
     assert has_conv == (route == "lax")
     assert conv.conv_route(x, k, **kwargs) == (None if route == "lax" else route)
+
+
+def test_taps_leave_out_taps_that_read_padding_only():
+    """On a map smaller than the kernel most taps read zero padding only: the taps route leaves
+    them out (a 1x1 map under a 5x5 kernel: one product; a 1-frame clip under a 3-frame kernel with
+    padding 1: one of three frames' taps), and the value and gradients are still lax's (float64),
+    also where no output position reads the input."""
+    cases = [((2, 1, 1, 3), (5, 5, 3, 4), (1, 1), ((2, 2), (2, 2)), (1, 1), 1),
+             ((2, 1, 3, 3, 3), (3, 3, 3, 3, 4), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1), 9),
+             ((2, 2, 4, 3), (3, 3, 3, 4), (1, 3), ((0, 3), (3, 0)), (1, 1), 6),
+             ((2, 1, 3), (1, 3, 4), (2,), ((1, 1),), (1,), 0)]
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        for x_shape, k_shape, strides, pads, dilations, reading in cases:
+            n = len(strides)
+            x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
+            outs = [conv.output_size(*a) for a in zip(x_shape[1:-1], k_shape[:n], strides, dilations, pads)]
+            assert sum(conv._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs)) == reading
+            ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
+                                                        dimension_numbers=conv._dimension_numbers(n))
+            ours = lambda x, k: conv._taps_conv(x, k, strides, pads, dilations)  # noqa: E731
+            y, vjp = jax.vjp(ref, x, k)
+            y2, vjp2 = jax.vjp(ours, x, k)
+            g = rng.standard_normal(y.shape)
+            assert str(jax.make_jaxpr(ours)(x, k)).count("dot_general") == max(reading, 0)
+            for got, want in zip((y2, *vjp2(g)), (y, *vjp(g))):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_small_map_taps_in_computed_kernels_and_not_on_negative_pads():
+    """The reconstructed CP path on a map smaller than its kernel runs the taps too (no convolution
+    left; equal to ``lax``'s conv of the rebuilt kernel), and the drop-in leaves a conv with a
+    negative pad (a crop) to ``lax``."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the small-map taps are CPU-only")
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 2, 2, 4)), jnp.float32)
+    cp = init.init_cp_params(jax.random.PRNGKey(0), 4, 6, (3, 3), 5)
+    recon = lambda x: conv.cp_conv(x, cp, padding=1, implementation="reconstructed")  # noqa: E731
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(recon)(x))
+    want = lax.conv_general_dilated(x, conv.cp_to_kernel(cp, ("h", "w")), (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=NHWC)
+    np.testing.assert_allclose(recon(x), want, rtol=1e-5, atol=1e-5)
+    k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 2, 4, 4)), jnp.float32)
+    kwargs = dict(window_strides=(1, 1), padding=((1, 1), (2, -1)), dimension_numbers=NHWC)
+    assert conv.conv_route(x, k, **kwargs) == "taps"  # the route; the pads send it back to lax
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k))
+    np.testing.assert_allclose(conv.conv_general_dilated(x, k, **kwargs), lax.conv_general_dilated(x, k, **kwargs),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_products():

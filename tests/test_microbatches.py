@@ -189,3 +189,71 @@ def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
     with autotune.loop_mode():
         inside = autotune.cache_key(*args)
     assert inside != autotune.cache_key(*args) and autotune.cache_key(*args) == autotune.cache_key(*args)
+
+
+class DenseNet(nn.Module):
+    """Dense convs as the models build them (``hocp_jax.conv.conv_general_dilated``): unstrided,
+    strided and dilated, each but the first with an input gradient; no batch norm."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        from hocp_jax import conv
+
+        for i, (stride, dilation) in enumerate(((1, 1), (2, 1), (1, (2, 1)))):
+            x = nn.relu(nn.Conv(6, (3, 3), stride, padding=((1, 2), (1, 1)), kernel_dilation=dilation, use_bias=False,
+                                conv_general_dilated=conv.conv_general_dilated, name=f"conv{i}")(x))
+        return {"va": jnp.tanh(nn.Dense(2, name="head")(x.mean(axis=(1, 2))))}
+
+
+def _conv_lines(step, state, batch) -> list[str]:
+    return [line for line in jax.jit(step).lower(state, batch).as_text().splitlines() if "stablehlo.convolution" in line]
+
+
+def test_in_the_loop_dense_convs_take_no_gradient_convolution_on_cpu():
+    """In the micro-batches' loop on CPU the models' dense convs keep XLA's forward convolution
+    only: the kernel gradient is one matrix product per tap, the input gradient a forward conv of
+    the flipped kernel (unstrided) or per-tap products (strided); no transposed (``o, i``) kernel
+    layout, no dilated input. The whole-batch step keeps XLA's gradients; both give one update."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the loop mode acts on the CPU backend only")
+    batch, tx, model = _batch(), optax.sgd(0.1), DenseNet()
+    state = _state(model, batch, tx)
+    whole = make_train_step(model, mse_loss, tx)
+    micro = make_train_step(model, mse_loss, tx, microbatches=2)
+    forward = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+    outside = _conv_lines(whole, state, batch)
+    assert len(outside) == 3 + 3 + 2 and sum(forward in line for line in outside) == 3
+    inside = _conv_lines(micro, state, batch)
+    assert inside and all(forward in line and "lhs_dilate = [1, 1]" in line for line in inside)
+    assert len(inside) == 3 + 3 + 1  # passes 1 and 2, the dilated layer's input gradient (the strided one's: per tap)
+    _close(jax.jit(micro)(state, batch)[0].params, jax.jit(whole)(state, batch)[0].params, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape, k_shape, strides, pads, dilations", [
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 2), (0, 0)), (1, 1)),
+    ((2, 7, 6, 3), (3, 2, 3, 4), (2, 3), ((1, 1), (2, 0)), (1, 2)),
+    ((2, 9, 3), (4, 3, 5), (2,), ((4, 3),), (2,)),  # pads wider than the kernel reaches
+    ((1, 3, 6, 5, 2), (3, 3, 3, 2, 3), (1, 2, 1), ((1, 1), (1, 1), (0, 2)), (1, 1, 1)),
+])
+def test_in_the_loop_conv_gradients_are_laxs(x_shape, k_shape, strides, pads, dilations):
+    """The loop mode's conv (``conv_matmul_kernel_grad`` with its in-loop input gradient): value,
+    input and kernel gradients equal ``lax``'s in float64."""
+    from jax import lax
+
+    from hocp_jax import autotune, conv
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the loop mode acts on the CPU backend only")
+    n, rng = len(strides), np.random.default_rng(len(x_shape))
+    with jax.enable_x64(True):
+        x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
+        ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
+                                                    dimension_numbers=conv._dimension_numbers(n))
+        y, vjp = jax.vjp(ref, x, k)
+        g = rng.standard_normal(y.shape)
+        with autotune.loop_mode():
+            y2, vjp2 = jax.vjp(lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads,
+                                                                         dilations=dilations), x, k)
+            got = (y2, *vjp2(g))
+        for a, b in zip(got, (y, *vjp(g))):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

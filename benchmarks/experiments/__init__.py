@@ -34,7 +34,8 @@ program) and with the factorized convs one sample at a time (``autotune.per_samp
 a memory option on any backend), and each HO-CP step's over its dense reference's.
 
 ``python -m benchmarks.experiments microbatches [rounds]``: the train steps of ``configs/affectnet.py``
-and ``configs/jester.py:hocp_s`` at their batch sizes, the batch through the model whole and in
+(also with the dense ResNet-18), ``configs/jester.py:hocp_s`` and ``configs/jester.py:dense`` at
+their batch sizes, the batch through the model whole and in
 2, 4 and 8 micro-batches (``make_train_step(microbatches=k)``): each compiled step's temporary
 memory (``memory_analysis()``, as built here and with the CP convs' loops off, the GPU/TPU
 program) and ms per step, interleaved.

@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
     "pointwise": layers.pointwise, "stem_3d": layers.stem_3d, "fold_taps": layers.fold_taps,
+    "small_maps": layers.small_maps,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
     "main_job_malloc": workers.main_job_malloc, "host_devices": workers.host_devices,
     "jit_devices": workers.jit_devices, "malloc_no_mmap": workers.malloc_no_mmap,

@@ -950,3 +950,40 @@ def fold_taps(rounds: int = 7) -> dict:
         print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def small_maps(rounds: int = 5) -> dict:
+    """Ungrouped stride-1 convs on maps about the kernel's size or smaller (2-D: batch 8 with 256
+    channels, kernels 3, 5 and 7, and batch 64 with 512, kernels 3 and 5 (XLA took 25-53 s per
+    call on the 7x7 ones of 4x4 and 5x5 maps in a scratch run), square maps of 1 to k + 1; 3-D: batch 8,
+    256 channels, a 3x3x3 kernel, 1 to 4 frames of 2x2, 5x5 and 10x10; padding k // 2), timed
+    fwd+bwd (input and kernel gradients, a random cotangent) as XLA's convolution and as
+    :func:`hocp_jax.conv._taps_conv` (one matrix product per tap that reads the input),
+    interleaved per conv. Such maps are where a ResNet's last stage ends on small images (2x2 for
+    AffectNet's 64x64 faces) and where a video net's clip has fewer frames than its kernel."""
+    from jax import lax
+
+    cases = [((b, s, s, c), (k, k, c, c)) for b, c, ks in ((8, 256, (3, 5, 7)), (64, 512, (3, 5))) for k in ks
+             for s in range(1, k + 2)]
+    cases += [((8, t, s, s, 256), (3, 3, 3, 256, 256)) for t in (1, 2, 3, 4) for s in (2, 5, 10)]
+    rng = np.random.default_rng(0)
+    out: dict = {"rounds": rounds, "convs": []}
+    for x_shape, k_shape in cases:
+        n = len(k_shape) - 2
+        strides, pads, dilations = (1,) * n, tuple((k // 2, k // 2) for k in k_shape[:n]), (1,) * n
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:-1])), jnp.float32)
+        cot = jnp.asarray(rng.standard_normal((*x_shape[:-1], k_shape[-1])), jnp.float32)
+        paths = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv._dimension_numbers(n)),
+                 "taps": lambda x, w: conv._taps_conv(x, w, strides, pads, dilations)}
+        calls = {name: compile_jax(jax.value_and_grad(lambda x, w, c, f=f: jnp.sum(f(x, w) * c), argnums=(0, 1)),
+                                   x, w, cot)[0] for name, f in paths.items()}
+        ms = {name: round(v["median_ms"], 2) for name, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        outs = x_shape[1:-1]
+        row = {"x": list(x_shape), "kernel": list(k_shape), "ms": ms, "taps / lax": round(ms["taps"] / ms["lax"], 3),
+               "taps reading x": int(sum(conv._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs))),
+               "routed": conv.conv_route(x, w, window_strides=strides, dimension_numbers=conv._dimension_numbers(n))}
+        out["convs"].append(row)
+        print(json.dumps(row), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -675,16 +675,19 @@ def input_patches(rounds: int = 11) -> dict:
     return out
 
 
-MICROBATCH_CONFIGS = (("affectnet", ""), ("jester", "hocp_s"))
+# (name, config module, its argument, model name replacing the config's or None)
+MICROBATCH_CONFIGS = (("affectnet", "affectnet", "", None), ("affectnet dense", "affectnet", "", "resnet18"),
+                      ("jester", "jester", "hocp_s", None), ("jester dense", "jester", "dense", None))
 
 
 def microbatches(rounds: int = 5) -> dict:
     """The train steps of ``configs/affectnet.py`` (HO-CP ResNet-18, batch 64 of 64 x 64 faces,
-    Adam, the shake-shake affect loss + cross-entropy + lasso) and ``configs/jester.py:hocp_s``
-    (its batch and clip shape), with the batch through the model whole and in k = 2, 4, 8
+    Adam, the shake-shake affect loss + cross-entropy + lasso), the same with the dense ResNet-18
+    (since stop 60), ``configs/jester.py:hocp_s`` and ``configs/jester.py:dense`` (since stop 60;
+    their batch and clip shape), with the batch through the model whole and in k = 2, 4, 8
     micro-batches (``make_train_step(microbatches=k)``): XLA's ``memory_analysis()`` temporary
     MiB of each compiled step, as this backend's automatic rules build it and with the CP convs'
-    loops off (what GPU/TPU get), and ms per step, interleaved (``rounds`` rounds)."""
+    loops off (what GPU/TPU get), and ms per step, interleaved (``rounds`` rounds, per model)."""
     import importlib
 
     import jax.numpy as jnp
@@ -695,9 +698,11 @@ def microbatches(rounds: int = 5) -> dict:
     from hocp_jax.training.trained import build_model
 
     out: dict = {"rounds": rounds, "backend": jax.default_backend()}
-    for module, arg in MICROBATCH_CONFIGS:
+    for label, module, arg, model_name in MICROBATCH_CONFIGS:
         config = importlib.import_module(f"configs.{module}").get_config(*([arg] if arg else []))
-        model = build_model(config.model.name, config.model.kwargs)
+        if model_name is not None:  # a dense model: no lambdas for the lasso
+            config.loss.l1_gamma = 0.0
+        model = build_model(model_name or config.model.name, config.model.kwargs)
         shape = {"affectnet": (64, 64, 3), "jester": (18, 84, 84, 3)}[module]  # the builders' default examples
         b = config.data.batch_size
         rng = np.random.default_rng(0)
@@ -715,15 +720,15 @@ def microbatches(rounds: int = 5) -> dict:
         calls, temp = {}, {}
         for k in (1, 2, 4, 8):
             step = make_train_step(model, loss, tx, reg, microbatches=k)
-            name = f"{module} k={k}"
+            name = f"{label} k={k}"
             compiled = bench.compile_program(step, state, batch)[0]
             temp[name] = {"as on this backend": bench.memory_mib(compiled)["temp"],
                           "loops off": bench.memory_mib(bench.compile_without_loops(step, state, batch))["temp"]}
             calls[name] = functools.partial(lambda c: jax.block_until_ready(c(state, batch)), compiled)
             print(json.dumps({name: temp[name]}), flush=True)
         ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
-        out[module] = {"batch": b, "input": list(shape), "temp MiB": temp, "ms": ms,
-                       "ms / k=1": {k: round(v / ms[f"{module} k=1"], 3) for k, v in ms.items()}}
-        print(json.dumps({module: out[module]}), flush=True)
+        out[label] = {"model": model_name or config.model.name, "batch": b, "input": list(shape), "temp MiB": temp,
+                      "ms": ms, "ms / k=1": {k: round(v / ms[f"{label} k=1"], 3) for k, v in ms.items()}}
+        print(json.dumps({label: out[label]}), flush=True)
     out["loadavg"] = os.getloadavg()
     return out

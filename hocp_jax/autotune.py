@@ -200,11 +200,13 @@ def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilation
     shorter than the kernel's extent ``d (k - 1) + 1`` (``dilations`` default 1).
 
     XLA's CPU convolution is pathologically slow there. Stop 60, ``python -m benchmarks.experiments
-    small_maps`` (benchmarks/EXPERIMENTS.md), fwd+bwd on the 2-core AMD EPYC host: the taps took
-    0.01-0.28x XLA's time on every 2-D map smaller than its 3x3, 5x5 or 7x7 kernel (a 2x2 map of
-    64 x 512 channels under a 3x3 kernel, the last stage of a ResNet-18 on 64x64 images: 22 ms
-    against 1065 ms), and 0.94-1.68x on maps as large as the kernel or larger, where XLA's stays.
-    GPU/TPU keep their vendor-tuned convolutions (not measured)."""
+    small_maps 5`` (benchmarks/EXPERIMENTS.md), fwd+bwd on the 2-core AMD EPYC host: the taps took
+    0.012-0.208x XLA's time on the 18 2-D maps smaller than their 3x3, 5x5 or 7x7 kernel (a 2x2
+    map of 64 x 512 channels under a 3x3 kernel, the last stage of a ResNet-18 on 64x64 images:
+    22.3 ms against 1065.0) and 0.036-0.908x on the 8 clips of fewer frames than a 3x3x3 kernel
+    (or smaller maps), and 0.78-1.60x on the 10 2-D maps as large as the kernel or larger, where
+    XLA's stays (the taps took 0.85-0.97x on the 4 such clips: a small gain not taken). GPU/TPU keep their
+    vendor-tuned convolutions (not measured)."""
     if jax.default_backend() != "cpu":
         return False
     n = len(kernel_shape) - 2

@@ -193,8 +193,8 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
 
 
 def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:
-    """Whether :func:`hocp_jax.conv.conv_general_dilated` and the convs of computed kernels
-    (:func:`hocp_jax.conv._weight_conv`) run a channels-last, ungrouped conv of ``x (B, *S, C_in)``
+    """Whether :func:`hocp_jax.conv.conv_general_dilated` (the models' dense convs; not the convs of
+    computed kernels, :func:`hocp_jax.conv._weight_conv`) runs a channels-last, ungrouped conv of ``x (B, *S, C_in)``
     with ``kernel (*K, C_in, C_out)`` as one matrix product per tap that reads ``x``
     (:func:`hocp_jax.conv._taps_conv`): on the CPU backend, when a spatial mode of ``x`` is
     shorter than the kernel's extent ``d (k - 1) + 1`` (``dilations`` default 1).

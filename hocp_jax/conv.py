@@ -478,22 +478,23 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
     modes; :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+
-    modes, few input channels); where ``x`` is not explicitly sharded, :func:`_taps_conv` on a map
-    smaller than the kernel (CPU, :func:`hocp_jax.autotune.small_map_taps`), and
+    modes, few input channels); where ``x`` is not explicitly sharded,
     :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
     :func:`hocp_jax.autotune.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
     :func:`_with_auto_axes`).
-    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
+    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy).
+    A map smaller than the kernel keeps ``lax``'s conv here, unlike the drop-in's dense convs
+    (:func:`hocp_jax.autotune.small_map_taps`): on the Jester conv4 (2x10x10, 256 -> 256) the
+    reconstructed path took 388 ms with the taps against 231 with ``lax`` (stop 60, scratch), where
+    the dense conv took 130 against 134."""
     x, kernel = _promote(x, kernel)
     split = explicit_sharding.is_split(x)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
     if autotune.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
         return _patches_conv(x, kernel, strides, pads, dilations)
-    if not split and autotune.small_map_taps(x.shape, kernel.shape, dilations):
-        return _taps_conv(x, kernel, strides, pads, dilations)
     if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
                                                                       dilations, input_grad)
                       or autotune.cpu_loop_mode()):

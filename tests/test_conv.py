@@ -247,20 +247,17 @@ def test_taps_leave_out_taps_that_read_padding_only():
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_small_map_taps_in_computed_kernels_and_not_on_negative_pads():
-    """The reconstructed CP path on a map smaller than its kernel runs the taps too (no convolution
-    left; equal to ``lax``'s conv of the rebuilt kernel), and the drop-in leaves a conv with a
-    negative pad (a crop) to ``lax``."""
+def test_small_map_taps_not_on_negative_pads_nor_computed_kernels():
+    """The drop-in leaves a conv with a negative pad (a crop) to ``lax``, and the reconstructed CP
+    path keeps ``lax``'s conv on a map smaller than its kernel (slower with the taps: see
+    ``conv._weight_conv``)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the small-map taps are CPU-only")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 2, 2, 4)), jnp.float32)
     cp = init.init_cp_params(jax.random.PRNGKey(0), 4, 6, (3, 3), 5)
     recon = lambda x: conv.cp_conv(x, cp, padding=1, implementation="reconstructed")  # noqa: E731
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(recon)(x))
-    want = lax.conv_general_dilated(x, conv.cp_to_kernel(cp, ("h", "w")), (1, 1), ((1, 1), (1, 1)),
-                                    dimension_numbers=NHWC)
-    np.testing.assert_allclose(recon(x), want, rtol=1e-5, atol=1e-5)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(recon)(x))
     k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((2, 2, 4, 4)), jnp.float32)
     kwargs = dict(window_strides=(1, 1), padding=((1, 1), (2, -1)), dimension_numbers=NHWC)

@@ -78,10 +78,10 @@ def make_train_step(
             micro-batch with its own statistics (its running averages updated once per
             micro-batch), and the model's forward pass runs twice. A memory option for GPU/TPU:
             on the CPU backend XLA runs its convolutions' gradients far slower inside a loop
-            (the kernel gradient most); the library's 2-D convs of a computed kernel take their
-            kernel gradient as matrix products there instead (:func:`hocp_jax.autotune.loop_mode`;
-            their input gradient stays XLA's), Flax's convs of a dense model cannot (README,
-            "Micro-batches").
+            (the kernel gradient most); the library's convs (the models' dense ones and those
+            of computed kernels) take gradients without XLA's gradient convolutions there
+            (:func:`hocp_jax.autotune.loop_mode`); a ``flax.linen.Conv`` on XLA's own conv
+            cannot (README, "Micro-batches").
 
     Returns:
         ``train_step``; metrics holds the ``loss_fn`` metrics plus scalars ``loss`` (data

@@ -373,8 +373,8 @@ def loop_mode():
     the library's ungrouped convs, of computed kernels and dense ones alike, then run XLA's
     forward convolution with gradients that need none of XLA's gradient convolutions
     (:func:`hocp_jax.conv.conv_matmul_kernel_grad`: the kernel gradient as one matrix product per
-    tap, the input gradient as a forward conv of the flipped kernel, or per tap if strided),
-    untimed. XLA's CPU backend runs its gradient convolutions far slower inside a loop (stop 59: a
+    tap, the input gradient as a forward conv of the flipped kernel, or per tap if strided;
+    a custom VJP: reverse mode only, ``jax.jvp`` through them raises in the block), untimed. XLA's CPU backend runs its gradient convolutions far slower inside a loop (stop 59: a
     3x3 conv, 64 -> 64 channels, on 32x32x32x64 inputs, kernel gradient 6.42 s in a scan of two
     against 0.10 s unrolled, input gradient 0.20 s against 0.08 s; stop 60: a 3x3x3 conv, 64 -> 128
     channels, on 4x9x42x42x64 inputs, kernel gradient 20.8 s against 0.38 s), and measured picks

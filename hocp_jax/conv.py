@@ -216,7 +216,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       (:func:`_taps_conv`; :func:`hocp_jax.autotune.small_map_taps` has the figures);
     * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.autotune.loop_mode`, the
       micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
-      that need no gradient convolution (:func:`conv_matmul_kernel_grad`).
+      that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
+      mode only there, like the depthwise route).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
@@ -242,7 +243,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                              strides, padding))
         else:
             pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if any(lo < 0 or hi < 0 for lo, hi in pads):  # (a crop: lax's own)
+        if any(lo < 0 or hi < 0 for lo, hi in pads) or any(  # a crop, or no output: lax's own
+                output_size(*a) < 0 for a in zip(lhs.shape[1:-1], ks, strides, dilations, pads)):
             route = None
     if route is None:
         def xla(lhs, rhs):
@@ -334,7 +336,7 @@ def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precis
         return jnp.zeros((x.shape[0], *outs, c_out), x.dtype)
     if len(live) == 1:
         return channel_matmul(*live[0], precision)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
+    acc = x.dtype if jnp.issubdtype(x.dtype, jnp.integer) else jnp.promote_types(x.dtype, jnp.float32)
     return sum(channel_matmul(xt, w, precision).astype(acc) for xt, w in live).astype(x.dtype)
 
 

@@ -248,9 +248,9 @@ def test_taps_leave_out_taps_that_read_padding_only():
 
 
 def test_small_map_taps_not_on_negative_pads_nor_computed_kernels():
-    """The drop-in leaves a conv with a negative pad (a crop) to ``lax``, and the reconstructed CP
-    path keeps ``lax``'s conv on a map smaller than its kernel (slower with the taps: see
-    ``conv._weight_conv``)."""
+    """The drop-in leaves a conv with a negative pad (a crop) or no output to ``lax``, sums an
+    integer conv's taps exactly, and the reconstructed CP path keeps ``lax``'s conv on a map
+    smaller than its kernel (slower with the taps: see ``conv._weight_conv``)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the small-map taps are CPU-only")
     rng = np.random.default_rng(1)
@@ -259,12 +259,16 @@ def test_small_map_taps_not_on_negative_pads_nor_computed_kernels():
     recon = lambda x: conv.cp_conv(x, cp, padding=1, implementation="reconstructed")  # noqa: E731
     assert "conv_general_dilated" in str(jax.make_jaxpr(recon)(x))
     k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((2, 2, 4, 4)), jnp.float32)
-    kwargs = dict(window_strides=(1, 1), padding=((1, 1), (2, -1)), dimension_numbers=NHWC)
-    assert conv.conv_route(x, k, **kwargs) == "taps"  # the route; the pads send it back to lax
-    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k))
-    np.testing.assert_allclose(conv.conv_general_dilated(x, k, **kwargs), lax.conv_general_dilated(x, k, **kwargs),
-                               rtol=1e-5, atol=1e-5)
+    for x_shape, kwargs in (((2, 2, 4, 4), dict(window_strides=(1, 1), padding=((1, 1), (2, -1)))),
+                            ((2, 1, 1, 4), dict(window_strides=(1, 1), padding="VALID"))):  # no output
+        x, kwargs = jnp.asarray(rng.standard_normal(x_shape), jnp.float32), kwargs | dict(dimension_numbers=NHWC)
+        assert conv.conv_route(x, k, **kwargs) == "taps"  # the route; the pads send it back to lax
+        ours = conv.conv_general_dilated(x, k, **kwargs)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k))
+        np.testing.assert_allclose(ours, lax.conv_general_dilated(x, k, **kwargs), rtol=1e-5, atol=1e-5)
+    xi, ki = jnp.full((1, 2, 2, 2), 2 ** 13 + 1, jnp.int32), jnp.full((3, 3, 2, 3), 2 ** 11 + 1, jnp.int32)
+    np.testing.assert_array_equal(conv.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC),
+                                  lax.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC))
 
 
 def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_products():

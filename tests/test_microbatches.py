@@ -232,7 +232,7 @@ def test_in_the_loop_dense_convs_take_no_gradient_convolution_on_cpu():
 @pytest.mark.parametrize("x_shape, k_shape, strides, pads, dilations", [
     ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 2), (0, 0)), (1, 1)),
     ((2, 7, 6, 3), (3, 2, 3, 4), (2, 3), ((1, 1), (2, 0)), (1, 2)),
-    ((2, 9, 3), (4, 3, 5), (2,), ((4, 3),), (2,)),  # pads wider than the kernel reaches
+    ((2, 9, 3), (4, 3, 5), (2,), ((7, 3),), (2,)),  # pads wider than the kernel reaches (6)
     ((2, 5, 3), (3, 3, 2), (1,), ((3, 4),), (1,)),  # the same, unstrided: the flipped conv crops
     ((1, 3, 6, 5, 2), (3, 3, 3, 2, 3), (1, 2, 1), ((1, 1), (1, 1), (0, 2)), (1, 1, 1)),
 ])

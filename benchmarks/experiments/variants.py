@@ -220,10 +220,10 @@ def lax_convs(pointwise: bool = True, depthwise: bool = True):
     product and the shift kernel (the models read ``conv.conv_general_dilated`` when traced)."""
     fast = conv.conv_general_dilated
 
-    to_lax = {"pointwise": pointwise, "depthwise": depthwise, None: True}
+    to_lax = {"pointwise": pointwise, "depthwise": depthwise}  # other routes: the library's
 
     def patched(lhs, rhs, window_strides, padding, **kwargs):
-        convolution = lax.conv_general_dilated if to_lax[conv.conv_route(lhs, rhs, **kwargs)] else fast
+        convolution = lax.conv_general_dilated if to_lax.get(conv.conv_route(lhs, rhs, **kwargs), False) else fast
         return convolution(lhs, rhs, window_strides, padding, **kwargs)
 
     conv.conv_general_dilated = patched

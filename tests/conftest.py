@@ -1,9 +1,12 @@
 """Shared pytest setup: float32 CPU JAX, deterministic keys, scripts on simulated devices."""
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests compile far more than they run, and LLVM's optimisation of XLA's CPU code is most of
@@ -14,6 +17,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # default. Test subprocesses inherit it (those that set a device count append to XLA_FLAGS).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+# The suite compiles many programs more than once: train.py run again on a finished workdir (the
+# resume tests) evaluates the same models, tests build the same tiny models in new closures. JAX's
+# persistent compilation cache, in a folder of this test session (never a user's), compiles each
+# once; test subprocesses inherit it. Programs that compile in under a second are not cached
+# (JAX's default threshold).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hocp-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -193,8 +193,9 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
 
 
 def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:
-    """Whether :func:`hocp_jax.conv.conv_general_dilated` (the models' dense convs; not the convs of
-    computed kernels, :func:`hocp_jax.conv._weight_conv`) runs a channels-last, ungrouped conv of ``x (B, *S, C_in)``
+    """Whether :func:`hocp_jax.conv.conv_general_dilated` (the models' dense convs) and
+    :func:`hocp_jax.conv._weight_conv` (the convs of computed kernels: reconstructed CP, Tucker and
+    TT kernels) run a channels-last, ungrouped conv of ``x (B, *S, C_in)``
     with ``kernel (*K, C_in, C_out)`` as one matrix product per tap that reads ``x``
     (:func:`hocp_jax.conv._taps_conv`): on the CPU backend, when a spatial mode of ``x`` is
     shorter than the kernel's extent ``d (k - 1) + 1`` (``dilations`` default 1).
@@ -205,7 +206,9 @@ def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilation
     map of 64 x 512 channels under a 3x3 kernel, the last stage of a ResNet-18 on 64x64 images:
     22.3 ms against 1065.0) and 0.036-0.908x on the 8 clips of fewer frames than a 3x3x3 kernel
     (or smaller maps), and 0.78-1.60x on the 10 2-D maps as large as the kernel or larger, where
-    XLA's stays (the taps took 0.85-0.97x on the 4 such clips: a small gain not taken). GPU/TPU keep their
+    XLA's stays (the taps took 0.85-0.97x on the 4 such clips: a small gain not taken). With a
+    kernel rebuilt from CP factors (stop 61, ``small_maps_computed 5``): 0.18x and 0.61x on that
+    2x2 map at batch 64 and 8, 1.00x and 1.04x on two clips of 2 frames. GPU/TPU keep their
     vendor-tuned convolutions (not measured)."""
     if jax.default_backend() != "cpu":
         return False

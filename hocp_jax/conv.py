@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import functools
 import itertools
+import math
 import string
 from collections.abc import Callable, Mapping, Sequence
 
@@ -243,8 +244,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                              strides, padding))
         else:
             pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if any(lo < 0 or hi < 0 for lo, hi in pads) or any(  # a crop, or no output: lax's own
-                output_size(*a) < 0 for a in zip(lhs.shape[1:-1], ks, strides, dilations, pads)):
+        if not _taps_fit(lhs.shape, rhs.shape, strides, pads, dilations):  # a crop, or no output: lax's own
             route = None
     if route is None:
         def xla(lhs, rhs):
@@ -312,6 +312,14 @@ in ``gpu_conv_runner.cc``) or gave a wrong kernel gradient, while the forward pa
 convs as :func:`_taps_conv` (slices and matrix products, no convolution) on GPU."""
 
 
+def _taps_fit(x_shape, kernel_shape, strides, pads, dilations) -> bool:
+    """Whether the library's own routes take a conv of these resolved arguments: no negative pad
+    (a crop) and an output of at least zero positions per mode; else ``lax``'s conv."""
+    n = len(kernel_shape) - 2
+    return all(lo >= 0 and hi >= 0 for lo, hi in pads) and all(
+        output_size(*a) >= 0 for a in zip(x_shape[1:1 + n], kernel_shape[:n], strides, dilations, pads))
+
+
 def _gpu_needs_taps(n_modes: int) -> bool:
     """Whether a conv of ``n_modes`` spatial modes runs as :func:`_taps_conv` (see
     :data:`GPU_CONV_MAX_MODES`)."""
@@ -328,7 +336,10 @@ def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precis
     n = kernel.ndim - 2
     ks, c_in, c_out = kernel.shape[:n], kernel.shape[-2], kernel.shape[-1]
     outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    ws = kernel.reshape(-1, c_in, c_out)
+    # One piece per tap by a split, whose transpose (the kernel gradient) is one concatenate; indexing
+    # each tap transposes to a sum of prod(K) zero-padded full kernels: on Jester conv4's rebuilt
+    # CP kernel 399.9 against 237.7 ms fwd+bwd (`python -m benchmarks.experiments small_maps_computed`).
+    ws = [w[0] for w in jnp.split(kernel.reshape(-1, c_in, c_out), math.prod(ks), axis=0)]
     live = [(xt, ws[i]) for i, (xt, reads) in enumerate(zip(_tap_inputs(x, ks, strides, pads, dilations, outs),
                                                            _taps_read_input(x.shape[1:-1], ks, strides, pads, dilations,
                                                                             outs))) if reads]
@@ -485,18 +496,22 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
     :func:`hocp_jax.autotune.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
-    :func:`_with_auto_axes`).
-    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy).
-    A map smaller than the kernel keeps ``lax``'s conv here, unlike the drop-in's dense convs
-    (:func:`hocp_jax.autotune.small_map_taps`): on the Jester conv4 (2x10x10, 256 -> 256) the
-    reconstructed path took 388 ms with the taps against 231 with ``lax`` (stop 60, scratch), where
-    the dense conv took 130 against 134."""
+    :func:`_with_auto_axes`). Where ``x`` is not explicitly sharded, a map with a mode shorter
+    than the kernel runs as :func:`_taps_conv` on CPU before these last two
+    (:func:`hocp_jax.autotune.small_map_taps`), as in :func:`conv_general_dilated`: fwd+bwd of a
+    rebuilt CP kernel (``python -m benchmarks.experiments small_maps_computed``, stop 61) took
+    0.18x and 0.61x ``lax``'s time on a ResNet-18's 2x2 last stage (batch 64 and 8) and 1.00x
+    and 1.04x on two 2-frame clips.
+    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
     split = explicit_sharding.is_split(x)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
     if autotune.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
         return _patches_conv(x, kernel, strides, pads, dilations)
+    if not split and autotune.small_map_taps(x.shape, kernel.shape, dilations) and _taps_fit(x.shape, kernel.shape,
+                                                                                              strides, pads, dilations):
+        return _taps_conv(x, kernel, strides, pads, dilations)
     if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
                                                                       dilations, input_grad)
                       or autotune.cpu_loop_mode()):

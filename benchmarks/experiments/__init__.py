@@ -40,6 +40,16 @@ their batch sizes, the batch through the model whole and in
 memory (``memory_analysis()``, as built here and with the CP convs' loops off, the GPU/TPU
 program) and ms per step, interleaved.
 
+``python -m benchmarks.experiments small_maps [rounds]``: ungrouped stride-1 convs on 2-D maps
+and clips about their kernel's size or smaller, fwd+bwd, as XLA's convolution and as
+``conv._taps_conv`` (one matrix product per tap that reads the input), interleaved per conv: the
+figures of ``hocp_jax.autotune.small_map_taps``.
+
+``python -m benchmarks.experiments small_maps_computed [rounds] [revision]``: four convs on maps
+smaller than their kernel, the kernel a parameter or rebuilt from CP factors, fwd+bwd, with XLA's
+convolution, the library's ``conv._taps_conv`` and ``_taps_conv`` as it was at git ``revision``
+(default e599394: each tap's kernel indexed), interleaved per conv.
+
 ``python -m benchmarks.experiments page_faults [rounds]``: minor page faults and ms of one call of
 a jitted elementwise op whose output is a fresh 16 to 400 MB buffer, in one process per installed
 allocator setting: which buffer sizes each setting maps afresh on every call (glibc's per-thread

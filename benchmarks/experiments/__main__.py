@@ -26,13 +26,13 @@ EXPERIMENTS = {
     "chunk_rule": layers.chunk_rule, "dense_baseline": layers.dense_baseline, "rank_multiple": layers.rank_multiple,
     "path_ties": layers.path_ties, "low_precision": layers.low_precision, "depthwise": layers.depthwise,
     "pointwise": layers.pointwise, "stem_3d": layers.stem_3d, "fold_taps": layers.fold_taps,
-    "small_maps": layers.small_maps,
+    "small_maps": layers.small_maps, "small_maps_computed": layers.small_maps_computed,
     "xla_flags": workers.xla_flags, "malloc": workers.malloc, "processes": workers.processes,
     "main_job_malloc": workers.main_job_malloc, "host_devices": workers.host_devices,
     "jit_devices": workers.jit_devices, "malloc_no_mmap": workers.malloc_no_mmap,
     "page_faults": workers.page_faults, "microbatches": steps.microbatches,
 }
-WITH_REVISION = ("shift_kernel", "line_buffer")
+WITH_REVISION = ("shift_kernel", "line_buffer", "small_maps_computed")
 
 
 def main(argv: list[str]) -> None:

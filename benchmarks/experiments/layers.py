@@ -987,3 +987,48 @@ def small_maps(rounds: int = 5) -> dict:
         print(json.dumps(row), flush=True)
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def small_maps_computed(rounds: int = 5, revision: str = "e599394") -> dict:
+    """Convs on maps smaller than the kernel, whose kernel is a parameter (``dense``) or rebuilt
+    from CP factors (``recon``, :func:`hocp_jax.conv.cp_to_kernel`, gradients w.r.t. the factors):
+    the Jester conv4 (8 x 2x10x10, 256 -> 256, 3x3x3, rank 1536), a 2-frame clip of 5x5 and the last
+    stage of a ResNet-18 on 64x64 images (2x2 maps, 512 -> 512, 3x3, the HO-CP ResNet-18's rank
+    2288) at batch 8 and 64; padding 1. Each timed fwd+bwd (input and parameter gradients, a
+    random cotangent) with XLA's convolution (``lax``), the library's :func:`hocp_jax.conv._taps_conv`
+    (``taps``: one split of the kernel into its taps) and ``_taps_conv`` of ``hocp_jax/conv.py`` at
+    git ``revision`` (``taps indexed``: each tap's kernel indexed, whose transpose is a sum of
+    zero-padded full kernels), interleaved per conv."""
+    from jax import lax
+
+    indexed = conv_at(revision)._taps_conv
+    cases = [("Jester conv4", (8, 2, 10, 10, 256), 256, 1536), ("clip 2x5x5", (8, 2, 5, 5, 256), 256, 1536),
+             ("ResNet-18 last stage, batch 8", (8, 2, 2, 512), 512, 2288),
+             ("ResNet-18 last stage, batch 64", (64, 2, 2, 512), 512, 2288)]
+    rng = np.random.default_rng(0)
+    out: dict = {"rounds": rounds, "revision": revision, "convs": []}
+    for name, x_shape, c_out, rank in cases:
+        n = len(x_shape) - 2
+        strides, pads, dilations, modes = (1,) * n, ((1, 1),) * n, (1,) * n, conv.default_modes(n)
+        normal = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)  # noqa: E731
+        x, cot = normal(*x_shape), normal(*x_shape[:-1], c_out)
+        cp = {"lambda": normal(rank), "factor_in": normal(x_shape[-1], rank, scale=0.05),
+              "factor_out": normal(c_out, rank, scale=0.05), **{conv.mode_key(m): normal(3, rank, scale=0.3) for m in modes}}
+        convs = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv._dimension_numbers(n)),
+                 "taps": lambda x, w: conv._taps_conv(x, w, strides, pads, dilations),
+                 "taps indexed": lambda x, w: indexed(x, w, strides, pads, dilations)}
+        calls = {}
+        for kind, p in (("dense", conv.cp_to_kernel(cp, modes)), ("recon", cp)):
+            for path, f in convs.items():
+                def loss(x, p, c, f=f, kind=kind):
+                    return jnp.sum(f(x, p if kind == "dense" else conv.cp_to_kernel(p, modes)) * c)
+
+                calls[f"{kind} {path}"] = compile_jax(jax.value_and_grad(loss, argnums=(0, 1)), x, p, cot)[0]
+        ms = {k: round(v["median_ms"], 2) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        row = {"name": name, "x": list(x_shape), "c_out": c_out, "rank": rank, "ms": ms,
+               **{f"{kind} {path} / lax": round(ms[f"{kind} {path}"] / ms[f"{kind} lax"], 3)
+                  for kind in ("dense", "recon") for path in ("taps", "taps indexed")}}
+        out["convs"].append(row)
+        print(json.dumps(row), flush=True)
+    out["loadavg"] = os.getloadavg()
+    return out

@@ -74,9 +74,10 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 8
+MEASURE_VERSION = 9
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 8 (stop 50): on CPU, the reconstructed path of a 3-D+
+has since changed, are not reused. Version 9 (stop 61): on CPU, the reconstructed path on a map
+with a mode shorter than the kernel runs as per-tap products (:func:`small_map_taps`). Version 8 (stop 50): on CPU, the reconstructed path of a 3-D+
 conv with few input channels runs as a patches matrix product (:func:`patches_conv`). Version 7 (stop 46): the timed programs take their inputs as
 parameters, not constants, and short calls are repeated within a sample (:func:`_median_times`).
 Version 6 (stop 42): the factorized path computes bfloat16 and

@@ -496,12 +496,13 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
     :func:`hocp_jax.autotune.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
-    :func:`_with_auto_axes`). Where ``x`` is not explicitly sharded, a map with a mode shorter
-    than the kernel runs as :func:`_taps_conv` on CPU before these last two
+    :func:`_with_auto_axes`). Before those two, on CPU and where ``x`` is not explicitly sharded,
+    a map with a mode shorter than the kernel runs as :func:`_taps_conv`
     (:func:`hocp_jax.autotune.small_map_taps`), as in :func:`conv_general_dilated`: fwd+bwd of a
     rebuilt CP kernel (``python -m benchmarks.experiments small_maps_computed``, stop 61) took
     0.18x and 0.61x ``lax``'s time on a ResNet-18's 2x2 last stage (batch 64 and 8) and 1.00x
-    and 1.04x on two 2-frame clips.
+    and 1.04x on two 2-frame clips, on an AVX-512 host, where those 2-D convs took ``lax``'s conv
+    before; on AVX2-only hosts they took :func:`conv_matmul_kernel_grad` (not compared).
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
     x, kernel = _promote(x, kernel)
     split = explicit_sharding.is_split(x)

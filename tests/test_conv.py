@@ -251,7 +251,7 @@ def test_small_map_taps_on_computed_kernels_with_one_concatenate_as_kernel_gradi
     """On a map smaller than its kernel the reconstructed CP and Tucker paths run the taps too: no
     convolution left, values and gradients (input and every factor) equal to ``lax``'s conv of
     the reconstructed kernel in float64; the taps' kernel gradient is one concatenate, not a sum
-    of zero-padded full kernels (the transpose of indexing each tap, 1.9x slower on Jester conv4's
+    of zero-padded full kernels (the transpose of indexing each tap, 1.7x slower on Jester conv4's
     reconstructed path: ``conv._taps_conv``)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the small-map taps are CPU-only")

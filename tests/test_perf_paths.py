@@ -202,8 +202,10 @@ def test_auto_picks_analytically_cheaper_path(monkeypatch, batch, in_sizes, c_in
     # auto is its pick, nothing more: the same program (so any benchmark gap between them is noise)
     assert str(run("auto")) == str(run(cheaper))
     # which path ran, told by its convolution: the reconstructed conv of 3 input channels (Jester
-    # conv1) is a patches product on CPU, so here it keeps lax's conv (that route: tests/test_conv.py)
+    # conv1) is a patches product on CPU, that of a map smaller than the kernel (Jester conv4's 2
+    # frames) per-tap products, so here both keep lax's conv (those routes: tests/test_conv.py)
     monkeypatch.setattr(autotune, "PATCHES_MAX_IN_CHANNELS", 0)
+    monkeypatch.setattr(autotune, "small_map_taps", lambda *args, **kwargs: False)
     assert _uses_dense_conv(run("auto")) == (cheaper == "reconstructed")
     assert not _uses_dense_conv(run("factorized")) and _uses_dense_conv(run("reconstructed"))
     assert not _uses_dense_conv(run("auto", psi=lambda h, stage: h))  # psi forces the factorized path

@@ -36,7 +36,7 @@ def test_tucker_params_match_tree():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_flops_match_xla_cost_analysis(stride):
-    """Analytic FLOPs vs XLA's cost analysis of the compiled dense conv and factorized CP conv."""
+    """Analytic FLOPs vs XLA's cost analysis of the compiled dense conv and factorized CP and Tucker convs."""
     x = jnp.ones((1, 8, 16, 16, 16))
     p = init.init_cp_params(jax.random.key(0), 16, 32, (3, 3, 3), 48)
     modes = ("d", "h", "w")
@@ -54,6 +54,10 @@ def test_flops_match_xla_cost_analysis(stride):
     assert 0.8 < dense / a_dense < 1.2
     assert 0.8 < fact / a_cp < 1.2
     assert a_cp < a_dense
+    tp = init.init_tucker_params(jax.random.key(1), 16, 32, (3, 3, 3), (8, 12))
+    tucker = flops(lambda x, p: conv.tucker_conv(x, p, stride=stride), x, tp)
+    a_tucker = counting.tucker_flops((8, 16, 16), 16, 32, (3, 3, 3), (8, 12), stride=stride)
+    assert 0.8 < tucker / a_tucker < 1.2
 
 
 @pytest.mark.parametrize("call,words", [

@@ -16,7 +16,9 @@ fwd+bwd, ``bench`` protocol) with the dense conv and the HO-CP ``auto`` path, un
 ``XLA_FLAGS`` settings of the CPU backend. Flags are per process, so every setting runs in its
 own worker process; the parent times the workers' calls in interleaved, rotated rounds (one call
 runs at a time), so load from elsewhere hits all settings alike. Prints medians and ratios to the
-default-flags dense stack as JSON.
+default-flags dense stack as JSON, and (since stop 62) with the cross-core round trip taken before
+each call, each call's and each setting's stack medians over the calls with the CPUs close and far
+apart (``benchmarks.placement``).
 
 ``python -m benchmarks.experiments malloc [rounds]``: the same worker scheme under the glibc
 allocator settings of :data:`benchmarks.experiments.workers.MALLOC_SETTINGS` (XLA's CPU

@@ -21,6 +21,10 @@ XLA_FLAG_SETS = {
     "xnn graph fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "ynn without reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
     "fast math": "--xla_cpu_enable_fast_math=true",
+    # stop 62: XLA's elementwise code in 512-bit vectors (its default prefers 256) on AVX-512 hosts
+    "vector width 512": "--xla_cpu_prefer_vector_width=512",
+    # stop 62: matrix products by XLA's own (Eigen) runtime, not YNNPACK
+    "ynn without dot": "--xla_cpu_experimental_ynn_fusion_type=-dot",
 }
 
 
@@ -171,16 +175,49 @@ def _run_in_workers(envs: dict[str, dict], suite: str, rounds: int, gap_s: float
     return {job: statistics.median(t) for job, t in times.items()}, sorted(set().union(*names.values()))
 
 
+def _with_probe(envs: dict[str, dict], suite: str, rounds: int) -> tuple[dict, dict, float | None]:
+    """:func:`_run_in_workers` with the cross-core round trip before each call: ``(medians,
+    record, cut)`` (``cut``: the round trip above which the CPUs count as far apart,
+    :func:`benchmarks.placement.split_cut`)."""
+    from benchmarks import placement
+
+    record: dict = {}
+    with placement.CrossCoreProbe() as probe:
+        med, _ = _run_in_workers(envs, suite, rounds, record=record, probe=probe.roundtrip_ns)
+    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
+    return med, record, cut
+
+
+def _by_placement(labels: list[str], record: dict, cut: float | None, paths: tuple[str, ...]) -> dict:
+    """Each call's medians over its calls with the CPUs close (``shared``) and far apart
+    (``split``), and per setting the stack's (the sum of its layers' medians in that placement;
+    ``None`` where a layer had no call there). Empty without a ``cut``."""
+    from benchmarks import placement
+
+    if cut is None:
+        return {}
+    by = {job: placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut) for job, r in record.items()}
+    return {"split_above_ns": round(cut, 1),
+            "by_placement": {f"{label} | {name}": v for (label, name), v in by.items()},
+            "stack_by_placement": {label: {where: {
+                k: None if math.isnan(v) else v
+                for k, v in stack_sums({n: b[where]["median"] or math.nan for (lab, n), b in by.items() if lab == label},
+                                       paths).items() if v}
+                for where in ("shared", "split")} for label in labels}}
+
+
 def xla_flags(rounds: int = 3) -> dict:
     envs = {label: dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
             for label, flags in XLA_FLAG_SETS.items()}
-    med, names = _run_in_workers(envs, "stack", rounds)
+    med, record, cut = _with_probe(envs, "stack", rounds)
+    names = sorted({name for _, name in med})
     stack = {label: stack_sums({n: med[(label, n)] for n in names}, ("dense", "auto")) for label in envs}
     base = stack["default"]["dense"]
     return {"flags": XLA_FLAG_SETS, "rounds": rounds, "stack_ms": stack,
             "stack_ratio_to_default_dense": {k: {p: v / base for p, v in d.items()} for k, d in stack.items()},
             "auto/dense per setting": {k: d["auto"] / d["dense"] for k, d in stack.items()},
             "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()},
+            **_by_placement(list(envs), record, cut, ("dense", "auto")),
             "loadavg": os.getloadavg()}
 
 
@@ -189,16 +226,10 @@ def _on_one_and_two_devices(suite: str, rounds: int) -> tuple[dict, dict, dict, 
     (``--xla_force_host_platform_device_count``), interleaved, the cross-core round trip before each
     call: ``(envs, medians, record, cut)`` (:func:`_run_in_workers`; ``cut``: the round trip above
     which the CPUs count as far apart, :func:`benchmarks.placement.split_cut`)."""
-    from benchmarks import placement
-
     base = os.environ.get("XLA_FLAGS", "")
     envs = {f"{n} device{'s' * (n > 1)}": dict(os.environ, XLA_FLAGS=f"{base} --xla_force_host_platform_device_count={n}".strip())
             for n in (1, 2)}
-    record: dict = {}
-    with placement.CrossCoreProbe() as probe:
-        med, _ = _run_in_workers(envs, suite, rounds, record=record, probe=probe.roundtrip_ns)
-    cut = placement.split_cut(v for job in record.values() for v in job["roundtrip_ns"])
-    return envs, med, record, cut
+    return envs, *_with_probe(envs, suite, rounds)
 
 
 def host_devices(rounds: int = 12) -> dict:
@@ -208,24 +239,13 @@ def host_devices(rounds: int = 12) -> dict:
     giving each vCPU its own share of the batch removes the factorized path's placement
     sensitivity (EXPERIMENTS.md, "Two speeds"), and at what cost. Per setting: the stack's and
     each layer's medians, and each call's medians over the calls with the CPUs close and far apart."""
-    from benchmarks import placement
-
     envs, med, record, cut = _on_one_and_two_devices("stack sharded", rounds)
     labels = ("dense", "auto", "auto per sample")
     out = {"rounds": rounds, "stack_ms": {}, "layer_ms": {f"{label} | {name}": ms for (label, name), ms in med.items()}}
     for label in envs:
         stack = stack_sums({n: ms for (lab, n), ms in med.items() if lab == label}, labels)
         out["stack_ms"][label] = {k: v for k, v in stack.items() if v}
-    if cut is not None:
-        by = {job: placement.medians_by_placement(r["ms"], r["roundtrip_ns"], cut) for job, r in record.items()}
-        out["split_above_ns"] = round(cut, 1)
-        out["by_placement"] = {f"{label} | {name}": v for (label, name), v in by.items()}
-        # a layer with no call in a placement leaves its stack undefined there (None)
-        out["stack_by_placement"] = {label: {where: {
-            k: None if math.isnan(v) else v
-            for k, v in stack_sums({n: b[where]["median"] or math.nan for (lab, n), b in by.items() if lab == label},
-                                   labels).items() if v}
-            for where in ("shared", "split")} for label in envs}
+    out |= _by_placement(list(envs), record, cut, labels)
     out["calls"] = {f"{label} | {name}": r for (label, name), r in record.items()}
     out["loadavg"] = os.getloadavg()
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks to run on a lent NVIDIA GPU machine, in one call, from the repository root:
-#   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]
+#   bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE [CPU_S]]]
 # That machine has its own jax (CUDA), flax, optax, torch; nothing can be installed from a registry
 # there, so TensorLy-Torch and TensorLy travel as wheels in .whl/ (git-ignored), fetched beforehand:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl tensorly==0.10.0 tensorly-torch==0.5.0
@@ -18,12 +18,15 @@
 #      benchmarks/EXPERIMENTS.md, stop 46).
 #   5. the train steps' temporary memory on the GPU's compiler, compiled only (step_memory.json:
 #      python -m benchmarks.experiments step_memory, as built, loops off, one sample at a time).
+#   6. optional (CPU_S > 0 seconds; default 0, skipped): the CPU loop rules of the factorized path,
+#      calibrated on the 2-vCPU development VM, on this machine's many CPU cores (cpu_loops.json:
+#      JAX_PLATFORMS=cpu python -m benchmarks.experiments cpu_loops 3).
 # BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
 # bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
 # is made afterwards: python -m benchmarks.bench --rescore --out FILE --md FILE.md.
 set -u
-out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE]]}
-layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140} scale=${5:-1} memory_s=60
+out=${1:?usage: bash benchmarks/device_check.sh OUTDIR [LAYER_S TEST_S MODEL_S [BATCH_SCALE [CPU_S]]]}
+layer_s=${2:-220} test_s=${3:-90} model_s=${4:-140} scale=${5:-1} cpu_s=${6:-0} memory_s=60
 mkdir -p "$out"
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/log.txt"; }
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # the rest of the card is the peers'
@@ -77,3 +80,10 @@ log "stage 4 exit ${PIPESTATUS[0]}"
 log "stage 5: train-step memory (limit ${memory_s} s)"
 timeout "$memory_s" python3 -m benchmarks.experiments step_memory "$scale" >"$out/step_memory.json" 2>>"$out/log.txt"
 log "stage 5 exit $?"; tail -n 3 "$out/step_memory.json" | tee -a "$out/log.txt"
+
+if [ "$cpu_s" -gt 0 ]; then
+  log "stage 6: CPU loop rules on $(nproc) CPUs (limit ${cpu_s} s)"
+  lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|L2 cache|L3 cache)" | tee -a "$out/log.txt"
+  JAX_PLATFORMS=cpu timeout "$cpu_s" python3 -m benchmarks.experiments cpu_loops 3 >"$out/cpu_loops.json" 2>>"$out/log.txt"
+  log "stage 6 exit $?"; tail -n 5 "$out/cpu_loops.json" | tee -a "$out/log.txt"
+fi

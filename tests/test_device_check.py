@@ -27,3 +27,10 @@ def test_device_check_passes_only_flags_bench_has():
     known = {a for action in bench.parser()._actions for a in action.option_strings}
     assert used and used <= known, used - known
 
+
+
+def test_device_check_runs_only_experiments_that_exist():
+    from benchmarks.experiments.__main__ import EXPERIMENTS
+
+    used = set(re.findall(r"benchmarks\.experiments (\w+)", open(SCRIPT).read()))
+    assert used and used <= set(EXPERIMENTS), used - set(EXPERIMENTS)

@@ -121,6 +121,14 @@ ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole sample
 whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
 through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
 
+``python -m benchmarks.experiments cpu_loops [rounds]``: whether the CPU loop rules of the factorized
+path (:func:`hocp_jax.autotune.per_sample_default`, :func:`hocp_jax.autotune.tile_plan`), whose
+constants were measured on a 2-vCPU host, hold on the CPU it runs on: Jester conv1 to conv3
+(factorized, fwd+bwd, ``bench`` protocol) with the whole batch at once, one sample at a time
+untiled, the automatic rules, and tiles of two and four times the automatic rows, interleaved;
+records the CPUs this process may run on. Meant for a host with more cores than the development
+VM (``benchmarks/device_check.sh``'s optional CPU stage).
+
 ``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s
 transduced ResNet-18 on one 8 x 112 x 112 clip and Jester HO-CP net, beside their dense
 references, and the transduced ResNet-18 on one 8 x 224 x 224 clip) with the tile rule's byte

@@ -23,6 +23,7 @@ from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first
                                              cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
 from hocp_jax import autotune, conv
+from hocp_jax.padding import output_size
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
@@ -549,6 +550,33 @@ def tiles(rounds: int = 5) -> dict:
     return {"layers_ms": ms, "stack_ms": stack, "stack_ratio_to_whole_samples": {k: v / stack["whole samples"] for k, v in stack.items()},
             "train_step_ms": step_ms, "train_step_ratio_to_dense": {k: v / step_ms["jester dense"] for k, v in step_ms.items()},
             "loadavg": os.getloadavg()}
+
+
+def cpu_loops(rounds: int = 3) -> dict:
+    from benchmarks import bench
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out: dict = {"rounds": rounds, "backend": jax.default_backend(), "cpus": threads, "layers": []}
+    for case in bench.jester_cases(False)[:3]:
+        _, params, compile_call = bench.case_compiler(case)
+        strides, pads = case.geometry()
+        outs = [output_size(*a) for a in zip(case.in_sizes, case.kernel, strides, (1,) * 3, pads)]
+        plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+                                  [k - 1 for k in case.kernel], strides, pads)
+        settings = {"whole batch": (False, 0), "per sample, whole": (True, 0), "automatic": (None, None)}
+        if plan:
+            settings |= {f"tiles of {m * plan[1]} rows": (None, m * plan[1]) for m in (2, 4) if m * plan[1] < outs[plan[0]]}
+        calls = {}
+        for label, (per_sample, rows) in settings.items():
+            cp = functools.partial(conv.cp_conv, modes=case.modes, stride=case.stride, padding=case.padding,
+                                   implementation="factorized", input_grad=case.input_grad, per_sample=per_sample)
+            with autotune.tile_rows_mode(rows):  # read at trace time, i.e. when compiled here
+                calls[label] = compile_call(lambda x, p, cp=cp: cp(x, p), params)[0]
+        ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out["layers"].append({"layer": case.name, "automatic tiles": plan and {"mode": case.modes[plan[0]], "rows": plan[1]},
+                              "ms": ms, "ratio to automatic": {k: round(v / ms["automatic"], 3) for k, v in ms.items()}})
+    out["loadavg"] = os.getloadavg()
+    return out
 
 
 def layout(rounds: int = 3) -> dict:

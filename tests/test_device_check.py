@@ -28,7 +28,6 @@ def test_device_check_passes_only_flags_bench_has():
     assert used and used <= known, used - known
 
 
-
 def test_device_check_runs_only_experiments_that_exist():
     from benchmarks.experiments.__main__ import EXPERIMENTS
 

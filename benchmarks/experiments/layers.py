@@ -22,8 +22,7 @@ from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
 from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
                                              cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
-from hocp_jax import autotune, conv
-from hocp_jax.padding import output_size
+from hocp_jax import autotune, conv, counting
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
@@ -560,7 +559,7 @@ def cpu_loops(rounds: int = 3) -> dict:
     for case in bench.jester_cases(False)[:3]:
         _, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
-        outs = [output_size(*a) for a in zip(case.in_sizes, case.kernel, strides, (1,) * 3, pads)]
+        outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
         plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
                                   [k - 1 for k in case.kernel], strides, pads)
         settings = {"whole batch": (False, 0), "per sample, whole": (True, 0), "automatic": (None, None)}
@@ -571,7 +570,7 @@ def cpu_loops(rounds: int = 3) -> dict:
             cp = functools.partial(conv.cp_conv, modes=case.modes, stride=case.stride, padding=case.padding,
                                    implementation="factorized", input_grad=case.input_grad, per_sample=per_sample)
             with autotune.tile_rows_mode(rows):  # read at trace time, i.e. when compiled here
-                calls[label] = compile_call(lambda x, p, cp=cp: cp(x, p), params)[0]
+                calls[label] = compile_call(cp, params)[0]
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         out["layers"].append({"layer": case.name, "automatic tiles": plan and {"mode": case.modes[plan[0]], "rows": plan[1]},
                               "ms": ms, "ratio to automatic": {k: round(v / ms["automatic"], 3) for k, v in ms.items()}})

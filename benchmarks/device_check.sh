@@ -20,7 +20,9 @@
 #      python -m benchmarks.experiments step_memory, as built, loops off, one sample at a time).
 #   6. optional (CPU_S > 0 seconds; default 0, skipped): the CPU loop rules of the factorized path,
 #      calibrated on the 2-vCPU development VM, on this machine's many CPU cores (cpu_loops.json:
-#      JAX_PLATFORMS=cpu python -m benchmarks.experiments cpu_loops 3).
+#      JAX_PLATFORMS=cpu python -m benchmarks.experiments cpu_loops 3). The other stages' defaults
+#      (220 + 90 + 140 + 60 s, plus the machine's start) fill most of a 15-minute device budget:
+#      give this stage its seconds by trimming theirs.
 # BATCH_SCALE multiplies the batch sizes of stages 2 and 4 (bench --batch-scale; 1: the CPU run's).
 # bench keeps the rows it timed when a stage runs out of time. The markdown of each results file
 # is made afterwards: python -m benchmarks.bench --rescore --out FILE --md FILE.md.

@@ -126,7 +126,8 @@ path (:func:`hocp_jax.autotune.per_sample_default`, :func:`hocp_jax.autotune.til
 constants were measured on a 2-vCPU host, hold on the CPU it runs on: Jester conv1 to conv3
 (factorized, fwd+bwd, ``bench`` protocol) with the whole batch at once, one sample at a time
 untiled, the automatic rules, and tiles of two and four times the automatic rows, interleaved;
-records the CPUs this process may run on. Meant for a host with more cores than the development
+records the machine (``benchmarks.bench.machine_info``: CPU model, the CPUs this process may run
+on, backend). Meant for a host with more cores than the development
 VM (``benchmarks/device_check.sh``'s optional CPU stage).
 
 ``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s

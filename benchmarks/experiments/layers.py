@@ -554,8 +554,7 @@ def tiles(rounds: int = 5) -> dict:
 def cpu_loops(rounds: int = 3) -> dict:
     from benchmarks import bench
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out: dict = {"rounds": rounds, "backend": jax.default_backend(), "cpus": threads, "layers": []}
+    out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
     for case in bench.jester_cases(False)[:3]:
         _, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()

@@ -90,7 +90,8 @@ kernel gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_gr
 which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
-                           "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False}
+                           "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False,
+                           "paired_rows": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -434,6 +435,51 @@ def compute_dtype(dtype) -> jnp.dtype:
     if upcast is None:
         upcast = jax.default_backend() == "cpu"
     return jnp.dtype(jnp.float32) if narrow and upcast else dtype
+
+
+PAIRED_ROWS_IN_CHANNELS = (2, 6)
+"""Fewest and most input channels of a product whose rows :func:`paired_rows` pairs."""
+PAIRED_ROWS_MAX_OUT = 24
+"""Most output channels of a product whose rows :func:`paired_rows` pairs."""
+
+
+@contextlib.contextmanager
+def paired_rows_mode(value: bool | None):
+    """Within the block, :func:`paired_rows` answers ``value`` for every product it is asked about
+    whose rows pair up (``None``: the automatic rule). Read at trace time, like
+    :func:`per_sample_mode`."""
+    check_automatic_flag(value, "value")
+    previous = _config["paired_rows"]
+    _config["paired_rows"] = value
+    try:
+        yield
+    finally:
+        _config["paired_rows"] = previous
+
+
+def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
+    """Whether :func:`hocp_jax.conv.channel_matmul` runs its ``(N, C) x (C, R)`` product as
+    ``(N / 2, 2C) x (2C, 2R)`` with the block-diagonal ``[[U, 0], [0, U]]`` (two neighbouring
+    positions per row; the same values): on the CPU backend, for ``C`` in
+    :data:`PAIRED_ROWS_IN_CHANNELS` and ``R`` at most :data:`PAIRED_ROWS_MAX_OUT`, when the last
+    spatial size ``row_length`` is even (so a pair never spans two rows or samples).
+    :func:`paired_rows_mode` overrides the channel rule.
+
+    XLA CPU runs a product of so few input and output channels far below its speed, such as the
+    input contraction of an RGB network's first CP layer (3 -> rank 18 on the Jester net). Stop 63,
+    ``python -m benchmarks.experiments channel_pairs 11`` (benchmarks/EXPERIMENTS.md), on the
+    2-core AMD EPYC host, a loop over 48 tiles of 24192 positions running the product and its
+    weight gradient, paired / one product: 3 input channels 0.31-0.54 for ``R`` = 8 to 24 (0.31
+    at 3 -> 18), 0.93-1.23 for 32 to 128; 2, 4 and 6 input channels 0.53-0.93 for ``R`` <= 24 (but
+    4 -> 16: 1.14), 0.77-1.62 beyond; 1 input channel (a broadcast product for XLA) 1.01-2.81.
+    Jester conv1's factorized path fwd+bwd (tiles of 14 rows) in 0.945x its time; the Jester HO-CP
+    net's train step 1.02x, inside that step's spread. GPU/TPU keep one product (not measured)."""
+    if row_length % 2 or jax.default_backend() != "cpu":
+        return False
+    if _config["paired_rows"] is not None:
+        return _config["paired_rows"]
+    fewest, most = PAIRED_ROWS_IN_CHANNELS
+    return fewest <= in_channels <= most and out_channels <= PAIRED_ROWS_MAX_OUT
 
 
 def _sample_bytes(x_shape: Sequence[int], rank: int, dtype) -> int:

@@ -680,10 +680,16 @@ def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     ``(C, N) x (N, R)`` dot: XLA CPU's dot canonicalisation otherwise transposes the (N, R)
     cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer.
     Under explicit sharding of an axis between the first and the last (a spatially split input),
-    which the flattening cannot carry, the unflattened product."""
+    which the flattening cannot carry, the unflattened product. On CPU, a product of few channels
+    runs two neighbouring positions per row against a block-diagonal weight
+    (:func:`hocp_jax.autotune.paired_rows`)."""
     if explicit_sharding.splits_inner_axes(x):
         return jnp.matmul(x, w, precision=precision)
-    return jnp.matmul(x.reshape(-1, x.shape[-1]), w, precision=precision).reshape(x.shape[:-1] + (w.shape[-1],))
+    c, r = w.shape
+    if x.ndim > 2 and not explicit_sharding.is_split(x) and autotune.paired_rows(c, r, x.shape[-2]):
+        pair = jnp.kron(jnp.eye(2, dtype=w.dtype), w)  # [[w, 0], [0, w]]: two positions per row
+        return jnp.matmul(x.reshape(-1, 2 * c), pair, precision=precision).reshape(x.shape[:-1] + (r,))
+    return jnp.matmul(x.reshape(-1, c), w, precision=precision).reshape(x.shape[:-1] + (r,))
 
 
 def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:

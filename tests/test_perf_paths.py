@@ -751,6 +751,46 @@ def test_compute_dtype_rule(monkeypatch):
             pass
 
 
+def test_paired_rows_rule(monkeypatch):
+    """On CPU, products of 2 to 6 input channels to at most ``PAIRED_ROWS_MAX_OUT`` pair rows when
+    the last spatial size is even; ``paired_rows_mode`` overrides the channel rule, never an odd
+    row; other backends never pair; the mode is validated."""
+    most = autotune.PAIRED_ROWS_MAX_OUT
+    assert autotune.PAIRED_ROWS_IN_CHANNELS == (2, 6)
+    assert autotune.paired_rows(3, 18, 84) and autotune.paired_rows(2, most, 2) and autotune.paired_rows(6, 8, 4)
+    assert not autotune.paired_rows(3, 18, 83) and not autotune.paired_rows(3, most + 1, 84)
+    assert not autotune.paired_rows(7, 18, 84) and not autotune.paired_rows(1, 18, 84)
+    with autotune.paired_rows_mode(True):
+        assert autotune.paired_rows(64, 512, 84) and not autotune.paired_rows(64, 512, 7)
+    with autotune.paired_rows_mode(False):
+        assert not autotune.paired_rows(3, 18, 84)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not autotune.paired_rows(3, 18, 84)
+    with pytest.raises(ValueError, match="value=1"):
+        with autotune.paired_rows_mode(1):
+            pass
+
+
+@pytest.mark.parametrize("mode", [None, True, False])
+def test_channel_matmul_with_paired_rows_matches_numpy(mode):
+    """``channel_matmul`` of an RGB-like input: the product and its gradients w.r.t. ``x`` and the
+    weight agree with numpy's ``x w``, ``g w^T`` and ``x^T g`` (float64), whether or not its rows
+    are paired; paired, the program's product contracts 2 x 3 channels over half the rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4, 6, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 18)).astype(np.float32)
+    g = rng.normal(size=(2, 3, 4, 6, 18)).astype(np.float32)
+    with autotune.paired_rows_mode(mode):  # a new function each time: JAX caches traces per function
+        y, vjp = jax.vjp(functools.partial(conv.channel_matmul), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g))
+        jaxpr = jax.make_jaxpr(functools.partial(conv.channel_matmul))(x, w)
+    x64, w64, g64 = (a.astype(np.float64).reshape(-1, a.shape[-1]) for a in (x, w, g))
+    for got, want in ((y, x64 @ w64), (dx, g64 @ w64.T), (dw, x64.T @ g64)):
+        np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    lhs = [e.invars[0].aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert lhs == ([(72, 6)] if mode is not False else [(144, 3)])
+
+
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_bfloat16_factorized_path_computes_in_float32_on_cpu(per_sample):
     """bfloat16 input and factors: the factorized path's intermediates are float32 (its output,

@@ -130,6 +130,15 @@ records the machine (``benchmarks.bench.machine_info``: CPU model, the CPUs this
 on, backend). Meant for a host with more cores than the development
 VM (``benchmarks/device_check.sh``'s optional CPU stage).
 
+``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
+(:func:`hocp_jax.conv.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
+(:func:`hocp_jax.autotune.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of
+``C`` = 1, 2, 3, 4, 6 input channels by ``R`` = 8 to 128 output channels, each cell a loop over
+the 48 tiles of Jester conv1's shape (16 x 84 positions of 18 frames) running the product and its
+weight gradient, as a first layer's tile loops do; then Jester conv1's factorized path
+(fwd+bwd, ``bench`` protocol) and the Jester HO-CP net's train step with the automatic rule and
+with one product, interleaved.
+
 ``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s
 transduced ResNet-18 on one 8 x 112 x 112 clip and Jester HO-CP net, beside their dense
 references, and the transduced ResNet-18 on one 8 x 224 x 224 clip) with the tile rule's byte

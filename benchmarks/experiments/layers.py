@@ -1058,3 +1058,52 @@ def small_maps_computed(rounds: int = 5, revision: str = "e599394") -> dict:
         print(json.dumps(row), flush=True)
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def channel_pairs(rounds: int = 9) -> dict:
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "machine": bench.machine_info()}
+    tiles, shape = 48, (1, 18, 16, 84)  # Jester conv1's tiles: 14 output rows + the halo, per sample
+    rng = np.random.default_rng(0)
+    grid = []
+    for c in (1, 2, 3, 4, 6):
+        for r in (8, 12, 16, 18, 24, 32, 48, 64, 96, 128):
+            x = jnp.asarray(rng.standard_normal((tiles, *shape, c)), jnp.float32)
+            w = jnp.asarray(rng.standard_normal((c, r)), jnp.float32)
+            g = jnp.asarray(rng.standard_normal((*shape, r)), jnp.float32)  # one cotangent for every tile
+
+            def loop(x, w, g):  # each tile's product and its weight gradient, as a first layer's loops run them
+                def body(t, acc):
+                    h, vjp = jax.vjp(lambda w: conv.channel_matmul(x[t], w), w)
+                    return acc[0] + h, acc[1] + vjp(g)[0]
+                return jax.lax.fori_loop(0, tiles, body, (jnp.zeros((*shape, r)), jnp.zeros((c, r))))
+
+            calls = {}
+            for label, mode in (("one product", False), ("paired rows", True)):
+                with autotune.paired_rows_mode(mode):  # a new function each time: jax.jit would reuse a trace
+                    calls[label] = compile_jax(functools.partial(loop), x, w, g)[0]
+            ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+            grid.append({"in_channels": c, "out_channels": r, "ms": ms,
+                         "paired / one product": round(ms["paired rows"] / ms["one product"], 3)})
+    out["tile_products"] = {"tiles": tiles, "tile_positions": int(np.prod(shape)), "cells": grid}
+
+    case = bench.jester_cases(False)[0]
+    _, params, compile_call = bench.case_compiler(case)
+    fn = bench.conv_fns(case)["factorized"]
+    calls = {}
+    for label, mode in (("one product", False), ("automatic", None)):
+        with autotune.paired_rows_mode(mode):
+            calls[label] = compile_call(fn, params)[0]
+    ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    out["jester_conv1_factorized_ms"] = ms | {"automatic / one product": round(ms["automatic"] / ms["one product"], 3)}
+
+    model = {c.name: c for c in bench.model_cases(False)}["jester_hocp"]
+    calls = {}
+    for label, mode in (("one product", False), ("automatic", None)):
+        with autotune.paired_rows_mode(mode):
+            calls[label] = bench.prepare_model_case(model)[0]
+    ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+    out["jester_hocp_step_ms"] = ms | {"automatic / one product": round(ms["automatic"] / ms["one product"], 3)}
+    out["loadavg"] = os.getloadavg()
+    return out

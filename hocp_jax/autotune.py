@@ -470,7 +470,7 @@ def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
     ``python -m benchmarks.experiments channel_pairs 11`` (benchmarks/EXPERIMENTS.md), on the
     2-core AMD EPYC host, a loop over 48 tiles of 24192 positions running the product and its
     weight gradient, paired / one product: 3 input channels 0.31-0.54 for ``R`` = 8 to 24 (0.31
-    at 3 -> 18), 0.93-1.23 for 32 to 128; 2, 4 and 6 input channels 0.53-0.93 for ``R`` <= 24 (but
+    at 3 -> 18), 0.93-1.23 for 32 to 128; 2, 4 and 6 input channels 0.51-0.93 for ``R`` <= 24 (but
     4 -> 16: 1.14), 0.77-1.62 beyond; 1 input channel (a broadcast product for XLA) 1.01-2.81.
     Jester conv1's factorized path fwd+bwd (tiles of 14 rows) in 0.945x its time; the Jester HO-CP
     net's train step 1.02x, inside that step's spread. GPU/TPU keep one product (not measured)."""

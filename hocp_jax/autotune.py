@@ -91,7 +91,7 @@ which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
                            "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False,
-                           "paired_rows": None}
+                           "paired_rows": None, "tile_fold": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -463,7 +463,8 @@ def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
     positions per row; the same values): on the CPU backend, for ``C`` in
     :data:`PAIRED_ROWS_IN_CHANNELS` and ``R`` at most :data:`PAIRED_ROWS_MAX_OUT`, when the last
     spatial size ``row_length`` is even (so a pair never spans two rows or samples).
-    :func:`paired_rows_mode` overrides the channel rule.
+    :func:`paired_rows_mode` overrides the channel rule. The paired product does twice the
+    multiply-adds, half of them with the zero blocks, and XLA's cost analysis counts them all.
 
     XLA CPU runs a product of so few input and output channels far below its speed, such as the
     input contraction of an RGB network's first CP layer (3 -> rank 18 on the Jester net). Stop 63,
@@ -892,6 +893,69 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
         rows = -(-out_sizes[i] // n_tiles)
     rows = max(rows, halos[i], 1)  # a tile no shorter than its halo
     return (i, rows) if rows < out_sizes[i] else None
+
+
+OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = 32
+
+
+def out_factor_before_loops(rank: int) -> bool:
+    """Whether the factorized CP path transposes its output factor ``diag(lambda) U^(T)`` to
+    ``(R, C_out)`` before its sample or tile loops (an operand of the loop), rather than inside
+    the loop body, where XLA folds the transpose into the output contraction as a transposed
+    operand: below :data:`OUT_FACTOR_BEFORE_LOOPS_MAX_RANK`. The same values either way.
+
+    Stop 63, on the 2-core AMD EPYC host, ``python -m benchmarks.experiments out_factor_layout``
+    (benchmarks/EXPERIMENTS.md), the factorized path fwd+bwd of the Jester layers with the
+    transpose before the loops over inside them: conv1 (rank 18, in tiles) 0.94x, conv2 (384, in
+    tiles) 1.01x, conv3 (768, one sample at a time) 1.03x, conv4 (1536) 1.07x; a scratch run before
+    it read 0.94x, 1.01x, 1.02x and 1.06x."""
+    return rank < OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
+
+
+TILE_FOLD_MAX_COLUMNS = 27
+"""Most input channels times folded taps of the input contraction of :func:`tile_fold_modes`."""
+
+
+@contextlib.contextmanager
+def tile_fold_mode(value: bool | None):
+    """Within the block, :func:`tile_fold_modes` folds wherever its shape conditions allow
+    (``True``), never (``False``), or by its automatic rule (``None``). Read at trace time, like
+    :func:`per_sample_mode`."""
+    check_automatic_flag(value, "value")
+    previous = _config["tile_fold"]
+    _config["tile_fold"] = value
+    try:
+        yield
+    finally:
+        _config["tile_fold"] = previous
+
+
+def tile_fold_modes(in_channels: int, kernel_size: Sequence[int], strides: Sequence[int], out_sizes: Sequence[int],
+                    tiled: int) -> tuple[int, ...]:
+    """Which modes' depthwise passes the factorized CP path, running in tiles along mode ``tiled``
+    (:func:`tile_plan`) with no psi between the factors, folds into its input contraction: that
+    contraction then reads the tile's input as the shifted copies of those modes' taps, one
+    ``(N, C_in K_a K_b) x (C_in K_a K_b, R)`` product with the partly rebuilt kernel, and the
+    folded passes are not run (:func:`hocp_jax.conv.cp_conv`). Returns the sorted mode indices:
+    ``tiled`` and the stride-1 mode with the most output positions among the others, when at
+    least one mode is left unfolded and ``C_in K_a K_b`` is at most :data:`TILE_FOLD_MAX_COLUMNS`
+    (an RGB input under a 3x3 kernel); else ``()``. :func:`tile_fold_mode` turns it on or off.
+
+    A pass over the ``(*S, R)`` intermediate costs more than the longer product when the input
+    has so few channels. Stop 63, on the 2-core AMD EPYC host: Jester conv1 (3 -> 64 channels,
+    rank 18, tiles of 14 rows), factorized fwd+bwd, ``python -m benchmarks.experiments tile_fold``
+    (benchmarks/EXPERIMENTS.md). Stop 49 had measured the fold one sample at a time, without
+    tiles, and slower (``fold_taps``): 1.08x on conv1 folding two modes; on the layers of 64
+    channels and more 1.39-4.92x, so the rule stays at few input channels, and in tiles."""
+    n = len(kernel_size)
+    others = [i for i in range(n) if i != tiled and strides[i] == 1]
+    if not others or n < 3 or _config["tile_fold"] is False:
+        return ()
+    second = max(others, key=lambda i: out_sizes[i])
+    folded = tuple(sorted((tiled, second)))
+    if _config["tile_fold"] is None and in_channels * kernel_size[tiled] * kernel_size[second] > TILE_FOLD_MAX_COLUMNS:
+        return ()
+    return folded
 
 
 def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_grad: bool = True,

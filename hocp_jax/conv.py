@@ -803,6 +803,26 @@ def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
     return run(xp, *consts)
 
 
+def _folded_contraction(x: jax.Array, factors: Params, modes: Sequence[str], folded: Sequence[int], ksizes, pads,
+                        dilations) -> jax.Array:
+    """The input contraction of ``x (B, *S, C_in)`` with the depthwise passes of the stride-1 modes
+    ``folded`` (sorted indices) folded in: ``(B, *S', R)``, ``S'`` the folded modes' output sizes
+    and the others' input sizes. One product of the ``prod K`` shifted copies of ``x`` side by side
+    (:func:`_tap_inputs`, channels minor) with ``U^(C)`` times those modes' factors,
+    ``(prod K C_in, R)`` (:func:`hocp_jax.autotune.tile_fold_modes`)."""
+    n = len(modes)
+    ks = [ksizes[i] if i in folded else 1 for i in range(n)]
+    ps = [tuple(pads[i]) if i in folded else (0, 0) for i in range(n)]
+    ds = [dilations[i] if i in folded else 1 for i in range(n)]
+    outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, (1,) * n, ds, ps)]
+    w = factors["factor_in"]  # (C_in, R), then (K_i, ..., C_in, R) flattened, the first folded mode major
+    for i in reversed(folded):
+        u = factors[mode_key(modes[i])]
+        w = (u[:, None, :] * w[None]).reshape(-1, u.shape[-1])
+    copies = jnp.concatenate(list(_tap_inputs(x, ks, (1,) * n, ps, ds, outs)), axis=-1)
+    return channel_matmul(copies, w)
+
+
 def _on_each_device(f: Callable, x: jax.Array, params: Params, mesh, axes: tuple[str, ...]) -> jax.Array:
     """``f(x, params)`` (``(B, ...) -> (B, ...)``, each sample on its own) under ``jax.shard_map``
     over every axis of ``mesh``: ``x``'s batch split over ``axes``, ``params`` and the arrays ``f``
@@ -860,7 +880,9 @@ def cp_conv(
         A sample whose intermediate is still large is further cut into tiles of output rows
         along one mode, each computed with a halo of input rows
         (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`); tiles
-        are cut whatever the batch size unless ``per_sample`` is False.
+        are cut whatever the batch size unless ``per_sample`` is False. Without ``psi``, a tile of
+        an input with few channels runs the passes of its tiled mode and one more inside its
+        input contraction (:func:`hocp_jax.autotune.tile_fold_modes`).
         ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
         enough intermediates on a CPU device running its own program:
         one device, or inside ``shard_map``), and for 2-D convs with large whole-batch
@@ -935,32 +957,42 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
         dtype = jnp.result_type(x, params["factor_out"], params["lambda"], *(params[k] for k in keys))
         cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
         factors = {k: params[k].astype(cdt) for k in keys}
-        out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)
+        out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)  # (C_out, R)
+        out_before = autotune.out_factor_before_loops(params["lambda"].shape[0])
+        if out_before:  # (R, C_out) as an operand of the loops, not transposed inside them
+            out_factor = out_factor.T
         # Under shard_map the factors vary like x: the per-sample and tile loops accumulate the
         # shard's factor gradients, summed over the shards once (the cast's transpose), not per sample.
         x, out_factor, *cast = _vary_alike(x, out_factor, *factors.values())
         factors = dict(zip(keys, cast))
 
-        def factorized(x, pads=pads, order=order):
-            h = channel_matmul(x.astype(cdt), factors["factor_in"])
+        def factorized(x, pads=pads, order=order, folded=()):
+            if folded:  # no psi: the folded modes' passes are part of the input contraction
+                h = _folded_contraction(x.astype(cdt), factors, modes, folded, ksizes, pads, dilations)
+            else:
+                h = channel_matmul(x.astype(cdt), factors["factor_in"])
             if psi is not None:
                 h = psi(h, "in")
             for m in order:
                 i = modes.index(m)
+                if i in folded:
+                    continue
                 h = depthwise_conv_1d(h, factors[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
                 if psi is not None:
                     h = psi(h, m)
-            return channel_matmul(h, out_factor.T).astype(dtype)
+            return channel_matmul(h, out_factor if out_before else out_factor.T).astype(dtype)
 
         plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan
+            folded = () if psi is not None else autotune.tile_fold_modes(x.shape[-1], ksizes, strides, out_sizes, i)
             if mode_order is None and psi is None:  # the tiled mode first of the stride-1 ones: fewer passes
                 # see the halo rows (with psi between the passes, their order is part of the function)
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)
                 order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
             tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]
-            y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order), x, i + 1, rows, halos[i], pads[i])
+            y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order, folded=folded), x, i + 1, rows,
+                          halos[i], pads[i])
         elif chunk:
             y = _per_sample(factorized, x, chunk)
         else:

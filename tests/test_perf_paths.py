@@ -149,7 +149,8 @@ def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, paddi
                             per_sample=False)
 
     x_shape = (batch, *in_sizes, c_in)
-    xla_cp = _xla_flops(cp, x_shape, (rank,), (c_in, rank), (c_out, rank), *[(3, rank)] * n)
+    with autotune.paired_rows_mode(False):  # paired rows add products with the zero blocks: not the conv's FLOPs
+        xla_cp = _xla_flops(cp, x_shape, (rank,), (c_in, rank), (c_out, rank), *[(3, rank)] * n)
     order = conv.best_mode_order(in_sizes, ks, stride, pads, (1,) * n)
     ana_cp = batch * counting.cp_flops(in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, order=order)
 
@@ -951,6 +952,109 @@ def test_tiled_per_sample_matches_oracle(case, rows):
     with autotune.tile_rows_mode(rows):
         assert "dynamic_update_slice" in str(jax.make_jaxpr(tiled)(x, p))  # the tiled program runs
         _assert_matches_oracle(tiled, oracle, x, p)
+
+
+def test_out_factor_before_loops_rule_and_values(monkeypatch):
+    """Ranks below ``OUT_FACTOR_BEFORE_LOOPS_MAX_RANK`` take the output factor transposed before the
+    loops; a tiled conv computed the other way agrees with the independent dense conv too."""
+    from hocp_jax import autotune
+
+    most = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
+    assert autotune.out_factor_before_loops(18) and autotune.out_factor_before_loops(most - 1)
+    assert not autotune.out_factor_before_loops(most) and not autotune.out_factor_before_loops(384)
+    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[0]
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(5)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
+
+    def oracle(x, p):
+        k = jnp.einsum("xr,yr,zr,cr,tr,r->xyzct", *[p[f"factor_{m}"] for m in modes], p["factor_in"],
+                       p["factor_out"], p["lambda"], precision=lax.Precision.HIGHEST)
+        return _oracle(x, k, stride, oracle_pad, dilation)
+
+    def tiled(x, p):
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
+
+    monkeypatch.setattr(autotune, "OUT_FACTOR_BEFORE_LOOPS_MAX_RANK", 0)  # rank 5 inside the loops
+    with autotune.tile_rows_mode(3):
+        _assert_matches_oracle(tiled, oracle, x, p)
+
+
+def test_tile_fold_rule():
+    """The tiled mode and the longest other stride-1 mode fold when the input's channels times
+    their taps are at most ``TILE_FOLD_MAX_COLUMNS`` and a mode is left; ``tile_fold_mode``
+    overrides the width bound (True) or the rule (False) and is validated."""
+    fold = autotune.tile_fold_modes
+    sizes = (18, 84, 84)
+    assert autotune.TILE_FOLD_MAX_COLUMNS == 27
+    assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 1), sizes, 2) == (1, 2)
+    assert fold(3, (3, 3, 3), (1, 1, 1), (18, 84, 12), 1) == (0, 1)  # t is longer than w here
+    assert fold(3, (3, 3, 3), (2, 1, 1), sizes, 1) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 2), sizes, 1) == (0, 1)
+    assert fold(1, (5, 5, 5), (1, 1, 1), sizes, 1) == (1, 2)
+    assert fold(4, (3, 3, 3), (1, 1, 1), sizes, 1) == () and fold(3, (3, 5, 3), (1, 1, 1), sizes, 1) == ()
+    assert fold(3, (3, 3, 3), (2, 1, 2), sizes, 1) == () and fold(3, (3, 3), (1, 1), (84, 84), 0) == ()
+    with autotune.tile_fold_mode(True):
+        assert fold(64, (3, 3, 3), (1, 1, 1), sizes, 1) == (1, 2) and fold(64, (3, 3), (1, 1), (84, 84), 0) == ()
+    with autotune.tile_fold_mode(False):
+        assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1) == ()
+    with pytest.raises(ValueError, match="value=1"):
+        with autotune.tile_fold_mode(1):
+            pass
+
+
+@pytest.mark.parametrize("case", range(len(TILE_CASES)))
+def test_tiles_with_folded_passes_match_oracle(case):
+    """Tiles whose input contraction runs two modes' passes (``autotune.tile_fold_mode(True)``,
+    whatever the columns): values and gradients agree with the independent dense conv, and the
+    rank-space product reads the folded taps' input copies (3 channels x K_a x K_b); with the fold
+    off, the 3 channels alone."""
+    from hocp_jax import autotune
+    from hocp_jax.padding import resolve_padding
+
+    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[case]
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(case)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
+
+    def oracle(x, p):
+        k = jnp.einsum("xr,yr,zr,cr,tr,r->xyzct", *[p[f"factor_{m}"] for m in modes], p["factor_in"],
+                       p["factor_out"], p["lambda"], precision=lax.Precision.HIGHEST)
+        return _oracle(x, k, stride, oracle_pad, dilation)
+
+    def tiled(x, p):
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
+
+    pads = resolve_padding(padding, in_sizes, ks, stride, dilation)
+    outs = counting.output_sizes(in_sizes, ks, stride, pads, dilation)
+    halos = [d * (k - 1) for k, d in zip(ks, dilation)]
+    with autotune.tile_rows_mode(3), autotune.tile_fold_mode(True):
+        i, _ = autotune.tile_plan(x.shape, 5, x.dtype, outs, halos, stride, pads)
+        folded = autotune.tile_fold_modes(3, ks, stride, outs, i)
+    assert len(folded) == 2 and i in folded
+
+    def widths(fold):
+        with autotune.tile_rows_mode(3), autotune.tile_fold_mode(fold), autotune.paired_rows_mode(False):
+            return _dot_widths(jax.make_jaxpr(functools.partial(tiled))(x, p).jaxpr)
+
+    assert widths(True) == {3 * ks[folded[0]] * ks[folded[1]]} and widths(False) == {3}
+    with autotune.tile_rows_mode(3), autotune.tile_fold_mode(True):
+        _assert_matches_oracle(tiled, oracle, x, p)
+
+
+def _dot_widths(jaxpr) -> set:
+    """The contracted widths of the rank-5 products in ``jaxpr`` and the jaxprs nested in it."""
+    widths = set()
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == 5:
+            widths.add(e.invars[0].aval.shape[-1])
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    widths |= _dot_widths(getattr(inner, "jaxpr", inner))
+    return widths
 
 
 def _assert_matches_oracle(f, oracle, x, p):

@@ -139,6 +139,17 @@ weight gradient, as a first layer's tile loops do; then Jester conv1's factorize
 (fwd+bwd, ``bench`` protocol) and the Jester HO-CP net's train step with the automatic rule and
 with one product, interleaved.
 
+``python -m benchmarks.experiments tile_fold [rounds]``: each Jester layer whose tiles fold two
+modes' passes into the input contraction (:func:`hocp_jax.autotune.tile_fold_modes`: conv1, 3
+input channels), factorized fwd+bwd (``bench`` protocol), with the fold off
+(``tile_fold_mode(False)``) and by the automatic rule, interleaved.
+
+``python -m benchmarks.experiments out_factor_layout [rounds]``: the Jester layers' factorized
+path (fwd+bwd, ``bench`` protocol) with its output factor transposed to ``(R, C_out)`` inside its
+sample and tile loops (where XLA folds the transpose into the product) and before them
+(:func:`hocp_jax.autotune.out_factor_before_loops`, forced both ways), interleaved, with the
+automatic rule's choice per layer.
+
 ``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s
 transduced ResNet-18 on one 8 x 112 x 112 clip and Jester HO-CP net, beside their dense
 references, and the transduced ResNet-18 on one 8 x 224 x 224 clip) with the tile rule's byte

@@ -1107,3 +1107,54 @@ def channel_pairs(rounds: int = 9) -> dict:
     out["jester_hocp_step_ms"] = ms | {"automatic / one product": round(ms["automatic"] / ms["one product"], 3)}
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def tile_fold(rounds: int = 9) -> dict:
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
+    for case in bench.jester_cases(False):
+        _, params, compile_call = bench.case_compiler(case)
+        strides, pads = case.geometry()
+        outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
+        plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+                                  [k - 1 for k in case.kernel], strides, pads)
+        folded = plan and autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0])
+        if not folded:
+            continue
+        fn = bench.conv_fns(case)["factorized"]
+        calls = {}
+        for label, mode in (("unfolded", False), ("automatic", None)):
+            with autotune.tile_fold_mode(mode):
+                calls[label] = compile_call(fn, params)[0]
+        ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out["layers"].append({"layer": case.name, "tiles": {"mode": case.modes[plan[0]], "rows": plan[1]},
+                              "folded": [case.modes[i] for i in folded], "ms": ms,
+                              "automatic / unfolded": round(ms["automatic"] / ms["unfolded"], 3)})
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def out_factor_layout(rounds: int = 9) -> dict:
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
+    bound = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
+    for case in bench.jester_cases(False):
+        _, params, compile_call = bench.case_compiler(case)
+        calls = {}
+        for label, most in (("inside the loops", 0), ("before the loops", 2**31)):
+            autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = most  # read at trace time, i.e. when compiled here
+            try:
+                cp = functools.partial(conv.cp_conv, modes=case.modes, stride=case.stride, padding=case.padding,
+                                       implementation="factorized", input_grad=case.input_grad)
+                calls[label] = compile_call(cp, params)[0]
+            finally:
+                autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = bound
+        ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out["layers"].append({"layer": case.name, "rank": case.rank, "ms": ms,
+                              "automatic": "before the loops" if autotune.out_factor_before_loops(case.rank)
+                              else "inside the loops",
+                              "before / inside": round(ms["before the loops"] / ms["inside the loops"], 3)})
+    out["loadavg"] = os.getloadavg()
+    return out

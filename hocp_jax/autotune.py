@@ -943,8 +943,10 @@ def tile_fold_modes(in_channels: int, kernel_size: Sequence[int], strides: Seque
 
     A pass over the ``(*S, R)`` intermediate costs more than the longer product when the input
     has so few channels. Stop 63, on the 2-core AMD EPYC host: Jester conv1 (3 -> 64 channels,
-    rank 18, tiles of 14 rows), factorized fwd+bwd, ``python -m benchmarks.experiments tile_fold``
-    (benchmarks/EXPERIMENTS.md). Stop 49 had measured the fold one sample at a time, without
+    rank 18, tiles of 14 rows, h and w folded), factorized fwd+bwd, ``python -m
+    benchmarks.experiments tile_fold 15`` (benchmarks/EXPERIMENTS.md): 0.95x the unfolded time (0.91x
+    in a run before; 0.99x and 1.02x while the output factor was transposed inside the loops,
+    :func:`out_factor_before_loops`). Stop 49 had measured the fold one sample at a time, without
     tiles, and slower (``fold_taps``): 1.08x on conv1 folding two modes; on the layers of 64
     channels and more 1.39-4.92x, so the rule stays at few input channels, and in tiles."""
     n = len(kernel_size)

@@ -907,8 +907,7 @@ def out_factor_before_loops(rank: int) -> bool:
     Stop 63, on the 2-core AMD EPYC host, ``python -m benchmarks.experiments out_factor_layout``
     (benchmarks/EXPERIMENTS.md), the factorized path fwd+bwd of the Jester layers with the
     transpose before the loops over inside them: conv1 (rank 18, in tiles) 0.94x, conv2 (384, in
-    tiles) 1.01x, conv3 (768, one sample at a time) 1.03x, conv4 (1536) 1.07x; a scratch run before
-    it read 0.94x, 1.01x, 1.02x and 1.06x."""
+    tiles) 1.01x, conv3 (768, one sample at a time) 1.03x, conv4 (1536) 1.07x."""
     return rank < OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
 
 

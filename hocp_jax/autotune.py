@@ -96,6 +96,17 @@ _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
 
+@contextlib.contextmanager
+def _setting(key: str, value):
+    """Within the block, ``_config[key]`` is ``value``; the ``*_mode`` blocks below."""
+    previous = _config[key]
+    _config[key] = value
+    try:
+        yield
+    finally:
+        _config[key] = previous
+
+
 def configure(policy: str | None = None, cache_path: str | None = None, batch_shards: int | None = None,
               per_sample: bool | None = None, tile_rows: int | None = None) -> None:
     """Sets the policy (``"analytic"``/``"measure"``; ``None`` = environment, else the backend's
@@ -117,35 +128,23 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
                    tile_rows=tile_rows)
 
 
-@contextlib.contextmanager
-def batch_shards_mode(value: int | None):
+def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`configure`'s ``batch_shards`` reads ``value`` (read at trace time,
     like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh` traces a step in
     such a block with its mesh's size."""
     if value is not None and not is_positive_int(value):
         raise ValueError(f"value={value!r}: expected None or a positive number of devices")
-    previous = _config["batch_shards"]
-    _config["batch_shards"] = value
-    try:
-        yield
-    finally:
-        _config["batch_shards"] = previous
+    return _setting("batch_shards", value)
 
 
-@contextlib.contextmanager
-def policy_mode(value: str):
+def policy_mode(value: str) -> contextlib.AbstractContextManager:
     """Within the block, :func:`policy` answers ``value`` (``"analytic"``/``"measure"``), whatever
     :func:`configure` or ``$HOCP_JAX_AUTOTUNE`` say; the cache file and ``batch_shards`` stay as
     configured. Read at trace time, like :func:`per_sample_mode` (e.g. to compile one train step
     with the measured picks beside one with the analytic picks)."""
     if value not in POLICIES:
         raise ValueError(f"value={value!r}: expected one of {POLICIES}")
-    previous = _config["policy"]
-    _config["policy"] = value
-    try:
-        yield
-    finally:
-        _config["policy"] = previous
+    return _setting("policy", value)
 
 
 PATCHES_MAX_IN_CHANNELS = 4
@@ -355,24 +354,17 @@ def check_automatic_flag(value, name: str) -> None:
         raise ValueError(f"{name}={value!r}: expected None (automatic), True or False")
 
 
-@contextlib.contextmanager
-def per_sample_mode(value: bool | None):
+def per_sample_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`per_sample_default` answers ``value and batch > 1`` (``None``:
     the automatic rule). Read at trace time, so it applies to functions traced in the block
     (e.g. a model whose layers do not expose ``per_sample``); ``jax.jit`` keys its cache on the
     function and argument shapes, not on this setting, so a function traced before the block
     keeps its earlier program."""
     check_automatic_flag(value, "value")
-    previous = _config["per_sample"]
-    _config["per_sample"] = value
-    try:
-        yield
-    finally:
-        _config["per_sample"] = previous
+    return _setting("per_sample", value)
 
 
-@contextlib.contextmanager
-def loop_mode():
+def loop_mode() -> contextlib.AbstractContextManager:
     """Within the block, the convs traced are in a loop's body (``lax.scan``: the micro-batches of
     :func:`hocp_jax.training.step.make_train_step`); on the CPU backend (:func:`cpu_loop_mode`)
     the library's ungrouped convs, of computed kernels and dense ones alike, then run XLA's
@@ -386,12 +378,7 @@ def loop_mode():
     are cached apart (:func:`cache_key`). Read at trace time, like :func:`per_sample_mode`: a
     function that ``jax.jit`` traced before (or inside) the block keeps that program outside (or
     inside) it."""
-    previous = _config["in_loop"]
-    _config["in_loop"] = True
-    try:
-        yield
-    finally:
-        _config["in_loop"] = previous
+    return _setting("in_loop", True)
 
 
 def cpu_loop_mode() -> bool:
@@ -399,18 +386,12 @@ def cpu_loop_mode() -> bool:
     return _config["in_loop"] and jax.default_backend() == "cpu"
 
 
-@contextlib.contextmanager
-def upcast_mode(value: bool | None):
+def upcast_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`compute_dtype` computes in float32 for floating dtypes narrower
     than 32 bits (``True``), never (``False``), or by its automatic rule (``None``). Read at trace
     time, like :func:`per_sample_mode`."""
     check_automatic_flag(value, "value")
-    previous = _config["upcast"]
-    _config["upcast"] = value
-    try:
-        yield
-    finally:
-        _config["upcast"] = previous
+    return _setting("upcast", value)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -443,18 +424,12 @@ PAIRED_ROWS_MAX_OUT = 24
 """Most output channels of a product whose rows :func:`paired_rows` pairs."""
 
 
-@contextlib.contextmanager
-def paired_rows_mode(value: bool | None):
+def paired_rows_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`paired_rows` answers ``value`` for every product it is asked about
     whose rows pair up (``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
     check_automatic_flag(value, "value")
-    previous = _config["paired_rows"]
-    _config["paired_rows"] = value
-    try:
-        yield
-    finally:
-        _config["paired_rows"] = previous
+    return _setting("paired_rows", value)
 
 
 def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
@@ -849,18 +824,12 @@ def check_tile_rows(value, name: str) -> None:
         raise ValueError(f"{name}={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
 
 
-@contextlib.contextmanager
-def tile_rows_mode(value: int | None):
+def tile_rows_mode(value: int | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
     tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
     check_tile_rows(value, "value")
-    previous = _config["tile_rows"]
-    _config["tile_rows"] = value
-    try:
-        yield
-    finally:
-        _config["tile_rows"] = previous
+    return _setting("tile_rows", value)
 
 
 def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int], halos: Sequence[int],
@@ -915,18 +884,12 @@ TILE_FOLD_MAX_COLUMNS = 27
 """Most input channels times folded taps of the input contraction of :func:`tile_fold_modes`."""
 
 
-@contextlib.contextmanager
-def tile_fold_mode(value: bool | None):
+def tile_fold_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`tile_fold_modes` folds wherever its shape conditions allow
     (``True``), never (``False``), or by its automatic rule (``None``). Read at trace time, like
     :func:`per_sample_mode`."""
     check_automatic_flag(value, "value")
-    previous = _config["tile_fold"]
-    _config["tile_fold"] = value
-    try:
-        yield
-    finally:
-        _config["tile_fold"] = previous
+    return _setting("tile_fold", value)
 
 
 def tile_fold_modes(in_channels: int, kernel_size: Sequence[int], strides: Sequence[int], out_sizes: Sequence[int],

@@ -924,6 +924,27 @@ TILE_CASES = [
 ]
 
 
+def _tile_case(case: int, seed: int):
+    """``(x, p, tiled, oracle)`` for ``TILE_CASES[case]``: a batch of 2 inputs of 3 channels, rank-5
+    CP params to 4 channels (seeded), ``cp_conv`` one sample at a time (tiled by the caller's
+    modes), and the dense conv of the kernel rebuilt by ``einsum``."""
+    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[case]
+    modes = ("t", "h", "w")
+    rng = np.random.default_rng(seed)
+    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
+
+    def oracle(x, p):
+        k = jnp.einsum("xr,yr,zr,cr,tr,r->xyzct", *[p[f"factor_{m}"] for m in modes], p["factor_in"],
+                       p["factor_out"], p["lambda"], precision=lax.Precision.HIGHEST)
+        return _oracle(x, k, stride, oracle_pad, dilation)
+
+    def tiled(x, p):
+        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
+
+    return x, p, tiled, oracle
+
+
 @pytest.mark.parametrize("case", range(len(TILE_CASES)))
 @pytest.mark.parametrize("rows", [1, 3])
 def test_tiled_per_sample_matches_oracle(case, rows):
@@ -933,22 +954,7 @@ def test_tiled_per_sample_matches_oracle(case, rows):
     shared rows must get a zero cotangent: the gradients catch a double count)."""
     from hocp_jax import autotune
 
-    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[case]
-    modes = ("t", "h", "w")
-    rng = np.random.default_rng(case)
-    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
-    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
-    letters = "xyz"
-    spec = ",".join(f"{l}r" for l in letters) + ",cr,tr,r->" + letters + "ct"
-
-    def oracle(x, p):
-        k = jnp.einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"],
-                       precision=lax.Precision.HIGHEST)
-        return _oracle(x, k, stride, oracle_pad, dilation)
-
-    def tiled(x, p):
-        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
-
+    x, p, tiled, oracle = _tile_case(case, case)
     with autotune.tile_rows_mode(rows):
         assert "dynamic_update_slice" in str(jax.make_jaxpr(tiled)(x, p))  # the tiled program runs
         _assert_matches_oracle(tiled, oracle, x, p)
@@ -962,20 +968,7 @@ def test_out_factor_before_loops_rule_and_values(monkeypatch):
     most = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
     assert autotune.out_factor_before_loops(18) and autotune.out_factor_before_loops(most - 1)
     assert not autotune.out_factor_before_loops(most) and not autotune.out_factor_before_loops(384)
-    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[0]
-    modes = ("t", "h", "w")
-    rng = np.random.default_rng(5)
-    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
-    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
-
-    def oracle(x, p):
-        k = jnp.einsum("xr,yr,zr,cr,tr,r->xyzct", *[p[f"factor_{m}"] for m in modes], p["factor_in"],
-                       p["factor_out"], p["lambda"], precision=lax.Precision.HIGHEST)
-        return _oracle(x, k, stride, oracle_pad, dilation)
-
-    def tiled(x, p):
-        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
-
+    x, p, tiled, oracle = _tile_case(0, 5)
     monkeypatch.setattr(autotune, "OUT_FACTOR_BEFORE_LOOPS_MAX_RANK", 0)  # rank 5 inside the loops
     with autotune.tile_rows_mode(3):
         _assert_matches_oracle(tiled, oracle, x, p)
@@ -1012,20 +1005,8 @@ def test_tiles_with_folded_passes_match_oracle(case):
     from hocp_jax import autotune
     from hocp_jax.padding import resolve_padding
 
-    in_sizes, ks, stride, padding, oracle_pad, dilation = TILE_CASES[case]
-    modes = ("t", "h", "w")
-    rng = np.random.default_rng(case)
-    p = {k: jnp.asarray(v) for k, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
-    x = jnp.asarray(rng.normal(size=(2, *in_sizes, 3)).astype(np.float32))
-
-    def oracle(x, p):
-        k = jnp.einsum("xr,yr,zr,cr,tr,r->xyzct", *[p[f"factor_{m}"] for m in modes], p["factor_in"],
-                       p["factor_out"], p["lambda"], precision=lax.Precision.HIGHEST)
-        return _oracle(x, k, stride, oracle_pad, dilation)
-
-    def tiled(x, p):
-        return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, dilation=dilation, per_sample=True)
-
+    in_sizes, ks, stride, padding, _, dilation = TILE_CASES[case]
+    x, p, tiled, oracle = _tile_case(case, case)
     pads = resolve_padding(padding, in_sizes, ks, stride, dilation)
     outs = counting.output_sizes(in_sizes, ks, stride, pads, dilation)
     halos = [d * (k - 1) for k, d in zip(ks, dilation)]

@@ -865,6 +865,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
 
 
 OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = 32
+"""Ranks below it take the output factor transposed before the loops (:func:`out_factor_before_loops`)."""
 
 
 def out_factor_before_loops(rank: int) -> bool:

@@ -963,8 +963,6 @@ def test_tiled_per_sample_matches_oracle(case, rows):
 def test_out_factor_before_loops_rule_and_values(monkeypatch):
     """Ranks below ``OUT_FACTOR_BEFORE_LOOPS_MAX_RANK`` take the output factor transposed before the
     loops; a tiled conv computed the other way agrees with the independent dense conv too."""
-    from hocp_jax import autotune
-
     most = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
     assert autotune.out_factor_before_loops(18) and autotune.out_factor_before_loops(most - 1)
     assert not autotune.out_factor_before_loops(most) and not autotune.out_factor_before_loops(384)
@@ -1002,7 +1000,6 @@ def test_tiles_with_folded_passes_match_oracle(case):
     whatever the columns): values and gradients agree with the independent dense conv, and the
     rank-space product reads the folded taps' input copies (3 channels x K_a x K_b); with the fold
     off, the 3 channels alone."""
-    from hocp_jax import autotune
     from hocp_jax.padding import resolve_padding
 
     in_sizes, ks, stride, padding, _, dilation = TILE_CASES[case]

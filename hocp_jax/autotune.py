@@ -74,9 +74,12 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 9
+MEASURE_VERSION = 10
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 9 (stop 61): on CPU, the reconstructed path on a map
+has since changed, are not reused. Version 10 (stops 63 and 64): on CPU, the factorized path of
+few input channels pairs rows (:func:`paired_rows`) and folds passes into its tiles' input
+contraction (:func:`tile_fold_modes`), and at small ranks takes its output factor transposed
+(:func:`out_factor_before_loops`). Version 9 (stop 61): on CPU, the reconstructed path on a map
 with a mode shorter than the kernel runs as per-tap products (:func:`small_map_taps`). Version 8 (stop 50): on CPU, the reconstructed path of a 3-D+
 conv with few input channels runs as a patches matrix product (:func:`patches_conv`). Version 7 (stop 46): the timed programs take their inputs as
 parameters, not constants, and short calls are repeated within a sample (:func:`_median_times`).
@@ -883,6 +886,8 @@ def out_factor_before_loops(rank: int) -> bool:
 
 TILE_FOLD_MAX_COLUMNS = 27
 """Most input channels times folded taps of the input contraction of :func:`tile_fold_modes`."""
+TILE_FOLD_COLUMNS_PER_RANK = 1.5
+"""Most folded columns (input channels times folded taps) per rank component for :func:`tile_fold_modes`."""
 
 
 def tile_fold_mode(value: bool | None) -> contextlib.AbstractContextManager:
@@ -894,31 +899,39 @@ def tile_fold_mode(value: bool | None) -> contextlib.AbstractContextManager:
 
 
 def tile_fold_modes(in_channels: int, kernel_size: Sequence[int], strides: Sequence[int], out_sizes: Sequence[int],
-                    tiled: int) -> tuple[int, ...]:
+                    tiled: int, rank: int) -> tuple[int, ...]:
     """Which modes' depthwise passes the factorized CP path, running in tiles along mode ``tiled``
     (:func:`tile_plan`) with no psi between the factors, folds into its input contraction: that
     contraction then reads the tile's input as the shifted copies of those modes' taps, one
     ``(N, C_in K_a K_b) x (C_in K_a K_b, R)`` product with the partly rebuilt kernel, and the
     folded passes are not run (:func:`hocp_jax.conv.cp_conv`). Returns the sorted mode indices:
     ``tiled`` and the stride-1 mode with the most output positions among the others, when at
-    least one mode is left unfolded and ``C_in K_a K_b`` is at most :data:`TILE_FOLD_MAX_COLUMNS`
-    (an RGB input under a 3x3 kernel); else ``()``. :func:`tile_fold_mode` turns it on or off.
+    least one mode is left unfolded and the folded columns ``C_in K_a K_b`` are at most
+    :data:`TILE_FOLD_MAX_COLUMNS` (an RGB input under a 3x3 kernel) and at most
+    :data:`TILE_FOLD_COLUMNS_PER_RANK` times the ``rank``; else ``()``. :func:`tile_fold_mode`
+    turns it on or off.
 
     A pass over the ``(*S, R)`` intermediate costs more than the longer product when the input
-    has so few channels. Stop 63, on the 2-core AMD EPYC host: Jester conv1 (3 -> 64 channels,
-    rank 18, tiles of 14 rows, h and w folded), factorized fwd+bwd, ``python -m
-    benchmarks.experiments tile_fold 15`` (benchmarks/EXPERIMENTS.md): 0.95x the unfolded time (0.91x
-    in a run before; 0.99x and 1.02x while the output factor was transposed inside the loops,
-    :func:`out_factor_before_loops`). Stop 49 had measured the fold one sample at a time, without
-    tiles, and slower (``fold_taps``): 1.08x on conv1 folding two modes; on the layers of 64
-    channels and more 1.39-4.92x, so the rule stays at few input channels, and in tiles."""
+    has so few channels, and the more so the larger the rank; at small ranks the passes are
+    cheap and writing the tile's shifted copies costs more. Stop 64, on the 2-core AMD EPYC host,
+    factorized fwd+bwd of first layers (no input gradient, 3x3x3, tiles along h, h and w folded),
+    ``python -m benchmarks.experiments tile_fold 9`` (benchmarks/EXPERIMENTS.md), time folded /
+    unfolded: Jester conv1 (3 -> 64 channels, rank 18, 8 x 18x84x84) 0.95x (0.91x and 0.95x in
+    stop 63); 3 channels on 4 x 16x112x112 at ranks 8, 12, 18, 32 1.11x, 1.13x, 0.99x, 0.77x, at
+    rank 48 on 2 clips 0.85x, 3 -> 32 channels at rank 18 1.02x; 2 channels at ranks 8 and 16
+    1.01x and 0.89x; 1 channel at ranks 4, 6 and 16 0.93x, 0.85x, 0.54x. The rule picks the faster on
+    10 of the 12 (not the 1.02x tie, nor the 0.93x at rank 4). Stop 49 had measured the fold one
+    sample at a time, without tiles, and slower (``fold_taps``): 1.08x on conv1 folding two modes;
+    on the layers of 64 channels and more 1.39-4.92x, so the rule stays at few input channels,
+    and in tiles."""
     n = len(kernel_size)
     others = [i for i in range(n) if i != tiled and strides[i] == 1]
     if not others or n < 3 or _config["tile_fold"] is False:
         return ()
     second = max(others, key=lambda i: out_sizes[i])
     folded = tuple(sorted((tiled, second)))
-    if _config["tile_fold"] is None and in_channels * kernel_size[tiled] * kernel_size[second] > TILE_FOLD_MAX_COLUMNS:
+    columns = in_channels * kernel_size[tiled] * kernel_size[second]
+    if _config["tile_fold"] is None and (columns > TILE_FOLD_MAX_COLUMNS or columns > TILE_FOLD_COLUMNS_PER_RANK * rank):
         return ()
     return folded
 

@@ -985,7 +985,8 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
         plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan
-            folded = () if psi is not None else autotune.tile_fold_modes(x.shape[-1], ksizes, strides, out_sizes, i)
+            folded = () if psi is not None else autotune.tile_fold_modes(
+                x.shape[-1], ksizes, strides, out_sizes, i, params["lambda"].shape[0])
             if mode_order is None and psi is None:  # the tiled mode first of the stride-1 ones: fewer passes
                 # see the halo rows (with psi between the passes, their order is part of the function)
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)

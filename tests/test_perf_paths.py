@@ -974,21 +974,24 @@ def test_out_factor_before_loops_rule_and_values(monkeypatch):
 
 def test_tile_fold_rule():
     """The tiled mode and the longest other stride-1 mode fold when the input's channels times
-    their taps are at most ``TILE_FOLD_MAX_COLUMNS`` and a mode is left; ``tile_fold_mode``
-    overrides the width bound (True) or the rule (False) and is validated."""
+    their taps are at most ``TILE_FOLD_MAX_COLUMNS`` and ``TILE_FOLD_COLUMNS_PER_RANK`` times the
+    rank, and a mode is left; ``tile_fold_mode`` overrides both bounds (True) or the rule (False)
+    and is validated."""
     fold = autotune.tile_fold_modes
     sizes = (18, 84, 84)
-    assert autotune.TILE_FOLD_MAX_COLUMNS == 27
-    assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 1), sizes, 2) == (1, 2)
-    assert fold(3, (3, 3, 3), (1, 1, 1), (18, 84, 12), 1) == (0, 1)  # t is longer than w here
-    assert fold(3, (3, 3, 3), (2, 1, 1), sizes, 1) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 2), sizes, 1) == (0, 1)
-    assert fold(1, (5, 5, 5), (1, 1, 1), sizes, 1) == (1, 2)
-    assert fold(4, (3, 3, 3), (1, 1, 1), sizes, 1) == () and fold(3, (3, 5, 3), (1, 1, 1), sizes, 1) == ()
-    assert fold(3, (3, 3, 3), (2, 1, 2), sizes, 1) == () and fold(3, (3, 3), (1, 1), (84, 84), 0) == ()
+    assert autotune.TILE_FOLD_MAX_COLUMNS == 27 and autotune.TILE_FOLD_COLUMNS_PER_RANK == 1.5
+    assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 18) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 1), sizes, 2, 18) == (1, 2)
+    assert fold(3, (3, 3, 3), (1, 1, 1), (18, 84, 12), 1, 18) == (0, 1)  # t is longer than w here
+    assert fold(3, (3, 3, 3), (2, 1, 1), sizes, 1, 18) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 2), sizes, 1, 18) == (0, 1)
+    assert fold(1, (5, 5, 5), (1, 1, 1), sizes, 1, 17) == (1, 2) and fold(1, (5, 5, 5), (1, 1, 1), sizes, 1, 16) == ()
+    assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 17) == () and fold(1, (3, 3, 3), (1, 1, 1), sizes, 1, 6) == (1, 2)
+    assert fold(1, (3, 3, 3), (1, 1, 1), sizes, 1, 5) == () and fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 1536) == (1, 2)
+    assert fold(4, (3, 3, 3), (1, 1, 1), sizes, 1, 64) == () and fold(3, (3, 5, 3), (1, 1, 1), sizes, 1, 64) == ()
+    assert fold(3, (3, 3, 3), (2, 1, 2), sizes, 1, 18) == () and fold(3, (3, 3), (1, 1), (84, 84), 0, 18) == ()
     with autotune.tile_fold_mode(True):
-        assert fold(64, (3, 3, 3), (1, 1, 1), sizes, 1) == (1, 2) and fold(64, (3, 3), (1, 1), (84, 84), 0) == ()
+        assert fold(64, (3, 3, 3), (1, 1, 1), sizes, 1, 8) == (1, 2) and fold(64, (3, 3), (1, 1), (84, 84), 0, 8) == ()
     with autotune.tile_fold_mode(False):
-        assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1) == ()
+        assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 18) == ()
     with pytest.raises(ValueError, match="value=1"):
         with autotune.tile_fold_mode(1):
             pass
@@ -1009,7 +1012,7 @@ def test_tiles_with_folded_passes_match_oracle(case):
     halos = [d * (k - 1) for k, d in zip(ks, dilation)]
     with autotune.tile_rows_mode(3), autotune.tile_fold_mode(True):
         i, _ = autotune.tile_plan(x.shape, 5, x.dtype, outs, halos, stride, pads)
-        folded = autotune.tile_fold_modes(3, ks, stride, outs, i)
+        folded = autotune.tile_fold_modes(3, ks, stride, outs, i, 5)
     assert len(folded) == 2 and i in folded
 
     def widths(fold):

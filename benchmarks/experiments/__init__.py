@@ -139,10 +139,13 @@ weight gradient, as a first layer's tile loops do; then Jester conv1's factorize
 (fwd+bwd, ``bench`` protocol) and the Jester HO-CP net's train step with the automatic rule and
 with one product, interleaved.
 
-``python -m benchmarks.experiments tile_fold [rounds]``: each Jester layer whose tiles fold two
-modes' passes into the input contraction (:func:`hocp_jax.autotune.tile_fold_modes`: conv1, 3
-input channels), factorized fwd+bwd (``bench`` protocol), with the fold off
-(``tile_fold_mode(False)``) and by the automatic rule, interleaved.
+``python -m benchmarks.experiments tile_fold [rounds]``: the first layers whose tiles can fold two
+modes' passes into the input contraction (at most ``TILE_FOLD_MAX_COLUMNS`` columns,
+:func:`hocp_jax.autotune.tile_fold_modes`): Jester conv1 (3 input channels, rank 18) and since
+stop 64 eleven other first layers of video networks (1-3 input channels, ranks 4-48,
+:func:`layers.fold_shapes`), factorized fwd+bwd (``bench`` protocol), with the fold off and on
+(``tile_fold_mode(False)``, ``tile_fold_mode(True)``; before stop 64: off and by the automatic
+rule), interleaved, with what the automatic rule picks.
 
 ``python -m benchmarks.experiments out_factor_layout [rounds]``: the Jester layers' factorized
 path (fwd+bwd, ``bench`` protocol) with its output factor transposed to ``(R, C_out)`` inside its

@@ -1109,28 +1109,43 @@ def channel_pairs(rounds: int = 9) -> dict:
     return out
 
 
+def fold_shapes() -> list:
+    """First layers of video networks beside Jester conv1 (no input gradient, 3x3x3, padding 1)
+    whose tiles can fold (:func:`tile_fold`): 1-3 input channels, ranks 4-48, three clip sizes."""
+    from benchmarks import bench
+
+    shapes = [(4, (16, 112, 112), 3, 64, r) for r in (8, 12, 18, 32)] + [
+        (2, (16, 112, 112), 3, 64, 48), (8, (18, 84, 84), 3, 32, 18), (4, (16, 112, 112), 2, 64, 8),
+        (8, (18, 84, 84), 2, 64, 16), (2, (32, 112, 112), 1, 64, 4), (2, (32, 112, 112), 1, 64, 6),
+        (8, (18, 84, 84), 1, 64, 16)]
+    return [bench.ConvCase("fold", f"({ci}->{co})@{'x'.join(map(str, s))} (B={b}, R={r})", b, s, ci, co, (3, 3, 3), r,
+                           input_grad=False) for b, s, ci, co, r in shapes]
+
+
 def tile_fold(rounds: int = 9) -> dict:
     from benchmarks import bench
 
     out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
-    for case in bench.jester_cases(False):
+    for case in bench.jester_cases(False) + fold_shapes():
         _, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
         outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
         plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
                                   [k - 1 for k in case.kernel], strides, pads)
-        folded = plan and autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0])
-        if not folded:
+        with autotune.tile_fold_mode(True):  # the modes the fold takes where the shape allows it
+            folded = plan and autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank)
+        if not folded or case.c_in * case.kernel[folded[0]] * case.kernel[folded[1]] > autotune.TILE_FOLD_MAX_COLUMNS:
             continue
         fn = bench.conv_fns(case)["factorized"]
         calls = {}
-        for label, mode in (("unfolded", False), ("automatic", None)):
+        for label, mode in (("unfolded", False), ("folded", True)):
             with autotune.tile_fold_mode(mode):
                 calls[label] = compile_call(fn, params)[0]
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        rule = bool(autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank))
         out["layers"].append({"layer": case.name, "tiles": {"mode": case.modes[plan[0]], "rows": plan[1]},
-                              "folded": [case.modes[i] for i in folded], "ms": ms,
-                              "automatic / unfolded": round(ms["automatic"] / ms["unfolded"], 3)})
+                              "folded": [case.modes[i] for i in folded], "ms": ms, "automatic": "folded" if rule else "unfolded",
+                              "folded / unfolded": round(ms["folded"] / ms["unfolded"], 3)})
     out["loadavg"] = os.getloadavg()
     return out
 

@@ -880,7 +880,10 @@ def out_factor_before_loops(rank: int) -> bool:
     Stop 63, on the 2-core AMD EPYC host, ``python -m benchmarks.experiments out_factor_layout``
     (benchmarks/EXPERIMENTS.md), the factorized path fwd+bwd of the Jester layers with the
     transpose before the loops over inside them: conv1 (rank 18, in tiles) 0.94x, conv2 (384, in
-    tiles) 1.01x, conv3 (768, one sample at a time) 1.03x, conv4 (1536) 1.07x."""
+    tiles) 1.01x, conv3 (768, one sample at a time) 1.03x, conv4 (1536) 1.07x. Stop 64, the same
+    experiment with 14 more layers (``out_factor_layout 9``): ranks 4-18 (first layers of 1-3
+    channels) 0.86x-0.97x, the Jester conv1 0.85x; rank 32 1.01x, 48 1.04x, 96 1.05x, 192 1.10x,
+    288 0.99x; the Jester conv2 to conv4 1.00x, 1.00x, 1.03x."""
     return rank < OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
 
 

@@ -1122,6 +1122,16 @@ def fold_shapes() -> list:
                            input_grad=False) for b, s, ci, co, r in shapes]
 
 
+def mid_rank_shapes() -> list:
+    """3x3x3 layers of ranks 96-288 (6 x C_in, with input gradient) that run in loops, between the
+    first layers of :func:`fold_shapes` and the Jester layers of ranks 384-1536."""
+    from benchmarks import bench
+
+    shapes = [(4, (16, 56, 56), 16, 32), (4, (16, 56, 56), 32, 64), (8, (8, 28, 28), 48, 96)]
+    return [bench.ConvCase("mid rank", f"({ci}->{co})@{'x'.join(map(str, s))} (B={b}, R={6 * ci})", b, s, ci, co,
+                           (3, 3, 3), 6 * ci) for b, s, ci, co in shapes]
+
+
 def tile_fold(rounds: int = 9) -> dict:
     from benchmarks import bench
 
@@ -1155,7 +1165,7 @@ def out_factor_layout(rounds: int = 9) -> dict:
 
     out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
     bound = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
-    for case in bench.jester_cases(False):
+    for case in bench.jester_cases(False) + fold_shapes() + mid_rank_shapes():
         _, params, compile_call = bench.case_compiler(case)
         calls = {}
         for label, most in (("inside the loops", 0), ("before the loops", 2**31)):

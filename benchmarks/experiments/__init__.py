@@ -149,8 +149,8 @@ rule), interleaved, with what the automatic rule picks.
 
 ``python -m benchmarks.experiments out_factor_layout [rounds]``: the Jester layers' factorized
 path, and since stop 64 that of :func:`layers.fold_shapes`' first layers (ranks 4-48) and of three
-layers of ranks 96-288 (:func:`layers.mid_rank_shapes`) (fwd+bwd, ``bench`` protocol) with its output factor transposed to ``(R, C_out)`` inside its
-sample and tile loops (where XLA folds the transpose into the product) and before them
+layers of ranks 96-288 (:func:`layers.mid_rank_shapes`) (fwd+bwd, ``bench`` protocol), with its
+output factor transposed to ``(R, C_out)`` inside its sample and tile loops (where XLA folds the transpose into the product) and before them
 (:func:`hocp_jax.autotune.out_factor_before_loops`, forced both ways), interleaved, with the
 automatic rule's choice per layer.
 

@@ -1109,27 +1109,29 @@ def channel_pairs(rounds: int = 9) -> dict:
     return out
 
 
+def _cases_3x3x3(group: str, shapes, input_grad: bool) -> list:
+    """``bench.ConvCase``s of 3x3x3 convs, padding 1, from ``(batch, in_sizes, c_in, c_out, rank)``."""
+    from benchmarks import bench
+
+    return [bench.ConvCase(group, f"({ci}->{co})@{'x'.join(map(str, s))} (B={b}, R={r})", b, s, ci, co, (3, 3, 3), r,
+                           input_grad=input_grad) for b, s, ci, co, r in shapes]
+
+
 def fold_shapes() -> list:
     """First layers of video networks beside Jester conv1 (no input gradient, 3x3x3, padding 1)
     whose tiles can fold (:func:`tile_fold`): 1-3 input channels, ranks 4-48, three clip sizes."""
-    from benchmarks import bench
-
     shapes = [(4, (16, 112, 112), 3, 64, r) for r in (8, 12, 18, 32)] + [
         (2, (16, 112, 112), 3, 64, 48), (8, (18, 84, 84), 3, 32, 18), (4, (16, 112, 112), 2, 64, 8),
         (8, (18, 84, 84), 2, 64, 16), (2, (32, 112, 112), 1, 64, 4), (2, (32, 112, 112), 1, 64, 6),
         (8, (18, 84, 84), 1, 64, 16)]
-    return [bench.ConvCase("fold", f"({ci}->{co})@{'x'.join(map(str, s))} (B={b}, R={r})", b, s, ci, co, (3, 3, 3), r,
-                           input_grad=False) for b, s, ci, co, r in shapes]
+    return _cases_3x3x3("fold", shapes, input_grad=False)
 
 
 def mid_rank_shapes() -> list:
     """3x3x3 layers of ranks 96-288 (6 x C_in, with input gradient) that run in loops, between the
     first layers of :func:`fold_shapes` and the Jester layers of ranks 384-1536."""
-    from benchmarks import bench
-
     shapes = [(4, (16, 56, 56), 16, 32), (4, (16, 56, 56), 32, 64), (8, (8, 28, 28), 48, 96)]
-    return [bench.ConvCase("mid rank", f"({ci}->{co})@{'x'.join(map(str, s))} (B={b}, R={6 * ci})", b, s, ci, co,
-                           (3, 3, 3), 6 * ci) for b, s, ci, co in shapes]
+    return _cases_3x3x3("mid rank", [(b, s, ci, co, 6 * ci) for b, s, ci, co in shapes], input_grad=True)
 
 
 def tile_fold(rounds: int = 9) -> dict:

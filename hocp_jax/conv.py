@@ -952,13 +952,14 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
         halos = [d * (k - 1) for k, d in zip(ksizes, dilations)]
         out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]
         y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
-        chunk = autotune.batch_plan(x.shape, y_shape, params["lambda"].shape[0], x.dtype, per_sample, local)
+        rank = params["lambda"].shape[0]
+        chunk = autotune.batch_plan(x.shape, y_shape, rank, x.dtype, per_sample, local)
         keys = ("factor_in", *map(mode_key, modes))
         dtype = jnp.result_type(x, params["factor_out"], params["lambda"], *(params[k] for k in keys))
         cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
         factors = {k: params[k].astype(cdt) for k in keys}
         out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)  # (C_out, R)
-        out_before = autotune.out_factor_before_loops(params["lambda"].shape[0])
+        out_before = autotune.out_factor_before_loops(rank)
         if out_before:  # (R, C_out) as an operand of the loops, not transposed inside them
             out_factor = out_factor.T
         # Under shard_map the factors vary like x: the per-sample and tile loops accumulate the
@@ -982,11 +983,10 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
                     h = psi(h, m)
             return channel_matmul(h, out_factor if out_before else out_factor.T).astype(dtype)
 
-        plan = tiles_ok and autotune.tile_plan(x.shape, params["lambda"].shape[0], x.dtype, out_sizes, halos, strides, pads)
+        plan = tiles_ok and autotune.tile_plan(x.shape, rank, x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan
-            folded = () if psi is not None else autotune.tile_fold_modes(
-                x.shape[-1], ksizes, strides, out_sizes, i, params["lambda"].shape[0])
+            folded = () if psi is not None else autotune.tile_fold_modes(x.shape[-1], ksizes, strides, out_sizes, i, rank)
             if mode_order is None and psi is None:  # the tiled mode first of the stride-1 ones: fewer passes
                 # see the halo rows (with psi between the passes, their order is part of the function)
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)

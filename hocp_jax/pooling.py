@@ -2,13 +2,17 @@ r"""Max-pooling over trailing spatial axes with a gather-free gradient.
 
 ``max_pool(x, window, stride, padding)`` has the values and the gradient of
 ``lax.reduce_window(x, -inf, lax.max, ...)`` (the gradient goes to the *first* maximum of each
-window in row-major window order, as XLA's ``select_and_scatter`` does). Its backward pass is
-written as K masked shifts of the stride-dilated cotangent, the same "shift and add" scheme as
-the depthwise passes of :mod:`hocp_jax.conv`: XLA CPU expands ``select_and_scatter`` into a
+window in row-major window order, as XLA's ``select_and_scatter`` does). The forward pass takes
+the max over the window's K taps (strided slices of the padded input) and, under a VJP, also the
+index of each window's first maximum (int8 for up to 127 taps), which is all the backward pass
+keeps: it is K masked shifts of the stride-dilated cotangent, the same "shift and add" scheme as
+the depthwise passes of :mod:`hocp_jax.conv`. XLA CPU expands ``select_and_scatter`` into a
 variadic ``reduce_window`` over one full-size int32 ``iota`` per axis plus a scatter, which made
-the pool's backward one of the largest costs of a Jester or ResNet train step. (Windows that tile
-the input were pooled as a reshape into blocks in stop 49; dropped in stop 50: inside the Jester
-nets' train steps XLA CPU gave that backward pass wrong gradients, benchmarks/EXPERIMENTS.md.)
+the pool's backward one of the largest costs of a Jester or ResNet train step. (Until stop 65 the
+backward pass found the first maximum again by comparing the saved input with the saved output.
+Windows that tile the input were pooled as a reshape into blocks in stop 49; dropped in stop 50:
+inside the Jester nets' train steps XLA CPU gave that backward pass wrong gradients,
+benchmarks/EXPERIMENTS.md.)
 """
 
 from __future__ import annotations
@@ -39,39 +43,43 @@ def _tap(xp, offsets, lead, stride, out_shape):
     return lax.slice(xp, starts, limits, (1,) * lead + tuple(stride) + (1,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, stride, padding):
-    lead, pads, out_shape = _config(x.shape, window, stride, padding)
-    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    taps = [_tap(xp, t, lead, stride, out_shape) for t in itertools.product(*map(range, window))]
-    return functools.reduce(jnp.maximum, taps)
-
-
-def _max_pool_fwd(x, window, stride, padding):
-    y = _max_pool(x, window, stride, padding)
-    return y, (x, y)
-
-
-def _max_pool_bwd(window, stride, padding, res, g):
-    x, y = res
+def _max_and_first(x, window, stride, padding):
+    """The pool's output and the index of each window's first maximum (row-major tap order)."""
     lead, pads, out_shape = _config(x.shape, window, stride, padding)
     xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
     taps = list(itertools.product(*map(range, window)))
-    first = jnp.full(out_shape, -1, jnp.int32)  # index of the first tap holding the window's max
-    for j in reversed(range(len(taps))):
-        first = jnp.where(_tap(xp, taps[j], lead, stride, out_shape) == y, j, first)
+    y = _tap(xp, taps[0], lead, stride, out_shape)
+    first = jnp.zeros(out_shape, jnp.int8 if len(taps) <= 127 else jnp.int32)
+    for j, t in enumerate(taps[1:], 1):
+        v = _tap(xp, t, lead, stride, out_shape)
+        first = jnp.where(v > y, jnp.asarray(j, first.dtype), first)  # strictly greater: ties keep the first
+        y = jnp.maximum(y, v)
+    return y, first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, stride, padding, x_shape):
+    return _max_and_first(x, window, stride, padding)[0]
+
+
+def _max_pool_fwd(x, window, stride, padding, x_shape):
+    return _max_and_first(x, window, stride, padding)
+
+
+def _max_pool_bwd(window, stride, padding, x_shape, first, g):
+    lead, _, out_shape = _config(x_shape, window, stride, padding)
     # Stride-dilate the cotangent and the tap index, pad by (k - 1) before: position q - t of the
     # result then holds output o with o * stride == q - t, so tap t's share of input q is a slice.
     cfg = [(0, 0, 0)] * lead + [
-        (k - 1, x.shape[lead + i] + sum(padding[i]) - ((n - 1) * s + 1), s - 1)
+        (k - 1, x_shape[lead + i] + sum(padding[i]) - ((n - 1) * s + 1), s - 1)
         for i, (k, s, n) in enumerate(zip(window, stride, out_shape[lead:-1]))
     ] + [(0, 0, 0)]
     gd = lax.pad(g, jnp.zeros((), g.dtype), cfg)
-    fd = lax.pad(first, jnp.array(-1, jnp.int32), cfg)
-    dx = jnp.zeros(x.shape, g.dtype)
-    for j, t in enumerate(taps):
+    fd = lax.pad(first, jnp.array(-1, first.dtype), cfg)
+    dx = jnp.zeros(x_shape, g.dtype)
+    for j, t in enumerate(itertools.product(*map(range, window))):
         starts = [0] * lead + [k - 1 - ti + padding[i][0] for i, (k, ti) in enumerate(zip(window, t))] + [0]
-        limits = [s + n for s, n in zip(starts, x.shape)]
+        limits = [s + n for s, n in zip(starts, x_shape)]
         dx = dx + jnp.where(lax.slice(fd, starts, limits) == j, lax.slice(gd, starts, limits), 0)
     return (dx,)
 
@@ -112,4 +120,4 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
         if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or size + lo + hi < k:
             raise ValueError(f"pooled axis {i}: window {k}, stride {s}, padding {(lo, hi)} do not fit size {size} "
                              "(expected window, stride >= 1, 0 <= pads < window, padded size >= window)")
-    return _max_pool(x, window, stride, padding)
+    return _max_pool(x, window, stride, padding, tuple(x.shape))

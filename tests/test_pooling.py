@@ -66,6 +66,16 @@ def test_max_pool_gradient_matches_a_numpy_loop_with_ties():
     np.testing.assert_allclose(np.asarray(dx), _numpy_pool_1d_grad(x, g, 3, 2, 1, 1), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,window,stride,padding", [CASES[0], CASES[3]])
+def test_max_pool_keeps_only_the_first_maximum_index_for_its_gradient(shape, window, stride, padding):
+    """What the VJP keeps between the passes: one small integer index per output, neither the
+    input nor the output (the backward pass does not compare them again)."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+    y, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), x)
+    kept = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype")]
+    assert [(leaf.shape, leaf.dtype) for leaf in kept] == [(y.shape, jnp.int8)]
+
+
 @pytest.mark.parametrize("window,stride,padding", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0)))])
 def test_max_pool_bfloat16_and_jit(window, stride, padding):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 4)), jnp.bfloat16)

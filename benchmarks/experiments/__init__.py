@@ -331,6 +331,12 @@ as blocks (the library's path for windows that tile the input in stop 49, droppe
 by the library's shift path, each pool alone and in ``bench``'s Jester dense and HO-CP train
 steps, interleaved, with each step's gradient error against ``lax.reduce_window``'s pool.
 
+``python -m benchmarks.experiments pool_index [rounds]``: the library's max-pool (the forward
+pass keeps each window's first maximum's index) against its stop 50-64 version (the backward
+pass found that index again from the saved input and output), each pool of the Jester nets' first
+two blocks and of the ResNet-18 2-D stem alone and all six of ``bench``'s train steps, interleaved,
+with each step's gradient error against ``lax.reduce_window``'s pool.
+
 ``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
 library runs them and with the networks' first convs (3 input channels) as a patches matrix
 product, the HO-CP models' stems on their reconstructed path, interleaved.

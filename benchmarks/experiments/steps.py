@@ -20,7 +20,7 @@ from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
-                                             reduce_window_pool)
+                                             recomputed_index_pool, reduce_window_pool)
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -634,6 +634,70 @@ def pool_blocks(rounds: int = 13) -> dict:
     out["blocks/shift per round"] = {k[:-len(", blocks")]: per_round_ratio(t, k, k.replace("blocks", "shift"))
                                      for k in ms if k.endswith("blocks")}
     out["hocp/dense"] = {label: round(ms[f"jester_hocp, {label}"] / ms[f"jester dense, {label}"], 3) for label in pools}
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def pool_index(rounds: int = 11) -> dict:
+    """The library's max-pool (:mod:`hocp_jax.pooling`: the forward pass keeps each window's first
+    maximum's index) against its stop 50-64 version, whose backward pass found that index again
+    from the saved input and output
+    (:func:`~benchmarks.experiments.variants.recomputed_index_pool`): each pool of the Jester
+    nets' first two blocks and of the ResNet-18 2-D stem alone (fwd+bwd, ``bench`` protocol, on
+    the shapes of ``bench``'s steps), then all of ``bench``'s train steps with either pool,
+    interleaved, and each step's gradient error against the same step with
+    ``lax.reduce_window``'s pool (``grad relerr``, as in :func:`pool_blocks`)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bench
+    from hocp_jax.models import common
+    from hocp_jax.pooling import max_pool
+
+    pools = {"saved index": max_pool, "recomputed index": recomputed_index_pool}
+    out: dict = {"rounds": rounds}
+    calls = {}
+    jester = ((2, 2, 2), (2, 2, 2), ((0, 0),) * 3)
+    for shape, geometry in (((2, 18, 84, 84, 64), jester), ((2, 9, 42, 42, 128), jester),
+                            ((8, 56, 56, 64), ((3, 3), (2, 2), ((1, 1), (1, 1))))):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+        w = jnp.ones((shape[-1],), jnp.float32)
+        for label, pool in pools.items():
+            f = functools.partial(lambda p, x, w: p(x * w, *geometry), pool)
+            calls[f"pool {'x'.join(map(str, shape))}, {label}"] = bench.compile_fwd_bwd(f, x, w, True, bench.cotangent(f, x, w))[0]
+    got = {k: jax.tree.leaves(c()) for k, c in calls.items()}
+    for k in got:
+        for a, b in zip(got[k], got[k.replace("recomputed", "saved")]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=k)
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
+    print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
+    calls, out["grad relerr"] = {}, {}
+    for case in bench.model_cases(False):
+        updates = {}
+        for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
+            with mock.patch.object(common, "max_pool", pool):
+                step, state, batch = bench.model_step(case)
+                call = bench.compile_jax(step, state, batch)[0]  # the program prepare_model_case times
+            updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params, call()[0].params)
+            if label in pools:
+                calls[f"{case.name}, {label}"] = call
+        norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
+        ref = updates["reduce_window"]
+        out["grad relerr"][case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
+                                         for label in pools}
+        print(json.dumps({case.name: out["grad relerr"][case.name]}), flush=True)
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
+    out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
+    pairs = [(k[:-len(", saved index")], k, k.replace("saved", "recomputed")) for k in ms if k.endswith("saved index")]
+    out["saved/recomputed"] = {name: round(ms[a] / ms[b], 3) for name, a, b in pairs}
+    out["saved/recomputed per round"] = {name: per_round_ratio(t, a, b) for name, a, b in pairs}
+    out["hocp/dense"] = {label: {hocp: round(ms[f"{hocp}, {label}"] / ms[f"{dense}, {label}"], 3)
+                                 for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"),
+                                                     ("resnet18_3d dense", "resnet18_hocp transduced"),
+                                                     ("jester dense", "jester_hocp"))}
+                         for label in pools}
     out["loadavg"] = os.getloadavg()
     return out
 

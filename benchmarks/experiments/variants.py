@@ -1,7 +1,7 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, the depthwise passes folded into the input contraction, channels-first
-intermediates, batch chunks, and the 1x1 contraction, max-pool (with and without the tiling-window block path) and the models' 1x1 and
+intermediates, batch chunks, and the 1x1 contraction, max-pool (the backward pass that recomputes the first maximum, and the tiling-window block path) and the models' 1x1 and
 depthwise convs (XLA's convolution) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import subprocess
 
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import conv
+from hocp_jax import conv, pooling
+from hocp_jax.pooling import max_pool
 from hocp_jax.models.resnet import ResNet, hocp_factory
 
 
@@ -162,6 +164,39 @@ def reduce_window_pool(x, window, stride, padding):
     lead = x.ndim - 1 - len(window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + tuple(window) + (1,),
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_recomputed(x, window, stride, padding):
+    return max_pool(x, window, stride, padding)
+
+
+def _max_pool_recomputed_fwd(x, window, stride, padding):
+    y = max_pool(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_recomputed_bwd(window, stride, padding, res, g):
+    x, y = res
+    lead, pads, out_shape = pooling._config(x.shape, window, stride, padding)
+    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    taps = list(itertools.product(*map(range, window)))
+    first = jnp.full(out_shape, -1, jnp.int32)  # the first tap equal to the saved max
+    for j in reversed(range(len(taps))):
+        first = jnp.where(pooling._tap(xp, taps[j], lead, stride, out_shape) == y, j, first)
+    return pooling._max_pool_bwd(window, stride, padding, x.shape, first, g)
+
+
+_max_pool_recomputed.defvjp(_max_pool_recomputed_fwd, _max_pool_recomputed_bwd)
+
+
+def recomputed_index_pool(x, window, stride, padding):
+    """The max-pool of :mod:`hocp_jax.pooling` as it was from stop 50 to stop 64: the VJP keeps the
+    input and the output, and the backward pass finds each window's first maximum again by
+    comparing the padded input's taps with the output (a full-size int32 index), where the library
+    now computes that index in the forward pass and keeps only it. The same stride-dilated
+    backward pass after that."""
+    return _max_pool_recomputed(x, tuple(window), tuple(stride), tuple(tuple(p) for p in padding))
 
 
 def _blocks(x, window):

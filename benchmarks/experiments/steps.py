@@ -579,6 +579,35 @@ def step_memory(batch_scale: int = 1) -> dict:
             "over_dense_reference": ratios}
 
 
+def _pool_steps(pools: dict, cases) -> tuple[dict, dict]:
+    """``bench``'s train steps of ``cases`` compiled with each of ``pools`` (label -> a
+    :func:`hocp_jax.pooling.max_pool` stand-in) as the models' max-pool: the compiled calls (keys
+    ``"<case>, <label>"``) and each step's gradient error against the same step with
+    ``lax.reduce_window``'s pool (the norm of the difference of the parameter updates over the
+    norm of the reference's update), printed per case as it is measured."""
+    import numpy as np
+
+    from benchmarks import bench
+    from hocp_jax.models import common
+
+    norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
+    calls, relerr = {}, {}
+    for case in cases:
+        updates = {}
+        for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
+            with mock.patch.object(common, "max_pool", pool):
+                step, state, batch = bench.model_step(case)
+                call = bench.compile_jax(step, state, batch)[0]  # the program prepare_model_case times
+            updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params, call()[0].params)
+            if label in pools:
+                calls[f"{case.name}, {label}"] = call
+        ref = updates["reduce_window"]
+        relerr[case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
+                             for label in pools}
+        print(json.dumps({case.name: relerr[case.name]}), flush=True)
+    return calls, relerr
+
+
 def pool_blocks(rounds: int = 13) -> dict:
     """The Jester net's 2x2x2 max-pools (windows that tile the input) pooled as blocks
     (:func:`~benchmarks.experiments.variants.block_pool`, the library's path in stop 49, dropped
@@ -592,7 +621,6 @@ def pool_blocks(rounds: int = 13) -> dict:
     import numpy as np
 
     from benchmarks import bench
-    from hocp_jax.models import common
     from hocp_jax.pooling import max_pool
 
     pools = {"blocks": block_pool, "shift": max_pool}
@@ -611,22 +639,7 @@ def pool_blocks(rounds: int = 13) -> dict:
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=k)
     out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
     print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
-    calls, out["grad relerr"] = {}, {}
-    for case in bench.model_cases(False):
-        if case.model.startswith("jester"):
-            updates = {}
-            for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
-                with mock.patch.object(common, "max_pool", pool):
-                    step, state, batch = bench.model_step(case)
-                    call = bench.compile_jax(step, state, batch)[0]  # the program prepare_model_case times
-                updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params, call()[0].params)
-                if label in pools:
-                    calls[f"{case.name}, {label}"] = call
-            norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
-            ref = updates["reduce_window"]
-            out["grad relerr"][case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
-                                             for label in pools}
-    print(json.dumps({"grad relerr": out["grad relerr"]}), flush=True)
+    calls, out["grad relerr"] = _pool_steps(pools, [c for c in bench.model_cases(False) if c.model.startswith("jester")])
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
     out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
@@ -651,7 +664,6 @@ def pool_index(rounds: int = 11) -> dict:
     import numpy as np
 
     from benchmarks import bench
-    from hocp_jax.models import common
     from hocp_jax.pooling import max_pool
 
     pools = {"saved index": max_pool, "recomputed index": recomputed_index_pool}
@@ -672,21 +684,7 @@ def pool_index(rounds: int = 11) -> dict:
     t = time_interleaved(calls, rounds, budget_s=1e9)
     out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
     print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
-    calls, out["grad relerr"] = {}, {}
-    for case in bench.model_cases(False):
-        updates = {}
-        for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
-            with mock.patch.object(common, "max_pool", pool):
-                step, state, batch = bench.model_step(case)
-                call = bench.compile_jax(step, state, batch)[0]  # the program prepare_model_case times
-            updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params, call()[0].params)
-            if label in pools:
-                calls[f"{case.name}, {label}"] = call
-        norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
-        ref = updates["reduce_window"]
-        out["grad relerr"][case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
-                                         for label in pools}
-        print(json.dumps({case.name: out["grad relerr"][case.name]}), flush=True)
+    calls, out["grad relerr"] = _pool_steps(pools, bench.model_cases(False))
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
     out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}

@@ -58,7 +58,7 @@ def _max_and_first(x, window, stride, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _max_pool(x, window, stride, padding, x_shape):
+def _max_pool(x, window, stride, padding, x_shape):  # x_shape: for the backward pass, which keeps no x
     return _max_and_first(x, window, stride, padding)[0]
 
 

@@ -74,9 +74,11 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 10
+MEASURE_VERSION = 11
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 10 (stops 63 and 64): on CPU, the factorized path of
+has since changed, are not reused. Version 11 (stop 65): on CPU, the patches product of a conv
+with wide in-plane patches is one product per tap of its leading mode (:func:`patches_split`).
+Version 10 (stops 63 and 64): on CPU, the factorized path of
 few input channels pairs rows (:func:`paired_rows`) and folds passes into its tiles' input
 contraction (:func:`tile_fold_modes`), and at small ranks takes its output factor transposed
 (:func:`out_factor_before_loops`). Version 9 (stop 61): on CPU, the reconstructed path on a map
@@ -94,7 +96,7 @@ which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
                            "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False,
-                           "paired_rows": None, "tile_fold": None}
+                           "paired_rows": None, "tile_fold": None, "patches_split": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -194,6 +196,46 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
     on the CPU backend, where :func:`patches_fit` says so. GPU/TPU keep their vendor-tuned
     convolutions (not measured against it)."""
     return jax.default_backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
+
+
+PATCHES_SPLIT_MIN_COLUMNS = 36
+"""Fewest in-plane patch columns (input channels times the taps of the modes after the first)
+for which :func:`patches_split` splits a patches product by the first mode's taps: the smallest
+measured gain (4 channels under a 3x3x3 kernel); 27 columns (an RGB clip under one) lost."""
+
+
+def patches_split_mode(value: bool | None) -> contextlib.AbstractContextManager:
+    """Within the block, :func:`patches_split` splits wherever the kernel has more than one tap
+    along its first mode (``True``), never (``False``), or by its automatic rule (``None``). Read
+    at trace time, like :func:`per_sample_mode`."""
+    check_automatic_flag(value, "value")
+    return _setting("patches_split", value)
+
+
+def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
+    """Whether :func:`hocp_jax.conv._patches_conv` builds the patches over the modes after the
+    first only, at every position of the (padded) first mode, and runs one matrix product per tap
+    of the first mode on its slice of them (summed in float32 or wider), instead of one product
+    of the full patches: when the first mode has more than one tap and the in-plane columns
+    ``C_in prod(K[1:])`` are at least :data:`PATCHES_SPLIT_MIN_COLUMNS`, whatever the strides.
+    :func:`patches_split_mode` turns it on or off.
+
+    The full patches repeat each in-plane patch once per tap of the first mode (3 times for a
+    3x7x7 kernel): a matrix that, for a video network's stem, is written and read from memory,
+    where the split one is a third of it and the products have the same FLOPs. Stop 65, on the
+    2-core AMD EPYC host, fwd + kernel gradient (no input gradient), 64 output channels, split /
+    one product (``python -m benchmarks.experiments patches_split 9``, benchmarks/EXPERIMENTS.md):
+    the ResNet-18 3-D stem's conv (3 input channels, 3x7x7, stride (1, 2, 2), 147 columns) on one
+    8x112x112 clip 0.67x, on two 16x112x112 clips 0.61x; 5x7x7 0.53x; 3x5x5 (75 columns) 0.78x,
+    and 0.71x at stride 1 on 16x56x56; one input channel under 3x7x7 (49 columns) 0.68x; 4
+    channels under 3x3x3 (36 columns) 0.94x; 3x7x7 with stride 2 on the first mode too 0.86x; 3
+    channels under 3x3x3 (27 columns, the Jester conv1's shape) 0.98x, and 0.98x with stride (1, 2,
+    2) (scratch runs before it: 1.02x and 1.10x, so those keep one product). In ``bench``'s train
+    steps: the transduced HO-CP ResNet-18 (its stem's reconstructed path) 0.94x per round, the
+    dense 3-D one 0.98x."""
+    if len(kernel_size) < 2 or kernel_size[0] < 2 or _config["patches_split"] is False:
+        return False
+    return bool(_config["patches_split"]) or in_channels * int(np.prod(kernel_size[1:])) >= PATCHES_SPLIT_MIN_COLUMNS
 
 
 def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:

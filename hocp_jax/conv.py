@@ -370,11 +370,25 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, pre
     by side, ``(B, *S_out, prod(K) * C_in)``, against the kernel flattened to ``(prod(K) * C_in,
     C_out)`` (:func:`channel_matmul`). The kernel gradient is one matrix product too; the input
     gradient (not needed for a network's first conv) sums the taps' slices back. For few input
-    channels (:func:`hocp_jax.autotune.patches_conv`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
+    channels (:func:`hocp_jax.autotune.patches_conv`). Where the in-plane patches are wide
+    (:func:`hocp_jax.autotune.patches_split`: a video stem's 3x7x7 kernel), the patches cover the
+    modes after the first only, and each tap of the first mode is one product on a slice of them.
+    ``pads``: one resolved ``(lo, hi)`` pair per mode."""
     n = kernel.ndim - 2
-    outs = [output_size(*a) for a in zip(x.shape[1:-1], kernel.shape[:n], strides, dilations, pads)]
-    patches = jnp.concatenate(list(_tap_inputs(x, kernel.shape[:n], strides, pads, dilations, outs)), axis=-1)
-    return channel_matmul(patches, kernel.reshape(-1, kernel.shape[-1]), precision)
+    ks, c_out = kernel.shape[:n], kernel.shape[-1]
+    outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
+    if not autotune.patches_split(x.shape[-1], ks):
+        patches = jnp.concatenate(list(_tap_inputs(x, ks, strides, pads, dilations, outs)), axis=-1)
+        return channel_matmul(patches, kernel.reshape(-1, c_out), precision)
+    # In-plane patches at every position of the padded first mode, (B, S_1 + pads, *S_out[1:],
+    # prod(K[1:]) C_in); first-mode tap t reads its slice of them with the kernel's t-th plane.
+    xp = _pad_axis(x, 1, pads[0])
+    plane = jnp.concatenate(list(_tap_inputs(xp, (1, *ks[1:]), (1, *strides[1:]), ((0, 0), *pads[1:]),
+                                             (1, *dilations[1:]), [xp.shape[1], *outs[1:]])), axis=-1)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return sum(channel_matmul(lax.slice_in_dim(plane, t * dilations[0], t * dilations[0] + (outs[0] - 1) * strides[0] + 1,
+                                               strides[0], axis=1), w, precision).astype(acc)
+               for t, w in enumerate(kernel.reshape(ks[0], -1, c_out))).astype(x.dtype)
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):

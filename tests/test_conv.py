@@ -359,6 +359,36 @@ def test_patches_route_in_bfloat16_stays_near_float32():
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("x_shape, k_shape, strides, pads, dilations", [
+    ((2, 5, 9, 8, 3), (3, 7, 7, 3, 4), (1, 2, 2), ((1, 1), (3, 3), (3, 3)), (1, 1, 1)),  # a video stem
+    ((1, 9, 6, 5, 2), (3, 3, 2, 2, 3), (2, 1, 1), ((2, 0), (1, 1), (0, 1)), (2, 1, 1)),  # first-mode stride, dilation
+    ((2, 4, 5, 6, 1), (2, 3, 3, 1, 2), (1, 1, 2), ((0, 1), (1, 1), (1, 1)), (1, 2, 1)),
+    ((1, 3, 4, 5, 4, 2), (2, 3, 3, 2, 2, 3), (1, 1, 2, 1), ((1, 0), (1, 1), (1, 1), (0, 1)), (1, 1, 1, 1)),
+])
+def test_patches_product_split_by_the_first_modes_taps_is_lax(x_shape, k_shape, strides, pads, dilations):
+    """The patches product with the split by the first mode's taps forced on (one matrix product
+    per such tap on its slice of the in-plane patches) and off (one product of the full patches):
+    value, input and kernel gradients equal ``lax``'s conv in float64, with the number of
+    products the split says in the forward program."""
+    n = len(strides)
+    rng = np.random.default_rng(sum(x_shape))
+    with jax.enable_x64(True):
+        x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
+        ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
+                                                    dimension_numbers=conv._dimension_numbers(n))
+        g = rng.standard_normal(jax.eval_shape(ref, x, k).shape)
+        y_ref, vjp_ref = jax.vjp(ref, x, k)
+        for split in (True, False):
+            with autotune.patches_split_mode(split):
+                f = lambda x, k: conv._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
+                y, vjp = jax.vjp(f, x, k)
+                products = str(jax.make_jaxpr(f)(x, k)).count("dot_general")
+            assert products == (k_shape[0] if split else 1)
+            np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+            for got, want in zip(vjp(g), vjp_ref(g)):
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
     """Off the CPU backend the drop-in routes nothing: the pointwise and depthwise convs stay lax's."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -972,6 +972,26 @@ def test_out_factor_before_loops_rule_and_values(monkeypatch):
         _assert_matches_oracle(tiled, oracle, x, p)
 
 
+def test_patches_split_rule():
+    """A patches product splits by its first mode's taps when that mode has several taps and the
+    in-plane columns (input channels times the other modes' taps) are at least
+    ``PATCHES_SPLIT_MIN_COLUMNS``; ``patches_split_mode`` overrides the rule
+    (True: any kernel with several first-mode taps; False: never) and is validated."""
+    split = autotune.patches_split
+    assert autotune.PATCHES_SPLIT_MIN_COLUMNS == 36
+    assert split(3, (3, 7, 7)) and split(1, (3, 7, 7)) and split(4, (3, 3, 3))
+    assert not split(3, (3, 3, 3))  # 27 columns: the Jester conv1 keeps one product
+    assert split(2, (2, 3, 6, 1)) and not split(1, (2, 5, 7))  # 36 and 35 columns
+    assert not split(3, (1, 7, 7)) and not split(3, (7,))  # one first-mode tap; one mode
+    with autotune.patches_split_mode(True):
+        assert split(1, (3, 3, 3)) and not split(3, (1, 7, 7))
+    with autotune.patches_split_mode(False):
+        assert not split(3, (3, 7, 7))
+    with pytest.raises(ValueError, match="value=1"):
+        with autotune.patches_split_mode(1):
+            pass
+
+
 def test_tile_fold_rule():
     """The tiled mode and the longest other stride-1 mode fold when the input's channels times
     their taps are at most ``TILE_FOLD_MAX_COLUMNS`` and ``TILE_FOLD_COLUMNS_PER_RANK`` times the

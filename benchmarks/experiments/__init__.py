@@ -331,6 +331,11 @@ as blocks (the library's path for windows that tile the input in stop 49, droppe
 by the library's shift path, each pool alone and in ``bench``'s Jester dense and HO-CP train
 steps, interleaved, with each step's gradient error against ``lax.reduce_window``'s pool.
 
+``python -m benchmarks.experiments patches_split [rounds]``: video networks' first convs (3-D,
+at most 4 input channels: the patches route on CPU) with the patches product split by the first
+mode's taps and as one product, fwd + kernel gradient, interleaved per shape, with the rule's
+pick; then ``bench``'s dense 3-D and transduced HO-CP ResNet-18 steps compiled both ways.
+
 ``python -m benchmarks.experiments pool_index [rounds]``: the library's max-pool (the forward
 pass keeps each window's first maximum's index) against its stop 50-64 version (the backward
 pass found that index again from the saved input and output), each pool of the Jester nets' first

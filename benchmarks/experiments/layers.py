@@ -1185,3 +1185,56 @@ def out_factor_layout(rounds: int = 9) -> dict:
                               "before / inside": round(ms["before the loops"] / ms["inside the loops"], 3)})
     out["loadavg"] = os.getloadavg()
     return out
+
+
+SPLIT_SHAPES = [  # (batch, in_sizes, c_in, kernel, stride): video networks' first convs, 64 output channels
+    (1, (8, 112, 112), 3, (3, 7, 7), (1, 2, 2)), (2, (16, 112, 112), 3, (3, 7, 7), (1, 2, 2)),
+    (2, (16, 112, 112), 3, (5, 7, 7), (1, 2, 2)), (2, (16, 112, 112), 3, (3, 5, 5), (1, 2, 2)),
+    (2, (16, 112, 112), 1, (3, 7, 7), (1, 2, 2)), (2, (16, 56, 56), 3, (3, 5, 5), (1, 1, 1)),
+    (2, (16, 112, 112), 4, (3, 3, 3), (1, 1, 1)), (2, (18, 84, 84), 3, (3, 3, 3), (1, 1, 1)),
+    (2, (16, 112, 112), 3, (3, 3, 3), (1, 2, 2)), (2, (16, 112, 112), 3, (3, 7, 7), (2, 2, 2)),
+]
+
+
+def patches_split(rounds: int = 9) -> dict:
+    """The patches product of a video network's first conv (:func:`hocp_jax.conv._patches_conv`,
+    the library's route for 3-D convs of at most 4 input channels on CPU) split by its first
+    mode's taps and as one product (:func:`hocp_jax.autotune.patches_split_mode` on and off), fwd
+    + kernel gradient (no input gradient, as a first layer), interleaved per shape
+    (:data:`SPLIT_SHAPES`, padding ``K // 2``), with the automatic rule's pick; then ``bench``'s
+    two train steps that have such a conv, the dense 3-D ResNet-18 (its stem) and the transduced
+    HO-CP ResNet-18 (its stem's reconstructed path), compiled both ways and timed interleaved."""
+    from benchmarks import bench
+    from benchmarks.experiments.common import per_round_ratio
+
+    out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
+    rng = np.random.default_rng(0)
+    for batch, sizes, c_in, ks, strides in SPLIT_SHAPES:
+        x = jnp.asarray(rng.standard_normal((batch, *sizes, c_in)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((*ks, c_in, 64)) / np.sqrt(c_in * np.prod(ks)), jnp.float32)
+        f = functools.partial(conv.dense_conv, stride=strides, padding=tuple((a // 2, a // 2) for a in ks))
+        calls = {}
+        for label, mode in (("one product", False), ("split", True)):
+            with autotune.patches_split_mode(mode):
+                calls[label] = bench.compile_fwd_bwd(f, x, k, False, bench.cotangent(f, x, k))[0]
+        ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        out["layers"].append({"layer": f"({c_in}->64)@{'x'.join(map(str, sizes))} (B={batch}), {'x'.join(map(str, ks))}, "
+                                       f"stride {'x'.join(map(str, strides))}",
+                              "columns": c_in * int(np.prod(ks[1:])), "ms": ms,
+                              "automatic": "split" if autotune.patches_split(c_in, ks) else "one product",
+                              "split / one product": round(ms["split"] / ms["one product"], 3)})
+        print(json.dumps(out["layers"][-1]), flush=True)
+    calls = {}
+    for case in bench.model_cases(False):
+        if case.name in ("resnet18_3d dense", "resnet18_hocp transduced"):
+            for label, mode in (("one product", False), ("split", True)):
+                with autotune.patches_split_mode(mode):
+                    step, state, batch = bench.model_step(case)
+                    calls[f"{case.name}, {label}"] = bench.compile_jax(step, state, batch)[0]
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    out["steps_ms"] = {k: round(v["median_ms"], 1) for k, v in t.items()}
+    out["steps_times_ms"] = {k: v["times_ms"] for k, v in t.items()}
+    out["steps split / one product per round"] = {
+        k[:-len(", split")]: per_round_ratio(t, k, k.replace("split", "one product")) for k in t if k.endswith(", split")}
+    out["loadavg"] = os.getloadavg()
+    return out

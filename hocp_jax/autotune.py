@@ -216,9 +216,11 @@ def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
     """Whether :func:`hocp_jax.conv._patches_conv` builds the patches over the modes after the
     first only, at every position of the (padded) first mode, and runs one matrix product per tap
     of the first mode on its slice of them (summed in float32 or wider), instead of one product
-    of the full patches: when the first mode has more than one tap and the in-plane columns
-    ``C_in prod(K[1:])`` are at least :data:`PATCHES_SPLIT_MIN_COLUMNS`, whatever the strides.
-    :func:`patches_split_mode` turns it on or off.
+    of the full patches: when the first mode has more than one tap, the input at most
+    :data:`PATCHES_MAX_IN_CHANNELS` channels (the convs the library runs as patches,
+    :func:`patches_conv`; the benchmark's patches baseline of wider convs keeps one product) and
+    the in-plane columns ``C_in prod(K[1:])`` are at least :data:`PATCHES_SPLIT_MIN_COLUMNS`,
+    whatever the strides. :func:`patches_split_mode` turns it on or off.
 
     The full patches repeat each in-plane patch once per tap of the first mode (3 times for a
     3x7x7 kernel): a matrix that, for a video network's stem, is written and read from memory,
@@ -235,7 +237,8 @@ def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
     dense 3-D one 0.98x."""
     if len(kernel_size) < 2 or kernel_size[0] < 2 or _config["patches_split"] is False:
         return False
-    return bool(_config["patches_split"]) or in_channels * int(np.prod(kernel_size[1:])) >= PATCHES_SPLIT_MIN_COLUMNS
+    return bool(_config["patches_split"]) or (in_channels <= PATCHES_MAX_IN_CHANNELS and
+                                              in_channels * int(np.prod(kernel_size[1:])) >= PATCHES_SPLIT_MIN_COLUMNS)
 
 
 def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:

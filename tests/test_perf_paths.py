@@ -973,9 +973,9 @@ def test_out_factor_before_loops_rule_and_values(monkeypatch):
 
 
 def test_patches_split_rule():
-    """A patches product splits by its first mode's taps when that mode has several taps and the
-    in-plane columns (input channels times the other modes' taps) are at least
-    ``PATCHES_SPLIT_MIN_COLUMNS``; ``patches_split_mode`` overrides the rule
+    """A patches product splits by its first mode's taps when that mode has several taps, the
+    input at most ``PATCHES_MAX_IN_CHANNELS`` channels and the in-plane columns (input channels
+    times the other modes' taps) at least ``PATCHES_SPLIT_MIN_COLUMNS``; ``patches_split_mode`` overrides the rule
     (True: any kernel with several first-mode taps; False: never) and is validated."""
     split = autotune.patches_split
     assert autotune.PATCHES_SPLIT_MIN_COLUMNS == 36
@@ -983,6 +983,7 @@ def test_patches_split_rule():
     assert not split(3, (3, 3, 3))  # 27 columns: the Jester conv1 keeps one product
     assert split(2, (2, 3, 6, 1)) and not split(1, (2, 5, 7))  # 36 and 35 columns
     assert not split(3, (1, 7, 7)) and not split(3, (7,))  # one first-mode tap; one mode
+    assert autotune.PATCHES_MAX_IN_CHANNELS == 4 and not split(5, (3, 7, 7)) and not split(64, (3, 3))  # wide convs
     with autotune.patches_split_mode(True):
         assert split(1, (3, 3, 3)) and not split(3, (1, 7, 7))
     with autotune.patches_split_mode(False):

@@ -347,8 +347,14 @@ def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precis
         return jnp.zeros((x.shape[0], *outs, c_out), x.dtype)
     if len(live) == 1:
         return channel_matmul(*live[0], precision)
-    acc = x.dtype if jnp.issubdtype(x.dtype, jnp.integer) else jnp.promote_types(x.dtype, jnp.float32)
-    return sum(channel_matmul(xt, w, precision).astype(acc) for xt, w in live).astype(x.dtype)
+    return _summed_products(live, x.dtype, precision)
+
+
+def _summed_products(pairs, dtype, precision=None) -> jax.Array:
+    """``sum(channel_matmul(a, w))`` over the ``(a, w)`` ``pairs`` (equal output shapes), accumulated
+    in float32 or wider (integers in their own type) and returned in ``dtype``."""
+    acc = dtype if jnp.issubdtype(dtype, jnp.integer) else jnp.promote_types(dtype, jnp.float32)
+    return sum(channel_matmul(a, w, precision).astype(acc) for a, w in pairs).astype(dtype)
 
 
 def _taps_read_input(sizes, kernel_size, strides, pads, dilations, out_sizes):
@@ -385,10 +391,9 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, pre
     xp = _pad_axis(x, 1, pads[0])
     plane = jnp.concatenate(list(_tap_inputs(xp, (1, *ks[1:]), (1, *strides[1:]), ((0, 0), *pads[1:]),
                                              (1, *dilations[1:]), [xp.shape[1], *outs[1:]])), axis=-1)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    return sum(channel_matmul(lax.slice_in_dim(plane, t * dilations[0], t * dilations[0] + (outs[0] - 1) * strides[0] + 1,
-                                               strides[0], axis=1), w, precision).astype(acc)
-               for t, w in enumerate(kernel.reshape(ks[0], -1, c_out))).astype(x.dtype)
+    return _summed_products(((lax.slice_in_dim(plane, t * dilations[0], t * dilations[0] + (outs[0] - 1) * strides[0] + 1,
+                                               strides[0], axis=1), w)
+                             for t, w in enumerate(kernel.reshape(ks[0], -1, c_out))), x.dtype, precision)
 
 
 def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):

@@ -13,6 +13,12 @@ backward pass found the first maximum again by comparing the saved input with th
 Windows that tile the input were pooled as a reshape into blocks in stop 49; dropped in stop 50:
 inside the Jester nets' train steps XLA CPU gave that backward pass wrong gradients,
 benchmarks/EXPERIMENTS.md.)
+
+``monotone_max_pool(x, scale, shift, activation, ...)`` is ``max_pool(activation(scale * x +
+shift))`` for a per-channel affine map and a non-decreasing activation (a batch norm and its ReLU
+or ELU before a pool, as in the Jester net's blocks): it pools ``x`` itself (``-x`` on channels
+with a negative scale) and applies the map and the activation to the pooled values only, so no
+full-size activation is written, kept or read back (stop 66).
 """
 
 from __future__ import annotations
@@ -85,6 +91,46 @@ def _max_pool_bwd(window, stride, padding, x_shape, first, g):
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+ACTIVATIONS = {"linear": lambda z: z, "relu": jax.nn.relu, "elu": jax.nn.elu}  # all non-decreasing
+
+
+def monotone_max_pool(x: jax.Array, scale: jax.Array, shift: jax.Array, activation: str, window: Sequence[int],
+                      stride: Sequence[int], padding: Sequence[tuple[int, int]], center=0.0) -> jax.Array:
+    """``max_pool(ACTIVATIONS[activation]((x - center) * scale + shift), window, stride, padding)``,
+    computed in pooled space.
+
+    Per channel ``c`` the map ``v -> act((v - center[c]) scale[c] + shift[c])`` is monotone, so each window's
+    maximum of it is the map of the window's maximum of ``s x`` times ``s``, ``s = -1`` where
+    ``scale < 0`` and ``+1`` elsewhere: the pool reads ``x`` once and the map runs on the pooled
+    values. Same values as the composition (float rounding is monotone, so up to the activation's
+    own rounding); its gradient goes to each window's first maximum of ``s x``, which is the
+    composition's first maximum except where rounding makes distinct inputs tie after the map
+    (where ``scale`` is 0 all tie: the gradient w.r.t. ``scale`` then takes each window's
+    largest ``x``, the right derivative, the composition's its first ``x``).
+    With ``scale`` and ``shift`` depending on ``x`` (batch statistics), autodiff adds their terms.
+
+    Args:
+      x: ``(*lead, S_1, ..., S_n, C)``, floating point (see :func:`max_pool`).
+      scale, shift: ``(C,)`` each.
+      center: a scalar or ``(C,)`` (a batch norm's mean: ``(x - mean) * scale`` as Flax's
+        BatchNorm computes it, without the cancellation of ``x * scale - mean * scale``).
+      activation: a key of :data:`ACTIVATIONS` (each non-decreasing).
+      window, stride, padding: as in :func:`max_pool` (the pads never win a window).
+
+    Returns:
+      ``(*lead, O_1, ..., O_n, C)`` in ``result_type(x, scale, shift)``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)} (non-decreasing)")
+    for name, v in (("scale", scale), ("shift", shift)):
+        if jnp.shape(v) != (x.shape[-1],):
+            raise ValueError(f"{name}: shape {jnp.shape(v)}; expected ({x.shape[-1]},), one per channel of x")
+    sign = lax.stop_gradient(jnp.where(scale < 0, -1, 1)).astype(x.dtype)
+    x_max = sign * max_pool(sign * x, window, stride, padding)  # the selected x of each window
+    dtype = jnp.result_type(x, scale, shift, center)
+    return ACTIVATIONS[activation]((x_max.astype(dtype) - center) * scale.astype(dtype) + shift.astype(dtype))
 
 
 def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:

@@ -7,9 +7,11 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 from jax import lax
 
-from hocp_jax.pooling import max_pool
+from hocp_jax.models.common import NormActPool
+from hocp_jax.pooling import ACTIVATIONS, max_pool, monotone_max_pool
 
 CASES = [  # (x shape, window, stride, padding)
     ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem pool, odd size
@@ -107,24 +109,30 @@ def test_max_pool_rejects_integer_input():
 
 
 @pytest.mark.parametrize("model", ["jester dense", "jester_hocp"])
-def test_jester_train_step_gradient_equals_reduce_window_pools(monkeypatch, model):
-    """Inside a whole train step at full size (the Jester nets of ``bench``, two 18x84x84 clips):
-    the parameter update with the library's pool equals the one with ``lax.reduce_window``'s
-    (XLA's gradient), to float32 noise. A pool right alone can be wrong there: stop 49's block
-    pool passed the tests above but lost the gradient of 19-24 % of the windows of the last two
-    pools inside this step (XLA CPU), 44-64 % off on every conv's gradient."""
+def test_train_step_gradient_equals_flax_batch_norm_and_reduce_window_pools(monkeypatch, model):
+    """Inside a whole train step at full size (``bench``'s Jester nets, two 18x84x84 clips): the
+    parameter update with the library's batch norm -> activation -> pool blocks
+    (:class:`~hocp_jax.models.common.NormActPool`, in pooled space, with the library's pool)
+    equals the one with Flax's BatchNorm, the activation and ``lax.reduce_window``'s pool (XLA's
+    gradient), to float32 noise. A pool right alone can be wrong there: stop 49's block pool
+    passed the tests above but lost the gradient of 19-24 % of the windows of the last two
+    pools inside the Jester step (XLA CPU), 44-64 % off on every conv's gradient."""
     from benchmarks import bench
     from hocp_jax.models import common
 
     case = next(c for c in bench.model_cases(False) if c.name == model)
 
-    def update(pool):
-        monkeypatch.setattr(common, "max_pool", pool)
+    def update(block):
+        monkeypatch.setattr(common, "NormActPool", block)
         step, state, batch = bench.model_step(case)
         return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), state.params,
                             jax.jit(step)(state, batch)[0].params)
 
-    got, want = update(max_pool), update(_reference)
+    def unfused(activation, window, stride, padding, **kwargs):
+        return _UnfusedBlock(activation=activation, window=window, stride=stride, padding=padding, momentum=0.9,
+                             epsilon=1e-5, **kwargs)
+
+    got, want = update(NormActPool), update(unfused)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
         assert err < 1e-3, (jax.tree_util.keystr(path), err)
@@ -156,3 +164,78 @@ def test_pool_after_conv_batch_norm_and_activation_has_xla_gradient(act, x_shape
     got = jax.jit(jax.grad(lambda k: loss(k, max_pool)))(k)
     want = jax.jit(jax.grad(lambda k: loss(k, _reference)))(k)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+class _UnfusedBlock(nn.BatchNorm):
+    """The oracle of NormActPool: Flax's own BatchNorm, then the activation, then XLA's pool."""
+
+    activation: str = "relu"
+    window: tuple = ()
+    stride: tuple = ()
+    padding: tuple = ()
+
+    def __call__(self, x):
+        return _reference(ACTIVATIONS[self.activation](super().__call__(x)), self.window, self.stride, self.padding)
+
+
+def _blocks(train, activation, window, stride, padding, **kw):
+    args = dict(momentum=0.9, epsilon=1e-5, use_running_average=not train, **kw)
+    return (NormActPool(activation, window, stride, padding, **args),
+            _UnfusedBlock(activation=activation, window=window, stride=stride, padding=padding, **args))
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu", "linear"])
+@pytest.mark.parametrize("shape,window,stride,padding", CASES[:5])
+def test_norm_act_pool_equals_flax_batch_norm_activation_and_xla_pool(activation, shape, window, stride, padding):
+    """Values, gradients (input, scale, bias, through the batch statistics) and the running
+    statistics' update of the block computed in pooled space against Flax's BatchNorm, the
+    activation and ``lax.reduce_window``, in float64, with negative scales on some channels; and
+    in eval mode (running statistics)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5)
+    c = shape[-1]
+    with jax.enable_x64():
+        x = jnp.asarray(x, jnp.float64)
+        for train in (True, False):
+            fused, unfused = _blocks(train, activation, window, stride, padding, param_dtype=jnp.float64)
+            variables = unfused.init(jax.random.key(0), x)
+            assert jax.tree.structure(variables) == jax.tree.structure(fused.init(jax.random.key(0), x))
+            params = {"scale": jnp.asarray(rng.standard_normal(c)), "bias": jnp.asarray(rng.standard_normal(c))}
+            stats = {"mean": jnp.asarray(rng.standard_normal(c), jnp.float32),
+                     "var": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32)}
+            params["scale"] = params["scale"].at[0].set(-abs(params["scale"][0]))
+            g = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda v: _reference(v, window, stride, padding), x).shape))
+
+            def loss(m, p, v):
+                y, new = m.apply({"params": p, "batch_stats": stats}, v, mutable=["batch_stats"])
+                return jnp.sum(y * g), (y, new)
+
+            (_, (y1, s1)), d1 = jax.value_and_grad(loss, (1, 2), has_aux=True)(fused, params, x)
+            (_, (y2, s2)), d2 = jax.value_and_grad(loss, (1, 2), has_aux=True)(unfused, params, x)
+            np.testing.assert_allclose(y1, y2, rtol=1e-10, atol=1e-12)
+            for a, b in zip(jax.tree.leaves((d1, s1)), jax.tree.leaves((d2, s2))):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.abs(b).max()))
+
+
+def test_norm_act_pool_bfloat16_keeps_float32_params_and_stats():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 8, 8, 6)), jnp.float32)
+    for dtype in (jnp.bfloat16, None):
+        fused, unfused = _blocks(True, "elu", (2, 2, 2), (2, 2, 2), ((0, 0),) * 3, dtype=dtype)
+        v = fused.init(jax.random.key(0), x)  # train mode: init leaves the running statistics alone
+        np.testing.assert_array_equal(v["batch_stats"]["mean"], 0)
+        np.testing.assert_array_equal(v["batch_stats"]["var"], 1)
+        y, new = fused.apply(v, x.astype(dtype or jnp.float32), mutable=["batch_stats"])
+        want, _ = unfused.apply(v, x, mutable=["batch_stats"])
+        assert y.dtype == (dtype or jnp.float32)
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((v, new)))
+        np.testing.assert_allclose(np.float32(y), want, rtol=2e-2 if dtype else 1e-5, atol=2e-2 if dtype else 1e-5)
+
+
+def test_monotone_max_pool_rejects_bad_arguments():
+    x = jnp.zeros((2, 8, 8, 3))
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), "gelu", (2, 2), (2, 2), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"scale: shape \(4,\); expected \(3,\)"):
+        monotone_max_pool(x, jnp.ones(4), jnp.zeros(3), "relu", (2, 2), (2, 2), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match="activation='tanh'"):
+        NormActPool("tanh", (2, 2), (2, 2), ((0, 0), (0, 0))).init(jax.random.key(0), x)

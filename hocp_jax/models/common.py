@@ -1,4 +1,5 @@
-"""Helpers shared by the models: input validation, BatchNorm settings, dropout, parameter counts."""
+"""Helpers shared by the models: input validation, BatchNorm settings, a batch norm -> activation ->
+max-pool block computed in pooled space, dropout, parameter counts."""
 
 from __future__ import annotations
 
@@ -14,12 +15,69 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from hocp_jax import conv, explicit_sharding
-from hocp_jax.pooling import max_pool
+from hocp_jax.pooling import ACTIVATIONS, max_pool, monotone_max_pool
 
 
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+class NormActPool(nn.Module):
+    """``max_pool_spatial(act(batch_norm(train)(x)))`` as one module with :func:`batch_norm`'s
+    variables (params ``scale``, ``bias``; ``batch_stats`` ``mean``, ``var``, float32) and
+    semantics (Flax's: batch statistics in at least float32, ``var = E[x^2] - E[x]^2`` clipped at
+    0, the running averages updated with momentum 0.9 except at init, eps 1e-5), so a model's
+    parameter tree and checkpoints are those of the separate layers.
+
+    The normalisation and the activation run on the pooled values
+    (:func:`hocp_jax.pooling.monotone_max_pool`): a train step reads the full-size input twice
+    (statistics, pool) and writes and keeps no full-size activation; its gradient is one
+    full-size pass. ``activation``: a key of :data:`hocp_jax.pooling.ACTIVATIONS`; ``window``,
+    ``stride``, ``padding``: as in :func:`max_pool_spatial`. Output dtype: ``dtype``, else the
+    promotion of ``x`` and the params, as ``nn.BatchNorm``'s. The Jester net's four blocks use it
+    (its train steps 0.87x (HO-CP) and 0.97x (dense) the time of the separate layers, ``python -m
+    benchmarks.experiments norm_pool``); the ResNet stem keeps the separate layers (a tie there)."""
+
+    activation: str
+    window: Sequence[int]
+    stride: Sequence[int]
+    padding: Sequence[tuple[int, int]]
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, ..., *S, C)`` -> ``(B, ..., *O, C)``, ``S`` the ``len(window)`` pooled axes."""
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)} (non-decreasing)")
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+            mean = xf.mean(axes)
+            var = jnp.maximum(jnp.square(xf).mean(axes) - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        mul = lax.rsqrt(var + self.epsilon) * scale
+        y = monotone_max_pool(x, mul, bias, self.activation, self.window, self.stride, self.padding, center=mean)
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+
+
+def norm_act_pool(train: bool, activation: str, window: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[tuple[int, int]], **kwargs) -> NormActPool:
+    """:class:`NormActPool`, the models' batch norm -> ReLU/ELU -> max-pool, for ``train``."""
+    return NormActPool(activation, window, stride, padding, use_running_average=not train, **kwargs)
 
 
 class Dropout(nn.Module):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
+from hocp_jax.models.common import DenseConv, check_input, norm_act_pool
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp", "hocp_s")
@@ -76,8 +76,8 @@ class JesterNet(nn.Module):
             raise ValueError(f"{name}: x has shape {tuple(x.shape)}; T, H and W must be >= {n_pool} ({len(self.widths)} 2x2x2 pools)")
         for i, width in enumerate(self.widths):
             x = self._conv(width, f"conv{i + 1}")(x, train)
-            x = nn.elu(batch_norm(train, name=f"bn{i + 1}", dtype=self.dtype, param_dtype=self.param_dtype)(x))
-            x = max_pool_spatial(x, (2, 2, 2), (2, 2, 2), ((0, 0),) * 3)
+            x = norm_act_pool(train, "elu", (2, 2, 2), (2, 2, 2), ((0, 0),) * 3, name=f"bn{i + 1}", dtype=self.dtype,
+                              param_dtype=self.param_dtype)(x)  # BN -> ELU -> pool, in pooled space
         x = x.reshape(x.shape[0], -1)
         x = nn.elu(nn.Dense(self.fc_features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x))
         return Head(HeadConfig.of(self.head), n_spatial=0, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)

@@ -340,7 +340,14 @@ pick; then ``bench``'s dense 3-D and transduced HO-CP ResNet-18 steps compiled b
 pass keeps each window's first maximum's index) against its stop 50-64 version (the backward
 pass found that index again from the saved input and output), each pool of the Jester nets' first
 two blocks and of the ResNet-18 2-D stem alone and all six of ``bench``'s train steps, interleaved,
-with each step's gradient error against ``lax.reduce_window``'s pool.
+with each step's gradient error against ``lax.reduce_window``'s pool. (Since stop 66 the models'
+pools take the batch norm's input: pool_blocks and pool_index now time the pools there.)
+
+``python -m benchmarks.experiments norm_pool [rounds]``: the models' batch norm -> activation ->
+max-pool blocks in pooled space (the library's, stop 66) against Flax's BatchNorm and the
+activation on full-size maps before the pool (stops 50-65), each block of ``bench``'s Jester
+steps and the ResNet-18 2-D stem's alone and ``bench``'s Jester train steps, interleaved, with
+each step's gradient error against the full-size blocks with ``lax.reduce_window``'s pool.
 
 ``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
 library runs them and with the networks' first convs (3 input channels) as a patches matrix

@@ -20,7 +20,7 @@ from benchmarks.bench import time_interleaved
 from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_cases, step_call
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
-                                             recomputed_index_pool, reduce_window_pool)
+                                             recomputed_index_pool, reduce_window_pool, unfused_norm_act_pool)
 from hocp_jax import conv
 from hocp_jax.models import get_model
 
@@ -579,33 +579,42 @@ def step_memory(batch_scale: int = 1) -> dict:
             "over_dense_reference": ratios}
 
 
-def _pool_steps(pools: dict, cases) -> tuple[dict, dict]:
-    """``bench``'s train steps of ``cases`` compiled with each of ``pools`` (label -> a
-    :func:`hocp_jax.pooling.max_pool` stand-in) as the models' max-pool: the compiled calls (keys
-    ``"<case>, <label>"``) and each step's gradient error against the same step with
-    ``lax.reduce_window``'s pool (the norm of the difference of the parameter updates over the
-    norm of the reference's update), printed per case as it is measured."""
+def _patched_steps(target, attr: str, variants: dict, reference, cases) -> tuple[dict, dict]:
+    """``bench``'s train steps of ``cases`` compiled with ``target.attr`` set to each of
+    ``variants`` (label -> value): the compiled calls (keys ``"<case>, <label>"``) and each step's
+    gradient error against the same step with ``reference`` there (the norm of the difference of
+    the parameter updates over the norm of the reference's update), printed per case as it is
+    measured."""
     import numpy as np
 
     from benchmarks import bench
-    from hocp_jax.models import common
 
     norm = lambda t: float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(t))))
     calls, relerr = {}, {}
     for case in cases:
         updates = {}
-        for label, pool in (pools | {"reduce_window": reduce_window_pool}).items():
-            with mock.patch.object(common, "max_pool", pool):
+        for label, value in (variants | {"reference": reference}).items():
+            with mock.patch.object(target, attr, value):
                 step, state, batch = bench.model_step(case)
                 call = bench.compile_jax(step, state, batch)[0]  # the program prepare_model_case times
             updates[label] = jax.tree.map(lambda a, b: np.float64(a) - np.float64(b), state.params, call()[0].params)
-            if label in pools:
+            if label in variants:
                 calls[f"{case.name}, {label}"] = call
-        ref = updates["reduce_window"]
+        ref = updates["reference"]
         relerr[case.name] = {label: float(f"{norm(jax.tree.map(np.subtract, updates[label], ref)) / norm(ref):.3g}")
-                             for label in pools}
+                             for label in variants}
         print(json.dumps({case.name: relerr[case.name]}), flush=True)
     return calls, relerr
+
+
+def _pool_steps(pools: dict, cases) -> tuple[dict, dict]:
+    """:func:`_patched_steps` with each of ``pools`` (label -> a :func:`hocp_jax.pooling.max_pool`
+    stand-in) as the library's max-pool, against ``lax.reduce_window``'s pool. Until stop 65 the
+    models called the pool on their activations; since stop 66 their batch norm -> activation ->
+    pool blocks (:class:`hocp_jax.models.common.NormActPool`) pool the batch norm's input."""
+    from hocp_jax import pooling
+
+    return _patched_steps(pooling, "max_pool", pools, reduce_window_pool, cases)
 
 
 def pool_blocks(rounds: int = 13) -> dict:
@@ -685,19 +694,73 @@ def pool_index(rounds: int = 11) -> dict:
     out["pools_ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
     print(json.dumps({"pools_ms": out["pools_ms"]}), flush=True)
     calls, out["grad relerr"] = _pool_steps(pools, bench.model_cases(False))
+    return out | _compare_steps(calls, rounds, "saved index", "recomputed index", "saved/recomputed")
+
+
+def _compare_steps(calls: dict, rounds: int, new: str, old: str, key: str) -> dict:
+    """``calls`` (``"<case>, <label>"``, labels ``new`` and ``old``, as :func:`_patched_steps`
+    makes them) timed interleaved: the medians (``steps_ms``), every time, each case's ``new``
+    / ``old`` ratio of the medians and per round (``key``, ``key per round``), and each HO-CP
+    step over its dense one with either label, and the load average."""
     t = time_interleaved(calls, rounds, budget_s=1e9)
     ms = {k: round(v["median_ms"], 1) for k, v in t.items()}
-    out["steps_ms"], out["steps_times_ms"] = ms, {k: v["times_ms"] for k, v in t.items()}
-    pairs = [(k[:-len(", saved index")], k, k.replace("saved", "recomputed")) for k in ms if k.endswith("saved index")]
-    out["saved/recomputed"] = {name: round(ms[a] / ms[b], 3) for name, a, b in pairs}
-    out["saved/recomputed per round"] = {name: per_round_ratio(t, a, b) for name, a, b in pairs}
+    out = {"steps_ms": ms, "steps_times_ms": {k: v["times_ms"] for k, v in t.items()}}
+    pairs = [(k[:-len(f", {new}")], k, k[:-len(new)] + old) for k in ms if k.endswith(f", {new}")]
+    out[key] = {name: round(ms[a] / ms[b], 3) for name, a, b in pairs}
+    out[f"{key} per round"] = {name: per_round_ratio(t, a, b) for name, a, b in pairs}
     out["hocp/dense"] = {label: {hocp: round(ms[f"{hocp}, {label}"] / ms[f"{dense}, {label}"], 3)
                                  for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"),
                                                      ("resnet18_3d dense", "resnet18_hocp transduced"),
-                                                     ("jester dense", "jester_hocp"))}
-                         for label in pools}
-    out["loadavg"] = os.getloadavg()
-    return out
+                                                     ("jester dense", "jester_hocp"))
+                                 if f"{hocp}, {label}" in ms}
+                         for label in (new, old)}
+    return out | {"loadavg": os.getloadavg()}
+
+
+def norm_pool(rounds: int = 11) -> dict:
+    """The models' batch norm -> activation -> max-pool blocks computed in pooled space
+    (:class:`hocp_jax.models.common.NormActPool`, stop 66) against the stop 50-65 blocks, Flax's
+    BatchNorm and the activation on the full-size maps, then the library's pool
+    (:func:`~benchmarks.experiments.variants.unfused_norm_act_pool`): each block of ``bench``'s
+    Jester steps (ELU; batch 2) and the ResNet-18 2-D stem's (ReLU; 8 x 56 x 56 x 64) alone, in
+    train mode (fwd+bwd w.r.t. the input, scale and bias, ``bench`` protocol, checked against each
+    other), then ``bench``'s Jester train steps with either block, interleaved, and each step's
+    gradient error against the same step with the full-size blocks and ``lax.reduce_window``'s
+    pool (``grad relerr``, as in :func:`pool_blocks`). (The ResNet-18 stem's block, a tie alone
+    and in the steps in stop 66's first run, kept the separate layers.)"""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bench
+    from hocp_jax.models import common
+
+    blocks = {"pooled space": common.NormActPool, "full size": unfused_norm_act_pool}
+    out: dict = {"rounds": rounds}
+    calls = {}
+    jester = ("elu", (2, 2, 2), (2, 2, 2), ((0, 0),) * 3)
+    for shape, geometry in [((2, 18, 84, 84, 64), jester), ((2, 9, 42, 42, 128), jester), ((2, 4, 21, 21, 256), jester),
+                            ((2, 2, 10, 10, 256), jester), ((8, 56, 56, 64), ("relu", (3, 3), (2, 2), ((1, 1), (1, 1))))]:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+        for label, block in blocks.items():
+            m = block(*geometry)
+            stats = m.init(jax.random.key(0), x)["batch_stats"]
+            f = functools.partial(lambda m, s, x, p: m.apply({"params": p, "batch_stats": s}, x, mutable=["batch_stats"])[0],
+                                  m, stats)
+            rng = np.random.default_rng(1)  # scales of both signs, none 0 (where the two blocks' gradients may differ)
+            p = {k: jnp.asarray(rng.normal(size=shape[-1]) * sd, jnp.float32) for k, sd in (("scale", 1.0), ("bias", 0.5))}
+            calls[f"block {'x'.join(map(str, shape))}, {label}"] = bench.compile_fwd_bwd(f, x, p, True,
+                                                                                      bench.cotangent(f, x, p))[0]
+    got = {k: jax.tree.leaves(c()) for k, c in calls.items()}
+    for k in got:
+        for a, b in zip(got[k], got[k.replace("pooled space", "full size")]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()), err_msg=k)
+    t = time_interleaved(calls, rounds, budget_s=1e9)
+    out["blocks_ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
+    print(json.dumps({"blocks_ms": out["blocks_ms"]}), flush=True)
+    reference = functools.partial(unfused_norm_act_pool, pool=reduce_window_pool)
+    jester = [c for c in bench.model_cases(False) if c.model.startswith("jester")]  # the models with such blocks
+    calls, out["grad relerr"] = _patched_steps(common, "NormActPool", blocks, reference, jester)
+    return out | _compare_steps(calls, rounds, "pooled space", "full size", "pooled/full")
 
 
 def input_patches(rounds: int = 11) -> dict:

@@ -1,7 +1,8 @@
 """Code variants that were measured against the library and not kept, kept here so that the
 experiments that measured them can run again: the ResNet with its stem treated as an inner layer,
 the merged 2-D depthwise pass and the C_in-first kernel rebuild, the depthwise passes folded into the input contraction, channels-first
-intermediates, batch chunks, and the 1x1 contraction, max-pool (the backward pass that recomputes the first maximum, and the tiling-window block path) and the models' 1x1 and
+intermediates, batch chunks, and the 1x1 contraction, max-pool (the backward pass that recomputes the first maximum, and the tiling-window block path), the models' batch norm ->
+activation -> max-pool blocks on full-size activations, and the models' 1x1 and
 depthwise convs (XLA's convolution) as they were before their current versions. (The dense conv written as a patches matrix product, the benchmark's second JAX
 dense program, is in :mod:`benchmarks.patches`.) Loading ``hocp_jax/conv.py`` at an older git revision is here too."""
 
@@ -12,7 +13,9 @@ import functools
 import itertools
 import math
 import subprocess
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -188,6 +191,30 @@ def _max_pool_recomputed_bwd(window, stride, padding, res, g):
 
 
 _max_pool_recomputed.defvjp(_max_pool_recomputed_fwd, _max_pool_recomputed_bwd)
+
+
+class UnfusedNormActPool(nn.BatchNorm):
+    """The models' batch norm -> activation -> max-pool as they ran until stop 65: Flax's
+    BatchNorm, the activation on its full-size output, then the library's max-pool of that (the
+    variables of :class:`hocp_jax.models.common.NormActPool`, which computes the same block in
+    pooled space). Built by :func:`unfused_norm_act_pool`."""
+
+    activation: str = "relu"
+    window: tuple = ()
+    stride: tuple = ()
+    padding: tuple = ()
+    pool: Callable = max_pool
+
+    def __call__(self, x):
+        return self.pool(pooling.ACTIVATIONS[self.activation](super().__call__(x)), self.window, self.stride,
+                         self.padding)
+
+
+def unfused_norm_act_pool(activation, window, stride, padding, pool=max_pool, **kwargs):
+    """:class:`UnfusedNormActPool` with ``NormActPool``'s signature and defaults (train mode, momentum 0.9, eps
+    1e-5), to stand in for ``hocp_jax.models.common.NormActPool``; ``pool``: the max-pool."""
+    return UnfusedNormActPool(activation=activation, window=tuple(window), stride=tuple(stride),
+                              padding=tuple(map(tuple, padding)), pool=pool, **{"momentum": 0.9, "epsilon": 1e-5, "use_running_average": False} | kwargs)
 
 
 def recomputed_index_pool(x, window, stride, padding):

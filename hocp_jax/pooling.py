@@ -14,9 +14,9 @@ Windows that tile the input were pooled as a reshape into blocks in stop 49; dro
 inside the Jester nets' train steps XLA CPU gave that backward pass wrong gradients,
 benchmarks/EXPERIMENTS.md.)
 
-``monotone_max_pool(x, scale, shift, activation, ...)`` is ``max_pool(activation(scale * x +
-shift))`` for a per-channel affine map and a non-decreasing activation (a batch norm and its ReLU
-or ELU before a pool, as in the Jester net's blocks): it pools ``x`` itself (``-x`` on channels
+``monotone_max_pool(x, scale, shift, activation, ..., center)`` is ``max_pool(activation((x -
+center) * scale + shift))`` for a per-channel affine map and a non-decreasing activation (a batch
+norm and its ReLU or ELU before a pool, as in the Jester net's blocks): it pools ``x`` itself (``-x`` on channels
 with a negative scale) and applies the map and the activation to the pooled values only, so no
 full-size activation is written, kept or read back (stop 66).
 """
@@ -114,19 +114,21 @@ def monotone_max_pool(x: jax.Array, scale: jax.Array, shift: jax.Array, activati
     Args:
       x: ``(*lead, S_1, ..., S_n, C)``, floating point (see :func:`max_pool`).
       scale, shift: ``(C,)`` each.
-      center: a scalar or ``(C,)`` (a batch norm's mean: ``(x - mean) * scale`` as Flax's
-        BatchNorm computes it, without the cancellation of ``x * scale - mean * scale``).
       activation: a key of :data:`ACTIVATIONS` (each non-decreasing).
       window, stride, padding: as in :func:`max_pool` (the pads never win a window).
+      center: a scalar or ``(C,)`` (a batch norm's mean: ``(x - mean) * scale`` as Flax's
+        BatchNorm computes it, without the cancellation of ``x * scale - mean * scale``).
 
     Returns:
-      ``(*lead, O_1, ..., O_n, C)`` in ``result_type(x, scale, shift)``.
+      ``(*lead, O_1, ..., O_n, C)`` in ``result_type(x, scale, shift, center)``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)} (non-decreasing)")
-    for name, v in (("scale", scale), ("shift", shift)):
-        if jnp.shape(v) != (x.shape[-1],):
-            raise ValueError(f"{name}: shape {jnp.shape(v)}; expected ({x.shape[-1]},), one per channel of x")
+    for name, v, shapes in (("scale", scale, [(x.shape[-1],)]), ("shift", shift, [(x.shape[-1],)]),
+                            ("center", center, [(), (x.shape[-1],)])):
+        if jnp.shape(v) not in shapes:
+            raise ValueError(f"{name}: shape {jnp.shape(v)}; expected {' or '.join(map(str, shapes))} (x has "
+                             f"{x.shape[-1]} channels)")
     sign = lax.stop_gradient(jnp.where(scale < 0, -1, 1)).astype(x.dtype)
     x_max = sign * max_pool(sign * x, window, stride, padding)  # the selected x of each window
     dtype = jnp.result_type(x, scale, shift, center)

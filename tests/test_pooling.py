@@ -237,5 +237,7 @@ def test_monotone_max_pool_rejects_bad_arguments():
         monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), "gelu", (2, 2), (2, 2), ((0, 0), (0, 0)))
     with pytest.raises(ValueError, match=r"scale: shape \(4,\); expected \(3,\)"):
         monotone_max_pool(x, jnp.ones(4), jnp.zeros(3), "relu", (2, 2), (2, 2), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"center: shape \(2,\); expected \(\) or \(3,\)"):
+        monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), "relu", (2, 2), (2, 2), ((0, 0), (0, 0)), center=jnp.ones(2))
     with pytest.raises(ValueError, match="activation='tanh'"):
         NormActPool("tanh", (2, 2), (2, 2), ((0, 0), (0, 0))).init(jax.random.key(0), x)

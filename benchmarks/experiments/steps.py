@@ -758,8 +758,8 @@ def norm_pool(rounds: int = 11) -> dict:
     out["blocks_ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
     print(json.dumps({"blocks_ms": out["blocks_ms"]}), flush=True)
     reference = functools.partial(unfused_norm_act_pool, pool=reduce_window_pool)
-    jester = [c for c in bench.model_cases(False) if c.model.startswith("jester")]  # the models with such blocks
-    calls, out["grad relerr"] = _patched_steps(common, "NormActPool", blocks, reference, jester)
+    cases = [c for c in bench.model_cases(False) if c.model.startswith("jester")]  # the models with such blocks
+    calls, out["grad relerr"] = _patched_steps(common, "NormActPool", blocks, reference, cases)
     return out | _compare_steps(calls, rounds, "pooled space", "full size", "pooled/full")
 
 

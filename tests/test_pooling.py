@@ -1,17 +1,20 @@
 """hocp_jax.pooling.max_pool against XLA's reduce_window max (values and select_and_scatter
 gradients) and a numpy loop, including tied maxima and every padding/stride case the models use
-(overlapping windows and windows that tile the input)."""
+(overlapping windows and windows that tile the input); the batch norm -> activation -> pool block
+computed on the pooled values against Flax's BatchNorm, the activation and reduce_window."""
+
+import functools
 
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax import lax
 
+from benchmarks.experiments.variants import unfused_norm_act_pool
 from hocp_jax.models.common import NormActPool
-from hocp_jax.pooling import ACTIVATIONS, max_pool, monotone_max_pool
+from hocp_jax.pooling import max_pool, monotone_max_pool
 
 CASES = [  # (x shape, window, stride, padding)
     ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem pool, odd size
@@ -128,11 +131,7 @@ def test_train_step_gradient_equals_flax_batch_norm_and_reduce_window_pools(monk
         return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), state.params,
                             jax.jit(step)(state, batch)[0].params)
 
-    def unfused(activation, window, stride, padding, **kwargs):
-        return _UnfusedBlock(activation=activation, window=window, stride=stride, padding=padding, momentum=0.9,
-                             epsilon=1e-5, **kwargs)
-
-    got, want = update(NormActPool), update(unfused)
+    got, want = update(NormActPool), update(functools.partial(unfused_norm_act_pool, pool=_reference))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
         assert err < 1e-3, (jax.tree_util.keystr(path), err)
@@ -166,22 +165,11 @@ def test_pool_after_conv_batch_norm_and_activation_has_xla_gradient(act, x_shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
-class _UnfusedBlock(nn.BatchNorm):
-    """The oracle of NormActPool: Flax's own BatchNorm, then the activation, then XLA's pool."""
-
-    activation: str = "relu"
-    window: tuple = ()
-    stride: tuple = ()
-    padding: tuple = ()
-
-    def __call__(self, x):
-        return _reference(ACTIVATIONS[self.activation](super().__call__(x)), self.window, self.stride, self.padding)
-
-
 def _blocks(train, activation, window, stride, padding, **kw):
+    """The block under test and its oracle: Flax's own BatchNorm, the activation, then XLA's pool."""
     args = dict(momentum=0.9, epsilon=1e-5, use_running_average=not train, **kw)
     return (NormActPool(activation, window, stride, padding, **args),
-            _UnfusedBlock(activation=activation, window=window, stride=stride, padding=padding, **args))
+            unfused_norm_act_pool(activation, window, stride, padding, pool=_reference, **args))
 
 
 @pytest.mark.parametrize("activation", ["relu", "elu", "linear"])

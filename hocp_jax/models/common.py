@@ -15,7 +15,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from hocp_jax import conv, explicit_sharding
-from hocp_jax.pooling import ACTIVATIONS, max_pool, monotone_max_pool
+from hocp_jax.pooling import max_pool, monotone_max_pool
 
 
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
@@ -52,9 +52,7 @@ class NormActPool(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(B, ..., *S, C)`` -> ``(B, ..., *O, C)``, ``S`` the ``len(window)`` pooled axes."""
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)} (non-decreasing)")
-        c = x.shape[-1]
+        c = x.shape[-1]  # activation, window, stride, padding: checked by monotone_max_pool and max_pool
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))

@@ -22,6 +22,7 @@ from jax import lax
 
 from hocp_jax import conv, pooling
 from hocp_jax.pooling import max_pool
+from hocp_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from hocp_jax.models.resnet import ResNet, hocp_factory
 
 
@@ -211,10 +212,12 @@ class UnfusedNormActPool(nn.BatchNorm):
 
 
 def unfused_norm_act_pool(activation, window, stride, padding, pool=max_pool, **kwargs):
-    """:class:`UnfusedNormActPool` with ``NormActPool``'s signature and defaults (train mode, momentum 0.9, eps
-    1e-5), to stand in for ``hocp_jax.models.common.NormActPool``; ``pool``: the max-pool."""
+    """:class:`UnfusedNormActPool` with ``NormActPool``'s signature and defaults (train mode, the
+    models' ``BN_MOMENTUM`` and ``BN_EPSILON``), to stand in for
+    ``hocp_jax.models.common.NormActPool``; ``pool``: the max-pool."""
+    defaults = {"momentum": BN_MOMENTUM, "epsilon": BN_EPSILON, "use_running_average": False}
     return UnfusedNormActPool(activation=activation, window=tuple(window), stride=tuple(stride),
-                              padding=tuple(map(tuple, padding)), pool=pool, **{"momentum": 0.9, "epsilon": 1e-5, "use_running_average": False} | kwargs)
+                              padding=tuple(map(tuple, padding)), pool=pool, **defaults | kwargs)
 
 
 def recomputed_index_pool(x, window, stride, padding):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from hocp_jax.checks import check_real, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.conv import conv_general_dilated
-from hocp_jax.models.common import Dropout, max_pool_spatial
+from hocp_jax.models.common import Dropout, batch_norm, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -154,8 +154,7 @@ class MLPHead(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Dense(self.hidden, name="fc0", **dt)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         name="bn", **dt)(x)
+        x = batch_norm(train, name="bn", **dt)(x)
         x = nn.Dense(self.features, name="fc1", **dt)(nn.relu(x))
         return jnp.tanh(x) if self.bounded else x
 

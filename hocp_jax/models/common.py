@@ -18,9 +18,13 @@ from hocp_jax import conv, explicit_sharding
 from hocp_jax.pooling import max_pool, monotone_max_pool
 
 
+BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
+"""The models' batch norm settings: PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+
+
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
+    """BatchNorm with :data:`BN_MOMENTUM` and :data:`BN_EPSILON` (PyTorch's defaults)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs)
 
 
 class NormActPool(nn.Module):
@@ -44,8 +48,8 @@ class NormActPool(nn.Module):
     stride: Sequence[int]
     padding: Sequence[tuple[int, int]]
     use_running_average: bool = False
-    momentum: float = 0.9
-    epsilon: float = 1e-5
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
     dtype: Any = None
     param_dtype: Any = jnp.float32
 

@@ -107,11 +107,11 @@ def l1_head(params):
 
 
 def run_fit(workdir, steps, kill_at=None, nan_at=None, checkpoint_every=4, log_every=3,
-            async_checkpointing=False, on_pos=None, tx=None):
+            async_checkpointing=False, on_pos=None, tx=None, profile_steps=0):
     data = make_data()
     cfg = ml_collections.ConfigDict(dict(
         num_steps=steps, seed=3, checkpoint_every=checkpoint_every, keep_checkpoints=2,
-        log_every=log_every, stage="static", async_checkpointing=async_checkpointing))
+        log_every=log_every, stage="static", async_checkpointing=async_checkpointing, profile_steps=profile_steps))
     return training.fit(
         TinyNet(), mse_loss, optax.sgd(0.1, momentum=0.9) if tx is None else tx,
         lambda: ArrayIterator(data, kill_at=kill_at, nan_at=nan_at, on_pos=on_pos), cfg, workdir,
@@ -140,7 +140,7 @@ def script(args):
             term[args.term_at] = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         state = run_fit(args.workdir, args.steps, kill_at=args.kill_at, async_checkpointing=args.kill_at is None,
-                        on_pos=term)
+                        on_pos=term, profile_steps=args.profile_steps)
     except training.Preempted as notice:
         print(f"preempted at step {notice.step}", file=sys.stderr)
         sys.exit(143)
@@ -157,11 +157,12 @@ def script(args):
         np.savez(args.out, n_devices=len(jax.devices()), **result)
 
 
-def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None, num_processes=1, term=None):
+def run_script(tmp_path, name, devices, steps, kill_at=None, workdir=None, num_processes=1, term=None,
+               profile_steps=0):
     """``term=(process, pos)``: that process sends itself SIGTERM while fetching batch ``pos``."""
     out = tmp_path / f"{name}.npz"
     cmd = [sys.executable, __file__, "--devices", str(devices), "--steps", str(steps),
-           "--workdir", str(workdir or tmp_path / name), "--out", str(out)]
+           "--workdir", str(workdir or tmp_path / name), "--out", str(out), "--profile-steps", str(profile_steps)]
     if kill_at is not None:
         cmd += ["--kill-at", str(kill_at)]
     if term is not None:
@@ -232,10 +233,11 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
     """8 simulated devices, and a real 2-process jax.distributed run on localhost (CPU, gloo
     collectives; each process reads its half of every batch), end with the 1-device params;
     their streamed eval metrics and first eval batch's outputs (jobs.evaluate_variables)
-    match a float64 oracle."""
+    match a float64 oracle. The two processes also run ``profile_steps=2``: each traces steps
+    2..3 into a folder of its own."""
     one_proc, one_out = run_script(tmp_path, "one", 1, 6)
     eight_proc, eight_out = run_script(tmp_path, "eight", 8, 6)
-    procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2)
+    procs, two_out = run_script(tmp_path, "two", 1, 6, num_processes=2, profile_steps=2)
     for proc in [one_proc, eight_proc, *procs]:
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, eight, two = load(one_out), load(eight_out), load(two_out)
@@ -250,6 +252,9 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
         np.testing.assert_allclose(eight[k], want, atol=1e-5, err_msg=k)
     logged = [r["step"] for r in tlog.read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert logged == [3, 4, 6]  # process 0 alone writes the log
+    for i, proc in enumerate(procs):
+        assert _traced_train_steps(tmp_path / "two" / "profile" / f"process{i}") == [2]
+        assert ("profile: steps 2..3 traced to" in proc.stdout) == (i == 0)
 
 
 def test_a_sigterm_on_one_of_two_processes_checkpoints_both_at_one_step(tmp_path):
@@ -588,6 +593,7 @@ if __name__ == "__main__":
     parser.add_argument("--term-process", type=int, default=-1)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--profile-steps", type=int, default=0)
     script(parser.parse_args())
 
 

@@ -24,7 +24,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # once; test subprocesses inherit it. Every program is cached, not only those that compile in a
 # second or more (JAX's default threshold): most of the suite's programs are small and compiled
 # again by later tests and processes (stop 67: 143 tests of four files in two workers took 0.83x
-# the time with every program cached, README "Two commands").
+# the time with every program cached: benchmarks/EXPERIMENTS.md, "Test-suite time").
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hocp-jax-test-xla-cache-")

@@ -1,9 +1,10 @@
 """AVCE (contrastive affect learning with SparseMax/SoftMax feature views): backbone
 ``alexnet`` / ``resnet18`` / ``resnet18_hocp``; the AVCE bound (``objective="avce"``) or
-InfoNCE (``"infonce"``) + valence/arousal regression, on AffectNet. The supplementary uses
-224x224 images; the AffectNet builder here makes 64x64 face crops, on which AlexNet's conv stack
-ends at 1x1 (its 6x6 adaptive pool repeats that vector), so the AlexNet variant is not the paper's
-at this size. The supplementary gives no learning rate, batch size, steps or loss weights: ours.
+InfoNCE (``"infonce"``) + valence/arousal regression, on AffectNet's 224x224 face crops (the
+builder config ``affectnet/s224``: the supplementary times its networks on 224x224 images, on
+which AlexNet's conv stack ends at 6x6, the size of its adaptive pool; on the 64x64 crops of
+``affectnet``'s default config, ``--config.data.static=affectnet``, it would end at 1x1). The
+supplementary gives no learning rate, batch size, steps or loss weights: ours.
 
     python train.py --config configs/avce.py:resnet18_hocp --workdir runs/avce --config.data.manual_dir /data/affectnet
     python train.py --config configs/avce.py:alexnet,smoke --workdir /tmp/smoke
@@ -22,7 +23,7 @@ def get_config(arg: str = "resnet18"):
     if backbone not in BACKBONES:
         raise ValueError(f"configs/avce.py: backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     c = common.base("supervised")
-    c.data.static = "affectnet"
+    c.data.static = "affectnet/s224"
     c.data.batch_size = 256
     c.model.name = BACKBONES[backbone]
     c.model.kwargs = dict(bounded=True)

@@ -287,3 +287,28 @@ def test_sparsemax_empty_axis_and_bad_avce_alpha_beta_gamma_raise():
     # traced weights are not checked (jit-friendly): J = 1 - 0.005 / 2 for the identity critic
     got = jax.jit(lambda a: avce_objective(scores, alpha=a))(0.5)
     np.testing.assert_allclose(got, 1.0 - 0.0025, rtol=1e-6)
+
+
+def test_config_reads_the_supplementary_image_size(tmp_path):
+    """configs/avce.py reads AffectNet's 224x224 builder config, on which the AlexNet conv stack
+    ends at torchvision's 6x6 (55 -> 27 -> 13 -> 6 by conv/pool arithmetic); at the default 64x64
+    crops it would end at 1x1."""
+    import importlib
+    import os
+    import sys
+
+    from hocp_jax.data import pipeline
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    try:
+        config = importlib.import_module("configs.avce").get_config("alexnet")
+    finally:
+        sys.path.remove(root)
+    assert config.data.static == "affectnet/s224"
+    builder = pipeline.get_builder(config.data.static, tmp_path)
+    assert builder.info.features["image"].shape == (224, 224, 3)
+    assert pipeline.get_builder("affectnet", tmp_path).info.features["image"].shape == (64, 64, 3)
+    for size, out in ((224, 6), (64, 1)):
+        y = jax.eval_shape(lambda x: AlexNetEncoder().init_with_output(jax.random.key(0), x)[0],
+                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+        assert y.shape == (1, out, out, 256), (size, y.shape)

@@ -11,7 +11,8 @@ Expression codes: 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust,
 outside [-1, 1] are dropped.
 
 Each image is cropped to its face box (face_x, face_y, face_width,
-face_height) and resized to ``image_size``. Features:
+face_height) and resized to ``image_size`` (named configs ``affectnet/s64``, the default, and
+``affectnet/s224``). Features:
   image (S, S, 3) uint8; va (2,) float32 (valence, arousal) in [-1, 1];
   label () int, the expression (8 classes).
 Splits: the test set of AffectNet is not public, so, as usual, the official
@@ -46,7 +47,9 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [AffectNetConfig(name="s64")]
+    # s64: the HO-CP paper's experiments (configs/affectnet.py, configs/afew_va.py); s224: the AVCE
+    # supplementary's 224x224 images (configs/avce.py), about 12x the bytes per face.
+    BUILDER_CONFIGS = [AffectNetConfig(name="s64"), AffectNetConfig(name="s224", image_size=224)]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Request AffectNet from http://mohammadmahoor.com/affectnet/ and place in
 manual_dir: training.csv, validation.csv and the extracted folder

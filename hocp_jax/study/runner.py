@@ -36,7 +36,6 @@ from hocp_jax.training.objectives import loss_fn, metric_fn
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, make_train_step, model_input
 
-SIZES_ = ("tiny", "quick", "full")
 Data = dict[str, np.ndarray]
 
 

@@ -74,3 +74,20 @@ def run_processes():
                 for proc, (out, err) in zip(procs, outputs)]
 
     return run
+
+
+@pytest.fixture
+def load_config():
+    """``load(module, arg="")``: ``get_config(arg)`` of ``configs/<module>.py`` (the configs folder
+    is the repository's, not an installed package)."""
+    import importlib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(module: str, arg: str = ""):
+        sys.path.insert(0, root)
+        try:
+            return importlib.import_module(f"configs.{module}").get_config(*([arg] if arg else []))
+        finally:
+            sys.path.remove(root)
+
+    return load

@@ -289,21 +289,12 @@ def test_sparsemax_empty_axis_and_bad_avce_alpha_beta_gamma_raise():
     np.testing.assert_allclose(got, 1.0 - 0.0025, rtol=1e-6)
 
 
-def test_config_reads_the_supplementary_image_size(tmp_path):
+def test_config_reads_the_supplementary_image_size(tmp_path, load_config):
     """configs/avce.py reads AffectNet's 224x224 builder config, on which the AlexNet conv stack
     ends at torchvision's 6x6 (55 -> 27 -> 13 -> 6 by conv/pool arithmetic); at the default 64x64
     crops it would end at 1x1."""
-    import importlib
-    import os
-    import sys
-
     from hocp_jax.data import pipeline
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)
-    try:
-        config = importlib.import_module("configs.avce").get_config("alexnet")
-    finally:
-        sys.path.remove(root)
+    config = load_config("avce", "alexnet")
     assert config.data.static == "affectnet/s224"
     builder = pipeline.get_builder(config.data.static, tmp_path)
     assert builder.info.features["image"].shape == (224, 224, 3)

@@ -106,25 +106,16 @@ def test_avce_bf16_outputs_and_float32_params(name):
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(p16))
 
 
-def test_training_program_dtype_computes_in_bfloat16_and_keeps_float32_state():
+def test_training_program_dtype_computes_in_bfloat16_and_keeps_float32_state(load_config):
     """``config.dtype="bfloat16"`` (train.py): the job's models compute in bfloat16, while the
     loss, the metrics, the updated parameters and batch statistics stay float32; the step's loss
     is within a bf16 tolerance of the float32 program's with the same parameters and batch (and
     not equal to it: the bfloat16 arithmetic did run)."""
-    import importlib
-    import os
-    import sys
-
     from hocp_jax.training import jobs, objectives
     from hocp_jax.training.state import TrainState
     from hocp_jax.training.step import make_eval_step, make_train_step
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)
-    try:
-        config = importlib.import_module("configs.affectnet").get_config("smoke")
-    finally:
-        sys.path.remove(root)
+    config = load_config("affectnet", "smoke")
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8),
              "va": rng.uniform(-1, 1, (4, 2)).astype(np.float32), "label": rng.integers(0, 8, 4).astype(np.int32)}

@@ -231,6 +231,8 @@ def test_read_options_change_nothing_but_speed(data_dir):
 def test_bad_arguments_raise_clear_errors(data_dir):
     with pytest.raises(ValueError, match="name='nope'"):
         pipeline.get_builder("nope", data_dir)
+    with pytest.raises(ValueError, match=r"name='affectnet/s999': affectnet has no builder config 's999'.*'affectnet/s224'"):
+        pipeline.get_builder("affectnet/s999", data_dir)
     with pytest.raises(ValueError, match="split='dev'"):
         pipeline.data_source("digits_affect", "dev", data_dir)
     with pytest.raises(ValueError, match="batch_size=3"):

@@ -55,6 +55,10 @@ def get_builder(name: str, data_dir, *, config=None) -> tfds.core.DatasetBuilder
     if base not in BUILDERS:
         raise ValueError(f"name={name!r}: not a project dataset, expected one of "
                          f"{sorted(BUILDERS)}")
+    known = [c.name for c in BUILDERS[base].BUILDER_CONFIGS]
+    if config_name and config is None and config_name not in known:
+        raise ValueError(f"name={name!r}: {base} has no builder config {config_name!r}, expected one of "
+                         f"{[f'{base}/{c}' for c in known]} (or pass config=)")
     return BUILDERS[base](data_dir=str(data_dir), file_format="array_record",
                           config=config or config_name or None)
 

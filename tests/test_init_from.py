@@ -198,18 +198,8 @@ def test_two_processes_read_the_same_step_and_fail_together(tmp_path, run_proces
     assert zero["1"] == f"on process 1 (restore_variables): {one['1']}"
 
 
-def _affectnet_smoke(data_dir, **overrides):
-    return _smoke("affectnet", data_dir, **overrides)
-
-
-def _smoke(module, data_dir, **overrides):
-    import importlib
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)
-    try:
-        c = importlib.import_module(f"configs.{module}").get_config("smoke")
-    finally:
-        sys.path.remove(root)
+def _smoke(c, data_dir, **overrides):
+    """A ``:smoke`` config ``c`` on ``data_dir``, 3 steps, with ``overrides`` (dotted keys)."""
     c.data.data_dir = str(data_dir)
     c.static.num_steps, c.log_every, c.checkpoint_every = 3, 3, 3
     for key, value in overrides.items():
@@ -221,7 +211,7 @@ def _smoke(module, data_dir, **overrides):
     return c
 
 
-def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tmp_path, capsys):
+def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tmp_path, capsys, load_config):
     """``config.init_from`` (train.py): ``static.num_steps=0`` evaluates the source run's variables
     as they are (its own evaluation, exactly) or transduces them; with steps it fine-tunes from
     them; the source is stored with the run (a resume with another is refused) and not read again
@@ -230,11 +220,12 @@ def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tm
 
     from hocp_jax.training import jobs
     data = tmp_path / "data"
+    smoke = lambda module, **overrides: _smoke(load_config(module, "smoke"), data, **overrides)  # noqa: E731
     source = tmp_path / "source"
-    rows = jobs.run(_affectnet_smoke(data), str(source))
+    rows = jobs.run(smoke("affectnet"), str(source))
 
     # the variables as they are: the supervised job only evaluates them, and writes no stage
-    again = jobs.run(_affectnet_smoke(data, init_from=str(source / "static"), **{"static.num_steps": 0}),
+    again = jobs.run(smoke("affectnet", init_from=str(source / "static"), **{"static.num_steps": 0}),
                      str(tmp_path / "eval"))
     assert again == rows and not (tmp_path / "eval" / "static").exists()
     assert f"starting from the variables of {source / 'static' / 'checkpoints' / '3'}" in capsys.readouterr().out
@@ -242,28 +233,28 @@ def test_config_init_from_starts_the_static_stage_from_another_runs_variables(tm
     # trained from them (at a learning rate too small to move a float32 parameter): the source's parameters
     tuned, tiny = tmp_path / "tuned", {"optimizer.learning_rate": 1e-30}
     from_step = str(source / "static" / "checkpoints" / "3")
-    jobs.run(_affectnet_smoke(data, init_from=from_step, **tiny), str(tuned))
+    jobs.run(smoke("affectnet", init_from=from_step, **tiny), str(tuned))
     assert_same(checkpoint.restore_variables(tuned / "static")[0]["params"],
                 checkpoint.restore_variables(source / "static")[0]["params"])
     with pytest.raises(ValueError, match=r"run.init_from: .*source/static/checkpoints/3' -> .*source/static'"):
-        jobs.run(_affectnet_smoke(data, init_from=str(source / "static"), **tiny), str(tuned))
+        jobs.run(smoke("affectnet", init_from=str(source / "static"), **tiny), str(tuned))
     # the transduction job (configs/afew_va.py: the same static model) transduces the variables as they are;
     # its stage 1 stores their step directory: a rerun from another source is refused
     video = tmp_path / "video"
-    afew = lambda init: _smoke("afew_va", data, init_from=init, **{  # noqa: E731
+    afew = lambda init: smoke("afew_va", init_from=init, **{  # noqa: E731
         "static.num_steps": 0, "stage1.num_steps": 1, "stage2.num_steps": 1, "baseline.models": ()})
     assert jobs.run(afew(str(source / "static")), str(video))["static (per frame)"]["params"] == rows["resnet18_hocp"]["params"]
     with pytest.raises(ValueError, match=r"run.static_from: .*source/static/checkpoints/3' -> .*tuned/static/checkpoints/3'"):
         jobs.run(afew(str(tuned / "static")), str(video))
 
     shutil.rmtree(source)  # a resume reads its own checkpoints only
-    assert jobs.run(_affectnet_smoke(data, init_from=from_step, **tiny), str(tuned))
+    assert jobs.run(smoke("affectnet", init_from=from_step, **tiny), str(tuned))
     with pytest.raises(ValueError, match=r"holds the checkpoints of a static stage that trained \(newest step 3\)"):
-        jobs.run(_affectnet_smoke(data, init_from=from_step, **tiny, **{"static.num_steps": 0}), str(tuned))
+        jobs.run(smoke("affectnet", init_from=from_step, **tiny, **{"static.num_steps": 0}), str(tuned))
     with pytest.raises(FileNotFoundError, match="config.init_from="):
-        jobs.run(_affectnet_smoke(data, init_from=str(source / "static")), str(tmp_path / "other"))
+        jobs.run(smoke("affectnet", init_from=str(source / "static")), str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"config.static.num_steps=0: expected an int > 0"):
-        jobs.check_config(_affectnet_smoke(data, **{"static.num_steps": 0}))
+        jobs.check_config(smoke("affectnet", **{"static.num_steps": 0}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """train.py end to end: the default job (shrunk), every paper config's smoke variant, bad input."""
-import importlib
 import json
 import math
 import os
@@ -79,37 +78,29 @@ CONFIGS = [("default", ""), ("affectnet", ""), ("afew_va", ""), ("jester", "hocp
 
 
 @pytest.mark.parametrize("module,arg", CONFIGS)
-def test_every_config_has_the_programs_options(module, arg):
+def test_every_config_has_the_programs_options(module, arg, load_config):
     """train.py's options are keys of every config (an override of a key a config lacks is refused)."""
-    c = _config(module, arg)
+    c = load_config(module, arg)
     for key in ("dtype", "init_from", "autotune", "cp_per_sample", "cp_tile_rows", "eval_every", "best_metric",
                 "profile_steps", "microbatches"):
         assert key in c, key
 
 
-def _config(module, arg=""):
-    sys.path.insert(0, ROOT)
-    try:
-        return importlib.import_module(f"configs.{module}").get_config(*([arg] if arg else []))
-    finally:
-        sys.path.remove(ROOT)
-
-
-def test_bad_values_give_clear_errors(tmp_path):
-    c = _config("affectnet", "smoke")
+def test_bad_values_give_clear_errors(tmp_path, load_config):
+    c = load_config("affectnet", "smoke")
     c.data.data_dir = str(tmp_path / "data")
     c.model.name = "resnet19"
     with pytest.raises(ValueError, match="resnet19"):
         jobs.run(c, str(tmp_path / "a"))
-    c = _config("affectnet")  # real AffectNet, but its files are not there
+    c = load_config("affectnet")  # real AffectNet, but its files are not there
     c.data.data_dir, c.data.manual_dir = str(tmp_path / "data"), str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         jobs.run(c, str(tmp_path / "b"))
-    c = _config("affectnet", "smoke")
+    c = load_config("affectnet", "smoke")
     c.job = "pretrain"
     with pytest.raises(ValueError, match="config.job"):
         jobs.run(c, str(tmp_path / "c"))
-    c = _config("affectnet", "smoke")
+    c = load_config("affectnet", "smoke")
     c.loss.kind = "hinge"
     c.data.data_dir = str(tmp_path / "data")
     with pytest.raises(ValueError, match="config.loss.kind"):
@@ -152,8 +143,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("overrides,words", BAD, ids=[words for _, words in BAD])
-def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, words):
-    c = _config("default")
+def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, words, load_config):
+    c = load_config("default")
     c.data.data_dir = data_dir
     c.static.num_steps, c.stage1.num_steps, c.stage2.num_steps, c.baseline.num_steps = 2, 1, 1, 1
     c.model.kwargs.widths = c.baseline.kwargs.widths = (4, 4, 8, 8)
@@ -183,9 +174,9 @@ def test_loss_config_is_checked_per_kind(loss, words):
         objectives.check_loss_config(ConfigDict(loss))
 
 
-def test_best_metric_is_never_picked_on_the_reported_split(tmp_path):
+def test_best_metric_is_never_picked_on_the_reported_split(tmp_path, load_config):
     """Jester's reported split is its only held-out one: no val_split to pick checkpoints on."""
-    c = _config("jester")
+    c = load_config("jester")
     assert c.data.val_split != c.data.eval_split
     c.eval_every, c.best_metric = 100, "class_accuracy"
     with pytest.raises(ValueError, match="config.data.val_split=''"):
@@ -201,8 +192,8 @@ SMOKE = [("jester", "hocp_s,smoke"),
 
 
 @pytest.mark.parametrize("module,arg", SMOKE)
-def test_paper_config_smoke(module, arg, tmp_path):
-    c = _config(module, arg)
+def test_paper_config_smoke(module, arg, tmp_path, load_config):
+    c = load_config(module, arg)
     c.data.data_dir = str(tmp_path / "data")
     c.static.num_steps = 3
     c.log_every = c.checkpoint_every = 3
@@ -210,7 +201,7 @@ def test_paper_config_smoke(module, arg, tmp_path):
     assert rows and all(math.isfinite(v) for row in rows.values() for v in row.values())
 
 
-def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entropy():
+def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entropy(load_config):
     """configs/afew_va.py: the static stage (AffectNet) trains the class head with cross-entropy,
     the video stages (clips without expression labels) turn it off with ``stage<k>.loss``; a video
     stage left with the cross-entropy on is refused before training, naming its key."""
@@ -220,7 +211,7 @@ def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entro
     import numpy as np
 
     from hocp_jax.training import objectives
-    c = _config("afew_va", "smoke")
+    c = load_config("afew_va", "smoke")
     model = jobs._model(c, c.model.name, c.model.kwargs)
     rng = np.random.default_rng(0)
     clips = {"video": rng.integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8),
@@ -243,16 +234,16 @@ def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entro
                                                    "config file, or set config.loss.ce_weight=0")):
         jobs._check_labels(c, "stage1", model, afew)
     # a nested dict of config.loss is overridden key by key
-    avce = _config("avce", "alexnet")
+    avce = load_config("avce", "alexnet")
     avce.static.loss = {"avce": {"contrastive_weight": 0.05}}
     assert jobs.stage_loss(avce, "static").avce.to_dict() == avce.loss.avce.to_dict() | {"contrastive_weight": 0.05}
 
 
 @pytest.mark.parametrize("arg", ["", "smoke"])
-def test_afew_va_static_stage_is_the_affectnet_config(arg):
+def test_afew_va_static_stage_is_the_affectnet_config(arg, load_config):
     """configs/afew_va.py's docstring: its static model, loss and optimizer are configs/affectnet.py's,
     so a finished AffectNet run can be its static stage (``init_from``, ``static.num_steps=0``)."""
-    affectnet, afew_va = _config("affectnet", arg), _config("afew_va", arg)
+    affectnet, afew_va = load_config("affectnet", arg), load_config("afew_va", arg)
     for key in ("model", "loss", "optimizer"):
         assert afew_va[key].to_dict() == affectnet[key].to_dict(), key
 

@@ -47,7 +47,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    # s64: the HO-CP paper's experiments (configs/affectnet.py, configs/afew_va.py); s224: the AVCE
+    # s64: the HO-CP configs here (configs/affectnet.py, configs/afew_va.py); s224: the AVCE
     # supplementary's 224x224 images (configs/avce.py), about 12x the bytes per face.
     BUILDER_CONFIGS = [AffectNetConfig(name="s64"), AffectNetConfig(name="s224", image_size=224)]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\

@@ -50,11 +50,11 @@ def _assert_reported(row: dict, va_true, va_pred):
         np.testing.assert_allclose(row[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_a_supervised_runs_model_predicts_what_the_job_reported(tmp_path):
+def test_a_supervised_runs_model_predicts_what_the_job_reported(tmp_path, load_config):
     """The AffectNet smoke job: the model of its newest checkpoint (and of ``best/``, which now
     stores the run too) is the job's, and its predictions give the reported metrics."""
-    c = _smoke("affectnet", tmp_path / "data", eval_every=3, best_metric="valence_ccc",
-               **{"data.val_split": "validation"})
+    c = _smoke(load_config("affectnet", "smoke"), tmp_path / "data", eval_every=3,
+               best_metric="valence_ccc", **{"data.val_split": "validation"})
     workdir = tmp_path / "run"
     row = jobs.run(c, str(workdir))["resnet18_hocp"]
     trained = load_trained(workdir / "static")
@@ -84,10 +84,10 @@ def test_a_supervised_runs_model_predicts_what_the_job_reported(tmp_path):
     np.testing.assert_allclose(best.predict(x[:10])["va"], out["va"][:10], rtol=1e-6)  # step 3 is both
 
 
-def test_the_transduction_jobs_video_models_predict_what_the_job_reported(tmp_path):
+def test_the_transduction_jobs_video_models_predict_what_the_job_reported(tmp_path, load_config):
     """Stage 2 (the 2-D model with its transduced parameters) and a 3-D baseline, on videos."""
-    c = _smoke("afew_va", tmp_path / "data", **{"stage1.num_steps": 1, "stage2.num_steps": 2,
-                                                 "baseline.num_steps": 2, "baseline.models": ("resnet18_3d",)})
+    c = _smoke(load_config("afew_va", "smoke"), tmp_path / "data", **{
+        "stage1.num_steps": 1, "stage2.num_steps": 2, "baseline.num_steps": 2, "baseline.models": ("resnet18_3d",)})
     workdir = tmp_path / "run"
     rows = jobs.run(c, str(workdir))
     x, va, _ = _examples(c, c.data.video, c.data.eval_split)

@@ -74,9 +74,10 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 11
+MEASURE_VERSION = 12
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
-has since changed, are not reused. Version 11 (stop 65): on CPU, the patches product of a conv
+has since changed, are not reused. Version 12 (stop 69): on CPU, tiles follow the L2 size
+(:func:`tile_target_bytes`), and :func:`host_kind` holds it. Version 11 (stop 65): on CPU, the patches product of a conv
 with wide in-plane patches is one product per tap of its leading mode (:func:`patches_split`).
 Version 10 (stops 63 and 64): on CPU, the factorized path of
 few input channels pairs rows (:func:`paired_rows`) and folds passes into its tiles' input
@@ -526,11 +527,38 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+CACHE_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@functools.cache
+def l2_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Bytes of the level-2 data (or unified) cache of the first CPU as Linux lists it under
+    ``root`` (sysfs: ``index*/level``, ``type``, ``size`` such as ``2048K``), or ``None`` where
+    that cannot be read (other systems, no such cache)."""
+    try:
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(path, "level")) as f_level, open(os.path.join(path, "type")) as f_type:
+                if f_level.read().strip() != "2" or f_type.read().strip() not in ("Data", "Unified"):
+                    continue
+            with open(os.path.join(path, "size")) as f:
+                size = f.read().strip()
+            return int(size[:-1]) * CACHE_SIZE_UNITS[size[-1]] if size[-1:] in CACHE_SIZE_UNITS else int(size)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def host_kind() -> str:
-    """The host as the CPU rules see it: the machine and which of AVX2 / AVX-512 its CPU lists
-    (part of the cache keys, so picks timed on one kind of host are not reused on another)."""
+    """The host as the CPU rules see it: the machine, which of AVX2 / AVX-512 its CPU lists and
+    its L2 size per core (:func:`l2_cache_bytes`, which sizes the tiles: :func:`tile_target_bytes`);
+    part of the cache keys, so picks timed on one kind of host are not reused on another."""
     flags = cpu_flags()
-    return " ".join([platform.machine().lower()] + [f for f in ("avx2", "avx512f") if f in flags])
+    l2 = l2_cache_bytes()
+    return " ".join([platform.machine().lower()] + [f for f in ("avx2", "avx512f") if f in flags]
+                    + ([f"l2={l2 // 1024}K"] if l2 else []))
 
 
 KERNEL_GRAD_MATMUL_MIN_BYTES = 32 * 1024 * 1024
@@ -858,12 +886,28 @@ size; Jester conv3 (5 MB) was no faster in any. 8 MiB until stop 34: in whole tr
 transduced ResNet-18 on 112-pixel frames (6.9 MB per sample), and that step ran 0.86x as long;
 on the other steps, and with lower thresholds, the times moved by less than two runs of one
 program differ there."""
+TILE_TARGET_PER_L2 = 1.5
+"""Intermediate per tile that :func:`tile_plan` aims at, in sizes of a core's L2 cache
+(:func:`tile_target_bytes`). Fits both hosts measured: on the AMD EPYC VM (1 MiB of L2 per core)
+1.5 MiB, where Jester conv2's tiles of 3 rows (1.7 MB) ran faster than the 4 rows (2.3 MB) of a
+2 MiB target in both runs that had them (stop 26: ``python -m benchmarks.experiments tiles`` and
+``line_buffer``) and the 6 rows of 3 MiB took 1.06x their time (stop 62, ``cpu_loops``); on the
+Intel Xeon VM (2 MiB of L2 per core; stop 69, ``python -m benchmarks.experiments tile_target 9``,
+two runs) 3 MiB, where Jester conv1 (28 rows) took 0.96x and 0.94x the time of 1.5 MiB's 14 rows,
+conv2 (6 rows) 0.93x twice, the Jester HO-CP train step 0.97x and 0.95x and the transduced
+ResNet-18 step 0.99x and 0.98x (its stride-1 layers alone at one clip 0.88-1.18x)."""
 TILE_TARGET_BYTES = 3 * 512 * 1024
-"""Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
-a little under the L2 of a core. 2 MiB until the tiles of 3 rows (1.7 MB) measured faster than the
-4 rows (2.3 MB) that 2 MiB gives Jester conv2, in both runs that had them (``python -m
-benchmarks.experiments tiles`` and ``line_buffer``); conv1 then runs in 6 tiles of 14 rows (was 5
-of 17; those measured alike), the transduced ResNet-18 layers as before (tiles of 4 rows)."""
+"""Intermediate per tile where the L2 size cannot be read: :data:`TILE_TARGET_PER_L2` times 1 MiB."""
+
+
+def tile_target_bytes() -> int:
+    """Intermediate per tile that :func:`tile_plan` aims at (at most, up to rounding to whole rows):
+    :data:`TILE_TARGET_PER_L2` times the L2 size (:func:`l2_cache_bytes`), else
+    :data:`TILE_TARGET_BYTES`. Each host reads its own: processes on hosts with other L2 sizes
+    trace other tiles, so a multi-host job over mixed hosts sets the rows
+    (``configure(tile_rows=...)``)."""
+    l2 = l2_cache_bytes()
+    return int(TILE_TARGET_PER_L2 * l2) if l2 else TILE_TARGET_BYTES
 
 
 def check_tile_rows(value, name: str) -> None:
@@ -894,7 +938,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     on the halo rows too: the strided transduced ResNet-18 layer took 1.7-2.1x as long in tiles of
     2-6 frames), when the ``(1, *S, R)``
     per-sample intermediate is at least :data:`TILE_MIN_BYTES`, in tiles of about
-    :data:`TILE_TARGET_BYTES`.
+    :func:`tile_target_bytes`.
     """
     candidates = [i for i, (st, p) in enumerate(zip(strides, pads)) if st == 1 and min(p) >= 0]
     if not candidates or _config["tile_rows"] == 0:
@@ -906,7 +950,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
         if (per_sample_bytes < TILE_MIN_BYTES or len(x_shape) < 5 or max(strides) > 1
                 or not loops_apply()):
             return None
-        n_tiles = -(-per_sample_bytes // TILE_TARGET_BYTES)
+        n_tiles = -(-per_sample_bytes // tile_target_bytes())
         rows = -(-out_sizes[i] // n_tiles)
     rows = max(rows, halos[i], 1)  # a tile no shorter than its halo
     return (i, rows) if rows < out_sizes[i] else None

@@ -1106,12 +1106,40 @@ def test_tiled_with_pointwise_psi_matches_oracle(order):
         _assert_matches_oracle(tiled, oracle, x, p)
 
 
-def test_tile_plan_rule():
-    """Automatic tiles only for big per-sample intermediates of unstrided 3-D+ convs (any batch),
-    along the longest mode, about TILE_TARGET_BYTES each; never with psi (psi(0) need not be 0 on
-    the padding rows) or ``per_sample=False``."""
+def test_l2_cache_bytes_reads_sysfs(tmp_path):
+    """The L2 size comes from the level-2 data or unified cache's ``size`` (units K/M), not the
+    level-1 or level-3 entries; ``None`` where sysfs has no such entry or cannot be read."""
     from hocp_jax import autotune
 
+    def write(root, entries):
+        for i, (level, kind, size) in enumerate(entries):
+            d = root / f"index{i}"
+            d.mkdir(parents=True)
+            for name, value in (("level", level), ("type", kind), ("size", size)):
+                (d / name).write_text(f"{value}\n")
+        (root / "uevent").write_text("")
+        return str(root)
+
+    amd = write(tmp_path / "amd", [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"), (3, "Unified", "32768K")])
+    assert autotune.l2_cache_bytes(amd) == 1 << 20
+    assert autotune.l2_cache_bytes(write(tmp_path / "m", [(1, "Data", "48K"), (2, "Data", "2M")])) == 2 << 20
+    assert autotune.l2_cache_bytes(write(tmp_path / "none", [(1, "Data", "48K"), (3, "Unified", "8M")])) is None
+    assert autotune.l2_cache_bytes(str(tmp_path / "missing")) is None
+
+
+def test_tile_plan_rule(monkeypatch):
+    """Automatic tiles only for big per-sample intermediates of unstrided 3-D+ convs (any batch),
+    along the longest mode, about 1.5 L2 sizes each (1.5 MiB where the L2 size is unknown); never
+    with psi (psi(0) need not be 0 on the padding rows) or ``per_sample=False``."""
+    from hocp_jax import autotune
+
+    conv1 = ((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
+    conv2 = ((8, 9, 42, 42, 64), 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
+    for l2, conv1_rows, conv2_rows in ((None, 14, 3), (2 << 20, 28, 6), (1 << 20, 14, 3)):
+        monkeypatch.setattr(autotune, "l2_cache_bytes", lambda l2=l2: l2)
+        assert autotune.tile_target_bytes() == (3 * l2 // 2 if l2 else autotune.TILE_TARGET_BYTES)
+        assert autotune.tile_plan(*conv1) == (1, conv1_rows) and autotune.tile_plan(*conv2) == (1, conv2_rows)
+    # below: a host with 1 MiB of L2 per core (1.5 MiB tiles)
     shape = (8, 9, 42, 42, 64)  # Jester conv2: 9*42*42 positions x rank 384 x 4 bytes = 24.4 MB per sample
     plan = autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
     assert plan == (1, 3)  # h (the first of the longest), 14 tiles of 3 rows, 1.7 MB each

@@ -130,6 +130,13 @@ records the machine (``benchmarks.bench.machine_info``: CPU model, the CPUs this
 on, backend). Meant for a host with more cores than the development
 VM (``benchmarks/device_check.sh``'s optional CPU stage).
 
+``python -m benchmarks.experiments tile_target [rounds]``: the tiled layers (Jester conv1 and conv2
+at batch 8, the transduced ResNet-18's stride-1 3x3x3 layers at one clip; factorized, fwd+bwd,
+``bench`` protocol) with tiles of 1.5, 2, 3, 4.5 and 6 MiB of intermediate
+(:func:`hocp_jax.autotune.tile_target_bytes`; the rows each gives: ``tile_rows``), and the Jester
+HO-CP and transduced ResNet-18 train steps at 1.5, 3 and 4.5 MiB, all interleaved; ratios to
+1.5 MiB (the target on a host with 1 MiB of L2 per core). Records the machine.
+
 ``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
 (:func:`hocp_jax.conv.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
 (:func:`hocp_jax.autotune.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of

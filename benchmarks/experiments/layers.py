@@ -577,6 +577,52 @@ def cpu_loops(rounds: int = 3) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _tile_target(nbytes: int):
+    """Within the block, :func:`hocp_jax.autotune.tile_plan` aims at tiles of ``nbytes`` (read at trace time)."""
+    saved = autotune.tile_target_bytes
+    autotune.tile_target_bytes = lambda: nbytes
+    try:
+        yield
+    finally:
+        autotune.tile_target_bytes = saved
+
+
+def tile_target(rounds: int = 9) -> dict:
+    from benchmarks import bench
+
+    targets_mib = (1.5, 2, 3, 4.5, 6)
+    transduced = [dataclasses.replace(c, batch=1) for c in bench.resnet_cases(False) if c.group == "resnet3d"]
+    calls, rows = {}, {}
+    for case in bench.jester_cases(False)[:2] + transduced:
+        strides, pads = case.geometry()
+        outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
+        _, params, compile_call = bench.case_compiler(case)
+        fn = bench.conv_fns(case)["factorized"]
+        name = case.name if case.group == "jester" else f"transduced B=1 {case.name}"
+        for mib in targets_mib:
+            with _tile_target(int(mib * 2**20)):
+                plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+                                          [k - 1 for k in case.kernel], strides, pads)
+                if plan is None:
+                    break
+                rows.setdefault(name, {})[f"{mib} MiB"] = plan[1]
+                calls[f"{name} {mib} MiB"] = compile_call(fn, params)[0]
+    models = {c.name: c for c in bench.model_cases(False)}
+    for model in ("jester_hocp", "resnet18_hocp transduced"):
+        for mib in (1.5, 3, 4.5):
+            with _tile_target(int(mib * 2**20)):
+                calls[f"step {model} {mib} MiB"] = bench.prepare_model_case(models[model])[0]
+    t = bench.time_interleaved(calls, rounds, budget_s=1e9)
+    ms = {n: v["median_ms"] for n, v in t.items()}
+    ratios = {}
+    for n, v in ms.items():
+        base = n.rsplit(" ", 2)[0] + " 1.5 MiB"
+        ratios[n] = round(v / ms[base], 3)
+    return {"rounds": rounds, "machine": bench.machine_info(), "tile_rows": rows, "ms": ms,
+            "ratio_to_1.5_MiB": ratios, "loadavg": os.getloadavg()}
+
+
 def layout(rounds: int = 3) -> dict:
     from benchmarks import bench
 

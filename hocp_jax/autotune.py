@@ -893,7 +893,7 @@ TILE_TARGET_PER_L2 = 1.5
 2 MiB target in both runs that had them (stop 26: ``python -m benchmarks.experiments tiles`` and
 ``line_buffer``) and the 6 rows of 3 MiB took 1.06x their time (stop 62, ``cpu_loops``); on the
 Intel Xeon VM (2 MiB of L2 per core; stop 69, ``python -m benchmarks.experiments tile_target 9``,
-two runs) 3 MiB, where Jester conv1 (28 rows) took 0.96x and 0.94x the time of 1.5 MiB's 14 rows,
+two runs) 3 MiB, where Jester conv1 (28 rows) took 0.94x and 0.96x the time of 1.5 MiB's 14 rows,
 conv2 (6 rows) 0.93x twice, the Jester HO-CP train step 0.97x and 0.95x and the transduced
 ResNet-18 step 0.99x and 0.98x (its stride-1 layers alone at one clip 0.88-1.18x)."""
 TILE_TARGET_BYTES = 3 * 512 * 1024

@@ -97,7 +97,7 @@ which left out the reconstructed path's forward conv and favoured that path."""
 
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "batch_shards": None, "per_sample": None,
                            "tile_rows": None, "upcast": None, "leader": False, "per_device": None, "in_loop": False,
-                           "paired_rows": None, "tile_fold": None, "patches_split": None}
+                           "paired_rows": None, "tile_fold": None, "patches_split": None, "dense_chunks": None}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
 
@@ -954,6 +954,67 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
         rows = -(-out_sizes[i] // n_tiles)
     rows = max(rows, halos[i], 1)  # a tile no shorter than its halo
     return (i, rows) if rows < out_sizes[i] else None
+
+
+DENSE_CHUNK_MIN_BYTES = 3 * 1024 * 1024
+"""Smallest (per-device) input of a 2-D conv of more than :data:`PATCHES_MAX_IN_CHANNELS` input
+channels that :func:`dense_chunk` runs in chunks of samples."""
+DENSE_CHUNK_STEM_MIN_BYTES = 1024 * 1024
+"""The same for a stem's conv (at most :data:`PATCHES_MAX_IN_CHANNELS` input channels)."""
+DENSE_CHUNK_TARGET_BYTES = 256 * 1024
+"""Most input per chunk of samples of :func:`dense_chunk` (one sample when a single one is larger)."""
+DENSE_CHUNK_MAX_CHANNELS_PER_POSITION = 1.0
+"""Most input plus output channels per output position of a chunk for :func:`dense_chunk`: each
+step of its loop adds a whole kernel gradient, ``K^2 C_in C_out`` values, computed from the
+chunk's positions alone."""
+
+
+def dense_chunks_mode(value: bool | None) -> contextlib.AbstractContextManager:
+    """Within the block, :func:`dense_chunk` runs the 2-D convs its rule allows in chunks
+    (``None``, the default), none (``False``), or every conv of two or more samples it may
+    (``True``: the 2-D, byte and channel bounds off; tests, experiments). Read at trace time, like
+    :func:`per_sample_mode`."""
+    check_automatic_flag(value, "value")
+    return _setting("dense_chunks", value)
+
+
+def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int], dtype) -> int | None:
+    """Samples per step of the loop in which :func:`hocp_jax.conv.conv_general_dilated` runs an
+    ungrouped channels-last 2-D conv of ``x (B, H, W, C_in)`` to ``out_channels`` with ``strides``
+    (a dense conv of the models, or one of a rebuilt kernel: :func:`hocp_jax.conv.conv_general_dilated`,
+    ``hocp_jax.conv._weight_conv``) on the CPU backend, or ``None`` (the
+    whole batch at once, XLA's conv): with one program per device (:func:`loops_apply`), outside a
+    :func:`loop_mode` block, ``B > 1`` and an input of at least :data:`DENSE_CHUNK_MIN_BYTES`
+    (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most :data:`PATCHES_MAX_IN_CHANNELS` input
+    channels: a network's stem), in
+    chunks of the most samples that divide ``B`` and hold at most
+    :data:`DENSE_CHUNK_TARGET_BYTES` of input (at least one sample), unless the chunk's output
+    positions (``ceil(H / s) * ceil(W / s)`` per sample) are too few for its channels
+    (:data:`DENSE_CHUNK_MAX_CHANNELS_PER_POSITION`). Each
+    chunk runs the loop mode's conv (XLA's forward convolution, the kernel gradient as one matrix
+    product per tap, the input gradient without XLA's transposed conv).
+
+    XLA's CPU convolution slows down far more than its work grows past a few MiB of input (stop
+    69, on the Intel host: a 3x3 conv, 64 -> 64 channels, on 56x56 maps, fwd+bwd 3.8 ms for one
+    image and 68.9 ms for 8). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
+    benchmarks/EXPERIMENTS.md; two runs), chunks against XLA's whole-batch conv, fwd+bwd:
+    0.68-0.88x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the three
+    7x7 stems of 3 channels it takes (1.2-4.6 MiB) and 0.96x and 1.04x on the one it leaves (0.75
+    MiB); 1.19-1.33x on the other three it leaves (a 14x14 map of 256 channels, inputs of 1.5-2
+    MiB); Jester conv2's 3-D shape 1.01x twice (so 3-D convs keep XLA's)."""
+    setting = _config["dense_chunks"]
+    batch = x_shape[0]
+    if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply()
+            or setting is None and len(x_shape) != 4):
+        return None
+    sample = int(np.prod(x_shape[1:])) * jnp.dtype(dtype).itemsize
+    k = max(k for k in range(1, batch) if batch % k == 0 and (k == 1 or k * sample <= DENSE_CHUNK_TARGET_BYTES))
+    positions = int(np.prod([-(-size // s) for size, s in zip(x_shape[1:-1], strides)]))
+    stem = x_shape[-1] <= PATCHES_MAX_IN_CHANNELS
+    small = batch * sample < (DENSE_CHUNK_STEM_MIN_BYTES if stem else DENSE_CHUNK_MIN_BYTES)
+    if setting is None and (small or x_shape[-1] + out_channels > DENSE_CHUNK_MAX_CHANNELS_PER_POSITION * k * positions):
+        return None
+    return k
 
 
 OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = 32

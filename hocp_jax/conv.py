@@ -36,6 +36,7 @@ Depthwise separable (MobileNet v1/v2 form): optional ``factor_in (C_in, R)``,
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import itertools
@@ -218,7 +219,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.autotune.loop_mode`, the
       micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
       that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
-      mode only there, like the depthwise route).
+      mode only there, like the depthwise route);
+    * any other ungrouped 2-D kernel on a large input or a stem's
+      (:func:`hocp_jax.autotune.dense_chunk`, which has the figures: from 3 MiB, or at most 4
+      input channels, with one program per device), with ``precision`` None: the same conv in a
+      loop over chunks of samples (:func:`_per_sample`; reverse mode only too).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
@@ -232,7 +237,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     route = conv_route(lhs, rhs, window_strides=window_strides, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                        batch_group_count=batch_group_count, preferred_element_type=preferred_element_type)
-    if route == "loop" and precision is not None:
+    if route in ("loop", "chunks") and precision is not None:
         route = None
     n = rhs.ndim - 2
     ks, c_out = rhs.shape[:n], rhs.shape[-1]
@@ -259,6 +264,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return _patches_conv(lhs, rhs, strides, pads, dilations, precision)
     if route == "loop":
         return conv_matmul_kernel_grad(lhs, rhs, strides=strides, pads=pads, dilations=dilations)
+    if route == "chunks":
+        chunk = autotune.dense_chunk(lhs.shape, c_out, strides, lhs.dtype)
+        return _per_sample(lambda x: conv_matmul_kernel_grad(x, rhs, strides=strides, pads=pads, dilations=dilations),
+                           lhs, chunk, loop=True)
     return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
@@ -270,8 +279,9 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation
     (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`: on GPU past :data:`GPU_CONV_MAX_MODES`,
     on CPU on a map smaller than the kernel, :func:`hocp_jax.autotune.small_map_taps`), ``"loop"``
     (in a loop's body on CPU:
-    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.autotune.loop_mode`) or ``None`` (``lax``'s
-    convolution)."""
+    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.autotune.loop_mode`), ``"chunks"`` (on CPU,
+    a large input in chunks of samples, each as in ``"loop"``: :func:`hocp_jax.autotune.dense_chunk`)
+    or ``None`` (``lax``'s convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
     if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
@@ -291,6 +301,9 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation
         return "taps"
     if feature_group_count == 1 and autotune.cpu_loop_mode() and not explicit_sharding.is_split(lhs):
         return "loop"
+    if feature_group_count == 1 and not explicit_sharding.is_split(lhs) and autotune.dense_chunk(
+            lhs.shape, rhs.shape[-1], strides, lhs.dtype):
+        return "chunks"
     return None
 
 
@@ -511,6 +524,8 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
     modes; :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+
     modes, few input channels); where ``x`` is not explicitly sharded,
+    the loop of :func:`hocp_jax.autotune.dense_chunk` over chunks of samples where it says so (a
+    large 2-D input, or a stem's), as in :func:`conv_general_dilated`;
     :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
@@ -532,6 +547,10 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     if not split and autotune.small_map_taps(x.shape, kernel.shape, dilations) and _taps_fit(x.shape, kernel.shape,
                                                                                               strides, pads, dilations):
         return _taps_conv(x, kernel, strides, pads, dilations)
+    chunk = None if split else autotune.dense_chunk(x.shape, kernel.shape[-1], strides, x.dtype)
+    if chunk:
+        return _per_sample(lambda x: conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations),
+                           x, chunk, loop=True)
     if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
                                                                       dilations, input_grad)
                       or autotune.cpu_loop_mode()):
@@ -728,14 +747,16 @@ def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
     return y + channel_matmul(xs, u)
 
 
-def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1) -> jax.Array:
+def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1, loop: bool = False) -> jax.Array:
     """``f`` (``(k, *S, C) -> (k, *S', C')``, may close over parameters) on each chunk of ``chunk``
     samples of ``x`` in turn (``lax.map``; ``chunk`` divides the batch). Its VJP is a second loop
     that recomputes one chunk's forward and pulls its cotangent back at once, while that chunk's
     intermediates are still in cache; the parameter gradients are summed over the chunks.
     Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
     passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
-    more than the recomputed forward (benchmarks/EXPERIMENTS.md)."""
+    more than the recomputed forward (benchmarks/EXPERIMENTS.md). ``loop``: both loops' bodies
+    are traced in :func:`hocp_jax.autotune.loop_mode`."""
+    in_loop = autotune.loop_mode if loop else contextlib.nullcontext
     fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
     # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
     # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
@@ -744,7 +765,8 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 
 
     @jax.custom_vjp
     def run(xs, *consts):
-        return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
+        with in_loop():
+            return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
 
     def run_fwd(xs, *consts):
         return run(xs, *consts), (xs, consts)
@@ -756,7 +778,8 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 
             dxi, *dc = jax.vjp(fc, lift(xg[0]), *consts)[1](lift(xg[1]))
             return [a + d for a, d in zip(acc, dc)], drop(dxi)
 
-        dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
+        with in_loop():
+            dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
         return (dx, *dc)
 
     run.defvjp(run_fwd, run_bwd)

@@ -1289,3 +1289,88 @@ def test_cost_model_agrees_with_recorded_timings():
             over.append((s, round(over_best, 2)))
     assert not over, over
     assert len(ratios) >= 40
+
+
+def test_dense_chunk_rule():
+    """Chunks of samples for large 2-D inputs (from 3 MiB; stems of at most 4 input channels from
+    1 MiB), of at most 256 KiB of input each (one sample if larger), unless the chunk's output positions
+    are fewer than its channels; never 3-D convs, single samples, or in a loop's body (the
+    micro-batches) under the automatic rule; ``dense_chunks_mode`` forces or stops it."""
+    from hocp_jax import autotune
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the chunks are a CPU rule")
+    f32 = jnp.float32
+    assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) == 1  # 6.1 MiB, 784 KB a sample
+    assert autotune.dense_chunk((64, 16, 16, 64), 64, (1, 1), f32) == 4  # 4 MiB, 64 KiB a sample
+    assert autotune.dense_chunk((8, 112, 112, 3), 64, (2, 2), f32) == 1  # a stem: from 1 MiB
+    assert autotune.dense_chunk((64, 48, 48, 3), 64, (2, 2), f32) == 8  # 27 KiB a sample
+    assert autotune.dense_chunk((64, 32, 32, 3), 64, (2, 2), f32) is None  # 0.75 MiB
+    assert autotune.dense_chunk((8, 28, 28, 64), 64, (1, 1), f32) is None  # 1.5 MiB
+    assert autotune.dense_chunk((32, 14, 14, 256), 256, (1, 1), f32) is None  # 512 channels, 196 positions
+    assert autotune.dense_chunk((8, 28, 28, 128), 256, (2, 2), f32) is None  # 384 channels, 196 positions
+    assert autotune.dense_chunk((8, 9, 42, 42, 64), 128, (1, 1, 1), f32) is None  # 3-D
+    assert autotune.dense_chunk((1, 224, 224, 64), 64, (1, 1), f32) is None  # one sample
+    with autotune.loop_mode():
+        assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
+    with autotune.dense_chunks_mode(False):
+        assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
+    with autotune.dense_chunks_mode(True):
+        assert autotune.dense_chunk((4, 5, 5, 8), 8, (1, 1), f32) == 2
+        assert autotune.dense_chunk((3, 5, 5, 8), 8, (1, 1), f32) == 1
+        assert autotune.dense_chunk((2, 3, 5, 5, 8), 8, (1, 1, 1), f32) == 1
+    with pytest.raises(ValueError, match="value=1"):
+        with autotune.dense_chunks_mode(1):
+            pass
+
+
+@pytest.mark.parametrize("batch, strides, pads, dilations", [
+    (4, (1, 1), ((1, 1), (1, 1)), (1, 1)),  # chunks of 2
+    (3, (2, 1), ((1, 2), (0, 1)), (1, 2)),  # one sample at a time
+])
+def test_dense_chunks_match_lax(batch, strides, pads, dilations):
+    """A dense conv (``conv_general_dilated``) and a reconstructed CP conv (a rebuilt kernel) in
+    chunks of samples: value, input and kernel (factor) gradients equal ``lax``'s conv of the
+    same kernel in float64, and the chunked program holds the loops."""
+    from jax import lax
+
+    from hocp_jax import autotune
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the chunks are a CPU rule")
+    rng = np.random.default_rng(batch)
+    dn = conv._dimension_numbers(2)
+    with jax.enable_x64(True):
+        x, k = rng.standard_normal((batch, 7, 6, 3)), rng.standard_normal((3, 3, 3, 4))
+
+        def ref(x, k):
+            return lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations, dimension_numbers=dn)
+
+        def routed(x, k):
+            return conv.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations, dimension_numbers=dn)
+
+        y, vjp = jax.vjp(ref, x, k)
+        g = rng.standard_normal(y.shape)
+        with autotune.dense_chunks_mode(True):
+            assert "scan" in str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(routed(x, k) * g), argnums=(0, 1)))(x, k))
+            y2, vjp2 = jax.vjp(routed, x, k)
+            got = (y2, *vjp2(g))
+        for a, b in zip(got, (y, *vjp(g))):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+        p = {key: v.astype(np.float64) for key, v in _cp_numpy(rng, 3, 4, (3, 3), 5, ("h", "w")).items()}
+
+        def recon(x, p):
+            return conv.cp_conv(x, p, modes=("h", "w"), stride=strides, padding=pads, dilation=dilations,
+                                implementation="reconstructed")
+
+        def oracle(x, p):
+            return ref(x, conv.cp_to_kernel(p, ("h", "w")))
+
+        with autotune.dense_chunks_mode(True):
+            assert "scan" in str(jax.make_jaxpr(jax.grad(lambda x, p: jnp.sum(recon(x, p)), argnums=(0, 1)))(x, p))
+            y3, vjp3 = jax.vjp(recon, x, p)
+            got = (y3, *jax.tree.leaves(vjp3(g)))
+        y4, vjp4 = jax.vjp(oracle, x, p)
+        for a, b in zip(got, (y4, *jax.tree.leaves(vjp4(g)))):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)

@@ -137,6 +137,13 @@ at batch 8, the transduced ResNet-18's stride-1 3x3x3 layers at one clip; factor
 HO-CP and transduced ResNet-18 train steps at 1.5, 3 and 4.5 MiB, all interleaved; ratios to
 1.5 MiB (the target on a host with 1 MiB of L2 per core). Records the machine.
 
+``python -m benchmarks.experiments dense_chunks [rounds]``: dense convs (fwd+bwd, random
+cotangent, the input gradient but for 3-channel first layers) of ResNet-18 2-D shapes at batch 8
+to 64, two 7x7 stems and Jester conv2's 3-D shape, through
+:func:`hocp_jax.conv.conv_general_dilated` with the whole batch at once (XLA's conv,
+``autotune.dense_chunks_mode(False)``) and in chunks of samples (``True``), interleaved; records
+each conv's chunk and whether the automatic rule (:func:`hocp_jax.autotune.dense_chunk`) takes it.
+
 ``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
 (:func:`hocp_jax.conv.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
 (:func:`hocp_jax.autotune.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of

@@ -19,7 +19,7 @@ EXPERIMENTS = {
     "low_precision_steps": steps.low_precision_steps, "pool_blocks": steps.pool_blocks, "pool_index": steps.pool_index, "norm_pool": steps.norm_pool, "input_patches": steps.input_patches, "conv_routes": steps.conv_routes,
     "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory, "step_memory": steps.step_memory,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
-    "layout": layers.layout, "tiles": layers.tiles, "cpu_loops": layers.cpu_loops, "tile_target": layers.tile_target, "channel_pairs": layers.channel_pairs, "tile_fold": layers.tile_fold, "patches_split": layers.patches_split, "out_factor_layout": layers.out_factor_layout, "coresidence": layers.coresidence, "phases": layers.phases,
+    "layout": layers.layout, "tiles": layers.tiles, "cpu_loops": layers.cpu_loops, "tile_target": layers.tile_target, "dense_chunks": layers.dense_chunks, "channel_pairs": layers.channel_pairs, "tile_fold": layers.tile_fold, "patches_split": layers.patches_split, "out_factor_layout": layers.out_factor_layout, "coresidence": layers.coresidence, "phases": layers.phases,
     "matmul": layers.matmul, "resnet2d_step_layers": layers.resnet2d_step_layers, "chunk_picks": layers.chunk_picks,
     "chunk_scale": layers.chunk_scale, "kernel_grad": layers.kernel_grad, "kernel_grad_batches": layers.kernel_grad_batches,
     "tucker_tt_kernel_grad": layers.tucker_tt_kernel_grad,

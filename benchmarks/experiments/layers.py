@@ -623,6 +623,48 @@ def tile_target(rounds: int = 9) -> dict:
             "ratio_to_1.5_MiB": ratios, "loadavg": os.getloadavg()}
 
 
+DENSE_CHUNK_SHAPES = (  # (x shape, kernel shape, stride, input gradient)
+    ((8, 56, 56, 64), (3, 3, 64, 64), 1, True), ((16, 56, 56, 64), (3, 3, 64, 128), 2, True),
+    ((8, 28, 28, 128), (3, 3, 128, 128), 1, True), ((32, 28, 28, 128), (3, 3, 128, 128), 1, True),
+    ((32, 14, 14, 256), (3, 3, 256, 256), 1, True), ((64, 16, 16, 64), (3, 3, 64, 64), 1, True),
+    ((64, 8, 8, 128), (3, 3, 128, 128), 1, True), ((8, 28, 28, 64), (3, 3, 64, 64), 1, True),
+    ((8, 112, 112, 3), (7, 7, 3, 64), 2, False), ((16, 112, 112, 3), (7, 7, 3, 64), 2, False),
+    ((64, 32, 32, 3), (7, 7, 3, 64), 2, False), ((8, 224, 224, 3), (7, 7, 3, 64), 2, False),
+    ((8, 9, 42, 42, 64), (3, 3, 3, 64, 128), 1, True),
+)
+
+
+def dense_chunks(rounds: int = 5) -> dict:
+    from benchmarks import bench
+
+    out: dict = {"rounds": rounds, "machine": bench.machine_info(), "convs": []}
+    for x_shape, k_shape, stride, input_grad in DENSE_CHUNK_SHAPES:
+        n = len(k_shape) - 2
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        k = jnp.asarray(rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:-1])), jnp.float32)
+        strides, pads = (stride,) * n, ((k_shape[0] // 2,) * 2,) * n
+
+        def fn(x, k):
+            return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv._dimension_numbers(n))
+
+        calls, rule = {}, autotune.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
+        cot = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x, k).shape), jnp.float32)
+        for label, mode in (("whole batch", False), ("chunks", True)):
+            # a new function each time: jax.jit keeps one trace per function, and the mode is read at trace time
+            grad = jax.value_and_grad(lambda x, k, c: jnp.sum(fn(x, k) * c), argnums=(0, 1) if input_grad else 1)
+            with autotune.dense_chunks_mode(mode):
+                calls[label] = compile_jax(grad, x, k, cot)[0]
+        ms = {name: v["median_ms"] for name, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
+        with autotune.dense_chunks_mode(True):
+            chunk = autotune.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
+        out["convs"].append({"x": x_shape, "kernel": k_shape, "stride": stride, "input_grad": input_grad,
+                             "input_MiB": round(float(np.prod(x_shape)) * 4 / 2**20, 2), "chunk": chunk,
+                             "automatic rule": rule, "ms": ms, "chunks / whole": round(ms["chunks"] / ms["whole batch"], 3)})
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
 def layout(rounds: int = 3) -> dict:
     from benchmarks import bench
 

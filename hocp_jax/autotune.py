@@ -77,7 +77,8 @@ ROUNDS = 5
 MEASURE_VERSION = 12
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library
 has since changed, are not reused. Version 12 (stop 69): on CPU, tiles follow the L2 size
-(:func:`tile_target_bytes`), and :func:`host_kind` holds it. Version 11 (stop 65): on CPU, the patches product of a conv
+(:func:`tile_target_bytes`), and :func:`host_kind` holds it; large 2-D inputs run in chunks of
+samples (:func:`dense_chunk`). Version 11 (stop 65): on CPU, the patches product of a conv
 with wide in-plane patches is one product per tap of its leading mode (:func:`patches_split`).
 Version 10 (stops 63 and 64): on CPU, the factorized path of
 few input channels pairs rows (:func:`paired_rows`) and folds passes into its tiles' input
@@ -994,9 +995,9 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     chunk runs the loop mode's conv (XLA's forward convolution, the kernel gradient as one matrix
     product per tap, the input gradient without XLA's transposed conv).
 
-    XLA's CPU convolution slows down far more than its work grows past a few MiB of input (stop
-    69, on the Intel host: a 3x3 conv, 64 -> 64 channels, on 56x56 maps, fwd+bwd 3.8 ms for one
-    image and 68.9 ms for 8). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
+    XLA's CPU convolution slows down more than its work grows past a few MiB of input (stop 69,
+    on the Intel host: a 3x3 conv, 64 -> 64 channels, batch 8, fwd+bwd 10.6 ms on 28x28 maps and
+    77.8 ms on 56x56 ones). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
     benchmarks/EXPERIMENTS.md; two runs), chunks against XLA's whole-batch conv, fwd+bwd:
     0.68-0.88x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the three
     7x7 stems of 3 channels it takes (1.2-4.6 MiB) and 0.96x and 1.04x on the one it leaves (0.75

@@ -214,18 +214,20 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def compile_in_modes(fn: Callable, *args, per_sample: bool | None, tile_rows: int | None) -> Any:
-    """``jax.jit(fn)`` compiled for ``args`` under ``autotune.per_sample_mode(per_sample)`` and
-    ``autotune.tile_rows_mode(tile_rows)``, through a new function, since ``jax.jit`` reuses a
-    trace of ``fn`` made outside the modes."""
-    with autotune.per_sample_mode(per_sample), autotune.tile_rows_mode(tile_rows):
+def compile_in_modes(fn: Callable, *args, per_sample: bool | None, tile_rows: int | None,
+                     dense_chunks: bool | None = None) -> Any:
+    """``jax.jit(fn)`` compiled for ``args`` under ``autotune.per_sample_mode(per_sample)``,
+    ``autotune.tile_rows_mode(tile_rows)`` and ``autotune.dense_chunks_mode(dense_chunks)``,
+    through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the modes."""
+    with (autotune.per_sample_mode(per_sample), autotune.tile_rows_mode(tile_rows),
+          autotune.dense_chunks_mode(dense_chunks)):
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
 def compile_without_loops(fn: Callable, *args) -> Any:
-    """:func:`compile_in_modes` with the CP convs' per-sample, chunk and tile loops off (as on
-    GPU/TPU, where the automatic rules leave them off)."""
-    return compile_in_modes(fn, *args, per_sample=False, tile_rows=0)
+    """:func:`compile_in_modes` with the CP convs' per-sample, chunk and tile loops and the
+    dense convs' chunks (since stop 69) off (as on GPU/TPU, where the automatic rules leave them off)."""
+    return compile_in_modes(fn, *args, per_sample=False, tile_rows=0, dense_chunks=False)
 
 
 def flops_of(compiled: Any) -> float | None:

@@ -71,6 +71,21 @@ def test_the_program_without_loops_keeps_the_whole_batch_intermediates():
     assert mem["argument"] == mem_off["argument"] == pytest.approx((x.size + sum(p.size for p in params.values())) * 4 / 2**20, abs=0.1)
 
 
+def test_the_program_without_loops_runs_dense_convs_on_the_whole_batch():
+    """The dense convs' chunks of samples (``autotune.dense_chunk``) are off too, so XLA's FLOP count
+    (which counts a loop body once) is the whole batch's."""
+    from hocp_jax import conv
+
+    x, k = jnp.zeros((8, 56, 56, 64)), jnp.zeros((3, 3, 64, 64))  # 6.1 MiB: one sample at a time
+    dense = 2 * 8 * 56 * 56 * 64 * 64 * 9
+
+    def fn(x, k):
+        return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv._dimension_numbers(2))
+
+    assert bench.flops_of(bench.compile_program(fn, x, k)[0]) < 0.2 * dense  # the loop: one sample counted
+    assert bench.xla_flops(fn, x, k) == pytest.approx(dense, rel=0.05)
+
+
 def test_a_run_without_layers_writes_its_results_and_says_why_the_peers_were_skipped(tmp_path, monkeypatch):
     """``--only models`` starts no peer process (the peers time layers only): the report must say
     so instead of failing on the peers' missing versions, and the JSON is written before it."""

@@ -220,10 +220,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
       that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
       mode only there, like the depthwise route);
-    * any other ungrouped 2-D kernel on a large input or a stem's
-      (:func:`hocp_jax.autotune.dense_chunk`, which has the figures: from 3 MiB, or at most 4
-      input channels, with one program per device), with ``precision`` None: the same conv in a
-      loop over chunks of samples (:func:`_per_sample`; reverse mode only too).
+    * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.autotune.dense_chunk`,
+      which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
+      program per device), with ``precision`` None: the same conv in a loop over chunks of
+      samples (:func:`_chunked_conv`; reverse mode only too).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
@@ -265,9 +265,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if route == "loop":
         return conv_matmul_kernel_grad(lhs, rhs, strides=strides, pads=pads, dilations=dilations)
     if route == "chunks":
-        chunk = autotune.dense_chunk(lhs.shape, c_out, strides, lhs.dtype)
-        return _per_sample(lambda x: conv_matmul_kernel_grad(x, rhs, strides=strides, pads=pads, dilations=dilations),
-                           lhs, chunk, loop=True)
+        return _chunked_conv(lhs, rhs, strides, pads, dilations, autotune.dense_chunk(lhs.shape, c_out, strides, lhs.dtype))
     return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
@@ -518,14 +516,21 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
 
 
+def _chunked_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, chunk: int) -> jax.Array:
+    """:func:`conv_matmul_kernel_grad` over ``chunk`` samples of ``x`` at a time (:func:`_per_sample`,
+    both loops in :func:`hocp_jax.autotune.loop_mode`): :func:`hocp_jax.autotune.dense_chunk`'s route."""
+    return _per_sample(lambda xc: conv_matmul_kernel_grad(xc, kernel, strides=strides, pads=pads, dilations=dilations),
+                       x, chunk, loop=True)
+
+
 def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input_grad: bool = True) -> jax.Array:
     """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
     modes; :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+
     modes, few input channels); where ``x`` is not explicitly sharded,
-    the loop of :func:`hocp_jax.autotune.dense_chunk` over chunks of samples where it says so (a
-    large 2-D input, or a stem's), as in :func:`conv_general_dilated`;
+    :func:`_chunked_conv` where :func:`hocp_jax.autotune.dense_chunk` says so (a large 2-D
+    input, or a stem's), as in :func:`conv_general_dilated`;
     :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
@@ -549,8 +554,7 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
         return _taps_conv(x, kernel, strides, pads, dilations)
     chunk = None if split else autotune.dense_chunk(x.shape, kernel.shape[-1], strides, x.dtype)
     if chunk:
-        return _per_sample(lambda x: conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations),
-                           x, chunk, loop=True)
+        return _chunked_conv(x, kernel, strides, pads, dilations, chunk)
     if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
                                                                       dilations, input_grad)
                       or autotune.cpu_loop_mode()):

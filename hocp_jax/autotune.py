@@ -964,7 +964,7 @@ DENSE_CHUNK_STEM_MIN_BYTES = 1024 * 1024
 """The same for a stem's conv (at most :data:`PATCHES_MAX_IN_CHANNELS` input channels)."""
 DENSE_CHUNK_TARGET_BYTES = 256 * 1024
 """Most input per chunk of samples of :func:`dense_chunk` (one sample when a single one is larger)."""
-DENSE_CHUNK_MAX_CHANNELS_PER_POSITION = 1.0
+DENSE_CHUNK_MAX_CHANNELS_PER_POSITION = 0.5
 """Most input plus output channels per output position of a chunk for :func:`dense_chunk`: each
 step of its loop adds a whole kernel gradient, ``K^2 C_in C_out`` values, computed from the
 chunk's positions alone."""
@@ -998,11 +998,13 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     XLA's CPU convolution slows down more than its work grows past a few MiB of input (stop 69,
     on the Intel host: a 3x3 conv, 64 -> 64 channels, batch 8, fwd+bwd 10.6 ms on 28x28 maps and
     77.8 ms on 56x56 ones). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
-    benchmarks/EXPERIMENTS.md; two runs), chunks against XLA's whole-batch conv, fwd+bwd:
-    0.68-0.88x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the three
-    7x7 stems of 3 channels it takes (1.2-4.6 MiB) and 0.96x and 1.04x on the one it leaves (0.75
-    MiB); 1.19-1.33x on the other three it leaves (a 14x14 map of 256 channels, inputs of 1.5-2
-    MiB); Jester conv2's 3-D shape 1.01x twice (so 3-D convs keep XLA's)."""
+    benchmarks/EXPERIMENTS.md; three runs), chunks against XLA's whole-batch conv, fwd+bwd:
+    0.68-0.96x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the 7x7
+    stems of 3 channels it takes (1.2-4.6 MiB) and 0.96-1.04x on the one it leaves (0.75 MiB);
+    1.19-1.39x on the other convs it leaves (a 14x14 map of 256 channels, inputs of 1.5-2 MiB,
+    and, third run, a stride-2 conv of 64 -> 128 channels on 16x16 maps in chunks of 4, 1.27x:
+    0.75 channels per position, hence the bound of 0.5); Jester conv2's 3-D shape 1.00-1.01x (so
+    3-D convs keep XLA's)."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
     if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply()

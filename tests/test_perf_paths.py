@@ -1309,6 +1309,8 @@ def test_dense_chunk_rule():
     assert autotune.dense_chunk((8, 28, 28, 64), 64, (1, 1), f32) is None  # 1.5 MiB
     assert autotune.dense_chunk((32, 14, 14, 256), 256, (1, 1), f32) is None  # 512 channels, 196 positions
     assert autotune.dense_chunk((8, 28, 28, 128), 256, (2, 2), f32) is None  # 384 channels, 196 positions
+    assert autotune.dense_chunk((64, 16, 16, 64), 128, (2, 2), f32) is None  # 192 channels, 4 x 64 positions
+    assert autotune.dense_chunk((16, 56, 56, 64), 128, (2, 2), f32) == 1  # 192 channels, 784 positions
     assert autotune.dense_chunk((8, 9, 42, 42, 64), 128, (1, 1, 1), f32) is None  # 3-D
     assert autotune.dense_chunk((1, 224, 224, 64), 64, (1, 1), f32) is None  # one sample
     with autotune.loop_mode():

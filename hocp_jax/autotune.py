@@ -296,7 +296,8 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
               input_grad: bool, per_sample: bool | None = None) -> str:
     """The cache key of one call: backend, device kind, :func:`host_kind`, shapes, dtype, geometry,
     ``input_grad``, ``per_sample``, the :func:`per_sample_mode`, :func:`tile_rows_mode` and
-    :func:`upcast_mode` in force (they change the factorized program too) and :data:`MEASURE_VERSION`;
+    :func:`upcast_mode` in force (they change the factorized program too), the
+    :func:`dense_chunks_mode` (the reconstructed one) and :data:`MEASURE_VERSION`;
     on the CPU backend, for a conv traced without a program of its own per device
     (:func:`loops_apply` false: no per-sample, chunk or tile loops), also the marker
     ``"no loops"``, so that a per-device shape timed with its loops and without them are two picks
@@ -309,7 +310,8 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
     return json.dumps([dev.platform, dev.device_kind, host_kind(), list(x_shape), jnp.dtype(dtype).name,
                        sorted((k, list(v)) for k, v in param_shapes.items()), list(modes), list(strides),
                        [list(p) for p in pads], list(dilations), bool(input_grad), per_sample,
-                       _config["per_sample"], _config["tile_rows"], _config["upcast"], MEASURE_VERSION, *markers])
+                       _config["per_sample"], _config["tile_rows"], _config["upcast"], _config["dense_chunks"],
+                       MEASURE_VERSION, *markers])
 
 
 def kernel_grad_key(x_shape, dtype, kernel_shape: Sequence[int], strides, pads, dilations, input_grad: bool) -> str:

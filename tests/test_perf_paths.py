@@ -1324,6 +1324,10 @@ def test_dense_chunk_rule():
     with pytest.raises(ValueError, match="value=1"):
         with autotune.dense_chunks_mode(1):
             pass
+    args = ((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
+    with autotune.dense_chunks_mode(False):  # the reconstructed program differs: measured picks are kept apart
+        off = autotune.cache_key(*args)
+    assert off != autotune.cache_key(*args)
 
 
 @pytest.mark.parametrize("batch, strides, pads, dilations", [

@@ -11,7 +11,7 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
   - ``dense``: ``lax.conv_general_dilated`` (what ``flax.linen.Conv`` runs) with a dense kernel
     of the same shape; the library's :func:`hocp_jax.conv.dense_conv` runs the same program but
     for the Jester conv1, whose 3 input channels it runs as patches on CPU
-    (:func:`hocp_jax.autotune.patches_conv`), like ``dense patches``;
+    (:func:`hocp_jax.conv_plans.patches_conv`), like ``dense patches``;
   - ``dense patches``: the same dense conv as one matrix product of its explicit patches
     (:func:`benchmarks.patches.dense_patches`), a second JAX dense program, faster than ``lax``'s
     on most of these layers on the development CPU; the HO-CP paths are reported against both and
@@ -37,7 +37,7 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
   temporal factor, dense shortcuts kept) on one 8-frame clip, the dense 2-D and 3-D ResNet-18
   for reference, and the Jester HO-CP net vs the dense Jester net. Each model with dense convs
   (lax's convolution; on CPU the video models' first convs, of 3 input channels, run as patches
-  in the library itself, :func:`hocp_jax.autotune.patches_conv`) is compiled a second time with every such conv run as a patches matrix
+  in the library itself, :func:`hocp_jax.conv_plans.patches_conv`) is compiled a second time with every such conv run as a patches matrix
   product (:func:`benchmarks.patches.patches_convs`; row ``<name> (patches)``, its loss and
   gradient norm checked against the first program's), and the programs of a pair are timed
   interleaved; the targets compare the faster program of each side too.
@@ -83,7 +83,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks import patches, peers, placement
-from hocp_jax import autotune, conv, counting
+from hocp_jax import autotune, conv, conv_plans, counting
 from hocp_jax.padding import as_tuple, resolve_padding
 
 PATHS = ("dense", "factorized", "reconstructed", "auto")
@@ -168,9 +168,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         # the vector extensions set how fast XLA's dense convs run against the memory-bound CP ops
-        "cpu_vector_flags": sorted(f for f in autotune.cpu_flags() if f.startswith(("avx", "fma", "amx"))),
-        # sizes the factorized path's tiles on CPU (autotune.tile_target_bytes)
-        "l2_cache_bytes": autotune.l2_cache_bytes(),
+        "cpu_vector_flags": sorted(f for f in conv_plans.cpu_flags() if f.startswith(("avx", "fma", "amx"))),
+        # sizes the factorized path's tiles on CPU (conv_plans.tile_target_bytes)
+        "l2_cache_bytes": conv_plans.l2_cache_bytes(),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
@@ -216,11 +216,11 @@ def _jaxlib_version() -> str | None:
 
 def compile_in_modes(fn: Callable, *args, per_sample: bool | None, tile_rows: int | None,
                      dense_chunks: bool | None = None) -> Any:
-    """``jax.jit(fn)`` compiled for ``args`` under ``autotune.per_sample_mode(per_sample)``,
-    ``autotune.tile_rows_mode(tile_rows)`` and ``autotune.dense_chunks_mode(dense_chunks)``,
+    """``jax.jit(fn)`` compiled for ``args`` under ``conv_plans.per_sample_mode(per_sample)``,
+    ``conv_plans.tile_rows_mode(tile_rows)`` and ``conv_plans.dense_chunks_mode(dense_chunks)``,
     through a new function, since ``jax.jit`` reuses a trace of ``fn`` made outside the modes."""
-    with (autotune.per_sample_mode(per_sample), autotune.tile_rows_mode(tile_rows),
-          autotune.dense_chunks_mode(dense_chunks)):
+    with (conv_plans.per_sample_mode(per_sample), conv_plans.tile_rows_mode(tile_rows),
+          conv_plans.dense_chunks_mode(dense_chunks)):
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
@@ -990,11 +990,11 @@ PROTOCOL = (
     "faster of its two per layer). FLOP columns: XLA `cost_analysis()` forward FLOPs / analytic forward "
     "count (`hocp_jax.counting`); XLA does not count padded taps of a dense conv, so small padded sizes read "
     "below 1 there. The CP paths run with `cp_conv`'s defaults: on a single CPU device the factorized path "
-    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.autotune.per_sample_default`), and "
-    f"without a strided mode a sample with an intermediate of {autotune.TILE_MIN_BYTES / 2**20:g} MiB or more in "
-    "tiles of output rows, whatever the batch (`hocp_jax.autotune.tile_plan`); that of a 2-D conv whose "
-    f"whole-batch intermediate is {autotune.CHUNK_MIN_BYTES / 2**20:g} MiB or more in chunks of samples "
-    "(`hocp_jax.autotune.batch_chunk_default`); FLOPs are "
+    "of a 3-D conv runs one sample at a time (`per_sample`, see `hocp_jax.conv_plans.per_sample_default`), and "
+    f"without a strided mode a sample with an intermediate of {conv_plans.TILE_MIN_BYTES / 2**20:g} MiB or more in "
+    "tiles of output rows, whatever the batch (`hocp_jax.conv_plans.tile_plan`); that of a 2-D conv whose "
+    f"whole-batch intermediate is {conv_plans.CHUNK_MIN_BYTES / 2**20:g} MiB or more in chunks of samples "
+    "(`hocp_jax.conv_plans.batch_chunk_default`); FLOPs are "
     "counted on the whole-batch program."
 )
 
@@ -1073,7 +1073,7 @@ def markdown(results: dict) -> str:
                 "program's), timed in the same rounds, compared with its reference's patches program; the "
                 "Jester HO-CP net has no such conv, so it has one program. The library's own dense convs (and "
                 "reconstructed CP convs) of 3 input channels over 3 modes, the video models' first convs, run as "
-                "patches products in both programs (`hocp_jax.autotune.patches_conv`)."
+                "patches products in both programs (`hocp_jax.conv_plans.patches_conv`)."
                 + (" `<name> (<policy> picks)` (`--policy-steps`): the same HO-CP step compiled under the other "
                    "policy of `implementation='auto'` (the measured one times each new conv shape while the step is "
                    "traced), its loss and gradient norm checked against the first program's, timed in the same "

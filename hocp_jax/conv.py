@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hocp_jax import autotune, counting, explicit_sharding
+from hocp_jax import autotune, conv_plans, counting, explicit_sharding
 from hocp_jax.checks import is_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
@@ -210,17 +210,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
       works).
     * an ungrouped kernel over 3 or more spatial modes with at most
-      :data:`hocp_jax.autotune.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
+      :data:`hocp_jax.conv_plans.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
       conv): one matrix product of its explicit patches (:func:`_patches_conv`;
-      :func:`hocp_jax.autotune.patches_conv`, which has the figures and the memory bound);
+      :func:`hocp_jax.conv_plans.patches_conv`, which has the figures and the memory bound);
     * an ungrouped kernel on a map with a spatial mode shorter than the kernel (the last stage of a
       ResNet on small images): one matrix product per tap that reads the input
-      (:func:`_taps_conv`; :func:`hocp_jax.autotune.small_map_taps` has the figures);
-    * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.autotune.loop_mode`, the
+      (:func:`_taps_conv`; :func:`hocp_jax.conv_plans.small_map_taps` has the figures);
+    * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.conv_plans.loop_mode`, the
       micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
       that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
       mode only there, like the depthwise route);
-    * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.autotune.dense_chunk`,
+    * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.conv_plans.dense_chunk`,
       which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
       program per device), with ``precision`` None: the same conv in a loop over chunks of
       samples (:func:`_chunked_conv`; reverse mode only too).
@@ -265,7 +265,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if route == "loop":
         return conv_matmul_kernel_grad(lhs, rhs, strides=strides, pads=pads, dilations=dilations)
     if route == "chunks":
-        return _chunked_conv(lhs, rhs, strides, pads, dilations, autotune.dense_chunk(lhs.shape, c_out, strides, lhs.dtype))
+        return _chunked_conv(lhs, rhs, strides, pads, dilations, conv_plans.dense_chunk(lhs.shape, c_out, strides, lhs.dtype))
     return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
 
 
@@ -275,10 +275,10 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation
     of ``lax.conv_general_dilated`` are accepted and do not matter; ``window_strides`` default to
     1): ``"pointwise"`` (one matrix product), ``"depthwise"`` (the shift kernel), ``"patches"``
     (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`: on GPU past :data:`GPU_CONV_MAX_MODES`,
-    on CPU on a map smaller than the kernel, :func:`hocp_jax.autotune.small_map_taps`), ``"loop"``
+    on CPU on a map smaller than the kernel, :func:`hocp_jax.conv_plans.small_map_taps`), ``"loop"``
     (in a loop's body on CPU:
-    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.autotune.loop_mode`), ``"chunks"`` (on CPU,
-    a large input in chunks of samples, each as in ``"loop"``: :func:`hocp_jax.autotune.dense_chunk`)
+    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.conv_plans.loop_mode`), ``"chunks"`` (on CPU,
+    a large input in chunks of samples, each as in ``"loop"``: :func:`hocp_jax.conv_plans.dense_chunk`)
     or ``None`` (``lax``'s convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
@@ -291,15 +291,15 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation
     if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1:
         return "depthwise"
     strides = tuple(window_strides) if window_strides is not None else (1,) * n
-    if feature_group_count == 1 and autotune.patches_conv(lhs.shape, lhs.dtype, rhs.shape, strides,
+    if feature_group_count == 1 and conv_plans.patches_conv(lhs.shape, lhs.dtype, rhs.shape, strides,
                                                           explicit_sharding.shards(lhs, 0)):
         return "patches"
-    if feature_group_count == 1 and (gpu_taps or autotune.small_map_taps(lhs.shape, rhs.shape, rhs_dilation)
+    if feature_group_count == 1 and (gpu_taps or conv_plans.small_map_taps(lhs.shape, rhs.shape, rhs_dilation)
                                      and not explicit_sharding.is_split(lhs)):
         return "taps"
-    if feature_group_count == 1 and autotune.cpu_loop_mode() and not explicit_sharding.is_split(lhs):
+    if feature_group_count == 1 and conv_plans.cpu_loop_mode() and not explicit_sharding.is_split(lhs):
         return "loop"
-    if feature_group_count == 1 and not explicit_sharding.is_split(lhs) and autotune.dense_chunk(
+    if feature_group_count == 1 and not explicit_sharding.is_split(lhs) and conv_plans.dense_chunk(
             lhs.shape, rhs.shape[-1], strides, lhs.dtype):
         return "chunks"
     return None
@@ -387,14 +387,14 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, pre
     by side, ``(B, *S_out, prod(K) * C_in)``, against the kernel flattened to ``(prod(K) * C_in,
     C_out)`` (:func:`channel_matmul`). The kernel gradient is one matrix product too; the input
     gradient (not needed for a network's first conv) sums the taps' slices back. For few input
-    channels (:func:`hocp_jax.autotune.patches_conv`). Where the in-plane patches are wide
-    (:func:`hocp_jax.autotune.patches_split`: a video stem's 3x7x7 kernel), the patches cover the
+    channels (:func:`hocp_jax.conv_plans.patches_conv`). Where the in-plane patches are wide
+    (:func:`hocp_jax.conv_plans.patches_split`: a video stem's 3x7x7 kernel), the patches cover the
     modes after the first only, and each tap of the first mode is one product on a slice of them.
     ``pads``: one resolved ``(lo, hi)`` pair per mode."""
     n = kernel.ndim - 2
     ks, c_out = kernel.shape[:n], kernel.shape[-1]
     outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    if not autotune.patches_split(x.shape[-1], ks):
+    if not conv_plans.patches_split(x.shape[-1], ks):
         patches = jnp.concatenate(list(_tap_inputs(x, ks, strides, pads, dilations, outs)), axis=-1)
         return channel_matmul(patches, kernel.reshape(-1, c_out), precision)
     # In-plane patches at every position of the padded first mode, (B, S_1 + pads, *S_out[1:],
@@ -452,7 +452,7 @@ def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
     kernel gradient: one ``(C_in, N) x (N, C_out)`` matrix product per tap, ``N`` = the batch's
     output positions, accumulated in float32 (or wider)."""
     x, kernel = res
-    if autotune.cpu_loop_mode() and all(lo >= 0 and hi >= 0 for lo, hi in pads):
+    if conv_plans.cpu_loop_mode() and all(lo >= 0 and hi >= 0 for lo, hi in pads):
         dx = _loop_input_grad(g, kernel, x.shape, strides, pads, dilations)
     else:
         dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
@@ -470,7 +470,7 @@ _conv_tap_grad_vjp.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 def _loop_input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides, pads, dilations) -> jax.Array:
     """The input gradient ``(B, *S, C_in)`` of the channels-last conv of ``kernel (*K, C_in, C_out)``
     (``pads`` >= 0) for the cotangent ``g (B, *S_out, C_out)``, without XLA's transposed conv, which
-    XLA's CPU backend runs slower in a loop's body (:func:`hocp_jax.autotune.loop_mode`): unstrided,
+    XLA's CPU backend runs slower in a loop's body (:func:`hocp_jax.conv_plans.loop_mode`): unstrided,
     XLA's forward conv of ``g`` with the flipped kernel, its channel axes swapped; strided, one
     ``(N, C_out) x (C_out, C_in)`` matrix product per tap, each spread to the tap's strided
     positions (``lax.pad`` with interior padding) and summed in float32 (or wider)."""
@@ -518,7 +518,7 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
 
 def _chunked_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, chunk: int) -> jax.Array:
     """:func:`conv_matmul_kernel_grad` over ``chunk`` samples of ``x`` at a time (:func:`_per_sample`,
-    both loops in :func:`hocp_jax.autotune.loop_mode`): :func:`hocp_jax.autotune.dense_chunk`'s route."""
+    both loops in :func:`hocp_jax.conv_plans.loop_mode`): :func:`hocp_jax.conv_plans.dense_chunk`'s route."""
     return _per_sample(lambda xc: conv_matmul_kernel_grad(xc, kernel, strides=strides, pads=pads, dilations=dilations),
                        x, chunk, loop=True)
 
@@ -527,17 +527,17 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
     reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
     their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
-    modes; :func:`_patches_conv` where :func:`hocp_jax.autotune.patches_conv` says so (CPU, 3+
+    modes; :func:`_patches_conv` where :func:`hocp_jax.conv_plans.patches_conv` says so (CPU, 3+
     modes, few input channels); where ``x`` is not explicitly sharded,
-    :func:`_chunked_conv` where :func:`hocp_jax.autotune.dense_chunk` says so (a large 2-D
+    :func:`_chunked_conv` where :func:`hocp_jax.conv_plans.dense_chunk` says so (a large 2-D
     input, or a stem's), as in :func:`conv_general_dilated`;
     :func:`conv_matmul_kernel_grad` for a 2-D kernel where
     :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
     not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
-    :func:`hocp_jax.autotune.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
+    :func:`hocp_jax.conv_plans.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
     :func:`_with_auto_axes`). Before those two, on CPU and where ``x`` is not explicitly sharded,
     a map with a mode shorter than the kernel runs as :func:`_taps_conv`
-    (:func:`hocp_jax.autotune.small_map_taps`), as in :func:`conv_general_dilated`: fwd+bwd of a
+    (:func:`hocp_jax.conv_plans.small_map_taps`), as in :func:`conv_general_dilated`: fwd+bwd of a
     rebuilt CP kernel (``python -m benchmarks.experiments small_maps_computed``, stop 61) took
     0.18x and 0.61x ``lax``'s time on a ResNet-18's 2x2 last stage (batch 64 and 8) and 1.00x
     and 1.04x on two 2-frame clips, on an AVX-512 host, where those 2-D convs took ``lax``'s conv
@@ -547,17 +547,17 @@ def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, inpu
     split = explicit_sharding.is_split(x)
     if _gpu_needs_taps(kernel.ndim - 2):
         return _taps_conv(x, kernel, strides, pads, dilations)
-    if autotune.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
+    if conv_plans.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
         return _patches_conv(x, kernel, strides, pads, dilations)
-    if not split and autotune.small_map_taps(x.shape, kernel.shape, dilations) and _taps_fit(x.shape, kernel.shape,
+    if not split and conv_plans.small_map_taps(x.shape, kernel.shape, dilations) and _taps_fit(x.shape, kernel.shape,
                                                                                               strides, pads, dilations):
         return _taps_conv(x, kernel, strides, pads, dilations)
-    chunk = None if split else autotune.dense_chunk(x.shape, kernel.shape[-1], strides, x.dtype)
+    chunk = None if split else conv_plans.dense_chunk(x.shape, kernel.shape[-1], strides, x.dtype)
     if chunk:
         return _chunked_conv(x, kernel, strides, pads, dilations, chunk)
     if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
                                                                       dilations, input_grad)
-                      or autotune.cpu_loop_mode()):
+                      or conv_plans.cpu_loop_mode()):
         return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
     return _lax_conv(x, kernel, strides, pads, dilations)
 
@@ -689,7 +689,7 @@ def choose_cp_implementation(
     """``"factorized"`` or ``"reconstructed"``, whichever :func:`counting.cp_path_costs` says is cheaper
     for a :func:`cp_conv` call with these arguments (``dtype``: of ``x``; ``per_sample``: as
     :func:`cp_conv`'s, which with the default ``None`` may run a 2-D conv's factorized path in
-    chunks of samples, :func:`hocp_jax.autotune.batch_plan`). The CPU cost model;
+    chunks of samples, :func:`hocp_jax.conv_plans.batch_plan`). The CPU cost model;
     ``implementation="auto"`` goes through :func:`hocp_jax.autotune.choose_cp`."""
     modes = check_modes(modes)
     in_sizes, ks = tuple(x_shape[1:-1]), tuple(params[mode_key(m)].shape[0] for m in modes)
@@ -697,8 +697,8 @@ def choose_cp_implementation(
     y_shape = (x_shape[0], *counting.output_sizes(in_sizes, ks, stride, padding, dilation), c_out)
     costs = counting.cp_path_costs(
         x_shape[0], in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, dilation=dilation,
-        input_grad=input_grad, chunk=autotune.batch_plan(x_shape, y_shape, rank, dtype, per_sample),
-        patches=autotune.patches_fit(x_shape, dtype, (*ks, c_in, c_out), as_tuple(stride, len(ks), "stride")),
+        input_grad=input_grad, chunk=conv_plans.batch_plan(x_shape, y_shape, rank, dtype, per_sample),
+        patches=conv_plans.patches_fit(x_shape, dtype, (*ks, c_in, c_out), as_tuple(stride, len(ks), "stride")),
     )
     return "factorized" if costs["factorized"] <= costs["reconstructed"] else "reconstructed"
 
@@ -724,11 +724,11 @@ def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     Under explicit sharding of an axis between the first and the last (a spatially split input),
     which the flattening cannot carry, the unflattened product. On CPU, a product of few channels
     runs two neighbouring positions per row against a block-diagonal weight
-    (:func:`hocp_jax.autotune.paired_rows`)."""
+    (:func:`hocp_jax.conv_plans.paired_rows`)."""
     if explicit_sharding.splits_inner_axes(x):
         return jnp.matmul(x, w, precision=precision)
     c, r = w.shape
-    if x.ndim > 2 and not explicit_sharding.is_split(x) and autotune.paired_rows(c, r, x.shape[-2]):
+    if x.ndim > 2 and not explicit_sharding.is_split(x) and conv_plans.paired_rows(c, r, x.shape[-2]):
         pair = jnp.kron(jnp.eye(2, dtype=w.dtype), w)  # [[w, 0], [0, w]]: two positions per row
         return jnp.matmul(x.reshape(-1, 2 * c), pair, precision=precision).reshape(x.shape[:-1] + (r,))
     return jnp.matmul(x.reshape(-1, c), w, precision=precision).reshape(x.shape[:-1] + (r,))
@@ -759,8 +759,8 @@ def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 
     Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
     passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
     more than the recomputed forward (benchmarks/EXPERIMENTS.md). ``loop``: both loops' bodies
-    are traced in :func:`hocp_jax.autotune.loop_mode`."""
-    in_loop = autotune.loop_mode if loop else contextlib.nullcontext
+    are traced in :func:`hocp_jax.conv_plans.loop_mode`."""
+    in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
     fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
     # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
     # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
@@ -855,7 +855,7 @@ def _folded_contraction(x: jax.Array, factors: Params, modes: Sequence[str], fol
     ``folded`` (sorted indices) folded in: ``(B, *S', R)``, ``S'`` the folded modes' output sizes
     and the others' input sizes. One product of the ``prod K`` shifted copies of ``x`` side by side
     (:func:`_tap_inputs`, channels minor) with ``U^(C)`` times those modes' factors,
-    ``(prod K C_in, R)`` (:func:`hocp_jax.autotune.tile_fold_modes`)."""
+    ``(prod K C_in, R)`` (:func:`hocp_jax.conv_plans.tile_fold_modes`)."""
     n = len(modes)
     ks = [ksizes[i] if i in folded else 1 for i in range(n)]
     ps = [tuple(pads[i]) if i in folded else (0, 0) for i in range(n)]
@@ -903,7 +903,7 @@ def cp_conv(
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
         :func:`depthwise_conv_1d`; on CPU it computes bfloat16/float16 in float32,
-        :func:`hocp_jax.autotune.compute_dtype`), ``"reconstructed"`` (build the kernel, one dense conv; see
+        :func:`hocp_jax.conv_plans.compute_dtype`), ``"reconstructed"`` (build the kernel, one dense conv; see
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
         analytic cost model or, under the ``"measure"`` policy, the default on GPU, a cached
@@ -925,14 +925,14 @@ def cp_conv(
         gradient, so nothing per sample is stored between the passes. The result is the same.
         A sample whose intermediate is still large is further cut into tiles of output rows
         along one mode, each computed with a halo of input rows
-        (:func:`hocp_jax.autotune.tile_plan`; :func:`hocp_jax.autotune.tile_rows_mode`); tiles
+        (:func:`hocp_jax.conv_plans.tile_plan`; :func:`hocp_jax.conv_plans.tile_rows_mode`); tiles
         are cut whatever the batch size unless ``per_sample`` is False. Without ``psi``, a tile of
         an input with few channels runs the passes of its tiled mode and one more inside its
-        input contraction (:func:`hocp_jax.autotune.tile_fold_modes`).
-        ``None`` (default): :func:`hocp_jax.autotune.per_sample_default` (3-D+ convs with large
+        input contraction (:func:`hocp_jax.conv_plans.tile_fold_modes`).
+        ``None`` (default): :func:`hocp_jax.conv_plans.per_sample_default` (3-D+ convs with large
         enough intermediates on a CPU device running its own program:
         one device, or inside ``shard_map``), and for 2-D convs with large whole-batch
-        intermediates chunks of several samples (:func:`hocp_jax.autotune.batch_chunk_default`),
+        intermediates chunks of several samples (:func:`hocp_jax.conv_plans.batch_chunk_default`),
         when ``psi`` is None or pointwise, else off,
         since ``psi`` may use batch statistics (BatchNorm). ``True`` with a ``psi`` that is not
         pointwise is the caller's promise that ``psi`` acts on each sample alone; it is never
@@ -962,7 +962,7 @@ def cp_conv(
     ksizes = [params[mode_key(m)].shape[0] for m in modes]
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
 
-    autotune.check_automatic_flag(per_sample, "per_sample")
+    conv_plans.check_automatic_flag(per_sample, "per_sample")
     if not isinstance(psi_pointwise, bool):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "reconstructed" and psi is not None:
@@ -971,7 +971,7 @@ def cp_conv(
     run = functools.partial(_cp_conv, modes=modes, strides=strides, pads=pads, dilations=dilations, ksizes=ksizes,
                             implementation=implementation, psi=psi, mode_order=mode_order, input_grad=input_grad,
                             per_sample=per_sample, local=local)
-    split = autotune.batch_split(x, params) if local else None
+    split = conv_plans.batch_split(x, params) if local else None
     if split is not None:  # a CPU device's share per program, with the loops below: see batch_split
         return _on_each_device(run, x, params, *split)
     return run(x, params)
@@ -999,13 +999,13 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
         out_sizes = [output_size(*a) for a in zip(x.shape[1:-1], ksizes, strides, dilations, pads)]
         y_shape = (x.shape[0], *out_sizes, params["factor_out"].shape[0])
         rank = params["lambda"].shape[0]
-        chunk = autotune.batch_plan(x.shape, y_shape, rank, x.dtype, per_sample, local)
+        chunk = conv_plans.batch_plan(x.shape, y_shape, rank, x.dtype, per_sample, local)
         keys = ("factor_in", *map(mode_key, modes))
         dtype = jnp.result_type(x, params["factor_out"], params["lambda"], *(params[k] for k in keys))
-        cdt = autotune.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
+        cdt = conv_plans.compute_dtype(dtype)  # float32 for bfloat16 on CPU (XLA CPU: no faster bf16 arithmetic)
         factors = {k: params[k].astype(cdt) for k in keys}
         out_factor = (params["factor_out"] * params["lambda"][None, :]).astype(cdt)  # (C_out, R)
-        out_before = autotune.out_factor_before_loops(rank)
+        out_before = conv_plans.out_factor_before_loops(rank)
         if out_before:  # (R, C_out) as an operand of the loops, not transposed inside them
             out_factor = out_factor.T
         # Under shard_map the factors vary like x: the per-sample and tile loops accumulate the
@@ -1029,10 +1029,10 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
                     h = psi(h, m)
             return channel_matmul(h, out_factor if out_before else out_factor.T).astype(dtype)
 
-        plan = tiles_ok and autotune.tile_plan(x.shape, rank, x.dtype, out_sizes, halos, strides, pads)
+        plan = tiles_ok and conv_plans.tile_plan(x.shape, rank, x.dtype, out_sizes, halos, strides, pads)
         if plan:
             i, rows = plan
-            folded = () if psi is not None else autotune.tile_fold_modes(x.shape[-1], ksizes, strides, out_sizes, i, rank)
+            folded = () if psi is not None else conv_plans.tile_fold_modes(x.shape[-1], ksizes, strides, out_sizes, i, rank)
             if mode_order is None and psi is None:  # the tiled mode first of the stride-1 ones: fewer passes
                 # see the halo rows (with psi between the passes, their order is part of the function)
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)

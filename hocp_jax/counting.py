@@ -208,7 +208,7 @@ in the runs of record of stops 44 and 48 where the model without this factor rea
 HO-CP ResNet-18's 3-D stem (3->64, 3x7x7, stride (1, 2, 2), rank 116) 0.66-0.80 at five clip
 sizes (``python -m benchmarks.experiments stem_3d``, stop 48) where it read 1.83 and picked the
 slower, reconstructed path (0.93 with the factor). Since stop 50 the CPU backend runs such convs
-as a patches matrix product (:func:`hocp_jax.autotune.patches_conv`), which this factor does not
+as a patches matrix product (:func:`hocp_jax.conv_plans.patches_conv`), which this factor does not
 apply to (``cp_path_costs(patches=True)``): the stem's reconstructed path then took 0.49-0.69x the
 factorized path's time at the five clip sizes (``stem_3d``, stop 50; model without the factor:
 0.55), the Jester conv's 1.41x (``python -m benchmarks.bench``, stop 50's first run; model: 1.63)."""
@@ -216,7 +216,7 @@ factorized path's time at the five clip sizes (``stem_3d``, stop 50; model witho
 
 CHUNKED_BYTES_SCALE = 0.5
 """Scale on the factorized path's bytes when an unstrided 2-D conv's batch runs in chunks of
-samples (``cp_path_costs(chunk=...)``, :func:`hocp_jax.autotune.batch_chunk_default`): a chunk's
+samples (``cp_path_costs(chunk=...)``, :func:`hocp_jax.conv_plans.batch_chunk_default`): a chunk's
 intermediates stay in cache, so they cost less per byte than whole-batch ones streamed through
 memory. Calibrated on the chunked ResNet-18 conv shapes of ``python -m benchmarks.experiments
 resnet2d_scales`` (stop 29, ``experiments_resnet2d_scales_chunks.json``) and checked with ``python
@@ -268,11 +268,11 @@ def cp_path_costs(
       :func:`cp_reconstruct_flops` once; bytes: x, y, kernel.
 
     ``chunk``: samples per step of the loop over the batch in which the factorized path runs
-    (:func:`hocp_jax.autotune.batch_plan`; ``None``: the whole batch at once); for an unstrided
+    (:func:`hocp_jax.conv_plans.batch_plan`; ``None``: the whole batch at once); for an unstrided
     2-D conv its bytes then count at :data:`CHUNKED_BYTES_SCALE`.
 
     ``patches``: the reconstructed conv runs as a patches matrix product
-    (:func:`hocp_jax.autotune.patches_fit`; the CPU backend, :func:`hocp_jax.autotune.patches_conv`).
+    (:func:`hocp_jax.conv_plans.patches_fit`; the CPU backend, :func:`hocp_jax.conv_plans.patches_conv`).
 
     ``detail`` holds the raw ``flops``/``bytes`` of each path. The backward pass costs about
     twice the forward for both paths, so the forward comparison decides.

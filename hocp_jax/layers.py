@@ -15,7 +15,7 @@ Mixed precision as in Flax: every layer takes ``dtype`` (computation; ``None`` =
 input and parameter dtypes) and ``param_dtype`` (storage, default float32); e.g.
 ``dtype=jnp.bfloat16`` computes in bfloat16 from float32 parameters (its outputs are bfloat16;
 on the CPU backend the factorized CP path keeps its intermediates in float32,
-:func:`hocp_jax.autotune.compute_dtype`, since XLA CPU runs bfloat16 arithmetic no faster).
+:func:`hocp_jax.conv_plans.compute_dtype`, since XLA CPU runs bfloat16 arithmetic no faster).
 
 Parameter names follow the convention of :mod:`hocp_jax.conv` (``lambda``, ``factor_in``,
 ``factor_out``, ``factor_<mode>``, ``factor_skip``, ``bias``); Psi sub-modules are named

@@ -97,7 +97,7 @@ def test_process_zero_times_the_per_device_batch_and_both_processes_use_its_pick
     assert [json.loads(k)[4] for k in kernel_grad] == [per_device]
     measured_pick = next(iter(cp.values()))
     # the train step's conv, traced on each device's share (on CPU it runs inside shard_map:
-    # autotune.batch_split), runs the measured pick in both processes (the fake timer rated the
+    # conv_plans.batch_split), runs the measured pick in both processes (the fake timer rated the
     # analytic pick slower, so this is not the analytic fallback)
     for out in (zero, one):
         step_picks = {pick for shape, pick in out["picks"] if shape == per_device}

@@ -72,7 +72,7 @@ def test_the_program_without_loops_keeps_the_whole_batch_intermediates():
 
 
 def test_the_program_without_loops_runs_dense_convs_on_the_whole_batch():
-    """The dense convs' chunks of samples (``autotune.dense_chunk``) are off too, so XLA's FLOP count
+    """The dense convs' chunks of samples (``conv_plans.dense_chunk``) are off too, so XLA's FLOP count
     (which counts a loop body once) is the whole batch's."""
     from hocp_jax import conv
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hocp_jax import autotune, checks, decomposition, layer_specs, transduction
+from hocp_jax import autotune, checks, conv_plans, decomposition, layer_specs, transduction
 from hocp_jax.data.jester import JesterConfig
 from hocp_jax.models.bregnet import BReGNet
 from hocp_jax.models.heads import HeadConfig
@@ -41,7 +41,7 @@ def test_as_ints_reads_one_int_or_n_ints_and_names_the_argument():
     (lambda: decomposition.decompose(jnp.ones((3, 3, 2, 2)), 2, n_iter=2, report_every=True), "report_every=True"),
     (lambda: transduction.check_new_modes({"t": True}, "ones"), r"modes\['t'\]=True"),
     (lambda: autotune.configure(batch_shards=True), "batch_shards=True"),
-    (lambda: autotune.batch_shards_mode(True).__enter__(), "value=True"),
+    (lambda: conv_plans.batch_shards_mode(True).__enter__(), "value=True"),
     (lambda: HeadConfig(n_outputs=True), "n_outputs=True"),
     (lambda: JesterConfig(name="x", num_frames=True), "num_frames=True"),
     (lambda: Checkpointer("/nonexistent-never-created", save_every=True), "save_every"),

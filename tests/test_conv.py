@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from hocp_jax import autotune, conv, init
+from hocp_jax import conv, conv_plans, init
 from hocp_jax.padding import resolve_padding
 
 RTOL = 1e-4
@@ -322,7 +322,7 @@ def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_produ
 
 
 def test_patches_route_keeps_lax_conv_above_its_byte_bound(monkeypatch):
-    """A conv whose patches would exceed ``autotune.PATCHES_MAX_BYTES`` (estimated per device as
+    """A conv whose patches would exceed ``conv_plans.PATCHES_MAX_BYTES`` (estimated per device as
     ``B * prod(ceil(S / stride)) * prod(K) * C_in`` elements) stays ``lax``'s, in the drop-in and in
     the reconstructed CP path; at the bound it is routed."""
     x, k = jnp.ones((2, 4, 6, 6, 3)), jnp.ones((3, 3, 3, 3, 8))
@@ -337,7 +337,7 @@ def test_patches_route_keeps_lax_conv_above_its_byte_bound(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("the patches route is CPU-only")
     for bound, route in ((patches_bytes, "patches"), (patches_bytes - 1, None)):
-        monkeypatch.setattr(autotune, "PATCHES_MAX_BYTES", bound)
+        monkeypatch.setattr(conv_plans, "PATCHES_MAX_BYTES", bound)
         assert conv.conv_route(x, k, **kwargs) == route
         assert all(("conv_general_dilated" in p) == (route is None) for p in programs())
 
@@ -379,7 +379,7 @@ def test_patches_product_split_by_the_first_modes_taps_is_lax(x_shape, k_shape, 
         g = rng.standard_normal(jax.eval_shape(ref, x, k).shape)
         y_ref, vjp_ref = jax.vjp(ref, x, k)
         for split in (True, False):
-            with autotune.patches_split_mode(split):
+            with conv_plans.patches_split_mode(split):
                 f = lambda x, k: conv._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
                 y, vjp = jax.vjp(f, x, k)
                 products = str(jax.make_jaxpr(f)(x, k)).count("dot_general")
@@ -448,12 +448,12 @@ def test_matmul_kernel_gradient_conv_rejects_bad_arguments(x_shape, kernel_dtype
 @pytest.mark.parametrize("form", ["tucker", "tt"])
 def test_tucker_and_tt_gradients_match_autodiff_of_the_dense_conv(monkeypatch, by_taps, form):
     """Both paths of the Tucker and TT convs, with the kernel gradient as matrix products per tap or
-    as XLA's (``autotune.matmul_kernel_grad``): value and gradients w.r.t. input and every
+    as XLA's (``conv_plans.matmul_kernel_grad``): value and gradients w.r.t. input and every
     parameter equal JAX's autodiff of ``lax``'s conv of the kernel rebuilt by an einsum written
     here (stride 2 on an even size, symmetric padding)."""
-    from hocp_jax import autotune, layer_specs
+    from hocp_jax import conv_plans, layer_specs
 
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: by_taps)
+    monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *_: by_taps)
     rng = np.random.default_rng(3)
     specs = (layer_specs.tucker_specs(4, 5, (3, 3), (3, 2)) if form == "tucker"
              else layer_specs.tt_conv_specs(4, 5, (3, 3), (2, 3, 2)))
@@ -780,7 +780,7 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
 SPATIAL_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, init
+from hocp_jax import autotune, conv, conv_plans, init
 
 mesh = jax.make_mesh((2,), ("a",))  # explicit axes, jax.make_mesh's default
 x2, x3 = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 3))

@@ -171,13 +171,13 @@ def _convs(step, state, batch) -> int:
 
 def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
     """XLA's CPU backend runs a convolution's kernel gradient far slower in a loop body, so the
-    micro-batches' library convs take theirs as matrix products (``autotune.loop_mode``),
+    micro-batches' library convs take theirs as matrix products (``conv_plans.loop_mode``),
     whatever the host's rule outside loops says: the scan bodies of this one layer (the first:
     no input gradient) hold its forward convs only, and the update is still the whole batch's.
     The measured policy keys its picks made in the loop apart."""
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *a, **k: False)  # the rule outside loops: XLA's
+    monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *a, **k: False)  # the rule outside loops: XLA's
     batch, tx, model = _batch(), optax.sgd(0.1), ReconNet()
     state = _state(model, batch, tx)
     whole = make_train_step(model, mse_loss, tx)
@@ -186,7 +186,7 @@ def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
     assert _convs(micro, state, batch) == 2  # a forward conv in each scan
     _close(jax.jit(micro)(state, batch)[0].params, jax.jit(whole)(state, batch)[0].params, atol=1e-6)
     args = ((8, 8, 8, 3), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
-    with autotune.loop_mode():
+    with conv_plans.loop_mode():
         inside = autotune.cache_key(*args)
     assert inside != autotune.cache_key(*args) and autotune.cache_key(*args) == autotune.cache_key(*args)
 
@@ -241,7 +241,7 @@ def test_in_the_loop_conv_gradients_are_laxs(x_shape, k_shape, strides, pads, di
     input and kernel gradients equal ``lax``'s in float64."""
     from jax import lax
 
-    from hocp_jax import autotune, conv
+    from hocp_jax import conv, conv_plans
 
     if jax.default_backend() != "cpu":
         pytest.skip("the loop mode acts on the CPU backend only")
@@ -252,7 +252,7 @@ def test_in_the_loop_conv_gradients_are_laxs(x_shape, k_shape, strides, pads, di
                                                     dimension_numbers=conv._dimension_numbers(n))
         y, vjp = jax.vjp(ref, x, k)
         g = rng.standard_normal(y.shape)
-        with autotune.loop_mode():
+        with conv_plans.loop_mode():
             y2, vjp2 = jax.vjp(lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads,
                                                                          dilations=dilations), x, k)
             got = (y2, *vjp2(g))

@@ -129,7 +129,7 @@ def test_dense_models_run_1x1_and_depthwise_convs_without_xla_convolutions(monke
     outputs and parameter gradients equal those of the same model on ``lax.conv_general_dilated``
     throughout (in float64: train-mode BatchNorm on 2 images of 1x1 maps amplifies float32
     rounding to 1e-3)."""
-    from hocp_jax import autotune, conv
+    from hocp_jax import conv, conv_plans
 
     model = get_model(name, tiny=True)
     with jax.enable_x64(True):
@@ -149,7 +149,7 @@ def test_dense_models_run_1x1_and_depthwise_convs_without_xla_convolutions(monke
         others = [k for k in kernels if k.shape[:2] != (1, 1) and k.shape[2] != 1]  # neither 1x1 nor depthwise
         n_convs, (value, grads) = traced()
         with monkeypatch.context() as m:
-            m.setattr(autotune, "small_map_taps", lambda *a, **k: False)
+            m.setattr(conv_plans, "small_map_taps", lambda *a, **k: False)
             n_without_small_maps = str(jax.make_jaxpr(jax.value_and_grad(lambda p, x: loss(p, x)))(
                 variables["params"], x)).count("conv_general_dilated[")
         monkeypatch.setattr(conv, "conv_general_dilated", jax.lax.conv_general_dilated)

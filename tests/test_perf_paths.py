@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hocp_jax import autotune, conv, counting, init
+from hocp_jax import autotune, conv, conv_plans, counting, init
 
 
 def _cp_numpy(rng, c_in, c_out, ks, rank, modes):
@@ -149,7 +149,7 @@ def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, paddi
                             per_sample=False)
 
     x_shape = (batch, *in_sizes, c_in)
-    with autotune.paired_rows_mode(False):  # paired rows add products with the zero blocks: not the conv's FLOPs
+    with conv_plans.paired_rows_mode(False):  # paired rows add products with the zero blocks: not the conv's FLOPs
         xla_cp = _xla_flops(cp, x_shape, (rank,), (c_in, rank), (c_out, rank), *[(3, rank)] * n)
     order = conv.best_mode_order(in_sizes, ks, stride, pads, (1,) * n)
     ana_cp = batch * counting.cp_flops(in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, order=order)
@@ -205,8 +205,8 @@ def test_auto_picks_analytically_cheaper_path(monkeypatch, batch, in_sizes, c_in
     # which path ran, told by its convolution: the reconstructed conv of 3 input channels (Jester
     # conv1) is a patches product on CPU, that of a map smaller than the kernel (Jester conv4's 2
     # frames) per-tap products, so here both keep lax's conv (those routes: tests/test_conv.py)
-    monkeypatch.setattr(autotune, "PATCHES_MAX_IN_CHANNELS", 0)
-    monkeypatch.setattr(autotune, "small_map_taps", lambda *args, **kwargs: False)
+    monkeypatch.setattr(conv_plans, "PATCHES_MAX_IN_CHANNELS", 0)
+    monkeypatch.setattr(conv_plans, "small_map_taps", lambda *args, **kwargs: False)
     assert _uses_dense_conv(run("auto")) == (cheaper == "reconstructed")
     assert not _uses_dense_conv(run("factorized")) and _uses_dense_conv(run("reconstructed"))
     assert not _uses_dense_conv(run("auto", psi=lambda h, stage: h))  # psi forces the factorized path
@@ -280,7 +280,7 @@ def test_autotune_measures_once_per_key_and_auto_lowers_to_the_pick(measured):
     # the call's per_sample is measured (and cached) apart: it changes the factorized program
     jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto", per_sample=False))(x, p)
     assert calls[4:] == [((2, 6, 6, 3), "float32", True, False)]
-    with autotune.per_sample_mode(True):  # so is a mode in force
+    with conv_plans.per_sample_mode(True):  # so is a mode in force
         jaxpr("auto", True)
     assert calls[5:] == [((2, 6, 6, 3), "float32", True)]
 
@@ -302,7 +302,7 @@ def test_autotune_times_the_batch_one_device_gets(measured):
     for batch in (8, 6, 4):
         jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto"))(jnp.ones((batch, 6, 6, 3)), p)
     assert [c[0] for c in calls] == [(2, 6, 6, 3), (1, 6, 6, 3)]  # 8 / 4 and ceil(6 / 4) are one key
-    assert autotune.device_shape((6, 6, 6, 3)) == (2, 6, 6, 3)
+    assert conv_plans.device_shape((6, 6, 6, 3)) == (2, 6, 6, 3)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=rf"batch_shards={bad!r}: expected None or a positive"):
             autotune.configure("measure", batch_shards=bad)
@@ -311,7 +311,7 @@ def test_autotune_times_the_batch_one_device_gets(measured):
 EXPLICIT_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, explicit_sharding, init
+from hocp_jax import autotune, conv, conv_plans, explicit_sharding, init
 
 timed = []
 autotune.measure = lambda x_shape, *a, **k: timed.append(list(x_shape)) or {"factorized": 1.0, "reconstructed": 2.0}
@@ -415,12 +415,12 @@ def test_weight_convs_take_the_kernel_gradient_the_cpu_rule_says(monkeypatch, by
     """Differentiated w.r.t. input and parameters, a conv of a computed or trained kernel (the CP,
     Tucker, TT reconstructed paths, the Tucker core, the TT mode kernels) has one forward and one
     input-gradient convolution per conv, and XLA's kernel-gradient convolution only where
-    ``autotune.matmul_kernel_grad`` says no or the conv is 3-D (the kernel gradient is otherwise
+    ``conv_plans.matmul_kernel_grad`` says no or the conv is 3-D (the kernel gradient is otherwise
     matrix products, ``conv.conv_matmul_kernel_grad``). ``convs``: with and without the products."""
-    from hocp_jax import autotune, layer_specs
+    from hocp_jax import conv_plans, layer_specs
 
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: by_taps)
-    monkeypatch.setattr(autotune, "PATCHES_MAX_IN_CHANNELS", 0)  # no patches route for the 3-D conv of 4 channels
+    monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *_: by_taps)
+    monkeypatch.setattr(conv_plans, "PATCHES_MAX_IN_CHANNELS", 0)  # no patches route for the 3-D conv of 4 channels
     name, impl = form.split()
     x = jnp.ones((2, *(6,) * n_modes, 4))
     if name == "cp":
@@ -457,18 +457,18 @@ def test_matmul_kernel_grad_rule(monkeypatch, machine, flags, backend, x_bytes, 
     everywhere else; float32 ``x`` of ``x_bytes`` per device."""
     import platform
 
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(conv_plans, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     shape = (x_bytes // (4 * 64), 8, 8, 1)
-    assert autotune.matmul_kernel_grad(shape, jnp.float32) is expected
+    assert conv_plans.matmul_kernel_grad(shape, jnp.float32) is expected
     if "avx512f" in flags:  # the dtype's width counts, and the batch one device runs
-        assert not autotune.matmul_kernel_grad(shape, jnp.bfloat16)
+        assert not conv_plans.matmul_kernel_grad(shape, jnp.bfloat16)
         autotune.configure(batch_shards=2)
         try:
-            assert not autotune.matmul_kernel_grad(shape, jnp.float32)
+            assert not conv_plans.matmul_kernel_grad(shape, jnp.float32)
         finally:
             autotune.configure(None)
 
@@ -483,7 +483,7 @@ def test_measured_policy_picks_the_kernel_gradient_once_per_key(monkeypatch, tmp
     when its own timing (a fake timer here) has the other kernel gradient within
     ``KERNEL_GRAD_OVERRIDE`` of the rule's time; timed once per key on the per-device batch, cached
     in the file under a ``kernel_grad`` key; other processes read it; 3-D convs are never timed."""
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     timed, state = [], {"times": {"matmul": 1.0, "xla": 2.0}, "rule": False}
 
@@ -492,7 +492,7 @@ def test_measured_policy_picks_the_kernel_gradient_once_per_key(monkeypatch, tmp
         return state["times"]
 
     monkeypatch.setattr(autotune, "measure_kernel_grad", fake)
-    monkeypatch.setattr(autotune, "matmul_kernel_grad", lambda *_: state["rule"])
+    monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *_: state["rule"])
     path = tmp_path / "autotune.json"
     autotune.clear_cache()
     autotune.configure("measure", cache_path=str(path), batch_shards=2)
@@ -603,14 +603,14 @@ def test_default_policy_is_measured_on_gpu_only(monkeypatch):
 
 
 def test_policy_mode_overrides_the_policy_within_its_block_only(monkeypatch):
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     monkeypatch.setenv(autotune.ENV_VAR, "analytic")
     autotune.configure("analytic", batch_shards=2)
     try:
         with autotune.policy_mode("measure"):
             assert autotune.policy() == "measure"
-            assert autotune.device_shape((8, 4)) == (4, 4)  # the rest of the configuration stays
+            assert conv_plans.device_shape((8, 4)) == (4, 4)  # the rest of the configuration stays
         assert autotune.policy() == "analytic"
         with pytest.raises(ValueError, match="value='fast'"):
             with autotune.policy_mode("fast"):
@@ -642,30 +642,30 @@ def test_a_failed_timing_warns_and_takes_the_analytic_pick(measured, monkeypatch
     kernel = (3, 3, 3, 4)
     with pytest.warns(RuntimeWarning, match="took the analytic pick 'xla'|took the analytic pick 'matmul'"):
         got = autotune.choose_kernel_grad(x.shape, x.dtype, kernel, *geometry[1:])
-    assert got == autotune.matmul_kernel_grad(x.shape, x.dtype)
+    assert got == conv_plans.matmul_kernel_grad(x.shape, x.dtype)
     assert len(failures) == 3 and not path.exists()
 
 
 def test_per_sample_rule_and_wiring(monkeypatch):
     """The default: per sample only for B > 1, 3+ modes, a big enough per-sample intermediate, one
     CPU device; ``per_sample_mode`` overrides it; ``cp_conv`` traces a scan (lax.map) exactly then."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     big = (2, 4, 16, 16, 8)  # 4*16*16 positions x rank 64 x 4 bytes = 256 KiB per sample
-    assert autotune.per_sample_default(big, 64, jnp.float32)
-    assert not autotune.per_sample_default(big, 63, jnp.float32)  # just below PER_SAMPLE_MIN_BYTES
-    assert autotune.per_sample_default(big, 64, jnp.bfloat16)  # computed in float32 on CPU (compute_dtype)
-    with autotune.upcast_mode(False):
-        assert not autotune.per_sample_default(big, 64, jnp.bfloat16)  # half the bytes
-    assert not autotune.per_sample_default((1,) + big[1:], 64, jnp.float32)
-    assert not autotune.per_sample_default((2, 64, 16, 8), 64, jnp.float32)  # 2-D
-    with autotune.per_sample_mode(True):
-        assert autotune.per_sample_default((2, 4, 4, 3), 2, jnp.float32)
-        assert not autotune.per_sample_default((1, 4, 4, 3), 2, jnp.float32)
-    with autotune.per_sample_mode(False):
-        assert not autotune.per_sample_default(big, 64, jnp.float32)
+    assert conv_plans.per_sample_default(big, 64, jnp.float32)
+    assert not conv_plans.per_sample_default(big, 63, jnp.float32)  # just below PER_SAMPLE_MIN_BYTES
+    assert conv_plans.per_sample_default(big, 64, jnp.bfloat16)  # computed in float32 on CPU (compute_dtype)
+    with conv_plans.upcast_mode(False):
+        assert not conv_plans.per_sample_default(big, 64, jnp.bfloat16)  # half the bytes
+    assert not conv_plans.per_sample_default((1,) + big[1:], 64, jnp.float32)
+    assert not conv_plans.per_sample_default((2, 64, 16, 8), 64, jnp.float32)  # 2-D
+    with conv_plans.per_sample_mode(True):
+        assert conv_plans.per_sample_default((2, 4, 4, 3), 2, jnp.float32)
+        assert not conv_plans.per_sample_default((1, 4, 4, 3), 2, jnp.float32)
+    with conv_plans.per_sample_mode(False):
+        assert not conv_plans.per_sample_default(big, 64, jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not autotune.per_sample_default(big, 64, jnp.float32)
+    assert not conv_plans.per_sample_default(big, 64, jnp.float32)
     monkeypatch.undo()
 
     p = {k: jnp.asarray(v, jnp.float32) for k, v in _cp_numpy(np.random.default_rng(0), 8, 8, (3, 3, 3), 64, ("t", "h", "w")).items()}
@@ -676,7 +676,7 @@ def test_per_sample_rule_and_wiring(monkeypatch):
 
     assert "scan" in lowered() and "scan" in lowered(per_sample=True)
     assert "scan" not in lowered(per_sample=False) and "scan" not in lowered(implementation="reconstructed")
-    with autotune.per_sample_mode(False):
+    with conv_plans.per_sample_mode(False):
         assert "scan" not in lowered()
 
 
@@ -729,26 +729,26 @@ def test_configured_loops_bound_the_memory_where_the_rules_leave_them_off(monkey
     for kwargs in ({"per_sample": 1}, {"tile_rows": -2}):
         with pytest.raises(ValueError, match=f"{next(iter(kwargs))}="):
             autotune.configure(**kwargs)
-    with pytest.raises(ValueError, match="value='yes'"), autotune.per_sample_mode("yes"):
+    with pytest.raises(ValueError, match="value='yes'"), conv_plans.per_sample_mode("yes"):
         pass
 
 
 def test_compute_dtype_rule(monkeypatch):
     """Floating dtypes narrower than 32 bits compute in float32 on CPU, in themselves elsewhere;
     ``upcast_mode`` overrides the rule and is validated."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     f32 = jnp.dtype(jnp.float32)
-    assert autotune.compute_dtype(jnp.bfloat16) == f32 and autotune.compute_dtype(jnp.float16) == f32
-    assert autotune.compute_dtype(jnp.float32) == f32 and autotune.compute_dtype(jnp.int32) == jnp.dtype(jnp.int32)
-    with autotune.upcast_mode(False):
-        assert autotune.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
+    assert conv_plans.compute_dtype(jnp.bfloat16) == f32 and conv_plans.compute_dtype(jnp.float16) == f32
+    assert conv_plans.compute_dtype(jnp.float32) == f32 and conv_plans.compute_dtype(jnp.int32) == jnp.dtype(jnp.int32)
+    with conv_plans.upcast_mode(False):
+        assert conv_plans.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert autotune.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
-    with autotune.upcast_mode(True):
-        assert autotune.compute_dtype(jnp.bfloat16) == f32
+    assert conv_plans.compute_dtype(jnp.bfloat16) == jnp.dtype(jnp.bfloat16)
+    with conv_plans.upcast_mode(True):
+        assert conv_plans.compute_dtype(jnp.bfloat16) == f32
     with pytest.raises(ValueError, match="value=1"):
-        with autotune.upcast_mode(1):
+        with conv_plans.upcast_mode(1):
             pass
 
 
@@ -756,19 +756,19 @@ def test_paired_rows_rule(monkeypatch):
     """On CPU, products of 2 to 6 input channels to at most ``PAIRED_ROWS_MAX_OUT`` pair rows when
     the last spatial size is even; ``paired_rows_mode`` overrides the channel rule, never an odd
     row; other backends never pair; the mode is validated."""
-    most = autotune.PAIRED_ROWS_MAX_OUT
-    assert autotune.PAIRED_ROWS_IN_CHANNELS == (2, 6)
-    assert autotune.paired_rows(3, 18, 84) and autotune.paired_rows(2, most, 2) and autotune.paired_rows(6, 8, 4)
-    assert not autotune.paired_rows(3, 18, 83) and not autotune.paired_rows(3, most + 1, 84)
-    assert not autotune.paired_rows(7, 18, 84) and not autotune.paired_rows(1, 18, 84)
-    with autotune.paired_rows_mode(True):
-        assert autotune.paired_rows(64, 512, 84) and not autotune.paired_rows(64, 512, 7)
-    with autotune.paired_rows_mode(False):
-        assert not autotune.paired_rows(3, 18, 84)
+    most = conv_plans.PAIRED_ROWS_MAX_OUT
+    assert conv_plans.PAIRED_ROWS_IN_CHANNELS == (2, 6)
+    assert conv_plans.paired_rows(3, 18, 84) and conv_plans.paired_rows(2, most, 2) and conv_plans.paired_rows(6, 8, 4)
+    assert not conv_plans.paired_rows(3, 18, 83) and not conv_plans.paired_rows(3, most + 1, 84)
+    assert not conv_plans.paired_rows(7, 18, 84) and not conv_plans.paired_rows(1, 18, 84)
+    with conv_plans.paired_rows_mode(True):
+        assert conv_plans.paired_rows(64, 512, 84) and not conv_plans.paired_rows(64, 512, 7)
+    with conv_plans.paired_rows_mode(False):
+        assert not conv_plans.paired_rows(3, 18, 84)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not autotune.paired_rows(3, 18, 84)
+    assert not conv_plans.paired_rows(3, 18, 84)
     with pytest.raises(ValueError, match="value=1"):
-        with autotune.paired_rows_mode(1):
+        with conv_plans.paired_rows_mode(1):
             pass
 
 
@@ -781,7 +781,7 @@ def test_channel_matmul_with_paired_rows_matches_numpy(mode):
     x = rng.normal(size=(2, 3, 4, 6, 3)).astype(np.float32)
     w = rng.normal(size=(3, 18)).astype(np.float32)
     g = rng.normal(size=(2, 3, 4, 6, 18)).astype(np.float32)
-    with autotune.paired_rows_mode(mode):  # a new function each time: JAX caches traces per function
+    with conv_plans.paired_rows_mode(mode):  # a new function each time: JAX caches traces per function
         y, vjp = jax.vjp(functools.partial(conv.channel_matmul), jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(g))
         jaxpr = jax.make_jaxpr(functools.partial(conv.channel_matmul))(x, w)
@@ -798,7 +798,7 @@ def test_bfloat16_factorized_path_computes_in_float32_on_cpu(per_sample):
     and the gradients, keep bfloat16), so its output is the float32 conv of the same bfloat16
     values rounded once to bfloat16: within half a bfloat16 ulp of a float32 dense-conv oracle,
     a bound bfloat16 arithmetic misses (``upcast_mode(False)``)."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     modes = ("t", "h", "w")
     rng = np.random.default_rng(3)
@@ -808,7 +808,7 @@ def test_bfloat16_factorized_path_computes_in_float32_on_cpu(per_sample):
     want = np.asarray(_oracle(np.asarray(x, np.float32), kernel, (1, 1, 1), ((1, 1),) * 3, (1, 1, 1)))
 
     def run(upcast):
-        with autotune.upcast_mode(upcast):
+        with conv_plans.upcast_mode(upcast):
             f = jax.jit(lambda x, p: conv.cp_conv(x, p, modes=modes, padding=1, per_sample=per_sample))
             jaxpr = str(jax.make_jaxpr(f)(x, p))
             y = f(x, p)
@@ -830,12 +830,12 @@ def test_batch_chunk_rule(monkeypatch):
     largest divisor of the batch whose chunk fits CHUNK_TARGET_BYTES, at least one sample, unless
     the chunk has more than CHUNK_MAX_GRAD_RATIO input plus output channels per output position;
     ``per_sample_mode`` turns the chunks off (it decides alone)."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     def chunk(x_shape, rank, dtype=jnp.float32, stride=1, c_out=None):
         b, *sizes, c_in = x_shape
         y_shape = (b, *[-(-n // stride) for n in sizes], c_in if c_out is None else c_out)
-        return autotune.batch_chunk_default(x_shape, y_shape, rank, dtype)
+        return conv_plans.batch_chunk_default(x_shape, y_shape, rank, dtype)
 
     assert chunk((32, 7, 7, 256), 1136) == 8  # 7.1 MB, 0.22 MB a sample
     assert chunk((8, 14, 14, 256), 1136) == 2  # 0.89 MB a sample
@@ -843,17 +843,17 @@ def test_batch_chunk_rule(monkeypatch):
     assert chunk((30, 7, 7, 256), 1136) == 6  # a divisor: not 8 or 9
     assert chunk((8, 14, 14, 128), 754) is None  # 4.7 MB whole batch
     assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) == 8  # computed in float32 on CPU (compute_dtype)
-    with autotune.upcast_mode(False):
+    with conv_plans.upcast_mode(False):
         assert chunk((32, 7, 7, 256), 1136, jnp.bfloat16) is None  # half the bytes: 3.6 MB
         assert chunk((64, 7, 7, 256), 1136, jnp.bfloat16) == 16
     assert chunk((1, 64, 64, 16), 4096) is None
-    assert autotune.batch_chunk_default((32, 4, 7, 7, 256), (32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
+    assert conv_plans.batch_chunk_default((32, 4, 7, 7, 256), (32, 4, 7, 7, 256), 1136, jnp.float32) is None  # 3-D
     # channels per chunk output position: 768 / 49 = 15.7 and 1024 / (8 * 16) = 8.0 over 4; 384 / 98 = 3.9 not
     assert chunk((8, 14, 14, 256), 1522, stride=2, c_out=512) is None
     assert chunk((64, 4, 4, 512), 2288) is None
     assert chunk((32, 14, 14, 128), 754, stride=2, c_out=256) == 2
     for mode in (True, False):
-        with autotune.per_sample_mode(mode):
+        with conv_plans.per_sample_mode(mode):
             assert chunk((32, 7, 7, 256), 1136) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert chunk((32, 7, 7, 256), 1136) is None
@@ -864,14 +864,14 @@ def test_auto_counts_the_chunks_it_runs():
     ResNet-18's (256->256) conv at 16 x 14 x 14 (measured: 87.6-88.9 ms chunked factorized against
     99.7-102.0 reconstructed, benchmarks/EXPERIMENTS.md, stop 30) in chunks by default, so factorized,
     and whole-batch with ``per_sample=False``, so reconstructed; the chunked program is what runs."""
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     x = jax.ShapeDtypeStruct((16, 14, 14, 256), jnp.float32)
     shapes = {"factor_in": (256, 1136), "factor_out": (256, 1136), "lambda": (1136,), "factor_h": (3, 1136),
               "factor_w": (3, 1136)}
     p = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
     geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
-    assert autotune.batch_plan(x.shape, x.shape, 1136, x.dtype, None) == 2
+    assert conv_plans.batch_plan(x.shape, x.shape, 1136, x.dtype, None) == 2
     assert autotune.choose_cp(x.shape, x.dtype, p, *geometry) == "factorized"
     assert autotune.choose_cp(x.shape, x.dtype, p, *geometry, per_sample=False) == "reconstructed"
     assert conv.choose_cp_implementation(x.shape, p, ("h", "w"), padding=1, per_sample=False) == "reconstructed"
@@ -887,14 +887,14 @@ def test_batch_chunks_match_oracle(monkeypatch, stride):
     """The factorized 2-D path in chunks of 2 samples (thresholds lowered so the rule chunks a
     test-size batch of 6): value and gradients w.r.t. x and every factor equal those of a dense
     conv of the numpy-reconstructed kernel (float32 noise), and the program loops (a scan)."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     rng = np.random.default_rng(3)
     b, (h, w), c_in, c_out, rank = 6, (9, 8), 5, 7, 11
-    monkeypatch.setattr(autotune, "CHUNK_MIN_BYTES", 0)
-    monkeypatch.setattr(autotune, "CHUNK_TARGET_BYTES", 2 * h * w * rank * 4)
+    monkeypatch.setattr(conv_plans, "CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_plans, "CHUNK_TARGET_BYTES", 2 * h * w * rank * 4)
     y_shape = (b, -(-h // stride), -(-w // stride), c_out)
-    assert autotune.batch_chunk_default((b, h, w, c_in), y_shape, rank, jnp.float32) == 2
+    assert conv_plans.batch_chunk_default((b, h, w, c_in), y_shape, rank, jnp.float32) == 2
     p = _cp_numpy(rng, c_in, c_out, (3, 3), rank, ("h", "w"))
     x = rng.normal(size=(b, h, w, c_in)).astype(np.float32)
     r = rng.normal(size=(b, -(-h // stride), -(-w // stride), c_out)).astype(np.float32)
@@ -948,14 +948,14 @@ def _tile_case(case: int, seed: int):
 @pytest.mark.parametrize("case", range(len(TILE_CASES)))
 @pytest.mark.parametrize("rows", [1, 3])
 def test_tiled_per_sample_matches_oracle(case, rows):
-    """Each sample cut into tiles of ``rows`` output rows with a halo (``autotune.tile_rows_mode``):
+    """Each sample cut into tiles of ``rows`` output rows with a halo (``conv_plans.tile_rows_mode``):
     values and gradients (input and every factor) agree with the independent dense conv; the last
     tile is moved back to overlap the one before where ``rows`` does not divide the output size (its
     shared rows must get a zero cotangent: the gradients catch a double count)."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     x, p, tiled, oracle = _tile_case(case, case)
-    with autotune.tile_rows_mode(rows):
+    with conv_plans.tile_rows_mode(rows):
         assert "dynamic_update_slice" in str(jax.make_jaxpr(tiled)(x, p))  # the tiled program runs
         _assert_matches_oracle(tiled, oracle, x, p)
 
@@ -963,12 +963,12 @@ def test_tiled_per_sample_matches_oracle(case, rows):
 def test_out_factor_before_loops_rule_and_values(monkeypatch):
     """Ranks below ``OUT_FACTOR_BEFORE_LOOPS_MAX_RANK`` take the output factor transposed before the
     loops; a tiled conv computed the other way agrees with the independent dense conv too."""
-    most = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
-    assert autotune.out_factor_before_loops(18) and autotune.out_factor_before_loops(most - 1)
-    assert not autotune.out_factor_before_loops(most) and not autotune.out_factor_before_loops(384)
+    most = conv_plans.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
+    assert conv_plans.out_factor_before_loops(18) and conv_plans.out_factor_before_loops(most - 1)
+    assert not conv_plans.out_factor_before_loops(most) and not conv_plans.out_factor_before_loops(384)
     x, p, tiled, oracle = _tile_case(0, 5)
-    monkeypatch.setattr(autotune, "OUT_FACTOR_BEFORE_LOOPS_MAX_RANK", 0)  # rank 5 inside the loops
-    with autotune.tile_rows_mode(3):
+    monkeypatch.setattr(conv_plans, "OUT_FACTOR_BEFORE_LOOPS_MAX_RANK", 0)  # rank 5 inside the loops
+    with conv_plans.tile_rows_mode(3):
         _assert_matches_oracle(tiled, oracle, x, p)
 
 
@@ -977,19 +977,19 @@ def test_patches_split_rule():
     input at most ``PATCHES_MAX_IN_CHANNELS`` channels and the in-plane columns (input channels
     times the other modes' taps) at least ``PATCHES_SPLIT_MIN_COLUMNS``; ``patches_split_mode`` overrides the rule
     (True: any kernel with several first-mode taps; False: never) and is validated."""
-    split = autotune.patches_split
-    assert autotune.PATCHES_SPLIT_MIN_COLUMNS == 36
+    split = conv_plans.patches_split
+    assert conv_plans.PATCHES_SPLIT_MIN_COLUMNS == 36
     assert split(3, (3, 7, 7)) and split(1, (3, 7, 7)) and split(4, (3, 3, 3))
     assert not split(3, (3, 3, 3))  # 27 columns: the Jester conv1 keeps one product
     assert split(2, (2, 3, 6, 1)) and not split(1, (2, 5, 7))  # 36 and 35 columns
     assert not split(3, (1, 7, 7)) and not split(3, (7,))  # one first-mode tap; one mode
-    assert autotune.PATCHES_MAX_IN_CHANNELS == 4 and not split(5, (3, 7, 7)) and not split(64, (3, 3))  # wide convs
-    with autotune.patches_split_mode(True):
+    assert conv_plans.PATCHES_MAX_IN_CHANNELS == 4 and not split(5, (3, 7, 7)) and not split(64, (3, 3))  # wide convs
+    with conv_plans.patches_split_mode(True):
         assert split(1, (3, 3, 3)) and not split(3, (1, 7, 7))
-    with autotune.patches_split_mode(False):
+    with conv_plans.patches_split_mode(False):
         assert not split(3, (3, 7, 7))
     with pytest.raises(ValueError, match="value=1"):
-        with autotune.patches_split_mode(1):
+        with conv_plans.patches_split_mode(1):
             pass
 
 
@@ -998,9 +998,9 @@ def test_tile_fold_rule():
     their taps are at most ``TILE_FOLD_MAX_COLUMNS`` and ``TILE_FOLD_COLUMNS_PER_RANK`` times the
     rank, and a mode is left; ``tile_fold_mode`` overrides both bounds (True) or the rule (False)
     and is validated."""
-    fold = autotune.tile_fold_modes
+    fold = conv_plans.tile_fold_modes
     sizes = (18, 84, 84)
-    assert autotune.TILE_FOLD_MAX_COLUMNS == 27 and autotune.TILE_FOLD_COLUMNS_PER_RANK == 1.5
+    assert conv_plans.TILE_FOLD_MAX_COLUMNS == 27 and conv_plans.TILE_FOLD_COLUMNS_PER_RANK == 1.5
     assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 18) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 1), sizes, 2, 18) == (1, 2)
     assert fold(3, (3, 3, 3), (1, 1, 1), (18, 84, 12), 1, 18) == (0, 1)  # t is longer than w here
     assert fold(3, (3, 3, 3), (2, 1, 1), sizes, 1, 18) == (1, 2) and fold(3, (3, 3, 3), (1, 1, 2), sizes, 1, 18) == (0, 1)
@@ -1009,18 +1009,18 @@ def test_tile_fold_rule():
     assert fold(1, (3, 3, 3), (1, 1, 1), sizes, 1, 5) == () and fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 1536) == (1, 2)
     assert fold(4, (3, 3, 3), (1, 1, 1), sizes, 1, 64) == () and fold(3, (3, 5, 3), (1, 1, 1), sizes, 1, 64) == ()
     assert fold(3, (3, 3, 3), (2, 1, 2), sizes, 1, 18) == () and fold(3, (3, 3), (1, 1), (84, 84), 0, 18) == ()
-    with autotune.tile_fold_mode(True):
+    with conv_plans.tile_fold_mode(True):
         assert fold(64, (3, 3, 3), (1, 1, 1), sizes, 1, 8) == (1, 2) and fold(64, (3, 3), (1, 1), (84, 84), 0, 8) == ()
-    with autotune.tile_fold_mode(False):
+    with conv_plans.tile_fold_mode(False):
         assert fold(3, (3, 3, 3), (1, 1, 1), sizes, 1, 18) == ()
     with pytest.raises(ValueError, match="value=1"):
-        with autotune.tile_fold_mode(1):
+        with conv_plans.tile_fold_mode(1):
             pass
 
 
 @pytest.mark.parametrize("case", range(len(TILE_CASES)))
 def test_tiles_with_folded_passes_match_oracle(case):
-    """Tiles whose input contraction runs two modes' passes (``autotune.tile_fold_mode(True)``,
+    """Tiles whose input contraction runs two modes' passes (``conv_plans.tile_fold_mode(True)``,
     whatever the columns): values and gradients agree with the independent dense conv, and the
     rank-space product reads the folded taps' input copies (3 channels x K_a x K_b); with the fold
     off, the 3 channels alone."""
@@ -1031,17 +1031,17 @@ def test_tiles_with_folded_passes_match_oracle(case):
     pads = resolve_padding(padding, in_sizes, ks, stride, dilation)
     outs = counting.output_sizes(in_sizes, ks, stride, pads, dilation)
     halos = [d * (k - 1) for k, d in zip(ks, dilation)]
-    with autotune.tile_rows_mode(3), autotune.tile_fold_mode(True):
-        i, _ = autotune.tile_plan(x.shape, 5, x.dtype, outs, halos, stride, pads)
-        folded = autotune.tile_fold_modes(3, ks, stride, outs, i, 5)
+    with conv_plans.tile_rows_mode(3), conv_plans.tile_fold_mode(True):
+        i, _ = conv_plans.tile_plan(x.shape, 5, x.dtype, outs, halos, stride, pads)
+        folded = conv_plans.tile_fold_modes(3, ks, stride, outs, i, 5)
     assert len(folded) == 2 and i in folded
 
     def widths(fold):
-        with autotune.tile_rows_mode(3), autotune.tile_fold_mode(fold), autotune.paired_rows_mode(False):
+        with conv_plans.tile_rows_mode(3), conv_plans.tile_fold_mode(fold), conv_plans.paired_rows_mode(False):
             return _dot_widths(jax.make_jaxpr(functools.partial(tiled))(x, p).jaxpr)
 
     assert widths(True) == {3 * ks[folded[0]] * ks[folded[1]]} and widths(False) == {3}
-    with autotune.tile_rows_mode(3), autotune.tile_fold_mode(True):
+    with conv_plans.tile_rows_mode(3), conv_plans.tile_fold_mode(True):
         _assert_matches_oracle(tiled, oracle, x, p)
 
 
@@ -1078,7 +1078,7 @@ def test_tiled_with_pointwise_psi_matches_oracle(order):
     first or last (with psi the mode order is part of the function and is kept; batch 1 or 2),
     agree in values and gradients with an independent chain of grouped lax convs; a psi that maps
     0 to 1 (not pointwise) is never tiled."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     modes = ("t", "h", "w")
     rng = np.random.default_rng(7)
@@ -1099,7 +1099,7 @@ def test_tiled_with_pointwise_psi_matches_oracle(order):
     def tiled(x, p, psi=lambda h, stage: jax.nn.relu(h)):
         return conv.cp_conv(x, p, modes=modes, padding="SAME", psi=psi, psi_pointwise=True, mode_order=order)
 
-    with autotune.tile_rows_mode(3):
+    with conv_plans.tile_rows_mode(3):
         assert "dynamic_update_slice" in str(jax.make_jaxpr(tiled)(x, p))
         assert "dynamic_update_slice" not in str(jax.make_jaxpr(lambda x, p: conv.cp_conv(
             x, p, modes=modes, psi=lambda h, stage: h + 1, mode_order=order))(x, p))
@@ -1109,7 +1109,7 @@ def test_tiled_with_pointwise_psi_matches_oracle(order):
 def test_l2_cache_bytes_reads_sysfs(tmp_path):
     """The L2 size comes from the level-2 data or unified cache's ``size`` (units K/M), not the
     level-1 or level-3 entries; ``None`` where sysfs has no such entry or cannot be read."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     def write(root, entries):
         for i, (level, kind, size) in enumerate(entries):
@@ -1121,57 +1121,57 @@ def test_l2_cache_bytes_reads_sysfs(tmp_path):
         return str(root)
 
     amd = write(tmp_path / "amd", [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"), (3, "Unified", "32768K")])
-    assert autotune.l2_cache_bytes(amd) == 1 << 20
-    assert autotune.l2_cache_bytes(write(tmp_path / "m", [(1, "Data", "48K"), (2, "Data", "2M")])) == 2 << 20
-    assert autotune.l2_cache_bytes(write(tmp_path / "none", [(1, "Data", "48K"), (3, "Unified", "8M")])) is None
-    assert autotune.l2_cache_bytes(str(tmp_path / "missing")) is None
+    assert conv_plans.l2_cache_bytes(amd) == 1 << 20
+    assert conv_plans.l2_cache_bytes(write(tmp_path / "m", [(1, "Data", "48K"), (2, "Data", "2M")])) == 2 << 20
+    assert conv_plans.l2_cache_bytes(write(tmp_path / "none", [(1, "Data", "48K"), (3, "Unified", "8M")])) is None
+    assert conv_plans.l2_cache_bytes(str(tmp_path / "missing")) is None
 
 
 def test_tile_plan_rule(monkeypatch):
     """Automatic tiles only for big per-sample intermediates of unstrided 3-D+ convs (any batch),
     along the longest mode, about 1.5 L2 sizes each (1.5 MiB where the L2 size is unknown); never
     with psi (psi(0) need not be 0 on the padding rows) or ``per_sample=False``."""
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     conv1 = ((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
     conv2 = ((8, 9, 42, 42, 64), 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
     for l2, conv1_rows, conv2_rows in ((None, 14, 3), (2 << 20, 28, 6), (1 << 20, 14, 3)):
-        monkeypatch.setattr(autotune, "l2_cache_bytes", lambda l2=l2: l2)
-        assert autotune.tile_target_bytes() == (3 * l2 // 2 if l2 else autotune.TILE_TARGET_BYTES)
-        assert autotune.tile_plan(*conv1) == (1, conv1_rows) and autotune.tile_plan(*conv2) == (1, conv2_rows)
+        monkeypatch.setattr(conv_plans, "l2_cache_bytes", lambda l2=l2: l2)
+        assert conv_plans.tile_target_bytes() == (3 * l2 // 2 if l2 else conv_plans.TILE_TARGET_BYTES)
+        assert conv_plans.tile_plan(*conv1) == (1, conv1_rows) and conv_plans.tile_plan(*conv2) == (1, conv2_rows)
     # below: a host with 1 MiB of L2 per core (1.5 MiB tiles)
     shape = (8, 9, 42, 42, 64)  # Jester conv2: 9*42*42 positions x rank 384 x 4 bytes = 24.4 MB per sample
-    plan = autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
+    plan = conv_plans.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3)
     assert plan == (1, 3)  # h (the first of the longest), 14 tiles of 3 rows, 1.7 MB each
-    assert autotune.tile_plan((1,) + shape[1:], 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
+    assert conv_plans.tile_plan((1,) + shape[1:], 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
     # Jester conv1: 18*84*84 x rank 18 x 4 bytes = 9.1 MB per sample: 6 tiles of 14 rows
-    assert autotune.tile_plan((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 14)
-    with autotune.upcast_mode(False):  # bfloat16 intermediates (on CPU they are float32 by default: compute_dtype)
-        assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
-        assert autotune.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
-    assert autotune.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)  # 12.2 MB
+    assert conv_plans.tile_plan((8, 18, 84, 84, 3), 18, jnp.float32, (18, 84, 84), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 14)
+    with conv_plans.upcast_mode(False):  # bfloat16 intermediates (on CPU they are float32 by default: compute_dtype)
+        assert conv_plans.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None  # 6.1 MB
+        assert conv_plans.tile_plan(shape, 768, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 3)
+    assert conv_plans.tile_plan(shape, 192, jnp.bfloat16, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)  # 12.2 MB
     # the transduced ResNet-18's first stage on 112-pixel frames: 8*28*28 x 273 x 4 bytes = 6.9 MB, 5 tiles
-    assert autotune.tile_plan((1, 8, 28, 28, 64), 273, jnp.float32, (8, 28, 28), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)
+    assert conv_plans.tile_plan((1, 8, 28, 28, 64), 273, jnp.float32, (8, 28, 28), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) == (1, 6)
     # Jester conv3: 4*21*21 x 768 x 4 bytes = 5.4 MB, whole samples
-    assert autotune.tile_plan((8, 4, 21, 21, 128), 768, jnp.float32, (4, 21, 21), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
-    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) is None  # strided
-    assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((-1, 1),) * 3) is None
-    assert autotune.tile_plan((8, 42, 42, 64), 2000, jnp.float32, (42, 42), (2, 2), (1, 1), ((1, 1),) * 2) is None  # 2-D
-    with autotune.tile_rows_mode(3):  # explicit rows: strided convs too, along the longest stride-1 mode
-        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) == (2, 3)
-    with autotune.tile_rows_mode(0):
-        assert autotune.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
-    with autotune.tile_rows_mode(1):
+    assert conv_plans.tile_plan((8, 4, 21, 21, 128), 768, jnp.float32, (4, 21, 21), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
+    assert conv_plans.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) is None  # strided
+    assert conv_plans.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((-1, 1),) * 3) is None
+    assert conv_plans.tile_plan((8, 42, 42, 64), 2000, jnp.float32, (42, 42), (2, 2), (1, 1), ((1, 1),) * 2) is None  # 2-D
+    with conv_plans.tile_rows_mode(3):  # explicit rows: strided convs too, along the longest stride-1 mode
+        assert conv_plans.tile_plan(shape, 384, jnp.float32, (9, 42, 21), (2, 2, 2), (1, 2, 1), ((1, 1),) * 3) == (2, 3)
+    with conv_plans.tile_rows_mode(0):
+        assert conv_plans.tile_plan(shape, 384, jnp.float32, (9, 42, 42), (2, 2, 2), (1, 1, 1), ((1, 1),) * 3) is None
+    with conv_plans.tile_rows_mode(1):
         # at least a halo's rows per tile, and at least two tiles
-        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 2, 4), (1, 1, 1), ((1, 1),) * 3) == (1, 2)
-        assert autotune.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 4, 4), (1, 1, 1), ((1, 1),) * 3) is None
+        assert conv_plans.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 2, 4), (1, 1, 1), ((1, 1),) * 3) == (1, 2)
+        assert conv_plans.tile_plan((2, 3, 4, 4, 3), 2, jnp.float32, (3, 4, 4), (2, 4, 4), (1, 1, 1), ((1, 1),) * 3) is None
     with pytest.raises(ValueError, match="value=-1"):
-        with autotune.tile_rows_mode(-1):
+        with conv_plans.tile_rows_mode(-1):
             pass
 
     p = {k: jnp.asarray(v, jnp.float32) for k, v in _cp_numpy(np.random.default_rng(0), 3, 4, (3, 3, 3), 5, ("t", "h", "w")).items()}
     x = jnp.zeros((2, 4, 6, 6, 3))
-    with autotune.tile_rows_mode(2):
+    with conv_plans.tile_rows_mode(2):
         def jaxpr(**kw):
             return str(jax.make_jaxpr(lambda x: conv.cp_conv(x, p, modes=("t", "h", "w"), **kw))(x))
         assert "dynamic_update_slice" in jaxpr() and "dynamic_update_slice" in jaxpr(per_sample=True)
@@ -1184,7 +1184,7 @@ def test_per_sample_inside_a_linen_layer_matches_the_whole_batch(psi):
     """The loop runs inside a Flax module (no Flax transform needed), with a sample-wise psi too
     (ReLU, PReLU slopes read before the loop); values and gradients agree with the whole-batch
     program, which the oracle tests above check against a dense conv. BatchNorm psi never loops."""
-    from hocp_jax import autotune, layers
+    from hocp_jax import conv_plans, layers
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 3))
     m = layers.CPConv(features=4, kernel_size=(3, 3), spatial_modes=("h", "w"), temporal_modes=("t",),
@@ -1200,7 +1200,7 @@ def test_per_sample_inside_a_linen_layer_matches_the_whole_batch(psi):
             y, _ = m.apply(v, x, train=True, mutable=["batch_stats"])
             return jnp.sum(y ** 2)
 
-        with autotune.per_sample_mode(mode):
+        with conv_plans.per_sample_mode(mode):
             assert ("scan" in str(jax.make_jaxpr(loss)(v))) == (mode and psi != "bn_relu")
             out.append(jax.jit(jax.value_and_grad(loss))(v))  # traced here
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())), *out)
@@ -1210,14 +1210,14 @@ def test_per_sample_inside_a_linen_layer_matches_the_whole_batch(psi):
 def test_per_sample_inside_an_nnx_layer_matches_the_whole_batch(psi):
     from flax import nnx
 
-    from hocp_jax import autotune, nnx_layers
+    from hocp_jax import conv_plans, nnx_layers
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 3))
     m = nnx_layers.CPConv(3, 4, (3, 3), spatial_modes=("h", "w"), temporal_modes=("t",), psi=psi, psi_stages="all", rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(m)
     out = []
     for mode in (False, True):
-        with autotune.per_sample_mode(mode):
+        with conv_plans.per_sample_mode(mode):
             f = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))
             assert ("scan" in str(jax.make_jaxpr(lambda s: f(nnx.merge(graphdef, s)))(state))) == mode
             out.append(nnx.jit(f)(m))
@@ -1269,7 +1269,7 @@ def test_cost_model_agrees_with_recorded_timings():
     import json
     import statistics
 
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     ratios: dict[str, tuple] = {}  # shape -> (shape, input_grad, [fact ms / recon ms per run])
     for s, input_grad, fact_ms, recon_ms in _recorded_layers():
@@ -1278,8 +1278,8 @@ def test_cost_model_agrees_with_recorded_timings():
     over = []
     for s, input_grad, runs in ratios.values():
         x_shape, y_shape = _io_shapes(s)
-        chunk = autotune.batch_plan(x_shape, y_shape, s["rank"], jnp.float32, None)
-        patches = autotune.patches_fit(x_shape, jnp.float32, (*s["kernel"], s["c_in"], s["c_out"]), tuple(s["stride"]))
+        chunk = conv_plans.batch_plan(x_shape, y_shape, s["rank"], jnp.float32, None)
+        patches = conv_plans.patches_fit(x_shape, jnp.float32, (*s["kernel"], s["c_in"], s["c_out"]), tuple(s["stride"]))
         c = counting.cp_path_costs(s["batch"], tuple(s["in_sizes"]), s["c_in"], s["c_out"], tuple(s["kernel"]), s["rank"],
                                    stride=tuple(s["stride"]), padding=tuple(map(tuple, s["padding"])),
                                    input_grad=input_grad, chunk=chunk, patches=patches)
@@ -1296,36 +1296,36 @@ def test_dense_chunk_rule():
     1 MiB), of at most 256 KiB of input each (one sample if larger), unless the chunk's output positions
     are fewer than its channels; never 3-D convs, single samples, or in a loop's body (the
     micro-batches) under the automatic rule; ``dense_chunks_mode`` forces or stops it."""
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     if jax.default_backend() != "cpu":
         pytest.skip("the chunks are a CPU rule")
     f32 = jnp.float32
-    assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) == 1  # 6.1 MiB, 784 KB a sample
-    assert autotune.dense_chunk((64, 16, 16, 64), 64, (1, 1), f32) == 4  # 4 MiB, 64 KiB a sample
-    assert autotune.dense_chunk((8, 112, 112, 3), 64, (2, 2), f32) == 1  # a stem: from 1 MiB
-    assert autotune.dense_chunk((64, 48, 48, 3), 64, (2, 2), f32) == 8  # 27 KiB a sample
-    assert autotune.dense_chunk((64, 32, 32, 3), 64, (2, 2), f32) is None  # 0.75 MiB
-    assert autotune.dense_chunk((8, 28, 28, 64), 64, (1, 1), f32) is None  # 1.5 MiB
-    assert autotune.dense_chunk((32, 14, 14, 256), 256, (1, 1), f32) is None  # 512 channels, 196 positions
-    assert autotune.dense_chunk((8, 28, 28, 128), 256, (2, 2), f32) is None  # 384 channels, 196 positions
-    assert autotune.dense_chunk((64, 16, 16, 64), 128, (2, 2), f32) is None  # 192 channels, 4 x 64 positions
-    assert autotune.dense_chunk((16, 56, 56, 64), 128, (2, 2), f32) == 1  # 192 channels, 784 positions
-    assert autotune.dense_chunk((8, 9, 42, 42, 64), 128, (1, 1, 1), f32) is None  # 3-D
-    assert autotune.dense_chunk((1, 224, 224, 64), 64, (1, 1), f32) is None  # one sample
-    with autotune.loop_mode():
-        assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
-    with autotune.dense_chunks_mode(False):
-        assert autotune.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
-    with autotune.dense_chunks_mode(True):
-        assert autotune.dense_chunk((4, 5, 5, 8), 8, (1, 1), f32) == 2
-        assert autotune.dense_chunk((3, 5, 5, 8), 8, (1, 1), f32) == 1
-        assert autotune.dense_chunk((2, 3, 5, 5, 8), 8, (1, 1, 1), f32) == 1
+    assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) == 1  # 6.1 MiB, 784 KB a sample
+    assert conv_plans.dense_chunk((64, 16, 16, 64), 64, (1, 1), f32) == 4  # 4 MiB, 64 KiB a sample
+    assert conv_plans.dense_chunk((8, 112, 112, 3), 64, (2, 2), f32) == 1  # a stem: from 1 MiB
+    assert conv_plans.dense_chunk((64, 48, 48, 3), 64, (2, 2), f32) == 8  # 27 KiB a sample
+    assert conv_plans.dense_chunk((64, 32, 32, 3), 64, (2, 2), f32) is None  # 0.75 MiB
+    assert conv_plans.dense_chunk((8, 28, 28, 64), 64, (1, 1), f32) is None  # 1.5 MiB
+    assert conv_plans.dense_chunk((32, 14, 14, 256), 256, (1, 1), f32) is None  # 512 channels, 196 positions
+    assert conv_plans.dense_chunk((8, 28, 28, 128), 256, (2, 2), f32) is None  # 384 channels, 196 positions
+    assert conv_plans.dense_chunk((64, 16, 16, 64), 128, (2, 2), f32) is None  # 192 channels, 4 x 64 positions
+    assert conv_plans.dense_chunk((16, 56, 56, 64), 128, (2, 2), f32) == 1  # 192 channels, 784 positions
+    assert conv_plans.dense_chunk((8, 9, 42, 42, 64), 128, (1, 1, 1), f32) is None  # 3-D
+    assert conv_plans.dense_chunk((1, 224, 224, 64), 64, (1, 1), f32) is None  # one sample
+    with conv_plans.loop_mode():
+        assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
+    with conv_plans.dense_chunks_mode(False):
+        assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None
+    with conv_plans.dense_chunks_mode(True):
+        assert conv_plans.dense_chunk((4, 5, 5, 8), 8, (1, 1), f32) == 2
+        assert conv_plans.dense_chunk((3, 5, 5, 8), 8, (1, 1), f32) == 1
+        assert conv_plans.dense_chunk((2, 3, 5, 5, 8), 8, (1, 1, 1), f32) == 1
     with pytest.raises(ValueError, match="value=1"):
-        with autotune.dense_chunks_mode(1):
+        with conv_plans.dense_chunks_mode(1):
             pass
     args = ((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
-    with autotune.dense_chunks_mode(False):  # the reconstructed program differs: measured picks are kept apart
+    with conv_plans.dense_chunks_mode(False):  # the reconstructed program differs: measured picks are kept apart
         off = autotune.cache_key(*args)
     assert off != autotune.cache_key(*args)
 
@@ -1340,7 +1340,7 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
     same kernel in float64, and the chunked program holds the loops."""
     from jax import lax
 
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     if jax.default_backend() != "cpu":
         pytest.skip("the chunks are a CPU rule")
@@ -1357,7 +1357,7 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
 
         y, vjp = jax.vjp(ref, x, k)
         g = rng.standard_normal(y.shape)
-        with autotune.dense_chunks_mode(True):
+        with conv_plans.dense_chunks_mode(True):
             assert "scan" in str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(routed(x, k) * g), argnums=(0, 1)))(x, k))
             y2, vjp2 = jax.vjp(routed, x, k)
             got = (y2, *vjp2(g))
@@ -1373,7 +1373,7 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
         def oracle(x, p):
             return ref(x, conv.cp_to_kernel(p, ("h", "w")))
 
-        with autotune.dense_chunks_mode(True):
+        with conv_plans.dense_chunks_mode(True):
             assert "scan" in str(jax.make_jaxpr(jax.grad(lambda x, p: jnp.sum(recon(x, p)), argnums=(0, 1)))(x, p))
             y3, vjp3 = jax.vjp(recon, x, p)
             got = (y3, *jax.tree.leaves(vjp3(g)))

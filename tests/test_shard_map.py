@@ -5,14 +5,14 @@ input gradient its shard's. Every custom VJP of the library (shift kernel, per-s
 loops, per-tap kernel gradient, max-pool) is on one of these paths; before they cast their inputs
 alike, their backward passes returned a varying cotangent for a replicated weight and JAX
 rejected the program. Under ``jit`` with the batch split, ``cp_conv`` moves each device's share
-into a ``shard_map`` of its own (``autotune.batch_split``): tested against ``lax``'s conv and one
+into a ``shard_map`` of its own (``conv_plans.batch_split``): tested against ``lax``'s conv and one
 device's train step."""
 
 CONVS = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, init, layer_specs, pooling
+from hocp_jax import autotune, conv, conv_plans, init, layer_specs, pooling
 
 mesh = jax.make_mesh((2,), ("b",))
 rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ cases = {
 errors = {}
 for name, (fn, x, w) in cases.items():
     tiles = 2 if "3-D" in name else None  # the 3-D per-sample convs in tiles of 2 output rows
-    with autotune.tile_rows_mode(tiles):
+    with conv_plans.tile_rows_mode(tiles):
         r = normal(*jax.eval_shape(fn, x, w).shape)
         grad = jax.grad(lambda x, w, r: jnp.sum(fn(x, w) * r), argnums=(0, 1))
         sm = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=(P("b"), P(), P("b")), out_specs=(P("b"), P())))
@@ -100,16 +100,16 @@ PLANS = r"""
 import json
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import autotune
+from hocp_jax import autotune, conv_plans
 
 seen = {}
 shape = (2, 8, 32, 32, 8)  # a shard's (1, 8, 32, 32, 64) intermediate: 2 MiB, per sample on one device
 
 def probe(label):
     def f(x):
-        seen[label] = [autotune.program_per_device(), autotune.per_sample_default(x.shape, 64, jnp.float32)]
+        seen[label] = [conv_plans.program_per_device(), conv_plans.per_sample_default(x.shape, 64, jnp.float32)]
         autotune.configure(batch_shards=2)  # as train.py: the per-device batch the autotune considers
-        seen[label].append(autotune.device_shape(x.shape)[0])
+        seen[label].append(conv_plans.device_shape(x.shape)[0])
         autotune.configure()
         return x
     return f
@@ -141,7 +141,7 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, init
+from hocp_jax import autotune, conv, conv_plans, init
 
 rng = np.random.default_rng(0)
 normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -171,7 +171,7 @@ for axis_type in ("auto", "explicit"):
     for name, (fn, oracle, x, p) in cases.items():
         r = normal(*jax.eval_shape(fn, x, p).shape)
         grad = jax.value_and_grad(lambda x, p, r: jnp.sum(fn(x, p) * r), argnums=(0, 1))
-        with autotune.tile_rows_mode(4 if "tiles" in name else 0):
+        with conv_plans.tile_rows_mode(4 if "tiles" in name else 0):
             want = jax.jit(grad)(x, p, r) if oracle is None else jax.value_and_grad(
                 lambda x, p, r: jnp.sum(oracle(x, p) * r), argnums=(0, 1))(x, p, r)
             autotune.configure(batch_shards=2 if axis_type == "auto" else None)
@@ -186,9 +186,9 @@ for axis_type in ("auto", "explicit"):
         out[f"{axis_type}: {name}"] = [err, "shard_map" in text, bool(re.search(r"\bscan\[", text))]
 mesh = jax.make_mesh((2,), ("data",), (AxisType.Auto,))
 with jax.set_mesh(mesh):
-    out["auto mesh, batch_shards unset"] = autotune.batch_split(x3, cp3) is not None
+    out["auto mesh, batch_shards unset"] = conv_plans.batch_split(x3, cp3) is not None
     autotune.configure(batch_shards=2)
-    out["auto mesh, odd batch"] = autotune.batch_split(x3[:3], cp3) is not None
+    out["auto mesh, odd batch"] = conv_plans.batch_split(x3[:3], cp3) is not None
     autotune.configure()
 print(json.dumps(out))
 """
@@ -214,7 +214,7 @@ def test_cp_conv_under_jit_with_a_split_batch_runs_each_share_with_its_loops(run
 TRAIN_STEP = r"""
 import json
 import jax, jax.numpy as jnp, optax
-from hocp_jax import autotune, training
+from hocp_jax import autotune, conv_plans, training
 from hocp_jax.models import get_model
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_train_step
@@ -228,7 +228,7 @@ def loss_fn(out, batch, key):
     loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]).mean()
     return loss, {}
 step = make_train_step(model, loss_fn, tx)
-with autotune.per_sample_mode(True):
+with conv_plans.per_sample_mode(True):
     want_state, want = jax.jit(step)(state, batch)
     mesh = training.make_data_mesh()  # no configure(batch_shards=2): on_mesh says it
     sharded = training.sharding.on_mesh(jax.jit(step, in_shardings=(training.sharding.replicated(mesh),
@@ -256,14 +256,14 @@ MEASURED = r"""
 import json, warnings
 import jax, jax.numpy as jnp
 from jax.sharding import AxisType
-from hocp_jax import autotune, conv, init
+from hocp_jax import autotune, conv, conv_plans, init
 
 warnings.simplefilter("error")  # a timing that fails warns: make it fail the script
 seen = []
 timer = autotune.measure
 
 def recording(x_shape, *args, **kwargs):
-    seen.append([list(x_shape), autotune.program_per_device(), jax.sharding.get_abstract_mesh().empty])
+    seen.append([list(x_shape), conv_plans.program_per_device(), jax.sharding.get_abstract_mesh().empty])
     return timer(x_shape, *args, **kwargs)
 
 autotune.measure = recording

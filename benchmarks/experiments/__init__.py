@@ -32,7 +32,7 @@ the allocator's doing rather than the conv's.
 ``python -m benchmarks.experiments step_memory [batch_scale]``: ``bench``'s train steps compiled
 only (the number is a batch multiple, not rounds): each step's temporary memory from XLA's
 ``memory_analysis()`` as this backend builds it, with the CP convs' loops off (the GPU/TPU
-program) and with the factorized convs one sample at a time (``autotune.per_sample_mode(True)``,
+program) and with the factorized convs one sample at a time (``conv_plans.per_sample_mode(True)``,
 a memory option on any backend), and each HO-CP step's over its dense reference's.
 
 ``python -m benchmarks.experiments microbatches [rounds]``: the train steps of ``configs/affectnet.py``
@@ -45,7 +45,7 @@ program) and ms per step, interleaved.
 ``python -m benchmarks.experiments small_maps [rounds]``: ungrouped stride-1 convs on 2-D maps
 and clips about their kernel's size or smaller, fwd+bwd, as XLA's convolution and as
 ``conv._taps_conv`` (one matrix product per tap that reads the input), interleaved per conv: the
-figures of ``hocp_jax.autotune.small_map_taps``.
+figures of ``hocp_jax.conv_plans.small_map_taps``.
 
 ``python -m benchmarks.experiments small_maps_computed [rounds] [revision]``: four convs on maps
 smaller than their kernel, the kernel a parameter or rebuilt from CP factors, fwd+bwd, with XLA's
@@ -70,7 +70,7 @@ what cost.
 Jester train steps (dense and HO-CP, two clips) under ``jit`` as ``train.py`` runs them, in a worker
 on one host device and in one on two (the batch split over them, an auto-axis mesh); the HO-CP step
 on two devices traced with the mesh in context (its CP convs then run each device's share with
-their loops, :func:`hocp_jax.autotune.batch_split`) and without (each share whole), the
+their loops, :func:`hocp_jax.conv_plans.batch_split`) and without (each share whole), the
 cross-core round trip before each call (``by_placement``).
 
 ``python -m benchmarks.experiments main_job_malloc [rounds]``: ``train.py``'s default job (the
@@ -115,14 +115,14 @@ with the CPUs close and far apart).
 
 ``python -m benchmarks.experiments tiles [rounds]``: the Jester stack layers (factorized, fwd+bwd,
 ``bench`` protocol, one sample at a time) with each sample whole, cut into tiles by the automatic
-rule (:func:`hocp_jax.autotune.tile_plan`), and in tiles of 2, 3, 6 and 14 output rows wherever a
-layer can be tiled (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved; also the transduced
+rule (:func:`hocp_jax.conv_plans.tile_plan`), and in tiles of 2, 3, 6 and 14 output rows wherever a
+layer can be tiled (:func:`hocp_jax.conv_plans.tile_rows_mode`), interleaved; also the transduced
 ResNet-18 3x3x3 layers with one clip (B = 1, as in the train step; "whole samples" is then the
 whole-batch program), and the Jester HO-CP net's train step (ReLU between the factors, so tiled
 through ``psi_pointwise``) with tiles off and automatic, beside the dense net's.
 
 ``python -m benchmarks.experiments cpu_loops [rounds]``: whether the CPU loop rules of the factorized
-path (:func:`hocp_jax.autotune.per_sample_default`, :func:`hocp_jax.autotune.tile_plan`), whose
+path (:func:`hocp_jax.conv_plans.per_sample_default`, :func:`hocp_jax.conv_plans.tile_plan`), whose
 constants were measured on a 2-vCPU host, hold on the CPU it runs on: Jester conv1 to conv3
 (factorized, fwd+bwd, ``bench`` protocol) with the whole batch at once, one sample at a time
 untiled, the automatic rules, and tiles of two and four times the automatic rows, interleaved;
@@ -133,7 +133,7 @@ VM (``benchmarks/device_check.sh``'s optional CPU stage).
 ``python -m benchmarks.experiments tile_target [rounds]``: the tiled layers (Jester conv1 and conv2
 at batch 8, the transduced ResNet-18's stride-1 3x3x3 layers at one clip; factorized, fwd+bwd,
 ``bench`` protocol) with tiles of 1.5, 2, 3, 4.5 and 6 MiB of intermediate
-(:func:`hocp_jax.autotune.tile_target_bytes`; the rows each gives: ``tile_rows``), and the Jester
+(:func:`hocp_jax.conv_plans.tile_target_bytes`; the rows each gives: ``tile_rows``), and the Jester
 HO-CP and transduced ResNet-18 train steps at 1.5, 3 and 4.5 MiB, all interleaved; ratios to
 1.5 MiB (the target on a host with 1 MiB of L2 per core). Records the machine.
 
@@ -141,12 +141,12 @@ HO-CP and transduced ResNet-18 train steps at 1.5, 3 and 4.5 MiB, all interleave
 cotangent, the input gradient but for 3-channel first layers) of ResNet-18 2-D shapes at batch 8
 to 64, two 7x7 stems and Jester conv2's 3-D shape, through
 :func:`hocp_jax.conv.conv_general_dilated` with the whole batch at once (XLA's conv,
-``autotune.dense_chunks_mode(False)``) and in chunks of samples (``True``), interleaved; records
-each conv's chunk and whether the automatic rule (:func:`hocp_jax.autotune.dense_chunk`) takes it.
+``conv_plans.dense_chunks_mode(False)``) and in chunks of samples (``True``), interleaved; records
+each conv's chunk and whether the automatic rule (:func:`hocp_jax.conv_plans.dense_chunk`) takes it.
 
 ``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
 (:func:`hocp_jax.conv.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
-(:func:`hocp_jax.autotune.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of
+(:func:`hocp_jax.conv_plans.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of
 ``C`` = 1, 2, 3, 4, 6 input channels by ``R`` = 8 to 128 output channels, each cell a loop over
 the 48 tiles of Jester conv1's shape (16 x 84 positions of 18 frames) running the product and its
 weight gradient, as a first layer's tile loops do; then Jester conv1's factorized path
@@ -155,7 +155,7 @@ with one product, interleaved.
 
 ``python -m benchmarks.experiments tile_fold [rounds]``: the first layers whose tiles can fold two
 modes' passes into the input contraction (at most ``TILE_FOLD_MAX_COLUMNS`` columns,
-:func:`hocp_jax.autotune.tile_fold_modes`): Jester conv1 (3 input channels, rank 18) and since
+:func:`hocp_jax.conv_plans.tile_fold_modes`): Jester conv1 (3 input channels, rank 18) and since
 stop 64 eleven other first layers of video networks (1-3 input channels, ranks 4-48,
 :func:`layers.fold_shapes`), factorized fwd+bwd (``bench`` protocol), with the fold off and on
 (``tile_fold_mode(False)``, ``tile_fold_mode(True)``; before stop 64: off and by the automatic
@@ -165,13 +165,13 @@ rule), interleaved, with what the automatic rule picks.
 path, and since stop 64 that of :func:`layers.fold_shapes`' first layers (ranks 4-48) and of three
 layers of ranks 96-288 (:func:`layers.mid_rank_shapes`) (fwd+bwd, ``bench`` protocol), with its
 output factor transposed to ``(R, C_out)`` inside its sample and tile loops (where XLA folds the transpose into the product) and before them
-(:func:`hocp_jax.autotune.out_factor_before_loops`, forced both ways), interleaved, with the
+(:func:`hocp_jax.conv_plans.out_factor_before_loops`, forced both ways), interleaved, with the
 automatic rule's choice per layer.
 
 ``python -m benchmarks.experiments tile_threshold [rounds]``: the HO-CP video train steps (``bench``'s
 transduced ResNet-18 on one 8 x 112 x 112 clip and Jester HO-CP net, beside their dense
 references, and the transduced ResNet-18 on one 8 x 224 x 224 clip) with the tile rule's byte
-threshold (:data:`hocp_jax.autotune.TILE_MIN_BYTES`) at 8, 6, 4 and 3 MiB, interleaved, with the
+threshold (:data:`hocp_jax.conv_plans.TILE_MIN_BYTES`) at 8, 6, 4 and 3 MiB, interleaved, with the
 convs each threshold runs in tiles: whether the threshold calibrated on single layers holds
 inside a whole step.
 
@@ -246,7 +246,7 @@ default options as a noise reference, all interleaved: the HO-CP/dense ratio per
 
 ``python -m benchmarks.experiments per_sample [rounds]``: the HO-CP ResNet-18 train steps (2-D
 static, and transduced to 3-D) with ``per_sample`` off, automatic (the default rule) and on for
-every factorized conv (:func:`hocp_jax.autotune.per_sample_mode`), each interleaved with its
+every factorized conv (:func:`hocp_jax.conv_plans.per_sample_mode`), each interleaved with its
 dense reference.
 
 ``python -m benchmarks.experiments matmul [rounds]``: the six matrix products of the two 1x1
@@ -288,12 +288,12 @@ interleaved per shape: how many shapes each candidate scale picks right, and its
 ``python -m benchmarks.experiments kernel_grad [rounds]``: every conv layer of ``bench`` with the
 reconstructed CP path's kernel gradient as one matrix product per tap
 (``hocp_jax.conv.conv_matmul_kernel_grad``) and as XLA's kernel-gradient convolution, and the
-dense conv, interleaved per layer (the data behind ``hocp_jax.autotune.matmul_kernel_grad``).
+dense conv, interleaved per layer (the data behind ``hocp_jax.conv_plans.matmul_kernel_grad``).
 
 ``python -m benchmarks.experiments kernel_grad_batches [rounds]``: the same two kernel gradients of
 the reconstructed CP path on ResNet-18's seven 2-D 3x3 conv shapes at batch 16-96 of 224-pixel
 and 64-128 of 112-pixel images, with the size of each conv's input (the data behind
-``hocp_jax.autotune.KERNEL_GRAD_MATMUL_MIN_BYTES``) and what the host's rule loses.
+``hocp_jax.conv_plans.KERNEL_GRAD_MATMUL_MIN_BYTES``) and what the host's rule loses.
 
 ``python -m benchmarks.experiments tucker_tt_kernel_grad [rounds]``: the same two kernel gradients
 in both paths of the Tucker and TT convs, on ResNet-18's seven 2-D 3x3 conv shapes at batch 8
@@ -302,7 +302,7 @@ and 32, with the dense conv, interleaved per layer.
 ``python -m benchmarks.experiments low_precision [rounds]``: every conv layer of ``bench`` in
 float32 and in bfloat16 computation from float32 weights: the dense conv, the reconstructed path,
 and the factorized path as the library runs it on CPU (float32 intermediates,
-``hocp_jax.autotune.compute_dtype``) and in bfloat16 arithmetic, interleaved per layer, with the
+``hocp_jax.conv_plans.compute_dtype``) and in bfloat16 arithmetic, interleaved per layer, with the
 analytic pick in each dtype.
 
 ``python -m benchmarks.experiments low_precision_steps [rounds]``: the three train-step pairs of

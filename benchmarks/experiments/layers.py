@@ -22,7 +22,7 @@ from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
 from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
                                              cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
-from hocp_jax import autotune, conv, counting
+from hocp_jax import autotune, conv, conv_plans, counting
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
@@ -64,7 +64,7 @@ def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
     """The tiled Jester layers (conv1, conv2: factorized, fwd+bwd, ``bench`` protocol) with the
     current tiles and with the line-buffer tiles of ``revision`` (each input row's 1x1 contraction
     computed once, the halo rows and their gradient carried from tile to tile), in the automatic
-    tiles and in tiles of 3 and 6 rows (:func:`hocp_jax.autotune.tile_rows_mode`), interleaved."""
+    tiles and in tiles of 3 and 6 rows (:func:`hocp_jax.conv_plans.tile_rows_mode`), interleaved."""
     from benchmarks import bench
 
     versions = {"current": conv, revision: conv_at(revision)}
@@ -77,7 +77,7 @@ def line_buffer(rounds: int = 5, revision: str = "54703b2") -> dict:
                 return mod.cp_conv(x, p, modes=case.modes, stride=case.stride, padding=case.padding,
                                    implementation="factorized", input_grad=case.input_grad)
             for rows in (None, 3, 6):
-                with autotune.tile_rows_mode(rows):
+                with conv_plans.tile_rows_mode(rows):
                     calls[f"{label}, rows {rows or 'auto'}"] = compile_call(fn, params)[0]
         t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         out["layers_ms"][case.name] = {name: v["median_ms"] for name, v in t.items()}
@@ -194,12 +194,12 @@ KERNEL_GRAD_BATCHES = {224: (16, 32, 48, 64, 96), 112: (64, 128)}
 
 
 def kernel_grad_batches(rounds: int = 7) -> dict:
-    """The data behind :data:`hocp_jax.autotune.KERNEL_GRAD_MATMUL_MIN_BYTES`: ResNet-18's seven
+    """The data behind :data:`hocp_jax.conv_plans.KERNEL_GRAD_MATMUL_MIN_BYTES`: ResNet-18's seven
     3x3 conv shapes (:func:`resnet2d_conv_cases`) at the image sizes and batches of
     :data:`KERNEL_GRAD_BATCHES`, the reconstructed CP path with both kernel gradients (fwd+bwd,
     ``bench`` protocol; interleaved per shape), with the size of the conv's input, grouped by it:
     whether the products win from some input size on, and what the host's rule
-    (:func:`hocp_jax.autotune.matmul_kernel_grad`) loses against the faster of the two."""
+    (:func:`hocp_jax.conv_plans.matmul_kernel_grad`) loses against the faster of the two."""
     from benchmarks import bench
 
     out: dict = {"rounds": rounds, "cpu_vector_flags": bench.machine_info()["cpu_vector_flags"], "layers": []}
@@ -211,7 +211,7 @@ def kernel_grad_batches(rounds: int = 7) -> dict:
                          "xla": compile_call(_reconstructed(case, False), params)[0]}
                 ms = {p: v["median_ms"] for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
                 x_shape = (batch, *case.in_sizes, case.c_in)
-                rule = "products" if autotune.matmul_kernel_grad(x_shape, jnp.float32) else "xla"
+                rule = "products" if conv_plans.matmul_kernel_grad(x_shape, jnp.float32) else "xla"
                 out["layers"].append({"layer": f"{image}px B={batch} {case.name}", "x_mib": round(np.prod(x_shape) * 4 / 2**20, 1),
                                       "ms": {k: round(v, 1) for k, v in ms.items()},
                                       "products / xla": round(ms["products"] / ms["xla"], 3),
@@ -232,7 +232,7 @@ def kernel_grad(rounds: int = 7) -> dict:
     protocol) with the reconstructed CP path's conv taking its kernel gradient as one matrix product
     per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as XLA's kernel-gradient
     convolution (``lax``'s conv of the rebuilt kernel differentiated by JAX), both whatever
-    :func:`hocp_jax.autotune.matmul_kernel_grad` says on this host (this is its data), interleaved,
+    :func:`hocp_jax.conv_plans.matmul_kernel_grad` says on this host (this is its data), interleaved,
     with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
     from benchmarks import bench
 
@@ -256,7 +256,7 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
     ``TuckerConv`` default) and the TT conv (rank 8, the ``TTConv`` default), both paths each, with
     their convs' kernel gradient as one matrix product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`)
     and as XLA's kernel-gradient convolution (``lax``'s conv differentiated by JAX), both whatever
-    :func:`hocp_jax.autotune.matmul_kernel_grad` says on this host, interleaved per layer, with the
+    :func:`hocp_jax.conv_plans.matmul_kernel_grad` says on this host, interleaved per layer, with the
     dense conv as the reference."""
     from unittest import mock
 
@@ -280,9 +280,9 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
             for form, impl in itertools.product(fns, ("factorized", "reconstructed")):
                 def fn(x, p, f=fns[form], impl=impl):
                     return f(x, p, stride=case.stride, padding=case.padding, implementation=impl)
-                with mock.patch.object(autotune, "matmul_kernel_grad", lambda *_: True):
+                with mock.patch.object(conv_plans, "matmul_kernel_grad", lambda *_: True):
                     calls[f"{form} {impl}"] = compile_call(fn, weights[form])[0]
-                with mock.patch.object(autotune, "matmul_kernel_grad", lambda *_: False):
+                with mock.patch.object(conv_plans, "matmul_kernel_grad", lambda *_: False):
                     calls[f"{form} {impl}, XLA kernel gradient"] = compile_call(fn, weights[form])[0]
             ms = {p: round(v["median_ms"], 1) for p, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
             out["layers"].append({
@@ -320,7 +320,7 @@ def chunk_scale(rounds: int = 9) -> dict:
         y_shape = (case.batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
         if max(strides) > 1:
             return "strided" if case.batch >= 16 else None
-        chunk = autotune.batch_plan((case.batch, *case.in_sizes, case.c_in), y_shape, case.rank, jnp.float32, None)
+        chunk = conv_plans.batch_plan((case.batch, *case.in_sizes, case.c_in), y_shape, case.rank, jnp.float32, None)
         return "unstrided" if chunk is not None and len(set(picks.values())) > 1 else None
 
     out: dict = {"rounds": rounds, "scales": list(CHUNK_SCALES), "layers": []}
@@ -354,11 +354,11 @@ CHUNK_RULE_SCALES = ((8, 224), (16, 224), (32, 112), (64, 112))
 
 def chunk_rule(rounds: int = 11) -> dict:
     """ResNet-18's 2-D 3x3 conv shapes (:func:`resnet2d_conv_cases` at :data:`CHUNK_RULE_SCALES`)
-    that :func:`hocp_jax.autotune.batch_chunk_default` would run in chunks by its byte thresholds
+    that :func:`hocp_jax.conv_plans.batch_chunk_default` would run in chunks by its byte thresholds
     alone: the factorized path (fwd+bwd, ``bench`` protocol) in those chunks, on the whole batch
     (``per_sample=False``) and the dense conv, interleaved; with each shape's input plus output
     channels per output position of a chunk and whether the rule, with
-    :data:`hocp_jax.autotune.CHUNK_MAX_GRAD_RATIO`, chunks it."""
+    :data:`hocp_jax.conv_plans.CHUNK_MAX_GRAD_RATIO`, chunks it."""
     import functools
     from unittest import mock
 
@@ -373,8 +373,8 @@ def chunk_rule(rounds: int = 11) -> dict:
             y_shape = (batch, *counting.output_sizes(case.in_sizes, case.kernel, strides, pads), case.c_out)
             factorized = functools.partial(conv.cp_conv, modes=case.modes, stride=strides, padding=pads,
                                            implementation="factorized")
-            with mock.patch.object(autotune, "CHUNK_MAX_GRAD_RATIO", float("inf")):  # the byte thresholds alone
-                chunk = autotune.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32)
+            with mock.patch.object(conv_plans, "CHUNK_MAX_GRAD_RATIO", float("inf")):  # the byte thresholds alone
+                chunk = conv_plans.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32)
                 if chunk is None:
                     continue
                 kernel, params, compile_call = bench.case_compiler(case)
@@ -386,7 +386,7 @@ def chunk_rule(rounds: int = 11) -> dict:
                 "layer": f"{case.name} (B={batch})", "shape": bench.case_shape(case), "chunk": chunk,
                 "channels_per_chunk_position": (case.c_in + case.c_out) / (chunk * int(np.prod(y_shape[1:-1]))),
                 "ms": ms, "chunks_over_whole": ms["chunks"] / ms["whole batch"],
-                "chunked_by_rule": autotune.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32) is not None})
+                "chunked_by_rule": conv_plans.batch_chunk_default(x_shape, y_shape, case.rank, jnp.float32) is not None})
     out["loadavg"] = os.getloadavg()
     return out
 
@@ -533,14 +533,14 @@ def tiles(rounds: int = 5) -> dict:
         _, params, compile_call = bench.case_compiler(case)
         fn = bench.conv_fns(case)["factorized"]
         for label, rows in settings.items():
-            with autotune.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
+            with conv_plans.tile_rows_mode(rows):  # read when the call is traced, i.e. compiled here
                 name = f"{case.name} {label}" if case.group == "jester" else f"transduced B=1 {case.name} {label}"
                 calls[name] = compile_call(fn, params)[0]
     models = {c.name: c for c in bench.model_cases(False)}
     steps = {"jester dense": ("jester dense", None), "jester_hocp whole samples": ("jester_hocp", 0),
              "jester_hocp auto": ("jester_hocp", None)}
     for label, (model, rows) in steps.items():
-        with autotune.tile_rows_mode(rows):
+        with conv_plans.tile_rows_mode(rows):
             calls[f"step {label}"] = bench.prepare_model_case(models[model])[0]
     t = bench.time_interleaved(calls, rounds, budget_s=1e9)
     ms = {n: v["median_ms"] for n, v in t.items()}
@@ -559,7 +559,7 @@ def cpu_loops(rounds: int = 3) -> dict:
         _, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
         outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
-        plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+        plan = conv_plans.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
                                   [k - 1 for k in case.kernel], strides, pads)
         settings = {"whole batch": (False, 0), "per sample, whole": (True, 0), "automatic": (None, None)}
         if plan:
@@ -568,7 +568,7 @@ def cpu_loops(rounds: int = 3) -> dict:
         for label, (per_sample, rows) in settings.items():
             cp = functools.partial(conv.cp_conv, modes=case.modes, stride=case.stride, padding=case.padding,
                                    implementation="factorized", input_grad=case.input_grad, per_sample=per_sample)
-            with autotune.tile_rows_mode(rows):  # read at trace time, i.e. when compiled here
+            with conv_plans.tile_rows_mode(rows):  # read at trace time, i.e. when compiled here
                 calls[label] = compile_call(cp, params)[0]
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         out["layers"].append({"layer": case.name, "automatic tiles": plan and {"mode": case.modes[plan[0]], "rows": plan[1]},
@@ -579,13 +579,13 @@ def cpu_loops(rounds: int = 3) -> dict:
 
 @contextlib.contextmanager
 def _tile_target(nbytes: int):
-    """Within the block, :func:`hocp_jax.autotune.tile_plan` aims at tiles of ``nbytes`` (read at trace time)."""
-    saved = autotune.tile_target_bytes
-    autotune.tile_target_bytes = lambda: nbytes
+    """Within the block, :func:`hocp_jax.conv_plans.tile_plan` aims at tiles of ``nbytes`` (read at trace time)."""
+    saved = conv_plans.tile_target_bytes
+    conv_plans.tile_target_bytes = lambda: nbytes
     try:
         yield
     finally:
-        autotune.tile_target_bytes = saved
+        conv_plans.tile_target_bytes = saved
 
 
 def tile_target(rounds: int = 9) -> dict:
@@ -602,7 +602,7 @@ def tile_target(rounds: int = 9) -> dict:
         name = case.name if case.group == "jester" else f"transduced B=1 {case.name}"
         for mib in targets_mib:
             with _tile_target(int(mib * 2**20)):
-                plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+                plan = conv_plans.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
                                           [k - 1 for k in case.kernel], strides, pads)
                 if plan is None:
                     break
@@ -649,16 +649,16 @@ def dense_chunks(rounds: int = 5) -> dict:
         def fn(x, k):
             return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv._dimension_numbers(n))
 
-        calls, rule = {}, autotune.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
+        calls, rule = {}, conv_plans.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
         cot = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x, k).shape), jnp.float32)
         for label, mode in (("whole batch", False), ("chunks", True)):
             # a new function each time: jax.jit keeps one trace per function, and the mode is read at trace time
             grad = jax.value_and_grad(lambda x, k, c: jnp.sum(fn(x, k) * c), argnums=(0, 1) if input_grad else 1)
-            with autotune.dense_chunks_mode(mode):
+            with conv_plans.dense_chunks_mode(mode):
                 calls[label] = compile_jax(grad, x, k, cot)[0]
         ms = {name: v["median_ms"] for name, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
-        with autotune.dense_chunks_mode(True):
-            chunk = autotune.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
+        with conv_plans.dense_chunks_mode(True):
+            chunk = conv_plans.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
         out["convs"].append({"x": x_shape, "kernel": k_shape, "stride": stride, "input_grad": input_grad,
                              "input_MiB": round(float(np.prod(x_shape)) * 4 / 2**20, 2), "chunk": chunk,
                              "automatic rule": rule, "ms": ms, "chunks / whole": round(ms["chunks"] / ms["whole batch"], 3)})
@@ -825,7 +825,7 @@ def low_precision(rounds: int = 5) -> dict:
     weights cast inside the differentiated function, as a Flax layer with ``dtype=bfloat16`` does;
     ``x`` and the cotangent in the computation dtype), fwd+bwd, ``bench`` protocol, interleaved per
     layer: the dense conv, the reconstructed path, and the factorized path as the library runs it
-    (float32 intermediates on CPU, :func:`hocp_jax.autotune.compute_dtype`) and in bfloat16
+    (float32 intermediates on CPU, :func:`hocp_jax.conv_plans.compute_dtype`) and in bfloat16
     arithmetic (``upcast_mode(False)``). Whether XLA CPU runs anything faster in bfloat16, and
     whether ``auto``'s picks (``analytic_pick`` in each dtype) stay the faster path."""
     from benchmarks import bench
@@ -843,7 +843,7 @@ def low_precision(rounds: int = 5) -> dict:
                 return f(x, jax.tree.map(lambda a: a.astype(dtype), w))
 
             name = f"{path} {jnp.dtype(dtype).name}" + (" arithmetic" if upcast is False else "")
-            with autotune.upcast_mode(upcast):
+            with conv_plans.upcast_mode(upcast):
                 calls[name] = compile_jax(bench.fwd_bwd(fn, case.input_grad), x.astype(dtype),
                                           kernel if path == "dense" else params, cot.astype(dtype))[0]
         ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
@@ -1026,7 +1026,7 @@ def stem_3d(rounds: int = 9) -> dict:
         ms = {k: v["median_ms"] for k, v in t.items()}
         strides, pads = case.geometry()
         costs = counting.cp_path_costs(batch, case.in_sizes, 3, 64, case.kernel, case.rank, stride=strides, padding=pads,
-                                       input_grad=False, patches=autotune.patches_fit((batch, *case.in_sizes, 3), jnp.float32,
+                                       input_grad=False, patches=conv_plans.patches_fit((batch, *case.in_sizes, 3), jnp.float32,
                                                                                       (*case.kernel, 3, 64), strides))
         pick = conv.choose_cp_implementation((batch, *case.in_sizes, 3), params, case.modes, stride=strides,
                                              padding=pads, input_grad=False)
@@ -1170,7 +1170,7 @@ def channel_pairs(rounds: int = 9) -> dict:
 
             calls = {}
             for label, mode in (("one product", False), ("paired rows", True)):
-                with autotune.paired_rows_mode(mode):  # a new function each time: jax.jit would reuse a trace
+                with conv_plans.paired_rows_mode(mode):  # a new function each time: jax.jit would reuse a trace
                     calls[label] = compile_jax(functools.partial(loop), x, w, g)[0]
             ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
             grid.append({"in_channels": c, "out_channels": r, "ms": ms,
@@ -1182,7 +1182,7 @@ def channel_pairs(rounds: int = 9) -> dict:
     fn = bench.conv_fns(case)["factorized"]
     calls = {}
     for label, mode in (("one product", False), ("automatic", None)):
-        with autotune.paired_rows_mode(mode):
+        with conv_plans.paired_rows_mode(mode):
             calls[label] = compile_call(fn, params)[0]
     ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
     out["jester_conv1_factorized_ms"] = ms | {"automatic / one product": round(ms["automatic"] / ms["one product"], 3)}
@@ -1190,7 +1190,7 @@ def channel_pairs(rounds: int = 9) -> dict:
     model = {c.name: c for c in bench.model_cases(False)}["jester_hocp"]
     calls = {}
     for label, mode in (("one product", False), ("automatic", None)):
-        with autotune.paired_rows_mode(mode):
+        with conv_plans.paired_rows_mode(mode):
             calls[label] = bench.prepare_model_case(model)[0]
     ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
     out["jester_hocp_step_ms"] = ms | {"automatic / one product": round(ms["automatic"] / ms["one product"], 3)}
@@ -1231,19 +1231,19 @@ def tile_fold(rounds: int = 9) -> dict:
         _, params, compile_call = bench.case_compiler(case)
         strides, pads = case.geometry()
         outs = counting.output_sizes(case.in_sizes, case.kernel, strides, pads)
-        plan = autotune.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
+        plan = conv_plans.tile_plan((case.batch, *case.in_sizes, case.c_in), case.rank, jnp.float32, outs,
                                   [k - 1 for k in case.kernel], strides, pads)
-        with autotune.tile_fold_mode(True):  # the modes the fold takes where the shape allows it
-            folded = plan and autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank)
-        if not folded or case.c_in * case.kernel[folded[0]] * case.kernel[folded[1]] > autotune.TILE_FOLD_MAX_COLUMNS:
+        with conv_plans.tile_fold_mode(True):  # the modes the fold takes where the shape allows it
+            folded = plan and conv_plans.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank)
+        if not folded or case.c_in * case.kernel[folded[0]] * case.kernel[folded[1]] > conv_plans.TILE_FOLD_MAX_COLUMNS:
             continue
         fn = bench.conv_fns(case)["factorized"]
         calls = {}
         for label, mode in (("unfolded", False), ("folded", True)):
-            with autotune.tile_fold_mode(mode):
+            with conv_plans.tile_fold_mode(mode):
                 calls[label] = compile_call(fn, params)[0]
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
-        rule = bool(autotune.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank))
+        rule = bool(conv_plans.tile_fold_modes(case.c_in, case.kernel, strides, outs, plan[0], case.rank))
         out["layers"].append({"layer": case.name, "tiles": {"mode": case.modes[plan[0]], "rows": plan[1]},
                               "folded": [case.modes[i] for i in folded], "ms": ms, "automatic": "folded" if rule else "unfolded",
                               "folded / unfolded": round(ms["folded"] / ms["unfolded"], 3)})
@@ -1255,21 +1255,21 @@ def out_factor_layout(rounds: int = 9) -> dict:
     from benchmarks import bench
 
     out: dict = {"rounds": rounds, "machine": bench.machine_info(), "layers": []}
-    bound = autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
+    bound = conv_plans.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK
     for case in bench.jester_cases(False) + fold_shapes() + mid_rank_shapes():
         _, params, compile_call = bench.case_compiler(case)
         calls = {}
         for label, most in (("inside the loops", 0), ("before the loops", 2**31)):
-            autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = most  # read at trace time, i.e. when compiled here
+            conv_plans.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = most  # read at trace time, i.e. when compiled here
             try:
                 cp = functools.partial(conv.cp_conv, modes=case.modes, stride=case.stride, padding=case.padding,
                                        implementation="factorized", input_grad=case.input_grad)
                 calls[label] = compile_call(cp, params)[0]
             finally:
-                autotune.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = bound
+                conv_plans.OUT_FACTOR_BEFORE_LOOPS_MAX_RANK = bound
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         out["layers"].append({"layer": case.name, "rank": case.rank, "ms": ms,
-                              "automatic": "before the loops" if autotune.out_factor_before_loops(case.rank)
+                              "automatic": "before the loops" if conv_plans.out_factor_before_loops(case.rank)
                               else "inside the loops",
                               "before / inside": round(ms["before the loops"] / ms["inside the loops"], 3)})
     out["loadavg"] = os.getloadavg()
@@ -1288,7 +1288,7 @@ SPLIT_SHAPES = [  # (batch, in_sizes, c_in, kernel, stride): video networks' fir
 def patches_split(rounds: int = 9) -> dict:
     """The patches product of a video network's first conv (:func:`hocp_jax.conv._patches_conv`,
     the library's route for 3-D convs of at most 4 input channels on CPU) split by its first
-    mode's taps and as one product (:func:`hocp_jax.autotune.patches_split_mode` on and off), fwd
+    mode's taps and as one product (:func:`hocp_jax.conv_plans.patches_split_mode` on and off), fwd
     + kernel gradient (no input gradient, as a first layer), interleaved per shape
     (:data:`SPLIT_SHAPES`, padding ``K // 2``), with the automatic rule's pick; then ``bench``'s
     two train steps that have such a conv, the dense 3-D ResNet-18 (its stem) and the transduced
@@ -1304,20 +1304,20 @@ def patches_split(rounds: int = 9) -> dict:
         f = functools.partial(conv.dense_conv, stride=strides, padding=tuple((a // 2, a // 2) for a in ks))
         calls = {}
         for label, mode in (("one product", False), ("split", True)):
-            with autotune.patches_split_mode(mode):
+            with conv_plans.patches_split_mode(mode):
                 calls[label] = bench.compile_fwd_bwd(f, x, k, False, bench.cotangent(f, x, k))[0]
         ms = {k: v["median_ms"] for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         out["layers"].append({"layer": f"({c_in}->64)@{'x'.join(map(str, sizes))} (B={batch}), {'x'.join(map(str, ks))}, "
                                        f"stride {'x'.join(map(str, strides))}",
                               "columns": c_in * int(np.prod(ks[1:])), "ms": ms,
-                              "automatic": "split" if autotune.patches_split(c_in, ks) else "one product",
+                              "automatic": "split" if conv_plans.patches_split(c_in, ks) else "one product",
                               "split / one product": round(ms["split"] / ms["one product"], 3)})
         print(json.dumps(out["layers"][-1]), flush=True)
     calls = {}
     for case in bench.model_cases(False):
         if case.name in ("resnet18_3d dense", "resnet18_hocp transduced"):
             for label, mode in (("one product", False), ("split", True)):
-                with autotune.patches_split_mode(mode):
+                with conv_plans.patches_split_mode(mode):
                     step, state, batch = bench.model_step(case)
                     calls[f"{case.name}, {label}"] = bench.compile_jax(step, state, batch)[0]
     t = time_interleaved(calls, rounds, budget_s=1e9)

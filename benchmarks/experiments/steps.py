@@ -120,14 +120,14 @@ def step_profile(rounds: int = 3, calls: int = 5) -> dict:
 
 def per_sample(rounds: int = 15) -> dict:
     from benchmarks import bench
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     cases = {c.name: c for c in bench.model_cases(False)}
     out: dict = {"rounds": rounds}
     for dense, hocp in (("resnet18 dense 2-D", "resnet18_hocp static"), ("resnet18_3d dense", "resnet18_hocp transduced")):
         calls = {dense: bench.prepare_model_case(cases[dense])[0]}
         for label, value in (("whole batch", False), ("automatic", None), ("per sample", True)):
-            with autotune.per_sample_mode(value):
+            with conv_plans.per_sample_mode(value):
                 calls[f"{hocp}, {label}"] = bench.prepare_model_case(cases[hocp])[0]
         t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         ms = {name: v["median_ms"] for name, v in t.items()}
@@ -343,14 +343,14 @@ TILE_THRESHOLDS_MIB = (8, 6, 4, 3)
 
 
 def tile_threshold(rounds: int = 7) -> dict:
-    """The HO-CP video train steps with :data:`hocp_jax.autotune.TILE_MIN_BYTES` (the smallest
+    """The HO-CP video train steps with :data:`hocp_jax.conv_plans.TILE_MIN_BYTES` (the smallest
     per-sample intermediate that the factorized path cuts into tiles) at each of
     :data:`TILE_THRESHOLDS_MIB`, patched at trace time: ``bench``'s transduced ResNet-18 (one clip
     of 8 x 112 x 112) and Jester HO-CP net (2 x 18 x 84 x 84) beside their dense references, and
     the transduced ResNet-18 on one 8 x 224 x 224 clip, all interleaved. Also lists, per
     threshold, the convs that run in tiles (per-sample input shape, rank, tiled mode and rows)."""
     from benchmarks import bench
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     cases = {c.name: c for c in bench.model_cases(False)}
     trans224 = dataclasses.replace(cases["resnet18_hocp transduced"], name="resnet18_hocp transduced 224",
@@ -358,7 +358,7 @@ def tile_threshold(rounds: int = 7) -> dict:
                                    reference=None)  # no 224-pixel dense step is timed
     hocp = [cases["resnet18_hocp transduced"], cases["jester_hocp"], trans224]
     calls, tiled = {}, {}
-    plan = autotune.tile_plan
+    plan = conv_plans.tile_plan
     for mib in TILE_THRESHOLDS_MIB:
         seen: dict = {}
 
@@ -368,7 +368,7 @@ def tile_threshold(rounds: int = 7) -> dict:
                 seen[f"{tuple(x_shape[1:])} R={rank}"] = {"mode": out[0], "rows": out[1]}
             return out
 
-        with mock.patch.object(autotune, "TILE_MIN_BYTES", mib * 2**20), mock.patch.object(autotune, "tile_plan", spy):
+        with mock.patch.object(conv_plans, "TILE_MIN_BYTES", mib * 2**20), mock.patch.object(conv_plans, "tile_plan", spy):
             for case in hocp:
                 calls[f"{case.name}, {mib} MiB"] = bench.prepare_model_case(case)[0]
         tiled[f"{mib} MiB"] = seen
@@ -399,7 +399,7 @@ def autotune_steps(rounds: int = 9) -> dict:
     rule for the same shape. ``bench --policy-steps`` makes the same comparison within its own
     train-step rounds."""
     from benchmarks import bench
-    from hocp_jax import autotune
+    from hocp_jax import autotune, conv_plans
 
     cases = {c.name: c for c in bench.model_cases(False)}
     out: dict = {"rounds": rounds}
@@ -417,7 +417,7 @@ def autotune_steps(rounds: int = 9) -> dict:
         t = bench.time_interleaved(calls, rounds, budget_s=1e9)
         ms = {name: v["median_ms"] for name, v in t.items()}
         grad_picks = collections.Counter(
-            json.dumps([x, k, pick, "products" if autotune.matmul_kernel_grad(x, jax.numpy.float32) else "xla"])
+            json.dumps([x, k, pick, "products" if conv_plans.matmul_kernel_grad(x, jax.numpy.float32) else "xla"])
             for x, k, pick in picks["measure"]["kernel_grad"])
         out[hocp] = {"ms": ms, "ratio_to_dense": {name: v / ms[dense] for name, v in ms.items()},
                      "measure/analytic": ms[f"{hocp}, measure"] / ms[f"{hocp}, analytic"],
@@ -433,12 +433,12 @@ def low_precision_steps(rounds: int = 7) -> dict:
     """The three train-step pairs of ``bench`` (each HO-CP model and its dense one) in float32 and
     with ``dtype=bfloat16`` (float32 parameters), the HO-CP models' bfloat16 steps both as the
     library runs them (float32 intermediates in the factorized convs on CPU,
-    :func:`hocp_jax.autotune.compute_dtype`) and in bfloat16 arithmetic (``upcast_mode(False)``),
+    :func:`hocp_jax.conv_plans.compute_dtype`) and in bfloat16 arithmetic (``upcast_mode(False)``),
     interleaved per pair: what bfloat16 does to a whole train step on CPU."""
     import jax.numpy as jnp
 
     from benchmarks import bench
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     cases = {c.name: c for c in bench.model_cases(False)}
     out: dict = {"rounds": rounds}
@@ -452,7 +452,7 @@ def low_precision_steps(rounds: int = 7) -> dict:
                 variants.append(("bfloat16 arithmetic", jnp.bfloat16, False))
             for label, dtype, upcast in variants:
                 model = get_model(case.model, tiny=case.tiny, dtype=dtype, **head)
-                with autotune.upcast_mode(upcast):
+                with conv_plans.upcast_mode(upcast):
                     calls[f"{name} {label}"] = bench.compile_jax(*bench.model_step(case, model))[0]
         ms = {k: round(v["median_ms"], 1) for k, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         dense, hocp = pair
@@ -555,7 +555,7 @@ def step_memory(batch_scale: int = 1) -> dict:
     line's number), compiled only, never run: XLA's ``memory_analysis()`` temporary MiB of each
     as this backend's automatic rules build it, with the CP convs' per-sample, chunk and tile loops
     off (what GPU/TPU get) and with the factorized convs one sample at a time without tiles
-    (``autotune.per_sample_mode(True)``, which a GPU/TPU user can set at trace time to bound the
+    (``conv_plans.per_sample_mode(True)``, which a GPU/TPU user can set at trace time to bound the
     intermediates), each HO-CP step's temp also over its dense reference's as built here."""
     from benchmarks import bench
 
@@ -771,7 +771,7 @@ def input_patches(rounds: int = 11) -> dict:
     its reconstructed path (a dense conv of the rebuilt kernel, as patches) instead of ``auto``'s
     pick. The lead of stop 44 for the 3-D convs of a rebuilt kernel, narrowed to the convs where
     the patches are cheap to build (3 input channels). Since stop 50 the library runs the 3-D ones
-    as patches itself (:func:`hocp_jax.autotune.patches_conv`), so of the first convs only the 2-D
+    as patches itself (:func:`hocp_jax.conv_plans.patches_conv`), so of the first convs only the 2-D
     ones (and the 2-D HO-CP stem's pick) still differ between the two programs."""
     from benchmarks import bench, patches
     from hocp_jax import autotune

@@ -70,7 +70,7 @@ def _sharded_stack_calls() -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from benchmarks import bench
-    from hocp_jax import autotune
+    from hocp_jax import conv_plans
 
     n = jax.device_count()
     if n == 1:
@@ -93,7 +93,7 @@ def _sharded_stack_calls() -> dict:
 
             out_specs = (P(), (P("batch"), P())) if case.input_grad else (P(), P())
             fn = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P(), P("batch")), out_specs=out_specs)
-            with autotune.per_sample_mode(per_sample):
+            with conv_plans.per_sample_mode(per_sample):
                 calls[f"{case.name} {label}"] = bench.compile_jax(fn, jax.device_put(x, split), w, jax.device_put(cot, split))[0]
     return calls
 
@@ -256,7 +256,7 @@ def jit_devices(rounds: int = 11) -> dict:
     under ``jit``, in a worker on one host device and in one on two
     (``--xla_force_host_platform_device_count=2``, the batch split over them), interleaved, with
     the cross-core round trip before each call: what the CP convs' per-device programs
-    (:func:`hocp_jax.autotune.batch_split`, stop 53) buy a train step on a device per vCPU. Per
+    (:func:`hocp_jax.conv_plans.batch_split`, stop 53) buy a train step on a device per vCPU. Per
     call: the median, and the medians over the calls with the CPUs close and far apart."""
     from benchmarks import placement
 

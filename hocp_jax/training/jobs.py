@@ -34,7 +34,7 @@ import optax
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from hocp_jax import autotune, optim, transduction, tree
+from hocp_jax import autotune, conv_plans, optim, transduction, tree
 from hocp_jax.data import pipeline
 from hocp_jax.checks import is_int, is_number, is_positive_int
 from hocp_jax.models import MODELS, count_params
@@ -478,8 +478,8 @@ def configure_autotune(config, workdir: str) -> None:
         raise ValueError(f"config.autotune={value!r}: expected '' (the environment's or backend's policy) "
                          f"or one of {autotune.POLICIES}")
     per_sample, tile_rows = config.get("cp_per_sample", None), config.get("cp_tile_rows", None)
-    autotune.check_automatic_flag(per_sample, "config.cp_per_sample")
-    autotune.check_tile_rows(tile_rows, "config.cp_tile_rows")
+    conv_plans.check_automatic_flag(per_sample, "config.cp_per_sample")
+    conv_plans.check_tile_rows(tile_rows, "config.cp_tile_rows")
     autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count(),
                        per_sample=per_sample, tile_rows=tile_rows)
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from hocp_jax import autotune
+from hocp_jax import conv_plans
 
 DATA_AXIS = "data"
 
@@ -99,8 +99,8 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` (a jitted step, whose batch is split over all of ``mesh``) called, and so traced, with
-    ``mesh`` as the context mesh (``jax.set_mesh``) and ``autotune.batch_shards_mode(mesh.size)``.
-    The CP convs then see the batch split (:func:`hocp_jax.autotune.batch_split`) and on the CPU
+    ``mesh`` as the context mesh (``jax.set_mesh``) and ``conv_plans.batch_shards_mode(mesh.size)``.
+    The CP convs then see the batch split (:func:`hocp_jax.conv_plans.batch_split`) and on the CPU
     backend run each device's share in a program of its own, with their per-sample and tile loops;
     the step's numbers stay those of one device (the convs treat each sample alone). ``fn`` itself
     on one device or another backend, where nothing depends on it; called where ``mesh`` is
@@ -113,7 +113,7 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     def call(*args, **kwargs):
         if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
             return fn(*args, **kwargs)
-        with jax.set_mesh(mesh), autotune.batch_shards_mode(mesh.size):
+        with jax.set_mesh(mesh), conv_plans.batch_shards_mode(mesh.size):
             return fn(*args, **kwargs)
 
     return call

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import unfreeze
 
-from hocp_jax import autotune
+from hocp_jax import conv_plans
 from hocp_jax.checks import is_positive_int
 from hocp_jax.training.state import TrainState
 
@@ -80,7 +80,7 @@ def make_train_step(
             on the CPU backend XLA runs its convolutions' gradients far slower inside a loop
             (the kernel gradient most); the library's convs (the models' dense ones and those
             of computed kernels) take gradients without XLA's gradient convolutions there
-            (:func:`hocp_jax.autotune.loop_mode`); a ``flax.linen.Conv`` on XLA's own conv
+            (:func:`hocp_jax.conv_plans.loop_mode`); a ``flax.linen.Conv`` on XLA's own conv
             cannot (README, "Micro-batches").
 
     Returns:
@@ -159,7 +159,7 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
         outputs, stats = forward(state.params, stats, *step)
         return stats, outputs
 
-    with autotune.loop_mode():  # (the CPU backend: the library's convs then avoid XLA's slow in-loop kernel gradient)
+    with conv_plans.loop_mode():  # (the CPU backend: the library's convs then avoid XLA's slow in-loop kernel gradient)
         batch_stats, outputs = jax.lax.scan(first, unfreeze(state.batch_stats), steps)  # (a FrozenDict's too)
     leaves, treedef = jax.tree.flatten(jax.tree.map(merge, outputs))
     floating = [jnp.issubdtype(o.dtype, jnp.inexact) for o in leaves]
@@ -178,7 +178,7 @@ def _microbatched_grads(model, loss_fn, reg_fn, state: TrainState, batch: Batch,
         _, pull = jax.vjp(floats, state.params)
         return jax.tree.map(jnp.add, grads, pull(g_j)[0]), None
 
-    with autotune.loop_mode():
+    with conv_plans.loop_mode():
         grads = jax.lax.scan(second, jax.tree.map(jnp.zeros_like, state.params),
                              (*steps, [split(g) for g in out_grads]))[0]
     reg = jnp.zeros((), loss.dtype)

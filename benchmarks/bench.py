@@ -9,7 +9,7 @@ What is timed (all float32, channels-last, ``jax.jit`` on the default device):
   gradients w.r.t. the input (not for a network's first layer) and every weight, for
 
   - ``dense``: ``lax.conv_general_dilated`` (what ``flax.linen.Conv`` runs) with a dense kernel
-    of the same shape; the library's :func:`hocp_jax.conv.dense_conv` runs the same program but
+    of the same shape; the library's :func:`hocp_jax.conv_ops.dense_conv` runs the same program but
     for the Jester conv1, whose 3 input channels it runs as patches on CPU
     (:func:`hocp_jax.conv_plans.patches_conv`), like ``dense patches``;
   - ``dense patches``: the same dense conv as one matrix product of its explicit patches
@@ -83,7 +83,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks import patches, peers, placement
-from hocp_jax import autotune, conv, conv_plans, counting
+from hocp_jax import autotune, conv, conv_ops, conv_plans, counting
 from hocp_jax.padding import as_tuple, resolve_padding
 
 PATHS = ("dense", "factorized", "reconstructed", "auto")
@@ -361,7 +361,7 @@ def conv_fns(case: ConvCase) -> dict[str, Callable]:
     strides, pads = case.geometry()
 
     def dense(x, k):
-        return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv._dimension_numbers(len(strides)))
+        return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv_ops.channels_last_dims(len(strides)))
 
     def cp(impl):
         return lambda x, p: conv.cp_conv(x, p, modes=modes, stride=st, padding=pad, implementation=impl,

@@ -43,12 +43,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 - <<'EOF' 2>&1 | tee -a "$out/log.txt"
 import jax, jax.numpy as jnp, numpy as np, flax, optax
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())
-from hocp_jax import conv, init
+from hocp_jax import conv, conv_ops, init
 key = jax.random.key(0)
 x = jax.random.normal(key, (2, 6, 10, 10, 8))
 p = init.init_cp_params(key, 8, 16, (3, 3, 3), 12)
 with jax.default_matmul_precision("highest"):
-    want = conv.dense_conv(x, conv.cp_to_kernel(p, ("d", "h", "w")), padding=1)
+    want = conv_ops.dense_conv(x, conv.cp_to_kernel(p, ("d", "h", "w")), padding=1)
     for impl in ("factorized", "reconstructed", "auto"):
         got = conv.cp_conv(x, p, padding=1, implementation=impl)
         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))

@@ -7,7 +7,7 @@ Setting of the paper (Sec. 3): one input of size 32 x 32 x 16 (H x W x T; here l
 varying input x output channels. Bars: analytic forward FLOPs (2 x multiply-adds) from
 :func:`hocp_jax.counting.dense_flops` and :func:`hocp_jax.counting.cp_flops`; markers (unless
 ``--no-xla``): XLA's ``cost_analysis()`` FLOPs of the compiled forward pass
-(:func:`hocp_jax.conv.dense_conv` and ``cp_conv(implementation="factorized")``), compiled
+(:func:`hocp_jax.conv_ops.dense_conv` and ``cp_conv(implementation="factorized")``), compiled
 from abstract shapes (nothing is allocated or run). XLA does not count the padded taps of a
 dense conv, so its 3-D conv count is (1 - 2/48)(1 - 2/96)^2 = 0.919 of the analytic one (one
 of the 3 taps is padding at each border); the
@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hocp_jax import conv, counting  # noqa: E402
+from hocp_jax import conv, conv_ops, counting  # noqa: E402
 
 IN_SIZES = (16, 32, 32)  # (T, H, W): the paper's 32 x 32 x 16 input
 KERNEL = (3, 3, 3)
@@ -55,7 +55,7 @@ def _cost(fn, *shapes) -> float:
 def xla_gflops(c_in: int, c_out: int) -> dict[str, float]:
     """XLA ``cost_analysis`` forward GFLOPs of the same three convs."""
     x = (1, *IN_SIZES, c_in)
-    out = {"3D-Conv": _cost(lambda x, k: conv.dense_conv(x, k, padding="SAME"), x, (*KERNEL, c_in, c_out)) / 1e9}
+    out = {"3D-Conv": _cost(lambda x, k: conv_ops.dense_conv(x, k, padding="SAME"), x, (*KERNEL, c_in, c_out)) / 1e9}
     for m in RANK_MULTIPLES:
         r = m * c_in
 

@@ -1,5 +1,5 @@
 """A second JAX dense program: a dense conv written as one matrix product of its explicit patches
-(im2col), beside ``lax``'s convolution (``hocp_jax.conv.dense_conv``, what ``flax.linen.Conv``
+(im2col), beside ``lax``'s convolution (``hocp_jax.conv_ops.dense_conv``, what ``flax.linen.Conv``
 runs). On the development CPU it runs faster than ``lax``'s conv on most benchmarked layers, so
 ``benchmarks.bench`` times both and reports the HO-CP paths against each (and against the faster
 of the two). A benchmark baseline: the library's dense conv stays ``lax``'s, the conv XLA runs on
@@ -11,7 +11,7 @@ import contextlib
 
 from jax import lax
 
-from hocp_jax import conv
+from hocp_jax import conv_ops
 
 
 def dense_patches(x, kernel, strides, pads):
@@ -19,9 +19,9 @@ def dense_patches(x, kernel, strides, pads):
     of the explicit patches (im2col: the ``prod(K)`` shifted, strided slices of the padded input
     side by side, ``(B * prod(S_out), prod(K) * C_in)``) with the flattened kernel; ``strides``,
     ``pads``: one int and one ``(lo, hi)`` pair per spatial axis. A JAX dense baseline beside
-    ``lax``'s convolution; the library's own patches product (:func:`hocp_jax.conv._patches_conv`,
+    ``lax``'s convolution; the library's own patches product (:func:`hocp_jax.conv_ops._patches_conv`,
     its CPU route for convs of few input channels since stop 50), applied to every conv."""
-    return conv._patches_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)), (1,) * (kernel.ndim - 2))
+    return conv_ops._patches_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)), (1,) * (kernel.ndim - 2))
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def patches_convs(max_in_channels: int | None = None):
 
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, **kwargs):
-        channels_last = conv._dimension_numbers(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
+        channels_last = conv_ops.channels_last_dims(rhs.ndim - 2)  # the library's and flax.linen.Conv's layout
         if (not isinstance(padding, str) and feature_group_count == 1
                 and (max_in_channels is None or lhs.shape[-1] <= max_in_channels)
                 and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))

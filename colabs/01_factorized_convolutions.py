@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 
-from hocp_jax import conv, counting, init
+from hocp_jax import conv, conv_ops, counting, init
 
 key = jax.random.key(0)
 
@@ -59,7 +59,7 @@ x = jax.random.normal(key, (2, 8, 16, 16, 4))  # (batch, time, height, width, ch
 params = init.init_cp_params(key, 4, 8, (3, 3, 3), rank=12, modes=("t", "h", "w"))
 print({k: v.shape for k, v in params.items()})
 y_fact = conv.cp_conv(x, params, modes=("t", "h", "w"), stride=(1, 2, 2), padding="SAME")
-y_dense = conv.dense_conv(x, conv.cp_to_kernel(params, ("t", "h", "w")), stride=(1, 2, 2), padding="SAME")
+y_dense = conv_ops.dense_conv(x, conv.cp_to_kernel(params, ("t", "h", "w")), stride=(1, 2, 2), padding="SAME")
 print("output", y_fact.shape, "max |factorized - dense| =", float(jnp.max(jnp.abs(y_fact - y_dense))))
 
 # %% [markdown]

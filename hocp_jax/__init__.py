@@ -1,7 +1,8 @@
 """hocp-jax: factorized higher-order (CP/Tucker) convolutions in JAX.
 
-The core is pure functions on pytrees: :mod:`hocp_jax.conv` (CP / Tucker / separable convs),
-:mod:`hocp_jax.counting`, :mod:`hocp_jax.init`, :mod:`hocp_jax.regression`, and the
+The core is pure functions on pytrees: :mod:`hocp_jax.conv` (CP / Tucker / separable / TT convs),
+:mod:`hocp_jax.conv_ops` (the dense, depthwise and 1x1 convs they are built from, and a faster drop-in
+for ``lax.conv_general_dilated``), :mod:`hocp_jax.counting`, :mod:`hocp_jax.init`, :mod:`hocp_jax.regression`, and the
 parameter-tree transforms :mod:`hocp_jax.tree` (finding layers by name),
 :mod:`hocp_jax.transduction`, :mod:`hocp_jax.pruning`, :mod:`hocp_jax.decomposition` and
 :mod:`hocp_jax.conversion`; :mod:`hocp_jax.optim` holds the name-based masks and the Lasso
@@ -13,10 +14,11 @@ demand: ``hocp_jax.data`` needs TensorFlow Datasets).
 The names below are the public API; every one is also reachable through its module.
 """
 
-from hocp_jax import (conv, conversion, counting, decomposition, init, layers, losses, metrics, models, nnx_layers, optim,
-                      pruning, regression, tensorized, transduction, tree)
-from hocp_jax.conv import (cp_conv, cp_to_kernel, cp_to_separable, dense_conv, depthwise_conv, separable_conv, tt_conv,
-                           tt_to_kernel, tucker_conv, tucker_to_kernel)
+from hocp_jax import (conv, conv_ops, conversion, counting, decomposition, init, layers, losses, metrics, models,
+                      nnx_layers, optim, pruning, regression, tensorized, transduction, tree)
+from hocp_jax.conv import (cp_conv, cp_to_kernel, cp_to_separable, separable_conv, tt_conv, tt_to_kernel, tucker_conv,
+                           tucker_to_kernel)
+from hocp_jax.conv_ops import dense_conv, depthwise_conv
 from hocp_jax.conversion import dense_to_hocp
 from hocp_jax.decomposition import decompose, decompose_tree, tucker_decompose
 from hocp_jax.init import init_cp_params, init_tucker_params
@@ -34,8 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # modules
-    "conv", "conversion", "counting", "decomposition", "init", "layers", "losses", "metrics", "models", "nnx_layers",
-    "optim", "pruning", "regression", "tensorized", "transduction", "tree",
+    "conv", "conv_ops", "conversion", "counting", "decomposition", "init", "layers", "losses", "metrics", "models",
+    "nnx_layers", "optim", "pruning", "regression", "tensorized", "transduction", "tree",
     # convolutions as functions
     "cp_conv", "cp_to_kernel", "cp_to_separable", "dense_conv", "depthwise_conv", "separable_conv", "tt_conv", "tt_to_kernel",
     "tucker_conv", "tucker_to_kernel", "init_cp_params", "init_tucker_params", "trl", "factorized_linear", "tcl",

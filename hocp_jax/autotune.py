@@ -92,7 +92,7 @@ and float16 in float32 on CPU (:func:`hocp_jax.conv_plans.compute_dtype`). Versi
 gradient of a conv of a computed kernel is a pick of its own (:func:`choose_kernel_grad`, measured under the
 measured policy), and the keys hold :func:`hocp_jax.conv_plans.host_kind`. Version 4 (stop 40): the key held
 the host's kernel-gradient rule. Version 3 (stop 39): the reconstructed path of a 2-D conv computes its kernel
-gradient with matrix products (:func:`hocp_jax.conv.conv_matmul_kernel_grad`). Version 2 (stop 38) times the
+gradient with matrix products (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`). Version 2 (stop 38) times the
 conv's output too (:func:`timed_programs`); version 1 timed gradients alone, which left out the reconstructed
 path's forward conv and favoured that path."""
 
@@ -248,13 +248,13 @@ def timed_kernel_grad_programs(x_shape, dtype, kernel_shape, strides, pads, dila
     """What :func:`measure_kernel_grad` times: ``({"matmul" | "xla": jitted fn}, args)``, ``fn(*args)``
     = the value and the gradients (w.r.t. the kernel, and ``x`` if ``input_grad``) of
     ``sum(conv(x, kernel) * cot)`` on dummy inputs, with the kernel gradient as matrix products
-    (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) or XLA's."""
-    from hocp_jax import conv
+    (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`) or XLA's."""
+    from hocp_jax import conv_ops
 
     rng = np.random.default_rng(0)
     strides, pads, dilations = tuple(strides), tuple(map(tuple, pads)), tuple(dilations)
-    convs = {"matmul": lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dilations),
-             "xla": lambda x, k: conv.dense_conv(x, k, stride=strides, padding=pads, dilation=dilations)}
+    convs = {"matmul": lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dilations),
+             "xla": lambda x, k: conv_ops.dense_conv(x, k, stride=strides, padding=pads, dilation=dilations)}
     with jax.ensure_compile_time_eval():
         x = jnp.asarray(rng.normal(size=x_shape), dtype)
         k = jnp.asarray(rng.normal(size=kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), dtype)
@@ -333,8 +333,8 @@ misses run to 0.57-0.76x."""
 
 def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad: bool = True) -> bool:
     """Whether the 2-D conv of a computed kernel on ``x`` (traced shape ``x_shape``; not
-    explicitly sharded, :func:`hocp_jax.conv._weight_conv`) takes
-    matrix-product kernel gradients (:func:`hocp_jax.conv.conv_matmul_kernel_grad`), under the
+    explicitly sharded, :func:`hocp_jax.conv_ops.weight_conv`) takes
+    matrix-product kernel gradients (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`), under the
     current :func:`policy`: analytic, :func:`hocp_jax.conv_plans.matmul_kernel_grad`; measured, that rule's answer
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks

@@ -32,25 +32,25 @@ for every mode ``m``, optional ``factor_skip (C_in, C_out)`` and ``bias (C_out,)
 Tucker: ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``.
 Depthwise separable (MobileNet v1/v2 form): optional ``factor_in (C_in, R)``,
 ``depthwise (*K, R)``, ``factor_out (C_out, R)``.
+
+The pieces these convs are built from (the 1x1 contraction, the depthwise shift kernel, the
+conv of a rebuilt kernel, the loops over chunks of samples and tiles of rows) are in
+:mod:`hocp_jax.conv_ops`; the rules that choose how each runs, in :mod:`hocp_jax.conv_plans`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import itertools
-import math
 import string
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from hocp_jax import autotune, conv_plans, counting, explicit_sharding
-from hocp_jax.checks import is_positive_int
+from hocp_jax import autotune, conv_ops, conv_plans, counting, explicit_sharding
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 Params = Mapping[str, jax.Array]
@@ -128,539 +128,11 @@ def add_bias(y: jax.Array, params: Params, n_axes: int = 1) -> jax.Array:
     return y + params["bias"]
 
 
-# ----------------------------------------------------------------------------- dense conv
-
-
-def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x`` and ``kernel`` in their common dtype (``lax``'s conv needs equal dtypes; the
-    factorized paths' matmuls promote the same way)."""
-    dtype = jnp.result_type(x, kernel)
-    return x.astype(dtype), kernel.astype(dtype)
-
-
 def _promoted(x: jax.Array, params: Params, keys: Sequence[str]) -> dict:
     """``params`` with the leaves ``keys`` in their common dtype with ``x``, so that a kernel is
     rebuilt in the dtype the conv computes in (bfloat16 factors with a float32 ``x``: float32)."""
     dtype = jnp.result_type(x, *(params[k] for k in keys))
     return {**params, **{k: params[k].astype(dtype) for k in keys}}
-
-
-def _vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """``arrays`` cast (``lax.pcast(..., to="varying")``) to vary over every manual mesh axis
-    that any of them varies over; unchanged outside ``shard_map``. Applied to a custom VJP's
-    inputs: its backward pass must return cotangents of its inputs' types, and the cotangent of a
-    weight every shard shares, computed from one shard's data, varies over the data's axes (JAX
-    then sums it over them, the transpose of the cast), as XLA's own VJPs do."""
-    varying = [jax.typeof(a).manual_axis_type.varying for a in arrays]
-    axes = frozenset().union(*varying)
-    return tuple(lax.pcast(a, tuple(axes - v), to="varying") if axes - v else a for a, v in zip(arrays, varying))
-
-
-def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
-    """Channels-last input/output, kernel ``(*K, C_in, C_out)``."""
-    spatial = tuple(range(1, n + 1))
-    return lax.ConvDimensionNumbers(
-        lhs_spec=(0, n + 1) + spatial, rhs_spec=(n + 1, n) + tuple(range(n)), out_spec=(0, n + 1) + spatial
-    )
-
-
-def dense_conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    stride=1,
-    padding: PaddingLike = "SAME",
-    dilation=1,
-    feature_group_count: int = 1,
-) -> jax.Array:
-    """Plain N-D convolution (cross-correlation). ``x (B, *S, C_in)``, ``kernel (*K, C_in/groups, C_out)``."""
-    n = kernel.ndim - 2
-    if n < 1 or x.ndim != n + 2:
-        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected {n + 2}-D x")
-    if min(kernel.shape) < 1:
-        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) of sizes >= 1")
-    if not is_positive_int(feature_group_count) or kernel.shape[-1] % feature_group_count:
-        raise ValueError(f"feature_group_count={feature_group_count!r}: expected an int >= 1 that divides "
-                         f"C_out={kernel.shape[-1]}")
-    if x.shape[-1] != kernel.shape[-2] * feature_group_count:
-        raise ValueError(
-            f"x: has {x.shape[-1]} channels but kernel {tuple(kernel.shape)} with feature_group_count="
-            f"{feature_group_count} expects {kernel.shape[-2] * feature_group_count}"
-        )
-    strides = as_tuple(stride, n, "stride")
-    dilations = as_tuple(dilation, n, "dilation")
-    pads = resolve_padding(padding, x.shape[1:-1], kernel.shape[:n], strides, dilations)
-    x, kernel = _promote(x, kernel)
-    return conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n),
-                                feature_group_count=feature_group_count)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated``: same signature, same result, faster on XLA CPU for
-    two channels-last kinds (e.g. ``nn.Conv(..., conv_general_dilated=hocp_jax.conv.conv_general_dilated)``;
-    :func:`dense_conv` and the models' convs use it). On the CPU backend it runs
-
-    * a pointwise kernel (every spatial size 1, one group): one matrix product over the padded,
-      strided positions (:func:`channel_matmul`); it took 0.10-0.75x the time of XLA CPU's 1x1 conv
-      fwd+bwd on MobileNet-v2's and ResNet's 1x1 shapes;
-    * a depthwise kernel (``feature_group_count`` = input channels = output channels): the shift
-      kernel of :func:`depthwise_conv`, which is reverse mode only like the CP path's depthwise
-      passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
-      works).
-    * an ungrouped kernel over 3 or more spatial modes with at most
-      :data:`hocp_jax.conv_plans.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
-      conv): one matrix product of its explicit patches (:func:`_patches_conv`;
-      :func:`hocp_jax.conv_plans.patches_conv`, which has the figures and the memory bound);
-    * an ungrouped kernel on a map with a spatial mode shorter than the kernel (the last stage of a
-      ResNet on small images): one matrix product per tap that reads the input
-      (:func:`_taps_conv`; :func:`hocp_jax.conv_plans.small_map_taps` has the figures);
-    * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.conv_plans.loop_mode`, the
-      micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
-      that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
-      mode only there, like the depthwise route);
-    * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.conv_plans.dense_chunk`,
-      which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
-      program per device), with ``precision`` None: the same conv in a loop over chunks of
-      samples (:func:`_chunked_conv`; reverse mode only too).
-
-    On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
-    modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
-    the shift kernel if depthwise (see :data:`GPU_CONV_MAX_MODES` for why).
-
-    Anything else (other layouts, ``lhs_dilation``, negative padding, batch groups, channel
-    multipliers, unequal dtypes, ``preferred_element_type``), and every other conv on GPU/TPU, whose vendor-tuned
-    convolutions were not measured against these, is passed to ``lax.conv_general_dilated``
-    unchanged; a channels-last one on an explicitly sharded input under
-    ``jax.sharding.auto_axes`` (:func:`_with_auto_axes`), so that it trains."""
-    route = conv_route(lhs, rhs, window_strides=window_strides, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                       batch_group_count=batch_group_count, preferred_element_type=preferred_element_type)
-    if route in ("loop", "chunks") and precision is not None:
-        route = None
-    n = rhs.ndim - 2
-    ks, c_out = rhs.shape[:n], rhs.shape[-1]
-    if route is not None:
-        strides = tuple(int(s) for s in window_strides)
-        dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n
-        if isinstance(padding, str):
-            pads = tuple(lax.padtype_to_pads(lhs.shape[1:-1], [d * (k - 1) + 1 for k, d in zip(ks, dilations)],
-                                             strides, padding))
-        else:
-            pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if not _taps_fit(lhs.shape, rhs.shape, strides, pads, dilations):  # a crop, or no output: lax's own
-            route = None
-    if route is None:
-        def xla(lhs, rhs):
-            return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, batch_group_count=batch_group_count,
-                                            precision=precision, preferred_element_type=preferred_element_type)
-
-        return _with_auto_axes(xla, lhs, rhs) if _channels_last(lhs, rhs, dimension_numbers) else xla(lhs, rhs)
-    if route == "depthwise":
-        return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
-    if route == "patches":
-        return _patches_conv(lhs, rhs, strides, pads, dilations, precision)
-    if route == "loop":
-        return conv_matmul_kernel_grad(lhs, rhs, strides=strides, pads=pads, dilations=dilations)
-    if route == "chunks":
-        return _chunked_conv(lhs, rhs, strides, pads, dilations, conv_plans.dense_chunk(lhs.shape, c_out, strides, lhs.dtype))
-    return _taps_conv(lhs, rhs, strides, pads, dilations, precision)  # pointwise: one tap
-
-
-def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-               feature_group_count=1, batch_group_count=1, preferred_element_type=None, **_) -> str | None:
-    """How :func:`conv_general_dilated` runs a conv of these arguments (the other keyword arguments
-    of ``lax.conv_general_dilated`` are accepted and do not matter; ``window_strides`` default to
-    1): ``"pointwise"`` (one matrix product), ``"depthwise"`` (the shift kernel), ``"patches"``
-    (:func:`_patches_conv`), ``"taps"`` (:func:`_taps_conv`: on GPU past :data:`GPU_CONV_MAX_MODES`,
-    on CPU on a map smaller than the kernel, :func:`hocp_jax.conv_plans.small_map_taps`), ``"loop"``
-    (in a loop's body on CPU:
-    :func:`conv_matmul_kernel_grad`, :func:`hocp_jax.conv_plans.loop_mode`), ``"chunks"`` (on CPU,
-    a large input in chunks of samples, each as in ``"loop"``: :func:`hocp_jax.conv_plans.dense_chunk`)
-    or ``None`` (``lax``'s convolution)."""
-    n = rhs.ndim - 2
-    gpu_taps = _gpu_needs_taps(n)
-    if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
-            and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
-            and _channels_last(lhs, rhs, dimension_numbers)):
-        return None
-    if feature_group_count == 1 and all(k == 1 for k in rhs.shape[:n]):
-        return "pointwise"
-    if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1:
-        return "depthwise"
-    strides = tuple(window_strides) if window_strides is not None else (1,) * n
-    if feature_group_count == 1 and conv_plans.patches_conv(lhs.shape, lhs.dtype, rhs.shape, strides,
-                                                          explicit_sharding.shards(lhs, 0)):
-        return "patches"
-    if feature_group_count == 1 and (gpu_taps or conv_plans.small_map_taps(lhs.shape, rhs.shape, rhs_dilation)
-                                     and not explicit_sharding.is_split(lhs)):
-        return "taps"
-    if feature_group_count == 1 and conv_plans.cpu_loop_mode() and not explicit_sharding.is_split(lhs):
-        return "loop"
-    if feature_group_count == 1 and not explicit_sharding.is_split(lhs) and conv_plans.dense_chunk(
-            lhs.shape, rhs.shape[-1], strides, lhs.dtype):
-        return "chunks"
-    return None
-
-
-def _channels_last(lhs, rhs, dimension_numbers) -> bool:
-    """Whether ``dimension_numbers`` lay out ``lhs`` and the output as ``(B, *S, C)`` and ``rhs``
-    as ``(*K, C_in, C_out)`` (:func:`_dimension_numbers`)."""
-    n = rhs.ndim - 2
-    return (dimension_numbers is not None and n >= 1 and lhs.ndim == n + 2
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _dimension_numbers(n))
-
-
-GPU_CONV_MAX_MODES = 3
-"""Most spatial modes of a convolution left to XLA on the GPU backend. XLA's GPU compiler hands
-convolutions to cuDNN, which takes at most three spatial modes; on an NVIDIA H200 with jax 0.11.2
-(stop 46, ``benchmarks/device_check.sh`` and benchmarks/EXPERIMENTS.md), compiling the gradient of
-a ``lax`` conv with four spatial modes aborted the process ("Check failed: num_dimensions <= 3"
-in ``gpu_conv_runner.cc``) or gave a wrong kernel gradient, while the forward pass was right. So
-:func:`conv_general_dilated` and the convs of computed kernels (:func:`_weight_conv`) run such
-convs as :func:`_taps_conv` (slices and matrix products, no convolution) on GPU."""
-
-
-def _taps_fit(x_shape, kernel_shape, strides, pads, dilations) -> bool:
-    """Whether the library's own routes take a conv of these resolved arguments: no negative pad
-    (a crop) and an output of at least zero positions per mode; else ``lax``'s conv."""
-    n = len(kernel_shape) - 2
-    return all(lo >= 0 and hi >= 0 for lo, hi in pads) and all(
-        output_size(*a) >= 0 for a in zip(x_shape[1:1 + n], kernel_shape[:n], strides, dilations, pads))
-
-
-def _gpu_needs_taps(n_modes: int) -> bool:
-    """Whether a conv of ``n_modes`` spatial modes runs as :func:`_taps_conv` (see
-    :data:`GPU_CONV_MAX_MODES`)."""
-    return jax.default_backend() == "gpu" and n_modes > GPU_CONV_MAX_MODES
-
-
-def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
-    """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as a sum over
-    the ``prod(K)`` taps of one matrix product each (the tap's strided slice of the padded input
-    against the tap's ``(C_in, C_out)`` kernel; several taps accumulated in float32 or wider; taps that read
-    padding only left out, :func:`_taps_read_input`); its gradients
-    are slices, pads and matrix products, so no backend needs a convolution for it (the pointwise
-    route, and :data:`GPU_CONV_MAX_MODES`). ``pads``: one resolved ``(lo, hi)`` pair per mode."""
-    n = kernel.ndim - 2
-    ks, c_in, c_out = kernel.shape[:n], kernel.shape[-2], kernel.shape[-1]
-    outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    # One piece per tap by a split, whose transpose (the kernel gradient) is one concatenate; indexing
-    # each tap transposes to a sum of prod(K) zero-padded full kernels: on Jester conv4's rebuilt
-    # CP kernel 399.9 against 237.7 ms fwd+bwd (`python -m benchmarks.experiments small_maps_computed`).
-    ws = [w[0] for w in jnp.split(kernel.reshape(-1, c_in, c_out), math.prod(ks), axis=0)]
-    live = [(xt, ws[i]) for i, (xt, reads) in enumerate(zip(_tap_inputs(x, ks, strides, pads, dilations, outs),
-                                                           _taps_read_input(x.shape[1:-1], ks, strides, pads, dilations,
-                                                                            outs))) if reads]
-    if not live:  # every output position reads padding only
-        return jnp.zeros((x.shape[0], *outs, c_out), x.dtype)
-    if len(live) == 1:
-        return channel_matmul(*live[0], precision)
-    return _summed_products(live, x.dtype, precision)
-
-
-def _summed_products(pairs, dtype, precision=None) -> jax.Array:
-    """``sum(channel_matmul(a, w))`` over the ``(a, w)`` ``pairs`` (equal output shapes), accumulated
-    in float32 or wider (integers in their own type) and returned in ``dtype``."""
-    acc = dtype if jnp.issubdtype(dtype, jnp.integer) else jnp.promote_types(dtype, jnp.float32)
-    return sum(channel_matmul(a, w, precision).astype(acc) for a, w in pairs).astype(dtype)
-
-
-def _taps_read_input(sizes, kernel_size, strides, pads, dilations, out_sizes):
-    """For every tap, in :func:`_tap_inputs`' order: whether it reads any of ``x`` (not only its
-    zero padding). A tap that reads none adds zeros, so :func:`_taps_conv` leaves it out (on a map
-    smaller than the kernel most taps do: a 1x1 map under a 3x3 kernel with padding 1 has one)."""
-    def reads(a, size, lo, out, s):  # some position a + j s, 0 <= j < out, in [lo, lo + size)
-        j = max(0, -(-(lo - a) // s))
-        return j < out and a + j * s < lo + size
-
-    for tap in itertools.product(*map(range, kernel_size)):
-        yield all(reads(t * d, size, lo, out, s)
-                  for t, d, size, (lo, _), out, s in zip(tap, dilations, sizes, pads, out_sizes, strides))
-
-
-def _patches_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:
-    """The channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` as one matrix
-    product of its explicit patches (im2col): the ``prod(K)`` tap inputs (:func:`_tap_inputs`) side
-    by side, ``(B, *S_out, prod(K) * C_in)``, against the kernel flattened to ``(prod(K) * C_in,
-    C_out)`` (:func:`channel_matmul`). The kernel gradient is one matrix product too; the input
-    gradient (not needed for a network's first conv) sums the taps' slices back. For few input
-    channels (:func:`hocp_jax.conv_plans.patches_conv`). Where the in-plane patches are wide
-    (:func:`hocp_jax.conv_plans.patches_split`: a video stem's 3x7x7 kernel), the patches cover the
-    modes after the first only, and each tap of the first mode is one product on a slice of them.
-    ``pads``: one resolved ``(lo, hi)`` pair per mode."""
-    n = kernel.ndim - 2
-    ks, c_out = kernel.shape[:n], kernel.shape[-1]
-    outs = [output_size(*a) for a in zip(x.shape[1:-1], ks, strides, dilations, pads)]
-    if not conv_plans.patches_split(x.shape[-1], ks):
-        patches = jnp.concatenate(list(_tap_inputs(x, ks, strides, pads, dilations, outs)), axis=-1)
-        return channel_matmul(patches, kernel.reshape(-1, c_out), precision)
-    # In-plane patches at every position of the padded first mode, (B, S_1 + pads, *S_out[1:],
-    # prod(K[1:]) C_in); first-mode tap t reads its slice of them with the kernel's t-th plane.
-    xp = _pad_axis(x, 1, pads[0])
-    plane = jnp.concatenate(list(_tap_inputs(xp, (1, *ks[1:]), (1, *strides[1:]), ((0, 0), *pads[1:]),
-                                             (1, *dilations[1:]), [xp.shape[1], *outs[1:]])), axis=-1)
-    return _summed_products(((lax.slice_in_dim(plane, t * dilations[0], t * dilations[0] + (outs[0] - 1) * strides[0] + 1,
-                                               strides[0], axis=1), w)
-                             for t, w in enumerate(kernel.reshape(ks[0], -1, c_out))), x.dtype, precision)
-
-
-def _tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
-    """For every tap of a kernel, in the kernel's row-major order, ``(B, *S_out, C_in)``: the
-    zero-padded ``x`` read at the positions that tap multiplies (one strided slice)."""
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    for tap in itertools.product(*map(range, kernel_size)):
-        start = tuple(t * d for t, d in zip(tap, dilations))
-        limit = tuple(a + (o - 1) * s + 1 for a, o, s in zip(start, out_sizes, strides))
-        yield lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
-
-
-def _lax_conv(x, kernel, strides, pads, dilations):
-    def xla(x, kernel):
-        return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations,
-                                        dimension_numbers=_dimension_numbers(kernel.ndim - 2))
-
-    return _with_auto_axes(xla, x, kernel)
-
-
-def _with_auto_axes(conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv(x, kernel)``, a channels-last ``lax`` conv, under ``jax.sharding.auto_axes`` when
-    ``x``'s type is explicitly split (:mod:`hocp_jax.explicit_sharding`): there the kernel
-    gradient of ``lax``'s conv has no sharding rule. The output keeps ``x``'s batch split, and
-    each spatial one its output size divides."""
-    if not explicit_sharding.is_split(x):
-        return conv(x, kernel)
-    out = jax.eval_shape(conv, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
-    return explicit_sharding.run_auto(conv, x, kernel, out_spec=explicit_sharding.kept_splits(x, out.shape))
-
-
-_conv_tap_grad_vjp = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
-
-
-def _conv_tap_grad(x, kernel, strides, pads, dilations):
-    return _conv_tap_grad_vjp(*_vary_alike(x, kernel), strides, pads, dilations)
-
-
-def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations):
-    return _lax_conv(x, kernel, strides, pads, dilations), (x, kernel)
-
-
-def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
-    """Input gradient: XLA's own (the transposed conv), or in a loop on CPU :func:`_loop_input_grad`;
-    kernel gradient: one ``(C_in, N) x (N, C_out)`` matrix product per tap, ``N`` = the batch's
-    output positions, accumulated in float32 (or wider)."""
-    x, kernel = res
-    if conv_plans.cpu_loop_mode() and all(lo >= 0 and hi >= 0 for lo, hi in pads):
-        dx = _loop_input_grad(g, kernel, x.shape, strides, pads, dilations)
-    else:
-        dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
-    g2 = g.reshape(-1, g.shape[-1])
-    dk = jnp.stack([
-        jnp.matmul(xt.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-        for xt in _tap_inputs(x, kernel.shape[:-2], strides, pads, dilations, g.shape[1:-1])
-    ])
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv_tap_grad_vjp.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
-
-
-def _loop_input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides, pads, dilations) -> jax.Array:
-    """The input gradient ``(B, *S, C_in)`` of the channels-last conv of ``kernel (*K, C_in, C_out)``
-    (``pads`` >= 0) for the cotangent ``g (B, *S_out, C_out)``, without XLA's transposed conv, which
-    XLA's CPU backend runs slower in a loop's body (:func:`hocp_jax.conv_plans.loop_mode`): unstrided,
-    XLA's forward conv of ``g`` with the flipped kernel, its channel axes swapped; strided, one
-    ``(N, C_out) x (C_out, C_in)`` matrix product per tap, each spread to the tap's strided
-    positions (``lax.pad`` with interior padding) and summed in float32 (or wider)."""
-    n = kernel.ndim - 2
-    ks, sizes = kernel.shape[:n], x_shape[1:-1]
-    if all(s == 1 for s in strides):
-        reach = [d * (k - 1) for k, d in zip(ks, dilations)]
-        flipped = jnp.flip(kernel, tuple(range(n))).swapaxes(-1, -2)
-        return lax.conv_general_dilated(g, flipped, (1,) * n, [(r - lo, r - hi) for r, (lo, hi) in zip(reach, pads)],
-                                        rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n))
-    ws = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
-    total = 0.0
-    for i, tap in enumerate(itertools.product(*map(range, ks))):
-        t = channel_matmul(g, ws[i].T).astype(jnp.promote_types(g.dtype, jnp.float32))
-        spread = [(lo_pad, size + lo + hi - lo_pad - (o - 1) * s - 1, s - 1) for lo_pad, size, (lo, hi), o, s in
-                  zip((a * d for a, d in zip(tap, dilations)), sizes, pads, g.shape[1:-1], strides)]
-        total = total + lax.pad(t, jnp.zeros((), t.dtype), [(0, 0, 0), *spread, (0, 0, 0)])
-    return lax.slice(total, (0, *(lo for lo, _ in pads), 0),
-                     (x_shape[0], *(lo + size for (lo, _), size in zip(pads, sizes)), x_shape[-1])).astype(g.dtype)
-
-
-def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, dilations) -> jax.Array:
-    """``lax``'s channels-last conv of ``x (B, *S, C_in)`` with ``kernel (*K, C_in, C_out)`` (``strides``,
-    ``dilations``: one int per mode; ``pads``: one ``(lo, hi)`` pair per mode, as resolved by
-    :func:`hocp_jax.padding.resolve_padding`), equal dtypes, whose kernel gradient is one matrix
-    product per tap (the tap's strided slice of the padded input against the cotangent) instead of
-    XLA's kernel-gradient convolution, which XLA ran far below its matrix-product speed on an AVX2
-    CPU host. Forward pass and input gradient are XLA's (in a loop's body on CPU, the input gradient
-    is :func:`_loop_input_grad`'s). The library's 2-D convs of a computed or
-    trained kernel run it where :func:`hocp_jax.autotune.choose_kernel_grad` says so (with the
-    figures); on 3-D convs the products gained or lost (0.81-1.21x; most lost on the Jester conv1,
-    3 input channels), so those keep XLA's outside loops (``python -m benchmarks.experiments kernel_grad``;
-    benchmarks/EXPERIMENTS.md, stop 39)."""
-    n = kernel.ndim - 2
-    if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
-        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected "
-                         f"(B, {n} spatial sizes, {kernel.shape[-2]} channels)")
-    for name, value in (("strides", strides), ("pads", pads), ("dilations", dilations)):
-        if len(value) != n:
-            raise ValueError(f"{name}={value!r}: expected one entry per spatial mode ({n})")
-    if x.dtype != kernel.dtype:
-        raise ValueError(f"x: dtype {x.dtype} differs from the kernel's {kernel.dtype}; expected equal dtypes")
-    return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
-
-
-def _chunked_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, chunk: int) -> jax.Array:
-    """:func:`conv_matmul_kernel_grad` over ``chunk`` samples of ``x`` at a time (:func:`_per_sample`,
-    both loops in :func:`hocp_jax.conv_plans.loop_mode`): :func:`hocp_jax.conv_plans.dense_chunk`'s route."""
-    return _per_sample(lambda xc: conv_matmul_kernel_grad(xc, kernel, strides=strides, pads=pads, dilations=dilations),
-                       x, chunk, loop=True)
-
-
-def _weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input_grad: bool = True) -> jax.Array:
-    """The conv of a kernel a factorized layer computes or trains (the CP, Tucker and TT
-    reconstructed kernels, the Tucker core, a TT mode's kernel), ``x`` and ``kernel`` promoted to
-    their common dtype: :func:`_taps_conv` on GPU for more than :data:`GPU_CONV_MAX_MODES` spatial
-    modes; :func:`_patches_conv` where :func:`hocp_jax.conv_plans.patches_conv` says so (CPU, 3+
-    modes, few input channels); where ``x`` is not explicitly sharded,
-    :func:`_chunked_conv` where :func:`hocp_jax.conv_plans.dense_chunk` says so (a large 2-D
-    input, or a stem's), as in :func:`conv_general_dilated`;
-    :func:`conv_matmul_kernel_grad` for a 2-D kernel where
-    :func:`hocp_jax.autotune.choose_kernel_grad` says so (analytic policy: CPU hosts with AVX2 but
-    not AVX-512, and AVX-512 ones on large inputs) or in a loop's body on CPU (any number of modes,
-    :func:`hocp_jax.conv_plans.loop_mode`); else ``lax``'s conv with XLA's own gradients (under ``auto_axes`` if ``x`` is explicitly sharded,
-    :func:`_with_auto_axes`). Before those two, on CPU and where ``x`` is not explicitly sharded,
-    a map with a mode shorter than the kernel runs as :func:`_taps_conv`
-    (:func:`hocp_jax.conv_plans.small_map_taps`), as in :func:`conv_general_dilated`: fwd+bwd of a
-    rebuilt CP kernel (``python -m benchmarks.experiments small_maps_computed``, stop 61) took
-    0.18x and 0.61x ``lax``'s time on a ResNet-18's 2x2 last stage (batch 64 and 8) and 1.00x
-    and 1.04x on two 2-frame clips, on an AVX-512 host, where those 2-D convs took ``lax``'s conv
-    before; on AVX2-only hosts they took :func:`conv_matmul_kernel_grad` (not compared).
-    ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
-    x, kernel = _promote(x, kernel)
-    split = explicit_sharding.is_split(x)
-    if _gpu_needs_taps(kernel.ndim - 2):
-        return _taps_conv(x, kernel, strides, pads, dilations)
-    if conv_plans.patches_conv(x.shape, x.dtype, kernel.shape, strides, explicit_sharding.shards(x, 0)):
-        return _patches_conv(x, kernel, strides, pads, dilations)
-    if not split and conv_plans.small_map_taps(x.shape, kernel.shape, dilations) and _taps_fit(x.shape, kernel.shape,
-                                                                                              strides, pads, dilations):
-        return _taps_conv(x, kernel, strides, pads, dilations)
-    chunk = None if split else conv_plans.dense_chunk(x.shape, kernel.shape[-1], strides, x.dtype)
-    if chunk:
-        return _chunked_conv(x, kernel, strides, pads, dilations, chunk)
-    if not split and (kernel.ndim == 4 and autotune.choose_kernel_grad(x.shape, x.dtype, kernel.shape, strides, pads,
-                                                                      dilations, input_grad)
-                      or conv_plans.cpu_loop_mode()):
-        return conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=dilations)
-    return _lax_conv(x, kernel, strides, pads, dilations)
-
-
-def _pad_axis(h: jax.Array, axis: int, pad: tuple[int, int]) -> jax.Array:
-    """Zero-pads ``h`` by ``pad = (lo, hi)`` along ``axis`` only."""
-    if not any(pad):
-        return h
-    cfg = [(0, 0)] * h.ndim
-    cfg[axis] = tuple(pad)
-    return jnp.pad(h, cfg)
-
-
-def _shift_conv(h: jax.Array, kernel: jax.Array, strides, pads, dilations) -> jax.Array:
-    """``sum_t kernel[t] * (zero-padded h read at tap t's positions)`` over the taps of ``kernel
-    (*K, R)``: the depthwise conv of ``h (B, *S, R)``, one strided slice per tap, which XLA fuses
-    into one loop (no autodiff rule of its own)."""
-    ks = kernel.shape[:-1]
-    outs = [output_size(*a) for a in zip(h.shape[1:-1], ks, strides, dilations, pads)]
-    taps = itertools.product(*map(range, ks))
-    return functools.reduce(jnp.add, (xt * kernel[t] for xt, t in
-                                      zip(_tap_inputs(h, ks, strides, pads, dilations, outs), taps)))
-
-
-def _shift_depthwise(h, kernel, strides, pads, dilations):
-    """The depthwise shift kernel with its custom VJP (:func:`depthwise_conv_1d`)."""
-    return _shift_depthwise_vjp(*_vary_alike(h, kernel), strides, pads, dilations)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shift_depthwise_vjp(h, kernel, strides, pads, dilations):
-    return _shift_conv(h, kernel, strides, pads, dilations)
-
-
-def _shift_depthwise_fwd(h, kernel, strides, pads, dilations):
-    return _shift_conv(h, kernel, strides, pads, dilations), (h, kernel)
-
-
-def _shift_depthwise_bwd(strides, pads, dilations, res, g):
-    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
-    the flipped kernel; kernel gradient = per tap, sum of the tap's input slice times ``g``."""
-    h, kernel = res
-    ks, outs = kernel.shape[:-1], g.shape[1:-1]
-    cfg = [((k - 1) * d - lo, n + lo - (o - 1) * s - 1, s - 1)
-           for n, k, (lo, _), s, d, o in zip(h.shape[1:-1], ks, pads, strides, dilations, outs)]
-    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *cfg, (0, 0, 0)])
-    flipped = lax.rev(kernel, [a for a, k in enumerate(ks) if k > 1])
-    dh = _shift_conv(gp, flipped, (1,) * len(ks), ((0, 0),) * len(ks), dilations)
-    sum_axes = tuple(range(h.ndim - 1))
-    dk = jnp.stack([jnp.sum(xt * g, axis=sum_axes) for xt in _tap_inputs(h, ks, strides, pads, dilations, outs)])
-    return dh, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_shift_depthwise_vjp.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
-
-
-def _depthwise(h, factor, axis, stride, pad, dilation):
-    """The shift kernel with ``factor (K, R)`` along spatial ``axis`` only (a ``(1, .., K, .., 1, R)``
-    kernel)."""
-    n = h.ndim - 2
-    along = [a == axis for a in range(1, n + 1)]
-    kernel = factor.reshape(tuple(factor.shape[0] if a else 1 for a in along) + factor.shape[1:])
-    return _shift_depthwise(h, kernel, tuple(stride if a else 1 for a in along),
-                            tuple(pad if a else (0, 0) for a in along), tuple(dilation if a else 1 for a in along))
-
-
-def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int, pad, dilation: int) -> jax.Array:
-    """Depthwise 1-D conv of ``h (B, *S, R)`` along spatial ``axis`` (1-based) with ``factor (K, R)``.
-
-    "Shift and multiply": pad once, then ``sum_k factor[k] * h_pad[k*dilation :: stride]``
-    (K strided slices), which XLA fuses into one loop; the stride is applied inside the slice,
-    so only the output positions are computed. The backward pass is a custom VJP made of the
-    same fused kernel (input gradient: the flipped factor over the stride-dilated cotangent;
-    factor gradient: one reduction per tap), because XLA's automatic transpose of the slices
-    materialises full-size padded copies (1.3-1.6x slower fwd+bwd on the Jester layers).
-    Reverse mode only (no ``jax.jvp`` through this function). On a 2-core CPU the shift kernel
-    was 3-20x faster fwd+bwd than ``lax.conv_general_dilated`` with ``feature_group_count=R``
-    on the Jester and ResNet layers when it replaced it, so the grouped conv is not used
-    (the N-D form: :func:`depthwise_conv`).
-    """
-    return _depthwise(h, factor, axis, int(stride), tuple(int(p) for p in pad), int(dilation))
-
-
-def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: PaddingLike = "SAME", dilation=1) -> jax.Array:
-    """Depthwise N-D conv of ``h (B, *S, R)`` with ``kernel (*K, R)`` (one ``*K`` filter per
-    channel; MobileNet's depthwise step) -> ``(B, *S_out, R)``, padding as in :mod:`hocp_jax.padding`.
-
-    The shift kernel of :func:`depthwise_conv_1d` over all modes at once (``prod K`` strided
-    slices, one fused pass; custom VJP of the same form; reverse mode only). It equals
-    ``lax.conv_general_dilated`` with ``feature_group_count=R`` and replaces it, which XLA CPU
-    ran 2.7-31x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
-    """
-    n = kernel.ndim - 1
-    if min(kernel.shape, default=0) < 1:
-        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected a depthwise (*K, R) kernel of sizes >= 1")
-    if n < 1 or h.ndim != n + 2 or h.shape[-1] != kernel.shape[-1]:
-        raise ValueError(f"h: got shape {tuple(h.shape)} for a depthwise kernel of shape {tuple(kernel.shape)}; "
-                         f"expected (B, {n} spatial sizes, {kernel.shape[-1]} channels)")
-    strides = as_tuple(stride, n, "stride")
-    dilations = as_tuple(dilation, n, "dilation")
-    pads = resolve_padding(padding, h.shape[1:-1], kernel.shape[:n], strides, dilations)
-    h, kernel = _promote(h, kernel)
-    return _shift_depthwise(h, kernel, strides, pads, dilations)
 
 
 def best_mode_order(
@@ -716,24 +188,6 @@ def cp_to_kernel(params: Params, modes: Sequence[str]) -> jax.Array:
     return jnp.einsum(spec, *operands)
 
 
-def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
-    """1x1 contraction ``(B, *S, C) x (C, R) -> (B, *S, R)`` as one 2-D matmul over the flattened
-    positions. Same values as ``einsum("...c,cr->...r")``, but its weight gradient is a plain
-    ``(C, N) x (N, R)`` dot: XLA CPU's dot canonicalisation otherwise transposes the (N, R)
-    cotangent of a multi-axis contraction, a strided copy of the largest tensor of the layer.
-    Under explicit sharding of an axis between the first and the last (a spatially split input),
-    which the flattening cannot carry, the unflattened product. On CPU, a product of few channels
-    runs two neighbouring positions per row against a block-diagonal weight
-    (:func:`hocp_jax.conv_plans.paired_rows`)."""
-    if explicit_sharding.splits_inner_axes(x):
-        return jnp.matmul(x, w, precision=precision)
-    c, r = w.shape
-    if x.ndim > 2 and not explicit_sharding.is_split(x) and conv_plans.paired_rows(c, r, x.shape[-2]):
-        pair = jnp.kron(jnp.eye(2, dtype=w.dtype), w)  # [[w, 0], [0, w]]: two positions per row
-        return jnp.matmul(x.reshape(-1, 2 * c), pair, precision=precision).reshape(x.shape[:-1] + (r,))
-    return jnp.matmul(x.reshape(-1, c), w, precision=precision).reshape(x.shape[:-1] + (r,))
-
-
 def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
     """``y`` plus, if the dict has ``factor_skip (C_in, C_out)``, the skip branch ``x x_C U^(S)``
     as a strided 1x1 conv, which must have ``y``'s shape ``(B, *S_out, C_out)``."""
@@ -748,105 +202,7 @@ def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
             f"{skip_shape} but the conv output is {tuple(y.shape)}; expected ({x.shape[-1]}, {y.shape[-1]}) "
             "and a size-preserving padding ('SAME'/'SYMMETRIC')"
         )
-    return y + channel_matmul(xs, u)
-
-
-def _per_sample(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1, loop: bool = False) -> jax.Array:
-    """``f`` (``(k, *S, C) -> (k, *S', C')``, may close over parameters) on each chunk of ``chunk``
-    samples of ``x`` in turn (``lax.map``; ``chunk`` divides the batch). Its VJP is a second loop
-    that recomputes one chunk's forward and pulls its cotangent back at once, while that chunk's
-    intermediates are still in cache; the parameter gradients are summed over the chunks.
-    Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
-    passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
-    more than the recomputed forward (benchmarks/EXPERIMENTS.md). ``loop``: both loops' bodies
-    are traced in :func:`hocp_jax.conv_plans.loop_mode`."""
-    in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
-    fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
-    # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
-    # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
-    one = chunk == 1
-    lift, drop = ((lambda a: a[None]), (lambda a: a[0])) if one else ((lambda a: a), (lambda a: a))
-
-    @jax.custom_vjp
-    def run(xs, *consts):
-        with in_loop():
-            return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
-
-    def run_fwd(xs, *consts):
-        return run(xs, *consts), (xs, consts)
-
-    def run_bwd(res, g):
-        xs, consts = res
-
-        def body(acc, xg):
-            dxi, *dc = jax.vjp(fc, lift(xg[0]), *consts)[1](lift(xg[1]))
-            return [a + d for a, d in zip(acc, dc)], drop(dxi)
-
-        with in_loop():
-            dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
-        return (dx, *dc)
-
-    run.defvjp(run_fwd, run_bwd)
-    y = run(x if one else x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:]), *consts)
-    return y if one else y.reshape(x.shape[:1] + y.shape[2:])
-
-
-def _per_tile(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows: int, halo: int,
-              pad: tuple[int, int]) -> jax.Array:
-    """``f`` over tiles of ``rows`` output rows along spatial ``axis`` of every sample, one tile at
-    a time in a loop over the ``B * n`` tiles, with the VJP scheme of :func:`_per_sample`.
-
-    ``f`` maps ``(1, ..., rows + halo, ..., C)`` input rows to ``(1, ..., rows, ..., C')`` (its conv
-    along ``axis`` unpadded, stride 1); ``x`` is zero-padded along ``axis`` by ``pad = (lo, hi)``,
-    so ``f`` must be linear up to that conv (the zero rows are its padding). Tiles are read from
-    and written to ``x``'s and the output's own layout (dynamic slices; the gradient w.r.t. ``x``
-    is accumulated in place, the halos overlapping): no tile-major copy of any array. When ``rows``
-    does not divide the output size, the last tile is moved back to end at the last row; the rows
-    it shares with the tile before get a zero cotangent. Returns ``(B, ..., S_out, ..., C')``.
-    """
-    xp = _pad_axis(x, axis, pad)
-    b, out_size = x.shape[0], xp.shape[axis] - halo
-    n = -(-out_size // rows)
-
-    def window(a, t, size):  # tile t's (1, .., size, ..) block of a, and its first row
-        first = jnp.minimum((t % n) * rows, out_size - rows)
-        start = [0] * a.ndim
-        start[0], start[axis] = t // n, first
-        return lax.dynamic_slice(a, start, (1,) + a.shape[1:axis] + (size,) + a.shape[axis + 1:]), start
-
-    first_tile = window(xp, 0, rows + halo)[0]
-    fc, consts = jax.closure_convert(f, first_tile)
-    y_tile = jax.eval_shape(fc, first_tile, *consts)
-    y_shape = (b,) + y_tile.shape[1:axis] + (out_size,) + y_tile.shape[axis + 1:]
-
-    @jax.custom_vjp
-    def run(xp, *consts):
-        def body(t, y):
-            xt, start = window(xp, t, rows + halo)
-            return lax.dynamic_update_slice(y, fc(xt, *consts), start)
-        return lax.fori_loop(0, b * n, body, _vary_alike(jnp.zeros(y_shape, y_tile.dtype), xp, *consts)[0])
-
-    def run_fwd(xp, *consts):
-        return run(xp, *consts), (xp, consts)
-
-    def run_bwd(res, g):
-        xp, consts = res
-        row = lax.broadcasted_iota(jnp.int32, (1,) * axis + (rows,) + (1,) * (g.ndim - axis - 1), axis)
-
-        def body(t, carry):
-            dxp, dc = carry
-            xt, start = window(xp, t, rows + halo)
-            gt, _ = window(g, t, rows)
-            gt = jnp.where(start[axis] + row >= (t % n) * rows, gt, 0)  # rows the tile before covered
-            dxt, *dct = jax.vjp(fc, xt, *consts)[1](gt)
-            dxp = lax.dynamic_update_slice(dxp, window(dxp, t, rows + halo)[0] + dxt, start)
-            return dxp, [a + d for a, d in zip(dc, dct)]
-
-        dxp, dc = lax.fori_loop(0, b * n, body, (jnp.zeros_like(xp), [jnp.zeros_like(c) for c in consts]))
-        return (dxp, *dc)
-
-    run.defvjp(run_fwd, run_bwd)
-    return run(xp, *consts)
+    return y + conv_ops.channel_matmul(xs, u)
 
 
 def _folded_contraction(x: jax.Array, factors: Params, modes: Sequence[str], folded: Sequence[int], ksizes, pads,
@@ -854,7 +210,7 @@ def _folded_contraction(x: jax.Array, factors: Params, modes: Sequence[str], fol
     """The input contraction of ``x (B, *S, C_in)`` with the depthwise passes of the stride-1 modes
     ``folded`` (sorted indices) folded in: ``(B, *S', R)``, ``S'`` the folded modes' output sizes
     and the others' input sizes. One product of the ``prod K`` shifted copies of ``x`` side by side
-    (:func:`_tap_inputs`, channels minor) with ``U^(C)`` times those modes' factors,
+    (:func:`hocp_jax.conv_ops.tap_inputs`, channels minor) with ``U^(C)`` times those modes' factors,
     ``(prod K C_in, R)`` (:func:`hocp_jax.conv_plans.tile_fold_modes`)."""
     n = len(modes)
     ks = [ksizes[i] if i in folded else 1 for i in range(n)]
@@ -865,8 +221,8 @@ def _folded_contraction(x: jax.Array, factors: Params, modes: Sequence[str], fol
     for i in reversed(folded):
         u = factors[mode_key(modes[i])]
         w = (u[:, None, :] * w[None]).reshape(-1, u.shape[-1])
-    copies = jnp.concatenate(list(_tap_inputs(x, ks, (1,) * n, ps, ds, outs)), axis=-1)
-    return channel_matmul(copies, w)
+    copies = jnp.concatenate(list(conv_ops.tap_inputs(x, ks, (1,) * n, ps, ds, outs)), axis=-1)
+    return conv_ops.channel_matmul(copies, w)
 
 
 def _on_each_device(f: Callable, x: jax.Array, params: Params, mesh, axes: tuple[str, ...]) -> jax.Array:
@@ -902,7 +258,7 @@ def cp_conv(
       stride, dilation: int or one int per mode.
       padding: see :mod:`hocp_jax.padding`.
       implementation: ``"factorized"`` (1x1 -> depthwise 1-D per mode -> 1x1, see
-        :func:`depthwise_conv_1d`; on CPU it computes bfloat16/float16 in float32,
+        :func:`hocp_jax.conv_ops.depthwise_conv_1d`; on CPU it computes bfloat16/float16 in float32,
         :func:`hocp_jax.conv_plans.compute_dtype`), ``"reconstructed"`` (build the kernel, one dense conv; see
         :func:`hocp_jax.autotune.choose_kernel_grad` for its kernel gradient) or
         ``"auto"`` (per call shape and backend, :func:`hocp_jax.autotune.choose_cp`: the
@@ -986,7 +342,8 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
             batch_shards=explicit_sharding.shards(x, 0))
     if implementation == "reconstructed":
         keys = ("lambda", "factor_in", "factor_out", *map(mode_key, modes))
-        y = _weight_conv(x, cp_to_kernel(_promoted(x, params, keys), modes), strides, pads, dilations, input_grad)
+        kernel = cp_to_kernel(_promoted(x, params, keys), modes)
+        y = conv_ops.weight_conv(x, kernel, strides, pads, dilations, input_grad)
     else:
         if mode_order is None:
             order = tuple(modes[i] for i in best_mode_order(x.shape[1:-1], ksizes, strides, pads, dilations))
@@ -1010,24 +367,25 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
             out_factor = out_factor.T
         # Under shard_map the factors vary like x: the per-sample and tile loops accumulate the
         # shard's factor gradients, summed over the shards once (the cast's transpose), not per sample.
-        x, out_factor, *cast = _vary_alike(x, out_factor, *factors.values())
+        x, out_factor, *cast = conv_ops.vary_alike(x, out_factor, *factors.values())
         factors = dict(zip(keys, cast))
 
         def factorized(x, pads=pads, order=order, folded=()):
             if folded:  # no psi: the folded modes' passes are part of the input contraction
                 h = _folded_contraction(x.astype(cdt), factors, modes, folded, ksizes, pads, dilations)
             else:
-                h = channel_matmul(x.astype(cdt), factors["factor_in"])
+                h = conv_ops.channel_matmul(x.astype(cdt), factors["factor_in"])
             if psi is not None:
                 h = psi(h, "in")
             for m in order:
                 i = modes.index(m)
                 if i in folded:
                     continue
-                h = depthwise_conv_1d(h, factors[mode_key(m)], i + 1, stride=strides[i], pad=pads[i], dilation=dilations[i])
+                h = conv_ops.depthwise_conv_1d(h, factors[mode_key(m)], i + 1, stride=strides[i], pad=pads[i],
+                                               dilation=dilations[i])
                 if psi is not None:
                     h = psi(h, m)
-            return channel_matmul(h, out_factor if out_before else out_factor.T).astype(dtype)
+            return conv_ops.channel_matmul(h, out_factor if out_before else out_factor.T).astype(dtype)
 
         plan = tiles_ok and conv_plans.tile_plan(x.shape, rank, x.dtype, out_sizes, halos, strides, pads)
         if plan:
@@ -1038,10 +396,10 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
                 strided = tuple(m for m in order if strides[modes.index(m)] > 1)
                 order = strided + (modes[i],) + tuple(m for m in order if m not in strided and m != modes[i])
             tile_pads = pads[:i] + ((0, 0),) + pads[i + 1:]
-            y = _per_tile(functools.partial(factorized, pads=tile_pads, order=order, folded=folded), x, i + 1, rows,
-                          halos[i], pads[i])
+            y = conv_ops.map_tiles(functools.partial(factorized, pads=tile_pads, order=order, folded=folded), x, i + 1,
+                                   rows, halos[i], pads[i])
         elif chunk:
-            y = _per_sample(factorized, x, chunk)
+            y = conv_ops.map_chunks(factorized, x, chunk)
         else:
             y = factorized(x)
     return add_bias(_add_skip(y, x, params, strides), params)
@@ -1097,12 +455,12 @@ def tucker_conv(
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, x.shape[1:-1], core.shape[:n], strides, dilations)
     if implementation == "reconstructed":
-        y = _weight_conv(x, tucker_to_kernel(_promoted(x, params, ("core", "factor_in", "factor_out"))), strides,
+        y = conv_ops.weight_conv(x, tucker_to_kernel(_promoted(x, params, ("core", "factor_in", "factor_out"))), strides,
                          pads, dilations)
     elif implementation == "factorized":
-        h = channel_matmul(x, u_in)
-        h = _weight_conv(h, core, strides, pads, dilations)
-        y = channel_matmul(h, u_out.T)
+        h = conv_ops.channel_matmul(x, u_in)
+        h = conv_ops.weight_conv(h, core, strides, pads, dilations)
+        y = conv_ops.channel_matmul(h, u_out.T)
     else:
         raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
     return add_bias(y, params)
@@ -1155,13 +513,13 @@ def separable_conv(
     if "factor_in" in params and params["factor_in"].shape[0] != x.shape[-1]:
         raise ValueError(f"params['factor_in']: shape {tuple(params['factor_in'].shape)} expects "
                          f"{params['factor_in'].shape[0]} input channels but x has {x.shape[-1]}")
-    h = channel_matmul(x, params["factor_in"]) if "factor_in" in params else x
+    h = conv_ops.channel_matmul(x, params["factor_in"]) if "factor_in" in params else x
     if h.shape[-1] != dw.shape[-1]:
         raise ValueError(f"params['depthwise']: shape {tuple(dw.shape)} expects {dw.shape[-1]} channels, got {h.shape[-1]}")
     if params["factor_out"].ndim != 2 or params["factor_out"].shape[1] != dw.shape[-1]:
         raise ValueError(f"params['factor_out']: got shape {tuple(params['factor_out'].shape)}, expected (C_out, {dw.shape[-1]})")
-    h = depthwise_conv(h, dw, stride=stride, padding=padding, dilation=dilation)
-    y = channel_matmul(h, params["factor_out"].T)
+    h = conv_ops.depthwise_conv(h, dw, stride=stride, padding=padding, dilation=dilation)
+    y = conv_ops.channel_matmul(h, params["factor_out"].T)
     return add_bias(_add_skip(y, x, params, as_tuple(stride, n, "stride")), params)
 
 
@@ -1221,17 +579,18 @@ def tt_conv(
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
     if implementation == "reconstructed":
-        y = _weight_conv(x, tt_to_kernel(_promoted(x, params, [f"core_{i}" for i in range(len(cores))])), strides,
+        y = conv_ops.weight_conv(x, tt_to_kernel(_promoted(x, params, [f"core_{i}" for i in range(len(cores))])), strides,
                          pads, dilations)
     elif implementation == "factorized":
         def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
             return tuple(value if j == i else rest for j in range(n))
 
-        h = channel_matmul(x, cores[0][0])
+        h = conv_ops.channel_matmul(x, cores[0][0])
         for i, c in enumerate(cores[1:-1]):  # (R_i, K_i, R_{i+1}) -> kernel (1.., K_i, ..1, R_i, R_{i+1})
             kernel = jnp.moveaxis(c, 1, 0).reshape(only(i, c.shape[1], 1) + (c.shape[0], c.shape[2]))
-            h = _weight_conv(h, kernel, only(i, strides[i], 1), only(i, pads[i], (0, 0)), only(i, dilations[i], 1))
-        y = channel_matmul(h, cores[-1][..., 0])
+            h = conv_ops.weight_conv(h, kernel, only(i, strides[i], 1), only(i, pads[i], (0, 0)),
+                                     only(i, dilations[i], 1))
+        y = conv_ops.channel_matmul(h, cores[-1][..., 0])
     else:
         raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
     return add_bias(y, params)

@@ -172,7 +172,7 @@ def loop_mode() -> contextlib.AbstractContextManager:
     """Within the block, the convs traced are in a loop's body (``lax.scan``: the micro-batches of
     :func:`hocp_jax.training.step.make_train_step`); on the CPU backend (:func:`cpu_loop_mode`) the library's
     ungrouped convs, of computed kernels and dense ones alike, then run XLA's forward convolution with
-    gradients that need none of XLA's gradient convolutions (:func:`hocp_jax.conv.conv_matmul_kernel_grad`:
+    gradients that need none of XLA's gradient convolutions (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`:
     the kernel gradient as one matrix product per tap, the input gradient as a forward conv of the flipped
     kernel, or per tap if strided; a custom VJP: reverse mode only, ``jax.jvp`` through them raises in the
     block), untimed. XLA's CPU backend runs its gradient convolutions far slower inside a loop (stop 59: a 3x3
@@ -307,9 +307,9 @@ def patches_fit(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], stri
 
 def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], strides: Sequence[int],
                  batch_shards: int | None = None) -> bool:
-    """Whether :func:`hocp_jax.conv.conv_general_dilated` and the convs of computed kernels (the
-    CP reconstructed path, :func:`hocp_jax.conv._weight_conv`) run a channels-last, ungrouped
-    conv as one matrix product of its explicit patches (:func:`hocp_jax.conv._patches_conv`):
+    """Whether :func:`hocp_jax.conv_ops.conv_general_dilated` and the convs of computed kernels (the
+    CP reconstructed path, :func:`hocp_jax.conv_ops.weight_conv`) run a channels-last, ungrouped
+    conv as one matrix product of its explicit patches (:func:`hocp_jax.conv_ops._patches_conv`):
     on the CPU backend, where :func:`patches_fit` says so. GPU/TPU keep their vendor-tuned
     convolutions (not measured against it)."""
     return jax.default_backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
@@ -330,7 +330,7 @@ def patches_split_mode(value: bool | None) -> contextlib.AbstractContextManager:
 
 
 def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
-    """Whether :func:`hocp_jax.conv._patches_conv` builds the patches over the modes after the
+    """Whether :func:`hocp_jax.conv_ops._patches_conv` builds the patches over the modes after the
     first only, at every position of the (padded) first mode, and runs one matrix product per tap
     of the first mode on its slice of them (summed in float32 or wider), instead of one product
     of the full patches: when the first mode has more than one tap, the input at most
@@ -359,11 +359,11 @@ def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
 
 
 def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilations: Sequence[int] | None = None) -> bool:
-    """Whether :func:`hocp_jax.conv.conv_general_dilated` (the models' dense convs) and
-    :func:`hocp_jax.conv._weight_conv` (the convs of computed kernels: reconstructed CP, Tucker and
+    """Whether :func:`hocp_jax.conv_ops.conv_general_dilated` (the models' dense convs) and
+    :func:`hocp_jax.conv_ops.weight_conv` (the convs of computed kernels: reconstructed CP, Tucker and
     TT kernels) run a channels-last, ungrouped conv of ``x (B, *S, C_in)``
     with ``kernel (*K, C_in, C_out)`` as one matrix product per tap that reads ``x``
-    (:func:`hocp_jax.conv._taps_conv`): on the CPU backend, when a spatial mode of ``x`` is
+    (:func:`hocp_jax.conv_ops._taps_conv`): on the CPU backend, when a spatial mode of ``x`` is
     shorter than the kernel's extent ``d (k - 1) + 1`` (``dilations`` default 1).
 
     XLA's CPU convolution is pathologically slow there. Stop 60, ``python -m benchmarks.experiments
@@ -397,7 +397,7 @@ def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
     """Whether a 2-D conv of a computed or trained kernel (the CP, Tucker and TT reconstructed
     paths, the Tucker core, the TT mode kernels) on ``x`` of ``x_shape`` (as traced; the batch one
     device runs counts, :func:`device_shape`) and ``dtype`` takes its kernel gradient as one matrix
-    product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) instead of XLA's
+    product per tap (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`) instead of XLA's
     kernel-gradient convolution, without timing: on the CPU backend of an x86-64 host whose CPU
     lists AVX2 but not AVX-512, and of one with AVX-512 when ``x`` holds at least
     :data:`KERNEL_GRAD_MATMUL_MIN_BYTES`. The measured policy times both instead
@@ -446,10 +446,10 @@ def dense_chunks_mode(value: bool | None) -> contextlib.AbstractContextManager:
 
 
 def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int], dtype) -> int | None:
-    """Samples per step of the loop in which :func:`hocp_jax.conv.conv_general_dilated` runs an
+    """Samples per step of the loop in which :func:`hocp_jax.conv_ops.conv_general_dilated` runs an
     ungrouped channels-last 2-D conv of ``x (B, H, W, C_in)`` to ``out_channels`` with ``strides``
-    (a dense conv of the models, or one of a rebuilt kernel: :func:`hocp_jax.conv.conv_general_dilated`,
-    ``hocp_jax.conv._weight_conv``) on the CPU backend, or ``None`` (the
+    (a dense conv of the models, or one of a rebuilt kernel: :func:`hocp_jax.conv_ops.conv_general_dilated`,
+    ``hocp_jax.conv_ops.weight_conv``) on the CPU backend, or ``None`` (the
     whole batch at once, XLA's conv): with one program per device (:func:`loops_apply`), outside a
     :func:`loop_mode` block, ``B > 1`` and an input of at least :data:`DENSE_CHUNK_MIN_BYTES`
     (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most :data:`PATCHES_MAX_IN_CHANNELS` input
@@ -501,7 +501,7 @@ def paired_rows_mode(value: bool | None) -> contextlib.AbstractContextManager:
 
 
 def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
-    """Whether :func:`hocp_jax.conv.channel_matmul` runs its ``(N, C) x (C, R)`` product as
+    """Whether :func:`hocp_jax.conv_ops.channel_matmul` runs its ``(N, C) x (C, R)`` product as
     ``(N / 2, 2C) x (2C, 2R)`` with the block-diagonal ``[[U, 0], [0, U]]`` (two neighbouring
     positions per row; the same values): on the CPU backend, for ``C`` in
     :data:`PAIRED_ROWS_IN_CHANNELS` and ``R`` at most :data:`PAIRED_ROWS_MAX_OUT`, when the last

@@ -74,13 +74,13 @@ def test_the_program_without_loops_keeps_the_whole_batch_intermediates():
 def test_the_program_without_loops_runs_dense_convs_on_the_whole_batch():
     """The dense convs' chunks of samples (``conv_plans.dense_chunk``) are off too, so XLA's FLOP count
     (which counts a loop body once) is the whole batch's."""
-    from hocp_jax import conv
+    from hocp_jax import conv_ops
 
     x, k = jnp.zeros((8, 56, 56, 64)), jnp.zeros((3, 3, 64, 64))  # 6.1 MiB: one sample at a time
     dense = 2 * 8 * 56 * 56 * 64 * 64 * 9
 
     def fn(x, k):
-        return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv._dimension_numbers(2))
+        return conv_ops.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv_ops.channels_last_dims(2))
 
     assert bench.flops_of(bench.compile_program(fn, x, k)[0]) < 0.2 * dense  # the loop: one sample counted
     assert bench.xla_flops(fn, x, k) == pytest.approx(dense, rel=0.05)

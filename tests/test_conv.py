@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from hocp_jax import conv, conv_plans, init
+from hocp_jax import conv, conv_ops, conv_plans, init
 from hocp_jax.padding import resolve_padding
 
 RTOL = 1e-4
@@ -95,7 +95,7 @@ def test_cp_conv_matches_dense(sizes, ks, stride, dil, padding):
         assert y.shape == expected.shape
         np.testing.assert_allclose(y, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
     np.testing.assert_allclose(conv.cp_to_kernel(p, modes), w, rtol=1e-5, atol=1e-6)
-    y_lax = conv.dense_conv(x, jnp.asarray(w, jnp.float32), stride=stride, padding=lax_padding, dilation=dil)
+    y_lax = conv_ops.dense_conv(x, jnp.asarray(w, jnp.float32), stride=stride, padding=lax_padding, dilation=dil)
     np.testing.assert_allclose(y_lax, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
 
@@ -119,7 +119,7 @@ def test_matmul_kernel_gradient_matches_lax_autodiff(sizes, ks, stride, dil, pad
     def value_and_vjp(f):  # jitted: eagerly, each tap's slice and product would compile on its own
         return jax.jit(lambda x, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, k)))
 
-    ours = value_and_vjp(lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dils))
+    ours = value_and_vjp(lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dils))
     g = rng.standard_normal(jax.eval_shape(lax_conv, x, kernel).shape, np.float32)
     (y, grads), (y_ref, grads_ref) = ours(x, kernel, g), value_and_vjp(lax_conv)(x, kernel, g)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
@@ -148,7 +148,7 @@ def test_depthwise_conv_matches_lax_grouped_conv(sizes, ks, stride, dil, padding
     def value_and_vjp(f):
         return jax.jit(lambda h, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, h, k)))
 
-    ours = value_and_vjp(lambda h, k: conv.depthwise_conv(h, k, stride=stride, padding=padding, dilation=dil))
+    ours = value_and_vjp(lambda h, k: conv_ops.depthwise_conv(h, k, stride=stride, padding=padding, dilation=dil))
     g = rng.standard_normal(jax.eval_shape(grouped, h, kernel).shape, np.float32)
     (y, grads), (y_ref, grads_ref) = ours(h, kernel, g), value_and_vjp(grouped)(h, kernel, g)
     assert y.shape == y_ref.shape
@@ -207,7 +207,7 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     def value_and_vjp(f):
         return jax.jit(lambda x, k, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, k)))
 
-    ours = functools.partial(conv.conv_general_dilated, **kwargs)
+    ours = functools.partial(conv_ops.conv_general_dilated, **kwargs)
     ref = functools.partial(jax.lax.conv_general_dilated, **kwargs)
     g = rng.standard_normal(jax.eval_shape(ref, x, k).shape, np.float32)
     (y, grads), (y_ref, grads_ref) = value_and_vjp(ours)(x, k, g), value_and_vjp(ref)(x, k, g)
@@ -217,7 +217,7 @@ def test_conv_general_dilated_is_lax(x_shape, k_shape, kwargs, route):
     route = route if jax.default_backend() == "cpu" else "lax"  # GPU/TPU: every conv is lax's (next test)
     has_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, k))
     assert has_conv == (route == "lax")
-    assert conv.conv_route(x, k, **kwargs) == (None if route == "lax" else route)
+    assert conv_ops.conv_route(x, k, **kwargs) == (None if route == "lax" else route)
 
 
 def test_taps_leave_out_taps_that_read_padding_only():
@@ -235,10 +235,10 @@ def test_taps_leave_out_taps_that_read_padding_only():
             n = len(strides)
             x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
             outs = [conv.output_size(*a) for a in zip(x_shape[1:-1], k_shape[:n], strides, dilations, pads)]
-            assert sum(conv._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs)) == reading
+            assert sum(conv_ops._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs)) == reading
             ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
-                                                        dimension_numbers=conv._dimension_numbers(n))
-            ours = lambda x, k: conv._taps_conv(x, k, strides, pads, dilations)  # noqa: E731
+                                                        dimension_numbers=conv_ops.channels_last_dims(n))
+            ours = lambda x, k: conv_ops._taps_conv(x, k, strides, pads, dilations)  # noqa: E731
             y, vjp = jax.vjp(ref, x, k)
             y2, vjp2 = jax.vjp(ours, x, k)
             g = rng.standard_normal(y.shape)
@@ -252,7 +252,7 @@ def test_small_map_taps_on_computed_kernels_with_one_concatenate_as_kernel_gradi
     convolution left, values and gradients (input and every factor) equal to ``lax``'s conv of
     the reconstructed kernel in float64; the taps' kernel gradient is one concatenate, not a sum
     of zero-padded full kernels (the transpose of indexing each tap, 1.7x slower on Jester conv4's
-    reconstructed path: ``conv._taps_conv``)."""
+    reconstructed path: ``conv_ops._taps_conv``)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the small-map taps are CPU-only")
     rng = np.random.default_rng(4)
@@ -277,7 +277,7 @@ def test_small_map_taps_on_computed_kernels_with_one_concatenate_as_kernel_gradi
                 np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((2, 2, 2, 4)), jnp.float32)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda k: conv._taps_conv(x, k, (1, 1), ((1, 1), (1, 1)), (1, 1)).sum()))(k)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda k: conv_ops._taps_conv(x, k, (1, 1), ((1, 1), (1, 1)), (1, 1)).sum()))(k)
     prims = [e.primitive.name for e in jaxpr.eqns]
     assert prims.count("concatenate") == 1
     assert not [e for e in jaxpr.eqns if e.primitive.name == "pad" and e.outvars[0].aval.shape[0] == 9]
@@ -293,12 +293,12 @@ def test_small_map_taps_not_on_negative_pads():
     for x_shape, kwargs in (((2, 2, 4, 4), dict(window_strides=(1, 1), padding=((1, 1), (2, -1)))),
                             ((2, 1, 1, 4), dict(window_strides=(1, 1), padding="VALID"))):  # no output
         x, kwargs = jnp.asarray(rng.standard_normal(x_shape), jnp.float32), kwargs | dict(dimension_numbers=NHWC)
-        assert conv.conv_route(x, k, **kwargs) == "taps"  # the route; the pads send it back to lax
-        ours = conv.conv_general_dilated(x, k, **kwargs)
-        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k))
+        assert conv_ops.conv_route(x, k, **kwargs) == "taps"  # the route; the pads send it back to lax
+        ours = conv_ops.conv_general_dilated(x, k, **kwargs)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv_ops.conv_general_dilated(x, k, **kwargs))(x, k))
         np.testing.assert_allclose(ours, lax.conv_general_dilated(x, k, **kwargs), rtol=1e-5, atol=1e-5)
     xi, ki = jnp.full((1, 2, 2, 2), 2 ** 13 + 1, jnp.int32), jnp.full((3, 3, 2, 3), 2 ** 11 + 1, jnp.int32)
-    np.testing.assert_array_equal(conv.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC),
+    np.testing.assert_array_equal(conv_ops.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC),
                                   lax.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC))
 
 
@@ -316,8 +316,8 @@ def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_produ
 
     if jax.default_backend() == "cpu":  # elsewhere the conv is lax's, which has forward mode
         with pytest.raises(TypeError, match="forward-mode"):
-            jax.jvp(lambda x: conv.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
-    for got, want in zip(hvp(conv.conv_general_dilated), hvp(jax.lax.conv_general_dilated)):
+            jax.jvp(lambda x: conv_ops.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
+    for got, want in zip(hvp(conv_ops.conv_general_dilated), hvp(jax.lax.conv_general_dilated)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
@@ -332,13 +332,13 @@ def test_patches_route_keeps_lax_conv_above_its_byte_bound(monkeypatch):
 
     def programs():
         recon = lambda x: conv.cp_conv(x, cp, stride=(1, 2, 2), implementation="reconstructed")
-        return str(jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, **kwargs))(x, k)), str(jax.make_jaxpr(recon)(x))
+        return str(jax.make_jaxpr(lambda x, k: conv_ops.conv_general_dilated(x, k, **kwargs))(x, k)), str(jax.make_jaxpr(recon)(x))
 
     if jax.default_backend() != "cpu":
         pytest.skip("the patches route is CPU-only")
     for bound, route in ((patches_bytes, "patches"), (patches_bytes - 1, None)):
         monkeypatch.setattr(conv_plans, "PATCHES_MAX_BYTES", bound)
-        assert conv.conv_route(x, k, **kwargs) == route
+        assert conv_ops.conv_route(x, k, **kwargs) == route
         assert all(("conv_general_dilated" in p) == (route is None) for p in programs())
 
 
@@ -349,7 +349,7 @@ def test_patches_route_in_bfloat16_stays_near_float32():
     x, k = rng.standard_normal((2, 4, 8, 8, 3), np.float32), rng.standard_normal((3, 3, 3, 3, 6), np.float32)
     kwargs = dict(window_strides=(1, 2, 2), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    y, vjp = jax.vjp(lambda k: conv.conv_general_dilated(x16, k, **kwargs), k16)
+    y, vjp = jax.vjp(lambda k: conv_ops.conv_general_dilated(x16, k, **kwargs), k16)
     y_ref, vjp_ref = jax.vjp(lambda k: jax.lax.conv_general_dilated(x16.astype(np.float32), k, **kwargs),
                              k16.astype(np.float32))
     g = rng.standard_normal(y.shape, np.float32)
@@ -375,12 +375,12 @@ def test_patches_product_split_by_the_first_modes_taps_is_lax(x_shape, k_shape, 
     with jax.enable_x64(True):
         x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
         ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
-                                                    dimension_numbers=conv._dimension_numbers(n))
+                                                    dimension_numbers=conv_ops.channels_last_dims(n))
         g = rng.standard_normal(jax.eval_shape(ref, x, k).shape)
         y_ref, vjp_ref = jax.vjp(ref, x, k)
         for split in (True, False):
             with conv_plans.patches_split_mode(split):
-                f = lambda x, k: conv._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
+                f = lambda x, k: conv_ops._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
                 y, vjp = jax.vjp(f, x, k)
                 products = str(jax.make_jaxpr(f)(x, k)).count("dot_general")
             assert products == (k_shape[0] if split else 1)
@@ -394,10 +394,10 @@ def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x = jnp.ones((2, 8, 8, 4))
     for k, groups in ((jnp.ones((1, 1, 4, 6)), 1), (jnp.ones((3, 3, 1, 4)), 4)):
-        f = functools.partial(conv.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+        f = functools.partial(conv_ops.conv_general_dilated, window_strides=(1, 1), padding="SAME",
                               dimension_numbers=NHWC, feature_group_count=groups)
         assert "conv_general_dilated" in str(jax.make_jaxpr(f)(x, k))
-    f = functools.partial(conv.conv_general_dilated, window_strides=(1, 1, 1), padding="SAME",
+    f = functools.partial(conv_ops.conv_general_dilated, window_strides=(1, 1, 1), padding="SAME",
                           dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     assert "conv_general_dilated" in str(jax.make_jaxpr(f)(jnp.ones((2, 4, 6, 6, 3)), jnp.ones((3, 3, 3, 3, 5))))
 
@@ -410,7 +410,7 @@ def test_conv_general_dilated_leaves_gpu_and_tpu_convs_to_lax(monkeypatch):
 ])
 def test_depthwise_conv_rejects_bad_arguments(h_shape, kernel_shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        conv.depthwise_conv(jnp.ones(h_shape), jnp.ones(kernel_shape), **kwargs)
+        conv_ops.depthwise_conv(jnp.ones(h_shape), jnp.ones(kernel_shape), **kwargs)
 
 
 def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
@@ -422,7 +422,7 @@ def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
 
     @functools.partial(jax.jit, static_argnums=0)
     def kernel_grad(dtype):
-        f = lambda k: conv.conv_matmul_kernel_grad(x.astype(dtype), k, strides=(1, 1), pads=pads, dilations=(1, 1))
+        f = lambda k: conv_ops.conv_matmul_kernel_grad(x.astype(dtype), k, strides=(1, 1), pads=pads, dilations=(1, 1))
         y, vjp = jax.vjp(f, kernel.astype(dtype))
         return vjp(jnp.ones_like(y))[0]
 
@@ -441,7 +441,7 @@ def test_matmul_kernel_gradient_keeps_the_kernel_dtype_and_sums_in_float32():
 def test_matmul_kernel_gradient_conv_rejects_bad_arguments(x_shape, kernel_dtype, kwargs, match):
     args = {"strides": (1, 1), "pads": ((1, 1), (1, 1)), "dilations": (1, 1)} | kwargs
     with pytest.raises(ValueError, match=match):
-        conv.conv_matmul_kernel_grad(jnp.ones(x_shape), jnp.ones((3, 3, 3, 5), kernel_dtype), **args)
+        conv_ops.conv_matmul_kernel_grad(jnp.ones(x_shape), jnp.ones((3, 3, 3, 5), kernel_dtype), **args)
 
 
 @pytest.mark.parametrize("by_taps", [True, False])
@@ -726,7 +726,7 @@ def test_init_variance_matches_target():
 
 def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
     """On GPU, XLA's convs of more than three spatial modes abort or mis-compute their gradients
-    (``conv.GPU_CONV_MAX_MODES``): there the drop-in conv, the reconstructed CP path and the Tucker
+    (``conv_ops.GPU_CONV_MAX_MODES``): there the drop-in conv, the reconstructed CP path and the Tucker
     conv run them as slices and matrix products. Checked here on the CPU by reporting the GPU
     backend: no convolution in the gradient programs, and values, input and parameter gradients
     equal those of ``lax``'s convs of einsum-rebuilt kernels (on the CPU, where they are right);
@@ -738,7 +738,7 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
     cp = init.init_cp_params(jax.random.key(1), 3, 4, (3, 1, 2, 2), 5, modes=modes)
     tucker = init.init_tucker_params(jax.random.key(2), 3, 4, (3, 2, 3, 2), (2, 3))
     cases = {
-        "dense": (lambda x, k: conv.dense_conv(x, k, stride=(1, 2, 1, 1), padding="SAME", dilation=(1, 1, 1, 2)), kernel),
+        "dense": (lambda x, k: conv_ops.dense_conv(x, k, stride=(1, 2, 1, 1), padding="SAME", dilation=(1, 1, 1, 2)), kernel),
         "cp reconstructed": (lambda x, p: conv.cp_conv(x, p, modes=modes, stride=2, padding=1,
                                                        implementation="reconstructed"), cp),
         "tucker": (lambda x, p: conv.tucker_conv(x, p, padding="SAME"), tucker),
@@ -774,13 +774,13 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[name])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()), err_msg=name)
     x3, k3 = jnp.ones((2, 4, 5, 6, 3)), jnp.ones((3, 3, 3, 3, 4))
-    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv.dense_conv(x, k))(x3, k3))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: conv_ops.dense_conv(x, k))(x3, k3))
 
 
 SPATIAL_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, conv_plans, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, init
 
 mesh = jax.make_mesh((2,), ("a",))  # explicit axes, jax.make_mesh's default
 x2, x3 = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 3))
@@ -798,7 +798,7 @@ cases = {
     "cp 3-D auto, T split": (lambda x, p: conv.cp_conv(x, p, modes=("t", "h", "w"), padding=1, implementation="auto"),
                              x3, cp3, P(None, "a")),
     "separable, H split": (lambda x, p: conv.separable_conv(x, p, padding=1), x2, sep, P(None, "a")),
-    "dense, stride 2, H split": (lambda x, k: conv.dense_conv(x, k, stride=2, padding=1), x2, kernel, P(None, "a")),
+    "dense, stride 2, H split": (lambda x, k: conv_ops.dense_conv(x, k, stride=2, padding=1), x2, kernel, P(None, "a")),
 }
 errors = {}
 for name, (f, x, p, spec) in cases.items():
@@ -843,11 +843,11 @@ def test_zero_size_kernels_and_group_counts_are_named():
     """Before: 'reduce() of empty iterable' or MLIR verifier errors, and a bool group count accepted."""
     x = jnp.ones((1, 5, 5, 4))
     with pytest.raises(ValueError, match=r"kernel: got shape \(0, 3, 4, 6\)"):
-        conv.dense_conv(x, jnp.ones((0, 3, 4, 6)))
+        conv_ops.dense_conv(x, jnp.ones((0, 3, 4, 6)))
     with pytest.raises(ValueError, match="feature_group_count=True"):
-        conv.dense_conv(x, jnp.ones((3, 3, 4, 6)), feature_group_count=True)
+        conv_ops.dense_conv(x, jnp.ones((3, 3, 4, 6)), feature_group_count=True)
     with pytest.raises(ValueError, match=r"kernel: got shape \(0, 3, 4\), expected a depthwise"):
-        conv.depthwise_conv(x, jnp.ones((0, 3, 4)))
+        conv_ops.depthwise_conv(x, jnp.ones((0, 3, 4)))
     with pytest.raises(ValueError, match=r"params\['core_1'\]: got shape \(2, 0, 2\)"):
         conv.tt_conv(x, {"core_0": jnp.ones((1, 4, 2)), "core_1": jnp.ones((2, 0, 2)), "core_2": jnp.ones((2, 3, 2)),
                          "core_3": jnp.ones((2, 6, 1))})

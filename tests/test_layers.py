@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 
-from hocp_jax import conv, counting, layers, regression
+from hocp_jax import conv, conv_ops, counting, layers, regression
 from hocp_jax.layers import TCL, TRL, CPConv, SeparableConv, TTConv, TuckerConv
 
 
@@ -101,12 +101,12 @@ def test_tucker_and_separable_layers_match_functional():
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 6))
     m = layers.TuckerConv(8, (3, 3), ranks=(3, 4), stride=2)
     v = m.init(jax.random.key(1), x)
-    np.testing.assert_allclose(m.apply(v, x), conv.dense_conv(x, conv.tucker_to_kernel(v["params"]), stride=2), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.apply(v, x), conv_ops.dense_conv(x, conv.tucker_to_kernel(v["params"]), stride=2), rtol=1e-4, atol=1e-5)
     s = layers.SeparableConv(8, (3, 3), rank=12)
     vs = s.init(jax.random.key(1), x)
     p = vs["params"]
     w = np.einsum("hwr,cr,tr->hwct", p["depthwise"], p["factor_in"], p["factor_out"])
-    np.testing.assert_allclose(s.apply(vs, x), conv.dense_conv(x, jnp.asarray(w)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.apply(vs, x), conv_ops.dense_conv(x, jnp.asarray(w)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("make", [lambda k: layers.TuckerConv(8, k, ranks=(3, 4)),

@@ -192,16 +192,16 @@ def test_in_the_loop_the_kernel_gradient_is_matrix_products_on_cpu(monkeypatch):
 
 
 class DenseNet(nn.Module):
-    """Dense convs as the models build them (``hocp_jax.conv.conv_general_dilated``): unstrided,
+    """Dense convs as the models build them (``hocp_jax.conv_ops.conv_general_dilated``): unstrided,
     strided and dilated, each but the first with an input gradient; no batch norm."""
 
     @nn.compact
     def __call__(self, x, train: bool):
-        from hocp_jax import conv
+        from hocp_jax import conv_ops
 
         for i, (stride, dilation) in enumerate(((1, 1), (2, 1), (1, (2, 1)))):
             x = nn.relu(nn.Conv(6, (3, 3), stride, padding=((1, 2), (1, 1)), kernel_dilation=dilation, use_bias=False,
-                                conv_general_dilated=conv.conv_general_dilated, name=f"conv{i}")(x))
+                                conv_general_dilated=conv_ops.conv_general_dilated, name=f"conv{i}")(x))
         return {"va": jnp.tanh(nn.Dense(2, name="head")(x.mean(axis=(1, 2))))}
 
 
@@ -241,7 +241,7 @@ def test_in_the_loop_conv_gradients_are_laxs(x_shape, k_shape, strides, pads, di
     input and kernel gradients equal ``lax``'s in float64."""
     from jax import lax
 
-    from hocp_jax import conv, conv_plans
+    from hocp_jax import conv_ops, conv_plans
 
     if jax.default_backend() != "cpu":
         pytest.skip("the loop mode acts on the CPU backend only")
@@ -249,11 +249,11 @@ def test_in_the_loop_conv_gradients_are_laxs(x_shape, k_shape, strides, pads, di
     with jax.enable_x64(True):
         x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
         ref = lambda x, k: lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations,  # noqa: E731
-                                                    dimension_numbers=conv._dimension_numbers(n))
+                                                    dimension_numbers=conv_ops.channels_last_dims(n))
         y, vjp = jax.vjp(ref, x, k)
         g = rng.standard_normal(y.shape)
         with conv_plans.loop_mode():
-            y2, vjp2 = jax.vjp(lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads,
+            y2, vjp2 = jax.vjp(lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads,
                                                                          dilations=dilations), x, k)
             got = (y2, *vjp2(g))
         for a, b in zip(got, (y, *vjp(g))):

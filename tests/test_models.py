@@ -122,14 +122,14 @@ def test_mobilenet_param_counts():
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
 def test_dense_models_run_1x1_and_depthwise_convs_without_xla_convolutions(monkeypatch, name):
-    """The dense models' 1x1 and depthwise convs go through ``conv.conv_general_dilated`` (matrix
+    """The dense models' 1x1 and depthwise convs go through ``conv_ops.conv_general_dilated`` (matrix
     products, the shift kernel): only the other convs stay XLA convolutions (MobileNet-v2: the 3x3
     stem; ResNet-18: the 7x7 stem and the 3x3 convs) but, on CPU, those on maps smaller than their
     kernel (per-tap products: the tiny ResNet-18's last stages on 16x16 images), and the train-mode
     outputs and parameter gradients equal those of the same model on ``lax.conv_general_dilated``
     throughout (in float64: train-mode BatchNorm on 2 images of 1x1 maps amplifies float32
     rounding to 1e-3)."""
-    from hocp_jax import conv, conv_plans
+    from hocp_jax import conv_ops, conv_plans
 
     model = get_model(name, tiny=True)
     with jax.enable_x64(True):
@@ -152,7 +152,7 @@ def test_dense_models_run_1x1_and_depthwise_convs_without_xla_convolutions(monke
             m.setattr(conv_plans, "small_map_taps", lambda *a, **k: False)
             n_without_small_maps = str(jax.make_jaxpr(jax.value_and_grad(lambda p, x: loss(p, x)))(
                 variables["params"], x)).count("conv_general_dilated[")
-        monkeypatch.setattr(conv, "conv_general_dilated", jax.lax.conv_general_dilated)
+        monkeypatch.setattr(conv_ops, "conv_general_dilated", jax.lax.conv_general_dilated)
         n_lax, (value_ref, grads_ref) = traced()
     # forward, kernel and input gradient of each conv; the stem (a 3x3 or 7x7 conv) has no input gradient
     assert (n_without_small_maps, n_lax) == (3 * len(others) - 1, 3 * len(kernels) - 1)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hocp_jax import autotune, conv, conv_plans, counting, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, counting, init
 
 
 def _cp_numpy(rng, c_in, c_out, ks, rank, modes):
@@ -76,7 +76,7 @@ def test_paths_agree_with_independent_dense_conv(in_sizes, ks, stride, padding, 
         assert outs[impl].shape == want.shape, impl
         np.testing.assert_allclose(outs[impl], want, atol=tol, rtol=0, err_msg=impl)
     # the dense path on the library's own reconstruction agrees too
-    dense = conv.dense_conv(jnp.asarray(x), conv.cp_to_kernel(p, modes), stride=stride, padding=padding,
+    dense = conv_ops.dense_conv(jnp.asarray(x), conv.cp_to_kernel(p, modes), stride=stride, padding=padding,
                             dilation=dilation)
     np.testing.assert_allclose(np.asarray(dense), want, atol=tol, rtol=0)
 
@@ -154,8 +154,8 @@ def test_xla_flops_vs_analytic(batch, in_sizes, c_in, c_out, rank, stride, paddi
     order = conv.best_mode_order(in_sizes, ks, stride, pads, (1,) * n)
     ana_cp = batch * counting.cp_flops(in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, order=order)
 
-    def dense(x, k):  # lax's conv itself (conv.dense_conv runs some 3-D convs as patches on CPU)
-        return lax.conv_general_dilated(x, k, stride, pads, dimension_numbers=conv._dimension_numbers(n))
+    def dense(x, k):  # lax's conv itself (conv_ops.dense_conv runs some 3-D convs as patches on CPU)
+        return lax.conv_general_dilated(x, k, stride, pads, dimension_numbers=conv_ops.channels_last_dims(n))
 
     xla_dense = _xla_flops(dense, x_shape, (*ks, c_in, c_out))
     ana_dense = batch * counting.dense_flops(in_sizes, c_in, c_out, ks, stride=stride, padding=padding)
@@ -311,7 +311,7 @@ def test_autotune_times_the_batch_one_device_gets(measured):
 EXPLICIT_SHARDING_SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, conv_plans, explicit_sharding, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, explicit_sharding, init
 
 timed = []
 autotune.measure = lambda x_shape, *a, **k: timed.append(list(x_shape)) or {"factorized": 1.0, "reconstructed": 2.0}
@@ -416,7 +416,7 @@ def test_weight_convs_take_the_kernel_gradient_the_cpu_rule_says(monkeypatch, by
     Tucker, TT reconstructed paths, the Tucker core, the TT mode kernels) has one forward and one
     input-gradient convolution per conv, and XLA's kernel-gradient convolution only where
     ``conv_plans.matmul_kernel_grad`` says no or the conv is 3-D (the kernel gradient is otherwise
-    matrix products, ``conv.conv_matmul_kernel_grad``). ``convs``: with and without the products."""
+    matrix products, ``conv_ops.conv_matmul_kernel_grad``). ``convs``: with and without the products."""
     from hocp_jax import conv_plans, layer_specs
 
     monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *_: by_taps)
@@ -566,7 +566,7 @@ def test_autotune_times_the_output_too_not_gradients_alone():
         return conv.cp_conv(x, p, modes=modes, stride=strides, padding=pads, implementation="reconstructed")
 
     grads_only = flops(jax.grad(lambda x, p, c: jnp.sum(forward(x, p) * c), argnums=(0, 1)), x, p, cot)
-    conv_fwd = flops(lambda x, w: conv.dense_conv(x, w, stride=strides, padding=pads), x, conv.cp_to_kernel(p, modes))
+    conv_fwd = flops(lambda x, w: conv_ops.dense_conv(x, w, stride=strides, padding=pads), x, conv.cp_to_kernel(p, modes))
     timed = calls["reconstructed"].lower(x, p, cot).compile().cost_analysis()["flops"]
     assert timed >= grads_only + 0.9 * conv_fwd, (timed, grads_only, conv_fwd)
     value, (gx, gp) = calls["reconstructed"](x, p, cot)
@@ -782,9 +782,9 @@ def test_channel_matmul_with_paired_rows_matches_numpy(mode):
     w = rng.normal(size=(3, 18)).astype(np.float32)
     g = rng.normal(size=(2, 3, 4, 6, 18)).astype(np.float32)
     with conv_plans.paired_rows_mode(mode):  # a new function each time: JAX caches traces per function
-        y, vjp = jax.vjp(functools.partial(conv.channel_matmul), jnp.asarray(x), jnp.asarray(w))
+        y, vjp = jax.vjp(functools.partial(conv_ops.channel_matmul), jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(g))
-        jaxpr = jax.make_jaxpr(functools.partial(conv.channel_matmul))(x, w)
+        jaxpr = jax.make_jaxpr(functools.partial(conv_ops.channel_matmul))(x, w)
     x64, w64, g64 = (a.astype(np.float64).reshape(-1, a.shape[-1]) for a in (x, w, g))
     for got, want in ((y, x64 @ w64), (dx, g64 @ w64.T), (dw, x64.T @ g64)):
         np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-4 * np.abs(want).max(), rtol=0)
@@ -1345,7 +1345,7 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
     if jax.default_backend() != "cpu":
         pytest.skip("the chunks are a CPU rule")
     rng = np.random.default_rng(batch)
-    dn = conv._dimension_numbers(2)
+    dn = conv_ops.channels_last_dims(2)
     with jax.enable_x64(True):
         x, k = rng.standard_normal((batch, 7, 6, 3)), rng.standard_normal((3, 3, 3, 4))
 
@@ -1353,7 +1353,7 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
             return lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations, dimension_numbers=dn)
 
         def routed(x, k):
-            return conv.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations, dimension_numbers=dn)
+            return conv_ops.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilations, dimension_numbers=dn)
 
         y, vjp = jax.vjp(ref, x, k)
         g = rng.standard_normal(y.shape)

@@ -12,7 +12,7 @@ CONVS = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, conv_plans, init, layer_specs, pooling
+from hocp_jax import autotune, conv, conv_ops, conv_plans, init, layer_specs, pooling
 
 mesh = jax.make_mesh((2,), ("b",))
 rng = np.random.default_rng(0)
@@ -33,10 +33,10 @@ cases = {
     "tucker reconstructed": (lambda x, p: conv.tucker_conv(x, p, implementation="reconstructed"), x2, tucker),
     "tt factorized": (lambda x, p: conv.tt_conv(x, p, padding=1), x2, tt),
     "separable": (lambda x, p: conv.separable_conv(x, p, stride=2, padding=1), x2, conv.cp_to_separable(cp2, ("h", "w"))),
-    "depthwise": (lambda x, k: conv.depthwise_conv(x, k), x2, normal(3, 3, 4)),
-    "dense 1x1": (lambda x, k: conv.dense_conv(x, k, stride=2), x2, normal(1, 1, 4, 6)),
-    "dense 3-D of 3 channels (patches)": (lambda x, k: conv.dense_conv(x, k), xrgb, normal(3, 3, 3, 3, 6)),
-    "per-tap kernel gradient": (lambda x, k: conv.conv_matmul_kernel_grad(x, k, strides=(2, 2), pads=((1, 1), (1, 1)), dilations=(1, 1)), x2, normal(3, 3, 4, 6)),
+    "depthwise": (lambda x, k: conv_ops.depthwise_conv(x, k), x2, normal(3, 3, 4)),
+    "dense 1x1": (lambda x, k: conv_ops.dense_conv(x, k, stride=2), x2, normal(1, 1, 4, 6)),
+    "dense 3-D of 3 channels (patches)": (lambda x, k: conv_ops.dense_conv(x, k), xrgb, normal(3, 3, 3, 3, 6)),
+    "per-tap kernel gradient": (lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=(2, 2), pads=((1, 1), (1, 1)), dilations=(1, 1)), x2, normal(3, 3, 4, 6)),
     "max-pool": (lambda x, s: pooling.max_pool(x * s, (3, 3), (2, 2), ((1, 1), (1, 1))), x2, jnp.float32(1.5)),
 }
 errors = {}
@@ -141,7 +141,7 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from hocp_jax import autotune, conv, conv_plans, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, init
 
 rng = np.random.default_rng(0)
 normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -154,7 +154,7 @@ batch_mean = lambda h, stage: h - jnp.mean(h, axis=0)  # couples the samples: mu
 def dense(x, p):  # the oracle: lax's conv of the rebuilt kernel
     n = x.ndim - 2
     return lax.conv_general_dilated(x, conv.cp_to_kernel(p, conv.default_modes(n)), (1,) * n, "SAME",
-                                    dimension_numbers=conv._dimension_numbers(n), precision="highest")
+                                    dimension_numbers=conv_ops.channels_last_dims(n), precision="highest")
 
 cases = {
     "3-D": (lambda x, p: conv.cp_conv(x, p, implementation="factorized"), dense, x3, cp3),
@@ -256,7 +256,7 @@ MEASURED = r"""
 import json, warnings
 import jax, jax.numpy as jnp
 from jax.sharding import AxisType
-from hocp_jax import autotune, conv, conv_plans, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, init
 
 warnings.simplefilter("error")  # a timing that fails warns: make it fail the script
 seen = []

@@ -6,7 +6,7 @@ dense conv's fwd+bwd programs must be the same."""
 SCRIPT = r"""
 import hashlib, json, re
 import jax, jax.numpy as jnp
-from hocp_jax import autotune, conv, conv_plans, init
+from hocp_jax import autotune, conv, conv_ops, conv_plans, init
 
 x = jnp.ones((2, 5, 8, 8, 4))
 p = init.init_cp_params(jax.random.key(0), 4, 6, (3, 3, 3), 10)
@@ -14,7 +14,7 @@ k = jnp.ones((3, 3, 3, 4, 6))
 with conv_plans.tile_rows_mode(2):
     programs = {
         "cp": jax.jit(jax.grad(lambda x, p: jnp.sum(conv.cp_conv(x, p, per_sample=True) ** 2), argnums=(0, 1))).lower(x, p),
-        "dense": jax.jit(jax.grad(lambda x, k: jnp.sum(conv.dense_conv(x, k) ** 2), argnums=(0, 1))).lower(x, k),
+        "dense": jax.jit(jax.grad(lambda x, k: jnp.sum(conv_ops.dense_conv(x, k) ** 2), argnums=(0, 1))).lower(x, k),
     }
     texts = {name: lowered.compile().as_text() for name, lowered in programs.items()}
 # metadata (source lines, op names) aside

@@ -44,12 +44,12 @@ program) and ms per step, interleaved.
 
 ``python -m benchmarks.experiments small_maps [rounds]``: ungrouped stride-1 convs on 2-D maps
 and clips about their kernel's size or smaller, fwd+bwd, as XLA's convolution and as
-``conv._taps_conv`` (one matrix product per tap that reads the input), interleaved per conv: the
+``conv_ops._taps_conv`` (one matrix product per tap that reads the input), interleaved per conv: the
 figures of ``hocp_jax.conv_plans.small_map_taps``.
 
 ``python -m benchmarks.experiments small_maps_computed [rounds] [revision]``: four convs on maps
 smaller than their kernel, the kernel a parameter or rebuilt from CP factors, fwd+bwd, with XLA's
-convolution, the library's ``conv._taps_conv`` and ``_taps_conv`` as it was at git ``revision``
+convolution, the library's ``conv_ops._taps_conv`` and ``_taps_conv`` as it was at git ``revision``
 (default e599394: each tap's kernel indexed), interleaved per conv.
 
 ``python -m benchmarks.experiments page_faults [rounds]``: minor page faults and ms of one call of
@@ -140,12 +140,12 @@ HO-CP and transduced ResNet-18 train steps at 1.5, 3 and 4.5 MiB, all interleave
 ``python -m benchmarks.experiments dense_chunks [rounds]``: dense convs (fwd+bwd, random
 cotangent, the input gradient but for 3-channel first layers) of ResNet-18 2-D shapes at batch 8
 to 64, two 7x7 stems and Jester conv2's 3-D shape, through
-:func:`hocp_jax.conv.conv_general_dilated` with the whole batch at once (XLA's conv,
+:func:`hocp_jax.conv_ops.conv_general_dilated` with the whole batch at once (XLA's conv,
 ``conv_plans.dense_chunks_mode(False)``) and in chunks of samples (``True``), interleaved; records
 each conv's chunk and whether the automatic rule (:func:`hocp_jax.conv_plans.dense_chunk`) takes it.
 
 ``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
-(:func:`hocp_jax.conv.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
+(:func:`hocp_jax.conv_ops.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired
 (:func:`hocp_jax.conv_plans.paired_rows`, forced on and off with ``paired_rows_mode``): a grid of
 ``C`` = 1, 2, 3, 4, 6 input channels by ``R`` = 8 to 128 output channels, each cell a loop over
 the 48 tiles of Jester conv1's shape (16 x 84 positions of 18 frames) running the product and its
@@ -259,7 +259,7 @@ that no change to the depthwise passes can go below.
 ``python -m benchmarks.experiments step_changes [rounds]``: the three whole-model train-step pairs
 (HO-CP ResNet-18 2-D and transduced, Jester HO-CP net, each with its dense reference) with the
 changes of the last round undone, then re-applied one at a time: the 1x1 contractions as 2-D
-matmuls (:func:`hocp_jax.conv.channel_matmul`, was a multi-axis einsum), the max-pool of
+matmuls (:func:`hocp_jax.conv_ops.channel_matmul`, was a multi-axis einsum), the max-pool of
 :mod:`hocp_jax.pooling` (was ``lax.reduce_window``, in the dense references too) and the
 per-sample loop for layers with a sample-wise psi (was whole batch). Patched at trace time,
 interleaved; ratios use the dense step with the same pool.
@@ -287,7 +287,7 @@ interleaved per shape: how many shapes each candidate scale picks right, and its
 
 ``python -m benchmarks.experiments kernel_grad [rounds]``: every conv layer of ``bench`` with the
 reconstructed CP path's kernel gradient as one matrix product per tap
-(``hocp_jax.conv.conv_matmul_kernel_grad``) and as XLA's kernel-gradient convolution, and the
+(``hocp_jax.conv_ops.conv_matmul_kernel_grad``) and as XLA's kernel-gradient convolution, and the
 dense conv, interleaved per layer (the data behind ``hocp_jax.conv_plans.matmul_kernel_grad``).
 
 ``python -m benchmarks.experiments kernel_grad_batches [rounds]``: the same two kernel gradients of
@@ -311,16 +311,16 @@ bfloat16 arithmetic, interleaved per pair.
 
 ``python -m benchmarks.experiments depthwise [rounds]``: the 3x3 depthwise convs of the CIFAR-10
 MobileNet-v2 (batch 32, fwd+bwd) as XLA's grouped conv and as the shift kernel
-(``hocp_jax.conv.depthwise_conv``), in float32, bfloat16, and bfloat16 computed in float32,
+(``hocp_jax.conv_ops.depthwise_conv``), in float32, bfloat16, and bfloat16 computed in float32,
 interleaved per layer; then the separable conv with either depthwise step beside the CP conv.
 
 ``python -m benchmarks.experiments pointwise [rounds]``: every distinct 1x1 conv of the CIFAR-10
 MobileNet-v2 (batch 32 and 128) and of ``bench``'s dense ResNet-18 2-D and 3-D steps, found by
-tracing the models, fwd+bwd as XLA's convolution and as ``hocp_jax.conv.conv_general_dilated``
+tracing the models, fwd+bwd as XLA's convolution and as ``hocp_jax.conv_ops.conv_general_dilated``
 runs it on CPU (one matrix product), interleaved per conv.
 
 ``python -m benchmarks.experiments conv_routes [rounds]``: train steps with the models' 1x1 and
-depthwise convs as ``hocp_jax.conv.conv_general_dilated`` runs them (matrix products, the shift
+depthwise convs as ``hocp_jax.conv_ops.conv_general_dilated`` runs them (matrix products, the shift
 kernel) and as XLA's convolution: CIFAR-10 MobileNet-v2 dense and HO-CP at batch 32 and 128, and
 ``bench``'s ResNet-18 steps (their 1x1 convs are the shortcuts), interleaved per group;
 ``conv_routes_resnet18 [rounds]`` runs the ResNet-18 group alone (15 rounds by default).

@@ -22,20 +22,20 @@ from benchmarks.experiments.common import conv2_calls, stack_sums, timed_ms
 from benchmarks.experiments.variants import (chunked, conv_at, cp_channels_first, cp_conv_folded, cp_conv_merged,
                                              cp_conv_rebuild_in_first)
 from benchmarks.patches import dense_patches
-from hocp_jax import autotune, conv, conv_plans, counting
+from hocp_jax import autotune, conv, conv_ops, conv_plans, counting
 
 
 def shift_kernel(rounds: int = 5, revision: str = "35aced0") -> dict:
     from benchmarks import bench
 
-    kernels = {"current": conv._depthwise, revision: conv_at(revision)._depthwise}
+    kernels = {"current": conv_ops._depthwise, revision: conv_at(revision)._depthwise}
 
     def compiled(kernel, build):
-        conv._depthwise = kernels[kernel]  # read by depthwise_conv_1d at trace time
+        conv_ops._depthwise = kernels[kernel]  # read by depthwise_conv_1d at trace time
         try:
             return build()
         finally:
-            conv._depthwise = kernels["current"]
+            conv_ops._depthwise = kernels["current"]
 
     out: dict = {"revision": revision, "rounds": rounds}
     layers = {}
@@ -184,8 +184,8 @@ def _reconstructed(case, by_taps: bool):
     def f(x, p):
         kernel = conv.cp_to_kernel(p, case.modes)
         if by_taps:
-            return conv.conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=(1,) * len(strides))
-        return conv.dense_conv(x, kernel, stride=strides, padding=pads)
+            return conv_ops.conv_matmul_kernel_grad(x, kernel, strides=strides, pads=pads, dilations=(1,) * len(strides))
+        return conv_ops.dense_conv(x, kernel, stride=strides, padding=pads)
     return f
 
 
@@ -230,7 +230,7 @@ def kernel_grad_batches(rounds: int = 7) -> dict:
 def kernel_grad(rounds: int = 7) -> dict:
     """Every conv layer of ``bench`` (Jester, ResNet-18 2-D and transduced 3-D; fwd+bwd, ``bench``
     protocol) with the reconstructed CP path's conv taking its kernel gradient as one matrix product
-    per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`) and as XLA's kernel-gradient
+    per tap (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`) and as XLA's kernel-gradient
     convolution (``lax``'s conv of the rebuilt kernel differentiated by JAX), both whatever
     :func:`hocp_jax.conv_plans.matmul_kernel_grad` says on this host (this is its data), interleaved,
     with the dense conv (``lax``, XLA's kernel gradient) as the reference."""
@@ -254,7 +254,7 @@ def tucker_tt_kernel_grad(rounds: int = 7, batches: tuple[int, ...] = (8, 32)) -
     """The seven 3x3 conv shapes of ResNet-18 2-D (224 x 224 images, maps 56 down to 7; batch 8
     and 32; fwd+bwd, ``bench`` protocol) with the Tucker conv (ranks at ``rank_ratio`` 0.5, the
     ``TuckerConv`` default) and the TT conv (rank 8, the ``TTConv`` default), both paths each, with
-    their convs' kernel gradient as one matrix product per tap (:func:`hocp_jax.conv.conv_matmul_kernel_grad`)
+    their convs' kernel gradient as one matrix product per tap (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`)
     and as XLA's kernel-gradient convolution (``lax``'s conv differentiated by JAX), both whatever
     :func:`hocp_jax.conv_plans.matmul_kernel_grad` says on this host, interleaved per layer, with the
     dense conv as the reference."""
@@ -647,7 +647,7 @@ def dense_chunks(rounds: int = 5) -> dict:
         strides, pads = (stride,) * n, ((k_shape[0] // 2,) * 2,) * n
 
         def fn(x, k):
-            return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv._dimension_numbers(n))
+            return conv_ops.conv_general_dilated(x, k, strides, pads, dimension_numbers=conv_ops.channels_last_dims(n))
 
         calls, rule = {}, conv_plans.dense_chunk(x_shape, k_shape[-1], strides, jnp.float32)
         cot = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x, k).shape), jnp.float32)
@@ -886,7 +886,7 @@ def depthwise(rounds: int = 7, batch: int = 32) -> dict:
     """The depthwise 3x3 convs of the CIFAR-10 MobileNet-v2 at ``batch`` images (fwd+bwd: input and
     kernel gradients, a random cotangent), interleaved per layer: XLA's grouped conv
     (``feature_group_count=R``, what ``nn.Conv`` and ``separable_conv`` ran before) against the
-    shift kernel :func:`hocp_jax.conv.depthwise_conv`, in float32, in bfloat16 arithmetic and in
+    shift kernel :func:`hocp_jax.conv_ops.depthwise_conv`, in float32, in bfloat16 arithmetic and in
     bfloat16 computed in float32 (cast in and out, as the factorized CP path does on CPU). Then the
     separable conv (128->128 @ 28x28, rank 512, batch 8) with either depthwise step, beside the CP
     conv of the same rank (factorized). ``net_ms`` sums each variant over the network's convs."""
@@ -896,10 +896,10 @@ def depthwise(rounds: int = 7, batch: int = 32) -> dict:
     from hocp_jax import init
 
     def grouped(h, k, stride):
-        return conv.dense_conv(h, k[..., None, :], stride=stride, padding=1, feature_group_count=k.shape[-1])
+        return conv_ops.dense_conv(h, k[..., None, :], stride=stride, padding=1, feature_group_count=k.shape[-1])
 
     def shift(h, k, stride):
-        return conv.depthwise_conv(h, k, stride=stride, padding=1)
+        return conv_ops.depthwise_conv(h, k, stride=stride, padding=1)
 
     def upcast(h, k, stride):
         return shift(h.astype(jnp.float32), k.astype(jnp.float32), stride).astype(h.dtype)
@@ -936,10 +936,10 @@ def depthwise(rounds: int = 7, batch: int = 32) -> dict:
     pads = ((1, 1), (1, 1))
 
     def sep_grouped(x, s):  # separable_conv with the grouped depthwise step, as it was
-        h = conv.channel_matmul(x, s["factor_in"])
+        h = conv_ops.channel_matmul(x, s["factor_in"])
         h = lax.conv_general_dilated(h, s["depthwise"][..., None, :], (1, 1), pads, feature_group_count=512,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return conv.channel_matmul(h, s["factor_out"].T)
+        return conv_ops.channel_matmul(h, s["factor_out"].T)
 
     fns = {"separable grouped": (sep_grouped, sep),
            "separable shift": (lambda x, s: conv.separable_conv(x, s, padding=1), sep),
@@ -957,7 +957,7 @@ def pointwise(rounds: int = 7) -> dict:
     """Every distinct 1x1 conv of the CIFAR-10 MobileNet-v2 (batch 32 and 128) and of ``bench``'s
     dense ResNet-18 2-D and 3-D steps (the strided shortcuts), found by tracing the models, timed
     fwd+bwd (input and kernel gradients, a random cotangent) as XLA's convolution and as
-    :func:`hocp_jax.conv.conv_general_dilated` runs it on CPU (one matrix product), interleaved per
+    :func:`hocp_jax.conv_ops.conv_general_dilated` runs it on CPU (one matrix product), interleaved per
     conv; ``count`` is how many convs of the model have the shape."""
     from unittest import mock
 
@@ -966,10 +966,10 @@ def pointwise(rounds: int = 7) -> dict:
     from benchmarks import bench
     from hocp_jax.models import get_model
 
-    routed, found = conv.conv_general_dilated, {}
+    routed, found = conv_ops.conv_general_dilated, {}
 
     def recording(lhs, rhs, window_strides, padding, **kwargs):
-        if conv.conv_route(lhs, rhs, **kwargs) == "pointwise":
+        if conv_ops.conv_route(lhs, rhs, **kwargs) == "pointwise":
             key = (tuple(lhs.shape), tuple(rhs.shape), tuple(window_strides), str(padding))
             found.setdefault(key, [lhs.shape, rhs.shape, window_strides, padding, kwargs, 0])[-1] += 1
         return routed(lhs, rhs, window_strides, padding, **kwargs)
@@ -981,7 +981,7 @@ def pointwise(rounds: int = 7) -> dict:
     out: dict = {"rounds": rounds, "convs": []}
     for step, (model, shape, tiny) in steps.items():
         found.clear()
-        with mock.patch.object(conv, "conv_general_dilated", recording):
+        with mock.patch.object(conv_ops, "conv_general_dilated", recording):
             jax.eval_shape(get_model(model, tiny=tiny).init, jax.random.key(0), jnp.zeros(shape))
         for lhs_shape, rhs_shape, strides, padding, kwargs, count in found.values():
             x = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
@@ -1073,7 +1073,7 @@ def small_maps(rounds: int = 5) -> dict:
     call on the 7x7 ones of 4x4 and 5x5 maps in a scratch run), square maps of 1 to k + 1; 3-D: batch 8,
     256 channels, a 3x3x3 kernel, 1 to 4 frames of 2x2, 5x5 and 10x10; padding k // 2), timed
     fwd+bwd (input and kernel gradients, a random cotangent) as XLA's convolution and as
-    :func:`hocp_jax.conv._taps_conv` (one matrix product per tap that reads the input),
+    :func:`hocp_jax.conv_ops._taps_conv` (one matrix product per tap that reads the input),
     interleaved per conv. Such maps are where a ResNet's last stage ends on small images (2x2 for
     AffectNet's 64x64 faces) and where a video net's clip has fewer frames than its kernel."""
     from jax import lax
@@ -1089,15 +1089,15 @@ def small_maps(rounds: int = 5) -> dict:
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:-1])), jnp.float32)
         cot = jnp.asarray(rng.standard_normal((*x_shape[:-1], k_shape[-1])), jnp.float32)
-        paths = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv._dimension_numbers(n)),
-                 "taps": lambda x, w: conv._taps_conv(x, w, strides, pads, dilations)}
+        paths = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv_ops.channels_last_dims(n)),
+                 "taps": lambda x, w: conv_ops._taps_conv(x, w, strides, pads, dilations)}
         calls = {name: compile_jax(jax.value_and_grad(lambda x, w, c, f=f: jnp.sum(f(x, w) * c), argnums=(0, 1)),
                                    x, w, cot)[0] for name, f in paths.items()}
         ms = {name: round(v["median_ms"], 2) for name, v in time_interleaved(calls, rounds, budget_s=1e9).items()}
         outs = x_shape[1:-1]
         row = {"x": list(x_shape), "kernel": list(k_shape), "ms": ms, "taps / lax": round(ms["taps"] / ms["lax"], 3),
-               "taps reading x": int(sum(conv._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs))),
-               "routed": conv.conv_route(x, w, window_strides=strides, dimension_numbers=conv._dimension_numbers(n))}
+               "taps reading x": int(sum(conv_ops._taps_read_input(x_shape[1:-1], k_shape[:n], strides, pads, dilations, outs))),
+               "routed": conv_ops.conv_route(x, w, window_strides=strides, dimension_numbers=conv_ops.channels_last_dims(n))}
         out["convs"].append(row)
         print(json.dumps(row), flush=True)
     out["loadavg"] = os.getloadavg()
@@ -1110,7 +1110,7 @@ def small_maps_computed(rounds: int = 5, revision: str = "e599394") -> dict:
     the Jester conv4 (8 x 2x10x10, 256 -> 256, 3x3x3, rank 1536), a 2-frame clip of 5x5 and the last
     stage of a ResNet-18 on 64x64 images (2x2 maps, 512 -> 512, 3x3, the HO-CP ResNet-18's rank
     2288) at batch 8 and 64; padding 1. Each timed fwd+bwd (input and parameter gradients, a
-    random cotangent) with XLA's convolution (``lax``), the library's :func:`hocp_jax.conv._taps_conv`
+    random cotangent) with XLA's convolution (``lax``), the library's :func:`hocp_jax.conv_ops._taps_conv`
     (``taps``: one split of the kernel into its taps) and ``_taps_conv`` of ``hocp_jax/conv.py`` at
     git ``revision`` (``taps indexed``: each tap's kernel indexed, whose transpose is a sum of
     zero-padded full kernels), interleaved per conv."""
@@ -1129,8 +1129,8 @@ def small_maps_computed(rounds: int = 5, revision: str = "e599394") -> dict:
         x, cot = normal(*x_shape), normal(*x_shape[:-1], c_out)
         cp = {"lambda": normal(rank), "factor_in": normal(x_shape[-1], rank, scale=0.05),
               "factor_out": normal(c_out, rank, scale=0.05), **{conv.mode_key(m): normal(3, rank, scale=0.3) for m in modes}}
-        convs = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv._dimension_numbers(n)),
-                 "taps": lambda x, w: conv._taps_conv(x, w, strides, pads, dilations),
+        convs = {"lax": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=conv_ops.channels_last_dims(n)),
+                 "taps": lambda x, w: conv_ops._taps_conv(x, w, strides, pads, dilations),
                  "taps indexed": lambda x, w: indexed(x, w, strides, pads, dilations)}
         calls = {}
         for kind, p in (("dense", conv.cp_to_kernel(cp, modes)), ("recon", cp)):
@@ -1164,7 +1164,7 @@ def channel_pairs(rounds: int = 9) -> dict:
 
             def loop(x, w, g):  # each tile's product and its weight gradient, as a first layer's loops run them
                 def body(t, acc):
-                    h, vjp = jax.vjp(lambda w: conv.channel_matmul(x[t], w), w)
+                    h, vjp = jax.vjp(lambda w: conv_ops.channel_matmul(x[t], w), w)
                     return acc[0] + h, acc[1] + vjp(g)[0]
                 return jax.lax.fori_loop(0, tiles, body, (jnp.zeros((*shape, r)), jnp.zeros((c, r))))
 
@@ -1286,7 +1286,7 @@ SPLIT_SHAPES = [  # (batch, in_sizes, c_in, kernel, stride): video networks' fir
 
 
 def patches_split(rounds: int = 9) -> dict:
-    """The patches product of a video network's first conv (:func:`hocp_jax.conv._patches_conv`,
+    """The patches product of a video network's first conv (:func:`hocp_jax.conv_ops._patches_conv`,
     the library's route for 3-D convs of at most 4 input channels on CPU) split by its first
     mode's taps and as one product (:func:`hocp_jax.conv_plans.patches_split_mode` on and off), fwd
     + kernel gradient (no input gradient, as a first layer), interleaved per shape
@@ -1301,7 +1301,7 @@ def patches_split(rounds: int = 9) -> dict:
     for batch, sizes, c_in, ks, strides in SPLIT_SHAPES:
         x = jnp.asarray(rng.standard_normal((batch, *sizes, c_in)), jnp.float32)
         k = jnp.asarray(rng.standard_normal((*ks, c_in, 64)) / np.sqrt(c_in * np.prod(ks)), jnp.float32)
-        f = functools.partial(conv.dense_conv, stride=strides, padding=tuple((a // 2, a // 2) for a in ks))
+        f = functools.partial(conv_ops.dense_conv, stride=strides, padding=tuple((a // 2, a // 2) for a in ks))
         calls = {}
         for label, mode in (("one product", False), ("split", True)):
             with conv_plans.patches_split_mode(mode):

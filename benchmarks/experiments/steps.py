@@ -21,7 +21,7 @@ from benchmarks.experiments.common import image_step, per_round_ratio, resnet2d_
 from benchmarks.experiments.layers import resnet2d_layer_sums
 from benchmarks.experiments.variants import (ResNetStemWithInputGrad, block_pool, einsum_contraction, lax_convs,
                                              recomputed_index_pool, reduce_window_pool, unfused_norm_act_pool)
-from hocp_jax import conv
+from hocp_jax import conv_ops
 from hocp_jax.models import get_model
 
 
@@ -149,7 +149,7 @@ def step_changes(rounds: int = 5) -> dict:
     from hocp_jax import layer_specs
     from hocp_jax.models import common
 
-    undo = {"2-D matmul contractions": (conv, "channel_matmul", einsum_contraction),
+    undo = {"2-D matmul contractions": (conv_ops, "channel_matmul", einsum_contraction),
             "max_pool": (common, "max_pool", reduce_window_pool),
             "per-sample psi": (layer_specs, "psi_pointwise", lambda *a: False)}
 
@@ -467,7 +467,7 @@ def low_precision_steps(rounds: int = 7) -> dict:
 
 
 def conv_routes(rounds: int = 5) -> dict:
-    """Train steps with the models' 1x1 and depthwise convs as :func:`hocp_jax.conv.conv_general_dilated`
+    """Train steps with the models' 1x1 and depthwise convs as :func:`hocp_jax.conv_ops.conv_general_dilated`
     runs them (matrix products, the shift kernel) and as XLA's convolution
     (:func:`~benchmarks.experiments.variants.lax_convs`), interleaved per group: the CIFAR-10
     MobileNet-v2, dense (also with only one kind routed) and HO-CP, on 32 and 128 images of 32x32

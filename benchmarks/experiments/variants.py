@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import conv, pooling
+from hocp_jax import conv, conv_ops, pooling
 from hocp_jax.pooling import max_pool
 from hocp_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from hocp_jax.models.resnet import ResNet, hocp_factory
@@ -59,8 +59,8 @@ def cp_conv_merged(x, p, strides, pads):
     """Factorized 2-D CP conv whose two depthwise passes are one pass of the merged 3x3 per-rank
     kernel (9 taps; the per-mode passes do 3 + 3 over an intermediate)."""
     kernel = p["factor_h"][:, None, :] * p["factor_w"][None, :, :]
-    h = conv.depthwise_conv(conv.channel_matmul(x, p["factor_in"]), kernel, stride=strides, padding=pads)
-    return conv.channel_matmul(h, (p["factor_out"] * p["lambda"]).T)
+    h = conv_ops.depthwise_conv(conv_ops.channel_matmul(x, p["factor_in"]), kernel, stride=strides, padding=pads)
+    return conv_ops.channel_matmul(h, (p["factor_out"] * p["lambda"]).T)
 
 
 def cp_conv_rebuild_in_first(x, p, strides, pads):
@@ -79,7 +79,7 @@ def cp_conv_rebuild_in_first(x, p, strides, pads):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_channels_first(h, factor, axis, pad):
     """Stride-1 depthwise 1-D conv of ``h (B, R, *S)`` along ``axis`` with ``factor (K, R)``."""
-    return _shift_sum(conv._pad_axis(h, axis, pad), _rank_first(factor, h.ndim), axis, h.shape[axis])
+    return _shift_sum(conv_ops.pad_axis(h, axis, pad), _rank_first(factor, h.ndim), axis, h.shape[axis])
 
 
 def _shift_sum(hp, factor, axis, size):
@@ -102,7 +102,7 @@ def _depthwise_channels_first_bwd(axis, pad, res, g):
     cfg = [(0, 0)] * g.ndim
     cfg[axis] = (k - 1 - pad[0], k - 1 - pad[1])
     dh = _shift_sum(jnp.pad(g, cfg), _rank_first(factor[::-1], h.ndim), axis, h.shape[axis])
-    hp = conv._pad_axis(h, axis, pad)
+    hp = conv_ops.pad_axis(h, axis, pad)
     sum_axes = (0,) + tuple(range(2, h.ndim))
     dfactor = jnp.stack([jnp.sum(lax.slice_in_dim(hp, t, t + g.shape[axis], 1, axis) * g, axis=sum_axes)
                          for t in range(k)])
@@ -140,13 +140,13 @@ def cp_conv_folded(x, p, modes, folded):
     pads = [((k - 1) // 2, k // 2) for k in kernel]
 
     def one(xs):
-        copies = conv._tap_inputs(xs, kernel, (1,) * len(modes), pads, (1,) * len(modes), xs.shape[1:-1])
-        h = conv.channel_matmul(jnp.concatenate(list(copies), axis=-1), w)
+        copies = conv_ops.tap_inputs(xs, kernel, (1,) * len(modes), pads, (1,) * len(modes), xs.shape[1:-1])
+        h = conv_ops.channel_matmul(jnp.concatenate(list(copies), axis=-1), w)
         for axis, f in rest:
-            h = conv.depthwise_conv_1d(h, f, axis, stride=1, pad=((f.shape[0] - 1) // 2, f.shape[0] // 2), dilation=1)
-        return conv.channel_matmul(h, w_out)
+            h = conv_ops.depthwise_conv_1d(h, f, axis, stride=1, pad=((f.shape[0] - 1) // 2, f.shape[0] // 2), dilation=1)
+        return conv_ops.channel_matmul(h, w_out)
 
-    return conv._per_sample(one, x)
+    return conv_ops.map_chunks(one, x)
 
 
 def chunked(fn, k):
@@ -158,7 +158,7 @@ def chunked(fn, k):
 
 
 def einsum_contraction(x, w):
-    """The 1x1 contraction as it was before :func:`hocp_jax.conv.channel_matmul`."""
+    """The 1x1 contraction as it was before :func:`hocp_jax.conv_ops.channel_matmul`."""
     return jnp.einsum("...c,cr->...r", x, w)
 
 
@@ -281,18 +281,18 @@ def block_pool(x, window, stride, padding):
 @contextlib.contextmanager
 def lax_convs(pointwise: bool = True, depthwise: bool = True):
     """Models traced inside run their 1x1 (``pointwise``) and/or depthwise convs as XLA's
-    convolution, as before :func:`hocp_jax.conv.conv_general_dilated` routed them to a matrix
-    product and the shift kernel (the models read ``conv.conv_general_dilated`` when traced)."""
-    fast = conv.conv_general_dilated
+    convolution, as before :func:`hocp_jax.conv_ops.conv_general_dilated` routed them to a matrix
+    product and the shift kernel (the models read ``conv_ops.conv_general_dilated`` when traced)."""
+    fast = conv_ops.conv_general_dilated
 
     to_lax = {"pointwise": pointwise, "depthwise": depthwise}  # other routes: the library's
 
     def patched(lhs, rhs, window_strides, padding, **kwargs):
-        convolution = lax.conv_general_dilated if to_lax.get(conv.conv_route(lhs, rhs, **kwargs), False) else fast
+        convolution = lax.conv_general_dilated if to_lax.get(conv_ops.conv_route(lhs, rhs, **kwargs), False) else fast
         return convolution(lhs, rhs, window_strides, padding, **kwargs)
 
-    conv.conv_general_dilated = patched
+    conv_ops.conv_general_dilated = patched
     try:
         yield
     finally:
-        conv.conv_general_dilated = fast
+        conv_ops.conv_general_dilated = fast

@@ -1,6 +1,6 @@
 """Is lax's kernel gradient of a 4-D-spatial conv right on the GPU? GPU vs the CPU backend vs ours."""
 import jax, jax.numpy as jnp, numpy as np
-from hocp_jax import conv, init
+from hocp_jax import conv, conv_ops, init
 from hocp_jax.padding import resolve_padding
 
 cpu = jax.devices("cpu")[0]
@@ -36,7 +36,7 @@ with jax.default_matmul_precision("highest"):
         kg = rng.standard_normal((*ks, 1, 4), np.float32)
         dense = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=dn)
         grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=dn, feature_group_count=4)
-        ours_g = lambda x, k: conv.depthwise_conv(x, k[..., 0, :], stride=stride, padding=pad)
+        ours_g = lambda x, k: conv_ops.depthwise_conv(x, k[..., 0, :], stride=stride, padding=pad)
         for name, f, k in [("dense", dense, kd), ("grouped", grouped, kg)]:
             (yg, (dxg, dkg)), (yc, (dxc, dkc)) = grads(f, x, k), grads(f, x, k, device=cpu)
             print(f"{n}-D {name} lax GPU vs CPU: y {rel(yg, yc):.1e} dx {rel(dxg, dxc):.1e} dk {rel(dkg, dkc):.1e}", flush=True)

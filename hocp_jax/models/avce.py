@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from hocp_jax.checks import check_real, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
-from hocp_jax.conv import conv_general_dilated
+from hocp_jax.conv_ops import conv_general_dilated
 from hocp_jax.models.common import Dropout, batch_norm, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet

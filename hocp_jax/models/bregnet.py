@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax import conv, losses
+from hocp_jax import conv_ops, losses
 from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import batch_norm, check_input
@@ -143,7 +143,7 @@ class BReGUnit(nn.Module):
             return CPConv(self.features, 3, rank=self.rank, rank_multiple=self.rank_multiple, stride=stride,
                           psi=self.psi, skip=self.skip, name=name, **self._dt())(x, train=train)
         return nn.Conv(self.features, (3, 3), strides=stride, padding="SAME", use_bias=False,
-                       kernel_init=nn.initializers.he_normal(), conv_general_dilated=conv.conv_general_dilated,
+                       kernel_init=nn.initializers.he_normal(), conv_general_dilated=conv_ops.conv_general_dilated,
                        name=name, **self._dt())(x)
 
     @nn.compact
@@ -164,7 +164,7 @@ class BReGUnit(nn.Module):
                 s = pad_projection(x, self.features, self.stride)
             else:
                 s = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False, kernel_init=nn.initializers.he_normal(),
-                            conv_general_dilated=conv.conv_general_dilated, name="proj_conv", **self._dt())(x)
+                            conv_general_dilated=conv_ops.conv_general_dilated, name="proj_conv", **self._dt())(x)
                 s = batch_norm(train, name="proj_bn", **self._dt())(s)
         return nn.relu(h_fn(s) + f)
 
@@ -215,7 +215,7 @@ class BReGNet(nn.Module):
         self._validate(x)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.he_normal(),
-                    conv_general_dilated=conv.conv_general_dilated, name="stem_conv", **dt)(x)
+                    conv_general_dilated=conv_ops.conv_general_dilated, name="stem_conv", **dt)(x)
         h = nn.relu(batch_norm(train, name="stem_bn", **dt)(h))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n):

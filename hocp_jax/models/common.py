@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from hocp_jax import conv, explicit_sharding
+from hocp_jax import conv_ops, explicit_sharding
 from hocp_jax.pooling import max_pool, monotone_max_pool
 
 
@@ -106,7 +106,7 @@ class Dropout(nn.Module):
 class DenseConv(nn.Module):
     """Bias-free ``nn.Conv`` with symmetric ``k // 2`` padding, called as ``m(x, train)``
     (``train`` unused) so dense and factorized convs are interchangeable. Computed by
-    :func:`hocp_jax.conv.conv_general_dilated` (on CPU, 1x1 kernels as matrix products and
+    :func:`hocp_jax.conv_ops.conv_general_dilated` (on CPU, 1x1 kernels as matrix products and
     3-D+ kernels over few input channels, a video network's first conv, as patches matrix products).
 
     A kernel with fewer axes than ``x`` has spatial axes treats the extra leading axes as batch."""
@@ -122,7 +122,7 @@ class DenseConv(nn.Module):
         pad = tuple((k // 2, k // 2) for k in self.kernel_size)
         he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He, like torchvision's kaiming_normal_
         return nn.Conv(self.features, self.kernel_size, self.strides, padding=pad, use_bias=False, kernel_init=he,
-                       dtype=self.dtype, param_dtype=self.param_dtype, conv_general_dilated=conv.conv_general_dilated,
+                       dtype=self.dtype, param_dtype=self.param_dtype, conv_general_dilated=conv_ops.conv_general_dilated,
                        name="conv")(x)
 
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax import conv
+from hocp_jax import conv_ops
 from hocp_jax.checks import is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, batch_norm, check_input
@@ -58,7 +58,7 @@ class InvertedResidual(nn.Module):
             y = nn.relu(batch_norm(train, name="bn_expand", **dt)(DenseConv(rank, (1, 1), (1, 1), name="expand", **dt)(x)))
             dw = nn.Conv(rank, (3, 3), self.stride, padding=1, feature_group_count=rank, use_bias=False,
                          kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
-                         conv_general_dilated=conv.conv_general_dilated, name="depthwise", **dt)  # on CPU the shift kernel
+                         conv_general_dilated=conv_ops.conv_general_dilated, name="depthwise", **dt)  # on CPU the shift kernel
             y = nn.relu(batch_norm(train, name="bn_depthwise", **dt)(dw(y)))
             y = DenseConv(self.features, (1, 1), (1, 1), name="project", **dt)(y)
         else:

@@ -5,8 +5,9 @@ its kernel gradient: analytic model or measured autotune.
 :func:`choose_kernel_grad` likewise for the 2-D convs of a computed or trained kernel (XLA's
 kernel-gradient convolution or matrix products per tap; analytic:
 :func:`hocp_jax.conv_plans.matmul_kernel_grad`). The rules that shape each path's program without
-timing it (loops, routes, dtypes) are in :mod:`hocp_jax.conv_plans`. Policies (:func:`configure`, or the environment variable ``HOCP_JAX_AUTOTUNE``; unset, the
-backend's default, :data:`DEFAULT_POLICIES`: measured on GPU, analytic elsewhere):
+timing it (loops, routes, dtypes) are in :mod:`hocp_jax.conv_plans`. Policies (:func:`configure`,
+or the environment variable ``HOCP_JAX_AUTOTUNE``; unset, the backend's default,
+:data:`DEFAULT_POLICIES`: measured on GPU, analytic elsewhere):
 
 * ``"analytic"`` (the default on CPU and TPU): no timing. On CPU,
   :func:`hocp_jax.conv.choose_cp_implementation` (the cost model of
@@ -120,8 +121,8 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
 def policy_mode(value: str) -> contextlib.AbstractContextManager:
     """Within the block, :func:`policy` answers ``value`` (``"analytic"``/``"measure"``), whatever
     :func:`configure` or ``$HOCP_JAX_AUTOTUNE`` say; the cache file and ``batch_shards`` stay as
-    configured. Read at trace time, like :func:`hocp_jax.conv_plans.per_sample_mode` (e.g. to compile one train step
-    with the measured picks beside one with the analytic picks)."""
+    configured. Read at trace time, like :func:`hocp_jax.conv_plans.per_sample_mode` (e.g. to
+    compile one train step with the measured picks beside one with the analytic picks)."""
     if value not in POLICIES:
         raise ValueError(f"value={value!r}: expected one of {POLICIES}")
     return conv_plans.scoped(_config, "policy", value)
@@ -164,12 +165,13 @@ def cache_key(x_shape, dtype, param_shapes: Mapping[str, Sequence[int]], modes, 
 
 
 def kernel_grad_key(x_shape, dtype, kernel_shape: Sequence[int], strides, pads, dilations, input_grad: bool) -> str:
-    """The cache key of one :func:`choose_kernel_grad` call: backend, device kind, ``"kernel_grad"``,
-    :func:`hocp_jax.conv_plans.host_kind`, shapes, dtype, geometry, ``input_grad`` and :data:`MEASURE_VERSION`."""
+    """The cache key of one :func:`choose_kernel_grad` call: backend, device kind,
+    ``"kernel_grad"``, :func:`hocp_jax.conv_plans.host_kind`, shapes, dtype, geometry,
+    ``input_grad`` and :data:`MEASURE_VERSION`."""
     dev = jax.devices()[0]
-    return json.dumps([dev.platform, dev.device_kind, "kernel_grad", conv_plans.host_kind(), list(x_shape), jnp.dtype(dtype).name,
-                       list(kernel_shape), list(strides), [list(p) for p in pads], list(dilations), bool(input_grad),
-                       MEASURE_VERSION])
+    return json.dumps([dev.platform, dev.device_kind, "kernel_grad", conv_plans.host_kind(), list(x_shape),
+                       jnp.dtype(dtype).name, list(kernel_shape), list(strides), [list(p) for p in pads],
+                       list(dilations), bool(input_grad), MEASURE_VERSION])
 
 
 def _load_disk(path: str) -> None:
@@ -196,7 +198,8 @@ def _save_disk(path: str, key: str, pick: str) -> None:
 def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: bool, dtype=jnp.float32,
                   per_sample: bool | None = None) -> str:
     """The analytic pick (see module docstring) for the default backend; ``dtype`` of ``x`` and
-    ``per_sample`` as given to :func:`hocp_jax.conv.cp_conv` (they set :func:`hocp_jax.conv_plans.batch_plan`)."""
+    ``per_sample`` as given to :func:`hocp_jax.conv.cp_conv` (they set
+    :func:`hocp_jax.conv_plans.batch_plan`)."""
     from hocp_jax import conv, counting
 
     if jax.default_backend() == "cpu":
@@ -253,7 +256,8 @@ def timed_kernel_grad_programs(x_shape, dtype, kernel_shape, strides, pads, dila
 
     rng = np.random.default_rng(0)
     strides, pads, dilations = tuple(strides), tuple(map(tuple, pads)), tuple(dilations)
-    convs = {"matmul": lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads, dilations=dilations),
+    convs = {"matmul": lambda x, k: conv_ops.conv_matmul_kernel_grad(x, k, strides=strides, pads=pads,
+                                                                     dilations=dilations),
              "xla": lambda x, k: conv_ops.dense_conv(x, k, stride=strides, padding=pads, dilation=dilations)}
     with jax.ensure_compile_time_eval():
         x = jnp.asarray(rng.normal(size=x_shape), dtype)
@@ -322,13 +326,13 @@ def measure_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, 
 
 
 KERNEL_GRAD_OVERRIDE = 0.85
-"""Under the measured policy, :func:`choose_kernel_grad` departs from :func:`hocp_jax.conv_plans.matmul_kernel_grad`'s
-answer only when the other kernel gradient took at most this fraction of its time. One conv's
-5-round timing is noisy (stop 41, this host: five timings of each of the HO-CP ResNet-18 2-D step's
-eight conv shapes moved by up to 0.45 in products / XLA's, e.g. 0.91-1.09 and 0.70-1.13), and
-picks taken on 5-9 % wins made that step 1.02-1.05x slower than the rule's (scratch, 15
-interleaved rounds; benchmarks/EXPERIMENTS.md, "Kept (stop 41)"), while the wins the rule
-misses run to 0.57-0.76x."""
+"""Under the measured policy, :func:`choose_kernel_grad` departs from
+:func:`hocp_jax.conv_plans.matmul_kernel_grad`'s answer only when the other kernel gradient took at
+most this fraction of its time. One conv's 5-round timing is noisy (stop 41, this host: five timings
+of each of the HO-CP ResNet-18 2-D step's eight conv shapes moved by up to 0.45 in products / XLA's,
+e.g. 0.91-1.09 and 0.70-1.13), and picks taken on 5-9 % wins made that step 1.02-1.05x slower than
+the rule's (scratch, 15 interleaved rounds; benchmarks/EXPERIMENTS.md, "Kept (stop 41)"), while the
+wins the rule misses run to 0.57-0.76x."""
 
 
 def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, input_grad: bool = True) -> bool:

@@ -88,9 +88,9 @@ def check_automatic_flag(value, name: str) -> None:
 
 
 def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
-    """Within the block, :func:`hocp_jax.autotune.configure`'s ``batch_shards`` reads ``value`` (read at trace time,
-    like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh` traces a step in
-    such a block with its mesh's size."""
+    """Within the block, :func:`hocp_jax.autotune.configure`'s ``batch_shards`` reads ``value``
+    (read at trace time, like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh`
+    traces a step in such a block with its mesh's size."""
     if value is not None and not is_positive_int(value):
         raise ValueError(f"value={value!r}: expected None or a positive number of devices")
     return scoped(_config, "batch_shards", value)
@@ -99,8 +99,8 @@ def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
     """``x_shape`` with the batch one device runs, ``ceil(B / n)``: ``n`` = ``batch_shards`` (the
     split of the traced array's batch axis, :func:`hocp_jax.explicit_sharding.shards`) if given,
-    else :func:`hocp_jax.autotune.configure`'s ``batch_shards`` (not inside a ``shard_map`` over every axis, where
-    the traced batch is one device's), else 1."""
+    else :func:`hocp_jax.autotune.configure`'s ``batch_shards`` (not inside a ``shard_map`` over
+    every axis, where the traced batch is one device's), else 1."""
     n = batch_shards or (None if _in_shard_map() else _config["batch_shards"]) or 1
     return (-(-x_shape[0] // n), *x_shape[1:])
 
@@ -115,7 +115,7 @@ def program_per_device() -> bool:
     15``, benchmarks/EXPERIMENTS.md, stop 52): before this rule, conv2's ``auto`` path took 4923 ms
     on each device's whole share and 1009 ms forced one sample at a time (no tiles), the stack 5894
     and 1804 ms; with it (per sample and in tiles), conv2 735 ms and the stack 1415 ms."""
-    if _config["per_device"] is not None:  # while the measured policy times a conv (_cached_pick)
+    if _config["per_device"] is not None:  # per_device_mode: the measured autotune timing a conv
         return _config["per_device"]
     return jax.device_count() == 1 or _in_shard_map()
 
@@ -144,8 +144,8 @@ def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | N
     (``jax.set_mesh``; abstract, as at trace time) and a batch that divides over the split, either
     * explicit axes: ``x``'s type splits its batch axis and nothing else, ``params`` split nothing;
     * auto axes (``train.py``'s mesh): ``x``'s type splits nothing, every axis is auto and
-      ``batch_shards`` (:func:`hocp_jax.autotune.configure`, :func:`batch_shards_mode`) is the mesh's size: the batch
-      is split over all of it.
+      ``batch_shards`` (:func:`hocp_jax.autotune.configure`, :func:`batch_shards_mode`) is the
+      mesh's size: the batch is split over all of it.
     The conv is the same function on any split of the batch, so the wrong guess of a layout
     costs a reshard, never a wrong value. Measured on two host devices (``python -m
     benchmarks.experiments jit_devices 25``, benchmarks/EXPERIMENTS.md, stop 53): ``bench``'s
@@ -448,29 +448,28 @@ def dense_chunks_mode(value: bool | None) -> contextlib.AbstractContextManager:
 def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int], dtype) -> int | None:
     """Samples per step of the loop in which :func:`hocp_jax.conv_ops.conv_general_dilated` runs an
     ungrouped channels-last 2-D conv of ``x (B, H, W, C_in)`` to ``out_channels`` with ``strides``
-    (a dense conv of the models, or one of a rebuilt kernel: :func:`hocp_jax.conv_ops.conv_general_dilated`,
-    ``hocp_jax.conv_ops.weight_conv``) on the CPU backend, or ``None`` (the
-    whole batch at once, XLA's conv): with one program per device (:func:`loops_apply`), outside a
-    :func:`loop_mode` block, ``B > 1`` and an input of at least :data:`DENSE_CHUNK_MIN_BYTES`
-    (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most :data:`PATCHES_MAX_IN_CHANNELS` input
-    channels: a network's stem), in
-    chunks of the most samples that divide ``B`` and hold at most
-    :data:`DENSE_CHUNK_TARGET_BYTES` of input (at least one sample), unless the chunk's output
-    positions (``ceil(H / s) * ceil(W / s)`` per sample) are too few for its channels
-    (:data:`DENSE_CHUNK_MAX_CHANNELS_PER_POSITION`). Each
-    chunk runs the loop mode's conv (XLA's forward convolution, the kernel gradient as one matrix
-    product per tap, the input gradient without XLA's transposed conv).
+    (a dense conv of the models, or one of a rebuilt kernel:
+    :func:`hocp_jax.conv_ops.conv_general_dilated`, ``hocp_jax.conv_ops.weight_conv``) on the CPU
+    backend, or ``None`` (the whole batch at once, XLA's conv): with one program per device
+    (:func:`loops_apply`), outside a :func:`loop_mode` block, ``B > 1`` and an input of at least
+    :data:`DENSE_CHUNK_MIN_BYTES` (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most
+    :data:`PATCHES_MAX_IN_CHANNELS` input channels: a network's stem), in chunks of the most samples
+    that divide ``B`` and hold at most :data:`DENSE_CHUNK_TARGET_BYTES` of input (at least one
+    sample), unless the chunk's output positions (``ceil(H / s) * ceil(W / s)`` per sample) are too
+    few for its channels (:data:`DENSE_CHUNK_MAX_CHANNELS_PER_POSITION`). Each chunk runs the loop
+    mode's conv (XLA's forward convolution, the kernel gradient as one matrix product per tap, the
+    input gradient without XLA's transposed conv).
 
-    XLA's CPU convolution slows down more than its work grows past a few MiB of input (stop 69,
-    on the Intel host: a 3x3 conv, 64 -> 64 channels, batch 8, fwd+bwd 10.6 ms on 28x28 maps and
-    77.8 ms on 56x56 ones). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
+    XLA's CPU convolution slows down more than its work grows past a few MiB of input (stop 69, on
+    the Intel host: a 3x3 conv, 64 -> 64 channels, batch 8, fwd+bwd 10.6 ms on 28x28 maps and 77.8
+    ms on 56x56 ones). ``python -m benchmarks.experiments dense_chunks 5`` (stop 69,
     benchmarks/EXPERIMENTS.md; three runs), chunks against XLA's whole-batch conv, fwd+bwd:
-    0.68-0.96x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the 7x7
-    stems of 3 channels it takes (1.2-4.6 MiB) and 0.96-1.04x on the one it leaves (0.75 MiB);
-    1.19-1.39x on the other convs it leaves (a 14x14 map of 256 channels, inputs of 1.5-2 MiB,
-    and, third run, a stride-2 conv of 64 -> 128 channels on 16x16 maps in chunks of 4, 1.27x:
-    0.75 channels per position, hence the bound of 0.5); Jester conv2's 3-D shape 1.00-1.01x (so
-    3-D convs keep XLA's)."""
+    0.68-0.96x on the five 3x3 convs the rule takes (3-12 MiB of input), 0.75-0.97x on the 7x7 stems
+    of 3 channels it takes (1.2-4.6 MiB) and 0.96-1.04x on the one it leaves (0.75 MiB); 1.19-1.39x
+    on the other convs it leaves (a 14x14 map of 256 channels, inputs of 1.5-2 MiB, and, third run,
+    a stride-2 conv of 64 -> 128 channels on 16x16 maps in chunks of 4, 1.27x: 0.75 channels per
+    position, hence the bound of 0.5); Jester conv2's 3-D shape 1.00-1.01x (so 3-D convs keep
+    XLA's)."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
     if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply()

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hocp_jax import autotune, conv_plans, explicit_sharding
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 
@@ -400,13 +400,7 @@ def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, *, strides, pads, d
     figures); on 3-D convs the products gained or lost (0.81-1.21x; most lost on the Jester conv1,
     3 input channels), so those keep XLA's outside loops (``python -m benchmarks.experiments kernel_grad``;
     benchmarks/EXPERIMENTS.md, stop 39)."""
-    n = kernel.ndim - 2
-    if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
-        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected "
-                         f"(B, {n} spatial sizes, {kernel.shape[-2]} channels)")
-    for name, value in (("strides", strides), ("pads", pads), ("dilations", dilations)):
-        if len(value) != n:
-            raise ValueError(f"{name}={value!r}: expected one entry per spatial mode ({n})")
+    _check_resolved(x, kernel, strides, pads, dilations)
     if x.dtype != kernel.dtype:
         raise ValueError(f"x: dtype {x.dtype} differs from the kernel's {kernel.dtype}; expected equal dtypes")
     return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), tuple(dilations))
@@ -417,6 +411,20 @@ def _chunked_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, chu
     both loops in :func:`hocp_jax.conv_plans.loop_mode`): :func:`hocp_jax.conv_plans.dense_chunk`'s route."""
     return map_chunks(lambda xc: conv_matmul_kernel_grad(xc, kernel, strides=strides, pads=pads, dilations=dilations),
                        x, chunk, loop=True)
+
+
+def _check_resolved(x: jax.Array, kernel: jax.Array, strides, pads, dilations) -> None:
+    """``ValueError`` naming the argument unless ``x (B, *S, C_in)`` fits ``kernel (*K, C_in, C_out)``
+    and ``strides``, ``pads`` (``(lo, hi)`` pairs) and ``dilations`` have one entry per spatial mode."""
+    n = kernel.ndim - 2
+    if n < 1 or x.ndim != n + 2 or x.shape[-1] != kernel.shape[-2]:
+        raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected "
+                         f"(B, {n} spatial sizes, {kernel.shape[-2]} channels)")
+    for name, value in (("strides", strides), ("pads", pads), ("dilations", dilations)):
+        if len(value) != n:
+            raise ValueError(f"{name}={value!r}: expected one entry per spatial mode ({n})")
+    if any(len(p) != 2 for p in pads):
+        raise ValueError(f"pads={pads!r}: expected one (lo, hi) pair per spatial mode")
 
 
 def weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input_grad: bool = True) -> jax.Array:
@@ -439,6 +447,7 @@ def weight_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, input
     and 1.04x on two 2-frame clips, on an AVX-512 host, where those 2-D convs took ``lax``'s conv
     before; on AVX2-only hosts they took :func:`conv_matmul_kernel_grad` (not compared).
     ``input_grad``: whether the caller differentiates w.r.t. ``x`` (informs the measured policy)."""
+    _check_resolved(x, kernel, strides, pads, dilations)
     x, kernel = promote(x, kernel)
     split = explicit_sharding.is_split(x)
     if _gpu_needs_taps(kernel.ndim - 2):
@@ -586,6 +595,9 @@ def map_chunks(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1
     passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
     more than the recomputed forward (benchmarks/EXPERIMENTS.md). ``loop``: both loops' bodies
     are traced in :func:`hocp_jax.conv_plans.loop_mode`."""
+    if not is_positive_int(chunk) or x.ndim < 1 or x.shape[0] % chunk:
+        raise ValueError(f"chunk={chunk!r}: expected a positive number of samples that divides the batch of x, "
+                         f"shape {tuple(x.shape)}")
     in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
     fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
     # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
@@ -630,6 +642,16 @@ def map_tiles(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
     does not divide the output size, the last tile is moved back to end at the last row; the rows
     it shares with the tile before get a zero cotangent. Returns ``(B, ..., S_out, ..., C')``.
     """
+    if not (is_int(axis) and 1 <= axis <= x.ndim - 2):
+        raise ValueError(f"axis={axis!r}: expected a spatial axis of x, shape {tuple(x.shape)}: 1 to {x.ndim - 2}")
+    if len(pad) != 2 or not all(is_int(p) and p >= 0 for p in pad):
+        raise ValueError(f"pad={pad!r}: expected a (lo, hi) pair of non-negative ints")
+    if not (is_int(halo) and halo >= 0):
+        raise ValueError(f"halo={halo!r}: expected a non-negative number of rows")
+    out_size = x.shape[axis] + pad[0] + pad[1] - halo
+    if not (is_positive_int(rows) and rows <= out_size):
+        raise ValueError(f"rows={rows!r}: expected 1 to {out_size} output rows (x's {x.shape[axis]} rows along axis "
+                         f"{axis}, padded by {tuple(pad)}, less a halo of {halo})")
     xp = pad_axis(x, axis, pad)
     b, out_size = x.shape[0], xp.shape[axis] - halo
     n = -(-out_size // rows)

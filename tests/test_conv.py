@@ -851,3 +851,27 @@ def test_zero_size_kernels_and_group_counts_are_named():
     with pytest.raises(ValueError, match=r"params\['core_1'\]: got shape \(2, 0, 2\)"):
         conv.tt_conv(x, {"core_0": jnp.ones((1, 4, 2)), "core_1": jnp.ones((2, 0, 2)), "core_2": jnp.ones((2, 3, 2)),
                          "core_3": jnp.ones((2, 6, 1))})
+
+
+def test_the_loops_and_the_conv_of_a_rebuilt_kernel_name_a_bad_argument():
+    """``conv_ops.map_chunks``, ``map_tiles`` and ``weight_conv`` are public since stop 70: a wrong
+    chunk, axis, tile or geometry is a ValueError naming it, not an XLA error."""
+    x, k = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 5))
+    same = ((1, 1), (1, 1))
+    for bad in (3, 0, 2.0):
+        with pytest.raises(ValueError, match=rf"chunk={bad!r}: expected a positive number of samples"):
+            conv_ops.map_chunks(lambda xc: xc, x, bad)
+    for kwargs, match in (({"axis": 3}, "axis=3: expected a spatial axis"), ({"axis": 0}, "axis=0"),
+                          ({"rows": 7}, r"rows=7: expected 1 to 6 output rows"), ({"rows": 0}, "rows=0"),
+                          ({"halo": -1}, "halo=-1"), ({"pad": (-1, 1)}, r"pad=\(-1, 1\)")):
+        args = {"axis": 1, "rows": 2, "halo": 2, "pad": (1, 1), **kwargs}
+        with pytest.raises(ValueError, match=match):
+            conv_ops.map_tiles(lambda xt: xt[:, 2:], x, **args)
+    for args, match in (((x[..., :2], k, (1, 1), same, (1, 1)), r"x: got shape \(4, 6, 6, 2\)"),
+                        ((x, k, (1,), same, (1, 1)), r"strides=\(1,\): expected one entry per spatial mode"),
+                        ((x, k, (1, 1), ((1, 1), (1,)), (1, 1)), r"pads=.*expected one \(lo, hi\) pair")):
+        with pytest.raises(ValueError, match=match):
+            conv_ops.weight_conv(*args)
+    # the valid calls still run: chunks of 2, tiles of 2 of the 6 rows (the halo of a 3-tap conv)
+    assert conv_ops.map_chunks(lambda xc: 2 * xc, x, 2).shape == x.shape
+    assert conv_ops.map_tiles(lambda xt: xt[:, 2:], x, 1, 2, 2, (1, 1)).shape == x.shape

@@ -653,8 +653,7 @@ def map_tiles(f: Callable[[jax.Array], jax.Array], x: jax.Array, axis: int, rows
         raise ValueError(f"rows={rows!r}: expected 1 to {out_size} output rows (x's {x.shape[axis]} rows along axis "
                          f"{axis}, padded by {tuple(pad)}, less a halo of {halo})")
     xp = pad_axis(x, axis, pad)
-    b, out_size = x.shape[0], xp.shape[axis] - halo
-    n = -(-out_size // rows)
+    b, n = x.shape[0], -(-out_size // rows)
 
     def window(a, t, size):  # tile t's (1, .., size, ..) block of a, and its first row
         first = jnp.minimum((t % n) * rows, out_size - rows)

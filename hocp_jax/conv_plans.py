@@ -61,8 +61,7 @@ def set_defaults(batch_shards: int | None = None, per_sample: bool | None = None
     """What :func:`batch_shards_mode`, :func:`per_sample_mode` and :func:`tile_rows_mode` set for a
     block, for every trace from now on (``None``: unset, the automatic rules); called by
     :func:`hocp_jax.autotune.configure`."""
-    if batch_shards is not None and not is_positive_int(batch_shards):
-        raise ValueError(f"batch_shards={batch_shards!r}: expected None or a positive number of devices")
+    check_batch_shards(batch_shards, "batch_shards")
     check_automatic_flag(per_sample, "per_sample")
     check_tile_rows(tile_rows, "tile_rows")
     _config.update(batch_shards=batch_shards, per_sample=per_sample, tile_rows=tile_rows)
@@ -87,12 +86,17 @@ def check_automatic_flag(value, name: str) -> None:
         raise ValueError(f"{name}={value!r}: expected None (automatic), True or False")
 
 
+def check_batch_shards(value, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a positive number of devices."""
+    if value is not None and not is_positive_int(value):
+        raise ValueError(f"{name}={value!r}: expected None or a positive number of devices")
+
+
 def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`hocp_jax.autotune.configure`'s ``batch_shards`` reads ``value``
     (read at trace time, like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh`
     traces a step in such a block with its mesh's size."""
-    if value is not None and not is_positive_int(value):
-        raise ValueError(f"value={value!r}: expected None or a positive number of devices")
+    check_batch_shards(value, "value")
     return scoped(_config, "batch_shards", value)
 
 

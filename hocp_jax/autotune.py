@@ -342,7 +342,10 @@ def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, i
     current :func:`policy`: analytic, :func:`hocp_jax.conv_plans.matmul_kernel_grad`; measured, that rule's answer
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks
-    (:func:`kernel_grad_key`). Inside a :func:`hocp_jax.conv_plans.loop_mode` block on the CPU backend: always."""
+    (:func:`kernel_grad_key`). Inside a :func:`hocp_jax.conv_plans.loop_mode` block on the CPU backend: always;
+    inside a :func:`hocp_jax.conv_plans.forward_mode` block: never (a custom VJP, reverse mode only)."""
+    if conv_plans.forward_mode_on():
+        return False
     if conv_plans.cpu_loop_mode():
         return True
     shape = conv_plans.device_shape(x_shape)

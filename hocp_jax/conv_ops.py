@@ -7,7 +7,8 @@ library runs them (channels-last: ``x (B, *S, C)``, kernels ``(*K, C_in, C_out)`
   without XLA's gradient convolutions, chunks of samples); :func:`weight_conv`, the same for a
   kernel a factorized layer computes or trains (the CP, Tucker and TT reconstructed paths).
 * The factorized path's pieces: the 1x1 contraction :func:`channel_matmul` and the depthwise
-  shift kernel (:func:`depthwise_conv_1d`, :func:`depthwise_conv`), with custom VJPs.
+  shift kernel (:func:`depthwise_conv_1d`, :func:`depthwise_conv`), with a custom backward pass
+  (a custom JVP whose tangent map is that pass transposed: forward mode works too).
 * The loops that run a conv on chunks of samples or tiles of rows with the gradient of each
   computed while its chunk is in cache (:func:`map_chunks`, :func:`map_tiles`).
 
@@ -43,10 +44,11 @@ def promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     """``arrays`` cast (``lax.pcast(..., to="varying")``) to vary over every manual mesh axis
-    that any of them varies over; unchanged outside ``shard_map``. Applied to a custom VJP's
-    inputs: its backward pass must return cotangents of its inputs' types, and the cotangent of a
-    weight every shard shares, computed from one shard's data, varies over the data's axes (JAX
-    then sums it over them, the transpose of the cast), as XLA's own VJPs do."""
+    that any of them varies over; unchanged outside ``shard_map``. Applied to the inputs of a
+    custom backward pass (a custom VJP, or a custom JVP written as one transposed): it must
+    return cotangents of its inputs' types, and the cotangent of a weight every shard shares,
+    computed from one shard's data, varies over the data's axes (JAX then sums it over them, the
+    transpose of the cast), as XLA's own VJPs do."""
     varying = [jax.typeof(a).manual_axis_type.varying for a in arrays]
     axes = frozenset().union(*varying)
     return tuple(lax.pcast(a, tuple(axes - v), to="varying") if axes - v else a for a, v in zip(arrays, varying))
@@ -102,9 +104,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       strided positions (:func:`channel_matmul`); it took 0.10-0.75x the time of XLA CPU's 1x1 conv
       fwd+bwd on MobileNet-v2's and ResNet's 1x1 shapes;
     * a depthwise kernel (``feature_group_count`` = input channels = output channels): the shift
-      kernel of :func:`depthwise_conv`, which is reverse mode only like the CP path's depthwise
-      passes (``jax.jvp`` through it raises; forward-over-reverse, e.g. Hessian-vector products,
-      works).
+      kernel of :func:`depthwise_conv` (forward and reverse mode, as the CP path's depthwise
+      passes);
     * an ungrouped kernel over 3 or more spatial modes with at most
       :data:`hocp_jax.conv_plans.PATCHES_MAX_IN_CHANNELS` input channels (a video network's first
       conv): one matrix product of its explicit patches (:func:`_patches_conv`;
@@ -115,11 +116,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     * any other ungrouped kernel traced in a loop's body (:func:`hocp_jax.conv_plans.loop_mode`, the
       micro-batches of the train step), with ``precision`` None: XLA's forward conv with gradients
       that need no gradient convolution (:func:`conv_matmul_kernel_grad`; a custom VJP, so reverse
-      mode only there, like the depthwise route);
+      mode only there: :func:`hocp_jax.conv_plans.forward_mode` turns it off);
     * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.conv_plans.dense_chunk`,
       which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
       program per device), with ``precision`` None: the same conv in a loop over chunks of
-      samples (:func:`_chunked_conv`; reverse mode only too).
+      samples (:func:`_chunked_conv`; reverse mode only too, but in a
+      :func:`hocp_jax.conv_plans.forward_mode` block).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or
@@ -332,23 +334,27 @@ def _with_auto_axes(conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Ar
     return explicit_sharding.run_auto(conv, x, kernel, out_spec=explicit_sharding.kept_splits(x, out.shape))
 
 
-_conv_tap_grad_vjp = jax.custom_vjp(_lax_conv, nondiff_argnums=(2, 3, 4))
-
-
 def _conv_tap_grad(x, kernel, strides, pads, dilations):
-    return _conv_tap_grad_vjp(*vary_alike(x, kernel), strides, pads, dilations)
+    # whether the conv is in a loop is read here, when its forward pass is traced: the transpose of
+    # a loop's tangent (map_chunks) traces this backward pass after the loop's block has closed
+    return _conv_tap_grad_vjp(*vary_alike(x, kernel), strides, pads, dilations, conv_plans.cpu_loop_mode())
 
 
-def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_tap_grad_vjp(x, kernel, strides, pads, dilations, in_loop):
+    return _lax_conv(x, kernel, strides, pads, dilations)
+
+
+def _conv_tap_grad_fwd(x, kernel, strides, pads, dilations, in_loop):
     return _lax_conv(x, kernel, strides, pads, dilations), (x, kernel)
 
 
-def _conv_tap_grad_bwd(strides, pads, dilations, res, g):
-    """Input gradient: XLA's own (the transposed conv), or in a loop on CPU :func:`_loop_input_grad`;
-    kernel gradient: one ``(C_in, N) x (N, C_out)`` matrix product per tap, ``N`` = the batch's
-    output positions, accumulated in float32 (or wider)."""
+def _conv_tap_grad_bwd(strides, pads, dilations, in_loop, res, g):
+    """Input gradient: XLA's own (the transposed conv), or in a loop on CPU (``in_loop``)
+    :func:`_loop_input_grad`; kernel gradient: one ``(C_in, N) x (N, C_out)`` matrix product per
+    tap, ``N`` = the batch's output positions, accumulated in float32 (or wider)."""
     x, kernel = res
-    if conv_plans.cpu_loop_mode() and all(lo >= 0 and hi >= 0 for lo, hi in pads):
+    if in_loop and all(lo >= 0 and hi >= 0 for lo, hi in pads):
         dx = _loop_input_grad(g, kernel, x.shape, strides, pads, dilations)
     else:
         dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilations), x)[1](g)[0]
@@ -488,35 +494,62 @@ def _shift_conv(h: jax.Array, kernel: jax.Array, strides, pads, dilations) -> ja
 
 
 def _shift_depthwise(h, kernel, strides, pads, dilations):
-    """The depthwise shift kernel with its custom VJP (:func:`depthwise_conv_1d`)."""
-    return _shift_depthwise_vjp(*vary_alike(h, kernel), strides, pads, dilations)
+    """The depthwise shift kernel with its custom JVP (:func:`depthwise_conv_1d`)."""
+    return _shift_depthwise_jvp(*vary_alike(h, kernel), strides, pads, dilations)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shift_depthwise_vjp(h, kernel, strides, pads, dilations):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _shift_depthwise_jvp(h, kernel, strides, pads, dilations):
     return _shift_conv(h, kernel, strides, pads, dilations)
 
 
-def _shift_depthwise_fwd(h, kernel, strides, pads, dilations):
-    return _shift_conv(h, kernel, strides, pads, dilations), (h, kernel)
+@_shift_depthwise_jvp.defjvp
+def _shift_depthwise_tangent(strides, pads, dilations, primals, tangents):
+    """The tangent map written as the transpose of the backward pass below, so that reverse mode
+    (JAX's transpose of it) runs that pass: input gradient = the same shift kernel on the
+    stride-dilated, re-padded cotangent with the flipped kernel; kernel gradient = per tap, the sum
+    of the tap's input slice times the cotangent. Checkpointed: reverse mode keeps ``h`` and the
+    kernel, as a custom VJP would. Forward mode evaluates it as written (each tap's ``h`` tangent
+    padded into the dilated grid), correct but slower than :func:`_shift_conv` of the tangents."""
+    h, kernel = primals
+    y = _shift_conv(h, kernel, strides, pads, dilations)
+    tangent = jax.checkpoint(lambda h, kernel, dh, dk: _transposed_backward(h, kernel, dh, dk, y.shape, strides, pads,
+                                                                           dilations), prevent_cse=False)
+    return y, tangent(h, kernel, *tangents)
 
 
-def _shift_depthwise_bwd(strides, pads, dilations, res, g):
-    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
-    the flipped kernel; kernel gradient = per tap, sum of the tap's input slice times ``g``."""
-    h, kernel = res
-    ks, outs = kernel.shape[:-1], g.shape[1:-1]
+def _transposed_backward(h, kernel, dh, dk, y_shape, strides, pads, dilations):
+    """The transpose of the shift kernel's backward pass ``g -> (input gradient, kernel
+    gradient)``, applied to ``(dh, dk)``: ``y``-shaped. The backward pass pads ``g`` onto the
+    grid ``gp`` (``cfg`` below: stride-dilated, re-padded), reads tap ``t``'s slice of it times
+    the flipped kernel's tap ``t`` (summed over the taps: the input gradient), and sums each tap's
+    input slice times ``g`` (the kernel gradient); here each piece in reverse order, the taps too,
+    so that the transposed sums run in the backward pass's order."""
+    ks, outs = kernel.shape[:-1], y_shape[1:-1]
+    taps = list(itertools.product(*map(range, ks)))
     cfg = [((k - 1) * d - lo, n + lo - (o - 1) * s - 1, s - 1)
            for n, k, (lo, _), s, d, o in zip(h.shape[1:-1], ks, pads, strides, dilations, outs)]
-    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *cfg, (0, 0, 0)])
+    grid = [o + (o - 1) * it + lo + hi for o, (lo, hi, it) in zip(outs, cfg)]  # gp's spatial sizes
     flipped = lax.rev(kernel, [a for a, k in enumerate(ks) if k > 1])
-    dh = _shift_conv(gp, flipped, (1,) * len(ks), ((0, 0),) * len(ks), dilations)
-    sum_axes = tuple(range(h.ndim - 1))
-    dk = jnp.stack([jnp.sum(xt * g, axis=sum_axes) for xt in tap_inputs(h, ks, strides, pads, dilations, outs)])
-    return dh, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_shift_depthwise_vjp.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+    zero = jnp.zeros((), dh.dtype)
+    gp = None
+    for t in reversed(taps):  # the input gradient's per-tap slices of gp, transposed: pads into the grid
+        start = [ti * d for ti, d in zip(t, dilations)]
+        part = lax.pad(dh * flipped[t], zero, [(0, 0, 0), *((a, n - a - m, 0) for a, n, m in
+                                                             zip(start, grid, h.shape[1:-1])), (0, 0, 0)])
+        gp = part if gp is None else gp + part
+    # the pad of g onto the grid, transposed: un-pad the negative pads, then the strided slice
+    if any(lo < 0 or hi < 0 for lo, hi, _ in cfg):
+        gp = lax.pad(gp, zero, [(0, 0, 0), *((max(-lo, 0), max(-hi, 0), 0) for lo, hi, _ in cfg), (0, 0, 0)])
+    y_h = lax.slice(gp, (0, *(max(lo, 0) for lo, _, _ in cfg), 0),
+                    (gp.shape[0], *(max(lo, 0) + (o - 1) * (it + 1) + 1 for (lo, _, it), o in zip(cfg, outs)), gp.shape[-1]),
+                    (1, *(it + 1 for _, _, it in cfg), 1))
+    per_tap = lax.split(dk.astype(jnp.result_type(h, dh)).reshape(len(taps), -1), (1,) * len(taps))  # stack's transpose
+    inputs = list(tap_inputs(h, ks, strides, pads, dilations, outs))
+    y_k = functools.reduce(jnp.add, (inputs[i] * lax.broadcast_in_dim(lax.squeeze(per_tap[i], (0,)), inputs[i].shape,
+                                                                      (h.ndim - 1,))
+                                     for i in reversed(range(len(taps)))))  # explicit: the sums' axes as jnp.sum's
+    return y_k + y_h
 
 
 def _depthwise(h, factor, axis, stride, pad, dilation):
@@ -534,11 +567,14 @@ def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int
 
     "Shift and multiply": pad once, then ``sum_k factor[k] * h_pad[k*dilation :: stride]``
     (K strided slices), which XLA fuses into one loop; the stride is applied inside the slice,
-    so only the output positions are computed. The backward pass is a custom VJP made of the
+    so only the output positions are computed. The backward pass is a custom one made of the
     same fused kernel (input gradient: the flipped factor over the stride-dilated cotangent;
     factor gradient: one reduction per tap), because XLA's automatic transpose of the slices
-    materialises full-size padded copies (1.3-1.6x slower fwd+bwd on the Jester layers).
-    Reverse mode only (no ``jax.jvp`` through this function). On a 2-core CPU the shift kernel
+    materialises full-size padded copies (1.3-1.6x slower fwd+bwd on the Jester layers). Until
+    stop 71 a custom VJP (reverse mode only); since then a custom JVP whose tangent map is that
+    backward pass transposed (:func:`_transposed_backward`), so ``jax.jvp`` works and
+    ``jax.grad`` compiles to the same XLA program (``python -m benchmarks.experiments
+    custom_jvp_programs``). On a 2-core CPU the shift kernel
     was 3-20x faster fwd+bwd than ``lax.conv_general_dilated`` with ``feature_group_count=R``
     on the Jester and ResNet layers when it replaced it, so the grouped conv is not used
     (the N-D form: :func:`depthwise_conv`).
@@ -551,7 +587,7 @@ def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: Paddin
     channel; MobileNet's depthwise step) -> ``(B, *S_out, R)``, padding as in :mod:`hocp_jax.padding`.
 
     The shift kernel of :func:`depthwise_conv_1d` over all modes at once (``prod K`` strided
-    slices, one fused pass; custom VJP of the same form; reverse mode only). It equals
+    slices, one fused pass; the same custom backward pass, forward mode too). It equals
     ``lax.conv_general_dilated`` with ``feature_group_count=R`` and replaces it, which XLA CPU
     ran 2.7-31x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
     """
@@ -588,43 +624,48 @@ def channel_matmul(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
 
 def map_chunks(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1, loop: bool = False) -> jax.Array:
     """``f`` (``(k, *S, C) -> (k, *S', C')``, may close over parameters) on each chunk of ``chunk``
-    samples of ``x`` in turn (``lax.map``; ``chunk`` divides the batch). Its VJP is a second loop
-    that recomputes one chunk's forward and pulls its cotangent back at once, while that chunk's
-    intermediates are still in cache; the parameter gradients are summed over the chunks.
-    Differentiating the ``lax.map`` itself would store every chunk's intermediates between the
-    passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
-    more than the recomputed forward (benchmarks/EXPERIMENTS.md). ``loop``: both loops' bodies
-    are traced in :func:`hocp_jax.conv_plans.loop_mode`."""
+    samples of ``x`` in turn (``lax.map``; ``chunk`` divides the batch). Its backward pass is a
+    second loop that recomputes one chunk's forward and pulls its cotangent back at once, while
+    that chunk's intermediates are still in cache; the parameter gradients are summed over the
+    chunks. Differentiating the ``lax.map`` itself would store every chunk's intermediates between
+    the passes (zero-filled (B, ...) buffers written and read back by dynamic slices), which cost
+    more than the recomputed forward (benchmarks/EXPERIMENTS.md). Until stop 71 a custom VJP
+    (reverse mode only); since then a custom JVP whose tangent is a loop of each chunk's JVP,
+    checkpointed, so that JAX's transpose of it is that backward pass and ``jax.jvp`` works where
+    ``f`` has forward mode. ``loop``: both loops' bodies are traced in
+    :func:`hocp_jax.conv_plans.loop_mode`."""
     if not is_positive_int(chunk) or x.ndim < 1 or x.shape[0] % chunk:
         raise ValueError(f"chunk={chunk!r}: expected a positive number of samples that divides the batch of x, "
                          f"shape {tuple(x.shape)}")
     in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
-    fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
+    with in_loop():  # f is traced here, once: closed-over float arrays become explicit arguments
+        fc, consts = jax.closure_convert(f, x[:chunk])
     # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
     # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
     one = chunk == 1
     lift, drop = ((lambda a: a[None]), (lambda a: a[0])) if one else ((lambda a: a), (lambda a: a))
 
-    @jax.custom_vjp
+    def one_chunk(xi, *consts):
+        return drop(fc(lift(xi), *consts))
+
+    @jax.custom_jvp
     def run(xs, *consts):
         with in_loop():
-            return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
+            return lax.map(lambda xi: one_chunk(xi, *consts), xs)
 
-    def run_fwd(xs, *consts):
-        return run(xs, *consts), (xs, consts)
+    @run.defjvp
+    def run_jvp(primals, tangents):
+        (xs, *consts), (dxs, *dconsts) = primals, tangents
 
-    def run_bwd(res, g):
-        xs, consts = res
-
-        def body(acc, xg):
-            dxi, *dc = jax.vjp(fc, lift(xg[0]), *consts)[1](lift(xg[1]))
-            return [a + d for a, d in zip(acc, dc)], drop(dxi)
+        # checkpointed: reverse mode keeps each chunk's input, not its intermediates, and its
+        # transposed loop recomputes a chunk's forward pass before pulling its cotangent back
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def chunk_tangent(xi_dxi):
+            return jax.jvp(one_chunk, (xi_dxi[0], *consts), (xi_dxi[1], *dconsts))[1]
 
         with in_loop():
-            dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
-        return (dx, *dc)
+            return run(xs, *consts), lax.map(chunk_tangent, (xs, dxs))
 
-    run.defvjp(run_fwd, run_bwd)
     y = run(x if one else x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:]), *consts)
     return y if one else y.reshape(x.shape[:1] + y.shape[2:])
 

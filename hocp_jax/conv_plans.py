@@ -41,7 +41,7 @@ from hocp_jax.checks import is_int, is_positive_int
 
 _config: dict[str, Any] = {"batch_shards": None, "per_sample": None, "tile_rows": None, "upcast": None,
                            "per_device": None, "in_loop": False, "paired_rows": None, "tile_fold": None,
-                           "patches_split": None, "dense_chunks": None}
+                           "patches_split": None, "dense_chunks": None, "forward_mode": False}
 
 
 @contextlib.contextmanager
@@ -68,10 +68,30 @@ def set_defaults(batch_shards: int | None = None, per_sample: bool | None = None
 
 
 def modes_in_force() -> tuple:
-    """The settings of :func:`per_sample_mode`, :func:`tile_rows_mode`, :func:`upcast_mode` and
-    :func:`dense_chunks_mode` in force: they change the CP paths' programs, so the measured
-    picks' cache keys hold them (:func:`hocp_jax.autotune.cache_key`)."""
-    return tuple(_config[k] for k in ("per_sample", "tile_rows", "upcast", "dense_chunks"))
+    """The settings of :func:`per_sample_mode`, :func:`tile_rows_mode`, :func:`upcast_mode`,
+    :func:`dense_chunks_mode` and :func:`forward_mode` in force: they change the CP paths'
+    programs, so the measured picks' cache keys hold them (:func:`hocp_jax.autotune.cache_key`)."""
+    return tuple(_config[k] for k in ("per_sample", "tile_rows", "upcast", "dense_chunks", "forward_mode"))
+
+
+def forward_mode() -> contextlib.AbstractContextManager:
+    """Within the block, the convs traced take no route that is reverse mode only, so ``jax.jvp``
+    and ``jax.jacfwd`` work through them on every backend: no per-sample, chunk or tile loop
+    (:func:`per_sample_default`, :func:`batch_chunk_default`, :func:`tile_plan`,
+    :func:`dense_chunk`: their custom VJPs recompute each loop step's forward pass), and no
+    matrix-product kernel gradients (:func:`hocp_jax.autotune.choose_kernel_grad`), whatever
+    :func:`per_sample_mode`, :func:`tile_rows_mode`, :func:`dense_chunks_mode` or
+    :func:`loop_mode` say. Only the CPU backend takes those routes, where the rules' thresholds
+    call for them (the library's models at the sizes of ``bench``'s steps do); the pools and the
+    depthwise passes support forward mode everywhere. Reverse mode works in the block too,
+    without those routes' savings. Read at trace time, like :func:`per_sample_mode`: a function
+    that ``jax.jit`` traced before the block keeps its program."""
+    return scoped(_config, "forward_mode", True)
+
+
+def forward_mode_on() -> bool:
+    """Whether the trace is in a :func:`forward_mode` block."""
+    return _config["forward_mode"]
 
 
 def per_device_mode(value: bool | None) -> contextlib.AbstractContextManager:
@@ -127,8 +147,9 @@ def program_per_device() -> bool:
 def loops_apply() -> bool:
     """Whether the automatic per-sample, chunk and tile loops (:func:`per_sample_default`,
     :func:`batch_chunk_default`, :func:`tile_plan`) may run in the conv being traced: on the CPU
-    backend, in a program of its own per device (:func:`program_per_device`)."""
-    return jax.default_backend() == "cpu" and program_per_device()
+    backend, in a program of its own per device (:func:`program_per_device`), outside a
+    :func:`forward_mode` block."""
+    return jax.default_backend() == "cpu" and program_per_device() and not _config["forward_mode"]
 
 
 def _in_shard_map() -> bool:
@@ -189,8 +210,9 @@ def loop_mode() -> contextlib.AbstractContextManager:
 
 
 def cpu_loop_mode() -> bool:
-    """Whether the conv being traced is in a :func:`loop_mode` block on the CPU backend."""
-    return _config["in_loop"] and jax.default_backend() == "cpu"
+    """Whether the conv being traced is in a :func:`loop_mode` block on the CPU backend (and not in
+    a :func:`forward_mode` block)."""
+    return _config["in_loop"] and jax.default_backend() == "cpu" and not _config["forward_mode"]
 
 
 @functools.cache
@@ -570,6 +592,8 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     :func:`hocp_jax.conv.cp_conv` runs each device's share in a program of its own instead).
     """
     batch = x_shape[0]
+    if _config["forward_mode"]:
+        return False
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
@@ -640,7 +664,9 @@ def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype,
     ``per_sample`` argument, or ``None`` (the whole batch at once). ``local``: whether its
     ``psi`` (if any) acts on each value alone; if not, the automatic rule is off. ``True``: one
     sample; ``None``: :func:`per_sample_default`, else :func:`batch_chunk_default`; ``False``:
-    the whole batch."""
+    the whole batch. In a :func:`forward_mode` block: the whole batch, whatever ``per_sample``."""
+    if _config["forward_mode"]:
+        return None
     if per_sample is None and local:
         return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, y_shape, rank, dtype)
     return 1 if per_sample else None
@@ -712,7 +738,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     :func:`tile_target_bytes`.
     """
     candidates = [i for i, (st, p) in enumerate(zip(strides, pads)) if st == 1 and min(p) >= 0]
-    if not candidates or _config["tile_rows"] == 0:
+    if not candidates or _config["tile_rows"] == 0 or _config["forward_mode"]:
         return None
     i = max(candidates, key=lambda j: out_sizes[j])
     rows = _config["tile_rows"]

@@ -3,10 +3,13 @@ r"""Max-pooling over trailing spatial axes with a gather-free gradient.
 ``max_pool(x, window, stride, padding)`` has the values and the gradient of
 ``lax.reduce_window(x, -inf, lax.max, ...)`` (the gradient goes to the *first* maximum of each
 window in row-major window order, as XLA's ``select_and_scatter`` does). The forward pass takes
-the max over the window's K taps (strided slices of the padded input) and, under a VJP, also the
-index of each window's first maximum (int8 for up to 127 taps), which is all the backward pass
+the max over the window's K taps (strided slices of the padded input) and, under autodiff, also
+the index of each window's first maximum (int8 for up to 127 taps), which is all the backward pass
 keeps: it is K masked shifts of the stride-dilated cotangent, the same "shift and add" scheme as
-the depthwise passes of :mod:`hocp_jax.conv`. XLA CPU expands ``select_and_scatter`` into a
+the depthwise passes of :mod:`hocp_jax.conv_ops`. The pool is a custom JVP whose tangent map is
+written as the transpose of that backward pass (:func:`at_first`): ``jax.grad`` compiles to the
+same XLA program as the custom VJP it had until stop 71, and forward mode (``jax.jvp``,
+``jax.jacfwd``) works too. XLA CPU expands ``select_and_scatter`` into a
 variadic ``reduce_window`` over one full-size int32 ``iota`` per axis plus a scatter, which made
 the pool's backward one of the largest costs of a Jester or ResNet train step. (Until stop 65 the
 backward pass found the first maximum again by comparing the saved input with the saved output.
@@ -63,34 +66,50 @@ def _max_and_first(x, window, stride, padding):
     return y, first
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _max_pool(x, window, stride, padding, x_shape):  # x_shape: for the backward pass, which keeps no x
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
     return _max_and_first(x, window, stride, padding)[0]
 
 
-def _max_pool_fwd(x, window, stride, padding, x_shape):
-    return _max_and_first(x, window, stride, padding)
+@_max_pool.defjvp
+def _max_pool_jvp(window, stride, padding, primals, tangents):
+    (x,), (t,) = primals, tangents
+    y, first = _max_and_first(x, window, stride, padding)
+    # Checkpointed: reverse mode keeps `first` and derives at_first's masks from it in the backward
+    # pass, instead of keeping K input-sized masks; prevent_cse=False: no barrier inside a jit.
+    tangent = jax.checkpoint(lambda f, t: at_first(f, t, window, stride, padding), prevent_cse=False)
+    return y, tangent(first, t)
 
 
-def _max_pool_bwd(window, stride, padding, x_shape, first, g):
+def at_first(first: jax.Array, t: jax.Array, window, stride, padding) -> jax.Array:
+    """The pool's tangent map: ``t`` (shaped like the pool's input) read at each window's first
+    maximum, tap ``first`` (shaped like the output) -> output-shaped.
+
+    Written as the transpose of the pool's backward pass, so that reverse mode (JAX's transpose of
+    this linear map) runs that pass: the cotangent padded once onto the stride-dilated grid of the
+    padded input (output ``o`` of a pooled axis at row ``k - 1 + o * stride``), and per tap ``j``
+    the slice of it that tap ``j`` reads, kept where ``j`` is the first maximum of that window
+    (the index padded the same way), summed over the taps. Here, per tap, the masked ``t`` is
+    padded back into that grid, and the sum is read on the output grid (a strided slice); the
+    taps run in reverse so that the transposed sum runs in tap order. Forward mode (``jax.jvp``)
+    evaluates it as written: K input-sized pads, correct but slower than the backward pass."""
+    x_shape = t.shape
     lead, _, out_shape = _config(x_shape, window, stride, padding)
-    # Stride-dilate the cotangent and the tap index, pad by (k - 1) before: position q - t of the
-    # result then holds output o with o * stride == q - t, so tap t's share of input q is a slice.
     cfg = [(0, 0, 0)] * lead + [
         (k - 1, x_shape[lead + i] + sum(padding[i]) - ((n - 1) * s + 1), s - 1)
         for i, (k, s, n) in enumerate(zip(window, stride, out_shape[lead:-1]))
     ] + [(0, 0, 0)]
-    gd = lax.pad(g, jnp.zeros((), g.dtype), cfg)
     fd = lax.pad(first, jnp.array(-1, first.dtype), cfg)
-    dx = jnp.zeros(x_shape, g.dtype)
-    for j, t in enumerate(itertools.product(*map(range, window))):
-        starts = [0] * lead + [k - 1 - ti + padding[i][0] for i, (k, ti) in enumerate(zip(window, t))] + [0]
+    zero = jnp.zeros((), t.dtype)
+    grid = None
+    for j, tap in reversed(list(enumerate(itertools.product(*map(range, window))))):
+        starts = [0] * lead + [k - 1 - ti + padding[i][0] for i, (k, ti) in enumerate(zip(window, tap))] + [0]
         limits = [s + n for s, n in zip(starts, x_shape)]
-        dx = dx + jnp.where(lax.slice(fd, starts, limits) == j, lax.slice(gd, starts, limits), 0)
-    return (dx,)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+        kept = jnp.where(lax.slice(fd, starts, limits) == j, t, zero)
+        part = lax.pad(kept, zero, [(s, n - lim, 0) for s, lim, n in zip(starts, limits, fd.shape)])
+        grid = part if grid is None else grid + part
+    return lax.slice(grid, [lo for lo, _, _ in cfg], [lo + (n - 1) * (d + 1) + 1 for (lo, _, d), n in zip(cfg, out_shape)],
+                     [d + 1 for _, _, d in cfg])
 
 
 ACTIVATIONS = {"linear": lambda z: z, "relu": jax.nn.relu, "elu": jax.nn.elu}  # all non-decreasing
@@ -168,4 +187,4 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
         if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or size + lo + hi < k:
             raise ValueError(f"pooled axis {i}: window {k}, stride {s}, padding {(lo, hi)} do not fit size {size} "
                              "(expected window, stride >= 1, 0 <= pads < window, padded size >= window)")
-    return _max_pool(x, window, stride, padding, tuple(x.shape))
+    return _max_pool(x, window, stride, padding)

@@ -302,9 +302,10 @@ def test_small_map_taps_not_on_negative_pads():
                                   lax.conv_general_dilated(xi, ki, (1, 1), "SAME", dimension_numbers=NHWC))
 
 
-def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_products():
-    """The depthwise route has a custom VJP: ``jax.jvp`` through it raises, and forward-over-reverse
-    (a Hessian-vector product of a loss w.r.t. the input and the kernel) equals lax's."""
+def test_routed_depthwise_conv_has_lax_tangents_and_hessian_vector_products():
+    """The depthwise route (the shift kernel, a custom JVP whose tangent map is its backward pass
+    transposed): ``jax.jvp`` through it and forward-over-reverse (a Hessian-vector product of a
+    loss w.r.t. the input and the kernel) equal lax's grouped conv's."""
     rng = np.random.default_rng(3)
     x, k = rng.standard_normal((2, 7, 6, 4), np.float32), rng.standard_normal((3, 3, 1, 4), np.float32)
     vx, vk = rng.standard_normal(x.shape, np.float32), rng.standard_normal(k.shape, np.float32)
@@ -314,11 +315,42 @@ def test_routed_depthwise_conv_is_reverse_mode_with_correct_hessian_vector_produ
         loss = lambda x, k: jnp.sum(jnp.tanh(conv_fn(x, k, **kwargs)) ** 2)
         return jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, k), (vx, vk))[1]
 
-    if jax.default_backend() == "cpu":  # elsewhere the conv is lax's, which has forward mode
-        with pytest.raises(TypeError, match="forward-mode"):
-            jax.jvp(lambda x: conv_ops.conv_general_dilated(x, k, **kwargs), (x,), (vx,))
+    def tangent(conv_fn):
+        return jax.jvp(lambda x, k: conv_fn(x, k, **kwargs), (x, k), (vx, vk))[1]
+
+    np.testing.assert_allclose(tangent(conv_ops.conv_general_dilated), tangent(jax.lax.conv_general_dilated),
+                               rtol=1e-5, atol=1e-5)
     for got, want in zip(hvp(conv_ops.conv_general_dilated), hvp(jax.lax.conv_general_dilated)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+DEPTHWISE_CASES = [  # h shape, kernel shape, stride, explicit padding, dilation
+    ((2, 9, 12, 5), (3, 1, 5), (1, 1), ((1, 1), (0, 0)), (1, 1)),  # a CP path's 1-D pass
+    ((2, 9, 12, 5), (1, 3, 5), (1, 2), ((0, 0), (0, 1)), (1, 1)),  # strided, lax SAME on an even size
+    ((2, 9, 12, 5), (3, 1, 5), (1, 1), ((2, 2), (0, 0)), (2, 1)),  # dilated
+    ((2, 9, 12, 5), (3, 3, 5), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # MobileNet's strided 3x3
+    ((2, 9, 12, 5), (3, 3, 5), (1, 1), ((3, 0), (0, 2)), (1, 1)),  # pads past the kernel's reach
+    ((1, 4, 5, 6, 3), (3, 2, 3, 3), (1, 2, 1), ((1, 1), (0, 1), (2, 0)), (1, 1, 2)),  # 3-D, mixed
+]
+
+
+@pytest.mark.parametrize("h_shape,k_shape,stride,padding,dilation", DEPTHWISE_CASES)
+def test_depthwise_conv_tangent_matches_grouped_lax_conv(h_shape, k_shape, stride, padding, dilation):
+    rng = np.random.default_rng(sum(h_shape))
+    n = len(k_shape) - 1
+    with jax.enable_x64(True):
+        h, k, th, tk = (rng.standard_normal(s) for s in (h_shape, k_shape, h_shape, k_shape))
+
+        def ref(h, k):
+            return lax.conv_general_dilated(h, k.reshape(k.shape[:n] + (1, k.shape[-1])), stride, padding,
+                                            rhs_dilation=dilation, dimension_numbers=conv_ops.channels_last_dims(n),
+                                            feature_group_count=k.shape[-1])
+
+        def ours(h, k):
+            return conv_ops.depthwise_conv(h, k, stride=stride, padding=padding, dilation=dilation)
+
+        for got, want in zip(jax.jvp(ours, (h, k), (th, tk)), jax.jvp(ref, (h, k), (th, tk))):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_patches_route_keeps_lax_conv_above_its_byte_bound(monkeypatch):

@@ -201,6 +201,8 @@ def test_avce_models_build_from_registry():
 
 @pytest.mark.parametrize("name", sorted(INPUTS))
 def test_forward_train_eval_jit(name):
+    """Eval and train passes, and forward mode (``jax.jvp`` w.r.t. the parameters: every model,
+    since stop 71; the tangents' values: :func:`test_model_tangent_matches_finite_differences`)."""
     shape = INPUTS[name]
     model = get_model(name, tiny=True, head=dict(n_outputs=2, n_classes=3))
     x = jax.random.normal(jax.random.key(1), shape)
@@ -209,10 +211,12 @@ def test_forward_train_eval_jit(name):
 
     @jax.jit
     def eval_and_train(v, x):
-        return model.apply(v, x), model.apply(v, x, train=True, mutable=["batch_stats"])
+        tangent = jax.jvp(lambda p: model.apply({**v, "params": p}, x)["va"], (v["params"],), (v["params"],))[1]
+        return model.apply(v, x), model.apply(v, x, train=True, mutable=["batch_stats"]), tangent
 
-    y, (yt, upd) = eval_and_train(v, x)
+    y, (yt, upd), tangent = eval_and_train(v, x)
     assert y["va"].shape == lead + (2,) and y["logits"].shape == lead + (3,)
+    assert tangent.shape == y["va"].shape and bool(jnp.all(jnp.isfinite(tangent)))
     assert yt["logits"].shape == y["logits"].shape
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], upd["batch_stats"])
     assert all(jax.tree.leaves(changed))
@@ -436,3 +440,28 @@ def test_dropout_draws_flax_dropouts_masks():
     np.testing.assert_array_equal(ours, flax_)
     assert 0 < int(jnp.sum(ours == 0)) < x.size
     np.testing.assert_array_equal(Net(Dropout).apply({}, x, False), x)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet18_hocp", (2, 32, 32, 3)), ("mobilenet_v2_hocp", (2, 32, 32, 3)),
+                                        ("jester_hocp", (1, 16, 16, 16, 3))])
+def test_model_tangent_matches_finite_differences(name, shape):
+    """``jax.jvp`` of a whole model (max-pools, factorized and reconstructed CP convs, depthwise
+    passes, batch norms) w.r.t. its parameters, in float64, against a central difference."""
+    rng = np.random.default_rng(1)
+    model = get_model(name, tiny=True)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+        variables = model.init(jax.random.key(0), x, train=False)
+        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
+        # off the initial values, whose zeros (biases, shifts) put ReLUs exactly at their kinks
+        params = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape), variables["params"])
+        t = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
+
+        def f(params):
+            return jax.tree.leaves(model.apply({**variables, "params": params}, x, train=False))
+
+        _, got = jax.jvp(f, (params,), (t,))
+        eps = 1e-8  # small: the nets have ~10^5 ReLU inputs, a larger step moves some across their kink
+        step = lambda s: f(jax.tree.map(lambda p, d: p + s * eps * d, params, t))
+        for a, plus, minus in zip(got, step(1.0), step(-1.0)):
+            np.testing.assert_allclose(a, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))

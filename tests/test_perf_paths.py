@@ -26,11 +26,15 @@ def _cp_numpy(rng, c_in, c_out, ks, rank, modes):
     return {k: v.astype(np.float32) for k, v in p.items()}
 
 
-def _kernel_numpy(p, modes):
-    """``W[*k, c, t] = sum_r lambda_r U_in[c, r] U_out[t, r] prod_m U_m[k_m, r]`` (numpy)."""
+def _kernel_numpy(p, modes, einsum=np.einsum):
+    """``W[*k, c, t] = sum_r lambda_r U_in[c, r] U_out[t, r] prod_m U_m[k_m, r]`` (numpy; with
+    ``einsum=jnp.einsum``, differentiable, for the tangents' oracles)."""
     letters = "xyzw"[: len(modes)]
     spec = ",".join(f"{l}r" for l in letters) + ",cr,tr,r->" + letters + "ct"
-    return np.einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"])
+    return einsum(spec, *[p[f"factor_{m}"] for m in modes], p["factor_in"], p["factor_out"], p["lambda"])
+
+
+_kernel_jnp = functools.partial(_kernel_numpy, einsum=jnp.einsum)
 
 
 def _oracle(x, kernel, strides, pads, dilations):
@@ -1380,3 +1384,103 @@ def test_dense_chunks_match_lax(batch, strides, pads, dilations):
         y4, vjp4 = jax.vjp(oracle, x, p)
         for a, b in zip(got, (y4, *jax.tree.leaves(vjp4(g)))):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("in_sizes,ks,stride,padding,modes", [
+    ((7, 8), (3, 3), (2, 1), ((1, 1), (0, 2)), ("h", "w")),
+    ((4, 6, 5), (3, 3, 3), (1, 2, 1), ((1, 1), (1, 1), (1, 1)), ("t", "h", "w")),
+])
+def test_factorized_cp_conv_tangent_matches_the_dense_conv_of_its_kernel(in_sizes, ks, stride, padding, modes):
+    """Tangents w.r.t. the input and every factor of the factorized CP path (its depthwise passes
+    are the shift kernel) equal those of ``lax``'s conv of the rebuilt kernel."""
+    rng = np.random.default_rng(len(modes))
+    with jax.enable_x64(True):
+        x = rng.standard_normal((2, *in_sizes, 3))
+        p = {key: v.astype(np.float64) for key, v in _cp_numpy(rng, 3, 4, ks, 5, modes).items()}
+        tx, tp = rng.standard_normal(x.shape), {key: rng.standard_normal(v.shape) for key, v in p.items()}
+
+        def ours(x, p):
+            return conv.cp_conv(x, p, modes=modes, stride=stride, padding=padding, implementation="factorized")
+
+        def oracle(x, p):
+            return _oracle(x, _kernel_jnp(p, modes), stride, padding, (1,) * len(modes))
+
+        for got, want in zip(jax.jvp(ours, (x, p), (tx, tp)), jax.jvp(oracle, (x, p), (tx, tp))):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_per_sample_and_chunk_loops_have_forward_mode(monkeypatch):
+    """The factorized path's loops over samples (3-D, one sample at a time) and over chunks of
+    samples (2-D) take ``jax.jvp`` (their custom JVPs, stop 71): tangents and gradients equal
+    ``lax``'s conv of the rebuilt kernel, and the programs hold the loops."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the loops are CPU rules")
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(conv_plans, "CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_plans, "CHUNK_TARGET_BYTES", 2 * 9 * 8 * 5 * 8)  # chunks of two float64 samples
+    with jax.enable_x64(True):
+        for modes, x_shape, per_sample in ((("t", "h", "w"), (3, 4, 5, 6, 3), True), (("h", "w"), (4, 9, 8, 3), None)):
+            x = rng.standard_normal(x_shape)
+            p = {key: v.astype(np.float64) for key, v in _cp_numpy(rng, 3, 4, (3,) * len(modes), 5, modes).items()}
+            pads = ((1, 1),) * len(modes)
+
+            def ours(x, p):
+                return conv.cp_conv(x, p, modes=modes, padding=pads, implementation="factorized", per_sample=per_sample)
+
+            def oracle(x, p):
+                return _oracle(x, _kernel_jnp(p, modes), (1,) * len(modes), pads, (1,) * len(modes))
+
+            with conv_plans.tile_rows_mode(0):
+                assert "scan" in str(jax.make_jaxpr(ours)(x, p))
+                tangents = (rng.standard_normal(x.shape), jax.tree.map(lambda a: rng.standard_normal(a.shape), p))
+                got = jax.jvp(ours, (x, p), tangents)
+                y, vjp = jax.vjp(ours, x, p)
+            g = rng.standard_normal(y.shape)
+            want = jax.jvp(oracle, (x, p), tangents)
+            for a, b in zip(jax.tree.leaves((got, vjp(g))), jax.tree.leaves((want, jax.vjp(oracle, x, p)[1](g)))):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_forward_mode_block_takes_no_reverse_only_route(monkeypatch):
+    """On CPU the tile loop of a 3-D factorized conv, the chunks of a large 2-D dense conv and
+    the matrix-product kernel gradients of a rebuilt kernel are custom VJPs: ``jax.jvp`` through
+    them raises; in a ``forward_mode`` block they are not taken, and the tangents (and the
+    gradients) equal ``lax``'s conv of the same kernel."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("those routes are CPU rules")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(conv_plans, "matmul_kernel_grad", lambda *a, **k: True)
+    with jax.enable_x64(True):
+        x3 = rng.standard_normal((2, 6, 7, 5, 3))
+        p3 = {key: v.astype(np.float64) for key, v in _cp_numpy(rng, 3, 4, (3, 3, 3), 5, ("t", "h", "w")).items()}
+        x2 = rng.standard_normal((4, 9, 8, 3))
+        p2 = {key: v.astype(np.float64) for key, v in _cp_numpy(rng, 3, 4, (3, 3), 5, ("h", "w")).items()}
+        pad3, pad2 = ((1, 1),) * 3, ((1, 1),) * 2
+
+        def loops(x, p):  # in tiles of 2 rows
+            return conv.cp_conv(x, p, modes=("t", "h", "w"), padding=pad3, implementation="factorized")
+
+        def chunks(x, k):
+            return conv_ops.conv_general_dilated(x, k, (1, 1), pad2, dimension_numbers=conv_ops.channels_last_dims(2))
+
+        def rebuilt(x, p):
+            return conv.cp_conv(x, p, modes=("h", "w"), padding=pad2, implementation="reconstructed")
+
+        cases = [
+            (loops, (x3, p3), lambda x, p: _oracle(x, _kernel_jnp(p, ("t", "h", "w")), (1,) * 3, pad3, (1,) * 3)),
+            (chunks, (x2, rng.standard_normal((3, 3, 3, 4))), lambda x, k: _oracle(x, k, (1, 1), pad2, (1, 1))),
+            (rebuilt, (x2, p2), lambda x, p: _oracle(x, _kernel_jnp(p, ("h", "w")), (1, 1), pad2, (1, 1))),
+        ]
+        with conv_plans.per_sample_mode(True), conv_plans.tile_rows_mode(2), conv_plans.dense_chunks_mode(True):
+            for f, args, oracle in cases:
+                tangents = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)), args)
+                with pytest.raises(TypeError, match="forward-mode"):
+                    jax.jvp(f, args, tangents)
+                with conv_plans.forward_mode():
+                    got = jax.jvp(f, args, tangents)
+                    y, vjp = jax.vjp(f, *args)
+                want = jax.jvp(oracle, args, tangents)
+                y_ref, vjp_ref = jax.vjp(oracle, *args)
+                g = rng.standard_normal(y.shape)
+                for a, b in zip(jax.tree.leaves((got, vjp(g))), jax.tree.leaves((want, vjp_ref(g)))):
+                    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)

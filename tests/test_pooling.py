@@ -1,5 +1,5 @@
-"""hocp_jax.pooling.max_pool against XLA's reduce_window max (values and select_and_scatter
-gradients) and a numpy loop, including tied maxima and every padding/stride case the models use
+"""hocp_jax.pooling.max_pool against XLA's reduce_window max (values, select_and_scatter
+gradients and forward-mode tangents) and a numpy loop, including tied maxima and every padding/stride case the models use
 (overlapping windows and windows that tile the input); the batch norm -> activation -> pool block
 computed on the pooled values against Flax's BatchNorm, the activation and reduce_window."""
 
@@ -61,6 +61,20 @@ def test_max_pool_matches_reduce_window(shape, window, stride, padding, ties):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,window,stride,padding", CASES)
+def test_max_pool_tangent_matches_reduce_window(shape, window, stride, padding, ties):
+    rng = np.random.default_rng(len(shape) + sum(window))
+    x = rng.normal(size=shape)
+    if ties:  # ties: the tangent of the first maximum, as XLA's select picks it
+        x = np.round(np.maximum(x, 0) * 2) / 2
+    x, t = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
+    y, dy = jax.jvp(lambda v: max_pool(v, window, stride, padding), (x,), (t,))
+    y_ref, dy_ref = jax.jvp(lambda v: _reference(v, window, stride, padding), (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(dy), np.asarray(dy_ref))
 
 
 def test_max_pool_gradient_matches_a_numpy_loop_with_ties():

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import conv, conv_ops, pooling
+from hocp_jax import checks, conv, conv_ops, conv_plans, pooling
 from hocp_jax.pooling import max_pool
 from hocp_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from hocp_jax.models.resnet import ResNet, hocp_factory
@@ -170,6 +170,119 @@ def reduce_window_pool(x, window, stride, padding):
                              (1,) * lead + tuple(stride) + (1,), ((0, 0),) * lead + tuple(padding) + ((0, 0),))
 
 
+def custom_vjp_map_chunks(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1, loop: bool = False) -> jax.Array:
+    """:func:`hocp_jax.conv_ops.map_chunks` as it was until stop 71: the same loops, its backward
+    pass a ``jax.custom_vjp`` (reverse mode only), where the library now has a custom JVP whose
+    tangent is a checkpointed loop of each chunk's JVP."""
+    if not checks.is_positive_int(chunk) or x.ndim < 1 or x.shape[0] % chunk:
+        raise ValueError(f"chunk={chunk!r}: expected a positive number of samples that divides the batch of x, "
+                         f"shape {tuple(x.shape)}")
+    in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
+    # traced in the loop's block: stop 70's per-tap kernel-gradient conv read the loop mode when
+    # its backward pass was traced (in run_bwd's block), the library's reads it with the forward pass
+    with in_loop():
+        fc, consts = jax.closure_convert(f, x[:chunk])  # closed-over float arrays become explicit arguments
+    # The loop runs over (B / chunk, chunk, ...) slices; with chunk 1 over the samples themselves,
+    # given a batch axis of 1 in the loop body (the per-sample program from before chunks existed).
+    one = chunk == 1
+    lift, drop = ((lambda a: a[None]), (lambda a: a[0])) if one else ((lambda a: a), (lambda a: a))
+
+    @jax.custom_vjp
+    def run(xs, *consts):
+        with in_loop():
+            return lax.map(lambda xi: drop(fc(lift(xi), *consts)), xs)
+
+    def run_fwd(xs, *consts):
+        return run(xs, *consts), (xs, consts)
+
+    def run_bwd(res, g):
+        xs, consts = res
+
+        def body(acc, xg):
+            dxi, *dc = jax.vjp(fc, lift(xg[0]), *consts)[1](lift(xg[1]))
+            return [a + d for a, d in zip(acc, dc)], drop(dxi)
+
+        with in_loop():
+            dc, dx = lax.scan(body, [jnp.zeros_like(c) for c in consts], (xs, g))
+        return (dx, *dc)
+
+    run.defvjp(run_fwd, run_bwd)
+    y = run(x if one else x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:]), *consts)
+    return y if one else y.reshape(x.shape[:1] + y.shape[2:])
+
+
+def custom_vjp_shift_depthwise(h, kernel, strides, pads, dilations):
+    """The depthwise shift kernel of :mod:`hocp_jax.conv_ops` as it was until stop 71 (a stand-in
+    for ``conv_ops._shift_depthwise``): the same forward and backward passes, as a
+    ``jax.custom_vjp`` (no forward mode), where the library now has a custom JVP whose tangent map
+    is that backward pass transposed."""
+    return _shift_depthwise_vjp(*conv_ops.vary_alike(h, kernel), strides, pads, dilations)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shift_depthwise_vjp(h, kernel, strides, pads, dilations):
+    return conv_ops._shift_conv(h, kernel, strides, pads, dilations)
+
+
+def _shift_depthwise_fwd(h, kernel, strides, pads, dilations):
+    return conv_ops._shift_conv(h, kernel, strides, pads, dilations), (h, kernel)
+
+
+def _shift_depthwise_bwd(strides, pads, dilations, res, g):
+    """Input gradient = the same shift kernel on the stride-dilated, re-padded cotangent with
+    the flipped kernel; kernel gradient = per tap, sum of the tap's input slice times ``g``."""
+    h, kernel = res
+    ks, outs = kernel.shape[:-1], g.shape[1:-1]
+    cfg = [((k - 1) * d - lo, n + lo - (o - 1) * s - 1, s - 1)
+           for n, k, (lo, _), s, d, o in zip(h.shape[1:-1], ks, pads, strides, dilations, outs)]
+    gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *cfg, (0, 0, 0)])
+    flipped = lax.rev(kernel, [a for a, k in enumerate(ks) if k > 1])
+    dh = conv_ops._shift_conv(gp, flipped, (1,) * len(ks), ((0, 0),) * len(ks), dilations)
+    sum_axes = tuple(range(h.ndim - 1))
+    dk = jnp.stack([jnp.sum(xt * g, axis=sum_axes) for xt in conv_ops.tap_inputs(h, ks, strides, pads, dilations, outs)])
+    return dh, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_shift_depthwise_vjp.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+
+
+def custom_vjp_pool(x, window, stride, padding):
+    """The max-pool of :mod:`hocp_jax.pooling` as it was until stop 71: the same forward pass and
+    backward pass, as a ``jax.custom_vjp`` (no forward mode), where the library now has a custom
+    JVP whose tangent map is that backward pass transposed (:func:`hocp_jax.pooling.at_first`)."""
+    return _max_pool_vjp(x, tuple(window), tuple(stride), tuple(tuple(p) for p in padding), tuple(x.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_vjp(x, window, stride, padding, x_shape):
+    return pooling._max_and_first(x, window, stride, padding)[0]
+
+
+def _max_pool_vjp_fwd(x, window, stride, padding, x_shape):
+    return pooling._max_and_first(x, window, stride, padding)
+
+
+def _max_pool_bwd(window, stride, padding, x_shape, first, g):
+    lead, _, out_shape = pooling._config(x_shape, window, stride, padding)
+    # Stride-dilate the cotangent and the tap index, pad by (k - 1) before: position q - t of the
+    # result then holds output o with o * stride == q - t, so tap t's share of input q is a slice.
+    cfg = [(0, 0, 0)] * lead + [
+        (k - 1, x_shape[lead + i] + sum(padding[i]) - ((n - 1) * s + 1), s - 1)
+        for i, (k, s, n) in enumerate(zip(window, stride, out_shape[lead:-1]))
+    ] + [(0, 0, 0)]
+    gd = lax.pad(g, jnp.zeros((), g.dtype), cfg)
+    fd = lax.pad(first, jnp.array(-1, first.dtype), cfg)
+    dx = jnp.zeros(x_shape, g.dtype)
+    for j, t in enumerate(itertools.product(*map(range, window))):
+        starts = [0] * lead + [k - 1 - ti + padding[i][0] for i, (k, ti) in enumerate(zip(window, t))] + [0]
+        limits = [s + n for s, n in zip(starts, x_shape)]
+        dx = dx + jnp.where(lax.slice(fd, starts, limits) == j, lax.slice(gd, starts, limits), 0)
+    return (dx,)
+
+
+_max_pool_vjp.defvjp(_max_pool_vjp_fwd, _max_pool_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_recomputed(x, window, stride, padding):
     return max_pool(x, window, stride, padding)
@@ -188,7 +301,7 @@ def _max_pool_recomputed_bwd(window, stride, padding, res, g):
     first = jnp.full(out_shape, -1, jnp.int32)  # the first tap equal to the saved max
     for j in reversed(range(len(taps))):
         first = jnp.where(pooling._tap(xp, taps[j], lead, stride, out_shape) == y, j, first)
-    return pooling._max_pool_bwd(window, stride, padding, x.shape, first, g)
+    return _max_pool_bwd(window, stride, padding, x.shape, first, g)
 
 
 _max_pool_recomputed.defvjp(_max_pool_recomputed_fwd, _max_pool_recomputed_bwd)

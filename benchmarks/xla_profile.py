@@ -8,7 +8,9 @@ layer that made it, from the ``op_name`` metadata JAX writes (e.g. ``jit(train_s
 transpose(jvp(ResNet))/layer3_1/conv1/dot_general``). XLA emits some instructions without
 metadata (the dense convs' weight-gradient convolutions, layout transposes); these take the
 label of the nearest instruction that uses their result, else of the nearest one they read,
-that has a label.
+that has a label. :func:`program_fingerprint` reduces a compiled program's text to what makes it
+that program (its instructions, without names and metadata), to tell whether two ways of
+writing a function compile to one program.
 """
 
 from __future__ import annotations
@@ -147,3 +149,28 @@ def by_label(events: list[tuple[str, int, int]], labels: dict[str, str], calls: 
         out[label] = {"cpu": sum(e - s for s, e in intervals) / 1e6 / calls, "wall": wall / 1e6 / calls,
                       "events": len(intervals) / calls}
     return out
+
+
+def program_fingerprint(hlo_text: str, ordered: bool = True) -> list[str]:
+    """The optimised HLO text of a compiled program (``compiled.as_text()``) without what does not
+    change what it computes: metadata (op names, source lines, stack frames), the names of the
+    module, instructions, parameters and computations, trailing commas; its computations sorted (the text
+    orders them by name). Equal fingerprints: the same instructions, shapes, layouts, fusions and
+    operand order, in the same order, so one program. ``ordered=False``: each computation's
+    instructions sorted too, so two programs that schedule independent instructions in another
+    order compare equal."""
+    text = re.sub(r"^HloModule [^,\s]+", "HloModule", hlo_text, flags=re.M)
+    text = re.sub(r"metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"%[A-Za-z_][\w.\-]*", "%v", text)
+    text = re.sub(r"\b[A-Za-z_][\w\-]*\.\d+:", "p:", text)  # parameter names in computation headers
+    text = re.sub(r"(to_apply|calls)=%v", r"\1", text)
+    lines = [line.strip().rstrip(",") for line in text.splitlines()]
+    lines = [line for line in lines if line and not re.match(r'^\d+ (\{|")', line)
+             and line not in ("FileNames", "FunctionNames", "FileLocations", "StackFrames")]
+    blocks, current = [], []
+    for line in lines:
+        current.append(line)
+        if line == "}":
+            blocks.append("\n".join(current if ordered else current[:1] + sorted(current[1:-1]) + current[-1:]))
+            current = []
+    return sorted(blocks) + (current if ordered else sorted(current))

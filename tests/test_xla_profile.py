@@ -1,5 +1,6 @@
-"""benchmarks.xla_profile: the labels of a compiled train step's instructions and the per-label
-times of a trace. No timings are asserted; the unions are checked against hand-computed ones."""
+"""benchmarks.xla_profile: the labels of a compiled train step's instructions, the per-label
+times of a trace and the fingerprint of a compiled program. No timings are asserted; the unions
+are checked against hand-computed ones."""
 
 import re
 
@@ -120,3 +121,29 @@ def test_calls_must_be_a_positive_int(calls):
         xla_profile.by_label([], {}, calls)
     with pytest.raises(ValueError, match="calls="):
         xla_profile.trace(lambda: None, calls)
+
+
+def test_program_fingerprint_tells_programs_apart_but_not_names():
+    """Two functions of other names and variable names that compute the same compile to one
+    fingerprint; another computation (a sum over other axes) to another; and the unordered
+    fingerprint ignores the order of independent instructions that the ordered one keeps."""
+    x = jnp.ones((4, 6))
+
+    def first(x):
+        return jnp.sum(jnp.tanh(x) * 2.0, axis=0)
+
+    def renamed(values):
+        scaled = jnp.tanh(values) * 2.0
+        return jnp.sum(scaled, axis=0)
+
+    def fingerprint(f):
+        return xla_profile.program_fingerprint(jax.jit(f).lower(x).compile().as_text())
+
+    assert fingerprint(first) == fingerprint(renamed)
+    assert fingerprint(first) != fingerprint(lambda x: jnp.sum(jnp.tanh(x) * 2.0, axis=1))
+    text = "ENTRY %main (p.1: f32[2]) -> f32[2] {\n  %a.1 = f32[2] negate(%p.1)\n  %b.2 = f32[2] abs(%p.1)\n" \
+           "  ROOT %c.3 = f32[2] add(%a.1, %b.2)\n}"
+    swapped = text.replace("%a.1 = f32[2] negate(%p.1)\n  %b.2 = f32[2] abs(%p.1)",
+                           "%b.2 = f32[2] abs(%p.1)\n  %a.1 = f32[2] negate(%p.1)")
+    assert xla_profile.program_fingerprint(text) != xla_profile.program_fingerprint(swapped)
+    assert xla_profile.program_fingerprint(text, ordered=False) == xla_profile.program_fingerprint(swapped, ordered=False)

@@ -363,6 +363,15 @@ activation on full-size maps before the pool (stops 50-65), each block of ``benc
 steps and the ResNet-18 2-D stem's alone and ``bench``'s Jester train steps, interleaved, with
 each step's gradient error against the full-size blocks with ``lax.reduce_window``'s pool.
 
+``python -m benchmarks.experiments custom_jvp_programs [rounds]``: the max-pool, the depthwise
+shift kernel and the loop over chunks of samples, custom JVPs since stop 71 (so that ``jax.jvp``
+works), against the custom VJPs they replaced (:mod:`benchmarks.experiments.variants`, all three
+patched in at once): fwd+bwd of the pools of ``bench``'s steps, four depthwise passes, the
+factorized path one sample at a time and in chunks, a dense conv in chunks, then ``bench``'s six
+train steps, compared by :func:`benchmarks.xla_profile.program_fingerprint` (in order, and with
+each computation's instructions in any order), with the largest difference of their results and
+XLA's temporary memory; with ``rounds``, every pair timed, interleaved.
+
 ``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
 library runs them and with the networks' first convs (3 input channels) as a patches matrix
 product, the HO-CP models' stems on their reconstructed path, interleaved.

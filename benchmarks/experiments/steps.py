@@ -697,6 +697,94 @@ def pool_index(rounds: int = 11) -> dict:
     return out | _compare_steps(calls, rounds, "saved index", "recomputed index", "saved/recomputed")
 
 
+def custom_jvp_programs(rounds: int = 0) -> dict:
+    """The library's max-pool, depthwise shift kernel and loop over chunks of samples
+    (:func:`hocp_jax.conv_ops.map_chunks`), custom JVPs since stop 71 (tangents written so that
+    JAX's transpose of them is their backward passes, and ``jax.jvp`` works), against the custom
+    VJPs they replaced (:func:`~benchmarks.experiments.variants.custom_vjp_pool`,
+    :func:`~benchmarks.experiments.variants.custom_vjp_shift_depthwise`,
+    :func:`~benchmarks.experiments.variants.custom_vjp_map_chunks`), all three patched in at
+    once: fwd+bwd (``bench`` protocol) of the pools of ``bench``'s steps, of depthwise passes of
+    the CP paths and MobileNet-v2, of the factorized path in its loops (one sample at a time, 3-D;
+    chunks of samples, 2-D) and of a dense conv in chunks, then all six of ``bench``'s train
+    steps, each pair compared by :func:`benchmarks.xla_profile.program_fingerprint` (``same
+    program``; ``same instructions``: in any order within each computation), with the largest
+    difference of their results (floating-point leaves; the steps': new state and metrics) and
+    XLA's temporary memory of each (MiB, library / old). With ``rounds``, every pair is then
+    timed, interleaved: the layers (medians, ms) and the steps (:func:`_compare_steps`)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import bench, xla_profile
+    from benchmarks.experiments import variants
+    from hocp_jax import conv, conv_plans, init, pooling
+
+    old_pool = lambda x, window, stride, padding: variants.custom_vjp_pool(x, window, stride, padding)
+    patches = ((pooling, "_max_pool", old_pool), (conv_ops, "_shift_depthwise", variants.custom_vjp_shift_depthwise),
+               (conv_ops, "map_chunks", variants.custom_vjp_map_chunks))
+    out: dict = {}
+    calls: dict = {}  # "<name>, library" / "<name>, old" -> the compiled call
+
+    def compare(name, build) -> None:  # build() -> (fn, args), traced in the library's and the patched state
+        programs, results, temp = [], [], []
+        for old in (False, True):
+            with contextlib.ExitStack() as stack:
+                for target, attr, value in patches if old else ():
+                    stack.enter_context(mock.patch.object(target, attr, value))
+                fn, args = build()
+                compiled = bench.compile_program(fn, *args)[0]
+            programs.append([xla_profile.program_fingerprint(compiled.as_text(), ordered) for ordered in (True, False)])
+            temp.append(round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, 1))
+            calls[f"{name}, {'old' if old else 'library'}"] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+            results.append([a for a in jax.tree.leaves(compiled(*args)) if jnp.issubdtype(a.dtype, jnp.floating)])
+        diff = max(float(np.max(np.abs(np.float64(a) - np.float64(b)) / (np.max(np.abs(np.float64(b))) or 1.0)))
+                   for a, b in zip(*results))
+        out[name] = {"same program": programs[0][0] == programs[1][0],
+                     "same instructions": programs[0][1] == programs[1][1],
+                     "max relative difference": diff, "temp MiB": temp}
+        print(json.dumps({name: out[name]}), flush=True)
+
+    def layer(fn, x, w, input_grad=True):
+        return lambda: (bench.fwd_bwd(fn, input_grad), (x, w, bench.cotangent(fn, x, w)))
+
+    rng = np.random.default_rng(0)
+    normal = lambda shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    jester = ((2, 2, 2), (2, 2, 2), ((0, 0),) * 3)
+    for shape, geometry in (((2, 18, 84, 84, 64), jester), ((2, 9, 42, 42, 128), jester),
+                            ((8, 56, 56, 64), ((3, 3), (2, 2), ((1, 1), (1, 1))))):
+        compare(f"pool {'x'.join(map(str, shape))}",
+                layer(lambda x, w, g=geometry: pooling.max_pool(x * w, *g), normal(shape), jnp.ones(shape[-1:])))
+    for shape, k_shape, strides, pads in (((8, 9, 42, 42, 384), (1, 3, 1, 384), (1, 1, 1), ((0, 0), (1, 1), (0, 0))),
+                                          ((2, 8, 28, 28, 370), (3, 1, 1, 370), (2, 1, 1), ((1, 1), (0, 0), (0, 0))),
+                                          ((32, 16, 16, 96), (3, 3, 96), (2, 2), ((0, 1), (0, 1))),
+                                          ((32, 8, 8, 192), (3, 3, 192), (1, 1), ((1, 1), (1, 1)))):
+        f = lambda h, k, s=strides, p=pads: conv_ops._shift_depthwise(h, k, s, p, (1,) * len(s))
+        compare(f"depthwise {'x'.join(map(str, shape))} kernel {'x'.join(map(str, k_shape))}",
+                layer(f, normal(shape), normal(k_shape)))
+    for name, shape, c_out, rank, modes in (("factorized per sample", (8, 4, 21, 21, 128), 256, 768, ("t", "h", "w")),
+                                            ("factorized in chunks", (8, 56, 56, 64), 64, 273, ("h", "w"))):
+        params = init.init_cp_params(jax.random.key(0), shape[-1], c_out, (3,) * len(modes), rank, modes=modes)
+        f = lambda x, p, m=modes: conv.cp_conv(x, p, modes=m, padding="SAME", implementation="factorized")
+        with conv_plans.tile_rows_mode(0):
+            compare(f"{name} {'x'.join(map(str, shape))} -> {c_out}, rank {rank}", layer(f, normal(shape), params))
+    f = lambda x, k: conv_ops.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv_ops.channels_last_dims(2))
+    compare("dense in chunks 8x56x56x64 -> 64", layer(f, normal((8, 56, 56, 64)), normal((3, 3, 64, 64))))
+    for case in bench.model_cases(False):
+        def step(case=case):
+            fn, state, batch = bench.model_step(case)
+            return fn, (state, batch)
+        compare(case.name, step)
+    if rounds:
+        steps = {k: v for k, v in calls.items() if k.rsplit(", ", 1)[0] in {c.name for c in bench.model_cases(False)}}
+        layers = {k: v for k, v in calls.items() if k not in steps}
+        t = time_interleaved(layers, rounds, budget_s=1e9)
+        out["layers ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}
+        out["layers library/old"] = {k[:-len(", library")]: round(t[k]["median_ms"] / t[k[:-len("library")] + "old"]["median_ms"], 3)
+                                     for k in t if k.endswith(", library")}
+        out["steps"] = _compare_steps(steps, rounds, "library", "old", "library/old")
+    return out
+
+
 def _compare_steps(calls: dict, rounds: int, new: str, old: str, key: str) -> dict:
     """``calls`` (``"<case>, <label>"``, labels ``new`` and ``old``, as :func:`_patched_steps`
     makes them) timed interleaved: the medians (``steps_ms``), every time, each case's ``new``

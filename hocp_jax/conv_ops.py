@@ -120,8 +120,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.conv_plans.dense_chunk`,
       which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
       program per device), with ``precision`` None: the same conv in a loop over chunks of
-      samples (:func:`_chunked_conv`; reverse mode only too, but in a
-      :func:`hocp_jax.conv_plans.forward_mode` block).
+      samples (:func:`_chunked_conv`; reverse mode only too: a
+      :func:`hocp_jax.conv_plans.forward_mode` block turns it off).
 
     On the GPU backend, a channels-last conv with more than :data:`GPU_CONV_MAX_MODES` spatial
     modes (one group, or depthwise) runs without XLA's convolution too: as :func:`_taps_conv`, or

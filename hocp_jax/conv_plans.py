@@ -75,15 +75,16 @@ def modes_in_force() -> tuple:
 
 
 def forward_mode() -> contextlib.AbstractContextManager:
-    """Within the block, the convs traced take no route that is reverse mode only, so ``jax.jvp``
-    and ``jax.jacfwd`` work through them on every backend: no per-sample, chunk or tile loop
-    (:func:`per_sample_default`, :func:`batch_chunk_default`, :func:`tile_plan`,
-    :func:`dense_chunk`: their custom VJPs recompute each loop step's forward pass), and no
-    matrix-product kernel gradients (:func:`hocp_jax.autotune.choose_kernel_grad`), whatever
-    :func:`per_sample_mode`, :func:`tile_rows_mode`, :func:`dense_chunks_mode` or
-    :func:`loop_mode` say. Only the CPU backend takes those routes, where the rules' thresholds
-    call for them (the library's models at the sizes of ``bench``'s steps do); the pools and the
-    depthwise passes support forward mode everywhere. Reverse mode works in the block too,
+    """Within the block, the convs traced take none of the three routes that are reverse mode only
+    (custom VJPs whose automatic transposes would be slow), so ``jax.jvp`` and ``jax.jacfwd`` work
+    through them: the factorized path's tiles (:func:`tile_plan`, whatever
+    :func:`tile_rows_mode` says), the chunks of large 2-D dense convs (:func:`dense_chunk`,
+    whatever :func:`dense_chunks_mode` says) and the matrix-product kernel gradients
+    (:func:`hocp_jax.autotune.choose_kernel_grad`, also in a :func:`loop_mode` block). Only the
+    CPU backend takes them, where the rules' thresholds call for them (tiles from
+    :data:`TILE_MIN_BYTES` of intermediate per sample of a 3-D conv, chunks from
+    :data:`DENSE_CHUNK_MIN_BYTES` of 2-D input); everything else has forward mode everywhere,
+    the loops over samples and chunks of samples included. Reverse mode works in the block too,
     without those routes' savings. Read at trace time, like :func:`per_sample_mode`: a function
     that ``jax.jit`` traced before the block keeps its program."""
     return scoped(_config, "forward_mode", True)
@@ -147,9 +148,8 @@ def program_per_device() -> bool:
 def loops_apply() -> bool:
     """Whether the automatic per-sample, chunk and tile loops (:func:`per_sample_default`,
     :func:`batch_chunk_default`, :func:`tile_plan`) may run in the conv being traced: on the CPU
-    backend, in a program of its own per device (:func:`program_per_device`), outside a
-    :func:`forward_mode` block."""
-    return jax.default_backend() == "cpu" and program_per_device() and not _config["forward_mode"]
+    backend, in a program of its own per device (:func:`program_per_device`)."""
+    return jax.default_backend() == "cpu" and program_per_device()
 
 
 def _in_shard_map() -> bool:
@@ -477,7 +477,7 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     (a dense conv of the models, or one of a rebuilt kernel:
     :func:`hocp_jax.conv_ops.conv_general_dilated`, ``hocp_jax.conv_ops.weight_conv``) on the CPU
     backend, or ``None`` (the whole batch at once, XLA's conv): with one program per device
-    (:func:`loops_apply`), outside a :func:`loop_mode` block, ``B > 1`` and an input of at least
+    (:func:`loops_apply`), outside a :func:`loop_mode` or :func:`forward_mode` block, ``B > 1`` and an input of at least
     :data:`DENSE_CHUNK_MIN_BYTES` (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most
     :data:`PATCHES_MAX_IN_CHANNELS` input channels: a network's stem), in chunks of the most samples
     that divide ``B`` and hold at most :data:`DENSE_CHUNK_TARGET_BYTES` of input (at least one
@@ -498,7 +498,7 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     XLA's)."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
-    if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply()
+    if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply() or _config["forward_mode"]
             or setting is None and len(x_shape) != 4):
         return None
     sample = int(np.prod(x_shape[1:])) * jnp.dtype(dtype).itemsize
@@ -592,8 +592,6 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     :func:`hocp_jax.conv.cp_conv` runs each device's share in a program of its own instead).
     """
     batch = x_shape[0]
-    if _config["forward_mode"]:
-        return False
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
@@ -664,9 +662,7 @@ def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype,
     ``per_sample`` argument, or ``None`` (the whole batch at once). ``local``: whether its
     ``psi`` (if any) acts on each value alone; if not, the automatic rule is off. ``True``: one
     sample; ``None``: :func:`per_sample_default`, else :func:`batch_chunk_default`; ``False``:
-    the whole batch. In a :func:`forward_mode` block: the whole batch, whatever ``per_sample``."""
-    if _config["forward_mode"]:
-        return None
+    the whole batch."""
     if per_sample is None and local:
         return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, y_shape, rank, dtype)
     return 1 if per_sample else None
@@ -729,7 +725,8 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     negative padding, the one with the most output positions) into pieces of ``rows`` output rows,
     each computed from its input rows plus a halo of ``halos[i]`` rows (``dilation * (K - 1)``),
     so the per-tile intermediates stay in cache.
-    Automatic rule (:func:`tile_rows_mode` sets the rows instead): on the CPU backend with one
+    None in a :func:`forward_mode` block. Automatic rule (:func:`tile_rows_mode` sets the rows
+    instead): on the CPU backend with one
     program per device (:func:`program_per_device`), three or more modes (whatever the batch
     size, since a tile is part of one sample) and no strided mode (the strided passes run first,
     on the halo rows too: the strided transduced ResNet-18 layer took 1.7-2.1x as long in tiles of

@@ -531,7 +531,8 @@ def _transposed_backward(h, kernel, dh, dk, y_shape, strides, pads, dilations):
            for n, k, (lo, _), s, d, o in zip(h.shape[1:-1], ks, pads, strides, dilations, outs)]
     grid = [o + (o - 1) * it + lo + hi for o, (lo, hi, it) in zip(outs, cfg)]  # gp's spatial sizes
     flipped = lax.rev(kernel, [a for a, k in enumerate(ks) if k > 1])
-    zero = jnp.zeros((), dh.dtype)
+    dtype = jnp.result_type(h, kernel)  # the output's and its cotangent's (h may be bfloat16, kernel float32)
+    zero = jnp.zeros((), dtype)
     gp = None
     for t in reversed(taps):  # the input gradient's per-tap slices of gp, transposed: pads into the grid
         start = [ti * d for ti, d in zip(t, dilations)]
@@ -544,7 +545,7 @@ def _transposed_backward(h, kernel, dh, dk, y_shape, strides, pads, dilations):
     y_h = lax.slice(gp, (0, *(max(lo, 0) for lo, _, _ in cfg), 0),
                     (gp.shape[0], *(max(lo, 0) + (o - 1) * (it + 1) + 1 for (lo, _, it), o in zip(cfg, outs)), gp.shape[-1]),
                     (1, *(it + 1 for _, _, it in cfg), 1))
-    per_tap = lax.split(dk.astype(jnp.result_type(h, dh)).reshape(len(taps), -1), (1,) * len(taps))  # stack's transpose
+    per_tap = lax.split(dk.astype(dtype).reshape(len(taps), -1), (1,) * len(taps))  # the transpose of a stack
     inputs = list(tap_inputs(h, ks, strides, pads, dilations, outs))
     y_k = functools.reduce(jnp.add, (inputs[i] * lax.broadcast_in_dim(lax.squeeze(per_tap[i], (0,)), inputs[i].shape,
                                                                       (h.ndim - 1,))

@@ -324,6 +324,33 @@ def test_routed_depthwise_conv_has_lax_tangents_and_hessian_vector_products():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+def test_depthwise_pass_of_bfloat16_input_and_float32_factor():
+    """The CP path's depthwise pass of a bfloat16 ``h`` (after a bfloat16 psi) with a float32
+    factor: value, gradients and tangent in float32 (the promoted type), within bfloat16's
+    rounding of ``h`` of a grouped ``lax`` conv of the upcast input."""
+    rng = np.random.default_rng(11)
+    h = jnp.asarray(rng.standard_normal((2, 7, 6, 5)), jnp.bfloat16)
+    factor = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    th = jnp.asarray(rng.standard_normal(h.shape), jnp.bfloat16)
+    tf = jnp.asarray(rng.standard_normal(factor.shape), jnp.float32)
+
+    def ours(h, f):
+        return conv_ops.depthwise_conv_1d(h, f, 1, stride=2, pad=(1, 1), dilation=1)
+
+    def ref(h, f):
+        return lax.conv_general_dilated(h.astype(jnp.float32), f.reshape(3, 1, 1, 5), (2, 1), ((1, 1), (0, 0)),
+                                        dimension_numbers=NHWC, feature_group_count=5)
+
+    y, dy = jax.jvp(ours, (h, factor), (th, tf))
+    assert y.dtype == dy.dtype == jnp.float32
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    grads = jax.vjp(ours, h, factor)[1](g)
+    assert [a.dtype for a in grads] == [jnp.bfloat16, jnp.float32]
+    y_ref, dy_ref = jax.jvp(ref, (h, factor), (th, tf))
+    for got, want in zip((y, dy, *grads), (y_ref, dy_ref, *jax.vjp(ref, h, factor)[1](g))):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+
+
 DEPTHWISE_CASES = [  # h shape, kernel shape, stride, explicit padding, dilation
     ((2, 9, 12, 5), (3, 1, 5), (1, 1), ((1, 1), (0, 0)), (1, 1)),  # a CP path's 1-D pass
     ((2, 9, 12, 5), (1, 3, 5), (1, 2), ((0, 0), (0, 1)), (1, 1)),  # strided, lax SAME on an even size

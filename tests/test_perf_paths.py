@@ -1466,13 +1466,16 @@ def test_forward_mode_block_takes_no_reverse_only_route(monkeypatch):
         def rebuilt(x, p):
             return conv.cp_conv(x, p, modes=("h", "w"), padding=pad2, implementation="reconstructed")
 
-        cases = [
-            (loops, (x3, p3), lambda x, p: _oracle(x, _kernel_jnp(p, ("t", "h", "w")), (1,) * 3, pad3, (1,) * 3)),
-            (chunks, (x2, rng.standard_normal((3, 3, 3, 4))), lambda x, k: _oracle(x, k, (1, 1), pad2, (1, 1))),
-            (rebuilt, (x2, p2), lambda x, p: _oracle(x, _kernel_jnp(p, ("h", "w")), (1, 1), pad2, (1, 1))),
+        cases = [  # each route forced alone
+            (loops, (x3, p3), lambda x, p: _oracle(x, _kernel_jnp(p, ("t", "h", "w")), (1,) * 3, pad3, (1,) * 3),
+             conv_plans.tile_rows_mode(2)),
+            (chunks, (x2, rng.standard_normal((3, 3, 3, 4))), lambda x, k: _oracle(x, k, (1, 1), pad2, (1, 1)),
+             conv_plans.dense_chunks_mode(True)),
+            (rebuilt, (x2, p2), lambda x, p: _oracle(x, _kernel_jnp(p, ("h", "w")), (1, 1), pad2, (1, 1)),
+             conv_plans.dense_chunks_mode(False)),
         ]
-        with conv_plans.per_sample_mode(True), conv_plans.tile_rows_mode(2), conv_plans.dense_chunks_mode(True):
-            for f, args, oracle in cases:
+        for f, args, oracle, route in cases:
+            with route:
                 tangents = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)), args)
                 with pytest.raises(TypeError, match="forward-mode"):
                     jax.jvp(f, args, tangents)

@@ -719,8 +719,7 @@ def custom_jvp_programs(rounds: int = 0) -> dict:
     from benchmarks.experiments import variants
     from hocp_jax import conv, conv_plans, init, pooling
 
-    old_pool = lambda x, window, stride, padding: variants.custom_vjp_pool(x, window, stride, padding)
-    patches = ((pooling, "_max_pool", old_pool), (conv_ops, "_shift_depthwise", variants.custom_vjp_shift_depthwise),
+    patches = ((pooling, "_max_pool", variants.custom_vjp_pool), (conv_ops, "_shift_depthwise", variants.custom_vjp_shift_depthwise),
                (conv_ops, "map_chunks", variants.custom_vjp_map_chunks))
     out: dict = {}
     calls: dict = {}  # "<name>, library" / "<name>, old" -> the compiled call
@@ -769,13 +768,14 @@ def custom_jvp_programs(rounds: int = 0) -> dict:
             compare(f"{name} {'x'.join(map(str, shape))} -> {c_out}, rank {rank}", layer(f, normal(shape), params))
     f = lambda x, k: conv_ops.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv_ops.channels_last_dims(2))
     compare("dense in chunks 8x56x56x64 -> 64", layer(f, normal((8, 56, 56, 64)), normal((3, 3, 64, 64))))
-    for case in bench.model_cases(False):
+    cases = bench.model_cases(False)
+    for case in cases:
         def step(case=case):
             fn, state, batch = bench.model_step(case)
             return fn, (state, batch)
         compare(case.name, step)
     if rounds:
-        steps = {k: v for k, v in calls.items() if k.rsplit(", ", 1)[0] in {c.name for c in bench.model_cases(False)}}
+        steps = {k: v for k, v in calls.items() if k.rsplit(", ", 1)[0] in {c.name for c in cases}}
         layers = {k: v for k, v in calls.items() if k not in steps}
         t = time_interleaved(layers, rounds, budget_s=1e9)
         out["layers ms"] = {k: round(v["median_ms"], 2) for k, v in t.items()}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hocp_jax import checks, conv, conv_ops, conv_plans, pooling
+from hocp_jax import conv, conv_ops, conv_plans, pooling
 from hocp_jax.pooling import max_pool
 from hocp_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from hocp_jax.models.resnet import ResNet, hocp_factory
@@ -173,10 +173,8 @@ def reduce_window_pool(x, window, stride, padding):
 def custom_vjp_map_chunks(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 1, loop: bool = False) -> jax.Array:
     """:func:`hocp_jax.conv_ops.map_chunks` as it was until stop 71: the same loops, its backward
     pass a ``jax.custom_vjp`` (reverse mode only), where the library now has a custom JVP whose
-    tangent is a checkpointed loop of each chunk's JVP."""
-    if not checks.is_positive_int(chunk) or x.ndim < 1 or x.shape[0] % chunk:
-        raise ValueError(f"chunk={chunk!r}: expected a positive number of samples that divides the batch of x, "
-                         f"shape {tuple(x.shape)}")
+    tangent is a checkpointed loop of each chunk's JVP. Its callers pass a valid ``chunk`` (the
+    library's ``map_chunks`` checks it)."""
     in_loop = conv_plans.loop_mode if loop else contextlib.nullcontext
     # traced in the loop's block: stop 70's per-tap kernel-gradient conv read the loop mode when
     # its backward pass was traced (in run_bwd's block), the library's reads it with the forward pass

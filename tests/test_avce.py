@@ -16,6 +16,7 @@ from hocp_jax.contrastive import (
     avce_objective, critic_matrix, discriminative_loss, infonce_objective, make_avce_loss, softmax_view, sparsemax,
 )
 from hocp_jax.data.embedded import make_digits_affect
+from hocp_jax.models import get_model
 from hocp_jax.models.avce import (
     AlexNetEncoder, Compressor, MLPHead, adaptive_avg_pool, avce_alexnet, avce_resnet18,
 )
@@ -303,3 +304,30 @@ def test_config_reads_the_supplementary_image_size(tmp_path, load_config):
         y = jax.eval_shape(lambda x: AlexNetEncoder().init_with_output(jax.random.key(0), x)[0],
                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
         assert y.shape == (1, out, out, 256), (size, y.shape)
+
+
+@pytest.mark.parametrize("name", [pytest.param("avce_alexnet", marks=pytest.mark.slow),
+                                  pytest.param("avce_resnet18", marks=pytest.mark.slow), "avce_resnet18_hocp"])
+def test_tangents_match_finite_differences(name):
+    """``jax.jvp`` of a whole AVCE model w.r.t. its parameters (max-pools, CP convs, sparsemax and
+    softmax views), in float64, against a central difference (as the other models' in
+    ``tests/test_models.py``)."""
+    rng = np.random.default_rng(1)
+    model = get_model(name, tiny=True)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.uniform(size=(2, 32, 32, 3)))
+        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), model.init(jax.random.key(0), x, train=False))
+        # off the initial values, whose zeros put ReLUs exactly at their kinks
+        params = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape), variables["params"])
+        t = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
+
+        @jax.jit
+        def f(params):
+            return jax.tree.leaves(model.apply({**variables, "params": params}, x, train=False))
+
+        _, got = jax.jvp(f, (params,), (t,))
+        eps = 1e-8
+        step = lambda s: f(jax.tree.map(lambda p, d: p + s * eps * d, params, t))
+        assert sum(bool(jnp.any(a != 0)) for a in got) >= len(got) - 1  # a saturated sparse view may not move
+        for a, plus, minus in zip(got, step(1.0), step(-1.0)):
+            np.testing.assert_allclose(a, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))

@@ -343,11 +343,14 @@ def choose_kernel_grad(x_shape, dtype, kernel_shape, strides, pads, dilations, i
     unless a timing of the per-device shape (:func:`measure_kernel_grad`) has the other kernel
     gradient within :data:`KERNEL_GRAD_OVERRIDE` of its time, cached like :func:`choose_cp`'s picks
     (:func:`kernel_grad_key`). Inside a :func:`hocp_jax.conv_plans.loop_mode` block on the CPU backend: always;
-    inside a :func:`hocp_jax.conv_plans.forward_mode` block: never (a custom VJP, reverse mode only)."""
+    inside a :func:`hocp_jax.conv_plans.forward_mode` block, or on a symbolic shape
+    (:func:`hocp_jax.conv_plans.is_static`): never."""
     if conv_plans.forward_mode_on():
         return False
     if conv_plans.cpu_loop_mode():
         return True
+    if not conv_plans.is_static(x_shape):
+        return False
     shape = conv_plans.device_shape(x_shape)
     geometry = (strides, pads, dilations)
     key = kernel_grad_key(shape, dtype, kernel_shape, *geometry, input_grad) if policy() == "measure" else None
@@ -373,7 +376,15 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     ``per_sample``: :func:`hocp_jax.conv.cp_conv`'s argument; the analytic policy counts the
     :func:`hocp_jax.conv_plans.batch_plan` it gives, the measured one times the factorized path with it (it is part
     of the cache key).
+    A symbolic dimension (``jax.export``'s shape polymorphism, :func:`hocp_jax.conv_plans.is_static`)
+    counts as 1, under either policy (the analytic pick: there is nothing to time): for a
+    symbolic batch, the pick for one sample (the rebuilt kernel's cost weighs most there), for a
+    symbolic spatial size, mostly the factorized path. Export with the batch you serve, or pass
+    ``implementation``, to choose otherwise.
     """
+    if not conv_plans.is_static(x_shape):
+        x_shape = tuple(d if conv_plans.is_static((d,)) else 1 for d in x_shape)
+        return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     x_shape = conv_plans.device_shape(x_shape, batch_shards)
     geometry = (modes, strides, pads, dilations)
     key = None

@@ -1,8 +1,9 @@
 """How each conv of the library runs on this backend, host and trace: the rules that pick its
 program, the blocks that override them, and what they read of the trace.
 
-:mod:`hocp_jax.conv` asks these rules at trace time, with static shapes, and they answer without
-timing anything (:mod:`hocp_jax.autotune` picks between the CP paths, and may time them):
+:mod:`hocp_jax.conv` asks these rules at trace time, with the traced shapes, and they answer
+without timing anything (:mod:`hocp_jax.autotune` picks between the CP paths, and may time them);
+a shape with a symbolic dimension (``jax.export``) gets the GPU/TPU answers (:func:`is_static`):
 
 * where the conv runs: the batch one device runs (:func:`device_shape`), whether it is a program
   of its own per device (:func:`program_per_device`, :func:`batch_split`), inside a loop's body
@@ -119,6 +120,16 @@ def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
     traces a step in such a block with its mesh's size."""
     check_batch_shards(value, "value")
     return scoped(_config, "batch_shards", value)
+
+
+def is_static(shape: Sequence[Any]) -> bool:
+    """Whether every dimension of ``shape`` is a number, not a symbolic dimension of
+    ``jax.export``'s shape polymorphism (e.g. a batch ``"b"``). The loops over samples, chunks and
+    tiles need static sizes, and the rules cannot compare a symbolic one with their thresholds:
+    where a conv's input has a symbolic dimension, the rules answer as on GPU/TPU (whole batch,
+    ``lax``'s convolutions; no loop, patches or matrix-product kernel gradient), and
+    :func:`hocp_jax.autotune.choose_cp` counts a symbolic dimension as 1."""
+    return all(isinstance(d, (int, np.integer)) for d in shape)
 
 
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:
@@ -324,7 +335,8 @@ def patches_fit(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], stri
     :data:`PATCHES_MAX_IN_CHANNELS` input channels, patches of at most :data:`PATCHES_MAX_BYTES`.
     The CPU cost model (:func:`hocp_jax.counting.cp_path_costs`) reads it."""
     n = len(kernel_shape) - 2
-    if n < 3 or all(k == 1 for k in kernel_shape[:n]) or kernel_shape[-2] > PATCHES_MAX_IN_CHANNELS:
+    if (n < 3 or all(k == 1 for k in kernel_shape[:n]) or kernel_shape[-2] > PATCHES_MAX_IN_CHANNELS
+            or not is_static(x_shape)):
         return False
     b, *sizes = device_shape(x_shape, batch_shards)[:-1]
     positions = b * int(np.prod([-(-s // st) for s, st in zip(sizes, strides)]))
@@ -406,7 +418,7 @@ def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilation
         return False
     n = len(kernel_shape) - 2
     ds = tuple(dilations) if dilations is not None else (1,) * n
-    return any(size < d * (k - 1) + 1 for size, k, d in zip(x_shape[1:1 + n], kernel_shape[:n], ds))
+    return any(is_static((size,)) and size < d * (k - 1) + 1 for size, k, d in zip(x_shape[1:1 + n], kernel_shape[:n], ds))
 
 
 KERNEL_GRAD_MATMUL_MIN_BYTES = 32 * 1024 * 1024
@@ -439,7 +451,8 @@ def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
     HO-CP ResNet-18 2-D train step) and won on larger ones (:data:`KERNEL_GRAD_MATMUL_MIN_BYTES`;
     the Tucker and TT reconstructed paths at batch 64 too: 0.70-0.77x on the two 49 MiB inputs).
     Other hosts (and GPU/TPU) keep XLA's: not measured; the measured policy times both."""
-    if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if (jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")
+            or not is_static(x_shape)):
         return False
     flags = cpu_flags()
     if "avx2" not in flags:
@@ -498,8 +511,8 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     XLA's)."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
-    if (setting is False or batch < 2 or _config["in_loop"] or not loops_apply() or _config["forward_mode"]
-            or setting is None and len(x_shape) != 4):
+    if (setting is False or not is_static(x_shape) or batch < 2 or _config["in_loop"] or not loops_apply()
+            or _config["forward_mode"] or setting is None and len(x_shape) != 4):
         return None
     sample = int(np.prod(x_shape[1:])) * jnp.dtype(dtype).itemsize
     k = max(k for k in range(1, batch) if batch % k == 0 and (k == 1 or k * sample <= DENSE_CHUNK_TARGET_BYTES))
@@ -592,6 +605,8 @@ def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
     :func:`hocp_jax.conv.cp_conv` runs each device's share in a program of its own instead).
     """
     batch = x_shape[0]
+    if not is_static(x_shape):
+        return False
     if _config["per_sample"] is not None:
         return bool(_config["per_sample"]) and batch > 1
     per_sample_bytes = _sample_bytes(x_shape, rank, dtype)
@@ -641,7 +656,7 @@ def batch_chunk_default(x_shape: Sequence[int], y_shape: Sequence[int], rank: in
     :func:`per_sample_default` and :func:`tile_plan` instead.
     """
     batch = x_shape[0]
-    if _config["per_sample"] is not None or len(x_shape) != 4 or batch < 2:
+    if _config["per_sample"] is not None or len(x_shape) != 4 or not is_static(x_shape) or batch < 2:
         return None
     if not loops_apply():
         return None
@@ -661,11 +676,11 @@ def batch_plan(x_shape: Sequence[int], y_shape: Sequence[int], rank: int, dtype,
     factorized CP conv from ``x (B, *S, C_in)`` to ``y (B, *S', C_out)``, given its
     ``per_sample`` argument, or ``None`` (the whole batch at once). ``local``: whether its
     ``psi`` (if any) acts on each value alone; if not, the automatic rule is off. ``True``: one
-    sample; ``None``: :func:`per_sample_default`, else :func:`batch_chunk_default`; ``False``:
-    the whole batch."""
+    sample (the whole batch where the batch is symbolic, :func:`is_static`); ``None``:
+    :func:`per_sample_default`, else :func:`batch_chunk_default`; ``False``: the whole batch."""
     if per_sample is None and local:
         return 1 if per_sample_default(x_shape, rank, dtype) else batch_chunk_default(x_shape, y_shape, rank, dtype)
-    return 1 if per_sample else None
+    return 1 if per_sample and is_static(x_shape[:1]) else None
 
 
 TILE_MIN_BYTES = 6 * 1024 * 1024
@@ -735,7 +750,7 @@ def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int]
     :func:`tile_target_bytes`.
     """
     candidates = [i for i, (st, p) in enumerate(zip(strides, pads)) if st == 1 and min(p) >= 0]
-    if not candidates or _config["tile_rows"] == 0 or _config["forward_mode"]:
+    if not candidates or _config["tile_rows"] == 0 or _config["forward_mode"] or not is_static(x_shape):
         return None
     i = max(candidates, key=lambda j: out_sizes[j])
     rows = _config["tile_rows"]

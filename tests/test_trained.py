@@ -165,6 +165,28 @@ def test_pruned_drops_the_zeroed_components_and_keeps_the_predictions(stage):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_export_serializes_predicts_computation_for_any_batch(stage):
+    root, model, variables = stage
+    trained = load_trained(root)
+    x = np.random.default_rng(2).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+    uint8 = (x * 255).round().astype(np.uint8)
+    for dtype, inputs, batches in ((np.uint8, uint8, (1, 5)), (np.float32, x, (3,))):
+        exported = jax.export.deserialize(trained.export((16, 16, 3), dtype).serialize())
+        assert exported.in_avals[0].dtype == dtype
+        for n in batches:
+            got = exported.call(inputs[:n])
+            want = model.apply(variables, inputs[:n] / 255.0 if dtype == np.uint8 else inputs[:n], train=False)
+            assert set(got) == set(want) and all(got[k].dtype == jnp.float32 for k in got)
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    for shape in ((16, 16), (0, 16, 3), "16x16x3"):
+        with pytest.raises(ValueError, match=r"^shape=.*expected one example's shape"):
+            trained.export(shape)
+    for dtype in (np.int32, "pixels"):
+        with pytest.raises(ValueError, match=r"^dtype="):
+            trained.export((16, 16, 3), dtype)
+
+
 def test_bad_input_is_a_value_error_naming_it(stage, tmp_path):
     root, _, variables = stage
     trained = load_trained(root)

@@ -9,6 +9,7 @@ command line of the run::
     trained = load_trained("runs/affectnet/static/best")
     outputs = trained.predict(images)          # {"va": (N, 2), "logits": (N, 8)}, numpy float32
     smaller, report = trained.pruned(0.01)     # the lasso's zeroed rank components dropped
+    exported = trained.export((64, 64, 3))     # jax.export.Exported, any batch; .serialize() -> bytes
 """
 
 from __future__ import annotations
@@ -93,6 +94,40 @@ class Trained:
             padded = np.concatenate([chunk, np.zeros((b - len(chunk), *x.shape[1:]), x.dtype)]) if len(chunk) < b else chunk
             chunks.append(jax.tree.map(lambda o, k=len(chunk): np.asarray(o)[:k], self._apply(self._on_device, padded)))
         return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+
+    def export(self, shape, dtype=np.uint8, *, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+        """:meth:`predict`'s computation as one program for any number of examples of ``shape``
+        (``jax.export`` with a symbolic batch; the variables inside it, so it stands alone):
+        ``exported.call(x)`` on ``x (N, *shape)`` of ``dtype`` returns what ``predict(x)`` does,
+        as JAX arrays; ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads
+        back in a process with jax alone (neither hocp_jax nor Flax), e.g. for serving.
+
+        The program is traced on this process, whose backend the CPU rules of
+        :mod:`hocp_jax.conv_plans` read: export for a GPU on a GPU host. At a symbolic batch those
+        rules take no loop, patches product or chunk, and ``implementation='auto'`` picks each CP
+        layer's path as for one example (:func:`hocp_jax.autotune.choose_cp`).
+
+        Args:
+            shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``, as :meth:`predict` takes.
+            dtype: of the inputs: ``uint8`` (scaled to ``[0, 1]`` as in the train step) or a float dtype.
+            platforms: ``jax.export.export``'s (default: this process's backend), e.g. ``("cpu", "cuda")``.
+
+        Raises:
+            ValueError: a bad ``shape`` or ``dtype``.
+        """
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
+        if not (isinstance(shape, tuple) and len(shape) in (3, 4) and all(is_positive_int(d) for d in shape)):
+            raise ValueError(f"shape={shape!r}: expected one example's shape, (H, W, C) or (T, H, W, C) of ints > 0")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as err:
+            raise ValueError(f"dtype={dtype!r}: not a dtype ({err}); expected uint8 or a float dtype") from None
+        if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
+            raise ValueError(f"dtype={dtype}: expected uint8 or a float dtype")
+        model, variables = self.model, self.variables
+        infer = jax.jit(lambda x: float32_outputs(model.apply(variables, model_input({"x": x}, "x"), train=False)))
+        spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape("n"), *shape), dtype)
+        return jax.export.export(infer, platforms=platforms)(spec)
 
     def pruned(self, threshold: float = 0.0) -> tuple[Trained, PruneReport]:
         """``(trained, report)``: this model with the rank components of ``|lambda| <= threshold``

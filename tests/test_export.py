@@ -1,0 +1,144 @@
+"""``jax.export`` with a symbolic batch (shape polymorphism): the CPU rules' loops, patches, chunks
+and kernel-gradient products step aside (``conv_plans.is_static``), ``auto`` picks as for one
+sample, and the exported programs give, at any batch, what an independent ``lax`` computation
+(the layers) or the model traced at that batch (the models) gives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+
+from hocp_jax import autotune, conv_ops, conv_plans
+from hocp_jax.conv import cp_conv, cp_to_kernel
+from hocp_jax.init import init_cp_params
+from hocp_jax.models import MODELS, get_model
+from hocp_jax.pooling import max_pool
+
+B, = export.symbolic_shape("b")
+
+
+def symbolic_batch(x):
+    return jax.ShapeDtypeStruct((B, *x.shape[1:]), x.dtype)
+
+
+def value_and_grads(f):
+    """``x, w -> (f(x, w), d/dw, d/dx)`` of the loss ``sum(sin(f(x, w)))`` (a cotangent that varies)."""
+    def run(x, w):
+        y, pull = jax.vjp(f, x, w)
+        gx, gw = pull(jnp.cos(y))
+        return y, gw, gx
+    return run
+
+
+def assert_exported_matches(f, oracle, x, w, batches=(1, 3)):
+    """``f`` exported with a symbolic batch, called at each batch, against ``oracle`` (same
+    signature) traced at that batch, outputs and gradients."""
+    exported = export.export(jax.jit(value_and_grads(f)))(symbolic_batch(x), w)
+    for b in batches:
+        got, want = exported.call(x[:b], w), value_and_grads(oracle)(x[:b], w)
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-4 * float(jnp.abs(e).max()))
+
+
+def test_is_static():
+    assert conv_plans.is_static((2, 3)) and conv_plans.is_static((np.int64(2),)) and conv_plans.is_static(())
+    assert not conv_plans.is_static((B, 3))
+
+
+CP_CASES = {  # x's shape, rank, whether the loops are forced on (else the automatic rules')
+    "3-D RGB": ((3, 4, 7, 6, 3), 6, True),  # on CPU a video stem runs as patches
+    "3-D": ((3, 4, 7, 6, 8), 6, True),
+    "2-D": ((3, 32, 32, 8), 512, False),  # 6 MiB of intermediate: chunks of samples at a static batch
+}
+
+
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+@pytest.mark.parametrize("case", sorted(CP_CASES))
+def test_cp_conv_exports_with_a_symbolic_batch(implementation, case):
+    shape, rank, forced = CP_CASES[case]
+    n = len(shape) - 2
+    x = jax.random.normal(jax.random.key(0), shape)
+    p = init_cp_params(jax.random.key(1), shape[-1], 5, (3,) * n, rank)
+    pads = ((1, 1), (0, 2), (1, 1))[-n:]
+    f = lambda x, p: cp_conv(x, p, implementation=implementation, padding=pads)
+    dims = conv_ops.channels_last_dims(n)
+    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), (1,) * n, pads, dimension_numbers=dims)
+    if forced:  # every loop and product the rules can be told to take: at a symbolic batch, none runs
+        with conv_plans.per_sample_mode(True), conv_plans.tile_rows_mode(2), conv_plans.patches_split_mode(True):
+            assert_exported_matches(f, oracle, x, p)
+    else:
+        assert conv_plans.batch_chunk_default(shape, shape[:-1] + (5,), rank, jnp.float32) == 1
+        assert_exported_matches(f, oracle, x, p)
+
+
+def test_dense_2d_conv_exports_with_a_symbolic_batch():
+    x = jax.random.normal(jax.random.key(0), (3, 20, 18, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
+    dims = ("NHWC", "HWIO", "NHWC")
+    with conv_plans.dense_chunks_mode(True):
+        assert conv_ops.conv_route(x, k, dimension_numbers=dims) == "chunks"  # at a static batch
+        f = lambda x, k: conv_ops.conv_general_dilated(x, k, (2, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+        oracle = lambda x, k: lax.conv_general_dilated(x, k, (2, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+        assert_exported_matches(f, oracle, x, k)
+
+
+def test_max_pool_exports_with_a_symbolic_batch():
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+    pads = ((1, 1), (0, 1))
+    f = lambda x, s: max_pool(x * s, (3, 3), (2, 2), pads)
+    oracle = lambda x, s: lax.reduce_window(x * s, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                            ((0, 0), *pads, (0, 0)))
+    assert_exported_matches(f, oracle, x, jnp.float32(1.5))
+
+
+def test_auto_counts_a_symbolic_dimension_as_one():
+    p = init_cp_params(jax.random.key(1), 64, 64, (3, 3), 273)
+    geometry = ("hw", (1, 1), ((1, 1), (1, 1)), (1, 1))
+    with autotune.policy_mode("measure"):  # nothing to time on a symbolic shape: the analytic pick
+        got = autotune.choose_cp((B, 56, 56, 64), jnp.float32, p, *geometry)
+    assert got == autotune.analytic_pick((1, 56, 56, 64), p, *geometry, True)
+
+
+MODEL_INPUTS = {
+    "resnet18": (32, 32, 3), "resnet18_3d": (2, 32, 32, 3), "resnet18_2plus1d": (2, 32, 32, 3),
+    "resnet18_hocp": (32, 32, 3), "jester": (16, 16, 16, 3), "jester_hocp": (16, 16, 16, 3),
+    "jester_hocp_s": (16, 16, 16, 3), "mobilenet_v2": (16, 16, 3), "mobilenet_v2_hocp": (16, 16, 3),
+    "bregnet39": (16, 16, 1), "bregnet39_hocp": (16, 16, 1), "resnet110": (16, 16, 1),
+    "avce_alexnet": (32, 32, 3), "avce_resnet18": (32, 32, 3), "avce_resnet18_hocp": (32, 32, 3),
+}
+
+
+def test_every_model_has_an_export_input():
+    assert set(MODEL_INPUTS) == set(MODELS)
+
+
+@pytest.mark.slow  # 10-60 s a model; the default run tests the layers above
+@pytest.mark.parametrize("name", sorted(MODEL_INPUTS))
+def test_model_exports_with_a_symbolic_batch(name):
+    """Inference and a train-mode gradient, exported once, against the model traced at each batch,
+    in float64 (``auto`` may pick other CP paths at a symbolic batch, and train-mode batch norms
+    over a few values amplify float32 rounding)."""
+    model = get_model(name, tiny=True, **({} if name.startswith("avce") else dict(head=dict(n_outputs=2, n_classes=3))))
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (3, *MODEL_INPUTS[name]), jnp.float64)
+        v = jax.tree.map(lambda a: a.astype(jnp.float64),
+                         jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x))
+
+        def infer(x, v):
+            return model.apply(v, x, train=False)
+
+        def grads(x, p):
+            def loss(p):
+                out, _ = model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.key(2)})
+                return jnp.sum(jnp.sin(out["va"]))
+            return jax.grad(loss)(p)
+
+        for f, w in ((infer, v), (grads, v["params"])):
+            exported = export.export(jax.jit(f))(symbolic_batch(x), w)
+            for b in (1, 3):
+                got, want = jax.tree.leaves(exported.call(x[:b], w)), jax.tree.leaves(jax.jit(f)(x[:b], w))
+                scale = max(float(jnp.abs(e).max()) for e in want)  # per tree: some gradient leaves are ~0
+                for g, e in zip(got, want):
+                    np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10 * scale)

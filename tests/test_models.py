@@ -457,6 +457,7 @@ def test_model_tangent_matches_finite_differences(name, shape):
         params = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape), variables["params"])
         t = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
 
+        @jax.jit
         def f(params):
             return jax.tree.leaves(model.apply({**variables, "params": params}, x, train=False))
 

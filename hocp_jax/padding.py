@@ -84,7 +84,15 @@ def resolve_padding(
 
     Returns:
       A tuple of N ``(lo, hi)`` int pairs.
+
+    Raises:
+      ValueError: bad ``padding``, an input smaller than the padded kernel, or a symbolic size
+        (``jax.export``'s shape polymorphism: the pads and the models' heads need static spatial
+        sizes; a symbolic batch is supported, :func:`hocp_jax.conv_plans.is_static`).
     """
+    if not all(is_int(size) for size in in_sizes):
+        raise ValueError(f"x: spatial sizes {tuple(str(size) for size in in_sizes)} include a symbolic one "
+                         "(jax.export); expected static spatial sizes: only the batch may be symbolic")
     n = len(in_sizes)
     if isinstance(padding, str) or is_int(padding):
         specs = [padding] * n

@@ -92,6 +92,14 @@ def test_max_pool_exports_with_a_symbolic_batch():
     assert_exported_matches(f, oracle, x, jnp.float32(1.5))
 
 
+def test_a_symbolic_spatial_size_is_a_value_error():
+    h, w = export.symbolic_shape("h, w", scope=B.scope)
+    p = init_cp_params(jax.random.key(1), 4, 5, (3, 3), 6)
+    spec = jax.ShapeDtypeStruct((B, h, w, 4), jnp.float32)
+    with pytest.raises(ValueError, match=r"^x: spatial sizes \('h', 'w'\) include a symbolic one .*only the batch"):
+        export.export(jax.jit(lambda x: cp_conv(x, p)))(spec)
+
+
 def test_auto_counts_a_symbolic_dimension_as_one():
     p = init_cp_params(jax.random.key(1), 64, 64, (3, 3), 273)
     geometry = ("hw", (1, 1), ((1, 1), (1, 1)), (1, 1))

@@ -51,6 +51,9 @@ def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str) -> Pad:
         if name == "VALID":
             return (0, 0)
         if name == "SAME":
+            if not is_int(size) and s > 1:
+                raise ValueError(f"padding{where}='SAME' with stride {s} on a symbolic size {size} (jax.export): the "
+                                 "pads depend on the size; expected a static size, or 'SYMMETRIC' / explicit pads")
             out = -(-size // s)
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             return (total // 2, total - total // 2)
@@ -86,13 +89,10 @@ def resolve_padding(
       A tuple of N ``(lo, hi)`` int pairs.
 
     Raises:
-      ValueError: bad ``padding``, an input smaller than the padded kernel, or a symbolic size
-        (``jax.export``'s shape polymorphism: the pads and the models' heads need static spatial
-        sizes; a symbolic batch is supported, :func:`hocp_jax.conv_plans.is_static`).
+      ValueError: bad ``padding``, an input smaller than the padded kernel, or ``"SAME"`` on a
+        strided mode of symbolic size (``jax.export``'s shape polymorphism), whose pads depend on
+        the size. Other pads do not: a symbolic size passes unchecked against the kernel.
     """
-    if not all(is_int(size) for size in in_sizes):
-        raise ValueError(f"x: spatial sizes {tuple(str(size) for size in in_sizes)} include a symbolic one "
-                         "(jax.export); expected static spatial sizes: only the batch may be symbolic")
     n = len(in_sizes)
     if isinstance(padding, str) or is_int(padding):
         specs = [padding] * n
@@ -108,7 +108,7 @@ def resolve_padding(
         for i, (spec, D, k, s, d) in enumerate(zip(specs, in_sizes, kernel_sizes, strides, dilations))
     )
     for i, ((lo, hi), D, k, d) in enumerate(zip(pads, in_sizes, kernel_sizes, dilations)):
-        if D + lo + hi < d * (k - 1) + 1:
+        if is_int(D) and D + lo + hi < d * (k - 1) + 1:
             raise ValueError(
                 f"padding: spatial mode {i} has size {D} + pads {(lo, hi)} smaller than the dilated kernel "
                 f"extent {d * (k - 1) + 1}; expected a larger input or more padding"

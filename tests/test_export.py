@@ -13,6 +13,7 @@ from hocp_jax import autotune, conv_ops, conv_plans
 from hocp_jax.conv import cp_conv, cp_to_kernel
 from hocp_jax.init import init_cp_params
 from hocp_jax.models import MODELS, get_model
+from hocp_jax.padding import resolve_padding
 from hocp_jax.pooling import max_pool
 
 B, = export.symbolic_shape("b")
@@ -92,12 +93,14 @@ def test_max_pool_exports_with_a_symbolic_batch():
     assert_exported_matches(f, oracle, x, jnp.float32(1.5))
 
 
-def test_a_symbolic_spatial_size_is_a_value_error():
-    h, w = export.symbolic_shape("h, w", scope=B.scope)
-    p = init_cp_params(jax.random.key(1), 4, 5, (3, 3), 6)
-    spec = jax.ShapeDtypeStruct((B, h, w, 4), jnp.float32)
-    with pytest.raises(ValueError, match=r"^x: spatial sizes \('h', 'w'\) include a symbolic one .*only the batch"):
-        export.export(jax.jit(lambda x: cp_conv(x, p)))(spec)
+def test_padding_of_a_symbolic_size():
+    """Pads that do not depend on the size resolve; ``'SAME'`` on a strided symbolic mode raises."""
+    h, = export.symbolic_shape("h", scope=B.scope)
+    assert resolve_padding("SAME", (h, 5), (3, 3), (1, 2), (1, 1)) == ((1, 1), (1, 1))
+    assert resolve_padding("SYMMETRIC", (h,), (3,), (2,), (1,)) == ((1, 1),)
+    assert resolve_padding(((0, 2),), (h,), (5,), (2,), (1,)) == ((0, 2),)
+    with pytest.raises(ValueError, match=r"^padding='SAME' with stride 2 on a symbolic size h \(jax.export\)"):
+        resolve_padding("SAME", (h,), (3,), (2,), (1,))
 
 
 def test_auto_counts_a_symbolic_dimension_as_one():

@@ -91,3 +91,33 @@ def load_config():
             sys.path.remove(root)
 
     return load
+
+
+@pytest.fixture
+def assert_tangents_match_central_differences():
+    """``check(model, x, rng)``: asserts that ``jax.jvp`` of ``model``'s inference outputs w.r.t.
+    all its parameters equals a central difference, in float64, at parameters moved off their
+    initial values (whose zero biases and shifts put ReLUs exactly at their kinks) along a random
+    tangent drawn from ``rng``; returns the tangents (a list of the output leaves')."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    def check(model, x, rng):
+        with jax.enable_x64(True):
+            x = jnp.asarray(x, jnp.float64)
+            variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), model.init(jax.random.key(0), x, train=False))
+            params = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape), variables["params"])
+            t = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
+
+            @jax.jit
+            def f(params):
+                return jax.tree.leaves(model.apply({**variables, "params": params}, x, train=False))
+
+            _, got = jax.jvp(f, (params,), (t,))
+            eps = 1e-8  # small: the nets have ~10^5 ReLU inputs, a larger step moves some across their kink
+            step = lambda s: f(jax.tree.map(lambda p, d: p + s * eps * d, params, t))
+            for a, plus, minus in zip(got, step(1.0), step(-1.0)):
+                np.testing.assert_allclose(a, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+        return got
+
+    return check

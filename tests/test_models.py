@@ -444,25 +444,8 @@ def test_dropout_draws_flax_dropouts_masks():
 
 @pytest.mark.parametrize("name,shape", [("resnet18_hocp", (2, 32, 32, 3)), ("mobilenet_v2_hocp", (2, 32, 32, 3)),
                                         ("jester_hocp", (1, 16, 16, 16, 3))])
-def test_model_tangent_matches_finite_differences(name, shape):
+def test_model_tangent_matches_finite_differences(name, shape, assert_tangents_match_central_differences):
     """``jax.jvp`` of a whole model (max-pools, factorized and reconstructed CP convs, depthwise
     passes, batch norms) w.r.t. its parameters, in float64, against a central difference."""
     rng = np.random.default_rng(1)
-    model = get_model(name, tiny=True)
-    with jax.enable_x64(True):
-        x = jnp.asarray(rng.standard_normal(shape))
-        variables = model.init(jax.random.key(0), x, train=False)
-        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
-        # off the initial values, whose zeros (biases, shifts) put ReLUs exactly at their kinks
-        params = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape), variables["params"])
-        t = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
-
-        @jax.jit
-        def f(params):
-            return jax.tree.leaves(model.apply({**variables, "params": params}, x, train=False))
-
-        _, got = jax.jvp(f, (params,), (t,))
-        eps = 1e-8  # small: the nets have ~10^5 ReLU inputs, a larger step moves some across their kink
-        step = lambda s: f(jax.tree.map(lambda p, d: p + s * eps * d, params, t))
-        for a, plus, minus in zip(got, step(1.0), step(-1.0)):
-            np.testing.assert_allclose(a, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+    assert_tangents_match_central_differences(get_model(name, tiny=True), rng.standard_normal(shape), rng)

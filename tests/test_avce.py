@@ -314,4 +314,4 @@ def test_tangents_match_finite_differences(name, assert_tangents_match_central_d
     ``tests/test_models.py``)."""
     rng = np.random.default_rng(1)
     got = assert_tangents_match_central_differences(get_model(name, tiny=True), rng.uniform(size=(2, 32, 32, 3)), rng)
-    assert sum(bool(jnp.any(a != 0)) for a in got) >= len(got) - 1  # a saturated sparse view may not move
+    assert sum(bool(np.any(np.asarray(a) != 0)) for a in got) >= len(got) - 1  # a saturated sparse view may not move

@@ -129,7 +129,7 @@ def is_static(shape: Sequence[Any]) -> bool:
     where a conv's input has a symbolic dimension, the rules answer as on GPU/TPU (whole batch,
     ``lax``'s convolutions; no loop, patches or matrix-product kernel gradient), and
     :func:`hocp_jax.autotune.choose_cp` counts a symbolic dimension as 1."""
-    return all(isinstance(d, (int, np.integer)) for d in shape)
+    return all(is_int(d) for d in shape)
 
 
 def device_shape(x_shape: Sequence[int], batch_shards: int | None = None) -> tuple[int, ...]:

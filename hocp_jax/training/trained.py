@@ -14,6 +14,7 @@ command line of the run::
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -124,10 +125,8 @@ class Trained:
             raise ValueError(f"dtype={dtype!r}: not a dtype ({err}); expected uint8 or a float dtype") from None
         if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
             raise ValueError(f"dtype={dtype}: expected uint8 or a float dtype")
-        model, variables = self.model, self.variables
-        infer = jax.jit(lambda x: float32_outputs(model.apply(variables, model_input({"x": x}, "x"), train=False)))
         spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape("n"), *shape), dtype)
-        return jax.export.export(infer, platforms=platforms)(spec)
+        return jax.export.export(jax.jit(functools.partial(self._apply, self.variables)), platforms=platforms)(spec)
 
     def pruned(self, threshold: float = 0.0) -> tuple[Trained, PruneReport]:
         """``(trained, report)``: this model with the rank components of ``|lambda| <= threshold``

@@ -141,9 +141,13 @@ def best_mode_order(
     """Order (indices into the modes) of the 1-D convs that minimises the analytic FLOPs.
 
     Each 1-D conv costs in proportion to its input size, so the most size-reducing modes
-    (largest stride) go first; ties keep the given order. Uses :func:`counting.cp_flops`.
+    (largest stride) go first; ties keep the given order. Uses :func:`counting.cp_flops`; where a
+    size is symbolic (``jax.export``), which the counts cannot compare, the modes by stride,
+    largest first (ties in the given order).
     """
     n = len(in_sizes)
+    if not conv_plans.is_static(in_sizes):
+        return tuple(sorted(range(n), key=lambda i: -strides[i]))
     pad_pairs = tuple(tuple(p) for p in pads)
 
     def cost(order):

@@ -150,12 +150,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         if not _taps_fit(lhs.shape, rhs.shape, strides, pads, dilations):  # a crop, or no output: lax's own
             route = None
     if route is None:
+        channels_last = _channels_last(lhs, rhs, dimension_numbers)
+        if channels_last and not any(d != 1 for d in (lhs_dilation or ())):
+            dilations = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
+            lhs, padding = _valid_on_symbolic(lhs, ks, window_strides, padding, dilations)
+
         def xla(lhs, rhs):
             return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, batch_group_count=batch_group_count,
                                             precision=precision, preferred_element_type=preferred_element_type)
 
-        return _with_auto_axes(xla, lhs, rhs) if _channels_last(lhs, rhs, dimension_numbers) else xla(lhs, rhs)
+        return _with_auto_axes(xla, lhs, rhs) if channels_last else xla(lhs, rhs)
     if route == "depthwise":
         return _shift_depthwise(lhs, rhs.reshape(*ks, c_out), strides, pads, dilations)
     if route == "patches":
@@ -269,8 +274,11 @@ def _summed_products(pairs, dtype, precision=None) -> jax.Array:
 def _taps_read_input(sizes, kernel_size, strides, pads, dilations, out_sizes):
     """For every tap, in :func:`tap_inputs`' order: whether it reads any of ``x`` (not only its
     zero padding). A tap that reads none adds zeros, so :func:`_taps_conv` leaves it out (on a map
-    smaller than the kernel most taps do: a 1x1 map under a 3x3 kernel with padding 1 has one)."""
+    smaller than the kernel most taps do: a 1x1 map under a 3x3 kernel with padding 1 has one).
+    A mode of symbolic size (``jax.export``) counts as read: its tap is computed (correct, if zeros)."""
     def reads(a, size, lo, out, s):  # some position a + j s, 0 <= j < out, in [lo, lo + size)
+        if not conv_plans.is_static((size, out)):
+            return True
         j = max(0, -(-(lo - a) // s))
         return j < out and a + j * s < lo + size
 
@@ -315,7 +323,27 @@ def tap_inputs(x: jax.Array, kernel_size, strides, pads, dilations, out_sizes):
         yield lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
 
 
+def _valid_on_symbolic(x: jax.Array, kernel_size, strides, padding, dilations):
+    """``(x, padding)`` for ``lax``'s channels-last conv of ``x (B, *S, C)``: unchanged, but where a
+    spatial size is symbolic (``jax.export``) and a stride is not 1, ``x`` zero-padded and cut to
+    the positions the windows read, with ``'VALID'`` padding. The same output; JAX's input gradient
+    of a strided conv on a symbolic size needs pads that depend on the size, which ``lax``'s conv
+    does not take (jax 0.10: "padding argument ... should be a string or a sequence of (low, high)
+    pairs"), while the pad and the cut transpose to a slice and a pad."""
+    sizes = x.shape[1:-1]
+    if conv_plans.is_static(sizes) or all(s == 1 for s in strides):
+        return x, padding
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilations)]
+    pads = lax.padtype_to_pads(sizes, extents, strides, padding) if isinstance(padding, str) else padding
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+    reads = [(output_size(n, k, s, d, p) - 1) * s + e
+             for n, k, s, d, p, e in zip(sizes, kernel_size, strides, dilations, pads, extents)]
+    return lax.slice(x, (0,) * x.ndim, (x.shape[0], *reads, x.shape[-1])), "VALID"
+
+
 def _lax_conv(x, kernel, strides, pads, dilations):
+    x, pads = _valid_on_symbolic(x, kernel.shape[:-2], strides, pads, dilations)
+
     def xla(x, kernel):
         return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilations,
                                         dimension_numbers=channels_last_dims(kernel.ndim - 2))

@@ -184,7 +184,7 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
         raise ValueError(f"x: dtype {x.dtype} is not floating point")
     for i, (k, s, (lo, hi)) in enumerate(zip(window, stride, padding)):
         size = x.shape[x.ndim - 1 - n + i]
-        if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or size + lo + hi < k:
+        if k < 1 or s < 1 or not 0 <= lo < k or not 0 <= hi < k or (is_int(size) and size + lo + hi < k):
             raise ValueError(f"pooled axis {i}: window {k}, stride {s}, padding {(lo, hi)} do not fit size {size} "
                              "(expected window, stride >= 1, 0 <= pads < window, padded size >= window)")
     return _max_pool(x, window, stride, padding)

@@ -1,7 +1,7 @@
-"""``jax.export`` with a symbolic batch (shape polymorphism): the CPU rules' loops, patches, chunks
-and kernel-gradient products step aside (``conv_plans.is_static``), ``auto`` picks as for one
-sample, and the exported programs give, at any batch, what an independent ``lax`` computation
-(the layers) or the model traced at that batch (the models) gives."""
+"""``jax.export`` with a symbolic batch, and symbolic spatial sizes (shape polymorphism): the CPU
+rules' loops, patches, chunks and kernel-gradient products step aside (``conv_plans.is_static``),
+``auto`` picks as for one sample, and the exported programs give, at any batch and size, what an
+independent ``lax`` computation (the layers) or the model traced at that shape (the models) gives."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from hocp_jax import autotune, conv_ops, conv_plans
-from hocp_jax.conv import cp_conv, cp_to_kernel
+from hocp_jax import autotune, conv_ops, conv_plans, transduction
+from hocp_jax.conv import best_mode_order, cp_conv, cp_to_kernel
 from hocp_jax.init import init_cp_params
 from hocp_jax.models import MODELS, get_model
 from hocp_jax.padding import resolve_padding
@@ -32,12 +32,13 @@ def value_and_grads(f):
     return run
 
 
-def assert_exported_matches(f, oracle, x, w, batches=(1, 3)):
-    """``f`` exported with a symbolic batch, called at each batch, against ``oracle`` (same
-    signature) traced at that batch, outputs and gradients."""
-    exported = export.export(jax.jit(value_and_grads(f)))(symbolic_batch(x), w)
-    for b in batches:
-        got, want = exported.call(x[:b], w), value_and_grads(oracle)(x[:b], w)
+def assert_exported_matches(f, oracle, x, w, batches=(1, 3), spec=None, xs=()):
+    """``f`` exported with a symbolic batch (or for ``spec``), called at each batch of ``x`` (and
+    on each of ``xs``), against ``oracle`` (same signature) traced at that shape, outputs and
+    gradients."""
+    exported = export.export(jax.jit(value_and_grads(f)))(symbolic_batch(x) if spec is None else spec, w)
+    for xb in [x[:b] for b in batches] + list(xs):
+        got, want = exported.call(xb, w), value_and_grads(oracle)(xb, w)
         for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-4 * float(jnp.abs(e).max()))
 
@@ -103,6 +104,48 @@ def test_padding_of_a_symbolic_size():
         resolve_padding("SAME", (h,), (3,), (2,), (1,))
 
 
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_cp_conv_exports_with_symbolic_sizes(implementation, n):
+    """Symbolic batch, height and width; a stride of 2 with pads that do not depend on the size
+    ('SYMMETRIC'), called at odd and even sizes. In 3-D the two frames are fewer than the kernel's
+    three: on CPU the reconstructed kernel runs as per-tap products, taps of every symbolic mode kept."""
+    b, h, w = export.symbolic_shape("b, h, w")
+    lead = (2,) * (n - 2)
+    x = jax.random.normal(jax.random.key(0), (3, *lead, 9, 8, 4))
+    others = [jax.random.normal(jax.random.key(2), (2, *lead, 6, 11, 4))]
+    p = init_cp_params(jax.random.key(1), 4, 5, (3,) * n, 6)
+    strides = (1,) * (n - 2) + (2, 1)
+    f = lambda x, p: cp_conv(x, p, implementation=implementation, stride=strides, padding="SYMMETRIC")
+    dims = conv_ops.channels_last_dims(n)
+    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), strides, ((1, 1),) * n,
+                                                   dimension_numbers=dims)
+    spec = jax.ShapeDtypeStruct((b, *lead, h, w, 4), x.dtype)
+    if n == 3:
+        assert conv_plans.small_map_taps((3, 2, 9, 8, 4), (3, 3, 3)), "the taps route at a static shape"
+    assert_exported_matches(f, oracle, x, p, spec=spec, xs=others)
+
+
+def test_mode_order_of_symbolic_sizes_is_by_stride():
+    h, w = export.symbolic_shape("h, w")
+    assert best_mode_order((h, w), (3, 3), (1, 2), ((1, 1), (1, 1)), (1, 1)) == (1, 0)
+    assert best_mode_order((4, h, w), (3, 3, 3), (1, 2, 2), ((1, 1),) * 3, (1, 1, 1)) == (1, 2, 0)
+
+
+def test_max_pool_exports_with_symbolic_sizes():
+    """The pool's windows slice a padded input of symbolic size: JAX proves the slices in bounds
+    from the sizes' lower bounds (``constraints``), as a user declares them."""
+    b, h, w = export.symbolic_shape("b, h, w", constraints=("h >= 3", "w >= 3"))
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+    pads = ((1, 1), (0, 1))
+    f = lambda x, s: max_pool(x * s, (3, 3), (2, 2), pads)
+    oracle = lambda x, s: lax.reduce_window(x * s, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                            ((0, 0), *pads, (0, 0)))
+    spec = jax.ShapeDtypeStruct((b, h, w, 4), x.dtype)
+    assert_exported_matches(f, oracle, x, jnp.float32(1.5), spec=spec,
+                            xs=[jax.random.normal(jax.random.key(1), (2, 6, 11, 4))])
+
+
 def test_auto_counts_a_symbolic_dimension_as_one():
     p = init_cp_params(jax.random.key(1), 64, 64, (3, 3), 273)
     geometry = ("hw", (1, 1), ((1, 1), (1, 1)), (1, 1))
@@ -124,17 +167,64 @@ def test_every_model_has_an_export_input():
     assert set(MODEL_INPUTS) == set(MODELS)
 
 
+# The models whose spatial sizes cannot be symbolic, and why (the ValueError's words).
+FIXED_SIZES = {
+    "jester": "the head flattens", "jester_hocp": "the head flattens", "jester_hocp_s": "the head flattens",
+    "avce_alexnet": "whether a pool applies", "bregnet39_hocp": "'SAME' with stride 2 on a symbolic size",
+}
+# Another shape for the models with symbolic sizes, and the transduced HO-CP ResNet-18 (video).
+OTHER_SIZES = {"resnet18_3d": (3, 24, 40, 3), "resnet18_2plus1d": (3, 24, 40, 3), "resnet18_hocp": (24, 40, 3),
+               "mobilenet_v2": (20, 12, 3), "mobilenet_v2_hocp": (20, 12, 3), "bregnet39": (12, 20, 1),
+               "resnet110": (12, 20, 1), "resnet18": (24, 40, 3), "avce_resnet18": (24, 40, 3),
+               "avce_resnet18_hocp": (24, 40, 3), "resnet18_hocp transduced": (3, 24, 40, 3)}
+
+
+def get_tiny(name):
+    name = name.removesuffix(" transduced")
+    return get_model(name, tiny=True, **({} if name.startswith("avce") else dict(head=dict(n_outputs=2, n_classes=3))))
+
+
+def symbolic_sizes(shape):
+    """``(b, *sizes, C)`` with every size of one example's ``shape`` symbolic but its channels."""
+    dims = export.symbolic_shape(", ".join(["b", "t", "h", "w"][:len(shape)]))
+    return (*dims, shape[-1])
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SIZES))
+def test_models_of_fixed_sizes_say_so_at_symbolic_sizes(name):
+    model, shape = get_tiny(name), MODEL_INPUTS[name]
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, *shape)))
+    with pytest.raises(ValueError, match=FIXED_SIZES[name]):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v,
+                       jax.ShapeDtypeStruct(symbolic_sizes(shape), jnp.float32))
+
+
+def test_every_model_is_tested_at_symbolic_sizes_or_says_why_not():
+    assert set(FIXED_SIZES) | set(OTHER_SIZES) == set(MODELS) | {"resnet18_hocp transduced"}
+
+
 @pytest.mark.slow  # 10-60 s a model; the default run tests the layers above
-@pytest.mark.parametrize("name", sorted(MODEL_INPUTS))
-def test_model_exports_with_a_symbolic_batch(name):
+@pytest.mark.parametrize("sizes", [False, True], ids=["batch", "sizes"])
+@pytest.mark.parametrize("name", sorted(set(MODEL_INPUTS) | set(OTHER_SIZES)))
+def test_model_exports_with_a_symbolic_batch(name, sizes):
     """Inference and a train-mode gradient, exported once, against the model traced at each batch,
     in float64 (``auto`` may pick other CP paths at a symbolic batch, and train-mode batch norms
-    over a few values amplify float32 rounding)."""
-    model = get_model(name, tiny=True, **({} if name.startswith("avce") else dict(head=dict(n_outputs=2, n_classes=3))))
+    over a few values amplify float32 rounding). ``sizes``: the spatial (and temporal) sizes are
+    symbolic too, and the programs are also called on another shape."""
+    if (name in FIXED_SIZES) if sizes else name not in MODEL_INPUTS:
+        pytest.skip("tested above" if sizes else "the transduced model: with symbolic sizes only")
+    model = get_tiny(name)
+    transduced = name.endswith(" transduced")
+    shape = OTHER_SIZES[name][:1] + MODEL_INPUTS["resnet18_hocp"] if transduced else MODEL_INPUTS[name]
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(1), (3, *MODEL_INPUTS[name]), jnp.float64)
+        x = jax.random.normal(jax.random.key(1), (3, *shape), jnp.float64)
+        x_init = x[:, 0] if transduced else x
         v = jax.tree.map(lambda a: a.astype(jnp.float64),
-                         jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x))
+                         jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x_init))
+        if transduced:
+            v = {**v, "params": transduction.transduce(v["params"], {"t": 3}, "ones", dense="keep")}
+        others = [jax.random.normal(jax.random.key(3), (2, *OTHER_SIZES[name]), jnp.float64)] if sizes else []
+        spec = jax.ShapeDtypeStruct(symbolic_sizes(shape), x.dtype) if sizes else symbolic_batch(x)
 
         def infer(x, v):
             return model.apply(v, x, train=False)
@@ -147,9 +237,9 @@ def test_model_exports_with_a_symbolic_batch(name):
             return jax.grad(loss)(p)
 
         for f, w in ((infer, v), (grads, v["params"])):
-            exported = export.export(jax.jit(f))(symbolic_batch(x), w)
-            for b in (1, 3):
-                got, want = jax.tree.leaves(exported.call(x[:b], w)), jax.tree.leaves(jax.jit(f)(x[:b], w))
+            exported = export.export(jax.jit(f))(spec, w)
+            for xb in [x[:1], x] + others:
+                got, want = jax.tree.leaves(exported.call(xb, w)), jax.tree.leaves(jax.jit(f)(xb, w))
                 scale = max(float(jnp.abs(e).max()) for e in want)  # per tree: some gradient leaves are ~0
                 for g, e in zip(got, want):
                     np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10 * scale)

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import check_real, is_positive_int
+from hocp_jax.checks import check_real, is_int, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.conv_ops import conv_general_dilated
 from hocp_jax.models.common import Dropout, batch_norm, max_pool_spatial
@@ -79,6 +79,9 @@ class AlexNetEncoder(nn.Module):
         del train  # no batch norm / dropout in the conv stack
         if len(self.widths) != 5 or not all(map(is_positive_int, self.widths)):
             raise ValueError(f"widths={tuple(self.widths)!r}: expected 5 ints >= 1 (AlexNetEncoder's conv widths)")
+        if not all(map(is_int, x.shape[1:3])):  # jax.export's symbolic sizes; a symbolic batch is fine
+            raise ValueError(f"AlexNetEncoder: x has shape {tuple(x.shape)}, with symbolic H or W (jax.export); "
+                             "expected static H and W (whether a pool applies depends on them)")
 
         def pool(x):
             if min(x.shape[1:3]) < 3:

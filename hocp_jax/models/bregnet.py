@@ -49,6 +49,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from hocp_jax import conv_ops, losses
 from hocp_jax.checks import is_positive_int
@@ -102,7 +103,10 @@ def pad_projection(x: jax.Array, features: int, stride: int) -> jax.Array:
     c = x.shape[-1]
     if features < c:
         raise ValueError(f"projection='pad': features={features} < input channels {c}; use projection='conv'")
-    x = x[:, ::stride, ::stride, :]
+    # x[:, ::s, ::s], sliced to the ceil(H/s) x ceil(W/s) positions in the form of lax's 'SAME' conv
+    # output (with a symbolic size of jax.export, x[:, ::s] has another, whose equality JAX cannot prove).
+    outs = [-(-d // stride) for d in x.shape[1:3]]
+    x = lax.slice(x, (0,) * 4, (x.shape[0], *(stride * (o - 1) + 1 for o in outs), c), (1, stride, stride, 1))
     front = (features - c) // 2
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (front, features - c - front)))
 

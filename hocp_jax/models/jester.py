@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import DenseConv, check_input, norm_act_pool
 from hocp_jax.models.heads import Head, HeadConfig
@@ -71,6 +71,9 @@ class JesterNet(nn.Module):
             raise ValueError(f"fc_features={self.fc_features!r}: expected an int >= 1")
         name = f"JesterNet(conv={self.conv!r})"
         check_input(x, name, {5: "(batch, T, H, W, C) videos"})
+        if not all(map(is_int, x.shape[1:4])):  # jax.export's symbolic sizes; a symbolic batch is fine
+            raise ValueError(f"{name}: x has shape {tuple(x.shape)}, with symbolic T, H or W (jax.export); expected "
+                             "static T, H and W (the head flattens the last feature maps into a Dense layer)")
         n_pool = 2 ** len(self.widths)
         if min(x.shape[1:4]) < n_pool:
             raise ValueError(f"{name}: x has shape {tuple(x.shape)}; T, H and W must be >= {n_pool} ({len(self.widths)} 2x2x2 pools)")

@@ -165,7 +165,7 @@ def test_pruned_drops_the_zeroed_components_and_keeps_the_predictions(stage):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_export_serializes_predicts_computation_for_any_batch(stage):
+def test_export_serializes_predicts_computation_for_any_batch_and_size(stage):
     root, model, variables = stage
     trained = load_trained(root)
     x = np.random.default_rng(2).uniform(size=(5, 16, 16, 3)).astype(np.float32)
@@ -179,7 +179,13 @@ def test_export_serializes_predicts_computation_for_any_batch(stage):
             assert set(got) == set(want) and all(got[k].dtype == jnp.float32 for k in got)
             for k in want:
                 np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
-    for shape in ((16, 16), (0, 16, 3), "16x16x3"):
+    sizes = trained.export((None, None, 3), np.float32)  # any height and width too
+    y = np.random.default_rng(3).uniform(size=(2, 20, 12, 3)).astype(np.float32)
+    for inputs in (x[:2], y):
+        got, want = sizes.call(inputs), model.apply(variables, inputs, train=False)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    for shape in ((16, 16), (0, 16, 3), "16x16x3", (16, 16, None)):
         with pytest.raises(ValueError, match=r"^shape=.*expected one example's shape"):
             trained.export(shape)
     for dtype in (np.int32, "pixels"):

@@ -101,7 +101,9 @@ class Trained:
         (``jax.export`` with a symbolic batch; the variables inside it, so it stands alone):
         ``exported.call(x)`` on ``x (N, *shape)`` of ``dtype`` returns what ``predict(x)`` does,
         as JAX arrays; ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads
-        back in a process with jax alone (neither hocp_jax nor Flax), e.g. for serving.
+        back in a process with jax alone (neither hocp_jax nor Flax), e.g. for serving. A size
+        given as ``None`` is symbolic too: one program for any height, say (the models that
+        support it, and why the others do not: the README's "Exporting").
 
         The program is traced on this process, whose backend the CPU rules of
         :mod:`hocp_jax.conv_plans` read: export for a GPU on a GPU host. At a symbolic batch those
@@ -109,7 +111,8 @@ class Trained:
         layer's path as for one example (:func:`hocp_jax.autotune.choose_cp`).
 
         Args:
-            shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``, as :meth:`predict` takes.
+            shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``, as :meth:`predict` takes;
+                ``T``, ``H`` and ``W`` may be ``None`` (symbolic).
             dtype: of the inputs: ``uint8`` (scaled to ``[0, 1]`` as in the train step) or a float dtype.
             platforms: ``jax.export.export``'s (default: this process's backend), e.g. ``("cpu", "cuda")``.
 
@@ -117,15 +120,19 @@ class Trained:
             ValueError: a bad ``shape`` or ``dtype``.
         """
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
-        if not (isinstance(shape, tuple) and len(shape) in (3, 4) and all(is_positive_int(d) for d in shape)):
-            raise ValueError(f"shape={shape!r}: expected one example's shape, (H, W, C) or (T, H, W, C) of ints > 0")
+        if not (isinstance(shape, tuple) and len(shape) in (3, 4) and is_positive_int(shape[-1])
+                and all(d is None or is_positive_int(d) for d in shape[:-1])):
+            raise ValueError(f"shape={shape!r}: expected one example's shape, (H, W, C) or (T, H, W, C) of ints > 0 "
+                             "(T, H and W may be None: symbolic)")
         try:
             dtype = np.dtype(dtype)
         except TypeError as err:
             raise ValueError(f"dtype={dtype!r}: not a dtype ({err}); expected uint8 or a float dtype") from None
         if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
             raise ValueError(f"dtype={dtype}: expected uint8 or a float dtype")
-        spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape("n"), *shape), dtype)
+        names = ("t", "h", "w")[-(len(shape) - 1):]
+        sizes = [name if d is None else str(d) for name, d in zip(names, shape[:-1])]
+        spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape(", ".join(["n", *sizes])), shape[-1]), dtype)
         return jax.export.export(jax.jit(functools.partial(self._apply, self.variables)), platforms=platforms)(spec)
 
     def pruned(self, threshold: float = 0.0) -> tuple[Trained, PruneReport]:

@@ -377,13 +377,18 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     :func:`hocp_jax.conv_plans.batch_plan` it gives, the measured one times the factorized path with it (it is part
     of the cache key).
     A symbolic dimension (``jax.export``'s shape polymorphism, :func:`hocp_jax.conv_plans.is_static`)
-    counts as 1, under either policy (the analytic pick: there is nothing to time): for a
-    symbolic batch, the pick for one sample (the rebuilt kernel's cost weighs most there), for a
-    symbolic spatial size, mostly the factorized path. Export with the batch you serve, or pass
-    ``implementation``, to choose otherwise.
+    counts as its smallest size, under either policy (the analytic pick: there is nothing to
+    time): a batch as 1, the pick for one sample (the rebuilt kernel's cost weighs most there), a
+    spatial size as the least the padded kernel takes (1, or the kernel's extent less the pads),
+    mostly the factorized path. Export with the batch you serve, or pass ``implementation``, to
+    choose otherwise.
     """
     if not conv_plans.is_static(x_shape):
-        x_shape = tuple(d if conv_plans.is_static((d,)) else 1 for d in x_shape)
+        from hocp_jax import conv
+
+        least = [1] + [max(1, d * (params[conv.mode_key(m)].shape[0] - 1) + 1 - lo - hi)
+                       for m, d, (lo, hi) in zip(modes, dilations, pads)] + [1]
+        x_shape = tuple(d if conv_plans.is_static((d,)) else n for d, n in zip(x_shape, least))
         return analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad, dtype, per_sample)
     x_shape = conv_plans.device_shape(x_shape, batch_shards)
     geometry = (modes, strides, pads, dilations)

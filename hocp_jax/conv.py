@@ -320,6 +320,8 @@ def cp_conv(
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
     ksizes = [params[mode_key(m)].shape[0] for m in modes]
+    if psi is None and "factor_skip" not in params:  # (Psi would see the pads; the skip reads x unpadded)
+        x, padding = conv_ops.same_on_symbolic(x, padding, ksizes, strides, dilations)
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
 
     conv_plans.check_automatic_flag(per_sample, "per_sample")
@@ -457,6 +459,7 @@ def tucker_conv(
         raise ValueError(f"params['factor_in']: shape {tuple(u_in.shape)} but x has {x.shape[-1]} channels")
     n = x.ndim - 2
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
+    x, padding = conv_ops.same_on_symbolic(x, padding, core.shape[:n], strides, dilations)
     pads = resolve_padding(padding, x.shape[1:-1], core.shape[:n], strides, dilations)
     if implementation == "reconstructed":
         y = conv_ops.weight_conv(x, tucker_to_kernel(_promoted(x, params, ("core", "factor_in", "factor_out"))), strides,
@@ -581,6 +584,7 @@ def tt_conv(
     if cores[0].shape[1] != x.shape[-1]:
         raise ValueError(f"params['core_0']: shape {tuple(cores[0].shape)} expects {cores[0].shape[1]} channels, x has {x.shape[-1]}")
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
+    x, padding = conv_ops.same_on_symbolic(x, padding, [c.shape[1] for c in cores[1:-1]], strides, dilations)
     pads = resolve_padding(padding, x.shape[1:-1], [c.shape[1] for c in cores[1:-1]], strides, dilations)
     if implementation == "reconstructed":
         y = conv_ops.weight_conv(x, tt_to_kernel(_promoted(x, params, [f"core_{i}" for i in range(len(cores))])), strides,

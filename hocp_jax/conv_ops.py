@@ -87,6 +87,7 @@ def dense_conv(
         )
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
+    x, padding = same_on_symbolic(x, padding, kernel.shape[:n], strides, dilations)
     pads = resolve_padding(padding, x.shape[1:-1], kernel.shape[:n], strides, dilations)
     x, kernel = promote(x, kernel)
     return conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilations,
@@ -339,6 +340,30 @@ def _valid_on_symbolic(x: jax.Array, kernel_size, strides, padding, dilations):
     reads = [(output_size(n, k, s, d, p) - 1) * s + e
              for n, k, s, d, p, e in zip(sizes, kernel_size, strides, dilations, pads, extents)]
     return lax.slice(x, (0,) * x.ndim, (x.shape[0], *reads, x.shape[-1])), "VALID"
+
+
+def same_on_symbolic(x: jax.Array, padding: PaddingLike, kernel_size, strides, dilations):
+    """``(x, padding)`` for a conv of ``x (B, *S, C)`` (``strides``, ``dilations``: checked tuples):
+    unchanged, but where ``padding`` says ``'SAME'`` on a strided mode of symbolic size
+    (``jax.export``), whose pads depend on the size (:func:`hocp_jax.padding.resolve_padding`
+    raises there), ``x`` zero-padded as ``lax``'s ``'SAME'`` pads it and cut to the positions the
+    windows read, with ``'VALID'`` padding: the same output, in the form of ``lax``'s own
+    ``'SAME'`` output size. :func:`dense_conv`, :func:`depthwise_conv` and the CP, Tucker and TT
+    convs call it first."""
+    sizes = x.shape[1:-1]
+    n = len(sizes)
+    specs = [padding] * n if isinstance(padding, str) or is_int(padding) else padding
+    if not (isinstance(specs, (list, tuple)) and len(specs) == n and len(strides) == n):
+        return x, padding  # resolve_padding says what is wrong
+    same = [isinstance(p, str) and p.upper() == "SAME" and s > 1 and not is_int(d)
+            for p, s, d in zip(specs, strides, sizes)]
+    if not any(same):
+        return x, padding
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilations)]
+    rest = resolve_padding([(0, 0) if m else p for m, p in zip(same, specs)], sizes, kernel_size, strides, dilations)
+    pads = [lax.padtype_to_pads((d,), (e,), (s,), "SAME")[0] if m else p
+            for m, p, d, e, s in zip(same, rest, sizes, extents, strides)]
+    return _valid_on_symbolic(x, kernel_size, strides, pads, dilations)
 
 
 def _lax_conv(x, kernel, strides, pads, dilations):
@@ -628,6 +653,7 @@ def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: Paddin
                          f"expected (B, {n} spatial sizes, {kernel.shape[-1]} channels)")
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
+    h, padding = same_on_symbolic(h, padding, kernel.shape[:n], strides, dilations)
     pads = resolve_padding(padding, h.shape[1:-1], kernel.shape[:n], strides, dilations)
     h, kernel = promote(h, kernel)
     return _shift_depthwise(h, kernel, strides, pads, dilations)

@@ -91,7 +91,9 @@ def resolve_padding(
     Raises:
       ValueError: bad ``padding``, an input smaller than the padded kernel, or ``"SAME"`` on a
         strided mode of symbolic size (``jax.export``'s shape polymorphism), whose pads depend on
-        the size. Other pads do not: a symbolic size passes unchecked against the kernel.
+        the size (the library's convs pad such an input before, but for a CP conv with Psi or a
+        skip factor: :func:`hocp_jax.conv_ops.same_on_symbolic`). Other pads do not: a symbolic
+        size passes unchecked against the kernel.
     """
     n = len(in_sizes)
     if isinstance(padding, str) or is_int(padding):

@@ -10,8 +10,8 @@ import pytest
 from jax import export, lax
 
 from hocp_jax import autotune, conv_ops, conv_plans, transduction
-from hocp_jax.conv import best_mode_order, cp_conv, cp_to_kernel
-from hocp_jax.init import init_cp_params
+from hocp_jax.conv import best_mode_order, cp_conv, cp_to_kernel, tt_conv, tt_to_kernel, tucker_conv, tucker_to_kernel
+from hocp_jax.init import init_cp_params, init_tucker_params
 from hocp_jax.models import MODELS, get_model
 from hocp_jax.padding import resolve_padding
 from hocp_jax.pooling import max_pool
@@ -104,26 +104,66 @@ def test_padding_of_a_symbolic_size():
         resolve_padding("SAME", (h,), (3,), (2,), (1,))
 
 
+def symbolic_hw(x):
+    """``x``'s shape with a symbolic batch, height and width (the last two spatial modes)."""
+    b, h, w = export.symbolic_shape("b, h, w")
+    return jax.ShapeDtypeStruct((b, *x.shape[1:-3], h, w, x.shape[-1]), x.dtype)
+
+
+@pytest.mark.parametrize("padding", ["SYMMETRIC", "SAME"])
 @pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
 @pytest.mark.parametrize("n", [2, 3])
-def test_cp_conv_exports_with_symbolic_sizes(implementation, n):
-    """Symbolic batch, height and width; a stride of 2 with pads that do not depend on the size
-    ('SYMMETRIC'), called at odd and even sizes. In 3-D the two frames are fewer than the kernel's
-    three: on CPU the reconstructed kernel runs as per-tap products, taps of every symbolic mode kept."""
-    b, h, w = export.symbolic_shape("b, h, w")
+def test_cp_conv_exports_with_symbolic_sizes(implementation, n, padding):
+    """Symbolic batch, height and width; a stride of 2, called at odd and even sizes: pads that do
+    not depend on the size ('SYMMETRIC'), and lax's 'SAME' ones, which do. In 3-D the two frames are
+    fewer than the kernel's three: on CPU the reconstructed kernel runs as per-tap products, taps of
+    every symbolic mode kept."""
     lead = (2,) * (n - 2)
     x = jax.random.normal(jax.random.key(0), (3, *lead, 9, 8, 4))
     others = [jax.random.normal(jax.random.key(2), (2, *lead, 6, 11, 4))]
     p = init_cp_params(jax.random.key(1), 4, 5, (3,) * n, 6)
     strides = (1,) * (n - 2) + (2, 1)
-    f = lambda x, p: cp_conv(x, p, implementation=implementation, stride=strides, padding="SYMMETRIC")
+    f = lambda x, p: cp_conv(x, p, implementation=implementation, stride=strides, padding=padding)
     dims = conv_ops.channels_last_dims(n)
-    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), strides, ((1, 1),) * n,
-                                                   dimension_numbers=dims)
-    spec = jax.ShapeDtypeStruct((b, *lead, h, w, 4), x.dtype)
+    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), strides,
+                                                   "SAME" if padding == "SAME" else ((1, 1),) * n, dimension_numbers=dims)
     if n == 3:
         assert conv_plans.small_map_taps((3, 2, 9, 8, 4), (3, 3, 3)), "the taps route at a static shape"
-    assert_exported_matches(f, oracle, x, p, spec=spec, xs=others)
+    assert_exported_matches(f, oracle, x, p, spec=symbolic_hw(x), xs=others)
+
+
+def test_convs_export_with_same_padding_on_symbolic_sizes():
+    """'SAME' at stride 2 on symbolic sizes: the dense, depthwise, Tucker and TT convs against lax's
+    'SAME' conv of their kernels, at odd and even sizes."""
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+    others = [jax.random.normal(jax.random.key(2), (2, 6, 11, 4))]
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def lax_same(x, kernel, groups=1):
+        return lax.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=dims, feature_group_count=groups)
+
+    k = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    tucker = init_tucker_params(jax.random.key(3), 4, 5, (3, 3), (3, 2))
+    tt = {f"core_{i}": jax.random.normal(jax.random.key(4 + i), shape)
+          for i, shape in enumerate([(1, 4, 3), (3, 3, 2), (2, 3, 3), (3, 5, 1)])}
+    cases = [
+        (lambda x, k: conv_ops.dense_conv(x, k, stride=2), lax_same, k),
+        (lambda x, k: conv_ops.depthwise_conv(x, k, stride=2), lambda x, k: lax_same(x, k[:, :, None], 4), k[..., 0]),
+        (lambda x, p: tucker_conv(x, p, stride=2), lambda x, p: lax_same(x, tucker_to_kernel(p)), tucker),
+        (lambda x, p: tt_conv(x, p, stride=2), lambda x, p: lax_same(x, tt_to_kernel(p)), tt),
+    ]
+    for f, oracle, w in cases:
+        assert_exported_matches(f, oracle, x, w, spec=symbolic_hw(x), xs=others)
+
+
+def test_cp_conv_with_psi_or_skip_says_same_on_a_symbolic_size_needs_static_sizes():
+    """Psi between the factors would see pads put before the conv, and the skip factor reads the
+    input unpadded: there 'SAME' at a stride stays a ValueError on a symbolic size."""
+    x = jax.ShapeDtypeStruct(symbolic_hw(jnp.zeros((1, 9, 8, 4))).shape, jnp.float32)
+    p = init_cp_params(jax.random.key(1), 4, 5, (3, 3), 6)
+    for kwargs, params in ((dict(psi=jax.nn.relu), p), ({}, {**p, "factor_skip": jnp.ones((4, 5))})):
+        with pytest.raises(ValueError, match=r"'SAME' with stride 2 on a symbolic size h"):
+            jax.eval_shape(lambda x, p: cp_conv(x, p, stride=2, padding="SAME", **kwargs), x, params)
 
 
 def test_mode_order_of_symbolic_sizes_is_by_stride():
@@ -170,12 +210,12 @@ def test_every_model_has_an_export_input():
 # The models whose spatial sizes cannot be symbolic, and why (the ValueError's words).
 FIXED_SIZES = {
     "jester": "the head flattens", "jester_hocp": "the head flattens", "jester_hocp_s": "the head flattens",
-    "avce_alexnet": "whether a pool applies", "bregnet39_hocp": "'SAME' with stride 2 on a symbolic size",
+    "avce_alexnet": "whether a pool applies",
 }
 # Another shape for the models with symbolic sizes, and the transduced HO-CP ResNet-18 (video).
 OTHER_SIZES = {"resnet18_3d": (3, 24, 40, 3), "resnet18_2plus1d": (3, 24, 40, 3), "resnet18_hocp": (24, 40, 3),
                "mobilenet_v2": (20, 12, 3), "mobilenet_v2_hocp": (20, 12, 3), "bregnet39": (12, 20, 1),
-               "resnet110": (12, 20, 1), "resnet18": (24, 40, 3), "avce_resnet18": (24, 40, 3),
+               "resnet110": (12, 20, 1), "bregnet39_hocp": (12, 20, 1), "resnet18": (24, 40, 3), "avce_resnet18": (24, 40, 3),
                "avce_resnet18_hocp": (24, 40, 3), "resnet18_hocp transduced": (3, 24, 40, 3)}
 
 

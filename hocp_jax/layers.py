@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from hocp_jax import conv, layer_specs, regression, tensorized
+from hocp_jax.checks import is_int
 from hocp_jax.padding import PaddingLike
 
 
@@ -257,6 +258,9 @@ class TRL(nn.Module):
         layer_specs.check_sizes(features=self.features, n_modes=self.n_modes)
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
+        if not all(map(is_int, x.shape[-self.n_modes:])):
+            raise ValueError(f"x: got shape {tuple(x.shape)}, with symbolic sizes (jax.export) in the regressed modes; "
+                             "expected static sizes (the TRL's factors follow them)")
         params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
         x, params = _promote(self, x, params)
         return regression.trl(x, params, n_modes=self.n_modes)

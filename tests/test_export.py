@@ -12,6 +12,7 @@ from jax import export, lax
 from hocp_jax import autotune, conv_ops, conv_plans, transduction
 from hocp_jax.conv import best_mode_order, cp_conv, cp_to_kernel, tt_conv, tt_to_kernel, tucker_conv, tucker_to_kernel
 from hocp_jax.init import init_cp_params, init_tucker_params
+from hocp_jax.layers import TRL
 from hocp_jax.models import MODELS, get_model
 from hocp_jax.padding import resolve_padding
 from hocp_jax.pooling import max_pool
@@ -237,6 +238,13 @@ def test_models_of_fixed_sizes_say_so_at_symbolic_sizes(name):
     with pytest.raises(ValueError, match=FIXED_SIZES[name]):
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v,
                        jax.ShapeDtypeStruct(symbolic_sizes(shape), jnp.float32))
+
+
+def test_a_trl_says_it_needs_static_sizes():
+    """A TRL head (``head.trl``, the AffectNet and AFEW-VA configs') regresses the whole last map."""
+    x = jax.ShapeDtypeStruct(symbolic_hw(jnp.zeros((1, 4, 4, 8))).shape, jnp.float32)
+    with pytest.raises(ValueError, match=r"symbolic sizes \(jax.export\) in the regressed modes"):
+        jax.eval_shape(lambda x: TRL(features=2, rank=4).init(jax.random.key(0), x), x)
 
 
 def test_every_model_is_tested_at_symbolic_sizes_or_says_why_not():

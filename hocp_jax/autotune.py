@@ -130,7 +130,11 @@ def policy_mode(value: str) -> contextlib.AbstractContextManager:
 
 def policy() -> str:
     """The policy in force (:func:`configure`, else ``$HOCP_JAX_AUTOTUNE``, else the backend's
-    :data:`DEFAULT_POLICIES` entry, else ``"analytic"``)."""
+    :data:`DEFAULT_POLICIES` entry, else ``"analytic"``); ``"analytic"`` in a
+    :func:`hocp_jax.conv_plans.target_mode` block for another backend than this process's,
+    which nothing here can time."""
+    if conv_plans.backend() != jax.default_backend():
+        return "analytic"
     value = _config["policy"] or os.environ.get(ENV_VAR) or DEFAULT_POLICIES.get(jax.default_backend(), "analytic")
     if value not in POLICIES:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of {POLICIES}")
@@ -202,7 +206,7 @@ def analytic_pick(x_shape, params, modes, strides, pads, dilations, input_grad: 
     :func:`hocp_jax.conv_plans.batch_plan`)."""
     from hocp_jax import conv, counting
 
-    if jax.default_backend() == "cpu":
+    if conv_plans.backend() == "cpu":
         return conv.choose_cp_implementation(x_shape, params, modes, stride=strides, padding=pads, dilation=dilations,
                                              input_grad=input_grad, dtype=dtype, per_sample=per_sample)
     ks = tuple(params[conv.mode_key(m)].shape[0] for m in modes)

@@ -186,7 +186,7 @@ def conv_route(lhs, rhs, *, window_strides=None, lhs_dilation=None, rhs_dilation
     or ``None`` (``lax``'s convolution)."""
     n = rhs.ndim - 2
     gpu_taps = _gpu_needs_taps(n)
-    if not ((jax.default_backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
+    if not ((conv_plans.backend() == "cpu" or gpu_taps) and lhs.dtype == rhs.dtype
             and batch_group_count == 1 and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or ()))
             and _channels_last(lhs, rhs, dimension_numbers)):
         return None
@@ -238,7 +238,7 @@ def _taps_fit(x_shape, kernel_shape, strides, pads, dilations) -> bool:
 def _gpu_needs_taps(n_modes: int) -> bool:
     """Whether a conv of ``n_modes`` spatial modes runs as :func:`_taps_conv` (see
     :data:`GPU_CONV_MAX_MODES`)."""
-    return jax.default_backend() == "gpu" and n_modes > GPU_CONV_MAX_MODES
+    return conv_plans.backend() == "gpu" and n_modes > GPU_CONV_MAX_MODES
 
 
 def _taps_conv(x: jax.Array, kernel: jax.Array, strides, pads, dilations, precision=None) -> jax.Array:

@@ -42,7 +42,11 @@ from hocp_jax.checks import is_int, is_positive_int
 
 _config: dict[str, Any] = {"batch_shards": None, "per_sample": None, "tile_rows": None, "upcast": None,
                            "per_device": None, "in_loop": False, "paired_rows": None, "tile_fold": None,
-                           "patches_split": None, "dense_chunks": None, "forward_mode": False}
+                           "patches_split": None, "dense_chunks": None, "forward_mode": False, "target": None}
+
+BACKENDS = ("cpu", "gpu", "tpu")
+"""The backends the rules know; ``jax.export``'s platform names map to them (``"cuda"`` and
+``"rocm"`` to ``"gpu"``)."""
 
 
 @contextlib.contextmanager
@@ -73,6 +77,38 @@ def modes_in_force() -> tuple:
     :func:`dense_chunks_mode` and :func:`forward_mode` in force: they change the CP paths'
     programs, so the measured picks' cache keys hold them (:func:`hocp_jax.autotune.cache_key`)."""
     return tuple(_config[k] for k in ("per_sample", "tile_rows", "upcast", "dense_chunks", "forward_mode"))
+
+
+def backend() -> str:
+    """The backend the rules answer for: this process's (``jax.default_backend()``), or a
+    :func:`target_mode` block's."""
+    return _config["target"] or jax.default_backend()
+
+
+def target_mode(platform: str) -> contextlib.AbstractContextManager:
+    """Within the block, the rules answer for ``platform`` (one of :data:`BACKENDS`, or a
+    ``jax.export`` platform name: ``"cuda"``, ``"rocm"``), whatever this process's backend: to
+    export for a GPU on a CPU host (:meth:`hocp_jax.training.Trained.export` with ``platforms``)
+    with the GPU's routes, not this host's. The measured autotune cannot time another backend:
+    there ``auto`` takes the analytic pick (:func:`hocp_jax.autotune.policy`). Read at trace
+    time, like the other blocks.
+
+    Raises:
+        ValueError: an unknown ``platform``.
+    """
+    return scoped(_config, "target", platform_backend(platform))
+
+
+def platform_backend(platform: str) -> str:
+    """The backend (one of :data:`BACKENDS`) of a backend or ``jax.export`` platform name.
+
+    Raises:
+        ValueError: an unknown ``platform``.
+    """
+    name = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    if name not in BACKENDS:
+        raise ValueError(f"platform={platform!r}: expected one of {BACKENDS}, 'cuda' or 'rocm'")
+    return name
 
 
 def forward_mode() -> contextlib.AbstractContextManager:
@@ -160,7 +196,7 @@ def loops_apply() -> bool:
     """Whether the automatic per-sample, chunk and tile loops (:func:`per_sample_default`,
     :func:`batch_chunk_default`, :func:`tile_plan`) may run in the conv being traced: on the CPU
     backend, in a program of its own per device (:func:`program_per_device`)."""
-    return jax.default_backend() == "cpu" and program_per_device()
+    return backend() == "cpu" and program_per_device()
 
 
 def _in_shard_map() -> bool:
@@ -189,7 +225,7 @@ def batch_split(x, params: Mapping[str, Any]) -> tuple[Any, tuple[str, ...]] | N
     from hocp_jax import explicit_sharding
 
     mesh = jax.sharding.get_abstract_mesh()
-    if jax.default_backend() != "cpu" or mesh.empty or program_per_device() or mesh.manual_axes:
+    if backend() != "cpu" or mesh.empty or program_per_device() or mesh.manual_axes:
         return None
     spec = explicit_sharding.spec_of(x)
     if spec[0] is not None:
@@ -223,7 +259,7 @@ def loop_mode() -> contextlib.AbstractContextManager:
 def cpu_loop_mode() -> bool:
     """Whether the conv being traced is in a :func:`loop_mode` block on the CPU backend (and not in
     a :func:`forward_mode` block)."""
-    return _config["in_loop"] and jax.default_backend() == "cpu" and not _config["forward_mode"]
+    return _config["in_loop"] and backend() == "cpu" and not _config["forward_mode"]
 
 
 @functools.cache
@@ -302,7 +338,7 @@ def compute_dtype(dtype) -> jnp.dtype:
     narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
     upcast = _config["upcast"]
     if upcast is None:
-        upcast = jax.default_backend() == "cpu"
+        upcast = backend() == "cpu"
     return jnp.dtype(jnp.float32) if narrow and upcast else dtype
 
 
@@ -350,7 +386,7 @@ def patches_conv(x_shape: Sequence[int], dtype, kernel_shape: Sequence[int], str
     conv as one matrix product of its explicit patches (:func:`hocp_jax.conv_ops._patches_conv`):
     on the CPU backend, where :func:`patches_fit` says so. GPU/TPU keep their vendor-tuned
     convolutions (not measured against it)."""
-    return jax.default_backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
+    return backend() == "cpu" and patches_fit(x_shape, dtype, kernel_shape, strides, batch_shards)
 
 
 PATCHES_SPLIT_MIN_COLUMNS = 36
@@ -414,7 +450,7 @@ def small_map_taps(x_shape: Sequence[int], kernel_shape: Sequence[int], dilation
     kernel rebuilt from CP factors (stop 61, ``small_maps_computed 5``): 0.18x and 0.61x on that
     2x2 map at batch 64 and 8, 1.00x and 1.04x on two clips of 2 frames. GPU/TPU keep their
     vendor-tuned convolutions (not measured)."""
-    if jax.default_backend() != "cpu":
+    if backend() != "cpu":
         return False
     n = len(kernel_shape) - 2
     ds = tuple(dilations) if dilations is not None else (1,) * n
@@ -451,7 +487,7 @@ def matmul_kernel_grad(x_shape: Sequence[int], dtype) -> bool:
     HO-CP ResNet-18 2-D train step) and won on larger ones (:data:`KERNEL_GRAD_MATMUL_MIN_BYTES`;
     the Tucker and TT reconstructed paths at batch 64 too: 0.70-0.77x on the two 49 MiB inputs).
     Other hosts (and GPU/TPU) keep XLA's: not measured; the measured policy times both."""
-    if (jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")
+    if (backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")
             or not is_static(x_shape)):
         return False
     flags = cpu_flags()
@@ -556,7 +592,7 @@ def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
     4 -> 16: 1.14), 0.77-1.62 beyond; 1 input channel (a broadcast product for XLA) 1.01-2.81.
     Jester conv1's factorized path fwd+bwd (tiles of 14 rows) in 0.945x its time; the Jester HO-CP
     net's train step 1.02x, inside that step's spread. GPU/TPU keep one product (not measured)."""
-    if row_length % 2 or jax.default_backend() != "cpu":
+    if row_length % 2 or backend() != "cpu":
         return False
     if _config["paired_rows"] is not None:
         return _config["paired_rows"]

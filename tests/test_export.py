@@ -291,3 +291,23 @@ def test_model_exports_with_a_symbolic_batch(name, sizes):
                 scale = max(float(jnp.abs(e).max()) for e in want)  # per tree: some gradient leaves are ~0
                 for g, e in zip(got, want):
                     np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10 * scale)
+
+
+def test_target_mode_gives_another_backends_routes_and_analytic_picks():
+    """A depthwise conv: the shift kernel on CPU, no XLA convolution; ``lax``'s grouped conv for a
+    GPU, in a program exported for CUDA on this CPU host, whose values (run here) are ``lax``'s."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 6))
+    dims = ("NHWC", "HWIO", "NHWC")
+    f = lambda x, k: conv_ops.conv_general_dilated(x, k, (2, 1), "SAME", dimension_numbers=dims, feature_group_count=6)
+    oracle = lambda x, k: lax.conv_general_dilated(x, k, (2, 1), "SAME", dimension_numbers=dims, feature_group_count=6)
+    assert conv_plans.backend() == jax.default_backend() == "cpu"
+    assert "convolution" not in export.export(jax.jit(f))(x, k).mlir_module()
+    with conv_plans.target_mode("cuda"):  # (a new function: jax.jit keeps f's trace of before the block)
+        assert conv_plans.backend() == "gpu"
+        assert "convolution" in export.export(jax.jit(lambda x, k: f(x, k)), platforms=("cuda",))(x, k).mlir_module()
+        np.testing.assert_allclose(jax.jit(lambda x, k: f(x, k))(x, k), oracle(x, k), rtol=1e-5, atol=1e-5)
+        with autotune.policy_mode("measure"):
+            assert autotune.policy() == "analytic"  # nothing here times a GPU
+    with pytest.raises(ValueError, match=r"^platform='npu'"):
+        conv_plans.target_mode("npu")

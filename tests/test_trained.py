@@ -185,6 +185,13 @@ def test_export_serializes_predicts_computation_for_any_batch_and_size(stage):
         got, want = sizes.call(inputs), model.apply(variables, inputs, train=False)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    # For CUDA on this CPU host, with the GPU's routes, not the CPU's (which run more matrix products);
+    # the same program again after the CPU's (no trace of another backend reused)
+    dots = [trained.export((16, 16, 3), platforms=(p,)).mlir_module().count("stablehlo.dot_general")
+            for p in ("cuda", "cpu", "cuda")]
+    assert dots[0] == dots[2] < dots[1], dots
+    with pytest.raises(ValueError, match=r"^platform='npu'"):
+        trained.export((16, 16, 3), platforms=("npu",))
     for shape in ((16, 16), (0, 16, 3), "16x16x3", (16, 16, None)):
         with pytest.raises(ValueError, match=r"^shape=.*expected one example's shape"):
             trained.export(shape)

@@ -14,7 +14,7 @@ command line of the run::
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 from typing import Any
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hocp_jax import conv_plans
 from hocp_jax.checks import is_positive_int
 from hocp_jax.models import get_model
 from hocp_jax.processes import on_every_process
@@ -55,7 +56,8 @@ class Trained:
 
     def __init__(self, model, variables: dict, step_dir: str, run: dict):
         self.model, self.variables, self.step_dir, self.run = model, variables, step_dir, run
-        self._apply = jax.jit(lambda v, x: float32_outputs(model.apply(v, model_input({"x": x}, "x"), train=False)))
+        self._infer = lambda v, x: float32_outputs(model.apply(v, model_input({"x": x}, "x"), train=False))
+        self._apply = jax.jit(self._infer)
         self._on_device = None
 
     def predict(self, x, *, batch_size: int = PREDICT_BATCH) -> dict[str, np.ndarray]:
@@ -105,10 +107,11 @@ class Trained:
         given as ``None`` is symbolic too: one program for any height, say (the models that
         support it, and why the others do not: the README's "Exporting").
 
-        The program is traced on this process, whose backend the CPU rules of
-        :mod:`hocp_jax.conv_plans` read: export for a GPU on a GPU host. At a symbolic batch those
-        rules take no loop, patches product or chunk, and ``implementation='auto'`` picks each CP
-        layer's path as for one example (:func:`hocp_jax.autotune.choose_cp`).
+        The rules of :mod:`hocp_jax.conv_plans` answer for the backend of ``platforms`` where
+        they are of one kind (``("cuda",)`` on a CPU host: the GPU's routes and analytic picks,
+        :func:`hocp_jax.conv_plans.target_mode`), else for this process's. At a symbolic batch
+        those rules take no loop, patches product or chunk, and ``implementation='auto'`` picks
+        each CP layer's path as for one example (:func:`hocp_jax.autotune.choose_cp`).
 
         Args:
             shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``, as :meth:`predict` takes;
@@ -117,7 +120,7 @@ class Trained:
             platforms: ``jax.export.export``'s (default: this process's backend), e.g. ``("cpu", "cuda")``.
 
         Raises:
-            ValueError: a bad ``shape`` or ``dtype``.
+            ValueError: a bad ``shape`` or ``dtype``, or an unknown platform.
         """
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
         if not (isinstance(shape, tuple) and len(shape) in (3, 4) and is_positive_int(shape[-1])
@@ -133,7 +136,10 @@ class Trained:
         names = ("t", "h", "w")[-(len(shape) - 1):]
         sizes = [name if d is None else str(d) for name, d in zip(names, shape[:-1])]
         spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape(", ".join(["n", *sizes])), shape[-1]), dtype)
-        return jax.export.export(jax.jit(functools.partial(self._apply, self.variables)), platforms=platforms)(spec)
+        kinds = {conv_plans.platform_backend(p) for p in platforms or ()}
+        target = conv_plans.target_mode(kinds.pop()) if len(kinds) == 1 else contextlib.nullcontext()
+        with target:  # a new function, traced afresh: jax.jit would reuse a trace of another block
+            return jax.export.export(jax.jit(lambda x: self._infer(self.variables, x)), platforms=platforms)(spec)
 
     def pruned(self, threshold: float = 0.0) -> tuple[Trained, PruneReport]:
         """``(trained, report)``: this model with the rank components of ``|lambda| <= threshold``

@@ -3,7 +3,8 @@ program, the blocks that override them, and what they read of the trace.
 
 :mod:`hocp_jax.conv` asks these rules at trace time, with the traced shapes, and they answer
 without timing anything (:mod:`hocp_jax.autotune` picks between the CP paths, and may time them);
-a shape with a symbolic dimension (``jax.export``) gets the GPU/TPU answers (:func:`is_static`):
+a shape with a symbolic dimension (``jax.export``) gets the GPU/TPU answers (:func:`is_static`),
+and a :func:`target_mode` block the answers of the backend it names (:func:`backend`):
 
 * where the conv runs: the batch one device runs (:func:`device_shape`), whether it is a program
   of its own per device (:func:`program_per_device`, :func:`batch_split`), inside a loop's body

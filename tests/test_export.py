@@ -105,10 +105,17 @@ def test_padding_of_a_symbolic_size():
         resolve_padding("SAME", (h,), (3,), (2,), (1,))
 
 
+def symbolic_sizes(shape, dtype=jnp.float32, n=None):
+    """An input of examples of ``shape`` (``(*S, C)``) with a symbolic batch and symbolic last ``n``
+    spatial sizes (all by default; named ``t, h, w`` from the last)."""
+    n = len(shape) - 1 if n is None else n
+    dims = export.symbolic_shape(", ".join(["b", *["t", "h", "w"][3 - n:]]))
+    return jax.ShapeDtypeStruct((dims[0], *shape[:len(shape) - 1 - n], *dims[1:], shape[-1]), dtype)
+
+
 def symbolic_hw(x):
     """``x``'s shape with a symbolic batch, height and width (the last two spatial modes)."""
-    b, h, w = export.symbolic_shape("b, h, w")
-    return jax.ShapeDtypeStruct((b, *x.shape[1:-3], h, w, x.shape[-1]), x.dtype)
+    return symbolic_sizes(x.shape[1:], x.dtype, 2)
 
 
 @pytest.mark.parametrize("padding", ["SYMMETRIC", "SAME"])
@@ -160,7 +167,7 @@ def test_convs_export_with_same_padding_on_symbolic_sizes():
 def test_cp_conv_with_psi_or_skip_says_same_on_a_symbolic_size_needs_static_sizes():
     """Psi between the factors would see pads put before the conv, and the skip factor reads the
     input unpadded: there 'SAME' at a stride stays a ValueError on a symbolic size."""
-    x = jax.ShapeDtypeStruct(symbolic_hw(jnp.zeros((1, 9, 8, 4))).shape, jnp.float32)
+    x = symbolic_sizes((9, 8, 4))
     p = init_cp_params(jax.random.key(1), 4, 5, (3, 3), 6)
     for kwargs, params in ((dict(psi=jax.nn.relu), p), ({}, {**p, "factor_skip": jnp.ones((4, 5))})):
         with pytest.raises(ValueError, match=r"'SAME' with stride 2 on a symbolic size h"):
@@ -225,24 +232,18 @@ def get_tiny(name):
     return get_model(name, tiny=True, **({} if name.startswith("avce") else dict(head=dict(n_outputs=2, n_classes=3))))
 
 
-def symbolic_sizes(shape):
-    """``(b, *sizes, C)`` with every size of one example's ``shape`` symbolic but its channels."""
-    dims = export.symbolic_shape(", ".join(["b", "t", "h", "w"][:len(shape)]))
-    return (*dims, shape[-1])
-
-
 @pytest.mark.parametrize("name", sorted(FIXED_SIZES))
 def test_models_of_fixed_sizes_say_so_at_symbolic_sizes(name):
     model, shape = get_tiny(name), MODEL_INPUTS[name]
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, *shape)))
     with pytest.raises(ValueError, match=FIXED_SIZES[name]):
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v,
-                       jax.ShapeDtypeStruct(symbolic_sizes(shape), jnp.float32))
+                       symbolic_sizes(shape))
 
 
 def test_a_trl_says_it_needs_static_sizes():
     """A TRL head (``head.trl``, the AffectNet and AFEW-VA configs') regresses the whole last map."""
-    x = jax.ShapeDtypeStruct(symbolic_hw(jnp.zeros((1, 4, 4, 8))).shape, jnp.float32)
+    x = symbolic_sizes((4, 4, 8))
     with pytest.raises(ValueError, match=r"symbolic sizes \(jax.export\) in the regressed modes"):
         jax.eval_shape(lambda x: TRL(features=2, rank=4).init(jax.random.key(0), x), x)
 
@@ -272,7 +273,7 @@ def test_model_exports_with_a_symbolic_batch(name, sizes):
         if transduced:
             v = {**v, "params": transduction.transduce(v["params"], {"t": 3}, "ones", dense="keep")}
         others = [jax.random.normal(jax.random.key(3), (2, *OTHER_SIZES[name]), jnp.float64)] if sizes else []
-        spec = jax.ShapeDtypeStruct(symbolic_sizes(shape), x.dtype) if sizes else symbolic_batch(x)
+        spec = symbolic_sizes(shape, x.dtype) if sizes else symbolic_batch(x)
 
         def infer(x, v):
             return model.apply(v, x, train=False)

@@ -372,6 +372,11 @@ train steps, compared by :func:`benchmarks.xla_profile.program_fingerprint` (in 
 each computation's instructions in any order), with the largest difference of their results and
 XLA's temporary memory; with ``rounds``, every pair timed, interleaved.
 
+``python -m benchmarks.experiments export_sizes [rounds]``: inference of the full-size HO-CP
+ResNet-18 on 8 x 64 x 64 x 3 images, exported at the static shape, with a symbolic batch and with
+symbolic batch, height and width (stop 73), timed interleaved, with each export's largest
+difference from ``model.apply``.
+
 ``python -m benchmarks.experiments input_patches [rounds]``: ``bench``'s six train steps as the
 library runs them and with the networks' first convs (3 input channels) as a patches matrix
 product, the HO-CP models' stems on their reconstructed path, interleaved.

@@ -16,7 +16,7 @@ EXPERIMENTS = {
     "resnet2d_scales": steps.resnet2d_scales, "resnet2d_step_picks": steps.resnet2d_step_picks,
     "transduced_step_picks": steps.transduced_step_picks,
     "dense_baseline_steps": steps.dense_baseline_steps, "tile_threshold": steps.tile_threshold, "autotune_steps": steps.autotune_steps,
-    "low_precision_steps": steps.low_precision_steps, "pool_blocks": steps.pool_blocks, "pool_index": steps.pool_index, "norm_pool": steps.norm_pool, "custom_jvp_programs": steps.custom_jvp_programs, "input_patches": steps.input_patches, "conv_routes": steps.conv_routes,
+    "low_precision_steps": steps.low_precision_steps, "pool_blocks": steps.pool_blocks, "pool_index": steps.pool_index, "norm_pool": steps.norm_pool, "custom_jvp_programs": steps.custom_jvp_programs, "export_sizes": steps.export_sizes, "input_patches": steps.input_patches, "conv_routes": steps.conv_routes,
     "conv_routes_resnet18": steps.conv_routes_resnet18, "patches_memory": steps.patches_memory, "step_memory": steps.step_memory,
     "shift_kernel": layers.shift_kernel, "line_buffer": layers.line_buffer, "remat": layers.remat,
     "layout": layers.layout, "tiles": layers.tiles, "cpu_loops": layers.cpu_loops, "tile_target": layers.tile_target, "dense_chunks": layers.dense_chunks, "channel_pairs": layers.channel_pairs, "tile_fold": layers.tile_fold, "patches_split": layers.patches_split, "out_factor_layout": layers.out_factor_layout, "coresidence": layers.coresidence, "phases": layers.phases,

@@ -945,3 +945,35 @@ def microbatches(rounds: int = 5) -> dict:
         print(json.dumps({label: out[label]}), flush=True)
     out["loadavg"] = os.getloadavg()
     return out
+
+
+def export_sizes(rounds: int = 11) -> dict:
+    """Inference of the full-size HO-CP ResNet-18 (``head`` of ``configs/affectnet.py`` without its
+    TRL, which needs static sizes) on 8 x 64 x 64 x 3 images, exported with ``jax.export`` three
+    ways: at the static shape, with a symbolic batch and with a symbolic batch, height and width
+    (stop 73), each called through ``jax.jit`` at that shape. Timed interleaved (medians, ms,
+    and ratios to the static export), with each export's largest difference from ``model.apply``."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import export
+
+    model = get_model("resnet18_hocp", head=dict(n_outputs=2, n_classes=8, bounded=True))
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 64, 64, 3)), jnp.float32)
+    v = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+    b, h, w = export.symbolic_shape("b, h, w")
+    specs = {"static": x, "symbolic batch": jax.ShapeDtypeStruct((b, 64, 64, 3), x.dtype),
+             "symbolic sizes": jax.ShapeDtypeStruct((b, h, w, 3), x.dtype)}
+    out: dict = {"max abs difference from model.apply": {}}
+    calls = {}
+    for name, spec in specs.items():  # a new function per export: jax.jit would reuse one trace
+        exported = export.export(jax.jit(lambda v, x: model.apply(v, x, train=False)))(v, spec)
+        call = jax.jit(exported.call)
+        out["max abs difference from model.apply"][name] = max(
+            float(jnp.max(jnp.abs(a - r))) for a, r in zip(jax.tree.leaves(call(v, x)), jax.tree.leaves(ref)))
+        calls[name] = lambda c=call: jax.block_until_ready(c(v, x))
+    times = time_interleaved(calls, rounds, budget_s=60.0)
+    out["median_ms"] = {k: round(t["median_ms"], 2) for k, t in times.items()}
+    out["ratio to static"] = {k: round(t["median_ms"] / times["static"]["median_ms"], 3) for k, t in times.items()}
+    out["rounds"] = len(times["static"]["times_ms"])
+    return out

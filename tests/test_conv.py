@@ -438,13 +438,13 @@ def test_patches_product_split_by_the_first_modes_taps_is_lax(x_shape, k_shape, 
         g = rng.standard_normal(jax.eval_shape(ref, x, k).shape)
         y_ref, vjp_ref = jax.vjp(ref, x, k)
         for split in (True, False):
-            with conv_plans.patches_split_mode(split):
+            with conv_plans.patches_split_mode(split):  # (read at trace time: jitted, a program per split)
                 f = lambda x, k: conv_ops._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
-                y, vjp = jax.vjp(f, x, k)
+                y, grads = jax.jit(lambda x, k, g: (lambda y, pull: (y, pull(g)))(*jax.vjp(f, x, k)))(x, k, g)
                 products = str(jax.make_jaxpr(f)(x, k)).count("dot_general")
             assert products == (k_shape[0] if split else 1)
             np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
-            for got, want in zip(vjp(g), vjp_ref(g)):
+            for got, want in zip(grads, vjp_ref(g)):
                 np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -821,9 +821,9 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
                                                       p["factor_out"]), (1, 1, 1, 1), "SAME"),
     }
 
-    def value_and_grads(f, w):
-        y, vjp = jax.vjp(f, x, w)
-        return y, vjp(jnp.asarray(np.random.default_rng(6).standard_normal(y.shape, np.float32)))
+    def value_and_grads(f, w):  # jitted: one program, not hundreds of eager slices and products
+        g = jnp.asarray(np.random.default_rng(6).standard_normal(jax.eval_shape(f, x, w).shape, np.float32))
+        return jax.jit(lambda x, w: (lambda y, pull: (y, pull(g)))(*jax.vjp(f, x, w)))(x, w)
 
     want = {name: value_and_grads(oracles[name], w) for name, (_, w) in cases.items()}
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

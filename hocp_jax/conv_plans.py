@@ -165,7 +165,7 @@ def is_static(shape: Sequence[Any]) -> bool:
     tiles need static sizes, and the rules cannot compare a symbolic one with their thresholds:
     where a conv's input has a symbolic dimension, the rules answer as on GPU/TPU (whole batch,
     ``lax``'s convolutions; no loop, patches or matrix-product kernel gradient), and
-    :func:`hocp_jax.autotune.choose_cp` counts a symbolic dimension as 1."""
+    :func:`hocp_jax.autotune.choose_cp` counts a symbolic dimension as its smallest size."""
     return all(is_int(d) for d in shape)
 
 

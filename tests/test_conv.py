@@ -418,6 +418,12 @@ def test_patches_route_in_bfloat16_stays_near_float32():
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
 
 
+def jitted_value_and_grads(f, g, *args):
+    """``(f(*args), the gradients of <f, g>)`` as one jitted program: many slices and products run
+    eagerly would dispatch (and compile) one at a time."""
+    return jax.jit(lambda *a: (lambda y, pull: (y, pull(g)))(*jax.vjp(f, *a)))(*args)
+
+
 @pytest.mark.parametrize("x_shape, k_shape, strides, pads, dilations", [
     ((2, 5, 9, 8, 3), (3, 7, 7, 3, 4), (1, 2, 2), ((1, 1), (3, 3), (3, 3)), (1, 1, 1)),  # a video stem
     ((1, 9, 6, 5, 2), (3, 3, 2, 2, 3), (2, 1, 1), ((2, 0), (1, 1), (0, 1)), (2, 1, 1)),  # first-mode stride, dilation
@@ -440,7 +446,7 @@ def test_patches_product_split_by_the_first_modes_taps_is_lax(x_shape, k_shape, 
         for split in (True, False):
             with conv_plans.patches_split_mode(split):  # (read at trace time: jitted, a program per split)
                 f = lambda x, k: conv_ops._patches_conv(x, k, strides, pads, dilations)  # noqa: E731
-                y, grads = jax.jit(lambda x, k, g: (lambda y, pull: (y, pull(g)))(*jax.vjp(f, x, k)))(x, k, g)
+                y, grads = jitted_value_and_grads(f, g, x, k)
                 products = str(jax.make_jaxpr(f)(x, k)).count("dot_general")
             assert products == (k_shape[0] if split else 1)
             np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -821,9 +827,9 @@ def test_gpu_convs_of_four_modes_run_without_xla_convolution(monkeypatch):
                                                       p["factor_out"]), (1, 1, 1, 1), "SAME"),
     }
 
-    def value_and_grads(f, w):  # jitted: one program, not hundreds of eager slices and products
+    def value_and_grads(f, w):
         g = jnp.asarray(np.random.default_rng(6).standard_normal(jax.eval_shape(f, x, w).shape, np.float32))
-        return jax.jit(lambda x, w: (lambda y, pull: (y, pull(g)))(*jax.vjp(f, x, w)))(x, w)
+        return jitted_value_and_grads(f, g, x, w)
 
     want = {name: value_and_grads(oracles[name], w) for name, (_, w) in cases.items()}
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

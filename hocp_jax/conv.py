@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from hocp_jax import autotune, conv_ops, conv_plans, counting, explicit_sharding
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
@@ -198,7 +199,12 @@ def _add_skip(y: jax.Array, x: jax.Array, params: Params, strides) -> jax.Array:
     if "factor_skip" not in params:
         return y
     u = params["factor_skip"]
-    xs = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    if conv_plans.is_static(x.shape[1:-1]):
+        xs = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    else:  # x[:, ::s], cut to ceil(n / s) positions in the form of lax's 'SAME' output size, whose
+        # equality with x[:, ::s]'s form JAX cannot prove on a symbolic size (jax.export)
+        limits = [s * (-(-n // s) - 1) + 1 for n, s in zip(x.shape[1:-1], strides)]
+        xs = lax.slice(x, (0,) * x.ndim, (x.shape[0], *limits, x.shape[-1]), (1, *strides, 1))
     skip_shape = (*xs.shape[:-1], u.shape[-1])
     if u.ndim != 2 or u.shape[0] != x.shape[-1] or skip_shape != y.shape:
         raise ValueError(
@@ -320,9 +326,10 @@ def cp_conv(
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
     ksizes = [params[mode_key(m)].shape[0] for m in modes]
-    if psi is None and "factor_skip" not in params:  # (Psi would see the pads; the skip reads x unpadded)
+    x_in = x  # what the skip factor reads
+    if psi is None:  # (Psi would see pads put here: its passes pad their inputs, symbolic_same below)
         x, padding = conv_ops.same_on_symbolic(x, padding, ksizes, strides, dilations)
-    pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations)
+    pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations, symbolic_same=psi is not None)
 
     conv_plans.check_automatic_flag(per_sample, "per_sample")
     if not isinstance(psi_pointwise, bool):
@@ -335,13 +342,16 @@ def cp_conv(
                             per_sample=per_sample, local=local)
     split = conv_plans.batch_split(x, params) if local else None
     if split is not None:  # a CPU device's share per program, with the loops below: see batch_split
-        return _on_each_device(run, x, params, *split)
-    return run(x, params)
+        y = _on_each_device(run, x, params, *split)
+    else:
+        y = run(x, params)
+    return add_bias(_add_skip(y, x_in, params, strides), params)
 
 
 def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, ksizes, implementation: str, psi,
              mode_order, input_grad: bool, per_sample: bool | None, local: bool) -> jax.Array:
-    """:func:`cp_conv` on checked arguments, with the padding resolved per mode."""
+    """:func:`cp_conv` on checked arguments, with the padding resolved per mode, without the skip
+    factor and the bias."""
     if implementation == "auto":
         implementation = "factorized" if psi is not None else autotune.choose_cp(
             x.shape, x.dtype, params, modes, strides, pads, dilations, input_grad, per_sample=per_sample,
@@ -408,7 +418,7 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
             y = conv_ops.map_chunks(factorized, x, chunk)
         else:
             y = factorized(x)
-    return add_bias(_add_skip(y, x, params, strides), params)
+    return y
 
 
 # ----------------------------------------------------------------------------- Tucker conv

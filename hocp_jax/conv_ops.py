@@ -628,11 +628,18 @@ def depthwise_conv_1d(h: jax.Array, factor: jax.Array, axis: int, *, stride: int
     stop 71 a custom VJP (reverse mode only); since then a custom JVP whose tangent map is that
     backward pass transposed (:func:`_transposed_backward`), so ``jax.jvp`` works and
     ``jax.grad`` compiles to the same XLA program (``python -m benchmarks.experiments
-    custom_jvp_programs``). On a 2-core CPU the shift kernel
+    custom_jvp_programs``). ``pad`` may be symbolic (``'SAME'`` at a stride on a symbolic size,
+    :func:`hocp_jax.padding.resolve_padding`'s ``symbolic_same``): then ``h`` is padded and cut
+    before, as :func:`same_on_symbolic` does. On a 2-core CPU the shift kernel
     was 3-20x faster fwd+bwd than ``lax.conv_general_dilated`` with ``feature_group_count=R``
     on the Jester and ResNet layers when it replaced it, so the grouped conv is not used
     (the N-D form: :func:`depthwise_conv`).
     """
+    if not all(map(is_int, pad)):  # 'SAME' at a stride on a symbolic size: resolve_padding's symbolic_same
+        along = [a == axis for a in range(1, h.ndim - 1)]
+        h, _ = _valid_on_symbolic(h, [factor.shape[0] if a else 1 for a in along], [stride if a else 1 for a in along],
+                                  [pad if a else (0, 0) for a in along], [dilation if a else 1 for a in along])
+        pad = (0, 0)
     return _depthwise(h, factor, axis, int(stride), tuple(int(p) for p in pad), int(dilation))
 
 

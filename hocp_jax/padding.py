@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+from jax import lax
+
 from hocp_jax.checks import is_int
 
 Pad = tuple[int, int]
@@ -45,13 +47,15 @@ def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
     return out
 
 
-def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str) -> Pad:
+def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str, symbolic_same: bool) -> Pad:
     if isinstance(spec, str):
         name = spec.upper()
         if name == "VALID":
             return (0, 0)
         if name == "SAME":
             if not is_int(size) and s > 1:
+                if symbolic_same:
+                    return lax.padtype_to_pads((size,), (d * (k - 1) + 1,), (s,), "SAME")[0]
                 raise ValueError(f"padding{where}='SAME' with stride {s} on a symbolic size {size} (jax.export): the "
                                  "pads depend on the size; expected a static size, or 'SYMMETRIC' / explicit pads")
             out = -(-size // s)
@@ -78,22 +82,28 @@ def resolve_padding(
     kernel_sizes: Sequence[int],
     strides: Sequence[int],
     dilations: Sequence[int],
+    *,
+    symbolic_same: bool = False,
 ) -> tuple[Pad, ...]:
     """Resolves ``padding`` to one explicit ``(lo, hi)`` pair per spatial mode.
 
     Args:
       padding: see the module docstring.
       in_sizes, kernel_sizes, strides, dilations: length-N sequences (N spatial modes).
+      symbolic_same: for ``"SAME"`` on a strided mode of symbolic size (``jax.export``'s shape
+        polymorphism), return ``lax``'s pads, which depend on the size (symbolic expressions,
+        which only :func:`hocp_jax.conv_ops.depthwise_conv_1d` takes: a CP conv with Psi), instead
+        of raising.
 
     Returns:
-      A tuple of N ``(lo, hi)`` int pairs.
+      A tuple of N ``(lo, hi)`` int pairs (symbolic ones only as ``symbolic_same`` says).
 
     Raises:
       ValueError: bad ``padding``, an input smaller than the padded kernel, or ``"SAME"`` on a
-        strided mode of symbolic size (``jax.export``'s shape polymorphism), whose pads depend on
-        the size (the library's convs pad such an input before, but for a CP conv with Psi or a
-        skip factor: :func:`hocp_jax.conv_ops.same_on_symbolic`). Other pads do not: a symbolic
-        size passes unchecked against the kernel.
+        strided mode of symbolic size without ``symbolic_same`` (the library's dense, depthwise,
+        Tucker, TT and CP convs without Psi pad such an input before:
+        :func:`hocp_jax.conv_ops.same_on_symbolic`). Other pads do not depend on the size: a
+        symbolic size passes unchecked against the kernel.
     """
     n = len(in_sizes)
     if isinstance(padding, str) or is_int(padding):
@@ -106,7 +116,8 @@ def resolve_padding(
             "entries (str, int or (lo, hi))"
         )
     pads = tuple(
-        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not (isinstance(padding, str) or is_int(padding)) else "")
+        _resolve_one(spec, D, k, s, d, f"[{i}]" if len(specs) > 1 and not (isinstance(padding, str) or is_int(padding)) else "",
+                     symbolic_same)
         for i, (spec, D, k, s, d) in enumerate(zip(specs, in_sizes, kernel_sizes, strides, dilations))
     )
     for i, ((lo, hi), D, k, d) in enumerate(zip(pads, in_sizes, kernel_sizes, dilations)):

@@ -96,13 +96,23 @@ def test_max_pool_exports_with_a_symbolic_batch():
 
 
 def test_padding_of_a_symbolic_size():
-    """Pads that do not depend on the size resolve; ``'SAME'`` on a strided symbolic mode raises."""
+    """Pads that do not depend on the size resolve; ``'SAME'`` on a strided symbolic mode raises,
+    or with ``symbolic_same`` gives pads that are lax's at each size."""
     h, = export.symbolic_shape("h", scope=B.scope)
     assert resolve_padding("SAME", (h, 5), (3, 3), (1, 2), (1, 1)) == ((1, 1), (1, 1))
     assert resolve_padding("SYMMETRIC", (h,), (3,), (2,), (1,)) == ((1, 1),)
     assert resolve_padding(((0, 2),), (h,), (5,), (2,), (1,)) == ((0, 2),)
     with pytest.raises(ValueError, match=r"^padding='SAME' with stride 2 on a symbolic size h \(jax.export\)"):
         resolve_padding("SAME", (h,), (3,), (2,), (1,))
+
+    def pads_as_shapes(x):
+        (lo, hi), = resolve_padding("SAME", x.shape, (3,), (2,), (1,), symbolic_same=True)
+        return jnp.zeros(lo), jnp.zeros(hi)
+
+    exported = export.export(jax.jit(pads_as_shapes))(jax.ShapeDtypeStruct((h,), jnp.float32))
+    for size, pads in ((8, (0, 1)), (9, (1, 1)), (1, (1, 1))):
+        lo, hi = exported.call(jnp.zeros(size))
+        assert (lo.size, hi.size) == pads == resolve_padding("SAME", (size,), (3,), (2,), (1,))[0]
 
 
 def symbolic_sizes(shape, dtype=jnp.float32, n=None):
@@ -164,14 +174,35 @@ def test_convs_export_with_same_padding_on_symbolic_sizes():
         assert_exported_matches(f, oracle, x, w, spec=symbolic_hw(x), xs=others)
 
 
-def test_cp_conv_with_psi_or_skip_says_same_on_a_symbolic_size_needs_static_sizes():
-    """Psi between the factors would see pads put before the conv, and the skip factor reads the
-    input unpadded: there 'SAME' at a stride stays a ValueError on a symbolic size."""
-    x = symbolic_sizes((9, 8, 4))
+@pytest.mark.parametrize("case", ["psi", "skip", "psi and skip", "skip, reconstructed"])
+def test_cp_conv_with_psi_or_skip_exports_same_padding_on_symbolic_sizes(case):
+    """'SAME' at stride 2 on symbolic sizes with Psi between the factors (one that maps 0 to non-0,
+    so its passes must pad their own inputs, not the conv's input) or a skip factor (which reads
+    the input unpadded): against the factorized conv written with lax's depthwise 'SAME' convs at
+    odd and even sizes."""
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+    others = [jax.random.normal(jax.random.key(2), (2, 6, 11, 4)), jax.random.normal(jax.random.key(3), (1, 10, 1, 4))]
     p = init_cp_params(jax.random.key(1), 4, 5, (3, 3), 6)
-    for kwargs, params in ((dict(psi=jax.nn.relu), p), ({}, {**p, "factor_skip": jnp.ones((4, 5))})):
-        with pytest.raises(ValueError, match=r"'SAME' with stride 2 on a symbolic size h"):
-            jax.eval_shape(lambda x, p: cp_conv(x, p, stride=2, padding="SAME", **kwargs), x, params)
+    if "skip" in case:
+        p = {**p, "factor_skip": jax.random.normal(jax.random.key(4), (4, 5))}
+    psi = (lambda h, stage: jnp.tanh(h + 0.3)) if "psi" in case else None
+    implementation = "reconstructed" if "reconstructed" in case else "factorized"
+    f = lambda x, p: cp_conv(x, p, stride=(2, 2), padding="SAME", psi=psi, mode_order=("h", "w"),
+                             implementation=implementation)
+
+    def oracle(x, p):
+        h = jnp.einsum("bhwc,cr->bhwr", x, p["factor_in"])
+        h = psi(h, "in") if psi else h
+        for axis, mode in ((1, "h"), (2, "w")):
+            kernel = jnp.expand_dims(p[f"factor_{mode}"], (2 - axis, 2))  # (3, 1, 1, R) or (1, 3, 1, R)
+            strides = (2, 1) if axis == 1 else (1, 2)
+            h = lax.conv_general_dilated(h, kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=h.shape[-1])
+            h = psi(h, mode) if psi else h
+        y = jnp.einsum("bhwr,or,r->bhwo", h, p["factor_out"], p["lambda"])
+        return y + x[:, ::2, ::2] @ p["factor_skip"] if "factor_skip" in p else y
+
+    assert_exported_matches(f, oracle, x, p, spec=symbolic_hw(x), xs=others)
 
 
 def test_mode_order_of_symbolic_sizes_is_by_stride():

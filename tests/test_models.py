@@ -401,7 +401,10 @@ EXPLICIT_MODELS_SLOW = {"mobilenet_v2_hocp": (4, 16, 16, 3),
     "resnet18_hocp": (4, 32, 32, 3), "resnet18_3d": (4, 2, 32, 32, 3), "resnet18_2plus1d": (4, 2, 32, 32, 3),
     "jester": (4, 16, 16, 16, 3), "jester_hocp": (4, 16, 16, 16, 3), "mobilenet_v2": (4, 16, 16, 3),
     "bregnet39_hocp": (4, 16, 16, 1), "avce_resnet18_hocp": (4, 32, 32, 3),
+    "bregnet39": (4, 16, 16, 1), "resnet110": (4, 16, 16, 1), "jester_hocp_s": (4, 16, 16, 16, 3),
+    "avce_resnet18": (4, 32, 32, 3),
 }
+assert set(EXPLICIT_MODELS) | set(EXPLICIT_MODELS_SLOW) == set(MODELS)
 
 
 @pytest.mark.parametrize("models", [EXPLICIT_MODELS, pytest.param(EXPLICIT_MODELS_SLOW, marks=pytest.mark.slow)],

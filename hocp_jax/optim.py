@@ -117,6 +117,13 @@ def label_params(params: Any, trainable: Trainable = "all", temporal_modes: Sequ
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def _check_tx(tx, name: str) -> None:
+    """ValueError naming ``name`` unless ``tx`` is an optax.GradientTransformation (has ``init`` and ``update``)."""
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        hint = " (an optimizer factory: call it, e.g. optax.adam(1e-3))" if callable(tx) else ""
+        raise ValueError(f"{name}={tx!r}: expected an optax.GradientTransformation{hint}")
+
+
 def masked_optimizer(
     tx: optax.GradientTransformation,
     params: Any,
@@ -134,12 +141,13 @@ def masked_optimizer(
     ``params`` is used to check the selection here.
 
     Raises:
-      ValueError: when ``trainable`` selects no leaf of ``params``, or for a bad ``tx``,
-        ``trainable`` or ``temporal_modes``.
+      ValueError: when ``params`` has no leaf (e.g. ``None``), ``trainable`` selects none of its
+        leaves, or for a bad ``tx``, ``trainable`` or ``temporal_modes``.
     """
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        hint = " (an optimizer factory: call it, e.g. optax.adam(1e-3))" if callable(tx) else ""
-        raise ValueError(f"tx={tx!r}: expected an optax.GradientTransformation{hint}")
+    _check_tx(tx, "tx")
+    if not jax.tree_util.tree_leaves(params):
+        raise ValueError(f"params={params!r}: expected a parameter tree (dict, FrozenDict or nnx.State) with at "
+                         "least one leaf")
     labels = jax.tree_util.tree_leaves(label_params(params, trainable, temporal_modes))
     if "trainable" not in labels:
         raise ValueError(
@@ -171,7 +179,14 @@ def transduction_stages(
     params: Any,
     temporal_modes: Sequence[str] = ("t",),
 ) -> TransductionStages:
-    """Stage 1 = ``masked_optimizer(tx_stage1, params, "temporal")``, stage 2 = ``tx_stage2`` on all leaves."""
+    """Stage 1 = ``masked_optimizer(tx_stage1, params, "temporal")``, stage 2 = ``tx_stage2`` on all leaves.
+
+    Raises:
+      ValueError: as :func:`masked_optimizer` (``tx`` named ``tx_stage1``), or ``tx_stage2`` is not
+        an optax.GradientTransformation.
+    """
+    _check_tx(tx_stage1, "tx_stage1")
+    _check_tx(tx_stage2, "tx_stage2")
     return TransductionStages(masked_optimizer(tx_stage1, params, "temporal", temporal_modes), tx_stage2)
 
 

@@ -1,6 +1,8 @@
 """Tests of hocp_jax.optim: name-based freezing (bitwise), two-stage schedule, L1 / prox on
 lambdas against numpy oracles, sparsity report against counting.cp_params."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -217,3 +219,8 @@ def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
     # the optimizer factory instead of an optimizer (was: AttributeError at init)
     with pytest.raises(ValueError, match=r"tx=.*expected an optax.GradientTransformation \(an optimizer factory"):
         optim.masked_optimizer(optax.adam, params, "spatial")
+    with pytest.raises(ValueError, match=r"tx_stage2=.*expected an optax.GradientTransformation \(an optimizer factory"):
+        optim.transduction_stages(optax.adam(1e-3), optax.adam, params)
+    for bad in (None, {}, []):  # not a parameter tree (was: "selects no leaf")
+        with pytest.raises(ValueError, match=re.escape(f"params={bad!r}: expected a parameter tree")):
+            optim.masked_optimizer(optax.sgd(0.1), bad, "all")

@@ -142,21 +142,60 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,words", BAD, ids=[words for _, words in BAD])
-def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, words, load_config):
-    c = load_config("default")
-    c.data.data_dir = data_dir
-    c.static.num_steps, c.stage1.num_steps, c.stage2.num_steps, c.baseline.num_steps = 2, 1, 1, 1
-    c.model.kwargs.widths = c.baseline.kwargs.widths = (4, 4, 8, 8)
+def _override(c, overrides: dict):
+    """``c`` with ``{"dotted.key": value}`` set (keys added where missing)."""
     for key, value in overrides.items():
         *parents, name = key.split(".")
         node = c
         for parent in parents:
             node = node[parent]
         node[name] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[words for _, words in BAD])
+def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, words, load_config):
+    c = load_config("default")
+    c.data.data_dir = data_dir
+    c.static.num_steps, c.stage1.num_steps, c.stage2.num_steps, c.baseline.num_steps = 2, 1, 1, 1
+    c.model.kwargs.widths = c.baseline.kwargs.widths = (4, 4, 8, 8)
     with pytest.raises(ValueError, match=re.escape(words)):
-        jobs.run(c, str(tmp_path))
+        jobs.run(_override(c, overrides), str(tmp_path))
     assert not (tmp_path / "static").exists()
+
+
+# (overrides of the default job, words of the error): refused by jobs.check_config alone, which reads no data
+# (each was an AttributeError / TypeError, or was accepted and failed later)
+BAD_CONFIG = [
+    ({"stage1.optimizer": None}, "invalid config.stage1.optimizer: config.stage1.optimizer=None: expected a config dict"),
+    ({"stage1.loss": None}, "config.stage1.loss=None: expected a config dict"),
+    ({"loss": None}, "config.loss=None: expected a config dict"),
+    ({"data": None}, "config.data=None: expected a config dict"),
+    ({"transduction": None}, "config.transduction=None: expected a config dict"),
+    ({"model.kwargs": None}, "config.model.kwargs=None: expected a dict of the model's keyword arguments"),
+    ({"optimizer.boundaries_epochs": 30}, "config.optimizer.boundaries_epochs=30: expected a sequence of epochs"),
+    ({"stage2.optimizer.boundaries_epochs": None}, "config.stage2.optimizer.boundaries_epochs=None: expected a sequence"),
+    ({"data.batch_size": 0}, "config.data.batch_size=0: expected an int > 0"),
+    ({"data.prefetch": -1}, "config.data.prefetch=-1: expected an int >= 0"),
+    ({"model.kwargs.stage_size": (1, 1, 1, 1)},
+     "invalid config.model.kwargs (model 'resnet18_hocp'): get_model('resnet18_hocp'): unknown keyword(s) ['stage_size']"),
+    ({"baseline.kwargs.head.n_class": 3}, "invalid config.baseline.kwargs (model 'resnet18_3d'): head: unknown keys ['n_class']"),
+    ({"autotune": "measured"}, "config.autotune='measured': expected '' (the environment's or backend's policy) or one of"),
+    ({"cp_tile_rows": -1}, "config.cp_tile_rows=-1"),
+    ({"skew_repeats": -1}, "config.skew_repeats=-1: expected an int >= 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD_CONFIG, ids=[words for _, words in BAD_CONFIG])
+def test_check_config_refuses_bad_values_without_data(overrides, words, load_config):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        jobs.check_config(_override(load_config("default"), overrides))
+
+
+@pytest.mark.parametrize("module,arg", CONFIGS + [(m, ",".join(filter(None, (a, "smoke")))) for m, a in CONFIGS
+                                                   if m != "default"])  # the default job has no smoke variant
+def test_every_config_passes_check_config(module, arg, load_config):
+    jobs.check_config(load_config(module, arg))
 
 
 @pytest.mark.parametrize("loss,words", [
@@ -165,6 +204,8 @@ def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, w
     (dict(kind="bregnet", class_weighted=True, class_counts=[3, 0], va_weight=1.0, l1_gamma=0.0), "config.loss.class_counts=[3, 0]"),
     (dict(kind="affect", va_weight=1.0, shake_shake=True, ce_weight=0.1, l1_gamma=0.01), "missing required key config.loss.l1_prox"),
     (dict(kind="affect", va_weight=1.0, shake_shake=1, ce_weight=0.1, l1_gamma=0.0), "config.loss.shake_shake=1: expected True or False"),
+    (dict(kind="avce", avce=dict(alpha=-1.0), l1_gamma=0.0), "invalid config.loss.avce: config.loss.avce.alpha=-1.0"),
+    (dict(kind="avce", avce=dict(objective="nce"), l1_gamma=0.0), "invalid config.loss.avce: config.loss.avce.objective"),
 ])
 def test_loss_config_is_checked_per_kind(loss, words):
     from ml_collections import ConfigDict

@@ -548,6 +548,9 @@ def test_validate_config_names_bad_keys():
     assert "unknown key config.log_evry (did you mean config.log_every?)" in msg
     assert "bad value config.stage=''" in msg
     config_lib.validate_config(dict(num_steps=1, seed=0), ("num_steps", "seed"))
+    for bad in (None, [1], "adam"):  # a sub-config that is not a dict (was: AttributeError)
+        with pytest.raises(ValueError, match=re.escape(f"config.optimizer={bad!r}: expected a config dict")):
+            config_lib.validate_config(bad, ("name",), name="config.optimizer")
     with pytest.raises(ValueError, match="num_steps"):
         training.fit(TinyNet(), mse_loss, optax.sgd(0.1), None, dict(num_steps=0, seed=0), "/x")
 
@@ -569,6 +572,11 @@ def test_schedules_step_and_piecewise():
         assert np.all(np.asarray(updates["w"]) < 0), name  # pure weight decay shrinks w
     with pytest.raises(ValueError, match=r"config.optimizer.name='adagrad'"):
         schedules.make_optimizer(dict(name="adagrad", learning_rate=0.1, steps_per_epoch=1))
+    for bad in (30, None, (30, 10), (0, 5)):  # (was: TypeError for a non-sequence)
+        with pytest.raises(ValueError, match=re.escape(f"config.optimizer.boundaries_epochs={bad!r}: expected a "
+                                                       "sequence of epochs")):
+            schedules.make_schedule(dict(name="sgd", learning_rate=0.1, steps_per_epoch=5, schedule="piecewise",
+                                         boundaries_epochs=bad))
 
 
 def test_metric_logger_and_plot(tmp_path):

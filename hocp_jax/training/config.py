@@ -9,6 +9,11 @@ from typing import Any
 Check = tuple[Callable[[Any], bool], str]
 
 
+def is_config_dict(value) -> bool:
+    """Whether ``value`` is a config dict: a mapping with ``keys`` (dict, ``ConfigDict``)."""
+    return callable(getattr(value, "keys", None))
+
+
 def validate_config(
     cfg: Mapping[str, Any],
     required_keys: Iterable[str],
@@ -30,9 +35,12 @@ def validate_config(
             top-level config whose sub-configs have their own calls).
 
     Raises:
-        ValueError: listing every missing key, unknown key (with a close-match suggestion)
-            and value failing its check (no unknown keys with ``open_keys``).
+        ValueError: ``cfg`` is not a config dict (e.g. ``None``); else listing every missing key,
+            unknown key (with a close-match suggestion) and value failing its check (no unknown
+            keys with ``open_keys``).
     """
+    if not is_config_dict(cfg):
+        raise ValueError(f"invalid {name}: {name}={cfg!r}: expected a config dict (a dict or ConfigDict of keys)")
     required, optional = list(required_keys), list(optional_keys)
     allowed = set(required) | set(optional)
     keys = list(cfg.keys())

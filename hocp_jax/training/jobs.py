@@ -36,12 +36,12 @@ from ml_collections import config_dict
 
 from hocp_jax import autotune, conv_plans, optim, transduction, tree
 from hocp_jax.data import pipeline
-from hocp_jax.checks import is_int, is_number, is_positive_int
+from hocp_jax.checks import is_int, is_number
 from hocp_jax.models import MODELS, count_params
 from hocp_jax.processes import all_agree
 from hocp_jax.training import checkpoint, objectives, plots, schedules
-from hocp_jax.training.config import validate_config
-from hocp_jax.training.data import Data
+from hocp_jax.training.config import is_config_dict, validate_config
+from hocp_jax.training.data import DATA_CHECKS, DATA_OPTIONAL, DATA_REQUIRED, Data
 from hocp_jax.training.loop import FIT_CHECKS, fit, make_evaluator, pad_batch
 from hocp_jax.training.report import write_results
 from hocp_jax.training.schedules import make_optimizer, make_schedule
@@ -58,6 +58,7 @@ TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_check
                                          "eval_every", "best_metric", "profile_steps", "microbatches")} | {
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "skew_repeats": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0: no skew-normalised metrics)"),
     "init_from": (lambda v: isinstance(v, str), "a path (str) to a checkpoint, or '' (none)"),
     "dtype": (lambda v: v in DTYPES, f"one of {DTYPES} (the layers' computation dtype; parameters stay float32)"),
 }
@@ -226,14 +227,22 @@ _STATIC_STEPS_FROM_INIT = (lambda v: is_int(v) and v >= 0,
 
 
 def check_config(config) -> None:
-    """Checks every value the config alone decides (before any data is read or stage trains):
-    the keys of ``fit`` each stage gets, each stage's ``num_steps``, optimizer and loss (the
+    """Checks the config before any data is read or stage trains: every sub-config a config
+    dict; the keys of ``fit`` each stage gets, each stage's ``num_steps``, optimizer and loss (the
     stage's ``optimizer`` and ``loss`` entries override ``config.optimizer`` and ``config.loss``;
-    ``l1_*`` only in :data:`LASSO_STAGES`), model names, ``sparsity_tol``,
-    ``config.loss`` (:func:`hocp_jax.training.objectives.check_loss_config`), the transduction
-    job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), and that
+    ``l1_*`` only in :data:`LASSO_STAGES`), ``sparsity_tol``, ``skew_repeats``, ``config.data``'s
+    keys and values (:data:`hocp_jax.training.data.DATA_CHECKS`), ``config.loss``
+    (:func:`hocp_jax.training.objectives.check_loss_config`, ``loss.avce``'s values included), the
+    models' names and keyword names (``head``'s keys included; each model is built, nothing runs),
+    the transduction job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), the
+    ``autotune``, ``cp_per_sample`` and ``cp_tile_rows`` of :func:`configure_autotune`, that
     ``best_metric`` has evaluations on a held-out split to pick from, and that
     ``config.microbatches`` splits ``config.data.batch_size`` evenly over micro-batches and devices.
+
+    Left to later, as they need a model's shapes or the data: the values of the models' keyword
+    arguments (checked as the model first runs) and what :func:`check_transducible` (before the
+    static stage) and :func:`check_data` (splits, the process count, labels, ``best_metric``'s
+    name) check, and ``init_from``'s checkpoint (:func:`static_variables`).
 
     Raises:
         ValueError: naming the full key (e.g. ``config.stage1.num_steps``), its value and
@@ -244,13 +253,18 @@ def check_config(config) -> None:
     job_keys = ("transduction",) if config.job == "transduction" else ()
     validate_config(config, ("seed", "checkpoint_every", "keep_checkpoints", "log_every", "sparsity_tol",
                              "data", "model", "optimizer", "loss", *stages, *job_keys),
-                    ("eval_every", "best_metric", "dtype", "init_from", "profile_steps", "microbatches"),
-                    checks=TOP_CHECKS, open_keys=True)
+                    ("eval_every", "best_metric", "dtype", "init_from", "profile_steps", "microbatches",
+                     "skew_repeats"), checks=TOP_CHECKS, open_keys=True)
+    validate_config(config.data, DATA_REQUIRED, DATA_OPTIONAL, checks=DATA_CHECKS, name="config.data")
+    _autotune_args(config)
     in_models = (lambda v: v in MODELS, f"one of {MODELS}")
-    validate_config(config.model, ("name", "kwargs"), checks={"name": in_models}, name="config.model")
+    kwargs_check = (is_config_dict, "a dict of the model's keyword arguments")
+    validate_config(config.model, ("name", "kwargs"), checks={"name": in_models, "kwargs": kwargs_check},
+                    name="config.model")
+    _check_model(config, "model", config.model.name, config.model.kwargs)
     validate_config(config.optimizer, ("name", "learning_rate"), OPTIMIZER_KEYS, checks=schedules.CHECKS,
                     name="config.optimizer")
-    stage_checks = {"num_steps": FIT_CHECKS["num_steps"],
+    stage_checks = {"num_steps": FIT_CHECKS["num_steps"], "kwargs": kwargs_check,
                     "models": (lambda v: isinstance(v, (tuple, list)) and all(m in MODELS for m in v),
                                f"a tuple of names from {MODELS}")}
     for stage in stages:
@@ -260,6 +274,8 @@ def check_config(config) -> None:
         validate_config(config[stage], ("num_steps", *extra), ("optimizer", "loss"), checks=checks, name=f"config.{stage}")
         validate_config(config[stage].get("optimizer", {}), (), OPTIMIZER_KEYS, checks=schedules.CHECKS,
                         name=f"config.{stage}.optimizer")
+    for name in config.baseline.models if "baseline" in stages else ():
+        _check_model(config, "baseline", name, config.baseline.kwargs)
     objectives.check_loss_config(config.loss)
     for stage in stages:  # a stage's loss overrides: values of config.loss's kind; the lasso's only where it applies
         keys = [k for k in objectives.LOSS_CHECKS if k != "kind" and (stage in LASSO_STAGES or not k.startswith("l1_"))]
@@ -278,10 +294,19 @@ def check_config(config) -> None:
         raise ValueError(f"config.best_metric={best!r} would pick checkpoints on config.data.val_split={val_split!r}, "
                          f"the split config.data.eval_split={eval_split!r} reports: set config.data.val_split to "
                          "another held-out split, or config.best_metric=''")
-    k, batch = config.get("microbatches", 1), config.data.get("batch_size")
-    if k > 1 and is_positive_int(batch) and batch % (k * jax.device_count()):
+    k, batch = config.get("microbatches", 1), config.data.batch_size
+    if k > 1 and batch % (k * jax.device_count()):
         raise ValueError(f"config.microbatches={k}: config.data.batch_size={batch} must be a multiple of {k} x the "
                          f"{jax.device_count()} devices (each micro-batch is split over every device)")
+
+
+def _check_model(config, key: str, name: str, kwargs) -> None:
+    """Builds model ``name`` with ``config.<key>.kwargs`` (:func:`_model`: nothing runs), so an
+    unknown keyword (or ``head`` key) is refused before any data is read."""
+    try:
+        _model(config, name, kwargs)
+    except ValueError as e:
+        raise ValueError(f"invalid config.{key}.kwargs (model {name!r}): {e}") from None
 
 
 def _check_transduction_config(cfg) -> None:
@@ -473,6 +498,13 @@ def configure_autotune(config, workdir: str) -> None:
     ``None``: the automatic rules) set :func:`hocp_jax.autotune.configure`'s ``per_sample`` and
     ``tile_rows``: the factorized convs one sample (one tile) at a time, the memory option on
     GPU/TPU (README, "Memory")."""
+    value, per_sample, tile_rows = _autotune_args(config)
+    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count(),
+                       per_sample=per_sample, tile_rows=tile_rows)
+
+
+def _autotune_args(config) -> tuple[str, bool | None, int | None]:
+    """``(autotune, cp_per_sample, cp_tile_rows)`` of ``config`` (:func:`configure_autotune`), checked."""
     value = config.get("autotune", "")
     if value not in ("", *autotune.POLICIES):
         raise ValueError(f"config.autotune={value!r}: expected '' (the environment's or backend's policy) "
@@ -480,8 +512,7 @@ def configure_autotune(config, workdir: str) -> None:
     per_sample, tile_rows = config.get("cp_per_sample", None), config.get("cp_tile_rows", None)
     conv_plans.check_automatic_flag(per_sample, "config.cp_per_sample")
     conv_plans.check_tile_rows(tile_rows, "config.cp_tile_rows")
-    autotune.configure(value or None, cache_path=os.path.join(workdir, "autotune.json"), batch_shards=jax.device_count(),
-                       per_sample=per_sample, tile_rows=tile_rows)
+    return value, per_sample, tile_rows
 
 
 def run(config, workdir: str) -> dict:

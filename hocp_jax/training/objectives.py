@@ -23,7 +23,7 @@ import numpy as np
 from hocp_jax import contrastive, losses, metrics
 from hocp_jax.checks import is_int, is_number
 from hocp_jax.models import bregnet
-from hocp_jax.training.config import validate_config
+from hocp_jax.training.config import is_config_dict, validate_config
 
 TARGETS = ("valence", "arousal")
 LOSSES = ("affect", "bregnet", "avce")
@@ -52,7 +52,7 @@ LOSS_CHECKS = {
                      "a list of ints >= 1 (or [] for the training split's counts)"),
     "l1_gamma": (_is_real, "a number >= 0"),
     "l1_prox": (lambda v: isinstance(v, bool), "True or False"),
-    "avce": (lambda v: hasattr(v, "keys"), "a dict of make_avce_loss's keyword arguments"),
+    "avce": (is_config_dict, "a dict of make_avce_loss's keyword arguments"),
 }
 
 
@@ -60,13 +60,14 @@ def check_loss_config(cfg) -> None:
     """Checks ``config.loss`` before any data is read or stage trains: known keys, the keys its
     ``kind`` (default ``"affect"``) reads present, each value's type and range (``weights`` only
     where ``shake_shake`` is off, as :func:`loss_fn` reads it then; ``l1_prox`` where
-    ``l1_gamma > 0``), and ``avce``'s keys those of :func:`hocp_jax.contrastive.make_avce_loss`.
+    ``l1_gamma > 0``), and ``avce``'s keys and values those :func:`hocp_jax.contrastive.make_avce_loss`
+    takes (it is called: it checks them and builds the loss, nothing runs).
 
     Raises:
         ValueError: naming the full key (e.g. ``config.loss.weights``), its value and what was expected.
     """
-    kind = cfg.get("kind", "affect")
     validate_config(cfg, (), ("kind",), checks={"kind": LOSS_CHECKS["kind"]}, name="config.loss", open_keys=True)
+    kind = cfg.get("kind", "affect")
     required = list(LOSS_REQUIRED[kind]) + ["l1_gamma"]
     if kind == "affect" and cfg.get("shake_shake") is False:
         required.append("weights")
@@ -76,6 +77,10 @@ def check_loss_config(cfg) -> None:
     if kind == "avce":
         allowed = [p for p in inspect.signature(contrastive.make_avce_loss).parameters]
         validate_config(cfg.avce, (), allowed, name="config.loss.avce")
+        try:
+            contrastive.make_avce_loss(**dict(cfg.avce))
+        except ValueError as e:
+            raise ValueError(f"invalid config.loss.avce: config.loss.avce.{e}") from None
 
 
 def _flat(x: jax.Array) -> jax.Array:

@@ -40,8 +40,8 @@ CHECKS = {
     "decay_every_epochs": (is_positive_int, "an int > 0"),
     "decay_factor": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "boundaries_epochs": (
-        lambda v: all(is_positive_int(e) for e in v) and list(v) == sorted(set(v)),
-        "increasing positive ints",
+        lambda v: isinstance(v, (tuple, list)) and all(is_positive_int(e) for e in v) and list(v) == sorted(set(v)),
+        "a sequence of epochs: increasing ints > 0, e.g. (30, 60), or () for none",
     ),
     "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),

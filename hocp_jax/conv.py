@@ -91,6 +91,19 @@ def check_modes(modes) -> tuple[str, ...]:
     return modes
 
 
+def check_known_leaves(params: Params, kind: str, expected: Sequence[str], optional: Sequence[str] = ("bias",)) -> None:
+    """ValueError naming the leaves of ``params`` that are neither ``expected`` nor ``optional``, e.g.
+    a misspelt ``'bais'``, which the layer would silently leave out ("did you mean 'bias'?").
+    Sub-dicts (a CP layer's Psi modules) are passed over; missing leaves are the caller's check."""
+    known = sorted({*expected, *optional})
+    unknown = sorted(k for k, v in params.items() if k not in known and not isinstance(v, Mapping))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise ValueError(f"params: unknown {kind} leaves {unknown}; expected {list(expected)} "
+                         f"(+ optional {', '.join(optional)}){hints}")
+
+
 def cp_rank(params: Params, modes: Sequence[str]) -> int:
     """Validates a CP parameter dict against ``modes`` and returns its rank R."""
     modes = check_modes(modes)
@@ -102,12 +115,7 @@ def cp_rank(params: Params, modes: Sequence[str]) -> int:
     if extra:
         raise ValueError(f"params: has factor leaves {extra} that modes={modes!r} does not use; expected the "
                          f"factors {required[1:]} (pass the modes of every factor, e.g. modes=('t', 'h', 'w'))")
-    known = set(required) | {"factor_skip", "bias"}
-    unknown = sorted(k for k, v in params.items() if k not in known and not isinstance(v, Mapping))
-    if unknown:  # e.g. a misspelt 'bias', which would be silently left out (sub-dicts: Psi modules, passed over)
-        close = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
-        hints = "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
-        raise ValueError(f"params: unknown CP leaves {unknown}; expected {required} (+ optional factor_skip, bias){hints}")
+    check_known_leaves(params, "CP", required, ("factor_skip", "bias"))
     rank = np.shape(params["lambda"])[0] if np.ndim(params["lambda"]) == 1 else -1
     if rank < 1:
         raise ValueError(f"params['lambda']: got shape {tuple(np.shape(params['lambda']))}, expected (R,) with R >= 1")
@@ -426,10 +434,11 @@ def _cp_conv(x: jax.Array, params: Params, *, modes, strides, pads, dilations, k
 
 def check_tucker(params: Params) -> tuple[int, int]:
     """Validates Tucker params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)`` (K >= 1 per
-    mode, at least one mode), ``factor_out (C_out, R_out)``; returns ``(R_in, R_out)``."""
+    mode, at least one mode), ``factor_out (C_out, R_out)``, optional ``bias``; returns ``(R_in, R_out)``."""
     for k in ("factor_in", "core", "factor_out"):
         if k not in params:
             raise ValueError(f"params: missing Tucker leaf {k!r}; expected factor_in, core, factor_out")
+    check_known_leaves(params, "Tucker", ("factor_in", "core", "factor_out"))
     core, u_in, u_out = (tuple(np.shape(params[k])) for k in ("core", "factor_in", "factor_out"))
     for name, shape in (("factor_in", u_in), ("factor_out", u_out)):
         if len(shape) != 2 or min(shape) < 1:
@@ -523,10 +532,14 @@ def separable_conv(
     """
     if "depthwise" not in params or "factor_out" not in params:
         raise ValueError("params: expected leaves 'depthwise' (*K, R) and 'factor_out' (C_out, R)")
+    check_known_leaves(params, "separable", ("depthwise", "factor_out"), ("factor_in", "factor_skip", "bias"))
     dw = params["depthwise"]
     n = dw.ndim - 1
     if x.ndim != n + 2:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected {n + 2}-D input for a depthwise kernel {tuple(dw.shape)}")
+    if "factor_in" in params and np.ndim(params["factor_in"]) != 2:
+        raise ValueError(f"params['factor_in']: got shape {tuple(np.shape(params['factor_in']))}, expected a 2-D "
+                         f"(C_in={x.shape[-1]}, R={dw.shape[-1]}) matrix (R: depthwise's last axis)")
     if "factor_in" in params and params["factor_in"].shape[0] != x.shape[-1]:
         raise ValueError(f"params['factor_in']: shape {tuple(params['factor_in'].shape)} expects "
                          f"{params['factor_in'].shape[0]} input channels but x has {x.shape[-1]}")
@@ -544,13 +557,14 @@ def separable_conv(
 
 
 def _tt_cores(params: Params, n_modes: int | None = None) -> list[jax.Array]:
-    """Validated TT conv cores ``core_0 .. core_{N+1}`` (see :func:`tt_conv`)."""
+    """Validated TT conv cores ``core_0 .. core_{N+1}`` (see :func:`tt_conv`), numbered without gaps."""
     cores = []
     while f"core_{len(cores)}" in params:
         cores.append(params[f"core_{len(cores)}"])
     if len(cores) < 3 or (n_modes is not None and len(cores) != n_modes + 2):
         want = "N + 2 >= 3" if n_modes is None else f"{n_modes + 2} (x has {n_modes} spatial modes)"
         raise ValueError(f"params: found {len(cores)} TT cores core_0, core_1, ...; expected {want}")
+    check_known_leaves(params, "TT", [f"core_{n}" for n in range(len(cores))])
     for n, c in enumerate(cores):
         left = 1 if n == 0 else cores[n - 1].shape[-1]
         if c.ndim != 3 or c.shape[0] != left or min(c.shape) < 1 or (n == len(cores) - 1 and c.shape[2] != 1):
@@ -590,6 +604,8 @@ def tt_conv(
     ``"reconstructed"``: one dense conv with :func:`tt_to_kernel`. Returns ``(B, *S_out, C_out)``.
     """
     n = x.ndim - 2
+    if n < 1:
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected (B, *S, C_in) with at least one spatial mode")
     cores = _tt_cores(params, n)
     if cores[0].shape[1] != x.shape[-1]:
         raise ValueError(f"params['core_0']: shape {tuple(cores[0].shape)} expects {cores[0].shape[1]} channels, x has {x.shape[-1]}")

@@ -73,7 +73,10 @@ def dense_conv(
 ) -> jax.Array:
     """Plain N-D convolution (cross-correlation). ``x (B, *S, C_in)``, ``kernel (*K, C_in/groups, C_out)``."""
     n = kernel.ndim - 2
-    if n < 1 or x.ndim != n + 2:
+    if n < 1:
+        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in/groups, C_out) with at least one "
+                         "spatial mode K")
+    if x.ndim != n + 2:
         raise ValueError(f"x: got shape {tuple(x.shape)} for a kernel of shape {tuple(kernel.shape)}; expected {n + 2}-D x")
     if min(kernel.shape) < 1:
         raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) of sizes >= 1")
@@ -653,8 +656,9 @@ def depthwise_conv(h: jax.Array, kernel: jax.Array, *, stride=1, padding: Paddin
     ran 2.7-31x slower fwd+bwd on the MobileNet-v2 CIFAR-10 layers (README, "Depthwise and 1x1 convs").
     """
     n = kernel.ndim - 1
-    if min(kernel.shape, default=0) < 1:
-        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected a depthwise (*K, R) kernel of sizes >= 1")
+    if n < 1 or min(kernel.shape) < 1:
+        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected a depthwise (*K, R) kernel of sizes >= 1 "
+                         "with at least one spatial mode K")
     if n < 1 or h.ndim != n + 2 or h.shape[-1] != kernel.shape[-1]:
         raise ValueError(f"h: got shape {tuple(h.shape)} for a depthwise kernel of shape {tuple(kernel.shape)}; "
                          f"expected (B, {n} spatial sizes, {kernel.shape[-1]} channels)")

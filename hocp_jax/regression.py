@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax.checks import check_positive_int
-from hocp_jax.conv import add_bias
+from hocp_jax.conv import add_bias, check_known_leaves
 
 
 def _factors(params: Mapping[str, jax.Array], x: jax.Array, n_modes: int) -> list[jax.Array]:
@@ -58,18 +58,21 @@ def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.A
     check_positive_int(n_modes, "n_modes")
     if x.ndim < n_modes + 1:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{n_modes})")
+    tucker = "core" in params
+    if not tucker and "lambda" not in params:
+        raise ValueError("params: expected 'lambda' (CP TRL) or 'core' (Tucker TRL)")
+    check_known_leaves(params, "Tucker TRL" if tucker else "CP TRL",
+                       [f"factor_{i}" for i in range(n_modes)] + ["factor_out", "core" if tucker else "lambda"])
     factors = _factors(params, x, n_modes)
     _check_ranks(params, factors)
     letters = string.ascii_lowercase[:n_modes]
-    if "core" in params:
+    if tucker:
         ranks = letters.upper()
         spec = f"...{letters}," + ",".join(f"{l}{r}" for l, r in zip(letters, ranks)) + f",{ranks}z,oz->...o"
         y = jnp.einsum(spec, x, *factors, params["core"], params["factor_out"], optimize="greedy")
-    elif "lambda" in params:
+    else:
         spec = f"...{letters}," + ",".join(f"{l}r" for l in letters) + ",or,r->...o"
         y = jnp.einsum(spec, x, *factors, params["factor_out"], params["lambda"], optimize="greedy")
-    else:
-        raise ValueError("params: expected 'lambda' (CP TRL) or 'core' (Tucker TRL)")
     return add_bias(y, params)
 
 

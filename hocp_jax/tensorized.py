@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax.checks import check_real, is_int
-from hocp_jax.conv import add_bias
+from hocp_jax.conv import add_bias, check_known_leaves
 
 Params = Mapping[str, jax.Array]
 LINEAR_IMPLEMENTATIONS = ("factorized", "reconstructed")
@@ -92,6 +92,7 @@ def _linear_spec(params: Params) -> tuple[str, list[str], list[jax.Array], tuple
     if kind == "tt":
         cores = _indexed(params, "core_")
         d = len(cores)
+        check_known_leaves(params, "TT-matrix linear", [f"core_{n}" for n in range(d)])
         ins, outs, bonds = _letters(d), _letters(d, skip=_letters(d)), _letters(d + 1, skip=_letters(2 * d))
         for n, c in enumerate(cores):
             s = _shape(c)
@@ -105,6 +106,8 @@ def _linear_spec(params: Params) -> tuple[str, list[str], list[jax.Array], tuple
         return ins + outs, specs, cores, tuple(_shape(c)[1] for c in cores), tuple(_shape(c)[2] for c in cores)
     f_in, f_out = _indexed(params, "factor_in_"), _indexed(params, "factor_out_")
     d_in, d_out = len(f_in), len(f_out)
+    check_known_leaves(params, f"{'CP' if kind == 'cp' else 'Tucker'} linear", ["lambda" if kind == "cp" else "core"]
+                       + [f"factor_in_{i}" for i in range(d_in)] + [f"factor_out_{j}" for j in range(d_out)])
     ins, outs = _letters(d_in), _letters(d_out, skip=_letters(d_in))
     used = ins + outs
     if kind == "cp":
@@ -166,6 +169,7 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
     k = len(factors)
     if not k:
         raise ValueError(f"params: keys {sorted(params)}; expected factor_0, factor_1, ... of shape (d_i, r_i)")
+    check_known_leaves(params, "TCL", [f"factor_{i}" for i in range(k)])
     if x.ndim < k + 1 or any(len(_shape(f)) != 2 or _shape(f)[0] != d for f, d in zip(factors, x.shape[-k:])):
         raise ValueError(
             f"x: got shape {tuple(x.shape)} for factors {[_shape(f) for f in factors]}; "

@@ -781,6 +781,35 @@ def test_separable_conv_checks_its_leaves():
         conv.separable_conv(x, sep | {"bias": jnp.ones((2,))})
 
 
+def test_unknown_leaves_of_tucker_tt_and_separable_convs_are_named():
+    """Before: a misspelt 'bias', a CP-only 'factor_skip' or a TT core after a gap in the numbering
+    was silently left out; a 1-D or 3-D separable factor_in failed unpacking its shape."""
+    x = jax.ShapeDtypeStruct((1, 5, 5, 3), jnp.float32)
+    tucker = dict(factor_in=jnp.ones((3, 2)), core=jnp.ones((3, 3, 2, 2)), factor_out=jnp.ones((4, 2)))
+    tt = {"core_0": jnp.ones((1, 3, 2)), "core_1": jnp.ones((2, 3, 2)), "core_2": jnp.ones((2, 3, 2)),
+          "core_3": jnp.ones((2, 4, 1))}
+    sep = dict(factor_in=jnp.ones((3, 2)), depthwise=jnp.ones((3, 3, 2)), factor_out=jnp.ones((4, 2)))
+    bias, skip = jnp.ones((4,)), jnp.ones((3, 4))
+    for f, p in ((conv.tucker_conv, tucker | {"bias": bias}), (conv.tt_conv, tt | {"bias": bias}),
+                 (conv.separable_conv, sep | {"bias": bias, "factor_skip": skip})):
+        assert jax.eval_shape(f, x, p).shape == (1, 5, 5, 4)  # every leaf known: still runs
+    for f, p, words in (
+        (conv.tucker_conv, tucker | {"bais": bias},
+         r"unknown Tucker leaves \['bais'\]; expected \['factor_in', 'core', 'factor_out'\] \(\+ optional bias\); "
+         r"did you mean 'bias' for 'bais'\?"),
+        (conv.tucker_to_kernel, tucker | {"factor_skip": skip}, r"unknown Tucker leaves \['factor_skip'\]"),
+        (conv.tt_conv, tt | {"bais": bias}, r"unknown TT leaves \['bais'\].*did you mean 'bias'"),
+        (conv.tt_conv, tt | {"core_5": jnp.ones((2, 4, 1))},
+         r"unknown TT leaves \['core_5'\]; expected \['core_0', 'core_1', 'core_2', 'core_3'\]"),
+        (conv.separable_conv, sep | {"bais": bias}, r"unknown separable leaves \['bais'\].*did you mean 'bias'"),
+        (conv.separable_conv, sep | {"factor_in": jnp.ones((3,))},
+         r"params\['factor_in'\]: got shape \(3,\), expected a 2-D \(C_in=3, R=2\)"),
+        (conv.separable_conv, sep | {"factor_in": jnp.ones((3, 2, 1))}, r"params\['factor_in'\]: got shape \(3, 2, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            f(p) if f is conv.tucker_to_kernel else jax.eval_shape(f, x, p)
+
+
 def test_init_variance_matches_target():
     """Reconstructed-kernel variance of the CP init ~ He variance (statistical, wide tolerance)."""
     ks = jax.random.split(jax.random.key(8), 64)
@@ -913,6 +942,13 @@ def test_zero_size_kernels_and_group_counts_are_named():
         conv_ops.dense_conv(x, jnp.ones((3, 3, 4, 6)), feature_group_count=True)
     with pytest.raises(ValueError, match=r"kernel: got shape \(0, 3, 4\), expected a depthwise"):
         conv_ops.depthwise_conv(x, jnp.ones((0, 3, 4)))
+    # no spatial mode (was: "expected 1-D x", "(B, 0 spatial sizes, ...)", "x has -1 spatial modes")
+    with pytest.raises(ValueError, match=r"kernel: got shape \(3,\), expected \(\*K, C_in/groups, C_out\) with at least one"):
+        conv_ops.dense_conv(x, jnp.ones((3,)))
+    with pytest.raises(ValueError, match=r"kernel: got shape \(4,\), expected a depthwise .* at least one spatial mode"):
+        conv_ops.depthwise_conv(x, jnp.ones((4,)))
+    with pytest.raises(ValueError, match=r"x: got shape \(5, 4\), expected \(B, \*S, C_in\) with at least one"):
+        conv.tt_conv(jnp.ones((5, 4)), {f"core_{i}": jnp.ones((1, 4, 1)) for i in range(3)})
     with pytest.raises(ValueError, match=r"params\['core_1'\]: got shape \(2, 0, 2\)"):
         conv.tt_conv(x, {"core_0": jnp.ones((1, 4, 2)), "core_1": jnp.ones((2, 0, 2)), "core_2": jnp.ones((2, 3, 2)),
                          "core_3": jnp.ones((2, 6, 1))})

@@ -251,3 +251,31 @@ def test_bias_and_rank_shapes_are_checked_not_broadcast():
     t = {"factor_0": jnp.ones((3, 2)), "factor_1": jnp.ones((4, 5))}
     with pytest.raises(ValueError, match=r"params\['bias'\]: got shape \(1,\), expected \(2, 5\)"):
         tensorized.tcl(x, t | {"bias": jnp.ones((1,))})
+
+
+def test_unknown_leaves_of_trl_linear_and_tcl_are_named():
+    """Before: a misspelt 'bias', a CP-only 'factor_skip' or a leaf past the layer's modes was
+    silently left out of the TRL, the factorized linear layer and the TCL."""
+    from hocp_jax import regression
+
+    x = jax.ShapeDtypeStruct((2, 3, 4), jnp.float32)
+    cp_trl = {"factor_0": jnp.ones((3, 2)), "factor_1": jnp.ones((4, 2)), "factor_out": jnp.ones((5, 2)),
+              "lambda": jnp.ones((2,)), "bias": jnp.ones((5,))}
+    tucker_trl = {k: v for k, v in cp_trl.items() if k != "lambda"} | {"core": jnp.ones((2, 2, 2))}
+    tcl = {"factor_0": jnp.ones((3, 2)), "factor_1": jnp.ones((4, 5)), "bias": jnp.ones((2, 5))}
+    linear = {kind: _linear_case(kind, (2, 3), (3, 2))[0] | {"bias": jnp.ones((6,))} for kind in ("cp", "tucker", "tt")}
+    trl = lambda x, p: regression.trl(x, p, n_modes=2)  # noqa: E731
+    cases = [(trl, x, cp_trl), (trl, x, tucker_trl), (tensorized.tcl, x, tcl)]
+    cases += [(tensorized.factorized_linear, jax.ShapeDtypeStruct((2, 6), jnp.float32), p) for p in linear.values()]
+    for f, x_, p in cases:
+        jax.eval_shape(f, x_, p)  # every leaf known: still runs
+    for (f, x_, p), kind in zip(cases, ("CP TRL", "Tucker TRL", "TCL", "CP linear", "Tucker linear", "TT-matrix linear")):
+        bais = {k if k != "bias" else "bais": v for k, v in p.items()}
+        with pytest.raises(ValueError, match=rf"params: unknown {kind} leaves \['bais'\]; .*did you mean 'bias' for 'bais'"):
+            jax.eval_shape(f, x_, bais)
+        with pytest.raises(ValueError, match=rf"unknown {kind} leaves \['factor_skip'\]"):
+            jax.eval_shape(f, x_, p | {"factor_skip": jnp.ones((3, 5))})
+    for f, x_, p, extra in ((trl, x, cp_trl, "factor_2"), (tensorized.tcl, x, tcl, "factor_3"),
+                            (tensorized.factorized_linear, cases[-1][1], linear["tt"], "core_3")):
+        with pytest.raises(ValueError, match=rf"unknown .* leaves \['{extra}'\]"):  # past the modes / after a gap
+            jax.eval_shape(f, x_, p | {extra: jnp.ones((2, 2))})

@@ -24,14 +24,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 from optax.projections import projection_simplex
 
 from hocp_jax import explicit_sharding
-from hocp_jax.checks import check_real
+from hocp_jax.checks import check_real, is_int
 from hocp_jax.losses import ccc_loss, pcc_loss
 
 CRITICS = ("cosine", "dot")
+
+
+def _check_axis(z: jax.Array, axis, name: str) -> None:
+    """ValueError unless ``axis`` is an int in ``[-z.ndim, z.ndim)``."""
+    if not (is_int(axis) and -z.ndim <= axis < z.ndim):
+        raise ValueError(f"{name}: axis={axis!r}: expected an int in [{-z.ndim}, {z.ndim}) for z of shape {z.shape}")
 
 
 def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
@@ -39,7 +46,7 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
 
     Args:
         z: ``(..., d)`` real array, ``d >= 1`` (``axis`` selects the simplex dimension).
-        axis: the axis that is projected.
+        axis: the axis that is projected (an int).
 
     Returns:
         Array of ``z``'s shape, non-negative, summing to 1 along ``axis``, with exact
@@ -53,6 +60,7 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     z = jnp.asarray(z)
     if z.ndim == 0:
         raise ValueError(f"sparsemax: z must have at least 1 dimension, got shape {z.shape}")
+    _check_axis(z, axis, "sparsemax")
     moved = jnp.moveaxis(z, axis, -1)
     if moved.shape[-1] == 0:
         raise ValueError(f"sparsemax: axis={axis} of z (shape {z.shape}) is empty; the simplex needs >= 1 entry")
@@ -72,10 +80,12 @@ def softmax_view(z: jax.Array, temperature: float = 1.0, axis: int = -1) -> jax.
     Args:
         z: ``(..., d)`` real array.
         temperature: ``T > 0``; the paper's Eq. (2) is ``T = 1``.
-        axis: the simplex axis.
+        axis: the simplex axis (an int).
     """
     check_real(temperature, "temperature", lambda v: v > 0, "a real number > 0")
-    return jax.nn.softmax(jnp.asarray(z) / temperature, axis=axis)
+    z = jnp.asarray(z)
+    _check_axis(z, axis, "softmax_view")
+    return jax.nn.softmax(z / temperature, axis=axis)
 
 
 def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
@@ -85,7 +95,7 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
     ``"cosine"``: ``f(x, y) = <x, y> / (||x|| ||y|| T)``; ``"dot"``: ``<x, y> / T``.
 
     Args:
-        x: ``(N, P)`` projections of the first view.
+        x: ``(N, P)`` projections of the first view (integers are cast to float32).
         y: ``(N, P)`` projections of the second view (row ``i`` pairs with ``x[i]``).
         critic: one of ``CRITICS``.
         temperature: ``T > 0``.
@@ -97,6 +107,8 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
         raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
     check_real(temperature, "temperature", lambda v: v > 0, "a real number > 0")
     x, y = jnp.asarray(x), jnp.asarray(y)
+    dtype = jnp.result_type(x, y)
+    x, y = (a.astype(dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.float32) for a in (x, y))
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must both be (N, P) with equal shapes, got {x.shape} "
                          f"and {y.shape}")
@@ -107,12 +119,21 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
     return x @ y.T / temperature
 
 
+def _check_weights(weights) -> None:
+    """ValueError if host-side ``weights`` (NumPy, list) hold a negative value; a JAX array is
+    not read back (no host sync), so a negative weight in one goes unchecked."""
+    if weights is not None and not isinstance(weights, jax.Array) and np.any(np.asarray(weights) < 0):
+        raise ValueError(f"weights: got {np.asarray(weights).tolist()}, expected sample weights >= 0")
+
+
 def _pair_weights(scores: jax.Array, weights: jax.Array | None):
-    """Positive (diagonal) and negative (off-diagonal) pair weights, each summing to 1."""
+    """Positive (diagonal) and negative (off-diagonal) pair weights, each summing to 1 (all 0
+    when every weight is 0: the sums are clamped away from 0)."""
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1] or scores.shape[0] < 2:
         raise ValueError(f"scores must be a square (N, N) matrix with N >= 2, got "
                          f"shape {scores.shape}")
     n = scores.shape[0]
+    _check_weights(weights)
     w = jnp.ones((n,), scores.dtype) if weights is None else jnp.asarray(weights, scores.dtype)
     if w.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {w.shape}")
@@ -148,11 +169,12 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
     Args:
         scores: ``(N, N)`` critic matrix from :func:`critic_matrix`, ``N >= 2``.
         alpha, beta, gamma: the weights above, real numbers >= 0 (checked unless traced).
-        weights: optional ``(N,)`` sample weights (e.g. the pipeline's padding ``mask``);
-            pair ``(i, j)`` gets ``w_i w_j``.
+        weights: optional ``(N,)`` sample weights ``>= 0`` (e.g. the pipeline's padding
+            ``mask``); pair ``(i, j)`` gets ``w_i w_j``. Negative weights are rejected in NumPy
+            arrays; in JAX arrays they are not checked and give a meaningless ``J``.
 
     Returns:
-        Scalar ``J``.
+        Scalar ``J``; 0 when every weight is 0 (an all-padding batch).
     """
     for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         check_real(v, name)
@@ -170,10 +192,16 @@ def infonce_objective(scores: jax.Array, *, weights: jax.Array | None = None) ->
 
     Args:
         scores: ``(N, N)`` critic matrix, positives on the diagonal.
-        weights: optional ``(N,)`` sample weights (anchors and candidates).
+        weights: optional ``(N,)`` sample weights ``>= 0`` (anchors and candidates; a weight
+            of 0 drops the sample). Negative weights are rejected in NumPy arrays; in JAX
+            arrays they are not checked and give a meaningless ``J``.
+
+    Returns:
+        Scalar ``J``; 0 when every weight is 0 (an all-padding batch).
     """
     pos_w, _ = _pair_weights(scores, weights)
     w = pos_w > 0
+    w = w | ~jnp.any(w)  # no valid sample: every anchor weighs 0, keep the log-mean-exp finite
     log_mean_exp = (jax.nn.logsumexp(jnp.where(w[None, :], scores, -jnp.inf), axis=1)
                     - jnp.log(jnp.sum(w)))
     return jnp.sum(pos_w * (jnp.diagonal(scores) - log_mean_exp))
@@ -191,7 +219,9 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
         + hold_weight * mean_i (||n(d_sparse_i) - n(d_latent_i)||
                                 + ||n(d_soft_i) - n(d_latent_i)||)       # keep directions
 
-    with ``n(v) = v / ||v||``. To MINIMISE.
+    with ``n(v) = v / ||v||``. To MINIMISE. ``weights``: optional ``(N,)`` sample weights ``>= 0``
+    (means weighted by them; 0 when every weight is 0). Negative weights are rejected in NumPy
+    arrays, unchecked in JAX arrays.
     """
     missing = [k for k in ("latent", "sparse", "soft") if k not in disc]
     if missing:
@@ -200,8 +230,9 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
     if d_lat.ndim != 2 or d_sp.shape != d_lat.shape or d_sm.shape != d_lat.shape:
         raise ValueError(f"disc: got shapes latent {d_lat.shape}, sparse {d_sp.shape}, soft {d_sm.shape}; "
                          "expected three equal (N, D)")
-    if weights is not None and tuple(jnp.shape(weights)) != d_lat.shape[:1]:
-        raise ValueError(f"weights: got shape {tuple(jnp.shape(weights))}, expected ({d_lat.shape[0]},)")
+    if weights is not None and np.shape(weights) != d_lat.shape[:1]:
+        raise ValueError(f"weights: got shape {np.shape(weights)}, expected ({d_lat.shape[0]},)")
+    _check_weights(weights)
     eps = 1e-12
     norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps)  # noqa: E731
     unit = lambda v: v / norm(v)[..., None]  # noqa: E731
@@ -237,8 +268,11 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
     * ``L_disc``: :func:`discriminative_loss` on ``outputs["disc"]``, weight ``disc_weight``
       (0 disables it).
 
-    ``outputs`` is the :class:`hocp_jax.models.avce.AVCE` dict; ``batch[target_key]`` is
-    ``(N, n_outputs)``; ``batch[mask_key]`` (optional, ``(N,)``) down-weights padding.
+    ``outputs`` is the :class:`hocp_jax.models.avce.AVCE` dict (``"va"`` ``(N, n_outputs)``,
+    ``"z"`` with ``"sparse"`` and ``"soft"``, and ``"disc"`` unless ``disc_weight=0``);
+    ``batch[target_key]`` is ``(N, n_outputs)`` like ``outputs["va"]``; ``batch[mask_key]``
+    (optional, ``(N,)`` weights ``>= 0``, unchecked inside ``jit``) down-weights padding; an
+    all-zero mask gives a finite loss.
     ``key`` is unused (the loss is deterministic). Metrics: ``mse``, ``l_pcc``, ``l_ccc``,
     ``rmse_<k>`` per output (``rmse_valence``, ``rmse_arousal`` for 2 outputs), ``bound``
     (``J``), ``pos_score`` / ``neg_score`` (mean critic on positive / negative pairs),
@@ -254,16 +288,21 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
         check_real(value, name)  # here, not at the first traced step
     check_real(critic_temperature, "critic_temperature", lambda v: v > 0, "a real number > 0")
     bound_kwargs = dict(alpha=alpha, beta=beta, gamma=gamma) if objective == "avce" else {}
+    needed = ("va", "z", "disc") if disc_weight else ("va", "z")
 
     def loss_fn(outputs: dict, batch: dict, key=None):
         del key
-        if "va" not in outputs or target_key not in batch:
-            raise ValueError(f"avce loss: needs outputs['va'] (got keys {sorted(outputs)}) and batch[{target_key!r}] "
-                             f"(got keys {sorted(batch)})")
+        missing = [k for k in needed if k not in outputs]
+        missing += [f"z[{k!r}]" for k in ("sparse", "soft") if "z" in outputs and k not in outputs["z"]]
+        if missing:
+            raise ValueError(f"avce loss: outputs lack {missing}, got keys {sorted(outputs)}; expected "
+                             f"{list(needed)} with z['sparse'], z['soft']")
+        if target_key not in batch:
+            raise ValueError(f"avce loss: batch lacks {target_key!r}, got keys {sorted(batch)}")
         pred, target = outputs["va"], jnp.asarray(batch[target_key], outputs["va"].dtype)
-        if pred.shape != target.shape:
-            raise ValueError(f"outputs['va'] has shape {pred.shape} but batch[{target_key!r}] "
-                             f"has shape {target.shape}")
+        if pred.ndim != 2 or pred.shape != target.shape:
+            raise ValueError(f"outputs['va'] has shape {pred.shape} and batch[{target_key!r}] has shape "
+                             f"{target.shape}; expected both (N, n_outputs)")
         n = pred.shape[0]
         w = jnp.asarray(batch.get(mask_key, jnp.ones((n,))), pred.dtype)
         if w.shape != (n,):

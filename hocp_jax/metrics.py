@@ -94,17 +94,20 @@ def check_weights(mask) -> None:
                          "weights >= 0")
 
 
-def _as_float(x) -> jax.Array:
+def _as_float(x, name: str) -> jax.Array:
     """``x`` in float32 or wider: ints and narrower floats are upcast (in bfloat16 the count
-    of a streamed split would be exact only up to 256, its sums to 8 bits)."""
+    of a streamed split would be exact only up to 256, its sums to 8 bits); complex is a
+    ValueError naming ``name``."""
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise ValueError(f"{name}: got dtype {x.dtype}, expected real values")
     return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating) \
         else x.astype(jnp.float32)
 
 
 def _prepare(y_true, y_pred, mask):
     """Validates; returns ``(t, p, w)`` of shape ``(n, k)`` (invalid rows zeroed) and 1-D-ness."""
-    t, p = _as_float(y_true), _as_float(y_pred)
+    t, p = _as_float(y_true, "y_true"), _as_float(y_pred, "y_pred")
     if t.ndim not in (1, 2):
         raise ValueError(f"y_true: got shape {t.shape}, expected (n,) or (n, k)")
     if p.shape != t.shape:
@@ -254,8 +257,8 @@ class AffectStats(NamedTuple):
 
     @classmethod
     def zeros(cls, k: int | None = None, dtype=jnp.float32) -> "AffectStats":
-        """Empty stats for ``(n,)`` (``k=None``) or ``(n, k)`` inputs."""
-        shape = () if k is None else (k,)
+        """Empty stats for ``(n,)`` (``k=None``) or ``(n, k)`` inputs (``k >= 0``)."""
+        shape = () if k is None else (check_int(k, "k", 0),)
         return cls(*(jnp.zeros(shape, dtype) for _ in cls._fields))
 
 
@@ -283,11 +286,16 @@ def merge(*stats: AffectStats) -> AffectStats:
 
         n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,
         M2 = M2_a + M2_b + d^2 n_a n_b / n,  C = C_a + C_b + d_t d_p n_a n_b / n.
+
+    All stats must have one shape: ``()`` (from ``(n,)`` inputs) or the same ``(k,)``.
     """
     if not stats:
         raise ValueError("merge: expected at least one AffectStats")
     for i, st in enumerate(stats):
         _check_stats(st, f"stats[{i}]")
+        if jnp.shape(st.n) != jnp.shape(stats[0].n):
+            raise ValueError(f"stats[{i}]: got shape {jnp.shape(st.n)}, expected the shape of stats[0] "
+                             f"{jnp.shape(stats[0].n)} (stats of the same targets)")
     out = stats[0]
     for b in stats[1:]:
         a, n = out, out.n + b.n
@@ -494,17 +502,21 @@ def skew_normalized_metrics(labels, preds, num_classes: int, *, n_repeats: int =
 
 
 def skew_normalized_from_cm(cm, *, n_repeats: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
-    """:func:`skew_normalized_metrics` from a confusion matrix of integer counts ``(C, C)``.
+    """:func:`skew_normalized_metrics` from a confusion matrix of integer counts ``(C, C)``
+    (float counts, e.g. :func:`confusion_matrix`'s float32, are rounded to the nearest integer;
+    their rounded total must be positive).
 
     Drawing ``m`` examples of class ``c`` without replacement draws their predictions from row
     ``cm[c]`` (a multivariate hypergeometric draw), so the confusion matrix is all a streaming
     evaluation has to keep.
     """
     counts = np.asarray(cm)
-    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or not np.all(counts >= 0) or not counts.sum():
-        raise ValueError(f"cm: expected a square matrix of non-negative counts with a positive total, "
-                         f"got shape {counts.shape}")
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or not np.all(counts >= 0):
+        raise ValueError(f"cm: expected a square matrix of non-negative counts, got shape {counts.shape}")
     counts = np.rint(counts).astype(np.int64)
+    if not counts.sum():
+        raise ValueError(f"cm: every count rounds to 0 (total {np.asarray(cm).sum():g}); expected integer "
+                         "counts with a positive total")
     n_repeats = check_positive_int(n_repeats, "n_repeats")
     rng = np.random.default_rng(check_int(seed, "seed", 0))
     present = np.flatnonzero(counts.sum(1))

@@ -153,12 +153,99 @@ def test_objective_input_validation():
     with pytest.raises(ValueError, match=r"weights: got shape \(3,\), expected \(2,\)"):
         discriminative_loss({k: jnp.ones((2, 3)) for k in ("latent", "sparse", "soft")}, weights=jnp.ones(3))
     loss_fn = make_avce_loss()
-    with pytest.raises(ValueError, match=r"needs outputs\['va'\].*batch\['va'\]"):  # was: KeyError
-        loss_fn({"va": jnp.zeros((2, 2))}, {"label": jnp.zeros(2)})
+    with pytest.raises(ValueError, match=r"outputs lack \['z', 'disc'\], got keys \['va'\]"):  # was: KeyError 'z'
+        loss_fn({"va": jnp.zeros((2, 2))}, {"va": jnp.zeros((2, 2))})
+    z = {"sparse": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"outputs lack \[\"z\['soft'\]\"\]"):
+        make_avce_loss(disc_weight=0.0)({"va": jnp.zeros((2, 2)), "z": z}, {"va": jnp.zeros((2, 2))})
+    with pytest.raises(ValueError, match=r"batch lacks 'va', got keys \['label'\]"):
+        make_avce_loss(disc_weight=0.0)({"va": jnp.zeros((2, 2)), "z": {**z, "soft": z["sparse"]}},
+                                        {"label": jnp.zeros(2)})
     with pytest.raises(ValueError, match="square"):
         avce_objective(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="critic"):
         critic_matrix(jnp.ones((3, 2)), jnp.ones((3, 2)), critic="l2")
+
+
+def _avce_outputs(n, k=2, seed=0):
+    r = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(r.normal(size=shape), jnp.float32)  # noqa: E731
+    return {"va": f(n, k), "z": {"sparse": f(n, 4), "soft": f(n, 4)},
+            "disc": {name: f(n, 3) for name in ("latent", "sparse", "soft")}}
+
+
+def test_avce_loss_needs_2d_va_and_matches_numpy_mse():
+    """1-D ``va`` once broadcast ``w[:, None] * (pred - target)^2`` to (N, N): an N times too large
+    MSE and per-sample rmse_0..N-1 metrics."""
+    out = _avce_outputs(4)
+    loss_fn = make_avce_loss()
+    with pytest.raises(ValueError, match=re.escape("outputs['va'] has shape (4,) and batch['va'] has shape (4,); "
+                                                   "expected both (N, n_outputs)")):
+        loss_fn({**out, "va": jnp.linspace(-1, 1, 4)}, {"va": jnp.zeros(4)})
+    with pytest.raises(ValueError, match=re.escape("has shape (4, 1, 2)")):
+        loss_fn({**out, "va": out["va"][:, None]}, {"va": jnp.zeros((4, 1, 2))})
+    target, mask = np.linspace(-1, 1, 8).reshape(4, 2), np.array([1.0, 0.0, 2.0, 1.0])
+    _, m = jax.jit(make_avce_loss(pcc_weight=0.0, ccc_weight=0.0, disc_weight=0.0))(out, {"va": target, "mask": mask})
+    sq = (np.asarray(out["va"], np.float64) - target) ** 2
+    mse_k = (mask[:, None] * sq).sum(0) / mask.sum()
+    np.testing.assert_allclose(m["mse"], mse_k.sum(), rtol=1e-5)
+    np.testing.assert_allclose([m["rmse_valence"], m["rmse_arousal"]], np.sqrt(mse_k), rtol=1e-5)
+
+
+def np_avce(s, a=0.5, b=0.005, g=0.5):
+    pos, neg = np.diagonal(s), s[~np.eye(len(s), dtype=bool)]
+    return pos.mean() - a * neg.mean() - b / 2 * (pos**2).mean() - g / 2 * (neg**2).mean()
+
+
+def np_infonce(s):
+    return np.mean(np.diagonal(s) - np.log(np.exp(s).mean(1)))
+
+
+@pytest.mark.parametrize("objective", ["avce", "infonce"])
+def test_zero_weights_drop_samples_and_all_zero_gives_zero(objective):
+    """A weight of 0 drops the sample (numpy objective of the submatrix); all weights 0 (an
+    all-padding batch) gives 0 with finite gradients (infonce was NaN)."""
+    fn = jax.jit(jax.value_and_grad({"avce": avce_objective, "infonce": infonce_objective}[objective]))
+    scores = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
+    keep = np.ix_([0, 2, 3], [0, 2, 3])
+    want = {"avce": np_avce, "infonce": np_infonce}[objective](scores[keep].astype(np.float64))
+    np.testing.assert_allclose(fn(scores, weights=np.array([1.0, 0.0, 1.0, 1.0]))[0], want, rtol=1e-5)
+    value, grad = fn(scores, weights=np.zeros(4))
+    assert float(value) == 0.0 and np.all(np.isfinite(grad))
+
+
+def test_all_padding_batch_gives_a_finite_avce_loss():
+    """``objective="infonce"`` gave a NaN loss for an all-zero mask; the bound, the
+    discriminative term and the MSE are 0, the gradients finite."""
+    loss_fn = make_avce_loss(objective="infonce", pcc_weight=0.0, ccc_weight=0.0)
+    batch = {"va": jnp.zeros((4, 2)), "mask": jnp.zeros(4)}
+    (loss, m), g = jax.jit(jax.value_and_grad(lambda o: loss_fn(o, batch), has_aux=True))(_avce_outputs(4))
+    assert float(loss) == float(m["bound"]) == float(m["disc"]) == float(m["mse"]) == 0.0
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
+
+
+def test_negative_host_weights_raise():
+    """NumPy/list weights are checked; JAX arrays are not read back (documented >= 0)."""
+    scores, neg = jnp.eye(3), np.array([1.0, -1.0, 1.0])
+    for fn in (avce_objective, infonce_objective):
+        with pytest.raises(ValueError, match=re.escape("weights: got [1.0, -1.0, 1.0], expected sample weights >= 0")):
+            fn(scores, weights=neg)
+    disc = {k: jnp.ones((3, 2)) for k in ("latent", "sparse", "soft")}
+    with pytest.raises(ValueError, match="expected sample weights >= 0"):
+        discriminative_loss(disc, weights=list(neg))
+
+
+def test_critic_casts_integers_and_axis_must_be_an_int():
+    x, y = np.arange(6).reshape(2, 3), np.arange(6, 12).reshape(2, 3)
+    got = critic_matrix(x, y)  # was: "int32 not inexact" (cosine critic)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, unit(x) @ unit(y).T, rtol=1e-5)
+    z = jnp.ones((2, 3))
+    for fn in (sparsemax, softmax_view):
+        for bad in (1.0, 2, -3, None):
+            with pytest.raises(ValueError, match=re.escape(f"axis={bad!r}: expected an int in [-2, 2)")):
+                fn(z, axis=bad)
 
 
 # --------------------------------------------------------------------------- networks

@@ -207,3 +207,13 @@ def test_cross_entropy_rejects_negative_mask_weights():
     logits, labels = np.zeros((3, 4), np.float32), np.array([0, 1, 2])
     with pytest.raises(ValueError, match=r"mask: got a negative weight \(-1.0\)"):
         L.cross_entropy(logits, labels, mask=np.array([1.0, -1.0, 1.0]))
+
+
+def test_regression_losses_need_equal_real_inputs():
+    """Like the metrics: (n,) against (n, 1) or complex values raise instead of broadcasting."""
+    t, p = _va()
+    for fn in (L.rmse_loss, L.pcc_loss, L.ccc_loss, L.affect_loss):
+        with pytest.raises(ValueError, match=r"y_pred: got shape \(48, 1\), expected the shape of y_true \(48,\)"):
+            fn(t[:, 0], p[:, :1])
+        with pytest.raises(ValueError, match="y_true: got dtype complex64, expected real values"):
+            fn(t.astype(np.complex64), p)

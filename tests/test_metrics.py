@@ -1,5 +1,6 @@
 """hocp_jax.metrics against independent numpy / scipy / scikit-learn / krippendorff oracles."""
 import itertools
+import re
 import warnings
 
 import jax
@@ -485,6 +486,40 @@ def test_negative_mask_weights_raise():
     w[3] = 0
     np.testing.assert_allclose(jax.jit(M.pcc)(t, p, w), np_pcc(np.delete(t, 3).astype(float), np.delete(p, 3).astype(float)),
                                atol=ATOL)
+
+
+def test_merge_of_stats_of_different_shapes_raises():
+    """(2,) stats merged with () stats once broadcast to (2,) stats without an error."""
+    t, p = (np.stack([a, -a], 1) for a in CASES["random"])
+    pair, single = jax.eval_shape(M.affect_stats, t, p), jax.eval_shape(M.affect_stats, t[:, 0], p[:, 0])
+    with pytest.raises(ValueError, match=re.escape("stats[1]: got shape (), expected the shape of stats[0] (2,)")):
+        M.merge(pair, single)
+    with pytest.raises(ValueError, match=re.escape("stats[2]: got shape (3,), expected the shape of stats[0] (2,)")):
+        M.merge(M.AffectStats.zeros(2), M.AffectStats.zeros(2), M.AffectStats.zeros(3))
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match=re.escape(f"k={bad!r}: expected an int >= 0")):  # was: a JAX TypeError
+            M.AffectStats.zeros(bad)
+
+
+def test_complex_inputs_raise():
+    """The imaginary part was dropped (rmse 0.0 for [1+1j, 2] vs [1, 2+5j])."""
+    with pytest.raises(ValueError, match="y_true: got dtype complex64, expected real values"):
+        M.rmse(np.array([1 + 1j, 2], np.complex64), np.array([1, 2 + 5j], np.complex64))
+    with pytest.raises(ValueError, match="y_pred: got dtype complex"):
+        M.affect_stats(np.ones(2), np.ones(2, complex))
+
+
+def test_skew_normalized_from_cm_rounds_float_counts():
+    """Float counts are rounded: a float32 matrix of whole counts equals the int one; counts that
+    all round to 0 raise (was: NumPy's "zero-size array to reduction operation minimum")."""
+    cm = np.array([[3, 1], [2, 5]])
+    want = M.skew_normalized_from_cm(cm, n_repeats=3, seed=1)
+    got = M.skew_normalized_from_cm(cm.astype(np.float32) + 0.2, n_repeats=3, seed=1)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=re.escape("cm: every count rounds to 0 (total 1)")):
+        M.skew_normalized_from_cm(np.array([[0.4, 0.3], [0.2, 0.1]]), n_repeats=2)
+    with pytest.raises(ValueError, match=re.escape("non-negative counts, got shape (2, 3)")):
+        M.skew_normalized_from_cm(np.ones((2, 3)))
 
 
 def test_bfloat16_inputs_are_counted_and_summed_in_float32():

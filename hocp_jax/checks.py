@@ -53,3 +53,11 @@ def check_real(value, name: str, ok: Callable[[float], bool] = lambda v: v >= 0,
     real = a.ndim == 0 and (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
     if not (real and ok(float(a))):
         raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def check_flags(**flags) -> None:
+    """A ValueError naming the first of a layer's on/off arguments (``skip``, ``use_bias``, ...)
+    that is not a Python or NumPy bool (a string such as ``"no"`` would read as on)."""
+    for name, v in flags.items():
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name}={v!r}: expected True or False")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_real
+from hocp_jax.checks import check_flags, check_real
 from hocp_jax.conv import check_modes, default_modes, mode_key
 from hocp_jax.counting import check_geometry
 
@@ -59,6 +59,7 @@ def init_cp_params(
     Returns the dict ``lambda (R,)``, ``factor_in (C_in, R)``, ``factor_out (C_out, R)``,
     ``factor_<m> (K_m, R)`` (+ ``factor_skip (C_in, C_out)`` LeCun-normal, ``bias`` zeros).
     """
+    check_flags(skip=skip, bias=bias)
     kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     modes = check_modes(modes) if modes is not None else default_modes(len(kernel_size))
     if len(modes) != len(kernel_size):

@@ -31,13 +31,14 @@ PSI_STAGES = ("in", "all")
 FACTORIZATIONS = ("cp", "tucker", "tt")
 
 
-def as_ints(v, n: int, name: str) -> tuple[int, ...]:
-    """``v`` (an int or ``n`` ints) as a tuple of ``n`` ints, else a ValueError naming ``name``."""
-    if is_int(v):
-        return (int(v),) * n
-    if not isinstance(v, Sequence) or len(v) != n or not all(is_int(e) for e in v):
-        raise ValueError(f"{name}={v!r}: expected an int or {n} ints")
-    return tuple(int(e) for e in v)
+def as_ints(v, n: int, name: str, positive: bool = False) -> tuple[int, ...]:
+    """``v`` (an int or ``n`` ints, each >= 1 if ``positive``: ranks) as a tuple of ``n`` ints, else
+    a ValueError naming ``name``."""
+    ok, kind = (is_positive_int, "positive int") if positive else (is_int, "int")
+    vs = (v,) * n if is_int(v) else v
+    if not isinstance(vs, Sequence) or len(vs) != n or not all(map(ok, vs)):
+        raise ValueError(f"{name}={v!r}: expected {'a' if positive else 'an'} {kind} or {n} {kind}s")
+    return tuple(int(e) for e in vs)
 
 
 def check_sizes(**sizes) -> None:
@@ -47,20 +48,17 @@ def check_sizes(**sizes) -> None:
         check_positive_int(v, name)
 
 
-def check_flags(**flags) -> None:
-    """A ValueError naming the first of a layer's on/off arguments (``skip``, ``use_bias``, ...)
-    that is not a bool (a string such as ``"no"`` would read as on)."""
-    for name, v in flags.items():
-        if not isinstance(v, bool):
-            raise ValueError(f"{name}={v!r}: expected True or False")
-
-
-def check_temporal_modes(temporal_modes) -> tuple[str, ...]:
-    """A layer's ``temporal_modes`` as a tuple of names (empty allowed), else a ValueError (a
-    string such as ``"t"`` is refused: it would read as one mode per character)."""
+def check_temporal_modes(temporal_modes, spatial: Sequence[str]) -> tuple[str, ...]:
+    """A layer's ``temporal_modes`` as a tuple of names (empty allowed) none of which is one of its
+    ``spatial`` modes, else a ValueError (a string such as ``"t"`` is refused: it would read as
+    one mode per character)."""
     if isinstance(temporal_modes, str) or not isinstance(temporal_modes, Sequence):
         raise ValueError(f"temporal_modes={temporal_modes!r}: expected a sequence of mode names, e.g. ('t',)")
-    return conv.check_modes(temporal_modes) if temporal_modes else ()
+    temporal = conv.check_modes(temporal_modes) if temporal_modes else ()
+    if set(temporal) & set(spatial):
+        raise ValueError(f"spatial_modes={tuple(spatial)!r}, temporal_modes={temporal!r}: expected distinct mode "
+                         f"names, {sorted(set(temporal) & set(spatial))} in both")
+    return temporal
 
 
 def product_std(variance: float, n_terms: int, n_sums: int) -> float:
@@ -180,16 +178,14 @@ def cp_conv_kwargs(
 def kernel_dims(kernel_size) -> tuple[int, ...]:
     """A Tucker, separable or TT conv's ``kernel_size``: one int per spatial mode, or one int
     for both modes of a 2-D conv (as :class:`hocp_jax.layers.CPConv` reads it)."""
-    return _shape_arg((kernel_size, kernel_size) if is_int(kernel_size) else kernel_size,
-                      "kernel_size")
+    return shape_arg((kernel_size, kernel_size) if is_int(kernel_size) else kernel_size, "kernel_size")
 
 
 def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_ratio: float = 0.5) -> tuple[int, int]:
     """``ranks`` if given (``(R_in, R_out)``, or one int for both), else ``rank_ratio`` (> 0)
     times the input and output channels (at least 1)."""
     if ranks is not None:
-        r = as_ints(ranks, 2, "ranks")
-        return check_positive_int(r[0], "ranks[0]"), check_positive_int(r[1], "ranks[1]")
+        return as_ints(ranks, 2, "ranks", positive=True)
     check_real(rank_ratio, "rank_ratio", lambda v: 0 < v < float("inf"), "a number > 0 (or ranks=(R_in, R_out))")
     return max(1, round(rank_ratio * in_channels)), max(1, round(rank_ratio * out_channels))
 
@@ -224,7 +220,7 @@ def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[i
 
 
 def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> Specs:
-    """TRL leaves on input modes ``dims``: ``factor_<i> (d_i, R_i)``, ``factor_out (O, R_out)``,
+    """TRL leaves on input modes ``dims`` (ints >= 1): ``factor_<i> (d_i, R_i)``, ``factor_out (O, R_out)``,
     ``lambda (R,)`` (CP) or ``core (R_1..R_k, R_out)`` (Tucker), ``bias (O,)``; LeCun variance overall."""
     n = len(dims)
     var = 1.0 / int(np.prod(dims))
@@ -234,7 +230,7 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
         specs: Specs = {f"factor_{i}": ((d, r), normal) for i, d in enumerate(dims)}
         specs |= {"factor_out": ((features, r), normal), "lambda": ((r,), initializers.ones)}
     elif decomposition == "tucker":
-        ranks = as_ints(rank, n + 1, "rank")
+        ranks = as_ints(rank, n + 1, "rank", positive=True)
         normal = initializers.normal(product_std(var, n + 2, int(np.prod(ranks))))
         specs = {f"factor_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(dims, ranks))}
         specs |= {"factor_out": ((features, ranks[-1]), normal), "core": (ranks, normal)}
@@ -246,18 +242,19 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
 # ----------------------------------------------------------------------------- tensorized layers
 
 
-def _shape_arg(v, name: str) -> tuple[int, ...]:
-    v = tuple(v) if isinstance(v, Sequence) else (v,)
-    if not v or not all(is_positive_int(d) for d in v):
+def shape_arg(v, name: str) -> tuple[int, ...]:
+    """``v`` (ints >= 1, or one int) as a non-empty tuple of ints, else a ValueError naming ``name``."""
+    dims = tuple(v) if isinstance(v, Sequence) else (v,)
+    if not dims or not all(map(is_positive_int, dims)):
         raise ValueError(f"{name}={v!r}: expected a non-empty sequence of ints >= 1")
-    return tuple(int(d) for d in v)
+    return tuple(map(int, dims))
 
 
 def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_bias: bool = True) -> Specs:
     """Leaves of a factorized linear layer (:mod:`hocp_jax.tensorized`) whose dense weight has
     LeCun variance ``1 / prod(in_shape)``. ``rank``: CP an int; Tucker an int or one per
     input and output mode; TT an int or the ``len(in_shape) - 1`` inner ranks."""
-    ins, outs = _shape_arg(in_shape, "in_shape"), _shape_arg(out_shape, "out_shape")
+    ins, outs = shape_arg(in_shape, "in_shape"), shape_arg(out_shape, "out_shape")
     var = 1.0 / int(np.prod(ins))
     if factorization == "cp":
         r = check_positive_int(rank, "rank")
@@ -266,7 +263,7 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, d in enumerate(ins)}
         specs |= {f"factor_out_{j}": ((d, r), normal) for j, d in enumerate(outs)}
     elif factorization == "tucker":
-        ranks = tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins) + len(outs), "rank"))
+        ranks = as_ints(rank, len(ins) + len(outs), "rank", positive=True)
         normal = initializers.normal(product_std(var, len(ranks) + 1, int(np.prod(ranks))))
         specs = {"core": (ranks, normal)}
         specs |= {f"factor_in_{i}": ((d, r), normal) for i, (d, r) in enumerate(zip(ins, ranks))}
@@ -274,7 +271,7 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
     elif factorization == "tt":
         if len(ins) != len(outs):
             raise ValueError(f"in_shape={ins}, out_shape={outs}: a TT-matrix weight needs as many input as output modes")
-        bonds = (1,) + tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins) - 1, "rank")) + (1,)
+        bonds = (1,) + as_ints(rank, len(ins) - 1, "rank", positive=True) + (1,)
         normal = initializers.normal(product_std(var, len(ins), int(np.prod(bonds))))
         specs = {f"core_{n}": ((bonds[n], i, o, bonds[n + 1]), normal) for n, (i, o) in enumerate(zip(ins, outs))}
     else:
@@ -284,8 +281,8 @@ def factorized_linear_specs(in_shape, out_shape, factorization: str, rank, use_b
 
 def tcl_specs(in_shape, rank, use_bias: bool = False) -> Specs:
     """TCL leaves ``factor_<i> (d_i, r_i)`` (LeCun: each mode keeps the input variance), optional ``bias (*r)``."""
-    ins = _shape_arg(in_shape, "in_shape")
-    ranks = tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ins), "rank"))
+    ins = shape_arg(in_shape, "in_shape")
+    ranks = as_ints(rank, len(ins), "rank", positive=True)
     specs: Specs = {f"factor_{i}": ((d, r), initializers.lecun_normal()) for i, (d, r) in enumerate(zip(ins, ranks))}
     return specs | ({"bias": (ranks, initializers.zeros)} if use_bias else {})
 
@@ -296,7 +293,7 @@ def tt_conv_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int
     ``core_{N+1} (R_{N+1}, C_out, 1)``; ``rank`` an int or the ``N + 1`` inner ranks."""
     ks = kernel_dims(kernel_size)
     dims = (check_positive_int(in_channels, "in_features"),) + ks + (check_positive_int(out_channels, "out_features"),)
-    bonds = (1,) + tuple(check_positive_int(r, "rank") for r in as_ints(rank, len(ks) + 1, "rank")) + (1,)
+    bonds = (1,) + as_ints(rank, len(ks) + 1, "rank", positive=True) + (1,)
     normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), len(dims), int(np.prod(bonds))))
     specs: Specs = {f"core_{n}": ((bonds[n], d, bonds[n + 1]), normal) for n, d in enumerate(dims)}
     return specs | ({"bias": ((out_channels,), initializers.zeros)} if use_bias else {})

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from hocp_jax import conv, layer_specs, regression, tensorized
-from hocp_jax.checks import is_int
+from hocp_jax.checks import check_flags, is_positive_int
 from hocp_jax.padding import PaddingLike
 
 
@@ -42,6 +42,20 @@ def _existing_shape(module: nn.Module, name: str):
     if module.is_initializing() or not module.has_variable("params", name):
         return None
     return tuple(module.get_variable("params", name).shape)
+
+
+def _stored_rank(module: nn.Module, names: Sequence[str]) -> int | None:
+    """The rank R (last axis) that the stored CP leaves ``names`` share (a pruned tree keeps its
+    smaller one), None at init; a ValueError names the leaf whose R differs from the others'."""
+    shapes = {n: s for n in names if (s := _existing_shape(module, n)) is not None}
+    ranks = [s[-1:] for s in shapes.values()]
+    common = max(ranks, key=ranks.count, default=())
+    for n, s in shapes.items():
+        if s[-1:] != common:
+            raise ValueError(
+                f"params['{n}'] of layer '{module.name or type(module).__name__}': stored shape {s} does not have "
+                f"the rank of the other CP leaves; expected {common[0]} in its last axis")
+    return common[0] if common else None
 
 
 def _params(module: nn.Module, specs: layer_specs.Specs) -> dict[str, jax.Array]:
@@ -149,9 +163,9 @@ class CPConv(nn.Module):
         """``x (B, *S, C_in)`` or ``(B, *T, *S, C_in)`` -> ``(B, [*T,] *S_out, features)``."""
         layer_specs.check_psi(self.psi, self.psi_stages)
         layer_specs.check_sizes(features=self.features, temporal_kernel_size=self.temporal_kernel_size)
-        layer_specs.check_flags(skip=self.skip, use_bias=self.use_bias, input_grad=self.input_grad)
+        check_flags(skip=self.skip, use_bias=self.use_bias, input_grad=self.input_grad, train=train)
         spatial, ks = self._spatial()
-        temporal_modes = layer_specs.check_temporal_modes(self.temporal_modes)
+        temporal_modes = layer_specs.check_temporal_modes(self.temporal_modes, spatial)
         temporal = layer_specs.temporal_in_use(x.shape, spatial, temporal_modes, self.name or "CPConv")
         for m in temporal:
             if not self.is_initializing() and not self.has_variable("params", conv.mode_key(m)):
@@ -162,8 +176,8 @@ class CPConv(nn.Module):
                     "(hocp_jax.transduction.transduce) or initialise the model on video."
                 )
         c_in = x.shape[-1]
-        stored = _existing_shape(self, "lambda")  # a pruned tree keeps its (smaller) rank
-        rank = stored[0] if stored else self.resolve_rank(c_in)
+        cp_leaves = ["lambda", "factor_in", "factor_out"] + [conv.mode_key(m) for m in temporal + spatial]
+        rank = _stored_rank(self, cp_leaves) or self.resolve_rank(c_in)
         tks = tuple((_existing_shape(self, conv.mode_key(m)) or (self.temporal_kernel_size,))[0] for m in temporal)
         params = _params(self, layer_specs.cp_specs(
             c_in, self.features, tuple(zip(temporal + spatial, tks + ks)), rank,
@@ -258,9 +272,9 @@ class TRL(nn.Module):
         layer_specs.check_sizes(features=self.features, n_modes=self.n_modes)
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
-        if not all(map(is_int, x.shape[-self.n_modes:])):
-            raise ValueError(f"x: got shape {tuple(x.shape)}, with symbolic sizes (jax.export) in the regressed modes; "
-                             "expected static sizes (the TRL's factors follow them)")
+        if not all(map(is_positive_int, x.shape[-self.n_modes:])):
+            raise ValueError(f"x: got shape {tuple(x.shape)}, with symbolic sizes (jax.export) in the regressed modes "
+                             "or a size 0; expected static sizes >= 1 (the TRL's factors follow them)")
         params = _params(self, layer_specs.trl_specs(x.shape[-self.n_modes:], self.features, self.rank, self.decomposition))
         x, params = _promote(self, x, params)
         return regression.trl(x, params, n_modes=self.n_modes)
@@ -291,6 +305,7 @@ class FactorizedLinear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         tensorized.check_rate(self.tensor_dropout, "tensor_dropout")
+        check_flags(use_bias=self.use_bias, train=train)
         params = _params(self, layer_specs.factorized_linear_specs(
             self.in_shape, self.out_shape, self.factorization, self.rank, self.use_bias))
         if train and self.tensor_dropout:
@@ -312,6 +327,7 @@ class TCL(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_specs.check_sizes(n_modes=self.n_modes)
+        check_flags(use_bias=self.use_bias)
         if x.ndim < self.n_modes + 1:
             raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{self.n_modes})")
         params = _params(self, layer_specs.tcl_specs(x.shape[-self.n_modes:], self.rank, self.use_bias))
@@ -336,7 +352,7 @@ class TTConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_specs.check_sizes(features=self.features)
-        layer_specs.check_flags(use_bias=self.use_bias)
+        check_flags(use_bias=self.use_bias)
         params = _params(self, layer_specs.tt_conv_specs(
             x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
         x, params = _promote(self, x, params)

@@ -29,6 +29,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
 from hocp_jax import conv, layer_specs, regression, tensorized
+from hocp_jax.checks import check_flags
 from hocp_jax.padding import PaddingLike
 
 
@@ -105,9 +106,10 @@ class CPConv(nnx.Module):
         layer_specs.check_psi(psi, psi_stages)
         layer_specs.check_sizes(in_features=in_features, out_features=out_features,
                                 temporal_kernel_size=temporal_kernel_size)
-        layer_specs.check_flags(skip=skip, use_bias=use_bias, input_grad=input_grad)
+        check_flags(skip=skip, use_bias=use_bias, input_grad=input_grad,
+                                use_running_average=use_running_average)
         self.spatial, ks = layer_specs.spatial_layout(kernel_size, spatial_modes)
-        self.temporal_modes = layer_specs.check_temporal_modes(temporal_modes)
+        self.temporal_modes = layer_specs.check_temporal_modes(temporal_modes, self.spatial)
         rank = layer_specs.cp_layer_rank(in_features, out_features, ks, rank, rank_multiple)
         mode_sizes = tuple((m, temporal_kernel_size) for m in self.temporal_modes) + tuple(zip(self.spatial, ks))
         _create(self, layer_specs.cp_specs(in_features, out_features, mode_sizes, rank, gain=gain, skip=skip,
@@ -133,6 +135,8 @@ class CPConv(nnx.Module):
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         """``x (B, [*T,] *S, C_in)`` -> ``(B, [*T,] *S_out, out_features)``."""
+        if use_running_average is not None:
+            check_flags(use_running_average=use_running_average)
         temporal = layer_specs.temporal_in_use(x.shape, self.spatial, self.temporal_modes, type(self).__name__)
         unused = {conv.mode_key(m) for m in self.temporal_modes if m not in temporal}
         x, params = _values(self, [n for n in _leaf_names(self) if n not in unused], x, self.dtype)
@@ -218,7 +222,7 @@ class TRL(nnx.Module):
         rngs: nnx.Rngs,
     ):
         layer_specs.check_sizes(features=features)
-        self.in_shape = tuple(in_shape)
+        self.in_shape = layer_specs.shape_arg(in_shape, "in_shape")
         _create(self, layer_specs.trl_specs(self.in_shape, features, rank, decomposition), rngs, param_dtype)
         self.dtype = dtype
 
@@ -249,11 +253,14 @@ class FactorizedLinear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         tensorized.check_rate(tensor_dropout, "tensor_dropout")
+        check_flags(use_bias=use_bias, deterministic=deterministic)
         _create(self, layer_specs.factorized_linear_specs(in_shape, out_shape, factorization, rank, use_bias), rngs, param_dtype)
         self.implementation, self.tensor_dropout, self.deterministic, self.dtype = implementation, tensor_dropout, deterministic, dtype
         self.rngs = rngs["dropout"].fork() if tensor_dropout else nnx.data(None)
 
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        if deterministic is not None:
+            check_flags(deterministic=deterministic)
         x, params = _values(self, _leaf_names(self), x, self.dtype)
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.tensor_dropout and not deterministic:
@@ -267,6 +274,7 @@ class TCL(nnx.Module):
 
     def __init__(self, in_shape: Sequence[int], rank: int | Sequence[int], *, use_bias: bool = False, dtype: Any = None,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        check_flags(use_bias=use_bias)
         _create(self, layer_specs.tcl_specs(in_shape, rank, use_bias), rngs, param_dtype)
         self.dtype = dtype
 
@@ -297,6 +305,7 @@ class TTConv(nnx.Module):
         rngs: nnx.Rngs,
     ):
         layer_specs.check_sizes(in_features=in_features, out_features=out_features)
+        check_flags(use_bias=use_bias)
         _create(self, layer_specs.tt_conv_specs(in_features, out_features, kernel_size, rank, gain, use_bias), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
         self.dtype = dtype

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorly as tl
 
-from hocp_jax import conv, conv_ops, counting, layers, regression
-from hocp_jax.layers import TCL, TRL, CPConv, SeparableConv, TTConv, TuckerConv
+from hocp_jax import conv, conv_ops, counting, init, layers, regression
+from hocp_jax.layers import TCL, TRL, CPConv, FactorizedLinear, SeparableConv, TTConv, TuckerConv
 
 
 def test_cpconv_equals_functional_and_dense():
@@ -162,6 +162,13 @@ BAD_LAYERS = [
     (lambda: TTConv(0), "features=0"),
     (lambda: CPConv(3, rank=2, skip="no"), "skip='no': expected True or False"),  # was: a skip factor
     (lambda: CPConv(3, rank=2, use_bias="no"), "use_bias='no'"),
+    (lambda: TCL(2, use_bias="no"), "use_bias='no'"),  # was: a bias
+    (lambda: FactorizedLinear((2, 2), (3, 3), use_bias="no"), "use_bias='no'"),  # was: a bias
+    (lambda: TRL(3, decomposition="tucker", rank=(0, 2, 2, 2)),  # was: ZeroDivisionError
+     "rank=(0, 2, 2, 2): expected a positive int or 4 positive ints"),
+    (lambda: TRL(3, decomposition="tucker", rank=-1), "rank=-1"),
+    (lambda: CPConv(3, rank=2, spatial_modes=("t", "w")),  # was: modes=('t', 't', 'w') on video only
+     "spatial_modes=('t', 'w'), temporal_modes=('t',): expected distinct mode names"),
 ]
 
 
@@ -185,3 +192,30 @@ def test_a_standalone_layer_is_named_by_its_class_in_errors():
         m.apply(v, jnp.ones((1, 3, 5, 5, 4)))
     with pytest.raises(ValueError, match=r"params\['factor_in'\] of layer 'CPConv': stored shape \(4, 2\)"):
         m.apply(v, jnp.ones((1, 5, 5, 6)))
+
+
+def test_call_flags_are_bools_and_numpy_bools_pass():
+    """``train="yes"`` ran BatchNorm on batch statistics, ``init_cp_params(skip="yes")`` made a skip factor."""
+    with pytest.raises(ValueError, match="train='yes': expected True or False"):
+        CPConv(3, rank=2, psi="bn_relu").init(jax.random.key(0), _X, train="yes")
+    with pytest.raises(ValueError, match="train='no'"):
+        FactorizedLinear((2, 2), (3, 3)).init(jax.random.key(0), _X, train="no")
+    with pytest.raises(ValueError, match="skip='yes'"):
+        init.init_cp_params(jax.random.key(0), 4, 6, (3, 3), 2, skip="yes")
+    v = CPConv(3, rank=2, skip=np.bool_(True)).init(jax.random.key(0), _X, train=np.bool_(False))
+    assert "factor_skip" in v["params"]
+
+
+def test_trl_refuses_a_zero_size_regressed_mode():
+    with pytest.raises(ValueError, match=r"x: got shape \(1, 0, 5, 4\).*a size 0"):  # was: ZeroDivisionError
+        TRL(3, rank=2).init(jax.random.key(0), jnp.ones((1, 0, 5, 4)))
+
+
+def test_a_stored_leaf_of_another_rank_is_named():
+    """A ``lambda`` of the wrong rank blamed ``factor_in`` (the rank was read from ``lambda``)."""
+    m = CPConv(3, rank=2)
+    p = m.init(jax.random.key(0), _X)["params"]
+    for name in ("lambda", "factor_w"):
+        bad = {**p, name: jnp.ones(p[name].shape[:-1] + (5,))}
+        with pytest.raises(ValueError, match=rf"params\['{name}'\] of layer 'CPConv'.*expected 2 in its last axis"):
+            m.apply({"params": bad}, _X)

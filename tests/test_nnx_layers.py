@@ -1,5 +1,7 @@
 """Flax NNX layers: equal to the Linen layers on the same parameters, and the library's
 parameter-tree functions (transduce, masks, lasso) work on their ``nnx.state``."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,37 @@ def test_cpconv_passes_input_grad_to_the_conv(monkeypatch):
     for flag in (False, True):
         nnx_layers.CPConv(3, 4, rank=2, implementation="auto", input_grad=flag, rngs=nnx.Rngs(0))(x)
     assert seen == [False, True]
+
+
+_R = lambda: nnx.Rngs(0)  # noqa: E731
+BAD_NNX = [  # each was accepted (a bias, running statistics) or failed deep inside (ZeroDivisionError, MLIRError)
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, psi="bn_relu", use_running_average="no", rngs=_R()),
+     "use_running_average='no': expected True or False"),
+    (lambda: nnx_layers.TTConv(3, 4, use_bias="no", rngs=_R()), "use_bias='no'"),
+    (lambda: nnx_layers.TCL((2, 2), 2, use_bias="no", rngs=_R()), "use_bias='no'"),
+    (lambda: nnx_layers.FactorizedLinear((2, 2), (3, 3), use_bias="no", rngs=_R()), "use_bias='no'"),
+    (lambda: nnx_layers.FactorizedLinear((2, 2), (3, 3), deterministic="no", rngs=_R()), "deterministic='no'"),
+    (lambda: nnx_layers.TRL((2, 2), 3, decomposition="tucker", rank=-1, rngs=_R()),
+     "rank=-1: expected a positive int or 3 positive ints"),
+    (lambda: nnx_layers.TRL((2, 2), 3, decomposition="tucker", rank=(2, 0, 2), rngs=_R()), "rank=(2, 0, 2)"),
+    (lambda: nnx_layers.TRL((0, 2), 3, rngs=_R()), "in_shape=(0, 2): expected a non-empty sequence of ints >= 1"),
+    (lambda: nnx_layers.TRL((2.0, 2), 3, rngs=_R()), "in_shape=(2.0, 2)"),
+    (lambda: nnx_layers.TRL((), 3, rngs=_R()), "in_shape=()"),
+    (lambda: nnx_layers.TRL(None, 3, rngs=_R()), "in_shape=None"),
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, spatial_modes=("t", "w"), temporal_modes=("t",), rngs=_R()),
+     "spatial_modes=('t', 'w'), temporal_modes=('t',): expected distinct mode names"),
+]
+
+
+@pytest.mark.parametrize("make,words", BAD_NNX, ids=[w.split(":")[0] for _, w in BAD_NNX])
+def test_bad_flags_ranks_shapes_and_modes_fail_at_construction(make, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make()
+
+
+def test_call_flags_are_bools():
+    x = jnp.ones((1, 5, 5, 3))
+    with pytest.raises(ValueError, match="use_running_average='no'"):
+        nnx_layers.CPConv(3, 4, rank=2, psi="bn_relu", rngs=_R())(x, use_running_average="no")
+    with pytest.raises(ValueError, match="deterministic='no'"):
+        nnx_layers.FactorizedLinear((3,), (2,), rngs=_R())(x, deterministic="no")

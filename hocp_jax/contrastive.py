@@ -31,6 +31,7 @@ from optax.projections import projection_simplex
 from hocp_jax import explicit_sharding
 from hocp_jax.checks import check_real, is_int
 from hocp_jax.losses import ccc_loss, pcc_loss
+from hocp_jax.metrics import check_weights
 
 CRITICS = ("cosine", "dot")
 
@@ -119,13 +120,6 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
     return x @ y.T / temperature
 
 
-def _check_weights(weights) -> None:
-    """ValueError if host-side ``weights`` (NumPy, list) hold a negative value; a JAX array is
-    not read back (no host sync), so a negative weight in one goes unchecked."""
-    if weights is not None and not isinstance(weights, jax.Array) and np.any(np.asarray(weights) < 0):
-        raise ValueError(f"weights: got {np.asarray(weights).tolist()}, expected sample weights >= 0")
-
-
 def _pair_weights(scores: jax.Array, weights: jax.Array | None):
     """Positive (diagonal) and negative (off-diagonal) pair weights, each summing to 1 (all 0
     when every weight is 0: the sums are clamped away from 0)."""
@@ -133,7 +127,7 @@ def _pair_weights(scores: jax.Array, weights: jax.Array | None):
         raise ValueError(f"scores must be a square (N, N) matrix with N >= 2, got "
                          f"shape {scores.shape}")
     n = scores.shape[0]
-    _check_weights(weights)
+    check_weights(weights, "weights")
     w = jnp.ones((n,), scores.dtype) if weights is None else jnp.asarray(weights, scores.dtype)
     if w.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {w.shape}")
@@ -170,8 +164,8 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
         scores: ``(N, N)`` critic matrix from :func:`critic_matrix`, ``N >= 2``.
         alpha, beta, gamma: the weights above, real numbers >= 0 (checked unless traced).
         weights: optional ``(N,)`` sample weights ``>= 0`` (e.g. the pipeline's padding
-            ``mask``); pair ``(i, j)`` gets ``w_i w_j``. Negative weights are rejected in NumPy
-            arrays; in JAX arrays they are not checked and give a meaningless ``J``.
+            ``mask``); pair ``(i, j)`` gets ``w_i w_j``. Negative weights are rejected where
+            concrete; under ``jit`` they are not checked and give a meaningless ``J``.
 
     Returns:
         Scalar ``J``; 0 when every weight is 0 (an all-padding batch).
@@ -193,8 +187,8 @@ def infonce_objective(scores: jax.Array, *, weights: jax.Array | None = None) ->
     Args:
         scores: ``(N, N)`` critic matrix, positives on the diagonal.
         weights: optional ``(N,)`` sample weights ``>= 0`` (anchors and candidates; a weight
-            of 0 drops the sample). Negative weights are rejected in NumPy arrays; in JAX
-            arrays they are not checked and give a meaningless ``J``.
+            of 0 drops the sample). Negative weights are rejected where concrete; under
+            ``jit`` they are not checked and give a meaningless ``J``.
 
     Returns:
         Scalar ``J``; 0 when every weight is 0 (an all-padding batch).
@@ -220,8 +214,8 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
                                 + ||n(d_soft_i) - n(d_latent_i)||)       # keep directions
 
     with ``n(v) = v / ||v||``. To MINIMISE. ``weights``: optional ``(N,)`` sample weights ``>= 0``
-    (means weighted by them; 0 when every weight is 0). Negative weights are rejected in NumPy
-    arrays, unchecked in JAX arrays.
+    (means weighted by them; 0 when every weight is 0). Negative weights are rejected where
+    concrete, unchecked under ``jit``.
     """
     missing = [k for k in ("latent", "sparse", "soft") if k not in disc]
     if missing:
@@ -232,7 +226,7 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
                          "expected three equal (N, D)")
     if weights is not None and np.shape(weights) != d_lat.shape[:1]:
         raise ValueError(f"weights: got shape {np.shape(weights)}, expected ({d_lat.shape[0]},)")
-    _check_weights(weights)
+    check_weights(weights, "weights")
     eps = 1e-12
     norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps)  # noqa: E731
     unit = lambda v: v / norm(v)[..., None]  # noqa: E731

@@ -87,10 +87,11 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
 
 
-def check_weights(mask) -> None:
-    """A ValueError if a concrete (not traced) ``mask`` holds negative weights."""
+def check_weights(mask, name: str = "mask") -> None:
+    """A ValueError naming ``name`` if a concrete (not traced) ``mask`` holds negative weights;
+    under ``jit`` (a traced mask) nothing is read back, and a negative weight goes unchecked."""
     if mask is not None and not isinstance(mask, jax.core.Tracer) and np.any(np.asarray(mask) < 0):
-        raise ValueError(f"mask: got a negative weight ({np.min(np.asarray(mask))}), expected bool or "
+        raise ValueError(f"{name}: got a negative weight ({np.min(np.asarray(mask))}), expected bool or "
                          "weights >= 0")
 
 

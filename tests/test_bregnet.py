@@ -242,6 +242,8 @@ def test_weighted_loss_with_skewed_classes_mask_and_va():
     np.testing.assert_allclose(loss, ce + 0.5 * mse, rtol=1e-5)
     with pytest.raises(ValueError, match="no term to compute"):
         B.bregnet_loss({"va": va_pred}, {"label": labels}, None)
+    with pytest.raises(ValueError, match=r"batch\['mask'\]: got shape \(10, 2\), expected \(10,\)"):  # was: JAX's
+        B.bregnet_loss({"va": va_pred}, {"va": va, "mask": np.ones((10, 2))}, None)  # broadcast_to error
 
 
 def test_tiny_bregnet_trains_on_embedded_digits():

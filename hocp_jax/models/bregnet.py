@@ -269,6 +269,8 @@ def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, cl
         if pred.shape != target.shape:
             raise ValueError(f"batch['va']: got shape {target.shape}, expected the model's {pred.shape}")
         m = jnp.ones(pred.shape[:1]) if mask is None else jnp.asarray(mask, jnp.float32)
+        if m.shape != pred.shape[:1]:
+            raise ValueError(f"batch['mask']: got shape {m.shape}, expected ({pred.shape[0]},), one weight per example")
         m = jnp.broadcast_to(m.reshape(m.shape + (1,) * (pred.ndim - 1)), pred.shape)
         mse = (m * (pred - target) ** 2).sum() / jnp.maximum(m.sum(), 1.0)
         metrics["va_mse"] = mse

@@ -74,7 +74,12 @@ def spatial_layout(kernel_size, spatial_modes) -> tuple[tuple[str, ...], tuple[i
     if not is_int(kernel_size) and (isinstance(kernel_size, str) or not isinstance(kernel_size, Sequence)):
         raise ValueError(f"kernel_size={kernel_size!r}: expected an int or one int >= 1 per spatial mode")
     if spatial_modes is not None:
-        modes = tuple(spatial_modes)
+        if isinstance(spatial_modes, str) or not isinstance(spatial_modes, Sequence):  # a string: one mode per character
+            raise ValueError(f"spatial_modes={spatial_modes!r}: expected a sequence of mode names, e.g. ('h', 'w')")
+        try:
+            modes = conv.check_modes(spatial_modes)
+        except ValueError as e:
+            raise ValueError(f"spatial_modes: {e}") from None
     else:
         modes = conv.default_modes(2 if is_int(kernel_size) else len(kernel_size))
     ks = as_ints(kernel_size, len(modes), "kernel_size")

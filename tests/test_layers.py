@@ -169,6 +169,8 @@ BAD_LAYERS = [
     (lambda: TRL(3, decomposition="tucker", rank=-1), "rank=-1"),
     (lambda: CPConv(3, rank=2, spatial_modes=("t", "w")),  # was: modes=('t', 't', 'w') on video only
      "spatial_modes=('t', 'w'), temporal_modes=('t',): expected distinct mode names"),
+    (lambda: CPConv(3, rank=2, spatial_modes="hw"), "spatial_modes='hw': expected a sequence of mode names"),
+    (lambda: CPConv(3, rank=2, spatial_modes=("h", "h")), "spatial_modes: modes=('h', 'h'): expected"),  # was: modes=... at the call
 ]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hocp_jax.checks import check_positive_int, is_positive_int
+from hocp_jax.checks import check_int, check_positive_int, is_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 
@@ -71,7 +71,7 @@ def cp_rank_for_budget(
     original convolution".
     """
     kernel_size = check_geometry(in_channels, out_channels, kernel_size)
-    budget = dense_params(in_channels, out_channels, kernel_size) if budget is None else budget
+    budget = dense_params(in_channels, out_channels, kernel_size) if budget is None else check_int(budget, "budget", 0)
     rank = budget // (in_channels + out_channels + int(sum(kernel_size)) + 1)
     if rank < 1:
         raise ValueError(f"budget={budget!r}: too small for even a rank-1 CP conv of in_channels={in_channels}, "
@@ -85,8 +85,9 @@ def output_sizes(in_sizes: Sequence[int], kernel_size: Sequence[int], stride=1, 
     """Output spatial sizes of a conv with this geometry (see :mod:`hocp_jax.padding`)."""
     kernel_size = check_geometry(1, 1, kernel_size)
     n = len(kernel_size)
-    if len(in_sizes) != n:
-        raise ValueError(f"in_sizes={tuple(in_sizes)!r}: expected {n} sizes, one per kernel mode")
+    if isinstance(in_sizes, str) or not isinstance(in_sizes, Sequence) or len(in_sizes) != n \
+            or not all(map(is_positive_int, in_sizes)):
+        raise ValueError(f"in_sizes={in_sizes!r}: expected {n} ints >= 1, one per kernel mode")
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")
     pads = resolve_padding(padding, in_sizes, kernel_size, strides, dilations)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import counting
-from hocp_jax.checks import check_int, check_positive_int, check_real, is_int
+from hocp_jax.checks import check_flags, check_int, check_positive_int, check_real, is_int
 from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
@@ -134,6 +134,8 @@ def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, 
     modes = tuple(modes) if modes is not None else default_modes(n_sp)
     if len(modes) != n_sp or len(set(modes)) != n_sp or any(m in RESERVED for m in modes):
         raise ValueError(f"modes={modes!r}: expected {n_sp} distinct names (none of {RESERVED}) for kernel {tuple(kernel.shape)}")
+    if jnp.issubdtype(kernel.dtype, jnp.complexfloating):  # (the cast below would keep the real part)
+        raise ValueError(f"kernel: got dtype {kernel.dtype}, expected a real kernel")
     if not jnp.issubdtype(kernel.dtype, jnp.floating) or jnp.finfo(kernel.dtype).bits < 32:
         kernel = kernel.astype(jnp.float32)
     norm = float(np.linalg.norm(np.asarray(kernel, np.float64)))
@@ -220,6 +222,12 @@ def decompose(
     """
     kernel, modes, out_dtype = _check_kernel(kernel, modes)
     check_positive_int(rank, "rank")
+    check_flags(line_search=line_search)
+    key = jax.random.key(0) if key is None else key
+    try:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    except TypeError:
+        raise ValueError(f"key={key!r}: expected a PRNG key, e.g. jax.random.key(0)") from None
     if init not in ("svd", "random"):
         raise ValueError(f"init={init!r}: expected 'svd' or 'random'")
     check_int(n_iter, "n_iter", 0)
@@ -230,9 +238,8 @@ def decompose(
     if ridge is not None:
         check_real(ridge, "ridge", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (or None: eps of the dtype)")
     ridge = eps if ridge is None else float(ridge)
-    key = jax.random.key(0) if key is None else key
     # the random parts of the init are drawn on the host: compiling threefry costs more than the fit
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = np.random.default_rng(seed)
     noise = tuple(rng.standard_normal((size, int(rank))).astype(kernel.dtype) for size in kernel.shape)
     state = _init_state(kernel, noise, init == "svd")
     chunk = report_every or (50 if callback is not None else max(int(n_iter), 1))

@@ -23,21 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_flags, check_real
+from hocp_jax.checks import check_flags, check_positive_int, check_real
 from hocp_jax.conv import check_modes, default_modes, mode_key
 from hocp_jax.counting import check_geometry
 
 
 def target_variance(in_channels: int, kernel_size: Sequence[int], gain: float = 2.0) -> float:
     """``gain / fan_in`` with ``fan_in = C_in * prod(kernel_size)`` (gain 2 = He, 1 = LeCun)."""
+    kernel_size = check_geometry(in_channels, 1, kernel_size)
     check_real(gain, "gain", lambda v: 0 < v < float("inf"), "a real number > 0 (2 = He, 1 = LeCun)")
     return gain / (in_channels * int(np.prod(kernel_size)))
 
 
 def cp_factor_std(rank: int, n_modes: int, variance: float) -> float:
     """Std of every CP factor entry so the reconstructed kernel has ``variance`` (lambda = 1)."""
-    if rank < 1:
-        raise ValueError(f"rank={rank!r}: expected an int >= 1")
+    check_positive_int(rank, "rank")
+    check_positive_int(n_modes, "n_modes")
+    check_real(variance, "variance", lambda v: 0 < v < float("inf"), "a real number > 0")
     return float((variance / rank) ** (1.0 / (2 * (n_modes + 2))))
 
 

@@ -103,6 +103,9 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
     for path, layer in require_cp_layers(out, "prune_rank"):
         rank = check_cp_layer(layer, path)
         lam = np.abs(np.asarray(layer["lambda"]))
+        if not np.all(np.isfinite(lam)):  # a diverged model: |nan| <= threshold is False, its components would go
+            raise ValueError(f"params at '{path_str(path)}': lambda has non-finite entries "
+                             f"{np.flatnonzero(~np.isfinite(lam)).tolist()}; expected finite values to prune by")
         keep = np.flatnonzero(lam > threshold)
         if keep.size == 0:
             keep = np.array([int(np.argmax(lam))])

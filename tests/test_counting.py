@@ -69,7 +69,13 @@ def test_flops_match_xla_cost_analysis(stride):
     (lambda: counting.cp_flops((5, 5), 4, 6, (3, 3), 2, order=(0, 0)), "order=(0, 0)"),  # was: accepted
     (lambda: counting.output_sizes((5, 5), 3), "kernel_size=3"),
     (lambda: counting.cp_path_costs(-1, (5, 5), 4, 6, (3, 3), 2), "batch=-1"),  # was: negative costs
-], ids=["kernel-int", "channels", "rank-float", "rank-bool", "ranks-int", "order", "output-sizes", "batch"])
+    (lambda: counting.cp_rank_for_budget(4, 6, (3, 3), budget=float("nan")), "budget=nan"),  # was: NaN to integer
+    (lambda: counting.output_sizes((2.5, 5), (3, 3)), "in_sizes=(2.5, 5)"),  # was: [3.0, 5]
+    (lambda: init.target_variance(0, (3, 3)), "in_channels=0"),  # was: ZeroDivisionError (-2: a negative variance)
+    (lambda: init.cp_factor_std(4, 3, -1.0), "variance=-1.0"),  # was: a complex power
+    (lambda: init.cp_factor_std(4, -2, 1.0), "n_modes=-2"),  # was: ZeroDivisionError
+], ids=["kernel-int", "channels", "rank-float", "rank-bool", "ranks-int", "order", "output-sizes", "batch", "budget",
+        "in-sizes", "variance-channels", "factor-std-variance", "factor-std-modes"])
 def test_bad_geometry_raises_naming_the_argument(call, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         call()

@@ -115,6 +115,12 @@ def test_decompose_rejects_bad_inputs():
             D.decompose(kernel, **kwargs)
     with pytest.raises(ValueError, match="norm"):
         D.decompose(jnp.zeros((3, 3, 2, 2)), 2)
+    for kwargs, match in (({"key": 0}, "key=0: expected a PRNG key"),  # was: JAX's invalid PRNG key data
+                          ({"line_search": "no"}, "line_search='no': expected True or False")):  # was: read as on
+        with pytest.raises(ValueError, match=match):
+            D.decompose(kernel, 2, **kwargs)
+    with pytest.raises(ValueError, match="dtype complex64, expected a real kernel"):  # was: its real part, silently
+        D.decompose(kernel.astype(jnp.complex64), 2)
     with pytest.raises(ValueError, match="kernel"):
         D.decompose(jnp.ones((3, 2)), 2)
     with pytest.raises(ValueError, match="no dense conv kernel"):

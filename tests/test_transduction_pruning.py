@@ -203,6 +203,9 @@ def test_prune_rank_threshold_keeps_one_and_errors():
             pruning.prune_rank(params, bad)
     with pytest.raises(ValueError, match="no CP layer"):
         pruning.prune_rank({"dense": {"kernel": jnp.ones((3, 3, 2, 2))}})
+    diverged = dict(params, conv2=dict(params["conv2"], **{"lambda": jnp.array([1.0, jnp.nan, 0.0, 2.0])}))
+    with pytest.raises(ValueError, match=r"params at 'conv2': lambda has non-finite entries \[1\]"):  # was: dropped
+        pruning.prune_rank(diverged, 0.1)
     broken = dict(params, conv1=dict(params["conv1"], factor_in=jnp.ones((C, 4))))
     with pytest.raises(ValueError, match="rank mismatch"):
         pruning.prune_rank(broken)

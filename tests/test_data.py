@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from hocp_jax.data import embedded, pipeline
+from hocp_jax.data import embedded, manual, pipeline
 from hocp_jax.data.afew_va import AfewVaConfig, split_of
 from hocp_jax.data.affectnet import AffectNetConfig, split_of_training_row
 
@@ -253,12 +253,41 @@ def test_bad_arguments_raise_clear_errors(data_dir):
         embedded.make_digits_affect("test", -1)
     with pytest.raises(ValueError, match="num_frames=1: expected an int >= 2"):  # was: NaN positions
         embedded.trajectory(0.0, 1.0, 2.0, 1)
-    from hocp_jax.data.afew_va import AfewVaConfig
     with pytest.raises(ValueError, match="AfewVaConfig num_frames=0"):
         AfewVaConfig(name="bad", num_frames=0)
+    for size in (0, "64", 8.0):  # were not checked
+        with pytest.raises(ValueError, match=f"AffectNetConfig image_size={size!r}: expected an int >= 1"):
+            AffectNetConfig(name="bad", image_size=size)
+    # were: AttributeErrors, a config of another dataset accepted, the name's config silently ignored
+    for name, config, words in (
+            (None, None, "name=None: expected a dataset name"),
+            ("affectnet", 123, "config=123: expected a config name or an instance of AffectNetConfig"),
+            ("affectnet", AfewVaConfig(name="t8_s64"), "config=AfewVaConfig.*instance of AffectNetConfig"),
+            ("affectnet/s224", "s64", "name='affectnet/s224' and config='s64': two different configs"),
+            ("affectnet", "s999", "config='s999': affectnet has no builder config 's999'")):
+        with pytest.raises(ValueError, match=words):
+            pipeline.get_builder(name, data_dir, config=config)
+    assert pipeline.get_builder("affectnet", data_dir, config="s224").builder_config.image_size == 224
 
 
 # ---------------------------------------------------------------- manual datasets
+
+
+def test_crop_resize_refuses_what_it_cannot_crop():
+    image = Image.fromarray(np.full((40, 50, 3), 100, np.uint8))
+    assert manual.crop_resize(image, (10, 5, 40, 35), 8).shape == (8, 8, 3)
+    for box, words in (((10, 5, 10, 35), "box=.10.0, 5.0, 10.0, 35.0. on a 50x40 image: expected a non-empty"),
+                       ((100, 100, 130, 130), "on a 50x40 image: .* overlapping the image"),
+                       ((np.nan, 5, 40, 35), "box=.nan, 5, 40, 35.: expected 4 finite numbers"),
+                       ((1, 2, 3), "box=.1, 2, 3.: expected 4 finite numbers")):
+        with pytest.raises(ValueError, match=words):  # were: all-zero images, or errors from PIL
+            manual.crop_resize(image, box, 8)
+    with pytest.raises(ValueError, match="size=8.5: expected an int >= 1"):
+        manual.crop_resize(image, (10, 5, 40, 35), 8.5)
+    float_image = Image.fromarray(np.full((40, 50), 1000.5, np.float32))  # was: wrapped to 232
+    for bad, words in ((float_image, "mode 'F'"), (np.asarray(image), "ndarray")):
+        with pytest.raises(ValueError, match=rf"image \({words}\): expected an 8-bit PIL image"):
+            manual.crop_resize(bad, (10, 5, 40, 35), 8)
 
 
 def _write_afew_clip(root, number, num_frames, rng):
@@ -299,6 +328,65 @@ def test_afew_va_builder_on_fixture(tmp_path):
             assert e["clip_id"] == number
             assert e["video"].shape == (4, 16, 16, 3) and e["video"].dtype == np.uint8
             assert e["video"][:, 2:-2, 2:-2].min() == 255  # the crop is the face square
+
+
+def _edit_json(path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_afew_va_orders_frames_by_number(tmp_path):
+    # unpadded frame names "0" ... "11" (sorted as strings, "10" came before "2")
+    rng, manual_dir = np.random.default_rng(3), tmp_path / "manual"
+    clips = {n: _write_afew_clip(manual_dir, n, 12, rng) for n in (1, 7, 8)}
+    for number in clips:
+        folder = manual_dir / f"{number:03d}"
+        for t in range(12):
+            (folder / f"{t:05d}.png").rename(folder / f"{t}.png")
+        _edit_json(folder / f"{number:03d}.json", lambda doc: doc.update(
+            frames={str(int(k)): v for k, v in doc["frames"].items()}))
+    config = AfewVaConfig(name="t12_s8", num_frames=12, stride=12, image_size=8)
+    builder = pipeline.build("afew_va", tmp_path / "tfds", manual_dir=manual_dir, config=config)
+    for number, frames in clips.items():
+        clip = builder.as_data_source(split=split_of(number))[0]
+        want = [[frames[f"{t:05d}"][k] / 10 for k in ("valence", "arousal")] for t in range(12)]
+        np.testing.assert_allclose(clip["va"], want, atol=1e-6)
+
+
+def _set_frame(field, value):
+    return lambda m: _edit_json(m / "001" / "001.json", lambda doc: doc["frames"]["00000"].update({field: value}))
+
+
+def _non_numeric_folder(m):  # abc/abc.json
+    _write_afew_clip(m / "x", 2, 2, np.random.default_rng(0))
+    (m / "x" / "002" / "002.json").rename(m / "x" / "002" / "abc.json")
+    (m / "x" / "002").rename(m / "abc")
+
+
+@pytest.mark.parametrize("edit,num_frames,words", [
+    # were: stored as 1.5 / NaN, KeyErrors, TypeErrors, int() errors, TFDS's duplicate-key and
+    # empty-split errors, a JSONDecodeError without the file
+    (_set_frame("valence", 15), 2, r"001.json frame '00000': valence, arousal = \[15, .*\], expected numbers in \[-10, 10\]"),
+    (_set_frame("arousal", None), 2, r"001.json frame '00000': valence, arousal = \[.*, None\], expected numbers"),
+    (_set_frame("landmarks", [1, 2, 3]), 2, r"001.json frame '00000': landmarks: expected a list of \[x, y\] points"),
+    (_set_frame("landmarks", [[500, 500]] * 2 + [[600, 600]]), 2,
+     r"001.json frame '00000': face box of the landmarks: box=.* on a 64x48 image"),
+    (lambda m: _edit_json(m / "001" / "001.json", lambda doc: doc.pop("frames")), 2, r"001.json: expected \{\"frames\""),
+    (lambda m: (m / "001" / "001.json").write_text("{not json"), 2, r"001.json: not valid JSON"),
+    (_non_numeric_folder, 2, r"abc.json: folder 'abc' is not a video number"),
+    (lambda m: _write_afew_clip(m / "02", 1, 4, np.random.default_rng(0)), 2,
+     r"video number 1 appears twice: .*manual/001/001.json and .*manual/02/001/001.json"),
+    (lambda m: None, 5, r"split 'train': no examples from .*manual \(each of its 1 videos is shorter than num_frames=5\)"),
+])
+def test_afew_va_invalid_files_are_clear_errors(tmp_path, edit, num_frames, words):
+    manual_dir = tmp_path / "manual"
+    for number in (1, 7, 8):
+        _write_afew_clip(manual_dir, number, 4, np.random.default_rng(number))
+    edit(manual_dir)
+    config = AfewVaConfig(name="t_s8", num_frames=num_frames, stride=2, image_size=8)
+    with pytest.raises(ValueError, match=words):
+        pipeline.build("afew_va", tmp_path / "tfds", manual_dir=manual_dir, config=config)
 
 
 def _write_affectnet(root, rng):
@@ -354,6 +442,67 @@ def test_affectnet_builder_on_fixture(tmp_path):
     assert isinstance(raw, bytes) and len(raw) != 8 * 8 * 3  # what label_counts leaves undecoded
 
 
+def _edit_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(edit(rows))
+
+
+@pytest.mark.parametrize("edit,words", [
+    # were: kept as -1 / 7 (left to TFDS), AttributeErrors, KeyErrors, OverflowErrors, TFDS's empty-split error
+    (lambda rows: rows[:1] + [["-1", *rows[1][1:]]] + rows[2:], r"line 2: emotion='-1', expected an integer in \[0, 6\]"),
+    (lambda rows: rows[:2] + [["x", *rows[2][1:]]] + rows[3:], r"line 3: emotion='x', expected an integer in \[0, 6\]"),
+    (lambda rows: rows[:1] + [[rows[1][0], "256" + " 0" * 2303, rows[1][2]]] + rows[2:],
+     r"line 2: pixels: 2304 values \(one is '256'\), expected 2304 integers in \[0, 255\]"),
+    (lambda rows: rows[:1] + [rows[1][:1]] + rows[2:], r"line 2: 1 fields, expected 3 \(emotion,pixels,Usage\)"),
+    (lambda rows: rows[:1] + [[*rows[1][:2], "Validation"]] + rows[2:], r"line 2: Usage='Validation', expected one of"),
+    (lambda rows: [r[:2] for r in rows], r"fer2013.csv: header \['emotion', 'pixels'\], expected .* \(missing \['Usage'\]\)"),
+    (lambda rows: [r for r in rows if r[2] != "PublicTest"],
+     r"split 'validation': no examples from .*fer2013.csv \(no row with Usage=PublicTest\)"),
+])
+def test_fer2013_invalid_rows_are_clear_errors(tmp_path, edit, words):
+    _write_fer2013(tmp_path / "manual", np.random.default_rng(2))
+    _edit_csv(tmp_path / "manual" / "fer2013.csv", edit)
+    with pytest.raises(ValueError, match=words):
+        pipeline.build("fer2013", tmp_path / "tfds", manual_dir=tmp_path / "manual")
+
+
+def test_fer2013_header_with_utf8_bom(tmp_path):  # as saved by Excel; was: KeyError 'emotion'
+    _write_fer2013(tmp_path / "manual", np.random.default_rng(2))
+    path = tmp_path / "manual" / "fer2013.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(pipeline.data_source("fer2013", "test", tmp_path / "tfds", manual_dir=tmp_path / "manual")) == 3
+
+
+def _affectnet_row(rel, expression="1", valence="0.5", width="30", x="10"):
+    return [rel, x, "5", width, "30", "1;2", expression, valence, "-0.5"]
+
+
+@pytest.mark.parametrize("edit,words", [
+    # were: kept (-1, NaN), an all-zero face, bare float()/KeyError/TypeError errors, TFDS's errors
+    (lambda rows: rows + [_affectnet_row("12/new.jpg", expression="-1")],
+     r"validation.csv line 7: expression='-1', expected an integer in \[0, 10\]"),
+    (lambda rows: rows + [_affectnet_row("12/new.jpg", valence="nan")], r"line 7: valence='nan', expected a finite number"),
+    (lambda rows: rows + [_affectnet_row("12/new.jpg", width="abc")], r"line 7: face_width='abc', expected a finite number"),
+    (lambda rows: rows + [_affectnet_row("12/new.jpg", width="0")],
+     r"line 7: face_x, face_y, face_width, face_height = 10, 5, 0, 30: box=.* on a 50x40 image: expected a non-empty box"),
+    (lambda rows: rows + [_affectnet_row("12/new.jpg", x="1000")], r"line 7: .*overlapping the image"),
+    (lambda rows: rows + [rows[1]], r"subDirectory_filePath '12/val000.jpg' appears twice: .*line 2 and .*line 7"),
+    (lambda rows: rows + [rows[1][:3]], r"line 7: 3 fields, expected 9"),
+    (lambda rows: [r[:-1] for r in rows], r"validation.csv: header .*, expected the columns .* \(missing \['arousal'\]\)"),
+    (lambda rows: rows[:1] + [r for r in rows[1:] if int(r[6]) >= 8],
+     r"split 'test': no examples from .*validation.csv \(no row with expression 0-7 and valence/arousal in \[-1, 1\]\)"),
+])
+def test_affectnet_invalid_rows_are_clear_errors(tmp_path, edit, words):
+    _write_affectnet(tmp_path / "manual", np.random.default_rng(1))
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "manual" / "Manually_Annotated_Images" / "12/new.jpg")
+    _edit_csv(tmp_path / "manual" / "validation.csv", edit)
+    with pytest.raises(ValueError, match=words):
+        pipeline.build("affectnet", tmp_path / "tfds", manual_dir=tmp_path / "manual",
+                       config=AffectNetConfig(name="s8", image_size=8))
+
+
 def _write_fer2013(folder, rng):
     """fer2013.csv with 4 train, 2 validation and 3 test faces; returns their pixels."""
     folder.mkdir(parents=True)
@@ -384,6 +533,12 @@ def test_fer2013_builder_on_fixture(tmp_path):
     batch = next(pipeline.eval_batches("fer2013", "train", tmp_path / "tfds", batch_size=4,
                                        shard_index=0, shard_count=1))
     assert batch["image"].shape == (4, 48, 48, 1) and "va" not in batch
+    # 2 validation examples over 3 hosts: host 2's shard is empty, yet it yields as many
+    # (masked) batches as the others, so that no host waits in a collective (was: ZeroDivisionError)
+    masks = [[b["mask"].tolist() for b in pipeline.eval_batches(
+        "fer2013", "validation", tmp_path / "tfds", batch_size=3, shard_index=host, shard_count=3)]
+        for host in range(3)]
+    assert masks == [[[1.0]], [[1.0]], [[0.0]]]
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -158,3 +158,27 @@ def test_unknown_label_is_a_clear_error(tmp_path):
     (manual_dir / "jester-v1-train.csv").write_text("7;Waving Hello\n")
     with pytest.raises(ValueError, match="Waving Hello"):
         pipeline.build("jester", tmp_path / "tfds", manual_dir=manual_dir)
+
+
+@pytest.mark.parametrize("edit,words", [
+    # were: TFDS's "No module named 'tensorflow'" (duplicate key) and AssertionError (empty split)
+    (lambda m: (m / "jester-v1-train.csv").write_text((m / "jester-v1-train.csv").read_text() + "7;Thumb Up\n"),
+     r"video_id '7' appears twice: .*jester-v1-train.csv line 1 and .*jester-v1-train.csv line 3"),
+    (lambda m: (m / "jester-v1-validation.csv").write_text(""),
+     r"split 'validation': no examples from .*jester-v1-validation.csv"),
+])
+def test_invalid_lists_are_clear_errors(tmp_path, edit, words):
+    manual_dir = _write_manual(tmp_path / "manual")
+    edit(manual_dir)
+    config = jester.JesterConfig(name="t2_s8", num_frames=2, image_size=8)
+    with pytest.raises(ValueError, match=words):
+        pipeline.build("jester", tmp_path / "tfds", manual_dir=manual_dir, config=config)
+
+
+def test_lists_with_utf8_bom(tmp_path):  # as saved by Excel; was: line 1 refused
+    manual_dir = _write_manual(tmp_path / "manual")
+    for name in ("jester-v1-labels.csv", "jester-v1-train.csv"):
+        (manual_dir / name).write_bytes(b"\xef\xbb\xbf" + (manual_dir / name).read_bytes())
+    config = jester.JesterConfig(name="t2_s8", num_frames=2, image_size=8)
+    builder = pipeline.build("jester", tmp_path / "tfds", manual_dir=manual_dir, config=config)
+    assert sorted(int(e["video_id"]) for e in builder.as_data_source(split="train")) == [7, 12]

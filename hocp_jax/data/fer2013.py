@@ -5,10 +5,8 @@ columns ``emotion`` (0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise,
 6 Neutral), ``pixels`` (48*48 space-separated gray values, row-major) and
 ``Usage`` (Training / PublicTest / PrivateTest -> train / validation / test).
 Features: image (48, 48, 1) uint8; label () int (7 classes). No
-valence/arousal.
+valence/arousal. A row off this format is a ValueError naming the file and line.
 """
-import csv
-
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -45,18 +43,25 @@ and place it at manual_dir/fer2013.csv (or manual_dir/fer2013/fer2013.csv)."""
         path = root / "fer2013" / "fer2013.csv"
         if not path.exists():
             path = manual.require(root / "fer2013.csv", self)
-        return {s: self._generate_examples(path, s) for s in USAGE_TO_SPLIT.values()}
+        return {split: manual.nonempty(self._generate_examples(path, split), split, path,
+                                       f"no row with Usage={usage}")
+                for usage, split in USAGE_TO_SPLIT.items()}
 
     def _generate_examples(self, path, split):
-        with path.open() as f:
-            reader = csv.DictReader(f)
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            for i, row in enumerate(reader):
-                if USAGE_TO_SPLIT[row["Usage"].strip()] != split:
-                    continue
-                pixels = np.array(row["pixels"].split(), np.uint8)
-                if pixels.size != SIDE * SIDE:
-                    raise ValueError(f"{path} row {i}: {pixels.size} pixels, "
-                                     f"expected {SIDE * SIDE}")
-                yield i, {"image": pixels.reshape(SIDE, SIDE, 1),
-                          "label": int(row["emotion"])}
+        for i, (where, row) in enumerate(manual.csv_rows(path, ("emotion", "pixels", "Usage"))):
+            usage = row["Usage"].strip()
+            if usage not in USAGE_TO_SPLIT:
+                raise manual.invalid(where, f"Usage={usage!r}, expected one of {list(USAGE_TO_SPLIT)}")
+            if USAGE_TO_SPLIT[usage] != split:
+                continue
+            label = manual.number(row["emotion"], "emotion", where, 0, len(EMOTIONS) - 1)
+            words = row["pixels"].split()
+            try:
+                pixels = np.array(words, np.int64)
+            except ValueError:  # not integers
+                pixels = np.array([-1])
+            if pixels.size != SIDE * SIDE or pixels.min() < 0 or pixels.max() > 255:
+                bad = next((f" (one is {w!r})" for w in words if not (w.isdigit() and int(w) <= 255)), "")
+                raise manual.invalid(where, f"pixels: {len(words)} values{bad}, expected "
+                                            f"{SIDE * SIDE} integers in [0, 255]")
+            yield i, {"image": pixels.astype(np.uint8).reshape(SIDE, SIDE, 1), "label": label}

@@ -7,6 +7,8 @@ On-disk format (the official release, extracted) in manual_dir:
   jester-v1-train.csv        lines ``<video_id>;<Label Name>`` (118,562)
   jester-v1-validation.csv   lines ``<video_id>;<Label Name>`` (14,787)
   jester-v1-test.csv         ids only (labels not public): not used.
+A line off this format, or a video_id listed twice in a file, is a ValueError
+naming the file and line.
 
 Each video becomes one example of ``num_frames`` frames (the paper, supp.
 Sec. 7: 18 frames of 84x84). Frame sampling, for a video of n frames (sorted
@@ -114,22 +116,25 @@ put in manual_dir: {FRAMES_DIR}/<video_id>/00001.jpg ..., {LABELS_CSV},
         frames = manual.require(root / FRAMES_DIR, self)
         label_of = _label_index(manual.require(root / LABELS_CSV, self))
         csvs = {s: manual.require(root / name, self) for s, name in SPLIT_CSVS.items()}
-        return {s: self._generate_examples(path, frames, label_of)
+        return {s: manual.nonempty(self._generate_examples(path, frames, label_of), s, path,
+                                   "no '<video_id>;<Label Name>' line")
                 for s, path in csvs.items()}
 
     def _generate_examples(self, csv_path, frames_dir, label_of):
         c = self.builder_config
-        with csv_path.open() as f:
+        seen = {}
+        with manual.open_text(csv_path) as f:
             for line, row in enumerate(csv.reader(f, delimiter=";"), 1):
                 if not row:
                     continue
+                where = f"{csv_path} line {line}"
                 if len(row) != 2 or not row[0].strip().isdigit():
-                    raise ValueError(f"{csv_path} line {line}: {row!r}, expected "
-                                     "'<numeric video_id>;<Label Name>'")
+                    raise manual.invalid(where, f"{row!r}, expected '<numeric video_id>;<Label Name>'")
                 video_id, name = row[0].strip(), row[1].strip()
                 if name.casefold() not in label_of:
-                    raise ValueError(f"{csv_path} line {line}: label {name!r} is not "
-                                     f"one of the 27 Jester labels {LABELS}")
+                    raise manual.invalid(where, f"label {name!r} is not one of the 27 Jester "
+                                                f"labels {LABELS}")
+                manual.check_unique(seen, video_id, where, "video_id")
                 folder = manual.require(frames_dir / video_id, self)
                 paths = sorted(folder.glob("*.jpg"))
                 if not paths:
@@ -143,7 +148,7 @@ put in manual_dir: {FRAMES_DIR}/<video_id>/00001.jpg ..., {LABELS_CSV},
 
 def _label_index(labels_csv) -> dict:
     """casefolded label name -> index in LABELS; the file must list exactly LABELS."""
-    names = [n.strip() for n in labels_csv.read_text().splitlines() if n.strip()]
+    names = [n.strip() for n in labels_csv.read_bytes().decode("utf-8-sig").splitlines() if n.strip()]
     if sorted(n.casefold() for n in names) != sorted(n.casefold() for n in LABELS):
         raise ValueError(f"{labels_csv}: labels {names}, expected the 27 Jester "
                          f"labels {LABELS}")

@@ -48,19 +48,38 @@ EMBEDDED = ("digits_affect", "moving_digits")
 def get_builder(name: str, data_dir, *, config=None) -> tfds.core.DatasetBuilder:
     """Builder of a project dataset ("afew_va" or "afew_va/t8_s64").
 
-    config: optional BuilderConfig instance (e.g. AfewVaConfig(name="t16_s96",
-    num_frames=16, image_size=96)) instead of a named one.
+    config: optional config name (as after the "/") or BuilderConfig instance (e.g.
+    AfewVaConfig(name="t16_s96", num_frames=16, image_size=96)) instead of a named one; a
+    ValueError if it is of another dataset or conflicts with the name's "/<config>".
     """
-    base, _, config_name = name.partition("/")
-    if base not in BUILDERS:
+    if _base(name) not in BUILDERS:
         raise ValueError(f"name={name!r}: not a project dataset, expected one of "
                          f"{sorted(BUILDERS)}")
-    known = [c.name for c in BUILDERS[base].BUILDER_CONFIGS]
-    if config_name and config is None and config_name not in known:
-        raise ValueError(f"name={name!r}: {base} has no builder config {config_name!r}, expected one of "
-                         f"{[f'{base}/{c}' for c in known]} (or pass config=)")
+    base, _, config_name = name.partition("/")
+    configs = BUILDERS[base].BUILDER_CONFIGS
+    if not (config is None or isinstance(config, str)
+            or configs and isinstance(config, type(configs[0]))):
+        expected = f"a config name or an instance of {type(configs[0]).__name__}" if configs else "None"
+        raise ValueError(f"config={config!r}: expected {expected} for {base}")
+    given = getattr(config, "name", config)  # the name of a config, or the string itself
+    if config_name and given and given != config_name:
+        raise ValueError(f"name={name!r} and config={config!r}: two different configs, give one")
+    if isinstance(config, str):
+        config_name, config = config_name or config, None
+    if config is None and config_name and config_name not in [c.name for c in configs]:
+        arg = f"config={given!r}" if given else f"name={name!r}"
+        raise ValueError(f"{arg}: {base} has no builder config {config_name!r}, expected one of "
+                         f"{[f'{base}/{c.name}' for c in configs]} (or pass config=)")
     return BUILDERS[base](data_dir=str(data_dir), file_format="array_record",
                           config=config or config_name or None)
+
+
+def _base(name) -> str:
+    """The dataset of ``name`` ("afew_va/t8_s64" -> "afew_va"); a ValueError unless a string."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r}: expected a dataset name such as 'afew_va', "
+                         "'afew_va/t8_s64' or a TFDS catalog name")
+    return name.partition("/")[0]
 
 
 def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.DatasetBuilder:
@@ -82,7 +101,7 @@ def prepare(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.D
     datasets always, manual ones when manual_dir is given or TFDS's default manual folder
     ``<data_dir>/downloads/manual`` exists (else FileNotFoundError with the download
     instructions). None for a catalog dataset (prepared with ``tfds build``)."""
-    base = name.partition("/")[0]
+    base = _base(name)
     if base not in BUILDERS:
         return None
     builder = get_builder(name, data_dir, config=config)
@@ -232,17 +251,20 @@ def eval_batches(name: str, split: str, data_dir, *, batch_size: int,
                  shard_index=None, shard_count=None, manual_dir=None, config=None):
     """One ordered pass over a split, in fixed-size local batches.
 
-    Every host yields the same number of batches; the last ones are padded
-    (copies of the shard's first example) and carry "mask" float32 (B,), 1 for
-    real examples and 0 for padding, so metrics must weight by mask.
+    Every host yields the same number of batches, also one whose shard is empty (a split of
+    fewer examples than hosts); the last ones are padded (copies of the split's first example)
+    and carry "mask" float32 (B,), 1 for real examples and 0 for padding, so metrics must
+    weight by mask.
     """
     shard_index, shard_count, local = shard_of(shard_index, shard_count, batch_size)
     source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config)
     ds = grain.MapDataset.source(source)[shard_index::shard_count].map(to_numpy)
     per_host = -(-len(source) // shard_count)
     for start in range(0, per_host, local):
-        idx = [i for i in range(start, start + local) if i < len(ds)]
-        examples = [ds[i] for i in idx] + [ds[0]] * (local - len(idx))
+        real = max(0, min(local, len(ds) - start))
+        examples = [ds[i] for i in range(start, start + real)]
+        if real < local:
+            examples += [to_numpy(source[0])] * (local - real)
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-        batch["mask"] = (np.arange(local) < len(idx)).astype(np.float32)
+        batch["mask"] = (np.arange(local) < real).astype(np.float32)
         yield batch

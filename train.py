@@ -31,6 +31,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, f"Training configurati
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", required=True)
 
 
+@flags.validator("workdir")
+def _check_workdir(value) -> bool:
+    """--workdir is a directory or a path where one can be made: not empty (the current directory),
+    nor a file or a path under one (a refused value: an ``error:`` line from _parse_flags)."""
+    if value is None:  # absl's check of a required flag says it
+        return True
+    if not value:
+        raise flags.ValidationError("expected a directory (an empty path would be the current directory)")
+    path = os.path.abspath(os.path.expanduser(value))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise flags.ValidationError(f"{path} is a file; expected a directory")
+    return True
+
+
 def _fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -67,6 +83,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except (flags.Error, OSError) as err:
         _fail(_one_line(str(err)))
     except (AttributeError, KeyError) as err:
+        if getattr(err, "name", None) == "get_config":  # (the flag is unparsed: its value is in argv)
+            i, arg = next((i, a) for i, a in enumerate(argv) if re.match(r"--?config(=|$)", a))
+            _fail(f"--config={arg.partition('=')[2] or argv[i + 1]}: the file has no get_config() function")
         _fail(f"unknown config key {_unknown_key(argv, err)}")
 
 

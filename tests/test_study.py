@@ -93,3 +93,16 @@ def test_quick_study_runs_end_to_end(name, tmp_path):
     doc = main([name, "--quick", "--out", str(tmp_path)])
     assert doc["size"] == "quick" and "--quick" in open(tmp_path / "report.md").read()
     assert json.load(open(tmp_path / "results.json"))["results"].keys() == doc["results"].keys()
+
+
+def test_an_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys):
+    """Before: a FileExistsError traceback (NotADirectoryError under a file); now argparse's usage
+    error, exit status 2, before the study runs."""
+    (tmp_path / "afile").write_text("x")
+    for out, why in (("afile", "File exists"), ("afile/sub", "Not a directory"), ("", "No such file")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["data_budget", "--tiny", "--out", str(tmp_path / out) if out else out])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: --out=" in err and f"expected a directory ({why}" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["afile"]

@@ -66,6 +66,16 @@ def test_unknown_config_key_is_one_error_line(tmp_path, config, override, words)
     assert not (tmp_path / "run").exists()  # refused while parsing the flags
 
 
+def test_a_workdir_file_and_a_config_file_without_get_config_are_one_error_line(tmp_path):
+    """Were: a FileExistsError traceback, and "unknown config key config.module ...get_config"."""
+    (tmp_path / "a_file").write_text("")
+    assert f"{tmp_path / 'a_file'} is a file; expected a directory" in _one_error_line(_train(tmp_path / "a_file"))
+    (tmp_path / "nothing.py").write_text("x = 1\n")
+    r = _train(tmp_path / "run", config=str(tmp_path / "nothing.py"))
+    assert "nothing.py: the file has no get_config() function" in _one_error_line(r)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_value_is_one_line_not_a_traceback(tmp_path):
     r = _train(tmp_path, "--config.data.batch_size=0")
     assert "config.data.batch_size=0" in _one_error_line(r)

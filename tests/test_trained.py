@@ -186,12 +186,20 @@ def test_export_serializes_predicts_computation_for_any_batch_and_size(stage):
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
     # For CUDA on this CPU host, with the GPU's routes, not the CPU's (which run more matrix products);
-    # the same program again after the CPU's (no trace of another backend reused)
-    dots = [trained.export((16, 16, 3), platforms=(p,)).mlir_module().count("stablehlo.dot_general")
-            for p in ("cuda", "cpu", "cuda")]
+    # the same program again after the CPU's (no trace of another backend reused); one platform may be a string
+    dots = [trained.export((16, 16, 3), platforms=p).mlir_module().count("stablehlo.dot_general")
+            for p in (("cuda",), ("cpu",), "cuda")]
     assert dots[0] == dots[2] < dots[1], dots
-    with pytest.raises(ValueError, match=r"^platform='npu'"):
-        trained.export((16, 16, 3), platforms=("npu",))
+    for platforms in (("npu",), ("gpu",), "gpu", "CUDA", (), [None], 5):  # "gpu": JAX's backend name, not export's
+        with pytest.raises(ValueError, match=r"^platforms=.*: expected None \(this process's backend\), one of "
+                                             r"\('cpu', 'cuda', 'rocm', 'tpu'\)"):
+            trained.export((16, 16, 3), platforms=platforms)
+    # bfloat16 inputs, a float dtype, as float16's and float32's (was: "expected uint8 or float")
+    low = x.astype(jnp.bfloat16)
+    bf16 = trained.export((16, 16, 3), jnp.bfloat16)
+    assert bf16.in_avals[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf16.call(low)["va"], trained.predict(low)["va"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trained.predict(low)["va"], model.apply(variables, x, train=False)["va"], atol=0.05)
     for shape in ((16, 16), (0, 16, 3), "16x16x3", (16, 16, None)):
         with pytest.raises(ValueError, match=r"^shape=.*expected one example's shape"):
             trained.export(shape)

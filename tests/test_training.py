@@ -373,6 +373,61 @@ def test_checkpointer_refuses_non_finite_state(tmp_path):
         assert ckpt.all_steps() == [1]
 
 
+def _tiny_state(w=None):
+    return training.TrainState.create({"params": {"w": np.ones(3, np.float32) if w is None else w}},
+                                      optax.sgd(0.1), jax.random.key(0))
+
+
+def test_checkpointer_refuses_bad_steps_and_paths(tmp_path):
+    """Before: step=-1 or 2.5 wrote a checkpoint no listing finds; "" was the current directory;
+    None, a file, async_save="no" and a restore_extra of a non-step directory failed deep inside."""
+    with checkpoint.Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ckpt:
+        for step in (-1, 2.5, "7"):
+            with pytest.raises(ValueError, match=rf"^step={re.escape(repr(step))}: expected an int >= 0"):
+                ckpt.save(_tiny_state(), {}, step=step, force=True)
+        assert ckpt.save(_tiny_state(), {}, step=np.int64(1))
+    assert os.listdir(tmp_path / "c") == ["1"] and checkpoint.finished_steps(tmp_path / "c") == [1]
+    (tmp_path / "afile").write_text("x")
+    for directory, words in (("", "directory='': expected the path"), (None, "directory=None: expected the path"),
+                             (tmp_path / "afile", "a file; expected a directory")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            checkpoint.Checkpointer(directory, save_every=1)
+    with pytest.raises(ValueError, match="async_save='no': expected True or False"):
+        checkpoint.Checkpointer(tmp_path / "c", save_every=1, async_save="no")
+    with pytest.raises(ValueError, match="^directory=None"):
+        checkpoint.finished_steps(None)
+    with pytest.raises(ValueError, match="expected a checkpoint's step directory"):
+        checkpoint.restore_extra(tmp_path / "c")
+
+
+def test_a_save_never_deletes_a_newer_checkpoint(tmp_path):
+    """Orbax keeps checkpoints by save time: step 3 saved beside 10 and 11 at keep=2 deleted 10.
+    A step older than the newest is refused at keep > 1; keep=1 (best/) holds the last one saved."""
+    with checkpoint.Checkpointer(tmp_path / "c", save_every=1, keep=2, async_save=False) as ckpt:
+        for step in (10, 11):
+            assert ckpt.save(_tiny_state(), {}, step=step)
+    with checkpoint.Checkpointer(tmp_path / "c", save_every=1, keep=2, async_save=False) as ckpt:
+        with pytest.raises(ValueError, match=r"^step=3: older than the newest checkpoint of .*c, step 11"):
+            ckpt.save(_tiny_state(), {}, step=3)
+        assert not ckpt.save(_tiny_state(), {}, step=11)  # already there
+        assert ckpt.all_steps() == [10, 11]
+    with checkpoint.Checkpointer(tmp_path / "best", save_every=1, keep=1, async_save=False) as best:
+        assert best.save(_tiny_state(), {}, step=8) and best.save(_tiny_state(), {}, step=6)
+        assert best.all_steps() == [6]
+
+
+def test_a_numpy_target_of_other_shapes_is_refused(tmp_path):
+    """Before: numpy leaves came back in the stored shapes (jax arrays' were checked by orbax)."""
+    with checkpoint.Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ckpt:
+        assert ckpt.save(_tiny_state(), {}, step=1)
+        wide = _tiny_state(np.ones(4, np.float32))
+        with pytest.raises(ValueError, match=r"other shapes than the target: .params\['w'\]: \(3,\) stored, \(4,\)"):
+            ckpt.restore(wide)
+        with pytest.raises(ValueError, match="no checkpoint in .* restores into this state"):
+            ckpt.restore_latest(wide)
+        assert ckpt.all_steps() == [1] and ckpt.restore(_tiny_state())[0].params["w"].shape == (3,)
+
+
 def test_resume_past_num_steps_is_an_error(tmp_path):
     """A finished 8-step workdir re-run with num_steps=4 is refused (not reported as the 4-step
     model) and keeps its checkpoints; raising num_steps continues a run (test_resume_of_a_masked_stage)."""

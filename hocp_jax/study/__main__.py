@@ -19,10 +19,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output folder (default studies/<name>[_<size>])")
     args = p.parse_args(argv)
     size = args.size or "full"
-    out = args.out or f"studies/{args.name}" + ("" if size == "full" else f"_{size}")
+    out = args.out if args.out is not None else f"studies/{args.name}" + ("" if size == "full" else f"_{size}")
     module = STUDIES[args.name]
     settings = module.SETTINGS[size]
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:  # a file there or above it, "", no permission: a usage error, not a traceback
+        p.error(f"--out={out!r}: expected a directory ({err.strerror}: {err.filename!r})")
     t0, load0 = time.time(), os.getloadavg()[0]
     results, report = module.run(settings, out)
     load = (round(load0, 2), round(os.getloadavg()[0], 2))

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_flags, check_int, check_positive_int
 from hocp_jax.processes import all_agree, common_values, on_every_process, on_process_zero
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
@@ -71,21 +71,29 @@ class Checkpointer:
     Args:
         directory: absolute or relative path; created if missing.
         save_every: save when ``step % save_every == 0`` (``force=True`` saves any step).
-        keep: number of most recent checkpoints kept on disk.
+        keep: number of most recent checkpoints kept on disk (orbax deletes the one saved first);
+            with ``keep=1`` the directory holds the last checkpoint saved, whatever its step
+            (``best/``: a better state of an earlier step, evaluated after a resume, replaces it).
         async_save: write in a background thread (after a blocking device->host copy).
+
+    Raises:
+        ValueError: ``directory`` is not a path (``""``: the current directory is refused) or is
+            a file, or a bad ``save_every``, ``keep`` or ``async_save``.
     """
 
     def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
-        for name, value in (("save_every", save_every), ("keep", keep)):
-            if not is_positive_int(value):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.save_every = save_every
+        directory = _directory(directory, "directory")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"directory={directory!r}: a file; expected a directory")
+        self.save_every = check_positive_int(save_every, "save_every")
+        self.keep = check_positive_int(keep, "keep")
+        check_flags(async_save=async_save)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
+        self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint, or None."""
@@ -104,14 +112,21 @@ class Checkpointer:
 
         Args:
             step: ``state.step`` as a Python int, tracked by the caller; None reads it from
-                the device (a device->host sync).
+                the device (a device->host sync). A step already on disk is not saved again.
 
         Raises:
             NonFiniteError: ``state`` or ``metrics`` has NaN/Inf; nothing is written.
+            ValueError: ``step`` is not an int >= 0, or (``keep`` > 1) it is older than the newest
+                checkpoint of the directory, which orbax, keeping checkpoints by save time, could
+                delete before older ones; nothing is written.
         """
-        step = int(host_value(state.step)) if step is None else step
-        if not (force or self.is_due(step)) or step in self.manager.all_steps():
+        step = check_int(int(host_value(state.step)) if step is None else step, "step", 0)
+        steps = self.manager.all_steps()
+        if not (force or self.is_due(step)) or step in steps:
             return False
+        if self.keep > 1 and steps and step < max(steps):
+            raise ValueError(f"step={step}: older than the newest checkpoint of {self.manager.directory}, step "
+                             f"{max(steps)}; a save must not delete newer checkpoints: use another directory")
         check_finite(state, metrics)
         return self.manager.save(
             step,
@@ -124,7 +139,11 @@ class Checkpointer:
 
         Args:
             target: a TrainState of the right structure/shapes/shardings (e.g. a freshly
-                initialized one); arrays are restored with ``target``'s shardings.
+                initialized one); arrays are restored with ``target``'s shardings (numpy leaves
+                as numpy arrays).
+
+        Raises:
+            ValueError: the checkpoint's arrays have other shapes than ``target``'s.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -134,6 +153,13 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()),
         )
+        # orbax checks the shapes of jax arrays only; numpy ones come back as stored
+        pairs = zip(jax.tree_util.tree_flatten_with_path(target)[0], jax.tree.leaves(restored.state))
+        wrong = [f"{jax.tree_util.keystr(path)}: {np.shape(got)} stored, {np.shape(want)} expected"
+                 for (path, want), got in pairs if np.shape(got) != np.shape(want)]
+        if wrong:
+            raise ValueError(f"the checkpoint {self.manager.directory}/{step} has other shapes than the target: "
+                             f"{_some(wrong)}")
         return restored.state, restored.extra
 
     def restore_extra(self, step: int | None = None) -> dict | None:
@@ -291,14 +317,12 @@ def restore_variables(path, like: dict | None = None, *, name: str = "path") -> 
             it cannot be read, does not match ``like`` or holds NaN/Inf.
     """
     what = f"{name}={path!r}"
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ValueError(f"{what}: expected the path of a checkpoint directory")
+    path = _directory(path, name)
     if like is not None and (not isinstance(like, Mapping) or "params" not in like
                              or set(like) - {"params", "batch_stats"}):
         raise ValueError(f"like must be a dict of 'params' and optionally 'batch_stats', got {like!r:.200}")
     found = {}
-    on_every_process(lambda: found.update(_find_checkpoints(os.path.abspath(os.fspath(path)), what)),
-                     "restore_variables")
+    on_every_process(lambda: found.update(_find_checkpoints(path, what)), "restore_variables")
     steps = common_values(found["steps"])  # listings may lag on some hosts
     if not steps:  # only with several processes: _find_checkpoints raised on an empty listing
         raise ValueError(f"{what}: no checkpoint of {found['directory']} that every process lists")
@@ -311,7 +335,9 @@ def restore_variables(path, like: dict | None = None, *, name: str = "path") -> 
 def restore_extra(step_dir) -> dict:
     """The JSON "extra" item of the checkpoint ``step_dir`` (``<directory>/<step>``: its stage,
     data position and run config, or ``best/``'s metric), read by this process alone."""
-    directory, step = os.path.split(os.path.abspath(os.fspath(step_dir)))
+    directory, step = os.path.split(_directory(step_dir, "step_dir"))
+    if not step.isdigit():
+        raise ValueError(f"step_dir={step_dir!r}: expected a checkpoint's step directory, <directory>/<step>")
     with _alone(directory, item_handlers={"extra": ocp.JsonCheckpointHandler()}) as manager:
         return manager.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
 
@@ -319,10 +345,19 @@ def restore_extra(step_dir) -> dict:
 def finished_steps(directory) -> list[int]:
     """The complete checkpoints of a :class:`Checkpointer` directory, as this process lists them
     (read-only: nothing created; ``[]`` where the directory does not exist)."""
+    directory = _directory(directory, "directory")
     if not os.path.isdir(directory):
         return []
     with _alone(directory) as manager:
         return list(manager.all_steps())
+
+
+def _directory(path, name: str) -> str:
+    """The absolute path of ``path``, a str or ``os.PathLike``; a ValueError naming ``name`` for
+    anything else or an empty path (which would be the current directory)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{name}={path!r}: expected the path of a checkpoint directory")
+    return os.path.abspath(os.fspath(path))
 
 
 def _find_checkpoints(path: str, what: str) -> dict:

@@ -32,6 +32,7 @@ from hocp_jax.training.step import float32_outputs, model_input
 
 DTYPES = ("float32", "bfloat16")  # config.dtype's; float16 would need loss scaling, which the step does not do
 PREDICT_BATCH = 64  # examples per call of Trained.predict (the last call padded to it)
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's platform names (not "gpu")
 
 
 def build_model(name: str, kwargs, dtype: str = "float32") -> Any:
@@ -69,8 +70,8 @@ class Trained:
         Args:
             x: ``(N, H, W, C)`` images or ``(N, T, H, W, C)`` videos, as the run's training
                 examples were: uint8 pixels are scaled to ``[0, 1]`` as in the train step, float
-                values pass unchanged. A static stage's model takes images; the transduction
-                job's stage 1 and stage 2 models and its 3-D baselines take videos.
+                values (bfloat16 included) pass unchanged. A static stage's model takes images;
+                the transduction job's stage 1 and stage 2 models and its 3-D baselines take videos.
             batch_size: examples per compiled call (the last call is padded to it, so one
                 program runs every call).
 
@@ -83,7 +84,8 @@ class Trained:
         except ValueError as err:  # e.g. clips of several lengths
             raise ValueError(f"x: not an array ({err}); expected uint8 or float images (N, H, W, C) or videos "
                              "(N, T, H, W, C) of one shape") from None
-        if x.ndim not in (4, 5) or x.shape[0] == 0 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        if x.ndim not in (4, 5) or x.shape[0] == 0 or not (x.dtype == np.uint8
+                                                          or jnp.issubdtype(x.dtype, jnp.floating)):
             raise ValueError(f"x: an array of shape {x.shape} and dtype {x.dtype}; expected uint8 or float images "
                              "(N, H, W, C) or videos (N, T, H, W, C), N >= 1")
         if not is_positive_int(batch_size):
@@ -116,12 +118,19 @@ class Trained:
         Args:
             shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``, as :meth:`predict` takes;
                 ``T``, ``H`` and ``W`` may be ``None`` (symbolic).
-            dtype: of the inputs: ``uint8`` (scaled to ``[0, 1]`` as in the train step) or a float dtype.
-            platforms: ``jax.export.export``'s (default: this process's backend), e.g. ``("cpu", "cuda")``.
+            dtype: of the inputs: ``uint8`` (scaled to ``[0, 1]`` as in the train step) or a float
+                dtype (bfloat16 included).
+            platforms: ``jax.export.export``'s, some of :data:`EXPORT_PLATFORMS` (``"cuda"``, not
+                ``"gpu"``), e.g. ``("cpu", "cuda")``, or one as a string; default this process's backend.
 
         Raises:
             ValueError: a bad ``shape`` or ``dtype``, or an unknown platform.
         """
+        targets = (platforms,) if isinstance(platforms, str) else platforms
+        if targets is not None and not (isinstance(targets, (tuple, list)) and targets
+                                        and all(p in EXPORT_PLATFORMS for p in targets)):
+            raise ValueError(f"platforms={platforms!r}: expected None (this process's backend), one of "
+                             f"{EXPORT_PLATFORMS} or a tuple of them")
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
         if not (isinstance(shape, tuple) and len(shape) in (3, 4) and is_positive_int(shape[-1])
                 and all(d is None or is_positive_int(d) for d in shape[:-1])):
@@ -131,15 +140,15 @@ class Trained:
             dtype = np.dtype(dtype)
         except TypeError as err:
             raise ValueError(f"dtype={dtype!r}: not a dtype ({err}); expected uint8 or a float dtype") from None
-        if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
+        if not (dtype == np.uint8 or jnp.issubdtype(dtype, jnp.floating)):
             raise ValueError(f"dtype={dtype}: expected uint8 or a float dtype")
         names = ("t", "h", "w")[-(len(shape) - 1):]
         sizes = [name if d is None else str(d) for name, d in zip(names, shape[:-1])]
         spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape(", ".join(["n", *sizes])), shape[-1]), dtype)
-        kinds = {conv_plans.platform_backend(p) for p in platforms or ()}
+        kinds = {conv_plans.platform_backend(p) for p in targets or ()}
         target = conv_plans.target_mode(kinds.pop()) if len(kinds) == 1 else contextlib.nullcontext()
         with target:  # a new function, traced afresh: jax.jit would reuse a trace of another block
-            return jax.export.export(jax.jit(lambda x: self._infer(self.variables, x)), platforms=platforms)(spec)
+            return jax.export.export(jax.jit(lambda x: self._infer(self.variables, x)), platforms=targets)(spec)
 
     def pruned(self, threshold: float = 0.0) -> tuple[Trained, PruneReport]:
         """``(trained, report)``: this model with the rank components of ``|lambda| <= threshold``

@@ -298,12 +298,24 @@ def test_resnet18_backbones(conv):
     assert out["va"].shape == (3, 2) and out["views"]["sparse"].shape == (3, 32)
     with pytest.raises(ValueError, match="conv"):
         avce_resnet18("dense3d")
+    with pytest.raises(ValueError, match=re.escape("backbone: conv='hocp'; pass conv to avce_resnet18")):  # was: TypeError
+        avce_resnet18(conv, backbone=dict(conv="hocp"))
+
+
+def test_alexnet_takes_inputs_down_to_7x7():
+    """conv1's 11x11 window (stride 4, padding 2) needs H, W >= 7; smaller was a TypeError from a slice."""
+    model = avce_alexnet(widths=(8, 16, 16, 16, 16), head_hidden=16)
+    assert abstract_params(model, (1, 7, 7, 1), train=False)["compressor"]["fc_latent"]["kernel"].shape == (36 * 16, 32)
+    with pytest.raises(ValueError, match=re.escape("x has shape (1, 6, 7, 1); expected H, W >= 7")):
+        abstract_params(model, (1, 6, 7, 1), train=False)
 
 
 @pytest.mark.parametrize("field,value", [
     ("dropout_rate", 1.0), ("dropout_rate", -0.1), ("dropout_rate", "0.5"), ("latent_dim", 0),
     ("latent_dim", 8.0), ("proj_dim", 0), ("pool_size", 0), ("pool_size", -2), ("head_hidden", -1),
     ("n_outputs", 0), ("disc_dim", 0), ("compressor_hidden", (16, 0)),
+    # were: a TypeError (int not iterable, dtype not understood); a truthy string applied the tanh
+    ("compressor_hidden", 16), ("dtype", "float99"), ("param_dtype", "float99"), ("bounded", "no"),
 ])
 def test_invalid_fields_raise(field, value):
     model = avce_alexnet(widths=(8, 16, 16, 16, 16), **{field: value})

@@ -179,6 +179,14 @@ def test_param_counts_and_depths():
     (dict(stage_sizes=(1, 1), widths=(8, 16, 32)), "widths="),
     (dict(stage_sizes=(1, 0, 1)), "stage_sizes="),
     (dict(head_hidden=0), "head_hidden=0"),
+    # were: TypeErrors (int not iterable, dtype not understood)
+    (dict(widths=8), "widths=8: expected 3 ints"), (dict(stage_sizes=3), "stage_sizes=3: expected"),
+    (dict(dtype="float99"), "dtype='float99': expected a floating dtype"),
+    # HO-CP options: values checked whatever conv; on a dense net (no CPConv to take them) only their defaults
+    (dict(rank=0), "rank=0: expected an int >= 1 or None"), (dict(psi="bn-relu"), "psi='bn-relu': expected one of"),
+    (dict(skip="yes"), "skip='yes': expected True or False"),
+    (dict(psi="relu"), "psi='relu' applies to HO-CP convs; conv='dense' has none"),
+    (dict(rank_multiple=2), "rank_multiple=2 applies to HO-CP convs"),
 ])
 def test_config_errors(kwargs, match):
     model = B.BReGNet(**{"stage_sizes": (1, 1, 1), "widths": (8, 16, 32), **kwargs})

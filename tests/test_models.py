@@ -286,6 +286,9 @@ def test_static_tree_on_video_raises():
         ("jester", (1, 16, 16, 3), r"JesterNet\(conv='dense'\).*\(batch, T, H, W, C\)"),
         ("jester_hocp", (1, 8, 16, 16, 3), r"JesterNet\(conv='hocp'\).*must be >= 16"),
         ("mobilenet_v2", (1, 2, 16, 16, 3), r"MobileNetV2\(conv='dense'\).*\(batch, H, W, C\)"),
+        # were: a TypeError from a slice in conv_ops and a ZeroDivisionError in the initializers
+        ("resnet18", (2, 0, 0, 3), r"ResNet\(conv='dense2d'\): x has shape \(2, 0, 0, 3\); .* every size after the batch >= 1"),
+        ("mobilenet_v2_hocp", (2, 16, 16, 0), r"x has shape \(2, 16, 16, 0\); .* >= 1"),
     ],
 )
 def test_wrong_input_rank_raises(name, shape, match):
@@ -314,10 +317,28 @@ def test_bounded_head_is_tanh_of_unbounded():
     ("resnet18", "widths", 8), ("resnet18_2plus1d", "stem_mid", 0),
     ("mobilenet_v2", "stem_features", 0), ("mobilenet_v2", "cfg", ((1, 8, 1, 0),)), ("mobilenet_v2", "cfg", ((1, 8, 1),)),
     ("jester_hocp", "rank_multiple", "6"),
+    # an empty jester net flattened the raw clip into its FC layer; ints for sequences, bad dtypes: TypeErrors
+    ("jester", "widths", ()), ("jester_hocp", "widths", 8), ("resnet18", "dtype", "float99"),
+    ("resnet18_3d", "param_dtype", "float99"), ("mobilenet_v2", "dtype", jnp.int32), ("jester", "dtype", "float99"),
+    # HO-CP options' values are checked on dense models too
+    ("resnet18", "implementation", "nope"), ("jester", "psi_stages", "ALL"), ("jester", "rank_multiple", -1),
 ])
 def test_invalid_fields_raise(name, field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):
         abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+
+
+@pytest.mark.parametrize("name,field,value", [
+    ("resnet18", "psi", "relu"), ("resnet18_2plus1d", "shortcut", "cp"), ("resnet18_3d", "implementation", "factorized"),
+    ("jester", "rank_multiple", 2), ("jester", "psi_stages", "in"),
+])
+def test_hocp_options_refused_on_dense_models(name, field, value):
+    """A dense model has no CPConv to pass them to: they were dropped without a word."""
+    conv = get_model(name).conv
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} applies to HO-CP convs; conv={conv!r} has none")):
+        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+    defaults = dict(rank_multiple=6, psi_stages="all") if name == "jester" else dict(psi=None, implementation="auto")
+    abstract_variables(get_model(name, tiny=True, **defaults), INPUTS[name])  # the defaults, spelt out
 
 
 def test_numpy_integer_fields_accepted():
@@ -335,12 +356,13 @@ def test_get_model_rejects_unknown_keywords():
         get_model("avce_alexnet", head=dict(n_outputs=2))
     with pytest.raises(ValueError, match=r"\['encoder'\]"):
         get_model("avce_resnet18", encoder=None)
-    model = get_model("avce_resnet18", tiny=True, backbone=dict(psi="relu"), n_outputs=3, bounded=True)
+    model = get_model("avce_resnet18_hocp", tiny=True, backbone=dict(psi="relu"), n_outputs=3, bounded=True)
     assert model.n_outputs == 3 and model.encoder.backbone.psi == "relu"
     with pytest.raises(ValueError, match=r"backbone: unknown ResNet field\(s\) \['width'\]"):  # was: TypeError
         get_model("avce_resnet18", tiny=True, backbone=dict(width=3))
     for kwargs, words in ((dict(widths=(0, 8, 8, 8, 8)), "widths=(0, 8, 8, 8, 8): expected 5 ints >= 1"),
-                          (dict(softmax_temperature="1"), "softmax_temperature='1'")):  # were ZeroDivision/TypeError
+                          (dict(softmax_temperature="1"), "softmax_temperature='1'"),  # were ZeroDivision/TypeError
+                          (dict(widths=8), "widths=8: expected 5 ints >= 1")):  # was: TypeError, int not iterable
         with pytest.raises(ValueError, match=re.escape(words)):
             abstract_variables(get_model("avce_alexnet", tiny=True, **kwargs), (1, 32, 32, 1))
 
@@ -352,6 +374,15 @@ def test_flags_are_bools_not_truthy_strings():
         get_model("resnet18", head=dict(bounded="yes"))
     with pytest.raises(ValueError, match=r"name=\['resnet18'\]: unknown model"):
         get_model(["resnet18"])
+    # were: the regressor's tanh applied, train mode (a truthy string), a TRL head
+    with pytest.raises(ValueError, match="^bounded='no': expected True or False"):
+        abstract_variables(get_model("avce_alexnet", tiny=True, bounded="no"), (1, 32, 32, 3))
+    model = get_model("resnet18", tiny=True)
+    v = abstract_variables(model, (1, 16, 16, 3))
+    with pytest.raises(ValueError, match="^train='no': expected True or False"):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 16, 16, 3)), train="no"), v)
+    with pytest.raises(ValueError, match=r"^head.trl=1: expected one of"):
+        HeadConfig(trl=1)
 
 
 def test_head_and_registry_validation():
@@ -359,6 +390,10 @@ def test_head_and_registry_validation():
         HeadConfig(n_outputs=0)
     with pytest.raises(ValueError, match="head.trl"):
         HeadConfig(trl="svd")
+    for trl, rank in (("cp", 0), (True, (2, 2)), ("tucker", (2, 0, 2))):  # were: "rank=...", at apply time only
+        with pytest.raises(ValueError, match=re.escape(f"head.trl_rank={rank!r}: expected an int >= 1")):
+            HeadConfig(trl=trl, trl_rank=rank)
+    assert HeadConfig(trl="tucker", trl_rank=(2, 2, 2)).trl_rank == (2, 2, 2)
     with pytest.raises(ValueError, match="unknown keys"):
         get_model("resnet18", head=dict(classes=3))
     with pytest.raises(ValueError, match="unknown model"):

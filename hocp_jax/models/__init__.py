@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from hocp_jax.checks import check_flags
 from hocp_jax.models import avce, bregnet
 from hocp_jax.models.common import abstract_variables, count_params
 from hocp_jax.models.heads import Head, HeadConfig
@@ -68,8 +69,7 @@ def get_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
     """Builds model ``name`` (one of ``MODELS``); ``tiny`` for tests; ``kwargs`` override fields."""
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"name={name!r}: unknown model; expected one of {MODELS}")
-    if not isinstance(tiny, bool):
-        raise ValueError(f"tiny={tiny!r}: expected True or False")
+    check_flags(tiny=tiny)
     cls, fields, tiny_fields = _REGISTRY[name]
     valid = _field_names(cls)
     unknown = sorted(set(kwargs) - set(valid))

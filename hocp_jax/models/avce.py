@@ -21,23 +21,24 @@ exactly with the authors' layer widths:
 
 "AlexNet (tuned)" is AlexNet's five convolutions (2,469,696 params) with its 4096-wide
 classifier replaced by the compressor: with the heads ~2.78M parameters, matching the
-paper's "2.7M" for AVCE (AL). Adaptive pooling makes it input-size agnostic.
+paper's "2.7M" for AVCE (AL). Adaptive pooling takes any feature map, so any input of at least
+7x7 works (:class:`AlexNetEncoder`); the ResNet-18 trunk takes any of at least 1x1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import check_real, is_int, is_positive_int
+from hocp_jax.checks import check_flags, check_real, is_int, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.conv_ops import conv_general_dilated
-from hocp_jax.models.common import Dropout, batch_norm, max_pool_spatial
+from hocp_jax.models.common import Dropout, are_positive_ints, batch_norm, check_dtypes, check_input, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -67,7 +68,8 @@ class AlexNetEncoder(nn.Module):
     conv11/4 -> pool3/2 -> conv5 -> pool3/2 -> conv3 -> conv3 -> conv3 -> pool3/2, ReLU after
     every conv; ``widths`` are the five conv widths (tiny variants for tests). Pools are
     VALID (floor) windows like PyTorch's; a pool whose input map is smaller than its 3x3
-    window is skipped (PyTorch would raise), so small inputs such as 32x32 digits work.
+    window is skipped (PyTorch would raise), so small inputs such as 32x32 digits work, down to
+    7x7: conv1's 11x11 window (stride 4, padding 2) needs H, W >= 7 (a ValueError below).
     """
 
     widths: Sequence[int] = ALEXNET_WIDTHS
@@ -77,11 +79,14 @@ class AlexNetEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no batch norm / dropout in the conv stack
-        if len(self.widths) != 5 or not all(map(is_positive_int, self.widths)):
-            raise ValueError(f"widths={tuple(self.widths)!r}: expected 5 ints >= 1 (AlexNetEncoder's conv widths)")
+        if not (are_positive_ints(self.widths) and len(self.widths) == 5):
+            raise ValueError(f"widths={self.widths!r}: expected 5 ints >= 1 (AlexNetEncoder's conv widths)")
         if not all(map(is_int, x.shape[1:3])):  # jax.export's symbolic sizes; a symbolic batch is fine
             raise ValueError(f"AlexNetEncoder: x has shape {tuple(x.shape)}, with symbolic H or W (jax.export); "
                              "expected static H and W (whether a pool applies depends on them)")
+        if min(x.shape[1:3]) < 7:
+            raise ValueError(f"AlexNetEncoder: x has shape {tuple(x.shape)}; expected H, W >= 7 (conv1's 11x11 "
+                             "window, stride 4, padding 2)")
 
         def pool(x):
             if min(x.shape[1:3]) < 3:
@@ -198,21 +203,21 @@ class AVCE(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _validate(self, x) -> None:
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"AVCE: x has shape {tuple(getattr(x, 'shape', ()))}; expected "
-                             "(batch, H, W, C) images")
+    def _validate(self, x, train) -> None:
+        check_input(x, "AVCE", {4: "(batch, H, W, C) images"})
+        check_flags(bounded=self.bounded, train=train)
+        check_dtypes(self)
         for field in ("pool_size", "latent_dim", "head_hidden", "n_outputs", "proj_dim", "disc_hidden", "disc_dim"):
             if not is_positive_int(getattr(self, field)):
                 raise ValueError(f"{field}={getattr(self, field)!r}: expected an int >= 1")
-        if not all(map(is_positive_int, self.compressor_hidden)):
+        if not are_positive_ints(self.compressor_hidden, empty=True):
             raise ValueError(f"compressor_hidden={self.compressor_hidden!r}: expected a sequence of ints >= 1")
         check_real(self.dropout_rate, "dropout_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
         check_real(self.softmax_temperature, "softmax_temperature", lambda v: v > 0, "a real number > 0")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
-        self._validate(x)
+        self._validate(x, train)
         feat = self.encoder(x, train=train)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         latent = Compressor(self.pool_size, tuple(self.compressor_hidden), self.latent_dim,
@@ -237,21 +242,27 @@ def avce_alexnet(widths: Sequence[int] = ALEXNET_WIDTHS, **kwargs) -> AVCE:
     :class:`AVCE`; its ``dtype``/``param_dtype`` to the encoder too)."""
     kwargs = {"pool_size": 6, "compressor_hidden": (), **kwargs}
     dt = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
-    return AVCE(encoder=AlexNetEncoder(tuple(widths), **dt), **kwargs)
+    return AVCE(encoder=AlexNetEncoder(tuple(widths) if isinstance(widths, Sequence) else widths, **dt), **kwargs)
 
 
 def avce_resnet18(conv: str = "dense2d", backbone: dict | None = None, **kwargs) -> AVCE:
     """AVCE (R18): ResNet-18 trunk from :mod:`hocp_jax.models.resnet` (``conv="dense2d"``,
     or ``"hocp"`` for the HO-CP ResNet-18) + compressor global avg-pool -> FC(1000) ->
     FC(32). ``backbone``: extra :class:`~hocp_jax.models.resnet.ResNet` fields (e.g. tiny
-    ``stage_sizes``/``widths``, ``psi``); ``kwargs`` go to :class:`AVCE` (its ``dtype``/``param_dtype``
-    to the backbone too, unless ``backbone`` sets them)."""
+    ``stage_sizes``/``widths``, ``psi`` with ``conv="hocp"``; not ``conv``); ``kwargs`` go to :class:`AVCE`
+    (its ``dtype``/``param_dtype`` to the backbone too, unless ``backbone`` sets them)."""
     if conv not in ("dense2d", "hocp"):
         raise ValueError(f"avce_resnet18: conv={conv!r}; expected 'dense2d' or 'hocp' (images)")
+    backbone = {} if backbone is None else backbone
+    if not isinstance(backbone, Mapping):
+        raise ValueError(f"backbone={backbone!r}: expected a dict of ResNet fields or None")
+    if "conv" in backbone:
+        raise ValueError(f"backbone: conv={backbone['conv']!r}; pass conv to avce_resnet18 (avce_resnet18(conv=...), "
+                         "get_model's 'avce_resnet18' or 'avce_resnet18_hocp'), not in backbone")
     kwargs = {"pool_size": 1, "compressor_hidden": (1000,), **kwargs}
     dt = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
     fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
-    unknown = sorted(set(backbone or {}) - fields)
+    unknown = sorted(set(backbone) - fields)
     if unknown:
         raise ValueError(f"backbone: unknown ResNet field(s) {unknown}; expected some of {sorted(fields)}")
-    return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(dt | (backbone or {})))), **kwargs)
+    return AVCE(encoder=HeadlessEncoder(ResNet(conv=conv, **(dt | dict(backbone)))), **kwargs)

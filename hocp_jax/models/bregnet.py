@@ -52,9 +52,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from hocp_jax import conv_ops, losses
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import batch_norm, check_input
+from hocp_jax.models.common import are_positive_ints, batch_norm, check_cp_options, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 # --------------------------------------------------------------------------- shortcuts
@@ -123,7 +123,8 @@ class BReGUnit(nn.Module):
       shortcut: name of ``H`` in :data:`SHORTCUTS`.
       projection: ``"pad"`` or ``"conv"``, used where the shape changes.
       conv: ``"dense"`` (``nn.Conv``) or ``"hocp"`` (:class:`CPConv`) for the two 3x3 convs.
-      rank, rank_multiple, psi, skip: passed to :class:`CPConv` when ``conv="hocp"``.
+      rank, rank_multiple, psi, skip: passed to :class:`CPConv` when ``conv="hocp"``; checked
+        whatever ``conv``, and ``conv="dense"`` refuses any but their defaults.
       dtype, param_dtype: computation and parameter dtypes (Flax semantics).
     """
 
@@ -158,6 +159,8 @@ class BReGUnit(nn.Module):
             raise ValueError(f"projection={self.projection!r}: expected one of {PROJECTIONS}")
         if self.conv not in CONVS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONVS}")
+        check_flags(skip=self.skip, train=train)
+        check_cp_options(self, ("rank", "rank_multiple", "psi", "skip"), hocp=self.conv == "hocp")
         f = self._conv3x3(x, self.stride, "conv1", train)
         f = nn.relu(batch_norm(train, name="bn1", **self._dt())(f))
         f = self._conv3x3(f, 1, "conv2", train)
@@ -203,20 +206,21 @@ class BReGNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _validate(self, x) -> None:
+    def _validate(self, x, train) -> None:
         shortcut_fn(self.shortcut)
+        check_flags(train=train)
+        check_dtypes(self)
         check_input(x, f"BReGNet(shortcut={self.shortcut!r})", {4: "(batch, H, W, C) images"})
-        sizes, widths = tuple(self.stage_sizes), tuple(self.widths)
-        if not sizes or not all(is_positive_int(n) for n in sizes):
+        if not are_positive_ints(self.stage_sizes):
             raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a non-empty sequence of ints >= 1")
-        if len(widths) != len(sizes) or not all(is_positive_int(w) for w in widths):
-            raise ValueError(f"widths={self.widths!r}: expected {len(sizes)} ints >= 1 (one per stage)")
+        if not (are_positive_ints(self.widths) and len(self.widths) == len(self.stage_sizes)):
+            raise ValueError(f"widths={self.widths!r}: expected {len(self.stage_sizes)} ints >= 1 (one per stage)")
         if self.head_hidden is not None and not is_positive_int(self.head_hidden):
             raise ValueError(f"head_hidden={self.head_hidden!r}: expected an int >= 1 or None")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        self._validate(x)
+        self._validate(x, train)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.he_normal(),
                     conv_general_dilated=conv_ops.conv_general_dilated, name="stem_conv", **dt)(x)

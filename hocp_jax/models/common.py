@@ -1,8 +1,9 @@
-"""Helpers shared by the models: input validation, BatchNorm settings, a batch norm -> activation ->
+"""Helpers shared by the models: input and field validation, BatchNorm settings, a batch norm -> activation ->
 max-pool block computed in pooled space, dropout, parameter counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,9 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from hocp_jax import conv_ops, explicit_sharding
+from hocp_jax.checks import is_int, is_number, is_positive_int
+from hocp_jax.conv import IMPLEMENTATIONS
+from hocp_jax.layer_specs import PSI_CHOICES, PSI_STAGES
 from hocp_jax.pooling import max_pool, monotone_max_pool
 
 
@@ -127,14 +131,63 @@ class DenseConv(nn.Module):
 
 
 def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:
-    """Raises a ValueError naming ``model`` unless ``x.ndim`` is one of ``layouts``' keys.
+    """Raises a ValueError naming ``model`` unless ``x.ndim`` is one of ``layouts``' keys and every
+    size after the batch axis is >= 1 (a symbolic size of ``jax.export`` passes).
 
     ``layouts`` maps an accepted rank to its description, e.g. ``{4: "(batch, H, W, C) images"}``.
     """
+    shape = tuple(getattr(x, "shape", ()))
     if getattr(x, "ndim", None) not in layouts:
-        shape = tuple(getattr(x, "shape", ()))
         expected = " or ".join(layouts.values())
         raise ValueError(f"{model}: x has shape {shape} ({len(shape)}-D); expected {expected}")
+    if any(is_int(d) and d < 1 for d in shape[1:]):
+        raise ValueError(f"{model}: x has shape {shape}; expected {layouts[x.ndim]} with every size after the "
+                         "batch >= 1")
+
+
+def are_positive_ints(value, empty: bool = False) -> bool:
+    """Whether ``value`` is a sequence of ints >= 1 (widths, blocks per stage), non-empty unless
+    ``empty`` (an int is not one)."""
+    return isinstance(value, Sequence) and (empty or len(value) > 0) and all(map(is_positive_int, value))
+
+
+def check_dtypes(module: nn.Module) -> None:
+    """A ValueError naming ``module``'s ``dtype`` or ``param_dtype`` unless it is a floating
+    dtype (``jnp.float32``, ``"bfloat16"``, ...) or None (Flax's default)."""
+    for name in ("dtype", "param_dtype"):
+        v = getattr(module, name)
+        try:
+            ok = jnp.issubdtype(v, jnp.floating)
+        except TypeError:  # not a dtype at all, e.g. "float99"
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}={v!r}: expected a floating dtype such as jnp.float32 or 'bfloat16', or None")
+
+
+CP_OPTIONS = {
+    "psi": (lambda v: v in PSI_CHOICES, f"one of {PSI_CHOICES}"),
+    "psi_stages": (lambda v: v in PSI_STAGES, f"one of {PSI_STAGES}"),
+    "implementation": (lambda v: v in IMPLEMENTATIONS, f"one of {IMPLEMENTATIONS}"),
+    "rank": (lambda v: v is None or is_positive_int(v), "an int >= 1 or None"),
+    "rank_multiple": (lambda v: v is None or (is_number(v) and 0 < v < math.inf), "a real number > 0 or None"),
+}
+"""The values the models' options for their :class:`~hocp_jax.layers.CPConv` s take: (test, expected)."""
+
+
+def check_cp_options(module: nn.Module, names: Sequence[str], hocp: bool) -> None:
+    """A ValueError naming the first of ``module``'s HO-CP-only fields ``names`` that has a value
+    :data:`CP_OPTIONS` refuses (the model checks the values of others first) or, unless ``hocp``
+    (``module.conv`` builds HO-CP convs), a value other than its default: a dense model has no
+    CPConv to pass it to, and would drop it without a word."""
+    defaults = {f.name: f.default for f in dataclasses.fields(module)}
+    for name in names:
+        v = getattr(module, name)
+        ok, expected = CP_OPTIONS.get(name, (None, ""))
+        if ok and not ok(v):
+            raise ValueError(f"{name}={v!r}: expected {expected}")
+        if not hocp and v != defaults[name]:
+            raise ValueError(f"{name}={v!r} applies to HO-CP convs; conv={module.conv!r} has none (leave it at "
+                             f"{defaults[name]!r})")
 
 
 def max_pool_spatial(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:

@@ -10,7 +10,8 @@ Every model ends with :class:`Head`, configured by a :class:`HeadConfig`:
   1000 ImageNet classes, 27 Jester gestures, 10 CIFAR-10 classes.
 * ``trl``: ``False`` = global average pool over the spatial axes + fully-connected layer;
   ``True``/``"cp"`` or ``"tucker"`` = tensor regression layer on the un-pooled
-  ``(H, W, C)`` activation (paper Sec. 5, "Implementation details"), rank ``trl_rank``.
+  ``(H, W, C)`` activation (paper Sec. 5, "Implementation details"), rank ``trl_rank``: an int
+  >= 1, for Tucker also one int >= 1 per regressed mode and the output.
 
 The head keeps any leading axes: ``(B, H, W, C) -> (B, k)`` for images and
 ``(B, T, H, W, C) -> (B, T, k)`` for videos (per-frame predictions).
@@ -26,8 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import is_int
+from hocp_jax.checks import check_flags, is_int, is_positive_int
 from hocp_jax.layers import TRL
+from hocp_jax.models.common import are_positive_ints
 
 TRL_CHOICES = (False, True, "cp", "tucker")
 
@@ -51,10 +53,13 @@ class HeadConfig:
                 raise ValueError(f"head.{name}={v!r}: expected an int >= 0")
         if self.n_outputs == 0 and self.n_classes == 0:
             raise ValueError("head: n_outputs=0 and n_classes=0; expected at least one output")
-        if not isinstance(self.bounded, bool):
-            raise ValueError(f"head.bounded={self.bounded!r}: expected True or False")
-        if self.trl not in TRL_CHOICES:
+        check_flags(**{"head.bounded": self.bounded})
+        if not (isinstance(self.trl, bool) or self.trl in TRL_CHOICES[2:]):  # 0 and 1 are == False and True
             raise ValueError(f"head.trl={self.trl!r}: expected one of {TRL_CHOICES}")
+        tucker = self.trl == "tucker"
+        if self.trl and not (is_positive_int(self.trl_rank) or tucker and are_positive_ints(self.trl_rank)):
+            per_mode = " or one per regressed mode and the output" if tucker else ""
+            raise ValueError(f"head.trl_rank={self.trl_rank!r}: expected an int >= 1{per_mode} (trl={self.trl!r})")
 
     @classmethod
     def of(cls, value: "HeadConfig | Mapping[str, Any] | None") -> "HeadConfig":

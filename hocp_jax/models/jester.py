@@ -19,7 +19,8 @@ stage) on top; the paper's table reports 1.2M for both variants, i.e. counts onl
 
 ``psi_stages="all"`` (default) applies psi after the input contraction and after the h and w
 1-D convs (Algorithm 1 applies it after each 1-D conv; CPConv never applies it after the
-temporal conv); ``"in"`` only after the input contraction (paper Eq. 7).
+temporal conv); ``"in"`` only after the input contraction (paper Eq. 7). ``rank_multiple`` and
+``psi_stages`` are checked whatever ``conv``; the dense net refuses any but their defaults.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import is_int, is_positive_int
+from hocp_jax.checks import check_flags, is_int, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, check_input, norm_act_pool
+from hocp_jax.models.common import (DenseConv, are_positive_ints, check_cp_options, check_dtypes, check_input,
+                                    norm_act_pool)
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp", "hocp_s")
@@ -65,10 +67,13 @@ class JesterNet(nn.Module):
         """``(B, T, H, W, C)`` -> ``{"logits": (B, n_classes)}`` (plus ``"va"`` if configured)."""
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
-        if not all(map(is_positive_int, self.widths)):
-            raise ValueError(f"widths={self.widths!r}: expected a sequence of ints >= 1")
+        check_cp_options(self, ("rank_multiple", "psi_stages"), hocp=self.conv != "dense")
+        if not are_positive_ints(self.widths):
+            raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
         if not is_positive_int(self.fc_features):
             raise ValueError(f"fc_features={self.fc_features!r}: expected an int >= 1")
+        check_flags(train=train)
+        check_dtypes(self)
         name = f"JesterNet(conv={self.conv!r})"
         check_input(x, name, {5: "(batch, T, H, W, C) videos"})
         if not all(map(is_int, x.shape[1:4])):  # jax.export's symbolic sizes; a symbolic batch is fine

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax import conv_ops
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input
+from hocp_jax.models.common import DenseConv, are_positive_ints, batch_norm, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp")
@@ -95,9 +95,11 @@ class MobileNetV2(nn.Module):
             if not is_positive_int(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
         if not isinstance(self.cfg, Sequence) or not self.cfg or not all(
-                isinstance(row, Sequence) and len(row) == 4 and all(map(is_positive_int, row)) for row in self.cfg):
+                are_positive_ints(row) and len(row) == 4 for row in self.cfg):
             raise ValueError(f"cfg={self.cfg!r}: expected rows (expansion t, channels c, blocks n, stride s) of "
                              "ints >= 1")
+        check_flags(train=train)
+        check_dtypes(self)
         layouts = {4: "(batch, H, W, C) images"} | ({5: "(batch, T, H, W, C) videos"} if self.conv == "hocp" else {})
         check_input(x, f"MobileNetV2(conv={self.conv!r})", layouts)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -43,9 +43,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import is_positive_int
+from hocp_jax.checks import check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_input, max_pool_spatial
+from hocp_jax.models.common import (DenseConv, are_positive_ints, batch_norm, check_cp_options, check_dtypes, check_input,
+                                    max_pool_spatial)
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense2d", "dense3d", "2plus1d", "hocp")
@@ -149,6 +150,8 @@ class ResNet(nn.Module):
       psi, shortcut: HO-CP options (``psi`` passed to every CPConv; ``shortcut`` "dense"/"cp").
       implementation: every CPConv's path (:func:`hocp_jax.conv.cp_conv`); ``"auto"`` picks
         factorized or reconstructed per layer and input shape (factorized whenever ``psi`` is set).
+        ``psi``, ``shortcut`` and ``implementation`` are checked whatever ``conv``; a model without
+        HO-CP convs refuses any but their defaults.
       midplanes, stem_mid: R(2+1)D options ("block"/"conv" rule; stem intermediate width,
         ``None`` = the M rule).
       dtype, param_dtype: computation and parameter dtypes of every layer (Flax semantics;
@@ -173,11 +176,12 @@ class ResNet(nn.Module):
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
         if self.shortcut not in ("dense", "cp"):
             raise ValueError(f"shortcut={self.shortcut!r}: expected 'dense' or 'cp'")
+        check_cp_options(self, ("psi", "shortcut", "implementation"), hocp=self.conv == "hocp")
         if self.midplanes not in ("block", "conv"):
             raise ValueError(f"midplanes={self.midplanes!r}: expected 'block' or 'conv'")
-        if not isinstance(self.stage_sizes, Sequence) or not all(map(is_positive_int, self.stage_sizes)):
+        if not are_positive_ints(self.stage_sizes, empty=True):
             raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a sequence of ints >= 1 (blocks per stage)")
-        if not isinstance(self.widths, Sequence) or not self.widths or not all(map(is_positive_int, self.widths)):
+        if not are_positive_ints(self.widths):
             raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
         if self.stem_mid is not None and not is_positive_int(self.stem_mid):
             raise ValueError(f"stem_mid={self.stem_mid!r}: expected an int >= 1 or None (the rule's width)")
@@ -197,6 +201,8 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         """``(B, H, W, C)`` -> ``{"va": (B, n), ...}``; ``(B, T, H, W, C)`` -> ``{"va": (B, T, n), ...}``."""
         conv, dt = self.factory(), dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        check_flags(train=train)
+        check_dtypes(self)
         check_input(x, f"ResNet(conv={self.conv!r})", LAYOUTS[self.conv])
         x = conv(self.widths[0], self.stem_kernel, 2, name="stem", in_features=x.shape[-1], block_in=x.shape[-1],
                  **dt)(x, train)

@@ -1272,13 +1272,20 @@ def peer_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: ``text`` as an int >= 1, else a usage error (exit status 2)."""
+    if not (text.isdecimal() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of :func:`main`."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats: a smoke test")
     ap.add_argument("--out", default="benchmarks/results.json", help="results file (JSON)")
     ap.add_argument("--md", default=None, help="markdown table (default: RESULTS.md next to --out)")
-    ap.add_argument("--repeats", type=int, default=None, help="max timed rounds per case")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="max timed rounds per case")
     ap.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="benchmark groups to run")
     ap.add_argument("--no-peers", action="store_true", help="skip PyTorch / TensorLy-Torch")
     ap.add_argument("--no-patches-steps", action="store_true",
@@ -1287,7 +1294,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--policy-steps", action="store_true",
                     help="also time each HO-CP train step compiled under the other policy of implementation='auto' "
                          "(analytic <-> measure), in the same rounds")
-    ap.add_argument("--batch-scale", type=int, default=1,
+    ap.add_argument("--batch-scale", type=positive_int, default=1,
                     help="multiply every layer's and train step's batch size by this (e.g. GPU-sized batches)")
     ap.add_argument("--autotune", choices=autotune.POLICIES, default=None,
                     help="policy of implementation='auto' (default: $HOCP_JAX_AUTOTUNE, else measure on GPU, analytic elsewhere)")
@@ -1300,8 +1307,6 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     if args.rescore:
         return rescore(args.out, args.md)
-    if args.batch_scale < 1:
-        raise ValueError(f"--batch-scale={args.batch_scale}: expected a positive integer")
     autotune.configure(policy=args.autotune)
     repeats = args.repeats or (2 if args.quick else MAX_ROUNDS)
     # seconds of timed calls per conv case / train-step pair before stopping early

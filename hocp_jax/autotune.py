@@ -24,7 +24,9 @@ or the environment variable ``HOCP_JAX_AUTOTUNE``; unset, the backend's default,
   memory per key ``(backend, device kind, host kind, x shape, dtype, parameter shapes, stride,
   padding, dilation, input_grad, per_sample, the per-sample and tile modes in force, and
   :data:`MEASURE_VERSION`)`` (:func:`cache_key`, :func:`kernel_grad_key`) and, with
-  ``cache_path``, in a JSON file that later processes reuse. A timing that raises (e.g. the
+  ``cache_path``, in a JSON file that later processes reuse (its directory made when first
+  written; a file that is not a JSON object of picks warns and is ignored, then rewritten: a
+  corrupt cache costs timings, not the run). A timing that raises (e.g. the
   device runs out of memory for the dummy inputs) warns and takes the analytic pick for that
   key, kept in memory only, so the trace goes on.
 
@@ -97,6 +99,8 @@ gradient with matrix products (:func:`hocp_jax.conv_ops.conv_matmul_kernel_grad`
 conv's output too (:func:`timed_programs`); version 1 timed gradients alone, which left out the reconstructed
 path's forward conv and favoured that path."""
 
+PICKS = ("factorized", "reconstructed", "matmul", "xla")  # what the cache file maps keys to
+
 _config: dict[str, Any] = {"policy": None, "cache_path": None, "leader": False}
 _cache: dict[str, str] = {}
 _disk_loaded: set[str] = set()
@@ -111,9 +115,13 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
     block, for every trace from now on (``None``: the automatic rules). ``per_sample=True`` (with
     ``tile_rows`` rows, the bound at one sample per device) is the memory option on GPU/TPU, where the rules
     leave the loops off: the factorized convs then keep one sample's (one tile's) intermediates instead of the
-    whole batch's (README, "Memory")."""
+    whole batch's (README, "Memory"). ``cache_path`` must not be a directory."""
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
+    if cache_path is not None:
+        if not isinstance(cache_path, (str, os.PathLike)) or not os.fspath(cache_path) or os.path.isdir(cache_path):
+            raise ValueError(f"cache_path={cache_path!r}: expected None or the path of a JSON file (not a directory)")
+        cache_path = os.fspath(cache_path)
     conv_plans.set_defaults(batch_shards=batch_shards, per_sample=per_sample, tile_rows=tile_rows)
     _config.update(policy=policy, cache_path=cache_path)
 
@@ -178,21 +186,34 @@ def kernel_grad_key(x_shape, dtype, kernel_shape: Sequence[int], strides, pads, 
                        list(dilations), bool(input_grad), MEASURE_VERSION])
 
 
+def _read_disk(path: str) -> dict[str, str]:
+    """The picks in the cache file (``{}`` where there is none); a file that cannot be read or is not a
+    JSON object of :data:`PICKS` warns, naming it, and counts as empty (:func:`_save_disk` rewrites it)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as err:
+        entries = f"{type(err).__name__}: {err}"
+    if isinstance(entries, dict) and all(v in PICKS for v in entries.values()):
+        return entries
+    warnings.warn(f"hocp_jax.autotune: the cache file {path} is not a JSON object of picks ({str(entries)[:200]}); "
+                  "ignored, and rewritten with the picks timed from now on", RuntimeWarning)  # one place: shown once
+    return {}
+
+
 def _load_disk(path: str) -> None:
     if path in _disk_loaded:
         return
     _disk_loaded.add(path)
-    if os.path.exists(path):
-        with open(path) as f:
-            _cache.update(json.load(f))
+    _cache.update(_read_disk(path))
 
 
 def _save_disk(path: str, key: str, pick: str) -> None:
-    entries = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            entries = json.load(f)
+    entries = _read_disk(path)
     entries[key] = pick
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(entries, f, indent=0)
@@ -385,11 +406,20 @@ def choose_cp(x_shape, dtype, params, modes, strides, pads, dilations, input_gra
     time): a batch as 1, the pick for one sample (the rebuilt kernel's cost weighs most there), a
     spatial size as the least the padded kernel takes (1, or the kernel's extent less the pads),
     mostly the factorized path. Export with the batch you serve, or pass ``implementation``, to
-    choose otherwise.
+    choose otherwise. ``params`` without a factor of ``modes``, a ``dtype`` that is none or a bad
+    ``batch_shards`` is a ValueError.
     """
-    if not conv_plans.is_static(x_shape):
-        from hocp_jax import conv
+    from hocp_jax import conv, tree
 
+    missing = [k for k in (*tree.CP_KEYS, *map(conv.mode_key, modes)) if k not in params]
+    if missing:
+        raise ValueError(f"params: no {missing} (modes={tuple(modes)!r}); got keys {sorted(params)}")
+    try:
+        jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r}: expected a dtype") from None
+    conv_plans.check_batch_shards(batch_shards, "batch_shards")
+    if not conv_plans.is_static(x_shape):
         least = [1] + [max(1, d * (params[conv.mode_key(m)].shape[0] - 1) + 1 - lo - hi)
                        for m, d, (lo, hi) in zip(modes, dilations, pads)] + [1]
         x_shape = tuple(d if conv_plans.is_static((d,)) else n for d, n in zip(x_shape, least))

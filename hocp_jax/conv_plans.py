@@ -67,10 +67,9 @@ def set_defaults(batch_shards: int | None = None, per_sample: bool | None = None
     """What :func:`batch_shards_mode`, :func:`per_sample_mode` and :func:`tile_rows_mode` set for a
     block, for every trace from now on (``None``: unset, the automatic rules); called by
     :func:`hocp_jax.autotune.configure`."""
-    check_batch_shards(batch_shards, "batch_shards")
-    check_automatic_flag(per_sample, "per_sample")
-    check_tile_rows(tile_rows, "tile_rows")
-    _config.update(batch_shards=batch_shards, per_sample=per_sample, tile_rows=tile_rows)
+    _config.update(batch_shards=check_batch_shards(batch_shards, "batch_shards"),
+                   per_sample=automatic_flag(per_sample, "per_sample"),
+                   tile_rows=check_tile_rows(tile_rows, "tile_rows"))
 
 
 def modes_in_force() -> tuple:
@@ -106,7 +105,7 @@ def platform_backend(platform: str) -> str:
     Raises:
         ValueError: an unknown ``platform``.
     """
-    name = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    name = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform) if isinstance(platform, str) else None
     if name not in BACKENDS:
         raise ValueError(f"platform={platform!r}: expected one of {BACKENDS}, 'cuda' or 'rocm'")
     return name
@@ -136,27 +135,39 @@ def forward_mode_on() -> bool:
 def per_device_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`program_per_device` answers ``value`` (``None``: from the trace):
     :mod:`hocp_jax.autotune` times a conv's programs outside that conv's trace, with its loops."""
-    return scoped(_config, "per_device", value)
+    return scoped(_config, "per_device", automatic_flag(value, "value"))
 
 
 def check_automatic_flag(value, name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is ``None`` (the automatic rule) or a bool."""
+    """``ValueError`` naming ``name`` unless ``value`` is ``None`` (the automatic rule) or a Python bool
+    (not a NumPy one, which a caller that keeps ``value`` as given would find ``is not False``:
+    :func:`automatic_flag` converts one)."""
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{name}={value!r}: expected None (automatic), True or False")
 
 
-def check_batch_shards(value, name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a positive number of devices."""
+def automatic_flag(value, name: str) -> bool | None:
+    """``value`` as ``None`` or a Python bool, taking a NumPy bool too (as
+    :func:`hocp_jax.checks.check_flags` does); else :func:`check_automatic_flag`'s ``ValueError``. What the
+    ``*_mode`` blocks store: the rules compare with ``is False``, which a NumPy bool never is."""
+    value = bool(value) if isinstance(value, np.bool_) else value
+    check_automatic_flag(value, name)
+    return value
+
+
+def check_batch_shards(value, name: str) -> int | None:
+    """``value`` (``None`` or a positive number of devices) as ``None`` or an int; else a ``ValueError``
+    naming ``name``."""
     if value is not None and not is_positive_int(value):
         raise ValueError(f"{name}={value!r}: expected None or a positive number of devices")
+    return None if value is None else int(value)
 
 
 def batch_shards_mode(value: int | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`hocp_jax.autotune.configure`'s ``batch_shards`` reads ``value``
     (read at trace time, like :func:`per_sample_mode`); :func:`hocp_jax.training.sharding.on_mesh`
     traces a step in such a block with its mesh's size."""
-    check_batch_shards(value, "value")
-    return scoped(_config, "batch_shards", value)
+    return scoped(_config, "batch_shards", check_batch_shards(value, "value"))
 
 
 def is_static(shape: Sequence[Any]) -> bool:
@@ -315,8 +326,7 @@ def upcast_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`compute_dtype` computes in float32 for floating dtypes narrower
     than 32 bits (``True``), never (``False``), or by its automatic rule (``None``). Read at trace
     time, like :func:`per_sample_mode`."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "upcast", value)
+    return scoped(_config, "upcast", automatic_flag(value, "value"))
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -400,8 +410,7 @@ def patches_split_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`patches_split` splits wherever the kernel has more than one tap
     along its first mode (``True``), never (``False``), or by its automatic rule (``None``). Read
     at trace time, like :func:`per_sample_mode`."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "patches_split", value)
+    return scoped(_config, "patches_split", automatic_flag(value, "value"))
 
 
 def patches_split(in_channels: int, kernel_size: Sequence[int]) -> bool:
@@ -517,8 +526,7 @@ def dense_chunks_mode(value: bool | None) -> contextlib.AbstractContextManager:
     (``None``, the default), none (``False``), or every conv of two or more samples it may
     (``True``: the 2-D, byte and channel bounds off; tests, experiments). Read at trace time, like
     :func:`per_sample_mode`."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "dense_chunks", value)
+    return scoped(_config, "dense_chunks", automatic_flag(value, "value"))
 
 
 def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int], dtype) -> int | None:
@@ -571,8 +579,7 @@ def paired_rows_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`paired_rows` answers ``value`` for every product it is asked about
     whose rows pair up (``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "paired_rows", value)
+    return scoped(_config, "paired_rows", automatic_flag(value, "value"))
 
 
 def paired_rows(in_channels: int, out_channels: int, row_length: int) -> bool:
@@ -619,8 +626,7 @@ def per_sample_mode(value: bool | None) -> contextlib.AbstractContextManager:
     (e.g. a model whose layers do not expose ``per_sample``); ``jax.jit`` keys its cache on the
     function and argument shapes, not on this setting, so a function traced before the block
     keeps its earlier program."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "per_sample", value)
+    return scoped(_config, "per_sample", automatic_flag(value, "value"))
 
 
 def per_sample_default(x_shape: Sequence[int], rank: int, dtype) -> bool:
@@ -755,18 +761,19 @@ def tile_target_bytes() -> int:
     return int(TILE_TARGET_PER_L2 * l2) if l2 else TILE_TARGET_BYTES
 
 
-def check_tile_rows(value, name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is a :func:`tile_rows_mode` value."""
+def check_tile_rows(value, name: str) -> int | None:
+    """``value`` (a :func:`tile_rows_mode` value) as ``None`` or an int (a NumPy one would not go into
+    the JSON of a cache key); else a ``ValueError`` naming ``name``."""
     if value is not None and not (is_int(value) and value >= 0):
         raise ValueError(f"{name}={value!r}: expected None (automatic), 0 (off) or a positive number of rows")
+    return None if value is None else int(value)
 
 
 def tile_rows_mode(value: int | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`tile_plan` uses tiles of ``value`` rows wherever a conv can be
     tiled (``0``: never tile; ``None``: the automatic rule). Read at trace time, like
     :func:`per_sample_mode`."""
-    check_tile_rows(value, "value")
-    return scoped(_config, "tile_rows", value)
+    return scoped(_config, "tile_rows", check_tile_rows(value, "value"))
 
 
 def tile_plan(x_shape: Sequence[int], rank: int, dtype, out_sizes: Sequence[int], halos: Sequence[int],
@@ -832,8 +839,7 @@ def tile_fold_mode(value: bool | None) -> contextlib.AbstractContextManager:
     """Within the block, :func:`tile_fold_modes` folds wherever its shape conditions allow
     (``True``), never (``False``), or by its automatic rule (``None``). Read at trace time, like
     :func:`per_sample_mode`."""
-    check_automatic_flag(value, "value")
-    return scoped(_config, "tile_fold", value)
+    return scoped(_config, "tile_fold", automatic_flag(value, "value"))
 
 
 def tile_fold_modes(in_channels: int, kernel_size: Sequence[int], strides: Sequence[int], out_sizes: Sequence[int],

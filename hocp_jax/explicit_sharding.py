@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from hocp_jax.checks import is_int
+
 
 def spec_of(x) -> tuple:
     """One entry per axis of ``x``: the mesh axis name(s) it is split over, or ``None``."""
@@ -38,7 +40,11 @@ def splits_inner_axes(x) -> bool:
 
 def shards(x, axis: int) -> int | None:
     """Over how many devices ``x``'s ``axis`` is split, ``None`` if its type does not split it."""
-    axes = spec_of(x)[axis]
+    spec = spec_of(x)
+    if not (is_int(axis) and -len(spec) <= axis < len(spec)):
+        raise ValueError(f"axis={axis!r}: expected an int in [-{len(spec)}, {len(spec)}) for an array of "
+                         f"{len(spec)} axes")
+    axes = spec[axis]
     if axes is None:
         return None
     mesh = jax.typeof(x).sharding.mesh

@@ -63,6 +63,8 @@ def check_temporal_modes(temporal_modes, spatial: Sequence[str]) -> tuple[str, .
 
 def product_std(variance: float, n_terms: int, n_sums: int) -> float:
     """Std of i.i.d. entries whose ``n_terms``-fold products summed ``n_sums`` times have ``variance``."""
+    check_real(variance, "variance", lambda v: 0 < v < float("inf"), "a real number > 0")
+    check_sizes(n_terms=n_terms, n_sums=n_sums)
     return float((variance / n_sums) ** (1.0 / (2 * n_terms)))
 
 
@@ -163,10 +165,10 @@ def cp_conv_kwargs(
     """Keyword arguments of :func:`hocp_jax.conv.cp_conv` for a layer over ``temporal + spatial``
     modes (temporal modes: ``temporal_stride``/``temporal_padding``, dilation 1; with Psi, the
     spatial 1-D convs run first so that no Psi follows a temporal conv)."""
-    if not isinstance(padding, (str, int, Sequence)):
+    if not (isinstance(padding, (str, Sequence)) or is_int(padding)):
         raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
                          "per spatial mode")
-    sp_pad = padding if isinstance(padding, (str, int)) else tuple(padding)
+    sp_pad = padding if isinstance(padding, str) else int(padding) if is_int(padding) else tuple(padding)
     return dict(
         modes=tuple(temporal) + tuple(spatial),
         stride=(temporal_stride,) * len(temporal) + as_ints(stride, len(spatial), "stride"),
@@ -198,7 +200,7 @@ def tucker_layer_ranks(in_channels: int, out_channels: int, ranks=None, rank_rat
 def tucker_specs(in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: tuple[int, int], gain=2.0) -> Specs:
     """Tucker conv leaves ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``, ``factor_out (C_out, R_out)``."""
     ks = kernel_dims(kernel_size)
-    r_in, r_out = ranks
+    r_in, r_out = as_ints(ranks, 2, "ranks", positive=True)
     normal = initializers.normal(product_std(target_variance(in_channels, ks, gain), 3, r_in * r_out))
     return {
         "factor_in": ((in_channels, r_in), normal),
@@ -227,6 +229,8 @@ def separable_specs(in_channels: int, out_channels: int, kernel_size: Sequence[i
 def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> Specs:
     """TRL leaves on input modes ``dims`` (ints >= 1): ``factor_<i> (d_i, R_i)``, ``factor_out (O, R_out)``,
     ``lambda (R,)`` (CP) or ``core (R_1..R_k, R_out)`` (Tucker), ``bias (O,)``; LeCun variance overall."""
+    dims = shape_arg(dims, "dims")
+    check_sizes(features=features)
     n = len(dims)
     var = 1.0 / int(np.prod(dims))
     if decomposition == "cp":

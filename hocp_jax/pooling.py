@@ -32,9 +32,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from hocp_jax.checks import is_int
+from hocp_jax.checks import is_int, is_number
 
 
 def _config(x_shape, window, stride, padding):
@@ -141,13 +142,14 @@ def monotone_max_pool(x: jax.Array, scale: jax.Array, shift: jax.Array, activati
     Returns:
       ``(*lead, O_1, ..., O_n, C)`` in ``result_type(x, scale, shift, center)``.
     """
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)} (non-decreasing)")
     for name, v, shapes in (("scale", scale, [(x.shape[-1],)]), ("shift", shift, [(x.shape[-1],)]),
                             ("center", center, [(), (x.shape[-1],)])):
-        if jnp.shape(v) not in shapes:
-            raise ValueError(f"{name}: shape {jnp.shape(v)}; expected {' or '.join(map(str, shapes))} (x has "
-                             f"{x.shape[-1]} channels)")
+        array = isinstance(v, (jax.Array, np.ndarray)) or is_number(v)
+        if not array or jnp.shape(v) not in shapes:
+            got = f"shape {jnp.shape(v)}" if array else f"a {type(v).__name__}, not an array"
+            raise ValueError(f"{name}: {got}; expected {' or '.join(map(str, shapes))} (x has {x.shape[-1]} channels)")
     sign = lax.stop_gradient(jnp.where(scale < 0, -1, 1)).astype(x.dtype)
     x_max = sign * max_pool(sign * x, window, stride, padding)  # the selected x of each window
     dtype = jnp.result_type(x, scale, shift, center)
@@ -178,6 +180,8 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
     n = len(window)
     if len(stride) != n or len(padding) != n:
         raise ValueError(f"window={window}, stride={stride}, padding={padding}: expected one entry per pooled axis")
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        raise ValueError(f"x: a {type(x).__name__}; expected an array")
     if x.ndim < n + 1:
         raise ValueError(f"x: shape {tuple(x.shape)} has fewer than {n} spatial axes plus channels")
     if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -45,6 +45,11 @@ def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
+def _contents(node: Any) -> str:
+    """``"keys [...]"`` (the first 10) of a Mapping, else ``"a <type>"``: what an error found."""
+    return f"keys {sorted(map(str, node))[:10]}" if isinstance(node, Mapping) else f"a {type(node).__name__}"
+
+
 def is_cp_layer(node: Any) -> bool:
     return isinstance(node, Mapping) and all(k in node for k in CP_KEYS)
 
@@ -72,6 +77,8 @@ def layer_modes(layer: Mapping) -> tuple[str, ...]:
 def check_cp_layer(layer: Mapping, path: Path = ()) -> int:
     """Validates one CP layer's leaves and returns its rank R (= ``len(lambda)``)."""
     where = f"params at '{path_str(path)}'"
+    if not is_cp_layer(layer):
+        raise ValueError(f"{where}: expected a CP layer (a dict with keys {CP_KEYS}), got {_contents(layer)}")
     lam = layer["lambda"]
     if getattr(lam, "ndim", None) != 1 or lam.shape[0] < 1:
         raise ValueError(f"{where}: 'lambda' has shape {tuple(np.shape(lam))}, expected (R,) with R >= 1")
@@ -138,9 +145,12 @@ def get_at(tree: Any, path: Path) -> Any:
 
 
 def set_at(tree: dict, path: Path, value: Any) -> dict:
-    """Returns ``tree`` with ``tree[path] = value`` (dicts on the path are copied, ``tree`` is not modified)."""
+    """Returns ``tree`` with ``tree[path] = value`` (dicts on the path are copied, ``tree`` is not modified);
+    a ValueError where a key of ``path`` is not in the tree."""
     if not path:
         return value
+    if not (isinstance(tree, Mapping) and path[0] in tree):
+        raise ValueError(f"path: key {path[0]!r} not in the tree (got {_contents(tree)} there)")
     out = dict(tree)
     out[path[0]] = set_at(tree[path[0]], path[1:], value)
     return out

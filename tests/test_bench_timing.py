@@ -98,6 +98,17 @@ def test_a_run_without_layers_writes_its_results_and_says_why_the_peers_were_ski
     assert f"Peers (PyTorch, TensorLy-Torch) skipped: {why}." in report
 
 
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--repeats", "-1"], ["--repeats", "x"], ["--batch-scale", "0"],
+                                  ["--batch-scale", "-1"]])
+def test_counts_below_one_are_usage_errors(argv, capsys):
+    """Before: ``--repeats 0`` ran the full 15 rounds, ``-1`` compiled everything and crashed in
+    ``statistics.median([])``, ``--batch-scale -1`` was a ValueError traceback."""
+    with pytest.raises(SystemExit) as err:
+        bench.parser().parse_args(argv)
+    assert err.value.code == 2 and f"{argv[1]!r}: expected an integer >= 1" in capsys.readouterr().err
+    assert getattr(bench.parser().parse_args([argv[0], "3"]), argv[0][2:].replace("-", "_")) == 3
+
+
 def test_batch_scale_multiplies_every_batch():
     conv_case = bench.jester_cases(True)[0]
     assert bench.scaled(conv_case, 4).batch == 4 * conv_case.batch

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hocp_jax import autotune, checks, conv_plans, decomposition, layer_specs, transduction
+from hocp_jax import autotune, checks, conv_plans, decomposition, explicit_sharding, layer_specs, transduction, tree
 from hocp_jax.data.jester import JesterConfig
 from hocp_jax.models.bregnet import BReGNet
 from hocp_jax.models.heads import HeadConfig
@@ -45,7 +45,7 @@ def test_as_ints_reads_one_int_or_n_ints_and_names_the_argument():
     (lambda: HeadConfig(n_outputs=True), "n_outputs=True"),
     (lambda: JesterConfig(name="x", num_frames=True), "num_frames=True"),
     (lambda: Checkpointer("/nonexistent-never-created", save_every=True), "save_every"),
-    (lambda: BReGNet(stage_sizes=(True, 1, 1))._validate(jnp.ones((1, 8, 8, 3))), "stage_sizes="),
+    (lambda: BReGNet(stage_sizes=(True, 1, 1))._validate(jnp.ones((1, 8, 8, 3)), False), "stage_sizes="),
 ])
 def test_a_bool_is_not_a_count(make, match):
     with pytest.raises(ValueError, match=match):
@@ -57,3 +57,52 @@ def test_numpy_ints_are_counts():
     assert rel < 1e-4  # an all-ones kernel is rank 1
     assert transduction.check_new_modes({"t": np.int64(3)}, "ones") == {"t": 3}
     assert HeadConfig(n_outputs=np.int64(2)).n_outputs == 2
+
+
+def test_conv_plans_modes_take_numpy_bools_and_ints_as_python_values():
+    """Before: the ``*_mode`` blocks refused ``np.True_`` (check_flags takes it), ``target_mode(['cpu'])``
+    was "unhashable", and a NumPy ``tile_rows`` went into the cache keys' JSON as is."""
+    with conv_plans.per_sample_mode(np.False_), conv_plans.tile_rows_mode(np.int64(3)), \
+            conv_plans.upcast_mode(np.True_), conv_plans.dense_chunks_mode(np.False_):
+        in_force = conv_plans.modes_in_force()
+        assert in_force[:4] == (False, 3, True, False) and [type(v) for v in in_force[:4]] == [bool, int, bool, bool]
+    autotune.configure(per_sample=np.True_, tile_rows=np.int64(2), batch_shards=np.int64(2))
+    try:
+        assert conv_plans.modes_in_force()[:2] == (True, 2) and conv_plans.device_shape((4, 3)) == (2, 3)
+    finally:
+        autotune.configure()
+    with pytest.raises(ValueError, match=r"platform=\['cpu'\]: expected one of"):
+        conv_plans.target_mode(["cpu"])
+
+
+def test_tree_helpers_name_a_missing_key():
+    """Before: KeyErrors ('b', 'factor_in') and a TypeError for a path through a leaf."""
+    with pytest.raises(ValueError, match=r"path: key 'b' not in the tree \(got keys \['a'\] there\)"):
+        tree.set_at({"a": {}}, ("b", "c"), 1)
+    with pytest.raises(ValueError, match="path: key 'c' not in the tree"):
+        tree.set_at({"a": 1}, ("a", "c"), 1)
+    assert tree.set_at({"a": {"b": 1}}, ("a", "b"), 2) == {"a": {"b": 2}}
+    with pytest.raises(ValueError, match=r"expected a CP layer .* got keys \['factor_out', 'lambda'\]"):
+        tree.check_cp_layer({"lambda": np.ones(2), "factor_out": np.ones((3, 2))})
+
+
+def test_shards_names_an_axis_out_of_range():
+    x = jnp.ones((4, 3))
+    assert explicit_sharding.shards(x, -1) is None
+    with pytest.raises(ValueError, match=r"axis=5: expected an int in \[-2, 2\)"):  # was: an IndexError
+        explicit_sharding.shards(x, 5)
+
+
+def test_layer_specs_refuse_zero_sizes_and_take_numpy_ints():
+    """Before: ZeroDivisionErrors, and a NumPy int padding refused as "not an int"."""
+    with pytest.raises(ValueError, match=r"dims=\(0, 3\): expected a non-empty sequence of ints >= 1"):
+        layer_specs.trl_specs((0, 3), 2, 2, "cp")
+    with pytest.raises(ValueError, match=r"ranks=\(0, 2\)"):
+        layer_specs.tucker_specs(4, 4, (3, 3), (0, 2))
+    for args, match in (((1.0, 0, 1), "n_terms=0"), ((1.0, 1, 0), "n_sums=0"), ((0.0, 1, 1), "variance=0.0")):
+        with pytest.raises(ValueError, match=match):
+            layer_specs.product_std(*args)
+    common = dict(stride=1, dilation=1, temporal_stride=1, temporal_padding=1, implementation="auto", psi=None)
+    assert layer_specs.cp_conv_kwargs(("h", "w"), (), padding=np.int64(1), **common)["padding"] == (1, 1)
+    with pytest.raises(ValueError, match="padding=True"):
+        layer_specs.cp_conv_kwargs(("h", "w"), (), padding=True, **common)

@@ -4,8 +4,11 @@ import pytest
 from benchmarks.experiments.__main__ import EXPERIMENTS, main
 
 
-@pytest.mark.parametrize("argv", [[], ["no_such_experiment"], ["stem", "x"], ["stem", "3", "extra"]])
-def test_bad_arguments_give_the_usage_line(argv):
+@pytest.mark.parametrize("argv", [[], ["no_such_experiment"], ["stem", "x"], ["stem", "3", "extra"], ["stem", "0"],
+                                  ["stem", "-1"]])
+def test_bad_arguments_give_the_usage_line(argv, monkeypatch):
+    # before, "0" passed isdigit() and ran the experiment, which crashed after compiling everything
+    monkeypatch.setitem(EXPERIMENTS, "stem", lambda *rounds: pytest.fail("ran with rounds < 1"))
     with pytest.raises(SystemExit) as err:
         main(argv)
     message = str(err.value)

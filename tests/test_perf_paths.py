@@ -297,6 +297,44 @@ def test_autotune_multi_process_never_measures(measured, monkeypatch):
     assert calls == [] and pick == autotune.analytic_pick(x.shape, p, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), False)
 
 
+def test_autotune_cache_file_is_checked_and_a_corrupt_one_is_rewritten(measured, tmp_path):
+    """Before: the first trace under "measure" raised JSONDecodeError (bad JSON), TypeError (a JSON
+    list) or IsADirectoryError, and a missing directory was a "timing a conv failed" warning whose
+    analytic pick replaced the measured one; ``cache_path=123`` was accepted."""
+    autotune, calls, _ = measured
+    for bad in (123, ["a"], "", str(tmp_path)):
+        with pytest.raises(ValueError, match=r"cache_path=.*expected None or the path of a JSON file"):
+            autotune.configure("measure", cache_path=bad)
+    p, x = _tiny_cp(), jnp.ones((2, 6, 6, 3))
+    trace = lambda: jax.make_jaxpr(lambda x, p: conv.cp_conv(x, p, padding=1, implementation="auto",  # noqa: E731
+                                                             input_grad=False))(x, p)
+    for name, text in (("bad.json", "{not json"), ("list.json", "[1, 2]"), ("pick.json", '{"k": "fast"}')):
+        path = tmp_path / name
+        path.write_text(text)
+        autotune.clear_cache()
+        autotune.configure("measure", cache_path=str(path))
+        with pytest.warns(RuntimeWarning, match=rf"cache file {path} is not a JSON object of picks.*rewritten"):
+            trace()
+        assert "reconstructed" in json.loads(path.read_text()).values()  # the measured pick, written
+    path = tmp_path / "new" / "dir" / "autotune.json"
+    autotune.clear_cache()
+    autotune.configure("measure", cache_path=path)  # a path object; its directory is made when written
+    trace()
+    assert "reconstructed" in json.loads(path.read_text()).values()
+
+
+def test_choose_cp_names_bad_arguments():
+    """Before: a KeyError 'factor_t', a TypeError from ``jnp.dtype`` and "batch=-2"."""
+    p = _tiny_cp()
+    geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1))
+    with pytest.raises(ValueError, match=r"params: no \['factor_t'\] \(modes=\('t',\)\)"):
+        autotune.choose_cp((2, 6, 6, 3), jnp.float32, p, ("t",), (1,), ((1, 1),), (1,))
+    with pytest.raises(ValueError, match="dtype='nope': expected a dtype"):
+        autotune.choose_cp((2, 6, 6, 3), "nope", p, *geometry)
+    with pytest.raises(ValueError, match="batch_shards=-1: expected None or a positive"):
+        autotune.choose_cp((2, 6, 6, 3), jnp.float32, p, *geometry, batch_shards=-1)
+
+
 def test_autotune_times_the_batch_one_device_gets(measured):
     """``configure(batch_shards=n)``: a conv traced on the global batch ``B`` is timed, and cached,
     on ``ceil(B / n)`` examples, what one device of the data-parallel mesh runs."""

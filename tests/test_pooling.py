@@ -243,3 +243,13 @@ def test_monotone_max_pool_rejects_bad_arguments():
         monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), "relu", (2, 2), (2, 2), ((0, 0), (0, 0)), center=jnp.ones(2))
     with pytest.raises(ValueError, match="activation='tanh'"):
         NormActPool("tanh", (2, 2), (2, 2), ((0, 0), (0, 0))).init(jax.random.key(0), x)
+    # before: "unhashable type: 'list'", "'<' not supported between 'list' and 'int'", a TypeError on None
+    pool = ((2, 2), (2, 2), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"activation=\['relu'\]: expected one of"):
+        monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), ["relu"], *pool)
+    with pytest.raises(ValueError, match=r"scale: a list, not an array; expected \(3,\)"):
+        monotone_max_pool(x, [1.0, 1.0, 1.0], jnp.zeros(3), "relu", *pool)
+    with pytest.raises(ValueError, match=r"center: a NoneType, not an array; expected \(\) or \(3,\)"):
+        monotone_max_pool(x, jnp.ones(3), jnp.zeros(3), "relu", *pool, center=None)
+    with pytest.raises(ValueError, match="x: a list; expected an array"):  # was: an AttributeError
+        max_pool([[1.0]], (1,), (1,), ((0, 0),))

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # subprocess mode
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import ml_collections  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _outcome(fn) -> str:
@@ -133,6 +134,38 @@ def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_ever
         assert out["trace"].startswith("ValueError: ") and "bad value" in out["trace"]
         assert out["resumed_at"] == 12
     assert (tmp_path / "run" / "checkpoints.damaged" / "8").is_dir()  # moved aside, not lost
+
+
+def test_launcher_variables_that_are_not_integers_are_named(monkeypatch):
+    """Before: a bare ``int()`` ValueError ("invalid literal ... 'abc'") that named no variable."""
+    from hocp_jax.training import distributed
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    for var in distributed.CLUSTER_SIZE_VARS:
+        with monkeypatch.context() as env:
+            env.setenv(var, "2.0")
+            with pytest.raises(ValueError, match=rf"\${var}='2.0': expected an integer"):
+                distributed.maybe_initialize_distributed()
+    monkeypatch.setenv("SLURM_NTASKS", "")  # empty: unset, one task
+    assert distributed.detected_cluster() is None
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")  # never reached: the variables are read first
+    for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        with monkeypatch.context() as env:
+            env.setenv(var, "two")
+            with pytest.raises(ValueError, match=rf"\${var}='two': expected an integer"):
+                distributed.maybe_initialize_distributed()
+
+
+def test_an_empty_coordinator_address_is_refused(monkeypatch):
+    """Before: ``JAX_COORDINATOR_ADDRESS=`` counted as set and reached ``jax.distributed`` (an
+    IndexError inside it); the argument is checked alike."""
+    from hocp_jax.training import distributed
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "")
+    with pytest.raises(ValueError, match=r"\$JAX_COORDINATOR_ADDRESS='': expected 'host:port'"):
+        distributed.maybe_initialize_distributed()
+    with pytest.raises(ValueError, match=r"coordinator_address='host0': expected 'host:port'"):
+        distributed.maybe_initialize_distributed("host0", 2, 0)
 
 
 if __name__ == "__main__":

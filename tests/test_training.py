@@ -592,6 +592,23 @@ def test_put_batch_rejects_indivisible_and_ragged_batches():
         training.put_batch({"image": np.zeros((4, 2)), "va": np.zeros((3, 2))}, mesh)
 
 
+def test_mesh_and_put_batch_refuse_what_they_cannot_place():
+    """Before: ``make_data_mesh([])`` an IndexError, two copies of a device a mesh that put_batch
+    then failed on (JAX's safe_zip), a batch that is not a dict or no mesh an AttributeError."""
+    d0 = jax.devices()[0]
+    for devices in ([], [d0, d0], d0, "cpu"):
+        with pytest.raises(ValueError, match="expected a non-empty sequence of distinct jax devices"):
+            training.make_data_mesh(devices)
+    mesh = training.make_data_mesh([d0])
+    for batch in ([np.zeros((4, 2))], np.zeros((4, 2))):
+        with pytest.raises(ValueError, match="batch: expected a dict of arrays"):
+            training.put_batch(batch, mesh)
+    with pytest.raises(ValueError, match="mesh=None: expected a jax.sharding.Mesh"):
+        training.put_batch({"x": np.zeros((4, 2))}, None)
+    with pytest.raises(ValueError, match="mesh=None: expected a jax.sharding.Mesh"):
+        training.put_replicated({"w": np.zeros(2)}, None)
+
+
 def test_validate_config_names_bad_keys():
     cfg = ml_collections.ConfigDict(dict(num_steps=10, seed=0, log_evry=5, stage=""))
     with pytest.raises(ValueError) as err:
@@ -894,6 +911,19 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
     os.utime(lock, (0, 0))  # no heartbeat for long: a dead run
     with training.WorkdirLock(str(tmp_path)):
         pass
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(heartbeat_s=0), "heartbeat_s=0: expected a finite real number > 0"),  # was: a busy loop
+    (dict(heartbeat_s="30"), "heartbeat_s='30'"),  # was: a dead heartbeat thread, the run going on
+    (dict(heartbeat_s=None), "heartbeat_s=None"),  # was: never touched, so other hosts took the live lock
+    (dict(heartbeat_s=float("inf")), "heartbeat_s=inf"),
+    (dict(heartbeat_s=30, stale_s=30), "stale_s=30: expected a real number > heartbeat_s=30"),
+    (dict(stale_s=float("nan")), "stale_s=nan"),
+])
+def test_workdir_lock_refuses_bad_timings(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        training.WorkdirLock(str(tmp_path), **kwargs)
 
 
 def test_workdir_lock_of_a_reused_pid_is_taken_over(tmp_path):

@@ -41,9 +41,11 @@ def main(argv: list[str]) -> None:
         return
     name = argv[0] if argv else None
     most = 3 if name in WITH_REVISION else 2
-    if name not in EXPERIMENTS or len(argv) > most or (len(argv) > 1 and not argv[1].isdigit()):
+    rounds_ok = len(argv) < 2 or (argv[1].isdecimal() and int(argv[1]) >= 1)
+    if name not in EXPERIMENTS or len(argv) > most or not rounds_ok:
         usage = (f"usage: python -m benchmarks.experiments <name> [rounds]{' [revision]' if name in WITH_REVISION else ''}; "
-                 f"got {' '.join(argv) or 'no arguments'}; names: {', '.join(sorted(EXPERIMENTS))}")
+                 f"got {' '.join(argv) or 'no arguments'}; rounds: an integer >= 1; "
+                 f"names: {', '.join(sorted(EXPERIMENTS))}")
         sys.exit(usage if argv else f"{experiments.__doc__}\n{usage}")
     rounds = [int(argv[1])] if len(argv) > 1 else []
     print(json.dumps(EXPERIMENTS[name](*rounds, *argv[2:]), indent=1))

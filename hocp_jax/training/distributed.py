@@ -27,16 +27,26 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from hocp_jax.checks import check_real
 from hocp_jax.processes import on_process_zero
 
 # environment variable -> (cluster, number of processes) when several processes run
 CLUSTER_SIZE_VARS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI", "PMI_SIZE": "MPICH"}
 
 
+def _env_int(name: str, default: int | None) -> int | None:
+    """``$name`` as an int, ``default`` where it is unset or empty; a ValueError naming it otherwise."""
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"${name}={value!r}: expected an integer") from None
+
+
 def detected_cluster() -> str | None:
     """Name of the multi-process launcher in the environment, or None (one process)."""
     for var, name in CLUSTER_SIZE_VARS.items():
-        if int(os.environ.get(var, "1") or 1) > 1:
+        if _env_int(var, 1) > 1:
             return name
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         return "Cloud TPU"
@@ -55,20 +65,24 @@ def maybe_initialize_distributed(
     Automatic: under SLURM (``srun``, several tasks), Open MPI / MPICH (``mpirun -n N``) and
     on multi-host Cloud TPU, ``jax.distributed.initialize()`` detects everything itself. On
     CPU the cross-process collectives are gloo (jax's default). Must run before any other
-    JAX call.
+    JAX call. An address that is not ``host:port`` (e.g. an empty ``JAX_COORDINATOR_ADDRESS``,
+    which ``jax.distributed`` would read even under a launcher) is a ValueError.
 
     Returns:
         True if ``jax.distributed`` is initialized after the call.
     """
     if jax.distributed.is_initialized():
         return True
+    name = "coordinator_address" if coordinator_address else "$JAX_COORDINATOR_ADDRESS"
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    env = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
     if coordinator_address is not None:
+        if ":" not in str(coordinator_address):
+            raise ValueError(f"{name}={coordinator_address!r}: expected 'host:port' (unset, to run one process or "
+                             "let a launcher's variables decide)")
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
-            num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
-            process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"),
+            num_processes=num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", None),
+            process_id=process_id if process_id is not None else _env_int("JAX_PROCESS_ID", None),
         )
         return True
     if detected_cluster() is not None:
@@ -169,15 +183,20 @@ class WorkdirLock:
     live process on this host that is the one that wrote the lock (same pid and, on Linux,
     same start time, so a reused pid or a restarted container with the same pid is not), a
     lock this very process holds, or (on another host, where liveness cannot be checked) a
-    file touched less than ``stale_s`` seconds ago. A lock of a killed run (dead pid on this
+    file touched less than ``stale_s`` seconds ago (``heartbeat_s``: a finite number > 0, ``stale_s``
+    larger; else a ValueError). A lock of a killed run (dead pid on this
     host, or stale) is taken over, so resuming after ``kill -9`` just works. In a ``jax.distributed``
     run process 0 takes the lock for the run and every process raises if it could not
     (:func:`hocp_jax.processes.on_process_zero`).
     """
 
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 120.0):
+        if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+            raise ValueError(f"workdir={workdir!r}: expected a directory path")
+        check_real(heartbeat_s, "heartbeat_s", lambda v: 0 < v < float("inf"), "a finite real number > 0")
+        check_real(stale_s, "stale_s", lambda v: v > heartbeat_s, f"a real number > heartbeat_s={heartbeat_s!r}")
         self.path = os.path.join(workdir, "run.lock")
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
         self._stop = threading.Event()
         self._thread = None
 

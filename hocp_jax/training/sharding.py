@@ -17,7 +17,7 @@ only ITS part of the batch (``global_batch / process_count`` examples; see
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -33,10 +33,18 @@ def make_data_mesh(devices: list | None = None) -> Mesh:
     """1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes).
 
     The axis is ``AxisType.Auto`` (GSPMD propagation): models may reshape a sharded batch
-    axis (e.g. video ``(B, T, ...) -> (B*T, ...)``) without sharding annotations.
+    axis (e.g. video ``(B, T, ...) -> (B*T, ...)``) without sharding annotations. ``devices``
+    other than a non-empty sequence of distinct devices is a ValueError.
     """
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=devices)
+    listed = jax.devices() if devices is None else list(devices) if isinstance(devices, Iterable) else None
+    if not (listed and all(isinstance(d, jax.Device) for d in listed) and len(set(listed)) == len(listed)):
+        raise ValueError(f"devices={devices!r}: expected a non-empty sequence of distinct jax devices")
+    return jax.make_mesh((len(listed),), (DATA_AXIS,), (AxisType.Auto,), devices=listed)
+
+
+def _check_mesh(mesh) -> None:
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r}: expected a jax.sharding.Mesh (e.g. make_data_mesh())")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -56,6 +64,7 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     or restored from the same checkpoint). With several processes each one fills its own
     devices (``jax.device_put`` cannot address the others').
     """
+    _check_mesh(mesh)
     sharding = replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
@@ -81,9 +90,12 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
         Leaves of global shape ``(B_local * process_count, ...)``, sharded on axis 0.
 
     Raises:
-        ValueError: leaves disagree on ``B_local``, or it is not divisible by the
-            number of this process's devices in the mesh.
+        ValueError: ``batch`` is not a dict or ``mesh`` not a Mesh, leaves disagree on
+            ``B_local``, or it is not divisible by the number of this process's devices in the mesh.
     """
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch: expected a dict of arrays (name -> (B_local, ...)), got a {type(batch).__name__}")
+    _check_mesh(mesh)
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     if len(set(sizes.values())) != 1 or None in sizes.values():
@@ -106,6 +118,7 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     on one device or another backend, where nothing depends on it; called where ``mesh`` is
     already the context mesh (inside a function that ``on_mesh`` wraps, e.g. ``jax.eval_shape``,
     whose trace refuses a ``set_mesh`` of its own), ``fn`` is called as it is."""
+    _check_mesh(mesh)
     if jax.default_backend() != "cpu" or mesh.size == 1:
         return fn
 

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import conv_plans
+from hocp_jax.checks import is_path
 from hocp_jax.processes import on_process_zero
 
 POLICIES = ("analytic", "measure")
@@ -119,7 +120,7 @@ def configure(policy: str | None = None, cache_path: str | None = None, batch_sh
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
     if cache_path is not None:
-        if not isinstance(cache_path, (str, os.PathLike)) or not os.fspath(cache_path) or os.path.isdir(cache_path):
+        if not is_path(cache_path) or os.path.isdir(cache_path):
             raise ValueError(f"cache_path={cache_path!r}: expected None or the path of a JSON file (not a directory)")
         cache_path = os.fspath(cache_path)
     conv_plans.set_defaults(batch_shards=batch_shards, per_sample=per_sample, tile_rows=tile_rows)

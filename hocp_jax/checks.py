@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numbers
+import os
 
 import jax
 import numpy as np
@@ -61,3 +62,9 @@ def check_flags(**flags) -> None:
     for name, v in flags.items():
         if not isinstance(v, (bool, np.bool_)):
             raise ValueError(f"{name}={v!r}: expected True or False")
+
+
+def is_path(value) -> bool:
+    """Whether ``value`` is a non-empty ``str`` or ``os.PathLike`` (an empty path would be the
+    current directory)."""
+    return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))

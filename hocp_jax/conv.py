@@ -339,7 +339,7 @@ def cp_conv(
         x, padding = conv_ops.same_on_symbolic(x, padding, ksizes, strides, dilations)
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations, symbolic_same=psi is not None)
 
-    conv_plans.check_automatic_flag(per_sample, "per_sample")
+    per_sample = conv_plans.automatic_flag(per_sample, "per_sample")  # (a NumPy bool as a Python one)
     if not isinstance(psi_pointwise, bool):
         raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
     if implementation == "reconstructed" and psi is not None:

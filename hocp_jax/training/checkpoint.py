@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from hocp_jax.checks import check_flags, check_int, check_positive_int
+from hocp_jax.checks import check_flags, check_int, check_positive_int, is_path
 from hocp_jax.processes import all_agree, common_values, on_every_process, on_process_zero
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
@@ -355,7 +355,7 @@ def finished_steps(directory) -> list[int]:
 def _directory(path, name: str) -> str:
     """The absolute path of ``path``, a str or ``os.PathLike``; a ValueError naming ``name`` for
     anything else or an empty path (which would be the current directory)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    if not is_path(path):
         raise ValueError(f"{name}={path!r}: expected the path of a checkpoint directory")
     return os.path.abspath(os.fspath(path))
 

@@ -27,7 +27,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from hocp_jax.checks import check_real
+from hocp_jax.checks import check_real, is_path
 from hocp_jax.processes import on_process_zero
 
 # environment variable -> (cluster, number of processes) when several processes run
@@ -191,7 +191,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 120.0):
-        if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        if not is_path(workdir):
             raise ValueError(f"workdir={workdir!r}: expected a directory path")
         check_real(heartbeat_s, "heartbeat_s", lambda v: 0 < v < float("inf"), "a finite real number > 0")
         check_real(stale_s, "stale_s", lambda v: v > heartbeat_s, f"a real number > heartbeat_s={heartbeat_s!r}")

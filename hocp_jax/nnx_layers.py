@@ -106,8 +106,7 @@ class CPConv(nnx.Module):
         layer_specs.check_psi(psi, psi_stages)
         layer_specs.check_sizes(in_features=in_features, out_features=out_features,
                                 temporal_kernel_size=temporal_kernel_size)
-        check_flags(skip=skip, use_bias=use_bias, input_grad=input_grad,
-                                use_running_average=use_running_average)
+        check_flags(skip=skip, use_bias=use_bias, input_grad=input_grad, use_running_average=use_running_average)
         self.spatial, ks = layer_specs.spatial_layout(kernel_size, spatial_modes)
         self.temporal_modes = layer_specs.check_temporal_modes(temporal_modes, self.spatial)
         rank = layer_specs.cp_layer_rank(in_features, out_features, ks, rank, rank_multiple)

@@ -255,6 +255,8 @@ def test_bad_arguments_raise_clear_errors(data_dir):
         embedded.trajectory(0.0, 1.0, 2.0, 1)
     with pytest.raises(ValueError, match="AfewVaConfig num_frames=0"):
         AfewVaConfig(name="bad", num_frames=0)
+    with pytest.raises(ValueError, match="AfewVaConfig margin=inf: expected a finite"):  # was: infinite face boxes
+        AfewVaConfig(name="bad", margin=float("inf"))
     for size in (0, "64", 8.0):  # were not checked
         with pytest.raises(ValueError, match=f"AffectNetConfig image_size={size!r}: expected an int >= 1"):
             AffectNetConfig(name="bad", image_size=size)

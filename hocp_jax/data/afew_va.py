@@ -41,7 +41,7 @@ class AfewVaConfig(tfds.core.BuilderConfig):
     def __post_init__(self):
         for field in ("num_frames", "stride", "image_size"):
             check_positive_int(getattr(self, field), f"AfewVaConfig {field}")
-        check_real(self.margin, "AfewVaConfig margin")
+        check_real(self.margin, "AfewVaConfig margin", lambda v: 0 <= v < float("inf"), "a finite real number >= 0")
 
 
 def split_of(video_number: int) -> str:

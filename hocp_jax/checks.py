@@ -6,7 +6,7 @@ traced one (under ``jit``) has no value to check and passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numbers
 import os
@@ -68,3 +68,9 @@ def is_path(value) -> bool:
     """Whether ``value`` is a non-empty ``str`` or ``os.PathLike`` (an empty path would be the
     current directory)."""
     return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))
+
+
+def are_positive_ints(value, empty: bool = False) -> bool:
+    """Whether ``value`` is a sequence of ints >= 1 (sizes, widths, blocks per stage), non-empty
+    unless ``empty`` (an int is not one, nor a string)."""
+    return isinstance(value, Sequence) and (empty or len(value) > 0) and all(map(is_positive_int, value))

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hocp_jax.checks import check_int, check_positive_int, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_int, check_positive_int
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 
@@ -29,13 +29,11 @@ def check_geometry(in_channels, out_channels, kernel_size, rank=None, ranks=None
     >= 1) or ``ranks`` (two); returns ``kernel_size`` as a tuple."""
     check_positive_int(in_channels, "in_channels")
     check_positive_int(out_channels, "out_channels")
-    if isinstance(kernel_size, str) or not isinstance(kernel_size, Sequence) or not kernel_size \
-            or not all(map(is_positive_int, kernel_size)):
+    if not are_positive_ints(kernel_size):
         raise ValueError(f"kernel_size={kernel_size!r}: expected a non-empty sequence of ints >= 1, one per mode")
     if rank is not None:
         check_positive_int(rank, "rank")
-    if ranks is not None and (isinstance(ranks, str) or not isinstance(ranks, Sequence) or len(ranks) != 2
-                              or not all(map(is_positive_int, ranks))):
+    if ranks is not None and not (are_positive_ints(ranks) and len(ranks) == 2):
         raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out), ints >= 1")
     return tuple(int(k) for k in kernel_size)
 
@@ -85,8 +83,7 @@ def output_sizes(in_sizes: Sequence[int], kernel_size: Sequence[int], stride=1, 
     """Output spatial sizes of a conv with this geometry (see :mod:`hocp_jax.padding`)."""
     kernel_size = check_geometry(1, 1, kernel_size)
     n = len(kernel_size)
-    if isinstance(in_sizes, str) or not isinstance(in_sizes, Sequence) or len(in_sizes) != n \
-            or not all(map(is_positive_int, in_sizes)):
+    if not (are_positive_ints(in_sizes) and len(in_sizes) == n):
         raise ValueError(f"in_sizes={in_sizes!r}: expected {n} ints >= 1, one per kernel mode")
     strides = as_tuple(stride, n, "stride")
     dilations = as_tuple(dilation, n, "dilation")

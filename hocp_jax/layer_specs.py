@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from hocp_jax import conv, counting
-from hocp_jax.checks import check_positive_int, check_real, is_int, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_positive_int, check_real, is_int, is_positive_int
 from hocp_jax.init import cp_factor_std, target_variance
 
 Initializer = Callable[..., jax.Array]
@@ -254,7 +254,7 @@ def trl_specs(dims: Sequence[int], features: int, rank, decomposition: str) -> S
 def shape_arg(v, name: str) -> tuple[int, ...]:
     """``v`` (ints >= 1, or one int) as a non-empty tuple of ints, else a ValueError naming ``name``."""
     dims = tuple(v) if isinstance(v, Sequence) else (v,)
-    if not dims or not all(map(is_positive_int, dims)):
+    if not are_positive_ints(dims):
         raise ValueError(f"{name}={v!r}: expected a non-empty sequence of ints >= 1")
     return tuple(map(int, dims))
 

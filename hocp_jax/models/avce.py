@@ -35,10 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import check_flags, check_real, is_int, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_flags, check_real, is_int, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.conv_ops import conv_general_dilated
-from hocp_jax.models.common import Dropout, are_positive_ints, batch_norm, check_dtypes, check_input, max_pool_spatial
+from hocp_jax.models.common import Dropout, batch_norm, check_dtypes, check_input, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 

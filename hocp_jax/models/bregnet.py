@@ -52,9 +52,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from hocp_jax import conv_ops, losses
-from hocp_jax.checks import check_flags, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import are_positive_ints, batch_norm, check_cp_options, check_dtypes, check_input
+from hocp_jax.models.common import batch_norm, check_cp_options, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 # --------------------------------------------------------------------------- shortcuts

@@ -145,12 +145,6 @@ def check_input(x: jax.Array, model: str, layouts: Mapping[int, str]) -> None:
                          "batch >= 1")
 
 
-def are_positive_ints(value, empty: bool = False) -> bool:
-    """Whether ``value`` is a sequence of ints >= 1 (widths, blocks per stage), non-empty unless
-    ``empty`` (an int is not one)."""
-    return isinstance(value, Sequence) and (empty or len(value) > 0) and all(map(is_positive_int, value))
-
-
 def check_dtypes(module: nn.Module) -> None:
     """A ValueError naming ``module``'s ``dtype`` or ``param_dtype`` unless it is a floating
     dtype (``jnp.float32``, ``"bfloat16"``, ...) or None (Flax's default)."""

@@ -27,9 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import check_flags, is_int, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_flags, is_int, is_positive_int
 from hocp_jax.layers import TRL
-from hocp_jax.models.common import are_positive_ints
 
 TRL_CHOICES = (False, True, "cp", "tucker")
 

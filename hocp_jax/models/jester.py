@@ -32,9 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hocp_jax.checks import check_flags, is_int, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_flags, is_int, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import (DenseConv, are_positive_ints, check_cp_options, check_dtypes, check_input,
+from hocp_jax.models.common import (DenseConv, check_cp_options, check_dtypes, check_input,
                                     norm_act_pool)
 from hocp_jax.models.heads import Head, HeadConfig
 

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from hocp_jax import conv_ops
-from hocp_jax.checks import check_flags, is_positive_int
+from hocp_jax.checks import are_positive_ints, check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, are_positive_ints, batch_norm, check_dtypes, check_input
+from hocp_jax.models.common import DenseConv, batch_norm, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp")

@@ -74,3 +74,10 @@ def are_positive_ints(value, empty: bool = False) -> bool:
     """Whether ``value`` is a sequence of ints >= 1 (sizes, widths, blocks per stage), non-empty
     unless ``empty`` (an int is not one, nor a string)."""
     return isinstance(value, Sequence) and (empty or len(value) > 0) and all(map(is_positive_int, value))
+
+
+def check_axis(axis, ndim: int, where: str = "") -> None:
+    """``ValueError("{where}axis={axis!r}: expected an int in [-ndim, ndim) ...")`` unless ``axis``
+    is an int that indexes one of ``ndim`` axes."""
+    if not (is_int(axis) and -ndim <= axis < ndim):
+        raise ValueError(f"{where}axis={axis!r}: expected an int in [{-ndim}, {ndim}) for an array of {ndim} axes")

@@ -29,17 +29,11 @@ from jax.sharding import PartitionSpec as P
 from optax.projections import projection_simplex
 
 from hocp_jax import explicit_sharding
-from hocp_jax.checks import check_real, is_int
+from hocp_jax.checks import check_axis, check_real
 from hocp_jax.losses import ccc_loss, pcc_loss
 from hocp_jax.metrics import check_weights
 
 CRITICS = ("cosine", "dot")
-
-
-def _check_axis(z: jax.Array, axis, name: str) -> None:
-    """ValueError unless ``axis`` is an int in ``[-z.ndim, z.ndim)``."""
-    if not (is_int(axis) and -z.ndim <= axis < z.ndim):
-        raise ValueError(f"{name}: axis={axis!r}: expected an int in [{-z.ndim}, {z.ndim}) for z of shape {z.shape}")
 
 
 def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
@@ -61,7 +55,7 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     z = jnp.asarray(z)
     if z.ndim == 0:
         raise ValueError(f"sparsemax: z must have at least 1 dimension, got shape {z.shape}")
-    _check_axis(z, axis, "sparsemax")
+    check_axis(axis, z.ndim, "sparsemax: ")
     moved = jnp.moveaxis(z, axis, -1)
     if moved.shape[-1] == 0:
         raise ValueError(f"sparsemax: axis={axis} of z (shape {z.shape}) is empty; the simplex needs >= 1 entry")
@@ -85,7 +79,7 @@ def softmax_view(z: jax.Array, temperature: float = 1.0, axis: int = -1) -> jax.
     """
     check_real(temperature, "temperature", lambda v: v > 0, "a real number > 0")
     z = jnp.asarray(z)
-    _check_axis(z, axis, "softmax_view")
+    check_axis(axis, z.ndim, "softmax_view: ")
     return jax.nn.softmax(z / temperature, axis=axis)
 
 

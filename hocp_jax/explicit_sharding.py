@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from hocp_jax.checks import is_int
+from hocp_jax.checks import check_axis
 
 
 def spec_of(x) -> tuple:
@@ -41,9 +41,7 @@ def splits_inner_axes(x) -> bool:
 def shards(x, axis: int) -> int | None:
     """Over how many devices ``x``'s ``axis`` is split, ``None`` if its type does not split it."""
     spec = spec_of(x)
-    if not (is_int(axis) and -len(spec) <= axis < len(spec)):
-        raise ValueError(f"axis={axis!r}: expected an int in [-{len(spec)}, {len(spec)}) for an array of "
-                         f"{len(spec)} axes")
+    check_axis(axis, len(spec))
     axes = spec[axis]
     if axes is None:
         return None

@@ -34,13 +34,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 @flags.validator("workdir")
 def _check_workdir(value) -> bool:
     """--workdir is a directory or a path where one can be made: not empty (the current directory),
-    nor a file or a path under one (a refused value: an ``error:`` line from _parse_flags)."""
+    nor a file or a path under one, nor a symbolic link to nothing (a refused value: an ``error:``
+    line from _parse_flags)."""
     if value is None:  # absl's check of a required flag says it
         return True
     if not value:
         raise flags.ValidationError("expected a directory (an empty path would be the current directory)")
     path = os.path.abspath(os.path.expanduser(value))
     while not os.path.exists(path):
+        if os.path.islink(path):
+            raise flags.ValidationError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                                        "expected a directory")
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise flags.ValidationError(f"{path} is a file; expected a directory")

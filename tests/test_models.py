@@ -341,6 +341,17 @@ def test_hocp_options_refused_on_dense_models(name, field, value):
     abstract_variables(get_model(name, tiny=True, **defaults), INPUTS[name])  # the defaults, spelt out
 
 
+@pytest.mark.parametrize("name,field,value", [
+    ("resnet18", "midplanes", "conv"), ("resnet18_3d", "stem_mid", None), ("resnet18_hocp", "stem_mid", 32),
+])
+def test_r2plus1d_options_refused_on_other_resnets(name, field, value):
+    """Only R(2+1)D convs read them: they were dropped without a word."""
+    conv = get_model(name).conv
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} applies to R(2+1)D convs; conv={conv!r} has none")):
+        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+    abstract_variables(get_model(name, tiny=True, midplanes="block", stem_mid=45), INPUTS[name])  # the defaults
+
+
 def test_numpy_integer_fields_accepted():
     numpy_ints = dict(widths=tuple(np.array([8, 8, 16, 16])), stem_kernel=np.int64(3))
     got = count_params(abstract_variables(get_model("resnet18", tiny=True, **numpy_ints), (1, 32, 32, 3)))

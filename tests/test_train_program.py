@@ -70,6 +70,9 @@ def test_a_workdir_file_and_a_config_file_without_get_config_are_one_error_line(
     """Were: a FileExistsError traceback, and "unknown config key config.module ...get_config"."""
     (tmp_path / "a_file").write_text("")
     assert f"{tmp_path / 'a_file'} is a file; expected a directory" in _one_error_line(_train(tmp_path / "a_file"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # was: a FileExistsError traceback from os.makedirs
+    words = f"{tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert words in _one_error_line(_train(tmp_path / "dangling" / "run"))
     (tmp_path / "nothing.py").write_text("x = 1\n")
     r = _train(tmp_path / "run", config=str(tmp_path / "nothing.py"))
     assert "nothing.py: the file has no get_config() function" in _one_error_line(r)

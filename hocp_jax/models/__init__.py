@@ -26,14 +26,14 @@ from hocp_jax.models.jester import JesterNet
 from hocp_jax.models.mobilenet import MobileNetV2
 from hocp_jax.models.resnet import ResNet
 
-_TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_mid=None)
+_TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16))
 _TINY_MOBILENET = dict(cfg=((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2)), stem_features=8, last_features=32)
 
 # name -> (module class, its fields, tiny overrides)
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], dict[str, Any]]] = {
     "resnet18": (ResNet, dict(conv="dense2d"), _TINY_RESNET),
     "resnet18_3d": (ResNet, dict(conv="dense3d"), _TINY_RESNET),
-    "resnet18_2plus1d": (ResNet, dict(conv="2plus1d"), _TINY_RESNET),
+    "resnet18_2plus1d": (ResNet, dict(conv="2plus1d"), _TINY_RESNET | dict(stem_mid=None)),
     "resnet18_hocp": (ResNet, dict(conv="hocp"), _TINY_RESNET),
     "jester": (JesterNet, dict(conv="dense"), dict(widths=(4, 8, 8, 8), fc_features=16)),
     "jester_hocp": (JesterNet, dict(conv="hocp"), dict(widths=(4, 8, 8, 8), fc_features=16)),

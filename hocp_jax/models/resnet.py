@@ -153,7 +153,7 @@ class ResNet(nn.Module):
         ``psi``, ``shortcut`` and ``implementation`` are checked whatever ``conv``; a model without
         HO-CP convs refuses any but their defaults.
       midplanes, stem_mid: R(2+1)D options ("block"/"conv" rule; stem intermediate width,
-        ``None`` = the M rule).
+        ``None`` = the M rule); other ``conv`` kinds refuse any but their defaults.
       dtype, param_dtype: computation and parameter dtypes of every layer (Flax semantics;
         e.g. ``dtype=jnp.bfloat16`` with float32 parameters).
     """
@@ -185,6 +185,10 @@ class ResNet(nn.Module):
             raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
         if self.stem_mid is not None and not is_positive_int(self.stem_mid):
             raise ValueError(f"stem_mid={self.stem_mid!r}: expected an int >= 1 or None (the rule's width)")
+        for name in ("midplanes", "stem_mid") if self.conv != "2plus1d" else ():
+            if getattr(self, name) != getattr(ResNet, name):  # dropped without a word before
+                raise ValueError(f"{name}={getattr(self, name)!r} applies to R(2+1)D convs; conv={self.conv!r} has "
+                                 f"none (leave it at {getattr(ResNet, name)!r})")
         if not is_positive_int(self.stem_kernel):
             raise ValueError(f"stem_kernel={self.stem_kernel!r}: expected an int >= 1")
         if len(self.stage_sizes) != len(self.widths):

@@ -85,6 +85,9 @@ class Checkpointer:
         directory = _directory(directory, "directory")
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"directory={directory!r}: a file; expected a directory")
+        if os.path.islink(directory) and not os.path.exists(directory):
+            raise ValueError(f"directory={directory!r}: a symbolic link to {os.readlink(directory)!r}, which does "
+                             "not exist; expected a directory")
         self.save_every = check_positive_int(save_every, "save_every")
         self.keep = check_positive_int(keep, "keep")
         check_flags(async_save=async_save)

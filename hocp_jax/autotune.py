@@ -77,9 +77,10 @@ single calls, on 13 (worst 1.42x; short calls are repeated since, :data:`MIN_SAM
 the analytic rule: not measured there, and its dense convs run on the matrix unit while the
 factorized path's depthwise passes do not."""
 ROUNDS = 5
-MEASURE_VERSION = 12
+MEASURE_VERSION = 13
 """Part of every cache key: picks timed by an earlier :func:`measure`, or of programs the library has since
-changed, are not reused. Version 12 (stop 69): on CPU, tiles follow the L2 size
+changed, are not reused. Version 13 (stop 75): on CPU, 2-D inputs run in chunks of samples only on hosts that
+list AMX (:data:`hocp_jax.conv_plans.DENSE_CHUNK_CPU_FLAGS`, in :func:`hocp_jax.conv_plans.host_kind`). Version 12 (stop 69): on CPU, tiles follow the L2 size
 (:func:`hocp_jax.conv_plans.tile_target_bytes`), and :func:`hocp_jax.conv_plans.host_kind` holds it; large 2-D
 inputs run in chunks of samples (:func:`hocp_jax.conv_plans.dense_chunk`). Version 11 (stop 65): on CPU, the
 patches product of a conv with wide in-plane patches is one product per tap of its leading mode

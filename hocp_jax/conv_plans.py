@@ -120,7 +120,7 @@ def forward_mode() -> contextlib.AbstractContextManager:
     (:func:`hocp_jax.autotune.choose_kernel_grad`, also in a :func:`loop_mode` block). Only the
     CPU backend takes them, where the rules' thresholds call for them (tiles from
     :data:`TILE_MIN_BYTES` of intermediate per sample of a 3-D conv, chunks from
-    :data:`DENSE_CHUNK_MIN_BYTES` of 2-D input); everything else has forward mode everywhere,
+    :data:`DENSE_CHUNK_MIN_BYTES` of 2-D input on hosts with :data:`DENSE_CHUNK_CPU_FLAGS`); everything else has forward mode everywhere,
     the loops over samples and chunks of samples included. Reverse mode works in the block too,
     without those routes' savings. Read at trace time, like :func:`per_sample_mode`: a function
     that ``jax.jit`` traced before the block keeps its program."""
@@ -313,12 +313,12 @@ def l2_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | No
 
 
 def host_kind() -> str:
-    """The host as the CPU rules see it: the machine, which of AVX2 / AVX-512 its CPU lists and
-    its L2 size per core (:func:`l2_cache_bytes`, which sizes the tiles: :func:`tile_target_bytes`);
+    """The host as the CPU rules see it: the machine, which of AVX2 / AVX-512 / AMX its CPU lists
+    (AMX: :data:`DENSE_CHUNK_CPU_FLAGS`) and its L2 size per core (:func:`l2_cache_bytes`, which sizes the tiles: :func:`tile_target_bytes`);
     part of the cache keys, so picks timed on one kind of host are not reused on another."""
     flags = cpu_flags()
     l2 = l2_cache_bytes()
-    return " ".join([platform.machine().lower()] + [f for f in ("avx2", "avx512f") if f in flags]
+    return " ".join([platform.machine().lower()] + [f for f in ("avx2", "avx512f", *DENSE_CHUNK_CPU_FLAGS) if f in flags]
                     + ([f"l2={l2 // 1024}K"] if l2 else []))
 
 
@@ -515,10 +515,22 @@ DENSE_CHUNK_STEM_MIN_BYTES = 1024 * 1024
 """The same for a stem's conv (at most :data:`PATCHES_MAX_IN_CHANNELS` input channels)."""
 DENSE_CHUNK_TARGET_BYTES = 256 * 1024
 """Most input per chunk of samples of :func:`dense_chunk` (one sample when a single one is larger)."""
+DENSE_CHUNK_CPU_FLAGS = ("amx_tile",)
+"""CPU flags (``/proc/cpuinfo``) of the hosts on which :func:`dense_chunk`'s automatic rule runs
+chunks: AMX, which Intel's Xeons list since Sapphire Rapids. The chunks won on one such host (the
+2-core Intel Xeon VM with AVX-512 and AMX, stop 69) and lost on every shape tried on one without
+(the 2-core AMD EPYC VM with AVX-512, stop 75); other CPUs were not measured, and keep XLA's
+whole-batch conv."""
 DENSE_CHUNK_MAX_CHANNELS_PER_POSITION = 0.5
 """Most input plus output channels per output position of a chunk for :func:`dense_chunk`: each
 step of its loop adds a whole kernel gradient, ``K^2 C_in C_out`` values, computed from the
 chunk's positions alone."""
+
+
+def dense_chunks_host() -> bool:
+    """Whether the host's CPU lists every flag of :data:`DENSE_CHUNK_CPU_FLAGS` (where
+    :func:`dense_chunk`'s automatic rule runs chunks)."""
+    return all(f in cpu_flags() for f in DENSE_CHUNK_CPU_FLAGS)
 
 
 def dense_chunks_mode(value: bool | None) -> contextlib.AbstractContextManager:
@@ -534,7 +546,8 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     ungrouped channels-last 2-D conv of ``x (B, H, W, C_in)`` to ``out_channels`` with ``strides``
     (a dense conv of the models, or one of a rebuilt kernel:
     :func:`hocp_jax.conv_ops.conv_general_dilated`, ``hocp_jax.conv_ops.weight_conv``) on the CPU
-    backend, or ``None`` (the whole batch at once, XLA's conv): with one program per device
+    backend, or ``None`` (the whole batch at once, XLA's conv): on a CPU that lists
+    :data:`DENSE_CHUNK_CPU_FLAGS`, with one program per device
     (:func:`loops_apply`), outside a :func:`loop_mode` or :func:`forward_mode` block, ``B > 1`` and an input of at least
     :data:`DENSE_CHUNK_MIN_BYTES` (:data:`DENSE_CHUNK_STEM_MIN_BYTES` with at most
     :data:`PATCHES_MAX_IN_CHANNELS` input channels: a network's stem), in chunks of the most samples
@@ -553,11 +566,13 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     on the other convs it leaves (a 14x14 map of 256 channels, inputs of 1.5-2 MiB, and, third run,
     a stride-2 conv of 64 -> 128 channels on 16x16 maps in chunks of 4, 1.27x: 0.75 channels per
     position, hence the bound of 0.5); Jester conv2's 3-D shape 1.00-1.01x (so 3-D convs keep
-    XLA's)."""
+    XLA's). On the AMD EPYC VM (stop 75, one run of the same experiment) the chunks took 1.08-1.45x
+    XLA's time on the five 3x3 convs and 1.20-1.29x on the four stems the rule takes, hence
+    :data:`DENSE_CHUNK_CPU_FLAGS`. :func:`dense_chunks_mode` overrides the host and size rules."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
     if (setting is False or not is_static(x_shape) or batch < 2 or _config["in_loop"] or not loops_apply()
-            or _config["forward_mode"] or setting is None and len(x_shape) != 4):
+            or _config["forward_mode"] or setting is None and (len(x_shape) != 4 or not dense_chunks_host())):
         return None
     sample = int(np.prod(x_shape[1:])) * jnp.dtype(dtype).itemsize
     k = max(k for k in range(1, batch) if batch % k == 0 and (k == 1 or k * sample <= DENSE_CHUNK_TARGET_BYTES))

@@ -123,7 +123,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       mode only there: :func:`hocp_jax.conv_plans.forward_mode` turns it off);
     * any other ungrouped 2-D kernel on a large input (:func:`hocp_jax.conv_plans.dense_chunk`,
       which has the figures: from 3 MiB, 1 MiB for a stem of at most 4 input channels, with one
-      program per device), with ``precision`` None: the same conv in a loop over chunks of
+      program per device, on a CPU with AMX), with ``precision`` None: the same conv in a loop over chunks of
       samples (:func:`_chunked_conv`; reverse mode only too: a
       :func:`hocp_jax.conv_plans.forward_mode` block turns it off).
 

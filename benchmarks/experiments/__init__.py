@@ -142,7 +142,8 @@ cotangent, the input gradient but for 3-channel first layers) of ResNet-18 2-D s
 to 64, two 7x7 stems and Jester conv2's 3-D shape, through
 :func:`hocp_jax.conv_ops.conv_general_dilated` with the whole batch at once (XLA's conv,
 ``conv_plans.dense_chunks_mode(False)``) and in chunks of samples (``True``), interleaved; records
-each conv's chunk and whether the automatic rule (:func:`hocp_jax.conv_plans.dense_chunk`) takes it.
+each conv's chunk and whether the automatic rule (:func:`hocp_jax.conv_plans.dense_chunk`) takes it
+on this host (since stop 75 only a CPU with AMX: :data:`hocp_jax.conv_plans.DENSE_CHUNK_CPU_FLAGS`).
 
 ``python -m benchmarks.experiments channel_pairs [rounds]``: the 1x1 products of few channels
 (:func:`hocp_jax.conv_ops.channel_matmul`) as one ``(N, C) x (C, R)`` product and with rows paired

@@ -518,9 +518,9 @@ DENSE_CHUNK_TARGET_BYTES = 256 * 1024
 DENSE_CHUNK_CPU_FLAGS = ("amx_tile",)
 """CPU flags (``/proc/cpuinfo``) of the hosts on which :func:`dense_chunk`'s automatic rule runs
 chunks: AMX, which Intel's Xeons list since Sapphire Rapids. The chunks won on one such host (the
-2-core Intel Xeon VM with AVX-512 and AMX, stop 69) and lost on every shape tried on one without
-(the 2-core AMD EPYC VM with AVX-512, stop 75); other CPUs were not measured, and keep XLA's
-whole-batch conv."""
+2-core Intel Xeon VM with AVX-512 and AMX, stop 69) and lost on one without (the 2-core AMD EPYC
+VM with AVX-512, stop 75: on 4 of the 5 3x3 convs and all 4 stems the rule took, in each of two
+runs); other CPUs were not measured, and keep XLA's whole-batch conv."""
 DENSE_CHUNK_MAX_CHANNELS_PER_POSITION = 0.5
 """Most input plus output channels per output position of a chunk for :func:`dense_chunk`: each
 step of its loop adds a whole kernel gradient, ``K^2 C_in C_out`` values, computed from the
@@ -566,9 +566,9 @@ def dense_chunk(x_shape: Sequence[int], out_channels: int, strides: Sequence[int
     on the other convs it leaves (a 14x14 map of 256 channels, inputs of 1.5-2 MiB, and, third run,
     a stride-2 conv of 64 -> 128 channels on 16x16 maps in chunks of 4, 1.27x: 0.75 channels per
     position, hence the bound of 0.5); Jester conv2's 3-D shape 1.00-1.01x (so 3-D convs keep
-    XLA's). On the AMD EPYC VM (stop 75, one run of the same experiment) the chunks took 1.08-1.45x
-    XLA's time on the five 3x3 convs and 1.20-1.29x on the four stems the rule takes, hence
-    :data:`DENSE_CHUNK_CPU_FLAGS`. :func:`dense_chunks_mode` overrides the host and size rules."""
+    XLA's). On the AMD EPYC VM (stop 75, two runs of the same experiment) the chunks took
+    1.08-1.45x and 0.90-1.14x XLA's time on the five 3x3 convs (4 of 5 over 1.0 in each run) and
+    1.20-1.31x on the four stems the rule took there, hence :data:`DENSE_CHUNK_CPU_FLAGS`. :func:`dense_chunks_mode` overrides the host and size rules."""
     setting = _config["dense_chunks"]
     batch = x_shape[0]
     if (setting is False or not is_static(x_shape) or batch < 2 or _config["in_loop"] or not loops_apply()

@@ -1343,16 +1343,16 @@ def test_dense_chunk_rule(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("the chunks are a CPU rule")
     f32 = jnp.float32
+    args = ((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
     monkeypatch.setattr(conv_plans, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # the AMD EPYC VM's kind
     assert not conv_plans.dense_chunks_host() and "amx_tile" not in conv_plans.host_kind()
     assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) is None  # chunks lost there (stop 75)
-    amd_key = autotune.cache_key((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1),) * 2, (1, 1), True)
+    amd_key = autotune.cache_key(*args)
     with conv_plans.dense_chunks_mode(True):
         assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) == 1
     monkeypatch.setattr(conv_plans, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_tile"}))  # the Intel VM's
     assert conv_plans.dense_chunks_host() and "amx_tile" in conv_plans.host_kind().split()
-    assert amd_key != autotune.cache_key((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1),) * 2,
-                                         (1, 1), True)  # picks measured with and without chunks are kept apart
+    assert amd_key != autotune.cache_key(*args)  # picks measured with and without chunks are kept apart
     assert conv_plans.dense_chunk((8, 56, 56, 64), 64, (1, 1), f32) == 1  # 6.1 MiB, 784 KB a sample
     assert conv_plans.dense_chunk((64, 16, 16, 64), 64, (1, 1), f32) == 4  # 4 MiB, 64 KiB a sample
     assert conv_plans.dense_chunk((8, 112, 112, 3), 64, (2, 2), f32) == 1  # a stem: from 1 MiB
@@ -1376,7 +1376,6 @@ def test_dense_chunk_rule(monkeypatch):
     with pytest.raises(ValueError, match="value=1"):
         with conv_plans.dense_chunks_mode(1):
             pass
-    args = ((8, 56, 56, 64), "float32", {"lambda": (6,)}, ("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1), True)
     with conv_plans.dense_chunks_mode(False):  # the reconstructed program differs: measured picks are kept apart
         off = autotune.cache_key(*args)
     assert off != autotune.cache_key(*args)

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hocp_jax.checks import dangling_link
 from hocp_jax.training import jobs
 from hocp_jax.training.distributed import Preempted, WorkdirInUseError, maybe_initialize_distributed
 
@@ -41,10 +42,11 @@ def _check_workdir(value) -> bool:
     if not value:
         raise flags.ValidationError("expected a directory (an empty path would be the current directory)")
     path = os.path.abspath(os.path.expanduser(value))
+    link = dangling_link(path)
+    if link:
+        raise flags.ValidationError(f"{link} is a symbolic link to {os.readlink(link)}, which does not exist; "
+                                    "expected a directory")
     while not os.path.exists(path):
-        if os.path.islink(path):
-            raise flags.ValidationError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
-                                        "expected a directory")
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise flags.ValidationError(f"{path} is a file; expected a directory")

@@ -70,6 +70,17 @@ def is_path(value) -> bool:
     return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))
 
 
+def dangling_link(path) -> str | None:
+    """The first of ``path`` (absolute) and its parents that does not exist and is a symbolic link,
+    a link to nothing under which no directory can be made, or ``None``."""
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.exists(path):
+        if os.path.islink(path):
+            return path
+        path = os.path.dirname(path)
+    return None
+
+
 def are_positive_ints(value, empty: bool = False) -> bool:
     """Whether ``value`` is a sequence of ints >= 1 (sizes, widths, blocks per stage), non-empty
     unless ``empty`` (an int is not one, nor a string)."""

@@ -391,7 +391,8 @@ def test_checkpointer_refuses_bad_steps_and_paths(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     for directory, words in (("", "directory='': expected the path"), (None, "directory=None: expected the path"),
                              (tmp_path / "afile", "a file; expected a directory"),
-                             (tmp_path / "dangling", "a symbolic link to")):
+                             (tmp_path / "dangling", "a symbolic link to"),
+                             (tmp_path / "dangling" / "c", f"{tmp_path / 'dangling'} is a symbolic link to")):
         with pytest.raises(ValueError, match=re.escape(words)):
             checkpoint.Checkpointer(directory, save_every=1)
     with pytest.raises(ValueError, match="async_save='no': expected True or False"):

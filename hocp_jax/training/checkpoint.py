@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from hocp_jax.checks import check_flags, check_int, check_positive_int, is_path
+from hocp_jax.checks import check_flags, check_int, check_positive_int, dangling_link, is_path
 from hocp_jax.processes import all_agree, common_values, on_every_process, on_process_zero
 from hocp_jax.training.sharding import host_value
 from hocp_jax.training.state import TrainState
@@ -85,9 +85,10 @@ class Checkpointer:
         directory = _directory(directory, "directory")
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"directory={directory!r}: a file; expected a directory")
-        if os.path.islink(directory) and not os.path.exists(directory):
-            raise ValueError(f"directory={directory!r}: a symbolic link to {os.readlink(directory)!r}, which does "
-                             "not exist; expected a directory")
+        link = dangling_link(directory)
+        if link:
+            raise ValueError(f"directory={directory!r}: {link} is a symbolic link to {os.readlink(link)!r}, which "
+                             "does not exist; expected a directory")
         self.save_every = check_positive_int(save_every, "save_every")
         self.keep = check_positive_int(keep, "keep")
         check_flags(async_save=async_save)

@@ -189,9 +189,13 @@ def test_param_counts_and_depths():
     (dict(rank_multiple=2), "rank_multiple=2 applies to HO-CP convs"),
 ])
 def test_config_errors(kwargs, match):
-    model = B.BReGNet(**{"stage_sizes": (1, 1, 1), "widths": (8, 16, 32), **kwargs})
+    """A bad field raises when the net (or a unit of it) is built, not when it first runs."""
     with pytest.raises(ValueError, match=match):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+        B.BReGNet(**{"stage_sizes": (1, 1, 1), "widths": (8, 16, 32), **kwargs})
+    unit_fields = {"shortcut", "projection", "conv", "rank", "rank_multiple", "psi", "skip"}
+    if set(kwargs) <= unit_fields:
+        with pytest.raises(ValueError, match=match):
+            B.BReGUnit(8, **kwargs)
 
 
 def test_input_rank_and_pad_projection_errors():

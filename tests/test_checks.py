@@ -45,7 +45,7 @@ def test_as_ints_reads_one_int_or_n_ints_and_names_the_argument():
     (lambda: HeadConfig(n_outputs=True), "n_outputs=True"),
     (lambda: JesterConfig(name="x", num_frames=True), "num_frames=True"),
     (lambda: Checkpointer("/nonexistent-never-created", save_every=True), "save_every"),
-    (lambda: BReGNet(stage_sizes=(True, 1, 1))._validate(jnp.ones((1, 8, 8, 3)), False), "stage_sizes="),
+    (lambda: BReGNet(stage_sizes=(True, 1, 1)), "stage_sizes="),
 ])
 def test_a_bool_is_not_a_count(make, match):
     with pytest.raises(ValueError, match=match):

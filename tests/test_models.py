@@ -324,8 +324,9 @@ def test_bounded_head_is_tanh_of_unbounded():
     ("resnet18", "implementation", "nope"), ("jester", "psi_stages", "ALL"), ("jester", "rank_multiple", -1),
 ])
 def test_invalid_fields_raise(name, field, value):
+    """A bad field raises when the model is built (``get_model``), not when it first runs."""
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r}: expected")):
-        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+        get_model(name, tiny=True, **{field: value})  # raises when built, before any data
 
 
 @pytest.mark.parametrize("name,field,value", [
@@ -336,7 +337,7 @@ def test_hocp_options_refused_on_dense_models(name, field, value):
     """A dense model has no CPConv to pass them to: they were dropped without a word."""
     conv = get_model(name).conv
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} applies to HO-CP convs; conv={conv!r} has none")):
-        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+        get_model(name, tiny=True, **{field: value})  # raises when built, before any data
     defaults = dict(rank_multiple=6, psi_stages="all") if name == "jester" else dict(psi=None, implementation="auto")
     abstract_variables(get_model(name, tiny=True, **defaults), INPUTS[name])  # the defaults, spelt out
 
@@ -348,7 +349,7 @@ def test_r2plus1d_options_refused_on_other_resnets(name, field, value):
     """Only R(2+1)D convs read them: they were dropped without a word."""
     conv = get_model(name).conv
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} applies to R(2+1)D convs; conv={conv!r} has none")):
-        abstract_variables(get_model(name, tiny=True, **{field: value}), INPUTS[name])
+        get_model(name, tiny=True, **{field: value})  # raises when built, before any data
     abstract_variables(get_model(name, tiny=True, midplanes="block", stem_mid=45), INPUTS[name])  # the defaults
 
 

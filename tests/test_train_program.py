@@ -193,6 +193,9 @@ BAD_CONFIG = [
     ({"model.kwargs.stage_size": (1, 1, 1, 1)},
      "invalid config.model.kwargs (model 'resnet18_hocp'): get_model('resnet18_hocp'): unknown keyword(s) ['stage_size']"),
     ({"baseline.kwargs.head.n_class": 3}, "invalid config.baseline.kwargs (model 'resnet18_3d'): head: unknown keys ['n_class']"),
+    # the values of the models' keyword arguments too (were: refused when the model first ran, after the data)
+    ({"model.kwargs.psi": "foo"}, "invalid config.model.kwargs (model 'resnet18_hocp'): psi='foo': expected one of"),
+    ({"baseline.kwargs.stem_kernel": 0}, "invalid config.baseline.kwargs (model 'resnet18_3d'): stem_kernel=0: expected"),
     ({"autotune": "measured"}, "config.autotune='measured': expected '' (the environment's or backend's policy) or one of"),
     ({"cp_tile_rows": -1}, "config.cp_tile_rows=-1"),
     ({"skew_repeats": -1}, "config.skew_repeats=-1: expected an int >= 0"),

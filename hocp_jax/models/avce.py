@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from hocp_jax.checks import are_positive_ints, check_flags, check_real, is_int, is_positive_int
 from hocp_jax.contrastive import softmax_view, sparsemax
 from hocp_jax.conv_ops import conv_general_dilated
-from hocp_jax.models.common import Dropout, batch_norm, check_dtypes, check_input, max_pool_spatial
+from hocp_jax.models.common import CheckedModel, Dropout, batch_norm, check_dtypes, check_input, max_pool_spatial
 from hocp_jax.models.heads import Head
 from hocp_jax.models.resnet import ResNet
 
@@ -167,7 +167,7 @@ class MLPHead(nn.Module):
         return jnp.tanh(x) if self.bounded else x
 
 
-class AVCE(nn.Module):
+class AVCE(CheckedModel):
     """The five AVCE networks; ``__call__(x, train)`` returns (shapes for ``x (B, H, W, C)``)::
 
         {"va": (B, n_outputs), "latent": (B, L),
@@ -203,9 +203,8 @@ class AVCE(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _validate(self, x, train) -> None:
-        check_input(x, "AVCE", {4: "(batch, H, W, C) images"})
-        check_flags(bounded=self.bounded, train=train)
+    def check_fields(self) -> None:
+        check_flags(bounded=self.bounded)
         check_dtypes(self)
         for field in ("pool_size", "latent_dim", "head_hidden", "n_outputs", "proj_dim", "disc_hidden", "disc_dim"):
             if not is_positive_int(getattr(self, field)):
@@ -217,7 +216,8 @@ class AVCE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict:
-        self._validate(x, train)
+        check_input(x, "AVCE", {4: "(batch, H, W, C) images"})
+        check_flags(train=train)
         feat = self.encoder(x, train=train)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         latent = Compressor(self.pool_size, tuple(self.compressor_hidden), self.latent_dim,

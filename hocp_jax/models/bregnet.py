@@ -54,7 +54,7 @@ from jax import lax
 from hocp_jax import conv_ops, losses
 from hocp_jax.checks import are_positive_ints, check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import batch_norm, check_cp_options, check_dtypes, check_input
+from hocp_jax.models.common import CheckedModel, batch_norm, check_cp_options, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 # --------------------------------------------------------------------------- shortcuts
@@ -114,7 +114,20 @@ def pad_projection(x: jax.Array, features: int, stride: int) -> jax.Array:
 # --------------------------------------------------------------------------- modules
 
 
-class BReGUnit(nn.Module):
+def check_unit_options(module: nn.Module) -> None:
+    """A ValueError naming the first of the residual unit's options (``shortcut``, ``projection``,
+    ``conv``, ``rank``, ``rank_multiple``, ``psi``, ``skip``) on ``module`` (a :class:`BReGUnit` or
+    the :class:`BReGNet` that passes them on) with a value the unit cannot take."""
+    shortcut_fn(module.shortcut)
+    if module.projection not in PROJECTIONS:
+        raise ValueError(f"projection={module.projection!r}: expected one of {PROJECTIONS}")
+    if module.conv not in CONVS:
+        raise ValueError(f"conv={module.conv!r}: expected one of {CONVS}")
+    check_flags(skip=module.skip)
+    check_cp_options(module, ("rank", "rank_multiple", "psi", "skip"), hocp=module.conv == "hocp")
+
+
+class BReGUnit(CheckedModel):
     """One BReG-Net residual unit (regular, or down-sampling when ``stride > 1``).
 
     Attributes:
@@ -151,16 +164,14 @@ class BReGUnit(nn.Module):
                        kernel_init=nn.initializers.he_normal(), conv_general_dilated=conv_ops.conv_general_dilated,
                        name=name, **self._dt())(x)
 
+    def check_fields(self) -> None:
+        check_unit_options(self)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x (B, H, W, C) -> (B, ceil(H/stride), ceil(W/stride), features)``."""
         h_fn = shortcut_fn(self.shortcut)
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection={self.projection!r}: expected one of {PROJECTIONS}")
-        if self.conv not in CONVS:
-            raise ValueError(f"conv={self.conv!r}: expected one of {CONVS}")
-        check_flags(skip=self.skip, train=train)
-        check_cp_options(self, ("rank", "rank_multiple", "psi", "skip"), hocp=self.conv == "hocp")
+        check_flags(train=train)
         f = self._conv3x3(x, self.stride, "conv1", train)
         f = nn.relu(batch_norm(train, name="bn1", **self._dt())(f))
         f = self._conv3x3(f, 1, "conv2", train)
@@ -176,7 +187,7 @@ class BReGUnit(nn.Module):
         return nn.relu(h_fn(s) + f)
 
 
-class BReGNet(nn.Module):
+class BReGNet(CheckedModel):
     """CIFAR-style BReG-Net / ResNet (see module docstring); channels-last images.
 
     Attributes:
@@ -206,21 +217,21 @@ class BReGNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _validate(self, x, train) -> None:
-        shortcut_fn(self.shortcut)
-        check_flags(train=train)
+    def check_fields(self) -> None:
+        check_unit_options(self)
         check_dtypes(self)
-        check_input(x, f"BReGNet(shortcut={self.shortcut!r})", {4: "(batch, H, W, C) images"})
         if not are_positive_ints(self.stage_sizes):
             raise ValueError(f"stage_sizes={self.stage_sizes!r}: expected a non-empty sequence of ints >= 1")
         if not (are_positive_ints(self.widths) and len(self.widths) == len(self.stage_sizes)):
             raise ValueError(f"widths={self.widths!r}: expected {len(self.stage_sizes)} ints >= 1 (one per stage)")
         if self.head_hidden is not None and not is_positive_int(self.head_hidden):
             raise ValueError(f"head_hidden={self.head_hidden!r}: expected an int >= 1 or None")
+        HeadConfig.of(self.head)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        self._validate(x, train)
+        check_flags(train=train)
+        check_input(x, f"BReGNet(shortcut={self.shortcut!r})", {4: "(batch, H, W, C) images"})
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.he_normal(),
                     conv_general_dilated=conv_ops.conv_general_dilated, name="stem_conv", **dt)(x)

@@ -184,6 +184,20 @@ def check_cp_options(module: nn.Module, names: Sequence[str], hocp: bool) -> Non
                              f"{defaults[name]!r})")
 
 
+class CheckedModel(nn.Module):
+    """A model whose fields are checked when it is built: :meth:`check_fields` runs in
+    ``__post_init__``, so a bad value raises its ValueError at construction (``get_model(...)``,
+    ``ResNet(...)``), not when the model first runs on data. Flax builds a module again for each
+    ``init``/``apply`` (clones), which checks the same fields again: a few comparisons."""
+
+    def check_fields(self) -> None:
+        """Raises a ValueError naming the first field whose value the model cannot take."""
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        super().__post_init__()
+
+
 def max_pool_spatial(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
     """Max-pool over the ``len(window)`` axes before the channels with explicit ``(lo, hi)``
     pads; leading axes (batch and, for videos, time) are left alone, so one call serves

@@ -34,14 +34,14 @@ import jax.numpy as jnp
 
 from hocp_jax.checks import are_positive_ints, check_flags, is_int, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import (DenseConv, check_cp_options, check_dtypes, check_input,
+from hocp_jax.models.common import (CheckedModel, DenseConv, check_cp_options, check_dtypes, check_input,
                                     norm_act_pool)
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp", "hocp_s")
 
 
-class JesterNet(nn.Module):
+class JesterNet(CheckedModel):
     """3-D ConvNet (see module docstring). Output ``{"logits": (B, n_classes)}`` by default."""
 
     conv: str = "dense"
@@ -62,9 +62,7 @@ class JesterNet(nn.Module):
                       psi="prelu" if skip else "relu", psi_stages=self.psi_stages, skip=skip,
                       input_grad=name != "conv1", name=name, **dt)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """``(B, T, H, W, C)`` -> ``{"logits": (B, n_classes)}`` (plus ``"va"`` if configured)."""
+    def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
         check_cp_options(self, ("rank_multiple", "psi_stages"), hocp=self.conv != "dense")
@@ -72,8 +70,13 @@ class JesterNet(nn.Module):
             raise ValueError(f"widths={self.widths!r}: expected a non-empty sequence of ints >= 1")
         if not is_positive_int(self.fc_features):
             raise ValueError(f"fc_features={self.fc_features!r}: expected an int >= 1")
-        check_flags(train=train)
         check_dtypes(self)
+        HeadConfig.of(self.head)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """``(B, T, H, W, C)`` -> ``{"logits": (B, n_classes)}`` (plus ``"va"`` if configured)."""
+        check_flags(train=train)
         name = f"JesterNet(conv={self.conv!r})"
         check_input(x, name, {5: "(batch, T, H, W, C) videos"})
         if not all(map(is_int, x.shape[1:4])):  # jax.export's symbolic sizes; a symbolic batch is fine

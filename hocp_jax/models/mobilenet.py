@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from hocp_jax import conv_ops
 from hocp_jax.checks import are_positive_ints, check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import DenseConv, batch_norm, check_dtypes, check_input
+from hocp_jax.models.common import CheckedModel, DenseConv, batch_norm, check_dtypes, check_input
 from hocp_jax.models.heads import Head, HeadConfig
 
 CONV_KINDS = ("dense", "hocp")
@@ -72,7 +72,7 @@ class InvertedResidual(nn.Module):
         return x + y
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(CheckedModel):
     """MobileNet-v2 for 32x32 images. Output ``{"logits": (B, 10)}`` by default.
 
     ``conv="hocp"`` also accepts ``(B, T, H, W, C)`` videos once its CPConvs hold ``factor_t``
@@ -87,8 +87,7 @@ class MobileNetV2(nn.Module):
     dtype: Any = None  # computation dtype of every layer (Flax semantics), e.g. jnp.bfloat16
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
         for name in ("stem_features", "last_features"):
@@ -98,8 +97,12 @@ class MobileNetV2(nn.Module):
                 are_positive_ints(row) and len(row) == 4 for row in self.cfg):
             raise ValueError(f"cfg={self.cfg!r}: expected rows (expansion t, channels c, blocks n, stride s) of "
                              "ints >= 1")
-        check_flags(train=train)
         check_dtypes(self)
+        HeadConfig.of(self.head)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        check_flags(train=train)
         layouts = {4: "(batch, H, W, C) images"} | ({5: "(batch, T, H, W, C) videos"} if self.conv == "hocp" else {})
         check_input(x, f"MobileNetV2(conv={self.conv!r})", layouts)
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)

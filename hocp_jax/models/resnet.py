@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from hocp_jax.checks import are_positive_ints, check_flags, is_positive_int
 from hocp_jax.layers import CPConv
-from hocp_jax.models.common import (DenseConv, batch_norm, check_cp_options, check_dtypes, check_input,
+from hocp_jax.models.common import (CheckedModel, DenseConv, batch_norm, check_cp_options, check_dtypes, check_input,
                                     max_pool_spatial)
 from hocp_jax.models.heads import Head, HeadConfig
 
@@ -139,7 +139,7 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class ResNet(nn.Module):
+class ResNet(CheckedModel):
     """ResNet-18 family (see module docstring).
 
     Attributes:
@@ -171,7 +171,7 @@ class ResNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def factory(self) -> ConvFactory:
+    def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")
         if self.shortcut not in ("dense", "cp"):
@@ -193,6 +193,11 @@ class ResNet(nn.Module):
             raise ValueError(f"stem_kernel={self.stem_kernel!r}: expected an int >= 1")
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"stage_sizes={tuple(self.stage_sizes)} and widths={tuple(self.widths)}: expected equal lengths")
+        check_dtypes(self)
+        HeadConfig.of(self.head)
+
+    def factory(self) -> ConvFactory:
+        """The conv of ``conv``'s kind, with this model's options bound."""
         return {
             "dense2d": dense2d_factory,
             "dense3d": dense3d_factory,
@@ -206,7 +211,6 @@ class ResNet(nn.Module):
         """``(B, H, W, C)`` -> ``{"va": (B, n), ...}``; ``(B, T, H, W, C)`` -> ``{"va": (B, T, n), ...}``."""
         conv, dt = self.factory(), dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_flags(train=train)
-        check_dtypes(self)
         check_input(x, f"ResNet(conv={self.conv!r})", LAYOUTS[self.conv])
         x = conv(self.widths[0], self.stem_kernel, 2, name="stem", in_features=x.shape[-1], block_in=x.shape[-1],
                  **dt)(x, train)

@@ -233,16 +233,16 @@ def check_config(config) -> None:
     ``l1_*`` only in :data:`LASSO_STAGES`), ``sparsity_tol``, ``skew_repeats``, ``config.data``'s
     keys and values (:data:`hocp_jax.training.data.DATA_CHECKS`), ``config.loss``
     (:func:`hocp_jax.training.objectives.check_loss_config`, ``loss.avce``'s values included), the
-    models' names and keyword names (``head``'s keys included; each model is built, nothing runs),
+    models' names, keyword names and values (``head``'s keys included; each model is built, which
+    checks its fields: :class:`hocp_jax.models.common.CheckedModel`; nothing runs),
     the transduction job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), the
     ``autotune``, ``cp_per_sample`` and ``cp_tile_rows`` of :func:`configure_autotune`, that
     ``best_metric`` has evaluations on a held-out split to pick from, and that
     ``config.microbatches`` splits ``config.data.batch_size`` evenly over micro-batches and devices.
 
-    Left to later, as they need a model's shapes or the data: the values of the models' keyword
-    arguments (checked as the model first runs) and what :func:`check_transducible` (before the
-    static stage) and :func:`check_data` (splits, the process count, labels, ``best_metric``'s
-    name) check, and ``init_from``'s checkpoint (:func:`static_variables`).
+    Left to later, as they need a model's shapes or the data: what :func:`check_transducible`
+    (before the static stage) and :func:`check_data` (splits, the process count, labels,
+    ``best_metric``'s name) check, and ``init_from``'s checkpoint (:func:`static_variables`).
 
     Raises:
         ValueError: naming the full key (e.g. ``config.stage1.num_steps``), its value and
@@ -302,7 +302,8 @@ def check_config(config) -> None:
 
 def _check_model(config, key: str, name: str, kwargs) -> None:
     """Builds model ``name`` with ``config.<key>.kwargs`` (:func:`_model`: nothing runs), so an
-    unknown keyword (or ``head`` key) is refused before any data is read."""
+    unknown keyword (or ``head`` key) or a value the model cannot take is refused before any data
+    is read."""
     try:
         _model(config, name, kwargs)
     except ValueError as e:

@@ -3,6 +3,7 @@ per-frame video semantics, input validation. Full-size models are only shape-eva
 import json
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,6 +352,20 @@ def test_r2plus1d_options_refused_on_other_resnets(name, field, value):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} applies to R(2+1)D convs; conv={conv!r} has none")):
         get_model(name, tiny=True, **{field: value})  # raises when built, before any data
     abstract_variables(get_model(name, tiny=True, midplanes="block", stem_mid=45), INPUTS[name])  # the defaults
+
+
+@pytest.mark.filterwarnings("ignore:shape requires ndarray:DeprecationWarning")  # flax.linen.summary's, jax 0.10
+@pytest.mark.parametrize("name", ["resnet18_hocp", "jester_hocp", "mobilenet_v2", "bregnet39_hocp", "avce_alexnet"])
+def test_checked_models_work_with_flax_tabulate_and_clone(name):
+    """The field checks run as a helper Flax does not wrap: under ``nn.tabulate``'s interceptor a
+    wrapped method called while the module is being built raised a bare AssertionError. A clone
+    with a bad value is refused like a new model."""
+    model = get_model(name, tiny=True)
+    shape = INPUTS.get(name, (1, 32, 32, 1))
+    table = nn.tabulate(model, jax.random.key(0), depth=1)(jnp.zeros(shape))
+    assert type(model).__name__ in table
+    with pytest.raises(ValueError, match="^dtype='float99': expected a floating dtype"):
+        model.clone(dtype="float99")
 
 
 def test_numpy_integer_fields_accepted():

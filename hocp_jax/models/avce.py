@@ -203,6 +203,7 @@ class AVCE(CheckedModel):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
+    @nn.nowrap
     def check_fields(self) -> None:
         check_flags(bounded=self.bounded)
         check_dtypes(self)

@@ -164,6 +164,7 @@ class BReGUnit(CheckedModel):
                        kernel_init=nn.initializers.he_normal(), conv_general_dilated=conv_ops.conv_general_dilated,
                        name=name, **self._dt())(x)
 
+    @nn.nowrap
     def check_fields(self) -> None:
         check_unit_options(self)
 
@@ -217,6 +218,7 @@ class BReGNet(CheckedModel):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
+    @nn.nowrap
     def check_fields(self) -> None:
         check_unit_options(self)
         check_dtypes(self)

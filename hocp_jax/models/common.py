@@ -188,8 +188,11 @@ class CheckedModel(nn.Module):
     """A model whose fields are checked when it is built: :meth:`check_fields` runs in
     ``__post_init__``, so a bad value raises its ValueError at construction (``get_model(...)``,
     ``ResNet(...)``), not when the model first runs on data. Flax builds a module again for each
-    ``init``/``apply`` (clones), which checks the same fields again: a few comparisons."""
+    ``init``/``apply`` (clones), which checks the same fields again: a few comparisons. An override
+    of ``check_fields`` is an ``nn.nowrap`` helper: Flax must not wrap it as a module method (it
+    runs before the module is set up, e.g. under ``nn.tabulate``'s interceptor)."""
 
+    @nn.nowrap
     def check_fields(self) -> None:
         """Raises a ValueError naming the first field whose value the model cannot take."""
 

@@ -62,6 +62,7 @@ class JesterNet(CheckedModel):
                       psi="prelu" if skip else "relu", psi_stages=self.psi_stages, skip=skip,
                       input_grad=name != "conv1", name=name, **dt)
 
+    @nn.nowrap
     def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")

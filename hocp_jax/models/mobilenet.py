@@ -87,6 +87,7 @@ class MobileNetV2(CheckedModel):
     dtype: Any = None  # computation dtype of every layer (Flax semantics), e.g. jnp.bfloat16
     param_dtype: Any = jnp.float32
 
+    @nn.nowrap
     def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")

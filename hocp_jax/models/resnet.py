@@ -171,6 +171,7 @@ class ResNet(CheckedModel):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
+    @nn.nowrap
     def check_fields(self) -> None:
         if self.conv not in CONV_KINDS:
             raise ValueError(f"conv={self.conv!r}: expected one of {CONV_KINDS}")

@@ -275,12 +275,15 @@ class LayerSparsity:
     ``params_per_component``: ``C_in + C_out + sum K + 1`` plus the Psi entries of one rank
     channel (``bn_*`` scale/bias, ``prelu_*`` alpha). ``params_freed``: that many per zeroed
     component, with at most ``rank - 1`` components freed (``prune_rank`` keeps one per layer).
+    ``nonfinite``: NaN or infinite lambdas (a diverged model), neither zeroed nor freed:
+    ``prune_rank`` refuses a layer that has one.
     """
 
     path: str
     rank: int
     zeroed: int
     params_per_component: int
+    nonfinite: int = 0
 
     @property
     def fraction(self) -> float:
@@ -311,6 +314,10 @@ class SparsityReport:
     def rank(self) -> int:
         return sum(l.rank for l in self.layers)
 
+    @property
+    def nonfinite(self) -> int:
+        return sum(l.nonfinite for l in self.layers)
+
     def table(self) -> str:
         """Plain-text table, one row per layer plus the total (Table 1 style)."""
         rows = [f"{'layer':<32} {'rank':>6} {'zeroed':>7} {'frac':>6} {'freed':>9}"]
@@ -320,6 +327,9 @@ class SparsityReport:
             f"{'total':<32} {self.rank:>6} {self.zeroed:>7} {self.zeroed / max(self.rank, 1):>6.1%} "
             f"{self.params_freed:>9}  (of {self.total_params} params)"
         )
+        bad = [l.path for l in self.layers if l.nonfinite]
+        if bad:
+            rows.append(f"{self.nonfinite} non-finite lambdas (a diverged model) in {bad}: prune_rank refuses these layers")
         return "\n".join(rows)
 
 
@@ -327,8 +337,9 @@ def sparsity_report(params: Any, tol: float = 0.0) -> SparsityReport:
     """Counts, per CP layer, the lambdas with ``|lambda| <= tol`` and the parameters they free.
 
     ``params_freed`` is exactly what ``pruning.prune_rank(params, tol)`` removes: the zeroed
-    components' factor columns, lambdas and Psi entries, one component kept per layer (a NaN
-    lambda counts as zeroed, as ``prune_rank`` drops it). ``tol``: a real number >= 0.
+    components' factor columns, lambdas and Psi entries, one component kept per layer. A NaN or
+    infinite lambda counts as neither zeroed nor freed, and in ``nonfinite`` (``prune_rank``
+    refuses a layer that has one). ``tol``: a real number >= 0.
     """
     check_real(tol, "tol")
     rows, cp_total = [], 0
@@ -337,7 +348,8 @@ def sparsity_report(params: Any, tol: float = 0.0) -> SparsityReport:
         factors = np.shape(layer["factor_in"])[0] + np.shape(layer["factor_out"])[0] + 1
         factors += sum(np.shape(layer[f"factor_{m}"])[0] for m in layer_modes(layer))
         per = factors + psi_params_per_component(layer, path)
-        rows.append(LayerSparsity(path_str(path), int(lam.size), int(lam.size - np.sum(lam > tol)), int(per)))
+        rows.append(LayerSparsity(path_str(path), int(lam.size), int(np.sum(lam <= tol)), int(per),
+                                  int(np.sum(~np.isfinite(lam)))))
         cp_total += int(lam.size) * int(factors)
     total = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
     return SparsityReport(tuple(rows), cp_total, total)

@@ -185,6 +185,18 @@ def test_sparsity_report_frees_what_prune_rank_removes(lam, tol, zeroed, freed):
     assert report.params_freed == _n(params) - _n(pruned) == freed
 
 
+def test_sparsity_report_counts_non_finite_lambdas_apart():
+    """A NaN lambda counted as zeroed and its component as freed, while prune_rank refuses the layer."""
+    v = CPConv(8, 3, rank=4).init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+    params = dict(tree.to_dict(v["params"]), **{"lambda": jnp.array([0.0, np.nan, np.inf, 1.0])})
+    report = optim.sparsity_report(params)
+    layer = report.layers[0]
+    assert (layer.zeroed, layer.nonfinite, report.nonfinite, report.params_freed) == (1, 2, 2, layer.params_per_component)
+    assert "2 non-finite lambdas" in report.table()
+    with pytest.raises(ValueError, match=r"non-finite entries \[1, 2\]"):
+        pruning.prune_rank(params, 0.0)
+
+
 def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
     _, params, *_ = setup
     params = tree.to_dict(params)

@@ -56,6 +56,20 @@ def check_real(value, name: str, ok: Callable[[float], bool] = lambda v: v >= 0,
         raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
+def check_float_dtype(value, name: str = "dtype", none: bool = False) -> None:
+    """A ValueError naming ``name`` unless ``value`` is a floating dtype (``jnp.float32``,
+    ``"bfloat16"``, ...), or None where ``none`` (Flax's "promote the inputs' dtypes")."""
+    if none and value is None:
+        return
+    try:
+        ok = value is not None and jax.numpy.issubdtype(value, jax.numpy.floating)
+    except TypeError:  # not a dtype at all, e.g. "float99"
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected a floating dtype such as jnp.float32 or 'bfloat16'"
+                         + (", or None" if none else ""))
+
+
 def check_flags(**flags) -> None:
     """A ValueError naming the first of a layer's on/off arguments (``skip``, ``use_bias``, ...)
     that is not a Python or NumPy bool (a string such as ``"no"`` would read as on)."""

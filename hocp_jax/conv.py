@@ -44,7 +44,7 @@ import difflib
 import functools
 import itertools
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from hocp_jax import autotune, conv_ops, conv_plans, counting, explicit_sharding
+from hocp_jax.checks import check_flags
 from hocp_jax.padding import PaddingLike, as_tuple, output_size, resolve_padding
 
 Params = Mapping[str, jax.Array]
@@ -84,7 +85,10 @@ def _check_x(x: jax.Array, n_modes: int, modes) -> None:
 
 
 def check_modes(modes) -> tuple[str, ...]:
-    """``modes`` as a tuple of distinct mode names, none of :data:`RESERVED`, else a ValueError."""
+    """``modes`` as a tuple of distinct mode names, none of :data:`RESERVED`, else a ValueError (a
+    string such as ``"hw"`` too: it would read as one mode per character)."""
+    if isinstance(modes, str) or not isinstance(modes, Iterable):
+        raise ValueError(f"modes={modes!r}: expected a sequence of mode names, e.g. ('h', 'w')")
     modes = tuple(modes)
     if not modes or len(set(modes)) != len(modes) or any(not isinstance(m, str) or m in RESERVED for m in modes):
         raise ValueError(f"modes={modes!r}: expected a non-empty sequence of distinct names, none of {RESERVED}")
@@ -93,8 +97,12 @@ def check_modes(modes) -> tuple[str, ...]:
 
 def check_known_leaves(params: Params, kind: str, expected: Sequence[str], optional: Sequence[str] = ("bias",)) -> None:
     """ValueError naming the leaves of ``params`` that are neither ``expected`` nor ``optional``, e.g.
-    a misspelt ``'bais'``, which the layer would silently leave out ("did you mean 'bias'?").
-    Sub-dicts (a CP layer's Psi modules) are passed over; missing leaves are the caller's check."""
+    a misspelt ``'bais'``, which the layer would silently leave out ("did you mean 'bias'?"), or
+    that are not arrays (a nested list has no shape). Sub-dicts (a CP layer's Psi modules) are
+    passed over; missing leaves are the caller's check."""
+    for k, v in params.items():
+        if not isinstance(v, Mapping) and not (hasattr(v, "shape") and hasattr(v, "dtype")):
+            raise ValueError(f"params['{k}']: got a {type(v).__name__}; expected an array (e.g. jnp.asarray of it)")
     known = sorted({*expected, *optional})
     unknown = sorted(k for k, v in params.items() if k not in known and not isinstance(v, Mapping))
     if unknown:
@@ -320,9 +328,16 @@ def cp_conv(
     Returns:
       ``(B, *S_out, C_out)``.
     """
-    modes = check_modes(modes if modes is not None else default_modes(x.ndim - 2))
+    defaulted = modes is None
+    modes = check_modes(default_modes(x.ndim - 2) if defaulted else modes)
     _check_x(x, len(modes), modes)
-    cp_rank(params, modes)
+    try:
+        cp_rank(params, modes)
+    except ValueError as e:
+        if not defaulted:
+            raise
+        raise ValueError(f"{e} [modes not given: x of shape {tuple(x.shape)} has {len(modes)} spatial modes, so "
+                         f"modes={modes!r}; pass the modes of the params' factors]") from None
     if params["factor_in"].shape[0] != x.shape[-1]:
         raise ValueError(
             f"params['factor_in']: shape {tuple(params['factor_in'].shape)} expects {params['factor_in'].shape[0]} "
@@ -340,8 +355,10 @@ def cp_conv(
     pads = resolve_padding(padding, x.shape[1:-1], ksizes, strides, dilations, symbolic_same=psi is not None)
 
     per_sample = conv_plans.automatic_flag(per_sample, "per_sample")  # (a NumPy bool as a Python one)
-    if not isinstance(psi_pointwise, bool):
-        raise ValueError(f"psi_pointwise={psi_pointwise!r}: expected True or False")
+    check_flags(psi_pointwise=psi_pointwise, input_grad=input_grad)
+    if psi is not None and not callable(psi):
+        raise ValueError(f"psi={psi!r}: expected None or a function psi(h, stage) (the layers take names: "
+                         "hocp_jax.layers.CPConv(psi='relu'))")
     if implementation == "reconstructed" and psi is not None:
         raise ValueError("psi: a non-linearity between factors needs implementation='factorized'")
     local = psi is None or psi_pointwise  # else psi may couple samples (BatchNorm) or map 0 to non-0

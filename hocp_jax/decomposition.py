@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import counting
-from hocp_jax.checks import check_flags, check_int, check_positive_int, check_real, is_int
+from hocp_jax.checks import check_flags, check_int, check_positive_int, check_real, is_int, is_positive_int
 from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
@@ -358,11 +358,15 @@ def rank_for(rule: RankRule, path: Path, shape: tuple[int, ...], name: str = "ra
             return counting.cp_rank_for_budget(shape[-2], shape[-1], shape[:-2])
         except ValueError as e:
             raise ValueError(f"{name}='budget' at {path_str(path)!r} (kernel {shape}): {e}") from None
-    if is_int(rule):
+    if is_int(rule) and rule >= 1:
         return int(rule)
     if callable(rule):
-        return rule(path, shape)
-    raise ValueError(f"{name}={rule!r}: expected an int, 'budget' or a callable(path, kernel_shape) -> int | None")
+        rank = rule(path, shape)
+        if rank is not None and not is_positive_int(rank):
+            raise ValueError(f"{name}({path_str(path)!r}, {shape}) returned {rank!r}: expected an int >= 1, or None "
+                             "(keep that conv dense)")
+        return None if rank is None else int(rank)
+    raise ValueError(f"{name}={rule!r}: expected an int >= 1, 'budget' or a callable(path, kernel_shape) -> int | None")
 
 
 def decompose_tree(

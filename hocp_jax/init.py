@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hocp_jax.checks import check_flags, check_positive_int, check_real
+from hocp_jax.checks import check_flags, check_float_dtype, check_positive_int, check_real
 from hocp_jax.conv import check_modes, default_modes, mode_key
 from hocp_jax.counting import check_geometry
 
@@ -62,6 +62,7 @@ def init_cp_params(
     ``factor_<m> (K_m, R)`` (+ ``factor_skip (C_in, C_out)`` LeCun-normal, ``bias`` zeros).
     """
     check_flags(skip=skip, bias=bias)
+    check_float_dtype(dtype)
     kernel_size = check_geometry(in_channels, out_channels, kernel_size, rank)
     modes = check_modes(modes) if modes is not None else default_modes(len(kernel_size))
     if len(modes) != len(kernel_size):
@@ -91,6 +92,7 @@ def init_tucker_params(
 ) -> dict[str, jax.Array]:
     """Random Tucker conv params ``factor_in (C_in, R_in)``, ``core (*K, R_in, R_out)``,
     ``factor_out (C_out, R_out)`` with reconstructed-kernel variance ``gain / fan_in``."""
+    check_float_dtype(dtype)
     kernel_size = check_geometry(in_channels, out_channels, kernel_size, ranks=ranks)
     r_in, r_out = (int(r) for r in ranks)
     var = target_variance(in_channels, kernel_size, gain)

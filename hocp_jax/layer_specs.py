@@ -21,6 +21,7 @@ import numpy as np
 from hocp_jax import conv, counting
 from hocp_jax.checks import are_positive_ints, check_positive_int, check_real, is_int, is_positive_int
 from hocp_jax.init import cp_factor_std, target_variance
+from hocp_jax.padding import check_mode_padding
 
 Initializer = Callable[..., jax.Array]
 Specs = dict[str, tuple[tuple[int, ...], Initializer]]
@@ -164,16 +165,28 @@ def cp_conv_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments of :func:`hocp_jax.conv.cp_conv` for a layer over ``temporal + spatial``
     modes (temporal modes: ``temporal_stride``/``temporal_padding``, dilation 1; with Psi, the
-    spatial 1-D convs run first so that no Psi follows a temporal conv)."""
+    spatial 1-D convs run first so that no Psi follows a temporal conv). A ValueError names the
+    first argument a conv of these modes cannot take."""
     if not (isinstance(padding, (str, Sequence)) or is_int(padding)):
         raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
                          "per spatial mode")
+    if isinstance(padding, str) or is_int(padding):
+        check_mode_padding(padding, "padding")
+    elif len(padding) != len(spatial):
+        raise ValueError(f"padding={padding!r}: expected one entry per spatial mode {tuple(spatial)}")
+    else:
+        for i, p in enumerate(padding):
+            check_mode_padding(p, f"padding[{i}]")
+    check_mode_padding(temporal_padding, "temporal_padding")
+    check_positive_int(temporal_stride, "temporal_stride")
+    if implementation not in conv.IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {conv.IMPLEMENTATIONS}")
     sp_pad = padding if isinstance(padding, str) else int(padding) if is_int(padding) else tuple(padding)
     return dict(
         modes=tuple(temporal) + tuple(spatial),
-        stride=(temporal_stride,) * len(temporal) + as_ints(stride, len(spatial), "stride"),
+        stride=(temporal_stride,) * len(temporal) + as_ints(stride, len(spatial), "stride", positive=True),
         padding=(temporal_padding,) * len(temporal) + ((sp_pad,) * len(spatial) if isinstance(sp_pad, (str, int)) else sp_pad),
-        dilation=(1,) * len(temporal) + as_ints(dilation, len(spatial), "dilation"),
+        dilation=(1,) * len(temporal) + as_ints(dilation, len(spatial), "dilation", positive=True),
         implementation=implementation,
         mode_order=(tuple(spatial) + tuple(temporal)) if psi else None,
     )

@@ -24,7 +24,8 @@ Parameter names follow the convention of :mod:`hocp_jax.conv` (``lambda``, ``fac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -58,8 +59,22 @@ def _stored_rank(module: nn.Module, names: Sequence[str]) -> int | None:
     return common[0] if common else None
 
 
-def _params(module: nn.Module, specs: layer_specs.Specs) -> dict[str, jax.Array]:
-    """Creates (or reads) every leaf of ``specs`` (see :mod:`hocp_jax.layer_specs`)."""
+def _params(module: nn.Module, specs: layer_specs.Specs, unused: dict[str, str] | None = None) -> dict[str, jax.Array]:
+    """Creates (or reads) every leaf of ``specs`` (see :mod:`hocp_jax.layer_specs`).
+
+    Applied to stored variables, the layer refuses a stored leaf that ``specs`` does not hold, which
+    it would leave out without a word: a misspelt ``'bais'``, a trained ``factor_skip`` under
+    ``skip=False``, a ``factor_t`` on a static input. ``unused`` maps such a leaf to why this call
+    does not use it, for the message. Sub-dicts (Psi modules) are the sub-modules' own."""
+    stored = {} if module.is_initializing() else module.variables.get("params", {})
+    extra = sorted(k for k, v in stored.items() if k not in specs and not isinstance(v, Mapping))
+    if extra:
+        unused = unused or {}
+        notes = [f"{k!r}: {unused[k]}" if k in unused else
+                 "".join(f"did you mean {c!r} for {k!r}?" for c in difflib.get_close_matches(k, [*specs, *unused], n=1))
+                 for k in extra]
+        raise ValueError(f"layer '{module.name or type(module).__name__}': stored params {extra} that it does not use "
+                         f"(it reads {list(specs)})" + "".join(f"; {n}" for n in notes if n))
     return {name: _param(module, name, init, shape) for name, (shape, init) in specs.items()}
 
 
@@ -72,6 +87,13 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...]) -> jax.Ar
             f"the input; expected {tuple(shape)}"
         )
     return module.param(name, init, shape, module.param_dtype)
+
+
+def _check_x_rank(x: jax.Array, kernel_size: Sequence[int]) -> None:
+    """A ValueError unless ``x`` is ``(batch, *spatial, channels)`` with one spatial axis per kernel mode."""
+    if x.ndim != len(kernel_size) + 2:
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(kernel_size) + 2}-D (batch, *spatial, channels) "
+                         f"for kernel_size {tuple(kernel_size)}")
 
 
 def _promote(module: nn.Module, x: jax.Array, params: dict[str, jax.Array]):
@@ -108,7 +130,9 @@ class CPConv(nn.Module):
       features: output channels ``C_out``.
       kernel_size: int or one size per spatial mode.
       rank: explicit rank R; else ``rank_multiple * C_in`` if given; else the largest rank
-        whose parameter count does not exceed the dense conv's (the paper's rule).
+        whose parameter count does not exceed the dense conv's of the spatial kernel (the paper's
+        rule; a layer initialised on video takes its static twin's rank, as transduction keeps it,
+        not the budget of a dense conv with the temporal kernel too).
       spatial_modes: names of the spatial axes (default ``("h","w")`` for 2-D kernels).
       temporal_modes: modes that transduction may add in front (default ``("t",)``).
       temporal_kernel_size / temporal_stride / temporal_padding: used when the layer is
@@ -179,9 +203,12 @@ class CPConv(nn.Module):
         cp_leaves = ["lambda", "factor_in", "factor_out"] + [conv.mode_key(m) for m in temporal + spatial]
         rank = _stored_rank(self, cp_leaves) or self.resolve_rank(c_in)
         tks = tuple((_existing_shape(self, conv.mode_key(m)) or (self.temporal_kernel_size,))[0] for m in temporal)
+        unused = {"factor_skip": "skip=False", "bias": "use_bias=False"} | {
+            conv.mode_key(m): f"x {tuple(x.shape)} has no '{m}' axis (a transduced layer runs on video)"
+            for m in temporal_modes if m not in temporal}
         params = _params(self, layer_specs.cp_specs(
             c_in, self.features, tuple(zip(temporal + spatial, tks + ks)), rank,
-            gain=self.gain, skip=self.skip, use_bias=self.use_bias))
+            gain=self.gain, skip=self.skip, use_bias=self.use_bias), unused)
         psi_at = layer_specs.psi_at(self.psi, self.psi_stages, spatial)
         # PReLU slopes are read here, so that psi below is a pure function of h (cp_conv may call it
         # inside lax.map, one sample at a time); BatchNorm psi is never run per sample.
@@ -214,6 +241,7 @@ class TuckerConv(nn.Module):
     rank_ratio: float = 0.5
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
+    dilation: int | Sequence[int] = 1
     implementation: str = "factorized"
     gain: float = 2.0
     dtype: Any = None
@@ -223,12 +251,12 @@ class TuckerConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_specs.check_sizes(features=self.features)
         ks = layer_specs.kernel_dims(self.kernel_size)
-        if x.ndim != len(ks) + 2:
-            raise ValueError(f"x: got shape {tuple(x.shape)}, expected {len(ks) + 2}-D (batch, *spatial, channels)")
+        _check_x_rank(x, ks)
         ranks = layer_specs.tucker_layer_ranks(x.shape[-1], self.features, self.ranks, self.rank_ratio)
         params = _params(self, layer_specs.tucker_specs(x.shape[-1], self.features, ks, ranks, self.gain))
         x, params = _promote(self, x, params)
-        return conv.tucker_conv(x, params, stride=self.stride, padding=self.padding, implementation=self.implementation)
+        return conv.tucker_conv(x, params, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                implementation=self.implementation)
 
 
 class SeparableConv(nn.Module):
@@ -240,6 +268,7 @@ class SeparableConv(nn.Module):
     rank: int | None = None
     stride: int | Sequence[int] = 1
     padding: PaddingLike = "SAME"
+    dilation: int | Sequence[int] = 1
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -248,7 +277,7 @@ class SeparableConv(nn.Module):
         layer_specs.check_sizes(features=self.features)
         params = _params(self, layer_specs.separable_specs(x.shape[-1], self.features, self.kernel_size, self.rank))
         x, params = _promote(self, x, params)
-        return conv.separable_conv(x, params, stride=self.stride, padding=self.padding)
+        return conv.separable_conv(x, params, stride=self.stride, padding=self.padding, dilation=self.dilation)
 
 
 class TRL(nn.Module):
@@ -353,6 +382,7 @@ class TTConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_specs.check_sizes(features=self.features)
         check_flags(use_bias=self.use_bias)
+        _check_x_rank(x, layer_specs.kernel_dims(self.kernel_size))
         params = _params(self, layer_specs.tt_conv_specs(
             x.shape[-1], self.features, self.kernel_size, self.rank, self.gain, self.use_bias))
         x, params = _promote(self, x, params)

@@ -115,6 +115,7 @@ class CPConv(nnx.Module):
                                            use_bias=use_bias), rngs, param_dtype)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, temporal_stride=temporal_stride,
                               temporal_padding=temporal_padding, implementation=implementation, psi=psi)
+        layer_specs.cp_conv_kwargs(self.spatial, self.temporal_modes, **self.conv_args)  # checks them now, not at call
         self.psi, self.dtype, self.input_grad = psi, dtype, input_grad
         self.psi_at = layer_specs.psi_at(psi, psi_stages, self.spatial)
         for stage in self.psi_at:
@@ -159,6 +160,7 @@ class TuckerConv(nnx.Module):
         rank_ratio: float = 0.5,
         stride: int | Sequence[int] = 1,
         padding: PaddingLike = "SAME",
+        dilation: int | Sequence[int] = 1,
         implementation: str = "factorized",
         gain: float = 2.0,
         dtype: Any = None,
@@ -168,7 +170,7 @@ class TuckerConv(nnx.Module):
         layer_specs.check_sizes(in_features=in_features, out_features=out_features)
         ranks = layer_specs.tucker_layer_ranks(in_features, out_features, ranks, rank_ratio)
         _create(self, layer_specs.tucker_specs(in_features, out_features, kernel_size, ranks, gain), rngs, param_dtype)
-        self.conv_args = dict(stride=stride, padding=padding, implementation=implementation)
+        self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,13 +192,14 @@ class SeparableConv(nnx.Module):
         rank: int | None = None,
         stride: int | Sequence[int] = 1,
         padding: PaddingLike = "SAME",
+        dilation: int | Sequence[int] = 1,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         layer_specs.check_sizes(in_features=in_features, out_features=out_features)
         _create(self, layer_specs.separable_specs(in_features, out_features, kernel_size, rank), rngs, param_dtype)
-        self.conv_args = dict(stride=stride, padding=padding)
+        self.conv_args = dict(stride=stride, padding=padding, dilation=dilation)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

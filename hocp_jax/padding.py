@@ -47,7 +47,24 @@ def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
     return out
 
 
+def check_mode_padding(spec, name: str = "padding") -> None:
+    """A ValueError naming ``name`` unless ``spec`` is one mode's padding: one of ``_NAMED`` (any
+    case), an int >= 0 or a ``(lo, hi)`` pair of ints >= 0."""
+    if isinstance(spec, str):
+        if spec.upper() not in _NAMED:
+            raise ValueError(f"{name}={spec!r}: unknown padding, expected one of {_NAMED}, an int or (lo, hi)")
+    elif is_int(spec):
+        if spec < 0:
+            raise ValueError(f"{name}={spec!r}: must be >= 0")
+    elif isinstance(spec, Sequence) and len(spec) == 2 and all(is_int(v) for v in spec):
+        if min(spec) < 0:
+            raise ValueError(f"{name}={tuple(spec)!r}: pads must be >= 0")
+    else:
+        raise ValueError(f"{name}={spec!r}: expected one of {_NAMED}, an int or a (lo, hi) pair")
+
+
 def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str, symbolic_same: bool) -> Pad:
+    check_mode_padding(spec, f"padding{where}")
     if isinstance(spec, str):
         name = spec.upper()
         if name == "VALID":
@@ -61,19 +78,11 @@ def _resolve_one(spec, size: int, k: int, s: int, d: int, where: str, symbolic_s
             out = -(-size // s)
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             return (total // 2, total - total // 2)
-        if name == "SYMMETRIC":
-            p = d * (k - 1) // 2
-            return (p, p)
-        raise ValueError(f"padding{where}={spec!r}: unknown padding, expected one of {_NAMED}, an int or (lo, hi)")
+        p = d * (k - 1) // 2  # SYMMETRIC
+        return (p, p)
     if is_int(spec):
-        if spec < 0:
-            raise ValueError(f"padding{where}={spec!r}: must be >= 0")
         return (int(spec), int(spec))
-    if isinstance(spec, Sequence) and len(spec) == 2 and all(is_int(v) for v in spec):
-        if min(spec) < 0:
-            raise ValueError(f"padding{where}={tuple(spec)!r}: pads must be >= 0")
-        return (int(spec[0]), int(spec[1]))
-    raise ValueError(f"padding{where}={spec!r}: expected one of {_NAMED}, an int or a (lo, hi) pair")
+    return (int(spec[0]), int(spec[1]))
 
 
 def resolve_padding(

@@ -692,6 +692,14 @@ def test_mobilenet_is_cp_special_case():
         (dict(stride=True), "stride=True"),
         (dict(rename=("bias", "bais"), bias=jnp.ones((4,))), r"unknown CP leaves \['bais'\]"),  # was: silently no bias
         (dict(zero_mode=True), r"params\['factor_h'\]: got shape \(0, 5\), expected \(size >= 1"),
+        # were: accepted as True, a TypeError ('int' object is not callable), one mode per character, an
+        # AttributeError ('list' object has no attribute 'shape'), and 'missing factor_d' with no word of the default
+        (dict(input_grad="no"), "input_grad='no': expected True or False"),
+        (dict(psi=3), "psi=3: expected None or a function"),
+        (dict(modes="hw"), "modes='hw': expected a sequence of mode names"),
+        (dict(listify="factor_in"), r"params\['factor_in'\]: got a list; expected an array"),
+        (dict(x_shape=(2, 3, 6, 6, 3), modes=None), r"\[modes not given: x of shape \(2, 3, 6, 6, 3\) has 3 spatial modes, "
+                                                   r"so modes=\('d', 'h', 'w'\)"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -708,6 +716,9 @@ def test_bad_arguments(kwargs, match):
         p[new] = p.pop(old)
     if kwargs.pop("zero_mode", False):
         p["factor_h"] = jnp.ones((0, 5))
+    if "listify" in kwargs:
+        name = kwargs.pop("listify")
+        p[name] = np.asarray(p[name]).tolist()
     x = jnp.ones(kwargs.pop("x_shape", (2, 6, 6, 3)))
     kwargs.setdefault("modes", ("h", "w"))
     with pytest.raises(ValueError, match=match):
@@ -726,6 +737,9 @@ def test_bad_init_arguments():
         init.init_cp_params(jax.random.key(0), 3, 4, 3, 2)
     with pytest.raises(ValueError, match="ranks=2"):
         init.init_tucker_params(jax.random.key(0), 3, 4, (3, 3), 2)
+    for make in (init.init_cp_params, init.init_tucker_params):  # was: jax.random.normal's error
+        with pytest.raises(ValueError, match="^dtype=.*int32.*: expected a floating dtype"):
+            make(jax.random.key(0), 3, 4, (3, 3), 2 if make is init.init_cp_params else (2, 2), dtype=jnp.int32)
 
 
 def test_numpy_ints_are_accepted_for_stride_padding_dilation():

@@ -1,6 +1,8 @@
 """Tests of hocp_jax.decomposition: CP-ALS and Tucker-2 of dense kernels against numpy
 reconstructions, tensorly (numpy backend) as an independent oracle, and dense convs."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,11 @@ def test_decompose_rejects_bad_inputs():
         D.decompose(jnp.ones((3, 2)), 2)
     with pytest.raises(ValueError, match="no dense conv kernel"):
         D.decompose_tree({"head": {"kernel": jnp.ones((4, 2))}}, 2)
+    tree = {"block": {"kernel": jnp.ones((3, 3, 2, 2))}}
+    with pytest.raises(ValueError, match=re.escape("rank_rule=-1: expected an int >= 1")):  # was: 'rank=-1'
+        D.decompose_tree(tree, -1)
+    with pytest.raises(ValueError, match=re.escape("rank_rule('block', (3, 3, 2, 2)) returned 0: expected an int >= 1")):
+        D.decompose_tree(tree, lambda path, shape: 0)
     with pytest.raises(ValueError, match="ranks"):
         D.tucker_decompose(kernel, (3, 1))
     for kwargs, match in (({"n_iter": True}, "n_iter=True"), ({"n_iter": 2.5}, "n_iter=2.5"), ({"tol": float("nan")}, "tol=nan")):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 
-from hocp_jax import conv, conv_ops, counting, init, layers, regression
+from hocp_jax import conv, conv_ops, counting, init, layers, regression, transduction
 from hocp_jax.layers import TCL, TRL, CPConv, FactorizedLinear, SeparableConv, TTConv, TuckerConv
 
 
@@ -171,6 +171,12 @@ BAD_LAYERS = [
      "spatial_modes=('t', 'w'), temporal_modes=('t',): expected distinct mode names"),
     (lambda: CPConv(3, rank=2, spatial_modes="hw"), "spatial_modes='hw': expected a sequence of mode names"),
     (lambda: CPConv(3, rank=2, spatial_modes=("h", "h")), "spatial_modes: modes=('h', 'h'): expected"),  # was: modes=... at the call
+    # temporal arguments under their own names, on static inputs too (were: stride=(0, 1, 1), padding[0]='FULL' on video)
+    (lambda: CPConv(3, rank=2, temporal_stride=0), "temporal_stride=0: expected an int >= 1"),
+    (lambda: CPConv(3, rank=2, temporal_padding="FULL"), "temporal_padding='FULL': unknown padding"),
+    (lambda: CPConv(3, rank=2, padding="FULL"), "padding='FULL': unknown padding"),  # was: padding[0]='FULL'
+    (lambda: CPConv(3, rank=2, padding=((1, 1),)), "padding=((1, 1),): expected one entry per spatial mode ('h', 'w')"),
+    (lambda: TuckerConv(3, ranks=(2, 2), dilation=0), "dilation=0: every entry must be >= 1"),
 ]
 
 
@@ -179,6 +185,47 @@ def test_bad_constructor_arguments_name_themselves(make, words):
     m = make()
     with pytest.raises(ValueError, match=re.escape(words)):
         m.init(jax.random.key(0), _X)
+
+
+def test_stored_leaves_the_layer_does_not_use_are_refused():
+    """A Linen layer read only the leaves it creates: a misspelt 'bais', a trained skip factor
+    under skip=False and a transduced factor_t on images were left out without a word."""
+    k, video = jax.random.key(0), jnp.ones((1, 3, 5, 5, 4))
+    m = CPConv(3, rank=2)
+    p = m.init(k, _X)["params"]
+    cases = [({**p, "bais": jnp.zeros(3)}, _X, "did you mean 'bias' for 'bais'?"),
+             (CPConv(3, rank=2, skip=True).init(k, _X)["params"], _X, "'factor_skip': skip=False"),
+             (transduction.transduce(p, {"t": 3}, init="delta"), _X, "'factor_t': x (1, 5, 5, 4) has no 't' axis")]
+    for params, x, words in cases:
+        with pytest.raises(ValueError, match=re.escape("layer 'CPConv': stored params [")):
+            m.apply({"params": params}, x)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            m.apply({"params": params}, x)
+    assert m.apply({"params": transduction.transduce(p, {"t": 3}, init="delta")}, video).shape == (1, 3, 5, 5, 3)
+    t = TuckerConv(3, ranks=(2, 2))
+    with pytest.raises(ValueError, match=re.escape("stored params ['factor_skip']")):
+        t.apply({"params": {**t.init(k, _X)["params"], "factor_skip": jnp.zeros((4, 3))}}, _X)
+
+
+def test_tt_conv_names_the_input_rank():
+    """A 3-D input to a 2-D TTConv blamed the cores it had not yet made ("found 4 TT cores")."""
+    with pytest.raises(ValueError, match=re.escape("x: got shape (1, 3, 5, 5, 4), expected 4-D")):
+        TTConv(3).init(jax.random.key(0), jnp.ones((1, 3, 5, 5, 4)))
+
+
+@pytest.mark.parametrize("cls", ["TuckerConv", "SeparableConv"])
+def test_tucker_and_separable_layers_take_a_dilation(cls):
+    """The functions took ``dilation``, the layers did not: checked against lax's dilated conv of
+    the reconstructed kernel."""
+    x = jax.random.normal(jax.random.key(1), (1, 9, 9, 4))
+    layer = {"TuckerConv": TuckerConv(3, ranks=(2, 2), dilation=2),
+             "SeparableConv": SeparableConv(3, rank=6, dilation=2)}[cls]
+    params = layer.init(jax.random.key(0), x)["params"]
+    w = (conv.tucker_to_kernel(params) if cls == "TuckerConv" else  # separable: sum_r in[c,r] dw[...,r] out[t,r]
+         jnp.einsum("cr,...r,tr->...ct", params["factor_in"], params["depthwise"], params["factor_out"]))
+    want = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(layer.apply({"params": params}, x), want, rtol=1e-4, atol=1e-5)
 
 
 def test_temporal_kernel_size_is_checked_on_video():

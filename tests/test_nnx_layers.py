@@ -183,6 +183,11 @@ BAD_NNX = [  # each was accepted (a bias, running statistics) or failed deep ins
     (lambda: nnx_layers.TRL(None, 3, rngs=_R()), "in_shape=None"),
     (lambda: nnx_layers.CPConv(3, 4, rank=2, spatial_modes=("t", "w"), temporal_modes=("t",), rngs=_R()),
      "spatial_modes=('t', 'w'), temporal_modes=('t',): expected distinct mode names"),
+    # the conv's arguments: were refused at the first call only
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, stride=0, rngs=_R()), "stride=0: expected a positive int or 2 positive ints"),
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, padding="FULL", rngs=_R()), "padding='FULL': unknown padding"),
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, implementation="nope", rngs=_R()), "implementation='nope': expected one of"),
+    (lambda: nnx_layers.CPConv(3, 4, rank=2, temporal_modes=("t",), temporal_stride=0, rngs=_R()), "temporal_stride=0"),
 ]
 
 

@@ -16,7 +16,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from hocp_jax import conv_ops, explicit_sharding
-from hocp_jax.checks import is_int, is_number, is_positive_int
+from hocp_jax.checks import check_float_dtype, is_int, is_number, is_positive_int
 from hocp_jax.conv import IMPLEMENTATIONS
 from hocp_jax.layer_specs import PSI_CHOICES, PSI_STAGES
 from hocp_jax.pooling import max_pool, monotone_max_pool
@@ -149,13 +149,7 @@ def check_dtypes(module: nn.Module) -> None:
     """A ValueError naming ``module``'s ``dtype`` or ``param_dtype`` unless it is a floating
     dtype (``jnp.float32``, ``"bfloat16"``, ...) or None (Flax's default)."""
     for name in ("dtype", "param_dtype"):
-        v = getattr(module, name)
-        try:
-            ok = jnp.issubdtype(v, jnp.floating)
-        except TypeError:  # not a dtype at all, e.g. "float99"
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}={v!r}: expected a floating dtype such as jnp.float32 or 'bfloat16', or None")
+        check_float_dtype(getattr(module, name), name, none=True)
 
 
 CP_OPTIONS = {

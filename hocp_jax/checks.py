@@ -70,6 +70,16 @@ def check_float_dtype(value, name: str = "dtype", none: bool = False) -> None:
                          + (", or None" if none else ""))
 
 
+def check_key(key, name: str = "key") -> None:
+    """A ValueError naming ``name`` unless ``key`` is a PRNG key: a typed key
+    (``jax.random.key``) or a legacy ``uint32`` one (``jax.random.PRNGKey``), traced or not."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == np.uint32 and np.shape(key)[-1:] == (2,))):
+        return
+    raise ValueError(f"{name}={key!r}: expected a PRNG key, e.g. jax.random.key(0)")
+
+
 def check_flags(**flags) -> None:
     """A ValueError naming the first of a layer's on/off arguments (``skip``, ``use_bias``, ...)
     that is not a Python or NumPy bool (a string such as ``"no"`` would read as on)."""

@@ -59,10 +59,15 @@ def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
     moved = jnp.moveaxis(z, axis, -1)
     if moved.shape[-1] == 0:
         raise ValueError(f"sparsemax: axis={axis} of z (shape {z.shape}) is empty; the simplex needs >= 1 entry")
+    if jnp.issubdtype(z.dtype, jnp.complexfloating):
+        raise ValueError(f"sparsemax: z has dtype {z.dtype}, expected real values")
     dtype = z.dtype if jnp.issubdtype(z.dtype, jnp.floating) else jnp.float32
 
     def project(moved):
         flat = moved.reshape(-1, moved.shape[-1]).astype(jnp.promote_types(dtype, jnp.float32))
+        # the projection is shift-invariant; about the maximum its threshold is not the small
+        # difference of large values (z near 1e4 summed to 1.001 in float32)
+        flat = flat - jax.lax.stop_gradient(jnp.max(flat, axis=-1, keepdims=True))
         return jax.vmap(projection_simplex)(flat).astype(dtype).reshape(moved.shape)
 
     out = explicit_sharding.run_auto(project, moved, out_spec=P(*explicit_sharding.spec_of(moved)))
@@ -211,6 +216,8 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
     (means weighted by them; 0 when every weight is 0). Negative weights are rejected where
     concrete, unchecked under ``jit``.
     """
+    check_real(margin, "margin")
+    check_real(hold_weight, "hold_weight")
     missing = [k for k in ("latent", "sparse", "soft") if k not in disc]
     if missing:
         raise ValueError(f"disc: missing embeddings {missing}; expected 'latent', 'sparse', 'soft' (each (N, D))")

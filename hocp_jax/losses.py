@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hocp_jax.checks import check_positive_int
+from hocp_jax.checks import check_key, check_positive_int
 from hocp_jax.metrics import check_weights, regression_metrics
 
 
@@ -54,6 +54,7 @@ def ccc_loss(y_true, y_pred, mask=None) -> jax.Array:
 def shake_shake_weights(key: jax.Array, n: int = 3) -> jax.Array:
     """``(n,)`` weights ``u / sum(u)`` with ``u ~ U[0, 1)`` i.i.d.; a new ``key`` per step."""
     check_positive_int(n, "n")
+    check_key(key)
     u = jax.random.uniform(key, (n,))
     return u / jnp.maximum(u.sum(), jnp.finfo(u.dtype).tiny)
 
@@ -108,8 +109,8 @@ def class_weights(counts) -> jax.Array:
     c = jnp.asarray(counts, jnp.float32)
     if c.ndim != 1 or c.shape[0] < 1:
         raise ValueError(f"counts: got shape {c.shape}, expected (C,) label counts")
-    if not isinstance(counts, jax.core.Tracer) and not (np.asarray(counts) >= 0).all():  # NaN fails too
-        raise ValueError(f"counts: got {np.asarray(counts)}, expected counts >= 0")
+    if not isinstance(counts, jax.core.Tracer) and not (np.isfinite(counts) & (np.asarray(counts) >= 0)).all():
+        raise ValueError(f"counts: got {np.asarray(counts)}, expected finite counts >= 0")
     f = c / jnp.maximum(c.sum(), 1e-30)
     present = f > 0
     f_min = jnp.where(present, f, jnp.inf).min()
@@ -132,7 +133,9 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
         ``H_ii = 1`` it equals plain cross-entropy.
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-    if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: got shape {logits.shape}, expected (..., C) with C >= 1 classes")
+    if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels: got shape {labels.shape}, expected logits.shape[:-1] = {logits.shape[:-1]}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels: got dtype {labels.dtype}, expected integer class indices")

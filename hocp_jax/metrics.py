@@ -20,18 +20,22 @@ the valid samples makes every metric NaN, so that a diverged model never scores 
 * Computed in float32 at least: bfloat16/float16 inputs (e.g. a bf16 model's outputs) are
   upcast, so counts and sums over a large split stay exact to float32 precision.
 * Moments are population moments (divide by n). A variance counts as 0 when it is at most
-  ``(8 eps(dtype))^2`` times the mean square of the values (a spread within a few ulps of the
-  values: constant up to rounding); then the covariance counts as 0 too.
+  ``(8 eps(dtype))^2`` times the mean square of the values about a reference value, one of them
+  (constant up to rounding; a spread of a few ulps of a large offset, e.g. 0.01 about 1e4 in
+  float32, is kept); then the covariance counts as 0 too.
 * PCC = 0 when either variance is 0 (constant inputs, n = 1).
 * CCC = 2 cov / (var_t + var_p + (mu_t - mu_p)^2); when the denominator is 0 (both inputs
-  constant and equal, e.g. n = 1 with y_pred == y_true) CCC = 1 (perfect agreement).
+  constant and equal, e.g. n = 1 with y_pred == y_true) CCC = 1 (perfect agreement) if the
+  squared error is 0 too, else 0.
 * With no valid sample (n = 0) every metric is 0.
 * Gradients are finite everywhere (safe sqrt/division via double ``where``); where the metric is
   not differentiable (RMSE at 0 error, PCC at constant inputs) the gradient is 0.
 
 Accuracy: batch functions use a shifted two-pass algorithm (exact 0 variance for constant
-inputs). Streaming stats keep means and centred sums merged by Chan et al.'s update, so they
-stay accurate in float32 when the mean is far larger than the spread (no E[x^2] - E[x]^2).
+inputs). Streaming stats keep a reference value per target (the first valid one they saw),
+means about it and centred sums, merged by Chan et al.'s update, so they stay accurate in
+float32 when the mean is far larger than the spread (no E[x^2] - E[x]^2, and no mean of large
+values rounded at every merge).
 
 Categorical metrics (BReG-Net Tables III/IV) from a confusion matrix ``cm (C, C)`` (rows = true
 class, columns = predicted, as scikit-learn; confusion matrices of batches simply add):
@@ -62,13 +66,14 @@ from hocp_jax.checks import check_int, check_positive_int
 
 # Zero-variance test. Variances come from centred sums (shifted two-pass per batch, Chan's merge
 # or psum across batches), never from E[x^2] - E[x]^2 (whose rounding error is ~eps * E[x^2]).
-# A centred sum is off by ~eps relative to itself plus n * (error of the mean it is centred on)^2;
-# a mean is off by a few roundings of the values, <= k eps |mean| with k ~ 1 + log2(shards) / 2
-# (product, pairwise sum, division; measured <= 2.5 for psums over up to 16384 shards, float32
-# and bfloat16). So a constant input has a computed variance <= (k eps)^2 * mean square (exactly 0
-# in one batch and in merges of equal means), and a variance <= (_ULPS eps)^2 * mean square of
-# the values -- a spread of at most ~_ULPS ulps -- is rounding and counts as 0. A real spread
-# above that keeps its ~eps relative accuracy.
+# Means are kept about a reference value r (one of the values), so x - r is exact for values
+# within a factor 2 of r and a mean is off by a few roundings of the shifted values, <= k eps
+# |mean(x - r)| with k ~ 1 + log2(shards) / 2 (product, pairwise sum, division; measured <= 2.5
+# for psums over up to 16384 shards, float32 and bfloat16). A centred sum is off by ~eps relative
+# to itself plus n * (error of the mean it is centred on)^2. So a constant input has a computed
+# variance of exactly 0 (every x - r is 0), and a variance <= (_ULPS eps)^2 * mean((x - r)^2) --
+# rounding of the shifted values -- counts as 0. A real spread keeps its ~eps relative accuracy,
+# whatever the offset.
 _ULPS = 8
 
 
@@ -88,17 +93,27 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
 
 
 def check_weights(mask, name: str = "mask") -> None:
-    """A ValueError naming ``name`` if a concrete (not traced) ``mask`` holds negative weights;
-    under ``jit`` (a traced mask) nothing is read back, and a negative weight goes unchecked."""
-    if mask is not None and not isinstance(mask, jax.core.Tracer) and np.any(np.asarray(mask) < 0):
-        raise ValueError(f"{name}: got a negative weight ({np.min(np.asarray(mask))}), expected bool or "
-                         "weights >= 0")
+    """A ValueError naming ``name`` if a concrete (not traced) ``mask`` is not real numbers or
+    bools, or holds a negative, NaN or infinite weight; under ``jit`` (a traced mask) nothing is
+    read back, and such a weight goes unchecked."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    w = np.asarray(mask)
+    if not (w.dtype == bool or jnp.issubdtype(w.dtype, jnp.integer) or jnp.issubdtype(w.dtype, jnp.floating)):
+        raise ValueError(f"{name}: got dtype {w.dtype}, expected bool or real weights >= 0")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name}: got a non-finite weight ({w[~np.isfinite(w)].ravel()[0]}), expected bool or "
+                         "finite weights >= 0")
+    if np.any(w < 0):
+        raise ValueError(f"{name}: got a negative weight ({np.min(w)}), expected bool or weights >= 0")
 
 
 def _as_float(x, name: str) -> jax.Array:
     """``x`` in float32 or wider: ints and narrower floats are upcast (in bfloat16 the count
     of a streamed split would be exact only up to 256, its sums to 8 bits); complex is a
-    ValueError naming ``name``."""
+    ValueError naming ``name``, as are strings and objects."""
+    if not isinstance(x, jax.Array) and np.asarray(x).dtype.kind not in "biuf":
+        raise ValueError(f"{name}: got dtype {np.asarray(x).dtype}, expected real values")
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise ValueError(f"{name}: got dtype {x.dtype}, expected real values")
@@ -141,14 +156,16 @@ class _Moments(NamedTuple):
     """Population moments per target, each ``(k,)``."""
 
     n: jax.Array
-    mu_t: jax.Array
+    ref_t: jax.Array  # reference values (one of the values): mu and msq are about them
+    ref_p: jax.Array
+    mu_t: jax.Array  # mean of t - ref_t
     mu_p: jax.Array
     var_t: jax.Array
     var_p: jax.Array
     cov: jax.Array
     mse: jax.Array
     sagr: jax.Array
-    msq_t: jax.Array  # mean square of the values (scale of the zero-variance test, see _ULPS)
+    msq_t: jax.Array  # mean of (t - ref_t)^2 (scale of the zero-variance test, see _ULPS)
     msq_p: jax.Array
 
 
@@ -162,9 +179,10 @@ def _finalize_moments(m: _Moments) -> dict[str, jax.Array]:
     # a constant input has cov 0; the value is zeroed but the gradient of cov is kept, so that
     # CCC still pulls constant predictions (its true gradient there is finite)
     cov = jnp.where(both, m.cov, m.cov - jax.lax.stop_gradient(m.cov))
-    ccc = _safe_div(2 * cov, var_t + var_p + (m.mu_t - m.mu_p) ** 2, default=1.0)
-    has = m.n > 0
-    out = {"rmse": _safe_sqrt(m.mse), "sagr": m.sagr, "pcc": pcc, "ccc": jnp.where(has, ccc, 0)}
+    den = var_t + var_p + ((m.ref_t - m.ref_p) + (m.mu_t - m.mu_p)) ** 2
+    ccc = _safe_div(2 * cov, den, default=1.0)
+    ccc = jnp.where((m.n > 0) & ((den != 0) | (m.mse == 0)), ccc, 0)  # 1 for an exact match only
+    out = {"rmse": _safe_sqrt(m.mse), "sagr": m.sagr, "pcc": pcc, "ccc": ccc}
     # a NaN or inf among the valid samples: every metric NaN (the safe ops above would read a NaN
     # error as RMSE 0 and a NaN variance as PCC 0: a diverged model must not score as a good one)
     bad = ~jnp.isfinite(m.mu_t + m.mu_p + m.var_t + m.var_p + m.cov + m.mse)
@@ -183,15 +201,17 @@ def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
     ct, cp = dt - mdt, dp - mdp
     return _Moments(
         n=n,
-        mu_t=shift_t + mdt,
-        mu_p=shift_p + mdp,
+        ref_t=shift_t,
+        ref_p=shift_p,
+        mu_t=mdt,
+        mu_p=mdp,
         var_t=mean(ct * ct),
         var_p=mean(cp * cp),
         cov=mean(ct * cp),
         mse=mean((t - p) ** 2),
         sagr=mean((jnp.sign(t) == jnp.sign(p)).astype(t.dtype)),
-        msq_t=mean(t * t),
-        msq_p=mean(p * p),
+        msq_t=mean(dt * dt),
+        msq_p=mean(dp * dp),
     )
 
 
@@ -238,22 +258,25 @@ def ccc(y_true, y_pred, mask=None) -> jax.Array:
 class AffectStats(NamedTuple):
     """Streaming statistics of (y_true, y_pred) pairs per target; every leaf ``()`` or ``(k,)``.
 
-    Means and *centred* sums (Chan et al.'s parallel algorithm), not raw power sums: merging
-    never subtracts two large, nearly equal numbers, so float32 stays accurate for data whose
-    mean is far larger than its spread (mean 5, sd 0.05). Stats of disjoint sets combine with
-    :func:`merge` (pairwise) or :func:`psum` (across a named device axis). Field names:
-    ``t`` = truth, ``p`` = prediction.
+    A reference value per target (the first valid value seen), means about it and *centred*
+    sums (Chan et al.'s parallel algorithm), not raw power sums: merging never subtracts two
+    large, nearly equal numbers and never rounds a mean of large values, so float32 stays
+    accurate for data whose mean is far larger than its spread (mean 1e4, sd 0.01). Stats of
+    disjoint sets combine with :func:`merge` (pairwise) or :func:`psum` (across a named device
+    axis). Field names: ``t`` = truth, ``p`` = prediction.
     """
 
     n: jax.Array  # number (total weight) of samples
-    mean_t: jax.Array
+    ref_t: jax.Array  # reference value (0 while n = 0)
+    ref_p: jax.Array
+    mean_t: jax.Array  # mean of t - ref_t
     mean_p: jax.Array
-    m2_t: jax.Array  # sum w (t - mean_t)^2
+    m2_t: jax.Array  # sum w (t - mean(t))^2
     m2_p: jax.Array
-    c_tp: jax.Array  # sum w (t - mean_t)(p - mean_p)
+    c_tp: jax.Array  # sum w (t - mean(t))(p - mean(p))
     mse: jax.Array  # mean (t - p)^2, kept apart for an accurate RMSE
     sagr: jax.Array  # mean [sign(t) == sign(p)]
-    msq_t: jax.Array  # mean square of t (only the scale of the zero-variance test)
+    msq_t: jax.Array  # mean of (t - ref_t)^2 (only the scale of the zero-variance test)
     msq_p: jax.Array
 
     @classmethod
@@ -270,9 +293,11 @@ def affect_stats(y_true, y_pred, mask=None) -> AffectStats:
     """Statistics of one batch (shifted two-pass); arguments as :func:`regression_metrics`."""
     t, p, w, vector = _prepare(y_true, y_pred, mask)
     m = _batch_moments(t, p, w)
+    has = m.n > 0  # an empty batch keeps the reference 0 of AffectStats.zeros
     stats = AffectStats(
-        n=m.n, mean_t=m.mu_t, mean_p=m.mu_p, m2_t=m.n * m.var_t, m2_p=m.n * m.var_p,
-        c_tp=m.n * m.cov, mse=m.mse, sagr=m.sagr, msq_t=m.msq_t, msq_p=m.msq_p,
+        n=m.n, ref_t=jnp.where(has, m.ref_t, 0), ref_p=jnp.where(has, m.ref_p, 0), mean_t=m.mu_t, mean_p=m.mu_p,
+        m2_t=m.n * m.var_t, m2_p=m.n * m.var_p, c_tp=m.n * m.cov, mse=m.mse, sagr=m.sagr, msq_t=m.msq_t,
+        msq_p=m.msq_p,
     )
     return _unvector(stats, vector)
 
@@ -282,12 +307,24 @@ def _check_stats(stats, name: str) -> None:
         raise ValueError(f"{name}: got {type(stats).__name__}, expected an AffectStats (from affect_stats or merge)")
 
 
+def _rebase(stats: AffectStats, ref_t: jax.Array, ref_p: jax.Array) -> AffectStats:
+    """``stats`` with its means and mean squares about ``ref_t``/``ref_p`` (an empty one's
+    stay 0: its weight is 0, and a shift by a large reference would only add rounding)."""
+    has = stats.n > 0
+    d_t = jnp.where(has, stats.ref_t - ref_t, 0)  # exact for references within a factor 2
+    d_p = jnp.where(has, stats.ref_p - ref_p, 0)
+    return stats._replace(
+        ref_t=ref_t, ref_p=ref_p, mean_t=stats.mean_t + d_t, mean_p=stats.mean_p + d_p,
+        msq_t=stats.msq_t + (2 * stats.mean_t + d_t) * d_t, msq_p=stats.msq_p + (2 * stats.mean_p + d_p) * d_p)
+
+
 def merge(*stats: AffectStats) -> AffectStats:
     """Stats of the union of disjoint sets (e.g. batches), by Chan et al.'s pairwise update::
 
         n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,
-        M2 = M2_a + M2_b + d^2 n_a n_b / n,  C = C_a + C_b + d_t d_p n_a n_b / n.
+        M2 = M2_a + M2_b + d^2 n_a n_b / n,  C = C_a + C_b + d_t d_p n_a n_b / n,
 
+    with both means about the first non-empty set's reference values.
     All stats must have one shape: ``()`` (from ``(n,)`` inputs) or the same ``(k,)``.
     """
     if not stats:
@@ -299,12 +336,14 @@ def merge(*stats: AffectStats) -> AffectStats:
                              f"{jnp.shape(stats[0].n)} (stats of the same targets)")
     out = stats[0]
     for b in stats[1:]:
-        a, n = out, out.n + b.n
+        ref_t, ref_p = jnp.where(out.n > 0, out.ref_t, b.ref_t), jnp.where(out.n > 0, out.ref_p, b.ref_p)
+        a, b = _rebase(out, ref_t, ref_p), _rebase(b, ref_t, ref_p)
+        n = a.n + b.n
         frac = _safe_div(b.n, n)  # weight of b in the merged means
         d_t, d_p = b.mean_t - a.mean_t, b.mean_p - a.mean_p
         cross = a.n * frac  # n_a n_b / n
         means = {f: getattr(a, f) + (getattr(b, f) - getattr(a, f)) * frac for f in _MEANS}
-        out = AffectStats(n=n, m2_t=a.m2_t + b.m2_t + d_t * d_t * cross,
+        out = AffectStats(n=n, ref_t=ref_t, ref_p=ref_p, m2_t=a.m2_t + b.m2_t + d_t * d_t * cross,
                           m2_p=a.m2_p + b.m2_p + d_p * d_p * cross,
                           c_tp=a.c_tp + b.c_tp + d_t * d_p * cross, **means)
     return out
@@ -314,14 +353,21 @@ def psum(stats: AffectStats, axis_name) -> AffectStats:
     """:func:`merge` across the named axis (``shard_map``/``vmap``/``pmap``), in two psums.
 
     First the count-weighted means (``mean = psum(n mean) / psum(n)``), then the centred sums
-    about those global means (``M2 = psum(M2_i + n_i (mean_i - mean)^2)``, same for ``C``).
+    about those global means (``M2 = psum(M2_i + n_i (mean_i - mean)^2)``, same for ``C``);
+    every mean about one reference value, the largest of the non-empty shards' (``pmax``).
     """
+    refs = []
+    for r in (stats.ref_t, stats.ref_p):
+        top = jax.lax.pmax(jnp.where(stats.n > 0, r, -jnp.inf), axis_name)
+        refs.append(jnp.where(jnp.isfinite(top), top, 0))
+    stats = _rebase(stats, *refs)
     n = jax.lax.psum(stats.n, axis_name)
     means = {f: _safe_div(jax.lax.psum(stats.n * getattr(stats, f), axis_name), n) for f in _MEANS}
     d_t, d_p = stats.mean_t - means["mean_t"], stats.mean_p - means["mean_p"]
     centred = jax.lax.psum((stats.m2_t + stats.n * d_t * d_t, stats.m2_p + stats.n * d_p * d_p,
                             stats.c_tp + stats.n * d_t * d_p), axis_name)
-    return AffectStats(n=n, m2_t=centred[0], m2_p=centred[1], c_tp=centred[2], **means)
+    return AffectStats(n=n, ref_t=refs[0], ref_p=refs[1], m2_t=centred[0], m2_p=centred[1], c_tp=centred[2],
+                       **means)
 
 
 def finalize(stats: AffectStats) -> dict[str, jax.Array]:
@@ -329,7 +375,7 @@ def finalize(stats: AffectStats) -> dict[str, jax.Array]:
     _check_stats(stats, "stats")
     n = stats.n
     return _finalize_moments(_Moments(
-        n=n, mu_t=stats.mean_t, mu_p=stats.mean_p, var_t=_safe_div(stats.m2_t, n),
+        n=n, ref_t=stats.ref_t, ref_p=stats.ref_p, mu_t=stats.mean_t, mu_p=stats.mean_p, var_t=_safe_div(stats.m2_t, n),
         var_p=_safe_div(stats.m2_p, n), cov=_safe_div(stats.c_tp, n), mse=stats.mse,
         sagr=stats.sagr, msq_t=stats.msq_t, msq_p=stats.msq_p,
     ))
@@ -351,8 +397,8 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
         the sequences with at least one valid frame (0 if there is none).
     """
     t, p = jnp.asarray(y_true), jnp.asarray(y_pred)
-    if t.ndim not in (2, 3):
-        raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k)")
+    if t.ndim not in (2, 3) or 0 in t.shape[:2]:
+        raise ValueError(f"y_true: got shape {t.shape}, expected (B, T) or (B, T, k) with B, T >= 1")
     if p.shape != t.shape:
         raise ValueError(f"y_pred: got shape {p.shape}, expected the shape of y_true {t.shape}")
     check_weights(mask)

@@ -58,6 +58,20 @@ def test_sparsemax_matches_sorting_oracle():
         np.testing.assert_allclose(got, np.moveaxis(want, -1, axis), atol=1e-6)
 
 
+def test_sparsemax_sums_to_one_on_large_values_and_refuses_complex():
+    """z near 1e4 in float32 summed to 1.00098 (the projection's threshold from large values);
+    a complex z lost its imaginary part."""
+    z = np.array([1e4, np.nextafter(np.float32(1e4), np.float32(2e4)), 1e4], np.float32)
+    got = np.asarray(sparsemax(z), np.float64)
+    want = simplex_projection_sort(z.astype(np.float64) - z.max())
+    np.testing.assert_allclose(got.sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="sparsemax: z has dtype complex64, expected real values"):
+        sparsemax(np.array([1j, 2], np.complex64))
+    with pytest.raises(ValueError, match="margin=nan: expected a real number >= 0"):
+        discriminative_loss({k: np.ones((2, 3)) for k in ("latent", "sparse", "soft")}, margin=float("nan"))
+
+
 def test_sparsemax_matches_scipy_minimize():
     for v in (np.array([0.3, -1.2, 0.9, 0.85, 0.1]), np.array([2.0, 1.9, -0.5, 1.5])):
         np.testing.assert_allclose(np.asarray(sparsemax(v.astype(np.float32))),

@@ -1,5 +1,6 @@
 """BReG-Net: shortcut functions vs the paper's closed forms, units, model, loss, a short training run."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,22 @@ def test_config_errors(kwargs, match):
     if set(kwargs) <= unit_fields:
         with pytest.raises(ValueError, match=match):
             B.BReGUnit(8, **kwargs)
+
+
+def test_loss_metrics_are_weighted_means_for_fractional_masks_and_bad_weights_refused():
+    """Dividing by max(sum(mask), 1) read mask weights 0.1, 0.1 as a fifth of the accuracy and MSE."""
+    logits = jnp.array([[2, 0, 0], [0, 2, 0], [0, 0, 2], [2, 0, 0]], jnp.float32)
+    batch = {"label": jnp.array([0, 1, 0, 1]), "va": jnp.ones((4, 2)), "mask": jnp.array([0.1, 0.1, 0, 0])}
+    _, m = B.bregnet_loss({"logits": logits, "va": jnp.zeros((4, 2))}, batch)
+    # oracle: the two weighted examples are both right, each misses va by 1 in both targets
+    np.testing.assert_allclose([m["accuracy"], m["va_mse"]], [1.0, 1.0], rtol=1e-6)
+    _, m0 = B.bregnet_loss({"logits": logits}, {"label": batch["label"], "mask": jnp.zeros(4)})
+    assert float(m0["accuracy"]) == 0.0
+    for kwargs, words in ((dict(va_weight=float("nan")), "va_weight=nan"), (dict(va_weight=-1.0), "va_weight=-1.0")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            B.bregnet_loss({"va": jnp.zeros((4, 2))}, {"va": jnp.ones((4, 2))}, **kwargs)
+    with pytest.raises(ValueError, match=re.escape("batch['mask']: got a negative weight (-1.0)")):
+        B.bregnet_loss({"va": jnp.zeros((4, 2))}, {"va": jnp.ones((4, 2)), "mask": -jnp.ones(4)})
 
 
 def test_input_rank_and_pad_projection_errors():

@@ -209,6 +209,23 @@ def test_cross_entropy_rejects_negative_mask_weights():
         L.cross_entropy(logits, labels, mask=np.array([1.0, -1.0, 1.0]))
 
 
+def test_bad_masks_keys_and_counts_are_refused():
+    """Each was accepted: a NaN mask read as "all padding" (CE 0), an infinite count as no class
+    weight, or raised JAX's TypeError (a key 3 or None)."""
+    logits, labels = np.zeros((3, 4), np.float32), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"mask: got a non-finite weight \(nan\)"):
+        L.cross_entropy(logits, labels, mask=np.full(3, np.nan))
+    with pytest.raises(ValueError, match=r"counts: got \[ 1. inf\], expected finite counts >= 0"):
+        L.class_weights([1, np.inf])
+    t, p = _va()
+    for bad in (3, None):
+        with pytest.raises(ValueError, match=f"key={bad!r}: expected a PRNG key"):
+            L.shake_shake_weights(bad)
+    with pytest.raises(ValueError, match="key=3: expected a PRNG key"):
+        L.affect_loss(t, p, key=3)
+    L.affect_loss(t, p, key=jax.random.PRNGKey(0))  # a legacy uint32 key is one too
+
+
 def test_regression_losses_need_equal_real_inputs():
     """Like the metrics: (n,) against (n, 1) or complex values raise instead of broadcasting."""
     t, p = _va()

@@ -192,9 +192,9 @@ def make_eval_step(model, *, input_key: str | None = None) -> Callable[[TrainSta
     """Builds the pure ``eval_step(state, batch) -> outputs`` (inference mode).
 
     Returns the model's output dict (floating outputs at least float32), e.g.
-    ``{"va": (B, [T,] 2), "logits": ...}``; metrics
-    that do not decompose over batches (PCC, CCC) are computed on the concatenated outputs,
-    see :func:`hocp_jax.training.loop.evaluate`.
+    ``{"va": (B, [T,] 2), "logits": ...}``. Metrics that do not decompose over batches (PCC,
+    CCC) stream as statistics merged batch by batch (:func:`hocp_jax.training.loop.make_evaluator`,
+    :class:`hocp_jax.metrics.AffectStats`), never as concatenated outputs.
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict:

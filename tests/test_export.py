@@ -66,7 +66,7 @@ def test_cp_conv_exports_with_a_symbolic_batch(implementation, case):
     pads = ((1, 1), (0, 2), (1, 1))[-n:]
     f = lambda x, p: cp_conv(x, p, implementation=implementation, padding=pads)
     dims = conv_ops.channels_last_dims(n)
-    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), (1,) * n, pads, dimension_numbers=dims)
+    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, tuple("dhw"[-n:])), (1,) * n, pads, dimension_numbers=dims)
     if forced:  # every loop and product the rules can be told to take: at a symbolic batch, none runs
         with conv_plans.per_sample_mode(True), conv_plans.tile_rows_mode(2), conv_plans.patches_split_mode(True):
             assert_exported_matches(f, oracle, x, p)
@@ -143,7 +143,7 @@ def test_cp_conv_exports_with_symbolic_sizes(implementation, n, padding):
     strides = (1,) * (n - 2) + (2, 1)
     f = lambda x, p: cp_conv(x, p, implementation=implementation, stride=strides, padding=padding)
     dims = conv_ops.channels_last_dims(n)
-    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, "dhw"[-n:]), strides,
+    oracle = lambda x, p: lax.conv_general_dilated(x, cp_to_kernel(p, tuple("dhw"[-n:])), strides,
                                                    "SAME" if padding == "SAME" else ((1, 1),) * n, dimension_numbers=dims)
     if n == 3:
         assert conv_plans.small_map_taps((3, 2, 9, 8, 4), (3, 3, 3)), "the taps route at a static shape"
@@ -227,7 +227,7 @@ def test_max_pool_exports_with_symbolic_sizes():
 
 def test_auto_counts_a_symbolic_dimension_as_one():
     p = init_cp_params(jax.random.key(1), 64, 64, (3, 3), 273)
-    geometry = ("hw", (1, 1), ((1, 1), (1, 1)), (1, 1))
+    geometry = (("h", "w"), (1, 1), ((1, 1), (1, 1)), (1, 1))
     with autotune.policy_mode("measure"):  # nothing to time on a symbolic shape: the analytic pick
         got = autotune.choose_cp((B, 56, 56, 64), jnp.float32, p, *geometry)
     assert got == autotune.analytic_pick((1, 56, 56, 64), p, *geometry, True)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hocp_jax import counting
-from hocp_jax.checks import check_flags, check_int, check_positive_int, check_real, is_int, is_positive_int
+from hocp_jax.checks import check_flags, check_int, check_key, check_positive_int, check_real, is_int, is_positive_int
 from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
@@ -224,10 +224,8 @@ def decompose(
     check_positive_int(rank, "rank")
     check_flags(line_search=line_search)
     key = jax.random.key(0) if key is None else key
-    try:
-        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-    except TypeError:
-        raise ValueError(f"key={key!r}: expected a PRNG key, e.g. jax.random.key(0)") from None
+    check_key(key)
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
     if init not in ("svd", "random"):
         raise ValueError(f"init={init!r}: expected 'svd' or 'random'")
     check_int(n_iter, "n_iter", 0)

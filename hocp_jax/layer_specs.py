@@ -160,6 +160,26 @@ def temporal_in_use(x_shape, spatial: Sequence[str], temporal_modes: Sequence[st
     return tuple(temporal_modes)[len(temporal_modes) - n_extra:]
 
 
+def check_conv_args(spatial: Sequence[str] | int, stride, padding, dilation) -> None:
+    """A ValueError naming the first of a conv layer's ``stride``, ``padding`` and ``dilation``
+    that its ``spatial`` modes (names, or their number) cannot take: each an int or one per
+    mode (stride and dilation >= 1), padding one of :mod:`hocp_jax.padding`'s forms."""
+    n = spatial if is_int(spatial) else len(spatial)
+    as_ints(stride, n, "stride", positive=True)
+    as_ints(dilation, n, "dilation", positive=True)
+    if not (isinstance(padding, (str, Sequence)) or is_int(padding)):
+        raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
+                         "per spatial mode")
+    if isinstance(padding, str) or is_int(padding):
+        check_mode_padding(padding, "padding")
+    elif len(padding) != n:
+        raise ValueError(f"padding={padding!r}: expected one entry per spatial mode "
+                         f"{spatial if not is_int(spatial) else n}")
+    else:
+        for i, p in enumerate(padding):
+            check_mode_padding(p, f"padding[{i}]")
+
+
 def cp_conv_kwargs(
     spatial, temporal, *, stride, padding, dilation, temporal_stride, temporal_padding, implementation, psi
 ) -> dict[str, Any]:
@@ -167,16 +187,7 @@ def cp_conv_kwargs(
     modes (temporal modes: ``temporal_stride``/``temporal_padding``, dilation 1; with Psi, the
     spatial 1-D convs run first so that no Psi follows a temporal conv). A ValueError names the
     first argument a conv of these modes cannot take."""
-    if not (isinstance(padding, (str, Sequence)) or is_int(padding)):
-        raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
-                         "per spatial mode")
-    if isinstance(padding, str) or is_int(padding):
-        check_mode_padding(padding, "padding")
-    elif len(padding) != len(spatial):
-        raise ValueError(f"padding={padding!r}: expected one entry per spatial mode {tuple(spatial)}")
-    else:
-        for i, p in enumerate(padding):
-            check_mode_padding(p, f"padding[{i}]")
+    check_conv_args(tuple(spatial), stride, padding, dilation)
     check_mode_padding(temporal_padding, "temporal_padding")
     check_positive_int(temporal_stride, "temporal_stride")
     if implementation not in conv.IMPLEMENTATIONS:

@@ -188,6 +188,10 @@ BAD_NNX = [  # each was accepted (a bias, running statistics) or failed deep ins
     (lambda: nnx_layers.CPConv(3, 4, rank=2, padding="FULL", rngs=_R()), "padding='FULL': unknown padding"),
     (lambda: nnx_layers.CPConv(3, 4, rank=2, implementation="nope", rngs=_R()), "implementation='nope': expected one of"),
     (lambda: nnx_layers.CPConv(3, 4, rank=2, temporal_modes=("t",), temporal_stride=0, rngs=_R()), "temporal_stride=0"),
+    (lambda: nnx_layers.TuckerConv(3, 4, stride=0, rngs=_R()), "stride=0: expected a positive int or 2 positive ints"),
+    (lambda: nnx_layers.TuckerConv(3, 4, implementation="auto", rngs=_R()), "implementation='auto': expected one of"),
+    (lambda: nnx_layers.SeparableConv(3, 4, padding="FULL", rngs=_R()), "padding='FULL': unknown padding"),
+    (lambda: nnx_layers.SeparableConv(3, 4, dilation=(1, 0), rngs=_R()), "dilation=(1, 0)"),
 ]
 
 

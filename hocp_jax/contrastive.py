@@ -31,7 +31,7 @@ from optax.projections import projection_simplex
 from hocp_jax import explicit_sharding
 from hocp_jax.checks import check_axis, check_real
 from hocp_jax.losses import ccc_loss, pcc_loss
-from hocp_jax.metrics import check_weights
+from hocp_jax.metrics import check_weights, weighted_mean
 
 CRITICS = ("cosine", "dot")
 
@@ -235,7 +235,7 @@ def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float =
     hold = norm(unit(d_sp) - unit(d_lat)) + norm(unit(d_sm) - unit(d_lat))
     per_sample = push + hold_weight * hold
     w = jnp.ones_like(per_sample) if weights is None else jnp.asarray(weights, per_sample.dtype)
-    return jnp.sum(w * per_sample) / jnp.maximum(jnp.sum(w), 1e-12)
+    return weighted_mean(per_sample, w)
 
 
 def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025,
@@ -302,7 +302,7 @@ def make_avce_loss(*, objective: str = "avce", contrastive_weight: float = 0.025
         w = jnp.asarray(batch.get(mask_key, jnp.ones((n,))), pred.dtype)
         if w.shape != (n,):
             raise ValueError(f"batch[{mask_key!r}]: got shape {w.shape}, expected ({n},)")
-        mse_k = jnp.sum(w[:, None] * (pred - target) ** 2, 0) / jnp.maximum(jnp.sum(w), 1e-12)
+        mse_k = weighted_mean((pred - target) ** 2, w[:, None], 0)
         scores = critic_matrix(outputs["z"]["sparse"], outputs["z"]["soft"], critic=critic,
                                temperature=critic_temperature)
         bound = OBJECTIVES[objective](scores, weights=w, **bound_kwargs)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from hocp_jax.checks import check_key, check_positive_int
-from hocp_jax.metrics import check_weights, regression_metrics
+from hocp_jax.metrics import check_weights, regression_metrics, weighted_mean
 
 
 def rmse_loss(y_true, y_pred, mask=None) -> jax.Array:
@@ -151,13 +151,12 @@ def cross_entropy(logits, labels, *, mask=None, class_weights=None) -> jax.Array
                              f"[0, {logits.shape[-1]}) or a mask of 0 there")
     safe_labels = jnp.where(m > 0, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
-    weight = m
     if class_weights is not None:
         h = jnp.asarray(class_weights, logits.dtype)
         if h.shape != logits.shape[-1:]:
             raise ValueError(f"class_weights: got shape {h.shape}, expected ({logits.shape[-1]},)")
         if not isinstance(class_weights, jax.core.Tracer) and not (np.asarray(class_weights) >= 0).all():
             raise ValueError(f"class_weights: got {np.asarray(class_weights)}, expected weights >= 0")
-        weight = m * h[safe_labels]
-    total = m.sum()
-    return jnp.where(m > 0, weight * ce, 0).sum() / jnp.where(total > 0, total, 1)
+        ce = h[safe_labels] * ce
+    # H weighs each term, the mask the mean: divided by sum(mask), not by sum(mask * H)
+    return weighted_mean(jnp.where(m > 0, ce, 0), m)

@@ -86,6 +86,17 @@ def _safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array
     return jnp.where(ok, num / jnp.where(ok, den, 1), default)
 
 
+def weighted_mean(values, weights, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """``sum(w * v) / sum(w)`` over ``axis`` (all axes by default); 0 where the weights sum to 0.
+
+    ``weights`` broadcast against ``values`` and may be fractional: dividing by
+    ``max(sum(w), 1)`` instead would read weights 0.1, 0.1 as a fifth of the mean. The gradient
+    is finite where the weights sum to 0. Weights are not checked here (:func:`check_weights`).
+    """
+    values, weights = jnp.asarray(values), jnp.asarray(weights)
+    return _safe_div((weights * values).sum(axis), weights.sum(axis))
+
+
 def _safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(max(x, 0))`` with gradient 0 (not inf) at 0."""
     ok = x > 0
@@ -195,12 +206,11 @@ def _batch_moments(t: jax.Array, p: jax.Array, w: jax.Array) -> _Moments:
     shift_t = jax.lax.stop_gradient(jnp.take_along_axis(t, first, 0)[0])  # results are shift-
     shift_p = jax.lax.stop_gradient(jnp.take_along_axis(p, first, 0)[0])  # invariant: no grad
     dt, dp = t - shift_t, p - shift_p
-    n = w.sum(0)
-    mean = lambda x: _safe_div((w * x).sum(0), n)  # noqa: E731
+    mean = lambda x: weighted_mean(x, w, 0)  # noqa: E731
     mdt, mdp = mean(dt), mean(dp)
     ct, cp = dt - mdt, dp - mdp
     return _Moments(
-        n=n,
+        n=w.sum(0),
         ref_t=shift_t,
         ref_p=shift_p,
         mu_t=mdt,
@@ -408,7 +418,7 @@ def per_sequence_metrics(y_true, y_pred, mask=None) -> tuple[dict, dict]:
     per_seq = jax.vmap(regression_metrics)(t, p, m)
     valid = (m > 0).any(axis=1).astype(per_seq["rmse"].dtype)
     valid = valid.reshape(valid.shape + (1,) * (t.ndim - 2))
-    mean = jax.tree.map(lambda v: _safe_div((v * valid).sum(0), valid.sum(0)), per_seq)
+    mean = jax.tree.map(lambda v: weighted_mean(v, valid, 0), per_seq)
     return per_seq, mean
 
 

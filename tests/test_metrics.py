@@ -146,6 +146,19 @@ def test_all_masked_is_zero_not_nan():
     assert all(float(v) == 0 for v in M.finalize(M.affect_stats(t, p, np.zeros(64, bool))).values())
 
 
+def test_weighted_mean_vs_numpy_average():
+    rng = np.random.default_rng(3)
+    v, w = rng.normal(size=(6, 3)), rng.uniform(0.01, 0.2, size=(6, 3))  # fractional weights
+    np.testing.assert_allclose(M.weighted_mean(v, w), np.average(v, weights=w), rtol=1e-5)
+    np.testing.assert_allclose(M.weighted_mean(v, w, 0), np.average(v, axis=0, weights=w), rtol=1e-5)
+    col = w[:, :1]  # broadcast: one weight per row
+    np.testing.assert_allclose(M.weighted_mean(v, col, 0), np.average(v, axis=0, weights=col[:, 0]), rtol=1e-5)
+    zero = np.zeros_like(w)
+    assert float(M.weighted_mean(v, zero)) == 0.0
+    g = jax.grad(lambda x: M.weighted_mean(x, zero))(jnp.asarray(v, jnp.float32))
+    assert np.isfinite(np.asarray(g)).all() and not np.asarray(g).any()
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["y_pred", "y_true"])
 def test_a_non_finite_valid_sample_makes_every_metric_nan(bad, where):

@@ -55,7 +55,7 @@ from hocp_jax import conv_ops, losses
 from hocp_jax.checks import are_positive_ints, check_flags, check_real, is_positive_int
 from hocp_jax.layers import CPConv
 from hocp_jax.models.common import CheckedModel, batch_norm, check_cp_options, check_dtypes, check_input
-from hocp_jax.metrics import check_weights
+from hocp_jax.metrics import check_weights, weighted_mean
 from hocp_jax.models.heads import Head, HeadConfig
 
 # --------------------------------------------------------------------------- shortcuts
@@ -251,13 +251,6 @@ class BReGNet(CheckedModel):
         return Head(HeadConfig.of(self.head), n_spatial=0, name="head", **dt)(h)
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """``sum(w v) / sum(w)``, 0 where every weight is 0 (fractional weights too: dividing by
-    ``max(sum(w), 1)`` read weights 0.1, 0.1 as a fifth of the mean)."""
-    total = weights.sum()
-    return jnp.where(total > 0, (weights * values).sum() / jnp.where(total > 0, total, 1), 0.0)
-
-
 def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, class_weights=None,
                  va_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """BReG-Net objective for a generic trainer: ``loss_fn(outputs, batch, key) -> (loss, metrics)``.
@@ -289,7 +282,7 @@ def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, cl
         ce = losses.cross_entropy(logits, labels, mask=mask, class_weights=class_weights)
         m = jnp.ones(labels.shape) if mask is None else jnp.asarray(mask, jnp.float32)
         hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        metrics |= {"ce": ce, "accuracy": _weighted_mean(hit, m)}
+        metrics |= {"ce": ce, "accuracy": weighted_mean(hit, m)}
         loss = loss + ce
     if "va" in outputs and "va" in batch:
         pred, target = outputs["va"], jnp.asarray(batch["va"], jnp.float32)
@@ -299,7 +292,7 @@ def bregnet_loss(outputs: dict, batch: dict, key: jax.Array | None = None, *, cl
         if m.shape != pred.shape[:1]:
             raise ValueError(f"batch['mask']: got shape {m.shape}, expected ({pred.shape[0]},), one weight per example")
         m = jnp.broadcast_to(m.reshape(m.shape + (1,) * (pred.ndim - 1)), pred.shape)
-        mse = _weighted_mean((pred - target) ** 2, m)
+        mse = weighted_mean((pred - target) ** 2, m)
         metrics["va_mse"] = mse
         loss = loss + va_weight * mse
     if not metrics:

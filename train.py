@@ -100,12 +100,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines drown the progress bars
     tfds.display_progress_bar(False)
-    maybe_initialize_distributed()
     config = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if not config.data.data_dir:
         config.data.data_dir = os.path.join(workdir, "data")
     try:
+        maybe_initialize_distributed()
         jobs.run(config, workdir)
     except (ValueError, FileNotFoundError, WorkdirInUseError) as err:  # user errors: no traceback
         _fail(str(err))

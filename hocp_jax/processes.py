@@ -4,7 +4,8 @@
 time the CP convs) and tells every process whether it failed, so that a failure raises on
 every process instead of leaving the others waiting in the next collective.
 :func:`on_every_process` runs it on every process (check a host-local copy of a dataset) and
-raises on all of them if it failed on any.
+raises on all of them if it failed on any. :func:`all_agree`, :func:`every_value` and
+:func:`common_values` compare a value across processes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def all_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+
+
+def every_value(value: int) -> list[int]:
+    """The int ``value`` of every process, in process order (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    return np.asarray(multihost_utils.process_allgather(np.asarray([int(value)]))).ravel().tolist()
 
 
 def common_values(values) -> list[int]:

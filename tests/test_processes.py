@@ -70,6 +70,7 @@ def script(tmp: str, port: int, process_id: int, live_pid: int) -> None:
     autotune.configure("measure", cache_path=os.path.join(tmp, "autotune.json"))
     out["trace"] = _outcome(lambda: autotune.agree_across_processes(fail))
     out["resumed_at"] = _resume_with_a_read_failing_on_one_process(tmp, process_id)
+    out.update(_uneven_batches(tmp, process_id))
     with open(os.path.join(tmp, f"process{process_id}.json"), "w") as f:
         json.dump(out, f)
 
@@ -85,10 +86,8 @@ def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int
     from hocp_jax import training
 
     def fit(num_steps):
-        cfg = dict(num_steps=num_steps, seed=3, checkpoint_every=4, keep_checkpoints=2, log_every=4,
-                   stage="static", async_checkpointing=False)
-        return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), cfg,
-                            os.path.join(tmp, "run"))
+        return training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()),
+                            _fit_config(num_steps), os.path.join(tmp, "run"))
 
     from orbax.checkpoint._src.checkpointers import checkpointer as orbax_checkpointer
 
@@ -107,6 +106,14 @@ def _resume_with_a_read_failing_on_one_process(tmp: str, process_id: int) -> int
 
 
 def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_everywhere(tmp_path, run_processes):
+    import optax
+    from test_training import ArrayIterator, TinyNet, make_data, mse_loss
+
+    from hocp_jax import training
+
+    # checkpoints of a one-process run, which the two processes must refuse to resume
+    training.fit(TinyNet(), mse_loss, optax.sgd(0.1), lambda: ArrayIterator(make_data()), _fit_config(4),
+                 str(tmp_path / "one"))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         procs = run_processes(lambda port, i: [__file__, str(tmp_path), str(port), str(i), str(sleeper.pid)])
@@ -134,6 +141,13 @@ def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_ever
         assert out["trace"].startswith("ValueError: ") and "bad value" in out["trace"]
         assert out["resumed_at"] == 12
     assert (tmp_path / "run" / "checkpoints.damaged" / "8").is_dir()  # moved aside, not lost
+    for out in (zero, one):
+        assert out["uneven_fit"] == ("ValueError: the training batches: the processes hold {0: 8, 1: 4} examples "
+                                     "(process: local batch size); expected the same number on every process, the "
+                                     "global batch divided by the process count")
+        assert out["other_count"].startswith("ValueError: ") and "a run of 1 process(es), and this one has 2" in out["other_count"]
+        assert out["uneven_eval"] == pytest.approx(out["uneven_eval_oracle"], rel=1e-5)
+    assert not (tmp_path / "uneven" / "checkpoints").exists() or not os.listdir(tmp_path / "uneven" / "checkpoints")
 
 
 def test_launcher_variables_that_are_not_integers_are_named(monkeypatch):
@@ -166,6 +180,69 @@ def test_an_empty_coordinator_address_is_refused(monkeypatch):
         distributed.maybe_initialize_distributed()
     with pytest.raises(ValueError, match=r"coordinator_address='host0': expected 'host:port'"):
         distributed.maybe_initialize_distributed("host0", 2, 0)
+
+
+def _fit_config(num_steps: int) -> dict:
+    return dict(num_steps=num_steps, seed=3, checkpoint_every=4, keep_checkpoints=2, log_every=4, stage="static",
+                async_checkpointing=False)
+
+
+def _uneven_batches(tmp: str, process_id: int) -> dict:
+    """Processes whose batches differ in size (before, each built a global batch of another shape
+    and the step trained on a wrong mean, silently), and a resume on another process count."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from test_training import ArrayIterator, TinyNet, make_data, mse_loss
+
+    from hocp_jax import training
+    from hocp_jax.training.state import TrainState
+
+    data, model = make_data(), TinyNet()
+    out = {"uneven_fit": _outcome(lambda: training.fit(  # 8 examples a step on process 0, 4 on process 1
+        model, mse_loss, optax.sgd(0.1), lambda: ArrayIterator(data, batch_size=16 if process_id == 0 else 8),
+        _fit_config(2), os.path.join(tmp, "uneven")))}
+    out["other_count"] = _outcome(lambda: training.fit(  # the test wrote its checkpoints with one process
+        model, mse_loss, optax.sgd(0.1), lambda: ArrayIterator(data), _fit_config(8), os.path.join(tmp, "one")))
+    # evaluation batches of 5 and 3 examples on process 0, 2 and 4 on process 1: padded to one size
+    rows = {0: [np.arange(0, 5), np.arange(5, 8)], 1: [np.arange(8, 10), np.arange(10, 14)]}[process_id]
+    variables = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))(jax.random.key(0), data["image"][:2])
+    mesh = training.make_data_mesh()
+    state = training.put_replicated(TrainState.create(jax.tree.map(np.asarray, variables), optax.sgd(0.1),
+                                                      jax.random.key(1)), mesh)
+
+    def stats(outputs, batch):
+        m = batch["mask"]
+        return {"n": m.sum(), "va": (m * batch["va"][:, 0]).sum(), "pred": (m * outputs["va"][:, 0]).sum()}
+
+    evaluate = training.make_evaluator(model, stats, lambda a, b: jax.tree.map(jnp.add, a, b), mesh)
+    got = evaluate(state, [{"image": data["image"][r], "va": data["va"][r]} for r in rows])
+    pred = model.apply(variables, data["image"][:14], train=False)["va"][:, 0]  # one process, plain apply
+    out["uneven_eval"] = {k: float(v) for k, v in got.items()}
+    out["uneven_eval_oracle"] = {"n": 14.0, "va": float(data["va"][:14, 0].sum()), "pred": float(pred.sum())}
+    return out
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"},
+     "Number of processes must be defined. ($JAX_COORDINATOR_ADDRESS='127.0.0.1:1' is set: where no launcher says how "
+     "many processes run and which one this is, set $JAX_NUM_PROCESSES and $JAX_PROCESS_ID too"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2"}, "set $JAX_NUM_PROCESSES and $JAX_PROCESS_ID too"),
+    ({"SLURM_NTASKS": "2"}, "(the environment says a SLURM job of several processes runs (SLURM_NTASKS=2), whose other "
+     "variables JAX reads: start the processes with the launcher, or set $JAX_COORDINATOR_ADDRESS"),
+])
+def test_train_py_names_the_variables_jax_distributed_lacks(tmp_path, env, words):
+    """Before: a traceback ending in JAX's own words, which name no variable (e.g. "coordinator_address
+    should be defined." for a lone SLURM_NTASKS), from outside train.py's error handling."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    out = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--workdir", str(tmp_path)],
+                         env=clean | env | {"JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: jax.distributed could not start: ")
+    assert words in out.stderr
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 if __name__ == "__main__":

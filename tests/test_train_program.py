@@ -208,6 +208,18 @@ def test_check_config_refuses_bad_values_without_data(overrides, words, load_con
         jobs.check_config(_override(load_config("default"), overrides))
 
 
+def test_check_config_refuses_a_batch_that_does_not_split_over_the_devices(monkeypatch, load_config):
+    """Before: found at the first step, after the data was built and the model initialised, in
+    words that did not name config.data.batch_size."""
+    c = load_config("default")
+    c.data.batch_size = 6
+    monkeypatch.setattr(jobs.jax, "device_count", lambda: 4)  # check_config only counts the devices
+    with pytest.raises(ValueError, match=re.escape("config.data.batch_size=6: expected a multiple of the 4 devices")):
+        jobs.check_config(c)
+    c.data.batch_size = 8
+    jobs.check_config(c)
+
+
 @pytest.mark.parametrize("module,arg", CONFIGS + [(m, ",".join(filter(None, (a, "smoke")))) for m, a in CONFIGS
                                                    if m != "default"])  # the default job has no smoke variant
 def test_every_config_passes_check_config(module, arg, load_config):

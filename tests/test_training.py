@@ -610,6 +610,30 @@ def test_mesh_and_put_batch_refuse_what_they_cannot_place():
         training.put_batch({"x": np.zeros((4, 2))}, None)
     with pytest.raises(ValueError, match="mesh=None: expected a jax.sharding.Mesh"):
         training.put_replicated({"w": np.zeros(2)}, None)
+    for names in (("batch",), ("data", "model")):  # was JAX's "Resource axis: data ... is not found", or accepted
+        other = jax.make_mesh((1,) * len(names), names, devices=[d0])
+        with pytest.raises(ValueError, match=re.escape(f"mesh: a mesh of axes {names}")):
+            training.put_batch({"x": np.zeros((4, 2))}, other)
+
+
+def test_empty_batches_and_batches_past_the_agreed_size_are_refused():
+    """Before: ``pad_batch({})`` a bare StopIteration, a batch of no examples a ZeroDivisionError
+    in the evaluation statistics; the sizes are those processes agree on (tests/test_processes.py)."""
+    from hocp_jax.training.loop import pad_batch
+
+    mesh = training.make_data_mesh()
+    with pytest.raises(ValueError, match="batch: expected a dict of arrays .* got an empty dict"):
+        pad_batch({}, mesh)
+    for put in (pad_batch, training.put_batch):
+        with pytest.raises(ValueError, match=re.escape("batch: no examples (leading axes {'x': 0})")):
+            put({"x": np.zeros((0, 2))}, mesh)
+    padded = pad_batch({"x": np.arange(3.0), "mask": np.array([1.0, 0.5, 1.0])}, mesh, 5)
+    np.testing.assert_array_equal(padded["x"], [0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(padded["mask"], [1, 0.5, 1, 0, 0])
+    with pytest.raises(ValueError, match="batch: 6 examples on this process, more than the 5"):
+        pad_batch({"x": np.zeros(6)}, mesh, 5)
+    with pytest.raises(ValueError, match="batch: 4 examples on this process, expected 5"):
+        training.put_batch({"x": np.zeros(4)}, mesh, size=5)
 
 
 def test_validate_config_names_bad_keys():

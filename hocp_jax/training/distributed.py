@@ -79,16 +79,36 @@ def maybe_initialize_distributed(
         if ":" not in str(coordinator_address):
             raise ValueError(f"{name}={coordinator_address!r}: expected 'host:port' (unset, to run one process or "
                              "let a launcher's variables decide)")
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", None),
-            process_id=process_id if process_id is not None else _env_int("JAX_PROCESS_ID", None),
-        )
+        _initialize(f"{name}={coordinator_address!r} is set: where no launcher says how many processes run and "
+                    "which one this is, set $JAX_NUM_PROCESSES and $JAX_PROCESS_ID too (or pass num_processes and "
+                    "process_id)",
+                    coordinator_address=coordinator_address,
+                    num_processes=num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", None),
+                    process_id=process_id if process_id is not None else _env_int("JAX_PROCESS_ID", None))
         return True
-    if detected_cluster() is not None:
-        jax.distributed.initialize()
+    cluster = detected_cluster()
+    if cluster is not None:
+        _initialize(f"the environment says a {cluster} job of several processes runs ({_cluster_vars()}), whose "
+                    "other variables JAX reads: start the processes with the launcher, or set "
+                    "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and $JAX_PROCESS_ID, or unset those variables to "
+                    "run one process")
         return True
     return False
+
+
+def _cluster_vars() -> str:
+    """The launcher variables :func:`detected_cluster` read, as ``NAME=value``."""
+    names = [*CLUSTER_SIZE_VARS, "TPU_WORKER_HOSTNAMES"]
+    return ", ".join(f"{n}={os.environ[n]}" for n in names if os.environ.get(n))
+
+
+def _initialize(hint: str, **kwargs) -> None:
+    """``jax.distributed.initialize(**kwargs)``; its ValueError (a setting it lacks, e.g. "Number of
+    processes must be defined.") raised again with ``hint``, which says what the user must set."""
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"jax.distributed could not start: {err} ({hint})") from None
 
 
 class Preempted(Exception):

@@ -238,7 +238,7 @@ def check_config(config) -> None:
     the transduction job's ``config.transduction`` (keys, ``init``, ``dense``, ``modes``), the
     ``autotune``, ``cp_per_sample`` and ``cp_tile_rows`` of :func:`configure_autotune`, that
     ``best_metric`` has evaluations on a held-out split to pick from, and that
-    ``config.microbatches`` splits ``config.data.batch_size`` evenly over micro-batches and devices.
+    ``config.data.batch_size`` splits evenly over the devices (and ``config.microbatches``' micro-batches).
 
     Left to later, as they need a model's shapes or the data: what :func:`check_transducible`
     (before the static stage) and :func:`check_data` (splits, the process count, labels,
@@ -294,10 +294,13 @@ def check_config(config) -> None:
         raise ValueError(f"config.best_metric={best!r} would pick checkpoints on config.data.val_split={val_split!r}, "
                          f"the split config.data.eval_split={eval_split!r} reports: set config.data.val_split to "
                          "another held-out split, or config.best_metric=''")
-    k, batch = config.get("microbatches", 1), config.data.batch_size
-    if k > 1 and batch % (k * jax.device_count()):
+    k, batch, devices = config.get("microbatches", 1), config.data.batch_size, jax.device_count()
+    if k > 1 and batch % (k * devices):
         raise ValueError(f"config.microbatches={k}: config.data.batch_size={batch} must be a multiple of {k} x the "
-                         f"{jax.device_count()} devices (each micro-batch is split over every device)")
+                         f"{devices} devices (each micro-batch is split over every device)")
+    if batch % devices:
+        raise ValueError(f"config.data.batch_size={batch}: expected a multiple of the {devices} devices (each "
+                         "training batch is split evenly over every device)")
 
 
 def _check_model(config, key: str, name: str, kwargs) -> None:

@@ -34,8 +34,10 @@ from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
 from hocp_jax.training.distributed import Preempted, PreemptionNotice, WorkdirLock
 from hocp_jax.training.metric_log import MetricLogger
+from hocp_jax.processes import every_value, on_every_process
 from hocp_jax.training.sharding import (
-    batch_sharding, host_value, make_data_mesh, on_mesh, put_batch, put_replicated, replicated,
+    agreed_batch_size, batch_sharding, host_value, local_batch_size, local_devices, make_data_mesh, on_mesh,
+    put_batch, put_replicated, replicated,
 )
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, make_train_step, model_input
@@ -84,6 +86,12 @@ def _check_checkpoint(extra: dict, c: dict, workdir: str) -> None:
     if extra.get("stage") != c["stage"]:
         raise ValueError(f"{workdir} holds checkpoints of stage {extra.get('stage')!r}, not "
                          f"{c['stage']!r}: use a separate workdir per stage")
+    stored, now = extra.get("processes"), jax.process_count()  # (checkpoints of older versions do not say)
+    if stored is not None and stored != now:
+        raise ValueError(f"{workdir} holds checkpoints of a run of {stored} process(es), and this one has {now}: each "
+                         "process reads its own shard of the data, so on another count a resumed run would not see "
+                         f"the batches the interrupted one would; resume it on {stored} process(es), or train in "
+                         "another workdir from its parameters (e.g. train.py's --config.init_from)")
     check_same_run(extra.get("config", {}), c, workdir)
 
 
@@ -328,12 +336,13 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
     config = json.loads(json.dumps(c, default=str))
     extra_of = lambda eval_due=False: {  # noqa: E731
         "stage": c["stage"],
+        "processes": jax.process_count(),
         "data_state": _encode_iter_state(it.get_state()),
         "config": config,
         "eval_due": eval_due,
     }
     best = _Best(workdir, c["best_metric"], config) if c["best_metric"] else None
-    num_steps, pending = c["num_steps"], []
+    num_steps, pending, size = c["num_steps"], [], None
     profile = _Profile(workdir, start, num_steps, c["profile_steps"])
     clock, clock_step = time.perf_counter(), start
     try:
@@ -353,7 +362,9 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                     except StopIteration:
                         raise ValueError(f"the training iterator ended before step {step}; it must "
                                          "repeat over epochs") from None
-                    state, metrics = step_fn(state, put_batch(batch, mesh))
+                    if size is None and jax.process_count() > 1:  # the first batch: compared across processes
+                        size = agreed_batch_size(_local_sizes(batch, "the training batches"), "the training batches")
+                    state, metrics = step_fn(state, put_batch(batch, mesh, size=size))
                 pending.append(metrics)
                 profile.after(step, state)
                 last = step == num_steps
@@ -414,7 +425,9 @@ def make_evaluator(
     ``merge_fn(a, b)`` (jittable) combines them. Only the final stats come back to the host
     (numpy pytree), so a split of any size needs the memory of a couple of batches. ``stats_fn``
     must weight by ``batch["mask"]``. Every process must pass the same number of batches; stats
-    are over the global batches.
+    are over the global batches. With several processes the processes' first batches may differ in
+    size: every batch is padded to the largest first one (padded to this process's devices), so
+    the processes build one global batch; a later batch larger than that is a ValueError.
     """
     mesh = make_data_mesh() if mesh is None else mesh
     eval_step = make_eval_step(model)
@@ -423,9 +436,11 @@ def make_evaluator(
     merge = jax.jit(merge_fn, out_shardings=replicated(mesh))
 
     def evaluator(state: TrainState, batches: Iterable[dict]) -> Any:
-        acc, previous = None, None
+        acc, previous, size = None, None, None
         for batch in batches:
-            stats = stats_step(state, put_batch(pad_batch(batch, mesh), mesh))
+            if size is None and jax.process_count() > 1:  # the first batch: one size for all processes
+                size = max(_local_sizes(batch, "the evaluation batches", local_devices(mesh)))
+            stats = stats_step(state, put_batch(pad_batch(batch, mesh, size), mesh, size=size))
             acc = stats if acc is None else merge(acc, stats)
             if previous is not None:  # at most two batches in flight: bounded device memory
                 jax.block_until_ready(previous)
@@ -437,14 +452,25 @@ def make_evaluator(
     return evaluator
 
 
-def pad_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    """``batch`` (``B`` examples) padded to a multiple of this process's devices in ``mesh`` by
-    repeating its last example, so :func:`put_batch` takes it; ``"mask"`` (B + pad,) is 0 on
-    the padding (times the batch's own "mask")."""
-    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    b = len(next(iter(batch.values())))
-    pad = -b % n_local
+def pad_batch(batch: dict, mesh: jax.sharding.Mesh, size: int | None = None) -> dict:
+    """``batch`` (``B`` examples) padded to ``size`` examples (default: the next multiple of this
+    process's devices in ``mesh``) by repeating its last example, so :func:`put_batch` takes it;
+    ``"mask"`` (size,) is 0 on the padding (times the batch's own "mask"). A ValueError for a
+    batch that is not a non-empty dict of arrays of one batch size >= 1, or larger than ``size``."""
+    b = local_batch_size(batch)
+    if size is not None and b > size:
+        raise ValueError(f"batch: {b} examples on this process, more than the {size} every process's batches are "
+                         "padded to (the largest first batch): with several processes a later batch may not be larger")
+    pad = -b % local_devices(mesh) if size is None else size - b
     padded = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
     valid = (np.arange(b + pad) < b).astype(np.float32)
     padded["mask"] = valid * padded["mask"] if "mask" in padded else valid
     return padded
+
+
+def _local_sizes(batch: dict, what: str, multiple: int = 1) -> list[int]:
+    """Every process's local batch size, rounded up to a ``multiple`` (:func:`hocp_jax.processes.every_value`),
+    once each checked its own batch (a malformed one raises on every process, which would otherwise wait)."""
+    found = {}
+    on_every_process(lambda: found.update(b=local_batch_size(batch)), what)
+    return every_value(found["b"] + -found["b"] % multiple)

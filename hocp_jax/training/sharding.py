@@ -45,6 +45,10 @@ def make_data_mesh(devices: list | None = None) -> Mesh:
 def _check_mesh(mesh) -> None:
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh={mesh!r}: expected a jax.sharding.Mesh (e.g. make_data_mesh())")
+    if mesh.axis_names != (DATA_AXIS,):
+        raise ValueError(f"mesh: a mesh of axes {mesh.axis_names} (shape {dict(mesh.shape)}); expected one axis "
+                         f"{DATA_AXIS!r} (make_data_mesh(devices)): the trainer splits batches over {DATA_AXIS!r} "
+                         "and keeps a whole copy of the parameters on every device")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,32 +82,65 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def local_devices(mesh: Mesh) -> int:
+    """How many of ``mesh``'s devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def local_batch_size(batch) -> int:
+    """``B_local``, the leading axis every leaf of ``batch`` (this process's examples) shares; a
+    ValueError for a batch that is not a non-empty dict of arrays with one such axis of size >= 1."""
+    if not isinstance(batch, Mapping) or not batch:
+        got = f"a {type(batch).__name__}" if not isinstance(batch, Mapping) else "an empty dict"
+        raise ValueError(f"batch: expected a dict of arrays (name -> (B_local, ...)), got {got}")
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"batch leaves must share a leading batch axis, got sizes {sizes}")
+    b = next(iter(sizes.values()))
+    if b == 0:
+        raise ValueError(f"batch: no examples (leading axes {sizes}); expected at least one")
+    return b
+
+
+def agreed_batch_size(sizes: list[int], what: str) -> int:
+    """The one size in ``sizes`` (every process's local batch size, :func:`hocp_jax.processes.every_value`),
+    else a ValueError naming each process's: ``jax.make_array_from_process_local_data`` would build
+    a global batch of another shape on each process, and the step would train on a wrong mean."""
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"{what}: the processes hold {dict(enumerate(sizes))} examples (process: local batch size); "
+            "expected the same number on every process, the global batch divided by the process count")
+    return sizes[0]
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, *, size: int | None = None) -> dict[str, jax.Array]:
     """Host batch -> global batch-sharded arrays.
 
     Args:
         batch: this process's examples, every leaf ``(B_local, ...)``; on one host
-            ``B_local`` is the global batch size.
+            ``B_local`` is the global batch size. With several processes every process must pass
+            the same ``B_local`` (:func:`agreed_batch_size` checks it: ``fit`` and
+            ``make_evaluator`` do at their first batch).
         mesh: from :func:`make_data_mesh`.
+        size: ``B_local`` expected (the size the processes agreed on), or None (not checked).
 
     Returns:
         Leaves of global shape ``(B_local * process_count, ...)``, sharded on axis 0.
 
     Raises:
-        ValueError: ``batch`` is not a dict or ``mesh`` not a Mesh, leaves disagree on
-            ``B_local``, or it is not divisible by the number of this process's devices in the mesh.
+        ValueError: ``batch`` is not a non-empty dict or ``mesh`` not a Mesh, leaves disagree on
+            ``B_local``, it is 0, not ``size``, or not divisible by the number of this process's
+            devices in the mesh.
     """
-    if not isinstance(batch, Mapping):
-        raise ValueError(f"batch: expected a dict of arrays (name -> (B_local, ...)), got a {type(batch).__name__}")
+    b = local_batch_size(batch)
     _check_mesh(mesh)
-    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
-    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"batch leaves must share a leading batch axis, got sizes {sizes}")
-    b = next(iter(sizes.values()))
-    if b % local_devices:
+    if size is not None and b != size:
+        raise ValueError(f"batch: {b} examples on this process, expected {size}, the size every process's first "
+                         "batch had: with several processes every batch must have it")
+    n_local = local_devices(mesh)
+    if b % n_local:
         raise ValueError(
-            f"per-process batch size {b} must be divisible by the {local_devices} local "
+            f"per-process batch size {b} must be divisible by the {n_local} local "
             "devices of the mesh (pad it, or change batch_size)"
         )
     return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)

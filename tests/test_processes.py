@@ -17,6 +17,7 @@ if __name__ == "__main__":  # subprocess mode
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -245,5 +246,49 @@ def test_train_py_names_the_variables_jax_distributed_lacks(tmp_path, env, words
     assert not os.listdir(tmp_path)  # nothing written
 
 
-if __name__ == "__main__":
+def interleaved_script(out: str, port: int, process_id: int) -> None:
+    """Two devices a process, in a mesh that alternates the processes' devices (as a TPU pod's may):
+    the first evaluation batch's outputs, per process, in process order."""
+    import jax
+    import numpy as np
+    import types
+    from test_training import TinyNet, make_data
+
+    from hocp_jax.training import jobs
+    from hocp_jax.training.distributed import maybe_initialize_distributed
+    from hocp_jax.training.sharding import make_data_mesh
+
+    maybe_initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    mine = {p: [d for d in jax.devices() if d.process_index == p] for p in (0, 1)}
+    mesh = make_data_mesh([mine[0][0], mine[1][0], mine[0][1], mine[1][1]])
+    data, model = make_data(), TinyNet()
+    rows = np.arange(3) + 3 * process_id  # 3 examples a process, padded to 4 (two devices each)
+    batches = [{"image": data["image"][rows], "va": data["va"][rows]}]
+    variables = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))(jax.random.key(0), data["image"][:2])
+    _, first = jobs.evaluate_variables(model, jax.device_get(variables), types.SimpleNamespace(eval_batches=lambda _: batches),
+                                       "x", mesh=mesh)
+    want = model.apply(variables, data["image"][:6], train=False)["va"]  # one process, plain apply
+    with open(out, "w") as f:
+        json.dump({"got": np.asarray(first["va"]).tolist(), "want": np.asarray(want).tolist()}, f)
+
+
+def test_first_batch_outputs_follow_the_processes_on_a_mesh_that_interleaves_them(tmp_path, run_processes):
+    """Before: the outputs were cut as if each process's rows were one block of the global batch,
+    which holds only where its devices are neighbours in the mesh (rows 0, 1, 3, 2, 2, 5 came back)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
+    try:
+        procs = run_processes(lambda port, i: [__file__, "interleaved", str(tmp_path / f"p{i}.json"), str(port), str(i)])
+    finally:
+        os.environ["XLA_FLAGS"] = flags
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(2):
+        out = json.loads((tmp_path / f"p{i}.json").read_text())
+        np.testing.assert_allclose(out["got"], out["want"], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__" and sys.argv[1] == "interleaved":
+    interleaved_script(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+elif __name__ == "__main__":
     script(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -45,7 +45,7 @@ from hocp_jax.training.data import DATA_CHECKS, DATA_OPTIONAL, DATA_REQUIRED, Da
 from hocp_jax.training.loop import FIT_CHECKS, fit, make_evaluator, pad_batch
 from hocp_jax.training.report import write_results
 from hocp_jax.training.schedules import make_optimizer, make_schedule
-from hocp_jax.training.sharding import make_data_mesh, put_batch, put_replicated
+from hocp_jax.training.sharding import batch_sharding, local_rows, make_data_mesh, put_batch, put_replicated
 from hocp_jax.training.state import TrainState
 from hocp_jax.training.step import make_eval_step, model_input
 from hocp_jax.training.trained import DTYPES, build_model
@@ -188,18 +188,19 @@ def static_variables(config, model, data: Data, workdir: str, **stage_kwargs) ->
     return _variables(train_stage(config, "static", model, data, workdir, init_variables=init, **stage_kwargs)), None
 
 
-def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0) -> tuple[dict, dict]:
+def evaluate_variables(model, variables: dict, data: Data, split: str, skew_repeats: int = 0,
+                       mesh=None) -> tuple[dict, dict]:
     """Metrics on ``split`` (streamed) and the first eval batch's outputs (for plots; every
-    process's examples of it, in process order)."""
-    mesh = make_data_mesh()
+    process's examples of it, in process order), on ``mesh`` (default :func:`make_data_mesh`)."""
+    mesh = make_data_mesh() if mesh is None else mesh
     state = put_replicated(TrainState.create(variables, optax.identity(), jax.random.key(0)), mesh)
     stats = make_evaluator(model, objectives.eval_stats, objectives.merge_stats, mesh)(state, data.eval_batches(split))
     batch = next(iter(data.eval_batches(split)))
     b = len(next(iter(batch.values())))
-    first = jax.jit(make_eval_step(model))(state, put_batch(pad_batch(batch, mesh), mesh))
-    first = multihost_utils.process_allgather(first, tiled=True)  # (processes * (b + padding), ...)
-    unpad = lambda x: x.reshape(jax.process_count(), -1, *x.shape[1:])[:, :b].reshape(-1, *x.shape[1:])  # noqa: E731
-    return objectives.finalize_stats(stats, skew_repeats), jax.tree.map(unpad, first)
+    step = jax.jit(make_eval_step(model), out_shardings=batch_sharding(mesh))
+    first = jax.tree.map(local_rows, step(state, put_batch(pad_batch(batch, mesh), mesh)))  # (b + padding, ...)
+    first = multihost_utils.process_allgather(first)  # (processes, b + padding, ...)
+    return objectives.finalize_stats(stats, skew_repeats), jax.tree.map(lambda x: x[:, :b].reshape(-1, *x.shape[2:]), first)
 
 
 def _variables(state: TrainState) -> dict:

@@ -146,6 +146,15 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, *, size: int | None = No
     return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of ``x``, an array split on its first axis over a 1-D mesh (as
+    :func:`put_batch` makes, and a step's batch-split outputs), in the order the process passed
+    them: its shards sorted by their first row. (A process's devices need not be neighbours in
+    the mesh, e.g. on a TPU pod: then its rows are not one block of the global array.)"""
+    shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` (a jitted step, whose batch is split over all of ``mesh``) called, and so traced, with
     ``mesh`` as the context mesh (``jax.set_mesh``) and ``conv_plans.batch_shards_mode(mesh.size)``.

@@ -240,6 +240,10 @@ def test_bad_arguments_raise_clear_errors(data_dir):
                                 shard_index=0, shard_count=2)
     with pytest.raises(FileNotFoundError, match="cifar10"):
         pipeline.data_source("cifar10", "train", data_dir / "empty")
+    # a misspelt name: was "catalog dataset not prepared ... Prepare it once with `tfds build affectnett`"
+    for typo, meant in (("affectnett", "affectnet"), ("moving_digit", "moving_digits")):
+        with pytest.raises(FileNotFoundError, match=f"name='{typo}' \\(did you mean '{meant}'\\?\\): not a dataset of this project"):
+            pipeline.data_source(typo, "train", data_dir / "empty")
     source = pipeline.data_source("digits_affect", "test", data_dir)
     for bad in (0, 3, -2):  # was: ZeroDivisionError, or a negative count of steps
         with pytest.raises(ValueError, match=f"batch_size={bad}: expected a positive multiple of shard_count=2"):
@@ -417,6 +421,11 @@ def _write_affectnet(root, rng):
 
 def test_affectnet_builder_on_fixture(tmp_path):
     rows = _write_affectnet(tmp_path / "manual", np.random.default_rng(1))
+    # no training row of class 7 (its faces made class 9, which is dropped): label_counts must still count it, as 0
+    _edit_csv(tmp_path / "manual" / "training.csv",
+              lambda lines: lines[:1] + [[*x[:6], "9" if x[6] == "7" else x[6], *x[7:]] for x in lines[1:]])
+    assert any(r[1] == 7 for r in rows.values() if r[0] == "training.csv")
+    rows = {rel: (r[0], 9, *r[2:]) if r[0] == "training.csv" and r[1] == 7 else r for rel, r in rows.items()}
     builder = pipeline.build("affectnet", tmp_path / "tfds", manual_dir=tmp_path / "manual",
                              config=AffectNetConfig(name="s8", image_size=8))
     kept = {rel: r for rel, r in rows.items() if r[1] < 8}
@@ -438,7 +447,7 @@ def test_affectnet_builder_on_fixture(tmp_path):
     # class counts for the weighted loss: the labels only; the zlib images stay compressed
     labels = [int(e["label"]) for e in got["train"]]
     counts = pipeline.label_counts("affectnet", "train", tmp_path / "tfds", config=AffectNetConfig(name="s8", image_size=8))
-    assert counts == np.bincount(labels).tolist()
+    assert counts == np.bincount(labels, minlength=8).tolist()  # one count per class, 0 where the split has none
     skip = {"image": tfds.decode.SkipDecoding(), "va": tfds.decode.SkipDecoding()}
     raw = builder.as_data_source(split="train", decoders=skip)[0]["image"]
     assert isinstance(raw, bytes) and len(raw) != 8 * 8 * 3  # what label_counts leaves undecoded
@@ -553,5 +562,7 @@ def test_missing_manual_files_name_the_expected_path(tmp_path, name, expected):
         pipeline.build(name, tmp_path / "tfds", manual_dir=manual_dir)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
         pipeline.build(name, tmp_path / "tfds", manual_dir=tmp_path / "absent")
+    with pytest.raises(ValueError, match=r"manual_dir=.*training.csv' \(train.py: config.data.manual_dir\): a file"):
+        pipeline.build(name, tmp_path / "tfds", manual_dir=manual_dir / "training.csv")  # was: NotADirectoryError
     with pytest.raises(FileNotFoundError, match="manual_dir"):
         pipeline.data_source(name, "train", tmp_path / "tfds")

@@ -152,6 +152,19 @@ BAD = [
     # found from the model's parameter shapes, before the static stage trains
     ({"transduction.dense": "error"}, "cannot transduce config.model.name='resnet18_hocp': params: 3 non-CP conv"),
     ({"model.name": "resnet18"}, "cannot transduce config.model.name='resnet18': params: transduce found no CP layer"),
+    # from the datasets' shapes, before the static stage trains (were: after it, a layer's message; a NaN loss; a
+    # silently dropped loss term or class; the optimizer's steps_per_epoch=0)
+    ({"data.video": "digits_affect"},
+     "config.data.video='digits_affect': its examples have shape (32, 32, 1); the transduction job expects videos"),
+    ({"data.static": "moving_digits"}, "config.data.static='moving_digits': its examples have shape (8, 32, 32, 1)"),
+    ({"model.kwargs.head.n_classes": 3},
+     "config.model.kwargs.head.n_classes=3: stage 'static' trains on digits_affect, which has 10 classes; expected 10"),
+    ({"baseline.kwargs.head.n_outputs": 3},
+     "config.baseline.kwargs.head.n_outputs=3: stage 'baseline_resnet18_3d' trains on moving_digits, whose 'va'"),
+    ({"model.kwargs.head.n_outputs": 0}, "config.static.loss.va_weight=1.0 (config.loss's unless overridden): the "
+     "model of stage 'static' has no valence/arousal output (config.model.kwargs.head.n_outputs=0); set "
+     "config.model.kwargs.head.n_outputs=2"),
+    ({"data.batch_size": 100000}, "config.data.batch_size=100000: larger than the training split of digits_affect"),
 ]
 
 
@@ -177,6 +190,25 @@ def test_bad_values_are_refused_before_training(tmp_path, data_dir, overrides, w
     assert not (tmp_path / "static").exists()
 
 
+def test_training_an_earlier_stage_further_is_refused_by_the_later_stages(tmp_path, data_dir, load_config):
+    """Before: a rerun with a larger config.static.num_steps trained the static stage on and reused
+    stage 1, stage 2 from the first run, whose rows then sat beside the new static row."""
+    c = load_config("default")
+    c.data.data_dir = data_dir
+    c.static.num_steps, c.stage1.num_steps, c.stage2.num_steps, c.baseline.num_steps = 2, 1, 1, 1
+    c.model.kwargs.widths, c.baseline.models = (4, 4, 8, 8), ()
+    c.data.batch_size = 8
+    jobs.run(c, str(tmp_path))
+    c.stage1.num_steps = 2  # stage 1 trains on, then stage 2 refuses its checkpoints
+    with pytest.raises(ValueError, match=re.escape("stage2 holds checkpoints of a run with another config "
+                                                   "(run.stage1_steps: 1 -> 2)")):
+        jobs.run(c, str(tmp_path))
+    c.static.num_steps = 3  # the static stage trains on, then stage 1 refuses
+    with pytest.raises(ValueError, match=re.escape("stage1 holds checkpoints of a run with another config "
+                                                   "(run.static_steps: 2 -> 3)")):
+        jobs.run(c, str(tmp_path))
+
+
 # (overrides of the default job, words of the error): refused by jobs.check_config alone, which reads no data
 # (each was an AttributeError / TypeError, or was accepted and failed later)
 BAD_CONFIG = [
@@ -199,6 +231,9 @@ BAD_CONFIG = [
     ({"autotune": "measured"}, "config.autotune='measured': expected '' (the environment's or backend's policy) or one of"),
     ({"cp_tile_rows": -1}, "config.cp_tile_rows=-1"),
     ({"skew_repeats": -1}, "config.skew_repeats=-1: expected an int >= 0"),
+    # were refused by the data pipeline (grain's words for the second), after the data was built
+    ({"seed": -1}, "config.seed=-1: expected an int in [0, 2**32)"),
+    ({"seed": 2**63 - 1}, "config.seed=9223372036854775807: expected an int in [0, 2**32)"),
 ]
 
 

@@ -24,6 +24,7 @@ Sharding: ``batch_size`` is GLOBAL; host ``shard_index`` of ``shard_count``
 (default jax.process_index() / jax.process_count()) reads examples
 shard_index::shard_count and yields batch_size // shard_count of them.
 """
+import difflib
 import os
 import signal
 
@@ -90,6 +91,9 @@ def build(name: str, data_dir, *, manual_dir=None, config=None) -> tfds.core.Dat
     expected path when they are missing.
     """
     builder = get_builder(name, data_dir, config=config)
+    if manual_dir is not None and os.path.exists(manual_dir) and not os.path.isdir(manual_dir):
+        raise ValueError(f"manual_dir={os.fspath(manual_dir)!r} (train.py: config.data.manual_dir): a file; expected "
+                         f"the folder of {name}'s downloaded files")
     download_config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else str(manual_dir))
     builder.download_and_prepare(download_config=download_config)
@@ -132,9 +136,11 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
             return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                     decoders=decoders)
         except Exception as err:  # tfds raises several types for "not prepared"
+            close = difflib.get_close_matches(_base(name), [*BUILDERS, *tfds.list_builders(with_community_datasets=False)], 1)
             raise FileNotFoundError(
-                f"name={name!r}: catalog dataset not prepared in data_dir={data_dir} "
-                f"({type(err).__name__} from TFDS). Prepare it once with `tfds build "
+                f"name={name!r}{f' (did you mean {close[0]!r}?)' if close else ''}: not a dataset of this project "
+                f"({', '.join(BUILDERS)}) nor a TFDS catalog dataset prepared in data_dir={data_dir} "
+                f"({type(err).__name__} from TFDS); a catalog dataset is prepared once with `tfds build "
                 f"{name} --data_dir={data_dir} --file_format=array_record`.") from err
     if split not in builder.info.splits:
         raise ValueError(f"split={split!r}: {name} has splits "
@@ -143,14 +149,15 @@ def data_source(name: str, split: str, data_dir, *, manual_dir=None, config=None
 
 
 def label_counts(name: str, split: str, data_dir, *, manual_dir=None, config=None) -> list[int]:
-    """Examples per class of a split. Every feature but "label" is left undecoded
+    """Examples per class of a split, one count per class of the dataset (0 for a class the split
+    lacks). Every feature but "label" is left undecoded
     (SkipDecoding: zlib-compressed images/videos are not decompressed, encoded images not
     decoded); the records themselves are still read."""
     features = data_source(name, split, data_dir, manual_dir=manual_dir, config=config).dataset_info.features
     skip = {key: tfds.decode.SkipDecoding() for key in features if key != "label"}
     source = data_source(name, split, data_dir, manual_dir=manual_dir, config=config, decoders=skip)
     labels = np.fromiter((int(source[i]["label"]) for i in range(len(source))), np.int64, len(source))
-    return np.bincount(labels).tolist()
+    return np.bincount(labels, minlength=features["label"].num_classes).tolist()  # classes the split lacks: 0
 
 
 def to_numpy(example: dict) -> dict:

@@ -54,8 +54,9 @@ JOBS = ("transduction", "supervised")
 LASSO_STAGES = ("static", "stage2")  # the stages trained with the L1 penalty on the lambdas (train_stage's lasso)
 STAGES = {"transduction": ("static", "stage1", "stage2", "baseline"), "supervised": ("static",)}
 OPTIMIZER_KEYS = ("name", "learning_rate", *schedules.DEFAULTS)
-TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("seed", "checkpoint_every", "keep_checkpoints", "log_every",
+TOP_CHECKS = {k: FIT_CHECKS[k] for k in ("checkpoint_every", "keep_checkpoints", "log_every",
                                          "eval_every", "best_metric", "profile_steps", "microbatches")} | {
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32) (it also seeds the data's shuffles)"),
     "job": (lambda v: v in JOBS, f"one of {JOBS}"),
     "sparsity_tol": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "skew_repeats": (lambda v: is_int(v) and v >= 0, "an int >= 0 (0: no skew-normalised metrics)"),
@@ -355,7 +356,7 @@ def check_transducible(config, model, images: Data) -> None:
                              f"config.model.name={config.model.name!r}: {e}") from None
 
 
-def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> None:
+def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]], run_on: dict[str, Data] | None = None) -> None:
     """Checks the values that need the datasets, before the first stage trains:
     ``config.data.eval_split`` is a split of ``report`` (the evaluated dataset); with
     evaluations during training, ``config.data.val_split`` is a split of every stage's dataset
@@ -363,10 +364,14 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
 
     Args:
         stages: ``{stage: (model, data)}``.
+        run_on: ``{stage: data}`` whose examples a stage's model is traced on for its output shapes,
+            where it cannot take its own data before a transform (the transduction stages: the
+            2-D model, on images); default the stage's data.
 
     Also: ``config.data.batch_size`` and ``eval_batch_size`` (global) are multiples of the
-    process count (each process reads its share; an evaluation after training would fail), and a
-    stage with the cross-entropy on trains on labelled examples (:func:`_check_labels`).
+    process count (each process reads its share; an evaluation after training would fail), the
+    batch is no larger than a training split, a stage with the cross-entropy on trains on labelled
+    examples (:func:`_check_labels`), and each model's head fits its data (:func:`_check_outputs`).
 
     Raises:
         ValueError: naming the key, its value and the splits or metrics there are.
@@ -378,7 +383,12 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]]) -> Non
             raise ValueError(f"config.data.{key}: {err} (the number of processes: each reads an equal share "
                              "of a batch)") from None
     for stage, (model, data) in stages.items():
+        if data.steps_per_epoch() == 0:  # (the optimizer's schedule would name steps_per_epoch=0)
+            raise ValueError(f"config.data.batch_size={config.data.batch_size}: larger than the training split of "
+                             f"{data.name} ({len(data.source('train'))} examples, shared by {jax.process_count()} "
+                             "process(es))")
         _check_labels(config, stage, model, data)
+        _check_outputs(config, stage, model, data, (run_on or {}).get(stage, data))
     _check_split(report, "eval_split", config.data.eval_split)
     split, best = config.data.get("val_split", ""), config.get("best_metric", "")
     if not (config.get("eval_every", 0) and split):
@@ -408,6 +418,41 @@ def _check_labels(config, stage: str, model, data: Data) -> None:
                          f"'label': {how}")
 
 
+def _check_outputs(config, stage: str, model, data: Data, run_on: Data) -> None:
+    """``model``'s head fits ``data`` (shapes only, the model traced on ``run_on``'s examples): as many
+    logits as the dataset has classes (else the cross-entropy is NaN, and the class metrics drop the
+    other labels), as many regression outputs as its "va" targets have values, and one at all where
+    the affect loss weighs them."""
+    batch = next(iter(data.eval_batches("train")))
+    shapes = _output_shapes(model, next(iter(run_on.eval_batches("train"))))
+    head = f"config.{'baseline' if stage.startswith('baseline') else 'model'}.kwargs.head"
+    features = data.source("train").dataset_info.features
+    classes = getattr(features["label"], "num_classes", None) if "label" in features.keys() else None
+    if "logits" in shapes and classes is not None and shapes["logits"].shape[-1] != classes:
+        raise ValueError(f"{head}.n_classes={shapes['logits'].shape[-1]}: stage {stage!r} trains on {data.name}, "
+                         f"which has {classes} classes; expected {classes}")
+    if "va" not in batch:
+        return
+    targets = batch["va"].shape[-1]
+    if "va" in shapes and shapes["va"].shape[-1] != targets:
+        raise ValueError(f"{head}.n_outputs={shapes['va'].shape[-1]}: stage {stage!r} trains on {data.name}, whose "
+                         f"'va' targets have {targets} values; expected {targets}")
+    cfg = stage_loss(config, stage)
+    if "va" not in shapes and cfg.get("kind", "affect") == "affect" and cfg.va_weight > 0:
+        key = "baseline" if stage.startswith("baseline") else stage
+        raise ValueError(f"config.{key}.loss.va_weight={cfg.va_weight} (config.loss's unless overridden): the model "
+                         f"of stage {stage!r} has no valence/arousal output ({head}.n_outputs=0); set "
+                         f"{head}.n_outputs={targets}, or the weight to 0")
+
+
+def _check_inputs(data: Data, key: str, ndim: int, what: str) -> None:
+    """``config.data.<key>``'s examples are ``what`` (inputs of ``ndim`` axes, batch included)."""
+    x = model_input(next(iter(data.eval_batches("train"))))
+    if x.ndim != ndim:
+        raise ValueError(f"config.data.{key}={data.name!r}: its examples have shape {tuple(x.shape[1:])}; the "
+                         f"transduction job expects {what} there")
+
+
 def _check_split(data: Data, key: str, split: str) -> None:
     splits = sorted(data.source("train").dataset_info.splits)
     if split not in splits:
@@ -435,8 +480,11 @@ def run_transduction(config, workdir: str) -> dict:
     images, videos = Data(config.data, config.data.static), Data(config.data, config.data.video)
     model = _model(config, config.model.name, config.model.kwargs)
     baselines = {name: _model(config, name, config.baseline.kwargs) for name in config.baseline.models}
+    _check_inputs(images, "static", 4, "images (H, W, C)")
+    _check_inputs(videos, "video", 5, "videos (T, H, W, C)")
     check_data(config, videos, {"static": (model, images), "stage1": (model, videos), "stage2": (model, videos)}
-               | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()})
+               | {f"baseline_{name}": (mdl, videos) for name, mdl in baselines.items()},
+               run_on={"stage1": images, "stage2": images})
     check_transducible(config, model, images)
 
     static_vars, source = static_variables(config, model, images, workdir, lasso=True)
@@ -454,11 +502,14 @@ def run_transduction(config, workdir: str) -> dict:
     row("static (per frame)", model, static_vars | {"params": delta}, 0, count_params(static_vars["params"]))
 
     transduced = transduction.transduce(static_vars["params"], modes, init, dense=dense)
+    # what a stage starts from is in its run config, so a rerun that trains an earlier stage further (its num_steps
+    # may change on resume) is refused by a later stage's checkpoints instead of mixing two runs in the results
+    upstream = {"static_steps": config.static.num_steps} | ({"static_from": source} if source else {})
     s1 = train_stage(config, "stage1", model, videos, workdir, init_variables=static_vars | {"params": transduced},
-                     tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"),
-                     run_extra={"static_from": source} if source else None)  # an untrained static stage's source
+                     tx_fn=lambda tx: optim.masked_optimizer(tx, transduced, "temporal"), run_extra=upstream)
     row("transduced, stage 1 (temporal only)", model, _variables(s1), _n_trainable(transduced, "temporal"))
-    s2 = train_stage(config, "stage2", model, videos, workdir, init_variables=_variables(s1), lasso=True)
+    s2 = train_stage(config, "stage2", model, videos, workdir, init_variables=_variables(s1), lasso=True,
+                     run_extra=upstream | {"stage1_steps": config.stage1.num_steps})
     final = _variables(s2)
     row("transduced, stage 2 (fine-tuned)", model, final, count_params(final["params"]))
 

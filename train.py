@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from hocp_jax.checks import dangling_link
 from hocp_jax.training import jobs
+from hocp_jax.training.checkpoint import NonFiniteError
 from hocp_jax.training.distributed import Preempted, WorkdirInUseError, maybe_initialize_distributed
 
 DEFAULT_CONFIG = "configs/default.py"
@@ -53,9 +54,9 @@ def _check_workdir(value) -> bool:
     return True
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = 2):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _unknown_key(argv: list[str], err: Exception) -> str:
@@ -109,6 +110,8 @@ def main(argv):
         jobs.run(config, workdir)
     except (ValueError, FileNotFoundError, WorkdirInUseError) as err:  # user errors: no traceback
         _fail(str(err))
+    except NonFiniteError as err:  # a diverged run, not a bad setting: status 1, but no traceback either
+        _fail(str(err), 1)
     except Preempted as notice:  # checkpointed at the step the SIGTERM was seen; exit as a SIGTERM would
         print(notice, file=sys.stderr)
         sys.exit(PREEMPTED_STATUS)

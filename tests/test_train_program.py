@@ -66,6 +66,16 @@ def test_unknown_config_key_is_one_error_line(tmp_path, config, override, words)
     assert not (tmp_path / "run").exists()  # refused while parsing the flags
 
 
+def test_a_diverged_run_is_one_error_line_with_status_1(tmp_path, data_dir):
+    """Was: a NonFiniteError traceback."""
+    r = _train(tmp_path, "--config.job=supervised", "--config.optimizer.learning_rate=1e30", "--config.static.num_steps=4",
+               "--config.log_every=2", "--config.checkpoint_every=2", "--config.data.batch_size=8",
+               "--config.model.kwargs.widths=(4,4,8,8)", f"--config.data.data_dir={data_dir}")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert errors[0].startswith("error: non-finite ") and "the last good checkpoint is kept" in errors[0]
+
+
 def test_a_workdir_file_and_a_config_file_without_get_config_are_one_error_line(tmp_path):
     """Were: a FileExistsError traceback, and "unknown config key config.module ...get_config"."""
     (tmp_path / "a_file").write_text("")

@@ -330,23 +330,25 @@ def test_a_stage_loss_overrides_config_loss_and_needs_labels_for_its_cross_entro
     rng = np.random.default_rng(0)
     clips = {"video": rng.integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8),
              "va": rng.uniform(-1, 1, (2, 3, 2)).astype(np.float32)}
-    afew = types.SimpleNamespace(name="afew_va", eval_batches=lambda split: iter([clips]))
+    info = types.SimpleNamespace(dataset_info=types.SimpleNamespace(features={"video": None, "va": None}))
+    afew = types.SimpleNamespace(name="afew_va", source=lambda split: info)
     x = clips["video"].astype(np.float32) / 255
     outputs = model.apply(model.init(jax.random.key(0), x, train=False), x, train=False)
     assert "logits" in outputs
     loss, terms = objectives.make_loss(jobs.stage_loss(c, "stage1"), None)(outputs, clips, jax.random.key(1))
     assert np.isfinite(loss) and "ce" not in terms  # stage 1: no cross-entropy, no label read
     assert jobs.stage_loss(c, "static").ce_weight == 1.0 and jobs.stage_loss(c, "stage2").ce_weight == 0.0
-    jobs._check_labels(c, "stage1", model, afew)
+    shapes = jobs._output_shapes(model, clips)
+    jobs._check_outputs(c, "stage1", afew, clips, shapes)
     c.stage1.loss.ce_weight = 0.5
     with pytest.raises(ValueError, match=re.escape("config.stage1.loss.ce_weight=0.5 (config.loss's unless overridden): "
                                                    "stage 'stage1' trains a model with class logits on afew_va, whose "
                                                    "examples have no 'label': set config.stage1.loss.ce_weight=0")):
-        jobs._check_labels(c, "stage1", model, afew)
+        jobs._check_outputs(c, "stage1", afew, clips, shapes)
     del c.stage1["loss"]  # then the command line cannot add the key: the message says where to
     with pytest.raises(ValueError, match=re.escape("'label': add loss=dict(ce_weight=0.0) to config.stage1 in the "
                                                    "config file, or set config.loss.ce_weight=0")):
-        jobs._check_labels(c, "stage1", model, afew)
+        jobs._check_outputs(c, "stage1", afew, clips, shapes)
     # a nested dict of config.loss is overridden key by key
     avce = load_config("avce", "alexnet")
     avce.static.loss = {"avce": {"contrastive_weight": 0.05}}

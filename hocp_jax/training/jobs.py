@@ -370,8 +370,8 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]], run_on
 
     Also: ``config.data.batch_size`` and ``eval_batch_size`` (global) are multiples of the
     process count (each process reads its share; an evaluation after training would fail), the
-    batch is no larger than a training split, a stage with the cross-entropy on trains on labelled
-    examples (:func:`_check_labels`), and each model's head fits its data (:func:`_check_outputs`).
+    batch is no larger than a training split, and each model's head fits its data and loss
+    (:func:`_check_outputs`: classes, labels, regression outputs).
 
     Raises:
         ValueError: naming the key, its value and the splits or metrics there are.
@@ -387,8 +387,8 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]], run_on
             raise ValueError(f"config.data.batch_size={config.data.batch_size}: larger than the training split of "
                              f"{data.name} ({len(data.source('train'))} examples, shared by {jax.process_count()} "
                              "process(es))")
-        _check_labels(config, stage, model, data)
-        _check_outputs(config, stage, model, data, (run_on or {}).get(stage, data))
+        shapes = _output_shapes(model, next(iter((run_on or {}).get(stage, data).eval_batches("train"))))
+        _check_outputs(config, stage, data, next(iter(data.eval_batches("train"))), shapes)
     _check_split(report, "eval_split", config.data.eval_split)
     split, best = config.data.get("val_split", ""), config.get("best_metric", "")
     if not (config.get("eval_every", 0) and split):
@@ -400,46 +400,34 @@ def check_data(config, report: Data, stages: dict[str, tuple[Any, Data]], run_on
                              f"on config.data.val_split={split!r}: {names}")
 
 
-def _check_labels(config, stage: str, model, data: Data) -> None:
-    """A stage with the cross-entropy on (kind "affect", ``ce_weight > 0``) whose model has class
-    logits trains on examples with a "label" (shapes only: ``jax.eval_shape`` of the model)."""
+def _check_outputs(config, stage: str, data: Data, batch: dict, shapes: dict) -> None:
+    """The outputs of a stage's model (``shapes``, from ``jax.eval_shape``) fit its ``data`` (``batch``,
+    a batch of its training split): as many logits as the dataset has classes (else the cross-entropy
+    is NaN, and the class metrics drop the other labels), and labels where the cross-entropy weighs
+    them (kind "affect", ``ce_weight > 0``); as many regression outputs as its "va" targets have
+    values, and one at all where the affect loss weighs them."""
+    key = "baseline" if stage.startswith("baseline") else stage
+    head = f"config.{'baseline' if key == 'baseline' else 'model'}.kwargs.head"
     cfg = stage_loss(config, stage)
-    if cfg.get("kind", "affect") != "affect" or not cfg.ce_weight > 0:
-        return
-    batch = next(iter(data.eval_batches("train")))
-    if "label" in batch:
-        return
-    if "logits" in _output_shapes(model, batch):
-        key = "baseline" if stage.startswith("baseline") else stage
-        how = (f"set config.{key}.loss.ce_weight=0" if "loss" in config[key] else  # a key the command line cannot add
-               f"add loss=dict(ce_weight=0.0) to config.{key} in the config file, or set config.loss.ce_weight=0")
-        raise ValueError(f"config.{key}.loss.ce_weight={cfg.ce_weight} (config.loss's unless overridden): stage "
-                         f"{stage!r} trains a model with class logits on {data.name}, whose examples have no "
-                         f"'label': {how}")
-
-
-def _check_outputs(config, stage: str, model, data: Data, run_on: Data) -> None:
-    """``model``'s head fits ``data`` (shapes only, the model traced on ``run_on``'s examples): as many
-    logits as the dataset has classes (else the cross-entropy is NaN, and the class metrics drop the
-    other labels), as many regression outputs as its "va" targets have values, and one at all where
-    the affect loss weighs them."""
-    batch = next(iter(data.eval_batches("train")))
-    shapes = _output_shapes(model, next(iter(run_on.eval_batches("train"))))
-    head = f"config.{'baseline' if stage.startswith('baseline') else 'model'}.kwargs.head"
+    affect = cfg.get("kind", "affect") == "affect"
     features = data.source("train").dataset_info.features
     classes = getattr(features["label"], "num_classes", None) if "label" in features.keys() else None
     if "logits" in shapes and classes is not None and shapes["logits"].shape[-1] != classes:
         raise ValueError(f"{head}.n_classes={shapes['logits'].shape[-1]}: stage {stage!r} trains on {data.name}, "
                          f"which has {classes} classes; expected {classes}")
+    if "logits" in shapes and "label" not in batch and affect and cfg.ce_weight > 0:
+        how = (f"set config.{key}.loss.ce_weight=0" if "loss" in config[key] else  # a key the command line cannot add
+               f"add loss=dict(ce_weight=0.0) to config.{key} in the config file, or set config.loss.ce_weight=0")
+        raise ValueError(f"config.{key}.loss.ce_weight={cfg.ce_weight} (config.loss's unless overridden): stage "
+                         f"{stage!r} trains a model with class logits on {data.name}, whose examples have no "
+                         f"'label': {how}")
     if "va" not in batch:
         return
     targets = batch["va"].shape[-1]
     if "va" in shapes and shapes["va"].shape[-1] != targets:
         raise ValueError(f"{head}.n_outputs={shapes['va'].shape[-1]}: stage {stage!r} trains on {data.name}, whose "
                          f"'va' targets have {targets} values; expected {targets}")
-    cfg = stage_loss(config, stage)
-    if "va" not in shapes and cfg.get("kind", "affect") == "affect" and cfg.va_weight > 0:
-        key = "baseline" if stage.startswith("baseline") else stage
+    if "va" not in shapes and affect and cfg.va_weight > 0:
         raise ValueError(f"config.{key}.loss.va_weight={cfg.va_weight} (config.loss's unless overridden): the model "
                          f"of stage {stage!r} has no valence/arousal output ({head}.n_outputs=0); set "
                          f"{head}.n_outputs={targets}, or the weight to 0")

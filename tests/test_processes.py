@@ -193,7 +193,6 @@ def _uneven_batches(tmp: str, process_id: int) -> dict:
     and the step trained on a wrong mean, silently), and a resume on another process count."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from test_training import ArrayIterator, TinyNet, make_data, mse_loss
 
@@ -249,9 +248,9 @@ def test_train_py_names_the_variables_jax_distributed_lacks(tmp_path, env, words
 def interleaved_script(out: str, port: int, process_id: int) -> None:
     """Two devices a process, in a mesh that alternates the processes' devices (as a TPU pod's may):
     the first evaluation batch's outputs, per process, in process order."""
-    import jax
-    import numpy as np
     import types
+
+    import jax
     from test_training import TinyNet, make_data
 
     from hocp_jax.training import jobs

@@ -56,9 +56,7 @@ def on_every_process(fn: Callable[[], None], name: str, errors: Sequence[type[Ex
 
 def all_agree(ok: bool) -> bool:
     """Whether ``ok`` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+    return all(every_value(bool(ok)))
 
 
 def every_value(value: int) -> list[int]:
@@ -75,7 +73,7 @@ def common_values(values) -> list[int]:
     values = sorted({int(v) for v in values})
     if jax.process_count() == 1:
         return values
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray([len(values)]))))
+    longest = max(every_value(len(values)))
     padded = np.full(longest, -1, np.int64)
     padded[:len(values)] = values
     everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), longest)

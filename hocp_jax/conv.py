@@ -472,6 +472,13 @@ def tucker_to_kernel(params: Params) -> jax.Array:
     return jnp.einsum("...ab,ca,tb->...ct", params["core"], params["factor_in"], params["factor_out"])
 
 
+def check_tucker_implementation(implementation) -> None:
+    """A ValueError unless ``implementation`` is one of :data:`TUCKER_IMPLEMENTATIONS` (the Tucker
+    and TT convs' paths)."""
+    if implementation not in TUCKER_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
+
+
 def tucker_conv(
     x: jax.Array,
     params: Params,
@@ -487,6 +494,7 @@ def tucker_conv(
     ``factor_out (C_out, R_out)``, optional ``bias (C_out,)``. Returns ``(B, *S_out, C_out)``.
     """
     check_tucker(params)
+    check_tucker_implementation(implementation)
     core, u_in, u_out = params["core"], params["factor_in"], params["factor_out"]
     if core.ndim != x.ndim:
         raise ValueError(f"params['core']: shape {tuple(core.shape)} has {core.ndim - 2} kernel modes but x "
@@ -500,12 +508,10 @@ def tucker_conv(
     if implementation == "reconstructed":
         y = conv_ops.weight_conv(x, tucker_to_kernel(_promoted(x, params, ("core", "factor_in", "factor_out"))), strides,
                          pads, dilations)
-    elif implementation == "factorized":
+    else:
         h = conv_ops.channel_matmul(x, u_in)
         h = conv_ops.weight_conv(h, core, strides, pads, dilations)
         y = conv_ops.channel_matmul(h, u_out.T)
-    else:
-        raise ValueError(f"implementation={implementation!r}: expected one of {TUCKER_IMPLEMENTATIONS}")
     return add_bias(y, params)
 
 
@@ -624,6 +630,7 @@ def tt_conv(
     if n < 1:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected (B, *S, C_in) with at least one spatial mode")
     cores = _tt_cores(params, n)
+    check_tucker_implementation(implementation)
     if cores[0].shape[1] != x.shape[-1]:
         raise ValueError(f"params['core_0']: shape {tuple(cores[0].shape)} expects {cores[0].shape[1]} channels, x has {x.shape[-1]}")
     strides, dilations = as_tuple(stride, n, "stride"), as_tuple(dilation, n, "dilation")
@@ -632,7 +639,7 @@ def tt_conv(
     if implementation == "reconstructed":
         y = conv_ops.weight_conv(x, tt_to_kernel(_promoted(x, params, [f"core_{i}" for i in range(len(cores))])), strides,
                          pads, dilations)
-    elif implementation == "factorized":
+    else:
         def only(i, value, rest):  # ``value`` on mode i, ``rest`` on the other modes
             return tuple(value if j == i else rest for j in range(n))
 
@@ -642,6 +649,4 @@ def tt_conv(
             h = conv_ops.weight_conv(h, kernel, only(i, strides[i], 1), only(i, pads[i], (0, 0)),
                                      only(i, dilations[i], 1))
         y = conv_ops.channel_matmul(h, cores[-1][..., 0])
-    else:
-        raise ValueError(f"implementation={implementation!r}: expected 'factorized' or 'reconstructed'")
     return add_bias(y, params)

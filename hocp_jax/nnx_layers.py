@@ -171,8 +171,7 @@ class TuckerConv(nnx.Module):
         ranks = layer_specs.tucker_layer_ranks(in_features, out_features, ranks, rank_ratio)
         _create(self, layer_specs.tucker_specs(in_features, out_features, kernel_size, ranks, gain), rngs, param_dtype)
         layer_specs.check_conv_args(len(layer_specs.kernel_dims(kernel_size)), stride, padding, dilation)
-        if implementation not in conv.TUCKER_IMPLEMENTATIONS:
-            raise ValueError(f"implementation={implementation!r}: expected one of {conv.TUCKER_IMPLEMENTATIONS}")
+        conv.check_tucker_implementation(implementation)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
         self.dtype = dtype
 
@@ -314,8 +313,7 @@ class TTConv(nnx.Module):
         check_flags(use_bias=use_bias)
         _create(self, layer_specs.tt_conv_specs(in_features, out_features, kernel_size, rank, gain, use_bias), rngs, param_dtype)
         layer_specs.check_conv_args(len(layer_specs.kernel_dims(kernel_size)), stride, padding, dilation)
-        if implementation not in conv.TUCKER_IMPLEMENTATIONS:
-            raise ValueError(f"implementation={implementation!r}: expected one of {conv.TUCKER_IMPLEMENTATIONS}")
+        conv.check_tucker_implementation(implementation)
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, implementation=implementation)
         self.dtype = dtype
 

@@ -60,6 +60,7 @@ from hocp_jax.training.step import model_input  # uint8 batch -> float32 in [0, 
 
 SMALL = os.environ.get("HOCP_COLAB_SMALL") == "1"  # the test suite runs this notebook with tiny settings
 STEPS = dict(static=20, stage1=10, stage2=10) if SMALL else dict(static=600, stage1=200, stage2=200)
+BATCH = 8 if SMALL else 32
 workdir = tempfile.mkdtemp()
 data_dir = os.path.join(workdir, "data")
 
@@ -77,7 +78,7 @@ def loss_fn(outputs, batch, key):
 
 
 def train(stage, dataset, tx, steps, init_variables=None):
-    it = lambda: pipeline.train_iterator(dataset, "train", data_dir, batch_size=32, seed=0)
+    it = lambda: pipeline.train_iterator(dataset, "train", data_dir, batch_size=BATCH, seed=0)
     cfg = dict(num_steps=steps, seed=0, stage=stage, log_every=10, checkpoint_every=max(steps, 1))
     state = fit(model, loss_fn, tx, it, cfg, os.path.join(workdir, stage), init_variables=init_variables)
     return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
@@ -113,9 +114,10 @@ stage2 = train("stage2", "moving_digits", optax.adam(1e-3), STEPS["stage2"], sta
 
 # %%
 batch = next(pipeline.eval_batches("moving_digits", "test", data_dir, batch_size=64))
+predict = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 results = {}
 for name, variables in {"static (per frame)": static | {"params": video_params}, "stage 1": stage1, "stage 2": stage2}.items():
-    out = model.apply(variables, model_input(batch), train=False)
+    out = predict(variables, model_input(batch))
     results[name] = out
     m = metric_fn(jax.device_get(out), batch)
     print(f"{name:20s} valence CCC {m['valence_ccc']:.3f}   arousal CCC {m['arousal_ccc']:.3f}")

@@ -125,7 +125,7 @@ def test_max_pool_rejects_integer_input():
         max_pool(jnp.zeros((2, 8, 8, 3), jnp.int32), (2, 2), (2, 2), ((0, 0), (0, 0)))
 
 
-@pytest.mark.parametrize("model", ["jester dense", "jester_hocp"])
+@pytest.mark.parametrize("model", [pytest.param("jester dense", marks=pytest.mark.slow), "jester_hocp"])  # dense: long tests
 def test_train_step_gradient_equals_flax_batch_norm_and_reduce_window_pools(monkeypatch, model):
     """Inside a whole train step at full size (``bench``'s Jester nets, two 18x84x84 clips): the
     parameter update with the library's batch norm -> activation -> pool blocks

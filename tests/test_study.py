@@ -16,14 +16,29 @@ from hocp_jax.study.__main__ import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The longest two tiny studies (about 60 and 35 s on 2 cores) are among the long tests; so is every
+# study's --quick variant (test_quick_study_runs_end_to_end).
+LONG = ("data_budget", "rank_selection")
+
+
+class _Studies(dict):
+    """Each study, --tiny, run at its first use in this module's process (they share compiled steps)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def __missing__(self, name):
+        self[name] = (main([name, "--tiny", "--out", str(self.out / name)]), self.out / name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """All four studies, --tiny, in one process (they share compiled steps)."""
-    out = tmp_path_factory.mktemp("studies")
-    return {name: (main([name, "--tiny", "--out", str(out / name)]), out / name) for name in STUDIES}
+    return _Studies(tmp_path_factory.mktemp("studies"))
 
 
-@pytest.mark.parametrize("name", sorted(STUDIES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LONG else n for n in sorted(STUDIES)])
 def test_tiny_study_writes_results_report_and_plots(tiny, name):
     doc, out = tiny[name]
     assert json.load(open(out / "results.json"))["results"].keys() == doc["results"].keys()
@@ -33,6 +48,7 @@ def test_tiny_study_writes_results_report_and_plots(tiny, name):
     assert pngs and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+@pytest.mark.slow
 def test_data_budget_summary_is_the_mean_of_its_runs(tiny):
     res = tiny["data_budget"][0]["results"]
     s = tiny["data_budget"][0]["settings"]
@@ -48,6 +64,7 @@ def test_data_budget_summary_is_the_mean_of_its_runs(tiny):
     assert res["params"]["transduced, stage 1"]["video_trained"] % 3 == 0
 
 
+@pytest.mark.slow
 def test_rank_selection_pruning_drops_only_exact_zeros(tiny):
     doc = tiny["rank_selection"][0]
     runs = doc["results"]["runs"]

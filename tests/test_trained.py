@@ -165,6 +165,7 @@ def test_pruned_drops_the_zeroed_components_and_keeps_the_predictions(stage):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 30 s (symbolic sizes); the models' exports are long tests too (tests/test_export.py)
 def test_export_serializes_predicts_computation_for_any_batch_and_size(stage):
     root, model, variables = stage
     trained = load_trained(root)

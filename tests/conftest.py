@@ -35,9 +35,10 @@ import pytest  # noqa: E402
 
 # The files whose tests take longest in all, longest first (seconds of one worker in the default
 # suite, stop 78, 2-core AMD EPYC VM: 194, 168, 136, 128, 105, 101, 100, 92, 91, 86, 84, 71).
-# The README's command gives each of its two workers one file at a time; with the longest files
-# first and the many short ones last the workers end together (pytest-xdist's default order, by
-# number of tests per file, left the long end-to-end files for last and one worker idle). Only the
+# The README's command gives each of its two workers one file at a time; pytest-xdist's default
+# order (by number of tests per file) leaves the few long end-to-end tests' files for last, where
+# one worker can finish them while the other idles. With the longest files first the suite took
+# 0.97x the time in one pair of runs (benchmarks/EXPERIMENTS.md, "Test-suite time"). Only the
 # order of files changes, never of the tests within one; a stale list costs time, not results.
 LONGEST_FILES = ("test_train_program.py", "test_models.py", "test_training.py", "test_conv.py", "test_trained.py",
                  "test_perf_paths.py", "test_shard_map.py", "test_init_from.py", "test_pooling.py", "test_dtype.py",

@@ -148,6 +148,15 @@ def test_process_zero_builds_locks_and_times_for_all_and_its_failures_raise_ever
                                      "global batch divided by the process count")
         assert out["other_count"].startswith("ValueError: ") and "a run of 1 process(es), and this one has 2" in out["other_count"]
         assert out["uneven_eval"] == pytest.approx(out["uneven_eval_oracle"], rel=1e-5)
+    assert one["fit_first_read"] == one["fit_step_read"] == one["eval_read"] == "OSError: simulated read error"
+    assert zero["fit_first_read"] == "RuntimeError: on process 1 (the training iterator): simulated read error [OSError]"
+    assert zero["fit_step_read"] == "RuntimeError: on process 1 (the training batches): simulated read error [OSError]"
+    assert zero["eval_read"] == "RuntimeError: on process 1 (the evaluation batches): simulated read error [OSError]"
+    for out in (zero, one):
+        assert out["eval_count"] == ("ValueError: the evaluation batches: process(es) [1] passed 2 batches, the others "
+                                     "more; every process must pass the same number (pad the last ones, their examples "
+                                     "masked out, as hocp_jax.data.pipeline.eval_batches does)")
+        assert out["eval_larger"].startswith("ValueError: the evaluation batches: batch 2 holds {0: 4, 1: 8} examples")
     assert not (tmp_path / "uneven" / "checkpoints").exists() or not os.listdir(tmp_path / "uneven" / "checkpoints")
 
 
@@ -221,6 +230,42 @@ def _uneven_batches(tmp: str, process_id: int) -> dict:
     pred = model.apply(variables, data["image"][:14], train=False)["va"][:, 0]  # one process, plain apply
     out["uneven_eval"] = {k: float(v) for k, v in got.items()}
     out["uneven_eval_oracle"] = {"n": 14.0, "va": float(data["va"][:14, 0].sum()), "pred": float(pred.sum())}
+    return out | _data_failing_on_one_process(tmp, process_id, state, evaluate)
+
+
+def _data_failing_on_one_process(tmp: str, process_id: int, state, evaluate) -> dict:
+    """Process 1's data fails or runs out where process 0's does not: both must raise (before, process 1 raised and
+    process 0 waited in the next collective, forever)."""
+    import jax
+    import optax
+    from test_training import ArrayIterator, TinyNet, make_data, mse_loss
+
+    from hocp_jax import training
+
+    data, variables = make_data(), jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+    def unreadable():
+        if process_id == 1:
+            raise OSError("simulated read error")
+
+    def fit(workdir, **kwargs):
+        return _outcome(lambda: training.fit(TinyNet(), mse_loss, optax.sgd(0.1),
+                                             lambda: ArrayIterator(data, on_pos={0: unreadable}), _fit_config(2),
+                                             os.path.join(tmp, workdir), **kwargs))
+
+    out = {"fit_first_read": fit("read"),  # the batch that gives the model's input shapes
+           "fit_step_read": fit("step_read", init_variables=variables)}  # the first step's batch
+
+    def batches(n, fail_at=None, last_size=4):
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("simulated read error")
+            rows = np.arange(4 if i < n - 1 else last_size)
+            yield {"image": data["image"][rows], "va": data["va"][rows]}
+
+    out["eval_count"] = _outcome(lambda: evaluate(state, batches(3 if process_id == 0 else 2)))
+    out["eval_read"] = _outcome(lambda: evaluate(state, batches(3, fail_at=1 if process_id == 1 else None)))
+    out["eval_larger"] = _outcome(lambda: evaluate(state, batches(2, last_size=8 if process_id == 1 else 4)))
     return out
 
 

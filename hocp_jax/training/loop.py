@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from hocp_jax.checks import is_int, is_positive_int
 from hocp_jax.training.config import validate_config
 from hocp_jax.training.distributed import Preempted, PreemptionNotice, WorkdirLock
 from hocp_jax.training.metric_log import MetricLogger
-from hocp_jax.processes import every_value, on_every_process
+from hocp_jax.processes import every_result, on_every_process
 from hocp_jax.training.sharding import (
     agreed_batch_size, batch_sharding, host_value, local_batch_size, local_devices, make_data_mesh, on_mesh,
     put_batch, put_replicated, replicated,
@@ -274,14 +275,21 @@ def fit(
     validate_config(config, FIT_REQUIRED, FIT_OPTIONAL, checks=FIT_CHECKS)
     c = {**FIT_OPTIONAL, **dict(config)}
     mesh = make_data_mesh() if mesh is None else mesh
-    it = make_train_iter()
-    if not (hasattr(it, "get_state") and hasattr(it, "set_state")):
-        raise ValueError(f"make_train_iter() must return an iterator with get_state/set_state "
-                         f"(e.g. a grain iterator) so its position is checkpointed, got {type(it)}")
+    made = {}
+
+    def make() -> None:  # on every process: one whose data fails must not leave the others at the lock
+        made["it"] = make_train_iter()
+        if not (hasattr(made["it"], "get_state") and hasattr(made["it"], "set_state")):
+            raise ValueError(f"make_train_iter() must return an iterator with get_state/set_state "
+                             f"(e.g. a grain iterator) so its position is checkpointed, got {type(made['it'])}")
+        if init_variables is None:  # a fresh iterator's first batch gives the model's input shapes
+            made["x"] = model_input(_next_batch(make_train_iter(), 1))
+
+    on_every_process(make, "the training iterator")
+    it = made["it"]
     init_key, base_key = jax.random.split(jax.random.key(c["seed"]))
     if init_variables is None:
-        x = model_input(next(make_train_iter()))
-        init_variables = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))(init_key, x)
+        init_variables = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))(init_key, made["x"])
     # Host copies: the step donates its state, which must never delete the caller's arrays.
     init_variables = jax.tree.map(np.array, dict(init_variables))
     state = put_replicated(TrainState.create(init_variables, tx, base_key), mesh)
@@ -357,13 +365,10 @@ def _train(step_fn, it, state, start, c, workdir, ckpt, eval_fn, mesh, notice, e
                     best.update(state, start, results)
             for step in range(start + 1, num_steps + 1):
                 with profile.step(step):  # (the input pipeline's work in the trace too)
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        raise ValueError(f"the training iterator ended before step {step}; it must "
-                                         "repeat over epochs") from None
-                    if size is None and jax.process_count() > 1:  # the first batch: compared across processes
-                        size = agreed_batch_size(_local_sizes(batch, "the training batches"), "the training batches")
+                    if size is None and jax.process_count() > 1:  # the first batch: read and compared on all
+                        batch, size = _first_batch(it, step)
+                    else:
+                        batch = _next_batch(it, step)
                     state, metrics = step_fn(state, put_batch(batch, mesh, size=size))
                 pending.append(metrics)
                 profile.after(step, state)
@@ -424,10 +429,13 @@ def make_evaluator(
     ``stats_fn(outputs, batch)`` (jittable, e.g. :func:`hocp_jax.training.objectives.eval_stats`);
     ``merge_fn(a, b)`` (jittable) combines them. Only the final stats come back to the host
     (numpy pytree), so a split of any size needs the memory of a couple of batches. ``stats_fn``
-    must weight by ``batch["mask"]``. Every process must pass the same number of batches; stats
-    are over the global batches. With several processes the processes' first batches may differ in
-    size: every batch is padded to the largest first one (padded to this process's devices), so
-    the processes build one global batch; a later batch larger than that is a ValueError.
+    must weight by ``batch["mask"]``; stats are over the global batches. With several processes
+    every process must pass the same number of batches; each batch is read on all of them together
+    (one host gather of a few KiB per batch), so that one whose batches end first, or whose read or
+    batch fails, is a ValueError (or its own error) on every process, not a wait in the next step.
+    Their first batches may differ in size: every batch is padded to the largest first one (padded
+    to this process's devices), so the processes build one global batch; a later batch larger than
+    that is a ValueError.
     """
     mesh = make_data_mesh() if mesh is None else mesh
     eval_step = make_eval_step(model)
@@ -437,9 +445,14 @@ def make_evaluator(
 
     def evaluator(state: TrainState, batches: Iterable[dict]) -> Any:
         acc, previous, size = None, None, None
-        for batch in batches:
-            if size is None and jax.process_count() > 1:  # the first batch: one size for all processes
-                size = max(_local_sizes(batch, "the evaluation batches", local_devices(mesh)))
+        for count, (batch, sizes) in enumerate(_read_on_every_process(batches, local_devices(mesh)), 1):
+            if sizes is not None and size is None:  # the first batch: one size for all processes
+                size = max(sizes)
+            elif sizes is not None and max(sizes) > size:  # (raised on every process, before the step)
+                raise ValueError(f"the evaluation batches: batch {count} holds {dict(enumerate(sizes))} examples "
+                                 f"(process: local batch size, rounded up to its devices), more than the {size} every "
+                                 "process's batches are padded to (the largest first batch): with several processes "
+                                 "a later batch may not be larger")
             stats = stats_step(state, put_batch(pad_batch(batch, mesh, size), mesh, size=size))
             acc = stats if acc is None else merge(acc, stats)
             if previous is not None:  # at most two batches in flight: bounded device memory
@@ -468,9 +481,51 @@ def pad_batch(batch: dict, mesh: jax.sharding.Mesh, size: int | None = None) -> 
     return padded
 
 
-def _local_sizes(batch: dict, what: str, multiple: int = 1) -> list[int]:
-    """Every process's local batch size, rounded up to a ``multiple`` (:func:`hocp_jax.processes.every_value`),
-    once each checked its own batch (a malformed one raises on every process, which would otherwise wait)."""
-    found = {}
-    on_every_process(lambda: found.update(b=local_batch_size(batch)), what)
-    return every_value(found["b"] + -found["b"] % multiple)
+def _next_batch(it: Iterator[dict], step: int) -> dict:
+    """``next(it)``, the batch of training step ``step``; a ValueError where the iterator ended."""
+    try:
+        return next(it)
+    except StopIteration:
+        raise ValueError(f"the training iterator ended before step {step}; it must repeat over epochs") from None
+
+
+def _first_batch(it: Iterator[dict], step: int) -> tuple[dict, int]:
+    """With several processes: the batch of ``step``, the first this run trains, and the local batch
+    size of every process (:func:`~hocp_jax.training.sharding.agreed_batch_size`), read and sized on
+    every process together, so that a process whose read fails, or whose batch is malformed, makes
+    every process raise, instead of leaving the others waiting in the step."""
+    got = {}
+
+    def read() -> int:
+        got["batch"] = _next_batch(it, step)
+        return local_batch_size(got["batch"])
+
+    sizes = every_result(read, "the training batches")
+    return got["batch"], agreed_batch_size(sizes, "the training batches")
+
+
+def _read_on_every_process(batches: Iterable[dict], multiple: int) -> Iterator[tuple[dict, list[int] | None]]:
+    """``(batch, sizes)`` for each of ``batches``: ``sizes`` is every process's local batch size,
+    rounded up to ``multiple`` (None with one process). With several processes every batch is read
+    and sized on every process together (:func:`hocp_jax.processes.every_result`, one gather of a few
+    KiB per batch), so that a process whose read fails, whose batch is malformed or whose batches
+    end first makes every process raise, instead of leaving the others waiting in the next step."""
+    if jax.process_count() == 1:
+        yield from ((batch, None) for batch in batches)
+        return
+    iterator, got = iter(batches), {}
+
+    def read() -> int:
+        got["batch"] = next(iterator, None)
+        b = 0 if got["batch"] is None else local_batch_size(got["batch"])
+        return b + -b % multiple
+
+    for count in itertools.count():
+        sizes = every_result(read, "the evaluation batches")
+        if not any(sizes):
+            return
+        if not all(sizes):
+            raise ValueError(f"the evaluation batches: process(es) {[p for p, b in enumerate(sizes) if not b]} passed "
+                             f"{count} batches, the others more; every process must pass the same number (pad the "
+                             "last ones, their examples masked out, as hocp_jax.data.pipeline.eval_batches does)")
+        yield got["batch"], sizes

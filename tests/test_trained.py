@@ -209,7 +209,7 @@ def test_export_serializes_predicts_computation_for_any_batch_and_size(stage):
             trained.export((16, 16, 3), dtype)
 
 
-def test_bad_input_is_a_value_error_naming_it(stage, tmp_path):
+def test_bad_input_is_a_value_error_naming_it(stage, tmp_path, monkeypatch):
     root, _, variables = stage
     trained = load_trained(root)
     for x in (np.zeros((16, 16, 3)), np.zeros((0, 16, 16, 3)), np.zeros((1, 16, 16, 3), np.int32)):
@@ -227,3 +227,42 @@ def test_bad_input_is_a_value_error_naming_it(stage, tmp_path):
     with pytest.raises(ValueError, match=r"does not say which model wrote it .*checkpoint.restore_variables"):
         load_trained(tmp_path / "bare")
     assert checkpoint.restore_extra(tmp_path / "bare" / "1") == {"stage": "train"}
+    # examples the model cannot take: named as x or shape (before: Flax's or a layer's error naming a parameter)
+    for x, words in ((np.zeros((1, 16, 16, 1), np.uint8), r"\(16, 16, 1\) \(uint8\) do not fit the model 'resnet18_hocp'"),
+                     (np.zeros((1, 3, 16, 16), np.float32), r"\(3, 16, 16\) \(float32\) do not fit")):
+        with pytest.raises(ValueError, match="^x: examples of shape " + words):
+            trained.predict(x)
+    with pytest.raises(ValueError, match=r"^shape: examples of shape \(16, 16, 1\) \(uint8\) do not fit"):
+        trained.export((16, 16, 1))
+    with pytest.raises(ValueError, match=r"^dtype=None: expected uint8 or a float dtype"):  # (was float64, silently)
+        trained.export((16, 16, 3), None)
+    # paths: a file, a home-relative path (as init_from), what is not a checkpoint's extra item
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file'\)?: a file; expected a checkpoint's directory"):
+        load_trained(tmp_path / "file")
+    monkeypatch.setenv("HOME", str(root.parent))
+    assert load_trained(f"~/{root.name}").step_dir == str(root / "checkpoints" / "4")
+    with pytest.raises(FileNotFoundError, match=r"^step_dir=.*: no such directory"):
+        checkpoint.restore_extra(tmp_path / "bare" / "7")
+    os.makedirs(tmp_path / "other" / "3")
+    with pytest.raises(ValueError, match=r"^step_dir=.*: cannot read the checkpoint's 'extra' item"):
+        checkpoint.restore_extra(tmp_path / "other" / "3")
+    _save(tmp_path / "odd", variables, 1, {"stage": "static", "config": {"run": RUN | {"dtype": "float16"}}})
+    with pytest.raises(ValueError, match=r"stores dtype='float16', expected one of \('float32', 'bfloat16'\)"):
+        load_trained(tmp_path / "odd")
+    assert load_trained(tmp_path / "odd", dtype="float32").model.dtype is None  # (float32: no dtype given)
+
+
+def test_predict_follows_the_variables_and_they_are_read_only(stage):
+    """Before: predict kept the device copy of its first call's variables, so a change to them was ignored."""
+    root, model, variables = stage
+    trained = load_trained(root)
+    x = np.random.default_rng(2).uniform(size=(3, 16, 16, 3)).astype(np.float32)
+    first = trained.predict(x)["va"]
+    with pytest.raises(ValueError, match="read-only"):
+        trained.variables["params"]["head"]["va"]["bias"][:] = 5.0
+    halved = jax.tree.map(lambda v: v * 0.5, variables)
+    trained.variables = halved
+    got = trained.predict(x)["va"]
+    assert not np.allclose(got, first)
+    np.testing.assert_allclose(got, model.apply(halved, x, train=False)["va"], rtol=1e-5, atol=1e-6)

@@ -342,8 +342,14 @@ def restore_extra(step_dir) -> dict:
     directory, step = os.path.split(_directory(step_dir, "step_dir"))
     if not step.isdigit():
         raise ValueError(f"step_dir={step_dir!r}: expected a checkpoint's step directory, <directory>/<step>")
-    with _alone(directory, item_handlers={"extra": ocp.JsonCheckpointHandler()}) as manager:
-        return manager.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+    if not os.path.isdir(os.path.join(directory, step)):
+        raise FileNotFoundError(f"step_dir={step_dir!r}: no such directory")
+    try:
+        with _alone(directory, item_handlers={"extra": ocp.JsonCheckpointHandler()}) as manager:
+            return manager.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+    except Exception as err:  # orbax raises KeyError (no such item), JSON errors, ... for what is not a checkpoint
+        raise ValueError(f"step_dir={step_dir!r}: cannot read the checkpoint's 'extra' item (a checkpoint of "
+                         f"hocp_jax's Checkpointer?): {type(err).__name__}: {str(err)[:300]}") from err
 
 
 def finished_steps(directory) -> list[int]:
@@ -357,11 +363,11 @@ def finished_steps(directory) -> list[int]:
 
 
 def _directory(path, name: str) -> str:
-    """The absolute path of ``path``, a str or ``os.PathLike``; a ValueError naming ``name`` for
-    anything else or an empty path (which would be the current directory)."""
+    """The absolute path of ``path``, a str or ``os.PathLike`` (``~`` expanded); a ValueError
+    naming ``name`` for anything else or an empty path (which would be the current directory)."""
     if not is_path(path):
         raise ValueError(f"{name}={path!r}: expected the path of a checkpoint directory")
-    return os.path.abspath(os.fspath(path))
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def _find_checkpoints(path: str, what: str) -> dict:
@@ -369,6 +375,9 @@ def _find_checkpoints(path: str, what: str) -> dict:
     ``path`` names (see :func:`restore_variables`; a step directory: only its step)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: no such directory")
+    if not os.path.isdir(path):
+        raise ValueError(f"{what}: a file; expected a checkpoint's directory (a step, checkpoints/, best/ or stage "
+                         "directory)")
     parent, base = os.path.split(path)
     if base.isdigit() and int(base) in finished_steps(parent):
         return {"directory": parent, "steps": [int(base)]}

@@ -49,7 +49,8 @@ class Trained:
 
     Attributes:
         model: the Flax module the run trained (``model.apply(variables, x, train=False)``).
-        variables: ``{"params", ["batch_stats"]}``, host numpy arrays.
+        variables: ``{"params", ["batch_stats"]}``, host numpy arrays, read-only (:meth:`predict`
+            keeps a device copy): assign a new tree to change them.
         step_dir: the checkpoint they were read from.
         run: the run description stored with it (``model``, ``dtype``, ``loss``, ``optimizer``,
             ``data``, ``transduction``, ...; JSON values).
@@ -59,7 +60,36 @@ class Trained:
         self.model, self.variables, self.step_dir, self.run = model, variables, step_dir, run
         self._infer = lambda v, x: float32_outputs(model.apply(v, model_input({"x": x}, "x"), train=False))
         self._apply = jax.jit(self._infer)
-        self._on_device = None
+
+    @property
+    def variables(self) -> dict:
+        return self._variables
+
+    @variables.setter
+    def variables(self, variables: dict) -> None:
+        def frozen(v):
+            v = np.array(v)
+            v.flags.writeable = False
+            return v
+
+        self._variables, self._on_device = jax.tree.map(frozen, variables), None
+        self._fits = set()  # (shape, dtype) of the examples checked against the model
+
+    def _check_fits(self, shape: tuple, dtype, name: str) -> None:
+        """A ValueError naming ``name`` where examples of ``shape`` and ``dtype`` do not fit the
+        model (e.g. another channel count: the model's own error, which names a parameter, is
+        quoted); traced once per shape (``jax.eval_shape``), nothing runs. Not checked where a size
+        is ``None`` (symbolic: the export's own trace says what fails)."""
+        if (shape, np.dtype(dtype)) in self._fits or None in shape:
+            return
+        try:
+            jax.eval_shape(self._infer, self.variables, jax.ShapeDtypeStruct((1, *shape), dtype))
+        except Exception as err:  # flax, the layers' checks and lax raise several types
+            data = (self.run.get("data") or {}).get("name", "?")
+            raise ValueError(f"{name}: examples of shape {shape} ({np.dtype(dtype)}) do not fit the model "
+                             f"{self.run.get('model', {}).get('name', type(self.model).__name__)!r} (trained on "
+                             f"{data!r}): {type(err).__name__}: {str(err)[:500]}") from err
+        self._fits.add((shape, np.dtype(dtype)))
 
     def predict(self, x, *, batch_size: int = PREDICT_BATCH) -> dict[str, np.ndarray]:
         """The model's outputs in inference mode, ``{name: (N, ...)}`` numpy arrays (float32 for a
@@ -76,8 +106,9 @@ class Trained:
                 program runs every call).
 
         Raises:
-            ValueError: ``x`` is not an array of images or videos with at least one example, or
-                ``batch_size`` is not an int > 0.
+            ValueError: ``x`` is not an array of images or videos with at least one example, its
+                examples do not fit the model (e.g. another channel count, or images for a video
+                model), or ``batch_size`` is not an int > 0.
         """
         try:
             x = np.asarray(x)
@@ -90,6 +121,7 @@ class Trained:
                              "(N, H, W, C) or videos (N, T, H, W, C), N >= 1")
         if not is_positive_int(batch_size):
             raise ValueError(f"batch_size={batch_size!r}: expected an int > 0")
+        self._check_fits(x.shape[1:], x.dtype, "x")
         if self._on_device is None:
             self._on_device = jax.device_put(self.variables)
         n, b = len(x), min(batch_size, len(x))
@@ -103,8 +135,8 @@ class Trained:
     def export(self, shape, dtype=np.uint8, *, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
         """:meth:`predict`'s computation as one program for any number of examples of ``shape``
         (``jax.export`` with a symbolic batch; the variables inside it, so it stands alone):
-        ``exported.call(x)`` on ``x (N, *shape)`` of ``dtype`` returns what ``predict(x)`` does,
-        as JAX arrays; ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads
+        ``exported.call(x)`` on ``x (N, *shape)`` of ``dtype`` returns what ``predict(x)`` does
+        (to rounding: at a symbolic batch the program can differ), as JAX arrays; ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads
         back in a process with jax alone (neither hocp_jax nor Flax), e.g. for serving. A size
         given as ``None`` is symbolic too: one program for any height, say (the models that
         support it, and why the others do not: the README's "Exporting").
@@ -124,7 +156,8 @@ class Trained:
                 ``"gpu"``), e.g. ``("cpu", "cuda")``, or one as a string; default this process's backend.
 
         Raises:
-            ValueError: a bad ``shape`` or ``dtype``, or an unknown platform.
+            ValueError: a bad ``shape`` or ``dtype``, examples of ``shape`` that do not fit the
+                model (e.g. another channel count), or an unknown platform.
         """
         targets = (platforms,) if isinstance(platforms, str) else platforms
         if targets is not None and not (isinstance(targets, (tuple, list)) and targets
@@ -137,11 +170,12 @@ class Trained:
             raise ValueError(f"shape={shape!r}: expected one example's shape, (H, W, C) or (T, H, W, C) of ints > 0 "
                              "(T, H and W may be None: symbolic)")
         try:
-            dtype = np.dtype(dtype)
+            dtype = np.dtype(dtype) if dtype is not None else None  # (np.dtype(None) is float64)
         except TypeError as err:
             raise ValueError(f"dtype={dtype!r}: not a dtype ({err}); expected uint8 or a float dtype") from None
-        if not (dtype == np.uint8 or jnp.issubdtype(dtype, jnp.floating)):
+        if not (dtype == np.uint8 or dtype is not None and jnp.issubdtype(dtype, jnp.floating)):
             raise ValueError(f"dtype={dtype}: expected uint8 or a float dtype")
+        self._check_fits(shape, dtype, "shape")
         names = ("t", "h", "w")[-(len(shape) - 1):]
         sizes = [name if d is None else str(d) for name, d in zip(names, shape[:-1])]
         spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape(", ".join(["n", *sizes])), shape[-1]), dtype)
@@ -200,6 +234,9 @@ def load_trained(path, *, dtype: str | None = None) -> Trained:
         raise ValueError(f"path={os.fspath(path)!r}: the checkpoint {step_dir} does not say which model wrote it (its "
                          "run config has no model name); build the model and read its variables with "
                          "hocp_jax.training.checkpoint.restore_variables")
+    if dtype is None and run.get("dtype") not in (None, *DTYPES):
+        raise ValueError(f"path={os.fspath(path)!r}: the checkpoint {step_dir} stores dtype={run['dtype']!r}, "
+                         f"expected one of {DTYPES}; pass dtype= to choose one")
     model = build_model(model["name"], model.get("kwargs") or {}, dtype or run.get("dtype") or "float32")
     return Trained(model, variables, step_dir, run)
 

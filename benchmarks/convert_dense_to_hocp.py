@@ -68,6 +68,9 @@ def main():
     parser.add_argument("--ranks", nargs="+", default=["budget", "8", "4"], help="'budget' or ints")
     parser.add_argument("--n-iter", type=int, default=500, help="CP-ALS sweeps per layer (at most)")
     args = parser.parse_args()
+    bad = [r for r in args.ranks if r != "budget" and not (r.isdigit() and int(r) > 0)]
+    if bad or args.n_iter < 0 or args.epochs < 0:  # before the training, not after it
+        parser.error(f"--ranks {bad}: expected 'budget' or ints > 0" if bad else "--n-iter and --epochs: expected ints >= 0")
     dense, hocp = get_model("resnet18", tiny=True, head=HEAD), get_model("resnet18_hocp", tiny=True, head=HEAD)
     train_x, train_va, train_label = _data("train")
     test = _data("test")

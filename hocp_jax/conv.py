@@ -90,8 +90,8 @@ def check_modes(modes) -> tuple[str, ...]:
     if isinstance(modes, str) or not isinstance(modes, Iterable):
         raise ValueError(f"modes={modes!r}: expected a sequence of mode names, e.g. ('h', 'w')")
     modes = tuple(modes)
-    if not modes or len(set(modes)) != len(modes) or any(not isinstance(m, str) or m in RESERVED for m in modes):
-        raise ValueError(f"modes={modes!r}: expected a non-empty sequence of distinct names, none of {RESERVED}")
+    if not modes or len(set(modes)) != len(modes) or any(not isinstance(m, str) or not m or m in RESERVED for m in modes):
+        raise ValueError(f"modes={modes!r}: expected a non-empty sequence of distinct non-empty names, none of {RESERVED}")
     return modes
 
 

@@ -19,7 +19,9 @@ variables of its HO-CP twin (``get_model("resnet18_hocp")``, same ``tiny``/width
 The HO-CP model reads each layer's rank from the stored ``lambda``, so any rank applies; at
 ``rank="budget"`` the tree has exactly the shapes of ``get_model("resnet18_hocp")``'s
 default init (the paper's equal-parameter rule, :func:`hocp_jax.counting.cp_rank_for_budget`).
-The models' convs are linear (``psi=None``); a converted model with Psi would not be exact.
+The ResNets' convs are linear (``psi=None``), so their conversion is exact up to the CP fit;
+``jester_hocp`` has a ReLU between factors (``psi="relu"``), so its converted model computes
+something else than the dense one with the rebuilt kernels (a start for fine-tuning).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from hocp_jax.checks import check_key
 from hocp_jax.conv import default_modes
 from hocp_jax.decomposition import RankRule, decompose, rank_for
 from hocp_jax.tree import Path, get_at, path_str, set_at, to_dict, walk
@@ -39,10 +42,17 @@ SHORTCUT_RULES = ("dense", "cp")
 
 
 def _dense_convs(params: Any) -> list[Path]:
-    """Paths of DenseConv modules: dicts holding only ``{"conv": {"kernel": (*K, C_in, C_out)}}``."""
-    return [p for p, node in walk(params)
-            if set(node) == {"conv"} and isinstance(node["conv"], Mapping) and set(node["conv"]) == {"kernel"}
-            and np.ndim(node["conv"]["kernel"]) >= 3]
+    """Paths of DenseConv modules: dicts holding only ``{"conv": {"kernel": (*K, C_in, C_out)}}``;
+    a ValueError naming one that holds more beside its kernel (a bias), which has no CP twin."""
+    found = [(p, node["conv"]) for p, node in walk(params)
+             if set(node) == {"conv"} and isinstance(node["conv"], Mapping) and "kernel" in node["conv"]
+             and np.ndim(node["conv"]["kernel"]) >= 3]
+    for path, conv in found:
+        if set(conv) != {"kernel"}:
+            raise ValueError(f"variables: the conv at '{path_str(path)}/conv' holds {sorted(set(conv) - {'kernel'})} "
+                             "beside its kernel; dense_to_hocp converts the models' DenseConvs, which have no bias "
+                             "(for other trees: hocp_jax.decomposition.decompose_tree keeps other leaves)")
+    return [path for path, _ in found]
 
 
 def cpconv_modes(n: int) -> tuple[str, ...]:
@@ -86,6 +96,14 @@ def dense_to_hocp(
                          f"{sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__}")
     if shortcut not in SHORTCUT_RULES:
         raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUT_RULES}")
+    clash = sorted(set(decompose_kwargs) & {"modes", "key", "callback"})
+    if clash:
+        raise ValueError(f"{clash[0]}={decompose_kwargs[clash[0]]!r}: dense_to_hocp sets decompose's {clash} itself "
+                         "(the HO-CP models' mode names; key and callback are its own arguments)")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r}: expected None or callback(layer_path, sweeps_done, rel_error)")
+    key = jax.random.key(0) if key is None else key
+    check_key(key)
     params = to_dict(variables["params"])
     targets = []
     for path in _dense_convs(params):
@@ -96,7 +114,6 @@ def dense_to_hocp(
     if not targets:
         raise ValueError("variables: no dense conv (a '<name>/conv/kernel' leaf with a spatial kernel > 1) to convert; "
                          "expected the variables of a dense model such as get_model('resnet18')")
-    key = jax.random.key(0) if key is None else key
     errors = {}
     for (path, kernel), k in zip(targets, jax.random.split(key, len(targets))):
         r = rank_for(rank, path, tuple(np.shape(kernel)), name="rank")

@@ -22,7 +22,7 @@ import numpy as np
 
 from hocp_jax import counting
 from hocp_jax.checks import check_flags, check_int, check_key, check_positive_int, check_real, is_int, is_positive_int
-from hocp_jax.conv import RESERVED, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
+from hocp_jax.conv import check_modes, cp_to_kernel, default_modes, mode_key, tucker_to_kernel
 from hocp_jax.tree import Path, dense_leaves, get_at, path_str, set_at, to_dict
 
 # ----------------------------------------------------------------------------- CP-ALS
@@ -123,33 +123,44 @@ def _als_chunk(x: jax.Array, state: _ALSState, max_sweep, tol, ridge, floor, lin
     return jax.lax.while_loop(cond, body, state)
 
 
-def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, tuple[str, ...], Any]:
-    """The kernel in the dtype of the fit (float32 for ints and floats narrower than 32 bits,
-    whose linear algebra XLA does not run), its validated modes and the dtype of the result."""
-    kernel = jnp.asarray(kernel)
-    out_dtype = kernel.dtype if jnp.issubdtype(kernel.dtype, jnp.floating) else jnp.dtype(jnp.float32)
-    if kernel.ndim < 3:
-        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) with >= 1 spatial axis")
-    n_sp = kernel.ndim - 2
-    modes = tuple(modes) if modes is not None else default_modes(n_sp)
-    if len(modes) != n_sp or len(set(modes)) != n_sp or any(m in RESERVED for m in modes):
-        raise ValueError(f"modes={modes!r}: expected {n_sp} distinct names (none of {RESERVED}) for kernel {tuple(kernel.shape)}")
+def _check_kernel(kernel: Any, modes: Sequence[str] | None) -> tuple[jax.Array, tuple[str, ...], Any, float]:
+    """The kernel divided by its Frobenius norm (so that the fit's float32 norms and Gram
+    products neither overflow nor underflow at any scale), in the dtype of the fit (float32 for
+    ints and floats narrower than 32 bits, whose linear algebra XLA does not run); its validated
+    modes, the dtype of the result and the norm (float64), which the caller multiplies back."""
+    try:
+        kernel = np.asarray(kernel)
+    except ValueError as err:  # e.g. a ragged nested list
+        raise ValueError(f"kernel: not an array ({err}); expected a real (*K, C_in, C_out) array") from None
+    if not jnp.issubdtype(kernel.dtype, jnp.number):  # (bools, strings, objects)
+        raise ValueError(f"kernel: got dtype {kernel.dtype}, expected a real (*K, C_in, C_out) array of numbers")
     if jnp.issubdtype(kernel.dtype, jnp.complexfloating):  # (the cast below would keep the real part)
         raise ValueError(f"kernel: got dtype {kernel.dtype}, expected a real kernel")
-    if not jnp.issubdtype(kernel.dtype, jnp.floating) or jnp.finfo(kernel.dtype).bits < 32:
-        kernel = kernel.astype(jnp.float32)
-    norm = float(np.linalg.norm(np.asarray(kernel, np.float64)))
+    # (float64 is float32 unless jax_enable_x64, as jnp.asarray makes it)
+    out_dtype = jax.dtypes.canonicalize_dtype(kernel.dtype if jnp.issubdtype(kernel.dtype, jnp.floating) else jnp.float32)
+    if kernel.ndim < 3 or 0 in kernel.shape:
+        raise ValueError(f"kernel: got shape {tuple(kernel.shape)}, expected (*K, C_in, C_out) with >= 1 spatial axis "
+                         "and no axis of size 0")
+    n_sp = kernel.ndim - 2
+    modes = check_modes(modes) if modes is not None else default_modes(n_sp)
+    if len(modes) != n_sp:
+        raise ValueError(f"modes={modes!r}: expected {n_sp} names for kernel {tuple(kernel.shape)}")
+    wide = np.asarray(kernel, np.float64)
+    norm = float(np.linalg.norm(wide))
     if not (np.isfinite(norm) and norm > 0):
         raise ValueError(f"kernel: its Frobenius norm is {norm}; expected a finite nonzero kernel")
-    return kernel, modes, out_dtype
+    fit_dtype = out_dtype if jnp.finfo(out_dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    return jnp.asarray(wide / norm, fit_dtype), modes, out_dtype, norm
 
 
-def _in_dtype(params: dict, kernel: jax.Array, rebuild, dtype) -> tuple[dict, jax.Array]:
-    """``params`` cast to ``dtype`` (a no-op unless the fit ran in float32 for a narrower
-    kernel) and the relative error of their reconstruction ``rebuild(params)``."""
-    params = {k: v.astype(dtype) for k, v in params.items()}
-    rel = jnp.linalg.norm(rebuild({k: v.astype(kernel.dtype) for k, v in params.items()}) - kernel)
-    return params, rel / jnp.linalg.norm(kernel)
+def _returned(params: dict, kernel: jax.Array, rebuild, dtype, key: str, norm: float) -> tuple[dict, float]:
+    """What the caller gets: ``params`` (fitted to ``kernel``, the kernel over ``norm``) with
+    ``params[key]`` (CP's lambda, Tucker's core) times ``norm``, in ``dtype`` (the kernel's,
+    narrower than the fit's for bfloat16/float16); and the relative error of their
+    reconstruction ``rebuild(params)``, computed from the returned values scaled back."""
+    out = {k: (v * norm if k == key else v).astype(dtype) for k, v in params.items()}
+    back = {k: v.astype(kernel.dtype) / norm if k == key else v.astype(kernel.dtype) for k, v in out.items()}
+    return out, float(jnp.linalg.norm(rebuild(back) - kernel) / jnp.linalg.norm(kernel))
 
 
 def _default_tol(dtype) -> float:
@@ -160,7 +171,7 @@ def _default_tol(dtype) -> float:
 
 def _check_tol(tol) -> float:
     check_real(tol, "tol", lambda v: v < float("inf"), "a number < inf (or None: 10 eps of the dtype; "
-               "a negative tol, e.g. -inf, runs every sweep)")
+               "a negative tol, e.g. -inf, runs every sweep short of an exact fit)")
     return float(tol)
 
 
@@ -203,7 +214,7 @@ def decompose(
       n_iter: maximum number of sweeps.
       tol: relative decrease of the error per sweep below which ALS stops; default ``10 eps``
         of the kernel's dtype (1.2e-6 in float32); a negative one (e.g. ``-inf``) runs all
-        ``n_iter`` sweeps.
+        ``n_iter`` sweeps unless the error reaches ``10 eps`` (an exact fit).
       key: PRNG key for the random parts of the init (default ``jax.random.key(0)``).
       init: ``"svd"`` (HOSVD: leading left singular vectors of each unfolding, padded with
         random columns when R exceeds the mode size) or ``"random"`` (standard normal).
@@ -220,9 +231,11 @@ def decompose(
       ``(cp_params, rel_error)``: ``{"lambda", "factor_in", "factor_out", "factor_<m>"...}``
       and ``||W - W_hat||_F / ||W||_F`` computed from the reconstructed kernel.
     """
-    kernel, modes, out_dtype = _check_kernel(kernel, modes)
+    kernel, modes, out_dtype, norm = _check_kernel(kernel, modes)
     check_positive_int(rank, "rank")
     check_flags(line_search=line_search)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r}: expected None or callback(sweeps_done, rel_error)")
     key = jax.random.key(0) if key is None else key
     check_key(key)
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
@@ -242,19 +255,20 @@ def decompose(
     state = _init_state(kernel, noise, init == "svd")
     chunk = report_every or (50 if callback is not None else max(int(n_iter), 1))
     while int(state.sweep) < n_iter:
-        stop = min(int(state.sweep) + chunk, int(n_iter))
+        done = int(state.sweep)
+        stop = min(done + chunk, int(n_iter))
         state = _als_chunk(kernel, state, stop, tol, ridge, 10 * eps, line_search)
+        if int(state.sweep) == done:  # it had converged at the end of the chunk before
+            break
         if callback is not None:
             callback(int(state.sweep), float(state.error))
         if int(state.sweep) < stop:  # converged inside the chunk
             break
-    cp, rel = _to_params(kernel, state.factors, modes)
-    if out_dtype != kernel.dtype:
-        cp, rel = _in_dtype(cp, kernel, lambda p: cp_to_kernel(p, modes), out_dtype)
-    if not np.isfinite(float(rel)):
+    cp, rel = _returned(_to_params(state.factors, modes), kernel, lambda p: cp_to_kernel(p, modes), out_dtype, "lambda", norm)
+    if not np.isfinite(rel):
         raise FloatingPointError(f"decompose: CP-ALS of kernel {tuple(kernel.shape)} at rank={rank} gave non-finite "
                                  "factors; try init='random' or a smaller rank")
-    return cp, float(rel)
+    return cp, rel
 
 
 @functools.partial(jax.jit, static_argnames=("svd_init",))
@@ -273,12 +287,11 @@ def _init_state(kernel: jax.Array, noise: Sequence[jax.Array], svd_init: bool) -
 
 
 @functools.partial(jax.jit, static_argnames=("modes",))
-def _to_params(kernel: jax.Array, factors: Sequence[jax.Array], modes: tuple[str, ...]):
-    """CP params (unit factor_out columns, scale in lambda) and the error of their reconstruction."""
+def _to_params(factors: Sequence[jax.Array], modes: tuple[str, ...]) -> dict[str, jax.Array]:
+    """CP params of the ALS factors: unit factor_out columns, the scale in lambda."""
     lam = jnp.linalg.norm(factors[-1], axis=0)
     cp = {"lambda": lam, "factor_in": factors[-2], "factor_out": factors[-1] / jnp.where(lam > 0, lam, 1.0)}
-    cp |= {mode_key(m): f for m, f in zip(modes, factors[:-2])}
-    return cp, jnp.linalg.norm(cp_to_kernel(cp, modes) - kernel) / jnp.linalg.norm(kernel)
+    return cp | {mode_key(m): f for m, f in zip(modes, factors[:-2])}
 
 
 # ----------------------------------------------------------------------------- Tucker-2
@@ -306,18 +319,19 @@ def tucker_decompose(
       ``({"factor_in", "core", "factor_out"}, rel_error)`` with the relative Frobenius error
       of the reconstruction.
     """
-    kernel, _, out_dtype = _check_kernel(kernel, None)
+    kernel, _, out_dtype, norm = _check_kernel(kernel, None)
     c_in, c_out = kernel.shape[-2:]
+    taps = int(np.prod(kernel.shape[:-2]))
     if (not isinstance(ranks, (tuple, list)) or len(ranks) != 2
             or not all(is_int(r) for r in ranks)
-            or not (1 <= ranks[0] <= c_in and 1 <= ranks[1] <= c_out)):
-        raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in} and 1 <= R_out <= {c_out}")
+            or not (1 <= ranks[0] <= min(c_in, taps * ranks[1]) and 1 <= ranks[1] <= min(c_out, taps * ranks[0]))):
+        raise ValueError(f"ranks={ranks!r}: expected (R_in, R_out) ints with 1 <= R_in <= {c_in}, 1 <= R_out <= {c_out}, "
+                         f"R_in <= {taps} R_out and R_out <= {taps} R_in (the kernel's {taps} taps times the other "
+                         "rank: the core cannot hold more components)")
     check_int(n_iter, "n_iter", 0)
     tol = _default_tol(kernel.dtype) if tol is None else _check_tol(tol)
-    params, rel = _hooi(kernel, int(ranks[0]), int(ranks[1]), int(n_iter), tol)
-    if out_dtype != kernel.dtype:
-        params, rel = _in_dtype(params, kernel, tucker_to_kernel, out_dtype)
-    return params, float(rel)
+    params = _hooi(kernel, int(ranks[0]), int(ranks[1]), int(n_iter), tol)
+    return _returned(params, kernel, tucker_to_kernel, out_dtype, "core", norm)
 
 
 @functools.partial(jax.jit, static_argnames=("r_in", "r_out"))
@@ -338,8 +352,7 @@ def _hooi(kernel: jax.Array, r_in: int, r_out: int, n_iter, tol):
     u_in, u_out = _leading(_unfold(kernel, n), r_in), _leading(_unfold(kernel, n + 1), r_out)
     start = (jnp.asarray(0), u_in, u_out, jnp.asarray(-1.0, kernel.dtype), jnp.linalg.norm(core(u_in, u_out)))
     _, u_in, u_out, _, _ = jax.lax.while_loop(cond, body, start)
-    params = {"factor_in": u_in, "core": core(u_in, u_out), "factor_out": u_out}
-    return params, jnp.linalg.norm(tucker_to_kernel(params) - kernel) / jnp.linalg.norm(kernel)
+    return {"factor_in": u_in, "core": core(u_in, u_out), "factor_out": u_out}
 
 
 # ----------------------------------------------------------------------------- whole trees
@@ -378,7 +391,9 @@ def decompose_tree(
 
     Naming: in the dict that holds the kernel, ``"kernel"`` is replaced by the CP leaves
     ``lambda``, ``factor_in``, ``factor_out``, ``factor_<m>`` (modes ``default_modes`` of the
-    kernel's spatial rank, e.g. ``factor_h``, ``factor_w``); other leaves (``"bias"``) stay.
+    kernel's spatial rank, e.g. ``factor_h``, ``factor_w``; a 3-D kernel's ``factor_d``, where
+    :func:`hocp_jax.conversion.dense_to_hocp` names the HO-CP models' ``factor_t``); other
+    leaves (``"bias"``) stay.
     E.g. ``params["stem"]["conv"]["kernel"]`` -> ``params["stem"]["conv"]["factor_h"]``...
     Apply the result with :func:`hocp_jax.conv.cp_conv` or a ``CPConv`` at that path. To
     turn a dense model into its HO-CP twin (the CP leaves one level up, shortcuts kept
@@ -395,11 +410,12 @@ def decompose_tree(
     Returns:
       ``(new_params, rel_errors)`` with ``rel_errors[path_str] = ||W - W_hat|| / ||W||``.
     """
+    key = jax.random.key(0) if key is None else key
+    check_key(key)
     out = to_dict(params)
     targets = [p for p, n in dense_leaves(out) if n == "kernel"]
     if not targets:
         raise ValueError("params: no dense conv kernel (leaf 'kernel' with >= 3 axes) to decompose")
-    key = jax.random.key(0) if key is None else key
     errors = {}
     for path, k in zip(targets, jax.random.split(key, len(targets))):
         node = get_at(out, path)

@@ -1,5 +1,6 @@
 """Dense -> HO-CP conversion: the converted tree is exactly the HO-CP model's, and the HO-CP
 model on it computes what the dense model computes with the reconstructed kernels."""
+import re
 
 import chex
 import jax
@@ -83,6 +84,14 @@ def test_dense_to_hocp_rejects_bad_inputs():
         dense_to_hocp({"params": {"head": {"kernel": jnp.ones((4, 2))}}})
     with pytest.raises(ValueError, match="^rank='max': expected an int"):  # its own argument's name, not rank_rule
         dense_to_hocp({"params": {"b": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}}}}, "max")
+    # found by an audit (stop 79); before: TypeErrors from decompose, functools or JAX, or "no dense conv"
+    one_conv = {"params": {"b": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}}}}
+    for kwargs, match in (({"modes": ("h", "w")}, "modes=('h', 'w'): dense_to_hocp sets decompose's ['modes']"),
+                          ({"callback": 3}, "callback=3: expected None"), ({"key": 0}, "key=0: expected a PRNG key")):
+        with pytest.raises(ValueError, match="^" + re.escape(match)):
+            dense_to_hocp(one_conv, 2, **kwargs)
+    with pytest.raises(ValueError, match=re.escape("the conv at 'b/conv' holds ['bias'] beside its kernel")):
+        dense_to_hocp({"params": {"b": {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.zeros(2)}}}}, 2)
 
 
 def test_video_kernels_become_the_temporal_and_spatial_factors_of_the_hocp_twin():

@@ -137,6 +137,47 @@ def test_decompose_rejects_bad_inputs():
     for kwargs, match in (({"n_iter": True}, "n_iter=True"), ({"n_iter": 2.5}, "n_iter=2.5"), ({"tol": float("nan")}, "tol=nan")):
         with pytest.raises(ValueError, match=match):
             D.tucker_decompose(kernel, (2, 2), **kwargs)
+    # found by an audit (stop 79); before: accepted silently, or an error from inside numpy or JAX
+    rng = np.random.default_rng(9)
+    for ranks in ((8, 2), (2, 8)):  # a 1x1 kernel's core holds at most the other rank (was: a while_loop TypeError)
+        with pytest.raises(ValueError, match=re.escape(f"ranks={ranks!r}: expected") + ".*R_in <= 1 R_out"):
+            D.tucker_decompose(rng.standard_normal((1, 1, 8, 8)).astype(np.float32), ranks)
+    for modes, match in (("hw", "modes='hw': expected a sequence"), (3, "modes=3"), (("", "w"), "non-empty names"),
+                         (("h", "w", "t"), "expected 2 names")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            D.decompose(kernel, 2, modes=modes)
+    for bad, match in ((None, "dtype object"), ("abc", "dtype <U3"), ([[[1, 2], [3]]], "not an array"),
+                       (kernel > 0, "dtype bool"), (jnp.ones((3, 3, 0, 2)), "no axis of size 0")):
+        with pytest.raises(ValueError, match="^kernel: .*" + re.escape(match)):
+            D.decompose(bad, 2)
+    with pytest.raises(ValueError, match="^callback=3: expected None"):  # was: 'int' object is not callable, after a chunk
+        D.decompose(kernel, 2, callback=3)
+    with pytest.raises(ValueError, match="^key=0: expected a PRNG key"):  # was: JAX's invalid PRNG key data
+        D.decompose_tree({"block": {"kernel": kernel}}, 2, key=0)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_the_fit_does_not_depend_on_the_kernels_scale(scale):
+    """Before: the fit's float32 norms overflowed or underflowed outside about 1e-19..1e18 (CP-ALS raised, Tucker
+    returned rel_error nan); now the kernel is fitted over its norm, which goes back into lambda and the core."""
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((3, 3, 6, 5))
+    kernel = (w * scale).astype(np.float32)
+    cp, err = D.decompose(kernel, 4, n_iter=60)
+    assert err == pytest.approx(_rel(_np_cp(cp, ("h", "w")) / scale, w), rel=1e-4) and 0 < err < 1
+    params, err = D.tucker_decompose(kernel, (3, 3))
+    rebuilt = np.einsum("hwab,ca,tb->hwct", *(np.asarray(params[k], np.float64) for k in ("core", "factor_in", "factor_out")))
+    assert err == pytest.approx(_rel(rebuilt / scale, w), rel=1e-4) and 0 < err < 1
+
+
+def test_the_callback_is_called_once_per_chunk_that_ran():
+    """Before: a fit converging at the end of a chunk ran an empty chunk and reported its sweep count twice."""
+    rng = np.random.default_rng(11)
+    exact = np.einsum("hr,wr,cr,tr->hwct", *(rng.normal(size=(n, 3)) for n in (3, 3, 4, 5))).astype(np.float32)
+    _, _ = D.decompose(exact, 3)
+    done = []
+    D.decompose(exact, 3, report_every=1, callback=lambda i, e: done.append(i))
+    assert done == list(range(1, len(done) + 1))
 
 
 def test_tucker_decompose_matches_tensorly_and_dense_conv():

@@ -35,7 +35,7 @@ import numpy as np
 
 from hocp_jax.checks import check_key
 from hocp_jax.conv import default_modes
-from hocp_jax.decomposition import RankRule, decompose, rank_for
+from hocp_jax.decomposition import RankRule, decompose, layer_key, rank_for
 from hocp_jax.tree import Path, get_at, path_str, set_at, to_dict, walk
 
 SHORTCUT_RULES = ("dense", "cp")
@@ -80,7 +80,9 @@ def dense_to_hocp(
         conv dense — the HO-CP model then cannot apply the tree).
       shortcut: ``"dense"`` keeps 1x1 convs dense (the HO-CP model's default), ``"cp"``
         decomposes them too (for ``get_model(..., shortcut="cp")``).
-      key: PRNG key for the CP-ALS inits, split per layer.
+      key: PRNG key for the CP-ALS inits, folded with each layer's path
+        (:func:`hocp_jax.decomposition.layer_key`: a layer's init does not depend on which
+        other layers are converted).
       callback: progress on big models, ``callback(layer_path, sweeps_done, rel_error)``
         every ``report_every`` sweeps (default 50) of each layer's CP-ALS, e.g.
         ``lambda p, i, e: print(p, i, f"{e:.3f}")``.
@@ -115,12 +117,12 @@ def dense_to_hocp(
         raise ValueError("variables: no dense conv (a '<name>/conv/kernel' leaf with a spatial kernel > 1) to convert; "
                          "expected the variables of a dense model such as get_model('resnet18')")
     errors = {}
-    for (path, kernel), k in zip(targets, jax.random.split(key, len(targets))):
+    for path, kernel in targets:
         r = rank_for(rank, path, tuple(np.shape(kernel)), name="rank")
         if r is None:
             continue
         report = None if callback is None else functools.partial(callback, path_str(path))
-        cp, errors[path_str(path)] = decompose(kernel, r, modes=cpconv_modes(np.ndim(kernel) - 2), key=k,
-                                               callback=report, **decompose_kwargs)
+        cp, errors[path_str(path)] = decompose(kernel, r, modes=cpconv_modes(np.ndim(kernel) - 2),
+                                               key=layer_key(key, path), callback=report, **decompose_kwargs)
         params = set_at(params, path, cp)
     return {**to_dict(variables), "params": params}, errors

@@ -13,6 +13,7 @@ Dense -> HO-CP conversion of a whole trained model lives in :mod:`hocp_jax.conve
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -358,6 +359,13 @@ def _hooi(kernel: jax.Array, r_in: int, r_out: int, n_iter, tol):
 # ----------------------------------------------------------------------------- whole trees
 
 
+def layer_key(key: jax.Array, path: Path) -> jax.Array:
+    """The CP-ALS key of the layer at ``path``: ``key`` folded with a CRC-32 of its path string,
+    so that a layer's init depends on its name alone, not on which other layers a tree holds or
+    converts (a split by position did)."""
+    return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()))
+
+
 RankRule = int | str | Callable[[Path, tuple[int, ...]], int | None]
 
 
@@ -404,7 +412,7 @@ def decompose_tree(
       rank_rule: an int (every kernel), ``"budget"`` (largest rank with no more parameters
         than the dense kernel, :func:`hocp_jax.counting.cp_rank_for_budget`), or
         ``callable(path, kernel_shape) -> rank`` (``None`` keeps that kernel dense).
-      key: PRNG key, split per kernel.
+      key: PRNG key, folded with each kernel's path (:func:`layer_key`).
       **decompose_kwargs: passed to :func:`decompose` (``n_iter``, ``tol``, ``init``...).
 
     Returns:
@@ -417,12 +425,12 @@ def decompose_tree(
     if not targets:
         raise ValueError("params: no dense conv kernel (leaf 'kernel' with >= 3 axes) to decompose")
     errors = {}
-    for path, k in zip(targets, jax.random.split(key, len(targets))):
+    for path in targets:
         node = get_at(out, path)
         rank = rank_for(rank_rule, path, tuple(np.shape(node["kernel"])))
         if rank is None:
             continue
-        cp, err = decompose(node["kernel"], rank, key=k, **decompose_kwargs)
+        cp, err = decompose(node["kernel"], rank, key=layer_key(key, path), **decompose_kwargs)
         out = set_at(out, path, {n: v for n, v in node.items() if n != "kernel"} | cp)
         errors[path_str(path)] = err
     return out, errors

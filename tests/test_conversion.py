@@ -30,6 +30,17 @@ def converted():
     return dense, variables, new, errors
 
 
+def test_a_layers_init_depends_on_its_path_alone(converted):
+    """Before: the per-layer keys were a split of ``key`` by position among the converted convs, so converting
+    the shortcuts too (or one layer fewer) changed the other layers' inits and fits."""
+    _, variables, new, _ = converted
+    also, _ = dense_to_hocp(variables, "budget", n_iter=50, shortcut="cp")
+    for path in ("stem", "layer1_0/conv1", "layer2_0/conv2"):
+        chex.assert_trees_all_equal(get_at(also["params"], tuple(path.split("/"))),
+                                    get_at(new["params"], tuple(path.split("/"))))
+    assert set(also["params"]["layer2_0"]["shortcut"]) == {"lambda", "factor_in", "factor_out", "factor_h", "factor_w"}
+
+
 def test_converted_tree_is_the_hocp_models_tree(converted):
     _, variables, new, errors = converted
     hocp = get_model("resnet18_hocp", **SMALL)

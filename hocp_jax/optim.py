@@ -55,6 +55,12 @@ def _leaf_path(kpath) -> Path:
     return tuple(_key_name(k) for k in kpath)
 
 
+def _cp_paths(tree: Any) -> set[Path]:
+    """The CP layers' paths as :func:`_leaf_path` names them: every key a string (``nnx.Sequential``'s
+    and lists' layers sit under int keys, which a key path names as strings too)."""
+    return {tuple(str(k) for k in path) for path in cp_layer_paths(tree)}
+
+
 def _check_temporal_modes(temporal_modes: Sequence[str]) -> tuple[str, ...]:
     """``temporal_modes`` as a tuple of mode names (none of ``RESERVED``), else a ValueError."""
     modes = None if isinstance(temporal_modes, str) else tuple(temporal_modes)
@@ -108,7 +114,7 @@ def label_params(params: Any, trainable: Trainable = "all", temporal_modes: Sequ
     """
     select = _selector(trainable)
     temporal_modes = _check_temporal_modes(temporal_modes)
-    cp = cp_layer_paths(params)
+    cp = _cp_paths(params)
 
     def label(kpath, _):
         path = _leaf_path(kpath)
@@ -195,7 +201,7 @@ def transduction_stages(
 
 def _map_lambdas(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """``tree_map`` applying ``fn(leaf, *rest_leaves)`` to CP-layer lambdas, identity elsewhere."""
-    cp = cp_layer_paths(tree)
+    cp = _cp_paths(tree)
 
     def f(kpath, leaf, *others):
         path = _leaf_path(kpath)

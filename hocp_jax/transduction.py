@@ -76,9 +76,11 @@ def transduce(params: Any, modes: Mapping[str, int] | None = None, init: str = "
       params: parameter tree (dict or FrozenDict) holding at least one CP layer.
       modes: ``{mode_name: kernel_size}``, default ``{"t": 3}``. A name already present in a
         layer, or one of ``("in", "out", "skip")``, is refused.
-      init: ``"ones"`` (the paper's choice: each output frame sums the static responses of
-        its K neighbours), ``"delta"`` (centre tap 1, others 0; K odd: the transduced model
-        reproduces frame-by-frame static predictions exactly), ``"mean"`` (1/K: the average).
+      init: ``"ones"`` (the paper's choice: each output frame sums the static CP responses
+        of its K neighbours; the skip factor and the bias still apply to the frame itself),
+        ``"delta"`` (centre tap 1, others 0; K odd: the transduced model reproduces
+        frame-by-frame static predictions exactly), ``"mean"`` (1/K: the average of the CP
+        responses, skip and bias as for ``"ones"``).
       dense: what to do with non-CP conv weights (dense ``kernel`` >= 3-D, Tucker ``core``,
         ``depthwise``), which cannot gain a factor:
         ``"error"`` (default) refuses them; ``"keep"`` leaves them unchanged — correct when the

@@ -74,6 +74,26 @@ def test_transduce_masks_and_lasso_on_nnx_state():
         static(vid)
 
 
+def test_masks_and_the_proximal_step_find_layers_under_int_keys():
+    """nnx.Sequential (and lists) hold their layers under int keys; before, the masks and the proximal step
+    compared them as strings with the layers' int paths and found no CP layer (the lambdas stayed, silently)."""
+    seq = nnx.Sequential(nnx_layers.CPConv(3, 4, 3, rank=4, rngs=nnx.Rngs(0)),
+                         nnx_layers.CPConv(4, 4, 3, rank=4, rngs=nnx.Rngs(1)))
+    params = nnx.to_pure_dict(nnx.state(seq, nnx.Param))
+    assert 0 in params["layers"]  # (int keys)
+    lams = [np.asarray(params["layers"][i]["lambda"]) for i in (0, 1)]
+    big = float(max(np.abs(lam).max() for lam in lams)) + 1.0
+    out = optim.soft_threshold_lambdas(params, big)  # a threshold above every |lambda|: all zero
+    assert all(np.all(np.asarray(out["layers"][i]["lambda"]) == 0) for i in (0, 1))
+    np.testing.assert_array_equal(out["layers"][1]["factor_h"], params["layers"][1]["factor_h"])
+    labels = optim.label_params(params, "lambda")
+    assert labels["layers"][0]["lambda"] == labels["layers"][1]["lambda"] == "trainable"
+    assert labels["layers"][0]["factor_in"] == "frozen"
+    video = transduction.transduce(params, {"t": 3}, init="delta")
+    tx = optim.masked_optimizer(optax.sgd(0.1), video, trainable="temporal")  # was: "selects no leaf"
+    assert tx.init(video) is not None
+
+
 @pytest.mark.parametrize("trainable, names", [
     ("temporal", {"factor_t"}),
     (("lambda", "spatial"), {"lambda", "factor_h", "factor_w"}),

@@ -9,8 +9,8 @@ r"""Optimisation pieces for transduction and automatic rank selection (paper Sec
   ``nnx.State``, what ``nnx.Optimizer`` gives ``tx.init``) are named like their pure dicts:
   the variable's trailing ``.value`` key is dropped.
 * :func:`masked_optimizer` freezes leaves with ``optax.partition`` + ``optax.set_to_zero``
-  (frozen leaves get no optimizer state and zero updates, so they stay bitwise unchanged,
-  weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
+  (frozen leaves get no optimizer state and zero updates, so they keep their values, bitwise
+  but for a -0.0, which ``x + 0.0`` makes +0.0; weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
 * Lasso on the CP conv layers' lambdas (the paper's automatic rank selection):
   :func:`l1_lambda` (penalty), :func:`soft_threshold_lambdas` (the proximal step as a
   function of a params tree) / :func:`prox_l1_lambdas` (the same as an optax transform to
@@ -140,8 +140,8 @@ def masked_optimizer(
 
     Frozen leaves get no state from ``tx`` (``optax.partition`` masks them out, and
     ``set_to_zero`` has an empty state) and zero updates, so ``optax.apply_updates`` leaves
-    them bitwise unchanged — decoupled weight decay (AdamW) included, since ``tx`` never sees
-    them. Labels are recomputed from the tree given to ``init``/``update`` (same names, so
+    them unchanged, bitwise but for a -0.0 (``-0.0 + 0.0`` is +0.0) — decoupled weight decay
+    (AdamW) included, since ``tx`` never sees them. Labels are recomputed from the tree given to ``init``/``update`` (same names, so
     dict, FrozenDict and ``nnx.State`` trees all work, e.g. in
     ``nnx.Optimizer(model, masked_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param)``);
     ``params`` is used to check the selection here.
@@ -218,6 +218,7 @@ def l1_lambda(params: Any, gamma: float | jax.Array) -> jax.Array:
     ``gamma``: a real number >= 0 (checked unless traced).
     """
     check_real(gamma, "gamma")
+    require_cp_layers(params, "l1_lambda")  # (before the jit, which would name the tree a tracer)
     return _l1_lambda(params, gamma)
 
 

@@ -97,6 +97,9 @@ def prune_rank(params: Any, threshold: float = 0.0, batch_stats: Any = None) -> 
       ``(params, batch_stats, report)``; ``batch_stats`` is None when none was given.
     """
     check_real(threshold, "threshold")
+    if batch_stats is not None and not isinstance(batch_stats, Mapping):
+        raise ValueError(f"batch_stats={batch_stats!r:.100}: expected None or the (nested) dict of the model's "
+                         "batch statistics, variables['batch_stats']")
     out = to_dict(params)
     stats = to_dict(batch_stats) if batch_stats is not None else None
     rows = []

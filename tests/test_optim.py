@@ -236,3 +236,8 @@ def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
     for bad in (None, {}, []):  # not a parameter tree (was: "selects no leaf")
         with pytest.raises(ValueError, match=re.escape(f"params={bad!r}: expected a parameter tree")):
             optim.masked_optimizer(optax.sgd(0.1), bad, "all")
+    # an audit (stop 79): the array named as an array (was: a tracer), batch_stats of another type (was: a TypeError)
+    with pytest.raises(ValueError, match="^params: expected a .* got ArrayImpl"):
+        optim.l1_lambda(jnp.ones(3), 1e-3)
+    with pytest.raises(ValueError, match="^batch_stats=3.0: expected None or the"):
+        pruning.prune_rank(params, 0.0, batch_stats=3.0)

@@ -193,11 +193,15 @@ class CPConv(nn.Module):
         temporal = layer_specs.temporal_in_use(x.shape, spatial, temporal_modes, self.name or "CPConv")
         for m in temporal:
             if not self.is_initializing() and not self.has_variable("params", conv.mode_key(m)):
+                other = [k for k in self.variables.get("params", {}) if k.startswith("factor_")
+                         and k[len("factor_"):] not in (*conv.RESERVED, *spatial, *temporal_modes)]
                 raise ValueError(
                     f"x: got {x.ndim - 2}-D input {tuple(x.shape)} but layer '{self.name or 'CPConv'}' has no "
-                    f"'{conv.mode_key(m)}' "
-                    "factor: it was built for static input. Transduce its parameters first "
-                    "(hocp_jax.transduction.transduce) or initialise the model on video."
+                    f"'{conv.mode_key(m)}' factor" + (
+                        f": its parameters hold {other}, transduced with other mode names than temporal_modes="
+                        f"{temporal_modes!r}? Give the layer those names, or transduce with them." if other else
+                        ": it was built for static input. Transduce its parameters first "
+                        "(hocp_jax.transduction.transduce) or initialise the model on video.")
                 )
         c_in = x.shape[-1]
         cp_leaves = ["lambda", "factor_in", "factor_out"] + [conv.mode_key(m) for m in temporal + spatial]

@@ -242,7 +242,8 @@ def soft_threshold_lambdas(params: Any, threshold: float | jax.Array) -> Any:
     """
     check_real(threshold, "threshold")
     require_cp_layers(params, "soft_threshold_lambdas")
-    return _map_lambdas(lambda lam: _soft_threshold(lam, threshold), params)
+    # in the lambdas' dtype: a float32 threshold would promote bfloat16 lambdas
+    return _map_lambdas(lambda lam: _soft_threshold(lam, threshold).astype(lam.dtype), params)
 
 
 def prox_l1_lambdas(threshold: optax.ScalarOrSchedule) -> optax.GradientTransformation:

@@ -241,6 +241,11 @@ def test_a_standalone_layer_is_named_by_its_class_in_errors():
         m.apply(v, jnp.ones((1, 3, 5, 5, 4)))
     with pytest.raises(ValueError, match=r"params\['factor_in'\] of layer 'CPConv': stored shape \(4, 2\)"):
         m.apply(v, jnp.ones((1, 5, 5, 6)))
+    # transduced with another mode name: said "built for static input" (an audit, stop 79)
+    other = {"params": transduction.transduce(v["params"], {"time": 3})}
+    with pytest.raises(ValueError, match=re.escape("hold ['factor_time'], transduced with other mode names than "
+                                                   "temporal_modes=('t',)?")):
+        m.apply(other, jnp.ones((1, 3, 5, 5, 4)))
 
 
 def test_call_flags_are_bools_and_numpy_bools_pass():

@@ -241,3 +241,5 @@ def test_thresholds_gamma_tol_and_temporal_modes_are_validated(setup):
         optim.l1_lambda(jnp.ones(3), 1e-3)
     with pytest.raises(ValueError, match="^batch_stats=3.0: expected None or the"):
         pruning.prune_rank(params, 0.0, batch_stats=3.0)
+    low = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)  # (was: promoted to float32 by the threshold's type)
+    assert optim.soft_threshold_lambdas(low, jnp.float32(0.1))["conv1"]["lambda"].dtype == jnp.bfloat16

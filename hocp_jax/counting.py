@@ -2,7 +2,8 @@
 
 Conventions:
 
-* Parameters exclude biases unless ``bias=True``. CP: ``R (C_in + C_out + sum K) + R``;
+* Parameters exclude biases unless ``bias=True`` (:func:`dense_params`, :func:`cp_params`;
+  :func:`tucker_params` counts the factors and the core only). CP: ``R (C_in + C_out + sum K) + R``;
   the paper writes ``+1`` for lambda, but lambda is a length-R vector (one weight per rank
   component), and ``+R`` is what reproduces the Jester totals (dense 2,880,576 vs CP
   1,183,338 for the four layers at rank 6 x C_in).

@@ -168,13 +168,13 @@ def check_conv_args(spatial: Sequence[str] | int, stride, padding, dilation) -> 
     as_ints(stride, n, "stride", positive=True)
     as_ints(dilation, n, "dilation", positive=True)
     if not (isinstance(padding, (str, Sequence)) or is_int(padding)):
-        raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', an int, or one int or (low, high) pair "
-                         "per spatial mode")
+        raise ValueError(f"padding={padding!r}: expected 'SAME', 'VALID', 'SYMMETRIC', an int, or one int or "
+                         "(low, high) pair per spatial mode")
     if isinstance(padding, str) or is_int(padding):
         check_mode_padding(padding, "padding")
     elif len(padding) != n:
-        raise ValueError(f"padding={padding!r}: expected one entry per spatial mode "
-                         f"{spatial if not is_int(spatial) else n}")
+        raise ValueError(f"padding={padding!r}: expected one entry per spatial mode, "
+                         + (f"{n} for {tuple(spatial)}" if not is_int(spatial) else f"{n}"))
     else:
         for i, p in enumerate(padding):
             check_mode_padding(p, f"padding[{i}]")

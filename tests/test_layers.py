@@ -175,7 +175,7 @@ BAD_LAYERS = [
     (lambda: CPConv(3, rank=2, temporal_stride=0), "temporal_stride=0: expected an int >= 1"),
     (lambda: CPConv(3, rank=2, temporal_padding="FULL"), "temporal_padding='FULL': unknown padding"),
     (lambda: CPConv(3, rank=2, padding="FULL"), "padding='FULL': unknown padding"),  # was: padding[0]='FULL'
-    (lambda: CPConv(3, rank=2, padding=((1, 1),)), "padding=((1, 1),): expected one entry per spatial mode ('h', 'w')"),
+    (lambda: CPConv(3, rank=2, padding=((1, 1),)), "padding=((1, 1),): expected one entry per spatial mode, 2 for ('h', 'w')"),
     (lambda: TuckerConv(3, ranks=(2, 2), dilation=0), "dilation=0: every entry must be >= 1"),
 ]
 

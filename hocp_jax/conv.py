@@ -188,8 +188,11 @@ def choose_cp_implementation(
     in_sizes, ks = tuple(x_shape[1:-1]), tuple(params[mode_key(m)].shape[0] for m in modes)
     c_in, c_out, rank = params["factor_in"].shape[0], params["factor_out"].shape[0], params["lambda"].shape[0]
     y_shape = (x_shape[0], *counting.output_sizes(in_sizes, ks, stride, padding, dilation), c_out)
-    costs = counting.cp_path_costs(
+    strides, dilations = as_tuple(stride, len(ks), "stride"), as_tuple(dilation, len(ks), "dilation")
+    pads = resolve_padding(padding, in_sizes, ks, strides, dilations)
+    costs = counting.cp_path_costs(  # the factorized path in the order cp_conv runs it by default
         x_shape[0], in_sizes, c_in, c_out, ks, rank, stride=stride, padding=padding, dilation=dilation,
+        order=best_mode_order(in_sizes, ks, strides, pads, dilations),
         input_grad=input_grad, chunk=conv_plans.batch_plan(x_shape, y_shape, rank, dtype, per_sample),
         patches=conv_plans.patches_fit(x_shape, dtype, (*ks, c_in, c_out), as_tuple(stride, len(ks), "stride")),
     )

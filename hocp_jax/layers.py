@@ -131,8 +131,9 @@ class CPConv(nn.Module):
       kernel_size: int or one size per spatial mode.
       rank: explicit rank R; else ``rank_multiple * C_in`` if given; else the largest rank
         whose CP parameter count (factors and lambda; a ``skip`` factor and a bias come on top)
-        does not exceed the dense conv's of the spatial kernel (the paper's rule; a layer initialised on video takes its static twin's rank, as transduction keeps it,
-        not the budget of a dense conv with the temporal kernel too).
+        does not exceed the dense conv's of the spatial kernel (the paper's rule; a layer
+        initialised on video takes its static twin's rank, as transduction keeps it, not the
+        budget of a dense conv with the temporal kernel too).
       spatial_modes: names of the spatial axes (default ``("h","w")`` for 2-D kernels).
       temporal_modes: modes that transduction may add in front (default ``("t",)``).
       temporal_kernel_size / temporal_stride / temporal_padding: used when the layer is

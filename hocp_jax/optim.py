@@ -10,7 +10,8 @@ r"""Optimisation pieces for transduction and automatic rank selection (paper Sec
   the variable's trailing ``.value`` key is dropped.
 * :func:`masked_optimizer` freezes leaves with ``optax.partition`` + ``optax.set_to_zero``
   (frozen leaves get no optimizer state and zero updates, so they keep their values, bitwise
-  but for a -0.0, which ``x + 0.0`` makes +0.0; weight decay included); :func:`transduction_stages` builds the paper's two-stage schedule.
+  but for a -0.0, which ``x + 0.0`` makes +0.0; weight decay included);
+  :func:`transduction_stages` builds the paper's two-stage schedule.
 * Lasso on the CP conv layers' lambdas (the paper's automatic rank selection):
   :func:`l1_lambda` (penalty), :func:`soft_threshold_lambdas` (the proximal step as a
   function of a params tree) / :func:`prox_l1_lambdas` (the same as an optax transform to
@@ -141,8 +142,8 @@ def masked_optimizer(
     Frozen leaves get no state from ``tx`` (``optax.partition`` masks them out, and
     ``set_to_zero`` has an empty state) and zero updates, so ``optax.apply_updates`` leaves
     them unchanged, bitwise but for a -0.0 (``-0.0 + 0.0`` is +0.0) — decoupled weight decay
-    (AdamW) included, since ``tx`` never sees them. Labels are recomputed from the tree given to ``init``/``update`` (same names, so
-    dict, FrozenDict and ``nnx.State`` trees all work, e.g. in
+    (AdamW) included, since ``tx`` never sees them. Labels are recomputed from the tree given
+    to ``init``/``update`` (same names, so dict, FrozenDict and ``nnx.State`` trees all work, e.g. in
     ``nnx.Optimizer(model, masked_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param)``);
     ``params`` is used to check the selection here.
 

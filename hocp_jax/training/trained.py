@@ -136,8 +136,9 @@ class Trained:
         """:meth:`predict`'s computation as one program for any number of examples of ``shape``
         (``jax.export`` with a symbolic batch; the variables inside it, so it stands alone):
         ``exported.call(x)`` on ``x (N, *shape)`` of ``dtype`` returns what ``predict(x)`` does
-        (to rounding: at a symbolic batch the program can differ), as JAX arrays; ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads
-        back in a process with jax alone (neither hocp_jax nor Flax), e.g. for serving. A size
+        (to rounding: at a symbolic batch the program can differ), as JAX arrays;
+        ``exported.serialize()`` gives bytes that ``jax.export.deserialize`` reads back in a
+        process with jax alone (neither hocp_jax nor Flax), e.g. for serving. A size
         given as ``None`` is symbolic too: one program for any height, say (the models that
         support it, and why the others do not: the README's "Exporting").
 

@@ -4,7 +4,9 @@ InfoNCE (``"infonce"``) + valence/arousal regression, on AffectNet's 224x224 fac
 builder config ``affectnet/s224``: the supplementary times its networks on 224x224 images, on
 which AlexNet's conv stack ends at 6x6, the size of its adaptive pool; on the 64x64 crops of
 ``affectnet``'s default config, ``--config.data.static=affectnet``, it would end at 1x1). The
-supplementary gives no learning rate, batch size, steps or loss weights: ours.
+supplementary gives no learning rate, batch size, steps or loss weights: ours (the loss weights
+follow the authors' public code as :mod:`hocp_jax.contrastive` was first written from it; not
+re-checked offline).
 
     python train.py --config configs/avce.py:resnet18_hocp --workdir runs/avce --config.data.manual_dir /data/affectnet
     python train.py --config configs/avce.py:alexnet,smoke --workdir /tmp/smoke

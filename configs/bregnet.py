@@ -1,6 +1,8 @@
 """BReG-Net (Hasani et al.): BReG-Net-39 with the bounded shortcut H3 (``shortcut`` h1/h2/h3/
-identity), class-weighted cross-entropy H_ii = f_min / f_i from the training split, SGD
-momentum 0.9, lr 0.01, weight decay 1e-4; categorical + skew-normalised metrics (200 balanced
+identity), class-weighted cross-entropy H_ii = f_min / f_i from the training split, the
+paper's "Momentum optimization" with lr 0.01 and weight decay 1e-4 (§IV-C; the momentum 0.9, the
+step schedule below and the decay of every parameter, BN and dense included, are our choices);
+categorical + skew-normalised metrics (200 balanced
 under-samplings of the test set). Tasks: ``fer2013`` (7 classes), ``affectnet_cat`` (8
 classes), ``affectnet_dim`` (valence/arousal); add ``hocp`` for HO-CP convs in the units.
 
@@ -9,8 +11,9 @@ of its 28,709 training faces) with the rate divided by 10 every 30 epochs; Affec
 (30 x 4,400 steps of its ~282k faces) divided every 10, the same three decays. The paper reports
 "the validation set of these databases", so FER2013 is evaluated on its validation split
 (PublicTest) and AffectNet on its validation set (the builder's ``test``). Our BReG-Net-39
-follows the ResNet-110 CIFAR layout: 2.27M parameters against the paper's 4.9M (README,
-"Models and parameter counts").
+follows the ResNet-110 CIFAR layout: 2.27M parameters against the paper's 4.9M, which 39
+residual units would match (README, "Models and parameter counts"). ``affectnet_dim`` bounds
+valence/arousal with ``tanh`` (our choice; the paper says only that MSE is the loss).
 
     python train.py --config configs/bregnet.py:fer2013 --workdir runs/fer \
         --config.data.manual_dir /data/fer2013     # fer2013.csv

@@ -17,7 +17,11 @@ The critic ``f(x, y)`` scores a pair of projections; :func:`critic_matrix` retur
 (two views of the same image) and whose off-diagonal samples ``P_X P_Y``.
 
 :func:`avce_objective` is the bound maximised by AVCE (section 7 of the
-supplementary); :func:`infonce_objective` is InfoNCE (its Eq. (6)) for comparison.
+supplementary); :func:`infonce_objective` is InfoNCE for comparison, in its standard batch form
+(the log inside the mean over the positives; the supplementary's Eq. (6) prints it outside both
+expectations). The loss weights and the discriminative term follow the authors' public code as
+this module's first version (stop 1) read it; that reading could not be re-checked offline since
+(the supplementary gives no weights).
 """
 
 from __future__ import annotations
@@ -92,7 +96,10 @@ def critic_matrix(x: jax.Array, y: jax.Array, *, critic: str = "cosine",
                   temperature: float = 1.0) -> jax.Array:
     r"""Critic scores of all pairs: ``F[i, j] = f(x_i, y_j)``.
 
-    ``"cosine"``: ``f(x, y) = <x, y> / (||x|| ||y|| T)``; ``"dot"``: ``<x, y> / T``.
+    ``"cosine"``: ``f(x, y) = <x, y> / (||x|| ||y|| T)``; ``"dot"``: ``<x, y> / T``. The
+    supplementary does not define ``f``: cosine at ``T = 1`` (the losses' default) is our choice;
+    it keeps ``f`` in ``[-1, 1]``, so :func:`avce_objective`'s per-pair optimum ``1/beta`` for
+    positives is out of reach and only the direction of its gradient matters.
 
     Args:
         x: ``(N, P)`` projections of the first view (integers are cast to float32).
@@ -148,8 +155,8 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
         J(f) = E_{P_{XY}}[f] - \alpha\, E_{P_X P_Y}[f]
                - \tfrac{\beta}{2} E_{P_{XY}}[f^2] - \tfrac{\gamma}{2} E_{P_X P_Y}[f^2].
 
-    This is the relative-predictive-coding form the authors' public code computes
-    (``pos - ALPHA * mean(neg) - 0.5 BETA pos^2 - 0.5 GAMMA mean(neg^2)``, defaults
+    This is the relative-predictive-coding form the authors' public code computes, as read
+    when this module was written (not re-checked offline since) (``pos - ALPHA * mean(neg) - 0.5 BETA pos^2 - 0.5 GAMMA mean(neg^2)``, defaults
     ``alpha=0.5, beta=0.005, gamma=0.5``). ``alpha=1, beta=gamma=0`` is Eq. (7) without
     the regulariser. Per pair the integrand is a concave quadratic in ``f``, maximised at
     ``f = 1/beta`` for positives and ``f = -alpha/gamma`` for negatives, so ``J`` is
@@ -179,7 +186,8 @@ def avce_objective(scores: jax.Array, *, alpha: float = 0.5, beta: float = 0.005
 
 
 def infonce_objective(scores: jax.Array, *, weights: jax.Array | None = None) -> jax.Array:
-    r"""InfoNCE bound (to MAXIMISE), Eq. (6) with the batch estimate of ``E_{P_Y}``:
+    r"""InfoNCE bound (to MAXIMISE), the standard batch estimate (the supplementary's Eq. (6)
+    prints the log outside both expectations, which gives other numbers):
 
     .. math:: J = \tfrac1N \sum_i \Big[ F_{ii} - \log \tfrac1N \sum_j e^{F_{ij}} \Big]
 
@@ -206,7 +214,8 @@ OBJECTIVES = {"avce": avce_objective, "infonce": infonce_objective}
 def discriminative_loss(disc: dict, *, margin: float = 1.0, hold_weight: float = 0.01,
                         weights: jax.Array | None = None) -> jax.Array:
     r"""Metric regulariser on the additional head's embeddings ``d_latent, d_sparse, d_soft``
-    (each ``(N, D)``), as in the authors' code ("triplet-based regularization")::
+    (each ``(N, D)``), as in the authors' code as read when this module was written (the
+    supplementary names only a "triplet-based regularization")::
 
         mean_i relu(margin - ||d_sparse_i - d_soft_i||^2)                 # push views apart
         + hold_weight * mean_i (||n(d_sparse_i) - n(d_latent_i)||

@@ -20,8 +20,13 @@ exactly with the authors' layer widths:
 * additional head: FC 32 -> 64, BN, ReLU, FC 64 -> 8: 2,760.
 
 "AlexNet (tuned)" is AlexNet's five convolutions (2,469,696 params) with its 4096-wide
-classifier replaced by the compressor: with the heads ~2.78M parameters, matching the
-paper's "2.7M" for AVCE (AL). Adaptive pooling takes any feature map, so any input of at least
+classifier replaced by the compressor: with the heads 2,786,348 parameters (2.79M; the
+supplementary's Table 1 says 2.7M for AVCE (AL), and 11M for the ResNet-18 one, ours 11.74M).
+Its section 1 says the heads "differ from each other in the types of dropout and activation
+function", shown in its Figure 1, which is not in the text: ours are one MLP head without
+dropout (our choice). Its regressor ends in an activation (section 8 removes "the last
+activation function" for 7 outputs): ``bounded=True`` (``tanh``) does that, which
+``configs/avce.py`` sets; ``get_model``'s default leaves it off. Adaptive pooling takes any feature map, so any input of at least
 7x7 works (:class:`AlexNetEncoder`); the ResNet-18 trunk takes any of at least 1x1.
 """
 

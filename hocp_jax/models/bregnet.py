@@ -11,7 +11,8 @@ Residual unit (paper Eq. 1), post-activation as in He et al. [9]::
 The down-sampling unit (Fig. 2c) uses stride 2 in the first conv of ``F`` (§III-A); ``P``
 is the identity in a regular unit and, where the shape changes, a projection of the
 shortcut: ``"pad"`` = stride-s sub-sampling + zero channel padding (parameter-free, the
-TFLearn ``residual_block`` the authors built on) or ``"conv"`` = 1x1 stride-s conv + BN.
+projection of the TFLearn ``residual_block`` the authors built on; the unit itself follows
+Eq. 1, ``relu(H(P(x)) + F(x))``, not TFLearn's pre-activation block) or ``"conv"`` = 1x1 stride-s conv + BN.
 ``H`` is applied to the projected shortcut, where the identity would be added.
 
 Architecture (CIFAR-style, 3 stages; Fig. 4 is not in the text, widths are our choice)::
@@ -27,7 +28,11 @@ output dense, projections excluded, as in ResNet-110 = 6n + 2): ``"bregnet39"`` 
 text does not name the 39th layer, and stem + 2 per unit + output is always even);
 ``"resnet110"`` is (18, 18, 18) units with identity shortcuts = 1 + 108 + 1 = 110.
 Widths (32, 64, 128) give ResNet-110 6.9 M parameters (paper: 7.2 M); BReG-Net-39 then has
-2.3 M (paper: 4.9 M, its widths are not given).
+2.3 M (paper: 4.9 M). The paper's "we stack up 39 layers of these blocks" (§III-A) can also be
+read as 39 residual units: (13, 13, 13) units at these widths have 4.95-4.99 M parameters
+(``get_model("bregnet39", stage_sizes=(13, 13, 13))``; the head decides the rest), the
+paper's 4.9 M, which favours that reading (a stop-79 audit); the registry keeps the layer
+reading.
 
 Heads (:class:`hocp_jax.models.heads.Head`): ``"logits" (B, n_classes)`` (categorical model)
 and/or ``"va" (B, 2)`` (valence, arousal, trained with MSE as in §IV-C).

@@ -9,7 +9,8 @@
 * :class:`TuckerConv`, :class:`SeparableConv` (MobileNet form), :class:`TTConv`.
 
 A conv layer's ``kernel_size`` is one int per spatial mode, or one int for both modes of a 2-D conv.
-* :class:`TRL` — tensor regression layer (CP or Tucker weight, never materialised).
+* :class:`TRL` — tensor regression layer (CP or Tucker weight, built in full only where the
+  contraction order finds that cheaper: :func:`hocp_jax.regression.trl`).
 
 Mixed precision as in Flax: every layer takes ``dtype`` (computation; ``None`` = promote the
 input and parameter dtypes) and ``param_dtype`` (storage, default float32); e.g.

@@ -53,11 +53,24 @@ def _check_ranks(params: Mapping[str, jax.Array], factors: list[jax.Array]) -> N
                              f"{tuple(params['lambda'].shape)}; expected one rank R and lambda (R,)")
 
 
+def _mode_letters(n_modes: int) -> str:
+    """einsum labels of the ``n_modes`` contracted modes: lower-case letters but ``o``, ``r`` and
+    ``z``, the output's and ranks' labels (their upper case labels a Tucker core's ranks)."""
+    pool = [c for c in string.ascii_lowercase if c not in "orz"]
+    if n_modes > len(pool):
+        raise ValueError(f"n_modes={n_modes}: expected at most {len(pool)} contracted modes")
+    return "".join(pool[:n_modes])
+
+
 def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.Array:
     """Applies a CP (``lambda`` in params) or Tucker (``core`` in params) TRL to ``x``."""
     check_positive_int(n_modes, "n_modes")
+    letters = _mode_letters(n_modes)
+    if not hasattr(x, "ndim"):
+        raise ValueError(f"x: got a {type(x).__name__}; expected an array (*batch, d_1..d_{n_modes})")
     if x.ndim < n_modes + 1:
-        raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{n_modes})")
+        raise ValueError(f"x: got shape {tuple(x.shape)}, expected (*batch, d_1..d_{n_modes}) with at least one "
+                         "batch axis")
     tucker = "core" in params
     if not tucker and "lambda" not in params:
         raise ValueError("params: expected 'lambda' (CP TRL) or 'core' (Tucker TRL)")
@@ -65,7 +78,6 @@ def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.A
                        [f"factor_{i}" for i in range(n_modes)] + ["factor_out", "core" if tucker else "lambda"])
     factors = _factors(params, x, n_modes)
     _check_ranks(params, factors)
-    letters = string.ascii_lowercase[:n_modes]
     if tucker:
         ranks = letters.upper()
         spec = f"...{letters}," + ",".join(f"{l}{r}" for l, r in zip(letters, ranks)) + f",{ranks}z,oz->...o"
@@ -78,7 +90,7 @@ def trl(x: jax.Array, params: Mapping[str, jax.Array], *, n_modes: int) -> jax.A
 
 def trl_weight(params: Mapping[str, jax.Array], n_modes: int) -> jax.Array:
     """The full weight ``(d_1, ..., d_k, O)`` (for tests and inspection only)."""
-    letters = string.ascii_lowercase[:n_modes]
+    letters = _mode_letters(n_modes)
     fs = [params[f"factor_{i}"] for i in range(n_modes)]
     if "core" in params:
         spec = f"{letters}z," + ",".join(f"{l.upper()}{l}" for l in letters) + ",oz->" + letters.upper() + "o"

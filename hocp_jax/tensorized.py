@@ -173,7 +173,8 @@ def tcl(x: jax.Array, params: Params) -> jax.Array:
     if x.ndim < k + 1 or any(len(_shape(f)) != 2 or _shape(f)[0] != d for f, d in zip(factors, x.shape[-k:])):
         raise ValueError(
             f"x: got shape {tuple(x.shape)} for factors {[_shape(f) for f in factors]}; "
-            f"expected (*batch, {', '.join(str(_shape(f)[0]) for f in factors)})"
+            f"expected (*batch, {', '.join(str(_shape(f)[0]) if _shape(f) else '?' for f in factors)}) and "
+            "factors (d_i, r_i)"
         )
     ins = _letters(k)
     outs = _letters(k, skip=ins)

@@ -265,6 +265,27 @@ def test_trl_refuses_a_zero_size_regressed_mode():
         TRL(3, rank=2).init(jax.random.key(0), jnp.ones((1, 0, 5, 4)))
 
 
+def test_a_trl_over_many_modes_matches_its_weight_built_by_outer_products():
+    """Before (an audit, stop 79): the modes' einsum labels ran into the output's and rank's ('o', 'r'): 15 modes
+    raised from inside einsum, 18 gave a wrong output silently."""
+    rng = np.random.default_rng(5)
+    dims, rank, out = (1,) * 16 + (2, 3), 2, 3
+    p = {f"factor_{i}": rng.normal(size=(d, rank)) for i, d in enumerate(dims)}
+    p |= {"factor_out": rng.normal(size=(out, rank)), "lambda": rng.normal(size=rank)}
+    w = np.ones((1, rank))  # (prod d, R) by successive outer products, then times lambda and factor_out
+    for i in range(len(dims)):
+        w = (w[:, None, :] * p[f"factor_{i}"][None]).reshape(-1, rank)
+    x = rng.normal(size=(2, *dims))
+    with jax.enable_x64(True):
+        got = regression.trl(jnp.asarray(x), jax.tree.map(jnp.asarray, p), n_modes=len(dims))
+    np.testing.assert_allclose(got, x.reshape(2, -1) @ (w * p["lambda"]) @ p["factor_out"].T, rtol=1e-10)
+    with pytest.raises(ValueError, match="n_modes=24: expected at most 23 contracted modes"):
+        regression.trl(jnp.ones((1,) * 25), p, n_modes=24)
+    with pytest.raises(ValueError, match="with at least one batch axis"):
+        regression.trl(jnp.ones((1, 1, 2)), {k: p[k] for k in ("factor_out", "lambda")} | {
+            f"factor_{i}": p[f"factor_{i + 15}"] for i in range(3)}, n_modes=3)
+
+
 def test_a_stored_leaf_of_another_rank_is_named():
     """A ``lambda`` of the wrong rank blamed ``factor_in`` (the rank was read from ``lambda``)."""
     m = CPConv(3, rank=2)

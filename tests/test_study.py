@@ -123,3 +123,16 @@ def test_an_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "error: --out=" in err and f"expected a directory ({why}" in err, err
     assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_a_folder_of_another_studys_results_is_refused(tmp_path, capsys):
+    """Before (an audit, stop 79): written over, the other study's plots left beside the new ones; and the
+    package docstring's ``--quick --out studies/<name>`` replaced the committed full run."""
+    held = {"study": "transduction_init", "size": "tiny", "results": {}}
+    (tmp_path / "results.json").write_text(json.dumps(held))
+    for argv in (["classification", "--tiny"], ["transduction_init", "--quick"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--out", str(tmp_path)])
+        assert exit_.value.code == 2
+        assert "holds the results of study 'transduction_init' (tiny)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text()) == held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -22,6 +23,7 @@ def main(argv=None) -> dict:
     out = args.out if args.out is not None else f"studies/{args.name}" + ("" if size == "full" else f"_{size}")
     module = STUDIES[args.name]
     settings = module.SETTINGS[size]
+    _refuse_other_results(p, out, args.name, size)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:  # a file there or above it, "", no permission: a usage error, not a traceback
@@ -30,6 +32,20 @@ def main(argv=None) -> dict:
     results, report = module.run(settings, out)
     load = (round(load0, 2), round(os.getloadavg()[0], 2))
     return R.write(out, args.name, size, settings, results, report, time.time() - t0, load)
+
+
+def _refuse_other_results(p: argparse.ArgumentParser, out: str, name: str, size: str) -> None:
+    """A usage error where ``out`` holds the results of another study or size: writing there would
+    replace them and leave their plots beside the new ones (the same study and size is rewritten,
+    as regenerating the committed results does)."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            held = json.load(f)
+    except (OSError, ValueError):  # none there (or not a study's): nothing to lose
+        return
+    if isinstance(held, dict) and (held.get("study"), held.get("size")) != (name, size):
+        p.error(f"--out={out!r} holds the results of study {held.get('study')!r} ({held.get('size')}); expected a new "
+                f"folder or one of {name!r} ({size}): give another --out")
 
 
 if __name__ == "__main__":

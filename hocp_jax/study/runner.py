@@ -50,8 +50,10 @@ def _dataset(name: str, split: str, n: int | None) -> Data:
 
 def dataset(name: str, split: str, n: int | None = None) -> Data:
     """All ``n`` examples (default: the builder's split size) of an embedded dataset, in memory
-    (deterministic; cached). Training-set sizes are prefixes (:func:`subset`) of ONE draw of the
-    largest size, so they are nested: every small set is part of every bigger one."""
+    (deterministic; cached). The draw depends on ``n`` (``dataset(name, split, 16)`` is not the
+    first 16 of ``dataset(name, split, 64)``), so a study that compares training-set sizes takes
+    them as prefixes (:func:`subset`) of ONE draw of the largest size: nested within that study,
+    not across studies or sizes."""
     return _dataset(name, split, n)
 
 
